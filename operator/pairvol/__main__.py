@@ -1,0 +1,3 @@
+from pairvol.cli import main
+
+raise SystemExit(main())

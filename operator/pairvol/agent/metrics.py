@@ -1,0 +1,115 @@
+"""Prometheus metrics of one agent (one replica of one volume).
+
+Names follow Prometheus conventions: ``pairvol_`` prefix, base units (seconds, bytes),
+``_total`` for counters. Every metric carries the ``volume`` label so that one scrape
+config covers all agents. The chart's PrometheusRule refers to these names; a test checks
+that every name the rules use is defined here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROLES = ("none", "primary", "secondary")
+STAGES = ("none", "running", "failover", "failover_failed", "done")
+REPLICATION_STATES = ("none", "replicating", "syncing", "degraded")
+
+CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class AgentMetrics:
+    """All metrics of one agent, in a registry of its own (tests run several agents)."""
+
+    def __init__(self, volume: str) -> None:
+        self.volume = volume
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        labels = ["volume"]
+        self.up = Gauge("pairvol_agent_qsd_up", "1 while the agent's qemu-storage-daemon is alive", labels, registry=r)
+        self.role = Gauge("pairvol_agent_role", "1 for the replica's current role", [*labels, "role"], registry=r)
+        self.stage = Gauge("pairvol_agent_stage", "1 for the current replication stage (replication.c stages)", [*labels, "stage"], registry=r)
+        self.epoch = Gauge("pairvol_agent_epoch", "Current fencing epoch", labels, registry=r)
+        self.replication_state = Gauge(
+            "pairvol_replication_state", "1 for the current replication state", [*labels, "state"], registry=r
+        )
+        self.out_of_sync = Gauge(
+            "pairvol_replication_out_of_sync",
+            "1 when the peer missed acknowledged writes and needs a full resync",
+            labels, registry=r,
+        )
+        self.peer_sent_bytes = Counter(
+            "pairvol_replication_sent_bytes", "Bytes sent to the peer over the replication link", labels, registry=r
+        )
+        self.peer_failures = Counter(
+            "pairvol_replication_peer_failures", "Times the peer was dropped (dead, partitioned, stalled)", labels, registry=r
+        )
+        self.checkpoint_duration = Histogram(
+            "pairvol_checkpoint_duration_seconds", "Time to cut one checkpoint", labels,
+            buckets=CHECKPOINT_BUCKETS, registry=r,
+        )
+        self.checkpoint_cut = Histogram(
+            "pairvol_checkpoint_cut_seconds", "Time of the QMP transaction that is the cut (the only part that drains I/O)",
+            labels, buckets=CHECKPOINT_BUCKETS, registry=r,
+        )
+        self.checkpoint_last_timestamp = Gauge(
+            "pairvol_checkpoint_last_timestamp_seconds", "Unix time of the last checkpoint", labels, registry=r
+        )
+        self.checkpoint_id = Gauge("pairvol_checkpoint_id", "Id of the last checkpoint", labels, registry=r)
+        self.cow_bytes = Counter(
+            "pairvol_cow_copied_bytes", "Bytes copied into the hidden disk by copy-before-write", labels, registry=r
+        )
+        self.failovers = Counter("pairvol_failovers", "Failovers performed by this replica", [*labels, "mode", "result"], registry=r)
+        self.failover_duration = Histogram(
+            "pairvol_failover_duration_seconds", "Time from the failover call to the export accepting writes",
+            [*labels, "mode"], buckets=FAILOVER_BUCKETS, registry=r,
+        )
+        self.sync_total_bytes = Gauge("pairvol_sync_total_bytes", "Bytes the running full sync has to copy", labels, registry=r)
+        self.sync_done_bytes = Gauge("pairvol_sync_done_bytes", "Bytes the running full sync has copied", labels, registry=r)
+        self.sync_progress = Gauge("pairvol_sync_progress_ratio", "Progress of the running full sync, 0..1", labels, registry=r)
+        self.size = Gauge("pairvol_volume_size_bytes", "Size of the volume", labels, registry=r)
+
+    def set_one_of(self, gauge: Gauge, choices: tuple[str, ...], label: str, current: str) -> None:
+        for choice in choices:
+            gauge.labels(self.volume, choice).set(1 if choice == current else 0)
+        del label
+
+    def observe_state(self, role: str, stage: str, epoch: int, replication: str, out_of_sync: bool) -> None:
+        self.set_one_of(self.role, ROLES, "role", role)
+        self.set_one_of(self.stage, STAGES, "stage", stage)
+        self.set_one_of(self.replication_state, REPLICATION_STATES, "state", replication)
+        self.epoch.labels(self.volume).set(epoch)
+        self.out_of_sync.labels(self.volume).set(1 if out_of_sync else 0)
+
+
+# The names a PrometheusRule may refer to (histograms expose _bucket/_sum/_count,
+# counters _total). Kept in one place for the chart's consistency test.
+METRIC_NAMES: frozenset[str] = frozenset(
+    {
+        "pairvol_agent_qsd_up",
+        "pairvol_agent_role",
+        "pairvol_agent_stage",
+        "pairvol_agent_epoch",
+        "pairvol_replication_state",
+        "pairvol_replication_out_of_sync",
+        "pairvol_replication_sent_bytes_total",
+        "pairvol_replication_peer_failures_total",
+        "pairvol_checkpoint_duration_seconds_bucket",
+        "pairvol_checkpoint_duration_seconds_sum",
+        "pairvol_checkpoint_duration_seconds_count",
+        "pairvol_checkpoint_cut_seconds_bucket",
+        "pairvol_checkpoint_cut_seconds_sum",
+        "pairvol_checkpoint_cut_seconds_count",
+        "pairvol_checkpoint_last_timestamp_seconds",
+        "pairvol_checkpoint_id",
+        "pairvol_cow_copied_bytes_total",
+        "pairvol_failovers_total",
+        "pairvol_failover_duration_seconds_bucket",
+        "pairvol_failover_duration_seconds_sum",
+        "pairvol_failover_duration_seconds_count",
+        "pairvol_sync_total_bytes",
+        "pairvol_sync_done_bytes",
+        "pairvol_sync_progress_ratio",
+        "pairvol_volume_size_bytes",
+    }
+)

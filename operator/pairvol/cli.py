@@ -1,0 +1,53 @@
+"""`pairvol` command line: one entry point, several roles.
+
+Each sub-command lives in its own sub-package and registers itself through a
+``register(subparsers)`` function; modules are imported lazily so that, e.g., the agent
+does not import kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+# sub-command name -> module that provides register(subparsers) and run(args) -> int
+COMMANDS: dict[str, str] = {
+    "agent": "pairvol.agent.cli",
+    "operator": "pairvol.operator.cli",
+    "localcluster": "pairvol.localcluster.cli",
+    "demo": "pairvol.localcluster.demo",
+    "demo-agent": "pairvol.agent.demo",
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pairvol", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = next((a for a in argv if a in COMMANDS), None)
+    for name, module in COMMANDS.items():
+        if wanted is not None and name != wanted:
+            sub.add_parser(name, help=f"see 'pairvol {name} --help'")
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("pairvol"):
+                continue  # that part of pairvol is not installed in this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(args_list).parse_args(args_list)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)
