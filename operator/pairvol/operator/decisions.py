@@ -1,0 +1,765 @@
+"""Pure reconcile logic: from one observation of the world to the next status and actions.
+
+Why pure: the hard questions of this operator (may we fail over *now*? where does the new
+secondary go? what phase is the volume in?) must be answerable in unit tests without any
+process, and must give the same answer after an operator restart. So the I/O layer
+(handlers.py) gathers a :class:`World` — the volume's spec and status, nodes, this volume's
+pods, the agents' ``/v1/status``, the primary's Lease — and :func:`plan` returns a
+:class:`Plan`: the status to persist and a short list of :class:`Action` to execute.
+
+Durability rule: the executor persists the planned status *before* running the actions.
+Every action that carries a new epoch therefore has that epoch in ``status.epoch`` first, so
+an operator restarted mid-action never hands out an epoch twice, and a failover in flight is
+visible as ``phase: FailingOver`` with ``lastFailover`` lacking ``durationMs``.
+
+One step per tick: the plan only does what the current observation justifies; the next tick
+re-observes. Nothing here remembers anything but what is in ``World``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pairvol.api.spec import SpecError, VolumeSpec
+from pairvol.api.status import (
+    Failover,
+    Phase,
+    Replica,
+    VolumeStatus,
+    parse_time,
+    rfc3339,
+    set_condition,
+)
+
+ANN_CHECKPOINT = "pairvol.io/checkpoint"
+ANN_FAILOVER = "pairvol.io/failover"
+LABEL_VOLUME = "pairvol.io/volume"
+LABEL_ROLE = "pairvol.io/role"
+
+API_PORT = 7800
+REPLICATION_PORT = 7801
+EXPORT_PORT = 7802
+
+
+# ---------------------------------------------------------------- observations
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    ready: bool = True
+    schedulable: bool = True
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    node: str
+    role: str = ""  # value of the pairvol.io/role label
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
+    ready: bool = False
+    ip: str = ""
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """One agent's ``GET /v1/status`` (DESIGN.md §3)."""
+
+    role: str
+    stage: str
+    epoch: int
+    replication_state: str = "none"
+    peer: str | None = None
+    error: str | None = None
+    checkpoint: Mapping[str, Any] | None = None
+    sync_done: int | None = None
+    sync_total: int | None = None
+
+    @staticmethod
+    def from_status(d: Mapping[str, Any]) -> AgentView:
+        rep = d.get("replication") or {}
+        sync = d.get("sync") or rep.get("sync") or {}
+        return AgentView(
+            role=str(d.get("role", "none")), stage=str(d.get("stage", "none")),
+            epoch=int(d.get("epoch", 0) or 0),
+            replication_state=str(rep.get("state", "none")), peer=rep.get("peer"),
+            error=rep.get("error"), checkpoint=d.get("checkpoint") or None,
+            sync_done=sync.get("doneBytes"), sync_total=sync.get("totalBytes"),
+        )
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    holder: str | None
+    renew_time: float | None
+    duration_s: float | None
+    out_of_sync_epoch: int | None = None
+
+    def expired(self, now: float, margin_s: float) -> bool:
+        """True when nobody can still believe to hold the lease."""
+        if not self.holder or self.renew_time is None or self.duration_s is None:
+            return True
+        return now > self.renew_time + self.duration_s + margin_s
+
+    def expires_at(self, margin_s: float) -> float | None:
+        if not self.holder or self.renew_time is None or self.duration_s is None:
+            return None
+        return self.renew_time + self.duration_s + margin_s
+
+
+@dataclass(frozen=True)
+class Settings:
+    lease_margin_s: float = 1.0
+    # a status write that only refreshes checkpoint/sync/state waits at least this long
+    min_status_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class World:
+    name: str
+    namespace: str
+    generation: int
+    spec: VolumeSpec | SpecError
+    status: VolumeStatus
+    now: float
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    nodes: Sequence[NodeView] = ()
+    pods: Mapping[str, PodView] = field(default_factory=dict)  # this volume's pods by name
+    agents: Mapping[str, AgentView | None] = field(default_factory=dict)  # pod -> status or None
+    lease: LeaseView | None = None
+    # operator memory (not durable): pod name -> first time it was seen unhealthy
+    suspect_since: Mapping[str, float] = field(default_factory=dict)
+    # replicas of *other* volumes per node, for spreading
+    placement: Mapping[str, int] = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)
+
+    def node(self, name: str) -> NodeView | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+
+# --------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class CreatePod:
+    pod: str
+    node: str
+    role: str
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    pod: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetRole:
+    pod: str
+    role: str
+
+
+@dataclass(frozen=True)
+class StartSecondary:
+    pod: str
+    address: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class StartPrimary:
+    pod: str
+    address: str
+    epoch: int
+    peer: str | None
+    sync: str  # "none" | "full"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    pod: str
+    address: str
+
+
+@dataclass(frozen=True)
+class DoFailover:
+    pod: str
+    address: str
+    epoch: int
+    mode: str  # agent spelling: checkpoint | latest
+
+
+@dataclass(frozen=True)
+class ClearAnnotation:
+    key: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FailoverDone:
+    """Bookkeeping for metrics: a failover completed (the event says the rest)."""
+
+    duration_s: float
+    mode: str
+    reason: str
+
+
+Action = (
+    CreatePod | DeletePod | SetRole | StartSecondary | StartPrimary | Checkpoint | DoFailover
+    | ClearAnnotation | Event | FailoverDone
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: VolumeStatus
+    actions: tuple[Action, ...] = ()
+    # True if only informational fields changed (checkpoint, sync, states): may be coalesced
+    cosmetic: bool = False
+
+
+# ------------------------------------------------------------------ scheduling
+
+
+def pod_name(volume: str, epoch: int) -> str:
+    """Agent pods are named after the epoch at which they were placed: never reused."""
+    return f"{volume}-{epoch}"
+
+
+def eligible_nodes(spec: VolumeSpec, nodes: Sequence[NodeView]) -> list[NodeView]:
+    """Nodes a replica may run on: ready, schedulable, listed (if a list is given), selected."""
+    out = []
+    for n in nodes:
+        if not (n.ready and n.schedulable):
+            continue
+        if spec.nodes and n.name not in spec.nodes:
+            continue
+        if any(n.labels.get(k) != v for k, v in spec.node_selector.items()):
+            continue
+        out.append(n)
+    return out
+
+
+def rank_nodes(
+    candidates: Sequence[NodeView], placement: Mapping[str, int], prefer: Sequence[str] = ()
+) -> list[str]:
+    """Preferred nodes first (in order), then the least loaded, ties by name (deterministic)."""
+    names = [n.name for n in candidates]
+    preferred = [p for p in prefer if p in names]
+    rest = sorted((n for n in names if n not in preferred), key=lambda n: (placement.get(n, 0), n))
+    return preferred + rest
+
+
+def choose_pair(spec: VolumeSpec, nodes: Sequence[NodeView], placement: Mapping[str, int]) -> (
+    tuple[str, str] | str
+):
+    """Two distinct nodes for primary and secondary, or a message saying why there are none."""
+    ranked = rank_nodes(eligible_nodes(spec, nodes), placement)
+    if len(ranked) < 2:
+        why = []
+        if spec.nodes:
+            why.append(f"spec.nodes={list(spec.nodes)}")
+        if spec.node_selector:
+            why.append(f"nodeSelector={dict(spec.node_selector)}")
+        ready = [n.name for n in nodes if n.ready and n.schedulable]
+        return (
+            f"need two eligible nodes, found {len(ranked)} ({', '.join(ranked) or 'none'}) "
+            f"among ready nodes {ready}" + (f" with {' and '.join(why)}" if why else "")
+            + "; add or label nodes, or widen spec.nodes/nodeSelector"
+        )
+    return ranked[0], ranked[1]
+
+
+# ---------------------------------------------------------------------- health
+
+
+def replica_health(world: World, rep: Replica, grace_s: float, started: bool) -> tuple[str, str]:
+    """("ok" | "suspect" | "dead", reason) for a replica's pod, node and agent.
+
+    ``started``: the agent has been given a role, so not-ready now means trouble (before
+    that, a pending pod is just starting).
+    """
+    pod = world.pods.get(rep.pod)
+    if pod is None:
+        return "dead", f"pod {rep.pod} is gone"
+    if pod.deleting:
+        return "dead", f"pod {rep.pod} is being deleted"
+    if pod.phase in ("Failed", "Succeeded"):
+        return "dead", f"pod {rep.pod} has terminated (phase {pod.phase})"
+    node = world.node(pod.node)
+    if node is None:
+        return "dead", f"node {pod.node} of pod {rep.pod} no longer exists"
+    if not node.ready:
+        return "dead", f"node {pod.node} is NotReady"
+    agent = world.agents.get(rep.pod)
+    if pod.ready and agent is not None:
+        return "ok", ""
+    if not started:
+        return "suspect", f"pod {rep.pod} is not ready yet"
+    since = world.suspect_since.get(rep.pod, world.now)
+    what = "not ready" if not pod.ready else "not answering on its API"
+    if world.now - since >= grace_s:
+        return "dead", f"pod {rep.pod} {what} for {world.now - since:.1f}s"
+    return "suspect", f"pod {rep.pod} {what}"
+
+
+def _agent(world: World, rep: Replica | None) -> AgentView | None:
+    return None if rep is None else world.agents.get(rep.pod)
+
+
+def _pod_ip(world: World, rep: Replica) -> str:
+    pod = world.pods.get(rep.pod)
+    return pod.ip if pod is not None and pod.ip else rep.address
+
+
+def _state(world: World, rep: Replica) -> str:
+    a = world.agents.get(rep.pod)
+    if a is not None:
+        return f"{a.role}/{a.replication_state}" if a.role == "primary" else f"{a.role}/{a.stage}"
+    pod = world.pods.get(rep.pod)
+    if pod is None:
+        return "Gone"
+    return pod.phase if pod.ready or pod.phase != "Running" else "NotReady"
+
+
+def _checkpoint_status(cp: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not cp or cp.get("id") is None:
+        return None
+    t = cp.get("time")
+    if isinstance(t, int | float):
+        t = rfc3339(float(t))
+    return {"id": int(cp["id"]), "time": t, "durationMs": float(cp.get("durationMs") or 0.0)}
+
+
+def failover_blocker(
+    world: World, spec: VolumeSpec, st: VolumeStatus, manual: bool
+) -> str | None:
+    """Why the secondary may not be promoted now (None: it may). Order = what to fix first."""
+    sec = st.secondary
+    if sec is None:
+        return "there is no secondary to fail over to"
+    if not manual and not spec.failover_automatic:
+        return "spec.failover.automatic is false; annotate pairvol.io/failover=now to fail over"
+    if sec.out_of_sync and not manual:
+        return (
+            f"secondary {sec.pod} is OutOfSync (it missed acknowledged writes) and is never "
+            "promoted automatically; annotate pairvol.io/failover=now to accept the data loss"
+        )
+    health, why = replica_health(world, sec, spec.grace_period_s, started=True)
+    if health != "ok":
+        return f"secondary is unhealthy: {why}"
+    agent = world.agents[sec.pod]
+    assert agent is not None
+    if agent.role != "secondary" or agent.stage != "running":
+        return f"secondary agent is {agent.role}/{agent.stage}, not secondary/running"
+    lease = world.lease
+    if lease is not None and not lease.expired(world.now, world.settings.lease_margin_s):
+        until = lease.expires_at(world.settings.lease_margin_s) or world.now
+        return (
+            f"waiting for lease held by {lease.holder} to expire "
+            f"(in {until - world.now:.1f}s)"
+        )
+    return None
+
+
+# ------------------------------------------------------------------------ plan
+
+
+def _finish(world: World, status: VolumeStatus, actions: list[Action], cosmetic: bool) -> Plan:
+    """Fill in replica states, phase conditions and observedGeneration."""
+    now, gen = world.now, world.generation
+    conds = status.conditions
+    ready = status.phase in (Phase.REPLICATING, Phase.DEGRADED, Phase.SYNCING)
+    conds = set_condition(
+        conds, "Ready", ready, status.phase.value,
+        status.message or ("primary serving" if ready else status.phase.value), now, gen,
+    )
+    in_sync = status.phase == Phase.REPLICATING
+    conds = set_condition(
+        conds, "Replicating", in_sync, "InSync" if in_sync else "NotInSync",
+        "secondary is in sync" if in_sync else status.message, now, gen,
+    )
+    status = status.with_(conditions=conds, observed_generation=gen)
+    return Plan(status=status, actions=tuple(actions), cosmetic=cosmetic)
+
+
+def plan(world: World) -> Plan:
+    st = world.status
+    actions: list[Action] = []
+
+    if isinstance(world.spec, SpecError):
+        msg = str(world.spec)
+        if st.phase != Phase.FAILED or st.message != msg:
+            actions.append(Event("Warning", "InvalidSpec", msg))
+        return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
+    spec = world.spec
+
+    # garbage: pods of this volume that are neither the primary nor the secondary
+    keep = {r.pod for r in (st.primary, st.secondary) if r is not None}
+    for pod in world.pods.values():
+        if pod.name not in keep and not pod.deleting:
+            actions.append(DeletePod(pod.name, "no longer a replica of this volume"))
+
+    if st.failing_over:
+        return _resume_failover(world, spec, st, actions)
+
+    if st.primary is None:
+        return _initial_placement(world, spec, st, actions)
+
+    if not st.activated:
+        return _bring_up(world, spec, st, actions)
+
+    return _steady(world, spec, st, actions)
+
+
+def _initial_placement(
+    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]
+) -> Plan:
+    pair = choose_pair(spec, world.nodes, world.placement)
+    if isinstance(pair, str):
+        if st.message != pair:
+            actions.append(Event("Warning", "NotEnoughNodes", pair))
+        return _finish(world, st.with_(phase=Phase.PENDING, message=pair), actions, False)
+    epoch = st.epoch + 1
+    primary = Replica(node=pair[0], pod=pod_name(world.name, epoch) + "-a", state="Placed")
+    secondary = Replica(
+        node=pair[1], pod=pod_name(world.name, epoch) + "-b", state="Placed", out_of_sync=True
+    )
+    actions += [
+        CreatePod(primary.pod, primary.node, "primary"),
+        CreatePod(secondary.pod, secondary.node, "secondary"),
+        Event("Normal", "Scheduled", f"primary on {primary.node}, secondary on {secondary.node}"),
+    ]
+    st = st.with_(
+        phase=Phase.PENDING, epoch=epoch, primary=primary, secondary=secondary,
+        message=f"starting agents on {primary.node} and {secondary.node}",
+    )
+    return _finish(world, st, actions, False)
+
+
+def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
+    """Before the first primary serves: no data yet, so any broken pod is simply replaced."""
+    assert st.primary is not None
+    reps: dict[str, Replica | None] = {"primary": st.primary, "secondary": st.secondary}
+    for role, rep in list(reps.items()):
+        if rep is None:
+            continue
+        pod = world.pods.get(rep.pod)
+        node = world.node(rep.node)
+        if node is None or not node.ready or (pod is not None and pod.phase == "Failed"):
+            # start over on a fresh pair: nothing was ever written
+            for r in reps.values():
+                if r is not None and r.pod in world.pods:
+                    actions.append(DeletePod(r.pod, f"bring-up restarted: {role} {r.pod} failed"))
+            st = st.with_(primary=None, secondary=None, message=f"{role} failed during bring-up")
+            actions.append(Event("Warning", "BringUpRestarted", st.message))
+            return _finish(world, st.with_(phase=Phase.PENDING), actions, False)
+        if pod is None:
+            actions.append(CreatePod(rep.pod, rep.node, role))
+    prim, sec = st.primary, st.secondary
+    assert prim is not None and sec is not None
+    pa, sa = _agent(world, prim), _agent(world, sec)
+    st = st.with_(
+        primary=Replica(prim.node, prim.pod, _state(world, prim), _pod_ip(world, prim)),
+        secondary=Replica(sec.node, sec.pod, _state(world, sec), _pod_ip(world, sec), True),
+    )
+    ppod, spod = world.pods.get(prim.pod), world.pods.get(sec.pod)
+    if pa is None or sa is None or ppod is None or spod is None or not (ppod.ready and spod.ready):
+        st = st.with_(phase=Phase.PENDING, message="waiting for both agents to become ready")
+        return _finish(world, st, actions, False)
+    if sa.role != "secondary":
+        epoch = st.epoch + 1
+        actions.append(StartSecondary(sec.pod, spod.ip, epoch))
+        return _finish(world, st.with_(epoch=epoch, phase=Phase.PENDING), actions, False)
+    epoch = st.epoch + 1
+    endpoint = _endpoint(world, spec, prim)
+    actions.append(StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full"))
+    actions.append(Event("Normal", "PrimaryStarted", f"{prim.pod} on {prim.node} is primary "
+                         f"(epoch {epoch}), full sync to {sec.pod} on {sec.node}"))
+    st = st.with_(epoch=epoch, endpoint=endpoint, phase=Phase.SYNCING,
+                  message=f"full sync {prim.node} -> {sec.node}")
+    return _finish(world, st, actions, False)
+
+
+def _endpoint(world: World, spec: VolumeSpec, prim: Replica) -> dict[str, Any]:
+    return {
+        "node": prim.node,
+        "socket": f"{spec.host_path}/{world.namespace}/{world.name}/export.sock",
+        "service": f"{world.name}.{world.namespace}.svc",
+        "port": EXPORT_PORT,
+        "exportName": "volume",
+    }
+
+
+def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
+    prim = st.primary
+    assert prim is not None
+    now = world.now
+    manual = world.annotations.get(ANN_FAILOVER) == "now"
+    phealth, pwhy = replica_health(world, prim, spec.grace_period_s, started=True)
+    lease = world.lease
+    if phealth == "ok" and lease is not None and lease.holder == prim.pod and lease.expired(
+        now, world.settings.lease_margin_s
+    ):
+        phealth, pwhy = "dead", f"primary {prim.pod} lost its lease"
+    pa = _agent(world, prim)
+    if phealth == "ok" and pa is not None and pa.role != "primary":
+        phealth, pwhy = "dead", f"agent of {prim.pod} is {pa.role}, not primary"
+
+    # out-of-sync marks recorded by the primary in its Lease (durable, before any ack)
+    sec = st.secondary
+    if sec is not None and lease is not None and lease.out_of_sync_epoch is not None and (
+        lease.out_of_sync_epoch >= st.epoch
+    ) and not sec.out_of_sync:
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)
+        actions.append(Event("Warning", "OutOfSync",
+                             f"primary dropped secondary {sec.pod} at epoch "
+                             f"{lease.out_of_sync_epoch}; it needs a full resync"))
+        st = st.with_(secondary=sec)
+
+    if manual and phealth == "ok":
+        # graceful manual failover: stop the primary first; it releases its lease on exit
+        ppod = world.pods.get(prim.pod)
+        if ppod is not None and not ppod.deleting:
+            actions.append(DeletePod(prim.pod, "manual failover requested"))
+            actions.append(Event("Normal", "ManualFailover", f"stopping primary {prim.pod}"))
+        st = st.with_(message="manual failover: stopping the primary")
+        return _finish(world, st, actions, False)
+
+    if phealth != "ok":
+        return _primary_down(world, spec, st, actions, phealth, pwhy, manual)
+
+    # primary is fine: its state, the endpoint, and the secondary
+    st = st.with_(primary=Replica(prim.node, prim.pod, _state(world, prim), _pod_ip(world, prim)),
+                  endpoint=_endpoint(world, spec, prim))
+    assert pa is not None
+    ppod = world.pods[prim.pod]
+    if sec is None:
+        return _place_secondary(world, spec, st, actions)
+    sa0 = _agent(world, sec)
+    started = sa0 is not None and sa0.role == "secondary"
+    shealth, swhy = replica_health(world, sec, spec.grace_period_s, started=started)
+    if shealth == "ok" and pa.peer and pa.peer.startswith(f"{_pod_ip(world, sec)}:") and (
+        pa.replication_state == "degraded"
+    ):
+        shealth, swhy = "dead", f"primary dropped secondary {sec.pod}: {pa.error or 'peer failed'}"
+    if shealth == "dead":
+        if sec.pod in world.pods and not world.pods[sec.pod].deleting:
+            actions.append(DeletePod(sec.pod, swhy))
+        actions.append(Event("Warning", "SecondaryLost", f"{swhy}; re-protecting"))
+        st = st.with_(secondary=None, phase=Phase.DEGRADED, message=swhy, sync=None)
+        return _finish(world, st, actions, False)
+
+    spod = world.pods.get(sec.pod)
+    if spod is None:
+        if any(p.node == sec.node for p in world.pods.values() if p.name != prim.pod):
+            msg = f"waiting for the old pod on {sec.node} to go away"
+        else:
+            actions.append(CreatePod(sec.pod, sec.node, "secondary"))
+            msg = f"starting secondary {sec.pod} on {sec.node}"
+        st = st.with_(phase=Phase.DEGRADED, message=msg)
+        return _finish(world, st, actions, False)
+    sa = _agent(world, sec)
+    sec = Replica(sec.node, sec.pod, _state(world, sec), _pod_ip(world, sec), sec.out_of_sync)
+    st = st.with_(secondary=sec)
+    if sa is None or not spod.ready:
+        st = st.with_(phase=Phase.DEGRADED, message=f"waiting for secondary {sec.pod} to be ready")
+        return _finish(world, st, actions, False)
+    if sa.role != "secondary":
+        epoch = st.epoch + 1
+        actions.append(StartSecondary(sec.pod, spod.ip, epoch))
+        return _finish(world, st.with_(epoch=epoch, phase=Phase.DEGRADED,
+                                       message=f"starting secondary {sec.pod}"), actions, False)
+    peer = f"{spod.ip}:{REPLICATION_PORT}"
+    if pa.peer != peer or pa.replication_state in ("none", "degraded"):
+        epoch = st.epoch + 1
+        actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, "full"))
+        actions.append(Event("Normal", "Resync",
+                             f"full sync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} "
+                             f"(epoch {epoch})"))
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)
+        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING,
+                      message=f"full sync {prim.node} -> {sec.node}")
+        return _finish(world, st, actions, False)
+
+    # replicating or syncing to the current secondary
+    if pa.replication_state == "syncing":
+        sync = None
+        if pa.sync_total:
+            done = pa.sync_done or 0
+            sync = {"progress": round(done / pa.sync_total, 4), "doneBytes": done,
+                    "totalBytes": pa.sync_total}
+        st = st.with_(phase=Phase.SYNCING, sync=sync,
+                      message=f"full sync {prim.node} -> {sec.node}")
+        return _finish(world, st, actions, True)
+    if sec.out_of_sync and pa.replication_state == "replicating" and not (
+        lease is not None and lease.out_of_sync_epoch is not None
+        and lease.out_of_sync_epoch >= st.epoch
+    ):
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, False)
+        actions.append(Event("Normal", "Replicating",
+                             f"{sec.pod} on {sec.node} is in sync with {prim.pod} on {prim.node}"))
+        st = st.with_(secondary=sec)
+    if sec.out_of_sync:
+        st = st.with_(phase=Phase.DEGRADED, message=f"secondary {sec.pod} is OutOfSync")
+        return _finish(world, st, actions, False)
+    cosmetic = st.phase == Phase.REPLICATING
+    st = st.with_(phase=Phase.REPLICATING, sync=None,
+                  message=f"{prim.node} -> {sec.node} in sync")
+
+    # checkpoints: on schedule and on request
+    cp = _checkpoint_status(sa.checkpoint) or (dict(st.checkpoint) if st.checkpoint else None)
+    if cp is not None and cp.get("id"):
+        st = st.with_(checkpoint=cp)
+    requested = world.annotations.get(ANN_CHECKPOINT) == "now"
+    last = parse_time(cp.get("time")) if cp else None
+    due = spec.checkpoint_interval_s > 0 and (
+        last is None or now - last >= spec.checkpoint_interval_s
+    )
+    if requested or due:
+        actions.append(Checkpoint(sec.pod, spod.ip))
+        if requested:
+            actions.append(ClearAnnotation(ANN_CHECKPOINT))
+    return _finish(world, st, actions, cosmetic)
+
+
+def _place_secondary(
+    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]
+) -> Plan:
+    prim = st.primary
+    assert prim is not None
+    busy = {p.node for p in world.pods.values() if p.name != prim.pod}
+    candidates = [n for n in eligible_nodes(spec, world.nodes)
+                  if n.name != prim.node and n.name not in busy]
+    prefer = [st.last_failover.from_node] if st.last_failover else []
+    ranked = rank_nodes(candidates, world.placement, prefer)
+    if not ranked:
+        waiting = sorted(busy - {prim.node})
+        msg = ("no eligible node for a new secondary" + (
+            f" (waiting for old pods on {', '.join(waiting)} to go away)" if waiting else
+            "; add a ready node matching spec.nodes/nodeSelector"))
+        st = st.with_(phase=Phase.DEGRADED, message=msg)
+        return _finish(world, st, actions, False)
+    epoch = st.epoch + 1
+    sec = Replica(node=ranked[0], pod=pod_name(world.name, epoch), state="Placed", out_of_sync=True)
+    actions.append(CreatePod(sec.pod, sec.node, "secondary"))
+    actions.append(Event("Normal", "Reprotecting", f"new secondary {sec.pod} on {sec.node}"))
+    st = st.with_(epoch=epoch, secondary=sec, phase=Phase.DEGRADED,
+                  message=f"re-protecting: new secondary on {sec.node}")
+    return _finish(world, st, actions, False)
+
+
+def _primary_down(
+    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action],
+    health: str, why: str, manual: bool,
+) -> Plan:
+    prim, sec = st.primary, st.secondary
+    assert prim is not None
+    if health == "suspect":
+        st = st.with_(phase=Phase.DEGRADED if st.phase != Phase.REPLICATING else st.phase,
+                      message=f"primary suspect: {why}")
+        return _finish(world, st, actions, False)
+    if not manual:
+        since = world.suspect_since.get(prim.pod, world.now)
+        if world.now - since < spec.grace_period_s:
+            st = st.with_(message=f"primary down ({why}); grace period running")
+            return _finish(world, st, actions, False)
+    blocker = failover_blocker(world, spec, st, manual)
+    if blocker is not None:
+        waiting = blocker.startswith("waiting for lease")
+        phase = Phase.DEGRADED if waiting else Phase.FAILED
+        msg = f"primary down ({why}); {blocker}"
+        if phase == Phase.FAILED and st.message != msg:
+            actions.append(Event("Warning", "FailoverBlocked", msg))
+        return _finish(world, st.with_(phase=phase, message=msg), actions, False)
+    assert sec is not None
+    epoch = st.epoch + 1
+    reason = "manual" if manual else why
+    spod = world.pods[sec.pod]
+    fo = Failover(time=rfc3339(world.now), from_node=prim.node, to_node=sec.node,
+                  mode=spec.failover_mode, reason=reason)
+    actions.append(DoFailover(sec.pod, spod.ip, epoch, spec.agent_failover_mode))
+    actions.append(Event("Warning" if not manual else "Normal", "FailingOver",
+                         f"promoting {sec.pod} on {sec.node} (epoch {epoch}, mode "
+                         f"{spec.failover_mode}): {reason}"))
+    st = st.with_(phase=Phase.FAILING_OVER, epoch=epoch, last_failover=fo,
+                  message=f"failing over to {sec.node}: {reason}")
+    return _finish(world, st, actions, False)
+
+
+def _resume_failover(
+    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]
+) -> Plan:
+    """Phase FailingOver: finish the bookkeeping once the target serves, or retry, or give up."""
+    fo, prim, sec = st.last_failover, st.primary, st.secondary
+    assert fo is not None and prim is not None
+    if sec is None:
+        msg = "failover target vanished from status; manual repair needed"
+        return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
+    sa = _agent(world, sec)
+    spod = world.pods.get(sec.pod)
+    if sa is not None and sa.role == "primary" and sa.epoch >= st.epoch:
+        started = parse_time(fo.time) or world.now
+        dur = max(0.0, world.now - started)
+        fo = Failover(fo.time, fo.from_node, fo.to_node, fo.mode, fo.reason, round(dur * 1000, 1))
+        new_primary = Replica(sec.node, sec.pod, _state(world, sec), _pod_ip(world, sec))
+        actions.append(SetRole(sec.pod, "primary"))
+        if prim.pod in world.pods and not world.pods[prim.pod].deleting:
+            actions.append(DeletePod(prim.pod, "demoted by failover"))
+        if world.annotations.get(ANN_FAILOVER):
+            actions.append(ClearAnnotation(ANN_FAILOVER))
+        actions.append(Event("Normal", "FailedOver",
+                             f"{sec.pod} on {sec.node} is primary (epoch {st.epoch}, "
+                             f"{fo.mode}, {dur * 1000:.0f} ms); was {prim.pod} on {prim.node}"))
+        actions.append(FailoverDone(dur, fo.mode, fo.reason))
+        st = st.with_(phase=Phase.DEGRADED, primary=new_primary, secondary=None,
+                      last_failover=fo, endpoint=_endpoint(world, spec, new_primary), sync=None,
+                      message=f"failed over to {sec.node}; re-protecting")
+        return _finish(world, st, actions, False)
+    if sa is not None and sa.stage == "failover_failed":
+        msg = f"failover of {sec.pod} failed: {sa.error or 'see agent log'}"
+        if st.message != msg:
+            actions.append(Event("Warning", "FailoverFailed", msg))
+        return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
+    if spod is None or spod.deleting or spod.phase in ("Failed", "Succeeded"):
+        msg = f"failover target {sec.pod} died during failover; no replica left to promote"
+        if st.message != msg:
+            actions.append(Event("Warning", "FailoverFailed", msg))
+        return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
+    if sa is not None and sa.role == "secondary" and sa.stage == "running" and spod.ip:
+        # the call never reached it (or the operator restarted before making it): retry
+        actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode))
+    return _finish(world, st.with_(message=f"failing over to {sec.node}"), actions, False)
+
+
+def unhealthy_pods(world: World) -> set[str]:
+    """Replica pods that look unwell right now; the caller remembers since when (grace)."""
+    out: set[str] = set()
+    st = world.status
+    for rep in (st.primary, st.secondary):
+        if rep is None:
+            continue
+        pod = world.pods.get(rep.pod)
+        node = world.node(rep.node)
+        if (
+            pod is None or pod.deleting or not pod.ready or world.agents.get(rep.pod) is None
+            or node is None or not node.ready
+        ):
+            out.add(rep.pod)
+    lease = world.lease
+    if (
+        st.primary is not None and lease is not None and lease.holder == st.primary.pod
+        and lease.expired(world.now, world.settings.lease_margin_s)
+    ):
+        out.add(st.primary.pod)
+    return out

@@ -1,0 +1,110 @@
+"""Spec parsing and validation: what users may write, and what they are told when wrong."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pairvol.api.quantity import QuantityError, format_bytes, parse_bytes
+from pairvol.api.spec import SpecError, parse_spec
+from pairvol.api.status import Phase, Replica, VolumeStatus, set_condition
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1Gi", 1 << 30), ("64Mi", 64 << 20), ("1k", 1000), ("2M", 2_000_000), ("1e3", 1000),
+        ("1.5Ki", 1536), (4096, 4096), ("4096", 4096), ("  1Ti ", 1 << 40), ("0.5Gi", 1 << 29),
+    ],
+)
+def test_quantities_are_parsed_to_whole_bytes(text: object, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1.3", "1Qi", "", "Gi", "-1Mi", "1500m", True, 1.5, None, "1e99"])
+def test_bad_quantities_are_rejected_with_a_hint(text: object) -> None:
+    with pytest.raises(QuantityError):
+        parse_bytes(text)
+
+
+@given(st.integers(min_value=0, max_value=1 << 62))
+def test_format_bytes_round_trips(n: int) -> None:
+    assert parse_bytes(format_bytes(n)) == n
+
+
+def test_defaults_follow_the_crd() -> None:
+    spec = parse_spec({"size": "64Mi"}, name="vol1")
+    assert spec.size == 64 << 20
+    assert spec.checkpoint_interval_s == 10
+    assert spec.failover_automatic is True
+    assert spec.failover_mode == "Checkpoint" and spec.agent_failover_mode == "checkpoint"
+    assert spec.grace_period_s == 3 and spec.peer_timeout_s == 5
+    assert spec.host_path == "/var/lib/pairvol" and spec.reclaim_policy == "Retain"
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(
+            {
+                "nodes": ["a", "a"],
+                "failover": {"mode": "Eventually"},
+                "replication": {"peerTimeoutSeconds": 0},
+                "storage": {"hostPath": "relative/dir"},
+                "reclaimPolicy": "Shred",
+            },
+            name="Bad_Name",
+        )
+    text = str(err.value)
+    for fragment in (
+        "metadata.name 'Bad_Name'", "spec.size is required", "lists a more than once",
+        "at least two distinct nodes", "spec.failover.mode must be one of Checkpoint, Latest",
+        "peerTimeoutSeconds must be >= 1", "hostPath must be an absolute path",
+        "reclaimPolicy must be one of Retain, Delete",
+    ):
+        assert fragment in text, fragment
+    assert len(err.value.problems) == 8
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"size": "1k"}, "at least 1Mi"),
+        ({"size": 1048577}, "multiple of 512"),
+        ({"size": "1Mi", "storage": {"hostPath": "/var/../etc"}}, "must not contain '..'"),
+        ({"size": "1Mi", "storage": {"hostPath": "/"}}, "must not be '/'"),
+        ({"size": "1Mi", "checkpoint": {"intervalSeconds": "10"}}, "must be an integer"),
+        ({"size": "1Mi", "failover": {"automatic": "yes"}}, "must be true or false"),
+        ({"size": "1Mi", "nodeSelector": {"zone": 1}}, "nodeSelector must map"),
+        ({"size": "1Mi", "nodes": ["UPPER", "b"]}, "invalid node names"),
+    ],
+)
+def test_single_problems_say_what_to_fix(spec: dict[str, object], fragment: str) -> None:
+    with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        parse_spec(spec, name="v")
+
+
+def test_long_volume_names_are_refused_because_pod_names_derive_from_them() -> None:
+    with pytest.raises(SpecError, match="at most 40"):
+        parse_spec({"size": "1Mi"}, name="v" * 41)
+
+
+def test_status_round_trips_through_its_dict_form() -> None:
+    status = VolumeStatus(
+        phase=Phase.REPLICATING, epoch=7,
+        primary=Replica("n1", "v-1-a", "primary/replicating", "10.0.0.1"),
+        secondary=Replica("n2", "v-1-b", "secondary/running", "10.0.0.2", out_of_sync=True),
+        endpoint={"node": "n1"},
+    )
+    again = VolumeStatus.from_dict(status.to_dict())
+    assert again == status
+    assert status.to_dict()["lastFailover"] is None  # cleared fields are deleted by merge patch
+
+
+def test_condition_transition_time_moves_only_on_status_change() -> None:
+    c1 = set_condition((), "Ready", True, "R", "m", now=100.0, generation=1)
+    c2 = set_condition(c1, "Ready", True, "R2", "m2", now=200.0, generation=2)
+    c3 = set_condition(c2, "Ready", False, "R3", "m3", now=300.0, generation=2)
+    assert c1[0].last_transition_time == c2[0].last_transition_time
+    assert c2[0].reason == "R2" and c2[0].observed_generation == 2
+    assert c3[0].last_transition_time != c2[0].last_transition_time and c3[0].status == "False"

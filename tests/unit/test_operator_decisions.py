@@ -1,0 +1,432 @@
+"""The operator's decisions, as a specification: scheduling, failover, re-protection, phases.
+
+Every test builds one observation of the world (no process, no API server) and checks what the
+operator would persist and do next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pairvol.api.spec import SpecError, parse_spec
+from pairvol.api.status import Failover, Phase, Replica, VolumeStatus, rfc3339
+from pairvol.operator.decisions import (
+    ANN_CHECKPOINT,
+    ANN_FAILOVER,
+    AgentView,
+    Checkpoint,
+    ClearAnnotation,
+    CreatePod,
+    DeletePod,
+    DoFailover,
+    Event,
+    LeaseView,
+    NodeView,
+    PodView,
+    SetRole,
+    StartPrimary,
+    StartSecondary,
+    World,
+    choose_pair,
+    plan,
+    unhealthy_pods,
+)
+
+NOW = 1_000_000.0
+NODES = (NodeView("n1"), NodeView("n2"), NodeView("n3"))
+
+
+def spec(**kw: Any) -> Any:
+    return parse_spec({"size": "64Mi", **kw}, name="vol")
+
+
+def pod(name: str, node: str, role: str, ip: str, **kw: Any) -> PodView:
+    return PodView(name, node, role, kw.pop("phase", "Running"), kw.pop("ready", True), ip, **kw)
+
+
+PRIMARY_AGENT = AgentView("primary", "none", 3, "replicating", "10.0.0.2:7801")
+SECONDARY_AGENT = AgentView(
+    "secondary", "running", 2, checkpoint={"id": 4, "time": NOW - 2, "durationMs": 3.0}
+)
+
+
+def replicating(**kw: Any) -> World:
+    """A healthy volume: primary vol-1-a on n1, secondary vol-1-b on n2, epoch 3."""
+    status = VolumeStatus(
+        phase=Phase.REPLICATING, epoch=3,
+        primary=Replica("n1", "vol-1-a", "primary/replicating", "10.0.0.1"),
+        secondary=Replica("n2", "vol-1-b", "secondary/running", "10.0.0.2"),
+        endpoint={"node": "n1"},
+        checkpoint={"id": 4, "time": rfc3339(NOW - 2), "durationMs": 3.0},
+    )
+    base: dict[str, Any] = dict(
+        name="vol", namespace="ns", generation=1, spec=spec(), status=status, now=NOW,
+        nodes=NODES,
+        pods={
+            "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1"),
+            "vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2"),
+        },
+        agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": SECONDARY_AGENT},
+        lease=LeaseView("vol-1-a", NOW - 1, 3.0),
+    )
+    base.update(kw)
+    return World(**base)
+
+
+def primary_dead(**kw: Any) -> World:
+    """The primary's pod vanished long ago and its lease expired."""
+    w = replicating()
+    pods = {"vol-1-b": w.pods["vol-1-b"]}
+    defaults: dict[str, Any] = dict(
+        pods=pods, agents={"vol-1-b": SECONDARY_AGENT},
+        lease=LeaseView("vol-1-a", NOW - 10, 3.0), suspect_since={"vol-1-a": NOW - 10},
+    )
+    defaults.update(kw)
+    return replace(w, **defaults)
+
+
+def kinds(p: Any) -> list[str]:
+    return [type(a).__name__ for a in p.actions]
+
+
+# ------------------------------------------------------------------ scheduling
+
+
+def test_two_distinct_ready_nodes_are_chosen_spreading_across_volumes() -> None:
+    assert choose_pair(spec(), NODES, {"n1": 3, "n2": 1}) == ("n3", "n2")
+
+
+def test_scheduling_honours_node_list_selector_and_readiness() -> None:
+    nodes = (
+        NodeView("n1", labels={"disk": "ssd"}), NodeView("n2", ready=False, labels={"disk": "ssd"}),
+        NodeView("n3", labels={"disk": "ssd"}), NodeView("n4", labels={"disk": "hdd"}),
+        NodeView("n5", schedulable=False, labels={"disk": "ssd"}),
+    )
+    assert choose_pair(spec(nodeSelector={"disk": "ssd"}), nodes, {}) == ("n1", "n3")
+    assert choose_pair(spec(nodes=["n3", "n4"]), nodes, {}) == ("n3", "n4")
+
+
+def test_fewer_than_two_eligible_nodes_is_a_clear_pending_error() -> None:
+    w = World("vol", "ns", 1, spec(nodes=["n1", "n9"]), VolumeStatus(), NOW, nodes=NODES)
+    p = plan(w)
+    assert p.status.phase == Phase.PENDING
+    assert "need two eligible nodes, found 1 (n1)" in p.status.message
+    assert "spec.nodes=['n1', 'n9']" in p.status.message
+    assert next(a for a in p.actions if isinstance(a, Event)).reason == "NotEnoughNodes"
+    assert not any(isinstance(a, CreatePod) for a in p.actions)
+
+
+def test_invalid_spec_fails_with_the_validation_message_and_one_event() -> None:
+    err = SpecError(["spec.size is required (e.g. size: 1Gi)"])
+    w = World("vol", "ns", 1, err, VolumeStatus(), NOW, nodes=NODES)
+    p = plan(w)
+    assert p.status.phase == Phase.FAILED and "spec.size is required" in p.status.message
+    assert kinds(p) == ["Event"]
+    assert kinds(plan(replace(w, status=p.status))) == []  # no event flood on later ticks
+
+
+# -------------------------------------------------------------------- bring-up
+
+
+def test_creation_places_both_replicas_with_fresh_names_and_epoch() -> None:
+    w = World("vol", "ns", 1, spec(), VolumeStatus(), NOW, nodes=NODES)
+    p = plan(w)
+    creates = [a for a in p.actions if isinstance(a, CreatePod)]
+    assert [(c.role, c.node) for c in creates] == [("primary", "n1"), ("secondary", "n2")]
+    assert creates[0].pod != creates[1].pod
+    assert p.status.epoch == 1 and p.status.phase == Phase.PENDING
+    assert p.status.secondary is not None and p.status.secondary.out_of_sync
+
+
+def _placed() -> World:
+    w = World("vol", "ns", 1, spec(), VolumeStatus(), NOW, nodes=NODES)
+    return replace(w, status=plan(w).status)
+
+
+def test_bring_up_starts_secondary_first_then_primary_with_full_sync() -> None:
+    w = _placed()
+    st0 = w.status
+    assert st0.primary is not None and st0.secondary is not None
+    pods = {
+        st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
+        st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
+    }
+    idle = AgentView("none", "none", 0)
+    w = replace(w, pods=pods, agents={n: idle for n in pods})
+    p = plan(w)
+    assert [type(a) for a in p.actions] == [StartSecondary]
+    assert p.actions[0] == StartSecondary(st0.secondary.pod, "10.0.0.2", 2)
+    assert p.status.epoch == 2 and p.status.phase == Phase.PENDING
+
+    sec = AgentView("secondary", "running", 2)
+    w = replace(w, status=p.status, agents={st0.primary.pod: idle, st0.secondary.pod: sec})
+    p = plan(w)
+    start = [a for a in p.actions if isinstance(a, StartPrimary)]
+    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", 3, "10.0.0.2:7801", "full")]
+    assert p.status.phase == Phase.SYNCING and p.status.epoch == 3
+    assert p.status.endpoint is not None
+    assert p.status.endpoint["socket"] == "/var/lib/pairvol/ns/vol/export.sock"
+    assert p.status.endpoint["service"] == "vol.ns.svc" and p.status.endpoint["port"] == 7802
+
+
+def test_waits_while_agents_are_not_ready() -> None:
+    w = _placed()
+    assert w.status.primary is not None and w.status.secondary is not None
+    pods = {r.pod: pod(r.pod, r.node, "x", "", phase="Pending", ready=False)
+            for r in (w.status.primary, w.status.secondary)}
+    p = plan(replace(w, pods=pods))
+    assert kinds(p) == [] and p.status.phase == Phase.PENDING
+
+
+def test_syncing_becomes_replicating_and_clears_out_of_sync() -> None:
+    w = replicating()
+    sec = w.status.secondary
+    assert sec is not None
+    w = replace(w, status=w.status.with_(phase=Phase.SYNCING,
+                                           secondary=replace(sec, out_of_sync=True)))
+    syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_done=1, sync_total=4)
+    p = plan(replace(w, agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.phase == Phase.SYNCING and p.status.sync == {
+        "progress": 0.25, "doneBytes": 1, "totalBytes": 4}
+    p = plan(w)
+    assert p.status.phase == Phase.REPLICATING
+    assert p.status.secondary is not None and not p.status.secondary.out_of_sync
+    assert any(isinstance(a, Event) and a.reason == "Replicating" for a in p.actions)
+
+
+# ----------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_is_cut_when_the_interval_has_passed_and_not_before() -> None:
+    assert kinds(plan(replicating())) == []
+    p = plan(replicating(now=NOW + 9, lease=LeaseView("vol-1-a", NOW + 8, 3.0)))
+    assert p.actions == (Checkpoint("vol-1-b", "10.0.0.2"),)
+    assert p.status.checkpoint is not None and p.status.checkpoint["id"] == 4
+    assert p.cosmetic  # nothing but informational fields: the executor may coalesce the write
+
+
+def test_checkpoint_interval_zero_means_manual_only_and_annotation_triggers_one() -> None:
+    w = replicating(spec=spec(checkpoint={"intervalSeconds": 0}), now=NOW + 1000,
+                    lease=LeaseView("vol-1-a", NOW + 999, 3.0))
+    assert kinds(plan(w)) == []
+    p = plan(replace(w, annotations={ANN_CHECKPOINT: "now"}))
+    assert p.actions == (Checkpoint("vol-1-b", "10.0.0.2"), ClearAnnotation(ANN_CHECKPOINT))
+
+
+# -------------------------------------------------------------------- failover
+
+
+def test_dead_primary_fails_over_after_grace_and_lease_expiry() -> None:
+    p = plan(primary_dead())
+    assert p.status.phase == Phase.FAILING_OVER and p.status.epoch == 4
+    assert DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint") in p.actions
+    fo = p.status.last_failover
+    assert fo is not None and fo.duration_ms is None  # in flight, durably recorded first
+    assert (fo.from_node, fo.to_node, fo.mode) == ("n1", "n2", "Checkpoint")
+    assert "pod vol-1-a is gone" in fo.reason
+
+
+def test_latest_mode_is_passed_to_the_agent() -> None:
+    p = plan(primary_dead(spec=spec(failover={"mode": "Latest"})))
+    assert DoFailover("vol-1-b", "10.0.0.2", 4, "latest") in p.actions
+
+
+def test_never_fails_over_while_the_primary_lease_is_still_valid() -> None:
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 1, 3.0)))
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+    assert p.status.phase == Phase.DEGRADED and "waiting for lease" in p.status.message
+
+
+def test_lease_margin_is_respected() -> None:
+    # renewed 3.5 s ago, duration 3 s, margin 1 s: expired for the agent, not yet for us
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 3.5, 3.0)))
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+
+
+def test_grace_period_delays_failover() -> None:
+    p = plan(primary_dead(suspect_since={"vol-1-a": NOW - 1}))
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+    assert "grace period" in p.status.message
+
+
+def test_node_not_ready_counts_as_primary_death() -> None:
+    w = replicating(
+        nodes=(NodeView("n1", ready=False), NodeView("n2"), NodeView("n3")),
+        lease=LeaseView("vol-1-a", NOW - 10, 3.0), suspect_since={"vol-1-a": NOW - 5},
+    )
+    p = plan(w)
+    assert any(isinstance(a, DoFailover) for a in p.actions)
+    assert p.status.last_failover is not None
+    assert "node n1 is NotReady" in p.status.last_failover.reason
+
+
+def test_partitioned_primary_that_lost_its_lease_is_replaced() -> None:
+    # pod still reported running and ready (stale), but the lease expired
+    w = replicating(lease=LeaseView("vol-1-a", NOW - 10, 3.0), suspect_since={"vol-1-a": NOW - 6})
+    assert "vol-1-a" in unhealthy_pods(w)
+    p = plan(w)
+    assert any(isinstance(a, DoFailover) for a in p.actions)
+
+
+def test_out_of_sync_secondary_is_never_promoted_automatically() -> None:
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 10, 3.0, out_of_sync_epoch=3)))
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+    assert p.status.phase == Phase.FAILED and "OutOfSync" in p.status.message
+    assert p.status.secondary is not None and p.status.secondary.out_of_sync
+    # ... but an operator may accept the loss explicitly
+    p2 = plan(primary_dead(status=p.status, annotations={ANN_FAILOVER: "now"}))
+    assert any(isinstance(a, DoFailover) for a in p2.actions)
+
+
+def test_stale_out_of_sync_mark_from_an_older_epoch_is_ignored() -> None:
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 10, 3.0, out_of_sync_epoch=2)))
+    assert any(isinstance(a, DoFailover) for a in p.actions)
+
+
+def test_automatic_false_blocks_failover() -> None:
+    p = plan(primary_dead(spec=spec(failover={"automatic": False})))
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+    assert "automatic is false" in p.status.message
+
+
+def test_unhealthy_secondary_blocks_failover() -> None:
+    p = plan(primary_dead(agents={}))
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+    assert "secondary is unhealthy" in p.status.message
+
+
+def test_manual_failover_of_a_healthy_primary_stops_it_first() -> None:
+    p = plan(replicating(annotations={ANN_FAILOVER: "now"}))
+    assert DeletePod("vol-1-a", "manual failover requested") in p.actions
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+
+
+def _in_flight() -> World:
+    return replace(primary_dead(), status=plan(primary_dead()).status, now=NOW + 0.5)
+
+
+def test_completed_failover_flips_roles_records_duration_and_demotes_the_old_primary() -> None:
+    w = _in_flight()
+    promoted = AgentView("primary", "done", 4, "degraded")
+    w = replace(w, agents={"vol-1-b": promoted},
+                pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")})
+    p = plan(w)
+    assert SetRole("vol-1-b", "primary") in p.actions
+    assert DeletePod("vol-1-a", "demoted by failover") in p.actions
+    assert p.status.primary is not None and p.status.primary.pod == "vol-1-b"
+    assert p.status.secondary is None and p.status.phase == Phase.DEGRADED
+    assert p.status.last_failover is not None and p.status.last_failover.duration_ms == 500.0
+    assert any(isinstance(a, Event) and a.reason == "FailedOver" for a in p.actions)
+
+
+def test_operator_restarted_mid_failover_retries_with_the_same_epoch() -> None:
+    w = _in_flight()  # status says FailingOver, agent still a secondary: the call was lost
+    p = plan(w)
+    assert p.actions == (DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint"),)
+    assert p.status.phase == Phase.FAILING_OVER
+
+
+def test_failover_failed_on_the_agent_is_reported() -> None:
+    w = _in_flight()
+    failed = AgentView("secondary", "failover_failed", 4, error="commit failed")
+    p = plan(replace(w, agents={"vol-1-b": failed}))
+    assert p.status.phase == Phase.FAILED and "commit failed" in p.status.message
+
+
+# ---------------------------------------------------------------- re-protection
+
+
+def _after_failover(**kw: Any) -> World:
+    st = VolumeStatus(
+        phase=Phase.DEGRADED, epoch=4, primary=Replica("n2", "vol-1-b", "", "10.0.0.2"),
+        endpoint={"node": "n2"},
+        last_failover=Failover(rfc3339(NOW - 1), "n1", "n2", "Checkpoint", "x", 100.0),
+    )
+    base: dict[str, Any] = dict(
+        status=st, pods={"vol-1-b": pod("vol-1-b", "n2", "primary", "10.0.0.2")},
+        agents={"vol-1-b": AgentView("primary", "done", 4, "none")}, lease=None,
+    )
+    base.update(kw)
+    return replicating(**base)
+
+
+def test_reprotection_prefers_the_old_primary_node_when_it_is_back() -> None:
+    p = plan(_after_failover())
+    assert CreatePod("vol-5", "n1", "secondary") in p.actions
+    assert p.status.secondary is not None and p.status.secondary.out_of_sync
+    assert p.status.epoch == 5
+
+
+def test_reprotection_uses_another_node_while_the_old_one_is_down() -> None:
+    nodes = (NodeView("n1", ready=False), NodeView("n2"), NodeView("n3"))
+    p = plan(_after_failover(nodes=nodes))
+    assert CreatePod("vol-5", "n3", "secondary") in p.actions
+
+
+def test_reprotection_waits_for_old_pods_to_go_away() -> None:
+    old = pod("vol-1-a", "n1", "primary", "10.0.0.1", deleting=True)
+    nodes = (NodeView("n1"), NodeView("n2"))
+    p = plan(_after_failover(nodes=nodes, pods={
+        "vol-1-b": pod("vol-1-b", "n2", "primary", "10.0.0.2"), "vol-1-a": old}))
+    assert not any(isinstance(a, CreatePod) for a in p.actions)
+    assert "waiting for old pods on n1" in p.status.message
+
+
+def test_dead_secondary_is_dropped_and_the_volume_degrades() -> None:
+    w = replicating(pods={"vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")},
+                    agents={"vol-1-a": PRIMARY_AGENT})
+    p = plan(w)
+    assert p.status.phase == Phase.DEGRADED and p.status.secondary is None
+    assert any(isinstance(a, Event) and a.reason == "SecondaryLost" for a in p.actions)
+
+
+def test_primary_that_dropped_its_peer_triggers_a_fresh_secondary() -> None:
+    dropped = replace(PRIMARY_AGENT, replication_state="degraded", error="peer timeout")
+    p = plan(replicating(agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
+    assert DeletePod("vol-1-b", "primary dropped secondary vol-1-b: peer timeout") in p.actions
+    assert p.status.secondary is None
+
+
+def test_stray_pods_of_the_volume_are_deleted() -> None:
+    w = replicating()
+    w = replace(w, pods={**w.pods, "vol-0-a": pod("vol-0-a", "n3", "primary", "10.0.0.3")})
+    assert DeletePod("vol-0-a", "no longer a replica of this volume") in plan(w).actions
+
+
+# ------------------------------------------------------------------ invariants
+
+EPOCH_ACTIONS = (StartPrimary, StartSecondary, DoFailover)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+    st.floats(0, 20), st.sampled_from([None, 2, 3, 4]), st.booleans(),
+)
+def test_epochs_only_grow_and_no_promotion_while_the_lease_is_live(
+    p_pod: bool, p_agent: bool, s_agent: bool, n1_ready: bool, manual: bool,
+    lease_age: float, oos: int | None, automatic: bool,
+) -> None:
+    w = replicating(spec=spec(failover={"automatic": automatic}))
+    pods = dict(w.pods) if p_pod else {"vol-1-b": w.pods["vol-1-b"]}
+    agents = {k: v for k, v in w.agents.items()
+              if (k == "vol-1-a" and p_agent) or (k == "vol-1-b" and s_agent)}
+    lease = LeaseView("vol-1-a", NOW - lease_age, 3.0, oos)
+    w = replace(
+        w, pods=pods, agents=agents, lease=lease,
+        nodes=(NodeView("n1", ready=n1_ready), NodeView("n2"), NodeView("n3")),
+        annotations={ANN_FAILOVER: "now"} if manual else {}, suspect_since={"vol-1-a": NOW - 9},
+    )
+    p = plan(w)
+    assert p.status.epoch >= w.status.epoch
+    for a in p.actions:
+        if isinstance(a, EPOCH_ACTIONS):
+            assert a.epoch == p.status.epoch > w.status.epoch
+    if any(isinstance(a, DoFailover) for a in p.actions):
+        assert lease.expired(NOW, w.settings.lease_margin_s)
+        assert s_agent
+        assert manual or (automatic and (oos is None or oos < 3))
