@@ -1,0 +1,120 @@
+"""LeaseKeeper against the emulated API server: the agent-side fence of DESIGN.md §4."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pairvol.agent.lease import (
+    OUT_OF_SYNC_ANNOTATION,
+    LeaseError,
+    LeaseKeeper,
+    parse_micro_time,
+)
+from pairvol.localcluster.cluster import LocalCluster
+from pairvol.operator.k8s import KubeClient, lease_path, load_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Lost:
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    async def __call__(self) -> None:
+        self.at = time.time()
+
+
+def keeper(cluster: LocalCluster, holder: str, lost: Lost, duration: float = 2.0) -> LeaseKeeper:
+    return LeaseKeeper(namespace="default", name="pairvol-vol", holder=holder,
+                       duration_s=duration, kubeconfig=str(cluster.kubeconfig_path), on_lost=lost)
+
+
+async def read_lease(cluster: LocalCluster) -> dict[str, object]:
+    async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+        return await kube.get(lease_path("default", "pairvol-vol"))
+
+
+async def test_acquire_creates_the_lease_and_renewals_keep_it_fresh() -> None:
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost())
+        await k.acquire(5)
+        assert k.held
+        lease = await read_lease(cluster)
+        spec = lease["spec"]
+        assert isinstance(spec, dict)
+        assert spec["holderIdentity"] == "pod-a" and spec["leaseDurationSeconds"] == 2
+        first = parse_micro_time(spec["renewTime"])
+        task = asyncio.create_task(k.run())
+        await asyncio.sleep(1.5)
+        spec2 = (await read_lease(cluster))["spec"]
+        assert isinstance(spec2, dict)
+        assert first is not None and (parse_micro_time(spec2["renewTime"]) or 0) > first
+        assert k.held and not task.done()
+        task.cancel()
+        await k.release()
+        spec3 = (await read_lease(cluster))["spec"]
+        assert isinstance(spec3, dict) and not spec3.get("holderIdentity")
+
+
+async def test_a_second_holder_waits_until_expiry_then_takes_over() -> None:
+    async with LocalCluster(nodes=0) as cluster:
+        a = keeper(cluster, "pod-a", Lost())
+        await a.acquire(5)
+        b = keeper(cluster, "pod-b", Lost())
+        with pytest.raises(LeaseError, match="held by pod-a"):
+            await b.acquire(0.5)
+        # a never renews (as if dead): b gets it once the 2 s have passed, not before
+        t0 = time.monotonic()
+        await b.acquire(5)
+        assert time.monotonic() - t0 >= 0.9
+        spec = (await read_lease(cluster))["spec"]
+        assert isinstance(spec, dict)
+        assert spec["holderIdentity"] == "pod-b" and spec["leaseTransitions"] == 1
+        # a finds out at its next renewal and reports the loss
+        lost = Lost()
+        a.on_lost = lost
+        await asyncio.wait_for(a.run(), 5)
+        assert lost.at is not None and not a.held
+        await b.release()
+
+
+async def test_unreachable_api_server_means_lost_before_the_lease_expires() -> None:
+    lost = Lost()
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost)
+        await k.acquire(5)
+        renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
+        task = asyncio.create_task(k.run())
+        await asyncio.sleep(0.8)  # one renewal happens
+        renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
+    # the API server is gone now: renewals fail
+    await asyncio.wait_for(task, 5)
+    assert lost.at is not None and renewed is not None
+    assert lost.at < renewed + 2.0, "on_lost must run before others may consider it expired"
+    assert not k.held
+    await k.release()
+
+
+async def test_out_of_sync_mark_is_stored_on_the_lease() -> None:
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost())
+        await k.acquire(5)
+        await k.mark_out_of_sync(7)
+        meta = (await read_lease(cluster))["metadata"]
+        assert isinstance(meta, dict)
+        assert meta["annotations"][OUT_OF_SYNC_ANNOTATION] == "7"
+        await k.release()
+        with pytest.raises(LeaseError, match="not held"):
+            await k.mark_out_of_sync(8)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(LeaseError, match="at least 1 second"):
+        LeaseKeeper(namespace="d", name="n", holder="h", duration_s=0.5, kubeconfig=None,
+                    on_lost=Lost())
+    with pytest.raises(LeaseError, match="POD_NAME"):
+        LeaseKeeper(namespace="d", name="n", holder="", duration_s=2, kubeconfig=None,
+                    on_lost=Lost())
