@@ -131,13 +131,14 @@ def _load_sync(path: str | None) -> KubeConfig:
         cert = _materialize(user["client-certificate-data"], ".crt")
     if user.get("client-key-data"):
         key = _materialize(user["client-key-data"], ".key")
-    token: str | None = user.get("token")
-    if not token and user.get("tokenFile"):
+    utoken = user.get("token")
+    if not utoken and user.get("tokenFile"):
         with open(str(rel(user["tokenFile"]))) as f:
-            token = f.read().strip()
+            utoken = f.read().strip()
     return KubeConfig(
-        server=str(cluster["server"]).rstrip("/"), token=token, ca_path=ca, cert_path=cert,
-        key_path=key, insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        server=str(cluster["server"]).rstrip("/"), token=str(utoken) if utoken else None,
+        ca_path=ca, cert_path=cert, key_path=key,
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
         namespace=str(ctx.get("namespace") or "default"),
     )
 
