@@ -1,0 +1,103 @@
+"""Async client of the node agent's HTTP API (DESIGN.md §3), as the operator uses it.
+
+Every call carries the volume's bearer token. Agent errors come back as
+``{"error": text}`` with a status code that means something (400 bad input, 401 token,
+409 illegal in this stage/role or stale epoch, 500 failure); :class:`AgentError` keeps both
+so the reconcile loop can tell "retry later" from "this will never work".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aiohttp
+
+from pairvol.errors import PairvolError
+
+log = logging.getLogger(__name__)
+
+
+class AgentError(PairvolError):
+    """An agent call failed; ``status`` is the HTTP status, 0 if the agent did not answer."""
+
+    def __init__(self, address: str, call: str, status: int, message: str) -> None:
+        self.address, self.call, self.status, self.message = address, call, status, message
+        super().__init__(f"agent {address} {call}: {status or 'unreachable'} {message}")
+
+
+class AgentClient:
+    """One shared HTTP session for all agents; ``token`` is passed per call (per volume)."""
+
+    def __init__(self, timeout_s: float = 5.0, long_timeout_s: float = 600.0) -> None:
+        self.timeout_s = timeout_s
+        self.long_timeout_s = long_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(
+        self, address: str, method: str, path: str, token: str | None, body: Any = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        url = f"http://{address}{path}"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        call = f"{method} {path}"
+        try:
+            async with self._sess().request(
+                method, url, json=body, headers=headers, timeout=timeout
+            ) as resp:
+                text = await resp.text()
+                try:
+                    data = json.loads(text) if text else {}
+                except ValueError:
+                    data = {"error": text}
+                if resp.status >= 400:
+                    msg = data.get("error", text) if isinstance(data, dict) else text
+                    raise AgentError(address, call, resp.status, str(msg))
+                if not isinstance(data, dict):
+                    raise AgentError(address, call, resp.status, f"expected an object: {text!r}")
+                return data
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise AgentError(address, call, 0, repr(exc)) from exc
+
+    async def healthz(self, address: str) -> bool:
+        try:
+            await self._call(address, "GET", "/healthz", None)
+            return True
+        except AgentError:
+            return False
+
+    async def status(self, address: str, token: str) -> dict[str, Any]:
+        return await self._call(address, "GET", "/v1/status", token)
+
+    async def secondary(self, address: str, token: str, epoch: int) -> dict[str, Any]:
+        return await self._call(address, "POST", "/v1/secondary", token, {"epoch": epoch},
+                                timeout_s=self.long_timeout_s)
+
+    async def primary(
+        self, address: str, token: str, epoch: int, peer: str | None, sync: str
+    ) -> dict[str, Any]:
+        body = {"epoch": epoch, "peer": peer, "sync": sync}
+        return await self._call(address, "POST", "/v1/primary", token, body,
+                                timeout_s=self.long_timeout_s)
+
+    async def checkpoint(self, address: str, token: str) -> dict[str, Any]:
+        return await self._call(address, "POST", "/v1/checkpoint", token, {})
+
+    async def failover(self, address: str, token: str, epoch: int, mode: str) -> dict[str, Any]:
+        return await self._call(address, "POST", "/v1/failover", token,
+                                {"epoch": epoch, "mode": mode}, timeout_s=self.long_timeout_s)
+
+    async def stop(self, address: str, token: str) -> dict[str, Any]:
+        return await self._call(address, "POST", "/v1/stop", token, {})

@@ -1,0 +1,93 @@
+"""The operator's agent client speaks DESIGN.md §3: paths, bodies, bearer token, errors.
+
+The agent side here is a minimal aiohttp application that records what it receives and
+answers per the contract; the real agent is exercised by the e2e tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from pairvol.operator.agentclient import AgentClient, AgentError
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture
+async def agent() -> Any:
+    seen: list[tuple[str, str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path != "/healthz" and request.headers.get("Authorization") != (
+            f"Bearer {TOKEN}"
+        ):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        body = await request.json() if request.can_read_body else None
+        seen.append((request.method, request.path, body))
+        if request.path == "/v1/failover" and body["epoch"] <= 3:
+            return web.json_response({"error": "stale epoch 3 <= 5"}, status=409)
+        answers: dict[str, Any] = {
+            "/healthz": {}, "/v1/status": {"role": "secondary", "stage": "running", "epoch": 5},
+            "/v1/checkpoint": {"id": 9, "durationMs": 1.5},
+            "/v1/failover": {"durationMs": 12.0, "mode": body and body.get("mode"),
+                             "checkpointId": 9},
+        }
+        return web.json_response(answers.get(request.path, {}))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"127.0.0.1:{server.port}", seen
+    await server.close()
+
+
+async def test_calls_follow_the_contract(agent: Any) -> None:
+    address, seen = agent
+    c = AgentClient()
+    try:
+        assert await c.healthz(address)
+        assert (await c.status(address, TOKEN))["role"] == "secondary"
+        await c.secondary(address, TOKEN, 6)
+        await c.primary(address, TOKEN, 7, "10.0.0.2:7801", "full")
+        assert (await c.checkpoint(address, TOKEN))["id"] == 9
+        assert (await c.failover(address, TOKEN, 8, "latest"))["mode"] == "latest"
+        await c.stop(address, TOKEN)
+    finally:
+        await c.close()
+    assert seen[2:] == [
+        ("POST", "/v1/secondary", {"epoch": 6}),
+        ("POST", "/v1/primary", {"epoch": 7, "peer": "10.0.0.2:7801", "sync": "full"}),
+        ("POST", "/v1/checkpoint", {}),
+        ("POST", "/v1/failover", {"epoch": 8, "mode": "latest"}),
+        ("POST", "/v1/stop", {}),
+    ]
+
+
+async def test_agent_errors_keep_status_and_text(agent: Any) -> None:
+    address, _ = agent
+    c = AgentClient()
+    try:
+        with pytest.raises(AgentError) as err:
+            await c.failover(address, TOKEN, 3, "checkpoint")
+        assert err.value.status == 409 and "stale epoch" in str(err.value)
+        with pytest.raises(AgentError) as err:
+            await c.status(address, "wrong")
+        assert err.value.status == 401
+    finally:
+        await c.close()
+
+
+async def test_unreachable_agent_is_status_zero() -> None:
+    c = AgentClient(timeout_s=1)
+    try:
+        with pytest.raises(AgentError) as err:
+            await c.status("127.0.0.1:9", TOKEN)  # discard port: nobody listens
+        assert err.value.status == 0 and "unreachable" in str(err.value)
+        assert not await c.healthz("127.0.0.1:9")
+    finally:
+        await c.close()
