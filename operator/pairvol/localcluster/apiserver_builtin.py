@@ -1,0 +1,134 @@
+"""The built-in resource types the emulated API server serves, and kopf's peering CRDs.
+
+Why a table: discovery, URL routing, status-subresource behaviour and ``kubectl get``
+columns all derive from one description per type; listing the types our operator, the
+node simulator, kopf and kubectl touch (and no others) keeps the emulator honest about
+what it supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    """One served (group, version, plural)."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+    singular: str = ""
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    status_subresource: bool = False
+    # "drop": status in a create is ignored (CRs, services, pods are reset by defaults);
+    # "keep": status may be set on create (nodes, as kubelets register them that way).
+    status_on_create: str = "drop"
+    printer_columns: tuple[dict[str, Any], ...] = field(default=())
+    custom: bool = False
+    verbs: tuple[str, ...] = _ALL_VERBS
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The storage key: all versions of a resource share their objects."""
+        return (self.group, self.plural)
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return (self.group, self.version, self.plural)
+
+    @property
+    def resource_name(self) -> str:
+        """How messages name the resource: ``pods``, ``leases.coordination.k8s.io``."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+
+def _col(name: str, path: str, type_: str = "string", priority: int = 0) -> dict[str, Any]:
+    return {"name": name, "jsonPath": path, "type": type_, "priority": priority}
+
+
+BUILTIN_TYPES: tuple[ResourceType, ...] = (
+    ResourceType("", "v1", "namespaces", "Namespace", False, "namespace", ("ns",),
+                 status_subresource=True, printer_columns=(_col("Status", ".status.phase"),)),
+    ResourceType("", "v1", "nodes", "Node", False, "node", ("no",), status_subresource=True,
+                 status_on_create="keep",
+                 printer_columns=(
+                     _col("Ready", ".status.conditions[0].status"),
+                     _col("Internal-IP", ".status.addresses[0].address", priority=1),
+                 )),
+    ResourceType("", "v1", "pods", "Pod", True, "pod", ("po",), ("all",),
+                 status_subresource=True,
+                 printer_columns=(
+                     _col("Status", ".status.phase"),
+                     _col("Node", ".spec.nodeName"),
+                     _col("IP", ".status.podIP", priority=1),
+                 )),
+    ResourceType("", "v1", "services", "Service", True, "service", ("svc",), ("all",),
+                 status_subresource=True,
+                 printer_columns=(
+                     _col("Type", ".spec.type"), _col("Cluster-IP", ".spec.clusterIP"),
+                 )),
+    ResourceType("", "v1", "secrets", "Secret", True, "secret",
+                 printer_columns=(_col("Type", ".type"),)),
+    ResourceType("", "v1", "configmaps", "ConfigMap", True, "configmap", ("cm",)),
+    ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, "serviceaccount",
+                 ("sa",)),
+    ResourceType("", "v1", "events", "Event", True, "event", ("ev",),
+                 printer_columns=(
+                     _col("Type", ".type"), _col("Reason", ".reason"),
+                     _col("Object", ".involvedObject.name"), _col("Message", ".message"),
+                 )),
+    ResourceType("events.k8s.io", "v1", "events", "Event", True, "event", ("ev",),
+                 printer_columns=(
+                     _col("Type", ".type"), _col("Reason", ".reason"),
+                     _col("Object", ".regarding.name"), _col("Note", ".note"),
+                 )),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True, "lease",
+                 printer_columns=(_col("Holder", ".spec.holderIdentity"),)),
+    ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions",
+                 "CustomResourceDefinition", False, "customresourcedefinition",
+                 ("crd", "crds"), status_subresource=True,
+                 printer_columns=(_col("Created At", ".metadata.creationTimestamp", "date"),)),
+)
+
+
+def _peering_crd(kind: str, plural: str, scope: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.kopf.dev"},
+        "spec": {
+            "group": "kopf.dev",
+            "scope": scope,
+            "names": {"kind": kind, "plural": plural, "singular": plural[:-1]},
+            "versions": [{
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                    },
+                }},
+            }],
+        },
+    }
+
+
+# kopf's operator peering (so several operator replicas do not fight); kopf ships the
+# equivalent YAML in its docs; these are written from the documented shape.
+KOPF_CRDS: tuple[dict[str, Any], ...] = (
+    _peering_crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+    _peering_crd("KopfPeering", "kopfpeerings", "Namespaced"),
+)

@@ -1,0 +1,414 @@
+"""Pure helpers of the emulated API server: selectors, patches, names, tables.
+
+Why separate: these are the rules that decide what the server answers; keeping them free
+of I/O makes them testable as plain functions and keeps apiserver.py about HTTP and state.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pairvol.errors import PairvolError
+
+
+class RequestError(PairvolError):
+    """A client error that maps to a Kubernetes ``Status`` response."""
+
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.details = details or {}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Status",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
+
+
+def bad_request(message: str) -> RequestError:
+    return RequestError(400, "BadRequest", message)
+
+
+# ---------------------------------------------------------------- label & field selectors
+
+@dataclass(frozen=True)
+class Requirement:
+    key: str
+    op: str  # "=", "!=", "in", "notin", "exists", "!"
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.op == "exists":
+            return self.key in labels
+        if self.op == "!":
+            return self.key not in labels
+        if self.op in ("=", "in"):
+            return labels.get(self.key) in self.values
+        # "!=" and "notin" match objects without the key, as in Kubernetes.
+        return labels.get(self.key) not in self.values
+
+
+_SET_REQ = re.compile(r"^\s*([^\s!=(),]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+_EQ_REQ = re.compile(r"^\s*([^\s!=(),]+)\s*(==|=|!=)\s*([^\s!=(),]*)\s*$")
+_EXISTS_REQ = re.compile(r"^\s*(!?)\s*([^\s!=(),]+)\s*$")
+
+
+def _split_selector(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur)
+    return parts
+
+
+def parse_label_selector(text: str) -> list[Requirement]:
+    """Parse ``a=b,c!=d,e in (f,g),!h,i`` into requirements (400 on syntax errors)."""
+    reqs: list[Requirement] = []
+    for part in _split_selector(text or ""):
+        if m := _SET_REQ.match(part):
+            values = tuple(v.strip() for v in m.group(3).split(",") if v.strip())
+            reqs.append(Requirement(m.group(1), m.group(2), values))
+        elif m := _EQ_REQ.match(part):
+            op = "!=" if m.group(2) == "!=" else "="
+            reqs.append(Requirement(m.group(1), op, (m.group(3),)))
+        elif m := _EXISTS_REQ.match(part):
+            reqs.append(Requirement(m.group(2), "!" if m.group(1) else "exists"))
+        else:
+            raise bad_request(
+                f"unable to parse requirement {part.strip()!r} of labelSelector {text!r}: "
+                "expected key=value, key!=value, key in (a,b), key notin (a,b), key or !key"
+            )
+    return reqs
+
+
+def parse_field_selector(text: str) -> list[Requirement]:
+    """Parse ``metadata.name=x,spec.nodeName!=y`` (only = == != exist for fields)."""
+    reqs: list[Requirement] = []
+    for part in _split_selector(text or ""):
+        m = _EQ_REQ.match(part)
+        if not m:
+            raise bad_request(
+                f"invalid fieldSelector requirement {part.strip()!r}: expected field=value "
+                "or field!=value"
+            )
+        op = "!=" if m.group(2) == "!=" else "="
+        reqs.append(Requirement(m.group(1), op, (m.group(3),)))
+    return reqs
+
+
+def field_value(obj: dict[str, Any], path: str) -> str:
+    """The string form of a dotted field, as field selectors compare it ('' if absent)."""
+    cur: Any = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return ""
+        cur = cur[part]
+    if isinstance(cur, bool):
+        return "true" if cur else "false"
+    return "" if cur is None else str(cur)
+
+
+def selector_matches(
+    obj: dict[str, Any], labels: list[Requirement], fields: list[Requirement]
+) -> bool:
+    obj_labels = obj.get("metadata", {}).get("labels") or {}
+    if not all(r.matches(obj_labels) for r in labels):
+        return False
+    values = {r.key: field_value(obj, r.key) for r in fields}
+    return all(r.matches(values) for r in fields)
+
+
+# ---------------------------------------------------------------- patches
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (returns a new value)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _pointer(path: str) -> list[str]:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise RequestError(422, "Invalid", f"json patch path {path!r} must start with '/'")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _resolve(doc: Any, parts: list[str], op: str) -> Any:
+    cur = doc
+    for part in parts:
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            raise RequestError(
+                422, "Invalid",
+                f"json patch {op} operation does not apply: doc is missing path: "
+                f"/{'/'.join(parts)}",
+            )
+    return cur
+
+
+def json_patch(doc: Any, ops: Any) -> Any:
+    """RFC 6902 JSON patch: add, remove, replace, move, copy, test."""
+    if not isinstance(ops, list):
+        raise bad_request("a json patch must be a list of operations")
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        if not isinstance(op, dict) or "op" not in op or "path" not in op:
+            raise bad_request(f"invalid json patch operation {op!r}: needs 'op' and 'path'")
+        kind, parts = op["op"], _pointer(op["path"])
+        if kind == "test":
+            if _resolve(doc, parts, kind) != op.get("value"):
+                raise RequestError(422, "Invalid", f"json patch test failed at {op['path']}")
+            continue
+        value: Any
+        if kind in ("move", "copy"):
+            src = _pointer(op.get("from", ""))
+            value = copy.deepcopy(_resolve(doc, src, kind))
+            if kind == "move":
+                doc = _remove(doc, src)
+            kind = "add"
+        else:
+            value = op.get("value")
+        if kind == "remove":
+            doc = _remove(doc, parts)
+        elif kind in ("add", "replace"):
+            if not parts:
+                doc = copy.deepcopy(value)
+                continue
+            parent = _resolve(doc, parts[:-1], kind)
+            last = parts[-1]
+            if isinstance(parent, dict):
+                if kind == "replace" and last not in parent:
+                    _resolve(doc, parts, kind)
+                parent[last] = copy.deepcopy(value)
+            elif isinstance(parent, list):
+                if last == "-" and kind == "add":
+                    parent.append(copy.deepcopy(value))
+                elif last.isdigit() and int(last) <= len(parent):
+                    if kind == "add":
+                        parent.insert(int(last), copy.deepcopy(value))
+                    else:
+                        _resolve(doc, parts, kind)
+                        parent[int(last)] = copy.deepcopy(value)
+                else:
+                    _resolve(doc, parts, kind)
+            else:
+                _resolve(doc, parts, kind)
+        else:
+            raise bad_request(f"unknown json patch operation {kind!r}")
+    return doc
+
+
+def _remove(doc: Any, parts: list[str]) -> Any:
+    if not parts:
+        raise RequestError(422, "Invalid", "json patch cannot remove the whole document")
+    parent = _resolve(doc, parts[:-1], "remove")
+    _resolve(doc, parts, "remove")
+    if isinstance(parent, dict):
+        del parent[parts[-1]]
+    else:
+        del parent[int(parts[-1])]
+    return doc
+
+
+PATCH_TYPES: dict[str, Callable[[Any, Any], Any]] = {
+    "application/merge-patch+json": merge_patch,
+    # Strategic merge is treated as a merge patch: lists are replaced, not merged by key.
+    # That is exact for our CRs (Kubernetes itself does this for custom resources) and a
+    # documented simplification for built-in kinds.
+    "application/strategic-merge-patch+json": merge_patch,
+    "application/json-patch+json": json_patch,
+    # Server-side apply without field management: the applied config is merged in.
+    "application/apply-patch+yaml": merge_patch,
+    "application/apply-patch+json": merge_patch,
+}
+
+
+# ---------------------------------------------------------------- names & time
+
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def name_problem(name: str, *, label: bool = False) -> str | None:
+    """Why ``name`` is not a valid object name, or None."""
+    limit = 63 if label else 253
+    pattern = _DNS1123_LABEL if label else _DNS1123_SUBDOMAIN
+    if len(name) > limit:
+        return f"must be no more than {limit} characters"
+    if not pattern.match(name):
+        kind = "RFC 1123 label" if label else "RFC 1123 subdomain"
+        return (
+            f"a lowercase {kind} must consist of lower case alphanumeric characters, '-' or "
+            "'.', and must start and end with an alphanumeric character"
+        )
+    return None
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def age(timestamp: str | None) -> str:
+    """Kubernetes-style short age (``5s``, ``3m``, ``2h``, ``4d``)."""
+    if not timestamp:
+        return "<unknown>"
+    try:
+        then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return "<invalid>"
+    secs = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size * 2 or (unit == "m" and secs >= 120):
+            return f"{secs // size}{unit}"
+    return f"{max(secs, 0)}s"
+
+
+# ---------------------------------------------------------------- server-side printing
+
+def jsonpath_value(obj: dict[str, Any], path: str) -> Any:
+    """Evaluate the simple JSONPath of printer columns (``.status.primary.node``)."""
+    cur: Any = obj
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path.strip().lstrip("$")):
+        if part.startswith("["):
+            idx = int(part[1:-1])
+            cur = cur[idx] if isinstance(cur, list) and idx < len(cur) else None
+        else:
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if cur is None:
+            return None
+    return cur
+
+
+def table(
+    objects: list[dict[str, Any]],
+    columns: list[dict[str, Any]],
+    resource_version: str,
+) -> dict[str, Any]:
+    """A meta.k8s.io/v1 Table, which is how kubectl asks for ``get`` output."""
+    defs = [{"name": "Name", "type": "string", "format": "name", "description": "Name",
+             "priority": 0}]
+    has_age = False
+    for col in columns:
+        defs.append({
+            "name": col["name"],
+            "type": col.get("type", "string"),
+            "format": col.get("format", ""),
+            "description": col.get("description", ""),
+            "priority": col.get("priority", 0),
+        })
+        has_age = has_age or col.get("jsonPath") == ".metadata.creationTimestamp"
+    if not has_age:
+        defs.append({"name": "Age", "type": "date", "format": "", "description": "Age",
+                     "priority": 0})
+    rows = []
+    for obj in objects:
+        meta = obj.get("metadata", {})
+        cells: list[Any] = [meta.get("name")]
+        for col in columns:
+            value = jsonpath_value(obj, col.get("jsonPath", ""))
+            if col.get("jsonPath") == ".metadata.creationTimestamp" or col.get("type") == "date":
+                value = age(value) if value else None
+            cells.append(value)
+        if not has_age:
+            cells.append(age(meta.get("creationTimestamp")))
+        rows.append({
+            "cells": cells,
+            "object": {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": meta,
+            },
+        })
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version},
+        "columnDefinitions": defs,
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------- URL parsing
+
+@dataclass(frozen=True)
+class ResourcePath:
+    """A parsed Kubernetes resource URL (``group`` is "" for the core API)."""
+
+    group: str
+    version: str
+    plural: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    subresource: str | None = None
+    legacy_watch: bool = False
+
+
+def parse_resource_path(path: str) -> ResourcePath | None:
+    """Parse ``/api/v1/...`` and ``/apis/<g>/<v>/...``; None for other paths.
+
+    Unlike a generic ``/namespaces/<ns>/<plural>`` split, this knows that ``namespaces``
+    is itself a resource: ``/api/v1/namespaces/default`` is the namespace ``default``.
+    """
+    parts = [p for p in path.split("/") if p]
+    if len(parts) >= 2 and parts[0] == "api":
+        group, version, rest = "", parts[1], parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, version, rest = parts[1], parts[2], parts[3:]
+    else:
+        return None
+    watch = False
+    if rest and rest[0] == "watch":
+        watch, rest = True, rest[1:]
+    namespace = None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        namespace, rest = rest[1], rest[2:]
+    if not rest:
+        return ResourcePath(group, version, legacy_watch=watch)
+    return ResourcePath(
+        group, version, rest[0], namespace,
+        rest[1] if len(rest) > 1 else None,
+        "/".join(rest[2:]) or None,
+        watch,
+    )
