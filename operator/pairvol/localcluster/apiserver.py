@@ -110,7 +110,13 @@ def _random_suffix() -> str:
 
 @attrs.define(kw_only=True)
 class APIServer(kmock.KubernetesScaffold):
-    """The request handler; serve it with :func:`serve` or ``kmock.Server(handler)``."""
+    """The request handler; serve it with :func:`serve` or ``kmock.Server(handler)``.
+
+    ``history_limit`` is how many watch events per resource are kept for replay from a
+    resourceVersion; older versions get 410 Gone, as after etcd compaction.
+    """
+
+    history_limit: int = _HISTORY
 
     _types: dict[tuple[str, str, str], ResourceType] = attrs.field(factory=dict, init=False)
     _kinds: dict[TypeKey, _Kind] = attrs.field(factory=dict, init=False)
@@ -137,7 +143,10 @@ class APIServer(kmock.KubernetesScaffold):
 
     def _register(self, rtype: ResourceType) -> None:
         self._types[(rtype.group, rtype.version, rtype.plural)] = rtype
-        self._kinds.setdefault((rtype.group, rtype.plural), _Kind())
+        self._kinds.setdefault(
+            (rtype.group, rtype.plural),
+            _Kind(history=collections.deque(maxlen=self.history_limit)),
+        )
         self.resources[kmock.resource(rtype.group, rtype.version, rtype.plural)] = (
             kmock.ResourceInfo(
                 kind=rtype.kind,
@@ -832,11 +841,12 @@ class APIServer(kmock.KubernetesScaffold):
     ) -> aiohttp.web.StreamResponse:
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
         patcher = PATCH_TYPES.get(ctype)
-        if patcher is None:
+        if patcher is None or (rtype.custom and "strategic" in ctype):
+            accepted = [t for t in PATCH_TYPES if not (rtype.custom and "strategic" in t)]
             raise RequestError(
                 415, "UnsupportedMediaType",
                 f"the body of the request was in an unknown format - accepted media types "
-                f"include: {', '.join(PATCH_TYPES)} (got {ctype!r})")
+                f"include: {', '.join(accepted)} (got {ctype!r})")
         if ctype.startswith("application/apply-patch"):
             patch: Any = self._body(request)
         else:

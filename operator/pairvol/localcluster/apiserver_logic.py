@@ -250,12 +250,78 @@ def _remove(doc: Any, parts: list[str]) -> Any:
     return doc
 
 
+# Merge keys of the built-in list fields we serve (from the Kubernetes API types); lists
+# not named here are replaced as a whole, like ``x-kubernetes-list-type: atomic``.
+_MERGE_KEYS: dict[str, tuple[str, ...]] = {
+    "containers": ("name",), "initContainers": ("name",), "ephemeralContainers": ("name",),
+    "env": ("name",), "volumes": ("name",), "volumeMounts": ("mountPath",),
+    "volumeDevices": ("devicePath",), "imagePullSecrets": ("name",),
+    "ports": ("containerPort", "port"), "conditions": ("type",), "hostAliases": ("ip",),
+    "ownerReferences": ("uid",), "containerStatuses": ("name",), "addresses": ("type",),
+}
+_PRIMITIVE_MERGE_LISTS = {"finalizers"}
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """Strategic merge for built-in kinds: lists with a known merge key merge by key.
+
+    Supports the directives kubectl sends: ``$setElementOrder/<list>`` (ignored: we keep
+    the existing order and append new items), ``$retainKeys`` (ignored), ``$patch:
+    delete|replace`` on list items and maps, and ``$deleteFromPrimitiveList/<list>``.
+    """
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+    if patch.get("$patch") == "delete":
+        return None
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if key.startswith("$setElementOrder/") or key in ("$retainKeys", "$patch"):
+            continue
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field_name = key.split("/", 1)[1]
+            result[field_name] = [v for v in result.get(field_name, []) if v not in value]
+            continue
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, list) and isinstance(result.get(key), list):
+            result[key] = _merge_list(key, result[key], value)
+        else:
+            merged = strategic_merge_patch(result.get(key), value)
+            if merged is None:
+                result.pop(key, None)
+            else:
+                result[key] = merged
+    return result
+
+
+def _merge_list(key: str, current: list[Any], patch: list[Any]) -> list[Any]:
+    if key in _PRIMITIVE_MERGE_LISTS:
+        return current + [v for v in patch if v not in current]
+    if not all(isinstance(i, dict) for i in current + patch):
+        return copy.deepcopy(patch)
+    merge_key = next((k for k in _MERGE_KEYS.get(key, ()) if any(k in i for i in patch)), None)
+    if merge_key is None:
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(current)
+    for item in patch:
+        idx = next((i for i, c in enumerate(out) if c.get(merge_key) == item.get(merge_key)),
+                   None)
+        if item.get("$patch") == "delete":
+            if idx is not None:
+                del out[idx]
+        elif idx is None:
+            out.append({k: v for k, v in item.items() if k != "$patch"})
+        else:
+            out[idx] = strategic_merge_patch(out[idx], item)
+    return out
+
+
 PATCH_TYPES: dict[str, Callable[[Any, Any], Any]] = {
     "application/merge-patch+json": merge_patch,
-    # Strategic merge is treated as a merge patch: lists are replaced, not merged by key.
-    # That is exact for our CRs (Kubernetes itself does this for custom resources) and a
-    # documented simplification for built-in kinds.
-    "application/strategic-merge-patch+json": merge_patch,
+    # Kubernetes refuses strategic merge for custom resources (415); the server checks.
+    "application/strategic-merge-patch+json": strategic_merge_patch,
     "application/json-patch+json": json_patch,
     # Server-side apply without field management: the applied config is merged in.
     "application/apply-patch+yaml": merge_patch,

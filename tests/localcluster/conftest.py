@@ -1,0 +1,75 @@
+"""Fixtures for the local cluster tests (shared by the apiserver and kubelet owners).
+
+Keep fixtures small and clearly named: ``api_cluster`` is a running LocalCluster (API
+server + CRDs from crds/ + Ready nodes, no node simulator); ``kubectl`` runs the real
+kubectl binary against a kubeconfig.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from pairvol.localcluster.cluster import LocalCluster
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def api_cluster() -> AsyncIterator[LocalCluster]:
+    """A running emulated cluster with 3 Ready nodes and the repository's CRDs."""
+    async with LocalCluster(nodes=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def api_http(api_cluster: LocalCluster) -> AsyncIterator[aiohttp.ClientSession]:
+    """An aiohttp session whose relative URLs go to api_cluster's API server."""
+    async with aiohttp.ClientSession(base_url=api_cluster.url) as session:
+        yield session
+
+
+def _find_kubectl() -> str | None:
+    candidates = [REPO / ".venv" / "tools" / "kubectl"]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    return shutil.which("kubectl")
+
+
+KubectlRunner = Callable[..., Awaitable[tuple[int, str, str]]]
+
+
+@pytest.fixture
+def kubectl(api_cluster: LocalCluster) -> KubectlRunner:
+    """``await kubectl("get", "rv")`` -> (returncode, stdout, stderr) against api_cluster."""
+    binary = _find_kubectl()
+    if binary is None:
+        pytest.skip("kubectl not found: run `make tools` (puts it in .venv/tools)")
+
+    async def run(*args: str, stdin: str | None = None, timeout: float = 30) -> tuple[
+        int, str, str
+    ]:
+        env = {**os.environ, "KUBECONFIG": str(api_cluster.kubeconfig_path)}
+        proc = await asyncio.create_subprocess_exec(
+            binary, *args, env=env,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(
+                proc.communicate(stdin.encode() if stdin is not None else None), timeout)
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: kill what we started
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    return run

@@ -1,0 +1,315 @@
+"""The emulated API server behaves like Kubernetes where our operator depends on it.
+
+Each test talks plain HTTP to a real server on a free port (the ``api_http`` fixture),
+with the real CRD from crds/replicatedvolumes.yaml registered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+RVS = "/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"
+PODS = "/api/v1/namespaces/default/pods"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+JSONPATCH = {"Content-Type": "application/json-patch+json"}
+
+
+def rv(name: str = "vol", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "pairvol.io/v1alpha1",
+        "kind": "ReplicatedVolume",
+        "metadata": {"name": name},
+        "spec": {"size": "64Mi", **spec},
+    }
+
+
+async def send(http: aiohttp.ClientSession, method: str, url: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    async with http.request(method, url, json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_create_sets_server_fields_applies_defaults_and_drops_status(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    body = rv(failover={"mode": "Latest"})
+    body["status"] = {"phase": "Replicating"}
+    code, obj = await send(api_http, "POST", RVS, body)
+    assert code == 201, obj
+    meta = obj["metadata"]
+    assert meta["uid"] and meta["creationTimestamp"].endswith("Z")
+    assert meta["generation"] == 1 and int(meta["resourceVersion"]) > 0
+    assert obj["spec"]["checkpoint"] == {"intervalSeconds": 10}
+    assert obj["spec"]["failover"] == {"mode": "Latest", "automatic": True,
+                                       "gracePeriodSeconds": 3}
+    assert obj["spec"]["storage"] == {"hostPath": "/var/lib/pairvol"}
+    assert "status" not in obj, "status is ignored on create when it is a subresource"
+
+
+async def test_unknown_fields_are_pruned_with_a_warning_or_rejected_in_strict_mode(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    body = rv(bogus=1)
+    async with api_http.post(RVS, json=body) as resp:
+        assert resp.status == 201
+        assert 'unknown field \\"spec.bogus\\"' in resp.headers["Warning"]
+        assert "bogus" not in (await resp.json())["spec"]
+    code, status = await send(api_http, "POST", RVS + "?fieldValidation=Strict", rv("v2", x=1))
+    assert code == 400
+    assert 'strict decoding error: unknown field "spec.x"' in status["message"]
+
+
+async def test_schema_violations_are_422_with_clear_messages(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    code, status = await send(api_http, "POST", RVS, rv(size="lots"))
+    assert code == 422 and status["reason"] == "Invalid"
+    assert 'ReplicatedVolume.pairvol.io "vol" is invalid: spec.size: Invalid value: "lots": ' \
+        "spec.size in body should match" in status["message"]
+    assert status["details"]["causes"][0]["field"] == "spec.size"
+
+    code, status = await send(api_http, "POST", RVS, rv(failover={"mode": "Sometimes"}))
+    assert code == 422
+    assert 'spec.failover.mode: Unsupported value: "Sometimes": supported values: ' \
+        '"Checkpoint", "Latest"' in status["message"]
+
+    code, status = await send(api_http, "POST", RVS, rv(replication={"peerTimeoutSeconds": 0}))
+    assert code == 422
+    assert "spec.replication.peerTimeoutSeconds in body should be greater than or equal to 1" \
+        in status["message"]
+
+    no_size = rv()
+    del no_size["spec"]["size"]
+    code, status = await send(api_http, "POST", RVS, no_size)
+    assert code == 422 and "spec.size: Required value" in status["message"]
+
+    code, status = await send(api_http, "POST", RVS, rv(storage={"hostPath": "/a/../etc"}))
+    assert code == 422
+    assert "storage.hostPath must be an absolute path without '..'" in status["message"]
+
+
+async def test_size_is_immutable_by_its_cel_rule(api_http: aiohttp.ClientSession) -> None:
+    assert (await send(api_http, "POST", RVS, rv()))[0] == 201
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "1Gi"}}, MERGE)
+    assert code == 422
+    assert 'spec.size: Invalid value: "1Gi": spec.size is immutable' in status["message"]
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "64Mi"}}, MERGE)
+    assert code == 200 and obj["spec"]["size"] == "64Mi"
+
+
+async def test_status_subresource_isolation_and_generation(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    _, created = await send(api_http, "POST", RVS, rv())
+    rv0 = int(created["metadata"]["resourceVersion"])
+
+    # A status write through /status changes status only, and not the generation.
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol/status",
+                           {"status": {"phase": "Syncing"}, "spec": {"nodes": ["x"]}}, MERGE)
+    assert code == 200
+    assert obj["status"] == {"phase": "Syncing"}
+    assert "nodes" not in obj["spec"] and obj["metadata"]["generation"] == 1
+    assert int(obj["metadata"]["resourceVersion"]) > rv0
+
+    # A write to the main resource keeps status, and a spec change bumps the generation.
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol",
+                           {"status": {"phase": "Failed"}, "spec": {"nodes": ["node-1"]}}, MERGE)
+    assert code == 200
+    assert obj["status"] == {"phase": "Syncing"} and obj["spec"]["nodes"] == ["node-1"]
+    assert obj["metadata"]["generation"] == 2
+
+    # Metadata-only changes do not bump the generation.
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol",
+                           {"metadata": {"labels": {"a": "b"}}}, MERGE)
+    assert code == 200 and obj["metadata"]["generation"] == 2
+
+    # Status fields the CRD does not declare are pruned, declared ones are validated.
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol/status",
+                           {"status": {"junk": 1, "epoch": 3}}, MERGE)
+    assert code == 200 and "junk" not in obj["status"] and obj["status"]["epoch"] == 3
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol/status",
+                              {"status": {"phase": "Sleeping"}}, MERGE)
+    assert code == 422 and "status.phase: Unsupported value" in status["message"]
+
+
+async def test_a_noop_write_does_not_change_the_resource_version(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    _, created = await send(api_http, "POST", RVS, rv())
+    _, same = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "64Mi"}}, MERGE)
+    assert same["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+
+
+async def test_stale_resource_versions_conflict(api_http: aiohttp.ClientSession) -> None:
+    _, obj = await send(api_http, "POST", RVS, rv())
+    stale = obj["metadata"]["resourceVersion"]
+    obj["spec"]["nodes"] = ["node-1"]
+    code, updated = await send(api_http, "PUT", f"{RVS}/vol", obj)
+    assert code == 200 and updated["metadata"]["resourceVersion"] != stale
+
+    obj["spec"]["nodes"] = ["node-2"]  # still carries the stale resourceVersion
+    code, status = await send(api_http, "PUT", f"{RVS}/vol", obj)
+    assert code == 409 and status["reason"] == "Conflict"
+    assert "the object has been modified" in status["message"]
+
+    patch = {"metadata": {"resourceVersion": stale}, "spec": {"nodes": ["node-3"]}}
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol", patch, MERGE)
+    assert code == 409
+
+    del obj["metadata"]["resourceVersion"]
+    code, status = await send(api_http, "PUT", f"{RVS}/vol", obj)
+    assert code == 422 and "metadata.resourceVersion" in status["message"]
+
+    code, status = await send(api_http, "DELETE", f"{RVS}/vol",
+                              {"preconditions": {"resourceVersion": stale}})
+    assert code == 409
+
+
+async def test_finalizers_delay_deletion_until_removed(api_http: aiohttp.ClientSession) -> None:
+    body = rv()
+    body["metadata"]["finalizers"] = ["pairvol.io/cleanup"]
+    await send(api_http, "POST", RVS, body)
+
+    code, obj = await send(api_http, "DELETE", f"{RVS}/vol")
+    assert code == 200 and obj["metadata"]["deletionTimestamp"]
+    code, obj = await send(api_http, "GET", f"{RVS}/vol")
+    assert code == 200 and obj["metadata"]["finalizers"] == ["pairvol.io/cleanup"]
+
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol",
+                              {"metadata": {"finalizers": ["pairvol.io/cleanup", "x/y"]}}, MERGE)
+    assert code == 422 and "no new finalizers can be added" in status["message"]
+
+    code, _ = await send(api_http, "PATCH", f"{RVS}/vol", [
+        {"op": "remove", "path": "/metadata/finalizers/0"}], JSONPATCH)
+    assert code == 200
+    code, status = await send(api_http, "GET", f"{RVS}/vol")
+    assert code == 404 and status["message"] == 'replicatedvolumes.pairvol.io "vol" not found'
+
+
+async def test_errors_are_status_objects(api_http: aiohttp.ClientSession) -> None:
+    code, status = await send(api_http, "GET", f"{RVS}/missing")
+    assert (code, status["kind"], status["reason"], status["code"]) == (
+        404, "Status", "NotFound", 404)
+    await send(api_http, "POST", RVS, rv())
+    code, status = await send(api_http, "POST", RVS, rv())
+    assert code == 409 and status["reason"] == "AlreadyExists"
+    code, status = await send(api_http, "POST",
+                              "/apis/pairvol.io/v1alpha1/namespaces/nope/replicatedvolumes", rv())
+    assert code == 404 and status["message"] == 'namespaces "nope" not found'
+    code, status = await send(api_http, "POST", RVS, rv("Bad_Name"))
+    assert code == 422 and "metadata.name" in status["message"]
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {}},
+                              {"Content-Type": "application/strategic-merge-patch+json"})
+    assert code == 415 and "merge-patch+json" in status["message"]
+    code, status = await send(api_http, "GET", "/apis/pairvol.io/v1alpha1/nothings")
+    assert code == 404 and "nothings" in status["message"]
+
+
+def pod(name: str, node: str, **labels: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "agent"}]},
+    }
+
+
+async def test_label_and_field_selectors(api_http: aiohttp.ClientSession) -> None:
+    await send(api_http, "POST", PODS, pod("a", "node-1", role="primary", vol="v"))
+    await send(api_http, "POST", PODS, pod("b", "node-2", role="secondary", vol="v"))
+    await send(api_http, "POST", PODS, pod("c", "node-1"))
+
+    async def names(query: str) -> list[str]:
+        code, body = await send(api_http, "GET", f"{PODS}?{query}")
+        assert code == 200, body
+        return [i["metadata"]["name"] for i in body["items"]]
+
+    assert await names("labelSelector=role%3Dprimary") == ["a"]
+    assert await names("labelSelector=vol%3Dv,role!%3Dprimary") == ["b"]
+    assert await names("labelSelector=role+in+(primary,secondary)") == ["a", "b"]
+    assert await names("labelSelector=!role") == ["c"]
+    assert await names("fieldSelector=spec.nodeName%3Dnode-1") == ["a", "c"]
+    assert await names("fieldSelector=metadata.name%3Db") == ["b"]
+    assert await names("fieldSelector=status.phase%3DPending") == ["a", "b", "c"]
+    code, status = await send(api_http, "GET", f"{PODS}?labelSelector=a+in+b")
+    assert code == 400 and "unable to parse requirement" in status["message"]
+
+
+async def test_pods_start_pending_and_node_status_is_a_subresource(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    code, obj = await send(api_http, "POST", PODS, pod("a", "node-1"))
+    assert obj["status"]["phase"] == "Pending"
+    code, obj = await send(api_http, "PATCH", f"{PODS}/a/status",
+                           {"status": {"phase": "Running", "podIP": "10.0.0.5"}}, MERGE)
+    assert code == 200 and obj["status"]["phase"] == "Running"
+    code, node = await send(api_http, "GET", "/api/v1/nodes/node-1")
+    assert code == 200
+    assert node["status"]["conditions"][0] == {**node["status"]["conditions"][0],
+                                               "type": "Ready", "status": "True"}
+
+
+async def test_deleting_a_namespace_deletes_its_content(api_http: aiohttp.ClientSession) -> None:
+    await send(api_http, "POST", "/api/v1/namespaces", {"metadata": {"name": "tmp"}})
+    await send(api_http, "POST", "/api/v1/namespaces/tmp/secrets",
+               {"metadata": {"name": "s"}, "data": {"k": "dg=="}})
+    code, _ = await send(api_http, "DELETE", "/api/v1/namespaces/tmp")
+    assert code == 200
+    assert (await send(api_http, "GET", "/api/v1/namespaces/tmp/secrets/s"))[0] == 404
+    assert (await send(api_http, "GET", "/api/v1/namespaces/tmp"))[0] == 404
+
+
+async def test_discovery_serves_our_crd_and_kopf_peering(api_http: aiohttp.ClientSession) -> None:
+    _, groups = await send(api_http, "GET", "/apis")
+    names = {g["name"] for g in groups["groups"]}
+    assert {"pairvol.io", "kopf.dev", "coordination.k8s.io", "apiextensions.k8s.io",
+            "events.k8s.io"} <= names
+    _, res = await send(api_http, "GET", "/apis/pairvol.io/v1alpha1")
+    entries = {r["name"]: r for r in res["resources"]}
+    assert entries["replicatedvolumes"]["kind"] == "ReplicatedVolume"
+    assert entries["replicatedvolumes"]["shortNames"] == ["rv"]
+    assert entries["replicatedvolumes"]["namespaced"] is True
+    assert "replicatedvolumes/status" in entries
+    _, core = await send(api_http, "GET", "/api/v1")
+    assert core["groupVersion"] == "v1"
+
+
+async def test_crds_can_be_registered_and_removed_at_runtime(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {"group": "example.com", "scope": "Cluster",
+                 "names": {"plural": "widgets", "kind": "Widget"},
+                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
+                     "openAPIV3Schema": {"type": "object", "properties": {"spec": {
+                         "type": "object", "x-kubernetes-validations": [
+                             {"rule": "self.min <= self.max", "message": "min must be <= max"}],
+                         "properties": {"min": {"type": "integer"},
+                                        "max": {"type": "integer"}}}}}}}]},
+    }
+    code, obj = await send(api_http, "POST",
+                           "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    assert code == 201, obj
+    assert {c["type"] for c in obj["status"]["conditions"]} == {"Established", "NamesAccepted"}
+    url = "/apis/example.com/v1/widgets"
+    widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    code, status = await send(api_http, "POST", url, {**widget, "spec": {"min": 3, "max": 1}})
+    assert code == 422 and "spec: Invalid value" in status["message"]
+    assert "min must be <= max" in status["message"]
+    assert (await send(api_http, "POST", url, {**widget, "spec": {"min": 1, "max": 3}}))[0] == 201
+    code, _ = await send(api_http, "DELETE",
+                         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                         "widgets.example.com")
+    assert code == 200
+    assert (await send(api_http, "GET", url))[0] == 404
+
+    bad = {**crd, "metadata": {"name": "gadgets.example.com"}}
+    bad["spec"] = {**crd["spec"], "names": {"plural": "gadgets", "kind": "Gadget"}}
+    bad["spec"]["versions"] = [{**crd["spec"]["versions"][0], "schema": {"openAPIV3Schema": {
+        "type": "object", "x-kubernetes-validations": [{"rule": "self.quantity('1')"}]}}}]
+    code, status = await send(api_http, "POST",
+                              "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", bad)
+    assert code == 422 and "quantity() is not supported by this emulator" in status["message"]
