@@ -16,7 +16,7 @@ touched. DROP is silent: peers see no RST and no ICMP, TCP just times out — wh
 case pairvol must survive. (Local UDP senders on the partitioned node get EPERM from
 the OUTPUT drop; TCP connects and established streams simply stall.)
 
-Addresses: a free ``10.X.Y.0/24`` in 10.200.0.0–10.249.255.0, chosen under a lock file
+Addresses: a free ``10.X.Y.0/24`` in 10.200.0.0 to 10.249.255.0, chosen under a lock file
 so concurrent clusters (colleagues' test runs) never collide, avoiding any prefix that
 already appears in the root namespace's addresses or routes. Traffic only ever goes to
 addresses inside namespaces we created.
@@ -77,7 +77,7 @@ async def run_command(
     argv: Sequence[str],
     *,
     check: bool = True,
-    timeout: float = 30.0,
+    time_limit: float = 30.0,
     stdin: bytes | None = None,
 ) -> CommandResult:
     """Run ``argv`` without blocking the event loop; raise :class:`NetnsError` on failure."""
@@ -93,12 +93,12 @@ async def run_command(
             f"cannot run {argv[0]!r}: not found in PATH; install iproute2/iptables"
         ) from exc
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(stdin), time_limit)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
-        raise NetnsError(f"{' '.join(argv)} did not finish within {timeout}s") from None
+        raise NetnsError(f"{' '.join(argv)} did not finish within {time_limit}s") from None
     except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -400,9 +400,9 @@ class ClusterNetwork:
             except Exception as exc:  # keep tearing down the rest
                 logger.warning("teardown of %s %s failed: %s", kind, name, exc)
                 continue
-            if result.returncode != 0 and "No such" not in result.stderr + result.stdout:
-                if "Cannot find" not in result.stderr:
-                    logger.warning("teardown %s: %s", " ".join(argv), result.stderr.strip())
+            benign = ("No such", "Cannot find", "does not exist")
+            if result.returncode != 0 and not any(b in result.stderr for b in benign):
+                logger.warning("teardown %s: %s", " ".join(argv), result.stderr.strip())
         self._created.clear()
 
     # -- queries ------------------------------------------------------------------------
@@ -435,10 +435,10 @@ class ClusterNetwork:
         return ["ip", "netns", "exec", self.netns_name(node), *argv]
 
     async def run_in_node(
-        self, node: str, argv: Sequence[str], *, timeout: float = 30.0, check: bool = False
+        self, node: str, argv: Sequence[str], *, time_limit: float = 30.0, check: bool = False
     ) -> CommandResult:
         """Run a command inside the node's network namespace and collect its output."""
-        return await run_command(self.exec_argv(node, argv), check=check, timeout=timeout)
+        return await run_command(self.exec_argv(node, argv), check=check, time_limit=time_limit)
 
     # -- sockets from inside a node ------------------------------------------------------
 
@@ -463,7 +463,7 @@ class ClusterNetwork:
         return sock
 
     async def open_connection(
-        self, node: str, host: str, port: int, *, timeout: float = 5.0
+        self, node: str, host: str, port: int, *, time_limit: float = 5.0
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a TCP connection *from inside* ``node`` (e.g. to reach a pod as a peer would).
 
@@ -472,7 +472,7 @@ class ClusterNetwork:
         sock = await self.socket_in_node(node)
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), time_limit)
         except BaseException:
             sock.close()
             raise

@@ -1,0 +1,1246 @@
+"""The node simulator: plays kubelet for N nodes of the local cluster.
+
+Why: the real operator and real agents must run against something that behaves like a
+cluster when it matters to pairvol — pods become processes on a node with that node's
+network, see their Secrets and hostPath data, get restarted when they crash, are
+terminated gracefully when deleted, and a node can die (processes gone, Ready=Unknown)
+or be cut off from the network. No kubelet or container runtime exists on these
+machines, so this module is both, for processes on this machine.
+
+How a container runs (all real, nothing simulated inside the process):
+
+* its own cgroup (cgroup v2, when available) so SIGKILL reaches every process it forked,
+  including ones that started their own session; fallback: the process group plus a
+  walk of ``/proc`` for descendants;
+* a private mount namespace (``unshare --mount``) in which Secret/ConfigMap/emptyDir
+  volumes (files under ``<root>/<node>/pods/<uid>/volumes/<name>/``) and hostPath volumes
+  (``<root>/<node>/hostpath/<path>``) are bind-mounted at the container's ``mountPath``.
+  Mount *targets* are created as empty directories on the host file system if missing
+  (the bind mounts themselves are private to the pod);
+* the node's network namespace (``ip netns exec``); pod IP = node IP (hostNetwork-like);
+* ``command`` + ``args`` exec'd with a minimal environment plus the resolved ``env``
+  (downward API, Secret/ConfigMap keys); images are ignored and ``PATH`` starts with the
+  directory of this Python interpreter, so ``pairvol`` is the current venv's;
+* stdout+stderr appended to ``<root>/<node>/logs/<namespace>_<pod>.log``.
+
+Pods in the node reach the API server through :class:`~pairvol.localcluster.netns.ApiProxy`
+at ``KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT``; ``KUBECONFIG`` points at a
+kubeconfig for that address.
+
+Node lifecycle: each node's kubelet registers its Node, posts Ready with a heartbeat
+and renews its Lease in ``kube-node-lease``. A small node-lifecycle controller (the
+part of kube-controller-manager that matters here) marks a node ``Ready=Unknown`` with
+``unreachable`` taints, and its pods not Ready, once no heartbeat arrived for
+``node_monitor_grace`` seconds — after :meth:`NodeSimulator.kill_node` or while it is
+partitioned. Pods of a dead node are not evicted (like the real default of 5 minutes,
+but forever here); the operator decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import re
+import shutil
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+from pairvol.localcluster import kubeconfig as kubeconfig_mod
+from pairvol.localcluster.kubelet_api import ApiError, KubeApi
+from pairvol.localcluster.kubelet_pods import (
+    ContainerState,
+    JsonDict,
+    KubeletError,
+    Mount,
+    PodConfigError,
+    PodRuntimeInfo,
+    ProbeSpec,
+    ProbeTracker,
+    VolumeDir,
+    VolumeFiles,
+    backoff_delay,
+    container_argv,
+    launch_script,
+    meta,
+    node_conditions,
+    parse_probe,
+    plan_mounts,
+    plan_volumes,
+    pod_key,
+    pod_uid,
+    referenced_objects,
+    render_pod_status,
+    resolve_env,
+    should_restart,
+    spec,
+)
+from pairvol.localcluster.netns import ApiProxy, ClusterNetwork, CommandResult, run_command
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KubeletError", "NodeSimulator", "PodConfigError"]
+
+UNREACHABLE_TAINT = "node.kubernetes.io/unreachable"
+#: hostPaths that stay the machine's own (one kernel for all simulated nodes).
+HOST_SHARED_PREFIXES = ("/dev", "/sys", "/proc", "/lib/modules", "/run/udev")
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------
+# process control
+# ---------------------------------------------------------------------------------------
+
+
+def find_cgroup2_mount() -> Path | None:
+    """Mount point of the cgroup v2 hierarchy, if any (pure v2 or the hybrid 'unified')."""
+    try:
+        text = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            return Path(parts[1])
+    return None
+
+
+def _own_cgroup2_path() -> str:
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:].strip() or "/"
+    except OSError:
+        pass
+    return "/"
+
+
+def _prepare_cgroup_root(token: str) -> Path | None:
+    """Create our cgroup directory (``…/pairvol-<token>``) or None if cgroups are unusable."""
+    mount = find_cgroup2_mount()
+    if mount is None:
+        return None
+    base = mount / _own_cgroup2_path().lstrip("/")
+    root = base / f"pairvol-{token}"
+    try:
+        root.mkdir(exist_ok=True)
+    except OSError as exc:
+        logger.warning("no cgroup for pods (%s); falling back to process-group kills", exc)
+        return None
+    if not (root / "cgroup.kill").exists():
+        logger.warning("cgroup.kill unsupported (kernel < 5.14); falling back to process groups")
+        with contextlib.suppress(OSError):
+            root.rmdir()
+        return None
+    return root
+
+
+def _cgroup_pids(cgroup: Path) -> list[int]:
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for line in (cgroup / "cgroup.procs").read_text().split():
+            pids.append(int(line))
+    for child in _child_cgroups(cgroup):
+        pids.extend(_cgroup_pids(child))
+    return pids
+
+
+def _child_cgroups(cgroup: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return [p for p in cgroup.iterdir() if p.is_dir()]
+    return []
+
+
+def _rmdir_cgroup_tree(cgroup: Path) -> None:
+    for child in _child_cgroups(cgroup):
+        _rmdir_cgroup_tree(child)
+    with contextlib.suppress(OSError):
+        cgroup.rmdir()
+
+
+def _descendants(root_pid: int) -> list[int]:
+    """All live descendants of ``root_pid`` (by walking /proc), for the no-cgroup fallback."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class ContainerProcess:
+    """One started container: its main process, its cgroup, and how to stop it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, cgroup: Path | None) -> None:
+        self.proc = proc
+        self.cgroup = cgroup
+        self.pid = proc.pid
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        env: dict[str, str],
+        log_path: Path,
+        cgroup: Path | None,
+    ) -> ContainerProcess:
+        def open_log() -> int:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            if cgroup is not None:
+                cgroup.mkdir(parents=True, exist_ok=True)
+            return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+        log_fd = await asyncio.to_thread(open_log)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                env=env,
+                start_new_session=True,  # pgid = pid: SIGTERM goes to the whole group
+            )
+        finally:
+            os.close(log_fd)
+        return cls(proc, cgroup)
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    async def kill_all(self) -> None:
+        """SIGKILL every process of the container and wait until they are all gone."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            if self.cgroup is not None:
+                await asyncio.to_thread(self._cgroup_kill)
+                remaining = await asyncio.to_thread(_cgroup_pids, self.cgroup)
+            else:
+                self.signal_group(signal.SIGKILL)
+                remaining = []
+                if self.proc.returncode is None:
+                    remaining = [self.pid, *await asyncio.to_thread(_descendants, self.pid)]
+                    for pid in remaining:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+            if not remaining and self.proc.returncode is not None:
+                break
+            if self.proc.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 0.1)
+            else:
+                await asyncio.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise KubeletError(
+                    f"container process {self.pid} survived SIGKILL for 10s: {remaining}"
+                )
+        await self.release()
+
+    def _cgroup_kill(self) -> None:
+        assert self.cgroup is not None
+        with contextlib.suppress(OSError):
+            (self.cgroup / "cgroup.kill").write_text("1")
+
+    async def release(self) -> None:
+        if self.cgroup is not None:
+            await asyncio.to_thread(_rmdir_cgroup_tree, self.cgroup)
+
+
+def exit_code_of(returncode: int) -> tuple[int, int | None]:
+    """(exitCode as Kubernetes reports it, signal or None)."""
+    if returncode < 0:
+        return 128 - returncode, -returncode
+    return returncode, None
+
+
+# ---------------------------------------------------------------------------------------
+# containers and pods
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    argv: list[str]
+    env: dict[str, str]
+    mounts: list[Mount]
+    file_targets: frozenset[PurePosixPath]
+    readiness: ProbeSpec | None
+    liveness: ProbeSpec | None
+    workdir: str | None
+
+
+class ContainerRunner:
+    """Runs one container of a pod: start, probe, restart per policy, stop."""
+
+    def __init__(self, worker: PodWorker, container: JsonDict, state: ContainerState) -> None:
+        self.worker = worker
+        self.container = container
+        self.state = state
+        self.name = str(container.get("name"))
+        self.process: ContainerProcess | None = None
+        self.prepared: _Prepared | None = None
+        self.stopping = False
+        self._start_count = 0
+        self._wake = asyncio.Event()
+        self._side_tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        sim = self.worker.kubelet.sim
+        policy = self.worker.restart_policy
+        while not self.stopping:
+            assert self.prepared is not None
+            await self._start(self.prepared)
+            assert self.process is not None
+            probes = [
+                asyncio.create_task(self._probe_loop(p, kind))
+                for kind, p in (("readiness", self.prepared.readiness),
+                                ("liveness", self.prepared.liveness))
+                if p is not None
+            ]
+            try:
+                returncode = await self.process.proc.wait()
+            finally:
+                for task in probes:
+                    task.cancel()
+                for task in probes:
+                    with contextlib.suppress(BaseException):
+                        await task
+            # The main process is gone: like a PID namespace, nothing of it may outlive it.
+            await self.process.kill_all()
+            code, sig = exit_code_of(returncode)
+            started = self.state.state.get("running", {}).get("startedAt", now_rfc3339())
+            terminated: JsonDict = {
+                "exitCode": code,
+                "reason": "Completed" if code == 0 else "Error",
+                "startedAt": started,
+                "finishedAt": now_rfc3339(),
+                "containerID": f"pairvol-local://{self.process.pid}",
+            }
+            if sig is not None:
+                terminated["signal"] = sig
+            self.state.ready = False
+            self.state.pid = None
+            logger.info(
+                "%s/%s container %s exited with %s", *self.worker.key, self.name, code
+            )
+            if self.stopping or not should_restart(policy, code):
+                self.state.state = {"terminated": terminated}
+                self.worker.changed()
+                return
+            self.state.last_state = {"terminated": terminated}
+            self.state.restart_count += 1
+            delay = backoff_delay(self.state.restart_count, sim.backoff_base, sim.backoff_cap)
+            self.state.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {delay:g}s restarting failed container={self.name}",
+                }
+            }
+            self.worker.changed()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _start(self, prepared: _Prepared) -> None:
+        kubelet = self.worker.kubelet
+        sim = kubelet.sim
+        cgroup = None
+        if kubelet.cgroup_root is not None:
+            self._start_count += 1
+            cgroup = kubelet.cgroup_root / f"{self.worker.uid}-{self.name}-{self._start_count}"
+        argv, _ = launch_script(
+            cgroup_procs=str(cgroup / "cgroup.procs") if cgroup is not None else None,
+            mounts=prepared.mounts,
+            netns=sim.net.netns_name(kubelet.name),
+            workdir=prepared.workdir,
+            argv=prepared.argv,
+            file_targets=prepared.file_targets,
+        )
+        self.process = await ContainerProcess.spawn(
+            argv, prepared.env, self.worker.log_path, cgroup
+        )
+        self.state.pid = self.process.pid
+        self.state.started = True
+        self.state.state = {"running": {"startedAt": now_rfc3339()}}
+        self.state.ready = prepared.readiness is None
+        logger.info(
+            "%s/%s container %s started on %s as pid %s: %s",
+            *self.worker.key, self.name, kubelet.name, self.process.pid, prepared.argv,
+        )
+        self.worker.changed()
+
+    async def _probe_loop(self, probe: ProbeSpec, kind: str) -> None:
+        tracker = ProbeTracker(probe, healthy=(kind == "liveness"))
+        await asyncio.sleep(probe.initial_delay)
+        while True:
+            ok = await self.worker.kubelet.run_probe(probe, self)
+            before = tracker.healthy
+            healthy = tracker.record(ok)
+            if kind == "readiness" and healthy != self.state.ready:
+                self.state.ready = healthy
+                self.worker.changed()
+            if kind == "liveness" and before and not healthy:
+                logger.info("%s/%s container %s failed liveness; restarting", *self.worker.key,
+                            self.name)
+                # Stopping the process ends this task via cancellation from run().
+                task = asyncio.create_task(self._terminate_process(self.worker.grace_period()))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
+                return
+            await asyncio.sleep(probe.period)
+
+    async def _terminate_process(self, grace: float) -> None:
+        process = self.process
+        if process is None or process.proc.returncode is not None:
+            return
+        process.signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(process.proc.wait()), grace)
+        except TimeoutError:
+            logger.info("container %s ignored SIGTERM for %gs; SIGKILL", self.name, grace)
+        await process.kill_all()
+
+    async def stop(self, grace: float) -> None:
+        """Graceful stop for deletion: SIGTERM, wait ``grace``, SIGKILL; no restart."""
+        self.stopping = True
+        self._wake.set()
+        await self._terminate_process(grace)
+
+    async def kill(self) -> None:
+        """SIGKILL now (a crash); run() restarts it per restartPolicy unless stopping."""
+        if self.process is not None and self.process.proc.returncode is None:
+            await self.process.kill_all()
+
+
+class PodWorker:
+    """Everything the kubelet does for one pod: prepare, run containers, report, delete."""
+
+    def __init__(self, kubelet: NodeKubelet, pod: JsonDict) -> None:
+        self.kubelet = kubelet
+        self.pod = pod
+        self.uid = _safe_name(pod_uid(pod))
+        self.key = pod_key(pod)
+        self.restart_policy = str(spec(pod).get("restartPolicy") or "Always")
+        self.pod_dir: Path = kubelet.root / "pods" / self.uid
+        self.log_path: Path = kubelet.root / "logs" / f"{self.key[0]}_{self.key[1]}.log"
+        self.start_time = now_rfc3339()
+        previous = {
+            str(s.get("name")): s for s in (pod.get("status") or {}).get("containerStatuses") or []
+        }
+        self.runners: list[ContainerRunner] = []
+        for container in spec(pod).get("containers") or []:
+            state = ContainerState(name=str(container.get("name")),
+                                   image=str(container.get("image") or ""))
+            old = previous.get(state.name)
+            if old is not None:  # the node restarted: the container runs again, counted
+                state.restart_count = int(old.get("restartCount", 0)) + 1
+                state.last_state = {"terminated": {"exitCode": 137, "reason": "Error",
+                                                   "message": "node restarted"}}
+            self.runners.append(ContainerRunner(self, container, state))
+        self.message = ""
+        self.reason = ""
+        self.deleting = False
+        self.finished = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._delete_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"pod-{self.key[0]}/{self.key[1]}")
+        self._publisher = asyncio.create_task(self._publish_loop())
+        self.changed()
+
+    def grace_period(self) -> float:
+        deletion = meta(self.pod).get("deletionGracePeriodSeconds")
+        if deletion:  # 0/None: not given (a force delete removes the object instead)
+            return float(deletion)
+        return float(spec(self.pod).get("terminationGracePeriodSeconds", 30))
+
+    async def _run(self) -> None:
+        try:
+            await self._prepare_until_ready()
+            await asyncio.gather(*(runner.run() for runner in self.runners))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("pod %s/%s failed in the node simulator", *self.key)
+            self.message = f"node simulator error: {exc}"
+            for runner in self.runners:
+                runner.state.state = {"terminated": {"exitCode": 128, "reason": "StartError",
+                                                     "message": str(exc)[:500]}}
+            self.changed()
+        finally:
+            self.changed()
+
+    async def _prepare_until_ready(self) -> None:
+        while True:
+            try:
+                await self._prepare()
+                self.message = self.reason = ""
+                return
+            except (PodConfigError, ApiError) as exc:
+                reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else (
+                    "ContainerCreating")
+                logger.warning("pod %s/%s cannot start yet: %s", *self.key, exc)
+                for runner in self.runners:
+                    runner.state.state = {"waiting": {"reason": reason, "message": str(exc)}}
+                self.changed()
+                await asyncio.sleep(self.kubelet.sim.config_retry)
+
+    async def _prepare(self) -> None:
+        kubelet = self.kubelet
+        sim = kubelet.sim
+        namespace = self.key[0]
+        objects: dict[tuple[str, str], JsonDict | None] = {}
+        for plural, name in sorted(referenced_objects(self.pod)):
+            objects[(plural, name)] = await sim.api.get_object(namespace, plural, name)
+        volumes = plan_volumes(self.pod, kubelet.root, self.pod_dir, objects)
+        volumes = {
+            name: (VolumeDir(_host_shared(vol.path, kubelet.root), vol.host_path_type)
+                   if isinstance(vol, VolumeDir) else vol)
+            for name, vol in volumes.items()
+        }
+        await asyncio.to_thread(_materialize, volumes)
+        info = self.runtime_info()
+        base = sim.base_env(kubelet, self.pod)
+        for runner in self.runners:
+            env = resolve_env(runner.container, self.pod, info, objects, base)
+            mounts = plan_mounts(runner.container, volumes)
+            file_targets = frozenset(await asyncio.to_thread(_file_targets, mounts))
+            runner.prepared = _Prepared(
+                argv=container_argv(runner.container, env),
+                env=env,
+                mounts=mounts,
+                file_targets=file_targets,
+                readiness=parse_probe(runner.container.get("readinessProbe"), runner.container),
+                liveness=parse_probe(runner.container.get("livenessProbe"), runner.container),
+                workdir=runner.container.get("workingDir"),
+            )
+
+    def runtime_info(self) -> PodRuntimeInfo:
+        ip = self.kubelet.ip
+        return PodRuntimeInfo(pod_ip=ip, host_ip=ip, node_name=self.kubelet.name)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        self._dirty.set()
+
+    def render_status(self) -> JsonDict:
+        return render_pod_status(
+            containers=[r.state for r in self.runners],
+            policy=self.restart_policy,
+            info=self.runtime_info(),
+            start_time=self.start_time,
+            now=now_rfc3339(),
+            previous_conditions=(self.pod.get("status") or {}).get("conditions") or [],
+            message=self.message,
+            reason=self.reason,
+        )
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await self.kubelet.connected.wait()
+            self._dirty.clear()
+            status = self.render_status()
+            try:
+                result = await self.kubelet.sim.api.patch_pod_status(*self.key, status)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return  # the pod is gone from the API; nothing left to report
+                logger.warning("pod %s/%s status update failed: %s", *self.key, exc)
+                self._dirty.set()
+                await asyncio.sleep(1.0)
+                continue
+            if result.get("status"):
+                self.pod["status"] = result["status"]
+
+    async def flush_status(self) -> None:
+        """Publish the current status now (used before finishing a deletion)."""
+        if not self.kubelet.connected.is_set():
+            return
+        with contextlib.suppress(ApiError):
+            await self.kubelet.sim.api.patch_pod_status(*self.key, self.render_status())
+
+    # -- termination ----------------------------------------------------------------------
+
+    def request_delete(self, finalize: bool) -> asyncio.Task[None]:
+        """Graceful deletion; ``finalize``: remove the pod object afterwards (it is marked
+        with deletionTimestamp), else it is already gone from the API."""
+        if self._delete_task is None:
+            self.deleting = True
+            self._delete_task = asyncio.create_task(self._delete(finalize))
+        return self._delete_task
+
+    async def _delete(self, finalize: bool) -> None:
+        grace = self.grace_period()
+        logger.info("pod %s/%s: terminating (grace %gs)", *self.key, grace)
+        await asyncio.gather(*(runner.stop(grace) for runner in self.runners))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        await self._stop_publisher()
+        if finalize:
+            await self.flush_status()
+            try:
+                await self.kubelet.sim.api.delete_pod_now(*self.key)
+            except ApiError as exc:
+                logger.warning("pod %s/%s: final delete failed: %s", *self.key, exc)
+        await asyncio.to_thread(shutil.rmtree, self.pod_dir, True)
+        self.finished.set()
+        self.kubelet.forget(self)
+
+    async def _stop_publisher(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._publisher
+            self._publisher = None
+
+    async def crash(self) -> None:
+        """The node died: every process SIGKILLed, no word to the API server."""
+        self.deleting = True
+        for runner in self.runners:
+            runner.stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        await self._stop_publisher()
+        await asyncio.gather(*(r.kill() for r in self.runners), return_exceptions=True)
+        if self._task is not None:
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._delete_task is not None:
+            self._delete_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._delete_task
+        for runner in self.runners:
+            if runner.process is not None:
+                await runner.process.release()
+        self.finished.set()
+
+    async def kill_processes(self) -> None:
+        """A crash of all containers (SIGKILL); restarted per restartPolicy."""
+        await asyncio.gather(*(r.kill() for r in self.runners))
+
+
+def _file_targets(mounts: Sequence[Mount]) -> list[PurePosixPath]:
+    return [m.target for m in mounts if m.source.is_file()]
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:100]
+
+
+def _host_shared(path: Path, node_root: Path) -> Path:
+    """Map node-local hostPaths that must be the machine's own (e.g. /dev) back to it."""
+    try:
+        rel = path.relative_to(node_root / "hostpath")
+    except ValueError:
+        return path
+    absolute = "/" + str(rel)
+    if any(absolute == p or absolute.startswith(p + "/") for p in HOST_SHARED_PREFIXES):
+        return Path(absolute)
+    return path
+
+
+def _materialize(volumes: dict[str, VolumeFiles | VolumeDir]) -> None:
+    """Write Secret/ConfigMap files and create directories (runs in a thread)."""
+    for volume in volumes.values():
+        if isinstance(volume, VolumeFiles):
+            if volume.directory.exists():
+                shutil.rmtree(volume.directory)
+            volume.directory.mkdir(parents=True, exist_ok=True)
+            for rel, (content, mode) in volume.files.items():
+                target = volume.directory / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+                target.chmod(mode)
+        elif volume.host_path_type in ("File", "FileOrCreate"):
+            volume.path.parent.mkdir(parents=True, exist_ok=True)
+            volume.path.touch(exist_ok=True)
+        elif not volume.path.exists():
+            volume.path.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# one node
+# ---------------------------------------------------------------------------------------
+
+
+class NodeKubelet:
+    """The kubelet of one simulated node."""
+
+    def __init__(self, sim: NodeSimulator, name: str) -> None:
+        self.sim = sim
+        self.name = name
+        self.ip = sim.net.node_ip(name)
+        self.root = sim.root / name
+        self.cgroup_root = sim.cgroup_root / _safe_name(name) if sim.cgroup_root else None
+        self.workers: dict[str, PodWorker] = {}
+        self.alive = False
+        self.partitioned = False
+        self.connected = asyncio.Event()  # can talk to the API server
+        self.last_heartbeat = time.monotonic()
+        self.marked_unknown = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._done: set[str] = set()  # uids finished here (not to be restarted)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._make_dirs)
+        await self.register()
+        self.alive = True
+        self.partitioned = False
+        self.connected.set()
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeat_loop(), name=f"heartbeat-{self.name}"
+        )
+        self._watch_task = asyncio.create_task(self._watch_loop(), name=f"watch-{self.name}")
+
+    def _make_dirs(self) -> None:
+        for sub in ("pods", "logs", "hostpath"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if self.cgroup_root is not None:
+            self.cgroup_root.mkdir(parents=True, exist_ok=True)
+
+    def node_object(self) -> JsonDict:
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.name,
+                "labels": {
+                    "kubernetes.io/hostname": self.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    **self.sim.node_labels.get(self.name, {}),
+                },
+            },
+            "spec": {},
+        }
+
+    def node_status(self, ready: str, reason: str, message: str) -> JsonDict:
+        now = now_rfc3339()
+        return {
+            "conditions": node_conditions(ready, now, now, reason, message),
+            "addresses": [
+                {"type": "InternalIP", "address": self.ip},
+                {"type": "Hostname", "address": self.name},
+            ],
+            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110", "ephemeral-storage": "20Gi"},
+            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110",
+                            "ephemeral-storage": "20Gi"},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "nodeInfo": {
+                "kubeletVersion": "v1.32.0-pairvol-sim",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": "pairvol-local://1",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "osImage": "pairvol local cluster",
+                "kernelVersion": os.uname().release,
+                "machineID": self.name,
+                "systemUUID": self.name,
+                "bootID": f"{self.name}-{time.time_ns()}",
+            },
+        }
+
+    async def register(self) -> None:
+        await self.sim.api.ensure_node(self.node_object())
+        await self._post_ready()
+        await self._remove_unreachable_taints()
+        self.marked_unknown = False
+
+    async def _post_ready(self) -> None:
+        await self.sim.api.patch_node_status(
+            self.name, self.node_status("True", "KubeletReady", "kubelet is posting ready status")
+        )
+        if self.sim.leases_enabled:
+            try:
+                await self.sim.api.renew_lease(
+                    self.name, self.name, _micro_now(), int(self.sim.node_monitor_grace) + 1
+                )
+            except ApiError as exc:
+                if exc.status == 404:
+                    logger.warning("API server has no Lease resource; node leases disabled")
+                    self.sim.leases_enabled = False
+                else:
+                    raise
+        self.last_heartbeat = time.monotonic()
+
+    async def _remove_unreachable_taints(self) -> None:
+        try:
+            node = await self.sim.api.request("GET", f"/api/v1/nodes/{self.name}")
+        except ApiError:
+            return
+        taints = (node.get("spec") or {}).get("taints") or []
+        kept = [t for t in taints if t.get("key") != UNREACHABLE_TAINT]
+        if len(kept) != len(taints):
+            await self.sim.api.patch_node(self.name, {"spec": {"taints": kept}})
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sim.status_interval)
+            if not self.connected.is_set():
+                continue
+            try:
+                await self._post_ready()
+                if self.marked_unknown:
+                    await self._remove_unreachable_taints()
+                    self.marked_unknown = False
+                    for worker in list(self.workers.values()):
+                        worker.changed()  # re-assert our pods' readiness
+            except ApiError as exc:
+                logger.warning("node %s heartbeat failed: %s", self.name, exc)
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                pods, version = await self.sim.api.list_pods(self.name)
+                await self._reconcile(pods)
+                async for event in self.sim.api.watch_pods(self.name, version):
+                    kind = event.get("type")
+                    obj = event.get("object") or {}
+                    if kind == "ERROR":
+                        break  # e.g. 410 Gone: relist
+                    if kind == "DELETED":
+                        await self._on_deleted(obj)
+                    elif kind in ("ADDED", "MODIFIED"):
+                        await self._on_pod(obj)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("node %s: pod watch failed (%s); relisting", self.name, exc)
+            await asyncio.sleep(0.5)
+
+    async def _reconcile(self, pods: list[JsonDict]) -> None:
+        seen = set()
+        for pod in pods:
+            seen.add(_safe_name(pod_uid(pod)))
+            await self._on_pod(pod)
+        for uid, worker in list(self.workers.items()):
+            if uid not in seen and not worker.deleting:
+                worker.request_delete(finalize=False)
+
+    async def _on_pod(self, pod: JsonDict) -> None:
+        uid = _safe_name(pod_uid(pod))
+        worker = self.workers.get(uid)
+        if meta(pod).get("deletionTimestamp"):
+            if worker is not None:
+                worker.pod = pod
+                worker.request_delete(finalize=True)
+            elif uid not in self._done:
+                # Nothing running here (e.g. the node restarted): just finalize.
+                self._done.add(uid)
+                await self.sim.api.delete_pod_now(*pod_key(pod))
+            return
+        if worker is not None:
+            worker.pod.update({k: v for k, v in pod.items() if k != "status"})
+            return
+        if uid in self._done:
+            return
+        phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            self._done.add(uid)
+            return
+        worker = PodWorker(self, pod)
+        self.workers[uid] = worker
+        logger.info("node %s: starting pod %s/%s", self.name, *worker.key)
+        worker.start()
+
+    async def _on_deleted(self, pod: JsonDict) -> None:
+        uid = _safe_name(pod_uid(pod))
+        self._done.discard(uid)  # a new pod may reuse the name (and a stand-in uid)
+        worker = self.workers.get(uid)
+        if worker is not None and not worker.deleting:
+            worker.request_delete(finalize=False)
+
+    def forget(self, worker: PodWorker) -> None:
+        if self.workers.get(worker.uid) is worker:
+            del self.workers[worker.uid]
+        if worker.key and worker.deleting:
+            self._done.add(worker.uid)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = [t for t in (self._heartbeat_task, self._watch_task) if t is not None]
+        self._heartbeat_task = self._watch_task = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def kill(self) -> None:
+        """Power off: every process SIGKILLed, no more heartbeats or status updates."""
+        self.alive = False
+        self.connected.clear()
+        await self._cancel_tasks()
+        workers = list(self.workers.values())
+        self.workers.clear()
+        await asyncio.gather(*(w.crash() for w in workers), return_exceptions=True)
+        self._done.clear()
+        if self.cgroup_root is not None:
+            await asyncio.to_thread(_rmdir_cgroup_tree, self.cgroup_root)
+
+    async def restart(self) -> None:
+        if self.alive:
+            raise KubeletError(f"node {self.name} is running; kill_node it first")
+        await self.start()
+
+    async def partition(self) -> None:
+        self.partitioned = True
+        self.connected.clear()
+        # The kubelet loses the API server: no watch, no heartbeats; pods keep running.
+        watch, self._watch_task = self._watch_task, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
+
+    async def heal(self) -> None:
+        self.partitioned = False
+        if not self.alive:
+            return
+        self.connected.set()
+        if self._watch_task is None:
+            self._watch_task = asyncio.create_task(self._watch_loop(), name=f"watch-{self.name}")
+
+    async def run_probe(self, probe: ProbeSpec, runner: ContainerRunner) -> bool:
+        host = probe.host or self.ip
+        try:
+            if probe.kind == "exec":
+                process = runner.process
+                if process is None:
+                    return False
+                argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--",
+                        *probe.command]
+                result = await run_command(argv, check=False, time_limit=probe.timeout + 5)
+                return result.returncode == 0
+            reader, writer = await self.sim.net.open_connection(
+                self.name, host, probe.port, time_limit=probe.timeout
+            )
+            try:
+                if probe.kind == "tcp":
+                    return True
+                if probe.scheme == "HTTPS":
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                    await asyncio.wait_for(
+                        writer.start_tls(context, server_hostname=host), probe.timeout
+                    )
+                headers = "".join(f"{k}: {v}\r\n" for k, v in probe.headers)
+                writer.write(
+                    f"GET {probe.path} HTTP/1.1\r\nHost: {host}:{probe.port}\r\n"
+                    f"User-Agent: kube-probe/1.32\r\n{headers}Connection: close\r\n\r\n".encode()
+                )
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), probe.timeout)
+                parts = line.split()
+                return len(parts) >= 2 and 200 <= int(parts[1]) < 400
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        except (OSError, TimeoutError, ValueError, ssl.SSLError, KubeletError):
+            return False
+
+
+def _micro_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---------------------------------------------------------------------------------------
+# the simulator
+# ---------------------------------------------------------------------------------------
+
+
+class NodeSimulator:
+    """Kubelets for ``nodes`` against the API server at ``api_url``.
+
+    ``async with NodeSimulator(url, nodes=["node-1", "node-2"], root=tmp) as sim:`` — creates
+    the network, registers Ready nodes, runs the pods scheduled onto them; on exit every
+    process is killed and every namespace, veth, bridge and cgroup removed.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        nodes: Sequence[str],
+        root: Path,
+        *,
+        status_interval: float = 1.0,
+        node_monitor_grace: float = 4.0,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 30.0,
+        config_retry: float = 1.0,
+        node_labels: dict[str, dict[str, str]] | None = None,
+        use_cgroups: bool = True,
+    ) -> None:
+        self.api_url = api_url
+        self.node_names = list(nodes)
+        self.root = Path(root)
+        self.status_interval = status_interval
+        self.node_monitor_grace = node_monitor_grace
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.config_retry = config_retry
+        self.node_labels = node_labels or {}
+        self.use_cgroups = use_cgroups
+        self.leases_enabled = True
+        self.net = ClusterNetwork(self.node_names)
+        self.api = KubeApi(api_url)
+        self.proxy: ApiProxy | None = None
+        self.cgroup_root: Path | None = None
+        self.kubelets: dict[str, NodeKubelet] = {}
+        self._controller: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> NodeSimulator:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self.net.start()
+        assert self.net.plan is not None
+        target = urlsplit(self.api_url)
+        if not target.hostname or not target.port:
+            raise KubeletError(f"api_url {self.api_url!r} must be http://host:port")
+        self.proxy = ApiProxy(self.net.bridge_ip, target.hostname, target.port)
+        await self.proxy.start()
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        await kubeconfig_mod.write(self.kubeconfig_path, self.in_cluster_url)
+        if self.use_cgroups:
+            self.cgroup_root = await asyncio.to_thread(_prepare_cgroup_root, self.net.plan.token)
+        for name in self.node_names:
+            kubelet = NodeKubelet(self, name)
+            self.kubelets[name] = kubelet
+            await kubelet.start()
+        self._controller = asyncio.create_task(self._node_lifecycle_loop())
+
+    async def close(self) -> None:
+        """Kill every pod process, remove network and cgroups. Idempotent; never raises."""
+        if self._controller is not None:
+            self._controller.cancel()
+            with contextlib.suppress(BaseException):
+                await self._controller
+            self._controller = None
+        for kubelet in self.kubelets.values():
+            try:
+                await kubelet.kill()
+            except Exception:
+                logger.exception("stopping node %s failed", kubelet.name)
+        if self.proxy is not None:
+            await self.proxy.close()
+            self.proxy = None
+        await self.api.close()
+        await self.net.close()
+        if self.cgroup_root is not None:
+            await asyncio.to_thread(_rmdir_cgroup_tree, self.cgroup_root)
+            self.cgroup_root = None
+
+    # -- what pods see --------------------------------------------------------------------
+
+    @property
+    def in_cluster_url(self) -> str:
+        """The API server as reachable from inside a node."""
+        if self.proxy is None:
+            raise KubeletError("node simulator not started")
+        return f"http://{self.net.bridge_ip}:{self.proxy.port}"
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.root / "kubeconfig"
+
+    def base_env(self, kubelet: NodeKubelet, pod: JsonDict) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)
+        assert self.proxy is not None
+        return {
+            "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "HOSTNAME": str(meta(pod).get("name") or kubelet.name),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "KUBERNETES_SERVICE_HOST": self.net.bridge_ip,
+            "KUBERNETES_SERVICE_PORT": str(self.proxy.port),
+            "KUBECONFIG": str(self.kubeconfig_path),
+        }
+
+    # -- queries --------------------------------------------------------------------------
+
+    def node_ip(self, name: str) -> str:
+        return self.net.node_ip(name)
+
+    def _kubelet(self, name: str) -> NodeKubelet:
+        try:
+            return self.kubelets[name]
+        except KeyError:
+            raise KubeletError(f"unknown node {name!r}; nodes: {sorted(self.kubelets)}") from None
+
+    def _worker(self, namespace: str, name: str) -> PodWorker:
+        for kubelet in self.kubelets.values():
+            for worker in kubelet.workers.values():
+                if worker.key == (namespace, name) and not worker.deleting:
+                    return worker
+        raise KubeletError(f"pod {namespace}/{name} is not running on any simulated node")
+
+    def pod_pids(self, namespace: str, name: str) -> list[int]:
+        """PIDs of the pod's container main processes (for tests)."""
+        worker = self._worker(namespace, name)
+        return [r.process.pid for r in worker.runners
+                if r.process is not None and r.process.proc.returncode is None]
+
+    def node_pids(self, name: str) -> list[int]:
+        """Every live process of the node's pods (cgroup members, or main processes)."""
+        kubelet = self._kubelet(name)
+        if kubelet.cgroup_root is not None and kubelet.cgroup_root.exists():
+            return _cgroup_pids(kubelet.cgroup_root)
+        return [r.process.pid for w in kubelet.workers.values() for r in w.runners
+                if r.process is not None and r.process.proc.returncode is None]
+
+    def log_path(self, node: str, namespace: str, pod: str) -> Path:
+        return self.root / node / "logs" / f"{namespace}_{pod}.log"
+
+    def host_path(self, node: str, path: str) -> Path:
+        """Where ``hostPath: path`` of ``node`` lives on this machine."""
+        return self.root / node / "hostpath" / path.lstrip("/")
+
+    async def run_in_node(
+        self, name: str, argv: Sequence[str], *, time_limit: float = 30.0
+    ) -> CommandResult:
+        """Run ``argv`` in the node's network namespace (not in a pod's mounts)."""
+        self._kubelet(name)
+        return await self.net.run_in_node(name, argv, time_limit=time_limit)
+
+    async def exec_in_pod(
+        self, namespace: str, name: str, argv: Sequence[str], *, time_limit: float = 30.0
+    ) -> CommandResult:
+        """Like ``kubectl exec``: run ``argv`` in the mounts and network of the pod's first
+        container."""
+        worker = self._worker(namespace, name)
+        process = worker.runners[0].process
+        if process is None or process.proc.returncode is not None:
+            raise KubeletError(f"pod {namespace}/{name} has no running container")
+        argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *argv]
+        return await run_command(argv, check=False, time_limit=time_limit)
+
+    # -- faults ---------------------------------------------------------------------------
+
+    async def kill_pod(self, namespace: str, name: str) -> None:
+        """SIGKILL every container of the pod (a crash); restarted per restartPolicy."""
+        await self._worker(namespace, name).kill_processes()
+
+    async def kill_node(self, name: str) -> None:
+        """Power the node off: all its processes SIGKILLed (returns when they are gone);
+        no more heartbeats, so it turns Ready=Unknown after ``node_monitor_grace``."""
+        await self._kubelet(name).kill()
+        logger.info("node %s killed", name)
+
+    async def restart_node(self, name: str) -> None:
+        """Power the node on again: re-register Ready and restart the pods bound to it."""
+        kubelet = self._kubelet(name)
+        if self.net.is_partitioned(name):
+            await self.net.heal(name)
+        await kubelet.restart()
+        logger.info("node %s restarted", name)
+
+    async def partition_node(self, name: str) -> None:
+        """Cut the node off (silent DROP both ways), its kubelet from the API server too."""
+        kubelet = self._kubelet(name)
+        await self.net.partition(name)
+        await kubelet.partition()
+
+    async def heal_node(self, name: str) -> None:
+        kubelet = self._kubelet(name)
+        await self.net.heal(name)
+        await kubelet.heal()
+
+    # -- node lifecycle controller ------------------------------------------------------
+
+    async def _node_lifecycle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.node_monitor_grace / 4))
+            for kubelet in self.kubelets.values():
+                silent_for = time.monotonic() - kubelet.last_heartbeat
+                if kubelet.marked_unknown or silent_for < self.node_monitor_grace:
+                    continue
+                try:
+                    await self._mark_unknown(kubelet)
+                except ApiError as exc:
+                    logger.warning("cannot mark node %s unknown: %s", kubelet.name, exc)
+
+    async def _mark_unknown(self, kubelet: NodeKubelet) -> None:
+        message = "Kubelet stopped posting node status."
+        await self.api.patch_node_status(
+            kubelet.name, kubelet.node_status("Unknown", "NodeStatusUnknown", message)
+        )
+        node = await self.api.request("GET", f"/api/v1/nodes/{kubelet.name}")
+        taints = [t for t in (node.get("spec") or {}).get("taints") or []
+                  if t.get("key") != UNREACHABLE_TAINT]
+        now = now_rfc3339()
+        taints += [{"key": UNREACHABLE_TAINT, "effect": effect, "timeAdded": now}
+                   for effect in ("NoSchedule", "NoExecute")]
+        await self.api.patch_node(kubelet.name, {"spec": {"taints": taints}})
+        pods, _ = await self.api.list_pods(kubelet.name)
+        for pod in pods:
+            await self._mark_pod_not_ready(pod, now)
+        kubelet.marked_unknown = True
+        logger.info("node %s: no heartbeat for %gs, marked Ready=Unknown", kubelet.name,
+                    self.node_monitor_grace)
+
+    async def _mark_pod_not_ready(self, pod: JsonDict, now: str) -> None:
+        status = pod.get("status") or {}
+        conditions = []
+        for cond in status.get("conditions") or []:
+            cond = dict(cond)
+            if cond.get("type") in ("Ready", "ContainersReady") and cond.get("status") != "False":
+                cond.update(status="False", reason="NodeNotReady", lastTransitionTime=now)
+            conditions.append(cond)
+        containers = [{**c, "ready": False} for c in status.get("containerStatuses") or []]
+        patch: dict[str, Any] = {"conditions": conditions}
+        if containers:
+            patch["containerStatuses"] = containers
+        with contextlib.suppress(ApiError):
+            await self.api.patch_pod_status(*pod_key(pod), patch)

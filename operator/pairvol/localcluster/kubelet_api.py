@@ -1,0 +1,228 @@
+"""The few Kubernetes API calls the node simulator makes, over plain aiohttp.
+
+Why not the ``kubernetes`` client: it is synchronous (threads for every call and for
+watches) and the kubelet only needs a handful of REST calls — list/watch Pods of a
+node, patch Pod status, finalize Pod deletion, read Secrets/ConfigMaps, create and
+patch Nodes and node Leases. Plain REST also works against every flavour of our
+emulated API server (kmock's emulator and the team's stricter ``LocalCluster``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from pairvol.localcluster.kubelet_pods import JsonDict, KubeletError
+
+logger = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ApiError(KubeletError):
+    """The API server answered with an error status (or could not be reached)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KubeApi:
+    """A tiny async client for one API server URL (no auth: the emulator needs none)."""
+
+    def __init__(self, base_url: str, *, request_timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> KubeApi:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> JsonDict:
+        url = self.base_url + path
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        try:
+            async with self.session.request(
+                method, url, data=data, params=params, headers=headers, timeout=self._timeout
+            ) as response:
+                text = await response.text()
+                if response.status >= 400:
+                    raise ApiError(
+                        f"{method} {path} -> HTTP {response.status}: {_message(text)}",
+                        response.status,
+                    )
+                if not text:
+                    return {}
+                result = json.loads(text)
+                return result if isinstance(result, dict) else {"value": result}
+        except aiohttp.ClientError as exc:
+            raise ApiError(
+                f"{method} {path}: API server {self.base_url} unreachable: {exc}"
+            ) from exc
+        except TimeoutError as exc:
+            raise ApiError(f"{method} {path}: API server {self.base_url} timed out") from exc
+
+    # -- pods -----------------------------------------------------------------------------
+
+    async def list_pods(self, node: str) -> tuple[list[JsonDict], str]:
+        """Pods bound to ``node`` (filtered here too, in case the server ignores the selector)."""
+        result = await self.request(
+            "GET", "/api/v1/pods", params={"fieldSelector": f"spec.nodeName={node}"}
+        )
+        items = [p for p in result.get("items") or [] if _on_node(p, node)]
+        version = str((result.get("metadata") or {}).get("resourceVersion") or "")
+        return items, version
+
+    async def watch_pods(self, node: str, resource_version: str) -> AsyncIterator[JsonDict]:
+        """Watch events of pods on ``node``; ends when the server closes the stream."""
+        params = {
+            "watch": "true",
+            "fieldSelector": f"spec.nodeName={node}",
+            "allowWatchBookmarks": "false",
+        }
+        if resource_version and resource_version != "...":
+            params["resourceVersion"] = resource_version
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
+        try:
+            async with self.session.get(
+                self.base_url + "/api/v1/pods", params=params, timeout=timeout
+            ) as response:
+                if response.status >= 400:
+                    text = await response.text()
+                    raise ApiError(
+                        f"watch pods on {node} -> HTTP {response.status}: {_message(text)}",
+                        response.status,
+                    )
+                async for line in response.content:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if not isinstance(event, dict):
+                        continue
+                    obj = event.get("object") or {}
+                    if event.get("type") in ("ERROR", "BOOKMARK") or _on_node(obj, node):
+                        yield event
+        except aiohttp.ClientError as exc:
+            raise ApiError(f"watch pods on {node}: {exc}") from exc
+
+    async def patch_pod_status(self, namespace: str, name: str, status: JsonDict) -> JsonDict:
+        return await self.request(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+            body={"status": status},
+            content_type=MERGE_PATCH,
+        )
+
+    async def delete_pod_now(self, namespace: str, name: str) -> None:
+        """Finalize a graceful deletion (gracePeriodSeconds=0); gone already is fine."""
+        try:
+            await self.request(
+                "DELETE",
+                f"/api/v1/namespaces/{namespace}/pods/{name}",
+                body={"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0},
+            )
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    async def get_object(self, namespace: str, plural: str, name: str) -> JsonDict | None:
+        """A Secret or ConfigMap, or None if it does not exist."""
+        try:
+            return await self.request("GET", f"/api/v1/namespaces/{namespace}/{plural}/{name}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    async def ensure_node(self, node: JsonDict) -> JsonDict:
+        name = node["metadata"]["name"]
+        try:
+            return await self.request("POST", "/api/v1/nodes", body=node)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        patch = {"metadata": node["metadata"], "spec": node.get("spec") or {}}
+        return await self.request(
+            "PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH
+        )
+
+    async def patch_node(self, name: str, patch: JsonDict) -> JsonDict:
+        return await self.request(
+            "PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH
+        )
+
+    async def patch_node_status(self, name: str, status: JsonDict) -> JsonDict:
+        return await self.request(
+            "PATCH",
+            f"/api/v1/nodes/{name}/status",
+            body={"status": status},
+            content_type=MERGE_PATCH,
+        )
+
+    async def renew_lease(self, name: str, holder: str, now: str, duration: int) -> None:
+        """Create or renew the node's Lease in kube-node-lease (what real kubelets do)."""
+        path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
+        spec = {"holderIdentity": holder, "leaseDurationSeconds": duration, "renewTime": now}
+        try:
+            await self.request(
+                "PATCH", f"{path}/{name}", body={"spec": spec}, content_type=MERGE_PATCH
+            )
+            return
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {**spec, "acquireTime": now},
+        }
+        try:
+            await self.request("POST", path, body=body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+
+
+def _on_node(pod: Any, node: str) -> bool:
+    return isinstance(pod, dict) and (pod.get("spec") or {}).get("nodeName") == node
+
+
+def _message(text: str) -> str:
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text[:300]
+    if isinstance(payload, dict) and payload.get("message"):
+        return str(payload["message"])[:300]
+    return text[:300]

@@ -1,0 +1,670 @@
+"""Pure decisions of the node simulator: what a Pod spec means for the processes we run.
+
+Why separate: the kubelet's rules (env resolution with the downward API and Secret keys,
+``$(VAR)`` expansion, which files a Secret volume becomes, where mounts point, restart
+policy and back-off, probe thresholds, the Pod status we report) are easy to get subtly
+wrong and easy to test without any process, namespace or API server. Everything here is
+a function of its arguments; the I/O lives in :mod:`pairvol.localcluster.kubelet`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pairvol.errors import PairvolError
+
+JsonDict = dict[str, Any]
+
+
+class KubeletError(PairvolError):
+    """The node simulator cannot do what was asked."""
+
+
+class PodConfigError(KubeletError):
+    """A Pod cannot start as specified (missing Secret/key, unsupported field, bad path).
+
+    Reported like the real kubelet does: container waiting with reason
+    ``CreateContainerConfigError`` and this message; retried until it resolves.
+    """
+
+
+def meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    value = obj.get("metadata") or {}
+    return value if isinstance(value, Mapping) else {}
+
+
+def pod_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    m = meta(pod)
+    return (str(m.get("namespace") or "default"), str(m.get("name") or ""))
+
+
+def pod_uid(pod: Mapping[str, Any]) -> str:
+    """The Pod's UID, or a stable stand-in from namespace and name if the server set none."""
+    m = meta(pod)
+    uid = m.get("uid")
+    if uid:
+        return str(uid)
+    namespace, name = pod_key(pod)
+    return f"{namespace}_{name}"
+
+
+def spec(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    value = pod.get("spec") or {}
+    return value if isinstance(value, Mapping) else {}
+
+
+# ---------------------------------------------------------------------------------------
+# env
+# ---------------------------------------------------------------------------------------
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand_vars(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: defined names are replaced, ``$$`` escapes ``$``,
+    undefined references stay as written."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env.get(name, match.group(0))
+
+    return _VAR_REF.sub(replace, text)
+
+
+@dataclass(frozen=True)
+class PodRuntimeInfo:
+    """Facts the downward API can expose that are not in the Pod object yet."""
+
+    pod_ip: str
+    host_ip: str
+    node_name: str
+
+
+def field_ref(pod: Mapping[str, Any], path: str, info: PodRuntimeInfo) -> str:
+    """Value of a downward-API ``fieldRef.fieldPath``."""
+    m = meta(pod)
+    simple: dict[str, Any] = {
+        "metadata.name": m.get("name"),
+        "metadata.namespace": m.get("namespace") or "default",
+        "metadata.uid": pod_uid(pod),
+        "spec.nodeName": spec(pod).get("nodeName") or info.node_name,
+        "spec.serviceAccountName": spec(pod).get("serviceAccountName") or "default",
+        "status.podIP": info.pod_ip,
+        "status.podIPs": info.pod_ip,
+        "status.hostIP": info.host_ip,
+        "status.hostIPs": info.host_ip,
+    }
+    if path in simple:
+        return "" if simple[path] is None else str(simple[path])
+    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if match:
+        values = m.get(match.group(1)) or {}
+        return str(values.get(match.group(2), ""))
+    raise PodConfigError(
+        f"unsupported fieldRef.fieldPath {path!r}; supported: {sorted(simple)} and "
+        "metadata.labels['k'] / metadata.annotations['k']"
+    )
+
+
+def secret_value(secret: Mapping[str, Any], key: str) -> bytes | None:
+    """A key of a Secret as bytes: ``data`` is base64, ``stringData`` (if a lenient server
+    kept it) is plain text."""
+    data = secret.get("data") or {}
+    if key in data:
+        return base64.b64decode(str(data[key]))
+    string_data = secret.get("stringData") or {}
+    if key in string_data:
+        return str(string_data[key]).encode()
+    return None
+
+
+def configmap_value(configmap: Mapping[str, Any], key: str) -> bytes | None:
+    data = configmap.get("data") or {}
+    if key in data:
+        return str(data[key]).encode()
+    binary = configmap.get("binaryData") or {}
+    if key in binary:
+        return base64.b64decode(str(binary[key]))
+    return None
+
+
+ObjectRef = tuple[str, str]  # ("secrets"|"configmaps", name)
+
+
+def referenced_objects(pod: Mapping[str, Any]) -> set[ObjectRef]:
+    """Every Secret/ConfigMap the Pod needs (env, envFrom and volumes), to fetch first."""
+    refs: set[ObjectRef] = set()
+    for container in spec(pod).get("containers") or []:
+        for env in container.get("env") or []:
+            source = env.get("valueFrom") or {}
+            if "secretKeyRef" in source:
+                refs.add(("secrets", str(source["secretKeyRef"].get("name"))))
+            if "configMapKeyRef" in source:
+                refs.add(("configmaps", str(source["configMapKeyRef"].get("name"))))
+        for env_from in container.get("envFrom") or []:
+            if "secretRef" in env_from:
+                refs.add(("secrets", str(env_from["secretRef"].get("name"))))
+            if "configMapRef" in env_from:
+                refs.add(("configmaps", str(env_from["configMapRef"].get("name"))))
+    for volume in spec(pod).get("volumes") or []:
+        if "secret" in volume:
+            refs.add(("secrets", str(volume["secret"].get("secretName"))))
+        if "configMap" in volume:
+            refs.add(("configmaps", str(volume["configMap"].get("name"))))
+    return refs
+
+
+Objects = Mapping[ObjectRef, Mapping[str, Any] | None]  # None = does not exist
+
+
+def _key_value(
+    kind: str, ref: Mapping[str, Any], objects: Objects, what: str
+) -> str | None:
+    name = str(ref.get("name"))
+    key = str(ref.get("key"))
+    optional = bool(ref.get("optional", False))
+    obj = objects.get((kind, name))
+    if obj is None:
+        if optional:
+            return None
+        raise PodConfigError(f"{what}: {kind[:-1]} {name!r} not found")
+    raw = secret_value(obj, key) if kind == "secrets" else configmap_value(obj, key)
+    if raw is None:
+        if optional:
+            return None
+        raise PodConfigError(f"{what}: key {key!r} not found in {kind[:-1]} {name!r}")
+    return raw.decode(errors="replace")
+
+
+def resolve_env(
+    container: Mapping[str, Any],
+    pod: Mapping[str, Any],
+    info: PodRuntimeInfo,
+    objects: Objects,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of one container: ``base``, then envFrom, then env (in order, with
+    ``$(VAR)`` expansion against what is defined so far, like the kubelet)."""
+    env: dict[str, str] = dict(base or {})
+    for env_from in container.get("envFrom") or []:
+        prefix = str(env_from.get("prefix") or "")
+        for kind, ref_key in (("secrets", "secretRef"), ("configmaps", "configMapRef")):
+            if ref_key not in env_from:
+                continue
+            ref = env_from[ref_key]
+            obj = objects.get((kind, str(ref.get("name"))))
+            if obj is None:
+                if ref.get("optional"):
+                    continue
+                raise PodConfigError(f"envFrom: {kind[:-1]} {ref.get('name')!r} not found")
+            keys = set((obj.get("data") or {}).keys()) | set(
+                (obj.get("stringData") or obj.get("binaryData") or {}).keys()
+            )
+            for key in sorted(keys):
+                raw = secret_value(obj, key) if kind == "secrets" else configmap_value(obj, key)
+                if raw is not None:
+                    env[prefix + key] = raw.decode(errors="replace")
+    for item in container.get("env") or []:
+        name = str(item.get("name"))
+        if "value" in item:
+            env[name] = expand_vars(str(item["value"]), env)
+            continue
+        source = item.get("valueFrom") or {}
+        value: str | None
+        if "fieldRef" in source:
+            value = field_ref(pod, str(source["fieldRef"].get("fieldPath")), info)
+        elif "secretKeyRef" in source:
+            value = _key_value("secrets", source["secretKeyRef"], objects, f"env {name}")
+        elif "configMapKeyRef" in source:
+            value = _key_value("configmaps", source["configMapKeyRef"], objects, f"env {name}")
+        elif "resourceFieldRef" in source:
+            raise PodConfigError(f"env {name}: resourceFieldRef is not supported here")
+        elif not source:
+            value = ""
+        else:
+            raise PodConfigError(f"env {name}: unsupported valueFrom {sorted(source)}")
+        if value is not None:
+            env[name] = value
+    return env
+
+
+def container_argv(container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """command + args with ``$(VAR)`` expansion. Images are ignored here, so a container
+    must say what to run."""
+    command = [str(c) for c in container.get("command") or []]
+    args = [str(a) for a in container.get("args") or []]
+    if not command:
+        raise PodConfigError(
+            f"container {container.get('name')!r} has no command; the local cluster ignores "
+            "images and runs only the command (+args) on the node"
+        )
+    return [expand_vars(part, env) for part in command + args]
+
+
+# ---------------------------------------------------------------------------------------
+# volumes and mounts
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeFiles:
+    """A Secret/ConfigMap volume: files to write under ``directory``."""
+
+    directory: Path
+    files: Mapping[str, tuple[bytes, int]]  # relative path -> (content, mode)
+
+
+@dataclass(frozen=True)
+class VolumeDir:
+    """A hostPath or emptyDir volume: a directory (or file) on the node's disk."""
+
+    path: Path
+    host_path_type: str = ""
+
+
+Volume = VolumeFiles | VolumeDir
+
+
+def _safe_relative(path: str, what: str) -> PurePosixPath:
+    rel = PurePosixPath(path)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise PodConfigError(f"{what}: path {path!r} must be relative and stay inside")
+    return rel
+
+
+def host_path_on_node(node_root: Path, host_path: str) -> Path:
+    """Where a hostPath lives for this simulated node: ``<node_root>/hostpath/<path>``."""
+    pure = PurePosixPath(host_path)
+    if not pure.is_absolute() or ".." in pure.parts:
+        raise PodConfigError(f"hostPath {host_path!r} must be an absolute path without '..'")
+    return node_root.joinpath("hostpath", *pure.parts[1:])
+
+
+def plan_volumes(
+    pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects: Objects
+) -> dict[str, Volume]:
+    """What every volume of the Pod is on this node."""
+    result: dict[str, Volume] = {}
+    for volume in spec(pod).get("volumes") or []:
+        name = str(volume.get("name"))
+        directory = pod_dir / "volumes" / name
+        if "hostPath" in volume:
+            source = volume["hostPath"]
+            result[name] = VolumeDir(
+                host_path_on_node(node_root, str(source.get("path"))),
+                str(source.get("type") or ""),
+            )
+        elif "emptyDir" in volume:
+            result[name] = VolumeDir(directory)
+        elif "secret" in volume or "configMap" in volume:
+            kind = "secrets" if "secret" in volume else "configmaps"
+            source = volume["secret" if kind == "secrets" else "configMap"]
+            obj_name = str(source.get("secretName" if kind == "secrets" else "name"))
+            default_mode = int(source.get("defaultMode", 0o644))
+            obj = objects.get((kind, obj_name))
+            files: dict[str, tuple[bytes, int]] = {}
+            if obj is None:
+                if not source.get("optional"):
+                    raise PodConfigError(
+                        f"volume {name!r}: {kind[:-1]} {obj_name!r} not found"
+                    )
+            else:
+                value = secret_value if kind == "secrets" else configmap_value
+                items = source.get("items")
+                if items:
+                    for item in items:
+                        raw = value(obj, str(item.get("key")))
+                        if raw is None:
+                            if source.get("optional"):
+                                continue
+                            raise PodConfigError(
+                                f"volume {name!r}: key {item.get('key')!r} not in "
+                                f"{kind[:-1]} {obj_name!r}"
+                            )
+                        rel = _safe_relative(str(item.get("path")), f"volume {name!r}")
+                        files[str(rel)] = (raw, int(item.get("mode", default_mode)))
+                else:
+                    keys = set((obj.get("data") or {}).keys())
+                    keys |= set((obj.get("stringData") or {}).keys())
+                    keys |= set((obj.get("binaryData") or {}).keys())
+                    for key in sorted(keys):
+                        raw = value(obj, key)
+                        if raw is not None:
+                            rel = _safe_relative(key, f"volume {name!r}")
+                            files[str(rel)] = (raw, default_mode)
+            result[name] = VolumeFiles(directory, files)
+        else:
+            kinds = sorted(k for k in volume if k != "name")
+            raise PodConfigError(
+                f"volume {name!r}: type {kinds} is not supported by the local cluster "
+                "(supported: hostPath, emptyDir, secret, configMap)"
+            )
+    return result
+
+
+@dataclass(frozen=True)
+class Mount:
+    """Bind ``source`` (on the node's disk) at ``target`` (the container's mountPath)."""
+
+    source: Path
+    target: PurePosixPath
+    read_only: bool
+
+
+def plan_mounts(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> list[Mount]:
+    mounts: list[Mount] = []
+    for vm in container.get("volumeMounts") or []:
+        name = str(vm.get("name"))
+        if name not in volumes:
+            raise PodConfigError(f"volumeMount {name!r}: no volume with that name in the pod")
+        volume = volumes[name]
+        source = volume.directory if isinstance(volume, VolumeFiles) else volume.path
+        sub_path = vm.get("subPath")
+        if sub_path:
+            source = source.joinpath(*_safe_relative(str(sub_path), f"subPath of {name!r}").parts)
+        target = PurePosixPath(str(vm.get("mountPath")))
+        if not target.is_absolute() or ".." in target.parts or target == PurePosixPath("/"):
+            raise PodConfigError(f"volumeMount {name!r}: mountPath {target} must be absolute")
+        read_only = bool(vm.get("readOnly", False)) or isinstance(volume, VolumeFiles)
+        mounts.append(Mount(source, target, read_only))
+    return mounts
+
+
+def launch_script(
+    *,
+    cgroup_procs: str | None,
+    mounts: Sequence[Mount],
+    netns: str,
+    workdir: str | None,
+    argv: Sequence[str],
+    file_targets: frozenset[PurePosixPath] = frozenset(),
+) -> tuple[list[str], str]:
+    """The argv that starts a container: join its cgroup, enter a private mount namespace,
+    bind the mounts, enter the node's network namespace, exec the command.
+
+    Returns (outer argv, inner script) — the inner script is what runs after ``unshare``.
+    The whole chain ``exec``s, so the PID we spawn *is* the container's main process.
+    """
+    q = shlex.quote
+    inner = ["set -e"]
+    for mount in mounts:
+        target = q(str(mount.target))
+        if mount.target in file_targets:
+            inner.append(f"mkdir -p {q(str(mount.target.parent))}; [ -e {target} ] || : > {target}")
+        else:
+            inner.append(f"mkdir -p {target}")
+        inner.append(f"mount --bind {q(str(mount.source))} {target}")
+        if mount.read_only:
+            inner.append(f"mount -o remount,bind,ro {target}")
+    if workdir:
+        inner.append(f"cd {q(workdir)}")
+    inner.append("exec ip netns exec " + q(netns) + " " + " ".join(q(a) for a in argv))
+    inner_script = "\n".join(inner)
+    outer = []
+    if cgroup_procs:
+        outer.append(f"echo $$ > {q(cgroup_procs)}")
+    outer.append(
+        "exec unshare --mount --propagation private -- /bin/sh -c " + q(inner_script)
+    )
+    return ["/bin/sh", "-c", "\n".join(outer)], inner_script
+
+
+# ---------------------------------------------------------------------------------------
+# restarts and probes
+# ---------------------------------------------------------------------------------------
+
+
+def should_restart(policy: str, exit_code: int) -> bool:
+    """restartPolicy semantics for a container that exited with ``exit_code``."""
+    if policy == "Never":
+        return False
+    if policy == "OnFailure":
+        return exit_code != 0
+    return True  # Always (the default)
+
+
+def backoff_delay(restart_count: int, base: float, cap: float) -> float:
+    """Kubelet crash-loop back-off: base, 2*base, 4*base, ... at most ``cap``."""
+    if restart_count <= 0:
+        return 0.0
+    return float(min(cap, base * (2 ** (restart_count - 1))))
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    kind: str  # "http" | "tcp" | "exec"
+    port: int = 0
+    path: str = "/"
+    host: str | None = None
+    scheme: str = "HTTP"
+    headers: tuple[tuple[str, str], ...] = ()
+    command: tuple[str, ...] = ()
+    initial_delay: float = 0.0
+    period: float = 10.0
+    timeout: float = 1.0
+    success_threshold: int = 1
+    failure_threshold: int = 3
+
+
+def _resolve_port(port: Any, container: Mapping[str, Any]) -> int:
+    if isinstance(port, int):
+        return port
+    if isinstance(port, str) and port.isdigit():
+        return int(port)
+    for declared in container.get("ports") or []:
+        if declared.get("name") == port:
+            return int(declared["containerPort"])
+    raise PodConfigError(f"probe port {port!r} is neither a number nor a named container port")
+
+
+def parse_probe(probe: Mapping[str, Any] | None, container: Mapping[str, Any]) -> ProbeSpec | None:
+    if not probe:
+        return None
+    timing = {
+        "initial_delay": float(probe.get("initialDelaySeconds", 0)),
+        "period": float(probe.get("periodSeconds", 10)),
+        "timeout": float(probe.get("timeoutSeconds", 1)),
+        "success_threshold": int(probe.get("successThreshold", 1)),
+        "failure_threshold": int(probe.get("failureThreshold", 3)),
+    }
+    if "httpGet" in probe:
+        http = probe["httpGet"]
+        headers = tuple(
+            (str(h.get("name")), str(h.get("value"))) for h in http.get("httpHeaders") or []
+        )
+        scheme = str(http.get("scheme", "HTTP")).upper()
+        if scheme not in ("HTTP", "HTTPS"):
+            raise PodConfigError(f"httpGet scheme {scheme!r} must be HTTP or HTTPS")
+        return ProbeSpec(
+            kind="http",
+            port=_resolve_port(http.get("port"), container),
+            path=str(http.get("path") or "/"),
+            host=http.get("host"),
+            scheme=scheme,
+            headers=headers,
+            **timing,  # type: ignore[arg-type]
+        )
+    if "tcpSocket" in probe:
+        tcp = probe["tcpSocket"]
+        return ProbeSpec(
+            kind="tcp",
+            port=_resolve_port(tcp.get("port"), container),
+            host=tcp.get("host"),
+            **timing,  # type: ignore[arg-type]
+        )
+    if "exec" in probe:
+        command = tuple(str(c) for c in probe["exec"].get("command") or [])
+        if not command:
+            raise PodConfigError("exec probe needs a command")
+        return ProbeSpec(kind="exec", command=command, **timing)  # type: ignore[arg-type]
+    raise PodConfigError(f"unsupported probe {sorted(probe)}; use httpGet, tcpSocket or exec")
+
+
+@dataclass
+class ProbeTracker:
+    """Consecutive-success/failure bookkeeping of one probe (kubelet semantics)."""
+
+    spec: ProbeSpec
+    healthy: bool
+    successes: int = 0
+    failures: int = 0
+
+    def record(self, ok: bool) -> bool:
+        """Feed one probe result; return the (possibly changed) health."""
+        if ok:
+            self.successes += 1
+            self.failures = 0
+            if not self.healthy and self.successes >= self.spec.success_threshold:
+                self.healthy = True
+        else:
+            self.failures += 1
+            self.successes = 0
+            if self.healthy and self.failures >= self.spec.failure_threshold:
+                self.healthy = False
+        return self.healthy
+
+
+# ---------------------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContainerState:
+    """What we know about one container, rendered into ``status.containerStatuses``."""
+
+    name: str
+    image: str = ""
+    restart_count: int = 0
+    state: JsonDict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: JsonDict = field(default_factory=dict)
+    ready: bool = False
+    started: bool = False
+    pid: int | None = None
+
+    def render(self) -> JsonDict:
+        status: JsonDict = {
+            "name": self.name,
+            "image": self.image,
+            "imageID": "",
+            "ready": self.ready,
+            "started": self.started,
+            "restartCount": self.restart_count,
+            "state": self.state,
+            "lastState": self.last_state,
+        }
+        if self.pid is not None:
+            status["containerID"] = f"pairvol-local://{self.pid}"
+        return status
+
+
+def pod_phase(containers: Sequence[ContainerState], policy: str) -> str:
+    """Pod phase from the containers' states and the restart policy."""
+    if not containers:
+        return "Pending"
+    if any("running" in c.state for c in containers):
+        return "Running"
+    terminated = [c for c in containers if "terminated" in c.state]
+    if len(terminated) == len(containers):
+        codes = [int(c.state["terminated"].get("exitCode", 0)) for c in terminated]
+        if all(code == 0 for code in codes):
+            return "Succeeded"
+        return "Failed"
+    if any(c.restart_count > 0 or c.last_state for c in containers):
+        return "Running"  # crash-looping containers keep the pod Running
+    return "Pending"
+
+
+def render_pod_status(
+    *,
+    containers: Sequence[ContainerState],
+    policy: str,
+    info: PodRuntimeInfo,
+    start_time: str,
+    now: str,
+    previous_conditions: Sequence[Mapping[str, Any]] = (),
+    node_ready: bool = True,
+    message: str = "",
+    reason: str = "",
+) -> JsonDict:
+    """The full ``status`` of a Pod as the kubelet reports it."""
+    phase = pod_phase(containers, policy)
+    all_ready = bool(containers) and all(c.ready for c in containers) and node_ready
+    running = phase == "Running"
+    wanted = {
+        "PodScheduled": True,
+        "Initialized": True,
+        "ContainersReady": all_ready and running,
+        "Ready": all_ready and running,
+    }
+    previous = {str(c.get("type")): c for c in previous_conditions}
+    conditions = []
+    for ctype, ok in wanted.items():
+        value = "True" if ok else "False"
+        old = previous.get(ctype)
+        since = old.get("lastTransitionTime") if old and old.get("status") == value else now
+        cond: JsonDict = {"type": ctype, "status": value, "lastTransitionTime": since or now}
+        if not ok and ctype in ("Ready", "ContainersReady"):
+            cond["reason"] = "ContainersNotReady" if node_ready else "NodeNotReady"
+        conditions.append(cond)
+    status: JsonDict = {
+        "phase": phase,
+        "conditions": conditions,
+        "hostIP": info.host_ip,
+        "hostIPs": [{"ip": info.host_ip}],
+        "podIP": info.pod_ip,
+        "podIPs": [{"ip": info.pod_ip}],
+        "startTime": start_time,
+        "containerStatuses": [c.render() for c in containers],
+        "qosClass": "BestEffort",
+    }
+    if message:
+        status["message"] = message
+    if reason:
+        status["reason"] = reason
+    return status
+
+
+_PRESSURE_OK = {
+    "MemoryPressure": "KubeletHasSufficientMemory",
+    "DiskPressure": "KubeletHasNoDiskPressure",
+    "PIDPressure": "KubeletHasSufficientPID",
+}
+
+
+def node_conditions(
+    ready: str, since: str, heartbeat: str, reason: str, message: str
+) -> list[JsonDict]:
+    """Node conditions: Ready as given; pressure conditions False while Ready, else Unknown."""
+    conditions: list[JsonDict] = []
+    for ctype, ok_reason in _PRESSURE_OK.items():
+        healthy = ready == "True"
+        conditions.append(
+            {
+                "type": ctype,
+                "status": "False" if healthy else "Unknown",
+                "lastHeartbeatTime": heartbeat,
+                "lastTransitionTime": since,
+                "reason": ok_reason if healthy else "NodeStatusUnknown",
+                "message": "" if healthy else message,
+            }
+        )
+    conditions.append(
+        {
+            "type": "Ready",
+            "status": ready,
+            "lastHeartbeatTime": heartbeat,
+            "lastTransitionTime": since,
+            "reason": reason,
+            "message": message,
+        }
+    )
+    return conditions
