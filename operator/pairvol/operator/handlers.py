@@ -1,0 +1,487 @@
+"""kopf handlers: one level-triggered reconcile loop (a kopf daemon) per ReplicatedVolume.
+
+Why a daemon and not create/update/field handlers: failover and checkpoints are driven by
+*time* and by the state of pods, nodes, the Lease and the agents — none of which are events
+on the ReplicatedVolume. Each tick observes everything fresh (:func:`observe`), asks the pure
+:func:`pairvol.operator.decisions.plan` what to do, persists the planned status first and
+then executes the actions. After an operator restart, kopf starts the daemon again and the
+loop resumes from ``status`` and the agents' epochs; nothing else is remembered that matters
+for safety (the grace-period clock restarts, which only delays a failover).
+
+kopf peering (``PAIRVOL_PEERING``) guarantees that only one operator replica runs daemons at
+a time. Deletion goes through a kopf finalizer (the delete handler below).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from pairvol.agent.lease import OUT_OF_SYNC_ANNOTATION, parse_micro_time
+from pairvol.api.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
+from pairvol.api.status import Phase, VolumeStatus, parse_time, rfc3339
+from pairvol.operator import decisions as d
+from pairvol.operator import manifests as m
+from pairvol.operator.agentclient import AgentClient, AgentError
+from pairvol.operator.k8s import (
+    KubeClient,
+    KubeError,
+    events_path,
+    lease_path,
+    load_config,
+    nodes_path,
+    pods_path,
+    secrets_path,
+    services_path,
+    volume_path,
+)
+from pairvol.operator.metrics import OperatorMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """Process-wide state shared by all reconcilers (kopf ``memo``)."""
+
+    config: m.OperatorConfig
+    kube: KubeClient
+    agents: AgentClient
+    metrics: OperatorMetrics
+    runner: web.AppRunner | None = None
+    started: float = field(default_factory=time.time)
+
+
+_CTX: Context | None = None
+
+
+def ctx() -> Context:
+    if _CTX is None:
+        raise RuntimeError("operator context not initialised (startup handler did not run)")
+    return _CTX
+
+
+# ----------------------------------------------------------------------- parsing
+
+
+def _ready(conditions: list[Mapping[str, Any]] | None) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions or [])
+
+
+def node_view(obj: Mapping[str, Any]) -> d.NodeView:
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    return d.NodeView(
+        name=str(meta.get("name")), ready=_ready(status.get("conditions")),
+        schedulable=not spec.get("unschedulable", False), labels=dict(meta.get("labels") or {}),
+    )
+
+
+def pod_view(obj: Mapping[str, Any]) -> d.PodView:
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    return d.PodView(
+        name=str(meta.get("name")), node=str(spec.get("nodeName") or ""),
+        role=str((meta.get("labels") or {}).get(d.LABEL_ROLE, "")),
+        phase=str(status.get("phase") or "Pending"), ready=_ready(status.get("conditions")),
+        ip=str(status.get("podIP") or ""), deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def lease_view(obj: Mapping[str, Any] | None) -> d.LeaseView | None:
+    if obj is None:
+        return None
+    spec = obj.get("spec") or {}
+    ann = (obj.get("metadata") or {}).get("annotations") or {}
+    oos = ann.get(OUT_OF_SYNC_ANNOTATION)
+    try:
+        oos_epoch = int(oos) if oos is not None else None
+    except ValueError:
+        oos_epoch = None
+    dur = spec.get("leaseDurationSeconds")
+    return d.LeaseView(
+        holder=spec.get("holderIdentity") or None,
+        renew_time=parse_micro_time(spec.get("renewTime") or spec.get("acquireTime")),
+        duration_s=None if dur is None else float(dur), out_of_sync_epoch=oos_epoch,
+    )
+
+
+def _secret_value(secret: Mapping[str, Any], key: str) -> str | None:
+    data = secret.get("data") or {}
+    if key in data:
+        return base64.b64decode(data[key]).decode()
+    sd = secret.get("stringData") or {}
+    return str(sd[key]) if key in sd else None
+
+
+# --------------------------------------------------------------------- reconciler
+
+
+class Reconciler:
+    """The loop for one volume. Memory here is an optimisation, never needed for safety."""
+
+    def __init__(self, name: str, namespace: str) -> None:
+        self.name, self.namespace = name, namespace
+        self.key = f"{namespace}/{name}"
+        self.suspect_since: dict[str, float] = {}
+        self.token: str | None = None
+        self.last_written: dict[str, Any] | None = None
+        self.last_write_at = 0.0
+        self.infra_ok = False
+
+    # ---------------------------------------------------------------- observe
+
+    async def observe(self, body: Mapping[str, Any]) -> d.World:
+        c = ctx()
+        meta = body.get("metadata") or {}
+        status = VolumeStatus.from_dict(body.get("status"))
+        spec: Any
+        try:
+            spec = parse_spec(body.get("spec") or {}, name=self.name)
+        except SpecError as exc:
+            spec = exc
+        nodes_raw, pods_raw, lease_raw = await asyncio.gather(
+            c.kube.list(nodes_path()),
+            c.kube.list(pods_path(self.namespace), f"{d.LABEL_VOLUME}={self.name},"
+                        f"{m.APP_LABEL}={m.AGENT_APP}"),
+            c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))),
+        )
+        pods = {p.name: p for p in map(pod_view, pods_raw)}
+        placement: dict[str, int] = {}
+        if status.primary is None or status.secondary is None:
+            for p in await c.kube.list("/api/v1/pods", f"{m.APP_LABEL}={m.AGENT_APP}"):
+                pm = p.get("metadata") or {}
+                if (pm.get("labels") or {}).get(d.LABEL_VOLUME) == self.name and pm.get(
+                        "namespace") == self.namespace:
+                    continue
+                node = (p.get("spec") or {}).get("nodeName")
+                if node:
+                    placement[node] = placement.get(node, 0) + 1
+        agents: dict[str, d.AgentView | None] = {}
+        token = await self._token() if not isinstance(spec, SpecError) else None
+        targets = [r.pod for r in (status.primary, status.secondary) if r is not None]
+
+        async def one(pod_name: str) -> None:
+            pod = pods.get(pod_name)
+            if pod is None or not pod.ip or pod.phase != "Running" or token is None:
+                agents[pod_name] = None
+                return
+            try:
+                raw = await c.agents.status(f"{pod.ip}:{d.API_PORT}", token)
+                agents[pod_name] = d.AgentView.from_status(raw)
+            except AgentError as exc:
+                log.debug("%s: agent of %s: %s", self.key, pod_name, exc)
+                agents[pod_name] = None
+
+        await asyncio.gather(*(one(p) for p in targets))
+        world = d.World(
+            name=self.name, namespace=self.namespace, generation=int(meta.get("generation") or 0),
+            spec=spec, status=status, now=time.time(),
+            annotations=dict(meta.get("annotations") or {}),
+            nodes=[node_view(n) for n in nodes_raw],
+            pods=pods, agents=agents, lease=lease_view(lease_raw), placement=placement,
+            settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
+        )
+        bad = d.unhealthy_pods(world)
+        for pod_name in list(self.suspect_since):
+            if pod_name not in bad:
+                del self.suspect_since[pod_name]
+        for pod_name in bad:
+            self.suspect_since.setdefault(pod_name, world.now)
+        return d.World(**{**world.__dict__, "suspect_since": dict(self.suspect_since)})
+
+    async def _token(self) -> str | None:
+        if self.token is None:
+            sec = await ctx().kube.get_or_none(secrets_path(self.namespace,
+                                                            m.secret_name(self.name)))
+            if sec is not None:
+                self.token = _secret_value(sec, "token")
+        return self.token
+
+    async def ensure_infra(self, body: Mapping[str, Any]) -> None:
+        """Secret and Services: created once, idempotently (also after a restart)."""
+        if self.infra_ok:
+            return
+        c = ctx()
+        await c.kube.create_if_missing(secrets_path(self.namespace),
+                                       m.secret_manifest(self.name, self.namespace, body))
+        for svc in m.services_manifests(self.name, self.namespace, body):
+            await c.kube.create_if_missing(services_path(self.namespace), svc)
+        self.infra_ok = True
+
+    # ---------------------------------------------------------------- persist
+
+    async def persist(self, plan: d.Plan) -> bool:
+        """Write the planned status if it changed; cosmetic changes are rate-limited."""
+        c = ctx()
+        new = plan.status.to_dict()
+        if new == self.last_written:
+            return True
+        if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
+            return True
+        try:
+            await c.kube.merge_patch(volume_path(self.namespace, self.name, status=True),
+                                     {"status": new})
+        except KubeError as exc:
+            log.warning("%s: status write failed, not acting this tick: %s", self.key, exc)
+            return False
+        c.metrics.status_writes.inc()
+        self.last_written, self.last_write_at = new, time.monotonic()
+        c.metrics.set_phase(self.key, plan.status.phase.value)
+        return True
+
+    # ---------------------------------------------------------------- execute
+
+    async def execute(self, body: Mapping[str, Any], world: d.World, action: d.Action) -> None:
+        c = ctx()
+        ns, token = self.namespace, self.token or ""
+        kind = type(action).__name__
+        try:
+            match action:
+                case d.CreatePod(pod=pod, node=node, role=role):
+                    assert not isinstance(world.spec, SpecError)
+                    await self.ensure_infra(body)
+                    manifest = m.pod_manifest(pod=pod, node=node, role=role, volume=self.name,
+                                              namespace=ns, spec=world.spec, owner=body,
+                                              config=c.config)
+                    await c.kube.create_if_missing(pods_path(ns), manifest)
+                    log.info("%s: created %s pod %s on %s", self.key, role, pod, node)
+                case d.DeletePod(pod=pod, reason=reason):
+                    await c.kube.delete(pods_path(ns, pod), grace_s=1)
+                    log.info("%s: deleted pod %s: %s", self.key, pod, reason)
+                case d.SetRole(pod=pod, role=role):
+                    await c.kube.merge_patch(pods_path(ns, pod),
+                                             {"metadata": {"labels": {d.LABEL_ROLE: role}}})
+                case d.StartSecondary(address=ip, epoch=epoch):
+                    await c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch)
+                case d.StartPrimary(address=ip, epoch=epoch, peer=peer, sync=sync):
+                    await c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync)
+                case d.Checkpoint(address=ip):
+                    try:
+                        res = await c.agents.checkpoint(f"{ip}:{d.API_PORT}", token)
+                        c.metrics.checkpoints.labels("ok").inc()
+                        log.debug("%s: checkpoint %s", self.key, res)
+                    except AgentError:
+                        c.metrics.checkpoints.labels("error").inc()
+                        raise
+                case d.DoFailover(address=ip, epoch=epoch, mode=mode):
+                    res = await c.agents.failover(f"{ip}:{d.API_PORT}", token, epoch, mode)
+                    log.warning("%s: failover to %s done: %s", self.key, action.pod, res)
+                case d.ClearAnnotation(key=key):
+                    await c.kube.merge_patch(volume_path(ns, self.name),
+                                             {"metadata": {"annotations": {key: None}}})
+                case d.Event(type=etype, reason=reason, message=message):
+                    await self.event(body, etype, reason, message)
+                case d.FailoverDone(duration_s=dur, mode=mode, reason=reason):
+                    c.metrics.failovers.labels(mode, "manual" if reason == "manual"
+                                               else "automatic").inc()
+                    c.metrics.failover_duration.labels(mode).observe(dur)
+            c.metrics.actions.labels(kind, "ok").inc()
+        except (KubeError, AgentError) as exc:
+            c.metrics.actions.labels(kind, "error").inc()
+            log.warning("%s: %s failed: %s", self.key, kind, exc)
+            raise
+
+    async def event(self, body: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
+        meta = body.get("metadata") or {}
+        now = rfc3339(time.time())
+        ev = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{self.name}.{time.time_ns():x}", "namespace": self.namespace},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ReplicatedVolume",
+                               "name": self.name, "namespace": self.namespace,
+                               "uid": meta.get("uid")},
+            "type": etype, "reason": reason, "message": message[:1024],
+            "source": {"component": "pairvol-operator"}, "reportingComponent": "pairvol-operator",
+            "reportingInstance": os.environ.get("PAIRVOL_OPERATOR_POD_NAME", "local"),
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            await ctx().kube.create(events_path(self.namespace), ev)
+        except KubeError as exc:  # events are best effort, never block the reconcile
+            log.debug("event not posted: %s", exc)
+        log.log(logging.WARNING if etype == "Warning" else logging.INFO, "%s: %s: %s",
+                self.key, reason, message)
+
+    # ---------------------------------------------------------------- loop
+
+    async def tick(self) -> bool:
+        """One observe-plan-persist-act round; True if something was done (tick again now)."""
+        c = ctx()
+        body = await c.kube.get_or_none(volume_path(self.namespace, self.name))
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return False
+        if self.last_written is None:
+            self.last_written = VolumeStatus.from_dict(body.get("status")).to_dict() if body.get(
+                "status") else None
+        if not isinstance(body.get("spec"), dict):
+            return False
+        world = await self.observe(body)
+        if not isinstance(world.spec, SpecError) and world.status.primary is None:
+            await self.ensure_infra(body)
+            await self._token()
+        plan = d.plan(world)
+        if not await self.persist(plan):
+            return False
+        acted = False
+        for action in plan.actions:
+            await self.execute(body, world, action)
+            acted = acted or not isinstance(action, d.Event)
+        return acted
+
+    async def run(self, stopped: Any) -> None:
+        c = ctx()
+        backoff = c.config.reconcile_interval_s
+        while not stopped:
+            try:
+                acted = await self.tick()
+                c.metrics.reconciles.labels("ok").inc()
+                backoff = c.config.reconcile_interval_s
+                if acted:
+                    continue
+            except (KubeError, AgentError) as exc:
+                c.metrics.reconciles.labels("error").inc()
+                log.info("%s: tick failed (retrying in %.1fs): %s", self.key, backoff, exc)
+                backoff = min(5.0, backoff * 2)
+            await stopped.wait(backoff)
+        c.metrics.set_phase(self.key, None)
+
+
+# ------------------------------------------------------------------ kopf handlers
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+@kopf.on.login()
+async def login(**_: Any) -> Any:
+    cfg = await load_config(None)
+    return kopf.ConnectionInfo(
+        server=cfg.server, token=cfg.token, ca_path=cfg.ca_path, insecure=cfg.insecure,
+        certificate_path=cfg.cert_path, private_key_path=cfg.key_path,
+        default_namespace=cfg.namespace, scheme="Bearer" if cfg.token else None,
+    )
+
+
+async def _serve_metrics(request: web.Request) -> web.Response:
+    data = generate_latest(ctx().metrics.registry)
+    return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
+
+async def _serve_health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "uptime": time.time() - ctx().started})
+
+
+@kopf.on.startup()
+async def startup(settings: Any, **_: Any) -> None:
+    global _CTX
+    config = m.OperatorConfig.from_env()
+    kube = KubeClient(await load_config(None))
+    _CTX = Context(config=config, kube=kube, agents=AgentClient(), metrics=OperatorMetrics())
+    settings.persistence.finalizer = "pairvol.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="pairvol.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="pairvol.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.peering.mandatory = bool(config.peering)
+    settings.watching.server_timeout = 60
+    if config.metrics_port:
+        app = web.Application()
+        app.router.add_get("/metrics", _serve_metrics)
+        app.router.add_get("/healthz", _serve_health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", config.metrics_port).start()
+        _CTX.runner = runner
+    log.info("pairvol operator started: %s", config)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    global _CTX
+    c, _CTX = _CTX, None
+    if c is not None:
+        if c.runner is not None:
+            await c.runner.cleanup()
+        await c.agents.close()
+        await c.kube.close()
+
+
+@kopf.daemon(*RESOURCE, cancellation_timeout=10.0, initial_delay=0)
+async def volume_daemon(**kw: Any) -> None:
+    await Reconciler(str(kw["name"]), str(kw["namespace"])).run(kw["stopped"])
+
+
+@kopf.on.delete(*RESOURCE)
+async def on_delete(**kw: Any) -> None:
+    """Finalizer: stop agents, delete pods and Services, keep or wipe data per reclaimPolicy."""
+    name, namespace, retry = str(kw["name"]), str(kw["namespace"]), int(kw["retry"])
+    body: Mapping[str, Any] = kw["body"]
+    spec: Mapping[str, Any] = kw["spec"]
+    status: Mapping[str, Any] = kw["status"]
+    c = ctx()
+    rec = Reconciler(name, namespace)
+    selector = f"{d.LABEL_VOLUME}={name},{m.APP_LABEL}={m.AGENT_APP}"
+    pods = [pod_view(p) for p in await c.kube.list(pods_path(namespace), selector)]
+    token = await rec._token()
+    for pod in pods:
+        if pod.ip and token and not pod.deleting:
+            try:
+                await c.agents.stop(f"{pod.ip}:{d.API_PORT}", token)
+            except AgentError as exc:
+                log.info("%s/%s: stop %s: %s", namespace, name, pod.name, exc)
+        await c.kube.delete(pods_path(namespace, pod.name), grace_s=1)
+    if pods:
+        raise kopf.TemporaryError(f"waiting for {len(pods)} agent pod(s) to terminate", delay=1)
+    for svc in (name, m.agents_service_name(name)):
+        await c.kube.delete(services_path(namespace, svc))
+    await c.kube.delete(lease_path(namespace, m.lease_name(name)))
+    try:
+        vspec = parse_spec(spec, name=name)
+    except SpecError:
+        vspec = None
+    if vspec is not None and vspec.reclaim_policy == "Delete":
+        st = VolumeStatus.from_dict(status)
+        nodes = {r.node for r in (st.primary, st.secondary) if r is not None}
+        if st.last_failover is not None:
+            nodes.add(st.last_failover.from_node)
+        ready = {n.name for n in map(node_view, await c.kube.list(nodes_path())) if n.ready}
+        wipes = [p for p in await c.kube.list(pods_path(namespace), f"pairvol.io/cleanup={name}")]
+        done = {(p.get("spec") or {}).get("nodeName") for p in wipes
+                if (p.get("status") or {}).get("phase") == "Succeeded"}
+        pending = False
+        for node in sorted(nodes):
+            if node not in ready:
+                await rec.event(body, "Warning", "DataNotRemoved",
+                                f"node {node} is not ready; data under "
+                                f"{m.data_dir(vspec, namespace, name)} there was not removed")
+                continue
+            if node in done:
+                continue
+            pending = True
+            await c.kube.create_if_missing(pods_path(namespace), m.cleanup_pod_manifest(
+                volume=name, namespace=namespace, node=node, spec=vspec, owner=body,
+                config=c.config))
+        if pending and retry < 60:
+            raise kopf.TemporaryError("waiting for data cleanup pods", delay=1)
+        for p in wipes:
+            await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]))
+    await c.kube.delete(secrets_path(namespace, m.secret_name(name)))
+    c.metrics.set_phase(f"{namespace}/{name}", None)
+    log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name,
+             vspec.reclaim_policy if vspec else "?")
+
+
+def phase_of(body: Mapping[str, Any]) -> str:
+    """For tests and tools: the volume's phase or Pending."""
+    return str((body.get("status") or {}).get("phase") or Phase.PENDING.value)
+
+
+__all__ = ["Reconciler", "on_delete", "parse_time", "phase_of", "volume_daemon"]

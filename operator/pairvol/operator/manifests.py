@@ -1,0 +1,278 @@
+"""Kubernetes objects the operator creates for a volume, built as plain dicts (no I/O).
+
+Separate from the handlers so that what we ask Kubernetes for (the agent pod's command,
+probes, mounts, labels; the Services; the Secret) is testable and reviewable on its own.
+Operator-wide settings come from environment variables (documented by the chart in
+docs/configuration.md) and are parsed once into :class:`OperatorConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pairvol.api.spec import GROUP, KIND, VERSION, VolumeSpec
+from pairvol.errors import PairvolError
+from pairvol.operator.decisions import (
+    API_PORT,
+    EXPORT_PORT,
+    LABEL_ROLE,
+    LABEL_VOLUME,
+    REPLICATION_PORT,
+)
+
+APP_LABEL = "app.kubernetes.io/name"
+AGENT_APP = "pairvol-agent"
+SECRET_MOUNT = "/etc/pairvol/secret"
+PSK_IDENTITY = "pairvol"
+
+
+class ConfigError(PairvolError):
+    """An operator setting (environment variable) is malformed."""
+
+
+def _json_env(env: Mapping[str, str], name: str, default: Any) -> Any:
+    raw = env.get(name, "")
+    if not raw.strip() or raw.strip() == "null":
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be JSON, got {raw!r}: {exc}") from exc
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    agent_image: str = "ghcr.io/pairvol/pairvol:0.1.0"
+    agent_pull_policy: str = "IfNotPresent"
+    agent_command: tuple[str, ...] = ("pairvol",)
+    agent_service_account: str = ""
+    agent_resources: Mapping[str, Any] = field(default_factory=lambda: {
+        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+    agent_node_selector: Mapping[str, str] = field(default_factory=dict)
+    agent_tolerations: tuple[Mapping[str, Any], ...] = ()
+    agent_env: Mapping[str, str] = field(default_factory=dict)
+    lease_duration_s: float = 3.0
+    lease_margin_s: float = 0.5
+    reconcile_interval_s: float = 0.5
+    watch_namespaces: tuple[str, ...] = ()
+    peering: str = ""
+    metrics_port: int = 8080
+    health_port: int = 8081
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> OperatorConfig:
+        e = os.environ if env is None else env
+        command = tuple(shlex.split(e.get("PAIRVOL_AGENT_COMMAND", "pairvol")))
+        if not command:
+            raise ConfigError("PAIRVOL_AGENT_COMMAND is empty; default is 'pairvol'")
+        agent_env = _json_env(e, "PAIRVOL_AGENT_ENV", {})
+        if not isinstance(agent_env, dict):
+            raise ConfigError("PAIRVOL_AGENT_ENV must be a JSON object of strings")
+        return OperatorConfig(
+            agent_image=e.get("PAIRVOL_AGENT_IMAGE") or OperatorConfig.agent_image,
+            agent_pull_policy=e.get("PAIRVOL_AGENT_PULL_POLICY") or "IfNotPresent",
+            agent_command=command,
+            agent_service_account=e.get("PAIRVOL_AGENT_SERVICE_ACCOUNT", ""),
+            agent_resources=_json_env(e, "PAIRVOL_AGENT_RESOURCES",
+                                      OperatorConfig().agent_resources),
+            agent_node_selector=_json_env(e, "PAIRVOL_AGENT_NODE_SELECTOR", {}),
+            agent_tolerations=tuple(_json_env(e, "PAIRVOL_AGENT_TOLERATIONS", [])),
+            agent_env={str(k): str(v) for k, v in agent_env.items()},
+            lease_duration_s=_float_env(e, "PAIRVOL_LEASE_DURATION", 3.0, 1.0),
+            lease_margin_s=_float_env(e, "PAIRVOL_LEASE_MARGIN", 0.5, 0.0),
+            reconcile_interval_s=_float_env(e, "PAIRVOL_RECONCILE_INTERVAL", 0.5, 0.05),
+            watch_namespaces=tuple(
+                n for n in e.get("PAIRVOL_WATCH_NAMESPACES", "").split(",") if n.strip()),
+            peering=e.get("PAIRVOL_PEERING", ""),
+            metrics_port=int(_float_env(e, "PAIRVOL_OPERATOR_METRICS_PORT", 8080, 0)),
+            health_port=int(_float_env(e, "PAIRVOL_OPERATOR_HEALTH_PORT", 8081, 0)),
+        )
+
+
+def secret_name(volume: str) -> str:
+    return f"pairvol-{volume}"
+
+
+def lease_name(volume: str) -> str:
+    return f"pairvol-{volume}"
+
+
+def agents_service_name(volume: str) -> str:
+    return f"{volume}-agents"
+
+
+def data_dir(spec: VolumeSpec, namespace: str, volume: str) -> str:
+    return f"{spec.host_path}/{namespace}/{volume}"
+
+
+def owner_ref(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta.get("name"),
+        "uid": meta.get("uid"), "controller": True, "blockOwnerDeletion": True,
+    }
+
+
+def labels(volume: str, role: str | None = None) -> dict[str, str]:
+    out = {LABEL_VOLUME: volume, APP_LABEL: AGENT_APP,
+           "app.kubernetes.io/managed-by": "pairvol-operator"}
+    if role:
+        out[LABEL_ROLE] = role
+    return out
+
+
+def secret_manifest(volume: str, namespace: str, owner: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-volume credentials: the agents' API token and the replication/export TLS-PSK key."""
+    key = secrets.token_hex(32)
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": secret_name(volume), "namespace": namespace,
+                     "labels": labels(volume), "ownerReferences": [owner_ref(owner)]},
+        "stringData": {
+            "token": secrets.token_urlsafe(32),
+            # qsd tls-creds-psk file format: "<identity>:<hex key>" per line
+            "psk": f"{PSK_IDENTITY}:{key}\n",
+            "psk-identity": PSK_IDENTITY,
+            "psk-key": key,
+        },
+    }
+
+
+def services_manifests(
+    volume: str, namespace: str, owner: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The workload Service (follows the primary) and a headless Service for the agents."""
+    meta = {"namespace": namespace, "labels": labels(volume),
+            "ownerReferences": [owner_ref(owner)]}
+    workload = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": volume, **meta},
+        "spec": {
+            "selector": {LABEL_VOLUME: volume, LABEL_ROLE: "primary"},
+            "ports": [{"name": "nbd", "port": EXPORT_PORT, "targetPort": "export",
+                       "protocol": "TCP"}],
+        },
+    }
+    agents = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": agents_service_name(volume), **meta},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_VOLUME: volume, APP_LABEL: AGENT_APP},
+            "ports": [
+                {"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"},
+                {"name": "replication", "port": REPLICATION_PORT, "targetPort": "replication",
+                 "protocol": "TCP"},
+            ],
+        },
+    }
+    return [workload, agents]
+
+
+def pod_manifest(
+    *, pod: str, node: str, role: str, volume: str, namespace: str, spec: VolumeSpec,
+    owner: Mapping[str, Any], config: OperatorConfig,
+) -> dict[str, Any]:
+    """One agent pod, pinned to ``node``; its data dir is the volume's hostPath on that node."""
+    ddir = data_dir(spec, namespace, volume)
+    args = [
+        "agent", "--name", volume, "--data-dir", ddir, "--size", str(spec.size),
+        "--listen", f"0.0.0.0:{API_PORT}",
+        "--replication-listen", f"0.0.0.0:{REPLICATION_PORT}",
+        "--export-socket", f"{ddir}/export.sock",
+        "--export-listen", f"0.0.0.0:{EXPORT_PORT}",
+        "--token-file", f"{SECRET_MOUNT}/token", "--psk-file", f"{SECRET_MOUNT}/psk",
+        "--peer-timeout", str(spec.peer_timeout_s),
+        "--lease-namespace", namespace, "--lease-name", lease_name(volume),
+        "--lease-duration", f"{config.lease_duration_s:g}",
+    ]
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+    ] + [{"name": k, "value": v} for k, v in sorted(config.agent_env.items())]
+    container: dict[str, Any] = {
+        "name": "agent",
+        "image": config.agent_image,
+        "imagePullPolicy": config.agent_pull_policy,
+        "command": [*config.agent_command, *args],
+        "env": env,
+        "ports": [
+            {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
+            {"name": "replication", "containerPort": REPLICATION_PORT, "protocol": "TCP"},
+            {"name": "export", "containerPort": EXPORT_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": API_PORT},
+            "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2,
+        },
+        "resources": dict(config.agent_resources),
+        "volumeMounts": [
+            {"name": "data", "mountPath": ddir},
+            {"name": "credentials", "mountPath": SECRET_MOUNT, "readOnly": True},
+        ],
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    pod_spec: dict[str, Any] = {
+        "nodeName": node,
+        "restartPolicy": "Never",  # the operator replaces replicas; a restart loses the role
+        "terminationGracePeriodSeconds": 5,
+        "containers": [container],
+        "volumes": [
+            {"name": "data", "hostPath": {"path": ddir, "type": "DirectoryOrCreate"}},
+            {"name": "credentials", "secret": {"secretName": secret_name(volume),
+                                               "defaultMode": 0o400}},
+        ],
+    }
+    if config.agent_service_account:
+        pod_spec["serviceAccountName"] = config.agent_service_account
+    if config.agent_tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in config.agent_tolerations]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": namespace, "labels": labels(volume, role),
+                     "ownerReferences": [owner_ref(owner)]},
+        "spec": pod_spec,
+    }
+
+
+def cleanup_pod_manifest(
+    *, volume: str, namespace: str, node: str, spec: VolumeSpec, owner: Mapping[str, Any],
+    config: OperatorConfig,
+) -> dict[str, Any]:
+    """reclaimPolicy Delete: a one-shot pod on ``node`` that removes the volume's data dir."""
+    parent = f"{spec.host_path}/{namespace}"
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{volume}-wipe-{node}"[:63].rstrip("-"), "namespace": namespace,
+                     "labels": {"pairvol.io/cleanup": volume}},
+        "spec": {
+            "nodeName": node, "restartPolicy": "Never",
+            "containers": [{
+                "name": "wipe", "image": config.agent_image,
+                "command": ["rm", "-rf", "--", f"/host/{volume}"],
+                "volumeMounts": [{"name": "parent", "mountPath": "/host"}],
+            }],
+            "volumes": [{"name": "parent", "hostPath": {"path": parent, "type": "Directory"}}],
+        },
+    }
