@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate
 import yaml
 
@@ -58,11 +58,14 @@ def tool(name: str) -> str:
     raise ToolMissing(f"{name} not found on PATH or in .venv/tools: {hint}")
 
 
-def run(args: list[str], *, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], *, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            f"{' '.join(args)} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
 
@@ -84,7 +87,9 @@ def helm_template(
     return run(args, check=check)
 
 
-def render(values: Mapping[str, Any] | None = None, *, tmp: Path, namespace: str = "storage") -> list[Obj]:
+def render(
+    values: Mapping[str, Any] | None = None, *, tmp: Path, namespace: str = "storage"
+) -> list[Obj]:
     out = helm_template(values, tmp=tmp, namespace=namespace).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -97,7 +102,9 @@ def kinds(objs: Iterable[Obj], kind: str) -> list[Obj]:
     return [o for o in objs if o.get("kind") == kind]
 
 
-def one(objs: Iterable[Obj], kind: str, name: str | None = None, namespace: str | None = None) -> Obj:
+def one(
+    objs: Iterable[Obj], kind: str, name: str | None = None, namespace: str | None = None
+) -> Obj:
     found = [
         o
         for o in objs
@@ -105,11 +112,14 @@ def one(objs: Iterable[Obj], kind: str, name: str | None = None, namespace: str 
         and (name is None or o["metadata"]["name"] == name)
         and (namespace is None or o["metadata"].get("namespace") == namespace)
     ]
-    assert len(found) == 1, f"expected one {kind} {name or ''} in {namespace or 'any'}, found {len(found)}"
+    assert len(found) == 1, (
+        f"expected one {kind} {name or ''} in {namespace or 'any'}, found {len(found)}"
+    )
     return found[0]
 
 
 # --- Kubernetes built-in kinds -------------------------------------------------------------
+
 
 def validate_builtin(obj: Obj) -> None:
     """Validate against the Kubernetes OpenAPI schemas (strict: unknown fields are errors)."""
@@ -125,6 +135,7 @@ def validate_builtin(obj: Obj) -> None:
 
 
 # --- our CRDs -------------------------------------------------------------------------------
+
 
 def _date_time(value: object) -> bool:
     if not isinstance(value, str):
@@ -199,11 +210,16 @@ class CRDSchema:
     def errors(self, obj: Obj) -> list[str]:
         """Every schema violation of ``obj`` after defaulting, as 'path: message'."""
         if obj.get("apiVersion") != self.api_version or obj.get("kind") != self.kind:
-            return [f"apiVersion/kind {obj.get('apiVersion')}/{obj.get('kind')} is not {self.api_version}/{self.kind}"]
+            return [
+                f"apiVersion/kind {obj.get('apiVersion')}/{obj.get('kind')} "
+                f"is not {self.api_version}/{self.kind}"
+            ]
         defaulted = apply_defaults(self.openapi, obj)
         return [
             f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
-            for e in sorted(self._validator.iter_errors(defaulted), key=lambda e: list(map(str, e.path)))
+            for e in sorted(
+                self._validator.iter_errors(defaulted), key=lambda e: list(map(str, e.path))
+            )
         ]
 
     def validate(self, obj: Obj) -> Obj:
@@ -240,9 +256,16 @@ _SELECTOR = {
 _NS_SELECTOR = {
     "type": "object",
     "additionalProperties": False,
-    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}},
+    "properties": {
+        "any": {"type": "boolean"},
+        "matchNames": {"type": "array", "items": {"type": "string"}},
+    },
 }
-_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+    r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 _ENDPOINT = {
     "type": "object",
     "additionalProperties": False,
@@ -268,7 +291,11 @@ def _monitoring_schema(spec: Obj) -> Obj:
             "metadata": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS},
+                "properties": {
+                    "name": {"type": "string"},
+                    "namespace": {"type": "string"},
+                    "labels": _LABELS,
+                },
             },
             "spec": spec,
         },
@@ -356,10 +383,13 @@ def validate_any(obj: Obj) -> None:
         try:
             validate_builtin(obj)
         except kubernetes_validate.SchemaNotFoundError as exc:
-            raise AssertionError(f"no schema to validate {api} {obj.get('kind')}: {exc.message}") from None
+            raise AssertionError(
+                f"no schema to validate {api} {obj.get('kind')}: {exc.message}"
+            ) from None
 
 
 # --- NetworkPolicy ingress semantics ------------------------------------------------------
+
 
 def _selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
     if selector is None:
@@ -380,7 +410,9 @@ def _selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, s
     return True
 
 
-def _peer_matches(peer: Mapping[str, Any], policy_ns: str, src_ns: Mapping[str, str], src_pod: Mapping[str, str]) -> bool:
+def _peer_matches(
+    peer: Mapping[str, Any], policy_ns: str, src_ns: Mapping[str, str], src_pod: Mapping[str, str]
+) -> bool:
     assert "ipBlock" not in peer, "ipBlock peers are not modelled"
     ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
     ns_ok = (
@@ -415,7 +447,9 @@ def ingress_allowed(
     for p in selecting:
         for rule in p["spec"].get("ingress") or []:
             ports = rule.get("ports")
-            if ports and not any(pp.get("port") == port and pp.get("protocol", "TCP") == "TCP" for pp in ports):
+            if ports and not any(
+                pp.get("port") == port and pp.get("protocol", "TCP") == "TCP" for pp in ports
+            ):
                 continue
             peers = rule.get("from")
             if not peers or any(_peer_matches(peer, dst_ns, ns_labels, src_pod) for peer in peers):
@@ -426,8 +460,20 @@ def ingress_allowed(
 # --- PromQL -------------------------------------------------------------------------------
 
 _PROMQL_KEYWORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "offset", "bool", "inf", "nan", "atan2",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+    "atan2",
 }
 
 

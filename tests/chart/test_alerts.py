@@ -88,9 +88,15 @@ def test_every_alert_has_a_firing_and_a_silent_case(tmp_path: Path) -> None:
             (fired if check.get("exp_alerts") else silent).add(check["alertname"])
     names = set(alerts(rendered_rules(tmp_path)))
     assert names == {
-        "PairvolReplicationDegraded", "PairvolSecondaryOutOfSync", "PairvolResyncStalled",
-        "PairvolCheckpointStale", "PairvolFailoverHappened", "PairvolFailoverFailed",
-        "PairvolAgentDown", "PairvolAgentStorageDaemonDown", "PairvolOperatorDown",
+        "PairvolReplicationDegraded",
+        "PairvolSecondaryOutOfSync",
+        "PairvolResyncStalled",
+        "PairvolCheckpointStale",
+        "PairvolFailoverHappened",
+        "PairvolFailoverFailed",
+        "PairvolAgentDown",
+        "PairvolAgentStorageDaemonDown",
+        "PairvolOperatorDown",
     }
     assert names - fired == set(), "alerts never shown to fire"
     assert names - silent == set(), "alerts never shown to stay silent"
@@ -100,7 +106,8 @@ def test_every_metric_in_the_rules_is_exported_by_the_code(tmp_path: Path) -> No
     agent = AgentMetrics("v")
     really_exported = exported_metric_names(agent.registry)
     assert set(METRIC_NAMES) <= really_exported, (
-        f"METRIC_NAMES lists names AgentMetrics does not export: {set(METRIC_NAMES) - really_exported}"
+        "METRIC_NAMES lists names AgentMetrics does not export: "
+        f"{set(METRIC_NAMES) - really_exported}"
     )
     known = set(METRIC_NAMES) | operator_metric_names() | PROMETHEUS_METRICS
     used: dict[str, set[str]] = {}
@@ -114,12 +121,23 @@ def test_every_metric_in_the_rules_is_exported_by_the_code(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("expr", "names"),
     [
-        ('max by (namespace, volume) (pairvol_replication_state{state="degraded"}) == 1', {"pairvol_replication_state"}),
-        ("(time() - pairvol_checkpoint_last_timestamp_seconds) > 30 and on (pod) (x_y == 1)",
-         {"pairvol_checkpoint_last_timestamp_seconds", "x_y"}),
-        ("sum(increase(pairvol_failovers_total[15m])) or a unless b offset 15m", {"pairvol_failovers_total", "a", "b"}),
+        (
+            'max by (namespace, volume) (pairvol_replication_state{state="degraded"}) == 1',
+            {"pairvol_replication_state"},
+        ),
+        (
+            "(time() - pairvol_checkpoint_last_timestamp_seconds) > 30 and on (pod) (x_y == 1)",
+            {"pairvol_checkpoint_last_timestamp_seconds", "x_y"},
+        ),
+        (
+            "sum(increase(pairvol_failovers_total[15m])) or a unless b offset 15m",
+            {"pairvol_failovers_total", "a", "b"},
+        ),
         ('sum(up{job="pairvol-operator"}) == 0 or absent(up{job="pairvol-operator"})', {"up"}),
-        ("rate(pairvol_checkpoint_duration_secondz_bucket[5m])", {"pairvol_checkpoint_duration_secondz_bucket"}),
+        (
+            "rate(pairvol_checkpoint_duration_secondz_bucket[5m])",
+            {"pairvol_checkpoint_duration_secondz_bucket"},
+        ),
     ],
 )
 def test_metric_name_extraction_finds_every_selector(expr: str, names: set[str]) -> None:
@@ -136,17 +154,29 @@ def test_thresholds_come_from_values(promtool: str, tmp_path: Path) -> None:
         tmp_path,
         {
             "alerts": {
-                "degradedFor": "15m", "outOfSyncFor": "1m", "checkpointStaleFactor": 5,
-                "checkpointIntervalSeconds": 20, "checkpointStaleFor": "2m", "failoverWindow": "1h",
-                "resyncStalledFor": "30m", "agentDownFor": "10m", "labels": {"team": "storage"},
+                "degradedFor": "15m",
+                "outOfSyncFor": "1m",
+                "checkpointStaleFactor": 5,
+                "checkpointIntervalSeconds": 20,
+                "checkpointStaleFor": "2m",
+                "failoverWindow": "1h",
+                "resyncStalledFor": "30m",
+                "agentDownFor": "10m",
+                "labels": {"team": "storage"},
             }
         },
     )
     a = alerts(rule)
     assert a["PairvolReplicationDegraded"]["for"] == "15m"
     assert a["PairvolSecondaryOutOfSync"]["for"] == "1m"
-    assert "> 100" in a["PairvolCheckpointStale"]["expr"] and a["PairvolCheckpointStale"]["for"] == "2m"
-    assert "[1h]" in a["PairvolFailoverHappened"]["expr"] and "offset 1h" in a["PairvolFailoverHappened"]["expr"]
+    assert (
+        "> 100" in a["PairvolCheckpointStale"]["expr"]
+        and a["PairvolCheckpointStale"]["for"] == "2m"
+    )
+    assert (
+        "[1h]" in a["PairvolFailoverHappened"]["expr"]
+        and "offset 1h" in a["PairvolFailoverHappened"]["expr"]
+    )
     assert a["PairvolResyncStalled"]["for"] == "30m"
     assert a["PairvolAgentDown"]["for"] == "10m"
     assert all(r["labels"]["team"] == "storage" for r in a.values())

@@ -41,7 +41,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "watchNamespaces": ["team-a", "team-b"],
         "monitoring": MONITORING_ON,
         "networkPolicy": {
-            "apiFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+            "apiFrom": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ]
         },
         "alerts": {"labels": {"team": "storage"}, "degradedFor": "10m"},
     },
@@ -53,7 +59,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example.com/pairvol", "tag": "0.1.0-rc1"},
         "imagePullSecrets": [{"name": "regcred"}],
         "agent": {
-            "image": {"repository": "registry.example.com/pairvol-agent", "tag": "0.1.1", "pullPolicy": "Always"},
+            "image": {
+                "repository": "registry.example.com/pairvol-agent",
+                "tag": "0.1.1",
+                "pullPolicy": "Always",
+            },
             "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
             "nodeSelector": {"pairvol.io/storage": "true"},
             "tolerations": [{"key": "storage", "operator": "Exists", "effect": "NoSchedule"}],
@@ -63,9 +73,22 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "volumeDefaults": {"checkpointIntervalSeconds": 30, "failoverMode": "Latest"},
         "networkPolicy": {"perVolumeReplication": True, "exportFrom": []},
         "operator": {
-            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [
-                    {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"}]}]}}},
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {
+                                        "key": "node-role.kubernetes.io/control-plane",
+                                        "operator": "DoesNotExist",
+                                    }
+                                ]
+                            }
+                        ]
+                    }
+                }
+            },
             "podAnnotations": {"example.com/owner": "storage"},
         },
         "monitoring": {"prometheusRule": {"enabled": True}},
@@ -134,7 +157,8 @@ def test_operator_is_told_the_agent_settings_through_env(tmp_path: Path) -> None
     assert json.loads(env["PAIRVOL_AGENT_IMAGE_PULL_SECRETS"]) == [{"name": "regcred"}]
     assert env["PAIRVOL_AGENT_SERVICE_ACCOUNT"] == "pv-agent"
     assert json.loads(env["PAIRVOL_AGENT_RESOURCES"]) == {
-        "requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}
+        "requests": {"cpu": "1", "memory": "512Mi"},
+        "limits": {"memory": "2Gi"},
     }
     assert json.loads(env["PAIRVOL_AGENT_NODE_SELECTOR"]) == {"pairvol.io/storage": "true"}
     assert json.loads(env["PAIRVOL_AGENT_TOLERATIONS"]) == [
@@ -149,7 +173,9 @@ def test_operator_is_told_the_agent_settings_through_env(tmp_path: Path) -> None
 
 
 def test_agent_image_defaults_to_the_operator_image(tmp_path: Path) -> None:
-    env = env_of(render({"image": {"repository": "r/pv", "tag": "9", "pullPolicy": "Never"}}, tmp=tmp_path))
+    env = env_of(
+        render({"image": {"repository": "r/pv", "tag": "9", "pullPolicy": "Never"}}, tmp=tmp_path)
+    )
     assert env["PAIRVOL_AGENT_IMAGE"] == "r/pv:9"
     assert env["PAIRVOL_AGENT_PULL_POLICY"] == "Never"
     assert json.loads(env["PAIRVOL_AGENT_RESOURCES"])["limits"] == {"memory": "1Gi"}
@@ -175,23 +201,30 @@ def test_single_replica_without_peering(tmp_path: Path) -> None:
     assert not [r for r in role["rules"] if "kopf.dev" in r["apiGroups"]]
 
 
-def test_every_watched_namespace_gets_agent_account_roles_policy_and_peering(tmp_path: Path) -> None:
+def test_every_watched_namespace_gets_agent_account_roles_policy_and_peering(
+    tmp_path: Path,
+) -> None:
     objs = render(SCENARIOS["multi-namespace-with-monitoring"], tmp=tmp_path)
     for ns in ("team-a", "team-b"):
         one(objs, "ServiceAccount", "pairvol-agent", ns)
         one(objs, "Role", "pv-pairvol-agent", ns)
         one(objs, "Role", "pv-pairvol-operator", ns)
         binding = one(objs, "RoleBinding", "pv-pairvol-operator", ns)
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pv-pairvol-operator", "namespace": "storage"}]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "pv-pairvol-operator", "namespace": "storage"}
+        ]
         one(objs, "NetworkPolicy", "pv-pairvol-agent", ns)
         one(objs, "KopfPeering", "pairvol", ns)
-    assert not [o for o in objs if o["metadata"].get("namespace") == "storage" and o["kind"] == "Role"]
+    assert not [
+        o for o in objs if o["metadata"].get("namespace") == "storage" and o["kind"] == "Role"
+    ]
     assert env_of(objs)["PAIRVOL_WATCH_NAMESPACES"] == "team-a,team-b"
     monitor = one(objs, "PodMonitor")
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["team-a", "team-b"]
 
 
 # --- RBAC ---------------------------------------------------------------------------------
+
 
 def grants(rules: list[Obj], group: str, resource: str, verb: str) -> bool:
     return any(
@@ -223,7 +256,9 @@ def test_operator_rbac_grants_what_the_operator_needs_and_no_wildcards(tmp_path:
     for rule in rules + cluster:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
     cluster_resources = {res for r in cluster for res in r["resources"]}
-    assert cluster_resources == {"nodes", "customresourcedefinitions"}, "cluster-wide rights beyond reads"
+    assert cluster_resources == {"nodes", "customresourcedefinitions"}, (
+        "cluster-wide rights beyond reads"
+    )
     assert {v for r in cluster for v in r["verbs"]} == {"get", "list", "watch"}
     assert not grants(rules, "coordination.k8s.io", "leases", "update"), "only agents renew leases"
 
@@ -236,13 +271,21 @@ def test_agent_rbac_is_its_lease_and_reading_pods_only(tmp_path: Path) -> None:
         ([""], ["pods"], ["get"]),
     ]
     binding = one(objs, "RoleBinding", "pv-pairvol-agent", "storage")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pairvol-agent", "namespace": "storage"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pairvol-agent", "namespace": "storage"}
+    ]
     for crb in kinds(objs, "ClusterRoleBinding"):
-        assert all(s["name"] != "pairvol-agent" for s in crb["subjects"]), "agents need no cluster rights"
+        assert all(s["name"] != "pairvol-agent" for s in crb["subjects"]), (
+            "agents need no cluster rights"
+        )
 
 
-def test_per_volume_replication_policy_lets_the_operator_manage_network_policies(tmp_path: Path) -> None:
-    rules = one(render(SCENARIOS["custom-agent"], tmp=tmp_path), "Role", "pv-pairvol-operator")["rules"]
+def test_per_volume_replication_policy_lets_the_operator_manage_network_policies(
+    tmp_path: Path,
+) -> None:
+    rules = one(render(SCENARIOS["custom-agent"], tmp=tmp_path), "Role", "pv-pairvol-operator")[
+        "rules"
+    ]
     assert grants(rules, "networking.k8s.io", "networkpolicies", "create")
     default_rules = one(render(tmp=tmp_path), "Role", "pv-pairvol-operator")["rules"]
     assert not grants(default_rules, "networking.k8s.io", "networkpolicies", "create")
@@ -258,14 +301,26 @@ def test_no_rbac_and_an_existing_service_account(tmp_path: Path) -> None:
 
 # --- NetworkPolicy ------------------------------------------------------------------------
 
-AGENT_A = {"app.kubernetes.io/name": "pairvol-agent", "pairvol.io/volume": "a", "pairvol.io/role": "primary"}
-AGENT_A2 = {"app.kubernetes.io/name": "pairvol-agent", "pairvol.io/volume": "a", "pairvol.io/role": "secondary"}
+AGENT_A = {
+    "app.kubernetes.io/name": "pairvol-agent",
+    "pairvol.io/volume": "a",
+    "pairvol.io/role": "primary",
+}
+AGENT_A2 = {
+    "app.kubernetes.io/name": "pairvol-agent",
+    "pairvol.io/volume": "a",
+    "pairvol.io/role": "secondary",
+}
 OPERATOR = {"app.kubernetes.io/name": "pairvol-operator", "app.kubernetes.io/instance": "pv"}
 WORKLOAD = {"app": "postgres"}
 
 
-def allowed(policies: list[Obj], src_ns: str, src_pod: dict[str, str], port: int, **kw: Any) -> bool:
-    return ingress_allowed(policies, dst_ns="storage", dst_pod=AGENT_A, src_ns=src_ns, src_pod=src_pod, port=port, **kw)
+def allowed(
+    policies: list[Obj], src_ns: str, src_pod: dict[str, str], port: int, **kw: Any
+) -> bool:
+    return ingress_allowed(
+        policies, dst_ns="storage", dst_pod=AGENT_A, src_ns=src_ns, src_pod=src_pod, port=port, **kw
+    )
 
 
 def test_network_policy_defaults(tmp_path: Path) -> None:
@@ -286,11 +341,17 @@ def test_network_policy_defaults(tmp_path: Path) -> None:
     assert not allowed(policies, "storage", OPERATOR, 22)
 
 
-def test_network_policy_admits_operator_across_namespaces_and_prometheus_when_asked(tmp_path: Path) -> None:
-    policies = kinds(render(SCENARIOS["multi-namespace-with-monitoring"], tmp=tmp_path), "NetworkPolicy")
+def test_network_policy_admits_operator_across_namespaces_and_prometheus_when_asked(
+    tmp_path: Path,
+) -> None:
+    policies = kinds(
+        render(SCENARIOS["multi-namespace-with-monitoring"], tmp=tmp_path), "NetworkPolicy"
+    )
     kw: dict[str, Any] = {"dst_pod": AGENT_A, "port": 7800}
     assert ingress_allowed(policies, dst_ns="team-a", src_ns="storage", src_pod=OPERATOR, **kw)
-    assert ingress_allowed(policies, dst_ns="team-b", src_ns="monitoring", src_pod={"app": "prometheus"}, **kw)
+    assert ingress_allowed(
+        policies, dst_ns="team-b", src_ns="monitoring", src_pod={"app": "prometheus"}, **kw
+    )
     assert not ingress_allowed(policies, dst_ns="team-b", src_ns="team-a", src_pod=WORKLOAD, **kw)
 
 
@@ -301,18 +362,21 @@ def test_per_volume_replication_leaves_the_replication_port_to_the_operator(tmp_
     assert allowed(policies, "storage", OPERATOR, 7800)
     # the per-volume policy the operator creates (examples/networkpolicy-per-volume.yaml)
     # then admits exactly the peer of the same volume
-    example = yaml.safe_load((CRDS.parent / "examples" / "networkpolicy-per-volume.yaml").read_text())
+    example = yaml.safe_load(
+        (CRDS.parent / "examples" / "networkpolicy-per-volume.yaml").read_text()
+    )
     example["metadata"]["namespace"] = "storage"
     assert example["spec"]["podSelector"]["matchLabels"]["pairvol.io/volume"] == "basic"
     basic = {**AGENT_A, "pairvol.io/volume": "basic"}
     peer = {**AGENT_A2, "pairvol.io/volume": "basic"}
     other_volume = {**AGENT_A2, "pairvol.io/volume": "other"}
-    kw = {"dst_ns": "storage", "dst_pod": basic, "src_ns": "storage", "port": 7801}
+    kw: dict[str, Any] = {"dst_ns": "storage", "dst_pod": basic, "src_ns": "storage", "port": 7801}
     assert ingress_allowed([*policies, example], src_pod=peer, **kw)
     assert not ingress_allowed([*policies, example], src_pod=other_volume, **kw)
 
 
 # --- values schema and packaging ----------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("values", "complaint"),
@@ -326,7 +390,9 @@ def test_per_volume_replication_leaves_the_replication_port_to_the_operator(tmp_
         ({"agnet": {}}, "agnet"),
     ],
 )
-def test_values_schema_rejects_mistakes_with_a_pointer_to_them(values: dict[str, Any], complaint: str, tmp_path: Path) -> None:
+def test_values_schema_rejects_mistakes_with_a_pointer_to_them(
+    values: dict[str, Any], complaint: str, tmp_path: Path
+) -> None:
     proc = helm_template(values, tmp=tmp_path, check=False)
     assert proc.returncode != 0, f"helm accepted {values}"
     assert complaint in proc.stderr, proc.stderr

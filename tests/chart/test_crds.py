@@ -38,25 +38,44 @@ FULL_STATUS: dict[str, Any] = {
     "message": "replicating from node-a to node-b",
     "epoch": 3,
     "observedGeneration": 2,
-    "primary": {"node": "node-a", "pod": "data-3-0", "state": "replicating", "address": "10.0.0.5:7800"},
+    "primary": {
+        "node": "node-a",
+        "pod": "data-3-0",
+        "state": "replicating",
+        "address": "10.0.0.5:7800",
+    },
     "secondary": {
-        "node": "node-b", "pod": "data-3-1", "state": "running", "address": "10.0.0.6:7800",
+        "node": "node-b",
+        "pod": "data-3-1",
+        "state": "running",
+        "address": "10.0.0.6:7800",
         "outOfSync": False,
     },
     "checkpoint": {"id": 42, "time": "2026-11-26T10:00:00Z", "durationMs": 3.5},
     "lastFailover": {
-        "time": "2026-11-26T09:00:00.123456Z", "from": "node-c", "to": "node-a", "mode": "Latest",
-        "durationMs": 812.0, "reason": "primary pod deleted",
+        "time": "2026-11-26T09:00:00.123456Z",
+        "from": "node-c",
+        "to": "node-a",
+        "mode": "Latest",
+        "durationMs": 812.0,
+        "reason": "primary pod deleted",
     },
     "sync": {"progress": 0.5, "doneBytes": 134217728, "totalBytes": 268435456},
     "endpoint": {
-        "node": "node-a", "socket": "/var/lib/pairvol/data/export.sock",
-        "service": "data.default.svc", "port": 7802, "exportName": "volume",
+        "node": "node-a",
+        "socket": "/var/lib/pairvol/data/export.sock",
+        "service": "data.default.svc",
+        "port": 7802,
+        "exportName": "volume",
     },
     "conditions": [
         {
-            "type": "Ready", "status": "True", "reason": "Replicating", "message": "ok",
-            "lastTransitionTime": "2026-11-26T10:00:00Z", "observedGeneration": 2,
+            "type": "Ready",
+            "status": "True",
+            "reason": "Replicating",
+            "message": "ok",
+            "lastTransitionTime": "2026-11-26T10:00:00Z",
+            "observedGeneration": 2,
         }
     ],
 }
@@ -92,7 +111,8 @@ def test_chart_ships_the_very_same_crd_files() -> None:
     assert ours == shipped, "charts/pairvol/crds/ must hold exactly the files of crds/ (copy them)"
     for name in ours:
         assert (CHART / "crds" / name).read_bytes() == (CRDS / name).read_bytes(), (
-            f"charts/pairvol/crds/{name} differs from crds/{name}: cp crds/{name} charts/pairvol/crds/"
+            f"charts/pairvol/crds/{name} differs from crds/{name}: "
+            f"cp crds/{name} charts/pairvol/crds/"
         )
         assert not (CHART / "crds" / name).is_symlink(), "helm package does not keep symlinks"
 
@@ -167,7 +187,11 @@ def test_spec_defaults_are_filled_in_like_the_api_server_does() -> None:
         {"size": "500M"},
         {"size": "1e9"},
         {"size": "64Mi", "nodes": ["node-a", "node-b"], "nodeSelector": {"disk": "ssd"}},
-        {"size": "64Mi", "checkpoint": {"intervalSeconds": 0}, "failover": {"mode": "Latest", "automatic": False}},
+        {
+            "size": "64Mi",
+            "checkpoint": {"intervalSeconds": 0},
+            "failover": {"mode": "Latest", "automatic": False},
+        },
         {"size": "64Mi", "storage": {"hostPath": "/mnt/fast/pairvol"}, "reclaimPolicy": "Delete"},
     ],
 )
@@ -209,7 +233,10 @@ def test_size_and_host_path_carry_their_cel_rules() -> None:
             "message": "spec.size is immutable; create a new ReplicatedVolume to change the size",
         }
     ]
-    rules = [r["rule"] for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]]
+    rules = [
+        r["rule"]
+        for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
+    ]
     assert rules == ["!self.contains('/../') && !self.endsWith('/..')"]
 
 
@@ -217,7 +244,9 @@ def test_printer_columns_point_at_fields_of_the_schema() -> None:
     (crd,) = load_yaml_docs(RV_CRD)
     version = crd["spec"]["versions"][0]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    default_columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    default_columns = [
+        c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")
+    ]
     assert default_columns == ["Phase", "Primary", "Secondary", "Checkpoint", "Age"]
     assert columns["Checkpoint"]["type"] == "date", "kubectl shows a date column as its age"
     assert columns["Checkpoint"]["jsonPath"] == ".status.checkpoint.time"
@@ -226,7 +255,9 @@ def test_printer_columns_point_at_fields_of_the_schema() -> None:
         path = column["jsonPath"].lstrip(".")
         if path.startswith("metadata."):
             continue
-        assert path in paths, f"printer column {column['name']} shows {path}, which the schema lacks"
+        assert path in paths, (
+            f"printer column {column['name']} shows {path}, which the schema lacks"
+        )
 
 
 def test_schema_is_structural() -> None:
@@ -249,3 +280,21 @@ def test_schema_is_structural() -> None:
         for crd in load_yaml_docs(path):
             for v in crd["spec"]["versions"]:
                 walk(v["schema"]["openAPIV3Schema"], f"{crd['metadata']['name']}/{v['name']}")
+
+
+def test_cel_rules_compile_and_mean_what_they_say() -> None:
+    """Evaluated with the CEL subset of the local API server (pairvol.localcluster)."""
+    from pairvol.localcluster.apiserver_cel import compile_rule
+
+    spec_props = rv_schema().openapi["properties"]["spec"]["properties"]
+    (size_rule,) = spec_props["size"]["x-kubernetes-validations"]
+    immutable = compile_rule(size_rule["rule"])
+    assert immutable.evaluate("1Gi", "1Gi")
+    assert immutable.evaluate(1024, 1024)
+    assert not immutable.evaluate("2Gi", "1Gi"), "size must not change"
+    (path_rule,) = spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
+    no_dotdot = compile_rule(path_rule["rule"])
+    assert no_dotdot.evaluate("/var/lib/pairvol")
+    assert no_dotdot.evaluate("/srv/my..volumes")
+    assert not no_dotdot.evaluate("/var/lib/../../etc")
+    assert not no_dotdot.evaluate("/var/lib/..")
