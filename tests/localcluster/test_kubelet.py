@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +204,18 @@ async def _phase_is(api: KubeApi, name: str, phase: str) -> dict[str, Any] | Non
     return obj if (obj.get("status") or {}).get("phase") == phase else None
 
 
+@pytest.fixture
+def mount_target() -> Iterator[Path]:
+    """A unique directory on the machine a pod can mount over (created empty, removed after)."""
+    path = Path(f"/run/pairvol-test-kubelet-{os.getpid()}")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process_sees(
-    sim: NodeSimulator, api: KubeApi
+    sim: NodeSimulator, api: KubeApi, mount_target: Path
 ) -> None:
-    secret_dir = f"/run/pairvol-test-{os.getpid()}/secret"
+    secret_dir = f"{mount_target}/secret"
     await create(
         api,
         {
@@ -271,8 +280,8 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
     marker = sim.host_path("node-a", "/var/lib/pairvol/marker")
     assert marker.read_text() == "from-pod\n"
     # The pod wrote into its node's directory, not into the machine's /var/lib/pairvol.
-    assert not Path("/var/lib/pairvol/marker").exists()
-    assert not sim.host_path("node-b", "/var/lib/pairvol/marker").exists()
+    assert not await asyncio.to_thread(Path("/var/lib/pairvol/marker").exists)
+    assert not await asyncio.to_thread(sim.host_path("node-b", "/var/lib/pairvol/marker").exists)
 
 
 async def test_pod_waits_with_a_clear_reason_until_its_secret_exists(
@@ -291,7 +300,9 @@ async def test_pod_waits_with_a_clear_reason_until_its_secret_exists(
         obj = await get_pod(api, "needs-secret")
         statuses = (obj.get("status") or {}).get("containerStatuses") or []
         waiting = statuses[0]["state"].get("waiting") if statuses else None
-        return waiting if waiting and waiting.get("reason") == "CreateContainerConfigError" else None
+        if waiting and waiting.get("reason") == "CreateContainerConfigError":
+            return waiting
+        return None
 
     waiting = await eventually(waiting_reason)
     assert "later" in waiting["message"] and "not found" in waiting["message"]
@@ -408,6 +419,42 @@ async def test_deleting_a_pod_that_ignores_sigterm_kills_it_after_the_grace_peri
     await eventually(lambda: asyncio.to_thread(lambda: not alive(pid)))
 
     assert 0.9 <= time.monotonic() - started < 8
+
+
+async def test_a_pod_marked_for_deletion_is_terminated_and_then_finalized_by_the_kubelet(
+    sim: NodeSimulator, api: KubeApi
+) -> None:
+    # A finalizer keeps the object around, so the kubelet sees deletionTimestamp (the
+    # graceful path of a real API server) instead of the object vanishing.
+    script = 'trap "echo got-sigterm; exit 0" TERM; echo started; while :; do sleep 0.1; done'
+    body = pod("held", "node-b", ["/bin/sh", "-c", script], terminationGracePeriodSeconds=20)
+    body["metadata"]["finalizers"] = ["test.pairvol.io/hold"]
+    await create(api, body)
+    await eventually(lambda: _phase_is(api, "held", "Running"))
+    (pid,) = sim.pod_pids(NS, "held")
+    log = sim.log_path("node-b", NS, "held")
+    await eventually(lambda: asyncio.to_thread(lambda: "started" in log.read_text()))
+
+    await api.request("DELETE", f"/api/v1/namespaces/{NS}/pods/held")
+
+    await eventually(lambda: asyncio.to_thread(lambda: not alive(pid)))
+    assert "got-sigterm" in log.read_text()
+    obj = await get_pod(api, "held")
+    assert obj["metadata"]["deletionTimestamp"]
+    assert obj["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    # Once the finalizer goes, the kubelet's final delete has nothing left to wait for.
+    await api.request("PATCH", f"/api/v1/namespaces/{NS}/pods/held",
+                      body={"metadata": {"finalizers": None}},
+                      content_type="application/merge-patch+json")
+
+    async def gone() -> bool:
+        try:
+            await get_pod(api, "held")
+        except ApiError as exc:
+            return exc.status == 404
+        return False
+
+    await eventually(gone)
 
 
 async def test_kill_node_kills_every_process_and_the_node_turns_not_ready(

@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ_MAX = 15  # Linux interface names: at most 15 characters
-SUBNET_POOL = ipaddress.IPv4Network("10.200.0.0/16")
 SUBNET_POOL_SECOND_OCTETS = range(200, 250)
 LOCK_FILE = Path("/run/lock/pairvol-netns.lock")
 NETNS_DIR = Path("/run/netns")
@@ -186,14 +185,12 @@ def used_prefixes(addr_output: str, route_output: str) -> list[ipaddress.IPv4Net
 def choose_subnet(used: Iterable[ipaddress.IPv4Network], seed: int) -> ipaddress.IPv4Network:
     """First /24 in 10.200-249.x.0 (starting at a seed-derived one) overlapping nothing used."""
     used_list = list(used)
-    candidates = [
-        ipaddress.IPv4Network(f"10.{second}.{third}.0/24")
-        for second in SUBNET_POOL_SECOND_OCTETS
-        for third in range(256)
-    ]
-    start = seed % len(candidates)
-    for offset in range(len(candidates)):
-        candidate = candidates[(start + offset) % len(candidates)]
+    first = SUBNET_POOL_SECOND_OCTETS.start
+    count = len(SUBNET_POOL_SECOND_OCTETS) * 256
+    start = seed % count
+    for offset in range(count):
+        index = (start + offset) % count
+        candidate = ipaddress.IPv4Network(f"10.{first + index // 256}.{index % 256}.0/24")
         if not any(candidate.overlaps(prefix) for prefix in used_list):
             return candidate
     raise NetnsError("no free /24 left in 10.200.0.0-10.249.255.0 for a local cluster network")

@@ -1,0 +1,292 @@
+"""The node simulator's pure rules (no processes, no root): what a Pod spec means.
+
+These pin the Kubernetes semantics the simulator promises: env resolution order and
+``$(VAR)`` expansion, downward API fields, Secret volume files, path safety, restart
+policy and back-off, probe thresholds, pod phase, and the network plan's names and
+addresses.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pairvol.localcluster.kubelet_pods import (
+    ContainerState,
+    Mount,
+    PodConfigError,
+    PodRuntimeInfo,
+    ProbeSpec,
+    ProbeTracker,
+    VolumeDir,
+    VolumeFiles,
+    backoff_delay,
+    container_argv,
+    expand_vars,
+    host_path_on_node,
+    launch_script,
+    parse_probe,
+    plan_mounts,
+    plan_volumes,
+    pod_phase,
+    referenced_objects,
+    render_pod_status,
+    resolve_env,
+    should_restart,
+)
+from pairvol.localcluster.netns import (
+    NetnsError,
+    choose_subnet,
+    make_token,
+    owner_pid_of,
+    partition_rules,
+    plan_network,
+    used_prefixes,
+)
+
+INFO = PodRuntimeInfo(pod_ip="10.200.0.2", host_ip="10.200.0.2", node_name="node-a")
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def a_pod(**spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", "namespace": "ns1", "uid": "u-1",
+                     "labels": {"app": "x"}, "annotations": {"a": "b"}},
+        "spec": {"nodeName": "node-a", **spec},
+    }
+
+
+class TestEnv:
+    def test_values_downward_api_and_secret_keys_resolve_in_order(self) -> None:
+        container = {"env": [
+            {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "GREETING", "value": "hi $(NAME) on $(NODE)"},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+            {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}},
+            {"name": "CM", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+        ]}
+        objects = {("secrets", "s"): {"data": {"pw": b64("pass")}},
+                   ("configmaps", "c"): {"data": {"k": "v"}}}
+
+        env = resolve_env(container, a_pod(), INFO, objects, base={"PATH": "/bin"})
+
+        assert env == {"PATH": "/bin", "NAME": "p", "GREETING": "hi p on $(NODE)",
+                       "NODE": "node-a", "IP": "10.200.0.2", "APP": "x", "PW": "pass",
+                       "CM": "v"}
+
+    def test_missing_secret_or_key_is_a_config_error_unless_optional(self) -> None:
+        ref = {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}}
+        with pytest.raises(PodConfigError, match="secret 's' not found"):
+            resolve_env({"env": [ref]}, a_pod(), INFO, {("secrets", "s"): None})
+        with pytest.raises(PodConfigError, match="key 'pw' not found"):
+            resolve_env({"env": [ref]}, a_pod(), INFO, {("secrets", "s"): {"data": {}}})
+        ref["valueFrom"]["secretKeyRef"]["optional"] = True
+        assert resolve_env({"env": [ref]}, a_pod(), INFO, {("secrets", "s"): None}) == {}
+
+    def test_env_from_with_prefix(self) -> None:
+        container = {"envFrom": [{"secretRef": {"name": "s"}, "prefix": "S_"}]}
+        objects = {("secrets", "s"): {"data": {"a": b64("1"), "b": b64("2")}}}
+        assert resolve_env(container, a_pod(), INFO, objects) == {"S_a": "1", "S_b": "2"}
+
+    def test_unsupported_field_path_names_the_supported_ones(self) -> None:
+        container = {"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.x"}}}]}
+        with pytest.raises(PodConfigError, match=r"unsupported fieldRef.*metadata\.name"):
+            resolve_env(container, a_pod(), INFO, {})
+
+    def test_referenced_objects_cover_env_env_from_and_volumes(self) -> None:
+        pod = a_pod(
+            containers=[{"env": [{"name": "A", "valueFrom": {
+                "secretKeyRef": {"name": "s1", "key": "k"}}}],
+                "envFrom": [{"configMapRef": {"name": "c1"}}]}],
+            volumes=[{"name": "v", "secret": {"secretName": "s2"}}],
+        )
+        assert referenced_objects(pod) == {("secrets", "s1"), ("configmaps", "c1"),
+                                           ("secrets", "s2")}
+
+
+class TestExpansion:
+    def test_kubernetes_rules(self) -> None:
+        env = {"A": "1"}
+        assert expand_vars("$(A)-$(B)-$$(A)-$A", env) == "1-$(B)-$(A)-$A"
+
+    @given(st.text(alphabet=st.characters(blacklist_characters="$")))
+    def test_text_without_dollars_is_unchanged(self, text: str) -> None:
+        assert expand_vars(text, {"A": "x"}) == text
+
+    def test_command_and_args_are_expanded_and_required(self) -> None:
+        container = {"name": "c", "command": ["srv", "--ip=$(IP)"], "args": ["$(NOPE)"]}
+        assert container_argv(container, {"IP": "1.2.3.4"}) == ["srv", "--ip=1.2.3.4", "$(NOPE)"]
+        with pytest.raises(PodConfigError, match="ignores images"):
+            container_argv({"name": "c", "args": ["x"]}, {})
+
+
+class TestVolumes:
+    def test_secret_volume_becomes_files_under_the_pod_dir(self) -> None:
+        pod = a_pod(volumes=[{"name": "creds", "secret": {
+            "secretName": "s", "defaultMode": 0o400,
+            "items": [{"key": "psk", "path": "keys/psk"}]}}])
+        objects = {("secrets", "s"): {"data": {"psk": b64("k"), "other": b64("o")}}}
+
+        volumes = plan_volumes(pod, Path("/n"), Path("/n/pods/u"), objects)
+
+        assert volumes == {"creds": VolumeFiles(Path("/n/pods/u/volumes/creds"),
+                                                {"keys/psk": (b"k", 0o400)})}
+
+    def test_host_path_lives_under_the_node_root(self) -> None:
+        pod = a_pod(volumes=[{"name": "d", "hostPath": {"path": "/var/lib/pairvol"}}])
+        volumes = plan_volumes(pod, Path("/n"), Path("/n/pods/u"), {})
+        assert volumes == {"d": VolumeDir(Path("/n/hostpath/var/lib/pairvol"))}
+
+    @pytest.mark.parametrize("bad", ["relative/path", "/var/../etc"])
+    def test_host_path_must_be_absolute_without_dotdot(self, bad: str) -> None:
+        with pytest.raises(PodConfigError, match="absolute"):
+            host_path_on_node(Path("/n"), bad)
+
+    def test_secret_item_paths_cannot_escape_the_volume(self) -> None:
+        pod = a_pod(volumes=[{"name": "v", "secret": {
+            "secretName": "s", "items": [{"key": "k", "path": "../../etc/passwd"}]}}])
+        with pytest.raises(PodConfigError, match="stay inside"):
+            plan_volumes(pod, Path("/n"), Path("/p"), {("secrets", "s"): {"data": {"k": b64("x")}}})
+
+    def test_unsupported_volume_types_are_named(self) -> None:
+        pod = a_pod(volumes=[{"name": "v", "persistentVolumeClaim": {"claimName": "c"}}])
+        with pytest.raises(PodConfigError, match="persistentVolumeClaim"):
+            plan_volumes(pod, Path("/n"), Path("/p"), {})
+
+    def test_mounts_map_mount_paths_to_volume_sources_and_secrets_are_read_only(self) -> None:
+        volumes = {"d": VolumeDir(Path("/n/hostpath/data")),
+                   "s": VolumeFiles(Path("/p/volumes/s"), {})}
+        container = {"volumeMounts": [
+            {"name": "d", "mountPath": "/var/lib/pairvol", "subPath": "vol1"},
+            {"name": "s", "mountPath": "/etc/secret"},
+        ]}
+        assert plan_mounts(container, volumes) == [
+            Mount(Path("/n/hostpath/data/vol1"), PurePosixPath("/var/lib/pairvol"), False),
+            Mount(Path("/p/volumes/s"), PurePosixPath("/etc/secret"), True),
+        ]
+        with pytest.raises(PodConfigError, match="no volume"):
+            plan_mounts({"volumeMounts": [{"name": "x", "mountPath": "/x"}]}, volumes)
+
+
+class TestLaunch:
+    def test_script_joins_cgroup_binds_mounts_then_execs_in_the_node_netns(self) -> None:
+        outer, inner = launch_script(
+            cgroup_procs="/cg/p/cgroup.procs",
+            mounts=[Mount(Path("/src dir"), PurePosixPath("/dst"), True)],
+            netns="pvn1x1-0",
+            workdir="/w",
+            argv=["echo", "a b", "$(X)"],
+        )
+        assert outer[:2] == ["/bin/sh", "-c"]
+        assert outer[2].startswith("echo $$ > /cg/p/cgroup.procs\nexec unshare --mount")
+        assert inner.splitlines() == [
+            "set -e",
+            "mkdir -p /dst",
+            "mount --bind '/src dir' /dst",
+            "mount -o remount,bind,ro /dst",
+            "cd /w",
+            "exec ip netns exec pvn1x1-0 echo 'a b' '$(X)'",
+        ]
+        assert shlex.split(outer[2].split("-- ", 1)[1])[-1] == inner
+
+
+class TestRestartsAndProbes:
+    @pytest.mark.parametrize(("policy", "code", "restart"), [
+        ("Always", 0, True), ("Always", 1, True), ("OnFailure", 0, False),
+        ("OnFailure", 2, True), ("Never", 1, False),
+    ])
+    def test_restart_policy(self, policy: str, code: int, restart: bool) -> None:
+        assert should_restart(policy, code) is restart
+
+    def test_backoff_doubles_up_to_the_cap(self) -> None:
+        assert [backoff_delay(n, 1.0, 5.0) for n in range(6)] == [0, 1, 2, 4, 5, 5]
+
+    def test_probe_thresholds(self) -> None:
+        tracker = ProbeTracker(ProbeSpec(kind="tcp", success_threshold=2, failure_threshold=3),
+                               healthy=False)
+        assert [tracker.record(ok) for ok in (True, True, False, False, True, False, False,
+                                              False)] == [False, True, True, True, True,
+                                                          True, True, False]
+
+    def test_named_probe_port_resolves_from_container_ports(self) -> None:
+        container = {"ports": [{"name": "api", "containerPort": 7800}]}
+        probe = parse_probe({"httpGet": {"path": "/healthz", "port": "api"},
+                             "periodSeconds": 2}, container)
+        assert probe == ProbeSpec(kind="http", port=7800, path="/healthz", period=2.0)
+        with pytest.raises(PodConfigError, match="named container port"):
+            parse_probe({"tcpSocket": {"port": "nope"}}, container)
+
+
+class TestStatus:
+    def test_phase_follows_containers(self) -> None:
+        running = ContainerState("a", state={"running": {}})
+        done = ContainerState("b", state={"terminated": {"exitCode": 0}})
+        failed = ContainerState("c", state={"terminated": {"exitCode": 1}})
+        looping = ContainerState("d", restart_count=2, state={"waiting": {}})
+        assert pod_phase([running, done], "Always") == "Running"
+        assert pod_phase([done], "Never") == "Succeeded"
+        assert pod_phase([done, failed], "Never") == "Failed"
+        assert pod_phase([looping], "Always") == "Running"
+        assert pod_phase([ContainerState("e")], "Always") == "Pending"
+
+    def test_ready_condition_keeps_its_transition_time_while_unchanged(self) -> None:
+        ready = ContainerState("a", state={"running": {}}, ready=True)
+        first = render_pod_status(containers=[ready], policy="Always", info=INFO,
+                                  start_time="t0", now="t1")
+        second = render_pod_status(containers=[ready], policy="Always", info=INFO,
+                                   start_time="t0", now="t2",
+                                   previous_conditions=first["conditions"])
+        cond = {c["type"]: c for c in second["conditions"]}
+        assert cond["Ready"] == {"type": "Ready", "status": "True", "lastTransitionTime": "t1"}
+        assert second["podIP"] == second["hostIP"] == "10.200.0.2"
+
+
+class TestNetworkPlan:
+    def test_names_fit_interface_limits_and_addresses_follow_the_bridge(self) -> None:
+        token = make_token(4194304, 300)
+        plan = plan_network(["a", "b"], token, ipaddress.IPv4Network("10.201.3.0/24"))
+        assert str(plan.bridge_ip) == "10.201.3.1"
+        assert [str(n.ip) for n in plan.nodes] == ["10.201.3.2", "10.201.3.3"]
+        assert all(len(n.host_veth) <= 15 and len(n.peer_veth) <= 15 for n in plan.nodes)
+        assert owner_pid_of(plan.bridge) == 4194304
+        assert owner_pid_of(plan.nodes[1].netns) == 4194304
+        assert owner_pid_of("eth0") is None and owner_pid_of("pvbogus") is None
+
+    def test_duplicate_or_no_nodes_are_rejected(self) -> None:
+        with pytest.raises(NetnsError, match="unique"):
+            plan_network(["a", "a"], "1x1", ipaddress.IPv4Network("10.201.3.0/24"))
+        with pytest.raises(NetnsError, match="at least one"):
+            plan_network([], "1x1", ipaddress.IPv4Network("10.201.3.0/24"))
+
+    def test_subnet_avoids_everything_in_use(self) -> None:
+        used = used_prefixes(
+            "2: eth0    inet 10.200.0.5/16 brd 10.200.255.255 scope global eth0\n"
+            "5: pvb1x1    inet 10.201.0.1/24 scope global pvb1x1\n",
+            "default via 10.0.0.1 dev eth0\n10.201.1.0/24 dev tun0\n",
+        )
+        subnet = choose_subnet(used, seed=0)
+        assert subnet == ipaddress.IPv4Network("10.201.2.0/24")
+        assert not any(subnet.overlaps(u) for u in used)
+
+    @given(st.integers(min_value=0, max_value=2**32))
+    def test_any_seed_gives_a_private_24_in_the_pool(self, seed: int) -> None:
+        subnet = choose_subnet([], seed)
+        assert subnet.prefixlen == 24 and subnet.is_private
+        assert 200 <= subnet.network_address.packed[1] < 250
+
+    def test_partition_rules_drop_both_directions_on_the_node_link_only(self) -> None:
+        rules = partition_rules("-I")
+        assert ["iptables", "-w", "-I", "INPUT", "-i", "eth0", "-j", "DROP"] in rules
+        assert ["iptables", "-w", "-I", "OUTPUT", "-o", "eth0", "-j", "DROP"] in rules
