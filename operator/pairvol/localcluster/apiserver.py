@@ -28,6 +28,7 @@ single event loop serialises them without locks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import copy
@@ -464,6 +465,7 @@ class APIServer(kmock.KubernetesScaffold):
             obj["status"] = {"loadBalancer": {}}
         elif rtype.key == ("", "secrets"):
             obj.setdefault("type", "Opaque")
+            _fold_string_data(obj)
         return obj
 
     def update_object(
@@ -522,6 +524,8 @@ class APIServer(kmock.KubernetesScaffold):
                     f"finalizers {sorted(added)}")])
         new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
         new = self._admit(rtype, new, old)
+        if rtype.key == ("", "secrets"):
+            _fold_string_data(new)
         meta = new["metadata"]
         if rtype.key == ("", "services") and old.get("spec", {}).get("clusterIP"):
             new.setdefault("spec", {})["clusterIP"] = old["spec"]["clusterIP"]
@@ -666,6 +670,11 @@ class APIServer(kmock.KubernetesScaffold):
             response: aiohttp.web.StreamResponse = await super().__call__(raw)
             return response
         body = await raw.read()
+        if "protobuf" in raw.headers.get("Content-Type", ""):
+            # We speak JSON only; client-go retries in JSON on 415 (kubectl create ...).
+            return _status_response(RequestError(
+                415, "UnsupportedMediaType", "the body of the request was in an unknown format "
+                "- accepted media types include: application/json, application/yaml"))
         text = body.decode("utf-8", errors="replace")
         try:
             data = json.loads(text) if text else None
@@ -1009,6 +1018,16 @@ class APIServer(kmock.KubernetesScaffold):
         for kind in self._kinds.values():
             for watch in kind.watches:
                 watch.queue.put_nowait(None)
+
+
+def _fold_string_data(secret: dict[str, Any]) -> None:
+    """Secrets store ``stringData`` base64-encoded in ``data``, as Kubernetes does."""
+    string_data = secret.pop("stringData", None)
+    if isinstance(string_data, dict):
+        data = secret.setdefault("data", {}) or {}
+        for key, value in string_data.items():
+            data[key] = base64.b64encode(str(value).encode()).decode()
+        secret["data"] = data
 
 
 def _spec_part(obj: dict[str, Any]) -> dict[str, Any]:

@@ -67,8 +67,14 @@ def node_object(name: str, ready: bool = True, labels: dict[str, str] | None = N
             ],
             "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
             "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-            "nodeInfo": {"kubeletVersion": "v1.32.0-pairvol", "operatingSystem": "linux",
-                         "architecture": "amd64"},
+            # All fields the kubernetes client's V1NodeSystemInfo requires.
+            "nodeInfo": {
+                "machineID": name, "systemUUID": name, "bootID": name,
+                "kernelVersion": "emulated", "osImage": "pairvol localcluster",
+                "containerRuntimeVersion": "pairvol://local-processes",
+                "kubeletVersion": "v1.32.0-pairvol", "kubeProxyVersion": "v1.32.0-pairvol",
+                "operatingSystem": "linux", "architecture": "amd64",
+            },
         },
     }
 
