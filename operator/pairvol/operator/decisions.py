@@ -63,6 +63,7 @@ class PodView:
     ready: bool = False
     ip: str = ""
     deleting: bool = False
+    reason: str = ""  # why the container is not running (terminated/waiting reason)
 
 
 @dataclass(frozen=True)
@@ -458,10 +459,16 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
         node = world.node(rep.node)
         if node is None or not node.ready or (pod is not None and pod.phase == "Failed"):
             # start over on a fresh pair: nothing was ever written
+            if node is None or not node.ready:
+                why = f"node {rep.node} is not ready"
+            else:
+                assert pod is not None
+                why = f"pod {pod.name} failed" + (f" ({pod.reason})" if pod.reason else "")
             for r in reps.values():
                 if r is not None and r.pod in world.pods:
-                    actions.append(DeletePod(r.pod, f"bring-up restarted: {role} {r.pod} failed"))
-            st = st.with_(primary=None, secondary=None, message=f"{role} failed during bring-up")
+                    actions.append(DeletePod(r.pod, f"bring-up restarted: {why}"))
+            st = st.with_(primary=None, secondary=None,
+                          message=f"{role} failed during bring-up: {why}")
             actions.append(Event("Warning", "BringUpRestarted", st.message))
             return _finish(world, st.with_(phase=Phase.PENDING), actions, False)
         if pod is None:

@@ -86,9 +86,22 @@ def node_view(obj: Mapping[str, Any]) -> d.NodeView:
     )
 
 
+def _container_reason(status: Mapping[str, Any]) -> str:
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        term = state.get("terminated") or {}
+        if term:
+            return f"{term.get('reason') or 'terminated'}, exit code {term.get('exitCode')}"
+        wait = state.get("waiting") or {}
+        if wait.get("reason"):
+            return f"{wait['reason']}: {wait.get('message') or ''}".strip(": ")
+    return ""
+
+
 def pod_view(obj: Mapping[str, Any]) -> d.PodView:
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     return d.PodView(
+        reason=_container_reason(status),
         name=str(meta.get("name")), node=str(spec.get("nodeName") or ""),
         role=str((meta.get("labels") or {}).get(d.LABEL_ROLE, "")),
         phase=str(status.get("phase") or "Pending"), ready=_ready(status.get("conditions")),
@@ -136,6 +149,7 @@ class Reconciler:
         self.last_written: dict[str, Any] | None = None
         self.last_write_at = 0.0
         self.infra_ok = False
+        self.restart_backoff = 0.0
 
     # ---------------------------------------------------------------- observe
 
@@ -335,6 +349,14 @@ class Reconciler:
         for action in plan.actions:
             await self.execute(body, world, action)
             acted = acted or not isinstance(action, d.Event)
+        if any(isinstance(a, d.Event) and a.reason == "BringUpRestarted" for a in plan.actions):
+            # agents that cannot start will not start better by retrying in a tight loop
+            self.restart_backoff = min(30.0, max(1.0, self.restart_backoff * 2))
+            log.warning("%s: bring-up failed, next attempt in %.0fs", self.key,
+                        self.restart_backoff)
+            await asyncio.sleep(self.restart_backoff)
+        elif world.status.phase in (Phase.REPLICATING, Phase.SYNCING):
+            self.restart_backoff = 0.0
         return acted
 
     async def run(self, stopped: Any) -> None:
