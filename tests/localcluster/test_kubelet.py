@@ -108,6 +108,16 @@ async def get_pod(api: KubeApi, name: str) -> dict[str, Any]:
     return await api.request("GET", f"/api/v1/namespaces/{NS}/pods/{name}")
 
 
+async def pod_gone(api: KubeApi, name: str) -> bool:
+    try:
+        await get_pod(api, name)
+    except ApiError as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return False
+
+
 def condition(obj: dict[str, Any], ctype: str) -> str | None:
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == ctype:
@@ -398,9 +408,7 @@ async def test_deleting_a_pod_sends_sigterm_and_waits_for_a_clean_exit(
 
     assert time.monotonic() - started < 10  # it exited on SIGTERM, not after the grace
     assert "got-sigterm" in log.read_text()
-    with pytest.raises(ApiError) as gone:
-        await get_pod(api, "polite")
-    assert gone.value.status == 404
+    await eventually(lambda: pod_gone(api, "polite"))
 
 
 async def test_deleting_a_pod_that_ignores_sigterm_kills_it_after_the_grace_period(
@@ -439,7 +447,13 @@ async def test_a_pod_marked_for_deletion_is_terminated_and_then_finalized_by_the
 
     await eventually(lambda: asyncio.to_thread(lambda: not alive(pid)))
     assert "got-sigterm" in log.read_text()
-    obj = await get_pod(api, "held")
+
+    async def reported_terminated() -> dict[str, Any] | None:
+        obj = await get_pod(api, "held")
+        state = obj["status"]["containerStatuses"][0]["state"]
+        return obj if "terminated" in state else None
+
+    obj = await eventually(reported_terminated)
     assert obj["metadata"]["deletionTimestamp"]
     assert obj["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
     # Once the finalizer goes, the kubelet's final delete has nothing left to wait for.
@@ -447,14 +461,7 @@ async def test_a_pod_marked_for_deletion_is_terminated_and_then_finalized_by_the
                       body={"metadata": {"finalizers": None}},
                       content_type="application/merge-patch+json")
 
-    async def gone() -> bool:
-        try:
-            await get_pod(api, "held")
-        except ApiError as exc:
-            return exc.status == 404
-        return False
-
-    await eventually(gone)
+    await eventually(lambda: pod_gone(api, "held"))
 
 
 async def test_kill_node_kills_every_process_and_the_node_turns_not_ready(
