@@ -1,0 +1,82 @@
+"""Specs the operator must refuse, and clean deletion — with the real operator process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pairvol.localcluster.demo import Stack
+from pairvol.operator.k8s import KubeError, lease_path, secrets_path, services_path
+
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(180)]
+
+
+async def test_invalid_specs_are_rejected_with_clear_messages(stack: Stack, volume: Any) -> None:
+    # what the CRD schema can express is refused by the API server itself ...
+    with pytest.raises(KubeError) as err:
+        await stack.apply(volume("bad-mode", failover={"mode": "Sometimes"}))
+    assert err.value.status == 422 and "spec.failover.mode" in str(err.value)
+
+    # ... the rest by the operator: phase Failed/Pending, a message saying what to fix, an Event
+    await stack.apply(volume("too-small", size="1k"))
+    await stack.apply(volume("rootfs", storage={"hostPath": "/"}))
+    await stack.apply(volume("ghost", nodes=["node-1", "node-9"]))
+
+    st = await stack.wait_phase("too-small", "Failed", within=30)
+    assert "spec.size must be at least 1Mi" in st["message"]
+    st = await stack.wait_phase("rootfs", "Failed", within=30)
+    assert "spec.storage.hostPath '/' must not be '/'" in st["message"]
+    st = await stack.wait_phase("ghost", "Pending", within=30)
+    assert "need two eligible nodes, found 1 (node-1)" in st["message"]
+
+    reasons = {e["reason"] for e in await stack.events("too-small")}
+    assert "InvalidSpec" in reasons
+    assert "NotEnoughNodes" in {e["reason"] for e in await stack.events("ghost")}
+    for name in ("too-small", "rootfs", "ghost"):
+        assert await stack.pods(name) == [], f"{name}: no agent pod may be created"
+
+
+async def _assert_gone(stack: Stack, name: str) -> None:
+    ns = stack.namespace
+
+    async def gone() -> bool:
+        leftovers = [
+            await stack.kube.get_or_none(f"/apis/pairvol.io/v1alpha1/namespaces/{ns}/"
+                                         f"replicatedvolumes/{name}"),
+            await stack.kube.get_or_none(services_path(ns, name)),
+            await stack.kube.get_or_none(services_path(ns, f"{name}-agents")),
+            await stack.kube.get_or_none(secrets_path(ns, f"pairvol-{name}")),
+            await stack.kube.get_or_none(lease_path(ns, f"pairvol-{name}")),
+        ]
+        return all(x is None for x in leftovers) and not await stack.pods(name)
+
+    await stack.wait_for(f"{name} and everything it owns to be deleted", gone, within=60)
+
+
+@pytest.mark.usefixtures("needs_agent")
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+async def test_deletion_stops_agents_and_keeps_or_removes_data(
+    stack: Stack, volume: Any, policy: str
+) -> None:
+    name = f"del-{policy.lower()}"
+    await stack.apply(volume(name, reclaimPolicy=policy))
+    st = await stack.wait_phase(name, "Replicating", within=120)
+    nodes = [st["primary"]["node"], st["secondary"]["node"]]
+    dirs = [stack.sim.host_path(n, f"/var/lib/pairvol/{stack.namespace}/{name}") for n in nodes]
+    assert all(d.exists() for d in dirs)
+    await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/"
+                            f"replicatedvolumes/{name}")
+    await _assert_gone(stack, name)
+    if policy == "Retain":
+        assert all(d.exists() and any(d.iterdir()) for d in dirs), "Retain keeps the images"
+    else:
+        assert not any(d.exists() for d in dirs), "Delete removes the data on both nodes"
+
+
+async def test_deletion_of_a_volume_that_never_became_ready(stack: Stack, volume: Any) -> None:
+    await stack.apply(volume("never", nodes=["node-1", "node-9"]))
+    await stack.wait_phase("never", "Pending", within=30)
+    await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/"
+                            "replicatedvolumes/never")
+    await _assert_gone(stack, "never")
