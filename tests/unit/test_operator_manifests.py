@@ -1,0 +1,130 @@
+"""What the operator asks Kubernetes for: agent pods, Services, Secret, operator settings.
+
+The objects are validated against the official Kubernetes OpenAPI schema (strict: unknown
+fields are errors), so a typo in a field name cannot slip through to a real cluster.
+"""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+
+from pairvol.api.spec import parse_spec
+from pairvol.operator.handlers import lease_view, node_view, pod_view
+from pairvol.operator.manifests import (
+    ConfigError,
+    OperatorConfig,
+    cleanup_pod_manifest,
+    pod_manifest,
+    secret_manifest,
+    services_manifests,
+)
+
+OWNER = {"metadata": {"name": "vol", "uid": "1234"}}
+K8S = "1.30"
+
+
+def agent_pod(**cfg: object) -> dict[str, object]:
+    spec = parse_spec({"size": "1Gi", "replication": {"peerTimeoutSeconds": 2},
+                       "storage": {"hostPath": "/srv/pv"}}, name="vol")
+    return pod_manifest(pod="vol-3", node="n2", role="secondary", volume="vol", namespace="ns",
+                        spec=spec, owner=OWNER, config=OperatorConfig(**cfg))  # type: ignore[arg-type]
+
+
+def test_agent_pod_is_valid_kubernetes_and_follows_the_agent_contract() -> None:
+    pod = agent_pod(agent_command=("/opt/venv/bin/pairvol",), lease_duration_s=2.0)
+    kubernetes_validate.validate(pod, K8S, strict=True)
+    c = pod["spec"]["containers"][0]  # type: ignore[index]
+    cmd = c["command"]
+    assert cmd[:2] == ["/opt/venv/bin/pairvol", "agent"]
+    flags = dict(zip(cmd[2::2], cmd[3::2], strict=True))
+    assert flags == {
+        "--name": "vol", "--data-dir": "/srv/pv/ns/vol", "--size": str(1 << 30),
+        "--listen": "0.0.0.0:7800", "--replication-listen": "0.0.0.0:7801",
+        "--export-socket": "/srv/pv/ns/vol/export.sock", "--export-listen": "0.0.0.0:7802",
+        "--token-file": "/etc/pairvol/secret/token", "--psk-file": "/etc/pairvol/secret/psk",
+        "--peer-timeout": "2", "--lease-namespace": "ns", "--lease-name": "pairvol-vol",
+        "--lease-duration": "2",
+    }
+    assert pod["spec"]["nodeName"] == "n2"  # type: ignore[index]
+    assert pod["metadata"]["labels"] == {  # type: ignore[index]
+        "pairvol.io/volume": "vol", "pairvol.io/role": "secondary",
+        "app.kubernetes.io/name": "pairvol-agent", "app.kubernetes.io/managed-by":
+        "pairvol-operator"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 7800}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "api": 7800, "replication": 7801, "export": 7802}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}  # type: ignore[index]
+    assert vols["data"]["hostPath"]["path"] == "/srv/pv/ns/vol"
+    assert vols["credentials"]["secret"]["secretName"] == "pairvol-vol"
+
+
+def test_services_select_the_primary_and_the_agents() -> None:
+    workload, agents = services_manifests("vol", "ns", OWNER)
+    for svc in (workload, agents):
+        kubernetes_validate.validate(svc, K8S, strict=True)
+    assert workload["metadata"]["name"] == "vol"
+    assert workload["spec"]["selector"] == {"pairvol.io/volume": "vol", "pairvol.io/role":
+                                            "primary"}
+    assert agents["spec"]["clusterIP"] == "None"
+
+
+def test_secret_holds_a_token_and_a_qsd_psk_file() -> None:
+    s1, s2 = secret_manifest("vol", "ns", OWNER), secret_manifest("vol", "ns", OWNER)
+    kubernetes_validate.validate(s1, K8S, strict=True)
+    ident, key = s1["stringData"]["psk"].strip().split(":")
+    assert ident == "pairvol" and len(bytes.fromhex(key)) == 32
+    assert s1["stringData"]["token"] != s2["stringData"]["token"], "fresh credentials per volume"
+
+
+def test_cleanup_pod_only_touches_the_volume_directory() -> None:
+    spec = parse_spec({"size": "1Gi"}, name="vol")
+    pod = cleanup_pod_manifest(volume="vol", namespace="ns", node="n1", spec=spec, owner=OWNER,
+                               config=OperatorConfig())
+    kubernetes_validate.validate(pod, K8S, strict=True)
+    assert pod["spec"]["containers"][0]["command"] == ["rm", "-rf", "--", "/host/vol"]
+    assert pod["spec"]["volumes"][0]["hostPath"]["path"] == "/var/lib/pairvol/ns"
+
+
+def test_settings_from_environment_and_their_errors() -> None:
+    cfg = OperatorConfig.from_env({
+        "PAIRVOL_AGENT_COMMAND": "/usr/bin/env pairvol", "PAIRVOL_LEASE_DURATION": "4",
+        "PAIRVOL_WATCH_NAMESPACES": "a,b", "PAIRVOL_AGENT_ENV": '{"X": "1"}',
+        "PAIRVOL_AGENT_RESOURCES": '{"limits": {"memory": "1Gi"}}',
+    })
+    assert cfg.agent_command == ("/usr/bin/env", "pairvol") and cfg.lease_duration_s == 4
+    assert cfg.watch_namespaces == ("a", "b") and cfg.agent_env == {"X": "1"}
+    with pytest.raises(ConfigError, match="PAIRVOL_LEASE_DURATION must be >= 1"):
+        OperatorConfig.from_env({"PAIRVOL_LEASE_DURATION": "0.2"})
+    with pytest.raises(ConfigError, match="PAIRVOL_AGENT_RESOURCES must be JSON"):
+        OperatorConfig.from_env({"PAIRVOL_AGENT_RESOURCES": "{cpu: 1"})
+
+
+def test_observations_are_parsed_from_kubernetes_objects() -> None:
+    node = node_view({"metadata": {"name": "n1", "labels": {"z": "a"}},
+                      "spec": {"unschedulable": True},
+                      "status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}})
+    assert (node.name, node.ready, node.schedulable, node.labels) == ("n1", False, False,
+                                                                       {"z": "a"})
+    pod = pod_view({
+        "metadata": {"name": "p", "labels": {"pairvol.io/role": "primary"},
+                     "deletionTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": "n1"},
+        "status": {"phase": "Failed", "podIP": "10.0.0.1",
+                   "conditions": [{"type": "Ready", "status": "False"}],
+                   "containerStatuses": [{"state": {"terminated": {"reason": "Error",
+                                                                    "exitCode": 2}}}]},
+    })
+    assert (pod.role, pod.phase, pod.ready, pod.ip, pod.deleting) == (
+        "primary", "Failed", False, "10.0.0.1", True)
+    assert pod.reason == "Error, exit code 2"
+    lease = lease_view({"metadata": {"annotations": {"pairvol.io/out-of-sync": "7"}},
+                        "spec": {"holderIdentity": "p", "leaseDurationSeconds": 3,
+                                 "renewTime": "2026-01-01T00:00:00.500000Z"}})
+    assert lease is not None and lease.holder == "p" and lease.out_of_sync_epoch == 7
+    assert lease.duration_s == 3.0 and lease.renew_time is not None
+    assert lease.expired(lease.renew_time + 3.6, margin_s=0.5)
+    assert not lease.expired(lease.renew_time + 3.4, margin_s=0.5)
