@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -43,7 +44,7 @@ def _find_kubectl() -> str | None:
     return shutil.which("kubectl")
 
 
-KubectlRunner = Callable[..., Awaitable[tuple[int, str, str]]]
+KubectlRunner = Callable[..., Coroutine[Any, Any, tuple[int, str, str]]]
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def kubectl(api_cluster: LocalCluster) -> KubectlRunner:
     if binary is None:
         pytest.skip("kubectl not found: run `make tools` (puts it in .venv/tools)")
 
-    async def run(*args: str, stdin: str | None = None, timeout: float = 30) -> tuple[
+    async def run(*args: str, stdin: str | None = None, within: float = 30) -> tuple[
         int, str, str
     ]:
         env = {**os.environ, "KUBECONFIG": str(api_cluster.kubeconfig_path)}
@@ -64,7 +65,7 @@ def kubectl(api_cluster: LocalCluster) -> KubectlRunner:
         )
         try:
             out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin is not None else None), timeout)
+                proc.communicate(stdin.encode() if stdin is not None else None), within)
         finally:
             if proc.returncode is None:  # timed out or cancelled: kill what we started
                 proc.kill()

@@ -96,14 +96,14 @@ async def kopf_operator(
     assert not errors, errors
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 20) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def eventually(check: Callable[[], Any], within: float = 20) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         result = check()
         if result:
             return result
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(0.1)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from pairvol.localcluster.cluster import LocalCluster
 
-KubectlRunner = Callable[..., Awaitable[tuple[int, str, str]]]  # the `kubectl` fixture
+KubectlRunner = Callable[..., Coroutine[Any, Any, tuple[int, str, str]]]  # the `kubectl` fixture
 
 MANIFEST = """\
 apiVersion: pairvol.io/v1alpha1
@@ -115,7 +116,7 @@ async def test_kubectl_get_watch_sees_changes(
 ) -> None:
     await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Latest"))
     watcher = asyncio.create_task(
-        kubectl("get", "rv", "-w", "--request-timeout=3s", timeout=20))
+        kubectl("get", "rv", "-w", "--request-timeout=3s", within=20))
     await asyncio.sleep(1.0)
     code, _, err = await kubectl("patch", "rv", "vol1", "--subresource=status", "--type=merge",
                                  "-p", '{"status":{"phase":"Syncing"}}')

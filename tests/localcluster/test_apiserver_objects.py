@@ -278,7 +278,7 @@ async def test_discovery_serves_our_crd_and_kopf_peering(api_http: aiohttp.Clien
 async def test_crds_can_be_registered_and_removed_at_runtime(
     api_http: aiohttp.ClientSession,
 ) -> None:
-    crd = {
+    crd: dict[str, Any] = {
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": "widgets.example.com"},
         "spec": {"group": "example.com", "scope": "Cluster",
@@ -306,7 +306,7 @@ async def test_crds_can_be_registered_and_removed_at_runtime(
     assert code == 200
     assert (await send(api_http, "GET", url))[0] == 404
 
-    bad = {**crd, "metadata": {"name": "gadgets.example.com"}}
+    bad: dict[str, Any] = {**crd, "metadata": {"name": "gadgets.example.com"}}
     bad["spec"] = {**crd["spec"], "names": {"plural": "gadgets", "kind": "Gadget"}}
     bad["spec"]["versions"] = [{**crd["spec"]["versions"][0], "schema": {"openAPIV3Schema": {
         "type": "object", "x-kubernetes-validations": [{"rule": "self.quantity('1')"}]}}}]

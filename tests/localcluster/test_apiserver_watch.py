@@ -27,7 +27,7 @@ def pod(name: str, **labels: str) -> dict[str, Any]:
 
 async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, str]]:
     """(type, name) of the next ``count`` events of a watch stream."""
-    events = []
+    events: list[tuple[str, str]] = []
     while len(events) < count:
         line = await asyncio.wait_for(resp.content.readline(), 5)
         assert line, f"stream ended after {events}"

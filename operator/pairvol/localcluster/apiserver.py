@@ -219,7 +219,8 @@ class APIServer(kmock.KubernetesScaffold):
         RequestError
     ):
         causes = [
-            {"reason": e.reason, "message": e.message().split(": ", 1)[1], "field": e.path}
+            {"reason": e.reason, "message": e.message().removeprefix(f"{e.path}: "),
+             "field": e.path}
             for e in errors
         ]
         text = errors[0].message() if len(errors) == 1 else (

@@ -55,10 +55,12 @@ class FieldError:
             "FieldValueDuplicate": "Duplicate value",
             "FieldValueTooLong": "Too long",
         }
-        kind = kinds.get(self.reason, "Invalid value")
-        if self.value is ABSENT:
-            return f"{self.path}: {kind}: {self.detail}"
-        return f"{self.path}: {kind}: {json.dumps(self.value, default=str)}: {self.detail}"
+        parts = [self.path, kinds.get(self.reason, "Invalid value")]
+        if self.value is not ABSENT:
+            parts.append(json.dumps(self.value, default=str))
+        if self.detail:
+            parts.append(self.detail)
+        return ": ".join(parts)
 
 
 _JSON_TYPES = {
@@ -260,7 +262,7 @@ def _validate_object(
 ) -> None:
     for req in schema.get("required", []) or []:
         if req not in value:
-            errors.append(FieldError(_join(path, req), "FieldValueRequired", "Required value"))
+            errors.append(FieldError(_join(path, req), "FieldValueRequired", ""))
     props: dict[str, Schema] = schema.get("properties", {}) or {}
     addl = schema.get("additionalProperties")
     old_map = old if isinstance(old, dict) else {}
