@@ -78,8 +78,9 @@ class AgentClient:
         except AgentError:
             return False
 
-    async def status(self, address: str, token: str) -> dict[str, Any]:
-        return await self._call(address, "GET", "/v1/status", token)
+    async def status(self, address: str, token: str, timeout_s: float = 1.0) -> dict[str, Any]:
+        """Short timeout: a dead node must not stall the reconcile loop that detects it."""
+        return await self._call(address, "GET", "/v1/status", token, timeout_s=timeout_s)
 
     async def secondary(self, address: str, token: str, epoch: int) -> dict[str, Any]:
         return await self._call(address, "POST", "/v1/secondary", token, {"epoch": epoch},
