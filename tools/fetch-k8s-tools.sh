@@ -22,6 +22,7 @@ if [ -x "$dest/helm" ] && [ -x "$dest/kubectl" ] \
    && "$dest/helm" version --short >/dev/null 2>&1 \
    && "$dest/kubectl" version --client >/dev/null 2>&1; then
   echo "fetch-k8s-tools: $dest/helm and $dest/kubectl already present ($("$dest/helm" version --short))"
+  touch "$dest/helm" "$dest/kubectl"  # newer than this script, so make does not ask again
   exit 0
 fi
 

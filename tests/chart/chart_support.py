@@ -43,13 +43,16 @@ class ToolMissing(AssertionError):
 
 
 def tool(name: str) -> str:
-    """Path of ``helm``/``kubectl``/``promtool``; fails (never skips) when it is missing."""
-    found = shutil.which(name)
-    if found:
-        return found
+    """Path of ``helm``/``kubectl``/``promtool``; fails (never skips) when it is missing.
+
+    The pinned binaries of ``make tools`` win over whatever else is on PATH.
+    """
     local = ROOT / ".venv" / "tools" / name
     if local.is_file() and os.access(local, os.X_OK):
         return str(local)
+    found = shutil.which(name)
+    if found:
+        return found
     hint = {
         "helm": "run `make tools` (bash tools/fetch-k8s-tools.sh .venv/tools)",
         "kubectl": "run `make tools` (bash tools/fetch-k8s-tools.sh .venv/tools)",
