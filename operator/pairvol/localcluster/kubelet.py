@@ -317,6 +317,8 @@ class ContainerRunner:
             assert self.prepared is not None
             await self._start(self.prepared)
             assert self.process is not None
+            if self.stopping:  # stop() raced with the start: finish the stop ourselves
+                await self._terminate_process(self.worker.grace_period())
             probes = [
                 asyncio.create_task(self._probe_loop(p, kind))
                 for kind, p in (("readiness", self.prepared.readiness),
@@ -468,6 +470,7 @@ class PodWorker:
         self.deleting = False
         self.finished = asyncio.Event()
         self._dirty = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._delete_task: asyncio.Task[None] | None = None
@@ -488,6 +491,8 @@ class PodWorker:
     async def _run(self) -> None:
         try:
             await self._prepare_until_ready()
+            if self.deleting:
+                return
             await asyncio.gather(*(runner.run() for runner in self.runners))
         except asyncio.CancelledError:
             raise
@@ -514,7 +519,12 @@ class PodWorker:
                 for runner in self.runners:
                     runner.state.state = {"waiting": {"reason": reason, "message": str(exc)}}
                 self.changed()
-                await asyncio.sleep(self.kubelet.sim.config_retry)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._stop_requested.wait(), self.kubelet.sim.config_retry
+                    )
+                if self.deleting:
+                    return
 
     async def _prepare(self) -> None:
         kubelet = self.kubelet
@@ -605,11 +615,17 @@ class PodWorker:
     async def _delete(self, finalize: bool) -> None:
         grace = self.grace_period()
         logger.info("pod %s/%s: terminating (grace %gs)", *self.key, grace)
+        self._stop_requested.set()
         await asyncio.gather(*(runner.stop(grace) for runner in self.runners))
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            # The runners record their final (terminated) state on their way out.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 10.0)
+            except TimeoutError:
+                logger.warning("pod %s/%s: containers did not wind down; cancelling", *self.key)
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
         await self._stop_publisher()
         if finalize:
             await self.flush_status()
