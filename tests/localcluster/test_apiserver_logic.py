@@ -12,6 +12,7 @@ from pairvol.localcluster.apiserver_cel import ABSENT, CELError, compile_rule
 from pairvol.localcluster.apiserver_logic import (
     RequestError,
     json_patch,
+    jsonpath_value,
     merge_patch,
     parse_field_selector,
     parse_label_selector,
@@ -236,3 +237,13 @@ def test_resource_paths(path: str, expected: tuple[str | None, ...]) -> None:
 def test_non_resource_paths_are_not_parsed() -> None:
     assert parse_resource_path("/version") is None
     assert parse_resource_path("/apis") is None
+
+
+def test_printer_column_jsonpath() -> None:
+    node = {"status": {"conditions": [{"type": "MemoryPressure", "status": "False"},
+                                      {"type": "Ready", "status": "True"}],
+                       "addresses": [{"address": "10.0.0.1"}]}}
+    assert jsonpath_value(node, '.status.conditions[?(@.type=="Ready")].status') == "True"
+    assert jsonpath_value(node, ".status.addresses[0].address") == "10.0.0.1"
+    assert jsonpath_value(node, ".status.addresses[3].address") is None
+    assert jsonpath_value(node, ".spec.missing") is None

@@ -1041,16 +1041,20 @@ async def serve(
 ) -> AsyncIterator[tuple[APIServer, str]]:
     """Run an :class:`APIServer` on ``host:port`` (0 = a free port); yield it and its URL."""
     api = handler if handler is not None else APIServer()
-    try:
-        async with api, kmock.Server(api, host=host, port=port) as server:
-            url = f"http://{host}:{server.port}"
-            logger.info("emulated Kubernetes API listening on %s", url)
-            try:
-                yield api, url
-            finally:
-                api.close_watches()
-                await asyncio.sleep(0)
-    except OSError as exc:
-        raise APIServerError(
-            f"cannot listen on {host}:{port}: {exc}; pick another --port or 0 for a free one"
-        ) from exc
+    async with api:
+        server = kmock.Server(api, host=host, port=port)
+        try:
+            await server.__aenter__()
+        except OSError as exc:
+            raise APIServerError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
+                "or 0 for a free one"
+            ) from exc
+        url = f"http://{host}:{server.port}"
+        logger.info("emulated Kubernetes API listening on %s", url)
+        try:
+            yield api, url
+        finally:
+            api.close_watches()
+            await asyncio.sleep(0)  # let watch handlers see the end of their queues
+            await server.__aexit__(None, None, None)

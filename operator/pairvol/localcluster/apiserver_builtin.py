@@ -63,7 +63,7 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "nodes", "Node", False, "node", ("no",), status_subresource=True,
                  status_on_create="keep",
                  printer_columns=(
-                     _col("Ready", ".status.conditions[0].status"),
+                     _col("Ready", '.status.conditions[?(@.type=="Ready")].status'),
                      _col("Internal-IP", ".status.addresses[0].address", priority=1),
                  )),
     ResourceType("", "v1", "pods", "Pod", True, "pod", ("po",), ("all",),

@@ -373,11 +373,22 @@ def age(timestamp: str | None) -> str:
 
 # ---------------------------------------------------------------- server-side printing
 
+_JSONPATH_PART = re.compile(r"""\[\?\(@\.(\w+)==["']([^"']*)["']\)\]|\[\d+\]|[^.\[\]]+""")
+
+
 def jsonpath_value(obj: dict[str, Any], path: str) -> Any:
-    """Evaluate the simple JSONPath of printer columns (``.status.primary.node``)."""
+    """Evaluate the simple JSONPath of printer columns.
+
+    Supports ``.a.b``, ``[0]`` and one filter form, ``[?(@.type=="Ready")]`` (first match).
+    """
     cur: Any = obj
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path.strip().lstrip("$")):
-        if part.startswith("["):
+    for m in _JSONPATH_PART.finditer(path.strip().lstrip("$")):
+        part = m.group(0)
+        if m.group(1) is not None:
+            key, want = m.group(1), m.group(2)
+            cur = next((i for i in cur if isinstance(i, dict) and str(i.get(key)) == want),
+                       None) if isinstance(cur, list) else None
+        elif part.startswith("["):
             idx = int(part[1:-1])
             cur = cur[idx] if isinstance(cur, list) and idx < len(cur) else None
         else:

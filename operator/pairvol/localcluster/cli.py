@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,10 @@ from pathlib import Path
 from pairvol.errors import PairvolError
 
 logger = logging.getLogger(__name__)
+
+
+class LocalClusterCLIError(PairvolError):
+    """The command line asked for something this machine cannot do."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,12 +39,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     help="where to write the kubeconfig (default: a temp dir, removed at exit)")
     up.add_argument("--crds", type=Path, default=None,
                     help="directory of CRD YAML to apply (default: the repository's crds/)")
+    up.add_argument("--simulate-nodes", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the node simulator (pods as processes in network namespaces; "
+                    "needs root). Default: on when running as root")
+    up.add_argument("--nodes-root", type=Path, default=None,
+                    help="where the node simulator keeps node directories (default: temp)")
     up.set_defaults(run=run)
 
 
 async def _up(args: argparse.Namespace) -> int:
     from pairvol.localcluster.cluster import LocalCluster
 
+    simulate = args.simulate_nodes if args.simulate_nodes is not None else os.geteuid() == 0
+    if simulate and os.geteuid() != 0:
+        raise LocalClusterCLIError(
+            "--simulate-nodes needs root (network namespaces, cgroups); run as root or pass "
+            "--no-simulate-nodes for plain Ready Node objects")
+    if not args.verbose:  # one access-log line per request drowns the useful output
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -47,9 +64,10 @@ async def _up(args: argparse.Namespace) -> int:
     try:
         async with LocalCluster(
             args.nodes, host=args.host, port=args.port, kubeconfig=args.kubeconfig,
-            crds_dir=args.crds,
+            crds_dir=args.crds, simulate_nodes=simulate, nodes_root=args.nodes_root,
         ) as cluster:
-            print(f"pairvol localcluster: API server {cluster.url}, nodes: "
+            kind = "simulated (pods run as processes)" if simulate else "Ready objects only"
+            print(f"pairvol localcluster: API server {cluster.url}, nodes ({kind}): "
                   f"{', '.join(cluster.node_names) or '(none)'}")
             print(f"kubeconfig: {cluster.kubeconfig_path}")
             print(f"export KUBECONFIG={cluster.kubeconfig_path}", flush=True)

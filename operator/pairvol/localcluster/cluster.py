@@ -114,6 +114,8 @@ class LocalCluster:
         kubeconfig: Path | None = None,
         crds_dir: Path | None = None,
         load_crds: bool = True,
+        simulate_nodes: bool = False,
+        nodes_root: Path | None = None,
     ) -> None:
         if nodes < 0:
             raise LocalClusterError(f"nodes must be >= 0, got {nodes}")
@@ -129,6 +131,11 @@ class LocalCluster:
         self._url: str | None = None
         self._tmpdir: Path | None = None
         self.node_names: list[str] = [f"node-{i}" for i in range(1, nodes + 1)]
+        # With simulate_nodes, the kubelet owner's NodeSimulator registers the nodes and
+        # runs their pods as processes (needs root); otherwise nodes are plain Ready objects.
+        self.simulate_nodes = simulate_nodes
+        self._nodes_root = nodes_root
+        self.simulator: Any = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -143,8 +150,11 @@ class LocalCluster:
             await kubeconfig_mod.write(self._kubeconfig, url)
             if self._crds_dir is not None:
                 await self.apply_dir(self._crds_dir)
-            for name in self.node_names:
-                self.api.create_object("", "v1", "nodes", node_object(name))
+            if self.simulate_nodes:
+                self.simulator = await stack.enter_async_context(self._node_simulator())
+            else:
+                for name in self.node_names:
+                    self.api.create_object("", "v1", "nodes", node_object(name))
         except BaseException:
             await stack.aclose()
             self._cleanup_tmp()
@@ -165,6 +175,17 @@ class LocalCluster:
         finally:
             self._api = None
             self._cleanup_tmp()
+
+    def _node_simulator(self) -> Any:
+        from pairvol.localcluster.kubelet import NodeSimulator  # needs root; import lazily
+
+        root = self._nodes_root
+        if root is None:
+            if self._tmpdir is None:
+                self._tmpdir = Path(tempfile.mkdtemp(
+                    prefix=f"pairvol-localcluster-{os.getpid()}-"))
+            root = self._tmpdir / "nodes"
+        return NodeSimulator(self.url, nodes=self.node_names, root=root)
 
     def _cleanup_tmp(self) -> None:
         if self._tmpdir is not None:
