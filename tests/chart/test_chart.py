@@ -256,10 +256,10 @@ def test_operator_rbac_grants_what_the_operator_needs_and_no_wildcards(tmp_path:
     for rule in rules + cluster:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
     cluster_resources = {res for r in cluster for res in r["resources"]}
-    assert cluster_resources == {"nodes", "customresourcedefinitions"}, (
-        "cluster-wide rights beyond reads"
-    )
-    assert {v for r in cluster for v in r["verbs"]} == {"get", "list", "watch"}
+    assert cluster_resources == {"nodes", "pods", "customresourcedefinitions"}
+    assert {v for r in cluster for v in r["verbs"]} == {"get", "list", "watch"}, "reads only"
+    assert grants(cluster, "", "pods", "list"), "placement lists agent pods in all namespaces"
+    assert not grants(cluster, "", "pods", "get") and not grants(cluster, "", "pods", "watch")
     assert not grants(rules, "coordination.k8s.io", "leases", "update"), "only agents renew leases"
 
 
