@@ -30,7 +30,7 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     log = (workdir / "localcluster.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pairvol", "localcluster", "up", "--nodes", "0",
-         "--kubeconfig", str(config), "--crds", str(ROOT / "crds")],
+         "--no-simulate-nodes", "--kubeconfig", str(config), "--crds", str(ROOT / "crds")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
     )  # fmt: skip
     try:
