@@ -28,7 +28,12 @@ class AgentMetrics:
         labels = ["volume"]
         self.up = Gauge("pairvol_agent_qsd_up", "1 while the agent's qemu-storage-daemon is alive", labels, registry=r)
         self.role = Gauge("pairvol_agent_role", "1 for the replica's current role", [*labels, "role"], registry=r)
-        self.stage = Gauge("pairvol_agent_stage", "1 for the current replication stage (replication.c stages)", [*labels, "stage"], registry=r)
+        self.stage = Gauge(
+            "pairvol_agent_stage",
+            "1 for the current replication stage (replication.c stages)",
+            [*labels, "stage"],
+            registry=r,
+        )
         self.epoch = Gauge("pairvol_agent_epoch", "Current fencing epoch", labels, registry=r)
         self.replication_state = Gauge(
             "pairvol_replication_state", "1 for the current replication state", [*labels, "state"], registry=r
@@ -36,21 +41,31 @@ class AgentMetrics:
         self.out_of_sync = Gauge(
             "pairvol_replication_out_of_sync",
             "1 when the peer missed acknowledged writes and needs a full resync",
-            labels, registry=r,
+            labels,
+            registry=r,
         )
         self.peer_sent_bytes = Counter(
             "pairvol_replication_sent_bytes", "Bytes sent to the peer over the replication link", labels, registry=r
         )
         self.peer_failures = Counter(
-            "pairvol_replication_peer_failures", "Times the peer was dropped (dead, partitioned, stalled)", labels, registry=r
+            "pairvol_replication_peer_failures",
+            "Times the peer was dropped (dead, partitioned, stalled)",
+            labels,
+            registry=r,
         )
         self.checkpoint_duration = Histogram(
-            "pairvol_checkpoint_duration_seconds", "Time to cut one checkpoint", labels,
-            buckets=CHECKPOINT_BUCKETS, registry=r,
+            "pairvol_checkpoint_duration_seconds",
+            "Time to cut one checkpoint",
+            labels,
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
         )
         self.checkpoint_cut = Histogram(
-            "pairvol_checkpoint_cut_seconds", "Time of the QMP transaction that is the cut (the only part that drains I/O)",
-            labels, buckets=CHECKPOINT_BUCKETS, registry=r,
+            "pairvol_checkpoint_cut_seconds",
+            "Time of the QMP transaction that is the cut (the only part that drains I/O)",
+            labels,
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
         )
         self.checkpoint_last_timestamp = Gauge(
             "pairvol_checkpoint_last_timestamp_seconds", "Unix time of the last checkpoint", labels, registry=r
@@ -59,14 +74,25 @@ class AgentMetrics:
         self.cow_bytes = Counter(
             "pairvol_cow_copied_bytes", "Bytes copied into the hidden disk by copy-before-write", labels, registry=r
         )
-        self.failovers = Counter("pairvol_failovers", "Failovers performed by this replica", [*labels, "mode", "result"], registry=r)
-        self.failover_duration = Histogram(
-            "pairvol_failover_duration_seconds", "Time from the failover call to the export accepting writes",
-            [*labels, "mode"], buckets=FAILOVER_BUCKETS, registry=r,
+        self.failovers = Counter(
+            "pairvol_failovers", "Failovers performed by this replica", [*labels, "mode", "result"], registry=r
         )
-        self.sync_total_bytes = Gauge("pairvol_sync_total_bytes", "Bytes the running full sync has to copy", labels, registry=r)
-        self.sync_done_bytes = Gauge("pairvol_sync_done_bytes", "Bytes the running full sync has copied", labels, registry=r)
-        self.sync_progress = Gauge("pairvol_sync_progress_ratio", "Progress of the running full sync, 0..1", labels, registry=r)
+        self.failover_duration = Histogram(
+            "pairvol_failover_duration_seconds",
+            "Time from the failover call to the export accepting writes",
+            [*labels, "mode"],
+            buckets=FAILOVER_BUCKETS,
+            registry=r,
+        )
+        self.sync_total_bytes = Gauge(
+            "pairvol_sync_total_bytes", "Bytes the running full sync has to copy", labels, registry=r
+        )
+        self.sync_done_bytes = Gauge(
+            "pairvol_sync_done_bytes", "Bytes the running full sync has copied", labels, registry=r
+        )
+        self.sync_progress = Gauge(
+            "pairvol_sync_progress_ratio", "Progress of the running full sync, 0..1", labels, registry=r
+        )
         self.size = Gauge("pairvol_volume_size_bytes", "Size of the volume", labels, registry=r)
 
     def set_one_of(self, gauge: Gauge, choices: tuple[str, ...], label: str, current: str) -> None:

@@ -1,0 +1,73 @@
+"""The agent's configuration, from its flags (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pairvol.agent.validate import InvalidInput, is_loopback
+
+_PSK_LINE = re.compile(r"^([A-Za-z0-9_.-]{1,64}):([0-9a-fA-F]{32,256})$")
+MAX_UNIX_PATH = 107
+
+
+@dataclass(frozen=True)
+class Psk:
+    username: str
+    key_hex: str
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> Psk:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if len(lines) != 1 or not (m := _PSK_LINE.match(lines[0])):
+            raise InvalidInput(
+                f"{source}: expected one line 'USERNAME:HEXKEY' (qemu tls-creds-psk keys.psk format, "
+                "key at least 16 bytes = 32 hex digits)"
+            )
+        return cls(m.group(1), m.group(2).lower())
+
+    def keys_file(self) -> str:
+        return f"{self.username}:{self.key_hex}\n"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    data_dir: Path
+    size: int
+    listen: tuple[str, int]
+    replication_listen: tuple[str, int]
+    export_socket: Path
+    export_listen: tuple[str, int] | None = None
+    token: str | None = None
+    psk: Psk | None = None
+    peer_timeout: float = 5.0
+
+    def check(self) -> None:
+        """Refuse anything but loopback unless the API and the link are authenticated."""
+        hosts = [("--listen", self.listen[0]), ("--replication-listen", self.replication_listen[0])]
+        if self.export_listen is not None:
+            hosts.append(("--export-listen", self.export_listen[0]))
+        for flag, host in hosts:
+            if flag == "--listen" and self.token is None and not is_loopback(host):
+                raise InvalidInput(f"{flag} {host}: listening beyond loopback needs --token-file")
+            if flag != "--listen" and self.psk is None and not is_loopback(host):
+                raise InvalidInput(f"{flag} {host}: listening beyond loopback needs --psk-file (TLS-PSK)")
+        if len(str(self.export_socket)) > MAX_UNIX_PATH:
+            raise InvalidInput(
+                f"--export-socket {self.export_socket} is longer than {MAX_UNIX_PATH} bytes, the limit "
+                "of a unix socket path: choose a shorter path"
+            )
+        if self.peer_timeout < 1 or self.peer_timeout > 600:
+            raise InvalidInput(f"--peer-timeout {self.peer_timeout}: use 1..600 seconds")
+
+    @property
+    def reconnect_delay(self) -> int:
+        """How long the NBD client holds requests while the link is down (whole seconds).
+        Half of the peer timeout; the watchdog's stall detection takes the other half."""
+        return max(1, int(self.peer_timeout // 2))
+
+    @property
+    def stall_timeout(self) -> float:
+        return max(0.5, self.peer_timeout - self.reconnect_delay)

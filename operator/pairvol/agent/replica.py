@@ -1,0 +1,718 @@
+"""One replica of one volume: replication.c's semantics on a qemu-storage-daemon.
+
+qsd cannot start QEMU's replication filter (only qemu-system has ``xen-set-replication``),
+so this class does the filter's job with QMP primitives (see ``pairvol.qemu.recipes``):
+
+* secondary start = overlays + NBD export of the secondary disk + ``blockdev-backup
+  sync=none`` into the hidden disk (copy-before-write), checkpoint id 0;
+* checkpoint = a *new* empty hidden/active pair and one QMP ``transaction`` that starts
+  copy-before-write into it, then the old job is cancelled and the old pair deleted. The
+  transaction drains in-flight NBD writes, so every write lands wholly before or after the
+  cut, and the primary is never paused;
+* failover = fence (drop the export and the NBD server: the old primary's connection dies
+  and cannot come back), cancel copy-before-write, then ``checkpoint`` mode commits
+  active+hidden into the disk (the checkpoint state) and ``latest`` mode drops them (every
+  write the primary had acknowledged); then serve the workload export;
+* primary = quorum(vote-threshold=1) over the local disk and an NBD client to the peer;
+  ``sync: full`` copies the whole disk with a write-blocking mirror while the workload
+  keeps writing.
+
+Every command is serialised by one lock; background tasks (full sync, peer watchdog)
+take the same lock before they change the graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pairvol.agent import state as persist
+from pairvol.agent.config import AgentConfig
+from pairvol.agent.metrics import AgentMetrics
+from pairvol.agent.peerwatch import PeerWatch
+from pairvol.agent.stages import (
+    FailoverMode,
+    IllegalTransition,
+    Position,
+    Role,
+    Stage,
+    check_checkpoint,
+    check_failover,
+    check_start_primary,
+    check_start_secondary,
+    check_stop,
+    io_status,
+)
+from pairvol.agent.state import Checkpoint, PersistedState
+from pairvol.errors import PairvolError
+from pairvol.qemu import QemuError, QsdDied, img
+from pairvol.qemu import recipes as r
+from pairvol.qemu.qsd import Qsd
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[int], Awaitable[None]]
+
+
+class ReplicaError(PairvolError):
+    """A replica operation failed (HTTP 500); the message says what and why."""
+
+
+class ChainCheckFailed(ReplicaError):
+    """replication_start's checks on the active/hidden/secondary chain failed."""
+
+
+class Replica:
+    def __init__(self, cfg: AgentConfig, metrics: AgentMetrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.data_dir = cfg.data_dir
+        self.disk_path = cfg.data_dir / persist.DISK_FILE
+        self.run_dir = cfg.data_dir / ".run"
+        self.qsd = Qsd(self.run_dir, cfg.data_dir / "qsd.log")
+        self.state = PersistedState(name=cfg.name, size=cfg.size)
+        self.lock = asyncio.Lock()
+        self.restored: str | None = None
+        self.serving = False
+        self.replication = "none"
+        self.peer: tuple[str, int] | None = None
+        self.peer_error: str | None = None
+        self.sync_done = 0
+        self.sync_total = 0
+        self.last_error: str | None = None
+        self.out_of_sync_hooks: list[Hook] = []
+        self._tls_dir: Path | None = None
+        self._quorum_children = 0
+        self._peer_child: str | None = None
+        self._peer_task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._prepared_generation: int | None = None
+        self._prepare_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def position(self) -> Position:
+        return Position(self.state.role, self.state.stage, self.state.epoch)
+
+    async def open(self) -> None:
+        """Find or create the images, start qsd, and restore the persisted role."""
+        await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
+        found = await asyncio.to_thread(persist.load, self.data_dir)
+        disk_exists = await asyncio.to_thread(self.disk_path.exists)
+        if found is not None:
+            if found.name != self.cfg.name:
+                raise ReplicaError(
+                    f"{self.data_dir} holds volume {found.name!r}, not {self.cfg.name!r}: use another --data-dir"
+                )
+            if found.size != self.cfg.size:
+                raise ReplicaError(
+                    f"{self.data_dir} holds a volume of {found.size} bytes but --size says {self.cfg.size}: "
+                    "refusing to resize or reformat; pass the original size"
+                )
+            if not disk_exists:
+                raise ReplicaError(
+                    f"{self.disk_path} is missing although {persist.STATE_FILE} exists: refusing to create an "
+                    "empty disk over a replica that had data; restore the file or use a new --data-dir"
+                )
+            self.state = found
+        if disk_exists:
+            actual = (await asyncio.to_thread(os.stat, self.disk_path)).st_size
+            if actual != self.cfg.size:
+                raise ReplicaError(
+                    f"{self.disk_path} is {actual} bytes but --size says {self.cfg.size}: refusing to "
+                    "resize or reformat it"
+                )
+        else:
+            await img.create(self.disk_path, "raw", self.cfg.size)
+        await self.qsd.start()
+        self.qsd.on_event(self._on_qsd_event)
+        if self.cfg.psk is not None:
+            self._tls_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="tls-", dir=self.run_dir))
+            await asyncio.to_thread((self._tls_dir / "keys.psk").write_text, self.cfg.psk.keys_file())
+            await asyncio.to_thread(os.chmod, self._tls_dir / "keys.psk", 0o600)
+        await self.qsd.execute("blockdev-add", r.file_node(self.disk_path, r.DISK_NODE, "raw"))
+        await self._restore(was_clean=found is None or found.clean_shutdown)
+        await self._save(clean_shutdown=False)
+        self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
+        self._observe()
+
+    async def _restore(self, was_clean: bool) -> None:
+        st = self.state
+        if st.role is Role.NONE:
+            return
+        what = f"found role {st.role.value}, stage {st.stage.value}, epoch {st.epoch}"
+        if st.checkpoint is not None:
+            what += f", checkpoint {st.checkpoint.id}"
+        if st.role is Role.SECONDARY and st.stage is Stage.RUNNING:
+            gen = st.generation
+            hidden, active = self._overlay_paths(gen)
+            have = await asyncio.to_thread(lambda: hidden.exists() and active.exists())
+            if was_clean and have:
+                await self._attach_overlays(gen)
+                await self._start_replication_export()
+                await self._start_cow(gen)
+                what += "; resumed copy-before-write on the same checkpoint"
+            else:
+                # After an unclean stop the qcow2 overlays may miss metadata that lived in the
+                # dead daemon's memory; the raw disk holds every write the primary got an ack
+                # for. Start over from the disk: that is a new crash-consistent checkpoint.
+                await self._remove_overlay_files(gen)
+                gen += 1
+                await self._create_overlays(gen)
+                await self._attach_overlays(gen)
+                await self._start_replication_export()
+                await self._start_cow(gen)
+                cp_id = (st.checkpoint.id + 1) if st.checkpoint else 0
+                self.state = st.evolve(generation=gen, checkpoint=Checkpoint(cp_id, time.time(), 0.0))
+                what += f"; the undo log was not closed cleanly, so the disk as found is checkpoint {cp_id}"
+        elif st.role is Role.PRIMARY:
+            await self._build_quorum()
+            what += "; not serving the workload export until the operator confirms the role with a new epoch"
+            self.state = st.evolve(stage=Stage.DONE if st.stage is Stage.RUNNING else st.stage)
+        elif st.stage is Stage.FAILOVER:
+            self.state = st.evolve(stage=Stage.FAILOVER_FAILED)
+            self.last_error = "the agent stopped during failover; the overlays are kept"
+            what += "; failover was interrupted"
+        self.restored = what
+        log.warning("restored replica state: %s", what)
+
+    async def close(self) -> None:
+        for task in (self._peer_task, self._sync_task, self._prepare_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        clean = self.qsd.alive
+        await self.qsd.stop()
+        if self._tls_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self._tls_dir, True)
+        if clean:
+            await self._save(clean_shutdown=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _save(self, clean_shutdown: bool = False, **changes: Any) -> None:
+        self.state = self.state.evolve(clean_shutdown=clean_shutdown, **changes)
+        await asyncio.to_thread(persist.save, self.data_dir, self.state)
+        self._observe()
+
+    def _observe(self) -> None:
+        st = self.state
+        self.metrics.observe_state(st.role.value, st.stage.value, st.epoch, self.replication, st.out_of_sync)
+        self.metrics.up.labels(self.cfg.name).set(1 if self.qsd.alive else 0)
+
+    def _overlay_paths(self, gen: int) -> tuple[Path, Path]:
+        return self.data_dir / f"hidden-{gen}.qcow2", self.data_dir / f"active-{gen}.qcow2"
+
+    async def _create_overlays(self, gen: int) -> None:
+        for path in self._overlay_paths(gen):
+            await img.create(path, "qcow2", self.cfg.size)
+
+    async def _remove_overlay_files(self, gen: int) -> None:
+        def rm() -> None:
+            for path in self._overlay_paths(gen):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+        await asyncio.to_thread(rm)
+
+    def _prepare_next(self) -> None:
+        """Create the next overlay pair ahead of time, so the checkpoint itself only
+        runs QMP commands."""
+        gen = self.state.generation + 1
+
+        async def prepare() -> None:
+            await self._remove_overlay_files(gen)
+            await self._create_overlays(gen)
+            self._prepared_generation = gen
+
+        self._prepared_generation = None
+        self._prepare_task = asyncio.create_task(prepare(), name="prepare-overlays")
+
+    async def _ensure_overlays(self, gen: int) -> None:
+        if self._prepare_task is not None:
+            with contextlib.suppress(Exception):
+                await self._prepare_task
+        if self._prepared_generation != gen:
+            await self._remove_overlay_files(gen)
+            await self._create_overlays(gen)
+        self._prepared_generation = None
+
+    async def _attach_overlays(self, gen: int) -> None:
+        hidden_path, active_path = self._overlay_paths(gen)
+        hidden, active = r.overlay_pair(hidden_path, active_path, gen)
+        await self.qsd.execute("blockdev-add", hidden)
+        await self.qsd.execute("blockdev-add", active)
+        await self._check_chain(gen)
+
+    async def _detach_overlays(self, gen: int) -> None:
+        for node in (r.active_node(gen), r.hidden_node(gen)):
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("blockdev-del", {"node-name": node})
+        await self._remove_overlay_files(gen)
+
+    async def _check_chain(self, gen: int) -> None:
+        """replication_start's checks, with its messages."""
+        nodes = {n["node-name"]: n for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
+        active, hidden = nodes.get(r.active_node(gen)), nodes.get(r.hidden_node(gen))
+        disk = nodes.get(r.DISK_NODE)
+        if active is None or active.get("backing_file_depth", 0) < 1:
+            raise ChainCheckFailed("Active disk doesn't have backing file")
+        if hidden is None or hidden.get("backing_file_depth", 0) < 1:
+            raise ChainCheckFailed("Hidden disk doesn't have backing file")
+        if disk is None:
+            raise ChainCheckFailed("The secondary disk doesn't have block backend")
+        lengths = {n["image"]["virtual-size"] for n in (active, hidden, disk)}
+        if len(lengths) != 1:
+            raise ChainCheckFailed("Active disk, hidden disk, secondary disk's length are not the same")
+        if active["drv"] != "qcow2" or hidden["drv"] != "qcow2":
+            raise ChainCheckFailed("Active disk or hidden disk doesn't support make_empty")
+
+    async def _start_cow(self, gen: int) -> None:
+        self.qsd.watch_job(r.cow_job(gen))
+        await self.qsd.execute("blockdev-backup", r.backup_sync_none(gen))
+
+    async def _cancel_job(self, job: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Cancel a job and wait until it is gone; returns its final event."""
+        self.qsd.watch_job(job)
+        try:
+            await self.qsd.execute("block-job-cancel", {"device": job, "force": True})
+        except QemuError as exc:
+            self.qsd.unwatch_job(job)
+            if "not found" in str(exc):
+                return {"event": "GONE", "data": {}}
+            raise
+        try:
+            return await self.qsd.wait_job_event(job, {"BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"}, timeout)
+        finally:
+            self.qsd.unwatch_job(job)
+
+    async def _start_replication_export(self) -> None:
+        host, port = self.cfg.replication_listen
+        if self.cfg.psk is not None:
+            await self._ensure_tls("server")
+        await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
+        await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, r.DISK_NODE))
+
+    async def _stop_nbd_server(self) -> None:
+        for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT):
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("nbd-server-stop")
+        self.serving = False
+
+    _tls_endpoint: str | None = None
+
+    async def _ensure_tls(self, endpoint: str) -> None:
+        if self._tls_endpoint == endpoint:
+            return
+        assert self.cfg.psk is not None and self._tls_dir is not None
+        if self._tls_endpoint is not None:
+            await self.qsd.execute("object-del", {"id": r.TLS_OBJECT})
+        await self.qsd.execute("object-add", r.tls_psk(self._tls_dir, endpoint, self.cfg.psk.username))
+        self._tls_endpoint = endpoint
+
+    async def _build_quorum(self) -> None:
+        nodes = {n["node-name"] for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
+        if r.QUORUM_NODE not in nodes:
+            await self.qsd.execute("blockdev-add", r.quorum([r.DISK_NODE]))
+            self._quorum_children = 1
+
+    async def _serve_workload(self) -> None:
+        if self.serving:
+            return
+        sock = self.cfg.export_socket
+        await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
+        await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
+        await self.qsd.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.QUORUM_NODE))
+        self.serving = True
+
+    async def fence_workload(self, reason: str) -> None:
+        """Stop serving the workload export at once (lease lost, demotion)."""
+        async with self.lock:
+            if self.serving:
+                log.error("fencing: workload export stopped: %s", reason)
+                await self._stop_nbd_server()
+                self.last_error = reason
+
+    # ------------------------------------------------------------------ secondary
+
+    async def start_secondary(self, epoch: int) -> dict[str, Any]:
+        async with self.lock:
+            check_start_secondary(self.position, epoch)
+            if self.state.role is Role.PRIMARY:
+                await self._teardown_primary()
+            gen = self.state.generation + 1
+            await self._save(epoch=epoch, role=Role.SECONDARY, stage=Stage.NONE, peer=None)
+            await self._ensure_overlays(gen)
+            try:
+                await self._attach_overlays(gen)
+                await self._start_replication_export()
+                await self._start_cow(gen)
+            except PairvolError:
+                await self._stop_nbd_server()
+                await self._detach_overlays(gen)
+                raise
+            cp = Checkpoint(0, time.time(), 0.0)
+            await self._save(stage=Stage.RUNNING, generation=gen, checkpoint=cp, out_of_sync=False)
+            self.replication = "replicating"
+            self.metrics.checkpoint_id.labels(self.cfg.name).set(0)
+            self.metrics.checkpoint_last_timestamp.labels(self.cfg.name).set(cp.time)
+            self._observe()
+            self._prepare_next()
+            log.info("secondary started at epoch %d, exporting on %s:%d", epoch, *self.cfg.replication_listen)
+            return self.status()
+
+    async def checkpoint(self) -> dict[str, Any]:
+        async with self.lock:
+            check_checkpoint(self.position)
+            t0 = time.perf_counter()
+            old, new = self.state.generation, self.state.generation + 1
+            await self._ensure_overlays(new)
+            await self._attach_overlays(new)
+            self.qsd.watch_job(r.cow_job(new))
+            t_cut = time.perf_counter()
+            try:
+                await self.qsd.execute(
+                    "transaction", {"actions": [{"type": "blockdev-backup", "data": r.backup_sync_none(new)}]}
+                )
+            except PairvolError:
+                self.qsd.unwatch_job(r.cow_job(new))
+                await self._detach_overlays(new)
+                raise
+            cut_s = time.perf_counter() - t_cut
+            final = await self._cancel_job(r.cow_job(old))
+            copied = int(final.get("data", {}).get("offset", 0))
+            await self._detach_overlays(old)
+            duration = time.perf_counter() - t0
+            cp = Checkpoint(
+                (self.state.checkpoint.id + 1) if self.state.checkpoint else 1, time.time(), duration * 1000
+            )
+            await self._save(generation=new, checkpoint=cp)
+            m = self.metrics
+            m.checkpoint_duration.labels(self.cfg.name).observe(duration)
+            m.checkpoint_cut.labels(self.cfg.name).observe(cut_s)
+            m.checkpoint_id.labels(self.cfg.name).set(cp.id)
+            m.checkpoint_last_timestamp.labels(self.cfg.name).set(cp.time)
+            m.cow_bytes.labels(self.cfg.name).inc(copied)
+            self._prepare_next()
+            log.debug("checkpoint %d cut in %.2f ms (transaction %.2f ms)", cp.id, duration * 1000, cut_s * 1000)
+            return {"id": cp.id, "durationMs": round(duration * 1000, 3), "cutMs": round(cut_s * 1000, 3)}
+
+    async def failover(self, epoch: int, mode: FailoverMode) -> dict[str, Any]:
+        async with self.lock:
+            check_failover(self.position, epoch)
+            t0 = time.perf_counter()
+            gen = self.state.generation
+            # The new epoch is durable before anything else: from here on the old primary is fenced.
+            await self._save(epoch=epoch, stage=Stage.FAILOVER)
+            await self._stop_nbd_server()
+            final = await self._cancel_job(r.cow_job(gen))
+            self.metrics.cow_bytes.labels(self.cfg.name).inc(int(final.get("data", {}).get("offset", 0)))
+            try:
+                if mode is FailoverMode.CHECKPOINT:
+                    await self._commit(gen)
+            except PairvolError as exc:
+                self.last_error = f"failover commit failed: {exc}"
+                await self._save(stage=Stage.FAILOVER_FAILED)
+                self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
+                log.error("%s", self.last_error)
+                raise ReplicaError(self.last_error) from exc
+            await self._detach_overlays(gen)
+            await self._build_quorum()
+            await self._serve_workload()
+            self.replication = "degraded"
+            self.peer, self.peer_error = None, "no peer since failover"
+            await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None)
+            duration = time.perf_counter() - t0
+            self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
+            self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
+            cp_id = self.state.checkpoint.id if self.state.checkpoint else None
+            log.info("failover (%s) to epoch %d done in %.1f ms", mode.value, epoch, duration * 1000)
+            return {
+                "durationMs": round(duration * 1000, 3),
+                "mode": mode.value,
+                "checkpointId": cp_id if mode is FailoverMode.CHECKPOINT else None,
+            }
+
+    async def _commit(self, gen: int) -> None:
+        """replication_stop(failover=true): active commit of active+hidden into the disk."""
+        self.qsd.watch_job(r.COMMIT_JOB)
+        try:
+            await self.qsd.execute("block-commit", r.active_commit(gen))
+            event = await self.qsd.wait_job_event(
+                r.COMMIT_JOB, {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}
+            )
+            if event["event"] != "BLOCK_JOB_READY":
+                raise ReplicaError(f"commit job ended early: {event['data'].get('error', event['event'])}")
+            await self.qsd.execute("block-job-complete", {"device": r.COMMIT_JOB})
+            event = await self.qsd.wait_job_event(r.COMMIT_JOB, {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"})
+            if event["event"] != "BLOCK_JOB_COMPLETED" or "error" in event["data"]:
+                raise ReplicaError(f"commit job failed: {event['data'].get('error', event['event'])}")
+        finally:
+            self.qsd.unwatch_job(r.COMMIT_JOB)
+
+    async def stop(self) -> dict[str, Any]:
+        async with self.lock:
+            if not check_stop(self.position):
+                return self.status()
+            if self.state.role is Role.SECONDARY:
+                gen = self.state.generation
+                await self._stop_nbd_server()
+                await self._cancel_job(r.cow_job(gen))
+                await self._detach_overlays(gen)
+                self.replication = "none"
+                await self._save(stage=Stage.DONE)
+            else:
+                await self._detach_peer("replication stopped by request", mark=True)
+                self.replication = "none"
+                await self._save(stage=Stage.DONE)
+            return self.status()
+
+    # ------------------------------------------------------------------ primary
+
+    async def start_primary(self, epoch: int, peer: tuple[str, int] | None, sync: str) -> dict[str, Any]:
+        async with self.lock:
+            check_start_primary(self.position, epoch)
+            await self._detach_peer("peer replaced", mark=False)
+            await self._build_quorum()
+            await self._save(
+                epoch=epoch, role=Role.PRIMARY, stage=Stage.RUNNING, peer=f"{peer[0]}:{peer[1]}" if peer else None
+            )
+            await self._serve_workload()
+            if peer is None:
+                self.replication = "degraded"
+                self.peer_error = "no peer"
+            else:
+                await self._attach_peer(peer, sync)
+            self._observe()
+            return self.status()
+
+    async def _attach_peer(self, peer: tuple[str, int], sync: str) -> None:
+        host, port = peer
+        tls = self.cfg.psk is not None
+        if tls:
+            await self._ensure_tls("client")
+        self.peer = peer
+        try:
+            await self.qsd.execute("blockdev-add", r.nbd_client(r.PEER_NODE, host, port, tls, self.cfg.reconnect_delay))
+        except QemuError as exc:
+            self.replication, self.peer_error = "degraded", f"cannot connect to peer {host}:{port}: {exc}"
+            await self._save(out_of_sync=True)
+            raise ReplicaError(self.peer_error) from exc
+        try:
+            if sync == "full":
+                await self.qsd.execute("blockdev-add", r.nbd_client(r.SYNC_TARGET_NODE, host, port, tls, 0))
+            self._peer_child = f"children.{self._quorum_children}"
+            await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
+            self._quorum_children += 1
+        except QemuError as exc:
+            await self._drop_peer_nodes()
+            self.replication, self.peer_error = "degraded", f"cannot attach peer {host}:{port}: {exc}"
+            raise ReplicaError(self.peer_error) from exc
+        self.peer_error = None
+        watch = PeerWatch(host, port, self.cfg.stall_timeout, self.metrics.peer_sent_bytes.labels(self.cfg.name).inc)
+        self._peer_task = asyncio.create_task(self._watch_peer(watch), name="peer-watch")
+        if sync == "full":
+            self.replication = "syncing"
+            self.sync_done, self.sync_total = 0, self.cfg.size
+            self.qsd.watch_job(r.SYNC_JOB)
+            await self.qsd.execute("blockdev-mirror", r.mirror_full())
+            await self._save(out_of_sync=True)  # until the mirror is READY the peer lacks data
+            self._sync_task = asyncio.create_task(self._run_sync(), name="full-sync")
+        else:
+            self.replication = "replicating"
+            await self._save(out_of_sync=False)
+        log.info("replicating to %s:%d (sync %s)", host, port, sync)
+
+    async def _run_sync(self) -> None:
+        """Follow the mirror; at READY every write is synchronous on both sides, so the
+        mirror is cancelled (no pivot) and the quorum carries on alone."""
+        m = self.metrics
+        name = self.cfg.name
+        last_log = 0.0
+        try:
+            while True:
+                try:
+                    event = await self.qsd.wait_job_event(
+                        r.SYNC_JOB, {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 0.5
+                    )
+                except TimeoutError:
+                    jobs = await self.qsd.execute("query-block-jobs")
+                    for job in jobs:
+                        if job["device"] == r.SYNC_JOB:
+                            self.sync_done, self.sync_total = int(job["offset"]), int(job["len"]) or 1
+                    m.sync_done_bytes.labels(name).set(self.sync_done)
+                    m.sync_total_bytes.labels(name).set(self.sync_total)
+                    m.sync_progress.labels(name).set(self.sync_done / max(1, self.sync_total))
+                    if time.monotonic() - last_log > 2:
+                        last_log = time.monotonic()
+                        log.info("full sync: %s", self.sync_line())
+                    continue
+                if event["event"] == "BLOCK_JOB_READY":
+                    break
+                raise ReplicaError(f"full sync failed: {event['data'].get('error', event['event'])}")
+            async with self.lock:
+                await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB})
+                event = await self.qsd.wait_job_event(r.SYNC_JOB, {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 30)
+                self.qsd.unwatch_job(r.SYNC_JOB)
+                with contextlib.suppress(QemuError):
+                    await self.qsd.execute("blockdev-del", {"node-name": r.SYNC_TARGET_NODE})
+                self.sync_done = self.sync_total
+                m.sync_done_bytes.labels(name).set(self.sync_done)
+                m.sync_progress.labels(name).set(1.0)
+                if self._peer_child is not None:
+                    self.replication = "replicating"
+                    await self._save(out_of_sync=False)
+                log.info("full sync done: %d bytes; replicating synchronously", self.sync_total)
+        except asyncio.CancelledError:
+            raise
+        except PairvolError as exc:
+            log.error("full sync to %s failed: %s", self.peer, exc)
+            async with self.lock:
+                await self._detach_peer(f"full sync failed: {exc}", mark=True)
+
+    def sync_line(self) -> str:
+        pct = 100.0 * self.sync_done / max(1, self.sync_total)
+        return f"{self.sync_done >> 20} / {self.sync_total >> 20} MiB ({pct:.1f}%)"
+
+    async def _watch_peer(self, watch: PeerWatch) -> None:
+        """Peer liveness: mark OutOfSync before the NBD client gives up (its reconnect
+        delay), then drop the peer so the primary goes on alone."""
+        mark_after = max(0.0, self.cfg.reconnect_delay - 1.0)
+        drop_after = self.cfg.reconnect_delay + 0.5
+        watch.down_since = None  # the nbd node connected during blockdev-add
+        watch.connected = True
+        try:
+            while True:
+                await watch.poll_once()
+                down = watch.down_for()
+                if down > mark_after and not self.state.out_of_sync:
+                    await self._mark_out_of_sync(f"peer {watch.host}:{watch.port} unreachable")
+                if down > drop_after:
+                    async with self.lock:
+                        await self._detach_peer(
+                            f"peer {watch.host}:{watch.port} lost (down {down:.1f} s"
+                            f"{', stalled link broken' if watch.kills else ''})",
+                            mark=True,
+                            from_watch=True,
+                        )
+                    return
+                await asyncio.sleep(watch.interval)
+        except asyncio.CancelledError:
+            raise
+        except PairvolError as exc:
+            log.error("peer watchdog failed: %s", exc)
+
+    async def _mark_out_of_sync(self, reason: str) -> None:
+        log.error("secondary is out of sync: %s", reason)
+        await self._save(out_of_sync=True)
+        for hook in self.out_of_sync_hooks:
+            try:
+                await hook(self.state.epoch)
+            except Exception as exc:
+                log.error("out-of-sync hook failed: %s", exc)
+                log.debug("out-of-sync hook traceback", exc_info=True)
+
+    async def _detach_peer(self, reason: str, mark: bool, from_watch: bool = False) -> None:
+        """Remove the peer from the quorum (caller holds the lock)."""
+        if self._peer_task is not None and not from_watch:
+            self._peer_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._peer_task
+        self._peer_task = None
+        if self._sync_task is not None and self._sync_task is not asyncio.current_task():
+            self._sync_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sync_task
+        self._sync_task = None
+        if self._peer_child is None and self.peer is None:
+            return
+        if mark and not self.state.out_of_sync:
+            await self._mark_out_of_sync(reason)
+        await self._drop_peer_nodes()
+        if mark:
+            self.metrics.peer_failures.labels(self.cfg.name).inc()
+        self.replication, self.peer_error = "degraded", reason
+        log.warning("peer detached: %s", reason)
+        self._observe()
+
+    async def _drop_peer_nodes(self) -> None:
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB, "force": True})
+            await asyncio.sleep(0.05)
+        self.qsd.unwatch_job(r.SYNC_JOB)
+        if self._peer_child is not None:
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "child": self._peer_child})
+            self._peer_child = None
+        for node in (r.PEER_NODE, r.SYNC_TARGET_NODE):
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("blockdev-del", {"node-name": node})
+        self.peer = None
+
+    async def _teardown_primary(self) -> None:
+        await self._detach_peer("demoted", mark=False)
+        await self._stop_nbd_server()
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
+        self._quorum_children = 0
+
+    async def _on_qsd_event(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "QUORUM_REPORT_BAD" and self.state.role is Role.PRIMARY and not self.state.out_of_sync:
+            # a write was acknowledged without the peer: it misses data from now on
+            await self._mark_out_of_sync(f"peer failed a write: {event.get('data', {}).get('error', 'I/O error')}")
+        elif name == "BLOCK_IO_ERROR":
+            log.error("I/O error: %s", event.get("data"))
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        st = self.state
+        sync = None
+        if self.replication == "syncing" or (self.sync_total and self.sync_done < self.sync_total):
+            sync = {
+                "doneBytes": self.sync_done,
+                "totalBytes": self.sync_total,
+                "progress": round(self.sync_done / max(1, self.sync_total), 4),
+            }
+        qsd_error = None if self.qsd.alive else (self.qsd.exit_error or "not running")
+        return {
+            "name": st.name,
+            "role": st.role.value,
+            "stage": st.stage.value,
+            "epoch": st.epoch,
+            "size": st.size,
+            "checkpoint": st.checkpoint.to_api() if st.checkpoint and st.role is not Role.NONE else None,
+            "replication": {
+                "state": self.replication,
+                "peer": f"{self.peer[0]}:{self.peer[1]}"
+                if self.peer
+                else (st.peer if st.role is Role.PRIMARY else None),
+                "error": qsd_error or self.peer_error or self.last_error,
+                "outOfSync": st.out_of_sync,
+                "sync": sync,
+            },
+            "export": {
+                "serving": self.serving,
+                "socket": str(self.cfg.export_socket),
+                "name": r.WORKLOAD_EXPORT,
+            },
+            "ioStatus": io_status(st.role, st.stage),
+            "qsd": {"alive": self.qsd.alive, "pid": self.qsd.pid, "error": qsd_error},
+            "restored": self.restored,
+        }
+
+
+__all__ = ["ChainCheckFailed", "IllegalTransition", "QsdDied", "Replica", "ReplicaError"]

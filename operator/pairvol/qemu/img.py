@@ -1,0 +1,49 @@
+"""qemu-img, run as an asyncio subprocess (never blocks the event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pairvol.qemu import QemuError
+
+log = logging.getLogger(__name__)
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise QemuError(
+            f"{name} not found on PATH; install it (Debian: apt-get install "
+            f"{'qemu-utils' if name == 'qemu-img' else 'qemu-system-common'})"
+        )
+    return path
+
+
+async def run_qemu_img(*args: str) -> str:
+    exe = require_binary("qemu-img")
+    proc = await asyncio.create_subprocess_exec(
+        exe, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise QemuError(f"qemu-img {' '.join(args)} failed: {err.decode().strip() or out.decode().strip()}")
+    return out.decode()
+
+
+async def create(path: Path, fmt: str, size: int) -> None:
+    """Create an image; refuses to overwrite an existing file (never reformat data)."""
+    if await asyncio.to_thread(path.exists):
+        raise QemuError(f"refusing to create {path}: it exists already")
+    opts = ["-o", "cluster_size=65536"] if fmt == "qcow2" else []
+    await run_qemu_img("create", "-q", "-f", fmt, *opts, str(path), str(size))
+    log.debug("created %s image %s (%d bytes)", fmt, path, size)
+
+
+async def info(path: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(await run_qemu_img("info", "--output=json", "-U", str(path)))
+    return result

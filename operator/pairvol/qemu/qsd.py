@@ -1,0 +1,229 @@
+"""One qemu-storage-daemon process and the one QMP connection to it.
+
+The agent never talks QMP anywhere else. The daemon is started with nothing but a QMP
+monitor; every node, job and export is created at run time over QMP so that the agent's
+state machine, not a command line, decides the block graph. The daemon gets
+PR_SET_PDEATHSIG: if the agent is killed, its daemon dies with it and stops serving
+(a primary whose agent is gone must not keep a writable export alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.error import QMPError
+from qemu.qmp.qmp_client import ExecuteError
+
+from pairvol.qemu import QemuError, QsdDied
+from pairvol.qemu.img import require_binary
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Qsd:
+    """A supervised qemu-storage-daemon with its QMP client and event fan-out."""
+
+    def __init__(self, run_dir: Path, log_path: Path, name: str = "qsd") -> None:
+        self.run_dir = run_dir
+        self.log_path = log_path
+        self.name = name
+        self.qmp_path = run_dir / f"{name}-qmp.sock"
+        self.pidfile = run_dir / f"{name}.pid"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient(name)
+        self.dead = asyncio.Event()
+        self.exit_error: str | None = None
+        self._job_queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._handlers: list[EventHandler] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.dead.is_set()
+
+    def on_event(self, handler: EventHandler) -> None:
+        self._handlers.append(handler)
+
+    async def start(self, timeout: float = 10.0) -> None:
+        exe = require_binary("qemu-storage-daemon")
+        await asyncio.to_thread(self._prepare_run_dir)
+        logfile = await asyncio.to_thread(open, self.log_path, "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                exe,
+                "--chardev",
+                f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+                "--monitor",
+                "chardev=qmp0",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
+            )
+        finally:
+            logfile.close()
+        await asyncio.to_thread(self.pidfile.write_text, f"{self.proc.pid}\n")
+        self._tasks.append(asyncio.create_task(self._watch_exit(), name=f"{self.name}-exit"))
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self.dead.is_set():
+                raise QsdDied(f"qemu-storage-daemon exited during start-up: {self.exit_error}")
+            try:
+                await self.qmp.connect(str(self.qmp_path))
+                break
+            except (OSError, QMPError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    await self.kill()
+                    raise QemuError(f"cannot connect to QMP at {self.qmp_path}: {exc}") from exc
+                await asyncio.sleep(0.02)
+        listener = EventListener()
+        self.qmp.register_listener(listener)
+        self._tasks.append(asyncio.create_task(self._pump_events(listener), name=f"{self.name}-events"))
+        log.debug("qemu-storage-daemon %s started, pid %d", self.name, self.proc.pid)
+
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _kill_stale(self.pidfile, str(self.qmp_path))
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()
+
+    async def _watch_exit(self) -> None:
+        assert self.proc is not None
+        rc = await self.proc.wait()
+        if not self._stopping:
+            tail = await asyncio.to_thread(_tail, self.log_path)
+            self.exit_error = f"qemu-storage-daemon exited with status {rc}" + (f": {tail}" if tail else "")
+            log.error("%s", self.exit_error)
+        else:
+            self.exit_error = "qemu-storage-daemon stopped"
+        self.dead.set()
+        for queue in self._job_queues.values():
+            queue.put_nowait({"event": "QSD_DIED", "data": {}})
+
+    async def _pump_events(self, listener: EventListener) -> None:
+        async for event in listener:
+            msg: dict[str, Any] = dict(event)
+            data = msg.get("data", {})
+            job = data.get("id") or data.get("device")
+            if job is not None and msg["event"].startswith(("JOB_", "BLOCK_JOB_")):
+                queue = self._job_queues.get(str(job))
+                if queue is not None:
+                    queue.put_nowait(msg)
+            for handler in self._handlers:
+                try:
+                    await handler(msg)
+                except Exception:  # a handler bug must not stop the pump
+                    log.exception("event handler failed for %s", msg.get("event"))
+
+    def watch_job(self, job_id: str) -> asyncio.Queue[dict[str, Any]]:
+        """Start collecting a job's events; call before the command that creates the job."""
+        queue = self._job_queues.get(job_id)
+        if queue is None:
+            queue = self._job_queues[job_id] = asyncio.Queue()
+        return queue
+
+    def unwatch_job(self, job_id: str) -> None:
+        self._job_queues.pop(job_id, None)
+
+    async def wait_job_event(self, job_id: str, events: set[str], timeout: float | None = None) -> dict[str, Any]:
+        """Wait for one of ``events`` for ``job_id`` (after :meth:`watch_job`)."""
+        queue = self._job_queues[job_id]
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await queue.get()
+                if msg["event"] == "QSD_DIED":
+                    raise QsdDied(self.exit_error or "qemu-storage-daemon died")
+                if msg["event"] in events:
+                    return msg
+
+    async def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        if self.dead.is_set():
+            raise QsdDied(self.exit_error or "qemu-storage-daemon is not running")
+        try:
+            return await self.qmp.execute(command, args)
+        except ExecuteError as exc:
+            raise QemuError(f"{command}: {exc.error.error.desc}") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise QsdDied(f"{command}: lost QMP connection: {exc!r}") from exc
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Quit cleanly (flushes images); kill if it does not exit in time."""
+        self._stopping = True
+        if self.proc is None:
+            return
+        if not self.dead.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
+            try:
+                await asyncio.wait_for(self.dead.wait(), timeout)
+            except TimeoutError:
+                await self.kill()
+        await self._teardown()
+
+    async def kill(self) -> None:
+        self._stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(self.pidfile.unlink)
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def _kill_stale(pidfile: Path, marker: str) -> None:
+    """Kill a daemon left behind by a previous agent on the same data dir (by its PID
+    file, and only if its command line names our own QMP socket)."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return
+    if "qemu-storage-daemon" in cmdline and marker in cmdline:
+        log.warning("killing stale qemu-storage-daemon pid %d of this data dir", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

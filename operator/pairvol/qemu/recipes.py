@@ -1,0 +1,138 @@
+"""The block graphs of replication.c, as QMP arguments (pure functions, no I/O).
+
+Secondary::
+
+    NBD export "replication" ──► disk (raw)  ◄── backing ── hidden-G (qcow2) ◄── backing ── active-G (qcow2)
+                                  └─ copy-before-write job cow-G (blockdev-backup sync=none) ──► hidden-G
+
+Primary::
+
+    workload export "volume" ──► quorum (vote-threshold=1, read-pattern=fifo)
+                                   ├─ children.0: disk (raw, local)
+                                   └─ children.1: peer (nbd client, TLS-PSK) ──► secondary's "replication"
+
+QEMU 7.2's QMP still uses the legacy ``{"type", "data"}`` socket address in
+``nbd-server-start``; blockdev options use the flat form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DISK_NODE = "disk"
+QUORUM_NODE = "quorum"
+PEER_NODE = "peer"
+SYNC_TARGET_NODE = "peer-sync"
+SYNC_JOB = "sync"
+COMMIT_JOB = "commit"
+REPLICATION_EXPORT = "replication"
+WORKLOAD_EXPORT = "volume"
+TLS_OBJECT = "tls0"
+
+QMPArgs = dict[str, Any]
+
+
+def hidden_node(generation: int) -> str:
+    return f"hidden-{generation}"
+
+
+def active_node(generation: int) -> str:
+    return f"active-{generation}"
+
+
+def cow_job(generation: int) -> str:
+    return f"cow-{generation}"
+
+
+def file_node(path: Path, node_name: str, fmt: str, backing: str | None = None) -> QMPArgs:
+    args: QMPArgs = {
+        "driver": fmt,
+        "node-name": node_name,
+        "file": {"driver": "file", "filename": str(path), "aio": "threads"},
+        "discard": "unmap",
+    }
+    if fmt == "qcow2":
+        args["backing"] = backing
+    return args
+
+
+def overlay_pair(hidden_path: Path, active_path: Path, generation: int) -> tuple[QMPArgs, QMPArgs]:
+    hidden = file_node(hidden_path, hidden_node(generation), "qcow2", backing=DISK_NODE)
+    active = file_node(active_path, active_node(generation), "qcow2", backing=hidden_node(generation))
+    return hidden, active
+
+
+def tls_psk(directory: Path, endpoint: str, username: str) -> QMPArgs:
+    args: QMPArgs = {"qom-type": "tls-creds-psk", "id": TLS_OBJECT, "dir": str(directory), "endpoint": endpoint}
+    if endpoint == "client":
+        args["username"] = username
+    return args
+
+
+def nbd_server_inet(host: str, port: int, tls: bool) -> QMPArgs:
+    args: QMPArgs = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+    if tls:
+        args["tls-creds"] = TLS_OBJECT
+    return args
+
+
+def nbd_server_unix(path: Path) -> QMPArgs:
+    return {"addr": {"type": "unix", "data": {"path": str(path)}}}
+
+
+def nbd_export(export_id: str, node: str, writable: bool = True) -> QMPArgs:
+    return {"type": "nbd", "id": export_id, "node-name": node, "name": export_id, "writable": writable}
+
+
+def nbd_client(node_name: str, host: str, port: int, tls: bool, reconnect_delay: int) -> QMPArgs:
+    args: QMPArgs = {
+        "driver": "nbd",
+        "node-name": node_name,
+        "server": {"type": "inet", "host": host, "port": str(port)},
+        "export": REPLICATION_EXPORT,
+        "reconnect-delay": reconnect_delay,
+    }
+    if tls:
+        args["tls-creds"] = TLS_OBJECT
+    return args
+
+
+def quorum(children: list[str]) -> QMPArgs:
+    return {
+        "driver": "quorum",
+        "node-name": QUORUM_NODE,
+        "children": children,
+        "vote-threshold": 1,
+        "read-pattern": "fifo",
+    }
+
+
+def backup_sync_none(generation: int) -> QMPArgs:
+    """Copy-before-write from the secondary disk into hidden-G (replication.c's backup job)."""
+    return {
+        "job-id": cow_job(generation),
+        "device": DISK_NODE,
+        "target": hidden_node(generation),
+        "sync": "none",
+        "auto-dismiss": True,
+    }
+
+
+def mirror_full() -> QMPArgs:
+    """Initial sync (COLO's drive-mirror): write-blocking, so once READY every workload
+    write reaches the target before it completes."""
+    return {
+        "job-id": SYNC_JOB,
+        "device": QUORUM_NODE,
+        "target": SYNC_TARGET_NODE,
+        "sync": "full",
+        "copy-mode": "write-blocking",
+        "on-target-error": "report",
+        "auto-dismiss": True,
+    }
+
+
+def active_commit(generation: int) -> QMPArgs:
+    """replication_stop(failover=true): commit active+hidden into the secondary disk."""
+    return {"job-id": COMMIT_JOB, "device": active_node(generation), "auto-dismiss": True}
