@@ -313,3 +313,28 @@ async def test_crds_can_be_registered_and_removed_at_runtime(
     code, status = await send(api_http, "POST",
                               "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", bad)
     assert code == 422 and "quantity() is not supported by this emulator" in status["message"]
+
+
+async def test_events_are_shared_between_core_and_events_k8s_io(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    new_api = "/apis/events.k8s.io/v1/namespaces/default/events"
+    core_api = "/api/v1/namespaces/default/events"
+    code, created = await send(api_http, "POST", new_api, {
+        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "metadata": {"name": "e1"}, "eventTime": "2024-01-01T00:00:00.000000Z",
+        "regarding": {"kind": "ReplicatedVolume", "name": "vol", "namespace": "default"},
+        "note": "failed over", "reason": "FailedOver", "type": "Warning",
+        "action": "Failover", "reportingController": "pairvol.io/operator",
+        "reportingInstance": "op-1",
+    })
+    assert code == 201, created
+    assert created["note"] == "failed over" and created["apiVersion"] == "events.k8s.io/v1"
+    code, core = await send(api_http, "GET",
+                            f"{core_api}?fieldSelector=involvedObject.name%3Dvol")
+    assert [(e["message"], e["involvedObject"]["kind"], e["source"]["component"])
+            for e in core["items"]] == [("failed over", "ReplicatedVolume", "pairvol.io/operator")]
+    code, patched = await send(api_http, "PATCH", f"{new_api}/e1", {"note": "done"}, MERGE)
+    assert code == 200 and patched["note"] == "done"
+    code, core_e1 = await send(api_http, "GET", f"{core_api}/e1")
+    assert core_e1["message"] == "done"

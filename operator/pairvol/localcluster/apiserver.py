@@ -49,7 +49,13 @@ import yaml
 
 from pairvol.errors import PairvolError
 from pairvol.localcluster import apiserver_schema as schema_mod
-from pairvol.localcluster.apiserver_builtin import BUILTIN_TYPES, KOPF_CRDS, ResourceType
+from pairvol.localcluster.apiserver_builtin import (
+    BUILTIN_TYPES,
+    KOPF_CRDS,
+    ResourceType,
+    event_from_core,
+    event_to_core,
+)
 from pairvol.localcluster.apiserver_logic import (
     PATCH_TYPES,
     RequestError,
@@ -234,6 +240,8 @@ class APIServer(kmock.KubernetesScaffold):
 
     def _present(self, rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
         """The object as served at ``rtype``'s version (no conversion: same schema)."""
+        if rtype.group == "events.k8s.io":
+            return copy.deepcopy(event_from_core(obj))
         out = copy.deepcopy(obj)
         out["apiVersion"] = rtype.api_version
         out["kind"] = rtype.kind
@@ -383,6 +391,8 @@ class APIServer(kmock.KubernetesScaffold):
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         self._check_body_kind(rtype, body)
+        if rtype.group == "events.k8s.io":
+            body, rtype = event_to_core(body), self._storage_type(rtype)
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
@@ -474,6 +484,9 @@ class APIServer(kmock.KubernetesScaffold):
         subresource: str | None, *, require_rv: bool, dry_run: bool = False,
     ) -> dict[str, Any]:
         """Replace an object as PUT does (and PATCH after computing the patched body)."""
+        if rtype.group == "events.k8s.io" and isinstance(body, dict):
+            self._check_body_kind(rtype, body)
+            body, rtype = event_to_core(body), self._storage_type(rtype)
         kind = self._kinds[rtype.key]
         old = kind.objects.get((namespace, name))
         if old is None:
@@ -966,7 +979,9 @@ class APIServer(kmock.KubernetesScaffold):
                     continue
                 if item is None:
                     break
-                _, etype, obj, old = item
+                _, etype, stored, stored_old = item
+                obj = self._present(rtype, stored)
+                old = self._present(rtype, stored_old) if stored_old is not None else None
                 now_match = selector_matches(obj, labels, fields)
                 was_match = old is not None and selector_matches(old, labels, fields)
                 if etype == "MODIFIED" and now_match and not was_match:
@@ -976,8 +991,7 @@ class APIServer(kmock.KubernetesScaffold):
                 elif etype == "DELETED":
                     now_match = now_match or was_match
                 if now_match:
-                    await self._write_event(
-                        response, request, rtype, etype, self._present(rtype, obj), as_table)
+                    await self._write_event(response, request, rtype, etype, obj, as_table)
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the client went away; nothing to clean up but the registration

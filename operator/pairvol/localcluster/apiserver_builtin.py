@@ -33,6 +33,7 @@ class ResourceType:
     printer_columns: tuple[dict[str, Any], ...] = field(default=())
     custom: bool = False
     verbs: tuple[str, ...] = _ALL_VERBS
+    storage: tuple[str, str] | None = None  # share another resource's objects
 
     @property
     def api_version(self) -> str:
@@ -41,7 +42,7 @@ class ResourceType:
     @property
     def key(self) -> tuple[str, str]:
         """The storage key: all versions of a resource share their objects."""
-        return (self.group, self.plural)
+        return self.storage or (self.group, self.plural)
 
     @property
     def ident(self) -> tuple[str, str, str]:
@@ -89,6 +90,7 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
                      _col("Object", ".involvedObject.name"), _col("Message", ".message"),
                  )),
     ResourceType("events.k8s.io", "v1", "events", "Event", True, "event", ("ev",),
+                 storage=("", "events"),
                  printer_columns=(
                      _col("Type", ".type"), _col("Reason", ".reason"),
                      _col("Object", ".regarding.name"), _col("Note", ".note"),
@@ -132,3 +134,44 @@ KOPF_CRDS: tuple[dict[str, Any], ...] = (
     _peering_crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
     _peering_crd("KopfPeering", "kopfpeerings", "Namespaced"),
 )
+
+
+# core/v1 Event field  <->  events.k8s.io/v1 Event field (both APIs share one storage,
+# as in Kubernetes, so `kubectl describe` shows events written through either).
+_EVENT_FIELDS = (
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("count", "deprecatedCount"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("source", "deprecatedSource"),
+    ("reportingComponent", "reportingController"),
+)
+_EVENT_COMMON = ("metadata", "reason", "type", "action", "related", "series", "eventTime",
+                 "reportingInstance")
+
+
+def event_from_core(event: dict[str, Any]) -> dict[str, Any]:
+    """A stored (core/v1) Event as events.k8s.io/v1 serves it."""
+    out: dict[str, Any] = {"apiVersion": "events.k8s.io/v1", "kind": "Event"}
+    for key in _EVENT_COMMON:
+        if key in event:
+            out[key] = event[key]
+    for core, new in _EVENT_FIELDS:
+        if core in event:
+            out[new] = event[core]
+    return out
+
+
+def event_to_core(event: dict[str, Any]) -> dict[str, Any]:
+    """An events.k8s.io/v1 Event in the core/v1 shape it is stored in."""
+    out: dict[str, Any] = {"apiVersion": "v1", "kind": "Event"}
+    for key in _EVENT_COMMON:
+        if key in event:
+            out[key] = event[key]
+    for core, new in _EVENT_FIELDS:
+        if new in event:
+            out[core] = event[new]
+    if "source" not in out and event.get("reportingController"):
+        out["source"] = {"component": event["reportingController"]}
+    return out
