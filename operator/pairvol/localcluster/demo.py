@@ -115,6 +115,7 @@ class Stack:
     async def up(
         nodes: int = 3, *, root: Path | None = None, lease_duration: float = 2.0,
         operator_env: Mapping[str, str] | None = None, node_monitor_grace: float = 2.0,
+        peering: str | None = None,
     ) -> AsyncIterator[Stack]:
         from pairvol.localcluster.cluster import LocalCluster
         from pairvol.localcluster.kubelet import NodeSimulator
@@ -125,6 +126,9 @@ class Stack:
         names = [f"node-{i}" for i in range(1, nodes + 1)]
         async with contextlib.AsyncExitStack() as stack:
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
+            if peering:
+                cluster.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                               "metadata": {"name": peering}})
             sim = await stack.enter_async_context(NodeSimulator(
                 cluster.url, nodes=names, root=base / "nodes", status_interval=0.3,
                 node_monitor_grace=node_monitor_grace, backoff_base=0.2, config_retry=0.3,
@@ -133,6 +137,8 @@ class Stack:
                 "PAIRVOL_LEASE_DURATION": f"{lease_duration:g}",
                 "PAIRVOL_LEASE_MARGIN": "0.5",
                 "PAIRVOL_RECONCILE_INTERVAL": "0.2",
+                **({"PAIRVOL_PEERING": peering, "PAIRVOL_PEERING_LIFETIME": "4"}
+                   if peering else {}),
                 **(operator_env or {}),
             }
             op = OperatorProcess(cluster.kubeconfig_path, base / "operator.log", env)

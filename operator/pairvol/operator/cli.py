@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(kopf.operator(
             clusterwide=not namespaces, namespaces=namespaces,
             standalone=not config.peering, peering_name=config.peering or None,
+            priority=config.peering_priority,
             liveness_endpoint=liveness or None,
         ))
     except KeyboardInterrupt:

@@ -413,6 +413,8 @@ async def startup(settings: Any, **_: Any) -> None:
         prefix="pairvol.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.peering.mandatory = bool(config.peering)
+    settings.peering.priority = config.peering_priority
+    settings.peering.lifetime = config.peering_lifetime_s
     settings.watching.server_timeout = 60
     if config.metrics_port:
         app = web.Application()
