@@ -405,3 +405,23 @@ def test_packaged_chart_carries_the_crds(helm: str, tmp_path: Path) -> None:
         for crd in CRDS.glob("*.yaml"):
             member = tar.extractfile(f"pairvol/crds/{crd.name}")
             assert member is not None and member.read() == crd.read_bytes()
+
+
+def test_values_schema_is_a_valid_json_schema_that_accepts_the_defaults() -> None:
+    import jsonschema  # type: ignore[import-untyped]
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
+    for values in SCENARIOS.values():
+        jsonschema.validate(values, schema)
+
+
+@pytest.mark.parametrize(("version", "ok"), [("1.28.9", False), ("1.29.0", True), ("1.35.0", True)])
+def test_chart_states_the_kubernetes_versions_it_supports(
+    helm: str, version: str, ok: bool
+) -> None:
+    proc = run([helm, "template", "pv", str(CHART), "--kube-version", version], check=False)
+    assert (proc.returncode == 0) == ok, proc.stderr
+    if not ok:
+        assert "kubeVersion" in proc.stderr or "incompatible" in proc.stderr, proc.stderr
