@@ -20,12 +20,15 @@ acknowledges a write its peer did not get; the operator never promotes such a se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pairvol.errors import PairvolError
 from pairvol.operator.k8s import Conflict, KubeClient, KubeError, NotFound, lease_path, load_config
@@ -41,8 +44,7 @@ class LeaseError(PairvolError):
 
 def micro_time(t: float | None = None) -> str:
     """Kubernetes MicroTime: RFC 3339 with microseconds, UTC."""
-    return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime(
-        "%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(time.time() if t is None else t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_micro_time(s: str | None) -> float | None:
@@ -64,8 +66,14 @@ class LeaseKeeper:
     """Acquire, renew and release one coordination.k8s.io/v1 Lease for one holder."""
 
     def __init__(
-        self, *, namespace: str, name: str, holder: str, duration_s: float,
-        kubeconfig: str | None, on_lost: Callable[[], Awaitable[None]],
+        self,
+        *,
+        namespace: str,
+        name: str,
+        holder: str,
+        duration_s: float,
+        kubeconfig: str | None,
+        on_lost: Callable[[], Awaitable[None]],
     ) -> None:
         if duration_s < 1:
             raise LeaseError(f"lease duration must be at least 1 second, got {duration_s}")
@@ -104,17 +112,16 @@ class LeaseKeeper:
         taking_over = spec.get("holderIdentity") != self.holder
         if taking_over:
             spec["acquireTime"] = micro_time(now)
-            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (
-                1 if old is not None else 0)
+            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (1 if old is not None else 0)
         spec.update(
-            holderIdentity=self.holder, leaseDurationSeconds=math.ceil(self.duration_s),
+            holderIdentity=self.holder,
+            leaseDurationSeconds=math.ceil(self.duration_s),
             renewTime=micro_time(now),
         )
         meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
         if old is not None:
             meta = dict(old.get("metadata") or {})
-        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
-                "spec": spec}
+        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
 
     async def _try_take(self) -> str | None:
         """One attempt to create/renew/take over; None on success, else why not."""
@@ -131,8 +138,7 @@ class LeaseKeeper:
             holder = (old.get("spec") or {}).get("holderIdentity")
             if holder and holder != self.holder and not lease_expired(old, now):
                 spec = old.get("spec") or {}
-                return (f"held by {holder} (renewed {spec.get('renewTime')}, "
-                        f"{spec.get('leaseDurationSeconds')}s)")
+                return f"held by {holder} (renewed {spec.get('renewTime')}, {spec.get('leaseDurationSeconds')}s)"
             try:
                 new = await kube.replace(self.path, self._body(old, now))
             except Conflict:
@@ -215,8 +221,7 @@ class LeaseKeeper:
         patch = {"metadata": {"annotations": {OUT_OF_SYNC_ANNOTATION: str(epoch)}}}
         while True:
             if not self.held:
-                raise LeaseError(
-                    f"cannot mark out-of-sync at epoch {epoch}: lease {self.name} not held")
+                raise LeaseError(f"cannot mark out-of-sync at epoch {epoch}: lease {self.name} not held")
             try:
                 await kube.merge_patch(self.path, patch)
                 log.warning("lease %s: secondary marked out-of-sync at epoch %d", self.name, epoch)
@@ -244,3 +249,89 @@ class LeaseKeeper:
             if self._client is not None:
                 await self._client.close()
                 self._client = None
+
+
+# ------------------------------------------------------------------ agent wiring
+
+
+class _Fenceable(Protocol):
+    """What :func:`attach_lease` needs from the agent's replica (pairvol.agent.replica)."""
+
+    out_of_sync_hooks: list[Callable[[int], Awaitable[None]]]
+
+    @property
+    def state(self) -> Any: ...
+
+    async def fence_workload(self, reason: str) -> None: ...
+
+
+async def _poll(predicate: Callable[[], bool], every_s: float = 0.05) -> None:
+    """The replica has no change notification; its role is cheap to read, so poll it."""
+    while True:
+        if predicate():
+            return
+        await asyncio.sleep(every_s)
+
+
+def _is_primary(replica: _Fenceable) -> bool:
+    return str(getattr(replica.state.role, "value", replica.state.role)) == "primary"
+
+
+async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
+    """Wire a :class:`LeaseKeeper` into an agent: hold the Lease while primary, fence the
+    workload export when it is lost or cannot be acquired, and record out-of-sync marks.
+
+    ``args``: the agent's parsed flags (``lease_namespace``, ``lease_name``,
+    ``lease_duration``); the holder identity is ``$POD_NAME`` (else the host name).
+    """
+    namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+    holder = os.environ.get("POD_NAME") or socket.gethostname()
+    fenced = asyncio.Event()
+
+    async def on_lost() -> None:
+        fenced.set()
+        await replica.fence_workload("lease lost: another replica may be promoted")
+
+    keeper = LeaseKeeper(
+        namespace=namespace, name=args.lease_name, holder=holder,
+        duration_s=float(args.lease_duration), kubeconfig=None, on_lost=on_lost,
+    )
+
+    async def mark(epoch: int) -> None:
+        if keeper.held:
+            await keeper.mark_out_of_sync(epoch)
+        else:
+            log.error("out-of-sync at epoch %d not recorded: lease %s not held", epoch,
+                      args.lease_name)
+
+    replica.out_of_sync_hooks.append(mark)
+
+    async def keep() -> None:
+        try:
+            while True:
+                # a primary must hold the lease; a fenced primary never serves again
+                await _poll(lambda: _is_primary(replica) and not fenced.is_set())
+                try:
+                    await keeper.acquire(timeout_s=keeper.duration_s)
+                except LeaseError as exc:
+                    await on_lost()
+                    log.error("%s", exc)
+                    continue
+                renew = asyncio.create_task(keeper.run())
+                await _poll(lambda r=renew: r.done() or not _is_primary(replica))  # type: ignore[misc]
+                if not renew.done():  # demoted: give the lease up
+                    renew.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renew
+                    await keeper.release()
+                else:
+                    await renew
+        except asyncio.CancelledError:
+            # shutting down: stop serving *before* letting anyone else take over
+            if keeper.held or _is_primary(replica):
+                with contextlib.suppress(Exception):
+                    await replica.fence_workload("agent shutting down")
+            await keeper.release()
+            raise
+
+    return asyncio.create_task(keep(), name="lease-keeper")
