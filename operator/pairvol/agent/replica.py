@@ -265,9 +265,9 @@ class Replica:
         nodes = {n["node-name"]: n for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
         active, hidden = nodes.get(r.active_node(gen)), nodes.get(r.hidden_node(gen))
         disk = nodes.get(r.DISK_NODE)
-        if active is None or active.get("backing_file_depth", 0) < 1:
+        if active is None or "backing_file" not in active:
             raise ChainCheckFailed("Active disk doesn't have backing file")
-        if hidden is None or hidden.get("backing_file_depth", 0) < 1:
+        if hidden is None or "backing_file" not in hidden:
             raise ChainCheckFailed("Hidden disk doesn't have backing file")
         if disk is None:
             raise ChainCheckFailed("The secondary disk doesn't have block backend")

@@ -1,0 +1,1 @@
+"""Shared pytest configuration: `tests` is a package so suites can import tests.support."""
