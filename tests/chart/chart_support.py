@@ -61,14 +61,11 @@ def tool(name: str) -> str:
     raise ToolMissing(f"{name} not found on PATH or in .venv/tools: {hint}")
 
 
-def run(
-    args: list[str], *, check: bool = True, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], *, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
 
@@ -90,9 +87,7 @@ def helm_template(
     return run(args, check=check)
 
 
-def render(
-    values: Mapping[str, Any] | None = None, *, tmp: Path, namespace: str = "storage"
-) -> list[Obj]:
+def render(values: Mapping[str, Any] | None = None, *, tmp: Path, namespace: str = "storage") -> list[Obj]:
     out = helm_template(values, tmp=tmp, namespace=namespace).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -105,9 +100,7 @@ def kinds(objs: Iterable[Obj], kind: str) -> list[Obj]:
     return [o for o in objs if o.get("kind") == kind]
 
 
-def one(
-    objs: Iterable[Obj], kind: str, name: str | None = None, namespace: str | None = None
-) -> Obj:
+def one(objs: Iterable[Obj], kind: str, name: str | None = None, namespace: str | None = None) -> Obj:
     found = [
         o
         for o in objs
@@ -115,9 +108,7 @@ def one(
         and (name is None or o["metadata"]["name"] == name)
         and (namespace is None or o["metadata"].get("namespace") == namespace)
     ]
-    assert len(found) == 1, (
-        f"expected one {kind} {name or ''} in {namespace or 'any'}, found {len(found)}"
-    )
+    assert len(found) == 1, f"expected one {kind} {name or ''} in {namespace or 'any'}, found {len(found)}"
     return found[0]
 
 
@@ -213,16 +204,11 @@ class CRDSchema:
     def errors(self, obj: Obj) -> list[str]:
         """Every schema violation of ``obj`` after defaulting, as 'path: message'."""
         if obj.get("apiVersion") != self.api_version or obj.get("kind") != self.kind:
-            return [
-                f"apiVersion/kind {obj.get('apiVersion')}/{obj.get('kind')} "
-                f"is not {self.api_version}/{self.kind}"
-            ]
+            return [f"apiVersion/kind {obj.get('apiVersion')}/{obj.get('kind')} is not {self.api_version}/{self.kind}"]
         defaulted = apply_defaults(self.openapi, obj)
         return [
             f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
-            for e in sorted(
-                self._validator.iter_errors(defaulted), key=lambda e: list(map(str, e.path))
-            )
+            for e in sorted(self._validator.iter_errors(defaulted), key=lambda e: list(map(str, e.path)))
         ]
 
     def validate(self, obj: Obj) -> Obj:
@@ -386,9 +372,7 @@ def validate_any(obj: Obj) -> None:
         try:
             validate_builtin(obj)
         except kubernetes_validate.SchemaNotFoundError as exc:
-            raise AssertionError(
-                f"no schema to validate {api} {obj.get('kind')}: {exc.message}"
-            ) from None
+            raise AssertionError(f"no schema to validate {api} {obj.get('kind')}: {exc.message}") from None
 
 
 # --- NetworkPolicy ingress semantics ------------------------------------------------------
@@ -450,9 +434,7 @@ def ingress_allowed(
     for p in selecting:
         for rule in p["spec"].get("ingress") or []:
             ports = rule.get("ports")
-            if ports and not any(
-                pp.get("port") == port and pp.get("protocol", "TCP") == "TCP" for pp in ports
-            ):
+            if ports and not any(pp.get("port") == port and pp.get("protocol", "TCP") == "TCP" for pp in ports):
                 continue
             peers = rule.get("from")
             if not peers or any(_peer_matches(peer, dst_ns, ns_labels, src_pod) for peer in peers):

@@ -106,8 +106,7 @@ def test_every_metric_in_the_rules_is_exported_by_the_code(tmp_path: Path) -> No
     agent = AgentMetrics("v")
     really_exported = exported_metric_names(agent.registry)
     assert set(METRIC_NAMES) <= really_exported, (
-        "METRIC_NAMES lists names AgentMetrics does not export: "
-        f"{set(METRIC_NAMES) - really_exported}"
+        f"METRIC_NAMES lists names AgentMetrics does not export: {set(METRIC_NAMES) - really_exported}"
     )
     known = set(METRIC_NAMES) | operator_metric_names() | PROMETHEUS_METRICS
     used: dict[str, set[str]] = {}
@@ -169,14 +168,8 @@ def test_thresholds_come_from_values(promtool: str, tmp_path: Path) -> None:
     a = alerts(rule)
     assert a["PairvolReplicationDegraded"]["for"] == "15m"
     assert a["PairvolSecondaryOutOfSync"]["for"] == "1m"
-    assert (
-        "> 100" in a["PairvolCheckpointStale"]["expr"]
-        and a["PairvolCheckpointStale"]["for"] == "2m"
-    )
-    assert (
-        "[1h]" in a["PairvolFailoverHappened"]["expr"]
-        and "offset 1h" in a["PairvolFailoverHappened"]["expr"]
-    )
+    assert "> 100" in a["PairvolCheckpointStale"]["expr"] and a["PairvolCheckpointStale"]["for"] == "2m"
+    assert "[1h]" in a["PairvolFailoverHappened"]["expr"] and "offset 1h" in a["PairvolFailoverHappened"]["expr"]
     assert a["PairvolResyncStalled"]["for"] == "30m"
     assert a["PairvolAgentDown"]["for"] == "10m"
     assert all(r["labels"]["team"] == "storage" for r in a.values())

@@ -38,8 +38,7 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         while True:
             if proc.poll() is not None:
                 raise AssertionError(
-                    f"pairvol localcluster exited {proc.returncode}:\n"
-                    + (workdir / "localcluster.log").read_text()
+                    f"pairvol localcluster exited {proc.returncode}:\n" + (workdir / "localcluster.log").read_text()
                 )
             if config.exists() and kubectl(config, "get", "crd", check=False).returncode == 0:
                 break
@@ -59,9 +58,7 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         log.close()
 
 
-def kubectl(
-    config: Path, *args: str, check: bool = True, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
+def kubectl(config: Path, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [tool("kubectl"), "--kubeconfig", str(config), *args],
         capture_output=True, text=True, timeout=60, input=stdin,
@@ -72,9 +69,7 @@ def kubectl(
 
 
 RV_EXAMPLES = sorted(
-    p
-    for p in EXAMPLES.glob("*.yaml")
-    if any(o["kind"] == "ReplicatedVolume" for o in load_yaml_docs(p))
+    p for p in EXAMPLES.glob("*.yaml") if any(o["kind"] == "ReplicatedVolume" for o in load_yaml_docs(p))
 )
 
 
@@ -86,9 +81,7 @@ def test_replicatedvolume_examples_apply(kubeconfig: Path, path: Path) -> None:
 
 def test_api_server_fills_in_the_defaults(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "basic.yaml"))
-    obj = yaml.safe_load(
-        kubectl(kubeconfig, "get", "rv", "basic", "-n", NAMESPACE, "-o", "yaml").stdout
-    )
+    obj = yaml.safe_load(kubectl(kubeconfig, "get", "rv", "basic", "-n", NAMESPACE, "-o", "yaml").stdout)
     assert obj["spec"]["failover"] == {
         "automatic": True,
         "mode": "Checkpoint",
@@ -125,9 +118,7 @@ def test_size_cannot_be_changed(kubeconfig: Path) -> None:
         ),
     ],
 )
-def test_invalid_changes_are_rejected_with_a_reason(
-    kubeconfig: Path, patch: str, complaint: str
-) -> None:
+def test_invalid_changes_are_rejected_with_a_reason(kubeconfig: Path, patch: str, complaint: str) -> None:
     kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "latest-mode.yaml"))
     proc = kubectl(
         kubeconfig, "patch", "rv", "orders-db", "-n", NAMESPACE, "--type", "merge", "-p", patch,
@@ -147,9 +138,7 @@ def test_operator_status_is_kept_whole(kubeconfig: Path) -> None:
         kubeconfig, "patch", "rv", "basic", "-n", NAMESPACE, "--subresource", "status",
         "--type", "merge", "-p", patch,
     )  # fmt: skip
-    obj = yaml.safe_load(
-        kubectl(kubeconfig, "get", "rv", "basic", "-n", NAMESPACE, "-o", "yaml").stdout
-    )
+    obj = yaml.safe_load(kubectl(kubeconfig, "get", "rv", "basic", "-n", NAMESPACE, "-o", "yaml").stdout)
     assert obj["status"] == FULL_STATUS
 
 

@@ -41,13 +41,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "watchNamespaces": ["team-a", "team-b"],
         "monitoring": MONITORING_ON,
         "networkPolicy": {
-            "apiFrom": [
-                {
-                    "namespaceSelector": {
-                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
-                    }
-                }
-            ]
+            "apiFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
         },
         "alerts": {"labels": {"team": "storage"}, "degradedFor": "10m"},
     },
@@ -173,9 +167,7 @@ def test_operator_is_told_the_agent_settings_through_env(tmp_path: Path) -> None
 
 
 def test_agent_image_defaults_to_the_operator_image(tmp_path: Path) -> None:
-    env = env_of(
-        render({"image": {"repository": "r/pv", "tag": "9", "pullPolicy": "Never"}}, tmp=tmp_path)
-    )
+    env = env_of(render({"image": {"repository": "r/pv", "tag": "9", "pullPolicy": "Never"}}, tmp=tmp_path))
     assert env["PAIRVOL_AGENT_IMAGE"] == "r/pv:9"
     assert env["PAIRVOL_AGENT_PULL_POLICY"] == "Never"
     assert json.loads(env["PAIRVOL_AGENT_RESOURCES"])["limits"] == {"memory": "1Gi"}
@@ -215,9 +207,7 @@ def test_every_watched_namespace_gets_agent_account_roles_policy_and_peering(
         ]
         one(objs, "NetworkPolicy", "pv-pairvol-agent", ns)
         one(objs, "KopfPeering", "pairvol", ns)
-    assert not [
-        o for o in objs if o["metadata"].get("namespace") == "storage" and o["kind"] == "Role"
-    ]
+    assert not [o for o in objs if o["metadata"].get("namespace") == "storage" and o["kind"] == "Role"]
     assert env_of(objs)["PAIRVOL_WATCH_NAMESPACES"] == "team-a,team-b"
     monitor = one(objs, "PodMonitor")
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["team-a", "team-b"]
@@ -227,9 +217,7 @@ def test_every_watched_namespace_gets_agent_account_roles_policy_and_peering(
 
 
 def grants(rules: list[Obj], group: str, resource: str, verb: str) -> bool:
-    return any(
-        group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
-    )
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
 
 
 OPERATOR_NEEDS = [
@@ -271,21 +259,15 @@ def test_agent_rbac_is_its_lease_and_reading_pods_only(tmp_path: Path) -> None:
         ([""], ["pods"], ["get"]),
     ]
     binding = one(objs, "RoleBinding", "pv-pairvol-agent", "storage")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "pairvol-agent", "namespace": "storage"}
-    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pairvol-agent", "namespace": "storage"}]
     for crb in kinds(objs, "ClusterRoleBinding"):
-        assert all(s["name"] != "pairvol-agent" for s in crb["subjects"]), (
-            "agents need no cluster rights"
-        )
+        assert all(s["name"] != "pairvol-agent" for s in crb["subjects"]), "agents need no cluster rights"
 
 
 def test_per_volume_replication_policy_lets_the_operator_manage_network_policies(
     tmp_path: Path,
 ) -> None:
-    rules = one(render(SCENARIOS["custom-agent"], tmp=tmp_path), "Role", "pv-pairvol-operator")[
-        "rules"
-    ]
+    rules = one(render(SCENARIOS["custom-agent"], tmp=tmp_path), "Role", "pv-pairvol-operator")["rules"]
     assert grants(rules, "networking.k8s.io", "networkpolicies", "create")
     default_rules = one(render(tmp=tmp_path), "Role", "pv-pairvol-operator")["rules"]
     assert not grants(default_rules, "networking.k8s.io", "networkpolicies", "create")
@@ -315,12 +297,8 @@ OPERATOR = {"app.kubernetes.io/name": "pairvol-operator", "app.kubernetes.io/ins
 WORKLOAD = {"app": "postgres"}
 
 
-def allowed(
-    policies: list[Obj], src_ns: str, src_pod: dict[str, str], port: int, **kw: Any
-) -> bool:
-    return ingress_allowed(
-        policies, dst_ns="storage", dst_pod=AGENT_A, src_ns=src_ns, src_pod=src_pod, port=port, **kw
-    )
+def allowed(policies: list[Obj], src_ns: str, src_pod: dict[str, str], port: int, **kw: Any) -> bool:
+    return ingress_allowed(policies, dst_ns="storage", dst_pod=AGENT_A, src_ns=src_ns, src_pod=src_pod, port=port, **kw)
 
 
 def test_network_policy_defaults(tmp_path: Path) -> None:
@@ -344,14 +322,10 @@ def test_network_policy_defaults(tmp_path: Path) -> None:
 def test_network_policy_admits_operator_across_namespaces_and_prometheus_when_asked(
     tmp_path: Path,
 ) -> None:
-    policies = kinds(
-        render(SCENARIOS["multi-namespace-with-monitoring"], tmp=tmp_path), "NetworkPolicy"
-    )
+    policies = kinds(render(SCENARIOS["multi-namespace-with-monitoring"], tmp=tmp_path), "NetworkPolicy")
     kw: dict[str, Any] = {"dst_pod": AGENT_A, "port": 7800}
     assert ingress_allowed(policies, dst_ns="team-a", src_ns="storage", src_pod=OPERATOR, **kw)
-    assert ingress_allowed(
-        policies, dst_ns="team-b", src_ns="monitoring", src_pod={"app": "prometheus"}, **kw
-    )
+    assert ingress_allowed(policies, dst_ns="team-b", src_ns="monitoring", src_pod={"app": "prometheus"}, **kw)
     assert not ingress_allowed(policies, dst_ns="team-b", src_ns="team-a", src_pod=WORKLOAD, **kw)
 
 
@@ -362,9 +336,7 @@ def test_per_volume_replication_leaves_the_replication_port_to_the_operator(tmp_
     assert allowed(policies, "storage", OPERATOR, 7800)
     # the per-volume policy the operator creates (examples/networkpolicy-per-volume.yaml)
     # then admits exactly the peer of the same volume
-    example = yaml.safe_load(
-        (CRDS.parent / "examples" / "networkpolicy-per-volume.yaml").read_text()
-    )
+    example = yaml.safe_load((CRDS.parent / "examples" / "networkpolicy-per-volume.yaml").read_text())
     example["metadata"]["namespace"] = "storage"
     assert example["spec"]["podSelector"]["matchLabels"]["pairvol.io/volume"] == "basic"
     basic = {**AGENT_A, "pairvol.io/volume": "basic"}
@@ -418,10 +390,26 @@ def test_values_schema_is_a_valid_json_schema_that_accepts_the_defaults() -> Non
 
 
 @pytest.mark.parametrize(("version", "ok"), [("1.28.9", False), ("1.29.0", True), ("1.35.0", True)])
-def test_chart_states_the_kubernetes_versions_it_supports(
-    helm: str, version: str, ok: bool
-) -> None:
+def test_chart_states_the_kubernetes_versions_it_supports(helm: str, version: str, ok: bool) -> None:
     proc = run([helm, "template", "pv", str(CHART), "--kube-version", version], check=False)
     assert (proc.returncode == 0) == ok, proc.stderr
     if not ok:
         assert "kubeVersion" in proc.stderr or "incompatible" in proc.stderr, proc.stderr
+
+
+def test_operator_pods_admit_only_metrics_scrapes(tmp_path: Path) -> None:
+    operator = {**OPERATOR, "app.kubernetes.io/component": "operator"}
+
+    def reach(policies: list[Obj], src_ns: str, port: int) -> bool:
+        return ingress_allowed(
+            policies, dst_ns="storage", dst_pod=operator, src_ns=src_ns, src_pod={"app": "p"},
+            port=port,
+        )  # fmt: skip
+
+    policies = kinds(render(tmp=tmp_path), "NetworkPolicy")
+    assert reach(policies, "monitoring", 8080)
+    assert not reach(policies, "monitoring", 8081)
+    assert not reach(policies, "storage", 22)
+    closed = kinds(render({"networkPolicy": {"operatorMetricsFrom": []}}, tmp=tmp_path), "NetworkPolicy")
+    assert not reach(closed, "monitoring", 8080)
+    assert not reach(closed, "storage", 8080)

@@ -111,8 +111,7 @@ def test_chart_ships_the_very_same_crd_files() -> None:
     assert ours == shipped, "charts/pairvol/crds/ must hold exactly the files of crds/ (copy them)"
     for name in ours:
         assert (CHART / "crds" / name).read_bytes() == (CRDS / name).read_bytes(), (
-            f"charts/pairvol/crds/{name} differs from crds/{name}: "
-            f"cp crds/{name} charts/pairvol/crds/"
+            f"charts/pairvol/crds/{name} differs from crds/{name}: cp crds/{name} charts/pairvol/crds/"
         )
         assert not (CHART / "crds" / name).is_symlink(), "helm package does not keep symlinks"
 
@@ -138,9 +137,7 @@ def test_replicatedvolume_names_and_scope() -> None:
 def test_status_schema_holds_exactly_what_the_operator_writes() -> None:
     schema = rv_schema()
     status_schema = schema.openapi["properties"]["status"]
-    assert leaf_paths(status_schema) == value_paths(FULL_STATUS), (
-        "status schema and docs/TEAM-NOTES.md status differ"
-    )
+    assert leaf_paths(status_schema) == value_paths(FULL_STATUS), "status schema and docs/TEAM-NOTES.md status differ"
     schema.validate(rv({"size": "1Gi"}, FULL_STATUS))
 
 
@@ -233,10 +230,7 @@ def test_size_and_host_path_carry_their_cel_rules() -> None:
             "message": "spec.size is immutable; create a new ReplicatedVolume to change the size",
         }
     ]
-    rules = [
-        r["rule"]
-        for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
-    ]
+    rules = [r["rule"] for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]]
     assert rules == ["!self.contains('/../') && !self.endsWith('/..')"]
 
 
@@ -244,9 +238,7 @@ def test_printer_columns_point_at_fields_of_the_schema() -> None:
     (crd,) = load_yaml_docs(RV_CRD)
     version = crd["spec"]["versions"][0]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    default_columns = [
-        c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")
-    ]
+    default_columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
     assert default_columns == ["Phase", "Primary", "Secondary", "Checkpoint", "Age"]
     assert columns["Checkpoint"]["type"] == "date", "kubectl shows a date column as its age"
     assert columns["Checkpoint"]["jsonPath"] == ".status.checkpoint.time"
@@ -255,9 +247,7 @@ def test_printer_columns_point_at_fields_of_the_schema() -> None:
         path = column["jsonPath"].lstrip(".")
         if path.startswith("metadata."):
             continue
-        assert path in paths, (
-            f"printer column {column['name']} shows {path}, which the schema lacks"
-        )
+        assert path in paths, f"printer column {column['name']} shows {path}, which the schema lacks"
 
 
 def test_schema_is_structural() -> None:

@@ -49,9 +49,7 @@ def test_relative_links_and_anchors_resolve(page: Path) -> None:
 
 
 def test_every_alert_is_documented(tmp_path: Path) -> None:
-    values = {
-        "monitoring": {"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}}
-    }
+    values = {"monitoring": {"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
     rule = one(render(values, tmp=tmp_path), "PrometheusRule")
     doc = (ROOT / "docs" / "alerts.md").read_text()
     for group in rule["spec"]["groups"]:

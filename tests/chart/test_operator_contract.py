@@ -62,9 +62,7 @@ def test_operator_parses_the_settings_the_chart_gives_it(tmp_path: Path) -> None
         "limits": {"memory": "2Gi"},
     }
     assert config.agent_node_selector == {"pairvol.io/storage": "true"}
-    assert list(config.agent_tolerations) == [
-        {"key": "storage", "operator": "Exists", "effect": "NoSchedule"}
-    ]
+    assert list(config.agent_tolerations) == [{"key": "storage", "operator": "Exists", "effect": "NoSchedule"}]
     assert config.watch_namespaces == ("storage",)
     assert config.peering == "pairvol"
     assert (config.metrics_port, config.health_port) == (8080, 8081)
@@ -87,9 +85,7 @@ def test_agent_pods_use_the_charts_service_account_and_rbac(tmp_path: Path) -> N
         account = pod["spec"]["serviceAccountName"]
         one(objs, "ServiceAccount", account, "storage")
         binding = one(objs, "RoleBinding", "pv-pairvol-agent", "storage")
-        assert {"kind": "ServiceAccount", "name": account, "namespace": "storage"} in binding[
-            "subjects"
-        ]
+        assert {"kind": "ServiceAccount", "name": account, "namespace": "storage"} in binding["subjects"]
 
 
 def test_network_policy_and_pod_monitor_match_the_operators_pods(tmp_path: Path) -> None:
@@ -100,9 +96,7 @@ def test_network_policy_and_pod_monitor_match_the_operators_pods(tmp_path: Path)
     p_labels, s_labels = primary["metadata"]["labels"], secondary["metadata"]["labels"]
 
     def ok(src: dict[str, str], dst: dict[str, str], port: int) -> bool:
-        return ingress_allowed(
-            policies, dst_ns="storage", dst_pod=dst, src_ns="storage", src_pod=src, port=port
-        )
+        return ingress_allowed(policies, dst_ns="storage", dst_pod=dst, src_ns="storage", src_pod=src, port=port)
 
     assert ok(p_labels, s_labels, 7801), "primary must reach the secondary's replication port"
     assert ok(operator_pod, p_labels, 7800) and ok(operator_pod, s_labels, 7800)
