@@ -413,3 +413,11 @@ def test_operator_pods_admit_only_metrics_scrapes(tmp_path: Path) -> None:
     closed = kinds(render({"networkPolicy": {"operatorMetricsFrom": []}}, tmp=tmp_path), "NetworkPolicy")
     assert not reach(closed, "monitoring", 8080)
     assert not reach(closed, "storage", 8080)
+
+
+def test_helm_installs_exactly_the_repository_crds(helm: str) -> None:
+    out = run([helm, "template", "pv", str(CHART), "--include-crds"]).stdout
+    rendered = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "CustomResourceDefinition"]
+    ours = [d for p in sorted(CRDS.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    key = lambda d: d["metadata"]["name"]  # noqa: E731
+    assert sorted(rendered, key=key) == sorted(ours, key=key)
