@@ -702,10 +702,18 @@ def _materialize(volumes: dict[str, VolumeFiles | VolumeDir]) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(content)
                 target.chmod(mode)
-        elif volume.host_path_type in ("File", "FileOrCreate"):
+        elif volume.host_path_type == "FileOrCreate":
             volume.path.parent.mkdir(parents=True, exist_ok=True)
             volume.path.touch(exist_ok=True)
+        elif volume.host_path_type == "Directory" and not volume.path.is_dir():
+            raise PodConfigError(f"hostPath type check failed: {volume.path} is not a directory")
+        elif volume.host_path_type == "File" and not volume.path.is_file():
+            raise PodConfigError(f"hostPath type check failed: {volume.path} is not a file")
+        elif volume.host_path_type in ("Socket", "CharDevice", "BlockDevice"):
+            if not volume.path.exists():
+                raise PodConfigError(f"hostPath type check failed: {volume.path} does not exist")
         elif not volume.path.exists():
+            # "" (no check) and DirectoryOrCreate: a bind mount needs something to bind.
             volume.path.mkdir(parents=True, exist_ok=True)
 
 
