@@ -140,6 +140,7 @@ class Replica:
             await asyncio.to_thread((self._tls_dir / "keys.psk").write_text, self.cfg.psk.keys_file())
             await asyncio.to_thread(os.chmod, self._tls_dir / "keys.psk", 0o600)
         await self.qsd.execute("blockdev-add", r.file_node(self.disk_path, r.DISK_NODE, "raw"))
+        await asyncio.to_thread(self._remove_stale_overlays)
         await self._restore(was_clean=found is None or found.clean_shutdown)
         await self._save(clean_shutdown=False)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
@@ -212,6 +213,15 @@ class Replica:
 
     def _overlay_paths(self, gen: int) -> tuple[Path, Path]:
         return self.data_dir / f"hidden-{gen}.qcow2", self.data_dir / f"active-{gen}.qcow2"
+
+    def _remove_stale_overlays(self) -> None:
+        """Overlays of other generations are leftovers (a pre-created pair, or a pair
+        whose deletion a crash interrupted); only the current pair may hold data."""
+        keep = set(self._overlay_paths(self.state.generation)) if self.state.role is Role.SECONDARY else set()
+        for pattern in ("hidden-*.qcow2", "active-*.qcow2"):
+            for path in self.data_dir.glob(pattern):
+                if path not in keep:
+                    path.unlink(missing_ok=True)
 
     async def _create_overlays(self, gen: int) -> None:
         for path in self._overlay_paths(gen):

@@ -1,0 +1,150 @@
+"""DESIGN.md §4, the secondary's failures as the primary sees them: a dead secondary, a
+silently partitioned one (network namespaces and iptables DROP: no RST, no ICMP) and one
+that restarts quickly. The primary's writes may stall at most the peer timeout, then go
+on; the secondary is marked out of sync before any write it missed is acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pairvol.localcluster.netns import ClusterNetwork
+from tests.support.agents import Agent, agents, pair, write_psk
+
+MiB = 1 << 20
+
+
+async def timed_writes(agent: Agent, seconds: float, block: bytes = b"w" * 4096) -> list[float]:
+    """QD1 writes for `seconds`; returns each write's latency."""
+    lat: list[float] = []
+    async with await agent.nbd() as nbd:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            t = time.monotonic()
+            await asyncio.wait_for(nbd.pwrite(block, (i % 256) * 4096), 60)
+            lat.append(time.monotonic() - t)
+            i += 1
+    return lat
+
+
+async def wait_for(agent: Agent, pred: Any, within: float) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        st = await agent.status()
+        if pred(st):
+            return st
+        assert time.monotonic() < deadline, f"condition not met within {within} s: {st}"
+        await asyncio.sleep(0.1)
+
+
+async def test_dead_secondary_stalls_writes_at_most_the_peer_timeout(tmp_path: Path) -> None:
+    async with pair(tmp_path, size="16Mi", peer_timeout=2) as (primary, secondary):
+        writes = asyncio.create_task(timed_writes(primary, 5))
+        await asyncio.sleep(0.5)
+        secondary.kill()
+        lat = await writes
+        assert max(lat) <= 2 + 1.0, f"a write stalled {max(lat):.2f} s with a 2 s peer timeout"
+        assert len(lat) > 50
+        st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 5)
+        assert st["replication"]["outOfSync"] is True
+        assert "lost" in st["replication"]["error"]
+        assert "pairvol_replication_peer_failures_total" in await primary.metrics()
+
+
+async def test_secondary_restarting_within_the_reconnect_delay_stays_in_sync(tmp_path: Path) -> None:
+    """The NBD client holds writes while it reconnects; a secondary back in time misses
+    nothing, is not marked out of sync, and a later failover shows every write."""
+    async with pair(tmp_path, size="16Mi", peer_timeout=8) as (primary, secondary):
+        async with await primary.nbd() as nbd:
+            await nbd.pwrite(b"a" * MiB, 0)
+            secondary.kill()
+            await secondary.wait_exit()
+            write_b = asyncio.create_task(nbd.pwrite(b"b" * MiB, MiB))
+            await secondary.start()  # same ports, same data dir
+            await asyncio.wait_for(write_b, 10)
+            st = await secondary.status()
+            assert "found role secondary" in st["restored"]
+            await nbd.pwrite(b"c" * MiB, 2 * MiB)
+        pst = await primary.status()
+        assert pst["replication"]["state"] == "replicating"
+        assert pst["replication"]["outOfSync"] is False
+        primary.kill()
+        await primary.wait_exit()
+        await secondary.failover(epoch=3, mode="latest")
+        async with await secondary.nbd() as nbd:
+            assert await nbd.pread(3 * MiB, 0) == b"a" * MiB + b"b" * MiB + b"c" * MiB
+
+
+@pytest.fixture
+async def two_nodes() -> AsyncIterator[ClusterNetwork]:
+    if os.geteuid() != 0 or shutil.which("iptables") is None:
+        pytest.skip("needs root, ip netns and iptables")
+    async with ClusterNetwork(["pv-a", "pv-b"]) as net:
+        yield net
+
+
+@pytest.mark.netns
+async def test_silently_partitioned_secondary_does_not_hang_the_primary(
+    tmp_path: Path, two_nodes: ClusterNetwork
+) -> None:
+    """Packets to the secondary are dropped (no RST): QEMU's NBD client would wait for
+    TCP for many minutes; the agent's watchdog breaks the link within the peer timeout."""
+    net = two_nodes
+    psk = write_psk(tmp_path / "psk")
+    token = secrets.token_hex(16)
+    p = Agent("vol", tmp_path / "a", "16Mi", host=net.node_ip("pv-a"), netns=net.netns_name("pv-a"),
+              token=token, psk_file=psk, peer_timeout=3)
+    s = Agent("vol", tmp_path / "b", "16Mi", host=net.node_ip("pv-b"), netns=net.netns_name("pv-b"),
+              token=token, psk_file=psk, peer_timeout=3)
+    try:
+        await asyncio.gather(p.start(), s.start())
+        await s.secondary(1)
+        await p.primary(2, s.replication_address, "full")
+        await p.wait_replicating()
+        writes = asyncio.create_task(timed_writes(p, 8))
+        await asyncio.sleep(1)
+        await net.partition("pv-b")
+        lat = await writes
+        stall = max(lat)
+        assert stall <= 3 + 1.5, f"a write stalled {stall:.2f} s with a 3 s peer timeout"
+        st = await wait_for(p, lambda x: x["replication"]["state"] == "degraded", 5)
+        assert st["replication"]["outOfSync"] is True
+    finally:
+        await asyncio.gather(p.stop(), s.stop(), return_exceptions=True)
+
+
+@pytest.mark.netns
+async def test_replication_link_is_tls_psk_and_refuses_a_wrong_key(tmp_path: Path, two_nodes: ClusterNetwork) -> None:
+    net = two_nodes
+    token = secrets.token_hex(16)
+    s = Agent("vol", tmp_path / "b", "16Mi", host=net.node_ip("pv-b"), netns=net.netns_name("pv-b"),
+              token=token, psk_file=write_psk(tmp_path / "psk-b"))
+    p = Agent("vol", tmp_path / "a", "16Mi", host=net.node_ip("pv-a"), netns=net.netns_name("pv-a"),
+              token=token, psk_file=write_psk(tmp_path / "psk-a"))
+    try:
+        await asyncio.gather(p.start(), s.start())
+        await s.secondary(1)
+        with pytest.raises(Exception, match="cannot connect to peer"):
+            await p.primary(2, s.replication_address, "full")
+        st = await p.status()
+        assert st["replication"]["state"] == "degraded"
+    finally:
+        await asyncio.gather(p.stop(), s.stop(), return_exceptions=True)
+
+
+async def test_agents_refuse_to_listen_beyond_loopback_without_token_and_psk(tmp_path: Path) -> None:
+    async with agents(tmp_path, 0):
+        pass
+    a = Agent("vol", tmp_path / "x", "16Mi", host="0.0.0.0", api_port=7999, rep_port=7998)
+    await a.start(wait=False)
+    assert await a.wait_exit() == 2
+    assert "needs --token-file" in a.log_tail()
