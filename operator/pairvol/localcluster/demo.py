@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -252,36 +253,53 @@ class WriteLog:
 
 
 class QemuIO:
-    """An interactive ``qemu-io`` on an NBD export: one real NBD client connection."""
+    """An interactive ``qemu-io`` on an NBD export: one real NBD client connection.
+
+    Output is framed by qemu-io's prompt, printed before it reads each command, so every
+    command's answer is exactly the text between two prompts (no line-count guessing).
+    """
+
+    PROMPT = b"qemu-io> "
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def open(self) -> None:
+    async def open(self, limit_s: float = 10.0) -> bool:
         self.proc = await asyncio.create_subprocess_exec(
             "qemu-io", "-f", "raw", self.uri, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
+        return await self._answer(limit_s) is not None
+
+    async def _answer(self, limit_s: float) -> str | None:
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            return None
+        try:
+            data = await asyncio.wait_for(proc.stdout.readuntil(self.PROMPT), limit_s)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            return None
+        return data[: -len(self.PROMPT)].decode(errors="replace")
 
     async def command(self, cmd: str, ok: str, limit_s: float = 10.0) -> bool:
-        """Send one command; True if a line matching ``ok`` came back before an error."""
+        """Send one command; True if its answer matches ``ok`` and reports no error."""
         proc = self.proc
-        if proc is None or proc.stdin is None or proc.stdout is None or proc.returncode is not None:
+        if proc is None or proc.stdin is None or proc.returncode is not None:
             return False
         try:
             proc.stdin.write((cmd + "\n").encode())
             await proc.stdin.drain()
-            while True:
-                line = (await asyncio.wait_for(proc.stdout.readline(), limit_s)).decode()
-                if not line:
-                    return False
-                if re.search(ok, line):
-                    return True
-                if re.search(r"error|failed|Could not|No such|refused|Broken", line, re.I):
-                    return False
-        except (TimeoutError, ConnectionError, BrokenPipeError):
+        except (ConnectionError, BrokenPipeError):
             return False
+        answer = await self._answer(limit_s)
+        if answer is None:
+            await self.close()  # a hung or dead client is not reused
+            return False
+        if re.search(r"error|failed|Could not|No such|refused|Broken", answer, re.I):
+            return False
+        return re.search(ok, answer, re.M) is not None
 
     async def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -311,6 +329,7 @@ class Writer:
         self.outage_start: float | None = None
         self.recovered_at: float | None = None
         self.resume_seq: int | None = None
+        self._outage_seen = False
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -334,19 +353,27 @@ class Writer:
                         await asyncio.sleep(0.1)
                         continue
                     io = QemuIO(nbd_uri(sock))
-                    await io.open()
+                    if not await io.open():
+                        await io.close()
+                        io = None
+                        self.log.errors += 1
+                        self._outage_seen = self.outage_start is not None
+                        await asyncio.sleep(0.1)
+                        continue
                 self.log.attempted = max(self.log.attempted, seq + 1)
                 ok = await io.command(f"write -P {pattern(seq)} {seq * BLOCK} {BLOCK}",
-                                      r"wrote \d+/\d+ bytes")
+                                      r"^wrote \d+/\d+ bytes")
                 now = time.time()
                 if ok:
                     self.log.acked.append((seq, now))
-                    if self.outage_start is not None and self.recovered_at is None:
+                    if self._outage_seen and self.recovered_at is None:
                         self.recovered_at, self.resume_seq = now, seq
                     seq += 1
                     await asyncio.sleep(0.01)
                 else:
                     self.log.errors += 1
+                    if self.outage_start is not None:
+                        self._outage_seen = True
                     await io.close()
                     io = None
                     await asyncio.sleep(0.1)
@@ -372,23 +399,30 @@ async def verify_log(sock: Path, log: WriteLog, resume_seq: int | None) -> Verif
     a prefix of the log, and nothing after it; writes acknowledged after the outage (on the
     new primary) must all be there.
     """
+    from pairvol.nbd import NBDClient, NBDError
+
     split = log.attempted if resume_seq is None else resume_seq
-    read_ok = r"^(qemu-io> )?read \d+"
-    io = QemuIO(nbd_uri(sock))
-    await io.open()
+    top = max([log.attempted, split, *(seq + 1 for seq, _ in log.acked)])
     try:
-        prefix = 0
-        while prefix < split and await io.command(
-                f"read -P {pattern(prefix)} {prefix * BLOCK} {BLOCK}", read_ok):
-            prefix += 1
-        holes = [seq for seq in range(prefix, split)
-                 if not await io.command(f"read -P 0 {seq * BLOCK} {BLOCK}", read_ok)]
-        acked_after = [seq for seq, _ in log.acked if seq >= split]
-        missing_after = [seq for seq in acked_after
-                         if not await io.command(f"read -P {pattern(seq)} {seq * BLOCK} "
-                                                 f"{BLOCK}", read_ok)]
+        client = await NBDClient.connect_unix(str(sock))
+    except (OSError, NBDError) as exc:
+        raise DemoError(f"cannot open the volume at {sock} for verification: {exc}") from exc
+    try:
+        data = bytearray()
+        for off in range(0, (top + 1) * BLOCK, 4 << 20):
+            data += await client.pread(min(4 << 20, (top + 1) * BLOCK - off), off)
     finally:
-        await io.close()
+        await client.close()
+
+    def holds(seq: int, byte: int) -> bool:
+        return data[seq * BLOCK:(seq + 1) * BLOCK] == bytes([byte]) * BLOCK
+
+    prefix = 0
+    while prefix < split and holds(prefix, pattern(prefix)):
+        prefix += 1
+    holes = [seq for seq in range(prefix, split) if not holds(seq, 0)]
+    acked_after = [seq for seq, _ in log.acked if seq >= split]
+    missing_after = [seq for seq in acked_after if not holds(seq, pattern(seq))]
     acked_before = sum(1 for seq, _ in log.acked if seq < split)
     lost = max(0, acked_before - prefix)
     detail = (f"holds writes 0..{prefix - 1} of {acked_before} acknowledged before the outage"
@@ -409,6 +443,8 @@ async def _demo(args: argparse.Namespace) -> int:
     manifest_path = Path(args.example)
     manifest = await asyncio.to_thread(lambda: yaml.safe_load(manifest_path.read_text()))
     name = manifest["metadata"]["name"]
+    mode = manifest["spec"].get("failover", {}).get("mode", "Checkpoint")
+    interval = manifest["spec"].get("checkpoint", {}).get("intervalSeconds", 10)
     failures: list[str] = []
     say(f"starting the local cluster: API server, {args.nodes} simulated nodes, operator")
     async with Stack.up(args.nodes, lease_duration=args.lease_duration) as s:
@@ -478,15 +514,25 @@ async def _demo(args: argparse.Namespace) -> int:
         if not v.consistent:
             failures.append(f"volume data wrong: {v.detail}")
         lost = v.lost_acked
-        cp = st.get("checkpoint") or {}
+        async def new_checkpoint() -> Any:
+            cur = (await s.status(name)).get("checkpoint") or {}
+            return cur if cur.get("time", "") > str(cp_before.get("time", "")) else None
+        if interval:
+            say(f"waiting for a checkpoint on the new secondary (every {interval}s)")
+            cp = await s.wait_for("a checkpoint after re-protection", new_checkpoint,
+                                  within=interval * 3 + 10)
+            say(f"checkpoint #{cp.get('id')} cut on {st['secondary']['node']} in "
+                f"{cp.get('durationMs')} ms")
+        else:
+            cp = st.get("checkpoint") or {}
+        cut = re.search(r'^pairvol_operator_checkpoints_total\{result="ok"\} (\S+)$',
+                        await s.metrics(), re.M)
         events = await s.events(name)
         reasons = [e.get("reason") for e in events]
         say(f"events: {', '.join(str(r) for r in reasons)}")
         for needed in ("FailingOver", "FailedOver"):
             if needed not in reasons:
                 failures.append(f"no {needed} event")
-        mode = manifest["spec"].get("failover", {}).get("mode", "Checkpoint")
-        interval = manifest["spec"].get("checkpoint", {}).get("intervalSeconds", 10)
         if mode == "Latest" and lost:
             failures.append(f"{lost} acknowledged writes lost in Latest mode")
         rate = v.acked_before / max(1e-3, args.write_seconds)
@@ -502,8 +548,8 @@ async def _demo(args: argparse.Namespace) -> int:
         print(f"  RTO                 {rto:.2f} s from node kill to first write acknowledged")
         print(f"  writes acknowledged {v.acked_before} before the kill, {len(log.acked)} total")
         print(f"  lost acknowledged   {lost} (volume rolled back to write #{v.prefix - 1})")
-        print(f"  checkpoints cut     {cp.get('id')} on the current secondary"
-              f" (#{cp_before.get('id')} before the failover)")
+        print(f"  checkpoints cut     {float(cut.group(1)) if cut else 0:.0f} in total "
+              f"(#{cp_before.get('id')} on the first secondary, #{cp.get('id')} on the new one)")
         print(f"  data verified       {'yes' if v.consistent else 'NO'}: {v.detail}")
         print(f"  result              {'PASS' if not failures else 'FAIL: ' + '; '.join(failures)}")
         print("=" * 72)
@@ -531,6 +577,10 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("pairvol demo needs root (network namespaces, mounts, cgroups)", file=sys.stderr)
         return 2
+    if not getattr(args, "verbose", False):
+        # the in-process API server and kubelets are chatty; the story is in the progress lines
+        for noisy in ("aiohttp.access", "pairvol.localcluster", "kmock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return asyncio.run(_demo(args))
     except DemoError as exc:
