@@ -43,8 +43,12 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
                 )
         try:
             return await handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"request body too large: at most {MAX_BODY} bytes")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
         except v.InvalidInput as exc:
             return _error(400, str(exc))
         except IllegalTransition as exc:
