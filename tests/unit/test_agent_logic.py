@@ -1,0 +1,201 @@
+"""The agent's pure parts, without any process: stage transitions (replication.c's
+checks and messages), input validation, the watchdog's reading of `ss`, the persisted
+state, and the QMP recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pairvol.agent import state as persist
+from pairvol.agent import validate as v
+from pairvol.agent.config import AgentConfig, Psk
+from pairvol.agent.peerwatch import parse_ss
+from pairvol.agent.stages import (
+    IllegalTransition,
+    Position,
+    Role,
+    Stage,
+    check_checkpoint,
+    check_failover,
+    check_start_primary,
+    check_start_secondary,
+    check_stop,
+    io_status,
+)
+from pairvol.qemu import recipes as r
+
+NONE0 = Position(Role.NONE, Stage.NONE, 0)
+SEC_RUNNING = Position(Role.SECONDARY, Stage.RUNNING, 4)
+PRI_RUNNING = Position(Role.PRIMARY, Stage.RUNNING, 5)
+
+
+class TestStages:
+    def test_a_fresh_replica_may_become_either_role(self) -> None:
+        check_start_secondary(NONE0, 0)
+        check_start_primary(NONE0, 1)
+
+    def test_starting_twice_is_replication_c_running_or_done(self) -> None:
+        with pytest.raises(IllegalTransition, match="^Block replication is running or done$"):
+            check_start_secondary(SEC_RUNNING, 9)
+
+    def test_stale_epochs_are_fenced_before_anything_else(self) -> None:
+        with pytest.raises(IllegalTransition, match="stale epoch 3"):
+            check_start_secondary(SEC_RUNNING, 3)
+        with pytest.raises(IllegalTransition, match="stale epoch 4"):
+            check_failover(PRI_RUNNING.__class__(Role.SECONDARY, Stage.RUNNING, 5), 4)
+
+    def test_role_changes_need_a_higher_epoch(self) -> None:
+        with pytest.raises(IllegalTransition, match="does not advance"):
+            check_failover(SEC_RUNNING, 4)
+        check_failover(SEC_RUNNING, 5)
+        with pytest.raises(IllegalTransition, match="does not advance"):
+            check_start_primary(PRI_RUNNING, 5)
+        check_start_primary(PRI_RUNNING, 6)
+
+    def test_a_primary_is_demoted_to_secondary_only_with_a_newer_epoch(self) -> None:
+        with pytest.raises(IllegalTransition, match="does not advance"):
+            check_start_secondary(PRI_RUNNING, 5)
+        check_start_secondary(PRI_RUNNING, 6)
+
+    def test_checkpoint_and_stop_need_a_running_secondary(self) -> None:
+        check_checkpoint(SEC_RUNNING)
+        for stage in (Stage.NONE, Stage.FAILOVER_FAILED):
+            with pytest.raises(IllegalTransition, match="^Block replication is not running$"):
+                check_checkpoint(Position(Role.SECONDARY, stage, 1))
+        with pytest.raises(IllegalTransition, match="on the secondary"):
+            check_checkpoint(PRI_RUNNING)
+        assert check_stop(SEC_RUNNING) is True
+        assert check_stop(Position(Role.SECONDARY, Stage.DONE, 1)) is False  # ignored, like the seeds
+        with pytest.raises(IllegalTransition, match="^Block replication is not running$"):
+            check_stop(NONE0)
+
+    def test_failover_only_from_a_running_secondary(self) -> None:
+        for pos in (NONE0, PRI_RUNNING, Position(Role.SECONDARY, Stage.DONE, 1)):
+            with pytest.raises(IllegalTransition):
+                check_failover(pos, 99)
+
+    def test_a_running_secondary_cannot_just_be_told_it_is_primary(self) -> None:
+        with pytest.raises(IllegalTransition, match="POST /v1/failover"):
+            check_start_primary(SEC_RUNNING, 9)
+
+    def test_io_status_follows_replication_get_io_status(self) -> None:
+        assert io_status(Role.SECONDARY, Stage.NONE) == "error"
+        assert io_status(Role.SECONDARY, Stage.RUNNING) == "ok"
+        assert io_status(Role.PRIMARY, Stage.FAILOVER) == "error"
+        assert io_status(Role.SECONDARY, Stage.FAILOVER) == "ok"
+        assert io_status(Role.SECONDARY, Stage.FAILOVER_FAILED) == "allocated-only"
+        assert io_status(Role.PRIMARY, Stage.DONE) == "error"
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("text", "size"),
+        [("1Mi", 1 << 20), ("64Mi", 64 << 20), ("2Gi", 2 << 30), ("1048576", 1 << 20), ("1Ti", 1 << 40), ("1G", 10**9)],
+    )
+    def test_sizes(self, text: str, size: int) -> None:
+        assert v.parse_size(text) == size
+
+    @pytest.mark.parametrize("bad", ["", "Mi", "-1Mi", "1.5Gi", "1Pi", "1 Gb", "0", "513", True, None, 1.0])
+    def test_bad_sizes(self, bad: object) -> None:
+        with pytest.raises(v.InvalidInput):
+            v.parse_size(bad)
+
+    @given(st.text(max_size=80))
+    def test_names_never_escape_the_data_dir(self, name: str) -> None:
+        try:
+            ok = v.parse_name(name)
+        except v.InvalidInput:
+            return
+        assert "/" not in ok and ".." not in ok and ok == Path(ok).name
+
+    @pytest.mark.parametrize(
+        ("text", "want"),
+        [("10.0.0.1:7801", ("10.0.0.1", 7801)), ("[::1]:80", ("::1", 80)), ("node-a.svc:1", ("node-a.svc", 1))],
+    )
+    def test_host_ports(self, text: str, want: tuple[str, int]) -> None:
+        assert v.parse_hostport(text) == want
+
+    @pytest.mark.parametrize("bad", ["x", ":80", "h:", "h:0", "h:65536", "h:-1", "a_b:1", 7801])
+    def test_bad_host_ports(self, bad: object) -> None:
+        with pytest.raises(v.InvalidInput):
+            v.parse_hostport(bad)
+
+    def test_psk_file_format(self) -> None:
+        psk = Psk.parse("pairvol:" + "ab" * 32 + "\n", "f")
+        assert psk.keys_file() == "pairvol:" + "ab" * 32 + "\n"
+        for bad in ["", "nokey", "u:xyz", "u:" + "ab" * 8, "a:" + "ab" * 32 + "\nb:" + "cd" * 32]:
+            with pytest.raises(v.InvalidInput, match="USERNAME:HEXKEY"):
+                Psk.parse(bad, "f")
+
+    def test_peer_timeout_splits_into_reconnect_delay_and_stall_detection(self) -> None:
+        def cfg(t: float) -> AgentConfig:
+            return AgentConfig("v", Path("/d"), 1 << 20, ("127.0.0.1", 1), ("127.0.0.1", 2), Path("/d/s"), peer_timeout=t)
+
+        assert (cfg(5).reconnect_delay, cfg(5).stall_timeout) == (2, 3)
+        assert (cfg(1).reconnect_delay, cfg(1).stall_timeout) == (1, 0.5)
+        for t in (1, 2, 3, 5, 8, 30):
+            assert cfg(t).reconnect_delay + cfg(t).stall_timeout <= max(t, 1.5)
+
+
+SS_OUTPUT = """\
+0      0        10.200.1.2:51234  10.200.1.3:7801
+\t cubic wscale:7,7 rto:204 rtt:0.05/0.025 bytes_sent:1052672 bytes_acked:1052672 bytes_received:4096 lastsnd:3500 lastrcv:3490 lastack:3490 unacked:0
+0      4128     10.200.1.2:51240  10.200.1.3:7801
+\t cubic rto:3264 backoff:4 bytes_sent:2101248 bytes_acked:2097152 bytes_received:8192 lastsnd:120 lastrcv:3400 lastack:3400 unacked:2
+"""
+
+
+class TestPeerWatch:
+    def test_parses_ss_connections(self) -> None:
+        conns = parse_ss(SS_OUTPUT)
+        assert [c.local for c in conns] == ["10.200.1.2:51234", "10.200.1.2:51240"]
+        assert conns[1].bytes_sent == 2101248 and conns[1].lastrcv_ms == 3400
+
+    def test_an_idle_link_is_not_stalled_but_an_unanswered_request_is(self) -> None:
+        idle, stuck = parse_ss(SS_OUTPUT)
+        assert not idle.stalled(1000)  # last reply came after the last request
+        assert stuck.stalled(3000)
+        assert not stuck.stalled(5000)  # not yet past the timeout
+
+    def test_empty_output_means_no_connection(self) -> None:
+        assert parse_ss("") == []
+
+
+class TestPersistence:
+    def test_state_round_trips_and_writes_are_atomic(self, tmp_path: Path) -> None:
+        s = persist.PersistedState(name="v", size=1 << 20, role=Role.SECONDARY, stage=Stage.RUNNING, epoch=7,
+                                   generation=3, checkpoint=persist.Checkpoint(5, 1.5, 2.0))
+        persist.save(tmp_path, s)
+        assert persist.load(tmp_path) == s
+        assert not (tmp_path / "state.tmp").exists()
+
+    def test_corrupt_state_is_an_error_not_a_fresh_start(self, tmp_path: Path) -> None:
+        (tmp_path / "state.json").write_text('{"version": 1, "name": "v"}')
+        with pytest.raises(persist.StateError, match="corrupt"):
+            persist.load(tmp_path)
+
+    def test_no_state_is_a_new_replica(self, tmp_path: Path) -> None:
+        assert persist.load(tmp_path) is None
+
+
+class TestRecipes:
+    def test_secondary_chain_is_active_over_hidden_over_disk(self) -> None:
+        hidden, active = r.overlay_pair(Path("/d/h.qcow2"), Path("/d/a.qcow2"), 4)
+        assert (hidden["node-name"], hidden["backing"]) == ("hidden-4", "disk")
+        assert (active["node-name"], active["backing"]) == ("active-4", "hidden-4")
+        backup = r.backup_sync_none(4)
+        assert (backup["device"], backup["target"], backup["sync"]) == ("disk", "hidden-4", "none")
+        assert r.active_commit(4)["device"] == "active-4"
+
+    def test_primary_quorum_and_initial_sync(self) -> None:
+        q = r.quorum(["disk"])
+        assert (q["vote-threshold"], q["read-pattern"]) == (1, "fifo")
+        m = r.mirror_full()
+        assert (m["device"], m["copy-mode"], m["sync"]) == ("quorum", "write-blocking", "full")
+        c = r.nbd_client("peer", "10.0.0.2", 7801, tls=True, reconnect_delay=2)
+        assert c["tls-creds"] == r.TLS_OBJECT and c["reconnect-delay"] == 2 and c["export"] == "replication"
+        assert "tls-creds" not in r.nbd_client("peer", "h", 1, tls=False, reconnect_delay=1)
