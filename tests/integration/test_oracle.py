@@ -22,6 +22,7 @@ Seeds: a fixed set plus one fresh seed per run, printed; rerun one with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agents import AgentCallError, agents, pair
+from tests.support.agents import Agent, AgentCallError, agents, pair
 from tests.support.oracle import (
     NOT_RUNNING,
     RUNNING_OR_DONE,
@@ -79,15 +80,64 @@ async def oracle(tmp_path: Path) -> AsyncIterator[Oracle]:
         await made.close()
 
 
-async def run_oracle(oracle: Oracle, trace: Trace) -> bytes:
-    """The trace through QEMU's driver, then failover (checkpoint mode); the raw disk."""
-    await oracle.start_replication()
-    nbd = await oracle.nbd()
-    try:
-        await replay(trace, nbd.pwrite, oracle.checkpoint)
-    finally:
-        await nbd.close()  # the primary is gone before the secondary fails over
+DEPTH = 8  # non-overlapping writes in flight at once, on both sides
+
+
+async def run_oracle(oracle: Oracle, trace: Trace, synced: Trace | None = None) -> bytes:
+    """The trace through QEMU's driver, then failover (checkpoint mode); the raw disk.
+
+    ``synced``: writes that reach the secondary disk before replication starts, as
+    COLO's initial drive-mirror does (COLO starts the secondary's replication only after
+    the mirror is ready)."""
+    async with await oracle.nbd() as nbd:  # the COLO primary's NBD client
+        if synced is not None:
+            await replay(synced, nbd.pwrite, oracle.checkpoint, DEPTH)
+        await oracle.start_replication()
+        await replay(trace, nbd.pwrite, oracle.checkpoint, DEPTH)
+    # the primary is gone before the secondary fails over
     return await oracle.failover()
+
+
+async def run_pairvol(primary: Agent, secondary: Agent, trace: Trace, failover_epoch: int) -> tuple[bytes, int]:
+    """The trace through a replicating pairvol pair, SIGKILL of the primary, failover
+    (checkpoint mode); the new primary's image as read through its export, and the
+    checkpoint id the failover reports."""
+    async with await primary.nbd() as nbd:
+
+        async def checkpoint() -> None:
+            await secondary.checkpoint()
+
+        await replay(trace, nbd.pwrite, checkpoint, DEPTH)
+    primary.kill()
+    await primary.wait_exit()
+    result = await secondary.failover(epoch=failover_epoch, mode="checkpoint")
+    async with await secondary.nbd() as new_primary:
+        return await new_primary.read_all(), int(result["checkpointId"])
+
+
+async def both(oracle_side: Awaitable[bytes], pairvol_side: Awaitable[tuple[bytes, int]]) -> tuple[bytes, bytes, int]:
+    """Run both sides concurrently; if one fails, the other is cancelled, not left behind."""
+    oracle_task = asyncio.ensure_future(oracle_side)
+    pairvol_task = asyncio.ensure_future(pairvol_side)
+    try:
+        qemu_image, (pairvol_image, checkpoint_id) = await asyncio.gather(oracle_task, pairvol_task)
+    finally:
+        for task in (oracle_task, pairvol_task):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+    return qemu_image, pairvol_image, checkpoint_id
+
+
+def assert_same_images(trace: Trace, qemu_image: bytes, pairvol_image: bytes, model: bytes) -> None:
+    diff = difference(qemu_image, pairvol_image)
+    assert diff is None, (
+        f"{trace.describe()}: pairvol's image differs from QEMU's: {diff}; "
+        f"QEMU vs model: {difference(qemu_image, model) or 'equal'}; "
+        f"pairvol vs model: {difference(pairvol_image, model) or 'equal'}"
+    )
+    assert qemu_image == model, f"{trace.describe()}: both differ from the model: {difference(qemu_image, model)}"
 
 
 async def call_error(call: Awaitable[object]) -> tuple[int, str]:
@@ -133,37 +183,51 @@ async def test_pairvol_leaves_the_same_image_as_qemus_replication_driver(
     trace = random_trace(seed, SIZE)
     print(trace.describe())
     async with pair(tmp_path / "pair", size=str(SIZE)) as (primary, secondary):
-        nbd = await primary.nbd()
-
-        async def pairvol_checkpoint() -> None:
-            await secondary.checkpoint()
-
-        try:
-            oracle_run = asyncio.create_task(run_oracle(oracle, trace))
-            await replay(trace, nbd.pwrite, pairvol_checkpoint)
-        finally:
-            await nbd.close()
-        primary.kill()
-        await primary.wait_exit()
-        result = await secondary.failover(epoch=3, mode="checkpoint")
-        async with await secondary.nbd() as new_primary:
-            pairvol_image = await new_primary.read_all()
-        qemu_image = await oracle_run
-
-        model = image_at_last_checkpoint(trace)
-        diff = difference(qemu_image, pairvol_image)
-        assert diff is None, (
-            f"{trace.describe()}: pairvol's image differs from QEMU's: {diff}; "
-            f"QEMU vs model: {difference(qemu_image, model) or 'equal'}; "
-            f"pairvol vs model: {difference(pairvol_image, model) or 'equal'}"
+        qemu_image, pairvol_image, checkpoint_id = await both(
+            run_oracle(oracle, trace), run_pairvol(primary, secondary, trace, failover_epoch=3)
         )
-        assert qemu_image == model, f"{trace.describe()}: both differ from the model: {difference(qemu_image, model)}"
-        assert result["checkpointId"] == trace.checkpoints
+        assert_same_images(trace, qemu_image, pairvol_image, image_at_last_checkpoint(trace))
+        assert checkpoint_id == trace.checkpoints
 
         # After the failover both are done: a further stop is a no-op on both sides.
         await oracle.stop_replication()
         await secondary.call("POST", "/v1/stop", {})
         assert await oracle.read_disk() == qemu_image
+
+
+FULL_SYNC_BUG = (
+    "pairvol starts copy-before-write (checkpoint 0) when the secondary starts, before the "
+    "primary's full sync, so a checkpoint-mode failover before the first checkpoint after the "
+    "sync rolls the volume back to the secondary's pre-sync disk; COLO starts replication after "
+    "the mirror is ready and keeps the synced data"
+)
+
+
+@pytest.mark.parametrize(
+    "checkpoints_after_sync",
+    [pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=FULL_SYNC_BUG)), 2],
+)
+async def test_data_copied_by_the_full_sync_survives_a_checkpoint_failover(
+    tmp_path: Path, oracle: Oracle, checkpoints_after_sync: int
+) -> None:
+    """The volume had data before it was paired: the primary's full sync copies it, and a
+    failover in checkpoint mode must never go back to before that copy."""
+    synced = random_trace(SEEDS[0] + 1000, SIZE, writes=24, checkpoints=0)
+    trace = random_trace(SEEDS[0], SIZE, checkpoints=checkpoints_after_sync)
+    print(trace.describe())
+    base = latest_image(synced)
+    async with agents(tmp_path / "agents", 2, size=str(SIZE)) as (primary, secondary):
+        await primary.primary(1, None)
+        async with await primary.nbd() as nbd:
+            await replay(synced, nbd.pwrite, secondary.checkpoint, DEPTH)
+        await secondary.secondary(2)
+        await primary.primary(3, secondary.replication_address, "full")
+        await primary.wait_replicating()
+        qemu_image, pairvol_image, checkpoint_id = await both(
+            run_oracle(oracle, trace, synced), run_pairvol(primary, secondary, trace, failover_epoch=4)
+        )
+        assert_same_images(trace, qemu_image, pairvol_image, image_at_last_checkpoint(trace, base))
+        assert checkpoint_id == trace.checkpoints
 
 
 async def test_a_skipped_checkpoint_changes_the_oracles_result(oracle: Oracle) -> None:
@@ -229,5 +293,3 @@ async def test_illegal_transitions_are_refused_with_the_seeds_messages(tmp_path:
         assert status == 409 and text.startswith(NOT_RUNNING), text
         # QEMU's get_error keeps the cancelled backup job's -EIO after a non-failover stop
         assert await oracle.replication_error() == "I/O error occurred"
-
-

@@ -101,10 +101,26 @@ async def test_silently_partitioned_secondary_does_not_hang_the_primary(
     net = two_nodes
     psk = write_psk(tmp_path / "psk")
     token = secrets.token_hex(16)
-    p = Agent("vol", tmp_path / "a", "16Mi", host=net.node_ip("pv-a"), netns=net.netns_name("pv-a"),
-              token=token, psk_file=psk, peer_timeout=3)
-    s = Agent("vol", tmp_path / "b", "16Mi", host=net.node_ip("pv-b"), netns=net.netns_name("pv-b"),
-              token=token, psk_file=psk, peer_timeout=3)
+    p = Agent(
+        "vol",
+        tmp_path / "a",
+        "16Mi",
+        host=net.node_ip("pv-a"),
+        netns=net.netns_name("pv-a"),
+        token=token,
+        psk_file=psk,
+        peer_timeout=3,
+    )
+    s = Agent(
+        "vol",
+        tmp_path / "b",
+        "16Mi",
+        host=net.node_ip("pv-b"),
+        netns=net.netns_name("pv-b"),
+        token=token,
+        psk_file=psk,
+        peer_timeout=3,
+    )
     try:
         await asyncio.gather(p.start(), s.start())
         await s.secondary(1)
@@ -126,10 +142,24 @@ async def test_silently_partitioned_secondary_does_not_hang_the_primary(
 async def test_replication_link_is_tls_psk_and_refuses_a_wrong_key(tmp_path: Path, two_nodes: ClusterNetwork) -> None:
     net = two_nodes
     token = secrets.token_hex(16)
-    s = Agent("vol", tmp_path / "b", "16Mi", host=net.node_ip("pv-b"), netns=net.netns_name("pv-b"),
-              token=token, psk_file=write_psk(tmp_path / "psk-b"))
-    p = Agent("vol", tmp_path / "a", "16Mi", host=net.node_ip("pv-a"), netns=net.netns_name("pv-a"),
-              token=token, psk_file=write_psk(tmp_path / "psk-a"))
+    s = Agent(
+        "vol",
+        tmp_path / "b",
+        "16Mi",
+        host=net.node_ip("pv-b"),
+        netns=net.netns_name("pv-b"),
+        token=token,
+        psk_file=write_psk(tmp_path / "psk-b"),
+    )
+    p = Agent(
+        "vol",
+        tmp_path / "a",
+        "16Mi",
+        host=net.node_ip("pv-a"),
+        netns=net.netns_name("pv-a"),
+        token=token,
+        psk_file=write_psk(tmp_path / "psk-a"),
+    )
     try:
         await asyncio.gather(p.start(), s.start())
         await s.secondary(1)

@@ -122,7 +122,9 @@ class Trace:
         )
 
 
-def random_trace(seed: int, size: int, writes: int = 48, max_checkpoints: int = 4) -> Trace:
+def random_trace(
+    seed: int, size: int, writes: int = 48, max_checkpoints: int = 4, checkpoints: int | None = None
+) -> Trace:
     """A random trace that can tell checkpoint semantics apart.
 
     Offsets and lengths are sector aligned and often straddle qcow2 cluster boundaries
@@ -130,13 +132,18 @@ def random_trace(seed: int, size: int, writes: int = 48, max_checkpoints: int = 
     clusters are overwritten within and across checkpoints, some writes are all zeros,
     one touches the last sector. The trace ends with writes after its last checkpoint, so
     "commit the overlays" (checkpoint state) and "keep everything" (latest) differ.
+    ``checkpoints`` fixes their number (default: 0 to ``max_checkpoints``, at random).
     """
     if size % CLUSTER or size < 4 * CLUSTER:
         raise ValueError(f"volume size {size} must be a multiple of {CLUSTER} and at least {4 * CLUSTER}")
     rng = random.Random(seed)
     hot = min(size, 8 * CLUSTER)
-    checkpoints = rng.randint(0, max_checkpoints)
-    cut_after = sorted(rng.sample(range(1, writes - 1), checkpoints)) if checkpoints else []
+    count = rng.randint(0, max_checkpoints)
+    if checkpoints is not None:
+        count = checkpoints
+    if not 0 <= count <= writes - 2:
+        raise ValueError(f"{count} checkpoints do not fit between {writes} writes")
+    cut_after = sorted(rng.sample(range(1, writes - 1), count)) if count else []
     ops: list[Op] = []
     for i in range(writes):
         shape = rng.random()
@@ -218,16 +225,41 @@ def difference(a: bytes, b: bytes, unit: int = SECTOR) -> str | None:
 
 
 async def replay(
-    trace: Trace, write: Callable[[bytes, int], Awaitable[None]], checkpoint: Callable[[], Awaitable[None]]
+    trace: Trace,
+    write: Callable[[bytes, int], Awaitable[None]],
+    checkpoint: Callable[[], Awaitable[None]],
+    depth: int = 1,
 ) -> None:
-    """Apply a trace in order with ``write(data, offset)`` (NBDClient.pwrite's order) and
-    ``checkpoint()``: each write is acknowledged before the next op starts, so writes are
-    quiesced around every checkpoint (QEMU's driver needs that)."""
-    for op in trace.ops:
-        if isinstance(op, Write):
-            await write(op.data, op.offset)
-        else:
-            await checkpoint()
+    """Apply a trace with ``write(data, offset)`` (NBDClient.pwrite's order) and
+    ``checkpoint()``.
+
+    Up to ``depth`` writes are in flight at once, but never two that overlap, so the
+    result does not depend on completion order; every write is acknowledged before a
+    checkpoint starts and none is issued until it returns (writes quiesced around each
+    checkpoint, as QEMU's driver needs).
+    """
+    pending: list[tuple[int, int, asyncio.Future[None]]] = []
+
+    async def drain() -> None:
+        try:
+            await asyncio.gather(*(fut for _, _, fut in pending))
+        finally:
+            pending.clear()
+
+    try:
+        for op in trace.ops:
+            if isinstance(op, Write):
+                lo, hi = op.offset, op.offset + len(op.data)
+                if len(pending) >= depth or any(lo < end and start < hi for start, end, _ in pending):
+                    await drain()
+                pending.append((lo, hi, asyncio.ensure_future(write(op.data, op.offset))))
+            else:
+                await drain()
+                await checkpoint()
+        await drain()
+    finally:
+        for _, _, fut in pending:
+            fut.cancel()
 
 
 # --------------------------------------------------------------------------- the QEMU process

@@ -75,8 +75,14 @@ class WriteLog:
     def slots_of(self, writer: int) -> list[int]:
         return list(range(writer, self.slots, self.writers))
 
-    async def run(self, client: NBDClient, stop: asyncio.Event, rng: random.Random,
-                  max_writes: int | None = None, pace: float = 0.0) -> None:
+    async def run(
+        self,
+        client: NBDClient,
+        stop: asyncio.Event,
+        rng: random.Random,
+        max_writes: int | None = None,
+        pace: float = 0.0,
+    ) -> None:
         """Write until `stop` is set or a write fails (the primary died)."""
 
         async def writer(w: int) -> None:
@@ -131,8 +137,6 @@ class WriteLog:
             for slot in self.slots_of(w):
                 want = last.get(slot)
                 got = seen[slot][1] if seen[slot] is not None else None  # type: ignore[index]
-                assert got == want, (
-                    f"writer {w} slot {slot}: holds write {got}, a prefix cut at {k} needs {want}"
-                )
+                assert got == want, f"writer {w} slot {slot}: holds write {got}, a prefix cut at {k} needs {want}"
             visible_writes += k
         return {"visible": visible_writes, "acked": self.acked()}

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the ss sample lines are verbatim)
 """The agent's pure parts, without any process: stage transitions (replication.c's
 checks and messages), input validation, the watchdog's reading of `ss`, the persisted
 state, and the QMP recipes."""
@@ -39,7 +40,7 @@ class TestStages:
         check_start_primary(NONE0, 1)
 
     def test_starting_twice_is_replication_c_running_or_done(self) -> None:
-        with pytest.raises(IllegalTransition, match="^Block replication is running or done$"):
+        with pytest.raises(IllegalTransition, match=r"^Block replication is running or done$"):
             check_start_secondary(SEC_RUNNING, 9)
 
     def test_stale_epochs_are_fenced_before_anything_else(self) -> None:
@@ -64,13 +65,13 @@ class TestStages:
     def test_checkpoint_and_stop_need_a_running_secondary(self) -> None:
         check_checkpoint(SEC_RUNNING)
         for stage in (Stage.NONE, Stage.FAILOVER_FAILED):
-            with pytest.raises(IllegalTransition, match="^Block replication is not running$"):
+            with pytest.raises(IllegalTransition, match=r"^Block replication is not running$"):
                 check_checkpoint(Position(Role.SECONDARY, stage, 1))
         with pytest.raises(IllegalTransition, match="on the secondary"):
             check_checkpoint(PRI_RUNNING)
         assert check_stop(SEC_RUNNING) is True
         assert check_stop(Position(Role.SECONDARY, Stage.DONE, 1)) is False  # ignored, like the seeds
-        with pytest.raises(IllegalTransition, match="^Block replication is not running$"):
+        with pytest.raises(IllegalTransition, match=r"^Block replication is not running$"):
             check_stop(NONE0)
 
     def test_failover_only_from_a_running_secondary(self) -> None:
@@ -133,7 +134,9 @@ class TestValidation:
 
     def test_peer_timeout_splits_into_reconnect_delay_and_stall_detection(self) -> None:
         def cfg(t: float) -> AgentConfig:
-            return AgentConfig("v", Path("/d"), 1 << 20, ("127.0.0.1", 1), ("127.0.0.1", 2), Path("/d/s"), peer_timeout=t)
+            return AgentConfig(
+                "v", Path("/d"), 1 << 20, ("127.0.0.1", 1), ("127.0.0.1", 2), Path("/d/s"), peer_timeout=t
+            )
 
         assert (cfg(5).reconnect_delay, cfg(5).stall_timeout) == (2, 3)
         assert (cfg(1).reconnect_delay, cfg(1).stall_timeout) == (1, 0.5)
@@ -167,8 +170,15 @@ class TestPeerWatch:
 
 class TestPersistence:
     def test_state_round_trips_and_writes_are_atomic(self, tmp_path: Path) -> None:
-        s = persist.PersistedState(name="v", size=1 << 20, role=Role.SECONDARY, stage=Stage.RUNNING, epoch=7,
-                                   generation=3, checkpoint=persist.Checkpoint(5, 1.5, 2.0))
+        s = persist.PersistedState(
+            name="v",
+            size=1 << 20,
+            role=Role.SECONDARY,
+            stage=Stage.RUNNING,
+            epoch=7,
+            generation=3,
+            checkpoint=persist.Checkpoint(5, 1.5, 2.0),
+        )
         persist.save(tmp_path, s)
         assert persist.load(tmp_path) == s
         assert not (tmp_path / "state.tmp").exists()

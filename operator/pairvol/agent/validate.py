@@ -99,7 +99,7 @@ def parse_epoch(body: dict[str, Any]) -> int:
     epoch = body["epoch"]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
         raise InvalidInput(f"invalid epoch {epoch!r}: expected an integer >= 0")
-    return epoch
+    return int(epoch)
 
 
 def parse_mode(body: dict[str, Any]) -> FailoverMode:

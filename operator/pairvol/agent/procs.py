@@ -1,0 +1,224 @@
+"""Agent processes driven from outside, as the operator and other tools would: start
+`pairvol agent` as a child process, call its HTTP API, and clean it up by PID (the agent
+runs in its own process group, with its qemu-storage-daemon).
+
+Used by `pairvol demo-agent`, the test suite and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from pairvol.nbd import NBDClient
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class AgentCallError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]):
+        super().__init__(f"HTTP {status}: {body.get('error', body)}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class Agent:
+    name: str
+    data_dir: Path
+    size: str
+    host: str = "127.0.0.1"
+    netns: str | None = None
+    token: str | None = None
+    psk_file: Path | None = None
+    peer_timeout: float = 5.0
+    extra_args: list[str] = field(default_factory=list)
+    api_port: int = 0
+    rep_port: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    log_path: Path | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def replication_address(self) -> str:
+        return f"{self.host}:{self.rep_port}"
+
+    @property
+    def export_socket(self) -> Path:
+        return self.data_dir / "export.sock"
+
+    def argv(self) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "pairvol",
+            "agent",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--size",
+            self.size,
+            "--listen",
+            f"{self.host}:{self.api_port}",
+            "--replication-listen",
+            f"{self.host}:{self.rep_port}",
+            "--peer-timeout",
+            str(self.peer_timeout),
+        ]
+        if self.token is not None:
+            token_file = self.data_dir.parent / f"{self.data_dir.name}.token"
+            token_file.write_text(self.token)
+            argv += ["--token-file", str(token_file)]
+        if self.psk_file is not None:
+            argv += ["--psk-file", str(self.psk_file)]
+        argv += self.extra_args
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        return argv
+
+    async def start(self, wait: bool = True) -> None:
+        if not self.api_port:
+            self.api_port = free_port() if self.netns is None else 7800
+        if not self.rep_port:
+            self.rep_port = free_port() if self.netns is None else 7801
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        log = self.log_path.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv(), stdout=log, stderr=log, start_new_session=True
+            )
+        finally:
+            log.close()
+        if wait:
+            await self.wait_ready()
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self.proc is not None and self.proc.returncode is not None:
+                raise RuntimeError(f"agent {self.data_dir.name} exited ({self.proc.returncode}): {self.log_tail()}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(f"{self.api}/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r,
+                ):
+                    if r.status == 200:
+                        return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"agent {self.data_dir.name} not ready: {self.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        token: str | None = None,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        headers = {}
+        tok = token if token is not None else self.token
+        if tok is not None:
+            headers["Authorization"] = f"Bearer {tok}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                method, f"{self.api}{path}", data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as r,
+        ):
+            text = await r.text()
+            try:
+                payload = json.loads(text) if text else {}
+            except ValueError:
+                payload = {"text": text}
+            if r.status >= 400:
+                raise AgentCallError(r.status, payload)
+            return payload if isinstance(payload, dict) else {"value": payload}
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("GET", "/v1/status")
+
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as s, s.get(f"{self.api}/metrics") as r:
+            return await r.text()
+
+    async def secondary(self, epoch: int) -> dict[str, Any]:
+        return await self.call("POST", "/v1/secondary", {"epoch": epoch})
+
+    async def primary(self, epoch: int, peer: str | None = None, sync: str = "none") -> dict[str, Any]:
+        return await self.call("POST", "/v1/primary", {"epoch": epoch, "peer": peer, "sync": sync})
+
+    async def checkpoint(self) -> dict[str, Any]:
+        return await self.call("POST", "/v1/checkpoint", {})
+
+    async def failover(self, epoch: int, mode: str = "checkpoint") -> dict[str, Any]:
+        return await self.call("POST", "/v1/failover", {"epoch": epoch, "mode": mode})
+
+    async def wait_replicating(self, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            st = await self.status()
+            if st["replication"]["state"] == "replicating":
+                return st
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"not replicating: {st}")
+            await asyncio.sleep(0.1)
+
+    async def nbd(self) -> NBDClient:
+        return await NBDClient.connect_unix(str(self.export_socket))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self.kill(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.kill(signal.SIGKILL)
+                await self.proc.wait()
+        # the process group also holds qsd (PDEATHSIG kills it; this makes sure)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def wait_exit(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+
+def write_psk(path: Path) -> Path:
+    path.write_text(f"pairvol:{secrets.token_hex(32)}\n")
+    path.chmod(0o600)
+    return path
