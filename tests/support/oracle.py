@@ -227,7 +227,7 @@ def difference(a: bytes, b: bytes, unit: int = SECTOR) -> str | None:
 async def replay(
     trace: Trace,
     write: Callable[[bytes, int], Awaitable[None]],
-    checkpoint: Callable[[], Awaitable[None]],
+    checkpoint: Callable[[], Awaitable[object]],
     depth: int = 1,
 ) -> None:
     """Apply a trace with ``write(data, offset)`` (NBDClient.pwrite's order) and
