@@ -83,25 +83,32 @@ async def oracle(tmp_path: Path) -> AsyncIterator[Oracle]:
 DEPTH = 8  # non-overlapping writes in flight at once, on both sides
 
 
-async def run_oracle(oracle: Oracle, trace: Trace, synced: Trace | None = None) -> bytes:
+async def run_oracle(oracle: Oracle, trace: Trace, synced: Trace | None = None, mode: str = "checkpoint") -> bytes:
     """The trace through QEMU's driver, then failover (checkpoint mode); the raw disk.
 
     ``synced``: writes that reach the secondary disk before replication starts, as
     COLO's initial drive-mirror does (COLO starts the secondary's replication only after
-    the mirror is ready)."""
+    the mirror is ready). ``mode="latest"`` returns the secondary disk as it was just
+    before the failover: QEMU's driver writes every primary write straight into it (the
+    old data goes to the hidden disk), so that is what a latest-mode failover must keep.
+    """
     async with await oracle.nbd() as nbd:  # the COLO primary's NBD client
         if synced is not None:
             await replay(synced, nbd.pwrite, oracle.checkpoint, DEPTH)
         await oracle.start_replication()
         await replay(trace, nbd.pwrite, oracle.checkpoint, DEPTH)
     # the primary is gone before the secondary fails over
-    return await oracle.failover()
+    latest = await oracle.read_disk()
+    at_checkpoint = await oracle.failover()
+    return latest if mode == "latest" else at_checkpoint
 
 
-async def run_pairvol(primary: Agent, secondary: Agent, trace: Trace, failover_epoch: int) -> tuple[bytes, int]:
-    """The trace through a replicating pairvol pair, SIGKILL of the primary, failover
-    (checkpoint mode); the new primary's image as read through its export, and the
-    checkpoint id the failover reports."""
+async def run_pairvol(
+    primary: Agent, secondary: Agent, trace: Trace, failover_epoch: int, mode: str = "checkpoint"
+) -> tuple[bytes, int | None]:
+    """The trace through a replicating pairvol pair, SIGKILL of the primary, failover;
+    the new primary's image as read through its export, and the checkpoint id the
+    failover reports."""
     async with await primary.nbd() as nbd:
 
         async def checkpoint() -> None:
@@ -110,12 +117,16 @@ async def run_pairvol(primary: Agent, secondary: Agent, trace: Trace, failover_e
         await replay(trace, nbd.pwrite, checkpoint, DEPTH)
     primary.kill()
     await primary.wait_exit()
-    result = await secondary.failover(epoch=failover_epoch, mode="checkpoint")
+    result = await secondary.failover(epoch=failover_epoch, mode=mode)
+    assert result["mode"] == mode
     async with await secondary.nbd() as new_primary:
-        return await new_primary.read_all(), int(result["checkpointId"])
+        cp = result["checkpointId"]
+        return await new_primary.read_all(), None if cp is None else int(cp)
 
 
-async def both(oracle_side: Awaitable[bytes], pairvol_side: Awaitable[tuple[bytes, int]]) -> tuple[bytes, bytes, int]:
+async def both(
+    oracle_side: Awaitable[bytes], pairvol_side: Awaitable[tuple[bytes, int | None]]
+) -> tuple[bytes, bytes, int | None]:
     """Run both sides concurrently; if one fails, the other is cancelled, not left behind."""
     oracle_task = asyncio.ensure_future(oracle_side)
     pairvol_task = asyncio.ensure_future(pairvol_side)
@@ -193,6 +204,21 @@ async def test_pairvol_leaves_the_same_image_as_qemus_replication_driver(
         await oracle.stop_replication()
         await secondary.call("POST", "/v1/stop", {})
         assert await oracle.read_disk() == qemu_image
+
+
+async def test_latest_mode_keeps_what_qemus_secondary_disk_holds(tmp_path: Path, oracle: Oracle) -> None:
+    """Beyond the seeds: pairvol's latest mode drops the overlays; QEMU's driver keeps
+    every primary write in the secondary disk itself, so its raw file just before the
+    failover is the reference."""
+    trace = random_trace(SEEDS[-1], SIZE, checkpoints=2)
+    print(trace.describe())
+    async with pair(tmp_path / "pair", size=str(SIZE)) as (primary, secondary):
+        qemu_image, pairvol_image, checkpoint_id = await both(
+            run_oracle(oracle, trace, mode="latest"),
+            run_pairvol(primary, secondary, trace, failover_epoch=3, mode="latest"),
+        )
+        assert_same_images(trace, qemu_image, pairvol_image, latest_image(trace))
+        assert checkpoint_id is None
 
 
 FULL_SYNC_BUG = (

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -45,6 +46,14 @@ from pairvol.nbd import NBDClient
 from pairvol.qemu import img
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """If the test process dies (even by SIGKILL), its oracle QEMU dies too."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 SECTOR = 512
 CLUSTER = 64 * 1024  # qcow2 cluster size of the overlays on both sides
@@ -351,7 +360,12 @@ class Oracle:
         logfile = await asyncio.to_thread(open, self.log_path, "ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             logfile.close()
