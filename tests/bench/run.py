@@ -1,0 +1,318 @@
+"""``make bench``: measure pairvol's data path against the configurations it is built
+from, in one run on one machine, and print the numbers (no assertions).
+
+Ratios are only meaningful within one run: the machine is shared, so absolute numbers
+drift with the neighbours' load (recorded with every section). The targets of
+DESIGN.md §8 and the brief are printed next to the measured values for comparison:
+c/b >= 0.9, checkpoint cut p99 <= 20 ms, no primary write stall > 10 ms caused by a
+checkpoint.
+
+    .venv/bin/python -m tests.bench.run [--quick] [--json FILE] [--sections ...] [--configs ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pairvol.errors import PairvolError
+from tests.bench.fio import WORKLOADS
+from tests.bench.scenarios import FULL, QUICK, Plan, checkpoint_stall, failover_series, throughput
+from tests.bench.setups import CONFIGS
+from tests.bench.stats import STALL_THRESHOLD_MS, fmt, ratio, table
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("throughput", "checkpoint", "failover")
+RATIO_PAIRS = (
+    ("c/a", "c-pairvol", "a-bare"),
+    ("c/b", "c-pairvol", "b-quorum"),
+    ("c/b tls", "c-pairvol-tls", "b-quorum-tls"),
+)
+TARGET_C_OVER_B = 0.9
+TARGET_CUT_P99_MS = 20.0
+
+
+async def _command_output(*argv: str) -> str:
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        return f"({argv[0]}: {exc})"
+    out, _ = await proc.communicate()
+    return out.decode(errors="replace").strip().splitlines()[0] if out else ""
+
+
+async def machine() -> dict[str, Any]:
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "uptime": await _command_output("uptime"),
+        "fio": await _command_output("fio", "--version"),
+        "qsd": await _command_output("qemu-storage-daemon", "--version"),
+        "python": sys.version.split()[0],
+    }
+
+
+def compute_ratios(tp: dict[str, Any]) -> dict[str, Any]:
+    """c/a, c/b (and the TLS pair): throughput and IOPS ratios (higher is better for c)
+    and latency ratios (lower is better for c), per workload."""
+    out: dict[str, Any] = {}
+    for label, num, den in RATIO_PAIRS:
+        if num not in tp or den not in tp:
+            continue
+        per: dict[str, Any] = {}
+        for wl in WORKLOADS:
+            n, d = tp[num]["workloads"].get(wl.name), tp[den]["workloads"].get(wl.name)
+            if n is None or d is None:
+                continue
+            per[wl.name] = {k: ratio(n.get(k), d.get(k)) for k in ("mibps", "iops", "p50_us", "p99_us")}
+        out[label] = per
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    """The human-readable report: one table per section, targets alongside."""
+    parts: list[str] = []
+    meta = results["meta"]
+    parts.append(
+        f"pairvol data-path benchmark ({'quick' if meta['quick'] else 'full'} run) on {meta['machine']['host']}, "
+        f"{meta['machine']['cpus']} CPUs"
+    )
+    parts.append(f"  start: {meta['machine']['uptime']}")
+    parts.append(f"  end:   {meta.get('uptime_end', '')}")
+    parts.append(f"  {meta['machine']['fio']}; {meta['machine']['qsd']}")
+
+    tp = results.get("throughput") or {}
+    if tp:
+        rows = []
+        for cfg, res in tp.items():
+            for wl in WORKLOADS:
+                m = res["workloads"].get(wl.name)
+                if m is None:
+                    continue
+                rows.append(
+                    [
+                        cfg,
+                        wl.name,
+                        fmt(m["mibps"]),
+                        fmt(m["iops"], 0),
+                        fmt(m["p50_us"], 0),
+                        fmt(m["p99_us"], 0),
+                        fmt(m["p99.9_us"], 0),
+                    ]
+                )
+            q = res.get("qd1_client")
+            if q:
+                rows.append(
+                    [
+                        cfg,
+                        "qd1 client (py)",
+                        "-",
+                        fmt(q["iops"], 0),
+                        fmt(_us(q["all_ms"]["p50"]), 0),
+                        fmt(_us(q["all_ms"]["p99"]), 0),
+                        fmt(_us(q["all_ms"]["p99.9"]), 0) + f"  max {fmt(q['all_ms']['max'], 2)} ms",
+                    ]
+                )
+        parts.append("\nThroughput and latency (fio nbd engine; latency = completion latency, µs)")
+        parts.append(table(["config", "workload", "MiB/s", "IOPS", "p50", "p99", "p99.9"], rows))
+        loads = ", ".join(f"{cfg} {res['load_before'][0]:.2f}" for cfg, res in tp.items())
+        parts.append(f"  1-min load before each configuration: {loads}")
+
+    ratios = results.get("ratios") or {}
+    if ratios:
+        rows = []
+        for label, per in ratios.items():
+            for wl, r in per.items():
+                rows.append(
+                    [label, wl, fmt(r["mibps"], 3), fmt(r["iops"], 3), fmt(r["p50_us"], 2), fmt(r["p99_us"], 2)]
+                )
+        parts.append(
+            f"\nRatios (MiB/s and IOPS: higher is better, target c/b >= {TARGET_C_OVER_B}; latency: lower is better)"
+        )
+        parts.append(table(["ratio", "workload", "MiB/s", "IOPS", "p50 lat", "p99 lat"], rows))
+
+    cp = results.get("checkpoint")
+    if cp:
+        parts.append(
+            f"\nCheckpoints every {cp['interval_s']} s under a QD1 4 KiB random-write load "
+            f"(c-pairvol, {cp['checkpoints']} checkpoints, {len(cp['checkpoint_failures'])} failed)"
+        )
+        parts.append(
+            table(
+                ["", "n", "p50 ms", "p99 ms", "max ms"],
+                [
+                    [name, fmt(cp[key]["n"]), fmt(cp[key]["p50"], 2), fmt(cp[key]["p99"], 2), fmt(cp[key]["max"], 2)]
+                    for name, key in (("cut (transaction)", "cut_ms"), ("checkpoint duration", "duration_ms"))
+                ],
+            )
+        )
+        rows = []
+        for name, rep, key in (
+            ("without checkpoints", cp["without"], "all_ms"),
+            ("with checkpoints: all writes", cp["with"], "all_ms"),
+            ("  during a checkpoint call", cp["with"], "during_checkpoint_ms"),
+            ("  outside checkpoint calls", cp["with"], "outside_checkpoint_ms"),
+        ):
+            s = rep[key]
+            rows.append([name, fmt(s["n"]), fmt(s["p50"], 3), fmt(s["p99"], 2), fmt(s["p99.9"], 2), fmt(s["max"], 2)])
+        parts.append("Primary write latency at QD1 (client side, ms)")
+        parts.append(table(["", "writes", "p50", "p99", "p99.9", "max"], rows))
+        parts.append(
+            f"  writes > {STALL_THRESHOLD_MS:g} ms: without checkpoints {cp['without']['over_threshold']}, "
+            f"with {cp['with']['over_threshold']} (of which during a checkpoint call: "
+            f"{cp['with']['over_threshold_during_checkpoint']})"
+        )
+        parts.append(
+            f"  targets: cut p99 <= {TARGET_CUT_P99_MS:g} ms; no write stall > {STALL_THRESHOLD_MS:g} ms "
+            f"caused by a checkpoint; 1-min load {cp['load_before'][0]:.2f} -> {cp['load_after'][0]:.2f}"
+        )
+
+    fo = results.get("failover")
+    if fo:
+        rows = [
+            [
+                p["mode"],
+                str(p["dirty_mib"]),
+                fmt(p["duration_ms"]),
+                fmt(p["api_call_ms"]),
+                fmt(p["client_ms"]),
+                "yes" if p["verified"] else "NO",
+            ]
+            for p in fo["points"]
+        ]
+        parts.append("\nFailover after SIGKILL of the primary vs. data changed since the last checkpoint")
+        parts.append(table(["mode", "MiB changed", "durationMs", "API call ms", "client write ms", "image ok"], rows))
+        parts.append(
+            "  client write ms: from sending POST /v1/failover until a new NBD connection to the new "
+            "primary's export has a 4 KiB write acknowledged"
+        )
+    return "\n".join(parts)
+
+
+def _us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1000
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="short run (seconds, small volumes): checks the harness")
+    p.add_argument("--json", type=Path, default=None, help="also write all results as JSON to this file")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--no-tls", action="store_true", help="skip the TLS-PSK configurations")
+    p.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 8, quick 1)")
+    p.add_argument(
+        "--failover-mib", default=None, help="comma-separated MiB changed before failover (default 0,16,64,256)"
+    )
+    p.add_argument("--workdir", type=Path, default=None, help="parent of the temporary directory (default /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (images, logs)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    for name, allowed in (("sections", SECTIONS), ("configs", CONFIGS)):
+        chosen = [x for x in getattr(args, name).split(",") if x]
+        bad = [x for x in chosen if x not in allowed]
+        if bad:
+            p.error(f"--{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        setattr(args, name, chosen)
+    if args.no_tls:
+        args.configs = [c for c in args.configs if not c.endswith("-tls")]
+    return args
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    plan = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
+    if args.runtime is not None:
+        changes["runtime_s"] = args.runtime
+    if args.failover_mib is not None:
+        try:
+            changes["failover_mib"] = tuple(int(x) for x in args.failover_mib.split(",") if x)
+        except ValueError:
+            raise SystemExit(f"--failover-mib {args.failover_mib!r}: expected comma-separated integers") from None
+    if not changes:
+        return plan
+    from dataclasses import replace
+
+    return replace(plan, **changes)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    plan = make_plan(args)
+    base = args.workdir or Path("/tmp")
+    workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"pvbench-{os.getpid()}-", dir=base))
+    results: dict[str, Any] = {
+        "meta": {
+            "quick": args.quick,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": await machine(),
+            "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
+            "command": " ".join([sys.executable, "-m", "tests.bench.run", *sys.argv[1:]]),
+        }
+    }
+    try:
+        if "throughput" in args.sections:
+            results["throughput"] = {}
+            for cfg in args.configs:
+                log.info("throughput: %s", cfg)
+                results["throughput"][cfg] = await throughput(cfg, workdir / cfg, plan)
+                await asyncio.to_thread(shutil.rmtree, workdir / cfg, True)
+            results["ratios"] = compute_ratios(results["throughput"])
+        if "checkpoint" in args.sections:
+            log.info("checkpoint cut and write stall")
+            results["checkpoint"] = await checkpoint_stall(workdir / "checkpoint", plan)
+        if "failover" in args.sections:
+            results["failover"] = await failover_series(workdir, plan, plan.failover_modes)
+    finally:
+        if not args.keep:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+        else:
+            log.warning("kept %s", workdir)
+    results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["meta"]["uptime_end"] = await _command_output("uptime")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # its INFO/DEBUG is a QMP wire trace
+    if shutil.which("fio") is None or shutil.which("qemu-storage-daemon") is None:
+        print(
+            "bench: fio and qemu-storage-daemon must be on PATH (Debian: apt-get install fio qemu-system-common)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        results = asyncio.run(run(args))
+    except PairvolError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    print(render(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+        print(f"\nJSON results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The measurements: fio throughput per configuration, checkpoint cut time and primary
+write stall, and failover duration against the data changed since the last checkpoint.
+
+Each scenario starts its own processes (through tests.bench.setups or
+tests.support.agents), tears them down by PID when it ends or fails, and returns plain
+JSON-able dicts; tests.bench.run prints them and computes the ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pairvol.nbd import NBDClient, NBDError
+from tests.bench.errors import BenchError
+from tests.bench.fio import WORKLOADS, run_fio
+from tests.bench.setups import setup
+from tests.bench.stats import stall_report, summary
+from tests.bench.writer import finish_writer, run_writer
+from tests.support.agents import AgentCallError, pair
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+async def loadavg() -> list[float]:
+    """The 1/5/15-minute load averages: the machine is shared, so every number carries one."""
+    text = await asyncio.to_thread(Path("/proc/loadavg").read_text)
+    return [float(x) for x in text.split()[:3]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how big: --quick shrinks every dimension, nothing else changes."""
+
+    size: int
+    runtime_s: float
+    ramp_s: float
+    qd1_seconds: float
+    stall_seconds: float
+    checkpoint_interval_s: float
+    failover_mib: tuple[int, ...]
+    failover_modes: tuple[str, ...] = ("checkpoint", "latest")
+
+    @property
+    def failover_size(self) -> int:
+        return (max(self.failover_mib, default=0) + 64) * MiB
+
+
+FULL = Plan(
+    size=1024 * MiB,
+    runtime_s=8,
+    ramp_s=1,
+    qd1_seconds=8,
+    stall_seconds=20,
+    checkpoint_interval_s=1.0,
+    failover_mib=(0, 16, 64, 256),
+)
+QUICK = Plan(
+    size=256 * MiB,
+    runtime_s=1,
+    ramp_s=0,
+    qd1_seconds=1.5,
+    stall_seconds=3,
+    checkpoint_interval_s=1.0,
+    failover_mib=(0, 8),
+)
+
+
+# ---------------------------------------------------------------------------- throughput
+
+
+async def throughput(config: str, workdir: Path, plan: Plan) -> dict[str, Any]:
+    """fio's three workloads and the QD1 client-side write stream against one configuration."""
+    result: dict[str, Any] = {"load_before": await loadavg(), "workloads": {}}
+    t0 = time.monotonic()
+    async with setup(config, workdir, plan.size) as target:
+        result["setup_s"] = round(time.monotonic() - t0, 3)
+        result["pids"] = target.pids
+        for wl in WORKLOADS:
+            log.info("%s: fio %s (%.0f s)", config, wl.name, plan.runtime_s)
+            result["workloads"][wl.name] = await run_fio(
+                wl, target.socket, plan.size, plan.runtime_s, workdir, plan.ramp_s
+            )
+        out = workdir / "qd1.rec"
+        proc = await run_writer(target.socket, plan.qd1_seconds, out)
+        writes = await finish_writer(proc, out, plan.qd1_seconds + 60)
+        result["qd1_client"] = stall_report(writes, [])
+        log.info("%s: measured, tearing down", config)
+        t_down = time.monotonic()
+    result["teardown_s"] = round(time.monotonic() - t_down, 3)
+    result["load_after"] = await loadavg()
+    return result
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
+    """QD1 4 KiB random writes on a pairvol primary, first without checkpoints, then with
+    one checkpoint every interval; cut/duration as the agent reports them, and each
+    write's latency as the client saw it."""
+    result: dict[str, Any] = {"load_before": await loadavg(), "interval_s": plan.checkpoint_interval_s}
+    async with setup("c-pairvol", workdir, plan.size) as target:
+        assert target.secondary is not None
+        secondary = target.secondary
+        await secondary.checkpoint()  # both phases start right after a cut
+
+        out0 = workdir / "without.rec"
+        proc = await run_writer(target.socket, plan.stall_seconds, out0, seed=2)
+        without = await finish_writer(proc, out0, plan.stall_seconds + 60)
+
+        out1 = workdir / "with.rec"
+        proc = await run_writer(target.socket, plan.stall_seconds, out1, seed=3)
+        windows: list[tuple[int, int]] = []
+        cuts: list[float] = []
+        durations: list[float] = []
+        failures: list[str] = []
+        await asyncio.sleep(min(0.5, plan.checkpoint_interval_s / 2))  # let the writer connect
+        next_at = time.monotonic()
+        while proc.returncode is None:
+            next_at += plan.checkpoint_interval_s
+            start = time.monotonic_ns()
+            try:
+                reply = await secondary.checkpoint()
+            except AgentCallError as exc:
+                failures.append(str(exc))
+            else:
+                cuts.append(float(reply["cutMs"]))
+                durations.append(float(reply["durationMs"]))
+            windows.append((start, time.monotonic_ns()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), max(0.0, next_at - time.monotonic()))
+        with_cp = await finish_writer(proc, out1, 60)
+    # only the windows that fell inside the write stream count as "checkpoints under load"
+    first, last = with_cp[0].start_ns, with_cp[-1].end_ns
+    under_load = [w for w in windows if w[0] <= last and w[1] >= first]
+    result.update(
+        {
+            "checkpoints": len(cuts),
+            "checkpoint_failures": failures,
+            "cut_ms": summary(cuts, (50, 99)),
+            "duration_ms": summary(durations, (50, 99)),
+            "without": stall_report(without, []),
+            "with": stall_report(with_cp, under_load),
+            "load_after": await loadavg(),
+        }
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------- failover
+
+
+def pattern(tag: bytes, index: int) -> bytes:
+    """1 MiB of recognisable data: the tag and the MiB index, repeated."""
+    return struct.pack(">4sI", tag, index) * (MiB // 8)
+
+
+async def write_region(client: NBDClient, mib: int, tag: bytes, depth: int = 8) -> None:
+    """Write ``mib`` MiB of ``tag`` pattern from offset 0, ``depth`` requests in flight."""
+    sem = asyncio.Semaphore(depth)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await client.pwrite(pattern(tag, i), i * MiB)
+
+    await asyncio.gather(*(one(i) for i in range(mib)))
+    await client.flush()
+
+
+async def region_matches(client: NBDClient, mib: int, tag: bytes) -> bool:
+    for i in range(mib):
+        if await client.pread(MiB, i * MiB) != pattern(tag, i):
+            return False
+    return True
+
+
+async def probe_write(socket: Path, offset: int, timeout: float) -> float:
+    """Seconds until a fresh connection to ``socket`` gets one 4 KiB write acknowledged."""
+    t0 = time.monotonic()
+    last = "never connected"
+    while time.monotonic() - t0 < timeout:
+        try:
+            client = await NBDClient.connect_unix(str(socket))
+        except NBDError as exc:
+            last = str(exc)
+            await asyncio.sleep(0.002)
+            continue
+        try:
+            await client.pwrite(b"\xa5" * 4096, offset)
+            return time.monotonic() - t0
+        except NBDError as exc:
+            last = str(exc)
+        finally:
+            await client.close()
+        await asyncio.sleep(0.002)
+    raise BenchError(f"the new primary's export {socket} accepted no write within {timeout:.0f} s: {last}")
+
+
+async def failover_point(workdir: Path, plan: Plan, mode: str, mib: int) -> dict[str, Any]:
+    """Fill ``mib`` MiB, checkpoint, overwrite it, SIGKILL the primary, fail over; time it
+    (agent-reported and client-observed) and check the image is the promised one."""
+    size = plan.failover_size
+    try:
+        async with pair(workdir, size=str(size), sync="none") as (primary, secondary):
+            async with await primary.nbd() as client:
+                await write_region(client, mib, b"OLD.")
+            cp = await secondary.checkpoint()
+            t_dirty = time.monotonic()
+            async with await primary.nbd() as client:
+                await write_region(client, mib, b"NEW.")
+            dirty_s = time.monotonic() - t_dirty
+            primary.kill()
+            await primary.wait_exit()
+
+            t0 = time.monotonic()
+            probe = asyncio.create_task(probe_write(secondary.export_socket, size - 4096, 120))
+            try:
+                reply = await secondary.failover(epoch=3, mode=mode)
+                api_s = time.monotonic() - t0
+                client_s = await probe
+            finally:
+                probe.cancel()
+                with contextlib.suppress(BaseException):
+                    await probe
+            async with await secondary.nbd() as client:
+                verified = await region_matches(client, mib, b"OLD." if mode == "checkpoint" else b"NEW.")
+            secondary.kill()  # no clean flush of a throw-away image (see setups._qsd)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+    return {
+        "mode": mode,
+        "dirty_mib": mib,
+        "duration_ms": float(reply["durationMs"]),
+        "api_call_ms": round(api_s * 1000, 3),
+        "client_ms": round(client_s * 1000, 3),
+        "checkpoint_id": reply.get("checkpointId"),
+        "checkpoint_before": cp["id"],
+        "dirty_write_mibps": round(mib / dirty_s, 1) if mib and dirty_s > 0 else None,
+        "verified": verified,
+    }
+
+
+async def failover_series(workdir: Path, plan: Plan, modes: Sequence[str]) -> dict[str, Any]:
+    points = []
+    load_before = await loadavg()
+    for mode in modes:
+        for mib in plan.failover_mib:
+            log.info("failover %s after %d MiB changed", mode, mib)
+            points.append(await failover_point(workdir / f"failover-{mode}-{mib}", plan, mode, mib))
+    return {"load_before": load_before, "points": points, "load_after": await loadavg()}

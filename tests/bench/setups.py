@@ -1,0 +1,200 @@
+"""The three data paths under test, each an async context manager that yields the unix
+socket of a writable NBD export named ``volume``:
+
+* (a) ``bare``: one qemu-storage-daemon exporting a raw file. The floor: what NBD + qsd
+  + the page cache cost without any replication.
+* (b) ``quorum``: what pairvol builds, by hand and without pairvol's logic: a primary qsd
+  with quorum(vote-threshold=1) over its raw file and an NBD client to a second qsd that
+  exports a raw file over TCP loopback (optionally TLS-PSK). This is the price of
+  synchronous replication itself; (c)/(b) is the price of pairvol on top of it.
+* (c) ``pairvol``: two real ``pairvol agent`` processes (tests.support.agents), primary
+  replicating to secondary with ``sync: none``; the secondary runs copy-before-write into
+  its hidden overlay exactly as in production.
+
+(a) and (b) are driven over QMP with the project's thin process wrapper
+(pairvol.qemu.qsd.Qsd: start, QMP connect, kill by PID) but with their own block graphs;
+their leaf file nodes use the agent's own options (``recipes.file_node``: aio=threads,
+discard=unmap, default writeback cache) so that the comparison differs only in the graph
+above the files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pairvol.qemu import img
+from pairvol.qemu import recipes as r
+from pairvol.qemu.qsd import Qsd
+from tests.bench.errors import BenchError
+from tests.support.agents import Agent, free_port, pair, write_psk
+
+log = logging.getLogger(__name__)
+
+PSK_USER = "pairvol"
+TLS_ID = "tls0"
+
+
+@dataclass
+class Target:
+    """One running data path: where the workload connects, and what runs it."""
+
+    name: str
+    socket: Path
+    size: int
+    pids: list[int] = field(default_factory=list)
+    primary: Agent | None = None
+    secondary: Agent | None = None
+
+
+async def _write_psk_dir(directory: Path, key_hex: str) -> Path:
+    def write() -> Path:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys = directory / "keys.psk"
+        keys.write_text(f"{PSK_USER}:{key_hex}\n")
+        keys.chmod(0o600)
+        return directory
+
+    return await asyncio.to_thread(write)
+
+
+def _tls_object(directory: Path, endpoint: str) -> dict[str, Any]:
+    args: dict[str, Any] = {"qom-type": "tls-creds-psk", "id": TLS_ID, "dir": str(directory), "endpoint": endpoint}
+    if endpoint == "client":
+        args["username"] = PSK_USER
+    return args
+
+
+@contextlib.asynccontextmanager
+async def _qsd(workdir: Path, name: str) -> AsyncIterator[Qsd]:
+    """A qemu-storage-daemon, killed by PID on exit.
+
+    Killed, not quit: a clean quit flushes gigabytes of dirty page cache to the disk,
+    which takes long on a busy machine and slows the next configuration down; the
+    images are thrown away right after, which drops their dirty pages unwritten.
+    """
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    qsd = Qsd(workdir / ".run", workdir / "qsd.log", name=name)
+    try:
+        await qsd.start()
+        yield qsd
+    finally:
+        await qsd.kill()
+
+
+async def _add_disk(qsd: Qsd, workdir: Path, size: int) -> None:
+    disk = workdir / "disk.raw"
+    await img.create(disk, "raw", size)
+    await qsd.execute("blockdev-add", r.file_node(disk, "disk", "raw"))
+
+
+async def _export_unix(qsd: Qsd, node: str, socket: Path) -> None:
+    await qsd.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}})
+    await qsd.execute(
+        "block-export-add", {"type": "nbd", "id": "volume", "node-name": node, "name": "volume", "writable": True}
+    )
+
+
+@contextlib.asynccontextmanager
+async def bare(workdir: Path, size: int) -> AsyncIterator[Target]:
+    """(a) qsd exporting a raw file over NBD on a unix socket."""
+    async with _qsd(workdir, "bare") as qsd:
+        await _add_disk(qsd, workdir, size)
+        socket = workdir / "export.sock"
+        await _export_unix(qsd, "disk", socket)
+        assert qsd.pid is not None
+        yield Target("a-bare", socket, size, pids=[qsd.pid])
+
+
+@contextlib.asynccontextmanager
+async def quorum(workdir: Path, size: int, tls: bool) -> AsyncIterator[Target]:
+    """(b) quorum(local raw, NBD client → second qsd over TCP loopback), no pairvol."""
+    key = secrets.token_hex(32)
+    async with _qsd(workdir / "secondary", "qsd-s") as sec, _qsd(workdir / "primary", "qsd-p") as pri:
+        # the second node: a raw file exported over TCP
+        await _add_disk(sec, workdir / "secondary", size)
+        port = free_port()
+        server: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}}
+        client: dict[str, Any] = {
+            "driver": "nbd",
+            "node-name": "peer",
+            "server": {"type": "inet", "host": "127.0.0.1", "port": str(port)},
+            "export": "replica",
+        }
+        if tls:
+            sec_dir = await _write_psk_dir(workdir / "secondary" / "tls", key)
+            pri_dir = await _write_psk_dir(workdir / "primary" / "tls", key)
+            await sec.execute("object-add", _tls_object(sec_dir, "server"))
+            await pri.execute("object-add", _tls_object(pri_dir, "client"))
+            server["tls-creds"] = TLS_ID
+            client["tls-creds"] = TLS_ID
+        await sec.execute("nbd-server-start", server)
+        await sec.execute(
+            "block-export-add",
+            {"type": "nbd", "id": "replica", "node-name": "disk", "name": "replica", "writable": True},
+        )
+        # the primary: quorum over the local raw file and the NBD client
+        await _add_disk(pri, workdir / "primary", size)
+        await pri.execute("blockdev-add", client)
+        await pri.execute(
+            "blockdev-add",
+            {
+                "driver": "quorum",
+                "node-name": "quorum",
+                "children": ["disk", "peer"],
+                "vote-threshold": 1,
+                "read-pattern": "fifo",
+            },
+        )
+        socket = workdir / "export.sock"
+        await _export_unix(pri, "quorum", socket)
+        assert pri.pid is not None and sec.pid is not None
+        yield Target("b-quorum-tls" if tls else "b-quorum", socket, size, pids=[pri.pid, sec.pid])
+
+
+@contextlib.asynccontextmanager
+async def pairvol(workdir: Path, size: int, tls: bool) -> AsyncIterator[Target]:
+    """(c) a pairvol primary replicating to a pairvol secondary (sync none, loopback)."""
+    kw: dict[str, Any] = {}
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    if tls:
+        kw["psk_file"] = await asyncio.to_thread(write_psk, workdir / "psk")
+    async with pair(workdir, size=str(size), sync="none", **kw) as (primary, secondary):
+        try:
+            st = await primary.status()
+            if st["replication"]["state"] != "replicating" or not st["export"]["serving"]:
+                raise BenchError(f"pairvol primary is not replicating and serving: {st}")
+            pids = [a.proc.pid for a in (primary, secondary) if a.proc is not None]
+            yield Target(
+                "c-pairvol-tls" if tls else "c-pairvol",
+                primary.export_socket,
+                size,
+                pids=pids,
+                primary=primary,
+                secondary=secondary,
+            )
+        finally:
+            # SIGKILL to the agents' process groups (agent + its qsd), for the reason given
+            # in _qsd; pair() then reaps them.
+            for agent in (primary, secondary):
+                agent.kill()
+
+
+def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContextManager[Target]:
+    """The setup called ``name`` (one of CONFIGS)."""
+    if name == "a-bare":
+        return bare(workdir, size)
+    if name in ("b-quorum", "b-quorum-tls"):
+        return quorum(workdir, size, tls=name.endswith("-tls"))
+    if name in ("c-pairvol", "c-pairvol-tls"):
+        return pairvol(workdir, size, tls=name.endswith("-tls"))
+    raise BenchError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+
+
+CONFIGS: tuple[str, ...] = ("a-bare", "b-quorum", "c-pairvol", "b-quorum-tls", "c-pairvol-tls")
