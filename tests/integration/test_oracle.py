@@ -287,6 +287,12 @@ async def test_illegal_transitions_are_refused_with_the_seeds_messages(tmp_path:
         assert await qemu_error(oracle.checkpoint()) == "Backup job was cancelled unexpectedly"
         status, text = await call_error(agent.checkpoint())
         assert status == 409 and "secondary" in text, text
+        # failover before start: QEMU drops the error (xen-set-replication passes no errp
+        # to replication_stop_all when failover=true) and stays in NONE; pairvol refuses
+        await oracle.request_failover()
+        assert await oracle.replication_error() == NOT_RUNNING
+        status, text = await call_error(agent.failover(1))
+        assert status == 409 and "only a secondary can fail over" in text, text
 
         # stage RUNNING: a second start is refused, whatever the (non-stale) epoch
         await oracle.start_replication()
