@@ -198,7 +198,12 @@ async def test_checkpoint_metrics_are_exported(tmp_path: Path) -> None:
             await secondary.checkpoint()
             await nbd.pwrite(b"y" * MiB, 0)
             await secondary.checkpoint()
-        text = await secondary.metrics()
+        for _ in range(50):  # the old generation's copy count arrives when it is retired
+            text = await secondary.metrics()
+            cow = [ln for ln in text.splitlines() if ln.startswith("pairvol_cow_copied_bytes_total")]
+            if cow and float(cow[0].split()[-1]) >= MiB:
+                break
+            await asyncio.sleep(0.1)
         assert 'pairvol_checkpoint_id{volume="vol"} 2.0' in text
         assert 'pairvol_checkpoint_duration_seconds_count{volume="vol"} 2.0' in text
         cow = [ln for ln in text.splitlines() if ln.startswith("pairvol_cow_copied_bytes_total")]
@@ -207,3 +212,19 @@ async def test_checkpoint_metrics_are_exported(tmp_path: Path) -> None:
         sent = [ln for ln in ptext.splitlines() if ln.startswith("pairvol_replication_sent_bytes_total")]
         assert sent and float(sent[0].split()[-1]) >= 2 * MiB
         assert 'pairvol_replication_state{state="replicating",volume="vol"} 1.0' in ptext
+
+
+async def test_checkpoint_failover_before_any_checkpoint_keeps_the_synced_data(tmp_path: Path) -> None:
+    """Checkpoint 0 is the secondary's disk before the primary's full sync copied the volume
+    to it; failing over to it would lose the whole volume. Without a later checkpoint the
+    failover keeps the latest state and says so."""
+    rng = random.Random("no-checkpoint")
+    image = bytearray(16 * MiB)
+    async with pair(tmp_path, size="16Mi") as (primary, secondary):
+        await write_pattern(primary, rng, image, 30)
+        primary.kill()
+        await primary.wait_exit()
+        result = await secondary.failover(epoch=3, mode="checkpoint")
+        assert (result["mode"], result["requestedMode"], result["checkpointId"]) == ("latest", "checkpoint", None)
+        assert "no checkpoint" in result["note"]
+        assert await read_back(secondary) == bytes(image)

@@ -96,6 +96,7 @@ class Replica:
         self._sync_task: asyncio.Task[None] | None = None
         self._prepared_generation: int | None = None
         self._prepare_task: asyncio.Task[None] | None = None
+        self._cleanup_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,6 +188,9 @@ class Replica:
         log.warning("restored replica state: %s", what)
 
     async def close(self) -> None:
+        if self._cleanup_task is not None:
+            with contextlib.suppress(BaseException):
+                await self._cleanup_task
         for task in (self._peer_task, self._sync_task, self._prepare_task):
             if task is not None:
                 task.cancel()
@@ -224,8 +228,22 @@ class Replica:
                     path.unlink(missing_ok=True)
 
     async def _create_overlays(self, gen: int) -> None:
-        for path in self._overlay_paths(gen):
-            await img.create(path, "qcow2", self.cfg.size)
+        """New empty overlays are copies of one empty qcow2 made at start-up: a copy of a
+        few hundred KiB costs far less than a qemu-img process per file."""
+        template = self.run_dir / "empty-overlay.qcow2"
+        if not await asyncio.to_thread(template.exists):
+            partial = template.with_suffix(".partial")
+            await asyncio.to_thread(lambda: partial.unlink(missing_ok=True))
+            await img.create(partial, "qcow2", self.cfg.size)
+            await asyncio.to_thread(os.replace, partial, template)
+
+        def copy() -> None:
+            for path in self._overlay_paths(gen):
+                if path.exists():
+                    raise ReplicaError(f"refusing to overwrite {path}: it exists already")
+                shutil.copyfile(template, path)
+
+        await asyncio.to_thread(copy)
 
     async def _remove_overlay_files(self, gen: int) -> None:
         def rm() -> None:
@@ -401,9 +419,6 @@ class Replica:
                 await self._detach_overlays(new)
                 raise
             cut_s = time.perf_counter() - t_cut
-            final = await self._cancel_job(r.cow_job(old))
-            copied = int(final.get("data", {}).get("offset", 0))
-            await self._detach_overlays(old)
             duration = time.perf_counter() - t0
             cp = Checkpoint(
                 (self.state.checkpoint.id + 1) if self.state.checkpoint else 1, time.time(), duration * 1000
@@ -414,10 +429,24 @@ class Replica:
             m.checkpoint_cut.labels(self.cfg.name).observe(cut_s)
             m.checkpoint_id.labels(self.cfg.name).set(cp.id)
             m.checkpoint_last_timestamp.labels(self.cfg.name).set(cp.time)
-            m.cow_bytes.labels(self.cfg.name).inc(copied)
-            self._prepare_next()
-            log.debug("checkpoint %d cut in %.2f ms (transaction %.2f ms)", cp.id, duration * 1000, cut_s * 1000)
+            self._cleanup_task = asyncio.create_task(self._retire_generation(old), name="retire-overlays")
+            log.debug(
+                "checkpoint %d in force after %.2f ms (transaction %.2f ms)", cp.id, duration * 1000, cut_s * 1000
+            )
             return {"id": cp.id, "durationMs": round(duration * 1000, 3), "cutMs": round(cut_s * 1000, 3)}
+
+    async def _retire_generation(self, old: int) -> None:
+        """After a cut: stop copy-before-write into the old hidden disk and delete the
+        old pair. Off the checkpoint's critical path, but under the lock, so the next
+        command finds a tidy graph."""
+        async with self.lock:
+            try:
+                final = await self._cancel_job(r.cow_job(old))
+                self.metrics.cow_bytes.labels(self.cfg.name).inc(int(final.get("data", {}).get("offset", 0)))
+                await self._detach_overlays(old)
+            except PairvolError as exc:
+                log.error("could not retire overlays of checkpoint generation %d: %s", old, exc)
+            self._prepare_next()
 
     async def failover(self, epoch: int, mode: FailoverMode) -> dict[str, Any]:
         async with self.lock:
@@ -429,6 +458,12 @@ class Replica:
             await self._stop_nbd_server()
             final = await self._cancel_job(r.cow_job(gen))
             self.metrics.cow_bytes.labels(self.cfg.name).inc(int(final.get("data", {}).get("offset", 0)))
+            requested = mode
+            if mode is FailoverMode.CHECKPOINT and (self.state.checkpoint is None or self.state.checkpoint.id == 0):
+                # Checkpoint 0 is the secondary's disk before the primary's full sync: not a
+                # state the volume ever had. Without a later checkpoint, keep everything.
+                mode = FailoverMode.LATEST
+                log.warning("no checkpoint was cut since this secondary started: failing over to the latest state")
             try:
                 if mode is FailoverMode.CHECKPOINT:
                     await self._commit(gen)
@@ -449,20 +484,31 @@ class Replica:
             self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
             cp_id = self.state.checkpoint.id if self.state.checkpoint else None
             log.info("failover (%s) to epoch %d done in %.1f ms", mode.value, epoch, duration * 1000)
-            return {
+            result: dict[str, Any] = {
                 "durationMs": round(duration * 1000, 3),
                 "mode": mode.value,
                 "checkpointId": cp_id if mode is FailoverMode.CHECKPOINT else None,
             }
+            if mode is not requested:
+                result["requestedMode"] = requested.value
+                result["note"] = "no checkpoint had been cut since the secondary started; kept the latest state"
+            return result
 
     async def _commit(self, gen: int) -> None:
         """replication_stop(failover=true): active commit of active+hidden into the disk."""
         self.qsd.watch_job(r.COMMIT_JOB)
         try:
             await self.qsd.execute("block-commit", r.active_commit(gen))
-            event = await self.qsd.wait_job_event(
-                r.COMMIT_JOB, {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}
-            )
+            while True:
+                try:
+                    event = await self.qsd.wait_job_event(
+                        r.COMMIT_JOB, {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 1.0
+                    )
+                    break
+                except TimeoutError:
+                    for job in await self.qsd.execute("query-block-jobs"):
+                        if job["device"] == r.COMMIT_JOB:
+                            log.info("failover commit: %d / %d MiB", job["offset"] >> 20, job["len"] >> 20)
             if event["event"] != "BLOCK_JOB_READY":
                 raise ReplicaError(f"commit job ended early: {event['data'].get('error', event['event'])}")
             await self.qsd.execute("block-job-complete", {"device": r.COMMIT_JOB})
