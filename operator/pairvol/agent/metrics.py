@@ -95,6 +95,15 @@ class AgentMetrics:
         )
         self.size = Gauge("pairvol_volume_size_bytes", "Size of the volume", labels, registry=r)
 
+        # every series exists from the start, so increase() sees the first failover
+        for mode in ("checkpoint", "latest"):
+            self.failover_duration.labels(volume, mode)
+            for result in ("succeeded", "failed"):
+                self.failovers.labels(volume, mode, result)
+        self.peer_failures.labels(volume)
+        self.cow_bytes.labels(volume)
+        self.peer_sent_bytes.labels(volume)
+
     def set_one_of(self, gauge: Gauge, choices: tuple[str, ...], label: str, current: str) -> None:
         for choice in choices:
             gauge.labels(self.volume, choice).set(1 if choice == current else 0)

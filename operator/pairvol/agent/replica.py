@@ -97,6 +97,7 @@ class Replica:
         self._prepared_generation: int | None = None
         self._prepare_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
+        self.relay: Qsd | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -197,6 +198,8 @@ class Replica:
                 with contextlib.suppress(BaseException):
                     await task
         clean = self.qsd.alive
+        if self.relay is not None:
+            await self.relay.kill()
         await self.qsd.stop()
         if self._tls_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._tls_dir, True)
@@ -332,6 +335,9 @@ class Replica:
         await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, r.DISK_NODE))
 
     async def _stop_nbd_server(self) -> None:
+        if self.relay is not None:
+            relay, self.relay = self.relay, None
+            await relay.kill()  # its clients must not get one more write through
         for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT):
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
@@ -364,6 +370,27 @@ class Replica:
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
         await self.qsd.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.QUORUM_NODE))
         self.serving = True
+        if self.cfg.export_listen is not None:
+            await self._start_relay(self.cfg.export_listen)
+
+    async def _start_relay(self, listen: tuple[str, int]) -> None:
+        """The workload export over TCP (TLS-PSK): qsd has one NBD server, which serves the
+        unix socket, so a second daemon re-exports it. Killing the relay is part of fencing."""
+        relay = Qsd(self.run_dir, self.data_dir / "relay.log", name="relay")
+        await relay.start()
+        try:
+            tls = self.cfg.psk is not None
+            if tls:
+                assert self.cfg.psk is not None and self._tls_dir is not None
+                await relay.execute("object-add", r.tls_psk(self._tls_dir, "server", self.cfg.psk.username))
+            await relay.execute("blockdev-add", r.nbd_client_unix(r.WORKLOAD_EXPORT, self.cfg.export_socket))
+            await relay.execute("nbd-server-start", r.nbd_server_inet(*listen, tls))
+            await relay.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.WORKLOAD_EXPORT))
+        except PairvolError:
+            await relay.kill()
+            raise
+        self.relay = relay
+        log.info("workload export also on %s:%d (%s)", *listen, "TLS-PSK" if tls else "plain, loopback")
 
     async def fence_workload(self, reason: str) -> None:
         """Stop serving the workload export at once (lease lost, demotion)."""
@@ -764,6 +791,9 @@ class Replica:
                 "serving": self.serving,
                 "socket": str(self.cfg.export_socket),
                 "name": r.WORKLOAD_EXPORT,
+                "listen": f"{self.cfg.export_listen[0]}:{self.cfg.export_listen[1]}"
+                if self.relay is not None and self.cfg.export_listen
+                else None,
             },
             "ioStatus": io_status(st.role, st.stage),
             "qsd": {"alive": self.qsd.alive, "pid": self.qsd.pid, "error": qsd_error},

@@ -102,6 +102,16 @@ def nbd_client(node_name: str, host: str, port: int, tls: bool, reconnect_delay:
     return args
 
 
+def nbd_client_unix(node_name: str, path: Path) -> QMPArgs:
+    """The relay's view of the workload export (no reconnect: a fenced export stays gone)."""
+    return {
+        "driver": "nbd",
+        "node-name": node_name,
+        "server": {"type": "unix", "path": str(path)},
+        "export": WORKLOAD_EXPORT,
+    }
+
+
 def quorum(children: list[str]) -> QMPArgs:
     return {
         "driver": "quorum",
