@@ -143,8 +143,8 @@ def random_trace(
     "commit the overlays" (checkpoint state) and "keep everything" (latest) differ.
     ``checkpoints`` fixes their number (default: 0 to ``max_checkpoints``, at random).
     """
-    if size % CLUSTER or size < 4 * CLUSTER:
-        raise ValueError(f"volume size {size} must be a multiple of {CLUSTER} and at least {4 * CLUSTER}")
+    if size % SECTOR or size < 4 * CLUSTER:
+        raise ValueError(f"volume size {size} must be a multiple of {SECTOR} and at least {4 * CLUSTER}")
     rng = random.Random(seed)
     hot = min(size, 8 * CLUSTER)
     count = rng.randint(0, max_checkpoints)
