@@ -40,6 +40,7 @@ from tests.support.oracle import (
     OracleCommandError,
     OracleUnavailable,
     Trace,
+    TraceClient,
     difference,
     image_at_last_checkpoint,
     latest_image,
@@ -124,9 +125,9 @@ async def run_oracle(oracle: Oracle, trace: Trace, synced: Trace | None = None) 
     the mirror is ready)."""
     async with await oracle.nbd() as nbd:  # the COLO primary's NBD client
         if synced is not None:
-            await replay(synced, nbd.pwrite, oracle.checkpoint, DEPTH)
+            await replay(synced, nbd, oracle.checkpoint, DEPTH)
         await oracle.start_replication()
-        await replay(trace, nbd.pwrite, oracle.checkpoint, DEPTH)
+        await replay(trace, nbd, oracle.checkpoint, DEPTH)
     # the primary is gone before the secondary fails over
     latest = await oracle.read_disk()
     return QemuResult(at_checkpoint=await oracle.failover(), latest=latest)
@@ -136,12 +137,8 @@ async def run_pairvol(
     primary: Agent, secondary: Agent, trace: Trace, failover_epoch: int, mode: str = "checkpoint"
 ) -> PairvolResult:
     """The trace through a replicating pairvol pair, SIGKILL of the primary, failover."""
-    async with await primary.nbd() as nbd:
-
-        async def checkpoint() -> None:
-            await secondary.checkpoint()
-
-        await replay(trace, nbd.pwrite, checkpoint, DEPTH)
+    async with await TraceClient.open_unix(str(primary.export_socket)) as nbd:
+        await replay(trace, nbd, secondary.checkpoint, DEPTH)
     primary.kill()
     await primary.wait_exit()
     answer = await secondary.failover(epoch=failover_epoch, mode=mode)
@@ -282,8 +279,8 @@ async def test_data_copied_by_the_full_sync_survives_a_checkpoint_failover(
     print(trace.describe())
     async with agents(tmp_path / "agents", 2, size=str(SIZE)) as (primary, secondary):
         await primary.primary(1, None)
-        async with await primary.nbd() as nbd:
-            await replay(synced, nbd.pwrite, secondary.checkpoint, DEPTH)
+        async with await TraceClient.open_unix(str(primary.export_socket)) as nbd:
+            await replay(synced, nbd, secondary.checkpoint, DEPTH)
         await secondary.secondary(2)
         await primary.primary(3, secondary.replication_address, "full")
         await primary.wait_replicating()

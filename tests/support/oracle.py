@@ -42,7 +42,7 @@ from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from pairvol.errors import PairvolError
-from pairvol.nbd import NBDClient
+from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu import img
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 SECTOR = 512
 CLUSTER = 64 * 1024  # qcow2 cluster size of the overlays on both sides
+NBD_CMD_WRITE_ZEROES = 6
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
 
 #: QMP commands the oracle needs; a QEMU built without CONFIG_REPLICATION/COLO lacks them.
 REQUIRED_COMMANDS = frozenset(
@@ -100,11 +103,31 @@ class Write:
 
 
 @dataclass(frozen=True)
+class Zero:
+    """NBD_CMD_WRITE_ZEROES: the range reads as zeros afterwards. ``may_unmap`` leaves out
+    NBD_CMD_FLAG_NO_HOLE, so the server may punch a hole (a discard that must still be
+    undone by a checkpoint failover)."""
+
+    offset: int
+    length: int
+    may_unmap: bool
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint on the secondary, cut while no write is in flight."""
 
 
-Op = Write | Checkpoint
+Op = Write | Zero | Checkpoint
+
+
+def _extent(op: Write | Zero) -> tuple[int, int]:
+    return (op.offset, op.offset + (len(op.data) if isinstance(op, Write) else op.length))
+
+
+def _apply(image: bytearray, op: Write | Zero) -> None:
+    lo, hi = _extent(op)
+    image[lo:hi] = op.data if isinstance(op, Write) else bytes(hi - lo)
 
 
 @dataclass(frozen=True)
@@ -123,10 +146,15 @@ class Trace:
     def writes(self) -> int:
         return sum(1 for op in self.ops if isinstance(op, Write))
 
+    @property
+    def zeroes(self) -> int:
+        return sum(1 for op in self.ops if isinstance(op, Zero))
+
     def describe(self) -> str:
         written = sum(len(op.data) for op in self.ops if isinstance(op, Write))
         return (
-            f"trace seed={self.seed}: {self.writes} writes ({written} bytes), {self.checkpoints} checkpoints "
+            f"trace seed={self.seed}: {self.writes} writes ({written} bytes), {self.zeroes} write-zeroes, "
+            f"{self.checkpoints} checkpoints "
             f"on a {self.size}-byte volume (reproduce: PAIRVOL_ORACLE_SEEDS={self.seed})"
         )
 
@@ -138,8 +166,9 @@ def random_trace(
 
     Offsets and lengths are sector aligned and often straddle qcow2 cluster boundaries
     (partial-cluster copy-before-write), half of the writes hit a small hot region so that
-    clusters are overwritten within and across checkpoints, some writes are all zeros,
-    one touches the last sector. The trace ends with writes after its last checkpoint, so
+    clusters are overwritten within and across checkpoints, some are NBD write-zeroes
+    (some of which may punch holes), some write zero bytes, one touches the last sector.
+    The trace ends with writes after its last checkpoint, so
     "commit the overlays" (checkpoint state) and "keep everything" (latest) differ.
     ``checkpoints`` fixes their number (default: 0 to ``max_checkpoints``, at random).
     """
@@ -173,8 +202,11 @@ def random_trace(
             offset = max(0, min(boundary - rng.randint(1, 8) * SECTOR, size - length))
         else:
             offset = rng.randrange(0, region - length + 1, SECTOR)
-        data = bytes(length) if rng.random() < 0.1 else rng.randbytes(length)
-        ops.append(Write(offset, data))
+        kind = rng.random()
+        if kind < 0.1:
+            ops.append(Zero(offset, length, may_unmap=rng.random() < 0.5))
+        else:
+            ops.append(Write(offset, bytes(length) if kind < 0.15 else rng.randbytes(length)))
         if i + 1 in cut_after:
             ops.append(Checkpoint())
     return Trace(seed, size, tuple(ops))
@@ -186,10 +218,10 @@ def image_at_last_checkpoint(trace: Trace, base: bytes | None = None) -> bytes:
     image = bytearray(base if base is not None else bytes(trace.size))
     at_checkpoint = bytes(image)
     for op in trace.ops:
-        if isinstance(op, Write):
-            image[op.offset : op.offset + len(op.data)] = op.data
-        else:
+        if isinstance(op, Checkpoint):
             at_checkpoint = bytes(image)
+        else:
+            _apply(image, op)
     return at_checkpoint
 
 
@@ -197,8 +229,8 @@ def latest_image(trace: Trace, base: bytes | None = None) -> bytes:
     """The model's image with every write applied (what a latest-mode failover keeps)."""
     image = bytearray(base if base is not None else bytes(trace.size))
     for op in trace.ops:
-        if isinstance(op, Write):
-            image[op.offset : op.offset + len(op.data)] = op.data
+        if not isinstance(op, Checkpoint):
+            _apply(image, op)
     return bytes(image)
 
 
@@ -233,14 +265,34 @@ def difference(a: bytes, b: bytes, unit: int = SECTOR) -> str | None:
     return f"{len(bad)} of {len(a) // unit} sectors differ: {shown}{more}"
 
 
+class TraceClient(NBDClient):
+    """pairvol's NBD client plus NBD_CMD_WRITE_ZEROES (filesystems and mkfs send it)."""
+
+    @classmethod
+    async def open_unix(cls, path: str, export: str = "volume") -> TraceClient:
+        client = await cls.connect_unix(path, export)
+        assert isinstance(client, TraceClient)
+        return client
+
+    async def __aenter__(self) -> TraceClient:
+        return self
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+        if not self.info.flags & NBD_FLAG_SEND_WRITE_ZEROES:
+            raise NBDError("the export does not accept NBD_CMD_WRITE_ZEROES")
+        await self._request(NBD_CMD_WRITE_ZEROES, offset, length, b"", 0 if may_unmap else NBD_CMD_FLAG_NO_HOLE)
+
+    async def apply(self, op: Write | Zero) -> None:
+        if isinstance(op, Write):
+            await self.pwrite(op.data, op.offset)
+        else:
+            await self.write_zeroes(op.offset, op.length, op.may_unmap)
+
+
 async def replay(
-    trace: Trace,
-    write: Callable[[bytes, int], Awaitable[None]],
-    checkpoint: Callable[[], Awaitable[object]],
-    depth: int = 1,
+    trace: Trace, client: TraceClient, checkpoint: Callable[[], Awaitable[object]], depth: int = 1
 ) -> None:
-    """Apply a trace with ``write(data, offset)`` (NBDClient.pwrite's order) and
-    ``checkpoint()``.
+    """Apply a trace: its writes through ``client``, its checkpoints with ``checkpoint()``.
 
     Up to ``depth`` writes are in flight at once, but never two that overlap, so the
     result does not depend on completion order; every write is acknowledged before a
@@ -257,14 +309,14 @@ async def replay(
 
     try:
         for op in trace.ops:
-            if isinstance(op, Write):
-                lo, hi = op.offset, op.offset + len(op.data)
-                if len(pending) >= depth or any(lo < end and start < hi for start, end, _ in pending):
-                    await drain()
-                pending.append((lo, hi, asyncio.ensure_future(write(op.data, op.offset))))
-            else:
+            if isinstance(op, Checkpoint):
                 await drain()
                 await checkpoint()
+                continue
+            lo, hi = _extent(op)
+            if len(pending) >= depth or any(lo < end and start < hi for start, end, _ in pending):
+                await drain()
+            pending.append((lo, hi, asyncio.ensure_future(client.apply(op))))
         await drain()
     finally:
         for _, _, fut in pending:
@@ -491,9 +543,9 @@ class Oracle:
     async def read_disk(self) -> bytes:
         return await asyncio.to_thread(self.disk_path.read_bytes)
 
-    async def nbd(self) -> NBDClient:
+    async def nbd(self) -> TraceClient:
         """A client on the secondary disk's export: the COLO primary's NBD connection."""
-        return await NBDClient.connect_unix(str(self.nbd_socket), export=self.EXPORT)
+        return await TraceClient.open_unix(str(self.nbd_socket), export=self.EXPORT)
 
     async def close(self) -> None:
         """Quit QEMU (or kill it by PID) and remove the socket directory."""
