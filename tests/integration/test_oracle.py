@@ -1,6 +1,7 @@
 """pairvol's data path against QEMU's own replication driver (the reference oracle).
 
-The same random trace of primary writes and checkpoints is applied, in lock step, to
+The same random trace of primary writes (NBD writes and write-zeroes, sector aligned,
+up to 8 non-overlapping ones in flight) and checkpoints is applied, concurrently, to
 
 * the oracle: ``qemu-system-x86_64 -M none`` running ``block/replication.c`` in secondary
   mode, written through its secondary disk's NBD export (tests/support/oracle.py), and
@@ -14,6 +15,9 @@ checkpoint" is checked too, so a failure says which side is wrong.
 
 Writes are quiesced around each checkpoint (QEMU's driver cuts the checkpoint with
 ``bdrv_make_empty`` and needs no I/O in flight; pairvol does not, but must agree).
+Where pairvol deliberately departs from the seeds (no checkpoint since start: it keeps
+the latest state; refusals where QEMU silently ignores a call), the tests pin the
+departure down against what QEMU does, so it stays a decision and not an accident.
 
 Seeds: a fixed set plus one fresh seed per run, printed; rerun one with
 ``PAIRVOL_ORACLE_SEEDS=<seed>[,<seed>...]``.
