@@ -188,10 +188,10 @@ def assert_checkpoint_failover_agrees(trace: Trace, qemu: QemuResult, pairvol: P
     """
     answer = pairvol.answer
     if trace.checkpoints:
-        assert answer["mode"] == "checkpoint", answer
-        assert answer["checkpointId"] == trace.checkpoints, answer
         assert_same_images(trace, "commit result", qemu.at_checkpoint, pairvol.image,
                            image_at_last_checkpoint(trace, base))
+        assert answer["mode"] == "checkpoint", answer
+        assert answer["checkpointId"] == trace.checkpoints, answer
     else:
         assert (answer["mode"], answer.get("requestedMode"), answer["checkpointId"]) == (
             "latest", "checkpoint", None), answer
