@@ -132,6 +132,11 @@ async def test_status_subresource_isolation_and_generation(
     code, status = await send(api_http, "PATCH", f"{RVS}/vol/status",
                               {"status": {"phase": "Sleeping"}}, MERGE)
     assert code == 422 and "status.phase: Unsupported value" in status["message"]
+    ready = {"type": "Ready", "status": "True"}
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol/status",
+                              {"status": {"conditions": [ready, ready]}}, MERGE)
+    assert code == 422
+    assert 'status.conditions[1]: Duplicate value: {"type": "Ready"}' in status["message"]
 
 
 async def test_a_noop_write_does_not_change_the_resource_version(

@@ -12,7 +12,7 @@ exists). ``apiVersion``, ``kind`` and ``metadata`` at the root are never pruned.
 Supported keywords: type, nullable, properties, additionalProperties, items, required,
 enum, pattern, format (date-time, int32, int64), minimum/maximum (+exclusive), minLength,
 maxLength, minItems, maxItems, minProperties, maxProperties, uniqueItems,
-x-kubernetes-list-type=set, multipleOf, allOf/anyOf/oneOf/not (validation only),
+x-kubernetes-list-type=set and =map (unique keys), multipleOf, allOf/anyOf/oneOf/not (validation only),
 x-kubernetes-int-or-string, x-kubernetes-preserve-unknown-fields,
 x-kubernetes-embedded-resource, default, x-kubernetes-validations.
 """
@@ -184,9 +184,7 @@ def validate(value: Any, schema: Schema, old: Any = ABSENT, path: str = "") -> l
     return errors
 
 
-def _validate(
-    value: Any, schema: Schema, old: Any, path: str, errors: list[FieldError]
-) -> None:
+def _validate(value: Any, schema: Schema, old: Any, path: str, errors: list[FieldError]) -> None:
     p = path or "<root>"
     if value is None:
         if not schema.get("nullable"):
@@ -195,36 +193,31 @@ def _validate(
     if not _type_ok(value, schema):
         int_or_string = schema.get("x-kubernetes-int-or-string")
         expected = "integer or string" if int_or_string else schema.get("type")
-        errors.append(
-            FieldError(p, "FieldValueTypeInvalid", f"{p} in body must be of type {expected}",
-                       value)
-        )
+        errors.append(FieldError(p, "FieldValueTypeInvalid", f"{p} in body must be of type {expected}", value))
         return
     if "enum" in schema and value not in schema["enum"]:
         supported = ", ".join(json.dumps(v) for v in schema["enum"])
-        errors.append(
-            FieldError(p, "FieldValueNotSupported", f"supported values: {supported}", value)
-        )
+        errors.append(FieldError(p, "FieldValueNotSupported", f"supported values: {supported}", value))
     if isinstance(value, str):
         if "pattern" in schema and re.search(schema["pattern"], value) is None:
-            errors.append(FieldError(
-                p, "FieldValueInvalid", f"{p} in body should match '{schema['pattern']}'", value
-            ))
+            errors.append(FieldError(p, "FieldValueInvalid", f"{p} in body should match '{schema['pattern']}'", value))
         if "maxLength" in schema and len(value) > schema["maxLength"]:
-            errors.append(FieldError(
-                p, "FieldValueTooLong", f"may not be more than {schema['maxLength']} bytes", value
-            ))
+            errors.append(
+                FieldError(p, "FieldValueTooLong", f"may not be more than {schema['maxLength']} bytes", value)
+            )
         if "minLength" in schema and len(value) < schema["minLength"]:
-            errors.append(FieldError(
-                p, "FieldValueInvalid",
-                f"{p} in body should be at least {schema['minLength']} chars long", value,
-            ))
+            errors.append(
+                FieldError(
+                    p,
+                    "FieldValueInvalid",
+                    f"{p} in body should be at least {schema['minLength']} chars long",
+                    value,
+                )
+            )
     if isinstance(value, int | float) and not isinstance(value, bool):
         _check_number(value, schema, p, errors)
     if "format" in schema and not _format_ok(value, schema["format"]):
-        errors.append(FieldError(
-            p, "FieldValueInvalid", f"{p} in body must be of type {schema['format']}", value
-        ))
+        errors.append(FieldError(p, "FieldValueInvalid", f"{p} in body must be of type {schema['format']}", value))
     if isinstance(value, dict):
         _validate_object(value, schema, old, path, errors)
     if isinstance(value, list):
@@ -237,29 +230,25 @@ def _check_number(value: float, schema: Schema, p: str, errors: list[FieldError]
     if "minimum" in schema:
         lo = schema["minimum"]
         if value < lo or (schema.get("exclusiveMinimum") is True and value == lo):
-            op = "greater than" if schema.get("exclusiveMinimum") is True else (
-                "greater than or equal to"
-            )
-            errors.append(
-                FieldError(p, "FieldValueInvalid", f"{p} in body should be {op} {lo}", value)
-            )
+            op = "greater than" if schema.get("exclusiveMinimum") is True else ("greater than or equal to")
+            errors.append(FieldError(p, "FieldValueInvalid", f"{p} in body should be {op} {lo}", value))
     if "maximum" in schema:
         hi = schema["maximum"]
         if value > hi or (schema.get("exclusiveMaximum") is True and value == hi):
             op = "less than" if schema.get("exclusiveMaximum") is True else "less than or equal to"
-            errors.append(
-                FieldError(p, "FieldValueInvalid", f"{p} in body should be {op} {hi}", value)
-            )
+            errors.append(FieldError(p, "FieldValueInvalid", f"{p} in body should be {op} {hi}", value))
     if "multipleOf" in schema and value % schema["multipleOf"] != 0:
-        errors.append(FieldError(
-            p, "FieldValueInvalid", f"{p} in body should be a multiple of {schema['multipleOf']}",
-            value,
-        ))
+        errors.append(
+            FieldError(
+                p,
+                "FieldValueInvalid",
+                f"{p} in body should be a multiple of {schema['multipleOf']}",
+                value,
+            )
+        )
 
 
-def _validate_object(
-    value: dict[str, Any], schema: Schema, old: Any, path: str, errors: list[FieldError]
-) -> None:
+def _validate_object(value: dict[str, Any], schema: Schema, old: Any, path: str, errors: list[FieldError]) -> None:
     for req in schema.get("required", []) or []:
         if req not in value:
             errors.append(FieldError(_join(path, req), "FieldValueRequired", ""))
@@ -273,19 +262,18 @@ def _validate_object(
     n = len(value)
     p = path or "<root>"
     if "maxProperties" in schema and n > schema["maxProperties"]:
-        errors.append(FieldError(
-            p, "FieldValueTooMany", f"must have at most {schema['maxProperties']} items"
-        ))
+        errors.append(FieldError(p, "FieldValueTooMany", f"must have at most {schema['maxProperties']} items"))
     if "minProperties" in schema and n < schema["minProperties"]:
-        errors.append(FieldError(
-            p, "FieldValueInvalid", f"{p} in body should have at least "
-            f"{schema['minProperties']} properties",
-        ))
+        errors.append(
+            FieldError(
+                p,
+                "FieldValueInvalid",
+                f"{p} in body should have at least {schema['minProperties']} properties",
+            )
+        )
 
 
-def _validate_array(
-    value: list[Any], schema: Schema, old: Any, path: str, errors: list[FieldError]
-) -> None:
+def _validate_array(value: list[Any], schema: Schema, old: Any, path: str, errors: list[FieldError]) -> None:
     items = schema.get("items")
     if isinstance(items, dict):
         for i, item in enumerate(value):
@@ -294,13 +282,22 @@ def _validate_array(
             _validate(item, items, ABSENT, f"{path}[{i}]", errors)
     p = path or "<root>"
     if "maxItems" in schema and len(value) > schema["maxItems"]:
-        errors.append(FieldError(
-            p, "FieldValueTooMany", f"must have at most {schema['maxItems']} items"
-        ))
+        errors.append(FieldError(p, "FieldValueTooMany", f"must have at most {schema['maxItems']} items"))
     if "minItems" in schema and len(value) < schema["minItems"]:
-        errors.append(FieldError(
-            p, "FieldValueInvalid", f"{p} in body should have at least {schema['minItems']} items"
-        ))
+        errors.append(
+            FieldError(p, "FieldValueInvalid", f"{p} in body should have at least {schema['minItems']} items")
+        )
+    if schema.get("x-kubernetes-list-type") == "map":
+        keys = schema.get("x-kubernetes-list-map-keys") or []
+        seen_keys: list[tuple[Any, ...]] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                continue
+            key_value = tuple(item.get(k) for k in keys)
+            if key_value in seen_keys:
+                errors.append(FieldError(f"{path}[{i}]", "FieldValueDuplicate", "",
+                                         {k: item.get(k) for k in keys}))
+            seen_keys.append(key_value)
     if schema.get("uniqueItems") or schema.get("x-kubernetes-list-type") == "set":
         seen: list[str] = []
         for i, item in enumerate(value):
@@ -314,16 +311,13 @@ def _validate_combinators(value: Any, schema: Schema, p: str, errors: list[Field
     for sub in schema.get("allOf", []) or []:
         _validate(value, sub, ABSENT, p, errors)
     if schema.get("anyOf") and all(validate(value, sub, path=p) for sub in schema["anyOf"]):
-        errors.append(FieldError(p, "FieldValueInvalid", "must validate at least one schema "
-                                 "(anyOf)", value))
+        errors.append(FieldError(p, "FieldValueInvalid", "must validate at least one schema (anyOf)", value))
     if schema.get("oneOf"):
         matches = sum(1 for sub in schema["oneOf"] if not validate(value, sub, path=p))
         if matches != 1:
-            errors.append(FieldError(p, "FieldValueInvalid", "must validate one and only one "
-                                     "schema (oneOf)", value))
+            errors.append(FieldError(p, "FieldValueInvalid", "must validate one and only one schema (oneOf)", value))
     if isinstance(schema.get("not"), dict) and not validate(value, schema["not"], path=p):
-        errors.append(FieldError(p, "FieldValueInvalid", "must not validate the schema (not)",
-                                 value))
+        errors.append(FieldError(p, "FieldValueInvalid", "must not validate the schema (not)", value))
 
 
 def _validate_rules(value: Any, schema: Schema, old: Any, p: str, errors: list[FieldError]) -> None:
@@ -349,9 +343,7 @@ def _validate_rules(value: Any, schema: Schema, old: Any, p: str, errors: list[F
             errors.append(FieldError(where, reason, message, value))
 
 
-def process(obj: dict[str, Any], schema: Schema, old: dict[str, Any] | None) -> tuple[
-    dict[str, Any], list[FieldError]
-]:
+def process(obj: dict[str, Any], schema: Schema, old: dict[str, Any] | None) -> tuple[dict[str, Any], list[FieldError]]:
     """Prune, default and validate a whole custom resource against its version's schema."""
     pruned = prune(obj, schema, root=True)
     defaulted = apply_defaults(pruned, schema)
