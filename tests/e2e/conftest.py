@@ -31,8 +31,11 @@ def needs_agent() -> None:
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, mounts, cgroups)")
-    root = tmp_path / f"e2e-{os.getpid()}"
-    async with Stack.up(3, root=root, lease_duration=LEASE_S) as s:
+    # not under tmp_path: unix socket paths (the export under the node's hostPath) are
+    # limited to 107 bytes, and pytest's tmp paths are long. Stack.up makes a short
+    # /tmp/pairvol-demo-<pid>-* directory and removes it afterwards.
+    del tmp_path
+    async with Stack.up(3, lease_duration=LEASE_S) as s:
         yield s
 
 

@@ -27,7 +27,7 @@ async def test_only_one_operator_replica_acts_and_the_other_takes_over(
 
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    async with Stack.up(3, root=tmp_path / f"peer-{os.getpid()}", peering="pairvol-e2e",
+    async with Stack.up(3, peering="pairvol-e2e",
                         operator_env={"PAIRVOL_PEERING_PRIORITY": "100"}) as s:
         second = OperatorProcess(s.cluster.kubeconfig_path, s.root / "operator-2.log",
                                  {**s.operator.env, "PAIRVOL_PEERING_PRIORITY": "200"})

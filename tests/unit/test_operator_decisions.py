@@ -430,3 +430,27 @@ def test_epochs_only_grow_and_no_promotion_while_the_lease_is_live(
         assert lease.expired(NOW, w.settings.lease_margin_s)
         assert s_agent
         assert manual or (automatic and (oos is None or oos < 3))
+
+
+def test_a_fresh_secondary_is_not_judged_by_the_previous_peers_failure() -> None:
+    # the new secondary reuses the old one's address; the primary still reports that address
+    # as a dropped peer, and the new agent restored role "secondary" from the node's disk
+    w = replicating()
+    sec = w.status.secondary
+    assert sec is not None
+    fresh = replace(sec, pod="vol-5", out_of_sync=True)
+    dropped = replace(PRIMARY_AGENT, replication_state="degraded", error="peer lost")
+    w = replace(
+        w,
+        status=w.status.with_(secondary=fresh),
+        pods={"vol-1-a": w.pods["vol-1-a"], "vol-5": pod("vol-5", "n2", "secondary", "10.0.0.2", ready=False)},
+        agents={"vol-1-a": dropped, "vol-5": SECONDARY_AGENT},
+        suspect_since={"vol-5": NOW - 30},
+    )
+    p = plan(w)
+    assert not any(isinstance(a, DeletePod) for a in p.actions)
+    assert p.status.secondary is not None and p.status.secondary.pod == "vol-5"
+    assert "waiting for secondary vol-5" in p.status.message
+    # once ready it gets a full sync from the primary
+    w = replace(w, pods={**w.pods, "vol-5": pod("vol-5", "n2", "secondary", "10.0.0.2")})
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full") in plan(w).actions

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -11,6 +13,7 @@ from pairvol.agent.lease import (
     OUT_OF_SYNC_ANNOTATION,
     LeaseError,
     LeaseKeeper,
+    attach_lease,
     parse_micro_time,
 )
 from pairvol.localcluster.cluster import LocalCluster
@@ -118,3 +121,54 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(LeaseError, match="POD_NAME"):
         LeaseKeeper(namespace="d", name="n", holder="", duration_s=2, kubeconfig=None,
                     on_lost=Lost())
+
+
+class FakeReplica:
+    """The three things attach_lease uses from the agent's Replica, observable by the test."""
+
+    def __init__(self) -> None:
+        self.out_of_sync_hooks: list[Any] = []
+        self.serving = False
+        self.state = SimpleNamespace(role="none", epoch=1)
+        self.fenced: list[str] = []
+
+    async def fence_workload(self, reason: str) -> None:
+        self.fenced.append(reason)
+        self.serving = False
+
+
+async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        await asyncio.sleep(0.3)
+        async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+            assert await kube.get_or_none(lease_path("default", "pairvol-vol")) is None
+            replica.state = SimpleNamespace(role="primary", epoch=2)
+            replica.serving = True
+            for _ in range(50):
+                lease = await kube.get_or_none(lease_path("default", "pairvol-vol"))
+                if lease is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert lease is not None and lease["spec"]["holderIdentity"] == "vol-3-a"
+        # out-of-sync marks go to the Lease through the replica's hook
+        await replica.out_of_sync_hooks[0](2)
+        meta = (await read_lease(cluster))["metadata"]
+        assert isinstance(meta, dict) and meta["annotations"][OUT_OF_SYNC_ANNOTATION] == "2"
+        renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
+    # API server gone: the export is fenced before the lease would have expired
+    for _ in range(50):
+        if replica.fenced:
+            break
+        await asyncio.sleep(0.1)
+    assert replica.fenced and "lease lost" in replica.fenced[0]
+    assert renewed is not None and time.time() < renewed + 2.0 + 0.5
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

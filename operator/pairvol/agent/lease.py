@@ -258,6 +258,7 @@ class _Fenceable(Protocol):
     """What :func:`attach_lease` needs from the agent's replica (pairvol.agent.replica)."""
 
     out_of_sync_hooks: list[Callable[[int], Awaitable[None]]]
+    serving: bool
 
     @property
     def state(self) -> Any: ...
@@ -277,55 +278,69 @@ def _is_primary(replica: _Fenceable) -> bool:
     return str(getattr(replica.state.role, "value", replica.state.role)) == "primary"
 
 
+def _epoch(replica: _Fenceable) -> int:
+    return int(replica.state.epoch)
+
+
 async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
-    """Wire a :class:`LeaseKeeper` into an agent: hold the Lease while primary, fence the
-    workload export when it is lost or cannot be acquired, and record out-of-sync marks.
+    """Wire a :class:`LeaseKeeper` into an agent: hold the Lease while serving as primary,
+    fence the workload export when it is lost or cannot be acquired, record out-of-sync marks.
+
+    A fence lasts for the epoch it happened in: only the operator, with a new epoch (which it
+    hands out after the Lease expired), can make this replica serve again. A primary restored
+    from disk does not serve (the agent waits for a new epoch) and so does not take the Lease.
 
     ``args``: the agent's parsed flags (``lease_namespace``, ``lease_name``,
     ``lease_duration``); the holder identity is ``$POD_NAME`` (else the host name).
     """
     namespace = args.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
     holder = os.environ.get("POD_NAME") or socket.gethostname()
-    fenced = asyncio.Event()
 
     async def on_lost() -> None:
-        fenced.set()
         await replica.fence_workload("lease lost: another replica may be promoted")
 
     keeper = LeaseKeeper(
-        namespace=namespace, name=args.lease_name, holder=holder,
-        duration_s=float(args.lease_duration), kubeconfig=None, on_lost=on_lost,
+        namespace=namespace,
+        name=args.lease_name,
+        holder=holder,
+        duration_s=float(args.lease_duration),
+        kubeconfig=None,
+        on_lost=on_lost,
     )
 
     async def mark(epoch: int) -> None:
         if keeper.held:
             await keeper.mark_out_of_sync(epoch)
         else:
-            log.error("out-of-sync at epoch %d not recorded: lease %s not held", epoch,
-                      args.lease_name)
+            log.error("out-of-sync at epoch %d not recorded: lease %s not held", epoch, args.lease_name)
 
     replica.out_of_sync_hooks.append(mark)
 
     async def keep() -> None:
         try:
             while True:
-                # a primary must hold the lease; a fenced primary never serves again
-                await _poll(lambda: _is_primary(replica) and not fenced.is_set())
+                await _poll(lambda: _is_primary(replica) and replica.serving)
+                epoch = _epoch(replica)
                 try:
                     await keeper.acquire(timeout_s=keeper.duration_s)
                 except LeaseError as exc:
-                    await on_lost()
                     log.error("%s", exc)
+                    await on_lost()
+                    await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
                     continue
                 renew = asyncio.create_task(keeper.run())
-                await _poll(lambda r=renew: r.done() or not _is_primary(replica))  # type: ignore[misc]
-                if not renew.done():  # demoted: give the lease up
-                    renew.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await renew
-                    await keeper.release()
-                else:
+                await _poll(
+                    lambda r=renew, e=epoch: r.done() or not _is_primary(replica) or _epoch(replica) != e  # type: ignore[misc]
+                )
+                if renew.done():  # lost (and fenced): wait for the operator's next decision
                     await renew
+                    await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
+                    continue
+                renew.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renew
+                if not _is_primary(replica):  # demoted: give the lease up at once
+                    await keeper.release()
         except asyncio.CancelledError:
             # shutting down: stop serving *before* letting anyone else take over
             if keeper.held or _is_primary(replica):

@@ -40,8 +40,7 @@ def parse_bytes(value: object) -> int:
         m = _QUANTITY.match(value.strip())
         if not m:
             raise QuantityError(
-                f"{value!r} is not a Kubernetes quantity; write e.g. '64Mi', '1Gi', '500M' or a "
-                "plain number of bytes"
+                f"{value!r} is not a Kubernetes quantity; write e.g. '64Mi', '1Gi', '500M' or a plain number of bytes"
             )
         try:
             number = Decimal(m.group("num"))

@@ -125,8 +125,7 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
                 problems.append(f"spec.nodes has invalid node names: {', '.join(map(repr, bad))}")
             if 0 < len(set(nodes)) < 2:
                 problems.append(
-                    "spec.nodes must name at least two distinct nodes (one per replica), "
-                    f"got {list(nodes)}"
+                    f"spec.nodes must name at least two distinct nodes (one per replica), got {list(nodes)}"
                 )
 
     selector: dict[str, str] = {}
@@ -149,16 +148,12 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
         automatic = True
     mode = fo.get("mode", "Checkpoint")
     if mode not in FAILOVER_MODES:
-        problems.append(
-            f"spec.failover.mode must be one of {', '.join(FAILOVER_MODES)}, got {mode!r}"
-        )
+        problems.append(f"spec.failover.mode must be one of {', '.join(FAILOVER_MODES)}, got {mode!r}")
         mode = "Checkpoint"
     grace = _int(problems, "spec.failover.gracePeriodSeconds", fo.get("gracePeriodSeconds"), 3, 0)
 
     rep = _section(problems, spec, "replication")
-    peer_timeout = _int(
-        problems, "spec.replication.peerTimeoutSeconds", rep.get("peerTimeoutSeconds"), 5, 1
-    )
+    peer_timeout = _int(problems, "spec.replication.peerTimeoutSeconds", rep.get("peerTimeoutSeconds"), 5, 1)
 
     st = _section(problems, spec, "storage")
     host_path = st.get("hostPath", "/var/lib/pairvol")
@@ -166,16 +161,12 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
         problems.append(f"spec.storage.hostPath must be an absolute path, got {host_path!r}")
         host_path = "/var/lib/pairvol"
     elif ".." in host_path.split("/") or posixpath.normpath(host_path) == "/":
-        problems.append(
-            f"spec.storage.hostPath {host_path!r} must not be '/' and must not contain '..'"
-        )
+        problems.append(f"spec.storage.hostPath {host_path!r} must not be '/' and must not contain '..'")
     host_path = posixpath.normpath(host_path)
 
     reclaim = spec.get("reclaimPolicy", "Retain")
     if reclaim not in RECLAIM_POLICIES:
-        problems.append(
-            f"spec.reclaimPolicy must be one of {', '.join(RECLAIM_POLICIES)}, got {reclaim!r}"
-        )
+        problems.append(f"spec.reclaimPolicy must be one of {', '.join(RECLAIM_POLICIES)}, got {reclaim!r}")
         reclaim = "Retain"
 
     if problems:

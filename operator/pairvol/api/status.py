@@ -46,7 +46,10 @@ class Replica:
 
     def to_dict(self, secondary: bool) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "node": self.node, "pod": self.pod, "state": self.state, "address": self.address,
+            "node": self.node,
+            "pod": self.pod,
+            "state": self.state,
+            "address": self.address,
         }
         if secondary:
             d["outOfSync"] = self.out_of_sync
@@ -57,8 +60,11 @@ class Replica:
         if not d or not d.get("pod"):
             return None
         return Replica(
-            node=str(d.get("node", "")), pod=str(d["pod"]), state=str(d.get("state", "")),
-            address=str(d.get("address", "")), out_of_sync=bool(d.get("outOfSync", False)),
+            node=str(d.get("node", "")),
+            pod=str(d["pod"]),
+            state=str(d.get("state", "")),
+            address=str(d.get("address", "")),
+            out_of_sync=bool(d.get("outOfSync", False)),
         )
 
 
@@ -75,8 +81,11 @@ class Failover:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "time": self.time, "from": self.from_node, "to": self.to_node,
-            "mode": self.mode, "reason": self.reason,
+            "time": self.time,
+            "from": self.from_node,
+            "to": self.to_node,
+            "mode": self.mode,
+            "reason": self.reason,
         }
         if self.duration_ms is not None:
             d["durationMs"] = self.duration_ms
@@ -88,8 +97,11 @@ class Failover:
             return None
         dur = d.get("durationMs")
         return Failover(
-            time=str(d["time"]), from_node=str(d.get("from", "")), to_node=str(d.get("to", "")),
-            mode=str(d.get("mode", "Checkpoint")), reason=str(d.get("reason", "")),
+            time=str(d["time"]),
+            from_node=str(d.get("from", "")),
+            to_node=str(d.get("to", "")),
+            mode=str(d.get("mode", "Checkpoint")),
+            reason=str(d.get("reason", "")),
             duration_ms=None if dur is None else float(dur),
         )
 
@@ -105,24 +117,34 @@ class Condition:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "type": self.type, "status": self.status, "reason": self.reason,
-            "message": self.message, "lastTransitionTime": self.last_transition_time,
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "lastTransitionTime": self.last_transition_time,
             "observedGeneration": self.observed_generation,
         }
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> Condition:
         return Condition(
-            type=str(d.get("type", "")), status=str(d.get("status", "Unknown")),
-            reason=str(d.get("reason", "")), message=str(d.get("message", "")),
+            type=str(d.get("type", "")),
+            status=str(d.get("status", "Unknown")),
+            reason=str(d.get("reason", "")),
+            message=str(d.get("message", "")),
             last_transition_time=str(d.get("lastTransitionTime", "")),
             observed_generation=int(d.get("observedGeneration", 0) or 0),
         )
 
 
 def set_condition(
-    conditions: Sequence[Condition], type_: str, status: bool | None, reason: str, message: str,
-    now: float, generation: int,
+    conditions: Sequence[Condition],
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    now: float,
+    generation: int,
 ) -> tuple[Condition, ...]:
     """Upsert one condition; ``lastTransitionTime`` only moves when ``status`` changes."""
     st = "Unknown" if status is None else ("True" if status else "False")

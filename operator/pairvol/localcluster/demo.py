@@ -66,15 +66,24 @@ class OperatorProcess:
 
     async def start(self) -> None:
         env = {
-            **os.environ, "KUBECONFIG": str(self.kubeconfig),
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
             "PAIRVOL_OPERATOR_HEALTH_PORT": str(free_port()),
-            "PAIRVOL_OPERATOR_METRICS_PORT": str(self.metrics_port), **self.env,
+            "PAIRVOL_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            **self.env,
         }
         log = await asyncio.to_thread(open, self.log_path, "ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pairvol", "--verbose", "operator", env=env,
-                stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                sys.executable,
+                "-m",
+                "pairvol",
+                "--verbose",
+                "operator",
+                env=env,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             log.close()
@@ -114,41 +123,55 @@ class Stack:
     @staticmethod
     @contextlib.asynccontextmanager
     async def up(
-        nodes: int = 3, *, root: Path | None = None, lease_duration: float = 2.0,
-        operator_env: Mapping[str, str] | None = None, node_monitor_grace: float = 2.0,
+        nodes: int = 3,
+        *,
+        root: Path | None = None,
+        lease_duration: float = 2.0,
+        operator_env: Mapping[str, str] | None = None,
+        node_monitor_grace: float = 2.0,
         peering: str | None = None,
     ) -> AsyncIterator[Stack]:
         from pairvol.localcluster.cluster import LocalCluster
         from pairvol.localcluster.kubelet import NodeSimulator
 
-        own_root = root is None
-        base = Path(root) if root is not None else Path(
-            tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
+        # PAIRVOL_KEEP_TMP=1 keeps logs and images for a post-mortem
+        own_root = root is None and not os.environ.get("PAIRVOL_KEEP_TMP")
+        base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
         names = [f"node-{i}" for i in range(1, nodes + 1)]
         async with contextlib.AsyncExitStack() as stack:
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
             if peering:
-                cluster.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
-                               "metadata": {"name": peering}})
-            sim = await stack.enter_async_context(NodeSimulator(
-                cluster.url, nodes=names, root=base / "nodes", status_interval=0.3,
-                node_monitor_grace=node_monitor_grace, backoff_base=0.2, config_retry=0.3,
-            ))
+                cluster.apply(
+                    {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}}
+                )
+            sim = await stack.enter_async_context(
+                NodeSimulator(
+                    cluster.url,
+                    nodes=names,
+                    root=base / "nodes",
+                    status_interval=0.3,
+                    node_monitor_grace=node_monitor_grace,
+                    backoff_base=0.2,
+                    config_retry=0.3,
+                )
+            )
             env = {
                 "PAIRVOL_LEASE_DURATION": f"{lease_duration:g}",
                 "PAIRVOL_LEASE_MARGIN": "0.5",
                 "PAIRVOL_RECONCILE_INTERVAL": "0.2",
-                **({"PAIRVOL_PEERING": peering, "PAIRVOL_PEERING_LIFETIME": "4"}
-                   if peering else {}),
+                **({"PAIRVOL_PEERING": peering, "PAIRVOL_PEERING_LIFETIME": "4"} if peering else {}),
                 **(operator_env or {}),
             }
             op = OperatorProcess(cluster.kubeconfig_path, base / "operator.log", env)
             stack.push_async_callback(op.stop)
             await op.start()
-            kube = await stack.enter_async_context(
-                KubeClient(await load_config(str(cluster.kubeconfig_path))))
+            kube = await stack.enter_async_context(KubeClient(await load_config(str(cluster.kubeconfig_path))))
             try:
                 yield Stack(cluster, sim, op, kube, base)
+            except BaseException:
+                own_root = False  # keep the logs of a failed run for the post-mortem
+                print(f"pairvol: keeping logs of the failed run in {base}", file=sys.stderr)
+                raise
             finally:
                 # delete volumes first so agents stop cleanly while the operator still runs
                 with contextlib.suppress(Exception):
@@ -169,8 +192,7 @@ class Stack:
         return dict((await self.volume(name)).get("status") or {})
 
     async def annotate(self, name: str, key: str, value: str | None) -> None:
-        await self.kube.merge_patch(volume_path(self.namespace, name),
-                                    {"metadata": {"annotations": {key: value}}})
+        await self.kube.merge_patch(volume_path(self.namespace, name), {"metadata": {"annotations": {key: value}}})
 
     async def events(self, name: str) -> list[dict[str, Any]]:
         items = await self.kube.list(f"/api/v1/namespaces/{self.namespace}/events")
@@ -180,7 +202,10 @@ class Stack:
         return await self.kube.list(pods_path(self.namespace), f"pairvol.io/volume={volume}")
 
     async def wait_for(
-        self, what: str, check: Callable[[], Awaitable[Any]], within: float,
+        self,
+        what: str,
+        check: Callable[[], Awaitable[Any]],
+        within: float,
         every: float = 0.1,
     ) -> Any:
         deadline = time.monotonic() + within
@@ -194,13 +219,15 @@ class Stack:
                 if last:
                     return last
             await asyncio.sleep(every)
-        raise DemoError(f"timed out after {within:.0f}s waiting for {what}; last: {last!r}"
-                        f" (operator log: {self.operator.log_path})")
+        raise DemoError(
+            f"timed out after {within:.0f}s waiting for {what}; last: {last!r} (operator log: {self.operator.log_path})"
+        )
 
     async def wait_phase(self, name: str, phase: str, within: float = 120) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
             st = await self.status(name)
             return st if st.get("phase") == phase else None
+
         result: dict[str, Any] = await self.wait_for(f"{name} phase {phase}", check, within)
         return result
 
@@ -212,8 +239,7 @@ class Stack:
     async def metrics(self) -> str:
         import aiohttp
 
-        async with aiohttp.ClientSession() as s, s.get(
-                f"http://127.0.0.1:{self.operator.metrics_port}/metrics") as r:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.operator.metrics_port}/metrics") as r:
             return await r.text()
 
 
@@ -267,8 +293,13 @@ class QemuIO:
 
     async def open(self, limit_s: float = 10.0) -> bool:
         self.proc = await asyncio.create_subprocess_exec(
-            "qemu-io", "-f", "raw", self.uri, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            "qemu-io",
+            "-f",
+            "raw",
+            self.uri,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         return await self._answer(limit_s) is not None
 
@@ -278,8 +309,7 @@ class QemuIO:
             return None
         try:
             data = await asyncio.wait_for(proc.stdout.readuntil(self.PROMPT), limit_s)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             return None
         return data[: -len(self.PROMPT)].decode(errors="replace")
 
@@ -361,8 +391,7 @@ class Writer:
                         await asyncio.sleep(0.1)
                         continue
                 self.log.attempted = max(self.log.attempted, seq + 1)
-                ok = await io.command(f"write -P {pattern(seq)} {seq * BLOCK} {BLOCK}",
-                                      r"^wrote \d+/\d+ bytes")
+                ok = await io.command(f"write -P {pattern(seq)} {seq * BLOCK} {BLOCK}", r"^wrote \d+/\d+ bytes")
                 now = time.time()
                 if ok:
                     self.log.acked.append((seq, now))
@@ -415,7 +444,7 @@ async def verify_log(sock: Path, log: WriteLog, resume_seq: int | None) -> Verif
         await client.close()
 
     def holds(seq: int, byte: int) -> bool:
-        return data[seq * BLOCK:(seq + 1) * BLOCK] == bytes([byte]) * BLOCK
+        return data[seq * BLOCK : (seq + 1) * BLOCK] == bytes([byte]) * BLOCK
 
     prefix = 0
     while prefix < split and holds(prefix, pattern(prefix)):
@@ -425,15 +454,16 @@ async def verify_log(sock: Path, log: WriteLog, resume_seq: int | None) -> Verif
     missing_after = [seq for seq in acked_after if not holds(seq, pattern(seq))]
     acked_before = sum(1 for seq, _ in log.acked if seq < split)
     lost = max(0, acked_before - prefix)
-    detail = (f"holds writes 0..{prefix - 1} of {acked_before} acknowledged before the outage"
-              f" and {len(acked_after) - len(missing_after)}/{len(acked_after)} acknowledged "
-              "after it")
+    detail = (
+        f"holds writes 0..{prefix - 1} of {acked_before} acknowledged before the outage"
+        f" and {len(acked_after) - len(missing_after)}/{len(acked_after)} acknowledged "
+        "after it"
+    )
     if holes:
         detail += f"; blocks past the rollback point not zero: {holes[:10]}"
     if missing_after:
         detail += f"; missing post-failover writes: {missing_after[:10]}"
-    return Verification(prefix, acked_before, lost, not missing_after,
-                        not holes and not missing_after, detail)
+    return Verification(prefix, acked_before, lost, not missing_after, not holes and not missing_after, detail)
 
 
 # ------------------------------------------------------------------------- demo
@@ -448,20 +478,24 @@ async def _demo(args: argparse.Namespace) -> int:
     failures: list[str] = []
     say(f"starting the local cluster: API server, {args.nodes} simulated nodes, operator")
     async with Stack.up(args.nodes, lease_duration=args.lease_duration) as s:
-        say(f"nodes: {', '.join(s.sim.node_names)}; operator pid {s.operator.proc.pid}"  # type: ignore[union-attr]
-            f" (log {s.operator.log_path})")
+        say(
+            f"nodes: {', '.join(s.sim.node_names)}; operator pid {s.operator.proc.pid}"  # type: ignore[union-attr]
+            f" (log {s.operator.log_path})"
+        )
         await s.apply(manifest)
-        say(f"applied {manifest_path.name}: ReplicatedVolume {name} "
-            f"size {manifest['spec']['size']}")
+        say(f"applied {manifest_path.name}: ReplicatedVolume {name} size {manifest['spec']['size']}")
         st = await s.wait_phase(name, "Syncing", within=120)
-        say(f"phase Syncing: primary {st['primary']['node']}, "
-            f"secondary {st['secondary']['node']}")
+        say(f"phase Syncing: primary {st['primary']['node']}, secondary {st['secondary']['node']}")
         st = await s.wait_phase(name, "Replicating", within=180)
         primary, secondary = st["primary"], st["secondary"]
-        say(f"phase Replicating: primary {primary['pod']} on {primary['node']}, secondary "
-            f"{secondary['pod']} on {secondary['node']}")
-        say(f"workload endpoint: socket {st['endpoint']['socket']} on {st['endpoint']['node']},"
-            f" Service {st['endpoint']['service']}:{st['endpoint']['port']}")
+        say(
+            f"phase Replicating: primary {primary['pod']} on {primary['node']}, secondary "
+            f"{secondary['pod']} on {secondary['node']}"
+        )
+        say(
+            f"workload endpoint: socket {st['endpoint']['socket']} on {st['endpoint']['node']},"
+            f" Service {st['endpoint']['service']}:{st['endpoint']['port']}"
+        )
 
         async def locate() -> Path | None:
             cur = await s.status(name)
@@ -474,8 +508,10 @@ async def _demo(args: argparse.Namespace) -> int:
         say(f"writer started against {s.socket_path(st)}")
         await asyncio.sleep(args.write_seconds)
         cp_before = (await s.status(name)).get("checkpoint") or {}
-        say(f"{len(writer.log.acked)} writes acknowledged; last checkpoint "
-            f"#{cp_before.get('id')} at {cp_before.get('time')}")
+        say(
+            f"{len(writer.log.acked)} writes acknowledged; last checkpoint "
+            f"#{cp_before.get('id')} at {cp_before.get('time')}"
+        )
 
         victim = primary["node"]
         say(f"killing node {victim} (the primary's node): all its processes SIGKILLed")
@@ -486,17 +522,14 @@ async def _demo(args: argparse.Namespace) -> int:
         async def failed_over() -> dict[str, Any] | None:
             cur = await s.status(name)
             lf = cur.get("lastFailover") or {}
-            if lf.get("durationMs") is not None and (cur.get("primary") or {}).get(
-                    "node") != victim:
+            if lf.get("durationMs") is not None and (cur.get("primary") or {}).get("node") != victim:
                 return cur
             return None
 
         st = await s.wait_for("automatic failover", failed_over, within=60, every=0.05)
         lf = st["lastFailover"]
-        say(f"failover: {lf['from']} -> {lf['to']} mode {lf['mode']} in {lf['durationMs']} ms "
-            f"(reason: {lf['reason']})")
-        await s.wait_for("the writer to resume on the new primary",
-                         lambda: _truthy(writer.recovered_at), within=30)
+        say(f"failover: {lf['from']} -> {lf['to']} mode {lf['mode']} in {lf['durationMs']} ms (reason: {lf['reason']})")
+        await s.wait_for("the writer to resume on the new primary", lambda: _truthy(writer.recovered_at), within=30)
         assert writer.recovered_at is not None
         rto = writer.recovered_at - t_kill
         say(f"writer resumed on the new primary {rto:.2f} s after the node was killed")
@@ -504,8 +537,10 @@ async def _demo(args: argparse.Namespace) -> int:
         log = await writer.stop()
 
         st = await s.wait_phase(name, "Replicating", within=180)
-        say(f"re-protected: primary {st['primary']['node']}, new secondary "
-            f"{st['secondary']['pod']} on {st['secondary']['node']} — phase Replicating")
+        say(
+            f"re-protected: primary {st['primary']['node']}, new secondary "
+            f"{st['secondary']['pod']} on {st['secondary']['node']} — phase Replicating"
+        )
         if st["secondary"]["node"] == victim:
             failures.append("new secondary placed on the dead node")
 
@@ -514,19 +549,18 @@ async def _demo(args: argparse.Namespace) -> int:
         if not v.consistent:
             failures.append(f"volume data wrong: {v.detail}")
         lost = v.lost_acked
+
         async def new_checkpoint() -> Any:
             cur = (await s.status(name)).get("checkpoint") or {}
             return cur if cur.get("time", "") > str(cp_before.get("time", "")) else None
+
         if interval:
             say(f"waiting for a checkpoint on the new secondary (every {interval}s)")
-            cp = await s.wait_for("a checkpoint after re-protection", new_checkpoint,
-                                  within=interval * 3 + 10)
-            say(f"checkpoint #{cp.get('id')} cut on {st['secondary']['node']} in "
-                f"{cp.get('durationMs')} ms")
+            cp = await s.wait_for("a checkpoint after re-protection", new_checkpoint, within=interval * 3 + 10)
+            say(f"checkpoint #{cp.get('id')} cut on {st['secondary']['node']} in {cp.get('durationMs')} ms")
         else:
             cp = st.get("checkpoint") or {}
-        cut = re.search(r'^pairvol_operator_checkpoints_total\{result="ok"\} (\S+)$',
-                        await s.metrics(), re.M)
+        cut = re.search(r'^pairvol_operator_checkpoints_total\{result="ok"\} (\S+)$', await s.metrics(), re.M)
         events = await s.events(name)
         reasons = [e.get("reason") for e in events]
         say(f"events: {', '.join(str(r) for r in reasons)}")
@@ -543,13 +577,14 @@ async def _demo(args: argparse.Namespace) -> int:
         print()
         print("=" * 72)
         print(f"  volume              {name} ({mode} mode, checkpoint every {interval}s)")
-        print(f"  failover            {lf['from']} -> {lf['to']}, "
-              f"operator-side {lf['durationMs']} ms")
+        print(f"  failover            {lf['from']} -> {lf['to']}, operator-side {lf['durationMs']} ms")
         print(f"  RTO                 {rto:.2f} s from node kill to first write acknowledged")
         print(f"  writes acknowledged {v.acked_before} before the kill, {len(log.acked)} total")
         print(f"  lost acknowledged   {lost} (volume rolled back to write #{v.prefix - 1})")
-        print(f"  checkpoints cut     {float(cut.group(1)) if cut else 0:.0f} in total "
-              f"(#{cp_before.get('id')} on the first secondary, #{cp.get('id')} on the new one)")
+        print(
+            f"  checkpoints cut     {float(cut.group(1)) if cut else 0:.0f} in total "
+            f"(#{cp_before.get('id')} on the first secondary, #{cp.get('id')} on the new one)"
+        )
         print(f"  data verified       {'yes' if v.consistent else 'NO'}: {v.detail}")
         print(f"  result              {'PASS' if not failures else 'FAIL: ' + '; '.join(failures)}")
         print("=" * 72)
@@ -562,14 +597,19 @@ async def _truthy(value: Any) -> Any:
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "demo", help="the whole story on 3 simulated nodes (make demo)", description=__doc__)
-    p.add_argument("--example", default=str(REPO / "examples" / "basic.yaml"),
-                   help="ReplicatedVolume manifest to apply (default examples/basic.yaml)")
+        "demo", help="the whole story on 3 simulated nodes (make demo)", description=__doc__
+    )
+    p.add_argument(
+        "--example",
+        default=str(REPO / "examples" / "basic.yaml"),
+        help="ReplicatedVolume manifest to apply (default examples/basic.yaml)",
+    )
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--write-seconds", type=float, default=8.0)
     p.add_argument("--lease-duration", type=float, default=2.0)
-    p.add_argument("--rto-limit", type=float, default=15.0,
-                   help="fail if the writer waits longer than this after the kill")
+    p.add_argument(
+        "--rto-limit", type=float, default=15.0, help="fail if the writer waits longer than this after the kill"
+    )
     p.set_defaults(run=run)
 
 

@@ -46,7 +46,12 @@ class AgentClient:
             self._session = None
 
     async def _call(
-        self, address: str, method: str, path: str, token: str | None, body: Any = None,
+        self,
+        address: str,
+        method: str,
+        path: str,
+        token: str | None,
+        body: Any = None,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         url = f"http://{address}{path}"
@@ -54,9 +59,7 @@ class AgentClient:
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
         call = f"{method} {path}"
         try:
-            async with self._sess().request(
-                method, url, json=body, headers=headers, timeout=timeout
-            ) as resp:
+            async with self._sess().request(method, url, json=body, headers=headers, timeout=timeout) as resp:
                 text = await resp.text()
                 try:
                     data = json.loads(text) if text else {}
@@ -83,22 +86,21 @@ class AgentClient:
         return await self._call(address, "GET", "/v1/status", token, timeout_s=timeout_s)
 
     async def secondary(self, address: str, token: str, epoch: int) -> dict[str, Any]:
-        return await self._call(address, "POST", "/v1/secondary", token, {"epoch": epoch},
-                                timeout_s=self.long_timeout_s)
+        return await self._call(
+            address, "POST", "/v1/secondary", token, {"epoch": epoch}, timeout_s=self.long_timeout_s
+        )
 
-    async def primary(
-        self, address: str, token: str, epoch: int, peer: str | None, sync: str
-    ) -> dict[str, Any]:
+    async def primary(self, address: str, token: str, epoch: int, peer: str | None, sync: str) -> dict[str, Any]:
         body = {"epoch": epoch, "peer": peer, "sync": sync}
-        return await self._call(address, "POST", "/v1/primary", token, body,
-                                timeout_s=self.long_timeout_s)
+        return await self._call(address, "POST", "/v1/primary", token, body, timeout_s=self.long_timeout_s)
 
     async def checkpoint(self, address: str, token: str) -> dict[str, Any]:
         return await self._call(address, "POST", "/v1/checkpoint", token, {})
 
     async def failover(self, address: str, token: str, epoch: int, mode: str) -> dict[str, Any]:
-        return await self._call(address, "POST", "/v1/failover", token,
-                                {"epoch": epoch, "mode": mode}, timeout_s=self.long_timeout_s)
+        return await self._call(
+            address, "POST", "/v1/failover", token, {"epoch": epoch, "mode": mode}, timeout_s=self.long_timeout_s
+        )
 
     async def stop(self, address: str, token: str) -> dict[str, Any]:
         return await self._call(address, "POST", "/v1/stop", token, {})

@@ -20,20 +20,32 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "operator", help="run the ReplicatedVolume operator (kopf)", description=__doc__)
+        "operator", help="run the ReplicatedVolume operator (kopf)", description=__doc__
+    )
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or in-cluster)")
-    p.add_argument("--namespace", action="append", default=[],
-                   help="watch only this namespace (repeatable; default: "
-                        "$PAIRVOL_WATCH_NAMESPACES or all namespaces)")
-    p.add_argument("--peering", default=None,
-                   help="kopf peering name: replicas with the same name never act at once "
-                        "(default: $PAIRVOL_PEERING; empty = standalone)")
-    p.add_argument("--liveness", default=None,
-                   help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz "
-                        "(default: on $PAIRVOL_OPERATOR_HEALTH_PORT)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="port for /metrics (default $PAIRVOL_OPERATOR_METRICS_PORT or 8080, "
-                        "0 = off)")
+    p.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; default: $PAIRVOL_WATCH_NAMESPACES or all namespaces)",
+    )
+    p.add_argument(
+        "--peering",
+        default=None,
+        help="kopf peering name: replicas with the same name never act at once "
+        "(default: $PAIRVOL_PEERING; empty = standalone)",
+    )
+    p.add_argument(
+        "--liveness",
+        default=None,
+        help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz (default: on $PAIRVOL_OPERATOR_HEALTH_PORT)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="port for /metrics (default $PAIRVOL_OPERATOR_METRICS_PORT or 8080, 0 = off)",
+    )
     p.set_defaults(run=run)
 
 
@@ -62,12 +74,16 @@ def run(args: argparse.Namespace) -> int:
         liveness = f"http://0.0.0.0:{config.health_port}/healthz"
     namespaces = list(config.watch_namespaces)
     try:
-        asyncio.run(kopf.operator(
-            clusterwide=not namespaces, namespaces=namespaces,
-            standalone=not config.peering, peering_name=config.peering or None,
-            priority=config.peering_priority,
-            liveness_endpoint=liveness or None,
-        ))
+        asyncio.run(
+            kopf.operator(
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                standalone=not config.peering,
+                peering_name=config.peering or None,
+                priority=config.peering_priority,
+                liveness_endpoint=liveness or None,
+            )
+        )
     except KeyboardInterrupt:
         return 130
     return 0

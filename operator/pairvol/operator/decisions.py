@@ -85,11 +85,15 @@ class AgentView:
         rep = d.get("replication") or {}
         sync = d.get("sync") or rep.get("sync") or {}
         return AgentView(
-            role=str(d.get("role", "none")), stage=str(d.get("stage", "none")),
+            role=str(d.get("role", "none")),
+            stage=str(d.get("stage", "none")),
             epoch=int(d.get("epoch", 0) or 0),
-            replication_state=str(rep.get("state", "none")), peer=rep.get("peer"),
-            error=rep.get("error"), checkpoint=d.get("checkpoint") or None,
-            sync_done=sync.get("doneBytes"), sync_total=sync.get("totalBytes"),
+            replication_state=str(rep.get("state", "none")),
+            peer=rep.get("peer"),
+            error=rep.get("error"),
+            checkpoint=d.get("checkpoint") or None,
+            sync_done=sync.get("doneBytes"),
+            sync_total=sync.get("totalBytes"),
         )
 
 
@@ -216,8 +220,16 @@ class FailoverDone:
 
 
 Action = (
-    CreatePod | DeletePod | SetRole | StartSecondary | StartPrimary | Checkpoint | DoFailover
-    | ClearAnnotation | Event | FailoverDone
+    CreatePod
+    | DeletePod
+    | SetRole
+    | StartSecondary
+    | StartPrimary
+    | Checkpoint
+    | DoFailover
+    | ClearAnnotation
+    | Event
+    | FailoverDone
 )
 
 
@@ -251,9 +263,7 @@ def eligible_nodes(spec: VolumeSpec, nodes: Sequence[NodeView]) -> list[NodeView
     return out
 
 
-def rank_nodes(
-    candidates: Sequence[NodeView], placement: Mapping[str, int], prefer: Sequence[str] = ()
-) -> list[str]:
+def rank_nodes(candidates: Sequence[NodeView], placement: Mapping[str, int], prefer: Sequence[str] = ()) -> list[str]:
     """Preferred nodes first (in order), then the least loaded, ties by name (deterministic)."""
     names = [n.name for n in candidates]
     preferred = [p for p in prefer if p in names]
@@ -261,9 +271,7 @@ def rank_nodes(
     return preferred + rest
 
 
-def choose_pair(spec: VolumeSpec, nodes: Sequence[NodeView], placement: Mapping[str, int]) -> (
-    tuple[str, str] | str
-):
+def choose_pair(spec: VolumeSpec, nodes: Sequence[NodeView], placement: Mapping[str, int]) -> tuple[str, str] | str:
     """Two distinct nodes for primary and secondary, or a message saying why there are none."""
     ranked = rank_nodes(eligible_nodes(spec, nodes), placement)
     if len(ranked) < 2:
@@ -275,7 +283,8 @@ def choose_pair(spec: VolumeSpec, nodes: Sequence[NodeView], placement: Mapping[
         ready = [n.name for n in nodes if n.ready and n.schedulable]
         return (
             f"need two eligible nodes, found {len(ranked)} ({', '.join(ranked) or 'none'}) "
-            f"among ready nodes {ready}" + (f" with {' and '.join(why)}" if why else "")
+            f"among ready nodes {ready}"
+            + (f" with {' and '.join(why)}" if why else "")
             + "; add or label nodes, or widen spec.nodes/nodeSelector"
         )
     return ranked[0], ranked[1]
@@ -342,9 +351,7 @@ def _checkpoint_status(cp: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {"id": int(cp["id"]), "time": t, "durationMs": float(cp.get("durationMs") or 0.0)}
 
 
-def failover_blocker(
-    world: World, spec: VolumeSpec, st: VolumeStatus, manual: bool
-) -> str | None:
+def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: bool) -> str | None:
     """Why the secondary may not be promoted now (None: it may). Order = what to fix first."""
     sec = st.secondary
     if sec is None:
@@ -366,10 +373,7 @@ def failover_blocker(
     lease = world.lease
     if lease is not None and not lease.expired(world.now, world.settings.lease_margin_s):
         until = lease.expires_at(world.settings.lease_margin_s) or world.now
-        return (
-            f"waiting for lease held by {lease.holder} to expire "
-            f"(in {until - world.now:.1f}s)"
-        )
+        return f"waiting for lease held by {lease.holder} to expire (in {until - world.now:.1f}s)"
     return None
 
 
@@ -382,13 +386,23 @@ def _finish(world: World, status: VolumeStatus, actions: list[Action], cosmetic:
     conds = status.conditions
     ready = status.phase in (Phase.REPLICATING, Phase.DEGRADED, Phase.SYNCING)
     conds = set_condition(
-        conds, "Ready", ready, status.phase.value,
-        status.message or ("primary serving" if ready else status.phase.value), now, gen,
+        conds,
+        "Ready",
+        ready,
+        status.phase.value,
+        status.message or ("primary serving" if ready else status.phase.value),
+        now,
+        gen,
     )
     in_sync = status.phase == Phase.REPLICATING
     conds = set_condition(
-        conds, "Replicating", in_sync, "InSync" if in_sync else "NotInSync",
-        "secondary is in sync" if in_sync else status.message, now, gen,
+        conds,
+        "Replicating",
+        in_sync,
+        "InSync" if in_sync else "NotInSync",
+        "secondary is in sync" if in_sync else status.message,
+        now,
+        gen,
     )
     status = status.with_(conditions=conds, observed_generation=gen)
     return Plan(status=status, actions=tuple(actions), cosmetic=cosmetic)
@@ -423,9 +437,7 @@ def plan(world: World) -> Plan:
     return _steady(world, spec, st, actions)
 
 
-def _initial_placement(
-    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]
-) -> Plan:
+def _initial_placement(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
     pair = choose_pair(spec, world.nodes, world.placement)
     if isinstance(pair, str):
         if st.message != pair:
@@ -433,16 +445,17 @@ def _initial_placement(
         return _finish(world, st.with_(phase=Phase.PENDING, message=pair), actions, False)
     epoch = st.epoch + 1
     primary = Replica(node=pair[0], pod=pod_name(world.name, epoch) + "-a", state="Placed")
-    secondary = Replica(
-        node=pair[1], pod=pod_name(world.name, epoch) + "-b", state="Placed", out_of_sync=True
-    )
+    secondary = Replica(node=pair[1], pod=pod_name(world.name, epoch) + "-b", state="Placed", out_of_sync=True)
     actions += [
         CreatePod(primary.pod, primary.node, "primary"),
         CreatePod(secondary.pod, secondary.node, "secondary"),
         Event("Normal", "Scheduled", f"primary on {primary.node}, secondary on {secondary.node}"),
     ]
     st = st.with_(
-        phase=Phase.PENDING, epoch=epoch, primary=primary, secondary=secondary,
+        phase=Phase.PENDING,
+        epoch=epoch,
+        primary=primary,
+        secondary=secondary,
         message=f"starting agents on {primary.node} and {secondary.node}",
     )
     return _finish(world, st, actions, False)
@@ -467,8 +480,7 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
             for r in reps.values():
                 if r is not None and r.pod in world.pods:
                     actions.append(DeletePod(r.pod, f"bring-up restarted: {why}"))
-            st = st.with_(primary=None, secondary=None,
-                          message=f"{role} failed during bring-up: {why}")
+            st = st.with_(primary=None, secondary=None, message=f"{role} failed during bring-up: {why}")
             actions.append(Event("Warning", "BringUpRestarted", st.message))
             return _finish(world, st.with_(phase=Phase.PENDING), actions, False)
         if pod is None:
@@ -491,10 +503,14 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
     epoch = st.epoch + 1
     endpoint = _endpoint(world, spec, prim)
     actions.append(StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full"))
-    actions.append(Event("Normal", "PrimaryStarted", f"{prim.pod} on {prim.node} is primary "
-                         f"(epoch {epoch}), full sync to {sec.pod} on {sec.node}"))
-    st = st.with_(epoch=epoch, endpoint=endpoint, phase=Phase.SYNCING,
-                  message=f"full sync {prim.node} -> {sec.node}")
+    actions.append(
+        Event(
+            "Normal",
+            "PrimaryStarted",
+            f"{prim.pod} on {prim.node} is primary (epoch {epoch}), full sync to {sec.pod} on {sec.node}",
+        )
+    )
+    st = st.with_(epoch=epoch, endpoint=endpoint, phase=Phase.SYNCING, message=f"full sync {prim.node} -> {sec.node}")
     return _finish(world, st, actions, False)
 
 
@@ -515,8 +531,11 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     manual = world.annotations.get(ANN_FAILOVER) == "now"
     phealth, pwhy = replica_health(world, prim, spec.grace_period_s, started=True)
     lease = world.lease
-    if phealth == "ok" and lease is not None and lease.holder == prim.pod and lease.expired(
-        now, world.settings.lease_margin_s
+    if (
+        phealth == "ok"
+        and lease is not None
+        and lease.holder == prim.pod
+        and lease.expired(now, world.settings.lease_margin_s)
     ):
         phealth, pwhy = "dead", f"primary {prim.pod} lost its lease"
     pa = _agent(world, prim)
@@ -525,13 +544,21 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
 
     # out-of-sync marks recorded by the primary in its Lease (durable, before any ack)
     sec = st.secondary
-    if sec is not None and lease is not None and lease.out_of_sync_epoch is not None and (
-        lease.out_of_sync_epoch >= st.epoch
-    ) and not sec.out_of_sync:
+    if (
+        sec is not None
+        and lease is not None
+        and lease.out_of_sync_epoch is not None
+        and (lease.out_of_sync_epoch >= st.epoch)
+        and not sec.out_of_sync
+    ):
         sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)
-        actions.append(Event("Warning", "OutOfSync",
-                             f"primary dropped secondary {sec.pod} at epoch "
-                             f"{lease.out_of_sync_epoch}; it needs a full resync"))
+        actions.append(
+            Event(
+                "Warning",
+                "OutOfSync",
+                f"primary dropped secondary {sec.pod} at epoch {lease.out_of_sync_epoch}; it needs a full resync",
+            )
+        )
         st = st.with_(secondary=sec)
 
     if manual and phealth == "ok":
@@ -547,17 +574,27 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         return _primary_down(world, spec, st, actions, phealth, pwhy, manual)
 
     # primary is fine: its state, the endpoint, and the secondary
-    st = st.with_(primary=Replica(prim.node, prim.pod, _state(world, prim), _pod_ip(world, prim)),
-                  endpoint=_endpoint(world, spec, prim))
+    st = st.with_(
+        primary=Replica(prim.node, prim.pod, _state(world, prim), _pod_ip(world, prim)),
+        endpoint=_endpoint(world, spec, prim),
+    )
     assert pa is not None
     ppod = world.pods[prim.pod]
     if sec is None:
         return _place_secondary(world, spec, st, actions)
+    # A secondary not (yet) in sync is still starting: its agent may report a role restored
+    # from the node's disk, and the primary may still report the *previous* peer on the same
+    # address as degraded. Only an in-sync secondary is judged by readiness and by the
+    # primary's view of the link; a starting one only by its pod and node.
     sa0 = _agent(world, sec)
-    started = sa0 is not None and sa0.role == "secondary"
+    started = sa0 is not None and sa0.role == "secondary" and not sec.out_of_sync
     shealth, swhy = replica_health(world, sec, spec.grace_period_s, started=started)
-    if shealth == "ok" and pa.peer and pa.peer.startswith(f"{_pod_ip(world, sec)}:") and (
-        pa.replication_state == "degraded"
+    if (
+        shealth == "ok"
+        and not sec.out_of_sync
+        and pa.peer
+        and pa.peer.startswith(f"{_pod_ip(world, sec)}:")
+        and (pa.replication_state == "degraded")
     ):
         shealth, swhy = "dead", f"primary dropped secondary {sec.pod}: {pa.error or 'peer failed'}"
     if shealth == "dead":
@@ -585,18 +622,18 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     if sa.role != "secondary":
         epoch = st.epoch + 1
         actions.append(StartSecondary(sec.pod, spod.ip, epoch))
-        return _finish(world, st.with_(epoch=epoch, phase=Phase.DEGRADED,
-                                       message=f"starting secondary {sec.pod}"), actions, False)
+        return _finish(
+            world, st.with_(epoch=epoch, phase=Phase.DEGRADED, message=f"starting secondary {sec.pod}"), actions, False
+        )
     peer = f"{spod.ip}:{REPLICATION_PORT}"
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
         actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, "full"))
-        actions.append(Event("Normal", "Resync",
-                             f"full sync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} "
-                             f"(epoch {epoch})"))
+        actions.append(
+            Event("Normal", "Resync", f"full sync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} (epoch {epoch})")
+        )
         sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)
-        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING,
-                      message=f"full sync {prim.node} -> {sec.node}")
+        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING, message=f"full sync {prim.node} -> {sec.node}")
         return _finish(world, st, actions, False)
 
     # replicating or syncing to the current secondary
@@ -604,25 +641,24 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         sync = None
         if pa.sync_total:
             done = pa.sync_done or 0
-            sync = {"progress": round(done / pa.sync_total, 4), "doneBytes": done,
-                    "totalBytes": pa.sync_total}
-        st = st.with_(phase=Phase.SYNCING, sync=sync,
-                      message=f"full sync {prim.node} -> {sec.node}")
+            sync = {"progress": round(done / pa.sync_total, 4), "doneBytes": done, "totalBytes": pa.sync_total}
+        st = st.with_(phase=Phase.SYNCING, sync=sync, message=f"full sync {prim.node} -> {sec.node}")
         return _finish(world, st, actions, True)
-    if sec.out_of_sync and pa.replication_state == "replicating" and not (
-        lease is not None and lease.out_of_sync_epoch is not None
-        and lease.out_of_sync_epoch >= st.epoch
+    if (
+        sec.out_of_sync
+        and pa.replication_state == "replicating"
+        and not (lease is not None and lease.out_of_sync_epoch is not None and lease.out_of_sync_epoch >= st.epoch)
     ):
         sec = Replica(sec.node, sec.pod, sec.state, sec.address, False)
-        actions.append(Event("Normal", "Replicating",
-                             f"{sec.pod} on {sec.node} is in sync with {prim.pod} on {prim.node}"))
+        actions.append(
+            Event("Normal", "Replicating", f"{sec.pod} on {sec.node} is in sync with {prim.pod} on {prim.node}")
+        )
         st = st.with_(secondary=sec)
     if sec.out_of_sync:
         st = st.with_(phase=Phase.DEGRADED, message=f"secondary {sec.pod} is OutOfSync")
         return _finish(world, st, actions, False)
     cosmetic = st.phase == Phase.REPLICATING
-    st = st.with_(phase=Phase.REPLICATING, sync=None,
-                  message=f"{prim.node} -> {sec.node} in sync")
+    st = st.with_(phase=Phase.REPLICATING, sync=None, message=f"{prim.node} -> {sec.node} in sync")
 
     # checkpoints: on schedule and on request
     cp = _checkpoint_status(sa.checkpoint) or (dict(st.checkpoint) if st.checkpoint else None)
@@ -630,9 +666,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         st = st.with_(checkpoint=cp)
     requested = world.annotations.get(ANN_CHECKPOINT) == "now"
     last = parse_time(cp.get("time")) if cp else None
-    due = spec.checkpoint_interval_s > 0 and (
-        last is None or now - last >= spec.checkpoint_interval_s
-    )
+    due = spec.checkpoint_interval_s > 0 and (last is None or now - last >= spec.checkpoint_interval_s)
     if requested or due:
         actions.append(Checkpoint(sec.pod, spod.ip))
         if requested:
@@ -640,41 +674,47 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     return _finish(world, st, actions, cosmetic)
 
 
-def _place_secondary(
-    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]
-) -> Plan:
+def _place_secondary(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
     prim = st.primary
     assert prim is not None
     busy = {p.node for p in world.pods.values() if p.name != prim.pod}
-    candidates = [n for n in eligible_nodes(spec, world.nodes)
-                  if n.name != prim.node and n.name not in busy]
+    candidates = [n for n in eligible_nodes(spec, world.nodes) if n.name != prim.node and n.name not in busy]
     prefer = [st.last_failover.from_node] if st.last_failover else []
     ranked = rank_nodes(candidates, world.placement, prefer)
     if not ranked:
         waiting = sorted(busy - {prim.node})
-        msg = ("no eligible node for a new secondary" + (
-            f" (waiting for old pods on {', '.join(waiting)} to go away)" if waiting else
-            "; add a ready node matching spec.nodes/nodeSelector"))
+        msg = "no eligible node for a new secondary" + (
+            f" (waiting for old pods on {', '.join(waiting)} to go away)"
+            if waiting
+            else "; add a ready node matching spec.nodes/nodeSelector"
+        )
         st = st.with_(phase=Phase.DEGRADED, message=msg)
         return _finish(world, st, actions, False)
     epoch = st.epoch + 1
     sec = Replica(node=ranked[0], pod=pod_name(world.name, epoch), state="Placed", out_of_sync=True)
     actions.append(CreatePod(sec.pod, sec.node, "secondary"))
     actions.append(Event("Normal", "Reprotecting", f"new secondary {sec.pod} on {sec.node}"))
-    st = st.with_(epoch=epoch, secondary=sec, phase=Phase.DEGRADED,
-                  message=f"re-protecting: new secondary on {sec.node}")
+    st = st.with_(
+        epoch=epoch, secondary=sec, phase=Phase.DEGRADED, message=f"re-protecting: new secondary on {sec.node}"
+    )
     return _finish(world, st, actions, False)
 
 
 def _primary_down(
-    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action],
-    health: str, why: str, manual: bool,
+    world: World,
+    spec: VolumeSpec,
+    st: VolumeStatus,
+    actions: list[Action],
+    health: str,
+    why: str,
+    manual: bool,
 ) -> Plan:
     prim, sec = st.primary, st.secondary
     assert prim is not None
     if health == "suspect":
-        st = st.with_(phase=Phase.DEGRADED if st.phase != Phase.REPLICATING else st.phase,
-                      message=f"primary suspect: {why}")
+        st = st.with_(
+            phase=Phase.DEGRADED if st.phase != Phase.REPLICATING else st.phase, message=f"primary suspect: {why}"
+        )
         return _finish(world, st, actions, False)
     if not manual:
         since = world.suspect_since.get(prim.pod, world.now)
@@ -693,20 +733,24 @@ def _primary_down(
     epoch = st.epoch + 1
     reason = "manual" if manual else why
     spod = world.pods[sec.pod]
-    fo = Failover(time=rfc3339(world.now), from_node=prim.node, to_node=sec.node,
-                  mode=spec.failover_mode, reason=reason)
+    fo = Failover(
+        time=rfc3339(world.now), from_node=prim.node, to_node=sec.node, mode=spec.failover_mode, reason=reason
+    )
     actions.append(DoFailover(sec.pod, spod.ip, epoch, spec.agent_failover_mode))
-    actions.append(Event("Warning" if not manual else "Normal", "FailingOver",
-                         f"promoting {sec.pod} on {sec.node} (epoch {epoch}, mode "
-                         f"{spec.failover_mode}): {reason}"))
-    st = st.with_(phase=Phase.FAILING_OVER, epoch=epoch, last_failover=fo,
-                  message=f"failing over to {sec.node}: {reason}")
+    actions.append(
+        Event(
+            "Warning" if not manual else "Normal",
+            "FailingOver",
+            f"promoting {sec.pod} on {sec.node} (epoch {epoch}, mode {spec.failover_mode}): {reason}",
+        )
+    )
+    st = st.with_(
+        phase=Phase.FAILING_OVER, epoch=epoch, last_failover=fo, message=f"failing over to {sec.node}: {reason}"
+    )
     return _finish(world, st, actions, False)
 
 
-def _resume_failover(
-    world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]
-) -> Plan:
+def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
     """Phase FailingOver: finish the bookkeeping once the target serves, or retry, or give up."""
     fo, prim, sec = st.last_failover, st.primary, st.secondary
     assert fo is not None and prim is not None
@@ -725,13 +769,24 @@ def _resume_failover(
             actions.append(DeletePod(prim.pod, "demoted by failover"))
         if world.annotations.get(ANN_FAILOVER):
             actions.append(ClearAnnotation(ANN_FAILOVER))
-        actions.append(Event("Normal", "FailedOver",
-                             f"{sec.pod} on {sec.node} is primary (epoch {st.epoch}, "
-                             f"{fo.mode}, {dur * 1000:.0f} ms); was {prim.pod} on {prim.node}"))
+        actions.append(
+            Event(
+                "Normal",
+                "FailedOver",
+                f"{sec.pod} on {sec.node} is primary (epoch {st.epoch}, "
+                f"{fo.mode}, {dur * 1000:.0f} ms); was {prim.pod} on {prim.node}",
+            )
+        )
         actions.append(FailoverDone(dur, fo.mode, fo.reason))
-        st = st.with_(phase=Phase.DEGRADED, primary=new_primary, secondary=None,
-                      last_failover=fo, endpoint=_endpoint(world, spec, new_primary), sync=None,
-                      message=f"failed over to {sec.node}; re-protecting")
+        st = st.with_(
+            phase=Phase.DEGRADED,
+            primary=new_primary,
+            secondary=None,
+            last_failover=fo,
+            endpoint=_endpoint(world, spec, new_primary),
+            sync=None,
+            message=f"failed over to {sec.node}; re-protecting",
+        )
         return _finish(world, st, actions, False)
     if sa is not None and sa.stage == "failover_failed":
         msg = f"failover of {sec.pod} failed: {sa.error or 'see agent log'}"
@@ -759,13 +814,19 @@ def unhealthy_pods(world: World) -> set[str]:
         pod = world.pods.get(rep.pod)
         node = world.node(rep.node)
         if (
-            pod is None or pod.deleting or not pod.ready or world.agents.get(rep.pod) is None
-            or node is None or not node.ready
+            pod is None
+            or pod.deleting
+            or not pod.ready
+            or world.agents.get(rep.pod) is None
+            or node is None
+            or not node.ready
         ):
             out.add(rep.pod)
     lease = world.lease
     if (
-        st.primary is not None and lease is not None and lease.holder == st.primary.pod
+        st.primary is not None
+        and lease is not None
+        and lease.holder == st.primary.pod
         and lease.expired(world.now, world.settings.lease_margin_s)
     ):
         out.add(st.primary.pod)

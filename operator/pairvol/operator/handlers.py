@@ -81,8 +81,10 @@ def _ready(conditions: list[Mapping[str, Any]] | None) -> bool:
 def node_view(obj: Mapping[str, Any]) -> d.NodeView:
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     return d.NodeView(
-        name=str(meta.get("name")), ready=_ready(status.get("conditions")),
-        schedulable=not spec.get("unschedulable", False), labels=dict(meta.get("labels") or {}),
+        name=str(meta.get("name")),
+        ready=_ready(status.get("conditions")),
+        schedulable=not spec.get("unschedulable", False),
+        labels=dict(meta.get("labels") or {}),
     )
 
 
@@ -102,10 +104,13 @@ def pod_view(obj: Mapping[str, Any]) -> d.PodView:
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     return d.PodView(
         reason=_container_reason(status),
-        name=str(meta.get("name")), node=str(spec.get("nodeName") or ""),
+        name=str(meta.get("name")),
+        node=str(spec.get("nodeName") or ""),
         role=str((meta.get("labels") or {}).get(d.LABEL_ROLE, "")),
-        phase=str(status.get("phase") or "Pending"), ready=_ready(status.get("conditions")),
-        ip=str(status.get("podIP") or ""), deleting=bool(meta.get("deletionTimestamp")),
+        phase=str(status.get("phase") or "Pending"),
+        ready=_ready(status.get("conditions")),
+        ip=str(status.get("podIP") or ""),
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
@@ -123,7 +128,8 @@ def lease_view(obj: Mapping[str, Any] | None) -> d.LeaseView | None:
     return d.LeaseView(
         holder=spec.get("holderIdentity") or None,
         renew_time=parse_micro_time(spec.get("renewTime") or spec.get("acquireTime")),
-        duration_s=None if dur is None else float(dur), out_of_sync_epoch=oos_epoch,
+        duration_s=None if dur is None else float(dur),
+        out_of_sync_epoch=oos_epoch,
     )
 
 
@@ -164,8 +170,7 @@ class Reconciler:
             spec = exc
         nodes_raw, pods_raw, lease_raw = await asyncio.gather(
             c.kube.list(nodes_path()),
-            c.kube.list(pods_path(self.namespace), f"{d.LABEL_VOLUME}={self.name},"
-                        f"{m.APP_LABEL}={m.AGENT_APP}"),
+            c.kube.list(pods_path(self.namespace), f"{d.LABEL_VOLUME}={self.name},{m.APP_LABEL}={m.AGENT_APP}"),
             c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))),
         )
         pods = {p.name: p for p in map(pod_view, pods_raw)}
@@ -173,8 +178,7 @@ class Reconciler:
         if status.primary is None or status.secondary is None:
             for p in await c.kube.list("/api/v1/pods", f"{m.APP_LABEL}={m.AGENT_APP}"):
                 pm = p.get("metadata") or {}
-                if (pm.get("labels") or {}).get(d.LABEL_VOLUME) == self.name and pm.get(
-                        "namespace") == self.namespace:
+                if (pm.get("labels") or {}).get(d.LABEL_VOLUME) == self.name and pm.get("namespace") == self.namespace:
                     continue
                 node = (p.get("spec") or {}).get("nodeName")
                 if node:
@@ -197,11 +201,18 @@ class Reconciler:
 
         await asyncio.gather(*(one(p) for p in targets))
         world = d.World(
-            name=self.name, namespace=self.namespace, generation=int(meta.get("generation") or 0),
-            spec=spec, status=status, now=time.time(),
+            name=self.name,
+            namespace=self.namespace,
+            generation=int(meta.get("generation") or 0),
+            spec=spec,
+            status=status,
+            now=time.time(),
             annotations=dict(meta.get("annotations") or {}),
             nodes=[node_view(n) for n in nodes_raw],
-            pods=pods, agents=agents, lease=lease_view(lease_raw), placement=placement,
+            pods=pods,
+            agents=agents,
+            lease=lease_view(lease_raw),
+            placement=placement,
             settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
         )
         bad = d.unhealthy_pods(world)
@@ -214,8 +225,7 @@ class Reconciler:
 
     async def _token(self) -> str | None:
         if self.token is None:
-            sec = await ctx().kube.get_or_none(secrets_path(self.namespace,
-                                                            m.secret_name(self.name)))
+            sec = await ctx().kube.get_or_none(secrets_path(self.namespace, m.secret_name(self.name)))
             if sec is not None:
                 self.token = _secret_value(sec, "token")
         return self.token
@@ -225,8 +235,7 @@ class Reconciler:
         if self.infra_ok:
             return
         c = ctx()
-        await c.kube.create_if_missing(secrets_path(self.namespace),
-                                       m.secret_manifest(self.name, self.namespace, body))
+        await c.kube.create_if_missing(secrets_path(self.namespace), m.secret_manifest(self.name, self.namespace, body))
         for svc in m.services_manifests(self.name, self.namespace, body):
             await c.kube.create_if_missing(services_path(self.namespace), svc)
         self.infra_ok = True
@@ -242,8 +251,7 @@ class Reconciler:
         if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
             return True
         try:
-            await c.kube.merge_patch(volume_path(self.namespace, self.name, status=True),
-                                     {"status": new})
+            await c.kube.merge_patch(volume_path(self.namespace, self.name, status=True), {"status": new})
         except KubeError as exc:
             log.warning("%s: status write failed, not acting this tick: %s", self.key, exc)
             return False
@@ -263,17 +271,23 @@ class Reconciler:
                 case d.CreatePod(pod=pod, node=node, role=role):
                     assert not isinstance(world.spec, SpecError)
                     await self.ensure_infra(body)
-                    manifest = m.pod_manifest(pod=pod, node=node, role=role, volume=self.name,
-                                              namespace=ns, spec=world.spec, owner=body,
-                                              config=c.config)
+                    manifest = m.pod_manifest(
+                        pod=pod,
+                        node=node,
+                        role=role,
+                        volume=self.name,
+                        namespace=ns,
+                        spec=world.spec,
+                        owner=body,
+                        config=c.config,
+                    )
                     await c.kube.create_if_missing(pods_path(ns), manifest)
                     log.info("%s: created %s pod %s on %s", self.key, role, pod, node)
                 case d.DeletePod(pod=pod, reason=reason):
                     await c.kube.delete(pods_path(ns, pod), grace_s=1)
                     log.info("%s: deleted pod %s: %s", self.key, pod, reason)
                 case d.SetRole(pod=pod, role=role):
-                    await c.kube.merge_patch(pods_path(ns, pod),
-                                             {"metadata": {"labels": {d.LABEL_ROLE: role}}})
+                    await c.kube.merge_patch(pods_path(ns, pod), {"metadata": {"labels": {d.LABEL_ROLE: role}}})
                 case d.StartSecondary(address=ip, epoch=epoch):
                     await c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch)
                 case d.StartPrimary(address=ip, epoch=epoch, peer=peer, sync=sync):
@@ -290,13 +304,11 @@ class Reconciler:
                     res = await c.agents.failover(f"{ip}:{d.API_PORT}", token, epoch, mode)
                     log.warning("%s: failover to %s done: %s", self.key, action.pod, res)
                 case d.ClearAnnotation(key=key):
-                    await c.kube.merge_patch(volume_path(ns, self.name),
-                                             {"metadata": {"annotations": {key: None}}})
+                    await c.kube.merge_patch(volume_path(ns, self.name), {"metadata": {"annotations": {key: None}}})
                 case d.Event(type=etype, reason=reason, message=message):
                     await self.event(body, etype, reason, message)
                 case d.FailoverDone(duration_s=dur, mode=mode, reason=reason):
-                    c.metrics.failovers.labels(mode, "manual" if reason == "manual"
-                                               else "automatic").inc()
+                    c.metrics.failovers.labels(mode, "manual" if reason == "manual" else "automatic").inc()
                     c.metrics.failover_duration.labels(mode).observe(dur)
             c.metrics.actions.labels(kind, "ok").inc()
         except (KubeError, AgentError) as exc:
@@ -308,22 +320,31 @@ class Reconciler:
         meta = body.get("metadata") or {}
         now = rfc3339(time.time())
         ev = {
-            "apiVersion": "v1", "kind": "Event",
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"name": f"{self.name}.{time.time_ns():x}", "namespace": self.namespace},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ReplicatedVolume",
-                               "name": self.name, "namespace": self.namespace,
-                               "uid": meta.get("uid")},
-            "type": etype, "reason": reason, "message": message[:1024],
-            "source": {"component": "pairvol-operator"}, "reportingComponent": "pairvol-operator",
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ReplicatedVolume",
+                "name": self.name,
+                "namespace": self.namespace,
+                "uid": meta.get("uid"),
+            },
+            "type": etype,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "pairvol-operator"},
+            "reportingComponent": "pairvol-operator",
             "reportingInstance": os.environ.get("PAIRVOL_OPERATOR_POD_NAME", "local"),
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
         }
         try:
             await ctx().kube.create(events_path(self.namespace), ev)
         except KubeError as exc:  # events are best effort, never block the reconcile
             log.debug("event not posted: %s", exc)
-        log.log(logging.WARNING if etype == "Warning" else logging.INFO, "%s: %s: %s",
-                self.key, reason, message)
+        log.log(logging.WARNING if etype == "Warning" else logging.INFO, "%s: %s: %s", self.key, reason, message)
 
     # ---------------------------------------------------------------- loop
 
@@ -334,8 +355,7 @@ class Reconciler:
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return False
         if self.last_written is None:
-            self.last_written = VolumeStatus.from_dict(body.get("status")).to_dict() if body.get(
-                "status") else None
+            self.last_written = VolumeStatus.from_dict(body.get("status")).to_dict() if body.get("status") else None
         if not isinstance(body.get("spec"), dict):
             return False
         world = await self.observe(body)
@@ -352,8 +372,7 @@ class Reconciler:
         if any(isinstance(a, d.Event) and a.reason == "BringUpRestarted" for a in plan.actions):
             # agents that cannot start will not start better by retrying in a tight loop
             self.restart_backoff = min(30.0, max(1.0, self.restart_backoff * 2))
-            log.warning("%s: bring-up failed, next attempt in %.0fs", self.key,
-                        self.restart_backoff)
+            log.warning("%s: bring-up failed, next attempt in %.0fs", self.key, self.restart_backoff)
             await asyncio.sleep(self.restart_backoff)
         elif world.status.phase in (Phase.REPLICATING, Phase.SYNCING):
             self.restart_backoff = 0.0
@@ -386,9 +405,14 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 async def login(**_: Any) -> Any:
     cfg = await load_config(None)
     return kopf.ConnectionInfo(
-        server=cfg.server, token=cfg.token, ca_path=cfg.ca_path, insecure=cfg.insecure,
-        certificate_path=cfg.cert_path, private_key_path=cfg.key_path,
-        default_namespace=cfg.namespace, scheme="Bearer" if cfg.token else None,
+        server=cfg.server,
+        token=cfg.token,
+        ca_path=cfg.ca_path,
+        insecure=cfg.insecure,
+        certificate_path=cfg.cert_path,
+        private_key_path=cfg.key_path,
+        default_namespace=cfg.namespace,
+        scheme="Bearer" if cfg.token else None,
     )
 
 
@@ -410,7 +434,8 @@ async def startup(settings: Any, **_: Any) -> None:
     settings.persistence.finalizer = "pairvol.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="pairvol.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="pairvol.io", key="last-handled-configuration")
+        prefix="pairvol.io", key="last-handled-configuration"
+    )
     settings.posting.level = logging.WARNING
     settings.peering.mandatory = bool(config.peering)
     settings.peering.priority = config.peering_priority
@@ -478,29 +503,35 @@ async def on_delete(**kw: Any) -> None:
             nodes.add(st.last_failover.from_node)
         ready = {n.name for n in map(node_view, await c.kube.list(nodes_path())) if n.ready}
         wipes = [p for p in await c.kube.list(pods_path(namespace), f"pairvol.io/cleanup={name}")]
-        done = {(p.get("spec") or {}).get("nodeName") for p in wipes
-                if (p.get("status") or {}).get("phase") == "Succeeded"}
+        done = {
+            (p.get("spec") or {}).get("nodeName") for p in wipes if (p.get("status") or {}).get("phase") == "Succeeded"
+        }
         pending = False
         for node in sorted(nodes):
             if node not in ready:
-                await rec.event(body, "Warning", "DataNotRemoved",
-                                f"node {node} is not ready; data under "
-                                f"{m.data_dir(vspec, namespace, name)} there was not removed")
+                await rec.event(
+                    body,
+                    "Warning",
+                    "DataNotRemoved",
+                    f"node {node} is not ready; data under {m.data_dir(vspec, namespace, name)} there was not removed",
+                )
                 continue
             if node in done:
                 continue
             pending = True
-            await c.kube.create_if_missing(pods_path(namespace), m.cleanup_pod_manifest(
-                volume=name, namespace=namespace, node=node, spec=vspec, owner=body,
-                config=c.config))
+            await c.kube.create_if_missing(
+                pods_path(namespace),
+                m.cleanup_pod_manifest(
+                    volume=name, namespace=namespace, node=node, spec=vspec, owner=body, config=c.config
+                ),
+            )
         if pending and retry < 60:
             raise kopf.TemporaryError("waiting for data cleanup pods", delay=1)
         for p in wipes:
             await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]))
     await c.kube.delete(secrets_path(namespace, m.secret_name(name)))
     c.metrics.set_phase(f"{namespace}/{name}", None)
-    log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name,
-             vspec.reclaim_policy if vspec else "?")
+    log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")
 
 
 def phase_of(body: Mapping[str, Any]) -> str:

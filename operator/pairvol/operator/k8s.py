@@ -82,8 +82,7 @@ def _materialize(data_b64: str, suffix: str) -> str:
 def _load_sync(path: str | None) -> KubeConfig:
     path = path or os.environ.get("KUBECONFIG")
     if not path:
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get(
-            "KUBERNETES_SERVICE_PORT", "443")
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if host and os.path.exists(f"{SA_DIR}/token"):
             with open(f"{SA_DIR}/token") as f:
                 token = f.read().strip()
@@ -92,8 +91,7 @@ def _load_sync(path: str | None) -> KubeConfig:
                 with open(f"{SA_DIR}/namespace") as f:
                     ns = f.read().strip()
             host = f"[{host}]" if ":" in host else host
-            return KubeConfig(f"https://{host}:{port}", token=token, ca_path=f"{SA_DIR}/ca.crt",
-                              namespace=ns)
+            return KubeConfig(f"https://{host}:{port}", token=token, ca_path=f"{SA_DIR}/ca.crt", namespace=ns)
         default = os.path.expanduser("~/.kube/config")
         if not os.path.exists(default):
             raise KubeConfigError(
@@ -136,8 +134,11 @@ def _load_sync(path: str | None) -> KubeConfig:
         with open(str(rel(user["tokenFile"]))) as f:
             utoken = f.read().strip()
     return KubeConfig(
-        server=str(cluster["server"]).rstrip("/"), token=str(utoken) if utoken else None,
-        ca_path=ca, cert_path=cert, key_path=key,
+        server=str(cluster["server"]).rstrip("/"),
+        token=str(utoken) if utoken else None,
+        ca_path=ca,
+        cert_path=cert,
+        key_path=key,
         insecure=bool(cluster.get("insecure-skip-tls-verify")),
         namespace=str(ctx.get("namespace") or "default"),
     )
@@ -169,7 +170,9 @@ class KubeClient:
             if self.config.token:
                 headers["Authorization"] = f"Bearer {self.config.token}"
             self._session = aiohttp.ClientSession(
-                base_url=self.config.server, headers=headers, timeout=self._timeout,
+                base_url=self.config.server,
+                headers=headers,
+                timeout=self._timeout,
                 connector=aiohttp.TCPConnector(ssl=self.config.ssl_context()),
             )
         return self._session
@@ -180,8 +183,14 @@ class KubeClient:
             self._session = None
 
     async def request(
-        self, method: str, path: str, body: Any = None, *, params: Mapping[str, str] | None = None,
-        content_type: str = "application/json", timeout_s: float | None = None,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
@@ -189,9 +198,7 @@ class KubeClient:
         if timeout_s is not None:
             kw["timeout"] = aiohttp.ClientTimeout(total=timeout_s)
         try:
-            async with self.session().request(
-                method, path, data=data, headers=headers, params=params, **kw
-            ) as resp:
+            async with self.session().request(method, path, data=data, headers=headers, params=params, **kw) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     try:
@@ -221,8 +228,7 @@ class KubeClient:
 
     async def list(self, path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None
-        items: list[dict[str, Any]] = (await self.request("GET", path, params=params)).get(
-            "items") or []
+        items: list[dict[str, Any]] = (await self.request("GET", path, params=params)).get("items") or []
         return items
 
     async def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,8 +243,7 @@ class KubeClient:
             return False
 
     async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return await self.request("PATCH", path, patch,
-                                  content_type="application/merge-patch+json")
+        return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")
 
     async def replace(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return await self.request("PUT", path, body)

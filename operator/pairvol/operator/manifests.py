@@ -65,8 +65,9 @@ class OperatorConfig:
     agent_pull_policy: str = "IfNotPresent"
     agent_command: tuple[str, ...] = ("pairvol",)
     agent_service_account: str = ""
-    agent_resources: Mapping[str, Any] = field(default_factory=lambda: {
-        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+    agent_resources: Mapping[str, Any] = field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    )
     agent_node_selector: Mapping[str, str] = field(default_factory=dict)
     agent_tolerations: tuple[Mapping[str, Any], ...] = ()
     agent_env: Mapping[str, str] = field(default_factory=dict)
@@ -96,19 +97,16 @@ class OperatorConfig:
             agent_pull_policy=e.get("PAIRVOL_AGENT_PULL_POLICY") or "IfNotPresent",
             agent_command=command,
             agent_service_account=e.get("PAIRVOL_AGENT_SERVICE_ACCOUNT", ""),
-            agent_resources=_json_env(e, "PAIRVOL_AGENT_RESOURCES",
-                                      OperatorConfig().agent_resources),
+            agent_resources=_json_env(e, "PAIRVOL_AGENT_RESOURCES", OperatorConfig().agent_resources),
             agent_node_selector=_json_env(e, "PAIRVOL_AGENT_NODE_SELECTOR", {}),
             agent_tolerations=tuple(_json_env(e, "PAIRVOL_AGENT_TOLERATIONS", [])),
             agent_env={str(k): str(v) for k, v in agent_env.items()},
             lease_duration_s=_float_env(e, "PAIRVOL_LEASE_DURATION", 3.0, 1.0),
             lease_margin_s=_float_env(e, "PAIRVOL_LEASE_MARGIN", 0.5, 0.0),
             reconcile_interval_s=_float_env(e, "PAIRVOL_RECONCILE_INTERVAL", 0.5, 0.05),
-            watch_namespaces=tuple(
-                n for n in e.get("PAIRVOL_WATCH_NAMESPACES", "").split(",") if n.strip()),
+            watch_namespaces=tuple(n for n in e.get("PAIRVOL_WATCH_NAMESPACES", "").split(",") if n.strip()),
             peering=e.get("PAIRVOL_PEERING", ""),
-            peering_priority=int(_float_env(e, "PAIRVOL_PEERING_PRIORITY", 0, 0))
-            or secrets.randbelow(2**30) + 1,
+            peering_priority=int(_float_env(e, "PAIRVOL_PEERING_PRIORITY", 0, 0)) or secrets.randbelow(2**30) + 1,
             peering_lifetime_s=int(_float_env(e, "PAIRVOL_PEERING_LIFETIME", 60, 2)),
             metrics_port=int(_float_env(e, "PAIRVOL_OPERATOR_METRICS_PORT", 8080, 0)),
             health_port=int(_float_env(e, "PAIRVOL_OPERATOR_HEALTH_PORT", 8081, 0)),
@@ -134,14 +132,17 @@ def data_dir(spec: VolumeSpec, namespace: str, volume: str) -> str:
 def owner_ref(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta.get("name"),
-        "uid": meta.get("uid"), "controller": True, "blockOwnerDeletion": True,
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+        "controller": True,
+        "blockOwnerDeletion": True,
     }
 
 
 def labels(volume: str, role: str | None = None) -> dict[str, str]:
-    out = {LABEL_VOLUME: volume, APP_LABEL: AGENT_APP,
-           "app.kubernetes.io/managed-by": "pairvol-operator"}
+    out = {LABEL_VOLUME: volume, APP_LABEL: AGENT_APP, "app.kubernetes.io/managed-by": "pairvol-operator"}
     if role:
         out[LABEL_ROLE] = role
     return out
@@ -151,9 +152,15 @@ def secret_manifest(volume: str, namespace: str, owner: Mapping[str, Any]) -> di
     """Per-volume credentials: the agents' API token and the replication/export TLS-PSK key."""
     key = secrets.token_hex(32)
     return {
-        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": {"name": secret_name(volume), "namespace": namespace,
-                     "labels": labels(volume), "ownerReferences": [owner_ref(owner)]},
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": secret_name(volume),
+            "namespace": namespace,
+            "labels": labels(volume),
+            "ownerReferences": [owner_ref(owner)],
+        },
         "stringData": {
             "token": secrets.token_urlsafe(32),
             # qsd tls-creds-psk file format: "<identity>:<hex key>" per line
@@ -164,23 +171,21 @@ def secret_manifest(volume: str, namespace: str, owner: Mapping[str, Any]) -> di
     }
 
 
-def services_manifests(
-    volume: str, namespace: str, owner: Mapping[str, Any]
-) -> list[dict[str, Any]]:
+def services_manifests(volume: str, namespace: str, owner: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The workload Service (follows the primary) and a headless Service for the agents."""
-    meta = {"namespace": namespace, "labels": labels(volume),
-            "ownerReferences": [owner_ref(owner)]}
+    meta = {"namespace": namespace, "labels": labels(volume), "ownerReferences": [owner_ref(owner)]}
     workload = {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": {"name": volume, **meta},
         "spec": {
             "selector": {LABEL_VOLUME: volume, LABEL_ROLE: "primary"},
-            "ports": [{"name": "nbd", "port": EXPORT_PORT, "targetPort": "export",
-                       "protocol": "TCP"}],
+            "ports": [{"name": "nbd", "port": EXPORT_PORT, "targetPort": "export", "protocol": "TCP"}],
         },
     }
     agents = {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": {"name": agents_service_name(volume), **meta},
         "spec": {
             "clusterIP": "None",
@@ -188,8 +193,7 @@ def services_manifests(
             "selector": {LABEL_VOLUME: volume, APP_LABEL: AGENT_APP},
             "ports": [
                 {"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"},
-                {"name": "replication", "port": REPLICATION_PORT, "targetPort": "replication",
-                 "protocol": "TCP"},
+                {"name": "replication", "port": REPLICATION_PORT, "targetPort": "replication", "protocol": "TCP"},
             ],
         },
     }
@@ -197,21 +201,46 @@ def services_manifests(
 
 
 def pod_manifest(
-    *, pod: str, node: str, role: str, volume: str, namespace: str, spec: VolumeSpec,
-    owner: Mapping[str, Any], config: OperatorConfig,
+    *,
+    pod: str,
+    node: str,
+    role: str,
+    volume: str,
+    namespace: str,
+    spec: VolumeSpec,
+    owner: Mapping[str, Any],
+    config: OperatorConfig,
 ) -> dict[str, Any]:
     """One agent pod, pinned to ``node``; its data dir is the volume's hostPath on that node."""
     ddir = data_dir(spec, namespace, volume)
     args = [
-        "agent", "--name", volume, "--data-dir", ddir, "--size", str(spec.size),
-        "--listen", f"0.0.0.0:{API_PORT}",
-        "--replication-listen", f"0.0.0.0:{REPLICATION_PORT}",
-        "--export-socket", f"{ddir}/export.sock",
-        "--export-listen", f"0.0.0.0:{EXPORT_PORT}",
-        "--token-file", f"{SECRET_MOUNT}/token", "--psk-file", f"{SECRET_MOUNT}/psk",
-        "--peer-timeout", str(spec.peer_timeout_s),
-        "--lease-namespace", namespace, "--lease-name", lease_name(volume),
-        "--lease-duration", f"{config.lease_duration_s:g}",
+        "agent",
+        "--name",
+        volume,
+        "--data-dir",
+        ddir,
+        "--size",
+        str(spec.size),
+        "--listen",
+        f"0.0.0.0:{API_PORT}",
+        "--replication-listen",
+        f"0.0.0.0:{REPLICATION_PORT}",
+        "--export-socket",
+        f"{ddir}/export.sock",
+        "--export-listen",
+        f"0.0.0.0:{EXPORT_PORT}",
+        "--token-file",
+        f"{SECRET_MOUNT}/token",
+        "--psk-file",
+        f"{SECRET_MOUNT}/psk",
+        "--peer-timeout",
+        str(spec.peer_timeout_s),
+        "--lease-namespace",
+        namespace,
+        "--lease-name",
+        lease_name(volume),
+        "--lease-duration",
+        f"{config.lease_duration_s:g}",
     ]
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -231,7 +260,9 @@ def pod_manifest(
         ],
         "readinessProbe": {
             "httpGet": {"path": "/healthz", "port": API_PORT},
-            "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2,
+            "periodSeconds": 1,
+            "timeoutSeconds": 1,
+            "failureThreshold": 2,
         },
         "resources": dict(config.agent_resources),
         "volumeMounts": [
@@ -247,8 +278,7 @@ def pod_manifest(
         "containers": [container],
         "volumes": [
             {"name": "data", "hostPath": {"path": ddir, "type": "DirectoryOrCreate"}},
-            {"name": "credentials", "secret": {"secretName": secret_name(volume),
-                                               "defaultMode": 0o400}},
+            {"name": "credentials", "secret": {"secretName": secret_name(volume), "defaultMode": 0o400}},
         ],
     }
     if config.agent_service_account:
@@ -256,30 +286,48 @@ def pod_manifest(
     if config.agent_tolerations:
         pod_spec["tolerations"] = [dict(t) for t in config.agent_tolerations]
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod, "namespace": namespace, "labels": labels(volume, role),
-                     "ownerReferences": [owner_ref(owner)]},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod,
+            "namespace": namespace,
+            "labels": labels(volume, role),
+            "ownerReferences": [owner_ref(owner)],
+        },
         "spec": pod_spec,
     }
 
 
 def cleanup_pod_manifest(
-    *, volume: str, namespace: str, node: str, spec: VolumeSpec, owner: Mapping[str, Any],
+    *,
+    volume: str,
+    namespace: str,
+    node: str,
+    spec: VolumeSpec,
+    owner: Mapping[str, Any],
     config: OperatorConfig,
 ) -> dict[str, Any]:
     """reclaimPolicy Delete: a one-shot pod on ``node`` that removes the volume's data dir."""
     parent = f"{spec.host_path}/{namespace}"
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{volume}-wipe-{node}"[:63].rstrip("-"), "namespace": namespace,
-                     "labels": {"pairvol.io/cleanup": volume}},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{volume}-wipe-{node}"[:63].rstrip("-"),
+            "namespace": namespace,
+            "labels": {"pairvol.io/cleanup": volume},
+        },
         "spec": {
-            "nodeName": node, "restartPolicy": "Never",
-            "containers": [{
-                "name": "wipe", "image": config.agent_image,
-                "command": ["rm", "-rf", "--", f"/host/{volume}"],
-                "volumeMounts": [{"name": "parent", "mountPath": "/host"}],
-            }],
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "wipe",
+                    "image": config.agent_image,
+                    "command": ["rm", "-rf", "--", f"/host/{volume}"],
+                    "volumeMounts": [{"name": "parent", "mountPath": "/host"}],
+                }
+            ],
             "volumes": [{"name": "parent", "hostPath": {"path": parent, "type": "Directory"}}],
         },
     }

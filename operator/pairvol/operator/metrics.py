@@ -19,25 +19,26 @@ class OperatorMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.reconciles = Counter(
-            "pairvol_operator_reconciles", "Reconcile ticks, by result (ok, error)",
-            ["result"], registry=r)
+            "pairvol_operator_reconciles", "Reconcile ticks, by result (ok, error)", ["result"], registry=r
+        )
         self.actions = Counter(
-            "pairvol_operator_actions", "Actions executed, by kind and result",
-            ["action", "result"], registry=r)
+            "pairvol_operator_actions", "Actions executed, by kind and result", ["action", "result"], registry=r
+        )
         self.failovers = Counter(
-            "pairvol_operator_failovers", "Completed failovers, by mode and trigger",
-            ["mode", "trigger"], registry=r)
+            "pairvol_operator_failovers", "Completed failovers, by mode and trigger", ["mode", "trigger"], registry=r
+        )
         self.failover_duration = Histogram(
             "pairvol_operator_failover_duration_seconds",
-            "From the failover decision to the new primary serving", ["mode"],
-            buckets=FAILOVER_BUCKETS, registry=r)
+            "From the failover decision to the new primary serving",
+            ["mode"],
+            buckets=FAILOVER_BUCKETS,
+            registry=r,
+        )
         self.checkpoints = Counter(
-            "pairvol_operator_checkpoints", "Checkpoints the operator requested", ["result"],
-            registry=r)
-        self.status_writes = Counter(
-            "pairvol_operator_status_writes", "Status patches written (coalesced)", registry=r)
-        self.volumes = Gauge(
-            "pairvol_operator_volumes", "ReplicatedVolumes per phase", ["phase"], registry=r)
+            "pairvol_operator_checkpoints", "Checkpoints the operator requested", ["result"], registry=r
+        )
+        self.status_writes = Counter("pairvol_operator_status_writes", "Status patches written (coalesced)", registry=r)
+        self.volumes = Gauge("pairvol_operator_volumes", "ReplicatedVolumes per phase", ["phase"], registry=r)
         self._phases: dict[str, str] = {}
         for phase in Phase:
             self.volumes.labels(phase.value).set(0)
@@ -48,18 +49,19 @@ class OperatorMetrics:
         else:
             self._phases[key] = phase
         for p in Phase:
-            self.volumes.labels(p.value).set(
-                sum(1 for v in self._phases.values() if v == p.value))
+            self.volumes.labels(p.value).set(sum(1 for v in self._phases.values() if v == p.value))
 
 
-METRIC_NAMES: frozenset[str] = frozenset({
-    "pairvol_operator_reconciles_total",
-    "pairvol_operator_actions_total",
-    "pairvol_operator_failovers_total",
-    "pairvol_operator_failover_duration_seconds_bucket",
-    "pairvol_operator_failover_duration_seconds_sum",
-    "pairvol_operator_failover_duration_seconds_count",
-    "pairvol_operator_checkpoints_total",
-    "pairvol_operator_status_writes_total",
-    "pairvol_operator_volumes",
-})
+METRIC_NAMES: frozenset[str] = frozenset(
+    {
+        "pairvol_operator_reconciles_total",
+        "pairvol_operator_actions_total",
+        "pairvol_operator_failovers_total",
+        "pairvol_operator_failover_duration_seconds_bucket",
+        "pairvol_operator_failover_duration_seconds_sum",
+        "pairvol_operator_failover_duration_seconds_count",
+        "pairvol_operator_checkpoints_total",
+        "pairvol_operator_status_writes_total",
+        "pairvol_operator_volumes",
+    }
+)
