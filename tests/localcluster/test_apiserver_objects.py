@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import kmock
+
+from pairvol.localcluster.apiserver import APIServer, serve
 
 RVS = "/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"
 PODS = "/api/v1/namespaces/default/pods"
@@ -343,3 +346,19 @@ async def test_events_are_shared_between_core_and_events_k8s_io(
     assert code == 200 and patched["note"] == "done"
     code, core_e1 = await send(api_http, "GET", f"{core_api}/e1")
     assert core_e1["message"] == "done"
+
+
+async def test_kmock_reactions_still_inject_faults_over_the_store() -> None:
+    api = APIServer()
+    leases = kmock.resource("coordination.k8s.io", "v1", "leases")
+    api["patch", leases] << 503
+    url = "/apis/coordination.k8s.io/v1/namespaces/default/leases"
+    async with serve(handler=api) as (_, base), aiohttp.ClientSession(base_url=base) as http:
+        code, _ = await send(http, "POST", url, {"metadata": {"name": "l"}, "spec": {}})
+        assert code == 201
+        async with http.patch(f"{url}/l", json={"spec": {"holderIdentity": "x"}},
+                              headers=MERGE) as resp:
+            assert resp.status == 503  # the injected fault, not the store
+        code, lease = await send(http, "GET", f"{url}/l")
+        assert code == 200 and lease["spec"] == {}
+    assert len(list(api["patch", leases])) == 1  # kmock recorded the request for assertions

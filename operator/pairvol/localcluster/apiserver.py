@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import random
 import string
 import time
@@ -46,6 +47,7 @@ import aiohttp.web
 import attrs
 import kmock
 import yaml
+from kmock._internal.rendering import ReactionMismatchError  # not re-exported in __all__
 
 from pairvol.errors import PairvolError
 from pairvol.localcluster import apiserver_schema as schema_mod
@@ -129,9 +131,7 @@ class APIServer(kmock.KubernetesScaffold):
     _kinds: dict[TypeKey, _Kind] = attrs.field(factory=dict, init=False)
     _rv: int = attrs.field(default=0, init=False)
     _closing: bool = attrs.field(default=False, init=False)
-    _schemas: dict[tuple[str, str, str], schema_mod.Schema] = attrs.field(
-        factory=dict, init=False
-    )
+    _schemas: dict[tuple[str, str, str], schema_mod.Schema] = attrs.field(factory=dict, init=False)
     _ips: int = attrs.field(default=0, init=False)
     # Per-request state, only touched in synchronous sections (no await in between).
     _field_validation: str = attrs.field(default="Ignore", init=False)
@@ -154,16 +154,14 @@ class APIServer(kmock.KubernetesScaffold):
             (rtype.group, rtype.plural),
             _Kind(history=collections.deque(maxlen=self.history_limit)),
         )
-        self.resources[kmock.resource(rtype.group, rtype.version, rtype.plural)] = (
-            kmock.ResourceInfo(
-                kind=rtype.kind,
-                singular=rtype.singular,
-                namespaced=rtype.namespaced,
-                verbs=set(rtype.verbs),
-                shortnames=set(rtype.short_names),
-                categories=set(rtype.categories),
-                subresources={"status"} if rtype.status_subresource else set(),
-            )
+        self.resources[kmock.resource(rtype.group, rtype.version, rtype.plural)] = kmock.ResourceInfo(
+            kind=rtype.kind,
+            singular=rtype.singular,
+            namespaced=rtype.namespaced,
+            verbs=set(rtype.verbs),
+            shortnames=set(rtype.short_names),
+            categories=set(rtype.categories),
+            subresources={"status"} if rtype.status_subresource else set(),
         )
 
     def _unregister(self, group: str, plural: str) -> None:
@@ -182,9 +180,9 @@ class APIServer(kmock.KubernetesScaffold):
         except KeyError:
             gv = f"{group}/{version}" if group else version
             raise RequestError(
-                404, "NotFound",
-                f"the server could not find the requested resource ({plural} in {gv}); "
-                "is its CRD applied?",
+                404,
+                "NotFound",
+                f"the server could not find the requested resource ({plural} in {gv}); is its CRD applied?",
             ) from None
 
     # ------------------------------------------------------------------ helpers
@@ -193,9 +191,7 @@ class APIServer(kmock.KubernetesScaffold):
         self._rv += 1
         return self._rv
 
-    def _emit(
-        self, rtype: ResourceType, etype: str, obj: dict[str, Any], old: dict[str, Any] | None
-    ) -> None:
+    def _emit(self, rtype: ResourceType, etype: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         kind = self._kinds[(rtype.group, rtype.plural)]
         rv = int(obj["metadata"]["resourceVersion"])
         entry = (rv, etype, copy.deepcopy(obj), copy.deepcopy(old) if old is not None else None)
@@ -209,32 +205,30 @@ class APIServer(kmock.KubernetesScaffold):
 
     def _not_found(self, rtype: ResourceType, name: str) -> RequestError:
         return RequestError(
-            404, "NotFound", f'{rtype.resource_name} "{name}" not found',
+            404,
+            "NotFound",
+            f'{rtype.resource_name} "{name}" not found',
             {"name": name, "group": rtype.group, "kind": rtype.plural},
         )
 
     def _conflict(self, rtype: ResourceType, name: str) -> RequestError:
         return RequestError(
-            409, "Conflict",
+            409,
+            "Conflict",
             f'Operation cannot be fulfilled on {rtype.resource_name} "{name}": the object has '
             "been modified; please apply your changes to the latest version and try again",
             {"name": name, "group": rtype.group, "kind": rtype.plural},
         )
 
-    def _invalid(self, rtype: ResourceType, name: str, errors: list[schema_mod.FieldError]) -> (
-        RequestError
-    ):
+    def _invalid(self, rtype: ResourceType, name: str, errors: list[schema_mod.FieldError]) -> RequestError:
         causes = [
-            {"reason": e.reason, "message": e.message().removeprefix(f"{e.path}: "),
-             "field": e.path}
-            for e in errors
+            {"reason": e.reason, "message": e.message().removeprefix(f"{e.path}: "), "field": e.path} for e in errors
         ]
-        text = errors[0].message() if len(errors) == 1 else (
-            "[" + ", ".join(e.message() for e in errors) + "]"
-        )
+        text = errors[0].message() if len(errors) == 1 else ("[" + ", ".join(e.message() for e in errors) + "]")
         return RequestError(
-            422, "Invalid", f'{rtype.kind}.{rtype.group or "core"} "{name}" is invalid: {text}'
-            .replace(".core ", " "),
+            422,
+            "Invalid",
+            f'{rtype.kind}.{rtype.group or "core"} "{name}" is invalid: {text}'.replace(".core ", " "),
             {"name": name, "group": rtype.group, "kind": rtype.kind, "causes": causes},
         )
 
@@ -251,37 +245,40 @@ class APIServer(kmock.KubernetesScaffold):
         if not rtype.namespaced:
             if namespace:
                 raise RequestError(
-                    404, "NotFound",
+                    404,
+                    "NotFound",
                     f"{rtype.resource_name} is cluster-scoped: use a URL without /namespaces/",
                 )
             return ""
         if not namespace:
             raise RequestError(
-                405, "MethodNotAllowed",
+                405,
+                "MethodNotAllowed",
                 f"{rtype.resource_name} is namespaced: the URL must include /namespaces/<ns>/",
             )
         return namespace
 
     # ------------------------------------------------------------------ validation
 
-    def _admit(
-        self, rtype: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None
-    ) -> dict[str, Any]:
+    def _admit(self, rtype: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
         """Prune/default/validate custom resources, check names; return the new object."""
         name = obj["metadata"].get("name", "")
         if old is None:
             problem = name_problem(name, label=rtype.plural in ("namespaces", "services"))
             if problem:
-                raise self._invalid(rtype, name, [schema_mod.FieldError(
-                    "metadata.name", "FieldValueInvalid", problem, name)])
+                raise self._invalid(
+                    rtype, name, [schema_mod.FieldError("metadata.name", "FieldValueInvalid", problem, name)]
+                )
         for key in ("labels", "annotations"):
             values = obj["metadata"].get(key)
             if values is not None and (
-                not isinstance(values, dict)
-                or not all(isinstance(v, str) for v in values.values())
+                not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values())
             ):
-                raise self._invalid(rtype, name, [schema_mod.FieldError(
-                    f"metadata.{key}", "FieldValueInvalid", "values must be strings")])
+                raise self._invalid(
+                    rtype,
+                    name,
+                    [schema_mod.FieldError(f"metadata.{key}", "FieldValueInvalid", "values must be strings")],
+                )
         schema = self._schemas.get((rtype.group, rtype.version, rtype.plural))
         if schema is not None:
             unknown = schema_mod.unknown_fields(obj, schema, root=True)
@@ -289,7 +286,8 @@ class APIServer(kmock.KubernetesScaffold):
                 listed = ", ".join(f'unknown field "{u}"' for u in unknown)
                 raise bad_request(
                     f'{rtype.kind} in version "{rtype.version}" cannot be handled as a '
-                    f"{rtype.kind}: strict decoding error: {listed}")
+                    f"{rtype.kind}: strict decoding error: {listed}"
+                )
             if self._field_validation != "Ignore":
                 self._warnings += [f'unknown field "{u}"' for u in unknown]
             obj, errors = schema_mod.process(obj, schema, old)
@@ -308,32 +306,49 @@ class APIServer(kmock.KubernetesScaffold):
         if not group:
             problems.append(schema_mod.FieldError("spec.group", "FieldValueRequired", ""))
         if not plural or not names.get("kind"):
-            problems.append(schema_mod.FieldError(
-                "spec.names", "FieldValueRequired", "plural and kind are required"))
+            problems.append(schema_mod.FieldError("spec.names", "FieldValueRequired", "plural and kind are required"))
         if group and plural and name != f"{plural}.{group}":
-            problems.append(schema_mod.FieldError(
-                "metadata.name", "FieldValueInvalid", f"must be spec.names.plural+\".\"+"
-                f"spec.group ({plural}.{group})", name))
+            problems.append(
+                schema_mod.FieldError(
+                    "metadata.name",
+                    "FieldValueInvalid",
+                    f'must be spec.names.plural+"."+spec.group ({plural}.{group})',
+                    name,
+                )
+            )
         if spec.get("scope") not in ("Namespaced", "Cluster"):
-            problems.append(schema_mod.FieldError(
-                "spec.scope", "FieldValueNotSupported",
-                'supported values: "Cluster", "Namespaced"', spec.get("scope")))
+            problems.append(
+                schema_mod.FieldError(
+                    "spec.scope",
+                    "FieldValueNotSupported",
+                    'supported values: "Cluster", "Namespaced"',
+                    spec.get("scope"),
+                )
+            )
         versions = spec.get("versions") or []
         if not versions:
             problems.append(schema_mod.FieldError("spec.versions", "FieldValueRequired", ""))
         for i, ver in enumerate(versions):
-            oas = ((ver.get("schema") or {}).get("openAPIV3Schema"))
+            oas = (ver.get("schema") or {}).get("openAPIV3Schema")
             if not isinstance(oas, dict) or oas.get("type") != "object":
-                problems.append(schema_mod.FieldError(
-                    f"spec.versions[{i}].schema.openAPIV3Schema", "FieldValueRequired",
-                    "a structural schema with type: object is required"))
+                problems.append(
+                    schema_mod.FieldError(
+                        f"spec.versions[{i}].schema.openAPIV3Schema",
+                        "FieldValueRequired",
+                        "a structural schema with type: object is required",
+                    )
+                )
                 continue
             try:
                 schema_mod.compile_rules(oas)
             except schema_mod.SchemaError as exc:
-                problems.append(schema_mod.FieldError(
-                    f"spec.versions[{i}].schema.openAPIV3Schema", "FieldValueInvalid",
-                    f"{exc} (this emulator supports a CEL subset, see apiserver_cel.py)"))
+                problems.append(
+                    schema_mod.FieldError(
+                        f"spec.versions[{i}].schema.openAPIV3Schema",
+                        "FieldValueInvalid",
+                        f"{exc} (this emulator supports a CEL subset, see apiserver_cel.py)",
+                    )
+                )
         if problems:
             raise self._invalid(rtype, name, problems)
         crd = copy.deepcopy(crd)
@@ -341,12 +356,10 @@ class APIServer(kmock.KubernetesScaffold):
             "acceptedNames": names,
             "storedVersions": [v["name"] for v in versions if v.get("storage")],
             "conditions": [
-                {"type": t, "status": "True", "reason": r, "message": m,
-                 "lastTransitionTime": now_rfc3339()}
+                {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": now_rfc3339()}
                 for t, r, m in (
                     ("NamesAccepted", "NoConflicts", "no conflicts found"),
-                    ("Established", "InitialNamesAccepted",
-                     "the initial names have been accepted"),
+                    ("Established", "InitialNamesAccepted", "the initial names have been accepted"),
                 )
             ],
         }
@@ -368,8 +381,11 @@ class APIServer(kmock.KubernetesScaffold):
                 continue
             subresources = ver.get("subresources") or {}
             rtype = ResourceType(
-                group=spec["group"], version=ver["name"], plural=names["plural"],
-                kind=names["kind"], namespaced=spec["scope"] == "Namespaced",
+                group=spec["group"],
+                version=ver["name"],
+                plural=names["plural"],
+                kind=names["kind"],
+                namespaced=spec["scope"] == "Namespaced",
                 singular=names.get("singular") or names["kind"].lower(),
                 short_names=tuple(names.get("shortNames") or ()),
                 categories=tuple(names.get("categories") or ()),
@@ -383,8 +399,13 @@ class APIServer(kmock.KubernetesScaffold):
     # ------------------------------------------------------------------ state changes
 
     def create_object(
-        self, group: str, version: str, plural: str, body: dict[str, Any],
-        namespace: str | None = None, dry_run: bool = False,
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        body: dict[str, Any],
+        namespace: str | None = None,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """Create an object as POST does; also used directly by LocalCluster."""
         rtype = self.resource_type(group, version, plural)
@@ -400,37 +421,46 @@ class APIServer(kmock.KubernetesScaffold):
         body_ns = meta.get("namespace")
         ns = self._check_namespace(rtype, namespace or body_ns if rtype.namespaced else namespace)
         if body_ns and rtype.namespaced and body_ns != ns:
-            raise bad_request(
-                "the namespace of the provided object does not match the namespace sent on the "
-                "request")
+            raise bad_request("the namespace of the provided object does not match the namespace sent on the request")
         if not meta.get("name"):
             if meta.get("generateName"):
                 meta["name"] = meta["generateName"] + _random_suffix()
             else:
-                raise self._invalid(rtype, "", [schema_mod.FieldError(
-                    "metadata.name", "FieldValueRequired", "name or generateName is required")])
+                raise self._invalid(
+                    rtype,
+                    "",
+                    [schema_mod.FieldError("metadata.name", "FieldValueRequired", "name or generateName is required")],
+                )
         name = meta["name"]
         if rtype.namespaced:
-            if ("", "namespaces") in self._kinds and ("", ns) not in self._kinds[
-                ("", "namespaces")
-            ].objects:
-                raise RequestError(404, "NotFound", f'namespaces "{ns}" not found',
-                                   {"name": ns, "kind": "namespaces"})
+            if ("", "namespaces") in self._kinds and ("", ns) not in self._kinds[("", "namespaces")].objects:
+                raise RequestError(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
             meta["namespace"] = ns
             nsobj = self._kinds[("", "namespaces")].objects[("", ns)]
             if nsobj["metadata"].get("deletionTimestamp"):
                 raise RequestError(
-                    403, "Forbidden", f'unable to create new content in namespace {ns} because '
-                    "it is being terminated")
+                    403, "Forbidden", f"unable to create new content in namespace {ns} because it is being terminated"
+                )
         kind = self._kinds[rtype.key]
         if (ns, name) in kind.objects:
             raise RequestError(
-                409, "AlreadyExists", f'{rtype.resource_name} "{name}" already exists',
-                {"name": name, "group": rtype.group, "kind": rtype.plural})
+                409,
+                "AlreadyExists",
+                f'{rtype.resource_name} "{name}" already exists',
+                {"name": name, "group": rtype.group, "kind": rtype.plural},
+            )
         if rtype.status_subresource and rtype.status_on_create == "drop":
             obj.pop("status", None)
-        for key in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields",
-                    "resourceVersion", "uid", "creationTimestamp", "generation", "selfLink"):
+        for key in (
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "selfLink",
+        ):
             meta.pop(key, None)
         obj = self._admit(rtype, obj, None)
         obj = self._builtin_defaults(rtype, obj)
@@ -451,15 +481,13 @@ class APIServer(kmock.KubernetesScaffold):
 
     def _check_body_kind(self, rtype: ResourceType, body: dict[str, Any]) -> None:
         api_version, kind = body.get("apiVersion"), body.get("kind")
-        if api_version and api_version.split("/")[0] != (rtype.group or "v1") and (
-            api_version != rtype.api_version
-        ):
+        if api_version and api_version.split("/")[0] != (rtype.group or "v1") and (api_version != rtype.api_version):
             raise bad_request(
                 f"the API version in the data ({api_version}) does not match the expected API "
-                f"version ({rtype.api_version})")
+                f"version ({rtype.api_version})"
+            )
         if kind and kind != rtype.kind:
-            raise bad_request(
-                f"the kind in the data ({kind}) does not match the expected kind ({rtype.kind})")
+            raise bad_request(f"the kind in the data ({kind}) does not match the expected kind ({rtype.kind})")
 
     def _builtin_defaults(self, rtype: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
         if rtype.key == ("", "namespaces"):
@@ -480,8 +508,15 @@ class APIServer(kmock.KubernetesScaffold):
         return obj
 
     def update_object(
-        self, rtype: ResourceType, namespace: str, name: str, body: dict[str, Any],
-        subresource: str | None, *, require_rv: bool, dry_run: bool = False,
+        self,
+        rtype: ResourceType,
+        namespace: str,
+        name: str,
+        body: dict[str, Any],
+        subresource: str | None,
+        *,
+        require_rv: bool,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """Replace an object as PUT does (and PATCH after computing the patched body)."""
         if rtype.group == "events.k8s.io" and isinstance(body, dict):
@@ -497,16 +532,22 @@ class APIServer(kmock.KubernetesScaffold):
         meta_in = body.get("metadata", {})
         if meta_in.get("name", name) != name:
             raise bad_request(
-                f"the name of the object ({meta_in.get('name')}) does not match the name on the "
-                f"URL ({name})")
+                f"the name of the object ({meta_in.get('name')}) does not match the name on the URL ({name})"
+            )
         rv_in = meta_in.get("resourceVersion")
         if rv_in:
             if str(rv_in) != old["metadata"]["resourceVersion"]:
                 raise self._conflict(rtype, name)
         elif require_rv and rtype.custom:
-            raise self._invalid(rtype, name, [schema_mod.FieldError(
-                "metadata.resourceVersion", "FieldValueInvalid", "must be specified for an "
-                "update", 0)])
+            raise self._invalid(
+                rtype,
+                name,
+                [
+                    schema_mod.FieldError(
+                        "metadata.resourceVersion", "FieldValueInvalid", "must be specified for an update", 0
+                    )
+                ],
+            )
         if subresource == "status":
             new = copy.deepcopy(old)
             if "status" in body:
@@ -522,8 +563,15 @@ class APIServer(kmock.KubernetesScaffold):
                 else:
                     new.pop("status", None)
         meta = new["metadata"]
-        for key in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
-                    "namespace", "name", "generation"):
+        for key in (
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "namespace",
+            "name",
+            "generation",
+        ):
             if key in old["metadata"]:
                 meta[key] = old["metadata"][key]
             else:
@@ -532,10 +580,18 @@ class APIServer(kmock.KubernetesScaffold):
         if meta.get("deletionTimestamp"):
             added = set(meta.get("finalizers") or []) - set(old["metadata"].get("finalizers") or [])
             if added:
-                raise self._invalid(rtype, name, [schema_mod.FieldError(
-                    "metadata.finalizers", "FieldValueForbidden",
-                    f"no new finalizers can be added if the object is being deleted, found new "
-                    f"finalizers {sorted(added)}")])
+                raise self._invalid(
+                    rtype,
+                    name,
+                    [
+                        schema_mod.FieldError(
+                            "metadata.finalizers",
+                            "FieldValueForbidden",
+                            f"no new finalizers can be added if the object is being deleted, found new "
+                            f"finalizers {sorted(added)}",
+                        )
+                    ],
+                )
         new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
         new = self._admit(rtype, new, old)
         if rtype.key == ("", "secrets"):
@@ -565,22 +621,26 @@ class APIServer(kmock.KubernetesScaffold):
         return new
 
     def delete_object(
-        self, rtype: ResourceType, namespace: str, name: str,
-        options: dict[str, Any] | None = None, dry_run: bool = False,
+        self,
+        rtype: ResourceType,
+        namespace: str,
+        name: str,
+        options: dict[str, Any] | None = None,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         kind = self._kinds[rtype.key]
         old = kind.objects.get((namespace, name))
         if old is None:
             raise self._not_found(rtype, name)
         pre = (options or {}).get("preconditions") or {}
-        if pre.get("resourceVersion") and pre["resourceVersion"] != old["metadata"][
-            "resourceVersion"
-        ]:
+        if pre.get("resourceVersion") and pre["resourceVersion"] != old["metadata"]["resourceVersion"]:
             raise self._conflict(rtype, name)
         if pre.get("uid") and pre["uid"] != old["metadata"]["uid"]:
             raise RequestError(
-                409, "Conflict", f'Precondition failed: UID in precondition: {pre["uid"]}, '
-                f'UID in object meta: {old["metadata"]["uid"]}')
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {old['metadata']['uid']}",
+            )
         if dry_run:
             return old
         if rtype.key == ("", "namespaces"):
@@ -617,7 +677,7 @@ class APIServer(kmock.KubernetesScaffold):
             for other in list(self._types.values()):
                 if not other.namespaced or other.ident != self._storage_type(other).ident:
                     continue
-                for (ons, oname) in list(self._kinds[other.key].objects):
+                for ons, oname in list(self._kinds[other.key].objects):
                     if ons == ns:
                         self.delete_object(other, ns, oname)
         self._maybe_finalize_namespace(ns)
@@ -657,8 +717,11 @@ class APIServer(kmock.KubernetesScaffold):
         return self._present(rtype, obj)
 
     def list_objects(
-        self, rtype: ResourceType, namespace: str | None,
-        labels: list[Requirement] | None = None, fields: list[Requirement] | None = None,
+        self,
+        rtype: ResourceType,
+        namespace: str | None,
+        labels: list[Requirement] | None = None,
+        fields: list[Requirement] | None = None,
     ) -> list[dict[str, Any]]:
         objs = [
             self._present(rtype, obj)
@@ -686,38 +749,84 @@ class APIServer(kmock.KubernetesScaffold):
         body = await raw.read()
         if "protobuf" in raw.headers.get("Content-Type", ""):
             # We speak JSON only; client-go retries in JSON on 415 (kubectl create ...).
-            return _status_response(RequestError(
-                415, "UnsupportedMediaType", "the body of the request was in an unknown format "
-                "- accepted media types include: application/json, application/yaml"))
+            return _status_response(
+                RequestError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format "
+                    "- accepted media types include: application/json, application/yaml",
+                )
+            )
         text = body.decode("utf-8", errors="replace")
         try:
             data = json.loads(text) if text else None
         except ValueError:
             data = None
         request = kmock.Request(
-            id=len(self._requests), raw_request=raw, url=raw.url, method=raw.method,
-            params=dict(raw.query), headers=dict(raw.headers), cookies=dict(raw.cookies),
-            body=body, text=text, data=data,
+            id=len(self._requests),
+            raw_request=raw,
+            url=raw.url,
+            method=raw.method,
+            params=dict(raw.query),
+            headers=dict(raw.headers),
+            cookies=dict(raw.cookies),
+            body=body,
+            text=text,
+            data=data,
             resource=kmock.resource(rpath.group, rpath.version, rpath.plural),
-            namespace=rpath.namespace, name=rpath.name, subresource=rpath.subresource,
+            namespace=rpath.namespace,
+            name=rpath.name,
+            subresource=rpath.subresource,
         )
         self._requests.append(request)
         del self._requests[:-_KEEP_REQUESTS]
+        reaction = await self._user_reaction(request)
+        if reaction is not None:
+            return reaction
         try:
             return await self._serve_resource(request, rpath)
         except RequestError as exc:
             return _status_response(exc)
         except Exception as exc:
             logger.exception("internal error serving %s %s", raw.method, raw.path_qs)
-            return _status_response(RequestError(
-                500, "InternalError", f"internal error in the emulated API server: {exc!r}"))
+            return _status_response(
+                RequestError(500, "InternalError", f"internal error in the emulated API server: {exc!r}")
+            )
+
+    async def _user_reaction(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
+        """Let kmock DSL reactions (``api['patch', resource] << 503``) override the store.
+
+        This keeps kmock's fault injection: a test can make lease renewals fail or pod
+        lists hang. Fallback reactions (kmock's own discovery) never shadow the store.
+        """
+        candidates = [p for p in self._payloads
+                      if not (p.priorities and p.priorities[0] == -math.inf)]
+        candidates.sort(key=lambda p: tuple(-x for x in p.priorities), reverse=False)
+        for payload in candidates:
+            if payload._disabled.is_set() or request not in payload._source:
+                continue
+            try:
+                response: aiohttp.web.StreamResponse = await payload(request)
+            except ReactionMismatchError:  # depleted or not matching after all
+                payload._disabled.set()
+                continue
+            except NotImplementedError:
+                continue
+            return response
+        return None
 
     async def _serve_server_version(self, request: kmock.Request) -> dict[str, Any]:
         # Match the kubectl we ship (1.32) so it does not warn about version skew.
         return {
-            "major": "1", "minor": "32", "gitVersion": "v1.32.0-pairvol-localcluster",
-            "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "",
-            "compiler": "pairvol", "platform": "linux/amd64",
+            "major": "1",
+            "minor": "32",
+            "gitVersion": "v1.32.0-pairvol-localcluster",
+            "gitCommit": "",
+            "gitTreeState": "clean",
+            "buildDate": "",
+            "goVersion": "",
+            "compiler": "pairvol",
+            "platform": "linux/amd64",
         }
 
     async def _serve_version(self, request: kmock.Request) -> dict[str, Any]:
@@ -745,19 +854,24 @@ class APIServer(kmock.KubernetesScaffold):
             return f"api/{version}" if not group else f"apis/{group}/{version}"
 
         if path == "/openapi/v3":
-            return aiohttp.web.json_response({"paths": {
-                gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{gv_path(g, v)}?hash="
-                                f"{self._rv}"}
-                for g, v in gvs
-            }})
+            return aiohttp.web.json_response(
+                {
+                    "paths": {
+                        gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{gv_path(g, v)}?hash={self._rv}"}
+                        for g, v in gvs
+                    }
+                }
+            )
         for group, version in gvs:
             if path == f"/openapi/v3/{gv_path(group, version)}":
                 return aiohttp.web.json_response(self._openapi_gv(group, version))
         raise RequestError(404, "NotFound", f"no OpenAPI document at {path}")
 
     def _openapi_gv(self, group: str, version: str) -> dict[str, Any]:
-        params = [{"name": n, "in": "query", "schema": {"type": "string"}}
-                  for n in ("dryRun", "fieldManager", "fieldValidation", "force")]
+        params = [
+            {"name": n, "in": "query", "schema": {"type": "string"}}
+            for n in ("dryRun", "fieldManager", "fieldValidation", "force")
+        ]
         paths: dict[str, Any] = {}
         for t in self._types.values():
             if (t.group, t.version) != (group, version):
@@ -765,22 +879,28 @@ class APIServer(kmock.KubernetesScaffold):
             prefix = "/api/v1" if not group else f"/apis/{group}/{version}"
             ns = "/namespaces/{namespace}" if t.namespaced else ""
             gvk = {"group": group, "version": version, "kind": t.kind}
-            op = {"x-kubernetes-group-version-kind": gvk, "parameters": params,
-                  "responses": {"200": {"description": "OK"}}}
+            op = {
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": params,
+                "responses": {"200": {"description": "OK"}},
+            }
             paths[f"{prefix}{ns}/{t.plural}"] = {"post": op}
             paths[f"{prefix}{ns}/{t.plural}/{{name}}"] = {"put": op, "patch": op}
-        return {"openapi": "3.0.0", "info": {"title": "pairvol localcluster", "version": version},
-                "paths": paths, "components": {"schemas": {}}}
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "pairvol localcluster", "version": version},
+            "paths": paths,
+            "components": {"schemas": {}},
+        }
 
-    async def _serve_resource(
-        self, request: kmock.Request, rpath: ResourcePath
-    ) -> aiohttp.web.StreamResponse:
+    async def _serve_resource(self, request: kmock.Request, rpath: ResourcePath) -> aiohttp.web.StreamResponse:
         assert rpath.plural is not None
         rtype = self.resource_type(rpath.group, rpath.version, rpath.plural)
         sub = rpath.subresource
         if sub is not None and not (sub == "status" and rtype.status_subresource):
-            raise RequestError(404, "NotFound", f"the server could not find the requested "
-                               f"resource ({rtype.plural}/{sub})")
+            raise RequestError(
+                404, "NotFound", f"the server could not find the requested resource ({rtype.plural}/{sub})"
+            )
         params = request.params
         dry_run = params.get("dryRun") == "All"
         mode = params.get("fieldValidation") or "Warn"
@@ -789,14 +909,17 @@ class APIServer(kmock.KubernetesScaffold):
         self._field_validation, self._warnings = mode, []
         response = await self._dispatch(request, rtype, rpath, params, dry_run)
         if self._warnings and not response.prepared:
-            response.headers["Warning"] = ", ".join(
-                f"299 - {json.dumps(w)}" for w in self._warnings)
+            response.headers["Warning"] = ", ".join(f"299 - {json.dumps(w)}" for w in self._warnings)
         self._field_validation, self._warnings = "Ignore", []
         return response
 
     async def _dispatch(
-        self, request: kmock.Request, rtype: ResourceType, rpath: ResourcePath,
-        params: Any, dry_run: bool,
+        self,
+        request: kmock.Request,
+        rtype: ResourceType,
+        rpath: ResourcePath,
+        params: Any,
+        dry_run: bool,
     ) -> aiohttp.web.StreamResponse:
         name, sub = rpath.name, rpath.subresource
         method = str(request.method.value).upper()
@@ -813,8 +936,7 @@ class APIServer(kmock.KubernetesScaffold):
                 return self._serve_list(request, rtype, namespace)
             if method == "POST":
                 body = self._body(request)
-                obj = self.create_object(rtype.group, rtype.version, rtype.plural, body,
-                                         ns_param, dry_run=dry_run)
+                obj = self.create_object(rtype.group, rtype.version, rtype.plural, body, ns_param, dry_run=dry_run)
                 return aiohttp.web.json_response(self._present(rtype, obj), status=201)
             if method == "DELETE":
                 namespace = ns_param if rtype.namespaced else None
@@ -823,11 +945,9 @@ class APIServer(kmock.KubernetesScaffold):
                 items = []
                 for obj in self.list_objects(rtype, namespace, labels, fields):
                     meta = obj["metadata"]
-                    items.append(self.delete_object(rtype, meta.get("namespace", ""),
-                                                    meta["name"], dry_run=dry_run))
+                    items.append(self.delete_object(rtype, meta.get("namespace", ""), meta["name"], dry_run=dry_run))
                 return aiohttp.web.json_response(self._list_body(rtype, items))
-            raise RequestError(405, "MethodNotAllowed",
-                               f"{method} is not supported on a collection")
+            raise RequestError(405, "MethodNotAllowed", f"{method} is not supported on a collection")
         ns = self._check_namespace(rtype, ns_param)
         if method == "GET":
             obj = self.get_object(rtype, ns, name)
@@ -859,7 +979,12 @@ class APIServer(kmock.KubernetesScaffold):
         return data
 
     def _serve_patch(
-        self, request: kmock.Request, rtype: ResourceType, ns: str, name: str, sub: str | None,
+        self,
+        request: kmock.Request,
+        rtype: ResourceType,
+        ns: str,
+        name: str,
+        sub: str | None,
         dry_run: bool,
     ) -> aiohttp.web.StreamResponse:
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
@@ -867,9 +992,11 @@ class APIServer(kmock.KubernetesScaffold):
         if patcher is None or (rtype.custom and "strategic" in ctype):
             accepted = [t for t in PATCH_TYPES if not (rtype.custom and "strategic" in t)]
             raise RequestError(
-                415, "UnsupportedMediaType",
+                415,
+                "UnsupportedMediaType",
                 f"the body of the request was in an unknown format - accepted media types "
-                f"include: {', '.join(accepted)} (got {ctype!r})")
+                f"include: {', '.join(accepted)} (got {ctype!r})",
+            )
         if ctype.startswith("application/apply-patch"):
             patch: Any = self._body(request)
         else:
@@ -880,8 +1007,7 @@ class APIServer(kmock.KubernetesScaffold):
         current = self._kinds[rtype.key].objects.get((ns, name))
         if current is None:
             if ctype.startswith("application/apply-patch") and sub is None:
-                obj = self.create_object(rtype.group, rtype.version, rtype.plural, patch, ns,
-                                         dry_run=dry_run)
+                obj = self.create_object(rtype.group, rtype.version, rtype.plural, patch, ns, dry_run=dry_run)
                 return aiohttp.web.json_response(self._present(rtype, obj), status=201)
             raise self._not_found(rtype, name)
         if ctype.startswith("application/apply-patch") and isinstance(patch, dict):
@@ -903,9 +1029,7 @@ class APIServer(kmock.KubernetesScaffold):
             "items": items,
         }
 
-    def _table(
-        self, request: kmock.Request, rtype: ResourceType, objs: list[dict[str, Any]]
-    ) -> dict[str, Any]:
+    def _table(self, request: kmock.Request, rtype: ResourceType, objs: list[dict[str, Any]]) -> dict[str, Any]:
         result = table(objs, list(rtype.printer_columns), str(self._rv))
         include = request.params.get("includeObject", "Metadata")
         for row, obj in zip(result["rows"], objs, strict=True):
@@ -926,7 +1050,10 @@ class APIServer(kmock.KubernetesScaffold):
         return aiohttp.web.json_response(self._list_body(rtype, items))
 
     async def _serve_watch(
-        self, request: kmock.Request, rtype: ResourceType, namespace: str | None,
+        self,
+        request: kmock.Request,
+        rtype: ResourceType,
+        namespace: str | None,
         name: str | None,
     ) -> aiohttp.web.StreamResponse:
         params = request.params
@@ -954,14 +1081,12 @@ class APIServer(kmock.KubernetesScaffold):
             if since < kind.compacted_rv:
                 return await self._stream_gone(request, since)
             for entry in kind.history:
-                if entry[0] > since and (namespace is None or
-                                         entry[2]["metadata"].get("namespace") == namespace):
+                if entry[0] > since and (namespace is None or entry[2]["metadata"].get("namespace") == namespace):
                     watch.queue.put_nowait(entry)
         kind.watches.append(watch)
         raw = request._raw_request
         assert raw is not None
-        response = aiohttp.web.StreamResponse(
-            status=200, headers={"Content-Type": "application/json"})
+        response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         try:
             await response.prepare(raw)
             for etype, obj in initial:
@@ -1001,29 +1126,29 @@ class APIServer(kmock.KubernetesScaffold):
         return response
 
     async def _write_event(
-        self, response: aiohttp.web.StreamResponse, request: kmock.Request, rtype: ResourceType,
-        etype: str, obj: dict[str, Any], as_table: bool,
+        self,
+        response: aiohttp.web.StreamResponse,
+        request: kmock.Request,
+        rtype: ResourceType,
+        etype: str,
+        obj: dict[str, Any],
+        as_table: bool,
     ) -> None:
         payload = self._table(request, rtype, [obj]) if as_table else obj
         line = json.dumps({"type": etype, "object": payload}) + "\n"
         await response.write(line.encode())
 
-    async def _write_bookmark(self, response: aiohttp.web.StreamResponse, rtype: ResourceType) -> (
-        None
-    ):
-        obj = {"kind": rtype.kind, "apiVersion": rtype.api_version,
-               "metadata": {"resourceVersion": str(self._rv)}}
+    async def _write_bookmark(self, response: aiohttp.web.StreamResponse, rtype: ResourceType) -> None:
+        obj = {"kind": rtype.kind, "apiVersion": rtype.api_version, "metadata": {"resourceVersion": str(self._rv)}}
         await response.write((json.dumps({"type": "BOOKMARK", "object": obj}) + "\n").encode())
 
     async def _stream_gone(self, request: kmock.Request, since: int) -> aiohttp.web.StreamResponse:
         raw = request._raw_request
         assert raw is not None
-        response = aiohttp.web.StreamResponse(
-            status=200, headers={"Content-Type": "application/json"})
+        response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         await response.prepare(raw)
         gone = RequestError(410, "Expired", f"too old resource version: {since} ({self._rv})")
-        await response.write((json.dumps({"type": "ERROR", "object": gone.status()}) + "\n")
-                             .encode())
+        await response.write((json.dumps({"type": "ERROR", "object": gone.status()}) + "\n").encode())
         await response.write_eof()
         return response
 
@@ -1033,6 +1158,21 @@ class APIServer(kmock.KubernetesScaffold):
         for kind in self._kinds.values():
             for watch in kind.watches:
                 watch.queue.put_nowait(None)
+
+
+def _action(method: str, rpath: ResourcePath, watch: str) -> kmock.action | None:
+    """kmock's name for a request, so DSL filters like ``api['list pods']`` match."""
+    if method == "GET" and (rpath.legacy_watch or watch.lower() in ("true", "1")):
+        return kmock.action.WATCH
+    if method == "GET":
+        return kmock.action.FETCH if rpath.name else kmock.action.LIST
+    if method == "POST":
+        return kmock.action.CREATE
+    if method in ("PATCH", "PUT"):
+        return kmock.action.UPDATE
+    if method == "DELETE":
+        return kmock.action.DELETE
+    return None
 
 
 def _fold_string_data(secret: dict[str, Any]) -> None:
@@ -1061,8 +1201,7 @@ async def serve(
             await server.__aenter__()
         except OSError as exc:
             raise APIServerError(
-                f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
-                "or 0 for a free one"
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or 0 for a free one"
             ) from exc
         url = f"http://{host}:{server.port}"
         logger.info("emulated Kubernetes API listening on %s", url)
