@@ -6,6 +6,7 @@ with the real CRD from crds/replicatedvolumes.yaml registered.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -362,3 +363,20 @@ async def test_kmock_reactions_still_inject_faults_over_the_store() -> None:
         code, lease = await send(http, "GET", f"{url}/l")
         assert code == 200 and lease["spec"] == {}
     assert len(list(api["patch", leases])) == 1  # kmock recorded the request for assertions
+
+
+async def test_concurrent_writers_with_one_resource_version_have_one_winner(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    _, obj = await send(api_http, "POST", "/apis/coordination.k8s.io/v1/namespaces/default/"
+                        "leases", {"metadata": {"name": "l"}, "spec": {}})
+    url = "/apis/coordination.k8s.io/v1/namespaces/default/leases/l"
+
+    async def claim(holder: str) -> int:
+        body = {**obj, "spec": {"holderIdentity": holder}}
+        return (await send(api_http, "PUT", url, body))[0]
+
+    codes = await asyncio.gather(*(claim(f"node-{i}") for i in range(20)))
+    assert sorted(codes) == [200] + [409] * 19
+    _, lease = await send(api_http, "GET", url)
+    assert lease["spec"]["holderIdentity"] == f"node-{codes.index(200)}"
