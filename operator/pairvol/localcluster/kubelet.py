@@ -194,6 +194,34 @@ def _descendants(root_pid: int) -> list[int]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _freeze_and_kill_tree(root_pid: int) -> list[int]:
+    """No-cgroup fallback: SIGSTOP the process tree (so nothing forks or exits and gets
+    re-parented away while we look), then SIGKILL all of it. Processes that were already
+    orphaned (double-forked daemons) are out of reach: that is what cgroups are for."""
+    frozen: list[int] = []
+    for _ in range(50):
+        new = [pid for pid in [root_pid, *_descendants(root_pid)] if pid not in frozen]
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen.extend(new)
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return frozen
+
+
 class ContainerProcess:
     """One started container: its main process, its cgroup, and how to stop it."""
 
@@ -201,6 +229,7 @@ class ContainerProcess:
         self.proc = proc
         self.cgroup = cgroup
         self.pid = proc.pid
+        self._killed: set[int] = set()  # descendants SIGKILLed by the no-cgroup fallback
 
     @classmethod
     async def spawn(
@@ -242,13 +271,11 @@ class ContainerProcess:
                 await asyncio.to_thread(self._cgroup_kill)
                 remaining = await asyncio.to_thread(_cgroup_pids, self.cgroup)
             else:
-                self.signal_group(signal.SIGKILL)
-                remaining = []
                 if self.proc.returncode is None:
-                    remaining = [self.pid, *await asyncio.to_thread(_descendants, self.pid)]
-                    for pid in remaining:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
+                    killed = await asyncio.to_thread(_freeze_and_kill_tree, self.pid)
+                    self._killed.update(p for p in killed if p != self.pid)
+                self.signal_group(signal.SIGKILL)
+                remaining = [p for p in self._killed if _running(p)]
             if not remaining and self.proc.returncode is not None:
                 break
             if self.proc.returncode is None:
@@ -257,9 +284,7 @@ class ContainerProcess:
             else:
                 await asyncio.sleep(0.05)
             if time.monotonic() > deadline:
-                raise KubeletError(
-                    f"container process {self.pid} survived SIGKILL for 10s: {remaining}"
-                )
+                raise KubeletError(f"container process {self.pid} survived SIGKILL for 10s: {remaining}")
         await self.release()
 
     def _cgroup_kill(self) -> None:
@@ -321,8 +346,7 @@ class ContainerRunner:
                 await self._terminate_process(self.worker.grace_period())
             probes = [
                 asyncio.create_task(self._probe_loop(p, kind))
-                for kind, p in (("readiness", self.prepared.readiness),
-                                ("liveness", self.prepared.liveness))
+                for kind, p in (("readiness", self.prepared.readiness), ("liveness", self.prepared.liveness))
                 if p is not None
             ]
             try:
@@ -348,9 +372,7 @@ class ContainerRunner:
                 terminated["signal"] = sig
             self.state.ready = False
             self.state.pid = None
-            logger.info(
-                "%s/%s container %s exited with %s", *self.worker.key, self.name, code
-            )
+            logger.info("%s/%s container %s exited with %s", *self.worker.key, self.name, code)
             if self.stopping or not should_restart(policy, code):
                 self.state.state = {"terminated": terminated}
                 self.worker.changed()
@@ -384,16 +406,18 @@ class ContainerRunner:
             argv=prepared.argv,
             file_targets=prepared.file_targets,
         )
-        self.process = await ContainerProcess.spawn(
-            argv, prepared.env, self.worker.log_path, cgroup
-        )
+        self.process = await ContainerProcess.spawn(argv, prepared.env, self.worker.log_path, cgroup)
         self.state.pid = self.process.pid
         self.state.started = True
         self.state.state = {"running": {"startedAt": now_rfc3339()}}
         self.state.ready = prepared.readiness is None
         logger.info(
             "%s/%s container %s started on %s as pid %s: %s",
-            *self.worker.key, self.name, kubelet.name, self.process.pid, prepared.argv,
+            *self.worker.key,
+            self.name,
+            kubelet.name,
+            self.process.pid,
+            prepared.argv,
         )
         self.worker.changed()
 
@@ -408,8 +432,7 @@ class ContainerRunner:
                 self.state.ready = healthy
                 self.worker.changed()
             if kind == "liveness" and before and not healthy:
-                logger.info("%s/%s container %s failed liveness; restarting", *self.worker.key,
-                            self.name)
+                logger.info("%s/%s container %s failed liveness; restarting", *self.worker.key, self.name)
                 # Stopping the process ends this task via cancellation from run().
                 task = asyncio.create_task(self._terminate_process(self.worker.grace_period()))
                 self._side_tasks.add(task)
@@ -452,18 +475,14 @@ class PodWorker:
         self.pod_dir: Path = kubelet.root / "pods" / self.uid
         self.log_path: Path = kubelet.root / "logs" / f"{self.key[0]}_{self.key[1]}.log"
         self.start_time = now_rfc3339()
-        previous = {
-            str(s.get("name")): s for s in (pod.get("status") or {}).get("containerStatuses") or []
-        }
+        previous = {str(s.get("name")): s for s in (pod.get("status") or {}).get("containerStatuses") or []}
         self.runners: list[ContainerRunner] = []
         for container in spec(pod).get("containers") or []:
-            state = ContainerState(name=str(container.get("name")),
-                                   image=str(container.get("image") or ""))
+            state = ContainerState(name=str(container.get("name")), image=str(container.get("image") or ""))
             old = previous.get(state.name)
             if old is not None:  # the node restarted: the container runs again, counted
                 state.restart_count = int(old.get("restartCount", 0)) + 1
-                state.last_state = {"terminated": {"exitCode": 137, "reason": "Error",
-                                                   "message": "node restarted"}}
+                state.last_state = {"terminated": {"exitCode": 137, "reason": "Error", "message": "node restarted"}}
             self.runners.append(ContainerRunner(self, container, state))
         self.message = ""
         self.reason = ""
@@ -500,8 +519,9 @@ class PodWorker:
             logger.exception("pod %s/%s failed in the node simulator", *self.key)
             self.message = f"node simulator error: {exc}"
             for runner in self.runners:
-                runner.state.state = {"terminated": {"exitCode": 128, "reason": "StartError",
-                                                     "message": str(exc)[:500]}}
+                runner.state.state = {
+                    "terminated": {"exitCode": 128, "reason": "StartError", "message": str(exc)[:500]}
+                }
             self.changed()
         finally:
             self.changed()
@@ -513,16 +533,13 @@ class PodWorker:
                 self.message = self.reason = ""
                 return
             except (PodConfigError, ApiError) as exc:
-                reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else (
-                    "ContainerCreating")
+                reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else ("ContainerCreating")
                 logger.warning("pod %s/%s cannot start yet: %s", *self.key, exc)
                 for runner in self.runners:
                     runner.state.state = {"waiting": {"reason": reason, "message": str(exc)}}
                 self.changed()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._stop_requested.wait(), self.kubelet.sim.config_retry
-                    )
+                    await asyncio.wait_for(self._stop_requested.wait(), self.kubelet.sim.config_retry)
                 if self.deleting:
                     return
 
@@ -535,8 +552,11 @@ class PodWorker:
             objects[(plural, name)] = await sim.api.get_object(namespace, plural, name)
         volumes = plan_volumes(self.pod, kubelet.root, self.pod_dir, objects)
         volumes = {
-            name: (VolumeDir(_host_shared(vol.path, kubelet.root), vol.host_path_type)
-                   if isinstance(vol, VolumeDir) else vol)
+            name: (
+                VolumeDir(_host_shared(vol.path, kubelet.root), vol.host_path_type)
+                if isinstance(vol, VolumeDir)
+                else vol
+            )
             for name, vol in volumes.items()
         }
         await asyncio.to_thread(_materialize, volumes)
@@ -747,9 +767,7 @@ class NodeKubelet:
         self.alive = True
         self.partitioned = False
         self.connected.set()
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat_loop(), name=f"heartbeat-{self.name}"
-        )
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.name}")
         self._watch_task = asyncio.create_task(self._watch_loop(), name=f"watch-{self.name}")
 
     def _make_dirs(self) -> None:
@@ -783,8 +801,7 @@ class NodeKubelet:
                 {"type": "Hostname", "address": self.name},
             ],
             "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110", "ephemeral-storage": "20Gi"},
-            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110",
-                            "ephemeral-storage": "20Gi"},
+            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110", "ephemeral-storage": "20Gi"},
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
             "nodeInfo": {
                 "kubeletVersion": "v1.32.0-pairvol-sim",
@@ -812,9 +829,7 @@ class NodeKubelet:
         )
         if self.sim.leases_enabled:
             try:
-                await self.sim.api.renew_lease(
-                    self.name, self.name, _micro_now(), int(self.sim.node_monitor_grace) + 1
-                )
+                await self.sim.api.renew_lease(self.name, self.name, _micro_now(), int(self.sim.node_monitor_grace) + 1)
             except ApiError as exc:
                 if exc.status == 404:
                     logger.warning("API server has no Lease resource; node leases disabled")
@@ -967,13 +982,10 @@ class NodeKubelet:
                 process = runner.process
                 if process is None:
                     return False
-                argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--",
-                        *probe.command]
+                argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *probe.command]
                 result = await run_command(argv, check=False, time_limit=probe.timeout + 5)
                 return result.returncode == 0
-            reader, writer = await self.sim.net.open_connection(
-                self.name, host, probe.port, time_limit=probe.timeout
-            )
+            reader, writer = await self.sim.net.open_connection(self.name, host, probe.port, time_limit=probe.timeout)
             try:
                 if probe.kind == "tcp":
                     return True
@@ -981,9 +993,7 @@ class NodeKubelet:
                     context = ssl.create_default_context()
                     context.check_hostname = False
                     context.verify_mode = ssl.CERT_NONE
-                    await asyncio.wait_for(
-                        writer.start_tls(context, server_hostname=host), probe.timeout
-                    )
+                    await asyncio.wait_for(writer.start_tls(context, server_hostname=host), probe.timeout)
                 headers = "".join(f"{k}: {v}\r\n" for k, v in probe.headers)
                 writer.write(
                     f"GET {probe.path} HTTP/1.1\r\nHost: {host}:{probe.port}\r\n"
@@ -1153,16 +1163,21 @@ class NodeSimulator:
     def pod_pids(self, namespace: str, name: str) -> list[int]:
         """PIDs of the pod's container main processes (for tests)."""
         worker = self._worker(namespace, name)
-        return [r.process.pid for r in worker.runners
-                if r.process is not None and r.process.proc.returncode is None]
+        return [r.process.pid for r in worker.runners if r.process is not None and r.process.proc.returncode is None]
 
     def node_pids(self, name: str) -> list[int]:
-        """Every live process of the node's pods (cgroup members, or main processes)."""
+        """Every live process of the node's pods (cgroup members, or main processes and
+        their descendants). Reads /proc synchronously: meant for tests."""
         kubelet = self._kubelet(name)
         if kubelet.cgroup_root is not None and kubelet.cgroup_root.exists():
             return _cgroup_pids(kubelet.cgroup_root)
-        return [r.process.pid for w in kubelet.workers.values() for r in w.runners
-                if r.process is not None and r.process.proc.returncode is None]
+        mains = [
+            r.process.pid
+            for w in kubelet.workers.values()
+            for r in w.runners
+            if r.process is not None and r.process.proc.returncode is None
+        ]
+        return mains + [pid for main in mains for pid in _descendants(main)]
 
     def log_path(self, node: str, namespace: str, pod: str) -> Path:
         return self.root / node / "logs" / f"{namespace}_{pod}.log"
@@ -1171,9 +1186,7 @@ class NodeSimulator:
         """Where ``hostPath: path`` of ``node`` lives on this machine."""
         return self.root / node / "hostpath" / path.lstrip("/")
 
-    async def run_in_node(
-        self, name: str, argv: Sequence[str], *, time_limit: float = 30.0
-    ) -> CommandResult:
+    async def run_in_node(self, name: str, argv: Sequence[str], *, time_limit: float = 30.0) -> CommandResult:
         """Run ``argv`` in the node's network namespace (not in a pod's mounts)."""
         self._kubelet(name)
         return await self.net.run_in_node(name, argv, time_limit=time_limit)
@@ -1237,22 +1250,19 @@ class NodeSimulator:
 
     async def _mark_unknown(self, kubelet: NodeKubelet) -> None:
         message = "Kubelet stopped posting node status."
-        await self.api.patch_node_status(
-            kubelet.name, kubelet.node_status("Unknown", "NodeStatusUnknown", message)
-        )
+        await self.api.patch_node_status(kubelet.name, kubelet.node_status("Unknown", "NodeStatusUnknown", message))
         node = await self.api.request("GET", f"/api/v1/nodes/{kubelet.name}")
-        taints = [t for t in (node.get("spec") or {}).get("taints") or []
-                  if t.get("key") != UNREACHABLE_TAINT]
+        taints = [t for t in (node.get("spec") or {}).get("taints") or [] if t.get("key") != UNREACHABLE_TAINT]
         now = now_rfc3339()
-        taints += [{"key": UNREACHABLE_TAINT, "effect": effect, "timeAdded": now}
-                   for effect in ("NoSchedule", "NoExecute")]
+        taints += [
+            {"key": UNREACHABLE_TAINT, "effect": effect, "timeAdded": now} for effect in ("NoSchedule", "NoExecute")
+        ]
         await self.api.patch_node(kubelet.name, {"spec": {"taints": taints}})
         pods, _ = await self.api.list_pods(kubelet.name)
         for pod in pods:
             await self._mark_pod_not_ready(pod, now)
         kubelet.marked_unknown = True
-        logger.info("node %s: no heartbeat for %gs, marked Ready=Unknown", kubelet.name,
-                    self.node_monitor_grace)
+        logger.info("node %s: no heartbeat for %gs, marked Ready=Unknown", kubelet.name, self.node_monitor_grace)
 
     async def _mark_pod_not_ready(self, pod: JsonDict, now: str) -> None:
         status = pod.get("status") or {}
