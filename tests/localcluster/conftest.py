@@ -48,8 +48,11 @@ KubectlRunner = Callable[..., Coroutine[Any, Any, tuple[int, str, str]]]
 
 
 @pytest.fixture
-def kubectl(api_cluster: LocalCluster) -> KubectlRunner:
-    """``await kubectl("get", "rv")`` -> (returncode, stdout, stderr) against api_cluster."""
+def kubectl(api_cluster: LocalCluster, tmp_path: Path) -> KubectlRunner:
+    """``await kubectl("get", "rv")`` -> (returncode, stdout, stderr) against api_cluster.
+
+    kubectl's discovery/OpenAPI cache goes to a per-test directory, not ~/.kube/cache.
+    """
     binary = _find_kubectl()
     if binary is None:
         pytest.skip("kubectl not found: run `make tools` (puts it in .venv/tools)")
@@ -57,7 +60,8 @@ def kubectl(api_cluster: LocalCluster) -> KubectlRunner:
     async def run(*args: str, stdin: str | None = None, within: float = 30) -> tuple[
         int, str, str
     ]:
-        env = {**os.environ, "KUBECONFIG": str(api_cluster.kubeconfig_path)}
+        env = {**os.environ, "KUBECONFIG": str(api_cluster.kubeconfig_path),
+               "KUBECACHEDIR": str(tmp_path / "kube-cache")}
         proc = await asyncio.create_subprocess_exec(
             binary, *args, env=env,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,

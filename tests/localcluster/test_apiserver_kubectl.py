@@ -148,6 +148,8 @@ async def test_kubectl_works_with_builtin_kinds(kubectl: KubectlRunner) -> None:
     assert out.strip() == "secret/psk"
     code, out, err = await kubectl("get", "secret", "psk", "-o", "jsonpath={.data.key}")
     assert out == "YWJj"  # stringData is stored base64-encoded in data
+    code, out, err = await kubectl("explain", "rv.spec.failover.mode")
+    assert code == 0 and "Checkpoint restarts the volume at the last checkpoint" in out, err
     code, out, err = await kubectl("api-resources")
     assert code == 0 and "replicatedvolumes" in out and "rv" in out
     assert "Warning" not in err, err

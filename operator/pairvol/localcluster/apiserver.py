@@ -32,6 +32,7 @@ import base64
 import collections
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -873,9 +874,15 @@ class APIServer(kmock.KubernetesScaffold):
             for n in ("dryRun", "fieldManager", "fieldValidation", "force")
         ]
         paths: dict[str, Any] = {}
+        schemas: dict[str, Any] = {}
         for t in self._types.values():
             if (t.group, t.version) != (group, version):
                 continue
+            crd_schema = self._schemas.get(t.ident)
+            if crd_schema is not None:  # lets `kubectl explain` describe our CRs
+                name = ".".join([*reversed(group.split(".")), version, t.kind])
+                schemas[name] = {**crd_schema, "x-kubernetes-group-version-kind": [
+                    {"group": group, "version": version, "kind": t.kind}]}
             prefix = "/api/v1" if not group else f"/apis/{group}/{version}"
             ns = "/namespaces/{namespace}" if t.namespaced else ""
             gvk = {"group": group, "version": version, "kind": t.kind}
@@ -890,7 +897,7 @@ class APIServer(kmock.KubernetesScaffold):
             "openapi": "3.0.0",
             "info": {"title": "pairvol localcluster", "version": version},
             "paths": paths,
-            "components": {"schemas": {}},
+            "components": {"schemas": schemas},
         }
 
     async def _serve_resource(self, request: kmock.Request, rpath: ResourcePath) -> aiohttp.web.StreamResponse:
