@@ -57,19 +57,22 @@ def kubectl(api_cluster: LocalCluster, tmp_path: Path) -> KubectlRunner:
     if binary is None:
         pytest.skip("kubectl not found: run `make tools` (puts it in .venv/tools)")
 
-    async def run(*args: str, stdin: str | None = None, within: float = 30) -> tuple[
-        int, str, str
-    ]:
-        env = {**os.environ, "KUBECONFIG": str(api_cluster.kubeconfig_path),
-               "KUBECACHEDIR": str(tmp_path / "kube-cache")}
+    async def run(*args: str, stdin: str | None = None, within: float = 30) -> tuple[int, str, str]:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(api_cluster.kubeconfig_path),
+            "KUBECACHEDIR": str(tmp_path / "kube-cache"),
+        }
         proc = await asyncio.create_subprocess_exec(
-            binary, *args, env=env,
+            binary,
+            *args,
+            env=env,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin is not None else None), within)
+            out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else None), within)
         finally:
             if proc.returncode is None:  # timed out or cancelled: kill what we started
                 proc.kill()

@@ -15,9 +15,18 @@ import yaml
 async def test_localcluster_up_serves_kubectl_until_sigterm(tmp_path: Path) -> None:
     kubeconfig = tmp_path / f"kc-{os.getpid()}"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pairvol", "localcluster", "up", "--nodes", "2",
-        "--no-simulate-nodes", "--kubeconfig", str(kubeconfig),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "pairvol",
+        "localcluster",
+        "up",
+        "--nodes",
+        "2",
+        "--no-simulate-nodes",
+        "--kubeconfig",
+        str(kubeconfig),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         assert proc.stdout is not None
@@ -32,7 +41,7 @@ async def test_localcluster_up_serves_kubectl_until_sigterm(tmp_path: Path) -> N
         config = yaml.safe_load(await asyncio.to_thread(kubeconfig.read_text))
         server = config["clusters"][0]["cluster"]["server"]
         assert server.startswith("http://127.0.0.1:")
-        reader, writer = await asyncio.open_connection(*server[len("http://"):].split(":"))
+        reader, writer = await asyncio.open_connection(*server[len("http://") :].split(":"))
         writer.write(b"GET /api/v1/nodes HTTP/1.0\r\n\r\n")
         response = await asyncio.wait_for(reader.read(), 10)
         writer.close()
@@ -51,9 +60,18 @@ async def test_localcluster_up_reports_a_busy_port(tmp_path: Path) -> None:
     port = blocker.sockets[0].getsockname()[1]
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pairvol", "localcluster", "up", "--no-simulate-nodes",
-            "--port", str(port), "--kubeconfig", str(tmp_path / "kc"),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "pairvol",
+            "localcluster",
+            "up",
+            "--no-simulate-nodes",
+            "--port",
+            str(port),
+            "--kubeconfig",
+            str(tmp_path / "kc"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), 30)

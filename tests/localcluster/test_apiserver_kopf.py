@@ -57,9 +57,7 @@ def build_registry(seen: list[str]) -> kopf.OperatorRegistry:
 
 
 @pytest.fixture
-async def kopf_operator(
-    api_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[list[str]]:
+async def kopf_operator(api_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[str]]:
     """Run a tiny kopf operator until the test ends; yield the handler log.
 
     kopf cancels every task that appears in its loop while it runs, so (as kopf's docs
@@ -77,10 +75,17 @@ async def kopf_operator(
 
     def run() -> None:
         try:
-            asyncio.run(kopf.operator(
-                registry=build_registry(seen), settings=settings, clusterwide=False,
-                namespaces=["default"], standalone=True, ready_flag=ready, stop_flag=stop,
-            ))
+            asyncio.run(
+                kopf.operator(
+                    registry=build_registry(seen),
+                    settings=settings,
+                    clusterwide=False,
+                    namespaces=["default"],
+                    standalone=True,
+                    ready_flag=ready,
+                    stop_flag=stop,
+                )
+            )
         except BaseException as exc:  # reported by the fixture, not lost in the thread
             errors.append(exc)
 
@@ -117,8 +122,12 @@ async def test_kopf_handles_create_field_change_and_delete_with_finalizer(
         objs = api_cluster.api.list_objects(rtype, "default")
         return objs[0] if objs else None
 
-    body = {"apiVersion": "pairvol.io/v1alpha1", "kind": "ReplicatedVolume",
-            "metadata": {"name": "vol"}, "spec": {"size": "64Mi"}}
+    body = {
+        "apiVersion": "pairvol.io/v1alpha1",
+        "kind": "ReplicatedVolume",
+        "metadata": {"name": "vol"},
+        "spec": {"size": "64Mi"},
+    }
     async with api_http.post(RVS, json=body) as resp:
         assert resp.status == 201
 
@@ -130,13 +139,13 @@ async def test_kopf_handles_create_field_change_and_delete_with_finalizer(
 
     # kopf posts Kubernetes events about the object to the core v1 API.
     events = api_cluster.api.resource_type("", "v1", "events")
-    event = await eventually(lambda: [e for e in api_cluster.api.list_objects(events, "default")
-                                      if e["reason"] == "Accepted"])
+    event = await eventually(
+        lambda: [e for e in api_cluster.api.list_objects(events, "default") if e["reason"] == "Accepted"]
+    )
     assert event[0]["involvedObject"]["name"] == "vol"
     assert event[0]["message"] == "volume of 64Mi accepted"
 
-    async with api_http.patch(f"{RVS}/vol", json={"spec": {"failover": {"mode": "Latest"}}},
-                              headers=MERGE) as resp:
+    async with api_http.patch(f"{RVS}/vol", json={"spec": {"failover": {"mode": "Latest"}}}, headers=MERGE) as resp:
         assert resp.status == 200
     obj = await eventually(lambda: (o := current()) and "message" in o.get("status", {}) and o)
     assert obj["status"]["message"] == "failover mode is now Latest"

@@ -28,11 +28,8 @@ spec:
 """
 
 
-async def test_apply_get_describe_delete_a_replicated_volume(
-    kubectl: KubectlRunner, api_cluster: LocalCluster
-) -> None:
-    code, out, err = await kubectl("apply", "-f", "-",
-                                   stdin=MANIFEST.format(size="64Mi", mode="Latest"))
+async def test_apply_get_describe_delete_a_replicated_volume(kubectl: KubectlRunner, api_cluster: LocalCluster) -> None:
+    code, out, err = await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Latest"))
     assert (code, out.strip()) == (0, "replicatedvolume.pairvol.io/vol1 created"), err
 
     code, out, err = await kubectl("get", "rv")
@@ -50,11 +47,11 @@ async def test_apply_get_describe_delete_a_replicated_volume(
     assert obj["spec"]["checkpoint"]["intervalSeconds"] == 10  # defaulted by the server
 
     # Re-apply with a changed mode: a client-side apply is a merge patch for CRs.
-    code, out, err = await kubectl("apply", "-f", "-",
-                                   stdin=MANIFEST.format(size="64Mi", mode="Checkpoint"))
+    code, out, err = await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Checkpoint"))
     assert (code, out.strip()) == (0, "replicatedvolume.pairvol.io/vol1 configured"), err
-    code, out, err = await kubectl("apply", "--server-side", "-f", "-",
-                                   stdin=MANIFEST.format(size="64Mi", mode="Checkpoint"))
+    code, out, err = await kubectl(
+        "apply", "--server-side", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Checkpoint")
+    )
     assert code == 0 and "serverside-applied" in out, err
 
     # The operator's status shows in the printer columns and in describe, with events.
@@ -77,49 +74,56 @@ async def _set_status_and_event(cluster: LocalCluster) -> None:
     obj = cluster.api.get_object(rtype, "default", "vol1")
     obj["status"] = {"phase": "Replicating", "primary": {"node": "node-1"}}
     cluster.api.update_object(rtype, "default", "vol1", obj, "status", require_rv=False)
-    cluster.api.create_object("", "v1", "events", {
-        "metadata": {"generateName": "vol1-"},
-        "involvedObject": {"apiVersion": "pairvol.io/v1alpha1", "kind": "ReplicatedVolume",
-                           "name": "vol1", "namespace": "default",
-                           "uid": obj["metadata"]["uid"]},
-        "reason": "Promoted", "message": "node-1 is primary", "type": "Normal",
-        "count": 1, "firstTimestamp": obj["metadata"]["creationTimestamp"],
-        "lastTimestamp": obj["metadata"]["creationTimestamp"],
-        "source": {"component": "pairvol-operator"},
-    }, "default")
+    cluster.api.create_object(
+        "",
+        "v1",
+        "events",
+        {
+            "metadata": {"generateName": "vol1-"},
+            "involvedObject": {
+                "apiVersion": "pairvol.io/v1alpha1",
+                "kind": "ReplicatedVolume",
+                "name": "vol1",
+                "namespace": "default",
+                "uid": obj["metadata"]["uid"],
+            },
+            "reason": "Promoted",
+            "message": "node-1 is primary",
+            "type": "Normal",
+            "count": 1,
+            "firstTimestamp": obj["metadata"]["creationTimestamp"],
+            "lastTimestamp": obj["metadata"]["creationTimestamp"],
+            "source": {"component": "pairvol-operator"},
+        },
+        "default",
+    )
 
 
 async def test_kubectl_reports_schema_errors_and_unknown_fields(kubectl: KubectlRunner) -> None:
-    code, _, err = await kubectl("apply", "-f", "-",
-                                 stdin=MANIFEST.format(size="64Mi", mode="Sometimes"))
+    code, _, err = await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Sometimes"))
     assert code == 1
     assert 'spec.failover.mode: Unsupported value: "Sometimes"' in err
 
-    code, _, err = await kubectl("apply", "-f", "-",
-                                 stdin=MANIFEST.format(size="12X", mode="Latest"))
+    code, _, err = await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="12X", mode="Latest"))
     assert code == 1 and "spec.size in body should match" in err
 
-    code, _, err = await kubectl("apply", "-f", "-",
-                                 stdin=MANIFEST.format(size="64Mi", mode="Latest")
-                                 + "  bogus: true\n")
+    code, _, err = await kubectl(
+        "apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Latest") + "  bogus: true\n"
+    )
     assert code == 1 and 'strict decoding error: unknown field "spec.bogus"' in err
 
-    assert (await kubectl("apply", "-f", "-",
-                          stdin=MANIFEST.format(size="64Mi", mode="Latest")))[0] == 0
-    code, _, err = await kubectl("patch", "rv", "vol1", "--type=merge",
-                                 "-p", '{"spec":{"size":"1Gi"}}')
+    assert (await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Latest")))[0] == 0
+    code, _, err = await kubectl("patch", "rv", "vol1", "--type=merge", "-p", '{"spec":{"size":"1Gi"}}')
     assert code == 1 and "spec.size is immutable" in err
 
 
-async def test_kubectl_get_watch_sees_changes(
-    kubectl: KubectlRunner, api_cluster: LocalCluster
-) -> None:
+async def test_kubectl_get_watch_sees_changes(kubectl: KubectlRunner, api_cluster: LocalCluster) -> None:
     await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Latest"))
-    watcher = asyncio.create_task(
-        kubectl("get", "rv", "-w", "--request-timeout=3s", within=20))
+    watcher = asyncio.create_task(kubectl("get", "rv", "-w", "--request-timeout=3s", within=20))
     await asyncio.sleep(1.0)
-    code, _, err = await kubectl("patch", "rv", "vol1", "--subresource=status", "--type=merge",
-                                 "-p", '{"status":{"phase":"Syncing"}}')
+    code, _, err = await kubectl(
+        "patch", "rv", "vol1", "--subresource=status", "--type=merge", "-p", '{"status":{"phase":"Syncing"}}'
+    )
     assert code == 0, err
     _, out, _ = await watcher
     lines = [line.split() for line in out.splitlines()]
@@ -131,20 +135,21 @@ async def test_kubectl_works_with_builtin_kinds(kubectl: KubectlRunner) -> None:
     code, out, err = await kubectl("get", "nodes")
     assert code == 0, err
     assert [line.split()[:2] for line in out.splitlines()[1:]] == [
-        ["node-1", "True"], ["node-2", "True"], ["node-3", "True"]]
+        ["node-1", "True"],
+        ["node-2", "True"],
+        ["node-3", "True"],
+    ]
     # Imperative `kubectl create secret` sends protobuf, which the emulator refuses (415)
     # with a clear message; manifests go as JSON.
-    code, out, err = await kubectl("create", "secret", "generic", "psk",
-                                   "--from-literal=key=abc")
+    code, out, err = await kubectl("create", "secret", "generic", "psk", "--from-literal=key=abc")
     assert code == 1 and "accepted media types include: application/json" in err
     code, out, err = await kubectl(
-        "apply", "-f", "-",
-        stdin="apiVersion: v1\nkind: Secret\nmetadata: {name: psk}\nstringData: {key: abc}\n")
+        "apply", "-f", "-", stdin="apiVersion: v1\nkind: Secret\nmetadata: {name: psk}\nstringData: {key: abc}\n"
+    )
     assert code == 0, err
     code, out, err = await kubectl("label", "secret", "psk", "pairvol.io/volume=vol1")
     assert code == 0, err
-    code, out, err = await kubectl("get", "secrets", "-l", "pairvol.io/volume=vol1",
-                                   "-o", "name")
+    code, out, err = await kubectl("get", "secrets", "-l", "pairvol.io/volume=vol1", "-o", "name")
     assert out.strip() == "secret/psk"
     code, out, err = await kubectl("get", "secret", "psk", "-o", "jsonpath={.data.key}")
     assert out == "YWJj"  # stringData is stored base64-encoded in data

@@ -25,23 +25,29 @@ from pairvol.localcluster.apiserver_schema import apply_defaults, process, prune
 # ------------------------------------------------------------------------------ CEL
 
 
-@pytest.mark.parametrize(("rule", "value", "old", "expected"), [
-    ("self == oldSelf", "64Mi", "64Mi", True),
-    ("self == oldSelf", "1Gi", "64Mi", False),
-    ("!self.contains('/../') && !self.endsWith('/..')", "/var/lib/x", ABSENT, True),
-    ("!self.contains('/../') && !self.endsWith('/..')", "/var/../etc", ABSENT, False),
-    ("self.min <= self.max", {"min": 1, "max": 2}, ABSENT, True),
-    ("has(self.a) ? self.a > 0 : true", {}, ABSENT, True),
-    ("has(self.a) ? self.a > 0 : true", {"a": 0}, ABSENT, False),
-    ("size(self.nodes) <= 2 && self.nodes.all(n, n.startsWith('node-'))",
-     {"nodes": ["node-1", "node-2"]}, ABSENT, True),
-    ("self.nodes.exists(n, n == 'x')", {"nodes": ["a"]}, ABSENT, False),
-    ("self.nodes.exists_one(n, n in ['a', 'b'])", {"nodes": ["a", "c"]}, ABSENT, True),
-    ("self.name.matches('^[a-z]+$') || self.n % 2 == 1", {"name": "A", "n": 3}, ABSENT, True),
-    ("int(self.s) + 1 == 3 && string(self.b) == 'true'", {"s": "2", "b": True}, ABSENT, True),
-])
-def test_cel_rules_evaluate_like_kubernetes(rule: str, value: Any, old: Any,
-                                            expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("rule", "value", "old", "expected"),
+    [
+        ("self == oldSelf", "64Mi", "64Mi", True),
+        ("self == oldSelf", "1Gi", "64Mi", False),
+        ("!self.contains('/../') && !self.endsWith('/..')", "/var/lib/x", ABSENT, True),
+        ("!self.contains('/../') && !self.endsWith('/..')", "/var/../etc", ABSENT, False),
+        ("self.min <= self.max", {"min": 1, "max": 2}, ABSENT, True),
+        ("has(self.a) ? self.a > 0 : true", {}, ABSENT, True),
+        ("has(self.a) ? self.a > 0 : true", {"a": 0}, ABSENT, False),
+        (
+            "size(self.nodes) <= 2 && self.nodes.all(n, n.startsWith('node-'))",
+            {"nodes": ["node-1", "node-2"]},
+            ABSENT,
+            True,
+        ),
+        ("self.nodes.exists(n, n == 'x')", {"nodes": ["a"]}, ABSENT, False),
+        ("self.nodes.exists_one(n, n in ['a', 'b'])", {"nodes": ["a", "c"]}, ABSENT, True),
+        ("self.name.matches('^[a-z]+$') || self.n % 2 == 1", {"name": "A", "n": 3}, ABSENT, True),
+        ("int(self.s) + 1 == 3 && string(self.b) == 'true'", {"s": "2", "b": True}, ABSENT, True),
+    ],
+)
+def test_cel_rules_evaluate_like_kubernetes(rule: str, value: Any, old: Any, expected: bool) -> None:
     assert compile_rule(rule).evaluate(value, old) is expected
 
 
@@ -50,12 +56,15 @@ def test_transition_rules_are_recognised() -> None:
     assert not compile_rule("self > 0").transition
 
 
-@pytest.mark.parametrize(("rule", "message"), [
-    ("self.quantity('1')", "method quantity() is not supported"),
-    ("isSorted(self)", "function isSorted() is not supported"),
-    ("self ==", "unexpected 'end of rule'"),
-    ("self @ 1", "unexpected character '@'"),
-])
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("self.quantity('1')", "method quantity() is not supported"),
+        ("isSorted(self)", "function isSorted() is not supported"),
+        ("self ==", "unexpected 'end of rule'"),
+        ("self @ 1", "unexpected character '@'"),
+    ],
+)
 def test_unsupported_cel_fails_at_compile_time(rule: str, message: str) -> None:
     with pytest.raises(CELError, match=message.replace("(", r"\(").replace(")", r"\)")):
         compile_rule(rule)
@@ -75,17 +84,17 @@ SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["size"],
             "properties": {
-                "size": {"x-kubernetes-int-or-string": True, "pattern": "^[0-9]+(Mi|Gi)?$",
-                         "minimum": 1},
+                "size": {"x-kubernetes-int-or-string": True, "pattern": "^[0-9]+(Mi|Gi)?$", "minimum": 1},
                 "mode": {"type": "string", "enum": ["A", "B"], "default": "A"},
-                "opts": {"type": "object", "default": {},
-                         "properties": {"n": {"type": "integer", "default": 10,
-                                              "maximum": 20}}},
+                "opts": {
+                    "type": "object",
+                    "default": {},
+                    "properties": {"n": {"type": "integer", "default": 10, "maximum": 20}},
+                },
                 "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
                 "labels": {"type": "object", "additionalProperties": {"type": "string"}},
                 "when": {"type": "string", "format": "date-time"},
-                "list": {"type": "array", "x-kubernetes-list-type": "set",
-                         "items": {"type": "string"}},
+                "list": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
             },
         },
     },
@@ -101,34 +110,35 @@ def messages(value: dict[str, Any], old: dict[str, Any] | None = None) -> list[s
 
 
 def test_pruning_keeps_declared_preserved_and_map_fields_only() -> None:
-    value = obj(size=1, junk=1, free={"any": {"thing": 1}}, labels={"a": "b"},
-                opts={"n": 1, "x": 2})
+    value = obj(size=1, junk=1, free={"any": {"thing": 1}}, labels={"a": "b"}, opts={"n": 1, "x": 2})
     value["status"] = {"x": 1}
     pruned = prune(value, SCHEMA, root=True)
-    assert pruned["spec"] == {"size": 1, "free": {"any": {"thing": 1}}, "labels": {"a": "b"},
-                              "opts": {"n": 1}}
+    assert pruned["spec"] == {"size": 1, "free": {"any": {"thing": 1}}, "labels": {"a": "b"}, "opts": {"n": 1}}
     assert "status" not in pruned and pruned["metadata"] == {"name": "n"}
     assert unknown_fields(value, SCHEMA, root=True) == ["spec.junk", "spec.opts.x", "status"]
 
 
 def test_defaults_fill_nested_objects() -> None:
-    assert apply_defaults(obj(size=1), SCHEMA)["spec"] == {"size": 1, "mode": "A",
-                                                           "opts": {"n": 10}}
+    assert apply_defaults(obj(size=1), SCHEMA)["spec"] == {"size": 1, "mode": "A", "opts": {"n": 10}}
 
 
 def test_validation_messages_name_the_field_and_the_rule() -> None:
     assert messages(obj(size="1Ki")) == [
-        "spec.size: Invalid value: \"1Ki\": spec.size in body should match '^[0-9]+(Mi|Gi)?$'"]
+        "spec.size: Invalid value: \"1Ki\": spec.size in body should match '^[0-9]+(Mi|Gi)?$'"
+    ]
     assert messages(obj(size=0)) == [
-        "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1"]
+        "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1"
+    ]
     assert messages(obj(size=True)) == [
-        "spec.size: Invalid value: true: spec.size in body must be of type integer or string"]
-    assert messages(obj(size=1, mode="C")) == [
-        'spec.mode: Unsupported value: "C": supported values: "A", "B"']
+        "spec.size: Invalid value: true: spec.size in body must be of type integer or string"
+    ]
+    assert messages(obj(size=1, mode="C")) == ['spec.mode: Unsupported value: "C": supported values: "A", "B"']
     assert messages(obj(size=1, opts={"n": 21})) == [
-        "spec.opts.n: Invalid value: 21: spec.opts.n in body should be less than or equal to 20"]
+        "spec.opts.n: Invalid value: 21: spec.opts.n in body should be less than or equal to 20"
+    ]
     assert messages(obj(size=1, when="yesterday")) == [
-        'spec.when: Invalid value: "yesterday": spec.when in body must be of type date-time']
+        'spec.when: Invalid value: "yesterday": spec.when in body must be of type date-time'
+    ]
     assert messages(obj(size=1, list=["a", "a"])) == ['spec.list[1]: Duplicate value: "a"']
     assert messages(obj()) == ["spec.size: Required value"]
     assert messages(obj(size=1, when="2024-01-01T00:00:00Z", list=["a"])) == []
@@ -141,15 +151,18 @@ def labelled(**labels: str) -> dict[str, Any]:
     return {"metadata": {"name": "p", "labels": labels}, "spec": {"nodeName": "node-1"}}
 
 
-@pytest.mark.parametrize(("selector", "labels", "expected"), [
-    ("a=1", {"a": "1"}, True),
-    ("a==1", {"a": "2"}, False),
-    ("a!=1", {}, True),
-    ("a in (1, 2),b", {"a": "2", "b": ""}, True),
-    ("a notin (1,2)", {"a": "1"}, False),
-    ("!a", {"b": "1"}, True),
-    ("", {"a": "1"}, True),
-])
+@pytest.mark.parametrize(
+    ("selector", "labels", "expected"),
+    [
+        ("a=1", {"a": "1"}, True),
+        ("a==1", {"a": "2"}, False),
+        ("a!=1", {}, True),
+        ("a in (1, 2),b", {"a": "2", "b": ""}, True),
+        ("a notin (1,2)", {"a": "1"}, False),
+        ("!a", {"b": "1"}, True),
+        ("", {"a": "1"}, True),
+    ],
+)
 def test_label_selectors(selector: str, labels: dict[str, str], expected: bool) -> None:
     assert selector_matches(labelled(**labels), parse_label_selector(selector), []) is expected
 
@@ -166,8 +179,7 @@ def test_field_selectors_compare_dotted_paths() -> None:
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=3), children, max_size=3),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3),
     max_leaves=10,
 )
 DOCS = st.dictionaries(st.text(max_size=3), JSON, max_size=4)
@@ -180,20 +192,22 @@ def test_merge_patch_is_idempotent(target: dict[str, Any], patch: dict[str, Any]
 
 
 def test_merge_patch_deletes_with_null() -> None:
-    assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None}, "d": [1]}) == {
-        "a": {"c": 2}, "d": [1]}
+    assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None}, "d": [1]}) == {"a": {"c": 2}, "d": [1]}
 
 
 def test_json_patch_operations_and_failures() -> None:
     doc = {"metadata": {"finalizers": ["a", "b"]}, "spec": {"x": 1}}
-    assert json_patch(doc, [
-        {"op": "test", "path": "/spec/x", "value": 1},
-        {"op": "remove", "path": "/metadata/finalizers/0"},
-        {"op": "add", "path": "/metadata/finalizers/-", "value": "c"},
-        {"op": "replace", "path": "/spec/x", "value": 2},
-        {"op": "copy", "from": "/spec/x", "path": "/spec/y"},
-        {"op": "move", "from": "/spec/y", "path": "/spec/z"},
-    ]) == {"metadata": {"finalizers": ["b", "c"]}, "spec": {"x": 2, "z": 2}}
+    assert json_patch(
+        doc,
+        [
+            {"op": "test", "path": "/spec/x", "value": 1},
+            {"op": "remove", "path": "/metadata/finalizers/0"},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": "c"},
+            {"op": "replace", "path": "/spec/x", "value": 2},
+            {"op": "copy", "from": "/spec/x", "path": "/spec/y"},
+            {"op": "move", "from": "/spec/y", "path": "/spec/z"},
+        ],
+    ) == {"metadata": {"finalizers": ["b", "c"]}, "spec": {"x": 2, "z": 2}}
     assert doc["spec"] == {"x": 1}, "the input is not modified"
     with pytest.raises(RequestError, match="test failed"):
         json_patch(doc, [{"op": "test", "path": "/spec/x", "value": 2}])
@@ -202,36 +216,45 @@ def test_json_patch_operations_and_failures() -> None:
 
 
 def test_strategic_merge_patch_merges_containers_by_name() -> None:
-    pod = {"spec": {"containers": [{"name": "a", "image": "1", "args": ["x"]},
-                                   {"name": "b", "image": "1"}],
-                    "tolerations": [{"key": "t"}]},
-           "metadata": {"finalizers": ["f1"]}}
-    patch = {"spec": {"$setElementOrder/containers": [{"name": "a"}, {"name": "b"}],
-                      "containers": [{"name": "a", "image": "2"},
-                                     {"name": "b", "$patch": "delete"}],
-                      "tolerations": [{"key": "u"}]},
-             "metadata": {"finalizers": ["f2"]}}
+    pod = {
+        "spec": {
+            "containers": [{"name": "a", "image": "1", "args": ["x"]}, {"name": "b", "image": "1"}],
+            "tolerations": [{"key": "t"}],
+        },
+        "metadata": {"finalizers": ["f1"]},
+    }
+    patch = {
+        "spec": {
+            "$setElementOrder/containers": [{"name": "a"}, {"name": "b"}],
+            "containers": [{"name": "a", "image": "2"}, {"name": "b", "$patch": "delete"}],
+            "tolerations": [{"key": "u"}],
+        },
+        "metadata": {"finalizers": ["f2"]},
+    }
     assert strategic_merge_patch(pod, patch) == {
-        "spec": {"containers": [{"name": "a", "image": "2", "args": ["x"]}],
-                 "tolerations": [{"key": "u"}]},
+        "spec": {"containers": [{"name": "a", "image": "2", "args": ["x"]}], "tolerations": [{"key": "u"}]},
         "metadata": {"finalizers": ["f1", "f2"]},
     }
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("/api/v1/namespaces", ("", "v1", "namespaces", None, None, None)),
-    ("/api/v1/namespaces/default", ("", "v1", "namespaces", None, "default", None)),
-    ("/api/v1/namespaces/default/pods/p/status", ("", "v1", "pods", "default", "p", "status")),
-    ("/apis/pairvol.io/v1alpha1/namespaces/ns/replicatedvolumes",
-     ("pairvol.io", "v1alpha1", "replicatedvolumes", "ns", None, None)),
-    ("/api/v1/nodes/node-1/status", ("", "v1", "nodes", None, "node-1", "status")),
-    ("/apis/kopf.dev/v1", ("kopf.dev", "v1", None, None, None, None)),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/v1/namespaces", ("", "v1", "namespaces", None, None, None)),
+        ("/api/v1/namespaces/default", ("", "v1", "namespaces", None, "default", None)),
+        ("/api/v1/namespaces/default/pods/p/status", ("", "v1", "pods", "default", "p", "status")),
+        (
+            "/apis/pairvol.io/v1alpha1/namespaces/ns/replicatedvolumes",
+            ("pairvol.io", "v1alpha1", "replicatedvolumes", "ns", None, None),
+        ),
+        ("/api/v1/nodes/node-1/status", ("", "v1", "nodes", None, "node-1", "status")),
+        ("/apis/kopf.dev/v1", ("kopf.dev", "v1", None, None, None, None)),
+    ],
+)
 def test_resource_paths(path: str, expected: tuple[str | None, ...]) -> None:
     parsed = parse_resource_path(path)
     assert parsed is not None
-    assert (parsed.group, parsed.version, parsed.plural, parsed.namespace, parsed.name,
-            parsed.subresource) == expected
+    assert (parsed.group, parsed.version, parsed.plural, parsed.namespace, parsed.name, parsed.subresource) == expected
 
 
 def test_non_resource_paths_are_not_parsed() -> None:
@@ -240,9 +263,12 @@ def test_non_resource_paths_are_not_parsed() -> None:
 
 
 def test_printer_column_jsonpath() -> None:
-    node = {"status": {"conditions": [{"type": "MemoryPressure", "status": "False"},
-                                      {"type": "Ready", "status": "True"}],
-                       "addresses": [{"address": "10.0.0.1"}]}}
+    node = {
+        "status": {
+            "conditions": [{"type": "MemoryPressure", "status": "False"}, {"type": "Ready", "status": "True"}],
+            "addresses": [{"address": "10.0.0.1"}],
+        }
+    }
     assert jsonpath_value(node, '.status.conditions[?(@.type=="Ready")].status') == "True"
     assert jsonpath_value(node, ".status.addresses[0].address") == "10.0.0.1"
     assert jsonpath_value(node, ".status.addresses[3].address") is None

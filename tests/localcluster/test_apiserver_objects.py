@@ -29,8 +29,9 @@ def rv(name: str = "vol", **spec: Any) -> dict[str, Any]:
     }
 
 
-async def send(http: aiohttp.ClientSession, method: str, url: str, body: Any = None,
-               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+async def send(
+    http: aiohttp.ClientSession, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     async with http.request(method, url, json=body, headers=headers) as resp:
         return resp.status, await resp.json()
 
@@ -46,8 +47,7 @@ async def test_create_sets_server_fields_applies_defaults_and_drops_status(
     assert meta["uid"] and meta["creationTimestamp"].endswith("Z")
     assert meta["generation"] == 1 and int(meta["resourceVersion"]) > 0
     assert obj["spec"]["checkpoint"] == {"intervalSeconds": 10}
-    assert obj["spec"]["failover"] == {"mode": "Latest", "automatic": True,
-                                       "gracePeriodSeconds": 3}
+    assert obj["spec"]["failover"] == {"mode": "Latest", "automatic": True, "gracePeriodSeconds": 3}
     assert obj["spec"]["storage"] == {"hostPath": "/var/lib/pairvol"}
     assert "status" not in obj, "status is ignored on create when it is a subresource"
 
@@ -70,19 +70,22 @@ async def test_schema_violations_are_422_with_clear_messages(
 ) -> None:
     code, status = await send(api_http, "POST", RVS, rv(size="lots"))
     assert code == 422 and status["reason"] == "Invalid"
-    assert 'ReplicatedVolume.pairvol.io "vol" is invalid: spec.size: Invalid value: "lots": ' \
+    assert (
+        'ReplicatedVolume.pairvol.io "vol" is invalid: spec.size: Invalid value: "lots": '
         "spec.size in body should match" in status["message"]
+    )
     assert status["details"]["causes"][0]["field"] == "spec.size"
 
     code, status = await send(api_http, "POST", RVS, rv(failover={"mode": "Sometimes"}))
     assert code == 422
-    assert 'spec.failover.mode: Unsupported value: "Sometimes": supported values: ' \
+    assert (
+        'spec.failover.mode: Unsupported value: "Sometimes": supported values: '
         '"Checkpoint", "Latest"' in status["message"]
+    )
 
     code, status = await send(api_http, "POST", RVS, rv(replication={"peerTimeoutSeconds": 0}))
     assert code == 422
-    assert "spec.replication.peerTimeoutSeconds in body should be greater than or equal to 1" \
-        in status["message"]
+    assert "spec.replication.peerTimeoutSeconds in body should be greater than or equal to 1" in status["message"]
 
     no_size = rv()
     del no_size["spec"]["size"]
@@ -110,35 +113,33 @@ async def test_status_subresource_isolation_and_generation(
     rv0 = int(created["metadata"]["resourceVersion"])
 
     # A status write through /status changes status only, and not the generation.
-    code, obj = await send(api_http, "PATCH", f"{RVS}/vol/status",
-                           {"status": {"phase": "Syncing"}, "spec": {"nodes": ["x"]}}, MERGE)
+    code, obj = await send(
+        api_http, "PATCH", f"{RVS}/vol/status", {"status": {"phase": "Syncing"}, "spec": {"nodes": ["x"]}}, MERGE
+    )
     assert code == 200
     assert obj["status"] == {"phase": "Syncing"}
     assert "nodes" not in obj["spec"] and obj["metadata"]["generation"] == 1
     assert int(obj["metadata"]["resourceVersion"]) > rv0
 
     # A write to the main resource keeps status, and a spec change bumps the generation.
-    code, obj = await send(api_http, "PATCH", f"{RVS}/vol",
-                           {"status": {"phase": "Failed"}, "spec": {"nodes": ["node-1"]}}, MERGE)
+    code, obj = await send(
+        api_http, "PATCH", f"{RVS}/vol", {"status": {"phase": "Failed"}, "spec": {"nodes": ["node-1"]}}, MERGE
+    )
     assert code == 200
     assert obj["status"] == {"phase": "Syncing"} and obj["spec"]["nodes"] == ["node-1"]
     assert obj["metadata"]["generation"] == 2
 
     # Metadata-only changes do not bump the generation.
-    code, obj = await send(api_http, "PATCH", f"{RVS}/vol",
-                           {"metadata": {"labels": {"a": "b"}}}, MERGE)
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol", {"metadata": {"labels": {"a": "b"}}}, MERGE)
     assert code == 200 and obj["metadata"]["generation"] == 2
 
     # Status fields the CRD does not declare are pruned, declared ones are validated.
-    code, obj = await send(api_http, "PATCH", f"{RVS}/vol/status",
-                           {"status": {"junk": 1, "epoch": 3}}, MERGE)
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol/status", {"status": {"junk": 1, "epoch": 3}}, MERGE)
     assert code == 200 and "junk" not in obj["status"] and obj["status"]["epoch"] == 3
-    code, status = await send(api_http, "PATCH", f"{RVS}/vol/status",
-                              {"status": {"phase": "Sleeping"}}, MERGE)
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol/status", {"status": {"phase": "Sleeping"}}, MERGE)
     assert code == 422 and "status.phase: Unsupported value" in status["message"]
     ready = {"type": "Ready", "status": "True"}
-    code, status = await send(api_http, "PATCH", f"{RVS}/vol/status",
-                              {"status": {"conditions": [ready, ready]}}, MERGE)
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol/status", {"status": {"conditions": [ready, ready]}}, MERGE)
     assert code == 422
     assert 'status.conditions[1]: Duplicate value: {"type": "Ready"}' in status["message"]
 
@@ -171,8 +172,7 @@ async def test_stale_resource_versions_conflict(api_http: aiohttp.ClientSession)
     code, status = await send(api_http, "PUT", f"{RVS}/vol", obj)
     assert code == 422 and "metadata.resourceVersion" in status["message"]
 
-    code, status = await send(api_http, "DELETE", f"{RVS}/vol",
-                              {"preconditions": {"resourceVersion": stale}})
+    code, status = await send(api_http, "DELETE", f"{RVS}/vol", {"preconditions": {"resourceVersion": stale}})
     assert code == 409
 
 
@@ -186,12 +186,14 @@ async def test_finalizers_delay_deletion_until_removed(api_http: aiohttp.ClientS
     code, obj = await send(api_http, "GET", f"{RVS}/vol")
     assert code == 200 and obj["metadata"]["finalizers"] == ["pairvol.io/cleanup"]
 
-    code, status = await send(api_http, "PATCH", f"{RVS}/vol",
-                              {"metadata": {"finalizers": ["pairvol.io/cleanup", "x/y"]}}, MERGE)
+    code, status = await send(
+        api_http, "PATCH", f"{RVS}/vol", {"metadata": {"finalizers": ["pairvol.io/cleanup", "x/y"]}}, MERGE
+    )
     assert code == 422 and "no new finalizers can be added" in status["message"]
 
-    code, _ = await send(api_http, "PATCH", f"{RVS}/vol", [
-        {"op": "remove", "path": "/metadata/finalizers/0"}], JSONPATCH)
+    code, _ = await send(
+        api_http, "PATCH", f"{RVS}/vol", [{"op": "remove", "path": "/metadata/finalizers/0"}], JSONPATCH
+    )
     assert code == 200
     code, status = await send(api_http, "GET", f"{RVS}/vol")
     assert code == 404 and status["message"] == 'replicatedvolumes.pairvol.io "vol" not found'
@@ -199,18 +201,17 @@ async def test_finalizers_delay_deletion_until_removed(api_http: aiohttp.ClientS
 
 async def test_errors_are_status_objects(api_http: aiohttp.ClientSession) -> None:
     code, status = await send(api_http, "GET", f"{RVS}/missing")
-    assert (code, status["kind"], status["reason"], status["code"]) == (
-        404, "Status", "NotFound", 404)
+    assert (code, status["kind"], status["reason"], status["code"]) == (404, "Status", "NotFound", 404)
     await send(api_http, "POST", RVS, rv())
     code, status = await send(api_http, "POST", RVS, rv())
     assert code == 409 and status["reason"] == "AlreadyExists"
-    code, status = await send(api_http, "POST",
-                              "/apis/pairvol.io/v1alpha1/namespaces/nope/replicatedvolumes", rv())
+    code, status = await send(api_http, "POST", "/apis/pairvol.io/v1alpha1/namespaces/nope/replicatedvolumes", rv())
     assert code == 404 and status["message"] == 'namespaces "nope" not found'
     code, status = await send(api_http, "POST", RVS, rv("Bad_Name"))
     assert code == 422 and "metadata.name" in status["message"]
-    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {}},
-                              {"Content-Type": "application/strategic-merge-patch+json"})
+    code, status = await send(
+        api_http, "PATCH", f"{RVS}/vol", {"spec": {}}, {"Content-Type": "application/strategic-merge-patch+json"}
+    )
     assert code == 415 and "merge-patch+json" in status["message"]
     code, status = await send(api_http, "GET", "/apis/pairvol.io/v1alpha1/nothings")
     assert code == 404 and "nothings" in status["message"]
@@ -218,7 +219,8 @@ async def test_errors_are_status_objects(api_http: aiohttp.ClientSession) -> Non
 
 def pod(name: str, node: str, **labels: str) -> dict[str, Any]:
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "agent"}]},
     }
@@ -250,19 +252,18 @@ async def test_pods_start_pending_and_node_status_is_a_subresource(
 ) -> None:
     code, obj = await send(api_http, "POST", PODS, pod("a", "node-1"))
     assert obj["status"]["phase"] == "Pending"
-    code, obj = await send(api_http, "PATCH", f"{PODS}/a/status",
-                           {"status": {"phase": "Running", "podIP": "10.0.0.5"}}, MERGE)
+    code, obj = await send(
+        api_http, "PATCH", f"{PODS}/a/status", {"status": {"phase": "Running", "podIP": "10.0.0.5"}}, MERGE
+    )
     assert code == 200 and obj["status"]["phase"] == "Running"
     code, node = await send(api_http, "GET", "/api/v1/nodes/node-1")
     assert code == 200
-    assert node["status"]["conditions"][0] == {**node["status"]["conditions"][0],
-                                               "type": "Ready", "status": "True"}
+    assert node["status"]["conditions"][0] == {**node["status"]["conditions"][0], "type": "Ready", "status": "True"}
 
 
 async def test_deleting_a_namespace_deletes_its_content(api_http: aiohttp.ClientSession) -> None:
     await send(api_http, "POST", "/api/v1/namespaces", {"metadata": {"name": "tmp"}})
-    await send(api_http, "POST", "/api/v1/namespaces/tmp/secrets",
-               {"metadata": {"name": "s"}, "data": {"k": "dg=="}})
+    await send(api_http, "POST", "/api/v1/namespaces/tmp/secrets", {"metadata": {"name": "s"}, "data": {"k": "dg=="}})
     code, _ = await send(api_http, "DELETE", "/api/v1/namespaces/tmp")
     assert code == 200
     assert (await send(api_http, "GET", "/api/v1/namespaces/tmp/secrets/s"))[0] == 404
@@ -272,8 +273,7 @@ async def test_deleting_a_namespace_deletes_its_content(api_http: aiohttp.Client
 async def test_discovery_serves_our_crd_and_kopf_peering(api_http: aiohttp.ClientSession) -> None:
     _, groups = await send(api_http, "GET", "/apis")
     names = {g["name"] for g in groups["groups"]}
-    assert {"pairvol.io", "kopf.dev", "coordination.k8s.io", "apiextensions.k8s.io",
-            "events.k8s.io"} <= names
+    assert {"pairvol.io", "kopf.dev", "coordination.k8s.io", "apiextensions.k8s.io", "events.k8s.io"} <= names
     _, res = await send(api_http, "GET", "/apis/pairvol.io/v1alpha1")
     entries = {r["name"]: r for r in res["resources"]}
     assert entries["replicatedvolumes"]["kind"] == "ReplicatedVolume"
@@ -288,19 +288,37 @@ async def test_crds_can_be_registered_and_removed_at_runtime(
     api_http: aiohttp.ClientSession,
 ) -> None:
     crd: dict[str, Any] = {
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
         "metadata": {"name": "widgets.example.com"},
-        "spec": {"group": "example.com", "scope": "Cluster",
-                 "names": {"plural": "widgets", "kind": "Widget"},
-                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
-                     "openAPIV3Schema": {"type": "object", "properties": {"spec": {
-                         "type": "object", "x-kubernetes-validations": [
-                             {"rule": "self.min <= self.max", "message": "min must be <= max"}],
-                         "properties": {"min": {"type": "integer"},
-                                        "max": {"type": "integer"}}}}}}}]},
+        "spec": {
+            "group": "example.com",
+            "scope": "Cluster",
+            "names": {"plural": "widgets", "kind": "Widget"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "x-kubernetes-validations": [
+                                        {"rule": "self.min <= self.max", "message": "min must be <= max"}
+                                    ],
+                                    "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}},
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
+        },
     }
-    code, obj = await send(api_http, "POST",
-                           "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    code, obj = await send(api_http, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
     assert code == 201, obj
     assert {c["type"] for c in obj["status"]["conditions"]} == {"Established", "NamesAccepted"}
     url = "/apis/example.com/v1/widgets"
@@ -309,18 +327,23 @@ async def test_crds_can_be_registered_and_removed_at_runtime(
     assert code == 422 and "spec: Invalid value" in status["message"]
     assert "min must be <= max" in status["message"]
     assert (await send(api_http, "POST", url, {**widget, "spec": {"min": 1, "max": 3}}))[0] == 201
-    code, _ = await send(api_http, "DELETE",
-                         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
-                         "widgets.example.com")
+    code, _ = await send(
+        api_http, "DELETE", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/widgets.example.com"
+    )
     assert code == 200
     assert (await send(api_http, "GET", url))[0] == 404
 
     bad: dict[str, Any] = {**crd, "metadata": {"name": "gadgets.example.com"}}
     bad["spec"] = {**crd["spec"], "names": {"plural": "gadgets", "kind": "Gadget"}}
-    bad["spec"]["versions"] = [{**crd["spec"]["versions"][0], "schema": {"openAPIV3Schema": {
-        "type": "object", "x-kubernetes-validations": [{"rule": "self.quantity('1')"}]}}}]
-    code, status = await send(api_http, "POST",
-                              "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", bad)
+    bad["spec"]["versions"] = [
+        {
+            **crd["spec"]["versions"][0],
+            "schema": {
+                "openAPIV3Schema": {"type": "object", "x-kubernetes-validations": [{"rule": "self.quantity('1')"}]}
+            },
+        }
+    ]
+    code, status = await send(api_http, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", bad)
     assert code == 422 and "quantity() is not supported by this emulator" in status["message"]
 
 
@@ -329,20 +352,30 @@ async def test_events_are_shared_between_core_and_events_k8s_io(
 ) -> None:
     new_api = "/apis/events.k8s.io/v1/namespaces/default/events"
     core_api = "/api/v1/namespaces/default/events"
-    code, created = await send(api_http, "POST", new_api, {
-        "apiVersion": "events.k8s.io/v1", "kind": "Event",
-        "metadata": {"name": "e1"}, "eventTime": "2024-01-01T00:00:00.000000Z",
-        "regarding": {"kind": "ReplicatedVolume", "name": "vol", "namespace": "default"},
-        "note": "failed over", "reason": "FailedOver", "type": "Warning",
-        "action": "Failover", "reportingController": "pairvol.io/operator",
-        "reportingInstance": "op-1",
-    })
+    code, created = await send(
+        api_http,
+        "POST",
+        new_api,
+        {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"name": "e1"},
+            "eventTime": "2024-01-01T00:00:00.000000Z",
+            "regarding": {"kind": "ReplicatedVolume", "name": "vol", "namespace": "default"},
+            "note": "failed over",
+            "reason": "FailedOver",
+            "type": "Warning",
+            "action": "Failover",
+            "reportingController": "pairvol.io/operator",
+            "reportingInstance": "op-1",
+        },
+    )
     assert code == 201, created
     assert created["note"] == "failed over" and created["apiVersion"] == "events.k8s.io/v1"
-    code, core = await send(api_http, "GET",
-                            f"{core_api}?fieldSelector=involvedObject.name%3Dvol")
-    assert [(e["message"], e["involvedObject"]["kind"], e["source"]["component"])
-            for e in core["items"]] == [("failed over", "ReplicatedVolume", "pairvol.io/operator")]
+    code, core = await send(api_http, "GET", f"{core_api}?fieldSelector=involvedObject.name%3Dvol")
+    assert [(e["message"], e["involvedObject"]["kind"], e["source"]["component"]) for e in core["items"]] == [
+        ("failed over", "ReplicatedVolume", "pairvol.io/operator")
+    ]
     code, patched = await send(api_http, "PATCH", f"{new_api}/e1", {"note": "done"}, MERGE)
     assert code == 200 and patched["note"] == "done"
     code, core_e1 = await send(api_http, "GET", f"{core_api}/e1")
@@ -357,8 +390,7 @@ async def test_kmock_reactions_still_inject_faults_over_the_store() -> None:
     async with serve(handler=api) as (_, base), aiohttp.ClientSession(base_url=base) as http:
         code, _ = await send(http, "POST", url, {"metadata": {"name": "l"}, "spec": {}})
         assert code == 201
-        async with http.patch(f"{url}/l", json={"spec": {"holderIdentity": "x"}},
-                              headers=MERGE) as resp:
+        async with http.patch(f"{url}/l", json={"spec": {"holderIdentity": "x"}}, headers=MERGE) as resp:
             assert resp.status == 503  # the injected fault, not the store
         code, lease = await send(http, "GET", f"{url}/l")
         assert code == 200 and lease["spec"] == {}
@@ -368,8 +400,12 @@ async def test_kmock_reactions_still_inject_faults_over_the_store() -> None:
 async def test_concurrent_writers_with_one_resource_version_have_one_winner(
     api_http: aiohttp.ClientSession,
 ) -> None:
-    _, obj = await send(api_http, "POST", "/apis/coordination.k8s.io/v1/namespaces/default/"
-                        "leases", {"metadata": {"name": "l"}, "spec": {}})
+    _, obj = await send(
+        api_http,
+        "POST",
+        "/apis/coordination.k8s.io/v1/namespaces/default/leases",
+        {"metadata": {"name": "l"}, "spec": {}},
+    )
     url = "/apis/coordination.k8s.io/v1/namespaces/default/leases/l"
 
     async def claim(holder: str) -> int:

@@ -21,8 +21,10 @@ MERGE = {"Content-Type": "application/merge-patch+json"}
 
 
 def pod(name: str, **labels: str) -> dict[str, Any]:
-    return {"metadata": {"name": name, "labels": labels},
-            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]}}
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]},
+    }
 
 
 async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, str]]:
@@ -44,8 +46,7 @@ async def test_watch_without_version_lists_then_streams_changes(
     async with api_http.get(PODS, params={"watch": "true"}) as resp:
         assert resp.status == 200
         assert await read_events(resp, 1) == [("ADDED", "a")]
-        await api_http.patch(f"{PODS}/a", json={"metadata": {"labels": {"x": "1"}}},
-                             headers=MERGE)
+        await api_http.patch(f"{PODS}/a", json={"metadata": {"labels": {"x": "1"}}}, headers=MERGE)
         await api_http.delete(f"{PODS}/a")
         assert await read_events(resp, 2) == [("MODIFIED", "a"), ("DELETED", "a")]
 
@@ -69,10 +70,8 @@ async def test_watch_with_selector_sees_objects_enter_and_leave_it(
     params = {"watch": "1", "labelSelector": "role=primary"}
     async with api_http.get(PODS, params=params) as resp:
         await api_http.post(PODS, json=pod("b", role="secondary"))  # never matches
-        await api_http.patch(f"{PODS}/a", json={"metadata": {"labels": {"role": "primary"}}},
-                             headers=MERGE)
-        await api_http.patch(f"{PODS}/a", json={"metadata": {"labels": {"role": "old"}}},
-                             headers=MERGE)
+        await api_http.patch(f"{PODS}/a", json={"metadata": {"labels": {"role": "primary"}}}, headers=MERGE)
+        await api_http.patch(f"{PODS}/a", json={"metadata": {"labels": {"role": "old"}}}, headers=MERGE)
         assert await read_events(resp, 2) == [("ADDED", "a"), ("DELETED", "a")]
 
 
@@ -83,8 +82,7 @@ async def test_watch_ends_after_timeout_seconds(api_http: aiohttp.ClientSession)
 
 
 async def test_too_old_resource_version_is_410_gone() -> None:
-    async with serve(handler=APIServer(history_limit=3)) as (_, url), \
-            aiohttp.ClientSession(base_url=url) as http:
+    async with serve(handler=APIServer(history_limit=3)) as (_, url), aiohttp.ClientSession(base_url=url) as http:
         for i in range(5):
             await http.post(PODS, json=pod(f"p{i}"))
         params = {"watch": "true", "resourceVersion": "1"}
@@ -101,17 +99,25 @@ def _client_roundtrip(config: Any) -> dict[str, Any]:
     custom = kubernetes.client.CustomObjectsApi(api_client)
     coordination = kubernetes.client.CoordinationV1Api(api_client)
     try:
-        body = {"apiVersion": "pairvol.io/v1alpha1", "kind": "ReplicatedVolume",
-                "metadata": {"name": "vol"}, "spec": {"size": 1048576}}
-        custom.create_namespaced_custom_object("pairvol.io", "v1alpha1", "default",
-                                               "replicatedvolumes", body)
+        body = {
+            "apiVersion": "pairvol.io/v1alpha1",
+            "kind": "ReplicatedVolume",
+            "metadata": {"name": "vol"},
+            "spec": {"size": 1048576},
+        }
+        custom.create_namespaced_custom_object("pairvol.io", "v1alpha1", "default", "replicatedvolumes", body)
         custom.patch_namespaced_custom_object_status(
-            "pairvol.io", "v1alpha1", "default", "replicatedvolumes", "vol",
-            {"status": {"phase": "Pending", "epoch": 1}})
+            "pairvol.io",
+            "v1alpha1",
+            "default",
+            "replicatedvolumes",
+            "vol",
+            {"status": {"phase": "Pending", "epoch": 1}},
+        )
         lease = kubernetes.client.V1Lease(
             metadata=kubernetes.client.V1ObjectMeta(name="pairvol-vol"),
-            spec=kubernetes.client.V1LeaseSpec(holder_identity="node-1",
-                                               lease_duration_seconds=5))
+            spec=kubernetes.client.V1LeaseSpec(holder_identity="node-1", lease_duration_seconds=5),
+        )
         created = coordination.create_namespaced_lease("default", lease)
         stale = created.metadata.resource_version
         created.spec.holder_identity = "node-2"
@@ -126,12 +132,16 @@ def _client_roundtrip(config: Any) -> dict[str, Any]:
         watch = kubernetes.watch.Watch()
         seen = [
             (event["type"], event["object"]["metadata"]["name"])
-            for event in watch.stream(custom.list_namespaced_custom_object, "pairvol.io",
-                                      "v1alpha1", "default", "replicatedvolumes",
-                                      timeout_seconds=1)
+            for event in watch.stream(
+                custom.list_namespaced_custom_object,
+                "pairvol.io",
+                "v1alpha1",
+                "default",
+                "replicatedvolumes",
+                timeout_seconds=1,
+            )
         ]
-        got = custom.get_namespaced_custom_object("pairvol.io", "v1alpha1", "default",
-                                                  "replicatedvolumes", "vol")
+        got = custom.get_namespaced_custom_object("pairvol.io", "v1alpha1", "default", "replicatedvolumes", "vol")
         return {"conflict": conflict, "nodes": nodes, "seen": seen, "rv": got}
     finally:
         api_client.close()

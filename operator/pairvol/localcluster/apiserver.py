@@ -800,8 +800,7 @@ class APIServer(kmock.KubernetesScaffold):
         This keeps kmock's fault injection: a test can make lease renewals fail or pod
         lists hang. Fallback reactions (kmock's own discovery) never shadow the store.
         """
-        candidates = [p for p in self._payloads
-                      if not (p.priorities and p.priorities[0] == -math.inf)]
+        candidates = [p for p in self._payloads if not (p.priorities and p.priorities[0] == -math.inf)]
         candidates.sort(key=lambda p: tuple(-x for x in p.priorities), reverse=False)
         for payload in candidates:
             if payload._disabled.is_set() or request not in payload._source:
@@ -855,14 +854,14 @@ class APIServer(kmock.KubernetesScaffold):
             return f"api/{version}" if not group else f"apis/{group}/{version}"
 
         if path == "/openapi/v3":
-            return aiohttp.web.json_response(
-                {
-                    "paths": {
-                        gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{gv_path(g, v)}?hash={self._rv}"}
-                        for g, v in gvs
-                    }
-                }
-            )
+            # kubectl caches documents by this hash (~/.kube/cache): it must change with them.
+            def url(g: str, v: str) -> str:
+                doc = json.dumps(self._openapi_gv(g, v), sort_keys=True).encode()
+                digest = hashlib.sha256(doc).hexdigest()[:32].upper()
+                return f"/openapi/v3/{gv_path(g, v)}?hash={digest}"
+
+            paths = {gv_path(g, v): {"serverRelativeURL": url(g, v)} for g, v in gvs}
+            return aiohttp.web.json_response({"paths": paths})
         for group, version in gvs:
             if path == f"/openapi/v3/{gv_path(group, version)}":
                 return aiohttp.web.json_response(self._openapi_gv(group, version))
@@ -881,8 +880,10 @@ class APIServer(kmock.KubernetesScaffold):
             crd_schema = self._schemas.get(t.ident)
             if crd_schema is not None:  # lets `kubectl explain` describe our CRs
                 name = ".".join([*reversed(group.split(".")), version, t.kind])
-                schemas[name] = {**crd_schema, "x-kubernetes-group-version-kind": [
-                    {"group": group, "version": version, "kind": t.kind}]}
+                schemas[name] = {
+                    **crd_schema,
+                    "x-kubernetes-group-version-kind": [{"group": group, "version": version, "kind": t.kind}],
+                }
             prefix = "/api/v1" if not group else f"/apis/{group}/{version}"
             ns = "/namespaces/{namespace}" if t.namespaced else ""
             gvk = {"group": group, "version": version, "kind": t.kind}

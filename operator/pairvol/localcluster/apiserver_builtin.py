@@ -59,48 +59,117 @@ def _col(name: str, path: str, type_: str = "string", priority: int = 0) -> dict
 
 
 BUILTIN_TYPES: tuple[ResourceType, ...] = (
-    ResourceType("", "v1", "namespaces", "Namespace", False, "namespace", ("ns",),
-                 status_subresource=True, printer_columns=(_col("Status", ".status.phase"),)),
-    ResourceType("", "v1", "nodes", "Node", False, "node", ("no",), status_subresource=True,
-                 status_on_create="keep",
-                 printer_columns=(
-                     _col("Ready", '.status.conditions[?(@.type=="Ready")].status'),
-                     _col("Internal-IP", ".status.addresses[0].address", priority=1),
-                 )),
-    ResourceType("", "v1", "pods", "Pod", True, "pod", ("po",), ("all",),
-                 status_subresource=True,
-                 printer_columns=(
-                     _col("Status", ".status.phase"),
-                     _col("Node", ".spec.nodeName"),
-                     _col("IP", ".status.podIP", priority=1),
-                 )),
-    ResourceType("", "v1", "services", "Service", True, "service", ("svc",), ("all",),
-                 status_subresource=True,
-                 printer_columns=(
-                     _col("Type", ".spec.type"), _col("Cluster-IP", ".spec.clusterIP"),
-                 )),
-    ResourceType("", "v1", "secrets", "Secret", True, "secret",
-                 printer_columns=(_col("Type", ".type"),)),
+    ResourceType(
+        "",
+        "v1",
+        "namespaces",
+        "Namespace",
+        False,
+        "namespace",
+        ("ns",),
+        status_subresource=True,
+        printer_columns=(_col("Status", ".status.phase"),),
+    ),
+    ResourceType(
+        "",
+        "v1",
+        "nodes",
+        "Node",
+        False,
+        "node",
+        ("no",),
+        status_subresource=True,
+        status_on_create="keep",
+        printer_columns=(
+            _col("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+            _col("Internal-IP", ".status.addresses[0].address", priority=1),
+        ),
+    ),
+    ResourceType(
+        "",
+        "v1",
+        "pods",
+        "Pod",
+        True,
+        "pod",
+        ("po",),
+        ("all",),
+        status_subresource=True,
+        printer_columns=(
+            _col("Status", ".status.phase"),
+            _col("Node", ".spec.nodeName"),
+            _col("IP", ".status.podIP", priority=1),
+        ),
+    ),
+    ResourceType(
+        "",
+        "v1",
+        "services",
+        "Service",
+        True,
+        "service",
+        ("svc",),
+        ("all",),
+        status_subresource=True,
+        printer_columns=(
+            _col("Type", ".spec.type"),
+            _col("Cluster-IP", ".spec.clusterIP"),
+        ),
+    ),
+    ResourceType("", "v1", "secrets", "Secret", True, "secret", printer_columns=(_col("Type", ".type"),)),
     ResourceType("", "v1", "configmaps", "ConfigMap", True, "configmap", ("cm",)),
-    ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, "serviceaccount",
-                 ("sa",)),
-    ResourceType("", "v1", "events", "Event", True, "event", ("ev",),
-                 printer_columns=(
-                     _col("Type", ".type"), _col("Reason", ".reason"),
-                     _col("Object", ".involvedObject.name"), _col("Message", ".message"),
-                 )),
-    ResourceType("events.k8s.io", "v1", "events", "Event", True, "event", ("ev",),
-                 storage=("", "events"),
-                 printer_columns=(
-                     _col("Type", ".type"), _col("Reason", ".reason"),
-                     _col("Object", ".regarding.name"), _col("Note", ".note"),
-                 )),
-    ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True, "lease",
-                 printer_columns=(_col("Holder", ".spec.holderIdentity"),)),
-    ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions",
-                 "CustomResourceDefinition", False, "customresourcedefinition",
-                 ("crd", "crds"), status_subresource=True,
-                 printer_columns=(_col("Created At", ".metadata.creationTimestamp", "date"),)),
+    ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, "serviceaccount", ("sa",)),
+    ResourceType(
+        "",
+        "v1",
+        "events",
+        "Event",
+        True,
+        "event",
+        ("ev",),
+        printer_columns=(
+            _col("Type", ".type"),
+            _col("Reason", ".reason"),
+            _col("Object", ".involvedObject.name"),
+            _col("Message", ".message"),
+        ),
+    ),
+    ResourceType(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "Event",
+        True,
+        "event",
+        ("ev",),
+        storage=("", "events"),
+        printer_columns=(
+            _col("Type", ".type"),
+            _col("Reason", ".reason"),
+            _col("Object", ".regarding.name"),
+            _col("Note", ".note"),
+        ),
+    ),
+    ResourceType(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        "Lease",
+        True,
+        "lease",
+        printer_columns=(_col("Holder", ".spec.holderIdentity"),),
+    ),
+    ResourceType(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        False,
+        "customresourcedefinition",
+        ("crd", "crds"),
+        status_subresource=True,
+        printer_columns=(_col("Created At", ".metadata.creationTimestamp", "date"),),
+    ),
 )
 
 
@@ -113,17 +182,21 @@ def _peering_crd(kind: str, plural: str, scope: str) -> dict[str, Any]:
             "group": "kopf.dev",
             "scope": scope,
             "names": {"kind": kind, "plural": plural, "singular": plural[:-1]},
-            "versions": [{
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "properties": {
-                        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                            },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 
@@ -147,8 +220,7 @@ _EVENT_FIELDS = (
     ("source", "deprecatedSource"),
     ("reportingComponent", "reportingController"),
 )
-_EVENT_COMMON = ("metadata", "reason", "type", "action", "related", "series", "eventTime",
-                 "reportingInstance")
+_EVENT_COMMON = ("metadata", "reason", "type", "action", "related", "series", "eventTime", "reportingInstance")
 
 
 def event_from_core(event: dict[str, Any]) -> dict[str, Any]:

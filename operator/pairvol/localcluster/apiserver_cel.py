@@ -36,9 +36,18 @@ _TOKEN = re.compile(
 _BINARY_PRECEDENCE = {
     "||": 1,
     "&&": 2,
-    "==": 3, "!=": 3, "<": 3, "<=": 3, ">": 3, ">=": 3, "in": 3,
-    "+": 4, "-": 4,
-    "*": 5, "/": 5, "%": 5,
+    "==": 3,
+    "!=": 3,
+    "<": 3,
+    "<=": 3,
+    ">": 3,
+    ">=": 3,
+    "in": 3,
+    "+": 4,
+    "-": 4,
+    "*": 5,
+    "/": 5,
+    "%": 5,
 }
 _FUNCTIONS = {"has", "size", "int", "string", "double"}
 _METHODS = {"size", "startsWith", "endsWith", "contains", "matches"}

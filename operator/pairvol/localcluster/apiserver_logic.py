@@ -51,6 +51,7 @@ def bad_request(message: str) -> RequestError:
 
 # ---------------------------------------------------------------- label & field selectors
 
+
 @dataclass(frozen=True)
 class Requirement:
     key: str
@@ -117,8 +118,7 @@ def parse_field_selector(text: str) -> list[Requirement]:
         m = _EQ_REQ.match(part)
         if not m:
             raise bad_request(
-                f"invalid fieldSelector requirement {part.strip()!r}: expected field=value "
-                "or field!=value"
+                f"invalid fieldSelector requirement {part.strip()!r}: expected field=value or field!=value"
             )
         op = "!=" if m.group(2) == "!=" else "="
         reqs.append(Requirement(m.group(1), op, (m.group(3),)))
@@ -137,9 +137,7 @@ def field_value(obj: dict[str, Any], path: str) -> str:
     return "" if cur is None else str(cur)
 
 
-def selector_matches(
-    obj: dict[str, Any], labels: list[Requirement], fields: list[Requirement]
-) -> bool:
+def selector_matches(obj: dict[str, Any], labels: list[Requirement], fields: list[Requirement]) -> bool:
     obj_labels = obj.get("metadata", {}).get("labels") or {}
     if not all(r.matches(obj_labels) for r in labels):
         return False
@@ -148,6 +146,7 @@ def selector_matches(
 
 
 # ---------------------------------------------------------------- patches
+
 
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch (returns a new value)."""
@@ -179,9 +178,9 @@ def _resolve(doc: Any, parts: list[str], op: str) -> Any:
             cur = cur[int(part)]
         else:
             raise RequestError(
-                422, "Invalid",
-                f"json patch {op} operation does not apply: doc is missing path: "
-                f"/{'/'.join(parts)}",
+                422,
+                "Invalid",
+                f"json patch {op} operation does not apply: doc is missing path: /{'/'.join(parts)}",
             )
     return cur
 
@@ -253,11 +252,20 @@ def _remove(doc: Any, parts: list[str]) -> Any:
 # Merge keys of the built-in list fields we serve (from the Kubernetes API types); lists
 # not named here are replaced as a whole, like ``x-kubernetes-list-type: atomic``.
 _MERGE_KEYS: dict[str, tuple[str, ...]] = {
-    "containers": ("name",), "initContainers": ("name",), "ephemeralContainers": ("name",),
-    "env": ("name",), "volumes": ("name",), "volumeMounts": ("mountPath",),
-    "volumeDevices": ("devicePath",), "imagePullSecrets": ("name",),
-    "ports": ("containerPort", "port"), "conditions": ("type",), "hostAliases": ("ip",),
-    "ownerReferences": ("uid",), "containerStatuses": ("name",), "addresses": ("type",),
+    "containers": ("name",),
+    "initContainers": ("name",),
+    "ephemeralContainers": ("name",),
+    "env": ("name",),
+    "volumes": ("name",),
+    "volumeMounts": ("mountPath",),
+    "volumeDevices": ("devicePath",),
+    "imagePullSecrets": ("name",),
+    "ports": ("containerPort", "port"),
+    "conditions": ("type",),
+    "hostAliases": ("ip",),
+    "ownerReferences": ("uid",),
+    "containerStatuses": ("name",),
+    "addresses": ("type",),
 }
 _PRIMITIVE_MERGE_LISTS = {"finalizers"}
 
@@ -306,8 +314,7 @@ def _merge_list(key: str, current: list[Any], patch: list[Any]) -> list[Any]:
         return copy.deepcopy(patch)
     out = copy.deepcopy(current)
     for item in patch:
-        idx = next((i for i, c in enumerate(out) if c.get(merge_key) == item.get(merge_key)),
-                   None)
+        idx = next((i for i, c in enumerate(out) if c.get(merge_key) == item.get(merge_key)), None)
         if item.get("$patch") == "delete":
             if idx is not None:
                 del out[idx]
@@ -331,9 +338,7 @@ PATCH_TYPES: dict[str, Callable[[Any, Any], Any]] = {
 
 # ---------------------------------------------------------------- names & time
 
-_DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-)
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -386,8 +391,11 @@ def jsonpath_value(obj: dict[str, Any], path: str) -> Any:
         part = m.group(0)
         if m.group(1) is not None:
             key, want = m.group(1), m.group(2)
-            cur = next((i for i in cur if isinstance(i, dict) and str(i.get(key)) == want),
-                       None) if isinstance(cur, list) else None
+            cur = (
+                next((i for i in cur if isinstance(i, dict) and str(i.get(key)) == want), None)
+                if isinstance(cur, list)
+                else None
+            )
         elif part.startswith("["):
             idx = int(part[1:-1])
             cur = cur[idx] if isinstance(cur, list) and idx < len(cur) else None
@@ -404,21 +412,21 @@ def table(
     resource_version: str,
 ) -> dict[str, Any]:
     """A meta.k8s.io/v1 Table, which is how kubectl asks for ``get`` output."""
-    defs = [{"name": "Name", "type": "string", "format": "name", "description": "Name",
-             "priority": 0}]
+    defs = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}]
     has_age = False
     for col in columns:
-        defs.append({
-            "name": col["name"],
-            "type": col.get("type", "string"),
-            "format": col.get("format", ""),
-            "description": col.get("description", ""),
-            "priority": col.get("priority", 0),
-        })
+        defs.append(
+            {
+                "name": col["name"],
+                "type": col.get("type", "string"),
+                "format": col.get("format", ""),
+                "description": col.get("description", ""),
+                "priority": col.get("priority", 0),
+            }
+        )
         has_age = has_age or col.get("jsonPath") == ".metadata.creationTimestamp"
     if not has_age:
-        defs.append({"name": "Age", "type": "date", "format": "", "description": "Age",
-                     "priority": 0})
+        defs.append({"name": "Age", "type": "date", "format": "", "description": "Age", "priority": 0})
     rows = []
     for obj in objects:
         meta = obj.get("metadata", {})
@@ -430,14 +438,16 @@ def table(
             cells.append(value)
         if not has_age:
             cells.append(age(meta.get("creationTimestamp")))
-        rows.append({
-            "cells": cells,
-            "object": {
-                "kind": "PartialObjectMetadata",
-                "apiVersion": "meta.k8s.io/v1",
-                "metadata": meta,
-            },
-        })
+        rows.append(
+            {
+                "cells": cells,
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": meta,
+                },
+            }
+        )
     return {
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
@@ -448,6 +458,7 @@ def table(
 
 
 # ---------------------------------------------------------------- URL parsing
+
 
 @dataclass(frozen=True)
 class ResourcePath:
@@ -484,7 +495,10 @@ def parse_resource_path(path: str) -> ResourcePath | None:
     if not rest:
         return ResourcePath(group, version, legacy_watch=watch)
     return ResourcePath(
-        group, version, rest[0], namespace,
+        group,
+        version,
+        rest[0],
+        namespace,
         rest[1] if len(rest) > 1 else None,
         "/".join(rest[2:]) or None,
         watch,

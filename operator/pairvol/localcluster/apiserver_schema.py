@@ -295,8 +295,7 @@ def _validate_array(value: list[Any], schema: Schema, old: Any, path: str, error
                 continue
             key_value = tuple(item.get(k) for k in keys)
             if key_value in seen_keys:
-                errors.append(FieldError(f"{path}[{i}]", "FieldValueDuplicate", "",
-                                         {k: item.get(k) for k in keys}))
+                errors.append(FieldError(f"{path}[{i}]", "FieldValueDuplicate", "", {k: item.get(k) for k in keys}))
             seen_keys.append(key_value)
     if schema.get("uniqueItems") or schema.get("x-kubernetes-list-type") == "set":
         seen: list[str] = []

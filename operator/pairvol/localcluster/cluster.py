@@ -42,8 +42,9 @@ def default_crds_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def node_object(name: str, ready: bool = True, labels: dict[str, str] | None = None,
-                address: str = "127.0.0.1") -> dict[str, Any]:
+def node_object(
+    name: str, ready: bool = True, labels: dict[str, str] | None = None, address: str = "127.0.0.1"
+) -> dict[str, Any]:
     """A minimal Node as a kubelet would register it (pure)."""
     now = now_rfc3339()
     return {
@@ -69,11 +70,16 @@ def node_object(name: str, ready: bool = True, labels: dict[str, str] | None = N
             "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
             # All fields the kubernetes client's V1NodeSystemInfo requires.
             "nodeInfo": {
-                "machineID": name, "systemUUID": name, "bootID": name,
-                "kernelVersion": "emulated", "osImage": "pairvol localcluster",
+                "machineID": name,
+                "systemUUID": name,
+                "bootID": name,
+                "kernelVersion": "emulated",
+                "osImage": "pairvol localcluster",
                 "containerRuntimeVersion": "pairvol://local-processes",
-                "kubeletVersion": "v1.32.0-pairvol", "kubeProxyVersion": "v1.32.0-pairvol",
-                "operatingSystem": "linux", "architecture": "amd64",
+                "kubeletVersion": "v1.32.0-pairvol",
+                "kubeProxyVersion": "v1.32.0-pairvol",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
             },
         },
     }
@@ -92,8 +98,7 @@ def _ready_condition(ready: bool, now: str) -> dict[str, str]:
 
 def _yaml_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
-        raise LocalClusterError(
-            f"CRD directory {directory} does not exist; pass --crds DIR or set PAIRVOL_CRDS_DIR")
+        raise LocalClusterError(f"CRD directory {directory} does not exist; pass --crds DIR or set PAIRVOL_CRDS_DIR")
     return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
 
 
@@ -123,9 +128,7 @@ class LocalCluster:
         self.host = host
         self.port = port
         self._kubeconfig = kubeconfig
-        self._crds_dir = crds_dir if crds_dir is not None else (
-            default_crds_dir() if load_crds else None
-        )
+        self._crds_dir = crds_dir if crds_dir is not None else (default_crds_dir() if load_crds else None)
         self._stack: contextlib.AsyncExitStack | None = None
         self._api: APIServer | None = None
         self._url: str | None = None
@@ -182,8 +185,7 @@ class LocalCluster:
         root = self._nodes_root
         if root is None:
             if self._tmpdir is None:
-                self._tmpdir = Path(tempfile.mkdtemp(
-                    prefix=f"pairvol-localcluster-{os.getpid()}-"))
+                self._tmpdir = Path(tempfile.mkdtemp(prefix=f"pairvol-localcluster-{os.getpid()}-"))
             root = self._tmpdir / "nodes"
         return NodeSimulator(self.url, nodes=self.node_names, root=root)
 
@@ -230,22 +232,20 @@ class LocalCluster:
         group, _, version = api_version.rpartition("/")
         kind = obj.get("kind")
         rtype = next(
-            (t for t in self.api._types.values()
-             if t.group == group and t.version == version and t.kind == kind),
+            (t for t in self.api._types.values() if t.group == group and t.version == version and t.kind == kind),
             None,
         )
         if rtype is None:
             raise LocalClusterError(
-                f"cannot apply {kind} {api_version}: the API server does not serve that kind; "
-                "apply its CRD first")
+                f"cannot apply {kind} {api_version}: the API server does not serve that kind; apply its CRD first"
+            )
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace", "default") if rtype.namespaced else ""
         try:
             return self.api.create_object(group, version, rtype.plural, obj, ns or None)
         except RequestError as exc:
             if exc.code != 409:
-                raise LocalClusterError(f"cannot apply {kind} {meta.get('name')}: "
-                                        f"{exc.message}") from exc
+                raise LocalClusterError(f"cannot apply {kind} {meta.get('name')}: {exc.message}") from exc
         current = self.api.get_object(rtype, ns, meta["name"])
         body = copy.deepcopy(obj)
         body.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]

@@ -25,10 +25,12 @@ def render(server_url: str, namespace: str = "default", name: str = CONTEXT) -> 
         "kind": "Config",
         "clusters": [{"name": name, "cluster": {"server": server_url}}],
         "users": [{"name": name, "user": {"token": "pairvol-localcluster"}}],
-        "contexts": [{
-            "name": name,
-            "context": {"cluster": name, "user": name, "namespace": namespace},
-        }],
+        "contexts": [
+            {
+                "name": name,
+                "context": {"cluster": name, "user": name, "namespace": namespace},
+            }
+        ],
         "current-context": name,
         "preferences": {},
     }
