@@ -243,6 +243,7 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
         },
     )
     script = (
+        'echo "hostname=$(hostname)";'
         'echo "env NAME=$MY_NAME NS=$MY_NS NODE=$MY_NODE IP=$MY_IP TOKEN=$TOKEN PLAIN=$PLAIN";'
         f'echo "file psk=$(cat {secret_dir}/psk)";'
         f'if echo x > {secret_dir}/psk 2>/dev/null; then echo secret-writable; fi;'
@@ -290,6 +291,7 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
         "TOKEN=s3cr3t-token PLAIN=plain-$(MY_NAME)"
     ) in text
     assert "file psk=client:0123abcd" in text
+    assert "hostname=envpod" in text
     assert "secret-writable" not in text  # secret volumes are read-only
     marker = sim.host_path("node-a", "/var/lib/pairvol/marker")
     assert marker.read_text() == "from-pod\n"

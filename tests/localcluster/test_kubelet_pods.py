@@ -202,6 +202,14 @@ class TestLaunch:
         assert shlex.split(outer[2].split("-- ", 1)[1])[-1] == inner
 
 
+    def test_pod_name_becomes_the_host_name_in_its_own_uts_namespace(self) -> None:
+        outer, inner = launch_script(cgroup_procs=None, mounts=[], netns="n", workdir=None,
+                                     argv=["true"], hostname="agent-0")
+        assert "exec unshare --mount --uts --propagation private" in outer[2]
+        assert "echo $$" not in outer[2]  # no cgroup: nothing to join
+        assert inner.splitlines()[1] == "hostname agent-0"
+
+
 class TestRestartsAndProbes:
     @pytest.mark.parametrize(("policy", "code", "restart"), [
         ("Always", 0, True), ("Always", 1, True), ("OnFailure", 0, False),

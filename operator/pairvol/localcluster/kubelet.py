@@ -12,6 +12,7 @@ How a container runs (all real, nothing simulated inside the process):
 * its own cgroup (cgroup v2, when available) so SIGKILL reaches every process it forked,
   including ones that started their own session; fallback: the process group plus a
   walk of ``/proc`` for descendants;
+* its own UTS namespace with the pod name as host name;
 * a private mount namespace (``unshare --mount``) in which Secret/ConfigMap/emptyDir
   volumes (files under ``<root>/<node>/pods/<uid>/volumes/<name>/``) and hostPath volumes
   (``<root>/<node>/hostpath/<path>``) are bind-mounted at the container's ``mountPath``.
@@ -405,6 +406,7 @@ class ContainerRunner:
             workdir=prepared.workdir,
             argv=prepared.argv,
             file_targets=prepared.file_targets,
+            hostname=self.worker.key[1],
         )
         self.process = await ContainerProcess.spawn(argv, prepared.env, self.worker.log_path, cgroup)
         self.state.pid = self.process.pid

@@ -165,9 +165,7 @@ def referenced_objects(pod: Mapping[str, Any]) -> set[ObjectRef]:
 Objects = Mapping[ObjectRef, Mapping[str, Any] | None]  # None = does not exist
 
 
-def _key_value(
-    kind: str, ref: Mapping[str, Any], objects: Objects, what: str
-) -> str | None:
+def _key_value(kind: str, ref: Mapping[str, Any], objects: Objects, what: str) -> str | None:
     name = str(ref.get("name"))
     key = str(ref.get("key"))
     optional = bool(ref.get("optional", False))
@@ -288,9 +286,7 @@ def host_path_on_node(node_root: Path, host_path: str) -> Path:
     return node_root.joinpath("hostpath", *pure.parts[1:])
 
 
-def plan_volumes(
-    pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects: Objects
-) -> dict[str, Volume]:
+def plan_volumes(pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects: Objects) -> dict[str, Volume]:
     """What every volume of the Pod is on this node."""
     result: dict[str, Volume] = {}
     for volume in spec(pod).get("volumes") or []:
@@ -313,9 +309,7 @@ def plan_volumes(
             files: dict[str, tuple[bytes, int]] = {}
             if obj is None:
                 if not source.get("optional"):
-                    raise PodConfigError(
-                        f"volume {name!r}: {kind[:-1]} {obj_name!r} not found"
-                    )
+                    raise PodConfigError(f"volume {name!r}: {kind[:-1]} {obj_name!r} not found")
             else:
                 value = secret_value if kind == "secrets" else configmap_value
                 items = source.get("items")
@@ -326,8 +320,7 @@ def plan_volumes(
                             if source.get("optional"):
                                 continue
                             raise PodConfigError(
-                                f"volume {name!r}: key {item.get('key')!r} not in "
-                                f"{kind[:-1]} {obj_name!r}"
+                                f"volume {name!r}: key {item.get('key')!r} not in {kind[:-1]} {obj_name!r}"
                             )
                         rel = _safe_relative(str(item.get("path")), f"volume {name!r}")
                         files[str(rel)] = (raw, int(item.get("mode", default_mode)))
@@ -386,15 +379,19 @@ def launch_script(
     workdir: str | None,
     argv: Sequence[str],
     file_targets: frozenset[PurePosixPath] = frozenset(),
+    hostname: str | None = None,
 ) -> tuple[list[str], str]:
-    """The argv that starts a container: join its cgroup, enter a private mount namespace,
-    bind the mounts, enter the node's network namespace, exec the command.
+    """The argv that starts a container: join its cgroup, enter a private mount (and, with
+    ``hostname``, UTS) namespace, bind the mounts, enter the node's network namespace, exec
+    the command.
 
     Returns (outer argv, inner script) — the inner script is what runs after ``unshare``.
     The whole chain ``exec``s, so the PID we spawn *is* the container's main process.
     """
     q = shlex.quote
     inner = ["set -e"]
+    if hostname:
+        inner.append(f"hostname {q(hostname[:63])}")
     for mount in mounts:
         target = q(str(mount.target))
         if mount.target in file_targets:
@@ -411,8 +408,9 @@ def launch_script(
     outer = []
     if cgroup_procs:
         outer.append(f"echo $$ > {q(cgroup_procs)}")
+    uts = "--uts " if hostname else ""
     outer.append(
-        "exec unshare --mount --propagation private -- /bin/sh -c " + q(inner_script)
+        f"exec unshare --mount {uts}--propagation private -- /bin/sh -c " + q(inner_script)
     )
     return ["/bin/sh", "-c", "\n".join(outer)], inner_script
 
@@ -477,9 +475,7 @@ def parse_probe(probe: Mapping[str, Any] | None, container: Mapping[str, Any]) -
     }
     if "httpGet" in probe:
         http = probe["httpGet"]
-        headers = tuple(
-            (str(h.get("name")), str(h.get("value"))) for h in http.get("httpHeaders") or []
-        )
+        headers = tuple((str(h.get("name")), str(h.get("value"))) for h in http.get("httpHeaders") or [])
         scheme = str(http.get("scheme", "HTTP")).upper()
         if scheme not in ("HTTP", "HTTPS"):
             raise PodConfigError(f"httpGet scheme {scheme!r} must be HTTP or HTTPS")
@@ -640,9 +636,7 @@ _PRESSURE_OK = {
 }
 
 
-def node_conditions(
-    ready: str, since: str, heartbeat: str, reason: str, message: str
-) -> list[JsonDict]:
+def node_conditions(ready: str, since: str, heartbeat: str, reason: str, message: str) -> list[JsonDict]:
     """Node conditions: Ready as given; pressure conditions False while Ready, else Unknown."""
     conditions: list[JsonDict] = []
     for ctype, ok_reason in _PRESSURE_OK.items():
