@@ -85,7 +85,8 @@ async def test_full_sync_copies_existing_data_while_the_workload_writes(tmp_path
         pass
     # restart both on the same dirs: primary keeps its data, secondary starts over empty
     (tmp_path / "replica-1" / "disk.raw").unlink()
-    (tmp_path / "replica-1" / "state.json").unlink()
+    for slot in ("state.a", "state.b"):
+        (tmp_path / "replica-1" / slot).unlink(missing_ok=True)
     primary = Agent(name="vol", data_dir=tmp_path / "replica-0", size="64Mi")
     secondary = Agent(name="vol", data_dir=tmp_path / "replica-1", size="64Mi")
     try:
@@ -208,9 +209,13 @@ async def test_checkpoint_metrics_are_exported(tmp_path: Path) -> None:
         assert 'pairvol_checkpoint_duration_seconds_count{volume="vol"} 2.0' in text
         cow = [ln for ln in text.splitlines() if ln.startswith("pairvol_cow_copied_bytes_total")]
         assert cow and float(cow[0].split()[-1]) >= MiB
-        ptext = await primary.metrics()
-        sent = [ln for ln in ptext.splitlines() if ln.startswith("pairvol_replication_sent_bytes_total")]
-        assert sent and float(sent[0].split()[-1]) >= 2 * MiB
+        for _ in range(50):  # the watchdog samples the link every 0.2 s
+            ptext = await primary.metrics()
+            sent = [ln for ln in ptext.splitlines() if ln.startswith("pairvol_replication_sent_bytes_total")]
+            if float(sent[0].split()[-1]) >= 2 * MiB:
+                break
+            await asyncio.sleep(0.1)
+        assert float(sent[0].split()[-1]) >= 2 * MiB
         assert 'pairvol_replication_state{state="replicating",volume="vol"} 1.0' in ptext
 
 

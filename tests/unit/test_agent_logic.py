@@ -169,7 +169,7 @@ class TestPeerWatch:
 
 
 class TestPersistence:
-    def test_state_round_trips_and_writes_are_atomic(self, tmp_path: Path) -> None:
+    def test_state_round_trips_and_alternates_between_two_slots(self, tmp_path: Path) -> None:
         s = persist.PersistedState(
             name="v",
             size=1 << 20,
@@ -180,11 +180,25 @@ class TestPersistence:
             checkpoint=persist.Checkpoint(5, 1.5, 2.0),
         )
         persist.save(tmp_path, s)
-        assert persist.load(tmp_path) == s
-        assert not (tmp_path / "state.tmp").exists()
+        persist.save(tmp_path, s.evolve(epoch=8))
+        assert persist.load(tmp_path) == s.evolve(epoch=8)
+        assert {p.name for p in tmp_path.iterdir()} == {"state.a", "state.b"}
+        assert all(p.stat().st_size == persist.SLOT_SIZE for p in tmp_path.iterdir())
 
-    def test_corrupt_state_is_an_error_not_a_fresh_start(self, tmp_path: Path) -> None:
-        (tmp_path / "state.json").write_text('{"version": 1, "name": "v"}')
+    def test_a_torn_write_falls_back_to_the_previous_state(self, tmp_path: Path) -> None:
+        s = persist.PersistedState(name="v", size=1 << 20, epoch=1)
+        persist.save(tmp_path, s)  # seq 1 -> state.b
+        persist.save(tmp_path, s.evolve(epoch=2))  # seq 2 -> state.a
+        with (tmp_path / "state.a").open("r+b") as f:  # tear the newest slot
+            f.seek(30)
+            f.write(b"garbage")
+        assert persist.load(tmp_path) == s
+        persist.save(tmp_path, s.evolve(epoch=3))  # goes to the torn slot's turn again, by sequence
+        assert persist.load(tmp_path) == s.evolve(epoch=3)
+
+    def test_both_slots_corrupt_is_an_error_not_a_fresh_start(self, tmp_path: Path) -> None:
+        for name in ("state.a", "state.b"):
+            (tmp_path / name).write_bytes(b"x" * 100)
         with pytest.raises(persist.StateError, match="corrupt"):
             persist.load(tmp_path)
 

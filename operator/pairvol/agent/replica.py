@@ -98,6 +98,9 @@ class Replica:
         self._prepare_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
         self.relay: Qsd | None = None
+        self._fence_task: asyncio.Task[None] | None = None
+        self._cancelling: set[str] = set()
+        self.undo_log_broken: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,7 +125,7 @@ class Replica:
                 )
             if not disk_exists:
                 raise ReplicaError(
-                    f"{self.disk_path} is missing although {persist.STATE_FILE} exists: refusing to create an "
+                    f"{self.disk_path} is missing although the replica's state exists: refusing to create an "
                     "empty disk over a replica that had data; restore the file or use a new --data-dir"
                 )
             self.state = found
@@ -315,6 +318,7 @@ class Replica:
     async def _cancel_job(self, job: str, timeout: float = 30.0) -> dict[str, Any]:
         """Cancel a job and wait until it is gone; returns its final event."""
         self.qsd.watch_job(job)
+        self._cancelling.add(job)
         try:
             await self.qsd.execute("block-job-cancel", {"device": job, "force": True})
         except QemuError as exc:
@@ -326,6 +330,7 @@ class Replica:
             return await self.qsd.wait_job_event(job, {"BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"}, timeout)
         finally:
             self.qsd.unwatch_job(job)
+            self._cancelling.discard(job)
 
     async def _start_replication_export(self) -> None:
         host, port = self.cfg.replication_listen
@@ -451,6 +456,9 @@ class Replica:
                 (self.state.checkpoint.id + 1) if self.state.checkpoint else 1, time.time(), duration * 1000
             )
             await self._save(generation=new, checkpoint=cp)
+            if self.undo_log_broken:
+                log.warning("undo log complete again from checkpoint %d on", cp.id)
+                self.undo_log_broken = self.last_error = None
             m = self.metrics
             m.checkpoint_duration.labels(self.cfg.name).observe(duration)
             m.checkpoint_cut.labels(self.cfg.name).observe(cut_s)
@@ -478,6 +486,11 @@ class Replica:
     async def failover(self, epoch: int, mode: FailoverMode) -> dict[str, Any]:
         async with self.lock:
             check_failover(self.position, epoch)
+            if mode is FailoverMode.CHECKPOINT and self.undo_log_broken:
+                raise IllegalTransition(
+                    f"{self.undo_log_broken}; a checkpoint-mode failover would not be consistent. Cut a new "
+                    "checkpoint first, or fail over in mode 'latest'"
+                )
             t0 = time.perf_counter()
             gen = self.state.generation
             # The new epoch is durable before anything else: from here on the old primary is fenced.
@@ -753,9 +766,31 @@ class Replica:
 
     async def _on_qsd_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")
-        if name == "QUORUM_REPORT_BAD" and self.state.role is Role.PRIMARY and not self.state.out_of_sync:
-            # a write was acknowledged without the peer: it misses data from now on
-            await self._mark_out_of_sync(f"peer failed a write: {event.get('data', {}).get('error', 'I/O error')}")
+        data = event.get("data", {})
+        if name == "QUORUM_REPORT_BAD" and self.state.role is Role.PRIMARY:
+            if data.get("node-name") == r.DISK_NODE:
+                # The local disk failed a request the peer served: reads (fifo: local
+                # first) would return stale data. Stop serving; the secondary has every
+                # acknowledged write, so failing over is the way out.
+                reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
+                self.last_error = f"{reason}; fail over to the secondary"
+                self._fence_task = asyncio.create_task(self.fence_workload(self.last_error))
+            elif not self.state.out_of_sync:
+                # a write was acknowledged without the peer: it misses data from now on
+                await self._mark_out_of_sync(f"peer failed a write: {data.get('error', 'I/O error')}")
+        elif (
+            name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+            and self.state.role is Role.SECONDARY
+            and data.get("device") == r.cow_job(self.state.generation)
+            and data.get("device") not in self._cancelling
+        ):
+            # replication.c's backup_job_completed: "cancelled unexpectedly" -> s->error
+            self.undo_log_broken = (
+                f"copy-before-write stopped unexpectedly ({data.get('error', name)}): the undo log back to "
+                f"checkpoint {self.state.checkpoint.id if self.state.checkpoint else '?'} is incomplete"
+            )
+            self.last_error = self.undo_log_broken
+            log.error("%s", self.undo_log_broken)
         elif name == "BLOCK_IO_ERROR":
             log.error("I/O error: %s", event.get("data"))
 

@@ -1,8 +1,9 @@
 """What a replica remembers across restarts, written atomically.
 
-``state.json`` in the data dir holds role, stage, epoch, the overlay generation and the
-last checkpoint. It is written with write-to-temp, fsync, rename, fsync-dir, so a crash
-leaves either the old or the new version, never a torn one. A replica that restarts reads
+Two slots in the data dir (``state.a``, ``state.b``) hold role, stage, epoch, the overlay
+generation and the last checkpoint, each with a sequence number and a CRC; writes go to
+the older slot in place, so a crash leaves the previous version readable and a full file
+system cannot block a state change (see :func:`save`). A replica that restarts reads
 it, reports what it found and never reformats or truncates an image.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
@@ -17,7 +20,11 @@ from typing import Any, Self
 from pairvol.agent.stages import Role, Stage
 from pairvol.errors import PairvolError
 
-STATE_FILE = "state.json"
+STATE_SLOTS = ("state.a", "state.b")
+STATE_FILE = STATE_SLOTS[0]  # its presence marks a data dir that has held a replica
+SLOT_SIZE = 64 * 1024
+_SLOT_MAGIC = b"PVSTATE1"
+_SLOT_HEADER = struct.Struct(">8sQII")
 DISK_FILE = "disk.raw"
 FORMAT_VERSION = 1
 
@@ -65,7 +72,7 @@ class PersistedState:
         try:
             data = json.loads(text)
             if data.pop("version", None) != FORMAT_VERSION:
-                raise StateError("unsupported state.json version")
+                raise StateError("unsupported state version")
             cp = data.pop("checkpoint", None)
             return cls(
                 name=str(data.pop("name")),
@@ -81,34 +88,66 @@ class PersistedState:
                 extra=dict(data.pop("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"state.json is corrupt: {exc}") from exc
+            raise StateError(f"state is corrupt: {exc}") from exc
 
 
-def load(data_dir: Path) -> PersistedState | None:
-    path = data_dir / STATE_FILE
+def _read_slot(path: Path) -> tuple[int, PersistedState] | None:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot read {path}: {exc}") from exc
-    return PersistedState.from_json(text)
+        raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) < _SLOT_HEADER.size:
+        return None
+    magic, seq, length, crc = _SLOT_HEADER.unpack_from(raw)
+    body = raw[_SLOT_HEADER.size : _SLOT_HEADER.size + length]
+    if magic != _SLOT_MAGIC or len(body) != length or zlib.crc32(body) != crc:
+        return None  # torn or never completed: the other slot holds the state
+    return seq, PersistedState.from_json(body.decode())
+
+
+def _slots(data_dir: Path) -> list[Path]:
+    return [data_dir / name for name in STATE_SLOTS]
+
+
+def load(data_dir: Path) -> PersistedState | None:
+    """The newest valid slot (blocking: call through asyncio.to_thread)."""
+    found = [slot for path in _slots(data_dir) if (slot := _read_slot(path)) is not None]
+    if not found:
+        if any(path.exists() for path in _slots(data_dir)):
+            raise StateError(f"no valid state in {data_dir} ({', '.join(STATE_SLOTS)} are corrupt)")
+        return None
+    return max(found, key=lambda slot: slot[0])[1]
 
 
 def save(data_dir: Path, state: PersistedState) -> None:
-    """Atomic and durable (blocking: call through asyncio.to_thread)."""
-    path = data_dir / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    payload = state.to_json().encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Durable and atomic without allocating: two slots, allocated once, overwritten in
+    place in turn, each with a sequence number and a CRC. A torn write leaves the other
+    slot; a full file system (the hidden disk can fill it) cannot stop a state change.
+    Blocking: call through asyncio.to_thread."""
+    seqs = [slot[0] for path in _slots(data_dir) if (slot := _read_slot(path)) is not None]
+    seq = max(seqs, default=0) + 1
+    body = state.to_json().encode()
+    if _SLOT_HEADER.size + len(body) > SLOT_SIZE:
+        raise StateError(f"state is {len(body)} bytes, more than a {SLOT_SIZE}-byte slot")
+    record = _SLOT_HEADER.pack(_SLOT_MAGIC, seq, len(body), zlib.crc32(body)) + body
+    path = _slots(data_dir)[seq % 2]
     try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            created = os.fstat(fd).st_size < SLOT_SIZE
+            if created:
+                os.posix_fallocate(fd, 0, SLOT_SIZE)
+            os.pwrite(fd, record.ljust(SLOT_SIZE, b"\0"), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as exc:
+        raise StateError(f"cannot persist the replica's state in {path}: {exc.strerror}") from exc

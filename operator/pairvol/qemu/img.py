@@ -39,7 +39,9 @@ async def create(path: Path, fmt: str, size: int) -> None:
     """Create an image; refuses to overwrite an existing file (never reformat data)."""
     if await asyncio.to_thread(path.exists):
         raise QemuError(f"refusing to create {path}: it exists already")
-    opts = ["-o", "cluster_size=65536"] if fmt == "qcow2" else []
+    # raw volumes reserve their space up front: a primary must never hit ENOSPC on its own
+    # disk (quorum would then acknowledge a write that only the peer has)
+    opts = ["-o", "cluster_size=65536"] if fmt == "qcow2" else ["-o", "preallocation=falloc"]
     await run_qemu_img("create", "-q", "-f", fmt, *opts, str(path), str(size))
     log.debug("created %s image %s (%d bytes)", fmt, path, size)
 

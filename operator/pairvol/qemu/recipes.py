@@ -50,7 +50,7 @@ def file_node(path: Path, node_name: str, fmt: str, backing: str | None = None) 
         "driver": fmt,
         "node-name": node_name,
         "file": {"driver": "file", "filename": str(path), "aio": "threads"},
-        "discard": "unmap",
+        "discard": "unmap" if fmt == "qcow2" else "ignore",
     }
     if fmt == "qcow2":
         # Overlays are an undo log that is rebuilt, not trusted, after an unclean stop

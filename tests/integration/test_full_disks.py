@@ -1,0 +1,75 @@
+"""Full disks: the primary's volume is reserved up front (so the primary itself never runs
+out of space mid-write); a secondary whose undo log cannot grow drops out of sync without
+failing a single primary write, keeps its checkpoint intact, and can still persist a
+state change (its state slots are allocated once)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agents import Agent, pair
+
+MiB = 1 << 20
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+
+
+@contextlib.contextmanager
+def small_fs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "pairvol-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_a_volume_larger_than_the_free_space_is_refused_at_start(tmp_path: Path) -> None:
+    with small_fs(tmp_path / "fs", "8M") as fs:
+        a = Agent("vol", fs / "data", "16Mi")
+        await a.start(wait=False)
+        assert await a.wait_exit() == 2
+        assert "No space left on device" in a.log_tail() or "Could not preallocate" in a.log_tail()
+
+
+async def test_secondary_out_of_space_for_its_undo_log_goes_out_of_sync_primary_goes_on(tmp_path: Path) -> None:
+    with small_fs(tmp_path / "fs", "22M") as fs:
+        async with pair(tmp_path, size="16Mi", peer_timeout=2) as (primary, secondary):
+            pass
+        # restart the pair with the secondary's data dir on the small filesystem
+        secondary = Agent("vol", fs / "b", "16Mi", peer_timeout=2)
+        primary = Agent("vol", tmp_path / "replica-0", "16Mi", peer_timeout=2)
+        try:
+            await asyncio.gather(primary.start(), secondary.start())
+            await secondary.secondary(5)
+            await primary.primary(6, secondary.replication_address, "full")
+            await primary.wait_replicating()
+            async with await primary.nbd() as nbd:
+                for off in range(0, 16 * MiB, MiB):
+                    await nbd.pwrite(b"\xee" * MiB, off)
+                await secondary.checkpoint()
+                # overwrite the whole volume: the undo log would need 16 MiB, there are ~5
+                for off in range(0, 16 * MiB, MiB):
+                    await asyncio.wait_for(nbd.pwrite(bytes([off // MiB + 1]) * MiB, off), 30)
+                assert await nbd.pread(MiB, 15 * MiB) == bytes([16]) * MiB
+            for _ in range(50):
+                st = await primary.status()
+                if st["replication"]["outOfSync"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert st["replication"]["outOfSync"] is True
+            # the writes the secondary refused never touched its checkpoint: failing over to it
+            # gives exactly the checkpoint's data
+            primary.kill()
+            await primary.wait_exit()
+            await secondary.failover(7, "checkpoint")
+            async with await secondary.nbd() as nbd:
+                assert await nbd.read_all() == b"\xee" * (16 * MiB)
+        finally:
+            await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
