@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from pairvol.localcluster.cluster import LocalCluster
@@ -158,3 +159,31 @@ async def test_kubectl_works_with_builtin_kinds(kubectl: KubectlRunner) -> None:
     code, out, err = await kubectl("api-resources")
     assert code == 0 and "replicatedvolumes" in out and "rv" in out
     assert "Warning" not in err, err
+
+
+async def test_kubectl_logs_reads_the_pod_log_source(
+    kubectl: KubectlRunner, api_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    log = tmp_path / "agent.log"
+    await asyncio.to_thread(log.write_text, "starting qsd\nreplica ready\n")
+    api_cluster.api.log_source = lambda pod: log if pod["metadata"]["name"] == "agent" else None
+    pod = {"metadata": {"name": "agent"}, "spec": {"nodeName": "node-1", "containers": [{"name": "a", "image": "x"}]}}
+    api_cluster.api.create_object("", "v1", "pods", pod, "default")
+
+    code, out, err = await kubectl("logs", "agent")
+    assert (code, out) == (0, "starting qsd\nreplica ready\n"), err
+    code, out, err = await kubectl("logs", "agent", "--tail", "1")
+    assert out == "replica ready\n"
+
+    follower = asyncio.create_task(kubectl("logs", "-f", "agent", within=20))
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(_append, log, "checkpoint 1\n")
+    await asyncio.sleep(1.0)
+    api_cluster.api.delete_object(api_cluster.api.resource_type("", "v1", "pods"), "default", "agent")
+    code, out, err = await follower
+    assert out.endswith("replica ready\ncheckpoint 1\n"), (out, err)
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as fh:
+        fh.write(text)

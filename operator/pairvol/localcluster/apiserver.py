@@ -40,8 +40,9 @@ import random
 import string
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -127,6 +128,9 @@ class APIServer(kmock.KubernetesScaffold):
     """
 
     history_limit: int = _HISTORY
+    # Where `kubectl logs` reads a pod's output: (pod object) -> log file or None.
+    # LocalCluster points it at the node simulator's per-pod log files.
+    log_source: Callable[[dict[str, Any]], Path | None] | None = None
 
     _types: dict[tuple[str, str, str], ResourceType] = attrs.field(factory=dict, init=False)
     _kinds: dict[TypeKey, _Kind] = attrs.field(factory=dict, init=False)
@@ -840,6 +844,43 @@ class APIServer(kmock.KubernetesScaffold):
                 entry["verbs"] = ["get", "patch", "update"]
         return result
 
+    async def _serve_log(self, request: kmock.Request, namespace: str, name: str) -> aiohttp.web.StreamResponse:
+        """``GET pods/<name>/log`` (``kubectl logs [-f] [--tail N]``) from the pod's log file."""
+        rtype = self.resource_type("", "v1", "pods")
+        pod = self.get_object(rtype, namespace, name)
+        path = self.log_source(pod) if self.log_source is not None else None
+        if path is None:
+            raise RequestError(
+                400,
+                "BadRequest",
+                f'no logs for pod "{name}": this cluster runs no node simulator, or the pod has not started',
+            )
+        tail = request.params.get("tailLines")
+        try:
+            data = await asyncio.to_thread(_read_log, path, int(tail) if tail else None)
+        except ValueError:
+            raise bad_request("tailLines must be an integer") from None
+        follow = str(request.params.get("follow", "")).lower() in ("true", "1")
+        if not follow:
+            return aiohttp.web.Response(body=data, content_type="text/plain")
+        raw = request._raw_request
+        assert raw is not None
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(raw)
+        await response.write(data)
+        offset = await asyncio.to_thread(_file_size, path)
+        try:
+            while not self._closing and (namespace, name) in self._kinds[rtype.key].objects:
+                chunk, offset = await asyncio.to_thread(_read_from, path, offset)
+                if chunk:
+                    await response.write(chunk)
+                else:
+                    await asyncio.sleep(0.3)
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response
+
     def _serve_openapi(self, path: str) -> aiohttp.web.Response:
         """OpenAPI v3 just deep enough for kubectl to use server-side field validation.
 
@@ -905,6 +946,8 @@ class APIServer(kmock.KubernetesScaffold):
         assert rpath.plural is not None
         rtype = self.resource_type(rpath.group, rpath.version, rpath.plural)
         sub = rpath.subresource
+        if sub == "log" and rtype.key == ("", "pods") and rpath.name and request.method == "GET":
+            return await self._serve_log(request, rpath.namespace or "", rpath.name)
         if sub is not None and not (sub == "status" and rtype.status_subresource):
             raise RequestError(
                 404, "NotFound", f"the server could not find the requested resource ({rtype.plural}/{sub})"
@@ -1166,6 +1209,34 @@ class APIServer(kmock.KubernetesScaffold):
         for kind in self._kinds.values():
             for watch in kind.watches:
                 watch.queue.put_nowait(None)
+
+
+def _read_log(path: Path, tail: int | None) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:]) if tail > 0 else b""
+    return data
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read(1 << 16)
+    except FileNotFoundError:
+        return b"", offset
+    return chunk, offset + len(chunk)
 
 
 def _action(method: str, rpath: ResourcePath, watch: str) -> kmock.action | None:

@@ -155,6 +155,14 @@ class LocalCluster:
                 await self.apply_dir(self._crds_dir)
             if self.simulate_nodes:
                 self.simulator = await stack.enter_async_context(self._node_simulator())
+                sim = self.simulator
+
+                def pod_log(pod: dict[str, Any]) -> Path | None:
+                    node = (pod.get("spec") or {}).get("nodeName")
+                    meta = pod["metadata"]
+                    return sim.log_path(node, meta["namespace"], meta["name"]) if node else None
+
+                api.log_source = pod_log
             else:
                 for name in self.node_names:
                     self.api.create_object("", "v1", "nodes", node_object(name))
