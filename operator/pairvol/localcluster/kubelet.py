@@ -86,7 +86,13 @@ from pairvol.localcluster.kubelet_pods import (
     should_restart,
     spec,
 )
-from pairvol.localcluster.netns import ApiProxy, ClusterNetwork, CommandResult, run_command
+from pairvol.localcluster.netns import (
+    ApiProxy,
+    ClusterNetwork,
+    CommandResult,
+    owner_pid_of,
+    run_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +135,43 @@ def _own_cgroup2_path() -> str:
     return "/"
 
 
+def _reap_stale_cgroups(base: Path) -> None:
+    """Remove empty cgroups left by simulators whose process died without tearing down.
+
+    Populated ones are left alone (and reported): their processes are not ours to kill.
+    """
+    with contextlib.suppress(OSError):
+        for entry in base.iterdir():
+            if not entry.name.startswith("pairvol-") or not entry.is_dir():
+                continue
+            pid = owner_pid_of("pvb" + entry.name.removeprefix("pairvol-"))
+            if pid is None or _pid_exists(pid):
+                continue
+            left = _cgroup_pids(entry)
+            if left:
+                logger.warning("stale cgroup %s of dead simulator %s still has processes %s",
+                               entry, pid, left)
+            else:
+                _rmdir_cgroup_tree(entry)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _prepare_cgroup_root(token: str) -> Path | None:
     """Create our cgroup directory (``…/pairvol-<token>``) or None if cgroups are unusable."""
     mount = find_cgroup2_mount()
     if mount is None:
         return None
     base = mount / _own_cgroup2_path().lstrip("/")
+    _reap_stale_cgroups(base)
     root = base / f"pairvol-{token}"
     try:
         root.mkdir(exist_ok=True)
