@@ -268,6 +268,9 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
                 {"name": "creds", "mountPath": secret_dir},
                 {"name": "data", "mountPath": "/var/lib/pairvol"},
             ],
+            # Exec probes run inside the pod's mounts: the marker exists only there.
+            "readinessProbe": {"exec": {"command": ["test", "-f", "/var/lib/pairvol/marker"]},
+                               "periodSeconds": 0.2},
         },
         volumes=[
             {"name": "creds", "secret": {"secretName": "creds"}},
@@ -298,6 +301,10 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
     # The pod wrote into its node's directory, not into the machine's /var/lib/pairvol.
     assert not await asyncio.to_thread(Path("/var/lib/pairvol/marker").exists)
     assert not await asyncio.to_thread(sim.host_path("node-b", "/var/lib/pairvol/marker").exists)
+    await eventually(lambda: running_ready(api, "envpod"))
+    # `kubectl exec` equivalent: same mounts as the container.
+    result = await sim.exec_in_pod(NS, "envpod", ["cat", f"{secret_dir}/token"])
+    assert (result.returncode, result.stdout) == (0, "s3cr3t-token")
 
 
 async def test_pod_waits_with_a_clear_reason_until_its_secret_exists(
