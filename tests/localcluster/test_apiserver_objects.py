@@ -416,3 +416,36 @@ async def test_concurrent_writers_with_one_resource_version_have_one_winner(
     assert sorted(codes) == [200] + [409] * 19
     _, lease = await send(api_http, "GET", url)
     assert lease["spec"]["holderIdentity"] == f"node-{codes.index(200)}"
+
+
+async def test_deleting_an_owner_garbage_collects_its_dependents(api_http: aiohttp.ClientSession) -> None:
+    async def owned_by(owner: dict[str, Any], name: str) -> None:
+        ref = {
+            "apiVersion": "pairvol.io/v1alpha1",
+            "kind": "ReplicatedVolume",
+            "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        body = pod(name, "node-1")
+        body["metadata"]["ownerReferences"] = [ref]
+        assert (await send(api_http, "POST", PODS, body))[0] == 201
+        secret = {"metadata": {"name": name, "ownerReferences": [ref]}, "data": {}}
+        assert (await send(api_http, "POST", "/api/v1/namespaces/default/secrets", secret))[0] == 201
+
+    body = rv("owner")
+    body["metadata"]["finalizers"] = ["pairvol.io/cleanup"]
+    _, owner = await send(api_http, "POST", RVS, body)
+    await owned_by(owner, "agent-1")
+    _, keeper = await send(api_http, "POST", RVS, rv("keeper"))
+    await owned_by(keeper, "agent-2")
+
+    await send(api_http, "DELETE", f"{RVS}/owner")
+    assert (await send(api_http, "GET", f"{PODS}/agent-1"))[0] == 200, "the owner still exists (finalizer)"
+    await send(api_http, "PATCH", f"{RVS}/owner", {"metadata": {"finalizers": None}}, MERGE)
+    assert (await send(api_http, "GET", f"{PODS}/agent-1"))[0] == 404
+    assert (await send(api_http, "GET", "/api/v1/namespaces/default/secrets/agent-1"))[0] == 404
+
+    await send(api_http, "DELETE", f"{RVS}/keeper", {"propagationPolicy": "Orphan"})
+    assert (await send(api_http, "GET", f"{PODS}/agent-2"))[0] == 200, "orphaned, not collected"

@@ -665,7 +665,8 @@ class APIServer(kmock.KubernetesScaffold):
         gone["metadata"]["resourceVersion"] = str(self._next_rv())
         del kind.objects[(namespace, name)]
         self._emit(rtype, "DELETED", gone, old)
-        self._after_delete(rtype, gone)
+        orphan = (options or {}).get("propagationPolicy") == "Orphan" or (options or {}).get("orphanDependents")
+        self._after_delete(rtype, gone, collect=not orphan)
         return gone
 
     def _delete_namespace(self, rtype: ResourceType, ns_obj: dict[str, Any]) -> dict[str, Any]:
@@ -705,13 +706,32 @@ class APIServer(kmock.KubernetesScaffold):
         del nskind.objects[("", ns)]
         self._emit(self._types[("", "v1", "namespaces")], "DELETED", gone, ns_obj)
 
-    def _after_delete(self, rtype: ResourceType, obj: dict[str, Any]) -> None:
+    def _after_delete(self, rtype: ResourceType, obj: dict[str, Any], *, collect: bool = True) -> None:
         if rtype.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             spec = obj["spec"]
             self._unregister(spec["group"], spec["names"]["plural"])
+        if collect:
+            self._collect_dependents(obj)
         ns = obj["metadata"].get("namespace")
         if ns:
             self._maybe_finalize_namespace(ns)
+
+    def _collect_dependents(self, owner: dict[str, Any]) -> None:
+        """The garbage collector, background propagation: delete what the owner owned.
+
+        A dependent goes once none of its owners exists any more (checked by uid), like
+        Kubernetes' GC; its own finalizers still hold it. Runs synchronously, so tests see
+        the cascade as soon as the owner's DELETE returns.
+        """
+        owner_uid = owner["metadata"]["uid"]
+        alive = {o["metadata"]["uid"] for k in self._kinds.values() for o in k.objects.values()}
+        for other in {self._storage_type(t).ident: self._storage_type(t) for t in self._types.values()}.values():
+            for (ns, name), obj in list(self._kinds[other.key].objects.items()):
+                refs = obj["metadata"].get("ownerReferences") or []
+                uids = {r.get("uid") for r in refs}
+                if owner_uid in uids and not (uids & alive) and not obj["metadata"].get("deletionTimestamp"):
+                    with contextlib.suppress(RequestError):
+                        self.delete_object(other, ns, name)
 
     # ------------------------------------------------------------------ reading
 
