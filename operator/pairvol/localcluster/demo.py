@@ -544,6 +544,29 @@ async def _demo(args: argparse.Namespace) -> int:
         if st["secondary"]["node"] == victim:
             failures.append("new secondary placed on the dead node")
 
+        say(f"powering {victim} on again: the old primary must not serve")
+        await s.sim.restart_node(victim)
+        old_sock = Path(s.sim.host_path(victim, st["endpoint"]["socket"]))
+
+        async def old_pod_gone() -> bool:
+            return not any(p["metadata"]["name"] == primary["pod"] for p in await s.pods(name))
+
+        await s.wait_for(f"the old primary pod {primary['pod']} to be gone", old_pod_gone, within=30)
+        await asyncio.sleep(2)
+        probe = QemuIO(nbd_uri(old_sock))
+        served = await probe.open(limit_s=3) and await probe.command(
+            f"write -P 1 {(BLOCK * 30000)} {BLOCK}", r"^wrote \d+/\d+ bytes", limit_s=3
+        )
+        await probe.close()
+        if served:
+            failures.append(f"the old primary on {victim} accepted a write after it came back")
+        now = await s.status(name)
+        say(
+            f"{victim} is back: old primary pod {primary['pod']} deleted, nothing serves on "
+            f"{victim} ({'FAIL: it served' if served else 'write refused'}); primary is still "
+            f"{now['primary']['node']}"
+        )
+
         v = await verify_log(s.socket_path(st), log, writer.resume_seq)
         say(f"verify: {v.detail}")
         if not v.consistent:
