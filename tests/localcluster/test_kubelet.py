@@ -596,3 +596,22 @@ async def test_run_in_node_uses_the_node_network(sim: NodeSimulator) -> None:
     result = await sim.run_in_node("node-a", ["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
     assert result.returncode == 0
     assert sim.node_ip("node-a") in result.stdout
+
+
+async def test_leftovers_of_a_dead_simulator_are_removed_by_the_next_one(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    # A bridge and a netns named as if owned by a PID that cannot exist (> pid_max).
+    dead = "pvb7fffffx1"
+    dead_ns = "pvn7fffffx1-0"
+    await run_command(["ip", "link", "add", dead, "type", "bridge"])
+    await run_command(["ip", "netns", "add", dead_ns])
+    try:
+        async with NodeSimulator(cluster.url, nodes=["n1"], root=tmp_path / "n"):
+            links = await run_command(["ip", "-o", "link", "show"])
+            namespaces = await run_command(["ip", "netns", "list"])
+            assert dead not in links.stdout
+            assert dead_ns not in namespaces.stdout
+    finally:
+        await run_command(["ip", "link", "del", dead], check=False)
+        await run_command(["ip", "netns", "del", dead_ns], check=False)

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pairvol.localcluster import netns
 from pairvol.localcluster.kubelet_pods import (
     ContainerState,
     Mount,
@@ -298,3 +299,16 @@ class TestNetworkPlan:
         rules = partition_rules("-I")
         assert ["iptables", "-w", "-I", "INPUT", "-i", "eth0", "-j", "DROP"] in rules
         assert ["iptables", "-w", "-I", "OUTPUT", "-o", "eth0", "-j", "DROP"] in rules
+
+
+class TestPrerequisites:
+    async def test_not_root_is_refused_with_what_to_do(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+        with pytest.raises(NetnsError, match=r"need root.*not netns"):
+            await netns.check_prerequisites()
+
+    async def test_missing_tools_are_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+        monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "iptables" else "/x")
+        with pytest.raises(NetnsError, match="'iptables' not found"):
+            await netns.check_prerequisites()
