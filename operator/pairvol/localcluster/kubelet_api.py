@@ -83,9 +83,7 @@ class KubeApi:
                 result = json.loads(text)
                 return result if isinstance(result, dict) else {"value": result}
         except aiohttp.ClientError as exc:
-            raise ApiError(
-                f"{method} {path}: API server {self.base_url} unreachable: {exc}"
-            ) from exc
+            raise ApiError(f"{method} {path}: API server {self.base_url} unreachable: {exc}") from exc
         except TimeoutError as exc:
             raise ApiError(f"{method} {path}: API server {self.base_url} timed out") from exc
 
@@ -93,9 +91,7 @@ class KubeApi:
 
     async def list_pods(self, node: str) -> tuple[list[JsonDict], str]:
         """Pods bound to ``node`` (filtered here too, in case the server ignores the selector)."""
-        result = await self.request(
-            "GET", "/api/v1/pods", params={"fieldSelector": f"spec.nodeName={node}"}
-        )
+        result = await self.request("GET", "/api/v1/pods", params={"fieldSelector": f"spec.nodeName={node}"})
         items = [p for p in result.get("items") or [] if _on_node(p, node)]
         version = str((result.get("metadata") or {}).get("resourceVersion") or "")
         return items, version
@@ -111,9 +107,7 @@ class KubeApi:
             params["resourceVersion"] = resource_version
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
         try:
-            async with self.session.get(
-                self.base_url + "/api/v1/pods", params=params, timeout=timeout
-            ) as response:
+            async with self.session.get(self.base_url + "/api/v1/pods", params=params, timeout=timeout) as response:
                 if response.status >= 400:
                     text = await response.text()
                     raise ApiError(
@@ -172,14 +166,10 @@ class KubeApi:
             if exc.status != 409:
                 raise
         patch = {"metadata": node["metadata"], "spec": node.get("spec") or {}}
-        return await self.request(
-            "PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH
-        )
+        return await self.request("PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH)
 
     async def patch_node(self, name: str, patch: JsonDict) -> JsonDict:
-        return await self.request(
-            "PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH
-        )
+        return await self.request("PATCH", f"/api/v1/nodes/{name}", body=patch, content_type=MERGE_PATCH)
 
     async def patch_node_status(self, name: str, status: JsonDict) -> JsonDict:
         return await self.request(
@@ -194,9 +184,7 @@ class KubeApi:
         path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
         spec = {"holderIdentity": holder, "leaseDurationSeconds": duration, "renewTime": now}
         try:
-            await self.request(
-                "PATCH", f"{path}/{name}", body={"spec": spec}, content_type=MERGE_PATCH
-            )
+            await self.request("PATCH", f"{path}/{name}", body={"spec": spec}, content_type=MERGE_PATCH)
             return
         except ApiError as exc:
             if exc.status != 404:

@@ -88,9 +88,7 @@ async def run_command(
             stderr=asyncio.subprocess.PIPE,
         )
     except FileNotFoundError as exc:
-        raise NetnsError(
-            f"cannot run {argv[0]!r}: not found in PATH; install iproute2/iptables"
-        ) from exc
+        raise NetnsError(f"cannot run {argv[0]!r}: not found in PATH; install iproute2/iptables") from exc
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), time_limit)
     except TimeoutError:
@@ -196,9 +194,7 @@ def choose_subnet(used: Iterable[ipaddress.IPv4Network], seed: int) -> ipaddress
     raise NetnsError("no free /24 left in 10.200.0.0-10.249.255.0 for a local cluster network")
 
 
-def plan_network(
-    nodes: Sequence[str], token: str, subnet: ipaddress.IPv4Network
-) -> NetworkPlan:
+def plan_network(nodes: Sequence[str], token: str, subnet: ipaddress.IPv4Network) -> NetworkPlan:
     """Derive every name and address from the token and subnet; validate limits."""
     if not nodes:
         raise NetnsError("a cluster network needs at least one node name")
@@ -224,9 +220,7 @@ def plan_network(
                 ip=hosts[index + 1],
             )
         )
-    return NetworkPlan(
-        token=token, bridge=bridge, subnet=subnet, bridge_ip=hosts[0], nodes=tuple(plans)
-    )
+    return NetworkPlan(token=token, bridge=bridge, subnet=subnet, bridge_ip=hosts[0], nodes=tuple(plans))
 
 
 def partition_rules(action: str) -> list[list[str]]:
@@ -365,17 +359,13 @@ class ClusterNetwork:
     async def _create_node(self, plan: NetworkPlan, node: NodePlan) -> None:
         await run_command(["ip", "netns", "add", node.netns])
         self._created.append(("netns", node.netns))
-        await run_command(
-            ["ip", "link", "add", node.host_veth, "type", "veth", "peer", "name", node.peer_veth]
-        )
+        await run_command(["ip", "link", "add", node.host_veth, "type", "veth", "peer", "name", node.peer_veth])
         self._created.append(("link", node.host_veth))
         await run_command(["ip", "link", "set", node.host_veth, "master", plan.bridge, "up"])
         await run_command(["ip", "link", "set", node.peer_veth, "netns", node.netns])
         inside = ["ip", "-n", node.netns]
         await run_command([*inside, "link", "set", node.peer_veth, "name", "eth0"])
-        await run_command(
-            [*inside, "addr", "add", f"{node.ip}/{plan.subnet.prefixlen}", "dev", "eth0"]
-        )
+        await run_command([*inside, "addr", "add", f"{node.ip}/{plan.subnet.prefixlen}", "dev", "eth0"])
         await run_command([*inside, "link", "set", "eth0", "up"])
         await run_command([*inside, "link", "set", "lo", "up"])
         self._nodes[node.node] = _NodeState(plan=node)
@@ -408,9 +398,7 @@ class ClusterNetwork:
         try:
             return self._nodes[node]
         except KeyError:
-            raise NetnsError(
-                f"unknown node {node!r}; this cluster network has {sorted(self._nodes)}"
-            ) from None
+            raise NetnsError(f"unknown node {node!r}; this cluster network has {sorted(self._nodes)}") from None
 
     def node_ip(self, node: str) -> str:
         return str(self._state(node).plan.ip)
@@ -453,9 +441,7 @@ class ClusterNetwork:
     async def socket_in_node(self, node: str) -> socket.socket:
         """A fresh non-blocking TCP socket that lives in the node's network namespace."""
         loop = asyncio.get_running_loop()
-        sock = await loop.run_in_executor(
-            self._executor(node), socket.socket, socket.AF_INET, socket.SOCK_STREAM
-        )
+        sock = await loop.run_in_executor(self._executor(node), socket.socket, socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         return sock
 
