@@ -154,3 +154,17 @@ async def test_the_kubernetes_client_works_against_the_server(api_cluster: Local
     assert result["seen"] == [("ADDED", "vol")]
     assert result["rv"]["status"] == {"phase": "Pending", "epoch": 1}
     assert result["rv"]["spec"]["size"] == 1048576
+
+
+async def test_a_node_going_not_ready_is_seen_by_node_watchers(
+    api_cluster: LocalCluster, api_http: aiohttp.ClientSession
+) -> None:
+    params = {"watch": "true", "fieldSelector": "metadata.name=node-2"}
+    async with api_http.get("/api/v1/nodes", params=params) as resp:
+        assert await read_events(resp, 1) == [("ADDED", "node-2")]
+        api_cluster.set_node_ready("node-2", False)
+        line = await asyncio.wait_for(resp.content.readline(), 5)
+    event = json.loads(line)
+    assert event["type"] == "MODIFIED"
+    ready = [c for c in event["object"]["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready[0]["status"] == "False"
