@@ -246,3 +246,39 @@ async def test_manual_failover_annotation(stack: Stack, volume: Any) -> None:
     ann = (await stack.volume(name))["metadata"].get("annotations") or {}
     assert "pairvol.io/failover" not in ann
     await stack.wait_phase(name, "Replicating", within=150)
+
+
+async def test_operator_resumes_a_failover_it_recorded_but_never_executed(stack: Stack, volume: Any) -> None:
+    """The durability rule: the operator writes phase FailingOver (with the new epoch) before
+    it calls the agent. Here it dies exactly between the two; its successor must finish."""
+    name = "resume"
+    st = await replicating(stack, volume(name))
+    old, sec = st["primary"], st["secondary"]
+    await stack.operator.stop(kill=True)
+    await stack.sim.kill_pod(stack.namespace, old["pod"])
+    expiry = await lease_expiry(stack, name)
+    await asyncio.sleep(max(0.0, expiry + 0.6 - time.time()))
+    epoch = st["epoch"] + 1
+    from pairvol.api.status import rfc3339
+
+    recorded = {
+        "phase": "FailingOver",
+        "epoch": epoch,
+        "lastFailover": {"time": rfc3339(time.time()), "from": old["node"], "to": sec["node"],
+                         "mode": "Checkpoint", "reason": "recorded by an operator that then died"},
+    }
+    await stack.kube.merge_patch(
+        f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/replicatedvolumes/{name}/status",
+        {"status": recorded},
+    )
+    await stack.operator.start()
+    st = await failed_over_from(stack, name, old["node"])
+    assert st["primary"]["pod"] == sec["pod"]
+    assert st["lastFailover"]["reason"] == "recorded by an operator that then died"
+    assert await role_of(stack, sec["pod"]) == "primary"
+    async def failed_over_events() -> list[dict[str, Any]]:
+        return [e for e in await stack.events(name) if e["reason"] == "FailedOver"]
+
+    events = await stack.wait_for("the FailedOver event", failed_over_events, within=10)
+    assert len(events) == 1 and f"epoch {epoch}" in events[0]["message"], "finished with the recorded epoch"
+    await stack.wait_phase(name, "Replicating", within=150)

@@ -128,3 +128,21 @@ def test_observations_are_parsed_from_kubernetes_objects() -> None:
     assert lease.duration_s == 3.0 and lease.renew_time is not None
     assert lease.expired(lease.renew_time + 3.6, margin_s=0.5)
     assert not lease.expired(lease.renew_time + 3.4, margin_s=0.5)
+
+
+def test_chart_settings_for_agent_pods_are_applied() -> None:
+    cfg = OperatorConfig.from_env(
+        {
+            "PAIRVOL_AGENT_IMAGE_PULL_SECRETS": '[{"name": "regcred"}]',
+            "PAIRVOL_AGENT_TOLERATIONS": '[{"key": "storage", "operator": "Exists"}]',
+            "PAIRVOL_AGENT_SERVICE_ACCOUNT": "pairvol-agent",
+        }
+    )
+    spec = parse_spec({"size": "1Gi"}, name="vol")
+    pod = pod_manifest(
+        pod="vol-1", node="n1", role="primary", volume="vol", namespace="ns", spec=spec, owner=OWNER, config=cfg
+    )
+    kubernetes_validate.validate(pod, K8S, strict=True)
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["spec"]["tolerations"] == [{"key": "storage", "operator": "Exists"}]
+    assert pod["spec"]["serviceAccountName"] == "pairvol-agent"

@@ -208,7 +208,7 @@ class Reconciler:
             status=status,
             now=time.time(),
             annotations=dict(meta.get("annotations") or {}),
-            nodes=[node_view(n) for n in nodes_raw],
+            nodes=[self._agent_may_run(node_view(n)) for n in nodes_raw],
             pods=pods,
             agents=agents,
             lease=lease_view(lease_raw),
@@ -222,6 +222,14 @@ class Reconciler:
         for pod_name in bad:
             self.suspect_since.setdefault(pod_name, world.now)
         return d.World(**{**world.__dict__, "suspect_since": dict(self.suspect_since)})
+
+    @staticmethod
+    def _agent_may_run(node: d.NodeView) -> d.NodeView:
+        """PAIRVOL_AGENT_NODE_SELECTOR limits where new replicas go (not where existing run)."""
+        sel = ctx().config.agent_node_selector
+        if any(node.labels.get(k) != v for k, v in sel.items()):
+            return d.NodeView(node.name, node.ready, False, node.labels)
+        return node
 
     async def _token(self) -> str | None:
         if self.token is None:

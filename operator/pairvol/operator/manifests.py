@@ -70,6 +70,7 @@ class OperatorConfig:
     )
     agent_node_selector: Mapping[str, str] = field(default_factory=dict)
     agent_tolerations: tuple[Mapping[str, Any], ...] = ()
+    agent_image_pull_secrets: tuple[Mapping[str, Any], ...] = ()
     agent_env: Mapping[str, str] = field(default_factory=dict)
     lease_duration_s: float = 3.0
     lease_margin_s: float = 0.5
@@ -100,6 +101,7 @@ class OperatorConfig:
             agent_resources=_json_env(e, "PAIRVOL_AGENT_RESOURCES", OperatorConfig().agent_resources),
             agent_node_selector=_json_env(e, "PAIRVOL_AGENT_NODE_SELECTOR", {}),
             agent_tolerations=tuple(_json_env(e, "PAIRVOL_AGENT_TOLERATIONS", [])),
+            agent_image_pull_secrets=tuple(_json_env(e, "PAIRVOL_AGENT_IMAGE_PULL_SECRETS", [])),
             agent_env={str(k): str(v) for k, v in agent_env.items()},
             lease_duration_s=_float_env(e, "PAIRVOL_LEASE_DURATION", 3.0, 1.0),
             lease_margin_s=_float_env(e, "PAIRVOL_LEASE_MARGIN", 0.5, 0.0),
@@ -283,6 +285,8 @@ def pod_manifest(
     }
     if config.agent_service_account:
         pod_spec["serviceAccountName"] = config.agent_service_account
+    if config.agent_image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [dict(x) for x in config.agent_image_pull_secrets]
     if config.agent_tolerations:
         pod_spec["tolerations"] = [dict(t) for t in config.agent_tolerations]
     return {
