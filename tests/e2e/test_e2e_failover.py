@@ -140,8 +140,11 @@ async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
     lf = st["lastFailover"]
     assert (lf["from"], lf["to"], lf["mode"]) == (old["node"], st["primary"]["node"], mode)
     assert await role_of(stack, st["primary"]["pod"]) == "primary"
-    reasons = [e["reason"] for e in await stack.events(name)]
-    assert "FailingOver" in reasons and "FailedOver" in reasons
+    async def both_events() -> bool:
+        reasons = {e["reason"] for e in await stack.events(name)}
+        return {"FailingOver", "FailedOver"} <= reasons
+
+    await stack.wait_for("FailingOver and FailedOver events", both_events, within=10)
 
     v = await verify_log(stack.socket_path(st), log, writer.resume_seq)
     assert v.consistent, v.detail
