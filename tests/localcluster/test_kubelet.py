@@ -50,9 +50,7 @@ async def api(cluster: LocalCluster) -> AsyncIterator[KubeApi]:
 
 
 @pytest.fixture
-async def sim(
-    cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[NodeSimulator]:
+async def sim(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[NodeSimulator]:
     """Two nodes; ``indirect`` param ``"no-cgroups"`` forces the process-group fallback."""
     simulator = NodeSimulator(
         cluster.url,
@@ -74,9 +72,7 @@ async def sim(
     assert f"pvn{simulator.net.plan.token}-" not in netns.stdout
 
 
-async def eventually(
-    check: Callable[[], Awaitable[Any]], *, within: float = 15.0, every: float = 0.1
-) -> Any:
+async def eventually(check: Callable[[], Awaitable[Any]], *, within: float = 15.0, every: float = 0.1) -> Any:
     """Poll ``check`` until it returns something truthy (and return that) or fail."""
     deadline = time.monotonic() + within
     last: Any = None
@@ -198,9 +194,7 @@ async def test_pod_runs_its_command_and_becomes_ready_after_its_readiness_probe(
     assert line.startswith(b"HTTP/1.0 200")
 
 
-async def test_pod_is_not_ready_while_its_readiness_probe_fails(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_pod_is_not_ready_while_its_readiness_probe_fails(sim: NodeSimulator, api: KubeApi) -> None:
     # Listens on 8081, but the probe checks 8082: Running, never Ready.
     body = http_server_pod("half", "node-a", port=8081)
     body["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = 8082
@@ -246,9 +240,9 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
         'echo "hostname=$(hostname)";'
         'echo "env NAME=$MY_NAME NS=$MY_NS NODE=$MY_NODE IP=$MY_IP TOKEN=$TOKEN PLAIN=$PLAIN";'
         f'echo "file psk=$(cat {secret_dir}/psk)";'
-        f'if echo x > {secret_dir}/psk 2>/dev/null; then echo secret-writable; fi;'
-        'echo from-pod > /var/lib/pairvol/marker;'
-        'echo ready; exec sleep 1000'
+        f"if echo x > {secret_dir}/psk 2>/dev/null; then echo secret-writable; fi;"
+        "echo from-pod > /var/lib/pairvol/marker;"
+        "echo ready; exec sleep 1000"
     )
     body = pod(
         "envpod",
@@ -261,21 +255,18 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
                 {"name": "MY_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 {"name": "MY_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                 {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                {"name": "TOKEN",
-                 "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
             ],
             "volumeMounts": [
                 {"name": "creds", "mountPath": secret_dir},
                 {"name": "data", "mountPath": "/var/lib/pairvol"},
             ],
             # Exec probes run inside the pod's mounts: the marker exists only there.
-            "readinessProbe": {"exec": {"command": ["test", "-f", "/var/lib/pairvol/marker"]},
-                               "periodSeconds": 0.2},
+            "readinessProbe": {"exec": {"command": ["test", "-f", "/var/lib/pairvol/marker"]}, "periodSeconds": 0.2},
         },
         volumes=[
             {"name": "creds", "secret": {"secretName": "creds"}},
-            {"name": "data", "hostPath": {"path": "/var/lib/pairvol",
-                                          "type": "DirectoryOrCreate"}},
+            {"name": "data", "hostPath": {"path": "/var/lib/pairvol", "type": "DirectoryOrCreate"}},
         ],
     )
     body["spec"]["containers"][0]["env"][0]["value"] = "plain-$(MY_NAME)"
@@ -290,8 +281,7 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
 
     # PLAIN is defined before MY_NAME: $(MY_NAME) stays unexpanded, as in Kubernetes.
     assert (
-        f"env NAME=envpod NS={NS} NODE=node-a IP={sim.node_ip('node-a')} "
-        "TOKEN=s3cr3t-token PLAIN=plain-$(MY_NAME)"
+        f"env NAME=envpod NS={NS} NODE=node-a IP={sim.node_ip('node-a')} TOKEN=s3cr3t-token PLAIN=plain-$(MY_NAME)"
     ) in text
     assert "file psk=client:0123abcd" in text
     assert "hostname=envpod" in text
@@ -307,15 +297,12 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
     assert (result.returncode, result.stdout) == (0, "s3cr3t-token")
 
 
-async def test_pod_waits_with_a_clear_reason_until_its_secret_exists(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_pod_waits_with_a_clear_reason_until_its_secret_exists(sim: NodeSimulator, api: KubeApi) -> None:
     body = pod(
         "needs-secret",
         "node-a",
         ["/bin/sh", "-c", "echo $KEY; exec sleep 1000"],
-        container={"env": [{"name": "KEY", "valueFrom": {
-            "secretKeyRef": {"name": "later", "key": "k"}}}]},
+        container={"env": [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "later", "key": "k"}}}]},
     )
     await create(api, body)
 
@@ -330,15 +317,19 @@ async def test_pod_waits_with_a_clear_reason_until_its_secret_exists(
     waiting = await eventually(waiting_reason)
     assert "later" in waiting["message"] and "not found" in waiting["message"]
 
-    await create(api, {"apiVersion": "v1", "kind": "Secret",
-                       "metadata": {"name": "later", "namespace": NS},
-                       "data": {"k": base64.b64encode(b"v").decode()}})
+    await create(
+        api,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "later", "namespace": NS},
+            "data": {"k": base64.b64encode(b"v").decode()},
+        },
+    )
     await eventually(lambda: _phase_is(api, "needs-secret", "Running"))
 
 
-async def test_kill_pod_crashes_the_container_and_it_is_restarted_once(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_kill_pod_crashes_the_container_and_it_is_restarted_once(sim: NodeSimulator, api: KubeApi) -> None:
     await create(api, http_server_pod("crashy", "node-a"))
     await eventually(lambda: running_ready(api, "crashy"))
     (old_pid,) = sim.pod_pids(NS, "crashy")
@@ -360,9 +351,7 @@ async def test_kill_pod_crashes_the_container_and_it_is_restarted_once(
     assert new_pid != old_pid and alive(new_pid)
 
 
-async def test_restart_policy_decides_what_happens_after_exit(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_restart_policy_decides_what_happens_after_exit(sim: NodeSimulator, api: KubeApi) -> None:
     await create(api, pod("fails", "node-a", ["/bin/sh", "-c", "exit 3"], restartPolicy="Never"))
     await create(api, pod("works", "node-a", ["/bin/true"], restartPolicy="OnFailure"))
     await create(api, pod("loops", "node-b", ["/bin/sh", "-c", "exit 1"], restartPolicy="Always"))
@@ -383,15 +372,12 @@ async def test_restart_policy_decides_what_happens_after_exit(
     assert looping["status"]["phase"] == "Running"
 
 
-async def test_failing_liveness_probe_restarts_the_container(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_failing_liveness_probe_restarts_the_container(sim: NodeSimulator, api: KubeApi) -> None:
     body = pod(
         "unlive",
         "node-b",
         ["sleep", "1000"],
-        container={"livenessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 0.2,
-                                     "failureThreshold": 2}},
+        container={"livenessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 0.2, "failureThreshold": 2}},
         terminationGracePeriodSeconds=1,
     )
     await create(api, body)
@@ -404,12 +390,9 @@ async def test_failing_liveness_probe_restarts_the_container(
     await eventually(restarted)
 
 
-async def test_deleting_a_pod_sends_sigterm_and_waits_for_a_clean_exit(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_deleting_a_pod_sends_sigterm_and_waits_for_a_clean_exit(sim: NodeSimulator, api: KubeApi) -> None:
     script = 'trap "echo got-sigterm; exit 0" TERM; echo started; while :; do sleep 0.1; done'
-    await create(api, pod("polite", "node-a", ["/bin/sh", "-c", script],
-                          terminationGracePeriodSeconds=20))
+    await create(api, pod("polite", "node-a", ["/bin/sh", "-c", script], terminationGracePeriodSeconds=20))
     await eventually(lambda: _phase_is(api, "polite", "Running"))
     (pid,) = sim.pod_pids(NS, "polite")
     log = sim.log_path("node-a", NS, "polite")
@@ -428,8 +411,7 @@ async def test_deleting_a_pod_that_ignores_sigterm_kills_it_after_the_grace_peri
     sim: NodeSimulator, api: KubeApi
 ) -> None:
     script = 'trap "" TERM; echo started; while :; do sleep 0.1; done'
-    await create(api, pod("stubborn", "node-a", ["/bin/sh", "-c", script],
-                          terminationGracePeriodSeconds=1))
+    await create(api, pod("stubborn", "node-a", ["/bin/sh", "-c", script], terminationGracePeriodSeconds=1))
     await eventually(lambda: _phase_is(api, "stubborn", "Running"))
     (pid,) = sim.pod_pids(NS, "stubborn")
     log = sim.log_path("node-a", NS, "stubborn")
@@ -470,17 +452,18 @@ async def test_a_pod_marked_for_deletion_is_terminated_and_then_finalized_by_the
     assert obj["metadata"]["deletionTimestamp"]
     assert obj["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
     # Once the finalizer goes, the kubelet's final delete has nothing left to wait for.
-    await api.request("PATCH", f"/api/v1/namespaces/{NS}/pods/held",
-                      body={"metadata": {"finalizers": None}},
-                      content_type="application/merge-patch+json")
+    await api.request(
+        "PATCH",
+        f"/api/v1/namespaces/{NS}/pods/held",
+        body={"metadata": {"finalizers": None}},
+        content_type="application/merge-patch+json",
+    )
 
     await eventually(lambda: pod_gone(api, "held"))
 
 
 @pytest.mark.parametrize("sim", ["cgroups", "no-cgroups"], indirect=True)
-async def test_kill_node_kills_every_process_and_the_node_turns_not_ready(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_kill_node_kills_every_process_and_the_node_turns_not_ready(sim: NodeSimulator, api: KubeApi) -> None:
     # The container forks a child into its own session: it must die with the node too.
     script = "setsid sleep 1001 & echo started; exec sleep 1000"
     await create(api, pod("victim", "node-a", ["/bin/sh", "-c", script]))
@@ -500,9 +483,11 @@ async def test_kill_node_kills_every_process_and_the_node_turns_not_ready(
         node = await api.request("GET", "/api/v1/nodes/node-a")
         taints = {(t["key"], t["effect"]) for t in node["spec"].get("taints") or []}
         victim = await get_pod(api, "victim")
-        return (condition(node, "Ready") == "Unknown"
-                and ("node.kubernetes.io/unreachable", "NoExecute") in taints
-                and condition(victim, "Ready") == "False")
+        return (
+            condition(node, "Ready") == "Unknown"
+            and ("node.kubernetes.io/unreachable", "NoExecute") in taints
+            and condition(victim, "Ready") == "False"
+        )
 
     await eventually(node_unknown_pod_not_ready, within=GRACE + 5)
     # The other node is unaffected.
@@ -517,17 +502,18 @@ async def test_kill_node_kills_every_process_and_the_node_turns_not_ready(
         node = await api.request("GET", "/api/v1/nodes/node-a")
         obj = await get_pod(api, "victim")
         statuses = (obj.get("status") or {}).get("containerStatuses") or [{}]
-        return (condition(node, "Ready") == "True" and not node["spec"].get("taints")
-                and "running" in statuses[0].get("state", {})
-                and statuses[0].get("restartCount") == 1)
+        return (
+            condition(node, "Ready") == "True"
+            and not node["spec"].get("taints")
+            and "running" in statuses[0].get("state", {})
+            and statuses[0].get("restartCount") == 1
+        )
 
     await eventually(back)
     assert [p for p in sim.node_pids("node-a") if alive(p)]
 
 
-async def test_partition_silently_drops_traffic_both_ways_until_healed(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_partition_silently_drops_traffic_both_ways_until_healed(sim: NodeSimulator, api: KubeApi) -> None:
     await create(api, http_server_pod("island", "node-b"))
     await eventually(lambda: running_ready(api, "island"))
     b_ip = sim.node_ip("node-b")
@@ -562,9 +548,7 @@ async def test_partition_silently_drops_traffic_both_ways_until_healed(
     await eventually(node_ready_pod_ready)
 
 
-async def test_pods_reach_the_api_server_through_the_node_network(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
+async def test_pods_reach_the_api_server_through_the_node_network(sim: NodeSimulator, api: KubeApi) -> None:
     script = (
         "import json, os, urllib.request;"
         "url = 'http://%s:%s/api/v1/nodes' % (os.environ['KUBERNETES_SERVICE_HOST'],"
@@ -573,8 +557,7 @@ async def test_pods_reach_the_api_server_through_the_node_network(
         "print('nodes:', sorted(i['metadata']['name'] for i in items), flush=True);"
         "print('kubeconfig:', os.path.exists(os.environ['KUBECONFIG']), flush=True)"
     )
-    await create(api, pod("client", "node-a", [sys.executable, "-c", script],
-                          restartPolicy="Never"))
+    await create(api, pod("client", "node-a", [sys.executable, "-c", script], restartPolicy="Never"))
 
     await eventually(lambda: _phase_is(api, "client", "Succeeded"))
     text = sim.log_path("node-a", NS, "client").read_text()
@@ -582,11 +565,8 @@ async def test_pods_reach_the_api_server_through_the_node_network(
     assert "kubeconfig: True" in text
 
 
-async def test_pairvol_resolves_to_this_venv_inside_pods(
-    sim: NodeSimulator, api: KubeApi
-) -> None:
-    await create(api, pod("which", "node-b", ["/bin/sh", "-c", "command -v pairvol"],
-                          restartPolicy="Never"))
+async def test_pairvol_resolves_to_this_venv_inside_pods(sim: NodeSimulator, api: KubeApi) -> None:
+    await create(api, pod("which", "node-b", ["/bin/sh", "-c", "command -v pairvol"], restartPolicy="Never"))
     await eventually(lambda: _phase_is(api, "which", "Succeeded"))
     text = sim.log_path("node-b", NS, "which").read_text().strip()
     assert text == str(Path(sys.executable).parent / "pairvol")
@@ -598,9 +578,7 @@ async def test_run_in_node_uses_the_node_network(sim: NodeSimulator) -> None:
     assert sim.node_ip("node-a") in result.stdout
 
 
-async def test_leftovers_of_a_dead_simulator_are_removed_by_the_next_one(
-    cluster: LocalCluster, tmp_path: Path
-) -> None:
+async def test_leftovers_of_a_dead_simulator_are_removed_by_the_next_one(cluster: LocalCluster, tmp_path: Path) -> None:
     # A bridge and a netns named as if owned by a PID that cannot exist (> pid_max).
     dead = "pvb7fffffx1"
     dead_ns = "pvn7fffffx1-0"

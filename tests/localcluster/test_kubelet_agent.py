@@ -28,8 +28,9 @@ pytestmark = [
     pytest.mark.netns,
     pytest.mark.timeout(120),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
-                       reason="needs qemu-storage-daemon (Debian qemu-system-common)"),
+    pytest.mark.skipif(
+        shutil.which("qemu-storage-daemon") is None, reason="needs qemu-storage-daemon (Debian qemu-system-common)"
+    ),
 ]
 
 NS = "default"
@@ -44,8 +45,13 @@ async def sim(tmp_path: Path) -> AsyncIterator[tuple[NodeSimulator, KubeApi]]:
     async with (
         LocalCluster(nodes=0, load_crds=False) as cluster,
         KubeApi(cluster.url) as api,
-        NodeSimulator(cluster.url, nodes=["node-a", "node-b"], root=tmp_path / "nodes",
-                      status_interval=0.3, node_monitor_grace=1.5) as simulator,
+        NodeSimulator(
+            cluster.url,
+            nodes=["node-a", "node-b"],
+            root=tmp_path / "nodes",
+            status_interval=0.3,
+            node_monitor_grace=1.5,
+        ) as simulator,
     ):
         yield simulator, api
     shutil.rmtree(Path(SECRET_MOUNT).parent, ignore_errors=True)
@@ -60,37 +66,54 @@ def agent_pod(name: str, node: str) -> dict[str, Any]:
             "nodeName": node,
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 5,
-            "containers": [{
-                "name": "agent",
-                "image": "pairvol:dev",
-                "command": ["pairvol", "agent", "--name", "vol1", "--data-dir", DATA,
-                            "--size", "16Mi", "--listen", "0.0.0.0:7800",
-                            "--replication-listen", "0.0.0.0:7801",
-                            "--token-file", f"{SECRET_MOUNT}/token",
-                            "--psk-file", f"{SECRET_MOUNT}/psk"],
-                "ports": [{"name": "api", "containerPort": 7800}],
-                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "api"},
-                                   "periodSeconds": 0.5},
-                "volumeMounts": [{"name": "data", "mountPath": DATA},
-                                 {"name": "credentials", "mountPath": SECRET_MOUNT,
-                                  "readOnly": True}],
-            }],
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": "pairvol:dev",
+                    "command": [
+                        "pairvol",
+                        "agent",
+                        "--name",
+                        "vol1",
+                        "--data-dir",
+                        DATA,
+                        "--size",
+                        "16Mi",
+                        "--listen",
+                        "0.0.0.0:7800",
+                        "--replication-listen",
+                        "0.0.0.0:7801",
+                        "--token-file",
+                        f"{SECRET_MOUNT}/token",
+                        "--psk-file",
+                        f"{SECRET_MOUNT}/psk",
+                    ],
+                    "ports": [{"name": "api", "containerPort": 7800}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "api"}, "periodSeconds": 0.5},
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": DATA},
+                        {"name": "credentials", "mountPath": SECRET_MOUNT, "readOnly": True},
+                    ],
+                }
+            ],
             "volumes": [
                 {"name": "data", "hostPath": {"path": DATA, "type": "DirectoryOrCreate"}},
-                {"name": "credentials", "secret": {"secretName": "vol1-agent",
-                                                   "defaultMode": 0o400}},
+                {"name": "credentials", "secret": {"secretName": "vol1-agent", "defaultMode": 0o400}},
             ],
         },
     }
 
 
-async def call(sim: NodeSimulator, from_node: str, host: str, method: str, path: str,
-               body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+async def call(
+    sim: NodeSimulator, from_node: str, host: str, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
     """A tiny HTTP/1.0 client that runs inside ``from_node``'s network namespace."""
     reader, writer = await sim.net.open_connection(from_node, host, 7800, time_limit=3.0)
     payload = json.dumps(body or {}).encode() if method == "POST" else b""
-    head = (f"{method} {path} HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+    head = (
+        f"{method} {path} HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
     writer.write(head.encode() + payload)
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(), 30)
@@ -100,16 +123,22 @@ async def call(sim: NodeSimulator, from_node: str, host: str, method: str, path:
     return int(status_line.split()[1]), json.loads(text or b"{}")
 
 
-async def test_agent_pod_runs_with_its_secret_and_node_local_data_dir(
-    sim: tuple[NodeSimulator, KubeApi]
-) -> None:
+async def test_agent_pod_runs_with_its_secret_and_node_local_data_dir(sim: tuple[NodeSimulator, KubeApi]) -> None:
     simulator, api = sim
-    await api.request("POST", f"/api/v1/namespaces/{NS}/secrets", body={
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vol1-agent", "namespace": NS},
-        "data": {"token": base64.b64encode(TOKEN.encode()).decode(),
-                 "psk": base64.b64encode(PSK.encode()).decode()}})
-    await api.request("POST", f"/api/v1/namespaces/{NS}/pods", body=agent_pod("agent-b",
-                                                                            "node-b"))
+    await api.request(
+        "POST",
+        f"/api/v1/namespaces/{NS}/secrets",
+        body={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "vol1-agent", "namespace": NS},
+            "data": {
+                "token": base64.b64encode(TOKEN.encode()).decode(),
+                "psk": base64.b64encode(PSK.encode()).decode(),
+            },
+        },
+    )
+    await api.request("POST", f"/api/v1/namespaces/{NS}/pods", body=agent_pod("agent-b", "node-b"))
 
     deadline = time.monotonic() + 60
     while True:
@@ -122,7 +151,8 @@ async def test_agent_pod_runs_with_its_secret_and_node_local_data_dir(
             break
         assert time.monotonic() < deadline, (
             f"agent pod never became Ready: {obj.get('status')}\n"
-            + simulator.log_path("node-b", NS, "agent-b").read_text()[-3000:])
+            + simulator.log_path("node-b", NS, "agent-b").read_text()[-3000:]
+        )
         await asyncio.sleep(0.2)
 
     b_ip = simulator.node_ip("node-b")
@@ -135,7 +165,8 @@ async def test_agent_pod_runs_with_its_secret_and_node_local_data_dir(
     assert body["role"] == "secondary" and body["stage"] == "running"
     # The replica's images are on node-b's disk, not node-a's and not the machine's.
     node_b_files = await asyncio.to_thread(
-        lambda: sorted(p.name for p in simulator.host_path("node-b", DATA).iterdir()))
+        lambda: sorted(p.name for p in simulator.host_path("node-b", DATA).iterdir())
+    )
     assert node_b_files, "agent wrote nothing into its hostPath"
     assert not await asyncio.to_thread(simulator.host_path("node-a", DATA).exists)
 

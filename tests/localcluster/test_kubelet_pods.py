@@ -61,31 +61,38 @@ def b64(text: str) -> str:
 
 def a_pod(**spec: Any) -> dict[str, Any]:
     return {
-        "metadata": {"name": "p", "namespace": "ns1", "uid": "u-1",
-                     "labels": {"app": "x"}, "annotations": {"a": "b"}},
+        "metadata": {"name": "p", "namespace": "ns1", "uid": "u-1", "labels": {"app": "x"}, "annotations": {"a": "b"}},
         "spec": {"nodeName": "node-a", **spec},
     }
 
 
 class TestEnv:
     def test_values_downward_api_and_secret_keys_resolve_in_order(self) -> None:
-        container = {"env": [
-            {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "GREETING", "value": "hi $(NAME) on $(NODE)"},
-            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
-            {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}},
-            {"name": "CM", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
-        ]}
-        objects = {("secrets", "s"): {"data": {"pw": b64("pass")}},
-                   ("configmaps", "c"): {"data": {"k": "v"}}}
+        container = {
+            "env": [
+                {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "GREETING", "value": "hi $(NAME) on $(NODE)"},
+                {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}},
+                {"name": "CM", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+            ]
+        }
+        objects = {("secrets", "s"): {"data": {"pw": b64("pass")}}, ("configmaps", "c"): {"data": {"k": "v"}}}
 
         env = resolve_env(container, a_pod(), INFO, objects, base={"PATH": "/bin"})
 
-        assert env == {"PATH": "/bin", "NAME": "p", "GREETING": "hi p on $(NODE)",
-                       "NODE": "node-a", "IP": "10.200.0.2", "APP": "x", "PW": "pass",
-                       "CM": "v"}
+        assert env == {
+            "PATH": "/bin",
+            "NAME": "p",
+            "GREETING": "hi p on $(NODE)",
+            "NODE": "node-a",
+            "IP": "10.200.0.2",
+            "APP": "x",
+            "PW": "pass",
+            "CM": "v",
+        }
 
     def test_missing_secret_or_key_is_a_config_error_unless_optional(self) -> None:
         ref = {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}}
@@ -108,13 +115,15 @@ class TestEnv:
 
     def test_referenced_objects_cover_env_env_from_and_volumes(self) -> None:
         pod = a_pod(
-            containers=[{"env": [{"name": "A", "valueFrom": {
-                "secretKeyRef": {"name": "s1", "key": "k"}}}],
-                "envFrom": [{"configMapRef": {"name": "c1"}}]}],
+            containers=[
+                {
+                    "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s1", "key": "k"}}}],
+                    "envFrom": [{"configMapRef": {"name": "c1"}}],
+                }
+            ],
             volumes=[{"name": "v", "secret": {"secretName": "s2"}}],
         )
-        assert referenced_objects(pod) == {("secrets", "s1"), ("configmaps", "c1"),
-                                           ("secrets", "s2")}
+        assert referenced_objects(pod) == {("secrets", "s1"), ("configmaps", "c1"), ("secrets", "s2")}
 
 
 class TestExpansion:
@@ -135,15 +144,19 @@ class TestExpansion:
 
 class TestVolumes:
     def test_secret_volume_becomes_files_under_the_pod_dir(self) -> None:
-        pod = a_pod(volumes=[{"name": "creds", "secret": {
-            "secretName": "s", "defaultMode": 0o400,
-            "items": [{"key": "psk", "path": "keys/psk"}]}}])
+        pod = a_pod(
+            volumes=[
+                {
+                    "name": "creds",
+                    "secret": {"secretName": "s", "defaultMode": 0o400, "items": [{"key": "psk", "path": "keys/psk"}]},
+                }
+            ]
+        )
         objects = {("secrets", "s"): {"data": {"psk": b64("k"), "other": b64("o")}}}
 
         volumes = plan_volumes(pod, Path("/n"), Path("/n/pods/u"), objects)
 
-        assert volumes == {"creds": VolumeFiles(Path("/n/pods/u/volumes/creds"),
-                                                {"keys/psk": (b"k", 0o400)})}
+        assert volumes == {"creds": VolumeFiles(Path("/n/pods/u/volumes/creds"), {"keys/psk": (b"k", 0o400)})}
 
     def test_host_path_lives_under_the_node_root(self) -> None:
         pod = a_pod(volumes=[{"name": "d", "hostPath": {"path": "/var/lib/pairvol"}}])
@@ -156,8 +169,9 @@ class TestVolumes:
             host_path_on_node(Path("/n"), bad)
 
     def test_secret_item_paths_cannot_escape_the_volume(self) -> None:
-        pod = a_pod(volumes=[{"name": "v", "secret": {
-            "secretName": "s", "items": [{"key": "k", "path": "../../etc/passwd"}]}}])
+        pod = a_pod(
+            volumes=[{"name": "v", "secret": {"secretName": "s", "items": [{"key": "k", "path": "../../etc/passwd"}]}}]
+        )
         with pytest.raises(PodConfigError, match="stay inside"):
             plan_volumes(pod, Path("/n"), Path("/p"), {("secrets", "s"): {"data": {"k": b64("x")}}})
 
@@ -167,12 +181,13 @@ class TestVolumes:
             plan_volumes(pod, Path("/n"), Path("/p"), {})
 
     def test_mounts_map_mount_paths_to_volume_sources_and_secrets_are_read_only(self) -> None:
-        volumes = {"d": VolumeDir(Path("/n/hostpath/data")),
-                   "s": VolumeFiles(Path("/p/volumes/s"), {})}
-        container = {"volumeMounts": [
-            {"name": "d", "mountPath": "/var/lib/pairvol", "subPath": "vol1"},
-            {"name": "s", "mountPath": "/etc/secret"},
-        ]}
+        volumes = {"d": VolumeDir(Path("/n/hostpath/data")), "s": VolumeFiles(Path("/p/volumes/s"), {})}
+        container = {
+            "volumeMounts": [
+                {"name": "d", "mountPath": "/var/lib/pairvol", "subPath": "vol1"},
+                {"name": "s", "mountPath": "/etc/secret"},
+            ]
+        }
         assert plan_mounts(container, volumes) == [
             Mount(Path("/n/hostpath/data/vol1"), PurePosixPath("/var/lib/pairvol"), False),
             Mount(Path("/p/volumes/s"), PurePosixPath("/etc/secret"), True),
@@ -202,20 +217,26 @@ class TestLaunch:
         ]
         assert shlex.split(outer[2].split("-- ", 1)[1])[-1] == inner
 
-
     def test_pod_name_becomes_the_host_name_in_its_own_uts_namespace(self) -> None:
-        outer, inner = launch_script(cgroup_procs=None, mounts=[], netns="n", workdir=None,
-                                     argv=["true"], hostname="agent-0")
+        outer, inner = launch_script(
+            cgroup_procs=None, mounts=[], netns="n", workdir=None, argv=["true"], hostname="agent-0"
+        )
         assert "exec unshare --mount --uts --propagation private" in outer[2]
         assert "echo $$" not in outer[2]  # no cgroup: nothing to join
         assert inner.splitlines()[1] == "hostname agent-0"
 
 
 class TestRestartsAndProbes:
-    @pytest.mark.parametrize(("policy", "code", "restart"), [
-        ("Always", 0, True), ("Always", 1, True), ("OnFailure", 0, False),
-        ("OnFailure", 2, True), ("Never", 1, False),
-    ])
+    @pytest.mark.parametrize(
+        ("policy", "code", "restart"),
+        [
+            ("Always", 0, True),
+            ("Always", 1, True),
+            ("OnFailure", 0, False),
+            ("OnFailure", 2, True),
+            ("Never", 1, False),
+        ],
+    )
     def test_restart_policy(self, policy: str, code: int, restart: bool) -> None:
         assert should_restart(policy, code) is restart
 
@@ -223,16 +244,21 @@ class TestRestartsAndProbes:
         assert [backoff_delay(n, 1.0, 5.0) for n in range(6)] == [0, 1, 2, 4, 5, 5]
 
     def test_probe_thresholds(self) -> None:
-        tracker = ProbeTracker(ProbeSpec(kind="tcp", success_threshold=2, failure_threshold=3),
-                               healthy=False)
-        assert [tracker.record(ok) for ok in (True, True, False, False, True, False, False,
-                                              False)] == [False, True, True, True, True,
-                                                          True, True, False]
+        tracker = ProbeTracker(ProbeSpec(kind="tcp", success_threshold=2, failure_threshold=3), healthy=False)
+        assert [tracker.record(ok) for ok in (True, True, False, False, True, False, False, False)] == [
+            False,
+            True,
+            True,
+            True,
+            True,
+            True,
+            True,
+            False,
+        ]
 
     def test_named_probe_port_resolves_from_container_ports(self) -> None:
         container = {"ports": [{"name": "api", "containerPort": 7800}]}
-        probe = parse_probe({"httpGet": {"path": "/healthz", "port": "api"},
-                             "periodSeconds": 2}, container)
+        probe = parse_probe({"httpGet": {"path": "/healthz", "port": "api"}, "periodSeconds": 2}, container)
         assert probe == ProbeSpec(kind="http", port=7800, path="/healthz", period=2.0)
         with pytest.raises(PodConfigError, match="named container port"):
             parse_probe({"tcpSocket": {"port": "nope"}}, container)
@@ -252,11 +278,15 @@ class TestStatus:
 
     def test_ready_condition_keeps_its_transition_time_while_unchanged(self) -> None:
         ready = ContainerState("a", state={"running": {}}, ready=True)
-        first = render_pod_status(containers=[ready], policy="Always", info=INFO,
-                                  start_time="t0", now="t1")
-        second = render_pod_status(containers=[ready], policy="Always", info=INFO,
-                                   start_time="t0", now="t2",
-                                   previous_conditions=first["conditions"])
+        first = render_pod_status(containers=[ready], policy="Always", info=INFO, start_time="t0", now="t1")
+        second = render_pod_status(
+            containers=[ready],
+            policy="Always",
+            info=INFO,
+            start_time="t0",
+            now="t2",
+            previous_conditions=first["conditions"],
+        )
         cond = {c["type"]: c for c in second["conditions"]}
         assert cond["Ready"] == {"type": "Ready", "status": "True", "lastTransitionTime": "t1"}
         assert second["podIP"] == second["hostIP"] == "10.200.0.2"

@@ -149,8 +149,7 @@ def _reap_stale_cgroups(base: Path) -> None:
                 continue
             left = _cgroup_pids(entry)
             if left:
-                logger.warning("stale cgroup %s of dead simulator %s still has processes %s",
-                               entry, pid, left)
+                logger.warning("stale cgroup %s of dead simulator %s still has processes %s", entry, pid, left)
             else:
                 _rmdir_cgroup_tree(entry)
 

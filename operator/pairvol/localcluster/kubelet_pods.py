@@ -409,9 +409,7 @@ def launch_script(
     if cgroup_procs:
         outer.append(f"echo $$ > {q(cgroup_procs)}")
     uts = "--uts " if hostname else ""
-    outer.append(
-        f"exec unshare --mount {uts}--propagation private -- /bin/sh -c " + q(inner_script)
-    )
+    outer.append(f"exec unshare --mount {uts}--propagation private -- /bin/sh -c " + q(inner_script))
     return ["/bin/sh", "-c", "\n".join(outer)], inner_script
 
 
