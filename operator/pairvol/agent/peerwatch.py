@@ -119,11 +119,13 @@ class PeerWatch:
             if delta > 0:
                 self._on_sent(delta)
         self._last_sent = seen
-        if conns:
+        stuck = [c for c in conns if c.stalled(self.stall_timeout_ms)]
+        # A connection counts once the peer has said something on it: a stopped daemon's
+        # kernel still accepts connections, but never sends the NBD greeting.
+        if any(c.bytes_received > 0 and c not in stuck for c in conns):
             self.connected, self.down_since = True, None
         elif self.connected or self.down_since is None:
             self.connected, self.down_since = False, now
-        stuck = [c for c in conns if c.stalled(self.stall_timeout_ms)]
         if stuck:
             log.error(
                 "replication link to %s:%d is stalled (no reply for %.1f s): breaking the connection",
