@@ -373,12 +373,14 @@ async def test_restart_policy_decides_what_happens_after_exit(sim: NodeSimulator
 
 
 async def test_failing_liveness_probe_restarts_the_container(sim: NodeSimulator, api: KubeApi) -> None:
+    # It exits 0 on SIGTERM, yet a liveness kill is a failure: OnFailure restarts it.
     body = pod(
         "unlive",
         "node-b",
-        ["sleep", "1000"],
+        ["/bin/sh", "-c", 'trap "exit 0" TERM; while :; do sleep 0.1; done'],
         container={"livenessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 0.2, "failureThreshold": 2}},
-        terminationGracePeriodSeconds=1,
+        terminationGracePeriodSeconds=5,
+        restartPolicy="OnFailure",
     )
     await create(api, body)
 

@@ -208,6 +208,22 @@ def _rmdir_cgroup_tree(cgroup: Path) -> None:
         cgroup.rmdir()
 
 
+def _sweep_cgroup_tree(cgroup: Path, wait_s: float = 5.0) -> None:
+    """Kill whatever is still in ``cgroup`` and below (only processes we put there, e.g. one
+    spawned while its start was being cancelled), wait for it to empty, remove it. Thread."""
+    if not cgroup.exists():
+        return
+    deadline = time.monotonic() + wait_s
+    while _cgroup_pids(cgroup):
+        with contextlib.suppress(OSError):
+            (cgroup / "cgroup.kill").write_text("1")
+        if time.monotonic() > deadline:
+            logger.warning("processes survive in %s: %s", cgroup, _cgroup_pids(cgroup))
+            break
+        time.sleep(0.02)
+    _rmdir_cgroup_tree(cgroup)
+
+
 def _descendants(root_pid: int) -> list[int]:
     """All live descendants of ``root_pid`` (by walking /proc), for the no-cgroup fallback."""
     children: dict[int, list[int]] = {}
@@ -371,6 +387,7 @@ class ContainerRunner:
         self._start_count = 0
         self._wake = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._liveness_failed = False  # killed for a failed liveness probe: a failure
 
     async def run(self) -> None:
         sim = self.worker.kubelet.sim
@@ -410,7 +427,9 @@ class ContainerRunner:
             self.state.ready = False
             self.state.pid = None
             logger.info("%s/%s container %s exited with %s", *self.worker.key, self.name, code)
-            if self.stopping or not should_restart(policy, code):
+            failed = code != 0 or self._liveness_failed
+            self._liveness_failed = False
+            if self.stopping or not should_restart(policy, 1 if failed else 0):
                 self.state.state = {"terminated": terminated}
                 self.worker.changed()
                 return
@@ -472,6 +491,7 @@ class ContainerRunner:
             if kind == "liveness" and before and not healthy:
                 logger.info("%s/%s container %s failed liveness; restarting", *self.worker.key, self.name)
                 # Stopping the process ends this task via cancellation from run().
+                self._liveness_failed = True
                 task = asyncio.create_task(self._terminate_process(self.worker.grace_period()))
                 self._side_tasks.add(task)
                 task.add_done_callback(self._side_tasks.discard)
@@ -988,7 +1008,7 @@ class NodeKubelet:
         await asyncio.gather(*(w.crash() for w in workers), return_exceptions=True)
         self._done.clear()
         if self.cgroup_root is not None:
-            await asyncio.to_thread(_rmdir_cgroup_tree, self.cgroup_root)
+            await asyncio.to_thread(_sweep_cgroup_tree, self.cgroup_root)
 
     async def restart(self) -> None:
         if self.alive:
@@ -1150,7 +1170,7 @@ class NodeSimulator:
         await self.api.close()
         await self.net.close()
         if self.cgroup_root is not None:
-            await asyncio.to_thread(_rmdir_cgroup_tree, self.cgroup_root)
+            await asyncio.to_thread(_sweep_cgroup_tree, self.cgroup_root)
             self.cgroup_root = None
 
     # -- what pods see --------------------------------------------------------------------
