@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from tests.bench.stats import STALL_THRESHOLD_MS, fmt, ratio, table
 
 log = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("throughput", "checkpoint", "failover")
 RATIO_PAIRS = (
     ("c/a", "c-pairvol", "a-bare"),
@@ -67,8 +69,12 @@ async def machine() -> dict[str, Any]:
 
 
 def compute_ratios(tp: dict[str, Any]) -> dict[str, Any]:
-    """c/a, c/b (and the TLS pair): throughput and IOPS ratios (higher is better for c)
-    and latency ratios (lower is better for c), per workload."""
+    """c/a, c/b (and the TLS pair) per workload: throughput and IOPS ratios (higher is
+    better for c) and latency ratios (lower is better for c).
+
+    Each ratio is taken within a round (both sides measured minutes apart at most, under
+    the same neighbours' load) and the median over rounds is reported, with the range.
+    """
     out: dict[str, Any] = {}
     for label, num, den in RATIO_PAIRS:
         if num not in tp or den not in tp:
@@ -78,7 +84,17 @@ def compute_ratios(tp: dict[str, Any]) -> dict[str, Any]:
             n, d = tp[num]["workloads"].get(wl.name), tp[den]["workloads"].get(wl.name)
             if n is None or d is None:
                 continue
-            per[wl.name] = {k: ratio(n.get(k), d.get(k)) for k in ("mibps", "iops", "p50_us", "p99_us")}
+            n_rounds, d_rounds = n.get("rounds") or [n], d.get("rounds") or [d]
+            entry: dict[str, Any] = {}
+            for key in ("mibps", "iops", "p50_us", "p99_us"):
+                paired = [
+                    r
+                    for a, b in zip(n_rounds, d_rounds, strict=False)
+                    if (r := ratio(a.get(key), b.get(key))) is not None
+                ]
+                entry[key] = statistics.median(paired) if paired else None
+                entry[f"{key}_range"] = [min(paired), max(paired)] if paired else None
+            per[wl.name] = entry
         out[label] = per
     return out
 
@@ -93,7 +109,7 @@ def render(results: dict[str, Any]) -> str:
     )
     parts.append(f"  start: {meta['machine']['uptime']}")
     parts.append(f"  end:   {meta.get('uptime_end', '')}")
-    parts.append(f"  {meta['machine']['fio']}; {meta['machine']['qsd']}")
+    parts.append(f"  {meta['machine']['fio']}; {meta['machine']['qsd']}; pairvol {meta.get('git', '?')}")
 
     tp = results.get("throughput") or {}
     if tp:
@@ -103,12 +119,14 @@ def render(results: dict[str, Any]) -> str:
                 m = res["workloads"].get(wl.name)
                 if m is None:
                     continue
+                iops = [r["iops"] for r in m.get("rounds", [m])]
                 rows.append(
                     [
                         cfg,
                         wl.name,
                         fmt(m["mibps"]),
                         fmt(m["iops"], 0),
+                        f"{fmt(min(iops), 0)}-{fmt(max(iops), 0)}",
                         fmt(m["p50_us"], 0),
                         fmt(m["p99_us"], 0),
                         fmt(m["p99.9_us"], 0),
@@ -122,28 +140,44 @@ def render(results: dict[str, Any]) -> str:
                         "qd1 client (py)",
                         "-",
                         fmt(q["iops"], 0),
+                        "",
                         fmt(_us(q["all_ms"]["p50"]), 0),
                         fmt(_us(q["all_ms"]["p99"]), 0),
                         fmt(_us(q["all_ms"]["p99.9"]), 0) + f"  max {fmt(q['all_ms']['max'], 2)} ms",
                     ]
                 )
-        parts.append("\nThroughput and latency (fio nbd engine; latency = completion latency, µs)")
-        parts.append(table(["config", "workload", "MiB/s", "IOPS", "p50", "p99", "p99.9"], rows))
-        loads = ", ".join(f"{cfg} {res['load_before'][0]:.2f}" for cfg, res in tp.items())
-        parts.append(f"  1-min load before each configuration: {loads}")
+        n_rounds = max(len(m.get("rounds", [m])) for res in tp.values() for m in res["workloads"].values())
+        parts.append(
+            f"\nThroughput and latency (fio nbd engine, median of {n_rounds} interleaved round(s); "
+            "latency = completion latency, µs)"
+        )
+        parts.append(table(["config", "workload", "MiB/s", "IOPS", "IOPS range", "p50", "p99", "p99.9"], rows))
+        loads = [r["load1"] for res in tp.values() for m in res["workloads"].values() for r in m.get("rounds", [])]
+        if loads:
+            parts.append(f"  1-min load during the fio runs: {min(loads):.2f} .. {max(loads):.2f} (2 CPUs)")
 
     ratios = results.get("ratios") or {}
     if ratios:
         rows = []
         for label, per in ratios.items():
             for wl, r in per.items():
+                rng = r.get("iops_range")
                 rows.append(
-                    [label, wl, fmt(r["mibps"], 3), fmt(r["iops"], 3), fmt(r["p50_us"], 2), fmt(r["p99_us"], 2)]
+                    [
+                        label,
+                        wl,
+                        fmt(r["mibps"], 3),
+                        fmt(r["iops"], 3),
+                        f"{fmt(rng[0], 2)}-{fmt(rng[1], 2)}" if rng else "-",
+                        fmt(r["p50_us"], 2),
+                        fmt(r["p99_us"], 2),
+                    ]
                 )
         parts.append(
             f"\nRatios (MiB/s and IOPS: higher is better, target c/b >= {TARGET_C_OVER_B}; latency: lower is better)"
         )
-        parts.append(table(["ratio", "workload", "MiB/s", "IOPS", "p50 lat", "p99 lat"], rows))
+        parts.append(table(["ratio", "workload", "MiB/s", "IOPS", "IOPS range", "p50 lat", "p99 lat"], rows))
+        parts.append("  (median over rounds of the ratio within each round, and its range)")
 
     cp = results.get("checkpoint")
     if cp:
@@ -171,6 +205,19 @@ def render(results: dict[str, Any]) -> str:
             rows.append([name, fmt(s["n"]), fmt(s["p50"], 3), fmt(s["p99"], 2), fmt(s["p99.9"], 2), fmt(s["max"], 2)])
         parts.append("Primary write latency at QD1 (client side, ms)")
         parts.append(table(["", "writes", "p50", "p99", "p99.9", "max"], rows))
+        rows = [
+            [
+                f"{b['from_ms']:g}..{b['to_ms']:g} ms" if b["to_ms"] is not None else f">= {b['from_ms']:g} ms",
+                fmt(b["n"]),
+                fmt(b["p50"], 3),
+                fmt(b["p99"], 2),
+                fmt(b["max"], 2),
+            ]
+            for b in cp.get("with_since_cut", [])
+        ]
+        if rows:
+            parts.append("Writes outside checkpoint calls, by time since the previous call ended (ms)")
+            parts.append(table(["since checkpoint", "writes", "p50", "p99", "max"], rows))
         parts.append(
             f"  writes > {STALL_THRESHOLD_MS:g} ms: without checkpoints {cp['without']['over_threshold']}, "
             f"with {cp['with']['over_threshold']} (of which during a checkpoint call: "
@@ -216,7 +263,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--no-tls", action="store_true", help="skip the TLS-PSK configurations")
-    p.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 8, quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved fio rounds per workload (default 3, quick 1)")
+    p.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 5, quick 1)")
     p.add_argument(
         "--failover-mib", default=None, help="comma-separated MiB changed before failover (default 0,16,64,256)"
     )
@@ -238,6 +286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL
     changes: dict[str, Any] = {}
+    if args.rounds is not None:
+        changes["rounds"] = args.rounds
     if args.runtime is not None:
         changes["runtime_s"] = args.runtime
     if args.failover_mib is not None:
@@ -261,17 +311,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": await machine(),
+            "git": await _command_output("git", "-C", str(ROOT), "describe", "--always", "--dirty"),
             "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
             "command": " ".join([sys.executable, "-m", "tests.bench.run", *sys.argv[1:]]),
         }
     }
     try:
         if "throughput" in args.sections:
-            results["throughput"] = {}
-            for cfg in args.configs:
-                log.info("throughput: %s", cfg)
-                results["throughput"][cfg] = await throughput(cfg, workdir / cfg, plan)
-                await asyncio.to_thread(shutil.rmtree, workdir / cfg, True)
+            results["throughput"] = await throughput(args.configs, workdir / "throughput", plan)
+            log.info("throughput done")
+            await asyncio.to_thread(shutil.rmtree, workdir / "throughput", True)
             results["ratios"] = compute_ratios(results["throughput"])
         if "checkpoint" in args.sections:
             log.info("checkpoint cut and write stall")
@@ -295,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # its INFO/DEBUG is a QMP wire trace
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # a QMP wire trace, and retried connects as ERROR
     if shutil.which("fio") is None or shutil.which("qemu-storage-daemon") is None:
         print(
             "bench: fio and qemu-storage-daemon must be on PATH (Debian: apt-get install fio qemu-system-common)",

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import statistics
 import struct
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from pairvol.nbd import NBDClient, NBDError
 from tests.bench.errors import BenchError
 from tests.bench.fio import WORKLOADS, run_fio
 from tests.bench.setups import setup
-from tests.bench.stats import stall_report, summary
+from tests.bench.stats import since_cut_report, stall_report, summary
 from tests.bench.writer import finish_writer, run_writer
 from tests.support.agents import AgentCallError, pair
 
@@ -49,6 +50,7 @@ class Plan:
     stall_seconds: float
     checkpoint_interval_s: float
     failover_mib: tuple[int, ...]
+    rounds: int = 1
     failover_modes: tuple[str, ...] = ("checkpoint", "latest")
 
     @property
@@ -57,13 +59,14 @@ class Plan:
 
 
 FULL = Plan(
-    size=1024 * MiB,
-    runtime_s=8,
+    size=256 * MiB,
+    runtime_s=5,
     ramp_s=1,
     qd1_seconds=8,
     stall_seconds=20,
     checkpoint_interval_s=1.0,
     failover_mib=(0, 16, 64, 256),
+    rounds=3,
 )
 QUICK = Plan(
     size=256 * MiB,
@@ -79,26 +82,51 @@ QUICK = Plan(
 # ---------------------------------------------------------------------------- throughput
 
 
-async def throughput(config: str, workdir: Path, plan: Plan) -> dict[str, Any]:
-    """fio's three workloads and the QD1 client-side write stream against one configuration."""
-    result: dict[str, Any] = {"load_before": await loadavg(), "workloads": {}}
-    t0 = time.monotonic()
-    async with setup(config, workdir, plan.size) as target:
-        result["setup_s"] = round(time.monotonic() - t0, 3)
-        result["pids"] = target.pids
+def median_of(rounds: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Per metric, the median over rounds (rounds with a missing value are skipped)."""
+    out: dict[str, float | None] = {}
+    for key in rounds[0]:
+        values = [v for r in rounds if (v := r.get(key)) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+async def throughput(configs: Sequence[str], workdir: Path, plan: Plan) -> dict[str, Any]:
+    """fio's workloads against every configuration, interleaved: all configurations run
+    side by side (idle ones cost nothing), and each round runs one workload on each of
+    them in turn (rotating the order), so the neighbours' load drifts over all of them
+    alike and per-round ratios compare like with like. Then the QD1 client-side write
+    stream on each."""
+    result: dict[str, Any] = {cfg: {"workloads": {}} for cfg in configs}
+    async with contextlib.AsyncExitStack() as stack:
+        targets = {}
+        for cfg in configs:
+            t0 = time.monotonic()
+            targets[cfg] = await stack.enter_async_context(setup(cfg, workdir / cfg, plan.size))
+            result[cfg]["setup_s"] = round(time.monotonic() - t0, 3)
+            result[cfg]["pids"] = targets[cfg].pids
+            result[cfg]["load_before"] = await loadavg()
         for wl in WORKLOADS:
-            log.info("%s: fio %s (%.0f s)", config, wl.name, plan.runtime_s)
-            result["workloads"][wl.name] = await run_fio(
-                wl, target.socket, plan.size, plan.runtime_s, workdir, plan.ramp_s
-            )
-        out = workdir / "qd1.rec"
-        proc = await run_writer(target.socket, plan.qd1_seconds, out)
-        writes = await finish_writer(proc, out, plan.qd1_seconds + 60)
-        result["qd1_client"] = stall_report(writes, [])
-        log.info("%s: measured, tearing down", config)
-        t_down = time.monotonic()
-    result["teardown_s"] = round(time.monotonic() - t_down, 3)
-    result["load_after"] = await loadavg()
+            rounds: dict[str, list[dict[str, float | None]]] = {cfg: [] for cfg in configs}
+            for rnd in range(plan.rounds):
+                order = list(configs[rnd % len(configs) :]) + list(configs[: rnd % len(configs)])
+                for cfg in order:
+                    log.info("fio %s on %s (round %d/%d, %.0f s)", wl.name, cfg, rnd + 1, plan.rounds, plan.runtime_s)
+                    numbers = await run_fio(
+                        wl, targets[cfg].socket, plan.size, plan.runtime_s, workdir / cfg, plan.ramp_s
+                    )
+                    numbers["load1"] = (await loadavg())[0]
+                    rounds[cfg].append(numbers)
+            for cfg in configs:
+                result[cfg]["workloads"][wl.name] = {**median_of(rounds[cfg]), "rounds": rounds[cfg]}
+        for cfg in configs:
+            out = workdir / cfg / "qd1.rec"
+            log.info("QD1 client write stream on %s (%.0f s)", cfg, plan.qd1_seconds)
+            proc = await run_writer(targets[cfg].socket, plan.qd1_seconds, out)
+            writes = await finish_writer(proc, out, plan.qd1_seconds + 60)
+            result[cfg]["qd1_client"] = stall_report(writes, [])
+            result[cfg]["load_after"] = await loadavg()
+        log.info("throughput measured; stopping all configurations")
     return result
 
 
@@ -152,6 +180,7 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
             "duration_ms": summary(durations, (50, 99)),
             "without": stall_report(without, []),
             "with": stall_report(with_cp, under_load),
+            "with_since_cut": since_cut_report(with_cp, under_load),
             "load_after": await loadavg(),
         }
     )

@@ -8,6 +8,7 @@ percentile code is wrong reports confident nonsense.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,34 @@ def stall_report(
         "over_threshold_during_checkpoint": sum(1 for v in during if v > threshold_ms),
         "threshold_ms": threshold_ms,
     }
+
+
+def since_cut_report(
+    writes: Sequence[Write], windows: Sequence[tuple[int, int]], edges_ms: Sequence[float] = (0, 100, 300)
+) -> list[dict[str, Any]]:
+    """Latency of the writes that overlapped no checkpoint call, bucketed by how long
+    after the end of the previous checkpoint call they started.
+
+    After every cut, copy-before-write starts over: the first write to each cluster
+    copies the old data into the new hidden overlay first. This shows how long that
+    keeps writes slow. Writes before the first call are not counted.
+    """
+    ends = sorted(end for _, end in windows)
+    buckets: list[list[float]] = [[] for _ in edges_ms]
+    for w in writes:
+        if any(overlaps(w, win) for win in windows):
+            continue
+        i = bisect.bisect_right(ends, w.start_ns)
+        if i == 0:
+            continue
+        since_ms = (w.start_ns - ends[i - 1]) / 1e6
+        b = bisect.bisect_right(list(edges_ms), since_ms) - 1
+        buckets[b].append(w.latency_ns / 1e6)
+    out = []
+    for j, lo in enumerate(edges_ms):
+        hi = edges_ms[j + 1] if j + 1 < len(edges_ms) else None
+        out.append({"from_ms": lo, "to_ms": hi, **summary(buckets[j], (50, 99))})
+    return out
 
 
 def fmt(value: float | int | None, digits: int = 1) -> str:

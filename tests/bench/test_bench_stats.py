@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench import stats
 from tests.bench.errors import BenchError
 from tests.bench.fio import WORKLOADS, fio_argv, parse_fio
 from tests.bench.run import compute_ratios, parse_args
@@ -135,3 +136,32 @@ def test_no_tls_drops_the_tls_configurations() -> None:
 def test_table_aligns_columns() -> None:
     text = table(["config", "IOPS"], [["a", "1"], ["bbb", "1000"]])
     assert text.splitlines() == ["config  IOPS", "------  ----", "a          1", "bbb     1000"]
+
+
+def test_writes_are_bucketed_by_time_since_the_previous_checkpoint_call() -> None:
+    ms = 1_000_000
+    windows = [(100 * ms, 110 * ms), (1100 * ms, 1110 * ms)]
+    writes = [
+        Write(50 * ms, 1 * ms),  # before the first checkpoint: not counted
+        Write(105 * ms, 1 * ms),  # during a call: not counted here
+        Write(120 * ms, 8 * ms),  # 10 ms after the first call ended
+        Write(500 * ms, 1 * ms),  # 390 ms after
+        Write(1150 * ms, 6 * ms),  # 40 ms after the second call ended
+    ]
+    got = stats.since_cut_report(writes, windows, edges_ms=(0, 100, 300))
+    assert [(b["from_ms"], b["to_ms"], b["n"], b["max"]) for b in got] == [
+        (0, 100, 2, 8.0),
+        (100, 300, 0, None),
+        (300, None, 1, 1.0),
+    ]
+
+
+def test_ratios_are_paired_within_rounds_and_the_median_is_reported() -> None:
+    def res(*iops: float) -> dict[str, object]:
+        rounds = [{"mibps": i / 256, "iops": i, "p50_us": 100.0, "p99_us": 1.0} for i in iops]
+        return {"workloads": {"randwrite-4k-qd1": {"iops": sorted(iops)[len(iops) // 2], "rounds": rounds}}}
+
+    # the machine got slower in round 2 for both; paired ratios stay at 0.9
+    got = compute_ratios({"b-quorum": res(1000, 500, 1000), "c-pairvol": res(900, 450, 900)})
+    assert got["c/b"]["randwrite-4k-qd1"]["iops"] == pytest.approx(0.9)
+    assert got["c/b"]["randwrite-4k-qd1"]["iops_range"] == pytest.approx([0.9, 0.9])
