@@ -35,7 +35,10 @@ CMD_READ = 0
 CMD_WRITE = 1
 CMD_DISC = 2
 CMD_FLUSH = 3
+CMD_WRITE_ZEROES = 6
 CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+FLAG_SEND_WRITE_ZEROES = 1 << 6
 
 _REQUEST = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
@@ -160,6 +163,12 @@ class NBDClient:
 
     async def pread(self, length: int, offset: int) -> bytes:
         return await self._request(CMD_READ, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+        """NBD_CMD_WRITE_ZEROES (what filesystems and mkfs send); NO_HOLE unless may_unmap."""
+        if not self.info.flags & FLAG_SEND_WRITE_ZEROES:
+            raise NBDError("the export does not accept NBD_CMD_WRITE_ZEROES")
+        await self._request(CMD_WRITE_ZEROES, offset, length, b"", 0 if may_unmap else CMD_FLAG_NO_HOLE)
 
     async def flush(self) -> None:
         await self._request(CMD_FLUSH, 0, 0)

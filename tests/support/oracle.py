@@ -42,7 +42,7 @@ from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from pairvol.errors import PairvolError
-from pairvol.nbd import NBDClient, NBDError
+from pairvol.nbd import NBDClient
 from pairvol.qemu import img
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 SECTOR = 512
 CLUSTER = 64 * 1024  # qcow2 cluster size of the overlays on both sides
-NBD_CMD_WRITE_ZEROES = 6
-NBD_CMD_FLAG_NO_HOLE = 1 << 1
-NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
 
 #: QMP commands the oracle needs; a QEMU built without CONFIG_REPLICATION/COLO lacks them.
 REQUIRED_COMMANDS = frozenset(
@@ -266,7 +263,7 @@ def difference(a: bytes, b: bytes, unit: int = SECTOR) -> str | None:
 
 
 class TraceClient(NBDClient):
-    """pairvol's NBD client plus NBD_CMD_WRITE_ZEROES (filesystems and mkfs send it)."""
+    """pairvol's NBD client that applies trace operations."""
 
     @classmethod
     async def open_unix(cls, path: str, export: str = "volume") -> TraceClient:
@@ -276,11 +273,6 @@ class TraceClient(NBDClient):
 
     async def __aenter__(self) -> TraceClient:
         return self
-
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
-        if not self.info.flags & NBD_FLAG_SEND_WRITE_ZEROES:
-            raise NBDError("the export does not accept NBD_CMD_WRITE_ZEROES")
-        await self._request(NBD_CMD_WRITE_ZEROES, offset, length, b"", 0 if may_unmap else NBD_CMD_FLAG_NO_HOLE)
 
     async def apply(self, op: Write | Zero) -> None:
         if isinstance(op, Write):
