@@ -207,7 +207,21 @@ class Replica:
         if self._tls_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._tls_dir, True)
         if clean:
+            # the overlays run without flushes; make them durable before calling them clean
+            await asyncio.to_thread(self._fsync_files, [self.disk_path, *self._overlay_paths(self.state.generation)])
             await self._save(clean_shutdown=True)
+
+    @staticmethod
+    def _fsync_files(paths: list[Path]) -> None:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------------ helpers
 
