@@ -595,3 +595,52 @@ async def test_leftovers_of_a_dead_simulator_are_removed_by_the_next_one(cluster
     finally:
         await run_command(["ip", "link", "del", dead], check=False)
         await run_command(["ip", "netns", "del", dead_ns], check=False)
+
+
+async def test_init_containers_run_to_completion_before_the_containers_start(sim: NodeSimulator, api: KubeApi) -> None:
+    shared = {"name": "work", "mountPath": f"/run/pairvol-test-init-{os.getpid()}"}
+    body = pod(
+        "initialized",
+        "node-a",
+        ["/bin/sh", "-c", f'echo "main sees: $(cat {shared["mountPath"]}/note)"; exec sleep 1000'],
+        container={"volumeMounts": [shared]},
+        initContainers=[
+            {
+                "name": "first",
+                "command": ["/bin/sh", "-c", f"sleep 0.3; echo one > {shared['mountPath']}/note"],
+                "volumeMounts": [shared],
+            },
+            {
+                "name": "second",
+                "command": ["/bin/sh", "-c", f"echo two >> {shared['mountPath']}/note"],
+                "volumeMounts": [shared],
+            },
+        ],
+        volumes=[{"name": "work", "emptyDir": {}}],
+    )
+    await create(api, body)
+    try:
+        obj = await eventually(lambda: _phase_is(api, "initialized", "Running"))
+        assert condition(obj, "Initialized") == "True"
+        assert [s["state"]["terminated"]["exitCode"] for s in obj["status"]["initContainerStatuses"]] == [0, 0]
+        log = sim.log_path("node-a", NS, "initialized")
+        await eventually(lambda: asyncio.to_thread(lambda: "main sees: one\ntwo" in log.read_text()))
+    finally:
+        await asyncio.to_thread(shutil.rmtree, shared["mountPath"], True)
+
+
+async def test_a_failed_init_container_fails_a_pod_that_never_restarts(sim: NodeSimulator, api: KubeApi) -> None:
+    body = pod(
+        "doomed",
+        "node-b",
+        ["/bin/sh", "-c", "echo main-ran"],
+        initContainers=[{"name": "check", "command": ["/bin/sh", "-c", "exit 7"]}],
+        restartPolicy="Never",
+    )
+    await create(api, body)
+
+    obj = await eventually(lambda: _phase_is(api, "doomed", "Failed"))
+    assert condition(obj, "Initialized") == "False"
+    assert obj["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
+    assert "waiting" in obj["status"]["containerStatuses"][0]["state"]
+    assert "main-ran" not in sim.log_path("node-b", NS, "doomed").read_text()

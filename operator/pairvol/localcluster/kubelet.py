@@ -376,10 +376,11 @@ class _Prepared:
 class ContainerRunner:
     """Runs one container of a pod: start, probe, restart per policy, stop."""
 
-    def __init__(self, worker: PodWorker, container: JsonDict, state: ContainerState) -> None:
+    def __init__(self, worker: PodWorker, container: JsonDict, state: ContainerState, policy: str) -> None:
         self.worker = worker
         self.container = container
         self.state = state
+        self.policy = policy
         self.name = str(container.get("name"))
         self.process: ContainerProcess | None = None
         self.prepared: _Prepared | None = None
@@ -391,7 +392,7 @@ class ContainerRunner:
 
     async def run(self) -> None:
         sim = self.worker.kubelet.sim
-        policy = self.worker.restart_policy
+        policy = self.policy
         while not self.stopping:
             assert self.prepared is not None
             await self._start(self.prepared)
@@ -535,13 +536,27 @@ class PodWorker:
         self.start_time = now_rfc3339()
         previous = {str(s.get("name")): s for s in (pod.get("status") or {}).get("containerStatuses") or []}
         self.runners: list[ContainerRunner] = []
+        # Init containers run to completion, in order, before the others start; they are
+        # retried on failure unless the pod's restartPolicy is Never.
+        init_policy = "Never" if self.restart_policy == "Never" else "OnFailure"
+        self.init_runners = [
+            ContainerRunner(
+                self,
+                container,
+                ContainerState(name=str(container.get("name")), image=str(container.get("image") or "")),
+                init_policy,
+            )
+            for container in spec(pod).get("initContainers") or []
+        ]
         for container in spec(pod).get("containers") or []:
             state = ContainerState(name=str(container.get("name")), image=str(container.get("image") or ""))
             old = previous.get(state.name)
             if old is not None:  # the node restarted: the container runs again, counted
                 state.restart_count = int(old.get("restartCount", 0)) + 1
                 state.last_state = {"terminated": {"exitCode": 137, "reason": "Error", "message": "node restarted"}}
-            self.runners.append(ContainerRunner(self, container, state))
+            if self.init_runners:
+                state.state = {"waiting": {"reason": "PodInitializing"}}
+            self.runners.append(ContainerRunner(self, container, state, self.restart_policy))
         self.message = ""
         self.reason = ""
         self.deleting = False
@@ -551,6 +566,10 @@ class PodWorker:
         self._task: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._delete_task: asyncio.Task[None] | None = None
+
+    @property
+    def all_runners(self) -> list[ContainerRunner]:
+        return [*self.init_runners, *self.runners]
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -570,6 +589,10 @@ class PodWorker:
             await self._prepare_until_ready()
             if self.deleting:
                 return
+            for init in self.init_runners:
+                await init.run()
+                if self.deleting or init.state.state.get("terminated", {}).get("exitCode") != 0:
+                    return  # restartPolicy Never and it failed: the pod has failed
             await asyncio.gather(*(runner.run() for runner in self.runners))
         except asyncio.CancelledError:
             raise
@@ -593,7 +616,7 @@ class PodWorker:
             except (PodConfigError, ApiError) as exc:
                 reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else ("ContainerCreating")
                 logger.warning("pod %s/%s cannot start yet: %s", *self.key, exc)
-                for runner in self.runners:
+                for runner in self.all_runners:
                     runner.state.state = {"waiting": {"reason": reason, "message": str(exc)}}
                 self.changed()
                 with contextlib.suppress(TimeoutError):
@@ -620,7 +643,7 @@ class PodWorker:
         await asyncio.to_thread(_materialize, volumes)
         info = self.runtime_info()
         base = sim.base_env(kubelet, self.pod)
-        for runner in self.runners:
+        for runner in self.all_runners:
             env = resolve_env(runner.container, self.pod, info, objects, base)
             mounts = plan_mounts(runner.container, volumes)
             file_targets = frozenset(await asyncio.to_thread(_file_targets, mounts))
@@ -646,6 +669,7 @@ class PodWorker:
     def render_status(self) -> JsonDict:
         return render_pod_status(
             containers=[r.state for r in self.runners],
+            init_containers=[r.state for r in self.init_runners],
             policy=self.restart_policy,
             info=self.runtime_info(),
             start_time=self.start_time,
@@ -694,7 +718,7 @@ class PodWorker:
         grace = self.grace_period()
         logger.info("pod %s/%s: terminating (grace %gs)", *self.key, grace)
         self._stop_requested.set()
-        await asyncio.gather(*(runner.stop(grace) for runner in self.runners))
+        await asyncio.gather(*(runner.stop(grace) for runner in self.all_runners))
         if self._task is not None:
             # The runners record their final (terminated) state on their way out.
             try:
@@ -725,12 +749,12 @@ class PodWorker:
     async def crash(self) -> None:
         """The node died: every process SIGKILLed, no word to the API server."""
         self.deleting = True
-        for runner in self.runners:
+        for runner in self.all_runners:
             runner.stopping = True
         if self._task is not None:
             self._task.cancel()
         await self._stop_publisher()
-        await asyncio.gather(*(r.kill() for r in self.runners), return_exceptions=True)
+        await asyncio.gather(*(r.kill() for r in self.all_runners), return_exceptions=True)
         if self._task is not None:
             with contextlib.suppress(BaseException):
                 await self._task
@@ -738,14 +762,14 @@ class PodWorker:
             self._delete_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._delete_task
-        for runner in self.runners:
+        for runner in self.all_runners:
             if runner.process is not None:
                 await runner.process.release()
         self.finished.set()
 
     async def kill_processes(self) -> None:
         """A crash of all containers (SIGKILL); restarted per restartPolicy."""
-        await asyncio.gather(*(r.kill() for r in self.runners))
+        await asyncio.gather(*(r.kill() for r in self.all_runners))
 
 
 def _file_targets(mounts: Sequence[Mount]) -> list[PurePosixPath]:

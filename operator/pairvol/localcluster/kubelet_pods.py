@@ -588,14 +588,21 @@ def render_pod_status(
     node_ready: bool = True,
     message: str = "",
     reason: str = "",
+    init_containers: Sequence[ContainerState] = (),
 ) -> JsonDict:
     """The full ``status`` of a Pod as the kubelet reports it."""
-    phase = pod_phase(containers, policy)
+    initialized = all(
+        int(c.state.get("terminated", {}).get("exitCode", 1)) == 0 and "terminated" in c.state for c in init_containers
+    )
+    init_failed = policy == "Never" and any(
+        int(c.state.get("terminated", {}).get("exitCode", 0)) != 0 for c in init_containers
+    )
+    phase = "Failed" if init_failed else pod_phase(containers, policy) if initialized else "Pending"
     all_ready = bool(containers) and all(c.ready for c in containers) and node_ready
     running = phase == "Running"
     wanted = {
         "PodScheduled": True,
-        "Initialized": True,
+        "Initialized": initialized,
         "ContainersReady": all_ready and running,
         "Ready": all_ready and running,
     }
@@ -620,6 +627,8 @@ def render_pod_status(
         "containerStatuses": [c.render() for c in containers],
         "qosClass": "BestEffort",
     }
+    if init_containers:
+        status["initContainerStatuses"] = [c.render() for c in init_containers]
     if message:
         status["message"] = message
     if reason:
