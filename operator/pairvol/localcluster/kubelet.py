@@ -28,6 +28,19 @@ Pods in the node reach the API server through :class:`~pairvol.localcluster.netn
 at ``KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT``; ``KUBECONFIG`` points at a
 kubeconfig for that address.
 
+Pod lifecycle: Pending → Running (podIP = hostIP = node IP, containerStatuses with
+ready/started/restartCount/state/lastState) → Succeeded/Failed; init containers run in
+order first; readiness and liveness probes (httpGet and tcpSocket from inside the node's
+network namespace, exec inside the container's namespaces); restartPolicy with
+crash-loop back-off; deletion: SIGTERM to the container's process group, wait
+``deletionGracePeriodSeconds`` (else ``terminationGracePeriodSeconds``), SIGKILL the
+cgroup, then finalize with ``DELETE … gracePeriodSeconds=0`` when the API server only
+marked the pod (``deletionTimestamp``); a pod that simply vanished from the API is
+terminated the same way. Not supported (a clear ``CreateContainerConfigError``, or
+ignored where harmless): images, resources/limits, securityContext, ephemeral
+containers, downwardAPI/projected/PVC volumes, startup probes, ``kubectl logs/exec``
+through the API server (logs are files; :meth:`NodeSimulator.exec_in_pod` is local).
+
 Node lifecycle: each node's kubelet registers its Node, posts Ready with a heartbeat
 and renews its Lease in ``kube-node-lease``. A small node-lifecycle controller (the
 part of kube-controller-manager that matters here) marks a node ``Ready=Unknown`` with
