@@ -92,6 +92,7 @@ async def test_create_reaches_replicating_and_checkpoints_advance(
     text = await stack.metrics()
     assert 'pairvol_operator_volumes{phase="Replicating"} 1.0' in text
     assert 'pairvol_operator_checkpoints_total{result="ok"}' in text
+    assert 'pairvol_operator_last_checkpoint_timestamp_seconds{namespace="default",volume="v1"}' in text
 
 
 async def _cp(stack: Stack, name: str, above: int = 0) -> int | None:

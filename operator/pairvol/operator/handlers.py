@@ -266,6 +266,8 @@ class Reconciler:
         c.metrics.status_writes.inc()
         self.last_written, self.last_write_at = new, time.monotonic()
         c.metrics.set_phase(self.key, plan.status.phase.value)
+        cp = plan.status.checkpoint or {}
+        c.metrics.set_checkpoint(self.namespace, self.name, parse_time(cp.get("time")))
         return True
 
     # ---------------------------------------------------------------- execute
@@ -539,6 +541,7 @@ async def on_delete(**kw: Any) -> None:
             await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]))
     await c.kube.delete(secrets_path(namespace, m.secret_name(name)))
     c.metrics.set_phase(f"{namespace}/{name}", None)
+    c.metrics.set_checkpoint(namespace, name, None)
     log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")
 
 

@@ -7,6 +7,8 @@ reconciler reported, so a deleted volume disappears from the counts.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pairvol.api.status import Phase
@@ -39,9 +41,22 @@ class OperatorMetrics:
         )
         self.status_writes = Counter("pairvol_operator_status_writes", "Status patches written (coalesced)", registry=r)
         self.volumes = Gauge("pairvol_operator_volumes", "ReplicatedVolumes per phase", ["phase"], registry=r)
+        self.last_checkpoint = Gauge(
+            "pairvol_operator_last_checkpoint_timestamp_seconds",
+            "Unix time of the volume's last checkpoint as recorded in its status",
+            ["namespace", "volume"],
+            registry=r,
+        )
         self._phases: dict[str, str] = {}
         for phase in Phase:
             self.volumes.labels(phase.value).set(0)
+
+    def set_checkpoint(self, namespace: str, volume: str, timestamp: float | None) -> None:
+        if timestamp is None:
+            with contextlib.suppress(KeyError):
+                self.last_checkpoint.remove(namespace, volume)
+        else:
+            self.last_checkpoint.labels(namespace, volume).set(timestamp)
 
     def set_phase(self, key: str, phase: str | None) -> None:
         if phase is None:
@@ -62,6 +77,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pairvol_operator_failover_duration_seconds_count",
         "pairvol_operator_checkpoints_total",
         "pairvol_operator_status_writes_total",
+        "pairvol_operator_last_checkpoint_timestamp_seconds",
         "pairvol_operator_volumes",
     }
 )
