@@ -7,12 +7,17 @@ with the real CRD from crds/replicatedvolumes.yaml registered.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import kmock
+import pytest
 
 from pairvol.localcluster.apiserver import APIServer, serve
+from pairvol.localcluster.cluster import LocalCluster, LocalClusterError
+
+REPO = Path(__file__).resolve().parents[2]
 
 RVS = "/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"
 PODS = "/api/v1/namespaces/default/pods"
@@ -449,3 +454,16 @@ async def test_deleting_an_owner_garbage_collects_its_dependents(api_http: aioht
 
     await send(api_http, "DELETE", f"{RVS}/keeper", {"propagationPolicy": "Orphan"})
     assert (await send(api_http, "GET", f"{PODS}/agent-2"))[0] == 200, "orphaned, not collected"
+
+
+async def test_local_cluster_apply_creates_replaces_and_explains_failures(api_cluster: LocalCluster) -> None:
+    applied = await api_cluster.apply_dir(REPO / "crds")  # the second time: replaced, not duplicated
+    assert {o["metadata"]["name"] for o in applied} >= {"replicatedvolumes.pairvol.io"}
+    first = api_cluster.apply(rv("vol", failover={"mode": "Latest"}))
+    second = api_cluster.apply(rv("vol", failover={"mode": "Checkpoint"}))
+    assert second["metadata"]["uid"] == first["metadata"]["uid"]
+    assert second["metadata"]["generation"] == 2 and second["spec"]["failover"]["mode"] == "Checkpoint"
+    with pytest.raises(LocalClusterError, match=r"spec\.size is immutable"):
+        api_cluster.apply(rv("vol", size="1Gi"))
+    with pytest.raises(LocalClusterError, match="does not serve that kind; apply its CRD first"):
+        api_cluster.apply({"apiVersion": "example.com/v1", "kind": "Nope", "metadata": {"name": "x"}})

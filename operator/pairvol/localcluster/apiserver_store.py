@@ -140,6 +140,14 @@ class ObjectStore:
             for watch in kind.watches:
                 watch.queue.put_nowait(None)
 
+    def type_for_kind(self, api_version: str, kind: str) -> ResourceType | None:
+        """The served type of ``apiVersion``/``kind`` (as in a manifest), or None."""
+        group, _, version = api_version.rpartition("/")
+        return next(
+            (t for t in self._types.values() if (t.group, t.version, t.kind) == (group, version, kind)),
+            None,
+        )
+
     def resource_type(self, group: str, version: str, plural: str) -> ResourceType:
         try:
             return self._types[(group, version, plural)]

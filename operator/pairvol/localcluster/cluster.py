@@ -236,17 +236,13 @@ class LocalCluster:
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create ``obj``, or replace it if it exists (like ``kubectl apply`` of a whole object)."""
-        api_version = obj.get("apiVersion", "")
-        group, _, version = api_version.rpartition("/")
-        kind = obj.get("kind")
-        rtype = next(
-            (t for t in self.api._types.values() if t.group == group and t.version == version and t.kind == kind),
-            None,
-        )
+        api_version, kind = obj.get("apiVersion", ""), obj.get("kind", "")
+        rtype = self.api.type_for_kind(api_version, kind)
         if rtype is None:
             raise LocalClusterError(
                 f"cannot apply {kind} {api_version}: the API server does not serve that kind; apply its CRD first"
             )
+        group, version = rtype.group, rtype.version
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace", "default") if rtype.namespaced else ""
         try:
@@ -257,7 +253,10 @@ class LocalCluster:
         current = self.api.get_object(rtype, ns, meta["name"])
         body = copy.deepcopy(obj)
         body.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
-        return self.api.update_object(rtype, ns, meta["name"], body, None, require_rv=True)
+        try:
+            return self.api.update_object(rtype, ns, meta["name"], body, None, require_rv=True)
+        except RequestError as exc:
+            raise LocalClusterError(f"cannot apply {kind} {meta.get('name')}: {exc.message}") from exc
 
     async def apply_file(self, path: Path) -> list[dict[str, Any]]:
         """Apply every document of a YAML file."""
