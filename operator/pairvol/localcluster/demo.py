@@ -25,7 +25,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,13 @@ from pairvol.operator.k8s import KubeClient, load_config, pods_path, volume_path
 
 BLOCK = 4096
 REPO = Path(__file__).resolve().parents[3]
+
+
+class WaitingFor(str):
+    """A reason to keep waiting: falsy, so ``wait_for`` goes on, but shown if it times out."""
+
+    def __bool__(self) -> bool:
+        return False
 
 
 class DemoError(PairvolError):
@@ -130,6 +137,7 @@ class Stack:
         operator_env: Mapping[str, str] | None = None,
         node_monitor_grace: float = 2.0,
         peering: str | None = None,
+        node_names: Sequence[str] | None = None,
     ) -> AsyncIterator[Stack]:
         from pairvol.localcluster.cluster import LocalCluster
         from pairvol.localcluster.kubelet import NodeSimulator
@@ -137,7 +145,9 @@ class Stack:
         # PAIRVOL_KEEP_TMP=1 keeps logs and images for a post-mortem
         own_root = root is None and not os.environ.get("PAIRVOL_KEEP_TMP")
         base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
-        names = [f"node-{i}" for i in range(1, nodes + 1)]
+        names = list(node_names or ())
+        names += [n for n in (f"node-{i}" for i in range(1, nodes + 1 + len(names))) if n not in names]
+        names = names[: max(nodes, len(node_names or ()))]
         async with contextlib.AsyncExitStack() as stack:
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
             if peering:
@@ -224,9 +234,10 @@ class Stack:
         )
 
     async def wait_phase(self, name: str, phase: str, within: float = 120) -> dict[str, Any]:
-        async def check() -> dict[str, Any] | None:
+        async def check() -> dict[str, Any] | str:
             st = await self.status(name)
-            return st if st.get("phase") == phase else None
+            # a falsy string keeps polling; the last one ends up in the timeout message
+            return st if st.get("phase") == phase else WaitingFor(f"{st.get('phase')}: {st.get('message')}")
 
         result: dict[str, Any] = await self.wait_for(f"{name} phase {phase}", check, within)
         return result
@@ -477,7 +488,9 @@ async def _demo(args: argparse.Namespace) -> int:
     interval = manifest["spec"].get("checkpoint", {}).get("intervalSeconds", 10)
     failures: list[str] = []
     say(f"starting the local cluster: API server, {args.nodes} simulated nodes, operator")
-    async with Stack.up(args.nodes, lease_duration=args.lease_duration) as s:
+    # the demo's nodes carry the names the manifest asks for (spec.nodes), then node-N
+    wanted = list(manifest["spec"].get("nodes") or [])
+    async with Stack.up(args.nodes, lease_duration=args.lease_duration, node_names=wanted) as s:
         say(
             f"nodes: {', '.join(s.sim.node_names)}; operator pid {s.operator.proc.pid}"  # type: ignore[union-attr]
             f" (log {s.operator.log_path})"
@@ -536,16 +549,22 @@ async def _demo(args: argparse.Namespace) -> int:
         await asyncio.sleep(2)
         log = await writer.stop()
 
+        # with only two candidate nodes the new secondary can only go to the old node, so it
+        # must come back first; otherwise re-protection uses a third node right away
+        only_two = len(wanted) == 2
+        if only_two:
+            say(f"spec.nodes allows only {wanted}: powering {victim} on again for re-protection")
+            await s.sim.restart_node(victim)
         st = await s.wait_phase(name, "Replicating", within=180)
         say(
             f"re-protected: primary {st['primary']['node']}, new secondary "
             f"{st['secondary']['pod']} on {st['secondary']['node']} — phase Replicating"
         )
-        if st["secondary"]["node"] == victim:
+        if st["secondary"]["node"] == victim and not only_two:
             failures.append("new secondary placed on the dead node")
-
-        say(f"powering {victim} on again: the old primary must not serve")
-        await s.sim.restart_node(victim)
+        if not only_two:
+            say(f"powering {victim} on again: the old primary must not serve")
+            await s.sim.restart_node(victim)
         old_sock = Path(s.sim.host_path(victim, st["endpoint"]["socket"]))
 
         async def old_pod_gone() -> bool:
@@ -603,7 +622,8 @@ async def _demo(args: argparse.Namespace) -> int:
         print(f"  failover            {lf['from']} -> {lf['to']}, operator-side {lf['durationMs']} ms")
         print(f"  RTO                 {rto:.2f} s from node kill to first write acknowledged")
         print(f"  writes acknowledged {v.acked_before} before the kill, {len(log.acked)} total")
-        print(f"  lost acknowledged   {lost} (volume rolled back to write #{v.prefix - 1})")
+        print(f"  lost acknowledged   {lost} (the volume holds writes up to #{v.prefix - 1}; "
+              f"{'Latest restarts at the last ack' if mode == 'Latest' else 'restarts at the last checkpoint'})")
         print(
             f"  checkpoints cut     {float(cut.group(1)) if cut else 0:.0f} in total "
             f"(#{cp_before.get('id')} on the first secondary, #{cp.get('id')} on the new one)"
