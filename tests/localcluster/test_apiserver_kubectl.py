@@ -13,6 +13,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pairvol.localcluster.cluster import LocalCluster
 
 KubectlRunner = Callable[..., Coroutine[Any, Any, tuple[int, str, str]]]  # the `kubectl` fixture
@@ -187,3 +189,25 @@ async def test_kubectl_logs_reads_the_pod_log_source(
 def _append(path: Path, text: str) -> None:
     with path.open("a") as fh:
         fh.write(text)
+
+
+REPO = Path(__file__).resolve().parents[2]
+HELM = REPO / ".venv" / "tools" / "helm"
+
+
+async def test_the_rendered_helm_chart_applies(kubectl: KubectlRunner) -> None:
+    repo, helm = REPO, HELM
+    if not await asyncio.to_thread(helm.exists):
+        pytest.skip("helm not found: run `make tools`")
+    proc = await asyncio.create_subprocess_exec(
+        str(helm), "template", "pv", str(repo / "charts" / "pairvol"), "--namespace", "default",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    manifests, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    code, out, err = await kubectl("apply", "-f", "-", stdin=manifests.decode())
+    assert code == 0, err
+    assert "deployment.apps/pv-pairvol-operator created" in out
+    assert "kopfpeering.kopf.dev/pairvol created" in out
+    code, out, err = await kubectl("get", "clusterroles,roles,networkpolicies,pdb", "-o", "name")
+    assert code == 0 and "clusterrole.rbac.authorization.k8s.io/pv-pairvol-operator" in out, err

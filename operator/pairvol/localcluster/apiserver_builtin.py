@@ -159,6 +159,36 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
         "lease",
         printer_columns=(_col("Holder", ".spec.holderIdentity"),),
     ),
+    # Stored, not acted on (no controllers run here): enough to `kubectl apply` the chart.
+    ResourceType(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        True,
+        "deployment",
+        ("deploy",),
+        ("all",),
+        status_subresource=True,
+        printer_columns=(_col("Replicas", ".spec.replicas", "integer"),),
+    ),
+    ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role", True, "role"),
+    ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, "rolebinding"),
+    ResourceType("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False, "clusterrole"),
+    ResourceType(
+        "rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False, "clusterrolebinding"
+    ),
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, "networkpolicy", ("netpol",)),
+    ResourceType(
+        "policy",
+        "v1",
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+        True,
+        "poddisruptionbudget",
+        ("pdb",),
+        status_subresource=True,
+    ),
     ResourceType(
         "apiextensions.k8s.io",
         "v1",
