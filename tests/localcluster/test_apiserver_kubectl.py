@@ -203,8 +203,8 @@ async def test_the_rendered_helm_chart_applies(kubectl: KubectlRunner) -> None:
         str(helm), "template", "pv", str(repo / "charts" / "pairvol"), "--namespace", "default",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    manifests, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
+    manifests, helm_err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, helm_err.decode()
     code, out, err = await kubectl("apply", "-f", "-", stdin=manifests.decode())
     assert code == 0, err
     assert "deployment.apps/pv-pairvol-operator created" in out
