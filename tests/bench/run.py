@@ -218,6 +218,14 @@ def render(results: dict[str, Any]) -> str:
         if rows:
             parts.append("Writes outside checkpoint calls, by time since the previous call ended (ms)")
             parts.append(table(["since checkpoint", "writes", "p50", "p99", "max"], rows))
+        cow = cp.get("cow")
+        if cow:
+            parts.append(
+                f"  copy-before-write on the secondary: "
+                f"{cow['without_per_write_bytes'] / 1024:.1f} KiB per 4 KiB write "
+                f"without checkpoints, {cow['with_per_write_bytes'] / 1024:.1f} KiB with "
+                f"({cow['without_bytes'] / 2**20:.0f} / {cow['with_bytes'] / 2**20:.0f} MiB copied)"
+            )
         parts.append(
             f"  writes > {STALL_THRESHOLD_MS:g} ms: without checkpoints {cp['without']['over_threshold']}, "
             f"with {cp['with']['over_threshold']} (of which during a checkpoint call: "

@@ -132,6 +132,20 @@ async def throughput(configs: Sequence[str], workdir: Path, plan: Plan) -> dict[
 
 # ---------------------------------------------------------------------------- checkpoints
 
+COW_METRIC = "pairvol_cow_copied_bytes_total"
+
+
+def metric_value(text: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (all label sets) in text format."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise BenchError(f"the agent's /metrics has no {name}; has the metric been renamed?")
+    return total
+
 
 async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
     """QD1 4 KiB random writes on a pairvol primary, first without checkpoints, then with
@@ -142,10 +156,15 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
         assert target.secondary is not None
         secondary = target.secondary
         await secondary.checkpoint()  # both phases start right after a cut
+        # copy-before-write bytes are counted when a generation's job ends (at the next
+        # checkpoint), so each phase is closed by a checkpoint before the counter is read
+        cow0 = metric_value(await secondary.metrics(), COW_METRIC)
 
         out0 = workdir / "without.rec"
         proc = await run_writer(target.socket, plan.stall_seconds, out0, seed=2)
         without = await finish_writer(proc, out0, plan.stall_seconds + 60)
+        await secondary.checkpoint()
+        cow1 = metric_value(await secondary.metrics(), COW_METRIC)
 
         out1 = workdir / "with.rec"
         proc = await run_writer(target.socket, plan.stall_seconds, out1, seed=3)
@@ -169,6 +188,8 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(proc.wait()), max(0.0, next_at - time.monotonic()))
         with_cp = await finish_writer(proc, out1, 60)
+        await secondary.checkpoint()
+        cow2 = metric_value(await secondary.metrics(), COW_METRIC)
     # only the windows that fell inside the write stream count as "checkpoints under load"
     first, last = with_cp[0].start_ns, with_cp[-1].end_ns
     under_load = [w for w in windows if w[0] <= last and w[1] >= first]
@@ -181,6 +202,12 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
             "without": stall_report(without, []),
             "with": stall_report(with_cp, under_load),
             "with_since_cut": since_cut_report(with_cp, under_load),
+            "cow": {
+                "without_bytes": cow1 - cow0,
+                "with_bytes": cow2 - cow1,
+                "without_per_write_bytes": (cow1 - cow0) / len(without),
+                "with_per_write_bytes": (cow2 - cow1) / len(with_cp),
+            },
             "load_after": await loadavg(),
         }
     )

@@ -11,6 +11,7 @@ from tests.bench import stats
 from tests.bench.errors import BenchError
 from tests.bench.fio import WORKLOADS, fio_argv, parse_fio
 from tests.bench.run import compute_ratios, parse_args
+from tests.bench.scenarios import metric_value
 from tests.bench.stats import Write, percentile, ratio, stall_report, summary, table
 
 
@@ -165,3 +166,17 @@ def test_ratios_are_paired_within_rounds_and_the_median_is_reported() -> None:
     got = compute_ratios({"b-quorum": res(1000, 500, 1000), "c-pairvol": res(900, 450, 900)})
     assert got["c/b"]["randwrite-4k-qd1"]["iops"] == pytest.approx(0.9)
     assert got["c/b"]["randwrite-4k-qd1"]["iops_range"] == pytest.approx([0.9, 0.9])
+
+
+def test_metric_value_sums_the_samples_of_one_metric_only() -> None:
+    text = "\n".join(
+        [
+            "# HELP pairvol_cow_copied_bytes_total Bytes copied",
+            'pairvol_cow_copied_bytes_total{volume="vol"} 131072.0',
+            'pairvol_cow_copied_bytes_created{volume="vol"} 1.7e9',
+            "pairvol_cow_copied_bytes_total_other 5.0",
+        ]
+    )
+    assert metric_value(text, "pairvol_cow_copied_bytes_total") == 131072.0
+    with pytest.raises(BenchError, match="has no pairvol_missing"):
+        metric_value(text, "pairvol_missing")
