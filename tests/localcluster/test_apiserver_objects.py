@@ -467,3 +467,26 @@ async def test_local_cluster_apply_creates_replaces_and_explains_failures(api_cl
         api_cluster.apply(rv("vol", size="1Gi"))
     with pytest.raises(LocalClusterError, match="does not serve that kind; apply its CRD first"):
         api_cluster.apply({"apiVersion": "example.com/v1", "kind": "Nope", "metadata": {"name": "x"}})
+
+
+async def test_updating_a_crd_changes_what_is_served(api_http: aiohttp.ClientSession) -> None:
+    crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    version = {"served": True, "storage": False, "schema": {"openAPIV3Schema": {"type": "object"}}}
+    crd: dict[str, Any] = {
+        "metadata": {"name": "things.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"plural": "things", "kind": "Thing"},
+            "versions": [{**version, "name": "v1"}, {**version, "name": "v2", "storage": True}],
+        },
+    }
+    code, created = await send(api_http, "POST", crds, crd)
+    assert code == 201, created
+    assert (await send(api_http, "GET", "/apis/example.com/v1"))[0] == 200
+    created["spec"]["versions"] = created["spec"]["versions"][1:]
+    code, updated = await send(api_http, "PUT", f"{crds}/things.example.com", created)
+    assert code == 200, updated
+    assert (await send(api_http, "GET", "/apis/example.com/v1"))[0] == 404
+    code, group = await send(api_http, "GET", "/apis/example.com")
+    assert [v["version"] for v in group["versions"]] == ["v2"]

@@ -348,7 +348,7 @@ class ObjectStore:
             if (ospec["group"], ospec["names"]["plural"]) != (spec["group"], names["plural"]):
                 self._unregister(ospec["group"], ospec["names"]["plural"])
         for key in [k for k in self._types if k[0] == spec["group"] and k[2] == names["plural"]]:
-            del self._types[key]
+            self._on_unregister(self._types.pop(key))  # versions may have been dropped
             self._schemas.pop(key, None)
         for ver in spec["versions"]:
             if not ver.get("served", True):
