@@ -454,3 +454,25 @@ def test_a_fresh_secondary_is_not_judged_by_the_previous_peers_failure() -> None
     # once ready it gets a full sync from the primary
     w = replace(w, pods={**w.pods, "vol-5": pod("vol-5", "n2", "secondary", "10.0.0.2")})
     assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full") in plan(w).actions
+
+
+def test_no_new_role_call_while_one_is_in_flight_but_failover_still_happens() -> None:
+    # a full-sync start on the primary can take long; the loop keeps observing meanwhile
+    w = replace(_after_failover(), agent_call_in_flight=True)
+    p = plan(w)  # places the new secondary (no agent call needed for that)
+    assert CreatePod("vol-5", "n1", "secondary") in p.actions
+    sec = p.status.secondary
+    assert sec is not None
+    w = replace(
+        w,
+        status=p.status,
+        pods={**w.pods, "vol-5": pod("vol-5", "n1", "secondary", "10.0.0.1")},
+        agents={**w.agents, "vol-5": AgentView("none", "none", 0)},
+    )
+    p2 = plan(w)
+    assert not any(isinstance(a, StartSecondary | StartPrimary) for a in p2.actions)
+    assert p2.status.epoch == p.status.epoch and "waiting for an agent" in p2.status.message
+    assert any(isinstance(a, StartSecondary) for a in plan(replace(w, agent_call_in_flight=False)).actions)
+    # and a dead primary is failed over regardless of a call in flight
+    dead = replace(primary_dead(), agent_call_in_flight=True)
+    assert any(isinstance(a, DoFailover) for a in plan(dead).actions)

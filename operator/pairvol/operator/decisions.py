@@ -141,6 +141,9 @@ class World:
     # replicas of *other* volumes per node, for spreading
     placement: Mapping[str, int] = field(default_factory=dict)
     settings: Settings = field(default_factory=Settings)
+    # an agent role call (secondary/primary start, which may run for long) is still in flight:
+    # no new one is planned until it has answered
+    agent_call_in_flight: bool = False
 
     def node(self, name: str) -> NodeView | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -496,6 +499,9 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
     if pa is None or sa is None or ppod is None or spod is None or not (ppod.ready and spod.ready):
         st = st.with_(phase=Phase.PENDING, message="waiting for both agents to become ready")
         return _finish(world, st, actions, False)
+    if world.agent_call_in_flight:
+        st = st.with_(phase=Phase.PENDING, message="waiting for an agent to answer")
+        return _finish(world, st, actions, False)
     if sa.role != "secondary":
         epoch = st.epoch + 1
         actions.append(StartSecondary(sec.pod, spod.ip, epoch))
@@ -619,13 +625,17 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     if sa is None or not spod.ready:
         st = st.with_(phase=Phase.DEGRADED, message=f"waiting for secondary {sec.pod} to be ready")
         return _finish(world, st, actions, False)
+    peer = f"{spod.ip}:{REPLICATION_PORT}"
+    needs_start = sa.role != "secondary" or pa.peer != peer or pa.replication_state in ("none", "degraded")
+    if needs_start and world.agent_call_in_flight:
+        st = st.with_(phase=Phase.DEGRADED, message=f"re-protecting with {sec.pod}: waiting for an agent to answer")
+        return _finish(world, st, actions, False)
     if sa.role != "secondary":
         epoch = st.epoch + 1
         actions.append(StartSecondary(sec.pod, spod.ip, epoch))
         return _finish(
             world, st.with_(epoch=epoch, phase=Phase.DEGRADED, message=f"starting secondary {sec.pod}"), actions, False
         )
-    peer = f"{spod.ip}:{REPLICATION_PORT}"
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
         actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, "full"))

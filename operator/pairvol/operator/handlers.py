@@ -19,7 +19,7 @@ import base64
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +156,8 @@ class Reconciler:
         self.last_write_at = 0.0
         self.infra_ok = False
         self.restart_backoff = 0.0
+        # the one agent role call that may run long (start secondary/primary), in background
+        self.call: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- observe
 
@@ -214,6 +216,7 @@ class Reconciler:
             lease=lease_view(lease_raw),
             placement=placement,
             settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
+            agent_call_in_flight=self.call is not None and not self.call.done(),
         )
         bad = d.unhealthy_pods(world)
         for pod_name in list(self.suspect_since):
@@ -299,9 +302,11 @@ class Reconciler:
                 case d.SetRole(pod=pod, role=role):
                     await c.kube.merge_patch(pods_path(ns, pod), {"metadata": {"labels": {d.LABEL_ROLE: role}}})
                 case d.StartSecondary(address=ip, epoch=epoch):
-                    await c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch)
+                    self.background(kind, c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch))
+                    return
                 case d.StartPrimary(address=ip, epoch=epoch, peer=peer, sync=sync):
-                    await c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync)
+                    self.background(kind, c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync))
+                    return
                 case d.Checkpoint(address=ip):
                     try:
                         res = await c.agents.checkpoint(f"{ip}:{d.API_PORT}", token)
@@ -325,6 +330,21 @@ class Reconciler:
             c.metrics.actions.labels(kind, "error").inc()
             log.warning("%s: %s failed: %s", self.key, kind, exc)
             raise
+
+    def background(self, kind: str, call: Coroutine[Any, Any, Any]) -> None:
+        """Role calls may take long (a full sync starts); the loop must keep watching the
+        primary meanwhile, so they run as a task and the planner waits for their answer."""
+        c = ctx()
+
+        async def run() -> None:
+            try:
+                await call
+                c.metrics.actions.labels(kind, "ok").inc()
+            except AgentError as exc:
+                c.metrics.actions.labels(kind, "error").inc()
+                log.warning("%s: %s failed: %s", self.key, kind, exc)
+
+        self.call = asyncio.create_task(run(), name=f"{self.key}-{kind}")
 
     async def event(self, body: Mapping[str, Any], etype: str, reason: str, message: str) -> None:
         meta = body.get("metadata") or {}
@@ -404,6 +424,8 @@ class Reconciler:
                 backoff = min(5.0, backoff * 2)
             await stopped.wait(backoff)
         c.metrics.set_phase(self.key, None)
+        if self.call is not None and not self.call.done():
+            self.call.cancel()
 
 
 # ------------------------------------------------------------------ kopf handlers
