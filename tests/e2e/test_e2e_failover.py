@@ -286,3 +286,40 @@ async def test_operator_resumes_a_failover_it_recorded_but_never_executed(stack:
     events = await stack.wait_for("the FailedOver event", failed_over_events, within=10)
     assert len(events) == 1 and f"epoch {epoch}" in events[0]["message"], "finished with the recorded epoch"
     await stack.wait_phase(name, "Replicating", within=150)
+
+
+async def test_out_of_sync_secondary_is_never_promoted_automatically(stack: Stack, volume: Any) -> None:
+    name = "oos"
+    st = await replicating(stack, volume(name, failover={"mode": "Latest"}, replication={"peerTimeoutSeconds": 1}))
+    old, sec = st["primary"], st["secondary"]
+    # cut only the replication link (silently): the secondary's node drops the primary's packets,
+    # while both keep talking to the API server and the operator
+    p_ip = stack.sim.node_ip(old["node"])
+    cut = await stack.sim.run_in_node(sec["node"], ["iptables", "-I", "INPUT", "-s", p_ip, "-j", "DROP"])
+    assert cut.returncode == 0, cut
+    writer = following(stack, name)
+    writer.start()  # writes make the primary notice, mark the secondary and carry on alone
+
+    async def marked() -> bool:
+        return bool(((await stack.status(name)).get("secondary") or {}).get("outOfSync"))
+
+    await stack.wait_for("the secondary to be marked OutOfSync", marked, within=30)
+    await stack.wait_for("writes to continue without the secondary", lambda: _at_least(writer, 20), within=30)
+    await writer.stop()
+    await stack.sim.kill_pod(stack.namespace, old["pod"])
+
+    async def blocked() -> str | None:
+        cur = await stack.status(name)
+        return cur["message"] if cur.get("phase") == "Failed" else None
+
+    message = await stack.wait_for("the failover to be refused", blocked, within=30)
+    assert "OutOfSync" in message and "never promoted automatically" in message
+    await asyncio.sleep(2)
+    reasons = [e["reason"] for e in await stack.events(name)]
+    assert "FailingOver" not in reasons and "FailoverBlocked" in reasons
+    assert (await stack.status(name))["primary"]["pod"] == old["pod"], "nothing was promoted"
+
+    # an administrator may accept the loss explicitly
+    await stack.annotate(name, "pairvol.io/failover", "now")
+    st = await failed_over_from(stack, name, old["node"])
+    assert st["primary"]["pod"] == sec["pod"] and st["lastFailover"]["reason"] == "manual"
