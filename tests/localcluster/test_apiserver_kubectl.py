@@ -211,3 +211,27 @@ async def test_the_rendered_helm_chart_applies(kubectl: KubectlRunner) -> None:
     assert "kopfpeering.kopf.dev/pairvol created" in out
     code, out, err = await kubectl("get", "clusterroles,roles,networkpolicies,pdb", "-o", "name")
     assert code == 0 and "clusterrole.rbac.authorization.k8s.io/pv-pairvol-operator" in out, err
+
+
+async def test_kubectl_wait_for_status_condition_and_deletion(kubectl: KubectlRunner) -> None:
+    # kubectl wait uses a streaming list (sendInitialEvents + the initial-events-end bookmark).
+    await kubectl("apply", "-f", "-", stdin=MANIFEST.format(size="64Mi", mode="Latest"))
+    waiter = asyncio.create_task(
+        kubectl("wait", "--for=jsonpath={.status.phase}=Replicating", "rv/vol1", "--timeout=15s", within=20)
+    )
+    await asyncio.sleep(1.0)
+    status = {
+        "phase": "Replicating",
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "message": "ok",
+                        "lastTransitionTime": "2024-01-01T00:00:00Z"}],
+    }  # fmt: skip
+    patch = json.dumps({"status": status})
+    code, _, err = await kubectl("patch", "rv", "vol1", "--subresource=status", "--type=merge", "-p", patch)
+    assert code == 0, err
+    code, out, err = await waiter
+    assert (code, out.strip()) == (0, "replicatedvolume.pairvol.io/vol1 condition met"), err
+    code, out, err = await kubectl("wait", "--for=condition=Ready", "rv/vol1", "--timeout=5s")
+    assert code == 0, err
+    code, _, err = await kubectl("delete", "rv", "vol1", "--wait=false")
+    code, out, err = await kubectl("wait", "--for=delete", "rv/vol1", "--timeout=5s")
+    assert code == 0, err

@@ -500,9 +500,13 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         kind = self._kinds[rtype.key]
         watch = Watch(asyncio.Queue(), namespace)
         initial: list[tuple[str, dict[str, Any]]] = []
-        if rv_param in ("", "0"):
+        # Streaming lists (WatchList, used by `kubectl wait`): initial ADDED events, then a
+        # bookmark annotated k8s.io/initial-events-end, then changes.
+        send_initial = str(params.get("sendInitialEvents", "")).lower() == "true"
+        initial_rv = self._rv
+        if rv_param in ("", "0") or send_initial:
             initial = [("ADDED", o) for o in self.list_objects(rtype, namespace, labels, fields)]
-        else:
+        if rv_param not in ("", "0") and not send_initial:
             try:
                 since = int(rv_param)
             except ValueError:
@@ -520,6 +524,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             await response.prepare(raw)
             for etype, obj in initial:
                 await self._write_event(response, request, rtype, etype, obj, as_table)
+            if send_initial:
+                await self._write_bookmark(response, rtype, initial_rv, initial_events_end=True)
             deadline = time.monotonic() + timeout
             while not self._closing:
                 left = deadline - time.monotonic()
@@ -567,8 +573,18 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         line = json.dumps({"type": etype, "object": payload}) + "\n"
         await response.write(line.encode())
 
-    async def _write_bookmark(self, response: aiohttp.web.StreamResponse, rtype: ResourceType) -> None:
-        obj = {"kind": rtype.kind, "apiVersion": rtype.api_version, "metadata": {"resourceVersion": str(self._rv)}}
+    async def _write_bookmark(
+        self,
+        response: aiohttp.web.StreamResponse,
+        rtype: ResourceType,
+        rv: int | None = None,
+        *,
+        initial_events_end: bool = False,
+    ) -> None:
+        meta: dict[str, Any] = {"resourceVersion": str(self._rv if rv is None else rv)}
+        if initial_events_end:
+            meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+        obj = {"kind": rtype.kind, "apiVersion": rtype.api_version, "metadata": meta}
         await response.write((json.dumps({"type": "BOOKMARK", "object": obj}) + "\n").encode())
 
     async def _stream_gone(self, request: kmock.Request, since: int) -> aiohttp.web.StreamResponse:
