@@ -21,6 +21,7 @@ from pairvol.localcluster.apiserver_logic import (
     strategic_merge_patch,
 )
 from pairvol.localcluster.apiserver_schema import apply_defaults, process, prune, unknown_fields
+from pairvol.localcluster.apiserver_store import ObjectStore
 
 # ------------------------------------------------------------------------------ CEL
 
@@ -273,3 +274,18 @@ def test_printer_column_jsonpath() -> None:
     assert jsonpath_value(node, ".status.addresses[0].address") == "10.0.0.1"
     assert jsonpath_value(node, ".status.addresses[3].address") is None
     assert jsonpath_value(node, ".spec.missing") is None
+
+
+def test_the_object_store_applies_the_write_rules_without_http() -> None:
+    store = ObjectStore()
+    lease = store.create_object("coordination.k8s.io", "v1", "leases", {"metadata": {"name": "l"}}, "default")
+    rtype = store.resource_type("coordination.k8s.io", "v1", "leases")
+    updated = store.update_object(rtype, "default", "l", {**lease, "spec": {"holderIdentity": "a"}}, None,
+                                  require_rv=True)  # fmt: skip
+    assert updated["metadata"]["generation"] == 2
+    assert int(updated["metadata"]["resourceVersion"]) > int(lease["metadata"]["resourceVersion"])
+    with pytest.raises(RequestError, match="the object has been modified") as conflict:
+        store.update_object(rtype, "default", "l", {**lease, "spec": {"holderIdentity": "b"}}, None, require_rv=True)
+    assert conflict.value.code == 409
+    with pytest.raises(RequestError, match='namespaces "nope" not found'):
+        store.create_object("coordination.k8s.io", "v1", "leases", {"metadata": {"name": "l"}}, "nope")

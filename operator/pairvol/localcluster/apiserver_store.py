@@ -101,6 +101,10 @@ class ObjectStore:
     _field_validation: str
     _warnings: list[str]
 
+    def __init__(self, history_limit: int = HISTORY) -> None:
+        """A standalone store (APIServer, an attrs class, calls ``_init_store`` itself)."""
+        self._init_store(history_limit)
+
     def _init_store(self, history_limit: int = HISTORY) -> None:
         """Start empty, then add the built-in types, namespaces and kopf's peering CRDs."""
         self._types, self._kinds, self._schemas = {}, {}, {}
