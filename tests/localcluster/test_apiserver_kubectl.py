@@ -235,3 +235,9 @@ async def test_kubectl_wait_for_status_condition_and_deletion(kubectl: KubectlRu
     code, _, err = await kubectl("delete", "rv", "vol1", "--wait=false")
     code, out, err = await kubectl("wait", "--for=delete", "rv/vol1", "--timeout=5s")
     assert code == 0, err
+
+
+async def test_the_examples_apply(kubectl: KubectlRunner) -> None:
+    code, out, err = await kubectl("apply", "-f", str(REPO / "examples"))
+    assert code == 0, err
+    assert "replicatedvolume.pairvol.io/basic created" in out

@@ -287,6 +287,10 @@ async def test_discovery_serves_our_crd_and_kopf_peering(api_http: aiohttp.Clien
     assert "replicatedvolumes/status" in entries
     _, core = await send(api_http, "GET", "/api/v1")
     assert core["groupVersion"] == "v1"
+    code, status = await send(api_http, "GET", "/openapi/v2")
+    assert (code, status["kind"]) == (404, "Status"), "only OpenAPI v3 is served"
+    code, openapi = await send(api_http, "GET", "/openapi/v3")
+    assert code == 200 and "apis/pairvol.io/v1alpha1" in openapi["paths"]
 
 
 async def test_crds_can_be_registered_and_removed_at_runtime(

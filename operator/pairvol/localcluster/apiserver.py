@@ -124,7 +124,10 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         rpath = parse_resource_path(raw.path)
         if rpath is None or rpath.plural is None:
             if raw.path.startswith("/openapi/"):
-                return self._serve_openapi(raw.path)
+                try:
+                    return self._serve_openapi(raw.path)
+                except RequestError as exc:
+                    return _status_response(exc)
             if raw.path in ("/healthz", "/readyz", "/livez"):
                 return aiohttp.web.Response(text="ok")
             response: aiohttp.web.StreamResponse = await super().__call__(raw)
