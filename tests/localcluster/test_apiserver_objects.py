@@ -287,6 +287,9 @@ async def test_discovery_serves_our_crd_and_kopf_peering(api_http: aiohttp.Clien
     assert "replicatedvolumes/status" in entries
     _, core = await send(api_http, "GET", "/api/v1")
     assert core["groupVersion"] == "v1"
+    for unknown in ("/apis/nope.io", "/apis/nope.io/v1", "/api/v2", "/nothing"):
+        code, status = await send(api_http, "GET", unknown)
+        assert (code, status["message"]) == (404, "the server could not find the requested resource"), unknown
     code, status = await send(api_http, "GET", "/openapi/v2")
     assert (code, status["kind"]) == (404, "Status"), "only OpenAPI v3 is served"
     code, openapi = await send(api_http, "GET", "/openapi/v3")

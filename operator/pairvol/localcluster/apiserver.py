@@ -216,6 +216,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
 
     async def _serve_version(self, request: kmock.Request) -> dict[str, Any]:
         # kmock reports the core group-version as "/v1"; Kubernetes says "v1".
+        if request.resource is not None and not request.resource.group and request.resource.version != "v1":
+            raise kmock.KubernetesNotFoundError()
         result = await super()._serve_version(request)
         assert isinstance(result, dict)
         result["groupVersion"] = result["groupVersion"].lstrip("/")
@@ -224,6 +226,15 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
                 entry["shortNames"], entry["categories"] = [], []
                 entry["verbs"] = ["get", "patch", "update"]
         return result
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        # kmock's messages teach test authors its DSL; clients of a cluster expect Kubernetes'.
+        if isinstance(exc, kmock.KubernetesNotFoundError):
+            return _status_response(RequestError(404, "NotFound", "the server could not find the requested resource"))
+        logger.error("internal error in the emulated API server: %r", exc)
+        return _status_response(
+            RequestError(500, "InternalError", f"internal error in the emulated API server: {exc!r}")
+        )
 
     async def _serve_log(self, request: kmock.Request, namespace: str, name: str) -> aiohttp.web.StreamResponse:
         """``GET pods/<name>/log`` (``kubectl logs [-f] [--tail N]``) from the pod's log file."""
