@@ -1,8 +1,10 @@
 """``pairvol localcluster up``: run the emulated cluster in the foreground.
 
 Why a command: developers poke at the operator with ``kubectl`` while it runs; this starts
-the API server with our CRDs and N Ready nodes, writes a kubeconfig, prints how to use it
-and runs until SIGINT/SIGTERM.
+the emulated API server with our CRDs and N nodes (simulated by the node simulator when
+run as root, else plain Ready Node objects), writes a kubeconfig, prints how to use it and
+runs until SIGINT/SIGTERM. kubectl works against it: apply (client- and server-side),
+get/-w, describe, explain, wait, logs, delete.
 """
 
 from __future__ import annotations
