@@ -35,7 +35,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     # limited to 107 bytes, and pytest's tmp paths are long. Stack.up makes a short
     # /tmp/pairvol-demo-<pid>-* directory and removes it afterwards.
     del tmp_path
-    async with Stack.up(3, lease_duration=LEASE_S) as s:
+    # per-volume NetworkPolicies are created (the simulator does not enforce them)
+    async with Stack.up(3, lease_duration=LEASE_S, operator_env={"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}) as s:
         yield s
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pairvol.localcluster.demo import Stack
-from pairvol.operator.k8s import KubeError, lease_path, secrets_path, services_path
+from pairvol.operator.k8s import KubeError, lease_path, netpol_path, secrets_path, services_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(180)]
 
@@ -48,6 +48,7 @@ async def _assert_gone(stack: Stack, name: str) -> None:
             await stack.kube.get_or_none(services_path(ns, f"{name}-agents")),
             await stack.kube.get_or_none(secrets_path(ns, f"pairvol-{name}")),
             await stack.kube.get_or_none(lease_path(ns, f"pairvol-{name}")),
+            await stack.kube.get_or_none(netpol_path(ns, f"pairvol-{name}-replication")),
         ]
         return all(x is None for x in leftovers) and not await stack.pods(name)
 
@@ -65,6 +66,7 @@ async def test_deletion_stops_agents_and_keeps_or_removes_data(
     nodes = [st["primary"]["node"], st["secondary"]["node"]]
     dirs = [stack.sim.host_path(n, f"/var/lib/pairvol/{stack.namespace}/{name}") for n in nodes]
     assert all(d.exists() for d in dirs)
+    assert await stack.kube.get_or_none(netpol_path(stack.namespace, f"pairvol-{name}-replication"))
     await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/"
                             f"replicatedvolumes/{name}")
     await _assert_gone(stack, name)

@@ -15,6 +15,7 @@ from pairvol.operator.manifests import (
     ConfigError,
     OperatorConfig,
     cleanup_pod_manifest,
+    network_policy_manifest,
     pod_manifest,
     secret_manifest,
     services_manifests,
@@ -146,3 +147,15 @@ def test_chart_settings_for_agent_pods_are_applied() -> None:
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["spec"]["tolerations"] == [{"key": "storage", "operator": "Exists"}]
     assert pod["spec"]["serviceAccountName"] == "pairvol-agent"
+
+
+def test_per_volume_network_policy_admits_only_the_volumes_agents_on_the_replication_port() -> None:
+    assert OperatorConfig.from_env({"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}).per_volume_network_policy
+    assert not OperatorConfig.from_env({}).per_volume_network_policy
+    pol = network_policy_manifest("vol", "ns", OWNER)
+    kubernetes_validate.validate(pol, K8S, strict=True)
+    agents = {"app.kubernetes.io/name": "pairvol-agent", "pairvol.io/volume": "vol"}
+    assert pol["spec"]["podSelector"]["matchLabels"] == agents
+    assert pol["spec"]["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": agents}}], "ports": [{"port": 7801, "protocol": "TCP"}]}
+    ]

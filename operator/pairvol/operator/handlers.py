@@ -39,6 +39,7 @@ from pairvol.operator.k8s import (
     events_path,
     lease_path,
     load_config,
+    netpol_path,
     nodes_path,
     pods_path,
     secrets_path,
@@ -249,6 +250,10 @@ class Reconciler:
         await c.kube.create_if_missing(secrets_path(self.namespace), m.secret_manifest(self.name, self.namespace, body))
         for svc in m.services_manifests(self.name, self.namespace, body):
             await c.kube.create_if_missing(services_path(self.namespace), svc)
+        if c.config.per_volume_network_policy:
+            await c.kube.create_if_missing(
+                netpol_path(self.namespace), m.network_policy_manifest(self.name, self.namespace, body)
+            )
         self.infra_ok = True
 
     # ---------------------------------------------------------------- persist
@@ -524,6 +529,7 @@ async def on_delete(**kw: Any) -> None:
     for svc in (name, m.agents_service_name(name)):
         await c.kube.delete(services_path(namespace, svc))
     await c.kube.delete(lease_path(namespace, m.lease_name(name)))
+    await c.kube.delete(netpol_path(namespace, m.network_policy_name(name)))
     try:
         vspec = parse_spec(spec, name=name)
     except SpecError:

@@ -281,6 +281,10 @@ def nodes_path() -> str:
     return "/api/v1/nodes"
 
 
+def netpol_path(ns: str, name: str | None = None) -> str:
+    return f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies" + (f"/{name}" if name else "")
+
+
 def lease_path(ns: str, name: str | None = None) -> str:
     return f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases" + (f"/{name}" if name else "")
 

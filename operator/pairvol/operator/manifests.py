@@ -71,6 +71,7 @@ class OperatorConfig:
     agent_node_selector: Mapping[str, str] = field(default_factory=dict)
     agent_tolerations: tuple[Mapping[str, Any], ...] = ()
     agent_image_pull_secrets: tuple[Mapping[str, Any], ...] = ()
+    per_volume_network_policy: bool = False
     agent_env: Mapping[str, str] = field(default_factory=dict)
     lease_duration_s: float = 3.0
     lease_margin_s: float = 0.5
@@ -102,6 +103,7 @@ class OperatorConfig:
             agent_node_selector=_json_env(e, "PAIRVOL_AGENT_NODE_SELECTOR", {}),
             agent_tolerations=tuple(_json_env(e, "PAIRVOL_AGENT_TOLERATIONS", [])),
             agent_image_pull_secrets=tuple(_json_env(e, "PAIRVOL_AGENT_IMAGE_PULL_SECRETS", [])),
+            per_volume_network_policy=e.get("PAIRVOL_PER_VOLUME_NETWORK_POLICY", "").strip().lower() == "true",
             agent_env={str(k): str(v) for k, v in agent_env.items()},
             lease_duration_s=_float_env(e, "PAIRVOL_LEASE_DURATION", 3.0, 1.0),
             lease_margin_s=_float_env(e, "PAIRVOL_LEASE_MARGIN", 0.5, 0.0),
@@ -200,6 +202,36 @@ def services_manifests(volume: str, namespace: str, owner: Mapping[str, Any]) ->
         },
     }
     return [workload, agents]
+
+
+def network_policy_name(volume: str) -> str:
+    return f"pairvol-{volume}-replication"
+
+
+def network_policy_manifest(volume: str, namespace: str, owner: Mapping[str, Any]) -> dict[str, Any]:
+    """Only this volume's agents may reach each other's replication port (7801). Policies are
+    additive: the chart's policy still lets the operator reach the API and workloads the export."""
+    agents = {APP_LABEL: AGENT_APP, LABEL_VOLUME: volume}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": network_policy_name(volume),
+            "namespace": namespace,
+            "labels": labels(volume),
+            "ownerReferences": [owner_ref(owner)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": agents},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": agents}}],
+                    "ports": [{"port": REPLICATION_PORT, "protocol": "TCP"}],
+                }
+            ],
+        },
+    }
 
 
 def pod_manifest(
