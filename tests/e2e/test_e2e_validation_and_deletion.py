@@ -82,3 +82,11 @@ async def test_deletion_of_a_volume_that_never_became_ready(stack: Stack, volume
     await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/"
                             "replicatedvolumes/never")
     await _assert_gone(stack, "never")
+
+
+@pytest.mark.usefixtures("needs_agent")
+async def test_deletion_completes_even_when_a_replica_node_is_dead(stack: Stack, volume: Any) -> None:
+    st = await stack.apply(volume("deadnode")) and await stack.wait_phase("deadnode", "Replicating", within=120)
+    await stack.sim.kill_node(st["secondary"]["node"])
+    await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/replicatedvolumes/deadnode")
+    await _assert_gone(stack, "deadnode")

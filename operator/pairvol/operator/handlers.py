@@ -517,13 +517,19 @@ async def on_delete(**kw: Any) -> None:
     selector = f"{d.LABEL_VOLUME}={name},{m.APP_LABEL}={m.AGENT_APP}"
     pods = [pod_view(p) for p in await c.kube.list(pods_path(namespace), selector)]
     token = await rec._token()
+    ready_nodes = {n.name for n in map(node_view, await c.kube.list(nodes_path())) if n.ready}
     for pod in pods:
-        if pod.ip and token and not pod.deleting:
+        if pod.ip and token and not pod.deleting and pod.node in ready_nodes:
             try:
                 await c.agents.stop(f"{pod.ip}:{d.API_PORT}", token)
             except AgentError as exc:
                 log.info("%s/%s: stop %s: %s", namespace, name, pod.name, exc)
-        await c.kube.delete(pods_path(namespace, pod.name), grace_s=1)
+        # a pod on a dead node never confirms its termination: after a while, force it out
+        # of the API (the volume is being deleted; its agent cannot hold the Lease anyway)
+        force = pod.node not in ready_nodes and retry >= 10
+        if force and pod.deleting:
+            await rec.event(body, "Warning", "ForceDeleted", f"pod {pod.name} on unreachable node {pod.node}")
+        await c.kube.delete(pods_path(namespace, pod.name), grace_s=0 if force else 1)
     if pods:
         raise kopf.TemporaryError(f"waiting for {len(pods)} agent pod(s) to terminate", delay=1)
     for svc in (name, m.agents_service_name(name)):
