@@ -26,7 +26,7 @@ from tests.bench.fio import WORKLOADS, run_fio
 from tests.bench.setups import setup
 from tests.bench.stats import since_cut_report, stall_report, summary
 from tests.bench.writer import finish_writer, run_writer
-from tests.support.agents import AgentCallError, pair
+from tests.support.agents import Agent, AgentCallError, pair
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,24 @@ async def throughput(configs: Sequence[str], workdir: Path, plan: Plan) -> dict[
 COW_METRIC = "pairvol_cow_copied_bytes_total"
 
 
+async def settled_cow_bytes(agent: Agent, previous: float | None, timeout: float = 10.0) -> float:
+    """The copy-before-write counter once the last checkpoint's old generation is retired.
+
+    The agent retires the old generation (cancels its job, which is when the copied
+    bytes are counted) in the background after answering the checkpoint call, so the
+    counter is read until it moves past ``previous`` and then holds still.
+    """
+    deadline = time.monotonic() + timeout
+    last = metric_value(await agent.metrics(), COW_METRIC)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        now = metric_value(await agent.metrics(), COW_METRIC)
+        if now == last and (previous is None or now > previous):
+            return now
+        last = now
+    return last
+
+
 def metric_value(text: str, name: str) -> float:
     """The sum of a Prometheus metric's samples (all label sets) in text format."""
     total, found = 0.0, False
@@ -158,13 +176,13 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
         await secondary.checkpoint()  # both phases start right after a cut
         # copy-before-write bytes are counted when a generation's job ends (at the next
         # checkpoint), so each phase is closed by a checkpoint before the counter is read
-        cow0 = metric_value(await secondary.metrics(), COW_METRIC)
+        cow0 = await settled_cow_bytes(secondary, None)
 
         out0 = workdir / "without.rec"
         proc = await run_writer(target.socket, plan.stall_seconds, out0, seed=2)
         without = await finish_writer(proc, out0, plan.stall_seconds + 60)
         await secondary.checkpoint()
-        cow1 = metric_value(await secondary.metrics(), COW_METRIC)
+        cow1 = await settled_cow_bytes(secondary, cow0)
 
         out1 = workdir / "with.rec"
         proc = await run_writer(target.socket, plan.stall_seconds, out1, seed=3)
@@ -188,8 +206,9 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(proc.wait()), max(0.0, next_at - time.monotonic()))
         with_cp = await finish_writer(proc, out1, 60)
+        before_last = await settled_cow_bytes(secondary, None, timeout=2.0)
         await secondary.checkpoint()
-        cow2 = metric_value(await secondary.metrics(), COW_METRIC)
+        cow2 = await settled_cow_bytes(secondary, before_last)
     # only the windows that fell inside the write stream count as "checkpoints under load"
     first, last = with_cp[0].start_ns, with_cp[-1].end_ns
     under_load = [w for w in windows if w[0] <= last and w[1] >= first]
@@ -201,7 +220,7 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
             "duration_ms": summary(durations, (50, 99)),
             "without": stall_report(without, []),
             "with": stall_report(with_cp, under_load),
-            "with_since_cut": since_cut_report(with_cp, under_load),
+            "with_since_cut": since_cut_report(with_cp, under_load, edges_ms=(0, 20, 100, 300)),
             "cow": {
                 "without_bytes": cow1 - cow0,
                 "with_bytes": cow2 - cow1,
