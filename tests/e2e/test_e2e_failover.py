@@ -247,8 +247,12 @@ async def test_manual_failover_annotation(stack: Stack, volume: Any) -> None:
     await stack.annotate(name, "pairvol.io/failover", "now")
     st = await failed_over_from(stack, name, old["node"])
     assert st["lastFailover"]["reason"] == "manual"
-    ann = (await stack.volume(name))["metadata"].get("annotations") or {}
-    assert "pairvol.io/failover" not in ann
+
+    async def consumed() -> bool:
+        ann = (await stack.volume(name))["metadata"].get("annotations") or {}
+        return "pairvol.io/failover" not in ann
+
+    await stack.wait_for("the failover request annotation to be consumed", consumed, within=10)
     await stack.wait_phase(name, "Replicating", within=150)
 
 
