@@ -109,8 +109,11 @@ async def test_manual_checkpoint_annotation(stack: Stack, volume: Any) -> None:
                                  lambda: _cp(stack, "v2", above=int(before.get("id") or 0)),
                                  within=20)
     assert after >= 1
-    ann = (await stack.volume("v2"))["metadata"].get("annotations") or {}
-    assert "pairvol.io/checkpoint" not in ann, "the request annotation is consumed"
+    async def consumed() -> bool:
+        ann = (await stack.volume("v2"))["metadata"].get("annotations") or {}
+        return "pairvol.io/checkpoint" not in ann
+
+    await stack.wait_for("the checkpoint request annotation to be consumed", consumed, within=10)
 
 
 @pytest.mark.parametrize("mode", ["Checkpoint", "Latest"])
