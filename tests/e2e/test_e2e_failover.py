@@ -72,12 +72,21 @@ async def role_of(stack: Stack, pod: str) -> str | None:
     return None if obj is None else obj["metadata"]["labels"].get("pairvol.io/role")
 
 
+async def wait_role(stack: Stack, pod: str, role: str) -> None:
+    """Labels flip right after the status records the failover: wait, do not race."""
+
+    async def flipped() -> bool:
+        return await role_of(stack, pod) == role
+
+    await stack.wait_for(f"pod {pod} to be labelled {role}", flipped, within=10)
+
+
 async def test_create_reaches_replicating_and_checkpoints_advance(
     stack: Stack, volume: Any
 ) -> None:
     st = await replicating(stack, volume("v1", checkpoint={"intervalSeconds": 1}))
     assert st["primary"]["node"] != st["secondary"]["node"]
-    assert await role_of(stack, st["primary"]["pod"]) == "primary"
+    await wait_role(stack, st["primary"]["pod"], "primary")
     assert await role_of(stack, st["secondary"]["pod"]) == "secondary"
     svc = await stack.kube.get(f"/api/v1/namespaces/{stack.namespace}/services/v1")
     assert svc["spec"]["selector"] == {"pairvol.io/volume": "v1", "pairvol.io/role": "primary"}
@@ -143,7 +152,8 @@ async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
 
     lf = st["lastFailover"]
     assert (lf["from"], lf["to"], lf["mode"]) == (old["node"], st["primary"]["node"], mode)
-    assert await role_of(stack, st["primary"]["pod"]) == "primary"
+    await wait_role(stack, st["primary"]["pod"], "primary")
+
     async def both_events() -> bool:
         reasons = {e["reason"] for e in await stack.events(name)}
         return {"FailingOver", "FailedOver"} <= reasons
@@ -286,7 +296,7 @@ async def test_operator_resumes_a_failover_it_recorded_but_never_executed(stack:
     st = await failed_over_from(stack, name, old["node"])
     assert st["primary"]["pod"] == sec["pod"]
     assert st["lastFailover"]["reason"] == "recorded by an operator that then died"
-    assert await role_of(stack, sec["pod"]) == "primary"
+    await wait_role(stack, sec["pod"], "primary")
     async def failed_over_events() -> list[dict[str, Any]]:
         return [e for e in await stack.events(name) if e["reason"] == "FailedOver"]
 
