@@ -156,11 +156,11 @@ class TestPeerWatch:
     def test_parses_ss_connections(self) -> None:
         conns = parse_ss(SS_OUTPUT)
         assert [c.local for c in conns] == ["10.200.1.2:51234", "10.200.1.2:51240"]
-        assert conns[1].bytes_sent == 2101248 and conns[1].lastrcv_ms == 3400
+        assert conns[1].bytes_sent == 2101248 and (conns[1].unacked, conns[1].lastack_ms) == (2, 3400)
 
-    def test_an_idle_link_is_not_stalled_but_an_unanswered_request_is(self) -> None:
+    def test_an_idle_link_is_not_stalled_but_unacknowledged_data_is(self) -> None:
         idle, stuck = parse_ss(SS_OUTPUT)
-        assert not idle.stalled(1000)  # last reply came after the last request
+        assert not idle.stalled(1000)  # everything sent was acknowledged
         assert stuck.stalled(3000)
         assert not stuck.stalled(5000)  # not yet past the timeout
 

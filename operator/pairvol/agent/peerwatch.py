@@ -1,12 +1,18 @@
 """Watchdog for the replication link, because QEMU's NBD client has no I/O timeout.
 
 A peer that is killed resets the TCP connection and the NBD client notices at once. A
-peer that is silently partitioned (packets dropped, no RST) does not: TCP retransmits for
-many minutes while every quorum write waits for it. The kernel knows, though: ``ss -ti``
-shows per connection when data was last sent and last received. NBD servers never send
-unprompted, so "sent after the last reply, and no reply for T" means a request is stuck;
-the watchdog then destroys the socket (``ss -K``), the NBD client fails or reconnects,
-and the primary goes on. The same samples give the bytes sent to the peer.
+peer that is silently partitioned (packets dropped, no RST) or whose daemon hangs does
+not: every quorum write waits for it, for many minutes. Two signals catch that:
+
+* the kernel's view of the link (``ss -ti``): data sent but not acknowledged for T
+  (a partition);
+* a canary: the primary's qsd keeps a second NBD connection to the peer, exported
+  read-only on the local unix socket, and the watchdog reads one block through it; no
+  answer within T means the peer's daemon is stuck (TCP may still acknowledge).
+
+On either, the watchdog destroys the sockets to the peer (``ss -K``): the NBD client
+sees a connection error, holds requests for its reconnect delay, then fails them, and
+the quorum goes on with the local disk. The same samples count the bytes sent.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
 _KV = re.compile(r"\b(bytes_sent|bytes_received|bytes_acked|lastsnd|lastrcv|lastack|unacked):(\d+)")
+
+Probe = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -30,12 +38,12 @@ class ConnSample:
     remote: str
     bytes_sent: int
     bytes_received: int
-    lastsnd_ms: int
-    lastrcv_ms: int
+    unacked: int
+    lastack_ms: int
 
     def stalled(self, timeout_ms: int) -> bool:
-        """A request went out after the last reply, and no reply came for timeout_ms."""
-        return self.lastsnd_ms < self.lastrcv_ms and self.lastrcv_ms >= timeout_ms
+        """Data is in flight and the peer has acknowledged nothing for timeout_ms."""
+        return self.unacked > 0 and self.lastack_ms >= timeout_ms
 
 
 def parse_ss(text: str) -> list[ConnSample]:
@@ -58,8 +66,8 @@ def parse_ss(text: str) -> list[ConnSample]:
                 remote=addr[1],
                 bytes_sent=kv.get("bytes_sent", kv.get("bytes_acked", 0)),
                 bytes_received=kv.get("bytes_received", 0),
-                lastsnd_ms=kv.get("lastsnd", 0),
-                lastrcv_ms=kv.get("lastrcv", 0),
+                unacked=kv.get("unacked", 0),
+                lastack_ms=kv.get("lastack", 0),
             )
         )
         addr = None
@@ -72,7 +80,7 @@ def _ss_filter(host: str, port: int) -> list[str]:
 
 
 class PeerWatch:
-    """Polls the kernel's view of the connections to one peer."""
+    """Polls the link to one peer; reports when it has been down, breaks it when stuck."""
 
     def __init__(
         self,
@@ -80,17 +88,20 @@ class PeerWatch:
         port: int,
         stall_timeout: float,
         on_sent: Callable[[int], None],
-        interval: float = 0.2,
+        probe: Probe | None = None,
+        on_stalled: Callable[[str], Awaitable[None]] | None = None,
+        interval: float = 0.25,
     ) -> None:
         self.host = host
         self.port = port
-        self.stall_timeout_ms = int(stall_timeout * 1000)
+        self.stall_timeout = stall_timeout
         self.interval = interval
         self._on_sent = on_sent
+        self._probe = probe
+        self._on_stalled = on_stalled
         self._ss = shutil.which("ss") or "ss"
         self._last_sent: dict[str, int] = {}
-        self.connected = False
-        self.down_since: float | None = time.monotonic()
+        self.down_since: float | None = None
         self.kills = 0
 
     async def _run_ss(self, *args: str) -> str:
@@ -109,9 +120,22 @@ class PeerWatch:
         self.kills += 1
         await self._run_ss("-K", *_ss_filter(self.host, self.port))
 
-    async def poll_once(self) -> list[ConnSample]:
+    async def _probe_peer(self) -> str | None:
+        """None when the peer answered; else why not ("stalled" when it did not answer)."""
+        if self._probe is None:
+            return None
+        try:
+            await asyncio.wait_for(self._probe(), self.stall_timeout)
+        except TimeoutError:
+            return "stalled"
+        except Exception as exc:  # any failure of the canary means the peer is not serving
+            return f"canary failed: {exc}"
+        return None
+
+    async def poll_once(self) -> None:
+        started = time.monotonic()
+        problem = await self._probe_peer()
         conns = await self.sample()
-        now = time.monotonic()
         seen: dict[str, int] = {}
         for conn in conns:
             seen[conn.local] = conn.bytes_sent
@@ -119,22 +143,26 @@ class PeerWatch:
             if delta > 0:
                 self._on_sent(delta)
         self._last_sent = seen
-        stuck = [c for c in conns if c.stalled(self.stall_timeout_ms)]
-        # A connection counts once the peer has said something on it: a stopped daemon's
-        # kernel still accepts connections, but never sends the NBD greeting.
-        if any(c.bytes_received > 0 and c not in stuck for c in conns):
-            self.connected, self.down_since = True, None
-        elif self.connected or self.down_since is None:
-            self.connected, self.down_since = False, now
-        if stuck:
+        stuck = [c for c in conns if c.stalled(int(self.stall_timeout * 1000))]
+        if stuck and problem is None:
+            problem = "stalled"
+        if problem is None and conns:
+            self.down_since = None
+            return
+        if self.down_since is None:
+            self.down_since = started - (self.stall_timeout if problem == "stalled" else 0.0)
+        if problem == "stalled" and conns:
+            why = "no acknowledgement" if stuck else "no answer to the canary read"
             log.error(
-                "replication link to %s:%d is stalled (no reply for %.1f s): breaking the connection",
+                "replication link to %s:%d is stuck (%s for %.1f s): breaking the connection",
                 self.host,
                 self.port,
-                stuck[0].lastrcv_ms / 1000,
+                why,
+                self.stall_timeout,
             )
+            if self._on_stalled is not None:
+                await self._on_stalled(f"link to {self.host}:{self.port} stuck ({why})")
             await self.kill_connections()
-        return conns
 
     def down_for(self) -> float:
         return 0.0 if self.down_since is None else time.monotonic() - self.down_since

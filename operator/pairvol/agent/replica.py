@@ -53,6 +53,7 @@ from pairvol.agent.stages import (
 )
 from pairvol.agent.state import Checkpoint, PersistedState
 from pairvol.errors import PairvolError
+from pairvol.nbd import NBDClient
 from pairvol.qemu import QemuError, QsdDied, img
 from pairvol.qemu import recipes as r
 from pairvol.qemu.qsd import Qsd
@@ -100,6 +101,7 @@ class Replica:
         self.relay: Qsd | None = None
         self._fence_task: asyncio.Task[None] | None = None
         self._cancelling: set[str] = set()
+        self._canary: NBDClient | None = None
         self.undo_log_broken: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -357,7 +359,7 @@ class Replica:
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.kill()  # its clients must not get one more write through
-        for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT):
+        for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT, r.CANARY_EXPORT):
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
         with contextlib.suppress(QemuError):
@@ -631,7 +633,15 @@ class Replica:
             self.replication, self.peer_error = "degraded", f"cannot attach peer {host}:{port}: {exc}"
             raise ReplicaError(self.peer_error) from exc
         self.peer_error = None
-        watch = PeerWatch(host, port, self.cfg.stall_timeout, self.metrics.peer_sent_bytes.labels(self.cfg.name).inc)
+        await self._start_canary(host, port, tls)
+        watch = PeerWatch(
+            host,
+            port,
+            self.cfg.stall_timeout,
+            self.metrics.peer_sent_bytes.labels(self.cfg.name).inc,
+            probe=self._canary_read,
+            on_stalled=self._mark_out_of_sync_once,
+        )
         self._peer_task = asyncio.create_task(self._watch_peer(watch), name="peer-watch")
         if sync == "full":
             self.replication = "syncing"
@@ -701,14 +711,12 @@ class Replica:
         delay), then drop the peer so the primary goes on alone."""
         mark_after = max(0.0, self.cfg.reconnect_delay - 1.0)
         drop_after = self.cfg.reconnect_delay + 0.5
-        watch.down_since = None  # the nbd node connected during blockdev-add
-        watch.connected = True
         try:
             while True:
                 await watch.poll_once()
                 down = watch.down_for()
-                if down > mark_after and not self.state.out_of_sync:
-                    await self._mark_out_of_sync(f"peer {watch.host}:{watch.port} unreachable")
+                if down > mark_after:
+                    await self._mark_out_of_sync_once(f"peer {watch.host}:{watch.port} unreachable")
                 if down > drop_after:
                     async with self.lock:
                         await self._detach_peer(
@@ -723,6 +731,29 @@ class Replica:
             raise
         except PairvolError as exc:
             log.error("peer watchdog failed: %s", exc)
+
+    async def _start_canary(self, host: str, port: int, tls: bool) -> None:
+        """A second NBD connection to the peer, outside the quorum, exported read-only on
+        the local socket: the watchdog reads through it to see that the peer answers."""
+        try:
+            await self.qsd.execute("blockdev-add", r.nbd_client(r.CANARY_NODE, host, port, tls, 0))
+            await self.qsd.execute("block-export-add", r.nbd_export(r.CANARY_EXPORT, r.CANARY_NODE, writable=False))
+        except QemuError as exc:
+            log.warning("no canary connection to the peer (%s); the watchdog relies on TCP alone", exc)
+
+    async def _canary_read(self) -> None:
+        if self._canary is None:
+            self._canary = await NBDClient.connect_unix(str(self.cfg.export_socket), r.CANARY_EXPORT)
+        try:
+            await self._canary.pread(4096, 0)
+        except BaseException:
+            canary, self._canary = self._canary, None
+            await canary.close()
+            raise
+
+    async def _mark_out_of_sync_once(self, reason: str) -> None:
+        if not self.state.out_of_sync:
+            await self._mark_out_of_sync(reason)
 
     async def _mark_out_of_sync(self, reason: str) -> None:
         log.error("secondary is out of sync: %s", reason)
@@ -766,9 +797,20 @@ class Replica:
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "child": self._peer_child})
             self._peer_child = None
-        for node in (r.PEER_NODE, r.SYNC_TARGET_NODE):
-            with contextlib.suppress(QemuError):
-                await self.qsd.execute("blockdev-del", {"node-name": node})
+        if self._canary is not None:
+            canary, self._canary = self._canary, None
+            await canary.close()
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("block-export-del", {"id": r.CANARY_EXPORT, "mode": "hard"})
+        for node in (r.PEER_NODE, r.SYNC_TARGET_NODE, r.CANARY_NODE):
+            for _ in range(50):  # a hard-deleted export lets go of its node asynchronously
+                try:
+                    await self.qsd.execute("blockdev-del", {"node-name": node})
+                    break
+                except QemuError as exc:
+                    if "not find" in str(exc) or "not found" in str(exc):
+                        break
+                    await asyncio.sleep(0.02)
         self.peer = None
 
     async def _teardown_primary(self) -> None:
