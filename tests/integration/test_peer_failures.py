@@ -102,6 +102,13 @@ async def test_secondary_restarting_within_the_reconnect_delay_stays_in_sync(tmp
             assert await nbd.pread(3 * MiB, 0) == b"a" * MiB + b"b" * MiB + b"c" * MiB
 
 
+def node_agent(net: ClusterNetwork, node: str, data_dir: Path, token: str, psk: Path, **kw: Any) -> Agent:
+    """An agent inside a node's network namespace, listening on the node's address."""
+    return Agent(
+        "vol", data_dir, "16Mi", host=net.node_ip(node), netns=net.netns_name(node), token=token, psk_file=psk, **kw
+    )
+
+
 @pytest.fixture
 async def two_nodes() -> AsyncIterator[ClusterNetwork]:
     if os.geteuid() != 0 or shutil.which("iptables") is None:
@@ -119,26 +126,8 @@ async def test_silently_partitioned_secondary_does_not_hang_the_primary(
     net = two_nodes
     psk = write_psk(tmp_path / "psk")
     token = secrets.token_hex(16)
-    p = Agent(
-        "vol",
-        tmp_path / "a",
-        "16Mi",
-        host=net.node_ip("pv-a"),
-        netns=net.netns_name("pv-a"),
-        token=token,
-        psk_file=psk,
-        peer_timeout=3,
-    )
-    s = Agent(
-        "vol",
-        tmp_path / "b",
-        "16Mi",
-        host=net.node_ip("pv-b"),
-        netns=net.netns_name("pv-b"),
-        token=token,
-        psk_file=psk,
-        peer_timeout=3,
-    )
+    p = node_agent(net, "pv-a", tmp_path / "a", token, psk, peer_timeout=3)
+    s = node_agent(net, "pv-b", tmp_path / "b", token, psk, peer_timeout=3)
     try:
         await asyncio.gather(p.start(), s.start())
         await s.secondary(1)
@@ -160,24 +149,8 @@ async def test_silently_partitioned_secondary_does_not_hang_the_primary(
 async def test_replication_link_is_tls_psk_and_refuses_a_wrong_key(tmp_path: Path, two_nodes: ClusterNetwork) -> None:
     net = two_nodes
     token = secrets.token_hex(16)
-    s = Agent(
-        "vol",
-        tmp_path / "b",
-        "16Mi",
-        host=net.node_ip("pv-b"),
-        netns=net.netns_name("pv-b"),
-        token=token,
-        psk_file=write_psk(tmp_path / "psk-b"),
-    )
-    p = Agent(
-        "vol",
-        tmp_path / "a",
-        "16Mi",
-        host=net.node_ip("pv-a"),
-        netns=net.netns_name("pv-a"),
-        token=token,
-        psk_file=write_psk(tmp_path / "psk-a"),
-    )
+    s = node_agent(net, "pv-b", tmp_path / "b", token, write_psk(tmp_path / "psk-b"))
+    p = node_agent(net, "pv-a", tmp_path / "a", token, write_psk(tmp_path / "psk-a"))
     try:
         await asyncio.gather(p.start(), s.start())
         await s.secondary(1)
