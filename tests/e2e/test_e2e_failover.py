@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from pairvol.agent.lease import parse_micro_time
+from pairvol.api.status import parse_time
 from pairvol.localcluster.demo import Stack, Writer, verify_log
 from pairvol.operator.k8s import lease_path, pods_path
 
@@ -146,8 +147,14 @@ async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
     assert writer.recovered_at is not None
     log = await writer.stop()
     rto_after_expiry = writer.recovered_at - expiry
+    lf = st["lastFailover"]
+    decided = parse_time(lf["time"]) or 0.0
+    print(f"RTO after lease expiry {rto_after_expiry:.2f}s")
     assert rto_after_expiry <= RTO_AFTER_LEASE_EXPIRY_S, (
-        f"new primary accepted writes {rto_after_expiry:.2f}s after lease expiry")
+        f"new primary accepted writes {rto_after_expiry:.2f}s after lease expiry; timeline from the kill: "
+        f"lease expiry +{expiry - t_kill:.2f}s, failover decided +{decided - t_kill:.2f}s, "
+        f"agent failover {lf['durationMs']} ms, first write +{writer.recovered_at - t_kill:.2f}s"
+    )
     assert writer.recovered_at > expiry - 0.6, "never before the old primary's lease expired"
 
     lf = st["lastFailover"]
