@@ -579,9 +579,4 @@ async def on_delete(**kw: Any) -> None:
     log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")
 
 
-def phase_of(body: Mapping[str, Any]) -> str:
-    """For tests and tools: the volume's phase or Pending."""
-    return str((body.get("status") or {}).get("phase") or Phase.PENDING.value)
-
-
-__all__ = ["Reconciler", "on_delete", "parse_time", "phase_of", "volume_daemon"]
+__all__ = ["Reconciler", "on_delete", "volume_daemon"]
