@@ -316,6 +316,19 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
 
     replica.out_of_sync_hooks.append(mark)
 
+    # If the agent offers a hook that runs before it starts serving the workload export, take
+    # the Lease there, so a new primary never serves before it holds it (raises LeaseError:
+    # the agent must then refuse to serve). Without the hook the keeper below takes the Lease
+    # within ~50 ms of serving; that is safe only because the operator promotes after expiry.
+    before_serve = getattr(replica, "before_serve_hooks", None)
+    if isinstance(before_serve, list):
+
+        async def take(epoch: int) -> None:
+            del epoch
+            await keeper.acquire(timeout_s=keeper.duration_s)
+
+        before_serve.append(take)
+
     async def keep() -> None:
         try:
             while True:
