@@ -90,6 +90,7 @@ class Replica:
         self.sync_total = 0
         self.last_error: str | None = None
         self.out_of_sync_hooks: list[Hook] = []
+        self.before_serve_hooks: list[Hook] = []
         self._tls_dir: Path | None = None
         self._quorum_children = 0
         self._peer_child: str | None = None
@@ -386,6 +387,11 @@ class Replica:
     async def _serve_workload(self) -> None:
         if self.serving:
             return
+        for hook in self.before_serve_hooks:  # e.g. take the primary's Lease first
+            try:
+                await hook(self.state.epoch)
+            except Exception as exc:
+                raise ReplicaError(f"refusing to serve the workload export: {exc}") from exc
         sock = self.cfg.export_socket
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
@@ -531,10 +537,12 @@ class Replica:
                 raise ReplicaError(self.last_error) from exc
             await self._detach_overlays(gen)
             await self._build_quorum()
-            await self._serve_workload()
             self.replication = "degraded"
             self.peer, self.peer_error = None, "no peer since failover"
+            # the role is settled before serving: if serving is refused (no Lease), the
+            # operator retries with POST /v1/primary and a newer epoch
             await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None)
+            await self._serve_workload()
             duration = time.perf_counter() - t0
             self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
             self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
