@@ -31,7 +31,7 @@ from typing import Any
 from pairvol.errors import PairvolError
 from tests.bench.fio import WORKLOADS
 from tests.bench.scenarios import FULL, QUICK, Plan, checkpoint_stall, failover_series, throughput
-from tests.bench.setups import CONFIGS
+from tests.bench.setups import CONFIGS, EXTRA_CONFIGS
 from tests.bench.stats import STALL_THRESHOLD_MS, fmt, ratio, table
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ RATIO_PAIRS = (
     ("c/a", "c-pairvol", "a-bare"),
     ("c/b", "c-pairvol", "b-quorum"),
     ("c/b tls", "c-pairvol-tls", "b-quorum-tls"),
+    ("b tcp/unix", "b-quorum", "b-quorum-unix"),  # only with --configs ...,b-quorum-unix
 )
 TARGET_C_OVER_B = 0.9
 TARGET_CUT_P99_MS = 20.0
@@ -269,7 +270,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short run (seconds, small volumes): checks the harness")
     p.add_argument("--json", type=Path, default=None, help="also write all results as JSON to this file")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated, from {', '.join(CONFIGS)} (default) and the diagnostic {', '.join(EXTRA_CONFIGS)}",
+    )
     p.add_argument("--no-tls", action="store_true", help="skip the TLS-PSK configurations")
     p.add_argument("--rounds", type=int, default=None, help="interleaved fio rounds per workload (default 3, quick 1)")
     p.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 5, quick 1)")
@@ -280,7 +285,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (images, logs)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    for name, allowed in (("sections", SECTIONS), ("configs", CONFIGS)):
+    for name, allowed in (("sections", SECTIONS), ("configs", CONFIGS + EXTRA_CONFIGS)):
         chosen = [x for x in getattr(args, name).split(",") if x]
         bad = [x for x in chosen if x not in allowed]
         if bad:

@@ -113,20 +113,27 @@ async def bare(workdir: Path, size: int) -> AsyncIterator[Target]:
 
 
 @contextlib.asynccontextmanager
-async def quorum(workdir: Path, size: int, tls: bool) -> AsyncIterator[Target]:
-    """(b) quorum(local raw, NBD client → second qsd over TCP loopback), no pairvol."""
+async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> AsyncIterator[Target]:
+    """(b) quorum(local raw, NBD client → second qsd over TCP loopback), no pairvol.
+
+    ``link="unix"`` puts the replica link on a unix socket instead: a diagnostic
+    configuration that shows what TCP itself costs (QEMU 7.2's NBD server sends small
+    replies without TCP_NODELAY, which shows as 40 ms delayed-ACK waits at QD > 1).
+    """
     key = secrets.token_hex(32)
     async with _qsd(workdir / "secondary", "qsd-s") as sec, _qsd(workdir / "primary", "qsd-p") as pri:
-        # the second node: a raw file exported over TCP
+        # the second node: a raw file exported over TCP (or a unix socket)
         await _add_disk(sec, workdir / "secondary", size)
-        port = free_port()
-        server: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}}
-        client: dict[str, Any] = {
-            "driver": "nbd",
-            "node-name": "peer",
-            "server": {"type": "inet", "host": "127.0.0.1", "port": str(port)},
-            "export": "replica",
-        }
+        server: dict[str, Any]
+        client: dict[str, Any] = {"driver": "nbd", "node-name": "peer", "export": "replica"}
+        if link == "unix":
+            path = str(workdir / "replica.sock")
+            server = {"addr": {"type": "unix", "data": {"path": path}}}
+            client["server"] = {"type": "unix", "path": path}
+        else:
+            port = free_port()
+            server = {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}}
+            client["server"] = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
         if tls:
             sec_dir = await _write_psk_dir(workdir / "secondary" / "tls", key)
             pri_dir = await _write_psk_dir(workdir / "primary" / "tls", key)
@@ -155,7 +162,8 @@ async def quorum(workdir: Path, size: int, tls: bool) -> AsyncIterator[Target]:
         socket = workdir / "export.sock"
         await _export_unix(pri, "quorum", socket)
         assert pri.pid is not None and sec.pid is not None
-        yield Target("b-quorum-tls" if tls else "b-quorum", socket, size, pids=[pri.pid, sec.pid])
+        name = "b-quorum" + ("-unix" if link == "unix" else "") + ("-tls" if tls else "")
+        yield Target(name, socket, size, pids=[pri.pid, sec.pid])
 
 
 @contextlib.asynccontextmanager
@@ -192,9 +200,13 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
         return bare(workdir, size)
     if name in ("b-quorum", "b-quorum-tls"):
         return quorum(workdir, size, tls=name.endswith("-tls"))
+    if name == "b-quorum-unix":
+        return quorum(workdir, size, tls=False, link="unix")
     if name in ("c-pairvol", "c-pairvol-tls"):
         return pairvol(workdir, size, tls=name.endswith("-tls"))
-    raise BenchError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+    raise BenchError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS + EXTRA_CONFIGS)}")
 
 
 CONFIGS: tuple[str, ...] = ("a-bare", "b-quorum", "c-pairvol", "b-quorum-tls", "c-pairvol-tls")
+# diagnostics, only when asked for with --configs
+EXTRA_CONFIGS: tuple[str, ...] = ("b-quorum-unix",)

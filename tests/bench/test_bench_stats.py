@@ -180,3 +180,8 @@ def test_metric_value_sums_the_samples_of_one_metric_only() -> None:
     assert metric_value(text, "pairvol_cow_copied_bytes_total") == 131072.0
     with pytest.raises(BenchError, match="has no pairvol_missing"):
         metric_value(text, "pairvol_missing")
+
+
+def test_the_diagnostic_unix_link_configuration_is_opt_in() -> None:
+    assert "b-quorum-unix" not in parse_args([]).configs
+    assert parse_args(["--configs", "b-quorum,b-quorum-unix"]).configs == ["b-quorum", "b-quorum-unix"]
