@@ -46,7 +46,7 @@ demo-agent: $(STAMP)
 	$(BIN)/python -m pairvol demo-agent
 
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench.run
+	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -91,6 +91,12 @@ class Qsd:
         while True:
             if self.dead.is_set():
                 raise QsdDied(f"qemu-storage-daemon exited during start-up: {self.exit_error}")
+            if not await asyncio.to_thread(self.qmp_path.exists):  # not listening yet
+                if asyncio.get_running_loop().time() > deadline:
+                    await self.kill()
+                    raise QemuError(f"qemu-storage-daemon did not create its QMP socket {self.qmp_path}")
+                await asyncio.sleep(0.01)
+                continue
             try:
                 await self.qmp.connect(str(self.qmp_path))
                 break
