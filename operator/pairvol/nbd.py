@@ -153,9 +153,14 @@ class NBDClient:
         handle = next(self._handles)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[handle] = (fut, length if cmd == CMD_READ else 0)
-        async with self._send_lock:
-            self._writer.write(_REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)
-            await self._writer.drain()
+        try:
+            async with self._send_lock:
+                self._writer.write(_REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)
+                await self._writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            self._pending.pop(handle, None)
+            fut.cancel()
+            raise NBDError(f"NBD connection lost: {exc!r}") from exc
         return await fut
 
     async def pwrite(self, data: bytes, offset: int, fua: bool = False) -> None:

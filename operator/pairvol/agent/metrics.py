@@ -104,15 +104,14 @@ class AgentMetrics:
         self.cow_bytes.labels(volume)
         self.peer_sent_bytes.labels(volume)
 
-    def set_one_of(self, gauge: Gauge, choices: tuple[str, ...], label: str, current: str) -> None:
+    def set_one_of(self, gauge: Gauge, choices: tuple[str, ...], current: str) -> None:
         for choice in choices:
             gauge.labels(self.volume, choice).set(1 if choice == current else 0)
-        del label
 
     def observe_state(self, role: str, stage: str, epoch: int, replication: str, out_of_sync: bool) -> None:
-        self.set_one_of(self.role, ROLES, "role", role)
-        self.set_one_of(self.stage, STAGES, "stage", stage)
-        self.set_one_of(self.replication_state, REPLICATION_STATES, "state", replication)
+        self.set_one_of(self.role, ROLES, role)
+        self.set_one_of(self.stage, STAGES, stage)
+        self.set_one_of(self.replication_state, REPLICATION_STATES, replication)
         self.epoch.labels(self.volume).set(epoch)
         self.out_of_sync.labels(self.volume).set(1 if out_of_sync else 0)
 

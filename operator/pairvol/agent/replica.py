@@ -102,6 +102,7 @@ class Replica:
         self.relay: Qsd | None = None
         self._fence_task: asyncio.Task[None] | None = None
         self._cancelling: set[str] = set()
+        self._tls_endpoint: str | None = None
         self._canary: NBDClient | None = None
         self.undo_log_broken: str | None = None
 
@@ -366,8 +367,6 @@ class Replica:
         with contextlib.suppress(QemuError):
             await self.qsd.execute("nbd-server-stop")
         self.serving = False
-
-    _tls_endpoint: str | None = None
 
     async def _ensure_tls(self, endpoint: str) -> None:
         if self._tls_endpoint == endpoint:

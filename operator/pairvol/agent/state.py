@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -55,7 +55,6 @@ class PersistedState:
     peer: str | None = None
     out_of_sync: bool = False
     clean_shutdown: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -85,7 +84,6 @@ class PersistedState:
                 peer=data.pop("peer", None),
                 out_of_sync=bool(data.pop("out_of_sync", False)),
                 clean_shutdown=bool(data.pop("clean_shutdown", False)),
-                extra=dict(data.pop("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

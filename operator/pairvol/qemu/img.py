@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 from pairvol.qemu import QemuError
 
@@ -44,8 +42,3 @@ async def create(path: Path, fmt: str, size: int) -> None:
     opts = ["-o", "cluster_size=65536"] if fmt == "qcow2" else ["-o", "preallocation=falloc"]
     await run_qemu_img("create", "-q", "-f", fmt, *opts, str(path), str(size))
     log.debug("created %s image %s (%d bytes)", fmt, path, size)
-
-
-async def info(path: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(await run_qemu_img("info", "--output=json", "-U", str(path)))
-    return result
