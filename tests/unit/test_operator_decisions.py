@@ -209,6 +209,17 @@ def test_checkpoint_is_cut_when_the_interval_has_passed_and_not_before() -> None
     assert p.cosmetic  # nothing but informational fields: the executor may coalesce the write
 
 
+def test_first_checkpoint_is_cut_as_soon_as_the_pair_is_in_sync() -> None:
+    """Checkpoint 0 predates the full sync; waiting a whole interval for checkpoint 1
+    would leave a Checkpoint-mode volume without a restore point that long."""
+    fresh = replace(SECONDARY_AGENT, checkpoint={"id": 0, "time": NOW - 1, "durationMs": 0.0})
+    p = plan(replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": fresh}))
+    assert p.actions == (Checkpoint("vol-1-b", "10.0.0.2"),)
+    manual = replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": fresh},
+                         spec=spec(checkpoint={"intervalSeconds": 0}))
+    assert kinds(plan(manual)) == []  # manual means manual
+
+
 def test_checkpoint_interval_zero_means_manual_only_and_annotation_triggers_one() -> None:
     w = replicating(spec=spec(checkpoint={"intervalSeconds": 0}), now=NOW + 1000,
                     lease=LeaseView("vol-1-a", NOW + 999, 3.0))

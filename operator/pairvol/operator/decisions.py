@@ -676,7 +676,12 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         st = st.with_(checkpoint=cp)
     requested = world.annotations.get(ANN_CHECKPOINT) == "now"
     last = parse_time(cp.get("time")) if cp else None
-    due = spec.checkpoint_interval_s > 0 and (last is None or now - last >= spec.checkpoint_interval_s)
+    # checkpoint 0 is the secondary's disk from before the full sync, not a restore point:
+    # cut the first real one as soon as the pair is in sync
+    no_restore_point = not (sa.checkpoint or {}).get("id")
+    due = spec.checkpoint_interval_s > 0 and (
+        no_restore_point or last is None or now - last >= spec.checkpoint_interval_s
+    )
     if requested or due:
         actions.append(Checkpoint(sec.pod, spod.ip))
         if requested:
