@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pairvol.localcluster.netns import ClusterNetwork
-from tests.support.agents import Agent, agents, pair, write_psk
+from tests.support.agents import Agent, pair, write_psk
 
 MiB = 1 << 20
 
@@ -163,8 +163,6 @@ async def test_replication_link_is_tls_psk_and_refuses_a_wrong_key(tmp_path: Pat
 
 
 async def test_agents_refuse_to_listen_beyond_loopback_without_token_and_psk(tmp_path: Path) -> None:
-    async with agents(tmp_path, 0):
-        pass
     a = Agent("vol", tmp_path / "x", "16Mi", host="0.0.0.0", api_port=7999, rep_port=7998)
     await a.start(wait=False)
     assert await a.wait_exit() == 2

@@ -590,12 +590,10 @@ class Replica:
                 await self._stop_nbd_server()
                 await self._cancel_job(r.cow_job(gen))
                 await self._detach_overlays(gen)
-                self.replication = "none"
-                await self._save(stage=Stage.DONE)
             else:
                 await self._detach_peer("replication stopped by request", mark=True)
-                self.replication = "none"
-                await self._save(stage=Stage.DONE)
+            self.replication = "none"
+            await self._save(stage=Stage.DONE)
             return self.status()
 
     # ------------------------------------------------------------------ primary

@@ -265,27 +265,21 @@ _EVENT_FIELDS = (
 _EVENT_COMMON = ("metadata", "reason", "type", "action", "related", "series", "eventTime", "reportingInstance")
 
 
+def _event_as(event: dict[str, Any], api_version: str, renames: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"apiVersion": api_version, "kind": "Event"}
+    out.update((key, event[key]) for key in _EVENT_COMMON if key in event)
+    out.update((new, event[old]) for old, new in renames if old in event)
+    return out
+
+
 def event_from_core(event: dict[str, Any]) -> dict[str, Any]:
     """A stored (core/v1) Event as events.k8s.io/v1 serves it."""
-    out: dict[str, Any] = {"apiVersion": "events.k8s.io/v1", "kind": "Event"}
-    for key in _EVENT_COMMON:
-        if key in event:
-            out[key] = event[key]
-    for core, new in _EVENT_FIELDS:
-        if core in event:
-            out[new] = event[core]
-    return out
+    return _event_as(event, "events.k8s.io/v1", _EVENT_FIELDS)
 
 
 def event_to_core(event: dict[str, Any]) -> dict[str, Any]:
     """An events.k8s.io/v1 Event in the core/v1 shape it is stored in."""
-    out: dict[str, Any] = {"apiVersion": "v1", "kind": "Event"}
-    for key in _EVENT_COMMON:
-        if key in event:
-            out[key] = event[key]
-    for core, new in _EVENT_FIELDS:
-        if new in event:
-            out[core] = event[new]
+    out = _event_as(event, "v1", tuple((new, core) for core, new in _EVENT_FIELDS))
     if "source" not in out and event.get("reportingController"):
         out["source"] = {"component": event["reportingController"]}
     return out

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from pairvol.httpsession import LazySession
 from pairvol.localcluster.kubelet_pods import JsonDict, KubeletError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class KubeApi:
     def __init__(self, base_url: str, *, request_timeout: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._session = LazySession()
 
     async def __aenter__(self) -> KubeApi:
         return self
@@ -47,14 +48,10 @@ class KubeApi:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
+        return self._session.get()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
     async def request(
         self,

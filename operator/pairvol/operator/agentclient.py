@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from pairvol.errors import PairvolError
+from pairvol.httpsession import LazySession
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,10 @@ class AgentClient:
     def __init__(self, timeout_s: float = 5.0, long_timeout_s: float = 600.0) -> None:
         self.timeout_s = timeout_s
         self.long_timeout_s = long_timeout_s
-        self._session: aiohttp.ClientSession | None = None
-
-    def _sess(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
+        self._session = LazySession()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
     async def _call(
         self,
@@ -59,7 +53,7 @@ class AgentClient:
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
         call = f"{method} {path}"
         try:
-            async with self._sess().request(method, url, json=body, headers=headers, timeout=timeout) as resp:
+            async with self._session.get().request(method, url, json=body, headers=headers, timeout=timeout) as resp:
                 text = await resp.text()
                 try:
                     data = json.loads(text) if text else {}

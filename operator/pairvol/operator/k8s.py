@@ -24,6 +24,7 @@ import aiohttp
 import yaml
 
 from pairvol.errors import PairvolError
+from pairvol.httpsession import LazySession
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class KubeClient:
     def __init__(self, config: KubeConfig, timeout_s: float = 10.0) -> None:
         self.config = config
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._session = LazySession(self._make_session)
 
     async def __aenter__(self) -> KubeClient:
         self.session()
@@ -164,23 +165,22 @@ class KubeClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _make_session(self) -> aiohttp.ClientSession:
+        headers = {"Accept": "application/json"}
+        if self.config.token:
+            headers["Authorization"] = f"Bearer {self.config.token}"
+        return aiohttp.ClientSession(
+            base_url=self.config.server,
+            headers=headers,
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(ssl=self.config.ssl_context()),
+        )
+
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"Accept": "application/json"}
-            if self.config.token:
-                headers["Authorization"] = f"Bearer {self.config.token}"
-            self._session = aiohttp.ClientSession(
-                base_url=self.config.server,
-                headers=headers,
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(ssl=self.config.ssl_context()),
-            )
-        return self._session
+        return self._session.get()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
     async def request(
         self,
