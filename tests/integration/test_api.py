@@ -4,7 +4,10 @@ tokens. Each refusal has the right status and says what to do, and changes nothi
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets
+import signal
 from pathlib import Path
 
 import pytest
@@ -124,8 +127,6 @@ async def test_bad_flags_are_refused_with_a_clear_message(tmp_path: Path) -> Non
                 argv[argv.index(args[i]) + 1] = args[i + 1]
             else:
                 argv += args[i : i + 2]
-        import asyncio
-
         proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
         assert proc.returncode == 2, (args, err)
@@ -133,14 +134,9 @@ async def test_bad_flags_are_refused_with_a_clear_message(tmp_path: Path) -> Non
 
 
 async def test_dead_qsd_fails_healthz_and_shows_in_status(tmp_path: Path) -> None:
-    import os
-    import signal
-
     async with agents(tmp_path, 1) as (a,):
         pid = (await a.status())["qsd"]["pid"]
         os.kill(pid, signal.SIGKILL)
-        import asyncio
-
         for _ in range(50):
             st = await a.status()
             if not st["qsd"]["alive"]:
