@@ -40,8 +40,8 @@ CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
 FLAG_SEND_WRITE_ZEROES = 1 << 6
 
-_REQUEST = struct.Struct(">IHHQQI")
-_REPLY = struct.Struct(">IIQ")
+REQUEST_HEADER = struct.Struct(">IHHQQI")
+SIMPLE_REPLY = struct.Struct(">IIQ")
 
 
 class NBDError(PairvolError):
@@ -93,44 +93,12 @@ class NBDClient:
 
     @classmethod
     async def _handshake(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, export: str) -> NBDClient:
-        try:
-            magic, opt_magic, hflags = struct.unpack(">QQH", await reader.readexactly(18))
-            if magic != NBDMAGIC or opt_magic != IHAVEOPT or not hflags & FLAG_FIXED_NEWSTYLE:
-                raise NBDError("server does not speak fixed-newstyle NBD")
-            writer.write(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)))
-            name = export.encode()
-            data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-            writer.write(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
-            await writer.drain()
-            info: ExportInfo | None = None
-            while True:
-                rmagic, _opt, rtype, rlen = struct.unpack(">QIII", await reader.readexactly(20))
-                payload = await reader.readexactly(rlen) if rlen else b""
-                if rmagic != OPT_REPLY_MAGIC:
-                    raise NBDError("bad option reply magic")
-                if rtype & REP_ERR_BIT:
-                    text = payload.decode(errors="replace") or f"error {rtype:#x}"
-                    raise NBDError(f"export {export!r} refused: {text}")
-                if rtype == REP_INFO and len(payload) >= 12:
-                    kind, size, flags = struct.unpack(">HQH", payload[:12])
-                    if kind == INFO_EXPORT:
-                        info = ExportInfo(size=size, flags=flags)
-                elif rtype == REP_ACK:
-                    break
-            if info is None:
-                raise NBDError("server sent no export size")
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            writer.close()
-            raise NBDError(f"NBD handshake failed: {exc}") from exc
-        except NBDError:
-            writer.close()
-            raise
-        return cls(reader, writer, info)
+        return cls(reader, writer, await client_handshake(reader, writer, export))
 
     async def _read_replies(self) -> None:
         try:
             while True:
-                magic, error, handle = _REPLY.unpack(await self._reader.readexactly(_REPLY.size))
+                magic, error, handle = SIMPLE_REPLY.unpack(await self._reader.readexactly(SIMPLE_REPLY.size))
                 if magic != SIMPLE_REPLY_MAGIC:
                     raise NBDError(f"bad reply magic {magic:#x}")
                 fut, read_len = self._pending.pop(handle)
@@ -155,7 +123,7 @@ class NBDClient:
         self._pending[handle] = (fut, length if cmd == CMD_READ else 0)
         try:
             async with self._send_lock:
-                self._writer.write(_REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)
+                self._writer.write(REQUEST_HEADER.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)
                 await self._writer.drain()
         except (ConnectionError, RuntimeError) as exc:
             self._pending.pop(handle, None)
@@ -185,7 +153,7 @@ class NBDClient:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             if self._closed_error is None:
-                self._writer.write(_REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+                self._writer.write(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
                 await self._writer.drain()
         self._reply_task.cancel()
         with contextlib.suppress(BaseException):
@@ -199,3 +167,41 @@ class NBDClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, export: str) -> ExportInfo:
+    """Fixed-newstyle negotiation with ``NBD_OPT_GO`` and simple replies; closes the
+    connection and raises NBDError when the server refuses."""
+    try:
+        magic, opt_magic, hflags = struct.unpack(">QQH", await reader.readexactly(18))
+        if magic != NBDMAGIC or opt_magic != IHAVEOPT or not hflags & FLAG_FIXED_NEWSTYLE:
+            raise NBDError("server does not speak fixed-newstyle NBD")
+        writer.write(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)))
+        name = export.encode()
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        writer.write(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+        await writer.drain()
+        info: ExportInfo | None = None
+        while True:
+            rmagic, _opt, rtype, rlen = struct.unpack(">QIII", await reader.readexactly(20))
+            payload = await reader.readexactly(rlen) if rlen else b""
+            if rmagic != OPT_REPLY_MAGIC:
+                raise NBDError("bad option reply magic")
+            if rtype & REP_ERR_BIT:
+                text = payload.decode(errors="replace") or f"error {rtype:#x}"
+                raise NBDError(f"export {export!r} refused: {text}")
+            if rtype == REP_INFO and len(payload) >= 12:
+                kind, size, flags = struct.unpack(">HQH", payload[:12])
+                if kind == INFO_EXPORT:
+                    info = ExportInfo(size=size, flags=flags)
+            elif rtype == REP_ACK:
+                break
+        if info is None:
+            raise NBDError("server sent no export size")
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        writer.close()
+        raise NBDError(f"NBD handshake failed: {exc}") from exc
+    except NBDError:
+        writer.close()
+        raise
+    return info

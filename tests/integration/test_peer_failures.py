@@ -78,28 +78,31 @@ async def test_hung_secondary_daemon_is_dropped_like_a_partition(tmp_path: Path)
         assert st["replication"]["outOfSync"] is True
 
 
-async def test_secondary_restarting_within_the_reconnect_delay_stays_in_sync(tmp_path: Path) -> None:
-    """The NBD client holds writes while it reconnects; a secondary back in time misses
-    nothing, is not marked out of sync, and a later failover shows every write."""
+async def test_a_restarted_secondary_is_marked_out_of_sync_and_a_resync_makes_it_whole(tmp_path: Path) -> None:
+    """The link never re-sends a write to a reconnected peer: a secondary that restarts is
+    marked OutOfSync before the primary acknowledges anything without it, is not promoted,
+    and after a full resync (a new pairing, new epochs) a failover shows every write."""
     async with pair(tmp_path, size="16Mi", peer_timeout=8) as (primary, secondary):
         async with await primary.nbd() as nbd:
             await nbd.pwrite(b"a" * MiB, 0)
             secondary.kill()
             await secondary.wait_exit()
-            write_b = asyncio.create_task(nbd.pwrite(b"b" * MiB, MiB))
+            await asyncio.wait_for(nbd.pwrite(b"b" * MiB, MiB), 10)
+            st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 5)
+            assert st["replication"]["outOfSync"] is True
             await secondary.start()  # same ports, same data dir
-            await asyncio.wait_for(write_b, 10)
-            st = await secondary.status()
-            assert "found role secondary" in st["restored"]
+            assert "found role secondary" in (await secondary.status())["restored"]
             await nbd.pwrite(b"c" * MiB, 2 * MiB)
-        pst = await primary.status()
-        assert pst["replication"]["state"] == "replicating"
-        assert pst["replication"]["outOfSync"] is False
+            # the restarted secondary still runs at epoch 1: the new pairing names it
+            await primary.primary(4, secondary.replication_address, "full", peer_epoch=1)
+            st = await primary.wait_replicating()
+            assert st["replication"]["outOfSync"] is False
+            await nbd.pwrite(b"d" * MiB, 3 * MiB)
         primary.kill()
         await primary.wait_exit()
-        await secondary.failover(epoch=3, mode="latest")
+        await secondary.failover(epoch=5, mode="latest")
         async with await secondary.nbd() as nbd:
-            assert await nbd.pread(3 * MiB, 0) == b"a" * MiB + b"b" * MiB + b"c" * MiB
+            assert await nbd.pread(4 * MiB, 0) == b"a" * MiB + b"b" * MiB + b"c" * MiB + b"d" * MiB
 
 
 def node_agent(net: ClusterNetwork, node: str, data_dir: Path, token: str, psk: Path, **kw: Any) -> Agent:

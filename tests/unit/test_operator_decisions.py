@@ -166,7 +166,8 @@ def test_bring_up_starts_secondary_first_then_primary_with_full_sync() -> None:
     w = replace(w, status=p.status, agents={st0.primary.pod: idle, st0.secondary.pod: sec})
     p = plan(w)
     start = [a for a in p.actions if isinstance(a, StartPrimary)]
-    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", 3, "10.0.0.2:7801", "full")]
+    # the peer's export is named after the epoch the secondary runs at
+    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", 3, "10.0.0.2:7801", "full", peer_epoch=2)]
     assert p.status.phase == Phase.SYNCING and p.status.epoch == 3
     assert p.status.endpoint is not None
     assert p.status.endpoint["socket"] == "/var/lib/pairvol/ns/vol/export.sock"
@@ -464,7 +465,7 @@ def test_a_fresh_secondary_is_not_judged_by_the_previous_peers_failure() -> None
     assert "waiting for secondary vol-5" in p.status.message
     # once ready it gets a full sync from the primary
     w = replace(w, pods={**w.pods, "vol-5": pod("vol-5", "n2", "secondary", "10.0.0.2")})
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full") in plan(w).actions
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2) in plan(w).actions
 
 
 def test_no_new_role_call_while_one_is_in_flight_but_failover_still_happens() -> None:

@@ -63,11 +63,8 @@ class AgentConfig:
             raise InvalidInput(f"--peer-timeout {self.peer_timeout}: use 1..600 seconds")
 
     @property
-    def reconnect_delay(self) -> int:
-        """How long the NBD client holds requests while the link is down (whole seconds).
-        Half of the peer timeout; the watchdog's stall detection takes the other half."""
-        return max(1, int(self.peer_timeout // 2))
-
-    @property
     def stall_timeout(self) -> float:
-        return max(0.5, self.peer_timeout - self.reconnect_delay)
+        """How long a request to the peer may stay unanswered before the link gate calls
+        the link stalled. The rest of the peer timeout is the budget for writing the
+        OutOfSync mark (a state fsync and a Lease update) before held writes go on."""
+        return max(0.5, self.peer_timeout - max(0.5, self.peer_timeout / 4))

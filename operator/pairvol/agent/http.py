@@ -110,11 +110,12 @@ async def secondary(request: web.Request) -> web.Response:
 
 
 async def primary(request: web.Request) -> web.Response:
-    body = await _body(request, {"epoch", "peer", "sync"})
+    body = await _body(request, {"epoch", "peer", "sync", "peerEpoch"})
     epoch, peer, sync = v.parse_epoch(body), v.parse_peer(body), v.parse_sync(body)
     if sync == "full" and peer is None:
         raise v.InvalidInput("'sync': 'full' needs a 'peer' to copy to")
-    return web.json_response(await request.app[REPLICA].start_primary(epoch, peer, sync))
+    peer_epoch = v.parse_peer_epoch(body, epoch)
+    return web.json_response(await request.app[REPLICA].start_primary(epoch, peer, sync, peer_epoch))
 
 
 async def checkpoint(request: web.Request) -> web.Response:

@@ -172,8 +172,13 @@ class Agent:
     async def secondary(self, epoch: int) -> dict[str, Any]:
         return await self.call("POST", "/v1/secondary", {"epoch": epoch})
 
-    async def primary(self, epoch: int, peer: str | None = None, sync: str = "none") -> dict[str, Any]:
-        return await self.call("POST", "/v1/primary", {"epoch": epoch, "peer": peer, "sync": sync})
+    async def primary(
+        self, epoch: int, peer: str | None = None, sync: str = "none", peer_epoch: int | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"epoch": epoch, "peer": peer, "sync": sync}
+        if peer_epoch is not None:
+            body["peerEpoch"] = peer_epoch
+        return await self.call("POST", "/v1/primary", body)
 
     async def checkpoint(self) -> dict[str, Any]:
         return await self.call("POST", "/v1/checkpoint", {})

@@ -13,12 +13,15 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
   and cannot come back), cancel copy-before-write, then ``checkpoint`` mode commits
   active+hidden into the disk (the checkpoint state) and ``latest`` mode drops them (every
   write the primary had acknowledged); then serve the workload export;
-* primary = quorum(vote-threshold=1) over the local disk and an NBD client to the peer;
-  ``sync: full`` copies the whole disk with a write-blocking mirror while the workload
-  keeps writing.
+* primary = quorum(vote-threshold=1) over the local disk and the peer, reached through
+  a :class:`~pairvol.agent.peerlink.PeerLink` (link daemon + gate) that owns everything
+  about the pairing, including the full sync and the rule that no write is acknowledged
+  without the peer before the peer is durably marked OutOfSync.
 
-Every command is serialised by one lock; background tasks (full sync, peer watchdog)
-take the same lock before they change the graph.
+Every command is serialised by one lock; background tasks (retire, a link that went down)
+take the same lock before they change the graph. Two things never wait for that lock,
+because a held write may be what the lock's holder waits for: fencing the workload export,
+and the link's mark-then-release (docs/correctness.md).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig
 from pairvol.agent.metrics import AgentMetrics
-from pairvol.agent.peerwatch import PeerWatch
+from pairvol.agent.peerlink import PeerLink, PeerLinkError
 from pairvol.agent.stages import (
     FailoverMode,
     IllegalTransition,
@@ -53,7 +56,6 @@ from pairvol.agent.stages import (
 )
 from pairvol.agent.state import Checkpoint, PersistedState
 from pairvol.errors import PairvolError
-from pairvol.nbd import NBDClient
 from pairvol.qemu import QemuError, QsdDied, img
 from pairvol.qemu import recipes as r
 from pairvol.qemu.qsd import Qsd
@@ -84,26 +86,23 @@ class Replica:
         self.restored: str | None = None
         self.serving = False
         self.replication = "none"
-        self.peer: tuple[str, int] | None = None
+        self.link: PeerLink | None = None
         self.peer_error: str | None = None
-        self.sync_done = 0
-        self.sync_total = 0
+        self.fenced = asyncio.Event()
         self.last_error: str | None = None
         self.out_of_sync_hooks: list[Hook] = []
         self.before_serve_hooks: list[Hook] = []
         self._tls_dir: Path | None = None
-        self._quorum_children = 0
-        self._peer_child: str | None = None
-        self._peer_task: asyncio.Task[None] | None = None
-        self._sync_task: asyncio.Task[None] | None = None
+        self._save_lock = asyncio.Lock()
+        self._oos_lock = asyncio.Lock()
+        self._peer_marked = False
         self._prepared_generation: int | None = None
         self._prepare_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
         self.relay: Qsd | None = None
         self._fence_task: asyncio.Task[None] | None = None
         self._cancelling: set[str] = set()
-        self._tls_endpoint: str | None = None
-        self._canary: NBDClient | None = None
+        self._tls_ready = False
         self.undo_log_broken: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -199,11 +198,14 @@ class Replica:
         if self._cleanup_task is not None:
             with contextlib.suppress(BaseException):
                 await self._cleanup_task
-        for task in (self._peer_task, self._sync_task, self._prepare_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        if self._prepare_task is not None:
+            self._prepare_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._prepare_task
+        if self.link is not None:
+            link, self.link = self.link, None
+            await link.gate.close()  # held requests stay unanswered: this is a stop, not a release
+            await link.link.kill()
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
@@ -230,8 +232,9 @@ class Replica:
     # ------------------------------------------------------------------ helpers
 
     async def _save(self, clean_shutdown: bool = False, **changes: Any) -> None:
-        self.state = self.state.evolve(clean_shutdown=clean_shutdown, **changes)
-        await asyncio.to_thread(persist.save, self.data_dir, self.state)
+        async with self._save_lock:  # two writers must not race for the state slots
+            self.state = self.state.evolve(clean_shutdown=clean_shutdown, **changes)
+            await asyncio.to_thread(persist.save, self.data_dir, self.state)
         self._observe()
 
     def _observe(self) -> None:
@@ -353,39 +356,42 @@ class Replica:
     async def _start_replication_export(self) -> None:
         host, port = self.cfg.replication_listen
         if self.cfg.psk is not None:
-            await self._ensure_tls("server")
+            await self._ensure_tls()
         await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
-        await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, r.DISK_NODE))
+        name = r.replication_export_name(self.state.epoch)
+        await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, r.DISK_NODE, name=name))
 
     async def _stop_nbd_server(self) -> None:
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.kill()  # its clients must not get one more write through
-        for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT, r.CANARY_EXPORT):
+        for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT):
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
         with contextlib.suppress(QemuError):
             await self.qsd.execute("nbd-server-stop")
         self.serving = False
 
-    async def _ensure_tls(self, endpoint: str) -> None:
-        if self._tls_endpoint == endpoint:
+    async def _ensure_tls(self) -> None:
+        """The replica's daemon is only ever a TLS server (the replication export); the
+        primary's client side lives in the link daemon."""
+        if self._tls_ready:
             return
         assert self.cfg.psk is not None and self._tls_dir is not None
-        if self._tls_endpoint is not None:
-            await self.qsd.execute("object-del", {"id": r.TLS_OBJECT})
-        await self.qsd.execute("object-add", r.tls_psk(self._tls_dir, endpoint, self.cfg.psk.username))
-        self._tls_endpoint = endpoint
+        await self.qsd.execute("object-add", r.tls_psk(self._tls_dir, "server", self.cfg.psk.username))
+        self._tls_ready = True
 
     async def _build_quorum(self) -> None:
         nodes = {n["node-name"] for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
         if r.QUORUM_NODE not in nodes:
             await self.qsd.execute("blockdev-add", r.quorum([r.DISK_NODE]))
-            self._quorum_children = 1
 
     async def _serve_workload(self) -> None:
         if self.serving:
             return
+        if self.state.peer is not None and (self.link is None or self.link.gate.failed.is_set()):
+            # serving while the configured peer is not in the quorum: it misses writes
+            await self._mark_out_of_sync(self.peer_error or "the peer is not attached")
         for hook in self.before_serve_hooks:  # e.g. take the primary's Lease first
             try:
                 await hook(self.state.epoch)
@@ -419,12 +425,24 @@ class Replica:
         log.info("workload export also on %s:%d (%s)", *listen, "TLS-PSK" if tls else "plain, loopback")
 
     async def fence_workload(self, reason: str) -> None:
-        """Stop serving the workload export at once (lease lost, demotion)."""
-        async with self.lock:
-            if self.serving:
-                log.error("fencing: workload export stopped: %s", reason)
-                await self._stop_nbd_server()
-                self.last_error = reason
+        """Stop serving the workload export at once (lease lost, local disk failed).
+
+        Never waits for the replica lock: its holder may be waiting for a write that the
+        link gate holds, and the gate may be waiting for exactly this fence. The hard
+        delete shuts the clients' sockets down before it returns, so once ``fenced`` is
+        set no reply reaches a workload client; then the NBD server is stopped."""
+        if self.relay is not None:
+            relay, self.relay = self.relay, None
+            await relay.kill()  # its clients must not get one more write through
+        if self.serving:
+            log.warning("fencing: workload export stopped: %s", reason)
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("block-export-del", {"id": r.WORKLOAD_EXPORT, "mode": "hard"})
+            self.last_error = reason
+        self.serving = False
+        self.fenced.set()
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("nbd-server-stop")
 
     # ------------------------------------------------------------------ secondary
 
@@ -537,7 +555,8 @@ class Replica:
             await self._detach_overlays(gen)
             await self._build_quorum()
             self.replication = "degraded"
-            self.peer, self.peer_error = None, "no peer since failover"
+            self.peer_error = "no peer since failover"
+            self.fenced.clear()
             # the role is settled before serving: if serving is refused (no Lease), the
             # operator retries with POST /v1/primary and a newer epoch
             await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None)
@@ -598,7 +617,9 @@ class Replica:
 
     # ------------------------------------------------------------------ primary
 
-    async def start_primary(self, epoch: int, peer: tuple[str, int] | None, sync: str) -> dict[str, Any]:
+    async def start_primary(
+        self, epoch: int, peer: tuple[str, int] | None, sync: str, peer_epoch: int | None = None
+    ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
             await self._detach_peer("peer replaced", mark=False)
@@ -606,224 +627,117 @@ class Replica:
             await self._save(
                 epoch=epoch, role=Role.PRIMARY, stage=Stage.RUNNING, peer=f"{peer[0]}:{peer[1]}" if peer else None
             )
-            await self._serve_workload()
+            self.fenced.clear()
             if peer is None:
-                self.replication = "degraded"
-                self.peer_error = "no peer"
+                self.replication, self.peer_error = "degraded", "no peer"
             else:
-                await self._attach_peer(peer, sync)
+                # The peer joins the quorum before the export serves: no write is
+                # acknowledged that the peer was not asked to take.
+                try:
+                    await self._attach_peer(peer, sync, epoch - 1 if peer_epoch is None else peer_epoch)
+                except PeerLinkError as exc:
+                    self.replication, self.peer_error = "degraded", str(exc)
+                    await self._mark_out_of_sync(str(exc))  # durable before the export serves without it
+                    await self._serve_workload()
+                    self._observe()
+                    raise ReplicaError(str(exc)) from exc
+            await self._serve_workload()
             self._observe()
             return self.status()
 
-    async def _attach_peer(self, peer: tuple[str, int], sync: str) -> None:
-        host, port = peer
-        tls = self.cfg.psk is not None
-        if tls:
-            await self._ensure_tls("client")
-        self.peer = peer
-        try:
-            await self.qsd.execute("blockdev-add", r.nbd_client(r.PEER_NODE, host, port, tls, self.cfg.reconnect_delay))
-        except QemuError as exc:
-            self.replication, self.peer_error = "degraded", f"cannot connect to peer {host}:{port}: {exc}"
-            await self._save(out_of_sync=True)
-            raise ReplicaError(self.peer_error) from exc
-        try:
-            if sync == "full":
-                await self.qsd.execute("blockdev-add", r.nbd_client(r.SYNC_TARGET_NODE, host, port, tls, 0))
-            self._peer_child = f"children.{self._quorum_children}"
-            await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
-            self._quorum_children += 1
-        except QemuError as exc:
-            await self._drop_peer_nodes()
-            self.replication, self.peer_error = "degraded", f"cannot attach peer {host}:{port}: {exc}"
-            raise ReplicaError(self.peer_error) from exc
-        self.peer_error = None
-        await self._start_canary(host, port, tls)
-        watch = PeerWatch(
-            host,
-            port,
-            self.cfg.stall_timeout,
-            self.metrics.peer_sent_bytes.labels(self.cfg.name).inc,
-            probe=self._canary_read,
-            on_stalled=self._mark_out_of_sync_once,
+    async def _attach_peer(self, peer: tuple[str, int], sync: str, peer_epoch: int) -> None:
+        link = PeerLink(
+            qsd=self.qsd,
+            cfg=self.cfg,
+            metrics=self.metrics,
+            tls_dir=self._tls_dir,
+            peer=peer,
+            export=r.replication_export_name(peer_epoch),
+            mark=self._mark_out_of_sync,
+            fenced=self.fenced,
+            on_down=self._on_link_down,
+            in_sync=self._declare_in_sync,
         )
-        self._peer_task = asyncio.create_task(self._watch_peer(watch), name="peer-watch")
-        if sync == "full":
-            self.replication = "syncing"
-            self.sync_done, self.sync_total = 0, self.cfg.size
-            self.qsd.watch_job(r.SYNC_JOB)
-            await self.qsd.execute("blockdev-mirror", r.mirror_full())
-            await self._save(out_of_sync=True)  # until the mirror is READY the peer lacks data
-            self._sync_task = asyncio.create_task(self._run_sync(), name="full-sync")
-        else:
-            self.replication = "replicating"
+        full = sync == "full"
+        async with self._oos_lock:
+            if full:
+                # until the mirror is READY the peer lacks data: known before a byte is copied
+                self._peer_marked = True
+                await self._save(out_of_sync=True)
+            else:
+                self._peer_marked = False
+                await self._save(out_of_sync=False)
+        self.link = link
+        try:
+            await link.attach(full_sync=full)
+        except PeerLinkError:
+            self.link = None
+            raise
+        self.peer_error = None
+        self.replication = "syncing" if full else "replicating"
+
+    async def _declare_in_sync(self, link: PeerLink) -> bool:
+        """The full sync finished: the peer has every write from here on, unless the link
+        failed meanwhile (then the gate holds, and the mark wins)."""
+        async with self._oos_lock:
+            if link is not self.link or link.gate.failed.is_set():
+                return False
+            self._peer_marked = False
             await self._save(out_of_sync=False)
-        log.info("replicating to %s:%d (sync %s)", host, port, sync)
-
-    async def _run_sync(self) -> None:
-        """Follow the mirror; at READY every write is synchronous on both sides, so the
-        mirror is cancelled (no pivot) and the quorum carries on alone."""
-        m = self.metrics
-        name = self.cfg.name
-        last_log = 0.0
-        try:
-            while True:
-                try:
-                    event = await self.qsd.wait_job_event(
-                        r.SYNC_JOB, {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 0.5
-                    )
-                except TimeoutError:
-                    jobs = await self.qsd.execute("query-block-jobs")
-                    for job in jobs:
-                        if job["device"] == r.SYNC_JOB:
-                            self.sync_done, self.sync_total = int(job["offset"]), int(job["len"]) or 1
-                    m.sync_done_bytes.labels(name).set(self.sync_done)
-                    m.sync_total_bytes.labels(name).set(self.sync_total)
-                    m.sync_progress.labels(name).set(self.sync_done / max(1, self.sync_total))
-                    if time.monotonic() - last_log > 2:
-                        last_log = time.monotonic()
-                        log.info("full sync: %s", self.sync_line())
-                    continue
-                if event["event"] == "BLOCK_JOB_READY":
-                    break
-                raise ReplicaError(f"full sync failed: {event['data'].get('error', event['event'])}")
-            async with self.lock:
-                await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB})
-                event = await self.qsd.wait_job_event(r.SYNC_JOB, {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 30)
-                self.qsd.unwatch_job(r.SYNC_JOB)
-                with contextlib.suppress(QemuError):
-                    await self.qsd.execute("blockdev-del", {"node-name": r.SYNC_TARGET_NODE})
-                self.sync_done = self.sync_total
-                m.sync_done_bytes.labels(name).set(self.sync_done)
-                m.sync_progress.labels(name).set(1.0)
-                if self._peer_child is not None:
-                    self.replication = "replicating"
-                    await self._save(out_of_sync=False)
-                log.info("full sync done: %d bytes; replicating synchronously", self.sync_total)
-        except asyncio.CancelledError:
-            raise
-        except PairvolError as exc:
-            log.error("full sync to %s failed: %s", self.peer, exc)
-            async with self.lock:
-                await self._detach_peer(f"full sync failed: {exc}", mark=True)
-
-    def sync_line(self) -> str:
-        pct = 100.0 * self.sync_done / max(1, self.sync_total)
-        return f"{self.sync_done >> 20} / {self.sync_total >> 20} MiB ({pct:.1f}%)"
-
-    async def _watch_peer(self, watch: PeerWatch) -> None:
-        """Peer liveness: mark OutOfSync before the NBD client gives up (its reconnect
-        delay), then drop the peer so the primary goes on alone."""
-        mark_after = max(0.0, self.cfg.reconnect_delay - 1.0)
-        drop_after = self.cfg.reconnect_delay + 0.5
-        try:
-            while True:
-                await watch.poll_once()
-                down = watch.down_for()
-                if down > mark_after:
-                    await self._mark_out_of_sync_once(f"peer {watch.host}:{watch.port} unreachable")
-                if down > drop_after:
-                    async with self.lock:
-                        await self._detach_peer(
-                            f"peer {watch.host}:{watch.port} lost (down {down:.1f} s"
-                            f"{', stalled link broken' if watch.kills else ''})",
-                            mark=True,
-                            from_watch=True,
-                        )
-                    return
-                await asyncio.sleep(watch.interval)
-        except asyncio.CancelledError:
-            raise
-        except PairvolError as exc:
-            log.error("peer watchdog failed: %s", exc)
-
-    async def _start_canary(self, host: str, port: int, tls: bool) -> None:
-        """A second NBD connection to the peer, outside the quorum, exported read-only on
-        the local socket: the watchdog reads through it to see that the peer answers."""
-        try:
-            await self.qsd.execute("blockdev-add", r.nbd_client(r.CANARY_NODE, host, port, tls, 0))
-            await self.qsd.execute("block-export-add", r.nbd_export(r.CANARY_EXPORT, r.CANARY_NODE, writable=False))
-        except QemuError as exc:
-            log.warning("no canary connection to the peer (%s); the watchdog relies on TCP alone", exc)
-
-    async def _canary_read(self) -> None:
-        if self._canary is None:
-            self._canary = await NBDClient.connect_unix(str(self.cfg.export_socket), r.CANARY_EXPORT)
-        try:
-            await self._canary.pread(4096, 0)
-        except BaseException:
-            canary, self._canary = self._canary, None
-            await canary.close()
-            raise
-
-    async def _mark_out_of_sync_once(self, reason: str) -> None:
-        if not self.state.out_of_sync:
-            await self._mark_out_of_sync(reason)
+            self.replication = "replicating"
+            self._observe()
+            return True
 
     async def _mark_out_of_sync(self, reason: str) -> None:
-        log.error("secondary is out of sync: %s", reason)
-        await self._save(out_of_sync=True)
-        for hook in self.out_of_sync_hooks:
-            try:
-                await hook(self.state.epoch)
-            except Exception as exc:
-                log.error("out-of-sync hook failed: %s", exc)
-                log.debug("out-of-sync hook traceback", exc_info=True)
-
-    async def _detach_peer(self, reason: str, mark: bool, from_watch: bool = False) -> None:
-        """Remove the peer from the quorum (caller holds the lock)."""
-        if self._peer_task is not None and not from_watch:
-            self._peer_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._peer_task
-        self._peer_task = None
-        if self._sync_task is not None and self._sync_task is not asyncio.current_task():
-            self._sync_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sync_task
-        self._sync_task = None
-        if self._peer_child is None and self.peer is None:
-            return
-        if mark and not self.state.out_of_sync:
-            await self._mark_out_of_sync(reason)
-        await self._drop_peer_nodes()
-        if mark:
-            self.metrics.peer_failures.labels(self.cfg.name).inc()
-        self.replication, self.peer_error = "degraded", reason
-        log.warning("peer detached: %s", reason)
-        self._observe()
-
-    async def _drop_peer_nodes(self) -> None:
-        with contextlib.suppress(QemuError):
-            await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB, "force": True})
-            await asyncio.sleep(0.05)
-        self.qsd.unwatch_job(r.SYNC_JOB)
-        if self._peer_child is not None:
-            with contextlib.suppress(QemuError):
-                await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "child": self._peer_child})
-            self._peer_child = None
-        if self._canary is not None:
-            canary, self._canary = self._canary, None
-            await canary.close()
-        with contextlib.suppress(QemuError):
-            await self.qsd.execute("block-export-del", {"id": r.CANARY_EXPORT, "mode": "hard"})
-        for node in (r.PEER_NODE, r.SYNC_TARGET_NODE, r.CANARY_NODE):
-            for _ in range(50):  # a hard-deleted export lets go of its node asynchronously
-                try:
-                    await self.qsd.execute("blockdev-del", {"node-name": node})
-                    break
-                except QemuError as exc:
-                    if "not find" in str(exc) or "not found" in str(exc):
+        """Return only once the mark is durable: in the state file and, with a Lease, on it.
+        The link gate waits for this (or for fencing) before any write is acknowledged
+        without the peer, so a mark that cannot be written holds writes, never loses them."""
+        async with self._oos_lock:
+            if self._peer_marked:
+                return
+            log.warning("secondary is out of sync: %s", reason)
+            await self._save(out_of_sync=True)
+            for hook in self.out_of_sync_hooks:
+                delay = 0.05
+                while True:
+                    try:
+                        await hook(self.state.epoch)
                         break
-                    await asyncio.sleep(0.02)
-        self.peer = None
+                    except Exception as exc:
+                        log.warning("out-of-sync mark not recorded yet (%s); retrying, writes are held", exc)
+                        log.debug("out-of-sync hook traceback", exc_info=True)
+                        await asyncio.sleep(delay)
+                        delay = min(1.0, delay * 2)
+            self._peer_marked = True
+
+    async def _on_link_down(self, link: PeerLink, reason: str) -> None:
+        """The gate failed and was released (the peer is marked or the export fenced)."""
+        async with self.lock:
+            if link is not self.link:
+                return
+            self.link = None
+            await link.detach()
+            self.replication, self.peer_error = "degraded", reason
+            self._observe()
+
+    async def _detach_peer(self, reason: str, mark: bool) -> None:
+        """Take the peer out of the quorum (caller holds the lock). With ``mark`` the peer is
+        durably marked first: writes acknowledged after the detach do not reach it."""
+        link, self.link = self.link, None
+        if link is None:
+            return
+        if mark:
+            await self._mark_out_of_sync(reason)
+        await link.detach()
+        self.replication, self.peer_error = "degraded", reason
+        log.info("peer %s detached: %s", link.address, reason)
+        self._observe()
 
     async def _teardown_primary(self) -> None:
         await self._detach_peer("demoted", mark=False)
         await self._stop_nbd_server()
         with contextlib.suppress(QemuError):
             await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
-        self._quorum_children = 0
 
     async def _on_qsd_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")
@@ -836,9 +750,9 @@ class Replica:
                 reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
                 self.last_error = f"{reason}; fail over to the secondary"
                 self._fence_task = asyncio.create_task(self.fence_workload(self.last_error))
-            elif not self.state.out_of_sync:
-                # a write was acknowledged without the peer: it misses data from now on
-                await self._mark_out_of_sync(f"peer failed a write: {data.get('error', 'I/O error')}")
+            else:
+                # the link gate answered EIO after the peer was marked (or the export fenced)
+                log.debug("quorum: peer failed a request: %s", data)
         elif (
             name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
             and self.state.role is Role.SECONDARY
@@ -860,11 +774,14 @@ class Replica:
     def status(self) -> dict[str, Any]:
         st = self.state
         sync = None
-        if self.replication == "syncing" or (self.sync_total and self.sync_done < self.sync_total):
+        link = self.link
+        if link is not None and link.syncing:
             sync = {
-                "doneBytes": self.sync_done,
-                "totalBytes": self.sync_total,
-                "progress": round(self.sync_done / max(1, self.sync_total), 4),
+                "kind": "full",
+                "reason": "a new pairing: the peer's content is unknown",
+                "doneBytes": link.sync_done,
+                "totalBytes": link.sync_total,
+                "progress": round(link.sync_done / max(1, link.sync_total), 4),
             }
         qsd_error = None if self.qsd.alive else (self.qsd.exit_error or "not running")
         return {
@@ -876,9 +793,7 @@ class Replica:
             "checkpoint": st.checkpoint.to_api() if st.checkpoint and st.role is not Role.NONE else None,
             "replication": {
                 "state": self.replication,
-                "peer": f"{self.peer[0]}:{self.peer[1]}"
-                if self.peer
-                else (st.peer if st.role is Role.PRIMARY else None),
+                "peer": link.address if link is not None else (st.peer if st.role is Role.PRIMARY else None),
                 "error": qsd_error or self.peer_error or self.last_error,
                 "outOfSync": st.out_of_sync,
                 "sync": sync,

@@ -102,6 +102,20 @@ def parse_epoch(body: dict[str, Any]) -> int:
     return int(epoch)
 
 
+def parse_peer_epoch(body: dict[str, Any], epoch: int) -> int:
+    """The epoch the peer was started at as secondary (its export is named after it);
+    by default the one before the primary's, which is how the operator hands them out."""
+    if "peerEpoch" not in body:
+        return max(0, epoch - 1)
+    peer_epoch = body["peerEpoch"]
+    if isinstance(peer_epoch, bool) or not isinstance(peer_epoch, int) or not 0 <= peer_epoch <= epoch:
+        raise InvalidInput(
+            f"invalid peerEpoch {peer_epoch!r}: expected the integer epoch the secondary was started with "
+            f"(0..{epoch}, not above the primary's epoch)"
+        )
+    return int(peer_epoch)
+
+
 def parse_mode(body: dict[str, Any]) -> FailoverMode:
     mode = body.get("mode", "checkpoint")
     if not isinstance(mode, str) or mode.lower() not in {m.value for m in FailoverMode}:

@@ -84,8 +84,12 @@ class AgentClient:
             address, "POST", "/v1/secondary", token, {"epoch": epoch}, timeout_s=self.long_timeout_s
         )
 
-    async def primary(self, address: str, token: str, epoch: int, peer: str | None, sync: str) -> dict[str, Any]:
-        body = {"epoch": epoch, "peer": peer, "sync": sync}
+    async def primary(
+        self, address: str, token: str, epoch: int, peer: str | None, sync: str, peer_epoch: int | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"epoch": epoch, "peer": peer, "sync": sync}
+        if peer_epoch is not None:
+            body["peerEpoch"] = peer_epoch
         return await self._call(address, "POST", "/v1/primary", token, body, timeout_s=self.long_timeout_s)
 
     async def checkpoint(self, address: str, token: str) -> dict[str, Any]:

@@ -185,6 +185,7 @@ class StartPrimary:
     epoch: int
     peer: str | None
     sync: str  # "none" | "full"
+    peer_epoch: int | None = None  # the epoch the peer runs as secondary (its export's name)
 
 
 @dataclass(frozen=True)
@@ -508,7 +509,7 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
         return _finish(world, st.with_(epoch=epoch, phase=Phase.PENDING), actions, False)
     epoch = st.epoch + 1
     endpoint = _endpoint(world, spec, prim)
-    actions.append(StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full"))
+    actions.append(StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch))
     actions.append(
         Event(
             "Normal",
@@ -638,7 +639,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         )
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
-        actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, "full"))
+        actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, "full", sa.epoch))
         actions.append(
             Event("Normal", "Resync", f"full sync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} (epoch {epoch})")
         )

@@ -309,8 +309,10 @@ class Reconciler:
                 case d.StartSecondary(address=ip, epoch=epoch):
                     self.background(kind, c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch))
                     return
-                case d.StartPrimary(address=ip, epoch=epoch, peer=peer, sync=sync):
-                    self.background(kind, c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync))
+                case d.StartPrimary(address=ip, epoch=epoch, peer=peer, sync=sync, peer_epoch=peer_epoch):
+                    self.background(
+                        kind, c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync, peer_epoch)
+                    )
                     return
                 case d.Checkpoint(address=ip):
                     try:

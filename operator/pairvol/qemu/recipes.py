@@ -2,14 +2,18 @@
 
 Secondary::
 
-    NBD export "replication" ──► disk (raw)  ◄── backing ── hidden-G (qcow2) ◄── backing ── active-G (qcow2)
+    NBD export "replication-eN" ──► disk (raw)  ◄── backing ── hidden-G (qcow2) ◄── backing ── active-G (qcow2)
                                   └─ copy-before-write job cow-G (blockdev-backup sync=none) ──► hidden-G
 
 Primary::
 
     workload export "volume" ──► quorum (vote-threshold=1, read-pattern=fifo)
                                    ├─ children.0: disk (raw, local)
-                                   └─ children.1: peer (nbd client, TLS-PSK) ──► secondary's "replication"
+                                   └─ children.N: peer (nbd client, unix) ──► link gate (agent)
+                                        ──► link daemon: "peer" (nbd client, TLS-PSK) ──► secondary's "replication-eN"
+
+The link daemon is a second qemu-storage-daemon that only holds the connection to the
+secondary; see ``pairvol.agent.gate`` for why the agent stands between it and the quorum.
 
 QEMU 7.2's QMP still uses the legacy ``{"type", "data"}`` socket address in
 ``nbd-server-start``; blockdev options use the flat form.
@@ -24,8 +28,7 @@ DISK_NODE = "disk"
 QUORUM_NODE = "quorum"
 PEER_NODE = "peer"
 SYNC_TARGET_NODE = "peer-sync"
-CANARY_NODE = "peer-canary"
-CANARY_EXPORT = "canary"
+LINK_EXPORT = "peer"
 SYNC_JOB = "sync"
 COMMIT_JOB = "commit"
 REPLICATION_EXPORT = "replication"
@@ -87,30 +90,41 @@ def nbd_server_unix(path: Path) -> QMPArgs:
     return {"addr": {"type": "unix", "data": {"path": str(path)}}}
 
 
-def nbd_export(export_id: str, node: str, writable: bool = True) -> QMPArgs:
-    return {"type": "nbd", "id": export_id, "node-name": node, "name": export_id, "writable": writable}
+def nbd_export(export_id: str, node: str, writable: bool = True, name: str | None = None) -> QMPArgs:
+    return {"type": "nbd", "id": export_id, "node-name": node, "name": name or export_id, "writable": writable}
 
 
-def nbd_client(node_name: str, host: str, port: int, tls: bool, reconnect_delay: int) -> QMPArgs:
+def replication_export_name(epoch: int) -> str:
+    """The secondary's export is named after the epoch it was started at: the link of a
+    primary paired with another incarnation (an old primary that reconnects after its
+    peer's address was reused) asks for a name that no longer exists and is refused."""
+    return f"{REPLICATION_EXPORT}-e{epoch}"
+
+
+def nbd_client(node_name: str, host: str, port: int, export: str, tls: bool) -> QMPArgs:
+    """The link daemon's client to the secondary. No reconnect: a lost connection fails
+    the in-flight requests at once (the gate holds them), and nothing is ever re-sent to
+    whatever answers at that address later."""
     args: QMPArgs = {
         "driver": "nbd",
         "node-name": node_name,
         "server": {"type": "inet", "host": host, "port": str(port)},
-        "export": REPLICATION_EXPORT,
-        "reconnect-delay": reconnect_delay,
+        "export": export,
+        "reconnect-delay": 0,
     }
     if tls:
         args["tls-creds"] = TLS_OBJECT
     return args
 
 
-def nbd_client_unix(node_name: str, path: Path) -> QMPArgs:
-    """The relay's view of the workload export (no reconnect: a fenced export stays gone)."""
+def nbd_client_unix(node_name: str, path: Path, export: str = WORKLOAD_EXPORT) -> QMPArgs:
+    """A client over a local socket: the relay's view of the workload export, the quorum's
+    view of the link gate (no reconnect: a fenced export stays gone)."""
     return {
         "driver": "nbd",
         "node-name": node_name,
         "server": {"type": "unix", "path": str(path)},
-        "export": WORKLOAD_EXPORT,
+        "export": export,
     }
 
 

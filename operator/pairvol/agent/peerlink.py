@@ -1,0 +1,302 @@
+"""One pairing of a primary with one secondary: everything the primary builds to write to
+its peer, owned by one object so that it is built, failed and torn down as one.
+
+A :class:`PeerLink` owns
+
+* the *link daemon*: a second qemu-storage-daemon whose only job is the NBD client (TLS-PSK)
+  to the secondary's export ``replication-eN`` — killing it cuts the link, no capability
+  needed, and a connect that hangs (a blackholed peer) blocks only that daemon;
+* the :class:`~pairvol.agent.gate.LinkGate` between the link daemon and the primary daemon;
+* the peer's nodes in the primary daemon (the quorum child, the full sync's target) and the
+  child's place in the quorum, looked up in QEMU's block graph rather than counted;
+* the full sync (a write-blocking mirror) and the moment the peer becomes in sync.
+
+The ordering it enforces (docs/correctness.md, "no mark, no acknowledgement"): when the gate
+fails, ``_settle`` waits for ``mark`` (the replica's durable OutOfSync mark) or for the
+workload export to be fenced, and only then releases the gate. Nothing else releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from pairvol.agent import crashpoints
+from pairvol.agent.config import AgentConfig
+from pairvol.agent.gate import LinkGate
+from pairvol.agent.metrics import AgentMetrics
+from pairvol.errors import PairvolError
+from pairvol.qemu import QemuError
+from pairvol.qemu import recipes as r
+from pairvol.qemu.qsd import Qsd
+
+log = logging.getLogger(__name__)
+
+Mark = Callable[[str], Coroutine[Any, Any, None]]
+Down = Callable[["PeerLink", str], Awaitable[None]]
+InSync = Callable[["PeerLink"], Awaitable[bool]]
+
+SYNC_STARTED = crashpoints.point("sync.started", "primary: full sync mirror running, peer marked out of sync")
+SYNC_READY = crashpoints.point("sync.ready", "primary: mirror READY, not yet cancelled")
+SYNC_DONE = crashpoints.point("sync.done", "primary: mirror finished, peer not yet declared in sync")
+LINK_FAILED = crashpoints.point("link.failed", "primary: gate closed, requests held, mark not yet written")
+LINK_RELEASED = crashpoints.point("link.released", "primary: mark durable, held requests answered")
+
+CONNECT_TIMEOUT = 10.0
+
+
+class PeerLinkError(PairvolError):
+    """The peer could not be attached; the message says why."""
+
+
+class PeerLink:
+    def __init__(
+        self,
+        *,
+        qsd: Qsd,
+        cfg: AgentConfig,
+        metrics: AgentMetrics,
+        tls_dir: Path | None,
+        peer: tuple[str, int],
+        export: str,
+        mark: Mark,
+        fenced: asyncio.Event,
+        on_down: Down,
+        in_sync: InSync,
+    ) -> None:
+        self.qsd = qsd
+        self.cfg = cfg
+        self.metrics = metrics
+        self.tls_dir = tls_dir
+        self.peer = peer
+        self.export = export
+        self._mark = mark
+        self._fenced = fenced
+        self._on_down = on_down
+        self._in_sync = in_sync
+        run_dir = cfg.data_dir / ".run"
+        self.link = Qsd(run_dir, cfg.data_dir / "link.log", name="link")
+        self.gate = LinkGate(
+            run_dir / "gate.sock",
+            run_dir / "link.sock",
+            r.LINK_EXPORT,
+            cfg.stall_timeout,
+            metrics.peer_sent_bytes.labels(cfg.name).inc,
+        )
+        self.child: str | None = None
+        self.syncing = False
+        self.sync_done = 0
+        self.sync_total = 0
+        self.down_reason: str | None = None
+        self.released = asyncio.Event()
+        self._settle_task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}"
+
+    # ------------------------------------------------------------------ attach
+
+    async def attach(self, full_sync: bool) -> None:
+        """Connect, join the quorum, and (full_sync) start copying the disk. On error
+        everything built so far is torn down again."""
+        try:
+            await self._start_link()
+        except PairvolError:
+            await self.teardown()
+            raise
+        try:
+            await self.gate.start()
+            self._settle_task = asyncio.create_task(self._settle(), name="link-settle")
+            gate_sock = self.gate.socket_path
+            await self.qsd.execute("blockdev-add", r.nbd_client_unix(r.PEER_NODE, gate_sock, r.LINK_EXPORT))
+            if full_sync:
+                await self.qsd.execute(
+                    "blockdev-add", r.nbd_client_unix(r.SYNC_TARGET_NODE, gate_sock, r.LINK_EXPORT)
+                )
+            await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
+            self.child = await self._child_name()
+        except PairvolError as exc:
+            reason = self.gate.reason or str(exc)
+            await self.teardown()
+            raise PeerLinkError(f"cannot attach peer {self.address}: {reason}") from exc
+        if full_sync:
+            self.syncing = True
+            self.sync_done, self.sync_total = 0, self.cfg.size
+            self.qsd.watch_job(r.SYNC_JOB)
+            try:
+                await self.qsd.execute("blockdev-mirror", r.mirror_full())
+            except PairvolError as exc:
+                self.qsd.unwatch_job(r.SYNC_JOB)
+                await self.teardown()
+                raise PeerLinkError(f"cannot start the full sync to {self.address}: {exc}") from exc
+            crashpoints.hit(SYNC_STARTED)
+            self._sync_task = asyncio.create_task(self._run_sync(), name="full-sync")
+        log.info("replicating to %s (export %s%s)", self.address, self.export, ", full sync" if full_sync else "")
+
+    async def _start_link(self) -> None:
+        await self.link.start()
+        host, port = self.peer
+        tls = self.cfg.psk is not None
+        try:
+            if tls:
+                assert self.cfg.psk is not None and self.tls_dir is not None
+                await self.link.execute("object-add", r.tls_psk(self.tls_dir, "client", self.cfg.psk.username))
+            # a blackholed peer makes the connect hang inside the link daemon: bounded here
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self.link.execute("blockdev-add", r.nbd_client(r.LINK_EXPORT, host, port, self.export, tls))
+            await self.link.execute("nbd-server-start", r.nbd_server_unix(self.gate.upstream_path))
+            await self.link.execute("block-export-add", r.nbd_export(r.LINK_EXPORT, r.LINK_EXPORT))
+        except TimeoutError as exc:
+            raise PeerLinkError(
+                f"cannot connect to peer {host}:{port}: no answer within {CONNECT_TIMEOUT:.0f} s"
+            ) from exc
+        except QemuError as exc:
+            text = str(exc)
+            if "export" in text.lower() and ("not" in text.lower() or "unknown" in text.lower()):
+                text += (
+                    f" — the peer has no export {self.export!r}: it is not a running secondary at that epoch "
+                    "(pass peerEpoch = the epoch the secondary was started with)"
+                )
+            raise PeerLinkError(f"cannot connect to peer {host}:{port}: {text}") from exc
+
+    async def _child_name(self) -> str:
+        """The quorum names children ``children.N`` and reuses numbers after deletions:
+        ask QEMU which edge leads to the peer instead of counting."""
+        graph = await self.qsd.execute("x-debug-query-block-graph")
+        ids = {n["id"]: n["name"] for n in graph["nodes"]}
+        for edge in graph["edges"]:
+            if ids.get(edge["parent"]) == r.QUORUM_NODE and ids.get(edge["child"]) == r.PEER_NODE:
+                return str(edge["name"])
+        raise PeerLinkError("the peer node is not a child of the quorum after x-blockdev-change")
+
+    # ------------------------------------------------------------------ failure
+
+    async def _settle(self) -> None:
+        """The only path that releases the gate: after the mark is durable, or once the
+        workload export is fenced and no acknowledgement can reach a client."""
+        await self.gate.failed.wait()
+        reason = self.gate.reason or "link failed"
+        crashpoints.hit(LINK_FAILED)
+        marked = asyncio.create_task(self._mark(reason), name="link-mark")
+        fenced = asyncio.create_task(self._fenced.wait(), name="link-fenced")
+        try:
+            pending: set[asyncio.Future[Any]] = {marked, fenced}
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if fenced in done:
+                    break
+                if marked in done:
+                    if marked.exception() is None:
+                        break
+                    log.error("cannot mark the secondary out of sync: %s; holding writes", marked.exception())
+        finally:
+            for task in (marked, fenced):
+                if not task.done():
+                    task.cancel()
+        how = "marked out of sync" if marked.done() and not marked.cancelled() and not marked.exception() else "fenced"
+        self.gate.release()
+        self.released.set()
+        crashpoints.hit(LINK_RELEASED)
+        log.warning("peer %s dropped (%s first): %s", self.address, how, reason)
+        self.down_reason = reason
+        await self.link.kill()
+        self.metrics.peer_failures.labels(self.cfg.name).inc()
+        await self._on_down(self, reason)
+
+    # ------------------------------------------------------------------ full sync
+
+    async def _run_sync(self) -> None:
+        """Follow the mirror; at READY every write reaches both sides synchronously, so the
+        mirror is cancelled (no pivot) and the quorum carries on alone."""
+        m, name = self.metrics, self.cfg.name
+        last_log = 0.0
+        try:
+            while True:
+                try:
+                    event = await self.qsd.wait_job_event(
+                        r.SYNC_JOB, {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 0.5
+                    )
+                except TimeoutError:
+                    for job in await self.qsd.execute("query-block-jobs"):
+                        if job["device"] == r.SYNC_JOB:
+                            self.sync_done, self.sync_total = int(job["offset"]), int(job["len"]) or 1
+                    m.sync_done_bytes.labels(name).set(self.sync_done)
+                    m.sync_total_bytes.labels(name).set(self.sync_total)
+                    m.sync_progress.labels(name).set(self.sync_done / max(1, self.sync_total))
+                    if time.monotonic() - last_log > 2:
+                        last_log = time.monotonic()
+                        log.info("full sync to %s: %s", self.address, self.sync_line())
+                    continue
+                if event["event"] == "BLOCK_JOB_READY":
+                    break
+                raise PeerLinkError(f"full sync failed: {event['data'].get('error', event['event'])}")
+            crashpoints.hit(SYNC_READY)
+            await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB})
+            event = await self.qsd.wait_job_event(r.SYNC_JOB, {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 30)
+            if "error" in event["data"]:
+                raise PeerLinkError(f"full sync failed at the end: {event['data']['error']}")
+            self.qsd.unwatch_job(r.SYNC_JOB)
+            await self._delete_node(r.SYNC_TARGET_NODE)
+            crashpoints.hit(SYNC_DONE)
+            self.sync_done = self.sync_total
+            m.sync_done_bytes.labels(name).set(self.sync_done)
+            m.sync_progress.labels(name).set(1.0)
+            if await self._in_sync(self):
+                self.syncing = False
+                log.info("full sync to %s done: %d bytes; replicating synchronously", self.address, self.sync_total)
+        except asyncio.CancelledError:
+            raise
+        except PairvolError as exc:
+            # the peer stays marked; failing the gate drops it through the one path
+            self.gate.fail(str(exc))
+
+    def sync_line(self) -> str:
+        pct = 100.0 * self.sync_done / max(1, self.sync_total)
+        return f"{self.sync_done >> 20} / {self.sync_total >> 20} MiB ({pct:.1f}%)"
+
+    # ------------------------------------------------------------------ teardown
+
+    async def detach(self) -> None:
+        """Leave the quorum and tear everything down. A failed, unreleased gate is waited
+        for first (the mark or the fence), so no held write is answered without it."""
+        if self._sync_task is not None and self._sync_task is not asyncio.current_task():
+            self._sync_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sync_task
+        if self.gate.failed.is_set() and self._settle_task is not None:
+            await self.released.wait()
+        await self.teardown()
+
+    async def teardown(self) -> None:
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB, "force": True})
+        self.qsd.unwatch_job(r.SYNC_JOB)
+        if self.child is not None:
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "child": self.child})
+            self.child = None
+        for node in (r.PEER_NODE, r.SYNC_TARGET_NODE):
+            await self._delete_node(node)
+        if self._settle_task is not None and self._settle_task is not asyncio.current_task():
+            self._settle_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._settle_task
+        await self.gate.close()
+        await self.link.kill()
+
+    async def _delete_node(self, node: str) -> None:
+        for _ in range(50):  # a cancelled job lets go of its target asynchronously
+            try:
+                await self.qsd.execute("blockdev-del", {"node-name": node})
+                return
+            except QemuError as exc:
+                if "not find" in str(exc) or "not found" in str(exc):
+                    return
+                await asyncio.sleep(0.02)
