@@ -275,6 +275,7 @@ class PeerLink:
         await self.teardown()
 
     async def teardown(self) -> None:
+        t0 = time.monotonic()
         with contextlib.suppress(QemuError):
             await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB, "force": True})
         self.qsd.unwatch_job(r.SYNC_JOB)
@@ -290,6 +291,7 @@ class PeerLink:
                 await self._settle_task
         await self.gate.close()
         await self.link.kill()
+        log.debug("link to %s torn down in %.0f ms", self.address, (time.monotonic() - t0) * 1000)
 
     async def _delete_node(self, node: str) -> None:
         for _ in range(50):  # a cancelled job lets go of its target asynchronously
@@ -297,6 +299,6 @@ class PeerLink:
                 await self.qsd.execute("blockdev-del", {"node-name": node})
                 return
             except QemuError as exc:
-                if "not find" in str(exc) or "not found" in str(exc):
+                if r.node_is_gone(exc):
                     return
                 await asyncio.sleep(0.02)

@@ -716,9 +716,9 @@ class Replica:
             if link is not self.link:
                 return
             self.link = None
-            await link.detach()
             self.replication, self.peer_error = "degraded", reason
             self._observe()
+            await link.detach()
 
     async def _detach_peer(self, reason: str, mark: bool) -> None:
         """Take the peer out of the quorum (caller holds the lock). With ``mark`` the peer is
@@ -728,10 +728,10 @@ class Replica:
             return
         if mark:
             await self._mark_out_of_sync(reason)
-        await link.detach()
         self.replication, self.peer_error = "degraded", reason
-        log.info("peer %s detached: %s", link.address, reason)
         self._observe()
+        await link.detach()
+        log.info("peer %s detached: %s", link.address, reason)
 
     async def _teardown_primary(self) -> None:
         await self._detach_peer("demoted", mark=False)
@@ -784,6 +784,9 @@ class Replica:
                 "progress": round(link.sync_done / max(1, link.sync_total), 4),
             }
         qsd_error = None if self.qsd.alive else (self.qsd.exit_error or "not running")
+        replication, peer_error = self.replication, self.peer_error
+        if link is not None and link.gate.failed.is_set():
+            replication, peer_error = "degraded", link.gate.reason  # being dropped right now
         return {
             "name": st.name,
             "role": st.role.value,
@@ -792,11 +795,19 @@ class Replica:
             "size": st.size,
             "checkpoint": st.checkpoint.to_api() if st.checkpoint and st.role is not Role.NONE else None,
             "replication": {
-                "state": self.replication,
+                "state": replication,
                 "peer": link.address if link is not None else (st.peer if st.role is Role.PRIMARY else None),
-                "error": qsd_error or self.peer_error or self.last_error,
+                "error": qsd_error or peer_error or self.last_error,
                 "outOfSync": st.out_of_sync,
                 "sync": sync,
+                "link": None
+                if link is None
+                else {
+                    "export": link.export,
+                    "pid": link.link.pid,
+                    "failed": link.gate.reason,
+                    "heldRequests": link.gate.held,
+                },
             },
             "export": {
                 "serving": self.serving,

@@ -166,3 +166,10 @@ def mirror_full() -> QMPArgs:
 def active_commit(generation: int) -> QMPArgs:
     """replication_stop(failover=true): commit active+hidden into the secondary disk."""
     return {"job-id": COMMIT_JOB, "device": active_node(generation), "auto-dismiss": True}
+
+
+def node_is_gone(error: Exception) -> bool:
+    """blockdev-del's answer for a node that does not exist ("Failed to find node with
+    node-name=...", "Cannot find node ..."), as opposed to one that is still in use."""
+    text = str(error).lower()
+    return "find node" in text or "not found" in text or "not find" in text
