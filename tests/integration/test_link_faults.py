@@ -294,3 +294,25 @@ async def test_stop_returns_promptly_while_the_link_is_stalled(tmp_path: Path) -
             finally:
                 os.kill(qsd_pid, signal.SIGCONT)
         assert (await primary.status())["replication"]["outOfSync"] is True
+
+
+async def test_a_primary_agent_killed_while_writes_are_held_acknowledges_none(tmp_path: Path) -> None:
+    """The gate lives in the agent: when the agent dies its socket closes, and the
+    quorum's client must not turn that into an acknowledgement from the local disk. It
+    holds the requests until the kernel kills the daemon with its agent."""
+    async with pair(tmp_path, size="16Mi", peer_timeout=30) as (primary, secondary):
+        qsd_pid = (await secondary.status())["qsd"]["pid"]
+        async with await primary.nbd() as nbd:
+            await nbd.pwrite(b"1" * 4096, 0)
+            os.kill(qsd_pid, signal.SIGSTOP)  # the link stalls; the gate holds (stall timeout 22.5 s)
+            try:
+                writes = [asyncio.create_task(nbd.pwrite(b"2" * 4096, 4096 * i)) for i in range(1, 9)]
+                await asyncio.sleep(0.5)
+                assert not any(w.done() for w in writes)
+                primary.kill()
+                await primary.wait_exit()
+                for w in writes:
+                    with pytest.raises(NBDError):
+                        await asyncio.wait_for(w, 10)
+            finally:
+                os.kill(qsd_pid, signal.SIGCONT)

@@ -106,6 +106,9 @@ class LinkGate:
         self.failed = asyncio.Event()
         self.reason: str | None = None
         self.released = False
+        # Quorum (read-pattern fifo) reads from the peer only when the local disk failed a
+        # read; a peer that is still being synced would answer with stale data.
+        self.serve_reads = True
         self._conns: set[_Connection] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -271,7 +274,7 @@ class LinkGate:
                     with contextlib.suppress(ConnectionError):
                         await conn.up_w.drain()
                 return
-            if self.released:
+            if self.released or (cmd == nbd.CMD_READ and not self.serve_reads):
                 conn.answer(handle, errno.EIO)
                 continue
             conn.pending[handle] = _Request(cmd, length, offset, loop.time())

@@ -115,11 +115,9 @@ class PeerLink:
             await self.gate.start()
             self._settle_task = asyncio.create_task(self._settle(), name="link-settle")
             gate_sock = self.gate.socket_path
-            await self.qsd.execute("blockdev-add", r.nbd_client_unix(r.PEER_NODE, gate_sock, r.LINK_EXPORT))
+            await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.PEER_NODE, gate_sock))
             if full_sync:
-                await self.qsd.execute(
-                    "blockdev-add", r.nbd_client_unix(r.SYNC_TARGET_NODE, gate_sock, r.LINK_EXPORT)
-                )
+                await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.SYNC_TARGET_NODE, gate_sock))
             await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
             self.child = await self._child_name()
         except PairvolError as exc:
@@ -128,6 +126,7 @@ class PeerLink:
             raise PeerLinkError(f"cannot attach peer {self.address}: {reason}") from exc
         if full_sync:
             self.syncing = True
+            self.gate.serve_reads = False  # the peer lacks data until the sync is done
             self.sync_done, self.sync_total = 0, self.cfg.size
             self.qsd.watch_job(r.SYNC_JOB)
             try:
@@ -250,6 +249,7 @@ class PeerLink:
             m.sync_progress.labels(name).set(1.0)
             if await self._in_sync(self):
                 self.syncing = False
+                self.gate.serve_reads = True
                 log.info("full sync to %s done: %d bytes; replicating synchronously", self.address, self.sync_total)
         except asyncio.CancelledError:
             raise

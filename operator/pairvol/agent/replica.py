@@ -202,14 +202,14 @@ class Replica:
             self._prepare_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._prepare_task
-        if self.link is not None:
-            link, self.link = self.link, None
-            await link.gate.close()  # held requests stay unanswered: this is a stop, not a release
-            await link.link.kill()
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
-        await self.qsd.stop()
+        await self.qsd.stop()  # in-flight writes drain through a healthy link first
+        if self.link is not None:
+            link, self.link = self.link, None
+            await link.gate.close()  # held requests stay unanswered: a stop, not a release
+            await link.link.kill()
         if self._tls_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._tls_dir, True)
         if clean:

@@ -117,14 +117,30 @@ def nbd_client(node_name: str, host: str, port: int, export: str, tls: bool) -> 
     return args
 
 
-def nbd_client_unix(node_name: str, path: Path, export: str = WORKLOAD_EXPORT) -> QMPArgs:
-    """A client over a local socket: the relay's view of the workload export, the quorum's
-    view of the link gate (no reconnect: a fenced export stays gone)."""
+def nbd_client_unix(node_name: str, path: Path) -> QMPArgs:
+    """The relay's view of the workload export (no reconnect: a fenced export stays gone)."""
     return {
         "driver": "nbd",
         "node-name": node_name,
         "server": {"type": "unix", "path": str(path)},
-        "export": export,
+        "export": WORKLOAD_EXPORT,
+    }
+
+
+# A day: "until the daemon is killed with its agent", in whole seconds as QEMU wants it.
+GATE_HOLD_SECONDS = 86400
+
+
+def nbd_client_gate(node_name: str, path: Path) -> QMPArgs:
+    """The quorum's view of the link gate. The gate's socket closes only when the agent
+    dies; the requests in flight must then never be answered, so the client holds them
+    (reconnect-delay) until the kernel kills this daemon with its agent (PR_SET_PDEATHSIG)."""
+    return {
+        "driver": "nbd",
+        "node-name": node_name,
+        "server": {"type": "unix", "path": str(path)},
+        "export": LINK_EXPORT,
+        "reconnect-delay": GATE_HOLD_SECONDS,
     }
 
 

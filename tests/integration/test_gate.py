@@ -1,0 +1,119 @@
+"""The link gate on its own, in front of a real qemu-storage-daemon export: it forwards
+while healthy, answers nothing once failed, and only release() lets held requests go, as
+errors. Reads can be refused while the peer is being synced."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pairvol.agent.gate import GateError, LinkGate
+from pairvol.nbd import NBDClient, NBDError
+from pairvol.qemu import img
+from pairvol.qemu import recipes as r
+from pairvol.qemu.qsd import Qsd
+
+MiB = 1 << 20
+
+
+@contextlib.asynccontextmanager
+async def gate_over_qsd(tmp_path: Path, stall_after: float = 5.0) -> AsyncIterator[tuple[LinkGate, Qsd, NBDClient]]:
+    run = tmp_path / "run"
+    run.mkdir()
+    await img.create(tmp_path / "disk.raw", "raw", 4 * MiB)
+    qsd = Qsd(run, tmp_path / "qsd.log", name="link")
+    await qsd.start()
+    gate = LinkGate(run / "gate.sock", run / "link.sock", r.LINK_EXPORT, stall_after)
+    try:
+        await qsd.execute("blockdev-add", r.file_node(tmp_path / "disk.raw", r.LINK_EXPORT, "raw"))
+        await qsd.execute("nbd-server-start", r.nbd_server_unix(run / "link.sock"))
+        await qsd.execute("block-export-add", r.nbd_export(r.LINK_EXPORT, r.LINK_EXPORT))
+        await gate.start()
+        client = await NBDClient.connect_unix(str(run / "gate.sock"), "peer")
+        try:
+            yield gate, qsd, client
+        finally:
+            await client.close()
+    finally:
+        await gate.close()
+        await qsd.kill()
+
+
+async def test_a_healthy_gate_forwards_writes_reads_and_flushes(tmp_path: Path) -> None:
+    async with gate_over_qsd(tmp_path) as (gate, _qsd, nbd):
+        assert nbd.size == 4 * MiB
+        await nbd.pwrite(b"p" * 65536, MiB)
+        await nbd.flush()
+        assert await nbd.pread(65536, MiB) == b"p" * 65536
+        assert not gate.failed.is_set()
+    assert (tmp_path / "disk.raw").read_bytes()[MiB : MiB + 65536] == b"p" * 65536
+
+
+async def test_a_failed_gate_answers_nothing_until_released_and_then_only_errors(tmp_path: Path) -> None:
+    async with gate_over_qsd(tmp_path) as (gate, _qsd, nbd):
+        await nbd.pwrite(b"1" * 4096, 0)
+        gate.fail("test: link lost")
+        held = [asyncio.create_task(nbd.pwrite(b"2" * 4096, 4096 * i)) for i in range(4)]
+        held.append(asyncio.create_task(nbd.flush()))
+        await asyncio.sleep(1.0)
+        assert not any(t.done() for t in held), "a failed gate answered before release()"
+        assert gate.held == len(held)
+        gate.release()
+        for t in held:
+            with pytest.raises(NBDError, match="errno 5"):
+                await asyncio.wait_for(t, 5)
+        with pytest.raises(NBDError, match="errno 5"):  # and every later request at once
+            await asyncio.wait_for(nbd.pwrite(b"3" * 4096, 0), 5)
+    # nothing after the failure reached the disk
+    assert (tmp_path / "disk.raw").read_bytes()[:4096] == b"1" * 4096
+
+
+async def test_release_before_failure_is_a_bug_not_a_shortcut(tmp_path: Path) -> None:
+    async with gate_over_qsd(tmp_path) as (gate, _qsd, _nbd):
+        with pytest.raises(GateError):
+            gate.release()
+
+
+async def test_an_unanswered_request_fails_the_gate_after_the_stall_timeout(tmp_path: Path) -> None:
+    async with gate_over_qsd(tmp_path, stall_after=0.5) as (gate, qsd, nbd):
+        assert qsd.pid is not None
+        os.kill(qsd.pid, signal.SIGSTOP)
+        try:
+            write = asyncio.create_task(nbd.pwrite(b"s" * 4096, 0))
+            await asyncio.wait_for(gate.failed.wait(), 3)
+            assert gate.reason is not None and "did not answer" in gate.reason
+            assert not write.done()
+            gate.release()
+            with pytest.raises(NBDError):
+                await asyncio.wait_for(write, 5)
+        finally:
+            os.kill(qsd.pid, signal.SIGCONT)
+
+
+async def test_reads_are_refused_while_the_peer_is_incomplete(tmp_path: Path) -> None:
+    async with gate_over_qsd(tmp_path) as (gate, _qsd, nbd):
+        gate.serve_reads = False
+        with pytest.raises(NBDError, match="errno 5"):
+            await nbd.pread(4096, 0)
+        await nbd.pwrite(b"w" * 4096, 0)  # writes still go through
+        assert not gate.failed.is_set()
+        gate.serve_reads = True
+        assert await nbd.pread(4096, 0) == b"w" * 4096
+
+
+async def test_an_error_reply_fails_the_gate_and_is_not_forwarded(tmp_path: Path) -> None:
+    async with gate_over_qsd(tmp_path) as (gate, _qsd, nbd):
+        write = asyncio.create_task(nbd.pwrite(b"x" * 4096, 4 * MiB))  # past the end: EINVAL/ENOSPC
+        await asyncio.wait_for(gate.failed.wait(), 5)
+        assert gate.reason is not None and "failed on the link" in gate.reason
+        await asyncio.sleep(0.3)
+        assert not write.done()
+        gate.release()
+        with pytest.raises(NBDError):
+            await asyncio.wait_for(write, 5)
