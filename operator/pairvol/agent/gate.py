@@ -24,7 +24,9 @@ capability (the old watchdog needed CAP_NET_ADMIN for ``ss -K``).
 
 The gate speaks just enough NBD: fixed newstyle, ``NBD_OPT_GO``/``INFO``/``EXPORT_NAME``,
 simple replies (structured replies and extended headers are declined, which QEMU's client
-accepts), and forwards every transmission-phase request as it is.
+accepts), and forwards every transmission-phase request as it is. It is on the data path,
+so both directions are asyncio protocols: one callback parses everything that arrived and
+forwards it in one write, with back-pressure between the two sides.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import asyncio
 import contextlib
 import errno
 import logging
+import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pairvol import nbd
 from pairvol.errors import PairvolError
@@ -54,6 +58,7 @@ REP_ERR_UNKNOWN = nbd.REP_ERR_BIT | 6
 _FORWARDABLE_FLAGS = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x100 | 0x400 | 0x800
 _OPTION_HEADER = struct.Struct(">QII")
 _OPTION_REPLY = struct.Struct(">QIII")
+SERVED_EXPORT = "peer"
 _COMMANDS = {0: "read", 1: "write", 3: "flush", 4: "trim", 5: "cache", 6: "write-zeroes"}
 
 
@@ -69,22 +74,269 @@ class _Request:
     sent_at: float
 
 
-@dataclass(eq=False)
-class _Connection:
+class _Upstream(asyncio.Protocol):
+    """The link daemon's side of one connection: replies."""
+
+    def __init__(self, down: _Downstream) -> None:
+        self.down = down
+        self.transport: asyncio.Transport | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.down.on_replies(self.buf)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.on_upstream_lost(exc)
+
+    def pause_writing(self) -> None:  # the link daemon is not reading: stop reading the quorum
+        self.down.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.down.resume_reading()
+
+
+class _Downstream(asyncio.Protocol):
     """One connection from the quorum's NBD client, and its twin to the link daemon."""
 
-    down_w: asyncio.StreamWriter
-    up_w: asyncio.StreamWriter | None
-    pending: dict[int, _Request] = field(default_factory=dict)
-    ended: bool = False  # the quorum's client disconnected: the link's EOF is expected
+    def __init__(self, gate: LinkGate) -> None:
+        self.gate = gate
+        self.transport: asyncio.Transport | None = None
+        self.up: _Upstream | None = None
+        self.buf = bytearray()
+        self.pending: dict[int, _Request] = {}
+        self.state = "connecting"  # -> flags -> options -> transmission -> ended
+        self.info: nbd.ExportInfo | None = None
+        self.client_flags = 0
+        self._paused = False
 
-    def answer(self, handle: int, error: int, data: bytes = b"") -> None:
-        # one write() per reply: replies from the two loops never interleave
-        self.down_w.write(nbd.SIMPLE_REPLY.pack(nbd.SIMPLE_REPLY_MAGIC, error, handle) + data)
+    # -------------------------------------------------------------- plumbing
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        _big_buffers(transport)
+        transport.pause_reading()  # nothing to say before the link daemon answers
+        self.gate.conns.add(self)
+        self.gate.spawn(self._open_upstream(), "gate-connect")
+
+    async def _open_upstream(self) -> None:
+        assert self.transport is not None
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.gate.upstream_path))
+            self.info = await nbd.client_handshake(reader, writer, self.gate.upstream_export)
+        except (OSError, nbd.NBDError) as exc:
+            self.gate.fail(f"cannot reach the link daemon: {exc}")
+            self.transport.abort()
+            return
+        # the server says nothing unprompted after the handshake: nothing is left buffered
+        _big_buffers(writer.transport)
+        self.up = _Upstream(self)
+        self.up.transport = writer.transport  # type: ignore[assignment]
+        self.up.writer = writer  # a StreamWriter closes its transport when collected
+        writer.transport.set_protocol(self.up)
+        if self.gate.failed.is_set():
+            self.cut()  # a connection after the failure is held like the rest
+        self.transport.write(
+            struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES)
+        )
+        self.state = "flags"
+        self.transport.resume_reading()
 
     def cut(self) -> None:
-        if self.up_w is not None:
-            self.up_w.transport.abort()
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.abort()
+        self.resume_reading()  # held requests must still be read, and answered on release
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._paused and not self.gate.failed.is_set():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:  # the quorum is not reading replies: stop reading the link
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None and self.up.transport is not None and not self.up.transport.is_closing():
+            self.up.transport.resume_reading()
+
+    def answer(self, handle: int, error: int) -> None:
+        assert self.transport is not None
+        self.transport.write(nbd.SIMPLE_REPLY.pack(nbd.SIMPLE_REPLY_MAGIC, error, handle))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ended_cleanly = self.state == "ended"
+        self.state = "ended"
+        self.gate.conns.discard(self)
+        if self.pending and not self.gate.released and not ended_cleanly:
+            self.gate.fail("the local daemon disconnected from the link with requests in flight")
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.abort()
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        if self.state != "ended" and not self.gate.closing:
+            self.gate.fail(f"link to the peer lost: connection closed ({exc.__class__.__name__ if exc else 'EOF'})")
+
+    # -------------------------------------------------------------- the quorum's side
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        try:
+            if self.state in ("flags", "options"):
+                self._negotiate()
+            if self.state == "transmission":
+                self._requests()
+        except _ProtocolError as exc:
+            self.gate.fail(f"NBD protocol error from the local daemon: {exc}")
+            self.state = "ended"
+            assert self.transport is not None
+            self.transport.abort()
+
+    def _negotiate(self) -> None:
+        assert self.transport is not None and self.info is not None
+        buf, w = self.buf, self.transport.write
+        flags = self.info.flags & _FORWARDABLE_FLAGS
+        if self.state == "flags":
+            if len(buf) < 4:
+                return
+            (self.client_flags,) = struct.unpack_from(">I", buf)
+            del buf[:4]
+            self.state = "options"
+        while len(buf) >= _OPTION_HEADER.size:
+            magic, opt, length = _OPTION_HEADER.unpack_from(buf)
+            if magic != nbd.IHAVEOPT or length > 1 << 16:
+                raise _ProtocolError(f"bad option header (magic {magic:#x}, length {length})")
+            if len(buf) < _OPTION_HEADER.size + length:
+                return
+            data = bytes(buf[_OPTION_HEADER.size : _OPTION_HEADER.size + length])
+            del buf[: _OPTION_HEADER.size + length]
+            if opt == OPT_EXPORT_NAME:
+                w(struct.pack(">QH", self.info.size, flags))
+                if not self.client_flags & nbd.FLAG_NO_ZEROES:
+                    w(bytes(124))
+                self.state = "transmission"
+                return
+            if opt in (OPT_GO, OPT_INFO):
+                (name_len,) = struct.unpack_from(">I", data)
+                name = data[4 : 4 + name_len].decode(errors="replace")
+                if name not in ("", SERVED_EXPORT):
+                    text = f"the gate serves export {SERVED_EXPORT!r}, not {name!r}".encode()
+                    w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, REP_ERR_UNKNOWN, len(text)) + text)
+                    continue
+                export_info = struct.pack(">HQH", nbd.INFO_EXPORT, self.info.size, flags)
+                w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_INFO, len(export_info)) + export_info)
+                w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
+                if opt == OPT_GO:
+                    self.state = "transmission"
+                    return
+                continue
+            if opt == OPT_ABORT:
+                w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
+                self.state = "ended"
+                self.transport.close()
+                return
+            # structured replies, extended headers, meta contexts, TLS, lists: declined
+            w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, REP_ERR_UNSUP, 0))
+
+    def _requests(self) -> None:
+        gate, buf = self.gate, self.buf
+        now = asyncio.get_running_loop().time()
+        forward: list[bytes] = []
+        sent = 0
+        pos = 0
+        size = nbd.REQUEST_HEADER.size
+        while len(buf) - pos >= size:
+            magic, _flags, cmd, handle, offset, length = nbd.REQUEST_HEADER.unpack_from(buf, pos)
+            if magic != nbd.REQUEST_MAGIC:
+                raise _ProtocolError(f"bad request magic {magic:#x}")
+            end = pos + size + (length if cmd == nbd.CMD_WRITE else 0)
+            if len(buf) < end:
+                break
+            if cmd == nbd.CMD_DISC:
+                self.state = "ended"
+                if not gate.failed.is_set():
+                    forward.append(bytes(buf[pos:end]))
+                pos = end
+                break
+            if gate.released or (cmd == nbd.CMD_READ and not gate.serve_reads):
+                self.answer(handle, errno.EIO)
+            else:
+                self.pending[handle] = _Request(cmd, length, offset, now)
+                if not gate.failed.is_set():  # else held until release()
+                    forward.append(bytes(buf[pos:end]))
+                    sent += end - pos - size
+            pos = end
+        del buf[:pos]
+        if forward and self.up is not None and self.up.transport is not None and not gate.failed.is_set():
+            self.up.transport.writelines(forward)
+            if sent:
+                gate.count_sent(sent)
+
+    # -------------------------------------------------------------- the link's side
+
+    def on_replies(self, buf: bytearray) -> None:
+        gate = self.gate
+        if gate.failed.is_set():
+            buf.clear()  # release() answers everything
+            return
+        out: list[tuple[int, bytes]] = []
+        pos = 0
+        size = nbd.SIMPLE_REPLY.size
+        while len(buf) - pos >= size:
+            magic, error, handle = nbd.SIMPLE_REPLY.unpack_from(buf, pos)
+            if magic != nbd.SIMPLE_REPLY_MAGIC:
+                gate.fail(f"bad reply magic {magic:#x} from the link daemon")
+                break
+            req = self.pending.get(handle)
+            if req is None:
+                gate.fail(f"the link daemon answered unknown request {handle:#x}")
+                break
+            end = pos + size + (req.length if req.cmd == nbd.CMD_READ and not error else 0)
+            if len(buf) < end:
+                break
+            if error:
+                what = _COMMANDS.get(req.cmd, f"command {req.cmd}")
+                gate.fail(
+                    f"a {what} of {req.length} bytes at offset {req.offset} failed on the link "
+                    f"({errno.errorcode.get(error, str(error))}): the peer answered with an error "
+                    "or the connection to it was lost"
+                )
+                break
+            out.append((handle, bytes(buf[pos:end])))
+            pos = end
+        if gate.failed.is_set():
+            buf.clear()
+            return  # not even the successful replies parsed with the failure: release() answers them
+        del buf[:pos]
+        for handle, _ in out:
+            del self.pending[handle]
+        if out and self.transport is not None:
+            self.transport.writelines([reply for _, reply in out])
+
+
+class _ProtocolError(Exception):
+    pass
+
+
+SOCKET_BUFFER = 4 << 20
+
+
+def _big_buffers(transport: asyncio.BaseTransport) -> None:
+    """A 1 MiB write should cross each local socket in one go, not in 200 KiB steps."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.set_write_buffer_limits(high=4 * SOCKET_BUFFER)
 
 
 class LinkGate:
@@ -109,26 +361,28 @@ class LinkGate:
         # Quorum (read-pattern fifo) reads from the peer only when the local disk failed a
         # read; a peer that is still being synced would answer with stale data.
         self.serve_reads = True
-        self._conns: set[_Connection] = set()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
+        self.closing = False
+        self.conns: set[_Downstream] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         await asyncio.to_thread(lambda: self.socket_path.unlink(missing_ok=True))
-        self._server = await asyncio.start_unix_server(self._serve, str(self.socket_path), limit=1 << 26)
-        self._spawn(self._watch_stalls(), "gate-stall-watch")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Downstream(self), str(self.socket_path))
+        self.spawn(self._watch_stalls(), "gate-stall-watch")
 
     async def close(self) -> None:
         """Stop the gate. Held requests are answered with EIO only if it was released."""
-        self._closing = True
+        self.closing = True
         if self._server is not None:
             self._server.close()
-        for conn in list(self._conns):
+        for conn in list(self.conns):
             conn.cut()
-            conn.down_w.transport.abort()
+            if conn.transport is not None:
+                conn.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -136,8 +390,8 @@ class LinkGate:
                 await task
         await asyncio.to_thread(lambda: self.socket_path.unlink(missing_ok=True))
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[Any] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -145,13 +399,14 @@ class LinkGate:
 
     def fail(self, reason: str) -> None:
         """Close the gate (idempotent): cut the link, forward nothing, hold everything."""
-        if self.failed.is_set() or self._closing:
+        if self.failed.is_set() or self.closing:
             return
         self.reason = reason
         self.failed.set()
-        held = sum(len(c.pending) for c in self._conns)
-        log.warning("replication link failed: %s; holding %d request(s) until the peer is marked", reason, held)
-        for conn in self._conns:
+        log.warning(
+            "replication link failed: %s; holding %d request(s) until the peer is marked", reason, self.held
+        )
+        for conn in list(self.conns):
             conn.cut()
 
     def release(self) -> None:
@@ -165,7 +420,7 @@ class LinkGate:
             return
         self.released = True
         answered = 0
-        for conn in self._conns:
+        for conn in list(self.conns):
             for handle in list(conn.pending):
                 conn.answer(handle, errno.EIO)
                 answered += 1
@@ -174,10 +429,10 @@ class LinkGate:
 
     @property
     def held(self) -> int:
-        return sum(len(c.pending) for c in self._conns) if self.failed.is_set() else 0
+        return sum(len(c.pending) for c in self.conns) if self.failed.is_set() else 0
 
     def oldest_age(self, now: float) -> float:
-        ages = [now - req.sent_at for c in self._conns for req in c.pending.values()]
+        ages = [now - req.sent_at for c in self.conns for req in c.pending.values()]
         return max(ages, default=0.0)
 
     async def _watch_stalls(self) -> None:
@@ -189,129 +444,3 @@ class LinkGate:
                 self.fail(f"the peer did not answer a request for {age:.1f} s (stalled link or hung daemon)")
                 return
             await asyncio.sleep(interval)
-
-    # ------------------------------------------------------------------ one connection
-
-    async def _serve(self, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
-        conn: _Connection | None = None
-        try:
-            try:
-                up_r, up_w = await asyncio.open_unix_connection(str(self.upstream_path), limit=1 << 26)
-                info = await nbd.client_handshake(up_r, up_w, self.upstream_export)
-            except (OSError, nbd.NBDError) as exc:
-                self.fail(f"cannot reach the link daemon: {exc}")
-                return
-            conn = _Connection(down_w, up_w)
-            if self.failed.is_set():  # a new connection after failure is held like the rest
-                conn.cut()
-            if not await self._handshake(down_r, down_w, info):
-                conn.cut()
-                return
-            self._conns.add(conn)
-            self._spawn(self._replies(conn, up_r), "gate-replies")
-            await self._requests(conn, down_r)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the quorum's client went away (blockdev-del, daemon exit)
-        finally:
-            if conn is not None:
-                conn.ended = True
-                if conn.pending and not self.released:
-                    self.fail("the local daemon disconnected from the link with requests in flight")
-                self._conns.discard(conn)
-                conn.cut()
-            down_w.transport.abort()
-
-    async def _handshake(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, info: nbd.ExportInfo) -> bool:
-        """Server side of fixed-newstyle negotiation; True once in transmission."""
-        w.write(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
-        (client_flags,) = struct.unpack(">I", await r.readexactly(4))
-        flags = info.flags & _FORWARDABLE_FLAGS
-        while True:
-            magic, opt, length = _OPTION_HEADER.unpack(await r.readexactly(_OPTION_HEADER.size))
-            if magic != nbd.IHAVEOPT or length > 1 << 16:
-                return False
-            data = await r.readexactly(length) if length else b""
-            if opt == OPT_EXPORT_NAME:
-                w.write(struct.pack(">QH", info.size, flags))
-                if not client_flags & nbd.FLAG_NO_ZEROES:
-                    w.write(bytes(124))
-                return True
-            if opt in (OPT_GO, OPT_INFO):
-                (name_len,) = struct.unpack(">I", data[:4])
-                name = data[4 : 4 + name_len].decode(errors="replace")
-                if name not in ("", "peer"):
-                    text = f"the gate serves export 'peer', not {name!r}".encode()
-                    w.write(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, REP_ERR_UNKNOWN, len(text)) + text)
-                    continue
-                export_info = struct.pack(">HQH", nbd.INFO_EXPORT, info.size, flags)
-                w.write(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_INFO, len(export_info)) + export_info)
-                w.write(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
-                await w.drain()
-                if opt == OPT_GO:
-                    return True
-                continue
-            if opt == OPT_ABORT:
-                w.write(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
-                await w.drain()
-                return False
-            # structured replies, extended headers, meta contexts, TLS, lists: declined
-            w.write(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, REP_ERR_UNSUP, 0))
-            await w.drain()
-
-    async def _requests(self, conn: _Connection, r: asyncio.StreamReader) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            header = await r.readexactly(nbd.REQUEST_HEADER.size)
-            magic, _flags, cmd, handle, offset, length = nbd.REQUEST_HEADER.unpack(header)
-            if magic != nbd.REQUEST_MAGIC:
-                self.fail(f"bad request magic {magic:#x} from the local daemon")
-                return
-            payload = await r.readexactly(length) if cmd == nbd.CMD_WRITE and length else b""
-            if cmd == nbd.CMD_DISC:
-                conn.ended = True
-                if not self.failed.is_set() and conn.up_w is not None:
-                    conn.up_w.write(header)
-                    with contextlib.suppress(ConnectionError):
-                        await conn.up_w.drain()
-                return
-            if self.released or (cmd == nbd.CMD_READ and not self.serve_reads):
-                conn.answer(handle, errno.EIO)
-                continue
-            conn.pending[handle] = _Request(cmd, length, offset, loop.time())
-            if self.failed.is_set() or conn.up_w is None:
-                continue  # held until release()
-            conn.up_w.write(header + payload)
-            if payload:
-                self.count_sent(len(payload))
-            try:
-                await conn.up_w.drain()
-            except ConnectionError as exc:
-                self.fail(f"link to the peer lost while sending: {exc}")
-
-    async def _replies(self, conn: _Connection, r: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                magic, error, handle = nbd.SIMPLE_REPLY.unpack(await r.readexactly(nbd.SIMPLE_REPLY.size))
-                if magic != nbd.SIMPLE_REPLY_MAGIC:
-                    self.fail(f"bad reply magic {magic:#x} from the link daemon")
-                    return
-                req = conn.pending.get(handle)
-                if req is None:
-                    self.fail(f"the link daemon answered unknown request {handle:#x}")
-                    return
-                data = await r.readexactly(req.length) if req.cmd == nbd.CMD_READ and not error else b""
-                if self.failed.is_set():
-                    return  # release() answers it
-                if error:
-                    what = _COMMANDS.get(req.cmd, f"command {req.cmd}")
-                    self.fail(
-                        f"a {what} of {req.length} bytes at offset {req.offset} failed on the link "
-                        f"({errno.errorcode.get(error, str(error))}): the peer answered with an error "
-                        "or the connection to it was lost"
-                    )
-                    return
-                del conn.pending[handle]
-                conn.answer(handle, 0, data)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if not self._closing and not conn.ended:
-                self.fail(f"link to the peer lost: connection closed ({exc.__class__.__name__})")
