@@ -1313,12 +1313,14 @@ class NodeSimulator:
         self, namespace: str, name: str, argv: Sequence[str], *, time_limit: float = 30.0
     ) -> CommandResult:
         """Like ``kubectl exec``: run ``argv`` in the mounts and network of the pod's first
-        container."""
+        container, with its user and capabilities."""
         worker = self._worker(namespace, name)
-        process = worker.runners[0].process
-        if process is None or process.proc.returncode is not None:
+        runner = worker.runners[0]
+        process = runner.process
+        if process is None or process.proc.returncode is not None or runner.prepared is None:
             raise KubeletError(f"pod {namespace}/{name} has no running container")
-        argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *argv]
+        privileges = runner.prepared.security.setpriv_argv()
+        argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *privileges, *argv]
         return await run_command(argv, check=False, time_limit=time_limit)
 
     # -- faults ---------------------------------------------------------------------------
