@@ -19,27 +19,7 @@ from pathlib import Path
 import pytest
 
 from pairvol.localcluster.netns import ClusterNetwork
-from tests.support.agents import Agent, agent_pod_security, agents, pair, write_psk
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
-
-
-def privileges(pid: int) -> dict[str, int]:
-    """Capability sets, no_new_privs and the real/effective uid of a running process."""
-    status = proc_status(pid)
-    out = {key: int(status[key], 16) for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
-    out["NoNewPrivs"] = int(status["NoNewPrivs"])
-    uid = status["Uid"].split()
-    out["uid"], out["euid"] = int(uid[0]), int(uid[1])
-    return out
-
-
-def as_the_pod_runs_it() -> dict[str, int]:
-    plan = agent_pod_security()
-    return {**plan.expected_status(), "NoNewPrivs": int(plan.no_new_privs), "uid": plan.uid, "euid": plan.uid}
+from tests.support.agents import Agent, agent_pod_security, agents, pair, privileges, running_as, write_psk
 
 
 def test_the_agent_pod_grants_no_capability_and_no_escalation() -> None:
@@ -53,7 +33,7 @@ def test_the_agent_pod_grants_no_capability_and_no_escalation() -> None:
 async def assert_runs_as_the_pod(agent: Agent) -> None:
     assert agent.proc is not None
     qsd = (await agent.status())["qsd"]["pid"]
-    expected = as_the_pod_runs_it()
+    expected = running_as(agent_pod_security())
     assert privileges(agent.proc.pid) == expected
     assert privileges(qsd) == expected
 

@@ -26,7 +26,18 @@ from pairvol.api.spec import parse_spec
 from pairvol.localcluster.kubelet_pods import Mount, SecurityPlan, launch_script, security_plan
 from pairvol.operator.manifests import OperatorConfig, pod_manifest
 
-__all__ = ["Agent", "AgentCallError", "agent_pod_security", "agents", "free_port", "pair", "pod_launcher", "write_psk"]
+__all__ = [
+    "Agent",
+    "AgentCallError",
+    "agent_pod_security",
+    "agents",
+    "free_port",
+    "pair",
+    "pod_launcher",
+    "privileges",
+    "running_as",
+    "write_psk",
+]
 
 
 @functools.cache
@@ -46,6 +57,22 @@ def agent_pod_security() -> SecurityPlan:
     )
     (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "agent"]
     return security_plan(pod, container)
+
+
+def privileges(pid: int) -> dict[str, int]:
+    """Capability sets, no_new_privs and real/effective uid of a running process (/proc)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    status = {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    out = {key: int(status[key], 16) for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    out["NoNewPrivs"] = int(status["NoNewPrivs"])
+    uid = status["Uid"].split()
+    out["uid"], out["euid"] = int(uid[0]), int(uid[1])
+    return out
+
+
+def running_as(plan: SecurityPlan) -> dict[str, int]:
+    """What :func:`privileges` shows for a process started according to ``plan``."""
+    return {**plan.expected_status(), "NoNewPrivs": int(plan.no_new_privs), "uid": plan.uid, "euid": plan.uid}
 
 
 def pod_launcher(agent: procs.Agent, command: list[str]) -> list[str]:
