@@ -123,7 +123,7 @@ def agent_security_context() -> dict[str, Any]:
     Root uid, because the hostPath data directory is created root-owned by the kubelet and
     the agent creates and owns the files in it; no capabilities at all, because as the
     owner it needs no DAC override, and its network work (listening on ports above 1024,
-    breaking its own stalled replication connections) needs none; the root file system
+    cutting a stuck replication link by killing its own link daemon) needs none; the root file system
     read-only, because everything it writes lives in its data directory. docs/security.md
     explains each line; the test suite runs every agent with exactly this context.
     """
