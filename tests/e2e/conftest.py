@@ -2,21 +2,45 @@
 nodes, and the emulated API server — the same :class:`~pairvol.localcluster.demo.Stack` that
 ``make demo`` runs. Everything a test starts is torn down by the Stack (processes by PID /
 cgroup, network namespaces, temp dirs named with our PID) even when the test fails.
+
+Nothing runs with more privileges than in a cluster: the node simulator applies the agent
+pods' securityContext (from the operator's manifests), and the operator runs with the
+securityContext of the chart's Deployment, rendered by the real helm.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pairvol.localcluster.demo import Stack
 
 LEASE_S = 2.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def operator_pod() -> dict[str, Any]:
+    """The pod template of the chart's operator Deployment (default values)."""
+    helm = REPO / ".venv" / "tools" / "helm"
+    binary = str(helm) if helm.is_file() else shutil.which("helm")
+    if binary is None:
+        pytest.fail("helm not found: run `make tools` (bash tools/fetch-k8s-tools.sh .venv/tools)")
+    out = subprocess.run(
+        [binary, "template", "pv", str(REPO / "charts" / "pairvol"), "--namespace", "storage"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    (deployment,) = [d for d in yaml.safe_load_all(out) if d and d.get("kind") == "Deployment"]
+    template: dict[str, Any] = deployment["spec"]["template"]
+    return template
 
 
 @pytest.fixture
@@ -28,7 +52,7 @@ def needs_agent() -> None:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, mounts, cgroups)")
     # not under tmp_path: unix socket paths (the export under the node's hostPath) are
@@ -36,7 +60,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     # /tmp/pairvol-demo-<pid>-* directory and removes it afterwards.
     del tmp_path
     # per-volume NetworkPolicies are created (the simulator does not enforce them)
-    async with Stack.up(3, lease_duration=LEASE_S, operator_env={"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}) as s:
+    env = {"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}
+    async with Stack.up(3, lease_duration=LEASE_S, operator_env=env, operator_pod=operator_pod) as s:
         yield s
 
 

@@ -21,16 +21,16 @@ async def read(op: OperatorProcess) -> str:
 
 
 async def test_only_one_operator_replica_acts_and_the_other_takes_over(
-    tmp_path: Any, volume: Any
+    tmp_path: Any, volume: Any, operator_pod: dict[str, Any]
 ) -> None:
     import os
 
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    async with Stack.up(3, peering="pairvol-e2e",
+    async with Stack.up(3, peering="pairvol-e2e", operator_pod=operator_pod,
                         operator_env={"PAIRVOL_PEERING_PRIORITY": "100"}) as s:
         second = OperatorProcess(s.cluster.kubeconfig_path, s.root / "operator-2.log",
-                                 {**s.operator.env, "PAIRVOL_PEERING_PRIORITY": "200"})
+                                 {**s.operator.env, "PAIRVOL_PEERING_PRIORITY": "200"}, operator_pod)
         await second.start()
         try:
             await s.wait_for("the high-priority replica to become active",

@@ -24,6 +24,7 @@ import pytest
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
+from pairvol.localcluster.kubelet_pods import RUNTIME_DEFAULT_CAPABILITIES, capability_mask
 from pairvol.localcluster.netns import run_command
 
 pytestmark = [
@@ -644,3 +645,93 @@ async def test_a_failed_init_container_fails_a_pod_that_never_restarts(sim: Node
     assert obj["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
     assert "waiting" in obj["status"]["containerStatuses"][0]["state"]
     assert "main-ran" not in sim.log_path("node-b", NS, "doomed").read_text()
+
+
+# --------------------------------------------------------------------- securityContext
+
+
+def _status_of(text: str) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}
+
+
+async def _finished_log(sim: NodeSimulator, api: KubeApi, node: str, name: str) -> str:
+    await eventually(lambda: _phase_is(api, name, "Succeeded"))
+    return sim.log_path(node, NS, name).read_text()
+
+
+SHOW_PRIVILEGES = (
+    "grep -E '^(Uid|Gid|Groups|Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs):' /proc/self/status;"
+    "if (echo x > /written-by-pod) 2>/dev/null; then echo 'Root: rw'; rm /written-by-pod; else echo 'Root: ro'; fi"
+)
+
+
+async def test_container_without_security_context_gets_the_runtime_default_capabilities_as_root(
+    sim: NodeSimulator, api: KubeApi
+) -> None:
+    await create(api, pod("plain", "node-a", ["/bin/sh", "-c", SHOW_PRIVILEGES], restartPolicy="Never"))
+    status = _status_of(await _finished_log(sim, api, "node-a", "plain"))
+    default = capability_mask(RUNTIME_DEFAULT_CAPABILITIES)
+    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == int(status["CapPrm"], 16) == default
+    assert int(status["CapInh"], 16) == int(status["CapAmb"], 16) == 0
+    assert status["Uid"].split() == ["0"] * 4
+    assert status["NoNewPrivs"] == "0"
+    assert status["Root"] == "rw"
+
+
+async def test_security_context_sets_user_groups_capabilities_no_new_privs_and_a_read_only_root(
+    sim: NodeSimulator, api: KubeApi
+) -> None:
+    body = pod(
+        "locked",
+        "node-b",
+        ["/bin/sh", "-c", SHOW_PRIVILEGES],
+        restartPolicy="Never",
+        securityContext={"runAsUser": 1234, "runAsGroup": 2345, "supplementalGroups": [3456]},
+        container={
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE", "CAP_KILL"]},
+            }
+        },
+    )
+    await create(api, body)
+    status = _status_of(await _finished_log(sim, api, "node-b", "locked"))
+    assert int(status["CapBnd"], 16) == capability_mask(frozenset({"NET_BIND_SERVICE", "KILL"}))
+    # a uid other than 0 holds none of them (no ambient capabilities, as in Kubernetes)
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
+    assert status["Uid"].split() == ["1234"] * 4
+    assert status["Gid"].split() == ["2345"] * 4
+    assert status["Groups"].split() == ["3456"]
+    assert status["NoNewPrivs"] == "1"
+    assert status["Root"] == "ro"
+
+
+async def test_exec_runs_with_the_container_privileges(sim: NodeSimulator, api: KubeApi) -> None:
+    body = pod(
+        "dropped",
+        "node-a",
+        ["sleep", "1000"],
+        container={"securityContext": {"capabilities": {"drop": ["ALL"]}, "allowPrivilegeEscalation": False}},
+    )
+    await create(api, body)
+    await eventually(lambda: running_ready(api, "dropped"))
+    result = await sim.exec_in_pod(NS, "dropped", ["grep", "-E", "^(CapBnd|CapEff|NoNewPrivs):", "/proc/self/status"])
+    assert result.returncode == 0
+    status = _status_of(result.stdout)
+    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == 0
+    assert status["NoNewPrivs"] == "1"
+
+
+async def test_run_as_non_root_with_a_root_user_does_not_start(sim: NodeSimulator, api: KubeApi) -> None:
+    body = pod("rootless", "node-a", ["true"], securityContext={"runAsNonRoot": True})
+    await create(api, body)
+
+    async def refused() -> dict[str, Any] | None:
+        obj = await get_pod(api, "rootless")
+        statuses = (obj.get("status") or {}).get("containerStatuses") or [{}]
+        waiting = statuses[0].get("state", {}).get("waiting") or {}
+        return waiting if waiting.get("reason") == "CreateContainerConfigError" else None
+
+    waiting = await eventually(refused)
+    assert "runAsNonRoot and image will run as root" in waiting["message"]

@@ -23,6 +23,7 @@ import pytest
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
+from pairvol.operator.manifests import agent_security_context
 
 pytestmark = [
     pytest.mark.netns,
@@ -90,6 +91,7 @@ def agent_pod(name: str, node: str) -> dict[str, Any]:
                     ],
                     "ports": [{"name": "api", "containerPort": 7800}],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": "api"}, "periodSeconds": 0.5},
+                    "securityContext": agent_security_context(),  # as the operator's pods run
                     "volumeMounts": [
                         {"name": "data", "mountPath": DATA},
                         {"name": "credentials", "mountPath": SECRET_MOUNT, "readOnly": True},

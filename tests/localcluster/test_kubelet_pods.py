@@ -2,8 +2,8 @@
 
 These pin the Kubernetes semantics the simulator promises: env resolution order and
 ``$(VAR)`` expansion, downward API fields, Secret volume files, path safety, restart
-policy and back-off, probe thresholds, pod phase, and the network plan's names and
-addresses.
+policy and back-off, probe thresholds, pod phase, securityContext as a container runtime
+applies it, and the network plan's names and addresses.
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from hypothesis import strategies as st
 
 from pairvol.localcluster import netns
 from pairvol.localcluster.kubelet_pods import (
+    CAPABILITY_NUMBERS,
+    RUNTIME_DEFAULT_CAPABILITIES,
     ContainerState,
     Mount,
     PodConfigError,
     PodRuntimeInfo,
     ProbeSpec,
     ProbeTracker,
+    SecurityPlan,
     VolumeDir,
     VolumeFiles,
     backoff_delay,
@@ -40,6 +43,7 @@ from pairvol.localcluster.kubelet_pods import (
     referenced_objects,
     render_pod_status,
     resolve_env,
+    security_plan,
     should_restart,
 )
 from pairvol.localcluster.netns import (
@@ -224,6 +228,103 @@ class TestLaunch:
         assert "exec unshare --mount --uts --propagation private" in outer[2]
         assert "echo $$" not in outer[2]  # no cgroup: nothing to join
         assert inner.splitlines()[1] == "hostname agent-0"
+
+
+def with_context(container: dict[str, Any] | None = None, pod: dict[str, Any] | None = None) -> SecurityPlan:
+    spec_: dict[str, Any] = {"securityContext": pod} if pod is not None else {}
+    return security_plan({"spec": spec_}, {"name": "c", "securityContext": container or {}})
+
+
+class TestSecurityContext:
+    def test_nothing_asked_is_root_with_the_runtime_default_capabilities(self) -> None:
+        plan = with_context()
+        assert (plan.uid, plan.gid, plan.no_new_privs, plan.read_only_root) == (0, 0, False, False)
+        assert plan.capabilities == RUNTIME_DEFAULT_CAPABILITIES
+        assert "NET_ADMIN" not in plan.capabilities and "SYS_ADMIN" not in plan.capabilities
+
+    def test_add_and_drop_change_the_default_set_and_accept_the_cap_prefix(self) -> None:
+        plan = with_context({"capabilities": {"add": ["NET_ADMIN"], "drop": ["CAP_CHOWN", "kill"]}})
+        assert plan.capabilities == RUNTIME_DEFAULT_CAPABILITIES - {"CHOWN", "KILL"} | {"NET_ADMIN"}
+
+    def test_drop_all_keeps_only_what_is_added_and_add_all_gives_everything_but_the_dropped(self) -> None:
+        assert with_context({"capabilities": {"drop": ["ALL"]}}).capabilities == frozenset()
+        only = with_context({"capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}})
+        assert only.capabilities == {"NET_BIND_SERVICE"}
+        most = with_context({"capabilities": {"add": ["ALL"], "drop": ["SYS_ADMIN"]}})
+        assert most.capabilities == set(CAPABILITY_NUMBERS) - {"SYS_ADMIN"}
+
+    def test_privileged_gets_every_capability_the_node_has(self) -> None:
+        node = frozenset({"CHOWN", "SYS_ADMIN", "NET_ADMIN"})
+        plan = security_plan({}, {"name": "c", "securityContext": {"privileged": True}}, node)
+        assert plan.capabilities == node
+
+    def test_container_fields_override_the_pod_and_groups_come_from_the_pod(self) -> None:
+        plan = with_context(
+            {"runAsUser": 7},
+            {"runAsUser": 5, "runAsGroup": 6, "supplementalGroups": [8, 9], "fsGroup": 10,
+             "seccompProfile": {"type": "RuntimeDefault"}},
+        )
+        assert (plan.uid, plan.gid, plan.groups, plan.seccomp) == (7, 6, (8, 9, 10), "RuntimeDefault")
+
+    def test_no_new_privs_only_when_escalation_is_forbidden(self) -> None:
+        assert with_context({"allowPrivilegeEscalation": False}).no_new_privs
+        assert not with_context({"allowPrivilegeEscalation": True}).no_new_privs
+        assert not with_context({}).no_new_privs  # the Kubernetes default allows it
+
+    @pytest.mark.parametrize(
+        ("container", "pod", "message"),
+        [
+            ({}, {"runAsNonRoot": True}, "runAsNonRoot and image will run as root"),
+            ({"runAsNonRoot": True, "runAsUser": 0}, None, "runAsNonRoot and image will run as root"),
+            ({"privileged": True, "allowPrivilegeEscalation": False}, None, "privileged"),
+            ({"allowPrivilegeEscalation": False, "capabilities": {"add": ["SYS_ADMIN"]}}, None, "CAP_SYS_ADMIN"),
+            ({"capabilities": {"add": ["NET_ADMN"]}}, None, "unknown capability 'NET_ADMN'"),
+            ({"capabilities": {"add": "NET_ADMIN"}}, None, "must be a list"),
+            ({"runAsUser": -1}, None, "non-negative integer"),
+        ],
+    )
+    def test_contexts_a_runtime_refuses_are_config_errors(
+        self, container: dict[str, Any], pod: dict[str, Any] | None, message: str
+    ) -> None:
+        with pytest.raises(PodConfigError, match=message):
+            with_context(container, pod)
+
+    def test_a_capability_the_node_lacks_is_an_error_not_a_smaller_set(self) -> None:
+        with pytest.raises(PodConfigError, match=r"NET_ADMIN.*cannot grant"):
+            security_plan({}, {"name": "c", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
+                          RUNTIME_DEFAULT_CAPABILITIES)
+
+    def test_root_holds_its_bounding_set_and_any_other_uid_holds_nothing(self) -> None:
+        caps = frozenset({"KILL", "NET_BIND_SERVICE"})
+        mask = (1 << 5) | (1 << 10)
+        assert SecurityPlan(uid=0, capabilities=caps).expected_status() == {
+            "CapInh": 0, "CapPrm": mask, "CapEff": mask, "CapBnd": mask, "CapAmb": 0}
+        assert SecurityPlan(uid=1000, capabilities=caps).expected_status() == {
+            "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": mask, "CapAmb": 0}
+
+    def test_setpriv_sets_every_set_user_groups_and_no_new_privs(self) -> None:
+        plan = SecurityPlan(uid=5, gid=6, groups=(7,), capabilities=frozenset({"KILL"}), no_new_privs=True)
+        assert plan.setpriv_argv() == [
+            "setpriv", "--bounding-set=-all,+kill", "--inh-caps=-all", "--ambient-caps=-all",
+            "--regid=6", "--reuid=5", "--groups=7", "--no-new-privs", "--"]
+        assert "--clear-groups" in SecurityPlan().setpriv_argv()
+
+    def test_privileges_are_taken_after_the_namespaces_and_the_read_only_root(self) -> None:
+        plan = SecurityPlan(capabilities=frozenset(), read_only_root=True)
+        _, inner = launch_script(
+            cgroup_procs=None, mounts=[Mount(Path("/d"), PurePosixPath("/data"), False)], netns="n",
+            workdir=None, argv=["agent"], security=plan,
+        )
+        lines = inner.splitlines()
+        assert lines[-2:] == [
+            "mount -o remount,bind,ro /",
+            "exec ip netns exec n " + " ".join(plan.setpriv_argv()) + " agent",
+        ]
+        assert lines.index("mount --bind /d /data") < lines.index("mount -o remount,bind,ro /")
+
+    def test_without_a_network_namespace_the_command_runs_in_ours(self) -> None:
+        _, inner = launch_script(cgroup_procs=None, mounts=[], netns=None, workdir=None, argv=["true"])
+        assert inner.splitlines()[-1] == "exec true"
 
 
 class TestRestartsAndProbes:

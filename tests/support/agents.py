@@ -1,17 +1,101 @@
 """Real agents for tests: pairs and groups of `pairvol agent` processes, always cleaned
-up by PID (see pairvol.agent.procs)."""
+up by PID (see pairvol.agent.procs).
+
+Every agent runs as the operator's pod runs it: the agent container's securityContext
+comes from :func:`pairvol.operator.manifests.pod_manifest` and is applied by the node
+simulator's own code (:func:`pairvol.localcluster.kubelet_pods.security_plan` and
+:func:`~pairvol.localcluster.kubelet_pods.launch_script`): its user, no capability
+beyond what the manifest grants, no_new_privs, and a read-only root file system with the
+data directory as its only writable mount — entered after the node's network namespace.
+A test that passes only because it runs with more privileges than a pod cannot pass here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pairvol.agent.procs import Agent, AgentCallError, free_port, write_psk
+from pairvol.agent import procs
+from pairvol.agent.procs import AgentCallError, free_port, write_psk
+from pairvol.api.spec import parse_spec
+from pairvol.localcluster.kubelet_pods import Mount, SecurityPlan, launch_script, security_plan
+from pairvol.operator.manifests import OperatorConfig, pod_manifest
 
-__all__ = ["Agent", "AgentCallError", "agents", "free_port", "pair", "write_psk"]
+__all__ = [
+    "Agent",
+    "AgentCallError",
+    "agent_pod_security",
+    "agents",
+    "free_port",
+    "pair",
+    "pod_launcher",
+    "privileges",
+    "running_as",
+    "write_psk",
+]
+
+
+@functools.cache
+def agent_pod_security() -> SecurityPlan:
+    """How the operator's agent pod runs its agent (pod and container securityContext)."""
+    spec = parse_spec({"size": "16Mi"}, name="vol")
+    owner = {"metadata": {"name": "vol", "uid": "0"}}
+    pod = pod_manifest(
+        pod="vol-0",
+        node="n",
+        role="secondary",
+        volume="vol",
+        namespace="ns",
+        spec=spec,
+        owner=owner,
+        config=OperatorConfig(),
+    )
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "agent"]
+    return security_plan(pod, container)
+
+
+def privileges(pid: int) -> dict[str, int]:
+    """Capability sets, no_new_privs and real/effective uid of a running process (/proc)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    status = {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    out = {key: int(status[key], 16) for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    out["NoNewPrivs"] = int(status["NoNewPrivs"])
+    uid = status["Uid"].split()
+    out["uid"], out["euid"] = int(uid[0]), int(uid[1])
+    return out
+
+
+def running_as(plan: SecurityPlan) -> dict[str, int]:
+    """What :func:`privileges` shows for a process started according to ``plan``."""
+    return {**plan.expected_status(), "NoNewPrivs": int(plan.no_new_privs), "uid": plan.uid, "euid": plan.uid}
+
+
+def pod_launcher(agent: procs.Agent, command: list[str]) -> list[str]:
+    """Start ``command`` as the agent pod's container: private mount namespace with the
+    data directory bound as a volume, then the node's network namespace, then the pod's
+    user and capabilities."""
+    volume = Mount(agent.data_dir, PurePosixPath(agent.data_dir), read_only=False)
+    argv, _ = launch_script(
+        cgroup_procs=None,
+        mounts=[volume],
+        netns=agent.netns,
+        workdir=None,
+        argv=command,
+        security=agent_pod_security(),
+    )
+    return argv
+
+
+@dataclass
+class Agent(procs.Agent):
+    """A :class:`pairvol.agent.procs.Agent` started with the agent pod's privileges."""
+
+    launcher: procs.Launcher | None = pod_launcher
 
 
 @contextlib.asynccontextmanager

@@ -90,6 +90,23 @@ def test_cleanup_pod_only_touches_the_volume_directory() -> None:
     assert pod["spec"]["volumes"][0]["hostPath"]["path"] == "/var/lib/pairvol/ns"
 
 
+def test_agent_and_wipe_pods_run_as_root_without_any_capability_or_escalation() -> None:
+    """docs/security.md: root only to own the hostPath files; nothing else. The test suite
+    starts every agent with exactly this context (tests/support/agents.py)."""
+    spec = parse_spec({"size": "1Gi", "storage": {"hostPath": "/srv/pv"}}, name="vol")
+    wipe = cleanup_pod_manifest(volume="vol", namespace="ns", node="n1", spec=spec, owner=OWNER,
+                                config=OperatorConfig())
+    for pod in (agent_pod(), wipe):
+        (container,) = pod["spec"]["containers"]  # type: ignore[index]
+        assert container["securityContext"] == {
+            "runAsUser": 0, "runAsGroup": 0, "privileged": False, "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert "securityContext" not in pod["spec"]  # type: ignore[operator]
+        kubernetes_validate.validate(pod, K8S, strict=True)
+
+
 def test_settings_from_environment_and_their_errors() -> None:
     cfg = OperatorConfig.from_env({
         "PAIRVOL_AGENT_COMMAND": "/usr/bin/env pairvol", "PAIRVOL_LEASE_DURATION": "4",

@@ -15,6 +15,7 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,11 @@ class AgentCallError(Exception):
         self.body = body
 
 
+#: Turns an agent's command line into the argv that starts it (e.g. in the namespaces and
+#: with the privileges of a pod); it must ``exec`` its way down so the PID is the agent's.
+Launcher = Callable[["Agent", list[str]], list[str]]
+
+
 @dataclass
 class Agent:
     name: str
@@ -52,6 +58,7 @@ class Agent:
     rep_port: int = 0
     proc: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
+    launcher: Launcher | None = None
 
     @property
     def api(self) -> str:
@@ -66,6 +73,7 @@ class Agent:
         return self.data_dir / "export.sock"
 
     def argv(self) -> list[str]:
+        """The agent's own command line."""
         argv = [
             sys.executable,
             "-m",
@@ -91,9 +99,15 @@ class Agent:
         if self.psk_file is not None:
             argv += ["--psk-file", str(self.psk_file)]
         argv += self.extra_args
-        if self.netns is not None:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
         return argv
+
+    def launch_argv(self) -> list[str]:
+        """What is spawned: the launcher's argv, else the command line (in ``netns``)."""
+        if self.launcher is not None:
+            return self.launcher(self, self.argv())
+        if self.netns is not None:
+            return ["ip", "netns", "exec", self.netns, *self.argv()]
+        return self.argv()
 
     async def start(self, wait: bool = True) -> None:
         if not self.api_port:
@@ -105,7 +119,7 @@ class Agent:
         log = self.log_path.open("ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv(), stdout=log, stderr=log, start_new_session=True
+                *self.launch_argv(), stdout=log, stderr=log, start_new_session=True
             )
         finally:
             log.close()

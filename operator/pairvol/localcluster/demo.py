@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -64,17 +64,84 @@ def say(msg: str) -> None:
 
 
 class OperatorProcess:
-    """The real operator (``python -m pairvol operator``) as a child process, by PID."""
+    """The real operator (``python -m pairvol operator``) as a child process, by PID.
 
-    def __init__(self, kubeconfig: Path, log_path: Path, env: Mapping[str, str]) -> None:
+    With ``pod`` (the pod template of the chart's operator Deployment) it runs as that pod
+    would: the ``operator`` container's user, capabilities, no_new_privs and read-only root
+    with its emptyDir volumes, applied by the node simulator's rules; the kubeconfig is
+    handed over as a world-readable copy, as a projected token would be.
+    """
+
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, env: Mapping[str, str], pod: Mapping[str, Any] | None = None
+    ) -> None:
         self.kubeconfig, self.log_path, self.env = kubeconfig, log_path, dict(env)
+        self.pod = pod
         self.proc: asyncio.subprocess.Process | None = None
         self.metrics_port = free_port()
 
+    def _as_in_pod(self, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment that run ``argv`` as the operator container (blocking)."""
+        from pairvol.localcluster.kubelet_pods import (
+            Mount,
+            PodRuntimeInfo,
+            VolumeDir,
+            field_ref,
+            launch_script,
+            plan_mounts,
+            plan_volumes,
+            security_plan,
+        )
+
+        assert self.pod is not None
+        containers = [c for c in (self.pod.get("spec") or {}).get("containers") or [] if c.get("name") == "operator"]
+        if len(containers) != 1:
+            raise DemoError("the operator pod template has no container named 'operator'")
+        security = security_plan(self.pod, containers[0])
+        pod_dir = self.log_path.parent / f"{self.log_path.stem}-pod"
+        others = [v.get("name") for v in self.pod["spec"].get("volumes") or [] if "emptyDir" not in v]
+        if others:
+            raise DemoError(f"the operator pod may only have emptyDir volumes here, not {others}")
+        volumes = plan_volumes(self.pod, pod_dir, pod_dir, {})
+        for volume in volumes.values():
+            assert isinstance(volume, VolumeDir)
+            volume.path.mkdir(parents=True, exist_ok=True)
+            volume.path.chmod(0o777)  # an emptyDir is writable by any user
+        # like a projected service account token: a read-only volume readable by the user
+        kube_dir = pod_dir / "kube"
+        kube_dir.mkdir(exist_ok=True)
+        kubeconfig = kube_dir / "kubeconfig"
+        kubeconfig.write_bytes(self.kubeconfig.read_bytes())
+        kubeconfig.chmod(0o444)
+        for directory in (kube_dir, pod_dir, pod_dir.parent):  # traversable by the container's user
+            directory.chmod(directory.stat().st_mode | 0o111)
+        # the downward API entries of the container's env (who the pod is); the operator's
+        # settings stay the Stack's
+        named = {**self.pod, "metadata": {"name": f"pairvol-{self.log_path.stem}", "namespace": "default"}}
+        info = PodRuntimeInfo(pod_ip="127.0.0.1", host_ip="127.0.0.1", node_name="localhost")
+        downward = {
+            str(e["name"]): field_ref(named, str(e["valueFrom"]["fieldRef"]["fieldPath"]), info)
+            for e in containers[0].get("env") or []
+            if "fieldRef" in (e.get("valueFrom") or {})
+        }
+        # first and outside the pod's own mounts: its emptyDir on /tmp hides our temp dir
+        kube_target = PurePosixPath("/run/pairvol-localcluster/kube")
+        mounts = [Mount(kube_dir, kube_target, read_only=True), *plan_mounts(containers[0], volumes)]
+        outer, _ = launch_script(
+            cgroup_procs=None, mounts=mounts, netns=None, workdir=None, argv=argv, security=security
+        )
+        # a user without a passwd entry gets HOME=/ from the runtime
+        home = "/" if security.uid else "/root"
+        return outer, {**downward, "KUBECONFIG": str(kube_target / "kubeconfig"), "HOME": home}
+
     async def start(self) -> None:
+        argv = [sys.executable, "-m", "pairvol", "--verbose", "operator"]
+        overrides = {"KUBECONFIG": str(self.kubeconfig)}
+        if self.pod is not None:
+            argv, overrides = await asyncio.to_thread(self._as_in_pod, argv)
         env = {
             **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
+            **overrides,
             "PAIRVOL_OPERATOR_HEALTH_PORT": str(free_port()),
             "PAIRVOL_OPERATOR_METRICS_PORT": str(self.metrics_port),
             **self.env,
@@ -82,11 +149,7 @@ class OperatorProcess:
         log = await asyncio.to_thread(open, self.log_path, "ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "pairvol",
-                "--verbose",
-                "operator",
+                *argv,
                 env=env,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -138,7 +201,10 @@ class Stack:
         node_monitor_grace: float = 2.0,
         peering: str | None = None,
         node_names: Sequence[str] | None = None,
+        operator_pod: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Stack]:
+        """``operator_pod``: run the operator with the privileges of this pod template (the
+        chart's Deployment), else as the caller's user."""
         from pairvol.localcluster.cluster import LocalCluster
         from pairvol.localcluster.kubelet import NodeSimulator
 
@@ -172,7 +238,7 @@ class Stack:
                 **({"PAIRVOL_PEERING": peering, "PAIRVOL_PEERING_LIFETIME": "4"} if peering else {}),
                 **(operator_env or {}),
             }
-            op = OperatorProcess(cluster.kubeconfig_path, base / "operator.log", env)
+            op = OperatorProcess(cluster.kubeconfig_path, base / "operator.log", env, operator_pod)
             stack.push_async_callback(op.stop)
             await op.start()
             kube = await stack.enter_async_context(KubeClient(await load_config(str(cluster.kubeconfig_path))))
@@ -622,8 +688,10 @@ async def _demo(args: argparse.Namespace) -> int:
         print(f"  failover            {lf['from']} -> {lf['to']}, operator-side {lf['durationMs']} ms")
         print(f"  RTO                 {rto:.2f} s from node kill to first write acknowledged")
         print(f"  writes acknowledged {v.acked_before} before the kill, {len(log.acked)} total")
-        print(f"  lost acknowledged   {lost} (the volume holds writes up to #{v.prefix - 1}; "
-              f"{'Latest restarts at the last ack' if mode == 'Latest' else 'restarts at the last checkpoint'})")
+        print(
+            f"  lost acknowledged   {lost} (the volume holds writes up to #{v.prefix - 1}; "
+            f"{'Latest restarts at the last ack' if mode == 'Latest' else 'restarts at the last checkpoint'})"
+        )
         print(
             f"  checkpoints cut     {float(cut.group(1)) if cut else 0:.0f} in total "
             f"(#{cp_before.get('id')} on the first secondary, #{cp.get('id')} on the new one)"

@@ -19,6 +19,13 @@ How a container runs (all real, nothing simulated inside the process):
   Mount *targets* are created as empty directories on the host file system if missing
   (the bind mounts themselves are private to the pod);
 * the node's network namespace (``ip netns exec``); pod IP = node IP (hostNetwork-like);
+* the container's securityContext, applied as a container runtime does (see
+  :func:`~pairvol.localcluster.kubelet_pods.security_plan`): user and groups, the
+  runtime's default capabilities plus ``add`` minus ``drop`` (or all, when privileged) as
+  the bounding set — and the permitted/effective sets for uid 0 —, empty inheritable and
+  ambient sets, ``no_new_privs`` when ``allowPrivilegeEscalation: false``, a read-only
+  root mount for ``readOnlyRootFilesystem``; taken with ``setpriv`` after entering the
+  namespaces (exec probes run the same way). Not applied: seccomp profiles;
 * ``command`` + ``args`` exec'd with a minimal environment plus the resolved ``env``
   (downward API, Secret/ConfigMap keys); images are ignored and ``PATH`` starts with the
   directory of this Python interpreter, so ``pairvol`` is the current venv's;
@@ -37,7 +44,7 @@ crash-loop back-off; deletion: SIGTERM to the container's process group, wait
 cgroup, then finalize with ``DELETE … gracePeriodSeconds=0`` when the API server only
 marked the pod (``deletionTimestamp``); a pod that simply vanished from the API is
 terminated the same way. Not supported (a clear ``CreateContainerConfigError``, or
-ignored where harmless): images, resources/limits, securityContext, ephemeral
+ignored where harmless): images, resources/limits, seccomp profiles, ephemeral
 containers, downwardAPI/projected/PVC volumes, startup probes, ``kubectl logs/exec``
 through the API server (logs are files; :meth:`NodeSimulator.exec_in_pod` is local).
 
@@ -81,9 +88,11 @@ from pairvol.localcluster.kubelet_pods import (
     PodRuntimeInfo,
     ProbeSpec,
     ProbeTracker,
+    SecurityPlan,
     VolumeDir,
     VolumeFiles,
     backoff_delay,
+    capability_names,
     container_argv,
     launch_script,
     meta,
@@ -96,6 +105,7 @@ from pairvol.localcluster.kubelet_pods import (
     referenced_objects,
     render_pod_status,
     resolve_env,
+    security_plan,
     should_restart,
     spec,
 )
@@ -123,6 +133,14 @@ def now_rfc3339() -> str:
 # ---------------------------------------------------------------------------------------
 # process control
 # ---------------------------------------------------------------------------------------
+
+
+def own_bounding_set() -> frozenset[str]:
+    """The capabilities this process can pass on: no container gets more."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapBnd:"):
+            return capability_names(int(line.split()[1], 16))
+    raise KubeletError("no CapBnd line in /proc/self/status")
 
 
 def find_cgroup2_mount() -> Path | None:
@@ -384,6 +402,7 @@ class _Prepared:
     readiness: ProbeSpec | None
     liveness: ProbeSpec | None
     workdir: str | None
+    security: SecurityPlan
 
 
 class ContainerRunner:
@@ -476,6 +495,7 @@ class ContainerRunner:
             argv=prepared.argv,
             file_targets=prepared.file_targets,
             hostname=self.worker.key[1],
+            security=prepared.security,
         )
         self.process = await ContainerProcess.spawn(argv, prepared.env, self.worker.log_path, cgroup)
         self.state.pid = self.process.pid
@@ -668,6 +688,7 @@ class PodWorker:
                 readiness=parse_probe(runner.container.get("readinessProbe"), runner.container),
                 liveness=parse_probe(runner.container.get("livenessProbe"), runner.container),
                 workdir=runner.container.get("workingDir"),
+                security=security_plan(self.pod, runner.container, sim.capabilities),
             )
 
     def runtime_info(self) -> PodRuntimeInfo:
@@ -1077,7 +1098,8 @@ class NodeKubelet:
                 process = runner.process
                 if process is None:
                     return False
-                argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *probe.command]
+                privileges = runner.prepared.security.setpriv_argv() if runner.prepared is not None else []
+                argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *privileges, *probe.command]
                 result = await run_command(argv, check=False, time_limit=probe.timeout + 5)
                 return result.returncode == 0
             reader, writer = await self.sim.net.open_connection(self.name, host, probe.port, time_limit=probe.timeout)
@@ -1152,6 +1174,7 @@ class NodeSimulator:
         self.api = KubeApi(api_url)
         self.proxy: ApiProxy | None = None
         self.cgroup_root: Path | None = None
+        self.capabilities = own_bounding_set()  # what a privileged container gets
         self.kubelets: dict[str, NodeKubelet] = {}
         self._controller: asyncio.Task[None] | None = None
 
@@ -1290,12 +1313,14 @@ class NodeSimulator:
         self, namespace: str, name: str, argv: Sequence[str], *, time_limit: float = 30.0
     ) -> CommandResult:
         """Like ``kubectl exec``: run ``argv`` in the mounts and network of the pod's first
-        container."""
+        container, with its user and capabilities."""
         worker = self._worker(namespace, name)
-        process = worker.runners[0].process
-        if process is None or process.proc.returncode is not None:
+        runner = worker.runners[0]
+        process = runner.process
+        if process is None or process.proc.returncode is not None or runner.prepared is None:
             raise KubeletError(f"pod {namespace}/{name} has no running container")
-        argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *argv]
+        privileges = runner.prepared.security.setpriv_argv()
+        argv = ["nsenter", "--target", str(process.pid), "--mount", "--net", "--", *privileges, *argv]
         return await run_command(argv, check=False, time_limit=time_limit)
 
     # -- faults ---------------------------------------------------------------------------

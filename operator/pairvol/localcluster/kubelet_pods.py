@@ -375,18 +375,22 @@ def launch_script(
     *,
     cgroup_procs: str | None,
     mounts: Sequence[Mount],
-    netns: str,
+    netns: str | None,
     workdir: str | None,
     argv: Sequence[str],
     file_targets: frozenset[PurePosixPath] = frozenset(),
     hostname: str | None = None,
+    security: SecurityPlan | None = None,
 ) -> tuple[list[str], str]:
     """The argv that starts a container: join its cgroup, enter a private mount (and, with
-    ``hostname``, UTS) namespace, bind the mounts, enter the node's network namespace, exec
-    the command.
+    ``hostname``, UTS) namespace, bind the mounts, make the root file system read-only if
+    asked, enter the node's network namespace (``netns``; None: stay in ours), then take
+    the container's user and capabilities (``security``) and exec the command.
 
-    Returns (outer argv, inner script) — the inner script is what runs after ``unshare``.
-    The whole chain ``exec``s, so the PID we spawn *is* the container's main process.
+    Privileges go last: joining the namespaces needs CAP_SYS_ADMIN, which the container
+    usually does not get. Returns (outer argv, inner script) — the inner script is what
+    runs after ``unshare``. The whole chain ``exec``s, so the PID we spawn *is* the
+    container's main process.
     """
     q = shlex.quote
     inner = ["set -e"]
@@ -401,9 +405,15 @@ def launch_script(
         inner.append(f"mount --bind {q(str(mount.source))} {target}")
         if mount.read_only:
             inner.append(f"mount -o remount,bind,ro {target}")
+    if security is not None and security.read_only_root:
+        # only the root mount: the volumes above and /dev, /proc, /sys stay as they are
+        inner.append("mount -o remount,bind,ro /")
     if workdir:
         inner.append(f"cd {q(workdir)}")
-    inner.append("exec ip netns exec " + q(netns) + " " + " ".join(q(a) for a in argv))
+    command = [*(security.setpriv_argv() if security is not None else []), *argv]
+    if netns is not None:
+        command = ["ip", "netns", "exec", netns, *command]
+    inner.append("exec " + " ".join(q(a) for a in command))
     inner_script = "\n".join(inner)
     outer = []
     if cgroup_procs:
@@ -411,6 +421,229 @@ def launch_script(
     uts = "--uts " if hostname else ""
     outer.append(f"exec unshare --mount {uts}--propagation private -- /bin/sh -c " + q(inner_script))
     return ["/bin/sh", "-c", "\n".join(outer)], inner_script
+
+
+# ---------------------------------------------------------------------------------------
+# securityContext
+# ---------------------------------------------------------------------------------------
+
+#: Linux capability numbers (include/uapi/linux/capability.h), by Kubernetes name.
+CAPABILITY_NUMBERS: Mapping[str, int] = {
+    name: number
+    for number, name in enumerate(
+        [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "DAC_READ_SEARCH",
+            "FOWNER",
+            "FSETID",
+            "KILL",
+            "SETGID",
+            "SETUID",
+            "SETPCAP",
+            "LINUX_IMMUTABLE",
+            "NET_BIND_SERVICE",
+            "NET_BROADCAST",
+            "NET_ADMIN",
+            "NET_RAW",
+            "IPC_LOCK",
+            "IPC_OWNER",
+            "SYS_MODULE",
+            "SYS_RAWIO",
+            "SYS_CHROOT",
+            "SYS_PTRACE",
+            "SYS_PACCT",
+            "SYS_ADMIN",
+            "SYS_BOOT",
+            "SYS_NICE",
+            "SYS_RESOURCE",
+            "SYS_TIME",
+            "SYS_TTY_CONFIG",
+            "MKNOD",
+            "LEASE",
+            "AUDIT_WRITE",
+            "AUDIT_CONTROL",
+            "SETFCAP",
+            "MAC_OVERRIDE",
+            "MAC_ADMIN",
+            "SYSLOG",
+            "WAKE_ALARM",
+            "BLOCK_SUSPEND",
+            "AUDIT_READ",
+            "PERFMON",
+            "BPF",
+            "CHECKPOINT_RESTORE",
+        ]
+    )
+}
+
+#: What containerd and Docker give a container that asks for nothing (their default spec).
+RUNTIME_DEFAULT_CAPABILITIES = frozenset(
+    [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FSETID",
+        "FOWNER",
+        "MKNOD",
+        "NET_RAW",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "SYS_CHROOT",
+        "KILL",
+        "AUDIT_WRITE",
+    ]
+)
+
+
+def capability_mask(names: frozenset[str]) -> int:
+    mask = 0
+    for name in names:
+        mask |= 1 << CAPABILITY_NUMBERS[name]
+    return mask
+
+
+def capability_names(mask: int) -> frozenset[str]:
+    return frozenset(name for name, bit in CAPABILITY_NUMBERS.items() if mask >> bit & 1)
+
+
+@dataclass(frozen=True)
+class SecurityPlan:
+    """How a container's processes run, from the pod's and the container's securityContext.
+
+    ``capabilities`` is the bounding set; a process running as uid 0 also has it permitted
+    and effective after ``exec`` (the kernel's rules for root), any other uid has none of
+    them. Inheritable and ambient sets are empty (containerd >= 1.6.2, runc >= 1.1.1).
+    ``seccomp`` is recorded, not applied: the simulator has no seccomp profile to load.
+    """
+
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+    capabilities: frozenset[str] = RUNTIME_DEFAULT_CAPABILITIES
+    no_new_privs: bool = False
+    read_only_root: bool = False
+    seccomp: str = "Unconfined"
+
+    def expected_status(self) -> dict[str, int]:
+        """The capability lines of ``/proc/<pid>/status`` of a process running this way."""
+        bounding = capability_mask(self.capabilities)
+        held = bounding if self.uid == 0 else 0
+        return {"CapInh": 0, "CapPrm": held, "CapEff": held, "CapBnd": bounding, "CapAmb": 0}
+
+    def setpriv_argv(self) -> list[str]:
+        """``setpriv`` (util-linux) options that make the exec'd program run this way."""
+        bounding = ",".join(["-all", *(f"+{c.lower()}" for c in sorted(self.capabilities))])
+        argv = [
+            "setpriv",
+            f"--bounding-set={bounding}",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            f"--regid={self.gid}",
+            f"--reuid={self.uid}",
+        ]
+        argv.append(f"--groups={','.join(map(str, self.groups))}" if self.groups else "--clear-groups")
+        if self.no_new_privs:
+            argv.append("--no-new-privs")
+        return [*argv, "--"]
+
+
+def _capability_list(values: Any, where: str) -> list[str]:
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise PodConfigError(f"{where} must be a list of capability names, got {values!r}")
+    names = []
+    for value in values:
+        name = str(value).upper().removeprefix("CAP_")
+        if name != "ALL" and name not in CAPABILITY_NUMBERS:
+            raise PodConfigError(f"{where}: unknown capability {value!r}")
+        names.append(name)
+    return names
+
+
+def _int_field(context: Mapping[str, Any], name: str, where: str) -> int | None:
+    value = context.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PodConfigError(f"{where}.{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def security_plan(
+    pod: Mapping[str, Any], container: Mapping[str, Any], available: frozenset[str] | None = None
+) -> SecurityPlan:
+    """Apply the securityContext rules of the kubelet and containerd.
+
+    The container's fields override the pod's. Capabilities start from the runtime's
+    default set; ``add: [ALL]`` makes it every capability and ``drop: [ALL]`` empties it,
+    then the named ones are added and dropped; ``privileged`` gives every capability.
+    ``available``: what this node can grant at all (our own bounding set); asking for more
+    is an error rather than a silently smaller set. The image's user is root here.
+    """
+    pod_context = spec(pod).get("securityContext") or {}
+    context = container.get("securityContext") or {}
+    name = container.get("name")
+    where = f"container {name!r} securityContext"
+    if not isinstance(pod_context, Mapping) or not isinstance(context, Mapping):
+        raise PodConfigError(f"{where}: securityContext must be an object")
+
+    def pick(key: str) -> Any:
+        return context[key] if context.get(key) is not None else pod_context.get(key)
+
+    uid = _int_field(context, "runAsUser", where)
+    uid = _int_field(pod_context, "runAsUser", "pod securityContext") if uid is None else uid
+    gid = _int_field(context, "runAsGroup", where)
+    gid = _int_field(pod_context, "runAsGroup", "pod securityContext") if gid is None else gid
+    uid = 0 if uid is None else uid
+    if pick("runAsNonRoot") and uid == 0:
+        raise PodConfigError(f"container {name!r} has runAsNonRoot and image will run as root")
+    groups = [int(g) for g in pod_context.get("supplementalGroups") or []]
+    fs_group = _int_field(pod_context, "fsGroup", "pod securityContext")
+    if fs_group is not None:
+        groups.append(fs_group)
+    privileged = bool(context.get("privileged", False))
+    escalation = context.get("allowPrivilegeEscalation")
+    caps_field = context.get("capabilities") or {}
+    if not isinstance(caps_field, Mapping):
+        raise PodConfigError(f"{where}.capabilities must be an object with add/drop lists")
+    add = _capability_list(caps_field.get("add"), f"{where}.capabilities.add")
+    drop = _capability_list(caps_field.get("drop"), f"{where}.capabilities.drop")
+    everything = frozenset(CAPABILITY_NUMBERS)
+    caps: set[str]
+    if privileged:
+        if escalation is False:
+            raise PodConfigError(f"{where}: cannot set allowPrivilegeEscalation to false and privileged to true")
+        caps = set(everything if available is None else available)
+    else:
+        caps = set(RUNTIME_DEFAULT_CAPABILITIES)
+        if "ALL" in add:
+            caps = set(everything)
+        if "ALL" in drop:
+            caps = set()
+        caps |= {c for c in add if c != "ALL"}
+        caps -= set(drop)
+        if escalation is False and "SYS_ADMIN" in caps:
+            raise PodConfigError(
+                f"{where}: cannot set allowPrivilegeEscalation to false and capabilities.add CAP_SYS_ADMIN"
+            )
+        missing = sorted(caps - available) if available is not None else []
+        if missing:
+            raise PodConfigError(f"{where}: capabilities {missing} asked for, but this node cannot grant them")
+    seccomp = pick("seccompProfile") or {}
+    return SecurityPlan(
+        uid=uid,
+        gid=0 if gid is None else gid,
+        groups=tuple(dict.fromkeys(groups)),
+        capabilities=frozenset(caps),
+        # Kubernetes sets no_new_privs unless escalation is allowed (the default) or privileged
+        no_new_privs=escalation is False,
+        read_only_root=bool(context.get("readOnlyRootFilesystem", False)),
+        seccomp=str(seccomp.get("type", "Unconfined")) if isinstance(seccomp, Mapping) else "Unconfined",
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -117,6 +117,27 @@ class OperatorConfig:
         )
 
 
+def agent_security_context() -> dict[str, Any]:
+    """How the agent's container runs (and the wipe pod's): the least the agent needs.
+
+    Root uid, because the hostPath data directory is created root-owned by the kubelet and
+    the agent creates and owns the files in it; no capabilities at all, because as the
+    owner it needs no DAC override, and its network work (listening on ports above 1024,
+    cutting a stuck replication link by killing its own link daemon) needs none; the root file system
+    read-only, because everything it writes lives in its data directory. docs/security.md
+    explains each line; the test suite runs every agent with exactly this context.
+    """
+    return {
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def secret_name(volume: str) -> str:
     return f"pairvol-{volume}"
 
@@ -303,7 +324,7 @@ def pod_manifest(
             {"name": "data", "mountPath": ddir},
             {"name": "credentials", "mountPath": SECRET_MOUNT, "readOnly": True},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": agent_security_context(),
     }
     pod_spec: dict[str, Any] = {
         "nodeName": node,
@@ -362,6 +383,7 @@ def cleanup_pod_manifest(
                     "image": config.agent_image,
                     "command": ["rm", "-rf", "--", f"/host/{volume}"],
                     "volumeMounts": [{"name": "parent", "mountPath": "/host"}],
+                    "securityContext": agent_security_context(),
                 }
             ],
             "volumes": [{"name": "parent", "hostPath": {"path": parent, "type": "Directory"}}],
