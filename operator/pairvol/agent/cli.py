@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +146,7 @@ def prepare_data_dir(cfg: AgentConfig) -> None:
         path = d / file_name
         if path.exists() and not path.is_file():
             raise v.InvalidInput(
-                f"{path} is not a regular file, so not a replica's {file_name}: move it away or use another "
-                "--data-dir"
+                f"{path} is not a regular file, so not a replica's {file_name}: move it away or use another --data-dir"
             )
     sock = cfg.export_socket
     if not sock.parent.is_dir():
@@ -202,7 +202,12 @@ async def _start_lease(replica: Replica, args: argparse.Namespace) -> asyncio.Ta
     return await attach_lease(replica, args)
 
 
-def run(args: argparse.Namespace) -> int:
+Serve = Callable[[AgentConfig, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def run(args: argparse.Namespace, serve: Serve = serve) -> int:
+    """Check the flags and the data dir, then ``serve`` (the fuzzer passes a stand-in to
+    run every check without starting an agent). Bad flags: one line, exit status 2."""
     try:
         cfg = config_from_args(args)
         args = check_lease_flags(args)

@@ -85,8 +85,7 @@ def parse_seconds(value: object, what: str, lo: float, hi: float) -> float:
     if isinstance(value, str):
         if not _DECIMAL.fullmatch(value) or len(value) > MAX_DECIMAL_CHARS:
             raise InvalidInput(
-                f"invalid {what} {show(value)}: expected seconds, a plain decimal number {lo:g}..{hi:g} "
-                "(e.g. 5 or 2.5)"
+                f"invalid {what} {show(value)}: expected seconds, a plain decimal number {lo:g}..{hi:g} (e.g. 5 or 2.5)"
             )
         seconds = float(value)
     else:
@@ -300,7 +299,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:  # JSONDecodeError
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise InvalidInput(f"request body must be a JSON object, not {type(body).__name__}: send {{\"field\": value}}")
+        raise InvalidInput(f'request body must be a JSON object, not {type(body).__name__}: send {{"field": value}}')
     return body
 
 
@@ -318,7 +317,8 @@ def parse_epoch(body: dict[str, Any]) -> int:
 
 def parse_mode(body: dict[str, Any]) -> FailoverMode:
     mode = body.get("mode", "checkpoint")
-    if not isinstance(mode, str) or mode.lower() not in {m.value for m in FailoverMode}:
+    # ASCII first: str.lower() maps some non-ASCII letters onto ASCII ones (KELVIN SIGN -> 'k')
+    if not isinstance(mode, str) or not mode.isascii() or mode.lower() not in {m.value for m in FailoverMode}:
         raise InvalidInput(f"invalid failover mode {show(mode)}: use 'checkpoint' or 'latest'")
     return FailoverMode(mode.lower())
 
