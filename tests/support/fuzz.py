@@ -23,6 +23,10 @@ Reuse (the fault injector's "malformed input" class)::
     violations = await fuzz_http(agent, rounds=300, seed=7)   # a pairvol.agent.procs.Agent
     violations += fuzz_cli(rounds=200, seed=7)
 
+Malformed HTTP framing (a bad request line, header or chunking) is refused by aiohttp's
+parser before the agent's code runs, with a plain-text 400; for those only the status and the
+agent's log (one WARNING line, no traceback) are judged.
+
 Each :class:`Violation` holds the input, the response and why it breaks the promise.
 Plain ``random`` rather than hypothesis: the fault injector needs a function of (seed,
 rounds) that runs against live processes and returns every violation, not a test that stops
@@ -97,6 +101,20 @@ BAD_SECONDS = (
     "nan", "NaN", "inf", "Infinity", "-inf", "-1", "0", "0.5", "0.999", "1e3", "1e1", "5s", "", " ", "5 ", "1.",
     ".5", "٥", "５", "0x5", "1_0", "9" * 5000, "5,5", "+5", "1" * 40,
 )
+BAD_FRAMING = (  # each refused for its own reason, not for a missing Host header
+    b"GARBAGE\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32,
+    b"POST * HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n{}",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\x01\r\n\r\n",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\nNo-Colon-Here\r\n\r\n",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+    b"POST /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\n Folded: header\r\n\r\n",
+    b"POST /v1/stop\x00 HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /v1/stop HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+)
 TOO_MANY_SECONDS = {"--peer-timeout": "601", "--lease-duration": "3601"}
 BEYOND_LOOPBACK = ("0.0.0.0:7800", "10.1.2.3:80", "[::]:80", "node-a:80")
 # fmt: on
@@ -133,8 +151,11 @@ class HttpCase:
     body: bytes
     expect: int
     defect: str
+    raw: bytes | None = None  # the whole request, for malformed HTTP framing
 
     def describe(self) -> str:
+        if self.raw is not None:
+            return f"{_cut(self.raw, 200)} ({self.defect})"
         heads = "".join(f" {k}: {_cut(v, 60)}" for k, v in self.headers)
         return f"{self.method} {self.path}{heads} body={_cut(self.body)} ({self.defect})"
 
@@ -258,7 +279,7 @@ def http_case(seed: int, index: int, epoch: int = 0, token: str | None = None) -
     check let a defect through, the call is refused as not advancing rather than obeyed, in
     every role but a fresh one). ``token``: the agent's, if it has one (adds wrong-token cases)."""
     rng = random.Random(f"http:{seed}:{index}")
-    kinds = ["json", "json", "field", "field", "field", "route", "method", "too-large", "content-type"]
+    kinds = ["json", "json", "field", "field", "field", "route", "method", "too-large", "content-type", "framing"]
     kind = rng.choice([*kinds, "auth"] if token is not None else kinds)
     path = rng.choice(sorted(POST_ROUTES))
     fields = _valid_fields(rng, path, epoch)
@@ -286,6 +307,8 @@ def http_case(seed: int, index: int, epoch: int = 0, token: str | None = None) -
         size = rng.choice([MAX_BODY + 1, MAX_BODY + 100, 2 * MAX_BODY, 100_000])
         padded = body + rng.choice([b" ", b"x", b"["]) * (size - len(body))
         return HttpCase("POST", path, json_type, padded, 413, "body too large")
+    if kind == "framing":
+        return HttpCase("POST", path, (), b"", 400, "malformed HTTP", raw=rng.choice(BAD_FRAMING))
     if kind == "content-type":
         return HttpCase("POST", path, (("Content-Type", rng.choice(NOT_JSON_TYPES)),), body, 415, "not JSON")
     assert token is not None
@@ -303,10 +326,14 @@ async def send(host: str, port: int, case: HttpCase, token: str | None, timeout:
     if token is not None and case.expect != 401:
         heads.append(("Authorization", f"Bearer {token}".encode()))
     request = (
-        f"{case.method} {case.path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode()
-        + b"".join(k.encode() + b": " + v + b"\r\n" for k, v in heads)
-        + f"Content-Length: {len(case.body)}\r\n\r\n".encode()
-        + case.body
+        case.raw
+        if case.raw is not None
+        else (
+            f"{case.method} {case.path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode()
+            + b"".join(k.encode() + b": " + v + b"\r\n" for k, v in heads)
+            + f"Content-Length: {len(case.body)}\r\n\r\n".encode()
+            + case.body
+        )
     )
 
     async def exchange() -> bytes:
@@ -337,6 +364,8 @@ def judge_http(case: HttpCase, answer: HttpAnswer) -> str | None:
         return f"bad input accepted with {answer.status} (expected {case.expect})"
     if answer.status != case.expect:
         return f"answered {answer.status}, expected {case.expect}: a check let the defect through or misjudged it"
+    if case.raw is not None:
+        return None  # refused by the HTTP parser, before the agent's code: its answer is plain text
     try:
         payload = json.loads(answer.body)
     except ValueError:

@@ -18,7 +18,7 @@ from aiohttp import web
 from pairvol.agent import state as persist
 from pairvol.agent import validate as v
 from pairvol.agent.config import MAX_PEER_TIMEOUT, MIN_PEER_TIMEOUT, AgentConfig, Psk
-from pairvol.agent.http import make_app
+from pairvol.agent.http import make_runner
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.replica import Replica
 from pairvol.errors import PairvolError
@@ -166,7 +166,7 @@ async def serve(cfg: AgentConfig, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await replica.open()
     lease_task = await _start_lease(replica, args)
-    runner = web.AppRunner(make_app(replica, cfg.token), access_log=None)
+    runner = make_runner(replica, cfg.token)
     await runner.setup()
     host, port = cfg.listen
     site = web.TCPSite(runner, host, port, reuse_address=True)

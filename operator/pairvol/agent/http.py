@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pairvol.agent import validate as v
@@ -33,6 +35,33 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC = {"/healthz", "/metrics"}
 REPLICA: web.AppKey[Replica] = web.AppKey("replica", Replica)
 MAX_BODY = 64 * 1024
+
+
+class _ProtocolLog(logging.Logger):
+    """What aiohttp's protocol layer logs, one line each: a request it cannot parse (bad
+    request line, header or chunking) is the client's mistake, a WARNING; anything else an
+    ERROR; the traceback at DEBUG. (aiohttp's default logs either with a traceback at ERROR.)"""
+
+    def __init__(self) -> None:
+        super().__init__(f"{__name__}.protocol")
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        log.debug(msg, *args, **kwargs)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        what = str(msg) % args if args else str(msg)
+        detail = " ".join(str(exc).split())[:300] if exc is not None else ""
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            log.warning("%s: malformed HTTP request: %s", what, detail)
+        else:
+            log.error("%s: %s%s", what, type(exc).__name__ + ": " if exc is not None else "", detail)
+        log.debug("traceback", exc_info=exc_info)
+
+
+def make_runner(replica: Replica, token: str | None) -> web.AppRunner:
+    """The API's runner: the app plus a protocol layer that logs as the rest of the agent."""
+    return web.AppRunner(make_app(replica, token), access_log=None, logger=_ProtocolLog())
 
 
 def _error(status: int, text: str) -> web.Response:
