@@ -200,6 +200,17 @@ async def test_an_authorization_header_that_is_not_utf8_gets_401(tmp_path: Path)
         no_traceback(a)
 
 
+async def test_a_request_the_http_parser_cannot_read_is_400_and_one_warning_line(tmp_path: Path) -> None:
+    async with agents(tmp_path, 1, size="16Mi") as (a,):
+        for raw in fuzz.BAD_FRAMING:
+            case = fuzz.HttpCase("POST", "/", (), b"", 400, "framing", raw=raw)
+            answer = await fuzz.send(a.host, a.api_port, case, None)
+            assert answer.status == 400, (raw[:60], answer)
+        assert await position(a) == ("none", "none", 0)
+        no_traceback(a)
+        assert "WARNING pairvol.agent.http" in a.log_tail(40)
+
+
 FLAG_CASES = [
     (("--size", "0"), "size", "out of range"),
     (("--size", "1e3"), "size", "whole bytes"),
