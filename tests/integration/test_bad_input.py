@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support import fuzz
-from tests.support.agents import Agent, AgentCallError, agents, free_port
+from tests.support.agents import Agent, AgentCallError, agents, free_port, write_psk
 
 POST_ROUTES = ["/v1/secondary", "/v1/primary", "/v1/checkpoint", "/v1/failover", "/v1/stop"]
 NESTED = b'{"epoch": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # about 10 KB, well under the 64 KB limit
@@ -219,26 +221,45 @@ FLAG_CASES = [
     (("--size", "١٦Mi"), "size", "whole bytes"),
     (("--name", "vol\n"), "volume name", "DNS label"),
     (("--data-dir", "LONG"), "--data-dir", "too long"),
-    (("--token-file", "/dev/zero"), "--token-file", "more than 65536 bytes"),
+    (("--token-file", "/dev/zero"), "--token-file", "not a regular file"),
+    (("--token-file", "BIG"), "--token-file", "more than 65536 bytes"),
     (("--token-file", "EMPTY"), "--token-file", "shorter than 16"),
-    (("--token-file", "TMP"), "--token-file", "Is a directory"),
+    (("--token-file", "TMP"), "--token-file", "not a regular file"),
     (("--psk-file", "EMPTY"), "--psk-file", "USERNAME:HEXKEY"),
     (("--export-socket", "FILE"), "--export-socket", "is not a socket"),
     (("--lease-name", "Pairvol_Lease"), "--lease-name", "DNS subdomain"),
     (("--bogus", "1"), "--bogus", "unrecognized"),
+    (("--token-file", "FIFO"), "--token-file", "not a regular file"),
+    (("--replication-listen", "192.0.2.1:7801", "--psk-file", "PSK"), "--replication-listen", "not an address of this"),
+    (("--listen", "192.0.2.1:7800", "--token-file", "TOKEN"), "--listen", "not an address of this machine"),
+    (("--listen", "TAKEN"), "--listen", "the port is taken"),
 ]
 
 
 async def test_bad_flags_exit_2_with_one_line_that_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("")
     (tmp_path / "a-file").write_text("mine\n")
-    paths = {"EMPTY": tmp_path / "empty", "FILE": tmp_path / "a-file", "TMP": tmp_path, "LONG": tmp_path / ("x" * 120)}
-    results = await asyncio.gather(
-        *(
-            agent_cli(tmp_path / f"run{i}", *(str(paths.get(o, o)) for o in override))
-            for i, (override, _, _) in enumerate(FLAG_CASES)
+    (tmp_path / "token").write_text(secrets.token_hex(16))
+    (tmp_path / "big").write_bytes(b"a" * 70_000)
+    os.mkfifo(tmp_path / "fifo")  # opening it for reading would block until a writer comes
+    paths = {
+        "EMPTY": tmp_path / "empty",
+        "FILE": tmp_path / "a-file",
+        "TMP": tmp_path,
+        "LONG": tmp_path / ("x" * 120),
+        "FIFO": tmp_path / "fifo",
+        "PSK": write_psk(tmp_path / "psk"),
+        "TOKEN": tmp_path / "token",
+        "BIG": tmp_path / "big",
+    }
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        paths["TAKEN"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        results = await asyncio.gather(
+            *(
+                agent_cli(tmp_path / f"run{i}", *(str(paths.get(o, o)) for o in override))
+                for i, (override, _, _) in enumerate(FLAG_CASES)
+            )
         )
-    )
     for (override, flag, text), (rc, err) in zip(FLAG_CASES, results, strict=True):
         one_line(rc, err, flag)
         assert text in err, (override, err)

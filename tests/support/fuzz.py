@@ -41,6 +41,7 @@ import io
 import json
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pairvol.agent.procs import Agent
+from pairvol.agent.procs import Agent, free_port
 
 MAX_BODY = 64 * 1024  # the agent's body limit (pairvol.agent.http.MAX_BODY)
 POST_ROUTES = {
@@ -489,6 +490,7 @@ def make_cli_fixtures(root: Path) -> None:
         "psk-nonascii": ("pairvol:" + "ａｂ" * 32 + "\n").encode(),
         "psk-user": b"pair vol:" + b"ab" * 32 + b"\n",
         "good-token": b"0123456789abcdef0123456789abcdef\n",
+        "good-psk": b"pairvol:" + b"ab" * 32 + b"\n",
     }
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -512,16 +514,17 @@ def _bad_path(rng: random.Random, flag: str, root: Path) -> str:
     return rng.choice([*(str(root / n) for n in names), str(root), "/dev/zero", ""])
 
 
-def cli_case(seed: int, index: int, root: Path) -> CliCase:
+def cli_case(seed: int, index: int, root: Path, ports: tuple[int, int, int] = (7800, 7801, 7802)) -> CliCase:
     """Case ``index`` of the run with ``seed``: a command line with exactly one bad flag,
-    every path under ``root`` (made by :func:`make_cli_fixtures`)."""
+    every path under ``root`` (made by :func:`make_cli_fixtures`). ``ports``: two free ones
+    for the good flags (a taken API port would be a second defect) and one that is taken."""
     rng = random.Random(f"cli:{seed}:{index}")
     flags: dict[str, str] = {
         "--name": "vol",
         "--data-dir": str(root / f"d{index}"),
         "--size": rng.choice(["16Mi", "1Mi", "16777216", "1Gi"]),
-        "--listen": f"127.0.0.1:{rng.randrange(20000, 60000)}",
-        "--replication-listen": f"127.0.0.1:{rng.randrange(20000, 60000)}",
+        "--listen": f"127.0.0.1:{ports[0]}",
+        "--replication-listen": f"127.0.0.1:{ports[1]}",
     }
     if rng.random() < 0.3:
         flags["--peer-timeout"] = rng.choice(["1", "5", "2.5", "600"])
@@ -533,7 +536,8 @@ def cli_case(seed: int, index: int, root: Path) -> CliCase:
         [
             *("--name", "--size", "--listen", "--replication-listen", "--export-listen", "--peer-timeout"),
             *("--lease-duration", "--lease-name", "--lease-namespace", "--data-dir", "--export-socket"),
-            *("--token-file", "--psk-file", "beyond-loopback", "unknown", "missing", "no-value"),
+            *("--token-file", "--psk-file", "beyond-loopback", "unusable-address", "unknown", "missing"),
+            "no-value",
         ]
     )
     if kind == "--name":
@@ -555,6 +559,12 @@ def cli_case(seed: int, index: int, root: Path) -> CliCase:
         flags[flag] = rng.choice(BEYOND_LOOPBACK)
         flags.pop("--token-file", None)
         return _cli(flags, [], flag, f"{flag} beyond loopback without a secret")
+    elif kind == "unusable-address":
+        flag = rng.choice(["--listen", "--replication-listen", "--export-listen"])
+        flags["--token-file"], flags["--psk-file"] = str(root / "good-token"), str(root / "good-psk")
+        taken = f"127.0.0.1:{ports[2]}"
+        flags[flag] = rng.choice(["192.0.2.1:7800", "[2001:db8::1]:7800"] + ([taken] if flag == "--listen" else []))
+        return _cli(flags, [], flag, f"{flag} {flags[flag]}: not this machine's or taken")
     elif kind == "unknown":
         extra = [rng.choice(["--bogus", "--Name", "--peer_timeout", "-x", "--size-bytes", "--listen-port"]), "1"]
         return _cli(flags, extra, extra[0], "unknown flag")
@@ -644,12 +654,14 @@ def fuzz_cli(rounds: int, seed: int, workdir: Path | None = None, processes: int
     run, also as real ``pairvol agent`` processes. Everything lives in a temporary directory
     (under ``workdir`` if given), removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="fuzz-cli-", dir=workdir))
+    held = socket.create_server(("127.0.0.1", 0))  # a port that is taken for the whole run
     try:
         make_cli_fixtures(root)
+        ports = (free_port(), free_port(), held.getsockname()[1])
         every = max(1, rounds // processes) if processes else 0
         violations: list[Violation] = []
         for index in range(rounds):
-            case = cli_case(seed, index, root)
+            case = cli_case(seed, index, root, ports)
             runs: list[Callable[[list[str]], tuple[int, str, bool]]] = [run_cli_in_process]
             if every and index % every == 0 and not any("\0" in a for a in case.argv):  # exec takes no NUL
                 runs.append(run_cli_process)
@@ -663,6 +675,7 @@ def fuzz_cli(rounds: int, seed: int, workdir: Path | None = None, processes: int
                     )
         return violations
     finally:
+        held.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
+import stat
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -63,10 +66,18 @@ def register(sub: Any) -> None:
 
 
 def _read_small(path_text: str, flag: str) -> bytes:
+    """A token or key file: a regular file (a FIFO or device would block or never end), read
+    up to MAX_SECRET_FILE bytes."""
     path = v.parse_path(path_text, flag)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SECRET_FILE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise v.InvalidInput(f"{flag} {path} is not a regular file: point it at the file that holds the key")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_SECRET_FILE + 1)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise v.InvalidInput(f"{flag}: cannot read {path}: {exc.strerror}") from exc
     if len(data) > MAX_SECRET_FILE:
@@ -134,27 +145,62 @@ def prepare_data_dir(cfg: AgentConfig) -> None:
     socket path that holds something else (starting to serve would delete it). Runs before
     the event loop starts, so blocking calls are fine here."""
     d = cfg.data_dir
-    if d.exists() and not d.is_dir():
-        raise v.InvalidInput(f"--data-dir {d} exists and is not a directory: give a directory (created if missing)")
     try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise v.InvalidInput(f"--data-dir {d}: cannot create it: {exc.strerror}") from exc
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise v.InvalidInput(f"--data-dir {d} is not writable by this user (uid {os.getuid()}): fix its permissions")
-    for file_name in (persist.DISK_FILE, *persist.STATE_SLOTS):
-        path = d / file_name
-        if path.exists() and not path.is_file():
+        if d.exists() and not d.is_dir():
+            raise v.InvalidInput(f"--data-dir {d} exists and is not a directory: give a directory (created if missing)")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise v.InvalidInput(f"--data-dir {d}: cannot create it: {exc.strerror}") from exc
+        if not os.access(d, os.W_OK | os.X_OK):
             raise v.InvalidInput(
-                f"{path} is not a regular file, so not a replica's {file_name}: move it away or use another --data-dir"
+                f"--data-dir {d} is not writable by this user (uid {os.getuid()}): fix its permissions"
             )
-    sock = cfg.export_socket
-    if not sock.parent.is_dir():
-        raise v.InvalidInput(f"--export-socket {sock}: {sock.parent} is not a directory; create it first")
-    if sock.exists() and not sock.is_socket():
-        raise v.InvalidInput(
-            f"--export-socket {sock} exists and is not a socket: the agent would replace it; move it away"
-        )
+        for file_name in (persist.DISK_FILE, *persist.STATE_SLOTS):
+            path = d / file_name
+            if path.exists() and not path.is_file():
+                raise v.InvalidInput(
+                    f"{path} is not a regular file, so not a replica's {file_name}: move it away or use another "
+                    "--data-dir"
+                )
+        sock = cfg.export_socket
+        if not sock.parent.is_dir():
+            raise v.InvalidInput(f"--export-socket {sock}: {sock.parent} is not a directory; create it first")
+        if sock.exists() and not sock.is_socket():
+            raise v.InvalidInput(
+                f"--export-socket {sock} exists and is not a socket: the agent would replace it; move it away"
+            )
+    except OSError as exc:  # e.g. a directory on the way that this user may not search
+        raise v.InvalidInput(f"--data-dir {d}: {exc.strerror}: {exc.filename}") from exc
+
+
+def check_addresses(cfg: AgentConfig) -> None:
+    """Refuse listen addresses that cannot work before anything starts: otherwise a bad
+    --replication-listen would surface as a 500 on a later POST /v1/secondary, and a busy
+    --listen port only after the replica was restored. The API port is bind-tested whole;
+    the NBD listeners only for their address (port 0), as a previous daemon of this replica
+    may still hold their port until it is reaped at start-up."""
+    checks = [("--listen", cfg.listen, True), ("--replication-listen", cfg.replication_listen, False)]
+    if cfg.export_listen is not None:
+        checks.append(("--export-listen", cfg.export_listen, False))
+    for flag, (host, port), whole in checks:
+        shown = v.format_hostport(host, port)
+        try:
+            infos = socket.getaddrinfo(host, port if whole else 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise v.InvalidInput(f"{flag} {shown}: cannot resolve {host}: {exc.strerror}") from exc
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                hint = {
+                    errno.EADDRINUSE: "the port is taken (is another agent running?)",
+                    errno.EADDRNOTAVAIL: "that is not an address of this machine",
+                    errno.EACCES: "ports below 1024 need privileges",
+                }.get(exc.errno or 0, "choose another address")
+                raise v.InvalidInput(f"{flag} {shown}: cannot listen there: {exc.strerror}; {hint}") from exc
 
 
 async def serve(cfg: AgentConfig, args: argparse.Namespace) -> int:
@@ -211,6 +257,7 @@ def run(args: argparse.Namespace, serve: Serve = serve) -> int:
     try:
         cfg = config_from_args(args)
         args = check_lease_flags(args)
+        check_addresses(cfg)
         prepare_data_dir(cfg)
         return asyncio.run(serve(cfg, args))
     except PairvolError as exc:
