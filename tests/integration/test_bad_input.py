@@ -295,3 +295,14 @@ async def test_fuzzing_a_tokenless_agent_breaks_no_promise(tmp_path: Path) -> No
 def test_fuzzing_the_command_line_breaks_no_promise(tmp_path: Path) -> None:
     found = fuzz.fuzz_cli(rounds=250, seed=21, workdir=tmp_path, processes=3)
     assert not found, "\n".join(map(str, found))
+
+
+async def test_odd_but_valid_data_dir_names_work(tmp_path: Path) -> None:
+    """A comma is QEMU's option separator: the daemon's monitor socket path must escape it."""
+    a = Agent("vol", tmp_path / "a dir, with:odd\nnames é", "16Mi")
+    try:
+        await a.start()
+        assert (await a.secondary(1))["stage"] == "running"
+        assert (await a.checkpoint())["id"] == 1
+    finally:
+        await a.stop()
