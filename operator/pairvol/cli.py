@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 # sub-command name -> module that provides register(subparsers) and run(args) -> int
 COMMANDS: dict[str, str] = {
@@ -23,8 +24,16 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr that points at --help, exit status 2 (sub-command
+    parsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pairvol", description=__doc__)
+    parser = Parser(prog="pairvol", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,11 @@ from pairvol.agent.validate import InvalidInput, is_loopback
 
 _PSK_LINE = re.compile(r"^([A-Za-z0-9_.-]{1,64}):([0-9a-fA-F]{32,256})$")
 MAX_UNIX_PATH = 107
+# the longest unix socket the agent creates in its data dir: the relay daemon's QMP socket
+# (pairvol.qemu.qsd names it NAME-qmp.sock in the replica's .run dir)
+CONTROL_SOCKET = ".run/relay-qmp.sock"
+MIN_PEER_TIMEOUT = 1.0
+MAX_PEER_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -54,13 +60,22 @@ class AgentConfig:
                 raise InvalidInput(f"{flag} {host}: listening beyond loopback needs --token-file")
             if flag != "--listen" and self.psk is None and not is_loopback(host):
                 raise InvalidInput(f"{flag} {host}: listening beyond loopback needs --psk-file (TLS-PSK)")
-        if len(str(self.export_socket)) > MAX_UNIX_PATH:
+        longest = self.data_dir / CONTROL_SOCKET
+        if len(os.fsencode(longest)) > MAX_UNIX_PATH:
+            room = MAX_UNIX_PATH - len(os.fsencode(CONTROL_SOCKET)) - 1
+            raise InvalidInput(
+                f"--data-dir {self.data_dir} is too long: the agent's control sockets live in it and a unix "
+                f"socket path holds at most {MAX_UNIX_PATH} bytes; use a data dir of at most {room} bytes"
+            )
+        if len(os.fsencode(self.export_socket)) > MAX_UNIX_PATH:
             raise InvalidInput(
                 f"--export-socket {self.export_socket} is longer than {MAX_UNIX_PATH} bytes, the limit "
                 "of a unix socket path: choose a shorter path"
             )
-        if self.peer_timeout < 1 or self.peer_timeout > 600:
-            raise InvalidInput(f"--peer-timeout {self.peer_timeout}: use 1..600 seconds")
+        if not MIN_PEER_TIMEOUT <= self.peer_timeout <= MAX_PEER_TIMEOUT:  # also False for nan
+            raise InvalidInput(
+                f"--peer-timeout {self.peer_timeout}: use {MIN_PEER_TIMEOUT:g}..{MAX_PEER_TIMEOUT:g} seconds"
+            )
 
     @property
     def stall_timeout(self) -> float:

@@ -1,18 +1,27 @@
 """The agent's HTTP API (DESIGN.md §3), on aiohttp.
 
 Thin: parse and validate the body, call the replica, map our exceptions to status codes
-(400 bad input, 401 no/wrong token, 409 illegal in this role/stage/epoch, 500 failure).
+(400 bad input, 401 no/wrong token, 404/405 no such route or method, 409 illegal in this
+role/stage/epoch, 413 body too large, 415 a body declared as something other than JSON,
+500 failure).
+
+Bad input never reaches the replica: every body goes through
+:func:`pairvol.agent.validate.parse_json_body` and the field parsers before a replica
+method is called, so a refused call changes nothing. A 500 means the replica failed; an
+exception that is not ours (a bug) is answered 500 too, logged as one line at ERROR with
+its traceback at DEBUG.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pairvol.agent import validate as v
@@ -28,6 +37,33 @@ REPLICA: web.AppKey[Replica] = web.AppKey("replica", Replica)
 MAX_BODY = 64 * 1024
 
 
+class _ProtocolLog(logging.Logger):
+    """What aiohttp's protocol layer logs, one line each: a request it cannot parse (bad
+    request line, header or chunking) is the client's mistake, a WARNING; anything else an
+    ERROR; the traceback at DEBUG. (aiohttp's default logs either with a traceback at ERROR.)"""
+
+    def __init__(self) -> None:
+        super().__init__(f"{__name__}.protocol")
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        log.debug(msg, *args, **kwargs)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        what = str(msg) % args if args else str(msg)
+        detail = " ".join(str(exc).split())[:300] if exc is not None else ""
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            log.warning("%s: malformed HTTP request: %s", what, detail)
+        else:
+            log.error("%s: %s%s", what, type(exc).__name__ + ": " if exc is not None else "", detail)
+        log.debug("traceback", exc_info=exc_info)
+
+
+def make_runner(replica: Replica, token: str | None) -> web.AppRunner:
+    """The API's runner: the app plus a protocol layer that logs as the rest of the agent."""
+    return web.AppRunner(make_app(replica, token), access_log=None, logger=_ProtocolLog())
+
+
 def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
@@ -37,7 +73,8 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
     async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is not None and request.path not in PUBLIC:
             given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            # aiohttp decodes header bytes with surrogateescape; encode them back the same way
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
                 return _error(
                     401, "missing or wrong bearer token (Authorization: Bearer <token from the volume's Secret>)"
                 )
@@ -45,6 +82,8 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"request body too large: at most {MAX_BODY} bytes")
+        except web.HTTPUnsupportedMediaType:
+            return _error(415, f"Content-Type {request.content_type} is not JSON: send the body as application/json")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -57,6 +96,10 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
             log.error("%s %s failed: %s", request.method, request.path, exc)
             log.debug("traceback", exc_info=True)
             return _error(500, str(exc))
+        except Exception as exc:
+            log.error("%s %s failed unexpectedly: %s: %s", request.method, request.path, type(exc).__name__, exc)
+            log.debug("traceback", exc_info=True)
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[REPLICA] = replica
@@ -71,17 +114,17 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
     return app
 
 
+# What a browser may send cross-origin without asking first: refused, so a web page cannot
+# drive an agent that listens on loopback without a token.
+NOT_JSON = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+
+
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw.strip():
-        body: Any = {}
-    else:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise v.InvalidInput(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise v.InvalidInput("request body must be a JSON object")
+    """The request's JSON object, with only ``allowed`` fields (nothing else is validated
+    here: the field parsers in pairvol.agent.validate do that)."""
+    if request.content_type in NOT_JSON:
+        raise web.HTTPUnsupportedMediaType()
+    body = v.parse_json_body(await request.read())
     v.check_keys(body, allowed)
     return body
 

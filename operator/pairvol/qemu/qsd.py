@@ -74,7 +74,8 @@ class Qsd:
             self.proc = await asyncio.create_subprocess_exec(
                 exe,
                 "--chardev",
-                f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+                # QEMU's option syntax: a comma in a value is written twice
+                f"socket,id=qmp0,path={str(self.qmp_path).replace(',', ',,')},server=on,wait=off",
                 "--monitor",
                 "chardev=qmp0",
                 stdin=asyncio.subprocess.DEVNULL,
