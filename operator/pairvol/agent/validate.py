@@ -323,7 +323,7 @@ def parse_peer_epoch(body: dict[str, Any], epoch: int) -> int:
     peer_epoch = body["peerEpoch"]
     if isinstance(peer_epoch, bool) or not isinstance(peer_epoch, int) or not 0 <= peer_epoch <= epoch:
         raise InvalidInput(
-            f"invalid peerEpoch {peer_epoch!r}: expected the integer epoch the secondary was started with "
+            f"invalid peerEpoch {show(peer_epoch)}: expected the integer epoch the secondary was started with "
             f"(0..{epoch}, not above the primary's epoch)"
         )
     return int(peer_epoch)
