@@ -9,6 +9,20 @@ calls ``on_lost()`` (the agent then closes its export) as soon as the time since
 from the moment the renewal request was *sent*, so a slow answer can only make us give up
 earlier, never later.
 
+Renewal is a statement that this primary can serve: :meth:`LeaseKeeper.run` renews only
+right after a health check (``healthy``, the replica's data-path verdict) said so — the
+check is an argument of the renewal, not a timer running beside it. On a conclusive "not
+healthy" it stops renewing for good and returns; the agent then fences what is left and,
+once nothing can serve any more, releases the Lease so the operator need not wait for it
+to expire (see :func:`attach_lease`). An inconclusive verdict (a daemon that does not answer
+in time) skips that renewal: a stall shorter than the Lease costs nothing, a longer one lets
+it run out.
+
+Expiry of *someone else's* Lease is judged as client-go's leader election does: by how long
+this observer has seen the same record (holder, renewTime, resourceVersion) on its own
+monotonic clock (:class:`LeaseObservation`), never by comparing the holder's renewTime with
+the local wall clock — clocks of different nodes may differ by any amount.
+
 Updates are resourceVersion-checked (HTTP PUT with ``metadata.resourceVersion``), so two
 agents racing for the Lease cannot both believe they won.
 
@@ -26,10 +40,11 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from pairvol.agent.health import Health
 from pairvol.errors import PairvolError
 from pairvol.operator.k8s import Conflict, KubeClient, KubeError, NotFound, lease_path, load_config
 
@@ -54,12 +69,54 @@ def parse_micro_time(s: str | None) -> float | None:
 
 
 def lease_expired(lease: dict[str, Any], now: float) -> bool:
+    """Wall-clock expiry (renewTime + duration < now): only a shortcut, valid when clocks
+    agree; safety never rests on it (see :class:`LeaseObservation`)."""
     spec = lease.get("spec") or {}
     renew = parse_micro_time(spec.get("renewTime") or spec.get("acquireTime"))
     duration = spec.get("leaseDurationSeconds")
     if not spec.get("holderIdentity") or renew is None or duration is None:
         return True
     return now > renew + float(duration)
+
+
+def lease_record(lease: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies one renewal: any renewal changes the resourceVersion (even one whose
+    renewTime came out the same from a stuck clock), any takeover the holder."""
+    spec = lease.get("spec") or {}
+    meta = lease.get("metadata") or {}
+    return (spec.get("holderIdentity"), spec.get("renewTime"), spec.get("acquireTime"), meta.get("resourceVersion"))
+
+
+class LeaseObservation:
+    """How long one observer has seen the same Lease record, by its own monotonic clock.
+
+    The holder measures its validity from the moment it *sent* a renewal, which is before
+    the record was stored, which is before any observer can first see it. So once an
+    observer has seen one record unchanged for the Lease duration, the holder's validity
+    has ended, whatever the two wall clocks say. An observer that starts (or restarts)
+    knows nothing and must wait a full duration from its first look.
+    """
+
+    def __init__(self) -> None:
+        self._record: Hashable = None
+        self._since: float | None = None
+
+    def age(self, record: Hashable, now_mono: float) -> float:
+        """Seconds since ``record`` was first seen without a change in between."""
+        if self._since is None or record != self._record:
+            self._record, self._since = record, now_mono
+        return now_mono - self._since
+
+
+HealthCheck = Callable[[float], Awaitable[Health]]
+
+
+class Unhealthy(LeaseError):
+    """The data path is (conclusively) not healthy: do not renew."""
+
+
+class _NoVerdict(Exception):
+    """The health check was inconclusive: skip this renewal, try again shortly."""
 
 
 class LeaseKeeper:
@@ -85,11 +142,15 @@ class LeaseKeeper:
         self.on_lost = on_lost
         # give up this long before the lease would expire for others
         self.safety_s = min(1.0, self.duration_s / 4)
+        # how long the health check before a renewal may take (a daemon slower than this is
+        # not renewed for this time; the next try follows shortly)
+        self.check_timeout_s = self.duration_s / 6
         self._client: KubeClient | None = None
         self._valid_until = 0.0  # monotonic
         self._held = False
         self._rv: str | None = None
         self._lost_called = False
+        self._observed = LeaseObservation()  # someone else's record, for takeover
 
     @property
     def path(self) -> str:
@@ -136,9 +197,16 @@ class LeaseKeeper:
                 return "lost a race creating the lease"
         else:
             holder = (old.get("spec") or {}).get("holderIdentity")
-            if holder and holder != self.holder and not lease_expired(old, now):
+            seen_for = self._observed.age(lease_record(old), sent)
+            # the operator hands out the epoch that makes us serve only after *it* observed
+            # expiry; this is the second line: our own observation, or (if the clocks agree)
+            # the wall clock as a shortcut
+            if holder and holder != self.holder and seen_for < self.duration_s and not lease_expired(old, now):
                 spec = old.get("spec") or {}
-                return f"held by {holder} (renewed {spec.get('renewTime')}, {spec.get('leaseDurationSeconds')}s)"
+                return (
+                    f"held by {holder} (renewed {spec.get('renewTime')}, {spec.get('leaseDurationSeconds')}s; "
+                    f"unchanged for {seen_for:.1f}s here)"
+                )
             try:
                 new = await kube.replace(self.path, self._body(old, now))
             except Conflict:
@@ -170,7 +238,13 @@ class LeaseKeeper:
                 )
             await asyncio.sleep(min(0.2, left))
 
-    async def _renew(self) -> None:
+    async def _renew(self, healthy: HealthCheck) -> None:
+        """One renewal, only after a fresh "healthy" verdict. The verdict is taken before the
+        renewal is sent: validity counts from sending, so a data path that fails right after
+        the check is caught by the next one, at most a period later."""
+        verdict = await healthy(self.check_timeout_s)
+        if not verdict.ok:
+            raise Unhealthy(verdict.reason) if verdict.conclusive else _NoVerdict(verdict.reason)
         kube = await self._kube()
         sent = time.monotonic()
         old = await kube.get(self.path)
@@ -188,8 +262,14 @@ class LeaseKeeper:
             log.error("lease %s/%s lost by %s: %s", self.namespace, self.name, self.holder, why)
             await self.on_lost()
 
-    async def run(self) -> None:
-        """Renew every duration/3 until cancelled; on loss call ``on_lost()`` and return."""
+    async def run(self, *, healthy: HealthCheck, alarm: asyncio.Event | None = None) -> str | None:
+        """Renew every duration/3, each time only after ``healthy`` said so, until cancelled.
+
+        Returns None once the Lease is lost (``on_lost()`` has run), or the reason when the
+        data path was found unhealthy: renewing has then stopped for good (the caller fences
+        and may release). ``alarm`` (e.g. "the daemon died") makes the next check happen at
+        once instead of at the next period.
+        """
         if not self._held:
             raise LeaseError("LeaseKeeper.run() called before acquire()")
         period = self.duration_s / 3
@@ -197,19 +277,40 @@ class LeaseKeeper:
         while True:
             # wake for the next renewal, or just before validity ends, whichever is first
             wake = min(next_at, self._valid_until)
-            await asyncio.sleep(max(0.0, wake - time.monotonic()))
+            if await self._nap(wake - time.monotonic(), alarm):
+                alarm, next_at = None, time.monotonic()  # check now; one alarm is enough
             if time.monotonic() >= self._valid_until:
                 await self._lose("could not renew before expiry")
-                return
+                return None
+            if time.monotonic() < next_at:
+                continue
             try:
-                await self._renew()
+                await self._renew(healthy)
                 next_at = time.monotonic() + period
+            except Unhealthy as exc:
+                log.error("lease %s/%s no longer renewed by %s: %s", self.namespace, self.name, self.holder, exc)
+                return str(exc)
+            except _NoVerdict as exc:
+                log.warning("lease %s not renewed this time: %s", self.name, exc)
+                next_at = time.monotonic() + min(0.2, period)
             except LeaseError as exc:  # someone else holds it: stop at once
                 await self._lose(str(exc))
-                return
+                return None
             except (KubeError, Conflict) as exc:
                 log.warning("lease %s renewal failed (will retry): %s", self.name, exc)
                 next_at = time.monotonic() + min(0.2, period)
+
+    @staticmethod
+    async def _nap(seconds: float, alarm: asyncio.Event | None) -> bool:
+        """Sleep up to ``seconds``; True if woken by ``alarm``."""
+        if alarm is None:
+            await asyncio.sleep(max(0.0, seconds))
+            return False
+        try:
+            await asyncio.wait_for(alarm.wait(), max(0.0, seconds))
+            return True
+        except TimeoutError:
+            return False
 
     async def mark_out_of_sync(self, epoch: int) -> None:
         """Durably record that the peer missed acknowledged writes at ``epoch``.
@@ -254,6 +355,10 @@ class LeaseKeeper:
 # ------------------------------------------------------------------ agent wiring
 
 
+class _Daemon(Protocol):
+    dead: asyncio.Event
+
+
 class _Fenceable(Protocol):
     """What :func:`attach_lease` needs from the agent's replica (pairvol.agent.replica)."""
 
@@ -263,7 +368,12 @@ class _Fenceable(Protocol):
     @property
     def state(self) -> Any: ...
 
+    @property
+    def qsd(self) -> _Daemon: ...
+
     async def fence_workload(self, reason: str) -> None: ...
+
+    async def health(self, timeout_s: float = ...) -> Health: ...
 
 
 async def _poll(predicate: Callable[[], bool], every_s: float = 0.05) -> None:
@@ -325,9 +435,28 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
 
         async def take(epoch: int) -> None:
             del epoch
-            await keeper.acquire(timeout_s=keeper.duration_s)
+            # a little over one duration: long enough for our own observation to see a
+            # holder's record expire even when its renewTime is from a clock far ahead
+            await keeper.acquire(timeout_s=keeper.duration_s + 1.0)
 
         before_serve.append(take)
+
+    async def give_up(why: str) -> None:
+        """The data path failed: fence what is left, then let the Lease go.
+
+        Releasing (instead of waiting for expiry) is safe only once nothing can hand a
+        workload write to this replica any more: the Lease stands for "the old primary may
+        still acknowledge writes", and after the fence — the daemon dead or its export
+        deleted, the relay killed and reaped, confirmed by a fresh look — it cannot. It is
+        what a clean shutdown does too, and it spares the operator a full Lease duration.
+        If the fence cannot be confirmed, the Lease is left to expire (renewals have stopped).
+        """
+        await replica.fence_workload(f"data path unhealthy: {why}")
+        after = await replica.health(keeper.check_timeout_s)
+        if after.may_serve:
+            log.warning("lease %s: something may still serve after fencing; letting the Lease expire", args.lease_name)
+            return
+        await keeper.release()
 
     async def keep() -> None:
         try:
@@ -335,18 +464,20 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
                 await _poll(lambda: _is_primary(replica) and replica.serving)
                 epoch = _epoch(replica)
                 try:
-                    await keeper.acquire(timeout_s=keeper.duration_s)
+                    await keeper.acquire(timeout_s=keeper.duration_s + 1.0)
                 except LeaseError as exc:
                     log.error("%s", exc)
                     await on_lost()
                     await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
                     continue
-                renew = asyncio.create_task(keeper.run())
+                renew = asyncio.create_task(keeper.run(healthy=replica.health, alarm=replica.qsd.dead))
                 await _poll(
                     lambda r=renew, e=epoch: r.done() or not _is_primary(replica) or _epoch(replica) != e  # type: ignore[misc]
                 )
-                if renew.done():  # lost (and fenced): wait for the operator's next decision
-                    await renew
+                if renew.done():  # lost (and fenced) or unhealthy: wait for the operator's next decision
+                    why = await renew
+                    if why is not None:
+                        await give_up(why)
                     await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
                     continue
                 renew.cancel()

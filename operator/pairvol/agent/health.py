@@ -1,0 +1,84 @@
+"""Whether this replica's data path is healthy: one verdict for /healthz, the pod's probes
+and the primary's Lease.
+
+A primary must not keep its Lease while it cannot serve: the operator fails over only once
+the Lease has expired, so a primary whose qemu-storage-daemon died but whose agent kept
+renewing would block failover for ever. So the agent renews only after a fresh verdict of
+"healthy" (see :mod:`pairvol.agent.lease`), and the same verdict answers ``/healthz``, which
+the pod's liveness and readiness probes read.
+
+What is judged, and why only this:
+
+* the daemon is alive — without it nothing is served or replicated;
+* a replica that *intends* to serve the workload export (it started serving at this epoch
+  and was not fenced since) really has it: the daemon is asked (``query-block-exports``)
+  rather than trusting the intent; with ``--export-listen`` the relay daemon too;
+* a daemon that does not answer within the check's time is not healthy, but not proven
+  broken (``conclusive=False``): the Lease is not renewed on it, so a daemon frozen for
+  longer than the Lease lets the Lease expire (renewing for it would block failover exactly
+  like a dead one), while a short stall costs nothing.
+
+A replica that does not intend to serve (a secondary, a restored primary waiting for a new
+epoch, a fenced primary, a promoted one whose serving was refused) is healthy as long as its
+daemon lives: those states are deliberate and the operator acts on them; killing the pod
+would only destroy the replica the operator may be about to use.
+
+The verdict is a pure function of what was observed (:func:`judge`), so it is testable
+without processes; :meth:`pairvol.agent.replica.Replica.health` does the observing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Health:
+    """``ok``: healthy. ``reason``: why not (empty when ok). ``may_serve``: something might
+    still hand workload writes to this replica (the daemon or the relay with the export) —
+    while it is True the Lease must not be released, only left to expire. ``conclusive``:
+    False when the verdict could not be reached (a daemon that did not answer in time, a
+    command busy changing the exports): not healthy, but not proven broken either — the
+    Lease is not renewed on it, and renewed again once a verdict is "healthy"."""
+
+    ok: bool
+    reason: str = ""
+    may_serve: bool = False
+    conclusive: bool = True
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One look at the data path. ``exports``/``relay_exports``: the export ids the daemon
+    (relay) listed, ``None`` if it was not asked or did not answer."""
+
+    qsd_alive: bool
+    qsd_error: str | None
+    serving: bool  # intent: the workload export was started at this epoch and not fenced since
+    exports: frozenset[str] | None
+    relay_wanted: bool  # --export-listen: serving means the relay serves too
+    relay_alive: bool
+    relay_exports: frozenset[str] | None
+    timed_out: str | None = None  # which daemon did not answer in time
+
+
+def judge(seen: Observed, workload_export: str) -> Health:
+    if not seen.qsd_alive:
+        return Health(False, f"qemu-storage-daemon is not running: {seen.qsd_error or 'not started'}",
+                      may_serve=seen.relay_alive)
+    if seen.timed_out is not None:
+        return Health(False, f"{seen.timed_out} did not answer query-block-exports in time (frozen or stuck)",
+                      may_serve=True, conclusive=False)
+    has_export = seen.exports is not None and workload_export in seen.exports
+    relay_serves = seen.relay_alive and (seen.relay_exports is None or workload_export in seen.relay_exports)
+    may_serve = has_export or seen.relay_alive
+    if not seen.serving:
+        return Health(True, may_serve=may_serve)
+    if not has_export:
+        return Health(False, f"the workload export {workload_export!r} is gone from qemu-storage-daemon",
+                      may_serve=may_serve)
+    if seen.relay_wanted and not seen.relay_alive:
+        return Health(False, "the relay daemon of --export-listen is not running", may_serve=may_serve)
+    if seen.relay_wanted and not relay_serves:
+        return Health(False, f"the relay daemon no longer exports {workload_export!r}", may_serve=may_serve)
+    return Health(True, may_serve=may_serve)
