@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from tests.unit.test_operator_decisions import NOW, replicating
 
 from pairvol.agent.lease import LeaseObservation, lease_record, micro_time
 from pairvol.operator.decisions import DoFailover, plan
 from pairvol.operator.handlers import lease_view
-from tests.unit.test_operator_decisions import NOW, replicating
 
 MONO0 = 5_000.0  # the observer's monotonic clock has nothing to do with wall time
 
