@@ -145,6 +145,43 @@ async def test_a_primary_whose_relay_dies_stops_renewing_and_fails_healthz(
         await a.stop()
 
 
+async def test_a_frozen_daemon_is_not_renewed_for(
+    tmp_path: Path, cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGSTOP: alive but silent. Nothing proves it broken, so the Lease is not released;
+    # but it is not renewed either, so it runs out and the operator may fail over
+    monkeypatch.setenv("POD_NAME", "vol-2-a")
+    a = leased(tmp_path, "vol-2-a", 3.0)
+    qsd_pid = 0
+    try:
+        await a.start()
+        await a.primary(2, None)
+        qsd_pid = (await a.status())["qsd"]["pid"]
+        os.kill(qsd_pid, signal.SIGSTOP)
+        stopped_at = asyncio.get_running_loop().time()
+
+        async def frozen_renew_time() -> str | None:
+            lease = await read_lease(cluster) or {}
+            return str(lease["spec"]["renewTime"])
+
+        last = await frozen_renew_time()
+        for _ in range(40):  # at most one renewal may have been under way
+            await asyncio.sleep(0.1)
+            now = await frozen_renew_time()
+            if now != last:
+                last = now
+        assert asyncio.get_running_loop().time() - stopped_at >= 4.0
+        assert await frozen_renew_time() == last
+        code, body = await healthz(a)
+        assert code == 503 and "did not answer" in body["error"], body
+        assert await holder(cluster) == "vol-2-a"  # not released: nothing proved it cannot serve
+        assert "lease default/pairvol-vol lost by vol-2-a: could not renew before expiry" in a.log_tail(200)
+    finally:
+        if qsd_pid:
+            os.kill(qsd_pid, signal.SIGCONT)
+        await a.stop()
+
+
 async def test_a_promoted_secondary_without_the_lease_does_not_claim_the_failover(
     tmp_path: Path, cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:

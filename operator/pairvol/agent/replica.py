@@ -875,7 +875,7 @@ class Replica:
         busy, the verdict is inconclusive (not healthy, not proven broken).
         """
         first = judge(await self._observe_data_path(timeout_s), r.WORKLOAD_EXPORT)
-        if first.ok or not self.qsd.alive:
+        if first.ok or not first.conclusive or not self.qsd.alive:
             return first
         try:
             async with asyncio.timeout(timeout_s):
