@@ -13,15 +13,15 @@ What is judged, and why only this:
 * a replica that *intends* to serve the workload export (it started serving at this epoch
   and was not fenced since) really has it: the daemon is asked (``query-block-exports``)
   rather than trusting the intent; with ``--export-listen`` the relay daemon too;
-* a daemon that does not answer within the check's time is not healthy, but not proven
-  broken (``conclusive=False``): the Lease is not renewed on it, so a daemon frozen for
-  longer than the Lease lets the Lease expire (renewing for it would block failover exactly
-  like a dead one), while a short stall costs nothing.
+* for such a replica, a daemon that does not answer within the check's time is not
+  healthy, but not proven broken (``conclusive=False``): the Lease is not renewed on it,
+  so a daemon frozen for longer than the Lease lets the Lease expire (renewing for it
+  would block failover exactly like a dead one), while a short stall costs nothing.
 
 A replica that does not intend to serve (a secondary, a restored primary waiting for a new
 epoch, a fenced primary, a promoted one whose serving was refused) is healthy as long as its
-daemon lives: those states are deliberate and the operator acts on them; killing the pod
-would only destroy the replica the operator may be about to use.
+daemon lives, however slowly it answers: those states are deliberate and the operator acts
+on them; killing the pod would only destroy the replica the operator may be about to use.
 
 The verdict is a pure function of what was observed (:func:`judge`), so it is testable
 without processes; :meth:`pairvol.agent.replica.Replica.health` does the observing.
@@ -66,14 +66,17 @@ def judge(seen: Observed, workload_export: str) -> Health:
     if not seen.qsd_alive:
         return Health(False, f"qemu-storage-daemon is not running: {seen.qsd_error or 'not started'}",
                       may_serve=seen.relay_alive)
+    has_export = seen.exports is not None and workload_export in seen.exports
+    # an export list the daemon did not give is unknown, so it may hold the workload export
+    may_serve = has_export or seen.exports is None or seen.relay_alive
+    if not seen.serving:
+        # nothing to judge but the daemon's life (a slow answer is no reason to take a
+        # secondary out of service); what was seen only feeds may_serve
+        return Health(True, may_serve=may_serve)
     if seen.timed_out is not None:
         return Health(False, f"{seen.timed_out} did not answer query-block-exports in time (frozen or stuck)",
                       may_serve=True, conclusive=False)
-    has_export = seen.exports is not None and workload_export in seen.exports
     relay_serves = seen.relay_alive and (seen.relay_exports is None or workload_export in seen.relay_exports)
-    may_serve = has_export or seen.relay_alive
-    if not seen.serving:
-        return Health(True, may_serve=may_serve)
     if not has_export:
         return Health(False, f"the workload export {workload_export!r} is gone from qemu-storage-daemon",
                       may_serve=may_serve)
