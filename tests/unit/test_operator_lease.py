@@ -136,10 +136,12 @@ class Verdicts:
     def __init__(self) -> None:
         self.now = Health(True)
         self.asked = 0
+        self.first = asyncio.Event()
 
     async def __call__(self, timeout_s: float) -> Health:
         del timeout_s
         self.asked += 1
+        self.first.set()
         return self.now
 
 
@@ -171,16 +173,35 @@ async def test_renewal_asks_the_health_check_first_and_stops_for_good_when_unhea
         assert not (await read_lease(cluster))["spec"].get("holderIdentity")  # type: ignore[union-attr]
 
 
-async def test_an_inconclusive_verdict_skips_renewals_until_the_lease_runs_out() -> None:
+async def test_without_a_verdict_the_lease_is_renewed_for_one_duration_after_the_last_healthy() -> None:
+    # a slow daemon on a loaded node keeps its Lease; a frozen one loses it
     lost = Lost()
     verdicts = Verdicts()
+    silent = Health(False, "qemu-storage-daemon did not answer in time", True, conclusive=False)
     async with LocalCluster(nodes=0) as cluster:
         k = keeper(cluster, "pod-a", lost, duration=2.0)
         await k.acquire(5)
-        verdicts.now = Health(False, "qemu-storage-daemon did not answer in time", True, conclusive=False)
+        task = asyncio.create_task(k.run(healthy=verdicts))
+        await asyncio.wait_for(verdicts.first.wait(), 3)
+        healthy_at = time.time()
+        verdicts.now = silent
+        why = await asyncio.wait_for(task, 8)
+        assert why is None and lost.at is not None  # lost: on_lost fenced it
+        renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
+        assert renewed is not None and healthy_at < renewed <= healthy_at + 2.0 + 0.3  # renewed, then no more
+        assert lost.at < renewed + 2.0  # and given up before the Lease expired for others
+
+
+async def test_never_a_verdict_never_a_renewal() -> None:
+    lost = Lost()
+    verdicts = Verdicts()
+    verdicts.now = Health(False, "qemu-storage-daemon did not answer in time", True, conclusive=False)
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost, duration=2.0)
+        await k.acquire(5)
         renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
         why = await asyncio.wait_for(k.run(healthy=verdicts), 5)
-        assert why is None and lost.at is not None  # lost: on_lost fenced it
+        assert why is None and lost.at is not None
         assert renewed is not None and lost.at < renewed + 2.0
         assert verdicts.asked >= 3  # it kept asking
         assert (await read_lease(cluster))["spec"]["renewTime"] == micro_time(renewed)  # type: ignore[index]

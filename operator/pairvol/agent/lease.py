@@ -14,9 +14,9 @@ right after a health check (``healthy``, the replica's data-path verdict) said s
 check is an argument of the renewal, not a timer running beside it. On a conclusive "not
 healthy" it stops renewing for good and returns; the agent then fences what is left and,
 once nothing can serve any more, releases the Lease so the operator need not wait for it
-to expire (see :func:`attach_lease`). An inconclusive verdict (a daemon that does not answer
-in time) skips that renewal: a stall shorter than the Lease costs nothing, a longer one lets
-it run out.
+to expire (see :func:`attach_lease`). Without a verdict (a daemon that does not answer in
+time) it renews only while the last "healthy" is at most one Lease duration old: a slow
+daemon on a loaded node keeps its Lease, a frozen one lets it run out.
 
 Expiry of *someone else's* Lease is judged as client-go's leader election does: by how long
 this observer has seen the same record (holder, renewTime, resourceVersion) on its own
@@ -142,9 +142,12 @@ class LeaseKeeper:
         self.on_lost = on_lost
         # give up this long before the lease would expire for others
         self.safety_s = min(1.0, self.duration_s / 4)
-        # how long the health check before a renewal may take (a daemon slower than this is
-        # not renewed for this time; the next try follows shortly)
+        # how long the health check before a renewal may take; a slower answer is no verdict
         self.check_timeout_s = self.duration_s / 6
+        # without a verdict, renew only if the last "healthy" is at most this old: a daemon
+        # that is merely slow (a loaded node) keeps the Lease, a frozen one loses it
+        self.stall_limit_s = self.duration_s
+        self._healthy_at: float | None = None  # monotonic time of the last "healthy"
         self._client: KubeClient | None = None
         self._valid_until = 0.0  # monotonic
         self._held = False
@@ -239,12 +242,25 @@ class LeaseKeeper:
             await asyncio.sleep(min(0.2, left))
 
     async def _renew(self, healthy: HealthCheck) -> None:
-        """One renewal, only after a fresh "healthy" verdict. The verdict is taken before the
+        """One renewal, only after the health check. The verdict is taken before the
         renewal is sent: validity counts from sending, so a data path that fails right after
-        the check is caught by the next one, at most a period later."""
+        the check is caught by the next one, at most a period later.
+
+        "Healthy" renews. "Not healthy" never does (:class:`Unhealthy`). No verdict in time
+        renews only while the last "healthy" is at most ``stall_limit_s`` old, so a daemon
+        frozen for good holds the Lease at most that long plus one duration."""
+        checked = time.monotonic()
         verdict = await healthy(self.check_timeout_s)
-        if not verdict.ok:
-            raise Unhealthy(verdict.reason) if verdict.conclusive else _NoVerdict(verdict.reason)
+        if verdict.ok:
+            self._healthy_at = checked
+        elif verdict.conclusive:
+            self._healthy_at = None
+            raise Unhealthy(verdict.reason)
+        elif self._healthy_at is None or checked - self._healthy_at > self.stall_limit_s:
+            raise _NoVerdict(verdict.reason)
+        else:
+            log.info("lease %s renewed without a fresh verdict (%s): last healthy %.1fs ago",
+                     self.name, verdict.reason, checked - self._healthy_at)
         kube = await self._kube()
         sent = time.monotonic()
         old = await kube.get(self.path)
