@@ -15,8 +15,9 @@ check is an argument of the renewal, not a timer running beside it. On a conclus
 healthy" it stops renewing for good and returns; the agent then fences what is left and,
 once nothing can serve any more, releases the Lease so the operator need not wait for it
 to expire (see :func:`attach_lease`). Without a verdict (a daemon that does not answer in
-time) it renews only while the last "healthy" is at most one Lease duration old: a slow
-daemon on a loaded node keeps its Lease, a frozen one lets it run out.
+time, a command holding the replica lock) it renews only while the last "healthy" is at
+most ``STALL_LIMIT_S`` (or one duration, if longer) old: a slow daemon on a loaded node, or
+one still building its export, keeps its Lease; a frozen one lets it run out.
 
 Expiry of *someone else's* Lease is judged as client-go's leader election does: by how long
 this observer has seen the same record (holder, renewTime, resourceVersion) on its own
@@ -110,6 +111,10 @@ class LeaseObservation:
 
 HealthCheck = Callable[[float], Awaitable[Health]]
 
+# the longest a primary keeps renewing without a fresh verdict (its daemon does not answer
+# in time, or a command holds the replica lock) when the Lease is shorter than this
+STALL_LIMIT_S = 10.0
+
 
 class Unhealthy(LeaseError):
     """The data path is (conclusively) not healthy: do not renew."""
@@ -144,10 +149,11 @@ class LeaseKeeper:
         self.safety_s = min(1.0, self.duration_s / 4)
         # how long the health check before a renewal may take; a slower answer is no verdict
         self.check_timeout_s = self.duration_s / 6
-        # without a verdict, renew only if the last "healthy" is at most this old: a daemon
-        # that is merely slow (a loaded node) keeps the Lease, a frozen one loses it
-        self.stall_limit_s = self.duration_s
-        self._healthy_at: float | None = None  # monotonic time of the last "healthy"
+        # without a verdict, renew only if the last "healthy" (or the start of serving) is at
+        # most this old: a daemon that is merely slow (a loaded node) or a command that is
+        # still building the export keeps the Lease, a daemon frozen for good loses it
+        self.stall_limit_s = max(self.duration_s, STALL_LIMIT_S)
+        self._healthy_at = 0.0  # monotonic time of the last "healthy"; set when run() starts
         self._client: KubeClient | None = None
         self._valid_until = 0.0  # monotonic
         self._held = False
@@ -247,16 +253,16 @@ class LeaseKeeper:
         the check is caught by the next one, at most a period later.
 
         "Healthy" renews. "Not healthy" never does (:class:`Unhealthy`). No verdict in time
-        renews only while the last "healthy" is at most ``stall_limit_s`` old, so a daemon
-        frozen for good holds the Lease at most that long plus one duration."""
+        renews only while the last "healthy" (or the start of :meth:`run`, when the agent had
+        just started serving) is at most ``stall_limit_s`` old, so a daemon frozen for good
+        holds the Lease at most that long plus one duration."""
         checked = time.monotonic()
         verdict = await healthy(self.check_timeout_s)
         if verdict.ok:
             self._healthy_at = checked
         elif verdict.conclusive:
-            self._healthy_at = None
             raise Unhealthy(verdict.reason)
-        elif self._healthy_at is None or checked - self._healthy_at > self.stall_limit_s:
+        elif checked - self._healthy_at > self.stall_limit_s:
             raise _NoVerdict(verdict.reason)
         else:
             log.info("lease %s renewed without a fresh verdict (%s): last healthy %.1fs ago",
@@ -290,6 +296,7 @@ class LeaseKeeper:
             raise LeaseError("LeaseKeeper.run() called before acquire()")
         period = self.duration_s / 3
         next_at = time.monotonic() + period
+        self._healthy_at = time.monotonic()  # serving has just begun: no verdict is owed yet
         while True:
             # wake for the next renewal, or just before validity ends, whichever is first
             wake = min(next_at, self._valid_until)
