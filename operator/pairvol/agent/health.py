@@ -14,9 +14,12 @@ What is judged, and why only this:
   and was not fenced since) really has it: the daemon is asked (``query-block-exports``)
   rather than trusting the intent; with ``--export-listen`` the relay daemon too;
 * for such a replica, a daemon that does not answer within the check's time is not
-  healthy, but not proven broken (``conclusive=False``): the Lease is not renewed on it,
-  so a daemon frozen for longer than the Lease lets the Lease expire (renewing for it
-  would block failover exactly like a dead one), while a short stall costs nothing.
+  healthy, but not proven broken (``conclusive=False``): the Lease keeper tolerates a
+  short stall, not a long one (renewing for a frozen daemon would block failover exactly
+  like renewing for a dead one);
+* a daemon that answers while a command holds the replica lock is changing the exports
+  (starting the relay, attaching a peer): it is healthy as far as can be seen, with a note.
+  That command's outcome is judged by the next check.
 
 A replica that does not intend to serve (a secondary, a restored primary waiting for a new
 epoch, a fenced primary, a promoted one whose serving was refused) is healthy as long as its
@@ -34,12 +37,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Health:
-    """``ok``: healthy. ``reason``: why not (empty when ok). ``may_serve``: something might
-    still hand workload writes to this replica (the daemon or the relay with the export) —
-    while it is True the Lease must not be released, only left to expire. ``conclusive``:
-    False when the verdict could not be reached (a daemon that did not answer in time, a
-    command busy changing the exports): not healthy, but not proven broken either — the
-    Lease is not renewed on it, and renewed again once a verdict is "healthy"."""
+    """``ok``: healthy. ``reason``: why not (when ok: empty, or a note such as "a command
+    is changing the exports"). ``may_serve``: something might still hand workload writes to
+    this replica (the daemon or the relay with the export) — while it is True the Lease must
+    not be released, only left to expire. ``conclusive``: False when no verdict could be
+    reached because the daemon did not answer in time: not healthy, but not proven broken
+    either (see pairvol.agent.lease for what the Lease keeper makes of it)."""
 
     ok: bool
     reason: str = ""

@@ -92,7 +92,7 @@ async def healthz(request: web.Request) -> web.Response:
     health = await request.app[REPLICA].health()
     if not health.ok:
         return _error(503, health.reason)
-    return web.json_response({"ok": True})
+    return web.json_response({"ok": True, "note": health.reason} if health.reason else {"ok": True})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -15,9 +15,9 @@ check is an argument of the renewal, not a timer running beside it. On a conclus
 healthy" it stops renewing for good and returns; the agent then fences what is left and,
 once nothing can serve any more, releases the Lease so the operator need not wait for it
 to expire (see :func:`attach_lease`). Without a verdict (a daemon that does not answer in
-time, a command holding the replica lock) it renews only while the last "healthy" is at
-most ``STALL_LIMIT_S`` (or one duration, if longer) old: a slow daemon on a loaded node, or
-one still building its export, keeps its Lease; a frozen one lets it run out.
+time) it renews only while the last "healthy" is at most ``STALL_LIMIT_S`` (or one
+duration, if longer) old: a slow daemon on a loaded node keeps its Lease, a frozen one lets
+it run out.
 
 Expiry of *someone else's* Lease is judged as client-go's leader election does: by how long
 this observer has seen the same record (holder, renewTime, resourceVersion) on its own
@@ -112,7 +112,7 @@ class LeaseObservation:
 HealthCheck = Callable[[float], Awaitable[Health]]
 
 # the longest a primary keeps renewing without a fresh verdict (its daemon does not answer
-# in time, or a command holds the replica lock) when the Lease is shorter than this
+# in time) when the Lease is shorter than this
 STALL_LIMIT_S = 10.0
 
 
@@ -150,8 +150,8 @@ class LeaseKeeper:
         # how long the health check before a renewal may take; a slower answer is no verdict
         self.check_timeout_s = self.duration_s / 6
         # without a verdict, renew only if the last "healthy" (or the start of serving) is at
-        # most this old: a daemon that is merely slow (a loaded node) or a command that is
-        # still building the export keeps the Lease, a daemon frozen for good loses it
+        # most this old: a daemon that is merely slow (a loaded node) keeps the Lease, a
+        # daemon frozen for good loses it
         self.stall_limit_s = max(self.duration_s, STALL_LIMIT_S)
         self._healthy_at = 0.0  # monotonic time of the last "healthy"; set when run() starts
         self._client: KubeClient | None = None

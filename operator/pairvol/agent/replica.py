@@ -870,9 +870,10 @@ class Replica:
         """The data path's verdict (pairvol.agent.health): what /healthz and the Lease go by.
 
         Exports change only under the lock, and a command may be between two steps right
-        now (the export deleted, the intent not yet cleared): a bad verdict from a live
-        daemon is therefore confirmed under the lock before it counts. If the lock stays
-        busy, the verdict is inconclusive (not healthy, not proven broken).
+        now (the export deleted, the intent not yet cleared; the relay not started yet): a
+        bad verdict from a daemon that answered is therefore confirmed under the lock
+        before it counts. If the lock stays busy, a command is changing the data path and
+        the daemon answers: healthy as far as can be seen, with a note.
         """
         first = judge(await self._observe_data_path(timeout_s), r.WORKLOAD_EXPORT)
         if first.ok or not first.conclusive or not self.qsd.alive:
@@ -881,8 +882,8 @@ class Replica:
             async with asyncio.timeout(timeout_s):
                 await self.lock.acquire()
         except TimeoutError:
-            return Health(False, f"{first.reason} (unconfirmed: a command holds the replica lock)",
-                          may_serve=True, conclusive=False)
+            return Health(True, f"unconfirmed while a command holds the replica lock: {first.reason}",
+                          may_serve=True)
         try:
             return judge(await self._observe_data_path(timeout_s), r.WORKLOAD_EXPORT)
         finally:
