@@ -210,6 +210,7 @@ async def test_a_daemon_silent_for_longer_than_the_stall_limit_loses_the_lease()
         assert renewed is not None and healthy_at < renewed <= healthy_at + 1.0 + 0.3  # then no more
         assert lost.at < renewed + 2.0  # given up before the Lease expired for others
         assert verdicts.asked >= 4  # it kept asking
+        await k.release()
 
 
 async def test_an_alarm_brings_the_check_forward() -> None:
