@@ -404,6 +404,21 @@ def test_a_released_lease_means_the_primary_gave_up() -> None:
     assert any(isinstance(a, DoFailover) for a in plan(w).actions)
 
 
+def test_a_primary_pod_ended_by_its_liveness_probe_is_dead() -> None:
+    # restartPolicy Never: a failed liveness probe ends the container; the agent exits 0 on
+    # the SIGTERM (Succeeded) or not (Failed). Either is a dead primary; the Lease decides when.
+    for phase in ("Failed", "Succeeded"):
+        ended = pod("vol-1-a", "n1", "primary", "10.0.0.1", phase=phase, ready=False)
+        w = replicating(pods={**replicating().pods, "vol-1-a": ended}, agents={"vol-1-b": SECONDARY_AGENT},
+                        suspect_since={"vol-1-a": NOW - 4})
+        assert "vol-1-a" in unhealthy_pods(w)
+        held = plan(replace(w, lease=LeaseView("vol-1-a", 1.0, 3.0)))
+        assert not any(isinstance(a, DoFailover) for a in held.actions)
+        assert "waiting for lease" in held.status.message and "has terminated" in held.status.message
+        released = plan(replace(w, lease=LeaseView(None, 0.0, 3.0)))
+        assert any(isinstance(a, DoFailover) for a in released.actions)
+
+
 def test_a_lease_still_held_by_the_previous_primary_does_not_condemn_the_new_one() -> None:
     w = _after_failover(lease=LeaseView("vol-1-a", 60.0, 3.0))
     assert "vol-1-b" not in unhealthy_pods(w)

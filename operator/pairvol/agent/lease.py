@@ -1,7 +1,8 @@
 """The primary agent's Lease: the fence that makes "never two writable primaries" hold.
 
-The operator promotes a secondary only after the primary's Lease has expired
-(``renewTime + leaseDurationSeconds`` + a margin, DESIGN.md §4). For that to be safe, the
+The operator promotes a secondary only after the primary's Lease has expired (it has seen
+the same record for ``leaseDurationSeconds`` + a margin on its own clock, DESIGN.md §4) or
+was released. For that to be safe, the
 primary must stop serving *before* the Lease expires whenever it cannot renew — e.g. when it
 is partitioned from the API server. :class:`LeaseKeeper` renews every ``duration / 3`` and
 calls ``on_lost()`` (the agent then closes its export) as soon as the time since its last
