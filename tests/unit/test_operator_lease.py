@@ -257,6 +257,7 @@ class FakeReplica:
         self.fenced: list[str] = []
         self.qsd = SimpleNamespace(dead=asyncio.Event())
         self.verdict = Health(True)
+        self.last_error: str | None = None
 
     async def fence_workload(self, reason: str) -> None:
         self.fenced.append(reason)
@@ -365,3 +366,27 @@ async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # e.g. its local disk failed a write: the export is fenced, the daemon is fine. Holding
+    # the Lease would block the failover that is now the only way out.
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        await serving_primary(cluster, replica)
+        await asyncio.sleep(1.2)  # renewed at least once while serving
+        replica.serving = False
+        replica.last_error = "local disk failed a write: Input/output error; fail over to the secondary"
+        for _ in range(30):
+            lease = await read_lease_or_none(cluster) or {}
+            if not lease["spec"].get("holderIdentity"):
+                break
+            await asyncio.sleep(0.1)
+        assert not lease["spec"].get("holderIdentity"), "a fenced primary kept its Lease"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

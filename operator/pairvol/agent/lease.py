@@ -388,6 +388,7 @@ class _Fenceable(Protocol):
 
     out_of_sync_hooks: list[Callable[[int], Awaitable[None]]]
     serving: bool
+    last_error: str | None
 
     @property
     def state(self) -> Any: ...
@@ -465,6 +466,16 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
 
         before_serve.append(take)
 
+    async def fit_to_hold(timeout_s: float) -> Health:
+        """What the Lease is renewed by: the data path is healthy *and* the replica still
+        serves. A primary that was fenced for another reason than its Lease (its local disk
+        failed) has nothing to hold the Lease for: holding it would block the failover."""
+        verdict = await replica.health(timeout_s)
+        if verdict.ok and not replica.serving:
+            why = replica.last_error or "fenced"
+            return Health(False, f"the workload export is no longer served ({why})", may_serve=verdict.may_serve)
+        return verdict
+
     async def give_up(why: str) -> None:
         """The data path failed: fence what is left, then let the Lease go.
 
@@ -494,7 +505,7 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
                     await on_lost()
                     await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
                     continue
-                renew = asyncio.create_task(keeper.run(healthy=replica.health, alarm=replica.qsd.dead))
+                renew = asyncio.create_task(keeper.run(healthy=fit_to_hold, alarm=replica.qsd.dead))
                 await _poll(
                     lambda r=renew, e=epoch: r.done() or not _is_primary(replica) or _epoch(replica) != e  # type: ignore[misc]
                 )
