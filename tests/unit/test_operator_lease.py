@@ -390,3 +390,25 @@ async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatc
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_an_out_of_sync_mark_without_the_lease_fails_while_the_export_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a hook that returned would count as "durably marked" and let held writes be
+    # acknowledged without the peer while the export still serves
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        mark = replica.out_of_sync_hooks[0]
+        replica.serving = True  # serving, but (not yet) holding the Lease
+        with pytest.raises(LeaseError, match="out-of-sync at epoch 1 not recorded"):
+            await mark(1)
+        replica.serving = False  # fenced: nothing more can be acknowledged
+        await mark(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

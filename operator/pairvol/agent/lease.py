@@ -444,10 +444,17 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
     )
 
     async def mark(epoch: int) -> None:
+        """Record the mark on the Lease. Without the Lease it cannot be recorded: while the
+        export still serves that is an error (the caller must keep holding the writes until
+        the fence, which follows the loss of the Lease); once fenced, no write can be
+        acknowledged any more and there is nothing left to record."""
         if keeper.held:
             await keeper.mark_out_of_sync(epoch)
+        elif replica.serving:
+            raise LeaseError(f"out-of-sync at epoch {epoch} not recorded: lease {args.lease_name} not held")
         else:
-            log.error("out-of-sync at epoch %d not recorded: lease %s not held", epoch, args.lease_name)
+            log.warning("out-of-sync at epoch %d not recorded: lease %s not held, export fenced", epoch,
+                        args.lease_name)
 
     replica.out_of_sync_hooks.append(mark)
 
