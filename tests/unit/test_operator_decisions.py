@@ -71,7 +71,7 @@ def replicating(**kw: Any) -> World:
             "vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2"),
         },
         agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": SECONDARY_AGENT},
-        lease=LeaseView("vol-1-a", NOW - 1, 3.0),
+        lease=LeaseView("vol-1-a", 1, 3.0),
     )
     base.update(kw)
     return World(**base)
@@ -83,7 +83,7 @@ def primary_dead(**kw: Any) -> World:
     pods = {"vol-1-b": w.pods["vol-1-b"]}
     defaults: dict[str, Any] = dict(
         pods=pods, agents={"vol-1-b": SECONDARY_AGENT},
-        lease=LeaseView("vol-1-a", NOW - 10, 3.0), suspect_since={"vol-1-a": NOW - 10},
+        lease=LeaseView("vol-1-a", 10, 3.0), suspect_since={"vol-1-a": NOW - 10},
     )
     defaults.update(kw)
     return replace(w, **defaults)
@@ -204,7 +204,7 @@ def test_syncing_becomes_replicating_and_clears_out_of_sync() -> None:
 
 def test_checkpoint_is_cut_when_the_interval_has_passed_and_not_before() -> None:
     assert kinds(plan(replicating())) == []
-    p = plan(replicating(now=NOW + 9, lease=LeaseView("vol-1-a", NOW + 8, 3.0)))
+    p = plan(replicating(now=NOW + 9, lease=LeaseView("vol-1-a", 1, 3.0)))
     assert p.actions == (Checkpoint("vol-1-b", "10.0.0.2"),)
     assert p.status.checkpoint is not None and p.status.checkpoint["id"] == 4
     assert p.cosmetic  # nothing but informational fields: the executor may coalesce the write
@@ -223,7 +223,7 @@ def test_first_checkpoint_is_cut_as_soon_as_the_pair_is_in_sync() -> None:
 
 def test_checkpoint_interval_zero_means_manual_only_and_annotation_triggers_one() -> None:
     w = replicating(spec=spec(checkpoint={"intervalSeconds": 0}), now=NOW + 1000,
-                    lease=LeaseView("vol-1-a", NOW + 999, 3.0))
+                    lease=LeaseView("vol-1-a", 0, 3.0))
     assert kinds(plan(w)) == []
     p = plan(replace(w, annotations={ANN_CHECKPOINT: "now"}))
     assert p.actions == (Checkpoint("vol-1-b", "10.0.0.2"), ClearAnnotation(ANN_CHECKPOINT))
@@ -248,14 +248,14 @@ def test_latest_mode_is_passed_to_the_agent() -> None:
 
 
 def test_never_fails_over_while_the_primary_lease_is_still_valid() -> None:
-    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 1, 3.0)))
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", 1, 3.0)))
     assert not any(isinstance(a, DoFailover) for a in p.actions)
     assert p.status.phase == Phase.DEGRADED and "waiting for lease" in p.status.message
 
 
 def test_lease_margin_is_respected() -> None:
-    # renewed 3.5 s ago, duration 3 s, margin 1 s: expired for the agent, not yet for us
-    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 3.5, 3.0)))
+    # unchanged for 3.5 s, duration 3 s, margin 1 s: expired for the agent, not yet for us
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", 3.5, 3.0)))
     assert not any(isinstance(a, DoFailover) for a in p.actions)
 
 
@@ -268,7 +268,7 @@ def test_grace_period_delays_failover() -> None:
 def test_node_not_ready_counts_as_primary_death() -> None:
     w = replicating(
         nodes=(NodeView("n1", ready=False), NodeView("n2"), NodeView("n3")),
-        lease=LeaseView("vol-1-a", NOW - 10, 3.0), suspect_since={"vol-1-a": NOW - 5},
+        lease=LeaseView("vol-1-a", 10, 3.0), suspect_since={"vol-1-a": NOW - 5},
     )
     p = plan(w)
     assert any(isinstance(a, DoFailover) for a in p.actions)
@@ -278,14 +278,14 @@ def test_node_not_ready_counts_as_primary_death() -> None:
 
 def test_partitioned_primary_that_lost_its_lease_is_replaced() -> None:
     # pod still reported running and ready (stale), but the lease expired
-    w = replicating(lease=LeaseView("vol-1-a", NOW - 10, 3.0), suspect_since={"vol-1-a": NOW - 6})
+    w = replicating(lease=LeaseView("vol-1-a", 10, 3.0), suspect_since={"vol-1-a": NOW - 6})
     assert "vol-1-a" in unhealthy_pods(w)
     p = plan(w)
     assert any(isinstance(a, DoFailover) for a in p.actions)
 
 
 def test_out_of_sync_secondary_is_never_promoted_automatically() -> None:
-    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 10, 3.0, out_of_sync_epoch=3)))
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3)))
     assert not any(isinstance(a, DoFailover) for a in p.actions)
     assert p.status.phase == Phase.FAILED and "OutOfSync" in p.status.message
     assert p.status.secondary is not None and p.status.secondary.out_of_sync
@@ -295,7 +295,7 @@ def test_out_of_sync_secondary_is_never_promoted_automatically() -> None:
 
 
 def test_stale_out_of_sync_mark_from_an_older_epoch_is_ignored() -> None:
-    p = plan(primary_dead(lease=LeaseView("vol-1-a", NOW - 10, 3.0, out_of_sync_epoch=2)))
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=2)))
     assert any(isinstance(a, DoFailover) for a in p.actions)
 
 
@@ -323,7 +323,7 @@ def _in_flight() -> World:
 
 def test_completed_failover_flips_roles_records_duration_and_demotes_the_old_primary() -> None:
     w = _in_flight()
-    promoted = AgentView("primary", "done", 4, "degraded")
+    promoted = AgentView("primary", "done", 4, "degraded", serving=True)
     w = replace(w, agents={"vol-1-b": promoted},
                 pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")})
     p = plan(w)
@@ -347,6 +347,83 @@ def test_failover_failed_on_the_agent_is_reported() -> None:
     failed = AgentView("secondary", "failover_failed", 4, error="commit failed")
     p = plan(replace(w, agents={"vol-1-b": failed}))
     assert p.status.phase == Phase.FAILED and "commit failed" in p.status.message
+
+
+def test_a_target_that_took_the_role_but_does_not_serve_is_not_failed_over_yet() -> None:
+    # issue 7, failure 7: the target saved role primary/done, then could not take the Lease
+    w = _in_flight()
+    stuck = AgentView("primary", "done", 4, "degraded", error="refusing to serve: lease held by vol-1-a",
+                      serving=False)
+    p = plan(replace(w, agents={"vol-1-b": stuck}))
+    assert p.status.phase == Phase.FAILING_OVER and p.status.epoch == 5
+    assert p.status.primary is not None and p.status.primary.pod == "vol-1-a"  # not flipped
+    assert StartPrimary("vol-1-b", "10.0.0.2", 5, None, "none") in p.actions
+    assert not any(isinstance(a, SetRole | DeletePod) for a in p.actions)
+    assert not any(isinstance(a, Event) and a.reason == "FailedOver" for a in p.actions)
+    assert [a.reason for a in p.actions if isinstance(a, Event)] == ["NotServing"]
+    assert "primary but not serving" in p.status.message and "lease held by vol-1-a" in p.status.message
+    # while that call runs, nothing new; an answer that still does not serve: again, new epoch, no new event
+    w2 = replace(w, status=p.status, agents={"vol-1-b": replace(stuck, epoch=5)}, agent_call_in_flight=True)
+    assert [a for a in plan(w2).actions if not isinstance(a, Event)] == []
+    p3 = plan(replace(w2, agent_call_in_flight=False))
+    assert StartPrimary("vol-1-b", "10.0.0.2", 6, None, "none") in p3.actions
+    assert not any(isinstance(a, Event) for a in p3.actions)
+    # serving at the current epoch: now it is done
+    served = replace(stuck, epoch=6, serving=True, error=None)
+    p4 = plan(replace(w2, status=p3.status, agents={"vol-1-b": served}, agent_call_in_flight=False))
+    assert any(isinstance(a, Event) and a.reason == "FailedOver" for a in p4.actions)
+    assert p4.status.primary is not None and p4.status.primary.pod == "vol-1-b"
+    assert p4.status.epoch == 6
+
+
+def test_agent_view_reads_serving_from_the_status_export() -> None:
+    st = {"role": "primary", "stage": "done", "epoch": 4, "export": {"serving": False}}
+    assert AgentView.from_status(st).serving is False
+    assert AgentView.from_status({**st, "export": {"serving": True}}).serving is True
+    assert AgentView.from_status({"role": "primary"}).serving is False
+
+
+# ------------------------------------------------------- lease, as observed
+
+
+def test_a_ready_primary_whose_lease_is_unchanged_for_longer_than_its_duration_is_dead() -> None:
+    # pod Running and ready, agent answering: but the agent stopped renewing (its data path
+    # is broken, or it is cut off from the API server)
+    fresh = replicating(lease=LeaseView("vol-1-a", 3.9, 3.0))
+    assert "vol-1-a" not in unhealthy_pods(fresh) and plan(fresh).status.phase == Phase.REPLICATING
+    stale = replicating(lease=LeaseView("vol-1-a", 4.1, 3.0))  # seen unchanged for duration 3 + margin 1
+    assert "vol-1-a" in unhealthy_pods(stale)
+    p = plan(replace(stale, suspect_since={"vol-1-a": NOW - 4}))
+    assert any(isinstance(a, DoFailover) for a in p.actions)
+    assert p.status.last_failover is not None and "lost its lease" in p.status.last_failover.reason
+
+
+def test_a_released_lease_means_the_primary_gave_up() -> None:
+    # the agent fenced a broken data path and released the Lease: no need to wait a duration
+    w = replicating(lease=LeaseView(None, 0.0, 3.0), suspect_since={"vol-1-a": NOW - 4})
+    assert "vol-1-a" in unhealthy_pods(w)
+    assert any(isinstance(a, DoFailover) for a in plan(w).actions)
+
+
+def test_a_primary_pod_ended_by_its_liveness_probe_is_dead() -> None:
+    # restartPolicy Never: a failed liveness probe ends the container; the agent exits 0 on
+    # the SIGTERM (Succeeded) or not (Failed). Either is a dead primary; the Lease decides when.
+    for phase in ("Failed", "Succeeded"):
+        ended = pod("vol-1-a", "n1", "primary", "10.0.0.1", phase=phase, ready=False)
+        w = replicating(pods={**replicating().pods, "vol-1-a": ended}, agents={"vol-1-b": SECONDARY_AGENT},
+                        suspect_since={"vol-1-a": NOW - 4})
+        assert "vol-1-a" in unhealthy_pods(w)
+        held = plan(replace(w, lease=LeaseView("vol-1-a", 1.0, 3.0)))
+        assert not any(isinstance(a, DoFailover) for a in held.actions)
+        assert "waiting for lease" in held.status.message and "has terminated" in held.status.message
+        released = plan(replace(w, lease=LeaseView(None, 0.0, 3.0)))
+        assert any(isinstance(a, DoFailover) for a in released.actions)
+
+
+def test_a_lease_still_held_by_the_previous_primary_does_not_condemn_the_new_one() -> None:
+    w = _after_failover(lease=LeaseView("vol-1-a", 60.0, 3.0))
+    assert "vol-1-b" not in unhealthy_pods(w)
+    assert not any(isinstance(a, DoFailover) for a in plan(w).actions)
 
 
 # ---------------------------------------------------------------- re-protection
@@ -427,7 +504,7 @@ def test_epochs_only_grow_and_no_promotion_while_the_lease_is_live(
     pods = dict(w.pods) if p_pod else {"vol-1-b": w.pods["vol-1-b"]}
     agents = {k: v for k, v in w.agents.items()
               if (k == "vol-1-a" and p_agent) or (k == "vol-1-b" and s_agent)}
-    lease = LeaseView("vol-1-a", NOW - lease_age, 3.0, oos)
+    lease = LeaseView("vol-1-a", lease_age, 3.0, oos)
     w = replace(
         w, pods=pods, agents=agents, lease=lease,
         nodes=(NodeView("n1", ready=n1_ready), NodeView("n2"), NodeView("n3")),
@@ -439,7 +516,7 @@ def test_epochs_only_grow_and_no_promotion_while_the_lease_is_live(
         if isinstance(a, EPOCH_ACTIONS):
             assert a.epoch == p.status.epoch > w.status.epoch
     if any(isinstance(a, DoFailover) for a in p.actions):
-        assert lease.expired(NOW, w.settings.lease_margin_s)
+        assert lease.expired(w.settings.lease_margin_s)
         assert s_agent
         assert manual or (automatic and (oos is None or oos < 3))
 

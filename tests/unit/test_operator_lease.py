@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 
+from pairvol.agent.health import Health
 from pairvol.agent.lease import (
     OUT_OF_SYNC_ANNOTATION,
     LeaseError,
     LeaseKeeper,
     attach_lease,
+    micro_time,
     parse_micro_time,
 )
 from pairvol.localcluster.cluster import LocalCluster
@@ -35,6 +37,11 @@ def keeper(cluster: LocalCluster, holder: str, lost: Lost, duration: float = 2.0
                        duration_s=duration, kubeconfig=str(cluster.kubeconfig_path), on_lost=lost)
 
 
+async def healthy(timeout_s: float) -> Health:
+    del timeout_s
+    return Health(True)
+
+
 async def read_lease(cluster: LocalCluster) -> dict[str, object]:
     async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
         return await kube.get(lease_path("default", "pairvol-vol"))
@@ -50,7 +57,7 @@ async def test_acquire_creates_the_lease_and_renewals_keep_it_fresh() -> None:
         assert isinstance(spec, dict)
         assert spec["holderIdentity"] == "pod-a" and spec["leaseDurationSeconds"] == 2
         first = parse_micro_time(spec["renewTime"])
-        task = asyncio.create_task(k.run())
+        task = asyncio.create_task(k.run(healthy=healthy))
         await asyncio.sleep(1.5)
         spec2 = (await read_lease(cluster))["spec"]
         assert isinstance(spec2, dict)
@@ -79,7 +86,7 @@ async def test_a_second_holder_waits_until_expiry_then_takes_over() -> None:
         # a finds out at its next renewal and reports the loss
         lost = Lost()
         a.on_lost = lost
-        await asyncio.wait_for(a.run(), 5)
+        await asyncio.wait_for(a.run(healthy=healthy), 5)
         assert lost.at is not None and not a.held
         await b.release()
 
@@ -90,7 +97,7 @@ async def test_unreachable_api_server_means_lost_before_the_lease_expires() -> N
         k = keeper(cluster, "pod-a", lost)
         await k.acquire(5)
         renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
-        task = asyncio.create_task(k.run())
+        task = asyncio.create_task(k.run(healthy=healthy))
         await asyncio.sleep(0.8)  # one renewal happens
         renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
     # the API server is gone now: renewals fail
@@ -123,18 +130,205 @@ def test_bad_arguments_are_refused() -> None:
                     on_lost=Lost())
 
 
+class Verdicts:
+    """A health check the test steers; counts how often it was asked."""
+
+    def __init__(self) -> None:
+        self.now = Health(True)
+        self.asked = 0
+        self.first = asyncio.Event()
+
+    async def __call__(self, timeout_s: float) -> Health:
+        del timeout_s
+        self.asked += 1
+        self.first.set()
+        return self.now
+
+
+async def renew_times(cluster: LocalCluster, seconds: float) -> set[str]:
+    seen = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.add(str((await read_lease(cluster))["spec"]["renewTime"]))  # type: ignore[index]
+        await asyncio.sleep(0.1)
+    return seen
+
+
+async def test_renewal_asks_the_health_check_first_and_stops_for_good_when_unhealthy() -> None:
+    lost = Lost()
+    verdicts = Verdicts()
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost, duration=3.0)
+        await k.acquire(5)
+        task = asyncio.create_task(k.run(healthy=verdicts))
+        assert len(await renew_times(cluster, 2.2)) >= 2  # renewed every second while healthy
+        assert verdicts.asked >= 2
+        verdicts.now = Health(False, "qemu-storage-daemon is not running: killed")
+        why = await asyncio.wait_for(task, 3)
+        assert why == "qemu-storage-daemon is not running: killed"
+        asked = verdicts.asked
+        assert len(await renew_times(cluster, 1.5)) == 1, "renewed after an unhealthy verdict"
+        assert verdicts.asked == asked and lost.at is None  # run() returned; fencing is the caller's
+        await k.release()
+        assert not (await read_lease(cluster))["spec"].get("holderIdentity")  # type: ignore[union-attr]
+
+
+SILENT = Health(False, "qemu-storage-daemon did not answer in time", True, conclusive=False)
+
+
+async def test_a_daemon_that_is_only_slow_keeps_its_lease() -> None:
+    # no verdict in time (a loaded node, a command building the export): renewed anyway
+    # while the last "healthy", or the start of serving, is recent enough
+    lost = Lost()
+    verdicts = Verdicts()
+    verdicts.now = SILENT
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost, duration=2.0)
+        assert k.stall_limit_s >= 10.0
+        await k.acquire(5)
+        task = asyncio.create_task(k.run(healthy=verdicts))
+        assert len(await renew_times(cluster, 3.0)) >= 3
+        assert lost.at is None and not task.done()
+        task.cancel()
+        await k.release()
+
+
+async def test_a_daemon_silent_for_longer_than_the_stall_limit_loses_the_lease() -> None:
+    lost = Lost()
+    verdicts = Verdicts()
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost, duration=2.0)
+        k.stall_limit_s = 1.0
+        await k.acquire(5)
+        task = asyncio.create_task(k.run(healthy=verdicts))
+        await asyncio.wait_for(verdicts.first.wait(), 3)
+        healthy_at = time.time()
+        verdicts.now = SILENT
+        why = await asyncio.wait_for(task, 8)
+        assert why is None and lost.at is not None  # lost: on_lost fenced it
+        renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
+        assert renewed is not None and healthy_at < renewed <= healthy_at + 1.0 + 0.3  # then no more
+        assert lost.at < renewed + 2.0  # given up before the Lease expired for others
+        assert verdicts.asked >= 4  # it kept asking
+        await k.release()
+
+
+async def test_an_alarm_brings_the_check_forward() -> None:
+    verdicts = Verdicts()
+    alarm = asyncio.Event()
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=30.0)  # next renewal in 10 s
+        await k.acquire(5)
+        task = asyncio.create_task(k.run(healthy=verdicts, alarm=alarm))
+        await asyncio.sleep(0.3)
+        assert verdicts.asked == 0
+        verdicts.now = Health(False, "daemon died")
+        alarm.set()
+        assert await asyncio.wait_for(task, 2) == "daemon died"
+        await k.release()
+
+
+async def test_a_holder_stamped_by_a_clock_an_hour_ahead_is_taken_over_after_one_duration() -> None:
+    async with LocalCluster(nodes=0) as cluster:
+        async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+            await kube.create(lease_path("default"), {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "pairvol-vol", "namespace": "default"},
+                "spec": {"holderIdentity": "pod-a", "leaseDurationSeconds": 2,
+                         "renewTime": micro_time(time.time() + 3600)},
+            })
+        b = keeper(cluster, "pod-b", Lost())
+        with pytest.raises(LeaseError, match="held by pod-a"):
+            await b.acquire(1.0)
+        t0 = time.monotonic()
+        await b.acquire(3)  # pod-a never renewed: b's own observation says it has expired
+        assert time.monotonic() - t0 < 2.0
+        assert (await read_lease(cluster))["spec"]["holderIdentity"] == "pod-b"  # type: ignore[index]
+        await b.release()
+
+
 class FakeReplica:
-    """The three things attach_lease uses from the agent's Replica, observable by the test."""
+    """What attach_lease uses from the agent's Replica, observable by the test."""
 
     def __init__(self) -> None:
         self.out_of_sync_hooks: list[Any] = []
         self.serving = False
         self.state = SimpleNamespace(role="none", epoch=1)
         self.fenced: list[str] = []
+        self.qsd = SimpleNamespace(dead=asyncio.Event())
+        self.verdict = Health(True)
+        self.last_error: str | None = None
 
     async def fence_workload(self, reason: str) -> None:
         self.fenced.append(reason)
         self.serving = False
+
+    async def health(self, timeout_s: float = 1.0) -> Health:
+        del timeout_s
+        if self.qsd.dead.is_set():
+            return Health(False, "qemu-storage-daemon is not running", may_serve=self.serving)
+        return self.verdict
+
+
+async def serving_primary(cluster: LocalCluster, replica: FakeReplica) -> dict[str, Any]:
+    replica.state = SimpleNamespace(role="primary", epoch=2)
+    replica.serving = True
+    for _ in range(50):
+        lease = await read_lease_or_none(cluster)
+        if lease is not None:
+            return lease
+        await asyncio.sleep(0.1)
+    raise AssertionError("the lease was never taken")
+
+
+async def read_lease_or_none(cluster: LocalCluster) -> dict[str, Any] | None:
+    async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+        return await kube.get_or_none(lease_path("default", "pairvol-vol"))
+
+
+async def test_a_dead_daemon_fences_and_releases_the_lease_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=30.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        lease = await serving_primary(cluster, replica)
+        assert lease["spec"]["holderIdentity"] == "vol-3-a"
+        replica.qsd.dead.set()  # renewal is 10 s away: the alarm must not wait for it
+        for _ in range(30):
+            lease = await read_lease_or_none(cluster) or {}
+            if not lease["spec"].get("holderIdentity"):
+                break
+            await asyncio.sleep(0.1)
+        assert not lease["spec"].get("holderIdentity"), "lease not released"
+        assert replica.fenced and "data path unhealthy" in replica.fenced[0]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_fence_that_cannot_be_confirmed_leaves_the_lease_to_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        await serving_primary(cluster, replica)
+        replica.verdict = Health(False, "the relay daemon no longer exports 'volume'", may_serve=True)
+        for _ in range(30):
+            if replica.fenced:
+                break
+            await asyncio.sleep(0.1)
+        assert replica.fenced
+        await asyncio.sleep(0.5)
+        first = (await read_lease_or_none(cluster) or {})["spec"]
+        assert first["holderIdentity"] == "vol-3-a"  # still there, but no longer renewed
+        assert len(await renew_times(cluster, 1.5)) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
@@ -172,3 +366,49 @@ async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # e.g. its local disk failed a write: the export is fenced, the daemon is fine. Holding
+    # the Lease would block the failover that is now the only way out.
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        await serving_primary(cluster, replica)
+        await asyncio.sleep(1.2)  # renewed at least once while serving
+        replica.serving = False
+        replica.last_error = "local disk failed a write: Input/output error; fail over to the secondary"
+        for _ in range(30):
+            lease = await read_lease_or_none(cluster) or {}
+            if not lease["spec"].get("holderIdentity"):
+                break
+            await asyncio.sleep(0.1)
+        assert not lease["spec"].get("holderIdentity"), "a fenced primary kept its Lease"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_an_out_of_sync_mark_without_the_lease_fails_while_the_export_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a hook that returned would count as "durably marked" and let held writes be
+    # acknowledged without the peer while the export still serves
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        mark = replica.out_of_sync_hooks[0]
+        replica.serving = True  # serving, but (not yet) holding the Lease
+        with pytest.raises(LeaseError, match="out-of-sync at epoch 1 not recorded"):
+            await mark(1)
+        replica.serving = False  # fenced: nothing more can be acknowledged
+        await mark(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

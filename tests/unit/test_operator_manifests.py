@@ -53,6 +53,12 @@ def test_agent_pod_is_valid_kubernetes_and_follows_the_agent_contract() -> None:
         "app.kubernetes.io/name": "pairvol-agent", "app.kubernetes.io/managed-by":
         "pairvol-operator"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 7800}
+    # the same data-path verdict ends the pod when it stays bad: restartPolicy Never turns a
+    # failed liveness probe into phase Failed, which the operator treats as a dead replica
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 7800}
+    assert pod["spec"]["restartPolicy"] == "Never"  # type: ignore[index]
+    live = c["livenessProbe"]
+    assert live["initialDelaySeconds"] >= 5 and live["periodSeconds"] * live["failureThreshold"] <= 10
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         "api": 7800, "replication": 7801, "export": 7802}
     env = {e["name"]: e for e in c["env"]}
@@ -139,13 +145,14 @@ def test_observations_are_parsed_from_kubernetes_objects() -> None:
     assert (pod.role, pod.phase, pod.ready, pod.ip, pod.deleting) == (
         "primary", "Failed", False, "10.0.0.1", True)
     assert pod.reason == "Error, exit code 2"
-    lease = lease_view({"metadata": {"annotations": {"pairvol.io/out-of-sync": "7"}},
-                        "spec": {"holderIdentity": "p", "leaseDurationSeconds": 3,
-                                 "renewTime": "2026-01-01T00:00:00.500000Z"}})
+    raw = {"metadata": {"annotations": {"pairvol.io/out-of-sync": "7"}},
+           "spec": {"holderIdentity": "p", "leaseDurationSeconds": 3,
+                    "renewTime": "2026-01-01T00:00:00.500000Z"}}
+    lease = lease_view(raw, 3.6)
     assert lease is not None and lease.holder == "p" and lease.out_of_sync_epoch == 7
-    assert lease.duration_s == 3.0 and lease.renew_time is not None
-    assert lease.expired(lease.renew_time + 3.6, margin_s=0.5)
-    assert not lease.expired(lease.renew_time + 3.4, margin_s=0.5)
+    assert lease.duration_s == 3.0 and lease.observed_age_s == 3.6
+    assert lease.expired(margin_s=0.5)
+    assert not (lease_view(raw, 3.4) or lease).expired(margin_s=0.5)
 
 
 def test_chart_settings_for_agent_pods_are_applied() -> None:

@@ -227,9 +227,15 @@ async def serve(cfg: AgentConfig, args: argparse.Namespace) -> int:
     await asyncio.wait({dead, stopping}, return_when=asyncio.FIRST_COMPLETED)
     for task in (dead, stopping):
         task.cancel()
-    # a dead daemon is reported by /healthz; keep serving status until told to stop
+    # A dead daemon cannot be replaced in place (its graph, jobs and exports died with it).
+    # The Lease keeper has seen it too (the same event wakes it): it stops renewing, fences
+    # the relay and releases the Lease. The agent stays up so that /v1/status explains what
+    # happened; /healthz fails, so a liveness probe ends the pod and the operator replaces it.
     if not stop.is_set():
-        log.error("qemu-storage-daemon died; the agent reports it and waits to be restarted")
+        log.warning(
+            "qemu-storage-daemon died (%s): this replica cannot serve; /healthz fails until the agent is replaced",
+            replica.qsd.exit_error or "no exit status",
+        )
         await stop.wait()
     if lease_task is not None:
         lease_task.cancel()

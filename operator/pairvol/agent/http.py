@@ -130,10 +130,12 @@ async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    replica = request.app[REPLICA]
-    if not replica.qsd.alive:
-        return _error(503, replica.qsd.exit_error or "qemu-storage-daemon is not running")
-    return web.json_response({"ok": True})
+    """The data path's verdict (pairvol.agent.health), the same one the Lease is renewed by;
+    the pod's liveness and readiness probes read it."""
+    health = await request.app[REPLICA].health()
+    if not health.ok:
+        return _error(503, health.reason)
+    return web.json_response({"ok": True, "note": health.reason} if health.reason else {"ok": True})
 
 
 async def metrics(request: web.Request) -> web.Response:

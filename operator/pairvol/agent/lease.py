@@ -1,13 +1,29 @@
 """The primary agent's Lease: the fence that makes "never two writable primaries" hold.
 
-The operator promotes a secondary only after the primary's Lease has expired
-(``renewTime + leaseDurationSeconds`` + a margin, DESIGN.md §4). For that to be safe, the
+The operator promotes a secondary only after the primary's Lease has expired (it has seen
+the same record for ``leaseDurationSeconds`` + a margin on its own clock, DESIGN.md §4) or
+was released. For that to be safe, the
 primary must stop serving *before* the Lease expires whenever it cannot renew — e.g. when it
 is partitioned from the API server. :class:`LeaseKeeper` renews every ``duration / 3`` and
 calls ``on_lost()`` (the agent then closes its export) as soon as the time since its last
 *confirmed* renewal approaches the duration. Local time is measured with the monotonic clock
 from the moment the renewal request was *sent*, so a slow answer can only make us give up
 earlier, never later.
+
+Renewal is a statement that this primary can serve: :meth:`LeaseKeeper.run` renews only
+right after a health check (``healthy``, the replica's data-path verdict) said so — the
+check is an argument of the renewal, not a timer running beside it. On a conclusive "not
+healthy" it stops renewing for good and returns; the agent then fences what is left and,
+once nothing can serve any more, releases the Lease so the operator need not wait for it
+to expire (see :func:`attach_lease`). Without a verdict (a daemon that does not answer in
+time) it renews only while the last "healthy" is at most ``STALL_LIMIT_S`` (or one
+duration, if longer) old: a slow daemon on a loaded node keeps its Lease, a frozen one lets
+it run out.
+
+Expiry of *someone else's* Lease is judged as client-go's leader election does: by how long
+this observer has seen the same record (holder, renewTime, resourceVersion) on its own
+monotonic clock (:class:`LeaseObservation`), never by comparing the holder's renewTime with
+the local wall clock — clocks of different nodes may differ by any amount.
 
 Updates are resourceVersion-checked (HTTP PUT with ``metadata.resourceVersion``), so two
 agents racing for the Lease cannot both believe they won.
@@ -26,10 +42,11 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from pairvol.agent.health import Health
 from pairvol.errors import PairvolError
 from pairvol.operator.k8s import Conflict, KubeClient, KubeError, NotFound, lease_path, load_config
 
@@ -54,12 +71,58 @@ def parse_micro_time(s: str | None) -> float | None:
 
 
 def lease_expired(lease: dict[str, Any], now: float) -> bool:
+    """Wall-clock expiry (renewTime + duration < now): only a shortcut, valid when clocks
+    agree; safety never rests on it (see :class:`LeaseObservation`)."""
     spec = lease.get("spec") or {}
     renew = parse_micro_time(spec.get("renewTime") or spec.get("acquireTime"))
     duration = spec.get("leaseDurationSeconds")
     if not spec.get("holderIdentity") or renew is None or duration is None:
         return True
     return now > renew + float(duration)
+
+
+def lease_record(lease: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies one renewal: any renewal changes the resourceVersion (even one whose
+    renewTime came out the same from a stuck clock), any takeover the holder."""
+    spec = lease.get("spec") or {}
+    meta = lease.get("metadata") or {}
+    return (spec.get("holderIdentity"), spec.get("renewTime"), spec.get("acquireTime"), meta.get("resourceVersion"))
+
+
+class LeaseObservation:
+    """How long one observer has seen the same Lease record, by its own monotonic clock.
+
+    The holder measures its validity from the moment it *sent* a renewal, which is before
+    the record was stored, which is before any observer can first see it. So once an
+    observer has seen one record unchanged for the Lease duration, the holder's validity
+    has ended, whatever the two wall clocks say. An observer that starts (or restarts)
+    knows nothing and must wait a full duration from its first look.
+    """
+
+    def __init__(self) -> None:
+        self._record: Hashable = None
+        self._since: float | None = None
+
+    def age(self, record: Hashable, now_mono: float) -> float:
+        """Seconds since ``record`` was first seen without a change in between."""
+        if self._since is None or record != self._record:
+            self._record, self._since = record, now_mono
+        return now_mono - self._since
+
+
+HealthCheck = Callable[[float], Awaitable[Health]]
+
+# the longest a primary keeps renewing without a fresh verdict (its daemon does not answer
+# in time) when the Lease is shorter than this
+STALL_LIMIT_S = 10.0
+
+
+class Unhealthy(LeaseError):
+    """The data path is (conclusively) not healthy: do not renew."""
+
+
+class _NoVerdict(Exception):
+    """The health check was inconclusive: skip this renewal, try again shortly."""
 
 
 class LeaseKeeper:
@@ -85,11 +148,19 @@ class LeaseKeeper:
         self.on_lost = on_lost
         # give up this long before the lease would expire for others
         self.safety_s = min(1.0, self.duration_s / 4)
+        # how long the health check before a renewal may take; a slower answer is no verdict
+        self.check_timeout_s = self.duration_s / 6
+        # without a verdict, renew only if the last "healthy" (or the start of serving) is at
+        # most this old: a daemon that is merely slow (a loaded node) keeps the Lease, a
+        # daemon frozen for good loses it
+        self.stall_limit_s = max(self.duration_s, STALL_LIMIT_S)
+        self._healthy_at = 0.0  # monotonic time of the last "healthy"; set when run() starts
         self._client: KubeClient | None = None
         self._valid_until = 0.0  # monotonic
         self._held = False
         self._rv: str | None = None
         self._lost_called = False
+        self._observed = LeaseObservation()  # someone else's record, for takeover
 
     @property
     def path(self) -> str:
@@ -136,9 +207,16 @@ class LeaseKeeper:
                 return "lost a race creating the lease"
         else:
             holder = (old.get("spec") or {}).get("holderIdentity")
-            if holder and holder != self.holder and not lease_expired(old, now):
+            seen_for = self._observed.age(lease_record(old), sent)
+            # the operator hands out the epoch that makes us serve only after *it* observed
+            # expiry; this is the second line: our own observation, or (if the clocks agree)
+            # the wall clock as a shortcut
+            if holder and holder != self.holder and seen_for < self.duration_s and not lease_expired(old, now):
                 spec = old.get("spec") or {}
-                return f"held by {holder} (renewed {spec.get('renewTime')}, {spec.get('leaseDurationSeconds')}s)"
+                return (
+                    f"held by {holder} (renewed {spec.get('renewTime')}, {spec.get('leaseDurationSeconds')}s; "
+                    f"unchanged for {seen_for:.1f}s here)"
+                )
             try:
                 new = await kube.replace(self.path, self._body(old, now))
             except Conflict:
@@ -170,7 +248,26 @@ class LeaseKeeper:
                 )
             await asyncio.sleep(min(0.2, left))
 
-    async def _renew(self) -> None:
+    async def _renew(self, healthy: HealthCheck) -> None:
+        """One renewal, only after the health check. The verdict is taken before the
+        renewal is sent: validity counts from sending, so a data path that fails right after
+        the check is caught by the next one, at most a period later.
+
+        "Healthy" renews. "Not healthy" never does (:class:`Unhealthy`). No verdict in time
+        renews only while the last "healthy" (or the start of :meth:`run`, when the agent had
+        just started serving) is at most ``stall_limit_s`` old, so a daemon frozen for good
+        holds the Lease at most that long plus one duration."""
+        checked = time.monotonic()
+        verdict = await healthy(self.check_timeout_s)
+        if verdict.ok:
+            self._healthy_at = checked
+        elif verdict.conclusive:
+            raise Unhealthy(verdict.reason)
+        elif checked - self._healthy_at > self.stall_limit_s:
+            raise _NoVerdict(verdict.reason)
+        else:
+            log.info("lease %s renewed without a fresh verdict (%s): last healthy %.1fs ago",
+                     self.name, verdict.reason, checked - self._healthy_at)
         kube = await self._kube()
         sent = time.monotonic()
         old = await kube.get(self.path)
@@ -188,28 +285,56 @@ class LeaseKeeper:
             log.error("lease %s/%s lost by %s: %s", self.namespace, self.name, self.holder, why)
             await self.on_lost()
 
-    async def run(self) -> None:
-        """Renew every duration/3 until cancelled; on loss call ``on_lost()`` and return."""
+    async def run(self, *, healthy: HealthCheck, alarm: asyncio.Event | None = None) -> str | None:
+        """Renew every duration/3, each time only after ``healthy`` said so, until cancelled.
+
+        Returns None once the Lease is lost (``on_lost()`` has run), or the reason when the
+        data path was found unhealthy: renewing has then stopped for good (the caller fences
+        and may release). ``alarm`` (e.g. "the daemon died") makes the next check happen at
+        once instead of at the next period.
+        """
         if not self._held:
             raise LeaseError("LeaseKeeper.run() called before acquire()")
         period = self.duration_s / 3
         next_at = time.monotonic() + period
+        self._healthy_at = time.monotonic()  # serving has just begun: no verdict is owed yet
         while True:
             # wake for the next renewal, or just before validity ends, whichever is first
             wake = min(next_at, self._valid_until)
-            await asyncio.sleep(max(0.0, wake - time.monotonic()))
+            if await self._nap(wake - time.monotonic(), alarm):
+                alarm, next_at = None, time.monotonic()  # check now; one alarm is enough
             if time.monotonic() >= self._valid_until:
                 await self._lose("could not renew before expiry")
-                return
+                return None
+            if time.monotonic() < next_at:
+                continue
             try:
-                await self._renew()
+                await self._renew(healthy)
                 next_at = time.monotonic() + period
+            except Unhealthy as exc:
+                log.error("lease %s/%s no longer renewed by %s: %s", self.namespace, self.name, self.holder, exc)
+                return str(exc)
+            except _NoVerdict as exc:
+                log.warning("lease %s not renewed this time: %s", self.name, exc)
+                next_at = time.monotonic() + min(0.2, period)
             except LeaseError as exc:  # someone else holds it: stop at once
                 await self._lose(str(exc))
-                return
+                return None
             except (KubeError, Conflict) as exc:
                 log.warning("lease %s renewal failed (will retry): %s", self.name, exc)
                 next_at = time.monotonic() + min(0.2, period)
+
+    @staticmethod
+    async def _nap(seconds: float, alarm: asyncio.Event | None) -> bool:
+        """Sleep up to ``seconds``; True if woken by ``alarm``."""
+        if alarm is None:
+            await asyncio.sleep(max(0.0, seconds))
+            return False
+        try:
+            await asyncio.wait_for(alarm.wait(), max(0.0, seconds))
+            return True
+        except TimeoutError:
+            return False
 
     async def mark_out_of_sync(self, epoch: int) -> None:
         """Durably record that the peer missed acknowledged writes at ``epoch``.
@@ -254,16 +379,26 @@ class LeaseKeeper:
 # ------------------------------------------------------------------ agent wiring
 
 
+class _Daemon(Protocol):
+    dead: asyncio.Event
+
+
 class _Fenceable(Protocol):
     """What :func:`attach_lease` needs from the agent's replica (pairvol.agent.replica)."""
 
     out_of_sync_hooks: list[Callable[[int], Awaitable[None]]]
     serving: bool
+    last_error: str | None
 
     @property
     def state(self) -> Any: ...
 
+    @property
+    def qsd(self) -> _Daemon: ...
+
     async def fence_workload(self, reason: str) -> None: ...
+
+    async def health(self, timeout_s: float = ...) -> Health: ...
 
 
 async def _poll(predicate: Callable[[], bool], every_s: float = 0.05) -> None:
@@ -309,10 +444,17 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
     )
 
     async def mark(epoch: int) -> None:
+        """Record the mark on the Lease. Without the Lease it cannot be recorded: while the
+        export still serves that is an error (the caller must keep holding the writes until
+        the fence, which follows the loss of the Lease); once fenced, no write can be
+        acknowledged any more and there is nothing left to record."""
         if keeper.held:
             await keeper.mark_out_of_sync(epoch)
+        elif replica.serving:
+            raise LeaseError(f"out-of-sync at epoch {epoch} not recorded: lease {args.lease_name} not held")
         else:
-            log.error("out-of-sync at epoch %d not recorded: lease %s not held", epoch, args.lease_name)
+            log.warning("out-of-sync at epoch %d not recorded: lease %s not held, export fenced", epoch,
+                        args.lease_name)
 
     replica.out_of_sync_hooks.append(mark)
 
@@ -325,9 +467,38 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
 
         async def take(epoch: int) -> None:
             del epoch
-            await keeper.acquire(timeout_s=keeper.duration_s)
+            # a little over one duration: long enough for our own observation to see a
+            # holder's record expire even when its renewTime is from a clock far ahead
+            await keeper.acquire(timeout_s=keeper.duration_s + 1.0)
 
         before_serve.append(take)
+
+    async def fit_to_hold(timeout_s: float) -> Health:
+        """What the Lease is renewed by: the data path is healthy *and* the replica still
+        serves. A primary that was fenced for another reason than its Lease (its local disk
+        failed) has nothing to hold the Lease for: holding it would block the failover."""
+        verdict = await replica.health(timeout_s)
+        if verdict.ok and not replica.serving:
+            why = replica.last_error or "fenced"
+            return Health(False, f"the workload export is no longer served ({why})", may_serve=verdict.may_serve)
+        return verdict
+
+    async def give_up(why: str) -> None:
+        """The data path failed: fence what is left, then let the Lease go.
+
+        Releasing (instead of waiting for expiry) is safe only once nothing can hand a
+        workload write to this replica any more: the Lease stands for "the old primary may
+        still acknowledge writes", and after the fence — the daemon dead or its export
+        deleted, the relay killed and reaped, confirmed by a fresh look — it cannot. It is
+        what a clean shutdown does too, and it spares the operator a full Lease duration.
+        If the fence cannot be confirmed, the Lease is left to expire (renewals have stopped).
+        """
+        await replica.fence_workload(f"data path unhealthy: {why}")
+        after = await replica.health(keeper.check_timeout_s)
+        if after.may_serve:
+            log.warning("lease %s: something may still serve after fencing; letting the Lease expire", args.lease_name)
+            return
+        await keeper.release()
 
     async def keep() -> None:
         try:
@@ -335,18 +506,20 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
                 await _poll(lambda: _is_primary(replica) and replica.serving)
                 epoch = _epoch(replica)
                 try:
-                    await keeper.acquire(timeout_s=keeper.duration_s)
+                    await keeper.acquire(timeout_s=keeper.duration_s + 1.0)
                 except LeaseError as exc:
                     log.error("%s", exc)
                     await on_lost()
                     await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
                     continue
-                renew = asyncio.create_task(keeper.run())
+                renew = asyncio.create_task(keeper.run(healthy=fit_to_hold, alarm=replica.qsd.dead))
                 await _poll(
                     lambda r=renew, e=epoch: r.done() or not _is_primary(replica) or _epoch(replica) != e  # type: ignore[misc]
                 )
-                if renew.done():  # lost (and fenced): wait for the operator's next decision
-                    await renew
+                if renew.done():  # lost (and fenced) or unhealthy: wait for the operator's next decision
+                    why = await renew
+                    if why is not None:
+                        await give_up(why)
                     await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
                     continue
                 renew.cancel()

@@ -39,6 +39,7 @@ from typing import Any
 
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig
+from pairvol.agent.health import Health, Observed, judge
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.peerlink import PeerLink, PeerLinkError
 from pairvol.agent.stages import (
@@ -560,7 +561,15 @@ class Replica:
             # the role is settled before serving: if serving is refused (no Lease), the
             # operator retries with POST /v1/primary and a newer epoch
             await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None)
-            await self._serve_workload()
+            try:
+                await self._serve_workload()
+            except PairvolError as exc:
+                # promoted but not serving: not a success; undo a half-started export so the
+                # retry starts clean
+                await self._stop_nbd_server()
+                self.last_error = f"promoted to primary at epoch {epoch} but the workload export is not served: {exc}"
+                self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
+                raise ReplicaError(f"{self.last_error}; retry with POST /v1/primary and a newer epoch") from exc
             duration = time.perf_counter() - t0
             self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
             self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
@@ -770,6 +779,63 @@ class Replica:
             log.error("I/O error: %s", event.get("data"))
 
     # ------------------------------------------------------------------ status
+
+    async def health(self, timeout_s: float = 1.0) -> Health:
+        """The data path's verdict (pairvol.agent.health): what /healthz and the Lease go by.
+
+        Exports change only under the lock, and a command may be between two steps right
+        now (the export deleted, the intent not yet cleared; the relay not started yet): a
+        bad verdict from a daemon that answered is therefore confirmed under the lock
+        before it counts. If the lock stays busy, a command is changing the data path and
+        the daemon answers: healthy as far as can be seen, with a note.
+        """
+        first = judge(await self._observe_data_path(timeout_s), r.WORKLOAD_EXPORT)
+        if first.ok or not first.conclusive or not self.qsd.alive:
+            return first
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.lock.acquire()
+        except TimeoutError:
+            return Health(True, f"unconfirmed while a command holds the replica lock: {first.reason}",
+                          may_serve=True)
+        try:
+            return judge(await self._observe_data_path(timeout_s), r.WORKLOAD_EXPORT)
+        finally:
+            self.lock.release()
+
+    async def _observe_data_path(self, timeout_s: float) -> Observed:
+        serving, relay = self.serving, self.relay
+
+        async def exports(daemon: Qsd) -> frozenset[str] | None:
+            if not daemon.alive:
+                return None
+            try:
+                return frozenset(e["id"] for e in await daemon.execute("query-block-exports"))
+            except QemuError:
+                return None
+
+        timed_out = None
+        mine = theirs = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                mine = await exports(self.qsd)
+            if relay is not None:
+                timed_out = "the relay daemon"
+                async with asyncio.timeout(timeout_s):
+                    theirs = await exports(relay)
+            timed_out = None
+        except TimeoutError:
+            timed_out = timed_out or "qemu-storage-daemon"
+        return Observed(
+            qsd_alive=self.qsd.alive,
+            qsd_error=self.qsd.exit_error,
+            serving=serving and self.serving,
+            exports=mine,
+            relay_wanted=self.cfg.export_listen is not None,
+            relay_alive=relay is not None and relay.alive,
+            relay_exports=theirs,
+            timed_out=timed_out,
+        )
 
     def status(self) -> dict[str, Any]:
         st = self.state

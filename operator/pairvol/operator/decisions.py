@@ -79,6 +79,7 @@ class AgentView:
     checkpoint: Mapping[str, Any] | None = None
     sync_done: int | None = None
     sync_total: int | None = None
+    serving: bool = False  # export.serving: the workload export is up
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -94,26 +95,36 @@ class AgentView:
             checkpoint=d.get("checkpoint") or None,
             sync_done=sync.get("doneBytes"),
             sync_total=sync.get("totalBytes"),
+            serving=bool((d.get("export") or {}).get("serving", False)),
         )
 
 
 @dataclass(frozen=True)
 class LeaseView:
+    """The primary's Lease as this operator has observed it.
+
+    ``observed_age_s``: how long the operator has seen the *same* record (holder, renewTime,
+    resourceVersion), measured with its own monotonic clock from its first look at that
+    record (pairvol.agent.lease.LeaseObservation). The holder's renewTime is never compared
+    with the operator's wall clock: the nodes' clocks may differ by any amount. An operator
+    that has just started has seen the record for 0 s and waits a full duration.
+    """
+
     holder: str | None
-    renew_time: float | None
+    observed_age_s: float
     duration_s: float | None
     out_of_sync_epoch: int | None = None
 
-    def expired(self, now: float, margin_s: float) -> bool:
+    def expired(self, margin_s: float) -> bool:
         """True when nobody can still believe to hold the lease."""
-        if not self.holder or self.renew_time is None or self.duration_s is None:
+        if not self.holder or self.duration_s is None:
             return True
-        return now > self.renew_time + self.duration_s + margin_s
+        return self.observed_age_s > self.duration_s + margin_s
 
-    def expires_at(self, margin_s: float) -> float | None:
-        if not self.holder or self.renew_time is None or self.duration_s is None:
-            return None
-        return self.renew_time + self.duration_s + margin_s
+    def expires_in(self, margin_s: float) -> float:
+        if not self.holder or self.duration_s is None:
+            return 0.0
+        return max(0.0, self.duration_s + margin_s - self.observed_age_s)
 
 
 @dataclass(frozen=True)
@@ -375,9 +386,11 @@ def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: b
     if agent.role != "secondary" or agent.stage != "running":
         return f"secondary agent is {agent.role}/{agent.stage}, not secondary/running"
     lease = world.lease
-    if lease is not None and not lease.expired(world.now, world.settings.lease_margin_s):
-        until = lease.expires_at(world.settings.lease_margin_s) or world.now
-        return f"waiting for lease held by {lease.holder} to expire (in {until - world.now:.1f}s)"
+    if lease is not None and not lease.expired(world.settings.lease_margin_s):
+        return (
+            f"waiting for lease held by {lease.holder} to expire (unchanged for {lease.observed_age_s:.1f}s; "
+            f"{lease.expires_in(world.settings.lease_margin_s):.1f}s to go)"
+        )
     return None
 
 
@@ -538,12 +551,9 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     manual = world.annotations.get(ANN_FAILOVER) == "now"
     phealth, pwhy = replica_health(world, prim, spec.grace_period_s, started=True)
     lease = world.lease
-    if (
-        phealth == "ok"
-        and lease is not None
-        and lease.holder == prim.pod
-        and lease.expired(now, world.settings.lease_margin_s)
-    ):
+    if phealth == "ok" and primary_lost_lease(world):
+        # e.g. its pod Running and ready but the agent cut off from the API server, or its
+        # data path broken (the agent stops renewing and, once fenced, releases the Lease)
         phealth, pwhy = "dead", f"primary {prim.pod} lost its lease"
     pa = _agent(world, prim)
     if phealth == "ok" and pa is not None and pa.role != "primary":
@@ -775,6 +785,8 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
         return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
     sa = _agent(world, sec)
     spod = world.pods.get(sec.pod)
+    if sa is not None and sa.role == "primary" and not (sa.serving and sa.epoch >= st.epoch):
+        return _serve_after_failover(world, st, actions, sec, sa)
     if sa is not None and sa.role == "primary" and sa.epoch >= st.epoch:
         started = parse_time(fo.time) or world.now
         dur = max(0.0, world.now - started)
@@ -820,6 +832,29 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
     return _finish(world, st.with_(message=f"failing over to {sec.node}"), actions, False)
 
 
+def _serve_after_failover(
+    world: World, st: VolumeStatus, actions: list[Action], sec: Replica, sa: AgentView
+) -> Plan:
+    """The target took the primary role but does not serve (its Lease could not be taken,
+    the export could not be added): the failover is not done. Ask it to serve again with
+    a new epoch and no peer — an agent in primary/done accepts that — until it serves;
+    one call at a time, each with its own epoch (persisted before the call)."""
+    spod = world.pods.get(sec.pod)
+    waiting = f"failing over to {sec.node}: {sec.pod} is primary but not serving"
+    if sa.error:
+        waiting += f" ({sa.error})"
+    if spod is None or spod.deleting or not spod.ip or spod.phase != "Running":
+        return _finish(world, st.with_(message=waiting), actions, False)
+    if world.agent_call_in_flight:
+        return _finish(world, st.with_(message=f"{waiting}; waiting for the agent to answer"), actions, False)
+    epoch = st.epoch + 1
+    actions.append(StartPrimary(sec.pod, spod.ip, epoch, None, "none"))
+    if not st.message.startswith(waiting):
+        actions.append(Event("Warning", "NotServing", f"{waiting}; asking it to serve again"))
+    st = st.with_(epoch=epoch, message=f"{waiting}; asking it to serve (epoch {epoch})")
+    return _finish(world, st, actions, False)
+
+
 def unhealthy_pods(world: World) -> set[str]:
     """Replica pods that look unwell right now; the caller remembers since when (grace)."""
     out: set[str] = set()
@@ -838,12 +873,20 @@ def unhealthy_pods(world: World) -> set[str]:
             or not node.ready
         ):
             out.add(rep.pod)
-    lease = world.lease
-    if (
-        st.primary is not None
-        and lease is not None
-        and lease.holder == st.primary.pod
-        and lease.expired(world.now, world.settings.lease_margin_s)
-    ):
+    if primary_lost_lease(world):
+        assert st.primary is not None
         out.add(st.primary.pod)
     return out
+
+
+def primary_lost_lease(world: World) -> bool:
+    """The serving primary's Lease has expired, or was released, in this operator's view.
+
+    A Lease with no holder counts: an agent releases it only once it no longer serves
+    (demotion, shutdown, a failed data path). A Lease held by another pod does not: after
+    a failover it is the old primary's until the new one takes it over.
+    """
+    prim, lease = world.status.primary, world.lease
+    if prim is None or lease is None or lease.holder not in (prim.pod, None):
+        return False
+    return lease.expired(world.settings.lease_margin_s)

@@ -27,7 +27,7 @@ import kopf
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from pairvol.agent.lease import OUT_OF_SYNC_ANNOTATION, parse_micro_time
+from pairvol.agent.lease import OUT_OF_SYNC_ANNOTATION, LeaseObservation, lease_record
 from pairvol.api.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from pairvol.api.status import Phase, VolumeStatus, parse_time, rfc3339
 from pairvol.operator import decisions as d
@@ -49,6 +49,8 @@ from pairvol.operator.k8s import (
 from pairvol.operator.metrics import OperatorMetrics
 
 log = logging.getLogger(__name__)
+
+ROLE_CALL_RETRY_S = 1.0
 
 
 @dataclass
@@ -115,7 +117,9 @@ def pod_view(obj: Mapping[str, Any]) -> d.PodView:
     )
 
 
-def lease_view(obj: Mapping[str, Any] | None) -> d.LeaseView | None:
+def lease_view(obj: Mapping[str, Any] | None, observed_age_s: float) -> d.LeaseView | None:
+    """``observed_age_s``: how long this operator has seen this very record (see
+    :class:`pairvol.agent.lease.LeaseObservation`); the renewTime is not used for expiry."""
     if obj is None:
         return None
     spec = obj.get("spec") or {}
@@ -128,7 +132,7 @@ def lease_view(obj: Mapping[str, Any] | None) -> d.LeaseView | None:
     dur = spec.get("leaseDurationSeconds")
     return d.LeaseView(
         holder=spec.get("holderIdentity") or None,
-        renew_time=parse_micro_time(spec.get("renewTime") or spec.get("acquireTime")),
+        observed_age_s=observed_age_s,
         duration_s=None if dur is None else float(dur),
         out_of_sync_epoch=oos_epoch,
     )
@@ -159,6 +163,9 @@ class Reconciler:
         self.restart_backoff = 0.0
         # the one agent role call that may run long (start secondary/primary), in background
         self.call: asyncio.Task[None] | None = None
+        # when this process first saw the Lease's current record (monotonic): expiry is judged
+        # by it, so a restarted operator waits a full Lease duration before failing over
+        self.lease_seen = LeaseObservation()
 
     # ---------------------------------------------------------------- observe
 
@@ -176,6 +183,7 @@ class Reconciler:
             c.kube.list(pods_path(self.namespace), f"{d.LABEL_VOLUME}={self.name},{m.APP_LABEL}={m.AGENT_APP}"),
             c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))),
         )
+        lease_age = self.lease_seen.age(lease_record(lease_raw) if lease_raw is not None else None, time.monotonic())
         pods = {p.name: p for p in map(pod_view, pods_raw)}
         placement: dict[str, int] = {}
         if status.primary is None or status.secondary is None:
@@ -214,7 +222,7 @@ class Reconciler:
             nodes=[self._agent_may_run(node_view(n)) for n in nodes_raw],
             pods=pods,
             agents=agents,
-            lease=lease_view(lease_raw),
+            lease=lease_view(lease_raw, lease_age),
             placement=placement,
             settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
             agent_call_in_flight=self.call is not None and not self.call.done(),
@@ -350,6 +358,9 @@ class Reconciler:
             except AgentError as exc:
                 c.metrics.actions.labels(kind, "error").inc()
                 log.warning("%s: %s failed: %s", self.key, kind, exc)
+                # the planner repeats a failed role call (each time with a new epoch): not
+                # faster than this, so a call that fails at once does not spin
+                await asyncio.sleep(ROLE_CALL_RETRY_S)
 
         self.call = asyncio.create_task(run(), name=f"{self.key}-{kind}")
 

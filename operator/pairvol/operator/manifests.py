@@ -313,11 +313,23 @@ def pod_manifest(
             {"name": "replication", "containerPort": REPLICATION_PORT, "protocol": "TCP"},
             {"name": "export", "containerPort": EXPORT_PORT, "protocol": "TCP"},
         ],
+        # Both probes read the data-path verdict the Lease is renewed by (docs/agent.md).
+        # Readiness: out of the Service and, for the operator, "suspect" within ~2 s.
+        # Liveness: with restartPolicy Never a failed liveness probe ends the pod (phase
+        # Failed), which the operator treats as a dead replica; it gives a starting agent
+        # 10 s and a stalled daemon ~6 s before that.
         "readinessProbe": {
             "httpGet": {"path": "/healthz", "port": API_PORT},
             "periodSeconds": 1,
-            "timeoutSeconds": 1,
+            "timeoutSeconds": 3,
             "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": API_PORT},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 2,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
         },
         "resources": dict(config.agent_resources),
         "volumeMounts": [

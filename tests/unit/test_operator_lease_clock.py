@@ -1,0 +1,64 @@
+"""Lease expiry as the operator judges it: by its own monotonic clock, from when it first
+saw each renewal, never by comparing the holder's renewTime with its wall clock (issue 7).
+
+The holder's clock may be off by an hour either way: the decision to fail over must come at
+the same moment of the observer's time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tests.unit.test_operator_decisions import NOW, replicating
+
+from pairvol.agent.lease import LeaseObservation, lease_record, micro_time
+from pairvol.operator.decisions import DoFailover, plan
+from pairvol.operator.handlers import lease_view
+
+MONO0 = 5_000.0  # the observer's monotonic clock has nothing to do with wall time
+
+
+def lease(renewals: int, holder_clock: float) -> dict[str, Any]:
+    """The Lease after the holder's n-th renewal, stamped with the holder's clock."""
+    return {
+        "metadata": {"name": "pairvol-vol", "resourceVersion": str(100 + renewals)},
+        "spec": {"holderIdentity": "vol-1-a", "leaseDurationSeconds": 3,
+                 "renewTime": micro_time(holder_clock + renewals)},
+    }
+
+
+def fails_over(raw: dict[str, Any], seen: LeaseObservation, mono: float) -> bool:
+    view = lease_view(raw, seen.age(lease_record(raw), mono))
+    world = replicating(lease=view, suspect_since={"vol-1-a": NOW - 60})
+    return any(isinstance(a, DoFailover) for a in plan(world).actions)
+
+
+@pytest.mark.parametrize("skew_s", [-3600.0, -2.5, 0.0, 2.5, 3600.0])
+def test_the_holders_clock_does_not_move_the_failover(skew_s: float) -> None:
+    # the holder renews at observer times 0, 1, 2, 3, 4 and then dies; the operator looks
+    # every 0.5 s; duration 3 s + margin 1 s: the first failover is at 8.5 s, whatever the skew
+    seen = LeaseObservation()
+    decided = []
+    for tick in range(20):
+        t = tick * 0.5
+        decided.append(fails_over(lease(min(int(t), 4), NOW + skew_s), seen, MONO0 + t))
+    assert decided == [False] * 17 + [True] * 3
+
+
+def test_a_restarted_operator_waits_a_full_duration_from_its_first_look() -> None:
+    dead_long_ago = lease(4, NOW - 600)  # renewTime ten minutes old by every clock
+    seen = LeaseObservation()  # a fresh process knows nothing
+    assert not fails_over(dead_long_ago, seen, MONO0)
+    assert not fails_over(dead_long_ago, seen, MONO0 + 4.0)
+    assert fails_over(dead_long_ago, seen, MONO0 + 4.1)
+
+
+def test_any_new_record_restarts_the_count_even_with_the_same_renew_time() -> None:
+    # a holder whose clock stands still still renews: the resourceVersion changes
+    seen = LeaseObservation()
+    stuck = lease(0, NOW)
+    assert not fails_over(stuck, seen, MONO0)
+    again = {**stuck, "metadata": {**stuck["metadata"], "resourceVersion": "999"}}
+    assert not fails_over(again, seen, MONO0 + 4.1)
+    assert fails_over(again, seen, MONO0 + 8.2)
