@@ -401,7 +401,12 @@ class Replica:
         sock = self.cfg.export_socket
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
-        await self.qsd.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.QUORUM_NODE))
+        try:
+            await self.qsd.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.QUORUM_NODE))
+        except QemuError:
+            with contextlib.suppress(QemuError):  # a retry must find no half-started server
+                await self.qsd.execute("nbd-server-stop")
+            raise
         self.serving = True
         if self.cfg.export_listen is not None:
             await self._start_relay(self.cfg.export_listen)
@@ -863,7 +868,10 @@ class Replica:
             "replication": {
                 "state": replication,
                 "peer": link.address if link is not None else (st.peer if st.role is Role.PRIMARY else None),
-                "error": qsd_error or peer_error or self.last_error,
+                "error": qsd_error
+                or (self.last_error if st.role is Role.PRIMARY and not self.serving else None)
+                or peer_error
+                or self.last_error,
                 "outOfSync": st.out_of_sync,
                 "sync": sync,
                 "link": None
