@@ -114,6 +114,25 @@ async def test_out_of_sync_mark_is_stored_on_the_lease() -> None:
             await k.mark_out_of_sync(8)
 
 
+async def test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark() -> None:
+    """The lost-mark path: once the keeper's own validity ran out (no renewal, e.g. the
+    renewer is stuck), it no longer claims the lease, and an out-of-sync mark is refused
+    at once (the agent then must not acknowledge) instead of being written by a holder that
+    others may already consider gone."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=1.0)
+        await k.acquire(5)
+        assert k.held
+        await asyncio.sleep(1.0 - k.safety_s + 0.1)  # validity: duration minus the safety margin
+        assert not k.held
+        with pytest.raises(LeaseError, match="cannot mark out-of-sync at epoch 3: lease pairvol-vol not held"):
+            await asyncio.wait_for(k.mark_out_of_sync(3), 5)
+        meta = (await read_lease(cluster))["metadata"]
+        assert isinstance(meta, dict)
+        assert OUT_OF_SYNC_ANNOTATION not in (meta.get("annotations") or {})
+        await k.release()
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(LeaseError, match="at least 1 second"):
         LeaseKeeper(namespace="d", name="n", holder="h", duration_s=0.5, kubeconfig=None,
