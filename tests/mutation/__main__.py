@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per test run; longer counts as killed")
     p.add_argument("--no-baseline", action="store_true", help="do not run each selection unmutated first")
     p.add_argument("--list", action="store_true", help="print the catalog and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="also say which test killed each mutation")
     args = p.parse_args(argv)
 
     check_catalog(MUTATIONS)
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(r: Result) -> None:
         line = f"{MARK[r.outcome]} {r.mutation.id:<42} {r.seconds:6.1f} s  {r.mutation.guards}"
-        if r.outcome != "killed":
+        if r.outcome == "killed" and args.verbose:
+            line += f"\n    | {r.detail}"
+        elif r.outcome != "killed":
             line += "\n" + "\n".join(f"    | {ln}" for ln in (diff(r.mutation) + "\n" + r.detail).splitlines())
         print(line, flush=True)
 

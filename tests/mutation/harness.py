@@ -213,8 +213,8 @@ def run(
         if code is None:
             results.append(Result(m, "killed", seconds, f"timed out after {timeout_s:.0f} s"))
         elif code == 1:
-            failed = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-            results.append(Result(m, "killed", seconds, failed[0] if failed else "tests failed"))
+            failed = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR", "E   "))]
+            results.append(Result(m, "killed", seconds, "\n".join(failed[:3]) if failed else "tests failed"))
         elif code == 0:
             results.append(Result(m, "survived", seconds, "every selected test passed"))
         elif code == 2 and baseline:  # the same selection collected fine unmutated
