@@ -333,6 +333,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a checkpoint-mode failover never rolls back to checkpoint 0 (before the full sync)",
     ),
     Mutation(
+        "replica.latest-keeps-every-write", REPLICA,
+        "                if mode is FailoverMode.CHECKPOINT:\n                    await self._commit(gen)\n",
+        "                if True:\n                    await self._commit(gen)\n",
+        ("tests/integration/test_replication.py::test_sigkill_of_the_primary_at_a_random_moment_under_load[1-latest]",),
+        "a latest-mode failover keeps every acknowledged write",
+    ),
+    Mutation(
+        "replica.checkpoint-mode-rolls-back", REPLICA,
+        "                if mode is FailoverMode.CHECKPOINT:\n                    await self._commit(gen)\n",
+        "                if False:\n                    await self._commit(gen)\n",
+        ("tests/integration/test_replication.py::test_sigkill_of_the_primary_at_a_random_moment_under_load[1-checkpoint]",),
+        "a checkpoint-mode failover is exactly the last checkpoint",
+    ),
+    Mutation(
         "replica.size-mismatch-refused", REPLICA,
         "            if found.size != self.cfg.size:\n",
         "            if False:\n",
