@@ -6,13 +6,13 @@ cgroup, network namespaces, temp dirs named with our PID) even when the test fai
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.ci import unavailable
 
 from pairvol.localcluster.demo import Stack
 
@@ -20,17 +20,9 @@ LEASE_S = 2.0
 
 
 @pytest.fixture
-def needs_agent() -> None:
-    """The agent ("pairvol agent") is built by another engineer; tests that need it skip
-    with a clear reason until it exists, instead of failing for a reason not theirs."""
-    if importlib.util.find_spec("pairvol.agent.cli") is None:
-        pytest.skip("pairvol agent (pairvol.agent.cli) is not implemented yet")
-
-
-@pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, mounts, cgroups)")
+        unavailable("needs root (network namespaces, mounts, cgroups)")
     # not under tmp_path: unix socket paths (the export under the node's hostPath) are
     # limited to 107 bytes, and pytest's tmp paths are long. Stack.up makes a short
     # /tmp/pairvol-demo-<pid>-* directory and removes it afterwards.

@@ -19,8 +19,7 @@ from pairvol.api.status import parse_time
 from pairvol.localcluster.demo import Stack, Writer, verify_log
 from pairvol.operator.k8s import lease_path, pods_path
 
-pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240),
-              pytest.mark.usefixtures("needs_agent")]
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
 RTO_AFTER_LEASE_EXPIRY_S = 5.0
 

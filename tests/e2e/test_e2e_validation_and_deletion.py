@@ -55,7 +55,6 @@ async def _assert_gone(stack: Stack, name: str) -> None:
     await stack.wait_for(f"{name} and everything it owns to be deleted", gone, within=60)
 
 
-@pytest.mark.usefixtures("needs_agent")
 @pytest.mark.parametrize("policy", ["Retain", "Delete"])
 async def test_deletion_stops_agents_and_keeps_or_removes_data(
     stack: Stack, volume: Any, policy: str
@@ -84,7 +83,6 @@ async def test_deletion_of_a_volume_that_never_became_ready(stack: Stack, volume
     await _assert_gone(stack, "never")
 
 
-@pytest.mark.usefixtures("needs_agent")
 async def test_deletion_completes_even_when_a_replica_node_is_dead(stack: Stack, volume: Any) -> None:
     st = await stack.apply(volume("deadnode")) and await stack.wait_phase("deadnode", "Replicating", within=120)
     await stack.sim.kill_node(st["secondary"]["node"])
