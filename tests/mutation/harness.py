@@ -190,7 +190,8 @@ def run(
             report(results[-1])
             continue
         try:
-            compile(mutated, m.path, "exec")
+            if m.path.endswith(".py"):
+                compile(mutated, m.path, "exec")
         except SyntaxError as exc:
             results.append(Result(m, "invalid", 0.0, f"mutated file does not compile: {exc}"))
             report(results[-1])
