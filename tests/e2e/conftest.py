@@ -15,6 +15,7 @@ import pytest
 from tests.support.ci import unavailable
 
 from pairvol.localcluster.demo import Stack
+from pairvol.operator.manifests import OperatorConfig
 
 LEASE_S = 2.0
 
@@ -29,6 +30,20 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     del tmp_path
     # per-volume NetworkPolicies are created (the simulator does not enforce them)
     async with Stack.up(3, lease_duration=LEASE_S, operator_env={"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}) as s:
+        yield s
+
+
+@pytest.fixture
+async def default_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """The operator with its *default* lease duration, lease margin and reconcile interval
+    (OperatorConfig; the chart does not change them), for what the README promises "with
+    the defaults". Volumes in it should use the CRD's defaults too (no ``volume`` fixture)."""
+    if os.geteuid() != 0:
+        unavailable("needs root (network namespaces, mounts, cgroups)")
+    del tmp_path
+    d = OperatorConfig()
+    env = {"PAIRVOL_LEASE_MARGIN": f"{d.lease_margin_s:g}", "PAIRVOL_RECONCILE_INTERVAL": f"{d.reconcile_interval_s:g}"}
+    async with Stack.up(3, lease_duration=d.lease_duration_s, operator_env=env) as s:
         yield s
 
 
