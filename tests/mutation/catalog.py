@@ -19,11 +19,13 @@ STATE = "operator/pairvol/agent/state.py"
 REPLICA = "operator/pairvol/agent/replica.py"
 LEASE = "operator/pairvol/agent/lease.py"
 DECISIONS = "operator/pairvol/operator/decisions.py"
+SPEC = "operator/pairvol/api/spec.py"
 
 T_STAGES = ("tests/unit/test_agent_logic.py::TestStages",)
 T_STATE = ("tests/unit/test_agent_logic.py::TestPersistence",)
 T_DECISIONS = ("tests/unit/test_operator_decisions.py",)
 T_LEASE = ("tests/unit/test_operator_lease.py",)
+T_SPEC = ("tests/unit/test_api_spec.py",)
 T_RESTART = "tests/integration/test_restart_guards.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -187,6 +189,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            if False:\n                raise LeaseError(f\"cannot mark out-of-sync",
         T_LEASE, "an out-of-sync mark is refused (not retried forever) when the lease is not held",
     ),
+    Mutation(
+        "lease.renew-only-own-lease", LEASE,
+        "        if holder != self.holder:\n            raise LeaseError(f\"lease {self.name} now held by",
+        "        if False:\n            raise LeaseError(f\"lease {self.name} now held by",
+        T_LEASE, "a keeper never renews (overwrites) a lease another holder took over",
+    ),
+    Mutation(
+        "lease.fence-before-release-on-shutdown", LEASE,
+        "            if keeper.held or _is_primary(replica):\n",
+        "            if False:\n",
+        T_LEASE, "a shutting-down primary stops serving before it gives the lease up",
+    ),
     # -------------------------------------------------------------- operator/decisions.py
     Mutation(
         "decisions.resync-marks-out-of-sync", DECISIONS,
@@ -275,6 +289,73 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if False:",
         T_DECISIONS, "a failed failover on the agent turns the volume Failed",
     ),
+    Mutation(
+        "decisions.manual-failover-stops-primary-first", DECISIONS,
+        '    if manual and phealth == "ok":\n',
+        "    if False:\n",
+        T_DECISIONS, "a manual failover of a live primary stops it before promoting",
+    ),
+    Mutation(
+        "decisions.resume-with-recorded-epoch", DECISIONS,
+        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode))",
+        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch + 1, spec.agent_failover_mode))",
+        T_DECISIONS, "a resumed failover reuses the recorded epoch (never hands one out twice)",
+    ),
+    Mutation(
+        "decisions.failover-target-died", DECISIONS,
+        'if spod is None or spod.deleting or spod.phase in ("Failed", "Succeeded"):',
+        "if False:",
+        T_DECISIONS, "a failover whose target died is reported Failed, not awaited forever",
+    ),
+    Mutation(
+        "decisions.dropped-secondary-is-replaced", DECISIONS,
+        '        and (pa.replication_state == "degraded")\n',
+        "        and False\n",
+        T_DECISIONS, "a secondary the primary dropped is replaced",
+    ),
+    Mutation(
+        "decisions.new-secondary-not-on-primary-node", DECISIONS,
+        "if n.name != prim.node and n.name not in busy]",
+        "if n.name not in busy]",
+        T_DECISIONS, "the new secondary never shares the primary's node",
+    ),
+    Mutation(
+        "decisions.two-nodes-needed", DECISIONS,
+        "    if len(ranked) < 2:\n",
+        "    if len(ranked) < 1:\n",
+        T_DECISIONS, "both replicas need a node each",
+    ),
+    # ------------------------------------------------------------------------- api/spec.py
+    Mutation(
+        "api.size-whole-sectors", SPEC,
+        "            elif size % SECTOR:\n",
+        "            elif False:\n",
+        T_SPEC, "a volume is a whole number of sectors",
+    ),
+    Mutation(
+        "api.host-path-confined", SPEC,
+        "elif \"..\" in host_path.split(\"/\") or posixpath.normpath(host_path) == \"/\":",
+        "elif False:",
+        T_SPEC, "hostPath (removed with reclaimPolicy Delete) is never / and never climbs out with ..",
+    ),
+    Mutation(
+        "api.two-distinct-nodes", SPEC,
+        "            if 0 < len(set(nodes)) < 2:\n",
+        "            if False:\n",
+        T_SPEC, "spec.nodes names at least two nodes",
+    ),
+    Mutation(
+        "api.peer-timeout-at-least-1", SPEC,
+        'rep.get("peerTimeoutSeconds"), 5, 1)',
+        'rep.get("peerTimeoutSeconds"), 5, 0)',
+        T_SPEC, "a peer timeout of 0 is refused",
+    ),
+    Mutation(
+        "api.name-length", SPEC,
+        "if len(name) > MAX_VOLUME_NAME or not _DNS_LABEL.match(name):",
+        "if not _DNS_LABEL.match(name):",
+        T_SPEC, "volume names short enough for the pod and Service names derived from them",
+    ),
     # ------------------------------------------------------------------ agent/replica.py
     Mutation(
         "replica.failover-epoch-durable-first", REPLICA,
@@ -345,6 +426,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "                if False:\n                    await self._commit(gen)\n",
         ("tests/integration/test_replication.py::test_sigkill_of_the_primary_at_a_random_moment_under_load[1-checkpoint]",),
         "a checkpoint-mode failover is exactly the last checkpoint",
+    ),
+    Mutation(
+        "replica.failover-fences-first", REPLICA,
+        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n            await self._stop_nbd_server()\n",
+        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n",
+        ("tests/integration/test_replication.py::test_old_primary_cannot_write_to_the_promoted_secondary",),
+        "a failover drops the replication export before anything else (the old primary is cut off)",
+    ),
+    Mutation(
+        "replica.peer-write-failure-marks-out-of-sync", REPLICA,
+        "            elif not self.state.out_of_sync:\n                # a write was acknowledged without the peer",
+        "            elif False:\n                # a write was acknowledged without the peer",
+        ("tests/integration/test_full_disks.py::test_secondary_out_of_space_for_its_undo_log_goes_out_of_sync_primary_goes_on",),
+        "a write acknowledged without the peer marks it out of sync",
     ),
     Mutation(
         "replica.size-mismatch-refused", REPLICA,

@@ -367,6 +367,14 @@ def test_a_target_that_is_primary_at_an_older_epoch_has_not_failed_over_yet() ->
     assert p.status.primary is not None and p.status.primary.pod == "vol-1-a"
 
 
+def test_a_failover_whose_target_died_is_failed_not_awaited_forever() -> None:
+    w = _in_flight()
+    for pods in ({}, {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", phase="Failed", ready=False)}):
+        p = plan(replace(w, pods=pods, agents={}))
+        assert p.status.phase == Phase.FAILED and "died during failover" in p.status.message
+        assert any(isinstance(a, Event) and a.reason == "FailoverFailed" for a in p.actions)
+
+
 def test_failover_failed_on_the_agent_is_reported() -> None:
     w = _in_flight()
     failed = AgentView("secondary", "failover_failed", 4, error="commit failed")
