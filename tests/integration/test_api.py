@@ -93,19 +93,19 @@ async def test_restart_finds_images_and_state_and_never_reformats(tmp_path: Path
     # a different size is refused, nothing is touched
     wrong = Agent("vol", tmp_path / "replica-1", "32Mi")
     await wrong.start(wait=False)
-    assert await wrong.wait_exit() == 2
+    assert await asyncio.wait_for(wrong.wait_exit(), 30) == 2, wrong.log_tail()
     assert "refusing to resize or reformat" in wrong.log_tail()
     assert (tmp_path / "replica-1" / "disk.raw").stat().st_size == 16 << 20
     # another volume's data dir is refused
     other = Agent("other", tmp_path / "replica-1", "16Mi")
     await other.start(wait=False)
-    assert await other.wait_exit() == 2
+    assert await asyncio.wait_for(other.wait_exit(), 30) == 2, other.log_tail()
     assert "holds volume 'vol'" in other.log_tail()
     # a missing disk next to a state file is not silently recreated
     (tmp_path / "replica-0" / "disk.raw").unlink()
     gone = Agent("vol", tmp_path / "replica-0", "16Mi")
     await gone.start(wait=False)
-    assert await gone.wait_exit() == 2
+    assert await asyncio.wait_for(gone.wait_exit(), 30) == 2, gone.log_tail()
     assert "refusing to create an empty disk" in gone.log_tail()
 
 

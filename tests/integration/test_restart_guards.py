@@ -175,3 +175,18 @@ async def test_an_overlay_of_another_size_fails_the_chain_check(tmp_path: Path) 
         code = await asyncio.wait_for(again.wait_exit(), 30)
         assert code == 2
         assert "Active disk, hidden disk, secondary disk's length are not the same" in again.log_tail()
+
+
+async def test_a_disk_resized_behind_the_replicas_back_is_refused(tmp_path: Path) -> None:
+    """The state remembers the volume's size; a disk file of another size (grown by hand,
+    say) is not adopted even when --size matches the file."""
+    async with agents(tmp_path, 1, size="16Mi") as (a,):
+        await a.secondary(1)
+    os.truncate(a.data_dir / persist.DISK_FILE, 32 * MiB)
+    grown = Agent(name=a.name, data_dir=a.data_dir, size="32Mi")
+    try:
+        await grown.start(wait=False)
+        assert await asyncio.wait_for(grown.wait_exit(), 30) == 2
+        assert f"holds a volume of {16 * MiB} bytes but --size says {32 * MiB}" in grown.log_tail()
+    finally:
+        await grown.stop()

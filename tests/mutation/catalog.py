@@ -445,7 +445,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "replica.size-mismatch-refused", REPLICA,
         "            if found.size != self.cfg.size:\n",
         "            if False:\n",
-        ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
+        (f"{T_RESTART}::test_a_disk_resized_behind_the_replicas_back_is_refused",),
         "a data dir is never resized",
     ),
     Mutation(
