@@ -24,7 +24,12 @@ SPEC = "operator/pairvol/api/spec.py"
 T_STAGES = ("tests/unit/test_agent_logic.py::TestStages",)
 T_STATE = ("tests/unit/test_agent_logic.py::TestPersistence",)
 T_DECISIONS = ("tests/unit/test_operator_decisions.py",)
-T_LEASE = ("tests/unit/test_operator_lease.py",)
+
+
+def lease_tests(*names: str) -> tuple[str, ...]:
+    """Each Lease test takes seconds (real API server, real expiry): select them by name."""
+    return tuple(f"tests/unit/test_operator_lease.py::{n}" for n in names)
+
 T_SPEC = ("tests/unit/test_api_spec.py",)
 T_RESTART = "tests/integration/test_restart_guards.py"
 
@@ -151,55 +156,66 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        new = await kube.replace(self.path, self._body(old, time.time()))\n"
         '        self._rv = (new.get("metadata") or {}).get("resourceVersion")\n'
         "        self._valid_until = sent + self.duration_s + self.safety_s\n",
-        T_LEASE, "a renewed lease is given up before it expires for others",
+        lease_tests("test_unreachable_api_server_means_lost_before_the_lease_expires"),
+        "a renewed lease is given up before it expires for others",
     ),
     Mutation(
         "lease.acquire-safety-margin", LEASE,
         "        self._valid_until = sent + self.duration_s - self.safety_s\n        self._held = True\n",
         "        self._valid_until = sent + self.duration_s + self.safety_s\n        self._held = True\n",
-        T_LEASE, "an acquired lease is given up before it expires for others",
+        lease_tests("test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark",
+                    "test_unreachable_api_server_means_lost_before_the_lease_expires"),
+        "an acquired lease is given up before it expires for others",
     ),
     Mutation(
         "lease.foreign-live-lease-not-taken", LEASE,
         "if holder and holder != self.holder and not lease_expired(old, now):",
         "if holder and holder != self.holder and lease_expired(old, now):",
-        T_LEASE, "a live lease of another holder is not taken over",
+        lease_tests("test_a_second_holder_waits_until_expiry_then_takes_over"),
+        "a live lease of another holder is not taken over",
     ),
     Mutation(
         "lease.expiry-needs-duration", LEASE,
         "    return now > renew + float(duration)\n",
         "    return now > renew\n",
-        T_LEASE, "a lease is live for its whole duration",
+        lease_tests("test_a_second_holder_waits_until_expiry_then_takes_over"),
+        "a lease is live for its whole duration",
     ),
     Mutation(
         "lease.lost-before-expiry", LEASE,
         "            if time.monotonic() >= self._valid_until:\n",
         "            if False:\n",
-        T_LEASE, "a keeper that cannot renew gives up before expiry",
+        lease_tests("test_unreachable_api_server_means_lost_before_the_lease_expires"),
+        "a keeper that cannot renew gives up before expiry",
     ),
     Mutation(
         "lease.held-means-before-expiry", LEASE,
         "return self._held and time.monotonic() < self._valid_until",
         "return self._held",
-        T_LEASE, "held is false once the validity ran out",
+        lease_tests("test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark"),
+        "held is false once the validity ran out",
     ),
     Mutation(
         "lease.no-mark-without-lease", LEASE,
         "            if not self.held:\n                raise LeaseError(f\"cannot mark out-of-sync",
         "            if False:\n                raise LeaseError(f\"cannot mark out-of-sync",
-        T_LEASE, "an out-of-sync mark is refused (not retried forever) when the lease is not held",
+        lease_tests("test_out_of_sync_mark_is_stored_on_the_lease",
+                    "test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark"),
+        "an out-of-sync mark is refused (not retried forever) when the lease is not held",
     ),
     Mutation(
         "lease.renew-only-own-lease", LEASE,
         "        if holder != self.holder:\n            raise LeaseError(f\"lease {self.name} now held by",
         "        if False:\n            raise LeaseError(f\"lease {self.name} now held by",
-        T_LEASE, "a keeper never renews (overwrites) a lease another holder took over",
+        lease_tests("test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overwrite_it"),
+        "a keeper never renews (overwrites) a lease another holder took over",
     ),
     Mutation(
         "lease.fence-before-release-on-shutdown", LEASE,
         "            if keeper.held or _is_primary(replica):\n",
         "            if False:\n",
-        T_LEASE, "a shutting-down primary stops serving before it gives the lease up",
+        lease_tests("test_a_primary_shutting_down_stops_serving_before_it_releases_the_lease"),
+        "a shutting-down primary stops serving before it gives the lease up",
     ),
     # -------------------------------------------------------------- operator/decisions.py
     Mutation(
