@@ -21,7 +21,8 @@ from tests.support.promtext import value
 from pairvol.agent.lease import parse_micro_time
 from pairvol.api.spec import parse_spec
 from pairvol.api.status import parse_time
-from pairvol.localcluster.demo import Stack, Writer, verify_log
+from pairvol.localcluster.demo import BLOCK, Stack, Writer, pattern, verify_log
+from pairvol.nbd import NBDClient
 from pairvol.operator.agentclient import AgentClient
 from pairvol.operator.k8s import lease_path, pods_path, secrets_path
 from pairvol.operator.manifests import OperatorConfig, secret_name
@@ -398,3 +399,34 @@ async def test_out_of_sync_secondary_is_never_promoted_automatically(stack: Stac
     await stack.annotate(name, "pairvol.io/failover", "now")
     st = await failed_over_from(stack, name, old["node"])
     assert st["primary"]["pod"] == sec["pod"] and st["lastFailover"]["reason"] == "manual"
+
+
+async def test_a_second_failover_after_re_protection_keeps_every_acknowledged_write(
+    stack: Stack, volume: Any
+) -> None:
+    """Re-protection makes a real secondary: kill the primary, wait until the volume is
+    Replicating again, kill the new primary; with Latest mode no acknowledged write of
+    either era is lost, and each failover has its own, higher epoch."""
+    name = "twice"
+    st = await replicating(stack, volume(name, failover={"mode": "Latest"}))
+    writer = following(stack, name)
+    writer.start()
+    epochs = []
+    for n in (1, 2):
+        target = len(writer.log.acked) + 30
+        await stack.wait_for(f"writes before failover {n}", lambda t=target: _at_least(writer, t), within=60)
+        old = st["primary"]
+        await stack.sim.kill_pod(stack.namespace, old["pod"])
+        st = await failed_over_from(stack, name, old["node"])
+        epochs.append(st["epoch"])
+        st = await stack.wait_phase(name, "Replicating", within=150)
+    target = len(writer.log.acked) + 10
+    await stack.wait_for("writes after the second failover", lambda: _at_least(writer, target), within=60)
+    log = await writer.stop()
+    async with await NBDClient.connect_unix(str(stack.socket_path(st))) as nbd:
+        image = await nbd.read_all()
+    lost = [seq for seq, _ in log.acked if image[seq * BLOCK : (seq + 1) * BLOCK] != bytes([pattern(seq)]) * BLOCK]
+    assert not lost, f"{len(lost)} acknowledged writes lost, first {lost[:5]}"
+    assert epochs[1] > epochs[0]
+    failed_over = [e for e in await stack.events(name) if e["reason"] == "FailedOver"]
+    assert len(failed_over) == 2, [e["message"] for e in failed_over]

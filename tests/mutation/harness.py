@@ -4,7 +4,8 @@ catch it.
 Why a copy: the worktree is never modified, so an interrupted run leaves nothing behind and
 two runs (or a developer editing the tree) cannot disturb each other. The copy's
 ``operator/`` comes first on ``PYTHONPATH``, so pytest and every agent or operator process a
-test starts (``python -m pairvol ...`` inherits the environment) run the mutated code.
+test starts (``python -m pairvol ...`` inherits the environment) run the mutated code; agent
+pods of the local cluster (e2e) get it through the operator's ``PAIRVOL_AGENT_ENV``.
 
 Why snippets and not line numbers: the guarded modules are being restructured. A mutation
 names an exact piece of code that must occur exactly once in its file; when it no longer
@@ -23,6 +24,7 @@ Outcomes per mutation:
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import random
 import shutil
@@ -133,6 +135,9 @@ class Workspace:
     def env(self, seed: int) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(self.root / "operator"), str(self.root)])
+        # agent pods of the local cluster get a minimal environment, not ours: the operator
+        # passes this on to them (e2e tests), so they run the mutated code too
+        env["PAIRVOL_AGENT_ENV"] = json.dumps({"PYTHONPATH": env["PYTHONPATH"], "PYTHONDONTWRITEBYTECODE": "1"})
         env["PYTHONHASHSEED"] = str(seed)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutated module must never be cached as the original
         if self.tools is not None:
