@@ -110,6 +110,7 @@ class Workspace:
     @classmethod
     def create(cls, source: Path = ROOT) -> Workspace:
         root = Path(tempfile.mkdtemp(prefix=f"pairvol-mutate-{os.getpid()}-"))
+        root.chmod(0o755)  # processes that drop privileges (the e2e operator, agents) read the copy too
         shutil.copytree(source, root / "repo", ignore=_IGNORE, symlinks=True)
         tools = source / ".venv" / "tools"
         if tools.is_dir():  # the pinned helm/kubectl of `make tools`, where tests look for them
