@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test unit integration e2e demo demo-agent bench tools clean
+.PHONY: venv lint test unit integration e2e demo demo-agent bench tools mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ demo: $(STAMP) tools
 # The data path alone: two agents on this machine, no Kubernetes.
 demo-agent: $(STAMP)
 	$(BIN)/python -m pairvol demo-agent
+
+# Mutation testing of the data guards (tests/mutation, docs/testing.md); MUTATE_ARGS e.g. --only stages.
+mutate: $(STAMP) tools
+	$(BIN)/python -m tests.mutation $(MUTATE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)

@@ -10,7 +10,6 @@ securityContext of the chart's Deployment, rendered by the real helm.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,8 +19,10 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support.ci import unavailable
 
 from pairvol.localcluster.demo import Stack
+from pairvol.operator.manifests import OperatorConfig
 
 LEASE_S = 2.0
 REPO = Path(__file__).resolve().parents[2]
@@ -44,17 +45,9 @@ def operator_pod() -> dict[str, Any]:
 
 
 @pytest.fixture
-def needs_agent() -> None:
-    """The agent ("pairvol agent") is built by another engineer; tests that need it skip
-    with a clear reason until it exists, instead of failing for a reason not theirs."""
-    if importlib.util.find_spec("pairvol.agent.cli") is None:
-        pytest.skip("pairvol agent (pairvol.agent.cli) is not implemented yet")
-
-
-@pytest.fixture
 async def stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIterator[Stack]:
     if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, mounts, cgroups)")
+        unavailable("needs root (network namespaces, mounts, cgroups)")
     # not under tmp_path: unix socket paths (the export under the node's hostPath) are
     # limited to 107 bytes, and pytest's tmp paths are long. Stack.up makes a short
     # /tmp/pairvol-demo-<pid>-* directory and removes it afterwards.
@@ -62,6 +55,20 @@ async def stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIterator[S
     # per-volume NetworkPolicies are created (the simulator does not enforce them)
     env = {"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}
     async with Stack.up(3, lease_duration=LEASE_S, operator_env=env, operator_pod=operator_pod) as s:
+        yield s
+
+
+@pytest.fixture
+async def default_stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIterator[Stack]:
+    """The operator with its *default* lease duration, lease margin and reconcile interval
+    (OperatorConfig; the chart does not change them), for what the README promises "with
+    the defaults". Volumes in it should use the CRD's defaults too (no ``volume`` fixture)."""
+    if os.geteuid() != 0:
+        unavailable("needs root (network namespaces, mounts, cgroups)")
+    del tmp_path
+    d = OperatorConfig()
+    env = {"PAIRVOL_LEASE_MARGIN": f"{d.lease_margin_s:g}", "PAIRVOL_RECONCILE_INTERVAL": f"{d.reconcile_interval_s:g}"}
+    async with Stack.up(3, lease_duration=d.lease_duration_s, operator_env=env, operator_pod=operator_pod) as s:
         yield s
 
 

@@ -8,21 +8,28 @@ log on the volume's NBD export.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.promtext import value
 
 from pairvol.agent.lease import parse_micro_time
+from pairvol.api.spec import parse_spec
 from pairvol.api.status import parse_time
-from pairvol.localcluster.demo import Stack, Writer, verify_log
-from pairvol.operator.k8s import lease_path, pods_path
+from pairvol.localcluster.demo import BLOCK, Stack, Writer, pattern, verify_log
+from pairvol.nbd import NBDClient
+from pairvol.operator.agentclient import AgentClient
+from pairvol.operator.k8s import lease_path, pods_path, secrets_path
+from pairvol.operator.manifests import OperatorConfig, secret_name
 
-pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240),
-              pytest.mark.usefixtures("needs_agent")]
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
-RTO_AFTER_LEASE_EXPIRY_S = 5.0
+RTO_S = 5.0  # README: "target <= 5 s from the primary's death to the new primary accepting writes"
 
 
 async def replicating(stack: Stack, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -128,10 +135,19 @@ async def test_manual_checkpoint_annotation(stack: Stack, volume: Any) -> None:
 
 @pytest.mark.parametrize("mode", ["Checkpoint", "Latest"])
 async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
-    stack: Stack, volume: Any, mode: str
+    default_stack: Stack, mode: str
 ) -> None:
-    name = f"kill-{mode.lower()}"
-    st = await replicating(stack, volume(name, failover={"mode": mode}))
+    """README: RTO <= 5 s from the primary's death to the new primary accepting writes, with
+    the defaults (operator settings and the volume's spec). Measured from the kill; the
+    timeline is printed. Fencing: the promotion is decided only after the old primary's
+    Lease expired plus the operator's margin, and the first write on the new primary comes
+    after that decision."""
+    stack, name = default_stack, f"kill-{mode.lower()}"
+    manifest = {"apiVersion": "pairvol.io/v1alpha1", "kind": "ReplicatedVolume", "metadata": {"name": name},
+                "spec": {"size": "64Mi", "failover": {"mode": mode}}}
+    spec = parse_spec(manifest["spec"], name=name)
+    config = OperatorConfig()
+    st = await replicating(stack, manifest)
     old = st["primary"]
     writer = following(stack, name)
     writer.start()
@@ -146,18 +162,20 @@ async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
                          within=30)
     assert writer.recovered_at is not None
     log = await writer.stop()
-    rto_after_expiry = writer.recovered_at - expiry
     lf = st["lastFailover"]
     decided = parse_time(lf["time"]) or 0.0
-    print(f"RTO after lease expiry {rto_after_expiry:.2f}s")
-    assert rto_after_expiry <= RTO_AFTER_LEASE_EXPIRY_S, (
-        f"new primary accepted writes {rto_after_expiry:.2f}s after lease expiry; timeline from the kill: "
-        f"lease expiry +{expiry - t_kill:.2f}s, failover decided +{decided - t_kill:.2f}s, "
-        f"agent failover {lf['durationMs']} ms, first write +{writer.recovered_at - t_kill:.2f}s"
+    rto = writer.recovered_at - t_kill
+    timeline = (
+        f"from the kill: lease expiry +{expiry - t_kill:.2f}s, failover decided +{decided - t_kill:.2f}s, "
+        f"agent failover {lf['durationMs']} ms, first write on the new primary +{rto:.2f}s "
+        f"(gracePeriodSeconds {spec.grace_period_s:g}, lease {config.lease_duration_s:g}s "
+        f"+ margin {config.lease_margin_s:g}s)"
     )
-    assert writer.recovered_at > expiry - 0.6, "never before the old primary's lease expired"
+    print(f"RTO {rto:.2f}s; {timeline}")
+    assert rto <= RTO_S, f"RTO {rto:.2f}s > {RTO_S}s; {timeline}"
+    assert decided - expiry > config.lease_margin_s, f"promoted before the old lease expired + margin; {timeline}"
+    assert writer.recovered_at > decided, f"a write was acknowledged before the failover was decided; {timeline}"
 
-    lf = st["lastFailover"]
     assert (lf["from"], lf["to"], lf["mode"]) == (old["node"], st["primary"]["node"], mode)
     await wait_role(stack, st["primary"]["pod"], "primary")
 
@@ -166,15 +184,22 @@ async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
         return {"FailingOver", "FailedOver"} <= reasons
 
     await stack.wait_for("FailingOver and FailedOver events", both_events, within=10)
+    text = await stack.metrics()
+    assert value(text, "pairvol_operator_failovers_total", mode=mode, trigger="automatic") == 1
+    assert value(text, "pairvol_operator_failover_duration_seconds_count", mode=mode) == 1
+    recorded = value(text, "pairvol_operator_failover_duration_seconds_sum", mode=mode)
+    assert abs(recorded - lf["durationMs"] / 1000) < 0.01, (recorded, lf["durationMs"])
 
     v = await verify_log(stack.socket_path(st), log, writer.resume_seq)
     assert v.consistent, v.detail
     if mode == "Latest":
         assert v.lost_acked == 0, v.detail
     else:
-        # rolled back to the last checkpoint: at most ~one interval (2 s) of writes lost
+        # rolled back to the last checkpoint: at most one interval of writes (plus the time a
+        # checkpoint takes to be requested, 2 reconcile intervals) may be lost
         rate = v.acked_before / max(0.1, t_kill - log.acked[0][1])
-        assert v.lost_acked <= rate * 4 + 5, v.detail
+        window = spec.checkpoint_interval_s + 2 * config.reconcile_interval_s
+        assert v.lost_acked <= rate * window + 5, v.detail
 
     st = await stack.wait_phase(name, "Replicating", within=150)
     assert st["secondary"]["pod"] != old["pod"], "re-protected with a fresh secondary"
@@ -243,21 +268,48 @@ async def _phase_in(stack: Stack, name: str, phases: set[str]) -> bool:
     return (await stack.status(name)).get("phase") in phases
 
 
+async def agent_status(stack: Stack, name: str, rep: dict[str, Any]) -> dict[str, Any]:
+    """An agent's /v1/status, called like the operator calls it (its token, its pod IP)."""
+    secret = await stack.kube.get(secrets_path(stack.namespace, secret_name(name)))
+    token = (secret.get("stringData") or {}).get("token") or base64.b64decode(secret["data"]["token"]).decode()
+    client = AgentClient()
+    try:
+        return await client.status(f"{rep['address']}:7800", token, timeout_s=5)
+    finally:
+        await client.close()
+
+
 async def test_operator_restarted_mid_failover_completes_it(stack: Stack, volume: Any) -> None:
+    """The operator dies while the failover it recorded is running on the agent, for certain:
+    the target's qemu-storage-daemon is frozen, so the agent's failover stops at its first
+    QMP command (after the new epoch is durable) and stays there until the daemon thaws."""
     name = "opkill"
     st = await replicating(stack, volume(name))
-    old = st["primary"]
+    old, sec = st["primary"], st["secondary"]
+    qsd = (await agent_status(stack, name, sec))["qsd"]["pid"]
     await stack.sim.kill_pod(stack.namespace, old["pod"])
-    # stop the operator as soon as it has decided (phase FailingOver, or lease wait)
-    await stack.wait_for("the failover to start",
-                         lambda: _phase_in(stack, name, {"FailingOver", "Degraded"}),
-                         within=30, every=0.01)
-    await stack.operator.restart(kill=True)
+    os.kill(qsd, signal.SIGSTOP)  # before the failover can be decided (grace + lease: seconds)
+    try:
+        recorded = await stack.wait_for("phase FailingOver", lambda: _failing_over(stack, name), within=30)
+
+        async def in_failover() -> bool:
+            return (await agent_status(stack, name, sec))["stage"] == "failover"
+
+        await stack.wait_for("the failover call to reach the agent", in_failover, within=30)
+        await stack.operator.restart(kill=True)  # mid-failover: recorded, called, not finished
+    finally:
+        os.kill(qsd, signal.SIGCONT)
     st = await failed_over_from(stack, name, old["node"])
-    assert st["epoch"] > 0 and st["primary"]["node"] == st["lastFailover"]["to"]
+    assert st["primary"]["pod"] == sec["pod"] and st["lastFailover"]["time"] == recorded["lastFailover"]["time"]
     st = await stack.wait_phase(name, "Replicating", within=150)
     failovers = [e for e in await stack.events(name) if e["reason"] == "FailedOver"]
     assert len(failovers) == 1, "exactly one failover, even across the restart"
+    assert f"epoch {recorded['epoch']}" in failovers[0]["message"], "finished with the recorded epoch"
+
+
+async def _failing_over(stack: Stack, name: str) -> dict[str, Any] | None:
+    st = await stack.status(name)
+    return st if st.get("phase") == "FailingOver" else None
 
 
 async def test_manual_failover_annotation(stack: Stack, volume: Any) -> None:
@@ -350,3 +402,34 @@ async def test_out_of_sync_secondary_is_never_promoted_automatically(stack: Stac
     await stack.annotate(name, "pairvol.io/failover", "now")
     st = await failed_over_from(stack, name, old["node"])
     assert st["primary"]["pod"] == sec["pod"] and st["lastFailover"]["reason"] == "manual"
+
+
+async def test_a_second_failover_after_re_protection_keeps_every_acknowledged_write(
+    stack: Stack, volume: Any
+) -> None:
+    """Re-protection makes a real secondary: kill the primary, wait until the volume is
+    Replicating again, kill the new primary; with Latest mode no acknowledged write of
+    either era is lost, and each failover has its own, higher epoch."""
+    name = "twice"
+    st = await replicating(stack, volume(name, failover={"mode": "Latest"}))
+    writer = following(stack, name)
+    writer.start()
+    epochs = []
+    for n in (1, 2):
+        target = len(writer.log.acked) + 30
+        await stack.wait_for(f"writes before failover {n}", lambda t=target: _at_least(writer, t), within=60)
+        old = st["primary"]
+        await stack.sim.kill_pod(stack.namespace, old["pod"])
+        st = await failed_over_from(stack, name, old["node"])
+        epochs.append(st["epoch"])
+        st = await stack.wait_phase(name, "Replicating", within=150)
+    target = len(writer.log.acked) + 10
+    await stack.wait_for("writes after the second failover", lambda: _at_least(writer, target), within=60)
+    log = await writer.stop()
+    async with await NBDClient.connect_unix(str(stack.socket_path(st))) as nbd:
+        image = await nbd.read_all()
+    lost = [seq for seq, _ in log.acked if image[seq * BLOCK : (seq + 1) * BLOCK] != bytes([pattern(seq)]) * BLOCK]
+    assert not lost, f"{len(lost)} acknowledged writes lost, first {lost[:5]}"
+    assert epochs[1] > epochs[0]
+    failed_over = [e for e in await stack.events(name) if e["reason"] == "FailedOver"]
+    assert len(failed_over) == 2, [e["message"] for e in failed_over]

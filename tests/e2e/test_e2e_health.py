@@ -20,8 +20,7 @@ from tests.e2e.test_e2e_failover import _at_least, _truthy, failed_over_from, fo
 from pairvol.localcluster.demo import Stack, verify_log
 from pairvol.operator.k8s import lease_path
 
-pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240),
-              pytest.mark.usefixtures("needs_agent")]
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
 
 async def test_a_primary_whose_daemon_died_is_failed_over_without_losing_acknowledged_writes(

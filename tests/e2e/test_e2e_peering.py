@@ -55,10 +55,13 @@ async def test_only_one_operator_replica_acts_and_the_other_takes_over(
 
 
 async def _paused(op: OperatorProcess) -> bool:
+    """Alive, and its last word on peering is that it pauses in favour of a higher priority.
+    A process that crashed, or never logged anything about peering, is not paused."""
+    alive = op.proc is not None and op.proc.returncode is None
     log = await read(op)
     resumed = log.rfind("Resuming operations")
-    paused = max(log.rfind("Pausing operations in favour"), log.rfind("Pausing all operators"))
-    return resumed < 0 or paused > resumed
+    paused = log.rfind("Pausing operations in favour")
+    return alive and paused >= 0 and paused > resumed
 
 
 async def _contains(op: OperatorProcess, text: str) -> bool:

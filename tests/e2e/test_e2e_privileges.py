@@ -17,7 +17,7 @@ from tests.support.agents import privileges, running_as
 from pairvol.localcluster.demo import Stack
 from pairvol.localcluster.kubelet_pods import security_plan
 
-pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240), pytest.mark.usefixtures("needs_agent")]
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
 
 def children(pid: int) -> list[int]:

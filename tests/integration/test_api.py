@@ -91,22 +91,28 @@ async def test_restart_finds_images_and_state_and_never_reformats(tmp_path: Path
     finally:
         await s.stop()
     # a different size is refused, nothing is touched
-    wrong = Agent("vol", tmp_path / "replica-1", "32Mi")
-    await wrong.start(wait=False)
-    assert await wrong.wait_exit() == 2
-    assert "refusing to resize or reformat" in wrong.log_tail()
+    wrong = await refused_start(Agent("vol", tmp_path / "replica-1", "32Mi"))
+    assert "refusing to resize or reformat" in wrong
     assert (tmp_path / "replica-1" / "disk.raw").stat().st_size == 16 << 20
     # another volume's data dir is refused
-    other = Agent("other", tmp_path / "replica-1", "16Mi")
-    await other.start(wait=False)
-    assert await other.wait_exit() == 2
-    assert "holds volume 'vol'" in other.log_tail()
+    other = await refused_start(Agent("other", tmp_path / "replica-1", "16Mi"))
+    assert "holds volume 'vol'" in other
     # a missing disk next to a state file is not silently recreated
     (tmp_path / "replica-0" / "disk.raw").unlink()
-    gone = Agent("vol", tmp_path / "replica-0", "16Mi")
-    await gone.start(wait=False)
-    assert await gone.wait_exit() == 2
-    assert "refusing to create an empty disk" in gone.log_tail()
+    gone = await refused_start(Agent("vol", tmp_path / "replica-0", "16Mi"))
+    assert "refusing to create an empty disk" in gone
+
+
+async def refused_start(agent: Agent) -> str:
+    """Start an agent that must refuse to start (exit status 2); its log tail. An agent that
+    starts anyway is stopped, never left running."""
+    try:
+        await agent.start(wait=False)
+        code = await asyncio.wait_for(agent.wait_exit(), 30)
+        assert code == 2, agent.log_tail()
+        return agent.log_tail()
+    finally:
+        await agent.stop()
 
 
 async def test_bad_flags_are_refused_with_a_clear_message(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from pairvol.localcluster.netns import ClusterNetwork
 from tests.support.agents import Agent, pair, write_psk
+from tests.support.promtext import value
 
 MiB = 1 << 20
 
@@ -49,6 +50,7 @@ async def wait_for(agent: Agent, pred: Any, within: float) -> dict[str, Any]:
 
 async def test_dead_secondary_stalls_writes_at_most_the_peer_timeout(tmp_path: Path) -> None:
     async with pair(tmp_path, size="16Mi", peer_timeout=2) as (primary, secondary):
+        failures_before = value(await primary.metrics(), "pairvol_replication_peer_failures_total", volume="vol")
         writes = asyncio.create_task(timed_writes(primary, 5))
         await asyncio.sleep(0.5)
         secondary.kill()
@@ -58,7 +60,8 @@ async def test_dead_secondary_stalls_writes_at_most_the_peer_timeout(tmp_path: P
         st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 5)
         assert st["replication"]["outOfSync"] is True
         assert "lost" in st["replication"]["error"]
-        assert "pairvol_replication_peer_failures_total" in await primary.metrics()
+        failures = value(await primary.metrics(), "pairvol_replication_peer_failures_total", volume="vol")
+        assert failures - failures_before == 1, "one peer loss, counted once"
 
 
 async def test_hung_secondary_daemon_is_dropped_like_a_partition(tmp_path: Path) -> None:

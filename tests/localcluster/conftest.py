@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from tests.support.ci import tool
 
 from pairvol.localcluster.cluster import LocalCluster
 
@@ -36,14 +36,6 @@ async def api_http(api_cluster: LocalCluster) -> AsyncIterator[aiohttp.ClientSes
         yield session
 
 
-def _find_kubectl() -> str | None:
-    candidates = [REPO / ".venv" / "tools" / "kubectl"]
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    return shutil.which("kubectl")
-
-
 KubectlRunner = Callable[..., Coroutine[Any, Any, tuple[int, str, str]]]
 
 
@@ -53,9 +45,7 @@ def kubectl(api_cluster: LocalCluster, tmp_path: Path) -> KubectlRunner:
 
     kubectl's discovery/OpenAPI cache goes to a per-test directory, not ~/.kube/cache.
     """
-    binary = _find_kubectl()
-    if binary is None:
-        pytest.skip("kubectl not found: run `make tools` (puts it in .venv/tools)")
+    binary = tool("kubectl")  # .venv/tools first, then PATH; skips locally, fails on CI
 
     async def run(*args: str, stdin: str | None = None, within: float = 30) -> tuple[int, str, str]:
         env = {

@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.support.ci import tool
 
 from pairvol.localcluster.cluster import LocalCluster
 
@@ -192,13 +192,10 @@ def _append(path: Path, text: str) -> None:
 
 
 REPO = Path(__file__).resolve().parents[2]
-HELM = REPO / ".venv" / "tools" / "helm"
 
 
 async def test_the_rendered_helm_chart_applies(kubectl: KubectlRunner) -> None:
-    repo, helm = REPO, HELM
-    if not await asyncio.to_thread(helm.exists):
-        pytest.skip("helm not found: run `make tools`")
+    repo, helm = REPO, tool("helm")  # .venv/tools first, then PATH; skips locally, fails on CI
     proc = await asyncio.create_subprocess_exec(
         str(helm), "template", "pv", str(repo / "charts" / "pairvol"), "--namespace", "default",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -21,7 +21,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from pairvol.nbd import NBDClient
+from pairvol.nbd import NBDClient, NBDError
 
 BLOCK = 4096
 MAGIC = b"PVLOG001"
@@ -65,9 +65,13 @@ class WriteLog:
     slots: int
     base_offset: int = 0
     history: list[list[Write]] = field(default_factory=list)
+    # why each writer stopped: "stopped" (asked to), "done" (max_writes), or the NBD error
+    # that ended it (the primary died)
+    ended: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.history = [[] for _ in range(self.writers)]
+        self.ended = ["running"] * self.writers
 
     def offset(self, slot: int) -> int:
         return self.base_offset + slot * BLOCK
@@ -83,7 +87,10 @@ class WriteLog:
         max_writes: int | None = None,
         pace: float = 0.0,
     ) -> None:
-        """Write until `stop` is set or a write fails (the primary died)."""
+        """Write until `stop` is set or the NBD connection fails (the primary died).
+
+        Only an NBD error ends a writer quietly (it is recorded in ``ended``); anything else
+        is a bug in the test and propagates."""
 
         async def writer(w: int) -> None:
             mine = self.slots_of(w)
@@ -95,20 +102,33 @@ class WriteLog:
                 self.history[w].append(entry)
                 try:
                     await client.pwrite(record(w, seq, slot), self.offset(slot))
-                except Exception:
+                except NBDError as exc:
+                    self.ended[w] = f"NBD error: {exc}"
                     return
                 entry.acked = time.monotonic()
                 if pace:
                     await asyncio.sleep(pace)
+            self.ended[w] = "stopped" if stop.is_set() else "done"
 
         await asyncio.gather(*(writer(w) for w in range(self.writers)))
 
-    def acked(self) -> int:
-        return sum(1 for h in self.history for e in h if e.acked is not None)
+    def acked(self, before: float = float("inf")) -> int:
+        """Writes acknowledged (before the given monotonic time)."""
+        return sum(1 for h in self.history for e in h if e.acked is not None and e.acked <= before)
 
     def check_cut(self, image: bytes, not_before: float, not_after: float) -> dict[str, int]:
         """Verify the image is a crash-consistent cut taken between the two monotonic times.
-        Returns counts; raises AssertionError with the first violation."""
+        Returns counts; raises AssertionError with the first violation.
+
+        A cut before which no write was acknowledged proves nothing (an image of zeroes
+        would pass), so that is a violation too: every writer must have had a write
+        acknowledged before ``not_before``."""
+        idle = [w for w in range(self.writers)
+                if not any(e.acked is not None and e.acked <= not_before for e in self.history[w])]
+        assert not idle, (
+            f"writers {idle} had no write acknowledged before the cut ({self.acked(not_before)} acked in all): "
+            f"the check would prove nothing; they ended with {[self.ended[w] for w in idle]}"
+        )
         seen: dict[int, tuple[int, int] | None] = {}
         for slot in range(self.slots):
             off = self.offset(slot)

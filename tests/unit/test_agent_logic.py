@@ -4,6 +4,9 @@ state, and the QMP recipes."""
 
 from __future__ import annotations
 
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,24 @@ class TestStages:
     def test_a_running_secondary_cannot_just_be_told_it_is_primary(self) -> None:
         with pytest.raises(IllegalTransition, match="POST /v1/failover"):
             check_start_primary(SEC_RUNNING, 9)
+
+    @pytest.mark.parametrize("stage", [Stage.FAILOVER, Stage.FAILOVER_FAILED])
+    def test_a_secondary_in_failover_cannot_be_told_it_is_primary(self, stage: Stage) -> None:
+        """Its disk is mid-commit (or the commit failed): serving it would serve half a
+        rollback, whatever the epoch."""
+        with pytest.raises(IllegalTransition, match=f"failover of this replica is {stage.value.replace('_', ' ')}"):
+            check_start_primary(Position(Role.SECONDARY, stage, 4), 9)
+
+    def test_a_stopped_secondary_restarts_only_with_a_new_epoch(self) -> None:
+        done = Position(Role.SECONDARY, Stage.DONE, 4)
+        with pytest.raises(IllegalTransition, match=r"^Block replication is running or done$"):
+            check_start_secondary(done, 4)
+        check_start_secondary(done, 5)
+
+    def test_stop_during_a_failover_is_ignored_not_an_error(self) -> None:
+        assert check_stop(Position(Role.SECONDARY, Stage.FAILOVER, 4)) is False
+        with pytest.raises(IllegalTransition, match=r"^Block replication is not running$"):
+            check_stop(Position(Role.SECONDARY, Stage.FAILOVER_FAILED, 4))
 
     def test_io_status_follows_replication_get_io_status(self) -> None:
         assert io_status(Role.SECONDARY, Stage.NONE) == "error"
@@ -178,6 +199,24 @@ class TestPersistence:
 
     def test_no_state_is_a_new_replica(self, tmp_path: Path) -> None:
         assert persist.load(tmp_path) is None
+
+    def test_a_slot_of_another_format_is_not_read_even_with_a_valid_crc(self, tmp_path: Path) -> None:
+        s = persist.PersistedState(name="v", size=1 << 20, epoch=1)
+        persist.save(tmp_path, s)  # seq 1 -> state.b
+        body = s.evolve(epoch=9).to_json().encode()
+        (tmp_path / "state.a").write_bytes(struct.pack(">8sQII", b"PVSTATE2", 2, len(body), zlib.crc32(body)) + body)
+        assert persist.load(tmp_path) == s
+
+    def test_a_state_of_another_version_is_refused(self) -> None:
+        text = persist.PersistedState(name="v", size=1 << 20).to_json().replace('"version": 1', '"version": 2')
+        with pytest.raises(persist.StateError, match="unsupported state version"):
+            persist.PersistedState.from_json(text)
+
+    def test_a_state_that_does_not_say_it_was_closed_cleanly_was_not(self) -> None:
+        """Overlays are trusted only after a clean stop; when in doubt, they are not."""
+        data = json.loads(persist.PersistedState(name="v", size=1 << 20).to_json())
+        del data["clean_shutdown"]
+        assert persist.PersistedState.from_json(json.dumps(data)).clean_shutdown is False
 
 
 class TestRecipes:

@@ -1,7 +1,9 @@
 """The operator's agent client speaks DESIGN.md §3: paths, bodies, bearer token, errors.
 
-The agent side here is a minimal aiohttp application that records what it receives and
-answers per the contract; the real agent is exercised by the e2e tests.
+The agent side here is a minimal aiohttp application that records what it receives, so
+these tests check what the client *sends* and how it turns error statuses into
+:class:`AgentError`. Its answers prove nothing about the real agent; the client against a
+real agent is tests/integration/test_agentclient_contract.py.
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ async def test_calls_follow_the_contract(agent: Any) -> None:
     c = AgentClient()
     try:
         assert await c.healthz(address)
-        assert (await c.status(address, TOKEN))["role"] == "secondary"
+        await c.status(address, TOKEN)
         await c.secondary(address, TOKEN, 6)
         await c.primary(address, TOKEN, 7, "10.0.0.2:7801", "full")
-        assert (await c.checkpoint(address, TOKEN))["id"] == 9
-        assert (await c.failover(address, TOKEN, 8, "latest"))["mode"] == "latest"
+        await c.checkpoint(address, TOKEN)
+        await c.failover(address, TOKEN, 8, "latest")
         await c.stop(address, TOKEN)
     finally:
         await c.close()
+    assert seen[:2] == [("GET", "/healthz", None), ("GET", "/v1/status", None)]
     assert seen[2:] == [
         ("POST", "/v1/secondary", {"epoch": 6}),
         ("POST", "/v1/primary", {"epoch": 7, "peer": "10.0.0.2:7801", "sync": "full"}),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from pairvol.operator.decisions import (
     DeletePod,
     DoFailover,
     Event,
+    FailoverDone,
     LeaseView,
     NodeView,
     PodView,
@@ -284,14 +286,19 @@ def test_partitioned_primary_that_lost_its_lease_is_replaced() -> None:
     assert any(isinstance(a, DoFailover) for a in p.actions)
 
 
-def test_out_of_sync_secondary_is_never_promoted_automatically() -> None:
-    p = plan(primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3)))
+@pytest.mark.parametrize("mode", ["Checkpoint", "Latest"])
+def test_out_of_sync_secondary_is_never_promoted_automatically(mode: str) -> None:
+    """In either mode: Latest would serve a disk without the writes it missed, Checkpoint
+    a checkpoint cut on a disk that was already behind."""
+    oos = primary_dead(spec=spec(failover={"mode": mode}),
+                       lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3))
+    p = plan(oos)
     assert not any(isinstance(a, DoFailover) for a in p.actions)
     assert p.status.phase == Phase.FAILED and "OutOfSync" in p.status.message
     assert p.status.secondary is not None and p.status.secondary.out_of_sync
     # ... but an operator may accept the loss explicitly
-    p2 = plan(primary_dead(status=p.status, annotations={ANN_FAILOVER: "now"}))
-    assert any(isinstance(a, DoFailover) for a in p2.actions)
+    p2 = plan(replace(oos, status=p.status, annotations={ANN_FAILOVER: "now"}))
+    assert DoFailover("vol-1-b", "10.0.0.2", 4, mode.lower()) in p2.actions
 
 
 def test_stale_out_of_sync_mark_from_an_older_epoch_is_ignored() -> None:
@@ -303,6 +310,14 @@ def test_automatic_false_blocks_failover() -> None:
     p = plan(primary_dead(spec=spec(failover={"automatic": False})))
     assert not any(isinstance(a, DoFailover) for a in p.actions)
     assert "automatic is false" in p.status.message
+
+
+@pytest.mark.parametrize("stage", ["none", "failover", "failover_failed", "done"])
+def test_only_a_running_secondary_is_promoted(stage: str) -> None:
+    """A secondary that is not running has no consistent undo log to fail over with."""
+    p = plan(primary_dead(agents={"vol-1-b": replace(SECONDARY_AGENT, stage=stage)}))
+    assert not any(isinstance(a, DoFailover) for a in p.actions)
+    assert f"secondary agent is secondary/{stage}, not secondary/running" in p.status.message
 
 
 def test_unhealthy_secondary_blocks_failover() -> None:
@@ -340,6 +355,25 @@ def test_operator_restarted_mid_failover_retries_with_the_same_epoch() -> None:
     p = plan(w)
     assert p.actions == (DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint"),)
     assert p.status.phase == Phase.FAILING_OVER
+
+
+def test_a_target_that_is_primary_at_an_older_epoch_has_not_failed_over_yet() -> None:
+    """Only the failover's own epoch proves the call took effect (the agent may report a
+    role restored from its disk)."""
+    w = _in_flight()
+    stale = AgentView("primary", "done", 3, "degraded")
+    p = plan(replace(w, agents={"vol-1-b": stale}))
+    assert not any(isinstance(a, SetRole | DeletePod | FailoverDone) for a in p.actions)
+    assert p.status.phase == Phase.FAILING_OVER
+    assert p.status.primary is not None and p.status.primary.pod == "vol-1-a"
+
+
+def test_a_failover_whose_target_died_is_failed_not_awaited_forever() -> None:
+    w = _in_flight()
+    for pods in ({}, {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", phase="Failed", ready=False)}):
+        p = plan(replace(w, pods=pods, agents={}))
+        assert p.status.phase == Phase.FAILED and "died during failover" in p.status.message
+        assert any(isinstance(a, Event) and a.reason == "FailoverFailed" for a in p.actions)
 
 
 def test_failover_failed_on_the_agent_is_reported() -> None:
@@ -478,6 +512,34 @@ def test_primary_that_dropped_its_peer_triggers_a_fresh_secondary() -> None:
     p = plan(replicating(agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
     assert DeletePod("vol-1-b", "primary dropped secondary vol-1-b: peer timeout") in p.actions
     assert p.status.secondary is None
+
+
+def test_a_resync_marks_the_secondary_out_of_sync_before_it_starts() -> None:
+    """A full sync to the secondary is about to overwrite its disk: until the primary says
+    it is replicating again, the secondary holds no consistent state and must not be promoted,
+    even if the primary dies mid-resync."""
+    elsewhere = replace(PRIMARY_AGENT, peer="10.0.0.9:7801")  # replicating to a previous peer
+    p = plan(replicating(agents={"vol-1-a": elsewhere, "vol-1-b": SECONDARY_AGENT}))
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2) in p.actions
+    assert p.status.phase == Phase.SYNCING and p.status.epoch == 4
+    assert p.status.secondary is not None and p.status.secondary.out_of_sync
+    # the primary dies before the sync finished: no promotion
+    dead = primary_dead(status=p.status.with_(epoch=4),
+                        lease=LeaseView("vol-1-a", 10, 3.0))
+    assert not any(isinstance(a, DoFailover) for a in plan(dead).actions)
+
+
+def test_out_of_sync_is_not_cleared_while_the_lease_records_a_mark_for_this_epoch() -> None:
+    """The primary's status may still say replicating when its durable mark says it dropped
+    the peer: the mark wins."""
+    w = replicating(lease=LeaseView("vol-1-a", 1, 3.0, out_of_sync_epoch=3))
+    p = plan(w)
+    assert p.status.secondary is not None and p.status.secondary.out_of_sync
+    assert p.status.phase == Phase.DEGRADED and "OutOfSync" in p.status.message
+    assert not any(isinstance(a, Event) and a.reason == "Replicating" for a in p.actions)
+    # a second tick with the mark already in status keeps it
+    p2 = plan(replace(w, status=p.status))
+    assert p2.status.secondary is not None and p2.status.secondary.out_of_sync
 
 
 def test_stray_pods_of_the_volume_are_deleted() -> None:

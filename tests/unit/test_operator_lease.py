@@ -121,6 +121,45 @@ async def test_out_of_sync_mark_is_stored_on_the_lease() -> None:
             await k.mark_out_of_sync(8)
 
 
+async def test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark() -> None:
+    """The lost-mark path: once the keeper's own validity ran out (no renewal, e.g. the
+    renewer is stuck), it no longer claims the lease, and an out-of-sync mark is refused
+    at once (the agent then must not acknowledge) instead of being written by a holder that
+    others may already consider gone."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=1.0)
+        await k.acquire(5)
+        assert k.held
+        await asyncio.sleep(1.0 - k.safety_s + 0.1)  # validity: duration minus the safety margin
+        assert not k.held
+        with pytest.raises(LeaseError, match="cannot mark out-of-sync at epoch 3: lease pairvol-vol not held"):
+            await asyncio.wait_for(k.mark_out_of_sync(3), 5)
+        meta = (await read_lease(cluster))["metadata"]
+        assert isinstance(meta, dict)
+        assert OUT_OF_SYNC_ANNOTATION not in (meta.get("annotations") or {})
+        await k.release()
+
+
+async def test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overwrite_it() -> None:
+    """Within its validity, a renewal that finds another holder reports the loss at once and
+    leaves the other holder's Lease alone (it may be the promoted primary's)."""
+    lost = Lost()
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost, duration=3.0)
+        await k.acquire(5)
+        task = asyncio.create_task(k.run())
+        async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+            lease = await kube.get(lease_path("default", "pairvol-vol"))
+            lease["spec"]["holderIdentity"] = "pod-b"
+            await kube.replace(lease_path("default", "pairvol-vol"), lease)
+        await asyncio.wait_for(task, 3)  # one renewal period (1 s) and a bit
+        assert lost.at is not None and not k.held
+        spec = (await read_lease(cluster))["spec"]
+        assert isinstance(spec, dict) and spec["holderIdentity"] == "pod-b"
+        await k.release()  # not held any more: only closes the client
+        assert (await read_lease(cluster))["spec"]["holderIdentity"] == "pod-b"  # type: ignore[index]
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(LeaseError, match="at least 1 second"):
         LeaseKeeper(namespace="d", name="n", holder="h", duration_s=0.5, kubeconfig=None,
@@ -412,3 +451,39 @@ async def test_an_out_of_sync_mark_without_the_lease_fails_while_the_export_serv
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Releasing the Lease lets the operator promote at once, so the export must be fenced
+    first: when the keeper is cancelled, the fence comes before the release."""
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        replica.state = SimpleNamespace(role="primary", epoch=2)
+        replica.serving = True
+        holders: list[object] = []
+
+        async def fence(reason: str) -> None:  # what the Lease says when the fence happens
+            holders.append((await read_lease(cluster))["spec"]["holderIdentity"])  # type: ignore[index]
+            replica.fenced.append(reason)
+            replica.serving = False
+
+        replica.fence_workload = fence  # type: ignore[method-assign]
+        async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+            for _ in range(50):
+                lease = await kube.get_or_none(lease_path("default", "pairvol-vol"))
+                if lease is not None and lease["spec"].get("holderIdentity") == "vol-3-a":
+                    break
+                await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert replica.fenced == ["agent shutting down"]
+        assert holders == ["vol-3-a"], "fenced while still holding the lease"
+        spec = (await read_lease(cluster))["spec"]
+        assert isinstance(spec, dict) and not spec.get("holderIdentity"), "released after the fence"

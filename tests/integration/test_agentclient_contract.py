@@ -1,0 +1,63 @@
+"""The operator's agent client against the real agent (DESIGN.md §3): what the operator
+sends is what the agent accepts, and what the agent answers is what the operator reads
+(``AgentView.from_status``). The unit test of the client checks the requests it sends;
+only a real agent can check the answers."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from pairvol.operator.agentclient import AgentClient, AgentError
+from pairvol.operator.decisions import AgentView
+from tests.support.agents import Agent, agents
+
+
+def address(agent: Agent) -> str:
+    return f"{agent.host}:{agent.api_port}"
+
+
+async def test_the_operator_drives_real_agents_through_a_failover_and_reads_their_status(tmp_path: Path) -> None:
+    token = secrets.token_hex(16)
+    c = AgentClient(timeout_s=10)
+    try:
+        async with agents(tmp_path, 2, size="16Mi", token=token) as (p, s):
+            assert await c.healthz(address(p))
+            fresh = AgentView.from_status(await c.status(address(s), token))
+            assert (fresh.role, fresh.stage, fresh.epoch) == ("none", "none", 0)
+
+            started = await c.secondary(address(s), token, 1)
+            assert (started["role"], started["stage"], started["epoch"]) == ("secondary", "running", 1)
+            started = await c.primary(address(p), token, 2, s.replication_address, "full")
+            assert (started["role"], started["epoch"]) == ("primary", 2)
+            await p.wait_replicating()
+            prim = AgentView.from_status(await c.status(address(p), token))
+            assert (prim.role, prim.epoch, prim.replication_state, prim.peer) == (
+                "primary", 2, "replicating", s.replication_address)
+
+            cut = await c.checkpoint(address(s), token)
+            assert cut["id"] == 1 and cut["durationMs"] > 0
+            sec = AgentView.from_status(await c.status(address(s), token))
+            assert (sec.role, sec.stage, sec.epoch) == ("secondary", "running", 1)
+            assert sec.checkpoint is not None and sec.checkpoint["id"] == 1
+
+            p.kill()
+            await p.wait_exit()
+            done = await c.failover(address(s), token, 3, "checkpoint")
+            assert (done["mode"], done["checkpointId"]) == ("checkpoint", 1) and done["durationMs"] > 0
+            promoted = AgentView.from_status(await c.status(address(s), token))
+            assert (promoted.role, promoted.stage, promoted.epoch) == ("primary", "done", 3)
+
+            with pytest.raises(AgentError) as err:
+                await c.failover(address(s), token, 3, "latest")
+            assert err.value.status == 409 and "only a secondary can fail over" in err.value.message
+            with pytest.raises(AgentError) as err:
+                await c.secondary(address(s), token, 2)
+            assert err.value.status == 409 and "stale epoch 2" in err.value.message
+            with pytest.raises(AgentError) as err:
+                await c.status(address(s), "not-the-token-0000")
+            assert err.value.status == 401
+    finally:
+        await c.close()

@@ -1,0 +1,192 @@
+"""What a replica does when its agent dies and comes back (DESIGN.md §4, unclean restarts):
+the failover's epoch is durable before the failover touches the daemon, an interrupted
+failover is reported as failed, overlays are trusted only after a clean stop, a restored
+primary waits for the operator, and a chain of overlays that does not fit the disk is
+refused with replication.c's message. Real agents and qemu-storage-daemons; deaths are
+SIGKILL of the agent's process group."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pairvol.agent import state as persist
+from pairvol.nbd import NBDError
+from tests.support.agents import Agent, agents, pair
+
+MiB = 1 << 20
+
+
+async def write_random(agent: Agent, rng: random.Random, image: bytearray, count: int) -> None:
+    async with await agent.nbd() as nbd:
+        for _ in range(count):
+            length = rng.choice([4096, 65536, MiB])
+            offset = rng.randrange(0, len(image) - length, 4096)
+            data = rng.randbytes(length)
+            await nbd.pwrite(data, offset)
+            image[offset : offset + length] = data
+
+
+async def read_all(agent: Agent) -> bytes:
+    async with await agent.nbd() as nbd:
+        return await nbd.read_all()
+
+
+@contextlib.asynccontextmanager
+async def restarted(agent: Agent, wait: bool = True) -> AsyncIterator[Agent]:
+    """The same replica (data dir) in a new agent process."""
+    again = Agent(name=agent.name, data_dir=agent.data_dir, size=agent.size)
+    try:
+        await again.start(wait=wait)
+        yield again
+    finally:
+        await again.stop()
+
+
+async def until(what: str, probe: Any, within: float) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        got = await probe()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {within} s"
+        await asyncio.sleep(0.02)
+
+
+async def refuses_connections(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_a_failover_is_durable_before_it_touches_the_daemon(tmp_path: Path) -> None:
+    """The secondary's daemon is frozen, so the failover stops at its first QMP command;
+    the agent dies there. The replica that comes back has the failover's epoch (the old
+    primary stays fenced), reports the failover as failed and does not export its disk for
+    replication again."""
+    async with pair(tmp_path, size="16Mi") as (primary, secondary):
+        image = bytearray(16 * MiB)
+        await write_random(primary, random.Random("durable"), image, 20)
+        await secondary.checkpoint()
+        primary.kill()
+        await primary.wait_exit()
+        qsd = (await secondary.status())["qsd"]["pid"]
+        os.kill(qsd, signal.SIGSTOP)
+        call = asyncio.create_task(secondary.failover(epoch=3, mode="checkpoint"))
+        try:
+            async def in_failover() -> bool:
+                return (await secondary.status())["stage"] == "failover"
+
+            await until("the failover to begin", in_failover, within=10)
+            await asyncio.sleep(0.2)  # it is blocked on the frozen daemon, not about to save
+            assert not call.done()
+            secondary.kill()  # agent and daemon, as a node losing power
+            await secondary.wait_exit()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qsd, signal.SIGCONT)
+            call.cancel()
+            with contextlib.suppress(BaseException):
+                await call
+    async with restarted(secondary) as again:
+        st = await again.status()
+        assert (st["role"], st["stage"], st["epoch"]) == ("secondary", "failover_failed", 3), st
+        assert "failover was interrupted" in st["restored"]
+        assert st["ioStatus"] == "allocated-only"
+        assert await refuses_connections(again.replication_address), "the replication export came back"
+        with pytest.raises(Exception, match="stale epoch 2: this replica is at epoch 3"):
+            await again.secondary(2)  # a caller with the old primary's epoch is fenced
+
+
+async def test_after_an_unclean_stop_the_secondary_starts_a_new_checkpoint_from_its_disk(tmp_path: Path) -> None:
+    """The undo log may miss metadata that lived in the dead daemon's memory; the disk holds
+    every acknowledged write. So the disk as found is a new checkpoint, and a checkpoint-mode
+    failover after the restart keeps every write acknowledged before the death."""
+    rng = random.Random("unclean")
+    async with pair(tmp_path, size="16Mi") as (primary, secondary):
+        image = bytearray(16 * MiB)
+        await write_random(primary, rng, image, 15)
+        await secondary.checkpoint()
+        cp = await secondary.checkpoint()
+        await write_random(primary, rng, image, 15)  # after the last checkpoint
+        primary.kill()
+        await primary.wait_exit()
+        secondary.kill()
+        await secondary.wait_exit()
+    async with restarted(secondary) as again:
+        st = await again.status()
+        assert (st["role"], st["stage"], st["epoch"]) == ("secondary", "running", 1), st
+        assert st["checkpoint"]["id"] == cp["id"] + 1
+        assert "not closed cleanly" in st["restored"]
+        result = await again.failover(epoch=3, mode="checkpoint")
+        assert result["checkpointId"] == cp["id"] + 1
+        assert await read_all(again) == bytes(image)
+
+
+async def test_a_restored_primary_serves_only_after_a_new_epoch(tmp_path: Path) -> None:
+    """Another replica may have been promoted while this one was down: it must not accept
+    a write before the operator confirms its role with a newer epoch."""
+    async with agents(tmp_path, 1, size="16Mi") as (a,):
+        await a.primary(2, None)
+        async with await a.nbd() as nbd:
+            await nbd.pwrite(b"p" * 65536, 0)
+        a.kill()
+        await a.wait_exit()
+    async with restarted(a) as again:
+        st = await again.status()
+        assert (st["role"], st["epoch"], st["export"]["serving"]) == ("primary", 2, False), st
+        assert "not serving the workload export" in st["restored"]
+        with pytest.raises(NBDError):
+            await again.nbd()
+        with pytest.raises(Exception, match="does not advance"):
+            await again.primary(2, None)
+        await again.primary(3, None)
+        assert (await again.status())["export"]["serving"] is True
+        async with await again.nbd() as nbd:
+            assert await nbd.pread(65536, 0) == b"p" * 65536
+
+
+async def test_an_overlay_of_another_size_fails_the_chain_check(tmp_path: Path) -> None:
+    """replication_start's length check, on the restore path: a hidden disk that does not
+    match the secondary disk is refused with QEMU's message, and the agent does not start."""
+    async with pair(tmp_path, size="16Mi") as (_, secondary):
+        pass  # both stopped cleanly: the secondary would resume its overlays
+    gen = persist.load(secondary.data_dir)
+    assert gen is not None
+    hidden = secondary.data_dir / f"hidden-{gen.generation}.qcow2"
+    assert hidden.exists()
+    hidden.unlink()
+    proc = await asyncio.create_subprocess_exec("qemu-img", "create", "-q", "-f", "qcow2", str(hidden), "32M")
+    assert await proc.wait() == 0
+    async with restarted(secondary, wait=False) as again:
+        code = await asyncio.wait_for(again.wait_exit(), 30)
+        assert code == 2
+        assert "Active disk, hidden disk, secondary disk's length are not the same" in again.log_tail()
+
+
+async def test_a_disk_resized_behind_the_replicas_back_is_refused(tmp_path: Path) -> None:
+    """The state remembers the volume's size; a disk file of another size (grown by hand,
+    say) is not adopted even when --size matches the file."""
+    async with agents(tmp_path, 1, size="16Mi") as (a,):
+        await a.secondary(1)
+    os.truncate(a.data_dir / persist.DISK_FILE, 32 * MiB)
+    grown = Agent(name=a.name, data_dir=a.data_dir, size="32Mi")
+    try:
+        await grown.start(wait=False)
+        assert await asyncio.wait_for(grown.wait_exit(), 30) == 2
+        assert f"holds a volume of {16 * MiB} bytes but --size says {32 * MiB}" in grown.log_tail()
+    finally:
+        await grown.stop()

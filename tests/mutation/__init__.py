@@ -1,0 +1,1 @@
+"""Mutation testing of the data guards: ``make mutate`` (see docs/testing.md)."""

@@ -1,0 +1,474 @@
+"""The mutations ``make mutate`` runs: one deliberate bug per guard line, and the smallest
+test selection that must catch it.
+
+Each entry: an id (``<module>.<guard>``), the file, an exact snippet that must occur once
+(context lines included when the guarded line alone is not unique), its replacement, the
+tests, and what the guard protects. See docs/testing.md for how to add one.
+
+Entries on code that is being restructured (the primary's peer handling and the secondary's
+checkpoint/restore paths in agent/replica.py) are expected to go STALE when that work lands:
+update the snippet to the new code, keep the intent.
+"""
+
+from __future__ import annotations
+
+from tests.mutation.harness import Mutation
+
+STAGES = "operator/pairvol/agent/stages.py"
+STATE = "operator/pairvol/agent/state.py"
+REPLICA = "operator/pairvol/agent/replica.py"
+LEASE = "operator/pairvol/agent/lease.py"
+DECISIONS = "operator/pairvol/operator/decisions.py"
+SPEC = "operator/pairvol/api/spec.py"
+
+T_STAGES = ("tests/unit/test_agent_logic.py::TestStages",)
+T_STATE = ("tests/unit/test_agent_logic.py::TestPersistence",)
+T_DECISIONS = ("tests/unit/test_operator_decisions.py",)
+
+
+def lease_tests(*names: str) -> tuple[str, ...]:
+    """Each Lease test takes seconds (real API server, real expiry): select them by name."""
+    return tuple(f"tests/unit/test_operator_lease.py::{n}" for n in names)
+
+T_SPEC = ("tests/unit/test_api_spec.py",)
+T_RESTART = "tests/integration/test_restart_guards.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ------------------------------------------------------------------ agent/stages.py
+    Mutation(
+        "stages.stale-epoch-off-by-one", STAGES,
+        "    if epoch < pos.epoch:\n",
+        "    if epoch < pos.epoch - 1:\n",
+        T_STAGES, "a caller one epoch behind is fenced",
+    ),
+    Mutation(
+        "stages.role-change-needs-higher-epoch", STAGES,
+        "if role_change and epoch == pos.epoch and pos.role is not Role.NONE:",
+        "if role_change and epoch < pos.epoch and pos.role is not Role.NONE:",
+        T_STAGES, "every role change needs a new, higher epoch",
+    ),
+    Mutation(
+        "stages.failover-secondary-cannot-be-made-primary", STAGES,
+        "if pos.role is Role.SECONDARY and pos.stage in (Stage.FAILOVER, Stage.FAILOVER_FAILED):",
+        "if pos.role is Role.SECONDARY and pos.stage in ():",
+        T_STAGES, "a secondary in FAILOVER / FAILOVER_FAILED cannot be told it is primary",
+    ),
+    Mutation(
+        "stages.running-secondary-cannot-be-made-primary", STAGES,
+        "    if pos.role is Role.SECONDARY and pos.stage is Stage.RUNNING:\n",
+        "    if False:\n",
+        T_STAGES, "a running secondary is promoted only by failover",
+    ),
+    Mutation(
+        "stages.stopped-secondary-same-epoch", STAGES,
+        "if pos.role is Role.SECONDARY and pos.stage is Stage.DONE and epoch == pos.epoch:",
+        "if False:",
+        T_STAGES, "a stopped secondary is not restarted at the same epoch",
+    ),
+    Mutation(
+        "stages.failover-only-from-secondary", STAGES,
+        "    if pos.role is not Role.SECONDARY:\n        raise IllegalTransition(f\"only a secondary can fail over",
+        "    if False:\n        raise IllegalTransition(f\"only a secondary can fail over",
+        T_STAGES, "only a secondary fails over",
+    ),
+    Mutation(
+        "stages.failover-only-when-running", STAGES,
+        "    if pos.stage is not Stage.RUNNING:\n"
+        "        raise IllegalTransition(f\"{NOT_RUNNING} (stage {pos.stage.value})\")",
+        "    if False:\n        raise IllegalTransition(f\"{NOT_RUNNING} (stage {pos.stage.value})\")",
+        T_STAGES, "failover only from a running secondary",
+    ),
+    Mutation(
+        "stages.failover-needs-higher-epoch", STAGES,
+        "        raise IllegalTransition(f\"{NOT_RUNNING} (stage {pos.stage.value})\")\n"
+        "    _check_epoch(pos, epoch, role_change=True)",
+        "        raise IllegalTransition(f\"{NOT_RUNNING} (stage {pos.stage.value})\")\n"
+        "    _check_epoch(pos, epoch, role_change=False)",
+        T_STAGES, "a failover carries a new epoch",
+    ),
+    Mutation(
+        "stages.checkpoint-only-on-secondary", STAGES,
+        "    if pos.role is not Role.SECONDARY:\n        raise IllegalTransition(f\"checkpoints are cut",
+        "    if False:\n        raise IllegalTransition(f\"checkpoints are cut",
+        T_STAGES, "checkpoints are cut on the secondary only",
+    ),
+    Mutation(
+        "stages.stop-after-failover-is-a-no-op", STAGES,
+        "if pos.stage in (Stage.DONE, Stage.FAILOVER):\n        return False",
+        "if pos.stage in (Stage.DONE,):\n        return False",
+        T_STAGES, "stop during a failover does not undo it",
+    ),
+    Mutation(
+        "stages.io-status-failover-failed", STAGES,
+        'return "allocated-only" if stage is Stage.FAILOVER_FAILED else "ok"',
+        'return "ok"',
+        T_STAGES, "a failed failover serves only allocated data",
+    ),
+    # ------------------------------------------------------------------- agent/state.py
+    Mutation(
+        "state.slot-crc", STATE,
+        "if magic != _SLOT_MAGIC or len(body) != length or zlib.crc32(body) != crc:",
+        "if magic != _SLOT_MAGIC or len(body) != length:",
+        T_STATE, "a torn slot is not read",
+    ),
+    Mutation(
+        "state.slot-magic", STATE,
+        "if magic != _SLOT_MAGIC or len(body) != length or zlib.crc32(body) != crc:",
+        "if len(body) != length or zlib.crc32(body) != crc:",
+        T_STATE, "a slot of another format is not read",
+    ),
+    Mutation(
+        "state.newest-slot-wins", STATE,
+        "return max(found, key=lambda slot: slot[0])[1]",
+        "return min(found, key=lambda slot: slot[0])[1]",
+        T_STATE, "the newest valid slot is the state",
+    ),
+    Mutation(
+        "state.alternate-slots", STATE,
+        "path = _slots(data_dir)[seq % 2]",
+        "path = _slots(data_dir)[0]",
+        T_STATE, "a write never overwrites the only valid slot",
+    ),
+    Mutation(
+        "state.corrupt-is-not-fresh", STATE,
+        "        if any(path.exists() for path in _slots(data_dir)):\n",
+        "        if False:\n",
+        T_STATE, "unreadable state is an error, not a new replica",
+    ),
+    Mutation(
+        "state.format-version", STATE,
+        'if data.pop("version", None) != FORMAT_VERSION:',
+        'if data.pop("version", None) is None:',
+        T_STATE, "a state of another format version is refused",
+    ),
+    Mutation(
+        "state.missing-clean-flag-is-unclean", STATE,
+        'clean_shutdown=bool(data.pop("clean_shutdown", False)),',
+        'clean_shutdown=bool(data.pop("clean_shutdown", True)),',
+        T_STATE, "a state that does not say it was closed cleanly is treated as unclean",
+    ),
+    # ------------------------------------------------------------------- agent/lease.py
+    Mutation(
+        "lease.renew-safety-margin", LEASE,
+        "        new = await kube.replace(self.path, self._body(old, time.time()))\n"
+        '        self._rv = (new.get("metadata") or {}).get("resourceVersion")\n'
+        "        self._valid_until = sent + self.duration_s - self.safety_s\n",
+        "        new = await kube.replace(self.path, self._body(old, time.time()))\n"
+        '        self._rv = (new.get("metadata") or {}).get("resourceVersion")\n'
+        "        self._valid_until = sent + self.duration_s + self.safety_s\n",
+        lease_tests("test_unreachable_api_server_means_lost_before_the_lease_expires"),
+        "a renewed lease is given up before it expires for others",
+    ),
+    Mutation(
+        "lease.acquire-safety-margin", LEASE,
+        "        self._valid_until = sent + self.duration_s - self.safety_s\n        self._held = True\n",
+        "        self._valid_until = sent + self.duration_s + self.safety_s\n        self._held = True\n",
+        lease_tests("test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark",
+                    "test_unreachable_api_server_means_lost_before_the_lease_expires"),
+        "an acquired lease is given up before it expires for others",
+    ),
+    Mutation(
+        "lease.foreign-live-lease-not-taken", LEASE,
+        "if holder and holder != self.holder and not lease_expired(old, now):",
+        "if holder and holder != self.holder and lease_expired(old, now):",
+        lease_tests("test_a_second_holder_waits_until_expiry_then_takes_over"),
+        "a live lease of another holder is not taken over",
+    ),
+    Mutation(
+        "lease.expiry-needs-duration", LEASE,
+        "    return now > renew + float(duration)\n",
+        "    return now > renew\n",
+        lease_tests("test_a_second_holder_waits_until_expiry_then_takes_over"),
+        "a lease is live for its whole duration",
+    ),
+    Mutation(
+        "lease.lost-before-expiry", LEASE,
+        "            if time.monotonic() >= self._valid_until:\n",
+        "            if False:\n",
+        lease_tests("test_unreachable_api_server_means_lost_before_the_lease_expires"),
+        "a keeper that cannot renew gives up before expiry",
+    ),
+    Mutation(
+        "lease.held-means-before-expiry", LEASE,
+        "return self._held and time.monotonic() < self._valid_until",
+        "return self._held",
+        lease_tests("test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark"),
+        "held is false once the validity ran out",
+    ),
+    Mutation(
+        "lease.no-mark-without-lease", LEASE,
+        "            if not self.held:\n                raise LeaseError(f\"cannot mark out-of-sync",
+        "            if False:\n                raise LeaseError(f\"cannot mark out-of-sync",
+        lease_tests("test_out_of_sync_mark_is_stored_on_the_lease",
+                    "test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark"),
+        "an out-of-sync mark is refused (not retried forever) when the lease is not held",
+    ),
+    Mutation(
+        "lease.renew-only-own-lease", LEASE,
+        "        if holder != self.holder:\n            raise LeaseError(f\"lease {self.name} now held by",
+        "        if False:\n            raise LeaseError(f\"lease {self.name} now held by",
+        lease_tests("test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overwrite_it"),
+        "a keeper never renews (overwrites) a lease another holder took over",
+    ),
+    Mutation(
+        "lease.fence-before-release-on-shutdown", LEASE,
+        "            if keeper.held or _is_primary(replica):\n",
+        "            if False:\n",
+        lease_tests("test_a_primary_shutting_down_stops_serving_before_it_releases_the_lease"),
+        "a shutting-down primary stops serving before it gives the lease up",
+    ),
+    # -------------------------------------------------------------- operator/decisions.py
+    Mutation(
+        "decisions.resync-marks-out-of-sync", DECISIONS,
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)\n"
+        "        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING",
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, sec.out_of_sync)\n"
+        "        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING",
+        T_DECISIONS, "a resync marks the secondary OutOfSync before it starts",
+    ),
+    Mutation(
+        "decisions.out-of-sync-refused-in-both-modes", DECISIONS,
+        "    if sec.out_of_sync and not manual:\n",
+        '    if sec.out_of_sync and not manual and spec.failover_mode == "Checkpoint":\n',
+        T_DECISIONS, "an OutOfSync secondary is never promoted automatically, in either mode",
+    ),
+    Mutation(
+        "decisions.automatic-false-blocks", DECISIONS,
+        "    if not manual and not spec.failover_automatic:\n",
+        "    if False:\n",
+        T_DECISIONS, "failover.automatic=false means no automatic failover",
+    ),
+    Mutation(
+        "decisions.secondary-must-be-running", DECISIONS,
+        'if agent.role != "secondary" or agent.stage != "running":',
+        'if agent.role != "secondary":',
+        T_DECISIONS, "only a running secondary is promoted",
+    ),
+    Mutation(
+        "decisions.wait-for-lease-expiry", DECISIONS,
+        "    if lease is not None and not lease.expired(world.now, world.settings.lease_margin_s):\n",
+        "    if False:\n",
+        T_DECISIONS, "no promotion while the primary's lease is live",
+    ),
+    Mutation(
+        "decisions.lease-margin", DECISIONS,
+        "return now > self.renew_time + self.duration_s + margin_s",
+        "return now > self.renew_time + self.duration_s",
+        T_DECISIONS, "the operator waits a margin past the lease's expiry",
+    ),
+    Mutation(
+        "decisions.grace-period", DECISIONS,
+        "        if world.now - since < spec.grace_period_s:\n",
+        "        if False:\n",
+        T_DECISIONS, "a dead primary is failed over only after the grace period",
+    ),
+    Mutation(
+        "decisions.failover-new-epoch", DECISIONS,
+        '    epoch = st.epoch + 1\n    reason = "manual" if manual else why',
+        '    epoch = st.epoch\n    reason = "manual" if manual else why',
+        T_DECISIONS, "a failover hands out a new epoch",
+    ),
+    Mutation(
+        "decisions.lease-mark-current-epoch", DECISIONS,
+        "        and (lease.out_of_sync_epoch >= st.epoch)\n",
+        "        and (lease.out_of_sync_epoch > st.epoch)\n",
+        T_DECISIONS, "an out-of-sync mark at the current epoch is applied",
+    ),
+    Mutation(
+        "decisions.lease-mark-not-stale", DECISIONS,
+        "        and (lease.out_of_sync_epoch >= st.epoch)\n",
+        "        and (lease.out_of_sync_epoch >= st.epoch - 1)\n",
+        T_DECISIONS, "an out-of-sync mark from an older epoch is ignored",
+    ),
+    Mutation(
+        "decisions.mark-not-cleared-while-in-lease", DECISIONS,
+        "        and not (lease is not None and lease.out_of_sync_epoch is not None"
+        " and lease.out_of_sync_epoch >= st.epoch)\n",
+        "        and True\n",
+        T_DECISIONS, "OutOfSync is not cleared while the Lease records a mark for this epoch",
+    ),
+    Mutation(
+        "decisions.expired-lease-means-dead-primary", DECISIONS,
+        "        and lease.holder == prim.pod\n        and lease.expired(now, world.settings.lease_margin_s)\n",
+        "        and lease.holder == prim.pod\n        and False\n",
+        T_DECISIONS, "a primary whose lease expired is treated as dead",
+    ),
+    Mutation(
+        "decisions.failover-done-needs-epoch", DECISIONS,
+        'if sa is not None and sa.role == "primary" and sa.epoch >= st.epoch:',
+        'if sa is not None and sa.role == "primary":',
+        T_DECISIONS, "a failover is done only when the target is primary at the failover's epoch",
+    ),
+    Mutation(
+        "decisions.failed-failover-is-reported", DECISIONS,
+        'if sa is not None and sa.stage == "failover_failed":',
+        "if False:",
+        T_DECISIONS, "a failed failover on the agent turns the volume Failed",
+    ),
+    Mutation(
+        "decisions.manual-failover-stops-primary-first", DECISIONS,
+        '    if manual and phealth == "ok":\n',
+        "    if False:\n",
+        T_DECISIONS, "a manual failover of a live primary stops it before promoting",
+    ),
+    Mutation(
+        "decisions.resume-with-recorded-epoch", DECISIONS,
+        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode))",
+        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch + 1, spec.agent_failover_mode))",
+        T_DECISIONS, "a resumed failover reuses the recorded epoch (never hands one out twice)",
+    ),
+    Mutation(
+        "decisions.failover-target-died", DECISIONS,
+        'if spod is None or spod.deleting or spod.phase in ("Failed", "Succeeded"):',
+        "if False:",
+        T_DECISIONS, "a failover whose target died is reported Failed, not awaited forever",
+    ),
+    Mutation(
+        "decisions.dropped-secondary-is-replaced", DECISIONS,
+        '        and (pa.replication_state == "degraded")\n',
+        "        and False\n",
+        T_DECISIONS, "a secondary the primary dropped is replaced",
+    ),
+    Mutation(
+        "decisions.new-secondary-not-on-primary-node", DECISIONS,
+        "if n.name != prim.node and n.name not in busy]",
+        "if n.name not in busy]",
+        T_DECISIONS, "the new secondary never shares the primary's node",
+    ),
+    Mutation(
+        "decisions.two-nodes-needed", DECISIONS,
+        "    if len(ranked) < 2:\n",
+        "    if len(ranked) < 1:\n",
+        T_DECISIONS, "both replicas need a node each",
+    ),
+    # ------------------------------------------------------------------------- api/spec.py
+    Mutation(
+        "api.size-whole-sectors", SPEC,
+        "            elif size % SECTOR:\n",
+        "            elif False:\n",
+        T_SPEC, "a volume is a whole number of sectors",
+    ),
+    Mutation(
+        "api.host-path-confined", SPEC,
+        "elif \"..\" in host_path.split(\"/\") or posixpath.normpath(host_path) == \"/\":",
+        "elif False:",
+        T_SPEC, "hostPath (removed with reclaimPolicy Delete) is never / and never climbs out with ..",
+    ),
+    Mutation(
+        "api.two-distinct-nodes", SPEC,
+        "            if 0 < len(set(nodes)) < 2:\n",
+        "            if False:\n",
+        T_SPEC, "spec.nodes names at least two nodes",
+    ),
+    Mutation(
+        "api.peer-timeout-at-least-1", SPEC,
+        'rep.get("peerTimeoutSeconds"), 5, 1)',
+        'rep.get("peerTimeoutSeconds"), 5, 0)',
+        T_SPEC, "a peer timeout of 0 is refused",
+    ),
+    Mutation(
+        "api.name-length", SPEC,
+        "if len(name) > MAX_VOLUME_NAME or not _DNS_LABEL.match(name):",
+        "if not _DNS_LABEL.match(name):",
+        T_SPEC, "volume names short enough for the pod and Service names derived from them",
+    ),
+    # ------------------------------------------------------------------ agent/replica.py
+    Mutation(
+        "replica.failover-epoch-durable-first", REPLICA,
+        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n",
+        "            self.state = self.state.evolve(epoch=epoch, stage=Stage.FAILOVER)\n",
+        (f"{T_RESTART}::test_a_failover_is_durable_before_it_touches_the_daemon",),
+        "the new epoch is saved before the failover changes anything",
+    ),
+    Mutation(
+        "replica.interrupted-failover-is-failed", REPLICA,
+        "            self.state = st.evolve(stage=Stage.FAILOVER_FAILED)\n",
+        "            self.state = st.evolve(stage=Stage.FAILOVER)\n",
+        (f"{T_RESTART}::test_a_failover_is_durable_before_it_touches_the_daemon",),
+        "an agent restarted mid-failover reports failover_failed",
+    ),
+    Mutation(
+        "replica.unclean-stop-distrusts-overlays", REPLICA,
+        "            if was_clean and have:\n",
+        "            if have:\n",
+        (f"{T_RESTART}::test_after_an_unclean_stop_the_secondary_starts_a_new_checkpoint_from_its_disk",),
+        "overlays are not trusted after an unclean stop",
+    ),
+    Mutation(
+        "replica.clean-stop-resumes", REPLICA,
+        "            if was_clean and have:\n",
+        "            if False:\n",
+        ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
+        "a cleanly stopped secondary resumes its checkpoint",
+    ),
+    Mutation(
+        "replica.restored-primary-does-not-serve", REPLICA,
+        "            await self._build_quorum()\n            what += \"; not serving",
+        "            await self._build_quorum(); await self._serve_workload()\n            what += \"; not serving",
+        (f"{T_RESTART}::test_a_restored_primary_serves_only_after_a_new_epoch",),
+        "a primary restored from disk does not serve until the operator confirms it",
+    ),
+    Mutation(
+        "replica.chain-lengths", REPLICA,
+        "        if len(lengths) != 1:\n",
+        "        if False:\n",
+        (f"{T_RESTART}::test_an_overlay_of_another_size_fails_the_chain_check",),
+        "active, hidden and secondary disk have one length",
+    ),
+    Mutation(
+        "replica.peer-failure-counter", REPLICA,
+        "            self.metrics.peer_failures.labels(self.cfg.name).inc()\n",
+        "            pass\n",
+        ("tests/integration/test_peer_failures.py::test_dead_secondary_stalls_writes_at_most_the_peer_timeout",),
+        "every peer loss is counted",
+    ),
+    Mutation(
+        "replica.checkpoint-zero-is-not-a-restore-point", REPLICA,
+        "if mode is FailoverMode.CHECKPOINT and (self.state.checkpoint is None or self.state.checkpoint.id == 0):",
+        "if False:",
+        ("tests/integration/test_replication.py::test_checkpoint_failover_before_any_checkpoint_keeps_the_synced_data",),
+        "a checkpoint-mode failover never rolls back to checkpoint 0 (before the full sync)",
+    ),
+    Mutation(
+        "replica.latest-keeps-every-write", REPLICA,
+        "                if mode is FailoverMode.CHECKPOINT:\n                    await self._commit(gen)\n",
+        "                if True:\n                    await self._commit(gen)\n",
+        ("tests/integration/test_replication.py::test_sigkill_of_the_primary_at_a_random_moment_under_load[1-latest]",),
+        "a latest-mode failover keeps every acknowledged write",
+    ),
+    Mutation(
+        "replica.checkpoint-mode-rolls-back", REPLICA,
+        "                if mode is FailoverMode.CHECKPOINT:\n                    await self._commit(gen)\n",
+        "                if False:\n                    await self._commit(gen)\n",
+        ("tests/integration/test_replication.py::test_sigkill_of_the_primary_at_a_random_moment_under_load[1-checkpoint]",),
+        "a checkpoint-mode failover is exactly the last checkpoint",
+    ),
+    Mutation(
+        "replica.failover-fences-first", REPLICA,
+        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n            await self._stop_nbd_server()\n",
+        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n",
+        ("tests/integration/test_replication.py::test_old_primary_cannot_write_to_the_promoted_secondary",),
+        "a failover drops the replication export before anything else (the old primary is cut off)",
+    ),
+    Mutation(
+        "replica.peer-write-failure-marks-out-of-sync", REPLICA,
+        "            elif not self.state.out_of_sync:\n                # a write was acknowledged without the peer",
+        "            elif False:\n                # a write was acknowledged without the peer",
+        ("tests/integration/test_full_disks.py::test_secondary_out_of_space_for_its_undo_log_goes_out_of_sync_primary_goes_on",),
+        "a write acknowledged without the peer marks it out of sync",
+    ),
+    Mutation(
+        "replica.size-mismatch-refused", REPLICA,
+        "            if found.size != self.cfg.size:\n",
+        "            if False:\n",
+        (f"{T_RESTART}::test_a_disk_resized_behind_the_replicas_back_is_refused",),
+        "a data dir is never resized",
+    ),
+    Mutation(
+        "replica.missing-disk-refused", REPLICA,
+        "            if not disk_exists:\n                raise ReplicaError(",
+        "            if False:\n                raise ReplicaError(",
+        ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
+        "a lost disk next to a state is not recreated empty",
+    ),
+)
