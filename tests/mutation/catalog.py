@@ -20,6 +20,11 @@ REPLICA = "operator/pairvol/agent/replica.py"
 LEASE = "operator/pairvol/agent/lease.py"
 DECISIONS = "operator/pairvol/operator/decisions.py"
 SPEC = "operator/pairvol/api/spec.py"
+GATE = "operator/pairvol/agent/gate.py"
+PEERLINK = "operator/pairvol/agent/peerlink.py"
+RECIPES = "operator/pairvol/qemu/recipes.py"
+T_LINK = "tests/integration/test_link_faults.py"
+T_GATE = "tests/integration/test_gate.py"
 
 T_STAGES = ("tests/unit/test_agent_logic.py::TestStages",)
 T_STATE = ("tests/unit/test_agent_logic.py::TestPersistence",)
@@ -34,6 +39,60 @@ T_SPEC = ("tests/unit/test_api_spec.py",)
 T_RESTART = "tests/integration/test_restart_guards.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
+    # ------------------------------------------------------------------ the replication link (I1, I2)
+    Mutation(
+        "peerlink.peer-failure-counter", PEERLINK,
+        "        self.metrics.peer_failures.labels(self.cfg.name).inc()\n",
+        "        pass\n",
+        ("tests/integration/test_peer_failures.py::test_dead_secondary_stalls_writes_at_most_the_peer_timeout",),
+        "every peer loss is counted",
+    ),
+    Mutation(
+        "peerlink.release-only-after-the-mark", PEERLINK,
+        "        crashpoints.hit(LINK_FAILED)\n",
+        "        crashpoints.hit(LINK_FAILED)\n        self.gate.release()\n",
+        (f"{T_LINK}::test_a_mark_that_cannot_be_recorded_holds_writes_until_it_is",
+         f"{T_LINK}::test_a_write_the_secondary_refuses_is_acknowledged_only_after_the_mark_is_durable"),
+        "no write is acknowledged without the peer before the mark is durable",
+    ),
+    Mutation(
+        "gate.error-reply-is-not-forwarded", GATE,
+        "            if error:\n                what = _COMMANDS",
+        "            if False:\n                what = _COMMANDS",
+        (f"{T_GATE}::test_an_error_reply_fails_the_gate_and_is_not_forwarded",
+         f"{T_LINK}::test_a_write_the_secondary_refuses_is_acknowledged_only_after_the_mark_is_durable"),
+        "an error reply from the peer closes the gate instead of reaching the quorum",
+    ),
+    Mutation(
+        "gate.stall-detected", GATE,
+        "            if age > self.stall_after:\n",
+        "            if False:\n",
+        (f"{T_GATE}::test_an_unanswered_request_fails_the_gate_after_the_stall_timeout",),
+        "a request the peer does not answer fails the link within the stall timeout",
+    ),
+    Mutation(
+        "gate.reads-refused-while-syncing", GATE,
+        "            if gate.released or (cmd == nbd.CMD_READ and not gate.serve_reads):\n",
+        "            if gate.released:\n",
+        (f"{T_GATE}::test_reads_are_refused_while_the_peer_is_incomplete",),
+        "a peer that is being synced never serves a read",
+    ),
+    Mutation(
+        "recipes.export-named-after-the-epoch", RECIPES,
+        '    return f"{REPLICATION_EXPORT}-e{epoch}"\n',
+        "    return REPLICATION_EXPORT\n",
+        (f"{T_LINK}::test_a_frozen_old_primary_resumed_after_its_peer_address_was_reused_writes_nothing_there",
+         "tests/unit/test_agent_logic.py::TestRecipes"),
+        "an old primary's link cannot reach a newer incarnation at the same address",
+    ),
+    Mutation(
+        "recipes.link-never-reconnects", RECIPES,
+        '        "reconnect-delay": 0,\n',
+        '        "reconnect-delay": 5,\n',
+        ("tests/unit/test_agent_logic.py::TestRecipes",
+         f"{T_LINK}::test_a_frozen_old_primary_resumed_after_its_peer_address_was_reused_writes_nothing_there"),
+        "nothing is re-sent over a reconnected link",
+    ),
     # ------------------------------------------------------------------ agent/stages.py
     Mutation(
         "stages.stale-epoch-off-by-one", STAGES,
@@ -416,13 +475,6 @@ MUTATIONS: tuple[Mutation, ...] = (
         "active, hidden and secondary disk have one length",
     ),
     Mutation(
-        "replica.peer-failure-counter", REPLICA,
-        "            self.metrics.peer_failures.labels(self.cfg.name).inc()\n",
-        "            pass\n",
-        ("tests/integration/test_peer_failures.py::test_dead_secondary_stalls_writes_at_most_the_peer_timeout",),
-        "every peer loss is counted",
-    ),
-    Mutation(
         "replica.checkpoint-zero-is-not-a-restore-point", REPLICA,
         "if mode is FailoverMode.CHECKPOINT and (self.state.checkpoint is None or self.state.checkpoint.id == 0):",
         "if False:",
@@ -449,13 +501,6 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n",
         ("tests/integration/test_replication.py::test_old_primary_cannot_write_to_the_promoted_secondary",),
         "a failover drops the replication export before anything else (the old primary is cut off)",
-    ),
-    Mutation(
-        "replica.peer-write-failure-marks-out-of-sync", REPLICA,
-        "            elif not self.state.out_of_sync:\n                # a write was acknowledged without the peer",
-        "            elif False:\n                # a write was acknowledged without the peer",
-        ("tests/integration/test_full_disks.py::test_secondary_out_of_space_for_its_undo_log_goes_out_of_sync_primary_goes_on",),
-        "a write acknowledged without the peer marks it out of sync",
     ),
     Mutation(
         "replica.size-mismatch-refused", REPLICA,

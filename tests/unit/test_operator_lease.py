@@ -147,7 +147,7 @@ async def test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overw
     async with LocalCluster(nodes=0) as cluster:
         k = keeper(cluster, "pod-a", lost, duration=3.0)
         await k.acquire(5)
-        task = asyncio.create_task(k.run())
+        task = asyncio.create_task(k.run(healthy=healthy))
         async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
             lease = await kube.get(lease_path("default", "pairvol-vol"))
             lease["spec"]["holderIdentity"] = "pod-b"
