@@ -50,11 +50,6 @@ async def test_docs_list_exactly_the_metrics_a_real_agent_exports(tmp_path: Path
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in agent/replica.py _run_sync: pairvol_sync_total_bytes is set only while polling an "
-    "unfinished mirror, so a sync that is READY within the first 0.5 s never sets it",
-)
 async def test_a_full_sync_reports_the_whole_volume_copied(tmp_path: Path) -> None:
     async with pair(tmp_path, size="64Mi") as (primary, _):
         text = await primary.metrics()

@@ -128,6 +128,9 @@ class PeerLink:
             self.syncing = True
             self.gate.serve_reads = False  # the peer lacks data until the sync is done
             self.sync_done, self.sync_total = 0, self.cfg.size
+            self.metrics.sync_total_bytes.labels(self.cfg.name).set(self.sync_total)
+            self.metrics.sync_done_bytes.labels(self.cfg.name).set(0)
+            self.metrics.sync_progress.labels(self.cfg.name).set(0.0)
             self.qsd.watch_job(r.SYNC_JOB)
             try:
                 await self.qsd.execute("blockdev-mirror", r.mirror_full())
@@ -245,6 +248,7 @@ class PeerLink:
             await self._delete_node(r.SYNC_TARGET_NODE)
             crashpoints.hit(SYNC_DONE)
             self.sync_done = self.sync_total
+            m.sync_total_bytes.labels(name).set(self.sync_total)
             m.sync_done_bytes.labels(name).set(self.sync_done)
             m.sync_progress.labels(name).set(1.0)
             if await self._in_sync(self):
