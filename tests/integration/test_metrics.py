@@ -8,7 +8,6 @@ import random
 import re
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.agents import agents, pair
