@@ -442,6 +442,10 @@ class Replica:
             await relay.kill()  # its clients must not get one more write through
         if self.serving:
             log.warning("fencing: workload export stopped: %s", reason)
+            # no client can connect again (a half-open connection would make the later
+            # nbd-server-stop wait for ever in QEMU 7.2), then the export goes
+            sock = self.cfg.export_socket
+            await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": r.WORKLOAD_EXPORT, "mode": "hard"})
             self.last_error = reason
