@@ -251,11 +251,16 @@ class Replica:
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.kill()  # its clients must not get one more write through
+        # One nbd-server-stop closes the listener and every export with its connections
+        # inside one command. Deleting the exports first returns to the main loop in
+        # between: a client (the old primary's NBD client) reconnects at once, and QEMU
+        # 7.2's nbd-server-stop then waits forever for that half-open connection, with the
+        # daemon's main loop blocked (seen with a primary writing during a failover).
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("nbd-server-stop")
         for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT, r.CANARY_EXPORT):
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
-        with contextlib.suppress(QemuError):
-            await self.qsd.execute("nbd-server-stop")
         self.serving = False
 
     async def _ensure_tls(self, endpoint: str) -> None:

@@ -113,6 +113,7 @@ class SecondaryChain:
         self._prepared: int | None = None
         self._prepare_task: asyncio.Task[None] | None = None
         self._retire_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # ------------------------------------------------------------------ files
 
@@ -203,7 +204,7 @@ class SecondaryChain:
             try:
                 await self.qsd.execute("blockdev-del", {"node-name": node})
             except QemuError as exc:
-                if not tolerant and "not find" not in str(exc) and "not found" not in str(exc):
+                if not tolerant and not _gone(exc):
                     raise ChainError(f"cannot delete overlay node {node}: {exc}") from exc
         self.attached.discard(gen)
 
@@ -245,7 +246,7 @@ class SecondaryChain:
             try:
                 await self.qsd.execute("block-job-cancel", {"device": job, "force": True})
             except QemuError as exc:
-                if "not found" in str(exc):
+                if _gone(exc):
                     return {"event": "GONE", "data": {}}
                 raise
             return await self.qsd.wait_job_event(job, {"BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"}, timeout)
@@ -255,7 +256,7 @@ class SecondaryChain:
 
     def unexpected_cow_end(self, job: str | None) -> bool:
         """A job-end event that means the current undo log is incomplete."""
-        return job == r.cow_job(self.generation) and job not in self._cancelling
+        return not self._closing and job == r.cow_job(self.generation) and job not in self._cancelling
 
     # ------------------------------------------------------------------ operations
 
@@ -414,6 +415,8 @@ class SecondaryChain:
         return gen, resumed
 
     async def close(self) -> None:
+        """Before the daemon quits (which ends every job)."""
+        self._closing = True
         for task in (self._retire_task, self._prepare_task):
             if task is not None:
                 task.cancel()
@@ -423,6 +426,12 @@ class SecondaryChain:
     def describe(self) -> dict[str, Any]:
         live = sorted(self.attached)
         return {"generation": self.generation, "live": live, "retiring": self.retiring, "peakLive": self.peak_live}
+
+
+def _gone(exc: QemuError) -> bool:
+    """QEMU's texts for a node or job that does not exist (any more)."""
+    text = str(exc)
+    return "not found" in text or "Failed to find" in text or "Cannot find" in text
 
 
 def _qcow2_header(path: Path) -> tuple[bytes, int]:
