@@ -240,12 +240,13 @@ class Replica:
         self.metrics.observe_state(st.role.value, st.stage.value, st.epoch, self.replication, st.out_of_sync)
         self.metrics.up.labels(self.cfg.name).set(1 if self.qsd.alive else 0)
 
-    async def _start_replication_export(self) -> None:
+    async def _start_replication_export(self, node: str) -> None:
+        """Export ``node`` (the secondary's copy-before-write filter over ``disk``)."""
         host, port = self.cfg.replication_listen
         if self.cfg.psk is not None:
             await self._ensure_tls("server")
         await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
-        await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, r.DISK_NODE))
+        await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node))
 
     async def _stop_nbd_server(self) -> None:
         if self.relay is not None:
@@ -335,8 +336,7 @@ class Replica:
             self.chain.generation = gen
             await self.chain.open_generation(gen)
             try:
-                await self._start_replication_export()
-                await self.chain.start_cow(gen)
+                await self._start_replication_export(await self.chain.start_cow(gen))
             except PairvolError:
                 await self._stop_nbd_server()
                 await self.chain.discard(gen)

@@ -34,7 +34,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,9 +234,25 @@ class SecondaryChain:
         if any(size != self.size for _, size in headers):
             raise ChainCheckFailed("Active disk, hidden disk, secondary disk's length are not the same")
 
-    async def start_cow(self, gen: int) -> None:
-        self.qsd.watch_job(r.cow_job(gen))
+    async def start_cow(self, gen: int) -> str:
+        """Start copy-before-write into hidden-G; returns the node to export to the primary.
+
+        The job's filter is inserted above ``disk`` and takes over the parents ``disk``
+        has *now*; a parent added later by the name ``disk`` would bypass it. So the
+        replication export is added after the job, on the filter node itself: no write can
+        reach ``disk`` without the undo log seeing it, not even in the moment between the
+        two commands (a primary reconnecting to a restarted secondary). Later cuts insert
+        their filters below this one and retiring it hands the export down to the next."""
+        job = r.cow_job(gen)
+        self.qsd.watch_job(job)
         await self.qsd.execute("blockdev-backup", r.backup_sync_none(gen))
+        graph = await self.qsd.execute("x-debug-query-block-graph")
+        job_id = next((n["id"] for n in graph["nodes"] if n["type"] == "block-job" and n["name"] == job), None)
+        filt = next((e["child"] for e in graph["edges"] if e["parent"] == job_id and e["name"] == "main node"), None)
+        name = next((n["name"] for n in graph["nodes"] if n["id"] == filt), None)
+        if name is None:
+            raise ChainError(f"copy-before-write job {job} has no filter node in the block graph")
+        return str(name)
 
     async def _cancel_job(self, job: str, timeout: float = 30.0) -> dict[str, Any]:
         """Cancel a job and wait until it is gone; returns its final event. Idempotent."""
@@ -393,7 +409,9 @@ class SecondaryChain:
             self.qsd.unwatch_job(r.COMMIT_JOB)
         crashpoints.hit(FAILOVER_AFTER_COMMIT)
 
-    async def restore_running(self, gen: int, clean: bool, start_export: Callable[[], Any]) -> tuple[int, bool]:
+    async def restore_running(
+        self, gen: int, clean: bool, start_export: Callable[[str], Awaitable[None]]
+    ) -> tuple[int, bool]:
         """A restarted secondary: returns (generation, resumed). After a clean stop the
         overlays are trusted and copy-before-write resumes on them. After an unclean stop
         they may lack metadata that lived in the dead daemon, and the disk as found may be
@@ -408,8 +426,7 @@ class SecondaryChain:
             await self._ensure_files(gen)
         self.generation = gen
         await self.attach(gen)
-        await start_export()
-        await self.start_cow(gen)
+        await start_export(await self.start_cow(gen))
         crashpoints.hit(RESTORE_AFTER_COW)
         self.prepare_next()
         return gen, resumed
