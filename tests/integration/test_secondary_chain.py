@@ -6,12 +6,13 @@ qemu-storage-daemons, NBD over TCP; every result is compared byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.support.agents import Agent, AgentCallError, pair
@@ -251,15 +252,18 @@ async def write_random(agent: Agent, rng: random.Random, image: bytearray, count
 
 
 @pytest.mark.parametrize(
-    ("crash_at", "result"),
+    ("crash_at", "result", "restored"),
     [
-        ("failover.mid-commit", "checkpoint"),
-        ("failover.after-commit", "checkpoint"),
-        ("failover.after-cow-cancelled", "latest"),
+        ("failover.after-epoch-saved", "latest", "kept the latest state"),
+        ("failover.after-export-stopped", "latest", "kept the latest state"),
+        ("failover.after-cow-cancelled", "latest", "kept the latest state"),
+        ("failover.mid-commit", "checkpoint", "commit was redone: checkpoint {id}"),
+        ("failover.after-commit", "checkpoint", "commit was redone: checkpoint {id}"),
+        ("failover.before-serve", "checkpoint", "found role primary"),
     ],
 )
 async def test_a_crash_during_the_checkpoint_failover_is_finished_on_restart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str, result: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str, result: str, restored: str
 ) -> None:
     """The agent dies at a step of a checkpoint-mode failover and restarts on the same data
     dir. Once the overlays were made durable (before the commit starts) the restart redoes
@@ -284,13 +288,55 @@ async def test_a_crash_during_the_checkpoint_failover_is_finished_on_restart(
         st: dict[str, Any] = await secondary.status()
         assert (st["role"], st["stage"], st["epoch"]) == ("primary", "done", 3), st
         assert st["export"]["serving"] is False  # a restarted primary waits for a new epoch
-        if result == "checkpoint":
-            assert re.search(rf"commit was redone: checkpoint {cp['id']}\b", st["restored"]), st["restored"]
-        else:
-            assert "kept the latest state" in st["restored"], st["restored"]
+        assert restored.format(id=cp["id"]) in st["restored"], st["restored"]
         assert list((tmp_path / "replica-1").glob("*.qcow2")) == []
         await secondary.primary(4, None)  # what the operator does to confirm the role
         got = await read_back(secondary)
         assert got == (at_checkpoint if result == "checkpoint" else bytes(image))
+    finally:
+        await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    "crash_at",
+    [
+        "checkpoint.after-prepare",
+        "checkpoint.after-attach",
+        "checkpoint.after-cut",
+        "checkpoint.after-save",
+        "retire.after-cancel",
+        "retire.after-detach",
+    ],
+)
+async def test_a_secondary_killed_at_a_step_of_a_checkpoint_recovers_to_exact_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    """The secondary dies at a step of a cut or of the retire after it, restarts, is
+    resynced, and is again a secondary whose checkpoints are exact: until a new cut there
+    is no restore point, after it a checkpoint-mode failover gives exactly that cut."""
+    rng = random.Random(crash_at)
+    primary, secondary = await _pair_with_crashing_secondary(tmp_path, monkeypatch, crash_at)
+    try:
+        image = bytearray(32 * MiB)
+        await write_random(primary, rng, image, 30)
+        with contextlib.suppress(AgentCallError, OSError, asyncio.TimeoutError, aiohttp.ClientError):
+            await secondary.checkpoint()  # the retire points are reached after it answered
+        assert await asyncio.wait_for(secondary.wait_exit(), 30) != 0
+        assert f"crash point {crash_at} reached" in secondary.log_tail(50)
+
+        await secondary.start()
+        st = await secondary.status()
+        assert (st["role"], st["stage"]) == ("secondary", "running") and st["checkpoint"]["restorePoint"] is False
+        await primary.primary(3, secondary.replication_address, "full")
+        await primary.wait_replicating()
+        await write_random(primary, rng, image, 20)
+        cp = await secondary.checkpoint()
+        at_checkpoint = bytes(image)
+        await write_random(primary, rng, image, 20)
+        primary.kill()
+        await primary.wait_exit()
+        result = await secondary.failover(4, "checkpoint")
+        assert (result["mode"], result["checkpointId"]) == ("checkpoint", cp["id"]), result
+        assert await read_back(secondary) == at_checkpoint
     finally:
         await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
