@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent import crashpoints
+from pairvol.agent.state import DISK_FILE
 from pairvol.errors import PairvolError
 from pairvol.qemu import QemuError, img
 from pairvol.qemu import recipes as r
@@ -407,6 +408,9 @@ class SecondaryChain:
                 raise ChainError(f"commit job failed: {event['data'].get('error', event['event'])}")
         finally:
             self.qsd.unwatch_job(r.COMMIT_JOB)
+        # the overlays are deleted once the caller persists the new role: the committed
+        # data must be on stable storage before that (a node crash loses the page cache)
+        await asyncio.to_thread(fsync_paths, [self.data_dir / DISK_FILE])
         crashpoints.hit(FAILOVER_AFTER_COMMIT)
 
     async def restore_running(
