@@ -77,6 +77,7 @@ async def quiet_round(tmp: Path, mode: str, delay: float) -> bool:
         assert await read_back(secondary) == bytes(image)  # every cut and the latest state agree here
         st = await secondary.status()
         assert (st["role"], st["stage"], st["export"]["serving"]) == ("primary", "done", True)
+        assert list(secondary.data_dir.glob("*.qcow2")) == [], "a promoted replica keeps no overlays"
         return PENDING in secondary.log_tail(400)
 
 

@@ -210,9 +210,17 @@ class SecondaryChain:
         self.attached.discard(gen)
 
     async def discard(self, gen: int) -> None:
-        """Drop a generation: nodes and files."""
+        """Drop a generation: nodes and files. Dropping the current one ends the chain
+        (failover, stop), so the pair prepared for the next cut goes too."""
         await self._detach_nodes(gen)
         await self._remove_files(gen)
+        if gen == self.generation:
+            if self._prepare_task is not None:
+                with contextlib.suppress(Exception):
+                    await self._prepare_task
+                self._prepare_task = None
+            self._prepared = None
+            await self._remove_files(gen + 1)
 
     async def check(self, gen: int) -> None:
         """replication_start's checks, with its messages. Reads the block graph's edges
