@@ -264,6 +264,7 @@ async def write_random(agent: Agent, rng: random.Random, image: bytearray, count
         ("failover.after-epoch-saved", "latest", "kept the latest state"),
         ("failover.after-export-stopped", "latest", "kept the latest state"),
         ("failover.after-cow-cancelled", "latest", "kept the latest state"),
+        ("failover.after-overlays-durable", "checkpoint", "commit was redone: checkpoint {id}"),
         ("failover.mid-commit", "checkpoint", "commit was redone: checkpoint {id}"),
         ("failover.after-commit", "checkpoint", "commit was redone: checkpoint {id}"),
         ("failover.before-serve", "checkpoint", "found role primary"),

@@ -76,6 +76,9 @@ FAILOVER_EPOCH_SAVED = crashpoints.point(
 FAILOVER_EXPORT_STOPPED = crashpoints.point(
     "failover.after-export-stopped", "the old primary is cut off; copy-before-write still runs"
 )
+FAILOVER_DURABLE = crashpoints.point(
+    "failover.after-overlays-durable", "the overlays are durable and marked so; the commit has not started"
+)
 FAILOVER_BEFORE_SERVE = crashpoints.point(
     "failover.before-serve", "role primary is persisted and the overlays are gone; the workload export is not up"
 )
@@ -433,6 +436,7 @@ class Replica:
                 if mode is FailoverMode.CHECKPOINT:
                     await self.chain.make_durable()
                     await self._save(overlays_durable=True)
+                    crashpoints.hit(FAILOVER_DURABLE)
                     await self.chain.commit()
             except PairvolError as exc:
                 self.last_error = f"failover failed: {exc}"
