@@ -23,6 +23,7 @@ SPEC = "operator/pairvol/api/spec.py"
 GATE = "operator/pairvol/agent/gate.py"
 PEERLINK = "operator/pairvol/agent/peerlink.py"
 RECIPES = "operator/pairvol/qemu/recipes.py"
+SECONDARY = "operator/pairvol/agent/secondary.py"
 T_LINK = "tests/integration/test_link_faults.py"
 T_GATE = "tests/integration/test_gate.py"
 
@@ -37,6 +38,7 @@ def lease_tests(*names: str) -> tuple[str, ...]:
 
 T_SPEC = ("tests/unit/test_api_spec.py",)
 T_RESTART = "tests/integration/test_restart_guards.py"
+T_CHAIN = "tests/integration/test_secondary_chain.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ the replication link (I1, I2)
@@ -434,31 +436,45 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ agent/replica.py
     Mutation(
         "replica.failover-epoch-durable-first", REPLICA,
-        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n",
-        "            self.state = self.state.evolve(epoch=epoch, stage=Stage.FAILOVER)\n",
+        "            await self._save(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode, overlays_durable=False)\n",
+        "            self.state = self.state.evolve(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode)\n",
         (f"{T_RESTART}::test_a_failover_is_durable_before_it_touches_the_daemon",),
         "the new epoch is saved before the failover changes anything",
     ),
     Mutation(
-        "replica.interrupted-failover-is-failed", REPLICA,
-        "            self.state = st.evolve(stage=Stage.FAILOVER_FAILED)\n",
-        "            self.state = st.evolve(stage=Stage.FAILOVER)\n",
+        "replica.undurable-checkpoint-failover-keeps-latest", REPLICA,
+        "        if mode is FailoverMode.CHECKPOINT and not (st.overlays_durable and",
+        "        if False and not (st.overlays_durable and",
         (f"{T_RESTART}::test_a_failover_is_durable_before_it_touches_the_daemon",),
-        "an agent restarted mid-failover reports failover_failed",
+        "a failover interrupted before its overlays were durable does not commit them",
     ),
     Mutation(
-        "replica.unclean-stop-distrusts-overlays", REPLICA,
-        "            if was_clean and have:\n",
-        "            if have:\n",
-        (f"{T_RESTART}::test_after_an_unclean_stop_the_secondary_starts_a_new_checkpoint_from_its_disk",),
+        "replica.interrupted-commit-is-redone", REPLICA,
+        "                await self.chain.commit()\n                what = f\"; the interrupted",
+        "                pass\n                what = f\"; the interrupted",
+        (f"{T_CHAIN}::test_a_crash_during_the_checkpoint_failover_is_finished_on_restart",),
+        "a restart after the overlays were durable redoes the commit: the checkpoint state",
+    ),
+    Mutation(
+        "secondary.unclean-stop-distrusts-overlays", SECONDARY,
+        "        resumed = clean and await self.have_files(gen)\n",
+        "        resumed = await self.have_files(gen)\n",
+        (f"{T_RESTART}::test_after_an_unclean_stop_the_secondary_has_no_restore_point_until_the_next_cut",),
         "overlays are not trusted after an unclean stop",
     ),
     Mutation(
-        "replica.clean-stop-resumes", REPLICA,
-        "            if was_clean and have:\n",
-        "            if False:\n",
+        "secondary.clean-stop-resumes", SECONDARY,
+        "        resumed = clean and await self.have_files(gen)\n",
+        "        resumed = False\n",
         ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
         "a cleanly stopped secondary resumes its checkpoint",
+    ),
+    Mutation(
+        "replica.unclean-restart-is-no-restore-point", REPLICA,
+        "                self.state = st.evolve(generation=gen, restore_point=False)\n",
+        "                self.state = st.evolve(generation=gen)\n",
+        (f"{T_RESTART}::test_after_an_unclean_stop_the_secondary_has_no_restore_point_until_the_next_cut",),
+        "the disk found after an unclean stop is never a restore point",
     ),
     Mutation(
         "replica.restored-primary-does-not-serve", REPLICA,
@@ -468,39 +484,53 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a primary restored from disk does not serve until the operator confirms it",
     ),
     Mutation(
-        "replica.chain-lengths", REPLICA,
-        "        if len(lengths) != 1:\n",
+        "secondary.chain-lengths", SECONDARY,
+        "        if any(size != self.size for _, size in headers):\n",
         "        if False:\n",
         (f"{T_RESTART}::test_an_overlay_of_another_size_fails_the_chain_check",),
         "active, hidden and secondary disk have one length",
     ),
     Mutation(
-        "replica.checkpoint-zero-is-not-a-restore-point", REPLICA,
-        "if mode is FailoverMode.CHECKPOINT and (self.state.checkpoint is None or self.state.checkpoint.id == 0):",
-        "if False:",
+        "replica.no-restore-point-keeps-latest", REPLICA,
+        "            why_latest = self._no_restore_point() if mode is FailoverMode.CHECKPOINT else None\n",
+        "            why_latest = None\n",
         ("tests/integration/test_replication.py::test_checkpoint_failover_before_any_checkpoint_keeps_the_synced_data",),
-        "a checkpoint-mode failover never rolls back to checkpoint 0 (before the full sync)",
+        "a checkpoint-mode failover never rolls back to a state that is no restore point",
     ),
     Mutation(
         "replica.latest-keeps-every-write", REPLICA,
-        "                if mode is FailoverMode.CHECKPOINT:\n                    await self._commit(gen)\n",
-        "                if True:\n                    await self._commit(gen)\n",
+        "                if mode is FailoverMode.CHECKPOINT:\n                    await self.chain.make_durable()\n",
+        "                if True:\n                    await self.chain.make_durable()\n",
         ("tests/integration/test_replication.py::test_sigkill_of_the_primary_at_a_random_moment_under_load[1-latest]",),
         "a latest-mode failover keeps every acknowledged write",
     ),
     Mutation(
         "replica.checkpoint-mode-rolls-back", REPLICA,
-        "                if mode is FailoverMode.CHECKPOINT:\n                    await self._commit(gen)\n",
-        "                if False:\n                    await self._commit(gen)\n",
+        "                if mode is FailoverMode.CHECKPOINT:\n                    await self.chain.make_durable()\n",
+        "                if False:\n                    await self.chain.make_durable()\n",
         ("tests/integration/test_replication.py::test_sigkill_of_the_primary_at_a_random_moment_under_load[1-checkpoint]",),
         "a checkpoint-mode failover is exactly the last checkpoint",
     ),
     Mutation(
         "replica.failover-fences-first", REPLICA,
-        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n            await self._stop_nbd_server()\n",
-        "            await self._save(epoch=epoch, stage=Stage.FAILOVER)\n",
+        "            crashpoints.hit(FAILOVER_EPOCH_SAVED)\n            await self._stop_nbd_server()\n",
+        "            crashpoints.hit(FAILOVER_EPOCH_SAVED)\n",
         ("tests/integration/test_replication.py::test_old_primary_cannot_write_to_the_promoted_secondary",),
         "a failover drops the replication export before anything else (the old primary is cut off)",
+    ),
+    Mutation(
+        "secondary.cut-retires-first", SECONDARY,
+        "        await self.retire_pending()\n        old, new = self.generation, self.generation + 1\n",
+        "        old, new = self.generation, self.generation + 1\n",
+        (f"{T_CHAIN}::test_a_burst_of_checkpoint_requests_shares_cuts_and_keeps_the_peer",),
+        "a cut never leaves more than two generations attached",
+    ),
+    Mutation(
+        "secondary.failover-retires-first", SECONDARY,
+        "        await self.retire_pending()\n        final = await self._cancel_job(r.cow_job(self.generation))\n",
+        "        final = await self._cancel_job(r.cow_job(self.generation))\n",
+        (f"{T_CHAIN}::test_a_failover_queued_behind_checkpoints_with_no_write_in_flight_succeeds",),
+        "no old copy-before-write filter is left when the commit or the writable export needs WRITE",
     ),
     Mutation(
         "replica.size-mismatch-refused", REPLICA,

@@ -22,6 +22,9 @@ Every command is serialised by one lock; background tasks (retire, a link that w
 take the same lock before they change the graph. Two things never wait for that lock,
 because a held write may be what the lock's holder waits for: fencing the workload export,
 and the link's mark-then-release (docs/correctness.md).
+The secondary's overlays, copy-before-write jobs and failover commit are owned by
+:class:`pairvol.agent.secondary.SecondaryChain`; this class keeps the role, stage and
+epoch, what is persisted, and the order of the steps.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pairvol.agent import crashpoints, secondary
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig
 from pairvol.agent.health import Health, Observed, judge
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.peerlink import PeerLink, PeerLinkError
+from pairvol.agent.secondary import ChainCheckFailed, SecondaryChain
 from pairvol.agent.stages import (
     FailoverMode,
     IllegalTransition,
@@ -65,13 +70,25 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[[int], Awaitable[None]]
 
+CHECKPOINT_SAVED = crashpoints.point(
+    "checkpoint.after-save", "the new checkpoint is persisted; the old generation is not yet retired"
+)
+FAILOVER_EPOCH_SAVED = crashpoints.point(
+    "failover.after-epoch-saved", "the new epoch and stage FAILOVER are persisted; the export still serves"
+)
+FAILOVER_EXPORT_STOPPED = crashpoints.point(
+    "failover.after-export-stopped", "the old primary is cut off; copy-before-write still runs"
+)
+FAILOVER_DURABLE = crashpoints.point(
+    "failover.after-overlays-durable", "the overlays are durable and marked so; the commit has not started"
+)
+FAILOVER_BEFORE_SERVE = crashpoints.point(
+    "failover.before-serve", "role primary is persisted and the overlays are gone; the workload export is not up"
+)
+
 
 class ReplicaError(PairvolError):
     """A replica operation failed (HTTP 500); the message says what and why."""
-
-
-class ChainCheckFailed(ReplicaError):
-    """replication_start's checks on the active/hidden/secondary chain failed."""
 
 
 class Replica:
@@ -97,14 +114,14 @@ class Replica:
         self._save_lock = asyncio.Lock()
         self._oos_lock = asyncio.Lock()
         self._peer_marked = False
-        self._prepared_generation: int | None = None
-        self._prepare_task: asyncio.Task[None] | None = None
-        self._cleanup_task: asyncio.Task[None] | None = None
         self.relay: Qsd | None = None
         self._fence_task: asyncio.Task[None] | None = None
-        self._cancelling: set[str] = set()
         self._tls_ready = False
         self.undo_log_broken: str | None = None
+        self.chain = SecondaryChain(
+            self.qsd, self.data_dir, self.run_dir, cfg.size, self.lock, metrics.cow_bytes.labels(cfg.name).inc
+        )
+        self._queued_cut: asyncio.Future[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,8 +166,10 @@ class Replica:
             await asyncio.to_thread((self._tls_dir / "keys.psk").write_text, self.cfg.psk.keys_file())
             await asyncio.to_thread(os.chmod, self._tls_dir / "keys.psk", 0o600)
         await self.qsd.execute("blockdev-add", r.file_node(self.disk_path, r.DISK_NODE, "raw"))
-        await asyncio.to_thread(self._remove_stale_overlays)
-        await self._restore(was_clean=found is None or found.clean_shutdown)
+        keep = self.state.generation if self.state.role is Role.SECONDARY else None
+        await asyncio.to_thread(self.chain.remove_stale, keep)
+        async with self.lock:
+            await self._restore(was_clean=found is None or found.clean_shutdown)
         await self._save(clean_shutdown=False)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
         self._observe()
@@ -162,47 +181,28 @@ class Replica:
         what = f"found role {st.role.value}, stage {st.stage.value}, epoch {st.epoch}"
         if st.checkpoint is not None:
             what += f", checkpoint {st.checkpoint.id}"
+        self.chain.generation = st.generation
         if st.role is Role.SECONDARY and st.stage is Stage.RUNNING:
-            gen = st.generation
-            hidden, active = self._overlay_paths(gen)
-            have = await asyncio.to_thread(lambda: hidden.exists() and active.exists())
-            if was_clean and have:
-                await self._attach_overlays(gen)
-                await self._start_replication_export()
-                await self._start_cow(gen)
+            gen, resumed = await self.chain.restore_running(st.generation, was_clean, self._start_replication_export)
+            if resumed:
                 what += "; resumed copy-before-write on the same checkpoint"
             else:
-                # After an unclean stop the qcow2 overlays may miss metadata that lived in the
-                # dead daemon's memory; the raw disk holds every write the primary got an ack
-                # for. Start over from the disk: that is a new crash-consistent checkpoint.
-                await self._remove_overlay_files(gen)
-                gen += 1
-                await self._create_overlays(gen)
-                await self._attach_overlays(gen)
-                await self._start_replication_export()
-                await self._start_cow(gen)
-                cp_id = (st.checkpoint.id + 1) if st.checkpoint else 0
-                self.state = st.evolve(generation=gen, checkpoint=Checkpoint(cp_id, time.time(), 0.0))
-                what += f"; the undo log was not closed cleanly, so the disk as found is checkpoint {cp_id}"
+                # After an unclean stop the overlays may lack metadata that lived in the dead
+                # daemon, and the disk may be a mix (a sync or writes were in flight): the disk
+                # as found is a starting point for new checkpoints, never a restore point.
+                self.state = st.evolve(generation=gen, restore_point=False)
+                what += "; the undo log was not closed cleanly, so there is no restore point until the next checkpoint"
         elif st.role is Role.PRIMARY:
             await self._build_quorum()
             what += "; not serving the workload export until the operator confirms the role with a new epoch"
             self.state = st.evolve(stage=Stage.DONE if st.stage is Stage.RUNNING else st.stage)
         elif st.stage is Stage.FAILOVER:
-            self.state = st.evolve(stage=Stage.FAILOVER_FAILED)
-            self.last_error = "the agent stopped during failover; the overlays are kept"
-            what += "; failover was interrupted"
+            what += await self._restore_failover()
         self.restored = what
         log.warning("restored replica state: %s", what)
 
     async def close(self) -> None:
-        if self._cleanup_task is not None:
-            with contextlib.suppress(BaseException):
-                await self._cleanup_task
-        if self._prepare_task is not None:
-            self._prepare_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._prepare_task
+        await self.chain.close()
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
@@ -215,7 +215,7 @@ class Replica:
             await asyncio.to_thread(shutil.rmtree, self._tls_dir, True)
         if clean:
             # the overlays run without flushes; make them durable before calling them clean
-            await asyncio.to_thread(self._fsync_files, [self.disk_path, *self._overlay_paths(self.state.generation)])
+            await asyncio.to_thread(self._fsync_files, [self.disk_path, *self.chain.paths(self.state.generation)])
             await self._save(clean_shutdown=True)
 
     @staticmethod
@@ -243,134 +243,29 @@ class Replica:
         self.metrics.observe_state(st.role.value, st.stage.value, st.epoch, self.replication, st.out_of_sync)
         self.metrics.up.labels(self.cfg.name).set(1 if self.qsd.alive else 0)
 
-    def _overlay_paths(self, gen: int) -> tuple[Path, Path]:
-        return self.data_dir / f"hidden-{gen}.qcow2", self.data_dir / f"active-{gen}.qcow2"
-
-    def _remove_stale_overlays(self) -> None:
-        """Overlays of other generations are leftovers (a pre-created pair, or a pair
-        whose deletion a crash interrupted); only the current pair may hold data."""
-        keep = set(self._overlay_paths(self.state.generation)) if self.state.role is Role.SECONDARY else set()
-        for pattern in ("hidden-*.qcow2", "active-*.qcow2"):
-            for path in self.data_dir.glob(pattern):
-                if path not in keep:
-                    path.unlink(missing_ok=True)
-
-    async def _create_overlays(self, gen: int) -> None:
-        """New empty overlays are copies of one empty qcow2 made at start-up: a copy of a
-        few hundred KiB costs far less than a qemu-img process per file."""
-        template = self.run_dir / "empty-overlay.qcow2"
-        if not await asyncio.to_thread(template.exists):
-            partial = template.with_suffix(".partial")
-            await asyncio.to_thread(lambda: partial.unlink(missing_ok=True))
-            await img.create(partial, "qcow2", self.cfg.size)
-            await asyncio.to_thread(os.replace, partial, template)
-
-        def copy() -> None:
-            for path in self._overlay_paths(gen):
-                if path.exists():
-                    raise ReplicaError(f"refusing to overwrite {path}: it exists already")
-                shutil.copyfile(template, path)
-
-        await asyncio.to_thread(copy)
-
-    async def _remove_overlay_files(self, gen: int) -> None:
-        def rm() -> None:
-            for path in self._overlay_paths(gen):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-
-        await asyncio.to_thread(rm)
-
-    def _prepare_next(self) -> None:
-        """Create the next overlay pair ahead of time, so the checkpoint itself only
-        runs QMP commands."""
-        gen = self.state.generation + 1
-
-        async def prepare() -> None:
-            await self._remove_overlay_files(gen)
-            await self._create_overlays(gen)
-            self._prepared_generation = gen
-
-        self._prepared_generation = None
-        self._prepare_task = asyncio.create_task(prepare(), name="prepare-overlays")
-
-    async def _ensure_overlays(self, gen: int) -> None:
-        if self._prepare_task is not None:
-            with contextlib.suppress(Exception):
-                await self._prepare_task
-        if self._prepared_generation != gen:
-            await self._remove_overlay_files(gen)
-            await self._create_overlays(gen)
-        self._prepared_generation = None
-
-    async def _attach_overlays(self, gen: int) -> None:
-        hidden_path, active_path = self._overlay_paths(gen)
-        hidden, active = r.overlay_pair(hidden_path, active_path, gen)
-        await self.qsd.execute("blockdev-add", hidden)
-        await self.qsd.execute("blockdev-add", active)
-        await self._check_chain(gen)
-
-    async def _detach_overlays(self, gen: int) -> None:
-        for node in (r.active_node(gen), r.hidden_node(gen)):
-            with contextlib.suppress(QemuError):
-                await self.qsd.execute("blockdev-del", {"node-name": node})
-        await self._remove_overlay_files(gen)
-
-    async def _check_chain(self, gen: int) -> None:
-        """replication_start's checks, with its messages."""
-        nodes = {n["node-name"]: n for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
-        active, hidden = nodes.get(r.active_node(gen)), nodes.get(r.hidden_node(gen))
-        disk = nodes.get(r.DISK_NODE)
-        if active is None or "backing_file" not in active:
-            raise ChainCheckFailed("Active disk doesn't have backing file")
-        if hidden is None or "backing_file" not in hidden:
-            raise ChainCheckFailed("Hidden disk doesn't have backing file")
-        if disk is None:
-            raise ChainCheckFailed("The secondary disk doesn't have block backend")
-        lengths = {n["image"]["virtual-size"] for n in (active, hidden, disk)}
-        if len(lengths) != 1:
-            raise ChainCheckFailed("Active disk, hidden disk, secondary disk's length are not the same")
-        if active["drv"] != "qcow2" or hidden["drv"] != "qcow2":
-            raise ChainCheckFailed("Active disk or hidden disk doesn't support make_empty")
-
-    async def _start_cow(self, gen: int) -> None:
-        self.qsd.watch_job(r.cow_job(gen))
-        await self.qsd.execute("blockdev-backup", r.backup_sync_none(gen))
-
-    async def _cancel_job(self, job: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Cancel a job and wait until it is gone; returns its final event."""
-        self.qsd.watch_job(job)
-        self._cancelling.add(job)
-        try:
-            await self.qsd.execute("block-job-cancel", {"device": job, "force": True})
-        except QemuError as exc:
-            self.qsd.unwatch_job(job)
-            if "not found" in str(exc):
-                return {"event": "GONE", "data": {}}
-            raise
-        try:
-            return await self.qsd.wait_job_event(job, {"BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"}, timeout)
-        finally:
-            self.qsd.unwatch_job(job)
-            self._cancelling.discard(job)
-
-    async def _start_replication_export(self) -> None:
+    async def _start_replication_export(self, node: str) -> None:
+        """Export ``node`` (the secondary's copy-before-write filter over ``disk``)."""
         host, port = self.cfg.replication_listen
         if self.cfg.psk is not None:
             await self._ensure_tls()
         await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
         name = r.replication_export_name(self.state.epoch)
-        await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, r.DISK_NODE, name=name))
+        await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node, name=name))
 
     async def _stop_nbd_server(self) -> None:
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.kill()  # its clients must not get one more write through
+        # One nbd-server-stop closes the listener and every export with its connections
+        # inside one command. Deleting the exports first returns to the main loop in
+        # between: a client that reconnects at once (an NBD client with a reconnect delay)
+        # makes QEMU 7.2's nbd-server-stop wait forever for that half-open connection, with
+        # the daemon's main loop blocked (seen with a primary writing during a failover).
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("nbd-server-stop")
         for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT):
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
-        with contextlib.suppress(QemuError):
-            await self.qsd.execute("nbd-server-stop")
         self.serving = False
 
     async def _ensure_tls(self) -> None:
@@ -455,6 +350,8 @@ class Replica:
             await self.qsd.execute("nbd-server-stop")
 
     # ------------------------------------------------------------------ secondary
+    # The overlays, copy-before-write and the commit belong to self.chain (agent/secondary.py);
+    # these methods own the stage, the epoch and what is persisted, and hold the lock.
 
     async def start_secondary(self, epoch: int) -> dict[str, Any]:
         async with self.lock:
@@ -463,74 +360,76 @@ class Replica:
                 await self._teardown_primary()
             gen = self.state.generation + 1
             await self._save(epoch=epoch, role=Role.SECONDARY, stage=Stage.NONE, peer=None)
-            await self._ensure_overlays(gen)
+            self.chain.generation = gen
+            await self.chain.open_generation(gen)
             try:
-                await self._attach_overlays(gen)
-                await self._start_replication_export()
-                await self._start_cow(gen)
+                await self._start_replication_export(await self.chain.start_cow(gen))
             except PairvolError:
                 await self._stop_nbd_server()
-                await self._detach_overlays(gen)
+                await self.chain.discard(gen)
                 raise
+            # checkpoint 0 is the disk before the primary's full sync: not a restore point
             cp = Checkpoint(0, time.time(), 0.0)
-            await self._save(stage=Stage.RUNNING, generation=gen, checkpoint=cp, out_of_sync=False)
+            await self._save(
+                stage=Stage.RUNNING, generation=gen, checkpoint=cp, restore_point=False, out_of_sync=False
+            )
             self.replication = "replicating"
             self.metrics.checkpoint_id.labels(self.cfg.name).set(0)
             self.metrics.checkpoint_last_timestamp.labels(self.cfg.name).set(cp.time)
             self._observe()
-            self._prepare_next()
+            self.chain.prepare_next()
             log.info("secondary started at epoch %d, exporting on %s:%d", epoch, *self.cfg.replication_listen)
             return self.status()
 
     async def checkpoint(self) -> dict[str, Any]:
+        """Cut a checkpoint. Requests that arrive while a cut waits for the lock share that
+        cut: each caller gets the id of a cut that began after its request arrived, and a
+        burst of N requests costs one or two cuts, not N. The cut runs to its end even if
+        a caller gives up waiting (it is shielded): the chain stays consistent either way."""
+        queued = self._queued_cut
+        if queued is None:
+            queued = self._queued_cut = asyncio.ensure_future(self._cut())
+            queued.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(queued)
+
+    async def _cut(self) -> dict[str, Any]:
         async with self.lock:
+            self._queued_cut = None  # requests from here on need a cut that starts later
             check_checkpoint(self.position)
-            t0 = time.perf_counter()
-            old, new = self.state.generation, self.state.generation + 1
-            await self._ensure_overlays(new)
-            await self._attach_overlays(new)
-            self.qsd.watch_job(r.cow_job(new))
-            t_cut = time.perf_counter()
-            try:
-                await self.qsd.execute(
-                    "transaction", {"actions": [{"type": "blockdev-backup", "data": r.backup_sync_none(new)}]}
-                )
-            except PairvolError:
-                self.qsd.unwatch_job(r.cow_job(new))
-                await self._detach_overlays(new)
-                raise
-            cut_s = time.perf_counter() - t_cut
-            duration = time.perf_counter() - t0
+            cut = await self.chain.cut()
             cp = Checkpoint(
-                (self.state.checkpoint.id + 1) if self.state.checkpoint else 1, time.time(), duration * 1000
+                (self.state.checkpoint.id + 1) if self.state.checkpoint else 1, time.time(), cut.duration_s * 1000
             )
-            await self._save(generation=new, checkpoint=cp)
+            await self._save(generation=cut.generation, checkpoint=cp, restore_point=True)
+            crashpoints.hit(CHECKPOINT_SAVED)
+            self.chain.schedule_retire()
             if self.undo_log_broken:
                 log.warning("undo log complete again from checkpoint %d on", cp.id)
                 self.undo_log_broken = self.last_error = None
             m = self.metrics
-            m.checkpoint_duration.labels(self.cfg.name).observe(duration)
-            m.checkpoint_cut.labels(self.cfg.name).observe(cut_s)
+            m.checkpoint_duration.labels(self.cfg.name).observe(cut.duration_s)
+            m.checkpoint_cut.labels(self.cfg.name).observe(cut.cut_s)
             m.checkpoint_id.labels(self.cfg.name).set(cp.id)
             m.checkpoint_last_timestamp.labels(self.cfg.name).set(cp.time)
-            self._cleanup_task = asyncio.create_task(self._retire_generation(old), name="retire-overlays")
             log.debug(
-                "checkpoint %d in force after %.2f ms (transaction %.2f ms)", cp.id, duration * 1000, cut_s * 1000
+                "checkpoint %d in force after %.2f ms (transaction %.2f ms)",
+                cp.id,
+                cut.duration_s * 1000,
+                cut.cut_s * 1000,
             )
-            return {"id": cp.id, "durationMs": round(duration * 1000, 3), "cutMs": round(cut_s * 1000, 3)}
+            return {"id": cp.id, "durationMs": round(cut.duration_s * 1000, 3), "cutMs": round(cut.cut_s * 1000, 3)}
 
-    async def _retire_generation(self, old: int) -> None:
-        """After a cut: stop copy-before-write into the old hidden disk and delete the
-        old pair. Off the checkpoint's critical path, but under the lock, so the next
-        command finds a tidy graph."""
-        async with self.lock:
-            try:
-                final = await self._cancel_job(r.cow_job(old))
-                self.metrics.cow_bytes.labels(self.cfg.name).inc(int(final.get("data", {}).get("offset", 0)))
-                await self._detach_overlays(old)
-            except PairvolError as exc:
-                log.error("could not retire overlays of checkpoint generation %d: %s", old, exc)
-            self._prepare_next()
+    def _no_restore_point(self) -> str | None:
+        """Why a checkpoint-mode failover cannot return to the current checkpoint."""
+        cp = self.state.checkpoint
+        if cp is None or cp.id == 0:
+            return "no checkpoint had been cut since the secondary started"
+        if not self.state.restore_point:
+            return (
+                f"checkpoint {cp.id} is no restore point since the agent restarted after an unclean stop, "
+                "and no checkpoint has been cut since"
+            )
+        return None
 
     async def failover(self, epoch: int, mode: FailoverMode) -> dict[str, Any]:
         async with self.lock:
@@ -541,35 +440,37 @@ class Replica:
                     "checkpoint first, or fail over in mode 'latest'"
                 )
             t0 = time.perf_counter()
-            gen = self.state.generation
-            # The new epoch is durable before anything else: from here on the old primary is fenced.
-            await self._save(epoch=epoch, stage=Stage.FAILOVER)
-            await self._stop_nbd_server()
-            final = await self._cancel_job(r.cow_job(gen))
-            self.metrics.cow_bytes.labels(self.cfg.name).inc(int(final.get("data", {}).get("offset", 0)))
             requested = mode
-            if mode is FailoverMode.CHECKPOINT and (self.state.checkpoint is None or self.state.checkpoint.id == 0):
-                # Checkpoint 0 is the secondary's disk before the primary's full sync: not a
-                # state the volume ever had. Without a later checkpoint, keep everything.
+            why_latest = self._no_restore_point() if mode is FailoverMode.CHECKPOINT else None
+            if why_latest is not None:
+                # Not a state the volume had (checkpoint 0 predates the full sync; after an
+                # unclean stop the disk may be a mix): keep everything instead.
                 mode = FailoverMode.LATEST
-                log.warning("no checkpoint was cut since this secondary started: failing over to the latest state")
+                log.warning("%s: failing over to the latest state", why_latest)
+            # The new epoch is durable before anything else: from here on the old primary is fenced.
+            await self._save(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode, overlays_durable=False)
+            crashpoints.hit(FAILOVER_EPOCH_SAVED)
+            await self._stop_nbd_server()
+            crashpoints.hit(FAILOVER_EXPORT_STOPPED)
             try:
+                if self.chain.retiring is not None:
+                    log.info("failover: retiring overlay generation %d first", self.chain.retiring)
+                await self.chain.stop_cow()
+                crashpoints.hit(secondary.FAILOVER_AFTER_COW)
                 if mode is FailoverMode.CHECKPOINT:
-                    await self._commit(gen)
+                    await self.chain.make_durable()
+                    await self._save(overlays_durable=True)
+                    crashpoints.hit(FAILOVER_DURABLE)
+                    await self.chain.commit()
             except PairvolError as exc:
-                self.last_error = f"failover commit failed: {exc}"
+                self.last_error = f"failover failed: {exc}"
                 await self._save(stage=Stage.FAILOVER_FAILED)
                 self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
                 log.error("%s", self.last_error)
                 raise ReplicaError(self.last_error) from exc
-            await self._detach_overlays(gen)
-            await self._build_quorum()
-            self.replication = "degraded"
-            self.peer_error = "no peer since failover"
+            await self._finish_failover()
             self.fenced.clear()
-            # the role is settled before serving: if serving is refused (no Lease), the
-            # operator retries with POST /v1/primary and a newer epoch
-            await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None)
+            crashpoints.hit(FAILOVER_BEFORE_SERVE)
             try:
                 await self._serve_workload()
             except PairvolError as exc:
@@ -589,44 +490,63 @@ class Replica:
                 "mode": mode.value,
                 "checkpointId": cp_id if mode is FailoverMode.CHECKPOINT else None,
             }
-            if mode is not requested:
+            if why_latest is not None:
                 result["requestedMode"] = requested.value
-                result["note"] = "no checkpoint had been cut since the secondary started; kept the latest state"
+                result["note"] = f"{why_latest}; kept the latest state"
             return result
 
-    async def _commit(self, gen: int) -> None:
-        """replication_stop(failover=true): active commit of active+hidden into the disk."""
-        self.qsd.watch_job(r.COMMIT_JOB)
+    async def _finish_failover(self) -> None:
+        """The disk holds the failover's result: settle the role, then drop the overlays
+        (in this order: a restart in stage FAILOVER needs them to redo the commit)."""
+        gen = self.state.generation
+        # the role is settled before serving: if serving is refused (no Lease), the
+        # operator retries with POST /v1/primary and a newer epoch
+        await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None, failover_mode=None, overlays_durable=False)
+        await self.chain.discard(gen)
+        await self._build_quorum()
+        self.replication = "degraded"
+        self.peer_error = "no peer since failover"
+
+    async def _restore_failover(self) -> str:
+        """A restart in stage FAILOVER: finish the failover the crash interrupted. The
+        export is gone (the daemon died with the agent) and no copy-before-write runs."""
+        st = self.state
+        mode = st.failover_mode
+        if mode is None:  # written by an agent that did not record the failover's progress
+            await self._save(stage=Stage.FAILOVER_FAILED)
+            self.last_error = "the agent stopped during failover; the overlays are kept"
+            return "; failover was interrupted"
+        what = ""
+        cp_id = st.checkpoint.id if st.checkpoint else "?"
+        if mode is FailoverMode.CHECKPOINT and not (st.overlays_durable and await self.chain.have_files(st.generation)):
+            # the overlays may lack metadata that lived in the dead daemon: the checkpoint is lost
+            mode = FailoverMode.LATEST
+            what = (
+                f"; the failover to checkpoint {cp_id} was interrupted before "
+                "its undo log was durable, so it kept the latest state instead"
+            )
         try:
-            await self.qsd.execute("block-commit", r.active_commit(gen))
-            while True:
-                try:
-                    event = await self.qsd.wait_job_event(
-                        r.COMMIT_JOB, {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 1.0
-                    )
-                    break
-                except TimeoutError:
-                    for job in await self.qsd.execute("query-block-jobs"):
-                        if job["device"] == r.COMMIT_JOB:
-                            log.info("failover commit: %d / %d MiB", job["offset"] >> 20, job["len"] >> 20)
-            if event["event"] != "BLOCK_JOB_READY":
-                raise ReplicaError(f"commit job ended early: {event['data'].get('error', event['event'])}")
-            await self.qsd.execute("block-job-complete", {"device": r.COMMIT_JOB})
-            event = await self.qsd.wait_job_event(r.COMMIT_JOB, {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"})
-            if event["event"] != "BLOCK_JOB_COMPLETED" or "error" in event["data"]:
-                raise ReplicaError(f"commit job failed: {event['data'].get('error', event['event'])}")
-        finally:
-            self.qsd.unwatch_job(r.COMMIT_JOB)
+            if mode is FailoverMode.CHECKPOINT:
+                await self.chain.commit()
+                what = f"; the interrupted failover's commit was redone: checkpoint {cp_id}"
+            elif not what:
+                what = "; the interrupted failover (latest) was completed"
+        except PairvolError as exc:
+            self.last_error = f"failover failed: {exc}"
+            await self._save(stage=Stage.FAILOVER_FAILED)
+            return f"; redoing the interrupted failover failed: {exc}"
+        await self._finish_failover()
+        self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
+        return what + "; not serving the workload export until the operator confirms the role with a new epoch"
 
     async def stop(self) -> dict[str, Any]:
         async with self.lock:
             if not check_stop(self.position):
                 return self.status()
             if self.state.role is Role.SECONDARY:
-                gen = self.state.generation
                 await self._stop_nbd_server()
-                await self._cancel_job(r.cow_job(gen))
-                await self._detach_overlays(gen)
+                await self.chain.stop_cow()
+                await self.chain.discard(self.chain.generation)
             else:
                 await self._detach_peer("replication stopped by request", mark=True)
             self.replication = "none"
@@ -774,8 +694,7 @@ class Replica:
         elif (
             name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
             and self.state.role is Role.SECONDARY
-            and data.get("device") == r.cow_job(self.state.generation)
-            and data.get("device") not in self._cancelling
+            and self.chain.unexpected_cow_end(data.get("device"))
         ):
             # replication.c's backup_job_completed: "cancelled unexpectedly" -> s->error
             self.undo_log_broken = (
@@ -868,7 +787,9 @@ class Replica:
             "stage": st.stage.value,
             "epoch": st.epoch,
             "size": st.size,
-            "checkpoint": st.checkpoint.to_api() if st.checkpoint and st.role is not Role.NONE else None,
+            "checkpoint": {**st.checkpoint.to_api(), "restorePoint": st.restore_point}
+            if st.checkpoint and st.role is not Role.NONE
+            else None,
             "replication": {
                 "state": replication,
                 "peer": link.address if link is not None else (st.peer if st.role is Role.PRIMARY else None),
@@ -898,6 +819,7 @@ class Replica:
             "ioStatus": io_status(st.role, st.stage),
             "qsd": {"alive": self.qsd.alive, "pid": self.qsd.pid, "error": qsd_error},
             "restored": self.restored,
+            "overlays": self.chain.describe() if st.role is Role.SECONDARY else None,
         }
 
 

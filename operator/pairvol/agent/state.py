@@ -1,7 +1,8 @@
 """What a replica remembers across restarts, written atomically.
 
 Two slots in the data dir (``state.a``, ``state.b``) hold role, stage, epoch, the overlay
-generation and the last checkpoint, each with a sequence number and a CRC; writes go to
+generation, the last checkpoint and whether it is still a restore point, and how far a
+failover got, each with a sequence number and a CRC; writes go to
 the older slot in place, so a crash leaves the previous version readable and a full file
 system cannot block a state change (see :func:`save`). A replica that restarts reads
 it, reports what it found and never reformats or truncates an image.
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
-from pairvol.agent.stages import Role, Stage
+from pairvol.agent.stages import FailoverMode, Role, Stage
 from pairvol.errors import PairvolError
 
 STATE_SLOTS = ("state.a", "state.b")
@@ -55,6 +56,13 @@ class PersistedState:
     peer: str | None = None
     out_of_sync: bool = False
     clean_shutdown: bool = True
+    # the checkpoint is a state the volume had and the undo log back to it is intact: a
+    # checkpoint-mode failover may return to it (not checkpoint 0, not after an unclean stop)
+    restore_point: bool = False
+    # stage FAILOVER: the mode being carried out, and whether the overlays are durable (a
+    # restart then redoes the commit; see SecondaryChain.commit)
+    failover_mode: FailoverMode | None = None
+    overlays_durable: bool = False
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -63,6 +71,7 @@ class PersistedState:
         data = asdict(self)
         data["role"] = self.role.value
         data["stage"] = self.stage.value
+        data["failover_mode"] = self.failover_mode.value if self.failover_mode else None
         data["version"] = FORMAT_VERSION
         return json.dumps(data, indent=2, sort_keys=True)
 
@@ -73,6 +82,7 @@ class PersistedState:
             if data.pop("version", None) != FORMAT_VERSION:
                 raise StateError("unsupported state version")
             cp = data.pop("checkpoint", None)
+            mode = data.pop("failover_mode", None)
             return cls(
                 name=str(data.pop("name")),
                 size=int(data.pop("size")),
@@ -84,6 +94,10 @@ class PersistedState:
                 peer=data.pop("peer", None),
                 out_of_sync=bool(data.pop("out_of_sync", False)),
                 clean_shutdown=bool(data.pop("clean_shutdown", False)),
+                # states written before the field existed: any checkpoint but 0 was one
+                restore_point=bool(data.pop("restore_point", bool(cp) and int(cp.get("id", 0)) > 0)),
+                failover_mode=FailoverMode(mode) if mode else None,
+                overlays_durable=bool(data.pop("overlays_durable", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

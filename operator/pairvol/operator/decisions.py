@@ -687,9 +687,11 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         st = st.with_(checkpoint=cp)
     requested = world.annotations.get(ANN_CHECKPOINT) == "now"
     last = parse_time(cp.get("time")) if cp else None
-    # checkpoint 0 is the secondary's disk from before the full sync, not a restore point:
-    # cut the first real one as soon as the pair is in sync
-    no_restore_point = not (sa.checkpoint or {}).get("id")
+    # checkpoint 0 is the secondary's disk from before the full sync, and a secondary that
+    # restarted after an unclean stop has none either (restorePoint false): cut one as soon
+    # as the pair is in sync
+    agent_cp = sa.checkpoint or {}
+    no_restore_point = not agent_cp.get("id") or agent_cp.get("restorePoint") is False
     due = spec.checkpoint_interval_s > 0 and (
         no_restore_point or last is None or now - last >= spec.checkpoint_interval_s
     )

@@ -2,8 +2,9 @@
 
 Secondary::
 
-    NBD export "replication-eN" ──► disk (raw)  ◄── backing ── hidden-G (qcow2) ◄── backing ── active-G (qcow2)
-                                  └─ copy-before-write job cow-G (blockdev-backup sync=none) ──► hidden-G
+    NBD export "replication-eN" ──► filter of cow-G ──► disk (raw) ◄── backing ── hidden-G ◄── backing ── active-G
+                                 └─ copy-before-write job cow-G (blockdev-backup sync=none) ──► hidden-G
+                                                                (hidden-G, active-G: qcow2)
 
 Primary::
 
@@ -59,7 +60,7 @@ def file_node(path: Path, node_name: str, fmt: str, backing: str | None = None) 
     }
     if fmt == "qcow2":
         # Overlays are an undo log that is rebuilt, not trusted, after an unclean stop
-        # (see Replica._restore): flushing them would only slow down each checkpoint.
+        # (see SecondaryChain.restore_running): flushing them would only slow down each checkpoint.
         args["backing"] = backing
         args["cache"] = {"no-flush": True}
         args["file"]["cache"] = {"no-flush": True}
