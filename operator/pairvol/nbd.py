@@ -15,6 +15,7 @@ import itertools
 import struct
 from dataclasses import dataclass
 
+from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 
 NBDMAGIC = 0x4E42444D41474943
@@ -155,9 +156,7 @@ class NBDClient:
             if self._closed_error is None:
                 self._writer.write(REQUEST_HEADER.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
                 await self._writer.drain()
-        self._reply_task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._reply_task
+        await cancel_and_wait(self._reply_task)
         self._writer.close()
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()

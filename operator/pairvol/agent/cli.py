@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -24,6 +23,7 @@ from pairvol.agent.config import MAX_PEER_TIMEOUT, MIN_PEER_TIMEOUT, AgentConfig
 from pairvol.agent.http import make_runner
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.replica import Replica
+from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,7 @@ async def serve(cfg: AgentConfig, args: argparse.Namespace) -> int:
             replica.qsd.exit_error or "no exit status",
         )
         await stop.wait()
-    if lease_task is not None:
-        lease_task.cancel()
-        with contextlib.suppress(BaseException):
-            await lease_task
+    await cancel_and_wait(lease_task)
     await runner.cleanup()
     await replica.close()
     return 0

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol import nbd
+from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 
 log = logging.getLogger(__name__)
@@ -383,11 +384,7 @@ class LinkGate:
             conn.cut()
             if conn.transport is not None:
                 conn.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*self._tasks)
         await asyncio.to_thread(lambda: self.socket_path.unlink(missing_ok=True))
 
     def spawn(self, coro: Any, name: str) -> None:

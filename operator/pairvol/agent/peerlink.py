@@ -30,6 +30,7 @@ from pairvol.agent import crashpoints
 from pairvol.agent.config import AgentConfig
 from pairvol.agent.gate import LinkGate
 from pairvol.agent.metrics import AgentMetrics
+from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 from pairvol.qemu import QemuError
 from pairvol.qemu import recipes as r
@@ -270,10 +271,7 @@ class PeerLink:
     async def detach(self) -> None:
         """Leave the quorum and tear everything down. A failed, unreleased gate is waited
         for first (the mark or the fence), so no held write is answered without it."""
-        if self._sync_task is not None and self._sync_task is not asyncio.current_task():
-            self._sync_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sync_task
+        await cancel_and_wait(self._sync_task)
         if self.gate.failed.is_set() and self._settle_task is not None:
             await self.released.wait()
         await self.teardown()
@@ -289,10 +287,7 @@ class PeerLink:
             self.child = None
         for node in (r.PEER_NODE, r.SYNC_TARGET_NODE):
             await self._delete_node(node)
-        if self._settle_task is not None and self._settle_task is not asyncio.current_task():
-            self._settle_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._settle_task
+        await cancel_and_wait(self._settle_task)
         await self.gate.close()
         await self.link.kill()
         log.debug("link to %s torn down in %.0f ms", self.address, (time.monotonic() - t0) * 1000)

@@ -41,6 +41,7 @@ from typing import Any
 
 from pairvol.agent import crashpoints
 from pairvol.agent.state import DISK_FILE
+from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 from pairvol.qemu import QemuError, img
 from pairvol.qemu import recipes as r
@@ -446,11 +447,7 @@ class SecondaryChain:
     async def close(self) -> None:
         """Before the daemon quits (which ends every job)."""
         self._closing = True
-        for task in (self._retire_task, self._prepare_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        await cancel_and_wait(self._retire_task, self._prepare_task)
 
     def describe(self) -> dict[str, Any]:
         live = sorted(self.attached)

@@ -23,6 +23,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
+from pairvol.aio import cancel_and_wait
 from pairvol.qemu import QemuError, QsdDied
 from pairvol.qemu.img import require_binary
 
@@ -201,11 +202,7 @@ class Qsd:
     async def _teardown(self) -> None:
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self.pidfile.unlink)
