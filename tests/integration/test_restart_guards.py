@@ -77,7 +77,7 @@ async def test_a_failover_is_durable_before_it_touches_the_daemon(tmp_path: Path
     the agent dies there. The replica that comes back has the failover's epoch (the old
     primary stays fenced) and does not export its disk for replication again. The
     overlays were not yet durable, so the checkpoint died with the daemon: the failover is
-    finished with the latest state and says so (docs/correctness-secondary.md, S6)."""
+    finished with the latest state and says so (docs/correctness.md, S6)."""
     async with pair(tmp_path, size="16Mi") as (primary, secondary):
         image = bytearray(16 * MiB)
         await write_random(primary, random.Random("durable"), image, 20)
