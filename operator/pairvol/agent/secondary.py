@@ -1,7 +1,7 @@
 """The secondary's chain: overlay generations, copy-before-write and the failover commit.
 
 One :class:`SecondaryChain` owns every QEMU node of the secondary's undo log and the
-invariants about them (docs/correctness.md, S1–S8, states them with their arguments)::
+invariants about them (docs/correctness.md, S1-S8, states them with their arguments)::
 
     disk ◄── backing ── hidden-G ◄── backing ── active-G        copy-before-write job cow-G ──► hidden-G
 
