@@ -507,12 +507,16 @@ class Controller:
             p, s = self.primary, self.secondary
             if p is None:
                 return
-            if s is not None and self.syncing_since is None and self.pstatus is not None:
-                if (
+            if (
+                s is not None
+                and self.syncing_since is None
+                and self.pstatus is not None
+                and (
                     self.pstatus["replication"]["state"] == "replicating"
                     and self.pstatus["replication"]["peer"] == s.address
-                ):
-                    return
+                )
+            ):
+                return
             await asyncio.sleep(0.2)
 
     async def finish(self) -> None:

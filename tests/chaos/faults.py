@@ -291,7 +291,9 @@ def _wait_full(mnt: Path, within: float) -> bool:
 
 
 EXT4_IOC_SHUTDOWN = (2 << 30) | (4 << 16) | (ord("X") << 8) | 125
-EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+# flush what the file system holds, then fail everything: the disk goes bad, nothing that
+# was written before is lost (a power cut would also drop the page cache; that is not EIO)
+EXT4_GOING_FLAGS_DEFAULT = 0
 
 
 class IoError(Fault):
@@ -367,7 +369,7 @@ class IoError(Fault):
 def _shutdown(mnt: Path) -> None:
     fd = os.open(mnt, os.O_RDONLY)
     try:
-        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_DEFAULT))
     finally:
         os.close(fd)
 

@@ -9,7 +9,7 @@ when, which failover mode); the timing of the processes is not reproducible, so 
 reproduces the scenario, and a race it found usually but not always.
 
 With --duration, classes are taken in turn with seeds from --seed on until the time is
-up. The output is a table: class × runs × violations, skipped and errored runs apart
+up. The output is a table: class x runs x violations, skipped and errored runs apart
 with their reasons, and every violating seed with its replay command.
 """
 
@@ -114,11 +114,21 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
         res.seconds = time.monotonic() - t_start
         res.writes = len(hist.writes)
         res.acked = sum(1 for w in hist.writes if w.acked is not None)
-        if not keep and not res.violations and not res.error:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
+        if keep:
             res.notes.append(f"work dir kept: {workdir}")
+        elif res.violations or res.error:
+            await asyncio.to_thread(drop_images, workdir)
+            res.notes.append(f"logs kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return res
+
+
+def drop_images(workdir: Path) -> None:
+    """Keep a failed run's logs and states for the report, not its images (MiBs each)."""
+    for pattern in ("*.raw", "*.qcow2", "ext4.img"):
+        for f in workdir.rglob(pattern):
+            f.unlink(missing_ok=True)
 
 
 def table(results: list[Result]) -> str:
@@ -194,23 +204,22 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     print(table(results))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                [
-                    {
-                        "class": r.cls,
-                        "seed": r.seed,
-                        "mode": r.mode,
-                        "violations": [str(v) for v in r.violations],
-                        "skipped": r.skipped,
-                        "error": r.error,
-                        "replay": r.replay,
-                    }
-                    for r in results
-                ],
-                indent=1,
-            )
+        text = json.dumps(
+            [
+                {
+                    "class": r.cls,
+                    "seed": r.seed,
+                    "mode": r.mode,
+                    "violations": [str(v) for v in r.violations],
+                    "skipped": r.skipped,
+                    "error": r.error,
+                    "replay": r.replay,
+                }
+                for r in results
+            ],
+            indent=1,
         )
+        await asyncio.to_thread(Path(args.json).write_text, text)
     return 1 if any(r.violations for r in results) else 0
 
 
