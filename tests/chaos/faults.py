@@ -256,10 +256,13 @@ class Enospc(Fault):
         if not full:
             c.note("the secondary's file system never filled")
             return
-        await asyncio.sleep(rng.uniform(0, 0.005))
+        # the write that fails on the secondary comes right after; the primary must have
+        # marked the secondary out of sync before acknowledging it: kill it a few acks later
+        n = rng.randint(1, 8)
+        await c.workload.after_acks(n)
         p = c.primary
         if p is not None and p.agent.proc is not None:
-            c.note("fault: file system full; SIGKILL primary")
+            c.note(f"fault: file system full; SIGKILL primary {n} acknowledgements later")
             c.primary_down_at = time.monotonic()
             p.agent.kill()
 
@@ -342,14 +345,15 @@ class IoError(Fault):
             p, s = c.primary, c.secondary
             assert p is not None and s is not None
             await asyncio.to_thread(_shutdown, self.mnt)
-            await asyncio.sleep(rng.uniform(0.001, 0.05))
+            n = rng.randint(1, 8)
+            await c.workload.after_acks(n)
             t = time.monotonic()
             p.agent.kill()
             await p.agent.wait_exit()
             c.workload.retarget(None)
             c.primary = None
             marked = await c.durable_out_of_sync(p)
-            c.note(f"primary killed after the secondary's EIO; durable out-of-sync mark: {marked}")
+            c.note(f"primary killed {n} acks after the secondary's EIO; durable out-of-sync mark: {marked}")
             await s.agent.stop()
             if marked:
                 return

@@ -45,6 +45,8 @@ class Workload:
         self._orphans: set[asyncio.Task[None]] = set()
         self._old_clients: list[NBDClient] = []
         self.paused_since: float | None = time.monotonic()
+        self.acks = 0  # acknowledgements so far (faults time themselves on them)
+        self._acked = asyncio.Event()
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._lane(i), name=f"lane-{i}") for i in range(self.hist.lanes)]
@@ -124,6 +126,9 @@ class Workload:
                 exc = io.exception()
                 if exc is None:
                     w.acked = time.monotonic()
+                    self.acks += 1
+                    self._acked.set()
+                    self._acked = asyncio.Event()
                 else:
                     w.error = f"{type(exc).__name__}: {exc}"
                     self._old_clients.append(client)
@@ -141,6 +146,14 @@ class Workload:
                 await asyncio.sleep(self.pace * (0.5 + self.rng.random()))
         if client is not None:
             self._old_clients.append(client)
+
+    async def after_acks(self, n: int, within: float = 2.0) -> None:
+        """Return right after n more writes were acknowledged (or `within` passed)."""
+        target = self.acks + n
+        end = time.monotonic() + within
+        while self.acks < target and (left := end - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), left)
 
     def _late(self, t: asyncio.Task[None], w: Write) -> None:
         self._orphans.discard(t)  # type: ignore[arg-type]
