@@ -1,6 +1,7 @@
 """The invariants of DESIGN.md §4, checked against a write history (pure; no I/O).
 
-An image is judged by what its blocks say about themselves (tests/chaos/blocks.py):
+An image is the workload's slots packed (slot i at i * BLOCK), judged by what its blocks
+say about themselves (tests/chaos/blocks.py):
 
 * **Latest** — at a moment `at`, every write acknowledged by then is present: each slot
   holds its newest acknowledged write or a newer write whose outcome is unknown (issued,
@@ -181,11 +182,11 @@ def _say(block: bytes, hist: History, slot: int) -> str:
 def check_one_primary(hist: History) -> list[Violation]:
     """No acknowledgement from an older term after a newer term's first acknowledgement."""
     first: dict[int, float] = {}
-    for w in hist.writes:
+    for w in hist.all_writes():
         if w.acked is not None and not w.abandoned:
             first[w.term] = min(first.get(w.term, w.acked), w.acked)
     out: list[Violation] = []
-    for w in hist.writes:
+    for w in hist.all_writes():
         if w.acked is None:
             continue
         newer = [(t, a) for t, a in first.items() if t > w.term and a < w.acked]
@@ -207,7 +208,7 @@ def check_stalls(hist: History, bound: float, start: float, end: float) -> tuple
     out: list[Violation] = []
     worst = 0.0
     for lane in range(hist.lanes):
-        acks = sorted(w.acked for w in hist.writes if w.lane == lane and w.certain and w.acked is not None)
+        acks = sorted(w.acked for w in hist.all_writes() if w.lane == lane and w.certain and w.acked is not None)
         points = [start, *[a for a in acks if start <= a <= end], end]
         for a, b in itertools.pairwise(points):
             if b - a <= bound:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import secrets
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from pairvol.agent import state as agent_state
 from pairvol.agent.procs import Agent, AgentCallError, write_psk
 from pairvol.localcluster.netns import ClusterNetwork
 from pairvol.nbd import NBDClient
-from tests.chaos.blocks import BLOCK
+from tests.chaos.blocks import BLOCK, BadBlock, parse
 from tests.chaos.checker import Violation, check_checkpoint, check_latest
 from tests.chaos.history import Cut, History
 from tests.chaos.workload import Target, Workload
@@ -125,6 +127,8 @@ class Controller:
         self.lost: list[tuple[Replica, bool]] = []  # lost secondaries, and whether in sync when lost
         self.restart_same = 0.5  # chance that re-protection restarts a lost secondary on its data dir
         self.secondary_name = ""
+        self.in_sync_seen: dict[str, float] = {}  # replica -> last time the primary replicated to it in sync
+        self.no_checkpoints = False
 
     # ------------------------------------------------------------------ replicas
 
@@ -207,16 +211,20 @@ class Controller:
         return int(st["qsd"]["pid"]) if st and st.get("qsd", {}).get("pid") else None
 
     async def read_export(self, rep: Replica) -> bytes:
+        """The workload's slots as the primary serves them, packed (slot i at i * BLOCK)."""
+        h = self.hist
         async with await NBDClient.connect_unix(str(rep.agent.export_socket)) as nbd:
-            return await asyncio.wait_for(nbd.pread(self.hist.slots * BLOCK, 0), 30)
+            parts = [await asyncio.wait_for(nbd.pread(BLOCK, h.offset(i)), 30) for i in range(h.slots)]
+        return b"".join(parts)
 
     async def read_disk_file(self, rep: Replica) -> bytes:
+        """The slots in a replica's disk file, packed."""
         path = rep.agent.data_dir / agent_state.DISK_FILE
-        n = self.hist.slots * BLOCK
+        h = self.hist
 
         def read() -> bytes:
             with path.open("rb") as f:
-                return f.read(n)
+                return b"".join(os.pread(f.fileno(), BLOCK, h.offset(i)) for i in range(h.slots))
 
         return await asyncio.to_thread(read)
 
@@ -231,17 +239,31 @@ class Controller:
 
     # ------------------------------------------------------------------ story
 
-    async def setup(self, data_dirs: tuple[Path | None, Path | None] = (None, None)) -> None:
+    async def setup(
+        self,
+        data_dirs: tuple[Path | None, Path | None] = (None, None),
+        during_sync: Callable[[Controller], Awaitable[None]] | None = None,
+    ) -> None:
+        """The primary starts alone and the workload writes for a moment (so the full sync
+        has data to copy), then the secondary joins as the operator places it."""
         a = await self.start_replica(self.nodes[0], data_dirs[0])
-        b = await self.start_replica(self.nodes[1], data_dirs[1])
-        await b.agent.secondary(self.next_epoch())
-        await a.agent.primary(self.next_epoch(), b.address, "full")
-        self.primary, self.secondary = a, b
-        await a.agent.wait_replicating(REPROTECT_BOUND)
+        await a.agent.primary(self.next_epoch(), None)
+        self.primary = a
         self.term = 1
         self.workload.retarget(Target(a.name, self.term, a.agent.export_socket))
         self.workload.start()
+        await asyncio.sleep(self.rng.uniform(0.3, 1.0))
+        b = await self.start_replica(self.nodes[1], data_dirs[1])
+        await b.agent.secondary(self.next_epoch())
+        await a.agent.primary(self.next_epoch(), b.address, "full")
+        self.secondary = b
+        self.syncing_since = time.monotonic()
         self._tasks = [asyncio.create_task(self._monitor()), asyncio.create_task(self._checkpointer())]
+        if during_sync is not None:
+            await during_sync(self)
+        await self.settle(REPROTECT_BOUND)
+        if self.primary is None or self.secondary is None or self.syncing_since is not None:
+            raise RuntimeError(f"the pair did not reach replicating: {self.pstatus and self.pstatus['replication']}")
 
     async def checkpoint(self, rep: Replica) -> Cut | None:
         before = await self._in_sync_with(rep)
@@ -268,7 +290,7 @@ class Controller:
     async def _checkpointer(self) -> None:
         while True:
             await asyncio.sleep(self.rng.uniform(0.4, 1.2))
-            if self.stopped or self.hold_reactions:
+            if self.stopped or self.hold_reactions or self.no_checkpoints:
                 continue
             async with self.lock:
                 s, ps = self.secondary, self.pstatus
@@ -315,6 +337,13 @@ class Controller:
                 return
             if st is not None and st["replication"]["peer"] != s.address and self.syncing_since is None:
                 return
+            if (
+                st is not None
+                and st["replication"]["state"] == "replicating"
+                and not st["replication"]["outOfSync"]
+                and st["replication"]["peer"] == s.address
+            ):
+                self.in_sync_seen[s.name] = time.monotonic()
             if st is not None and st["replication"]["state"] in ("degraded", "none"):
                 await self.on_secondary_lost(s, f"primary dropped {s.name}: {st['replication']['error']}")
                 return
@@ -374,12 +403,16 @@ class Controller:
                 and restored.get("checkpoint")
                 and old is not None
             ):
-                died = old[0].died_at or time.monotonic()
-                cid = int(restored["checkpoint"]["id"])
-                if self.hist.cut(new.name, cid) is None:
-                    self.hist.cuts.append(Cut(new.name, cid, died, time.monotonic(), "restored", in_sync=old[1]))
                 for c in [c for c in self.hist.cuts if c.replica == old[0].name]:
                     self.hist.cuts.append(Cut(new.name, c.id, c.start, c.end, c.how, c.in_sync))
+                cid = int(restored["checkpoint"]["id"])
+                if self.hist.cut(new.name, cid) is None:
+                    # the agent made the disk as it found it a restore point: it claims the
+                    # state of the moment it died, which holds every write acknowledged
+                    # while the pair was last seen in sync (a half-synced disk does not)
+                    died = old[0].died_at or time.monotonic()
+                    seen = self.in_sync_seen.get(old[0].name, died)
+                    self.hist.cuts.append(Cut(new.name, cid, min(seen, died), died, "restored"))
             else:
                 await new.agent.call("POST", "/v1/secondary", {"epoch": self.next_epoch()}, timeout=CALL_TIMEOUT)
             await p.agent.call(
@@ -472,7 +505,7 @@ class Controller:
                 self.violations += vs
                 if note:
                     self.note(note)
-                self.rollback(image)
+        self.rebase(image)
         self.term += 1
         self.primary = s
         self.pstatus = st
@@ -481,22 +514,18 @@ class Controller:
         self.workload.retarget(Target(s.name, self.term, s.agent.export_socket))
         self.note(f"failed over to {s.name} ({mode}, {done - died:.2f} s after the death)")
 
-    def rollback(self, image: bytes) -> None:
-        """After a checkpoint failover the volume went back to the cut: the writes it does
-        not show are gone for good (that is the mode's promise), so later checks must
-        neither expect nor allow them."""
-        from tests.chaos.blocks import BadBlock, parse
-
-        keep: dict[int, int] = {}
+    def rebase(self, image: bytes) -> None:
+        """From a failover on, the new primary's image is the volume (see History.rebase)."""
+        seen: dict[int, tuple[int, int] | None] = {}
         for slot in range(self.hist.slots):
-            with contextlib.suppress(BadBlock):
+            try:
                 st = parse(image[slot * BLOCK : (slot + 1) * BLOCK], self.hist.run, slot)
-                if st is not None:
-                    keep[st.lane] = max(keep.get(st.lane, 0), st.seq)
-        now = time.monotonic()
-        gone = [w for w in self.hist.writes if w.issued <= now and w.seq > keep.get(w.lane, 0)]
-        self.hist.writes = [w for w in self.hist.writes if w not in gone]
-        self.hist.event(now, f"checkpoint failover rolled back {len(gone)} writes")
+            except BadBlock:
+                seen[slot] = None
+                continue
+            seen[slot] = None if st is None else (st.lane, st.seq)
+        n = self.hist.rebase(seen)
+        self.hist.event(time.monotonic(), f"rebased on the failover image: {n} writes retired")
 
     # ------------------------------------------------------------------ end of a run
 
@@ -505,7 +534,7 @@ class Controller:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             p, s = self.primary, self.secondary
-            if p is None:
+            if p is None or self.reprotect_failures >= 3:
                 return
             if (
                 s is not None

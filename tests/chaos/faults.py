@@ -22,6 +22,7 @@ import shutil
 import signal
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from pairvol.agent import crashpoints
@@ -32,6 +33,7 @@ from tests.chaos.cluster import Controller, Replica
 class Fault:
     name = ""
     doc = ""
+    size = "8Mi"  # volume size
     mode: str | None = None  # force the failover mode of the run
 
     def unavailable(self) -> str | None:
@@ -46,6 +48,8 @@ class Fault:
 
     async def prepare(self, workdir: Path, rng: random.Random) -> None:
         return None
+
+    during_sync: Callable[[Controller], Awaitable[None]] | None = None  # runs during the first full sync
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         raise NotImplementedError
@@ -95,6 +99,53 @@ class KillDaemon(Fault):
             c.primary_down_at = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+class KillDuringSync(Fault):
+    """Failure 2's story: the secondary dies in the middle of the first full sync and comes
+    back on its data dir, the sync is redone, and the primary dies before any new
+    checkpoint: a checkpoint failover must give back a state the volume had, never the
+    half-copied disk."""
+
+    name = "kill-during-sync"
+    doc = "SIGKILL of the secondary at a random point of a full sync, restart on its data dir, then primary death"
+    size = "48Mi"
+    mode = "checkpoint"
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+
+    async def during_sync(self, c: Controller) -> None:
+        s, p = c.secondary, c.primary
+        assert s is not None and p is not None
+        c.restart_same = 1.0
+        c.no_checkpoints = True
+        while True:
+            st = await c.status(p)
+            sync = st and st["replication"].get("sync")
+            if not sync or st is None or st["replication"]["state"] != "syncing":
+                c.note(f"the sync ended before the fault: {st and st['replication']}")
+                return
+            if sync["doneBytes"] >= self.fraction * sync["totalBytes"]:
+                break
+            await asyncio.sleep(0.01)
+        c.note(f"fault: SIGKILL {s.name} at {sync['doneBytes'] >> 20} of {sync['totalBytes'] >> 20} MiB of the sync")
+        s.agent.kill()
+        await asyncio.sleep(0.5)
+
+    async def inject(self, c: Controller, rng: random.Random) -> None:
+        c.restart_same = 0.5
+        p = c.primary
+        if p is None or c.secondary is None:
+            return
+        c.note(f"fault: SIGKILL primary {p.name} before any new checkpoint")
+        c.primary_down_at = time.monotonic()
+        p.agent.kill()
+        await asyncio.sleep(1.0)
+        c.no_checkpoints = False
+
+    async def prepare(self, workdir: Path, rng: random.Random) -> None:
+        self.fraction = rng.uniform(0.05, 0.9)
 
 
 class StopCont(Fault):
@@ -527,6 +578,7 @@ class Fuzz(Fault):
 CLASSES: list[type[Fault]] = [
     KillAgent,
     KillDaemon,
+    KillDuringSync,
     StopCont,
     CrashPoint,
     Partition,

@@ -54,13 +54,40 @@ class History:
     run: int
     lanes: int
     slots: int
+    stride: int = 4096  # bytes between slots on the volume (slots are spread over all of it)
     writes: list[Write] = field(default_factory=list)
+    retired: list[Write] = field(default_factory=list)  # superseded by a failover's image (see rebase)
     cuts: list[Cut] = field(default_factory=list)
     excused: list[tuple[float, float, str]] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
 
+    def offset(self, slot: int) -> int:
+        return slot * self.stride
+
     def lane_slots(self, lane: int) -> range:
         return range(lane, self.slots, self.lanes)
+
+    def all_writes(self) -> list[Write]:
+        return [*self.retired, *self.writes]
+
+    def rebase(self, seen: dict[int, tuple[int, int] | None]) -> int:
+        """After a failover the new primary's image is the volume's state from then on
+        (checked or not): per slot, the write it shows becomes the one certain write and
+        every other write issued so far is retired (kept for the one-primary check only).
+        `seen` maps slot -> (lane, seq) or None for zeros. Returns how many were retired."""
+        keep = {(lane_seq, slot) for slot, lane_seq in seen.items() if lane_seq is not None}
+        kept: list[Write] = []
+        for w in self.writes:
+            if ((w.lane, w.seq), w.slot) in keep:
+                w.abandoned = False
+                if w.acked is None:
+                    w.acked = w.issued  # it is on the volume now: as good as acknowledged
+                kept.append(w)
+            else:
+                self.retired.append(w)
+        n = len(self.writes) - len(kept)
+        self.writes = kept
+        return n
 
     def excuse(self, start: float, end: float, why: str) -> None:
         self.excused.append((start, end, why))

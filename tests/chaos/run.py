@@ -72,18 +72,21 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
     rng = random.Random(f"{cls.name}:{seed}")
     res.mode = fault.mode or rng.choice(["latest", "checkpoint"])
     point = fault.crash_point(rng)
-    hist = History(run=zlib.crc32(f"{cls.name}:{seed}".encode()), lanes=LANES, slots=SLOTS)
+    stride = parse_size(fault.size) // SLOTS
+    hist = History(run=zlib.crc32(f"{cls.name}:{seed}".encode()), lanes=LANES, slots=SLOTS, stride=stride)
     workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{cls.name}-{seed}-"))
     t_start = time.monotonic()
     c: Controller | None = None
     try:
         await fault.prepare(workdir, rng)
         async with ClusterNetwork(NODES) as net:
-            c = Controller(net, NODES, workdir, hist, rng, res.mode, peer_timeout=peer_timeout, crash_point=point)
+            c = Controller(
+                net, NODES, workdir, hist, rng, res.mode, peer_timeout=peer_timeout, size=fault.size, crash_point=point
+            )
             if point:
                 c.note(f"crash point {point} armed")
             try:
-                await c.setup((fault.data_dir(0, workdir), fault.data_dir(1, workdir)))
+                await c.setup((fault.data_dir(0, workdir), fault.data_dir(1, workdir)), fault.during_sync)
                 w0 = time.monotonic()
                 await asyncio.sleep(rng.uniform(0.5, 2.0))
                 c.fault_at = time.monotonic()
@@ -122,6 +125,14 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return res
+
+
+def parse_size(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            return int(text[: -len(suffix)]) * mult
+    return int(text)
 
 
 def drop_images(workdir: Path) -> None:

@@ -135,3 +135,18 @@ def test_a_stall_is_reported_unless_excused() -> None:
     assert len(vs) == 1 and "lane 1" in vs[0].detail and worst > 5
     h.excuse(5.0, 6.0, "primary frozen")
     assert check_stalls(h, bound=4.0, start=1.0, end=9.0)[0] == []
+
+
+def test_after_a_failover_the_image_is_the_new_baseline() -> None:
+    """A checkpoint failover went back to lane 0 seq 3 / lane 1 seq 2; from then on the
+    image is what the volume holds, and the writes it lost are neither expected nor allowed."""
+    h = history()
+    img = image(h, {0: 3, 1: 2})
+    seen: dict[int, tuple[int, int] | None] = {}
+    for slot in range(h.slots):
+        st = blocks.parse(bytes(img[slot * BLOCK : (slot + 1) * BLOCK]), RUN, slot)
+        seen[slot] = None if st is None else (st.lane, st.seq)
+    assert h.rebase(seen) == 9 - 5
+    assert check_latest(bytes(img), h, at=10, what="rebased") == []
+    later = image(history(), {0: 6, 1: 3})
+    assert check_latest(bytes(later), h, at=10, what="a lost write back") != []

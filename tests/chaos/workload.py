@@ -118,7 +118,7 @@ class Workload:
             data = blocks.make(self.hist.run, lane, seq, slot)
             w = Write(lane, seq, slot, blocks.checksum(data), target.replica, target.term, time.monotonic())
             self.hist.writes.append(w)
-            io = asyncio.create_task(client.pwrite(data, slot * blocks.BLOCK))
+            io = asyncio.create_task(client.pwrite(data, self.hist.offset(slot)))
             waiter = asyncio.create_task(switched.wait())
             await asyncio.wait({io, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
