@@ -495,7 +495,13 @@ class FrozenOldPrimary(Fault):
             c.restart_same = 1.0
             await c.reprotect()
             c.restart_same = 0.5
-        await _converge(c)
+        if not await _converge(c):
+            return
+        # the workload pauses so that nothing the current primary writes hides what the old
+        # one may write into the current secondary
+        target = c.workload.target
+        c.workload.retarget(None)
+        await asyncio.sleep(0.2)
         c.note(f"fault: resume {a.name}")
         await c.net.heal(a.node)
         c.cut_nodes.discard(a.node)
@@ -506,6 +512,15 @@ class FrozenOldPrimary(Fault):
         await asyncio.sleep(3 * c.peer_timeout)
         st = await c.status(a)
         c.note(f"old primary {a.name} after resume: {st and st['replication']}")
+        async with c.lock:
+            cur, sec = c.primary, c.secondary
+            if cur is not None and sec is not None:
+                from tests.chaos.checker import check_identical
+
+                mine = await c.read_export(cur)
+                theirs = await c.read_disk_file(sec)
+                c.violations += check_identical(mine, theirs, c.hist, f"{cur.name}/{sec.name} after {a.name} resumed")
+        c.workload.retarget(target)
         # the operator would delete A's pod now; stop it before the end-of-run checks
         await a.agent.stop()
         if c.primary is a:

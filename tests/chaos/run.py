@@ -115,8 +115,8 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
     finally:
         await fault.cleanup()
         res.seconds = time.monotonic() - t_start
-        res.writes = len(hist.writes)
-        res.acked = sum(1 for w in hist.writes if w.acked is not None)
+        res.writes = len(hist.all_writes())
+        res.acked = sum(1 for w in hist.all_writes() if w.acked is not None)
         if keep:
             res.notes.append(f"work dir kept: {workdir}")
         elif res.violations or res.error:

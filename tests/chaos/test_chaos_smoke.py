@@ -31,6 +31,14 @@ CASES = [
         id="peer-loss-x3-1",
         marks=pytest.mark.xfail(strict=True, reason="issue 7 failure 6: the second peer loss breaks re-protection"),
     ),
+    pytest.param(
+        "frozen-old-primary",
+        1,
+        id="frozen-old-primary-1",
+        marks=pytest.mark.xfail(
+            strict=True, reason="issue 7 failure 8: an old primary writes into the current replica"
+        ),
+    ),
 ]
 
 
