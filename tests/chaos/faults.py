@@ -442,6 +442,8 @@ class PeerLosses(Fault):
             s.agent.kill()
             await asyncio.sleep(0.5)
             await wait_calm(c, 60)
+            if any(v.invariant == "reprotect" for v in c.violations):
+                return  # the verdict is in; the next losses would only repeat it
             await asyncio.sleep(rng.uniform(0.2, 1.0))
 
 

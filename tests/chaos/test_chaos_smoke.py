@@ -20,32 +20,35 @@ pytestmark = [
     ),
 ]
 
+
+class KnownBug(AssertionError):
+    """The violation a known, unfixed bug causes (and only that one)."""
+
+
+def known(failure: int, invariant: str, what: str) -> tuple[str, pytest.MarkDecorator]:
+    """The case breaks `invariant` because of issue 7's failure `failure`. Any other
+    violation still fails the case; when the fix lands the strict mark fails it too."""
+    return invariant, pytest.mark.xfail(strict=True, raises=KnownBug, reason=f"issue 7 failure {failure}: {what}")
+
+
+RE_PROTECTION, RE_PROTECTION_MARK = known(6, "reprotect", "the second peer loss breaks re-protection")
+
 CASES = [
-    pytest.param("kill-agent", 1, id="kill-agent-1"),
-    pytest.param("kill-daemon", 2, id="kill-daemon-2"),
-    pytest.param("partition", 1, id="partition-1"),
-    pytest.param("crash-point", 1, id="crash-point-1"),
-    pytest.param(
-        "peer-loss-x3",
-        1,
-        id="peer-loss-x3-1",
-        marks=pytest.mark.xfail(strict=True, reason="issue 7 failure 6: the second peer loss breaks re-protection"),
-    ),
-    pytest.param(
-        "frozen-old-primary",
-        1,
-        id="frozen-old-primary-1",
-        marks=pytest.mark.xfail(
-            strict=True, reason="issue 7 failure 8: an old primary writes into the current replica"
-        ),
-    ),
+    pytest.param("kill-agent", 1, None, id="kill-agent-1"),
+    pytest.param("kill-daemon", 2, None, id="kill-daemon-2"),
+    pytest.param("partition", 1, None, id="partition-1"),
+    pytest.param("crash-point", 1, None, id="crash-point-1"),
+    pytest.param("peer-loss-x3", 1, RE_PROTECTION, id="peer-loss-x3-1", marks=RE_PROTECTION_MARK),
 ]
 
 
-@pytest.mark.parametrize(("cls", "seed"), CASES)
-async def test_a_seeded_run_keeps_every_invariant(cls: str, seed: int) -> None:
+@pytest.mark.parametrize(("cls", "seed", "bug"), CASES)
+async def test_a_seeded_run_keeps_every_invariant(cls: str, seed: int, bug: str | None) -> None:
     res = await run_one(by_name()[cls], seed)
     if res.skipped:
         pytest.skip(f"{cls} seed {seed}: {res.skipped}")
     assert res.error is None, f"the injector failed: {res.error}\n" + "\n".join(res.notes)
-    assert not res.violations, f"replay: {res.replay}\n" + "\n".join(str(v) for v in res.violations)
+    others = [v for v in res.violations if v.invariant != bug]
+    assert not others, f"replay: {res.replay}\n" + "\n".join(str(v) for v in others)
+    if res.violations:
+        raise KnownBug(f"replay: {res.replay}\n" + "\n".join(str(v) for v in res.violations))
