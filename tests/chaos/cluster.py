@@ -56,7 +56,7 @@ class ChaosAgent(Agent):
         argv = super().argv()
         if not self.env:
             return argv
-        at = argv.index(sys.executable)
+        at = argv.index(sys.executable) if sys.executable in argv else 0
         return [*argv[:at], "env", *(f"{k}={v}" for k, v in self.env.items()), *argv[at:]]
 
 
@@ -255,7 +255,7 @@ class Controller:
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         b = await self.start_replica(self.nodes[1], data_dirs[1])
         await b.agent.secondary(self.next_epoch())
-        await a.agent.primary(self.next_epoch(), b.address, "full")
+        await self.start_primary(a, b, self.epoch)
         self.secondary = b
         self.syncing_since = time.monotonic()
         self._tasks = [asyncio.create_task(self._monitor()), asyncio.create_task(self._checkpointer())]
@@ -415,12 +415,8 @@ class Controller:
                     self.hist.cuts.append(Cut(new.name, cid, min(seen, died), died, "restored"))
             else:
                 await new.agent.call("POST", "/v1/secondary", {"epoch": self.next_epoch()}, timeout=CALL_TIMEOUT)
-            await p.agent.call(
-                "POST",
-                "/v1/primary",
-                {"epoch": self.next_epoch(), "peer": new.address, "sync": "full"},
-                timeout=CALL_TIMEOUT,
-            )
+            sec_epoch = int(restored["epoch"]) if restored and restored["role"] == "secondary" else self.epoch
+            await self.start_primary(p, new, sec_epoch)
         except (AgentCallError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.reprotect_failures += 1
             if p.alive and new.alive:
@@ -435,6 +431,22 @@ class Controller:
         self.secondary = new
         self.syncing_since = time.monotonic()
         self.note(f"re-protecting {p.name} with {new.name} on {node} (epoch {self.epoch})")
+
+    async def start_primary(self, p: Replica, s: Replica, sec_epoch: int) -> None:
+        """primary(N+1, peer, "full") as the operator sends it: with `peerEpoch`, the epoch
+        the secondary runs at, when that is not N (an agent without the field refuses it;
+        then the call goes without, as before the field existed)."""
+        epoch = self.next_epoch()
+        body: dict[str, Any] = {"epoch": epoch, "peer": s.address, "sync": "full"}
+        if sec_epoch != epoch - 1:
+            body["peerEpoch"] = sec_epoch
+        try:
+            await p.agent.call("POST", "/v1/primary", body, timeout=CALL_TIMEOUT)
+        except AgentCallError as exc:
+            if exc.status != 400 or "peerEpoch" not in body or "peerEpoch" not in str(exc):
+                raise
+            del body["peerEpoch"]
+            await p.agent.call("POST", "/v1/primary", body, timeout=CALL_TIMEOUT)
 
     async def on_primary_down(self, p: Replica) -> None:
         died = self.primary_down_at or p.died_at or time.monotonic()
