@@ -559,20 +559,34 @@ class CheckpointBurst(Fault):
 
 
 class FailoverDuringCheckpoint(Fault):
+    """The operator's checkpoint call may time out while the agent goes on working (the
+    retire of the old generation runs after the cut); a failover then races it. Here the
+    primary is killed and the failover asked for right after the first of 1-4 concurrent
+    checkpoint calls answered, or 0-50 ms after they were sent (failure 5)."""
+
     name = "failover-during-checkpoint"
-    doc = "SIGKILL of the primary while checkpoints are being cut: the failover races them (failure 5)"
+    doc = "SIGKILL of the primary and failover while checkpoints are being cut and retired (failure 5)"
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         s, p = c.secondary, c.primary
         if s is None or p is None:
             return
         n = rng.randint(1, 4)
-        c.note(f"fault: {n} checkpoints on {s.name}, SIGKILL {p.name} during them")
-        cps = [asyncio.create_task(c.checkpoint(s)) for _ in range(n)]
-        await asyncio.sleep(rng.uniform(0, 0.05))
-        c.primary_down_at = time.monotonic()
-        p.agent.kill()
-        await asyncio.gather(*cps, return_exceptions=True)
+        after_answer = rng.random() < 0.7
+        c.hold_reactions = True
+        async with c.lock:
+            when = "after the first answer" if after_answer else "at once"
+            c.note(f"fault: {n} checkpoints on {s.name}, SIGKILL {p.name} {when}")
+            cps = [asyncio.create_task(c.checkpoint(s)) for _ in range(n)]
+            if after_answer:
+                await asyncio.wait(cps, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(rng.uniform(0, 0.05))
+            c.primary_down_at = time.monotonic()
+            p.agent.kill()
+            await p.agent.wait_exit()
+            await c.on_primary_down(p)
+            await asyncio.gather(*cps, return_exceptions=True)
 
 
 class Fuzz(Fault):
