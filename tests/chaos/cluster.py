@@ -592,15 +592,12 @@ class Controller:
             self.violations += check_identical(image, await self.read_disk_file(s), self.hist, f"{p.name}/{s.name}")
             with contextlib.suppress(AgentCallError, aiohttp.ClientError, OSError, TimeoutError):
                 await self.checkpoint(s)
-            t = time.monotonic()
+            died = time.monotonic()
             p.agent.kill()
             await p.agent.wait_exit()
-            await self.on_primary_down_final(p, s, t)
-
-    async def on_primary_down_final(self, p: Replica, s: Replica, died: float) -> None:
-        self.primary = None
-        await self.failover(s, died)
-        self.workload.retarget(None)
+            self.primary = None
+            await self.failover(s, died)
+            self.workload.retarget(None)
 
     async def close(self) -> None:
         self.stopped = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -137,8 +138,8 @@ class Workload:
             else:
                 # moved to another primary (or stopped) while the write is in flight
                 w.abandoned = True
-                self._orphans.add(io)  # type: ignore[arg-type]
-                io.add_done_callback(lambda t, w=w: self._late(t, w))
+                self._orphans.add(io)
+                io.add_done_callback(functools.partial(self._late, w))
                 self._old_clients.append(client)
                 client = None
                 continue
@@ -155,8 +156,8 @@ class Workload:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._acked.wait(), left)
 
-    def _late(self, t: asyncio.Task[None], w: Write) -> None:
-        self._orphans.discard(t)  # type: ignore[arg-type]
+    def _late(self, w: Write, t: asyncio.Task[None]) -> None:
+        self._orphans.discard(t)
         if not t.cancelled() and t.exception() is None:
             w.acked = time.monotonic()
         elif not t.cancelled():
