@@ -137,7 +137,7 @@ class Controller:
         return self.epoch
 
     def violate(self, invariant: str, detail: str) -> None:
-        log.warning("VIOLATION [%s] %s", invariant, detail)
+        log.info("VIOLATION [%s] %s", invariant, detail)
         self.violations.append(Violation(invariant, detail))
 
     def note(self, text: str) -> None:

@@ -39,7 +39,7 @@ class Fault:
     def unavailable(self) -> str | None:
         return None
 
-    def crash_point(self, rng: random.Random) -> str | None:
+    def crash_point(self, rng: random.Random, seed: int) -> str | None:
         return None
 
     def data_dir(self, index: int, workdir: Path) -> Path | None:
@@ -189,8 +189,10 @@ class CrashPoint(Fault):
     def unavailable(self) -> str | None:
         return None if self.points() else "no crash points are declared in pairvol.agent yet"
 
-    def crash_point(self, rng: random.Random) -> str | None:
-        return rng.choice(self.points())
+    def crash_point(self, rng: random.Random, seed: int) -> str | None:
+        """Successive seeds take the declared points in turn, so a long run covers them all."""
+        points = self.points()
+        return points[seed % len(points)]
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         # give the point its chances: checkpoints run all along; a peer loss brings a

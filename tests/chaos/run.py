@@ -71,7 +71,7 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
         return res
     rng = random.Random(f"{cls.name}:{seed}")
     res.mode = fault.mode or rng.choice(["latest", "checkpoint"])
-    point = fault.crash_point(rng)
+    point = fault.crash_point(rng, seed)
     stride = parse_size(fault.size) // SLOTS
     hist = History(run=zlib.crc32(f"{cls.name}:{seed}".encode()), lanes=LANES, slots=SLOTS, stride=stride)
     workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{cls.name}-{seed}-"))
