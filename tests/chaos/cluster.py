@@ -262,6 +262,8 @@ class Controller:
         if during_sync is not None:
             await during_sync(self)
         await self.settle(REPROTECT_BOUND)
+        if self.crash_fired:
+            return  # the run goes on from wherever the crash left it
         if self.primary is None or self.secondary is None or self.syncing_since is not None:
             raise RuntimeError(f"the pair did not reach replicating: {self.pstatus and self.pstatus['replication']}")
 
@@ -457,13 +459,40 @@ class Controller:
         self.note(f"primary {p.name} down")
         await p.agent.stop()  # whatever is left of it (a live agent over a dead daemon)
         if s is None or not s.alive or self.syncing_since is not None:
-            self.note("no secondary in sync to fail over to: the volume is down (not a violation)")
+            self.note("no secondary in sync to fail over to: the primary's pod is restarted")
+            await self.restart_primary(p, died)
             return
         marked = await self.durable_out_of_sync(p)
         if marked:
-            self.note(f"{p.name} marked {s.name} out of sync: no automatic failover")
+            self.note(f"{p.name} marked {s.name} out of sync: no automatic failover; the primary's pod is restarted")
+            await self.restart_primary(p, died)
             return
         await self.failover(s, died)
+
+    async def restart_primary(self, p: Replica, died: float) -> None:
+        """The operator's answer when it may not fail over: the primary's pod comes back on
+        its node and data dir and is confirmed with a new epoch; it must hold every write it
+        acknowledged (Latest), whatever it was doing when it died."""
+        if p.node in self.cut_nodes or p.node not in self.free_nodes():
+            self.note(f"{p.name}'s node is not available: the volume stays down")
+            return
+        try:
+            r = await self.start_replica(p.node, data_dir=p.agent.data_dir, armed=False)
+            st = await self.status(r)
+            self.note(f"{r.name} restored {p.name}'s data dir: {st and st.get('restored')}")
+            await r.agent.call("POST", "/v1/primary", {"epoch": self.next_epoch(), "peer": None}, timeout=CALL_TIMEOUT)
+        except (AgentCallError, aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
+            self.violate("restart", f"the primary cannot come back on its data dir: {exc}")
+            return
+        image = await self.read_export(r)
+        self.violations += check_latest(
+            image, self.hist, time.monotonic(), f"{r.name} restarted on {p.name}'s data dir"
+        )
+        self.rebase(image)
+        self.term += 1
+        self.primary = r
+        self.hist.excuse(died, time.monotonic(), "primary down until it restarted")
+        self.workload.retarget(Target(r.name, self.term, r.agent.export_socket))
 
     async def failover(self, s: Replica, died: float) -> None:
         self.secondary_name = s.name
