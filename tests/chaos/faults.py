@@ -34,6 +34,8 @@ class Fault:
     name = ""
     doc = ""
     size = "8Mi"  # volume size
+    # why the one-primary check cannot judge this class at agent level (None: it can)
+    one_primary_unjudged: str | None = None
     mode: str | None = None  # force the failover mode of the run
 
     def unavailable(self) -> str | None:
@@ -458,6 +460,11 @@ class FrozenOldPrimary(Fault):
     name = "frozen-old-primary"
     doc = "an old primary frozen with writes in flight, resumed after its peer's address was reused (failure 8)"
     mode = "latest"
+    one_primary_unjudged = (
+        "the resumed old primary runs without a Lease here, so nothing tells it that it was deposed: "
+        "its late acknowledgements are the Lease's to prevent (operator level); what it must not do, "
+        "even without one, is write into the current replica (checked: identical, latest)"
+    )
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         c.hold_reactions = True

@@ -97,7 +97,14 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
                 await asyncio.sleep(rng.uniform(0.5, 1.5))
                 w1 = time.monotonic()
                 await c.finish()
-                res.violations = c.violations + check_one_primary(hist)
+                res.violations = list(c.violations)
+                late = check_one_primary(hist)
+                if late and fault.one_primary_unjudged:
+                    c.note(
+                        f"not judged: {len(late)} late acknowledgements ({late[0].detail}): {fault.one_primary_unjudged}"
+                    )
+                else:
+                    res.violations += late
                 stalls, res.worst_gap = check_stalls(hist, peer_timeout + 1.0, w0, w1)
                 res.violations += stalls
                 if point and not c.crash_fired:

@@ -31,14 +31,12 @@ def known(failure: int, invariant: str, what: str) -> tuple[str, pytest.MarkDeco
     return invariant, pytest.mark.xfail(strict=True, raises=KnownBug, reason=f"issue 7 failure {failure}: {what}")
 
 
-RE_PROTECTION, RE_PROTECTION_MARK = known(6, "reprotect", "the second peer loss breaks re-protection")
-
 CASES = [
     pytest.param("kill-agent", 1, None, id="kill-agent-1"),
     pytest.param("kill-daemon", 2, None, id="kill-daemon-2"),
     pytest.param("partition", 1, None, id="partition-1"),
     pytest.param("crash-point", 1, None, id="crash-point-1"),
-    pytest.param("peer-loss-x3", 1, RE_PROTECTION, id="peer-loss-x3-1", marks=RE_PROTECTION_MARK),
+    pytest.param("peer-loss-x3", 1, None, id="peer-loss-x3-1"),
 ]
 
 
