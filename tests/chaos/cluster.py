@@ -70,6 +70,16 @@ class Replica:
     armed: bool = False
     watcher: asyncio.Task[None] | None = None
 
+    log_from: int = 0
+
+    def own_log(self) -> str:
+        """What this incarnation wrote to the agent's log (a restart appends to it)."""
+        if self.agent.log_path is None or not self.agent.log_path.exists():
+            return ""
+        with self.agent.log_path.open("rb") as f:
+            f.seek(self.log_from)
+            return f.read().decode(errors="replace")
+
     @property
     def alive(self) -> bool:
         return self.agent.proc is not None and self.agent.proc.returncode is None
@@ -170,6 +180,8 @@ class Controller:
             env=env,
         )
         rep = Replica(name, node, agent, armed=arm)
+        log_file = agent.data_dir.parent / f"{agent.data_dir.name}.log"  # procs.Agent's log, shared by restarts
+        rep.log_from = log_file.stat().st_size if log_file.exists() else 0
         self.replicas.append(rep)
         await agent.start()
         rep.started = time.monotonic()
@@ -181,7 +193,7 @@ class Controller:
         assert rep.agent.proc is not None
         rc = await rep.agent.proc.wait()
         rep.died_at = time.monotonic()
-        if self.crash_point and f"crash point {self.crash_point} reached" in rep.agent.log_tail(40):
+        if self.crash_point and f"crash point {self.crash_point} reached" in await asyncio.to_thread(rep.own_log):
             self.crash_fired.append(rep.name)
             self.note(f"{rep.name} hit crash point {self.crash_point}")
         else:
@@ -255,8 +267,14 @@ class Controller:
         await asyncio.sleep(self.rng.uniform(0.3, 1.0))
         b = await self.start_replica(self.nodes[1], data_dirs[1])
         await b.agent.secondary(self.next_epoch())
-        await self.start_primary(a, b, self.epoch)
         self.secondary = b
+        try:
+            await self.start_primary(a, b, self.epoch)
+        except (AgentCallError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            await asyncio.sleep(0.3)
+            if not self.crash_point or (a.alive and b.alive):
+                raise
+            self.note(f"the first primary() was cut short by a crash: {exc}")
         self.syncing_since = time.monotonic()
         self._tasks = [asyncio.create_task(self._monitor()), asyncio.create_task(self._checkpointer())]
         if during_sync is not None:

@@ -100,9 +100,8 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
                 res.violations = list(c.violations)
                 late = check_one_primary(hist)
                 if late and fault.one_primary_unjudged:
-                    c.note(
-                        f"not judged: {len(late)} late acknowledgements ({late[0].detail}): {fault.one_primary_unjudged}"
-                    )
+                    why = fault.one_primary_unjudged
+                    c.note(f"not judged: {len(late)} late acknowledgements ({late[0].detail}): {why}")
                 else:
                     res.violations += late
                 stalls, res.worst_gap = check_stalls(hist, peer_timeout + 1.0, w0, w1)
