@@ -634,9 +634,8 @@ CLASSES: list[type[Fault]] = [
 ]
 
 NOT_DONE = {
-    "api-server": "API server slow or unreachable from the primary (needs the Lease: operator-level, not done)",
-    "clock-skew": "clock skew between operator and agents (operator-level, not done)",
-    "operator-crash": "operator crash mid-action (operator-level, not done)",
+    "api-slow": "a slow API server (needs tc netem, absent here, or a delaying proxy in front of the API server)",
+    "clock-skew": "clock skew between operator and agents (needs a per-process clock, e.g. libfaketime)",
 }
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pairvol.localcluster.netns import ClusterNetwork, NetnsError, check_prerequisites
+from tests.chaos import operator_level
 from tests.chaos.checker import Violation, check_one_primary, check_stalls
 from tests.chaos.cluster import Controller
 from tests.chaos.faults import CLASSES, NOT_DONE, Delay, Fault, by_name
@@ -60,6 +61,31 @@ class Result:
     @property
     def replay(self) -> str:
         return f"python -m tests.chaos.run --seed {self.seed} --class {self.cls}"
+
+
+async def run_operator_one(name: str, seed: int) -> Result:
+    """An operator-level class (tests/chaos/operator_level.py)."""
+    res = Result(name, seed)
+    t0 = time.monotonic()
+    try:
+        await operator_level.run_operator(name, seed, res)
+    except NetnsError as exc:
+        res.skipped = str(exc)
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+        res.notes.append(traceback.format_exc())
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+async def run_named(name: str, seed: int, peer_timeout: float = 2.0, keep: bool = False) -> Result:
+    if name in operator_level.CLASSES:
+        return await run_operator_one(name, seed)
+    return await run_one(by_name()[name], seed, peer_timeout, keep)
+
+
+def all_names() -> list[str]:
+    return [c.name for c in CLASSES] + list(operator_level.CLASSES)
 
 
 async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: bool = False) -> Result:
@@ -149,7 +175,7 @@ def drop_images(workdir: Path) -> None:
 
 
 def table(results: list[Result]) -> str:
-    names = [c.name for c in CLASSES]
+    names = all_names()
     rows = ["| class | runs | violations | skipped | errored |", "|---|---|---|---|---|"]
     for n in names:
         rs = [r for r in results if r.cls == n]
@@ -199,7 +225,7 @@ def report(r: Result, verbose: bool) -> str:
 async def main_async(args: argparse.Namespace) -> int:
     await check_prerequisites()
     await Delay.probe()
-    classes = [by_name()[n] for n in args.cls] if args.cls else list(CLASSES)
+    classes = args.cls or all_names()
     results: list[Result] = []
     if args.duration:
         end = time.monotonic() + args.duration
@@ -208,14 +234,14 @@ async def main_async(args: argparse.Namespace) -> int:
             for cls in classes:
                 if time.monotonic() >= end:
                     break
-                r = await run_one(cls, seed, args.peer_timeout, args.keep)
+                r = await run_named(cls, seed, args.peer_timeout, args.keep)
                 results.append(r)
                 print(report(r, args.verbose), flush=True)
             seed += 1
     else:
         for cls in classes:
             for i in range(args.runs):
-                r = await run_one(cls, args.seed + i, args.peer_timeout, args.keep)
+                r = await run_named(cls, args.seed + i, args.peer_timeout, args.keep)
                 results.append(r)
                 print(report(r, args.verbose), flush=True)
     print()
@@ -243,7 +269,9 @@ async def main_async(args: argparse.Namespace) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.chaos.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
-    ap.add_argument("--class", dest="cls", action="append", choices=sorted(by_name()), help="fault class (repeatable)")
+    ap.add_argument(
+        "--class", dest="cls", action="append", choices=sorted(all_names()), help="fault class (repeatable)"
+    )
     ap.add_argument("--runs", type=int, default=1, help="runs per class without --duration")
     ap.add_argument("--duration", type=float, default=0, help="run classes in turn for this many seconds")
     ap.add_argument("--peer-timeout", type=float, default=2.0)
