@@ -14,6 +14,9 @@ primary must stop acknowledging writes before the new one acknowledges its first
 * `api-unreachable`: the primary's node cannot reach the API server (iptables DROP of its
   traffic to the API proxy, inside the node) for 1.5-4 lease durations; it must fence
   itself before the operator may promote the secondary.
+* `primary-isolated`: the primary's node is partitioned from everything (failure 9): its
+  workload, local to the node, goes on writing; nothing it acknowledges may be missing on
+  the promoted secondary, and it must stop acknowledging before the secondary starts.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 CLASSES = {
     "operator-crash": "SIGKILL of the primary's pod, and of the operator at a seeded moment of its reaction",
     "api-unreachable": "the primary's node cannot reach the API server for 1.5-4 lease durations",
+    "primary-isolated": "the primary's node is cut off from everything (secondary, API server) for 2-5 lease durations",
 }
 LEASE_S = 2.0
 PEER_TIMEOUT_S = 2
@@ -151,7 +155,7 @@ async def run_operator(name: str, seed: int, res: Any) -> None:
             if name == "operator-crash":
                 await operator_crash(stack, f, rng, old)
             else:
-                hold = await api_unreachable(stack, f, rng, old)
+                hold = await (api_unreachable if name == "api-unreachable" else isolate)(stack, f, rng, old)
                 # until the fenced primary is replaced, the workload cannot write
                 hist.excuse(f.fault_at, f.fault_at + hold + LEASE_S + 1 + 5, "API server unreachable from the primary")
             await stack.wait_phase(VOLUME, "Replicating", within=120)
@@ -201,4 +205,15 @@ async def api_unreachable(stack: Any, f: Follower, rng: random.Random, old: dict
         await asyncio.sleep(hold)
     finally:
         await stack.sim.run_in_node(old["node"], ["iptables", "-w", "-D", *rule])
+    return hold
+
+
+async def isolate(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:
+    hold = rng.uniform(2.0, 5.0) * LEASE_S
+    f.notes.append(f"fault: {old['node']} partitioned from everything for {hold:.1f} s")
+    await stack.sim.partition_node(old["node"])
+    try:
+        await asyncio.sleep(hold)
+    finally:
+        await stack.sim.heal_node(old["node"])
     return hold
