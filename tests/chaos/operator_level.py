@@ -209,8 +209,24 @@ async def api_unreachable(stack: Any, f: Follower, rng: random.Random, old: dict
 
 
 async def isolate(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:
+    """Failure 9 depends on where in the Lease's renewal period the cut falls, so the cut is
+    placed at a seeded phase of it (renewals every third of the duration)."""
+    from pairvol.agent.lease import parse_micro_time
+    from pairvol.operator.k8s import lease_path
+
     hold = rng.uniform(2.0, 5.0) * LEASE_S
-    f.notes.append(f"fault: {old['node']} partitioned from everything for {hold:.1f} s")
+    period = LEASE_S / 3
+    phase = rng.uniform(0.0, period)
+    with contextlib.suppress(Exception):
+        lease = await stack.kube.get(lease_path(stack.namespace, f"pairvol-{VOLUME}"))
+        renew = parse_micro_time(lease["spec"].get("renewTime"))
+        if renew is not None:
+            at = renew + phase
+            while at < time.time():
+                at += period
+            await asyncio.sleep(at - time.time())
+    f.fault_at = time.monotonic()
+    f.notes.append(f"fault: {old['node']} partitioned from everything for {hold:.1f} s, {phase:.2f} s into a renewal")
     await stack.sim.partition_node(old["node"])
     try:
         await asyncio.sleep(hold)
