@@ -1,7 +1,7 @@
 """A small controller that plays the operator's part against real agents.
 
-Each replica is a real `pairvol agent` (started by pairvol.agent.procs.Agent, so it runs
-exactly as the suite's launchers run it) inside a node's network namespace, with a token
+Each replica is a real `pairvol agent` (started by tests.support.agents.Agent, so it runs
+exactly as the suite's launchers run it, with the agent pod's privileges where they apply them) inside a node's network namespace, with a token
 and a TLS-PSK replication link. The controller does what the operator does, in the same
 order: secondary(N) → primary(N+1, peer, "full") → checkpoints while the pair replicates →
 on primary death failover(epoch, mode) on the secondary (never onto a secondary the
@@ -31,13 +31,14 @@ from typing import Any
 import aiohttp
 
 from pairvol.agent import state as agent_state
-from pairvol.agent.procs import Agent, AgentCallError, write_psk
+from pairvol.agent.procs import AgentCallError, write_psk
 from pairvol.localcluster.netns import ClusterNetwork
 from pairvol.nbd import NBDClient
 from tests.chaos.blocks import BLOCK, BadBlock, parse
 from tests.chaos.checker import Violation, check_checkpoint, check_latest
 from tests.chaos.history import Cut, History
 from tests.chaos.workload import Target, Workload
+from tests.support.agents import Agent
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ CALL_TIMEOUT = 30.0
 
 @dataclass
 class ChaosAgent(Agent):
-    """An Agent with extra environment (crash points); everything else as the suite starts it."""
+    """The suite's Agent (tests.support.agents: started as the agent pod runs it) with extra
+    environment (crash points)."""
 
     env: dict[str, str] = field(default_factory=dict)
 
@@ -56,6 +58,8 @@ class ChaosAgent(Agent):
         argv = super().argv()
         if not self.env:
             return argv
+        # right before the interpreter, so that whatever wraps the command line (network
+        # namespace, the pod's privileges) still runs it with this environment
         at = argv.index(sys.executable) if sys.executable in argv else 0
         return [*argv[:at], "env", *(f"{k}={v}" for k, v in self.env.items()), *argv[at:]]
 
