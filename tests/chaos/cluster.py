@@ -1,16 +1,18 @@
 """A small controller that plays the operator's part against real agents.
 
-Each replica is a real `pairvol agent` (started by tests.support.agents.Agent, so it runs
-exactly as the suite's launchers run it, with the agent pod's privileges where they apply them) inside a node's network namespace, with a token
-and a TLS-PSK replication link. The controller does what the operator does, in the same
-order: secondary(N) → primary(N+1, peer, "full") → checkpoints while the pair replicates →
-on primary death failover(epoch, mode) on the secondary (never onto a secondary the
-primary durably marked out of sync) → re-protection with a new secondary, as often as
-peers are lost. It records every fact the checker needs in the run's History and reports
-the invariants it can judge itself (failover and re-protection) as violations.
+Each replica is a real `pairvol agent`, started by tests.support.agents.Agent exactly as
+the suite's launchers start it (with the agent pod's privileges where they apply them),
+inside a node's network namespace, with a token and a TLS-PSK replication link.
+
+The controller does what the operator does, in the same order: secondary(N) →
+primary(N+1, peer, "full") → checkpoints while the pair replicates → on primary death
+failover(epoch, mode) on the secondary (never onto a secondary the primary durably marked
+out of sync; then the primary's pod is restarted instead) → re-protection with a new
+secondary, as often as peers are lost. It records every fact the checker needs in the
+run's History and reports the invariants it can judge itself (failover, re-protection).
 
 What it does *not* have is the Lease: a primary that is alive but unreachable is never
-failed over from here (that needs the API server; see docs/chaos.md).
+failed over from here (that needs the API server: tests/chaos/operator_level.py).
 """
 
 from __future__ import annotations
