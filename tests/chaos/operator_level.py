@@ -26,6 +26,7 @@ import contextlib
 import logging
 import random
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -138,7 +139,7 @@ async def run_operator(name: str, seed: int, res: Any) -> None:
 
     rng = random.Random(f"{name}:{seed}")
     res.mode = "latest"
-    hist = History(run=hash((name, seed)) & 0xFFFFFFFF, lanes=4, slots=256, stride=(SIZE_MIB << 20) // 256)
+    hist = History(run=zlib.crc32(f"{name}:{seed}".encode()), lanes=4, slots=256, stride=(SIZE_MIB << 20) // 256)
     workload = Workload(hist, random.Random(rng.random()))
     async with Stack.up(3, lease_duration=LEASE_S) as stack:
         await stack.apply(manifest())
