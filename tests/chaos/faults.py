@@ -611,8 +611,17 @@ class Fuzz(Fault):
         fuzz = importlib.import_module("tests.support.fuzz")
         role, rep = pick(c, rng)
         seed = rng.randrange(1 << 30)
-        c.note(f"fault: fuzz_http on {role} {rep.name} (seed {seed})")
-        await fuzz.fuzz_http(rep.agent, 200, seed)
+        rounds = 200
+        c.note(f"fault: fuzz_http on {role} {rep.name} ({rounds} rounds, seed {seed})")
+        # the controller holds still meanwhile: fuzz_http checks that the agent's position is
+        # what it was, and a re-protection would move it
+        c.hold_reactions = True
+        try:
+            found = await fuzz.fuzz_http(rep.agent, rounds, seed)
+        finally:
+            c.hold_reactions = False
+        for v in found:
+            c.violate("fuzz", f"{rep.name} ({role}): {v}")
 
 
 CLASSES: list[type[Fault]] = [
