@@ -620,9 +620,8 @@ class Controller:
         self.stopped = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        # gather, not suppress: a cancellation of this task itself (Ctrl-C) must go on
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         async with self.lock:
             p, s = self.primary, self.secondary
             if p is None or not p.alive:

@@ -164,8 +164,7 @@ async def run_operator(name: str, seed: int, res: Any) -> None:
             w1 = time.monotonic()
         finally:
             follow.cancel()
-            with contextlib.suppress(BaseException):
-                await follow
+            await asyncio.gather(follow, return_exceptions=True)
             await workload.stop()
         st = await stack.status(VOLUME)
         image = await f.read(stack.socket_path(st))

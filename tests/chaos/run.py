@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -223,10 +224,42 @@ def report(r: Result, verbose: bool) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    # SIGTERM (and SIGINT where the shell left it to us) end the run cleanly: the current
+    # run tears down what it started and the table of what ran so far is printed
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     await check_prerequisites()
     await Delay.probe()
     classes = args.cls or all_names()
     results: list[Result] = []
+    try:
+        await run_all(args, classes, results)
+    except asyncio.CancelledError:  # Ctrl-C: the table of what ran so far
+        print("\ninterrupted")
+        print(table(results))
+        raise
+    print()
+    print(table(results))
+    if args.json:
+        text = json.dumps([result_json(r) for r in results], indent=1)
+        await asyncio.to_thread(Path(args.json).write_text, text)
+    return 1 if any(r.violations for r in results) else 0
+
+
+def result_json(r: Result) -> dict[str, object]:
+    return {
+        "class": r.cls,
+        "seed": r.seed,
+        "mode": r.mode,
+        "violations": [str(v) for v in r.violations],
+        "skipped": r.skipped,
+        "error": r.error,
+        "replay": r.replay,
+    }
+
+
+async def run_all(args: argparse.Namespace, classes: list[str], results: list[Result]) -> None:
     if args.duration:
         end = time.monotonic() + args.duration
         seed = args.seed
@@ -244,26 +277,6 @@ async def main_async(args: argparse.Namespace) -> int:
                 r = await run_named(cls, args.seed + i, args.peer_timeout, args.keep)
                 results.append(r)
                 print(report(r, args.verbose), flush=True)
-    print()
-    print(table(results))
-    if args.json:
-        text = json.dumps(
-            [
-                {
-                    "class": r.cls,
-                    "seed": r.seed,
-                    "mode": r.mode,
-                    "violations": [str(v) for v in r.violations],
-                    "skipped": r.skipped,
-                    "error": r.error,
-                    "replay": r.replay,
-                }
-                for r in results
-            ],
-            indent=1,
-        )
-        await asyncio.to_thread(Path(args.json).write_text, text)
-    return 1 if any(r.violations for r in results) else 0
 
 
 def main() -> None:
@@ -282,7 +295,10 @@ def main() -> None:
     logging.basicConfig(level=logging.DEBUG if os.environ.get("CHAOS_DEBUG") else logging.WARNING)
     if os.geteuid() != 0:
         sys.exit("the fault injector needs root (network namespaces, iptables, mounts)")
-    sys.exit(asyncio.run(main_async(args)))
+    try:
+        sys.exit(asyncio.run(main_async(args)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit(130)
 
 
 if __name__ == "__main__":

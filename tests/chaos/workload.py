@@ -69,9 +69,7 @@ class Workload:
         done, pending = await asyncio.wait(self._tasks, timeout=grace) if self._tasks else (set(), set())
         for t in pending:
             t.cancel()
-        for t in [*done, *pending]:
-            with contextlib.suppress(BaseException):
-                await t
+        await asyncio.gather(*done, *pending, return_exceptions=True)
         if self.paused_since is not None:
             self.hist.excuse(self.paused_since, time.monotonic(), "workload paused by the controller")
             self.paused_since = None
@@ -79,9 +77,7 @@ class Workload:
     async def close(self) -> None:
         for t in list(self._orphans):
             t.cancel()
-        for t in list(self._orphans):
-            with contextlib.suppress(BaseException):
-                await t
+        await asyncio.gather(*self._orphans, return_exceptions=True)
         for c in self._old_clients:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(c.close(), 2)
