@@ -515,6 +515,8 @@ class Controller:
         self.rebase(image)
         self.term += 1
         self.primary = r
+        if self.secondary is not None:  # the restarted primary has no peer: re-protect
+            await self.on_secondary_lost(self.secondary, f"{r.name} came back without a peer")
         self.hist.excuse(died, time.monotonic(), "primary down until it restarted")
         self.workload.retarget(Target(r.name, self.term, r.agent.export_socket))
 

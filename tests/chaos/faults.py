@@ -298,7 +298,7 @@ class Enospc(Fault):
     async def prepare(self, workdir: Path, rng: random.Random) -> None:
         self.mnt = workdir / "small"
         self.mnt.mkdir(parents=True)
-        await run_command(["mount", "-t", "tmpfs", "-o", "size=12m", "chaos-enospc", str(self.mnt)])
+        await run_command(["mount", "-t", "tmpfs", "-o", "size=32m", "chaos-enospc", str(self.mnt)])
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         assert self.mnt is not None and c.primary is not None
