@@ -601,7 +601,12 @@ class Controller:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             p, s = self.primary, self.secondary
-            if p is None or self.reprotect_failures >= 3:
+            if self.reprotect_failures >= 3:
+                return
+            if p is None:
+                if self.lock.locked():  # a failover or a restart is under way
+                    await asyncio.sleep(0.2)
+                    continue
                 return
             if (
                 s is not None
