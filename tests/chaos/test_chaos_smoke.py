@@ -37,6 +37,8 @@ CASES = [
     pytest.param("partition", 1, None, id="partition-1"),
     pytest.param("crash-point", 1, None, id="crash-point-1"),
     pytest.param("peer-loss-x3", 1, None, id="peer-loss-x3-1"),
+    pytest.param("enospc", 2, None, id="enospc-2"),
+    pytest.param("frozen-old-primary", 1, None, id="frozen-old-primary-1"),
 ]
 
 
