@@ -33,7 +33,6 @@ def known(failure: int, invariant: str, what: str) -> tuple[str, pytest.MarkDeco
 
 CASES = [
     pytest.param("kill-agent", 1, None, id="kill-agent-1"),
-    pytest.param("kill-daemon", 2, None, id="kill-daemon-2"),
     pytest.param("partition", 1, None, id="partition-1"),
     pytest.param("crash-point", 1, None, id="crash-point-1"),
     pytest.param("peer-loss-x3", 1, None, id="peer-loss-x3-1"),
