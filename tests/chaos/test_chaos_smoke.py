@@ -1,7 +1,15 @@
 """A short, deterministic subset of the fault injector (docs/chaos.md): fixed seeds across
-fault classes, each a real run against real agents, judged by the checker. A known bug
-that is not fixed yet is marked xfail(strict=True) with its number in issue 7, so the
-mark has to go when the fix lands."""
+fault classes, each a real run against real agents, judged by the checker.
+
+A case that a known, unfixed bug breaks is marked with its failure number in issue 7 and
+the invariant it breaks::
+
+    pytest.param("peer-loss-x3", 1, *known(6, "reprotect", "the second peer loss ..."), id=...)
+
+so it is xfail(strict=True) for exactly that violation: any other violation fails it, and
+so does the fix (the mark has to go). None is marked today: the failures these seeds hit
+before the link gate (1, 6, 8) are fixed on main.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +34,7 @@ class KnownBug(AssertionError):
 
 
 def known(failure: int, invariant: str, what: str) -> tuple[str, pytest.MarkDecorator]:
-    """The case breaks `invariant` because of issue 7's failure `failure`. Any other
-    violation still fails the case; when the fix lands the strict mark fails it too."""
+    """(bug, mark) for a case that breaks `invariant` because of issue 7's failure `failure`."""
     return invariant, pytest.mark.xfail(strict=True, raises=KnownBug, reason=f"issue 7 failure {failure}: {what}")
 
 
