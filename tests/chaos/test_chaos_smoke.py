@@ -4,7 +4,8 @@ fault classes, each a real run against real agents, judged by the checker.
 A case that a known, unfixed bug breaks is marked with its failure number in issue 7 and
 the invariant it breaks::
 
-    pytest.param("peer-loss-x3", 1, *known(6, "reprotect", "the second peer loss ..."), id=...)
+    bug, mark = known(6, "reprotect", "the second peer loss breaks re-protection")
+    pytest.param("peer-loss-x3", 1, bug, marks=mark, id="peer-loss-x3-1")
 
 so it is xfail(strict=True) for exactly that violation: any other violation fails it, and
 so does the fix (the mark has to go). None is marked today: the failures these seeds hit
