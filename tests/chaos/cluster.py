@@ -189,11 +189,28 @@ class Controller:
         log_file = agent.data_dir.parent / f"{agent.data_dir.name}.log"  # procs.Agent's log, shared by restarts
         rep.log_from = log_file.stat().st_size if log_file.exists() else 0
         self.replicas.append(rep)
-        await agent.start()
+        try:
+            await agent.start()
+        except (RuntimeError, TimeoutError):
+            # a restart runs the agent's restore, which may hit the armed crash point
+            if self.crash_point and f"crash point {self.crash_point} reached" in await asyncio.to_thread(rep.own_log):
+                self.crash_fired.append(rep.name)
+                self.note(f"{rep.name} hit crash point {self.crash_point} while starting")
+            raise
         rep.started = time.monotonic()
         rep.watcher = asyncio.create_task(self._watch(rep))
         self.note(f"{name} started on {node} ({agent.data_dir.name}{', crash point armed' if arm else ''})")
         return rep
+
+    async def restart_on(self, node: str, data_dir: Path) -> Replica:
+        """A pod coming back on its node and data dir; if its restore hit the crash point,
+        it comes back once more (the point fires once per run)."""
+        try:
+            return await self.start_replica(node, data_dir=data_dir)
+        except (RuntimeError, TimeoutError):
+            if not self.crash_fired:
+                raise
+            return await self.start_replica(node, data_dir=data_dir)
 
     async def _watch(self, rep: Replica) -> None:
         assert rep.agent.proc is not None
@@ -413,7 +430,7 @@ class Controller:
         if old is not None and old[0].node in free and not old[0].alive and self.rng.random() < self.restart_same:
             # the old node comes back: same address, same data dir (the agent restores)
             node = old[0].node
-            new = await self.start_replica(node, data_dir=old[0].agent.data_dir, armed=False)
+            new = await self.restart_on(node, old[0].agent.data_dir)
             self.lost.pop()
             restored = await self.status(new)
             self.note(f"{new.name} restored {old[0].name}'s data dir: {restored and restored.get('restored')}")
@@ -501,7 +518,7 @@ class Controller:
             self.note(f"{p.name}'s node is not available: the volume stays down")
             return
         try:
-            r = await self.start_replica(p.node, data_dir=p.agent.data_dir, armed=False)
+            r = await self.restart_on(p.node, p.agent.data_dir)
             st = await self.status(r)
             self.note(f"{r.name} restored {p.name}'s data dir: {st and st.get('restored')}")
             await r.agent.call("POST", "/v1/primary", {"epoch": self.next_epoch(), "peer": None}, timeout=CALL_TIMEOUT)
@@ -535,7 +552,7 @@ class Controller:
             # the secondary died during the failover (a crash point): the operator restarts
             # it and tries again with a newer epoch
             self.note(f"{s.name} died during the failover ({exc}); restarting it on its data dir")
-            s = await self.start_replica(s.node, data_dir=s.agent.data_dir, armed=False)
+            s = await self.restart_on(s.node, s.agent.data_dir)
             self.hist.cuts += [
                 Cut(s.name, c.id, c.start, c.end, c.how, c.in_sync)
                 for c in self.hist.cuts

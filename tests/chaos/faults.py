@@ -198,7 +198,9 @@ class CrashPoint(Fault):
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         # give the point its chances: checkpoints run all along; a peer loss brings a
-        # full sync and a restore; the end of the run brings a failover
+        # full sync and (the lost secondary coming back on its data dir) a restore; the
+        # end of the run brings a failover
+        c.restart_same = 1.0
         for _ in range(2):
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             if c.crash_fired:
