@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test unit integration e2e demo demo-agent bench tools mutate clean
+.PHONY: venv lint test unit integration e2e demo demo-agent bench chaos tools mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ mutate: $(STAMP) tools
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
+
+# The fault injector with its checker (docs/chaos.md); needs root. Seeded: a violation
+# prints its seed and a one-line replay command.
+CHAOS_ARGS ?= --duration 1800 --seed 1
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.run $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,305 @@
+"""Run the fault injector: `python -m tests.chaos.run [--duration S] [--seed S] [--class C ...]`.
+
+One run = one fault class and one seed: a fresh set of node namespaces, a primary and a
+secondary replicating an 8 MiB volume under a logging workload, checkpoints every second
+or so, the fault at a seeded random moment, the controller reacting as the operator would,
+then the end-of-run checks (Latest on the primary, the pair identical, a final failover in
+the run's mode). The seed fixes every choice the injector makes (which fault, where,
+when, which failover mode); the timing of the processes is not reproducible, so a replay
+reproduces the scenario, and a race it found usually but not always.
+
+With --duration, classes are taken in turn with seeds from --seed on until the time is
+up. The output is a table: class x runs x violations, skipped and errored runs apart
+with their reasons, and every violating seed with its replay command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pairvol.localcluster.netns import ClusterNetwork, NetnsError, check_prerequisites
+from tests.chaos import operator_level
+from tests.chaos.checker import Violation, check_one_primary, check_stalls
+from tests.chaos.cluster import Controller
+from tests.chaos.faults import CLASSES, NOT_DONE, Delay, Fault, by_name
+from tests.chaos.history import History
+
+log = logging.getLogger("tests.chaos.run")
+
+LANES = 4
+SLOTS = 256  # 1 MiB of an 8 MiB volume: small enough that slots are overwritten often
+NODES = ["n0", "n1", "n2", "n3"]
+
+
+@dataclass
+class Result:
+    cls: str
+    seed: int
+    mode: str = ""
+    violations: list[Violation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    writes: int = 0
+    acked: int = 0
+    worst_gap: float = 0.0
+
+    @property
+    def replay(self) -> str:
+        return f"python -m tests.chaos.run --seed {self.seed} --class {self.cls}"
+
+
+async def run_operator_one(name: str, seed: int) -> Result:
+    """An operator-level class (tests/chaos/operator_level.py)."""
+    res = Result(name, seed)
+    t0 = time.monotonic()
+    try:
+        await operator_level.run_operator(name, seed, res)
+    except NetnsError as exc:
+        res.skipped = str(exc)
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+        res.notes.append(traceback.format_exc())
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+async def run_named(name: str, seed: int, peer_timeout: float = 2.0, keep: bool = False) -> Result:
+    if name in operator_level.CLASSES:
+        return await run_operator_one(name, seed)
+    return await run_one(by_name()[name], seed, peer_timeout, keep)
+
+
+def all_names() -> list[str]:
+    return [c.name for c in CLASSES] + list(operator_level.CLASSES)
+
+
+async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: bool = False) -> Result:
+    res = Result(cls.name, seed)
+    fault = cls()
+    why = fault.unavailable()
+    if why:
+        res.skipped = why
+        return res
+    rng = random.Random(f"{cls.name}:{seed}")
+    res.mode = fault.mode or rng.choice(["latest", "checkpoint"])
+    point = fault.crash_point(rng, seed)
+    stride = parse_size(fault.size) // SLOTS
+    hist = History(run=zlib.crc32(f"{cls.name}:{seed}".encode()), lanes=LANES, slots=SLOTS, stride=stride)
+    workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{cls.name}-{seed}-"))
+    t_start = time.monotonic()
+    c: Controller | None = None
+    try:
+        await fault.prepare(workdir, rng)
+        async with ClusterNetwork(NODES) as net:
+            c = Controller(
+                net, NODES, workdir, hist, rng, res.mode, peer_timeout=peer_timeout, size=fault.size, crash_point=point
+            )
+            if point:
+                c.note(f"crash point {point} armed")
+            try:
+                await c.setup((fault.data_dir(0, workdir), fault.data_dir(1, workdir)), fault.during_sync)
+                w0 = time.monotonic()
+                await asyncio.sleep(rng.uniform(0.5, 2.0))
+                c.fault_at = time.monotonic()
+                await fault.inject(c, rng)
+                c.hold_reactions = False
+                await asyncio.sleep(0.5)
+                await c.settle(60)
+                await asyncio.sleep(rng.uniform(0.5, 1.5))
+                w1 = time.monotonic()
+                await c.finish()
+                res.violations = list(c.violations)
+                late = check_one_primary(hist)
+                if late and fault.one_primary_unjudged:
+                    why = fault.one_primary_unjudged
+                    c.note(f"not judged: {len(late)} late acknowledgements ({late[0].detail}): {why}")
+                else:
+                    res.violations += late
+                stalls, res.worst_gap = check_stalls(hist, peer_timeout + 1.0, w0, w1)
+                res.violations += stalls
+                if point and not c.crash_fired:
+                    res.skipped = f"crash point {point} was not reached in this run"
+            finally:
+                res.notes = c.notes
+                await c.close()
+                await fault.cleanup()
+    except NetnsError as exc:
+        res.skipped = str(exc)
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+        log.debug("run failed", exc_info=True)
+        res.notes.append(traceback.format_exc())
+    finally:
+        await fault.cleanup()
+        res.seconds = time.monotonic() - t_start
+        res.writes = len(hist.all_writes())
+        res.acked = sum(1 for w in hist.all_writes() if w.acked is not None)
+        if keep:
+            res.notes.append(f"work dir kept: {workdir}")
+        elif res.violations or res.error:
+            await asyncio.to_thread(drop_images, workdir)
+            res.notes.append(f"logs kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
+def parse_size(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            return int(text[: -len(suffix)]) * mult
+    return int(text)
+
+
+def drop_images(workdir: Path) -> None:
+    """Keep a failed run's logs and states for the report, not its images (MiBs each)."""
+    for pattern in ("*.raw", "*.qcow2", "ext4.img"):
+        for f in workdir.rglob(pattern):
+            f.unlink(missing_ok=True)
+
+
+def table(results: list[Result]) -> str:
+    names = all_names()
+    rows = ["| class | runs | violations | skipped | errored |", "|---|---|---|---|---|"]
+    for n in names:
+        rs = [r for r in results if r.cls == n]
+        if not rs:
+            continue
+        ok = [r for r in rs if not r.skipped and not r.error]
+        bad = [r for r in ok if r.violations]
+        rows.append(
+            f"| {n} | {len(ok)} | {len(bad)} | {sum(1 for r in rs if r.skipped)} | {sum(1 for r in rs if r.error)} |"
+        )
+    for n, why in NOT_DONE.items():
+        rows.append(f"| {n} | — | — | not done: {why} | |")
+    out = ["\n".join(rows), ""]
+    viol = [r for r in results if r.violations]
+    if viol:
+        out.append("Violations:")
+        for r in viol:
+            kinds = sorted({v.invariant for v in r.violations})
+            out.append(f"  seed {r.seed} class {r.cls} ({r.mode}): {', '.join(kinds)} — {r.violations[0].detail}")
+            out.append(f"    replay: {r.replay}")
+    skipped = sorted({(r.cls, r.skipped) for r in results if r.skipped})
+    if skipped:
+        out.append("Skipped:")
+        out += [f"  {c}: {why}" for c, why in skipped]
+    errored = [r for r in results if r.error]
+    if errored:
+        out.append("Errored (the injector failed, not the product):")
+        out += [f"  seed {r.seed} class {r.cls}: {r.error}\n    replay: {r.replay}" for r in errored]
+    return "\n".join(out)
+
+
+def report(r: Result, verbose: bool) -> str:
+    head = f"{r.cls} seed {r.seed} ({r.mode}): "
+    if r.skipped:
+        head += f"skipped: {r.skipped}"
+    elif r.error:
+        head += f"ERROR {r.error}"
+    else:
+        head += f"{len(r.violations)} violations"
+    head += f" [{r.seconds:.1f} s, {r.acked}/{r.writes} writes acked, worst gap {r.worst_gap:.2f} s]"
+    lines = [head] + [f"  VIOLATION {v}" for v in r.violations]
+    if verbose or r.violations or r.error:
+        lines += [f"  . {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    # SIGTERM (and SIGINT where the shell left it to us) end the run cleanly: the current
+    # run tears down what it started and the table of what ran so far is printed
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await check_prerequisites()
+    await Delay.probe()
+    classes = args.cls or all_names()
+    results: list[Result] = []
+    try:
+        await run_all(args, classes, results)
+    except asyncio.CancelledError:  # Ctrl-C: the table of what ran so far
+        print("\ninterrupted")
+        print(table(results))
+        raise
+    print()
+    print(table(results))
+    if args.json:
+        text = json.dumps([result_json(r) for r in results], indent=1)
+        await asyncio.to_thread(Path(args.json).write_text, text)
+    return 1 if any(r.violations for r in results) else 0
+
+
+def result_json(r: Result) -> dict[str, object]:
+    return {
+        "class": r.cls,
+        "seed": r.seed,
+        "mode": r.mode,
+        "violations": [str(v) for v in r.violations],
+        "skipped": r.skipped,
+        "error": r.error,
+        "replay": r.replay,
+    }
+
+
+async def run_all(args: argparse.Namespace, classes: list[str], results: list[Result]) -> None:
+    if args.duration:
+        end = time.monotonic() + args.duration
+        seed = args.seed
+        while time.monotonic() < end:
+            for cls in classes:
+                if time.monotonic() >= end:
+                    break
+                r = await run_named(cls, seed, args.peer_timeout, args.keep)
+                results.append(r)
+                print(report(r, args.verbose), flush=True)
+            seed += 1
+    else:
+        for cls in classes:
+            for i in range(args.runs):
+                r = await run_named(cls, args.seed + i, args.peer_timeout, args.keep)
+                results.append(r)
+                print(report(r, args.verbose), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m tests.chaos.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=1, help="first seed (default 1)")
+    ap.add_argument(
+        "--class", dest="cls", action="append", choices=sorted(all_names()), help="fault class (repeatable)"
+    )
+    ap.add_argument("--runs", type=int, default=1, help="runs per class without --duration")
+    ap.add_argument("--duration", type=float, default=0, help="run classes in turn for this many seconds")
+    ap.add_argument("--peer-timeout", type=float, default=2.0)
+    ap.add_argument("--keep", action="store_true", help="keep every run's work dir")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("CHAOS_DEBUG") else logging.WARNING)
+    if os.geteuid() != 0:
+        sys.exit("the fault injector needs root (network namespaces, iptables, mounts)")
+    try:
+        sys.exit(asyncio.run(main_async(args)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
