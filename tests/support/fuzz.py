@@ -292,6 +292,8 @@ def http_case(seed: int, index: int, epoch: int = 0, token: str | None = None) -
     json_type: tuple[tuple[str, bytes], ...] = (("Content-Type", b"application/json"),) if rng.random() < 0.7 else ()
     if kind == "json":
         bad_body, defect = _json_defect(rng, fields)
+        if len(bad_body) > MAX_BODY:  # the size is judged before the content
+            return HttpCase("POST", path, json_type, bad_body, 413, f"{defect}, body too large")
         return HttpCase("POST", path, json_type, bad_body, 400, defect)
     if kind == "field":
         bad, defect = _field_defect(rng, path, fields)
