@@ -6,28 +6,16 @@ state change (its state slots are allocated once)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.agents import Agent, pair
+from tests.support.fs import small_fs
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
-
-
-@contextlib.contextmanager
-def small_fs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "pairvol-test", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 async def test_a_volume_larger_than_the_free_space_is_refused_at_start(tmp_path: Path) -> None:

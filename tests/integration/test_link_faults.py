@@ -11,9 +11,8 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,10 @@ from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.replica import Replica
 from pairvol.nbd import NBDClient, NBDError
 from tests.support.agents import Agent, free_port, pair
+from tests.support.fs import small_fs
 
 MiB = 1 << 20
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
-
-
-@contextlib.contextmanager
-def small_fs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "pairvol-test", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def children(pid: int) -> list[int]:

@@ -46,7 +46,7 @@ from pairvol.agent.config import AgentConfig
 from pairvol.agent.health import Health, Observed, judge
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.peerlink import PeerLink, PeerLinkError
-from pairvol.agent.secondary import ChainCheckFailed, SecondaryChain
+from pairvol.agent.secondary import ChainCheckFailed, SecondaryChain, fsync_paths
 from pairvol.agent.stages import (
     FailoverMode,
     IllegalTransition,
@@ -215,20 +215,8 @@ class Replica:
             await asyncio.to_thread(shutil.rmtree, self._tls_dir, True)
         if clean:
             # the overlays run without flushes; make them durable before calling them clean
-            await asyncio.to_thread(self._fsync_files, [self.disk_path, *self.chain.paths(self.state.generation)])
+            await asyncio.to_thread(fsync_paths, [self.disk_path, *self.chain.paths(self.state.generation)])
             await self._save(clean_shutdown=True)
-
-    @staticmethod
-    def _fsync_files(paths: list[Path]) -> None:
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     # ------------------------------------------------------------------ helpers
 
