@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import secrets
 import sys
 import time
@@ -559,8 +560,18 @@ class Controller:
                 if c.replica == self.secondary_name
             ]
             epoch = self.next_epoch()
+            restored = await self.status(s)
             try:
-                res = await s.agent.call("POST", "/v1/failover", {"epoch": epoch, "mode": mode}, timeout=CALL_TIMEOUT)
+                if restored is not None and restored["role"] == "primary":
+                    # the restart finished the failover itself (docs/correctness.md, S6) and
+                    # waits for the operator to confirm the role with a newer epoch
+                    self.note(f"{s.name} finished the failover on restart: {restored.get('restored')}")
+                    await s.agent.call("POST", "/v1/primary", {"epoch": epoch, "peer": None}, timeout=CALL_TIMEOUT)
+                    res = finished_failover(restored.get("restored") or "", mode)
+                else:
+                    res = await s.agent.call(
+                        "POST", "/v1/failover", {"epoch": epoch, "mode": mode}, timeout=CALL_TIMEOUT
+                    )
             except (AgentCallError, aiohttp.ClientError, OSError, TimeoutError) as exc2:
                 self.violate("failover", f"failover cannot complete after a crash during the failover: {exc2}")
                 self.secondary = None
@@ -685,3 +696,12 @@ class Controller:
         for r in self.replicas:
             if r.watcher is not None:
                 r.watcher.cancel()
+
+
+def finished_failover(restored: str, mode: str) -> dict[str, Any]:
+    """What a failover that a restart finished returned, read from the agent's ``restored``
+    text: the checkpoint whose commit was redone, or the latest state it kept instead."""
+    found = re.search(r"commit was redone: checkpoint (\d+)", restored)
+    if mode == "checkpoint" and found:
+        return {"mode": "checkpoint", "checkpointId": int(found.group(1))}
+    return {"mode": "latest", "checkpointId": None, "requestedMode": mode} if mode != "latest" else {"mode": "latest"}
