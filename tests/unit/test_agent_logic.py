@@ -102,6 +102,51 @@ class TestStages:
         with pytest.raises(IllegalTransition, match=r"^Block replication is not running$"):
             check_stop(Position(Role.SECONDARY, Stage.FAILOVER_FAILED, 4))
 
+    def test_a_caller_at_the_replicas_own_epoch_is_told_about_the_epoch_first(self) -> None:
+        """A running secondary asked to become primary without a new epoch: the fencing rule
+        answers, not the advice to fail over."""
+        with pytest.raises(IllegalTransition, match="epoch 4 does not advance the current epoch 4"):
+            check_start_primary(SEC_RUNNING, 4)
+
+    def test_starting_a_running_secondary_again_at_its_epoch_is_running_or_done(self) -> None:
+        """The same operator repeating its start gets replication.c's answer, not a fencing one."""
+        with pytest.raises(IllegalTransition, match=r"^Block replication is running or done$"):
+            check_start_secondary(SEC_RUNNING, 4)
+
+    def test_a_running_secondary_told_it_is_primary_is_told_what_to_do_instead(self) -> None:
+        with pytest.raises(IllegalTransition, match=r"^this replica is a running secondary: promote it with "
+                                                    r"POST /v1/failover, or stop it with POST /v1/stop first$"):
+            check_start_primary(SEC_RUNNING, 9)
+
+    def test_a_stopped_secondary_may_be_restarted_as_primary_by_a_newer_epoch(self) -> None:
+        """Only a failover in progress (or failed) refuses whatever the epoch; a finished
+        replica may be restarted in a new role when a newer epoch asks."""
+        done = Position(Role.SECONDARY, Stage.DONE, 4)
+        check_start_primary(done, 5)
+        with pytest.raises(IllegalTransition, match="does not advance"):
+            check_start_primary(done, 4)
+
+    def test_a_secondary_not_yet_running_is_started_at_its_own_epoch(self) -> None:
+        """The agent saves (secondary, none, epoch) before it starts: starting it at that
+        epoch is not a role change."""
+        check_start_secondary(Position(Role.SECONDARY, Stage.NONE, 4), 4)
+
+    def test_a_primary_becomes_secondary_only_with_a_newer_epoch_whatever_its_stage(self) -> None:
+        for stage in (Stage.NONE, Stage.DONE):
+            with pytest.raises(IllegalTransition, match="does not advance"):
+                check_start_secondary(Position(Role.PRIMARY, stage, 5), 5)
+            check_start_secondary(Position(Role.PRIMARY, stage, 5), 6)
+
+    def test_refusals_of_checkpoint_and_failover_say_why(self) -> None:
+        for stage in (Stage.FAILOVER, Stage.DONE):
+            with pytest.raises(IllegalTransition, match=rf"^Block replication is not running \(stage {stage.value}: "
+                                                        r"this replica was promoted or stopped\)$"):
+                check_checkpoint(Position(Role.SECONDARY, stage, 1))
+        with pytest.raises(IllegalTransition, match=r"^only a secondary can fail over; this replica is primary$"):
+            check_failover(PRI_RUNNING, 9)
+        with pytest.raises(IllegalTransition, match=r"^Block replication is not running \(stage done\)$"):
+            check_failover(Position(Role.SECONDARY, Stage.DONE, 1), 9)
+
     def test_io_status_follows_replication_get_io_status(self) -> None:
         assert io_status(Role.SECONDARY, Stage.NONE) == "error"
         assert io_status(Role.SECONDARY, Stage.RUNNING) == "ok"
