@@ -263,6 +263,89 @@ class TestPersistence:
         del data["clean_shutdown"]
         assert persist.PersistedState.from_json(json.dumps(data)).clean_shutdown is False
 
+    def test_every_field_survives_a_restart(self, tmp_path: Path) -> None:
+        """OutOfSync and the peer must outlive the agent: a restarted secondary that forgot it
+        missed writes could be promoted automatically."""
+        s = persist.PersistedState(name="v", size=1 << 20, role=Role.PRIMARY, stage=Stage.RUNNING, epoch=3,
+                                   peer="10.0.0.2:7801", out_of_sync=True, clean_shutdown=False)
+        persist.save(tmp_path, s)
+        assert persist.load(tmp_path) == s
+        assert persist.load(tmp_path) == persist.PersistedState.from_json(s.to_json())
+
+    def test_evolve_changes_the_named_fields_only(self) -> None:
+        s = persist.PersistedState(name="v", size=1 << 20, epoch=1)
+        assert s.evolve(epoch=2, out_of_sync=True) == persist.PersistedState(name="v", size=1 << 20, epoch=2,
+                                                                             out_of_sync=True)
+
+    def test_the_state_files_are_private_to_the_agent(self, tmp_path: Path) -> None:
+        persist.save(tmp_path, persist.PersistedState(name="v", size=1 << 20))
+        persist.save(tmp_path, persist.PersistedState(name="v", size=1 << 20, epoch=1))
+        assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"state.a": 0o600, "state.b": 0o600}
+
+    def test_each_slot_is_allocated_once_and_its_directory_entry_made_durable(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Allocated once, then overwritten in place: a full file system cannot block a
+        state change. The calls the code makes are observed; the real ones run."""
+        import os
+
+        allocated: list[int] = []
+        synced_dirs: list[bool] = []
+        real_fallocate, real_fsync = os.posix_fallocate, os.fsync
+
+        def fallocate(fd: int, offset: int, length: int) -> None:
+            allocated.append(length)
+            real_fallocate(fd, offset, length)
+
+        def fsync(fd: int) -> None:
+            synced_dirs.append(os.path.isdir(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+
+        monkeypatch.setattr(persist.os, "posix_fallocate", fallocate)
+        monkeypatch.setattr(persist.os, "fsync", fsync)
+        for epoch in range(4):
+            persist.save(tmp_path, persist.PersistedState(name="v", size=1 << 20, epoch=epoch))
+        assert allocated == [persist.SLOT_SIZE, persist.SLOT_SIZE]
+        assert synced_dirs == [False, True, False, True, False, False]  # the slot, then its new entry
+
+    def test_a_state_that_fills_a_slot_exactly_is_saved_and_a_larger_one_refused(self, tmp_path: Path) -> None:
+        header = 24  # magic, sequence, length, CRC
+        base = len(persist.PersistedState(name="", size=1).to_json())
+        fits = persist.PersistedState(name="n" * (persist.SLOT_SIZE - header - base), size=1)
+        persist.save(tmp_path, fits)
+        assert persist.load(tmp_path) == fits
+        too_big = fits.evolve(name=fits.name + "n")
+        with pytest.raises(persist.StateError, match=r"^state is 65513 bytes, more than a 65536-byte slot$"):
+            persist.save(tmp_path, too_big)
+        assert persist.load(tmp_path) == fits
+
+    def test_errors_say_which_file_and_what_went_wrong(self, tmp_path: Path) -> None:
+        (tmp_path / "state.a").mkdir()
+        with pytest.raises(persist.StateError, match=rf"^cannot read {tmp_path}/state.a: Is a directory$"):
+            persist.load(tmp_path)
+        gone = tmp_path / "gone"
+        with pytest.raises(persist.StateError, match=rf"^cannot persist the replica's state in {gone}/state.b: "
+                                                     r"No such file or directory$"):
+            persist.save(gone, persist.PersistedState(name="v", size=1))
+        (tmp_path / "state.a").rmdir()
+        (tmp_path / "state.a").write_bytes(b"x" * 100)
+        (tmp_path / "state.b").write_bytes(b"y" * 100)
+        no_valid = rf"^no valid state in {tmp_path} \(state.a, state.b are corrupt\)$"
+        with pytest.raises(persist.StateError, match=no_valid):
+            persist.load(tmp_path)
+        with pytest.raises(persist.StateError, match=r"^state is corrupt: 'name'$"):
+            persist.PersistedState.from_json('{"version": 1}')
+
+    def test_a_state_without_a_version_is_refused_as_unsupported(self) -> None:
+        data = json.loads(persist.PersistedState(name="v", size=1 << 20).to_json())
+        del data["version"]
+        with pytest.raises(persist.StateError, match=r"^unsupported state version$"):
+            persist.PersistedState.from_json(json.dumps(data))
+
+    def test_a_checkpoint_is_reported_in_the_api_spelling(self) -> None:
+        assert persist.Checkpoint(5, 1.5, 2.00049).to_api() == {"id": 5, "time": 1.5, "durationMs": 2.0}
+        assert persist.Checkpoint(6, 2.5, 1.2345).to_api() == {"id": 6, "time": 2.5, "durationMs": 1.234}
+
 
 class TestRecipes:
     def test_secondary_chain_is_active_over_hidden_over_disk(self) -> None:
