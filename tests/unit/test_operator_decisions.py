@@ -34,7 +34,9 @@ from pairvol.operator.decisions import (
     StartSecondary,
     World,
     choose_pair,
+    eligible_nodes,
     plan,
+    replica_health,
     unhealthy_pods,
 )
 
@@ -627,3 +629,88 @@ def test_no_new_role_call_while_one_is_in_flight_but_failover_still_happens() ->
     # and a dead primary is failed over regardless of a call in flight
     dead = replace(primary_dead(), agent_call_in_flight=True)
     assert any(isinstance(a, DoFailover) for a in plan(dead).actions)
+
+
+# ----------------------------------------------------------- observations
+
+
+def test_agent_view_reads_every_field_of_the_agent_status() -> None:
+    status = {
+        "role": "secondary", "stage": "running", "epoch": 7,
+        "checkpoint": {"id": 3, "time": NOW, "durationMs": 1.5},
+        "replication": {"state": "syncing", "peer": "10.0.0.1:7801", "error": "peer slow",
+                        "sync": {"doneBytes": 10, "totalBytes": 20}},
+        "export": {"serving": True},
+    }
+    assert AgentView.from_status(status) == AgentView(
+        "secondary", "running", 7, "syncing", "10.0.0.1:7801", "peer slow",
+        {"id": 3, "time": NOW, "durationMs": 1.5}, 10, 20, serving=True,
+    )
+    # a sync reported at the top level wins over one under replication
+    top = AgentView.from_status({**status, "sync": {"doneBytes": 1, "totalBytes": 2}})
+    assert (top.sync_done, top.sync_total) == (1, 2)
+
+
+def test_agent_view_of_a_bare_status_is_a_replica_without_a_role() -> None:
+    assert AgentView.from_status({}) == AgentView("none", "none", 0)
+    assert AgentView.from_status({"epoch": None, "checkpoint": {}, "replication": None}) == AgentView("none", "none", 0)
+
+
+def test_lease_expires_in_counts_down_to_zero_with_the_margin() -> None:
+    assert LeaseView("p", 1.0, 3.0).expires_in(0.5) == 2.5
+    assert LeaseView("p", 10.0, 3.0).expires_in(0.5) == 0.0
+    assert LeaseView(None, 1.0, 3.0).expires_in(0.5) == 0.0  # released
+    assert LeaseView("p", 1.0, None).expires_in(0.5) == 0.0  # no duration: nobody can rely on it
+
+
+@pytest.mark.parametrize(
+    "unwell",
+    [
+        {"pods": {}},
+        {"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", deleting=True)}},
+        {"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)}},
+        {"agents": {"vol-1-b": None}},
+        {"nodes": (NodeView("n1"), NodeView("n3"))},
+        {"nodes": (NodeView("n1"), NodeView("n2", ready=False), NodeView("n3"))},
+    ],
+)
+def test_each_sign_of_trouble_alone_makes_a_replica_pod_unhealthy(unwell: dict[str, Any]) -> None:
+    """With no primary recorded, so the secondary is judged on its own."""
+    healthy = replicating(status=replicating().status.with_(primary=None), lease=None)
+    assert unhealthy_pods(healthy) == set()
+    w = replace(healthy, **unwell)
+    assert unhealthy_pods(w) == {"vol-1-b"}
+
+
+def test_a_replica_is_dead_once_unwell_for_the_whole_grace_period() -> None:
+    w = replicating(suspect_since={"vol-1-b": NOW - 3.0},
+                    pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)})
+    sec = w.status.secondary
+    assert sec is not None
+    assert replica_health(w, sec, 3.0, started=True) == ("dead", "pod vol-1-b not ready for 3.0s")
+    assert replica_health(w, sec, 3.5, started=True) == ("suspect", "pod vol-1-b not ready")
+    silent = replace(w, pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2")}, agents={})
+    assert replica_health(silent, sec, 3.5, started=True) == ("suspect", "pod vol-1-b not answering on its API")
+    assert replica_health(silent, sec, 2.0, started=True) == ("dead", "pod vol-1-b not answering on its API for 3.0s")
+
+
+def test_eligibility_judges_each_node_on_its_own() -> None:
+    nodes = (NodeView("hdd", labels={"disk": "hdd"}), NodeView("a", labels={"disk": "ssd"}),
+             NodeView("gone", ready=False), NodeView("b", labels={"disk": "ssd"}))
+    assert [n.name for n in eligible_nodes(spec(nodeSelector={"disk": "ssd"}), nodes)] == ["a", "b"]
+    assert [n.name for n in eligible_nodes(spec(nodes=["a", "b"]), nodes)] == ["a", "b"]
+    assert [n.name for n in eligible_nodes(spec(), nodes)] == ["hdd", "a", "b"]
+
+
+def test_too_few_nodes_lists_only_the_ready_schedulable_ones() -> None:
+    nodes = (NodeView("n1"), NodeView("n2", schedulable=False), NodeView("n3", ready=False))
+    assert choose_pair(spec(), nodes, {}) == (
+        "need two eligible nodes, found 1 (n1) among ready nodes ['n1']; add or label nodes, or widen "
+        "spec.nodes/nodeSelector"
+    )
+
+
+def test_a_node_is_looked_up_by_name() -> None:
+    w = replicating()
+    assert w.node("n2") == NodeView("n2")
+    assert w.node("n9") is None
