@@ -714,3 +714,32 @@ def test_a_node_is_looked_up_by_name() -> None:
     w = replicating()
     assert w.node("n2") == NodeView("n2")
     assert w.node("n9") is None
+
+
+def test_the_status_shows_each_replica_as_its_agent_or_else_its_pod_reports_it() -> None:
+    """A primary by its replication state, a secondary by its stage; without an agent answer,
+    the pod's phase, NotReady for a running pod that is not ready."""
+    p = plan(replicating())
+    assert p.status.primary is not None and p.status.secondary is not None
+    assert (p.status.primary.state, p.status.secondary.state) == ("primary/replicating", "secondary/running")
+    for sec_pod, shown in [
+        (pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False), "NotReady"),
+        (pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False, phase="Pending"), "Pending"),
+        (pod("vol-1-b", "n2", "secondary", "10.0.0.2"), "Running"),
+    ]:
+        w = replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": None},
+                        pods={"vol-1-a": replicating().pods["vol-1-a"], "vol-1-b": sec_pod})
+        secondary = plan(w).status.secondary
+        assert secondary is not None and secondary.state == shown
+
+
+def test_the_checkpoint_in_the_status_is_the_secondarys_in_api_spelling() -> None:
+    def shown(cp: dict[str, Any]) -> Any:
+        return plan(replicating(agents={"vol-1-a": PRIMARY_AGENT,
+                                        "vol-1-b": replace(SECONDARY_AGENT, checkpoint=cp)})).status.checkpoint
+
+    assert shown({"id": 5, "time": NOW, "durationMs": None}) == {"id": 5, "time": rfc3339(NOW), "durationMs": 0.0}
+    assert shown({"id": 5, "time": "2026-01-01T00:00:00Z", "durationMs": 2}) == {
+        "id": 5, "time": "2026-01-01T00:00:00Z", "durationMs": 2.0}
+    # an agent that has no checkpoint (yet) does not erase the one on record
+    assert shown({"id": None}) == replicating().status.checkpoint
