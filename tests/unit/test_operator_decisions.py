@@ -743,3 +743,243 @@ def test_the_checkpoint_in_the_status_is_the_secondarys_in_api_spelling() -> Non
         "id": 5, "time": "2026-01-01T00:00:00Z", "durationMs": 2.0}
     # an agent that has no checkpoint (yet) does not erase the one on record
     assert shown({"id": None}) == replicating().status.checkpoint
+# ------------------------------------------------------- what the user sees
+
+
+def _scenarios() -> dict[str, World]:
+    sc: dict[str, World] = {}
+    sc["created"] = World("vol", "ns", 1, spec(), VolumeStatus(), NOW, nodes=NODES)
+    sc["not_enough_nodes"] = World("vol", "ns", 1, spec(nodes=["n1", "n9"]), VolumeStatus(), NOW, nodes=NODES)
+    sc["invalid_spec"] = World(
+        "vol", "ns", 1, SpecError(["spec.size is required (e.g. size: 1Gi)"]), VolumeStatus(), NOW, nodes=NODES
+    )
+    w = _placed()
+    st0 = w.status
+    assert st0.primary is not None and st0.secondary is not None
+    pods = {
+        st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
+        st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
+    }
+    idle = AgentView("none", "none", 0)
+    sc["bring_up_waiting"] = w
+    sc["bring_up_secondary"] = replace(w, pods=pods, agents={n: idle for n in pods})
+    sc["bring_up_primary"] = replace(
+        w, pods=pods, agents={st0.primary.pod: idle, st0.secondary.pod: AgentView("secondary", "running", 2)}
+    )
+    sc["bring_up_pod_failed"] = replace(
+        w,
+        pods={
+            **pods,
+            st0.secondary.pod: pod(
+                st0.secondary.pod, "n2", "secondary", "", phase="Failed", ready=False, reason="Error"
+            ),
+        },
+    )
+    sc["bring_up_node_down"] = replace(
+        w, pods=pods, nodes=(NodeView("n1"), NodeView("n2", ready=False), NodeView("n3"))
+    )
+    sc["replicating"] = replicating()
+    sec = replicating().status.secondary
+    assert sec is not None
+    sc["synced"] = replicating(
+        status=replicating().status.with_(phase=Phase.SYNCING, secondary=replace(sec, out_of_sync=True))
+    )
+    sc["primary_dead"] = primary_dead()
+    sc["primary_dead_manual_oos"] = primary_dead(
+        lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3), annotations={ANN_FAILOVER: "now"}
+    )
+    sc["oos_blocked"] = primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3))
+    sc["manual"] = replicating(annotations={ANN_FAILOVER: "now"})
+    w = _in_flight()
+    sc["failover_done"] = replace(
+        w,
+        agents={"vol-1-b": AgentView("primary", "done", 4, "degraded", serving=True)},
+        pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")},
+    )
+    sc["failover_target_died"] = replace(w, pods={}, agents={})
+    sc["failover_failed"] = replace(
+        w, agents={"vol-1-b": AgentView("secondary", "failover_failed", 4, error="commit failed")}
+    )
+    sc["not_serving"] = replace(
+        w,
+        agents={
+            "vol-1-b": AgentView(
+                "primary", "done", 4, "degraded", error="refusing to serve: lease held by vol-1-a", serving=False
+            )
+        },
+    )
+    sc["after_failover"] = _after_failover()
+    sc["secondary_dead"] = replicating(
+        pods={"vol-1-a": replicating().pods["vol-1-a"]}, suspect_since={"vol-1-b": NOW - 10}
+    )
+    sc["peer_dropped"] = replicating(
+        agents={
+            "vol-1-a": replace(PRIMARY_AGENT, replication_state="degraded", error="peer timed out"),
+            "vol-1-b": SECONDARY_AGENT,
+        }
+    )
+    sc["resync"] = replicating(
+        agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="none", peer=None), "vol-1-b": SECONDARY_AGENT}
+    )
+    sc["oos_mark"] = replicating(lease=LeaseView("vol-1-a", 1, 3.0, out_of_sync_epoch=3))
+    return sc
+
+
+# scenario -> phase, status message, events (type, reason, message): kubectl get / describe
+SEEN = [
+    ("created", "Pending", "starting agents on n1 and n2", [("Normal", "Scheduled", "primary on n1, secondary on n2")]),
+    (
+        "not_enough_nodes",
+        "Pending",
+        "need two eligible nodes, found 1 (n1) among ready nodes ['n1', 'n2', 'n3'] "
+        "with spec.nodes=['n1', 'n9']; add or label nodes, or widen spec.nodes/nodeSelector",
+        [
+            (
+                "Warning",
+                "NotEnoughNodes",
+                "need two eligible nodes, found 1 (n1) among ready nodes ['n1', 'n2', 'n3'] "
+                "with spec.nodes=['n1', 'n9']; add or label nodes, or widen spec.nodes/nodeSelector",
+            )
+        ],
+    ),
+    (
+        "invalid_spec",
+        "Failed",
+        "invalid ReplicatedVolume: spec.size is required (e.g. size: 1Gi)",
+        [("Warning", "InvalidSpec", "invalid ReplicatedVolume: spec.size is required (e.g. size: 1Gi)")],
+    ),
+    ("bring_up_waiting", "Pending", "waiting for both agents to become ready", []),
+    ("bring_up_secondary", "Pending", "starting agents on n1 and n2", []),
+    (
+        "bring_up_primary",
+        "Syncing",
+        "full sync n1 -> n2",
+        [("Normal", "PrimaryStarted", "vol-1-a on n1 is primary (epoch 2), full sync to vol-1-b on n2")],
+    ),
+    (
+        "bring_up_pod_failed",
+        "Pending",
+        "secondary failed during bring-up: pod vol-1-b failed (Error)",
+        [("Warning", "BringUpRestarted", "secondary failed during bring-up: pod vol-1-b failed (Error)")],
+    ),
+    (
+        "bring_up_node_down",
+        "Pending",
+        "secondary failed during bring-up: node n2 is not ready",
+        [("Warning", "BringUpRestarted", "secondary failed during bring-up: node n2 is not ready")],
+    ),
+    ("replicating", "Replicating", "n1 -> n2 in sync", []),
+    (
+        "synced",
+        "Replicating",
+        "n1 -> n2 in sync",
+        [("Normal", "Replicating", "vol-1-b on n2 is in sync with vol-1-a on n1")],
+    ),
+    (
+        "primary_dead",
+        "FailingOver",
+        "failing over to n2: pod vol-1-a is gone",
+        [("Warning", "FailingOver", "promoting vol-1-b on n2 (epoch 4, mode Checkpoint): pod vol-1-a is gone")],
+    ),
+    (
+        "primary_dead_manual_oos",
+        "FailingOver",
+        "failing over to n2: manual",
+        [
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            ("Normal", "FailingOver", "promoting vol-1-b on n2 (epoch 4, mode Checkpoint): manual"),
+        ],
+    ),
+    (
+        "oos_blocked",
+        "Failed",
+        "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
+        "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
+        [
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            (
+                "Warning",
+                "FailoverBlocked",
+                "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
+                "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
+            ),
+        ],
+    ),
+    (
+        "manual",
+        "Replicating",
+        "manual failover: stopping the primary",
+        [("Normal", "ManualFailover", "stopping primary vol-1-a")],
+    ),
+    (
+        "failover_done",
+        "Degraded",
+        "failed over to n2; re-protecting",
+        [("Normal", "FailedOver", "vol-1-b on n2 is primary (epoch 4, Checkpoint, 500 ms); was vol-1-a on n1")],
+    ),
+    (
+        "failover_target_died",
+        "Failed",
+        "failover target vol-1-b died during failover; no replica left to promote",
+        [("Warning", "FailoverFailed", "failover target vol-1-b died during failover; no replica left to promote")],
+    ),
+    (
+        "failover_failed",
+        "Failed",
+        "failover of vol-1-b failed: commit failed",
+        [("Warning", "FailoverFailed", "failover of vol-1-b failed: commit failed")],
+    ),
+    (
+        "not_serving",
+        "FailingOver",
+        "failing over to n2: vol-1-b is primary but not serving "
+        "(refusing to serve: lease held by vol-1-a); asking it to serve (epoch 5)",
+        [
+            (
+                "Warning",
+                "NotServing",
+                "failing over to n2: vol-1-b is primary but not serving "
+                "(refusing to serve: lease held by vol-1-a); asking it to serve again",
+            )
+        ],
+    ),
+    (
+        "after_failover",
+        "Degraded",
+        "re-protecting: new secondary on n1",
+        [("Normal", "Reprotecting", "new secondary vol-5 on n1")],
+    ),
+    (
+        "secondary_dead",
+        "Degraded",
+        "pod vol-1-b is gone",
+        [("Warning", "SecondaryLost", "pod vol-1-b is gone; re-protecting")],
+    ),
+    (
+        "peer_dropped",
+        "Degraded",
+        "primary dropped secondary vol-1-b: peer timed out",
+        [("Warning", "SecondaryLost", "primary dropped secondary vol-1-b: peer timed out; re-protecting")],
+    ),
+    (
+        "resync",
+        "Syncing",
+        "full sync n1 -> n2",
+        [("Normal", "Resync", "full sync vol-1-a on n1 -> vol-1-b on n2 (epoch 4)")],
+    ),
+    (
+        "oos_mark",
+        "Degraded",
+        "secondary vol-1-b is OutOfSync",
+        [("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("scenario", "phase", "message", "events"), SEEN, ids=[s[0] for s in SEEN])
+def test_each_step_tells_the_user_the_phase_and_why_with_events(
+    scenario: str, phase: str, message: str, events: list[tuple[str, str, str]]
+) -> None:
+    p = plan(_scenarios()[scenario])
+    assert (p.status.phase.value, p.status.message) == (phase, message)
+    assert [(a.type, a.reason, a.message) for a in p.actions if isinstance(a, Event)] == events
