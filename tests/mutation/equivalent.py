@@ -85,21 +85,9 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         'bool(None) is False',
     ),
     Equivalent(
-        'pairvol.agent.state.PersistedState.from_json',
-        'cp = data.pop("checkpoint", None)',
-        'cp = data.pop("checkpoint", )',
-        'only a state without the field differs: to_json writes every field, and format 1 had it from the start',
-    ),
-    Equivalent(
         'pairvol.agent.state.PersistedState.to_json',
         'return json.dumps(data, indent=2, sort_keys=True)',
         'return json.dumps(data, indent=None, sort_keys=True)',
-        'the layout of the JSON text: the only reader (from_json) parses it',
-    ),
-    Equivalent(
-        'pairvol.agent.state.PersistedState.to_json',
-        'return json.dumps(data, indent=2, sort_keys=True)',
-        'return json.dumps(data, indent=2, sort_keys=None)',
         'the layout of the JSON text: the only reader (from_json) parses it',
     ),
     Equivalent(
@@ -165,12 +153,6 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent(
         'pairvol.api.spec.parse_spec',
         'host_path = "/var/lib/pairvol"',
-        'host_path = None',
-        'assigned only after a problem was recorded: parse_spec then raises, so the value is never used',
-    ),
-    Equivalent(
-        'pairvol.api.spec.parse_spec',
-        'host_path = "/var/lib/pairvol"',
         'host_path = "XX/var/lib/pairvolXX"',
         'assigned only after a problem was recorded: parse_spec then raises, so the value is never used',
     ),
@@ -207,13 +189,31 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent(
         'pairvol.api.spec.parse_spec',
         'size = 0',
-        'size = None',
+        'size = 1',
         'overwritten by the parsed size, or a problem was recorded and parse_spec raises',
     ),
     Equivalent(
-        'pairvol.api.spec.parse_spec',
-        'size = 0',
-        'size = 1',
-        'overwritten by the parsed size, or a problem was recorded and parse_spec raises',
+        'pairvol.agent.state.PersistedState.to_json',
+        'data["role"] = self.role.value',
+        'data["XXroleXX"] = self.role.value',
+        'asdict keeps the StrEnum, which json writes as its value; from_json ignores the extra key',
+    ),
+    Equivalent(
+        'pairvol.agent.state.PersistedState.to_json',
+        'data["role"] = self.role.value',
+        'data["ROLE"] = self.role.value',
+        'asdict keeps the StrEnum, which json writes as its value; from_json ignores the extra key',
+    ),
+    Equivalent(
+        'pairvol.agent.state.PersistedState.to_json',
+        'data["stage"] = self.stage.value',
+        'data["XXstageXX"] = self.stage.value',
+        'asdict keeps the StrEnum, which json writes as its value; from_json ignores the extra key',
+    ),
+    Equivalent(
+        'pairvol.agent.state.PersistedState.to_json',
+        'data["stage"] = self.stage.value',
+        'data["STAGE"] = self.stage.value',
+        'asdict keeps the StrEnum, which json writes as its value; from_json ignores the extra key',
     ),
 )
