@@ -983,3 +983,28 @@ def test_each_step_tells_the_user_the_phase_and_why_with_events(
     p = plan(_scenarios()[scenario])
     assert (p.status.phase.value, p.status.message) == (phase, message)
     assert [(a.type, a.reason, a.message) for a in p.actions if isinstance(a, Event)] == events
+
+
+@pytest.mark.parametrize("scenario", [s[0] for s in SEEN])
+def test_only_a_plan_that_changes_nothing_but_information_may_be_coalesced(scenario: str) -> None:
+    """A plan with actions, or a new phase or epoch, is written at once: the epoch an action
+    carries must be persisted before the action runs."""
+    w = _scenarios()[scenario]
+    p = plan(w)
+    essential = bool(p.actions) or p.status.phase != w.status.phase or p.status.epoch != w.status.epoch
+    assert p.cosmetic is not essential
+
+
+@pytest.mark.parametrize("scenario", [s[0] for s in SEEN])
+def test_the_ready_and_replicating_conditions_follow_the_phase(scenario: str) -> None:
+    w = replace(_scenarios()[scenario], generation=7)
+    st = plan(w).status
+    serving = st.phase in (Phase.REPLICATING, Phase.DEGRADED, Phase.SYNCING)
+    in_sync = st.phase == Phase.REPLICATING
+    conds = {c.type: (c.status, c.reason, c.message, c.observed_generation) for c in st.conditions}
+    assert conds == {
+        "Ready": (str(serving), st.phase.value, st.message, 7),
+        "Replicating": (str(in_sync), "InSync" if in_sync else "NotInSync",
+                        "secondary is in sync" if in_sync else st.message, 7),
+    }
+    assert st.observed_generation == 7
