@@ -1008,3 +1008,31 @@ def test_the_ready_and_replicating_conditions_follow_the_phase(scenario: str) ->
                         "secondary is in sync" if in_sync else st.message, 7),
     }
     assert st.observed_generation == 7
+
+
+def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
+    """Failover left epoch 4; the new secondary is placed at 5, started at 6, and the primary
+    re-paired with it at 7. A primary paired with another address is re-paired at a new epoch."""
+    w = _after_failover()
+    w = replace(w, status=plan(w).status, pods={**w.pods, "vol-5": pod("vol-5", "n1", "secondary", "10.0.0.9")},
+                agents={**w.agents, "vol-5": AgentView("none", "none", 0)})
+    assert w.status.epoch == 5
+    p = plan(w)
+    assert p.actions == (StartSecondary("vol-5", "10.0.0.9", 6),)
+    assert (p.status.epoch, p.status.phase, p.status.message) == (6, Phase.DEGRADED, "starting secondary vol-5")
+    busy = plan(replace(w, agent_call_in_flight=True))
+    assert busy.actions == () and busy.status.epoch == 5
+    assert (busy.status.phase, busy.status.message) == (Phase.DEGRADED,
+                                                        "re-protecting with vol-5: waiting for an agent to answer")
+
+    w = replace(w, status=p.status, agents={**w.agents, "vol-5": AgentView("secondary", "running", 6)})
+    p = plan(w)
+    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 7, "10.0.0.9:7801", "full", peer_epoch=6)
+    assert (p.status.epoch, p.status.phase) == (7, Phase.SYNCING)
+
+    pairing = AgentView("primary", "done", 7, "syncing", "10.0.0.9:7801")
+    w = replace(w, status=p.status, agents={"vol-1-b": pairing, "vol-5": AgentView("secondary", "running", 6)})
+    assert plan(w).actions == () and plan(w).status.epoch == 7
+    elsewhere = replace(pairing, peer="10.0.0.8:7801")
+    p = plan(replace(w, agents={"vol-1-b": elsewhere, "vol-5": AgentView("secondary", "running", 6)}))
+    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 8, "10.0.0.9:7801", "full", peer_epoch=6)
