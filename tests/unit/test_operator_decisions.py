@@ -93,6 +93,23 @@ def primary_dead(**kw: Any) -> World:
     return replace(w, **defaults)
 
 
+@pytest.fixture(autouse=True)
+def _every_plan_keeps_the_durability_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every plan made in this file is also checked against the rule the executor relies on
+    (module docstring of decisions.py): a plan that hands out a new epoch, or moves the volume
+    to another phase (other than into Syncing, which only reports progress), is written at
+    once, never coalesced as cosmetic."""
+    import pairvol.operator.decisions as decisions
+
+    def checked(w: World) -> Any:
+        p = decisions.plan(w)
+        if p.status.epoch != w.status.epoch or p.status.phase not in (w.status.phase, Phase.SYNCING):
+            assert not p.cosmetic, f"{p.status.phase}/{p.status.epoch} from {w.status.phase}/{w.status.epoch}"
+        return p
+
+    monkeypatch.setitem(globals(), "plan", checked)
+
+
 def kinds(p: Any) -> list[str]:
     return [type(a).__name__ for a in p.actions]
 
