@@ -1053,3 +1053,26 @@ def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
     elsewhere = replace(pairing, peer="10.0.0.8:7801")
     p = plan(replace(w, agents={"vol-1-b": elsewhere, "vol-5": AgentView("secondary", "running", 6)}))
     assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 8, "10.0.0.9:7801", "full", peer_epoch=6)
+
+
+def test_bring_up_records_both_replicas_with_their_pod_addresses_and_the_secondary_out_of_sync() -> None:
+    p = plan(_scenarios()["bring_up_primary"])
+    assert p.status.primary == Replica("n1", "vol-1-a", "none/none", "10.0.0.1")
+    assert p.status.secondary == Replica("n2", "vol-1-b", "secondary/running", "10.0.0.2", out_of_sync=True)
+
+
+def test_bring_up_waits_until_both_pods_are_ready_not_just_one() -> None:
+    w = _scenarios()["bring_up_primary"]
+    for name in w.pods:
+        p = plan(replace(w, pods={**w.pods, name: replace(w.pods[name], ready=False)}))
+        assert (p.actions, p.status.message) == ((), "waiting for both agents to become ready")
+
+
+@pytest.mark.parametrize("broken", ["bring_up_pod_failed", "bring_up_node_down"])
+def test_a_broken_bring_up_deletes_the_pods_that_exist_and_starts_over(broken: str) -> None:
+    w = _scenarios()[broken]
+    p = plan(w)
+    assert [a.pod for a in p.actions if isinstance(a, DeletePod)] == ["vol-1-a", "vol-1-b"]
+    assert (p.status.primary, p.status.secondary) == (None, None)
+    only_secondary = replace(w, pods={"vol-1-b": w.pods["vol-1-b"]})
+    assert [a.pod for a in plan(only_secondary).actions if isinstance(a, DeletePod)] == ["vol-1-b"]
