@@ -1076,3 +1076,33 @@ def test_a_broken_bring_up_deletes_the_pods_that_exist_and_starts_over(broken: s
     assert (p.status.primary, p.status.secondary) == (None, None)
     only_secondary = replace(w, pods={"vol-1-b": w.pods["vol-1-b"]})
     assert [a.pod for a in plan(only_secondary).actions if isinstance(a, DeletePod)] == ["vol-1-b"]
+
+
+def test_placement_records_both_replicas_and_keeps_the_cleanup_of_stray_pods() -> None:
+    w = World("vol", "ns", 1, spec(), VolumeStatus(), NOW, nodes=NODES,
+              pods={"vol-9-a": pod("vol-9-a", "n3", "primary", "10.0.0.9")})
+    p = plan(w)
+    assert p.actions[0] == DeletePod("vol-9-a", "no longer a replica of this volume")
+    assert p.actions[1:3] == (CreatePod("vol-1-a", "n1", "primary"), CreatePod("vol-1-b", "n2", "secondary"))
+    assert p.status.primary == Replica("n1", "vol-1-a", "Placed")
+    assert p.status.secondary == Replica("n2", "vol-1-b", "Placed", out_of_sync=True)
+
+
+def test_reprotection_prefers_the_node_the_failover_left_even_when_another_ranks_first() -> None:
+    left_n3 = Failover(rfc3339(NOW - 1), "n3", "n2", "Checkpoint", "x", 100.0)
+    p = plan(_after_failover(status=replace(_after_failover().status, last_failover=left_n3)))
+    assert p.actions[0] == CreatePod("vol-5", "n3", "secondary")
+    assert p.status.secondary == Replica("n3", "vol-5", "Placed", out_of_sync=True)
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "re-protecting: new secondary on n3")
+
+
+def test_no_node_for_a_new_secondary_says_what_to_do() -> None:
+    p = plan(_after_failover(nodes=(NodeView("n1", ready=False), NodeView("n2"))))
+    assert p.actions == ()
+    assert (p.status.phase, p.status.message) == (
+        Phase.DEGRADED, "no eligible node for a new secondary; add a ready node matching spec.nodes/nodeSelector")
+    old = pod("vol-1-a", "n1", "primary", "10.0.0.1", deleting=True)
+    p = plan(_after_failover(nodes=(NodeView("n1"), NodeView("n2")),
+                             pods={"vol-1-b": pod("vol-1-b", "n2", "primary", "10.0.0.2"), "vol-1-a": old}))
+    assert (p.status.phase, p.status.message) == (
+        Phase.DEGRADED, "no eligible node for a new secondary (waiting for old pods on n1 to go away)")
