@@ -1106,3 +1106,33 @@ def test_no_node_for_a_new_secondary_says_what_to_do() -> None:
                              pods={"vol-1-b": pod("vol-1-b", "n2", "primary", "10.0.0.2"), "vol-1-a": old}))
     assert (p.status.phase, p.status.message) == (
         Phase.DEGRADED, "no eligible node for a new secondary (waiting for old pods on n1 to go away)")
+
+
+def test_a_suspect_primary_keeps_a_replicating_volume_replicating_and_degrades_any_other() -> None:
+    w = replicating(pods={"vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1", ready=False),
+                          "vol-1-b": replicating().pods["vol-1-b"]})
+    p = plan(w)
+    assert (p.actions, p.status.phase, p.status.message) == ((), Phase.REPLICATING,
+                                                             "primary suspect: pod vol-1-a not ready")
+    p = plan(replace(w, status=w.status.with_(phase=Phase.SYNCING)))
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "primary suspect: pod vol-1-a not ready")
+
+
+def test_failover_starts_once_the_primary_is_down_for_exactly_the_grace_period() -> None:
+    p = plan(primary_dead(suspect_since={"vol-1-a": NOW - 2.9}))
+    assert (p.actions, p.status.message) == ((), "primary down (pod vol-1-a is gone); grace period running")
+    p = plan(primary_dead(suspect_since={"vol-1-a": NOW - 3.0}))
+    assert p.actions[0] == DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint")
+    assert p.status.last_failover == Failover(rfc3339(NOW), "n1", "n2", "Checkpoint", "pod vol-1-a is gone")
+
+
+def test_a_blocked_failover_is_announced_once_and_waiting_for_the_lease_is_not_a_failure() -> None:
+    w = primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3))
+    p = plan(w)
+    assert [a.reason for a in p.actions if isinstance(a, Event)] == ["OutOfSync", "FailoverBlocked"]
+    again = plan(replace(w, status=p.status))
+    assert again.actions == () and again.status.phase == Phase.FAILED
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", 1, 3.0)))
+    assert (p.actions, p.status.phase) == ((), Phase.DEGRADED)
+    assert p.status.message == ("primary down (pod vol-1-a is gone); waiting for lease held by vol-1-a to expire "
+                                "(unchanged for 1.0s; 3.0s to go)")
