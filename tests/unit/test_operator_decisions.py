@@ -1136,3 +1136,43 @@ def test_a_blocked_failover_is_announced_once_and_waiting_for_the_lease_is_not_a
     assert (p.actions, p.status.phase) == ((), Phase.DEGRADED)
     assert p.status.message == ("primary down (pod vol-1-a is gone); waiting for lease held by vol-1-a to expire "
                                 "(unchanged for 1.0s; 3.0s to go)")
+
+
+def test_a_completed_failover_records_the_new_primary_its_endpoint_and_the_duration_to_a_tenth_of_a_ms() -> None:
+    w = _in_flight()
+    promoted = AgentView("primary", "done", 4, "degraded", serving=True)
+    w = replace(w, now=NOW + 0.25678, agents={"vol-1-b": promoted}, annotations={ANN_FAILOVER: "now"},
+                pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")})
+    p = plan(w)
+    assert p.actions[:3] == (SetRole("vol-1-b", "primary"), DeletePod("vol-1-a", "demoted by failover"),
+                             ClearAnnotation(ANN_FAILOVER))
+    assert p.status.primary == Replica("n2", "vol-1-b", "primary/degraded", "10.0.0.2")
+    assert p.status.endpoint == {"node": "n2", "socket": "/var/lib/pairvol/ns/vol/export.sock",
+                                 "service": "vol.ns.svc", "port": 7802, "exportName": "volume"}
+    assert p.status.sync is None
+    assert p.status.last_failover is not None and p.status.last_failover.duration_ms == 256.8
+
+
+def test_a_failover_that_cannot_finish_says_why() -> None:
+    w = _in_flight()
+    p = plan(replace(w, status=w.status.with_(secondary=None)))
+    assert (p.status.phase, p.status.message) == (Phase.FAILED,
+                                                  "failover target vanished from status; manual repair needed")
+    p = plan(replace(w, agents={"vol-1-b": AgentView("secondary", "failover_failed", 4)}))
+    assert p.status.message == "failover of vol-1-b failed: see agent log"
+    ended = pod("vol-1-b", "n2", "secondary", "10.0.0.2", phase="Succeeded", ready=False)
+    p = plan(replace(w, pods={"vol-1-b": ended}, agents={}))
+    assert p.status.message == "failover target vol-1-b died during failover; no replica left to promote"
+    # a target without an address yet is not called again until it has one
+    p = plan(replace(w, pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "")}))
+    assert (p.actions, p.status.message) == ((), "failing over to n2")
+
+
+def test_a_target_that_does_not_serve_is_asked_again_only_when_it_can_be() -> None:
+    w = _in_flight()
+    stuck = AgentView("primary", "done", 4, "degraded", serving=False)
+    p = plan(replace(w, agents={"vol-1-b": stuck}, pods={}))
+    assert (p.actions, p.status.message) == ((), "failing over to n2: vol-1-b is primary but not serving")
+    p = plan(replace(w, agents={"vol-1-b": stuck}, agent_call_in_flight=True))
+    assert p.actions == ()
+    assert p.status.message == "failing over to n2: vol-1-b is primary but not serving; waiting for the agent to answer"
