@@ -1176,3 +1176,44 @@ def test_a_target_that_does_not_serve_is_asked_again_only_when_it_can_be() -> No
     p = plan(replace(w, agents={"vol-1-b": stuck}, agent_call_in_flight=True))
     assert p.actions == ()
     assert p.status.message == "failing over to n2: vol-1-b is primary but not serving; waiting for the agent to answer"
+
+
+def test_an_agent_call_in_flight_holds_back_only_a_new_role_call() -> None:
+    """In sync: carry on. Primary unpaired, or paired with another address: the re-pairing
+    waits for the answer."""
+    p = plan(replicating(agent_call_in_flight=True))
+    assert (p.actions, p.status.message) == ((), "n1 -> n2 in sync")
+    for pa in (replace(PRIMARY_AGENT, replication_state="none"), replace(PRIMARY_AGENT, peer="10.0.0.7:7801")):
+        p = plan(replicating(agent_call_in_flight=True, agents={"vol-1-a": pa, "vol-1-b": SECONDARY_AGENT}))
+        assert p.actions == ()
+        assert (p.status.phase, p.status.message) == (
+            Phase.DEGRADED, "re-protecting with vol-1-b: waiting for an agent to answer")
+
+
+def test_an_in_sync_secondary_not_ready_past_the_grace_is_dropped_a_starting_one_is_awaited() -> None:
+    unready = pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)
+    w = replicating(pods={"vol-1-a": replicating().pods["vol-1-a"], "vol-1-b": unready},
+                    suspect_since={"vol-1-b": NOW - 10})
+    p = plan(w)
+    assert p.actions[0] == DeletePod("vol-1-b", "pod vol-1-b not ready for 10.0s")
+    assert (p.status.phase, p.status.secondary) == (Phase.DEGRADED, None)
+    sec = w.status.secondary
+    assert sec is not None
+    p = plan(replace(w, status=w.status.with_(secondary=replace(sec, out_of_sync=True))))
+    assert (p.actions, p.status.message) == ((), "waiting for secondary vol-1-b to be ready")
+
+
+def test_a_primary_pod_not_ready_past_the_grace_is_failed_over() -> None:
+    w = replicating(pods={"vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1", ready=False),
+                          "vol-1-b": replicating().pods["vol-1-b"]},
+                    suspect_since={"vol-1-a": NOW - 10}, lease=LeaseView("vol-1-a", 10, 3.0))
+    p = plan(w)
+    assert p.actions[0] == DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint")
+    assert p.status.message == "failing over to n2: pod vol-1-a not ready for 10.0s"
+
+
+def test_a_primary_whose_agent_lost_its_role_is_down() -> None:
+    w = replicating(agents={"vol-1-a": AgentView("none", "none", 0), "vol-1-b": SECONDARY_AGENT},
+                    suspect_since={"vol-1-a": NOW - 10})
+    p = plan(w)
+    assert p.status.message.startswith("primary down (agent of vol-1-a is none, not primary); waiting for lease")
