@@ -98,13 +98,16 @@ def _every_plan_keeps_the_durability_rule(monkeypatch: pytest.MonkeyPatch) -> No
     """Every plan made in this file is also checked against the rule the executor relies on
     (module docstring of decisions.py): a plan that hands out a new epoch, or moves the volume
     to another phase (other than into Syncing, which only reports progress), is written at
-    once, never coalesced as cosmetic."""
+    once, never coalesced as cosmetic; and only a pair that replicates or syncs has cosmetic
+    updates at all."""
     import pairvol.operator.decisions as decisions
 
     def checked(w: World) -> Any:
         p = decisions.plan(w)
         if p.status.epoch != w.status.epoch or p.status.phase not in (w.status.phase, Phase.SYNCING):
             assert not p.cosmetic, f"{p.status.phase}/{p.status.epoch} from {w.status.phase}/{w.status.epoch}"
+        if p.cosmetic:  # only progress of a pair that replicates or syncs is informational
+            assert p.status.phase in (Phase.REPLICATING, Phase.SYNCING), p.status.phase
         return p
 
     monkeypatch.setitem(globals(), "plan", checked)
@@ -1217,3 +1220,160 @@ def test_a_primary_whose_agent_lost_its_role_is_down() -> None:
                     suspect_since={"vol-1-a": NOW - 10})
     p = plan(w)
     assert p.status.message.startswith("primary down (agent of vol-1-a is none, not primary); waiting for lease")
+
+
+@pytest.mark.parametrize(("unwell", "why"), [
+    ({"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", deleting=True)}},
+     "pod vol-1-b is being deleted"),
+    ({"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", phase="Failed")}},
+     "pod vol-1-b has terminated (phase Failed)"),
+    ({"nodes": (NodeView("n1"), NodeView("n3"))}, "node n2 of pod vol-1-b no longer exists"),
+    ({"nodes": (NodeView("n1"), NodeView("n2", ready=False))}, "node n2 is NotReady"),
+])
+def test_a_secondary_whose_pod_or_node_is_gone_is_dropped_at_once(unwell: dict[str, Any], why: str) -> None:
+    if "pods" in unwell:
+        unwell = {"pods": {"vol-1-a": replicating().pods["vol-1-a"], **unwell["pods"]}}
+    w = replicating(**unwell)
+    w = replace(w, status=w.status.with_(sync={"progress": 0.5, "doneBytes": 1, "totalBytes": 2}))
+    p = plan(w)
+    assert [(a.reason, a.message) for a in p.actions if isinstance(a, Event)] == [
+        ("SecondaryLost", f"{why}; re-protecting")]
+    assert (p.status.secondary, p.status.sync, p.status.message) == (None, None, why)
+
+
+def test_fixing_an_invalid_spec_resumes_where_the_volume_was_as_pending() -> None:
+    sc = _scenarios()
+    for name, in_flight in (("created", False), ("not_enough_nodes", False), ("bring_up_waiting", False),
+                            ("bring_up_secondary", False), ("bring_up_secondary", True)):
+        w = sc[name]
+        p = plan(replace(w, status=w.status.with_(phase=Phase.FAILED, message="invalid"),
+                         agent_call_in_flight=in_flight))
+        assert p.status.phase == Phase.PENDING, name
+    w = sc["bring_up_secondary"]
+    p = plan(replace(w, status=w.status.with_(phase=Phase.FAILED, message="invalid"), agent_call_in_flight=True))
+    assert p.status.message == "waiting for an agent to answer"
+
+
+def test_an_invalid_spec_is_announced_even_on_a_volume_that_had_failed_for_another_reason() -> None:
+    w = replicating(spec=SpecError(["spec.size is required (e.g. size: 1Gi)"]))
+    w = replace(w, status=w.status.with_(phase=Phase.FAILED, message="failover of vol-1-b failed: x"))
+    assert [a.reason for a in plan(w).actions if isinstance(a, Event)] == ["InvalidSpec"]
+
+
+def test_bring_up_creates_a_missing_pod_in_its_role_and_shows_it_gone() -> None:
+    w = _scenarios()["bring_up_secondary"]
+    p = plan(replace(w, pods={"vol-1-b": w.pods["vol-1-b"]}, agents={"vol-1-b": AgentView("none", "none", 0)}))
+    assert p.actions == (CreatePod("vol-1-a", "n1", "primary"),)
+    assert p.status.primary == Replica("n1", "vol-1-a", "Gone")
+
+
+def test_a_pod_that_failed_without_a_reason_is_named_alone() -> None:
+    w = _scenarios()["bring_up_pod_failed"]
+    p = plan(replace(w, pods={**w.pods, "vol-1-b": replace(w.pods["vol-1-b"], reason="")}))
+    assert p.status.message == "secondary failed during bring-up: pod vol-1-b failed"
+
+
+def test_no_eligible_node_at_all_names_every_constraint() -> None:
+    assert choose_pair(spec(nodes=["n8", "n9"], nodeSelector={"a": "b"}), NODES, {}) == (
+        "need two eligible nodes, found 0 (none) among ready nodes ['n1', 'n2', 'n3'] with "
+        "spec.nodes=['n8', 'n9'] and nodeSelector={'a': 'b'}; add or label nodes, or widen spec.nodes/nodeSelector")
+
+
+def test_waiting_for_old_pods_lists_every_node() -> None:
+    nodes = (NodeView("n1"), NodeView("n2"), NodeView("n3"))
+    p = plan(_after_failover(nodes=nodes, pods={
+        "vol-1-b": pod("vol-1-b", "n2", "primary", "10.0.0.2"),
+        "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1", deleting=True),
+        "vol-0-b": pod("vol-0-b", "n3", "secondary", "10.0.0.3", deleting=True)}))
+    assert p.status.message == "no eligible node for a new secondary (waiting for old pods on n1, n3 to go away)"
+
+
+def test_sync_progress_is_reported_to_four_decimal_places_and_may_be_coalesced() -> None:
+    for done, shown in ((None, {"progress": 0.0, "doneBytes": 0, "totalBytes": 3}),
+                        (1, {"progress": 0.3333, "doneBytes": 1, "totalBytes": 3})):
+        syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_done=done, sync_total=3)
+        p = plan(replicating(agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT}))
+        assert (p.status.phase, p.status.message, p.status.sync) == (Phase.SYNCING, "full sync n1 -> n2", shown)
+        assert p.actions == () and p.cosmetic
+
+
+def test_back_in_sync_the_status_drops_the_progress_and_shows_the_primary_as_it_is_now() -> None:
+    w = replicating()
+    w = replace(w, status=w.status.with_(phase=Phase.SYNCING, sync={"progress": 0.9, "doneBytes": 9, "totalBytes": 10}),
+                pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.11")})
+    p = plan(w)
+    assert (p.status.phase, p.status.sync) == (Phase.REPLICATING, None)
+    assert p.status.primary == Replica("n1", "vol-1-a", "primary/replicating", "10.0.0.11")
+    assert p.status.endpoint == {"node": "n1", "socket": "/var/lib/pairvol/ns/vol/export.sock",
+                                 "service": "vol.ns.svc", "port": 7802, "exportName": "volume"}
+
+
+@pytest.mark.parametrize(("interval", "due"), [(1, True), (2, True), (3, False)])
+def test_a_checkpoint_is_due_once_the_interval_has_passed_to_the_second(interval: int, due: bool) -> None:
+    """The last checkpoint was cut 2 s ago."""
+    p = plan(replicating(spec=spec(checkpoint={"intervalSeconds": interval})))
+    assert (Checkpoint("vol-1-b", "10.0.0.2") in p.actions) is due
+
+
+def test_a_primary_that_dropped_an_out_of_sync_secondary_is_re_paired_after_the_call_in_flight() -> None:
+    degraded = replace(PRIMARY_AGENT, replication_state="degraded")
+    w = replicating(agent_call_in_flight=True, agents={"vol-1-a": degraded, "vol-1-b": SECONDARY_AGENT})
+    sec = w.status.secondary
+    assert sec is not None
+    w = replace(w, status=w.status.with_(secondary=replace(sec, out_of_sync=True)))
+    assert plan(w).actions == ()
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2) in plan(
+        replace(w, agent_call_in_flight=False)).actions
+
+
+def test_a_primary_that_reports_no_replication_with_the_right_peer_is_re_paired() -> None:
+    p = plan(replicating(agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="none"),
+                                 "vol-1-b": SECONDARY_AGENT}))
+    assert p.actions[0] == StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2)
+
+
+def test_an_in_sync_volume_degrades_while_its_secondary_does_not_answer_or_lost_its_role() -> None:
+    p = plan(replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": None}))
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "waiting for secondary vol-1-b to be ready")
+    p = plan(replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": AgentView("none", "none", 0)}))
+    assert p.actions == (StartSecondary("vol-1-b", "10.0.0.2", 4),)
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "starting secondary vol-1-b")
+
+
+def test_every_failover_blocker_is_spelled_out() -> None:
+    w = primary_dead()
+    p = plan(replace(w, status=w.status.with_(secondary=None), pods={}, agents={}))
+    assert p.status.message == "primary down (pod vol-1-a is gone); there is no secondary to fail over to"
+    p = plan(primary_dead(spec=spec(failover={"automatic": False})))
+    assert p.status.message == ("primary down (pod vol-1-a is gone); spec.failover.automatic is false; "
+                                "annotate pairvol.io/failover=now to fail over")
+    p = plan(primary_dead(pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)}))
+    assert p.status.message == "primary down (pod vol-1-a is gone); secondary is unhealthy: pod vol-1-b not ready"
+
+
+def test_the_failed_over_event_gives_the_duration_in_milliseconds_and_the_progress_is_dropped() -> None:
+    w = _in_flight()
+    w = replace(w, now=NOW + 2.0, agents={"vol-1-b": AgentView("primary", "done", 4, "degraded", serving=True)},
+                status=w.status.with_(sync={"progress": 0.5, "doneBytes": 1, "totalBytes": 2}))
+    p = plan(w)
+    assert [a.message for a in p.actions if isinstance(a, Event)] == [
+        "vol-1-b on n2 is primary (epoch 4, Checkpoint, 2000 ms); was vol-1-a on n1"]
+    assert p.status.sync is None
+
+
+@pytest.mark.parametrize("target", [pod("vol-1-b", "n2", "primary", "10.0.0.2", deleting=True),
+                                    pod("vol-1-b", "n2", "primary", ""),
+                                    pod("vol-1-b", "n2", "primary", "10.0.0.2", phase="Pending")])
+def test_a_target_that_does_not_serve_is_not_asked_again_while_its_pod_cannot_answer(target: PodView) -> None:
+    w = _in_flight()
+    stuck = AgentView("primary", "done", 4, "degraded", serving=False)
+    p = plan(replace(w, agents={"vol-1-b": stuck}, pods={"vol-1-b": target}))
+    assert not any(isinstance(a, StartPrimary) for a in p.actions)
+
+
+def test_a_failed_volume_whose_primary_serves_again_is_re_protected_as_degraded() -> None:
+    failed = _after_failover().status.with_(phase=Phase.FAILED, message="failover of vol-1-b failed: x")
+    p = plan(_after_failover(status=failed))
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "re-protecting: new secondary on n1")
+    p = plan(_after_failover(status=failed, nodes=(NodeView("n1", ready=False), NodeView("n2"))))
+    assert p.status.phase == Phase.DEGRADED
