@@ -280,7 +280,7 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         'pairvol.operator.decisions._steady',
         'return _finish(world, st, actions, False)',
         'return _finish(world, st, actions, True)',
-        'unreachable: a secondary without a pod was judged dead by replica_health just above and dropped (every other such return in _steady is caught by the cosmetic rule)',  # noqa: E501 (the mutated line as it is)
+        'unreachable, as above (every other such return in _steady is caught by the cosmetic rule)',
     ),
     Equivalent(
         'pairvol.operator.decisions._steady',
