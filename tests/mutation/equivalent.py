@@ -375,12 +375,6 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent(
         'pairvol.operator.decisions._finish',
         'status.message or ("primary serving" if ready else status.phase.value),',
-        'status.message and ("primary serving" if ready else status.phase.value),',
-        'the message is never empty: placement sets one, and every later step keeps or replaces it',
-    ),
-    Equivalent(
-        'pairvol.operator.decisions._finish',
-        'status.message or ("primary serving" if ready else status.phase.value),',
         'status.message or ("primary serving" if (ready) and False else status.phase.value),',
         'the message is never empty: placement sets one, and every later step keeps or replaces it',
     ),

@@ -1117,6 +1117,7 @@ def test_a_suspect_primary_keeps_a_replicating_volume_replicating_and_degrades_a
     p = plan(w)
     assert (p.actions, p.status.phase, p.status.message) == ((), Phase.REPLICATING,
                                                              "primary suspect: pod vol-1-a not ready")
+    assert not p.cosmetic  # the user sees the suspicion at once
     p = plan(replace(w, status=w.status.with_(phase=Phase.SYNCING)))
     assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "primary suspect: pod vol-1-a not ready")
 
@@ -1377,3 +1378,9 @@ def test_a_failed_volume_whose_primary_serves_again_is_re_protected_as_degraded(
     assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "re-protecting: new secondary on n1")
     p = plan(_after_failover(status=failed, nodes=(NodeView("n1", ready=False), NodeView("n2"))))
     assert p.status.phase == Phase.DEGRADED
+
+
+def test_a_primary_that_dropped_its_peer_without_saying_why_is_reported_as_a_peer_failure() -> None:
+    dropped = replace(PRIMARY_AGENT, replication_state="degraded", error=None)
+    p = plan(replicating(agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.message == "primary dropped secondary vol-1-b: peer failed"
