@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     total = rows[-1]
     verdict_ok = killed_pct(total) >= args.min_killed and not open_ones
     out.append("")
+    typed = total.get("mutants") - total.get(MYPY)
+    by_tests = 100.0 * (total.get(KILLED) + total.get(TIMEOUT)) / max(1, typed)
+    out.append(f"{typed} mutants pass mypy --strict; the tests kill {by_tests:.1f} % of them")
     out.append(f"{total.get('mutants')} mutants: {killed_pct(total):.1f} % killed, {total.get('equivalent')} "
                f"equivalent, {len(open_ones)} not accounted for, {len(stale)} stale entries; "
                f"{seconds:.0f} s with {args.max_children} workers")

@@ -1125,6 +1125,7 @@ def test_a_suspect_primary_keeps_a_replicating_volume_replicating_and_degrades_a
 def test_failover_starts_once_the_primary_is_down_for_exactly_the_grace_period() -> None:
     p = plan(primary_dead(suspect_since={"vol-1-a": NOW - 2.9}))
     assert (p.actions, p.status.message) == ((), "primary down (pod vol-1-a is gone); grace period running")
+    assert not p.cosmetic  # the user sees at once that the grace period runs
     p = plan(primary_dead(suspect_since={"vol-1-a": NOW - 3.0}))
     assert p.actions[0] == DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint")
     assert p.status.last_failover == Failover(rfc3339(NOW), "n1", "n2", "Checkpoint", "pod vol-1-a is gone")
