@@ -38,8 +38,10 @@ def test_the_relay_counts_only_with_export_listen() -> None:
     h = judge(replace(RELAYED, relay_alive=False, relay_exports=None), EXPORT)
     assert not h.ok and h.conclusive and "relay daemon of --export-listen is not running" in h.reason
     assert h.may_serve  # the unix export is still there until the fence
+    assert h.reason == "the relay daemon of --export-listen is not running"
     h = judge(replace(RELAYED, relay_exports=frozenset()), EXPORT)
-    assert not h.ok and "relay daemon no longer exports" in h.reason
+    assert not h.ok and h.reason == "the relay daemon no longer exports 'volume'"
+    assert h.may_serve  # the relay lives, and the daemon still has the export
 
 
 def test_no_answer_in_time_is_inconclusive() -> None:
@@ -54,3 +56,14 @@ def test_a_replica_that_does_not_mean_to_serve_is_healthy_while_its_daemon_lives
     slow = judge(replace(IDLE, exports=None, timed_out="qemu-storage-daemon"), EXPORT)
     assert slow.ok and slow.may_serve
     assert judge(replace(IDLE, exports=frozenset({EXPORT})), EXPORT) == Health(True, may_serve=True)
+
+
+def test_a_daemon_that_was_never_started_says_so() -> None:
+    h = judge(replace(IDLE, qsd_alive=False, qsd_error=None, exports=None), EXPORT)
+    assert h.reason == "qemu-storage-daemon is not running: not started"
+
+
+def test_an_export_gone_from_the_daemon_may_still_be_served_by_a_live_relay() -> None:
+    """Unhealthy, but the relay may still hand out writes: the Lease is left to expire."""
+    h = judge(replace(RELAYED, exports=frozenset({"canary"})), EXPORT)
+    assert not h.ok and "'volume' is gone" in h.reason and h.may_serve

@@ -102,6 +102,51 @@ class TestStages:
         with pytest.raises(IllegalTransition, match=r"^Block replication is not running$"):
             check_stop(Position(Role.SECONDARY, Stage.FAILOVER_FAILED, 4))
 
+    def test_a_caller_at_the_replicas_own_epoch_is_told_about_the_epoch_first(self) -> None:
+        """A running secondary asked to become primary without a new epoch: the fencing rule
+        answers, not the advice to fail over."""
+        with pytest.raises(IllegalTransition, match="epoch 4 does not advance the current epoch 4"):
+            check_start_primary(SEC_RUNNING, 4)
+
+    def test_starting_a_running_secondary_again_at_its_epoch_is_running_or_done(self) -> None:
+        """The same operator repeating its start gets replication.c's answer, not a fencing one."""
+        with pytest.raises(IllegalTransition, match=r"^Block replication is running or done$"):
+            check_start_secondary(SEC_RUNNING, 4)
+
+    def test_a_running_secondary_told_it_is_primary_is_told_what_to_do_instead(self) -> None:
+        with pytest.raises(IllegalTransition, match=r"^this replica is a running secondary: promote it with "
+                                                    r"POST /v1/failover, or stop it with POST /v1/stop first$"):
+            check_start_primary(SEC_RUNNING, 9)
+
+    def test_a_stopped_secondary_may_be_restarted_as_primary_by_a_newer_epoch(self) -> None:
+        """Only a failover in progress (or failed) refuses whatever the epoch; a finished
+        replica may be restarted in a new role when a newer epoch asks."""
+        done = Position(Role.SECONDARY, Stage.DONE, 4)
+        check_start_primary(done, 5)
+        with pytest.raises(IllegalTransition, match="does not advance"):
+            check_start_primary(done, 4)
+
+    def test_a_secondary_not_yet_running_is_started_at_its_own_epoch(self) -> None:
+        """The agent saves (secondary, none, epoch) before it starts: starting it at that
+        epoch is not a role change."""
+        check_start_secondary(Position(Role.SECONDARY, Stage.NONE, 4), 4)
+
+    def test_a_primary_becomes_secondary_only_with_a_newer_epoch_whatever_its_stage(self) -> None:
+        for stage in (Stage.NONE, Stage.DONE):
+            with pytest.raises(IllegalTransition, match="does not advance"):
+                check_start_secondary(Position(Role.PRIMARY, stage, 5), 5)
+            check_start_secondary(Position(Role.PRIMARY, stage, 5), 6)
+
+    def test_refusals_of_checkpoint_and_failover_say_why(self) -> None:
+        for stage in (Stage.FAILOVER, Stage.DONE):
+            with pytest.raises(IllegalTransition, match=rf"^Block replication is not running \(stage {stage.value}: "
+                                                        r"this replica was promoted or stopped\)$"):
+                check_checkpoint(Position(Role.SECONDARY, stage, 1))
+        with pytest.raises(IllegalTransition, match=r"^only a secondary can fail over; this replica is primary$"):
+            check_failover(PRI_RUNNING, 9)
+        with pytest.raises(IllegalTransition, match=r"^Block replication is not running \(stage done\)$"):
+            check_failover(Position(Role.SECONDARY, Stage.DONE, 1), 9)
+
     def test_io_status_follows_replication_get_io_status(self) -> None:
         assert io_status(Role.SECONDARY, Stage.NONE) == "error"
         assert io_status(Role.SECONDARY, Stage.RUNNING) == "ok"
@@ -217,6 +262,89 @@ class TestPersistence:
         data = json.loads(persist.PersistedState(name="v", size=1 << 20).to_json())
         del data["clean_shutdown"]
         assert persist.PersistedState.from_json(json.dumps(data)).clean_shutdown is False
+
+    def test_every_field_survives_a_restart(self, tmp_path: Path) -> None:
+        """OutOfSync and the peer must outlive the agent: a restarted secondary that forgot it
+        missed writes could be promoted automatically."""
+        s = persist.PersistedState(name="v", size=1 << 20, role=Role.PRIMARY, stage=Stage.RUNNING, epoch=3,
+                                   peer="10.0.0.2:7801", out_of_sync=True, clean_shutdown=False)
+        persist.save(tmp_path, s)
+        assert persist.load(tmp_path) == s
+        assert persist.load(tmp_path) == persist.PersistedState.from_json(s.to_json())
+
+    def test_evolve_changes_the_named_fields_only(self) -> None:
+        s = persist.PersistedState(name="v", size=1 << 20, epoch=1)
+        assert s.evolve(epoch=2, out_of_sync=True) == persist.PersistedState(name="v", size=1 << 20, epoch=2,
+                                                                             out_of_sync=True)
+
+    def test_the_state_files_are_private_to_the_agent(self, tmp_path: Path) -> None:
+        persist.save(tmp_path, persist.PersistedState(name="v", size=1 << 20))
+        persist.save(tmp_path, persist.PersistedState(name="v", size=1 << 20, epoch=1))
+        assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"state.a": 0o600, "state.b": 0o600}
+
+    def test_each_slot_is_allocated_once_and_its_directory_entry_made_durable(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Allocated once, then overwritten in place: a full file system cannot block a
+        state change. The calls the code makes are observed; the real ones run."""
+        import os
+
+        allocated: list[int] = []
+        synced_dirs: list[bool] = []
+        real_fallocate, real_fsync = os.posix_fallocate, os.fsync
+
+        def fallocate(fd: int, offset: int, length: int) -> None:
+            allocated.append(length)
+            real_fallocate(fd, offset, length)
+
+        def fsync(fd: int) -> None:
+            synced_dirs.append(os.path.isdir(f"/proc/self/fd/{fd}"))
+            real_fsync(fd)
+
+        monkeypatch.setattr(persist.os, "posix_fallocate", fallocate)
+        monkeypatch.setattr(persist.os, "fsync", fsync)
+        for epoch in range(4):
+            persist.save(tmp_path, persist.PersistedState(name="v", size=1 << 20, epoch=epoch))
+        assert allocated == [persist.SLOT_SIZE, persist.SLOT_SIZE]
+        assert synced_dirs == [False, True, False, True, False, False]  # the slot, then its new entry
+
+    def test_a_state_that_fills_a_slot_exactly_is_saved_and_a_larger_one_refused(self, tmp_path: Path) -> None:
+        header = 24  # magic, sequence, length, CRC
+        base = len(persist.PersistedState(name="", size=1).to_json())
+        fits = persist.PersistedState(name="n" * (persist.SLOT_SIZE - header - base), size=1)
+        persist.save(tmp_path, fits)
+        assert persist.load(tmp_path) == fits
+        too_big = fits.evolve(name=fits.name + "n")
+        with pytest.raises(persist.StateError, match=r"^state is 65513 bytes, more than a 65536-byte slot$"):
+            persist.save(tmp_path, too_big)
+        assert persist.load(tmp_path) == fits
+
+    def test_errors_say_which_file_and_what_went_wrong(self, tmp_path: Path) -> None:
+        (tmp_path / "state.a").mkdir()
+        with pytest.raises(persist.StateError, match=rf"^cannot read {tmp_path}/state.a: Is a directory$"):
+            persist.load(tmp_path)
+        gone = tmp_path / "gone"
+        with pytest.raises(persist.StateError, match=rf"^cannot persist the replica's state in {gone}/state.b: "
+                                                     r"No such file or directory$"):
+            persist.save(gone, persist.PersistedState(name="v", size=1))
+        (tmp_path / "state.a").rmdir()
+        (tmp_path / "state.a").write_bytes(b"x" * 100)
+        (tmp_path / "state.b").write_bytes(b"y" * 100)
+        no_valid = rf"^no valid state in {tmp_path} \(state.a, state.b are corrupt\)$"
+        with pytest.raises(persist.StateError, match=no_valid):
+            persist.load(tmp_path)
+        with pytest.raises(persist.StateError, match=r"^state is corrupt: 'name'$"):
+            persist.PersistedState.from_json('{"version": 1}')
+
+    def test_a_state_without_a_version_is_refused_as_unsupported(self) -> None:
+        data = json.loads(persist.PersistedState(name="v", size=1 << 20).to_json())
+        del data["version"]
+        with pytest.raises(persist.StateError, match=r"^unsupported state version$"):
+            persist.PersistedState.from_json(json.dumps(data))
+
+    def test_a_checkpoint_is_reported_in_the_api_spelling(self) -> None:
+        assert persist.Checkpoint(5, 1.5, 2.00049).to_api() == {"id": 5, "time": 1.5, "durationMs": 2.0}
+        assert persist.Checkpoint(6, 2.5, 1.2345).to_api() == {"id": 6, "time": 2.5, "durationMs": 1.234}
 
 
 class TestRecipes:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pairvol.api.quantity import QuantityError, format_bytes, parse_bytes
-from pairvol.api.spec import SpecError, parse_spec
+from pairvol.api.spec import SpecError, VolumeSpec, parse_spec
 from pairvol.api.status import Phase, Replica, VolumeStatus, set_condition
 
 
@@ -108,3 +108,74 @@ def test_condition_transition_time_moves_only_on_status_change() -> None:
     assert c1[0].last_transition_time == c2[0].last_transition_time
     assert c2[0].reason == "R2" and c2[0].observed_generation == 2
     assert c3[0].last_transition_time != c2[0].last_transition_time and c3[0].status == "False"
+
+
+def test_every_problem_is_spelled_out_in_one_message() -> None:
+    """The status message is the user's only hint: each problem names the field, the rule and
+    what was written, in spec order."""
+    problems = [
+        "metadata.name 'Bad_Name' must be a DNS label of at most 40 characters (lower case letters, digits, '-'), "
+        "because pod and Service names derive from it",
+        "spec.size must be at least 1Mi, got '1k'",
+        "spec.nodes lists a, c more than once",
+        "spec.nodes has invalid node names: 'B', 'D'",
+        "spec.nodeSelector must map label names to strings, got {'z': 1}",
+        "spec.checkpoint.intervalSeconds must be >= 0, got -1",
+        "spec.failover.automatic must be true or false, got 'yes'",
+        "spec.failover.mode must be one of Checkpoint, Latest, got 'x'",
+        "spec.failover.gracePeriodSeconds must be an integer, got '3'",
+        "spec.replication.peerTimeoutSeconds must be >= 1, got 0",
+        "spec.storage.hostPath '/a/../b' must not be '/' and must not contain '..'",
+        "spec.reclaimPolicy must be one of Retain, Delete, got 'Shred'",
+    ]
+    with pytest.raises(SpecError) as err:
+        parse_spec(
+            {
+                "size": "1k", "nodes": ["a", "a", "B", "c", "c", "D"], "nodeSelector": {"z": 1},
+                "checkpoint": {"intervalSeconds": -1},
+                "failover": {"automatic": "yes", "mode": "x", "gracePeriodSeconds": "3"},
+                "replication": {"peerTimeoutSeconds": 0}, "storage": {"hostPath": "/a/../b"},
+                "reclaimPolicy": "Shred",
+            },
+            name="Bad_Name",
+        )
+    assert err.value.problems == problems
+    assert str(err.value) == "invalid ReplicatedVolume: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize(("spec", "problems"), [
+    ({}, ["spec.size is required (e.g. size: 1Gi)"]),
+    ({"size": "1x"}, ["spec.size: '1x' is not a Kubernetes quantity; write e.g. '64Mi', '1Gi', '500M' or a plain "
+                      "number of bytes"]),
+    ({"size": "1Mi", "nodes": ["a", 1]}, ["spec.nodes must be a list of node names, got ['a', 1]"]),
+    ({"size": "1Mi", "nodes": "a"}, ["spec.nodes must be a list of node names, got 'a'"]),
+    ({"size": "1Mi", "checkpoint": {"intervalSeconds": "10"}},
+     ["spec.checkpoint.intervalSeconds must be an integer, got '10'"]),
+    ({"size": "1Mi", "failover": {"gracePeriodSeconds": -1}},
+     ["spec.failover.gracePeriodSeconds must be >= 0, got -1"]),
+    *(({"size": "1Mi", section: "yes"}, [f"spec.{section} must be an object, got 'yes'"])
+      for section in ("checkpoint", "failover", "replication", "storage")),
+])
+def test_each_problem_alone_names_its_field(spec: dict[str, object], problems: list[str]) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec)
+    assert err.value.problems == problems
+
+
+def test_values_at_the_limits_are_accepted() -> None:
+    spec = parse_spec(
+        {"size": "1Mi", "nodes": ["a" * 253, "b"], "checkpoint": {"intervalSeconds": 0},
+         "failover": {"gracePeriodSeconds": 0, "automatic": False, "mode": "Latest"},
+         "replication": {"peerTimeoutSeconds": 1}, "storage": {"hostPath": "/data//pv/"},
+         "reclaimPolicy": "Delete", "nodeSelector": {"zone": "a"}},
+        name="v" * 40,
+    )
+    assert spec == VolumeSpec(size=1 << 20, nodes=("a" * 253, "b"), node_selector={"zone": "a"},
+                              checkpoint_interval_s=0, failover_automatic=False, failover_mode="Latest",
+                              grace_period_s=0, peer_timeout_s=1, host_path="/data/pv", reclaim_policy="Delete")
+    with pytest.raises(SpecError, match="invalid node names: 'aaa"):
+        parse_spec({"size": "1Mi", "nodes": ["a" * 254, "b"]})
+
+
+def test_an_empty_node_list_means_any_node() -> None:
+    assert parse_spec({"size": "1Mi", "nodes": []}).nodes == ()

@@ -65,3 +65,41 @@ def test_outcomes_of_a_small_project(tmp_path: Path) -> None:
     results = {r.mutation.id: r.outcome for r in run([tested, untested, stale, broken], ws, seed=1, timeout_s=120)}
     assert results == {"t.tested": "killed", "t.untested": "survived", "t.stale": "stale", "t.broken": "invalid"}
     assert (tmp_path / "operator" / "mod.py").read_text() == SOURCE, "the workspace is restored after each run"
+
+
+# ------------------------------------------------- generated mutants (mutmut)
+
+
+def test_a_generated_mutant_is_named_after_the_function_as_spelled_in_the_source() -> None:
+    from tests.mutation.generated import Mutant
+
+    assert Mutant("pairvol.agent.stages.x_check_stop__mutmut_3", "m", "survived").function == \
+        "pairvol.agent.stages.check_stop"
+    assert Mutant("pairvol.agent.state.xǁCheckpointǁto_api__mutmut_12", "m", "survived").function == \
+        "pairvol.agent.state.Checkpoint.to_api"
+
+
+def test_a_listed_survivor_counts_as_equivalent_and_an_entry_that_explains_nothing_is_stale() -> None:
+    from tests.mutation.equivalent import Equivalent
+    from tests.mutation.generated import KILLED, MYPY, SURVIVED, Mutant, _changed_lines, account, killed_pct, table
+
+    removed, added = _changed_lines("--- a\n+++ b\n@@ -1 +1 @@\n-    if x < 0:\n+    if x <= 0:\n")
+    assert (removed, added) == ("if x < 0:", "if x <= 0:")
+    mutants = [
+        Mutant("pkg.mod.x_f__mutmut_1", "pkg/mod.py", SURVIVED, removed, added),
+        Mutant("pkg.mod.x_f__mutmut_2", "pkg/mod.py", SURVIVED, "return 1", "return 2"),
+        Mutant("pkg.mod.x_f__mutmut_3", "pkg/mod.py", KILLED),
+        Mutant("pkg.mod.x_f__mutmut_4", "pkg/mod.py", MYPY),
+    ]
+    entries = [
+        Equivalent("pkg.mod.f", "if x < 0:", "if x <= 0:", "x is never 0"),
+        Equivalent("pkg.mod.f", "return 3", "return 4", "no longer in the code"),
+        Equivalent("other.mod.g", "a", "b", "a module this run did not mutate"),
+    ]
+    stale = account(mutants, entries)
+    assert stale == [entries[1]]
+    assert mutants[0].equivalent == entries[0] and mutants[1].equivalent is None
+    row = table(mutants)[0]
+    assert {c: row.get(c) for c in ("mutants", KILLED, MYPY, SURVIVED, "equivalent")} == {
+        "mutants": 4, KILLED: 1, MYPY: 1, SURVIVED: 1, "equivalent": 1}
+    assert killed_pct(row) == 50.0

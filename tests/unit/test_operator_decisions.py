@@ -34,7 +34,9 @@ from pairvol.operator.decisions import (
     StartSecondary,
     World,
     choose_pair,
+    eligible_nodes,
     plan,
+    replica_health,
     unhealthy_pods,
 )
 
@@ -89,6 +91,26 @@ def primary_dead(**kw: Any) -> World:
     )
     defaults.update(kw)
     return replace(w, **defaults)
+
+
+@pytest.fixture(autouse=True)
+def _every_plan_keeps_the_durability_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every plan made in this file is also checked against the rule the executor relies on
+    (module docstring of decisions.py): a plan that hands out a new epoch, or moves the volume
+    to another phase (other than into Syncing, which only reports progress), is written at
+    once, never coalesced as cosmetic; and only a pair that replicates or syncs has cosmetic
+    updates at all."""
+    import pairvol.operator.decisions as decisions
+
+    def checked(w: World) -> Any:
+        p = decisions.plan(w)
+        if p.status.epoch != w.status.epoch or p.status.phase not in (w.status.phase, Phase.SYNCING):
+            assert not p.cosmetic, f"{p.status.phase}/{p.status.epoch} from {w.status.phase}/{w.status.epoch}"
+        if p.cosmetic:  # only progress of a pair that replicates or syncs is informational
+            assert p.status.phase in (Phase.REPLICATING, Phase.SYNCING), p.status.phase
+        return p
+
+    monkeypatch.setitem(globals(), "plan", checked)
 
 
 def kinds(p: Any) -> list[str]:
@@ -627,3 +649,739 @@ def test_no_new_role_call_while_one_is_in_flight_but_failover_still_happens() ->
     # and a dead primary is failed over regardless of a call in flight
     dead = replace(primary_dead(), agent_call_in_flight=True)
     assert any(isinstance(a, DoFailover) for a in plan(dead).actions)
+
+
+# ----------------------------------------------------------- observations
+
+
+def test_agent_view_reads_every_field_of_the_agent_status() -> None:
+    status = {
+        "role": "secondary", "stage": "running", "epoch": 7,
+        "checkpoint": {"id": 3, "time": NOW, "durationMs": 1.5},
+        "replication": {"state": "syncing", "peer": "10.0.0.1:7801", "error": "peer slow",
+                        "sync": {"doneBytes": 10, "totalBytes": 20}},
+        "export": {"serving": True},
+    }
+    assert AgentView.from_status(status) == AgentView(
+        "secondary", "running", 7, "syncing", "10.0.0.1:7801", "peer slow",
+        {"id": 3, "time": NOW, "durationMs": 1.5}, 10, 20, serving=True,
+    )
+    # a sync reported at the top level wins over one under replication
+    top = AgentView.from_status({**status, "sync": {"doneBytes": 1, "totalBytes": 2}})
+    assert (top.sync_done, top.sync_total) == (1, 2)
+
+
+def test_agent_view_of_a_bare_status_is_a_replica_without_a_role() -> None:
+    assert AgentView.from_status({}) == AgentView("none", "none", 0)
+    assert AgentView.from_status({"epoch": None, "checkpoint": {}, "replication": None}) == AgentView("none", "none", 0)
+
+
+def test_lease_expires_in_counts_down_to_zero_with_the_margin() -> None:
+    assert LeaseView("p", 1.0, 3.0).expires_in(0.5) == 2.5
+    assert LeaseView("p", 10.0, 3.0).expires_in(0.5) == 0.0
+    assert LeaseView(None, 1.0, 3.0).expires_in(0.5) == 0.0  # released
+    assert LeaseView("p", 1.0, None).expires_in(0.5) == 0.0  # no duration: nobody can rely on it
+
+
+@pytest.mark.parametrize(
+    "unwell",
+    [
+        {"pods": {}},
+        {"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", deleting=True)}},
+        {"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)}},
+        {"agents": {"vol-1-b": None}},
+        {"nodes": (NodeView("n1"), NodeView("n3"))},
+        {"nodes": (NodeView("n1"), NodeView("n2", ready=False), NodeView("n3"))},
+    ],
+)
+def test_each_sign_of_trouble_alone_makes_a_replica_pod_unhealthy(unwell: dict[str, Any]) -> None:
+    """With no primary recorded, so the secondary is judged on its own."""
+    healthy = replicating(status=replicating().status.with_(primary=None), lease=None)
+    assert unhealthy_pods(healthy) == set()
+    w = replace(healthy, **unwell)
+    assert unhealthy_pods(w) == {"vol-1-b"}
+
+
+def test_a_replica_is_dead_once_unwell_for_the_whole_grace_period() -> None:
+    w = replicating(suspect_since={"vol-1-b": NOW - 3.0},
+                    pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)})
+    sec = w.status.secondary
+    assert sec is not None
+    assert replica_health(w, sec, 3.0, started=True) == ("dead", "pod vol-1-b not ready for 3.0s")
+    assert replica_health(w, sec, 3.5, started=True) == ("suspect", "pod vol-1-b not ready")
+    silent = replace(w, pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2")}, agents={})
+    assert replica_health(silent, sec, 3.5, started=True) == ("suspect", "pod vol-1-b not answering on its API")
+    assert replica_health(silent, sec, 2.0, started=True) == ("dead", "pod vol-1-b not answering on its API for 3.0s")
+
+
+def test_eligibility_judges_each_node_on_its_own() -> None:
+    nodes = (NodeView("hdd", labels={"disk": "hdd"}), NodeView("a", labels={"disk": "ssd"}),
+             NodeView("gone", ready=False), NodeView("b", labels={"disk": "ssd"}))
+    assert [n.name for n in eligible_nodes(spec(nodeSelector={"disk": "ssd"}), nodes)] == ["a", "b"]
+    assert [n.name for n in eligible_nodes(spec(nodes=["a", "b"]), nodes)] == ["a", "b"]
+    assert [n.name for n in eligible_nodes(spec(), nodes)] == ["hdd", "a", "b"]
+
+
+def test_too_few_nodes_lists_only_the_ready_schedulable_ones() -> None:
+    nodes = (NodeView("n1"), NodeView("n2", schedulable=False), NodeView("n3", ready=False))
+    assert choose_pair(spec(), nodes, {}) == (
+        "need two eligible nodes, found 1 (n1) among ready nodes ['n1']; add or label nodes, or widen "
+        "spec.nodes/nodeSelector"
+    )
+
+
+def test_a_node_is_looked_up_by_name() -> None:
+    w = replicating()
+    assert w.node("n2") == NodeView("n2")
+    assert w.node("n9") is None
+
+
+def test_the_status_shows_each_replica_as_its_agent_or_else_its_pod_reports_it() -> None:
+    """A primary by its replication state, a secondary by its stage; without an agent answer,
+    the pod's phase, NotReady for a running pod that is not ready."""
+    p = plan(replicating())
+    assert p.status.primary is not None and p.status.secondary is not None
+    assert (p.status.primary.state, p.status.secondary.state) == ("primary/replicating", "secondary/running")
+    for sec_pod, shown in [
+        (pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False), "NotReady"),
+        (pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False, phase="Pending"), "Pending"),
+        (pod("vol-1-b", "n2", "secondary", "10.0.0.2"), "Running"),
+    ]:
+        w = replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": None},
+                        pods={"vol-1-a": replicating().pods["vol-1-a"], "vol-1-b": sec_pod})
+        secondary = plan(w).status.secondary
+        assert secondary is not None and secondary.state == shown
+
+
+def test_the_checkpoint_in_the_status_is_the_secondarys_in_api_spelling() -> None:
+    def shown(cp: dict[str, Any]) -> Any:
+        return plan(replicating(agents={"vol-1-a": PRIMARY_AGENT,
+                                        "vol-1-b": replace(SECONDARY_AGENT, checkpoint=cp)})).status.checkpoint
+
+    assert shown({"id": 5, "time": NOW, "durationMs": None}) == {"id": 5, "time": rfc3339(NOW), "durationMs": 0.0}
+    assert shown({"id": 5, "time": "2026-01-01T00:00:00Z", "durationMs": 2}) == {
+        "id": 5, "time": "2026-01-01T00:00:00Z", "durationMs": 2.0}
+    # an agent that has no checkpoint (yet) does not erase the one on record
+    assert shown({"id": None}) == replicating().status.checkpoint
+# ------------------------------------------------------- what the user sees
+
+
+def _scenarios() -> dict[str, World]:
+    sc: dict[str, World] = {}
+    sc["created"] = World("vol", "ns", 1, spec(), VolumeStatus(), NOW, nodes=NODES)
+    sc["not_enough_nodes"] = World("vol", "ns", 1, spec(nodes=["n1", "n9"]), VolumeStatus(), NOW, nodes=NODES)
+    sc["invalid_spec"] = World(
+        "vol", "ns", 1, SpecError(["spec.size is required (e.g. size: 1Gi)"]), VolumeStatus(), NOW, nodes=NODES
+    )
+    w = _placed()
+    st0 = w.status
+    assert st0.primary is not None and st0.secondary is not None
+    pods = {
+        st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
+        st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
+    }
+    idle = AgentView("none", "none", 0)
+    sc["bring_up_waiting"] = w
+    sc["bring_up_secondary"] = replace(w, pods=pods, agents={n: idle for n in pods})
+    sc["bring_up_primary"] = replace(
+        w, pods=pods, agents={st0.primary.pod: idle, st0.secondary.pod: AgentView("secondary", "running", 2)}
+    )
+    sc["bring_up_pod_failed"] = replace(
+        w,
+        pods={
+            **pods,
+            st0.secondary.pod: pod(
+                st0.secondary.pod, "n2", "secondary", "", phase="Failed", ready=False, reason="Error"
+            ),
+        },
+    )
+    sc["bring_up_node_down"] = replace(
+        w, pods=pods, nodes=(NodeView("n1"), NodeView("n2", ready=False), NodeView("n3"))
+    )
+    sc["replicating"] = replicating()
+    sec = replicating().status.secondary
+    assert sec is not None
+    sc["synced"] = replicating(
+        status=replicating().status.with_(phase=Phase.SYNCING, secondary=replace(sec, out_of_sync=True))
+    )
+    sc["primary_dead"] = primary_dead()
+    sc["primary_dead_manual_oos"] = primary_dead(
+        lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3), annotations={ANN_FAILOVER: "now"}
+    )
+    sc["oos_blocked"] = primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3))
+    sc["manual"] = replicating(annotations={ANN_FAILOVER: "now"})
+    w = _in_flight()
+    sc["failover_done"] = replace(
+        w,
+        agents={"vol-1-b": AgentView("primary", "done", 4, "degraded", serving=True)},
+        pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")},
+    )
+    sc["failover_target_died"] = replace(w, pods={}, agents={})
+    sc["failover_failed"] = replace(
+        w, agents={"vol-1-b": AgentView("secondary", "failover_failed", 4, error="commit failed")}
+    )
+    sc["not_serving"] = replace(
+        w,
+        agents={
+            "vol-1-b": AgentView(
+                "primary", "done", 4, "degraded", error="refusing to serve: lease held by vol-1-a", serving=False
+            )
+        },
+    )
+    sc["after_failover"] = _after_failover()
+    sc["secondary_dead"] = replicating(
+        pods={"vol-1-a": replicating().pods["vol-1-a"]}, suspect_since={"vol-1-b": NOW - 10}
+    )
+    sc["peer_dropped"] = replicating(
+        agents={
+            "vol-1-a": replace(PRIMARY_AGENT, replication_state="degraded", error="peer timed out"),
+            "vol-1-b": SECONDARY_AGENT,
+        }
+    )
+    sc["resync"] = replicating(
+        agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="none", peer=None), "vol-1-b": SECONDARY_AGENT}
+    )
+    sc["oos_mark"] = replicating(lease=LeaseView("vol-1-a", 1, 3.0, out_of_sync_epoch=3))
+    return sc
+
+
+# scenario -> phase, status message, events (type, reason, message): kubectl get / describe
+SEEN = [
+    ("created", "Pending", "starting agents on n1 and n2", [("Normal", "Scheduled", "primary on n1, secondary on n2")]),
+    (
+        "not_enough_nodes",
+        "Pending",
+        "need two eligible nodes, found 1 (n1) among ready nodes ['n1', 'n2', 'n3'] "
+        "with spec.nodes=['n1', 'n9']; add or label nodes, or widen spec.nodes/nodeSelector",
+        [
+            (
+                "Warning",
+                "NotEnoughNodes",
+                "need two eligible nodes, found 1 (n1) among ready nodes ['n1', 'n2', 'n3'] "
+                "with spec.nodes=['n1', 'n9']; add or label nodes, or widen spec.nodes/nodeSelector",
+            )
+        ],
+    ),
+    (
+        "invalid_spec",
+        "Failed",
+        "invalid ReplicatedVolume: spec.size is required (e.g. size: 1Gi)",
+        [("Warning", "InvalidSpec", "invalid ReplicatedVolume: spec.size is required (e.g. size: 1Gi)")],
+    ),
+    ("bring_up_waiting", "Pending", "waiting for both agents to become ready", []),
+    ("bring_up_secondary", "Pending", "starting agents on n1 and n2", []),
+    (
+        "bring_up_primary",
+        "Syncing",
+        "full sync n1 -> n2",
+        [("Normal", "PrimaryStarted", "vol-1-a on n1 is primary (epoch 2), full sync to vol-1-b on n2")],
+    ),
+    (
+        "bring_up_pod_failed",
+        "Pending",
+        "secondary failed during bring-up: pod vol-1-b failed (Error)",
+        [("Warning", "BringUpRestarted", "secondary failed during bring-up: pod vol-1-b failed (Error)")],
+    ),
+    (
+        "bring_up_node_down",
+        "Pending",
+        "secondary failed during bring-up: node n2 is not ready",
+        [("Warning", "BringUpRestarted", "secondary failed during bring-up: node n2 is not ready")],
+    ),
+    ("replicating", "Replicating", "n1 -> n2 in sync", []),
+    (
+        "synced",
+        "Replicating",
+        "n1 -> n2 in sync",
+        [("Normal", "Replicating", "vol-1-b on n2 is in sync with vol-1-a on n1")],
+    ),
+    (
+        "primary_dead",
+        "FailingOver",
+        "failing over to n2: pod vol-1-a is gone",
+        [("Warning", "FailingOver", "promoting vol-1-b on n2 (epoch 4, mode Checkpoint): pod vol-1-a is gone")],
+    ),
+    (
+        "primary_dead_manual_oos",
+        "FailingOver",
+        "failing over to n2: manual",
+        [
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            ("Normal", "FailingOver", "promoting vol-1-b on n2 (epoch 4, mode Checkpoint): manual"),
+        ],
+    ),
+    (
+        "oos_blocked",
+        "Failed",
+        "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
+        "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
+        [
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            (
+                "Warning",
+                "FailoverBlocked",
+                "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
+                "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
+            ),
+        ],
+    ),
+    (
+        "manual",
+        "Replicating",
+        "manual failover: stopping the primary",
+        [("Normal", "ManualFailover", "stopping primary vol-1-a")],
+    ),
+    (
+        "failover_done",
+        "Degraded",
+        "failed over to n2; re-protecting",
+        [("Normal", "FailedOver", "vol-1-b on n2 is primary (epoch 4, Checkpoint, 500 ms); was vol-1-a on n1")],
+    ),
+    (
+        "failover_target_died",
+        "Failed",
+        "failover target vol-1-b died during failover; no replica left to promote",
+        [("Warning", "FailoverFailed", "failover target vol-1-b died during failover; no replica left to promote")],
+    ),
+    (
+        "failover_failed",
+        "Failed",
+        "failover of vol-1-b failed: commit failed",
+        [("Warning", "FailoverFailed", "failover of vol-1-b failed: commit failed")],
+    ),
+    (
+        "not_serving",
+        "FailingOver",
+        "failing over to n2: vol-1-b is primary but not serving "
+        "(refusing to serve: lease held by vol-1-a); asking it to serve (epoch 5)",
+        [
+            (
+                "Warning",
+                "NotServing",
+                "failing over to n2: vol-1-b is primary but not serving "
+                "(refusing to serve: lease held by vol-1-a); asking it to serve again",
+            )
+        ],
+    ),
+    (
+        "after_failover",
+        "Degraded",
+        "re-protecting: new secondary on n1",
+        [("Normal", "Reprotecting", "new secondary vol-5 on n1")],
+    ),
+    (
+        "secondary_dead",
+        "Degraded",
+        "pod vol-1-b is gone",
+        [("Warning", "SecondaryLost", "pod vol-1-b is gone; re-protecting")],
+    ),
+    (
+        "peer_dropped",
+        "Degraded",
+        "primary dropped secondary vol-1-b: peer timed out",
+        [("Warning", "SecondaryLost", "primary dropped secondary vol-1-b: peer timed out; re-protecting")],
+    ),
+    (
+        "resync",
+        "Syncing",
+        "full sync n1 -> n2",
+        [("Normal", "Resync", "full sync vol-1-a on n1 -> vol-1-b on n2 (epoch 4)")],
+    ),
+    (
+        "oos_mark",
+        "Degraded",
+        "secondary vol-1-b is OutOfSync",
+        [("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("scenario", "phase", "message", "events"), SEEN, ids=[s[0] for s in SEEN])
+def test_each_step_tells_the_user_the_phase_and_why_with_events(
+    scenario: str, phase: str, message: str, events: list[tuple[str, str, str]]
+) -> None:
+    p = plan(_scenarios()[scenario])
+    assert (p.status.phase.value, p.status.message) == (phase, message)
+    assert [(a.type, a.reason, a.message) for a in p.actions if isinstance(a, Event)] == events
+
+
+@pytest.mark.parametrize("scenario", [s[0] for s in SEEN])
+def test_only_a_plan_that_changes_nothing_but_information_may_be_coalesced(scenario: str) -> None:
+    """A plan with actions, or a new phase or epoch, is written at once: the epoch an action
+    carries must be persisted before the action runs."""
+    w = _scenarios()[scenario]
+    p = plan(w)
+    essential = bool(p.actions) or p.status.phase != w.status.phase or p.status.epoch != w.status.epoch
+    assert p.cosmetic is not essential
+
+
+@pytest.mark.parametrize("scenario", [s[0] for s in SEEN])
+def test_the_ready_and_replicating_conditions_follow_the_phase(scenario: str) -> None:
+    w = replace(_scenarios()[scenario], generation=7)
+    st = plan(w).status
+    serving = st.phase in (Phase.REPLICATING, Phase.DEGRADED, Phase.SYNCING)
+    in_sync = st.phase == Phase.REPLICATING
+    conds = {c.type: (c.status, c.reason, c.message, c.observed_generation) for c in st.conditions}
+    assert conds == {
+        "Ready": (str(serving), st.phase.value, st.message, 7),
+        "Replicating": (str(in_sync), "InSync" if in_sync else "NotInSync",
+                        "secondary is in sync" if in_sync else st.message, 7),
+    }
+    assert st.observed_generation == 7
+
+
+def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
+    """Failover left epoch 4; the new secondary is placed at 5, started at 6, and the primary
+    re-paired with it at 7. A primary paired with another address is re-paired at a new epoch."""
+    w = _after_failover()
+    w = replace(w, status=plan(w).status, pods={**w.pods, "vol-5": pod("vol-5", "n1", "secondary", "10.0.0.9")},
+                agents={**w.agents, "vol-5": AgentView("none", "none", 0)})
+    assert w.status.epoch == 5
+    p = plan(w)
+    assert p.actions == (StartSecondary("vol-5", "10.0.0.9", 6),)
+    assert (p.status.epoch, p.status.phase, p.status.message) == (6, Phase.DEGRADED, "starting secondary vol-5")
+    busy = plan(replace(w, agent_call_in_flight=True))
+    assert busy.actions == () and busy.status.epoch == 5
+    assert (busy.status.phase, busy.status.message) == (Phase.DEGRADED,
+                                                        "re-protecting with vol-5: waiting for an agent to answer")
+
+    w = replace(w, status=p.status, agents={**w.agents, "vol-5": AgentView("secondary", "running", 6)})
+    p = plan(w)
+    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 7, "10.0.0.9:7801", "full", peer_epoch=6)
+    assert (p.status.epoch, p.status.phase) == (7, Phase.SYNCING)
+
+    pairing = AgentView("primary", "done", 7, "syncing", "10.0.0.9:7801")
+    w = replace(w, status=p.status, agents={"vol-1-b": pairing, "vol-5": AgentView("secondary", "running", 6)})
+    assert plan(w).actions == () and plan(w).status.epoch == 7
+    elsewhere = replace(pairing, peer="10.0.0.8:7801")
+    p = plan(replace(w, agents={"vol-1-b": elsewhere, "vol-5": AgentView("secondary", "running", 6)}))
+    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 8, "10.0.0.9:7801", "full", peer_epoch=6)
+
+
+def test_bring_up_records_both_replicas_with_their_pod_addresses_and_the_secondary_out_of_sync() -> None:
+    p = plan(_scenarios()["bring_up_primary"])
+    assert p.status.primary == Replica("n1", "vol-1-a", "none/none", "10.0.0.1")
+    assert p.status.secondary == Replica("n2", "vol-1-b", "secondary/running", "10.0.0.2", out_of_sync=True)
+
+
+def test_bring_up_waits_until_both_pods_are_ready_not_just_one() -> None:
+    w = _scenarios()["bring_up_primary"]
+    for name in w.pods:
+        p = plan(replace(w, pods={**w.pods, name: replace(w.pods[name], ready=False)}))
+        assert (p.actions, p.status.message) == ((), "waiting for both agents to become ready")
+
+
+@pytest.mark.parametrize("broken", ["bring_up_pod_failed", "bring_up_node_down"])
+def test_a_broken_bring_up_deletes_the_pods_that_exist_and_starts_over(broken: str) -> None:
+    w = _scenarios()[broken]
+    p = plan(w)
+    assert [a.pod for a in p.actions if isinstance(a, DeletePod)] == ["vol-1-a", "vol-1-b"]
+    assert (p.status.primary, p.status.secondary) == (None, None)
+    only_secondary = replace(w, pods={"vol-1-b": w.pods["vol-1-b"]})
+    assert [a.pod for a in plan(only_secondary).actions if isinstance(a, DeletePod)] == ["vol-1-b"]
+
+
+def test_placement_records_both_replicas_and_keeps_the_cleanup_of_stray_pods() -> None:
+    w = World("vol", "ns", 1, spec(), VolumeStatus(), NOW, nodes=NODES,
+              pods={"vol-9-a": pod("vol-9-a", "n3", "primary", "10.0.0.9")})
+    p = plan(w)
+    assert p.actions[0] == DeletePod("vol-9-a", "no longer a replica of this volume")
+    assert p.actions[1:3] == (CreatePod("vol-1-a", "n1", "primary"), CreatePod("vol-1-b", "n2", "secondary"))
+    assert p.status.primary == Replica("n1", "vol-1-a", "Placed")
+    assert p.status.secondary == Replica("n2", "vol-1-b", "Placed", out_of_sync=True)
+
+
+def test_reprotection_prefers_the_node_the_failover_left_even_when_another_ranks_first() -> None:
+    left_n3 = Failover(rfc3339(NOW - 1), "n3", "n2", "Checkpoint", "x", 100.0)
+    p = plan(_after_failover(status=replace(_after_failover().status, last_failover=left_n3)))
+    assert p.actions[0] == CreatePod("vol-5", "n3", "secondary")
+    assert p.status.secondary == Replica("n3", "vol-5", "Placed", out_of_sync=True)
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "re-protecting: new secondary on n3")
+
+
+def test_no_node_for_a_new_secondary_says_what_to_do() -> None:
+    p = plan(_after_failover(nodes=(NodeView("n1", ready=False), NodeView("n2"))))
+    assert p.actions == ()
+    assert (p.status.phase, p.status.message) == (
+        Phase.DEGRADED, "no eligible node for a new secondary; add a ready node matching spec.nodes/nodeSelector")
+    old = pod("vol-1-a", "n1", "primary", "10.0.0.1", deleting=True)
+    p = plan(_after_failover(nodes=(NodeView("n1"), NodeView("n2")),
+                             pods={"vol-1-b": pod("vol-1-b", "n2", "primary", "10.0.0.2"), "vol-1-a": old}))
+    assert (p.status.phase, p.status.message) == (
+        Phase.DEGRADED, "no eligible node for a new secondary (waiting for old pods on n1 to go away)")
+
+
+def test_a_suspect_primary_keeps_a_replicating_volume_replicating_and_degrades_any_other() -> None:
+    w = replicating(pods={"vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1", ready=False),
+                          "vol-1-b": replicating().pods["vol-1-b"]})
+    p = plan(w)
+    assert (p.actions, p.status.phase, p.status.message) == ((), Phase.REPLICATING,
+                                                             "primary suspect: pod vol-1-a not ready")
+    assert not p.cosmetic  # the user sees the suspicion at once
+    p = plan(replace(w, status=w.status.with_(phase=Phase.SYNCING)))
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "primary suspect: pod vol-1-a not ready")
+
+
+def test_failover_starts_once_the_primary_is_down_for_exactly_the_grace_period() -> None:
+    p = plan(primary_dead(suspect_since={"vol-1-a": NOW - 2.9}))
+    assert (p.actions, p.status.message) == ((), "primary down (pod vol-1-a is gone); grace period running")
+    assert not p.cosmetic  # the user sees at once that the grace period runs
+    p = plan(primary_dead(suspect_since={"vol-1-a": NOW - 3.0}))
+    assert p.actions[0] == DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint")
+    assert p.status.last_failover == Failover(rfc3339(NOW), "n1", "n2", "Checkpoint", "pod vol-1-a is gone")
+
+
+def test_a_blocked_failover_is_announced_once_and_waiting_for_the_lease_is_not_a_failure() -> None:
+    w = primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3))
+    p = plan(w)
+    assert [a.reason for a in p.actions if isinstance(a, Event)] == ["OutOfSync", "FailoverBlocked"]
+    again = plan(replace(w, status=p.status))
+    assert again.actions == () and again.status.phase == Phase.FAILED
+    p = plan(primary_dead(lease=LeaseView("vol-1-a", 1, 3.0)))
+    assert (p.actions, p.status.phase) == ((), Phase.DEGRADED)
+    assert p.status.message == ("primary down (pod vol-1-a is gone); waiting for lease held by vol-1-a to expire "
+                                "(unchanged for 1.0s; 3.0s to go)")
+
+
+def test_a_completed_failover_records_the_new_primary_its_endpoint_and_the_duration_to_a_tenth_of_a_ms() -> None:
+    w = _in_flight()
+    promoted = AgentView("primary", "done", 4, "degraded", serving=True)
+    w = replace(w, now=NOW + 0.25678, agents={"vol-1-b": promoted}, annotations={ANN_FAILOVER: "now"},
+                pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")})
+    p = plan(w)
+    assert p.actions[:3] == (SetRole("vol-1-b", "primary"), DeletePod("vol-1-a", "demoted by failover"),
+                             ClearAnnotation(ANN_FAILOVER))
+    assert p.status.primary == Replica("n2", "vol-1-b", "primary/degraded", "10.0.0.2")
+    assert p.status.endpoint == {"node": "n2", "socket": "/var/lib/pairvol/ns/vol/export.sock",
+                                 "service": "vol.ns.svc", "port": 7802, "exportName": "volume"}
+    assert p.status.sync is None
+    assert p.status.last_failover is not None and p.status.last_failover.duration_ms == 256.8
+
+
+def test_a_failover_that_cannot_finish_says_why() -> None:
+    w = _in_flight()
+    p = plan(replace(w, status=w.status.with_(secondary=None)))
+    assert (p.status.phase, p.status.message) == (Phase.FAILED,
+                                                  "failover target vanished from status; manual repair needed")
+    p = plan(replace(w, agents={"vol-1-b": AgentView("secondary", "failover_failed", 4)}))
+    assert p.status.message == "failover of vol-1-b failed: see agent log"
+    ended = pod("vol-1-b", "n2", "secondary", "10.0.0.2", phase="Succeeded", ready=False)
+    p = plan(replace(w, pods={"vol-1-b": ended}, agents={}))
+    assert p.status.message == "failover target vol-1-b died during failover; no replica left to promote"
+    # a target without an address yet is not called again until it has one
+    p = plan(replace(w, pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "")}))
+    assert (p.actions, p.status.message) == ((), "failing over to n2")
+
+
+def test_a_target_that_does_not_serve_is_asked_again_only_when_it_can_be() -> None:
+    w = _in_flight()
+    stuck = AgentView("primary", "done", 4, "degraded", serving=False)
+    p = plan(replace(w, agents={"vol-1-b": stuck}, pods={}))
+    assert (p.actions, p.status.message) == ((), "failing over to n2: vol-1-b is primary but not serving")
+    p = plan(replace(w, agents={"vol-1-b": stuck}, agent_call_in_flight=True))
+    assert p.actions == ()
+    assert p.status.message == "failing over to n2: vol-1-b is primary but not serving; waiting for the agent to answer"
+
+
+def test_an_agent_call_in_flight_holds_back_only_a_new_role_call() -> None:
+    """In sync: carry on. Primary unpaired, or paired with another address: the re-pairing
+    waits for the answer."""
+    p = plan(replicating(agent_call_in_flight=True))
+    assert (p.actions, p.status.message) == ((), "n1 -> n2 in sync")
+    for pa in (replace(PRIMARY_AGENT, replication_state="none"), replace(PRIMARY_AGENT, peer="10.0.0.7:7801")):
+        p = plan(replicating(agent_call_in_flight=True, agents={"vol-1-a": pa, "vol-1-b": SECONDARY_AGENT}))
+        assert p.actions == ()
+        assert (p.status.phase, p.status.message) == (
+            Phase.DEGRADED, "re-protecting with vol-1-b: waiting for an agent to answer")
+
+
+def test_an_in_sync_secondary_not_ready_past_the_grace_is_dropped_a_starting_one_is_awaited() -> None:
+    unready = pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)
+    w = replicating(pods={"vol-1-a": replicating().pods["vol-1-a"], "vol-1-b": unready},
+                    suspect_since={"vol-1-b": NOW - 10})
+    p = plan(w)
+    assert p.actions[0] == DeletePod("vol-1-b", "pod vol-1-b not ready for 10.0s")
+    assert (p.status.phase, p.status.secondary) == (Phase.DEGRADED, None)
+    sec = w.status.secondary
+    assert sec is not None
+    p = plan(replace(w, status=w.status.with_(secondary=replace(sec, out_of_sync=True))))
+    assert (p.actions, p.status.message) == ((), "waiting for secondary vol-1-b to be ready")
+
+
+def test_a_primary_pod_not_ready_past_the_grace_is_failed_over() -> None:
+    w = replicating(pods={"vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1", ready=False),
+                          "vol-1-b": replicating().pods["vol-1-b"]},
+                    suspect_since={"vol-1-a": NOW - 10}, lease=LeaseView("vol-1-a", 10, 3.0))
+    p = plan(w)
+    assert p.actions[0] == DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint")
+    assert p.status.message == "failing over to n2: pod vol-1-a not ready for 10.0s"
+
+
+def test_a_primary_whose_agent_lost_its_role_is_down() -> None:
+    w = replicating(agents={"vol-1-a": AgentView("none", "none", 0), "vol-1-b": SECONDARY_AGENT},
+                    suspect_since={"vol-1-a": NOW - 10})
+    p = plan(w)
+    assert p.status.message.startswith("primary down (agent of vol-1-a is none, not primary); waiting for lease")
+
+
+@pytest.mark.parametrize(("unwell", "why"), [
+    ({"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", deleting=True)}},
+     "pod vol-1-b is being deleted"),
+    ({"pods": {"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", phase="Failed")}},
+     "pod vol-1-b has terminated (phase Failed)"),
+    ({"nodes": (NodeView("n1"), NodeView("n3"))}, "node n2 of pod vol-1-b no longer exists"),
+    ({"nodes": (NodeView("n1"), NodeView("n2", ready=False))}, "node n2 is NotReady"),
+])
+def test_a_secondary_whose_pod_or_node_is_gone_is_dropped_at_once(unwell: dict[str, Any], why: str) -> None:
+    if "pods" in unwell:
+        unwell = {"pods": {"vol-1-a": replicating().pods["vol-1-a"], **unwell["pods"]}}
+    w = replicating(**unwell)
+    w = replace(w, status=w.status.with_(sync={"progress": 0.5, "doneBytes": 1, "totalBytes": 2}))
+    p = plan(w)
+    assert [(a.reason, a.message) for a in p.actions if isinstance(a, Event)] == [
+        ("SecondaryLost", f"{why}; re-protecting")]
+    assert (p.status.secondary, p.status.sync, p.status.message) == (None, None, why)
+
+
+def test_fixing_an_invalid_spec_resumes_where_the_volume_was_as_pending() -> None:
+    sc = _scenarios()
+    for name, in_flight in (("created", False), ("not_enough_nodes", False), ("bring_up_waiting", False),
+                            ("bring_up_secondary", False), ("bring_up_secondary", True)):
+        w = sc[name]
+        p = plan(replace(w, status=w.status.with_(phase=Phase.FAILED, message="invalid"),
+                         agent_call_in_flight=in_flight))
+        assert p.status.phase == Phase.PENDING, name
+    w = sc["bring_up_secondary"]
+    p = plan(replace(w, status=w.status.with_(phase=Phase.FAILED, message="invalid"), agent_call_in_flight=True))
+    assert p.status.message == "waiting for an agent to answer"
+
+
+def test_an_invalid_spec_is_announced_even_on_a_volume_that_had_failed_for_another_reason() -> None:
+    w = replicating(spec=SpecError(["spec.size is required (e.g. size: 1Gi)"]))
+    w = replace(w, status=w.status.with_(phase=Phase.FAILED, message="failover of vol-1-b failed: x"))
+    assert [a.reason for a in plan(w).actions if isinstance(a, Event)] == ["InvalidSpec"]
+
+
+def test_bring_up_creates_a_missing_pod_in_its_role_and_shows_it_gone() -> None:
+    w = _scenarios()["bring_up_secondary"]
+    p = plan(replace(w, pods={"vol-1-b": w.pods["vol-1-b"]}, agents={"vol-1-b": AgentView("none", "none", 0)}))
+    assert p.actions == (CreatePod("vol-1-a", "n1", "primary"),)
+    assert p.status.primary == Replica("n1", "vol-1-a", "Gone")
+
+
+def test_a_pod_that_failed_without_a_reason_is_named_alone() -> None:
+    w = _scenarios()["bring_up_pod_failed"]
+    p = plan(replace(w, pods={**w.pods, "vol-1-b": replace(w.pods["vol-1-b"], reason="")}))
+    assert p.status.message == "secondary failed during bring-up: pod vol-1-b failed"
+
+
+def test_no_eligible_node_at_all_names_every_constraint() -> None:
+    assert choose_pair(spec(nodes=["n8", "n9"], nodeSelector={"a": "b"}), NODES, {}) == (
+        "need two eligible nodes, found 0 (none) among ready nodes ['n1', 'n2', 'n3'] with "
+        "spec.nodes=['n8', 'n9'] and nodeSelector={'a': 'b'}; add or label nodes, or widen spec.nodes/nodeSelector")
+
+
+def test_waiting_for_old_pods_lists_every_node() -> None:
+    nodes = (NodeView("n1"), NodeView("n2"), NodeView("n3"))
+    p = plan(_after_failover(nodes=nodes, pods={
+        "vol-1-b": pod("vol-1-b", "n2", "primary", "10.0.0.2"),
+        "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1", deleting=True),
+        "vol-0-b": pod("vol-0-b", "n3", "secondary", "10.0.0.3", deleting=True)}))
+    assert p.status.message == "no eligible node for a new secondary (waiting for old pods on n1, n3 to go away)"
+
+
+def test_sync_progress_is_reported_to_four_decimal_places_and_may_be_coalesced() -> None:
+    for done, shown in ((None, {"progress": 0.0, "doneBytes": 0, "totalBytes": 3}),
+                        (1, {"progress": 0.3333, "doneBytes": 1, "totalBytes": 3})):
+        syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_done=done, sync_total=3)
+        p = plan(replicating(agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT}))
+        assert (p.status.phase, p.status.message, p.status.sync) == (Phase.SYNCING, "full sync n1 -> n2", shown)
+        assert p.actions == () and p.cosmetic
+
+
+def test_back_in_sync_the_status_drops_the_progress_and_shows_the_primary_as_it_is_now() -> None:
+    w = replicating()
+    w = replace(w, status=w.status.with_(phase=Phase.SYNCING, sync={"progress": 0.9, "doneBytes": 9, "totalBytes": 10}),
+                pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.11")})
+    p = plan(w)
+    assert (p.status.phase, p.status.sync) == (Phase.REPLICATING, None)
+    assert p.status.primary == Replica("n1", "vol-1-a", "primary/replicating", "10.0.0.11")
+    assert p.status.endpoint == {"node": "n1", "socket": "/var/lib/pairvol/ns/vol/export.sock",
+                                 "service": "vol.ns.svc", "port": 7802, "exportName": "volume"}
+
+
+@pytest.mark.parametrize(("interval", "due"), [(1, True), (2, True), (3, False)])
+def test_a_checkpoint_is_due_once_the_interval_has_passed_to_the_second(interval: int, due: bool) -> None:
+    """The last checkpoint was cut 2 s ago."""
+    p = plan(replicating(spec=spec(checkpoint={"intervalSeconds": interval})))
+    assert (Checkpoint("vol-1-b", "10.0.0.2") in p.actions) is due
+
+
+def test_a_primary_that_dropped_an_out_of_sync_secondary_is_re_paired_after_the_call_in_flight() -> None:
+    degraded = replace(PRIMARY_AGENT, replication_state="degraded")
+    w = replicating(agent_call_in_flight=True, agents={"vol-1-a": degraded, "vol-1-b": SECONDARY_AGENT})
+    sec = w.status.secondary
+    assert sec is not None
+    w = replace(w, status=w.status.with_(secondary=replace(sec, out_of_sync=True)))
+    assert plan(w).actions == ()
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2) in plan(
+        replace(w, agent_call_in_flight=False)).actions
+
+
+def test_a_primary_that_reports_no_replication_with_the_right_peer_is_re_paired() -> None:
+    p = plan(replicating(agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="none"),
+                                 "vol-1-b": SECONDARY_AGENT}))
+    assert p.actions[0] == StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2)
+
+
+def test_an_in_sync_volume_degrades_while_its_secondary_does_not_answer_or_lost_its_role() -> None:
+    p = plan(replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": None}))
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "waiting for secondary vol-1-b to be ready")
+    p = plan(replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": AgentView("none", "none", 0)}))
+    assert p.actions == (StartSecondary("vol-1-b", "10.0.0.2", 4),)
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "starting secondary vol-1-b")
+
+
+def test_every_failover_blocker_is_spelled_out() -> None:
+    w = primary_dead()
+    p = plan(replace(w, status=w.status.with_(secondary=None), pods={}, agents={}))
+    assert p.status.message == "primary down (pod vol-1-a is gone); there is no secondary to fail over to"
+    p = plan(primary_dead(spec=spec(failover={"automatic": False})))
+    assert p.status.message == ("primary down (pod vol-1-a is gone); spec.failover.automatic is false; "
+                                "annotate pairvol.io/failover=now to fail over")
+    p = plan(primary_dead(pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)}))
+    assert p.status.message == "primary down (pod vol-1-a is gone); secondary is unhealthy: pod vol-1-b not ready"
+
+
+def test_the_failed_over_event_gives_the_duration_in_milliseconds_and_the_progress_is_dropped() -> None:
+    w = _in_flight()
+    w = replace(w, now=NOW + 2.0, agents={"vol-1-b": AgentView("primary", "done", 4, "degraded", serving=True)},
+                status=w.status.with_(sync={"progress": 0.5, "doneBytes": 1, "totalBytes": 2}))
+    p = plan(w)
+    assert [a.message for a in p.actions if isinstance(a, Event)] == [
+        "vol-1-b on n2 is primary (epoch 4, Checkpoint, 2000 ms); was vol-1-a on n1"]
+    assert p.status.sync is None
+
+
+@pytest.mark.parametrize("target", [pod("vol-1-b", "n2", "primary", "10.0.0.2", deleting=True),
+                                    pod("vol-1-b", "n2", "primary", ""),
+                                    pod("vol-1-b", "n2", "primary", "10.0.0.2", phase="Pending")])
+def test_a_target_that_does_not_serve_is_not_asked_again_while_its_pod_cannot_answer(target: PodView) -> None:
+    w = _in_flight()
+    stuck = AgentView("primary", "done", 4, "degraded", serving=False)
+    p = plan(replace(w, agents={"vol-1-b": stuck}, pods={"vol-1-b": target}))
+    assert not any(isinstance(a, StartPrimary) for a in p.actions)
+
+
+def test_a_failed_volume_whose_primary_serves_again_is_re_protected_as_degraded() -> None:
+    failed = _after_failover().status.with_(phase=Phase.FAILED, message="failover of vol-1-b failed: x")
+    p = plan(_after_failover(status=failed))
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, "re-protecting: new secondary on n1")
+    p = plan(_after_failover(status=failed, nodes=(NodeView("n1", ready=False), NodeView("n2"))))
+    assert p.status.phase == Phase.DEGRADED
+
+
+def test_a_primary_that_dropped_its_peer_without_saying_why_is_reported_as_a_peer_failure() -> None:
+    dropped = replace(PRIMARY_AGENT, replication_state="degraded", error=None)
+    p = plan(replicating(agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.message == "primary dropped secondary vol-1-b: peer failed"
