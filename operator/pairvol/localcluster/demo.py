@@ -126,7 +126,21 @@ class OperatorProcess:
         }
         # first and outside the pod's own mounts: its emptyDir on /tmp hides our temp dir
         kube_target = PurePosixPath("/run/pairvol-localcluster/kube")
-        mounts = [Mount(kube_dir, kube_target, read_only=True), *plan_mounts(containers[0], volumes)]
+        pod_mounts = plan_mounts(containers[0], volumes)
+        # the operator's own code (virtualenv, package) stays visible when a volume of the
+        # pod covers it (a checkout under /tmp, below the emptyDir): staged outside first,
+        # then bound back on top of the volume, read-only
+        covered = [
+            path
+            for path in _code_paths()
+            if any(PurePosixPath(path).is_relative_to(m.target) for m in pod_mounts)
+        ]
+        staged = [
+            Mount(path, PurePosixPath(f"/run/pairvol-localcluster/code-{i}"), read_only=True)
+            for i, path in enumerate(covered)
+        ]
+        restored = [Mount(Path(m.target), PurePosixPath(m.source), read_only=True) for m in staged]
+        mounts = [Mount(kube_dir, kube_target, read_only=True), *staged, *pod_mounts, *restored]
         outer, _ = launch_script(
             cgroup_procs=None, mounts=mounts, netns=None, workdir=None, argv=argv, security=security
         )
@@ -739,3 +753,17 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _code_paths() -> list[Path]:
+    """Where the running Python takes its code from: the virtualenv, the package's source
+    directory (an editable install) and PYTHONPATH entries."""
+    import pairvol
+
+    paths = [Path(sys.prefix), Path(pairvol.__file__).resolve().parent.parent]
+    paths += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    unique: list[Path] = []
+    for path in (p.resolve() for p in paths):
+        if path.is_dir() and path not in unique:
+            unique.append(path)
+    return unique
