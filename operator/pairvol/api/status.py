@@ -1,6 +1,6 @@
 """The ReplicatedVolume status: typed view, Kubernetes-style conditions, phase computation.
 
-The status is the operator's durable memory (TEAM-NOTES.md "ReplicatedVolume status"): which
+The status is the operator's durable memory (crds/replicatedvolumes.yaml holds its schema): which
 pod is primary and which secondary, the fencing epoch, whether a failover is in flight. An
 operator restarted at any moment rebuilds everything else from the cluster and the agents,
 so this module keeps the round trip dict -> VolumeStatus -> dict lossless for those fields.
