@@ -55,13 +55,16 @@ async def test_only_one_operator_replica_acts_and_the_other_takes_over(
 
 
 async def _paused(op: OperatorProcess) -> bool:
-    """Alive, and its last word on peering is that it pauses in favour of a higher priority.
-    A process that crashed, or never logged anything about peering, is not paused."""
+    """Alive, taking part in the peering (its keep-alives), and not resumed since its last
+    pause. kopf starts with operations paused until it has seen its peers, so a replica
+    that met the higher one at once never logs a pause; one that ran alone first logs
+    "Pausing operations in favour" afterwards. A crashed process is not paused."""
     alive = op.proc is not None and op.proc.returncode is None
     log = await read(op)
+    peering = "Keep-alive in 'pairvol-e2e'" in log
     resumed = log.rfind("Resuming operations")
     paused = log.rfind("Pausing operations in favour")
-    return alive and paused >= 0 and paused > resumed
+    return alive and peering and (resumed < 0 or paused > resumed)
 
 
 async def _contains(op: OperatorProcess, text: str) -> bool:
