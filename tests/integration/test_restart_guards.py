@@ -84,6 +84,11 @@ async def test_a_failover_is_durable_before_it_touches_the_daemon(tmp_path: Path
         await secondary.checkpoint()
         primary.kill()
         await primary.wait_exit()
+
+        async def retired() -> bool:  # a retire left running would hold the lock the failover needs
+            return (await secondary.status())["overlays"]["retiring"] is None
+
+        await until("the previous generation to be retired", retired, within=10)
         qsd = (await secondary.status())["qsd"]["pid"]
         os.kill(qsd, signal.SIGSTOP)
         call = asyncio.create_task(secondary.failover(epoch=3, mode="checkpoint"))
