@@ -355,12 +355,6 @@ MUTATIONS: tuple[Mutation, ...] = (
         T_DECISIONS, "a primary whose lease expired is treated as dead",
     ),
     Mutation(
-        "decisions.failover-done-needs-epoch", DECISIONS,
-        'if sa is not None and sa.role == "primary" and not (sa.serving and sa.epoch >= st.epoch):',
-        'if sa is not None and sa.role == "primary" and not sa.serving:',
-        T_DECISIONS, "a failover is done only when the target is primary at the failover's epoch",
-    ),
-    Mutation(
         "decisions.failed-failover-is-reported", DECISIONS,
         'if sa is not None and sa.stage == "failover_failed":',
         "if False:",

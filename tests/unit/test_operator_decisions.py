@@ -405,6 +405,15 @@ def test_failover_failed_on_the_agent_is_reported() -> None:
     assert p.status.phase == Phase.FAILED and "commit failed" in p.status.message
 
 
+def test_a_target_serving_at_an_older_epoch_has_not_finished_this_failover() -> None:
+    # a primary that serves, but at an epoch before the failover's, answered an older call
+    w = _in_flight()
+    older = AgentView("primary", "done", 3, "degraded", serving=True)  # the failover is at 4
+    p = plan(replace(w, agents={"vol-1-b": older}))
+    assert not any(isinstance(a, Event) and a.reason == "FailedOver" for a in p.actions)
+    assert p.status.primary is not None and p.status.primary.pod == "vol-1-a"  # not flipped
+
+
 def test_a_target_that_took_the_role_but_does_not_serve_is_not_failed_over_yet() -> None:
     # issue 7, failure 7: the target saved role primary/done, then could not take the Lease
     w = _in_flight()
