@@ -309,6 +309,13 @@ class FakeReplica:
         return self.verdict
 
 
+async def stopped(task: asyncio.Task[None]) -> None:
+    """Cancel a keeper task and check that it ends by that cancellation, not before."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def serving_primary(cluster: LocalCluster, replica: FakeReplica) -> dict[str, Any]:
     replica.state = SimpleNamespace(role="primary", epoch=2)
     replica.serving = True
@@ -342,9 +349,7 @@ async def test_a_dead_daemon_fences_and_releases_the_lease_at_once(monkeypatch: 
             await asyncio.sleep(0.1)
         assert not lease["spec"].get("holderIdentity"), "lease not released"
         assert replica.fenced and "data path unhealthy" in replica.fenced[0]
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await stopped(task)
 
 
 async def test_a_fence_that_cannot_be_confirmed_leaves_the_lease_to_expire(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -365,9 +370,7 @@ async def test_a_fence_that_cannot_be_confirmed_leaves_the_lease_to_expire(monke
         first = (await read_lease_or_none(cluster) or {})["spec"]
         assert first["holderIdentity"] == "vol-3-a"  # still there, but no longer renewed
         assert len(await renew_times(cluster, 1.5)) == 1
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await stopped(task)
 
 
 async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
@@ -402,9 +405,7 @@ async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
         await asyncio.sleep(0.1)
     assert replica.fenced and "lease lost" in replica.fenced[0]
     assert renewed is not None and time.time() < renewed + 2.0 + 0.5
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await stopped(task)
 
 
 async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -426,9 +427,7 @@ async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatc
                 break
             await asyncio.sleep(0.1)
         assert not lease["spec"].get("holderIdentity"), "a fenced primary kept its Lease"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await stopped(task)
 
 
 async def test_an_out_of_sync_mark_without_the_lease_fails_while_the_export_serves(
@@ -448,9 +447,7 @@ async def test_an_out_of_sync_mark_without_the_lease_fails_while_the_export_serv
             await mark(1)
         replica.serving = False  # fenced: nothing more can be acknowledged
         await mark(1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await stopped(task)
 
 
 async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_lease(
@@ -480,9 +477,7 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
                 if lease is not None and lease["spec"].get("holderIdentity") == "vol-3-a":
                     break
                 await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await stopped(task)
         assert replica.fenced == ["agent shutting down"]
         assert holders == ["vol-3-a"], "fenced while still holding the lease"
         spec = (await read_lease(cluster))["spec"]
