@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.agents import Agent, pair
+from tests.support.agents import Agent, filled_and_checkpointed, pair
 from tests.support.fs import small_fs
 
 MiB = 1 << 20
@@ -31,17 +31,8 @@ async def test_secondary_out_of_space_for_its_undo_log_goes_out_of_sync_primary_
         async with pair(tmp_path, size="16Mi", peer_timeout=2) as (primary, secondary):
             pass
         # restart the pair with the secondary's data dir on the small filesystem
-        secondary = Agent("vol", fs / "b", "16Mi", peer_timeout=2)
-        primary = Agent("vol", tmp_path / "replica-0", "16Mi", peer_timeout=2)
-        try:
-            await asyncio.gather(primary.start(), secondary.start())
-            await secondary.secondary(5)
-            await primary.primary(6, secondary.replication_address, "full")
-            await primary.wait_replicating()
+        async with filled_and_checkpointed(tmp_path / "replica-0", fs / "b", peer_timeout=2) as (primary, secondary):
             async with await primary.nbd() as nbd:
-                for off in range(0, 16 * MiB, MiB):
-                    await nbd.pwrite(b"\xee" * MiB, off)
-                await secondary.checkpoint()
                 # overwrite the whole volume: the undo log would need 16 MiB, there are ~5
                 for off in range(0, 16 * MiB, MiB):
                     await asyncio.wait_for(nbd.pwrite(bytes([off // MiB + 1]) * MiB, off), 30)
@@ -59,5 +50,3 @@ async def test_secondary_out_of_space_for_its_undo_log_goes_out_of_sync_primary_
             await secondary.failover(7, "checkpoint")
             async with await secondary.nbd() as nbd:
                 assert await nbd.read_all() == b"\xee" * (16 * MiB)
-        finally:
-            await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)

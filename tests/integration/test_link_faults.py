@@ -22,7 +22,7 @@ from pairvol.agent.config import AgentConfig
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.replica import Replica
 from pairvol.nbd import NBDClient, NBDError
-from tests.support.agents import Agent, free_port, pair
+from tests.support.agents import Agent, filled_and_checkpointed, free_port, pair
 from tests.support.fs import small_fs
 
 MiB = 1 << 20
@@ -47,17 +47,8 @@ async def test_a_write_the_secondary_refuses_is_acknowledged_only_after_the_mark
     following milliseconds later. Read the primary's persisted state the moment each write
     is acknowledged: a write the secondary lacks must already be covered by the mark."""
     with small_fs(tmp_path / "fs", "22M") as fs:
-        primary = Agent("vol", tmp_path / "a", "16Mi", peer_timeout=3)
-        secondary = Agent("vol", fs / "b", "16Mi", peer_timeout=3)
-        try:
-            await asyncio.gather(primary.start(), secondary.start())
-            await secondary.secondary(5)
-            await primary.primary(6, secondary.replication_address, "full")
-            await primary.wait_replicating()
+        async with filled_and_checkpointed(tmp_path / "a", fs / "b", peer_timeout=3) as (primary, _):
             async with await primary.nbd() as nbd:
-                for off in range(0, 16 * MiB, MiB):
-                    await nbd.pwrite(b"\xee" * MiB, off)
-                await secondary.checkpoint()
                 disk = fs / "b" / persist.DISK_FILE
                 unmarked_misses = []
                 acked = 0
@@ -77,8 +68,6 @@ async def test_a_write_the_secondary_refuses_is_acknowledged_only_after_the_mark
             assert acked > 1, "the secondary refused the very first write: the scenario did not happen"
             assert marked.out_of_sync, "the undo log never filled up: the scenario did not happen"
             assert unmarked_misses == [], f"acknowledged without the secondary and without a mark: {unmarked_misses}"
-        finally:
-            await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
 
 
 async def test_the_third_peer_loss_still_re_protects(tmp_path: Path) -> None:

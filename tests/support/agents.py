@@ -116,3 +116,26 @@ async def pair(tmp: Path, size: str = "64Mi", sync: str = "full", **kw: Any) -> 
         await p.primary(2, s.replication_address, sync)
         await p.wait_replicating()
         yield p, s
+
+
+@contextlib.asynccontextmanager
+async def filled_and_checkpointed(
+    primary_dir: Path, secondary_dir: Path, peer_timeout: float
+) -> AsyncIterator[tuple[Agent, Agent]]:
+    """A 16 MiB pair (secondary at epoch 5, primary at 6) whose volume is all 0xee at a
+    checkpoint: every later overwrite needs room in the secondary's undo log (put its data
+    dir on a small file system to run it out)."""
+    primary = Agent("vol", primary_dir, "16Mi", peer_timeout=peer_timeout)
+    secondary = Agent("vol", secondary_dir, "16Mi", peer_timeout=peer_timeout)
+    try:
+        await asyncio.gather(primary.start(), secondary.start())
+        await secondary.secondary(5)
+        await primary.primary(6, secondary.replication_address, "full")
+        await primary.wait_replicating()
+        async with await primary.nbd() as nbd:
+            for off in range(0, 16 << 20, 1 << 20):
+                await nbd.pwrite(b"\xee" * (1 << 20), off)
+        await secondary.checkpoint()
+        yield primary, secondary
+    finally:
+        await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
