@@ -131,6 +131,7 @@ class Controller:
         self.lock = asyncio.Lock()
         self.workload = Workload(hist, random.Random(rng.random()))
         self.pstatus: dict[str, Any] | None = None  # the primary's last status
+        self.pstatus_at = 0.0  # when it was read
         self.syncing_since: float | None = None
         self.failovers: list[tuple[float, float, int]] = []  # (death, failover answered, new term)
         self.peer_losses = 0
@@ -370,6 +371,7 @@ class Controller:
         st = await self.status(p) if ph == "ok" else None
         if st is not None:
             self.pstatus = st
+            self.pstatus_at = time.monotonic()
             if st["role"] == "primary" and not st["export"]["serving"]:
                 self.note(f"primary {p.name} stopped serving: {st['replication']['error']}")
                 await self.on_primary_down(p)
@@ -604,6 +606,7 @@ class Controller:
         self.term += 1
         self.primary = s
         self.pstatus = st
+        self.pstatus_at = time.monotonic()
         self.failovers.append((died, done, self.term))
         self.hist.excuse(died, time.monotonic(), "primary down until the failover is checked")
         self.workload.retarget(Target(s.name, self.term, s.agent.export_socket))
@@ -626,7 +629,8 @@ class Controller:
 
     async def settle(self, within: float) -> None:
         """Let the controller converge: a primary replicating to a secondary, or give up."""
-        deadline = time.monotonic() + within
+        start = time.monotonic()
+        deadline = start + within
         while time.monotonic() < deadline:
             p, s = self.primary, self.secondary
             if self.reprotect_failures >= 3:
@@ -639,6 +643,7 @@ class Controller:
             if (
                 s is not None
                 and self.syncing_since is None
+                and self.pstatus_at > start  # not a status read before the fault ended
                 and self.pstatus is not None
                 and (
                     self.pstatus["replication"]["state"] == "replicating"
@@ -647,6 +652,54 @@ class Controller:
             ):
                 return
             await asyncio.sleep(0.2)
+
+    def replicating(self) -> bool:
+        """A primary replicating in sync to a live secondary (a fault may strike again)."""
+        p, s, ps = self.primary, self.secondary, self.pstatus
+        return (
+            p is not None
+            and s is not None
+            and s.alive
+            and self.syncing_since is None
+            and ps is not None
+            and ps["replication"]["state"] == "replicating"
+            and ps["replication"]["peer"] == s.address
+        )
+
+    async def check_now(self, what: str) -> None:
+        """The checks that follow each fault of a run but the last (the last is followed by
+        `finish`): the workload pauses and its writes in flight get their outcome, then the
+        primary's export must hold every acknowledged write (Latest) and, with the pair in
+        sync, the secondary's disk must equal it. The workload then writes on."""
+        from tests.chaos.checker import check_identical
+
+        async with self.lock:
+            p, s = self.primary, self.secondary
+            if p is None or not p.alive:
+                return
+            target = self.workload.target
+            self.workload.retarget(None)
+            try:
+                if not await self.workload.quiesce(10.0):
+                    self.note(f"{what}: writes still in flight after 10 s; checks of this fault skipped")
+                    return
+                image = await self.read_export(p)
+                self.violations += check_latest(image, self.hist, time.monotonic(), f"{p.name} {what}")
+                st = await self.status(p)
+                if s is None or not s.alive or st is None:
+                    return
+                rep = st["replication"]
+                if rep["state"] != "replicating" or rep["outOfSync"] or rep["peer"] != s.address:
+                    self.note(f"{what}: pair not in sync: {rep}")
+                    return
+                self.violations += check_identical(
+                    image, await self.read_disk_file(s), self.hist, f"{p.name}/{s.name} {what}"
+                )
+            except (OSError, TimeoutError, AgentCallError, aiohttp.ClientError) as exc:
+                self.note(f"{what}: cannot read the replicas: {exc}")
+            finally:
+                if self.primary is p:
+                    self.workload.retarget(target)
 
     async def finish(self) -> None:
         """Stop the workload, check the primary's image (Latest), the pair (identical),

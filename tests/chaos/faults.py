@@ -37,6 +37,9 @@ class Fault:
     # why the one-primary check cannot judge this class at agent level (None: it can)
     one_primary_unjudged: str | None = None
     mode: str | None = None  # force the failover mode of the run
+    # the fault can strike again once the pair replicates again: a run injects it
+    # --faults times, each followed by the checks (tests.chaos.run)
+    repeat = False
 
     def unavailable(self) -> str | None:
         return None
@@ -76,6 +79,7 @@ async def wait_calm(c: Controller, within: float = 30.0) -> None:
 class KillAgent(Fault):
     name = "kill-agent"
     doc = "SIGKILL of the primary's or the secondary's agent at a random moment (its daemon dies with it)"
+    repeat = True
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         role, rep = pick(c, rng)
@@ -89,6 +93,7 @@ class KillAgent(Fault):
 class KillDaemon(Fault):
     name = "kill-daemon"
     doc = "SIGKILL of the primary's or the secondary's qemu-storage-daemon; the agent stays up"
+    repeat = True
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         role, rep = pick(c, rng)
@@ -153,6 +158,7 @@ class KillDuringSync(Fault):
 class StopCont(Fault):
     name = "sigstop"
     doc = "SIGSTOP of an agent or a daemon (primary or secondary) for up to 3 peer timeouts, then SIGCONT"
+    repeat = True
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         role, rep = pick(c, rng)
@@ -215,6 +221,7 @@ class CrashPoint(Fault):
 class Partition(Fault):
     name = "partition"
     doc = "iptables DROP in a node's netns: primary or secondary, both ways or one way, for 1-3 peer timeouts"
+    repeat = True
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         role, rep = pick(c, rng)
@@ -240,6 +247,7 @@ async def drop(net: ClusterNetwork, node: str, chains: list[str], action: str, e
 class Loss(Fault):
     name = "loss"
     doc = "random packet loss (iptables statistic, 10-50 %) on a node's link for 1-3 peer timeouts"
+    repeat = True
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         role, rep = pick(c, rng)
@@ -257,6 +265,7 @@ class Loss(Fault):
 class Delay(Fault):
     name = "delay"
     doc = "tc netem delay on a node's link"
+    repeat = True
     _why: str | None = "not probed"
 
     def unavailable(self) -> str | None:
@@ -553,6 +562,7 @@ async def _converge(c: Controller) -> bool:
 class CheckpointBurst(Fault):
     name = "checkpoint-burst"
     doc = "8-24 concurrent POST /v1/checkpoint on the secondary while writing (failure 10)"
+    repeat = True
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         s = c.secondary
@@ -577,6 +587,7 @@ class FailoverDuringCheckpoint(Fault):
 
     name = "failover-during-checkpoint"
     doc = "SIGKILL of the primary and failover while checkpoints are being cut and retired (failure 5)"
+    repeat = True
 
     async def inject(self, c: Controller, rng: random.Random) -> None:
         s, p = c.secondary, c.primary

@@ -88,6 +88,24 @@ class Follower:
             parts = [await asyncio.wait_for(nbd.pread(BLOCK, h.offset(i)), 30) for i in range(h.slots)]
         return b"".join(parts)
 
+    async def check_primary(self, what: str) -> None:
+        """Latest on the current primary: the workload pauses, its writes in flight get
+        their outcome, the image must hold every acknowledged write; then it writes on."""
+        target = self.workload.target
+        self.workload.retarget(None)
+        try:
+            if not await self.workload.quiesce(10.0):
+                self.notes.append(f"{what}: writes still in flight after 10 s; checks of this fault skipped")
+                return
+            st = await self.status()
+            image = await self.read(self.stack.socket_path(st))
+            self.violations += check_latest(image, self.hist, time.monotonic(), f"{self.pod} {what}")
+        except (OSError, TimeoutError, KeyError) as exc:
+            self.notes.append(f"{what}: cannot read the primary: {exc}")
+        finally:
+            if self.workload.target is None and self.pod == (target.replica if target else None):
+                self.workload.retarget(target)
+
     async def follow(self) -> None:
         while True:
             await asyncio.sleep(0.1)
@@ -133,33 +151,67 @@ class Follower:
         self.workload.retarget(Target(pod, self.term, sock))
 
 
-async def run_operator(name: str, seed: int, res: Any) -> None:
-    """Fill `res` (tests.chaos.run.Result) with one operator-level run."""
+async def settled(stack: Any, f: Follower, within: float = 120) -> None:
+    """Until the volume replicates again and the workload writes to the primary it names."""
+
+    async def check() -> bool:
+        st = await f.status()
+        prim = (st.get("primary") or {}).get("pod")
+        return st.get("phase") == "Replicating" and prim is not None and prim == f.pod
+
+    await stack.wait_for(f"{VOLUME} replicating with the workload on its primary", check, within, every=0.2)
+
+
+async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
+    """Fill `res` (tests.chaos.run.Result) with one operator-level run: `faults` faults of
+    the class in turn, each once the volume replicates again, each followed by the checks."""
     from pairvol.localcluster.demo import Stack
 
     rng = random.Random(f"{name}:{seed}")
     res.mode = "latest"
     hist = History(run=zlib.crc32(f"{name}:{seed}".encode()), lanes=4, slots=256, stride=(SIZE_MIB << 20) // 256)
     workload = Workload(hist, random.Random(rng.random()))
+    t = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        res.phases[name] = res.phases.get(name, 0.0) + now - t
+        t = now
+
     async with Stack.up(3, lease_duration=LEASE_S) as stack:
+        lap("stack up")
         await stack.apply(manifest())
         st = await stack.wait_phase(VOLUME, "Replicating", within=150)
+        lap("volume+sync")
         f = Follower(stack, hist, workload)
         await f.adopt(st, st["primary"]["pod"])
         workload.start()
         follow = asyncio.create_task(f.follow())
         w0 = time.monotonic()
         try:
-            await asyncio.sleep(rng.uniform(1.0, 3.0))
-            f.fault_at = time.monotonic()
-            old = st["primary"]
-            if name == "operator-crash":
-                await operator_crash(stack, f, rng, old)
-            else:
-                hold = await (api_unreachable if name == "api-unreachable" else isolate)(stack, f, rng, old)
-                # until the fenced primary is replaced, the workload cannot write
-                hist.excuse(f.fault_at, f.fault_at + hold + LEASE_S + 1 + 5, "API server unreachable from the primary")
-            await stack.wait_phase(VOLUME, "Replicating", within=120)
+            for i in range(faults):
+                await asyncio.sleep(rng.uniform(1.0, 3.0))
+                st = await stack.status(VOLUME)
+                f.fault_at = time.monotonic()
+                old = st["primary"]
+                seen = len(f.failovers)
+                if name == "operator-crash":
+                    await operator_crash(stack, f, rng, old)
+                else:
+                    fault = {"api-unreachable": api_unreachable, "primary-isolated": isolate}[name]
+                    hold = await fault(stack, f, rng, old)
+                    # until the fenced primary is replaced, the workload cannot write
+                    hist.excuse(f.fault_at, f.fault_at + hold + LEASE_S + 1 + 5, f"{name}: the primary is fenced")
+                res.exercised += 1
+                lap("fault")
+                await settled(stack, f)
+                if name == "operator-crash" and len(f.failovers) == seen:
+                    f.violations.append(Violation("failover", f"fault {i + 1}: no new primary after the fault"))
+                lap("settle")
+                if i < faults - 1:
+                    await f.check_primary(f"after fault {i + 1}")
+                    lap("checks")
             await asyncio.sleep(rng.uniform(0.5, 1.5))
             w1 = time.monotonic()
         finally:
@@ -172,10 +224,10 @@ async def run_operator(name: str, seed: int, res: Any) -> None:
         res.violations += check_one_primary(hist)
         stalls, res.worst_gap = check_stalls(hist, PEER_TIMEOUT_S + 1.0, w0, w1)
         res.violations += stalls
-        if not f.failovers and name == "operator-crash":
-            res.violations.append(Violation("failover", f"no new primary after the fault: {st.get('message')}"))
         res.notes = f.notes + [f"failover seen {x:.1f} s after the fault" for x in f.failovers]
         await workload.close()
+        lap("checks")
+    lap("teardown")
     res.writes = len(hist.all_writes())
     res.acked = sum(1 for w in hist.all_writes() if w.acked is not None)
 

@@ -43,6 +43,7 @@ log = logging.getLogger("tests.chaos.run")
 LANES = 4
 SLOTS = 256  # 1 MiB of an 8 MiB volume: small enough that slots are overwritten often
 NODES = ["n0", "n1", "n2", "n3"]
+DEFAULT_FAULTS = 4  # injections per run of a repeatable class
 
 
 @dataclass
@@ -58,18 +59,22 @@ class Result:
     writes: int = 0
     acked: int = 0
     worst_gap: float = 0.0
+    exercised: int = 0  # fault injections (a repeatable class injects --faults per run)
+    faults: int = 1  # the run's --faults, for the replay command
+    phases: dict[str, float] = field(default_factory=dict)  # where the run's time went (s)
 
     @property
     def replay(self) -> str:
-        return f"python -m tests.chaos.run --seed {self.seed} --class {self.cls}"
+        more = f" --faults {self.faults}" if self.faults != DEFAULT_FAULTS else ""
+        return f"python -m tests.chaos.run --seed {self.seed} --class {self.cls}{more}"
 
 
-async def run_operator_one(name: str, seed: int) -> Result:
+async def run_operator_one(name: str, seed: int, faults: int) -> Result:
     """An operator-level class (tests/chaos/operator_level.py)."""
-    res = Result(name, seed)
+    res = Result(name, seed, faults=faults)
     t0 = time.monotonic()
     try:
-        await operator_level.run_operator(name, seed, res)
+        await operator_level.run_operator(name, seed, res, faults)
     except NetnsError as exc:
         res.skipped = str(exc)
     except Exception as exc:
@@ -79,18 +84,22 @@ async def run_operator_one(name: str, seed: int) -> Result:
     return res
 
 
-async def run_named(name: str, seed: int, peer_timeout: float = 2.0, keep: bool = False) -> Result:
+async def run_named(
+    name: str, seed: int, peer_timeout: float = 2.0, keep: bool = False, faults: int = DEFAULT_FAULTS
+) -> Result:
     if name in operator_level.CLASSES:
-        return await run_operator_one(name, seed)
-    return await run_one(by_name()[name], seed, peer_timeout, keep)
+        return await run_operator_one(name, seed, faults)
+    return await run_one(by_name()[name], seed, peer_timeout, keep, faults)
 
 
 def all_names() -> list[str]:
     return [c.name for c in CLASSES] + list(operator_level.CLASSES)
 
 
-async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: bool = False) -> Result:
-    res = Result(cls.name, seed)
+async def run_one(
+    cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: bool = False, faults: int = DEFAULT_FAULTS
+) -> Result:
+    res = Result(cls.name, seed, faults=faults)
     fault = cls()
     why = fault.unavailable()
     if why:
@@ -112,18 +121,34 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
             )
             if point:
                 c.note(f"crash point {point} armed")
+            clock = Phases(res.phases)
             try:
+                clock.lap("start")
                 await c.setup((fault.data_dir(0, workdir), fault.data_dir(1, workdir)), fault.during_sync)
+                clock.lap("setup+sync")
                 w0 = time.monotonic()
-                await asyncio.sleep(rng.uniform(0.5, 2.0))
-                c.fault_at = time.monotonic()
-                await fault.inject(c, rng)
-                c.hold_reactions = False
-                await asyncio.sleep(0.5)
-                await c.settle(60)
+                n = faults if fault.repeat else 1
+                for i in range(n):
+                    if i and not c.replicating():
+                        c.note(f"the pair does not replicate after fault {i}: no more faults in this run")
+                        break
+                    await asyncio.sleep(rng.uniform(0.5, 2.0))
+                    c.fault_at = time.monotonic()
+                    await fault.inject(c, rng)
+                    res.exercised += 1
+                    c.hold_reactions = False
+                    clock.lap("fault")
+                    await asyncio.sleep(0.5)
+                    await c.settle(60)
+                    if i < n - 1:
+                        clock.lap("settle")
+                        await c.check_now(f"after fault {i + 1}")
+                        clock.lap("checks")
                 await asyncio.sleep(rng.uniform(0.5, 1.5))
+                clock.lap("settle")
                 w1 = time.monotonic()
                 await c.finish()
+                clock.lap("checks")
                 res.violations = list(c.violations)
                 late = check_one_primary(hist)
                 if late and fault.one_primary_unjudged:
@@ -139,6 +164,7 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
                 res.notes = c.notes
                 await c.close()
                 await fault.cleanup()
+                clock.lap("teardown")
     except NetnsError as exc:
         res.skipped = str(exc)
     except Exception as exc:
@@ -160,6 +186,19 @@ async def run_one(cls: type[Fault], seed: int, peer_timeout: float = 2.0, keep: 
     return res
 
 
+class Phases:
+    """Wall-clock time of a run's phases, for `-v` (where the time goes)."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+        self.t = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.into[name] = self.into.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 def parse_size(text: str) -> int:
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
     for suffix, mult in units.items():
@@ -177,18 +216,21 @@ def drop_images(workdir: Path) -> None:
 
 def table(results: list[Result]) -> str:
     names = all_names()
-    rows = ["| class | runs | violations | skipped | errored |", "|---|---|---|---|---|"]
+    rows = [
+        "| class | runs | exercised (fault injections) | violations (runs) | skipped | errored |",
+        "|---|---|---|---|---|---|",
+    ]
     for n in names:
         rs = [r for r in results if r.cls == n]
         if not rs:
             continue
         ok = [r for r in rs if not r.skipped and not r.error]
         bad = [r for r in ok if r.violations]
-        rows.append(
-            f"| {n} | {len(ok)} | {len(bad)} | {sum(1 for r in rs if r.skipped)} | {sum(1 for r in rs if r.error)} |"
-        )
+        ex = sum(r.exercised for r in ok)
+        skipped, errored = sum(1 for r in rs if r.skipped), sum(1 for r in rs if r.error)
+        rows.append(f"| {n} | {len(ok)} | {ex} | {len(bad)} | {skipped} | {errored} |")
     for n, why in NOT_DONE.items():
-        rows.append(f"| {n} | — | — | not done: {why} | |")
+        rows.append(f"| {n} | — | — | — | not done: {why} | |")
     out = ["\n".join(rows), ""]
     viol = [r for r in results if r.violations]
     if viol:
@@ -220,6 +262,8 @@ def report(r: Result, verbose: bool) -> str:
     lines = [head] + [f"  VIOLATION {v}" for v in r.violations]
     if verbose or r.violations or r.error:
         lines += [f"  . {n}" for n in r.notes]
+    if verbose and r.phases:
+        lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in r.phases.items()))
     return "\n".join(lines)
 
 
@@ -256,6 +300,7 @@ def result_json(r: Result) -> dict[str, object]:
         "skipped": r.skipped,
         "error": r.error,
         "replay": r.replay,
+        "exercised": r.exercised,
     }
 
 
@@ -267,14 +312,14 @@ async def run_all(args: argparse.Namespace, classes: list[str], results: list[Re
             for cls in classes:
                 if time.monotonic() >= end:
                     break
-                r = await run_named(cls, seed, args.peer_timeout, args.keep)
+                r = await run_named(cls, seed, args.peer_timeout, args.keep, args.faults)
                 results.append(r)
                 print(report(r, args.verbose), flush=True)
             seed += 1
     else:
         for cls in classes:
             for i in range(args.runs):
-                r = await run_named(cls, args.seed + i, args.peer_timeout, args.keep)
+                r = await run_named(cls, args.seed + i, args.peer_timeout, args.keep, args.faults)
                 results.append(r)
                 print(report(r, args.verbose), flush=True)
 
@@ -288,6 +333,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="runs per class without --duration")
     ap.add_argument("--duration", type=float, default=0, help="run classes in turn for this many seconds")
     ap.add_argument("--peer-timeout", type=float, default=2.0)
+    ap.add_argument(
+        "--faults",
+        type=int,
+        default=DEFAULT_FAULTS,
+        help=f"injections per run of a repeatable class, each followed by the checks (default {DEFAULT_FAULTS})",
+    )
     ap.add_argument("--keep", action="store_true", help="keep every run's work dir")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("-v", "--verbose", action="store_true")

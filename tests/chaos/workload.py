@@ -152,6 +152,13 @@ class Workload:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._acked.wait(), left)
 
+    async def quiesce(self, within: float) -> bool:
+        """With the workload paused: until every abandoned write has its outcome (acknowledged
+        or failed), so that nothing is in flight while replicas are read and compared."""
+        if self._orphans:
+            await asyncio.wait(set(self._orphans), timeout=within)
+        return not self._orphans
+
     def _late(self, w: Write, t: asyncio.Task[None]) -> None:
         self._orphans.discard(t)
         if not t.cancelled() and t.exception() is None:
