@@ -40,6 +40,7 @@ from pairvol.nbd import NBDClient
 from tests.chaos.blocks import BLOCK, BadBlock, parse
 from tests.chaos.checker import Violation, check_checkpoint, check_latest
 from tests.chaos.history import Cut, History
+from tests.chaos.relay import DelayRelay
 from tests.chaos.workload import Target, Workload
 from tests.support.agents import Agent
 
@@ -78,6 +79,7 @@ class Replica:
     watcher: asyncio.Task[None] | None = None
 
     log_from: int = 0
+    relay: DelayRelay | None = None  # the link to this secondary goes through it (`delay`)
 
     def own_log(self) -> str:
         """What this incarnation wrote to the agent's log (a restart appends to it)."""
@@ -93,7 +95,8 @@ class Replica:
 
     @property
     def address(self) -> str:
-        return self.agent.replication_address
+        """Where the primary reaches this replica's NBD server (through the relay, if any)."""
+        return self.relay.address if self.relay is not None else self.agent.replication_address
 
 
 class Controller:
@@ -147,6 +150,7 @@ class Controller:
         self.secondary_name = ""
         self.in_sync_seen: dict[str, float] = {}  # replica -> last time the primary replicated to it in sync
         self.no_checkpoints = False
+        self.relay_links = False  # each replication link through a DelayRelay (the `delay` class)
 
     # ------------------------------------------------------------------ replicas
 
@@ -482,6 +486,8 @@ class Controller:
         """primary(N+1, peer, "full") as the operator sends it: with `peerEpoch`, the epoch
         the secondary runs at, when that is not N (an agent without the field refuses it;
         then the call goes without, as before the field existed)."""
+        if self.relay_links and s.relay is None:
+            s.relay = await DelayRelay(self.net.bridge_ip, s.agent.replication_address, random.Random(s.name)).start()
         epoch = self.next_epoch()
         body: dict[str, Any] = {"epoch": epoch, "peer": s.address, "sync": "full"}
         if sec_epoch != epoch - 1:
@@ -746,6 +752,7 @@ class Controller:
         await self.workload.stop(grace=1)
         await self.workload.close()
         await asyncio.gather(*(r.agent.stop() for r in self.replicas), return_exceptions=True)
+        await asyncio.gather(*(r.relay.close() for r in self.replicas if r.relay), return_exceptions=True)
         for r in self.replicas:
             if r.watcher is not None:
                 r.watcher.cancel()

@@ -35,7 +35,7 @@ from pairvol.localcluster.netns import ClusterNetwork, NetnsError, check_prerequ
 from tests.chaos import operator_level
 from tests.chaos.checker import Violation, check_one_primary, check_stalls
 from tests.chaos.cluster import Controller
-from tests.chaos.faults import CLASSES, NOT_DONE, Delay, Fault, by_name
+from tests.chaos.faults import CLASSES, NOT_DONE, Fault, by_name
 from tests.chaos.history import History
 
 log = logging.getLogger("tests.chaos.run")
@@ -119,6 +119,7 @@ async def run_one(
             c = Controller(
                 net, NODES, workdir, hist, rng, res.mode, peer_timeout=peer_timeout, size=fault.size, crash_point=point
             )
+            c.relay_links = fault.relay_links
             if point:
                 c.note(f"crash point {point} armed")
             clock = Phases(res.phases)
@@ -274,7 +275,6 @@ async def main_async(args: argparse.Namespace) -> int:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     await check_prerequisites()
-    await Delay.probe()
     classes = args.cls or all_names()
     results: list[Result] = []
     try:
