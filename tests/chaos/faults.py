@@ -661,7 +661,6 @@ CLASSES: list[type[Fault]] = [
 ]
 
 NOT_DONE = {
-    "api-slow": "a slow API server (needs tc netem, absent here, or a delaying proxy in front of the API server)",
     "clock-skew": "clock skew between operator and agents (needs a per-process clock, e.g. libfaketime)",
 }
 

@@ -43,6 +43,7 @@ CLASSES = {
     "operator-crash": "SIGKILL of the primary's pod, and of the operator at a seeded moment of its reaction",
     "api-unreachable": "the primary's node cannot reach the API server for 1.5-4 lease durations",
     "primary-isolated": "the primary's node is cut off from everything (secondary, API server) for 2-5 lease durations",
+    "api-slow": "the API server answers the primary's node (or every node) 0.3-3 s late for 1.5-4 lease durations",
 }
 LEASE_S = 2.0
 PEER_TIMEOUT_S = 2
@@ -199,10 +200,10 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
                 if name == "operator-crash":
                     await operator_crash(stack, f, rng, old)
                 else:
-                    fault = {"api-unreachable": api_unreachable, "primary-isolated": isolate}[name]
-                    hold = await fault(stack, f, rng, old)
-                    # until the fenced primary is replaced, the workload cannot write
-                    hist.excuse(f.fault_at, f.fault_at + hold + LEASE_S + 1 + 5, f"{name}: the primary is fenced")
+                    hold = await FAULTS[name](stack, f, rng, old)
+                    if hold:
+                        # until the fenced primary is replaced, the workload cannot write
+                        hist.excuse(f.fault_at, f.fault_at + hold + LEASE_S + 1 + 5, f"{name}: the primary is fenced")
                 res.exercised += 1
                 lap("fault")
                 await settled(stack, f)
@@ -260,6 +261,30 @@ async def api_unreachable(stack: Any, f: Follower, rng: random.Random, old: dict
     return hold
 
 
+async def api_slow(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:
+    """Every request from the primary's node (or from every node) to the API server is held
+    0.3-3 s by the API proxy the nodes reach it through. Up to 0.5 s (a third of the faults)
+    nothing is excused: the writes must go on within the stall bound, unless the operator
+    fails over (the Follower excuses a failover's window, as everywhere). Beyond 0.5 s
+    renewals time out (the agent's API requests give up after a third of the lease) and the
+    window is excused as for `api-unreachable`: the primary must fence itself before the
+    operator promotes the secondary (one primary, latest)."""
+    mild = rng.random() < 1 / 3
+    late = rng.uniform(0.3, 0.5) if mild else rng.uniform(0.5, 3.0)
+    hold = rng.uniform(1.5, 4.0) * LEASE_S
+    everyone = rng.random() < 0.3
+    slow_ip = stack.sim.node_ip(old["node"])
+    where = "every node" if everyone else old["node"]
+    f.notes.append(f"fault: API requests from {where} held {late:.2f} s for {hold:.1f} s")
+    proxy = stack.sim.proxy
+    proxy.delay = lambda ip: late if everyone or ip == slow_ip else 0.0
+    try:
+        await asyncio.sleep(hold)
+    finally:
+        proxy.delay = None
+    return 0.0 if mild else hold
+
+
 async def isolate(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:
     """Failure 9 depends on where in the Lease's renewal period the cut falls, so the cut is
     placed at a seeded phase of it (renewals every third of the duration)."""
@@ -285,3 +310,6 @@ async def isolate(stack: Any, f: Follower, rng: random.Random, old: dict[str, An
     finally:
         await stack.sim.heal_node(old["node"])
     return hold
+
+
+FAULTS = {"api-unreachable": api_unreachable, "primary-isolated": isolate, "api-slow": api_slow}

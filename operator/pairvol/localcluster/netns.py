@@ -39,7 +39,7 @@ import os
 import shutil
 import socket
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -541,6 +541,8 @@ class ApiProxy:
 
     The emulated API server may listen on loopback only; pods inside node namespaces reach it
     through this proxy. A partitioned node is cut off from it like from everything else.
+    ``delay`` (the fault injector's slow API server) maps a client's address to seconds by
+    which each of its requests is held before it is passed on (0: none).
     """
 
     def __init__(self, listen_host: str, target_host: str, target_port: int) -> None:
@@ -549,6 +551,7 @@ class ApiProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        self.delay: Callable[[str], float] | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self._listen_host, 0)
@@ -575,9 +578,13 @@ class ApiProxy:
                 logger.warning("API proxy cannot reach %s:%s: %s", *self._target, exc)
                 return
 
-            async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            peer = str((writer.get_extra_info("peername") or ("",))[0])
+
+            async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool = False) -> None:
                 try:
                     while data := await src.read(65536):
+                        if slow and self.delay is not None and (hold := self.delay(peer)) > 0:
+                            await asyncio.sleep(hold)
                         dst.write(data)
                         await dst.drain()
                 except (ConnectionError, OSError):
@@ -586,7 +593,7 @@ class ApiProxy:
                     with contextlib.suppress(Exception):
                         dst.close()
 
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+            await asyncio.gather(pump(reader, up_writer, slow=True), pump(up_reader, writer))
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
