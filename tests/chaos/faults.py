@@ -661,7 +661,6 @@ CLASSES: list[type[Fault]] = [
 ]
 
 NOT_DONE = {
-    "clock-skew": "clock skew between operator and agents (needs a per-process clock, e.g. libfaketime)",
 }
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pairvol.errors import PairvolError
 from pairvol.nbd import NBDClient
 from tests.chaos.blocks import BLOCK
 from tests.chaos.checker import Violation, check_latest, check_one_primary, check_stalls
@@ -43,6 +44,7 @@ CLASSES = {
     "operator-crash": "SIGKILL of the primary's pod, and of the operator at a seeded moment of its reaction",
     "api-unreachable": "the primary's node cannot reach the API server for 1.5-4 lease durations",
     "primary-isolated": "the primary's node is cut off from everything (secondary, API server) for 2-5 lease durations",
+    "clock-skew": "operator and agents with wall clocks 30 s-10 min apart (libfaketime); primary killed or left alone",
     "api-slow": "the API server answers the primary's node (or every node) 0.3-3 s late for 1.5-4 lease durations",
 }
 LEASE_S = 2.0
@@ -101,7 +103,7 @@ class Follower:
             st = await self.status()
             image = await self.read(self.stack.socket_path(st))
             self.violations += check_latest(image, self.hist, time.monotonic(), f"{self.pod} {what}")
-        except (OSError, TimeoutError, KeyError) as exc:
+        except (OSError, TimeoutError, KeyError, PairvolError) as exc:
             self.notes.append(f"{what}: cannot read the primary: {exc}")
         finally:
             if self.workload.target is None and self.pod == (target.replica if target else None):
@@ -152,13 +154,14 @@ class Follower:
         self.workload.retarget(Target(pod, self.term, sock))
 
 
-async def settled(stack: Any, f: Follower, within: float = 120) -> None:
-    """Until the volume replicates again and the workload writes to the primary it names."""
+async def settled(stack: Any, f: Follower, within: float = 120, gone: str | None = None) -> None:
+    """Until the volume replicates again and the workload writes to the primary it names
+    (with `gone`, a killed primary's pod: a primary other than it)."""
 
     async def check() -> bool:
         st = await f.status()
         prim = (st.get("primary") or {}).get("pod")
-        return st.get("phase") == "Replicating" and prim is not None and prim == f.pod
+        return st.get("phase") == "Replicating" and prim is not None and prim == f.pod and prim != gone
 
     await stack.wait_for(f"{VOLUME} replicating with the workload on its primary", check, within, every=0.2)
 
@@ -166,7 +169,7 @@ async def settled(stack: Any, f: Follower, within: float = 120) -> None:
 async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
     """Fill `res` (tests.chaos.run.Result) with one operator-level run: `faults` faults of
     the class in turn, each once the volume replicates again, each followed by the checks."""
-    from pairvol.localcluster.demo import Stack
+    from pairvol.localcluster.demo import DemoError, Stack
 
     rng = random.Random(f"{name}:{seed}")
     res.mode = "latest"
@@ -180,16 +183,26 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
         res.phases[name] = res.phases.get(name, 0.0) + now - t
         t = now
 
-    async with Stack.up(3, lease_duration=LEASE_S) as stack:
+    skews = clock_skews(rng) if name == "clock-skew" else {}
+    if skews:
+        res.notes.append("clocks: " + ", ".join(f"{k} {v:+d} s" for k, v in skews.items()))
+    async with Stack.up(3, lease_duration=LEASE_S, operator_env=faketime_env(skews.get("operator", 0))) as stack:
         lap("stack up")
+        for node, skew in skews.items():
+            if node != "operator":
+                stack.sim.node_env[node] = faketime_env(skew)
         await stack.apply(manifest())
         st = await stack.wait_phase(VOLUME, "Replicating", within=150)
         lap("volume+sync")
+        if skews:
+            await asyncio.to_thread(check_faketime_loaded)
         f = Follower(stack, hist, workload)
         await f.adopt(st, st["primary"]["pod"])
         workload.start()
         follow = asyncio.create_task(f.follow())
         w0 = time.monotonic()
+        f.notes[:0] = res.notes
+        res.notes = f.notes  # the same list: what happened so far, should the run fail
         try:
             for i in range(faults):
                 await asyncio.sleep(rng.uniform(1.0, 3.0))
@@ -197,8 +210,11 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
                 f.fault_at = time.monotonic()
                 old = st["primary"]
                 seen = len(f.failovers)
+                killed = False
                 if name == "operator-crash":
                     await operator_crash(stack, f, rng, old)
+                elif name == "clock-skew":
+                    killed = await skewed(stack, f, rng, old)
                 else:
                     hold = await FAULTS[name](stack, f, rng, old)
                     if hold:
@@ -206,9 +222,18 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
                         hist.excuse(f.fault_at, f.fault_at + hold + LEASE_S + 1 + 5, f"{name}: the primary is fenced")
                 res.exercised += 1
                 lap("fault")
-                await settled(stack, f)
-                if name == "operator-crash" and len(f.failovers) == seen:
+                killed = killed or name == "operator-crash"
+                try:
+                    await settled(stack, f, gone=old["pod"] if killed else None)
+                except DemoError as exc:
+                    f.violations.append(Violation("failover", f"fault {i + 1}: the volume did not recover: {exc}"))
+                    break
+                if killed and len(f.failovers) == seen:
                     f.violations.append(Violation("failover", f"fault {i + 1}: no new primary after the fault"))
+                if name == "clock-skew" and not killed and len(f.failovers) > seen:
+                    f.violations.append(
+                        Violation("failover", f"fault {i + 1}: a healthy primary was failed over from (clock skew)")
+                    )
                 lap("settle")
                 if i < faults - 1:
                     await f.check_primary(f"after fault {i + 1}")
@@ -225,7 +250,7 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
         res.violations += check_one_primary(hist)
         stalls, res.worst_gap = check_stalls(hist, PEER_TIMEOUT_S + 1.0, w0, w1)
         res.violations += stalls
-        res.notes = f.notes + [f"failover seen {x:.1f} s after the fault" for x in f.failovers]
+        res.notes += [f"failover seen {x:.1f} s after the fault" for x in f.failovers]
         await workload.close()
         lap("checks")
     lap("teardown")
@@ -283,6 +308,67 @@ async def api_slow(stack: Any, f: Follower, rng: random.Random, old: dict[str, A
     finally:
         proxy.delay = None
     return 0.0 if mild else hold
+
+
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def clock_skews(rng: random.Random) -> dict[str, int]:
+    """Seconds each clock is off by: the operator's and each node's (its agents and their
+    daemons), 30 s to 10 min either way or exact; at least one differs from the others."""
+
+    def skew() -> int:
+        return rng.choice([-1, 1]) * rng.randint(30, 600) if rng.random() < 2 / 3 else 0
+
+    skews = {"operator": skew(), **{f"node-{i}": skew() for i in (1, 2, 3)}}
+    if len(set(skews.values())) == 1:
+        skews["operator"] += rng.choice([-1, 1]) * rng.randint(30, 600)
+    return skews
+
+
+def faketime_env(skew: int) -> dict[str, str]:
+    """The environment that runs a process (and its children) `skew` seconds off: NTP-like
+    skew moves the wall clock only; the monotonic clock is left alone (as it is by a badly
+    set wall clock), so the Lease, judged on monotonic time, must not care."""
+    if not skew:
+        return {}
+    return {"LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": f"{skew:+d}", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def check_faketime_loaded() -> None:
+    """Every process started with FAKETIME has libfaketime mapped: a launcher that drops
+    LD_PRELOAD (a setuid step, a cleared environment) would make the class test nothing."""
+    found = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            if not any(e.startswith(b"FAKETIME=") for e in env):
+                continue
+            maps = (proc / "maps").read_text()
+        except OSError:
+            continue
+        found += 1
+        if "libfaketime" not in maps:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            raise RuntimeError(f"pid {proc.name} ({cmd[:80]}) has FAKETIME but no libfaketime: LD_PRELOAD was dropped")
+    if not found:
+        raise RuntimeError("no process runs with FAKETIME: the skew was not applied")
+
+
+async def skewed(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> bool:
+    """One cycle under skewed clocks: half the time the primary's pod is killed (the
+    operator must fail over, once), else nothing happens for 2-4 lease durations (it must
+    not: a skewed renewTime is no reason). True when the primary was killed."""
+    if rng.random() < 0.5:
+        f.notes.append(f"fault: kill primary pod {old['pod']} under skewed clocks")
+        await stack.sim.kill_pod(stack.namespace, old["pod"])
+        return True
+    hold = rng.uniform(2.0, 4.0) * LEASE_S
+    f.notes.append(f"fault: skewed clocks, healthy primary left alone for {hold:.1f} s")
+    await asyncio.sleep(hold)
+    return False
 
 
 async def isolate(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:

@@ -1168,6 +1168,9 @@ class NodeSimulator:
         self.backoff_cap = backoff_cap
         self.config_retry = config_retry
         self.node_labels = node_labels or {}
+        # extra environment of every container started on a node from now on (the fault
+        # injector's clock skew: libfaketime's LD_PRELOAD and FAKETIME)
+        self.node_env: dict[str, dict[str, str]] = {}
         self.use_cgroups = use_cgroups
         self.leases_enabled = True
         self.net = ClusterNetwork(self.node_names)
@@ -1258,6 +1261,7 @@ class NodeSimulator:
             "KUBERNETES_SERVICE_HOST": self.net.bridge_ip,
             "KUBERNETES_SERVICE_PORT": str(self.proxy.port),
             "KUBECONFIG": str(self.kubeconfig_path),
+            **self.node_env.get(kubelet.name, {}),
         }
 
     # -- queries --------------------------------------------------------------------------
