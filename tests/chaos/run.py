@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pairvol.localcluster.netns import ClusterNetwork, NetnsError, check_prerequisites
 from tests.chaos import operator_level
@@ -278,17 +280,25 @@ async def main_async(args: argparse.Namespace) -> int:
     classes = args.cls or all_names()
     results: list[Result] = []
     try:
-        await run_all(args, classes, results)
+        if args.jobs > 1 and args.duration:
+            await run_jobs(args, classes, results)
+        else:
+            await run_all(args, classes, results)
     except asyncio.CancelledError:  # Ctrl-C: the table of what ran so far
         print("\ninterrupted")
         print(table(results))
+        await write_json(args, results)
         raise
     print()
     print(table(results))
+    await write_json(args, results)
+    return 1 if any(r.violations for r in results) else 0
+
+
+async def write_json(args: argparse.Namespace, results: list[Result]) -> None:
     if args.json:
         text = json.dumps([result_json(r) for r in results], indent=1)
         await asyncio.to_thread(Path(args.json).write_text, text)
-    return 1 if any(r.violations for r in results) else 0
 
 
 def result_json(r: Result) -> dict[str, object]:
@@ -297,31 +307,130 @@ def result_json(r: Result) -> dict[str, object]:
         "seed": r.seed,
         "mode": r.mode,
         "violations": [str(v) for v in r.violations],
+        "found": [{"invariant": v.invariant, "detail": v.detail} for v in r.violations],
         "skipped": r.skipped,
         "error": r.error,
         "replay": r.replay,
         "exercised": r.exercised,
+        "faults": r.faults,
+        "seconds": round(r.seconds, 1),
     }
+
+
+def result_from_json(d: dict[str, Any]) -> Result:
+    return Result(
+        str(d["class"]),
+        int(d["seed"]),
+        mode=str(d.get("mode") or ""),
+        violations=[Violation(v["invariant"], v["detail"]) for v in d.get("found") or []],
+        skipped=d.get("skipped"),
+        error=d.get("error"),
+        exercised=int(d.get("exercised") or 0),
+        faults=int(d.get("faults") or DEFAULT_FAULTS),
+        seconds=float(d.get("seconds") or 0.0),
+    )
+
+
+def progress(results: list[Result], cls: str) -> int:
+    """How far a class has got: its fault injections, and 1 for each run that was skipped
+    or errored (so that a class that cannot run does not hold the others back)."""
+    return sum(r.exercised if not (r.skipped or r.error) else 1 for r in results if r.cls == cls)
 
 
 async def run_all(args: argparse.Namespace, classes: list[str], results: list[Result]) -> None:
     if args.duration:
+        # the class furthest behind goes next (in the given order among equals): cheap and
+        # dear classes alike reach about the same number of fault injections; each class
+        # takes the seeds from --seed up, so (class, seed) replays a run
         end = time.monotonic() + args.duration
-        seed = args.seed
+        seeds = dict.fromkeys(classes, args.seed)
         while time.monotonic() < end:
-            for cls in classes:
-                if time.monotonic() >= end:
-                    break
-                r = await run_named(cls, seed, args.peer_timeout, args.keep, args.faults)
-                results.append(r)
-                print(report(r, args.verbose), flush=True)
-            seed += 1
+            cls = min(classes, key=lambda c: progress(results, c))
+            r = await run_named(cls, seeds[cls], args.peer_timeout, args.keep, args.faults)
+            seeds[cls] += 1
+            results.append(r)
+            print(report(r, args.verbose), flush=True)
     else:
         for cls in classes:
             for i in range(args.runs):
                 r = await run_named(cls, args.seed + i, args.peer_timeout, args.keep, args.faults)
                 results.append(r)
                 print(report(r, args.verbose), flush=True)
+
+
+# seconds per fault injection, measured on this machine (`-v` prints each run's phases);
+# only used to share the classes out between --jobs
+COST = {
+    "kill-during-sync": 15.0,
+    "crash-point": 12.0,
+    "enospc": 10.0,
+    "eio": 10.0,
+    "frozen-old-primary": 20.0,
+    "fuzz": 10.0,
+    "peer-loss-x3": 15.0,
+    "sigstop": 7.0,
+    "partition": 7.0,
+    "loss": 7.0,
+    "delay": 7.5,
+}
+COST_REPEATED = 4.5  # the other repeatable agent-level classes
+COST_OPERATOR = 12.0
+
+
+def share(classes: list[str], jobs: int) -> list[list[str]]:
+    """The classes in `jobs` groups of about equal cost (largest first, into the lightest)."""
+
+    def cost(c: str) -> float:
+        return COST_OPERATOR if c in operator_level.CLASSES else COST.get(c, COST_REPEATED)
+
+    groups: list[list[str]] = [[] for _ in range(jobs)]
+    load = [0.0] * jobs
+    for c in sorted(classes, key=cost, reverse=True):
+        i = load.index(min(load))
+        groups[i].append(c)
+        load[i] += cost(c)
+    order = {c: i for i, c in enumerate(classes)}
+    return [sorted(g, key=order.__getitem__) for g in groups if g]
+
+
+async def run_jobs(args: argparse.Namespace, classes: list[str], results: list[Result]) -> None:
+    """--jobs N: N processes of this program, each with a share of the classes for the
+    whole duration (separate processes: each workload has its own interpreter, so one
+    job's checks cannot stall another's writes), then one table of everything."""
+    tmp = Path(tempfile.mkdtemp(prefix="chaos-jobs-"))
+    procs: list[tuple[asyncio.subprocess.Process, Path]] = []
+    try:
+        for i, group in enumerate(share(classes, args.jobs)):
+            out = tmp / f"job{i}.json"
+            argv = [sys.executable, "-m", "tests.chaos.run", "--duration", str(args.duration), "--seed", str(args.seed)]
+            argv += ["--faults", str(args.faults), "--peer-timeout", str(args.peer_timeout), "--json", str(out)]
+            argv += [a for c in group for a in ("--class", c)]
+            argv += (["-v"] if args.verbose else []) + (["--keep"] if args.keep else [])
+            print(f"[job{i}] {' '.join(group)}", flush=True)
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, cwd=Path.cwd())
+            procs.append((proc, out))
+
+        async def relay(i: int, proc: asyncio.subprocess.Process) -> None:
+            assert proc.stdout is not None
+            while line := await proc.stdout.readline():
+                text = line.decode(errors="replace").rstrip("\n")
+                if text.startswith("|") or not text.strip():
+                    continue  # each job's own table: the merged one follows
+                print(f"[job{i}] {text}", flush=True)
+            await proc.wait()
+
+        await asyncio.gather(*(relay(i, p) for i, (p, _) in enumerate(procs)))
+    finally:
+        for proc, _ in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        await asyncio.gather(*(asyncio.shield(p.wait()) for p, _ in procs), return_exceptions=True)
+        for _, out in procs:
+            with contextlib.suppress(OSError, ValueError):
+                text = await asyncio.to_thread(out.read_text)
+                results += [result_from_json(d) for d in json.loads(text)]
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -340,6 +449,9 @@ def main() -> None:
         help=f"injections per run of a repeatable class, each followed by the checks (default {DEFAULT_FAULTS})",
     )
     ap.add_argument("--keep", action="store_true", help="keep every run's work dir")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="with --duration: this many processes, each with a share of the classes"
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
