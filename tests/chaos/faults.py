@@ -57,7 +57,8 @@ class Fault:
 
     during_sync: Callable[[Controller], Awaitable[None]] | None = None  # runs during the first full sync
 
-    async def inject(self, c: Controller, rng: random.Random) -> None:
+    async def inject(self, c: Controller, rng: random.Random) -> int | None:
+        """Strike; the number of faults injected when it is not one (peer-loss-x3: up to 3)."""
         raise NotImplementedError
 
     async def cleanup(self) -> None:
@@ -453,18 +454,21 @@ class PeerLosses(Fault):
     name = "peer-loss-x3"
     doc = "three successive secondary losses (SIGKILL) on the same primary, each after re-protection converged"
 
-    async def inject(self, c: Controller, rng: random.Random) -> None:
+    async def inject(self, c: Controller, rng: random.Random) -> int | None:
+        done = 0
         for i in range(3):
             s = c.secondary
             if s is None or c.primary is None:
-                return
+                break
             c.note(f"fault: peer loss {i + 1}: SIGKILL {s.name}")
             s.agent.kill()
+            done += 1
             await asyncio.sleep(0.5)
             await wait_calm(c, 60)
             if any(v.invariant == "reprotect" for v in c.violations):
-                return  # the verdict is in; the next losses would only repeat it
+                break  # the verdict is in; the next losses would only repeat it
             await asyncio.sleep(rng.uniform(0.2, 1.0))
+        return done
 
 
 class FrozenOldPrimary(Fault):
@@ -619,6 +623,7 @@ class FailoverDuringCheckpoint(Fault):
 class Fuzz(Fault):
     name = "fuzz"
     doc = "malformed input to the agents' HTTP API during the workload (tests.support.fuzz.fuzz_http)"
+    repeat = True
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("tests.support.fuzz") is None:

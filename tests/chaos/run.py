@@ -115,6 +115,7 @@ async def run_one(
     workdir = Path(tempfile.mkdtemp(prefix=f"chaos-{cls.name}-{seed}-"))
     t_start = time.monotonic()
     c: Controller | None = None
+    clock = Phases(res.phases)
     try:
         await fault.prepare(workdir, rng)
         async with ClusterNetwork(NODES) as net:
@@ -124,9 +125,8 @@ async def run_one(
             c.relay_links = fault.relay_links
             if point:
                 c.note(f"crash point {point} armed")
-            clock = Phases(res.phases)
             try:
-                clock.lap("start")
+                clock.lap("netns+prepare")
                 await c.setup((fault.data_dir(0, workdir), fault.data_dir(1, workdir)), fault.during_sync)
                 clock.lap("setup+sync")
                 w0 = time.monotonic()
@@ -137,8 +137,8 @@ async def run_one(
                         break
                     await asyncio.sleep(rng.uniform(0.5, 2.0))
                     c.fault_at = time.monotonic()
-                    await fault.inject(c, rng)
-                    res.exercised += 1
+                    n_injected = await fault.inject(c, rng)
+                    res.exercised += 1 if n_injected is None else n_injected
                     c.hold_reactions = False
                     clock.lap("fault")
                     await asyncio.sleep(0.5)
@@ -361,20 +361,19 @@ async def run_all(args: argparse.Namespace, classes: list[str], results: list[Re
 # seconds per fault injection, measured on this machine (`-v` prints each run's phases);
 # only used to share the classes out between --jobs
 COST = {
-    "kill-during-sync": 15.0,
-    "crash-point": 12.0,
-    "enospc": 10.0,
-    "eio": 10.0,
-    "frozen-old-primary": 20.0,
-    "fuzz": 10.0,
-    "peer-loss-x3": 15.0,
-    "sigstop": 7.0,
+    "kill-during-sync": 7.0,
+    "crash-point": 8.0,
+    "enospc": 8.5,
+    "eio": 7.5,
+    "frozen-old-primary": 21.0,
+    "peer-loss-x3": 6.0,
+    "sigstop": 8.5,
     "partition": 7.0,
-    "loss": 7.0,
+    "loss": 8.5,
     "delay": 7.5,
 }
-COST_REPEATED = 4.5  # the other repeatable agent-level classes
-COST_OPERATOR = 12.0
+COST_REPEATED = 4.0  # the other repeatable agent-level classes
+COST_OPERATOR = 13.0
 
 
 def share(classes: list[str], jobs: int) -> list[list[str]]:
