@@ -371,6 +371,7 @@ COST = {
     "partition": 7.0,
     "loss": 8.5,
     "delay": 7.5,
+    "failover-during-checkpoint": 5.0,
 }
 COST_REPEATED = 4.0  # the other repeatable agent-level classes
 COST_OPERATOR = 13.0
@@ -411,11 +412,12 @@ async def run_jobs(args: argparse.Namespace, classes: list[str], results: list[R
 
         async def relay(i: int, proc: asyncio.subprocess.Process) -> None:
             assert proc.stdout is not None
+            own_table = False  # a job's own table and what follows it: the merged one says it all
             while line := await proc.stdout.readline():
                 text = line.decode(errors="replace").rstrip("\n")
-                if text.startswith("|") or not text.strip():
-                    continue  # each job's own table: the merged one follows
-                print(f"[job{i}] {text}", flush=True)
+                own_table = own_table or text.startswith("| class |")
+                if text.strip() and not own_table:
+                    print(f"[job{i}] {text}", flush=True)
             await proc.wait()
 
         await asyncio.gather(*(relay(i, p) for i, (p, _) in enumerate(procs)))
