@@ -8,9 +8,13 @@ the run's mode). The seed fixes every choice the injector makes (which fault, wh
 when, which failover mode); the timing of the processes is not reproducible, so a replay
 reproduces the scenario, and a race it found usually but not always.
 
-With --duration, classes are taken in turn with seeds from --seed on until the time is
-up. The output is a table: class x runs x violations, skipped and errored runs apart
-with their reasons, and every violating seed with its replay command.
+A repeatable class strikes --faults times per run (default 4), each fault once the pair
+replicates again and each followed by the checks; the setup and the final failover are
+paid once. With --duration, the class furthest behind in fault injections runs next, each
+class taking its seeds from --seed on, until the time is up; --jobs N shares the classes
+out between N processes. The output is a table: class x runs x fault injections x
+violating runs, skipped and errored runs apart with their reasons, and every violating
+seed with its replay command.
 """
 
 from __future__ import annotations
