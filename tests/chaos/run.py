@@ -283,9 +283,10 @@ async def main_async(args: argparse.Namespace) -> int:
     await check_prerequisites()
     classes = args.cls or all_names()
     results: list[Result] = []
+    complete = True
     try:
         if args.jobs > 1 and args.duration:
-            await run_jobs(args, classes, results)
+            complete = await run_jobs(args, classes, results)
         else:
             await run_all(args, classes, results)
     except asyncio.CancelledError:  # Ctrl-C: the table of what ran so far
@@ -296,7 +297,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     print(table(results))
     await write_json(args, results)
-    return 1 if any(r.violations for r in results) else 0
+    if any(r.violations for r in results):
+        return 1
+    return 0 if complete else 2
 
 
 async def write_json(args: argparse.Namespace, results: list[Result]) -> None:
@@ -397,10 +400,11 @@ def share(classes: list[str], jobs: int) -> list[list[str]]:
     return [sorted(g, key=order.__getitem__) for g in groups if g]
 
 
-async def run_jobs(args: argparse.Namespace, classes: list[str], results: list[Result]) -> None:
+async def run_jobs(args: argparse.Namespace, classes: list[str], results: list[Result]) -> bool:
     """--jobs N: N processes of this program, each with a share of the classes for the
     whole duration (separate processes: each workload has its own interpreter, so one
-    job's checks cannot stall another's writes), then one table of everything."""
+    job's checks cannot stall another's writes), then one table of everything. False when
+    a job ended otherwise than with its table (its runs may be missing from it)."""
     tmp = Path(tempfile.mkdtemp(prefix="chaos-jobs-"))
     procs: list[tuple[asyncio.subprocess.Process, Path]] = []
     try:
@@ -425,6 +429,10 @@ async def run_jobs(args: argparse.Namespace, classes: list[str], results: list[R
             await proc.wait()
 
         await asyncio.gather(*(relay(i, p) for i, (p, _) in enumerate(procs)))
+        failed = [(i, p.returncode) for i, (p, _) in enumerate(procs) if p.returncode not in (0, 1)]
+        for i, rc in failed:
+            print(f"[job{i}] ended with status {rc}: its runs may be missing from the table", flush=True)
+        return not failed
     finally:
         for proc, _ in procs:
             if proc.returncode is None:
