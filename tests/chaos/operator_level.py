@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -223,6 +225,10 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
                 res.exercised += 1
                 lap("fault")
                 killed = killed or name == "operator-crash"
+                if name == "api-slow":
+                    # a renewal sent late in the slow window may fail after it: the primary
+                    # can lose its Lease up to a lease duration (+ the operator's margin) later
+                    await asyncio.sleep(LEASE_S + 0.5)
                 try:
                     await settled(stack, f, gone=old["pod"] if killed else None)
                 except DemoError as exc:
@@ -239,6 +245,8 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
                     await f.check_primary(f"after fault {i + 1}")
                     lap("checks")
             await asyncio.sleep(rng.uniform(0.5, 1.5))
+            with contextlib.suppress(DemoError):  # the end's checks read the primary it settled on
+                await settled(stack, f)
             w1 = time.monotonic()
         finally:
             follow.cancel()
@@ -286,6 +294,23 @@ async def api_unreachable(stack: Any, f: Follower, rng: random.Random, old: dict
     return hold
 
 
+def from_node(stack: Any, node: str) -> Callable[[str], bool]:
+    """Whether a client address is the node's own or, where pods get their own addresses
+    from the node's pod CIDR (ClusterNetwork.pod_cidr), one of its pods'."""
+    node_ip = ipaddress.ip_address(stack.sim.node_ip(node))
+    pod_cidr = getattr(stack.sim.net, "pod_cidr", None)
+    pods = ipaddress.ip_network(pod_cidr(node)) if pod_cidr is not None else None
+
+    def match(ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return addr == node_ip or (pods is not None and addr in pods)
+
+    return match
+
+
 async def api_slow(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:
     """Every request from the primary's node (or from every node) to the API server is held
     0.3-3 s by the API proxy the nodes reach it through. Up to 0.5 s (a third of the faults)
@@ -298,11 +323,11 @@ async def api_slow(stack: Any, f: Follower, rng: random.Random, old: dict[str, A
     late = rng.uniform(0.3, 0.5) if mild else rng.uniform(0.5, 3.0)
     hold = rng.uniform(1.5, 4.0) * LEASE_S
     everyone = rng.random() < 0.3
-    slow_ip = stack.sim.node_ip(old["node"])
     where = "every node" if everyone else old["node"]
     f.notes.append(f"fault: API requests from {where} held {late:.2f} s for {hold:.1f} s")
     proxy = stack.sim.proxy
-    proxy.delay = lambda ip: late if everyone or ip == slow_ip else 0.0
+    slow = from_node(stack, old["node"])
+    proxy.delay = lambda ip: late if everyone or slow(ip) else 0.0
     try:
         await asyncio.sleep(hold)
     finally:
