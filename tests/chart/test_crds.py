@@ -50,6 +50,7 @@ FULL_STATUS: dict[str, Any] = {
         "state": "running",
         "address": "10.0.0.6:7800",
         "outOfSync": False,
+        "synced": True,
     },
     "checkpoint": {"id": 42, "time": "2026-11-26T10:00:00Z", "durationMs": 3.5},
     "lastFailover": {
@@ -78,6 +79,7 @@ FULL_STATUS: dict[str, Any] = {
             "observedGeneration": 2,
         }
     ],
+    "dataNodes": ["node-a", "node-b", "node-c"],
 }
 
 

@@ -90,11 +90,6 @@ async def test_deletion_completes_even_when_a_replica_node_is_dead(stack: Stack,
     await _assert_gone(stack, "deadnode")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in operator/handlers.py on_delete: reclaimPolicy Delete wipes only the current "
-    "primary's and secondary's nodes and lastFailover.from, not the nodes of earlier secondaries",
-)
 async def test_reclaim_delete_removes_the_data_of_every_replica_the_volume_had(stack: Stack, volume: Any) -> None:
     """A secondary replaced after it died leaves its images on its node; Delete must remove
     them too. The dead secondary's node is cordoned so that the replacement goes elsewhere."""

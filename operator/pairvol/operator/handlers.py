@@ -554,10 +554,7 @@ async def on_delete(**kw: Any) -> None:
     except SpecError:
         vspec = None
     if vspec is not None and vspec.reclaim_policy == "Delete":
-        st = VolumeStatus.from_dict(status)
-        nodes = {r.node for r in (st.primary, st.secondary) if r is not None}
-        if st.last_failover is not None:
-            nodes.add(st.last_failover.from_node)
+        nodes = set(VolumeStatus.from_dict(status).data_nodes)
         ready = {n.name for n in map(node_view, await c.kube.list(nodes_path())) if n.ready}
         wipes = [p for p in await c.kube.list(pods_path(namespace), f"pairvol.io/cleanup={name}")]
         done = {
