@@ -427,7 +427,8 @@ class ClusterNetwork:
         await run_command([*inside, "addr", "add", f"{node.pod_gateway}/{node.pod_cidr.prefixlen}", "dev", POD_BRIDGE])
         await run_command([*inside, "link", "set", POD_BRIDGE, "up"])
         await run_command([*inside, "route", "add", str(SERVICE_CIDR), "dev", POD_BRIDGE])
-        await run_command(["ip", "netns", "exec", node.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        # per namespace, off in a new one (written directly: no dependency on procps' sysctl)
+        await run_command(["ip", "netns", "exec", node.netns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
 
     async def _create_routes(self, plan: NetworkPlan) -> None:
         """Every node, and this machine, reach every pod CIDR via its node's IP."""

@@ -383,7 +383,7 @@ class ServiceRouter:
     ``await close()``. Rules are rewritten whenever Services or Pods change.
     """
 
-    def __init__(self, api: KubeApi, node_namespaces: Mapping[str, str], *, settle: float = 0.05) -> None:
+    def __init__(self, api: KubeApi, node_namespaces: Mapping[str, str], *, settle: float = 0.2) -> None:
         self._api = api
         self._nodes = dict(node_namespaces)
         self._settle = settle
