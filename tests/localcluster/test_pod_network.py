@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.localcluster.test_kubelet import condition, eventually, get_pod, running_ready
+from tests.localcluster.test_kubelet import alive, condition, eventually, get_pod, running_ready
 
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
@@ -327,3 +327,40 @@ async def test_a_headless_service_gets_endpoints_also_for_pods_not_ready_when_it
         return False
 
     await eventually(endpoints_gone)
+
+
+async def test_a_command_that_does_not_exist_is_a_start_error_with_its_reason(sim: NodeSimulator, api: KubeApi) -> None:
+    body = echo_pod("typo", "node-a", 7000)
+    body["spec"]["containers"][0]["command"] = ["pairvoll", "agent"]
+    await create(api, "pods", body)
+
+    async def refused() -> dict[str, Any] | None:
+        statuses = ((await get_pod(api, "typo")).get("status") or {}).get("containerStatuses") or [{}]
+        last = (statuses[0].get("lastState") or {}).get("terminated") or {}
+        return last if last.get("reason") == "StartError" else None
+
+    last = await eventually(refused)
+    assert last["exitCode"] == 128
+    assert last["message"] == 'exec: "pairvoll": executable file not found in $PATH'
+    failed = [e for e in await events_of(api, "typo") if e["reason"] == "Failed"]
+    assert failed and failed[0]["type"] == "Warning" and "pairvoll" in failed[0]["message"]
+
+
+async def test_everything_is_removed_when_the_user_of_the_simulator_fails(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    simulator = NodeSimulator(cluster.url, nodes=["node-a", "node-b"], root=tmp_path / "n", status_interval=0.3)
+    pids: list[int] = []
+    with pytest.raises(RuntimeError, match="the test failed"):
+        async with simulator, KubeApi(cluster.url) as client:
+            await create(client, "pods", echo_pod("a", "node-a", 7000))
+            await create(client, "pods", echo_pod("b", "node-a", 7000))
+            await eventually(lambda: running_ready(client, "b"))
+            pids = simulator.node_pids("node-a")
+            raise RuntimeError("the test failed")
+    assert pids and not [pid for pid in pids if alive(pid)]
+    assert simulator.net.plan is not None
+    netns = await run_command(["ip", "netns", "list"])
+    assert f"pvn{simulator.net.plan.token}-" not in netns.stdout
+    links = await run_command(["ip", "-o", "link", "show"])
+    assert simulator.net.plan.bridge not in links.stdout

@@ -454,10 +454,25 @@ class ContainerRunner:
         return termination_message(policy, file_text, tail, failed)
 
     async def run(self) -> None:
-        sim = self.worker.kubelet.sim
-        policy = self.policy
         while not self.stopping:
             assert self.prepared is not None
+            missing = await asyncio.to_thread(
+                missing_executable, self.prepared.argv, self.prepared.env, self.prepared.mounts
+            )
+            if missing:  # what a container runtime refuses before any process exists
+                now = now_rfc3339()
+                terminated: JsonDict = {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": missing,
+                    "startedAt": "1970-01-01T00:00:00Z",
+                    "finishedAt": now,
+                }
+                self.worker.event("Warning", "Failed", f"Error: {missing}")
+                logger.info("%s/%s container %s cannot start: %s", *self.worker.key, self.name, missing)
+                if not await self._after_exit(terminated, failed=True):
+                    return
+                continue
             await self._start(self.prepared)
             assert self.process is not None
             if self.stopping:  # stop() raced with the start: finish the stop ourselves
@@ -481,7 +496,7 @@ class ContainerRunner:
             failed = code != 0 or self._liveness_failed
             message = await asyncio.to_thread(self._termination_message, failed)
             started = self.state.state.get("running", {}).get("startedAt", now_rfc3339())
-            terminated: JsonDict = {
+            terminated = {
                 "exitCode": code,
                 "reason": "Completed" if code == 0 else "Error",
                 "startedAt": started,
@@ -492,34 +507,42 @@ class ContainerRunner:
                 terminated["signal"] = sig
             if message:
                 terminated["message"] = message
-            self.state.ready = False
-            self.state.pid = None
             logger.info("%s/%s container %s exited with %s", *self.worker.key, self.name, code)
             self._liveness_failed = False
-            if self.stopping or not should_restart(policy, 1 if failed else 0):
-                self.state.state = {"terminated": terminated}
-                self.worker.changed()
+            if not await self._after_exit(terminated, failed):
                 return
-            self.state.last_state = {"terminated": terminated}
-            self.state.restart_count += 1
-            delay = backoff_delay(self.state.restart_count, sim.backoff_base, sim.backoff_cap)
-            pod_ref = f"pod={self.worker.key[1]}_{self.worker.key[0]}({self.worker.uid})"
-            self.state.state = {
-                "waiting": {
-                    "reason": "CrashLoopBackOff",
-                    "message": f"back-off {delay:g}s restarting failed container={self.name} {pod_ref}",
-                }
-            }
-            self.worker.event(
-                "Warning",
-                "BackOff",
-                f"Back-off restarting failed container {self.name} in pod {self.worker.key[1]}_"
-                f"{self.worker.key[0]}({self.worker.uid})",
-            )
+
+    async def _after_exit(self, terminated: JsonDict, failed: bool) -> bool:
+        """Record the container's end; restart it after the back-off if its policy says so.
+        False: it stays terminated."""
+        sim = self.worker.kubelet.sim
+        self.state.ready = False
+        self.state.pid = None
+        if self.stopping or not should_restart(self.policy, 1 if failed else 0):
+            self.state.state = {"terminated": terminated}
             self.worker.changed()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            return False
+        self.state.last_state = {"terminated": terminated}
+        self.state.restart_count += 1
+        delay = backoff_delay(self.state.restart_count, sim.backoff_base, sim.backoff_cap)
+        pod_ref = f"pod={self.worker.key[1]}_{self.worker.key[0]}({self.worker.uid})"
+        self.state.state = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off {delay:g}s restarting failed container={self.name} {pod_ref}",
+            }
+        }
+        self.worker.event(
+            "Warning",
+            "BackOff",
+            f"Back-off restarting failed container {self.name} in pod {self.worker.key[1]}_"
+            f"{self.worker.key[0]}({self.worker.uid})",
+        )
+        self.worker.changed()
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+        return True
 
     async def _start(self, prepared: _Prepared) -> None:
         kubelet = self.worker.kubelet
@@ -911,6 +934,28 @@ class PodWorker:
     async def kill_processes(self) -> None:
         """A crash of all containers (SIGKILL); restarted per restartPolicy."""
         await asyncio.gather(*(r.kill() for r in self.all_runners))
+
+
+def missing_executable(argv: Sequence[str], env: dict[str, str], mounts: Sequence[Mount] = ()) -> str:
+    """The runtime's refusal if ``argv[0]`` is not an executable (on the container's PATH
+    for a bare name), else "". Checked on this machine, where pods' programs live; not
+    decided (""), when the program may come from one of the pod's volumes."""
+    if not argv:
+        return "no command to run"
+    program = argv[0]
+    if "/" in program and not program.startswith("/"):
+        return ""  # relative to the container's working directory: its business
+    search = [program] if "/" in program else env.get("PATH", os.defpath).split(":")
+    targets = [PurePosixPath(m.target) for m in mounts]
+    if any(t == PurePosixPath(p) or t in PurePosixPath(p).parents for p in search for t in targets):
+        return ""
+    if "/" in program:
+        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        return f'exec: "{program}": executable file not found in $PATH'
+    return ""
 
 
 def _size_of(path: Path) -> int:
