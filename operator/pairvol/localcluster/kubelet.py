@@ -46,12 +46,12 @@ reason and the termination message: the file at ``terminationMessagePath``, or w
 ``FallbackToLogsOnError`` the last lines of the container's log); kubelet Events
 (Started, Killing, BackOff, Failed) through
 :class:`~pairvol.localcluster.kubelet_api.EventRecorder`; Services routed by
-:class:`~pairvol.localcluster.services.ServiceRouter`; deletion: SIGTERM to the container's process group, wait
-``deletionGracePeriodSeconds`` (else ``terminationGracePeriodSeconds``), SIGKILL the
-cgroup, then finalize with ``DELETE … gracePeriodSeconds=0`` when the API server only
-marked the pod (``deletionTimestamp``); a pod that simply vanished from the API is
-terminated the same way. Not supported (a clear ``CreateContainerConfigError``, or
-ignored where harmless): images, resources/limits, seccomp profiles, ephemeral
+:class:`~pairvol.localcluster.services.ServiceRouter`; deletion: SIGTERM to the
+container's process group, wait ``deletionGracePeriodSeconds`` (else
+``terminationGracePeriodSeconds``), SIGKILL the cgroup, then finalize with ``DELETE …
+gracePeriodSeconds=0`` when the API server only marked the pod (``deletionTimestamp``);
+a pod that simply vanished from the API is terminated the same way. Not supported (a
+clear ``CreateContainerConfigError``, or ignored where harmless): images, resources/limits, seccomp profiles, ephemeral
 containers, downwardAPI/projected/PVC volumes, startup probes, ``kubectl logs/exec``
 through the API server (logs are files; :meth:`NodeSimulator.exec_in_pod` is local).
 
