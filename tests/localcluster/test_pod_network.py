@@ -364,3 +364,35 @@ async def test_everything_is_removed_when_the_user_of_the_simulator_fails(
     assert f"pvn{simulator.net.plan.token}-" not in netns.stdout
     links = await run_command(["ip", "-o", "link", "show"])
     assert simulator.net.plan.bridge not in links.stdout
+
+
+async def test_a_partitioned_node_keeps_its_last_rules_until_it_is_healed(sim: NodeSimulator, api: KubeApi) -> None:
+    await create(
+        api,
+        "services",
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "echo", "namespace": NS},
+            "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 9000}]},
+        },
+    )
+    await create(api, "pods", echo_pod("backend-1", "node-a", 9000, labels={"app": "echo"}))
+    old_ip = (await eventually(lambda: running_ready(api, "backend-1")))["status"]["podIP"]
+
+    async def node_dnats_to(node: str, ip: str) -> bool:
+        rules = await sim.run_in_node(node, ["iptables-save", "-t", "nat"])
+        return f"--to-destination {ip}:9000" in rules.stdout
+
+    await eventually(lambda: node_dnats_to("node-c", old_ip))
+    await sim.partition_node("node-c")
+    await api.request("DELETE", f"/api/v1/namespaces/{NS}/pods/backend-1")
+    await create(api, "pods", echo_pod("backend-2", "node-b", 9000, labels={"app": "echo"}))
+    new_ip = (await eventually(lambda: running_ready(api, "backend-2")))["status"]["podIP"]
+    await eventually(lambda: node_dnats_to("node-a", new_ip))
+    # cut off from the API server, node-c's proxy knows nothing of the move
+    assert await node_dnats_to("node-c", old_ip) and not await node_dnats_to("node-c", new_ip)
+
+    await sim.heal_node("node-c")
+    await eventually(lambda: node_dnats_to("node-c", new_ip))
+    assert not await node_dnats_to("node-c", old_ip)

@@ -1379,7 +1379,11 @@ class NodeSimulator:
             self.kubelets[name] = kubelet
             await kubelet.start()
         self._controller = asyncio.create_task(self._node_lifecycle_loop())
-        self.router = ServiceRouter(self.api, {name: self.net.netns_name(name) for name in self.node_names})
+        self.router = ServiceRouter(
+            self.api,
+            {name: self.net.netns_name(name) for name in self.node_names},
+            connected=lambda name: self.kubelets[name].connected.is_set(),
+        )
         await self.router.start()
 
     async def close(self) -> None:
@@ -1515,6 +1519,8 @@ class NodeSimulator:
         if self.net.is_partitioned(name):
             await self.net.heal(name)
         await kubelet.restart()
+        if self.router is not None:
+            self.router.resync()
         logger.info("node %s restarted", name)
 
     async def partition_node(self, name: str) -> None:
@@ -1527,6 +1533,8 @@ class NodeSimulator:
         kubelet = self._kubelet(name)
         await self.net.heal(name)
         await kubelet.heal()
+        if self.router is not None:
+            self.router.resync()
 
     # -- node lifecycle controller ------------------------------------------------------
 

@@ -380,12 +380,21 @@ class ServiceRouter:
     """Endpoints controller + kube-proxy for the nodes of one cluster network.
 
     ``node_namespaces`` names each node's network namespace; ``await start()``,
-    ``await close()``. Rules are rewritten whenever Services or Pods change.
+    ``await close()``. Rules are rewritten whenever Services or Pods change, on the nodes
+    that are ``connected``; call :meth:`resync` when one is again.
     """
 
-    def __init__(self, api: KubeApi, node_namespaces: Mapping[str, str], *, settle: float = 0.2) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        node_namespaces: Mapping[str, str],
+        *,
+        settle: float = 0.2,
+        connected: Callable[[str], bool] = lambda node: True,
+    ) -> None:
         self._api = api
         self._nodes = dict(node_namespaces)
+        self._connected = connected  # False: that node's proxy cannot hear the API server
         self._settle = settle
         self._dirty = asyncio.Event()
         self._services = _Informer(api, "/api/v1/services", self._dirty.set)
@@ -407,6 +416,10 @@ class ServiceRouter:
             asyncio.create_task(self._pods.run(), name="pods-informer"),
             asyncio.create_task(self._sync_loop(), name="service-router"),
         ]
+
+    def resync(self) -> None:
+        """Bring every connected node up to date (e.g. after a partition healed)."""
+        self._dirty.set()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -448,7 +461,7 @@ class ServiceRouter:
                 self._write_objects = False
         nat, reject = nat_rules(views), reject_rules(views)
         for node, namespace in self._nodes.items():
-            if self._applied.get(node) == (nat, reject):
+            if self._applied.get(node) == (nat, reject) or not self._connected(node):
                 continue
             prefix = ["ip", "netns", "exec", namespace]
             await run_command([*prefix, "iptables-restore"], stdin=nat.encode())
