@@ -28,6 +28,17 @@ LEASE_S = 2.0
 REPO = Path(__file__).resolve().parents[2]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``scale`` take minutes: only ``make test-scale`` (PAIRVOL_SCALE=1) runs
+    them; elsewhere they are deselected (not skipped)."""
+    if os.environ.get("PAIRVOL_SCALE") == "1":
+        return
+    deselected = [item for item in items if item.get_closest_marker("scale") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("scale") is None]
+
+
 @pytest.fixture(scope="session")
 def operator_pod() -> dict[str, Any]:
     """The pod template of the chart's operator Deployment (default values)."""

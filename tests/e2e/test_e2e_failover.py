@@ -368,10 +368,12 @@ async def test_out_of_sync_secondary_is_never_promoted_automatically(stack: Stac
     name = "oos"
     st = await replicating(stack, volume(name, failover={"mode": "Latest"}, replication={"peerTimeoutSeconds": 1}))
     old, sec = st["primary"], st["secondary"]
-    # cut only the replication link (silently): the secondary's node drops the primary's packets,
-    # while both keep talking to the API server and the operator
-    p_ip = stack.sim.node_ip(old["node"])
-    cut = await stack.sim.run_in_node(sec["node"], ["iptables", "-I", "INPUT", "-s", p_ip, "-j", "DROP"])
+    # cut only the replication link (silently): the secondary's node drops what the primary's
+    # pod sends it (forwarded to the secondary's pod), while both keep talking to the API
+    # server and the operator
+    p_ip = old["address"]
+    assert p_ip, old
+    cut = await stack.sim.run_in_node(sec["node"], ["iptables", "-I", "FORWARD", "-s", p_ip, "-j", "DROP"])
     assert cut.returncode == 0, cut
     writer = following(stack, name)
     writer.start()  # writes make the primary notice, mark the secondary and carry on alone

@@ -116,6 +116,17 @@ BUILTIN_TYPES: tuple[ResourceType, ...] = (
             _col("Cluster-IP", ".spec.clusterIP"),
         ),
     ),
+    # Maintained by the node simulator's endpoints controller (localcluster/services.py).
+    ResourceType("", "v1", "endpoints", "Endpoints", True, "endpoints", ("ep",)),
+    ResourceType(
+        "discovery.k8s.io",
+        "v1",
+        "endpointslices",
+        "EndpointSlice",
+        True,
+        "endpointslice",
+        printer_columns=(_col("AddressType", ".addressType"),),
+    ),
     ResourceType("", "v1", "secrets", "Secret", True, "secret", printer_columns=(_col("Type", ".type"),)),
     ResourceType("", "v1", "configmaps", "ConfigMap", True, "configmap", ("cm",)),
     ResourceType("", "v1", "serviceaccounts", "ServiceAccount", True, "serviceaccount", ("sa",)),

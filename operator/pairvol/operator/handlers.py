@@ -91,15 +91,30 @@ def node_view(obj: Mapping[str, Any]) -> d.NodeView:
     )
 
 
+def _last_line(text: Any) -> str:
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def _terminated_reason(term: Mapping[str, Any]) -> str:
+    """``Error, exit code 2: <last line of the termination message>`` — the agent pod asks
+    for ``FallbackToLogsOnError``, so the cause (e.g. a port in use) reaches our Events."""
+    text = f"{term.get('reason') or 'terminated'}, exit code {term.get('exitCode')}"
+    message = _last_line(term.get("message"))
+    return f"{text}: {message}" if message else text
+
+
 def _container_reason(status: Mapping[str, Any]) -> str:
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         term = state.get("terminated") or {}
         if term:
-            return f"{term.get('reason') or 'terminated'}, exit code {term.get('exitCode')}"
+            return _terminated_reason(term)
         wait = state.get("waiting") or {}
         if wait.get("reason"):
-            return f"{wait['reason']}: {wait.get('message') or ''}".strip(": ")
+            text = f"{wait['reason']}: {wait.get('message') or ''}".strip(": ")
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            return f"{text} (last: {_terminated_reason(last)})" if last else text
     return ""
 
 

@@ -332,6 +332,9 @@ def pod_manifest(
             "failureThreshold": 3,
         },
         "resources": dict(config.agent_resources),
+        # a failed agent's last log lines (e.g. "address already in use") become its
+        # termination message: the pod status, and the volume's Events, say why
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": "data", "mountPath": ddir},
             {"name": "credentials", "mountPath": SECRET_MOUNT, "readOnly": True},
@@ -394,6 +397,7 @@ def cleanup_pod_manifest(
                     "name": "wipe",
                     "image": config.agent_image,
                     "command": ["rm", "-rf", "--", f"/host/{volume}"],
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
                     "volumeMounts": [{"name": "parent", "mountPath": "/host"}],
                     "securityContext": agent_security_context(),
                 }
