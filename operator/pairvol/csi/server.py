@@ -10,7 +10,7 @@ it does not declare at all get gRPC's own UNIMPLEMENTED.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -92,14 +92,18 @@ def service(name: str, impls: Mapping[str, Handler]) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(f"{PACKAGE}.{name}", handlers)
 
 
+def _clear_socket(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        os.unlink(path)
+    elif os.path.lexists(path):
+        raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
+
+
 async def serve(endpoint: str, handlers: list[grpc.GenericRpcHandler]) -> aio.Server:
     """Start serving on ``endpoint``; a stale socket from a previous run is replaced."""
     path = socket_path(endpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if not path.is_socket():
-            raise ValueError(f"{path} exists and is not a socket; refusing to replace it")
-        os.unlink(path)
+    await asyncio.to_thread(_clear_socket, path)
     server = aio.server()
     for handler in handlers:
         server.add_generic_rpc_handlers((handler,))
