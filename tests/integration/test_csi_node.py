@@ -298,3 +298,43 @@ async def test_bad_requests_get_the_codes_of_the_spec(kubelet: Kubelet, volume: 
     c, text = await code(kubelet.stage(volume_id="apps/pvc-3"))
     assert c == grpc.StatusCode.UNAVAILABLE
     await kubelet.unstage("apps/pvc-3")
+
+
+def write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite a file's start and fsync (a database page write)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(
+    kubelet: Kubelet, volume: Volume
+) -> None:
+    """The primary dies; the pod's writes wait until the secondary, promoted in Latest
+    mode, serves the same address; then they complete and nothing acknowledged is lost."""
+    await kubelet.stage()
+    await kubelet.publish()
+    before = os.urandom(1 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "before.bin", before)
+    await asyncio.to_thread(write_synced, kubelet.target / "during.bin", b"\0" * (256 << 10))
+
+    volume.primary.kill()
+    await volume.primary.wait_exit()
+    during = os.urandom(256 << 10)
+    writing = asyncio.create_task(asyncio.to_thread(write_in_place, kubelet.target / "during.bin", during))
+    await asyncio.sleep(1.0)
+    assert not writing.done(), "a write completed while no primary served the volume"
+    await volume.secondary.failover(3, "latest")
+    await asyncio.wait_for(writing, 30)  # completed: no I/O error reached the pod
+
+    assert await asyncio.to_thread((kubelet.target / "before.bin").read_bytes) == before
+    assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    # what the new primary holds is the whole file system, journal and all
+    await kubelet.stage()
+    await kubelet.publish()
+    assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
