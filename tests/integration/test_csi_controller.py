@@ -44,12 +44,12 @@ class Provisioner:
     identity: Any
     kube: KubeClient
 
-    def cap(self, mode: int = SINGLE_NODE_WRITER, block: bool = False) -> Any:
+    def cap(self, mode: int = SINGLE_NODE_WRITER, block: bool = False, fs_type: str = "ext4") -> Any:
         c = self.pb.VolumeCapability(access_mode=self.pb.VolumeCapability.AccessMode(mode=mode))
         if block:
             c.block.SetInParent()
         else:
-            c.mount.fs_type = "ext4"
+            c.mount.fs_type = fs_type
         return c
 
     async def create(self, name: str = NAME, required: int = 100 * MIB + 1, limit: int = 0, **kw: Any) -> Any:
@@ -132,8 +132,8 @@ async def test_create_makes_a_replicated_volume_and_answers_once_it_replicates(p
     assert len(await provisioner.kube.list(volume_path(NS))) == 1
 
     # the same name asking for something else
-    code, text = await provisioner.refused(provisioner.create(parameters={"failoverMode": "Checkpoint"}))
-    assert code == grpc.StatusCode.ALREADY_EXISTS and "failover_mode" in text
+    code, text = await provisioner.refused(provisioner.create(parameters={"checkpointIntervalSeconds": "30"}))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "checkpoint_interval_s" in text
     code, text = await provisioner.refused(provisioner.create(required=200 * MIB))
     assert code == grpc.StatusCode.ALREADY_EXISTS and "capacity range" in text
 
@@ -190,16 +190,20 @@ async def test_validate_volume_capabilities(provisioner: Provisioner) -> None:
         ({"caps": "multi"}, grpc.StatusCode.INVALID_ARGUMENT, "ReadWriteOnce"),
         ({"parameters": {"replicas": "3"}}, grpc.StatusCode.INVALID_ARGUMENT, "unknown StorageClass parameter"),
         ({"parameters": {"failoverMode": "Soon"}}, grpc.StatusCode.INVALID_ARGUMENT, "failover.mode"),
+        ({"parameters": {"failoverMode": "Checkpoint"}}, grpc.StatusCode.INVALID_ARGUMENT, "failoverMode: Latest"),
         ({"parameters": {"fsType": "btrfs"}}, grpc.StatusCode.INVALID_ARGUMENT, "btrfs"),
         ({"required": 0, "limit": MIB - 1}, grpc.StatusCode.OUT_OF_RANGE, "whole MiB"),
         ({"required": 3 * MIB, "limit": 2 * MIB}, grpc.StatusCode.OUT_OF_RANGE, "capacity range"),
         ({"snapshot": True}, grpc.StatusCode.INVALID_ARGUMENT, "snapshot"),
+        ({"caps": "xfs"}, grpc.StatusCode.OUT_OF_RANGE, "xfs file system needs a volume of at least 300 MiB"),
     ],
 )
 async def test_bad_create_requests(provisioner: Provisioner, change: dict[str, Any], code: Any, says: str) -> None:
     kw = dict(change)
     if kw.get("caps") == "multi":
         kw["caps"] = [provisioner.cap(MULTI_NODE_MULTI_WRITER)]
+    if kw.get("caps") == "xfs":
+        kw["caps"] = [provisioner.cap(fs_type="xfs")]
     if kw.pop("snapshot", False):
         kw["volume_content_source"] = provisioner.pb.VolumeContentSource(
             snapshot=provisioner.pb.VolumeContentSource.SnapshotSource(snapshot_id="s")

@@ -132,13 +132,18 @@ class Volume:
 
 
 @pytest.fixture
-async def volume(tmp_path: Path) -> AsyncIterator[Volume]:
+def volume_size() -> str:
+    return "64Mi"
+
+
+@pytest.fixture
+async def volume(tmp_path: Path, volume_size: str) -> AsyncIterator[Volume]:
     """A replicating pair whose primary serves the volume on 127.0.0.1:PORT with TLS-PSK;
     the secondary serves the same address once promoted (as the Service would)."""
     port = free_port()
     psk = write_psk(tmp_path / "psk")
     async with pair(
-        tmp_path, size="64Mi", psk_file=psk, extra_args=["--export-listen", f"127.0.0.1:{port}"]
+        tmp_path, size=volume_size, psk_file=psk, extra_args=["--export-listen", f"127.0.0.1:{port}"]
     ) as (p, s):
         yield Volume(p, s, port, psk.read_text().strip())
 
@@ -237,6 +242,25 @@ async def test_a_restarted_node_plugin_tears_down_what_the_previous_one_built(
     assert not await loop_devices_of(kubelet.state_dir)
 
 
+@pytest.mark.parametrize("volume_size", ["300Mi"])
+async def test_xfs_is_made_when_asked_and_then_kept(kubelet: Kubelet) -> None:
+    await kubelet.stage(fs_type="xfs")
+    await kubelet.publish(fs_type="xfs")
+    assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
+    await asyncio.to_thread(write_synced, kubelet.target / "x", b"on xfs\n")
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    # asked for ext4 later, the volume keeps its xfs file system and says so
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await kubelet.stage(fs_type="ext4")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "holds an xfs file system but ext4 was requested" in refused.value.details()
+    await kubelet.unstage()
+    await kubelet.stage(fs_type="xfs")
+    await kubelet.publish(fs_type="xfs")
+    assert await asyncio.to_thread((kubelet.target / "x").read_bytes) == b"on xfs\n"
+
+
 async def test_block_volume_is_the_volume_and_is_never_formatted(kubelet: Kubelet, volume: Volume) -> None:
     kubelet.target = kubelet.target.parent / "pvc-1-block"
     await kubelet.stage(block=True)
@@ -284,6 +308,9 @@ async def test_bad_requests_get_the_codes_of_the_spec(kubelet: Kubelet, volume: 
     assert c == grpc.StatusCode.INVALID_ARGUMENT and "btrfs" in text
     c, text = await code(kubelet.publish())
     assert c == grpc.StatusCode.FAILED_PRECONDITION and "NodeStageVolume first" in text
+    c, text = await code(kubelet.stage(fs_type="xfs"))  # the volume is 64 MiB
+    assert c == grpc.StatusCode.FAILED_PRECONDITION and "at least 300 MiB" in text
+    await kubelet.unstage()
 
     # nothing listens there: the kubelet may retry later
     kubelet.export = f"127.0.0.1:{free_port()}"

@@ -99,6 +99,8 @@ def test_storage_class_parameters_become_the_volume_spec() -> None:
         (NAME, {"nodes": "only-one"}, "at least two distinct nodes"),
         (NAME, {"hostPath": "relative"}, "absolute path"),
         (NAME, {"reclaimPolicy": "Recycle"}, "reclaimPolicy"),
+        (NAME, {"failoverMode": "Checkpoint"}, "rolls the disk back under the mounted file system"),
+        (NAME, {"failoverMode": "Soon"}, "spec.failover.mode must be one of"),
     ],
 )
 def test_bad_parameters_say_what_to_fix(name: str, params: dict[str, str], says: str) -> None:
@@ -108,11 +110,15 @@ def test_bad_parameters_say_what_to_fix(name: str, params: dict[str, str], says:
 
 
 def test_a_repeated_request_is_the_same_unless_a_setting_differs() -> None:
-    a = volume_request(NAME, 64 * MIB, {"failoverMode": "Latest"}).spec
+    a = volume_request(NAME, 64 * MIB, {"peerTimeoutSeconds": "5"}).spec
     assert same_request(dict(a), a) == []
     assert same_request({**a, "size": "128Mi"}, a) == []  # size is judged by the capacity range
-    b = volume_request(NAME, 64 * MIB, {"failoverMode": "Checkpoint"}).spec
-    assert same_request(dict(a), b) == ["failover_mode: existing 'Latest', requested 'Checkpoint'"]
+    b = volume_request(NAME, 64 * MIB, {"peerTimeoutSeconds": "9"}).spec
+    assert same_request(dict(a), b) == ["peer_timeout_s: existing 5, requested 9"]
+
+
+def test_csi_volumes_fail_over_in_latest_mode() -> None:
+    assert volume_request(NAME, MIB, {}).spec["failover"] == {"mode": "Latest"}
 
 
 def test_volume_ids_name_namespace_and_volume() -> None:

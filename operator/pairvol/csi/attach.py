@@ -38,6 +38,7 @@ import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class AttachError(Exception):
 
 class NotBlank(AttachError):
     """The device holds data but no file system this driver may mount: never formatted."""
+
+
+class TooSmall(AttachError):
+    """The volume is too small for the requested file system."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,9 @@ class Attachment:
         return None
 
     async def _make_fs(self, device: str, fs_type: str) -> None:
+        problem = size_problem(fs_type, await asyncio.to_thread(_device_size, device))
+        if problem is not None:
+            raise TooSmall(f"{self.volume_id}: {problem}")
         if fs_type == "xfs":
             await run("mkfs.xfs", "-q", "-K", device, timeout=300)
         else:

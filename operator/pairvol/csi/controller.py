@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from itertools import repeat
 from typing import Any
 
 import grpc
@@ -30,6 +31,7 @@ from pairvol.csi.params import (
     fits,
     parse_volume_id,
     same_request,
+    size_problem,
     volume_context,
     volume_id,
     volume_request,
@@ -90,6 +92,10 @@ class ControllerService:
             wanted = volume_request(name, size, string_map(req.parameters))
         except ParameterError as exc:
             raise invalid(str(exc)) from exc
+        for cap in map(capability, req.volume_capabilities, repeat("volume_capabilities")):
+            problem = None if cap.block else size_problem(cap.fs_type or wanted.fs_type, size)
+            if problem is not None:
+                raise CsiError(grpc.StatusCode.OUT_OF_RANGE, problem)
 
         async with self._locks[name]:
             path = volume_path(self.namespace, name)

@@ -39,6 +39,8 @@ _RESERVED_PREFIX = "csi.storage.k8s.io/"
 
 FS_TYPES = ("ext4", "xfs")
 DEFAULT_FS_TYPE = "ext4"
+#: the smallest volume each file system can be made on (mkfs.xfs refuses less than 300 MiB)
+MIN_FS_SIZE = {"ext4": MIN_SIZE, "xfs": 300 * MIB}
 
 # CSI access modes (VolumeCapability.AccessMode.Mode)
 SINGLE_NODE_WRITER = 1
@@ -112,6 +114,14 @@ def volume_size(required: int, limit: int) -> int:
     return size
 
 
+def size_problem(fs_type: str, size: int) -> str | None:
+    """Why a file system of ``fs_type`` cannot be made on ``size`` bytes, or None."""
+    least = MIN_FS_SIZE.get(fs_type, MIN_SIZE)
+    if size < least:
+        return f"an {fs_type} file system needs a volume of at least {least // MIB} MiB, got {size} bytes"
+    return None
+
+
 def fits(size: int, required: int, limit: int) -> bool:
     """Whether an existing volume of ``size`` bytes satisfies the capacity range."""
     return size >= required and (not limit or size <= limit)
@@ -175,9 +185,16 @@ def volume_request(name: str, size: int, parameters: Mapping[str, str]) -> Volum
             f"unknown StorageClass parameter(s) {', '.join(unknown)}; known: {', '.join(KNOWN_PARAMETERS)}"
         )
     spec: dict[str, Any] = {"size": str(size)}
-    failover: dict[str, Any] = {}
-    if "failoverMode" in parameters:
-        failover["mode"] = parameters["failoverMode"]
+    # Latest, always: a Checkpoint-mode failover rolls the disk back under the attached
+    # consumer (a mounted file system, a running VM), which corrupts it unless the
+    # attachment is torn down first; this driver does not do that yet (docs/csi.md).
+    mode = parameters.get("failoverMode", "Latest")
+    if mode == "Checkpoint":
+        raise ParameterError(
+            "failoverMode Checkpoint is not supported for CSI volumes yet: its failover rolls the disk back "
+            "under the mounted file system; use failoverMode: Latest (the default, RPO 0)"
+        )
+    failover: dict[str, Any] = {"mode": mode}
     if "gracePeriodSeconds" in parameters:
         failover["gracePeriodSeconds"] = _seconds("gracePeriodSeconds", parameters["gracePeriodSeconds"], 0)
     if "automaticFailover" in parameters:
