@@ -37,7 +37,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         return
-    terminalreporter.section(f"{len(skipped)} SKIPPED: these tests proved nothing (on CI they fail)", red=True)
+    terminalreporter.section(
+        f"{len(skipped)} SKIPPED: these tests proved nothing (on CI they fail, but for {OUTSIDE_REPOSITORY.strip()})",
+        red=True,
+    )
     for rep in skipped:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         terminalreporter.line(f"{rep.nodeid}: {reason}", red=True)

@@ -1,7 +1,7 @@
 """The CSI node plugin with real agents: what the kubelet does to a pod's volume.
 
-The kubelet's calls go through stubs compiled from the upstream csi.proto
-(tests/support/csi.py); the node plugin runs with its pod's privileges
+The kubelet's calls go through stubs compiled from the upstream csi.proto (the driver's
+own where a clone lacks the reference; tests/support/csi.py); the node plugin runs with its pod's privileges
 (pairvol.csi.manifests); the volume is a replicating pair of real agents whose primary
 serves its export over TCP with TLS-PSK, as the operator runs them. Each test checks what
 a user would see: files written through the mounted file system come back after the
@@ -28,7 +28,7 @@ from pairvol.csi import DRIVER_NAME
 from pairvol.csi.attach import mount_points
 from tests.support.agents import Agent, free_port, pair, privileges, running_as, write_psk
 from tests.support.ci import unavailable
-from tests.support.csi import Driver, Upstream, compile_upstream, driver, node_plugin_security
+from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,8 +38,9 @@ STAGE_UNSTAGE_VOLUME = 1
 
 
 @pytest.fixture(scope="session")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Upstream:
-    return compile_upstream(tmp_path_factory.mktemp("csi-upstream"))
+def stubs(tmp_path_factory: pytest.TempPathFactory) -> Stubs:
+    """The kubelet's and the sidecars' view of the protocol (see tests/support/csi.py)."""
+    return compile_stubs(tmp_path_factory.mktemp("csi-stubs"))
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +150,7 @@ async def volume(tmp_path: Path, volume_size: str) -> AsyncIterator[Volume]:
 
 
 @pytest.fixture
-async def kubelet(tmp_path: Path, volume: Volume, upstream: Upstream) -> AsyncIterator[Kubelet]:
+async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator[Kubelet]:
     state = tmp_path / "csi-state"
     pods = tmp_path / "kubelet"
     plan = node_plugin_security()
@@ -158,9 +159,9 @@ async def kubelet(tmp_path: Path, volume: Volume, upstream: Upstream) -> AsyncIt
     ) as d:
         assert privileges(d.proc.pid) == running_as(plan)
         k = Kubelet(
-            pb=upstream.pb,
-            node=upstream.grpc.NodeStub(d.channel),
-            identity=upstream.grpc.IdentityStub(d.channel),
+            pb=stubs.pb,
+            node=stubs.grpc.NodeStub(d.channel),
+            identity=stubs.grpc.IdentityStub(d.channel),
             state_dir=state,
             staging=pods / "plugins/kubernetes.io/csi/pairvol.io/vol/globalmount",
             target=pods / "pods/uid-1/volumes/kubernetes.io~csi/pvc-1/mount",
@@ -219,7 +220,7 @@ async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugi
 
 
 async def test_a_restarted_node_plugin_tears_down_what_the_previous_one_built(
-    kubelet: Kubelet, tmp_path: Path, upstream: Upstream
+    kubelet: Kubelet, tmp_path: Path, stubs: Stubs
 ) -> None:
     await kubelet.stage()
     await kubelet.publish()
@@ -233,7 +234,7 @@ async def test_a_restarted_node_plugin_tears_down_what_the_previous_one_built(
     async with driver(
         tmp_path, "node", "--node-id", "node-a", "--state-dir", str(kubelet.state_dir), security=plan, name="csi2"
     ) as d:
-        kubelet.node = upstream.grpc.NodeStub(d.channel)
+        kubelet.node = stubs.grpc.NodeStub(d.channel)
         await kubelet.publish()  # idempotent across processes
         assert (kubelet.target / "before").read_text() == "written before the restart\n"
         await kubelet.unpublish()

@@ -2,8 +2,11 @@
 clients compiled from the upstream CSI definitions, as the kubelet and the sidecars have.
 
 The upstream ``csi.proto`` (v1.12.0) is not part of the repository: it is found next to the
-checkout as ``<repo>/../shared/csi/csi.proto`` (or at ``$PAIRVOL_CSI_REFERENCE``). Without
-it the wire-compatibility tests skip, on CI too (tests/support/ci.py, OUTSIDE_REPOSITORY).
+checkout as ``<repo>/../shared/csi/csi.proto`` (or at ``$PAIRVOL_CSI_REFERENCE``). When it is
+there, every CSI test calls the driver through stubs generated from it. In a clone without
+it (CI), the tests call through stubs generated from the driver's own definition instead,
+and only the comparison of the two definitions (test_csi_wire.py) skips, on CI too
+(tests/support/ci.py, OUTSIDE_REPOSITORY).
 """
 
 from __future__ import annotations
@@ -34,23 +37,33 @@ def reference_proto() -> Path | None:
     return path if path.is_file() else None
 
 
-@dataclass(frozen=True)
-class Upstream:
-    """Messages and stubs generated from the upstream csi.proto."""
-
-    pb: ModuleType
-    grpc: ModuleType
+OWN_PROTO = Path(__file__).resolve().parents[2] / "operator" / "pairvol" / "csi" / "csi.proto"
 
 
-def compile_upstream(out: Path) -> Upstream:
-    """Generate Python modules from the upstream csi.proto into ``out`` and import them
-    (once per process: the generated module registers itself in protobuf's default pool)."""
+def require_reference() -> Path:
     proto = reference_proto()
     if proto is None:
         outside_repository(
             f"the upstream CSI reference {REPO.parent / 'shared' / 'csi' / 'csi.proto'} is not next to this "
             "checkout (set PAIRVOL_CSI_REFERENCE to a csi.proto v1.12.0)"
         )
+    return proto
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """Messages and stubs generated from a csi.proto; ``upstream``: from the reference."""
+
+    pb: ModuleType
+    grpc: ModuleType
+    upstream: bool
+
+
+def compile_stubs(out: Path) -> Stubs:
+    """Generate Python modules from the upstream csi.proto (else the driver's own) into
+    ``out`` and import them (once per process: the generated module registers itself in
+    protobuf's default pool)."""
+    proto = reference_proto() or OWN_PROTO
     if "csi_pb2" not in sys.modules:
         import grpc_tools
         from grpc_tools import protoc
@@ -69,7 +82,15 @@ def compile_upstream(out: Path) -> Upstream:
         )
         assert rc == 0, f"protoc failed on {proto}"
         sys.path.insert(0, str(out))
-    return Upstream(pb=importlib.import_module("csi_pb2"), grpc=importlib.import_module("csi_pb2_grpc"))
+    pb = importlib.import_module("csi_pb2")
+    return Stubs(pb=pb, grpc=importlib.import_module("csi_pb2_grpc"), upstream=hasattr(pb, "ListVolumesRequest"))
+
+
+async def call_raw(channel: grpc.aio.Channel, path: str, body: bytes = b"") -> bytes:
+    """A unary call by its path with an encoded request: for methods a stub may lack."""
+    method = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    result: bytes = await method(body, timeout=30)
+    return result
 
 
 def node_plugin_security(node: str = "node-a") -> SecurityPlan:
