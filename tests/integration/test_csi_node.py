@@ -366,3 +366,25 @@ async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(
     await kubelet.stage()
     await kubelet.publish()
     assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
+
+
+async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unstaging(kubelet: Kubelet) -> None:
+    await kubelet.stage()
+    await kubelet.publish()
+    data = os.urandom(1 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "kept.bin", data)
+    pidfile = kubelet.state_dir / "apps_pvc-1" / "attacher.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)  # e.g. the OOM killer
+
+    with pytest.raises(grpc.aio.AioRpcError) as broken:
+        await kubelet.stage()  # what a restarted kubelet asks: it cannot be repaired in place
+    assert broken.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unpublish and unstage" in broken.value.details()
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    assert str(kubelet.staging) not in mounts()
+    assert not await loop_devices_of(kubelet.state_dir)
+
+    await kubelet.stage()
+    await kubelet.publish()
+    assert await asyncio.to_thread((kubelet.target / "kept.bin").read_bytes) == data  # fsynced = on the volume

@@ -60,6 +60,10 @@ class NotBlank(AttachError):
     """The device holds data but no file system this driver may mount: never formatted."""
 
 
+class Broken(AttachError):
+    """The attachment lost its attacher; only unstaging repairs it."""
+
+
 class TooSmall(AttachError):
     """The volume is too small for the requested file system."""
 
@@ -252,16 +256,24 @@ class Attachment:
 
     # -- the loop device
 
-    async def loop_device(self) -> str | None:
-        """The loop device over the FUSE export, if there is one."""
-        if not await asyncio.to_thread(self.disk.exists):
-            return None
+    async def loop_devices(self) -> list[str]:
+        """The loop devices over the FUSE export (one, unless an earlier attacher died and
+        left its device behind). The file itself is not touched: on a dead FUSE mount even
+        stat fails."""
+        if not await asyncio.to_thread(self.dir.is_dir):
+            return []
         _, out = await run("losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list", check=False)
+        found = []
         for line in out.splitlines():
             name, _, back = line.strip().partition(" ")
-            if back.strip() == str(self.disk):
-                return name
-        return None
+            if back.strip().removesuffix(" (deleted)") == str(self.disk):
+                found.append(name)
+        return found
+
+    async def loop_device(self) -> str | None:
+        """The loop device over the FUSE export, if there is one."""
+        devices = await self.loop_devices()
+        return devices[0] if devices else None
 
     async def _attach_loop(self) -> str:
         device = await self.loop_device()
@@ -311,6 +323,15 @@ class Attachment:
         await asyncio.to_thread(self._write_record, record)
         await asyncio.to_thread(self._write_psk, record.psk_identity, psk_key)
         if await asyncio.to_thread(self.attacher_pid) is None:
+            stale = await self.loop_devices()
+            if stale:
+                # The attacher died under a device that may still be mounted or published:
+                # a new attacher cannot be put under it, only a new attachment can be made.
+                raise Broken(
+                    f"the attacher of {self.volume_id} is gone while its loop device {', '.join(stale)} is still "
+                    "set up (I/O on it fails); unpublish and unstage the volume, then stage it again "
+                    "(its pods must restart)"
+                )
             if await mounted(self.disk):  # a dead daemon's FUSE mount
                 await run("umount", "-l", str(self.disk))
             await self._start_attacher(record)
@@ -343,8 +364,7 @@ class Attachment:
         for path in paths:
             if (record is None or not record.block) and await mounted(path):
                 await run("umount", str(path))
-        device = await self.loop_device()
-        if device is not None:
+        for device in await self.loop_devices():
             await run("blockdev", "--flushbufs", device, check=False)
             await run("losetup", "--detach", device)
         await self._stop_attacher()

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from pairvol.csi import attach
-from pairvol.csi.attach import AttachError, Attachment, NotBlank, Record, TooSmall, mounted, run
+from pairvol.csi.attach import AttachError, Attachment, Broken, NotBlank, Record, TooSmall, mounted, run
 from pairvol.csi.params import DEFAULT_FS_TYPE, FS_TYPES, capability_problem
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
@@ -131,7 +131,7 @@ class NodeService:
                 )
             try:
                 await att.stage(record, key, cap.mount_flags)
-            except (NotBlank, TooSmall) as exc:
+            except (NotBlank, TooSmall, Broken) as exc:
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
             except AttachError as exc:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"staging {volume_id} failed: {exc}") from exc
