@@ -34,7 +34,8 @@ pytestmark = pytest.mark.timeout(120)
 
 SINGLE_NODE_WRITER = 1
 MULTI_NODE_MULTI_WRITER = 5
-STAGE_UNSTAGE_VOLUME = 1
+STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION = 1, 2, 4
+BYTES, INODES = 1, 2
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +100,10 @@ class Kubelet:
         )
         return await self.node.NodePublishVolume(req, timeout=60)
 
+    async def stats(self, volume_id: str = "apps/pvc-1") -> Any:
+        req = self.pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=str(self.target))
+        return await self.node.NodeGetVolumeStats(req, timeout=60)
+
     async def unpublish(self, volume_id: str = "apps/pvc-1") -> Any:
         req = self.pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(self.target))
         return await self.node.NodeUnpublishVolume(req, timeout=60)
@@ -140,11 +145,12 @@ def volume_size() -> str:
 @pytest.fixture
 async def volume(tmp_path: Path, volume_size: str) -> AsyncIterator[Volume]:
     """A replicating pair whose primary serves the volume on 127.0.0.1:PORT with TLS-PSK;
-    the secondary serves the same address once promoted (as the Service would)."""
+    the secondary serves the same address once promoted (as the Service would). Both disks
+    are new (all zeros), so replication starts without a sync."""
     port = free_port()
     psk = write_psk(tmp_path / "psk")
     async with pair(
-        tmp_path, size=volume_size, psk_file=psk, extra_args=["--export-listen", f"127.0.0.1:{port}"]
+        tmp_path, size=volume_size, sync="none", psk_file=psk, extra_args=["--export-listen", f"127.0.0.1:{port}"]
     ) as (p, s):
         yield Volume(p, s, port, psk.read_text().strip())
 
@@ -192,7 +198,7 @@ async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubel
     node = await kubelet.node.NodeGetInfo(pb.NodeGetInfoRequest())
     assert node.node_id == "node-a"
     ncaps = await kubelet.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
-    assert [c.rpc.type for c in ncaps.capabilities] == [STAGE_UNSTAGE_VOLUME]
+    assert [c.rpc.type for c in ncaps.capabilities] == [STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION]
 
 
 async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugin(
@@ -205,6 +211,12 @@ async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugi
     assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
     data = os.urandom(3 << 20)
     await asyncio.to_thread(write_synced, kubelet.target / "data.bin", data)
+    stats = await kubelet.stats()
+    usage = {u.unit: u for u in stats.usage}
+    assert 32 << 20 < usage[BYTES].total <= 64 << 20  # the file system on the 64 MiB volume
+    assert usage[BYTES].used >= len(data) and usage[BYTES].available < usage[BYTES].total - len(data)
+    assert usage[INODES].used > 0 and usage[INODES].total > usage[INODES].used
+    assert not stats.volume_condition.abnormal and kubelet.export in stats.volume_condition.message
 
     await kubelet.unpublish()
     await kubelet.unpublish()  # idempotent
@@ -276,6 +288,8 @@ async def test_block_volume_is_the_volume_and_is_never_formatted(kubelet: Kubele
         os.close(fd)
     async with await volume.primary.nbd() as nbd:
         assert await nbd.pread(1 << 20, 0) == payload  # the pod's bytes are the volume's bytes
+    stats = await kubelet.stats()
+    assert [(u.unit, u.total) for u in stats.usage] == [(BYTES, 64 << 20)]
     await kubelet.unpublish()
     await kubelet.unstage()
 
@@ -309,6 +323,8 @@ async def test_bad_requests_get_the_codes_of_the_spec(kubelet: Kubelet, volume: 
     assert c == grpc.StatusCode.INVALID_ARGUMENT and "btrfs" in text
     c, text = await code(kubelet.publish())
     assert c == grpc.StatusCode.FAILED_PRECONDITION and "NodeStageVolume first" in text
+    c, text = await code(kubelet.stats())
+    assert c == grpc.StatusCode.NOT_FOUND and "not staged" in text
     c, text = await code(kubelet.stage(fs_type="xfs"))  # the volume is 64 MiB
     assert c == grpc.StatusCode.FAILED_PRECONDITION and "at least 300 MiB" in text
     await kubelet.unstage()
@@ -375,6 +391,8 @@ async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unst
     await asyncio.to_thread(write_synced, kubelet.target / "kept.bin", data)
     pidfile = kubelet.state_dir / "apps_pvc-1" / "attacher.pid"
     os.kill(int(pidfile.read_text()), signal.SIGKILL)  # e.g. the OOM killer
+    stats = await kubelet.stats()
+    assert stats.volume_condition.abnormal and "attacher" in stats.volume_condition.message
 
     with pytest.raises(grpc.aio.AioRpcError) as broken:
         await kubelet.stage()  # what a restarted kubelet asks: it cannot be repaired in place

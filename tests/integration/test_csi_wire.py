@@ -118,5 +118,5 @@ async def test_fields_the_driver_does_not_declare_are_ignored(stubs: Stubs, tmp_
         # decoded as the driver reads it: it got as far as the export address
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exportAddress" in err.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id="apps/pvc-1", volume_path="/x"))
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            await node.NodeExpandVolume(pb.NodeExpandVolumeRequest(volume_id="apps/pvc-1", volume_path="/x"))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # not declared by the driver

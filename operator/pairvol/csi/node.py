@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ from pairvol.csi.wire import capability, string_map
 log = logging.getLogger(__name__)
 
 STAGE_UNSTAGE_VOLUME = 1
+GET_VOLUME_STATS = 2
+VOLUME_CONDITION = 4
+BYTES, INODES = 1, 2
 #: node topology key: a volume can be attached on any node, so it is informational
 TOPOLOGY_KEY = "topology.pairvol.io/node"
 
@@ -75,6 +79,7 @@ class NodeService:
             "NodeUnstageVolume": self.unstage,
             "NodePublishVolume": self.publish,
             "NodeUnpublishVolume": self.unpublish,
+            "NodeGetVolumeStats": self.volume_stats,
             "NodeGetCapabilities": self.get_capabilities,
             "NodeGetInfo": self.get_info,
         }
@@ -86,7 +91,45 @@ class NodeService:
 
     async def get_capabilities(self, _: Any) -> Any:
         resp = self.m.get("NodeGetCapabilitiesResponse")()
-        resp.capabilities.add().rpc.type = STAGE_UNSTAGE_VOLUME
+        for rpc in (STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION):
+            resp.capabilities.add().rpc.type = rpc
+        return resp
+
+    async def volume_stats(self, req: Any) -> Any:
+        """Usage of the published file system (bytes and inodes) or the device's size, and
+        the attachment's condition: abnormal when its attacher is gone (I/O fails)."""
+        volume_id = require(req.volume_id, "volume_id")
+        path = Path(require(req.volume_path, "volume_path"))
+        att = Attachment(self.state_dir, volume_id)
+        record = await asyncio.to_thread(att.read_record)
+        if record is None:
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {volume_id} is not staged on node {self.node_id}")
+        if not await asyncio.to_thread(os.path.lexists, path):
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"{path} does not exist on node {self.node_id}")
+        resp = self.m.get("NodeGetVolumeStatsResponse")()
+        problem = None
+        if await asyncio.to_thread(att.attacher_pid) is None:
+            problem = (
+                f"the attacher of {volume_id} is gone: I/O on the volume fails; restart the pod "
+                "(the volume is unstaged and staged again)"
+            )
+        try:
+            if record.block:
+                size = await asyncio.to_thread(_size_of, path)
+                resp.usage.add(unit=BYTES, total=size)
+            else:
+                st = await asyncio.to_thread(os.statvfs, path)
+                resp.usage.add(
+                    unit=BYTES,
+                    total=st.f_blocks * st.f_frsize,
+                    available=st.f_bavail * st.f_frsize,
+                    used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+                )
+                resp.usage.add(unit=INODES, total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree)
+        except OSError as exc:
+            problem = problem or f"{path} cannot be read: {exc}"
+        resp.volume_condition.abnormal = problem is not None
+        resp.volume_condition.message = problem or f"attached to {record.export_host}:{record.export_port}"
         return resp
 
     async def stage(self, req: Any) -> Any:
@@ -220,6 +263,11 @@ class NodeService:
                 ) from exc
             await asyncio.to_thread(_remove, target)
         return self.m.get("NodeUnpublishVolumeResponse")()
+
+
+def _size_of(path: Path) -> int:
+    with open(path, "rb", buffering=0) as f:
+        return f.seek(0, os.SEEK_END)
 
 
 def _remove(path: Path) -> None:
