@@ -325,6 +325,14 @@ async def test_bad_requests_get_the_codes_of_the_spec(kubelet: Kubelet, volume: 
     assert c == grpc.StatusCode.FAILED_PRECONDITION and "NodeStageVolume first" in text
     c, text = await code(kubelet.stats())
     assert c == grpc.StatusCode.NOT_FOUND and "not staged" in text
+    c, text = await code(kubelet.unstage(".."))  # a volume ID names a directory of the plugin
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "NAMESPACE/NAME" in text
+    c, text = await code(
+        kubelet.node.NodeUnstageVolume(
+            kubelet.pb.NodeUnstageVolumeRequest(volume_id="apps/pvc-1", staging_target_path="relative/dir")
+        )
+    )
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "absolute path" in text
     c, text = await code(kubelet.stage(fs_type="xfs"))  # the volume is 64 MiB
     assert c == grpc.StatusCode.FAILED_PRECONDITION and "at least 300 MiB" in text
     await kubelet.unstage()

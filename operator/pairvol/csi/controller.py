@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Mapping
 from itertools import repeat
 from typing import Any
 
@@ -136,7 +137,7 @@ class ControllerService:
         return resp
 
     def _compatible(
-        self, existing: dict[str, Any], name: str, spec: dict[str, Any] | Any, required: int, limit: int
+        self, existing: Mapping[str, Any], name: str, spec: Mapping[str, Any], required: int, limit: int
     ) -> int:
         """The existing volume's size if it answers the request; ALREADY_EXISTS if not."""
         where = f"ReplicatedVolume {self.namespace}/{name}"

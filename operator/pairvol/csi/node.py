@@ -25,9 +25,9 @@ from typing import Any
 
 import grpc
 
-from pairvol.csi import attach
+from pairvol.csi import DRIVER_NAME, attach
 from pairvol.csi.attach import AttachError, Attachment, Broken, NotBlank, Record, TooSmall, mounted, run
-from pairvol.csi.params import DEFAULT_FS_TYPE, FS_TYPES, capability_problem
+from pairvol.csi.params import DEFAULT_FS_TYPE, FS_TYPES, capability_problem, parse_volume_id
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
 from pairvol.csi.wire import capability, string_map
@@ -73,6 +73,13 @@ class NodeService:
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.m = messages()
 
+    def _attachment(self, volume_id: str) -> Attachment:
+        """The attachment of a volume ID this driver made (it names a directory: nothing
+        else may)."""
+        if parse_volume_id(volume_id) is None:
+            raise invalid(f"volume_id {volume_id!r} is not a volume of {DRIVER_NAME} (NAMESPACE/NAME)")
+        return Attachment(self.state_dir, volume_id)
+
     def handlers(self) -> dict[str, Handler]:
         return {
             "NodeStageVolume": self.stage,
@@ -99,8 +106,8 @@ class NodeService:
         """Usage of the published file system (bytes and inodes) or the device's size, and
         the attachment's condition: abnormal when its attacher is gone (I/O fails)."""
         volume_id = require(req.volume_id, "volume_id")
-        path = Path(require(req.volume_path, "volume_path"))
-        att = Attachment(self.state_dir, volume_id)
+        path = _absolute(req.volume_path, "volume_path")
+        att = self._attachment(volume_id)
         record = await asyncio.to_thread(att.read_record)
         if record is None:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {volume_id} is not staged on node {self.node_id}")
@@ -134,7 +141,7 @@ class NodeService:
 
     async def stage(self, req: Any) -> Any:
         volume_id = require(req.volume_id, "volume_id")
-        staging = Path(require(req.staging_target_path, "staging_target_path"))
+        staging = _absolute(req.staging_target_path, "staging_target_path")
         if not req.HasField("volume_capability"):
             raise invalid("volume_capability is required")
         cap = capability(req.volume_capability, "volume_capability")
@@ -164,7 +171,7 @@ class NodeService:
             fs_type="" if cap.block else fs_type,
         )
         async with self._locks[volume_id]:
-            att = Attachment(self.state_dir, volume_id)
+            att = self._attachment(volume_id)
             existing = await asyncio.to_thread(att.read_record)
             if existing is not None and existing != record:
                 raise CsiError(
@@ -182,17 +189,17 @@ class NodeService:
 
     async def unstage(self, req: Any) -> Any:
         volume_id = require(req.volume_id, "volume_id")
-        staging = Path(require(req.staging_target_path, "staging_target_path"))
+        staging = _absolute(req.staging_target_path, "staging_target_path")
         async with self._locks[volume_id]:
             try:
-                await Attachment(self.state_dir, volume_id).unstage(staging)
+                await self._attachment(volume_id).unstage(staging)
             except AttachError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"unstaging {volume_id} failed: {exc}") from exc
         return self.m.get("NodeUnstageVolumeResponse")()
 
     async def publish(self, req: Any) -> Any:
         volume_id = require(req.volume_id, "volume_id")
-        target = Path(require(req.target_path, "target_path"))
+        target = _absolute(req.target_path, "target_path")
         staging = require(req.staging_target_path, "staging_target_path")
         if not req.HasField("volume_capability"):
             raise invalid("volume_capability is required")
@@ -201,7 +208,7 @@ class NodeService:
         if problem is not None:
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         async with self._locks[volume_id]:
-            att = Attachment(self.state_dir, volume_id)
+            att = self._attachment(volume_id)
             record = await asyncio.to_thread(att.read_record)
             if record is None or record.staging_path != staging:
                 raise CsiError(
@@ -252,7 +259,7 @@ class NodeService:
 
     async def unpublish(self, req: Any) -> Any:
         volume_id = require(req.volume_id, "volume_id")
-        target = Path(require(req.target_path, "target_path"))
+        target = _absolute(req.target_path, "target_path")
         async with self._locks[volume_id]:
             try:
                 while await mounted(target):
@@ -268,6 +275,13 @@ class NodeService:
 def _size_of(path: Path) -> int:
     with open(path, "rb", buffering=0) as f:
         return f.seek(0, os.SEEK_END)
+
+
+def _absolute(value: str, field: str) -> Path:
+    path = Path(require(value, field))
+    if not path.is_absolute() or ".." in path.parts:
+        raise invalid(f"{field} must be an absolute path without '..', got {value!r}")
+    return path
 
 
 def _remove(path: Path) -> None:
