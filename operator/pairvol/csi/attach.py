@@ -243,7 +243,7 @@ class Attachment:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = asyncio.get_running_loop().time() + STOP_GRACE_S
-            while await asyncio.to_thread(Path(f"/proc/{pid}").exists):
+            while await asyncio.to_thread(_running, pid):
                 if asyncio.get_running_loop().time() > deadline:
                     log.warning("attacher %d of %s ignored SIGTERM; killing it", pid, self.volume_id)
                     with contextlib.suppress(ProcessLookupError):
@@ -370,6 +370,21 @@ class Attachment:
         await self._stop_attacher()
         await asyncio.to_thread(shutil.rmtree, self.dir, True)
         log.info("detached %s", self.volume_id)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs. An attacher that exited stays a zombie until its parent reaps
+    it: in a container that is the node plugin (PID 1, to which daemons are reparented),
+    so it is reaped here."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    if stat.rpartition(")")[2].split()[0] != "Z":
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
 
 
 def _opt(value: object) -> str:
