@@ -373,14 +373,22 @@ async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(
     await asyncio.to_thread(write_synced, kubelet.target / "before.bin", before)
     await asyncio.to_thread(write_synced, kubelet.target / "during.bin", b"\0" * (256 << 10))
 
+    loop = asyncio.get_running_loop()
     volume.primary.kill()
     await volume.primary.wait_exit()
+    killed = loop.time()
     during = os.urandom(256 << 10)
     writing = asyncio.create_task(asyncio.to_thread(write_in_place, kubelet.target / "during.bin", during))
     await asyncio.sleep(1.0)
     assert not writing.done(), "a write completed while no primary served the volume"
+    promoting = loop.time()
     await volume.secondary.failover(3, "latest")
+    promoted = loop.time()
     await asyncio.wait_for(writing, 30)  # completed: no I/O error reached the pod
+    print(
+        f"primary killed; promotion began +{promoting - killed:.2f} s, done +{promoted - killed:.2f} s; "
+        f"the pod's fsync returned +{loop.time() - killed:.2f} s (attacher reconnect included)"
+    )
 
     assert await asyncio.to_thread((kubelet.target / "before.bin").read_bytes) == before
     assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
