@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ import grpc
 import pytest
 
 from pairvol.csi import DRIVER_NAME
-from pairvol.csi.attach import mount_points
+from pairvol.csi.attach import Attachment, mount_points, run
 from tests.support.agents import Agent, free_port, pair, privileges, running_as, write_psk
 from tests.support.ci import unavailable
 from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security
@@ -184,7 +185,13 @@ async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator
                     # refused, or a test replaced the plugin and closed its channel
                     with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                         await step(vid)
-            assert not [m for m in mounts() if str(tmp_path) in m], "mounts left behind"
+            # a failed test may leave a publication the plugin refuses to tear down under:
+            # clean up by hand first (so nothing outlives the test), then fail
+            leftover = [m for m in mounts() if str(tmp_path) in m]
+            for path in sorted(leftover, key=len, reverse=True):
+                await run("umount", "-l", path, check=False)
+            await Attachment(state, "apps/pvc-1").unstage(None)
+            assert not leftover, f"mounts left behind: {leftover}"
             assert not await loop_devices_of(state), "loop devices left behind"
 
 
@@ -229,6 +236,24 @@ async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugi
     await kubelet.stage()  # the file system is there: mounted, not made again
     await kubelet.publish()
     assert (kubelet.target / "data.bin").read_bytes() == data
+
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await kubelet.unstage()  # still published: nothing is torn down under the pod
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and str(kubelet.target) in busy.value.details()
+    assert (kubelet.target / "data.bin").read_bytes() == data
+    await kubelet.unpublish()
+
+    # a read-only publication: reads work, writes are refused by the mount
+    kubelet.target = kubelet.target.parent.parent / "pvc-1-ro" / "mount"
+    await kubelet.publish(readonly=True)
+    assert await asyncio.to_thread((kubelet.target / "data.bin").read_bytes) == data
+    with pytest.raises(OSError) as rofs:
+        await asyncio.to_thread(write_synced, kubelet.target / "new", b"x")
+    assert rofs.value.errno == errno.EROFS
+    with pytest.raises(grpc.aio.AioRpcError) as differs:
+        await kubelet.publish(readonly=False)  # the same target asked read-write
+    assert differs.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await kubelet.unpublish()
 
 
 async def test_a_restarted_node_plugin_tears_down_what_the_previous_one_built(
@@ -290,6 +315,9 @@ async def test_block_volume_is_the_volume_and_is_never_formatted(kubelet: Kubele
         assert await nbd.pread(1 << 20, 0) == payload  # the pod's bytes are the volume's bytes
     stats = await kubelet.stats()
     assert [(u.unit, u.total) for u in stats.usage] == [(BYTES, 64 << 20)]
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await kubelet.unstage()  # the device is still bound onto the pod's file
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and str(kubelet.target) in busy.value.details()
     await kubelet.unpublish()
     await kubelet.unstage()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pairvol.csi.attach import mount_points
+from pairvol.csi.attach import device_users, mount_points
 from pairvol.csi.params import (
     DEFAULT_SIZE,
     MIB,
@@ -134,3 +134,14 @@ def test_mountinfo_gives_each_visible_mount_point_its_source() -> None:
         "38 36 7:0 / /mnt/with\\040space rw - xfs /dev/loop4 rw\n"
     )
     assert mount_points(text) == {"/mnt/with space": "/dev/loop4", "/var/lib/pod/dev": "udev"}
+
+
+def test_a_device_is_used_by_file_systems_mounted_from_it_and_by_its_node_bound_onto_files() -> None:
+    text = (
+        "40 36 7:3 / /stage rw - ext4 /dev/loop3 rw\n"
+        "41 36 7:3 / /pods/a/mount rw - ext4 /dev/loop3 rw\n"
+        "42 36 0:5 /loop3 /pods/b/dev rw - devtmpfs udev rw\n"
+        "43 36 0:5 /loop30 /pods/c/dev rw - devtmpfs udev rw\n"
+        "44 36 7:4 / /other rw - ext4 /dev/loop4 rw\n"
+    )
+    assert device_users(text, "/dev/loop3", "7:3") == ["/stage", "/pods/a/mount", "/pods/b/dev"]

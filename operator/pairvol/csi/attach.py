@@ -64,6 +64,10 @@ class Broken(AttachError):
     """The attachment lost its attacher; only unstaging repairs it."""
 
 
+class Busy(AttachError):
+    """The volume is still published; it must be unpublished before it is unstaged."""
+
+
 class TooSmall(AttachError):
     """The volume is too small for the requested file system."""
 
@@ -118,6 +122,22 @@ def mount_points(mountinfo: str) -> dict[str, str]:
     return out
 
 
+def device_users(mountinfo: str, device: str, dev_number: str) -> list[str]:
+    """Mount points that use the block device ``device`` (e.g. ``/dev/loop3``, number
+    ``7:3``): file systems mounted from it (the mount's device number) and the device node
+    itself bind-mounted onto a file (a devtmpfs mount whose root is the node)."""
+    node = "/" + Path(device).name
+    out = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        fstype = line.split(" - ", 1)[1].split()[0]
+        if fields[2] == dev_number or (fstype == "devtmpfs" and unescape_mountinfo(fields[3]) == node):
+            out.append(unescape_mountinfo(fields[4]))
+    return out
+
+
 async def mounted(path: Path) -> bool:
     text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
     return str(path) in mount_points(text)
@@ -129,6 +149,11 @@ def _is_zero(device: str, size: int) -> bool:
         f.seek(max(0, size - BLANK_PROBE))
         tail = f.read(BLANK_PROBE)
     return not head.strip(b"\0") and not tail.strip(b"\0")
+
+
+def _dev_number(device: str) -> str:
+    st = os.stat(device)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
 def _device_size(device: str) -> int:
@@ -361,10 +386,19 @@ class Attachment:
         paths = {staging_path} if staging_path else set()
         if record is not None:
             paths.add(Path(record.staging_path))
+        devices = await self.loop_devices()
+        # Refuse before changing anything while a pod still uses the device: detaching it
+        # and stopping the attacher under a publication would fail the pod's I/O.
+        text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+        for device in devices:
+            number = await asyncio.to_thread(_dev_number, device)
+            users = sorted(set(device_users(text, device, number)) - {str(p) for p in paths})
+            if users:
+                raise Busy(f"{self.volume_id} is still published at {', '.join(users)}; unpublish it first")
         for path in paths:
             if (record is None or not record.block) and await mounted(path):
                 await run("umount", str(path))
-        for device in await self.loop_devices():
+        for device in devices:
             await run("blockdev", "--flushbufs", device, check=False)
             await run("losetup", "--detach", device)
         await self._stop_attacher()

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from pairvol.csi import DRIVER_NAME, attach
-from pairvol.csi.attach import AttachError, Attachment, Broken, NotBlank, Record, TooSmall, mounted, run
+from pairvol.csi.attach import AttachError, Attachment, Broken, Busy, NotBlank, Record, TooSmall, mounted, run
 from pairvol.csi.params import DEFAULT_FS_TYPE, FS_TYPES, capability_problem, parse_volume_id
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
@@ -193,6 +193,8 @@ class NodeService:
         async with self._locks[volume_id]:
             try:
                 await self._attachment(volume_id).unstage(staging)
+            except Busy as exc:
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
             except AttachError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"unstaging {volume_id} failed: {exc}") from exc
         return self.m.get("NodeUnstageVolumeResponse")()
