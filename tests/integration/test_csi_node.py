@@ -118,6 +118,19 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+async def exited(pid: int) -> None:
+    """Until ``pid`` has exited (gone, or a zombie: its cmdline is empty)."""
+
+    def running() -> bool:
+        try:
+            return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    while await asyncio.to_thread(running):
+        await asyncio.sleep(0.02)
+
+
 def mounts() -> dict[str, str]:
     return mount_points(Path("/proc/self/mountinfo").read_text())
 
@@ -434,7 +447,9 @@ async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unst
     data = os.urandom(1 << 20)
     await asyncio.to_thread(write_synced, kubelet.target / "kept.bin", data)
     pidfile = kubelet.state_dir / "apps_pvc-1" / "attacher.pid"
-    os.kill(int(pidfile.read_text()), signal.SIGKILL)  # e.g. the OOM killer
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer
+    await asyncio.wait_for(exited(pid), 10)
     stats = await kubelet.stats()
     assert stats.volume_condition.abnormal and "attacher" in stats.volume_condition.message
 
