@@ -127,7 +127,9 @@ async def exited(pid: int) -> None:
         except (FileNotFoundError, ProcessLookupError):
             return False
 
-    while await asyncio.to_thread(running):
+    while True:
+        if not await asyncio.to_thread(running):
+            return
         await asyncio.sleep(0.02)
 
 
