@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "localcluster": "pairvol.localcluster.cli",
     "demo": "pairvol.localcluster.demo",
     "demo-agent": "pairvol.agent.demo",
+    "csi": "pairvol.csi.cli",
 }
 
 
