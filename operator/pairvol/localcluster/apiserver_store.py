@@ -37,6 +37,7 @@ from pairvol.localcluster.apiserver_logic import (
     now_rfc3339,
     selector_matches,
 )
+from pairvol.localcluster.workload_defaults import apply_defaults as apply_workload_defaults
 
 ObjKey = tuple[str, str]  # (namespace or "", name)
 TypeKey = tuple[str, str]  # (group, plural)
@@ -273,6 +274,7 @@ class ObjectStore:
                 raise self._invalid(rtype, name, errors)
         if rtype.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             obj = self._admit_crd(rtype, obj)
+        obj = apply_workload_defaults(rtype.key, obj)  # Deployments, Jobs, ...: upstream's defaults
         return obj
 
     def _admit_crd(self, rtype: ResourceType, crd: dict[str, Any]) -> dict[str, Any]:
@@ -705,6 +707,21 @@ class ObjectStore:
                 if owner_uid in uids and not (uids & alive) and not obj["metadata"].get("deletionTimestamp"):
                     with contextlib.suppress(RequestError):
                         self.delete_object(other, ns, name)
+
+    # ------------------------------------------------------------------ in-process watchers
+
+    def subscribe(self, group: str, plural: str, queue: asyncio.Queue[WatchEntry | None]) -> Watch:
+        """Deliver every change of ``(group, plural)`` to ``queue`` (in-process controllers,
+        see :mod:`pairvol.localcluster.controllers`); undo with :meth:`unsubscribe`."""
+        watch = Watch(queue, None)
+        self._kinds[(group, plural)].watches.append(watch)
+        return watch
+
+    def unsubscribe(self, group: str, plural: str, watch: Watch) -> None:
+        kind = self._kinds.get((group, plural))
+        if kind is not None:
+            with contextlib.suppress(ValueError):
+                kind.watches.remove(watch)
 
     # ------------------------------------------------------------------ reading
 

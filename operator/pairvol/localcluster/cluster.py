@@ -25,6 +25,7 @@ from pairvol.errors import PairvolError
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.apiserver import APIServer, serve
 from pairvol.localcluster.apiserver_logic import RequestError, now_rfc3339
+from pairvol.localcluster.controllers import ControllerManager
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class LocalCluster:
         load_crds: bool = True,
         simulate_nodes: bool = False,
         nodes_root: Path | None = None,
+        controllers: bool = True,
     ) -> None:
         if nodes < 0:
             raise LocalClusterError(f"nodes must be >= 0, got {nodes}")
@@ -139,6 +141,9 @@ class LocalCluster:
         self.simulate_nodes = simulate_nodes
         self._nodes_root = nodes_root
         self.simulator: Any = None
+        # The scheduler and workload controllers (Deployment, Job, DaemonSet, StatefulSet).
+        self.run_controllers = controllers
+        self.controllers: ControllerManager | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -166,6 +171,8 @@ class LocalCluster:
             else:
                 for name in self.node_names:
                     self.api.create_object("", "v1", "nodes", node_object(name))
+            if self.run_controllers:  # entered last: stopped first, before nodes go away
+                self.controllers = await stack.enter_async_context(ControllerManager(api))
         except BaseException:
             await stack.aclose()
             self._cleanup_tmp()
@@ -185,6 +192,7 @@ class LocalCluster:
                 await stack.aclose()
         finally:
             self._api = None
+            self.controllers = None
             self._cleanup_tmp()
 
     def _node_simulator(self) -> Any:
