@@ -9,6 +9,7 @@ DaemonSet, StatefulSet, garbage collection), writes a kubeconfig and runs until
 From any shell, while it runs:
 
   pairvol localcluster status                 nodes, their state and pods
+  pairvol localcluster kubeconfig             the kubeconfig's path
   pairvol localcluster node kill NODE         power a node off (its pods' processes die)
   pairvol localcluster node restart NODE      power it on again
   pairvol localcluster node partition NODE    cut it off the network and the API server
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 OPERATOR_RELEASE = "pairvol"
 OPERATOR_NAMESPACE = "pairvol"
+# Every node may hold replicas: examples/manual.yaml selects nodes by this label.
+NODE_LABELS = {"pairvol.io/storage": "true"}
 
 
 class LocalClusterCLIError(PairvolError):
@@ -103,6 +106,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status = with_state_dir(sub.add_parser("status", help="show the running local cluster"))
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     with_state_dir(sub.add_parser("down", help="stop the running local cluster"))
+    with_state_dir(
+        sub.add_parser("kubeconfig", help="print the running cluster's kubeconfig path (export KUBECONFIG=$(...))")
+    )
     node = with_state_dir(sub.add_parser("node", help="kill, partition, heal or restart a node"))
     node.add_argument("action", choices=control.NODE_ACTIONS)
     node.add_argument("node", metavar="NODE")
@@ -293,6 +299,7 @@ async def _up(args: argparse.Namespace, state_dir: Path) -> int:
                     crds_dir=args.crds,
                     simulate_nodes=simulate,
                     nodes_root=args.nodes_root,
+                    node_labels=NODE_LABELS,
                 ) as cluster:
                     running.cluster = cluster
                     if args.operator:
@@ -404,6 +411,9 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(status))
             else:
                 _print_status(status)
+            return 0
+        if command == "kubeconfig":
+            print(asyncio.run(control.request(state_dir, {"op": "status"}))["kubeconfig"])
             return 0
         if command == "node":
             node = asyncio.run(control.request(state_dir, {"op": "node", "action": args.action, "node": args.node}))[

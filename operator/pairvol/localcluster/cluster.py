@@ -123,6 +123,7 @@ class LocalCluster:
         simulate_nodes: bool = False,
         nodes_root: Path | None = None,
         controllers: bool = True,
+        node_labels: dict[str, str] | None = None,
     ) -> None:
         if nodes < 0:
             raise LocalClusterError(f"nodes must be >= 0, got {nodes}")
@@ -143,6 +144,7 @@ class LocalCluster:
         self.simulator: Any = None
         # The scheduler and workload controllers (Deployment, Job, DaemonSet, StatefulSet).
         self.run_controllers = controllers
+        self.node_labels = dict(node_labels or {})  # extra labels on every node
         self.controllers: ControllerManager | None = None
 
     # -------------------------------------------------------------- lifecycle
@@ -170,7 +172,7 @@ class LocalCluster:
                 api.log_source = pod_log
             else:
                 for name in self.node_names:
-                    self.api.create_object("", "v1", "nodes", node_object(name))
+                    self.api.create_object("", "v1", "nodes", node_object(name, labels=self.node_labels))
             if self.run_controllers:  # entered last: stopped first, before nodes go away
                 self.controllers = await stack.enter_async_context(ControllerManager(api))
         except BaseException:
@@ -203,7 +205,8 @@ class LocalCluster:
             if self._tmpdir is None:
                 self._tmpdir = Path(tempfile.mkdtemp(prefix=f"pairvol-localcluster-{os.getpid()}-"))
             root = self._tmpdir / "nodes"
-        return NodeSimulator(self.url, nodes=self.node_names, root=root)
+        labels = {name: dict(self.node_labels) for name in self.node_names}
+        return NodeSimulator(self.url, nodes=self.node_names, root=root, node_labels=labels)
 
     def _cleanup_tmp(self) -> None:
         if self._tmpdir is not None:
