@@ -164,19 +164,28 @@ async def test_a_deployment_rolls_out_scales_and_updates_without_losing_availabi
     assert (status["replicas"], status["updatedReplicas"], status["availableReplicas"]) == (4, 4, 4)
 
 
-async def test_deleting_a_deployment_deletes_its_replicasets_and_pods_unless_orphaned(
+@pytest.mark.parametrize("cascade", ["background", "foreground"])
+async def test_deleting_a_deployment_deletes_its_replicasets_and_pods(
+    cluster: LocalCluster, kubectl: Kubectl, cascade: str
+) -> None:
+    await kubectl("apply", "-f", "-", stdin=deployment(2, "1"))
+    await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
+    await kubectl("delete", "deployment", "web", f"--cascade={cascade}")
+    assert await kubectl("get", "deployments,replicasets,pods", "-l", "app=web", "-o", "name") == ""
+
+
+async def test_an_orphaning_delete_leaves_the_dependents_without_their_owner(
     cluster: LocalCluster, kubectl: Kubectl
 ) -> None:
     await kubectl("apply", "-f", "-", stdin=deployment(2, "1"))
     await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
-    await kubectl("delete", "deployment", "web")
-    assert await kubectl("get", "replicasets,pods", "-l", "app=web", "-o", "name") == ""
-
-    await kubectl("apply", "-f", "-", stdin=deployment(2, "1"))
-    await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
     await kubectl("delete", "deployment", "web", "--cascade=orphan")
-    names = await kubectl("get", "replicasets,pods", "-l", "app=web", "-o", "name")
-    assert names.count("replicaset.apps/") == 1 and names.count("pod/") == 2
+    (rs,) = (await get(kubectl, "replicasets", "-l", "app=web"))["items"]
+    assert "ownerReferences" not in rs["metadata"]
+    pods = (await get(kubectl, "pods", "-l", "app=web"))["items"]
+    assert [p["metadata"]["ownerReferences"][0]["name"] for p in pods] == [rs["metadata"]["name"]] * 2
+    await kubectl("delete", "replicaset", rs["metadata"]["name"])  # the pods' owner still collects them
+    assert await kubectl("get", "pods", "-l", "app=web", "-o", "name") == ""
 
 
 def job(name: str, script: str, policy: str, backoff_limit: int) -> str:

@@ -90,7 +90,8 @@ async def test_up_status_node_kill_and_down_from_other_processes(state_dir: Path
     assert "nodes (simulated (pods run as processes)): node-1, node-2" in up.out
     assert f"export KUBECONFIG={state_dir / 'kubeconfig'}" in up.out
     kubeconfig = str(state_dir / "kubeconfig")
-    assert "node-2" in await kubectl(kubeconfig, "get", "nodes")
+    labelled = await kubectl(kubeconfig, "get", "nodes", "-l", "pairvol.io/storage=true", "-o", "name")
+    assert labelled.split() == ["node/node-1", "node/node-2"]  # what examples/manual.yaml selects
 
     second = await pairvol("up", *sd)  # one cluster per state directory
     assert second.code == 1 and "already running" in second.err
