@@ -119,3 +119,15 @@ async def test_up_status_node_kill_and_down_from_other_processes(state_dir: Path
     assert not (state_dir / "kubeconfig").exists() and not (state_dir / "cluster.json").exists()
     after = await pairvol("status", *sd)
     assert after.code == 1 and "no local cluster is running" in after.err
+
+
+async def test_up_without_the_localcluster_extra_says_what_to_install(tmp_path: Path) -> None:
+    # As after `pip install pairvol` alone: kmock (the extra's package) cannot be imported.
+    code = "import sys; sys.modules['kmock'] = None; from pairvol.cli import main; sys.exit(main())"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, "localcluster", "up", "--state-dir", str(tmp_path / "s"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "pip install 'pairvol[localcluster]'" in err.decode() and "'kmock'" in err.decode()

@@ -268,8 +268,21 @@ def _banner(status: dict[str, Any], state_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _import_cluster() -> Any:
+    try:
+        from pairvol.localcluster.cluster import LocalCluster
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("pairvol"):
+            raise LocalClusterCLIError(
+                f"the local cluster needs the Python package {exc.name!r}, which is not installed: "
+                "install pairvol with its localcluster extra (pip install 'pairvol[localcluster]')"
+            ) from exc
+        raise
+    return LocalCluster
+
+
 async def _up(args: argparse.Namespace, state_dir: Path) -> int:
-    from pairvol.localcluster.cluster import LocalCluster
+    LocalCluster = _import_cluster()
 
     simulate = args.simulate_nodes if args.simulate_nodes is not None else os.geteuid() == 0
     if simulate and os.geteuid() != 0:
