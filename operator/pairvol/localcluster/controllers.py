@@ -6,8 +6,10 @@ happens. This module plays the parts of kube-controller-manager and kube-schedul
 give them their documented meaning, against the emulated API server's object store:
 
 * **scheduler** — a pod without ``spec.nodeName`` is bound to a Ready node whose labels
-  match ``nodeSelector`` and required node affinity and whose NoSchedule/NoExecute taints
-  it tolerates, the one running the fewest pods; otherwise it stays Pending with
+  match ``nodeSelector`` and required node affinity, whose NoSchedule/NoExecute taints it
+  tolerates and which its required pod anti-affinity allows; among those, the one
+  violating the fewest preferred anti-affinity weights, then running the fewest pods
+  (pod affinity and topology spread constraints are not considered); otherwise it stays Pending with
   ``PodScheduled=False``/``Unschedulable`` and a ``FailedScheduling`` Event saying why;
 * **Deployment → ReplicaSet** — one ReplicaSet per pod template (named by the template's
   hash, label ``pod-template-hash``), ``Recreate`` or ``RollingUpdate`` with
@@ -264,6 +266,46 @@ def untolerated_taint(tolerations: Iterable[JsonDict], node: JsonDict) -> JsonDi
     return None
 
 
+def label_selector_matches(selector: JsonDict | None, labels: JsonDict) -> bool:
+    """A LabelSelector (matchLabels + matchExpressions); a missing one matches nothing."""
+    if selector is None:
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    return all(_expression_matches(e, labels.get(e.get("key"))) for e in selector.get("matchExpressions") or [])
+
+
+def anti_affinity(
+    pod: JsonDict, labels: JsonDict, node_labels: dict[str, JsonDict], placed: list[tuple[str, JsonDict]]
+) -> tuple[bool, int]:
+    """For a node with ``labels``: does the pod's required podAntiAffinity forbid it, and the
+    summed weight of its preferred terms it would violate (pods already ``placed``)."""
+    terms = (spec(pod).get("affinity") or {}).get("podAntiAffinity") or {}
+    namespace = meta(pod).get("namespace")
+
+    def hits(term: JsonDict) -> bool:
+        key = term.get("topologyKey") or ""
+        domain = labels.get(key)
+        if domain is None:
+            return False
+        namespaces = term.get("namespaces") or [namespace]
+        return any(
+            other is not pod
+            and node_labels.get(node, {}).get(key) == domain
+            and meta(other).get("namespace") in namespaces
+            and label_selector_matches(term.get("labelSelector"), meta(other).get("labels") or {})
+            for node, other in placed
+        )
+
+    required = any(hits(t) for t in terms.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+    penalty = sum(
+        int(w.get("weight", 1))
+        for w in terms.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+        if hits(w.get("podAffinityTerm") or {})
+    )
+    return required, penalty
+
+
 def _deletion_rank(pod: JsonDict) -> tuple[int, int, int, float]:
     """Sort key: the pod a controller should remove first comes first (upstream's order)."""
     phase_rank = {"Pending": 0, "Unknown": 1, "Running": 2}.get(pod_phase(pod), 0)
@@ -465,6 +507,8 @@ class ControllerManager:
             node = spec(pod).get("nodeName")
             if node and is_active(pod):
                 load[node] = load.get(node, 0) + 1
+        node_labels = {meta(n)["name"]: meta(n).get("labels") or {} for n in nodes}
+        placed = [(str(spec(p)["nodeName"]), p) for p in pods if spec(p).get("nodeName") and is_active(p)]
         for pod in pods:
             pspec = spec(pod)
             if pspec.get("nodeName") or not is_active(pod):
@@ -472,16 +516,21 @@ class ControllerManager:
             if pspec.get("schedulerName") not in (None, "", "default-scheduler"):
                 continue
             reasons: dict[str, int] = {}
-            fits: list[str] = []
+            fits: dict[str, int] = {}  # node -> anti-affinity penalty (preferred terms' weights)
             for node in nodes:
                 why = self._unfit(pspec, node)
+                penalty = 0
                 if why is None:
-                    fits.append(meta(node)["name"])
+                    violated, penalty = anti_affinity(pod, node_labels[meta(node)["name"]], node_labels, placed)
+                    why = "didn't match pod anti-affinity rules" if violated else None
+                if why is None:
+                    fits[meta(node)["name"]] = penalty
                 else:
                     reasons[why] = reasons.get(why, 0) + 1
             if fits:
-                chosen = min(fits, key=lambda n: (load.get(n, 0), n))
+                chosen = min(fits, key=lambda n: (fits[n], load.get(n, 0), n))
                 load[chosen] = load.get(chosen, 0) + 1
+                placed.append((chosen, pod))
                 bound = copy.deepcopy(pod)
                 bound["spec"]["nodeName"] = chosen
                 self._update("", "pods", bound)
