@@ -334,3 +334,35 @@ async def test_a_pod_that_fits_no_node_stays_pending_and_says_why(cluster: Local
 async def _node_of(kubectl: Kubectl, name: str) -> str | None:
     node = (await get(kubectl, "pod", name))["spec"].get("nodeName")
     return str(node) if node else None
+
+
+async def test_a_deployment_rollout_can_be_undone(cluster: LocalCluster, kubectl: Kubectl) -> None:
+    await kubectl("apply", "-f", "-", stdin=deployment(2, "1"))
+    await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
+    await kubectl("apply", "-f", "-", stdin=deployment(2, "2"))
+    await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
+    await kubectl("rollout", "undo", "deployment/web")
+    await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
+    dep = await get(kubectl, "deployment", "web")
+    assert dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3"
+    pods = (await get(kubectl, "pods", "-l", "app=web"))["items"]
+    assert [p["spec"]["containers"][0]["env"][0]["value"] for p in pods] == ["1", "1"]
+    history = await kubectl("rollout", "history", "deployment/web")
+    assert [line.split()[0] for line in history.splitlines()[2:] if line.strip()] == ["2", "3"]
+
+
+async def test_daemonset_and_statefulset_roll_to_a_new_template(cluster: LocalCluster, kubectl: Kubectl) -> None:
+    await kubectl("apply", "-f", "-", stdin=DAEMONSET % "nodeSelector: {}")
+    await kubectl("apply", "-f", "-", stdin=STATEFULSET % 2)
+    await kubectl("rollout", "status", "daemonset/agent", "--timeout=60s")
+    await kubectl("rollout", "status", "statefulset/db", "--timeout=60s")
+    await kubectl("set", "env", "daemonset/agent", "statefulset/db", "VERSION=2")
+    await kubectl("rollout", "status", "daemonset/agent", "--timeout=60s")
+    await kubectl("rollout", "status", "statefulset/db", "--timeout=60s")
+    for app, count in (("agent", 3), ("db", 2)):
+        pods = (await get(kubectl, "pods", "-l", f"app={app}"))["items"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        assert len(live) == count
+        assert all(p["spec"]["containers"][0].get("env") == [{"name": "VERSION", "value": "2"}] for p in live)
+    sts = (await get(kubectl, "statefulset", "db"))["status"]
+    assert sts["currentRevision"] == sts["updateRevision"] and sts["updatedReplicas"] == 2

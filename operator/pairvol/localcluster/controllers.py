@@ -102,9 +102,21 @@ _HASH_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # upstream's SafeEncodeString al
 # ----------------------------------------------------------------------------- pure helpers
 
 
+def _normalized(value: Any) -> Any:
+    """``value`` without nulls, empty maps and empty lists (as typed clients see it: a
+    template that went through ``kubectl rollout undo`` gains ``resources: {}`` and
+    ``creationTimestamp: null`` yet is the same template)."""
+    if isinstance(value, dict):
+        items = ((k, _normalized(v)) for k, v in value.items())
+        return {k: v for k, v in items if v not in (None, {}, [])}
+    if isinstance(value, list):
+        return [_normalized(v) for v in value]
+    return value
+
+
 def template_hash(template: Any) -> str:
     """A short stable name for a pod template (same template, same hash)."""
-    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).digest()
+    digest = hashlib.sha256(json.dumps(_normalized(template), sort_keys=True).encode()).digest()
     return "".join(_HASH_ALPHABET[b % len(_HASH_ALPHABET)] for b in digest[:10])
 
 
@@ -636,6 +648,11 @@ class ControllerManager:
                 self._update("apps", "replicasets", new)
 
         if not paused and new is not None:
+            revision = (meta(new).get("annotations") or {}).get(REVISION)
+            if revision and (meta(deploy).get("annotations") or {}).get(REVISION) != revision:
+                marked = copy.deepcopy(deploy)  # the revision shown by `kubectl rollout history`
+                meta(marked).setdefault("annotations", {})[REVISION] = revision
+                self._update("apps", "deployments", marked)
             self._roll(new, olds, replicas, surge, unavailable, rolling)
             self._cleanup_history(dspec, olds)
         self._deployment_status(deploy, new, olds, replicas, unavailable)
