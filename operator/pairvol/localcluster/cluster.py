@@ -1,9 +1,11 @@
 """``LocalCluster``: the emulated API server, our CRDs, nodes and a kubeconfig, as one unit.
 
 Why: tests, ``make demo`` and ``pairvol localcluster up`` all need the same thing — an API
-server on a free port with the CRDs from ``crds/`` registered, a set of Ready nodes and a
-kubeconfig that kubectl, kopf and the ``kubernetes`` client can use. One async context
-manager keeps that setup (and its teardown) identical everywhere.
+server on a free port with the CRDs from ``crds/`` registered, a set of Ready nodes, the
+scheduler and workload controllers (:mod:`pairvol.localcluster.controllers`; off with
+``controllers=False``) and a kubeconfig that kubectl, kopf and the ``kubernetes`` client
+can use. One async context manager keeps that setup (and its teardown) identical
+everywhere.
 """
 
 from __future__ import annotations

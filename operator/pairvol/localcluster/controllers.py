@@ -386,7 +386,7 @@ class ControllerManager:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queue.get(), timeout=self.resync)
-                await asyncio.sleep(0.02)  # let a burst of changes land, then one pass
+                await asyncio.sleep(0.05)  # let a burst of changes land, then one pass
             while not self._queue.empty():
                 self._queue.get_nowait()
             try:
