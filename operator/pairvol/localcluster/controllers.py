@@ -346,6 +346,28 @@ def set_condition(
     return [c for c in conditions if c.get("type") != ctype] + [cond]
 
 
+_OWNER_KINDS = frozenset({"ReplicaSet", "Job", "DaemonSet", "StatefulSet"})
+
+
+def _node_facts(node: JsonDict | None) -> tuple[Any, ...] | None:
+    if node is None:
+        return None
+    return (meta(node).get("labels"), spec(node).get("taints"), spec(node).get("unschedulable"), node_ready(node))
+
+
+def _relevant(entry: WatchEntry) -> bool:
+    """Whether a change may matter to a controller now (else the periodic pass sees it)."""
+    _, _, obj, old = entry
+    kind = obj.get("kind")
+    if kind == "Node":
+        return _node_facts(obj) != _node_facts(old)
+    if kind == "Pod":
+        refs = meta(obj).get("ownerReferences") or []
+        owned = any(r.get("controller") and r.get("kind") in _OWNER_KINDS for r in refs)
+        return owned or not spec(obj).get("nodeName")
+    return True
+
+
 # ----------------------------------------------------------------------------- the manager
 
 
@@ -384,8 +406,18 @@ class ControllerManager:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.get(), timeout=self.resync)
+            deadline = time.monotonic() + self.resync
+            relevant = False
+            while not relevant:  # changes no controller looks at (heartbeats, others' pods) wait
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    entry = await asyncio.wait_for(self._queue.get(), timeout=left)
+                except TimeoutError:
+                    break
+                relevant = entry is not None and _relevant(entry)
+            if relevant:
                 await asyncio.sleep(0.05)  # let a burst of changes land, then one pass
             while not self._queue.empty():
                 self._queue.get_nowait()
