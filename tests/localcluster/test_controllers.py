@@ -235,6 +235,14 @@ async def test_a_job_fails_once_its_backoff_limit_is_exceeded(cluster: LocalClus
     assert [p["status"]["phase"] for p in pods] == ["Failed", "Failed"]
 
 
+async def test_a_finished_job_with_a_ttl_is_deleted_with_its_pods(cluster: LocalCluster, kubectl: Kubectl) -> None:
+    manifest = json.loads(job("short-lived", "exit 0", "Never", 0))
+    manifest["spec"]["ttlSecondsAfterFinished"] = 1
+    await kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
+    await kubectl("wait", "--for=delete", "job/short-lived", "--timeout=30s", within=40)
+    assert await kubectl("get", "pods", "-l", "job-name=short-lived", "-o", "name") == ""
+
+
 DAEMONSET = """\
 apiVersion: apps/v1
 kind: DaemonSet

@@ -20,7 +20,7 @@ give them their documented meaning, against the emulated API server's object sto
   (unscheduled, then not ready, then the newest);
 * **Job** — ``parallelism``/``completions``, ``backoffLimit`` (for ``OnFailure`` the
   container restarts count, as upstream), back-off between new pods after failures,
-  ``activeDeadlineSeconds``, conditions Complete/Failed;
+  ``activeDeadlineSeconds``, conditions Complete/Failed, ``ttlSecondsAfterFinished``;
 * **DaemonSet** — one pod per eligible node (bound directly, with the DaemonSet default
   tolerations), rolling update one node at a time;
 * **StatefulSet** — pods ``<name>-0..N-1`` with stable names, created in order and each
@@ -922,6 +922,18 @@ class ControllerManager:
                 for pod in active:
                     self._delete("", "pods", pod)
                 active = []
+            ttl = jspec.get("ttlSecondsAfterFinished")
+            ended = max(
+                (
+                    parse_time(c.get("lastTransitionTime")) or 0.0
+                    for c in conds
+                    if c.get("type") in ("Complete", "Failed")
+                ),
+                default=0.0,
+            )
+            if ttl is not None and ended and self._now - ended >= int(ttl):
+                self._delete("batch", "jobs", job)  # the TTL-after-finished controller; its pods follow (GC)
+                return
         else:
             seen, since = self._job_failures.get(uid, (0, 0.0))
             if failed + restarts > seen:
