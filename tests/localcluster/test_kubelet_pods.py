@@ -261,13 +261,8 @@ class TestSecurityContext:
     def test_container_fields_override_the_pod_and_groups_come_from_the_pod(self) -> None:
         plan = with_context(
             {"runAsUser": 7},
-            {
-                "runAsUser": 5,
-                "runAsGroup": 6,
-                "supplementalGroups": [8, 9],
-                "fsGroup": 10,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            {"runAsUser": 5, "runAsGroup": 6, "supplementalGroups": [8, 9], "fsGroup": 10,
+             "seccompProfile": {"type": "RuntimeDefault"}},
         )
         assert (plan.uid, plan.gid, plan.groups, plan.seccomp) == (7, 6, (8, 9, 10), "RuntimeDefault")
 
@@ -296,54 +291,29 @@ class TestSecurityContext:
 
     def test_a_capability_the_node_lacks_is_an_error_not_a_smaller_set(self) -> None:
         with pytest.raises(PodConfigError, match=r"NET_ADMIN.*cannot grant"):
-            security_plan(
-                {},
-                {"name": "c", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
-                RUNTIME_DEFAULT_CAPABILITIES,
-            )
+            security_plan({}, {"name": "c", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
+                          RUNTIME_DEFAULT_CAPABILITIES)
 
     def test_root_holds_its_bounding_set_and_any_other_uid_holds_nothing(self) -> None:
         caps = frozenset({"KILL", "NET_BIND_SERVICE"})
         mask = (1 << 5) | (1 << 10)
         assert SecurityPlan(uid=0, capabilities=caps).expected_status() == {
-            "CapInh": 0,
-            "CapPrm": mask,
-            "CapEff": mask,
-            "CapBnd": mask,
-            "CapAmb": 0,
-        }
+            "CapInh": 0, "CapPrm": mask, "CapEff": mask, "CapBnd": mask, "CapAmb": 0}
         assert SecurityPlan(uid=1000, capabilities=caps).expected_status() == {
-            "CapInh": 0,
-            "CapPrm": 0,
-            "CapEff": 0,
-            "CapBnd": mask,
-            "CapAmb": 0,
-        }
+            "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": mask, "CapAmb": 0}
 
     def test_setpriv_sets_every_set_user_groups_and_no_new_privs(self) -> None:
         plan = SecurityPlan(uid=5, gid=6, groups=(7,), capabilities=frozenset({"KILL"}), no_new_privs=True)
         assert plan.setpriv_argv() == [
-            "setpriv",
-            "--bounding-set=-all,+kill",
-            "--inh-caps=-all",
-            "--ambient-caps=-all",
-            "--regid=6",
-            "--reuid=5",
-            "--groups=7",
-            "--no-new-privs",
-            "--",
-        ]
+            "setpriv", "--bounding-set=-all,+kill", "--inh-caps=-all", "--ambient-caps=-all",
+            "--regid=6", "--reuid=5", "--groups=7", "--no-new-privs", "--"]
         assert "--clear-groups" in SecurityPlan().setpriv_argv()
 
     def test_privileges_are_taken_after_the_namespaces_and_the_read_only_root(self) -> None:
         plan = SecurityPlan(capabilities=frozenset(), read_only_root=True)
         _, inner = launch_script(
-            cgroup_procs=None,
-            mounts=[Mount(Path("/d"), PurePosixPath("/data"), False)],
-            netns="n",
-            workdir=None,
-            argv=["agent"],
-            security=plan,
+            cgroup_procs=None, mounts=[Mount(Path("/d"), PurePosixPath("/data"), False)], netns="n",
+            workdir=None, argv=["agent"], security=plan,
         )
         lines = inner.splitlines()
         assert lines[-2:] == [

@@ -131,7 +131,9 @@ class OperatorProcess:
         # pod covers it (a checkout under /tmp, below the emptyDir): staged outside first,
         # then bound back on top of the volume, read-only
         covered = [
-            path for path in _code_paths() if any(PurePosixPath(path).is_relative_to(m.target) for m in pod_mounts)
+            path
+            for path in _code_paths()
+            if any(PurePosixPath(path).is_relative_to(m.target) for m in pod_mounts)
         ]
         staged = [
             Mount(path, PurePosixPath(f"/run/pairvol-localcluster/code-{i}"), read_only=True)
