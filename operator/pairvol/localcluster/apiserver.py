@@ -18,6 +18,8 @@ This module is the wire side:
   printer columns), POST, PUT, DELETE (with preconditions and ``propagationPolicy``),
   ``dryRun=All``, ``fieldValidation=Strict|Warn|Ignore`` (Warn is the default, sent as
   ``Warning`` headers);
+* request bodies in JSON, YAML or protobuf (the built-in kinds kubectl's and helm's
+  typed clients send; see :mod:`~pairvol.localcluster.apiserver_protobuf`);
 * PATCH: merge, json, strategic merge for built-in kinds (415 for custom resources, as
   in Kubernetes) and server-side apply as a merge without field ownership;
 * watches: ``?watch=true`` JSON lines, resourceVersion replay, 410 Gone for compacted
@@ -47,6 +49,7 @@ import yaml
 from kmock._internal.rendering import ReactionMismatchError  # not re-exported in __all__
 
 from pairvol.errors import PairvolError
+from pairvol.localcluster import apiserver_protobuf as protobuf
 from pairvol.localcluster.apiserver_builtin import (
     ResourceType,
 )
@@ -133,21 +136,20 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             response: aiohttp.web.StreamResponse = await super().__call__(raw)
             return response
         body = await raw.read()
-        if "protobuf" in raw.headers.get("Content-Type", ""):
-            # We speak JSON only; client-go retries in JSON on 415 (kubectl create ...).
-            return _status_response(
-                RequestError(
-                    415,
-                    "UnsupportedMediaType",
-                    "the body of the request was in an unknown format "
-                    "- accepted media types include: application/json, application/yaml",
-                )
-            )
-        text = body.decode("utf-8", errors="replace")
-        try:
-            data = json.loads(text) if text else None
-        except ValueError:
-            data = None
+        data: Any
+        if raw.headers.get("Content-Type", "").split(";")[0].strip() == protobuf.MEDIA_TYPE:
+            # client-go's typed clients (kubectl create ns, helm's release Secrets).
+            try:
+                data = protobuf.decode_body(body)
+            except RequestError as exc:
+                return _status_response(exc)
+            text = json.dumps(data)
+        else:
+            text = body.decode("utf-8", errors="replace")
+            try:
+                data = json.loads(text) if text else None
+            except ValueError:
+                data = None
         request = kmock.Request(
             id=len(self._requests),
             raw_request=raw,
