@@ -25,7 +25,12 @@ from pairvol.localcluster.apiserver_protobuf import SCHEMA
 
 # Where each message of our table is defined, relative to the two checkouts.
 FILES = {
-    "api": ["core/v1/generated.proto", "rbac/v1/generated.proto", "coordination/v1/generated.proto"],
+    "api": [
+        "core/v1/generated.proto",
+        "rbac/v1/generated.proto",
+        "coordination/v1/generated.proto",
+        "authentication/v1/generated.proto",
+    ],
     "apimachinery": ["pkg/apis/meta/v1/generated.proto"],
 }
 _MESSAGE = re.compile(r"^message (\w+) \{$")

@@ -184,6 +184,20 @@ SCHEMA: dict[str, dict[int, F]] = {
         4: F("namespace", "string"),
     },
     "RoleRef": {1: F("apiGroup", "string"), 2: F("kind", "string"), 3: F("name", "string")},
+    # k8s.io/api/authentication/v1 (kubectl create token)
+    "TokenRequest": {1: _META, 2: F("spec", "TokenRequestSpec"), 3: F("status", "TokenRequestStatus")},
+    "TokenRequestSpec": {
+        1: F("audiences", "string", repeated=True),
+        3: F("boundObjectRef", "BoundObjectReference"),
+        4: F("expirationSeconds", "int", presence=True),
+    },
+    "BoundObjectReference": {
+        1: F("kind", "string"),
+        2: F("apiVersion", "string"),
+        3: F("name", "string"),
+        4: F("uID", "string"),
+    },
+    "TokenRequestStatus": {1: F("token", "string"), 2: F("expirationTimestamp", "time")},
     # k8s.io/api/coordination/v1
     "Lease": {1: _META, 2: F("spec", "LeaseSpec")},
     "LeaseSpec": {
@@ -204,6 +218,7 @@ TOP_LEVEL: dict[tuple[str, str], str] = {
     **{("v1", k): k for k in ("Namespace", "Secret", "ConfigMap", "ServiceAccount")},
     **{("rbac.authorization.k8s.io/v1", k): k for k in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")},
     ("coordination.k8s.io/v1", "Lease"): "Lease",
+    ("authentication.k8s.io/v1", "TokenRequest"): "TokenRequest",
     **{(v, "DeleteOptions"): "DeleteOptions" for v in _DELETE_OPTIONS_VERSIONS},
 }
 
