@@ -32,6 +32,7 @@ This module is the wire side:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -110,6 +111,10 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
     # Requests that carry a token are always authenticated and authorised by RBAC.
     trust_unauthenticated: bool = True
     _token_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), init=False)
+    # The latest refused requests (user, attributes): what a test asserts about RBAC.
+    denied: collections.deque[tuple[str, auth.Attributes]] = attrs.field(
+        factory=lambda: collections.deque(maxlen=_KEEP_REQUESTS), init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -254,6 +259,7 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
                 with contextlib.suppress(RequestError):
                     namespaced = self.resource_type(rpath.group, rpath.version, rpath.plural).namespaced
             logger.debug("forbidden: %s %s for %s", raw.method, raw.path_qs, user.name)
+            self.denied.append((user.name, attributes))
             raise auth.forbidden(user, attributes, namespaced)
         return user
 
