@@ -227,3 +227,13 @@ async def test_only_those_allowed_to_impersonate_may(api_cluster: LocalCluster) 
         status = await r.json()
     assert r.status == 403
     assert 'cannot impersonate resource "users"' in status["message"]
+
+
+async def test_every_namespace_has_a_default_service_account(kubectl: KubectlRunner) -> None:
+    """Pods that name no ServiceAccount run as ``default``; a kubelet asks for its token."""
+    assert (await kubectl("create", "namespace", "apps"))[0] == 0
+    for namespace in ("default", "apps"):
+        code, out, err = await kubectl("get", "serviceaccount", "default", "-n", namespace, "-o", "name")
+        assert (code, out.strip()) == (0, "serviceaccount/default"), err
+    code, out, err = await kubectl("create", "token", "default", "-n", "apps")
+    assert code == 0 and out.count(".") == 2, err

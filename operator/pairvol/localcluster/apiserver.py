@@ -200,6 +200,27 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
                 RequestError(500, "InternalError", f"internal error in the emulated API server: {exc!r}")
             )
 
+    def create_object(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        body: dict[str, Any],
+        namespace: str | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Create as the store does; a new Namespace gets its ``default`` ServiceAccount, as
+        kube-controller-manager's serviceaccount controller gives it (pods name it implicitly)."""
+        obj = super().create_object(group, version, plural, body, namespace, dry_run=dry_run)
+        if (group, plural) == ("", "namespaces") and not dry_run:
+            ns = obj["metadata"]["name"]
+            if ("", "serviceaccounts") in self._kinds and (ns, "default") not in self._kinds[
+                ("", "serviceaccounts")
+            ].objects:
+                account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}
+                super().create_object("", "v1", "serviceaccounts", account, ns)
+        return obj
+
     # ------------------------------------------------------------------ auth
 
     def issue_token(self, namespace: str, name: str, expiration_seconds: int = 3600) -> str:

@@ -68,14 +68,17 @@ class TokenClient(Protocol):
     async def request(self, method: str, path: str, *, body: Any = None) -> dict[str, Any]: ...
 
 
-async def for_pod(api: TokenClient, pod: Mapping[str, Any], directory: Path, server_url: str) -> Path:
+async def for_pod(api: TokenClient, pod: Mapping[str, Any], directory: Path, server_url: str) -> Path | None:
     """A kubeconfig holding a token of the pod's ServiceAccount, as a kubelet mounts one.
 
     The token comes from the API server's TokenRequest endpoint (1 hour, like a projected
     token's default); the pod then runs with exactly that account's RBAC. A missing
     ServiceAccount fails here (the API error says which), as Kubernetes would refuse the pod.
+    None when the pod opts out (``automountServiceAccountToken: false``): no credentials.
     """
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    if spec.get("automountServiceAccountToken") is False:
+        return None
     namespace = str(meta.get("namespace") or "default")
     account = str(spec.get("serviceAccountName") or "default")
     result = await api.request(

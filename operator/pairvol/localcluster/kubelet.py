@@ -677,7 +677,11 @@ class PodWorker:
         info = self.runtime_info()
         base = sim.base_env(kubelet, self.pod)
         if sim.service_account_tokens:  # the pod's own ServiceAccount token (API server side)
-            base["KUBECONFIG"] = str(await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url))
+            token_config = await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url)
+            if token_config is None:
+                del base["KUBECONFIG"]
+            else:
+                base["KUBECONFIG"] = str(token_config)
         for runner in self.all_runners:
             env = resolve_env(runner.container, self.pod, info, objects, base)
             mounts = plan_mounts(runner.container, volumes)
