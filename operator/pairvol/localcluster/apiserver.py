@@ -18,6 +18,10 @@ This module is the wire side:
   printer columns), POST, PUT, DELETE (with preconditions and ``propagationPolicy``),
   ``dryRun=All``, ``fieldValidation=Strict|Warn|Ignore`` (Warn is the default, sent as
   ``Warning`` headers);
+* authentication (the admin token, ServiceAccount tokens from ``serviceaccounts/<name>/token``,
+  impersonation) and RBAC authorisation with 403 answers, see
+  :mod:`~pairvol.localcluster.apiserver_auth`; every Namespace gets its ``default``
+  ServiceAccount;
 * request bodies in JSON, YAML or protobuf (the built-in kinds kubectl's and helm's
   typed clients send; see :mod:`~pairvol.localcluster.apiserver_protobuf`);
 * PATCH: merge, json, strategic merge for built-in kinds (415 for custom resources, as
@@ -26,7 +30,7 @@ This module is the wire side:
   versions, bookmarks, ``timeoutSeconds``, selector enter/leave as ADDED/DELETED;
 * ``/openapi/v3`` deep enough for kubectl's server-side field validation and ``kubectl
   explain`` of CRDs; ``pods/<name>/log`` for ``kubectl logs [-f]``;
-* ``Status`` objects for 400/404/405/409/410/415/422.
+* ``Status`` objects for 400/401/403/404/405/409/410/415/422.
 """
 
 from __future__ import annotations
