@@ -71,8 +71,9 @@ class TokenClient(Protocol):
 async def for_pod(api: TokenClient, pod: Mapping[str, Any], directory: Path, server_url: str) -> Path | None:
     """A kubeconfig holding a token of the pod's ServiceAccount, as a kubelet mounts one.
 
-    The token comes from the API server's TokenRequest endpoint (1 hour, like a projected
-    token's default); the pod then runs with exactly that account's RBAC. A missing
+    The token comes from the API server's TokenRequest endpoint; the pod then runs with
+    exactly that account's RBAC. It is valid for 24 hours: a kubelet renews a projected
+    token before it expires, this one is written once, so it must outlive the pod. A missing
     ServiceAccount fails here (the API error says which), as Kubernetes would refuse the pod.
     None when the pod opts out (``automountServiceAccountToken: false``): no credentials.
     """
@@ -84,7 +85,11 @@ async def for_pod(api: TokenClient, pod: Mapping[str, Any], directory: Path, ser
     result = await api.request(
         "POST",
         f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
-        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}},
+        body={
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 24 * 3600},
+        },
     )
     token = str((result.get("status") or {}).get("token") or "")
     path = directory / "serviceaccount" / "kubeconfig"
