@@ -27,9 +27,11 @@ VOLUMES = 20
 
 
 @pytest.fixture
-async def roomy_stack(operator_pod: dict[str, Any]) -> AsyncIterator[Stack]:
+async def roomy_stack(operator_pod: dict[str, Any], chart_rbac: list[dict[str, Any]]) -> AsyncIterator[Stack]:
     lease = OperatorConfig().lease_duration_s
-    async with Stack.up(3, lease_duration=lease, node_monitor_grace=10.0, operator_pod=operator_pod) as s:
+    async with Stack.up(
+        3, lease_duration=lease, node_monitor_grace=10.0, operator_pod=operator_pod, rbac=chart_rbac
+    ) as s:
         yield s
 
 

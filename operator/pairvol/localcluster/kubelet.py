@@ -757,6 +757,12 @@ class PodWorker:
         await asyncio.to_thread(_materialize, volumes)
         info = self.runtime_info()
         base = sim.base_env(kubelet, self.pod)
+        if sim.service_account_tokens:  # the pod's own ServiceAccount token (API server side)
+            token_config = await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url)
+            if token_config is None:
+                del base["KUBECONFIG"]
+            else:
+                base["KUBECONFIG"] = str(token_config)
         for runner in self.all_runners:
             env = resolve_env(runner.container, self.pod, info, objects, base)
             mounts = plan_mounts(runner.container, volumes)
@@ -1324,8 +1330,12 @@ class NodeSimulator:
         config_retry: float = 1.0,
         node_labels: dict[str, dict[str, str]] | None = None,
         use_cgroups: bool = True,
+        service_account_tokens: bool = False,
     ) -> None:
         self.api_url = api_url
+        # True: pods get a kubeconfig with a token of their ServiceAccount (held to its
+        # RBAC) instead of the node's admin kubeconfig.
+        self.service_account_tokens = service_account_tokens
         self.node_names = list(nodes)
         self.root = Path(root)
         self.status_interval = status_interval

@@ -506,6 +506,10 @@ async def startup(settings: Any, **_: Any) -> None:
     settings.peering.priority = config.peering_priority
     settings.peering.lifetime = config.peering_lifetime_s
     settings.watching.server_timeout = 60
+    # Watching named namespaces (the chart's mode): the chart grants no cluster-wide
+    # namespace list/watch, so tell kopf not to observe namespaces (nor CRDs after its
+    # first scan; the chart installs the CRDs before the operator starts).
+    settings.scanning.disabled = bool(config.watch_namespaces)
     if config.metrics_port:
         app = web.Application()
         app.router.add_get("/metrics", _serve_metrics)
