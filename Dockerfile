@@ -1,6 +1,7 @@
-# The one pairvol image: `pairvol operator` (the Deployment of the Helm chart) and
-# `pairvol agent` (the pods the operator creates). qemu-img and qemu-storage-daemon come
-# from Debian, the Python package is the wheel built from this repository.
+# The one pairvol image: `pairvol operator` (the Deployment of the Helm chart),
+# `pairvol agent` (the pods the operator creates) and `pairvol csi` (the CSI driver).
+# qemu-img and qemu-storage-daemon come from Debian, the Python package is the wheel
+# built from this repository.
 #
 # Build (from the repository root; not possible on the CI machines, which have no Docker):
 #   docker build -t pairvol/pairvol:0.1.0 .
@@ -19,10 +20,12 @@ RUN python3 -m venv /tmp/build-venv \
 
 FROM debian:bookworm-slim
 # qemu-utils: qemu-img, qemu-io, qemu-nbd; qemu-system-common: qemu-storage-daemon;
-# iproute2 for diagnostics inside agent pods.
+# iproute2 for diagnostics inside agent pods; mount, util-linux, e2fsprogs, xfsprogs: the
+# CSI node plugin's losetup, blkid, mount and mkfs.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       qemu-utils qemu-system-common iproute2 python3 python3-venv ca-certificates \
+      mount util-linux e2fsprogs xfsprogs \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN python3 -m venv /opt/pairvol \

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test unit integration e2e demo demo-agent bench chaos tools mutate mutate-generated clean
+.PHONY: venv lint test test-scale unit integration e2e demo demo-agent bench chaos tools mutate mutate-generated clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ integration: $(STAMP)
 
 e2e: $(STAMP) tools
 	PATH=$(CURDIR)/$(VENV)/tools:$$PATH $(BIN)/pytest -q tests/e2e
+
+# 20 volumes on 3 nodes of the local cluster (minutes; left out of `make test`).
+test-scale: $(STAMP) tools
+	PAIRVOL_SCALE=1 PATH=$(CURDIR)/$(VENV)/tools:$$PATH $(BIN)/pytest -q tests/e2e/test_e2e_scale.py
 
 # The main job: the whole story on the embedded local cluster.
 demo: $(STAMP) tools

@@ -2,18 +2,81 @@
 
 Skips are loud, and on CI (``CI=true``) every skip is turned into a failure that keeps the
 skip's reason: on a machine prepared by .ci/run a test that cannot run is a broken setup,
-not a pass (tests/support/ci.py, docs/testing.md).
+not a pass (tests/support/ci.py, docs/testing.md). The one exception is named
+OUTSIDE_REPOSITORY: a test against a reference file that is kept next to a development
+checkout, not in the repository.
 """
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
+import gc
 import os
-from collections.abc import Generator
+import sys
+import threading
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
+from _pytest._code import code as _pytest_code
 
-from tests.support.ci import on_ci
+from tests.support.ci import OUTSIDE_REPOSITORY, on_ci
+
+
+def _lineno_of_entry(entry: Any) -> int:
+    # Python 3.11 may give a traceback entry no line number (tb_lineno None, e.g. for an
+    # exception raised by a signal handler between two instructions of a frame); pytest
+    # 8.4 then crashes with INTERNALERROR while rendering the failure, which ends the whole
+    # session and hides which test failed. Such an entry is shown at its function's first line.
+    line = entry._rawentry.tb_lineno
+    return (line if line is not None else entry._rawentry.tb_frame.f_code.co_firstlineno) - 1
+
+
+_pytest_code.TracebackEntry.lineno = property(_lineno_of_entry)  # type: ignore[assignment, method-assign]
+
+HANG_REPORT_MARGIN_S = 20.0
+
+
+def _dump_tasks(header: str) -> None:
+    """In the event loop's thread: every task's await chain, to the real stderr."""
+    out = sys.__stderr__
+    assert out is not None
+    tasks = asyncio.all_tasks()
+    print(f"{header}: {len(tasks)} asyncio task(s)", file=out, flush=True)
+    for task in tasks:
+        task.print_stack(limit=12, file=out)
+    out.flush()
+
+
+def _report_hang(nodeid: str, after_s: float) -> None:
+    """A test about to hit its timeout: where every thread and every asyncio task waits.
+    Written to the real stderr, so it reaches the log even if the timeout ends the session."""
+    out = sys.__stderr__
+    assert out is not None
+    header = f"\n=== {nodeid} still running after {after_s:.0f} s"
+    print(f"{header}: threads ===", file=out, flush=True)
+    faulthandler.dump_traceback(file=out, all_threads=True)
+    for obj in gc.get_objects():
+        if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running():
+            obj.call_soon_threadsafe(_dump_tasks, header)
+
+
+@pytest.fixture(autouse=True)
+def _report_where_a_test_hangs(request: pytest.FixtureRequest) -> Iterator[None]:
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout") or 0)
+    if timeout <= HANG_REPORT_MARGIN_S:
+        yield
+        return
+    after = timeout - HANG_REPORT_MARGIN_S
+    timer = threading.Timer(after, _report_hang, (request.node.nodeid, after))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -22,6 +85,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if report.skipped and not hasattr(report, "wasxfail") and on_ci():
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if OUTSIDE_REPOSITORY in reason:
+            return  # a reference file kept outside the repository: a clone cannot have it
         report.outcome = "failed"
         report.longrepr = (
             f"skipped on CI (CI={os.environ.get('CI')}), which counts as a failure: {reason}\n"
@@ -33,7 +98,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         return
-    terminalreporter.section(f"{len(skipped)} SKIPPED: these tests proved nothing (on CI they fail)", red=True)
+    terminalreporter.section(
+        f"{len(skipped)} SKIPPED: these tests proved nothing (on CI they fail, but for {OUTSIDE_REPOSITORY.strip()})",
+        red=True,
+    )
     for rep in skipped:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         terminalreporter.line(f"{rep.nodeid}: {reason}", red=True)

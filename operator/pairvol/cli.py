@@ -21,7 +21,24 @@ COMMANDS: dict[str, str] = {
     "localcluster": "pairvol.localcluster.cli",
     "demo": "pairvol.localcluster.demo",
     "demo-agent": "pairvol.agent.demo",
+    "csi": "pairvol.csi.cli",
 }
+
+
+# third-party module -> the pip extra that installs it (`pip install 'pairvol[EXTRA]'`)
+OPTIONAL_MODULES: dict[str, str] = {"kmock": "localcluster"}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """What to install when ``exc`` is an optional dependency missing, else None."""
+    root = (exc.name or "").split(".")[0]
+    extra = OPTIONAL_MODULES.get(root)
+    if extra is None:
+        return None
+    return (
+        f"this command needs the Python package {root!r}, which the plain install leaves out: "
+        f"install it with: pip install 'pairvol[{extra}]'"
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,10 +70,17 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(args_list).parse_args(args_list)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    try:
+        args = build_parser(args_list).parse_args(args_list)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc)
+        if hint is None:
+            raise
+        print(f"pairvol: {hint}", file=sys.stderr)
+        return 1

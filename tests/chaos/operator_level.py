@@ -284,13 +284,17 @@ async def operator_crash(stack: Any, f: Follower, rng: random.Random, old: dict[
 async def api_unreachable(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:
     url = urlparse(stack.sim.in_cluster_url)
     hold = rng.uniform(1.5, 4.0) * LEASE_S
-    rule = ["OUTPUT", "-d", str(url.hostname), "-p", "tcp", "--dport", str(url.port), "-j", "DROP"]
+    match = ["-d", str(url.hostname), "-p", "tcp", "--dport", str(url.port), "-j", "DROP"]
+    # the node's own traffic (its kubelet) and what it forwards for its pods (the agent)
+    rules = [["OUTPUT", *match], ["FORWARD", *match]]
     f.notes.append(f"fault: {old['node']} cannot reach the API server for {hold:.1f} s")
-    await stack.sim.run_in_node(old["node"], ["iptables", "-w", "-I", *rule])
+    for rule in rules:
+        await stack.sim.run_in_node(old["node"], ["iptables", "-w", "-I", *rule])
     try:
         await asyncio.sleep(hold)
     finally:
-        await stack.sim.run_in_node(old["node"], ["iptables", "-w", "-D", *rule])
+        for rule in rules:
+            await stack.sim.run_in_node(old["node"], ["iptables", "-w", "-D", *rule])
     return hold
 
 

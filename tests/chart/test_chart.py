@@ -88,6 +88,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "monitoring": {"prometheusRule": {"enabled": True}},
         "alerts": {"checkpointIntervalSeconds": 60, "checkpointStaleFactor": 5},
     },
+    "csi-driver-with-storage-class": {
+        "watchNamespaces": ["apps"],
+        "csi": {
+            "enabled": True,
+            "volumeNamespace": "apps",
+            "storageClass": {"create": True, "isDefault": True, "parameters": {"checkpointIntervalSeconds": "5"}},
+        },
+    },
     "existing-service-account-no-rbac": {
         "rbac": {"create": False},
         "serviceAccount": {"create": False, "name": "pairvol-preinstalled"},

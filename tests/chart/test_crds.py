@@ -50,6 +50,7 @@ FULL_STATUS: dict[str, Any] = {
         "state": "running",
         "address": "10.0.0.6:7800",
         "outOfSync": False,
+        "synced": True,
     },
     "checkpoint": {"id": 42, "time": "2026-11-26T10:00:00Z", "durationMs": 3.5},
     "lastFailover": {
@@ -78,6 +79,7 @@ FULL_STATUS: dict[str, Any] = {
             "observedGeneration": 2,
         }
     ],
+    "dataNodes": ["node-a", "node-b", "node-c"],
 }
 
 
@@ -181,7 +183,7 @@ def test_spec_defaults_are_filled_in_like_the_api_server_does() -> None:
     [
         {"size": "1Gi"},
         {"size": 1073741824},
-        {"size": "500M"},
+        {"size": "512M"},
         {"size": "1e9"},
         {"size": "64Mi", "nodes": ["node-a", "node-b"], "nodeSelector": {"disk": "ssd"}},
         {
@@ -224,12 +226,13 @@ def test_spec_rejects(spec: dict[str, Any]) -> None:
 
 def test_size_and_host_path_carry_their_cel_rules() -> None:
     spec_props = rv_schema().openapi["properties"]["spec"]["properties"]
-    assert spec_props["size"]["x-kubernetes-validations"] == [
-        {
-            "rule": "self == oldSelf",
-            "message": "spec.size is immutable; create a new ReplicatedVolume to change the size",
-        }
+    # Evaluated by the emulated API server: tests/localcluster/test_apiserver_quantities.py.
+    size_rules = spec_props["size"]["x-kubernetes-validations"]
+    assert [r["message"].split(";")[0] for r in size_rules] == [
+        "spec.size must be a whole number of bytes, a multiple of 512 and at least 1Mi (e.g. 64Mi, 10Gi, 1G)",
+        "spec.size is immutable",
     ]
+    assert "compareTo(quantity(string(oldSelf))) == 0" in size_rules[1]["rule"], "compared as quantities"
     rules = [r["rule"] for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]]
     assert rules == ["!self.contains('/../') && !self.endsWith('/..')"]
 
@@ -277,10 +280,14 @@ def test_cel_rules_compile_and_mean_what_they_say() -> None:
     from pairvol.localcluster.apiserver_cel import compile_rule
 
     spec_props = rv_schema().openapi["properties"]["spec"]["properties"]
-    (size_rule,) = spec_props["size"]["x-kubernetes-validations"]
-    immutable = compile_rule(size_rule["rule"])
+    valid_rule, immutable_rule = spec_props["size"]["x-kubernetes-validations"]
+    valid = compile_rule(valid_rule["rule"])
+    assert valid.evaluate("1Gi") and valid.evaluate(1 << 30) and valid.evaluate("1G")
+    assert not valid.evaluate("0") and not valid.evaluate("1.5Ki") and not valid.evaluate("500M")
+    immutable = compile_rule(immutable_rule["rule"])
     assert immutable.evaluate("1Gi", "1Gi")
     assert immutable.evaluate(1024, 1024)
+    assert immutable.evaluate(268435456, "256Mi"), "the same size spelled differently"
     assert not immutable.evaluate("2Gi", "1Gi"), "size must not change"
     (path_rule,) = spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
     no_dotdot = compile_rule(path_rule["rule"])

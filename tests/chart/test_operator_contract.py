@@ -112,3 +112,11 @@ def test_network_policy_and_pod_monitor_match_the_operators_pods(tmp_path: Path)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"api": 7800, "replication": 7801, "export": 7802}
         assert endpoint["port"] in ports
+
+
+def test_the_operators_default_agent_image_is_the_charts_default_image() -> None:
+    """Run without the chart's env, the operator still names the image the chart and Dockerfile use."""
+    chart = yaml.safe_load((Path(__file__).resolve().parents[2] / "charts/pairvol/Chart.yaml").read_text())
+    values = yaml.safe_load((Path(__file__).resolve().parents[2] / "charts/pairvol/values.yaml").read_text())
+    assert OperatorConfig().agent_image == f"{values['image']['repository']}:{chart['appVersion']}"
+    assert OperatorConfig.from_env({}).agent_image == OperatorConfig().agent_image

@@ -28,24 +28,49 @@ LEASE_S = 2.0
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def operator_pod() -> dict[str, Any]:
-    """The pod template of the chart's operator Deployment (default values)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``scale`` take minutes: only ``make test-scale`` (PAIRVOL_SCALE=1) runs
+    them; elsewhere they are deselected (not skipped)."""
+    if os.environ.get("PAIRVOL_SCALE") == "1":
+        return
+    deselected = [item for item in items if item.get_closest_marker("scale") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("scale") is None]
+
+
+def render_chart(namespace: str, *values: str) -> list[dict[str, Any]]:
+    """``helm template pv charts/pairvol`` (default values plus ``--set`` ``values``)."""
     helm = REPO / ".venv" / "tools" / "helm"
     binary = str(helm) if helm.is_file() else shutil.which("helm")
     if binary is None:
         pytest.fail("helm not found: run `make tools` (bash tools/fetch-k8s-tools.sh .venv/tools)")
+    sets = [arg for value in values for arg in ("--set", value)]
     out = subprocess.run(
-        [binary, "template", "pv", str(REPO / "charts" / "pairvol"), "--namespace", "storage"],
+        [binary, "template", "pv", str(REPO / "charts" / "pairvol"), "--namespace", namespace, *sets],
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout
-    (deployment,) = [d for d in yaml.safe_load_all(out) if d and d.get("kind") == "Deployment"]
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="session")
+def operator_pod() -> dict[str, Any]:
+    """The pod template of the chart's operator Deployment (default values)."""
+    (deployment,) = [d for d in render_chart("storage") if d.get("kind") == "Deployment"]
     template: dict[str, Any] = deployment["spec"]["template"]
     return template
 
 
+@pytest.fixture(scope="session")
+def chart_rbac() -> list[dict[str, Any]]:
+    """The chart rendered for namespace ``default``: the Stack applies its ServiceAccounts and
+    RBAC and runs the operator and agents with their tokens (exactly the chart's permissions).
+    Per-volume NetworkPolicies on, as the ``stack`` fixture runs the operator."""
+    return render_chart("default", "networkPolicy.perVolumeReplication=true")
+
+
 @pytest.fixture
-async def stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIterator[Stack]:
+async def stack(tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[dict[str, Any]]) -> AsyncIterator[Stack]:
     if os.geteuid() != 0:
         unavailable("needs root (network namespaces, mounts, cgroups)")
     # not under tmp_path: unix socket paths (the export under the node's hostPath) are
@@ -54,12 +79,14 @@ async def stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIterator[S
     del tmp_path
     # per-volume NetworkPolicies are created (the simulator does not enforce them)
     env = {"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}
-    async with Stack.up(3, lease_duration=LEASE_S, operator_env=env, operator_pod=operator_pod) as s:
+    async with Stack.up(3, lease_duration=LEASE_S, operator_env=env, operator_pod=operator_pod, rbac=chart_rbac) as s:
         yield s
 
 
 @pytest.fixture
-async def default_stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIterator[Stack]:
+async def default_stack(
+    tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[dict[str, Any]]
+) -> AsyncIterator[Stack]:
     """The operator with its *default* lease duration, lease margin and reconcile interval
     (OperatorConfig; the chart does not change them), for what the README promises "with
     the defaults". Volumes in it should use the CRD's defaults too (no ``volume`` fixture)."""
@@ -68,7 +95,9 @@ async def default_stack(tmp_path: Path, operator_pod: dict[str, Any]) -> AsyncIt
     del tmp_path
     d = OperatorConfig()
     env = {"PAIRVOL_LEASE_MARGIN": f"{d.lease_margin_s:g}", "PAIRVOL_RECONCILE_INTERVAL": f"{d.reconcile_interval_s:g}"}
-    async with Stack.up(3, lease_duration=d.lease_duration_s, operator_env=env, operator_pod=operator_pod) as s:
+    async with Stack.up(
+        3, lease_duration=d.lease_duration_s, operator_env=env, operator_pod=operator_pod, rbac=chart_rbac
+    ) as s:
         yield s
 
 

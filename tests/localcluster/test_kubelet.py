@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import os
 import shutil
 import signal
@@ -186,12 +187,13 @@ async def test_pod_runs_its_command_and_becomes_ready_after_its_readiness_probe(
     obj = await eventually(lambda: running_ready(api, "web"))
 
     status = obj["status"]
-    assert status["podIP"] == status["hostIP"] == sim.node_ip("node-b")
+    assert status["hostIP"] == sim.node_ip("node-b")
+    assert ipaddress.IPv4Address(status["podIP"]) in ipaddress.IPv4Network(sim.net.pod_cidr("node-b"))
     (container,) = status["containerStatuses"]
     assert container["ready"] is True and container["restartCount"] == 0
     assert "running" in container["state"]
     # Reachable from another node on the pod IP, served by the real process.
-    line = await http_get(sim, "node-a", sim.node_ip("node-b"), 8080)
+    line = await http_get(sim, "node-a", status["podIP"], 8080)
     assert line.startswith(b"HTTP/1.0 200")
 
 
@@ -281,9 +283,8 @@ async def test_env_downward_api_secret_volume_and_host_path_are_what_the_process
     text = await eventually(logged)
 
     # PLAIN is defined before MY_NAME: $(MY_NAME) stays unexpanded, as in Kubernetes.
-    assert (
-        f"env NAME=envpod NS={NS} NODE=node-a IP={sim.node_ip('node-a')} TOKEN=s3cr3t-token PLAIN=plain-$(MY_NAME)"
-    ) in text
+    pod_ip = (await get_pod(api, "envpod"))["status"]["podIP"]
+    assert (f"env NAME=envpod NS={NS} NODE=node-a IP={pod_ip} TOKEN=s3cr3t-token PLAIN=plain-$(MY_NAME)") in text
     assert "file psk=client:0123abcd" in text
     assert "hostname=envpod" in text
     assert "secret-writable" not in text  # secret volumes are read-only
@@ -518,8 +519,7 @@ async def test_kill_node_kills_every_process_and_the_node_turns_not_ready(sim: N
 
 async def test_partition_silently_drops_traffic_both_ways_until_healed(sim: NodeSimulator, api: KubeApi) -> None:
     await create(api, http_server_pod("island", "node-b"))
-    await eventually(lambda: running_ready(api, "island"))
-    b_ip = sim.node_ip("node-b")
+    b_ip = (await eventually(lambda: running_ready(api, "island")))["status"]["podIP"]
     assert (await http_get(sim, "node-a", b_ip, 8080)).startswith(b"HTTP/1.0 200")
 
     await sim.partition_node("node-b")

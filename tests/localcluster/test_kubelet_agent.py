@@ -157,7 +157,7 @@ async def test_agent_pod_runs_with_its_secret_and_node_local_data_dir(sim: tuple
         )
         await asyncio.sleep(0.2)
 
-    b_ip = simulator.node_ip("node-b")
+    b_ip = obj["status"]["podIP"]
     status, body = await call(simulator, "node-a", b_ip, "GET", "/v1/status")
     assert status == 200 and body["role"] == "none"
 

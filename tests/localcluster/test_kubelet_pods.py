@@ -45,9 +45,11 @@ from pairvol.localcluster.kubelet_pods import (
     resolve_env,
     security_plan,
     should_restart,
+    termination_message,
 )
 from pairvol.localcluster.netns import (
     NetnsError,
+    allocate_pod_ip,
     choose_subnet,
     make_token,
     owner_pid_of,
@@ -261,8 +263,13 @@ class TestSecurityContext:
     def test_container_fields_override_the_pod_and_groups_come_from_the_pod(self) -> None:
         plan = with_context(
             {"runAsUser": 7},
-            {"runAsUser": 5, "runAsGroup": 6, "supplementalGroups": [8, 9], "fsGroup": 10,
-             "seccompProfile": {"type": "RuntimeDefault"}},
+            {
+                "runAsUser": 5,
+                "runAsGroup": 6,
+                "supplementalGroups": [8, 9],
+                "fsGroup": 10,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
         )
         assert (plan.uid, plan.gid, plan.groups, plan.seccomp) == (7, 6, (8, 9, 10), "RuntimeDefault")
 
@@ -291,29 +298,54 @@ class TestSecurityContext:
 
     def test_a_capability_the_node_lacks_is_an_error_not_a_smaller_set(self) -> None:
         with pytest.raises(PodConfigError, match=r"NET_ADMIN.*cannot grant"):
-            security_plan({}, {"name": "c", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
-                          RUNTIME_DEFAULT_CAPABILITIES)
+            security_plan(
+                {},
+                {"name": "c", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}},
+                RUNTIME_DEFAULT_CAPABILITIES,
+            )
 
     def test_root_holds_its_bounding_set_and_any_other_uid_holds_nothing(self) -> None:
         caps = frozenset({"KILL", "NET_BIND_SERVICE"})
         mask = (1 << 5) | (1 << 10)
         assert SecurityPlan(uid=0, capabilities=caps).expected_status() == {
-            "CapInh": 0, "CapPrm": mask, "CapEff": mask, "CapBnd": mask, "CapAmb": 0}
+            "CapInh": 0,
+            "CapPrm": mask,
+            "CapEff": mask,
+            "CapBnd": mask,
+            "CapAmb": 0,
+        }
         assert SecurityPlan(uid=1000, capabilities=caps).expected_status() == {
-            "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": mask, "CapAmb": 0}
+            "CapInh": 0,
+            "CapPrm": 0,
+            "CapEff": 0,
+            "CapBnd": mask,
+            "CapAmb": 0,
+        }
 
     def test_setpriv_sets_every_set_user_groups_and_no_new_privs(self) -> None:
         plan = SecurityPlan(uid=5, gid=6, groups=(7,), capabilities=frozenset({"KILL"}), no_new_privs=True)
         assert plan.setpriv_argv() == [
-            "setpriv", "--bounding-set=-all,+kill", "--inh-caps=-all", "--ambient-caps=-all",
-            "--regid=6", "--reuid=5", "--groups=7", "--no-new-privs", "--"]
+            "setpriv",
+            "--bounding-set=-all,+kill",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--regid=6",
+            "--reuid=5",
+            "--groups=7",
+            "--no-new-privs",
+            "--",
+        ]
         assert "--clear-groups" in SecurityPlan().setpriv_argv()
 
     def test_privileges_are_taken_after_the_namespaces_and_the_read_only_root(self) -> None:
         plan = SecurityPlan(capabilities=frozenset(), read_only_root=True)
         _, inner = launch_script(
-            cgroup_procs=None, mounts=[Mount(Path("/d"), PurePosixPath("/data"), False)], netns="n",
-            workdir=None, argv=["agent"], security=plan,
+            cgroup_procs=None,
+            mounts=[Mount(Path("/d"), PurePosixPath("/data"), False)],
+            netns="n",
+            workdir=None,
+            argv=["agent"],
+            security=plan,
         )
         lines = inner.splitlines()
         assert lines[-2:] == [
@@ -365,6 +397,26 @@ class TestRestartsAndProbes:
             parse_probe({"tcpSocket": {"port": "nope"}}, container)
 
 
+class TestTerminationMessage:
+    def test_the_file_the_container_wrote_wins(self) -> None:
+        assert termination_message("File", "disk full", b"noise\n", failed=True) == "disk full"
+        assert termination_message("FallbackToLogsOnError", "bye", b"noise\n", failed=True) == "bye"
+
+    def test_policy_file_without_a_file_reports_nothing(self) -> None:
+        assert termination_message("File", "", b"Address already in use\n", failed=True) == ""
+
+    def test_fallback_to_logs_only_on_error_and_keeps_the_last_80_lines_and_2_kib(self) -> None:
+        log = b"".join(f"line {i}\n".encode() for i in range(200))
+        text = termination_message("FallbackToLogsOnError", "", log, failed=True)
+        assert text.splitlines()[-1] == "line 199" and text.splitlines()[0] == "line 120"
+        assert termination_message("FallbackToLogsOnError", "", log, failed=False) == ""
+        long = termination_message("FallbackToLogsOnError", "", b"x" * 5000 + b"\nend", failed=True)
+        assert len(long) == 2048 and long.endswith("\nend")
+
+    def test_a_long_file_is_cut_at_4_kib(self) -> None:
+        assert len(termination_message("File", "y" * 10000, b"", failed=True)) == 4096
+
+
 class TestStatus:
     def test_phase_follows_containers(self) -> None:
         running = ContainerState("a", state={"running": {}})
@@ -392,13 +444,23 @@ class TestStatus:
         assert cond["Ready"] == {"type": "Ready", "status": "True", "lastTransitionTime": "t1"}
         assert second["podIP"] == second["hostIP"] == "10.200.0.2"
 
+    def test_a_pod_without_its_network_yet_has_no_pod_ip(self) -> None:
+        status = render_pod_status(
+            containers=[ContainerState(name="c")],
+            policy="Always",
+            info=PodRuntimeInfo(pod_ip="", host_ip="10.200.0.2", node_name="node-a"),
+            start_time="t0",
+            now="t1",
+        )
+        assert "podIP" not in status and "podIPs" not in status and status["hostIP"] == "10.200.0.2"
+
 
 class TestNetworkPlan:
     def test_names_fit_interface_limits_and_addresses_follow_the_bridge(self) -> None:
         token = make_token(4194304, 300)
-        plan = plan_network(["a", "b"], token, ipaddress.IPv4Network("10.201.3.0/24"))
-        assert str(plan.bridge_ip) == "10.201.3.1"
-        assert [str(n.ip) for n in plan.nodes] == ["10.201.3.2", "10.201.3.3"]
+        plan = plan_network(["a", "b"], token, ipaddress.IPv4Network("10.201.16.0/20"))
+        assert str(plan.bridge_ip) == "10.201.16.1"
+        assert [str(n.ip) for n in plan.nodes] == ["10.201.16.2", "10.201.16.3"]
         assert all(len(n.host_veth) <= 15 and len(n.peer_veth) <= 15 for n in plan.nodes)
         assert owner_pid_of(plan.bridge) == 4194304
         assert owner_pid_of(plan.nodes[1].netns) == 4194304
@@ -406,9 +468,27 @@ class TestNetworkPlan:
 
     def test_duplicate_or_no_nodes_are_rejected(self) -> None:
         with pytest.raises(NetnsError, match="unique"):
-            plan_network(["a", "a"], "1x1", ipaddress.IPv4Network("10.201.3.0/24"))
+            plan_network(["a", "a"], "1x1", ipaddress.IPv4Network("10.201.16.0/20"))
         with pytest.raises(NetnsError, match="at least one"):
-            plan_network([], "1x1", ipaddress.IPv4Network("10.201.3.0/24"))
+            plan_network([], "1x1", ipaddress.IPv4Network("10.201.16.0/20"))
+
+    def test_each_node_gets_its_own_pod_cidr_after_the_node_network(self) -> None:
+        plan = plan_network(["a", "b", "c"], "1x1", ipaddress.IPv4Network("10.201.16.0/20"))
+        assert str(plan.subnet) == "10.201.16.0/24"
+        assert [str(n.pod_cidr) for n in plan.nodes] == ["10.201.17.0/24", "10.201.18.0/24", "10.201.19.0/24"]
+        assert [str(n.pod_gateway) for n in plan.nodes] == ["10.201.17.1", "10.201.18.1", "10.201.19.1"]
+
+    def test_more_nodes_than_pod_cidrs_in_the_block_are_refused(self) -> None:
+        with pytest.raises(NetnsError, match="at most 15 nodes"):
+            plan_network([f"n{i}" for i in range(16)], "1x1", ipaddress.IPv4Network("10.201.16.0/20"))
+
+    def test_pod_ips_are_the_lowest_free_after_the_gateway(self) -> None:
+        cidr = ipaddress.IPv4Network("10.201.17.0/24")
+        assert str(allocate_pod_ip(cidr, [])) == "10.201.17.2"
+        taken = [ipaddress.IPv4Address("10.201.17.2"), ipaddress.IPv4Address("10.201.17.4")]
+        assert str(allocate_pod_ip(cidr, taken)) == "10.201.17.3"
+        with pytest.raises(NetnsError, match="no free pod IP"):
+            allocate_pod_ip(cidr, list(cidr.hosts())[1:])
 
     def test_subnet_avoids_everything_in_use(self) -> None:
         used = used_prefixes(
@@ -417,19 +497,22 @@ class TestNetworkPlan:
             "default via 10.0.0.1 dev eth0\n10.201.1.0/24 dev tun0\n",
         )
         subnet = choose_subnet(used, seed=0)
-        assert subnet == ipaddress.IPv4Network("10.201.2.0/24")
+        assert subnet == ipaddress.IPv4Network("10.201.16.0/20")
         assert not any(subnet.overlaps(u) for u in used)
 
     @given(st.integers(min_value=0, max_value=2**32))
-    def test_any_seed_gives_a_private_24_in_the_pool(self, seed: int) -> None:
+    def test_any_seed_gives_a_private_20_in_the_pool(self, seed: int) -> None:
         subnet = choose_subnet([], seed)
-        assert subnet.prefixlen == 24 and subnet.is_private
+        assert subnet.prefixlen == 20 and subnet.is_private
         assert 200 <= subnet.network_address.packed[1] < 250
 
     def test_partition_rules_drop_both_directions_on_the_node_link_only(self) -> None:
         rules = partition_rules("-I")
         assert ["iptables", "-w", "-I", "INPUT", "-i", "eth0", "-j", "DROP"] in rules
         assert ["iptables", "-w", "-I", "OUTPUT", "-o", "eth0", "-j", "DROP"] in rules
+        # the pods' traffic is forwarded by the node: cut as well
+        assert ["iptables", "-w", "-I", "FORWARD", "-i", "eth0", "-j", "DROP"] in rules
+        assert ["iptables", "-w", "-I", "FORWARD", "-o", "eth0", "-j", "DROP"] in rules
 
 
 class TestPrerequisites:

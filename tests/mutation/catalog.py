@@ -281,11 +281,29 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -------------------------------------------------------------- operator/decisions.py
     Mutation(
         "decisions.resync-marks-out-of-sync", DECISIONS,
-        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)\n"
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)\n"
         "        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING",
-        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, sec.out_of_sync)\n"
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, sec.out_of_sync, synced=False)\n"
         "        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING",
         T_DECISIONS, "a resync marks the secondary OutOfSync before it starts",
+    ),
+    Mutation(
+        "decisions.resync-clears-synced", DECISIONS,
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)\n",
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=sec.synced)\n",
+        T_DECISIONS, "a full sync makes the secondary a partial copy until the pair is in sync again",
+    ),
+    Mutation(
+        "decisions.half-synced-never-promoted", DECISIONS,
+        "    if not sec.synced:\n",
+        "    if not sec.synced and not manual:\n",
+        T_DECISIONS, "a secondary whose full sync never finished is not promoted, even by hand",
+    ),
+    Mutation(
+        "status.data-nodes-keep-replaced-replicas", "operator/pairvol/api/status.py",
+        "        nodes = set(self.data_nodes)\n",
+        "        nodes: set[str] = set()\n",
+        ("tests/unit/test_api_spec.py",), "reclaimPolicy Delete finds every node that ever held a replica",
     ),
     Mutation(
         "decisions.out-of-sync-refused-in-both-modes", DECISIONS,

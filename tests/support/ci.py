@@ -22,6 +22,16 @@ def on_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
+#: The one kind of skip that stays a skip on CI: a test of conformance to a reference file
+#: that lives outside the repository (next to a development checkout, not in a clone).
+OUTSIDE_REPOSITORY = "reference outside the repository not present: "
+
+
+def outside_repository(reason: str) -> NoReturn:
+    """Skip, locally and on CI: the reference the test compares against is not here."""
+    pytest.skip(OUTSIDE_REPOSITORY + reason)
+
+
 def unavailable(reason: str) -> NoReturn:
     """Skip locally; fail on CI."""
     if on_ci():

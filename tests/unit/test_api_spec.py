@@ -101,6 +101,17 @@ def test_status_round_trips_through_its_dict_form() -> None:
     assert status.to_dict()["lastFailover"] is None  # cleared fields are deleted by merge patch
 
 
+def test_every_node_that_held_a_replica_stays_in_data_nodes() -> None:
+    """reclaimPolicy Delete wipes status.dataNodes: a replaced secondary's node stays there."""
+    first = VolumeStatus(primary=Replica("n1", "v-1-a"), secondary=Replica("n2", "v-1-b"))
+    assert first.data_nodes == ("n1", "n2")
+    stored = VolumeStatus.from_dict(first.to_dict())
+    replaced = stored.with_(secondary=Replica("n3", "v-2-c"))
+    assert replaced.data_nodes == ("n1", "n2", "n3")
+    gone = VolumeStatus.from_dict(replaced.with_(primary=None, secondary=None).to_dict())
+    assert gone.data_nodes == ("n1", "n2", "n3")
+
+
 def test_condition_transition_time_moves_only_on_status_change() -> None:
     c1 = set_condition((), "Ready", True, "R", "m", now=100.0, generation=1)
     c2 = set_condition(c1, "Ready", True, "R2", "m2", now=200.0, generation=2)

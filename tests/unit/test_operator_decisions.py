@@ -63,7 +63,7 @@ def replicating(**kw: Any) -> World:
     status = VolumeStatus(
         phase=Phase.REPLICATING, epoch=3,
         primary=Replica("n1", "vol-1-a", "primary/replicating", "10.0.0.1"),
-        secondary=Replica("n2", "vol-1-b", "secondary/running", "10.0.0.2"),
+        secondary=Replica("n2", "vol-1-b", "secondary/running", "10.0.0.2", synced=True),
         endpoint={"node": "n1"},
         checkpoint={"id": 4, "time": rfc3339(NOW - 2), "durationMs": 3.0},
     )
@@ -558,6 +558,51 @@ def test_a_resync_marks_the_secondary_out_of_sync_before_it_starts() -> None:
     dead = primary_dead(status=p.status.with_(epoch=4),
                         lease=LeaseView("vol-1-a", 10, 3.0))
     assert not any(isinstance(a, DoFailover) for a in plan(dead).actions)
+
+
+@pytest.mark.parametrize("mode", ["Checkpoint", "Latest"])
+def test_a_half_synced_secondary_is_not_promoted_even_by_hand(mode: str) -> None:
+    """Accepting data loss by hand means an older state, not a half-copied disk: a secondary
+    whose full sync never finished is refused, whatever the annotation says."""
+    elsewhere = replace(PRIMARY_AGENT, peer="10.0.0.9:7801")
+    p = plan(replicating(spec=spec(failover={"mode": mode}), agents={"vol-1-a": elsewhere, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.secondary is not None and not p.status.secondary.synced
+    dead = primary_dead(status=p.status.with_(epoch=4), annotations={ANN_FAILOVER: "now"})
+    p2 = plan(dead)
+    assert not any(isinstance(a, DoFailover) for a in p2.actions)
+    assert p2.status.phase == Phase.FAILED and "never finished its full sync" in p2.status.message
+    assert any(isinstance(a, Event) and a.reason == "FailoverBlocked" for a in p2.actions)
+
+
+def test_a_secondary_is_synced_once_the_pair_is_in_sync_after_its_full_sync() -> None:
+    placed = plan(replicating(agents={"vol-1-a": replace(PRIMARY_AGENT, peer="10.0.0.9:7801"),
+                                      "vol-1-b": SECONDARY_AGENT})).status
+    syncing = plan(replicating(status=placed, agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="syncing"),
+                                                      "vol-1-b": SECONDARY_AGENT}))
+    assert syncing.status.secondary is not None and not syncing.status.secondary.synced
+    in_sync = plan(replicating(status=syncing.status))
+    assert in_sync.status.secondary is not None and in_sync.status.secondary.synced
+    assert not in_sync.status.secondary.out_of_sync
+    stored = VolumeStatus.from_dict(in_sync.status.to_dict())
+    assert stored.secondary is not None and stored.secondary.synced
+
+
+def test_a_secondary_dropped_after_it_was_in_sync_may_be_promoted_by_hand() -> None:
+    """Its disk is the state at the drop: older than the primary's, but one the volume had."""
+    marked = plan(replicating(lease=LeaseView("vol-1-a", 1, 3.0, out_of_sync_epoch=3))).status
+    assert marked.secondary is not None and marked.secondary.out_of_sync and marked.secondary.synced
+    p = plan(primary_dead(status=marked, lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3),
+                          annotations={ANN_FAILOVER: "now"}))
+    assert any(isinstance(a, DoFailover) for a in p.actions)
+
+
+def test_a_status_written_before_synced_existed_reads_in_sync_as_synced() -> None:
+    def sec(d: dict[str, Any]) -> Replica | None:
+        return VolumeStatus.from_dict({"secondary": {"node": "n2", "pod": "p", **d}}).secondary
+
+    assert (s := sec({"outOfSync": False})) is not None and s.synced
+    assert (s := sec({"outOfSync": True})) is not None and not s.synced
+    assert (s := sec({"outOfSync": True, "synced": True})) is not None and s.synced
 
 
 def test_out_of_sync_is_not_cleared_while_the_lease_records_a_mark_for_this_epoch() -> None:

@@ -61,6 +61,10 @@ def test_agent_pod_is_valid_kubernetes_and_follows_the_agent_contract() -> None:
     assert live["initialDelaySeconds"] >= 5 and live["periodSeconds"] * live["failureThreshold"] <= 10
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         "api": 7800, "replication": 7801, "export": 7802}
+    # fixed ports on the pod's own IP (no hostNetwork, no hostPort): any number of agents
+    # share a node; the operator and the peer reach them by podIP
+    assert "hostNetwork" not in pod["spec"] and all("hostPort" not in p for p in c["ports"])  # type: ignore[operator]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -145,6 +149,15 @@ def test_observations_are_parsed_from_kubernetes_objects() -> None:
     assert (pod.role, pod.phase, pod.ready, pod.ip, pod.deleting) == (
         "primary", "Failed", False, "10.0.0.1", True)
     assert pod.reason == "Error, exit code 2"
+    # the termination message's last line says why (the agent falls back to its log)
+    crashed = pod_view({"metadata": {"name": "p"}, "status": {"containerStatuses": [{"state": {
+        "terminated": {"reason": "Error", "exitCode": 1,
+                       "message": "Traceback ...\nOSError: [Errno 98] Address already in use\n"}}}]}})
+    assert crashed.reason == "Error, exit code 1: OSError: [Errno 98] Address already in use"
+    looping = pod_view({"metadata": {"name": "p"}, "status": {"containerStatuses": [{
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+        "lastState": {"terminated": {"reason": "Error", "exitCode": 2, "message": "bad flag"}}}]}})
+    assert looping.reason == "CrashLoopBackOff: back-off 10s (last: Error, exit code 2: bad flag)"
     raw = {"metadata": {"annotations": {"pairvol.io/out-of-sync": "7"}},
            "spec": {"holderIdentity": "p", "leaseDurationSeconds": 3,
                     "renewTime": "2026-01-01T00:00:00.500000Z"}}

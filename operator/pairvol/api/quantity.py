@@ -9,7 +9,7 @@ whole number of bytes is an error, not something to round.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact
 
 from pairvol.errors import PairvolError
 
@@ -17,13 +17,47 @@ BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei":
 DECIMAL = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
 
 _QUANTITY = re.compile(
-    r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)"
+    r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)"
     r"|[eE](?P<exp>[+-]?\d+))?$"
 )
+_FRACTIONS = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3")}
+_MAX_EXPONENT = 30  # the API server's own limit is higher; no byte count needs more
+# Arithmetic that never rounds silently: a rounded huge value could pass as whole bytes.
+_EXACT = Context(prec=120, traps=[Inexact])
 
 
 class QuantityError(PairvolError, ValueError):
     """A value is not a valid Kubernetes quantity of whole bytes."""
+
+
+def parse_quantity(text: str) -> Decimal:
+    """The exact value of a Kubernetes quantity string, as ``resource.ParseQuantity`` reads it.
+
+    Signed decimal, then one suffix: binary (``Ki`` .. ``Ei``), decimal (``n u m k M G T
+    P E``) or an exponent (``e3``, ``E-2``). No whitespace. ``"1.5Ki"`` is 1536,
+    ``"1e3"`` is 1000, ``"100m"`` is 0.1.
+    """
+    m = _QUANTITY.match(text)
+    if not m:
+        raise QuantityError(
+            f"{text!r} is not a Kubernetes quantity; write e.g. '64Mi', '1Gi', '500M' or a plain number of bytes"
+        )
+    number = Decimal(m.group("num"))
+    suffix, exp = m.group("suffix"), m.group("exp")
+    if exp is not None and abs(int(exp)) > _MAX_EXPONENT:
+        raise QuantityError(f"{text!r}: exponent out of range")
+    try:
+        if suffix in _FRACTIONS:
+            return _EXACT.multiply(number, _FRACTIONS[suffix])
+        if suffix in BINARY:
+            return _EXACT.multiply(number, BINARY[suffix])
+        if suffix is not None:
+            return _EXACT.multiply(number, DECIMAL[suffix])
+        if exp is not None:
+            return _EXACT.scaleb(number, int(exp))
+        return _EXACT.plus(number)
+    except Inexact:
+        raise QuantityError(f"{text!r} has too many digits") from None
 
 
 def parse_bytes(value: object) -> int:
@@ -37,26 +71,7 @@ def parse_bytes(value: object) -> int:
     if isinstance(value, int):
         number = Decimal(value)
     elif isinstance(value, str):
-        m = _QUANTITY.match(value.strip())
-        if not m:
-            raise QuantityError(
-                f"{value!r} is not a Kubernetes quantity; write e.g. '64Mi', '1Gi', '500M' or a plain number of bytes"
-            )
-        try:
-            number = Decimal(m.group("num"))
-        except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimals
-            raise QuantityError(f"{value!r}: bad number") from exc
-        suffix, exp = m.group("suffix"), m.group("exp")
-        if suffix == "m":
-            number = number / 1000
-        elif suffix in BINARY:
-            number *= BINARY[suffix]
-        elif suffix is not None:
-            number *= DECIMAL[suffix]
-        elif exp is not None:
-            if abs(int(exp)) > 30:
-                raise QuantityError(f"{value!r}: exponent out of range")
-            number = number.scaleb(int(exp))
+        number = parse_quantity(value.strip())
     else:
         raise QuantityError(f"quantity must be a number or a string like '1Gi', not {value!r}")
     if number != number.to_integral_value():

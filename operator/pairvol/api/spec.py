@@ -27,6 +27,8 @@ FAILOVER_MODES = ("Checkpoint", "Latest")
 RECLAIM_POLICIES = ("Retain", "Delete")
 MIN_SIZE = 1 << 20  # 1 MiB: smaller volumes are certainly a typo
 SECTOR = 512
+# The API server's CEL rule reads the size with Quantity.asInteger(), an int64.
+MAX_SIZE = (1 << 63) - 1
 # pods are named "<volume>-<epoch>-<n>" and must stay valid DNS labels (63 chars)
 MAX_VOLUME_NAME = 40
 
@@ -107,6 +109,8 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
         else:
             if size < MIN_SIZE:
                 problems.append(f"spec.size must be at least 1Mi, got {raw_size!r}")
+            elif size > MAX_SIZE:
+                problems.append(f"spec.size must be at most {MAX_SIZE} bytes (under 8Ei), got {raw_size!r}")
             elif size % SECTOR:
                 problems.append(f"spec.size must be a multiple of {SECTOR} bytes, got {size}")
 

@@ -43,6 +43,10 @@ class Replica:
     state: str = ""
     address: str = ""
     out_of_sync: bool = False
+    # Secondary only: the last full sync to it finished, so its disk is a state the volume
+    # had (perhaps an old one). False from its placement until the pair is first in sync
+    # after each full sync: a half-copied disk is never promoted, not even by hand.
+    synced: bool = False
 
     def to_dict(self, secondary: bool) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -53,10 +57,11 @@ class Replica:
         }
         if secondary:
             d["outOfSync"] = self.out_of_sync
+            d["synced"] = self.synced
         return d
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any] | None) -> Replica | None:
+    def from_dict(d: Mapping[str, Any] | None, secondary: bool = False) -> Replica | None:
         if not d or not d.get("pod"):
             return None
         return Replica(
@@ -65,6 +70,8 @@ class Replica:
             state=str(d.get("state", "")),
             address=str(d.get("address", "")),
             out_of_sync=bool(d.get("outOfSync", False)),
+            # written by operators before 'synced' existed: in sync means a finished sync
+            synced=secondary and bool(d.get("synced", not d.get("outOfSync", False))),
         )
 
 
@@ -175,6 +182,17 @@ class VolumeStatus:
     sync: Mapping[str, Any] | None = None
     endpoint: Mapping[str, Any] | None = None
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
+    # Every node that may hold this volume's data: a replica's node is added the moment the
+    # status names it (before its pod exists) and never dropped, so reclaimPolicy Delete
+    # finds the images of replicas that were replaced long ago.
+    data_nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        nodes = set(self.data_nodes)
+        nodes.update(r.node for r in (self.primary, self.secondary) if r is not None and r.node)
+        if self.last_failover is not None and self.last_failover.from_node:
+            nodes.add(self.last_failover.from_node)
+        object.__setattr__(self, "data_nodes", tuple(sorted(nodes)))
 
     @property
     def activated(self) -> bool:
@@ -201,12 +219,13 @@ class VolumeStatus:
             epoch=int(d.get("epoch", 0) or 0),
             observed_generation=int(d.get("observedGeneration", 0) or 0),
             primary=Replica.from_dict(d.get("primary")),
-            secondary=Replica.from_dict(d.get("secondary")),
+            secondary=Replica.from_dict(d.get("secondary"), secondary=True),
             checkpoint=d.get("checkpoint") or None,
             last_failover=Failover.from_dict(d.get("lastFailover")),
             sync=d.get("sync") or None,
             endpoint=d.get("endpoint") or None,
             conditions=tuple(Condition.from_dict(c) for c in d.get("conditions") or ()),
+            data_nodes=tuple(str(n) for n in d.get("dataNodes") or () if n),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,4 +242,5 @@ class VolumeStatus:
             "sync": dict(self.sync) if self.sync else None,
             "endpoint": dict(self.endpoint) if self.endpoint else None,
             "conditions": [c.to_dict() for c in self.conditions],
+            "dataNodes": list(self.data_nodes),
         }

@@ -18,23 +18,32 @@ This module is the wire side:
   printer columns), POST, PUT, DELETE (with preconditions and ``propagationPolicy``),
   ``dryRun=All``, ``fieldValidation=Strict|Warn|Ignore`` (Warn is the default, sent as
   ``Warning`` headers);
+* authentication (the admin token, ServiceAccount tokens from ``serviceaccounts/<name>/token``,
+  impersonation) and RBAC authorisation with 403 answers, see
+  :mod:`~pairvol.localcluster.apiserver_auth`; every Namespace gets its ``default``
+  ServiceAccount;
+* request bodies in JSON, YAML or protobuf (the built-in kinds kubectl's and helm's
+  typed clients send; see :mod:`~pairvol.localcluster.apiserver_protobuf`);
 * PATCH: merge, json, strategic merge for built-in kinds (415 for custom resources, as
   in Kubernetes) and server-side apply as a merge without field ownership;
 * watches: ``?watch=true`` JSON lines, resourceVersion replay, 410 Gone for compacted
   versions, bookmarks, ``timeoutSeconds``, selector enter/leave as ADDED/DELETED;
 * ``/openapi/v3`` deep enough for kubectl's server-side field validation and ``kubectl
   explain`` of CRDs; ``pods/<name>/log`` for ``kubectl logs [-f]``;
-* ``Status`` objects for 400/404/405/409/410/415/422.
+* ``Status`` objects for 400/401/403/404/405/409/410/415/422.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -47,6 +56,8 @@ import yaml
 from kmock._internal.rendering import ReactionMismatchError  # not re-exported in __all__
 
 from pairvol.errors import PairvolError
+from pairvol.localcluster import apiserver_auth as auth
+from pairvol.localcluster import apiserver_protobuf as protobuf
 from pairvol.localcluster.apiserver_builtin import (
     ResourceType,
 )
@@ -97,6 +108,17 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
     # Where `kubectl logs` reads a pod's output: (pod object) -> log file or None.
     # LocalCluster points it at the node simulator's per-pod log files.
     log_source: Callable[[dict[str, Any]], Path | None] | None = None
+    # Bearer token of the admin kubeconfig (user kubernetes-admin, group system:masters).
+    admin_token: str = auth.ADMIN_TOKEN
+    # Requests without an Authorization header: True serves them as the in-process control
+    # plane (the node simulator's own client, tests speaking raw HTTP); False answers 401.
+    # Requests that carry a token are always authenticated and authorised by RBAC.
+    trust_unauthenticated: bool = True
+    _token_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), init=False)
+    # The latest refused requests (user, attributes): what a test asserts about RBAC.
+    denied: collections.deque[tuple[str, auth.Attributes]] = attrs.field(
+        factory=lambda: collections.deque(maxlen=_KEEP_REQUESTS), init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -122,6 +144,10 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         """Serve resource URLs from the store; everything else through kmock."""
         rpath = parse_resource_path(raw.path)
+        try:
+            self._authorize(raw, rpath)
+        except RequestError as exc:
+            return _status_response(exc)
         if rpath is None or rpath.plural is None:
             if raw.path.startswith("/openapi/"):
                 try:
@@ -133,21 +159,20 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             response: aiohttp.web.StreamResponse = await super().__call__(raw)
             return response
         body = await raw.read()
-        if "protobuf" in raw.headers.get("Content-Type", ""):
-            # We speak JSON only; client-go retries in JSON on 415 (kubectl create ...).
-            return _status_response(
-                RequestError(
-                    415,
-                    "UnsupportedMediaType",
-                    "the body of the request was in an unknown format "
-                    "- accepted media types include: application/json, application/yaml",
-                )
-            )
-        text = body.decode("utf-8", errors="replace")
-        try:
-            data = json.loads(text) if text else None
-        except ValueError:
-            data = None
+        data: Any
+        if raw.headers.get("Content-Type", "").split(";")[0].strip() == protobuf.MEDIA_TYPE:
+            # client-go's typed clients (kubectl create ns, helm's release Secrets).
+            try:
+                data = protobuf.decode_body(body)
+            except RequestError as exc:
+                return _status_response(exc)
+            text = json.dumps(data)
+        else:
+            text = body.decode("utf-8", errors="replace")
+            try:
+                data = json.loads(text) if text else None
+            except ValueError:
+                data = None
         request = kmock.Request(
             id=len(self._requests),
             raw_request=raw,
@@ -178,6 +203,117 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             return _status_response(
                 RequestError(500, "InternalError", f"internal error in the emulated API server: {exc!r}")
             )
+
+    def create_object(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        body: dict[str, Any],
+        namespace: str | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Create as the store does; a new Namespace gets its ``default`` ServiceAccount, as
+        kube-controller-manager's serviceaccount controller gives it (pods name it implicitly)."""
+        obj = super().create_object(group, version, plural, body, namespace, dry_run=dry_run)
+        if (group, plural) == ("", "namespaces") and not dry_run:
+            ns = obj["metadata"]["name"]
+            if ("", "serviceaccounts") in self._kinds and (ns, "default") not in self._kinds[
+                ("", "serviceaccounts")
+            ].objects:
+                account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}
+                super().create_object("", "v1", "serviceaccounts", account, ns)
+        return obj
+
+    # ------------------------------------------------------------------ auth
+
+    def issue_token(self, namespace: str, name: str, expiration_seconds: int = 3600) -> str:
+        """A token for ServiceAccount ``namespace/name`` (what TokenRequest returns)."""
+        sa = self.get_object(self.resource_type("", "v1", "serviceaccounts"), namespace, name)
+        return auth.issue_token(
+            self._token_key, namespace, name, sa["metadata"]["uid"], int(time.time()), expiration_seconds
+        )
+
+    def authenticate(self, header: str | None) -> auth.User | None:
+        """The user an Authorization header names; None when absent and trusted; else 401."""
+        if not header:
+            if self.trust_unauthenticated:
+                return None
+            raise auth.unauthorized()
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise auth.unauthorized()
+        if secrets.compare_digest(token, self.admin_token):
+            return auth.ADMIN
+        user = auth.verify_token(self._token_key, token, time.time())
+        sa = user.service_account if user is not None else None
+        if user is None or sa is None:
+            raise auth.unauthorized()
+        stored = self._kinds[("", "serviceaccounts")].objects.get(sa)
+        if stored is None or stored["metadata"].get("uid") != user.sa_uid:
+            raise auth.unauthorized()  # the ServiceAccount was deleted (or re-created)
+        return user
+
+    def rbac(self) -> auth.RBAC:
+        """The RBAC objects as they are now."""
+
+        def objects(plural: str) -> dict[tuple[str, str], dict[str, Any]]:
+            kind = self._kinds.get(("rbac.authorization.k8s.io", plural))
+            return kind.objects if kind is not None else {}
+
+        return auth.RBAC(
+            roles=objects("roles"),
+            cluster_roles={name: obj for (_, name), obj in objects("clusterroles").items()},
+            role_bindings=list(objects("rolebindings").values()),
+            cluster_role_bindings=list(objects("clusterrolebindings").values()),
+        )
+
+    def _authorize(self, raw: aiohttp.web.BaseRequest, rpath: ResourcePath | None) -> auth.User | None:
+        user = self.authenticate(raw.headers.get("Authorization"))
+        as_user = raw.headers.get("Impersonate-User")
+        if as_user:  # kubectl --as=USER [--as-group=G]: act as USER if allowed to impersonate
+            user = self._impersonate(user or auth.ADMIN, as_user, tuple(raw.headers.getall("Impersonate-Group", ())))
+        if user is None:
+            return None
+        watch = str(raw.query.get("watch", "")).lower() in ("true", "1")
+        attributes = auth.attributes(raw.method, raw.path, rpath, watch)
+        if not self.rbac().allows(user, attributes):
+            namespaced = True
+            if rpath is not None and rpath.plural is not None:
+                with contextlib.suppress(RequestError):
+                    namespaced = self.resource_type(rpath.group, rpath.version, rpath.plural).namespaced
+            logger.debug("forbidden: %s %s for %s", raw.method, raw.path_qs, user.name)
+            self.denied.append((user.name, attributes))
+            raise auth.forbidden(user, attributes, namespaced)
+        return user
+
+    def _impersonate(self, actor: auth.User, name: str, groups: tuple[str, ...]) -> auth.User:
+        target = auth.impersonated(name, groups)
+        rbac = self.rbac()
+        for attributes in auth.impersonation_attributes(target, groups):
+            if not rbac.allows(actor, attributes):
+                raise auth.forbidden(actor, attributes, namespaced=bool(attributes.namespace))
+        return target
+
+    def _serve_token_request(self, request: kmock.Request, namespace: str, name: str) -> aiohttp.web.Response:
+        """``POST serviceaccounts/<name>/token`` (TokenRequest), as ``kubectl create token`` sends."""
+        body = request.data if isinstance(request.data, dict) else {}
+        raw_spec = body.get("spec")
+        spec: dict[str, Any] = raw_spec if isinstance(raw_spec, dict) else {}
+        expiration = spec.get("expirationSeconds", 3600)
+        if not isinstance(expiration, int) or isinstance(expiration, bool) or not 600 <= expiration <= 2**32:
+            raise bad_request("spec.expirationSeconds must be an integer of at least 600 (10 minutes)")
+        token = self.issue_token(namespace, name, expiration)
+        expires = datetime.datetime.fromtimestamp(time.time() + expiration, datetime.UTC)
+        out = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"audiences": [auth.ISSUER], "expirationSeconds": expiration, **spec},
+            "status": {"token": token, "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+        }
+        return aiohttp.web.json_response(out, status=201)
 
     async def _user_reaction(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
         """Let kmock DSL reactions (``api['patch', resource] << 503``) override the store.
@@ -340,6 +476,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         sub = rpath.subresource
         if sub == "log" and rtype.key == ("", "pods") and rpath.name and request.method == "GET":
             return await self._serve_log(request, rpath.namespace or "", rpath.name)
+        if sub == "token" and rtype.key == ("", "serviceaccounts") and rpath.name and request.method == "POST":
+            return self._serve_token_request(request, rpath.namespace or "", rpath.name)
         if sub is not None and not (sub == "status" and rtype.status_subresource):
             raise RequestError(
                 404, "NotFound", f"the server could not find the requested resource ({rtype.plural}/{sub})"

@@ -8,10 +8,13 @@ rules our own CRDs use, so this module implements a compact, pure interpreter.
 Supported: literals (int, double, string, bool, null, lists), ``self``/``oldSelf``, field
 selection, indexing, ``has(x.f)``, ``size()``, ``int()``, ``string()``, ``double()``,
 methods ``size``, ``startsWith``, ``endsWith``, ``contains``, ``matches``, the macros
-``all``/``exists``/``exists_one`` on lists and maps, operators ``! - * / % + < <= > >= == !=
-in && ||`` and ``?:``. Anything else fails at compile time with :class:`CELError`, so a CRD
-using an unsupported feature is rejected when it is registered instead of being silently
-accepted.
+``all``/``exists``/``exists_one`` on lists and maps, Kubernetes' quantity library
+(``quantity()``, ``isQuantity()`` and the methods ``isInteger``, ``asInteger``,
+``compareTo``, ``isGreaterThan``, ``isLessThan``, ``sign``, ``add``, ``sub``,
+``asApproximateFloat``: sizes compared by value, so ``268435456`` equals ``256Mi``),
+operators ``! - * / % + < <= > >= == != in && ||`` and ``?:``. Anything else fails at
+compile time with :class:`CELError`, so a CRD using an unsupported feature is rejected
+when it is registered instead of being silently accepted.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
+from pairvol.api.quantity import QuantityError, parse_quantity
 from pairvol.errors import PairvolError
 
 _TOKEN = re.compile(
@@ -49,13 +54,35 @@ _BINARY_PRECEDENCE = {
     "/": 5,
     "%": 5,
 }
-_FUNCTIONS = {"has", "size", "int", "string", "double"}
-_METHODS = {"size", "startsWith", "endsWith", "contains", "matches"}
+_FUNCTIONS = {"has", "size", "int", "string", "double", "quantity", "isQuantity"}
+_QUANTITY_METHODS = {
+    "isInteger",
+    "asInteger",
+    "compareTo",
+    "isGreaterThan",
+    "isLessThan",
+    "sign",
+    "add",
+    "sub",
+    "asApproximateFloat",
+}
+_METHODS = {"size", "startsWith", "endsWith", "contains", "matches", *_QUANTITY_METHODS}
+_INT64 = range(-(2**63), 2**63)
 _MACROS = {"all", "exists", "exists_one"}
 
 
 class CELError(PairvolError):
     """A rule could not be compiled or evaluated."""
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A CEL ``Quantity`` value: compared by its exact value (``1Ki`` == ``1024``)."""
+
+    value: Decimal
+
+    def is_integer(self) -> bool:
+        return self.value == self.value.to_integral_value() and int(self.value) in _INT64
 
 
 class _Absent:
@@ -338,6 +365,16 @@ def _call(node: _Node, env: dict[str, Any]) -> Any:
     if len(node.args) != 1:
         raise CELError(f"{name}() takes exactly one argument")
     arg = _eval(node.args[0], env)
+    if name in ("quantity", "isQuantity"):
+        if not isinstance(arg, str):
+            raise CELError(f"{name}() needs a string, got {type(arg).__name__}")
+        try:
+            q = Quantity(parse_quantity(arg))
+        except QuantityError as exc:
+            if name == "isQuantity":
+                return False
+            raise CELError(f"quantity({arg!r}): {exc}") from None
+        return True if name == "isQuantity" else q
     try:
         if name == "size":
             return _size(arg)
@@ -356,6 +393,8 @@ def _method(node: _Node, env: dict[str, Any]) -> Any:
     name = node.value
     if name == "size":
         return _size(target)
+    if name in _QUANTITY_METHODS:
+        return _quantity_method(name, target, args)
     if not isinstance(target, str) or len(args) != 1 or not isinstance(args[0], str):
         raise CELError(f"{name}() needs a string receiver and one string argument")
     if name == "startsWith":
@@ -365,6 +404,32 @@ def _method(node: _Node, env: dict[str, Any]) -> Any:
     if name == "contains":
         return args[0] in target
     return re.search(args[0], target) is not None  # matches (RE2 ~ Python re for our rules)
+
+
+def _quantity_method(name: str, target: Any, args: list[Any]) -> Any:
+    if not isinstance(target, Quantity):
+        raise CELError(f"{name}() needs a Quantity receiver, got {type(target).__name__}")
+    if name in ("compareTo", "isGreaterThan", "isLessThan", "add", "sub"):
+        if len(args) != 1 or not isinstance(args[0], Quantity | int):
+            raise CELError(f"{name}() takes one Quantity")
+        other = args[0].value if isinstance(args[0], Quantity) else Decimal(args[0])
+        if name == "add":
+            return Quantity(target.value + other)
+        if name == "sub":
+            return Quantity(target.value - other)
+        cmp = (target.value > other) - (target.value < other)
+        return cmp if name == "compareTo" else cmp == (1 if name == "isGreaterThan" else -1)
+    if args:
+        raise CELError(f"{name}() takes no arguments")
+    if name == "isInteger":
+        return target.is_integer()
+    if name == "asInteger":
+        if not target.is_integer():
+            raise CELError(f"cannot convert quantity {target.value} to an int64 integer")
+        return int(target.value)
+    if name == "sign":
+        return (target.value > 0) - (target.value < 0)
+    return float(target.value)  # asApproximateFloat
 
 
 def _macro(node: _Node, env: dict[str, Any]) -> Any:

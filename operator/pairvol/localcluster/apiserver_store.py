@@ -37,6 +37,7 @@ from pairvol.localcluster.apiserver_logic import (
     now_rfc3339,
     selector_matches,
 )
+from pairvol.localcluster.workload_defaults import apply_defaults as apply_workload_defaults
 
 ObjKey = tuple[str, str]  # (namespace or "", name)
 TypeKey = tuple[str, str]  # (group, plural)
@@ -75,6 +76,15 @@ def _fold_string_data(secret: dict[str, Any]) -> None:
         for key, value in string_data.items():
             data[key] = base64.b64encode(str(value).encode()).decode()
         secret["data"] = data
+
+
+def _propagation(options: dict[str, Any] | None) -> str:
+    """DeleteOptions' propagation policy: Background (default), Foreground or Orphan."""
+    opts = options or {}
+    policy = opts.get("propagationPolicy")
+    if policy in ("Background", "Foreground", "Orphan"):
+        return str(policy)
+    return "Orphan" if opts.get("orphanDependents") else "Background"
 
 
 def _spec_part(obj: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +283,7 @@ class ObjectStore:
                 raise self._invalid(rtype, name, errors)
         if rtype.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             obj = self._admit_crd(rtype, obj)
+        obj = apply_workload_defaults(rtype.key, obj)  # Deployments, Jobs, ...: upstream's defaults
         return obj
 
     def _admit_crd(self, rtype: ResourceType, crd: dict[str, Any]) -> dict[str, Any]:
@@ -623,6 +634,11 @@ class ObjectStore:
             return old
         if rtype.key == ("", "namespaces"):
             return self._delete_namespace(rtype, old)
+        policy = _propagation(options)
+        if policy == "Orphan":
+            self._orphan_dependents(old)
+        elif policy == "Foreground" and self._dependents(old["metadata"]["uid"]):
+            return self._delete_foreground(rtype, old)
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return old
@@ -638,8 +654,7 @@ class ObjectStore:
         gone["metadata"]["resourceVersion"] = str(self._next_rv())
         del kind.objects[(namespace, name)]
         self._emit(rtype, "DELETED", gone, old)
-        orphan = (options or {}).get("propagationPolicy") == "Orphan" or (options or {}).get("orphanDependents")
-        self._after_delete(rtype, gone, collect=not orphan)
+        self._after_delete(rtype, gone, collect=policy != "Orphan")
         return gone
 
     def _delete_namespace(self, rtype: ResourceType, ns_obj: dict[str, Any]) -> dict[str, Any]:
@@ -685,6 +700,7 @@ class ObjectStore:
             self._unregister(spec["group"], spec["names"]["plural"])
         if collect:
             self._collect_dependents(obj)
+        self._finish_foreground_owners(obj)
         ns = obj["metadata"].get("namespace")
         if ns:
             self._maybe_finalize_namespace(ns)
@@ -705,6 +721,92 @@ class ObjectStore:
                 if owner_uid in uids and not (uids & alive) and not obj["metadata"].get("deletionTimestamp"):
                     with contextlib.suppress(RequestError):
                         self.delete_object(other, ns, name)
+
+    # ------------------------------------------------------------------ propagation policies
+    # Background (the default) is _collect_dependents above. Orphan: the dependents lose
+    # their ownerReference to the owner and stay. Foreground: the owner is marked deleted
+    # with the ``foregroundDeletion`` finalizer, its dependents are deleted (foreground
+    # too), and the owner goes once none is left — all synchronously, as the GC would.
+
+    def _storage_types(self) -> list[ResourceType]:
+        return list({self._storage_type(t).ident: self._storage_type(t) for t in self._types.values()}.values())
+
+    def _dependents(self, owner_uid: str) -> list[tuple[ResourceType, dict[str, Any]]]:
+        return [
+            (rtype, obj)
+            for rtype in self._storage_types()
+            for obj in list(self._kinds[rtype.key].objects.values())
+            if any(r.get("uid") == owner_uid for r in obj["metadata"].get("ownerReferences") or [])
+        ]
+
+    def _orphan_dependents(self, owner: dict[str, Any]) -> None:
+        uid = owner["metadata"]["uid"]
+        for rtype, obj in self._dependents(uid):
+            new = copy.deepcopy(obj)
+            refs = [r for r in new["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+            if refs:
+                new["metadata"]["ownerReferences"] = refs
+            else:
+                new["metadata"].pop("ownerReferences", None)
+            new["metadata"]["resourceVersion"] = str(self._next_rv())
+            meta = new["metadata"]
+            self._kinds[rtype.key].objects[(meta.get("namespace", ""), meta["name"])] = new
+            self._emit(rtype, "MODIFIED", new, obj)
+
+    def _delete_foreground(self, rtype: ResourceType, old: dict[str, Any]) -> dict[str, Any]:
+        meta = old["metadata"]
+        ns, name = meta.get("namespace", ""), meta["name"]
+        kind = self._kinds[rtype.key]
+        if "foregroundDeletion" not in (meta.get("finalizers") or []):
+            new = copy.deepcopy(old)
+            new["metadata"]["finalizers"] = [*(meta.get("finalizers") or []), "foregroundDeletion"]
+            new["metadata"].setdefault("deletionTimestamp", now_rfc3339())
+            new["metadata"]["deletionGracePeriodSeconds"] = 0
+            new["metadata"]["resourceVersion"] = str(self._next_rv())
+            kind.objects[(ns, name)] = new
+            self._emit(rtype, "MODIFIED", new, old)
+        for dep_type, dep in self._dependents(meta["uid"]):
+            dmeta = dep["metadata"]
+            if not dmeta.get("deletionTimestamp"):
+                with contextlib.suppress(RequestError):
+                    self.delete_object(
+                        dep_type, dmeta.get("namespace", ""), dmeta["name"], {"propagationPolicy": "Foreground"}
+                    )
+        self._finish_foreground(rtype, ns, name)
+        return kind.objects.get((ns, name), old)
+
+    def _finish_foreground(self, rtype: ResourceType, namespace: str, name: str) -> None:
+        """Drop ``foregroundDeletion`` from an owner whose dependents are all gone."""
+        obj = self._kinds[rtype.key].objects.get((namespace, name))
+        if obj is None or "foregroundDeletion" not in (obj["metadata"].get("finalizers") or []):
+            return
+        if self._dependents(obj["metadata"]["uid"]):
+            return
+        body = copy.deepcopy(obj)
+        body["metadata"]["finalizers"] = [f for f in obj["metadata"]["finalizers"] if f != "foregroundDeletion"]
+        self.update_object(rtype, namespace, name, body, None, require_rv=False)
+
+    def _finish_foreground_owners(self, gone: dict[str, Any]) -> None:
+        for ref in gone["metadata"].get("ownerReferences") or []:
+            for rtype in self._storage_types():
+                for (ns, name), obj in list(self._kinds[rtype.key].objects.items()):
+                    if obj["metadata"]["uid"] == ref.get("uid"):
+                        self._finish_foreground(rtype, ns, name)
+
+    # ------------------------------------------------------------------ in-process watchers
+
+    def subscribe(self, group: str, plural: str, queue: asyncio.Queue[WatchEntry | None]) -> Watch:
+        """Deliver every change of ``(group, plural)`` to ``queue`` (in-process controllers,
+        see :mod:`pairvol.localcluster.controllers`); undo with :meth:`unsubscribe`."""
+        watch = Watch(queue, None)
+        self._kinds[(group, plural)].watches.append(watch)
+        return watch
+
+    def unsubscribe(self, group: str, plural: str, watch: Watch) -> None:
+        kind = self._kinds.get((group, plural))
+        if kind is not None:
+            with contextlib.suppress(ValueError):
+                kind.watches.remove(watch)
 
     # ------------------------------------------------------------------ reading
 

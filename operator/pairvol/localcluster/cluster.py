@@ -1,9 +1,11 @@
 """``LocalCluster``: the emulated API server, our CRDs, nodes and a kubeconfig, as one unit.
 
 Why: tests, ``make demo`` and ``pairvol localcluster up`` all need the same thing — an API
-server on a free port with the CRDs from ``crds/`` registered, a set of Ready nodes and a
-kubeconfig that kubectl, kopf and the ``kubernetes`` client can use. One async context
-manager keeps that setup (and its teardown) identical everywhere.
+server on a free port with the CRDs from ``crds/`` registered, a set of Ready nodes, the
+scheduler and workload controllers (:mod:`pairvol.localcluster.controllers`; off with
+``controllers=False``) and a kubeconfig that kubectl, kopf and the ``kubernetes`` client
+can use. One async context manager keeps that setup (and its teardown) identical
+everywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pairvol.errors import PairvolError
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.apiserver import APIServer, serve
 from pairvol.localcluster.apiserver_logic import RequestError, now_rfc3339
+from pairvol.localcluster.controllers import ControllerManager
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +124,8 @@ class LocalCluster:
         load_crds: bool = True,
         simulate_nodes: bool = False,
         nodes_root: Path | None = None,
+        controllers: bool = True,
+        node_labels: dict[str, str] | None = None,
     ) -> None:
         if nodes < 0:
             raise LocalClusterError(f"nodes must be >= 0, got {nodes}")
@@ -139,6 +144,10 @@ class LocalCluster:
         self.simulate_nodes = simulate_nodes
         self._nodes_root = nodes_root
         self.simulator: Any = None
+        # The scheduler and workload controllers (Deployment, Job, DaemonSet, StatefulSet).
+        self.run_controllers = controllers
+        self.node_labels = dict(node_labels or {})  # extra labels on every node
+        self.controllers: ControllerManager | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -165,7 +174,9 @@ class LocalCluster:
                 api.log_source = pod_log
             else:
                 for name in self.node_names:
-                    self.api.create_object("", "v1", "nodes", node_object(name))
+                    self.api.create_object("", "v1", "nodes", node_object(name, labels=self.node_labels))
+            if self.run_controllers:  # entered last: stopped first, before nodes go away
+                self.controllers = await stack.enter_async_context(ControllerManager(api))
         except BaseException:
             await stack.aclose()
             self._cleanup_tmp()
@@ -185,6 +196,7 @@ class LocalCluster:
                 await stack.aclose()
         finally:
             self._api = None
+            self.controllers = None
             self._cleanup_tmp()
 
     def _node_simulator(self) -> Any:
@@ -195,7 +207,8 @@ class LocalCluster:
             if self._tmpdir is None:
                 self._tmpdir = Path(tempfile.mkdtemp(prefix=f"pairvol-localcluster-{os.getpid()}-"))
             root = self._tmpdir / "nodes"
-        return NodeSimulator(self.url, nodes=self.node_names, root=root)
+        labels = {name: dict(self.node_labels) for name in self.node_names}
+        return NodeSimulator(self.url, nodes=self.node_names, root=root, node_labels=labels)
 
     def _cleanup_tmp(self) -> None:
         if self._tmpdir is not None:

@@ -131,9 +131,7 @@ class OperatorProcess:
         # pod covers it (a checkout under /tmp, below the emptyDir): staged outside first,
         # then bound back on top of the volume, read-only
         covered = [
-            path
-            for path in _code_paths()
-            if any(PurePosixPath(path).is_relative_to(m.target) for m in pod_mounts)
+            path for path in _code_paths() if any(PurePosixPath(path).is_relative_to(m.target) for m in pod_mounts)
         ]
         staged = [
             Mount(path, PurePosixPath(f"/run/pairvol-localcluster/code-{i}"), read_only=True)
@@ -216,9 +214,16 @@ class Stack:
         peering: str | None = None,
         node_names: Sequence[str] | None = None,
         operator_pod: Mapping[str, Any] | None = None,
+        rbac: Sequence[Mapping[str, Any]] | None = None,
     ) -> AsyncIterator[Stack]:
         """``operator_pod``: run the operator with the privileges of this pod template (the
-        chart's Deployment), else as the caller's user."""
+        chart's Deployment), else as the caller's user.
+
+        ``rbac``: the chart's documents rendered for namespace ``default`` (``helm
+        template``). Given, its ServiceAccounts and RBAC are applied, the operator runs with
+        a token of its Deployment's ServiceAccount and agent pods with tokens of theirs, so
+        both hold exactly the chart's permissions (the API server enforces RBAC); else
+        both run with the admin kubeconfig."""
         from pairvol.localcluster.cluster import LocalCluster
         from pairvol.localcluster.kubelet import NodeSimulator
 
@@ -243,6 +248,7 @@ class Stack:
                     node_monitor_grace=node_monitor_grace,
                     backoff_base=0.2,
                     config_retry=0.3,
+                    service_account_tokens=rbac is not None,
                 )
             )
             env = {
@@ -252,7 +258,11 @@ class Stack:
                 **({"PAIRVOL_PEERING": peering, "PAIRVOL_PEERING_LIFETIME": "4"} if peering else {}),
                 **(operator_env or {}),
             }
-            op = OperatorProcess(cluster.kubeconfig_path, base / "operator.log", env, operator_pod)
+            operator_kubeconfig = cluster.kubeconfig_path
+            if rbac is not None:
+                operator_kubeconfig, chart_env = await _with_chart_rbac(cluster, rbac, base)
+                env = {**chart_env, **env}
+            op = OperatorProcess(operator_kubeconfig, base / "operator.log", env, operator_pod)
             stack.push_async_callback(op.stop)
             await op.start()
             kube = await stack.enter_async_context(KubeClient(await load_config(str(cluster.kubeconfig_path))))
@@ -332,6 +342,36 @@ class Stack:
 
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.operator.metrics_port}/metrics") as r:
             return await r.text()
+
+
+RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+
+
+async def _with_chart_rbac(cluster: Any, chart: Sequence[Mapping[str, Any]], base: Path) -> tuple[Path, dict[str, str]]:
+    """Apply the chart's ServiceAccounts and RBAC (rendered for namespace ``default``).
+
+    Returns the operator's kubeconfig (a token of the Deployment's ServiceAccount) and the
+    chart's settings that depend on the RBAC: which ServiceAccount agent pods use and
+    which namespaces the operator watches (its Roles are in those namespaces only).
+    """
+    from pairvol.localcluster import kubeconfig as kubeconfig_mod
+
+    deployments = [d for d in chart if d.get("kind") == "Deployment"]
+    if len(deployments) != 1:
+        raise DemoError("the rendered chart must hold exactly one Deployment (the operator)")
+    spec = deployments[0]["spec"]["template"]["spec"]
+    account = spec.get("serviceAccountName")
+    if not account:
+        raise DemoError("the chart's operator Deployment names no serviceAccountName")
+    for obj in chart:
+        if obj.get("kind") in RBAC_KINDS:
+            cluster.apply(dict(obj))
+    containers = [c for c in spec.get("containers") or [] if c.get("name") == "operator"]
+    chart_env = {str(e["name"]): str(e["value"]) for c in containers for e in c.get("env") or [] if "value" in e}
+    wanted = ("PAIRVOL_AGENT_SERVICE_ACCOUNT", "PAIRVOL_WATCH_NAMESPACES")
+    token = cluster.api.issue_token("default", str(account), expiration_seconds=24 * 3600)
+    path = await kubeconfig_mod.write(base / "operator-kubeconfig", cluster.url, token=token)
+    return path, {k: v for k, v in chart_env.items() if k in wanted}
 
 
 async def _delete_all_volumes(kube: KubeClient, op: OperatorProcess) -> None:

@@ -1,8 +1,9 @@
 """Kubeconfig files for the local cluster.
 
 Why: ``kubectl``, the ``kubernetes`` client and kopf all find a cluster through a
-kubeconfig; writing a real one (plain HTTP to the emulated API server, a static token the
-server does not check) lets every tool run unchanged against ``pairvol localcluster``.
+kubeconfig; writing a real one (plain HTTP to the emulated API server; the admin token,
+or a ServiceAccount token the server issued so a client runs with that account's RBAC)
+lets every tool run unchanged against ``pairvol localcluster``.
 """
 
 from __future__ import annotations
@@ -10,21 +11,26 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
+
+from pairvol.localcluster.apiserver_auth import ADMIN_TOKEN
 
 CONTEXT = "pairvol-local"
 
 
-def render(server_url: str, namespace: str = "default", name: str = CONTEXT) -> dict[str, Any]:
+def render(
+    server_url: str, namespace: str = "default", name: str = CONTEXT, token: str = ADMIN_TOKEN
+) -> dict[str, Any]:
     """The kubeconfig document for ``server_url`` (pure)."""
     return {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": name, "cluster": {"server": server_url}}],
-        "users": [{"name": name, "user": {"token": "pairvol-localcluster"}}],
+        "users": [{"name": name, "user": {"token": token}}],
         "contexts": [
             {
                 "name": name,
@@ -49,8 +55,44 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-async def write(path: Path, server_url: str, namespace: str = "default") -> Path:
+async def write(path: Path, server_url: str, namespace: str = "default", token: str = ADMIN_TOKEN) -> Path:
     """Write the kubeconfig to ``path`` (atomically, mode 0600) without blocking the loop."""
-    text = yaml.safe_dump(render(server_url, namespace), sort_keys=False)
+    text = yaml.safe_dump(render(server_url, namespace, token=token), sort_keys=False)
+    await asyncio.to_thread(_write_atomically, path, text)
+    return path
+
+
+class TokenClient(Protocol):
+    """What :func:`for_pod` needs of an API client (the node simulator's ``KubeApi``)."""
+
+    async def request(self, method: str, path: str, *, body: Any = None) -> dict[str, Any]: ...
+
+
+async def for_pod(api: TokenClient, pod: Mapping[str, Any], directory: Path, server_url: str) -> Path | None:
+    """A kubeconfig holding a token of the pod's ServiceAccount, as a kubelet mounts one.
+
+    The token comes from the API server's TokenRequest endpoint; the pod then runs with
+    exactly that account's RBAC. It is valid for 24 hours: a kubelet renews a projected
+    token before it expires, this one is written once, so it must outlive the pod. A missing
+    ServiceAccount fails here (the API error says which), as Kubernetes would refuse the pod.
+    None when the pod opts out (``automountServiceAccountToken: false``): no credentials.
+    """
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    if spec.get("automountServiceAccountToken") is False:
+        return None
+    namespace = str(meta.get("namespace") or "default")
+    account = str(spec.get("serviceAccountName") or "default")
+    result = await api.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+        body={
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 24 * 3600},
+        },
+    )
+    token = str((result.get("status") or {}).get("token") or "")
+    path = directory / "serviceaccount" / "kubeconfig"
+    text = yaml.safe_dump(render(server_url, namespace, token=token), sort_keys=False)
     await asyncio.to_thread(_write_atomically, path, text)
     return path

@@ -18,7 +18,9 @@ How a container runs (all real, nothing simulated inside the process):
   (``<root>/<node>/hostpath/<path>``) are bind-mounted at the container's ``mountPath``.
   Mount *targets* are created as empty directories on the host file system if missing
   (the bind mounts themselves are private to the pod);
-* the node's network namespace (``ip netns exec``); pod IP = node IP (hostNetwork-like);
+* the pod's own network namespace with its own IP from the node's pod CIDR
+  (:meth:`~pairvol.localcluster.netns.ClusterNetwork.add_pod`, created before the first
+  container starts, removed when the pod ends), or the node's with ``hostNetwork``;
 * the container's securityContext, applied as a container runtime does (see
   :func:`~pairvol.localcluster.kubelet_pods.security_plan`): user and groups, the
   runtime's default capabilities plus ``add`` minus ``drop`` (or all, when privileged) as
@@ -35,16 +37,21 @@ Pods in the node reach the API server through :class:`~pairvol.localcluster.netn
 at ``KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT``; ``KUBECONFIG`` points at a
 kubeconfig for that address.
 
-Pod lifecycle: Pending → Running (podIP = hostIP = node IP, containerStatuses with
+Pod lifecycle: Pending → Running (podIP, hostIP = node IP, containerStatuses with
 ready/started/restartCount/state/lastState) → Succeeded/Failed; init containers run in
 order first; readiness and liveness probes (httpGet and tcpSocket from inside the node's
-network namespace, exec inside the container's namespaces); restartPolicy with
-crash-loop back-off; deletion: SIGTERM to the container's process group, wait
-``deletionGracePeriodSeconds`` (else ``terminationGracePeriodSeconds``), SIGKILL the
-cgroup, then finalize with ``DELETE … gracePeriodSeconds=0`` when the API server only
-marked the pod (``deletionTimestamp``); a pod that simply vanished from the API is
-terminated the same way. Not supported (a clear ``CreateContainerConfigError``, or
-ignored where harmless): images, resources/limits, seccomp profiles, ephemeral
+network namespace to the pod IP, exec inside the container's namespaces); restartPolicy
+with crash-loop back-off (``CrashLoopBackOff``; ``lastState.terminated`` with exit code,
+reason and the termination message: the file at ``terminationMessagePath``, or with
+``FallbackToLogsOnError`` the last lines of the container's log); kubelet Events
+(Started, Killing, BackOff, Failed) through
+:class:`~pairvol.localcluster.kubelet_api.EventRecorder`; Services routed by
+:class:`~pairvol.localcluster.services.ServiceRouter`; deletion: SIGTERM to the
+container's process group, wait ``deletionGracePeriodSeconds`` (else
+``terminationGracePeriodSeconds``), SIGKILL the cgroup, then finalize with ``DELETE …
+gracePeriodSeconds=0`` when the API server only marked the pod (``deletionTimestamp``);
+a pod that simply vanished from the API is terminated the same way. Not supported (a
+clear ``CreateContainerConfigError``, or ignored where harmless): images, resources/limits, seccomp profiles, ephemeral
 containers, downwardAPI/projected/PVC volumes, startup probes, ``kubectl logs/exec``
 through the API server (logs are files; :meth:`NodeSimulator.exec_in_pod` is local).
 
@@ -78,8 +85,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
-from pairvol.localcluster.kubelet_api import ApiError, KubeApi
+from pairvol.localcluster.kubelet_api import ApiError, EventRecorder, KubeApi
 from pairvol.localcluster.kubelet_pods import (
+    DEFAULT_TERMINATION_MESSAGE_PATH,
+    MAX_FALLBACK_LOG_BYTES,
+    MAX_TERMINATION_MESSAGE,
     ContainerState,
     JsonDict,
     KubeletError,
@@ -108,14 +118,17 @@ from pairvol.localcluster.kubelet_pods import (
     security_plan,
     should_restart,
     spec,
+    termination_message,
 )
 from pairvol.localcluster.netns import (
     ApiProxy,
     ClusterNetwork,
     CommandResult,
+    PodSandbox,
     owner_pid_of,
     run_command,
 )
+from pairvol.localcluster.services import ServiceRouter
 
 logger = logging.getLogger(__name__)
 
@@ -403,6 +416,7 @@ class _Prepared:
     liveness: ProbeSpec | None
     workdir: str | None
     security: SecurityPlan
+    termination_file: Path | None  # node-side file bound at terminationMessagePath
 
 
 class ContainerRunner:
@@ -421,12 +435,44 @@ class ContainerRunner:
         self._wake = asyncio.Event()
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._liveness_failed = False  # killed for a failed liveness probe: a failure
+        self._log_offset = 0  # where this run's output starts in the pod's log
+
+    def _termination_message(self, failed: bool) -> str:
+        """This run's termination message (thread: reads its file and log)."""
+        prepared = self.prepared
+        file_text = ""
+        if prepared is not None and prepared.termination_file is not None:
+            with contextlib.suppress(OSError), prepared.termination_file.open("rb") as fh:
+                file_text = fh.read(MAX_TERMINATION_MESSAGE).decode(errors="replace")
+        tail = b""
+        with contextlib.suppress(OSError), self.worker.log_path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            start = max(self._log_offset, size - 4 * MAX_FALLBACK_LOG_BYTES)
+            fh.seek(start)
+            tail = fh.read()
+        policy = str(self.container.get("terminationMessagePolicy") or "File")
+        return termination_message(policy, file_text, tail, failed)
 
     async def run(self) -> None:
-        sim = self.worker.kubelet.sim
-        policy = self.policy
         while not self.stopping:
             assert self.prepared is not None
+            missing = await asyncio.to_thread(
+                missing_executable, self.prepared.argv, self.prepared.env, self.prepared.mounts
+            )
+            if missing:  # what a container runtime refuses before any process exists
+                now = now_rfc3339()
+                terminated: JsonDict = {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": missing,
+                    "startedAt": "1970-01-01T00:00:00Z",
+                    "finishedAt": now,
+                }
+                self.worker.event("Warning", "Failed", f"Error: {missing}")
+                logger.info("%s/%s container %s cannot start: %s", *self.worker.key, self.name, missing)
+                if not await self._after_exit(terminated, failed=True):
+                    return
+                continue
             await self._start(self.prepared)
             assert self.process is not None
             if self.stopping:  # stop() raced with the start: finish the stop ourselves
@@ -447,8 +493,10 @@ class ContainerRunner:
             # The main process is gone: like a PID namespace, nothing of it may outlive it.
             await self.process.kill_all()
             code, sig = exit_code_of(returncode)
+            failed = code != 0 or self._liveness_failed
+            message = await asyncio.to_thread(self._termination_message, failed)
             started = self.state.state.get("running", {}).get("startedAt", now_rfc3339())
-            terminated: JsonDict = {
+            terminated = {
                 "exitCode": code,
                 "reason": "Completed" if code == 0 else "Error",
                 "startedAt": started,
@@ -457,32 +505,47 @@ class ContainerRunner:
             }
             if sig is not None:
                 terminated["signal"] = sig
-            self.state.ready = False
-            self.state.pid = None
+            if message:
+                terminated["message"] = message
             logger.info("%s/%s container %s exited with %s", *self.worker.key, self.name, code)
-            failed = code != 0 or self._liveness_failed
             self._liveness_failed = False
-            if self.stopping or not should_restart(policy, 1 if failed else 0):
-                self.state.state = {"terminated": terminated}
-                self.worker.changed()
+            if not await self._after_exit(terminated, failed):
                 return
-            self.state.last_state = {"terminated": terminated}
-            self.state.restart_count += 1
-            delay = backoff_delay(self.state.restart_count, sim.backoff_base, sim.backoff_cap)
-            self.state.state = {
-                "waiting": {
-                    "reason": "CrashLoopBackOff",
-                    "message": f"back-off {delay:g}s restarting failed container={self.name}",
-                }
-            }
+
+    async def _after_exit(self, terminated: JsonDict, failed: bool) -> bool:
+        """Record the container's end; restart it after the back-off if its policy says so.
+        False: it stays terminated."""
+        sim = self.worker.kubelet.sim
+        self.state.ready = False
+        self.state.pid = None
+        if self.stopping or not should_restart(self.policy, 1 if failed else 0):
+            self.state.state = {"terminated": terminated}
             self.worker.changed()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            return False
+        self.state.last_state = {"terminated": terminated}
+        self.state.restart_count += 1
+        delay = backoff_delay(self.state.restart_count, sim.backoff_base, sim.backoff_cap)
+        pod_ref = f"pod={self.worker.key[1]}_{self.worker.key[0]}({self.worker.uid})"
+        self.state.state = {
+            "waiting": {
+                "reason": "CrashLoopBackOff",
+                "message": f"back-off {delay:g}s restarting failed container={self.name} {pod_ref}",
+            }
+        }
+        self.worker.event(
+            "Warning",
+            "BackOff",
+            f"Back-off restarting failed container {self.name} in pod {self.worker.key[1]}_"
+            f"{self.worker.key[0]}({self.worker.uid})",
+        )
+        self.worker.changed()
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+        return True
 
     async def _start(self, prepared: _Prepared) -> None:
         kubelet = self.worker.kubelet
-        sim = kubelet.sim
         cgroup = None
         if kubelet.cgroup_root is not None:
             self._start_count += 1
@@ -490,14 +553,18 @@ class ContainerRunner:
         argv, _ = launch_script(
             cgroup_procs=str(cgroup / "cgroup.procs") if cgroup is not None else None,
             mounts=prepared.mounts,
-            netns=sim.net.netns_name(kubelet.name),
+            netns=self.worker.netns,
             workdir=prepared.workdir,
             argv=prepared.argv,
             file_targets=prepared.file_targets,
             hostname=self.worker.key[1],
             security=prepared.security,
         )
+        self._log_offset = await asyncio.to_thread(_size_of, self.worker.log_path)
+        if prepared.termination_file is not None:
+            await asyncio.to_thread(_fresh_file, prepared.termination_file)
         self.process = await ContainerProcess.spawn(argv, prepared.env, self.worker.log_path, cgroup)
+        self.worker.event("Normal", "Started", f"Started container {self.name}")
         self.state.pid = self.process.pid
         self.state.started = True
         self.state.state = {"running": {"startedAt": now_rfc3339()}}
@@ -536,6 +603,7 @@ class ContainerRunner:
         process = self.process
         if process is None or process.proc.returncode is not None:
             return
+        self.worker.event("Normal", "Killing", f"Stopping container {self.name}")
         process.signal_group(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(process.proc.wait()), grace)
@@ -592,6 +660,9 @@ class PodWorker:
             self.runners.append(ContainerRunner(self, container, state, self.restart_policy))
         self.message = ""
         self.reason = ""
+        self.host_network = bool(spec(pod).get("hostNetwork", False))
+        self.sandbox: PodSandbox | None = None  # the pod's own network (not hostNetwork)
+        self._ip = ""  # its address, kept in the status after the network is gone
         self.deleting = False
         self.finished = asyncio.Event()
         self._dirty = asyncio.Event()
@@ -619,6 +690,10 @@ class PodWorker:
 
     async def _run(self) -> None:
         try:
+            if not self.host_network:
+                self.sandbox = await self.kubelet.sim.net.add_pod(self.kubelet.name)
+                self._ip = str(self.sandbox.ip)
+                logger.info("%s/%s: pod network %s, IP %s", *self.key, self.sandbox.netns, self.sandbox.ip)
             await self._prepare_until_ready()
             if self.deleting:
                 return
@@ -638,6 +713,10 @@ class PodWorker:
                 }
             self.changed()
         finally:
+            if not self.deleting:
+                # every container has terminated for good: the pod's network goes, its
+                # address stays in the status (as the kubelet tears down a finished sandbox)
+                await self.release_network()
             self.changed()
 
     async def _prepare_until_ready(self) -> None:
@@ -649,6 +728,8 @@ class PodWorker:
             except (PodConfigError, ApiError) as exc:
                 reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else ("ContainerCreating")
                 logger.warning("pod %s/%s cannot start yet: %s", *self.key, exc)
+                if isinstance(exc, PodConfigError):
+                    self.event("Warning", "Failed", f"Error: {exc}")
                 for runner in self.all_runners:
                     runner.state.state = {"waiting": {"reason": reason, "message": str(exc)}}
                 self.changed()
@@ -676,9 +757,21 @@ class PodWorker:
         await asyncio.to_thread(_materialize, volumes)
         info = self.runtime_info()
         base = sim.base_env(kubelet, self.pod)
+        if sim.service_account_tokens:  # the pod's own ServiceAccount token (API server side)
+            token_config = await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url)
+            if token_config is None:
+                del base["KUBECONFIG"]
+            else:
+                base["KUBECONFIG"] = str(token_config)
         for runner in self.all_runners:
             env = resolve_env(runner.container, self.pod, info, objects, base)
             mounts = plan_mounts(runner.container, volumes)
+            termination_file = await asyncio.to_thread(self._termination_file, runner)
+            if termination_file is not None:
+                target = PurePosixPath(
+                    str(runner.container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH)
+                )
+                mounts.append(Mount(termination_file, target, read_only=False))
             file_targets = frozenset(await asyncio.to_thread(_file_targets, mounts))
             runner.prepared = _Prepared(
                 argv=container_argv(runner.container, env),
@@ -689,16 +782,57 @@ class PodWorker:
                 liveness=parse_probe(runner.container.get("livenessProbe"), runner.container),
                 workdir=runner.container.get("workingDir"),
                 security=security_plan(self.pod, runner.container, sim.capabilities),
+                termination_file=termination_file,
             )
 
+    def _termination_file(self, runner: ContainerRunner) -> Path | None:
+        """The node-side file a container's terminationMessagePath is bound to (thread).
+
+        The default ``/dev/termination-log`` is bound only if the machine has such a file:
+        creating the mount target in this machine's /dev is not ours to do. Such a container
+        still reports its log with ``FallbackToLogsOnError``."""
+        path = str(runner.container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH)
+        target = PurePosixPath(path)
+        if not target.is_absolute() or ".." in target.parts:
+            raise PodConfigError(f"container {runner.name!r}: terminationMessagePath {path!r} must be absolute")
+        if target.parts[1:2] == ("dev",) and not Path(path).is_file():
+            return None
+        source = self.pod_dir / "containers" / _safe_name(runner.name) / "termination-log"
+        _fresh_file(source)
+        return source
+
+    @property
+    def netns(self) -> str:
+        """The network namespace the pod's containers run in."""
+        if self.sandbox is not None:
+            return self.sandbox.netns
+        return self.kubelet.sim.net.netns_name(self.kubelet.name)
+
+    @property
+    def pod_ip(self) -> str:
+        """Empty until the pod's network exists (as in Kubernetes: no podIP yet)."""
+        if self.host_network:
+            return self.kubelet.ip
+        return self._ip
+
     def runtime_info(self) -> PodRuntimeInfo:
-        ip = self.kubelet.ip
-        return PodRuntimeInfo(pod_ip=ip, host_ip=ip, node_name=self.kubelet.name)
+        return PodRuntimeInfo(pod_ip=self.pod_ip, host_ip=self.kubelet.ip, node_name=self.kubelet.name)
+
+    async def release_network(self) -> None:
+        """Delete the pod's network namespace once no container runs in it any more."""
+        sandbox, self.sandbox = self.sandbox, None
+        if sandbox is not None:
+            await self.kubelet.sim.net.remove_pod(sandbox)
+            logger.info("%s/%s: pod network %s removed", *self.key, sandbox.netns)
 
     # -- reporting ------------------------------------------------------------------------
 
     def changed(self) -> None:
         self._dirty.set()
+
+    def event(self, kind: str, reason: str, message: str) -> None:
+        """Record a kubelet Event about this pod (sent in the background)."""
+        self.kubelet.sim.events.record(self.pod, kind, reason, message, self.kubelet.name)
 
     def render_status(self) -> JsonDict:
         return render_pod_status(
@@ -763,6 +897,7 @@ class PodWorker:
                 with contextlib.suppress(BaseException):
                     await self._task
         await self._stop_publisher()
+        await self.release_network()
         if finalize:
             await self.flush_status()
             try:
@@ -799,11 +934,48 @@ class PodWorker:
         for runner in self.all_runners:
             if runner.process is not None:
                 await runner.process.release()
+        await self.release_network()
         self.finished.set()
 
     async def kill_processes(self) -> None:
         """A crash of all containers (SIGKILL); restarted per restartPolicy."""
         await asyncio.gather(*(r.kill() for r in self.all_runners))
+
+
+def missing_executable(argv: Sequence[str], env: dict[str, str], mounts: Sequence[Mount] = ()) -> str:
+    """The runtime's refusal if ``argv[0]`` is not an executable (on the container's PATH
+    for a bare name), else "". Checked on this machine, where pods' programs live; not
+    decided (""), when the program may come from one of the pod's volumes."""
+    if not argv:
+        return "no command to run"
+    program = argv[0]
+    if "/" in program and not program.startswith("/"):
+        return ""  # relative to the container's working directory: its business
+    search = [program] if "/" in program else env.get("PATH", os.defpath).split(":")
+    targets = [PurePosixPath(m.target) for m in mounts]
+    if any(t == PurePosixPath(p) or t in PurePosixPath(p).parents for p in search for t in targets):
+        return ""
+    if "/" in program:
+        found = program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        return f'exec: "{program}": executable file not found in $PATH'
+    return ""
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _fresh_file(path: Path) -> None:
+    """An empty file anyone in the container may write (the kubelet's mode, 0666)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    path.chmod(0o666)
 
 
 def _file_targets(mounts: Sequence[Mount]) -> list[PurePosixPath]:
@@ -1092,7 +1264,7 @@ class NodeKubelet:
             self._watch_task = asyncio.create_task(self._watch_loop(), name=f"watch-{self.name}")
 
     async def run_probe(self, probe: ProbeSpec, runner: ContainerRunner) -> bool:
-        host = probe.host or self.ip
+        host = probe.host or runner.worker.pod_ip
         try:
             if probe.kind == "exec":
                 process = runner.process
@@ -1158,8 +1330,12 @@ class NodeSimulator:
         config_retry: float = 1.0,
         node_labels: dict[str, dict[str, str]] | None = None,
         use_cgroups: bool = True,
+        service_account_tokens: bool = False,
     ) -> None:
         self.api_url = api_url
+        # True: pods get a kubeconfig with a token of their ServiceAccount (held to its
+        # RBAC) instead of the node's admin kubeconfig.
+        self.service_account_tokens = service_account_tokens
         self.node_names = list(nodes)
         self.root = Path(root)
         self.status_interval = status_interval
@@ -1175,11 +1351,13 @@ class NodeSimulator:
         self.leases_enabled = True
         self.net = ClusterNetwork(self.node_names)
         self.api = KubeApi(api_url)
+        self.events = EventRecorder(self.api)
         self.proxy: ApiProxy | None = None
         self.cgroup_root: Path | None = None
         self.capabilities = own_bounding_set()  # what a privileged container gets
         self.kubelets: dict[str, NodeKubelet] = {}
         self._controller: asyncio.Task[None] | None = None
+        self.router: ServiceRouter | None = None  # Services: endpoints + per-node DNAT
 
     async def __aenter__(self) -> NodeSimulator:
         try:
@@ -1214,6 +1392,12 @@ class NodeSimulator:
             self.kubelets[name] = kubelet
             await kubelet.start()
         self._controller = asyncio.create_task(self._node_lifecycle_loop())
+        self.router = ServiceRouter(
+            self.api,
+            {name: self.net.netns_name(name) for name in self.node_names},
+            connected=lambda name: self.kubelets[name].connected.is_set(),
+        )
+        await self.router.start()
 
     async def close(self) -> None:
         """Kill every pod process, remove network and cgroups. Idempotent; never raises."""
@@ -1222,6 +1406,9 @@ class NodeSimulator:
             with contextlib.suppress(BaseException):
                 await self._controller
             self._controller = None
+        if self.router is not None:
+            await self.router.close()
+            self.router = None
         for kubelet in self.kubelets.values():
             try:
                 await kubelet.kill()
@@ -1230,6 +1417,7 @@ class NodeSimulator:
         if self.proxy is not None:
             await self.proxy.close()
             self.proxy = None
+        await self.events.close()
         await self.api.close()
         await self.net.close()
         if self.cgroup_root is not None:
@@ -1345,6 +1533,8 @@ class NodeSimulator:
         if self.net.is_partitioned(name):
             await self.net.heal(name)
         await kubelet.restart()
+        if self.router is not None:
+            self.router.resync()
         logger.info("node %s restarted", name)
 
     async def partition_node(self, name: str) -> None:
@@ -1357,6 +1547,8 @@ class NodeSimulator:
         kubelet = self._kubelet(name)
         await self.net.heal(name)
         await kubelet.heal()
+        if self.router is not None:
+            self.router.resync()
 
     # -- node lifecycle controller ------------------------------------------------------
 

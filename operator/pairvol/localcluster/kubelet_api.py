@@ -9,8 +9,13 @@ emulated API server (kmock's emulator and the team's stricter ``LocalCluster``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
+import itertools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -95,34 +100,41 @@ class KubeApi:
 
     async def watch_pods(self, node: str, resource_version: str) -> AsyncIterator[JsonDict]:
         """Watch events of pods on ``node``; ends when the server closes the stream."""
-        params = {
-            "watch": "true",
-            "fieldSelector": f"spec.nodeName={node}",
-            "allowWatchBookmarks": "false",
-        }
+        params = {"fieldSelector": f"spec.nodeName={node}"}
+        async for event in self.watch("/api/v1/pods", resource_version, params, f"pods on {node}"):
+            obj = event.get("object") or {}
+            if event.get("type") in ("ERROR", "BOOKMARK") or _on_node(obj, node):
+                yield event
+
+    async def list_all(self, path: str) -> tuple[list[JsonDict], str]:
+        """Every object of a collection (all namespaces) and the list's resourceVersion."""
+        result = await self.request("GET", path)
+        version = str((result.get("metadata") or {}).get("resourceVersion") or "")
+        return [o for o in result.get("items") or [] if isinstance(o, dict)], version
+
+    async def watch(
+        self, path: str, resource_version: str, params: Mapping[str, str] | None = None, what: str = ""
+    ) -> AsyncIterator[JsonDict]:
+        """Watch events of a collection; ends when the server closes the stream."""
+        query = {"watch": "true", "allowWatchBookmarks": "false", **(params or {})}
         if resource_version and resource_version != "...":
-            params["resourceVersion"] = resource_version
+            query["resourceVersion"] = resource_version
+        what = what or path
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
         try:
-            async with self.session.get(self.base_url + "/api/v1/pods", params=params, timeout=timeout) as response:
+            async with self.session.get(self.base_url + path, params=query, timeout=timeout) as response:
                 if response.status >= 400:
                     text = await response.text()
-                    raise ApiError(
-                        f"watch pods on {node} -> HTTP {response.status}: {_message(text)}",
-                        response.status,
-                    )
+                    raise ApiError(f"watch {what} -> HTTP {response.status}: {_message(text)}", response.status)
                 async for line in response.content:
                     line = line.strip()
                     if not line:
                         continue
                     event = json.loads(line)
-                    if not isinstance(event, dict):
-                        continue
-                    obj = event.get("object") or {}
-                    if event.get("type") in ("ERROR", "BOOKMARK") or _on_node(obj, node):
+                    if isinstance(event, dict):
                         yield event
         except aiohttp.ClientError as exc:
-            raise ApiError(f"watch pods on {node}: {exc}") from exc
+            raise ApiError(f"watch {what}: {exc}") from exc
 
     async def patch_pod_status(self, namespace: str, name: str, status: JsonDict) -> JsonDict:
         return await self.request(
@@ -197,6 +209,79 @@ class KubeApi:
         except ApiError as exc:
             if exc.status != 409:
                 raise
+
+
+class EventRecorder:
+    """Kubelet Events (``kubectl describe pod`` shows them), posted in the background.
+
+    Like client-go's recorder, a repeat of the same reason and message for the same object
+    bumps ``count`` and ``lastTimestamp`` of the first Event instead of adding one. Losing
+    an Event (API server unreachable) is logged at DEBUG: Events are best effort.
+    """
+
+    def __init__(self, api: KubeApi) -> None:
+        self._api = api
+        self._seen: dict[tuple[str, str, str, str], tuple[str, int]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+        self._sequence = itertools.count(1)
+
+    def record(self, obj: Mapping[str, Any], kind: str, reason: str, message: str, host: str) -> None:
+        task = asyncio.create_task(self._post(dict(obj), kind, reason, message, host))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, obj: JsonDict, kind: str, reason: str, message: str, host: str) -> None:
+        meta = obj.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        key = (namespace, str(meta.get("uid") or meta.get("name")), reason, message)
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        path = f"/api/v1/namespaces/{namespace}/events"
+        async with self._lock:  # one at a time, so repeats find the first one
+            try:
+                seen = self._seen.get(key)
+                if seen is not None:
+                    name, count = seen
+                    patch = {"count": count + 1, "lastTimestamp": now}
+                    await self._api.request("PATCH", f"{path}/{name}", body=patch, content_type=MERGE_PATCH)
+                    self._seen[key] = (name, count + 1)
+                    return
+                name = f"{meta.get('name')}.{time.time_ns():x}{next(self._sequence):x}"
+                event = {
+                    "apiVersion": "v1",
+                    "kind": "Event",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "involvedObject": {
+                        "apiVersion": "v1",
+                        "kind": str(obj.get("kind") or "Pod"),
+                        "name": meta.get("name"),
+                        "namespace": namespace,
+                        "uid": meta.get("uid"),
+                    },
+                    "reason": reason,
+                    "message": message,
+                    "type": kind,
+                    "source": {"component": "kubelet", "host": host},
+                    "reportingComponent": "kubelet",
+                    "reportingInstance": host,
+                    "firstTimestamp": now,
+                    "lastTimestamp": now,
+                    "count": 1,
+                }
+                await self._api.request("POST", path, body=event)
+                self._seen[key] = (name, 1)
+            except ApiError as exc:
+                logger.debug("event %s %s for %s not recorded: %s", reason, message, meta.get("name"), exc)
+
+    async def close(self) -> None:
+        """Wait briefly for pending Events, then drop the rest."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2.0)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def _on_node(pod: Any, node: str) -> bool:

@@ -667,6 +667,26 @@ def backoff_delay(restart_count: int, base: float, cap: float) -> float:
     return float(min(cap, base * (2 ** (restart_count - 1))))
 
 
+#: What the kubelet keeps of a termination message, and of the log it falls back to.
+MAX_TERMINATION_MESSAGE = 4096
+MAX_FALLBACK_LOG_LINES = 80
+MAX_FALLBACK_LOG_BYTES = 2048
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
+def termination_message(policy: str, file_text: str, log_tail: bytes, failed: bool) -> str:
+    """A terminated container's ``message``, by its ``terminationMessagePolicy``: what it
+    wrote to its terminationMessagePath; with ``FallbackToLogsOnError``, if it wrote nothing
+    and failed, the last lines of its log (at most 80 lines and 2 KiB, as the kubelet)."""
+    if file_text:
+        return file_text[:MAX_TERMINATION_MESSAGE]
+    if policy != "FallbackToLogsOnError" or not failed:
+        return ""
+    lines = log_tail.decode(errors="replace").splitlines()[-MAX_FALLBACK_LOG_LINES:]
+    text = "\n".join(lines)
+    return text[-MAX_FALLBACK_LOG_BYTES:]
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
     kind: str  # "http" | "tcp" | "exec"
@@ -854,12 +874,13 @@ def render_pod_status(
         "conditions": conditions,
         "hostIP": info.host_ip,
         "hostIPs": [{"ip": info.host_ip}],
-        "podIP": info.pod_ip,
-        "podIPs": [{"ip": info.pod_ip}],
         "startTime": start_time,
         "containerStatuses": [c.render() for c in containers],
         "qosClass": "BestEffort",
     }
+    if info.pod_ip:  # none before the pod's network exists
+        status["podIP"] = info.pod_ip
+        status["podIPs"] = [{"ip": info.pod_ip}]
     if init_containers:
         status["initContainerStatuses"] = [c.render() for c in init_containers]
     if message:

@@ -6,20 +6,28 @@ stack. Each node gets a Linux network namespace with one veth into a bridge that
 in the root namespace; the root namespace gets an address on the bridge too, so services
 running there (the emulated API server, via :class:`ApiProxy`) are reachable from nodes.
 
-Pod IP = node IP (like ``hostNetwork: true``): pods on one node share its namespace.
-That is the simplest honest model and enough for pairvol, whose agents listen on
-distinct ports.
+Pods get their own network, as with a bridge CNI plugin: every node namespace holds a
+bridge (``cbr0``, the pod gateway) on the node's pod CIDR, and every pod that is not
+``hostNetwork`` gets its own network namespace with one veth into that bridge, its own
+IP and a default route via the gateway. So any number of pods on a node may listen on
+the same port (pairvol's agents all use 7800-7802). Node namespaces forward; each one
+routes the other nodes' pod CIDRs via their node IP, and the root namespace does the
+same (through the cluster bridge), so the operator running on this machine reaches
+agents by pod IP exactly as it would in a real cluster. ``hostNetwork`` pods stay in the
+node's namespace with pod IP = node IP.
 
 A partition is an iptables DROP of everything on the node's ``eth0``, in both
-directions, installed *inside* the node's namespace so the host's own firewall is never
-touched. DROP is silent: peers see no RST and no ICMP, TCP just times out — which is the
-case pairvol must survive. (Local UDP senders on the partitioned node get EPERM from
-the OUTPUT drop; TCP connects and established streams simply stall.)
+directions and for forwarded (pod) traffic too, installed *inside* the node's namespace
+so the host's own firewall is never touched. DROP is silent: peers see no RST and no
+ICMP, TCP just times out — which is the case pairvol must survive. (Local UDP senders on
+the partitioned node get EPERM from the OUTPUT drop; TCP connects and established streams
+simply stall.)
 
-Addresses: a free ``10.X.Y.0/24`` in 10.200.0.0 to 10.249.255.0, chosen under a lock file
+Addresses: a free ``10.X.Y.0/20`` in 10.200.0.0 to 10.249.255.0, chosen under a lock file
 so concurrent clusters (colleagues' test runs) never collide, avoiding any prefix that
-already appears in the root namespace's addresses or routes. Traffic only ever goes to
-addresses inside namespaces we created.
+already appears in the root namespace's addresses or routes. Its first /24 is the node
+network (bridge + node IPs), the next ones are the nodes' pod CIDRs (so at most 15
+nodes). Traffic only ever goes to addresses inside namespaces we created.
 
 Everything is async (``asyncio`` subprocesses for ``ip``/``iptables``), teardown is
 idempotent and best-effort so it always runs to the end, and a clear
@@ -52,6 +60,11 @@ logger = logging.getLogger(__name__)
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ_MAX = 15  # Linux interface names: at most 15 characters
 SUBNET_POOL_SECOND_OCTETS = range(200, 250)
+BLOCK_PREFIX = 20  # one block per cluster: node network + one /24 of pod IPs per node
+POD_BRIDGE = "cbr0"  # inside each node namespace
+#: Where the API server allocates ClusterIPs (the Kubernetes default service CIDR); node
+#: namespaces route it to their pod bridge so that locally sent packets reach the DNAT.
+SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/12")
 LOCK_FILE = Path("/run/lock/pairvol-netns.lock")
 NETNS_DIR = Path("/run/netns")
 
@@ -130,6 +143,11 @@ class NodePlan:
     host_veth: str
     peer_veth: str
     ip: ipaddress.IPv4Address
+    pod_cidr: ipaddress.IPv4Network
+
+    @property
+    def pod_gateway(self) -> ipaddress.IPv4Address:
+        return self.pod_cidr.network_address + 1
 
 
 @dataclass(frozen=True)
@@ -180,29 +198,39 @@ def used_prefixes(addr_output: str, route_output: str) -> list[ipaddress.IPv4Net
     return prefixes
 
 
-def choose_subnet(used: Iterable[ipaddress.IPv4Network], seed: int) -> ipaddress.IPv4Network:
-    """First /24 in 10.200-249.x.0 (starting at a seed-derived one) overlapping nothing used."""
+def choose_subnet(
+    used: Iterable[ipaddress.IPv4Network], seed: int, prefixlen: int = BLOCK_PREFIX
+) -> ipaddress.IPv4Network:
+    """First block of ``prefixlen`` in 10.200-249.x.0 (starting at a seed-derived one)
+    overlapping nothing used."""
     used_list = list(used)
-    first = SUBNET_POOL_SECOND_OCTETS.start
-    count = len(SUBNET_POOL_SECOND_OCTETS) * 256
-    start = seed % count
-    for offset in range(count):
-        index = (start + offset) % count
-        candidate = ipaddress.IPv4Network(f"10.{first + index // 256}.{index % 256}.0/24")
+    pool = [ipaddress.IPv4Network(f"10.{octet}.0.0/16") for octet in SUBNET_POOL_SECOND_OCTETS]
+    candidates = [block for net in pool for block in net.subnets(new_prefix=prefixlen)]
+    start = seed % len(candidates)
+    for offset in range(len(candidates)):
+        candidate = candidates[(start + offset) % len(candidates)]
         if not any(candidate.overlaps(prefix) for prefix in used_list):
             return candidate
-    raise NetnsError("no free /24 left in 10.200.0.0-10.249.255.0 for a local cluster network")
+    raise NetnsError(f"no free /{prefixlen} left in 10.200.0.0-10.249.255.0 for a local cluster network")
 
 
-def plan_network(nodes: Sequence[str], token: str, subnet: ipaddress.IPv4Network) -> NetworkPlan:
-    """Derive every name and address from the token and subnet; validate limits."""
+def plan_network(nodes: Sequence[str], token: str, block: ipaddress.IPv4Network) -> NetworkPlan:
+    """Derive every name and address from the token and the cluster's address block: its
+    first /24 is the node network, the following /24s are the nodes' pod CIDRs."""
     if not nodes:
         raise NetnsError("a cluster network needs at least one node name")
     if len(set(nodes)) != len(nodes):
         raise NetnsError(f"node names must be unique, got {list(nodes)}")
+    if block.prefixlen > 24:
+        raise NetnsError(f"address block {block} is smaller than a /24")
+    twenty_fours = list(block.subnets(new_prefix=24))
+    if len(nodes) + 1 > len(twenty_fours):
+        raise NetnsError(
+            f"{len(nodes)} nodes do not fit into {block}: each needs a /24 of pod IPs "
+            f"(at most {len(twenty_fours) - 1} nodes)"
+        )
+    subnet = twenty_fours[0]
     hosts = list(subnet.hosts())
-    if len(nodes) + 1 > len(hosts):
-        raise NetnsError(f"{len(nodes)} nodes do not fit into {subnet}")
     bridge = f"pvb{token}"
     plans = []
     for index, node in enumerate(nodes):
@@ -218,17 +246,40 @@ def plan_network(nodes: Sequence[str], token: str, subnet: ipaddress.IPv4Network
                 host_veth=host_veth,
                 peer_veth=peer_veth,
                 ip=hosts[index + 1],
+                pod_cidr=twenty_fours[index + 1],
             )
         )
     return NetworkPlan(token=token, bridge=bridge, subnet=subnet, bridge_ip=hosts[0], nodes=tuple(plans))
 
 
 def partition_rules(action: str) -> list[list[str]]:
-    """iptables argv (to run inside the node's netns) that add (-I) or delete (-D) the drop."""
+    """iptables argv (to run inside the node's netns) that add (-I) or delete (-D) the drop:
+    the node's own traffic (INPUT/OUTPUT) and its pods' (FORWARD), both ways."""
     return [
         ["iptables", "-w", action, "INPUT", "-i", "eth0", "-j", "DROP"],
         ["iptables", "-w", action, "OUTPUT", "-o", "eth0", "-j", "DROP"],
+        ["iptables", "-w", action, "FORWARD", "-i", "eth0", "-j", "DROP"],
+        ["iptables", "-w", action, "FORWARD", "-o", "eth0", "-j", "DROP"],
     ]
+
+
+def allocate_pod_ip(pod_cidr: ipaddress.IPv4Network, in_use: Iterable[ipaddress.IPv4Address]) -> ipaddress.IPv4Address:
+    """The lowest free pod address of a node (the first host is the gateway)."""
+    taken = set(in_use)
+    for address in list(pod_cidr.hosts())[1:]:
+        if address not in taken:
+            return address
+    raise NetnsError(f"no free pod IP left in {pod_cidr}: too many pods on this node")
+
+
+@dataclass(frozen=True)
+class PodSandbox:
+    """A pod's own network: its namespace (named for cleanup by owner PID) and address."""
+
+    node: str
+    netns: str
+    ip: ipaddress.IPv4Address
+    node_veth: str
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,6 +323,7 @@ class _NodeState:
     plan: NodePlan
     partitioned: bool = False
     executor: ThreadPoolExecutor | None = None
+    pods: dict[str, PodSandbox] = field(default_factory=dict)  # by netns name
 
 
 class _FileLock:
@@ -338,6 +390,7 @@ class ClusterNetwork:
                 await self._create_bridge(self.plan)
             for node_plan in self.plan.nodes:
                 await self._create_node(self.plan, node_plan)
+            await self._create_routes(self.plan)
         except BaseException:
             await self.close()
             raise
@@ -369,6 +422,78 @@ class ClusterNetwork:
         await run_command([*inside, "link", "set", "eth0", "up"])
         await run_command([*inside, "link", "set", "lo", "up"])
         self._nodes[node.node] = _NodeState(plan=node)
+        # the pod bridge: gateway of the node's pod CIDR; the node forwards for its pods
+        await run_command([*inside, "link", "add", POD_BRIDGE, "type", "bridge"])
+        await run_command([*inside, "addr", "add", f"{node.pod_gateway}/{node.pod_cidr.prefixlen}", "dev", POD_BRIDGE])
+        await run_command([*inside, "link", "set", POD_BRIDGE, "up"])
+        await run_command([*inside, "route", "add", str(SERVICE_CIDR), "dev", POD_BRIDGE])
+        # per namespace, off in a new one (written directly: no dependency on procps' sysctl)
+        await run_command(["ip", "netns", "exec", node.netns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+
+    async def _create_routes(self, plan: NetworkPlan) -> None:
+        """Every node, and this machine, reach every pod CIDR via its node's IP."""
+        for node in plan.nodes:
+            for other in plan.nodes:
+                if other is not node:
+                    route = ["route", "add", str(other.pod_cidr), "via", str(other.ip), "dev", "eth0"]
+                    await run_command(["ip", "-n", node.netns, *route])
+            # removed together with the bridge
+            await run_command(["ip", "route", "add", str(node.pod_cidr), "via", str(node.ip), "dev", plan.bridge])
+
+    # -- pod sandboxes ------------------------------------------------------------------
+
+    async def add_pod(self, node: str) -> PodSandbox:
+        """Create a pod's network namespace with an address from ``node``'s pod CIDR.
+
+        Undone by :meth:`remove_pod` (and by :meth:`close` for whatever is left)."""
+        if self._closed or self.plan is None:
+            raise NetnsError("cluster network is not running")
+        state = self._state(node)
+        seq = next(_sequence)
+        name = f"{state.plan.netns}p{seq:x}"
+        node_veth = f"veth{seq:x}"
+        if len(node_veth) > IFNAMSIZ_MAX:
+            raise NetnsError(f"interface name {node_veth!r} is longer than {IFNAMSIZ_MAX}")
+        ip = allocate_pod_ip(state.plan.pod_cidr, (p.ip for p in state.pods.values()))
+        sandbox = PodSandbox(node=node, netns=name, ip=ip, node_veth=node_veth)
+        state.pods[name] = sandbox  # the address is taken from here on
+        try:
+            await run_command(["ip", "netns", "add", name])
+            self._created.append(("netns", name))
+            await run_command(
+                [
+                    *("ip", "-n", state.plan.netns, "link", "add", node_veth, "type", "veth"),
+                    *("peer", "name", "eth0", "netns", name),
+                ]
+            )
+            await run_command(["ip", "-n", state.plan.netns, "link", "set", node_veth, "master", POD_BRIDGE, "up"])
+            inside = ["ip", "-n", name]
+            prefix = state.plan.pod_cidr.prefixlen
+            await run_command([*inside, "addr", "add", f"{ip}/{prefix}", "dev", "eth0"])
+            await run_command([*inside, "link", "set", "eth0", "up"])
+            await run_command([*inside, "link", "set", "lo", "up"])
+            await run_command([*inside, "route", "add", "default", "via", str(state.plan.pod_gateway)])
+            if self._closed:  # close() ran meanwhile and did not see this namespace yet
+                raise NetnsError("cluster network closed while a pod network was being set up")
+        except BaseException:
+            await self.remove_pod(sandbox, force=True)
+            raise
+        return sandbox
+
+    async def remove_pod(self, sandbox: PodSandbox, *, force: bool = False) -> None:
+        """Delete the pod's namespace (its veth goes with it) and free its address. Idempotent."""
+        state = self._nodes.get(sandbox.node)
+        if state is not None:
+            state.pods.pop(sandbox.netns, None)
+        entry = ("netns", sandbox.netns)
+        if entry not in self._created and not force:
+            return  # never created, or already removed (by close() too)
+        result = await run_command(["ip", "netns", "del", sandbox.netns], check=False)
+        if result.returncode != 0 and "No such" not in result.stderr:
+            logger.warning("removing pod network %s: %s", sandbox.netns, result.stderr.strip())
+        # forgotten only once gone: if this is cancelled midway, close() still removes it
+        if entry in self._created:
+            self._created.remove(entry)
 
     async def close(self) -> None:
         """Remove namespaces, veths and the bridge; best effort, never raises, idempotent."""
@@ -380,7 +505,8 @@ class ClusterNetwork:
                 # The executor thread holds a reference to the netns; let it go first.
                 state.executor.shutdown(wait=False, cancel_futures=True)
                 state.executor = None
-        for kind, name in reversed(self._created):
+        created, self._created = list(self._created), []
+        for kind, name in reversed(created):
             argv = ["ip", "netns", "del", name] if kind == "netns" else ["ip", "link", "del", name]
             try:
                 result = await run_command(argv, check=False)
@@ -390,7 +516,6 @@ class ClusterNetwork:
             benign = ("No such", "Cannot find", "does not exist")
             if result.returncode != 0 and not any(b in result.stderr for b in benign):
                 logger.warning("teardown %s: %s", " ".join(argv), result.stderr.strip())
-        self._created.clear()
 
     # -- queries ------------------------------------------------------------------------
 
@@ -402,6 +527,9 @@ class ClusterNetwork:
 
     def node_ip(self, node: str) -> str:
         return str(self._state(node).plan.ip)
+
+    def pod_cidr(self, node: str) -> str:
+        return str(self._state(node).plan.pod_cidr)
 
     def netns_name(self, node: str) -> str:
         return self._state(node).plan.netns

@@ -371,6 +371,12 @@ def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: b
     sec = st.secondary
     if sec is None:
         return "there is no secondary to fail over to"
+    if not sec.synced:
+        return (
+            f"secondary {sec.pod} never finished its full sync: its disk is a partial copy, a state the "
+            "volume never had, and is not promoted even by hand. Bring the primary's node or pod back; "
+            "the volume resumes from the primary's data"
+        )
     if not manual and not spec.failover_automatic:
         return "spec.failover.automatic is false; annotate pairvol.io/failover=now to fail over"
     if sec.out_of_sync and not manual:
@@ -568,7 +574,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         and (lease.out_of_sync_epoch >= st.epoch)
         and not sec.out_of_sync
     ):
-        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=sec.synced)
         actions.append(
             Event(
                 "Warning",
@@ -631,7 +637,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         st = st.with_(phase=Phase.DEGRADED, message=msg)
         return _finish(world, st, actions, False)
     sa = _agent(world, sec)
-    sec = Replica(sec.node, sec.pod, _state(world, sec), _pod_ip(world, sec), sec.out_of_sync)
+    sec = Replica(sec.node, sec.pod, _state(world, sec), _pod_ip(world, sec), sec.out_of_sync, synced=sec.synced)
     st = st.with_(secondary=sec)
     if sa is None or not spod.ready:
         st = st.with_(phase=Phase.DEGRADED, message=f"waiting for secondary {sec.pod} to be ready")
@@ -653,7 +659,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         actions.append(
             Event("Normal", "Resync", f"full sync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} (epoch {epoch})")
         )
-        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True)
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)
         st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING, message=f"full sync {prim.node} -> {sec.node}")
         return _finish(world, st, actions, False)
 
@@ -670,7 +676,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         and pa.replication_state == "replicating"
         and not (lease is not None and lease.out_of_sync_epoch is not None and lease.out_of_sync_epoch >= st.epoch)
     ):
-        sec = Replica(sec.node, sec.pod, sec.state, sec.address, False)
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, False, synced=True)
         actions.append(
             Event("Normal", "Replicating", f"{sec.pod} on {sec.node} is in sync with {prim.pod} on {prim.node}")
         )

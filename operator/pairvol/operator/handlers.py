@@ -91,15 +91,30 @@ def node_view(obj: Mapping[str, Any]) -> d.NodeView:
     )
 
 
+def _last_line(text: Any) -> str:
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def _terminated_reason(term: Mapping[str, Any]) -> str:
+    """``Error, exit code 2: <last line of the termination message>`` — the agent pod asks
+    for ``FallbackToLogsOnError``, so the cause (e.g. a port in use) reaches our Events."""
+    text = f"{term.get('reason') or 'terminated'}, exit code {term.get('exitCode')}"
+    message = _last_line(term.get("message"))
+    return f"{text}: {message}" if message else text
+
+
 def _container_reason(status: Mapping[str, Any]) -> str:
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         term = state.get("terminated") or {}
         if term:
-            return f"{term.get('reason') or 'terminated'}, exit code {term.get('exitCode')}"
+            return _terminated_reason(term)
         wait = state.get("waiting") or {}
         if wait.get("reason"):
-            return f"{wait['reason']}: {wait.get('message') or ''}".strip(": ")
+            text = f"{wait['reason']}: {wait.get('message') or ''}".strip(": ")
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            return f"{text} (last: {_terminated_reason(last)})" if last else text
     return ""
 
 
@@ -491,6 +506,10 @@ async def startup(settings: Any, **_: Any) -> None:
     settings.peering.priority = config.peering_priority
     settings.peering.lifetime = config.peering_lifetime_s
     settings.watching.server_timeout = 60
+    # Watching named namespaces (the chart's mode): the chart grants no cluster-wide
+    # namespace list/watch, so tell kopf not to observe namespaces (nor CRDs after its
+    # first scan; the chart installs the CRDs before the operator starts).
+    settings.scanning.disabled = bool(config.watch_namespaces)
     if config.metrics_port:
         app = web.Application()
         app.router.add_get("/metrics", _serve_metrics)
@@ -554,10 +573,7 @@ async def on_delete(**kw: Any) -> None:
     except SpecError:
         vspec = None
     if vspec is not None and vspec.reclaim_policy == "Delete":
-        st = VolumeStatus.from_dict(status)
-        nodes = {r.node for r in (st.primary, st.secondary) if r is not None}
-        if st.last_failover is not None:
-            nodes.add(st.last_failover.from_node)
+        nodes = set(VolumeStatus.from_dict(status).data_nodes)
         ready = {n.name for n in map(node_view, await c.kube.list(nodes_path())) if n.ready}
         wipes = [p for p in await c.kube.list(pods_path(namespace), f"pairvol.io/cleanup={name}")]
         done = {

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pairvol import __version__
 from pairvol.api.spec import GROUP, KIND, VERSION, VolumeSpec
 from pairvol.errors import PairvolError
 from pairvol.operator.decisions import (
@@ -61,7 +62,8 @@ def _float_env(env: Mapping[str, str], name: str, default: float, minimum: float
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    agent_image: str = "ghcr.io/pairvol/pairvol:0.1.0"
+    # The chart's default (image.repository : appVersion) and the tag the Dockerfile builds.
+    agent_image: str = f"pairvol/pairvol:{__version__}"
     agent_pull_policy: str = "IfNotPresent"
     agent_command: tuple[str, ...] = ("pairvol",)
     agent_service_account: str = ""
@@ -332,6 +334,9 @@ def pod_manifest(
             "failureThreshold": 3,
         },
         "resources": dict(config.agent_resources),
+        # a failed agent's last log lines (e.g. "address already in use") become its
+        # termination message: the pod status, and the volume's Events, say why
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": "data", "mountPath": ddir},
             {"name": "credentials", "mountPath": SECRET_MOUNT, "readOnly": True},
@@ -394,6 +399,7 @@ def cleanup_pod_manifest(
                     "name": "wipe",
                     "image": config.agent_image,
                     "command": ["rm", "-rf", "--", f"/host/{volume}"],
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
                     "volumeMounts": [{"name": "parent", "mountPath": "/host"}],
                     "securityContext": agent_security_context(),
                 }

@@ -1,0 +1,430 @@
+"""A volume's attachment on the node that consumes it, built and torn down step by step.
+
+An attachment is a ``qemu-storage-daemon`` (the *attacher*) that is an NBD client of the
+volume's export over TLS-PSK and serves the volume to the node as a FUSE export (a regular
+file), plus a loop device with direct I/O over that file. This works without the kernel's
+nbd module; the loop device is what mkfs, mount and Block-mode pods see.
+
+Everything an attachment is lives in its directory under the node plugin's state
+directory, so a restarted node plugin finds it again from disk alone:
+
+* ``attachment.json`` — the volume, its export, the staging path and the access type,
+  written (fsynced, renamed into place) *before* anything is started: whatever a crash
+  leaves behind is named by a record, and unstaging tears it down;
+* ``keys.psk`` — the volume's TLS-PSK key (mode 0600, the directory 0700);
+* ``disk`` — the FUSE export's mount point; the loop device is found with ``losetup -j``;
+* ``attacher.pid``, ``attacher.log``, ``qmp.sock`` — the daemon.
+
+The attacher daemonizes (``--daemonize``): it is no child of the node plugin and outlives
+its restarts. Its NBD client reconnects to the same address (the Service that follows the
+primary) for ``reconnect-delay`` seconds, during which requests wait instead of failing.
+
+Teardown order protects data, by structure: the file system is unmounted first (the
+kernel flushes it, and the flush travels loop → FUSE fsync → the attacher → NBD FLUSH to the
+primary), then the loop device is detached, then the attacher is stopped with SIGTERM
+(which flushes and closes its block graph). Nothing is killed while a layer above it is
+still in place, except a daemon that does not exit within its grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pairvol.csi.params import size_problem
+from pairvol.qemu.img import require_binary
+
+log = logging.getLogger(__name__)
+
+#: how long the attacher's NBD client keeps reconnecting (and requests keep waiting) after
+#: losing the export, e.g. across a failover; past it, I/O fails with EIO.
+RECONNECT_DELAY_S = 60
+START_TIMEOUT_S = 30.0
+STOP_GRACE_S = 10.0
+#: bytes at each end of a device that must read as zeros before it counts as blank
+BLANK_PROBE = 1 << 20
+
+
+class AttachError(Exception):
+    """A step of attaching or detaching failed; the text says which and why."""
+
+
+class NotBlank(AttachError):
+    """The device holds data but no file system this driver may mount: never formatted."""
+
+
+class Broken(AttachError):
+    """The attachment lost its attacher; only unstaging repairs it."""
+
+
+class Busy(AttachError):
+    """The volume is still published; it must be unpublished before it is unstaged."""
+
+
+class TooSmall(AttachError):
+    """The volume is too small for the requested file system."""
+
+
+@dataclass(frozen=True)
+class Record:
+    volume_id: str
+    export_host: str
+    export_port: int
+    psk_identity: str
+    staging_path: str
+    block: bool
+    fs_type: str
+
+
+async def run(*argv: str, timeout: float = 60.0, check: bool = True) -> tuple[int, str]:
+    """Run a command; (exit status, stdout+stderr). ``check``: raise AttachError on failure."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise AttachError(f"{argv[0]} did not finish within {timeout:g} s") from None
+    text = out.decode(errors="replace").strip()
+    assert proc.returncode is not None
+    if check and proc.returncode != 0:
+        raise AttachError(f"{' '.join(argv)} failed (exit status {proc.returncode}): {text}")
+    return proc.returncode, text
+
+
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def mount_points(mountinfo: str) -> dict[str, str]:
+    """Mount point -> mount source of every mount in a /proc/*/mountinfo text (the last
+    mount on a path wins: it is the one that is visible)."""
+    out = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        after = line.split(" - ", 1)[1].split()
+        out[unescape_mountinfo(fields[4])] = unescape_mountinfo(after[1]) if len(after) > 1 else ""
+    return out
+
+
+def device_users(mountinfo: str, device: str, dev_number: str) -> list[str]:
+    """Mount points that use the block device ``device`` (e.g. ``/dev/loop3``, number
+    ``7:3``): file systems mounted from it (the mount's device number) and the device node
+    itself bind-mounted onto a file (a devtmpfs mount whose root is the node)."""
+    node = "/" + Path(device).name
+    out = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        fstype = line.split(" - ", 1)[1].split()[0]
+        if fields[2] == dev_number or (fstype == "devtmpfs" and unescape_mountinfo(fields[3]) == node):
+            out.append(unescape_mountinfo(fields[4]))
+    return out
+
+
+async def mounted(path: Path) -> bool:
+    text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    return str(path) in mount_points(text)
+
+
+def _is_zero(device: str, size: int) -> bool:
+    with open(device, "rb", buffering=0) as f:
+        head = f.read(min(BLANK_PROBE, size))
+        f.seek(max(0, size - BLANK_PROBE))
+        tail = f.read(BLANK_PROBE)
+    return not head.strip(b"\0") and not tail.strip(b"\0")
+
+
+def _dev_number(device: str) -> str:
+    st = os.stat(device)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def _device_size(device: str) -> int:
+    with open(device, "rb", buffering=0) as f:
+        return f.seek(0, os.SEEK_END)
+
+
+class Attachment:
+    """One volume's attachment under ``state_dir`` (see the module docstring)."""
+
+    def __init__(self, state_dir: Path, volume_id: str) -> None:
+        self.volume_id = volume_id
+        self.dir = state_dir / volume_id.replace("/", "_")
+        self.record_path = self.dir / "attachment.json"
+        self.disk = self.dir / "disk"
+        self.pidfile = self.dir / "attacher.pid"
+        self.log_path = self.dir / "attacher.log"
+        self.qmp = self.dir / "qmp.sock"
+
+    # -- record
+
+    def read_record(self) -> Record | None:
+        try:
+            return Record(**json.loads(self.record_path.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def _write_record(self, record: Record) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.record_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(record), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.record_path)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_psk(self, identity: str, key: str) -> None:
+        path = self.dir / "keys.psk"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{identity}:{key}\n")
+
+    # -- the attacher daemon
+
+    def attacher_pid(self) -> int | None:
+        """The running attacher's PID (checked against /proc: a reused PID is not ours)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+        if not cmdline or not cmdline[0].endswith(b"qemu-storage-daemon"):
+            return None
+        return pid if any(str(self.disk).encode() in arg for arg in cmdline) else None
+
+    async def _start_attacher(self, record: Record) -> None:
+        exe = require_binary("qemu-storage-daemon")
+        await asyncio.to_thread(self.disk.touch, 0o600)
+        argv = [
+            exe,
+            "--chardev",
+            f"socket,id=qmp0,path={_opt(self.qmp)},server=on,wait=off",
+            "--monitor",
+            "chardev=qmp0",
+            "--object",
+            f"tls-creds-psk,id=tls0,endpoint=client,dir={_opt(self.dir)},username={_opt(record.psk_identity)}",
+            "--blockdev",
+            "driver=nbd,node-name=volume,export=volume,tls-creds=tls0,server.type=inet,"
+            f"server.host={_opt(record.export_host)},server.port={record.export_port},"
+            f"reconnect-delay={RECONNECT_DELAY_S}",
+            "--export",
+            f"type=fuse,id=disk,node-name=volume,mountpoint={_opt(self.disk)},writable=on,allow-other=off",
+            "--pidfile",
+            str(self.pidfile),
+            "--daemonize",
+        ]
+        logfile = await asyncio.to_thread(open, self.log_path, "ab")
+        try:
+            # --daemonize: this process exits once the daemon has connected and mounted
+            # its export (or failed to); the daemon itself is in a session of its own.
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True
+            )
+        finally:
+            logfile.close()
+        try:
+            rc = await asyncio.wait_for(proc.wait(), START_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise AttachError(
+                f"could not reach the volume's export at {record.export_host}:{record.export_port} "
+                f"within {START_TIMEOUT_S:g} s"
+            ) from None
+        if rc != 0:
+            tail = (await asyncio.to_thread(self.log_path.read_text, errors="replace")).strip().splitlines()[-3:]
+            raise AttachError(
+                f"could not attach to the volume's export at {record.export_host}:{record.export_port}: "
+                + " | ".join(tail)
+            )
+        log.info("attached %s to %s:%d", self.volume_id, record.export_host, record.export_port)
+
+    async def _stop_attacher(self) -> None:
+        pid = await asyncio.to_thread(self.attacher_pid)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = asyncio.get_running_loop().time() + STOP_GRACE_S
+            while await asyncio.to_thread(_running, pid):
+                if asyncio.get_running_loop().time() > deadline:
+                    log.warning("attacher %d of %s ignored SIGTERM; killing it", pid, self.volume_id)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    break
+                await asyncio.sleep(0.05)
+        # a daemon that died without unmounting leaves a dead FUSE mount on the file
+        if await mounted(self.disk):
+            await run("umount", "-l", str(self.disk))
+
+    # -- the loop device
+
+    async def loop_devices(self) -> list[str]:
+        """The loop devices over the FUSE export (one, unless an earlier attacher died and
+        left its device behind). The file itself is not touched: on a dead FUSE mount even
+        stat fails."""
+        if not await asyncio.to_thread(self.dir.is_dir):
+            return []
+        _, out = await run("losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list", check=False)
+        found = []
+        for line in out.splitlines():
+            name, _, back = line.strip().partition(" ")
+            if back.strip().removesuffix(" (deleted)") == str(self.disk):
+                found.append(name)
+        return found
+
+    async def loop_device(self) -> str | None:
+        """The loop device over the FUSE export, if there is one."""
+        devices = await self.loop_devices()
+        return devices[0] if devices else None
+
+    async def _attach_loop(self) -> str:
+        device = await self.loop_device()
+        if device is None:
+            _, device = await run("losetup", "--find", "--show", "--direct-io=on", str(self.disk))
+        dio = Path(f"/sys/block/{Path(device).name}/loop/dio")
+        if await asyncio.to_thread(dio.exists) and (await asyncio.to_thread(dio.read_text)).strip() != "1":
+            log.warning("loop device %s of %s runs without direct I/O (pages are cached twice)", device, self.volume_id)
+        return device
+
+    # -- the file system
+
+    async def _file_system(self, device: str) -> str | None:
+        """The file system type on ``device``; None when blank; NotBlank when it holds
+        anything else (a partition table, raw data)."""
+        rc, out = await run("blkid", "-p", "-o", "export", device, check=False)
+        if rc == 0:
+            found = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+            if found.get("TYPE"):
+                return found["TYPE"]
+            raise NotBlank(f"{self.volume_id} holds no file system but other data ({out.replace(chr(10), ' ')})")
+        if rc != 2:  # 2: nothing found; anything else is a failed probe, not a blank disk
+            raise AttachError(f"cannot probe {device} of {self.volume_id} (blkid exit status {rc}): {out}")
+        size = await asyncio.to_thread(_device_size, device)
+        if not await asyncio.to_thread(_is_zero, device, size):
+            raise NotBlank(
+                f"{self.volume_id} has no file system signature but is not blank (its first or last MiB "
+                "holds data); refusing to format it — was it used as a Block volume?"
+            )
+        return None
+
+    async def _make_fs(self, device: str, fs_type: str) -> None:
+        problem = size_problem(fs_type, await asyncio.to_thread(_device_size, device))
+        if problem is not None:
+            raise TooSmall(f"{self.volume_id}: {problem}")
+        if fs_type == "xfs":
+            await run("mkfs.xfs", "-q", "-K", device, timeout=300)
+        else:
+            await run(f"mkfs.{fs_type}", "-q", "-E", "nodiscard", device, timeout=300)
+        log.info("made an %s file system on %s (%s)", fs_type, self.volume_id, device)
+
+    # -- stage / unstage
+
+    async def stage(self, record: Record, psk_key: str, mount_flags: tuple[str, ...] = ()) -> str:
+        """Build the attachment (idempotent: each step checks what is there); returns the
+        loop device."""
+        await asyncio.to_thread(self._write_record, record)
+        await asyncio.to_thread(self._write_psk, record.psk_identity, psk_key)
+        if await asyncio.to_thread(self.attacher_pid) is None:
+            stale = await self.loop_devices()
+            if stale:
+                # The attacher died under a device that may still be mounted or published:
+                # a new attacher cannot be put under it, only a new attachment can be made.
+                raise Broken(
+                    f"the attacher of {self.volume_id} is gone while its loop device {', '.join(stale)} is still "
+                    "set up (I/O on it fails); unpublish and unstage the volume, then stage it again "
+                    "(its pods must restart)"
+                )
+            if await mounted(self.disk):  # a dead daemon's FUSE mount
+                await run("umount", "-l", str(self.disk))
+            await self._start_attacher(record)
+        device = await self._attach_loop()
+        if record.block:
+            return device
+        staging = Path(record.staging_path)
+        if await mounted(staging):
+            return device
+        found = await self._file_system(device)
+        if found is None:
+            await self._make_fs(device, record.fs_type)
+        elif found != record.fs_type:
+            raise NotBlank(
+                f"{self.volume_id} holds an {found} file system but {record.fs_type} was requested; "
+                "it is never reformatted (request fsType "
+                f"{found} or use a new volume)"
+            )
+        await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
+        options = ["-o", ",".join(mount_flags)] if mount_flags else []
+        await run("mount", "-t", record.fs_type, *options, device, str(staging))
+        return device
+
+    async def unstage(self, staging_path: Path | None) -> None:
+        """Tear down in the order of the module docstring; nothing left is not an error."""
+        record = await asyncio.to_thread(self.read_record)
+        paths = {staging_path} if staging_path else set()
+        if record is not None:
+            paths.add(Path(record.staging_path))
+        devices = await self.loop_devices()
+        # Refuse before changing anything while a pod still uses the device: detaching it
+        # and stopping the attacher under a publication would fail the pod's I/O.
+        text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+        for device in devices:
+            number = await asyncio.to_thread(_dev_number, device)
+            users = sorted(set(device_users(text, device, number)) - {str(p) for p in paths})
+            if users:
+                raise Busy(f"{self.volume_id} is still published at {', '.join(users)}; unpublish it first")
+        for path in paths:
+            if (record is None or not record.block) and await mounted(path):
+                await run("umount", str(path))
+        for device in devices:
+            await run("blockdev", "--flushbufs", device, check=False)
+            await run("losetup", "--detach", device)
+        await self._stop_attacher()
+        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+        log.info("detached %s", self.volume_id)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs. An attacher that exited stays a zombie until its parent reaps
+    it: in a container that is the node plugin (PID 1, to which daemons are reparented),
+    so it is reaped here."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    if stat.rpartition(")")[2].split()[0] != "Z":
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU option string (a comma is written twice)."""
+    return str(value).replace(",", ",,")
+
+
+def has_mkfs(fs_type: str) -> bool:
+    return shutil.which(f"mkfs.{fs_type}") is not None

@@ -1,0 +1,113 @@
+"""``pairvol csi``: the CSI driver ``pairvol.io``, one process per mode.
+
+``--mode controller`` serves Identity and Controller (next to the external-provisioner
+sidecar; it needs the Kubernetes API), ``--mode node`` serves Identity and Node (one per
+node, privileged: it mounts, sets up loop devices and FUSE exports). Both listen on the
+unix socket of ``--endpoint``, where the sidecars and the kubelet connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "csi", help="run the CSI driver pairvol.io (controller or node plugin)", description=__doc__
+    )
+    p.add_argument("--mode", required=True, choices=("controller", "node"), help="which CSI services to serve")
+    p.add_argument("--endpoint", required=True, help="unix:///PATH/csi.sock")
+    p.add_argument("--node-id", default="", help="this node's name (required with --mode node)")
+    p.add_argument(
+        "--state-dir",
+        default="/var/lib/pairvol-csi",
+        help="node: where attachments keep their records, keys and daemons (a hostPath)",
+    )
+    p.add_argument("--kubeconfig", help="controller: kubeconfig file (default: $KUBECONFIG or in-cluster)")
+    p.add_argument(
+        "--volume-namespace",
+        default="",
+        help="controller: namespace of the ReplicatedVolumes it creates (default: the kubeconfig's or pod's)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=8.0,
+        help="controller: seconds a CreateVolume waits for the volume to replicate before answering ABORTED "
+        "(keep it below the provisioner's --timeout)",
+    )
+    p.set_defaults(run=run)
+
+
+def _usage(args: argparse.Namespace) -> str | None:
+    from pairvol.csi.server import socket_path
+
+    try:
+        socket_path(args.endpoint)
+    except ValueError as exc:
+        return str(exc)
+    if args.mode == "node" and not _NODE_ID.match(args.node_id):
+        return f"--node-id must name this node (a Kubernetes node name), got {args.node_id!r}"
+    if args.mode == "node" and not args.state_dir.startswith("/"):
+        return f"--state-dir must be an absolute path, got {args.state_dir!r}"
+    if args.volume_namespace and not _DNS_LABEL.match(args.volume_namespace):
+        return f"--volume-namespace must be a namespace name, got {args.volume_namespace!r}"
+    if not 0 <= args.ready_timeout <= 3600:
+        return f"--ready-timeout must be 0..3600 seconds, got {args.ready_timeout}"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _usage(args)
+    if problem is not None:
+        log.error("bad flag: %s", problem)
+        return 2
+    try:
+        asyncio.run(_main(args))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _main(args: argparse.Namespace) -> None:
+    from pairvol.csi.identity import identity
+    from pairvol.csi.proto import messages
+    from pairvol.csi.server import serve, service
+
+    await asyncio.to_thread(messages)  # compile csi.proto before the first call
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        handlers = [service("Identity", identity(controller=args.mode == "controller", ready=lambda: True))]
+        if args.mode == "controller":
+            from pairvol.csi.controller import ControllerService
+            from pairvol.operator.k8s import KubeClient, load_config
+
+            config = await load_config(args.kubeconfig)
+            kube = await stack.enter_async_context(KubeClient(config))
+            controller = ControllerService(kube, args.volume_namespace or config.namespace, args.ready_timeout)
+            handlers.append(service("Controller", controller.handlers()))
+        else:
+            from pairvol.csi.node import NodeService
+
+            node = NodeService(args.node_id, Path(args.state_dir))
+            handlers.append(service("Node", node.handlers()))
+        server = await serve(args.endpoint, handlers)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping the CSI driver (attachments stay in place)")
+        await server.stop(grace=5)

@@ -1,0 +1,99 @@
+"""The chart's CSI driver objects (``csi.enabled``): what the kubelet and the sidecars need,
+with the privileges pairvol.csi.manifests states and nothing more, and a StorageClass the
+driver itself accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chart_support import Obj, kinds, one, render
+
+from pairvol.csi.manifests import controller_security_context, node_security_context
+from pairvol.csi.params import volume_request
+
+VALUES: dict[str, Any] = {
+    "watchNamespaces": ["apps"],
+    "csi": {
+        "enabled": True,
+        "volumeNamespace": "apps",
+        "storageClass": {"create": True, "parameters": {"checkpointIntervalSeconds": "5", "peerTimeoutSeconds": "3"}},
+    },
+}
+
+
+@pytest.fixture
+def objs(tmp_path: Path) -> list[Obj]:
+    return render(VALUES, tmp=tmp_path)
+
+
+def containers(obj: Obj) -> dict[str, Obj]:
+    return {c["name"]: c for c in obj["spec"]["template"]["spec"]["containers"]}
+
+
+def test_the_driver_is_off_by_default(tmp_path: Path) -> None:
+    objs = render(tmp=tmp_path)
+    assert not kinds(objs, "CSIDriver") and not kinds(objs, "DaemonSet") and not kinds(objs, "StorageClass")
+
+
+def test_csidriver_needs_no_attach_step(objs: list[Obj]) -> None:
+    driver = one(objs, "CSIDriver", "pairvol.io")
+    assert driver["spec"]["attachRequired"] is False
+    assert driver["spec"]["volumeLifecycleModes"] == ["Persistent"]
+
+
+def test_node_plugin_runs_with_the_stated_privileges_and_shares_its_mounts(objs: list[Obj]) -> None:
+    ds = one(objs, "DaemonSet")
+    c = containers(ds)
+    assert c["csi-node"]["securityContext"] == node_security_context()
+    mounts = {m["name"]: m for m in c["csi-node"]["volumeMounts"]}
+    assert mounts["kubelet-dir"]["mountPropagation"] == "Bidirectional"
+    assert mounts["state-dir"]["mountPropagation"] == "Bidirectional"
+    assert mounts["dev"]["mountPath"] == "/dev"
+    assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    for name in ("node-driver-registrar", "liveness-probe"):
+        ctx = c[name]["securityContext"]
+        assert ctx["capabilities"] == {"drop": ["ALL"]} and ctx["allowPrivilegeEscalation"] is False
+    registrar = c["node-driver-registrar"]["args"]
+    assert "--kubelet-registration-path=/var/lib/kubelet/plugins/pairvol.io/csi.sock" in registrar
+
+
+def test_controller_containers_are_unprivileged_and_wait_less_than_the_provisioner(objs: list[Obj]) -> None:
+    deploy = one(objs, "Deployment", "pv-pairvol-csi-controller")
+    c = containers(deploy)
+    for container in c.values():
+        assert container["securityContext"] == controller_security_context(), container["name"]
+    args = c["csi-controller"]["args"]
+    assert "--volume-namespace=apps" in args
+    ready = int(next(a for a in args if a.startswith("--ready-timeout=")).split("=")[1])
+    timeout = next(a for a in c["csi-provisioner"]["args"] if a.startswith("--timeout="))
+    assert int(timeout.removeprefix("--timeout=").removesuffix("s")) > ready
+
+
+def test_the_driver_may_manage_only_replicated_volumes_in_their_namespace(objs: list[Obj]) -> None:
+    role = one(objs, "Role", "pv-pairvol-csi-volumes", "apps")
+    assert role["rules"] == [
+        {"apiGroups": ["pairvol.io"], "resources": ["replicatedvolumes"], "verbs": ["get", "create", "delete"]}
+    ]
+    provisioner = one(objs, "ClusterRole", "pv-pairvol-csi-provisioner")
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in provisioner["rules"])
+    assert not any("secrets" in r["resources"] for r in provisioner["rules"])
+
+
+def test_sidecars_are_pinned_sig_storage_images(objs: list[Obj]) -> None:
+    images = [c["image"] for o in objs if o["kind"] in ("Deployment", "DaemonSet") for c in containers(o).values()]
+    sidecars = [i for i in images if "sig-storage" in i]
+    assert len(sidecars) == 4
+    for image in sidecars:
+        assert image.startswith("registry.k8s.io/sig-storage/") and ":v" in image, image
+
+
+def test_storage_class_hands_the_volume_key_to_the_node_and_passes_the_driver_checks(objs: list[Obj]) -> None:
+    sc = one(objs, "StorageClass", "pairvol")
+    assert sc["provisioner"] == "pairvol.io"
+    params = sc["parameters"]
+    assert params["csi.storage.k8s.io/node-stage-secret-name"] == "pairvol-${pv.name}"
+    assert params["csi.storage.k8s.io/node-stage-secret-namespace"] == "apps"
+    spec = volume_request("pvc-0b7e9d2c-4f51-4b8e-9a43-1f6a5c1d2e3f", 1 << 30, params).spec
+    assert spec["checkpoint"] == {"intervalSeconds": 5} and spec["replication"] == {"peerTimeoutSeconds": 3}

@@ -1,0 +1,469 @@
+"""The CSI node plugin with real agents: what the kubelet does to a pod's volume.
+
+The kubelet's calls go through stubs compiled from the upstream csi.proto (the driver's
+own where a clone lacks the reference; tests/support/csi.py); the node plugin runs with its pod's privileges
+(pairvol.csi.manifests); the volume is a replicating pair of real agents whose primary
+serves its export over TCP with TLS-PSK, as the operator runs them. Each test checks what
+a user would see: files written through the mounted file system come back after the
+volume is unstaged and staged again, a Block volume's bytes are the volume's bytes, a
+volume that holds data is never formatted, and a failover of the volume does not reach
+the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from pairvol.csi import DRIVER_NAME
+from pairvol.csi.attach import Attachment, mount_points, run
+from tests.support.agents import Agent, free_port, pair, privileges, running_as, write_psk
+from tests.support.ci import unavailable
+from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security
+
+pytestmark = pytest.mark.timeout(120)
+
+SINGLE_NODE_WRITER = 1
+MULTI_NODE_MULTI_WRITER = 5
+STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION = 1, 2, 4
+BYTES, INODES = 1, 2
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory: pytest.TempPathFactory) -> Stubs:
+    """The kubelet's and the sidecars' view of the protocol (see tests/support/csi.py)."""
+    return compile_stubs(tmp_path_factory.mktemp("csi-stubs"))
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        unavailable("the node plugin mounts file systems and creates loop devices: needs root")
+
+
+@dataclass
+class Kubelet:
+    """The node plugin's caller, with the paths the kubelet would use for one pod."""
+
+    pb: Any
+    node: Any
+    identity: Any
+    state_dir: Path
+    staging: Path
+    target: Path
+    psk: str
+    export: str
+    plugin: Driver
+
+    def capability(self, block: bool = False, fs_type: str = "", mode: int = SINGLE_NODE_WRITER) -> Any:
+        cap = self.pb.VolumeCapability(access_mode=self.pb.VolumeCapability.AccessMode(mode=mode))
+        if block:
+            cap.block.SetInParent()
+        else:
+            cap.mount.fs_type = fs_type
+        return cap
+
+    async def stage(self, volume_id: str = "apps/pvc-1", **kw: Any) -> Any:
+        secrets = kw.pop("secrets", {"psk": self.psk})
+        context = kw.pop("volume_context", {"exportAddress": self.export})
+        cap = kw.pop("capability") if "capability" in kw else self.capability(**kw)
+        req = self.pb.NodeStageVolumeRequest(
+            volume_id=volume_id,
+            staging_target_path=str(self.staging),
+            volume_capability=cap,
+            secrets=secrets,
+            volume_context=context,
+        )
+        return await self.node.NodeStageVolume(req, timeout=60)
+
+    async def unstage(self, volume_id: str = "apps/pvc-1") -> Any:
+        req = self.pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(self.staging))
+        return await self.node.NodeUnstageVolume(req, timeout=60)
+
+    async def publish(self, volume_id: str = "apps/pvc-1", readonly: bool = False, **kw: Any) -> Any:
+        req = self.pb.NodePublishVolumeRequest(
+            volume_id=volume_id,
+            staging_target_path=str(self.staging),
+            target_path=str(self.target),
+            volume_capability=self.capability(**kw),
+            readonly=readonly,
+            volume_context={"exportAddress": self.export},
+        )
+        return await self.node.NodePublishVolume(req, timeout=60)
+
+    async def stats(self, volume_id: str = "apps/pvc-1") -> Any:
+        req = self.pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=str(self.target))
+        return await self.node.NodeGetVolumeStats(req, timeout=60)
+
+    async def unpublish(self, volume_id: str = "apps/pvc-1") -> Any:
+        req = self.pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(self.target))
+        return await self.node.NodeUnpublishVolume(req, timeout=60)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write a file as a careful application does: write, fsync."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+async def exited(pid: int) -> None:
+    """Until ``pid`` has exited (gone, or a zombie: its cmdline is empty)."""
+
+    def running() -> bool:
+        try:
+            return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    while True:
+        if not await asyncio.to_thread(running):
+            return
+        await asyncio.sleep(0.02)
+
+
+def mounts() -> dict[str, str]:
+    return mount_points(Path("/proc/self/mountinfo").read_text())
+
+
+async def loop_devices_of(state_dir: Path) -> list[str]:
+    proc = await asyncio.create_subprocess_exec(
+        "losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    return [line.split()[0] for line in out.decode().splitlines() if str(state_dir) in line]
+
+
+@dataclass
+class Volume:
+    primary: Agent
+    secondary: Agent
+    export_port: int
+    psk: str
+
+
+@pytest.fixture
+def volume_size() -> str:
+    return "64Mi"
+
+
+@pytest.fixture
+async def volume(tmp_path: Path, volume_size: str) -> AsyncIterator[Volume]:
+    """A replicating pair whose primary serves the volume on 127.0.0.1:PORT with TLS-PSK;
+    the secondary serves the same address once promoted (as the Service would). Both disks
+    are new (all zeros), so replication starts without a sync."""
+    port = free_port()
+    psk = write_psk(tmp_path / "psk")
+    async with pair(
+        tmp_path, size=volume_size, sync="none", psk_file=psk, extra_args=["--export-listen", f"127.0.0.1:{port}"]
+    ) as (p, s):
+        yield Volume(p, s, port, psk.read_text().strip())
+
+
+@pytest.fixture
+async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator[Kubelet]:
+    state = tmp_path / "csi-state"
+    pods = tmp_path / "kubelet"
+    plan = node_plugin_security()
+    async with driver(
+        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), security=plan
+    ) as d:
+        assert privileges(d.proc.pid) == running_as(plan)
+        k = Kubelet(
+            pb=stubs.pb,
+            node=stubs.grpc.NodeStub(d.channel),
+            identity=stubs.grpc.IdentityStub(d.channel),
+            state_dir=state,
+            staging=pods / "plugins/kubernetes.io/csi/pairvol.io/vol/globalmount",
+            target=pods / "pods/uid-1/volumes/kubernetes.io~csi/pvc-1/mount",
+            psk=volume.psk,
+            export=f"127.0.0.1:{volume.export_port}",
+            plugin=d,
+        )
+        try:
+            yield k
+        finally:
+            # whatever a failed test left: tear it down through the plugin, then check
+            for vid in ("apps/pvc-1",):
+                for step in (k.unpublish, k.unstage):
+                    # refused, or a test replaced the plugin and closed its channel
+                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                        await step(vid)
+            # a failed test may leave a publication the plugin refuses to tear down under:
+            # clean up by hand first (so nothing outlives the test), then fail
+            leftover = [m for m in mounts() if str(tmp_path) in m]
+            for path in sorted(leftover, key=len, reverse=True):
+                await run("umount", "-l", path, check=False)
+            await Attachment(state, "apps/pvc-1").unstage(None)
+            assert not leftover, f"mounts left behind: {leftover}"
+            assert not await loop_devices_of(state), "loop devices left behind"
+
+
+async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubelet) -> None:
+    pb = kubelet.pb
+    info = await kubelet.identity.GetPluginInfo(pb.GetPluginInfoRequest())
+    assert info.name == DRIVER_NAME
+    assert (await kubelet.identity.Probe(pb.ProbeRequest())).ready.value is True
+    caps = await kubelet.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
+    assert list(caps.capabilities) == []  # the node plugin serves no Controller service
+    node = await kubelet.node.NodeGetInfo(pb.NodeGetInfoRequest())
+    assert node.node_id == "node-a"
+    ncaps = await kubelet.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
+    assert [c.rpc.type for c in ncaps.capabilities] == [STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION]
+
+
+async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugin(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    await kubelet.stage()
+    await kubelet.stage()  # idempotent
+    await kubelet.publish()
+    await kubelet.publish()  # idempotent
+    assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
+    data = os.urandom(3 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "data.bin", data)
+    stats = await kubelet.stats()
+    usage = {u.unit: u for u in stats.usage}
+    assert 32 << 20 < usage[BYTES].total <= 64 << 20  # the file system on the 64 MiB volume
+    assert usage[BYTES].used >= len(data) and usage[BYTES].available < usage[BYTES].total - len(data)
+    assert usage[INODES].used > 0 and usage[INODES].total > usage[INODES].used
+    assert not stats.volume_condition.abnormal and kubelet.export in stats.volume_condition.message
+
+    await kubelet.unpublish()
+    await kubelet.unpublish()  # idempotent
+    assert not kubelet.target.exists()
+    await kubelet.unstage()
+    await kubelet.unstage()  # idempotent
+    assert str(kubelet.staging) not in mounts()
+    assert not await loop_devices_of(kubelet.state_dir)
+
+    await kubelet.stage()  # the file system is there: mounted, not made again
+    await kubelet.publish()
+    assert (kubelet.target / "data.bin").read_bytes() == data
+
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await kubelet.unstage()  # still published: nothing is torn down under the pod
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and str(kubelet.target) in busy.value.details()
+    assert (kubelet.target / "data.bin").read_bytes() == data
+    await kubelet.unpublish()
+
+    # a read-only publication: reads work, writes are refused by the mount
+    kubelet.target = kubelet.target.parent.parent / "pvc-1-ro" / "mount"
+    await kubelet.publish(readonly=True)
+    assert await asyncio.to_thread((kubelet.target / "data.bin").read_bytes) == data
+    with pytest.raises(OSError) as rofs:
+        await asyncio.to_thread(write_synced, kubelet.target / "new", b"x")
+    assert rofs.value.errno == errno.EROFS
+    with pytest.raises(grpc.aio.AioRpcError) as differs:
+        await kubelet.publish(readonly=False)  # the same target asked read-write
+    assert differs.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await kubelet.unpublish()
+
+
+async def test_a_restarted_node_plugin_tears_down_what_the_previous_one_built(
+    kubelet: Kubelet, tmp_path: Path, stubs: Stubs
+) -> None:
+    await kubelet.stage()
+    await kubelet.publish()
+    (kubelet.target / "before").write_text("written before the restart\n")
+    plan = node_plugin_security()
+    # the plugin crashes; the attachment is no child of it and stays, the pod keeps its files
+    os.kill(kubelet.plugin.proc.pid, signal.SIGKILL)
+    await kubelet.plugin.proc.wait()
+    assert (kubelet.target / "before").read_text() == "written before the restart\n"
+    # its successor knows nothing but the state directory
+    async with driver(
+        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(kubelet.state_dir), security=plan, name="csi2"
+    ) as d:
+        kubelet.node = stubs.grpc.NodeStub(d.channel)
+        await kubelet.publish()  # idempotent across processes
+        assert (kubelet.target / "before").read_text() == "written before the restart\n"
+        await kubelet.unpublish()
+        await kubelet.unstage()
+    assert str(kubelet.staging) not in mounts()
+    assert not await loop_devices_of(kubelet.state_dir)
+
+
+@pytest.mark.parametrize("volume_size", ["300Mi"])
+async def test_xfs_is_made_when_asked_and_then_kept(kubelet: Kubelet) -> None:
+    await kubelet.stage(fs_type="xfs")
+    await kubelet.publish(fs_type="xfs")
+    assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
+    await asyncio.to_thread(write_synced, kubelet.target / "x", b"on xfs\n")
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    # asked for ext4 later, the volume keeps its xfs file system and says so
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await kubelet.stage(fs_type="ext4")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "holds an xfs file system but ext4 was requested" in refused.value.details()
+    await kubelet.unstage()
+    await kubelet.stage(fs_type="xfs")
+    await kubelet.publish(fs_type="xfs")
+    assert await asyncio.to_thread((kubelet.target / "x").read_bytes) == b"on xfs\n"
+
+
+async def test_block_volume_is_the_volume_and_is_never_formatted(kubelet: Kubelet, volume: Volume) -> None:
+    kubelet.target = kubelet.target.parent / "pvc-1-block"
+    await kubelet.stage(block=True)
+    await kubelet.publish(block=True)
+    assert kubelet.target.is_block_device()  # the device, bind-mounted on the file the plugin made
+    payload = os.urandom(1 << 20)
+    fd = os.open(kubelet.target, os.O_RDWR)
+    try:
+        os.pwrite(fd, payload, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    async with await volume.primary.nbd() as nbd:
+        assert await nbd.pread(1 << 20, 0) == payload  # the pod's bytes are the volume's bytes
+    stats = await kubelet.stats()
+    assert [(u.unit, u.total) for u in stats.usage] == [(BYTES, 64 << 20)]
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await kubelet.unstage()  # the device is still bound onto the pod's file
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and str(kubelet.target) in busy.value.details()
+    await kubelet.unpublish()
+    await kubelet.unstage()
+
+    # the volume holds data but no file system: staging it as a file system refuses
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await kubelet.stage()
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "refusing to format" in refused.value.details()
+    await kubelet.unstage()
+    async with await volume.primary.nbd() as nbd:
+        assert await nbd.pread(1 << 20, 0) == payload
+
+
+async def test_bad_requests_get_the_codes_of_the_spec(kubelet: Kubelet, volume: Volume) -> None:
+    async def code(call: Any) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        return err.value.code(), err.value.details()
+
+    c, text = await code(kubelet.stage(secrets={}))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "node-stage-secret-name" in text
+    c, text = await code(kubelet.stage(volume_context={}))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "exportAddress" in text
+    c, text = await code(kubelet.stage(volume_id=""))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "volume_id" in text
+    c, text = await code(kubelet.stage(capability=kubelet.pb.VolumeCapability()))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "block or mount" in text
+    c, text = await code(kubelet.stage(mode=MULTI_NODE_MULTI_WRITER))
+    assert c == grpc.StatusCode.FAILED_PRECONDITION and "MULTI_NODE_MULTI_WRITER" in text
+    c, text = await code(kubelet.stage(fs_type="btrfs"))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "btrfs" in text
+    c, text = await code(kubelet.publish())
+    assert c == grpc.StatusCode.FAILED_PRECONDITION and "NodeStageVolume first" in text
+    c, text = await code(kubelet.stats())
+    assert c == grpc.StatusCode.NOT_FOUND and "not staged" in text
+    c, text = await code(kubelet.unstage(".."))  # a volume ID names a directory of the plugin
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "NAMESPACE/NAME" in text
+    c, text = await code(
+        kubelet.node.NodeUnstageVolume(
+            kubelet.pb.NodeUnstageVolumeRequest(volume_id="apps/pvc-1", staging_target_path="relative/dir")
+        )
+    )
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "absolute path" in text
+    c, text = await code(kubelet.stage(fs_type="xfs"))  # the volume is 64 MiB
+    assert c == grpc.StatusCode.FAILED_PRECONDITION and "at least 300 MiB" in text
+    await kubelet.unstage()
+
+    # nothing listens there: the kubelet may retry later
+    kubelet.export = f"127.0.0.1:{free_port()}"
+    c, text = await code(kubelet.stage(volume_id="apps/pvc-2"))
+    assert c == grpc.StatusCode.UNAVAILABLE and kubelet.export in text
+    await kubelet.unstage("apps/pvc-2")
+    assert not (kubelet.state_dir / "apps_pvc-2").exists()
+
+    # a key that is not the volume's: the TLS handshake fails
+    kubelet.export = f"127.0.0.1:{volume.export_port}"
+    kubelet.psk = "pairvol:" + "00" * 32
+    c, text = await code(kubelet.stage(volume_id="apps/pvc-3"))
+    assert c == grpc.StatusCode.UNAVAILABLE
+    await kubelet.unstage("apps/pvc-3")
+
+
+def write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite a file's start and fsync (a database page write)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(
+    kubelet: Kubelet, volume: Volume
+) -> None:
+    """The primary dies; the pod's writes wait until the secondary, promoted in Latest
+    mode, serves the same address; then they complete and nothing acknowledged is lost."""
+    await kubelet.stage()
+    await kubelet.publish()
+    before = os.urandom(1 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "before.bin", before)
+    await asyncio.to_thread(write_synced, kubelet.target / "during.bin", b"\0" * (256 << 10))
+
+    loop = asyncio.get_running_loop()
+    volume.primary.kill()
+    await volume.primary.wait_exit()
+    killed = loop.time()
+    during = os.urandom(256 << 10)
+    writing = asyncio.create_task(asyncio.to_thread(write_in_place, kubelet.target / "during.bin", during))
+    await asyncio.sleep(1.0)
+    assert not writing.done(), "a write completed while no primary served the volume"
+    promoting = loop.time()
+    await volume.secondary.failover(3, "latest")
+    promoted = loop.time()
+    await asyncio.wait_for(writing, 30)  # completed: no I/O error reached the pod
+    print(
+        f"primary killed; promotion began +{promoting - killed:.2f} s, done +{promoted - killed:.2f} s; "
+        f"the pod's fsync returned +{loop.time() - killed:.2f} s (attacher reconnect included)"
+    )
+
+    assert await asyncio.to_thread((kubelet.target / "before.bin").read_bytes) == before
+    assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    # what the new primary holds is the whole file system, journal and all
+    await kubelet.stage()
+    await kubelet.publish()
+    assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
+
+
+async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unstaging(kubelet: Kubelet) -> None:
+    await kubelet.stage()
+    await kubelet.publish()
+    data = os.urandom(1 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "kept.bin", data)
+    pidfile = kubelet.state_dir / "apps_pvc-1" / "attacher.pid"
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer
+    await asyncio.wait_for(exited(pid), 10)
+    stats = await kubelet.stats()
+    assert stats.volume_condition.abnormal and "attacher" in stats.volume_condition.message
+
+    with pytest.raises(grpc.aio.AioRpcError) as broken:
+        await kubelet.stage()  # what a restarted kubelet asks: it cannot be repaired in place
+    assert broken.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unpublish and unstage" in broken.value.details()
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    assert str(kubelet.staging) not in mounts()
+    assert not await loop_devices_of(kubelet.state_dir)
+
+    await kubelet.stage()
+    await kubelet.publish()
+    assert await asyncio.to_thread((kubelet.target / "kept.bin").read_bytes) == data  # fsynced = on the volume

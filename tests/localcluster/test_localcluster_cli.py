@@ -1,0 +1,133 @@
+"""`pairvol localcluster up|status|node|down`, run from a shell as a user would.
+
+`up --detach` returns once the cluster serves; the other commands, separate processes,
+drive it through its state directory; `down` stops it and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from tests.support.ci import tool
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for simulated nodes"),
+]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+async def pairvol(*args: str, within: float = 60) -> Result:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pairvol", "localcluster", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    """A state directory; whatever `up` left running there is stopped afterwards."""
+    state = tmp_path / "state"
+    yield state
+    cluster = state / "cluster.json"
+    if cluster.exists():
+        pid = json.loads(cluster.read_text())["pid"]
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(150):  # up to 30 s for a clean stop
+                if not alive(pid):
+                    break
+                await asyncio.sleep(0.2)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def kubectl(kubeconfig: str, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        tool("kubectl"), "--kubeconfig", kubeconfig, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_up_status_node_kill_and_down_from_other_processes(state_dir: Path) -> None:
+    sd = ("--state-dir", str(state_dir))
+    up = await pairvol("up", "--detach", "--nodes", "2", *sd)
+    assert up.code == 0, up.err
+    assert "nodes (simulated (pods run as processes)): node-1, node-2" in up.out
+    assert f"export KUBECONFIG={state_dir / 'kubeconfig'}" in up.out
+    kubeconfig = str(state_dir / "kubeconfig")
+    labelled = await kubectl(kubeconfig, "get", "nodes", "-l", "pairvol.io/storage=true", "-o", "name")
+    assert labelled.split() == ["node/node-1", "node/node-2"]  # what examples/manual.yaml selects
+
+    second = await pairvol("up", *sd)  # one cluster per state directory
+    assert second.code == 1 and "already running" in second.err
+
+    status = json.loads((await pairvol("status", "--json", *sd)).out)
+    assert [(n["name"], n["ready"], n["state"]) for n in status["nodes"]] == [
+        ("node-1", "True", "running"),
+        ("node-2", "True", "running"),
+    ]
+    pid = status["pid"]
+
+    killed = await pairvol("node", "kill", "node-1", *sd)
+    assert killed.code == 0, killed.err
+    assert killed.out.startswith("node node-1 killed")
+    table = (await pairvol("status", *sd)).out  # Ready turns Unknown only after the grace period
+    assert any(line.split()[::2] == ["node-1", "killed"] for line in table.splitlines()), table
+    assert "node-1" in await kubectl(kubeconfig, "get", "node", "node-1")  # the API server lives on
+
+    wrong = await pairvol("node", "kill", "node-7", *sd)
+    assert wrong.code == 1 and "there is no node 'node-7'; nodes: node-1, node-2" in wrong.err
+
+    down = await pairvol("down", *sd)
+    assert (down.code, down.out.strip()) == (0, "pairvol localcluster: stopped"), down.err
+    assert not alive(pid)
+    assert not (state_dir / "kubeconfig").exists() and not (state_dir / "cluster.json").exists()
+    after = await pairvol("status", *sd)
+    assert after.code == 1 and "no local cluster is running" in after.err
+
+
+async def test_up_without_the_localcluster_extra_says_what_to_install(tmp_path: Path) -> None:
+    # As after `pip install pairvol` alone: kmock (the extra's package) cannot be imported.
+    code = "import sys; sys.modules['kmock'] = None; from pairvol.cli import main; sys.exit(main())"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, "localcluster", "up", "--state-dir", str(tmp_path / "s"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "pip install 'pairvol[localcluster]'" in err.decode() and "'kmock'" in err.decode()

@@ -1,0 +1,81 @@
+"""The README's "Try it" section works verbatim: its commands, run by bash in order.
+
+A user copies the block into a root shell of a clone; so does this test (with its own
+state directory through ``$PAIRVOL_LOCALCLUSTER_DIR``). Every command must succeed
+(``set -e``), the waits in the block are the assertions of the story: replication, then
+failover to the old secondary after its primary's node is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from tests.support.ci import tool
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for simulated nodes"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def try_it_block() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Try it\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```\n(.*?)```", section, re.S)
+    assert match, "the Try it section has no code block"
+    return match.group(1)
+
+
+@pytest.fixture
+async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    state = tmp_path / "state"
+    yield state
+    cluster = state / "cluster.json"
+    if cluster.exists():  # the block failed before `down`: stop what it started
+        pid = json.loads(cluster.read_text())["pid"]
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        for _ in range(150):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            await asyncio.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_the_readme_try_it_section_runs_verbatim(state_dir: Path, tmp_path: Path) -> None:
+    tool("kubectl")  # the block uses the kubectl of .venv/tools (make tools); fails on CI if missing
+    script = "set -euo pipefail -x\n" + try_it_block()
+    env = {**os.environ, "PAIRVOL_LOCALCLUSTER_DIR": str(state_dir), "KUBECACHEDIR": str(tmp_path / "kube-cache")}
+    env.pop("KUBECONFIG", None)
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", script, cwd=REPO, env=env, start_new_session=True,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 170)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        # the operator the block started in the background shares bash's process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    assert "rv/basic condition met" in text or "replicatedvolume.pairvol.io/basic condition met" in text, text[-4000:]
+    assert "pairvol localcluster: stopped" in text

@@ -1,0 +1,154 @@
+"""The CSI driver in tests: its processes, started with the privileges of their pods, and
+clients compiled from the upstream CSI definitions, as the kubelet and the sidecars have.
+
+The upstream ``csi.proto`` (v1.12.0) is not part of the repository: it is found next to the
+checkout as ``<repo>/../shared/csi/csi.proto`` (or at ``$PAIRVOL_CSI_REFERENCE``). When it is
+there, every CSI test calls the driver through stubs generated from it. In a clone without
+it (CI), the tests call through stubs generated from the driver's own definition instead,
+and only the comparison of the two definitions (test_csi_wire.py) skips, on CI too
+(tests/support/ci.py, OUTSIDE_REPOSITORY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+
+from pairvol.csi.manifests import node_pod
+from pairvol.localcluster.kubelet import own_bounding_set
+from pairvol.localcluster.kubelet_pods import SecurityPlan, security_plan
+from tests.support.ci import REPO, outside_repository
+
+
+def reference_proto() -> Path | None:
+    env = os.environ.get("PAIRVOL_CSI_REFERENCE")
+    path = Path(env) if env else REPO.parent / "shared" / "csi" / "csi.proto"
+    return path if path.is_file() else None
+
+
+OWN_PROTO = Path(__file__).resolve().parents[2] / "operator" / "pairvol" / "csi" / "csi.proto"
+
+
+def require_reference() -> Path:
+    proto = reference_proto()
+    if proto is None:
+        outside_repository(
+            f"the upstream CSI reference {REPO.parent / 'shared' / 'csi' / 'csi.proto'} is not next to this "
+            "checkout (set PAIRVOL_CSI_REFERENCE to a csi.proto v1.12.0)"
+        )
+    return proto
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """Messages and stubs generated from a csi.proto; ``upstream``: from the reference."""
+
+    pb: ModuleType
+    grpc: ModuleType
+    upstream: bool
+
+
+def compile_stubs(out: Path) -> Stubs:
+    """Generate Python modules from the upstream csi.proto (else the driver's own) into
+    ``out`` and import them (once per process: the generated module registers itself in
+    protobuf's default pool)."""
+    proto = reference_proto() or OWN_PROTO
+    if "csi_pb2" not in sys.modules:
+        import grpc_tools
+        from grpc_tools import protoc
+
+        include = Path(grpc_tools.__file__).parent / "_proto"
+        out.mkdir(parents=True, exist_ok=True)
+        rc = protoc.main(
+            [
+                "protoc",
+                f"--proto_path={proto.parent}",
+                f"--proto_path={include}",
+                f"--python_out={out}",
+                f"--grpc_python_out={out}",
+                proto.name,
+            ]
+        )
+        assert rc == 0, f"protoc failed on {proto}"
+        sys.path.insert(0, str(out))
+    pb = importlib.import_module("csi_pb2")
+    return Stubs(pb=pb, grpc=importlib.import_module("csi_pb2_grpc"), upstream=hasattr(pb, "ListVolumesRequest"))
+
+
+async def call_raw(channel: grpc.aio.Channel, path: str, body: bytes = b"") -> bytes:
+    """A unary call by its path with an encoded request: for methods a stub may lack."""
+    method = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    result: bytes = await method(body, timeout=30)
+    return result
+
+
+def node_plugin_security(node: str = "node-a") -> SecurityPlan:
+    """How a node's container runtime starts the node plugin: privileged means every
+    capability this machine can pass on (as the node simulator grants it)."""
+    pod = node_pod(node)
+    (container,) = pod["spec"]["containers"]
+    return security_plan(pod, container, own_bounding_set())
+
+
+@dataclass
+class Driver:
+    """A running ``pairvol csi`` process and a channel to its socket."""
+
+    proc: asyncio.subprocess.Process
+    socket: Path
+    log_path: Path
+    channel: grpc.aio.Channel
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.asynccontextmanager
+async def driver(
+    tmp: Path, mode: str, *args: str, security: SecurityPlan | None = None, name: str = "csi"
+) -> AsyncIterator[Driver]:
+    """Start ``pairvol csi --mode MODE`` on a socket under ``tmp``; stopped by PID."""
+    socket = tmp / f"{name}.sock"
+    log_path = tmp / f"{name}.log"
+    argv = [sys.executable, "-m", "pairvol", "-v", "csi", "--mode", mode, "--endpoint", f"unix://{socket}", *args]
+    if security is not None:
+        argv = [*security.setpriv_argv(), *argv]
+    with log_path.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, start_new_session=True)
+    channel: grpc.aio.Channel | None = None
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not socket.exists():
+            if proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"pairvol csi did not start: {log_path.read_text(errors='replace')[-2000:]}")
+            await asyncio.sleep(0.05)
+        channel = grpc.aio.insecure_channel(f"unix://{socket}")
+        yield Driver(proc, socket, log_path, channel)
+    finally:
+        if channel is not None:
+            await channel.close()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+
+
+async def call(stub: Any, method: str, request: Any, timeout: float = 60) -> Any:
+    """One unary call; a refusal raises grpc.aio.AioRpcError (``.code()``, ``.details()``)."""
+    return await getattr(stub, method)(request, timeout=timeout)
