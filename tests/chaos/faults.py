@@ -430,8 +430,7 @@ class IoError(Fault):
             if marked:
                 return
             # no mark: the secondary may be promoted, so it must hold every acknowledged write
-            await run_command(["umount", str(self.mnt)], check=False)
-            await run_command(["mount", "-o", "loop", str(self.img), str(self.mnt)])
+            await _remount(self.img, self.mnt)
             image = await c.read_disk_file(s)
             from tests.chaos.checker import check_latest
 
@@ -440,6 +439,19 @@ class IoError(Fault):
     async def cleanup(self) -> None:
         if self.mnt is not None:
             await run_command(["umount", "-l", str(self.mnt)], check=False)
+
+
+async def _remount(img: Path, mnt: Path, within: float = 20.0) -> None:
+    """Mount the shut-down file system again, to read what reached its disk. The secondary's
+    daemon may still hold its images open for a moment after its agent exited (it follows
+    by PDEATHSIG): until then umount fails, and mounting over the busy mount would read the
+    shut-down one (EIO)."""
+    deadline = time.monotonic() + within
+    while (await run_command(["umount", str(mnt)], check=False)).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{mnt} is still busy {within:.0f} s after its replica stopped")
+        await asyncio.sleep(0.1)
+    await run_command(["mount", "-o", "loop", str(img), str(mnt)])
 
 
 def _shutdown(mnt: Path) -> None:

@@ -26,6 +26,8 @@ import contextlib
 import ipaddress
 import logging
 import random
+import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -171,8 +173,6 @@ async def settled(stack: Any, f: Follower, within: float = 120, gone: str | None
 async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
     """Fill `res` (tests.chaos.run.Result) with one operator-level run: `faults` faults of
     the class in turn, each once the volume replicates again, each followed by the checks."""
-    from pairvol.localcluster.demo import DemoError, Stack
-
     rng = random.Random(f"{name}:{seed}")
     res.mode = "latest"
     hist = History(run=zlib.crc32(f"{name}:{seed}".encode()), lanes=4, slots=256, stride=(SIZE_MIB << 20) // 256)
@@ -188,7 +188,38 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
     skews = clock_skews(rng) if name == "clock-skew" else {}
     if skews:
         res.notes.append("clocks: " + ", ".join(f"{k} {v:+d} s" for k, v in skews.items()))
-    async with Stack.up(3, lease_duration=LEASE_S, operator_env=faketime_env(skews.get("operator", 0))) as stack:
+    # the stack's logs (operator, agents, daemons) stay after a violation: a short root of
+    # the run's own, removed only when the run passed (unix socket paths live under it)
+    root = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"pvchaos-{seed}-", dir="/tmp"))
+    passed = False
+    try:
+        await _run_on_stack(name, rng, res, faults, hist, workload, skews, root, lap)
+        passed = not res.violations
+    finally:
+        if passed:
+            await asyncio.to_thread(shutil.rmtree, root, True)
+        else:
+            res.notes.append(f"logs kept: {root} (operator.log, nodes/*/pods/*)")
+    lap("teardown")
+    res.writes = len(hist.all_writes())
+    res.acked = sum(1 for w in hist.all_writes() if w.acked is not None)
+
+
+async def _run_on_stack(
+    name: str,
+    rng: random.Random,
+    res: Any,
+    faults: int,
+    hist: History,
+    workload: Workload,
+    skews: dict[str, int],
+    root: Path,
+    lap: Callable[[str], None],
+) -> None:
+    from pairvol.localcluster.demo import DemoError, Stack
+
+    env = faketime_env(skews.get("operator", 0))
+    async with Stack.up(3, root=root, lease_duration=LEASE_S, operator_env=env) as stack:
         lap("stack up")
         for node, skew in skews.items():
             if node != "operator":
@@ -261,9 +292,6 @@ async def run_operator(name: str, seed: int, res: Any, faults: int = 1) -> None:
         res.notes += [f"failover seen {x:.1f} s after the fault" for x in f.failovers]
         await workload.close()
         lap("checks")
-    lap("teardown")
-    res.writes = len(hist.all_writes())
-    res.acked = sum(1 for w in hist.all_writes() if w.acked is not None)
 
 
 async def operator_crash(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> None:
