@@ -820,7 +820,9 @@ class PodWorker:
                 credentials.append(Mount(token_dir, target, read_only=True))
                 base["KUBECONFIG"] = str(target / "kubeconfig")
         for runner in self.all_runners:
-            env = resolve_env(runner.container, self.pod, info, objects, base)
+            # a user the image has no passwd entry for gets HOME=/ from the runtime
+            home = {"HOME": "/root" if security[runner.name].uid == 0 else "/"}
+            env = resolve_env(runner.container, self.pod, info, objects, {**base, **home})
             mounts = [*credentials, *plan_mounts(runner.container, volumes)]
             termination_file = await asyncio.to_thread(self._termination_file, runner)
             if termination_file is not None:
