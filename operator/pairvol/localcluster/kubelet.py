@@ -788,7 +788,13 @@ class PodWorker:
         kubelet = self.kubelet
         sim = kubelet.sim
         namespace = self.key[0]
+        # the spec as it is now: a pod's images may be changed while it cannot start
+        pod_spec = spec(self.pod)
+        declared = [*(pod_spec.get("initContainers") or []), *(pod_spec.get("containers") or [])]
+        current = {str(c.get("name")): c for c in declared}
         for runner in self.all_runners:  # the images first, as a kubelet pulls them
+            runner.container = current.get(runner.name, runner.container)
+            runner.state.image = str(runner.container.get("image") or "")
             container_command(runner.container)
         objects: dict[tuple[str, str], JsonDict | None] = {}
         for plural, name in sorted(referenced_objects(self.pod)):
