@@ -177,10 +177,10 @@ async def test_up_operator_installs_the_chart_with_helm_and_its_operator_replica
     status = json.loads((await pairvol("status", "--json", *sd)).out)
     pod = pods[0]
     credentials = Path(status["nodes_root"]) / pod["spec"]["nodeName"] / "pods" / pod["metadata"]["uid"]
-    as_operator = ("--server", status["url"], "--kubeconfig", str(credentials / "serviceaccount" / "kubeconfig"))
-    volumes = await kubectl_result("/dev/null", *as_operator, "get", "rv", "-n", "apps", "-o", "name")
+    as_operator = (str(credentials / "serviceaccount" / "kubeconfig"), "--server", status["url"])
+    volumes = await kubectl_result(*as_operator, "get", "rv", "-n", "apps", "-o", "name")
     assert (volumes.code, volumes.out.strip()) == (0, "replicatedvolume.pairvol.io/basic"), volumes.err
-    secrets = await kubectl_result("/dev/null", *as_operator, "get", "secrets", "-n", "kube-system")
+    secrets = await kubectl_result(*as_operator, "get", "secrets", "-n", "kube-system")
     assert secrets.code == 1
     assert 'User "system:serviceaccount:pairvol:pairvol-operator" cannot list resource "secrets"' in secrets.err
 
