@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pairvol.localcluster import netns
+from pairvol.localcluster.images import ImagePullError
 from pairvol.localcluster.kubelet_pods import (
     CAPABILITY_NUMBERS,
     RUNTIME_DEFAULT_CAPABILITIES,
@@ -144,8 +145,8 @@ class TestExpansion:
     def test_command_and_args_are_expanded_and_required(self) -> None:
         container = {"name": "c", "command": ["srv", "--ip=$(IP)"], "args": ["$(NOPE)"]}
         assert container_argv(container, {"IP": "1.2.3.4"}) == ["srv", "--ip=1.2.3.4", "$(NOPE)"]
-        with pytest.raises(PodConfigError, match="ignores images"):
-            container_argv({"name": "c", "args": ["x"]}, {})
+        with pytest.raises(ImagePullError, match="has no command and image 'ignored' is not available"):
+            container_argv({"name": "c", "image": "ignored", "args": ["x"]}, {})
 
 
 class TestVolumes:

@@ -15,8 +15,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 from tests.support.ci import tool
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.netns,
@@ -73,12 +76,12 @@ async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
                 os.kill(pid, signal.SIGKILL)
 
 
-async def kubectl(kubeconfig: str, *args: str) -> str:
+async def kubectl(kubeconfig: str, *args: str, within: float = 60) -> str:
     proc = await asyncio.create_subprocess_exec(
         tool("kubectl"), "--kubeconfig", kubeconfig, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await asyncio.wait_for(proc.communicate(), within)
     assert proc.returncode == 0, err.decode()
     return out.decode()
 
@@ -131,3 +134,57 @@ async def test_up_without_the_localcluster_extra_says_what_to_install(tmp_path: 
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert "pip install 'pairvol[localcluster]'" in err.decode() and "'kmock'" in err.decode()
+
+
+@pytest.mark.timeout(300)
+async def test_up_operator_installs_the_chart_with_helm_and_its_operator_replicates_a_volume(state_dir: Path) -> None:
+    tool("helm")  # what `up --operator` runs (.venv/tools, `make tools`)
+    sd = ("--state-dir", str(state_dir))
+    up = await pairvol("up", "--detach", "--nodes", "2", "--operator", "--watch-namespace", "apps", *sd, within=240)
+    assert up.code == 0, up.err
+    assert "operator: installed: helm release pairvol in namespace pairvol, watching namespace apps" in up.out, up.out
+    kubeconfig = str(state_dir / "kubeconfig")
+
+    # the chart's Deployment, unmodified: two replicas of the image's entrypoint with the chart's args
+    deployment = json.loads(
+        await kubectl(kubeconfig, "get", "deploy", "-n", "pairvol", "pairvol-operator", "-o", "json")
+    )
+    assert deployment["status"].get("readyReplicas") == 2
+    selector = "app.kubernetes.io/component=operator"
+    listed = await kubectl(kubeconfig, "get", "pods", "-n", "pairvol", "-l", selector, "-o", "json")
+    pods = json.loads(listed)["items"]
+    assert len(pods) == 2
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        assert "command" not in container and container["args"][-1] == "operator"
+        assert container["image"] == "pairvol/pairvol:0.1.0"
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+        assert pod["spec"]["serviceAccountName"] == "pairvol-operator"
+
+    await kubectl(kubeconfig, "apply", "-n", "apps", "-f", str(REPO / "examples" / "basic.yaml"))
+    replicating = "--for=jsonpath={.status.phase}=Replicating"
+    await kubectl(kubeconfig, "wait", "-n", "apps", "rv/basic", replicating, "--timeout=150s", within=160)
+    peering = json.loads(await kubectl(kubeconfig, "get", "kopfpeering", "-n", "apps", "pairvol", "-o", "json"))
+    assert len(peering.get("status") or {}) == 2, peering  # both replicas take part, one acts
+
+    # The operator holds its ServiceAccount's token, nothing more: the chart grants no Secrets
+    # of kube-system. Its credentials are where the node simulator mounted them from, its
+    # user's (kubectl sends no token over plain HTTP: asked with the token directly).
+    status = json.loads((await pairvol("status", "--json", *sd)).out)
+    pod = pods[0]
+    credentials = Path(status["nodes_root"]) / pod["spec"]["nodeName"] / "pods" / pod["metadata"]["uid"]
+    token_file = credentials / "serviceaccount" / "token"
+    assert (token_file.stat().st_uid, token_file.stat().st_mode & 0o777) == (65532, 0o600)
+    headers = {"Authorization": f"Bearer {token_file.read_text()}"}
+    async with aiohttp.ClientSession(status["url"], headers=headers) as api:
+        async with api.get("/apis/pairvol.io/v1alpha1/namespaces/apps/replicatedvolumes") as response:
+            assert response.status == 200
+            assert [v["metadata"]["name"] for v in (await response.json())["items"]] == ["basic"]
+        async with api.get("/api/v1/namespaces/kube-system/secrets") as response:
+            assert response.status == 403
+            refusal = (await response.json())["message"]
+    assert 'User "system:serviceaccount:pairvol:pairvol-operator" cannot list resource "secrets"' in refusal
+
+    await kubectl(kubeconfig, "delete", "-n", "apps", "rv", "basic", "--timeout=60s", within=70)
+    down = await pairvol("down", *sd)
+    assert down.code == 0, down.err

@@ -1,9 +1,11 @@
 """The README's "Try it" section works verbatim: its commands, run by bash in order.
 
 A user copies the block into a root shell of a clone; so does this test (with its own
-state directory through ``$PAIRVOL_LOCALCLUSTER_DIR``). Every command must succeed
-(``set -e``), the waits in the block are the assertions of the story: replication, then
-failover to the old secondary after its primary's node is killed.
+state directory through ``$PAIRVOL_LOCALCLUSTER_DIR``, and helm's caches in a temporary
+directory). Every command must succeed (``set -e``), the waits in the block are the
+assertions of the story: the chart installed with ``helm install`` runs the operator,
+every example that fits the local cluster replicates, the volume fails over to its old
+secondary after its primary's node is killed, and everything uninstalls.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tests.support.ci import tool
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(300),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for simulated nodes"),
 ]
 
@@ -58,24 +60,28 @@ async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
 
 
 async def test_the_readme_try_it_section_runs_verbatim(state_dir: Path, tmp_path: Path) -> None:
-    tool("kubectl")  # the block uses the kubectl of .venv/tools (make tools); fails on CI if missing
+    tool("kubectl")  # the block uses kubectl and helm of .venv/tools (make tools); fails on CI if missing
+    tool("helm")
     script = "set -euo pipefail -x\n" + try_it_block()
     env = {**os.environ, "PAIRVOL_LOCALCLUSTER_DIR": str(state_dir), "KUBECACHEDIR": str(tmp_path / "kube-cache")}
+    env |= {f"HELM_{kind}_HOME": str(tmp_path / f"helm-{kind.lower()}") for kind in ("CACHE", "CONFIG", "DATA")}
     env.pop("KUBECONFIG", None)
     proc = await asyncio.create_subprocess_exec(
         "bash", "-c", script, cwd=REPO, env=env, start_new_session=True,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 170)
+        out, _ = await asyncio.wait_for(proc.communicate(), 290)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        # the operator the block started in the background shares bash's process group
+        # whatever the block left in bash's process group
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
-    assert "rv/basic condition met" in text or "replicatedvolume.pairvol.io/basic condition met" in text, text[-4000:]
+    for volume in ("basic", "orders-db", "scratch"):
+        assert re.search(rf"(rv|replicatedvolume\.pairvol\.io)/{volume} condition met", text), text[-4000:]
+    assert 'release "pairvol" uninstalled' in text
     assert "pairvol localcluster: stopped" in text

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help=f"also install pairvol with `helm install {OPERATOR_RELEASE} charts/pairvol` "
         f"into namespace {OPERATOR_NAMESPACE}",
+    )
+    up.add_argument(
+        "--watch-namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="with --operator: a namespace where volumes live (repeatable; created if missing; the chart's "
+        "watchNamespaces). Default: default",
     )
     status = with_state_dir(sub.add_parser("status", help="show the running local cluster"))
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
@@ -222,16 +231,36 @@ def _helm() -> str | None:
     return str(local) if local.is_file() else shutil.which("helm")
 
 
-async def _install_operator(kubeconfig: Path) -> str:
-    """``helm install`` the chart; returns one line for the user (never raises)."""
+def _namespace_names(values: list[str]) -> list[str]:
+    names = list(dict.fromkeys(values or ["default"]))
+    for name in names:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+            raise LocalClusterCLIError(
+                f"--watch-namespace {name!r} is not a namespace name (lower-case letters, digits and '-', "
+                "at most 63, starting and ending with a letter or digit)"
+            )
+    return names
+
+
+async def _install_operator(cluster: Any, namespaces: list[str]) -> str:
+    """``helm install`` the chart, watching ``namespaces`` (created first: the chart puts the
+    agents' ServiceAccount and Role there); one line for the user (never raises)."""
     chart, helm = _repo_chart(), _helm()
     if chart is None:
         return "not installed: charts/pairvol not found next to this package (run from a clone of the repository)"
     if helm is None:
         return "not installed: helm not found (run `make tools`, which puts it in .venv/tools/)"
+    if cluster.simulator is None:
+        return "not installed: the nodes are not simulated (--no-simulate-nodes, or not root), nothing would run it"
+    api = cluster.api
+    existing = {ns["metadata"]["name"] for ns in api.list_objects(api.resource_type("", "v1", "namespaces"), None)}
+    for name in namespaces:  # as `kubectl create namespace`, where missing
+        if name not in existing:
+            cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     argv = [
         helm, "install", OPERATOR_RELEASE, str(chart), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
-        "--kubeconfig", str(kubeconfig), "--wait", "--timeout", "120s",
+        "--set", "watchNamespaces={" + ",".join(namespaces) + "}",
+        "--kubeconfig", str(cluster.kubeconfig_path), "--wait", "--timeout", "120s",
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
@@ -245,10 +274,13 @@ async def _install_operator(kubeconfig: Path) -> str:
     if proc.returncode != 0:
         reason = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         return (
-            f"not installed: `helm install` failed: {reason[0]} — the emulated API server does not yet "
-            "accept every request helm sends (issue 9: protobuf request bodies)"
+            f"not installed: `helm install` failed: {reason[0]} (see `kubectl get pods -n {OPERATOR_NAMESPACE}`, "
+            f"`kubectl describe pods -n {OPERATOR_NAMESPACE}` and the node logs)"
         )
-    return f"installed: helm release {OPERATOR_RELEASE} in namespace {OPERATOR_NAMESPACE}"
+    return (
+        f"installed: helm release {OPERATOR_RELEASE} in namespace {OPERATOR_NAMESPACE}, "
+        f"watching namespace{'s' if len(namespaces) > 1 else ''} {', '.join(namespaces)}"
+    )
 
 
 def _banner(status: dict[str, Any], state_dir: Path) -> str:
@@ -292,6 +324,9 @@ async def _up(args: argparse.Namespace, state_dir: Path) -> int:
         )
     if args.nodes < 0:
         raise LocalClusterCLIError(f"--nodes must be 0 or more, got {args.nodes}")
+    if args.watch_namespace and not args.operator:
+        raise LocalClusterCLIError("--watch-namespace is a setting of the operator's install: add --operator")
+    namespaces = _namespace_names(args.watch_namespace)
     if not args.verbose:  # one access-log line per request drowns the useful output
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     stop = asyncio.Event()
@@ -318,7 +353,7 @@ async def _up(args: argparse.Namespace, state_dir: Path) -> int:
                     if args.operator:
                         running.operator = "installing (helm install)"
                         print("pairvol localcluster: installing the operator with helm ...", flush=True)
-                        running.operator = await _install_operator(cluster.kubeconfig_path)
+                        running.operator = await _install_operator(cluster, namespaces)
                     status = running.status()
                     await control.write_state(state_dir, {k: status[k] for k in ("pid", "url", "kubeconfig")})
                     print(_banner(status, state_dir), flush=True)
@@ -350,6 +385,8 @@ def _detach(args: argparse.Namespace, state_dir: Path) -> int:
         argv.append("--simulate-nodes" if args.simulate_nodes else "--no-simulate-nodes")
     if args.operator:
         argv.append("--operator")
+    for namespace in args.watch_namespace:
+        argv += ["--watch-namespace", namespace]
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = state_dir / "up.log"
     with log.open("ab") as out:

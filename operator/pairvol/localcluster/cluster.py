@@ -126,6 +126,7 @@ class LocalCluster:
         nodes_root: Path | None = None,
         controllers: bool = True,
         node_labels: dict[str, str] | None = None,
+        service_account_tokens: bool = True,
     ) -> None:
         if nodes < 0:
             raise LocalClusterError(f"nodes must be >= 0, got {nodes}")
@@ -144,6 +145,9 @@ class LocalCluster:
         self.simulate_nodes = simulate_nodes
         self._nodes_root = nodes_root
         self.simulator: Any = None
+        # Simulated pods get a token of their ServiceAccount (held to its RBAC), as in a
+        # real cluster; False: the nodes' admin kubeconfig.
+        self.service_account_tokens = service_account_tokens
         # The scheduler and workload controllers (Deployment, Job, DaemonSet, StatefulSet).
         self.run_controllers = controllers
         self.node_labels = dict(node_labels or {})  # extra labels on every node
@@ -208,7 +212,13 @@ class LocalCluster:
                 self._tmpdir = Path(tempfile.mkdtemp(prefix=f"pairvol-localcluster-{os.getpid()}-"))
             root = self._tmpdir / "nodes"
         labels = {name: dict(self.node_labels) for name in self.node_names}
-        return NodeSimulator(self.url, nodes=self.node_names, root=root, node_labels=labels)
+        return NodeSimulator(
+            self.url,
+            nodes=self.node_names,
+            root=root,
+            node_labels=labels,
+            service_account_tokens=self.service_account_tokens,
+        )
 
     def _cleanup_tmp(self) -> None:
         if self._tmpdir is not None:

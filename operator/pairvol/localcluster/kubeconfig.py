@@ -42,13 +42,15 @@ def render(
     }
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, text: str, mode: int = 0o600, owner: tuple[int, int] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,14 +70,30 @@ class TokenClient(Protocol):
     async def request(self, method: str, path: str, *, body: Any = None) -> dict[str, Any]: ...
 
 
-async def for_pod(api: TokenClient, pod: Mapping[str, Any], directory: Path, server_url: str) -> Path | None:
-    """A kubeconfig holding a token of the pod's ServiceAccount, as a kubelet mounts one.
+#: Where a kubelet mounts a pod's ServiceAccount credentials in its containers.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+async def for_pod(
+    api: TokenClient,
+    pod: Mapping[str, Any],
+    directory: Path,
+    server_url: str,
+    owner: tuple[int, int] | None = None,
+) -> Path | None:
+    """The pod's ServiceAccount credentials, as a kubelet mounts them: a directory with
+    ``token``, ``namespace`` and (our addition: the API server speaks plain HTTP, so the
+    in-cluster https convention does not apply) a ``kubeconfig`` holding the token.
 
     The token comes from the API server's TokenRequest endpoint; the pod then runs with
     exactly that account's RBAC. It is valid for 24 hours: a kubelet renews a projected
     token before it expires, this one is written once, so it must outlive the pod. A missing
     ServiceAccount fails here (the API error says which), as Kubernetes would refuse the pod.
     None when the pod opts out (``automountServiceAccountToken: false``): no credentials.
+
+    File modes follow the kubelet's for projected tokens: ``owner`` (uid, gid: the user
+    every container of the pod runs as) owns them with mode 0600; without one (containers
+    of different users) they are 0644.
     """
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
     if spec.get("automountServiceAccountToken") is False:
@@ -92,7 +110,13 @@ async def for_pod(api: TokenClient, pod: Mapping[str, Any], directory: Path, ser
         },
     )
     token = str((result.get("status") or {}).get("token") or "")
-    path = directory / "serviceaccount" / "kubeconfig"
-    text = yaml.safe_dump(render(server_url, namespace, token=token), sort_keys=False)
-    await asyncio.to_thread(_write_atomically, path, text)
+    path = directory / "serviceaccount"
+    config = yaml.safe_dump(render(server_url, namespace, token=token), sort_keys=False)
+    mode = 0o600 if owner is not None else 0o644
+
+    def write_all() -> None:
+        for name, text in (("token", token), ("namespace", namespace), ("kubeconfig", config)):
+            _write_atomically(path / name, text, mode, owner)
+
+    await asyncio.to_thread(write_all)
     return path

@@ -29,8 +29,16 @@ How a container runs (all real, nothing simulated inside the process):
   root mount for ``readOnlyRootFilesystem``; taken with ``setpriv`` after entering the
   namespaces (exec probes run the same way). Not applied: seccomp profiles;
 * ``command`` + ``args`` exec'd with a minimal environment plus the resolved ``env``
-  (downward API, Secret/ConfigMap keys); images are ignored and ``PATH`` starts with the
-  directory of this Python interpreter, so ``pairvol`` is the current venv's;
+  (downward API, Secret/ConfigMap keys); ``PATH`` starts with the directory of this Python
+  interpreter, so ``pairvol`` is the current venv's. Images: the pairvol image (the
+  Dockerfile's) runs its ENTRYPOINT and CMD from this installation where the container
+  gives no command (:mod:`pairvol.localcluster.images`); any other image needs a
+  ``command`` (run on the node), else the container shows ``ErrImagePull`` /
+  ``ImagePullBackOff`` with a message saying what the local cluster has;
+* with ``service_account_tokens``, the pod's ServiceAccount token, namespace and a
+  kubeconfig holding the token mounted read-only at
+  ``/var/run/secrets/kubernetes.io/serviceaccount`` (``KUBECONFIG`` points there),
+  owned by the pod's user;
 * stdout+stderr appended to ``<root>/<node>/logs/<namespace>_<pod>.log``.
 
 Pods in the node reach the API server through :class:`~pairvol.localcluster.netns.ApiProxy`
@@ -51,9 +59,10 @@ container's process group, wait ``deletionGracePeriodSeconds`` (else
 ``terminationGracePeriodSeconds``), SIGKILL the cgroup, then finalize with ``DELETE …
 gracePeriodSeconds=0`` when the API server only marked the pod (``deletionTimestamp``);
 a pod that simply vanished from the API is terminated the same way. Not supported (a
-clear ``CreateContainerConfigError``, or ignored where harmless): images, resources/limits, seccomp profiles, ephemeral
-containers, downwardAPI/projected/PVC volumes, startup probes, ``kubectl logs/exec``
-through the API server (logs are files; :meth:`NodeSimulator.exec_in_pod` is local).
+clear ``CreateContainerConfigError``, or ignored where harmless): image pulls,
+resources/limits, seccomp profiles, ephemeral containers, downwardAPI/projected/PVC
+volumes, startup probes, ``kubectl logs/exec`` through the API server (logs are files;
+:meth:`NodeSimulator.exec_in_pod` is local).
 
 Node lifecycle: each node's kubelet registers its Node, posts Ready with a heartbeat
 and renews its Lease in ``kube-node-lease``. A small node-lifecycle controller (the
@@ -68,6 +77,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -85,6 +95,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
+from pairvol.localcluster.images import ImagePullError, container_command, find_image
 from pairvol.localcluster.kubelet_api import ApiError, EventRecorder, KubeApi
 from pairvol.localcluster.kubelet_pods import (
     DEFAULT_TERMINATION_MESSAGE_PATH,
@@ -720,11 +731,17 @@ class PodWorker:
             self.changed()
 
     async def _prepare_until_ready(self) -> None:
+        pull_failures = 0
         while True:
             try:
                 await self._prepare()
                 self.message = self.reason = ""
                 return
+            except ImagePullError as exc:
+                pull_failures += 1
+                await self._image_pull_failed(exc, pull_failures)
+                if self.deleting:
+                    return
             except (PodConfigError, ApiError) as exc:
                 reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else ("ContainerCreating")
                 logger.warning("pod %s/%s cannot start yet: %s", *self.key, exc)
@@ -738,17 +755,54 @@ class PodWorker:
                 if self.deleting:
                     return
 
+    async def _image_pull_failed(self, exc: ImagePullError, failures: int) -> None:
+        """Show a failed pull as a kubelet does: ``ErrImagePull``, then ``ImagePullBackOff``
+        for the back-off; the caller tries again after it (the image may be changed)."""
+        sim = self.kubelet.sim
+        logger.warning("pod %s/%s cannot start: %s", *self.key, exc)
+        for runner in self.all_runners:
+            if runner.name == exc.container:
+                runner.state.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
+            else:
+                runner.state.state = {"waiting": {"reason": "ContainerCreating"}}
+        self.event("Warning", "Failed", f'Failed to pull image "{exc.image}": {exc}')
+        self.event("Warning", "Failed", "Error: ErrImagePull")
+        self.changed()
+        await self._wait_for_stop(sim.config_retry)
+        if self.deleting:
+            return
+        for runner in self.all_runners:
+            if runner.name == exc.container:
+                message = f'Back-off pulling image "{exc.image}": {exc}'
+                runner.state.state = {"waiting": {"reason": "ImagePullBackOff", "message": message}}
+        self.event("Normal", "BackOff", f'Back-off pulling image "{exc.image}"')
+        self.event("Warning", "Failed", "Error: ImagePullBackOff")
+        self.changed()
+        await self._wait_for_stop(backoff_delay(failures, sim.backoff_base, sim.backoff_cap))
+
+    async def _wait_for_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+
     async def _prepare(self) -> None:
         kubelet = self.kubelet
         sim = kubelet.sim
         namespace = self.key[0]
+        # the spec as it is now: a pod's images may be changed while it cannot start
+        pod_spec = spec(self.pod)
+        declared = [*(pod_spec.get("initContainers") or []), *(pod_spec.get("containers") or [])]
+        current = {str(c.get("name")): c for c in declared}
+        for runner in self.all_runners:  # the images first, as a kubelet pulls them
+            runner.container = current.get(runner.name, runner.container)
+            runner.state.image = str(runner.container.get("image") or "")
+            container_command(runner.container)
         objects: dict[tuple[str, str], JsonDict | None] = {}
         for plural, name in sorted(referenced_objects(self.pod)):
             objects[(plural, name)] = await sim.api.get_object(namespace, plural, name)
         volumes = plan_volumes(self.pod, kubelet.root, self.pod_dir, objects)
         volumes = {
             name: (
-                VolumeDir(_host_shared(vol.path, kubelet.root), vol.host_path_type)
+                dataclasses.replace(vol, path=_host_shared(vol.path, kubelet.root))
                 if isinstance(vol, VolumeDir)
                 else vol
             )
@@ -757,15 +811,25 @@ class PodWorker:
         await asyncio.to_thread(_materialize, volumes)
         info = self.runtime_info()
         base = sim.base_env(kubelet, self.pod)
+        security = {
+            runner.name: security_plan(self.pod, runner.container, sim.capabilities) for runner in self.all_runners
+        }
+        credentials: list[Mount] = []
         if sim.service_account_tokens:  # the pod's own ServiceAccount token (API server side)
-            token_config = await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url)
-            if token_config is None:
+            users = {(plan.uid, plan.gid) for plan in security.values()}
+            owner = next(iter(users)) if len(users) == 1 else None
+            token_dir = await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url, owner)
+            if token_dir is None:
                 del base["KUBECONFIG"]
-            else:
-                base["KUBECONFIG"] = str(token_config)
+            else:  # mounted where a kubelet mounts it, read-only; the kubeconfig in it
+                target = PurePosixPath(kubeconfig_mod.SERVICE_ACCOUNT_DIR)
+                credentials.append(Mount(token_dir, target, read_only=True))
+                base["KUBECONFIG"] = str(target / "kubeconfig")
         for runner in self.all_runners:
-            env = resolve_env(runner.container, self.pod, info, objects, base)
-            mounts = plan_mounts(runner.container, volumes)
+            # a user the image has no passwd entry for gets HOME=/ from the runtime
+            home = {"HOME": "/root" if security[runner.name].uid == 0 else "/"}
+            env = resolve_env(runner.container, self.pod, info, objects, {**base, **home})
+            mounts = [*credentials, *plan_mounts(runner.container, volumes)]
             termination_file = await asyncio.to_thread(self._termination_file, runner)
             if termination_file is not None:
                 target = PurePosixPath(
@@ -781,9 +845,13 @@ class PodWorker:
                 readiness=parse_probe(runner.container.get("readinessProbe"), runner.container),
                 liveness=parse_probe(runner.container.get("livenessProbe"), runner.container),
                 workdir=runner.container.get("workingDir"),
-                security=security_plan(self.pod, runner.container, sim.capabilities),
+                security=security[runner.name],
                 termination_file=termination_file,
             )
+        for runner in self.all_runners:
+            image = str(runner.container.get("image") or "")
+            if image and find_image(image) is not None:
+                self.event("Normal", "Pulled", f'Container image "{image}" already present on machine')
 
     def _termination_file(self, runner: ContainerRunner) -> Path | None:
         """The node-side file a container's terminationMessagePath is bound to (thread).
@@ -1023,6 +1091,8 @@ def _materialize(volumes: dict[str, VolumeFiles | VolumeDir]) -> None:
         elif not volume.path.exists():
             # "" (no check) and DirectoryOrCreate: a bind mount needs something to bind.
             volume.path.mkdir(parents=True, exist_ok=True)
+            if volume.mode is not None:
+                volume.path.chmod(volume.mode)
 
 
 # ---------------------------------------------------------------------------------------

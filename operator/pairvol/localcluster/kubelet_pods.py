@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pairvol.errors import PairvolError
+from pairvol.localcluster.images import container_command
 
 JsonDict = dict[str, Any]
 
@@ -235,16 +236,14 @@ def resolve_env(
 
 
 def container_argv(container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
-    """command + args with ``$(VAR)`` expansion. Images are ignored here, so a container
-    must say what to run."""
-    command = [str(c) for c in container.get("command") or []]
-    args = [str(a) for a in container.get("args") or []]
-    if not command:
-        raise PodConfigError(
-            f"container {container.get('name')!r} has no command; the local cluster ignores "
-            "images and runs only the command (+args) on the node"
-        )
-    return [expand_vars(part, env) for part in command + args]
+    """command + args, or the image's ENTRYPOINT and CMD where they are missing
+    (:func:`pairvol.localcluster.images.container_command`), with ``$(VAR)`` expansion of
+    the container's own command and args. Raises ``ImagePullError`` for a command that
+    must come from an image the local cluster does not have."""
+    argv = container_command(container)
+    # the container's own parts come last: the image's ENTRYPOINT and CMD are not expanded
+    image_part = len(argv) - len(container.get("command") or []) - len(container.get("args") or [])
+    return argv[:image_part] + [expand_vars(part, env) for part in argv[image_part:]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,6 +265,7 @@ class VolumeDir:
 
     path: Path
     host_path_type: str = ""
+    mode: int | None = None  # set on creation: an emptyDir is writable by every user (0777)
 
 
 Volume = VolumeFiles | VolumeDir
@@ -299,7 +299,7 @@ def plan_volumes(pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects
                 str(source.get("type") or ""),
             )
         elif "emptyDir" in volume:
-            result[name] = VolumeDir(directory)
+            result[name] = VolumeDir(directory, mode=0o777)
         elif "secret" in volume or "configMap" in volume:
             kind = "secrets" if "secret" in volume else "configmaps"
             source = volume["secret" if kind == "secrets" else "configMap"]

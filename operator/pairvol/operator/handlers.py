@@ -567,7 +567,10 @@ async def on_delete(**kw: Any) -> None:
     for svc in (name, m.agents_service_name(name)):
         await c.kube.delete(services_path(namespace, svc))
     await c.kube.delete(lease_path(namespace, m.lease_name(name)))
-    await c.kube.delete(netpol_path(namespace, m.network_policy_name(name)))
+    if c.config.per_volume_network_policy:
+        # only then does the operator create it (and the chart grant it NetworkPolicies);
+        # one left from a time the setting was on goes with the volume (ownerReference)
+        await c.kube.delete(netpol_path(namespace, m.network_policy_name(name)))
     try:
         vspec = parse_spec(spec, name=name)
     except SpecError:
