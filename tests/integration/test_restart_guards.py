@@ -22,6 +22,7 @@ import pytest
 from pairvol.agent import state as persist
 from pairvol.nbd import NBDError
 from tests.support.agents import Agent, agents, pair
+from tests.support.bytes_compare import assert_same_image
 
 MiB = 1 << 20
 
@@ -140,7 +141,7 @@ async def test_after_an_unclean_stop_the_secondary_has_no_restore_point_until_th
         assert "no restore point until the next checkpoint" in st["restored"]
         result = await again.failover(epoch=3, mode="checkpoint")
         assert (result["mode"], result["requestedMode"], result["checkpointId"]) == ("latest", "checkpoint", None)
-        assert await read_all(again) == bytes(image)
+        assert_same_image(await read_all(again), bytes(image), "restarted replica")
 
 
 async def test_a_restored_primary_serves_only_after_a_new_epoch(tmp_path: Path) -> None:
