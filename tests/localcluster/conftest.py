@@ -18,8 +18,22 @@ import pytest
 from tests.support.ci import tool
 
 from pairvol.localcluster.cluster import LocalCluster
+from pairvol.localcluster.kubelet_api import KubeApi
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[LocalCluster]:
+    """An empty emulated cluster (no nodes, no CRDs) for the node simulator's tests."""
+    async with LocalCluster(nodes=0, load_crds=False) as c:
+        yield c
+
+
+@pytest.fixture
+async def api(cluster: LocalCluster) -> AsyncIterator[KubeApi]:
+    async with KubeApi(cluster.url) as client:
+        yield client
 
 
 @pytest.fixture

@@ -40,18 +40,6 @@ GRACE = 1.5  # node_monitor_grace for tests: Unknown after 1.5 s without heartbe
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[LocalCluster]:
-    async with LocalCluster(nodes=0, load_crds=False) as c:
-        yield c
-
-
-@pytest.fixture
-async def api(cluster: LocalCluster) -> AsyncIterator[KubeApi]:
-    async with KubeApi(cluster.url) as client:
-        yield client
-
-
-@pytest.fixture
 async def sim(cluster: LocalCluster, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[NodeSimulator]:
     """Two nodes; ``indirect`` param ``"no-cgroups"`` forces the process-group fallback."""
     simulator = NodeSimulator(

@@ -61,18 +61,6 @@ CLIENT = (
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[LocalCluster]:
-    async with LocalCluster(nodes=0, load_crds=False) as c:
-        yield c
-
-
-@pytest.fixture
-async def api(cluster: LocalCluster) -> AsyncIterator[KubeApi]:
-    async with KubeApi(cluster.url) as client:
-        yield client
-
-
-@pytest.fixture
 async def sim(cluster: LocalCluster, tmp_path: Path) -> AsyncIterator[NodeSimulator]:
     simulator = NodeSimulator(
         cluster.url,
