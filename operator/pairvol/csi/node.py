@@ -27,7 +27,14 @@ import grpc
 
 from pairvol.csi import DRIVER_NAME, attach
 from pairvol.csi.attach import AttachError, Attachment, Broken, Busy, NotBlank, Record, TooSmall, mounted, run
-from pairvol.csi.params import DEFAULT_FS_TYPE, FS_TYPES, capability_problem, parse_volume_id
+from pairvol.csi.params import (
+    DEFAULT_FS_TYPE,
+    FS_TYPES,
+    access_mode_problem,
+    capability_problem,
+    fs_type_problem,
+    parse_volume_id,
+)
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
 from pairvol.csi.wire import capability, string_map
@@ -145,10 +152,12 @@ class NodeService:
         if not req.HasField("volume_capability"):
             raise invalid("volume_capability is required")
         cap = capability(req.volume_capability, "volume_capability")
-        problem = capability_problem(cap)
+        problem = access_mode_problem(cap)
         if problem is not None:
-            code = grpc.StatusCode.INVALID_ARGUMENT if "fsType" in problem else grpc.StatusCode.FAILED_PRECONDITION
-            raise CsiError(code, problem)
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        problem = fs_type_problem(cap)
+        if problem is not None:
+            raise invalid(problem)
         context = string_map(req.volume_context)
         host, port = _export(context)
         identity, key = _psk(string_map(req.secrets))

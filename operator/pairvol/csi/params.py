@@ -84,16 +84,26 @@ class Capability:
         return ACCESS_MODE_NAMES.get(self.access_mode, f"mode {self.access_mode}")
 
 
-def capability_problem(cap: Capability) -> str | None:
-    """Why the driver cannot serve ``cap``, or None."""
+def access_mode_problem(cap: Capability) -> str | None:
+    """Why the driver cannot give ``cap``'s access mode, or None."""
     if cap.access_mode not in SUPPORTED_ACCESS_MODES:
         return (
             f"access mode {cap.access_mode_name} is not supported: a pairvol volume has one writer "
             "on one node (use ReadWriteOnce or ReadWriteOncePod)"
         )
+    return None
+
+
+def fs_type_problem(cap: Capability) -> str | None:
+    """Why the driver cannot make ``cap``'s file system, or None."""
     if not cap.block and cap.fs_type and cap.fs_type not in FS_TYPES:
         return f"fsType {cap.fs_type!r} is not supported; use one of {', '.join(FS_TYPES)}"
     return None
+
+
+def capability_problem(cap: Capability) -> str | None:
+    """Why the driver cannot serve ``cap``, or None."""
+    return access_mode_problem(cap) or fs_type_problem(cap)
 
 
 def volume_size(required: int, limit: int) -> int:
