@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.localcluster.test_kubelet import GRACE, NODES, NS, api, cluster, create, eventually, get_pod
+from tests.localcluster.test_kubelet import GRACE, NODES, NS, create, eventually, get_pod
 from tests.localcluster.test_pod_network import events_of
 
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
 from pairvol.localcluster.kubelet_api import KubeApi
-
-__all__ = ["api", "cluster"]  # fixtures
 
 pytestmark = [
     pytest.mark.netns,
