@@ -123,16 +123,16 @@ async def test_checkpoints_under_concurrent_writers_are_crash_consistent_cuts(tm
             load = asyncio.create_task(log.run(nbd, stop, rng))
             cut_windows = []
             for _ in range(5):
-                await asyncio.sleep(0.15)
+                await log.wait_acked(log.acked() + 50)
                 before = time.monotonic()
                 cp = await secondary.checkpoint()
                 cut_windows.append((before, time.monotonic(), cp["id"]))
-            await asyncio.sleep(0.15)
+            await log.wait_acked(log.acked() + 50)
             primary.kill()
             await primary.wait_exit()
             stop.set()
             await load
-        assert log.acked() > 200, "the load did not run"
+        assert log.acked() >= 300, "the load did not run"
         await secondary.failover(epoch=3, mode="checkpoint")
         image = await read_back(secondary)
         before, after, _ = cut_windows[-1]
@@ -158,6 +158,7 @@ async def test_sigkill_of_the_primary_at_a_random_moment_under_load(tmp_path: Pa
                 last_cut = (before, time.monotonic())
                 await asyncio.sleep(rng.uniform(0.05, 0.3))
             await asyncio.sleep(rng.uniform(0, 0.2))
+            await log.wait_acked(101)
             killed_at = time.monotonic()
             primary.kill()
             await primary.wait_exit()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.agents import Agent, AgentCallError, pair
+from tests.support.agents import Agent, AgentCallError, free_port, pair
 from tests.support.bytes_compare import assert_same_image
 from tests.support.writelog import WriteLog
 
@@ -49,15 +50,6 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name):
             return float(line.split()[-1])
     raise AssertionError(f"metric {name} not exported")
-
-
-async def until_acked(log: WriteLog, count: int, within: float = 30.0) -> None:
-    """Wait for the load to have this many writes acknowledged (a count, not a time: a
-    loaded machine is slower, not different)."""
-    deadline = time.monotonic() + within
-    while log.acked() < count:
-        assert time.monotonic() < deadline, f"the load did not run: {log.acked()} of {count} writes acknowledged"
-        await asyncio.sleep(0.01)
 
 
 PENDING = "failover: retiring overlay generation"
@@ -129,9 +121,9 @@ async def writing_round(tmp: Path, mode: str, delay: float) -> bool:
 
         async with await primary.nbd() as nbd:
             load = asyncio.create_task(log.run(nbd, stop, rng))
-            await until_acked(log, 50)
+            await log.wait_acked(50)
             await cut()  # a restore point, so that checkpoint mode really commits
-            await until_acked(log, log.acked() + 50)
+            await log.wait_acked(log.acked() + 50)
             cuts = [asyncio.create_task(cut()) for _ in range(4)]
             await asyncio.sleep(delay)
             fo_start = time.monotonic()
@@ -161,6 +153,45 @@ async def test_a_failover_issued_while_a_checkpoints_retire_is_pending_succeeds(
         if await writing_round(tmp_path / f"round-{n}", mode, delay=0.002 * (n + 1)):
             return
     pytest.fail(f"in {ROUNDS} rounds no failover found a retire pending")
+
+
+async def test_a_secondary_start_that_fails_after_copy_before_write_began_says_why_and_can_be_retried(
+    tmp_path: Path,
+) -> None:
+    """The replication port is taken when the secondary starts: copy-before-write already
+    runs when the export cannot listen. The answer names the port, not the undo (which
+    must cancel the job before it can delete the overlays); nothing stays attached, and
+    once the port is free the same agent becomes a secondary that replicates."""
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    rep_port = free_port()
+    squatter.bind(("127.0.0.1", rep_port))
+    squatter.listen()
+    primary = Agent("vol", tmp_path / "replica-0", "16Mi")
+    secondary = Agent("vol", tmp_path / "replica-1", "16Mi", rep_port=rep_port)
+    try:
+        await primary.start()
+        await secondary.start()
+        with pytest.raises(AgentCallError) as refused:
+            await secondary.secondary(1)
+        assert "cannot listen for the replication link" in str(refused.value), refused.value
+        assert "Address already in use" in str(refused.value), refused.value
+        assert "overlay" not in str(refused.value), refused.value
+        st = await secondary.status()
+        assert st["stage"] != "running", st
+        squatter.close()
+        await secondary.secondary(2)
+        await primary.primary(3, secondary.replication_address, "full")
+        await primary.wait_replicating()
+        await fill(primary, 16 * MiB, b"\x3c")
+        primary.kill()
+        await primary.wait_exit()
+        await secondary.failover(epoch=4, mode="latest")
+        assert_same_image(await read_back(secondary), b"\x3c" * (16 * MiB), "promoted secondary")
+    finally:
+        squatter.close()
+        await primary.stop()
+        await secondary.stop()
 
 
 async def test_a_burst_of_checkpoint_requests_shares_cuts_and_keeps_the_peer(tmp_path: Path) -> None:

@@ -545,6 +545,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "no old copy-before-write filter is left when the commit or the writable export needs WRITE",
     ),
     Mutation(
+        "secondary.discard-cancels-its-job", SECONDARY,
+        "        await self._cancel_job(r.cow_job(gen))\n        await self._detach_nodes(gen)\n",
+        "        await self._detach_nodes(gen)\n",
+        (f"{T_CHAIN}::test_a_secondary_start_that_fails_after_copy_before_write_began_says_why_and_can_be_retried",),
+        "a generation is dropped whole (job, nodes, files): a failed start can be retried",
+    ),
+    Mutation(
         "replica.size-mismatch-refused", REPLICA,
         "            if found.size != self.cfg.size:\n",
         "            if False:\n",

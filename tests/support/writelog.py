@@ -112,6 +112,17 @@ class WriteLog:
 
         await asyncio.gather(*(writer(w) for w in range(self.writers)))
 
+    async def wait_acked(self, at_least: int, within: float = 60.0) -> None:
+        """Wait until `at_least` writes are acknowledged: tests pace themselves on the
+        load's progress, not on wall-clock sleeps a slow machine can make too short."""
+        deadline = time.monotonic() + within
+        while self.acked() < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"only {self.acked()} of {at_least} writes acknowledged after {within} s; ended: {self.ended}"
+                )
+            await asyncio.sleep(0.01)
+
     def acked(self, before: float = float("inf")) -> int:
         """Writes acknowledged (before the given monotonic time)."""
         return sum(1 for h in self.history for e in h if e.acked is not None and e.acked <= before)
@@ -123,8 +134,11 @@ class WriteLog:
         A cut before which no write was acknowledged proves nothing (an image of zeroes
         would pass), so that is a violation too: every writer must have had a write
         acknowledged before ``not_before``."""
-        idle = [w for w in range(self.writers)
-                if not any(e.acked is not None and e.acked <= not_before for e in self.history[w])]
+        idle = [
+            w
+            for w in range(self.writers)
+            if not any(e.acked is not None and e.acked <= not_before for e in self.history[w])
+        ]
         assert not idle, (
             f"writers {idle} had no write acknowledged before the cut ({self.acked(not_before)} acked in all): "
             f"the check would prove nothing; they ended with {[self.ended[w] for w in idle]}"

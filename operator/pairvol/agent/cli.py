@@ -208,8 +208,14 @@ async def serve(cfg: AgentConfig, args: argparse.Namespace) -> int:
     replica = Replica(cfg, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        # a pod that ends "Completed" with no reason in its log is a mystery at 3 a.m.
+        log.info("received %s: stopping", sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await replica.open()
     lease_task = await _start_lease(replica, args)
     runner = make_runner(replica, cfg.token)

@@ -236,7 +236,13 @@ class Replica:
         host, port = self.cfg.replication_listen
         if self.cfg.psk is not None:
             await self._ensure_tls()
-        await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
+        try:
+            await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
+        except QemuError as exc:
+            raise ReplicaError(
+                f"cannot listen for the replication link on {host}:{port}: {exc}; is another process using the"
+                " port (the agent's --replication-listen)? free it and ask again"
+            ) from exc
         name = r.replication_export_name(self.state.epoch)
         await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node, name=name))
 
@@ -352,9 +358,14 @@ class Replica:
             await self.chain.open_generation(gen)
             try:
                 await self._start_replication_export(await self.chain.start_cow(gen))
-            except PairvolError:
-                await self._stop_nbd_server()
-                await self.chain.discard(gen)
+            except PairvolError as exc:
+                # the caller must learn why the start failed, not why the undo failed too
+                try:
+                    await self._stop_nbd_server()
+                    await self.chain.discard(gen)
+                except PairvolError as undo:
+                    log.warning("undoing the failed secondary start: %s", undo)
+                    exc.add_note(f"undoing it failed too: {undo}")
                 raise
             # checkpoint 0 is the disk before the primary's full sync: not a restore point
             cp = Checkpoint(0, time.time(), 0.0)

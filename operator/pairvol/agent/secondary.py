@@ -211,8 +211,10 @@ class SecondaryChain:
         self.attached.discard(gen)
 
     async def discard(self, gen: int) -> None:
-        """Drop a generation: nodes and files. Dropping the current one ends the chain
-        (failover, stop), so the pair prepared for the next cut goes too."""
+        """Drop a generation: its copy-before-write job (if one still runs: a start that
+        failed after the job began), nodes and files. Dropping the current one ends the
+        chain (failover, stop), so the pair prepared for the next cut goes too."""
+        await self._cancel_job(r.cow_job(gen))
         await self._detach_nodes(gen)
         await self._remove_files(gen)
         if gen == self.generation:

@@ -21,17 +21,17 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
+from pairvol.agent.procs import free_port
 from pairvol.errors import PairvolError
 from pairvol.operator.k8s import KubeClient, load_config, pods_path, volume_path
 
@@ -50,10 +50,6 @@ class DemoError(PairvolError):
     """An expectation of the demo (or an e2e scenario) was not met."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def say(msg: str) -> None:
@@ -234,6 +230,7 @@ class Stack:
         names += [n for n in (f"node-{i}" for i in range(1, nodes + 1 + len(names))) if n not in names]
         names = names[: max(nodes, len(node_names or ()))]
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(_cluster_log(base / "cluster.log"))
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
             if peering:
                 cluster.apply(
@@ -372,6 +369,42 @@ async def _with_chart_rbac(cluster: Any, chart: Sequence[Mapping[str, Any]], bas
     token = cluster.api.issue_token("default", str(account), expiration_seconds=24 * 3600)
     path = await kubeconfig_mod.write(base / "operator-kubeconfig", cluster.url, token=token)
     return path, {k: v for k, v in chart_env.items() if k in wanted}
+
+
+class _ToParent(logging.Handler):
+    """Passes on to the parent loggers' handlers what they would have shown anyway."""
+
+    def __init__(self, parent: logging.Logger, level: int) -> None:
+        super().__init__(level)
+        self.parent = parent
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.parent.handle(record)
+
+
+@contextlib.contextmanager
+def _cluster_log(path: Path) -> Iterator[None]:
+    """What the kubelets and controllers did (probes failed, containers stopped, pods
+    restarted) at INFO, next to operator.log: a post-mortem needs both sides. The console
+    keeps showing what it showed before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    cluster_logger = logging.getLogger("pairvol.localcluster")
+    before = (cluster_logger.level, cluster_logger.propagate)
+    to_parent = _ToParent(logging.getLogger("pairvol"), cluster_logger.getEffectiveLevel())
+    cluster_logger.setLevel(min(logging.INFO, cluster_logger.getEffectiveLevel()))
+    cluster_logger.propagate = False
+    cluster_logger.addHandler(to_file)
+    cluster_logger.addHandler(to_parent)
+    try:
+        yield
+    finally:
+        cluster_logger.removeHandler(to_file)
+        cluster_logger.removeHandler(to_parent)
+        cluster_logger.setLevel(before[0])
+        cluster_logger.propagate = before[1]
+        to_file.close()
 
 
 async def _delete_all_volumes(kube: KubeClient, op: OperatorProcess) -> None:

@@ -722,6 +722,10 @@ class ApiProxy:
                         dst.close()
 
             await asyncio.gather(pump(reader, up_writer, slow=True), pump(up_reader, writer))
+        except asyncio.CancelledError:
+            # close() ends the connections; the server's done-callback would report a
+            # cancelled handler task as an error, so it ends normally instead
+            return
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
