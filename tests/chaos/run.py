@@ -11,10 +11,10 @@ reproduces the scenario, and a race it found usually but not always.
 A repeatable class strikes --faults times per run (default 4), each fault once the pair
 replicates again and each followed by the checks; the setup and the final failover are
 paid once. With --duration, the class furthest behind in fault injections runs next, each
-class taking its seeds from --seed on, until the time is up; --jobs N shares the classes
-out between N processes. The output is a table: class x runs x fault injections x
-violating runs, skipped and errored runs apart with their reasons, and every violating
-seed with its replay command.
+class taking its seeds from --seed on, until the time is up; --jobs N runs N processes
+that take the class furthest behind over all of them (a shared ledger). The output is a
+table: class x runs x fault injections x violating runs, skipped and errored runs apart
+with their reasons, and every violating seed with its replay command.
 """
 
 from __future__ import annotations
@@ -351,11 +351,18 @@ async def run_all(args: argparse.Namespace, classes: list[str], results: list[Re
         # takes the seeds from --seed up, so (class, seed) replays a run
         end = time.monotonic() + args.duration
         seeds = dict.fromkeys(classes, args.seed)
+        ledger = Ledger(Path(args.ledger), args.seed, args.faults) if args.ledger else None
         while time.monotonic() < end:
-            cls = min(classes, key=lambda c: progress(results, c))
-            r = await run_named(cls, seeds[cls], args.peer_timeout, args.keep, args.faults)
-            seeds[cls] += 1
+            if ledger is not None:
+                cls, seed = await asyncio.to_thread(ledger.claim, classes)
+            else:
+                cls = min(classes, key=lambda c: progress(results, c))
+                seed = seeds[cls]
+                seeds[cls] += 1
+            r = await run_named(cls, seed, args.peer_timeout, args.keep, args.faults)
             results.append(r)
+            if ledger is not None:
+                await asyncio.to_thread(ledger.settle, r)
             print(report(r, args.verbose), flush=True)
     else:
         for cls in classes:
@@ -365,65 +372,79 @@ async def run_all(args: argparse.Namespace, classes: list[str], results: list[Re
                 print(report(r, args.verbose), flush=True)
 
 
-# seconds per fault injection, measured on this machine (a 30-minute `make chaos`, two jobs;
-# `-v` prints each run's phases); only used to share the classes out between --jobs
-COST = {
-    "primary-isolated": 23.8,
-    "api-unreachable": 23.1,
-    "frozen-old-primary": 15.6,
-    "operator-crash": 12.7,
-    "api-slow": 11.3,
-    "crash-point": 11.2,
-    "clock-skew": 9.8,
-    "kill-during-sync": 8.7,
-    "enospc": 8.6,
-    "partition": 8.0,
-    "loss": 7.7,
-    "delay": 7.3,
-    "eio": 6.8,
-    "sigstop": 6.5,
-    "peer-loss-x3": 4.2,
-    "kill-daemon": 4.0,
-    "checkpoint-burst": 3.8,
-    "kill-agent": 3.8,
-    "failover-during-checkpoint": 3.7,
-    "fuzz": 3.4,
-}
-COST_REPEATED = 4.0  # a repeatable agent-level class not measured yet
-COST_OPERATOR = 13.0  # an operator-level class not measured yet
+class Ledger:
+    """The jobs' shared account (``--jobs N``): which (class, seed) each job claimed and
+    how far each finished run got. Every job takes the class furthest behind over *all*
+    jobs, counting a claimed run as the injections it will make, so the minimum over the
+    classes grows as fast as the total does, whatever the classes cost; a static share of
+    the classes per job let one job's classes fall behind the other's.
 
+    A JSON-lines file, appended to and read under ``flock``: claims
+    ``{"cls", "seed", "expect"}``, results ``{"cls", "seed", "done"}``. Blocking: call
+    through ``asyncio.to_thread``."""
 
-def share(classes: list[str], jobs: int) -> list[list[str]]:
-    """The classes in `jobs` groups of about equal cost (largest first, into the lightest)."""
+    def __init__(self, path: Path, first_seed: int, faults: int) -> None:
+        self.path = path
+        self.first_seed = first_seed
+        self.faults = faults
 
-    def cost(c: str) -> float:
-        return COST_OPERATOR if c in operator_level.CLASSES else COST.get(c, COST_REPEATED)
+    def expected(self, cls: str) -> int:
+        """Injections a run of the class makes when it runs through."""
+        if cls in operator_level.CLASSES or by_name()[cls].repeat:
+            return self.faults
+        return 1
 
-    groups: list[list[str]] = [[] for _ in range(jobs)]
-    load = [0.0] * jobs
-    for c in sorted(classes, key=cost, reverse=True):
-        i = load.index(min(load))
-        groups[i].append(c)
-        load[i] += cost(c)
-    order = {c: i for i, c in enumerate(classes)}
-    return [sorted(g, key=order.__getitem__) for g in groups if g]
+    def _entries(self, fh: Any) -> list[dict[str, Any]]:
+        fh.seek(0)
+        return [json.loads(line) for line in fh.read().splitlines() if line.strip()]
+
+    def standing(self, entries: list[dict[str, Any]], classes: list[str]) -> dict[str, int]:
+        done = {(e["cls"], e["seed"]): int(e["done"]) for e in entries if "done" in e}
+        out = dict.fromkeys(classes, 0)
+        for e in entries:
+            if "expect" in e and e["cls"] in out:
+                out[e["cls"]] += done.get((e["cls"], e["seed"]), int(e["expect"]))
+        return out
+
+    def claim(self, classes: list[str]) -> tuple[str, int]:
+        import fcntl
+
+        with self.path.open("a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            entries = self._entries(fh)
+            standing = self.standing(entries, classes)
+            cls = min(classes, key=lambda c: standing[c])
+            seed = self.first_seed + sum(1 for e in entries if "expect" in e and e["cls"] == cls)
+            fh.write(json.dumps({"cls": cls, "seed": seed, "expect": self.expected(cls)}) + "\n")
+            fh.flush()
+        return cls, seed
+
+    def settle(self, result: Result) -> None:
+        import fcntl
+
+        with self.path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            done = progress([result], result.cls)
+            fh.write(json.dumps({"cls": result.cls, "seed": result.seed, "done": done}) + "\n")
+            fh.flush()
 
 
 async def run_jobs(args: argparse.Namespace, classes: list[str], results: list[Result]) -> bool:
-    """--jobs N: N processes of this program, each with a share of the classes for the
-    whole duration (separate processes: each workload has its own interpreter, so one
-    job's checks cannot stall another's writes), then one table of everything. False when
-    a job ended otherwise than with its table (its runs may be missing from it)."""
+    """--jobs N: N processes of this program, each taking the class furthest behind over
+    all of them (:class:`Ledger`) for the whole duration (separate processes: each
+    workload has its own interpreter, so one job's checks cannot stall another's writes),
+    then one table of everything. False when a job ended otherwise than with its table
+    (its runs may be missing from it)."""
     tmp = Path(tempfile.mkdtemp(prefix="chaos-jobs-"))
     procs: list[tuple[asyncio.subprocess.Process, Path]] = []
     try:
-        for i, group in enumerate(share(classes, args.jobs)):
+        ledger = tmp / "ledger.jsonl"
+        for i in range(args.jobs):
             out = tmp / f"job{i}.json"
             argv = [sys.executable, "-m", "tests.chaos.run", "--duration", str(args.duration), "--seed", str(args.seed)]
             argv += ["--faults", str(args.faults), "--peer-timeout", str(args.peer_timeout), "--json", str(out)]
-            argv += [a for c in group for a in ("--class", c)]
+            argv += ["--ledger", str(ledger)] + [a for c in classes for a in ("--class", c)]
             argv += (["-v"] if args.verbose else []) + (["--keep"] if args.keep else [])
-            print(f"[job{i}] {' '.join(group)}", flush=True)
             proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, cwd=Path.cwd())
             procs.append((proc, out))
 
@@ -472,9 +493,13 @@ def main() -> None:
     )
     ap.add_argument("--keep", action="store_true", help="keep every run's work dir")
     ap.add_argument(
-        "--jobs", type=int, default=1, help="with --duration: this many processes, each with a share of the classes"
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --duration: this many processes, each taking the class furthest behind over all of them",
     )
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--ledger", help=argparse.SUPPRESS)  # --jobs: the jobs' shared account
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.DEBUG if os.environ.get("CHAOS_DEBUG") else logging.WARNING)
