@@ -36,6 +36,7 @@ from pairvol.localcluster.kubelet_pods import (
     container_argv,
     expand_vars,
     host_path_on_node,
+    keep_code_visible,
     launch_script,
     parse_probe,
     plan_mounts,
@@ -231,6 +232,27 @@ class TestLaunch:
         assert "exec unshare --mount --uts --propagation private" in outer[2]
         assert "echo $$" not in outer[2]  # no cgroup: nothing to join
         assert inner.splitlines()[1] == "hostname agent-0"
+
+
+    def test_code_a_volume_covers_is_staged_first_and_bound_back_read_only_on_top(self) -> None:
+        """A checkout under /tmp stays visible in a pod with an emptyDir on /tmp: the
+        container runs this installation, as the image's own files would be."""
+        tmp_volume = Mount(Path("/var/pods/x/empty"), PurePosixPath("/tmp"), False)
+        data = Mount(Path("/var/pods/x/data"), PurePosixPath("/data"), False)
+        code = [Path("/tmp/checkout/.venv"), Path("/tmp/checkout/operator"), Path("/usr/lib/python3")]
+        mounts = keep_code_visible([tmp_volume, data], code)
+        assert mounts == [
+            Mount(Path("/tmp/checkout/.venv"), PurePosixPath("/run/pairvol-localcluster/code-0"), True),
+            Mount(Path("/tmp/checkout/operator"), PurePosixPath("/run/pairvol-localcluster/code-1"), True),
+            tmp_volume,
+            data,
+            Mount(Path("/run/pairvol-localcluster/code-0"), PurePosixPath("/tmp/checkout/.venv"), True),
+            Mount(Path("/run/pairvol-localcluster/code-1"), PurePosixPath("/tmp/checkout/operator"), True),
+        ]
+
+    def test_code_no_volume_covers_is_left_alone(self) -> None:
+        mounts = [Mount(Path("/var/pods/x/data"), PurePosixPath("/data"), False)]
+        assert keep_code_visible(mounts, [Path("/work/checkout/.venv")]) == mounts
 
 
 def with_context(container: dict[str, Any] | None = None, pod: dict[str, Any] | None = None) -> SecurityPlan:

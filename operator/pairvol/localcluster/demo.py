@@ -78,11 +78,13 @@ class OperatorProcess:
 
     def _as_in_pod(self, argv: list[str]) -> tuple[list[str], dict[str, str]]:
         """The argv and environment that run ``argv`` as the operator container (blocking)."""
+        from pairvol.localcluster.kubelet import code_paths
         from pairvol.localcluster.kubelet_pods import (
             Mount,
             PodRuntimeInfo,
             VolumeDir,
             field_ref,
+            keep_code_visible,
             launch_script,
             plan_mounts,
             plan_volumes,
@@ -122,19 +124,8 @@ class OperatorProcess:
         }
         # first and outside the pod's own mounts: its emptyDir on /tmp hides our temp dir
         kube_target = PurePosixPath("/run/pairvol-localcluster/kube")
-        pod_mounts = plan_mounts(containers[0], volumes)
-        # the operator's own code (virtualenv, package) stays visible when a volume of the
-        # pod covers it (a checkout under /tmp, below the emptyDir): staged outside first,
-        # then bound back on top of the volume, read-only
-        covered = [
-            path for path in _code_paths() if any(PurePosixPath(path).is_relative_to(m.target) for m in pod_mounts)
-        ]
-        staged = [
-            Mount(path, PurePosixPath(f"/run/pairvol-localcluster/code-{i}"), read_only=True)
-            for i, path in enumerate(covered)
-        ]
-        restored = [Mount(Path(m.target), PurePosixPath(m.source), read_only=True) for m in staged]
-        mounts = [Mount(kube_dir, kube_target, read_only=True), *staged, *pod_mounts, *restored]
+        pod_mounts = keep_code_visible(plan_mounts(containers[0], volumes), code_paths())
+        mounts = [Mount(kube_dir, kube_target, read_only=True), *pod_mounts]
         outer, _ = launch_script(
             cgroup_procs=None, mounts=mounts, netns=None, workdir=None, argv=argv, security=security
         )
@@ -828,15 +819,3 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
 
-def _code_paths() -> list[Path]:
-    """Where the running Python takes its code from: the virtualenv, the package's source
-    directory (an editable install) and PYTHONPATH entries."""
-    import pairvol
-
-    paths = [Path(sys.prefix), Path(pairvol.__file__).resolve().parent.parent]
-    paths += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    unique: list[Path] = []
-    for path in (p.resolve() for p in paths):
-        if path.is_dir() and path not in unique:
-            unique.append(path)
-    return unique

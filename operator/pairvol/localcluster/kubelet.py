@@ -115,6 +115,7 @@ from pairvol.localcluster.kubelet_pods import (
     backoff_delay,
     capability_names,
     container_argv,
+    keep_code_visible,
     launch_script,
     meta,
     node_conditions,
@@ -825,11 +826,12 @@ class PodWorker:
                 target = PurePosixPath(kubeconfig_mod.SERVICE_ACCOUNT_DIR)
                 credentials.append(Mount(token_dir, target, read_only=True))
                 base["KUBECONFIG"] = str(target / "kubeconfig")
+        code = await asyncio.to_thread(code_paths)
         for runner in self.all_runners:
             # a user the image has no passwd entry for gets HOME=/ from the runtime
             home = {"HOME": "/root" if security[runner.name].uid == 0 else "/"}
             env = resolve_env(runner.container, self.pod, info, objects, {**base, **home})
-            mounts = [*credentials, *plan_mounts(runner.container, volumes)]
+            mounts = keep_code_visible([*credentials, *plan_mounts(runner.container, volumes)], code)
             termination_file = await asyncio.to_thread(self._termination_file, runner)
             if termination_file is not None:
                 target = PurePosixPath(
@@ -1368,6 +1370,21 @@ class NodeKubelet:
                     await writer.wait_closed()
         except (OSError, TimeoutError, ValueError, ssl.SSLError, KubeletError):
             return False
+
+
+def code_paths() -> list[Path]:
+    """Where the running Python takes its code from, which every container of the
+    ``pairvol/pairvol`` image runs (:mod:`pairvol.localcluster.images`): the virtualenv,
+    the package's source directory (an editable install) and PYTHONPATH entries."""
+    import pairvol
+
+    paths = [Path(sys.prefix), Path(pairvol.__file__).resolve().parent.parent]
+    paths += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    unique: list[Path] = []
+    for path in (p.resolve() for p in paths):
+        if path.is_dir() and path not in unique:
+            unique.append(path)
+    return unique
 
 
 def _micro_now() -> str:

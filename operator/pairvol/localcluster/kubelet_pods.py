@@ -352,6 +352,22 @@ class Mount:
     read_only: bool
 
 
+#: Where code a pod's volume would cover is staged before it is bound back (see below).
+CODE_STAGING = PurePosixPath("/run/pairvol-localcluster")
+
+
+def keep_code_visible(mounts: Sequence[Mount], code: Sequence[Path]) -> list[Mount]:
+    """``mounts`` with this installation's code (virtualenv, package, PYTHONPATH) kept
+    visible where a volume covers it: a checkout under ``/tmp`` disappears below a pod's
+    emptyDir on ``/tmp``. In a real image the code is outside every volume; here it is
+    where the developer put it, so it is staged outside first (before the volumes are
+    bound) and bound back, read-only, on top of the volume that covers it."""
+    covered = [path for path in code if any(PurePosixPath(path).is_relative_to(m.target) for m in mounts)]
+    staged = [Mount(path, CODE_STAGING / f"code-{i}", read_only=True) for i, path in enumerate(covered)]
+    restored = [Mount(Path(m.target), PurePosixPath(m.source), read_only=True) for m in staged]
+    return [*staged, *mounts, *restored]
+
+
 def plan_mounts(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> list[Mount]:
     mounts: list[Mount] = []
     for vm in container.get("volumeMounts") or []:
