@@ -66,9 +66,14 @@ async def test_deletion_stops_agents_and_keeps_or_removes_data(
     dirs = [stack.sim.host_path(n, f"/var/lib/pairvol/{stack.namespace}/{name}") for n in nodes]
     assert all(d.exists() for d in dirs)
     assert await stack.kube.get_or_none(netpol_path(stack.namespace, f"pairvol-{name}-replication"))
+    log_offset = stack.operator.log_path.stat().st_size
     await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/"
                             f"replicatedvolumes/{name}")
     await _assert_gone(stack, name)
+    with stack.operator.log_path.open("rb") as f:
+        f.seek(log_offset)
+        errors = [line for line in f.read().decode(errors="replace").splitlines() if " ERROR " in line]
+    assert errors == [], "a normal deletion logs no ERROR (waiting for pods to go is normal)"
     if policy == "Retain":
         assert all(d.exists() and any(d.iterdir()) for d in dirs), "Retain keeps the images"
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import logging
 import os
 import time
@@ -537,13 +538,38 @@ async def volume_daemon(**kw: Any) -> None:
     await Reconciler(str(kw["name"]), str(kw["namespace"])).run(kw["stopped"])
 
 
+# How long one call of the finalizer waits for pods to go before it hands back to kopf:
+# a deletion that takes a few seconds is normal and must not log (kopf logs a
+# TemporaryError at ERROR); one that takes longer is worth that line.
+DELETE_PATIENCE_S = 30.0
+
+
 @kopf.on.delete(*RESOURCE)
 async def on_delete(**kw: Any) -> None:
     """Finalizer: stop agents, delete pods and Services, keep or wipe data per reclaimPolicy."""
-    name, namespace, retry = str(kw["name"]), str(kw["namespace"]), int(kw["retry"])
-    body: Mapping[str, Any] = kw["body"]
-    spec: Mapping[str, Any] = kw["spec"]
-    status: Mapping[str, Any] = kw["status"]
+    name, namespace = str(kw["name"]), str(kw["namespace"])
+    runtime = kw.get("runtime")
+    before = runtime.total_seconds() if isinstance(runtime, datetime.timedelta) else 0.0
+    t0 = time.monotonic()
+    while True:
+        elapsed = before + time.monotonic() - t0
+        waiting = await _finalize(name, namespace, kw["body"], kw["spec"], kw["status"], elapsed)
+        if waiting is None:
+            return
+        if time.monotonic() - t0 > DELETE_PATIENCE_S:
+            raise kopf.TemporaryError(f"{waiting} after {elapsed:.0f} s", delay=1)
+        await asyncio.sleep(1.0)
+
+
+async def _finalize(
+    name: str,
+    namespace: str,
+    body: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    elapsed: float,
+) -> str | None:
+    """One pass of the finalizer; what it still waits for, or None when the volume is gone."""
     c = ctx()
     rec = Reconciler(name, namespace)
     selector = f"{d.LABEL_VOLUME}={name},{m.APP_LABEL}={m.AGENT_APP}"
@@ -558,12 +584,12 @@ async def on_delete(**kw: Any) -> None:
                 log.info("%s/%s: stop %s: %s", namespace, name, pod.name, exc)
         # a pod on a dead node never confirms its termination: after a while, force it out
         # of the API (the volume is being deleted; its agent cannot hold the Lease anyway)
-        force = pod.node not in ready_nodes and retry >= 10
+        force = pod.node not in ready_nodes and elapsed >= 10
         if force and pod.deleting:
             await rec.event(body, "Warning", "ForceDeleted", f"pod {pod.name} on unreachable node {pod.node}")
         await c.kube.delete(pods_path(namespace, pod.name), grace_s=0 if force else 1)
     if pods:
-        raise kopf.TemporaryError(f"waiting for {len(pods)} agent pod(s) to terminate", delay=1)
+        return f"waiting for {len(pods)} agent pod(s) to terminate"
     for svc in (name, m.agents_service_name(name)):
         await c.kube.delete(services_path(namespace, svc))
     await c.kube.delete(lease_path(namespace, m.lease_name(name)))
@@ -601,14 +627,15 @@ async def on_delete(**kw: Any) -> None:
                     volume=name, namespace=namespace, node=node, spec=vspec, owner=body, config=c.config
                 ),
             )
-        if pending and retry < 60:
-            raise kopf.TemporaryError("waiting for data cleanup pods", delay=1)
+        if pending and elapsed < 60:
+            return "waiting for data cleanup pods"
         for p in wipes:
             await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]))
     await c.kube.delete(secrets_path(namespace, m.secret_name(name)))
     c.metrics.set_phase(f"{namespace}/{name}", None)
     c.metrics.set_checkpoint(namespace, name, None)
     log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")
+    return None
 
 
 __all__ = ["Reconciler", "on_delete", "volume_daemon"]
