@@ -181,7 +181,8 @@ async def test_kubectl_logs_reads_the_pod_log_source(
     await asyncio.sleep(1.0)
     await asyncio.to_thread(_append, log, "checkpoint 1\n")
     await asyncio.sleep(1.0)
-    api_cluster.api.delete_object(api_cluster.api.resource_type("", "v1", "pods"), "default", "agent")
+    pods = api_cluster.api.resource_type("", "v1", "pods")
+    api_cluster.api.delete_object(pods, "default", "agent", {"gracePeriodSeconds": 0})  # the pod is gone
     code, out, err = await follower
     assert out.endswith("replica ready\ncheckpoint 1\n"), (out, err)
 

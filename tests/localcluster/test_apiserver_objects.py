@@ -231,6 +231,36 @@ def pod(name: str, node: str, **labels: str) -> dict[str, Any]:
     }
 
 
+async def test_a_running_pod_is_deleted_gracefully_and_stays_until_finalized_with_zero_grace(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    """As kube-apiserver: DELETE of a pod a node runs only marks it (deletionTimestamp +
+    grace); its kubelet may still post status; a zero-grace DELETE removes it. A pod on a
+    dead node therefore stays Terminating, and monitoring still sees it."""
+    body = pod("bound", "node-1")
+    body["spec"]["terminationGracePeriodSeconds"] = 7
+    await send(api_http, "POST", PODS, body)
+    code, obj = await send(api_http, "DELETE", f"{PODS}/bound")
+    assert code == 200 and obj["metadata"]["deletionGracePeriodSeconds"] == 7 and obj["metadata"]["deletionTimestamp"]
+    code, _ = await send(api_http, "PATCH", f"{PODS}/bound/status", {"status": {"phase": "Running"}}, MERGE)
+    assert code == 200
+    code, obj = await send(api_http, "DELETE", f"{PODS}/bound", {"kind": "DeleteOptions", "gracePeriodSeconds": 2})
+    assert obj["metadata"]["deletionGracePeriodSeconds"] == 2, "a shorter grace period shortens it"
+    code, obj = await send(api_http, "GET", f"{PODS}/bound")
+    assert code == 200 and obj["metadata"]["deletionGracePeriodSeconds"] == 2
+    code, _ = await send(api_http, "DELETE", f"{PODS}/bound?gracePeriodSeconds=0")
+    assert code == 200
+    code, _ = await send(api_http, "GET", f"{PODS}/bound")
+    assert code == 404
+
+    unscheduled = pod("pending", "")
+    del unscheduled["spec"]["nodeName"]
+    await send(api_http, "POST", PODS, unscheduled)
+    await send(api_http, "DELETE", f"{PODS}/pending")
+    code, _ = await send(api_http, "GET", f"{PODS}/pending")
+    assert code == 404, "a pod no node runs goes at once"
+
+
 async def test_label_and_field_selectors(api_http: aiohttp.ClientSession) -> None:
     await send(api_http, "POST", PODS, pod("a", "node-1", role="primary", vol="v"))
     await send(api_http, "POST", PODS, pod("b", "node-2", role="secondary", vol="v"))
@@ -456,7 +486,8 @@ async def test_deleting_an_owner_garbage_collects_its_dependents(api_http: aioht
     await send(api_http, "DELETE", f"{RVS}/owner")
     assert (await send(api_http, "GET", f"{PODS}/agent-1"))[0] == 200, "the owner still exists (finalizer)"
     await send(api_http, "PATCH", f"{RVS}/owner", {"metadata": {"finalizers": None}}, MERGE)
-    assert (await send(api_http, "GET", f"{PODS}/agent-1"))[0] == 404
+    code, agent = await send(api_http, "GET", f"{PODS}/agent-1")  # bound to a node: its kubelet finalizes
+    assert code == 200 and agent["metadata"]["deletionTimestamp"], "the collected pod is Terminating"
     assert (await send(api_http, "GET", "/api/v1/namespaces/default/secrets/agent-1"))[0] == 404
 
     await send(api_http, "DELETE", f"{RVS}/keeper", {"propagationPolicy": "Orphan"})

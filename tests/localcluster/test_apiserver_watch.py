@@ -47,7 +47,7 @@ async def test_watch_without_version_lists_then_streams_changes(
         assert resp.status == 200
         assert await read_events(resp, 1) == [("ADDED", "a")]
         await api_http.patch(f"{PODS}/a", json={"metadata": {"labels": {"x": "1"}}}, headers=MERGE)
-        await api_http.delete(f"{PODS}/a")
+        await api_http.delete(f"{PODS}/a?gracePeriodSeconds=0")  # gone at once, not Terminating
         assert await read_events(resp, 2) == [("MODIFIED", "a"), ("DELETED", "a")]
 
 
@@ -57,7 +57,7 @@ async def test_watch_from_a_resource_version_replays_what_followed_it(
     async with api_http.post(PODS, json=pod("a")) as resp:
         after_a = (await resp.json())["metadata"]["resourceVersion"]
     await api_http.post(PODS, json=pod("b"))
-    await api_http.delete(f"{PODS}/a")
+    await api_http.delete(f"{PODS}/a?gracePeriodSeconds=0")  # gone at once, not Terminating
     params = {"watch": "true", "resourceVersion": after_a}
     async with api_http.get(PODS, params=params) as resp:
         assert await read_events(resp, 2) == [("ADDED", "b"), ("DELETED", "a")]

@@ -542,8 +542,14 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         if method == "PATCH":
             return self._serve_patch(request, rtype, ns, name, sub, dry_run)
         if method == "DELETE":
-            options = request.data if isinstance(request.data, dict) else None
-            obj = self.delete_object(rtype, ns, name, options, dry_run=dry_run)
+            options = dict(request.data) if isinstance(request.data, dict) else {}
+            if "gracePeriodSeconds" in params and "gracePeriodSeconds" not in options:
+                try:  # the query parameter (client libraries) as the body's field (kubectl)
+                    options["gracePeriodSeconds"] = int(params["gracePeriodSeconds"])
+                except ValueError:
+                    wrong = params["gracePeriodSeconds"]
+                    raise bad_request(f"gracePeriodSeconds must be an integer, not {wrong!r}") from None
+            obj = self.delete_object(rtype, ns, name, options or None, dry_run=dry_run)
             return aiohttp.web.json_response(self._present(rtype, obj))
         raise RequestError(405, "MethodNotAllowed", f"{method} is not supported on an object")
 

@@ -15,9 +15,11 @@ import base64
 import collections
 import contextlib
 import copy
+import datetime
 import random
 import string
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -598,7 +600,9 @@ class ObjectStore:
         if dry_run:
             return new
         meta["resourceVersion"] = str(self._next_rv())
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not meta.get("deletionGracePeriodSeconds"):
+            # the last finalizer went (a pod in its grace period stays until its kubelet
+            # or a zero-grace DELETE finalizes it)
             del kind.objects[(namespace, name)]
             self._emit(rtype, "DELETED", new, old)
             self._after_delete(rtype, new)
@@ -639,6 +643,8 @@ class ObjectStore:
             self._orphan_dependents(old)
         elif policy == "Foreground" and self._dependents(old["metadata"]["uid"]):
             return self._delete_foreground(rtype, old)
+        if rtype.key == ("", "pods") and (grace := pod_grace_period(old, options)) > 0:
+            return self._delete_pod_gracefully(rtype, old, grace)
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return old
@@ -656,6 +662,23 @@ class ObjectStore:
         self._emit(rtype, "DELETED", gone, old)
         self._after_delete(rtype, gone, collect=policy != "Orphan")
         return gone
+
+    def _delete_pod_gracefully(self, rtype: ResourceType, old: dict[str, Any], grace: int) -> dict[str, Any]:
+        """A bound, running pod is only marked: deletionTimestamp = now + grace. Its kubelet
+        stops the containers and finalizes with a zero-grace DELETE; a pod whose node is
+        dead stays Terminating until someone force-deletes it (as with a real API server)."""
+        meta = old["metadata"]
+        current = meta.get("deletionGracePeriodSeconds")
+        if meta.get("deletionTimestamp") and current is not None and int(current) <= grace:
+            return old  # already terminating, at least as soon
+        new = copy.deepcopy(old)
+        when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=grace)
+        new["metadata"]["deletionTimestamp"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        new["metadata"]["deletionGracePeriodSeconds"] = grace
+        new["metadata"]["resourceVersion"] = str(self._next_rv())
+        self._kinds[rtype.key].objects[(meta.get("namespace", ""), meta["name"])] = new
+        self._emit(rtype, "MODIFIED", new, old)
+        return new
 
     def _delete_namespace(self, rtype: ResourceType, ns_obj: dict[str, Any]) -> dict[str, Any]:
         """Mark the namespace Terminating, delete its content, finalize when it is empty."""
@@ -840,3 +863,18 @@ class ObjectStore:
         for kind in self._kinds.values():
             for watch in kind.watches:
                 watch.queue.put_nowait(None)
+
+
+def pod_grace_period(pod: Mapping[str, Any], options: Mapping[str, Any] | None) -> int:
+    """The grace period a DELETE gives a pod (kube-apiserver's rules): the request's
+    gracePeriodSeconds, else the pod's terminationGracePeriodSeconds (30); zero for a pod
+    that no node runs (not scheduled, or already Succeeded/Failed)."""
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    if not spec.get("nodeName") or status.get("phase") in ("Succeeded", "Failed"):
+        return 0
+    requested = (options or {}).get("gracePeriodSeconds")
+    grace = requested if requested is not None else spec.get("terminationGracePeriodSeconds", 30)
+    try:
+        return max(0, int(grace))
+    except (TypeError, ValueError):
+        return 30
