@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from tests.support.ci import tool
+from tests.support.localcluster_cli import stop_detached
 
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet_api import KubeApi
@@ -85,3 +86,12 @@ def kubectl(api_cluster: LocalCluster, tmp_path: Path) -> KubectlRunner:
         return proc.returncode, out.decode(), err.decode()
 
     return run
+
+
+@pytest.fixture
+async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    """A state directory for `pairvol localcluster up --detach`; whatever runs there is
+    stopped afterwards, even when the test failed."""
+    state = tmp_path / "state"
+    yield state
+    await stop_detached(state)

@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 from tests.support.ci import tool
+from tests.support.localcluster_cli import alive, kubectl, pairvol
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,64 +24,6 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for simulated nodes"),
 ]
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-async def pairvol(*args: str, within: float = 60) -> Result:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pairvol", "localcluster", *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), within)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@pytest.fixture
-async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
-    """A state directory; whatever `up` left running there is stopped afterwards."""
-    state = tmp_path / "state"
-    yield state
-    cluster = state / "cluster.json"
-    if cluster.exists():
-        pid = json.loads(cluster.read_text())["pid"]
-        if alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(150):  # up to 30 s for a clean stop
-                if not alive(pid):
-                    break
-                await asyncio.sleep(0.2)
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-async def kubectl(kubeconfig: str, *args: str, within: float = 60) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        tool("kubectl"), "--kubeconfig", kubeconfig, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), within)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
 
 
 async def test_up_status_node_kill_and_down_from_other_processes(state_dir: Path) -> None:

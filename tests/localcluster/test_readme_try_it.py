@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -37,26 +35,6 @@ def try_it_block() -> str:
     match = re.search(r"```\n(.*?)```", section, re.S)
     assert match, "the Try it section has no code block"
     return match.group(1)
-
-
-@pytest.fixture
-async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
-    state = tmp_path / "state"
-    yield state
-    cluster = state / "cluster.json"
-    if cluster.exists():  # the block failed before `down`: stop what it started
-        pid = json.loads(cluster.read_text())["pid"]
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        for _ in range(150):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            await asyncio.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
 
 
 async def test_the_readme_try_it_section_runs_verbatim(state_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,71 @@
+"""`pairvol localcluster ...` and `kubectl` as a user runs them from a shell, for tests that
+drive a detached local cluster through its state directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.ci import tool
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+async def pairvol(*args: str, within: float = 60) -> Result:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pairvol", "localcluster", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def stop_detached(state: Path) -> None:
+    """Stop whatever `up --detach` left running in ``state`` (by its PID): SIGTERM, up to
+    30 s for a clean stop, then SIGKILL."""
+    cluster = state / "cluster.json"
+    if not cluster.exists():
+        return
+    pid = json.loads(cluster.read_text())["pid"]
+    if alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(150):
+            if not alive(pid):
+                break
+            await asyncio.sleep(0.2)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def kubectl(kubeconfig: str, *args: str, within: float = 60) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        tool("kubectl"), "--kubeconfig", kubeconfig, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), within)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
