@@ -265,6 +265,7 @@ _ENDPOINT = {
         "interval": _DURATION,
         "scrapeTimeout": _DURATION,
         "scheme": {"enum": ["http", "https"]},
+        "honorLabels": {"type": "boolean"},
     },
 }
 

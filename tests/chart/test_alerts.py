@@ -89,6 +89,7 @@ def test_every_alert_has_a_firing_and_a_silent_case(tmp_path: Path) -> None:
     names = set(alerts(rendered_rules(tmp_path)))
     assert names == {
         "PairvolReplicationDegraded",
+        "PairvolVolumeFailed",
         "PairvolSecondaryOutOfSync",
         "PairvolResyncStalled",
         "PairvolCheckpointStale",

@@ -47,6 +47,13 @@ class OperatorMetrics:
             ["namespace", "volume"],
             registry=r,
         )
+        self.volume_phase = Gauge(
+            "pairvol_volume_phase",
+            "1 for the volume's current phase (status.phase), 0 for the others: the operator's view, which"
+            " also sees what no agent reports (an idle primary whose secondary's node died)",
+            ["namespace", "volume", "phase"],
+            registry=r,
+        )
         self._phases: dict[str, str] = {}
         for phase in Phase:
             self.volumes.labels(phase.value).set(0)
@@ -59,12 +66,19 @@ class OperatorMetrics:
             self.last_checkpoint.labels(namespace, volume).set(timestamp)
 
     def set_phase(self, key: str, phase: str | None) -> None:
+        """``key``: "namespace/name"; None when the volume is gone (or no longer ours)."""
+        namespace, _, volume = key.partition("/")
         if phase is None:
             self._phases.pop(key, None)
         else:
             self._phases[key] = phase
         for p in Phase:
             self.volumes.labels(p.value).set(sum(1 for v in self._phases.values() if v == p.value))
+            if phase is None:
+                with contextlib.suppress(KeyError):
+                    self.volume_phase.remove(namespace, volume, p.value)
+            else:
+                self.volume_phase.labels(namespace, volume, p.value).set(1 if p.value == phase else 0)
 
 
 METRIC_NAMES: frozenset[str] = frozenset(
@@ -79,5 +93,6 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pairvol_operator_status_writes_total",
         "pairvol_operator_last_checkpoint_timestamp_seconds",
         "pairvol_operator_volumes",
+        "pairvol_volume_phase",
     }
 )
