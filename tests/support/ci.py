@@ -43,6 +43,7 @@ TOOL_HINTS = {
     "helm": "run `make tools` (puts it in .venv/tools)",
     "kubectl": "run `make tools` (puts it in .venv/tools)",
     "promtool": "install Debian's `prometheus` package",
+    "prometheus": "install Debian's `prometheus` package",
 }
 
 
