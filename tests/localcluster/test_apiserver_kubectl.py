@@ -163,6 +163,37 @@ async def test_kubectl_works_with_builtin_kinds(kubectl: KubectlRunner) -> None:
     assert "Warning" not in err, err
 
 
+async def test_kubectl_scale_writes_replicas_through_the_scale_subresource(kubectl: KubectlRunner) -> None:
+    deployment = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: busybox, command: [sleep, "3600"]}]}
+"""
+    code, _, err = await kubectl("apply", "-f", "-", stdin=deployment)
+    assert code == 0, err
+    code, out, err = await kubectl("scale", "deployment", "web", "--replicas=3")
+    assert (code, out.strip()) == (0, "deployment.apps/web scaled"), err
+    code, out, err = await kubectl("get", "deploy", "web", "-o", "jsonpath={.spec.replicas}")
+    assert out == "3", err
+    code, out, err = await kubectl("get", "--raw", "/apis/apps/v1/namespaces/default/deployments/web/scale")
+    scale = json.loads(out)
+    assert (scale["kind"], scale["apiVersion"], scale["spec"]) == ("Scale", "autoscaling/v1", {"replicas": 3})
+    assert scale["status"]["selector"] == "app=web"
+    # a precondition that does not hold changes nothing and says why
+    code, out, err = await kubectl("scale", "deployment", "web", "--current-replicas=2", "--replicas=5")
+    assert code != 0 and "Expected replicas to be 2, was 3" in err, (out, err)
+    code, out, err = await kubectl("scale", "deployment", "web", "--replicas=0")
+    assert code == 0, err
+    code, out, err = await kubectl("get", "deploy", "web", "-o", "jsonpath={.spec.replicas}")
+    assert out == "0"
+
+
 async def test_kubectl_logs_reads_the_pod_log_source(
     kubectl: KubectlRunner, api_cluster: LocalCluster, tmp_path: Path
 ) -> None:

@@ -17,6 +17,8 @@ from pairvol.localcluster.apiserver_logic import (
     parse_field_selector,
     parse_label_selector,
     parse_resource_path,
+    scale_of,
+    scaled,
     selector_matches,
     strategic_merge_patch,
 )
@@ -289,3 +291,25 @@ def test_the_object_store_applies_the_write_rules_without_http() -> None:
     assert conflict.value.code == 409
     with pytest.raises(RequestError, match='namespaces "nope" not found'):
         store.create_object("coordination.k8s.io", "v1", "leases", {"metadata": {"name": "l"}}, "nope")
+
+
+
+def test_a_scale_sets_only_replicas_refuses_stale_versions_and_bad_numbers() -> None:
+    deploy = {
+        "metadata": {"name": "web", "namespace": "default", "resourceVersion": "7", "labels": {"a": "b"}},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web", "tier": "front"}}, "paused": True},
+        "status": {"replicas": 2},
+    }
+    scale = scale_of(deploy)
+    assert scale["spec"] == {"replicas": 2}
+    assert scale["status"] == {"replicas": 2, "selector": "app=web,tier=front"}
+    assert "labels" not in scale["metadata"]
+    out = scaled(deploy, {**scale, "spec": {"replicas": 4}})
+    assert out["spec"] == {**deploy["spec"], "replicas": 4} and deploy["spec"]["replicas"] == 2
+    with pytest.raises(RequestError, match="the object has been modified") as stale:
+        scaled(deploy, {"metadata": {"resourceVersion": "6"}, "spec": {"replicas": 4}})
+    assert stale.value.code == 409
+    for bad in (-1, "3", None, True):
+        with pytest.raises(RequestError, match=r"spec\.replicas: Invalid value") as invalid:
+            scaled(deploy, {"spec": {"replicas": bad}})
+        assert invalid.value.code == 422

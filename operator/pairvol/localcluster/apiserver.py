@@ -8,12 +8,15 @@ fault injection: ``api["patch", kmock.resource(...)] << 503``). kmock's own emul
 stores objects with merge-everything semantics, so :class:`APIServer` replaces that
 store with :class:`~pairvol.localcluster.apiserver_store.ObjectStore`, which applies
 Kubernetes' rules (status subresource, generation, resourceVersion conflicts,
-finalizers, garbage collection, CRD schema admission with CEL rules).
+finalizers, graceful pod deletion, garbage collection, CRD schema admission with CEL
+rules).
 
 This module is the wire side:
 
 * resource URLs, including ``/api/v1/namespaces/<name>`` (kmock's path parser takes
   ``namespaces`` for a namespace prefix and fails);
+* the ``scale`` subresource of Deployments, ReplicaSets and StatefulSets (autoscaling/v1
+  Scale: ``kubectl scale``);
 * GET/LIST (label and field selectors, ``as=Table`` server-side printing with the CRD's
   printer columns), POST, PUT, DELETE (with preconditions and ``propagationPolicy``),
   ``dryRun=All``, ``fieldValidation=Strict|Warn|Ignore`` (Warn is the default, sent as
@@ -63,6 +66,7 @@ from pairvol.localcluster.apiserver_builtin import (
 )
 from pairvol.localcluster.apiserver_logic import (
     PATCH_TYPES,
+    SCALABLE,
     RequestError,
     Requirement,
     ResourcePath,
@@ -70,6 +74,8 @@ from pairvol.localcluster.apiserver_logic import (
     parse_field_selector,
     parse_label_selector,
     parse_resource_path,
+    scale_of,
+    scaled,
     selector_matches,
     table,
 )
@@ -133,7 +139,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             verbs=set(rtype.verbs),
             shortnames=set(rtype.short_names),
             categories=set(rtype.categories),
-            subresources={"status"} if rtype.status_subresource else set(),
+            subresources=({"status"} if rtype.status_subresource else set())
+            | ({"scale"} if rtype.key in SCALABLE else set()),
         )
 
     def _on_unregister(self, rtype: ResourceType) -> None:
@@ -361,6 +368,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             if "/" in entry["name"]:  # subresources have no short names or categories
                 entry["shortNames"], entry["categories"] = [], []
                 entry["verbs"] = ["get", "patch", "update"]
+            if entry["name"].endswith("/scale"):  # what client-go's scale client resolves
+                entry.update(group="autoscaling", version="v1", kind="Scale", singularName="")
         return result
 
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
@@ -478,6 +487,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             return await self._serve_log(request, rpath.namespace or "", rpath.name)
         if sub == "token" and rtype.key == ("", "serviceaccounts") and rpath.name and request.method == "POST":
             return self._serve_token_request(request, rpath.namespace or "", rpath.name)
+        if sub == "scale" and rtype.key in SCALABLE and rpath.name:
+            return self._serve_scale(request, rtype, self._check_namespace(rtype, request.namespace), rpath.name)
         if sub is not None and not (sub == "status" and rtype.status_subresource):
             raise RequestError(
                 404, "NotFound", f"the server could not find the requested resource ({rtype.plural}/{sub})"
@@ -607,6 +618,34 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
             patched["metadata"].setdefault("name", name)
         obj = self.update_object(rtype, ns, name, patched, sub, require_rv=False, dry_run=dry_run)
         return aiohttp.web.json_response(self._present(rtype, obj))
+
+    def _serve_scale(
+        self, request: kmock.Request, rtype: ResourceType, ns: str, name: str
+    ) -> aiohttp.web.StreamResponse:
+        """``<workload>/scale``: GET the Scale; PUT or PATCH it to set spec.replicas."""
+        method = str(request.method.value).upper()
+        current = self.get_object(rtype, ns, name)
+        if method == "GET":
+            return aiohttp.web.json_response(scale_of(current))
+        if method == "PUT":
+            wanted: Any = self._body(request)
+        elif method == "PATCH":
+            ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+            patcher = PATCH_TYPES.get(ctype)
+            if patcher is None or ctype.startswith("application/apply-patch"):
+                raise RequestError(
+                    415, "UnsupportedMediaType", f"a Scale takes a JSON, merge or strategic merge patch, not {ctype!r}"
+                )
+            try:
+                patch = json.loads(request.text or "null")
+            except ValueError as exc:
+                raise bad_request(f"the patch is not valid JSON: {exc}") from None
+            wanted = patcher(scale_of(current), patch)
+        else:
+            raise RequestError(405, "MethodNotAllowed", f"{method} is not supported on {rtype.plural}/scale")
+        dry_run = request.params.get("dryRun") == "All"
+        obj = self.update_object(rtype, ns, name, scaled(current, wanted), None, require_rv=False, dry_run=dry_run)
+        return aiohttp.web.json_response(scale_of(obj))
 
     def _list_body(self, rtype: ResourceType, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {

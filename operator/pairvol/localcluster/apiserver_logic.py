@@ -342,6 +342,56 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
+#: Workloads with a ``scale`` subresource (autoscaling/v1 Scale): what ``kubectl scale``
+#: and autoscalers write instead of the whole object.
+SCALABLE: frozenset[tuple[str, str]] = frozenset(
+    {("apps", "deployments"), ("apps", "replicasets"), ("apps", "statefulsets")}
+)
+
+
+def scale_of(obj: dict[str, Any]) -> dict[str, Any]:
+    """The autoscaling/v1 Scale view of a Deployment, ReplicaSet or StatefulSet."""
+    meta = obj.get("metadata") or {}
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    match = (spec.get("selector") or {}).get("matchLabels") or {}
+    return {
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {
+            k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in meta
+        },
+        "spec": {"replicas": int(spec.get("replicas", 1))},
+        "status": {
+            "replicas": int(status.get("replicas", 0)),
+            "selector": ",".join(f"{k}={v}" for k, v in match.items()),
+        },
+    }
+
+
+def scaled(obj: dict[str, Any], scale: Any) -> dict[str, Any]:
+    """``obj`` with the replicas a written Scale asks for; 409 for a Scale written against
+    another resourceVersion, 422 for replicas that are not a whole number >= 0."""
+    if not isinstance(scale, dict):
+        raise bad_request("a Scale must be a JSON object")
+    wanted_rv = (scale.get("metadata") or {}).get("resourceVersion")
+    if wanted_rv and wanted_rv != (obj.get("metadata") or {}).get("resourceVersion"):
+        name = (obj.get("metadata") or {}).get("name")
+        raise RequestError(
+            409,
+            "Conflict",
+            f"Operation cannot be fulfilled on {name}: the object has been modified; "
+            "please apply your changes to the latest version and try again",
+        )
+    replicas = (scale.get("spec") or {}).get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        raise RequestError(
+            422, "Invalid", f"spec.replicas: Invalid value: {replicas!r}: must be greater than or equal to 0"
+        )
+    new = copy.deepcopy(obj)
+    new.setdefault("spec", {})["replicas"] = replicas
+    return new
+
+
 def name_problem(name: str, *, label: bool = False) -> str | None:
     """Why ``name`` is not a valid object name, or None."""
     limit = 63 if label else 253
