@@ -182,8 +182,7 @@ async def test_alerts_fire_from_real_series_when_a_node_dies_a_volume_fails_over
         assert (await status(kubeconfig))["primary"]["node"] == st["secondary"]["node"]
 
         # no operator replica left running
-        scale_to_zero = '{"spec":{"replicas":0}}'
-        await kubectl(kubeconfig, "patch", "deploy", "-n", "pairvol", "pairvol-operator", "-p", scale_to_zero)
+        await kubectl(kubeconfig, "scale", "deploy", "-n", "pairvol", "pairvol-operator", "--replicas=0")
         await prom.wait_for("PairvolOperatorDown", lambda: prom.firing("PairvolOperatorDown"), 90)
 
 
