@@ -261,6 +261,20 @@ async def test_a_running_pod_is_deleted_gracefully_and_stays_until_finalized_wit
     assert code == 404, "a pod no node runs goes at once"
 
 
+async def test_a_terminating_pod_with_a_finalizer_goes_when_its_grace_is_over_and_the_finalizer_is_removed(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    body = pod("held", "node-1")
+    body["metadata"]["finalizers"] = ["x.io/hold"]
+    await send(api_http, "POST", PODS, body)
+    await send(api_http, "DELETE", f"{PODS}/held")
+    code, obj = await send(api_http, "DELETE", f"{PODS}/held?gracePeriodSeconds=0")  # the kubelet is done
+    assert code == 200 and obj["metadata"]["deletionGracePeriodSeconds"] == 0
+    await send(api_http, "PATCH", f"{PODS}/held", {"metadata": {"finalizers": None}}, MERGE)
+    code, _ = await send(api_http, "GET", f"{PODS}/held")
+    assert code == 404
+
+
 async def test_label_and_field_selectors(api_http: aiohttp.ClientSession) -> None:
     await send(api_http, "POST", PODS, pod("a", "node-1", role="primary", vol="v"))
     await send(api_http, "POST", PODS, pod("b", "node-2", role="secondary", vol="v"))

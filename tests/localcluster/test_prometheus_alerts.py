@@ -179,7 +179,11 @@ async def test_alerts_fire_from_real_series_when_a_node_dies_a_volume_fails_over
             "PairvolFailoverHappened", lambda: prom.firing("PairvolFailoverHappened", volume="watched"), 120
         )
         assert failed_over[0]["labels"]["namespace"] == "apps"
-        assert (await status(kubeconfig))["primary"]["node"] == st["secondary"]["node"]
+
+        async def promoted() -> bool:  # the agent counts the failover before the status says so
+            return bool((await status(kubeconfig)).get("primary", {}).get("node") == st["secondary"]["node"])
+
+        await prom.wait_for("the status to name the promoted secondary", promoted, 30)
 
         # no operator replica left running
         await kubectl(kubeconfig, "scale", "deploy", "-n", "pairvol", "pairvol-operator", "--replicas=0")

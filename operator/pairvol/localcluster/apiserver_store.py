@@ -647,6 +647,15 @@ class ObjectStore:
             return self._delete_pod_gracefully(rtype, old, grace)
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
+                if old["metadata"].get("deletionGracePeriodSeconds"):
+                    # a pod's grace is over (its kubelet's zero-grace DELETE): only the
+                    # finalizers hold it now, and it goes when the last one does
+                    new = copy.deepcopy(old)
+                    new["metadata"]["deletionGracePeriodSeconds"] = 0
+                    new["metadata"]["resourceVersion"] = str(self._next_rv())
+                    kind.objects[(namespace, name)] = new
+                    self._emit(rtype, "MODIFIED", new, old)
+                    return new
                 return old
             new = copy.deepcopy(old)
             new["metadata"]["deletionTimestamp"] = now_rfc3339()
