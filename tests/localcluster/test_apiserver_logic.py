@@ -309,6 +309,13 @@ def test_a_scale_sets_only_replicas_refuses_stale_versions_and_bad_numbers() -> 
     with pytest.raises(RequestError, match="the object has been modified") as stale:
         scaled(deploy, {"metadata": {"resourceVersion": "6"}, "spec": {"replicas": 4}})
     assert stale.value.code == 409
+    assert scaled(deploy, {"spec": {}})["spec"]["replicas"] == 0, "an omitted int32 is zero"
+    expressions = {"matchLabels": {"app": "web"}, "matchExpressions": [
+        {"key": "tier", "operator": "In", "values": ["front", "edge"]},
+        {"key": "canary", "operator": "DoesNotExist"},
+    ]}  # fmt: skip
+    selector = scale_of({**deploy, "spec": {"selector": expressions}})["status"]["selector"]
+    assert selector == "app=web,tier in (front,edge),!canary"
     for bad in (-1, "3", None, True):
         with pytest.raises(RequestError, match=r"spec\.replicas: Invalid value") as invalid:
             scaled(deploy, {"spec": {"replicas": bad}})

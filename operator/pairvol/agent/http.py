@@ -93,9 +93,11 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
         except IllegalTransition as exc:
             return _error(409, str(exc))
         except PairvolError as exc:
-            log.error("%s %s failed: %s", request.method, request.path, exc)
+            # notes say what else went wrong on the way (an undo that failed too)
+            message = "; ".join([str(exc), *getattr(exc, "__notes__", ())])
+            log.error("%s %s failed: %s", request.method, request.path, message)
             log.debug("traceback", exc_info=True)
-            return _error(500, str(exc))
+            return _error(500, message)
         except Exception as exc:
             log.error("%s %s failed unexpectedly: %s: %s", request.method, request.path, type(exc).__name__, exc)
             log.debug("traceback", exc_info=True)

@@ -25,23 +25,34 @@ import aiohttp
 
 from pairvol.nbd import NBDClient
 
+_handed_out: set[int] = set()  # ports this process gave out: never twice
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free now and that no outgoing connection will take before the
     caller listens on it: chosen below the kernel's ephemeral range, which is where
-    ``bind(0)`` would pick, and where every client socket of a busy machine picks too."""
+    ``bind(0)`` would pick, and where every client socket of a busy machine picks too.
+    Where that range leaves too little room below it, the kernel chooses."""
     low, _ = _ephemeral_range()
-    for _ in range(200):
-        port = random.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
+    if low - 10000 >= 1000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            if port in _handed_out:
                 continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
             return port
-    with socket.socket() as s:  # a crowded low range: fall back to the kernel's choice
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _ephemeral_range() -> tuple[int, int]:

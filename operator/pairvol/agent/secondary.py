@@ -277,7 +277,10 @@ class SecondaryChain:
                 if _gone(exc):
                     return {"event": "GONE", "data": {}}
                 raise
-            return await self.qsd.wait_job_event(job, {"BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"}, timeout)
+            try:
+                return await self.qsd.wait_job_event(job, {"BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"}, timeout)
+            except TimeoutError as exc:
+                raise ChainError(f"copy-before-write job {job} did not end within {timeout:g} s of its cancel") from exc
         finally:
             self.qsd.unwatch_job(job)
             self._cancelling.discard(job)

@@ -353,7 +353,15 @@ def scale_of(obj: dict[str, Any]) -> dict[str, Any]:
     """The autoscaling/v1 Scale view of a Deployment, ReplicaSet or StatefulSet."""
     meta = obj.get("metadata") or {}
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
-    match = (spec.get("selector") or {}).get("matchLabels") or {}
+    selector = spec.get("selector") or {}
+    terms = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), ",".join(expr.get("values") or [])
+        terms.append(
+            {"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": str(key)}.get(
+                str(op), f"!{key}"
+            )
+        )
     return {
         "apiVersion": "autoscaling/v1",
         "kind": "Scale",
@@ -363,7 +371,7 @@ def scale_of(obj: dict[str, Any]) -> dict[str, Any]:
         "spec": {"replicas": int(spec.get("replicas", 1))},
         "status": {
             "replicas": int(status.get("replicas", 0)),
-            "selector": ",".join(f"{k}={v}" for k, v in match.items()),
+            "selector": ",".join(terms),
         },
     }
 
@@ -382,7 +390,7 @@ def scaled(obj: dict[str, Any], scale: Any) -> dict[str, Any]:
             f"Operation cannot be fulfilled on {name}: the object has been modified; "
             "please apply your changes to the latest version and try again",
         )
-    replicas = (scale.get("spec") or {}).get("replicas")
+    replicas = (scale.get("spec") or {}).get("replicas", 0)  # omitted: zero, as an int32 field
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise RequestError(
             422, "Invalid", f"spec.replicas: Invalid value: {replicas!r}: must be greater than or equal to 0"

@@ -970,10 +970,7 @@ class PodWorker:
         await self.release_network()
         if finalize:
             await self.flush_status()
-            try:
-                await self.kubelet.sim.api.delete_pod_now(*self.key)
-            except ApiError as exc:
-                logger.warning("pod %s/%s: final delete failed: %s", *self.key, exc)
+            await self.kubelet.finalize_deletion(self.key, meta(self.pod).get("uid"))
         await asyncio.to_thread(shutil.rmtree, self.pod_dir, True)
         self.finished.set()
         self.kubelet.forget(self)
@@ -1120,6 +1117,7 @@ class NodeKubelet:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._done: set[str] = set()  # uids finished here (not to be restarted)
+        self._finalizing: dict[str, asyncio.Task[None]] = {}  # zero-grace DELETEs under way, by uid
 
     async def start(self) -> None:
         await asyncio.to_thread(self._make_dirs)
@@ -1259,10 +1257,10 @@ class NodeKubelet:
             if worker is not None:
                 worker.pod = pod
                 worker.request_delete(finalize=True)
-            elif uid not in self._done:
-                # Nothing running here (e.g. the node restarted): just finalize.
-                self._done.add(uid)
-                await self.sim.api.delete_pod_now(*pod_key(pod))
+            elif uid not in self._done and uid not in self._finalizing:
+                # Nothing running here (e.g. the node restarted): just finalize, off the
+                # watch loop (the DELETE is retried)
+                self._finalizing[uid] = asyncio.create_task(self._finalize_orphan(pod, uid))
             return
         if worker is not None:
             worker.pod.update({k: v for k, v in pod.items() if k != "status"})
@@ -1285,6 +1283,33 @@ class NodeKubelet:
         if worker is not None and not worker.deleting:
             worker.request_delete(finalize=False)
 
+    async def _finalize_orphan(self, pod: JsonDict, uid: str) -> None:
+        try:
+            if await self.finalize_deletion(pod_key(pod), meta(pod).get("uid")):
+                self._done.add(uid)
+        finally:
+            self._finalizing.pop(uid, None)
+
+    async def finalize_deletion(self, key: tuple[str, str], uid: str | None, within: float = 60.0) -> bool:
+        """The zero-grace DELETE that ends a pod's graceful deletion, retried until the API
+        server took it (a pod left Terminating on a healthy node would block whoever
+        waits for it: a volume's finalizer, a namespace). False if it never did: a later
+        relist sees the pod again and retries."""
+        deadline = time.monotonic() + within
+        delay = 0.2
+        while True:
+            if self.connected.is_set():
+                try:
+                    await self.sim.api.delete_pod_now(*key, uid=uid)
+                    return True
+                except (ApiError, OSError, TimeoutError) as exc:
+                    logger.warning("pod %s/%s: final delete failed (%s); retrying", *key, exc)
+            if time.monotonic() > deadline or not self.alive:
+                logger.warning("pod %s/%s: final delete not done; the next relist retries", *key)
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     def forget(self, worker: PodWorker) -> None:
         if self.workers.get(worker.uid) is worker:
             del self.workers[worker.uid]
@@ -1293,6 +1318,7 @@ class NodeKubelet:
 
     async def _cancel_tasks(self) -> None:
         tasks = [t for t in (self._heartbeat_task, self._watch_task) if t is not None]
+        tasks += list(self._finalizing.values())
         self._heartbeat_task = self._watch_task = None
         for task in tasks:
             task.cancel()

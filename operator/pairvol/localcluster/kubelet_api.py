@@ -144,16 +144,16 @@ class KubeApi:
             content_type=MERGE_PATCH,
         )
 
-    async def delete_pod_now(self, namespace: str, name: str) -> None:
-        """Finalize a graceful deletion (gracePeriodSeconds=0); gone already is fine."""
+    async def delete_pod_now(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """Finalize a graceful deletion (gracePeriodSeconds=0); gone already is fine, and so
+        is a pod of the same name with another ``uid`` (this one is gone, a new one lives)."""
+        body: JsonDict = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            await self.request(
-                "DELETE",
-                f"/api/v1/namespaces/{namespace}/pods/{name}",
-                body={"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0},
-            )
+            await self.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body=body)
         except ApiError as exc:
-            if exc.status != 404:
+            if exc.status not in (404, 409):
                 raise
 
     async def get_object(self, namespace: str, plural: str, name: str) -> JsonDict | None:

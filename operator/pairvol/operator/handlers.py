@@ -326,7 +326,7 @@ class Reconciler:
                     await c.kube.create_if_missing(pods_path(ns), manifest)
                     log.info("%s: created %s pod %s on %s", self.key, role, pod, node)
                 case d.DeletePod(pod=pod, reason=reason):
-                    await c.kube.delete(pods_path(ns, pod), grace_s=1)
+                    await c.kube.delete(pods_path(ns, pod))  # the pod's own grace: the agent stops cleanly
                     log.info("%s: deleted pod %s: %s", self.key, pod, reason)
                 case d.SetRole(pod=pod, role=role):
                     await c.kube.merge_patch(pods_path(ns, pod), {"metadata": {"labels": {d.LABEL_ROLE: role}}})
@@ -445,21 +445,25 @@ class Reconciler:
     async def run(self, stopped: Any) -> None:
         c = ctx()
         backoff = c.config.reconcile_interval_s
-        while not stopped:
-            try:
-                acted = await self.tick()
-                c.metrics.reconciles.labels("ok").inc()
-                backoff = c.config.reconcile_interval_s
-                if acted:
-                    continue
-            except (KubeError, AgentError) as exc:
-                c.metrics.reconciles.labels("error").inc()
-                log.info("%s: tick failed (retrying in %.1fs): %s", self.key, backoff, exc)
-                backoff = min(5.0, backoff * 2)
-            await stopped.wait(backoff)
-        c.metrics.set_phase(self.key, None)
-        if self.call is not None and not self.call.done():
-            self.call.cancel()
+        try:
+            while not stopped:
+                try:
+                    acted = await self.tick()
+                    c.metrics.reconciles.labels("ok").inc()
+                    backoff = c.config.reconcile_interval_s
+                    if acted:
+                        continue
+                except (KubeError, AgentError) as exc:
+                    c.metrics.reconciles.labels("error").inc()
+                    log.info("%s: tick failed (retrying in %.1fs): %s", self.key, backoff, exc)
+                    backoff = min(5.0, backoff * 2)
+                await stopped.wait(backoff)
+        finally:
+            # also when kopf cancels the daemon: a replica that no longer manages the
+            # volume must not keep exporting its last phase (alerts take the max)
+            c.metrics.set_phase(self.key, None)
+            if self.call is not None and not self.call.done():
+                self.call.cancel()
 
 
 # ------------------------------------------------------------------ kopf handlers
@@ -551,11 +555,15 @@ async def on_delete(**kw: Any) -> None:
     runtime = kw.get("runtime")
     before = runtime.total_seconds() if isinstance(runtime, datetime.timedelta) else 0.0
     t0 = time.monotonic()
+    told = None
     while True:
         elapsed = before + time.monotonic() - t0
         waiting = await _finalize(name, namespace, kw["body"], kw["spec"], kw["status"], elapsed)
         if waiting is None:
             return
+        if waiting != told:  # what the deletion waits for, once, for kubectl describe
+            await Reconciler(name, namespace).event(kw["body"], "Normal", "Deleting", waiting)
+            told = waiting
         if time.monotonic() - t0 > DELETE_PATIENCE_S:
             raise kopf.TemporaryError(f"{waiting} after {elapsed:.0f} s", delay=1)
         await asyncio.sleep(1.0)
