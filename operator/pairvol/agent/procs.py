@@ -160,19 +160,44 @@ class Agent:
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
+        answer = "no answer"
         while True:
             if self.proc is not None and self.proc.returncode is not None:
                 raise RuntimeError(f"agent {self.data_dir.name} exited ({self.proc.returncode}): {self.log_tail()}")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
+            try:
                 async with (
                     aiohttp.ClientSession() as s,
                     s.get(f"{self.api}/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r,
                 ):
                     if r.status == 200:
                         return
+                    answer = f"/healthz answered {r.status}: {(await r.text())[:200]}"
+            except (aiohttp.ClientError, OSError) as exc:
+                answer = f"/healthz: {type(exc).__name__}: {exc}"
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"agent {self.data_dir.name} not ready: {self.log_tail()}")
+                raise TimeoutError(
+                    f"agent {self.data_dir.name} not ready after {timeout:g} s ({answer}; processes: "
+                    f"{self.process_tree()}); its log: {self.log_tail()}"
+                )
             await asyncio.sleep(0.05)
+
+    def process_tree(self) -> str:
+        """The agent's process and its descendants, with their state (for a hung start)."""
+        if self.proc is None:
+            return "not started"
+        found: list[str] = []
+        todo = [self.proc.pid]
+        while todo and len(found) < 20:
+            pid = todo.pop()
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            found.append(f"{pid} {stat.rsplit(')', 1)[1].split()[0]} {cmd[:80].strip()}")
+            todo += [int(c) for c in children]
+        return "; ".join(found) or "gone"
 
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():
