@@ -284,7 +284,9 @@ async def test_operator_restarted_mid_failover_completes_it(stack: Stack, volume
     the target's qemu-storage-daemon is frozen, so the agent's failover stops at its first
     QMP command (after the new epoch is durable) and stays there until the daemon thaws."""
     name = "opkill"
-    st = await replicating(stack, volume(name))
+    # no periodic cut: one that is running when the daemon freezes holds the replica lock,
+    # and the failover would queue behind it instead of reaching its first QMP command
+    st = await replicating(stack, volume(name, checkpoint={"intervalSeconds": 0}, failover={"mode": "Latest"}))
     old, sec = st["primary"], st["secondary"]
     qsd = (await agent_status(stack, name, sec))["qsd"]["pid"]
     await stack.sim.kill_pod(stack.namespace, old["pod"])
