@@ -100,12 +100,18 @@ class Qsd:
                 await asyncio.sleep(0.01)
                 continue
             try:
-                await self.qmp.connect(str(self.qmp_path))
+                # bounded: a connection whose greeting never comes must not hold the agent
+                # for ever (seen in CI: agent and daemon both asleep, nothing logged)
+                left = deadline - asyncio.get_running_loop().time()
+                await asyncio.wait_for(self.qmp.connect(str(self.qmp_path)), max(0.5, min(left, 3.0)))
                 break
-            except (OSError, QMPError) as exc:
+            except (OSError, QMPError, TimeoutError) as exc:
+                with contextlib.suppress(Exception):
+                    await self.qmp.disconnect()
                 if asyncio.get_running_loop().time() > deadline:
                     await self.kill()
-                    raise QemuError(f"cannot connect to QMP at {self.qmp_path}: {exc}") from exc
+                    raise QemuError(f"cannot connect to QMP at {self.qmp_path}: {exc!r}") from exc
+                log.debug("QMP connect to %s: %r; retrying", self.qmp_path, exc)
                 await asyncio.sleep(0.02)
         listener = EventListener()
         self.qmp.register_listener(listener)
