@@ -62,6 +62,15 @@ def _meta(obj: Obj) -> Obj:
     return meta
 
 
+def _endpoint_labels(endpoint: Obj) -> dict[str, str]:
+    """The labels every target of a monitor endpoint carries: its port name, path, scheme."""
+    return {
+        "endpoint": str(endpoint.get("port")),
+        "__metrics_path__": str(endpoint.get("path") or "/metrics"),
+        "__scheme__": str(endpoint.get("scheme") or "http"),
+    }
+
+
 def pod_monitor_targets(monitor: Obj, pods: Sequence[Obj]) -> TargetGroups:
     """What a PodMonitor scrapes: every endpoint port of every selected pod with an IP."""
     spec = monitor["spec"]
@@ -88,9 +97,7 @@ def pod_monitor_targets(monitor: Obj, pods: Sequence[Obj]) -> TargetGroups:
                             "namespace": str(meta.get("namespace")),
                             "pod": str(meta.get("name")),
                             "container": str(container.get("name")),
-                            "endpoint": str(endpoint.get("port")),
-                            "__metrics_path__": str(endpoint.get("path") or "/metrics"),
-                            "__scheme__": str(endpoint.get("scheme") or "http"),
+                            **_endpoint_labels(endpoint),
                         },
                     })  # fmt: skip
     return groups
@@ -124,10 +131,8 @@ def service_monitor_targets(monitor: Obj, services: Sequence[Obj], endpoints: Se
                                 "job": job or str(meta.get("name")),
                                 "namespace": str(meta.get("namespace")),
                                 "service": str(meta.get("name")),
-                                "endpoint": str(endpoint.get("port")),
                                 **({"pod": str(ref["name"])} if ref.get("kind") == "Pod" else {}),
-                                "__metrics_path__": str(endpoint.get("path") or "/metrics"),
-                                "__scheme__": str(endpoint.get("scheme") or "http"),
+                                **_endpoint_labels(endpoint),
                             },
                         })  # fmt: skip
     return groups
