@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,11 +38,11 @@ from typing import Any
 
 from pairvol.errors import PairvolError
 from pairvol.localcluster import control
+from pairvol.localcluster.chart import NAMESPACE as OPERATOR_NAMESPACE
+from pairvol.localcluster.chart import RELEASE as OPERATOR_RELEASE
 
 logger = logging.getLogger(__name__)
 
-OPERATOR_RELEASE = "pairvol"
-OPERATOR_NAMESPACE = "pairvol"
 # Every node may hold replicas: examples/manual.yaml selects nodes by this label.
 NODE_LABELS = {"pairvol.io/storage": "true"}
 
@@ -221,16 +220,6 @@ class _Running:
         return {**node, "message": said}
 
 
-def _repo_chart() -> Path | None:
-    candidate = Path(__file__).resolve().parents[3] / "charts" / "pairvol"
-    return candidate if candidate.is_dir() else None
-
-
-def _helm() -> str | None:
-    local = Path(sys.prefix) / "tools" / "helm"
-    return str(local) if local.is_file() else shutil.which("helm")
-
-
 def _namespace_names(values: list[str]) -> list[str]:
     names = list(dict.fromkeys(values or ["default"]))
     for name in names:
@@ -245,11 +234,8 @@ def _namespace_names(values: list[str]) -> list[str]:
 async def _install_operator(cluster: Any, namespaces: list[str]) -> str:
     """``helm install`` the chart, watching ``namespaces`` (created first: the chart puts the
     agents' ServiceAccount and Role there); one line for the user (never raises)."""
-    chart, helm = _repo_chart(), _helm()
-    if chart is None:
-        return "not installed: charts/pairvol not found next to this package (run from a clone of the repository)"
-    if helm is None:
-        return "not installed: helm not found (run `make tools`, which puts it in .venv/tools/)"
+    from pairvol.localcluster import chart
+
     if cluster.simulator is None:
         return "not installed: the nodes are not simulated (--no-simulate-nodes, or not root), nothing would run it"
     api = cluster.api
@@ -257,24 +243,11 @@ async def _install_operator(cluster: Any, namespaces: list[str]) -> str:
     for name in namespaces:  # as `kubectl create namespace`, where missing
         if name not in existing:
             cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    argv = [
-        helm, "install", OPERATOR_RELEASE, str(chart), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
-        "--set", "watchNamespaces={" + ",".join(namespaces) + "}",
-        "--kubeconfig", str(cluster.kubeconfig_path), "--wait", "--timeout", "120s",
-    ]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
-    )
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), 150)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return "not installed: `helm install` did not finish within 150 s"
-    if proc.returncode != 0:
-        reason = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        await chart.install(cluster.kubeconfig_path, {"watchNamespaces": namespaces}, within=120)
+    except chart.ChartInstallError as exc:
         return (
-            f"not installed: `helm install` failed: {reason[0]} (see `kubectl get pods -n {OPERATOR_NAMESPACE}`, "
+            f"not installed: {exc} (see `kubectl get pods -n {OPERATOR_NAMESPACE}`, "
             f"`kubectl describe pods -n {OPERATOR_NAMESPACE}` and the node logs)"
         )
     return (

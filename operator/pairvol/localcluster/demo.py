@@ -1,15 +1,19 @@
 """``pairvol demo`` (``make demo``): the whole pairvol story on 3 simulated nodes.
 
 Why this exists: it is the proof a reader can run. It starts the emulated API server
-(:class:`~pairvol.localcluster.cluster.LocalCluster`), the node simulator (real processes in
-per-node network namespaces), the *real* operator as its own process, applies
+(:class:`~pairvol.localcluster.cluster.LocalCluster`) and the node simulator (real processes
+in per-node network namespaces), installs pairvol as a user would — ``kubectl create
+namespace apps`` and ``helm install`` of charts/pairvol, so the operator is the chart's
+Deployment of two peering replicas running on the nodes under the chart's RBAC — applies
 ``examples/basic.yaml``, waits for ``Replicating``, runs a writer with a verifiable write
-log against the primary's NBD export, kills the primary's node, and shows the automatic
-failover and re-protection. Then it verifies the data and prints RTO, lost acknowledged
-writes and checkpoints cut. Any failed expectation exits non-zero.
+log against the primary's NBD export, kills the primary's node (and the operator replica
+that may run there), and shows the automatic failover and re-protection. Then it verifies
+the data and prints RTO, lost acknowledged writes and checkpoints cut. Any failed
+expectation exits non-zero.
 
 The building blocks (:class:`Stack`, :class:`Writer`, :func:`verify_log`) are also what the
-e2e tests use, so the demo and the tests exercise the same path.
+e2e tests use, so the demo and the tests exercise the same path; the e2e tests mostly run
+the operator as a process (``Stack.up``) so that they can kill and restart it.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import yaml
 
 from pairvol.agent.procs import free_port
 from pairvol.errors import PairvolError
+from pairvol.localcluster.chart import ChartOperator, counter_total
 from pairvol.operator.k8s import KubeClient, load_config, pods_path, volume_path
 
 BLOCK = 4096
@@ -174,17 +179,54 @@ class OperatorProcess:
         await self.stop(kill=kill)
         await self.start()
 
+    # the OperatorHandle the Stack needs
+    @property
+    def log_hint(self) -> str:
+        return f"operator log: {self.log_path}"
+
+    async def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def describe(self) -> str:
+        return f"pid {self.proc.pid if self.proc else '-'} (log {self.log_path})"
+
+    async def metrics(self) -> list[str]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            return [await r.text()]
+
+
+class OperatorHandle(Protocol):
+    """What a :class:`Stack` needs of its operator, however it was started."""
+
+    @property
+    def log_hint(self) -> str: ...
+
+    async def running(self) -> bool: ...
+
+    async def describe(self) -> str: ...
+
+    async def metrics(self) -> list[str]:
+        """``/metrics`` of every live replica."""
+        ...
+
+
+Op = TypeVar("Op", bound=OperatorHandle)
+
 
 # ------------------------------------------------------------------------ stack
 
 
 @dataclass
-class Stack:
-    """API server + node simulator + operator; ``async with Stack.up(...) as s``."""
+class Stack(Generic[Op]):
+    """API server + node simulator + operator: ``async with Stack.up(...) as s`` starts the
+    operator as a process (the e2e tests' handle on it: kill, restart, its log), ``async
+    with Stack.installed(...) as s`` installs it with ``helm install`` (the demo)."""
 
     cluster: Any
     sim: Any
-    operator: OperatorProcess
+    operator: Op
     kube: KubeClient
     root: Path
     namespace: str = "default"
@@ -202,7 +244,7 @@ class Stack:
         node_names: Sequence[str] | None = None,
         operator_pod: Mapping[str, Any] | None = None,
         rbac: Sequence[Mapping[str, Any]] | None = None,
-    ) -> AsyncIterator[Stack]:
+    ) -> AsyncIterator[Stack[OperatorProcess]]:
         """``operator_pod``: run the operator with the privileges of this pod template (the
         chart's Deployment), else as the caller's user.
 
@@ -217,9 +259,7 @@ class Stack:
         # PAIRVOL_KEEP_TMP=1 keeps logs and images for a post-mortem
         own_root = root is None and not os.environ.get("PAIRVOL_KEEP_TMP")
         base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
-        names = list(node_names or ())
-        names += [n for n in (f"node-{i}" for i in range(1, nodes + 1 + len(names))) if n not in names]
-        names = names[: max(nodes, len(node_names or ()))]
+        names = _node_names(nodes, node_names)
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(_cluster_log(base / "cluster.log"))
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
@@ -267,6 +307,62 @@ class Stack:
         if own_root:
             await asyncio.to_thread(_rmtree, base)
 
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def installed(
+        nodes: int = 3,
+        *,
+        values: Mapping[str, Any],
+        node_names: Sequence[str] | None = None,
+        root: Path | None = None,
+    ) -> AsyncIterator[Stack[ChartOperator]]:
+        """The local cluster with pairvol installed as a user installs it: the namespaces
+        the chart serves (``values["watchNamespaces"]``) created, then ``helm install`` of
+        charts/pairvol with ``values``; the operator is the chart's Deployment, its pods and
+        the agents' run under the chart's ServiceAccounts and RBAC."""
+        from pairvol.localcluster import chart
+        from pairvol.localcluster.cluster import LocalCluster
+        from pairvol.localcluster.kubelet import NodeSimulator
+
+        own_root = root is None and not os.environ.get("PAIRVOL_KEEP_TMP")
+        base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
+        async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(_cluster_log(base / "cluster.log"))
+            cluster = await stack.enter_async_context(LocalCluster(nodes=0))
+            sim = await stack.enter_async_context(
+                NodeSimulator(
+                    cluster.url,
+                    nodes=_node_names(nodes, node_names),
+                    root=base / "nodes",
+                    status_interval=0.3,
+                    node_monitor_grace=2.0,
+                    backoff_base=0.2,
+                    config_retry=0.3,
+                    service_account_tokens=True,
+                )
+            )
+            namespaces = list(values.get("watchNamespaces") or ["default"])
+            for ns in namespaces:
+                if ns != "default":
+                    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            kube = await stack.enter_async_context(KubeClient(await load_config(str(cluster.kubeconfig_path))))
+            try:
+                await chart.install(cluster.kubeconfig_path, values)
+            except chart.ChartInstallError as exc:
+                raise DemoError(f"{exc} (node logs under {base / 'nodes'})") from exc
+            op = chart.ChartOperator(kube, sim)
+            try:
+                yield Stack(cluster, sim, op, kube, base, namespace=namespaces[0])
+            except BaseException:
+                own_root = False
+                print(f"pairvol: keeping logs of the failed run in {base}", file=sys.stderr)
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    await _delete_all_volumes(kube, op)
+        if own_root:
+            await asyncio.to_thread(_rmtree, base)
+
     # ---------------------------------------------------------------- helpers
 
     async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,7 +404,7 @@ class Stack:
                     return last
             await asyncio.sleep(every)
         raise DemoError(
-            f"timed out after {within:.0f}s waiting for {what}; last: {last!r} (operator log: {self.operator.log_path})"
+            f"timed out after {within:.0f}s waiting for {what}; last: {last!r} ({self.operator.log_hint})"
         )
 
     async def wait_phase(self, name: str, phase: str, within: float = 120) -> dict[str, Any]:
@@ -326,10 +422,15 @@ class Stack:
         return Path(self.sim.host_path(str(ep["node"]), str(ep["socket"])))
 
     async def metrics(self) -> str:
-        import aiohttp
+        """The operator's ``/metrics`` (of every live replica, one after the other)."""
+        return "\n".join(await self.operator.metrics())
 
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.operator.metrics_port}/metrics") as r:
-            return await r.text()
+
+def _node_names(nodes: int, wanted: Sequence[str] | None) -> list[str]:
+    """``wanted`` first, then node-1, node-2, ... up to ``nodes`` names in all."""
+    names = list(wanted or ())
+    names += [n for n in (f"node-{i}" for i in range(1, nodes + 1 + len(names))) if n not in names]
+    return names[: max(nodes, len(wanted or ()))]
 
 
 RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
@@ -398,8 +499,9 @@ def _cluster_log(path: Path) -> Iterator[None]:
         to_file.close()
 
 
-async def _delete_all_volumes(kube: KubeClient, op: OperatorProcess) -> None:
-    if op.proc is None or op.proc.returncode is not None:
+async def _delete_all_volumes(kube: KubeClient, op: OperatorHandle) -> None:
+    """Volumes first, while the operator still runs, so agents stop cleanly."""
+    if not await op.running():
         return
     items = await kube.list("/apis/pairvol.io/v1alpha1/replicatedvolumes")
     for rv in items:
@@ -631,14 +733,23 @@ async def _demo(args: argparse.Namespace) -> int:
     mode = manifest["spec"].get("failover", {}).get("mode", "Checkpoint")
     interval = manifest["spec"].get("checkpoint", {}).get("intervalSeconds", 10)
     failures: list[str] = []
-    say(f"starting the local cluster: API server, {args.nodes} simulated nodes, operator")
+    say(f"starting the local cluster: API server, {args.nodes} simulated nodes, controllers")
     # the demo's nodes carry the names the manifest asks for (spec.nodes), then node-N
     wanted = list(manifest["spec"].get("nodes") or [])
-    async with Stack.up(args.nodes, lease_duration=args.lease_duration, node_names=wanted) as s:
-        say(
-            f"nodes: {', '.join(s.sim.node_names)}; operator pid {s.operator.proc.pid}"  # type: ignore[union-attr]
-            f" (log {s.operator.log_path})"
-        )
+    values = {
+        "watchNamespaces": [args.namespace],
+        # the active operator replica may die with the primary's node: the other one takes
+        # over once its peering record is this old (the chart's default is 60 s)
+        "operator": {"peering": {"lifetimeSeconds": args.peering_lifetime}},
+    }
+    say(
+        f"installing pairvol: kubectl create namespace {args.namespace}; helm install pairvol charts/pairvol "
+        f"-n pairvol --set watchNamespaces={{{args.namespace}}},operator.peering.lifetimeSeconds="
+        f"{args.peering_lifetime} --wait"
+    )
+    async with Stack.installed(args.nodes, values=values, node_names=wanted) as s:
+        say(f"nodes: {', '.join(s.sim.node_names)}")
+        say(f"operator: {await s.operator.describe()}")
         await s.apply(manifest)
         say(f"applied {manifest_path.name}: ReplicatedVolume {name} size {manifest['spec']['size']}")
         st = await s.wait_phase(name, "Syncing", within=120)
@@ -672,6 +783,12 @@ async def _demo(args: argparse.Namespace) -> int:
 
         victim = primary["node"]
         say(f"killing node {victim} (the primary's node): all its processes SIGKILLed")
+        dying = [p.name for p in await s.operator.pods() if p.node == victim]
+        if dying:
+            say(
+                f"operator replica {', '.join(dying)} runs on {victim} too: if it was the active one, the "
+                f"other replica takes over within {args.peering_lifetime} s"
+            )
         t_kill = time.time()
         writer.outage_start = t_kill
         await s.sim.kill_node(victim)
@@ -746,7 +863,7 @@ async def _demo(args: argparse.Namespace) -> int:
             say(f"checkpoint #{cp.get('id')} cut on {st['secondary']['node']} in {cp.get('durationMs')} ms")
         else:
             cp = st.get("checkpoint") or {}
-        cut = re.search(r'^pairvol_operator_checkpoints_total\{result="ok"\} (\S+)$', await s.metrics(), re.M)
+        cut = counter_total(await s.operator.metrics(), 'pairvol_operator_checkpoints_total{result="ok"}')
         events = await s.events(name)
         reasons = [e.get("reason") for e in events]
         say(f"events: {', '.join(str(r) for r in reasons)}")
@@ -771,9 +888,10 @@ async def _demo(args: argparse.Namespace) -> int:
             f"{'Latest restarts at the last ack' if mode == 'Latest' else 'restarts at the last checkpoint'})"
         )
         print(
-            f"  checkpoints cut     {float(cut.group(1)) if cut else 0:.0f} in total "
+            f"  checkpoints cut     {cut:.0f} counted by the live operator replicas "
             f"(#{cp_before.get('id')} on the first secondary, #{cp.get('id')} on the new one)"
         )
+        print(f"  operator            {await s.operator.describe()}")
         print(f"  data verified       {'yes' if v.consistent else 'NO'}: {v.detail}")
         print(f"  result              {'PASS' if not failures else 'FAIL: ' + '; '.join(failures)}")
         print("=" * 72)
@@ -795,7 +913,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--write-seconds", type=float, default=8.0)
-    p.add_argument("--lease-duration", type=float, default=2.0)
+    p.add_argument("--namespace", default="apps", help="the namespace the volume lives in (default apps)")
+    p.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=5,
+        help="operator.peering.lifetimeSeconds for the chart (default 5; the chart's own default is 60)",
+    )
     p.add_argument(
         "--rto-limit", type=float, default=15.0, help="fail if the writer waits longer than this after the kill"
     )
