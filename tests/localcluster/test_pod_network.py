@@ -384,3 +384,43 @@ async def test_a_partitioned_node_keeps_its_last_rules_until_it_is_healed(sim: N
     await sim.heal_node("node-c")
     await eventually(lambda: node_dnats_to("node-c", new_ip))
     assert not await node_dnats_to("node-c", old_ip)
+
+
+async def test_service_and_pod_names_resolve_inside_pods_through_the_cluster_dns(
+    sim: NodeSimulator, api: KubeApi
+) -> None:
+    for name, cluster_ip in (("echo", None), ("echo-peers", "None")):
+        spec: dict[str, Any] = {
+            "selector": {"app": "echo"},
+            "ports": [{"name": "tcp", "port": 80, "targetPort": "echo", "protocol": "TCP"}],
+        }
+        if cluster_ip:
+            spec["clusterIP"] = cluster_ip
+        metadata = {"name": name, "namespace": NS}
+        await create(api, "services", {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec})
+    await create(api, "pods", echo_pod("client", "node-b", 7000))
+    peer = {"hostname": "backend-0", "subdomain": "echo-peers"}
+    backend = echo_pod("backend-0", "node-a", 9000, labels={"app": "echo"}, **peer)
+    await create(api, "pods", backend)
+    await eventually(lambda: running_ready(api, "client"))
+    await eventually(lambda: running_ready(api, "backend-0"))
+
+    async def answer(host: str, port: int, expected: str) -> str | None:
+        got = await ask_from_pod(sim, "client", host, port)
+        return got if got == expected else None
+
+    # the short name finds the Service of the pod's own namespace, as do the longer forms
+    for host in ("echo", f"echo.{NS}", f"echo.{NS}.svc", f"echo.{NS}.svc.cluster.local"):
+        await eventually(lambda host=host: answer(host, 80, "backend-0"))  # type: ignore[misc]
+    # a headless Service's name is its pods' addresses; a StatefulSet-style pod has its own
+    await eventually(lambda: answer("echo-peers", 9000, "backend-0"))
+    await eventually(lambda: answer("backend-0.echo-peers", 9000, "backend-0"))
+    assert await ask_from_pod(sim, "client", "no-such-service", 80) == "gaierror"
+
+    conf = await sim.exec_in_pod(NS, "client", ["cat", "/etc/resolv.conf"])
+    assert f"search {NS}.svc.cluster.local svc.cluster.local cluster.local" in conf.stdout
+    # a hostNetwork pod keeps the node's resolver
+    await create(api, "pods", echo_pod("on-host", "node-c", 7100, hostNetwork=True))
+    await eventually(lambda: running_ready(api, "on-host"))
+    host_conf = await sim.exec_in_pod(NS, "on-host", ["cat", "/etc/resolv.conf"])
+    assert host_conf.stdout == await asyncio.to_thread(Path("/etc/resolv.conf").read_text)

@@ -61,5 +61,7 @@ async def test_the_readme_try_it_section_runs_verbatim(state_dir: Path, tmp_path
     assert proc.returncode == 0, text[-4000:]
     for volume in ("basic", "orders-db", "scratch"):
         assert re.search(rf"(rv|replicatedvolume\.pairvol\.io)/{volume} condition met", text), text[-4000:]
+    # a workload found the volume by its Service's name (cluster DNS) and wrote and read it
+    assert re.search(r"job\.batch/basic-smoke condition met", text), text[-4000:]
     assert 'release "pairvol" uninstalled' in text
     assert "pairvol localcluster: stopped" in text

@@ -95,6 +95,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
+from pairvol.localcluster.dns import ClusterDNS, resolv_conf
 from pairvol.localcluster.images import ImagePullError, container_command, find_image
 from pairvol.localcluster.kubelet_api import ApiError, EventRecorder, KubeApi
 from pairvol.localcluster.kubelet_pods import (
@@ -143,6 +144,8 @@ from pairvol.localcluster.netns import (
 from pairvol.localcluster.services import ServiceRouter
 
 logger = logging.getLogger(__name__)
+
+HOST_RESOLV_CONF = "/etc/resolv.conf"
 
 __all__ = ["KubeletError", "NodeSimulator", "PodConfigError"]
 
@@ -826,6 +829,9 @@ class PodWorker:
                 target = PurePosixPath(kubeconfig_mod.SERVICE_ACCOUNT_DIR)
                 credentials.append(Mount(token_dir, target, read_only=True))
                 base["KUBECONFIG"] = str(target / "kubeconfig")
+        dns_file = await self._resolv_conf()
+        if dns_file is not None:  # as the kubelet does: the pod's resolv.conf over the node's
+            credentials.append(Mount(dns_file, PurePosixPath(HOST_RESOLV_CONF), read_only=True))
         code = await asyncio.to_thread(code_paths)
         for runner in self.all_runners:
             # a user the image has no passwd entry for gets HOME=/ from the runtime
@@ -854,6 +860,25 @@ class PodWorker:
             image = str(runner.container.get("image") or "")
             if image and find_image(image) is not None:
                 self.event("Normal", "Pulled", f'Container image "{image}" already present on machine')
+
+    async def _resolv_conf(self) -> Path | None:
+        """The pod's resolv.conf (cluster DNS first), written to the pod's directory; None
+        where the pod keeps the node's (dnsPolicy, hostNetwork) or there is no DNS."""
+        dns = self.kubelet.sim.dns
+        content = resolv_conf(self.pod, dns.host) if dns is not None else None
+        if content is None:
+            return None
+
+        def write() -> Path | None:
+            if not Path(HOST_RESOLV_CONF).is_file():
+                return None  # nothing to mount over (a symlink's target may be absent)
+            path = self.pod_dir / "resolv.conf"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+            path.chmod(0o644)
+            return path
+
+        return await asyncio.to_thread(write)
 
     def _termination_file(self, runner: ContainerRunner) -> Path | None:
         """The node-side file a container's terminationMessagePath is bound to (thread).
@@ -1471,6 +1496,7 @@ class NodeSimulator:
         self.kubelets: dict[str, NodeKubelet] = {}
         self._controller: asyncio.Task[None] | None = None
         self.router: ServiceRouter | None = None  # Services: endpoints + per-node DNAT
+        self.dns: ClusterDNS | None = None  # Service names, for pods with dnsPolicy ClusterFirst
 
     async def __aenter__(self) -> NodeSimulator:
         try:
@@ -1498,6 +1524,8 @@ class NodeSimulator:
         await self.proxy.start()
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         await kubeconfig_mod.write(self.kubeconfig_path, self.in_cluster_url)
+        self.dns = ClusterDNS(self.net.bridge_ip, lambda: self.router.dns_records if self.router else {})
+        await self.dns.start()
         if self.use_cgroups:
             self.cgroup_root = await asyncio.to_thread(_prepare_cgroup_root, self.net.plan.token)
         for name in self.node_names:
@@ -1522,6 +1550,9 @@ class NodeSimulator:
         if self.router is not None:
             await self.router.close()
             self.router = None
+        if self.dns is not None:
+            await self.dns.close()
+            self.dns = None
         for kubelet in self.kubelets.values():
             try:
                 await kubelet.kill()

@@ -20,6 +20,9 @@ both for the simulated nodes:
   node (or the same bridge) the endpoint is on. A Service with no endpoints is REJECTed
   (:func:`reject_rules`), so clients fail fast as with kube-proxy, instead of timing out.
 
+It also keeps the table of names the cluster DNS (:mod:`pairvol.localcluster.dns`) answers
+from, built from the same Services and Pods.
+
 ClusterIPs are allocated by the API server from :data:`~pairvol.localcluster.netns.SERVICE_CIDR`;
 headless Services (``clusterIP: None``) get endpoints only. The rules live in each node's
 own namespace: the nat table of a node namespace is ours alone (a whole-table
@@ -41,6 +44,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pairvol.localcluster.dns import cluster_records
 from pairvol.localcluster.kubelet_api import MERGE_PATCH, ApiError, KubeApi
 from pairvol.localcluster.kubelet_pods import JsonDict, meta, spec
 from pairvol.localcluster.netns import run_command
@@ -404,6 +408,7 @@ class ServiceRouter:
         self._written: dict[tuple[str, str], tuple[JsonDict, JsonDict]] = {}  # (ns, svc) -> objects
         self._write_objects = True  # off if the API server does not serve Endpoints
         self.generation = 0  # bumped after every completed sync
+        self.dns_records: dict[str, tuple[str, ...]] = {}  # what the cluster DNS answers
 
     async def start(self) -> None:
         for namespace in self._nodes.values():
@@ -458,6 +463,7 @@ class ServiceRouter:
     async def _sync(self) -> None:
         pods = list(self._pods.objects.values())
         views = [endpoints_of(s, pods) for s in self._services.objects.values()]
+        self.dns_records = cluster_records(self._services.objects.values(), pods)
         if self._write_objects:
             try:
                 await self._write_endpoints(views)
