@@ -93,7 +93,7 @@ def test_storage_class_hands_the_volume_key_to_the_node_and_passes_the_driver_ch
     sc = one(objs, "StorageClass", "pairvol")
     assert sc["provisioner"] == "pairvol.io"
     params = sc["parameters"]
-    assert params["csi.storage.k8s.io/node-stage-secret-name"] == "pairvol-${pv.name}"
+    assert params["csi.storage.k8s.io/node-stage-secret-name"] == "pairvol-${pv.name}-export"
     assert params["csi.storage.k8s.io/node-stage-secret-namespace"] == "apps"
     spec = volume_request("pvc-0b7e9d2c-4f51-4b8e-9a43-1f6a5c1d2e3f", 1 << 30, params).spec
     assert spec["checkpoint"] == {"intervalSeconds": 5} and spec["replication"] == {"peerTimeoutSeconds": 3}

@@ -15,6 +15,7 @@ from pairvol.operator.manifests import (
     ConfigError,
     OperatorConfig,
     cleanup_pod_manifest,
+    export_secret_manifest,
     network_policy_manifest,
     pod_manifest,
     secret_manifest,
@@ -25,11 +26,12 @@ OWNER = {"metadata": {"name": "vol", "uid": "1234"}}
 K8S = "1.30"
 
 
-def agent_pod(**cfg: object) -> dict[str, object]:
+def agent_pod(export_key: bool = True, **cfg: object) -> dict[str, object]:
     spec = parse_spec({"size": "1Gi", "replication": {"peerTimeoutSeconds": 2},
                        "storage": {"hostPath": "/srv/pv"}}, name="vol")
     return pod_manifest(pod="vol-3", node="n2", role="secondary", volume="vol", namespace="ns",
-                        spec=spec, owner=OWNER, config=OperatorConfig(**cfg))  # type: ignore[arg-type]
+                        spec=spec, owner=OWNER, config=OperatorConfig(**cfg),  # type: ignore[arg-type]
+                        export_key=export_key)
 
 
 def test_agent_pod_is_valid_kubernetes_and_follows_the_agent_contract() -> None:
@@ -44,8 +46,8 @@ def test_agent_pod_is_valid_kubernetes_and_follows_the_agent_contract() -> None:
         "--listen": "0.0.0.0:7800", "--replication-listen": "0.0.0.0:7801",
         "--export-socket": "/srv/pv/ns/vol/export.sock", "--export-listen": "0.0.0.0:7802",
         "--token-file": "/etc/pairvol/secret/token", "--psk-file": "/etc/pairvol/secret/psk",
-        "--peer-timeout": "2", "--lease-namespace": "ns", "--lease-name": "pairvol-vol",
-        "--lease-duration": "2",
+        "--export-psk-file": "/etc/pairvol/secret/export-psk", "--peer-timeout": "2",
+        "--lease-namespace": "ns", "--lease-name": "pairvol-vol", "--lease-duration": "2",
     }
     assert pod["spec"]["nodeName"] == "n2"  # type: ignore[index]
     assert pod["metadata"]["labels"] == {  # type: ignore[index]
@@ -89,6 +91,25 @@ def test_secret_holds_a_token_and_a_qsd_psk_file() -> None:
     ident, key = s1["stringData"]["psk"].strip().split(":")
     assert ident == "pairvol" and len(bytes.fromhex(key)) == 32
     assert s1["stringData"]["token"] != s2["stringData"]["token"], "fresh credentials per volume"
+
+
+def test_workloads_get_a_secret_with_the_export_key_only_which_is_not_the_link_key() -> None:
+    agents = secret_manifest("vol", "ns", OWNER)
+    link_key = agents["stringData"]["psk"].strip().split(":")[1]
+    ident, export_key = agents["stringData"]["export-psk"].strip().split(":")
+    assert ident == "pairvol" and len(bytes.fromhex(export_key)) == 32 and export_key != link_key
+    workload = export_secret_manifest("vol", "ns", OWNER, agents["stringData"]["export-psk"])
+    kubernetes_validate.validate(workload, K8S, strict=True)
+    assert workload["metadata"]["name"] == "pairvol-vol-export"
+    assert workload["stringData"] == {
+        "psk": f"pairvol:{export_key}\n", "psk-identity": "pairvol", "psk-key": export_key}
+    assert workload["metadata"]["ownerReferences"] == agents["metadata"]["ownerReferences"]
+
+
+def test_an_agent_of_a_volume_whose_secret_predates_the_export_key_serves_the_export_with_the_link_key() -> None:
+    pod = agent_pod(agent_command=("/opt/venv/bin/pairvol",), lease_duration_s=2.0, export_key=False)
+    command = pod["spec"]["containers"][0]["command"]  # type: ignore[index]
+    assert "--psk-file" in command and "--export-psk-file" not in command
 
 
 def test_cleanup_pod_only_touches_the_volume_directory() -> None:

@@ -53,7 +53,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--export-listen", default=None, help="the workload export over TCP too (TLS-PSK)")
     p.add_argument("--token-file", default=None, help="bearer token for the API")
-    p.add_argument("--psk-file", default=None, help="TLS-PSK key (USERNAME:HEXKEY)")
+    p.add_argument("--psk-file", default=None, help="TLS-PSK key of the replication link (USERNAME:HEXKEY)")
+    p.add_argument(
+        "--export-psk-file",
+        default=None,
+        help="TLS-PSK key of the workload export over TCP (USERNAME:HEXKEY), different from --psk-file's; "
+        "default: --psk-file's",
+    )
     p.add_argument(
         "--peer-timeout",
         default="5",
@@ -92,20 +98,26 @@ def _resolve(path_text: str, flag: str) -> Path:
         raise v.InvalidInput(f"{flag} {path_text}: cannot resolve it: {exc}") from exc
 
 
+def _read_psk(path_text: str | None, flag: str) -> Psk | None:
+    if path_text is None:
+        return None
+    raw = _read_small(path_text, flag)
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""  # Psk.parse says what the format is
+    return Psk.parse(text, f"{flag} {path_text}")
+
+
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """Check every flag (no side effects; reads the token and PSK files)."""
     name = v.parse_name(args.name)
     data_dir = _resolve(args.data_dir, "--data-dir")
-    token = psk = None
+    token = None
     if args.token_file is not None:
         token = v.parse_token(_read_small(args.token_file, "--token-file"), f"--token-file {args.token_file}")
-    if args.psk_file is not None:
-        raw = _read_small(args.psk_file, "--psk-file")
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError:
-            text = ""  # Psk.parse says what the format is
-        psk = Psk.parse(text, f"--psk-file {args.psk_file}")
+    psk = _read_psk(args.psk_file, "--psk-file")
+    export_psk = _read_psk(args.export_psk_file, "--export-psk-file")
     export_listen = v.parse_hostport(args.export_listen, "--export-listen") if args.export_listen is not None else None
     export_socket = (
         _resolve(args.export_socket, "--export-socket") if args.export_socket is not None else data_dir / "export.sock"
@@ -120,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         export_listen=export_listen,
         token=token,
         psk=psk,
+        export_psk=export_psk,
         peer_timeout=v.parse_seconds(args.peer_timeout, "--peer-timeout", MIN_PEER_TIMEOUT, MAX_PEER_TIMEOUT),
     )
     cfg.check()

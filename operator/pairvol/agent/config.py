@@ -49,17 +49,34 @@ class AgentConfig:
     token: str | None = None
     psk: Psk | None = None
     peer_timeout: float = 5.0
+    # the workload export's own key: a workload that holds it must not be able to write to
+    # a secondary's replication port, which trusts ``psk``
+    export_psk: Psk | None = None
+
+    @property
+    def workload_psk(self) -> Psk | None:
+        """The key of the workload export over TCP: its own, else the replication key."""
+        return self.export_psk if self.export_psk is not None else self.psk
 
     def check(self) -> None:
         """Refuse anything but loopback unless the API and the link are authenticated."""
-        hosts = [("--listen", self.listen[0]), ("--replication-listen", self.replication_listen[0])]
-        if self.export_listen is not None:
-            hosts.append(("--export-listen", self.export_listen[0]))
-        for flag, host in hosts:
-            if flag == "--listen" and self.token is None and not is_loopback(host):
-                raise InvalidInput(f"{flag} {host}: listening beyond loopback needs --token-file")
-            if flag != "--listen" and self.psk is None and not is_loopback(host):
-                raise InvalidInput(f"{flag} {host}: listening beyond loopback needs --psk-file (TLS-PSK)")
+        if not is_loopback(self.listen[0]) and self.token is None:
+            raise InvalidInput(f"--listen {self.listen[0]}: listening beyond loopback needs --token-file")
+        if not is_loopback(self.replication_listen[0]) and self.psk is None:
+            raise InvalidInput(
+                f"--replication-listen {self.replication_listen[0]}: listening beyond loopback needs "
+                "--psk-file (TLS-PSK)"
+            )
+        if self.export_listen is not None and not is_loopback(self.export_listen[0]) and self.workload_psk is None:
+            raise InvalidInput(
+                f"--export-listen {self.export_listen[0]}: listening beyond loopback needs --export-psk-file "
+                "or --psk-file (TLS-PSK)"
+            )
+        if self.export_psk is not None and self.psk is not None and self.export_psk.key_hex == self.psk.key_hex:
+            raise InvalidInput(
+                "--export-psk-file holds the same key as --psk-file: a workload given the export key could then "
+                "write to a secondary's replication port; use a different key (or leave --export-psk-file out)"
+            )
         longest = self.data_dir / CONTROL_SOCKET
         if len(os.fsencode(longest)) > MAX_UNIX_PATH:
             room = MAX_UNIX_PATH - len(os.fsencode(CONTROL_SOCKET)) - 1

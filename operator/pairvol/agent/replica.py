@@ -42,7 +42,7 @@ from typing import Any
 
 from pairvol.agent import crashpoints, secondary
 from pairvol.agent import state as persist
-from pairvol.agent.config import AgentConfig
+from pairvol.agent.config import AgentConfig, Psk
 from pairvol.agent.health import Health, Observed, judge
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.peerlink import PeerLink, PeerLinkError
@@ -110,7 +110,8 @@ class Replica:
         self.last_error: str | None = None
         self.out_of_sync_hooks: list[Hook] = []
         self.before_serve_hooks: list[Hook] = []
-        self._tls_dir: Path | None = None
+        self._tls_dir: Path | None = None  # the replication key, as qsd reads it
+        self._export_tls_dir: Path | None = None  # the workload export's key (the relay's)
         self._save_lock = asyncio.Lock()
         self._oos_lock = asyncio.Lock()
         self._peer_marked = False
@@ -162,9 +163,9 @@ class Replica:
         await self.qsd.start()
         self.qsd.on_event(self._on_qsd_event)
         if self.cfg.psk is not None:
-            self._tls_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="tls-", dir=self.run_dir))
-            await asyncio.to_thread((self._tls_dir / "keys.psk").write_text, self.cfg.psk.keys_file())
-            await asyncio.to_thread(os.chmod, self._tls_dir / "keys.psk", 0o600)
+            self._tls_dir = await self._key_dir(self.cfg.psk)
+        if self.cfg.export_psk is not None:
+            self._export_tls_dir = await self._key_dir(self.cfg.export_psk)
         await self.qsd.execute("blockdev-add", r.file_node(self.disk_path, r.DISK_NODE, "raw"))
         keep = self.state.generation if self.state.role is Role.SECONDARY else None
         await asyncio.to_thread(self.chain.remove_stale, keep)
@@ -211,8 +212,9 @@ class Replica:
             link, self.link = self.link, None
             await link.gate.close()  # held requests stay unanswered: a stop, not a release
             await link.link.kill()
-        if self._tls_dir is not None:
-            await asyncio.to_thread(shutil.rmtree, self._tls_dir, True)
+        for key_dir in (self._tls_dir, self._export_tls_dir):
+            if key_dir is not None:
+                await asyncio.to_thread(shutil.rmtree, key_dir, True)
         if clean:
             # the overlays run without flushes; make them durable before calling them clean
             await asyncio.to_thread(fsync_paths, [self.disk_path, *self.chain.paths(self.state.generation)])
@@ -262,6 +264,17 @@ class Replica:
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
         self.serving = False
 
+    async def _key_dir(self, psk: Psk) -> Path:
+        """A private directory holding ``psk`` as qsd's tls-creds-psk reads it (keys.psk)."""
+
+        def write() -> Path:
+            key_dir = Path(tempfile.mkdtemp(prefix="tls-", dir=self.run_dir))
+            (key_dir / "keys.psk").write_text(psk.keys_file())
+            os.chmod(key_dir / "keys.psk", 0o600)
+            return key_dir
+
+        return await asyncio.to_thread(write)
+
     async def _ensure_tls(self) -> None:
         """The replica's daemon is only ever a TLS server (the replication export); the
         primary's client side lives in the link daemon."""
@@ -306,10 +319,12 @@ class Replica:
         relay = Qsd(self.run_dir, self.data_dir / "relay.log", name="relay")
         await relay.start()
         try:
-            tls = self.cfg.psk is not None
-            if tls:
-                assert self.cfg.psk is not None and self._tls_dir is not None
-                await relay.execute("object-add", r.tls_psk(self._tls_dir, "server", self.cfg.psk.username))
+            psk = self.cfg.workload_psk
+            tls = psk is not None
+            if psk is not None:
+                key_dir = self._export_tls_dir if self.cfg.export_psk is not None else self._tls_dir
+                assert key_dir is not None
+                await relay.execute("object-add", r.tls_psk(key_dir, "server", psk.username))
             await relay.execute("blockdev-add", r.nbd_client_unix(r.WORKLOAD_EXPORT, self.cfg.export_socket))
             await relay.execute("nbd-server-start", r.nbd_server_inet(*listen, tls))
             await relay.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.WORKLOAD_EXPORT))

@@ -67,7 +67,7 @@ def _psk(secrets: dict[str, str]) -> tuple[str, str]:
     if not colon or not identity or len(key) < 32 or any(c not in "0123456789abcdefABCDEF" for c in key):
         raise invalid(
             "the node-stage secret must hold key 'psk' as 'IDENTITY:HEXKEY' (the volume's Secret "
-            "pairvol-<volume>); set csi.storage.k8s.io/node-stage-secret-name: pairvol-${pv.name} and "
+            "pairvol-<volume>-export); set csi.storage.k8s.io/node-stage-secret-name: pairvol-${pv.name}-export and "
             "csi.storage.k8s.io/node-stage-secret-namespace in the StorageClass"
         )
     return identity, key

@@ -176,6 +176,7 @@ class Reconciler:
         self.last_written: dict[str, Any] | None = None
         self.last_write_at = 0.0
         self.infra_ok = False
+        self.export_key = True  # the agents' Secret holds the export's own key (ensure_infra)
         self.restart_backoff = 0.0
         # the one agent role call that may run long (start secondary/primary), in background
         self.call: asyncio.Task[None] | None = None
@@ -272,6 +273,17 @@ class Reconciler:
             return
         c = ctx()
         await c.kube.create_if_missing(secrets_path(self.namespace), m.secret_manifest(self.name, self.namespace, body))
+        # the workload's Secret holds the export's key, derived from the agents' Secret
+        # (which an older version made without one: its export keeps the link's key)
+        agents_secret = await c.kube.get(secrets_path(self.namespace, m.secret_name(self.name)))
+        own_key = _secret_value(agents_secret, "export-psk")
+        export_psk = own_key or _secret_value(agents_secret, "psk")
+        if export_psk is None:
+            secret = m.secret_name(self.name)
+            raise KubeError(0, f"Secret {secret} has no key psk: delete it, the operator makes a new one")
+        export_secret = m.export_secret_manifest(self.name, self.namespace, body, export_psk)
+        await c.kube.create_if_missing(secrets_path(self.namespace), export_secret)
+        self.export_key = own_key is not None
         for svc in m.services_manifests(self.name, self.namespace, body):
             await c.kube.create_if_missing(services_path(self.namespace), svc)
         if c.config.per_volume_network_policy:
@@ -322,6 +334,7 @@ class Reconciler:
                         spec=world.spec,
                         owner=body,
                         config=c.config,
+                        export_key=self.export_key,
                     )
                     await c.kube.create_if_missing(pods_path(ns), manifest)
                     log.info("%s: created %s pod %s on %s", self.key, role, pod, node)
@@ -639,7 +652,8 @@ async def _finalize(
             return "waiting for data cleanup pods"
         for p in wipes:
             await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]))
-    await c.kube.delete(secrets_path(namespace, m.secret_name(name)))
+    for secret in (m.secret_name(name), m.export_secret_name(name)):
+        await c.kube.delete(secrets_path(namespace, secret))
     c.metrics.set_phase(f"{namespace}/{name}", None)
     c.metrics.set_checkpoint(namespace, name, None)
     log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")

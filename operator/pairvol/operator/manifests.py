@@ -175,9 +175,15 @@ def labels(volume: str, role: str | None = None) -> dict[str, str]:
     return out
 
 
+def export_secret_name(volume: str) -> str:
+    return f"pairvol-{volume}-export"
+
+
 def secret_manifest(volume: str, namespace: str, owner: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-volume credentials: the agents' API token and the replication/export TLS-PSK key."""
-    key = secrets.token_hex(32)
+    """Per-volume credentials of the agents: the API token, the replication link's TLS-PSK
+    key and the workload export's, which differs (workloads get only the latter, in
+    :func:`export_secret_manifest`: with the link's key they could write to a secondary)."""
+    key, export_key = secrets.token_hex(32), secrets.token_hex(32)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -194,7 +200,28 @@ def secret_manifest(volume: str, namespace: str, owner: Mapping[str, Any]) -> di
             "psk": f"{PSK_IDENTITY}:{key}\n",
             "psk-identity": PSK_IDENTITY,
             "psk-key": key,
+            "export-psk": f"{PSK_IDENTITY}:{export_key}\n",
         },
+    }
+
+
+def export_secret_manifest(
+    volume: str, namespace: str, owner: Mapping[str, Any], export_psk: str
+) -> dict[str, Any]:
+    """What a workload (or the CSI node plugin) needs to reach the volume's export over TCP:
+    its TLS-PSK key, ``export_psk`` (``identity:hexkey``) — nothing else of the volume's."""
+    identity, _, key = export_psk.strip().partition(":")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": export_secret_name(volume),
+            "namespace": namespace,
+            "labels": labels(volume),
+            "ownerReferences": [owner_ref(owner)],
+        },
+        "stringData": {"psk": f"{identity}:{key}\n", "psk-identity": identity, "psk-key": key},
     }
 
 
@@ -267,8 +294,12 @@ def pod_manifest(
     spec: VolumeSpec,
     owner: Mapping[str, Any],
     config: OperatorConfig,
+    export_key: bool = True,
 ) -> dict[str, Any]:
-    """One agent pod, pinned to ``node``; its data dir is the volume's hostPath on that node."""
+    """One agent pod, pinned to ``node``; its data dir is the volume's hostPath on that node.
+
+    ``export_key``: the volume's Secret holds the export's own key (``export-psk``); False
+    for volumes created before there was one, whose export keeps the link's key."""
     ddir = data_dir(spec, namespace, volume)
     args = [
         "agent",
@@ -290,6 +321,7 @@ def pod_manifest(
         f"{SECRET_MOUNT}/token",
         "--psk-file",
         f"{SECRET_MOUNT}/psk",
+        *(["--export-psk-file", f"{SECRET_MOUNT}/export-psk"] if export_key else []),
         "--peer-timeout",
         str(spec.peer_timeout_s),
         "--lease-namespace",
