@@ -1,4 +1,4 @@
-"""Small asyncio helpers that the agent's teardown paths share.
+"""Small asyncio helpers that teardown paths share.
 
 ``task.cancel()`` followed by ``with suppress(BaseException): await task`` looks harmless
 but also swallows a cancellation of the *caller*: a task cancelled while it waits for a
@@ -6,11 +6,21 @@ child to finish simply carries on. In the agent that turned a teardown into a de
 link's settle task, cancelled while it was killing the link daemon, went on to wait for
 the replica lock that its canceller held). :func:`cancel_and_wait` waits for the children
 and lets the caller's own cancellation through.
+
+``process.kill()`` (also ``terminate()``/``send_signal()``) on an asyncio subprocess looks
+harmless too, but before Python 3.13 it goes through ``subprocess.Popen.send_signal``,
+which first polls the child with ``waitpid(pid, WNOHANG)``. A child that has just exited
+(e.g. a client that failed at once) is then reaped there, behind the back of asyncio's
+child watcher, whose own ``waitpid`` fails with ECHILD: it logs "Unknown child process pid
+N, will report returncode 255" and ``wait()`` returns 255 instead of the child's status.
+:func:`signal_child` signals with ``os.kill``, which never reaps, as Python 3.13 does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from typing import Any
 
 
@@ -23,3 +33,16 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
         task.cancel()
     if live:
         await asyncio.gather(*live, return_exceptions=True)
+
+
+def signal_child(process: asyncio.subprocess.Process, sig: int) -> None:
+    """Send ``sig`` to ``process`` unless asyncio has collected its exit status.
+
+    Until asyncio collects it, an exited child stays a zombie that holds its pid, so the
+    signal cannot reach another process. Left: the moment between the watcher's reaping
+    (in its thread) and ``returncode`` being set on the loop, which Python 3.13's own
+    ``send_signal`` has too; a pid is reused only after the kernel cycled through all others.
+    """
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, sig)

@@ -38,6 +38,7 @@ import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pairvol.aio import signal_child
 from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
 
@@ -91,8 +92,7 @@ async def run(*argv: str, timeout: float = 60.0, check: bool = True) -> tuple[in
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        signal_child(proc, signal.SIGKILL)
         await proc.wait()
         raise AttachError(f"{argv[0]} did not finish within {timeout:g} s") from None
     text = out.decode(errors="replace").strip()

@@ -45,6 +45,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import socket
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from pairvol.aio import signal_child
 from pairvol.errors import PairvolError
 
 logger = logging.getLogger(__name__)
@@ -105,13 +107,11 @@ async def run_command(
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), time_limit)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        signal_child(proc, signal.SIGKILL)
         await proc.wait()
         raise NetnsError(f"{' '.join(argv)} did not finish within {time_limit}s") from None
     except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        signal_child(proc, signal.SIGKILL)  # e.g. a probe of a node being killed
         await asyncio.shield(proc.wait())
         raise
     result = CommandResult(

@@ -23,7 +23,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
-from pairvol.aio import cancel_and_wait
+from pairvol.aio import cancel_and_wait, signal_child
 from pairvol.qemu import QemuError, QsdDied
 from pairvol.qemu.img import require_binary
 
@@ -200,8 +200,7 @@ class Qsd:
     async def kill(self) -> None:
         self._stopping = True
         if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+            signal_child(self.proc, signal.SIGKILL)
             await self.proc.wait()
         await self._teardown()
 
