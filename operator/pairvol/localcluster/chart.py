@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pairvol.aio import signal_child
 from pairvol.errors import PairvolError
 
 RELEASE = "pairvol"
@@ -58,7 +60,7 @@ async def run_helm(args: Sequence[str], *, within: float) -> str:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), within)
     except TimeoutError:
-        proc.kill()
+        signal_child(proc, signal.SIGKILL)
         await proc.wait()
         raise ChartInstallError(f"`helm {args[0]}` did not finish within {within:.0f} s") from None
     if proc.returncode != 0:

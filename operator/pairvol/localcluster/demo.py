@@ -36,6 +36,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import yaml
 
 from pairvol.agent.procs import free_port
+from pairvol.aio import signal_child
 from pairvol.errors import PairvolError
 from pairvol.localcluster.chart import ChartOperator, counter_total
 from pairvol.operator.k8s import KubeClient, load_config, pods_path, volume_path
@@ -592,9 +593,7 @@ class QemuIO:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        signal_child(proc, signal.SIGKILL)  # not proc.kill(): it may reap an exited child (pairvol.aio)
         await proc.wait()
 
 
