@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from tests.support.promtext import value
 
-from pairvol.agent.lease import parse_micro_time
 from pairvol.api.spec import parse_spec
 from pairvol.api.status import parse_time
+from pairvol.kube.lease import parse_micro_time
+from pairvol.kube.paths import lease_path, pods_path, secrets_path
 from pairvol.localcluster.demo import BLOCK, Stack, Writer, pattern, verify_log
 from pairvol.nbd import NBDClient
 from pairvol.operator.agentclient import AgentClient
-from pairvol.operator.k8s import lease_path, pods_path, secrets_path
 from pairvol.operator.manifests import OperatorConfig, secret_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]

@@ -33,7 +33,9 @@ import yaml
 
 from pairvol.agent.procs import free_port
 from pairvol.errors import PairvolError
-from pairvol.operator.k8s import KubeClient, load_config, pods_path, volume_path
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
+from pairvol.kube.paths import pods_path, volume_path
 
 BLOCK = 4096
 REPO = Path(__file__).resolve().parents[3]
