@@ -211,6 +211,7 @@ def _install_hook(cfg: Any, token_file: TokenFile | None, keys: _KeyMaterial | N
     def hook(c: Any) -> None:
         if library_hook is not None:
             library_hook(c)
+            c.refresh_api_key_hook = hook  # the library's hook re-installs itself: stay in front
             if keys is not None:
                 keys.restore(c)
                 keys.sweep()

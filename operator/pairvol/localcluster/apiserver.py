@@ -125,6 +125,11 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
     denied: collections.deque[tuple[str, auth.Attributes]] = attrs.field(
         factory=lambda: collections.deque(maxlen=_KEEP_REQUESTS), init=False
     )
+    # The latest requests answered 401 (method, path with query): how often a client with
+    # refused credentials comes back is what a test asserts about retry storms.
+    unauthorized: collections.deque[tuple[str, str]] = attrs.field(
+        factory=lambda: collections.deque(maxlen=_KEEP_REQUESTS), init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -154,6 +159,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         try:
             self._authorize(raw, rpath)
         except RequestError as exc:
+            if exc.code == 401:
+                self.unauthorized.append((raw.method, raw.path_qs))
             return _status_response(exc)
         if rpath is None or rpath.plural is None:
             if raw.path.startswith("/openapi/"):
