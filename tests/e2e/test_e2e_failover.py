@@ -185,9 +185,11 @@ async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
 
     await stack.wait_for("FailingOver and FailedOver events", both_events, within=10)
     text = await stack.metrics()
-    assert value(text, "pairvol_operator_failovers_total", mode=mode, trigger="automatic") == 1
-    assert value(text, "pairvol_operator_failover_duration_seconds_count", mode=mode) == 1
-    recorded = value(text, "pairvol_operator_failover_duration_seconds_sum", mode=mode)
+    # the mode label as the agents spell it (docs/alerts.md): one query matches both
+    label = mode.lower()
+    assert value(text, "pairvol_operator_failovers_total", mode=label, trigger="automatic") == 1
+    assert value(text, "pairvol_operator_failover_duration_seconds_count", mode=label) == 1
+    recorded = value(text, "pairvol_operator_failover_duration_seconds_sum", mode=label)
     assert abs(recorded - lf["durationMs"] / 1000) < 0.01, (recorded, lf["durationMs"])
 
     v = await verify_log(stack.socket_path(st), log, writer.resume_seq)

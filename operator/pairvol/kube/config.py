@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -92,7 +93,9 @@ class _KeyMaterial:
     """Certificates and keys the loader wrote to files, moved into anonymous memory."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="pairvol-kube-")
+        # not created here: the library creates it only when it has something to write, so a
+        # process with a read-only root and no /tmp (the agent) loads a token kubeconfig fine
+        self.dir = os.path.join(tempfile.gettempdir(), f"pairvol-kube-{os.getpid()}-{secrets.token_hex(8)}")
         self._fds: list[int] = []
         self.paths: dict[str, str] = {}  # Configuration attribute -> /proc/self/fd/N
 

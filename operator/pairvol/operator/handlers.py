@@ -354,8 +354,7 @@ class Reconciler:
                 case d.Event(type=etype, reason=reason, message=message):
                     await self.event(body, etype, reason, message)
                 case d.FailoverDone(duration_s=dur, mode=mode, reason=reason):
-                    c.metrics.failovers.labels(mode, "manual" if reason == "manual" else "automatic").inc()
-                    c.metrics.failover_duration.labels(mode).observe(dur)
+                    c.metrics.failover_done(mode, "manual" if reason == "manual" else "automatic", dur)
             c.metrics.actions.labels(kind, "ok").inc()
         except (KubeError, AgentError) as exc:
             c.metrics.actions.labels(kind, "error").inc()
