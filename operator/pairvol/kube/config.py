@@ -95,7 +95,9 @@ class _KeyMaterial:
     def __init__(self) -> None:
         # not created here: the library creates it only when it has something to write, so a
         # process with a read-only root and no /tmp (the agent) loads a token kubeconfig fine
-        self.dir = os.path.join(tempfile.gettempdir(), f"pairvol-kube-{os.getpid()}-{secrets.token_hex(8)}")
+        # (tempfile.gettempdir() is no help: it probes by writing, and fails without a /tmp)
+        base = tempfile.tempdir or os.environ.get("TMPDIR") or "/tmp"
+        self.dir = os.path.join(base, f"pairvol-kube-{os.getpid()}-{secrets.token_hex(8)}")
         self._fds: list[int] = []
         self.paths: dict[str, str] = {}  # Configuration attribute -> /proc/self/fd/N
 
