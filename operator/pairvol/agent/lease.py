@@ -102,6 +102,7 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
                         args.lease_name)
 
     replica.out_of_sync_hooks.append(mark)
+    await keeper.prepare()  # a promotion then takes the Lease without loading the configuration first
 
     # If the agent offers a hook that runs before it starts serving the workload export, take
     # the Lease there, so a new primary never serves before it holds it (raises LeaseError:

@@ -242,22 +242,28 @@ def _from_kubeconfig(paths: str) -> KubeConfig:
     keys = _KeyMaterial()
     cfg = _new_configuration()
     try:
-        kconfig.load_kube_config(config_file=paths, client_configuration=cfg, persist_config=False,
-                                 temp_file_path=keys.dir)
-        _, active = kconfig.list_kube_config_contexts(config_file=paths)
+        # what load_kube_config() does, keeping the merged view and the loader at hand
+        merged = kube_config.KubeConfigMerger(paths).config
+        if merged is None:
+            raise KubeConfigError(f"kubeconfig {paths}: no configuration found")
+        loader = kube_config.KubeConfigLoader(config_dict=merged, config_base_path=None, temp_file_path=keys.dir)
+        loader.load_and_set(cfg)
+        active = loader.current_context
         keys.seal(cfg)
         context = (active or {}).get("context") or {}
         user_name = context.get("user")
         # the library reads a tokenFile once; find it in the library's merged view (with the
         # path of the file that declared the user, for a relative name) to re-read it
         token_file = None
-        merged = kube_config.KubeConfigMerger(paths).config
         user_node = merged["users"].get_with_name(user_name, safe=True) if user_name else None
         user = user_node.safe_get("user") if user_node is not None else None
         if user_node is not None and isinstance(user, dict) and user.get("tokenFile") and not user.get("token"):
             base = os.path.dirname(os.path.abspath(user_node.path)) if user_node.path else ""
             token_file = TokenFile(os.path.join(base, str(user["tokenFile"])))
             token_file.read()
+    except KubeConfigError:
+        keys.close()
+        raise
     except (kconfig.ConfigException, OSError, KeyError, TypeError, ValueError) as exc:
         keys.close()
         raise KubeConfigError(f"kubeconfig {paths}: {exc}") from exc

@@ -206,6 +206,14 @@ class LeaseKeeper:
         """True while we hold the lease and are safely before its expiry."""
         return self._held and time.monotonic() < self._valid_until
 
+    async def prepare(self) -> None:
+        """Load the configuration and make the client now, so that taking the Lease when the
+        replica is promoted does not wait for it; a failure here is met again at first use."""
+        try:
+            await self._kube()
+        except PairvolError as exc:
+            log.warning("lease %s: no Kubernetes client yet (%s); retried when the Lease is needed", self.name, exc)
+
     async def _kube(self) -> KubeClient:
         if self._client is None:
             cfg = await load_config(self.kubeconfig)
