@@ -22,6 +22,10 @@ only picks the source and adds what the library lacks for a long-running process
   (``memfd_create``), opened by the TLS code as ``/proc/self/fd/N``, which vanish with the
   process however it ends.
 
+Not covered: an ``exec`` plugin that returns a client *certificate* (not a token) is used
+with the certificate of the first run for the life of the client (TLS connections are made
+from it); tokens, the common case, follow every refresh.
+
 Order of sources, first match wins: the explicit path, ``$KUBECONFIG`` (a list, merged),
 the in-cluster ServiceAccount (``KUBERNETES_SERVICE_HOST`` and its token file),
 ``~/.kube/config``.
@@ -80,7 +84,7 @@ class TokenFile:
                     if not token:
                         raise KubeConfigError(f"token file {self.path} is empty")
                     if token != self._token and self._seen is not None:
-                        log.info("token file %s changed: using the new token", self.path)
+                        log.debug("token file %s replaced: using the new token", self.path)
                     self._seen, self._token = seen, token
             except OSError as exc:
                 if not self._token:
@@ -156,6 +160,9 @@ class KubeConfig:
     token_file: TokenFile | None = None
     reload: Callable[[], KubeConfig] | None = None
     _keys: _KeyMaterial | None = field(default=None, repr=False)
+    # the configuration read again after a 401, whose refresh hook is now ours (kept open:
+    # the hook puts its key material's paths back on every request)
+    _fresh: KubeConfig | None = field(default=None, repr=False)
 
     @property
     def server(self) -> str:
@@ -193,15 +200,19 @@ class KubeConfig:
             except KubeConfigError as exc:
                 log.warning("reloading the Kubernetes credentials failed: %s", exc)
                 return False
-            try:
-                self.configuration.api_key = dict(fresh.configuration.api_key)
-                self.configuration.api_key_prefix = dict(fresh.configuration.api_key_prefix)
-                self.configuration.refresh_api_key_hook = fresh.configuration.refresh_api_key_hook
-            finally:
-                fresh.close()
+            # the old loader's hook would put the old token back at every request: take the
+            # new loader's hook too (TLS connections keep the key material they were made with)
+            self.configuration.api_key = dict(fresh.configuration.api_key)
+            self.configuration.api_key_prefix = dict(fresh.configuration.api_key_prefix)
+            self.configuration.refresh_api_key_hook = fresh.configuration.refresh_api_key_hook
+            previous, self._fresh = self._fresh, fresh
+            if previous is not None:
+                previous.close()
         return self.authorization() != before
 
     def close(self) -> None:
+        if self._fresh is not None:
+            self._fresh.close()
         if self._keys is not None:
             self._keys.close()
 
