@@ -259,59 +259,118 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-async def test_key_material_from_the_kubeconfig_is_used_for_tls_and_never_written_to_a_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class TlsApiServer:
+    """An HTTPS server standing in for kube-apiserver where the emulator (plain HTTP) cannot:
+    a certificate for 127.0.0.1 from a test CA, client certificates from the same CA asked
+    for, and bearer tokens accepted only while they are in ``valid``."""
+
+    def __init__(self, pki: Path) -> None:
+        self.pki = pki
+        self.clients: list[str] = []  # common names of the client certificates presented
+        self.tokens: list[str] = []  # bearer tokens presented
+        self.valid: set[str] = set()
+        self.port = 0
+        self._runner: aiohttp.web.AppRunner | None = None
+
+    async def pods(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        cert = request.transport.get_extra_info("peercert") if request.transport else None
+        if cert:
+            self.clients.append(dict(x[0] for x in cert.get("subject", ())).get("commonName", ""))
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if token:
+            self.tokens.append(token)
+        if not cert and (scheme != "Bearer" or token not in self.valid):
+            return aiohttp.web.json_response({"kind": "Status", "code": 401, "message": "Unauthorized"}, status=401)
+        return aiohttp.web.json_response({"kind": "PodList", "items": [{"metadata": {"name": "p"}}]})
+
+    async def start(self) -> None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.pki / "ca.crt"))
+        tls.load_cert_chain(str(self.pki / "server.crt"), str(self.pki / "server.key"))
+        tls.verify_mode = ssl.CERT_OPTIONAL
+        app = aiohttp.web.Application()
+        app.router.add_get("/api/v1/namespaces/{ns}/pods", self.pods)
+        self._runner = aiohttp.web.AppRunner(app)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def tls_api(tmp_path: Path) -> AsyncIterator[TlsApiServer]:
     pki = tmp_path / "pki"
     pki.mkdir()
     await asyncio.to_thread(make_pki, pki)
-    # an HTTPS server that requires a client certificate from our CA
-    seen_clients: list[str] = []
+    server = TlsApiServer(pki)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
-    async def pods(request: aiohttp.web.Request) -> aiohttp.web.Response:
-        cert = request.transport.get_extra_info("peercert") if request.transport else None
-        seen_clients.append(dict(x[0] for x in (cert or {}).get("subject", ())).get("commonName", ""))
-        return aiohttp.web.json_response({"kind": "PodList", "items": [{"metadata": {"name": "p"}}]})
 
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
-    server_tls.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
-    server_tls.verify_mode = ssl.CERT_REQUIRED
-    app = aiohttp.web.Application()
-    app.router.add_get("/api/v1/namespaces/default/pods", pods)
-    runner = aiohttp.web.AppRunner(app)
-    await runner.setup()
-    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+async def test_key_material_from_the_kubeconfig_is_used_for_tls_and_never_written_to_a_file(
+    tls_api: TlsApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pki = tls_api.pki
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the library writes its files
     key_bytes = (pki / "client.key").read_bytes()
-    try:
-        cfg_path = tmp_path / "kubeconfig"
-        cfg_path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{port}",
-                                                   "certificate-authority-data": b64(pki / "ca.crt")}}],
-            "users": [{"name": "u", "user": {"client-certificate-data": b64(pki / "client.crt"),
-                                             "client-key-data": b64(pki / "client.key")}}],
-            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-            "current-context": "x",
-        }))
-        config = await load_config(str(cfg_path))
-        creds = config.credentials()
-        assert creds.key_path is not None and creds.key_path.startswith("/proc/self/fd/")
-        assert await asyncio.to_thread(Path(creds.key_path).read_bytes) == key_bytes
-        assert list(scratch.iterdir()) == [], "the library's temporary files are gone"
-        async with KubeClient(config) as kube:
-            assert [p["metadata"]["name"] for p in await kube.list(pods_path("default"))] == ["p"]
-            assert list(scratch.iterdir()) == []
-        assert seen_clients == ["client"], "the client certificate from memory was presented"
-        # and nothing anywhere in the temporary directory holds the key
-        leftovers = [p for p in scratch.rglob("*") if p.is_file() and key_bytes in p.read_bytes()]
-        assert leftovers == []
-    finally:
-        await runner.cleanup()
+    cfg_path = tmp_path / "kubeconfig"
+    cfg_path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{tls_api.port}",
+                                               "certificate-authority-data": b64(pki / "ca.crt")}}],
+        "users": [{"name": "u", "user": {"client-certificate-data": b64(pki / "client.crt"),
+                                         "client-key-data": b64(pki / "client.key")}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }))
+    config = await load_config(str(cfg_path))
+    creds = config.credentials()
+    assert creds.key_path is not None and creds.key_path.startswith("/proc/self/fd/")
+    assert await asyncio.to_thread(Path(creds.key_path).read_bytes) == key_bytes
+    assert list(scratch.iterdir()) == [], "the library's temporary files are gone"
+    async with KubeClient(config) as kube:
+        assert [p["metadata"]["name"] for p in await kube.list(pods_path("default"))] == ["p"]
+        assert list(scratch.iterdir()) == []
+    assert tls_api.clients == ["client"], "the client certificate from memory was presented"
+    # and nothing anywhere in the temporary directory holds the key
+    leftovers = [p for p in scratch.rglob("*") if p.is_file() and key_bytes in p.read_bytes()]
+    assert leftovers == []
+
+
+async def test_in_cluster_the_service_account_token_is_read_again_when_the_kubelet_replaces_it(
+    tls_api: TlsApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-cluster configuration (https to KUBERNETES_SERVICE_HOST, the mounted CA and
+    token): a server that accepts only the current token keeps answering across rotations."""
+    import pairvol.kube.config as kube_config
+
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "ca.crt").write_bytes((tls_api.pki / "ca.crt").read_bytes())
+    (sa / "namespace").write_text("apps")
+    write_like_the_kubelet(sa / "token", "token-1")
+    tls_api.valid = {"token-1"}
+    monkeypatch.setattr(kube_config, "SA_DIR", str(sa))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(tls_api.port))
+    config = await load_config(None)
+    assert config.namespace == "apps" and config.source.startswith("in-cluster")
+    async with KubeClient(config) as kube:
+        await kube.list(pods_path("apps"))
+        for n in (2, 3):  # the kubelet writes a new token; the old one stops being accepted
+            write_like_the_kubelet(sa / "token", f"token-{n}")
+            tls_api.valid = {f"token-{n}"}
+            await kube.list(pods_path("apps"))
+    assert tls_api.tokens == ["token-1", "token-2", "token-3"], "one request each, no 401 in between"
 
 
 def test_kubeconfig_files_are_merged_as_kubectl_merges_them(tmp_path: Path,
