@@ -440,8 +440,8 @@ async def skewed(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any
 async def isolate(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> float:
     """Failure 9 depends on where in the Lease's renewal period the cut falls, so the cut is
     placed at a seeded phase of it (renewals every third of the duration)."""
-    from pairvol.agent.lease import parse_micro_time
-    from pairvol.operator.k8s import lease_path
+    from pairvol.kube.lease import parse_micro_time
+    from pairvol.kube.paths import lease_path
 
     hold = rng.uniform(2.0, 5.0) * LEASE_S
     period = LEASE_S / 3

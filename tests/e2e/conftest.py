@@ -61,6 +61,12 @@ def operator_pod() -> dict[str, Any]:
     return template
 
 
+# ServiceAccount tokens die after this many seconds and their files are replaced at half
+# that, for the agents and the operator alike: every test that runs longer than one lifetime
+# shows that both follow the rotation (a process that read its token once is refused).
+TOKEN_LIFETIME_S = 16
+
+
 @pytest.fixture(scope="session")
 def chart_rbac() -> list[dict[str, Any]]:
     """The chart rendered for namespace ``default``: the Stack applies its ServiceAccounts and
@@ -79,7 +85,10 @@ async def stack(tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[d
     del tmp_path
     # per-volume NetworkPolicies are created (the simulator does not enforce them)
     env = {"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}
-    async with Stack.up(3, lease_duration=LEASE_S, operator_env=env, operator_pod=operator_pod, rbac=chart_rbac) as s:
+    async with Stack.up(
+        3, lease_duration=LEASE_S, operator_env=env, operator_pod=operator_pod, rbac=chart_rbac,
+        token_lifetime_s=TOKEN_LIFETIME_S,
+    ) as s:
         yield s
 
 
@@ -96,7 +105,8 @@ async def default_stack(
     d = OperatorConfig()
     env = {"PAIRVOL_LEASE_MARGIN": f"{d.lease_margin_s:g}", "PAIRVOL_RECONCILE_INTERVAL": f"{d.reconcile_interval_s:g}"}
     async with Stack.up(
-        3, lease_duration=d.lease_duration_s, operator_env=env, operator_pod=operator_pod, rbac=chart_rbac
+        3, lease_duration=d.lease_duration_s, operator_env=env, operator_pod=operator_pod, rbac=chart_rbac,
+        token_lifetime_s=TOKEN_LIFETIME_S,
     ) as s:
         yield s
 

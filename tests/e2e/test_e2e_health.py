@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from tests.e2e.test_e2e_failover import _at_least, _truthy, failed_over_from, following, replicating
 
+from pairvol.kube.paths import lease_path
 from pairvol.localcluster.demo import Stack, verify_log
-from pairvol.operator.k8s import lease_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 

@@ -20,6 +20,7 @@ import yaml
 from tests.e2e.conftest import LEASE_S
 from tests.support.ci import unavailable
 
+from pairvol.localcluster.apiserver_logic import RequestError
 from pairvol.localcluster.demo import DemoError, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(180)]
@@ -27,8 +28,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(180)]
 
 async def serves_its_workload(stack: Stack, manifest: dict[str, Any], within: float = 60) -> None:
     """The volume reaches Replicating and its primary serves the export (it holds the Lease)."""
-    name = manifest["metadata"]["name"]
     await stack.apply(manifest)
+    await is_served(stack, manifest["metadata"]["name"], within)
+
+
+async def is_served(stack: Stack, name: str, within: float) -> None:
     status = await stack.wait_phase(name, "Replicating", within=within)
 
     async def exported() -> bool:
@@ -44,9 +48,15 @@ def refused(stack: Stack) -> list[str]:
             stack.cluster.api.denied]
 
 
+def operator_token(stack: Stack) -> str:
+    path = Path(stack.operator.kubeconfig)
+    kubeconfig = yaml.safe_load(path.read_text())
+    return (path.parent / kubeconfig["users"][0]["user"]["tokenFile"]).read_text().strip()
+
+
 async def test_operator_and_agents_work_with_the_charts_permissions(stack: Stack, volume: Any) -> None:
-    kubeconfig = yaml.safe_load(await asyncio.to_thread(Path(stack.operator.kubeconfig).read_text))
-    user = stack.cluster.api.authenticate(f"Bearer {kubeconfig['users'][0]['user']['token']}")
+    first = await asyncio.to_thread(operator_token, stack)
+    user = stack.cluster.api.authenticate(f"Bearer {first}")
     assert user is not None and user.name == "system:serviceaccount:default:pv-pairvol-operator"
 
     await serves_its_workload(stack, volume("rbac-ok"))
@@ -54,6 +64,26 @@ async def test_operator_and_agents_work_with_the_charts_permissions(stack: Stack
     pods = await stack.pods("rbac-ok")
     assert {p["spec"].get("serviceAccountName") for p in pods} == {"pairvol-agent"}
     assert refused(stack) == [], "a permission the operator or an agent needs is missing from the chart"
+
+    # The tokens of the operator and the agents expire (TOKEN_LIFETIME_S) and their files are
+    # replaced meanwhile: past one lifetime the first token is refused, and the volume is
+    # still served, its Lease renewed and checkpoints cut with the tokens read anew.
+    lifetime = stack.cluster.api.max_token_expiration_s
+    assert lifetime is not None and lifetime <= 30
+    before = ((await stack.status("rbac-ok")).get("checkpoint") or {}).get("id", 0)
+    await asyncio.sleep(lifetime + 2)
+    with pytest.raises(RequestError) as stale:
+        stack.cluster.api.authenticate(f"Bearer {first}")
+    assert stale.value.code == 401
+    assert await asyncio.to_thread(operator_token, stack) != first
+    await is_served(stack, "rbac-ok", within=10)
+    assert ((await stack.status("rbac-ok")).get("checkpoint") or {}).get("id", 0) > before
+    # pairvol's own clients (the agents' Lease keepers, the operator's reconcile calls) never
+    # send an expired token: they read the file anew; only kopf's connection learns of a new
+    # token through a 401 (then it logs in again, which reads the file)
+    lease_refusals = [path for _, path in stack.cluster.api.unauthorized if "/leases" in path]
+    assert lease_refusals == []
+    assert refused(stack) == []
 
 
 async def test_a_permission_removed_from_the_chart_is_refused_and_the_volume_is_not_served(

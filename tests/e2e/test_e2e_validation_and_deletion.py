@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from pairvol.kube.client import KubeError
+from pairvol.kube.paths import lease_path, netpol_path, secrets_path, services_path
 from pairvol.localcluster.demo import Stack
-from pairvol.operator.k8s import KubeError, lease_path, netpol_path, secrets_path, services_path
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(180)]
 

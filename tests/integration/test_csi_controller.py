@@ -18,8 +18,10 @@ import grpc
 import pytest
 
 from pairvol.csi.params import MANAGED_BY, MANAGED_BY_CSI
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
+from pairvol.kube.paths import volume_path
 from pairvol.localcluster.cluster import LocalCluster
-from pairvol.operator.k8s import KubeClient, load_config, volume_path
 from tests.support.csi import Stubs, call_raw, compile_stubs, driver
 
 pytestmark = pytest.mark.timeout(90)

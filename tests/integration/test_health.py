@@ -19,10 +19,12 @@ from typing import Any
 import pytest
 
 from pairvol.agent.health import Health
-from pairvol.agent.lease import LeaseKeeper
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
+from pairvol.kube.lease import LeaseKeeper
+from pairvol.kube.paths import lease_path
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.nbd import NBDClient, NBDError
-from pairvol.operator.k8s import KubeClient, lease_path, load_config
 from tests.support.agents import Agent, AgentCallError, free_port
 
 pytestmark = pytest.mark.timeout(120)

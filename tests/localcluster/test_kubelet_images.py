@@ -125,8 +125,9 @@ async def test_a_non_root_container_reads_its_service_account_kubeconfig_and_is_
         "st = os.stat(path)\n"
         "print('kubeconfig', path, st.st_uid, oct(st.st_mode & 0o777), 'home', os.environ['HOME'], flush=True)\n"
         "config = yaml.safe_load(open(path))\n"
-        "server, token = config['clusters'][0]['cluster']['server'], config['users'][0]['user']['token']\n"
-        "assert open(os.path.dirname(path) + '/token').read() == token\n"
+        "server, token_file = config['clusters'][0]['cluster']['server'], config['users'][0]['user']['tokenFile']\n"
+        "token = open(os.path.join(os.path.dirname(path), token_file)).read()\n"
+        "print('tokenFile', token_file, flush=True)\n"
         "request = urllib.request.Request(server + '/api/v1/namespaces/kube-system/secrets',"
         " headers={'Authorization': 'Bearer ' + token})\n"
         "try:\n"
@@ -145,4 +146,46 @@ async def test_a_non_root_container_reads_its_service_account_kubeconfig_and_is_
 
     log = sim_with_tokens.log_path("node-a", NS, "reader").read_text()
     assert "kubeconfig /var/run/secrets/kubernetes.io/serviceaccount/kubeconfig 65532 0o600 home /" in log
+    assert "tokenFile token" in log  # beside the kubeconfig, where the kubelet replaces it
     assert "secrets 403" in log
+
+
+async def test_the_token_file_is_replaced_before_the_token_expires(
+    cluster: LocalCluster, sim_with_tokens: NodeSimulator, api: KubeApi
+) -> None:
+    """As a kubelet refreshes a projected token: a pod that reads its token file anew at every
+    request keeps being let in after its first token expired; the first one is refused."""
+    cluster.api.max_token_expiration_s = 2
+    script = (
+        "import os, time, urllib.error, urllib.request, yaml\n"
+        "path = os.environ['KUBECONFIG']\n"
+        "config = yaml.safe_load(open(path))\n"
+        "server = config['clusters'][0]['cluster']['server']\n"
+        "token_path = os.path.join(os.path.dirname(path), config['users'][0]['user']['tokenFile'])\n"
+        "def get(token):\n"
+        "    request = urllib.request.Request(server + '/api/v1/namespaces/default/pods/reader',"
+        " headers={'Authorization': 'Bearer ' + token})\n"
+        "    try:\n"
+        "        return urllib.request.urlopen(request, timeout=5).status\n"
+        "    except urllib.error.HTTPError as exc:\n"
+        "        return exc.code\n"
+        "first = open(token_path).read()\n"
+        "tokens, answers = {first}, []\n"
+        "for _ in range(14):\n"
+        "    time.sleep(0.3)\n"
+        "    current = open(token_path).read()\n"
+        "    tokens.add(current)\n"
+        "    answers.append(get(current))\n"
+        "print('tokens', len(tokens), 'answers', sorted(set(answers)), 'first', get(first), flush=True)\n"
+    )
+    container = {"image": "busybox", "command": [sys.executable, "-c", script]}
+    await create(api, image_pod("reader", container, restartPolicy="Never"))
+
+    await eventually(lambda: phase(api, "reader", "Succeeded"))
+
+    log = sim_with_tokens.log_path("node-a", NS, "reader").read_text()
+    line = next(x for x in log.splitlines() if x.startswith("tokens "))
+    count, answers, first = int(line.split()[1]), line.split("answers ")[1].split(" first")[0], line.split()[-1]
+    assert count >= 3, line  # replaced every second (half of 2 s)
+    assert answers == "[403]", line  # always authenticated (403: the default account may not read pods)
+    assert first == "401", line  # the first token is dead by now

@@ -20,7 +20,8 @@ from tests.support.ci import tool
 from tests.support.localcluster_cli import kubectl, pairvol
 from tests.support.prometheus import Prometheus, ScrapeJob, pod_monitor_targets, service_monitor_targets
 
-from pairvol.operator.k8s import KubeClient, load_config
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "pairvol"

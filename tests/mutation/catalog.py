@@ -18,6 +18,7 @@ STAGES = "operator/pairvol/agent/stages.py"
 STATE = "operator/pairvol/agent/state.py"
 REPLICA = "operator/pairvol/agent/replica.py"
 LEASE = "operator/pairvol/agent/lease.py"
+KUBE_LEASE = "operator/pairvol/kube/lease.py"
 DECISIONS = "operator/pairvol/operator/decisions.py"
 SPEC = "operator/pairvol/api/spec.py"
 GATE = "operator/pairvol/agent/gate.py"
@@ -208,9 +209,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         'clean_shutdown=bool(data.pop("clean_shutdown", True)),',
         T_STATE, "a state that does not say it was closed cleanly is treated as unclean",
     ),
-    # ------------------------------------------------------------------- agent/lease.py
+    # -------------------------------------------------- kube/lease.py, agent/lease.py
     Mutation(
-        "lease.renew-safety-margin", LEASE,
+        "lease.renew-safety-margin", KUBE_LEASE,
         "        new = await kube.replace(self.path, self._body(old, time.time()))\n"
         '        self._rv = (new.get("metadata") or {}).get("resourceVersion")\n'
         "        self._valid_until = sent + self.duration_s - self.safety_s\n",
@@ -221,7 +222,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a renewed lease is given up before it expires for others",
     ),
     Mutation(
-        "lease.acquire-safety-margin", LEASE,
+        "lease.acquire-safety-margin", KUBE_LEASE,
         "        self._valid_until = sent + self.duration_s - self.safety_s\n        self._held = True\n",
         "        self._valid_until = sent + self.duration_s + self.safety_s\n        self._held = True\n",
         lease_tests("test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark",
@@ -229,35 +230,35 @@ MUTATIONS: tuple[Mutation, ...] = (
         "an acquired lease is given up before it expires for others",
     ),
     Mutation(
-        "lease.foreign-live-lease-not-taken", LEASE,
+        "lease.foreign-live-lease-not-taken", KUBE_LEASE,
         "if holder and holder != self.holder and seen_for < self.duration_s and not lease_expired(old, now):",
         "if holder and holder != self.holder and seen_for < self.duration_s and lease_expired(old, now):",
         lease_tests("test_a_second_holder_waits_until_expiry_then_takes_over"),
         "a live lease of another holder is not taken over",
     ),
     Mutation(
-        "lease.expiry-needs-duration", LEASE,
+        "lease.expiry-needs-duration", KUBE_LEASE,
         "    return now > renew + float(duration)\n",
         "    return now > renew\n",
         lease_tests("test_a_second_holder_waits_until_expiry_then_takes_over"),
         "a lease is live for its whole duration",
     ),
     Mutation(
-        "lease.lost-before-expiry", LEASE,
+        "lease.lost-before-expiry", KUBE_LEASE,
         "            if time.monotonic() >= self._valid_until:\n",
         "            if False:\n",
         lease_tests("test_unreachable_api_server_means_lost_before_the_lease_expires"),
         "a keeper that cannot renew gives up before expiry",
     ),
     Mutation(
-        "lease.held-means-before-expiry", LEASE,
+        "lease.held-means-before-expiry", KUBE_LEASE,
         "return self._held and time.monotonic() < self._valid_until",
         "return self._held",
         lease_tests("test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark"),
         "held is false once the validity ran out",
     ),
     Mutation(
-        "lease.no-mark-without-lease", LEASE,
+        "lease.no-mark-without-lease", KUBE_LEASE,
         "            if not self.held:\n                raise LeaseError(f\"cannot mark out-of-sync",
         "            if False:\n                raise LeaseError(f\"cannot mark out-of-sync",
         lease_tests("test_out_of_sync_mark_is_stored_on_the_lease",
@@ -265,7 +266,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "an out-of-sync mark is refused (not retried forever) when the lease is not held",
     ),
     Mutation(
-        "lease.renew-only-own-lease", LEASE,
+        "lease.renew-only-own-lease", KUBE_LEASE,
         "        if holder != self.holder:\n            raise LeaseError(f\"lease {self.name} now held by",
         "        if False:\n            raise LeaseError(f\"lease {self.name} now held by",
         lease_tests("test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overwrite_it"),

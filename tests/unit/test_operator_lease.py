@@ -10,16 +10,13 @@ from typing import Any
 import pytest
 
 from pairvol.agent.health import Health
-from pairvol.agent.lease import (
-    OUT_OF_SYNC_ANNOTATION,
-    LeaseError,
-    LeaseKeeper,
-    attach_lease,
-    micro_time,
-    parse_micro_time,
-)
+from pairvol.agent.lease import attach_lease
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
+from pairvol.kube.lease import LeaseError, LeaseKeeper, micro_time, parse_micro_time
+from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION
+from pairvol.kube.paths import lease_path
 from pairvol.localcluster.cluster import LocalCluster
-from pairvol.operator.k8s import KubeClient, lease_path, load_config
 
 pytestmark = pytest.mark.timeout(60)
 

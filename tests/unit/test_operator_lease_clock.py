@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from tests.unit.test_operator_decisions import NOW, replicating
 
-from pairvol.agent.lease import LeaseObservation, lease_record, micro_time
+from pairvol.kube.lease import LeaseObservation, lease_record, micro_time
 from pairvol.operator.decisions import DoFailover, plan
 from pairvol.operator.handlers import lease_view
 

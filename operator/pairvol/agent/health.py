@@ -4,7 +4,7 @@ and the primary's Lease.
 A primary must not keep its Lease while it cannot serve: the operator fails over only once
 the Lease has expired, so a primary whose qemu-storage-daemon died but whose agent kept
 renewing would block failover for ever. So the agent renews only after a fresh verdict of
-"healthy" (see :mod:`pairvol.agent.lease`), and the same verdict answers ``/healthz``, which
+"healthy" (see :mod:`pairvol.kube.lease`), and the same verdict answers ``/healthz``, which
 the pod's liveness and readiness probes read.
 
 What is judged, and why only this:
@@ -42,7 +42,7 @@ class Health:
     this replica (the daemon or the relay with the export) — while it is True the Lease must
     not be released, only left to expire. ``conclusive``: False when no verdict could be
     reached because the daemon did not answer in time: not healthy, but not proven broken
-    either (see pairvol.agent.lease for what the Lease keeper makes of it)."""
+    either (see pairvol.kube.lease for what the Lease keeper makes of it)."""
 
     ok: bool
     reason: str = ""

@@ -92,7 +92,8 @@ async def _main(args: argparse.Namespace) -> None:
         handlers = [service("Identity", identity(controller=args.mode == "controller", ready=lambda: True))]
         if args.mode == "controller":
             from pairvol.csi.controller import ControllerService
-            from pairvol.operator.k8s import KubeClient, load_config
+            from pairvol.kube.client import KubeClient
+            from pairvol.kube.config import load_config
 
             config = await load_config(args.kubeconfig)
             kube = await stack.enter_async_context(KubeClient(config))

@@ -41,7 +41,8 @@ from pairvol.csi.params import (
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
 from pairvol.csi.wire import capability, string_map
-from pairvol.operator.k8s import Conflict, KubeClient, KubeError, volume_path
+from pairvol.kube.client import Conflict, KubeClient, KubeError
+from pairvol.kube.paths import volume_path
 
 log = logging.getLogger(__name__)
 

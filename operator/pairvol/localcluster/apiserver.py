@@ -120,9 +120,18 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
     # plane (the node simulator's own client, tests speaking raw HTTP); False answers 401.
     # Requests that carry a token are always authenticated and authorised by RBAC.
     trust_unauthenticated: bool = True
+    # kube-apiserver's --service-account-max-token-expiration: a TokenRequest asking for a
+    # longer life gets this many seconds (tests make tokens short-lived, so that a client
+    # which does not follow the kubelet's rotation of its token file fails within the test).
+    max_token_expiration_s: int | None = None
     _token_key: bytes = attrs.field(factory=lambda: secrets.token_bytes(32), init=False)
     # The latest refused requests (user, attributes): what a test asserts about RBAC.
     denied: collections.deque[tuple[str, auth.Attributes]] = attrs.field(
+        factory=lambda: collections.deque(maxlen=_KEEP_REQUESTS), init=False
+    )
+    # The latest requests answered 401 (method, path with query): how often a client with
+    # refused credentials comes back is what a test asserts about retry storms.
+    unauthorized: collections.deque[tuple[str, str]] = attrs.field(
         factory=lambda: collections.deque(maxlen=_KEEP_REQUESTS), init=False
     )
 
@@ -154,6 +163,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         try:
             self._authorize(raw, rpath)
         except RequestError as exc:
+            if exc.code == 401:
+                self.unauthorized.append((raw.method, raw.path_qs))
             return _status_response(exc)
         if rpath is None or rpath.plural is None:
             if raw.path.startswith("/openapi/"):
@@ -311,6 +322,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         expiration = spec.get("expirationSeconds", 3600)
         if not isinstance(expiration, int) or isinstance(expiration, bool) or not 600 <= expiration <= 2**32:
             raise bad_request("spec.expirationSeconds must be an integer of at least 600 (10 minutes)")
+        if self.max_token_expiration_s is not None:
+            expiration = min(expiration, self.max_token_expiration_s)
         token = self.issue_token(namespace, name, expiration)
         expires = datetime.datetime.fromtimestamp(time.time() + expiration, datetime.UTC)
         out = {

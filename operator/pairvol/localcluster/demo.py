@@ -36,10 +36,12 @@ from typing import Any, Generic, Protocol, TypeVar
 import yaml
 
 from pairvol.agent.procs import free_port
-from pairvol.aio import signal_child
+from pairvol.aio import cancel_and_wait, signal_child
 from pairvol.errors import PairvolError
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
+from pairvol.kube.paths import pods_path, volume_path
 from pairvol.localcluster.chart import ChartOperator, counter_total
-from pairvol.operator.k8s import KubeClient, load_config, pods_path, volume_path
 
 BLOCK = 4096
 REPO = Path(__file__).resolve().parents[3]
@@ -71,7 +73,9 @@ class OperatorProcess:
     With ``pod`` (the pod template of the chart's operator Deployment) it runs as that pod
     would: the ``operator`` container's user, capabilities, no_new_privs and read-only root
     with its emptyDir volumes, applied by the node simulator's rules; the kubeconfig is
-    handed over as a world-readable copy, as a projected token would be.
+    handed over as a world-readable copy, as a projected token would be. A kubeconfig whose
+    token is in a ``token`` file beside it (:meth:`Stack.up` with ``token_lifetime_s``) is
+    handed over in place, directory and all, so the operator sees the file replaced.
     """
 
     def __init__(
@@ -112,11 +116,16 @@ class OperatorProcess:
             volume.path.mkdir(parents=True, exist_ok=True)
             volume.path.chmod(0o777)  # an emptyDir is writable by any user
         # like a projected service account token: a read-only volume readable by the user
-        kube_dir = pod_dir / "kube"
-        kube_dir.mkdir(exist_ok=True)
-        kubeconfig = kube_dir / "kubeconfig"
-        kubeconfig.write_bytes(self.kubeconfig.read_bytes())
-        kubeconfig.chmod(0o444)
+        if (self.kubeconfig.parent / "token").exists():  # rotated in place: readable where it is
+            kube_dir, kubeconfig = self.kubeconfig.parent, self.kubeconfig
+            for path in (kubeconfig, kube_dir / "token"):
+                path.chmod(0o444)
+        else:
+            kube_dir = pod_dir / "kube"
+            kube_dir.mkdir(exist_ok=True)
+            kubeconfig = kube_dir / "kubeconfig"
+            kubeconfig.write_bytes(self.kubeconfig.read_bytes())
+            kubeconfig.chmod(0o444)
         for directory in (kube_dir, pod_dir, pod_dir.parent):  # traversable by the container's user
             directory.chmod(directory.stat().st_mode | 0o111)
         # the downward API entries of the container's env (who the pod is); the operator's
@@ -245,6 +254,7 @@ class Stack(Generic[Op]):
         node_names: Sequence[str] | None = None,
         operator_pod: Mapping[str, Any] | None = None,
         rbac: Sequence[Mapping[str, Any]] | None = None,
+        token_lifetime_s: int | None = None,
     ) -> AsyncIterator[Stack[OperatorProcess]]:
         """``operator_pod``: run the operator with the privileges of this pod template (the
         chart's Deployment), else as the caller's user.
@@ -253,7 +263,12 @@ class Stack(Generic[Op]):
         template``). Given, its ServiceAccounts and RBAC are applied, the operator runs with
         a token of its Deployment's ServiceAccount and agent pods with tokens of theirs, so
         both hold exactly the chart's permissions (the API server enforces RBAC); else
-        both run with the admin kubeconfig."""
+        both run with the admin kubeconfig.
+
+        ``token_lifetime_s`` (with ``rbac``): ServiceAccount tokens expire after this many
+        seconds (the API server's cap) and are replaced in their files at half that, the
+        agents' by the node simulator, the operator's here — a process that read its token
+        once is refused within the run."""
         from pairvol.localcluster.cluster import LocalCluster
         from pairvol.localcluster.kubelet import NodeSimulator
 
@@ -264,6 +279,8 @@ class Stack(Generic[Op]):
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(_cluster_log(base / "cluster.log"))
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
+            if token_lifetime_s is not None:
+                cluster.api.max_token_expiration_s = token_lifetime_s
             if peering:
                 cluster.apply(
                     {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}}
@@ -289,8 +306,11 @@ class Stack(Generic[Op]):
             }
             operator_kubeconfig = cluster.kubeconfig_path
             if rbac is not None:
-                operator_kubeconfig, chart_env = await _with_chart_rbac(cluster, rbac, base)
+                operator_kubeconfig, chart_env, renew = await _with_chart_rbac(cluster, rbac, base, token_lifetime_s)
                 env = {**chart_env, **env}
+                if token_lifetime_s is not None:
+                    rotating = asyncio.create_task(_rotate_every(token_lifetime_s / 2, renew))
+                    stack.push_async_callback(cancel_and_wait, rotating)
             op = OperatorProcess(operator_kubeconfig, base / "operator.log", env, operator_pod)
             stack.push_async_callback(op.stop)
             await op.start()
@@ -437,12 +457,15 @@ def _node_names(nodes: int, wanted: Sequence[str] | None) -> list[str]:
 RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
 
 
-async def _with_chart_rbac(cluster: Any, chart: Sequence[Mapping[str, Any]], base: Path) -> tuple[Path, dict[str, str]]:
+async def _with_chart_rbac(
+    cluster: Any, chart: Sequence[Mapping[str, Any]], base: Path, token_lifetime_s: int | None = None
+) -> tuple[Path, dict[str, str], Callable[[], Awaitable[None]]]:
     """Apply the chart's ServiceAccounts and RBAC (rendered for namespace ``default``).
 
-    Returns the operator's kubeconfig (a token of the Deployment's ServiceAccount) and the
-    chart's settings that depend on the RBAC: which ServiceAccount agent pods use and
-    which namespaces the operator watches (its Roles are in those namespaces only).
+    Returns the operator's kubeconfig (reading a token of the Deployment's ServiceAccount
+    from the file ``token`` beside it), the chart's settings that depend on the RBAC (which
+    ServiceAccount agent pods use and which namespaces the operator watches: its Roles are in
+    those namespaces only), and what replaces the token file with a new token.
     """
     from pairvol.localcluster import kubeconfig as kubeconfig_mod
 
@@ -459,9 +482,24 @@ async def _with_chart_rbac(cluster: Any, chart: Sequence[Mapping[str, Any]], bas
     containers = [c for c in spec.get("containers") or [] if c.get("name") == "operator"]
     chart_env = {str(e["name"]): str(e["value"]) for c in containers for e in c.get("env") or [] if "value" in e}
     wanted = ("PAIRVOL_AGENT_SERVICE_ACCOUNT", "PAIRVOL_WATCH_NAMESPACES")
-    token = cluster.api.issue_token("default", str(account), expiration_seconds=24 * 3600)
-    path = await kubeconfig_mod.write(base / "operator-kubeconfig", cluster.url, token=token)
-    return path, {k: v for k, v in chart_env.items() if k in wanted}
+    lifetime = token_lifetime_s or 24 * 3600
+    kube_dir = base / "operator-kube"
+    token_path = kube_dir / "token"
+
+    async def renew() -> None:
+        token = cluster.api.issue_token("default", str(account), expiration_seconds=lifetime)
+        await kubeconfig_mod.write_token(token_path, token, mode=0o444)
+
+    await renew()
+    path = await kubeconfig_mod.write(kube_dir / "kubeconfig", cluster.url, token_file="token")
+    return path, {k: v for k, v in chart_env.items() if k in wanted}, renew
+
+
+async def _rotate_every(period_s: float, renew: Callable[[], Awaitable[None]]) -> None:
+    """Play the kubelet for the operator, which runs outside the node simulator."""
+    while True:
+        await asyncio.sleep(period_s)
+        await renew()
 
 
 class _ToParent(logging.Handler):

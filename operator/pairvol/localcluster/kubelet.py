@@ -36,9 +36,12 @@ How a container runs (all real, nothing simulated inside the process):
   ``command`` (run on the node), else the container shows ``ErrImagePull`` /
   ``ImagePullBackOff`` with a message saying what the local cluster has;
 * with ``service_account_tokens``, the pod's ServiceAccount token, namespace and a
-  kubeconfig holding the token mounted read-only at
+  kubeconfig reading the token file mounted read-only at
   ``/var/run/secrets/kubernetes.io/serviceaccount`` (``KUBECONFIG`` points there),
-  owned by the pod's user;
+  owned by the pod's user; the token file is replaced with a new token once half of the
+  old one's lifetime has passed (a kubelet refreshes projected tokens at 80%; half leaves
+  more room on a loaded machine), so a pod that read its token once is refused once it
+  expires — the API server's ``max_token_expiration_s`` makes that happen within a test;
 * stdout+stderr appended to ``<root>/<node>/logs/<namespace>_<pod>.log``.
 
 Pods in the node reach the API server through :class:`~pairvol.localcluster.netns.ApiProxy`
@@ -685,6 +688,8 @@ class PodWorker:
         self._task: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._delete_task: asyncio.Task[None] | None = None
+        # the ServiceAccount token's directory, its owner and its lifetime (see _rotate_token)
+        self._token: tuple[Path, tuple[int, int] | None, float] | None = None
 
     @property
     def all_runners(self) -> list[ContainerRunner]:
@@ -704,6 +709,7 @@ class PodWorker:
         return float(spec(self.pod).get("terminationGracePeriodSeconds", 30))
 
     async def _run(self) -> None:
+        rotating: asyncio.Task[None] | None = None
         try:
             if not self.host_network:
                 self.sandbox = await self.kubelet.sim.net.add_pod(self.kubelet.name)
@@ -712,6 +718,8 @@ class PodWorker:
             await self._prepare_until_ready()
             if self.deleting:
                 return
+            if self._token is not None:
+                rotating = asyncio.create_task(self._rotate_token(*self._token), name=f"token-{self.key[1]}")
             for init in self.init_runners:
                 await init.run()
                 if self.deleting or init.state.state.get("terminated", {}).get("exitCode") != 0:
@@ -728,11 +736,27 @@ class PodWorker:
                 }
             self.changed()
         finally:
+            if rotating is not None:
+                rotating.cancel()
             if not self.deleting:
                 # every container has terminated for good: the pod's network goes, its
                 # address stays in the status (as the kubelet tears down a finished sandbox)
                 await self.release_network()
             self.changed()
+
+    async def _rotate_token(self, directory: Path, owner: tuple[int, int] | None, lifetime: float) -> None:
+        """Replace the pod's token once half its lifetime has passed, for as long as the pod
+        runs; while the API server cannot be reached (a partitioned node), every second."""
+        while True:
+            await asyncio.sleep(lifetime / 2)
+            while True:
+                try:
+                    lifetime = await kubeconfig_mod.rotate_token(self.kubelet.sim.api, self.pod, directory, owner)
+                    logger.debug("%s/%s: ServiceAccount token replaced (valid %.0fs)", *self.key, lifetime)
+                    break
+                except (ApiError, OSError) as exc:
+                    logger.warning("%s/%s: cannot replace the ServiceAccount token yet: %s", *self.key, exc)
+                    await asyncio.sleep(1.0)
 
     async def _prepare_until_ready(self) -> None:
         pull_failures = 0
@@ -822,10 +846,12 @@ class PodWorker:
         if sim.service_account_tokens:  # the pod's own ServiceAccount token (API server side)
             users = {(plan.uid, plan.gid) for plan in security.values()}
             owner = next(iter(users)) if len(users) == 1 else None
-            token_dir = await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url, owner)
-            if token_dir is None:
+            issued = await kubeconfig_mod.for_pod(sim.api, self.pod, self.pod_dir, sim.in_cluster_url, owner)
+            if issued is None:
                 del base["KUBECONFIG"]
             else:  # mounted where a kubelet mounts it, read-only; the kubeconfig in it
+                token_dir, lifetime = issued
+                self._token = (token_dir, owner, lifetime)
                 target = PurePosixPath(kubeconfig_mod.SERVICE_ACCOUNT_DIR)
                 credentials.append(Mount(token_dir, target, read_only=True))
                 base["KUBECONFIG"] = str(target / "kubeconfig")

@@ -1,10 +1,16 @@
 """The few Kubernetes API calls the node simulator makes, over plain aiohttp.
 
-Why not the ``kubernetes`` client: it is synchronous (threads for every call and for
-watches) and the kubelet only needs a handful of REST calls — list/watch Pods of a
-node, patch Pod status, finalize Pod deletion, read Secrets/ConfigMaps, create and
-patch Nodes and node Leases. Plain REST also works against every flavour of our
-emulated API server (kmock's emulator and the team's stricter ``LocalCluster``).
+The node simulator is the local cluster's own control plane — it plays the kubelets (and,
+through :mod:`pairvol.localcluster.services`, the endpoints controller) — not a client of
+the cluster: it holds no credentials (the emulated API server trusts unauthenticated
+requests as its in-process control plane), reads no kubeconfig, and keeps one watch open
+per node. pairvol's own programs reach the API through :mod:`pairvol.kube` (the official
+``kubernetes`` client: kubeconfigs, exec plugins, rotating tokens); none of that applies
+here, and the ``kubernetes`` client is synchronous: every watch would hold a thread for
+its lifetime, and every status update of every simulated pod would cross a thread pool in
+the process that also runs the API server. The kubelet only needs a handful of REST calls
+— list/watch Pods of a node, patch Pod status, finalize Pod deletion, read
+Secrets/ConfigMaps, create and patch Nodes and node Leases, request ServiceAccount tokens.
 """
 
 from __future__ import annotations

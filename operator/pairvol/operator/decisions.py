@@ -105,7 +105,7 @@ class LeaseView:
 
     ``observed_age_s``: how long the operator has seen the *same* record (holder, renewTime,
     resourceVersion), measured with its own monotonic clock from its first look at that
-    record (pairvol.agent.lease.LeaseObservation). The holder's renewTime is never compared
+    record (pairvol.kube.lease.LeaseObservation). The holder's renewTime is never compared
     with the operator's wall clock: the nodes' clocks may differ by any amount. An operator
     that has just started has seen the record for 0 s and waits a full duration.
     """

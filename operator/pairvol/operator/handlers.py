@@ -28,18 +28,15 @@ import kopf
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from pairvol.agent.lease import OUT_OF_SYNC_ANNOTATION, LeaseObservation, lease_record
 from pairvol.api.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from pairvol.api.status import Phase, VolumeStatus, parse_time, rfc3339
-from pairvol.operator import decisions as d
-from pairvol.operator import manifests as m
-from pairvol.operator.agentclient import AgentClient, AgentError
-from pairvol.operator.k8s import (
-    KubeClient,
-    KubeError,
+from pairvol.kube.client import KubeClient, KubeError
+from pairvol.kube.config import KubeConfig, load_config
+from pairvol.kube.lease import LeaseObservation, lease_record
+from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION
+from pairvol.kube.paths import (
     events_path,
     lease_path,
-    load_config,
     netpol_path,
     nodes_path,
     pods_path,
@@ -47,6 +44,9 @@ from pairvol.operator.k8s import (
     services_path,
     volume_path,
 )
+from pairvol.operator import decisions as d
+from pairvol.operator import manifests as m
+from pairvol.operator.agentclient import AgentClient, AgentError
 from pairvol.operator.metrics import OperatorMetrics
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def pod_view(obj: Mapping[str, Any]) -> d.PodView:
 
 def lease_view(obj: Mapping[str, Any] | None, observed_age_s: float) -> d.LeaseView | None:
     """``observed_age_s``: how long this operator has seen this very record (see
-    :class:`pairvol.agent.lease.LeaseObservation`); the renewTime is not used for expiry."""
+    :class:`pairvol.kube.lease.LeaseObservation`); the renewTime is not used for expiry."""
     if obj is None:
         return None
     spec = obj.get("spec") or {}
@@ -367,8 +367,7 @@ class Reconciler:
                 case d.Event(type=etype, reason=reason, message=message):
                     await self.event(body, etype, reason, message)
                 case d.FailoverDone(duration_s=dur, mode=mode, reason=reason):
-                    c.metrics.failovers.labels(mode, "manual" if reason == "manual" else "automatic").inc()
-                    c.metrics.failover_duration.labels(mode).observe(dur)
+                    c.metrics.failover_done(mode, "manual" if reason == "manual" else "automatic", dur)
             c.metrics.actions.labels(kind, "ok").inc()
         except (KubeError, AgentError) as exc:
             c.metrics.actions.labels(kind, "error").inc()
@@ -484,18 +483,30 @@ class Reconciler:
 RESOURCE = (GROUP, VERSION, PLURAL)
 
 
+# the configuration of kopf's last login: its key material (in memory, see pairvol.kube.config)
+# must stay open while kopf may build connections from it
+_LOGIN: KubeConfig | None = None
+
+
 @kopf.on.login()
 async def login(**_: Any) -> Any:
+    """kopf's credentials, from the same loader as ours: kopf calls this again after a 401,
+    so a rotated token file or an expired exec credential is read afresh."""
+    global _LOGIN
     cfg = await load_config(None)
+    creds = await asyncio.to_thread(cfg.credentials)  # may run an exec plugin
+    previous, _LOGIN = _LOGIN, cfg
+    if previous is not None:
+        previous.close()
     return kopf.ConnectionInfo(
-        server=cfg.server,
-        token=cfg.token,
-        ca_path=cfg.ca_path,
-        insecure=cfg.insecure,
-        certificate_path=cfg.cert_path,
-        private_key_path=cfg.key_path,
-        default_namespace=cfg.namespace,
-        scheme="Bearer" if cfg.token else None,
+        server=creds.server,
+        token=creds.token,
+        ca_path=creds.ca_path,
+        insecure=creds.insecure,
+        certificate_path=creds.cert_path,
+        private_key_path=creds.key_path,
+        default_namespace=creds.namespace,
+        scheme="Bearer" if creds.token else None,
     )
 
 

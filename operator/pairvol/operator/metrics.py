@@ -3,6 +3,11 @@
 One registry per process, served by the operator's own small aiohttp endpoint (see
 handlers.py). Volumes-per-phase is a gauge computed from the last phase each volume's
 reconciler reported, so a deleted volume disappears from the counts.
+
+Label values that the agents' metrics also carry are spelt as the agents spell them: a
+failover's ``mode`` is ``checkpoint`` or ``latest`` (the agent API's words, lower case),
+not the spec's ``Checkpoint``/``Latest``, so one query or alert matches both
+(docs/alerts.md).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pairvol.api.status import Phase
 
+# the values of the ``mode`` label, as pairvol_failovers_total of the agents has them
+MODE_LABELS = ("checkpoint", "latest")
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -57,6 +64,17 @@ class OperatorMetrics:
         self._phases: dict[str, str] = {}
         for phase in Phase:
             self.volumes.labels(phase.value).set(0)
+        # every series exists from the start, so increase() sees the first failover
+        for mode in MODE_LABELS:
+            self.failover_duration.labels(mode)
+            for trigger in ("automatic", "manual"):
+                self.failovers.labels(mode, trigger)
+
+    def failover_done(self, mode: str, trigger: str, duration_s: float) -> None:
+        """One completed failover; ``mode`` as the spec spells it (``Checkpoint``) or the agent."""
+        label = mode.lower()
+        self.failovers.labels(label, trigger).inc()
+        self.failover_duration.labels(label).observe(duration_s)
 
     def set_checkpoint(self, namespace: str, volume: str, timestamp: float | None) -> None:
         if timestamp is None:
