@@ -1,0 +1,201 @@
+"""Bitmap resync after a transient secondary outage (issue 10, docs/correctness.md R1-R3).
+
+Real agents and daemons. The secondary is killed while the primary writes; the primary
+goes on alone and tracks what the secondary misses; the secondary restarts on the same
+data dir; ``sync: "auto"`` copies only the tracked regions while the workload keeps
+writing, then replication is synchronous again. Every test ends by comparing the two disks
+byte for byte, and with a failover that must show every acknowledged write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pairvol.agent import crashpoints
+from pairvol.nbd import NBDClient
+from tests.support.agents import Agent
+from tests.support.bytes_compare import assert_same_image
+from tests.support.writelog import WriteLog
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+async def wait_for(agent: Agent, pred: Any, within: float, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        st = await agent.status()
+        if pred(st):
+            return st
+        assert time.monotonic() < deadline, f"{what}: not within {within} s: {st}"
+        await asyncio.sleep(0.05)
+
+
+async def make_primary(
+    primary: Agent, epoch: int, secondary: Agent, sync: str, peer_epoch: int, peer_disk: str | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "epoch": epoch,
+        "peer": secondary.replication_address,
+        "sync": sync,
+        "peerEpoch": peer_epoch,
+    }
+    if peer_disk is not None:
+        body["peerDisk"] = peer_disk
+    return await primary.call("POST", "/v1/primary", body)
+
+
+async def disk_id(agent: Agent) -> str:
+    ident = (await agent.status())["disk"]["id"]
+    assert isinstance(ident, str)
+    return ident
+
+
+async def read_all(nbd: NBDClient) -> bytes:
+    return b"".join([await nbd.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB)])
+
+
+def image(agent: Agent) -> bytes:
+    return (agent.data_dir / "disk.raw").read_bytes()
+
+
+@contextlib.asynccontextmanager
+async def replicating_pair(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, Agent, str]]:
+    """Secondary at epoch 1, primary at epoch 2, fully synced against the secondary's disk
+    identity (so the primary records which disk its peer is)."""
+    primary = Agent("vol", tmp / "replica-0", "64Mi", **kw)
+    secondary = Agent("vol", tmp / "replica-1", "64Mi", **kw)
+    try:
+        await asyncio.gather(primary.start(), secondary.start())
+        await secondary.secondary(1)
+        ident = await disk_id(secondary)
+        await make_primary(primary, 2, secondary, "full", 1, ident)
+        st = await primary.wait_replicating()
+        assert st["replication"]["resync"]["peerDisk"] == ident
+        yield primary, secondary, ident
+    finally:
+        await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
+
+
+async def fill(nbd: NBDClient, pattern: int, offsets: list[int], length: int = 64 * 1024) -> None:
+    for off in offsets:
+        await nbd.pwrite(bytes([pattern]) * length, off)
+
+
+async def kill_secondary_and_write(primary: Agent, secondary: Agent, nbd: NBDClient, offsets: list[int]) -> None:
+    secondary.kill()
+    await secondary.wait_exit()
+    await fill(nbd, 0xB0, offsets)  # the first write waits for the link to be dropped
+    st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "peer dropped")
+    assert st["replication"]["outOfSync"] is True
+    assert st["replication"]["resync"]["tracking"] is True, st["replication"]["resync"]
+
+
+async def test_a_restarted_secondary_gets_only_the_regions_written_while_it_was_away(tmp_path: Path) -> None:
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)  # the whole volume, replicated
+            changed = [3 * MiB, 17 * MiB + 4096, 40 * MiB, 63 * MiB]
+            await kill_secondary_and_write(primary, secondary, nbd, changed)
+            await secondary.start()  # the same data dir: its disk is kept, with its identity
+            assert await disk_id(secondary) == ident
+            await make_primary(primary, 3, secondary, "auto", 1, ident)
+            st = await primary.wait_replicating()
+            last = st["replication"]["lastSync"]
+            assert last["kind"] == "bitmap", last
+            # 64 KiB granularity: each 64 KiB write touches one or two chunks
+            assert 4 * 64 * 1024 <= last["copiedBytes"] <= 8 * 64 * 1024, last
+            assert st["replication"]["outOfSync"] is False
+            assert st["replication"]["resync"] == {"peerDisk": ident, "tracking": False, "fullReason": None}
+            await fill(nbd, 0xC0, [5 * MiB])  # synchronous again
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary after a bitmap resync")
+
+
+async def test_auto_copies_everything_onto_a_disk_that_is_not_the_tracked_one(tmp_path: Path) -> None:
+    """A secondary restarted on a fresh data dir has another identity: the primary asks for
+    its tracked disk, the secondary has no export by that name, the primary copies it all."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [0, 9 * MiB])
+            await kill_secondary_and_write(primary, secondary, nbd, [MiB])
+            secondary.data_dir = tmp_path / "replica-1-new"
+            await secondary.start()
+            await secondary.secondary(3)
+            other = await disk_id(secondary)
+            assert other != ident
+            # the operator's view may be stale: it names the old disk, the secondary refuses it
+            await make_primary(primary, 4, secondary, "auto", 3, ident)
+            st = await primary.wait_replicating()
+            last = st["replication"]["lastSync"]
+            assert last["kind"] == "full", last
+            assert "refused" in last["reason"] and ident in last["reason"], last
+            assert last["copiedBytes"] == SIZE
+            assert st["replication"]["resync"]["peerDisk"] is None  # it cannot vouch for the disk's identity
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary after the fallback to a full sync")
+
+
+async def test_without_a_record_auto_falls_back_to_full_and_says_why(tmp_path: Path) -> None:
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await kill_secondary_and_write(primary, secondary, nbd, [MiB])
+        # the primary's agent restarts: the bitmap lived in its daemon
+        await primary.stop()
+        await primary.start()
+        await secondary.start()
+        st = await primary.status()
+        assert st["replication"]["resync"]["peerDisk"] is None
+        assert "restarted" in st["replication"]["resync"]["fullReason"]
+        await make_primary(primary, 3, secondary, "auto", 1, ident)
+        st = await primary.wait_replicating()
+        assert st["replication"]["lastSync"]["kind"] == "full"
+        assert "restarted" in st["replication"]["lastSync"]["reason"]
+        await asyncio.sleep(0)
+        assert_same_image(image(secondary), image(primary), "secondary after a full sync")
+
+
+async def test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_the_peer(tmp_path: Path) -> None:
+    """The race the design closes (R2): the copy of a region and a new write to it. Writers
+    keep overwriting the tracked regions while they are being copied; at the end both disks
+    are equal, and a failover to the secondary shows every acknowledged write."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        log = WriteLog(writers=8, slots=2048)  # 8 MiB of 4 KiB records, all tracked after the outage
+        rng = random.Random(10)
+        stop = asyncio.Event()
+        async with await primary.nbd() as nbd:
+            load = asyncio.create_task(log.run(nbd, stop, rng))
+            try:
+                await log.wait_acked(300)
+                secondary.kill()
+                await secondary.wait_exit()
+                await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "peer dropped")
+                await log.wait_acked(log.acked() + 3000)  # every slot rewritten, most of them many times
+                await secondary.start()
+                await make_primary(primary, 3, secondary, "auto", 1, ident)
+                st = await primary.wait_replicating()
+                assert st["replication"]["lastSync"]["kind"] == "bitmap"
+                await log.wait_acked(log.acked() + 500)  # synchronous replication under the same load
+            finally:
+                stop.set()
+                await load
+            await nbd.flush()
+        assert all(e == "stopped" for e in log.ended), log.ended
+        assert_same_image(image(secondary), image(primary), "secondary after a bitmap resync under writes")
+        acked_at = time.monotonic()
+        primary.kill()
+        await primary.wait_exit()
+        await secondary.failover(4, "latest")
+        async with await secondary.nbd() as nbd:
+            promoted = await read_all(nbd)
+        log.check_cut(promoted, acked_at, acked_at)
+
+
