@@ -165,10 +165,11 @@ async def test_without_a_record_auto_falls_back_to_full_and_says_why(tmp_path: P
 
 async def test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_the_peer(tmp_path: Path) -> None:
     """The race the design closes (R2): the copy of a region and a new write to it. Writers
-    keep overwriting the tracked regions while they are being copied; at the end both disks
-    are equal, and a failover to the secondary shows every acknowledged write."""
+    keep overwriting the whole volume while the tracked regions (nearly all of it) are being
+    copied; at the end both disks are equal, and a failover to the secondary shows every
+    acknowledged write."""
     async with replicating_pair(tmp_path) as (primary, secondary, ident):
-        log = WriteLog(writers=8, slots=2048)  # 8 MiB of 4 KiB records, all tracked after the outage
+        log = WriteLog(writers=16, slots=SIZE // 4096)
         rng = random.Random(10)
         stop = asyncio.Event()
         async with await primary.nbd() as nbd:
@@ -178,11 +179,15 @@ async def test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_th
                 secondary.kill()
                 await secondary.wait_exit()
                 await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "peer dropped")
-                await log.wait_acked(log.acked() + 3000)  # every slot rewritten, most of them many times
+                await log.wait_acked(log.acked() + 4000)  # ~98% of the 64 KiB chunks tracked
                 await secondary.start()
+                before = log.acked()
                 await make_primary(primary, 3, secondary, "auto", 1, ident)
                 st = await primary.wait_replicating()
-                assert st["replication"]["lastSync"]["kind"] == "bitmap"
+                during = log.acked() - before
+                last = st["replication"]["lastSync"]
+                assert last["kind"] == "bitmap" and last["copiedBytes"] > SIZE // 2, last
+                assert during > 20, f"only {during} writes were acknowledged while {last} ran: no race was tried"
                 await log.wait_acked(log.acked() + 500)  # synchronous replication under the same load
             finally:
                 stop.set()
@@ -199,3 +204,119 @@ async def test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_th
         log.check_cut(promoted, acked_at, acked_at)
 
 
+async def test_writes_in_flight_when_the_peer_dies_are_tracked(tmp_path: Path) -> None:
+    """R1's hard case: writes the peer never answered, that the quorum completed from the
+    local disk once the link was released. The writers stop as soon as the peer is dropped,
+    so those writes are the only ones the peer lacks in their slots."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        log = WriteLog(writers=32, slots=SIZE // 4096)
+        rng = random.Random(11)
+        stop = asyncio.Event()
+        async with await primary.nbd() as nbd:
+            load = asyncio.create_task(log.run(nbd, stop, rng))
+            try:
+                await log.wait_acked(500)
+                secondary.kill()
+                await secondary.wait_exit()
+                await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "peer dropped")
+            finally:
+                stop.set()
+                await load
+            await secondary.start()
+            await make_primary(primary, 3, secondary, "auto", 1, ident)
+            st = await primary.wait_replicating()
+            assert st["replication"]["lastSync"]["kind"] == "bitmap"
+            assert st["replication"]["lastSync"]["copiedBytes"] < SIZE // 4, st["replication"]["lastSync"]
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary after a bitmap resync")
+
+
+async def test_a_peer_replaced_by_itself_under_writes_gets_a_bitmap_resync(tmp_path: Path) -> None:
+    """A planned detach (the operator re-pairs with the same secondary): the peer leaves the
+    quorum while the workload writes, so the bitmap must exist before it leaves (R1)."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        log = WriteLog(writers=16, slots=SIZE // 4096)
+        stop = asyncio.Event()
+        async with await primary.nbd() as nbd:
+            load = asyncio.create_task(log.run(nbd, stop, random.Random(12)))
+            try:
+                for epoch in (3, 4, 5):
+                    await log.wait_acked(log.acked() + 200)
+                    await make_primary(primary, epoch, secondary, "auto", 1, ident)
+                    st = await primary.wait_replicating()
+                    assert st["replication"]["lastSync"]["kind"] == "bitmap", st["replication"]
+                await log.wait_acked(log.acked() + 200)
+            finally:
+                stop.set()
+                await load
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary re-paired three times under writes")
+
+
+async def test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical(tmp_path: Path) -> None:
+    """The resync is interrupted by the secondary's death: the bitmap keeps every bit it
+    had (the copy job never clears them), so the next resync copies them all again."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        log = WriteLog(writers=16, slots=SIZE // 4096)
+        stop = asyncio.Event()
+        async with await primary.nbd() as nbd:
+            load = asyncio.create_task(log.run(nbd, stop, random.Random(13)))
+            try:
+                await log.wait_acked(200)
+                secondary.kill()
+                await secondary.wait_exit()
+                await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "peer dropped")
+                await fill(nbd, 0xD0, [i * MiB for i in range(SIZE // MiB)], MiB)  # all of it tracked
+                await secondary.start()
+                await make_primary(primary, 3, secondary, "auto", 1, ident)
+                secondary.kill()  # while the job copies
+                await secondary.wait_exit()
+                st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "dropped again")
+                # still the initial pairing's full sync: the bitmap resync never finished
+                assert st["replication"]["lastSync"]["kind"] == "full", "the resync finished before the kill"
+                assert st["replication"]["resync"]["tracking"] is True
+                await secondary.start()
+                await make_primary(primary, 4, secondary, "auto", 1, ident)
+                st = await primary.wait_replicating()
+                assert st["replication"]["lastSync"]["kind"] == "bitmap", st["replication"]
+                await log.wait_acked(log.acked() + 200)
+            finally:
+                stop.set()
+                await load
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary after an interrupted bitmap resync")
+
+
+@pytest.mark.parametrize("crash_at", ["link.tracked", "resync.started", "resync.copied"])
+async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    """The bitmap lives in the primary's daemon: a primary killed while it tracks or copies
+    restarts without it, says so, and copies everything; the bytes end identical."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [i * MiB for i in range(0, SIZE // MiB, 4)], MiB)
+        await primary.stop()
+        monkeypatch.setenv(crashpoints.ENV, crash_at)
+        await primary.start()
+        monkeypatch.delenv(crashpoints.ENV)
+        await make_primary(primary, 3, secondary, "full", 1, ident)  # the restarted primary re-pairs
+        await primary.wait_replicating()
+        secondary.kill()
+        await secondary.wait_exit()
+        with contextlib.suppress(Exception):  # the primary dies at the crash point under this write
+            async with await primary.nbd() as nbd:
+                await asyncio.wait_for(fill(nbd, 0xB0, [8 * MiB]), 15)
+        await secondary.start()
+        if crash_at.startswith("resync."):
+            with contextlib.suppress(Exception):  # resync.started: the primary dies before it answers
+                await make_primary(primary, 4, secondary, "auto", 1, ident)
+        assert await primary.wait_exit() == -9, primary.log_tail()
+        await primary.start()
+        st = await primary.status()
+        assert "restarted" in st["replication"]["resync"]["fullReason"]
+        await make_primary(primary, 5, secondary, "auto", 1, ident)
+        st = await primary.wait_replicating()
+        assert st["replication"]["lastSync"]["kind"] == "full"
+        assert "restarted" in st["replication"]["lastSync"]["reason"]
+        assert_same_image(image(secondary), image(primary), f"secondary after a primary crash at {crash_at}")
