@@ -100,7 +100,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "peerlink.bitmap-before-release", PEERLINK,
         "        await self._track(reason)\n",
-        "        asyncio.get_running_loop().call_later(1.0, lambda: asyncio.ensure_future(self._track(reason)))\n",
+        "        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self._track(reason)))\n",
         (f"{T_RESYNC}::test_writes_in_flight_when_the_peer_dies_are_tracked",),
         "the dirty bitmap exists before a held write is completed without the peer",
     ),
@@ -113,8 +113,32 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "recipes.copy-serialised-above-the-quorum", RECIPES,
-        '        "device": QUORUM_NODE,\n        "target": SYNC_TARGET_NODE,\n        "sync": "bitmap",\n',
-        '        "device": DISK_NODE,\n        "target": SYNC_TARGET_NODE,\n        "sync": "bitmap",\n',
+        # the bitmap and the copy job one level down, on the local disk: the job's filter then
+        # orders the copy against the local write only, not against the quorum's write to the peer
+        '    return {"node": QUORUM_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}\n'
+        '\n'
+        '\n'
+        'def backup_bitmap() -> QMPArgs:\n'
+        '    """Bitmap resync: copy the tracked regions from the quorum to the peer. The job\'s\n'
+        '    copy-before-write filter sits above the quorum, so a workload write to a region not\n'
+        '    yet copied first waits for that region\'s copy (block-copy serialises them), and only\n'
+        '    then reaches both children: the peer gets the old data before the new, never after.\n'
+        '    ``never``: the job does not clear bits; they go only when the peer is declared in sync."""\n'
+        '    return {\n'
+        '        "job-id": SYNC_JOB,\n'
+        '        "device": QUORUM_NODE,\n',
+        '    return {"node": DISK_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}\n'
+        '\n'
+        '\n'
+        'def backup_bitmap() -> QMPArgs:\n'
+        '    """Bitmap resync: copy the tracked regions from the quorum to the peer. The job\'s\n'
+        '    copy-before-write filter sits above the quorum, so a workload write to a region not\n'
+        '    yet copied first waits for that region\'s copy (block-copy serialises them), and only\n'
+        '    then reaches both children: the peer gets the old data before the new, never after.\n'
+        '    ``never``: the job does not clear bits; they go only when the peer is declared in sync."""\n'
+        '    return {\n'
+        '        "job-id": SYNC_JOB,\n'
+        '        "device": DISK_NODE,\n',
         (f"{T_RESYNC}::test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_the_peer",),
         "a region's copy is serialised against writes to it, so old data never lands on the peer after new",
     ),
