@@ -144,22 +144,58 @@ async def test_auto_copies_everything_onto_a_disk_that_is_not_the_tracked_one(tm
         assert_same_image(image(secondary), image(primary), "secondary after the fallback to a full sync")
 
 
-async def test_without_a_record_auto_falls_back_to_full_and_says_why(tmp_path: Path) -> None:
+async def test_the_bitmap_survives_a_clean_restart_of_the_primary(tmp_path: Path) -> None:
+    """A clean stop writes the bitmap into a qcow2 carrier in the data dir; the restarted
+    primary loads it into its new daemon, and the resync still copies only what changed."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
+            await kill_secondary_and_write(primary, secondary, nbd, [2 * MiB, 50 * MiB])
+        await primary.stop()  # SIGTERM: a clean stop
+        await primary.start()
+        assert not (primary.data_dir / "resync-bitmap.qcow2").exists(), "loaded, then deleted: never reused"
+        st = await primary.status()
+        assert st["replication"]["resync"] == {"peerDisk": ident, "tracking": True, "fullReason": None}
+        await secondary.start()
+        await make_primary(primary, 3, secondary, "auto", 1, ident)
+        st = await primary.wait_replicating()
+        last = st["replication"]["lastSync"]
+        assert last["kind"] == "bitmap" and last["copiedBytes"] <= 4 * 64 * 1024, last
+        assert_same_image(image(secondary), image(primary), "secondary after a resync across a primary restart")
+
+
+async def test_a_clean_restart_while_in_sync_tracks_from_the_stop(tmp_path: Path) -> None:
+    """Stopped while the peer was in sync: nothing was written without it, so the saved
+    bitmap is empty, and the peer that comes back needs nothing but what is written later."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [0, 7 * MiB])
+        await primary.stop()
+        await primary.start()
+        st = await primary.status()
+        assert st["replication"]["resync"]["tracking"] is True
+        await make_primary(primary, 3, secondary, "auto", 1, ident)
+        st = await primary.wait_replicating()
+        assert st["replication"]["lastSync"]["kind"] == "bitmap"
+        assert st["replication"]["lastSync"]["copiedBytes"] == 0
+        assert_same_image(image(secondary), image(primary), "secondary after a primary's clean restart")
+
+
+async def test_an_unclean_primary_restart_falls_back_to_full_and_says_why(tmp_path: Path) -> None:
     async with replicating_pair(tmp_path) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await kill_secondary_and_write(primary, secondary, nbd, [MiB])
-        # the primary's agent restarts: the bitmap lived in its daemon
-        await primary.stop()
+        primary.kill()  # SIGKILL: the bitmap dies with the daemon
+        await primary.wait_exit()
         await primary.start()
         await secondary.start()
         st = await primary.status()
         assert st["replication"]["resync"]["peerDisk"] is None
-        assert "restarted" in st["replication"]["resync"]["fullReason"]
+        assert "unclean stop" in st["replication"]["resync"]["fullReason"]
         await make_primary(primary, 3, secondary, "auto", 1, ident)
         st = await primary.wait_replicating()
         assert st["replication"]["lastSync"]["kind"] == "full"
-        assert "restarted" in st["replication"]["lastSync"]["reason"]
-        await asyncio.sleep(0)
+        assert "unclean stop" in st["replication"]["lastSync"]["reason"]
         assert_same_image(image(secondary), image(primary), "secondary after a full sync")
 
 

@@ -160,23 +160,16 @@ class PeerLink:
             self.metrics.sync_total_bytes.labels(self.cfg.name).set(self.sync_total)
             self.metrics.sync_done_bytes.labels(self.cfg.name).set(0)
             self.metrics.sync_progress.labels(self.cfg.name).set(0.0)
+        if kind == rs.FULL:
             self.qsd.watch_job(r.SYNC_JOB)
             try:
-                if kind == rs.FULL:
-                    await self.qsd.execute("blockdev-mirror", r.mirror_full())
-                else:
-                    await self.qsd.execute("blockdev-backup", r.backup_bitmap())
-                    await self._poll_job()
+                await self.qsd.execute("blockdev-mirror", r.mirror_full())
             except PairvolError as exc:
                 self.qsd.unwatch_job(r.SYNC_JOB)
                 await self.teardown()
-                raise PeerLinkError(f"cannot start the {kind} sync to {self.address}: {exc}") from exc
-            if kind == rs.FULL:
-                crashpoints.hit(SYNC_STARTED)
-                self._sync_task = asyncio.create_task(self._run_sync(), name="full-sync")
-            else:
-                crashpoints.hit(RESYNC_STARTED)
-                self._sync_task = asyncio.create_task(self._run_resync(), name="bitmap-resync")
+                raise PeerLinkError(f"cannot start the full sync to {self.address}: {exc}") from exc
+            crashpoints.hit(SYNC_STARTED)
+            self._sync_task = asyncio.create_task(self._run_sync(), name="full-sync")
         log.info(
             "replicating to %s (export %s%s)", self.address, self.export, f", {kind} sync" if kind != rs.NONE else ""
         )
@@ -299,6 +292,22 @@ class PeerLink:
         except PairvolError as exc:
             # the peer stays marked; failing the gate drops it through the one path
             self.gate.fail(str(exc))
+
+    async def start_copy(self) -> None:
+        """Start the bitmap resync's copy job, once the workload export exists: the job's
+        copy-before-write filter takes over the quorum's parents and shares no WRITE on it,
+        so an export added after it could not attach (R2: it must sit below the filter)."""
+        if self.sync_kind != rs.BITMAP or self._sync_task is not None:
+            return
+        self.qsd.watch_job(r.SYNC_JOB)
+        try:
+            await self.qsd.execute("blockdev-backup", r.backup_bitmap())
+            await self._poll_job()
+        except PairvolError as exc:
+            self.qsd.unwatch_job(r.SYNC_JOB)
+            raise PeerLinkError(f"cannot start the bitmap resync to {self.address}: {exc}") from exc
+        crashpoints.hit(RESYNC_STARTED)
+        self._sync_task = asyncio.create_task(self._run_resync(), name="bitmap-resync")
 
     async def _poll_job(self) -> None:
         for job in await self.qsd.execute("query-block-jobs"):

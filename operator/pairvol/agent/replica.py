@@ -98,6 +98,8 @@ class ReplicaError(PairvolError):
 
 # how long starting the dirty bitmap may hold the release of a failed link
 TRACK_TIMEOUT_S = 5.0
+# how long a clean stop may spend saving the dirty bitmap before it gives up on it
+SAVE_BITMAP_TIMEOUT_S = 10.0
 
 
 def new_disk_id() -> str:
@@ -145,6 +147,7 @@ class Replica:
         )
         self._queued_cut: asyncio.Future[dict[str, Any]] | None = None
         self._bitmap_present = False  # the tracking bitmap exists in this daemon
+        self._bitmap_to_load = False  # open(): a clean stop saved it, load it into the new daemon
         self.last_sync: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -195,7 +198,10 @@ class Replica:
         await asyncio.to_thread(self.chain.remove_stale, keep)
         async with self.lock:
             await self._restore(was_clean=found is None or found.clean_shutdown)
-        await self._save(clean_shutdown=False)
+            if self._bitmap_to_load:
+                await self._load_bitmap()
+        # from here the saved bitmap is stale as soon as anything is written: never reload it
+        await self._save(clean_shutdown=False, bitmap_saved=False)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
         self._observe()
 
@@ -206,16 +212,90 @@ class Replica:
         st = self.state
         boot = await asyncio.to_thread(boot_id)
         changes: dict[str, Any] = {"boot_id": boot}
-        if st.peer_disk is not None:
-            changes.update(
-                peer_disk=None,
-                tracking=False,
-                full_reason="the primary's agent restarted: its record of what the peer lacks lived in its daemon",
-            )
+        saved = self.data_dir / persist.BITMAP_FILE
+        if st.peer_disk is not None and st.role is Role.PRIMARY:
+            if was_clean and st.tracking and st.bitmap_saved and await asyncio.to_thread(saved.exists):
+                self._bitmap_to_load = True
+            else:
+                why = (
+                    "the primary's agent restarted after an unclean stop: its record of what the peer lacks "
+                    "lived in its daemon"
+                    if not was_clean
+                    else "the primary's agent restarted without a saved record of what the peer lacks"
+                )
+                changes.update(peer_disk=None, tracking=False, full_reason=why)
+        if not self._bitmap_to_load:
+            await asyncio.to_thread(lambda: saved.unlink(missing_ok=True))
         if st.disk_id is not None and not was_clean and st.boot_id != boot:
             # acknowledged writes may have been in the page cache of the previous boot
             changes["disk_id"] = new_disk_id() if st.role is Role.SECONDARY else None
         self.state = st.evolve(**changes)
+
+    async def _load_bitmap(self) -> None:
+        """After a clean stop that saved the tracking bitmap: load it into the new daemon's
+        quorum, then delete the file (caller holds the lock; nothing writes yet)."""
+        path = self.data_dir / persist.BITMAP_FILE
+        try:
+            await self.qsd.execute("blockdev-add", r.bitmap_carrier(path, read_only=True))
+            try:
+                await self._start_bitmap()
+                await self.qsd.execute(
+                    "block-dirty-bitmap-merge",
+                    {
+                        "node": r.QUORUM_NODE,
+                        "target": r.TRACK_BITMAP,
+                        "bitmaps": [{"node": r.BITMAP_CARRIER_NODE, "name": r.TRACK_BITMAP}],
+                    },
+                )
+            finally:
+                with contextlib.suppress(QemuError):
+                    await self.qsd.execute("blockdev-del", {"node-name": r.BITMAP_CARRIER_NODE})
+        except QemuError as exc:
+            why = f"the dirty bitmap saved at the last clean stop could not be loaded ({exc})"
+            log.warning("%s; the next resync of the peer copies everything", why)
+            self.state = self.state.evolve(peer_disk=None, tracking=False, full_reason=why)
+        else:
+            log.info("loaded the record of what peer disk %s lacks, saved at the last clean stop", self.state.peer_disk)
+        await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+
+    async def _save_bitmap(self) -> bool:
+        """A clean stop of a primary that knows its peer's disk: stop the workload export,
+        let in-flight writes finish, take the peer out of the quorum (which starts the bitmap
+        if the peer was in sync: nothing can be written without it any more), and write the
+        bitmap into a qcow2 carrier that QEMU persists when the node is closed. Returns
+        whether it was saved; if not, the next resync copies everything."""
+        path = self.data_dir / persist.BITMAP_FILE
+        try:
+            async with asyncio.timeout(SAVE_BITMAP_TIMEOUT_S):
+                async with self.lock:
+                    await self._stop_nbd_server()  # no workload write from here on
+                    await self.qsd.execute("transaction", {"actions": []})  # drains in-flight writes
+                    await self._detach_peer("the agent is stopping", mark=False)
+                    if not (self.state.tracking and self._bitmap_present):
+                        return False
+                    await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+                    await img.create(path, "qcow2", self.cfg.size)
+                    await self.qsd.execute("blockdev-add", r.bitmap_carrier(path, read_only=False))
+                    await self.qsd.execute(
+                        "block-dirty-bitmap-add",
+                        {**r.track_bitmap(), "node": r.BITMAP_CARRIER_NODE, "persistent": True},
+                    )
+                    await self.qsd.execute(
+                        "block-dirty-bitmap-merge",
+                        {
+                            "node": r.BITMAP_CARRIER_NODE,
+                            "target": r.TRACK_BITMAP,
+                            "bitmaps": [{"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP}],
+                        },
+                    )
+                    await self.qsd.execute("blockdev-del", {"node-name": r.BITMAP_CARRIER_NODE})  # writes it
+            await asyncio.to_thread(fsync_paths, [path, self.data_dir])
+        except (PairvolError, TimeoutError) as exc:
+            log.warning("could not save the dirty bitmap (%s): the next resync of the peer copies everything", exc)
+            await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+            return False
+        log.info("saved the record of what peer disk %s lacks", self.state.peer_disk)
+        return True
 
     async def _restore(self, was_clean: bool) -> None:
         st = self.state
@@ -249,6 +329,9 @@ class Replica:
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
+        saved = False
+        if clean and self.state.role is Role.PRIMARY and self.state.peer_disk is not None:
+            saved = await self._save_bitmap()
         await self.qsd.stop()  # in-flight writes drain through a healthy link first
         if self.link is not None:
             link, self.link = self.link, None
@@ -259,7 +342,7 @@ class Replica:
         if clean:
             # the overlays run without flushes; make them durable before calling them clean
             await asyncio.to_thread(fsync_paths, [self.disk_path, *self.chain.paths(self.state.generation)])
-            await self._save(clean_shutdown=True)
+            await self._save(clean_shutdown=True, bitmap_saved=saved)
 
     # ------------------------------------------------------------------ helpers
 
@@ -644,6 +727,14 @@ class Replica:
                     self._observe()
                     raise ReplicaError(str(exc)) from exc
             await self._serve_workload()
+            if self.link is not None:
+                try:
+                    await self.link.start_copy()  # after the export: it must sit below the job's filter
+                except PeerLinkError as exc:
+                    await self._detach_peer(str(exc), mark=True)
+                    self.peer_error = str(exc)
+                    self._observe()
+                    raise ReplicaError(str(exc)) from exc
             self._observe()
             return self.status()
 

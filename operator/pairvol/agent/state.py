@@ -27,6 +27,7 @@ SLOT_SIZE = 64 * 1024
 _SLOT_MAGIC = b"PVSTATE1"
 _SLOT_HEADER = struct.Struct(">8sQII")
 DISK_FILE = "disk.raw"
+BITMAP_FILE = "resync-bitmap.qcow2"
 FORMAT_VERSION = 1
 
 
@@ -74,6 +75,8 @@ class PersistedState:
     peer_disk: str | None = None
     tracking: bool = False
     full_reason: str | None = None
+    # a clean stop wrote the tracking bitmap into BITMAP_FILE
+    bitmap_saved: bool = False
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -114,6 +117,7 @@ class PersistedState:
                 peer_disk=data.pop("peer_disk", None),
                 tracking=bool(data.pop("tracking", False)),
                 full_reason=data.pop("full_reason", None),
+                bitmap_saved=bool(data.pop("bitmap_saved", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

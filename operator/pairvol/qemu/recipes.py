@@ -35,6 +35,7 @@ COMMIT_JOB = "commit"
 REPLICATION_EXPORT = "replication"
 IDENTITY_EXPORT = "replication-identity"
 TRACK_BITMAP = "resync"
+BITMAP_CARRIER_NODE = "resync-carrier"
 BITMAP_GRANULARITY = 64 * 1024
 WORKLOAD_EXPORT = "volume"
 TLS_OBJECT = "tls0"
@@ -195,6 +196,18 @@ def track_bitmap() -> QMPArgs:
     A write sets its bits when the quorum completes it, i.e. after both children answered,
     so a write the peer has not answered yet is recorded however early it started."""
     return {"node": QUORUM_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}
+
+
+def bitmap_carrier(path: Path, read_only: bool) -> QMPArgs:
+    """An empty qcow2 image of the volume's size that only carries a persistent copy of the
+    tracking bitmap across a clean stop (the volume itself is raw: no bitmaps in it). QEMU
+    writes persistent bitmaps when the node is closed and loads them when it is opened."""
+    return {
+        "driver": "qcow2",
+        "node-name": BITMAP_CARRIER_NODE,
+        "read-only": read_only,
+        "file": {"driver": "file", "filename": str(path)},
+    }
 
 
 def backup_bitmap() -> QMPArgs:
