@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pairvol.agent import crashpoints
+from pairvol.agent import state as persist
 from pairvol.nbd import NBDClient
 from tests.support.agents import Agent
 from tests.support.bytes_compare import assert_same_image
@@ -53,9 +54,9 @@ async def make_primary(
     return await primary.call("POST", "/v1/primary", body)
 
 
-async def disk_id(agent: Agent) -> str:
+async def disk_id(agent: Agent) -> str | None:
     ident = (await agent.status())["disk"]["id"]
-    assert isinstance(ident, str)
+    assert ident is None or isinstance(ident, str)
     return ident
 
 
@@ -77,6 +78,7 @@ async def replicating_pair(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, A
         await asyncio.gather(primary.start(), secondary.start())
         await secondary.secondary(1)
         ident = await disk_id(secondary)
+        assert ident is not None
         await make_primary(primary, 2, secondary, "full", 1, ident)
         st = await primary.wait_replicating()
         assert st["replication"]["resync"]["peerDisk"] == ident
@@ -235,6 +237,7 @@ async def test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_th
         primary.kill()
         await primary.wait_exit()
         await secondary.failover(4, "latest")
+        assert await disk_id(secondary) is None, "a promoted disk is nobody's copy any more (R3)"
         async with await secondary.nbd() as nbd:
             promoted = await read_all(nbd)
         log.check_cut(promoted, acked_at, acked_at)
@@ -356,3 +359,21 @@ async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_n
         assert st["replication"]["lastSync"]["kind"] == "full"
         assert "restarted" in st["replication"]["lastSync"]["reason"]
         assert_same_image(image(secondary), image(primary), f"secondary after a primary crash at {crash_at}")
+
+
+async def test_a_secondary_back_on_a_new_boot_after_an_unclean_stop_is_not_trusted(tmp_path: Path) -> None:
+    """Its daemon may have acknowledged writes that were still in the page cache when the
+    node went down: the restarted secondary takes a new identity and gets a full copy."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await kill_secondary_and_write(primary, secondary, nbd, [MiB])  # SIGKILL: unclean
+        found = persist.load(secondary.data_dir)
+        assert found is not None and found.boot_id is not None and not found.clean_shutdown
+        persist.save(secondary.data_dir, found.evolve(boot_id="the boot before the power loss"))
+        await secondary.start()
+        assert await disk_id(secondary) not in (None, ident)
+        await make_primary(primary, 3, secondary, "auto", 1, ident)
+        st = await primary.wait_replicating()
+        assert st["replication"]["lastSync"]["kind"] == "full"
+        assert "refused" in st["replication"]["lastSync"]["reason"]
+        assert_same_image(image(secondary), image(primary), "secondary after a full sync")

@@ -556,7 +556,7 @@ def test_the_same_secondary_disk_coming_back_is_resynced_with_auto() -> None:
     p = plan(replicating(agents={"vol-1-a": replace(dropped, peer="10.0.0.9:7801"), "vol-1-b": back}))
     assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, DISK) in p.actions
     assert p.status.secondary is not None and p.status.secondary.out_of_sync  # as for a full sync
-    assert any(isinstance(a, Event) and "resync of what it missed" in a.message for a in p.actions)
+    assert any(isinstance(a, Event) and "incremental resync" in a.message for a in p.actions)
 
 
 @pytest.mark.parametrize(

@@ -664,7 +664,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         epoch = st.epoch + 1
         request = resync_request(pa, sa)
         actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, request, sa.epoch, sa.disk_id))
-        what = "resync of what it missed" if request == "auto" else "full sync"
+        what = "incremental resync" if request == "auto" else "full sync"
         actions.append(
             Event("Normal", "Resync", f"{what} {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} (epoch {epoch})")
         )
