@@ -323,6 +323,8 @@ async def test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identica
                 stop.set()
                 await load
             await nbd.flush()
+        # the copy's failure never failed a workload write waiting for it (R2, the copy connection)
+        assert all(e == "stopped" for e in log.ended), log.ended
         assert_same_image(image(secondary), image(primary), "secondary after an interrupted bitmap resync")
 
 

@@ -156,6 +156,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{T_RESYNC}::test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical",),
         "a resync that did not finish keeps the bitmap it was copying (a new one would lose its bits)",
     ),
+    Mutation(
+        "gate.only-the-copy-connection-answered-success", GATE,
+        "        return 0 if self.copy and self.gate.released and cmd != nbd.CMD_READ else errno.EIO\n",
+        "        return 0 if self.gate.released and cmd != nbd.CMD_READ else errno.EIO\n",
+        (f"{T_GATE}::test_the_copy_connection_forwards_while_healthy_and_is_answered_success_after_release",),
+        "the quorum's own connection never gets a success for a write the peer did not take",
+    ),
+    Mutation(
+        "gate.copy-failure-does-not-fail-workload-writes", GATE,
+        "        return 0 if self.copy and self.gate.released and cmd != nbd.CMD_READ else errno.EIO\n",
+        "        return errno.EIO\n",
+        (f"{T_RESYNC}::test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical",),
+        "a secondary dying mid-resync fails no workload write (QEMU 7.2's backup breaks the guest write otherwise)",
+    ),
     # ------------------------------------------------------------------ agent/stages.py
     Mutation(
         "stages.stale-epoch-off-by-one", STAGES,

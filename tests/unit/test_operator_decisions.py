@@ -559,6 +559,20 @@ def test_the_same_secondary_disk_coming_back_is_resynced_with_auto() -> None:
     assert any(isinstance(a, Event) and "incremental resync" in a.message for a in p.actions)
 
 
+def test_the_first_full_sync_names_the_secondarys_disk_so_the_primary_records_it() -> None:
+    w = _placed()
+    st0 = w.status
+    assert st0.primary is not None and st0.secondary is not None
+    pods = {
+        st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
+        st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
+    }
+    sec = AgentView("secondary", "running", 2, disk_id=DISK)
+    w = replace(w, pods=pods, agents={st0.primary.pod: AgentView("none", "none", 0), st0.secondary.pod: sec})
+    start = [a for a in plan(w).actions if isinstance(a, StartPrimary)]
+    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", st0.epoch + 1, "10.0.0.2:7801", "full", 2, DISK)]
+
+
 @pytest.mark.parametrize(
     ("tracked", "disk"), [(None, DISK), (DISK, None), (DISK, "d" * 32), (None, None)]
 )

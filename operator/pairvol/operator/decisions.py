@@ -535,7 +535,11 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
         return _finish(world, st.with_(epoch=epoch, phase=Phase.PENDING), actions, False)
     epoch = st.epoch + 1
     endpoint = _endpoint(world, spec, prim)
-    actions.append(StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch))
+    # naming the secondary's disk lets the primary record it: a later outage is then resynced
+    # with only what the secondary missed
+    actions.append(
+        StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch, sa.disk_id)
+    )
     actions.append(
         Event(
             "Normal",
