@@ -732,6 +732,8 @@ class Replica:
                     await self.link.start_copy()  # after the export: it must sit below the job's filter
                 except PeerLinkError as exc:
                     await self._detach_peer(str(exc), mark=True)
+                    async with self._oos_lock:  # e.g. a peer of another size: the next resync is full
+                        await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
                     self.peer_error = str(exc)
                     self._observe()
                     raise ReplicaError(str(exc)) from exc

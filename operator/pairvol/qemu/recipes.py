@@ -191,13 +191,6 @@ def mirror_full() -> QMPArgs:
     }
 
 
-def track_bitmap() -> QMPArgs:
-    """The primary's record of what its peer may lack: a dirty bitmap on the quorum node.
-    A write sets its bits when the quorum completes it, i.e. after both children answered,
-    so a write the peer has not answered yet is recorded however early it started."""
-    return {"node": QUORUM_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}
-
-
 def bitmap_carrier(path: Path, read_only: bool) -> QMPArgs:
     """An empty qcow2 image of the volume's size that only carries a persistent copy of the
     tracking bitmap across a clean stop (the volume itself is raw: no bitmaps in it). QEMU
@@ -208,6 +201,13 @@ def bitmap_carrier(path: Path, read_only: bool) -> QMPArgs:
         "read-only": read_only,
         "file": {"driver": "file", "filename": str(path)},
     }
+
+
+def track_bitmap() -> QMPArgs:
+    """The primary's record of what its peer may lack: a dirty bitmap on the quorum node.
+    A write sets its bits when the quorum completes it, i.e. after both children answered,
+    so a write the peer has not answered yet is recorded however early it started."""
+    return {"node": QUORUM_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}
 
 
 def backup_bitmap() -> QMPArgs:
