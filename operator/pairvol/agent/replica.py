@@ -269,7 +269,7 @@ class Replica:
             async with asyncio.timeout(SAVE_BITMAP_TIMEOUT_S):
                 async with self.lock:
                     await self._stop_nbd_server()  # no workload write from here on
-                    await self.qsd.execute("transaction", {"actions": []})  # drains in-flight writes
+                    await self._wait_export_gone(r.WORKLOAD_EXPORT)  # and the ones in flight finished
                     await self._detach_peer("the agent is stopping", mark=False)
                     if not (self.state.tracking and self._bitmap_present):
                         return False
@@ -296,6 +296,16 @@ class Replica:
             return False
         log.info("saved the record of what peer disk %s lacks", self.state.peer_disk)
         return True
+
+    async def _wait_export_gone(self, export: str) -> None:
+        """QEMU removes an export from its list only once its last in-flight request has
+        completed (every request holds a reference on it): waiting for that is a drain of
+        the export's writes that does not depend on how a QEMU version drains transactions."""
+        while True:
+            exports = await self.qsd.execute("query-block-exports")
+            if not any(e["id"] == export for e in exports):
+                return
+            await asyncio.sleep(0.01)
 
     async def _restore(self, was_clean: bool) -> None:
         st = self.state
