@@ -109,7 +109,11 @@ async def test_a_restarted_secondary_gets_only_the_regions_written_while_it_was_
             await kill_secondary_and_write(primary, secondary, nbd, changed)
             await secondary.start()  # the same data dir: its disk is kept, with its identity
             assert await disk_id(secondary) == ident
-            await make_primary(primary, 3, secondary, "auto", 1, ident)
+            started = await make_primary(primary, 3, secondary, "auto", 1, ident)
+            sync = started["replication"]["sync"]  # the answer comes as the copy job starts
+            assert (sync["kind"], started["replication"]["state"]) == ("bitmap", "syncing"), started["replication"]
+            assert "lacks at most the regions written since it was dropped" in sync["reason"]
+            assert 4 * 64 * 1024 <= sync["totalBytes"] <= 8 * 64 * 1024, sync  # what it copies, not the volume
             st = await primary.wait_replicating()
             last = st["replication"]["lastSync"]
             assert last["kind"] == "bitmap", last

@@ -155,7 +155,8 @@ class PeerLink:
             self.syncing = True
             self.sync_kind, self.sync_reason = kind, reason
             self.gate.serve_reads = False  # the peer lacks data until the sync is done
-            self.sync_done, self.sync_total = 0, self.cfg.size
+            # a bitmap resync's total is what its job reports (the tracked bytes), once it runs
+            self.sync_done, self.sync_total = 0, self.cfg.size if kind == rs.FULL else 0
             self.sync_started = time.monotonic()
             self.metrics.sync_total_bytes.labels(self.cfg.name).set(self.sync_total)
             self.metrics.sync_done_bytes.labels(self.cfg.name).set(0)
