@@ -16,7 +16,11 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
 * primary = quorum(vote-threshold=1) over the local disk and the peer, reached through
   a :class:`~pairvol.agent.peerlink.PeerLink` (link daemon + gate) that owns everything
   about the pairing, including the full sync and the rule that no write is acknowledged
-  without the peer before the peer is durably marked OutOfSync.
+  without the peer before the peer is durably marked OutOfSync;
+* resync after an outage (``sync: auto``, docs/correctness.md R1-R3) = a dirty bitmap on
+  the quorum started before the peer can miss a write, recorded against the identity of
+  the peer's disk, saved across a clean stop, and copied by a backup job above the quorum
+  only to a secondary that answers to that identity; otherwise a full sync, with the reason.
 
 Every command is serialised by one lock; background tasks (retire, a link that went down)
 take the same lock before they change the graph. Two things never wait for that lock,
