@@ -126,7 +126,7 @@ class PeerLink:
 
     # ------------------------------------------------------------------ attach
 
-    async def attach(self, kind: str, reason: str = "") -> None:
+    async def attach(self, kind: str, why: str = "") -> None:
         """Connect, join the quorum, and start the copy ``kind`` (none, full, bitmap). On
         error everything built so far is torn down again."""
         try:
@@ -148,12 +148,12 @@ class PeerLink:
             await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
             self.child = await self._child_name()
         except PairvolError as exc:
-            reason_ = self.gate.reason or str(exc)
+            reason = self.gate.reason or str(exc)
             await self.teardown()
-            raise PeerLinkError(f"cannot attach peer {self.address}: {reason_}") from exc
+            raise PeerLinkError(f"cannot attach peer {self.address}: {reason}") from exc
         if kind != rs.NONE:
             self.syncing = True
-            self.sync_kind, self.sync_reason = kind, reason
+            self.sync_kind, self.sync_reason = kind, why
             self.gate.serve_reads = False  # the peer lacks data until the sync is done
             # a bitmap resync's total is what its job reports (the tracked bytes), once it runs
             self.sync_done, self.sync_total = 0, self.cfg.size if kind == rs.FULL else 0

@@ -858,7 +858,7 @@ class Replica:
                 async with asyncio.timeout(TRACK_TIMEOUT_S):
                     await self._start_bitmap()
             except (QemuError, TimeoutError) as exc:
-                why = f"the dirty bitmap could not be started when the peer was dropped ({exc or 'timed out'})"
+                why = f"the dirty bitmap could not be started when the peer was dropped ({str(exc) or 'timed out'})"
                 log.warning("%s; its next resync copies the whole volume", why)
                 await self._save(peer_disk=None, tracking=False, full_reason=why)
                 return
