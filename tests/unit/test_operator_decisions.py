@@ -1007,7 +1007,7 @@ SEEN = [
         "FailingOver",
         "failing over to n2: manual",
         [
-            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a resync"),
             ("Normal", "FailingOver", "promoting vol-1-b on n2 (epoch 4, mode Checkpoint): manual"),
         ],
     ),
@@ -1017,7 +1017,7 @@ SEEN = [
         "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
         "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
         [
-            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a resync"),
             (
                 "Warning",
                 "FailoverBlocked",
@@ -1092,7 +1092,7 @@ SEEN = [
         "oos_mark",
         "Degraded",
         "secondary vol-1-b is OutOfSync",
-        [("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync")],
+        [("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a resync")],
     ),
 ]
 

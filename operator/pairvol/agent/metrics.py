@@ -40,7 +40,7 @@ class AgentMetrics:
         )
         self.out_of_sync = Gauge(
             "pairvol_replication_out_of_sync",
-            "1 when the peer missed acknowledged writes and needs a full resync",
+            "1 when the peer missed acknowledged writes and needs a resync",
             labels,
             registry=r,
         )

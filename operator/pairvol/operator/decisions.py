@@ -590,7 +590,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
             Event(
                 "Warning",
                 "OutOfSync",
-                f"primary dropped secondary {sec.pod} at epoch {lease.out_of_sync_epoch}; it needs a full resync",
+                f"primary dropped secondary {sec.pod} at epoch {lease.out_of_sync_epoch}; it needs a resync",
             )
         )
         st = st.with_(secondary=sec)
