@@ -383,3 +383,21 @@ async def test_a_secondary_back_on_a_new_boot_after_an_unclean_stop_is_not_trust
         assert st["replication"]["lastSync"]["kind"] == "full"
         assert "refused" in st["replication"]["lastSync"]["reason"]
         assert_same_image(image(secondary), image(primary), "secondary after a full sync")
+
+
+async def test_a_secondary_stopped_cleanly_and_restarted_gets_only_what_it_missed(tmp_path: Path) -> None:
+    """A pod deleted and rescheduled to the same node: SIGTERM, not a crash."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [i * MiB for i in range(0, SIZE // MiB, 2)], MiB)
+            await secondary.stop()
+            await fill(nbd, 0xB1, [5 * MiB, 33 * MiB])
+            await wait_for(primary, lambda s: s["replication"]["resync"]["tracking"], 15, "tracking")
+            await secondary.start()
+            assert await disk_id(secondary) == ident
+            await make_primary(primary, 3, secondary, "auto", 1, ident)
+            st = await primary.wait_replicating()
+            assert st["replication"]["lastSync"]["kind"] == "bitmap"
+            assert st["replication"]["lastSync"]["copiedBytes"] <= 4 * 64 * 1024
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary after a clean restart and a bitmap resync")
