@@ -483,13 +483,17 @@ class Controller:
         self.note(f"re-protecting {p.name} with {new.name} on {node} (epoch {self.epoch})")
 
     async def start_primary(self, p: Replica, s: Replica, sec_epoch: int) -> None:
-        """primary(N+1, peer, "full") as the operator sends it: with `peerEpoch`, the epoch
+        """primary(N+1, peer, "auto") as the operator sends it: with `peerEpoch`, the epoch
         the secondary runs at, when that is not N (an agent without the field refuses it;
-        then the call goes without, as before the field existed)."""
+        then the call goes without, as before the field existed), and `peerDisk`, the
+        identity of the secondary's disk: the primary copies only what that disk missed
+        when it can vouch for it, and everything otherwise."""
         if self.relay_links and s.relay is None:
             s.relay = await DelayRelay(self.net.bridge_ip, s.agent.replication_address, random.Random(s.name)).start()
         epoch = self.next_epoch()
-        body: dict[str, Any] = {"epoch": epoch, "peer": s.address, "sync": "full"}
+        body: dict[str, Any] = {"epoch": epoch, "peer": s.address, "sync": "auto"}
+        disk = ((await s.agent.status()).get("disk") or {}).get("id")
+        body.update({"peerDisk": disk} if disk else {"sync": "full"})
         if sec_epoch != epoch - 1:
             body["peerEpoch"] = sec_epoch
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pairvol.agent.gate import GateError, LinkGate
+from pairvol.agent.gate import COPY_EXPORT, GateError, LinkGate
 from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu import img
 from pairvol.qemu import recipes as r
@@ -117,3 +117,33 @@ async def test_an_error_reply_fails_the_gate_and_is_not_forwarded(tmp_path: Path
         gate.release()
         with pytest.raises(NBDError):
             await asyncio.wait_for(write, 5)
+
+
+async def test_the_copy_connection_forwards_while_healthy_and_is_answered_success_after_release(
+    tmp_path: Path,
+) -> None:
+    """The bitmap resync's copy job (export name ``copy``): forwarded like any connection
+    while the gate is healthy; after a failure its writes are held like the rest, then
+    answered with success — so QEMU's copy-before-write does not fail the workload write
+    waiting for it — while nothing reaches the disk and reads still fail (R2)."""
+    async with gate_over_qsd(tmp_path) as (gate, _qsd, nbd):
+        copy = await NBDClient.connect_unix(str(gate.socket_path), COPY_EXPORT)
+        try:
+            await copy.pwrite(b"c" * 4096, 0)
+            assert await copy.pread(4096, 0) == b"c" * 4096
+            gate.fail("test: link lost")
+            held_copy = asyncio.create_task(copy.pwrite(b"d" * 4096, 4096))
+            held_peer = asyncio.create_task(nbd.pwrite(b"e" * 4096, 8192))
+            await asyncio.sleep(0.5)
+            assert not held_copy.done() and not held_peer.done(), "answered before release()"
+            gate.release()
+            await asyncio.wait_for(held_copy, 5)  # success, trusted by nobody
+            with pytest.raises(NBDError, match="errno 5"):
+                await asyncio.wait_for(held_peer, 5)
+            await asyncio.wait_for(copy.pwrite(b"f" * 4096, 12288), 5)
+            with pytest.raises(NBDError, match="errno 5"):
+                await asyncio.wait_for(copy.pread(4096, 0), 5)
+        finally:
+            await copy.close()
+    disk = (tmp_path / "disk.raw").read_bytes()
+    assert disk[:4096] == b"c" * 4096 and disk[4096:16384] == bytes(12288), "nothing after the failure was written"

@@ -40,6 +40,7 @@ def lease_tests(*names: str) -> tuple[str, ...]:
 T_SPEC = ("tests/unit/test_api_spec.py",)
 T_RESTART = "tests/integration/test_restart_guards.py"
 T_CHAIN = "tests/integration/test_secondary_chain.py"
+T_RESYNC = "tests/integration/test_bitmap_resync.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ the replication link (I1, I2)
@@ -95,6 +96,80 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/unit/test_agent_logic.py::TestRecipes",
          f"{T_LINK}::test_a_frozen_old_primary_resumed_after_its_peer_address_was_reused_writes_nothing_there"),
         "nothing is re-sent over a reconnected link",
+    ),
+    # ------------------------------------------------------------------ bitmap resync (R1-R3)
+    Mutation(
+        "peerlink.bitmap-before-release", PEERLINK,
+        "        await self._track(reason)\n",
+        "        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self._track(reason)))\n",
+        (f"{T_RESYNC}::test_writes_in_flight_when_the_peer_dies_are_tracked",),
+        "the dirty bitmap exists before a held write is completed without the peer",
+    ),
+    Mutation(
+        "replica.bitmap-before-planned-detach", REPLICA,
+        "        await self._track_divergence(reason)\n        if mark:\n",
+        "        if mark:\n",
+        (f"{T_RESYNC}::test_a_peer_replaced_by_itself_under_writes_gets_a_bitmap_resync",),
+        "a planned detach starts the dirty bitmap before the peer leaves the quorum",
+    ),
+    Mutation(
+        "recipes.copy-serialised-above-the-quorum", RECIPES,
+        # the bitmap and the copy job one level down, on the local disk: the job's filter then
+        # orders the copy against the local write only, not against the quorum's write to the peer
+        '    return {"node": QUORUM_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}\n'
+        '\n'
+        '\n'
+        'def backup_bitmap() -> QMPArgs:\n'
+        '    """Bitmap resync: copy the tracked regions from the quorum to the peer. The job\'s\n'
+        '    copy-before-write filter sits above the quorum, so a workload write to a region not\n'
+        '    yet copied first waits for that region\'s copy (block-copy serialises them), and only\n'
+        '    then reaches both children: the peer gets the old data before the new, never after.\n'
+        '    ``never``: the job does not clear bits; they go only when the peer is declared in sync."""\n'
+        '    return {\n'
+        '        "job-id": SYNC_JOB,\n'
+        '        "device": QUORUM_NODE,\n',
+        '    return {"node": DISK_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}\n'
+        '\n'
+        '\n'
+        'def backup_bitmap() -> QMPArgs:\n'
+        '    """Bitmap resync: copy the tracked regions from the quorum to the peer. The job\'s\n'
+        '    copy-before-write filter sits above the quorum, so a workload write to a region not\n'
+        '    yet copied first waits for that region\'s copy (block-copy serialises them), and only\n'
+        '    then reaches both children: the peer gets the old data before the new, never after.\n'
+        '    ``never``: the job does not clear bits; they go only when the peer is declared in sync."""\n'
+        '    return {\n'
+        '        "job-id": SYNC_JOB,\n'
+        '        "device": DISK_NODE,\n',
+        (f"{T_RESYNC}::test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_the_peer",),
+        "a region's copy is serialised against writes to it, so old data never lands on the peer after new",
+    ),
+    Mutation(
+        "replica.bitmap-resync-only-onto-the-tracked-disk", REPLICA,
+        "            if plan.peer_disk is not None\n            else r.replication_export_name(peer_epoch)",
+        "            if False\n            else r.replication_export_name(peer_epoch)",
+        (f"{T_RESYNC}::test_auto_copies_everything_onto_a_disk_that_is_not_the_tracked_one",),
+        "the secondary refuses a bitmap resync onto a disk that is not the one the bitmap was taken against",
+    ),
+    Mutation(
+        "replica.tracking-ends-only-in-sync", REPLICA,
+        "            if st.peer_disk is None or st.tracking:\n",
+        "            if st.peer_disk is None:\n",
+        (f"{T_RESYNC}::test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical",),
+        "a resync that did not finish keeps the bitmap it was copying (a new one would lose its bits)",
+    ),
+    Mutation(
+        "gate.only-the-copy-connection-answered-success", GATE,
+        "        return 0 if self.copy and self.gate.released and cmd != nbd.CMD_READ else errno.EIO\n",
+        "        return 0 if self.gate.released and cmd != nbd.CMD_READ else errno.EIO\n",
+        (f"{T_GATE}::test_the_copy_connection_forwards_while_healthy_and_is_answered_success_after_release",),
+        "the quorum's own connection never gets a success for a write the peer did not take",
+    ),
+    Mutation(
+        "gate.copy-failure-does-not-fail-workload-writes", GATE,
+        "        return 0 if self.copy and self.gate.released and cmd != nbd.CMD_READ else errno.EIO\n",
+        "        return errno.EIO\n",
+        (f"{T_RESYNC}::test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical",),
+        "a secondary dying mid-resync fails no workload write (QEMU 7.2's backup breaks the guest write otherwise)",
     ),
     # ------------------------------------------------------------------ agent/stages.py
     Mutation(

@@ -545,6 +545,53 @@ def test_primary_that_dropped_its_peer_triggers_a_fresh_secondary() -> None:
     assert p.status.secondary is None
 
 
+DISK = "c" * 32
+
+
+def test_the_same_secondary_disk_coming_back_is_resynced_with_auto() -> None:
+    """The primary tracks what the secondary's disk missed, and the secondary reports that
+    very disk (same node, same data dir): the operator asks for ``auto`` and names the disk."""
+    dropped = replace(PRIMARY_AGENT, replication_state="degraded", tracked_disk=DISK)
+    back = replace(SECONDARY_AGENT, disk_id=DISK)
+    p = plan(replicating(agents={"vol-1-a": replace(dropped, peer="10.0.0.9:7801"), "vol-1-b": back}))
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, DISK) in p.actions
+    assert p.status.secondary is not None and p.status.secondary.out_of_sync  # as for a full sync
+    assert any(isinstance(a, Event) and "incremental resync" in a.message for a in p.actions)
+
+
+def test_the_first_full_sync_names_the_secondarys_disk_so_the_primary_records_it() -> None:
+    w = _placed()
+    st0 = w.status
+    assert st0.primary is not None and st0.secondary is not None
+    pods = {
+        st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
+        st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
+    }
+    sec = AgentView("secondary", "running", 2, disk_id=DISK)
+    w = replace(w, pods=pods, agents={st0.primary.pod: AgentView("none", "none", 0), st0.secondary.pod: sec})
+    start = [a for a in plan(w).actions if isinstance(a, StartPrimary)]
+    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", st0.epoch + 1, "10.0.0.2:7801", "full", 2, DISK)]
+
+
+@pytest.mark.parametrize(
+    ("tracked", "disk"), [(None, DISK), (DISK, None), (DISK, "d" * 32), (None, None)]
+)
+def test_any_other_secondary_disk_is_synced_in_full(tracked: str | None, disk: str | None) -> None:
+    primary = replace(PRIMARY_AGENT, peer="10.0.0.9:7801", tracked_disk=tracked)
+    p = plan(replicating(agents={"vol-1-a": primary, "vol-1-b": replace(SECONDARY_AGENT, disk_id=disk)}))
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, disk) in p.actions
+
+
+def test_the_agents_report_their_disk_identities() -> None:
+    view = AgentView.from_status(
+        {"role": "primary", "disk": {"id": None}, "replication": {"resync": {"peerDisk": DISK},
+                                                                 "sync": {"kind": "bitmap"}}}
+    )
+    assert (view.tracked_disk, view.disk_id, view.sync_kind) == (DISK, None, "bitmap")
+    assert AgentView.from_status({"role": "secondary", "disk": {"id": DISK}}).disk_id == DISK
+    assert AgentView.from_status({"role": "secondary"}).disk_id is None  # an older agent
+
+
 def test_a_resync_marks_the_secondary_out_of_sync_before_it_starts() -> None:
     """A full sync to the secondary is about to overwrite its disk: until the primary says
     it is replicating again, the secondary holds no consistent state and must not be promoted,
@@ -960,7 +1007,7 @@ SEEN = [
         "FailingOver",
         "failing over to n2: manual",
         [
-            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a resync"),
             ("Normal", "FailingOver", "promoting vol-1-b on n2 (epoch 4, mode Checkpoint): manual"),
         ],
     ),
@@ -970,7 +1017,7 @@ SEEN = [
         "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
         "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
         [
-            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync"),
+            ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a resync"),
             (
                 "Warning",
                 "FailoverBlocked",
@@ -1045,7 +1092,7 @@ SEEN = [
         "oos_mark",
         "Degraded",
         "secondary vol-1-b is OutOfSync",
-        [("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a full resync")],
+        [("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a resync")],
     ),
 ]
 

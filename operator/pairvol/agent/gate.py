@@ -60,6 +60,13 @@ _FORWARDABLE_FLAGS = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x100 | 0x400 
 _OPTION_HEADER = struct.Struct(">QII")
 _OPTION_REPLY = struct.Struct(">QIII")
 SERVED_EXPORT = "peer"
+# The bitmap resync's copy job connects under this name. Its writes are forwarded like any
+# other while the gate is healthy; once the gate has failed they are answered with success,
+# not EIO, because QEMU 7.2's backup job fails the *workload* write that waits for a
+# region's copy when that copy fails (copy-before-write's on-cbw-error is not settable for
+# a backup job before 10.1). Nothing trusts those answers: a gate that failed never lets
+# its link be declared in sync, and the dirty bitmap keeps every bit (docs/correctness.md, R2).
+COPY_EXPORT = "copy"
 _COMMANDS = {0: "read", 1: "write", 3: "flush", 4: "trim", 5: "cache", 6: "write-zeroes"}
 
 
@@ -110,6 +117,7 @@ class _Downstream(asyncio.Protocol):
         self.state = "connecting"  # -> flags -> options -> transmission -> ended
         self.info: nbd.ExportInfo | None = None
         self.client_flags = 0
+        self.copy = False  # the bitmap resync's copy connection (COPY_EXPORT)
         self._paused = False
 
     # -------------------------------------------------------------- plumbing
@@ -168,6 +176,11 @@ class _Downstream(asyncio.Protocol):
         if self.up is not None and self.up.transport is not None and not self.up.transport.is_closing():
             self.up.transport.resume_reading()
 
+    def after_release(self, cmd: int) -> int:
+        """The answer to a request of this connection once the gate is released: EIO,
+        except a copy connection's writes (COPY_EXPORT: success, trusted by nobody)."""
+        return 0 if self.copy and self.gate.released and cmd != nbd.CMD_READ else errno.EIO
+
     def answer(self, handle: int, error: int) -> None:
         assert self.transport is not None
         self.transport.write(nbd.SIMPLE_REPLY.pack(nbd.SIMPLE_REPLY_MAGIC, error, handle))
@@ -219,6 +232,7 @@ class _Downstream(asyncio.Protocol):
             data = bytes(buf[_OPTION_HEADER.size : _OPTION_HEADER.size + length])
             del buf[: _OPTION_HEADER.size + length]
             if opt == OPT_EXPORT_NAME:
+                self.copy = data.decode(errors="replace") == COPY_EXPORT
                 w(struct.pack(">QH", self.info.size, flags))
                 if not self.client_flags & nbd.FLAG_NO_ZEROES:
                     w(bytes(124))
@@ -227,10 +241,11 @@ class _Downstream(asyncio.Protocol):
             if opt in (OPT_GO, OPT_INFO):
                 (name_len,) = struct.unpack_from(">I", data)
                 name = data[4 : 4 + name_len].decode(errors="replace")
-                if name not in ("", SERVED_EXPORT):
+                if name not in ("", SERVED_EXPORT, COPY_EXPORT):
                     text = f"the gate serves export {SERVED_EXPORT!r}, not {name!r}".encode()
                     w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, REP_ERR_UNKNOWN, len(text)) + text)
                     continue
+                self.copy = name == COPY_EXPORT
                 export_info = struct.pack(">HQH", nbd.INFO_EXPORT, self.info.size, flags)
                 w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_INFO, len(export_info)) + export_info)
                 w(_OPTION_REPLY.pack(nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
@@ -267,7 +282,7 @@ class _Downstream(asyncio.Protocol):
                 pos = end
                 break
             if gate.released or (cmd == nbd.CMD_READ and not gate.serve_reads):
-                self.answer(handle, errno.EIO)
+                self.answer(handle, self.after_release(cmd))
             else:
                 self.pending[handle] = _Request(cmd, length, offset, now)
                 if not gate.failed.is_set():  # else held until release()
@@ -418,8 +433,8 @@ class LinkGate:
         self.released = True
         answered = 0
         for conn in list(self.conns):
-            for handle in list(conn.pending):
-                conn.answer(handle, errno.EIO)
+            for handle, req in list(conn.pending.items()):
+                conn.answer(handle, conn.after_release(req.cmd))
                 answered += 1
             conn.pending.clear()
         log.info("replication link released: %d held request(s) answered with EIO", answered)

@@ -157,12 +157,13 @@ async def secondary(request: web.Request) -> web.Response:
 
 
 async def primary(request: web.Request) -> web.Response:
-    body = await _body(request, {"epoch", "peer", "sync", "peerEpoch"})
+    body = await _body(request, {"epoch", "peer", "sync", "peerEpoch", "peerDisk"})
     epoch, peer, sync = v.parse_epoch(body), v.parse_peer(body), v.parse_sync(body)
-    if sync == "full" and peer is None:
-        raise v.InvalidInput("'sync': 'full' needs a 'peer' to copy to")
+    if sync != "none" and peer is None:
+        raise v.InvalidInput(f"'sync': '{sync}' needs a 'peer' to copy to")
     peer_epoch = v.parse_peer_epoch(body, epoch)
-    return web.json_response(await request.app[REPLICA].start_primary(epoch, peer, sync, peer_epoch))
+    peer_disk = v.parse_peer_disk(body)
+    return web.json_response(await request.app[REPLICA].start_primary(epoch, peer, sync, peer_epoch, peer_disk))
 
 
 async def checkpoint(request: web.Request) -> web.Response:

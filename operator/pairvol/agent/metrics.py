@@ -40,7 +40,7 @@ class AgentMetrics:
         )
         self.out_of_sync = Gauge(
             "pairvol_replication_out_of_sync",
-            "1 when the peer missed acknowledged writes and needs a full resync",
+            "1 when the peer missed acknowledged writes and needs a resync",
             labels,
             registry=r,
         )
@@ -85,13 +85,13 @@ class AgentMetrics:
             registry=r,
         )
         self.sync_total_bytes = Gauge(
-            "pairvol_sync_total_bytes", "Bytes the running full sync has to copy", labels, registry=r
+            "pairvol_sync_total_bytes", "Bytes the running sync (full or bitmap resync) has to copy", labels, registry=r
         )
         self.sync_done_bytes = Gauge(
-            "pairvol_sync_done_bytes", "Bytes the running full sync has copied", labels, registry=r
+            "pairvol_sync_done_bytes", "Bytes the running sync (full or bitmap resync) has copied", labels, registry=r
         )
         self.sync_progress = Gauge(
-            "pairvol_sync_progress_ratio", "Progress of the running full sync, 0..1", labels, registry=r
+            "pairvol_sync_progress_ratio", "Progress of the running sync or resync, 0..1", labels, registry=r
         )
         self.size = Gauge("pairvol_volume_size_bytes", "Size of the volume", labels, registry=r)
 

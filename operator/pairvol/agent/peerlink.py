@@ -9,11 +9,14 @@ A :class:`PeerLink` owns
 * the :class:`~pairvol.agent.gate.LinkGate` between the link daemon and the primary daemon;
 * the peer's nodes in the primary daemon (the quorum child, the full sync's target) and the
   child's place in the quorum, looked up in QEMU's block graph rather than counted;
-* the full sync (a write-blocking mirror) and the moment the peer becomes in sync.
+* the full sync (a write-blocking mirror) or the bitmap resync (a backup job of the tracked
+  regions, source the quorum) and the moment the peer becomes in sync.
 
 The ordering it enforces (docs/correctness.md, "no mark, no acknowledgement"): when the gate
 fails, ``_settle`` waits for ``mark`` (the replica's durable OutOfSync mark) or for the
 workload export to be fenced, and only then releases the gate. Nothing else releases it.
+Before either, it calls ``track``: the primary's dirty bitmap exists before the first write
+can finish without the peer (docs/correctness.md, R1).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent import crashpoints
+from pairvol.agent import resync as rs
 from pairvol.agent.config import AgentConfig
-from pairvol.agent.gate import LinkGate
+from pairvol.agent.gate import COPY_EXPORT, LinkGate
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
@@ -39,6 +43,7 @@ from pairvol.qemu.qsd import Qsd
 log = logging.getLogger(__name__)
 
 Mark = Callable[[str], Coroutine[Any, Any, None]]
+Track = Callable[[str], Awaitable[None]]
 Down = Callable[["PeerLink", str], Awaitable[None]]
 InSync = Callable[["PeerLink"], Awaitable[bool]]
 
@@ -47,12 +52,21 @@ SYNC_READY = crashpoints.point("sync.ready", "primary: mirror READY, not yet can
 SYNC_DONE = crashpoints.point("sync.done", "primary: mirror finished, peer not yet declared in sync")
 LINK_FAILED = crashpoints.point("link.failed", "primary: gate closed, requests held, mark not yet written")
 LINK_RELEASED = crashpoints.point("link.released", "primary: mark durable, held requests answered")
+RESYNC_STARTED = crashpoints.point(
+    "resync.started", "primary: bitmap resync job running, peer in the quorum and marked out of sync"
+)
+RESYNC_COPIED = crashpoints.point("resync.copied", "primary: bitmap resync job finished, peer not yet declared in sync")
+LINK_TRACKED = crashpoints.point("link.tracked", "primary: gate closed, dirty bitmap started, mark not yet written")
 
 CONNECT_TIMEOUT = 10.0
 
 
 class PeerLinkError(PairvolError):
     """The peer could not be attached; the message says why."""
+
+
+class PeerRefusedExport(PeerLinkError):
+    """The peer has no export by the name asked for (another incarnation, another disk)."""
 
 
 class PeerLink:
@@ -69,6 +83,8 @@ class PeerLink:
         fenced: asyncio.Event,
         on_down: Down,
         in_sync: InSync,
+        track: Track,
+        peer_disk: str | None = None,
     ) -> None:
         self.qsd = qsd
         self.cfg = cfg
@@ -80,6 +96,8 @@ class PeerLink:
         self._fenced = fenced
         self._on_down = on_down
         self._in_sync = in_sync
+        self._track = track
+        self.peer_disk = peer_disk  # the identity the peer answered to (its identity export)
         run_dir = cfg.data_dir / ".run"
         self.link = Qsd(run_dir, cfg.data_dir / "link.log", name="link")
         self.gate = LinkGate(
@@ -91,8 +109,12 @@ class PeerLink:
         )
         self.child: str | None = None
         self.syncing = False
+        self.sync_kind = rs.NONE
+        self.sync_reason = ""
         self.sync_done = 0
         self.sync_total = 0
+        self.sync_started = 0.0
+        self.last_sync: dict[str, Any] | None = None
         self.down_reason: str | None = None
         self.released = asyncio.Event()
         self._settle_task: asyncio.Task[None] | None = None
@@ -104,9 +126,9 @@ class PeerLink:
 
     # ------------------------------------------------------------------ attach
 
-    async def attach(self, full_sync: bool) -> None:
-        """Connect, join the quorum, and (full_sync) start copying the disk. On error
-        everything built so far is torn down again."""
+    async def attach(self, kind: str, why: str = "") -> None:
+        """Connect, join the quorum, and start the copy ``kind`` (none, full, bitmap). On
+        error everything built so far is torn down again."""
         try:
             await self._start_link()
         except PairvolError:
@@ -117,21 +139,29 @@ class PeerLink:
             self._settle_task = asyncio.create_task(self._settle(), name="link-settle")
             gate_sock = self.gate.socket_path
             await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.PEER_NODE, gate_sock))
-            if full_sync:
+            if kind == rs.FULL:
                 await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.SYNC_TARGET_NODE, gate_sock))
+            elif kind == rs.BITMAP:
+                await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.SYNC_TARGET_NODE, gate_sock, COPY_EXPORT))
+            # R2: the peer is a child of the quorum, so every new write goes to both sides,
+            # before any region is copied
             await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
             self.child = await self._child_name()
         except PairvolError as exc:
             reason = self.gate.reason or str(exc)
             await self.teardown()
             raise PeerLinkError(f"cannot attach peer {self.address}: {reason}") from exc
-        if full_sync:
+        if kind != rs.NONE:
             self.syncing = True
+            self.sync_kind, self.sync_reason = kind, why
             self.gate.serve_reads = False  # the peer lacks data until the sync is done
-            self.sync_done, self.sync_total = 0, self.cfg.size
+            # a bitmap resync's total is what its job reports (the tracked bytes), once it runs
+            self.sync_done, self.sync_total = 0, self.cfg.size if kind == rs.FULL else 0
+            self.sync_started = time.monotonic()
             self.metrics.sync_total_bytes.labels(self.cfg.name).set(self.sync_total)
             self.metrics.sync_done_bytes.labels(self.cfg.name).set(0)
             self.metrics.sync_progress.labels(self.cfg.name).set(0.0)
+        if kind == rs.FULL:
             self.qsd.watch_job(r.SYNC_JOB)
             try:
                 await self.qsd.execute("blockdev-mirror", r.mirror_full())
@@ -141,7 +171,9 @@ class PeerLink:
                 raise PeerLinkError(f"cannot start the full sync to {self.address}: {exc}") from exc
             crashpoints.hit(SYNC_STARTED)
             self._sync_task = asyncio.create_task(self._run_sync(), name="full-sync")
-        log.info("replicating to %s (export %s%s)", self.address, self.export, ", full sync" if full_sync else "")
+        log.info(
+            "replicating to %s (export %s%s)", self.address, self.export, f", {kind} sync" if kind != rs.NONE else ""
+        )
 
     async def _start_link(self) -> None:
         await self.link.start()
@@ -166,7 +198,9 @@ class PeerLink:
                 text += (
                     f" — the peer has no export {self.export!r}: it is not a running secondary at that epoch "
                     "(pass peerEpoch = the epoch the secondary was started with)"
+                    + (f" or its disk is not {self.peer_disk}" if self.peer_disk else "")
                 )
+                raise PeerRefusedExport(f"cannot connect to peer {host}:{port}: {text}") from exc
             raise PeerLinkError(f"cannot connect to peer {host}:{port}: {text}") from exc
 
     async def _child_name(self) -> str:
@@ -187,6 +221,10 @@ class PeerLink:
         await self.gate.failed.wait()
         reason = self.gate.reason or "link failed"
         crashpoints.hit(LINK_FAILED)
+        # R1: the dirty bitmap exists before the first write can finish without the peer
+        # (never raises; a bitmap that cannot be started is recorded as "resync in full")
+        await self._track(reason)
+        crashpoints.hit(LINK_TRACKED)
         marked = asyncio.create_task(self._mark(reason), name="link-mark")
         fenced = asyncio.create_task(self._fenced.wait(), name="link-fenced")
         try:
@@ -249,18 +287,88 @@ class PeerLink:
             await self._delete_node(r.SYNC_TARGET_NODE)
             crashpoints.hit(SYNC_DONE)
             self.sync_done = self.sync_total
-            m.sync_total_bytes.labels(name).set(self.sync_total)
-            m.sync_done_bytes.labels(name).set(self.sync_done)
-            m.sync_progress.labels(name).set(1.0)
-            if await self._in_sync(self):
-                self.syncing = False
-                self.gate.serve_reads = True
-                log.info("full sync to %s done: %d bytes; replicating synchronously", self.address, self.sync_total)
+            await self._finish_sync()
         except asyncio.CancelledError:
             raise
         except PairvolError as exc:
             # the peer stays marked; failing the gate drops it through the one path
             self.gate.fail(str(exc))
+
+    async def start_copy(self) -> None:
+        """Start the bitmap resync's copy job, once the workload export exists: the job's
+        copy-before-write filter takes over the quorum's parents and shares no WRITE on it,
+        so an export added after it could not attach (R2: it must sit below the filter)."""
+        if self.sync_kind != rs.BITMAP or self._sync_task is not None:
+            return
+        self.qsd.watch_job(r.SYNC_JOB)
+        try:
+            await self.qsd.execute("blockdev-backup", r.backup_bitmap())
+            await self._poll_job()
+        except PairvolError as exc:
+            self.qsd.unwatch_job(r.SYNC_JOB)
+            raise PeerLinkError(f"cannot start the bitmap resync to {self.address}: {exc}") from exc
+        crashpoints.hit(RESYNC_STARTED)
+        self._sync_task = asyncio.create_task(self._run_resync(), name="bitmap-resync")
+
+    async def _poll_job(self) -> None:
+        for job in await self.qsd.execute("query-block-jobs"):
+            if job["device"] == r.SYNC_JOB:
+                self.sync_done, self.sync_total = int(job["offset"]), int(job["len"])
+        m, name = self.metrics, self.cfg.name
+        m.sync_done_bytes.labels(name).set(self.sync_done)
+        m.sync_total_bytes.labels(name).set(self.sync_total)
+        m.sync_progress.labels(name).set(self.sync_done / max(1, self.sync_total))
+
+    async def _run_resync(self) -> None:
+        """Follow the bitmap resync's backup job to its end; the peer is in sync once it
+        finished without error and the gate never failed (``_in_sync`` checks the gate)."""
+        last_log = 0.0
+        try:
+            while True:
+                try:
+                    event = await self.qsd.wait_job_event(
+                        r.SYNC_JOB, {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}, 0.5
+                    )
+                except TimeoutError:
+                    await self._poll_job()
+                    if time.monotonic() - last_log > 2:
+                        last_log = time.monotonic()
+                        log.info("bitmap resync to %s: %s", self.address, self.sync_line())
+                    continue
+                break
+            data = event["data"]
+            if event["event"] == "BLOCK_JOB_CANCELLED" or "error" in data:
+                raise PeerLinkError(f"bitmap resync failed: {data.get('error', 'cancelled')}")
+            self.sync_done = self.sync_total = int(data.get("len", self.sync_total))
+            self.qsd.unwatch_job(r.SYNC_JOB)
+            await self._delete_node(r.SYNC_TARGET_NODE)
+            crashpoints.hit(RESYNC_COPIED)
+            await self._finish_sync()
+        except asyncio.CancelledError:
+            raise
+        except PairvolError as exc:
+            self.gate.fail(str(exc))
+
+    async def _finish_sync(self) -> None:
+        m, name = self.metrics, self.cfg.name
+        m.sync_total_bytes.labels(name).set(self.sync_total)
+        m.sync_done_bytes.labels(name).set(self.sync_done)
+        m.sync_progress.labels(name).set(1.0)
+        seconds = time.monotonic() - self.sync_started
+        # what the replica reports once it declared the peer in sync
+        self.last_sync = {
+            "kind": self.sync_kind,
+            "reason": self.sync_reason,
+            "copiedBytes": self.sync_total,
+            "seconds": round(seconds, 3),
+        }
+        if await self._in_sync(self):
+            self.syncing = False
+            self.gate.serve_reads = True
+            log.info(
+                "%s sync to %s done: %d bytes in %.2f s; replicating synchronously",
+                self.sync_kind, self.address, self.sync_total, seconds,
+            )
 
     def sync_line(self) -> str:
         pct = 100.0 * self.sync_done / max(1, self.sync_total)

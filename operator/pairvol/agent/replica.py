@@ -16,7 +16,11 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
 * primary = quorum(vote-threshold=1) over the local disk and the peer, reached through
   a :class:`~pairvol.agent.peerlink.PeerLink` (link daemon + gate) that owns everything
   about the pairing, including the full sync and the rule that no write is acknowledged
-  without the peer before the peer is durably marked OutOfSync.
+  without the peer before the peer is durably marked OutOfSync;
+* resync after an outage (``sync: auto``, docs/correctness.md R1-R3) = a dirty bitmap on
+  the quorum started before the peer can miss a write, recorded against the identity of
+  the peer's disk, saved across a clean stop, and copied by a backup job above the quorum
+  only to a secondary that answers to that identity; otherwise a full sync, with the reason.
 
 Every command is serialised by one lock; background tasks (retire, a link that went down)
 take the same lock before they change the graph. Two things never wait for that lock,
@@ -36,16 +40,18 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from pairvol.agent import crashpoints, secondary
+from pairvol.agent import resync as rs
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig, Psk
 from pairvol.agent.health import Health, Observed, judge
 from pairvol.agent.metrics import AgentMetrics
-from pairvol.agent.peerlink import PeerLink, PeerLinkError
+from pairvol.agent.peerlink import PeerLink, PeerLinkError, PeerRefusedExport
 from pairvol.agent.secondary import ChainCheckFailed, SecondaryChain, fsync_paths
 from pairvol.agent.stages import (
     FailoverMode,
@@ -82,6 +88,9 @@ FAILOVER_EXPORT_STOPPED = crashpoints.point(
 FAILOVER_DURABLE = crashpoints.point(
     "failover.after-overlays-durable", "the overlays are durable and marked so; the commit has not started"
 )
+TRACK_STARTED = crashpoints.point(
+    "track.started", "primary: the dirty bitmap for the dropped peer exists; the record is not yet persisted"
+)
 FAILOVER_BEFORE_SERVE = crashpoints.point(
     "failover.before-serve", "role primary is persisted and the overlays are gone; the workload export is not up"
 )
@@ -89,6 +98,25 @@ FAILOVER_BEFORE_SERVE = crashpoints.point(
 
 class ReplicaError(PairvolError):
     """A replica operation failed (HTTP 500); the message says what and why."""
+
+
+# how long starting the dirty bitmap may hold the release of a failed link
+TRACK_TIMEOUT_S = 5.0
+# how long a clean stop may spend saving the dirty bitmap before it gives up on it
+SAVE_BITMAP_TIMEOUT_S = 10.0
+
+
+def new_disk_id() -> str:
+    return uuid.uuid4().hex
+
+
+def boot_id() -> str | None:
+    """This boot of the node: a secondary whose daemon died with its node may have lost
+    writes it had acknowledged (they were in the page cache), one killed alone did not."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 class Replica:
@@ -123,6 +151,9 @@ class Replica:
             self.qsd, self.data_dir, self.run_dir, cfg.size, self.lock, metrics.cow_bytes.labels(cfg.name).inc
         )
         self._queued_cut: asyncio.Future[dict[str, Any]] | None = None
+        self._bitmap_present = False  # the tracking bitmap exists in this daemon
+        self._bitmap_to_load = False  # open(): a clean stop saved it, load it into the new daemon
+        self.last_sync: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,6 +182,7 @@ class Replica:
                     "empty disk over a replica that had data; restore the file or use a new --data-dir"
                 )
             self.state = found
+        await self._forget_what_the_restart_lost(was_clean=found is None or found.clean_shutdown)
         if disk_exists:
             actual = (await asyncio.to_thread(os.stat, self.disk_path)).st_size
             if actual != self.cfg.size:
@@ -171,9 +203,114 @@ class Replica:
         await asyncio.to_thread(self.chain.remove_stale, keep)
         async with self.lock:
             await self._restore(was_clean=found is None or found.clean_shutdown)
-        await self._save(clean_shutdown=False)
+            if self._bitmap_to_load:
+                await self._load_bitmap()
+        # from here the saved bitmap is stale as soon as anything is written: never reload it
+        await self._save(clean_shutdown=False, bitmap_saved=False)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
         self._observe()
+
+    async def _forget_what_the_restart_lost(self, was_clean: bool) -> None:
+        """A restart ends the daemon that held the primary's dirty bitmap, and a node that
+        rebooted after an unclean stop may have lost writes its secondary had acknowledged:
+        neither side may then vouch for the peer's content (R1, R3)."""
+        st = self.state
+        boot = await asyncio.to_thread(boot_id)
+        changes: dict[str, Any] = {"boot_id": boot}
+        saved = self.data_dir / persist.BITMAP_FILE
+        if st.peer_disk is not None and st.role is Role.PRIMARY:
+            if was_clean and st.tracking and st.bitmap_saved and await asyncio.to_thread(saved.exists):
+                self._bitmap_to_load = True
+            else:
+                why = (
+                    "the primary's agent restarted after an unclean stop: its record of what the peer lacks "
+                    "lived in its daemon"
+                    if not was_clean
+                    else "the primary's agent restarted without a saved record of what the peer lacks"
+                )
+                changes.update(peer_disk=None, tracking=False, full_reason=why)
+        if not self._bitmap_to_load:
+            await asyncio.to_thread(lambda: saved.unlink(missing_ok=True))
+        if st.disk_id is not None and not was_clean and st.boot_id != boot:
+            # acknowledged writes may have been in the page cache of the previous boot
+            changes["disk_id"] = new_disk_id() if st.role is Role.SECONDARY else None
+        self.state = st.evolve(**changes)
+
+    async def _load_bitmap(self) -> None:
+        """After a clean stop that saved the tracking bitmap: load it into the new daemon's
+        quorum, then delete the file (caller holds the lock; nothing writes yet)."""
+        path = self.data_dir / persist.BITMAP_FILE
+        try:
+            await self.qsd.execute("blockdev-add", r.bitmap_carrier(path, read_only=True))
+            try:
+                await self._start_bitmap()
+                await self.qsd.execute(
+                    "block-dirty-bitmap-merge",
+                    {
+                        "node": r.QUORUM_NODE,
+                        "target": r.TRACK_BITMAP,
+                        "bitmaps": [{"node": r.BITMAP_CARRIER_NODE, "name": r.TRACK_BITMAP}],
+                    },
+                )
+            finally:
+                with contextlib.suppress(QemuError):
+                    await self.qsd.execute("blockdev-del", {"node-name": r.BITMAP_CARRIER_NODE})
+        except QemuError as exc:
+            why = f"the dirty bitmap saved at the last clean stop could not be loaded ({exc})"
+            log.warning("%s; the next resync of the peer copies everything", why)
+            self.state = self.state.evolve(peer_disk=None, tracking=False, full_reason=why)
+        else:
+            log.info("loaded the record of what peer disk %s lacks, saved at the last clean stop", self.state.peer_disk)
+        await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+
+    async def _save_bitmap(self) -> bool:
+        """A clean stop of a primary that knows its peer's disk: stop the workload export,
+        let in-flight writes finish, take the peer out of the quorum (which starts the bitmap
+        if the peer was in sync: nothing can be written without it any more), and write the
+        bitmap into a qcow2 carrier that QEMU persists when the node is closed. Returns
+        whether it was saved; if not, the next resync copies everything."""
+        path = self.data_dir / persist.BITMAP_FILE
+        try:
+            async with asyncio.timeout(SAVE_BITMAP_TIMEOUT_S):
+                async with self.lock:
+                    await self._stop_nbd_server()  # no workload write from here on
+                    await self._wait_export_gone(r.WORKLOAD_EXPORT)  # and the ones in flight finished
+                    await self._detach_peer("the agent is stopping", mark=False)
+                    if not (self.state.tracking and self._bitmap_present):
+                        return False
+                    await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+                    await img.create(path, "qcow2", self.cfg.size)
+                    await self.qsd.execute("blockdev-add", r.bitmap_carrier(path, read_only=False))
+                    await self.qsd.execute(
+                        "block-dirty-bitmap-add",
+                        {**r.track_bitmap(), "node": r.BITMAP_CARRIER_NODE, "persistent": True},
+                    )
+                    await self.qsd.execute(
+                        "block-dirty-bitmap-merge",
+                        {
+                            "node": r.BITMAP_CARRIER_NODE,
+                            "target": r.TRACK_BITMAP,
+                            "bitmaps": [{"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP}],
+                        },
+                    )
+                    await self.qsd.execute("blockdev-del", {"node-name": r.BITMAP_CARRIER_NODE})  # writes it
+            await asyncio.to_thread(fsync_paths, [path, self.data_dir])
+        except (PairvolError, TimeoutError) as exc:
+            log.warning("could not save the dirty bitmap (%s): the next resync of the peer copies everything", exc)
+            await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+            return False
+        log.info("saved the record of what peer disk %s lacks", self.state.peer_disk)
+        return True
+
+    async def _wait_export_gone(self, export: str) -> None:
+        """QEMU removes an export from its list only once its last in-flight request has
+        completed (every request holds a reference on it): waiting for that is a drain of
+        the export's writes that does not depend on how a QEMU version drains transactions."""
+        while True:
+            exports = await self.qsd.execute("query-block-exports")
+            if not any(e["id"] == export for e in exports):
+                return
+            await asyncio.sleep(0.01)
 
     async def _restore(self, was_clean: bool) -> None:
         st = self.state
@@ -207,6 +344,9 @@ class Replica:
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
+        saved = False
+        if clean and self.state.role is Role.PRIMARY and self.state.peer_disk is not None:
+            saved = await self._save_bitmap()
         await self.qsd.stop()  # in-flight writes drain through a healthy link first
         if self.link is not None:
             link, self.link = self.link, None
@@ -218,7 +358,7 @@ class Replica:
         if clean:
             # the overlays run without flushes; make them durable before calling them clean
             await asyncio.to_thread(fsync_paths, [self.disk_path, *self.chain.paths(self.state.generation)])
-            await self._save(clean_shutdown=True)
+            await self._save(clean_shutdown=True, bitmap_saved=saved)
 
     # ------------------------------------------------------------------ helpers
 
@@ -247,6 +387,11 @@ class Replica:
             ) from exc
         name = r.replication_export_name(self.state.epoch)
         await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node, name=name))
+        if self.state.disk_id is not None:
+            # R3: the same node under a name carrying this disk's identity, for a resync of
+            # only what this disk lacks
+            ident = r.identity_export_name(self.state.epoch, self.state.disk_id)
+            await self.qsd.execute("block-export-add", r.nbd_export(r.IDENTITY_EXPORT, node, name=ident))
 
     async def _stop_nbd_server(self) -> None:
         if self.relay is not None:
@@ -259,7 +404,7 @@ class Replica:
         # the daemon's main loop blocked (seen with a primary writing during a failover).
         with contextlib.suppress(QemuError):
             await self.qsd.execute("nbd-server-stop")
-        for export in (r.REPLICATION_EXPORT, r.WORKLOAD_EXPORT):
+        for export in (r.REPLICATION_EXPORT, r.IDENTITY_EXPORT, r.WORKLOAD_EXPORT):
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
         self.serving = False
@@ -368,7 +513,12 @@ class Replica:
             if self.state.role is Role.PRIMARY:
                 await self._teardown_primary()
             gen = self.state.generation + 1
-            await self._save(epoch=epoch, role=Role.SECONDARY, stage=Stage.NONE, peer=None)
+            # a disk that served as primary, or a new one, gets a new identity (R3)
+            disk_id = self.state.disk_id if self.state.role is Role.SECONDARY and self.state.disk_id else new_disk_id()
+            await self._save(
+                epoch=epoch, role=Role.SECONDARY, stage=Stage.NONE, peer=None, disk_id=disk_id,
+                peer_disk=None, tracking=False, full_reason=None,
+            )
             self.chain.generation = gen
             await self.chain.open_generation(gen)
             try:
@@ -515,7 +665,9 @@ class Replica:
         gen = self.state.generation
         # the role is settled before serving: if serving is refused (no Lease), the
         # operator retries with POST /v1/primary and a newer epoch
-        await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None, failover_mode=None, overlays_durable=False)
+        await self._save(
+            role=Role.PRIMARY, stage=Stage.DONE, peer=None, failover_mode=None, overlays_durable=False, disk_id=None
+        )
         await self.chain.discard(gen)
         await self._build_quorum()
         self.replication = "degraded"
@@ -570,14 +722,24 @@ class Replica:
     # ------------------------------------------------------------------ primary
 
     async def start_primary(
-        self, epoch: int, peer: tuple[str, int] | None, sync: str, peer_epoch: int | None = None
+        self,
+        epoch: int,
+        peer: tuple[str, int] | None,
+        sync: str,
+        peer_epoch: int | None = None,
+        peer_disk: str | None = None,
     ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
             await self._detach_peer("peer replaced", mark=False)
             await self._build_quorum()
+            # a primary's disk takes the workload's writes: it is nobody's faithful copy (R3)
             await self._save(
-                epoch=epoch, role=Role.PRIMARY, stage=Stage.RUNNING, peer=f"{peer[0]}:{peer[1]}" if peer else None
+                epoch=epoch,
+                role=Role.PRIMARY,
+                stage=Stage.RUNNING,
+                peer=f"{peer[0]}:{peer[1]}" if peer else None,
+                disk_id=None,
             )
             self.fenced.clear()
             if peer is None:
@@ -586,7 +748,7 @@ class Replica:
                 # The peer joins the quorum before the export serves: no write is
                 # acknowledged that the peer was not asked to take.
                 try:
-                    await self._attach_peer(peer, sync, epoch - 1 if peer_epoch is None else peer_epoch)
+                    await self._attach_peer(peer, sync, epoch - 1 if peer_epoch is None else peer_epoch, peer_disk)
                 except PeerLinkError as exc:
                     self.replication, self.peer_error = "degraded", str(exc)
                     await self._mark_out_of_sync(str(exc))  # durable before the export serves without it
@@ -594,39 +756,81 @@ class Replica:
                     self._observe()
                     raise ReplicaError(str(exc)) from exc
             await self._serve_workload()
+            if self.link is not None:
+                try:
+                    await self.link.start_copy()  # after the export: it must sit below the job's filter
+                except PeerLinkError as exc:
+                    await self._detach_peer(str(exc), mark=True)
+                    async with self._oos_lock:  # e.g. a peer of another size: the next resync is full
+                        await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
+                    self.peer_error = str(exc)
+                    self._observe()
+                    raise ReplicaError(str(exc)) from exc
             self._observe()
             return self.status()
 
-    async def _attach_peer(self, peer: tuple[str, int], sync: str, peer_epoch: int) -> None:
+    async def _attach_peer(self, peer: tuple[str, int], sync: str, peer_epoch: int, peer_disk: str | None) -> None:
+        record = rs.Record(
+            self.state.peer_disk, self.state.tracking, self._bitmap_present, self.state.full_reason
+        )
+        plan = rs.choose(sync, peer_disk, record)
+        try:
+            await self._attach_with(peer, plan, peer_epoch)
+        except PeerRefusedExport as exc:
+            if plan.peer_disk is None:
+                raise
+            # R3: the secondary has no export for that disk identity: its disk is another one
+            why = f"the secondary refused a resync against disk {plan.peer_disk}: {exc}"
+            log.warning("%s; copying the whole volume instead", why)
+            await self._attach_with(peer, rs.SyncPlan(rs.FULL, why, None), peer_epoch)
+
+    async def _attach_with(self, peer: tuple[str, int], plan: rs.SyncPlan, peer_epoch: int) -> None:
+        export = (
+            r.identity_export_name(peer_epoch, plan.peer_disk)
+            if plan.peer_disk is not None
+            else r.replication_export_name(peer_epoch)
+        )
         link = PeerLink(
             qsd=self.qsd,
             cfg=self.cfg,
             metrics=self.metrics,
             tls_dir=self._tls_dir,
             peer=peer,
-            export=r.replication_export_name(peer_epoch),
+            export=export,
             mark=self._mark_out_of_sync,
             fenced=self.fenced,
             on_down=self._on_link_down,
             in_sync=self._declare_in_sync,
+            track=self._track_divergence,
+            peer_disk=plan.peer_disk,
         )
-        full = sync == "full"
         async with self._oos_lock:
-            if full:
-                # until the mirror is READY the peer lacks data: known before a byte is copied
+            if plan.kind == rs.FULL:
+                # until the mirror is READY the peer lacks data: known before a byte is copied;
+                # the mirror overwrites the peer, so no record about its old content survives
+                self._peer_marked = True
+                await self._save(
+                    out_of_sync=True, peer_disk=None, tracking=False,
+                    full_reason="a full sync to the peer did not finish",
+                )
+                await self._drop_bitmap()
+            elif plan.kind == rs.BITMAP:
+                # the peer stays marked (it was, when it was dropped) until the copy is done
                 self._peer_marked = True
                 await self._save(out_of_sync=True)
             else:
                 self._peer_marked = False
-                await self._save(out_of_sync=False)
+                await self._save(out_of_sync=False, peer_disk=None, tracking=False, full_reason=None)
+                await self._drop_bitmap()
         self.link = link
         try:
-            await link.attach(full_sync=full)
+            await link.attach(plan.kind, plan.reason)
         except PeerLinkError:
             self.link = None
             raise
+        log.info("re-protection of %s: %s sync (%s)", link.address, plan.kind, plan.reason)
         self.peer_error = None
-        self.replication = "syncing" if full else "replicating"
+        self.replication = "syncing" if plan.kind != rs.NONE else "replicating"
 
     async def _declare_in_sync(self, link: PeerLink) -> bool:
         """The full sync finished: the peer has every write from here on, unless the link
@@ -635,10 +839,57 @@ class Replica:
             if link is not self.link or link.gate.failed.is_set():
                 return False
             self._peer_marked = False
-            await self._save(out_of_sync=False)
+            # from here the peer has every write: a record about its disk starts over (R1)
+            await self._save(out_of_sync=False, peer_disk=link.peer_disk, tracking=False, full_reason=None)
+            await self._drop_bitmap()
             self.replication = "replicating"
+            self.last_sync = link.last_sync
             self._observe()
             return True
+
+    async def _drop_bitmap(self) -> None:
+        """Remove the tracking bitmap (caller holds ``_oos_lock`` and has persisted that it
+        no longer counts)."""
+        if not self._bitmap_present:
+            return
+        try:
+            await self.qsd.execute("block-dirty-bitmap-remove", {"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP})
+        except QemuError as exc:
+            if "not found" not in str(exc).lower() and "find" not in str(exc).lower():
+                log.warning("cannot remove the dirty bitmap: %s (a later record starts by clearing it)", exc)
+                return
+        self._bitmap_present = False
+
+    async def _track_divergence(self, reason: str) -> None:
+        """R1: start the dirty bitmap of everything the peer may lack. Called before the
+        first write can finish without the peer: by the link before it releases a failed
+        gate, and by a planned detach before the peer leaves the quorum. Never raises: a
+        bitmap that cannot be started is recorded as "the next resync copies everything"."""
+        async with self._oos_lock:
+            st = self.state
+            if st.peer_disk is None or st.tracking:
+                return  # nothing known about the peer, or already tracking (a resync was running)
+            try:
+                async with asyncio.timeout(TRACK_TIMEOUT_S):
+                    await self._start_bitmap()
+            except (QemuError, TimeoutError) as exc:
+                why = f"the dirty bitmap could not be started when the peer was dropped ({str(exc) or 'timed out'})"
+                log.warning("%s; its next resync copies the whole volume", why)
+                await self._save(peer_disk=None, tracking=False, full_reason=why)
+                return
+            crashpoints.hit(TRACK_STARTED)
+            await self._save(tracking=True, full_reason=None)
+            log.info("tracking the regions peer disk %s misses from here on (%s)", st.peer_disk, reason)
+
+    async def _start_bitmap(self) -> None:
+        try:
+            await self.qsd.execute("block-dirty-bitmap-add", r.track_bitmap())
+        except QemuError as exc:
+            if "already" not in str(exc).lower():
+                raise
+            # left over from a record that ended (its removal failed): start it over
+            await self.qsd.execute("block-dirty-bitmap-clear", {"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP})
+        self._bitmap_present = True
 
     async def _mark_out_of_sync(self, reason: str) -> None:
         """Return only once the mark is durable: in the state file and, with a Lease, on it.
@@ -678,6 +929,8 @@ class Replica:
         link, self.link = self.link, None
         if link is None:
             return
+        # R1: the bitmap before the peer leaves the quorum (writes from then on miss it)
+        await self._track_divergence(reason)
         if mark:
             await self._mark_out_of_sync(reason)
         self.replication, self.peer_error = "degraded", reason
@@ -690,6 +943,7 @@ class Replica:
         await self._stop_nbd_server()
         with contextlib.suppress(QemuError):
             await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
+        self._bitmap_present = False  # it lived on the quorum node
 
     async def _on_qsd_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")
@@ -785,8 +1039,8 @@ class Replica:
         link = self.link
         if link is not None and link.syncing:
             sync = {
-                "kind": "full",
-                "reason": "a new pairing: the peer's content is unknown",
+                "kind": link.sync_kind,
+                "reason": link.sync_reason,
                 "doneBytes": link.sync_done,
                 "totalBytes": link.sync_total,
                 "progress": round(link.sync_done / max(1, link.sync_total), 4),
@@ -813,6 +1067,14 @@ class Replica:
                 or self.last_error,
                 "outOfSync": st.out_of_sync,
                 "sync": sync,
+                "lastSync": self.last_sync,
+                "resync": {
+                    "peerDisk": st.peer_disk,
+                    "tracking": st.tracking,
+                    "fullReason": st.full_reason,
+                }
+                if st.role is Role.PRIMARY
+                else None,
                 "link": None
                 if link is None
                 else {
@@ -833,6 +1095,7 @@ class Replica:
             "ioStatus": io_status(st.role, st.stage),
             "qsd": {"alive": self.qsd.alive, "pid": self.qsd.pid, "error": qsd_error},
             "restored": self.restored,
+            "disk": {"id": st.disk_id},
             "overlays": self.chain.describe() if st.role is Role.SECONDARY else None,
         }
 

@@ -27,6 +27,7 @@ SLOT_SIZE = 64 * 1024
 _SLOT_MAGIC = b"PVSTATE1"
 _SLOT_HEADER = struct.Struct(">8sQII")
 DISK_FILE = "disk.raw"
+BITMAP_FILE = "resync-bitmap.qcow2"
 FORMAT_VERSION = 1
 
 
@@ -63,6 +64,19 @@ class PersistedState:
     # restart then redoes the commit; see SecondaryChain.commit)
     failover_mode: FailoverMode | None = None
     overlays_durable: bool = False
+    # secondary: the identity of this disk's content (docs/correctness.md, R3): kept while
+    # the disk only ever received the writes of the primary it is paired with, replaced
+    # when it may hold anything else (it served as primary, a new boot after an unclean stop)
+    disk_id: str | None = None
+    boot_id: str | None = None
+    # primary: the peer disk the dirty bitmap is about, and whether the bitmap holds every
+    # region that disk may lack (R1); with no peer disk, a resync must copy everything and
+    # ``full_reason`` says why
+    peer_disk: str | None = None
+    tracking: bool = False
+    full_reason: str | None = None
+    # a clean stop wrote the tracking bitmap into BITMAP_FILE
+    bitmap_saved: bool = False
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -98,6 +112,12 @@ class PersistedState:
                 restore_point=bool(data.pop("restore_point", bool(cp) and int(cp.get("id", 0)) > 0)),
                 failover_mode=FailoverMode(mode) if mode else None,
                 overlays_durable=bool(data.pop("overlays_durable", False)),
+                disk_id=data.pop("disk_id", None),
+                boot_id=data.pop("boot_id", None),
+                peer_disk=data.pop("peer_disk", None),
+                tracking=bool(data.pop("tracking", False)),
+                full_reason=data.pop("full_reason", None),
+                bitmap_saved=bool(data.pop("bitmap_saved", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

@@ -339,9 +339,25 @@ def parse_mode(body: dict[str, Any]) -> FailoverMode:
 
 def parse_sync(body: dict[str, Any]) -> str:
     sync = body.get("sync", "none")
-    if not isinstance(sync, str) or sync not in ("none", "full"):
-        raise InvalidInput(f"invalid sync {show(sync)}: use 'none' or 'full'")
+    if not isinstance(sync, str) or sync not in ("none", "full", "auto"):
+        raise InvalidInput(f"invalid sync {show(sync)}: use 'none', 'full' or 'auto'")
     return sync
+
+
+_DISK_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def parse_peer_disk(body: dict[str, Any]) -> str | None:
+    """The identity of the peer's disk, as its agent reports it (``disk.id`` in its status)."""
+    disk = body.get("peerDisk")
+    if disk is None:
+        return None
+    if not isinstance(disk, str) or not _DISK_ID.fullmatch(disk):
+        raise InvalidInput(
+            f"invalid peerDisk {show(disk)}: expected the secondary's disk identity, 32 lowercase hex digits "
+            "(its status field disk.id)"
+        )
+    return disk
 
 
 def parse_peer(body: dict[str, Any]) -> tuple[str, int] | None:

@@ -85,11 +85,20 @@ class AgentClient:
         )
 
     async def primary(
-        self, address: str, token: str, epoch: int, peer: str | None, sync: str, peer_epoch: int | None = None
+        self,
+        address: str,
+        token: str,
+        epoch: int,
+        peer: str | None,
+        sync: str,
+        peer_epoch: int | None = None,
+        peer_disk: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"epoch": epoch, "peer": peer, "sync": sync}
         if peer_epoch is not None:
             body["peerEpoch"] = peer_epoch
+        if peer_disk is not None:
+            body["peerDisk"] = peer_disk
         return await self._call(address, "POST", "/v1/primary", token, body, timeout_s=self.long_timeout_s)
 
     async def checkpoint(self, address: str, token: str) -> dict[str, Any]:

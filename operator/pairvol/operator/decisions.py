@@ -79,7 +79,10 @@ class AgentView:
     checkpoint: Mapping[str, Any] | None = None
     sync_done: int | None = None
     sync_total: int | None = None
+    sync_kind: str | None = None  # full | bitmap
     serving: bool = False  # export.serving: the workload export is up
+    disk_id: str | None = None  # disk.id: the identity of a secondary's disk content
+    tracked_disk: str | None = None  # replication.resync.peerDisk: the peer disk a primary knows about
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -95,7 +98,10 @@ class AgentView:
             checkpoint=d.get("checkpoint") or None,
             sync_done=sync.get("doneBytes"),
             sync_total=sync.get("totalBytes"),
+            sync_kind=sync.get("kind"),
             serving=bool((d.get("export") or {}).get("serving", False)),
+            disk_id=(d.get("disk") or {}).get("id"),
+            tracked_disk=(rep.get("resync") or {}).get("peerDisk"),
         )
 
 
@@ -195,8 +201,9 @@ class StartPrimary:
     address: str
     epoch: int
     peer: str | None
-    sync: str  # "none" | "full"
+    sync: str  # "none" | "full" | "auto"
     peer_epoch: int | None = None  # the epoch the peer runs as secondary (its export's name)
+    peer_disk: str | None = None  # the identity of the peer's disk, as its agent reports it
 
 
 @dataclass(frozen=True)
@@ -528,7 +535,11 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
         return _finish(world, st.with_(epoch=epoch, phase=Phase.PENDING), actions, False)
     epoch = st.epoch + 1
     endpoint = _endpoint(world, spec, prim)
-    actions.append(StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch))
+    # naming the secondary's disk lets the primary record it: a later outage is then resynced
+    # with only what the secondary missed
+    actions.append(
+        StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch, sa.disk_id)
+    )
     actions.append(
         Event(
             "Normal",
@@ -579,7 +590,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
             Event(
                 "Warning",
                 "OutOfSync",
-                f"primary dropped secondary {sec.pod} at epoch {lease.out_of_sync_epoch}; it needs a full resync",
+                f"primary dropped secondary {sec.pod} at epoch {lease.out_of_sync_epoch}; it needs a resync",
             )
         )
         st = st.with_(secondary=sec)
@@ -655,12 +666,14 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         )
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
-        actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, "full", sa.epoch))
+        request = resync_request(pa, sa)
+        actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, request, sa.epoch, sa.disk_id))
+        what = "incremental resync" if request == "auto" else "full sync"
         actions.append(
-            Event("Normal", "Resync", f"full sync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} (epoch {epoch})")
+            Event("Normal", "Resync", f"{what} {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} (epoch {epoch})")
         )
         sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)
-        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING, message=f"full sync {prim.node} -> {sec.node}")
+        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING, message=f"{what} {prim.node} -> {sec.node}")
         return _finish(world, st, actions, False)
 
     # replicating or syncing to the current secondary
@@ -669,7 +682,9 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         if pa.sync_total:
             done = pa.sync_done or 0
             sync = {"progress": round(done / pa.sync_total, 4), "doneBytes": done, "totalBytes": pa.sync_total}
-        st = st.with_(phase=Phase.SYNCING, sync=sync, message=f"full sync {prim.node} -> {sec.node}")
+        st = st.with_(
+            phase=Phase.SYNCING, sync=sync, message=f"{pa.sync_kind or 'full'} sync {prim.node} -> {sec.node}"
+        )
         return _finish(world, st, actions, True)
     if (
         sec.out_of_sync
@@ -706,6 +721,16 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         if requested:
             actions.append(ClearAnnotation(ANN_CHECKPOINT))
     return _finish(world, st, actions, cosmetic)
+
+
+def resync_request(primary: AgentView, secondary: AgentView) -> str:
+    """``auto`` when the secondary's disk is the one the primary tracks what it missed for
+    (the same node and data dir, restarted or reconnected): the agent then copies only
+    that. Otherwise ``full``. The secondary checks the identity itself (it answers only to
+    the export name that carries it), so a stale view here costs a full copy, nothing else."""
+    if secondary.disk_id is not None and secondary.disk_id == primary.tracked_disk:
+        return "auto"
+    return "full"
 
 
 def _place_secondary(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:

@@ -346,9 +346,11 @@ class Reconciler:
                 case d.StartSecondary(address=ip, epoch=epoch):
                     self.background(kind, c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch))
                     return
-                case d.StartPrimary(address=ip, epoch=epoch, peer=peer, sync=sync, peer_epoch=peer_epoch):
+                case d.StartPrimary(
+                    address=ip, epoch=epoch, peer=peer, sync=sync, peer_epoch=peer_epoch, peer_disk=peer_disk
+                ):
                     self.background(
-                        kind, c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync, peer_epoch)
+                        kind, c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync, peer_epoch, peer_disk)
                     )
                     return
                 case d.Checkpoint(address=ip):

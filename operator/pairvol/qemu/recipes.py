@@ -33,6 +33,10 @@ LINK_EXPORT = "peer"
 SYNC_JOB = "sync"
 COMMIT_JOB = "commit"
 REPLICATION_EXPORT = "replication"
+IDENTITY_EXPORT = "replication-identity"
+TRACK_BITMAP = "resync"
+BITMAP_CARRIER_NODE = "resync-carrier"
+BITMAP_GRANULARITY = 64 * 1024
 WORKLOAD_EXPORT = "volume"
 TLS_OBJECT = "tls0"
 
@@ -102,6 +106,13 @@ def replication_export_name(epoch: int) -> str:
     return f"{REPLICATION_EXPORT}-e{epoch}"
 
 
+def identity_export_name(epoch: int, disk_id: str) -> str:
+    """The same export under a name that also carries the identity of the secondary's disk:
+    a primary that copies only what it knows this disk lacks asks for this name, and a
+    secondary whose disk is another one has no such export (docs/correctness.md, R3)."""
+    return f"{replication_export_name(epoch)}-d{disk_id}"
+
+
 def nbd_client(node_name: str, host: str, port: int, export: str, tls: bool) -> QMPArgs:
     """The link daemon's client to the secondary. No reconnect: a lost connection fails
     the in-flight requests at once (the gate holds them), and nothing is ever re-sent to
@@ -132,7 +143,7 @@ def nbd_client_unix(node_name: str, path: Path) -> QMPArgs:
 GATE_HOLD_SECONDS = 86400
 
 
-def nbd_client_gate(node_name: str, path: Path) -> QMPArgs:
+def nbd_client_gate(node_name: str, path: Path, export: str = LINK_EXPORT) -> QMPArgs:
     """The quorum's view of the link gate. The gate's socket closes only when the agent
     dies; the requests in flight must then never be answered, so the client holds them
     (reconnect-delay) until the kernel kills this daemon with its agent (PR_SET_PDEATHSIG)."""
@@ -140,7 +151,7 @@ def nbd_client_gate(node_name: str, path: Path) -> QMPArgs:
         "driver": "nbd",
         "node-name": node_name,
         "server": {"type": "unix", "path": str(path)},
-        "export": LINK_EXPORT,
+        "export": export,
         "reconnect-delay": GATE_HOLD_SECONDS,
     }
 
@@ -175,6 +186,44 @@ def mirror_full() -> QMPArgs:
         "target": SYNC_TARGET_NODE,
         "sync": "full",
         "copy-mode": "write-blocking",
+        "on-target-error": "report",
+        "auto-dismiss": True,
+    }
+
+
+def bitmap_carrier(path: Path, read_only: bool) -> QMPArgs:
+    """An empty qcow2 image of the volume's size that only carries a persistent copy of the
+    tracking bitmap across a clean stop (the volume itself is raw: no bitmaps in it). QEMU
+    writes persistent bitmaps when the node is closed and loads them when it is opened."""
+    return {
+        "driver": "qcow2",
+        "node-name": BITMAP_CARRIER_NODE,
+        "read-only": read_only,
+        "file": {"driver": "file", "filename": str(path)},
+    }
+
+
+def track_bitmap() -> QMPArgs:
+    """The primary's record of what its peer may lack: a dirty bitmap on the quorum node.
+    A write sets its bits when the quorum completes it, i.e. after both children answered,
+    so a write the peer has not answered yet is recorded however early it started."""
+    return {"node": QUORUM_NODE, "name": TRACK_BITMAP, "granularity": BITMAP_GRANULARITY}
+
+
+def backup_bitmap() -> QMPArgs:
+    """Bitmap resync: copy the tracked regions from the quorum to the peer. The job's
+    copy-before-write filter sits above the quorum, so a workload write to a region not
+    yet copied first waits for that region's copy (block-copy serialises them), and only
+    then reaches both children: the peer gets the old data before the new, never after.
+    ``never``: the job does not clear bits; they go only when the peer is declared in sync."""
+    return {
+        "job-id": SYNC_JOB,
+        "device": QUORUM_NODE,
+        "target": SYNC_TARGET_NODE,
+        "sync": "bitmap",
+        "bitmap": TRACK_BITMAP,
+        "bitmap-mode": "never",
+        "on-source-error": "report",
         "on-target-error": "report",
         "auto-dismiss": True,
     }

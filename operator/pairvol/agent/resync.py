@@ -1,0 +1,62 @@
+"""Which copy a re-protection needs: the pure decision behind ``sync: "auto"`` (no I/O).
+
+A primary that lost its peer keeps a dirty bitmap of every region the peer may lack
+(docs/correctness.md, R1), recorded against the identity of the peer's disk. When the
+same disk comes back, only those regions are copied; anything else — a new node, a
+disk whose identity does not match, a bitmap that did not survive — is a full copy, and
+the reason is said. The secondary has the last word: it only answers to the export name
+that carries its own identity (R3), so a wrong decision here can only cost a fallback to
+a full copy, never a partial copy onto the wrong disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NONE, FULL, BITMAP = "none", "full", "bitmap"
+REQUESTS = ("none", "full", "auto")
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    kind: str  # none | full | bitmap
+    reason: str
+    # connect to the peer's identity export for this disk (None: the plain export, whose
+    # content the primary then cannot vouch for afterwards)
+    peer_disk: str | None
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the primary knows about a peer disk (persisted in its state)."""
+
+    peer_disk: str | None  # the disk the bitmap is about
+    tracking: bool  # the bitmap holds every region that disk may lack
+    bitmap_present: bool  # the bitmap exists in the running daemon
+    full_reason: str | None  # why there is no usable record, if known
+
+
+def choose(requested: str, peer_disk: str | None, record: Record) -> SyncPlan:
+    """The copy for ``POST /v1/primary {"sync": requested, "peerDisk": peer_disk}``."""
+    if requested == NONE:
+        return SyncPlan(NONE, "the caller vouches that the peer holds the volume", None)
+    if requested == FULL:
+        return SyncPlan(FULL, "requested", peer_disk)
+    if requested != "auto":
+        raise ValueError(f"unknown sync request {requested!r}")
+    if peer_disk is None:
+        return SyncPlan(FULL, "the peer's disk identity (peerDisk) was not given: its content is unknown", None)
+    if record.peer_disk is None:
+        why = record.full_reason or "a new pairing: the primary has no record of this peer's disk"
+        return SyncPlan(FULL, why, peer_disk)
+    if record.peer_disk != peer_disk:
+        return SyncPlan(
+            FULL,
+            f"the peer's disk {peer_disk} is not the one the primary's bitmap was taken against ({record.peer_disk})",
+            peer_disk,
+        )
+    if not record.tracking or not record.bitmap_present:
+        why = record.full_reason or "no dirty bitmap for the peer's disk survived"
+        return SyncPlan(FULL, why, peer_disk)
+    return SyncPlan(BITMAP, f"the peer's disk {peer_disk} lacks at most the regions written since it was dropped",
+                    peer_disk)
