@@ -61,12 +61,17 @@ from pairvol.agent.stages import (
     io_status,
 )
 from pairvol.agent.state import Checkpoint, PersistedState
+from pairvol.agent.tcpexport import start_tcp_export
 from pairvol.errors import PairvolError
 from pairvol.qemu import QemuError, QsdDied, img
 from pairvol.qemu import recipes as r
 from pairvol.qemu.qsd import Qsd
 
 log = logging.getLogger(__name__)
+
+# the replica's daemon serves the replication export here; the listener daemon on
+# --replication-listen is its only client (pairvol.agent.tcpexport)
+REPLICATION_SOCKET = "repl.sock"
 
 Hook = Callable[[int], Awaitable[None]]
 
@@ -89,6 +94,23 @@ FAILOVER_BEFORE_SERVE = crashpoints.point(
 
 class ReplicaError(PairvolError):
     """A replica operation failed (HTTP 500); the message says what and why."""
+
+
+class _Steps:
+    """Where a multi-step operation spent its time: milliseconds per step, in order
+    (the failover reports them as ``stepsMs`` and in its log line)."""
+
+    def __init__(self, t0: float) -> None:
+        self._last = t0
+        self.ms: dict[str, float] = {}
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.ms[step] = round((now - self._last) * 1000, 3)
+        self._last = now
+
+    def line(self) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in self.ms.items())
 
 
 class Replica:
@@ -115,8 +137,8 @@ class Replica:
         self._oos_lock = asyncio.Lock()
         self._peer_marked = False
         self.relay: Qsd | None = None
+        self.listener: Qsd | None = None  # the secondary's replication port (its own daemon)
         self._fence_task: asyncio.Task[None] | None = None
-        self._tls_ready = False
         self.undo_log_broken: str | None = None
         self.chain = SecondaryChain(
             self.qsd, self.data_dir, self.run_dir, cfg.size, self.lock, metrics.cow_bytes.labels(cfg.name).inc
@@ -206,6 +228,8 @@ class Replica:
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
+        if self.listener is not None:
+            await self.listener.kill()
         await self.qsd.stop()  # in-flight writes drain through a healthy link first
         if self.link is not None:
             link, self.link = self.link, None
@@ -232,24 +256,35 @@ class Replica:
         self.metrics.up.labels(self.cfg.name).set(1 if self.qsd.alive else 0)
 
     async def _start_replication_export(self, node: str) -> None:
-        """Export ``node`` (the secondary's copy-before-write filter over ``disk``)."""
-        host, port = self.cfg.replication_listen
-        if self.cfg.psk is not None:
-            await self._ensure_tls()
-        try:
-            await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
-        except QemuError as exc:
-            raise ReplicaError(
-                f"cannot listen for the replication link on {host}:{port}: {exc}; is another process using the"
-                " port (the agent's --replication-listen)? free it and ask again"
-            ) from exc
+        """Export ``node`` (the secondary's copy-before-write filter over ``disk``): on a
+        unix socket of the replica's daemon, offered on --replication-listen by a listener
+        daemon whose accepted connections carry TCP_NODELAY (pairvol.agent.tcpexport)."""
         name = r.replication_export_name(self.state.epoch)
+        sock = self.run_dir / REPLICATION_SOCKET
+        await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
+        await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
         await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node, name=name))
+        self.listener = await start_tcp_export(
+            name="repl",
+            run_dir=self.run_dir,
+            log_path=self.data_dir / "repl.log",
+            listen_on=self.cfg.replication_listen,
+            tls_dir=self._tls_dir if self.cfg.psk is not None else None,
+            upstream=sock,
+            upstream_export=name,
+            export_id=r.REPLICATION_EXPORT,
+            flag="--replication-listen",
+        )
 
     async def _stop_nbd_server(self) -> None:
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.kill()  # its clients must not get one more write through
+        if self.listener is not None:
+            # the old primary's connections and the port go with it: from here on a
+            # connect is refused, and no reply not yet sent is ever sent
+            listener, self.listener = self.listener, None
+            await listener.kill()
         # One nbd-server-stop closes the listener and every export with its connections
         # inside one command. Deleting the exports first returns to the main loop in
         # between: a client that reconnects at once (an NBD client with a reconnect delay)
@@ -261,15 +296,6 @@ class Replica:
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
         self.serving = False
-
-    async def _ensure_tls(self) -> None:
-        """The replica's daemon is only ever a TLS server (the replication export); the
-        primary's client side lives in the link daemon."""
-        if self._tls_ready:
-            return
-        assert self.cfg.psk is not None and self._tls_dir is not None
-        await self.qsd.execute("object-add", r.tls_psk(self._tls_dir, "server", self.cfg.psk.username))
-        self._tls_ready = True
 
     async def _build_quorum(self) -> None:
         nodes = {n["node-name"] for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
@@ -302,21 +328,20 @@ class Replica:
 
     async def _start_relay(self, listen: tuple[str, int]) -> None:
         """The workload export over TCP (TLS-PSK): qsd has one NBD server, which serves the
-        unix socket, so a second daemon re-exports it. Killing the relay is part of fencing."""
-        relay = Qsd(self.run_dir, self.data_dir / "relay.log", name="relay")
-        await relay.start()
-        try:
-            tls = self.cfg.psk is not None
-            if tls:
-                assert self.cfg.psk is not None and self._tls_dir is not None
-                await relay.execute("object-add", r.tls_psk(self._tls_dir, "server", self.cfg.psk.username))
-            await relay.execute("blockdev-add", r.nbd_client_unix(r.WORKLOAD_EXPORT, self.cfg.export_socket))
-            await relay.execute("nbd-server-start", r.nbd_server_inet(*listen, tls))
-            await relay.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.WORKLOAD_EXPORT))
-        except PairvolError:
-            await relay.kill()
-            raise
-        self.relay = relay
+        unix socket, so a listener daemon re-exports it (pairvol.agent.tcpexport). Killing
+        the relay is part of fencing."""
+        tls = self.cfg.psk is not None
+        self.relay = await start_tcp_export(
+            name="relay",
+            run_dir=self.run_dir,
+            log_path=self.data_dir / "relay.log",
+            listen_on=listen,
+            tls_dir=self._tls_dir if tls else None,
+            upstream=self.cfg.export_socket,
+            upstream_export=r.WORKLOAD_EXPORT,
+            export_id=r.WORKLOAD_EXPORT,
+            flag="--export-listen",
+        )
         log.info("workload export also on %s:%d (%s)", *listen, "TLS-PSK" if tls else "plain, loopback")
 
     async def fence_workload(self, reason: str) -> None:
@@ -439,6 +464,7 @@ class Replica:
                     "checkpoint first, or fail over in mode 'latest'"
                 )
             t0 = time.perf_counter()
+            steps = _Steps(t0)
             requested = mode
             why_latest = self._no_restore_point() if mode is FailoverMode.CHECKPOINT else None
             if why_latest is not None:
@@ -448,30 +474,36 @@ class Replica:
                 log.warning("%s: failing over to the latest state", why_latest)
             # The new epoch is durable before anything else: from here on the old primary is fenced.
             await self._save(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode, overlays_durable=False)
+            steps.done("saveEpoch")
             crashpoints.hit(FAILOVER_EPOCH_SAVED)
             await self._stop_nbd_server()
+            steps.done("fence")
             crashpoints.hit(FAILOVER_EXPORT_STOPPED)
             try:
                 if self.chain.retiring is not None:
                     log.info("failover: retiring overlay generation %d first", self.chain.retiring)
                 await self.chain.stop_cow()
+                steps.done("stopCow")
                 crashpoints.hit(secondary.FAILOVER_AFTER_COW)
                 if mode is FailoverMode.CHECKPOINT:
                     await self.chain.make_durable()
                     await self._save(overlays_durable=True)
+                    steps.done("durable")
                     crashpoints.hit(FAILOVER_DURABLE)
                     await self.chain.commit()
+                    steps.done("commit")
             except PairvolError as exc:
                 self.last_error = f"failover failed: {exc}"
                 await self._save(stage=Stage.FAILOVER_FAILED)
                 self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
                 log.error("%s", self.last_error)
                 raise ReplicaError(self.last_error) from exc
-            await self._finish_failover()
+            await self._finish_failover(steps)
             self.fenced.clear()
             crashpoints.hit(FAILOVER_BEFORE_SERVE)
             try:
                 await self._serve_workload()
+                steps.done("serve")
             except PairvolError as exc:
                 # promoted but not serving: not a success; undo a half-started export so the
                 # retry starts clean
@@ -483,9 +515,12 @@ class Replica:
             self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
             self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
             cp_id = self.state.checkpoint.id if self.state.checkpoint else None
-            log.info("failover (%s) to epoch %d done in %.1f ms", mode.value, epoch, duration * 1000)
+            log.info(
+                "failover (%s) to epoch %d done in %.1f ms (%s)", mode.value, epoch, duration * 1000, steps.line()
+            )
             result: dict[str, Any] = {
                 "durationMs": round(duration * 1000, 3),
+                "stepsMs": steps.ms,
                 "mode": mode.value,
                 "checkpointId": cp_id if mode is FailoverMode.CHECKPOINT else None,
             }
@@ -494,15 +529,19 @@ class Replica:
                 result["note"] = f"{why_latest}; kept the latest state"
             return result
 
-    async def _finish_failover(self) -> None:
+    async def _finish_failover(self, steps: _Steps | None = None) -> None:
         """The disk holds the failover's result: settle the role, then drop the overlays
         (in this order: a restart in stage FAILOVER needs them to redo the commit)."""
+        steps = steps or _Steps(time.perf_counter())
         gen = self.state.generation
         # the role is settled before serving: if serving is refused (no Lease), the
         # operator retries with POST /v1/primary and a newer epoch
         await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None, failover_mode=None, overlays_durable=False)
+        steps.done("saveRole")
         await self.chain.discard(gen)
+        steps.done("dropOverlays")
         await self._build_quorum()
+        steps.done("quorum")
         self.replication = "degraded"
         self.peer_error = "no peer since failover"
 
@@ -780,6 +819,9 @@ class Replica:
         replication, peer_error = self.replication, self.peer_error
         if link is not None and link.gate.failed.is_set():
             replication, peer_error = "degraded", link.gate.reason  # being dropped right now
+        listener = self.listener
+        if st.role is Role.SECONDARY and listener is not None and not listener.alive:
+            peer_error = f"the replication listener on --replication-listen is gone: {listener.exit_error}"
         return {
             "name": st.name,
             "role": st.role.value,
@@ -798,6 +840,9 @@ class Replica:
                 or self.last_error,
                 "outOfSync": st.out_of_sync,
                 "sync": sync,
+                "listener": None
+                if listener is None
+                else {"pid": listener.pid, "alive": listener.alive},
                 "link": None
                 if link is None
                 else {

@@ -2,6 +2,7 @@
 
 Secondary::
 
+    listener daemon: TCP (TLS-PSK) "replication-eN" ──► nbd client ──unix──►
     NBD export "replication-eN" ──► filter of cow-G ──► disk (raw) ◄── backing ── hidden-G ◄── backing ── active-G
                                  └─ copy-before-write job cow-G (blockdev-backup sync=none) ──► hidden-G
                                                                 (hidden-G, active-G: qcow2)
@@ -15,6 +16,9 @@ Primary::
 
 The link daemon is a second qemu-storage-daemon that only holds the connection to the
 secondary; see ``pairvol.agent.gate`` for why the agent stands between it and the quorum.
+Every TCP listener (the secondary's replication port, the relay of ``--export-listen``)
+is a daemon of its own started on a socket the agent made (``pairvol.qemu.listen``,
+``pairvol.agent.tcpexport``); the replica's daemon serves NBD on unix sockets only.
 
 QEMU 7.2's QMP still uses the legacy ``{"type", "data"}`` socket address in
 ``nbd-server-start``; blockdev options use the flat form.
@@ -118,13 +122,16 @@ def nbd_client(node_name: str, host: str, port: int, export: str, tls: bool) -> 
     return args
 
 
-def nbd_client_unix(node_name: str, path: Path) -> QMPArgs:
-    """The relay's view of the workload export (no reconnect: a fenced export stays gone)."""
+def nbd_client_unix(node_name: str, path: Path, export: str = WORKLOAD_EXPORT) -> QMPArgs:
+    """A TCP listener daemon's view of an export of the replica's daemon: the relay's of the
+    workload export, the secondary's listener's of ``replication-eN``. No reconnect: a
+    fenced export stays gone, and a write is never re-sent to whatever serves it later."""
     return {
         "driver": "nbd",
         "node-name": node_name,
         "server": {"type": "unix", "path": str(path)},
-        "export": WORKLOAD_EXPORT,
+        "export": export,
+        "reconnect-delay": 0,
     }
 
 

@@ -1,0 +1,81 @@
+"""An NBD export of the replica's daemon offered over TCP (TLS-PSK with a key) by a
+qemu-storage-daemon of its own: the secondary's replication port and the relay of
+``--export-listen``.
+
+Why a daemon per TCP listener: the listener must carry TCP_NODELAY (QEMU 7.2's NBD server
+stalls on delayed ACKs without it, see :mod:`pairvol.qemu.listen`), and qsd accepts a
+listening socket only on its command line, for the one NBD server it will ever run. The
+replica's own daemon lives across role changes and serves the workload export on a unix
+socket while primary, so it cannot be given a TCP listener at start. A listener daemon is
+started with the socket when the export is wanted and killed when it is not; it holds an
+NBD client (unix, no reconnect) to the replica's daemon and exports that node under the
+name the remote side asks for.
+
+What this gives fencing: killing the listener daemon drops every TCP connection and the
+listening socket with it in one step (the agent closed its own copy after the start), so
+from then on the port refuses connections, and no reply the daemon had not sent yet is
+ever sent. The daemon dies with the agent (PR_SET_PDEATHSIG), like every daemon here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pairvol.errors import PairvolError
+from pairvol.qemu import listen
+from pairvol.qemu import recipes as r
+from pairvol.qemu.qsd import Qsd
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_NODE = "upstream"
+
+
+class TcpExportError(PairvolError):
+    """The TCP listener could not be set up; the message says why and what to do."""
+
+
+async def start_tcp_export(
+    *,
+    name: str,
+    run_dir: Path,
+    log_path: Path,
+    listen_on: tuple[str, int],
+    tls_dir: Path | None,
+    upstream: Path,
+    upstream_export: str,
+    export_id: str,
+    flag: str,
+) -> Qsd:
+    """Start a listener daemon serving ``upstream_export`` of the daemon behind the unix
+    socket ``upstream`` on ``listen_on`` as ``upstream_export``, with TLS-PSK credentials
+    from ``tls_dir`` if given. ``flag`` names the agent option the address came from, for
+    the error message. On error nothing is left running."""
+    host, port = listen_on
+    try:
+        sock = await listen.tcp_listener(host, port)
+    except OSError as exc:
+        raise TcpExportError(
+            f"cannot listen on {host}:{port} ({flag}): {exc.strerror or exc}; is another process using the "
+            "port? free it and ask again"
+        ) from exc
+    args: list[str] = []
+    if tls_dir is not None:
+        args += listen.tls_psk_server_args(r.TLS_OBJECT, str(tls_dir))
+    args += listen.nbd_server_fd_args(sock.fileno(), r.TLS_OBJECT if tls_dir is not None else None)
+    daemon = Qsd(run_dir, log_path, name=name)
+    try:
+        await daemon.start(args=args, pass_fds=[sock.fileno()])
+    finally:
+        sock.close()  # the daemon holds the listener now; killing it closes the port
+    try:
+        await daemon.execute("blockdev-add", r.nbd_client_unix(UPSTREAM_NODE, upstream, upstream_export))
+        await daemon.execute(
+            "block-export-add", r.nbd_export(export_id, UPSTREAM_NODE, writable=True, name=upstream_export)
+        )
+    except PairvolError:
+        await daemon.kill()
+        raise
+    log.debug("%s: %s on %s:%d (TCP_NODELAY%s)", name, upstream_export, host, port, ", TLS-PSK" if tls_dir else "")
+    return daemon
