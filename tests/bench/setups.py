@@ -24,12 +24,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairvol.qemu import img
+from pairvol.qemu import img, listen
 from pairvol.qemu import recipes as r
 from pairvol.qemu.qsd import Qsd
 from tests.bench.errors import BenchError
@@ -72,7 +72,7 @@ def _tls_object(directory: Path, endpoint: str) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _qsd(workdir: Path, name: str) -> AsyncIterator[Qsd]:
+async def _qsd(workdir: Path, name: str, args: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> AsyncIterator[Qsd]:
     """A qemu-storage-daemon, killed by PID on exit.
 
     Killed, not quit: a clean quit flushes gigabytes of dirty page cache to the disk,
@@ -82,7 +82,7 @@ async def _qsd(workdir: Path, name: str) -> AsyncIterator[Qsd]:
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     qsd = Qsd(workdir / ".run", workdir / "qsd.log", name=name)
     try:
-        await qsd.start()
+        await qsd.start(args=args, pass_fds=pass_fds)
         yield qsd
     finally:
         await qsd.kill()
@@ -119,29 +119,48 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
     ``link="unix"`` puts the replica link on a unix socket instead: a diagnostic
     configuration that shows what TCP itself costs (QEMU 7.2's NBD server sends small
     replies without TCP_NODELAY, which shows as 40 ms delayed-ACK waits at QD > 1).
+    ``link="nodelay"``: TCP, the second qsd started on a listening socket with TCP_NODELAY
+    (``--nbd-server addr.type=fd``, as pairvol's listener daemons are): what the socket
+    option alone gives the bare graph.
     """
     key = secrets.token_hex(32)
-    async with _qsd(workdir / "secondary", "qsd-s") as sec, _qsd(workdir / "primary", "qsd-p") as pri:
+    sec_dir = await _write_psk_dir(workdir / "secondary" / "tls", key) if tls else None
+    port = free_port()
+    sec_args: list[str] = []
+    listener = None
+    if link == "nodelay":
+        listener = await listen.tcp_listener("127.0.0.1", port)
+        if sec_dir is not None:
+            sec_args += listen.tls_psk_server_args(TLS_ID, str(sec_dir))
+        sec_args += listen.nbd_server_fd_args(listener.fileno(), TLS_ID if tls else None)
+    fds = [listener.fileno()] if listener is not None else []
+    async with (
+        _qsd(workdir / "secondary", "qsd-s", sec_args, fds) as sec,
+        _qsd(workdir / "primary", "qsd-p") as pri,
+    ):
+        if listener is not None:
+            listener.close()  # the second qsd holds it
         # the second node: a raw file exported over TCP (or a unix socket)
         await _add_disk(sec, workdir / "secondary", size)
-        server: dict[str, Any]
+        server: dict[str, Any] | None
         client: dict[str, Any] = {"driver": "nbd", "node-name": "peer", "export": "replica"}
         if link == "unix":
             path = str(workdir / "replica.sock")
             server = {"addr": {"type": "unix", "data": {"path": path}}}
             client["server"] = {"type": "unix", "path": path}
         else:
-            port = free_port()
-            server = {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}}
+            inet = {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}
+            server = None if link == "nodelay" else {"addr": inet}
             client["server"] = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
-        if tls:
-            sec_dir = await _write_psk_dir(workdir / "secondary" / "tls", key)
+        if sec_dir is not None:
             pri_dir = await _write_psk_dir(workdir / "primary" / "tls", key)
-            await sec.execute("object-add", _tls_object(sec_dir, "server"))
+            if server is not None:
+                await sec.execute("object-add", _tls_object(sec_dir, "server"))
+                server["tls-creds"] = TLS_ID
             await pri.execute("object-add", _tls_object(pri_dir, "client"))
-            server["tls-creds"] = TLS_ID
             client["tls-creds"] = TLS_ID
-        await sec.execute("nbd-server-start", server)
+        if server is not None:
+            await sec.execute("nbd-server-start", server)
         await sec.execute(
             "block-export-add",
             {"type": "nbd", "id": "replica", "node-name": "disk", "name": "replica", "writable": True},
@@ -162,7 +181,7 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
         socket = workdir / "export.sock"
         await _export_unix(pri, "quorum", socket)
         assert pri.pid is not None and sec.pid is not None
-        name = "b-quorum" + ("-unix" if link == "unix" else "") + ("-tls" if tls else "")
+        name = "b-quorum" + ("" if link == "tcp" else f"-{link}") + ("-tls" if tls else "")
         yield Target(name, socket, size, pids=[pri.pid, sec.pid])
 
 
@@ -202,6 +221,8 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
         return quorum(workdir, size, tls=name.endswith("-tls"))
     if name == "b-quorum-unix":
         return quorum(workdir, size, tls=False, link="unix")
+    if name in ("b-quorum-nodelay", "b-quorum-nodelay-tls"):
+        return quorum(workdir, size, tls=name.endswith("-tls"), link="nodelay")
     if name in ("c-pairvol", "c-pairvol-tls"):
         return pairvol(workdir, size, tls=name.endswith("-tls"))
     raise BenchError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS + EXTRA_CONFIGS)}")
@@ -209,4 +230,4 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
 
 CONFIGS: tuple[str, ...] = ("a-bare", "b-quorum", "c-pairvol", "b-quorum-tls", "c-pairvol-tls")
 # diagnostics, only when asked for with --configs
-EXTRA_CONFIGS: tuple[str, ...] = ("b-quorum-unix",)
+EXTRA_CONFIGS: tuple[str, ...] = ("b-quorum-unix", "b-quorum-nodelay", "b-quorum-nodelay-tls")

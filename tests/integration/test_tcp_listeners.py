@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from pairvol.agent.procs import AgentCallError
 from tests.support.agents import Agent, free_port, write_psk
 from tests.support.sockets import TcpSocket, connections_to, tcp_sockets
 
@@ -138,10 +137,10 @@ async def test_a_killed_listener_daemon_is_a_lost_peer_and_its_port_is_closed(tm
             listener_pid = (await secondary.status())["replication"]["listener"]["pid"]
             os.kill(listener_pid, signal.SIGKILL)
 
-            async def gone() -> bool:
-                return not _running(listener_pid)
+            async def reaped() -> bool:  # a zombie leader's threads may still hold its files
+                return (await secondary.status())["replication"]["listener"]["alive"] is False
 
-            await _until(gone)
+            await _until(reaped)
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", _port(secondary.replication_address)), timeout=5).close()
             await asyncio.wait_for(nbd.pwrite(after, MiB), 15)
@@ -163,10 +162,9 @@ async def test_a_killed_listener_daemon_is_a_lost_peer_and_its_port_is_closed(tm
         await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
 
 
-async def test_failover_closes_the_replication_port_and_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
-    """Fencing at failover kills the listener daemon: the old primary's connection is cut and
-    the port refuses. Starting a secondary whose port another process holds fails with the
-    port and the flag named, and works once the port is free."""
+async def test_failover_kills_the_listener_daemon_and_closes_the_replication_port(tmp_path: Path) -> None:
+    """Fencing at failover kills the listener daemon: the old primary's connection is cut,
+    and from then on the port refuses (nothing the agent kept still listens there)."""
     secondary = Agent("vol", tmp_path / "s", "16Mi", peer_timeout=3)
     primary = Agent("vol", tmp_path / "p", "16Mi", peer_timeout=3)
     try:
@@ -177,22 +175,8 @@ async def test_failover_closes_the_replication_port_and_a_busy_port_is_a_clear_e
         listener_pid = (await secondary.status())["replication"]["listener"]["pid"]
         await secondary.failover(3, "latest")
         assert not _running(listener_pid), "the listener daemon outlived the failover"
+        assert (await secondary.status())["replication"]["listener"] is None
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", _port(secondary.replication_address)), timeout=5).close()
-
-        # the old primary is demoted; its replication port is taken by someone else
-        busy = socket.socket()
-        busy.bind(("127.0.0.1", _port(primary.replication_address)))
-        busy.listen(1)
-        try:
-            with pytest.raises(AgentCallError) as err:
-                await primary.secondary(4)
-            text = err.value.body["error"]
-            assert f"127.0.0.1:{_port(primary.replication_address)}" in text and "--replication-listen" in text
-        finally:
-            busy.close()
-        await primary.secondary(5)
-        await secondary.primary(6, primary.replication_address, "full", peer_epoch=5)
-        await secondary.wait_replicating()
     finally:
         await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)

@@ -273,6 +273,7 @@ class Replica:
             upstream=sock,
             upstream_export=name,
             export_id=r.REPLICATION_EXPORT,
+            what="the replication link",
             flag="--replication-listen",
         )
 
@@ -340,6 +341,7 @@ class Replica:
             upstream=self.cfg.export_socket,
             upstream_export=r.WORKLOAD_EXPORT,
             export_id=r.WORKLOAD_EXPORT,
+            what="the workload export",
             flag="--export-listen",
         )
         log.info("workload export also on %s:%d (%s)", *listen, "TLS-PSK" if tls else "plain, loopback")

@@ -46,19 +46,20 @@ async def start_tcp_export(
     upstream: Path,
     upstream_export: str,
     export_id: str,
+    what: str,
     flag: str,
 ) -> Qsd:
     """Start a listener daemon serving ``upstream_export`` of the daemon behind the unix
     socket ``upstream`` on ``listen_on`` as ``upstream_export``, with TLS-PSK credentials
-    from ``tls_dir`` if given. ``flag`` names the agent option the address came from, for
-    the error message. On error nothing is left running."""
+    from ``tls_dir`` if given. ``what`` and ``flag`` (the agent option the address came
+    from) are for the error message. On error nothing is left running."""
     host, port = listen_on
     try:
         sock = await listen.tcp_listener(host, port)
     except OSError as exc:
         raise TcpExportError(
-            f"cannot listen on {host}:{port} ({flag}): {exc.strerror or exc}; is another process using the "
-            "port? free it and ask again"
+            f"cannot listen for {what} on {host}:{port} ({flag}): {exc.strerror or exc}; is another process "
+            "using the port? free it and ask again"
         ) from exc
     args: list[str] = []
     if tls_dir is not None:
@@ -74,8 +75,12 @@ async def start_tcp_export(
         await daemon.execute(
             "block-export-add", r.nbd_export(export_id, UPSTREAM_NODE, writable=True, name=upstream_export)
         )
-    except PairvolError:
+    except PairvolError as exc:
+        tail = daemon.exit_error
         await daemon.kill()
-        raise
+        raise TcpExportError(
+            f"the listener daemon for {what} on {host}:{port} failed to export {upstream_export!r}: {exc}"
+            + (f" ({tail})" if tail else "")
+        ) from exc
     log.debug("%s: %s on %s:%d (TCP_NODELAY%s)", name, upstream_export, host, port, ", TLS-PSK" if tls_dir else "")
     return daemon
