@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pairvol.agent import crashpoints, secondary
+from pairvol.agent import crashpoints, secondary, tcpexport
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig
 from pairvol.agent.health import Health, Observed, judge
@@ -88,7 +88,8 @@ FAILOVER_DURABLE = crashpoints.point(
     "failover.after-overlays-durable", "the overlays are durable and marked so; the commit has not started"
 )
 FAILOVER_BEFORE_SERVE = crashpoints.point(
-    "failover.before-serve", "role primary is persisted and the overlays are gone; the workload export is not up"
+    "failover.before-serve",
+    "role primary is persisted and the overlay nodes are gone (their files not yet); the workload export is not up",
 )
 
 
@@ -138,6 +139,7 @@ class Replica:
         self._peer_marked = False
         self.relay: Qsd | None = None
         self.listener: Qsd | None = None  # the secondary's replication port (its own daemon)
+        self._relay_spawn: asyncio.Task[Qsd] | None = None  # the relay's daemon, started ahead
         self._fence_task: asyncio.Task[None] | None = None
         self.undo_log_broken: str | None = None
         self.chain = SecondaryChain(
@@ -225,6 +227,7 @@ class Replica:
 
     async def close(self) -> None:
         await self.chain.close()
+        await self._drop_spawned_relay()
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
@@ -278,6 +281,7 @@ class Replica:
         )
 
     async def _stop_nbd_server(self) -> None:
+        await self._drop_spawned_relay()
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.kill()  # its clients must not get one more write through
@@ -303,9 +307,10 @@ class Replica:
         if r.QUORUM_NODE not in nodes:
             await self.qsd.execute("blockdev-add", r.quorum([r.DISK_NODE]))
 
-    async def _serve_workload(self) -> None:
+    async def _serve_workload(self, steps: _Steps | None = None) -> None:
         if self.serving:
             return
+        steps = steps or _Steps(time.perf_counter())
         if self.state.peer is not None and (self.link is None or self.link.gate.failed.is_set()):
             # serving while the configured peer is not in the quorum: it misses writes
             await self._mark_out_of_sync(self.peer_error or "the peer is not attached")
@@ -314,6 +319,7 @@ class Replica:
                 await hook(self.state.epoch)
             except Exception as exc:
                 raise ReplicaError(f"refusing to serve the workload export: {exc}") from exc
+        steps.done("lease")
         sock = self.cfg.export_socket
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
@@ -324,27 +330,67 @@ class Replica:
                 await self.qsd.execute("nbd-server-stop")
             raise
         self.serving = True
+        steps.done("export")
         if self.cfg.export_listen is not None:
-            await self._start_relay(self.cfg.export_listen)
+            await self._start_relay()
+            steps.done("relay")
 
-    async def _start_relay(self, listen: tuple[str, int]) -> None:
+    def _spawn_relay(self) -> None:
+        """Start the relay's daemon now, exporting nothing, so that serving later costs two
+        QMP commands instead of a process start (most of a failover's time, measured with
+        ``stepsMs``). The caller consumes it in :meth:`_start_relay` or drops it."""
+        if self.cfg.export_listen is None or self.serving or self.relay is not None or self._relay_spawn is not None:
+            return
+        self._relay_spawn = asyncio.create_task(
+            tcpexport.spawn(
+                name="relay",
+                run_dir=self.run_dir,
+                log_path=self.data_dir / "relay.log",
+                listen_on=self.cfg.export_listen,
+                tls_dir=self._tls_dir if self.cfg.psk is not None else None,
+                what="the workload export",
+                flag="--export-listen",
+            ),
+            name="relay-spawn",
+        )
+
+    async def _drop_spawned_relay(self) -> None:
+        """A relay daemon started ahead and not used (the command failed before serving)."""
+        task, self._relay_spawn = self._relay_spawn, None
+        if task is None:
+            return
+        try:
+            daemon = await task  # not cancelled: a start cut short could leave the process behind
+        except Exception:  # its start failed: nothing runs
+            return
+        await daemon.kill()
+
+    async def _start_relay(self) -> None:
         """The workload export over TCP (TLS-PSK): qsd has one NBD server, which serves the
         unix socket, so a listener daemon re-exports it (pairvol.agent.tcpexport). Killing
-        the relay is part of fencing."""
-        tls = self.cfg.psk is not None
-        self.relay = await start_tcp_export(
-            name="relay",
-            run_dir=self.run_dir,
-            log_path=self.data_dir / "relay.log",
-            listen_on=listen,
-            tls_dir=self._tls_dir if tls else None,
+        the relay is part of fencing, so it exports only once the workload export serves,
+        after the Lease was taken."""
+        self._spawn_relay()
+        task, self._relay_spawn = self._relay_spawn, None
+        assert task is not None
+        relay = await task
+        await tcpexport.serve(
+            relay,
             upstream=self.cfg.export_socket,
             upstream_export=r.WORKLOAD_EXPORT,
             export_id=r.WORKLOAD_EXPORT,
             what="the workload export",
-            flag="--export-listen",
         )
-        log.info("workload export also on %s:%d (%s)", *listen, "TLS-PSK" if tls else "plain, loopback")
+        self.relay = relay
+        if not self.serving:  # fenced while the relay started: it must not serve either
+            self.relay = None
+            await relay.kill()
+            return
+        log.info(
+            "workload export also on %s:%d (%s)",
+            *(self.cfg.export_listen or ("?", 0)),
+            "TLS-PSK" if self.cfg.psk is not None else "plain, loopback",
+        )
 
     async def fence_workload(self, reason: str) -> None:
         """Stop serving the workload export at once (lease lost, local disk failed).
@@ -481,6 +527,7 @@ class Replica:
             await self._stop_nbd_server()
             steps.done("fence")
             crashpoints.hit(FAILOVER_EXPORT_STOPPED)
+            self._spawn_relay()  # its process starts while the steps below run
             try:
                 if self.chain.retiring is not None:
                     log.info("failover: retiring overlay generation %d first", self.chain.retiring)
@@ -495,17 +542,26 @@ class Replica:
                     await self.chain.commit()
                     steps.done("commit")
             except PairvolError as exc:
+                await self._drop_spawned_relay()
                 self.last_error = f"failover failed: {exc}"
                 await self._save(stage=Stage.FAILOVER_FAILED)
                 self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
                 log.error("%s", self.last_error)
                 raise ReplicaError(self.last_error) from exc
-            await self._finish_failover(steps)
+            gen = self.state.generation
+            try:
+                await self._finish_failover(steps, files=False)
+            except BaseException:
+                await self._drop_spawned_relay()
+                raise
             self.fenced.clear()
             crashpoints.hit(FAILOVER_BEFORE_SERVE)
             try:
-                await self._serve_workload()
-                steps.done("serve")
+                try:
+                    await self._serve_workload(steps)
+                finally:
+                    await self.chain.remove_files(gen)  # the role is primary: the overlays are garbage
+                    steps.done("removeFiles")
             except PairvolError as exc:
                 # promoted but not serving: not a success; undo a half-started export so the
                 # retry starts clean
@@ -531,16 +587,17 @@ class Replica:
                 result["note"] = f"{why_latest}; kept the latest state"
             return result
 
-    async def _finish_failover(self, steps: _Steps | None = None) -> None:
+    async def _finish_failover(self, steps: _Steps | None = None, files: bool = True) -> None:
         """The disk holds the failover's result: settle the role, then drop the overlays
-        (in this order: a restart in stage FAILOVER needs them to redo the commit)."""
+        (in this order: a restart in stage FAILOVER needs them to redo the commit). With
+        ``files=False`` the overlay files stay for the caller to remove after serving."""
         steps = steps or _Steps(time.perf_counter())
         gen = self.state.generation
         # the role is settled before serving: if serving is refused (no Lease), the
         # operator retries with POST /v1/primary and a newer epoch
         await self._save(role=Role.PRIMARY, stage=Stage.DONE, peer=None, failover_mode=None, overlays_durable=False)
         steps.done("saveRole")
-        await self.chain.discard(gen)
+        await self.chain.discard(gen, files=files)
         steps.done("dropOverlays")
         await self._build_quorum()
         steps.done("quorum")
@@ -600,28 +657,37 @@ class Replica:
     ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
-            await self._detach_peer("peer replaced", mark=False)
-            await self._build_quorum()
-            await self._save(
-                epoch=epoch, role=Role.PRIMARY, stage=Stage.RUNNING, peer=f"{peer[0]}:{peer[1]}" if peer else None
-            )
-            self.fenced.clear()
-            if peer is None:
-                self.replication, self.peer_error = "degraded", "no peer"
-            else:
-                # The peer joins the quorum before the export serves: no write is
-                # acknowledged that the peer was not asked to take.
-                try:
-                    await self._attach_peer(peer, sync, epoch - 1 if peer_epoch is None else peer_epoch)
-                except PeerLinkError as exc:
-                    self.replication, self.peer_error = "degraded", str(exc)
-                    await self._mark_out_of_sync(str(exc))  # durable before the export serves without it
-                    await self._serve_workload()
-                    self._observe()
-                    raise ReplicaError(str(exc)) from exc
-            await self._serve_workload()
-            self._observe()
-            return self.status()
+            self._spawn_relay()  # its process starts while the peer attaches
+            try:
+                return await self._start_primary(epoch, peer, sync, peer_epoch)
+            finally:
+                await self._drop_spawned_relay()  # if serving did not take it
+
+    async def _start_primary(
+        self, epoch: int, peer: tuple[str, int] | None, sync: str, peer_epoch: int | None
+    ) -> dict[str, Any]:
+        await self._detach_peer("peer replaced", mark=False)
+        await self._build_quorum()
+        await self._save(
+            epoch=epoch, role=Role.PRIMARY, stage=Stage.RUNNING, peer=f"{peer[0]}:{peer[1]}" if peer else None
+        )
+        self.fenced.clear()
+        if peer is None:
+            self.replication, self.peer_error = "degraded", "no peer"
+        else:
+            # The peer joins the quorum before the export serves: no write is
+            # acknowledged that the peer was not asked to take.
+            try:
+                await self._attach_peer(peer, sync, epoch - 1 if peer_epoch is None else peer_epoch)
+            except PeerLinkError as exc:
+                self.replication, self.peer_error = "degraded", str(exc)
+                await self._mark_out_of_sync(str(exc))  # durable before the export serves without it
+                await self._serve_workload()
+                self._observe()
+                raise ReplicaError(str(exc)) from exc
+        await self._serve_workload()
+        self._observe()
+        return self.status()
 
     async def _attach_peer(self, peer: tuple[str, int], sync: str, peer_epoch: int) -> None:
         link = PeerLink(

@@ -11,6 +11,12 @@ started with the socket when the export is wanted and killed when it is not; it 
 NBD client (unix, no reconnect) to the replica's daemon and exports that node under the
 name the remote side asks for.
 
+Two phases: :func:`spawn` binds the port and starts the daemon, which exports nothing yet
+(a client is refused at the NBD handshake); :func:`serve` adds the client and the export.
+The relay is spawned at the start of a failover or a primary start and served only once
+the workload export serves (after the Lease): the process start, which was most of a
+failover's time, runs while the failover's other steps do.
+
 What this gives fencing: killing the listener daemon drops every TCP connection and the
 listening socket with it in one step (the agent closed its own copy after the start), so
 from then on the port refuses connections, and no reply the daemon had not sent yet is
@@ -36,23 +42,12 @@ class TcpExportError(PairvolError):
     """The TCP listener could not be set up; the message says why and what to do."""
 
 
-async def start_tcp_export(
-    *,
-    name: str,
-    run_dir: Path,
-    log_path: Path,
-    listen_on: tuple[str, int],
-    tls_dir: Path | None,
-    upstream: Path,
-    upstream_export: str,
-    export_id: str,
-    what: str,
-    flag: str,
-) -> Qsd:
-    """Start a listener daemon serving ``upstream_export`` of the daemon behind the unix
-    socket ``upstream`` on ``listen_on`` as ``upstream_export``, with TLS-PSK credentials
-    from ``tls_dir`` if given. ``what`` and ``flag`` (the agent option the address came
-    from) are for the error message. On error nothing is left running."""
+async def spawn(*, name: str, run_dir: Path, log_path: Path, listen_on: tuple[str, int], tls_dir: Path | None,
+                what: str, flag: str) -> Qsd:
+    """Bind ``listen_on`` and start a listener daemon on it, with TLS-PSK credentials from
+    ``tls_dir`` if given; it exports nothing yet (a client that connects now is refused
+    at the NBD handshake). ``what`` and ``flag`` (the agent option the address came from)
+    are for the error message."""
     host, port = listen_on
     try:
         sock = await listen.tcp_listener(host, port)
@@ -70,6 +65,12 @@ async def start_tcp_export(
         await daemon.start(args=args, pass_fds=[sock.fileno()])
     finally:
         sock.close()  # the daemon holds the listener now; killing it closes the port
+    return daemon
+
+
+async def serve(daemon: Qsd, *, upstream: Path, upstream_export: str, export_id: str, what: str) -> None:
+    """Export ``upstream_export`` of the daemon behind the unix socket ``upstream`` through
+    a spawned listener daemon, under the same name. On error the daemon is killed."""
     try:
         await daemon.execute("blockdev-add", r.nbd_client_unix(UPSTREAM_NODE, upstream, upstream_export))
         await daemon.execute(
@@ -79,8 +80,28 @@ async def start_tcp_export(
         tail = daemon.exit_error
         await daemon.kill()
         raise TcpExportError(
-            f"the listener daemon for {what} on {host}:{port} failed to export {upstream_export!r}: {exc}"
+            f"the listener daemon for {what} failed to export {upstream_export!r}: {exc}"
             + (f" ({tail})" if tail else "")
         ) from exc
-    log.debug("%s: %s on %s:%d (TCP_NODELAY%s)", name, upstream_export, host, port, ", TLS-PSK" if tls_dir else "")
+    log.debug("%s: exporting %s", daemon.name, upstream_export)
+
+
+async def start_tcp_export(
+    *,
+    name: str,
+    run_dir: Path,
+    log_path: Path,
+    listen_on: tuple[str, int],
+    tls_dir: Path | None,
+    upstream: Path,
+    upstream_export: str,
+    export_id: str,
+    what: str,
+    flag: str,
+) -> Qsd:
+    """:func:`spawn` and :func:`serve` in one: on error nothing is left running."""
+    daemon = await spawn(
+        name=name, run_dir=run_dir, log_path=log_path, listen_on=listen_on, tls_dir=tls_dir, what=what, flag=flag
+    )
+    await serve(daemon, upstream=upstream, upstream_export=upstream_export, export_id=export_id, what=what)
     return daemon
