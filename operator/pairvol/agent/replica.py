@@ -189,6 +189,7 @@ class Replica:
             self._tls_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="tls-", dir=self.run_dir))
             await asyncio.to_thread((self._tls_dir / "keys.psk").write_text, self.cfg.psk.keys_file())
             await asyncio.to_thread(os.chmod, self._tls_dir / "keys.psk", 0o600)
+            await asyncio.to_thread((self._tls_dir / r.DH_PARAMS_FILE).write_text, r.FFDHE2048_PEM)
         await self.qsd.execute("blockdev-add", r.file_node(self.disk_path, r.DISK_NODE, "raw"))
         keep = self.state.generation if self.state.role is Role.SECONDARY else None
         await asyncio.to_thread(self.chain.remove_stale, keep)

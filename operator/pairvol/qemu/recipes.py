@@ -77,6 +77,23 @@ def overlay_pair(hidden_path: Path, active_path: Path, generation: int) -> tuple
     return hidden, active
 
 
+# QEMU's TLS server credentials read Diffie-Hellman parameters from ``dh-params.pem`` in
+# their directory and *generate* new ones when it is missing: 0.1-2 s of CPU at every
+# start of a daemon with a TLS listener (measured on the 2-CPU test machine; it was most
+# of a failover's time with --export-listen). The agent writes this file next to the key:
+# the standard 2048-bit group ffdhe2048 of RFC 7919 (public parameters, PKCS#3 PEM).
+DH_PARAMS_FILE = "dh-params.pem"
+FFDHE2048_PEM = """-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
 def tls_psk(directory: Path, endpoint: str, username: str) -> QMPArgs:
     args: QMPArgs = {"qom-type": "tls-creds-psk", "id": TLS_OBJECT, "dir": str(directory), "endpoint": endpoint}
     if endpoint == "client":
