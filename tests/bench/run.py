@@ -45,6 +45,7 @@ RATIO_PAIRS = (
     ("b tcp/unix", "b-quorum", "b-quorum-unix"),  # only with --configs ...,b-quorum-unix
     ("c/b nodelay", "c-pairvol", "b-quorum-nodelay"),  # only with --configs ...,b-quorum-nodelay
     ("b nodelay/b", "b-quorum-nodelay", "b-quorum"),
+    ("b hop/nodelay", "b-quorum-hop", "b-quorum-nodelay"),  # the listener daemon's hop
 )
 TARGET_C_OVER_B = 0.9
 TARGET_CUT_P99_MS = 20.0

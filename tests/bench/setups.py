@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pairvol.agent import tcpexport
 from pairvol.qemu import img, listen
 from pairvol.qemu import recipes as r
 from pairvol.qemu.qsd import Qsd
@@ -121,7 +122,9 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
     replies without TCP_NODELAY, which shows as 40 ms delayed-ACK waits at QD > 1).
     ``link="nodelay"``: TCP, the second qsd started on a listening socket with TCP_NODELAY
     (``--nbd-server addr.type=fd``, as pairvol's listener daemons are): what the socket
-    option alone gives the bare graph.
+    option alone gives the bare graph. ``link="hop"``: the second qsd serves a unix socket
+    and pairvol's own listener daemon (``pairvol.agent.tcpexport``) offers it over TCP with
+    TCP_NODELAY, as on a pairvol secondary: ``hop`` vs ``nodelay`` is the hop's cost.
     """
     key = secrets.token_hex(32)
     sec_dir = await _write_psk_dir(workdir / "secondary" / "tls", key) if tls else None
@@ -135,6 +138,7 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
         sec_args += listen.nbd_server_fd_args(listener.fileno(), TLS_ID if tls else None)
     fds = [listener.fileno()] if listener is not None else []
     async with (
+        contextlib.AsyncExitStack() as stack,
         _qsd(workdir / "secondary", "qsd-s", sec_args, fds) as sec,
         _qsd(workdir / "primary", "qsd-p") as pri,
     ):
@@ -144,17 +148,19 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
         await _add_disk(sec, workdir / "secondary", size)
         server: dict[str, Any] | None
         client: dict[str, Any] = {"driver": "nbd", "node-name": "peer", "export": "replica"}
-        if link == "unix":
+        if link in ("unix", "hop"):
             path = str(workdir / "replica.sock")
             server = {"addr": {"type": "unix", "data": {"path": path}}}
             client["server"] = {"type": "unix", "path": path}
+            if link == "hop":
+                client["server"] = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
         else:
             inet = {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}
             server = None if link == "nodelay" else {"addr": inet}
             client["server"] = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
         if sec_dir is not None:
             pri_dir = await _write_psk_dir(workdir / "primary" / "tls", key)
-            if server is not None:
+            if server is not None and link != "hop":
                 await sec.execute("object-add", _tls_object(sec_dir, "server"))
                 server["tls-creds"] = TLS_ID
             await pri.execute("object-add", _tls_object(pri_dir, "client"))
@@ -165,6 +171,20 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
             "block-export-add",
             {"type": "nbd", "id": "replica", "node-name": "disk", "name": "replica", "writable": True},
         )
+        if link == "hop":
+            hop = await tcpexport.start_tcp_export(
+                name="hop",
+                run_dir=workdir / "secondary" / ".run",
+                log_path=workdir / "secondary" / "hop.log",
+                listen_on=("127.0.0.1", port),
+                tls_dir=sec_dir,
+                upstream=workdir / "replica.sock",
+                upstream_export="replica",
+                export_id="replica",
+                what="the bench's replica link",
+                flag="b-quorum-hop",
+            )
+            stack.push_async_callback(hop.kill)
         # the primary: quorum over the local raw file and the NBD client
         await _add_disk(pri, workdir / "primary", size)
         await pri.execute("blockdev-add", client)
@@ -223,6 +243,8 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
         return quorum(workdir, size, tls=False, link="unix")
     if name in ("b-quorum-nodelay", "b-quorum-nodelay-tls"):
         return quorum(workdir, size, tls=name.endswith("-tls"), link="nodelay")
+    if name in ("b-quorum-hop", "b-quorum-hop-tls"):
+        return quorum(workdir, size, tls=name.endswith("-tls"), link="hop")
     if name in ("c-pairvol", "c-pairvol-tls"):
         return pairvol(workdir, size, tls=name.endswith("-tls"))
     raise BenchError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS + EXTRA_CONFIGS)}")
@@ -230,4 +252,10 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
 
 CONFIGS: tuple[str, ...] = ("a-bare", "b-quorum", "c-pairvol", "b-quorum-tls", "c-pairvol-tls")
 # diagnostics, only when asked for with --configs
-EXTRA_CONFIGS: tuple[str, ...] = ("b-quorum-unix", "b-quorum-nodelay", "b-quorum-nodelay-tls")
+EXTRA_CONFIGS: tuple[str, ...] = (
+    "b-quorum-unix",
+    "b-quorum-nodelay",
+    "b-quorum-nodelay-tls",
+    "b-quorum-hop",
+    "b-quorum-hop-tls",
+)
