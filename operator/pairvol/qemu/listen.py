@@ -10,7 +10,8 @@ listener created here with the flag set fixes every connection the daemon accept
 any QEMU version, without node tuning.
 
 qemu-storage-daemon takes a socket descriptor only on its command line: its QMP has no
-``getfd``/``add-fd`` (7.2, and still 10.x: the daemon's schema does not include them), and
+``getfd``/``add-fd`` (7.2; upstream's storage-daemon schema still leaves out
+``qapi/misc.json`` where they live, so 10.0 has none either), and
 ``nbd-server-start`` with ``addr.type=fd`` answers "only QEMU supports file descriptor
 passing". So a daemon that serves TCP is started with ``--nbd-server addr.type=fd`` and
 the listener inherited (``nbd_server_fd_args``); its NBD server lives and dies with the
