@@ -43,6 +43,9 @@ RATIO_PAIRS = (
     ("c/b", "c-pairvol", "b-quorum"),
     ("c/b tls", "c-pairvol-tls", "b-quorum-tls"),
     ("b tcp/unix", "b-quorum", "b-quorum-unix"),  # only with --configs ...,b-quorum-unix
+    ("c/b nodelay", "c-pairvol", "b-quorum-nodelay"),  # only with --configs ...,b-quorum-nodelay
+    ("b nodelay/b", "b-quorum-nodelay", "b-quorum"),
+    ("b hop/nodelay", "b-quorum-hop", "b-quorum-nodelay"),  # the listener daemon's hop
 )
 TARGET_C_OVER_B = 0.9
 TARGET_CUT_P99_MS = 20.0
@@ -176,6 +179,7 @@ def render(results: dict[str, Any]) -> str:
                 )
         parts.append(
             f"\nRatios (MiB/s and IOPS: higher is better, target c/b >= {TARGET_C_OVER_B}; latency: lower is better)"
+            f"\n  issue 11 targets: randwrite-4k-qd16 c/b >= 1.0 and c/a >= 0.5; seq-write-1M c/a >= 0.6"
         )
         parts.append(table(["ratio", "workload", "MiB/s", "IOPS", "IOPS range", "p50 lat", "p99 lat"], rows))
         parts.append("  (median over rounds of the ratio within each round, and its range)")
@@ -247,14 +251,19 @@ def render(results: dict[str, Any]) -> str:
                 fmt(p["api_call_ms"]),
                 fmt(p["client_ms"]),
                 "yes" if p["verified"] else "NO",
+                " ".join(f"{k} {v:.0f}" for k, v in (p.get("steps_ms") or {}).items()),
             ]
             for p in fo["points"]
         ]
         parts.append("\nFailover after SIGKILL of the primary vs. data changed since the last checkpoint")
-        parts.append(table(["mode", "MiB changed", "durationMs", "API call ms", "client write ms", "image ok"], rows))
+        parts.append(
+            table(
+                ["mode", "MiB changed", "durationMs", "API call ms", "client write ms", "image ok", "steps (ms)"], rows
+            )
+        )
         parts.append(
             "  client write ms: from sending POST /v1/failover until a new NBD connection to the new "
-            "primary's export has a 4 KiB write acknowledged"
+            "primary's export has a 4 KiB write acknowledged; steps: the agent's stepsMs"
         )
     return "\n".join(parts)
 

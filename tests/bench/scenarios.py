@@ -317,6 +317,7 @@ async def failover_point(workdir: Path, plan: Plan, mode: str, mib: int) -> dict
         "mode": mode,
         "dirty_mib": mib,
         "duration_ms": float(reply["durationMs"]),
+        "steps_ms": reply.get("stepsMs"),
         "api_call_ms": round(api_s * 1000, 3),
         "client_ms": round(client_s * 1000, 3),
         "checkpoint_id": reply.get("checkpointId"),

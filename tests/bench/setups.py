@@ -24,12 +24,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairvol.qemu import img
+from pairvol.agent import tcpexport
+from pairvol.qemu import img, listen
 from pairvol.qemu import recipes as r
 from pairvol.qemu.qsd import Qsd
 from tests.bench.errors import BenchError
@@ -72,7 +73,7 @@ def _tls_object(directory: Path, endpoint: str) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _qsd(workdir: Path, name: str) -> AsyncIterator[Qsd]:
+async def _qsd(workdir: Path, name: str, args: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> AsyncIterator[Qsd]:
     """A qemu-storage-daemon, killed by PID on exit.
 
     Killed, not quit: a clean quit flushes gigabytes of dirty page cache to the disk,
@@ -82,7 +83,7 @@ async def _qsd(workdir: Path, name: str) -> AsyncIterator[Qsd]:
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     qsd = Qsd(workdir / ".run", workdir / "qsd.log", name=name)
     try:
-        await qsd.start()
+        await qsd.start(args=args, pass_fds=pass_fds)
         yield qsd
     finally:
         await qsd.kill()
@@ -119,33 +120,71 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
     ``link="unix"`` puts the replica link on a unix socket instead: a diagnostic
     configuration that shows what TCP itself costs (QEMU 7.2's NBD server sends small
     replies without TCP_NODELAY, which shows as 40 ms delayed-ACK waits at QD > 1).
+    ``link="nodelay"``: TCP, the second qsd started on a listening socket with TCP_NODELAY
+    (``--nbd-server addr.type=fd``, as pairvol's listener daemons are): what the socket
+    option alone gives the bare graph. ``link="hop"``: the second qsd serves a unix socket
+    and pairvol's own listener daemon (``pairvol.agent.tcpexport``) offers it over TCP with
+    TCP_NODELAY, as on a pairvol secondary: ``hop`` vs ``nodelay`` is the hop's cost.
     """
     key = secrets.token_hex(32)
-    async with _qsd(workdir / "secondary", "qsd-s") as sec, _qsd(workdir / "primary", "qsd-p") as pri:
+    sec_dir = await _write_psk_dir(workdir / "secondary" / "tls", key) if tls else None
+    port = free_port()
+    sec_args: list[str] = []
+    listener = None
+    if link == "nodelay":
+        listener = await listen.tcp_listener("127.0.0.1", port)
+        if sec_dir is not None:
+            sec_args += listen.tls_psk_server_args(TLS_ID, str(sec_dir))
+        sec_args += listen.nbd_server_fd_args(listener.fileno(), TLS_ID if tls else None)
+    fds = [listener.fileno()] if listener is not None else []
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        _qsd(workdir / "secondary", "qsd-s", sec_args, fds) as sec,
+        _qsd(workdir / "primary", "qsd-p") as pri,
+    ):
+        if listener is not None:
+            listener.close()  # the second qsd holds it
         # the second node: a raw file exported over TCP (or a unix socket)
         await _add_disk(sec, workdir / "secondary", size)
-        server: dict[str, Any]
+        server: dict[str, Any] | None
         client: dict[str, Any] = {"driver": "nbd", "node-name": "peer", "export": "replica"}
-        if link == "unix":
+        if link in ("unix", "hop"):
             path = str(workdir / "replica.sock")
             server = {"addr": {"type": "unix", "data": {"path": path}}}
             client["server"] = {"type": "unix", "path": path}
+            if link == "hop":
+                client["server"] = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
         else:
-            port = free_port()
-            server = {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}}
+            inet = {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}
+            server = None if link == "nodelay" else {"addr": inet}
             client["server"] = {"type": "inet", "host": "127.0.0.1", "port": str(port)}
-        if tls:
-            sec_dir = await _write_psk_dir(workdir / "secondary" / "tls", key)
+        if sec_dir is not None:
             pri_dir = await _write_psk_dir(workdir / "primary" / "tls", key)
-            await sec.execute("object-add", _tls_object(sec_dir, "server"))
+            if server is not None and link != "hop":
+                await sec.execute("object-add", _tls_object(sec_dir, "server"))
+                server["tls-creds"] = TLS_ID
             await pri.execute("object-add", _tls_object(pri_dir, "client"))
-            server["tls-creds"] = TLS_ID
             client["tls-creds"] = TLS_ID
-        await sec.execute("nbd-server-start", server)
+        if server is not None:
+            await sec.execute("nbd-server-start", server)
         await sec.execute(
             "block-export-add",
             {"type": "nbd", "id": "replica", "node-name": "disk", "name": "replica", "writable": True},
         )
+        if link == "hop":
+            hop = await tcpexport.start_tcp_export(
+                name="hop",
+                run_dir=workdir / "secondary" / ".run",
+                log_path=workdir / "secondary" / "hop.log",
+                listen_on=("127.0.0.1", port),
+                tls_dir=sec_dir,
+                upstream=workdir / "replica.sock",
+                upstream_export="replica",
+                export_id="replica",
+                what="the bench's replica link",
+                flag="b-quorum-hop",
+            )
+            stack.push_async_callback(hop.kill)
         # the primary: quorum over the local raw file and the NBD client
         await _add_disk(pri, workdir / "primary", size)
         await pri.execute("blockdev-add", client)
@@ -162,7 +201,7 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
         socket = workdir / "export.sock"
         await _export_unix(pri, "quorum", socket)
         assert pri.pid is not None and sec.pid is not None
-        name = "b-quorum" + ("-unix" if link == "unix" else "") + ("-tls" if tls else "")
+        name = "b-quorum" + ("" if link == "tcp" else f"-{link}") + ("-tls" if tls else "")
         yield Target(name, socket, size, pids=[pri.pid, sec.pid])
 
 
@@ -202,6 +241,10 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
         return quorum(workdir, size, tls=name.endswith("-tls"))
     if name == "b-quorum-unix":
         return quorum(workdir, size, tls=False, link="unix")
+    if name in ("b-quorum-nodelay", "b-quorum-nodelay-tls"):
+        return quorum(workdir, size, tls=name.endswith("-tls"), link="nodelay")
+    if name in ("b-quorum-hop", "b-quorum-hop-tls"):
+        return quorum(workdir, size, tls=name.endswith("-tls"), link="hop")
     if name in ("c-pairvol", "c-pairvol-tls"):
         return pairvol(workdir, size, tls=name.endswith("-tls"))
     raise BenchError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS + EXTRA_CONFIGS)}")
@@ -209,4 +252,10 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
 
 CONFIGS: tuple[str, ...] = ("a-bare", "b-quorum", "c-pairvol", "b-quorum-tls", "c-pairvol-tls")
 # diagnostics, only when asked for with --configs
-EXTRA_CONFIGS: tuple[str, ...] = ("b-quorum-unix",)
+EXTRA_CONFIGS: tuple[str, ...] = (
+    "b-quorum-unix",
+    "b-quorum-nodelay",
+    "b-quorum-nodelay-tls",
+    "b-quorum-hop",
+    "b-quorum-hop-tls",
+)

@@ -98,6 +98,7 @@ async def test_quick_run_reports_every_measurement_for_every_configuration(tmp_p
     }
     for p in points:
         assert is_number(p["duration_ms"]) and is_number(p["client_ms"]), p
+        assert p["steps_ms"] and all(is_number(v) for v in p["steps_ms"].values()), p
         assert p["verified"], f"{p['mode']} failover after {p['dirty_mib']} MiB left the wrong image"
 
     # and the human-readable table says the same

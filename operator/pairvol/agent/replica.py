@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pairvol.agent import crashpoints, secondary
+from pairvol.agent import crashpoints, secondary, tcpexport
 from pairvol.agent import resync as rs
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig, Psk
@@ -67,12 +67,17 @@ from pairvol.agent.stages import (
     io_status,
 )
 from pairvol.agent.state import Checkpoint, PersistedState
+from pairvol.agent.tcpexport import start_tcp_export
 from pairvol.errors import PairvolError
 from pairvol.qemu import QemuError, QsdDied, img
 from pairvol.qemu import recipes as r
 from pairvol.qemu.qsd import Qsd
 
 log = logging.getLogger(__name__)
+
+# the replica's daemon serves the replication export here; the listener daemon on
+# --replication-listen is its only client (pairvol.agent.tcpexport)
+REPLICATION_SOCKET = "repl.sock"
 
 Hook = Callable[[int], Awaitable[None]]
 
@@ -92,7 +97,8 @@ TRACK_STARTED = crashpoints.point(
     "track.started", "primary: the dirty bitmap for the dropped peer exists; the record is not yet persisted"
 )
 FAILOVER_BEFORE_SERVE = crashpoints.point(
-    "failover.before-serve", "role primary is persisted and the overlays are gone; the workload export is not up"
+    "failover.before-serve",
+    "role primary is persisted and the overlay nodes are gone (their files not yet); the workload export is not up",
 )
 
 
@@ -117,6 +123,23 @@ def boot_id() -> str | None:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
+
+
+class _Steps:
+    """Where a multi-step operation spent its time: milliseconds per step, in order
+    (the failover reports them as ``stepsMs`` and in its log line)."""
+
+    def __init__(self, t0: float) -> None:
+        self._last = t0
+        self.ms: dict[str, float] = {}
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.ms[step] = round((now - self._last) * 1000, 3)
+        self._last = now
+
+    def line(self) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in self.ms.items())
 
 
 class Replica:
@@ -144,8 +167,9 @@ class Replica:
         self._oos_lock = asyncio.Lock()
         self._peer_marked = False
         self.relay: Qsd | None = None
+        self.listener: Qsd | None = None  # the secondary's replication port (its own daemon)
+        self._relay_spawn: asyncio.Task[Qsd] | None = None  # the relay's daemon, started ahead
         self._fence_task: asyncio.Task[None] | None = None
-        self._tls_ready = False
         self.undo_log_broken: str | None = None
         self.chain = SecondaryChain(
             self.qsd, self.data_dir, self.run_dir, cfg.size, self.lock, metrics.cow_bytes.labels(cfg.name).inc
@@ -341,12 +365,15 @@ class Replica:
 
     async def close(self) -> None:
         await self.chain.close()
+        await self._drop_spawned_relay()
         clean = self.qsd.alive
         if self.relay is not None:
             await self.relay.kill()
         saved = False
         if clean and self.state.role is Role.PRIMARY and self.state.peer_disk is not None:
             saved = await self._save_bitmap()
+        if self.listener is not None:
+            await self.listener.kill()
         await self.qsd.stop()  # in-flight writes drain through a healthy link first
         if self.link is not None:
             link, self.link = self.link, None
@@ -374,29 +401,45 @@ class Replica:
         self.metrics.up.labels(self.cfg.name).set(1 if self.qsd.alive else 0)
 
     async def _start_replication_export(self, node: str) -> None:
-        """Export ``node`` (the secondary's copy-before-write filter over ``disk``)."""
-        host, port = self.cfg.replication_listen
-        if self.cfg.psk is not None:
-            await self._ensure_tls()
-        try:
-            await self.qsd.execute("nbd-server-start", r.nbd_server_inet(host, port, self.cfg.psk is not None))
-        except QemuError as exc:
-            raise ReplicaError(
-                f"cannot listen for the replication link on {host}:{port}: {exc}; is another process using the"
-                " port (the agent's --replication-listen)? free it and ask again"
-            ) from exc
+        """Export ``node`` (the secondary's copy-before-write filter over ``disk``): on a
+        unix socket of the replica's daemon, offered on --replication-listen by a listener
+        daemon whose accepted connections carry TCP_NODELAY (pairvol.agent.tcpexport)."""
         name = r.replication_export_name(self.state.epoch)
+        sock = self.run_dir / REPLICATION_SOCKET
+        await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
+        await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
         await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node, name=name))
+        more: tuple[tuple[str, str], ...] = ()
         if self.state.disk_id is not None:
             # R3: the same node under a name carrying this disk's identity, for a resync of
-            # only what this disk lacks
+            # only what this disk lacks (offered by the listener daemon as well)
             ident = r.identity_export_name(self.state.epoch, self.state.disk_id)
             await self.qsd.execute("block-export-add", r.nbd_export(r.IDENTITY_EXPORT, node, name=ident))
+            more = ((r.IDENTITY_EXPORT, ident),)
+        self.listener = await start_tcp_export(
+            name="repl",
+            run_dir=self.run_dir,
+            log_path=self.data_dir / "repl.log",
+            listen_on=self.cfg.replication_listen,
+            tls_dir=self._tls_dir if self.cfg.psk is not None else None,
+            upstream=sock,
+            upstream_export=name,
+            export_id=r.REPLICATION_EXPORT,
+            what="the replication link",
+            flag="--replication-listen",
+            more=more,
+        )
 
     async def _stop_nbd_server(self) -> None:
+        await self._drop_spawned_relay()
         if self.relay is not None:
             relay, self.relay = self.relay, None
             await relay.kill()  # its clients must not get one more write through
+        if self.listener is not None:
+            # the old primary's connections and the port go with it: from here on a
+            # connect is refused, and no reply not yet sent is ever sent
+            listener, self.listener = self.listener, None
+            await listener.kill()
         # One nbd-server-stop closes the listener and every export with its connections
         # inside one command. Deleting the exports first returns to the main loop in
         # between: a client that reconnects at once (an NBD client with a reconnect delay)
@@ -410,33 +453,28 @@ class Replica:
         self.serving = False
 
     async def _key_dir(self, psk: Psk) -> Path:
-        """A private directory holding ``psk`` as qsd's tls-creds-psk reads it (keys.psk)."""
+        """A private directory holding ``psk`` as qsd's tls-creds-psk reads it (keys.psk),
+        and the Diffie-Hellman parameters its TLS server credentials would otherwise
+        generate at every daemon start (recipes.FFDHE2048_PEM)."""
 
         def write() -> Path:
             key_dir = Path(tempfile.mkdtemp(prefix="tls-", dir=self.run_dir))
             (key_dir / "keys.psk").write_text(psk.keys_file())
             os.chmod(key_dir / "keys.psk", 0o600)
+            (key_dir / r.DH_PARAMS_FILE).write_text(r.FFDHE2048_PEM)
             return key_dir
 
         return await asyncio.to_thread(write)
-
-    async def _ensure_tls(self) -> None:
-        """The replica's daemon is only ever a TLS server (the replication export); the
-        primary's client side lives in the link daemon."""
-        if self._tls_ready:
-            return
-        assert self.cfg.psk is not None and self._tls_dir is not None
-        await self.qsd.execute("object-add", r.tls_psk(self._tls_dir, "server", self.cfg.psk.username))
-        self._tls_ready = True
 
     async def _build_quorum(self) -> None:
         nodes = {n["node-name"] for n in await self.qsd.execute("query-named-block-nodes", {"flat": True})}
         if r.QUORUM_NODE not in nodes:
             await self.qsd.execute("blockdev-add", r.quorum([r.DISK_NODE]))
 
-    async def _serve_workload(self) -> None:
+    async def _serve_workload(self, steps: _Steps | None = None) -> None:
         if self.serving:
             return
+        steps = steps or _Steps(time.perf_counter())
         if self.state.peer is not None and (self.link is None or self.link.gate.failed.is_set()):
             # serving while the configured peer is not in the quorum: it misses writes
             await self._mark_out_of_sync(self.peer_error or "the peer is not attached")
@@ -445,6 +483,7 @@ class Replica:
                 await hook(self.state.epoch)
             except Exception as exc:
                 raise ReplicaError(f"refusing to serve the workload export: {exc}") from exc
+        steps.done("lease")
         sock = self.cfg.export_socket
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
@@ -455,29 +494,75 @@ class Replica:
                 await self.qsd.execute("nbd-server-stop")
             raise
         self.serving = True
+        steps.done("export")
         if self.cfg.export_listen is not None:
-            await self._start_relay(self.cfg.export_listen)
+            await self._start_relay()
+            steps.done("relay")
 
-    async def _start_relay(self, listen: tuple[str, int]) -> None:
-        """The workload export over TCP (TLS-PSK): qsd has one NBD server, which serves the
-        unix socket, so a second daemon re-exports it. Killing the relay is part of fencing."""
-        relay = Qsd(self.run_dir, self.data_dir / "relay.log", name="relay")
-        await relay.start()
+    def _spawn_relay(self) -> None:
+        """Start the relay's daemon now, exporting nothing, so that serving later costs two
+        QMP commands instead of a process start (most of a failover's time, measured with
+        ``stepsMs``). The caller consumes it in :meth:`_start_relay` or drops it."""
+        if self.cfg.export_listen is None or self.serving or self.relay is not None or self._relay_spawn is not None:
+            return
+        self._relay_spawn = asyncio.create_task(
+            tcpexport.spawn(
+                name="relay",
+                run_dir=self.run_dir,
+                log_path=self.data_dir / "relay.log",
+                listen_on=self.cfg.export_listen,
+                tls_dir=self._workload_key_dir(),
+                what="the workload export",
+                flag="--export-listen",
+            ),
+            name="relay-spawn",
+        )
+
+    def _workload_key_dir(self) -> Path | None:
+        """The relay's TLS-PSK key: the workload export's own, else the replication key."""
+        if self.cfg.workload_psk is None:
+            return None
+        key_dir = self._export_tls_dir if self.cfg.export_psk is not None else self._tls_dir
+        assert key_dir is not None
+        return key_dir
+
+    async def _drop_spawned_relay(self) -> None:
+        """A relay daemon started ahead and not used (the command failed before serving)."""
+        task, self._relay_spawn = self._relay_spawn, None
+        if task is None:
+            return
         try:
-            psk = self.cfg.workload_psk
-            tls = psk is not None
-            if psk is not None:
-                key_dir = self._export_tls_dir if self.cfg.export_psk is not None else self._tls_dir
-                assert key_dir is not None
-                await relay.execute("object-add", r.tls_psk(key_dir, "server", psk.username))
-            await relay.execute("blockdev-add", r.nbd_client_unix(r.WORKLOAD_EXPORT, self.cfg.export_socket))
-            await relay.execute("nbd-server-start", r.nbd_server_inet(*listen, tls))
-            await relay.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.WORKLOAD_EXPORT))
-        except PairvolError:
-            await relay.kill()
-            raise
+            daemon = await task  # not cancelled: a start cut short could leave the process behind
+        except Exception:  # its start failed: nothing runs
+            return
+        await daemon.kill()
+
+    async def _start_relay(self) -> None:
+        """The workload export over TCP (TLS-PSK): qsd has one NBD server, which serves the
+        unix socket, so a listener daemon re-exports it (pairvol.agent.tcpexport). Killing
+        the relay is part of fencing, so it exports only once the workload export serves,
+        after the Lease was taken."""
+        self._spawn_relay()
+        task, self._relay_spawn = self._relay_spawn, None
+        assert task is not None
+        relay = await task
+        await tcpexport.serve(
+            relay,
+            upstream=self.cfg.export_socket,
+            upstream_export=r.WORKLOAD_EXPORT,
+            export_id=r.WORKLOAD_EXPORT,
+            what="the workload export",
+        )
         self.relay = relay
-        log.info("workload export also on %s:%d (%s)", *listen, "TLS-PSK" if tls else "plain, loopback")
+        if not self.serving:  # fenced while the relay started: it must not serve either
+            self.relay = None
+            await relay.kill()
+            return
+        log.info(
+            "workload export also on %s:%d (%s)",
+            *(self.cfg.export_listen or ("?", 0)),
+            "TLS-PSK" if self.cfg.psk is not None else "plain, loopback",
+        )
 
     async def fence_workload(self, reason: str) -> None:
         """Stop serving the workload export at once (lease lost, local disk failed).
@@ -604,6 +689,7 @@ class Replica:
                     "checkpoint first, or fail over in mode 'latest'"
                 )
             t0 = time.perf_counter()
+            steps = _Steps(t0)
             requested = mode
             why_latest = self._no_restore_point() if mode is FailoverMode.CHECKPOINT else None
             if why_latest is not None:
@@ -613,30 +699,46 @@ class Replica:
                 log.warning("%s: failing over to the latest state", why_latest)
             # The new epoch is durable before anything else: from here on the old primary is fenced.
             await self._save(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode, overlays_durable=False)
+            steps.done("saveEpoch")
             crashpoints.hit(FAILOVER_EPOCH_SAVED)
             await self._stop_nbd_server()
+            steps.done("fence")
             crashpoints.hit(FAILOVER_EXPORT_STOPPED)
+            self._spawn_relay()  # its process starts while the steps below run
             try:
                 if self.chain.retiring is not None:
                     log.info("failover: retiring overlay generation %d first", self.chain.retiring)
                 await self.chain.stop_cow()
+                steps.done("stopCow")
                 crashpoints.hit(secondary.FAILOVER_AFTER_COW)
                 if mode is FailoverMode.CHECKPOINT:
                     await self.chain.make_durable()
                     await self._save(overlays_durable=True)
+                    steps.done("durable")
                     crashpoints.hit(FAILOVER_DURABLE)
                     await self.chain.commit()
+                    steps.done("commit")
             except PairvolError as exc:
+                await self._drop_spawned_relay()
                 self.last_error = f"failover failed: {exc}"
                 await self._save(stage=Stage.FAILOVER_FAILED)
                 self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
                 log.error("%s", self.last_error)
                 raise ReplicaError(self.last_error) from exc
-            await self._finish_failover()
+            gen = self.state.generation
+            try:
+                await self._finish_failover(steps, files=False)
+            except BaseException:
+                await self._drop_spawned_relay()
+                raise
             self.fenced.clear()
             crashpoints.hit(FAILOVER_BEFORE_SERVE)
             try:
-                await self._serve_workload()
+                try:
+                    await self._serve_workload(steps)
+                finally:
+                    await self.chain.remove_files(gen)  # the role is primary: the overlays are garbage
+                    steps.done("removeFiles")
             except PairvolError as exc:
                 # promoted but not serving: not a success; undo a half-started export so the
                 # retry starts clean
@@ -648,9 +750,12 @@ class Replica:
             self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
             self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
             cp_id = self.state.checkpoint.id if self.state.checkpoint else None
-            log.info("failover (%s) to epoch %d done in %.1f ms", mode.value, epoch, duration * 1000)
+            log.info(
+                "failover (%s) to epoch %d done in %.1f ms (%s)", mode.value, epoch, duration * 1000, steps.line()
+            )
             result: dict[str, Any] = {
                 "durationMs": round(duration * 1000, 3),
+                "stepsMs": steps.ms,
                 "mode": mode.value,
                 "checkpointId": cp_id if mode is FailoverMode.CHECKPOINT else None,
             }
@@ -659,17 +764,22 @@ class Replica:
                 result["note"] = f"{why_latest}; kept the latest state"
             return result
 
-    async def _finish_failover(self) -> None:
+    async def _finish_failover(self, steps: _Steps | None = None, files: bool = True) -> None:
         """The disk holds the failover's result: settle the role, then drop the overlays
-        (in this order: a restart in stage FAILOVER needs them to redo the commit)."""
+        (in this order: a restart in stage FAILOVER needs them to redo the commit). With
+        ``files=False`` the overlay files stay for the caller to remove after serving."""
+        steps = steps or _Steps(time.perf_counter())
         gen = self.state.generation
         # the role is settled before serving: if serving is refused (no Lease), the
         # operator retries with POST /v1/primary and a newer epoch
         await self._save(
             role=Role.PRIMARY, stage=Stage.DONE, peer=None, failover_mode=None, overlays_durable=False, disk_id=None
         )
-        await self.chain.discard(gen)
+        steps.done("saveRole")
+        await self.chain.discard(gen, files=files)
+        steps.done("dropOverlays")
         await self._build_quorum()
+        steps.done("quorum")
         self.replication = "degraded"
         self.peer_error = "no peer since failover"
 
@@ -731,43 +841,57 @@ class Replica:
     ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
-            await self._detach_peer("peer replaced", mark=False)
-            await self._build_quorum()
-            # a primary's disk takes the workload's writes: it is nobody's faithful copy (R3)
-            await self._save(
-                epoch=epoch,
-                role=Role.PRIMARY,
-                stage=Stage.RUNNING,
-                peer=f"{peer[0]}:{peer[1]}" if peer else None,
-                disk_id=None,
-            )
-            self.fenced.clear()
-            if peer is None:
-                self.replication, self.peer_error = "degraded", "no peer"
-            else:
-                # The peer joins the quorum before the export serves: no write is
-                # acknowledged that the peer was not asked to take.
-                try:
-                    await self._attach_peer(peer, sync, epoch - 1 if peer_epoch is None else peer_epoch, peer_disk)
-                except PeerLinkError as exc:
-                    self.replication, self.peer_error = "degraded", str(exc)
-                    await self._mark_out_of_sync(str(exc))  # durable before the export serves without it
-                    await self._serve_workload()
-                    self._observe()
-                    raise ReplicaError(str(exc)) from exc
-            await self._serve_workload()
-            if self.link is not None:
-                try:
-                    await self.link.start_copy()  # after the export: it must sit below the job's filter
-                except PeerLinkError as exc:
-                    await self._detach_peer(str(exc), mark=True)
-                    async with self._oos_lock:  # e.g. a peer of another size: the next resync is full
-                        await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
-                    self.peer_error = str(exc)
-                    self._observe()
-                    raise ReplicaError(str(exc)) from exc
-            self._observe()
-            return self.status()
+            self._spawn_relay()  # its process starts while the peer attaches
+            try:
+                return await self._start_primary(epoch, peer, sync, peer_epoch, peer_disk)
+            finally:
+                await self._drop_spawned_relay()  # if serving did not take it
+
+    async def _start_primary(
+        self,
+        epoch: int,
+        peer: tuple[str, int] | None,
+        sync: str,
+        peer_epoch: int | None,
+        peer_disk: str | None,
+    ) -> dict[str, Any]:
+        await self._detach_peer("peer replaced", mark=False)
+        await self._build_quorum()
+        # a primary's disk takes the workload's writes: it is nobody's faithful copy (R3)
+        await self._save(
+            epoch=epoch,
+            role=Role.PRIMARY,
+            stage=Stage.RUNNING,
+            peer=f"{peer[0]}:{peer[1]}" if peer else None,
+            disk_id=None,
+        )
+        self.fenced.clear()
+        if peer is None:
+            self.replication, self.peer_error = "degraded", "no peer"
+        else:
+            # The peer joins the quorum before the export serves: no write is
+            # acknowledged that the peer was not asked to take.
+            try:
+                await self._attach_peer(peer, sync, epoch - 1 if peer_epoch is None else peer_epoch, peer_disk)
+            except PeerLinkError as exc:
+                self.replication, self.peer_error = "degraded", str(exc)
+                await self._mark_out_of_sync(str(exc))  # durable before the export serves without it
+                await self._serve_workload()
+                self._observe()
+                raise ReplicaError(str(exc)) from exc
+        await self._serve_workload()
+        if self.link is not None:
+            try:
+                await self.link.start_copy()  # after the export: it must sit below the job's filter
+            except PeerLinkError as exc:
+                await self._detach_peer(str(exc), mark=True)
+                async with self._oos_lock:  # e.g. a peer of another size: the next resync is full
+                    await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
+                self.peer_error = str(exc)
+                self._observe()
+                raise ReplicaError(str(exc)) from exc
+        self._observe()
+        return self.status()
 
     async def _attach_peer(self, peer: tuple[str, int], sync: str, peer_epoch: int, peer_disk: str | None) -> None:
         record = rs.Record(
@@ -1049,6 +1173,9 @@ class Replica:
         replication, peer_error = self.replication, self.peer_error
         if link is not None and link.gate.failed.is_set():
             replication, peer_error = "degraded", link.gate.reason  # being dropped right now
+        listener = self.listener
+        if st.role is Role.SECONDARY and listener is not None and not listener.alive:
+            peer_error = f"the replication listener on --replication-listen is gone: {listener.exit_error}"
         return {
             "name": st.name,
             "role": st.role.value,
@@ -1075,6 +1202,9 @@ class Replica:
                 }
                 if st.role is Role.PRIMARY
                 else None,
+                "listener": None
+                if listener is None
+                else {"pid": listener.pid, "alive": listener.alive},
                 "link": None
                 if link is None
                 else {

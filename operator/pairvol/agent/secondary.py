@@ -210,12 +210,21 @@ class SecondaryChain:
                     raise ChainError(f"cannot delete overlay node {node}: {exc}") from exc
         self.attached.discard(gen)
 
-    async def discard(self, gen: int) -> None:
+    async def discard(self, gen: int, files: bool = True) -> None:
         """Drop a generation: its copy-before-write job (if one still runs: a start that
         failed after the job began), nodes and files. Dropping the current one ends the
-        chain (failover, stop), so the pair prepared for the next cut goes too."""
+        chain (failover, stop), so the pair prepared for the next cut goes too. With
+        ``files=False`` the files stay for :meth:`remove_files` later (a failover serves
+        first: unlinking written overlays can take tens of ms; a restart as primary
+        removes any left behind, see :meth:`remove_stale`)."""
         await self._cancel_job(r.cow_job(gen))
         await self._detach_nodes(gen)
+        if files:
+            await self.remove_files(gen)
+
+    async def remove_files(self, gen: int) -> None:
+        """The files of a discarded generation (and, for the current one, of the pair
+        prepared for the next cut)."""
         await self._remove_files(gen)
         if gen == self.generation:
             if self._prepare_task is not None:

@@ -2,7 +2,9 @@
 
 The agent never talks QMP anywhere else. The daemon is started with nothing but a QMP
 monitor; every node, job and export is created at run time over QMP so that the agent's
-state machine, not a command line, decides the block graph. The daemon gets
+state machine, not a command line, decides the block graph. The one exception is a TCP
+listening socket the agent created itself: qsd cannot take a descriptor over QMP, so it
+is inherited and named on the command line (:mod:`pairvol.qemu.listen`). The daemon gets
 PR_SET_PDEATHSIG: if the agent is killed, its daemon dies with it and stops serving
 (a primary whose agent is gone must not keep a writable export alive).
 """
@@ -15,7 +17,7 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,10 @@ class Qsd:
     def on_event(self, handler: EventHandler) -> None:
         self._handlers.append(handler)
 
-    async def start(self, timeout: float = 10.0) -> None:
+    async def start(self, timeout: float = 10.0, args: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> None:
+        """Start the daemon and connect QMP. ``args`` go on its command line after the
+        monitor; ``pass_fds`` are inherited under the same numbers (a listening socket the
+        command line names, see :mod:`pairvol.qemu.listen`). The caller keeps its copies."""
         exe = require_binary("qemu-storage-daemon")
         await asyncio.to_thread(self._prepare_run_dir)
         logfile = await asyncio.to_thread(open, self.log_path, "ab")
@@ -79,11 +84,13 @@ class Qsd:
                 f"socket,id=qmp0,path={str(self.qmp_path).replace(',', ',,')},server=on,wait=off",
                 "--monitor",
                 "chardev=qmp0",
+                *args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=logfile,
                 preexec_fn=_die_with_parent,
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
             )
         finally:
             logfile.close()

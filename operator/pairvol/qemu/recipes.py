@@ -2,6 +2,7 @@
 
 Secondary::
 
+    listener daemon: TCP (TLS-PSK) "replication-eN" ──► nbd client ──unix──►
     NBD export "replication-eN" ──► filter of cow-G ──► disk (raw) ◄── backing ── hidden-G ◄── backing ── active-G
                                  └─ copy-before-write job cow-G (blockdev-backup sync=none) ──► hidden-G
                                                                 (hidden-G, active-G: qcow2)
@@ -15,6 +16,9 @@ Primary::
 
 The link daemon is a second qemu-storage-daemon that only holds the connection to the
 secondary; see ``pairvol.agent.gate`` for why the agent stands between it and the quorum.
+Every TCP listener (the secondary's replication port, the relay of ``--export-listen``)
+is a daemon of its own started on a socket the agent made (``pairvol.qemu.listen``,
+``pairvol.agent.tcpexport``); the replica's daemon serves NBD on unix sockets only.
 
 QEMU 7.2's QMP still uses the legacy ``{"type", "data"}`` socket address in
 ``nbd-server-start``; blockdev options use the flat form.
@@ -77,6 +81,23 @@ def overlay_pair(hidden_path: Path, active_path: Path, generation: int) -> tuple
     return hidden, active
 
 
+# QEMU's TLS server credentials read Diffie-Hellman parameters from ``dh-params.pem`` in
+# their directory and *generate* new ones when it is missing: 0.1-2 s of CPU at every
+# start of a daemon with a TLS listener (measured on the 2-CPU test machine; it was most
+# of a failover's time with --export-listen). The agent writes this file next to the key:
+# the standard 2048-bit group ffdhe2048 of RFC 7919 (public parameters, PKCS#3 PEM).
+DH_PARAMS_FILE = "dh-params.pem"
+FFDHE2048_PEM = """-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
 def tls_psk(directory: Path, endpoint: str, username: str) -> QMPArgs:
     args: QMPArgs = {"qom-type": "tls-creds-psk", "id": TLS_OBJECT, "dir": str(directory), "endpoint": endpoint}
     if endpoint == "client":
@@ -129,13 +150,16 @@ def nbd_client(node_name: str, host: str, port: int, export: str, tls: bool) -> 
     return args
 
 
-def nbd_client_unix(node_name: str, path: Path) -> QMPArgs:
-    """The relay's view of the workload export (no reconnect: a fenced export stays gone)."""
+def nbd_client_unix(node_name: str, path: Path, export: str = WORKLOAD_EXPORT) -> QMPArgs:
+    """A TCP listener daemon's view of an export of the replica's daemon: the relay's of the
+    workload export, the secondary's listener's of ``replication-eN``. No reconnect: a
+    fenced export stays gone, and a write is never re-sent to whatever serves it later."""
     return {
         "driver": "nbd",
         "node-name": node_name,
         "server": {"type": "unix", "path": str(path)},
-        "export": WORKLOAD_EXPORT,
+        "export": export,
+        "reconnect-delay": 0,
     }
 
 
