@@ -112,6 +112,7 @@ async def test_an_error_reply_fails_the_gate_and_is_not_forwarded(tmp_path: Path
         write = asyncio.create_task(nbd.pwrite(b"x" * 4096, 4 * MiB))  # past the end: EINVAL/ENOSPC
         await asyncio.wait_for(gate.failed.wait(), 5)
         assert gate.reason is not None and "failed on the link" in gate.reason
+        assert not gate.flush_failed  # a failed write is in the bitmap's reach; a failed flush is not
         await asyncio.sleep(0.3)
         assert not write.done()
         gate.release()
@@ -147,3 +148,42 @@ async def test_the_copy_connection_forwards_while_healthy_and_is_answered_succes
             await copy.close()
     disk = (tmp_path / "disk.raw").read_bytes()
     assert disk[:4096] == b"c" * 4096 and disk[4096:16384] == bytes(12288), "nothing after the failure was written"
+
+
+async def test_a_flush_the_peer_fails_is_told_apart_from_other_failures(tmp_path: Path) -> None:
+    """A storage error on the secondary shows at its flush (a failed writeback): what it had
+    acknowledged before may not be on its disk, so no bitmap can vouch for that disk (R3)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    await img.create(tmp_path / "disk.raw", "raw", 4 * MiB)
+    qsd = Qsd(run, tmp_path / "qsd.log", name="link")
+    await qsd.start()
+    gate = LinkGate(run / "gate.sock", run / "link.sock", r.LINK_EXPORT, 5.0)
+    try:
+        await qsd.execute(
+            "blockdev-add", {"driver": "file", "node-name": "file", "filename": str(tmp_path / "disk.raw")}
+        )
+        failing_flush = {"event": "flush_to_disk", "errno": 5}  # EIO when the data should reach the disk
+        await qsd.execute(
+            "blockdev-add",
+            {"driver": "blkdebug", "node-name": "faulty", "image": "file", "inject-error": [failing_flush]},
+        )
+        await qsd.execute("blockdev-add", {"driver": "raw", "node-name": r.LINK_EXPORT, "file": "faulty"})
+        await qsd.execute("nbd-server-start", r.nbd_server_unix(run / "link.sock"))
+        await qsd.execute("block-export-add", r.nbd_export(r.LINK_EXPORT, r.LINK_EXPORT))
+        await gate.start()
+        nbd = await NBDClient.connect_unix(str(run / "gate.sock"), "peer")
+        try:
+            await nbd.pwrite(b"x" * 4096, 0)  # acknowledged by the peer
+            assert not gate.failed.is_set()
+            flush = asyncio.create_task(nbd.flush())
+            await asyncio.wait_for(gate.failed.wait(), 5)
+            assert gate.flush_failed and gate.reason is not None and "flush" in gate.reason
+            gate.release()
+            with pytest.raises(NBDError):
+                await asyncio.wait_for(flush, 5)
+        finally:
+            await nbd.close()
+    finally:
+        await gate.close()
+        await qsd.kill()

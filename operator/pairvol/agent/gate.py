@@ -318,6 +318,10 @@ class _Downstream(asyncio.Protocol):
             if len(buf) < end:
                 break
             if error:
+                if req.cmd == nbd.CMD_FLUSH:
+                    # what the peer acknowledged before may not be on its disk (a failed
+                    # writeback is reported at the flush): no bitmap can vouch for it (R3)
+                    gate.flush_failed = True
                 what = _COMMANDS.get(req.cmd, f"command {req.cmd}")
                 gate.fail(
                     f"a {what} of {req.length} bytes at offset {req.offset} failed on the link "
@@ -377,6 +381,7 @@ class LinkGate:
         # Quorum (read-pattern fifo) reads from the peer only when the local disk failed a
         # read; a peer that is still being synced would answer with stale data.
         self.serve_reads = True
+        self.flush_failed = False  # a FLUSH came back with an error (storage or connection)
         self.closing = False
         self.conns: set[_Downstream] = set()
         self._server: asyncio.AbstractServer | None = None

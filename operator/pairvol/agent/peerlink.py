@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from pairvol.qemu.qsd import Qsd
 log = logging.getLogger(__name__)
 
 Mark = Callable[[str], Coroutine[Any, Any, None]]
-Track = Callable[[str], Awaitable[None]]
+Track = Callable[[str, bool], Awaitable[None]]  # (reason, the peer failed a flush)
 Down = Callable[["PeerLink", str], Awaitable[None]]
 InSync = Callable[["PeerLink"], Awaitable[bool]]
 
@@ -100,8 +101,10 @@ class PeerLink:
         self.peer_disk = peer_disk  # the identity the peer answered to (its identity export)
         run_dir = cfg.data_dir / ".run"
         self.link = Qsd(run_dir, cfg.data_dir / "link.log", name="link")
+        # a socket per link: a client of an earlier link that lingers (its node not yet
+        # deleted) can never reconnect into this one's gate
         self.gate = LinkGate(
-            run_dir / "gate.sock",
+            run_dir / f"gate-{uuid.uuid4().hex[:8]}.sock",
             run_dir / "link.sock",
             r.LINK_EXPORT,
             cfg.stall_timeout,
@@ -134,6 +137,10 @@ class PeerLink:
         except PairvolError:
             await self.teardown()
             raise
+        if kind != rs.NONE:
+            # the peer lacks data until the sync is done: no read may fall back to it, from
+            # the moment it is a child of the quorum (the workload export may be serving)
+            self.gate.serve_reads = False
         try:
             await self.gate.start()
             self._settle_task = asyncio.create_task(self._settle(), name="link-settle")
@@ -154,7 +161,6 @@ class PeerLink:
         if kind != rs.NONE:
             self.syncing = True
             self.sync_kind, self.sync_reason = kind, why
-            self.gate.serve_reads = False  # the peer lacks data until the sync is done
             # a bitmap resync's total is what its job reports (the tracked bytes), once it runs
             self.sync_done, self.sync_total = 0, self.cfg.size if kind == rs.FULL else 0
             self.sync_started = time.monotonic()
@@ -223,7 +229,7 @@ class PeerLink:
         crashpoints.hit(LINK_FAILED)
         # R1: the dirty bitmap exists before the first write can finish without the peer
         # (never raises; a bitmap that cannot be started is recorded as "resync in full")
-        await self._track(reason)
+        await self._track(reason, self.gate.flush_failed)
         crashpoints.hit(LINK_TRACKED)
         marked = asyncio.create_task(self._mark(reason), name="link-mark")
         fenced = asyncio.create_task(self._fenced.wait(), name="link-fenced")

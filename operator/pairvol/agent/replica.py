@@ -255,7 +255,7 @@ class Replica:
                 changes.update(peer_disk=None, tracking=False, full_reason=why)
         if not self._bitmap_to_load:
             await asyncio.to_thread(lambda: saved.unlink(missing_ok=True))
-        if st.disk_id is not None and not was_clean and st.boot_id != boot:
+        if st.disk_id is not None and not was_clean and (boot is None or st.boot_id != boot):
             # acknowledged writes may have been in the page cache of the previous boot
             changes["disk_id"] = new_disk_id() if st.role is Role.SECONDARY else None
         self.state = st.evolve(**changes)
@@ -984,13 +984,23 @@ class Replica:
                 return
         self._bitmap_present = False
 
-    async def _track_divergence(self, reason: str) -> None:
+    async def _track_divergence(self, reason: str, flush_failed: bool = False) -> None:
         """R1: start the dirty bitmap of everything the peer may lack. Called before the
         first write can finish without the peer: by the link before it releases a failed
         gate, and by a planned detach before the peer leaves the quorum. Never raises: a
-        bitmap that cannot be started is recorded as "the next resync copies everything"."""
+        bitmap that cannot be started is recorded as "the next resync copies everything".
+
+        ``flush_failed``: the peer answered a FLUSH with an error. A storage error on the
+        secondary is reported at the flush (a failed writeback), and writes it had
+        acknowledged before may then not be on its disk, before any bitmap: R3 no longer
+        holds for that disk, so its next resync is full."""
         async with self._oos_lock:
             st = self.state
+            if st.peer_disk is not None and flush_failed:
+                why = "the secondary failed a flush: writes it had acknowledged may not be on its disk"
+                log.warning("%s; its next resync copies the whole volume", why)
+                await self._save(peer_disk=None, tracking=False, full_reason=why)
+                return
             if st.peer_disk is None or st.tracking:
                 return  # nothing known about the peer, or already tracking (a resync was running)
             try:
