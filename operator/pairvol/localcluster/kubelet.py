@@ -13,6 +13,10 @@ How a container runs (all real, nothing simulated inside the process):
   including ones that started their own session; fallback: the process group plus a
   walk of ``/proc`` for descendants;
 * its own UTS namespace with the pod name as host name;
+* PersistentVolumeClaims staged and published by the claim's CSI node plugin through its
+  gRPC socket before the containers start (:mod:`pairvol.localcluster.kubelet_csi`), the
+  published directory bound like a hostPath; unpublished and unstaged after the pod's
+  containers are gone, before the pod is finalized;
 * a private mount namespace (``unshare --mount``) in which Secret/ConfigMap/emptyDir
   volumes (files under ``<root>/<node>/pods/<uid>/volumes/<name>/``) and hostPath volumes
   (``<root>/<node>/hostpath/<path>``) are bind-mounted at the container's ``mountPath``.
@@ -60,8 +64,8 @@ container's process group, wait ``deletionGracePeriodSeconds`` (else
 gracePeriodSeconds=0`` when the API server only marked the pod (``deletionTimestamp``);
 a pod that simply vanished from the API is terminated the same way. Not supported (a
 clear ``CreateContainerConfigError``, or ignored where harmless): image pulls,
-resources/limits, seccomp profiles, ephemeral containers, downwardAPI/projected/PVC
-volumes, startup probes, ``kubectl logs/exec`` through the API server (logs are files;
+resources/limits, seccomp profiles, ephemeral containers, downwardAPI/projected
+volumes, Block-mode claims, startup probes, ``kubectl logs/exec`` through the API server (logs are files;
 :meth:`NodeSimulator.exec_in_pod` is local).
 
 Node lifecycle: each node's kubelet registers its Node, posts Ready with a heartbeat
@@ -97,6 +101,7 @@ from urllib.parse import urlsplit
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.images import ImagePullError, container_command, find_image
 from pairvol.localcluster.kubelet_api import ApiError, EventRecorder, KubeApi
+from pairvol.localcluster.kubelet_csi import NodeVolumes, VolumeNotReady
 from pairvol.localcluster.kubelet_pods import (
     DEFAULT_TERMINATION_MESSAGE_PATH,
     MAX_FALLBACK_LOG_BYTES,
@@ -110,6 +115,7 @@ from pairvol.localcluster.kubelet_pods import (
     ProbeSpec,
     ProbeTracker,
     SecurityPlan,
+    VolumeClaim,
     VolumeDir,
     VolumeFiles,
     backoff_delay,
@@ -743,6 +749,16 @@ class PodWorker:
                 await self._image_pull_failed(exc, pull_failures)
                 if self.deleting:
                     return
+            except VolumeNotReady as exc:
+                # as a kubelet: the pod stays ContainerCreating, FailedMount says why
+                logger.info("pod %s/%s: volumes not ready: %s", *self.key, exc)
+                self.event("Warning", "FailedMount", str(exc))
+                for runner in self.all_runners:
+                    runner.state.state = {"waiting": {"reason": "ContainerCreating"}}
+                self.changed()
+                await self._wait_for_stop(self.kubelet.sim.config_retry)
+                if self.deleting:
+                    return
             except (PodConfigError, ApiError) as exc:
                 reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else ("ContainerCreating")
                 logger.warning("pod %s/%s cannot start yet: %s", *self.key, exc)
@@ -809,7 +825,12 @@ class PodWorker:
             )
             for name, vol in volumes.items()
         }
-        await asyncio.to_thread(_materialize, volumes)
+        claims = {name: vol for name, vol in volumes.items() if isinstance(vol, VolumeClaim)}
+        # staged and published through their CSI driver before any container starts
+        published = await kubelet.volumes.mount_claims(self.pod, self.uid, claims) if claims else {}
+        local = {name: vol for name, vol in volumes.items() if not isinstance(vol, VolumeClaim)}
+        await asyncio.to_thread(_materialize, local)
+        volumes = {**local, **published}
         info = self.runtime_info()
         base = sim.base_env(kubelet, self.pod)
         security = {
@@ -968,12 +989,32 @@ class PodWorker:
                     await self._task
         await self._stop_publisher()
         await self.release_network()
+        await self._release_volumes()  # the containers are gone: their volumes may go
         if finalize:
             await self.flush_status()
             await self.kubelet.finalize_deletion(self.key, meta(self.pod).get("uid"))
         await asyncio.to_thread(shutil.rmtree, self.pod_dir, True)
         self.finished.set()
         self.kubelet.forget(self)
+
+    async def _release_volumes(self, within: float = 60.0) -> None:
+        """Unpublish (and unstage) the pod's CSI volumes, retried: a pod is finalized only
+        after its volumes are unmounted, as a kubelet does, or after ``within`` seconds
+        (then the volume stays published and the plugin's state says so)."""
+        deadline = time.monotonic() + within
+        delay = 0.2
+        while True:
+            try:
+                await self.kubelet.volumes.release_pod(self.uid)
+                return
+            except KubeletError as exc:
+                self.event("Warning", "FailedUnmount", str(exc))
+                if time.monotonic() > deadline or not self.kubelet.alive:
+                    logger.warning("pod %s/%s: volumes not released: %s", *self.key, exc)
+                    return
+                logger.info("pod %s/%s: %s; retrying", *self.key, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _stop_publisher(self) -> None:
         if self._publisher is not None:
@@ -1107,6 +1148,9 @@ class NodeKubelet:
         self.name = name
         self.ip = sim.net.node_ip(name)
         self.root = sim.root / name
+        # the node's kubelet directory (/var/lib/kubelet): CSI global mounts, pods' volumes
+        self.kubelet_dir = self.root / "kubelet"
+        self.volumes = NodeVolumes(sim.api, name, self.kubelet_dir)
         self.cgroup_root = sim.cgroup_root / _safe_name(name) if sim.cgroup_root else None
         self.workers: dict[str, PodWorker] = {}
         self.alive = False
@@ -1129,7 +1173,7 @@ class NodeKubelet:
         self._watch_task = asyncio.create_task(self._watch_loop(), name=f"watch-{self.name}")
 
     def _make_dirs(self) -> None:
-        for sub in ("pods", "logs", "hostpath"):
+        for sub in ("pods", "logs", "hostpath", "kubelet"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if self.cgroup_root is not None:
             self.cgroup_root.mkdir(parents=True, exist_ok=True)

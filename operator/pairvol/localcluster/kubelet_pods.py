@@ -268,7 +268,16 @@ class VolumeDir:
     mode: int | None = None  # set on creation: an emptyDir is writable by every user (0777)
 
 
-Volume = VolumeFiles | VolumeDir
+@dataclass(frozen=True)
+class VolumeClaim:
+    """A persistentVolumeClaim volume: mounted through its CSI driver before the pod starts
+    (:mod:`pairvol.localcluster.kubelet_csi`), then bound into containers as a directory."""
+
+    claim_name: str
+    read_only: bool = False
+
+
+Volume = VolumeFiles | VolumeDir | VolumeClaim
 
 
 def _safe_relative(path: str, what: str) -> PurePosixPath:
@@ -300,6 +309,12 @@ def plan_volumes(pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects
             )
         elif "emptyDir" in volume:
             result[name] = VolumeDir(directory, mode=0o777)
+        elif "persistentVolumeClaim" in volume:
+            source = volume["persistentVolumeClaim"] or {}
+            claim = str(source.get("claimName") or "")
+            if not claim:
+                raise PodConfigError(f"volume {name!r}: persistentVolumeClaim.claimName is required")
+            result[name] = VolumeClaim(claim, bool(source.get("readOnly", False)))
         elif "secret" in volume or "configMap" in volume:
             kind = "secrets" if "secret" in volume else "configmaps"
             source = volume["secret" if kind == "secrets" else "configMap"]
@@ -338,7 +353,7 @@ def plan_volumes(pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects
             kinds = sorted(k for k in volume if k != "name")
             raise PodConfigError(
                 f"volume {name!r}: type {kinds} is not supported by the local cluster "
-                "(supported: hostPath, emptyDir, secret, configMap)"
+                "(supported: hostPath, emptyDir, secret, configMap, persistentVolumeClaim)"
             )
     return result
 
@@ -375,6 +390,8 @@ def plan_mounts(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> 
         if name not in volumes:
             raise PodConfigError(f"volumeMount {name!r}: no volume with that name in the pod")
         volume = volumes[name]
+        if isinstance(volume, VolumeClaim):
+            raise PodConfigError(f"volumeMount {name!r}: claim {volume.claim_name!r} is not mounted on the node yet")
         source = volume.directory if isinstance(volume, VolumeFiles) else volume.path
         sub_path = vm.get("subPath")
         if sub_path:
