@@ -34,6 +34,7 @@ from pairvol.localcluster.demo import Stack
 pytestmark = pytest.mark.timeout(150)
 
 RECORDS = 200
+PODS = "/api/v1/namespaces/default/pods"
 
 WRITER = textwrap.dedent(
     """
@@ -68,7 +69,78 @@ VERIFIER = textwrap.dedent(
 )
 
 
-def pod(name: str, node: str, claim: str, script: str) -> dict[str, Any]:
+BLOCK_WRITER = textwrap.dedent(
+    """
+    import hashlib, os, sys, time
+    fd = os.open("/var/run/pairvol-disk", os.O_RDWR)
+    for seq in range(int(sys.argv[1])):
+        body = f"block {seq}".encode()
+        record = (hashlib.sha256(body).hexdigest().encode() + b" " + body).ljust(4096, b"\\0")
+        os.pwrite(fd, record, seq * 4096)
+    os.fsync(fd)
+    os.close(fd)
+    print("written", sys.argv[1], flush=True)
+    while True:
+        time.sleep(1)
+    """
+)
+
+BLOCK_VERIFIER = textwrap.dedent(
+    """
+    import hashlib, os, sys
+    fd = os.open("/var/run/pairvol-disk", os.O_RDONLY)
+    for seq in range(int(sys.argv[1])):
+        digest, body = os.pread(fd, 4096, seq * 4096).rstrip(b"\\0").split(b" ", 1)
+        assert hashlib.sha256(body).hexdigest().encode() == digest and body == f"block {seq}".encode(), seq
+    print("verified", sys.argv[1], flush=True)
+    """
+)
+
+# Writes records until stopped, each fsynced before it is reported ("acked N"): what was
+# acked must survive anything the volume goes through.
+STREAM_WRITER = textwrap.dedent(
+    """
+    import hashlib, os, signal, sys, time
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with open("/data/log", "ab") as f:
+        seq = 0
+        while True:
+            body = f"record {seq} from {os.uname().nodename}".encode()
+            f.write(hashlib.sha256(body).hexdigest().encode() + b" " + body + b"\\n")
+            f.flush()
+            os.fsync(f.fileno())
+            print("acked", seq, flush=True)
+            seq += 1
+            time.sleep(0.02)
+    """
+)
+
+# Every complete record intact and in order, and at least the acknowledged ones there.
+PREFIX_VERIFIER = textwrap.dedent(
+    """
+    import hashlib, sys
+    data = open("/data/log", "rb").read()
+    lines = data.split(b"\\n")[:-1]  # a record is complete with its newline
+    for seq, line in enumerate(lines):
+        digest, body = line.split(b" ", 1)
+        assert hashlib.sha256(body).hexdigest().encode() == digest, f"record {seq} corrupt: {line!r}"
+        assert body.startswith(f"record {seq} ".encode()), f"record {seq} out of order: {line!r}"
+    assert len(lines) >= int(sys.argv[1]), f"{len(lines)} records, {sys.argv[1]} were acknowledged"
+    print("verified", len(lines), flush=True)
+    """
+)
+
+
+def pod(name: str, node: str, claim: str, script: str, *args: str, block: bool = False) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "app",
+        "image": "python:3.12-slim",
+        "command": ["python3", "-c", script, *(args or (str(RECORDS),))],
+    }
+    if block:
+        container["volumeDevices"] = [{"name": "data", "devicePath": "/var/run/pairvol-disk"}]
+    else:
+        container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -77,14 +149,7 @@ def pod(name: str, node: str, claim: str, script: str) -> dict[str, Any]:
             "nodeName": node,
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "app",
-                    "image": "python:3.12-slim",
-                    "command": ["python3", "-c", script, str(RECORDS)],
-                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                }
-            ],
+            "containers": [container],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
         },
     }
@@ -94,11 +159,12 @@ CLAIM = """\
 apiVersion: v1
 kind: PersistentVolumeClaim
 metadata:
-  name: data
+  name: {name}
   namespace: default
 spec:
   storageClassName: pairvol
   accessModes: [ReadWriteOnce]
+  volumeMode: {mode}
   resources:
     requests:
       storage: 64Mi
@@ -186,7 +252,7 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
 
     assert (await stack.wait_for("FailedMount of the orphan pod", failed_mount, 20))[0].startswith("FailedMount")
 
-    code, out, err = await kubectl(stack, "apply", "-f", "-", stdin=CLAIM)
+    code, out, err = await kubectl(stack, "apply", "-f", "-", stdin=CLAIM.format(name="data", mode="Filesystem"))
     assert (code, out.strip()) == (0, "persistentvolumeclaim/data created"), err
     # the pod may come before the claim is bound: its kubelet waits for the binding
     await stack.kube.create("/api/v1/namespaces/default/pods", pod("writer", "node-1", "data", WRITER))
@@ -254,3 +320,107 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
 
     await stack.wait_for("PV and ReplicatedVolume deleted (reclaimPolicy Delete)", reclaimed, 60)
     await delete_pod(stack, "orphan")
+
+
+async def claimed(stack: Stack, name: str, mode: str) -> str:
+    """Apply a claim, wait until it is Bound; its PV's (= ReplicatedVolume's) name."""
+    code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=CLAIM.format(name=name, mode=mode))
+    assert code == 0, err
+
+    async def bound() -> str | None:
+        claim = await stack.kube.get(f"/api/v1/namespaces/default/persistentvolumeclaims/{name}")
+        return claim["spec"].get("volumeName") if (claim.get("status") or {}).get("phase") == "Bound" else None
+
+    pv_name: str = await stack.wait_for(f"claim {name} Bound", bound, 60)
+    return pv_name
+
+
+async def finished(stack: Stack, node: str, name: str) -> str:
+    """Until the pod ended; its log (asserting it succeeded)."""
+
+    async def phase() -> str | None:
+        got = await stack.kube.get(f"/api/v1/namespaces/default/pods/{name}")
+        value = (got.get("status") or {}).get("phase")
+        return value if value in ("Succeeded", "Failed") else None
+
+    result = await stack.wait_for(f"pod {name} to finish", phase, 60)
+    log = await pod_log(stack, node, name)
+    assert result == "Succeeded", log
+    return log
+
+
+async def reclaimed(stack: Stack, claim: str, pv_name: str) -> None:
+    await stack.kube.delete(f"/api/v1/namespaces/default/persistentvolumeclaims/{claim}")
+
+    async def gone() -> bool:
+        pv = await get_or_none(stack, f"/api/v1/persistentvolumes/{pv_name}")
+        rv = await get_or_none(stack, f"/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes/{pv_name}")
+        return pv is None and rv is None
+
+    await stack.wait_for(f"{pv_name} and its ReplicatedVolume deleted", gone, 60)
+
+
+async def test_a_block_claim_is_a_raw_device_that_moves_between_nodes(stack: Stack, csi: LocalCsi) -> None:
+    pv_name = await claimed(stack, "disk", "Block")
+    pv = await stack.kube.get(f"/api/v1/persistentvolumes/{pv_name}")
+    assert pv["spec"]["volumeMode"] == "Block" and "fsType" not in pv["spec"]["csi"]
+
+    await stack.kube.create(PODS, pod("writer", "node-1", "disk", BLOCK_WRITER, block=True))
+
+    async def written() -> bool:
+        return f"written {RECORDS}" in await pod_log(stack, "node-1", "writer")
+
+    await stack.wait_for("the writer's blocks fsynced", written, 60)
+    await delete_pod(stack, "writer")
+    assert await node_mounts(csi, "node-1") == []
+
+    await stack.kube.create(PODS, pod("reader", "node-2", "disk", BLOCK_VERIFIER, block=True))
+    assert f"verified {RECORDS}" in await finished(stack, "node-2", "reader")
+    await delete_pod(stack, "reader")
+    await reclaimed(stack, "disk", pv_name)
+
+
+async def test_a_pod_keeps_writing_through_a_latest_mode_failover_without_a_restart(
+    stack: Stack, csi: LocalCsi
+) -> None:
+    pv_name = await claimed(stack, "data", "Filesystem")
+    st = await stack.status(pv_name)
+    replicas = {st["primary"]["node"], st["secondary"]["node"]}
+    (node,) = sorted(set(stack.sim.node_names) - replicas)  # the pod runs on neither replica's node
+    await stack.kube.create("/api/v1/namespaces/default/pods", pod("writer", node, "data", STREAM_WRITER, "0"))
+
+    async def acked() -> int:
+        lines = [ln for ln in (await pod_log(stack, node, "writer")).splitlines() if ln.startswith("acked ")]
+        return int(lines[-1].split()[1]) + 1 if lines else 0
+
+    async def at_least(n: int) -> int | None:
+        count = await acked()
+        return count if count >= n else None
+
+    await stack.wait_for("the writer's first records", lambda: at_least(20), 60)
+    old = st["primary"]["node"]
+    await stack.sim.kill_node(old)
+    before = await acked()
+
+    async def failed_over() -> dict[str, Any] | None:
+        now = await stack.status(pv_name)
+        return now if (now.get("lastFailover") or {}).get("durationMs") is not None and (
+            now["primary"]["node"] != old
+        ) else None
+
+    await stack.wait_for("the failover", failed_over, 60)
+    after = await stack.wait_for("records acknowledged on the new primary", lambda: at_least(before + 20), 60)
+
+    writer = await stack.kube.get("/api/v1/namespaces/default/pods/writer")
+    (status,) = writer["status"]["containerStatuses"]
+    assert writer["status"]["phase"] == "Running" and status["restartCount"] == 0, writer["status"]
+    assert "Error" not in await pod_log(stack, node, "writer")  # no I/O error reached the pod
+
+    await delete_pod(stack, "writer")  # SIGTERM: it stops; its node unmounts (flush) and unstages
+    survivor = sorted(replicas - {old})[0]
+    await stack.kube.create(
+        "/api/v1/namespaces/default/pods", pod("reader", survivor, "data", PREFIX_VERIFIER, str(after))
+    )
+    log = await finished(stack, survivor, "reader")
+    assert "verified" in log and int(log.split()[-1]) >= after
+    await delete_pod(stack, "reader")

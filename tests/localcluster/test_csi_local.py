@@ -5,7 +5,8 @@ tests/e2e/test_e2e_csi.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -19,8 +20,17 @@ from pairvol.localcluster.csi_provisioner import (
     pv_object,
     resolve_template,
 )
-from pairvol.localcluster.kubelet_csi import VolumeNotReady, csi_volume, publish_path, staging_path
-from pairvol.localcluster.kubelet_pods import PodConfigError, VolumeClaim, plan_mounts, plan_volumes
+from pairvol.localcluster.kubelet_csi import CsiVolume, VolumeNotReady, csi_volume, publish_path, staging_path
+from pairvol.localcluster.kubelet_pods import (
+    Mount,
+    PodConfigError,
+    VolumeClaim,
+    VolumeDevice,
+    VolumeDir,
+    plan_devices,
+    plan_mounts,
+    plan_volumes,
+)
 
 CLAIM: dict[str, Any] = {
     "metadata": {"name": "data", "namespace": "apps", "uid": "1234"},
@@ -132,7 +142,8 @@ def test_the_pv_is_pre_bound_to_its_claim_with_everything_the_node_needs() -> No
     }
     # and what the kubelet reads back from it
     volume_seen = csi_volume(CLAIM, pv, read_only=False)
-    assert (volume_seen.driver, volume_seen.volume_handle, volume_seen.fs_type) == ("pairvol.io", "apps/pvc-1234", "xfs")
+    assert (volume_seen.driver, volume_seen.volume_handle) == ("pairvol.io", "apps/pvc-1234")
+    assert volume_seen.fs_type == "xfs"
     assert volume_seen.secret_ref == ("apps", "pairvol-pvc-1234")
     assert volume_seen.access_mode == "SINGLE_NODE_WRITER"
     with pytest.raises(VolumeNotReady, match="not a CSI volume"):
@@ -141,10 +152,31 @@ def test_the_pv_is_pre_bound_to_its_claim_with_everything_the_node_needs() -> No
 
 def test_kubelet_paths_are_the_kubelets() -> None:
     root = Path("/var/lib/kubelet")
-    staging = staging_path(root, "pairvol.io", "apps/pvc-1")
+    fs = CsiVolume("pvc-1", "pairvol.io", "apps/pvc-1", "ext4", "SINGLE_NODE_WRITER", {}, None, False)
+    staging = staging_path(root, fs)
     assert staging.parent.parent == root / "plugins/kubernetes.io/csi/pairvol.io" and staging.name == "globalmount"
     assert len(staging.parent.name) == 64  # sha256 of the volume handle
-    assert publish_path(root, "uid", "pvc-1") == root / "pods/uid/volumes/kubernetes.io~csi/pvc-1/mount"
+    assert publish_path(root, "uid", fs) == root / "pods/uid/volumes/kubernetes.io~csi/pvc-1/mount"
+    block = dataclasses.replace(fs, block=True, fs_type="")
+    devices = root / "plugins/kubernetes.io/csi/volumeDevices"
+    assert staging_path(root, block) == devices / "staging/pvc-1"
+    assert publish_path(root, "uid", block) == devices / "publish/pvc-1/uid"
+
+
+def test_a_block_claim_is_a_device_of_the_container_outside_dev() -> None:
+    volumes: dict[str, Any] = {"disk": VolumeDevice(Path("/k/publish/pvc-1/uid")), "d": VolumeDir(Path("/n"))}
+    container = {"name": "c", "volumeDevices": [{"name": "disk", "devicePath": "/var/run/disk"}]}
+    device = Mount(Path("/k/publish/pvc-1/uid"), PurePosixPath("/var/run/disk"), False)
+    assert plan_devices(container, volumes) == [device]
+    for devices, message in [
+        ([{"name": "disk", "devicePath": "/dev/xvda"}], "outside /dev"),
+        ([{"name": "d", "devicePath": "/var/run/disk"}], "volumeMode Block"),
+        ([{"name": "nope", "devicePath": "/var/run/disk"}], "no volume"),
+    ]:
+        with pytest.raises(PodConfigError, match=message):
+            plan_devices({"name": "c", "volumeDevices": devices}, volumes)
+    with pytest.raises(PodConfigError, match="volumeDevices"):
+        plan_mounts({"name": "c", "volumeMounts": [{"name": "disk", "mountPath": "/data"}]}, volumes)
 
 
 def test_a_pod_names_a_claim_and_the_kubelet_mounts_it_before_binding() -> None:
@@ -163,8 +195,9 @@ def test_a_pod_names_a_claim_and_the_kubelet_mounts_it_before_binding() -> None:
 
 
 def test_pvc_protection_counts_every_pod_that_names_the_claim() -> None:
+    uses = {"name": "v", "persistentVolumeClaim": {"claimName": "data"}}
     pods = [
-        {"metadata": {"name": "a"}, "spec": {"volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]}},
+        {"metadata": {"name": "a"}, "spec": {"volumes": [uses]}},
         {"metadata": {"name": "b"}, "spec": {"volumes": [{"name": "v", "emptyDir": {}}]}},
     ]
     assert claim_in_use(CLAIM, pods) == ["a"]

@@ -15,7 +15,8 @@ How a container runs (all real, nothing simulated inside the process):
 * its own UTS namespace with the pod name as host name;
 * PersistentVolumeClaims staged and published by the claim's CSI node plugin through its
   gRPC socket before the containers start (:mod:`pairvol.localcluster.kubelet_csi`), the
-  published directory bound like a hostPath; unpublished and unstaged after the pod's
+  published directory bound like a hostPath (a Block-mode claim's device at its
+  ``volumeDevices`` ``devicePath``, outside ``/dev``); unpublished and unstaged after the pod's
   containers are gone, before the pod is finalized;
 * a private mount namespace (``unshare --mount``) in which Secret/ConfigMap/emptyDir
   volumes (files under ``<root>/<node>/pods/<uid>/volumes/<name>/``) and hostPath volumes
@@ -65,7 +66,7 @@ gracePeriodSeconds=0`` when the API server only marked the pod (``deletionTimest
 a pod that simply vanished from the API is terminated the same way. Not supported (a
 clear ``CreateContainerConfigError``, or ignored where harmless): image pulls,
 resources/limits, seccomp profiles, ephemeral containers, downwardAPI/projected
-volumes, Block-mode claims, startup probes, ``kubectl logs/exec`` through the API server (logs are files;
+volumes, startup probes, ``kubectl logs/exec`` through the API server (logs are files;
 :meth:`NodeSimulator.exec_in_pod` is local).
 
 Node lifecycle: each node's kubelet registers its Node, posts Ready with a heartbeat
@@ -126,6 +127,7 @@ from pairvol.localcluster.kubelet_pods import (
     meta,
     node_conditions,
     parse_probe,
+    plan_devices,
     plan_mounts,
     plan_volumes,
     pod_key,
@@ -828,7 +830,7 @@ class PodWorker:
         claims = {name: vol for name, vol in volumes.items() if isinstance(vol, VolumeClaim)}
         # staged and published through their CSI driver before any container starts
         published = await kubelet.volumes.mount_claims(self.pod, self.uid, claims) if claims else {}
-        local = {name: vol for name, vol in volumes.items() if not isinstance(vol, VolumeClaim)}
+        local = {name: vol for name, vol in volumes.items() if isinstance(vol, VolumeFiles | VolumeDir)}
         await asyncio.to_thread(_materialize, local)
         volumes = {**local, **published}
         info = self.runtime_info()
@@ -852,7 +854,8 @@ class PodWorker:
             # a user the image has no passwd entry for gets HOME=/ from the runtime
             home = {"HOME": "/root" if security[runner.name].uid == 0 else "/"}
             env = resolve_env(runner.container, self.pod, info, objects, {**base, **home})
-            mounts = keep_code_visible([*credentials, *plan_mounts(runner.container, volumes)], code)
+            own = [*plan_mounts(runner.container, volumes), *plan_devices(runner.container, volumes)]
+            mounts = keep_code_visible([*credentials, *own], code)
             termination_file = await asyncio.to_thread(self._termination_file, runner)
             if termination_file is not None:
                 target = PurePosixPath(
@@ -1087,7 +1090,8 @@ def _fresh_file(path: Path) -> None:
 
 
 def _file_targets(mounts: Sequence[Mount]) -> list[PurePosixPath]:
-    return [m.target for m in mounts if m.source.is_file()]
+    """Targets bound from a file (a regular file, or a device bound on one): not directories."""
+    return [m.target for m in mounts if m.source.exists() and not m.source.is_dir()]
 
 
 def _safe_name(text: str) -> str:

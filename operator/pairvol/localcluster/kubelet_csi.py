@@ -18,8 +18,9 @@ is called by the pod's deletion after its runners stopped), and unstage only aft
 last pod of the node using the volume was unpublished, under the volume's lock, so a pod
 starting at the same time waits and stages again.
 
-Only Filesystem volumes are handled: a claim with ``volumeMode: Block`` is refused with a
-message saying so (FailedMount).
+A Block-mode claim is staged at ``<kubelet-dir>/plugins/kubernetes.io/csi/volumeDevices/
+staging/<pv>`` and published to a file ``…/volumeDevices/publish/<pv>/<pod uid>`` (the
+device bound on it), which the container gets at its ``volumeDevices`` ``devicePath``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from pairvol.localcluster.csi_client import CsiCallError, CsiClient
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
-from pairvol.localcluster.kubelet_pods import JsonDict, KubeletError, VolumeClaim, VolumeDir
+from pairvol.localcluster.kubelet_pods import JsonDict, KubeletError, VolumeClaim, VolumeDevice, VolumeDir
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class CsiVolume:
     attributes: Mapping[str, str]
     secret_ref: tuple[str, str] | None  # nodeStageSecretRef (namespace, name)
     read_only: bool
+    block: bool = False
 
 
 def csi_volume(claim: JsonDict, pv: JsonDict, read_only: bool) -> CsiVolume:
@@ -75,8 +77,11 @@ def csi_volume(claim: JsonDict, pv: JsonDict, read_only: bool) -> CsiVolume:
     csi = spec.get("csi")
     if not isinstance(csi, dict) or not csi.get("driver") or not csi.get("volumeHandle"):
         raise VolumeNotReady(f"{where}: PersistentVolume {pv['metadata']['name']} is not a CSI volume")
-    if (spec.get("volumeMode") or "Filesystem") != "Filesystem":
-        raise VolumeNotReady(f"{where}: volumeMode {spec.get('volumeMode')} is not supported by the local cluster yet")
+    mode = spec.get("volumeMode") or "Filesystem"
+    if mode not in ("Filesystem", "Block"):
+        raise VolumeNotReady(f"{where}: PersistentVolume {pv['metadata']['name']} has volumeMode {mode!r}")
+    if mode != ((claim.get("spec") or {}).get("volumeMode") or "Filesystem"):
+        raise VolumeNotReady(f"{where}: its volumeMode differs from its PersistentVolume's ({mode})")
     modes = [m for m in spec.get("accessModes") or [] if m in ACCESS_MODES]
     if not modes:
         raise VolumeNotReady(f"{where}: PersistentVolume {pv['metadata']['name']} has no access mode")
@@ -90,17 +95,24 @@ def csi_volume(claim: JsonDict, pv: JsonDict, read_only: bool) -> CsiVolume:
         attributes={str(k): str(v) for k, v in (csi.get("volumeAttributes") or {}).items()},
         secret_ref=(str(ref.get("namespace")), str(ref.get("name"))) if ref else None,
         read_only=read_only or bool(csi.get("readOnly", False)),
+        block=mode == "Block",
     )
 
 
-def staging_path(kubelet_dir: Path, driver: str, volume_handle: str) -> Path:
+def staging_path(kubelet_dir: Path, volume: CsiVolume) -> Path:
     """The volume's global mount on the node (the kubelet's layout since Kubernetes 1.24)."""
-    digest = hashlib.sha256(volume_handle.encode()).hexdigest()
-    return kubelet_dir / "plugins" / "kubernetes.io" / "csi" / driver / digest / "globalmount"
+    csi = kubelet_dir / "plugins" / "kubernetes.io" / "csi"
+    if volume.block:
+        return csi / "volumeDevices" / "staging" / volume.pv_name
+    digest = hashlib.sha256(volume.volume_handle.encode()).hexdigest()
+    return csi / volume.driver / digest / "globalmount"
 
 
-def publish_path(kubelet_dir: Path, pod_uid: str, pv_name: str) -> Path:
-    return kubelet_dir / "pods" / pod_uid / "volumes" / "kubernetes.io~csi" / pv_name / "mount"
+def publish_path(kubelet_dir: Path, pod_uid: str, volume: CsiVolume) -> Path:
+    if volume.block:
+        devices = kubelet_dir / "plugins" / "kubernetes.io" / "csi" / "volumeDevices"
+        return devices / "publish" / volume.pv_name / pod_uid
+    return kubelet_dir / "pods" / pod_uid / "volumes" / "kubernetes.io~csi" / volume.pv_name / "mount"
 
 
 def _decoded(secret: JsonDict) -> dict[str, str]:
@@ -132,13 +144,14 @@ class NodeVolumes:
 
     async def mount_claims(
         self, pod: JsonDict, pod_uid: str, claims: Mapping[str, VolumeClaim]
-    ) -> dict[str, VolumeDir]:
-        """Stage and publish every claim of the pod; the directories to bind, by volume name."""
+    ) -> dict[str, VolumeDir | VolumeDevice]:
+        """Stage and publish every claim of the pod; what to bind, by volume name."""
         namespace = str((pod.get("metadata") or {}).get("namespace") or "default")
-        mounted: dict[str, VolumeDir] = {}
+        mounted: dict[str, VolumeDir | VolumeDevice] = {}
         for name, claim in sorted(claims.items()):
             volume = await self._resolve(namespace, name, claim)
-            mounted[name] = VolumeDir(await self._mount(volume, pod_uid))
+            path = await self._mount(volume, pod_uid)
+            mounted[name] = VolumeDevice(path) if volume.block else VolumeDir(path)
         return mounted
 
     async def _resolve(self, namespace: str, name: str, claim: VolumeClaim) -> CsiVolume:
@@ -169,7 +182,10 @@ class NodeVolumes:
         return socket
 
     def _capability(self, volume: CsiVolume) -> JsonDict:
-        return {"mount": {"fsType": volume.fs_type}, "accessMode": {"mode": volume.access_mode}}
+        access = {"mode": volume.access_mode}
+        if volume.block:
+            return {"block": {}, "accessMode": access}
+        return {"mount": {"fsType": volume.fs_type}, "accessMode": access}
 
     async def _secrets(self, volume: CsiVolume) -> dict[str, str]:
         if volume.secret_ref is None:
@@ -185,8 +201,8 @@ class NodeVolumes:
 
     async def _mount(self, volume: CsiVolume, pod_uid: str) -> Path:
         socket = self._socket(volume)
-        staging = staging_path(self.kubelet_dir, volume.driver, volume.volume_handle)
-        target = publish_path(self.kubelet_dir, pod_uid, volume.pv_name)
+        staging = staging_path(self.kubelet_dir, volume)
+        target = publish_path(self.kubelet_dir, pod_uid, volume)
         secrets = await self._secrets(volume)
         async with self._locks[volume.pv_name]:
             # the CO creates the staging directory and the target's parent (CSI spec)
@@ -257,7 +273,7 @@ class NodeVolumes:
 
     async def _unstage(self, volume: CsiVolume) -> None:
         """Unstage a volume published to no pod (the caller holds its lock)."""
-        staging = staging_path(self.kubelet_dir, volume.driver, volume.volume_handle)
+        staging = staging_path(self.kubelet_dir, volume)
         async with CsiClient(self._socket(volume)) as client:
             try:
                 await client.call(

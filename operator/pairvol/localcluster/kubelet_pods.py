@@ -277,7 +277,15 @@ class VolumeClaim:
     read_only: bool = False
 
 
-Volume = VolumeFiles | VolumeDir | VolumeClaim
+@dataclass(frozen=True)
+class VolumeDevice:
+    """A Block-mode claim published on the node: the file its device is bound on, bound in
+    turn at the container's ``devicePath`` (``volumeDevices``)."""
+
+    path: Path
+
+
+Volume = VolumeFiles | VolumeDir | VolumeClaim | VolumeDevice
 
 
 def _safe_relative(path: str, what: str) -> PurePosixPath:
@@ -392,6 +400,10 @@ def plan_mounts(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> 
         volume = volumes[name]
         if isinstance(volume, VolumeClaim):
             raise PodConfigError(f"volumeMount {name!r}: claim {volume.claim_name!r} is not mounted on the node yet")
+        if isinstance(volume, VolumeDevice):
+            raise PodConfigError(
+                f"volumeMount {name!r}: the claim has volumeMode Block; give it to the container in volumeDevices"
+            )
         source = volume.directory if isinstance(volume, VolumeFiles) else volume.path
         sub_path = vm.get("subPath")
         if sub_path:
@@ -401,6 +413,30 @@ def plan_mounts(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> 
             raise PodConfigError(f"volumeMount {name!r}: mountPath {target} must be absolute")
         read_only = bool(vm.get("readOnly", False)) or isinstance(volume, VolumeFiles)
         mounts.append(Mount(source, target, read_only))
+    return mounts
+
+
+def plan_devices(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> list[Mount]:
+    """The container's ``volumeDevices``: each Block-mode claim's device bound at its
+    ``devicePath``. The machine's ``/dev`` is the pods' ``/dev`` here (a bind target would be
+    created in it), so a devicePath must be outside ``/dev``."""
+    mounts: list[Mount] = []
+    for vd in container.get("volumeDevices") or []:
+        name = str(vd.get("name"))
+        volume = volumes.get(name)
+        if volume is None:
+            raise PodConfigError(f"volumeDevice {name!r}: no volume with that name in the pod")
+        if not isinstance(volume, VolumeDevice):
+            raise PodConfigError(f"volumeDevice {name!r}: only a claim with volumeMode Block can be a device")
+        target = PurePosixPath(str(vd.get("devicePath")))
+        if not target.is_absolute() or ".." in target.parts or len(target.parts) < 2:
+            raise PodConfigError(f"volumeDevice {name!r}: devicePath {target} must be an absolute file path")
+        if target.parts[1] == "dev":
+            raise PodConfigError(
+                f"volumeDevice {name!r}: devicePath {target}: pods of the local cluster share the machine's /dev; "
+                "choose a path outside /dev (e.g. /var/run/disk)"
+            )
+        mounts.append(Mount(volume.path, target, read_only=False))
     return mounts
 
 
