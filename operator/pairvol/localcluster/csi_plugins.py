@@ -442,11 +442,13 @@ class LocalCsi:
         await self.api.close()
 
     async def _sweep(self, root: Path) -> None:
-        """Whatever an interrupted teardown left: mounts, loop devices, attachers."""
-        roots = [*self._shared, root]
+        """Whatever an interrupted teardown left, top down: file systems and publications
+        under the kubelet directories, loop devices over the attachments' exports (found by
+        their backing files while those are still mounted), attachers, then the FUSE
+        exports and the shared mounts."""
+        kubelet_dirs = [p for p in self._shared if not p.is_relative_to(root)]
         mountinfo = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
-        inner = [m for m in mounts_under(mountinfo, roots) if Path(m) not in self._shared]
-        for point in inner:  # pods' publications and global mounts first: the kernel flushes
+        for point in [m for m in mounts_under(mountinfo, kubelet_dirs) if Path(m) not in self._shared]:
             logger.warning("CSI teardown: %s still mounted; unmounting", point)
             result = await run_command(["umount", point], check=False)
             if result.returncode != 0:
@@ -463,6 +465,6 @@ class LocalCsi:
                 logger.warning("CSI teardown: attacher %s left; stopping it", pid)
                 os.kill(pid, signal.SIGTERM)
         mountinfo = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
-        for point in mounts_under(mountinfo, roots):  # the FUSE exports, then the shared binds
+        for point in mounts_under(mountinfo, [*self._shared, root]):  # FUSE exports, shared binds
             await run_command(["umount", "-l", point], check=False)
         self._shared.clear()

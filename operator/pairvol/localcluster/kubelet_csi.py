@@ -129,7 +129,10 @@ class NodeVolumes:
         self.drivers: dict[str, Path] = {}  # registered plugins: driver name -> socket
         # pv name -> the pods (uid) it is published to on this node, and their target paths
         self._published: dict[str, dict[str, tuple[CsiVolume, Path]]] = collections.defaultdict(dict)
-        self._staged: dict[str, CsiVolume] = {}  # pv name -> staged on this node
+        # pv name -> staged on this node, or possibly (a NodeStageVolume that failed may
+        # have built part of the attachment: it is unstaged like a staged one)
+        self._staged: dict[str, CsiVolume] = {}
+        self._tried: dict[str, set[str]] = collections.defaultdict(set)  # pod uid -> pv names
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     def register_driver(self, name: str, socket: Path) -> None:
@@ -205,6 +208,8 @@ class NodeVolumes:
         target = publish_path(self.kubelet_dir, pod_uid, volume)
         secrets = await self._secrets(volume)
         async with self._locks[volume.pv_name]:
+            self._tried[pod_uid].add(volume.pv_name)
+            self._staged[volume.pv_name] = volume  # uncertain until the plugin answers
             # the CO creates the staging directory and the target's parent (CSI spec)
             await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
@@ -222,7 +227,6 @@ class NodeVolumes:
                     raise VolumeNotReady(
                         f"MountVolume.MountDevice failed for volume {volume.pv_name!r} : {exc}"
                     ) from exc
-                self._staged[volume.pv_name] = volume
                 publish = {
                     "volumeId": volume.volume_handle,
                     "stagingTargetPath": str(staging),
@@ -270,6 +274,14 @@ class NodeVolumes:
                 logger.info("node %s: %s unpublished (pod %s)", self.node, pv_name, pod_uid)
                 if not self._published[pv_name]:  # no other pod of this node uses it
                     await self._unstage(volume)
+        # volumes this pod tried to stage but never got published (a failed stage may have
+        # built part of the attachment): unstaged unless another pod here uses them
+        for pv_name in sorted(self._tried.get(pod_uid, set())):
+            async with self._locks[pv_name]:
+                staged = self._staged.get(pv_name)
+                if staged is not None and not self._published.get(pv_name):
+                    await self._unstage(staged)
+        self._tried.pop(pod_uid, None)
 
     async def _unstage(self, volume: CsiVolume) -> None:
         """Unstage a volume published to no pod (the caller holds its lock)."""
