@@ -285,7 +285,8 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
 
     assert (await stack.wait_for("FailedMount of the orphan pod", failed_mount, 20))[0].startswith("FailedMount")
 
-    code, out, err = await kubectl(stack, "apply", "-f", "-", stdin=CLAIM.format(name="data", mode="Filesystem", size=FS_SIZE))
+    claim_yaml = CLAIM.format(name="data", mode="Filesystem", size=FS_SIZE)
+    code, out, err = await kubectl(stack, "apply", "-f", "-", stdin=claim_yaml)
     assert (code, out.strip()) == (0, "persistentvolumeclaim/data created"), err
     # the pod may come before the claim is bound: its kubelet waits for the binding
     await stack.kube.create("/api/v1/namespaces/default/pods", pod("writer", "node-1", "data", WRITER))
