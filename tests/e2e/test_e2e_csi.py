@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,15 +42,19 @@ class KnownBug(AssertionError):
 
 
 #: The ext4 file system NodeStageVolume makes on a new volume of the local cluster is often
-#: corrupt (the journal inode fails its checksum; the primary's image holds the same bytes,
-#: so mkfs's writes were lost on their way to it): mount refuses it and the pod waits with
-#: FailedMount. Not seen with Block volumes, with mkfs run by a pod on a Block volume, or in
-#: tests/integration/test_csi_node.py (agents started without the operator). Cause not found
-#: yet; a run that passes is an XPASS. Only this symptom is expected: any other failure fails.
+#: corrupt (the journal inode fails its checksum; the primary's image holds the same bytes):
+#: mount refuses it and the pod waits with FailedMount. The cause is most likely the
+#: misdirected writes below (docs/csi.md, "Known bug"). A run that passes is an XPASS; only
+#: this symptom is expected: any other failure fails.
 MKFS_BUG = pytest.mark.xfail(
     strict=False, raises=KnownBug, reason="known bug: the first ext4 made on a new volume is corrupt"
 )
 CORRUPT = "probably corrupted filesystem"
+#: The same bug seen on a Block volume: a run of 4 KiB writes lands 512 KiB (128 blocks)
+#: before its offset, on both replicas alike (so before the agents' quorum).
+MISDIRECTED = pytest.mark.xfail(
+    strict=False, raises=KnownBug, reason="known bug: writes through the attachment land 512 KiB too low"
+)
 PODS = "/api/v1/namespaces/default/pods"
 
 WRITER = textwrap.dedent(
@@ -106,8 +111,9 @@ BLOCK_VERIFIER = textwrap.dedent(
     import hashlib, os, sys
     fd = os.open("/var/run/pairvol-disk", os.O_RDONLY)
     for seq in range(int(sys.argv[1])):
-        digest, body = os.pread(fd, 4096, seq * 4096).rstrip(b"\\0").split(b" ", 1)
-        assert hashlib.sha256(body).hexdigest().encode() == digest and body == f"block {seq}".encode(), seq
+        digest, _, body = os.pread(fd, 4096, seq * 4096).rstrip(b"\\0").partition(b" ")
+        if hashlib.sha256(body).hexdigest().encode() != digest or body != f"block {seq}".encode():
+            sys.exit(f"block {seq} holds {body[:40]!r}")
     print("verified", sys.argv[1], flush=True)
     """
 )
@@ -394,6 +400,7 @@ async def reclaimed(stack: Stack, claim: str, pv_name: str) -> None:
     await stack.wait_for(f"{pv_name} and its ReplicatedVolume deleted", gone, 60)
 
 
+@MISDIRECTED
 async def test_a_block_claim_is_a_raw_device_that_moves_between_nodes(stack: Stack, csi: LocalCsi) -> None:
     pv_name = await claimed(stack, "disk", "Block")
     pv = await stack.kube.get(f"/api/v1/persistentvolumes/{pv_name}")
@@ -409,7 +416,14 @@ async def test_a_block_claim_is_a_raw_device_that_moves_between_nodes(stack: Sta
     assert await node_mounts(csi, "node-1") == []
 
     await stack.kube.create(PODS, pod("reader", "node-2", "disk", BLOCK_VERIFIER, block=True))
-    assert f"verified {RECORDS}" in await finished(stack, "node-2", "reader")
+    try:
+        log = await finished(stack, "node-2", "reader")
+    except AssertionError as exc:
+        found = re.search(r"block (\d+) holds b'block (\d+)'", str(exc))
+        if found and int(found.group(2)) - int(found.group(1)) == 128:
+            raise KnownBug(found.group(0)) from None
+        raise
+    assert f"verified {RECORDS}" in log
     await delete_pod(stack, "reader")
     await reclaimed(stack, "disk", pv_name)
 
