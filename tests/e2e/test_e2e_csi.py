@@ -311,7 +311,9 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
     assert pv["spec"]["csi"]["driver"] == "pairvol.io"
     assert pv["spec"]["csi"]["volumeHandle"] == f"default/{pv_name}"
     assert pv["spec"]["csi"]["fsType"] == "ext4"
-    assert pv["spec"]["csi"]["nodeStageSecretRef"] == {"namespace": "default", "name": f"pairvol-{pv_name}"}
+    sc = await stack.kube.get("/apis/storage.k8s.io/v1/storageclasses/pairvol")  # the chart's
+    secret = sc["parameters"]["csi.storage.k8s.io/node-stage-secret-name"].replace("${pv.name}", pv_name)
+    assert pv["spec"]["csi"]["nodeStageSecretRef"] == {"namespace": "default", "name": secret}
     rv = await stack.volume(pv_name)
     assert rv["status"]["phase"] == "Replicating"
     assert rv["spec"]["checkpoint"]["intervalSeconds"] == 2  # from the StorageClass's parameters
