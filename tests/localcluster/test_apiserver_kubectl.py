@@ -270,3 +270,74 @@ async def test_the_examples_apply(kubectl: KubectlRunner) -> None:
     code, out, err = await kubectl("apply", "-f", str(REPO / "examples"))
     assert code == 0, err
     assert "replicatedvolume.pairvol.io/basic created" in out
+
+
+STORAGE = """\
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: fast
+provisioner: pairvol.io
+parameters:
+  csi.storage.k8s.io/fstype: xfs
+---
+apiVersion: storage.k8s.io/v1
+kind: CSIDriver
+metadata:
+  name: pairvol.io
+spec:
+  attachRequired: false
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: data
+spec:
+  storageClassName: fast
+  accessModes: [ReadWriteOnce]
+  resources:
+    requests:
+      storage: 1Gi
+"""
+
+
+async def test_storage_kinds_apply_get_and_their_status(kubectl: KubectlRunner, api_cluster: LocalCluster) -> None:
+    code, out, err = await kubectl("apply", "-f", "-", stdin=STORAGE)
+    assert code == 0, err
+    assert out.split("\n")[:3] == [
+        "storageclass.storage.k8s.io/fast created",
+        "csidriver.storage.k8s.io/pairvol.io created",
+        "persistentvolumeclaim/data created",
+    ]
+    code, out, err = await kubectl("get", "sc")
+    assert out.splitlines()[1].split()[:4] == ["fast", "pairvol.io", "Delete", "Immediate"], out  # server defaults
+    code, out, err = await kubectl("get", "pvc", "data")
+    assert out.splitlines()[1].split()[:2] == ["data", "Pending"], out  # a new claim waits for its volume
+
+    # the provisioner's PV and the binding, through the status subresource
+    rtype = api_cluster.api.resource_type("", "v1", "persistentvolumes")
+    api_cluster.api.create_object(
+        "",
+        "v1",
+        "persistentvolumes",
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": "pv-1"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "fast",
+                "csi": {"driver": "pairvol.io", "volumeHandle": "default/pv-1"},
+            },
+        },
+    )
+    pv = api_cluster.api.get_object(rtype, "", "pv-1")
+    assert pv["status"] == {"phase": "Available"} and pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+    code, out, err = await kubectl("patch", "pv", "pv-1", "--subresource=status", "--type=merge",
+                                   "-p", '{"status": {"phase": "Bound"}}')  # fmt: skip
+    assert code == 0, err
+    code, out, err = await kubectl("get", "pv")
+    assert out.splitlines()[1].split()[:4] == ["pv-1", "1Gi", "Retain", "Bound"], out
+    code, out, err = await kubectl("delete", "pvc", "data")
+    assert code == 0 and 'persistentvolumeclaim "data" deleted' in out, err

@@ -184,8 +184,8 @@ class TestVolumes:
             plan_volumes(pod, Path("/n"), Path("/p"), {("secrets", "s"): {"data": {"k": b64("x")}}})
 
     def test_unsupported_volume_types_are_named(self) -> None:
-        pod = a_pod(volumes=[{"name": "v", "persistentVolumeClaim": {"claimName": "c"}}])
-        with pytest.raises(PodConfigError, match="persistentVolumeClaim"):
+        pod = a_pod(volumes=[{"name": "v", "iscsi": {"targetPortal": "10.0.0.1:3260"}}])
+        with pytest.raises(PodConfigError, match="iscsi"):
             plan_volumes(pod, Path("/n"), Path("/p"), {})
 
     def test_mounts_map_mount_paths_to_volume_sources_and_secrets_are_read_only(self) -> None:

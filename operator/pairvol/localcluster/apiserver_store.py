@@ -493,6 +493,17 @@ class ObjectStore:
                 self._ips += 1
                 spec["clusterIP"] = f"10.96.{self._ips // 250}.{self._ips % 250 + 1}"
             obj["status"] = {"loadBalancer": {}}
+        elif rtype.key in (("", "persistentvolumeclaims"), ("", "persistentvolumes")):
+            # as the API server defaults them: a new claim waits for a volume, a new volume
+            # for a claim; a PV nobody says otherwise about is kept when released
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("volumeMode", "Filesystem")
+            if rtype.plural == "persistentvolumes":
+                spec.setdefault("persistentVolumeReclaimPolicy", "Retain")
+            obj["status"] = {"phase": "Pending" if rtype.plural == "persistentvolumeclaims" else "Available"}
+        elif rtype.key == ("storage.k8s.io", "storageclasses"):
+            obj.setdefault("reclaimPolicy", "Delete")
+            obj.setdefault("volumeBindingMode", "Immediate")
         elif rtype.key == ("", "secrets"):
             obj.setdefault("type", "Opaque")
             _fold_string_data(obj)

@@ -13,6 +13,11 @@ How a container runs (all real, nothing simulated inside the process):
   including ones that started their own session; fallback: the process group plus a
   walk of ``/proc`` for descendants;
 * its own UTS namespace with the pod name as host name;
+* PersistentVolumeClaims staged and published by the claim's CSI node plugin through its
+  gRPC socket before the containers start (:mod:`pairvol.localcluster.kubelet_csi`), the
+  published directory bound like a hostPath (a Block-mode claim's device at its
+  ``volumeDevices`` ``devicePath``, outside ``/dev``); unpublished and unstaged after the pod's
+  containers are gone, before the pod is finalized;
 * a private mount namespace (``unshare --mount``) in which Secret/ConfigMap/emptyDir
   volumes (files under ``<root>/<node>/pods/<uid>/volumes/<name>/``) and hostPath volumes
   (``<root>/<node>/hostpath/<path>``) are bind-mounted at the container's ``mountPath``.
@@ -63,7 +68,7 @@ container's process group, wait ``deletionGracePeriodSeconds`` (else
 gracePeriodSeconds=0`` when the API server only marked the pod (``deletionTimestamp``);
 a pod that simply vanished from the API is terminated the same way. Not supported (a
 clear ``CreateContainerConfigError``, or ignored where harmless): image pulls,
-resources/limits, seccomp profiles, ephemeral containers, downwardAPI/projected/PVC
+resources/limits, seccomp profiles, ephemeral containers, downwardAPI/projected
 volumes, startup probes, ``kubectl logs/exec`` through the API server (logs are files;
 :meth:`NodeSimulator.exec_in_pod` is local).
 
@@ -101,6 +106,7 @@ from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.dns import ClusterDNS, resolv_conf
 from pairvol.localcluster.images import ImagePullError, container_command, find_image
 from pairvol.localcluster.kubelet_api import ApiError, EventRecorder, KubeApi
+from pairvol.localcluster.kubelet_csi import NodeVolumes, VolumeNotReady
 from pairvol.localcluster.kubelet_pods import (
     DEFAULT_TERMINATION_MESSAGE_PATH,
     MAX_FALLBACK_LOG_BYTES,
@@ -114,6 +120,7 @@ from pairvol.localcluster.kubelet_pods import (
     ProbeSpec,
     ProbeTracker,
     SecurityPlan,
+    VolumeClaim,
     VolumeDir,
     VolumeFiles,
     backoff_delay,
@@ -124,6 +131,7 @@ from pairvol.localcluster.kubelet_pods import (
     meta,
     node_conditions,
     parse_probe,
+    plan_devices,
     plan_mounts,
     plan_volumes,
     pod_key,
@@ -770,6 +778,16 @@ class PodWorker:
                 await self._image_pull_failed(exc, pull_failures)
                 if self.deleting:
                     return
+            except VolumeNotReady as exc:
+                # as a kubelet: the pod stays ContainerCreating, FailedMount says why
+                logger.info("pod %s/%s: volumes not ready: %s", *self.key, exc)
+                self.event("Warning", "FailedMount", str(exc))
+                for runner in self.all_runners:
+                    runner.state.state = {"waiting": {"reason": "ContainerCreating"}}
+                self.changed()
+                await self._wait_for_stop(self.kubelet.sim.config_retry)
+                if self.deleting:
+                    return
             except (PodConfigError, ApiError) as exc:
                 reason = "CreateContainerConfigError" if isinstance(exc, PodConfigError) else ("ContainerCreating")
                 logger.warning("pod %s/%s cannot start yet: %s", *self.key, exc)
@@ -836,7 +854,12 @@ class PodWorker:
             )
             for name, vol in volumes.items()
         }
-        await asyncio.to_thread(_materialize, volumes)
+        claims = {name: vol for name, vol in volumes.items() if isinstance(vol, VolumeClaim)}
+        # staged and published through their CSI driver before any container starts
+        published = await kubelet.volumes.mount_claims(self.pod, self.uid, claims) if claims else {}
+        local = {name: vol for name, vol in volumes.items() if isinstance(vol, VolumeFiles | VolumeDir)}
+        await asyncio.to_thread(_materialize, local)
+        volumes = {**local, **published}
         info = self.runtime_info()
         base = sim.base_env(kubelet, self.pod)
         security = {
@@ -863,7 +886,8 @@ class PodWorker:
             # a user the image has no passwd entry for gets HOME=/ from the runtime
             home = {"HOME": "/root" if security[runner.name].uid == 0 else "/"}
             env = resolve_env(runner.container, self.pod, info, objects, {**base, **home})
-            mounts = keep_code_visible([*credentials, *plan_mounts(runner.container, volumes)], code)
+            own = [*plan_mounts(runner.container, volumes), *plan_devices(runner.container, volumes)]
+            mounts = keep_code_visible([*credentials, *own], code)
             termination_file = await asyncio.to_thread(self._termination_file, runner)
             if termination_file is not None:
                 target = PurePosixPath(
@@ -1019,12 +1043,32 @@ class PodWorker:
                     await self._task
         await self._stop_publisher()
         await self.release_network()
+        await self._release_volumes()  # the containers are gone: their volumes may go
         if finalize:
             await self.flush_status()
             await self.kubelet.finalize_deletion(self.key, meta(self.pod).get("uid"))
         await asyncio.to_thread(shutil.rmtree, self.pod_dir, True)
         self.finished.set()
         self.kubelet.forget(self)
+
+    async def _release_volumes(self, within: float = 60.0) -> None:
+        """Unpublish (and unstage) the pod's CSI volumes, retried: a pod is finalized only
+        after its volumes are unmounted, as a kubelet does, or after ``within`` seconds
+        (then the volume stays published and the plugin's state says so)."""
+        deadline = time.monotonic() + within
+        delay = 0.2
+        while True:
+            try:
+                await self.kubelet.volumes.release_pod(self.uid)
+                return
+            except KubeletError as exc:
+                self.event("Warning", "FailedUnmount", str(exc))
+                if time.monotonic() > deadline or not self.kubelet.alive:
+                    logger.warning("pod %s/%s: volumes not released: %s", *self.key, exc)
+                    return
+                logger.info("pod %s/%s: %s; retrying", *self.key, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _stop_publisher(self) -> None:
         if self._publisher is not None:
@@ -1097,7 +1141,8 @@ def _fresh_file(path: Path) -> None:
 
 
 def _file_targets(mounts: Sequence[Mount]) -> list[PurePosixPath]:
-    return [m.target for m in mounts if m.source.is_file()]
+    """Targets bound from a file (a regular file, or a device bound on one): not directories."""
+    return [m.target for m in mounts if m.source.exists() and not m.source.is_dir()]
 
 
 def _safe_name(text: str) -> str:
@@ -1158,6 +1203,9 @@ class NodeKubelet:
         self.name = name
         self.ip = sim.net.node_ip(name)
         self.root = sim.root / name
+        # the node's kubelet directory (/var/lib/kubelet): CSI global mounts, pods' volumes
+        self.kubelet_dir = self.root / "kubelet"
+        self.volumes = NodeVolumes(sim.api, name, self.kubelet_dir)
         self.cgroup_root = sim.cgroup_root / _safe_name(name) if sim.cgroup_root else None
         self.workers: dict[str, PodWorker] = {}
         self.alive = False
@@ -1180,7 +1228,7 @@ class NodeKubelet:
         self._watch_task = asyncio.create_task(self._watch_loop(), name=f"watch-{self.name}")
 
     def _make_dirs(self) -> None:
-        for sub in ("pods", "logs", "hostpath"):
+        for sub in ("pods", "logs", "hostpath", "kubelet"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if self.cgroup_root is not None:
             self.cgroup_root.mkdir(parents=True, exist_ok=True)

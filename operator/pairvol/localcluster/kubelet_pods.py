@@ -268,7 +268,24 @@ class VolumeDir:
     mode: int | None = None  # set on creation: an emptyDir is writable by every user (0777)
 
 
-Volume = VolumeFiles | VolumeDir
+@dataclass(frozen=True)
+class VolumeClaim:
+    """A persistentVolumeClaim volume: mounted through its CSI driver before the pod starts
+    (:mod:`pairvol.localcluster.kubelet_csi`), then bound into containers as a directory."""
+
+    claim_name: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class VolumeDevice:
+    """A Block-mode claim published on the node: the file its device is bound on, bound in
+    turn at the container's ``devicePath`` (``volumeDevices``)."""
+
+    path: Path
+
+
+Volume = VolumeFiles | VolumeDir | VolumeClaim | VolumeDevice
 
 
 def _safe_relative(path: str, what: str) -> PurePosixPath:
@@ -300,6 +317,12 @@ def plan_volumes(pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects
             )
         elif "emptyDir" in volume:
             result[name] = VolumeDir(directory, mode=0o777)
+        elif "persistentVolumeClaim" in volume:
+            source = volume["persistentVolumeClaim"] or {}
+            claim = str(source.get("claimName") or "")
+            if not claim:
+                raise PodConfigError(f"volume {name!r}: persistentVolumeClaim.claimName is required")
+            result[name] = VolumeClaim(claim, bool(source.get("readOnly", False)))
         elif "secret" in volume or "configMap" in volume:
             kind = "secrets" if "secret" in volume else "configmaps"
             source = volume["secret" if kind == "secrets" else "configMap"]
@@ -338,7 +361,7 @@ def plan_volumes(pod: Mapping[str, Any], node_root: Path, pod_dir: Path, objects
             kinds = sorted(k for k in volume if k != "name")
             raise PodConfigError(
                 f"volume {name!r}: type {kinds} is not supported by the local cluster "
-                "(supported: hostPath, emptyDir, secret, configMap)"
+                "(supported: hostPath, emptyDir, secret, configMap, persistentVolumeClaim)"
             )
     return result
 
@@ -375,6 +398,12 @@ def plan_mounts(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> 
         if name not in volumes:
             raise PodConfigError(f"volumeMount {name!r}: no volume with that name in the pod")
         volume = volumes[name]
+        if isinstance(volume, VolumeClaim):
+            raise PodConfigError(f"volumeMount {name!r}: claim {volume.claim_name!r} is not mounted on the node yet")
+        if isinstance(volume, VolumeDevice):
+            raise PodConfigError(
+                f"volumeMount {name!r}: the claim has volumeMode Block; give it to the container in volumeDevices"
+            )
         source = volume.directory if isinstance(volume, VolumeFiles) else volume.path
         sub_path = vm.get("subPath")
         if sub_path:
@@ -384,6 +413,30 @@ def plan_mounts(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> 
             raise PodConfigError(f"volumeMount {name!r}: mountPath {target} must be absolute")
         read_only = bool(vm.get("readOnly", False)) or isinstance(volume, VolumeFiles)
         mounts.append(Mount(source, target, read_only))
+    return mounts
+
+
+def plan_devices(container: Mapping[str, Any], volumes: Mapping[str, Volume]) -> list[Mount]:
+    """The container's ``volumeDevices``: each Block-mode claim's device bound at its
+    ``devicePath``. The machine's ``/dev`` is the pods' ``/dev`` here (a bind target would be
+    created in it), so a devicePath must be outside ``/dev``."""
+    mounts: list[Mount] = []
+    for vd in container.get("volumeDevices") or []:
+        name = str(vd.get("name"))
+        volume = volumes.get(name)
+        if volume is None:
+            raise PodConfigError(f"volumeDevice {name!r}: no volume with that name in the pod")
+        if not isinstance(volume, VolumeDevice):
+            raise PodConfigError(f"volumeDevice {name!r}: only a claim with volumeMode Block can be a device")
+        target = PurePosixPath(str(vd.get("devicePath")))
+        if not target.is_absolute() or ".." in target.parts or len(target.parts) < 2:
+            raise PodConfigError(f"volumeDevice {name!r}: devicePath {target} must be an absolute file path")
+        if target.parts[1] == "dev":
+            raise PodConfigError(
+                f"volumeDevice {name!r}: devicePath {target}: pods of the local cluster share the machine's /dev; "
+                "choose a path outside /dev (e.g. /var/run/disk)"
+            )
+        mounts.append(Mount(volume.path, target, read_only=False))
     return mounts
 
 

@@ -1,0 +1,479 @@
+"""The local cluster's external-provisioner and PV binder: PersistentVolumeClaims of a CSI
+StorageClass become volumes through the controller plugin's real gRPC socket.
+
+Why: the external-provisioner sidecar (and the binding half of kube-controller-manager's
+PV controller) are Go programs from registry.k8s.io, not available here. This module does
+what they do for one driver, so that a claim on the local cluster goes the same way as on a
+real one:
+
+* a claim whose StorageClass names the driver as ``provisioner`` and that is not bound yet
+  gets ``CreateVolume`` (name ``pvc-<claim uid>``, capacity from
+  ``resources.requests.storage``, the access mode and volume mode as a VolumeCapability,
+  the StorageClass's parameters without the ``csi.storage.k8s.io/`` keys, plus the claim's
+  and the PV's names as ``--extra-create-metadata`` adds them);
+* the ``csi.storage.k8s.io/`` keys are handled as the sidecar handles them: ``fstype`` is
+  the file system (default ext4 as the chart passes ``--default-fstype=ext4``), and the
+  ``node-stage-secret-name``/``-namespace`` templates (``${pv.name}``, ``${pvc.name}``,
+  ``${pvc.namespace}``) are resolved into the PV's ``nodeStageSecretRef``; other secret
+  keys are refused, as this driver takes no other secrets;
+* a transient answer (ABORTED: the volume is still being created; UNAVAILABLE, ...) is
+  retried with exponential back-off (1 s doubling to 30 s); every failure is a
+  ``ProvisioningFailed`` event on the claim with the plugin's text, as ``kubectl describe
+  pvc`` shows it; a final error (INVALID_ARGUMENT ...) is retried too, more slowly, as the
+  sidecar does (the StorageClass or the claim may be fixed);
+* on success it creates the PV (``spec.csi``: driver, volumeHandle, volumeAttributes,
+  fsType, nodeStageSecretRef; ``claimRef`` with the claim's uid; the class's reclaim
+  policy) and binds: the PV's and the claim's ``status.phase`` Bound, the claim's
+  ``spec.volumeName``, capacity and access modes;
+* the ``kubernetes.io/pvc-protection`` finalizer keeps a deleted claim while a pod still
+  names it (what kube-controller-manager's pvc-protection controller does), so a mounted
+  volume is never deleted under its pod;
+* a PV whose claim is gone is ``Released``; with reclaim policy ``Delete`` the provisioner
+  calls ``DeleteVolume`` — only once no node has the volume staged any more (``in_use``,
+  the local cluster's stand-in for the VolumeAttachment check the sidecar makes: a pod
+  that had finished is deleted from the API at once, and its node unmounts afterwards) —
+  and, only after the plugin confirmed, deletes the PV; ``Retain`` leaves both.
+
+Objects are read by list + watch and every claim and PV is also re-examined every
+``resync`` seconds, so a missed event only delays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from decimal import ROUND_CEILING
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pairvol.api.quantity import QuantityError, parse_quantity
+from pairvol.errors import PairvolError
+from pairvol.localcluster.csi_client import CsiCallError, CsiClient
+from pairvol.localcluster.kubelet_api import MERGE_PATCH, ApiError, KubeApi
+from pairvol.localcluster.kubelet_csi import ACCESS_MODES
+
+logger = logging.getLogger(__name__)
+
+JsonDict = dict[str, Any]
+
+RESERVED = "csi.storage.k8s.io/"
+FSTYPE = RESERVED + "fstype"
+NODE_STAGE_NAME = RESERVED + "node-stage-secret-name"
+NODE_STAGE_NAMESPACE = RESERVED + "node-stage-secret-namespace"
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
+PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
+DEFAULT_FSTYPE = "ext4"
+
+_TEMPLATE = re.compile(r"\$\{([^}]*)\}")
+
+
+class ProvisionError(PairvolError):
+    """A claim cannot be provisioned as it is: the text says what to change."""
+
+
+class StillInUse(PairvolError):
+    """A released volume is still staged on a node: it is deleted after the node let go."""
+
+
+# ------------------------------------------------------------------------------- pure
+
+
+def resolve_template(template: str, key: str, pv_name: str, claim: Mapping[str, Any]) -> str:
+    """A secret-name/-namespace template of a StorageClass with its variables filled in, as
+    the external-provisioner does (``${pv.name}``, ``${pvc.name}``, ``${pvc.namespace}``)."""
+    meta = claim.get("metadata") or {}
+    values = {"pv.name": pv_name, "pvc.name": str(meta.get("name")), "pvc.namespace": str(meta.get("namespace"))}
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise ProvisionError(
+                f"StorageClass parameter {key}: unknown variable ${{{name}}} in {template!r} "
+                f"(known: {', '.join('${' + v + '}' for v in sorted(values))})"
+            )
+        return values[name]
+
+    return _TEMPLATE.sub(fill, template)
+
+
+def claim_size(claim: Mapping[str, Any]) -> int:
+    """``resources.requests.storage`` in bytes (rounded up to a whole byte)."""
+    requests = ((claim.get("spec") or {}).get("resources") or {}).get("requests") or {}
+    raw = requests.get("storage")
+    if raw is None:
+        raise ProvisionError("the claim has no resources.requests.storage; say how big the volume must be")
+    try:
+        value = parse_quantity(str(raw))
+    except QuantityError as exc:
+        raise ProvisionError(f"resources.requests.storage: {exc}") from exc
+    return int(value.to_integral_value(rounding=ROUND_CEILING))
+
+
+def create_request(
+    claim: Mapping[str, Any], storage_class: Mapping[str, Any], pv_name: str
+) -> tuple[JsonDict, tuple[str, str] | None]:
+    """The CreateVolumeRequest for a claim (CSI JSON mapping) and the PV's
+    nodeStageSecretRef (namespace, name), or ProvisionError (pure)."""
+    spec = claim.get("spec") or {}
+    meta = claim.get("metadata") or {}
+    modes = list(spec.get("accessModes") or [])
+    unknown = [m for m in modes if m not in ACCESS_MODES]
+    if not modes or unknown:
+        raise ProvisionError(f"accessModes {modes!r}: give one of {', '.join(ACCESS_MODES)}")
+    params = {str(k): str(v) for k, v in (storage_class.get("parameters") or {}).items()}
+    reserved = {k: v for k, v in params.items() if k.startswith(RESERVED)}
+    driver_params = {k: v for k, v in params.items() if not k.startswith(RESERVED)}
+    known = {FSTYPE, NODE_STAGE_NAME, NODE_STAGE_NAMESPACE}
+    extra = sorted(set(reserved) - known)
+    if extra:
+        raise ProvisionError(
+            f"StorageClass {storage_class['metadata']['name']}: parameters {extra} are not handled here "
+            f"(handled: {', '.join(sorted(known))})"
+        )
+    secret_ref: tuple[str, str] | None = None
+    if NODE_STAGE_NAME in reserved or NODE_STAGE_NAMESPACE in reserved:
+        if NODE_STAGE_NAME not in reserved or NODE_STAGE_NAMESPACE not in reserved:
+            raise ProvisionError(f"StorageClass: {NODE_STAGE_NAME} and {NODE_STAGE_NAMESPACE} go together")
+        secret_ref = (
+            resolve_template(reserved[NODE_STAGE_NAMESPACE], NODE_STAGE_NAMESPACE, pv_name, claim),
+            resolve_template(reserved[NODE_STAGE_NAME], NODE_STAGE_NAME, pv_name, claim),
+        )
+    block = (spec.get("volumeMode") or "Filesystem") == "Block"
+    access = {"mode": ACCESS_MODES[modes[0]]}
+    capability: JsonDict = (
+        {"block": {}, "accessMode": access}
+        if block
+        else {"mount": {"fsType": reserved.get(FSTYPE) or DEFAULT_FSTYPE}, "accessMode": access}
+    )
+    request: JsonDict = {
+        "name": pv_name,
+        "capacityRange": {"requiredBytes": str(claim_size(claim))},
+        "volumeCapabilities": [capability],
+        "parameters": {
+            **driver_params,
+            # --extra-create-metadata
+            RESERVED + "pvc/name": str(meta.get("name")),
+            RESERVED + "pvc/namespace": str(meta.get("namespace")),
+            RESERVED + "pv/name": pv_name,
+        },
+    }
+    return request, secret_ref
+
+
+def pv_object(
+    claim: Mapping[str, Any],
+    storage_class: Mapping[str, Any],
+    pv_name: str,
+    driver: str,
+    volume: Mapping[str, Any],
+    request: Mapping[str, Any],
+    secret_ref: tuple[str, str] | None,
+) -> JsonDict:
+    """The PV for a created volume, pre-bound to its claim (pure)."""
+    meta = claim.get("metadata") or {}
+    spec = claim.get("spec") or {}
+    capability = request["volumeCapabilities"][0]
+    csi: JsonDict = {
+        "driver": driver,
+        "volumeHandle": str(volume["volumeId"]),
+        "volumeAttributes": dict(volume.get("volumeContext") or {}),
+    }
+    if "mount" in capability:
+        csi["fsType"] = capability["mount"]["fsType"]
+    if secret_ref is not None:
+        csi["nodeStageSecretRef"] = {"namespace": secret_ref[0], "name": secret_ref[1]}
+    capacity = int(volume.get("capacityBytes") or request["capacityRange"]["requiredBytes"])
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv_name, "annotations": {PROVISIONED_BY: driver}},
+        "spec": {
+            "capacity": {"storage": str(capacity)},
+            "accessModes": list(spec.get("accessModes") or []),
+            "volumeMode": spec.get("volumeMode") or "Filesystem",
+            "persistentVolumeReclaimPolicy": storage_class.get("reclaimPolicy") or "Delete",
+            "storageClassName": storage_class["metadata"]["name"],
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": meta.get("namespace"),
+                "name": meta.get("name"),
+                "uid": meta.get("uid"),
+            },
+            "csi": csi,
+        },
+    }
+
+
+def claim_in_use(claim: Mapping[str, Any], pods: list[JsonDict]) -> list[str]:
+    """Names of the pods that name the claim in a volume (the pvc-protection rule; a pod
+    counts until it is gone from the API, since its node unmounts only then)."""
+    name = (claim.get("metadata") or {}).get("name")
+    users = []
+    for pod in pods:
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            if (volume.get("persistentVolumeClaim") or {}).get("claimName") == name:
+                users.append(str(pod["metadata"]["name"]))
+                break
+    return users
+
+
+# ------------------------------------------------------------------------------- I/O
+
+
+class Provisioner:
+    """Provision, bind, protect and reclaim the claims of ``driver``'s StorageClasses,
+    calling the controller plugin on ``socket``. ``async with Provisioner(...)``."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        driver: str,
+        socket: Path,
+        *,
+        resync: float = 1.0,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 30.0,
+        timeout: float = 30.0,
+        in_use: Callable[[str], Sequence[str]] | None = None,
+    ) -> None:
+        self.api = api
+        self.driver = driver
+        self.socket = socket
+        self.resync = resync
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.timeout = timeout
+        # the nodes that still have a volume handle staged: DeleteVolume waits for none
+        self.in_use = in_use or (lambda handle: ())
+        self._tasks: list[asyncio.Task[None]] = []
+        self._busy: dict[str, asyncio.Task[None]] = {}  # claim uid / pv name -> operation
+        self._not_before: dict[str, float] = {}  # back-off: next attempt after (monotonic)
+        self._failures: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._client = CsiClient(socket, timeout=timeout)
+
+    async def __aenter__(self) -> Provisioner:
+        await self._client.__aenter__()
+        self._tasks = [
+            asyncio.create_task(self._loop(), name="csi-provisioner"),
+            asyncio.create_task(self._watch("/api/v1/persistentvolumeclaims"), name="csi-provisioner-pvc-watch"),
+            asyncio.create_task(self._watch("/api/v1/persistentvolumes"), name="csi-provisioner-pv-watch"),
+        ]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        tasks = [*self._tasks, *self._busy.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self._client.close()
+
+    async def _watch(self, path: str) -> None:
+        """Wake the loop on every change (the loop reads the current state itself)."""
+        while True:
+            try:
+                _, version = await self.api.list_all(path)
+                async for _event in self.api.watch(path, version):
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except ApiError as exc:
+                logger.info("watch %s ended (%s); again", path, exc)
+            await asyncio.sleep(0.5)
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except ApiError as exc:
+                logger.warning("csi provisioner: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.resync)
+
+    async def sync_once(self) -> None:
+        claims, _ = await self.api.list_all("/api/v1/persistentvolumeclaims")
+        volumes, _ = await self.api.list_all("/api/v1/persistentvolumes")
+        classes, _ = await self.api.list_all("/apis/storage.k8s.io/v1/storageclasses")
+        ours = {c["metadata"]["name"]: c for c in classes if c.get("provisioner") == self.driver}
+        by_uid = {str(c["metadata"].get("uid")): c for c in claims}
+        pods: list[JsonDict] | None = None
+        for claim in claims:
+            if (claim.get("spec") or {}).get("storageClassName") not in ours:
+                continue
+            if claim["metadata"].get("deletionTimestamp"):
+                if pods is None:
+                    pods, _ = await self.api.list_all("/api/v1/pods")
+                await self._unprotect(claim, pods)
+                continue
+            if PVC_PROTECTION not in (claim["metadata"].get("finalizers") or []):
+                await self._protect(claim)
+            if (claim.get("status") or {}).get("phase") == "Bound":
+                continue
+            self._start(str(claim["metadata"]["uid"]), self._provision(claim, ours[claim["spec"]["storageClassName"]]))
+        for pv in volumes:
+            if (pv["metadata"].get("annotations") or {}).get(PROVISIONED_BY) != self.driver:
+                continue
+            ref = (pv.get("spec") or {}).get("claimRef") or {}
+            owner = by_uid.get(str(ref.get("uid")))
+            if owner is not None and (owner.get("status") or {}).get("phase") != "Bound":
+                await self._bind(owner, pv)  # provisioned but the binding was interrupted
+            elif owner is None:
+                self._start("pv/" + pv["metadata"]["name"], self._reclaim(pv))
+
+    def _start(self, key: str, operation: Any) -> None:
+        """Run ``operation`` unless one for ``key`` runs or its back-off is not over."""
+        running = self._busy.get(key)
+        if (running is not None and not running.done()) or time.monotonic() < self._not_before.get(key, 0.0):
+            operation.close()
+            return
+        task = asyncio.create_task(self._run(key, operation))
+        self._busy[key] = task
+
+    async def _run(self, key: str, operation: Any) -> None:
+        try:
+            await operation
+            self._failures.pop(key, None)
+            self._not_before.pop(key, None)
+        except asyncio.CancelledError:
+            raise
+        except (ProvisionError, StillInUse, CsiCallError, ApiError) as exc:
+            failures = self._failures.get(key, 0) + 1
+            self._failures[key] = failures
+            delay = min(self.backoff_base * 2 ** (failures - 1), self.backoff_cap)
+            transient = isinstance(exc, StillInUse) or (isinstance(exc, CsiCallError) and exc.transient)
+            self._not_before[key] = time.monotonic() + (delay if transient else max(delay, 5.0))
+            logger.info("csi provisioner: %s failed (attempt %d, again in %.0fs): %s", key, failures, delay, exc)
+        finally:
+            self._busy.pop(key, None)
+            self._wake.set()
+
+    async def _event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = obj.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": obj.get("kind") or "PersistentVolumeClaim",
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message,
+            "type": type_,
+            "source": {"component": f"{self.driver}_csi-provisioner"},
+            "reportingComponent": f"{self.driver}_csi-provisioner",
+            "count": 1,
+        }
+        with contextlib.suppress(ApiError):
+            await self.api.request("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+
+    async def _provision(self, claim: JsonDict, storage_class: JsonDict) -> None:
+        meta = claim["metadata"]
+        pv_name = f"pvc-{meta['uid']}"
+        try:
+            request, secret_ref = create_request(claim, storage_class, pv_name)
+        except ProvisionError as exc:
+            await self._event(claim, "Warning", "ProvisioningFailed", str(exc))
+            raise
+        await self._event(
+            claim,
+            "Normal",
+            "Provisioning",
+            f'External provisioner is provisioning volume for claim "{meta["namespace"]}/{meta["name"]}"',
+        )
+        try:
+            answer = await self._client.call("Controller", "CreateVolume", request, timeout=self.timeout)
+        except CsiCallError as exc:
+            await self._event(
+                claim, "Warning", "ProvisioningFailed", f'failed to provision volume with StorageClass "'
+                f'{storage_class["metadata"]["name"]}": {exc}'
+            )
+            raise
+        body = pv_object(claim, storage_class, pv_name, self.driver, answer["volume"], request, secret_ref)
+        try:
+            pv = await self.api.request("POST", "/api/v1/persistentvolumes", body=body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            pv = await self.api.request("GET", f"/api/v1/persistentvolumes/{pv_name}")
+        await self._event(claim, "Normal", "ProvisioningSucceeded", f"Successfully provisioned volume {pv_name}")
+        logger.info("provisioned %s for claim %s/%s", pv_name, meta["namespace"], meta["name"])
+        await self._bind(claim, pv)
+
+    async def _bind(self, claim: JsonDict, pv: JsonDict) -> None:
+        """What the PV controller does for a pre-bound PV: both sides Bound."""
+        meta = claim["metadata"]
+        name = pv["metadata"]["name"]
+        await self.api.request("PATCH", f"/api/v1/persistentvolumes/{name}/status",
+                               body={"status": {"phase": "Bound"}}, content_type=MERGE_PATCH)
+        path = f"/api/v1/namespaces/{meta['namespace']}/persistentvolumeclaims/{meta['name']}"
+        patch = {"metadata": {"annotations": {BIND_COMPLETED: "yes"}}, "spec": {"volumeName": name}}
+        await self.api.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+        status = {
+            "phase": "Bound",
+            "accessModes": pv["spec"].get("accessModes"),
+            "capacity": {"storage": pv["spec"]["capacity"]["storage"]},
+        }
+        await self.api.request("PATCH", path + "/status", body={"status": status}, content_type=MERGE_PATCH)
+        logger.info("bound claim %s/%s to %s", meta["namespace"], meta["name"], name)
+
+    async def _protect(self, claim: JsonDict) -> None:
+        meta = claim["metadata"]
+        finalizers = [*(meta.get("finalizers") or []), PVC_PROTECTION]
+        path = f"/api/v1/namespaces/{meta['namespace']}/persistentvolumeclaims/{meta['name']}"
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        with contextlib.suppress(ApiError):  # a conflict: the next pass adds it
+            await self.api.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def _unprotect(self, claim: JsonDict, pods: list[JsonDict]) -> None:
+        meta = claim["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if PVC_PROTECTION not in finalizers:
+            return
+        namespace_pods = [p for p in pods if p["metadata"].get("namespace") == meta["namespace"]]
+        if claim_in_use(claim, namespace_pods):
+            return  # deleted while a pod uses it: it stays until the pod is gone
+        finalizers.remove(PVC_PROTECTION)
+        path = f"/api/v1/namespaces/{meta['namespace']}/persistentvolumeclaims/{meta['name']}"
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        with contextlib.suppress(ApiError):
+            await self.api.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def _reclaim(self, pv: JsonDict) -> None:
+        name = pv["metadata"]["name"]
+        if (pv.get("status") or {}).get("phase") != "Released":
+            await self.api.request("PATCH", f"/api/v1/persistentvolumes/{name}/status",
+                                   body={"status": {"phase": "Released"}}, content_type=MERGE_PATCH)
+            logger.info("%s released: its claim is gone", name)
+        if pv["spec"].get("persistentVolumeReclaimPolicy") != "Delete":
+            return
+        handle = str(pv["spec"]["csi"]["volumeHandle"])
+        nodes = sorted(self.in_use(handle))
+        if nodes:  # a node has not unstaged it yet (its pod was deleted a moment ago)
+            raise StillInUse(f"{name}: volume {handle} is still staged on {', '.join(nodes)}; deleting it afterwards")
+        try:
+            await self._client.call("Controller", "DeleteVolume", {"volumeId": handle}, timeout=self.timeout)
+        except CsiCallError as exc:
+            await self._event(pv, "Warning", "VolumeFailedDelete", str(exc))
+            raise
+        with contextlib.suppress(ApiError):  # gone already is fine
+            await self.api.request("DELETE", f"/api/v1/persistentvolumes/{name}")
+        logger.info("deleted %s (volume %s)", name, handle)
