@@ -18,7 +18,7 @@ re-observes. Nothing here remembers anything but what is in ``World``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -898,3 +898,58 @@ def primary_lost_lease(world: World) -> bool:
     if prim is None or lease is None or lease.holder not in (prim.pod, None):
         return False
     return lease.expired(world.settings.lease_margin_s)
+
+
+# ------------------------------------------------------------ cached observations
+#
+# The operator reads nodes, pods, Leases and the volume from watch caches (informer.py),
+# which lag the API server by the time an event takes to arrive. A lagging cache may only
+# delay a decision, never cause a wrong one; these rules say when the loop reads the API
+# server instead, and handlers.py applies them before it builds the World.
+
+
+def lease_needs_fresh_read(status: VolumeStatus, cached: LeaseView | None, margin_s: float) -> bool:
+    """Whether the Lease must be read from the API server rather than from the cache.
+
+    The Lease counts once a primary serves (the volume is activated, not failing over):
+    from then on the planner may fail over when it is absent, released or expired, and
+    marks the secondary out of sync from it. A cached Lease is trusted only to say that
+    the primary still holds it (which at worst delays a failover); every Lease that could
+    let a failover go ahead — absent, released, or unchanged for longer than its duration
+    — is read again, and with it the out-of-sync mark the primary writes before it
+    acknowledges a write its secondary missed. So a failover is never decided on a Lease
+    record older than the API server's.
+    """
+    if status.primary is None or not status.activated or status.failing_over:
+        return False
+    return cached is None or cached.expired(margin_s)
+
+
+def pods_not_yet_seen(created: Iterable[str], cached: Container[str]) -> set[str]:
+    """Pods this operator created that the cache does not show yet.
+
+    While there are any, the volume's pods are read from the API server: a pod missing
+    from a lagging cache would be judged gone, and a secondary placed a moment ago
+    replaced before it ever started."""
+    return {p for p in created if p not in cached}
+
+
+def volume_body_source(known_rv: str | None, cache_has_seen_known: bool, cached_present: bool) -> str:
+    """Where this tick's ReplicatedVolume comes from: ``"cache"``, ``"own"`` (the version
+    this loop last wrote or read) or ``"api"`` (a GET).
+
+    Its status is written only by this loop, and each plan starts from the status the
+    last one persisted; so the body must never be older than the version this loop last
+    wrote (``known_rv``). The cache is used once it has shown that version (events
+    arrive in order, so what it holds then is that version or a newer one, or nothing
+    if the volume was deleted since); before that, the loop's own copy of that version.
+    """
+    if known_rv is None:
+        return "cache" if cached_present else "api"
+    return "cache" if cache_has_seen_known else "own"
+
+
+def node_change_matters(before: NodeView | None, after: NodeView | None) -> bool:
+    """A node event worth waking every volume's loop for: the node appeared, went, or
+    changed readiness, schedulability or labels (not a heartbeat)."""
+    return before != after
