@@ -230,6 +230,15 @@ class VolumeWatch:
             ) from None
 
 
+def phases_of(watch: VolumeWatch, names: Sequence[str]) -> dict[str, int]:
+    return dict(collections.Counter(str((watch.objects.get(n, {}).get("status") or {}).get("phase")) for n in names))
+
+
+def replica_pods(watch: VolumeWatch, name: str) -> list[str]:
+    st = watch.objects.get(name, {}).get("status") or {}
+    return [str(st[role]["pod"]) for role in ("primary", "secondary") if st.get(role)]
+
+
 def phase_is(phase: str) -> Callable[[dict[str, Any]], bool]:
     return lambda obj: (obj.get("status") or {}).get("phase") == phase
 
@@ -270,16 +279,32 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
         for name in names:
             await stack.apply(volume(name, nodes, args.size))
         ready_at = await asyncio.gather(
-            *(watch.wait(n, phase_is("Replicating"), args.timeout, "Replicating") for n in names)
+            *(watch.wait(n, phase_is("Replicating"), args.timeout, "Replicating") for n in names),
+            return_exceptions=True,
         )
-        per_volume = [t - t_apply for t in ready_at]
+        per_volume = [t - t_apply for t in ready_at if isinstance(t, float)]
+        if not per_volume:
+            raise BenchError(f"no volume reached Replicating within {args.timeout:.0f}s: {ready_at[0]}")
         usage1 = operator_usage(op_pid)
+        # a volume may leave Replicating again (a primary that could not renew its Lease in
+        # time is replaced): also when all of them were Replicating at the same moment
+        together: float | None = None
+        try:
+            async with asyncio.timeout(args.settle * 6), watch.changed:
+                await watch.changed.wait_for(lambda: phases_of(watch, names) == {"Replicating": len(names)})
+                together = time.time() - t_apply
+        except TimeoutError:
+            pass
         res["bringup"] = {
             "all_replicating_s": max(per_volume),
+            "all_replicating_together_s": together,
+            "phases_after": phases_of(watch, names),
             "per_volume_s": summary(per_volume),
+            "never_replicating": [str(t) for t in ready_at if not isinstance(t, float)],
             "operator_cpu_s": usage1["cpu_s"] - usage0["cpu_s"],
         }
-        say(f"all {len(names)} Replicating {max(per_volume):.1f} s after the apply")
+        say(f"{len(per_volume)} of {len(names)} reached Replicating {max(per_volume):.1f} s after the apply; "
+            f"now {phases_of(watch, names)}")  # fmt: skip
 
         # the reference volume: its primary alone on an extra node (least loaded: ranked first)
         await stack.apply(volume("bench-ref", [ref_node, nodes[0]], args.size))
@@ -322,19 +347,27 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                 )
                 ann_lat.append(at - sent)
 
-        await asyncio.gather(*(probe(n) for n in all_names))
+        probed = [n for n in all_names if phase_is("Replicating")(watch.objects[n])]
+        outcomes = await asyncio.gather(*(probe(n) for n in probed), return_exceptions=True)
+        failed = [str(o) for o in outcomes if isinstance(o, BaseException)]
         res["reconcile_latency_s"] = {"spec_to_observedGeneration": summary(spec_lat),
-                                      "checkpoint_annotation_to_status": summary(ann_lat)}  # fmt: skip
-        say(f"reconcile latency: spec p50 {pct(spec_lat, 50):.3f}s, annotation p50 {pct(ann_lat, 50):.3f}s")
+                                      "checkpoint_annotation_to_status": summary(ann_lat),
+                                      "not_probed": len(all_names) - len(probed), "failed": failed}  # fmt: skip
+        say(f"reconcile latency: spec p50 {pct(spec_lat, 50) or 0:.3f}s, annotation p50 {pct(ann_lat, 50) or 0:.3f}s"
+            f"{f'; {len(failed)} probes failed' if failed else ''}")  # fmt: skip
 
         # ------------------------------------------------------------ steady state
         await asyncio.sleep(args.settle)
         phases = collections.Counter((watch.objects[n].get("status") or {}).get("phase") for n in all_names)
+        agent_pids = [p for n in all_names for pod in replica_pods(watch, n)
+                      for main in stack.sim.pod_pids("default", pod) for p in tree(main)]  # fmt: skip
         req0, ev0 = count_requests(api)
         u0, t0 = operator_usage(op_pid), time.monotonic()
+        a0 = {p: cpu_seconds(p) for p in agent_pids}
         await asyncio.sleep(args.steady)
         req1, ev1 = count_requests(api)
         u1, t1 = operator_usage(op_pid), time.monotonic()
+        agents_cpu = sum(max(0.0, cpu_seconds(p) - c) for p, c in a0.items())
         minutes = (t1 - t0) / 60
         per = len(all_names) * minutes
         reqs = req1 - req0
@@ -360,14 +393,10 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             "watch_events_per_volume_minute": {k: dict(v) for k, v in events.items()},
             "operator_cpu_s": u1["cpu_s"] - u0["cpu_s"],
             "operator_cpu_fraction": (u1["cpu_s"] - u0["cpu_s"]) / (t1 - t0),
+            "agents_and_daemons_cpu_fraction": agents_cpu / (t1 - t0),
         }
         res["operator"] = {**operator_usage(op_pid), "cpu_s_total": operator_usage(op_pid)["cpu_s"]}
-        pods = [
-            str(((watch.objects[n].get("status") or {}).get(role) or {}).get("pod"))
-            for n in all_names
-            for role in ("primary", "secondary")
-        ]
-        rss = replica_rss(stack, pods)
+        rss = replica_rss(stack, [pod for n in all_names for pod in replica_pods(watch, n)])
         res["replica_rss_mib"] = {k: summary(v) for k, v in rss.items()}
         say(
             f"steady: {res['steady']['pairvol_requests_per_volume_minute']:.1f} requests/volume/min "
@@ -393,33 +422,45 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
 
             t_kill = time.time()
             await stack.sim.kill_node(victim)
-            ats = await asyncio.gather(*(watch.wait(n, done(n), args.timeout, "failover") for n in vols))
-            rto = [at - t_kill for at in ats]
+            within = min(args.timeout, 120.0)
+            ats = await asyncio.gather(*(watch.wait(n, done(n), within, "failover") for n in vols),
+                                       return_exceptions=True)  # fmt: skip
+            rto = [at - t_kill for at in ats if isinstance(at, float)]
+            missing = [str(at) for at in ats if not isinstance(at, float)]
             detect = []
             for n in vols:
                 decided = parse_time(((watch.objects[n].get("status") or {}).get("lastFailover") or {}).get("time"))
                 if decided is not None:
                     detect.append(decided - t_kill)
             return {"node": victim, "volumes": len(vols), "rto_s": summary(rto), "detect_s": summary(detect),
-                    "rto_each_s": dict(zip(vols, rto, strict=True))}  # fmt: skip
+                    "not_failed_over": missing,
+                    "rto_each_s": {n: at - t_kill for n, at in zip(vols, ats, strict=True)
+                                   if isinstance(at, float)}}  # fmt: skip
 
         say(f"killing {ref_node} (the primary of bench-ref only)")
         single = await failover(ref_node, ["bench-ref"])
-        say(f"single-volume RTO {single['rto_s']['p50']:.2f} s")
+        say(f"single-volume RTO {single['rto_s']['p50'] or float('nan'):.2f} s")
         await asyncio.sleep(args.settle)
 
         # ------------------------------------------------------------ failover storm
-        primaries = collections.Counter(
-            (watch.objects[n].get("status") or {}).get("primary", {}).get("node") for n in names
-        )
+        # failovers nobody asked for so far (a primary that could not renew its Lease in time)
+        unplanned = sum(1 for n in names if (watch.objects[n].get("status") or {}).get("lastFailover"))
+        serving = [n for n in names if phase_is("Replicating")(watch.objects[n])]
+        primaries = collections.Counter(watch.objects[n]["status"]["primary"]["node"] for n in serving)
         victim, count = max(primaries.items(), key=lambda kv: (kv[1], kv[0]))
-        vols = [n for n in names if (watch.objects[n].get("status") or {}).get("primary", {}).get("node") == victim]
+        vols = [n for n in serving if watch.objects[n]["status"]["primary"]["node"] == victim]
         say(f"killing {victim}, primary of {count} volumes (primaries per node: {dict(primaries)})")
         storm = await failover(victim, vols)
-        ratio = storm["rto_s"]["p99"] / single["rto_s"]["p99"]
+        ratio = None
+        if storm["rto_s"]["p99"] is not None and single["rto_s"]["p99"]:
+            ratio = storm["rto_s"]["p99"] / single["rto_s"]["p99"]
         res["failover"] = {"definition": "node kill -> status shows the failover finished (the new primary serves)",
-                           "single": single, "storm": storm, "storm_p99_over_single": ratio}  # fmt: skip
-        say(f"storm RTO p50 {storm['rto_s']['p50']:.2f} s p99 {storm['rto_s']['p99']:.2f} s ({ratio:.2f}x single)")
+                           "single": single, "storm": storm, "storm_p99_over_single": ratio,
+                           "unplanned_failovers_before_the_kills": unplanned,
+                           "replicating_before_the_storm": len(serving)}  # fmt: skip
+        nan = float("nan")
+        say(f"storm RTO p50 {storm['rto_s']['p50'] or nan:.2f} s p99 {storm['rto_s']['p99'] or nan:.2f}"
+            f" s ({ratio or nan:.2f}x single)")  # fmt: skip
         res["operator_end"] = operator_usage(op_pid)
     totals: dict[str, dict[str, int]] = collections.defaultdict(dict)
     for (user, verb, resource), n in sorted(api.request_counts.items()):
@@ -437,6 +478,8 @@ def report(res: dict[str, Any]) -> str:
     lat = res["reconcile_latency_s"]
     rows = [
         ("apply -> all Replicating", f(res["bringup"]["all_replicating_s"], " s", 1), f"<= {TARGET_APPLY_S:.0f} s"),
+        ("all Replicating at the same time", f(res["bringup"]["all_replicating_together_s"], " s", 1),
+         "" if res["bringup"]["all_replicating_together_s"] else str(res["bringup"]["phases_after"])),
         ("  per volume p50 / p99", f"{f(res['bringup']['per_volume_s']['p50'], ' s', 1)} / "
                                    f"{f(res['bringup']['per_volume_s']['p99'], ' s', 1)}", ""),
         ("operator CPU during bring-up", f(res["bringup"]["operator_cpu_s"], " s", 1), ""),
@@ -452,6 +495,8 @@ def report(res: dict[str, Any]) -> str:
         ("  agents", f(st["requests_per_volume_minute"].get("agents"), "", 1), ""),
         ("  (kubelets, controllers, this harness)", f(st["requests_per_volume_minute"].get("other"), "", 1), ""),
         ("operator CPU at steady state", f(st["operator_cpu_fraction"] * 100, " % of a core", 1), ""),
+        ("agents + daemons CPU at steady state", f(st["agents_and_daemons_cpu_fraction"] * 100, " % of a core", 1),
+         ""),
         ("operator CPU seconds, whole run", f(op["cpu_s"], " s", 1), ""),
         ("operator peak RSS", f(op["peak_rss_mib"], " MiB", 0), f"<= {TARGET_OPERATOR_RSS_MIB:.0f} MiB"),
         ("RSS per replica: agent / qsd / total p50",
@@ -463,6 +508,10 @@ def report(res: dict[str, Any]) -> str:
         ("  kill -> failover decided p50 / p99 (storm)",
          f"{f(fo['storm']['detect_s']['p50'], ' s')} / {f(fo['storm']['detect_s']['p99'], ' s')}", ""),
         ("storm p99 / single", f(fo["storm_p99_over_single"], "x"), f"<= {TARGET_STORM_RATIO}x"),
+        ("  storm volumes not failed over", str(len(fo["storm"]["not_failed_over"])), ""),
+        ("unplanned failovers before the kills", str(fo["unplanned_failovers_before_the_kills"]), ""),
+        ("reconcile probes failed / skipped",
+         f"{len(lat['failed'])} / {lat['not_probed']}", ""),
     ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     lines = ["", f"{'measure':<{width}}  {'value':>22}  target", "-" * (width + 36)]
