@@ -66,6 +66,7 @@ def replicating(**kw: Any) -> World:
         secondary=Replica("n2", "vol-1-b", "secondary/running", "10.0.0.2", synced=True),
         endpoint={"node": "n1"},
         checkpoint={"id": 4, "time": rfc3339(NOW - 2), "durationMs": 3.0},
+        observed_generation=1,
     )
     base: dict[str, Any] = dict(
         name="vol", namespace="ns", generation=1, spec=spec(), status=status, now=NOW,
@@ -232,6 +233,12 @@ def test_checkpoint_is_cut_when_the_interval_has_passed_and_not_before() -> None
     assert p.actions == (Checkpoint("vol-1-b", "10.0.0.2"),)
     assert p.status.checkpoint is not None and p.status.checkpoint["id"] == 4
     assert p.cosmetic  # nothing but informational fields: the executor may coalesce the write
+
+
+def test_a_spec_change_is_acknowledged_in_the_status_at_once_not_coalesced() -> None:
+    p = plan(replicating(generation=2, now=NOW + 9, lease=LeaseView("vol-1-a", 1, 3.0)))
+    assert p.status.observed_generation == 2
+    assert not p.cosmetic
 
 
 def test_first_checkpoint_is_cut_as_soon_as_the_pair_is_in_sync() -> None:

@@ -427,6 +427,9 @@ def _finish(world: World, status: VolumeStatus, actions: list[Action], cosmetic:
         now,
         gen,
     )
+    # a spec the status does not yet acknowledge is news for whoever changed it (kubectl
+    # wait --for=jsonpath='{.status.observedGeneration}'), not a refresh to coalesce
+    cosmetic = cosmetic and status.observed_generation == gen
     status = status.with_(conditions=conds, observed_generation=gen)
     return Plan(status=status, actions=tuple(actions), cosmetic=cosmetic)
 
