@@ -19,7 +19,7 @@ re-observes. Nothing here remembers anything but what is in ``World``.
 from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pairvol.api.spec import SpecError, VolumeSpec
@@ -911,21 +911,27 @@ def primary_lost_lease(world: World) -> bool:
 # server instead, and handlers.py applies them before it builds the World.
 
 
-def lease_needs_fresh_read(status: VolumeStatus, cached: LeaseView | None, margin_s: float) -> bool:
-    """Whether the Lease must be read from the API server rather than from the cache.
+def lease_needs_fresh_read(world: World) -> bool:
+    """Whether this tick's Lease, taken from the cache, must be read from the API server.
 
     The Lease counts once a primary serves (the volume is activated, not failing over):
-    from then on the planner may fail over when it is absent, released or expired, and
-    marks the secondary out of sync from it. A cached Lease is trusted only to say that
-    the primary still holds it (which at worst delays a failover); every Lease that could
-    let a failover go ahead — absent, released, or unchanged for longer than its duration
-    — is read again, and with it the out-of-sync mark the primary writes before it
-    acknowledges a write its secondary missed. So a failover is never decided on a Lease
-    record older than the API server's.
+    from then on the planner fails over when it is absent, released or expired, and marks
+    the secondary out of sync from it. A cached Lease is trusted to say that the primary
+    still holds it (which at worst delays a failover). One that could let a failover go
+    ahead — absent, released, or unchanged for longer than its duration — is read again,
+    and with it the out-of-sync mark the primary writes before it acknowledges a write its
+    secondary missed; so a failover is never decided on a Lease record older than the API
+    server's. Not while something else blocks the failover whatever the Lease says (no
+    secondary, one that never finished its full sync, automatic failover off, an
+    unhealthy secondary): a volume stuck there does not poll the API server every tick.
     """
-    if status.primary is None or not status.activated or status.failing_over:
+    st = world.status
+    if st.primary is None or not st.activated or st.failing_over or isinstance(world.spec, SpecError):
         return False
-    return cached is None or cached.expired(margin_s)
+    if world.lease is not None and not world.lease.expired(world.settings.lease_margin_s):
+        return False
+    manual = world.annotations.get(ANN_FAILOVER) == "now"
+    return failover_blocker(replace(world, lease=None), world.spec, st, manual) is None
 
 
 def pods_not_yet_seen(created: Iterable[str], cached: Container[str]) -> set[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import logging
 import os
@@ -287,15 +288,27 @@ class Reconciler:
         self.created &= {str((p.get("metadata") or {}).get("name")) for p in fresh}
         return fresh
 
-    async def read_lease(self, status: VolumeStatus) -> dict[str, Any] | None:
+    async def read_lease(self) -> tuple[dict[str, Any] | None, bool]:
+        """The volume's Lease and whether it was read from the API server (else the cache)."""
         c = ctx()
         inf = Caches.synced(c.caches.leases, self.namespace) if c.caches else None
         if inf is not None:
-            cached = inf.get(self.namespace, m.lease_name(self.name))
-            age = self.lease_seen.age(lease_record(cached) if cached is not None else None, time.monotonic())
-            if not d.lease_needs_fresh_read(status, lease_view(cached, age), c.config.lease_margin_s):
-                return cached
-        return await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name)))
+            return inf.get(self.namespace, m.lease_name(self.name)), False
+        return await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))), True
+
+    def lease_view(self, lease: dict[str, Any] | None) -> d.LeaseView | None:
+        age = self.lease_seen.age(lease_record(lease) if lease is not None else None, time.monotonic())
+        return lease_view(lease, age)
+
+    def with_suspects(self, world: d.World) -> d.World:
+        """Remember since when each replica looks unwell (the grace period's clock)."""
+        bad = d.unhealthy_pods(world)
+        for pod_name in list(self.suspect_since):
+            if pod_name not in bad:
+                del self.suspect_since[pod_name]
+        for pod_name in bad:
+            self.suspect_since.setdefault(pod_name, world.now)
+        return dataclasses.replace(world, suspect_since=dict(self.suspect_since))
 
     # ---------------------------------------------------------------- observe
 
@@ -308,10 +321,9 @@ class Reconciler:
             spec = parse_spec(body.get("spec") or {}, name=self.name)
         except SpecError as exc:
             spec = exc
-        nodes_raw, pods_raw, lease_raw = await asyncio.gather(
-            self.read_nodes(), self.read_pods(), self.read_lease(status)
+        nodes_raw, pods_raw, (lease_raw, lease_fresh) = await asyncio.gather(
+            self.read_nodes(), self.read_pods(), self.read_lease()
         )
-        lease_age = self.lease_seen.age(lease_record(lease_raw) if lease_raw is not None else None, time.monotonic())
         pods = {p.name: p for p in map(pod_view, pods_raw)}
         placement: dict[str, int] = {}
         if status.primary is None or status.secondary is None:
@@ -350,18 +362,16 @@ class Reconciler:
             nodes=[self._agent_may_run(node_view(n)) for n in nodes_raw],
             pods=pods,
             agents=agents,
-            lease=lease_view(lease_raw, lease_age),
+            lease=self.lease_view(lease_raw),
             placement=placement,
             settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
             agent_call_in_flight=self.call is not None and not self.call.done(),
         )
-        bad = d.unhealthy_pods(world)
-        for pod_name in list(self.suspect_since):
-            if pod_name not in bad:
-                del self.suspect_since[pod_name]
-        for pod_name in bad:
-            self.suspect_since.setdefault(pod_name, world.now)
-        return d.World(**{**world.__dict__, "suspect_since": dict(self.suspect_since)})
+        seen = self.with_suspects(world)
+        if not lease_fresh and d.lease_needs_fresh_read(seen):
+            fresh = await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name)))
+            seen = self.with_suspects(dataclasses.replace(world, lease=self.lease_view(fresh)))
+        return seen
 
     @staticmethod
     def _agent_may_run(node: d.NodeView) -> d.NodeView:
