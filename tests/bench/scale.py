@@ -427,12 +427,16 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                                        return_exceptions=True)  # fmt: skip
             rto = [at - t_kill for at in ats if isinstance(at, float)]
             missing = [str(at) for at in ats if not isinstance(at, float)]
-            detect = []
+            detect, execute = [], []
             for n in vols:
-                decided = parse_time(((watch.objects[n].get("status") or {}).get("lastFailover") or {}).get("time"))
-                if decided is not None:
+                lf = (watch.objects[n].get("status") or {}).get("lastFailover") or {}
+                decided = parse_time(lf.get("time"))
+                if decided is not None and lf != before[n]:
                     detect.append(decided - t_kill)
+                    if lf.get("durationMs") is not None:
+                        execute.append(float(lf["durationMs"]) / 1000)
             return {"node": victim, "volumes": len(vols), "rto_s": summary(rto), "detect_s": summary(detect),
+                    "decided_to_done_s": summary(execute),
                     "not_failed_over": missing,
                     "rto_each_s": {n: at - t_kill for n, at in zip(vols, ats, strict=True)
                                    if isinstance(at, float)}}  # fmt: skip
@@ -507,6 +511,11 @@ def report(res: dict[str, Any]) -> str:
          f"{f(fo['storm']['rto_s']['p50'], ' s')} / {f(fo['storm']['rto_s']['p99'], ' s')}", ""),
         ("  kill -> failover decided p50 / p99 (storm)",
          f"{f(fo['storm']['detect_s']['p50'], ' s')} / {f(fo['storm']['detect_s']['p99'], ' s')}", ""),
+        ("  decided -> done (lastFailover.durationMs) p50 / p99, storm",
+         f"{f(fo['storm']['decided_to_done_s']['p50'], ' s')} / "
+         f"{f(fo['storm']['decided_to_done_s']['p99'], ' s')}", ""),
+        ("  single: detect / decided -> done",
+         f"{f(fo['single']['detect_s']['p50'], ' s')} / {f(fo['single']['decided_to_done_s']['p50'], ' s')}", ""),
         ("storm p99 / single", f(fo["storm_p99_over_single"], "x"), f"<= {TARGET_STORM_RATIO}x"),
         ("  storm volumes not failed over", str(len(fo["storm"]["not_failed_over"])), ""),
         ("unplanned failovers before the kills", str(fo["unplanned_failovers_before_the_kills"]), ""),
