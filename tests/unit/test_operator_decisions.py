@@ -1142,6 +1142,18 @@ def test_a_broken_bring_up_deletes_the_pods_that_exist_and_starts_over(broken: s
     assert [a.pod for a in plan(only_secondary).actions if isinstance(a, DeletePod)] == ["vol-1-b"]
 
 
+def test_a_bring_up_pod_that_ended_without_an_error_is_replaced_too() -> None:
+    """A failed liveness probe stops the agent, which exits 0: with restartPolicy Never the
+    pod is Succeeded. It will never be ready; waiting for it would wait for ever."""
+    w = _scenarios()["bring_up_pod_failed"]
+    ended = {name: replace(p, phase="Succeeded", reason="Completed, exit code 0") if p.phase == "Failed" else p
+             for name, p in w.pods.items()}  # fmt: skip
+    p = plan(replace(w, pods=ended))
+    assert [a.pod for a in p.actions if isinstance(a, DeletePod)] == ["vol-1-a", "vol-1-b"]
+    assert (p.status.primary, p.status.secondary) == (None, None)
+    assert "ended (Completed, exit code 0)" in p.status.message
+
+
 def test_placement_records_both_replicas_and_keeps_the_cleanup_of_stray_pods() -> None:
     w = World("vol", "ns", 1, spec(), VolumeStatus(), NOW, nodes=NODES,
               pods={"vol-9-a": pod("vol-9-a", "n3", "primary", "10.0.0.9")})

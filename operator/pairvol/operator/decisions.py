@@ -496,13 +496,16 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
             continue
         pod = world.pods.get(rep.pod)
         node = world.node(rep.node)
-        if node is None or not node.ready or (pod is not None and pod.phase == "Failed"):
+        # a pod that ended (its agent stopped by a failed liveness probe exits 0, so the
+        # pod is Succeeded, not Failed) never becomes ready: replace it too
+        if node is None or not node.ready or (pod is not None and pod.phase in ("Failed", "Succeeded")):
             # start over on a fresh pair: nothing was ever written
             if node is None or not node.ready:
                 why = f"node {rep.node} is not ready"
             else:
                 assert pod is not None
-                why = f"pod {pod.name} failed" + (f" ({pod.reason})" if pod.reason else "")
+                what = "failed" if pod.phase == "Failed" else "ended"
+                why = f"pod {pod.name} {what}" + (f" ({pod.reason})" if pod.reason else "")
             for r in reps.values():
                 if r is not None and r.pod in world.pods:
                     actions.append(DeletePod(r.pod, f"bring-up restarted: {why}"))
