@@ -8,6 +8,7 @@ real agent is tests/integration/test_agentclient_contract.py.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -94,3 +95,36 @@ async def test_unreachable_agent_is_status_zero() -> None:
         assert not await c.healthz("127.0.0.1:9")
     finally:
         await c.close()
+
+
+async def test_calls_to_many_agents_at_once_never_queue_behind_each_other() -> None:
+    """One operator talks to every agent of every volume: two status polls per volume each
+    tick, plus role calls that stay open for a whole full sync. A cap on the client's
+    connections (aiohttp's default is 100) would make a status poll wait for a free
+    connection inside its short timeout, and a healthy agent would look dead. Here the
+    agent answers only once 150 calls are in flight at the same time."""
+    calls = 150
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        nonlocal arrived
+        arrived += 1
+        if arrived == calls:
+            all_in.set()
+        await all_in.wait()
+        return web.json_response({"role": "primary", "stage": "none", "epoch": 1})
+
+    app = web.Application()
+    app.router.add_get("/v1/status", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    client = AgentClient()
+    try:
+        answers = await asyncio.gather(
+            *(client.status(f"127.0.0.1:{server.port}", TOKEN, timeout_s=5) for _ in range(calls))
+        )
+        assert len(answers) == calls and arrived == calls
+    finally:
+        await client.close()
+        await server.close()

@@ -66,6 +66,7 @@ def replicating(**kw: Any) -> World:
         secondary=Replica("n2", "vol-1-b", "secondary/running", "10.0.0.2", synced=True),
         endpoint={"node": "n1"},
         checkpoint={"id": 4, "time": rfc3339(NOW - 2), "durationMs": 3.0},
+        observed_generation=1,
     )
     base: dict[str, Any] = dict(
         name="vol", namespace="ns", generation=1, spec=spec(), status=status, now=NOW,
@@ -232,6 +233,12 @@ def test_checkpoint_is_cut_when_the_interval_has_passed_and_not_before() -> None
     assert p.actions == (Checkpoint("vol-1-b", "10.0.0.2"),)
     assert p.status.checkpoint is not None and p.status.checkpoint["id"] == 4
     assert p.cosmetic  # nothing but informational fields: the executor may coalesce the write
+
+
+def test_a_spec_change_is_acknowledged_in_the_status_at_once_not_coalesced() -> None:
+    p = plan(replicating(generation=2, now=NOW + 9, lease=LeaseView("vol-1-a", 1, 3.0)))
+    assert p.status.observed_generation == 2
+    assert not p.cosmetic
 
 
 def test_first_checkpoint_is_cut_as_soon_as_the_pair_is_in_sync() -> None:
@@ -1180,6 +1187,18 @@ def test_a_broken_bring_up_deletes_the_pods_that_exist_and_starts_over(broken: s
     assert (p.status.primary, p.status.secondary) == (None, None)
     only_secondary = replace(w, pods={"vol-1-b": w.pods["vol-1-b"]})
     assert [a.pod for a in plan(only_secondary).actions if isinstance(a, DeletePod)] == ["vol-1-b"]
+
+
+def test_a_bring_up_pod_that_ended_without_an_error_is_replaced_too() -> None:
+    """A failed liveness probe stops the agent, which exits 0: with restartPolicy Never the
+    pod is Succeeded. It will never be ready; waiting for it would wait for ever."""
+    w = _scenarios()["bring_up_pod_failed"]
+    ended = {name: replace(p, phase="Succeeded", reason="Completed, exit code 0") if p.phase == "Failed" else p
+             for name, p in w.pods.items()}  # fmt: skip
+    p = plan(replace(w, pods=ended))
+    assert [a.pod for a in p.actions if isinstance(a, DeletePod)] == ["vol-1-a", "vol-1-b"]
+    assert (p.status.primary, p.status.secondary) == (None, None)
+    assert "ended (Completed, exit code 0)" in p.status.message
 
 
 def test_placement_records_both_replicas_and_keeps_the_cleanup_of_stray_pods() -> None:

@@ -23,10 +23,12 @@ every 200 ms must not become a stream of refused requests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -204,6 +206,69 @@ class KubeClient:
         except TimeoutError as exc:
             raise KubeError(0, f"{method} {path}: no answer within {t:.1f}s (is the API server reachable?)") from exc
         return result if isinstance(result, dict) else {"value": result}
+
+    async def stream_lines(
+        self, path: str, params: Mapping[str, str], read_timeout_s: float
+    ) -> AsyncGenerator[bytes, None]:
+        """GET a response that streams (a watch), line by line.
+
+        A thread of its own reads it (a watch lasts minutes; it must not hold a worker of
+        the pool every other call shares); lines reach the event loop through a queue.
+        A status >= 400 raises like :meth:`request`; a connection silent for
+        ``read_timeout_s`` ends the stream with a :class:`KubeError`.
+        """
+        if self._closed:
+            raise KubeError(0, f"GET {path}: the Kubernetes client is closed")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        opened: list[Any] = []
+        what = f"GET {path}"
+
+        def put(item: bytes | BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def read() -> None:
+            try:
+                resp = self._api.call_api(
+                    path, "GET", query_params=list(params.items()),
+                    header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                    _preload_content=False, _request_timeout=(self.timeout_s, read_timeout_s),
+                    _return_http_data_only=True,
+                )  # fmt: skip
+                opened.append(resp)
+                rest = b""
+                for chunk in resp.stream(65536):
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()
+                    for line in lines:
+                        put(line)
+                if rest:
+                    put(rest)
+                put(None)
+            except kclient.ApiException as exc:
+                put(self._error(what, exc))
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                put(KubeError(0, f"{what}: {exc!r}"))
+            except Exception as exc:  # e.g. urllib3 reading a connection it already released
+                put(KubeError(0, f"{what}: the stream ended: {exc!r}"))
+
+        thread = threading.Thread(target=read, name=f"kube-stream {path}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for resp in opened:  # unblocks the reading thread
+                with contextlib.suppress(Exception):
+                    resp.shutdown()
+                with contextlib.suppress(Exception):
+                    resp.close()
 
     # ------------------------------------------------------------------ helpers
 

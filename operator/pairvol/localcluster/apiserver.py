@@ -86,6 +86,7 @@ logger = logging.getLogger(__name__)
 ObjKey = tuple[str, str]  # (namespace or "", name)
 TypeKey = tuple[str, str]  # (group, plural)
 
+_CLIENT_KEY = "pairvol.client"  # who made a request, kept on the aiohttp request for its watch
 _KEEP_REQUESTS = 200  # kmock keeps every request for assertions; bound it for long runs
 
 
@@ -129,6 +130,12 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
     denied: collections.deque[tuple[str, auth.Attributes]] = attrs.field(
         factory=lambda: collections.deque(maxlen=_KEEP_REQUESTS), init=False
     )
+    # What a real API server would pay, for ``make bench-scale``: resource requests counted
+    # by (client, verb, resource[/subresource]) and watch events sent by (client, resource).
+    # The client is the authenticated user (a ServiceAccount is ``system:serviceaccount:
+    # <ns>:<name>``), or ``control-plane`` for the in-process kubelets and controllers.
+    request_counts: collections.Counter[tuple[str, str, str]] = attrs.field(factory=collections.Counter, init=False)
+    watch_events: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter, init=False)
     # The latest requests answered 401 (method, path with query): how often a client with
     # refused credentials comes back is what a test asserts about retry storms.
     unauthorized: collections.deque[tuple[str, str]] = attrs.field(
@@ -161,11 +168,18 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         """Serve resource URLs from the store; everything else through kmock."""
         rpath = parse_resource_path(raw.path)
         try:
-            self._authorize(raw, rpath)
+            user = self._authorize(raw, rpath)
         except RequestError as exc:
             if exc.code == 401:
                 self.unauthorized.append((raw.method, raw.path_qs))
             return _status_response(exc)
+        if rpath is not None and rpath.plural is not None:
+            client = user.name if user is not None else "control-plane"
+            watch = str(raw.query.get("watch", "")).lower() in ("true", "1")
+            verb = auth.attributes(raw.method, raw.path, rpath, watch).verb
+            resource = f"{rpath.plural}/{rpath.subresource}" if rpath.subresource else rpath.plural
+            self.request_counts[(client, verb, resource)] += 1
+            raw[_CLIENT_KEY] = client
         if rpath is None or rpath.plural is None:
             if raw.path.startswith("/openapi/"):
                 try:
@@ -780,6 +794,8 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
         as_table: bool,
     ) -> None:
         payload = self._table(request, rtype, [obj]) if as_table else obj
+        raw = request._raw_request
+        self.watch_events[(str(raw.get(_CLIENT_KEY, "control-plane")) if raw is not None else "?", rtype.plural)] += 1
         line = json.dumps({"type": etype, "object": payload}) + "\n"
         await response.write(line.encode())
 

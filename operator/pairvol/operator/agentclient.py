@@ -28,13 +28,21 @@ class AgentError(PairvolError):
         super().__init__(f"agent {address} {call}: {status or 'unreachable'} {message}")
 
 
+def _session() -> aiohttp.ClientSession:
+    # No cap on connections (aiohttp's default is 100): a status poll must never wait for a
+    # free connection inside its short timeout while role calls of other volumes hold
+    # theirs for a whole full sync, or a healthy agent looks dead. The number of calls in
+    # flight is bounded by the loops: a few per volume.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
 class AgentClient:
     """One shared HTTP session for all agents; ``token`` is passed per call (per volume)."""
 
     def __init__(self, timeout_s: float = 5.0, long_timeout_s: float = 600.0) -> None:
         self.timeout_s = timeout_s
         self.long_timeout_s = long_timeout_s
-        self._session = LazySession()
+        self._session = LazySession(_session)
 
     async def close(self) -> None:
         await self._session.close()

@@ -18,8 +18,8 @@ re-observes. Nothing here remembers anything but what is in ``World``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pairvol.api.spec import SpecError, VolumeSpec
@@ -434,6 +434,9 @@ def _finish(world: World, status: VolumeStatus, actions: list[Action], cosmetic:
         now,
         gen,
     )
+    # a spec the status does not yet acknowledge is news for whoever changed it (kubectl
+    # wait --for=jsonpath='{.status.observedGeneration}'), not a refresh to coalesce
+    cosmetic = cosmetic and status.observed_generation == gen
     status = status.with_(conditions=conds, observed_generation=gen)
     return Plan(status=status, actions=tuple(actions), cosmetic=cosmetic)
 
@@ -500,13 +503,16 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
             continue
         pod = world.pods.get(rep.pod)
         node = world.node(rep.node)
-        if node is None or not node.ready or (pod is not None and pod.phase == "Failed"):
+        # a pod that ended (its agent stopped by a failed liveness probe exits 0, so the
+        # pod is Succeeded, not Failed) never becomes ready: replace it too
+        if node is None or not node.ready or (pod is not None and pod.phase in ("Failed", "Succeeded")):
             # start over on a fresh pair: nothing was ever written
             if node is None or not node.ready:
                 why = f"node {rep.node} is not ready"
             else:
                 assert pod is not None
-                why = f"pod {pod.name} failed" + (f" ({pod.reason})" if pod.reason else "")
+                what = "failed" if pod.phase == "Failed" else "ended"
+                why = f"pod {pod.name} {what}" + (f" ({pod.reason})" if pod.reason else "")
             for r in reps.values():
                 if r is not None and r.pod in world.pods:
                     actions.append(DeletePod(r.pod, f"bring-up restarted: {why}"))
@@ -923,3 +929,64 @@ def primary_lost_lease(world: World) -> bool:
     if prim is None or lease is None or lease.holder not in (prim.pod, None):
         return False
     return lease.expired(world.settings.lease_margin_s)
+
+
+# ------------------------------------------------------------ cached observations
+#
+# The operator reads nodes, pods, Leases and the volume from watch caches (informer.py),
+# which lag the API server by the time an event takes to arrive. A lagging cache may only
+# delay a decision, never cause a wrong one; these rules say when the loop reads the API
+# server instead, and handlers.py applies them before it builds the World.
+
+
+def lease_needs_fresh_read(world: World) -> bool:
+    """Whether this tick's Lease, taken from the cache, must be read from the API server.
+
+    The Lease counts once a primary serves (the volume is activated, not failing over):
+    from then on the planner fails over when it is absent, released or expired, and marks
+    the secondary out of sync from it. A cached Lease is trusted to say that the primary
+    still holds it (which at worst delays a failover). One that could let a failover go
+    ahead — absent, released, or unchanged for longer than its duration — is read again,
+    and with it the out-of-sync mark the primary writes before it acknowledges a write its
+    secondary missed; so a failover is never decided on a Lease record older than the API
+    server's. Not while something else blocks the failover whatever the Lease says (no
+    secondary, one that never finished its full sync, automatic failover off, an
+    unhealthy secondary): a volume stuck there does not poll the API server every tick.
+    """
+    st = world.status
+    if st.primary is None or not st.activated or st.failing_over or isinstance(world.spec, SpecError):
+        return False
+    if world.lease is not None and not world.lease.expired(world.settings.lease_margin_s):
+        return False
+    manual = world.annotations.get(ANN_FAILOVER) == "now"
+    return failover_blocker(replace(world, lease=None), world.spec, st, manual) is None
+
+
+def pods_not_yet_seen(created: Iterable[str], cached: Container[str]) -> set[str]:
+    """Pods this operator created that the cache does not show yet.
+
+    While there are any, the volume's pods are read from the API server: a pod missing
+    from a lagging cache would be judged gone, and a secondary placed a moment ago
+    replaced before it ever started."""
+    return {p for p in created if p not in cached}
+
+
+def volume_body_source(known_rv: str | None, cache_has_seen_known: bool, cached_present: bool) -> str:
+    """Where this tick's ReplicatedVolume comes from: ``"cache"``, ``"own"`` (the version
+    this loop last wrote or read) or ``"api"`` (a GET).
+
+    Its status is written only by this loop, and each plan starts from the status the
+    last one persisted; so the body must never be older than the version this loop last
+    wrote (``known_rv``). The cache is used once it has shown that version (events
+    arrive in order, so what it holds then is that version or a newer one, or nothing
+    if the volume was deleted since); before that, the loop's own copy of that version.
+    """
+    if known_rv is None:
+        return "cache" if cached_present else "api"
+    return "cache" if cache_has_seen_known else "own"
+
+
+def node_change_matters(before: NodeView | None, after: NodeView | None) -> bool:
+    """A node event worth waking every volume's loop for: the node appeared, went, or
+    changed readiness, schedulability or labels (not a heartbeat)."""
+    return before != after

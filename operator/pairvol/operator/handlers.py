@@ -8,6 +8,13 @@ then executes the actions. After an operator restart, kopf starts the daemon aga
 loop resumes from ``status`` and the agents' epochs; nothing else is remembered that matters
 for safety (the grace-period clock restarts, which only delays a failover).
 
+Reads come from shared watch caches (:mod:`pairvol.operator.informer`), not from the API
+server on every tick; the rules that keep a lagging cache from causing a wrong decision are
+in :mod:`pairvol.operator.decisions` (``lease_needs_fresh_read``, ``pods_not_yet_seen``,
+``volume_body_source``). A change of the volume, of one of its pods or of a node's
+readiness wakes the volume's loop at once; otherwise it ticks every reconcile interval
+(the agents' status is polled over HTTP, which costs the API server nothing).
+
 kopf peering (``PAIRVOL_PEERING``) guarantees that only one operator replica runs daemons at
 a time. Deletion goes through a kopf finalizer (the delete handler below).
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import logging
 import os
@@ -47,11 +55,47 @@ from pairvol.kube.paths import (
 from pairvol.operator import decisions as d
 from pairvol.operator import manifests as m
 from pairvol.operator.agentclient import AgentClient, AgentError
+from pairvol.operator.informer import Informer
 from pairvol.operator.metrics import OperatorMetrics
 
 log = logging.getLogger(__name__)
 
 ROLE_CALL_RETRY_S = 1.0
+# a loop waits this long for the cache to show its own last write, then reads the volume
+OWN_COPY_MAX_S = 5.0
+ALL_VOLUMES = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+ALL_LEASES = "/apis/coordination.k8s.io/v1/leases"
+
+
+@dataclass
+class Caches:
+    """The watch caches, one per collection and watched namespace ("" = all namespaces,
+    when the operator watches the whole cluster)."""
+
+    nodes: Informer
+    volumes: dict[str, Informer]
+    pods: dict[str, Informer]
+    leases: dict[str, Informer]
+
+    @staticmethod
+    def make(kube: KubeClient, namespaces: tuple[str, ...]) -> Caches:
+        scopes = list(namespaces) or [""]
+        agents = f"{m.APP_LABEL}={m.AGENT_APP}"
+        return Caches(
+            nodes=Informer(kube, nodes_path()),
+            volumes={ns: Informer(kube, volume_path(ns) if ns else ALL_VOLUMES) for ns in scopes},
+            pods={ns: Informer(kube, pods_path(ns) if ns else "/api/v1/pods", agents) for ns in scopes},
+            leases={ns: Informer(kube, lease_path(ns) if ns else ALL_LEASES) for ns in scopes},
+        )
+
+    def all(self) -> list[Informer]:
+        return [self.nodes, *self.volumes.values(), *self.pods.values(), *self.leases.values()]
+
+    @staticmethod
+    def synced(table: Mapping[str, Informer], namespace: str) -> Informer | None:
+        """The cache for ``namespace``, once it has been listed (else None: read the API)."""
+        inf = table.get(namespace) or table.get("")
+        return inf if inf is not None and inf.synced.is_set() else None
 
 
 @dataclass
@@ -64,6 +108,8 @@ class Context:
     metrics: OperatorMetrics
     runner: web.AppRunner | None = None
     started: float = field(default_factory=time.time)
+    caches: Caches | None = None
+    loops: dict[str, Reconciler] = field(default_factory=dict)  # "ns/name" -> the running loop
 
 
 _CTX: Context | None = None
@@ -183,6 +229,87 @@ class Reconciler:
         # when this process first saw the Lease's current record (monotonic): expiry is judged
         # by it, so a restarted operator waits a full Lease duration before failing over
         self.lease_seen = LeaseObservation()
+        # set by the caches when the volume, one of its pods or a node changed: tick now
+        self.wake = asyncio.Event()
+        # the version of the volume this loop last wrote or read (decisions.volume_body_source)
+        self.body: dict[str, Any] | None = None
+        self.known_rv: str | None = None
+        self.known_at = 0.0
+        # pods this loop created that the cache has not shown yet (decisions.pods_not_yet_seen)
+        self.created: set[str] = set()
+
+    # ---------------------------------------------------------------- reading
+
+    def remember(self, body: Mapping[str, Any]) -> None:
+        self.body = dict(body)
+        self.known_rv = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
+        self.known_at = time.monotonic()
+
+    async def read_volume(self) -> dict[str, Any] | None:
+        """This tick's ReplicatedVolume: never older than what this loop last wrote."""
+        c = ctx()
+        inf = Caches.synced(c.caches.volumes, self.namespace) if c.caches else None
+        source = "api"
+        cached = None
+        if inf is not None:
+            cached = inf.get(self.namespace, self.name)
+            seen = self.known_rv is not None and inf.has_seen(self.namespace, self.name, self.known_rv)
+            source = d.volume_body_source(self.known_rv, seen, cached is not None)
+            if source == "own" and time.monotonic() - self.known_at > OWN_COPY_MAX_S:
+                source = "api"  # e.g. a relist skipped that version: ask the API server
+        if source == "cache":
+            if cached is not None:
+                self.remember(cached)
+            return cached
+        if source == "own":
+            return self.body
+        body = await c.kube.get_or_none(volume_path(self.namespace, self.name))
+        if body is not None:
+            self.remember(body)
+        return body
+
+    async def read_nodes(self) -> list[dict[str, Any]]:
+        c = ctx()
+        if c.caches is not None and c.caches.nodes.synced.is_set():
+            return c.caches.nodes.items()
+        return await c.kube.list(nodes_path())
+
+    async def read_pods(self) -> list[dict[str, Any]]:
+        c = ctx()
+        inf = Caches.synced(c.caches.pods, self.namespace) if c.caches else None
+        if inf is not None:
+            cached = inf.items(self.namespace, {d.LABEL_VOLUME: self.name, m.APP_LABEL: m.AGENT_APP})
+            names = {str((p.get("metadata") or {}).get("name")) for p in cached}
+            self.created -= names
+            if not d.pods_not_yet_seen(self.created, names):
+                return cached
+        selector = f"{d.LABEL_VOLUME}={self.name},{m.APP_LABEL}={m.AGENT_APP}"
+        fresh = await c.kube.list(pods_path(self.namespace), selector)
+        # what the API server does not have either is gone (or was never created): stop waiting
+        self.created &= {str((p.get("metadata") or {}).get("name")) for p in fresh}
+        return fresh
+
+    async def read_lease(self) -> tuple[dict[str, Any] | None, bool]:
+        """The volume's Lease and whether it was read from the API server (else the cache)."""
+        c = ctx()
+        inf = Caches.synced(c.caches.leases, self.namespace) if c.caches else None
+        if inf is not None:
+            return inf.get(self.namespace, m.lease_name(self.name)), False
+        return await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))), True
+
+    def lease_view(self, lease: dict[str, Any] | None) -> d.LeaseView | None:
+        age = self.lease_seen.age(lease_record(lease) if lease is not None else None, time.monotonic())
+        return lease_view(lease, age)
+
+    def with_suspects(self, world: d.World) -> d.World:
+        """Remember since when each replica looks unwell (the grace period's clock)."""
+        bad = d.unhealthy_pods(world)
+        for pod_name in list(self.suspect_since):
+            if pod_name not in bad:
+                del self.suspect_since[pod_name]
+        for pod_name in bad:
+            self.suspect_since.setdefault(pod_name, world.now)
+        return dataclasses.replace(world, suspect_since=dict(self.suspect_since))
 
     # ---------------------------------------------------------------- observe
 
@@ -195,12 +322,9 @@ class Reconciler:
             spec = parse_spec(body.get("spec") or {}, name=self.name)
         except SpecError as exc:
             spec = exc
-        nodes_raw, pods_raw, lease_raw = await asyncio.gather(
-            c.kube.list(nodes_path()),
-            c.kube.list(pods_path(self.namespace), f"{d.LABEL_VOLUME}={self.name},{m.APP_LABEL}={m.AGENT_APP}"),
-            c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))),
+        nodes_raw, pods_raw, (lease_raw, lease_fresh) = await asyncio.gather(
+            self.read_nodes(), self.read_pods(), self.read_lease()
         )
-        lease_age = self.lease_seen.age(lease_record(lease_raw) if lease_raw is not None else None, time.monotonic())
         pods = {p.name: p for p in map(pod_view, pods_raw)}
         placement: dict[str, int] = {}
         if status.primary is None or status.secondary is None:
@@ -239,18 +363,16 @@ class Reconciler:
             nodes=[self._agent_may_run(node_view(n)) for n in nodes_raw],
             pods=pods,
             agents=agents,
-            lease=lease_view(lease_raw, lease_age),
+            lease=self.lease_view(lease_raw),
             placement=placement,
             settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
             agent_call_in_flight=self.call is not None and not self.call.done(),
         )
-        bad = d.unhealthy_pods(world)
-        for pod_name in list(self.suspect_since):
-            if pod_name not in bad:
-                del self.suspect_since[pod_name]
-        for pod_name in bad:
-            self.suspect_since.setdefault(pod_name, world.now)
-        return d.World(**{**world.__dict__, "suspect_since": dict(self.suspect_since)})
+        seen = self.with_suspects(world)
+        if not lease_fresh and d.lease_needs_fresh_read(seen):
+            fresh = await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name)))
+            seen = self.with_suspects(dataclasses.replace(world, lease=self.lease_view(fresh)))
+        return seen
 
     @staticmethod
     def _agent_may_run(node: d.NodeView) -> d.NodeView:
@@ -303,7 +425,8 @@ class Reconciler:
         if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
             return True
         try:
-            await c.kube.merge_patch(volume_path(self.namespace, self.name, status=True), {"status": new})
+            path = volume_path(self.namespace, self.name, status=True)
+            self.remember(await c.kube.merge_patch(path, {"status": new}))
         except KubeError as exc:
             log.warning("%s: status write failed, not acting this tick: %s", self.key, exc)
             return False
@@ -337,6 +460,7 @@ class Reconciler:
                         export_key=self.export_key,
                     )
                     await c.kube.create_if_missing(pods_path(ns), manifest)
+                    self.created.add(pod)
                     log.info("%s: created %s pod %s on %s", self.key, role, pod, node)
                 case d.DeletePod(pod=pod, reason=reason):
                     await c.kube.delete(pods_path(ns, pod))  # the pod's own grace: the agent stops cleanly
@@ -365,7 +489,9 @@ class Reconciler:
                     res = await c.agents.failover(f"{ip}:{d.API_PORT}", token, epoch, mode)
                     log.warning("%s: failover to %s done: %s", self.key, action.pod, res)
                 case d.ClearAnnotation(key=key):
-                    await c.kube.merge_patch(volume_path(ns, self.name), {"metadata": {"annotations": {key: None}}})
+                    self.remember(
+                        await c.kube.merge_patch(volume_path(ns, self.name), {"metadata": {"annotations": {key: None}}})
+                    )
                 case d.Event(type=etype, reason=reason, message=message):
                     await self.event(body, etype, reason, message)
                 case d.FailoverDone(duration_s=dur, mode=mode, reason=reason):
@@ -428,8 +554,7 @@ class Reconciler:
 
     async def tick(self) -> bool:
         """One observe-plan-persist-act round; True if something was done (tick again now)."""
-        c = ctx()
-        body = await c.kube.get_or_none(volume_path(self.namespace, self.name))
+        body = await self.read_volume()
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return False
         if self.last_written is None:
@@ -459,8 +584,10 @@ class Reconciler:
     async def run(self, stopped: Any) -> None:
         c = ctx()
         backoff = c.config.reconcile_interval_s
+        c.loops[self.key] = self
         try:
             while not stopped:
+                self.wake.clear()
                 try:
                     acted = await self.tick()
                     c.metrics.reconciles.labels("ok").inc()
@@ -471,13 +598,24 @@ class Reconciler:
                     c.metrics.reconciles.labels("error").inc()
                     log.info("%s: tick failed (retrying in %.1fs): %s", self.key, backoff, exc)
                     backoff = min(5.0, backoff * 2)
-                await stopped.wait(backoff)
+                await self.nap(stopped, backoff)
         finally:
+            if c.loops.get(self.key) is self:
+                del c.loops[self.key]
             # also when kopf cancels the daemon: a replica that no longer manages the
             # volume must not keep exporting its last phase (alerts take the max)
             c.metrics.set_phase(self.key, None)
             if self.call is not None and not self.call.done():
                 self.call.cancel()
+
+    async def nap(self, stopped: Any, seconds: float) -> None:
+        """Until the next tick: ``seconds``, or less when woken or stopped."""
+        waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stopped.wait(seconds))]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
 
 # ------------------------------------------------------------------ kopf handlers
@@ -521,12 +659,49 @@ async def _serve_health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "uptime": time.time() - ctx().started})
 
 
+def start_caches(c: Context) -> Caches:
+    """The watch caches, wired to wake the loops whose volume an event concerns."""
+    caches = Caches.make(c.kube, c.config.watch_namespaces)
+
+    def wake(namespace: str, name: str, own_rv: str | None = None) -> None:
+        loop = c.loops.get(f"{namespace}/{name}")
+        if loop is not None and (own_rv is None or own_rv != loop.known_rv):
+            loop.wake.set()
+
+    def on_volume(etype: str, obj: dict[str, Any], before: dict[str, Any] | None) -> None:
+        meta = obj.get("metadata") or {}
+        # this loop's own write needs no second look
+        wake(str(meta.get("namespace")), str(meta.get("name")), str(meta.get("resourceVersion") or ""))
+
+    def on_pod(etype: str, obj: dict[str, Any], before: dict[str, Any] | None) -> None:
+        meta = obj.get("metadata") or {}
+        volume = (meta.get("labels") or {}).get(d.LABEL_VOLUME)
+        if volume:
+            wake(str(meta.get("namespace")), str(volume))
+
+    def on_node(etype: str, obj: dict[str, Any], before: dict[str, Any] | None) -> None:
+        after = None if etype == "DELETED" else node_view(obj)
+        if d.node_change_matters(node_view(before) if before is not None else None, after):
+            for loop in list(c.loops.values()):
+                loop.wake.set()
+
+    caches.nodes.subscribe(on_node)
+    for inf in caches.volumes.values():
+        inf.subscribe(on_volume)
+    for inf in caches.pods.values():
+        inf.subscribe(on_pod)
+    for inf in caches.all():
+        inf.start()
+    return caches
+
+
 @kopf.on.startup()
 async def startup(settings: Any, **_: Any) -> None:
     global _CTX
     config = m.OperatorConfig.from_env()
     kube = KubeClient(await load_config(None))
     _CTX = Context(config=config, kube=kube, agents=AgentClient(), metrics=OperatorMetrics())
+    _CTX.caches = start_caches(_CTX)
     settings.persistence.finalizer = "pairvol.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="pairvol.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -557,6 +732,8 @@ async def cleanup(**_: Any) -> None:
     global _CTX
     c, _CTX = _CTX, None
     if c is not None:
+        for inf in c.caches.all() if c.caches else []:
+            await inf.stop()
         if c.runner is not None:
             await c.runner.cleanup()
         await c.agents.close()
