@@ -270,13 +270,9 @@ class Stack(Generic[Op]):
         agents' by the node simulator, the operator's here — a process that read its token
         once is refused within the run."""
         from pairvol.localcluster.cluster import LocalCluster
-        from pairvol.localcluster.kubelet import NodeSimulator
 
-        # PAIRVOL_KEEP_TMP=1 keeps logs and images for a post-mortem
-        own_root = root is None and not os.environ.get("PAIRVOL_KEEP_TMP")
-        base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
         names = _node_names(nodes, node_names)
-        async with contextlib.AsyncExitStack() as stack:
+        async with _stack_dir(root) as base, contextlib.AsyncExitStack() as stack:
             stack.enter_context(_cluster_log(base / "cluster.log"))
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
             if token_lifetime_s is not None:
@@ -286,16 +282,7 @@ class Stack(Generic[Op]):
                     {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}}
                 )
             sim = await stack.enter_async_context(
-                NodeSimulator(
-                    cluster.url,
-                    nodes=names,
-                    root=base / "nodes",
-                    status_interval=0.3,
-                    node_monitor_grace=node_monitor_grace,
-                    backoff_base=0.2,
-                    config_retry=0.3,
-                    service_account_tokens=rbac is not None,
-                )
+                _simulator(cluster.url, names, base, node_monitor_grace, service_account_tokens=rbac is not None)
             )
             env = {
                 "PAIRVOL_LEASE_DURATION": f"{lease_duration:g}",
@@ -317,16 +304,10 @@ class Stack(Generic[Op]):
             kube = await stack.enter_async_context(KubeClient(await load_config(str(cluster.kubeconfig_path))))
             try:
                 yield Stack(cluster, sim, op, kube, base)
-            except BaseException:
-                own_root = False  # keep the logs of a failed run for the post-mortem
-                print(f"pairvol: keeping logs of the failed run in {base}", file=sys.stderr)
-                raise
             finally:
                 # delete volumes first so agents stop cleanly while the operator still runs
                 with contextlib.suppress(Exception):
                     await _delete_all_volumes(kube, op)
-        if own_root:
-            await asyncio.to_thread(_rmtree, base)
 
     @staticmethod
     @contextlib.asynccontextmanager
@@ -343,24 +324,12 @@ class Stack(Generic[Op]):
         the agents' run under the chart's ServiceAccounts and RBAC."""
         from pairvol.localcluster import chart
         from pairvol.localcluster.cluster import LocalCluster
-        from pairvol.localcluster.kubelet import NodeSimulator
 
-        own_root = root is None and not os.environ.get("PAIRVOL_KEEP_TMP")
-        base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
-        async with contextlib.AsyncExitStack() as stack:
+        async with _stack_dir(root) as base, contextlib.AsyncExitStack() as stack:
             stack.enter_context(_cluster_log(base / "cluster.log"))
             cluster = await stack.enter_async_context(LocalCluster(nodes=0))
             sim = await stack.enter_async_context(
-                NodeSimulator(
-                    cluster.url,
-                    nodes=_node_names(nodes, node_names),
-                    root=base / "nodes",
-                    status_interval=0.3,
-                    node_monitor_grace=2.0,
-                    backoff_base=0.2,
-                    config_retry=0.3,
-                    service_account_tokens=True,
-                )
+                _simulator(cluster.url, _node_names(nodes, node_names), base, 2.0, service_account_tokens=True)
             )
             namespaces = list(values.get("watchNamespaces") or ["default"])
             for ns in namespaces:
@@ -374,15 +343,9 @@ class Stack(Generic[Op]):
             op = chart.ChartOperator(kube, sim)
             try:
                 yield Stack(cluster, sim, op, kube, base, namespace=namespaces[0])
-            except BaseException:
-                own_root = False
-                print(f"pairvol: keeping logs of the failed run in {base}", file=sys.stderr)
-                raise
             finally:
                 with contextlib.suppress(Exception):
                     await _delete_all_volumes(kube, op)
-        if own_root:
-            await asyncio.to_thread(_rmtree, base)
 
     # ---------------------------------------------------------------- helpers
 
@@ -445,6 +408,38 @@ class Stack(Generic[Op]):
     async def metrics(self) -> str:
         """The operator's ``/metrics`` (of every live replica, one after the other)."""
         return "\n".join(await self.operator.metrics())
+
+
+@contextlib.asynccontextmanager
+async def _stack_dir(root: Path | None) -> AsyncIterator[Path]:
+    """Where a stack keeps logs, images and node directories: a new temporary directory
+    unless ``root`` is given, removed after a run that went well, kept (and named on
+    stderr) after one that failed, or always with PAIRVOL_KEEP_TMP=1, for a post-mortem."""
+    own = root is None and not os.environ.get("PAIRVOL_KEEP_TMP")
+    base = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"pairvol-demo-{os.getpid()}-"))
+    try:
+        yield base
+    except BaseException:
+        print(f"pairvol: keeping logs of the failed run in {base}", file=sys.stderr)
+        raise
+    if own:
+        await asyncio.to_thread(_rmtree, base)
+
+
+def _simulator(api_url: str, names: Sequence[str], base: Path, node_monitor_grace: float, **kw: Any) -> Any:
+    """The node simulator of a stack: quick status and retries, nodes under ``base``."""
+    from pairvol.localcluster.kubelet import NodeSimulator
+
+    return NodeSimulator(
+        api_url,
+        nodes=list(names),
+        root=base / "nodes",
+        status_interval=0.3,
+        node_monitor_grace=node_monitor_grace,
+        backoff_base=0.2,
+        config_retry=0.3,
+        **kw,
+    )
 
 
 def _node_names(nodes: int, wanted: Sequence[str] | None) -> list[str]:
