@@ -9,15 +9,13 @@ This runs it as ``make demo`` does (``python -m pairvol demo`` with helm and kub
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import signal
 import sys
 from pathlib import Path
 
 import pytest
 from tests.support.ci import tool
+from tests.support.localcluster_cli import helm_home, run_session
 
 pytestmark = [
     pytest.mark.netns,
@@ -30,23 +28,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 async def test_make_demo_installs_with_helm_fails_over_and_verifies_the_data(tmp_path: Path) -> None:
     tools = Path(tool("helm")).parent
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
-    env |= {f"HELM_{kind}_HOME": str(tmp_path / f"helm-{kind.lower()}") for kind in ("CACHE", "CONFIG", "DATA")}
-    proc = await asyncio.create_subprocess_exec(
-        # the demo's own RTO limit is for a quiet machine; here the story and the bytes count
-        sys.executable, "-m", "pairvol", "demo", "--rto-limit", "120", cwd=REPO, env=env, start_new_session=True,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 280)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", **helm_home(tmp_path)}
+    # the demo's own RTO limit is for a quiet machine; here the story and the bytes count
+    argv = [sys.executable, "-m", "pairvol", "demo", "--rto-limit", "120"]
+    code, text = await run_session(argv, cwd=REPO, env=env, within=280)
+    assert code == 0, text
     lines = text.splitlines()
     # the story, in order: helm install, the chart's operator, replication, the kill, failover
     story = [

@@ -10,15 +10,13 @@ secondary after its primary's node is killed, and everything uninstalls.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
-import signal
 from pathlib import Path
 
 import pytest
 from tests.support.ci import tool
+from tests.support.localcluster_cli import helm_home, run_session
 
 pytestmark = [
     pytest.mark.netns,
@@ -42,23 +40,11 @@ async def test_the_readme_try_it_section_runs_verbatim(state_dir: Path, tmp_path
     tool("helm")
     script = "set -euo pipefail -x\n" + try_it_block()
     env = {**os.environ, "PAIRVOL_LOCALCLUSTER_DIR": str(state_dir), "KUBECACHEDIR": str(tmp_path / "kube-cache")}
-    env |= {f"HELM_{kind}_HOME": str(tmp_path / f"helm-{kind.lower()}") for kind in ("CACHE", "CONFIG", "DATA")}
+    env |= helm_home(tmp_path)
     env.pop("KUBECONFIG", None)
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", script, cwd=REPO, env=env, start_new_session=True,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 290)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        # whatever the block left in bash's process group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    # whatever the block leaves in bash's process group is killed afterwards
+    code, text = await run_session(["bash", "-c", script], cwd=REPO, env=env, within=290)
+    assert code == 0, text[-4000:]
     for volume in ("basic", "orders-db", "scratch"):
         assert re.search(rf"(rv|replicatedvolume\.pairvol\.io)/{volume} condition met", text), text[-4000:]
     # a workload found the volume by its Service's name (cluster DNS) and wrote and read it

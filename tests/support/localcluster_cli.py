@@ -4,6 +4,7 @@ drive a detached local cluster through its state directory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,31 @@ async def pairvol(*args: str, within: float = 60) -> Result:
             await proc.wait()
     assert proc.returncode is not None
     return Result(proc.returncode, out.decode(), err.decode())
+
+
+def helm_home(tmp: Path) -> dict[str, str]:
+    """helm's cache, config and data directories under ``tmp`` (not the user's)."""
+    return {f"HELM_{kind}_HOME": str(tmp / f"helm-{kind.lower()}") for kind in ("CACHE", "CONFIG", "DATA")}
+
+
+async def run_session(argv: list[str], *, cwd: Path, env: dict[str, str], within: float) -> tuple[int, str]:
+    """A command as a user runs it from a shell, in a session of its own: (exit code,
+    stdout and stderr together). Whatever it leaves in its process group is killed after,
+    also when the test fails."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, env=env, start_new_session=True,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), within)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
 
 
 def alive(pid: int) -> bool:
