@@ -406,6 +406,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         T_DECISIONS, "no promotion while the primary's lease is live",
     ),
     Mutation(
+        "decisions.restarted-primary-marks-secondary-out-of-sync", DECISIONS,
+        "        sec = replace(sec, out_of_sync=True)\n",
+        "        sec = replace(sec)\n",
+        T_DECISIONS, "a primary restarted in place serves alone: its secondary is OutOfSync from then on",
+    ),
+    Mutation(
+        "decisions.restarted-primary-needs-its-role-on-disk", DECISIONS,
+        '    if pa.role != "primary":\n        return wait(\n',
+        '    if False:\n        return wait(\n',
+        T_DECISIONS, "only a replica with the primary role on record is asked to serve again",
+    ),
+    Mutation(
+        "decisions.restarted-primary-waits-for-its-pod", DECISIONS,
+        "    if pa is None or not pod.ready or not pod.ip:\n",
+        "    if pa is None:\n",
+        T_DECISIONS, "a primary restarted in place is asked to serve only once its pod is ready",
+    ),
+    Mutation(
+        "decisions.manual-failover-refused-when-blocked", DECISIONS,
+        "        manual = False\n",
+        "        pass\n",
+        T_DECISIONS, "a manual failover that could promote nothing does not stop the primary",
+    ),
+    Mutation(
         "decisions.lease-margin", DECISIONS,
         "return self.observed_age_s > self.duration_s + margin_s",
         "return self.observed_age_s > self.duration_s",

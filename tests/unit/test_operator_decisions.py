@@ -1022,7 +1022,8 @@ SEEN = [
         "oos_blocked",
         "Failed",
         "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
-        "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
+        "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss; "
+        "restarting primary vol-1-a on n1",
         [
             ("Warning", "OutOfSync", "primary dropped secondary vol-1-b at epoch 3; it needs a resync"),
             (
@@ -1031,6 +1032,7 @@ SEEN = [
                 "primary down (pod vol-1-a is gone); secondary vol-1-b is OutOfSync (it missed acknowledged "
                 "writes) and is never promoted automatically; annotate pairvol.io/failover=now to accept the data loss",
             ),
+            ("Normal", "RestartingPrimary", "no failover possible: restarting vol-1-a on n1"),
         ],
     ),
     (
@@ -1252,9 +1254,12 @@ def test_failover_starts_once_the_primary_is_down_for_exactly_the_grace_period()
 
 
 def test_a_blocked_failover_is_announced_once_and_waiting_for_the_lease_is_not_a_failure() -> None:
-    w = primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3))
+    # (the primary's node is down too, so nothing can be restarted either)
+    w = primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, out_of_sync_epoch=3),
+                     nodes=(NodeView("n1", ready=False), NodeView("n2"), NodeView("n3")))
     p = plan(w)
     assert [a.reason for a in p.actions if isinstance(a, Event)] == ["OutOfSync", "FailoverBlocked"]
+    assert p.status.message.endswith("; restarting primary vol-1-a once node n1 is Ready")
     again = plan(replace(w, status=p.status))
     assert again.actions == () and again.status.phase == Phase.FAILED
     p = plan(primary_dead(lease=LeaseView("vol-1-a", 1, 3.0)))
@@ -1465,12 +1470,15 @@ def test_an_in_sync_volume_degrades_while_its_secondary_does_not_answer_or_lost_
 def test_every_failover_blocker_is_spelled_out() -> None:
     w = primary_dead()
     p = plan(replace(w, status=w.status.with_(secondary=None), pods={}, agents={}))
-    assert p.status.message == "primary down (pod vol-1-a is gone); there is no secondary to fail over to"
+    restarting = "; restarting primary vol-1-a on n1"
+    assert p.status.message == (
+        "primary down (pod vol-1-a is gone); there is no secondary to fail over to" + restarting)
     p = plan(primary_dead(spec=spec(failover={"automatic": False})))
     assert p.status.message == ("primary down (pod vol-1-a is gone); spec.failover.automatic is false; "
-                                "annotate pairvol.io/failover=now to fail over")
+                                "annotate pairvol.io/failover=now to fail over" + restarting)
     p = plan(primary_dead(pods={"vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)}))
-    assert p.status.message == "primary down (pod vol-1-a is gone); secondary is unhealthy: pod vol-1-b not ready"
+    assert p.status.message == (
+        "primary down (pod vol-1-a is gone); secondary is unhealthy: pod vol-1-b not ready" + restarting)
 
 
 def test_the_failed_over_event_gives_the_duration_in_milliseconds_and_the_progress_is_dropped() -> None:
@@ -1505,3 +1513,90 @@ def test_a_primary_that_dropped_its_peer_without_saying_why_is_reported_as_a_pee
     dropped = replace(PRIMARY_AGENT, replication_state="degraded", error=None)
     p = plan(replicating(agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
     assert p.status.message == "primary dropped secondary vol-1-b: peer failed"
+
+
+# ------------------------------------------- no failover possible: the primary comes back
+
+
+def _half_copied(**kw: Any) -> World:
+    """The primary is down and the secondary never finished its full sync: nothing may be
+    promoted (H8), so only the primary itself can serve the volume again."""
+    w = primary_dead(**kw)
+    sec = w.status.secondary
+    assert sec is not None
+    return replace(w, status=w.status.with_(secondary=replace(sec, synced=False, out_of_sync=True)))
+
+
+RESTORED = AgentView("primary", "done", 3)  # restored from the node's disk: serves nothing yet
+
+
+def test_a_primary_pod_that_ended_while_no_failover_is_possible_is_replaced_on_its_node() -> None:
+    ended = pod("vol-1-a", "n1", "primary", "", phase="Succeeded", ready=False)
+    p = plan(_half_copied(pods={**primary_dead().pods, "vol-1-a": ended}))
+    assert DeletePod("vol-1-a", "primary ended while no failover is possible; restarting it on n1") in p.actions
+    assert p.status.phase == Phase.FAILED and p.status.epoch == 3
+    assert p.status.message.endswith("; primary pod vol-1-a ended; replacing it on n1")
+
+    p = plan(_half_copied())  # the pod is gone: the same pod (name, node, so data dir) again
+    assert CreatePod("vol-1-a", "n1", "primary") in p.actions
+    assert not any(isinstance(a, (StartPrimary, DoFailover)) for a in p.actions)
+
+
+def test_a_restored_primary_serves_again_alone_with_a_new_epoch_once_its_lease_is_over() -> None:
+    back = pod("vol-1-a", "n1", "primary", "10.0.0.9")
+    w = _half_copied(pods={**primary_dead().pods, "vol-1-a": back},
+                     agents={"vol-1-a": RESTORED, "vol-1-b": SECONDARY_AGENT})
+    p = plan(w)
+    assert StartPrimary("vol-1-a", "10.0.0.9", 4, None, "none") in p.actions
+    assert p.status.epoch == 4 and p.status.phase == Phase.DEGRADED
+    sec = p.status.secondary
+    assert sec is not None and sec.out_of_sync, "the writes it now acknowledges alone are not on the secondary"
+    assert ("Warning", "PrimaryRestarted") in [(e.type, e.reason) for e in p.actions if isinstance(e, Event)]
+
+    # a secondary that was in sync (the failover was blocked for another reason) is marked too
+    unready = pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)
+    p_in_sync = plan(replace(w, status=primary_dead().status, pods={"vol-1-a": back, "vol-1-b": unready}))
+    assert StartPrimary("vol-1-a", "10.0.0.9", 4, None, "none") in p_in_sync.actions
+    sec = p_in_sync.status.secondary
+    assert sec is not None and sec.out_of_sync
+
+    # once it serves (and holds its Lease again), the ordinary re-protection takes over
+    serving = replace(RESTORED, epoch=4, serving=True)
+    again = plan(replace(w, status=p.status, agents={"vol-1-a": serving, "vol-1-b": SECONDARY_AGENT},
+                         lease=LeaseView("vol-1-a", 0.5, 3.0), suspect_since={}))
+    starts = [a for a in again.actions if isinstance(a, StartPrimary)]
+    assert starts and starts[0].peer == "10.0.0.2:7801" and starts[0].epoch == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "waits_for"),
+    [
+        ({"agents": {"vol-1-a": AgentView("none", "none", 0), "vol-1-b": SECONDARY_AGENT}},
+         "has no primary role on record (none)"),
+        ({"agent_call_in_flight": True}, "waiting for an agent to answer"),
+        ({"nodes": (NodeView("n1", ready=False), NodeView("n2"), NodeView("n3"))}, "once node n1 is Ready"),
+        ({"pods": {"vol-1-b": primary_dead().pods["vol-1-b"],
+                   "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.9", ready=False)}},
+         "waiting for primary vol-1-a on n1 to be ready"),
+    ],
+    ids=["wiped-data-dir", "call-in-flight", "node-not-ready", "pod-not-ready"],
+)
+def test_a_primary_is_not_asked_to_serve_again_while_anything_could_still_be_wrong(
+    change: dict[str, Any], waits_for: str
+) -> None:
+    w = _half_copied(pods={**primary_dead().pods, "vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.9")},
+                     agents={"vol-1-a": RESTORED, "vol-1-b": SECONDARY_AGENT})
+    p = plan(replace(w, **change))
+    assert not any(isinstance(a, (StartPrimary, DoFailover, CreatePod, DeletePod)) for a in p.actions)
+    assert p.status.epoch == 3 and waits_for in p.status.message
+
+
+def test_a_manual_failover_that_could_promote_nothing_is_refused_before_the_primary_is_stopped() -> None:
+    w = replicating(annotations={ANN_FAILOVER: "now"})
+    sec = w.status.secondary
+    assert sec is not None
+    p = plan(replace(w, status=w.status.with_(secondary=replace(sec, synced=False))))
+    assert not any(isinstance(a, DeletePod) for a in p.actions)
+    assert ClearAnnotation(ANN_FAILOVER) in p.actions
+    blocked = [e.message for e in p.actions if isinstance(e, Event) and e.reason == "FailoverBlocked"]
+    assert blocked and blocked[0].startswith("manual failover refused: secondary vol-1-b never finished")

@@ -381,8 +381,8 @@ def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: b
     if not sec.synced:
         return (
             f"secondary {sec.pod} never finished its full sync: its disk is a partial copy, a state the "
-            "volume never had, and is not promoted even by hand. Bring the primary's node or pod back; "
-            "the volume resumes from the primary's data"
+            "volume never had, and is not promoted even by hand. The primary is restarted on its node "
+            "once that node is Ready; the volume resumes from the primary's data"
         )
     if not manual and not spec.failover_automatic:
         return "spec.failover.automatic is false; annotate pairvol.io/failover=now to fail over"
@@ -601,6 +601,12 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         )
         st = st.with_(secondary=sec)
 
+    refused = failover_blocker(replace(world, lease=None), spec, st, True) if manual and phealth == "ok" else None
+    if refused is not None:
+        # refused before the primary is stopped: stopping it could not promote anything
+        actions.append(Event("Warning", "FailoverBlocked", f"manual failover refused: {refused}"))
+        actions.append(ClearAnnotation(ANN_FAILOVER))
+        manual = False
     if manual and phealth == "ok":
         # graceful manual failover: stop the primary first; it releases its lease on exit
         ppod = world.pods.get(prim.pod)
@@ -788,12 +794,12 @@ def _primary_down(
             return _finish(world, st, actions, False)
     blocker = failover_blocker(world, spec, st, manual)
     if blocker is not None:
-        waiting = blocker.startswith("waiting for lease")
-        phase = Phase.DEGRADED if waiting else Phase.FAILED
         msg = f"primary down ({why}); {blocker}"
-        if phase == Phase.FAILED and st.message != msg:
+        if blocker.startswith("waiting for lease"):
+            return _finish(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, False)
+        if blocker not in st.message:
             actions.append(Event("Warning", "FailoverBlocked", msg))
-        return _finish(world, st.with_(phase=phase, message=msg), actions, False)
+        return _restart_primary_in_place(world, st.with_(phase=Phase.FAILED, message=msg), actions)
     assert sec is not None
     epoch = st.epoch + 1
     reason = "manual" if manual else why
@@ -811,6 +817,81 @@ def _primary_down(
     )
     st = st.with_(
         phase=Phase.FAILING_OVER, epoch=epoch, last_failover=fo, message=f"failing over to {sec.node}: {reason}"
+    )
+    return _finish(world, st, actions, False)
+
+
+def _restart_primary_in_place(world: World, st: VolumeStatus, actions: list[Action]) -> Plan:
+    """No replica may be promoted, so the primary is the only one to serve again: restart it
+    on its own node and confirm its role with a new epoch.
+
+    Without this a primary pod that ended (a failed liveness probe ends it: restartPolicy
+    Never), or a primary that fenced itself when it lost its Lease, left the volume down for
+    good while its node was Ready. It is safe by construction: the failover is blocked, so no
+    other replica serves; the pod keeps its name and node, and so its data dir; its agent
+    restores the primary role from disk and serves nothing until this new epoch (restored
+    primaries wait, docs/correctness.md I2); and the epoch is handed out only once the Lease
+    has expired or been released, so the previous process cannot still be acknowledging
+    writes. A replica without the primary role on record (a wiped data dir) is never asked to
+    serve: its disk is not the volume's. It serves alone, so the secondary is marked OutOfSync
+    first (persisted with this plan, before the call): the writes it now acknowledges are not
+    on the secondary, which must not be promoted automatically until a resync.
+    """
+    prim = st.primary
+    assert prim is not None
+    base = st.message
+
+    def wait(why: str) -> Plan:
+        return _finish(world, st.with_(message=f"{base}; {why}"), actions, False)
+
+    node = world.node(prim.node)
+    if node is None or not node.ready:
+        return wait(f"restarting primary {prim.pod} once node {prim.node} is Ready")
+    pod = world.pods.get(prim.pod)
+    if pod is None:
+        if any(p.node == prim.node for p in world.pods.values()):
+            return wait(f"waiting for the old pod on {prim.node} to go away before restarting the primary there")
+        actions.append(CreatePod(prim.pod, prim.node, "primary"))
+        restart = f"no failover possible: restarting {prim.pod} on {prim.node}"
+        actions.append(Event("Normal", "RestartingPrimary", restart))
+        return wait(f"restarting primary {prim.pod} on {prim.node}")
+    if pod.deleting:
+        return wait(f"waiting for pod {prim.pod} to go away before restarting it on {prim.node}")
+    if pod.phase in ("Failed", "Succeeded"):
+        what = "failed" if pod.phase == "Failed" else "ended"
+        actions.append(
+            DeletePod(prim.pod, f"primary {what} while no failover is possible; restarting it on {prim.node}")
+        )
+        return wait(f"primary pod {prim.pod} {what}; replacing it on {prim.node}")
+    pa = _agent(world, prim)
+    if pa is None or not pod.ready or not pod.ip:
+        return wait(f"waiting for primary {prim.pod} on {prim.node} to be ready")
+    if pa.role != "primary":
+        return wait(
+            f"agent of {prim.pod} has no primary role on record ({pa.role}): its data dir is not the "
+            "volume's; restore it, or accept a failover by hand"
+        )
+    if pa.serving:
+        return wait(f"primary {prim.pod} serves but does not hold its lease")
+    lease = world.lease
+    lease_over = lease is None or lease.expired(world.settings.lease_margin_s)
+    if lease is not None and not lease_over:  # (it reached this far only on a view that judged it dead)
+        return wait(f"waiting for the lease held by {lease.holder} to expire before {prim.pod} serves again")
+    if world.agent_call_in_flight:
+        return wait("waiting for an agent to answer")
+    epoch = st.epoch + 1
+    sec = st.secondary
+    if sec is not None and not sec.out_of_sync:
+        sec = replace(sec, out_of_sync=True)
+    actions.append(StartPrimary(prim.pod, pod.ip, epoch, None, "none"))
+    actions.append(
+        Event("Warning", "PrimaryRestarted", f"{prim.pod} on {prim.node} serves again alone (epoch {epoch})")
+    )
+    st = st.with_(
+        epoch=epoch,
+        secondary=sec,
+        phase=Phase.DEGRADED,
+        message=f"primary {prim.pod} serves again on {prim.node} (epoch {epoch}); re-protecting",
     )
     return _finish(world, st, actions, False)
 
