@@ -281,15 +281,20 @@ async def _pair_with_crashing_secondary(
 ) -> tuple[Agent, Agent]:
     primary = Agent("vol", tmp_path / "replica-0", "32Mi", peer_timeout=2)
     secondary = Agent("vol", tmp_path / "replica-1", "32Mi", peer_timeout=2)
-    await primary.start()
-    monkeypatch.setenv("PAIRVOL_CRASH_AT", crash_at)
     try:
-        await secondary.start()
-    finally:
-        monkeypatch.delenv("PAIRVOL_CRASH_AT")
-    await secondary.secondary(1)
-    await primary.primary(2, secondary.replication_address, "full")
-    await primary.wait_replicating()
+        await primary.start()
+        monkeypatch.setenv("PAIRVOL_CRASH_AT", crash_at)
+        try:
+            await secondary.start()
+        finally:
+            monkeypatch.delenv("PAIRVOL_CRASH_AT")
+        await secondary.secondary(1)
+        await primary.primary(2, secondary.replication_address, "full")
+        await primary.wait_replicating()
+    except BaseException:
+        # the callers' cleanup only covers a pair that came up
+        await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
+        raise
     return primary, secondary
 
 
