@@ -50,8 +50,20 @@ async def run_session(argv: list[str], *, cwd: Path, env: dict[str, str], within
         *argv, cwd=cwd, env=env, start_new_session=True,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+
+    async def collect() -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            lines.append(line)
+        await proc.wait()
+
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), within)
+        await asyncio.wait_for(collect(), within)
+    except TimeoutError:
+        tail = b"".join(lines[-80:]).decode(errors="replace")
+        raise AssertionError(f"{argv[2:]} still running after {within:g} s; its last output:\n{tail}") from None
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -59,7 +71,7 @@ async def run_session(argv: list[str], *, cwd: Path, env: dict[str, str], within
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
+    return proc.returncode, b"".join(lines).decode(errors="replace")
 
 
 def alive(pid: int) -> bool:
