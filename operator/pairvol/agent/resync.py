@@ -60,3 +60,49 @@ def choose(requested: str, peer_disk: str | None, record: Record) -> SyncPlan:
         return SyncPlan(FULL, why, peer_disk)
     return SyncPlan(BITMAP, f"the peer's disk {peer_disk} lacks at most the regions written since it was dropped",
                     peer_disk)
+
+
+# ---------------------------------------------------------------------- checksum resync
+
+CHECKSUM = "checksum"
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What the peer's agent said about its disk when the primary asked it
+    (``POST /v1/digests`` with no range), or why it could not be asked."""
+
+    disk: str | None
+    size: int | None
+    error: str | None = None
+
+
+def needs_peer_view(requested: str, plan: SyncPlan) -> bool:
+    """Whether a comparison could replace the full copy ``choose`` settled for: the caller
+    asked ``auto`` and named the peer's disk, but nothing the primary holds vouches for it."""
+    return requested == "auto" and plan.kind == FULL and plan.peer_disk is not None
+
+
+def refine(plan: SyncPlan, peer: PeerView, size: int) -> SyncPlan:
+    """A full copy where the peer's history is unknown becomes a checksum resync when the
+    peer has that disk at the volume's size: both sides compare digests region by region
+    and only the regions that differ are copied (docs/correctness.md, R4). A new node,
+    another size, another disk or a peer that cannot be asked keeps the full copy."""
+    if plan.kind != FULL or plan.peer_disk is None:
+        return plan
+    if peer.error is not None:
+        return SyncPlan(FULL, f"{plan.reason}; the peer could not be asked for checksums ({peer.error})",
+                        plan.peer_disk)
+    if peer.disk != plan.peer_disk:
+        return SyncPlan(FULL, f"{plan.reason}; the peer's disk is {peer.disk}, not {plan.peer_disk}", plan.peer_disk)
+    if peer.size != size:
+        return SyncPlan(
+            FULL, f"{plan.reason}; the peer's disk holds {peer.size} bytes, the volume {size}: a size change",
+            plan.peer_disk,
+        )
+    return SyncPlan(
+        CHECKSUM,
+        f"the history of the peer's disk {plan.peer_disk} is unknown ({plan.reason}): "
+        "copying only the regions whose checksums differ",
+        plan.peer_disk,
+    )
