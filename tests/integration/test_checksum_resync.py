@@ -100,7 +100,13 @@ def scribble(agent: Agent, offsets: list[int], pattern: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def rejoined(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, Agent]]:
+async def rejoined(
+    tmp: Path,
+    fill_first: bool = True,
+    old_writes: tuple[int, ...] = (5 * MiB, 30 * MiB + 128 * KiB),
+    new_writes: tuple[int, ...] = (9 * MiB, 41 * MiB + 64 * KiB, 63 * MiB),
+    **kw: Any,
+) -> AsyncIterator[tuple[Agent, Agent]]:
     """A pair whose roles swapped the hard way: ``old`` was primary of ``new`` (epoch 2,
     in sync, the volume written whole), ``old`` was killed with writes of its own that
     never reached ``new``, ``new`` was promoted (epoch 3) and wrote, and ``old`` came back
@@ -112,15 +118,16 @@ async def rejoined(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, Agent]]:
         await new.secondary(1)
         await pair_with(old, 2, new, 1, sync="full", peer_api=False)
         await old.wait_replicating()
-        async with await old.nbd() as nbd:
-            await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
-            await nbd.flush()
+        if fill_first:
+            async with await old.nbd() as nbd:
+                await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
+                await nbd.flush()
         old.kill()
         await old.wait_exit()
-        scribble(old, [5 * MiB, 30 * MiB + 128 * KiB], 0xEE)
+        scribble(old, list(old_writes), 0xEE)
         await new.failover(3, "latest")
         async with await new.nbd() as nbd:
-            await fill(nbd, 0xB3, [9 * MiB, 41 * MiB + 64 * KiB, 63 * MiB])
+            await fill(nbd, 0xB3, list(new_writes))
             await nbd.flush()
         await old.start()
         await old.secondary(4)
@@ -157,8 +164,10 @@ async def test_a_checksum_resync_under_concurrent_writes_ends_byte_exact(tmp_pat
     are copied: a write racing the comparison of its region is in the dirty bitmap (started
     before the comparison), a write racing the copy waits for it (R2). At the end both disks
     are equal, and a failover to the old primary shows every acknowledged write."""
-    async with rejoined(tmp_path) as (primary, old):
-        log = WriteLog(writers=16, slots=SIZE // 4096)
+    # the writers own the first half (blocks of their own or zeroes); the replicas differ in the second
+    apart = {"fill_first": False, "old_writes": (40 * MiB, 50 * MiB + 128 * KiB), "new_writes": (45 * MiB, 60 * MiB)}
+    async with rejoined(tmp_path, **apart) as (primary, old):
+        log = WriteLog(writers=16, slots=SIZE // 2 // 4096)
         stop = asyncio.Event()
         async with await primary.nbd() as nbd:
             load = asyncio.create_task(log.run(nbd, stop, random.Random(20)))
@@ -182,7 +191,7 @@ async def test_a_checksum_resync_under_concurrent_writes_ends_byte_exact(tmp_pat
         await primary.wait_exit()
         await old.failover(6, "latest")
         async with await old.nbd() as nbd:
-            promoted = b"".join([await nbd.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB)])
+            promoted = b"".join([await nbd.pread(4 * MiB, off) for off in range(0, SIZE // 2, 4 * MiB)])
         log.check_cut(promoted, acked_at, acked_at)
 
 
