@@ -102,7 +102,7 @@ def scribble(agent: Agent, offsets: list[int], pattern: int) -> None:
 @contextlib.asynccontextmanager
 async def rejoined(
     tmp: Path,
-    fill_first: bool = True,
+    filled: tuple[int, int] = (0, SIZE),
     old_writes: tuple[int, ...] = (5 * MiB, 30 * MiB + 128 * KiB),
     new_writes: tuple[int, ...] = (9 * MiB, 41 * MiB + 64 * KiB, 63 * MiB),
     **kw: Any,
@@ -118,10 +118,9 @@ async def rejoined(
         await new.secondary(1)
         await pair_with(old, 2, new, 1, sync="full", peer_api=False)
         await old.wait_replicating()
-        if fill_first:
-            async with await old.nbd() as nbd:
-                await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
-                await nbd.flush()
+        async with await old.nbd() as nbd:
+            await fill(nbd, 0xA0, list(range(*filled, MiB)), MiB)
+            await nbd.flush()
         old.kill()
         await old.wait_exit()
         scribble(old, list(old_writes), 0xEE)
@@ -165,7 +164,7 @@ async def test_a_checksum_resync_under_concurrent_writes_ends_byte_exact(tmp_pat
     before the comparison), a write racing the copy waits for it (R2). At the end both disks
     are equal, and a failover to the old primary shows every acknowledged write."""
     # the writers own the first half (blocks of their own or zeroes); the replicas differ in the second
-    apart = {"fill_first": False, "old_writes": (40 * MiB, 50 * MiB + 128 * KiB), "new_writes": (45 * MiB, 60 * MiB)}
+    apart = {"filled": (SIZE // 2, SIZE), "old_writes": (40 * MiB, 50 * MiB + 128 * KiB), "new_writes": (45 * MiB, 60 * MiB)}
     async with rejoined(tmp_path, **apart) as (primary, old):
         log = WriteLog(writers=16, slots=SIZE // 2 // 4096)
         stop = asyncio.Event()
@@ -273,6 +272,24 @@ async def test_a_peer_that_cannot_be_asked_gets_a_full_copy_and_the_reason(tmp_p
         last = st["replication"]["lastSync"]
         assert last["kind"] == "full" and "could not be asked for checksums" in last["reason"], last
         assert_same_image(image(old), image(primary), "old primary after the fallback to a full copy")
+
+
+async def test_a_new_blank_secondary_is_copied_in_full_not_compared(tmp_path: Path) -> None:
+    primary = Agent("vol", tmp_path / "replica-0", "64Mi")
+    fresh = Agent("vol", tmp_path / "replica-1", "64Mi")
+    try:
+        await asyncio.gather(primary.start(), fresh.start())
+        await primary.primary(1, None, "none")
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA7, [0, 33 * MiB])
+        await fresh.secondary(2)
+        await pair_with(primary, 3, fresh, 2)
+        st = await primary.wait_replicating()
+        last = st["replication"]["lastSync"]
+        assert last["kind"] == "full" and "blank" in last["reason"], last
+        assert_same_image(image(fresh), image(primary), "a new secondary after a full copy")
+    finally:
+        await asyncio.gather(primary.stop(), fresh.stop(), return_exceptions=True)
 
 
 async def test_digests_are_given_only_with_the_token_for_the_disk_the_secondary_has(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ the digests, spans and runs it is made of (pairvol.agent.checksum)."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,26 @@ def test_a_disk_of_unknown_history_at_the_volumes_size_is_compared_not_copied() 
     assert "unknown" in plan.reason and "new pairing" in plan.reason  # why there was no record
 
 
+def test_a_disk_with_data_or_an_unknown_amount_of_it_is_compared() -> None:
+    assert plan_for(X, NO_RECORD, rs.PeerView(X, SIZE, written=rs.BLANK_LIMIT + 4096)).kind == rs.CHECKSUM
+    assert plan_for(X, NO_RECORD, rs.PeerView(X, SIZE, written=None)).kind == rs.CHECKSUM  # tmpfs: no extent map
+
+
+def test_a_new_disk_reports_only_the_block_qemu_writes_when_it_creates_it(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=falloc", str(path), "8M"], check=True)
+    fresh = cs.written_bytes(path)
+    with path.open("r+b") as f:
+        f.seek(4 << 20)
+        f.write(b"x" * (1 << 20))
+    written = cs.written_bytes(path)  # the dirty pages are written back first
+    if fresh is None:  # a file system without an extent map (tmpfs) never claims to know
+        assert written is None
+        return
+    assert fresh <= rs.BLANK_LIMIT
+    assert written is not None and written >= fresh + (1 << 20)
+
+
 def test_another_disk_than_the_recorded_one_is_compared() -> None:
     plan = plan_for(Y, TRACKED, rs.PeerView(Y, SIZE))
     assert (plan.kind, plan.peer_disk) == (rs.CHECKSUM, Y)
@@ -50,6 +71,7 @@ def test_a_matching_record_needs_no_comparison() -> None:
         (rs.PeerView(None, None, "connection refused"), "could not be asked for checksums (connection refused)"),
         (rs.PeerView(Y, SIZE), f"the peer's disk is {Y}, not {X}"),
         (rs.PeerView(X, SIZE // 2), "a size change"),
+        (rs.PeerView(X, SIZE, written=4096), "blank (4096 bytes ever written)"),
     ],
 )
 def test_a_peer_that_cannot_vouch_for_a_comparable_disk_gets_a_full_copy_and_the_reason(

@@ -1066,9 +1066,11 @@ class Replica:
             return rs.PeerView(None, None, f"no answer within {PEER_VIEW_TIMEOUT_S:g} s")
         except cs.ChecksumError as exc:
             return rs.PeerView(None, None, str(exc))
-        size = answer.get("size")
+        size, written = answer.get("size"), answer.get("writtenBytes")
         return rs.PeerView(
-            str(answer.get("disk")), size if isinstance(size, int) and not isinstance(size, bool) else None
+            str(answer.get("disk")),
+            size if isinstance(size, int) and not isinstance(size, bool) else None,
+            written=written if isinstance(written, int) and not isinstance(written, bool) else None,
         )
 
     async def _prepare_checksum(self) -> None:
@@ -1140,7 +1142,8 @@ class Replica:
         """A secondary's digests of its own disk for a primary's checksum resync (R4). Only
         while it runs as secondary, only for the disk it has (``disk``: a primary that
         compared against another disk would copy too little), read from ``disk.raw`` as the
-        daemon has written it. ``length`` 0 answers which disk and size, without reading."""
+        daemon has written it. ``length`` 0 answers which disk, its size and how much of it
+        was ever written (``writtenBytes``, from the file system's extent map), without reading."""
         st = self.state
         if st.role is not Role.SECONDARY or st.stage is not Stage.RUNNING:
             raise IllegalTransition(
@@ -1152,8 +1155,10 @@ class Replica:
             cs.check_span(self.cfg.size, offset, length)
         except ValueError as exc:
             raise InvalidSpan(str(exc)) from exc
-        data = b""
-        if length:
+        data, written = b"", None
+        if not length:  # the primary decides between a comparison and a full copy
+            written = await asyncio.to_thread(cs.written_bytes, self.disk_path)
+        else:
             async with self._digest_lock:  # one pass at a time: a second caller waits its turn
                 data = await asyncio.to_thread(cs.digest_span, self.disk_path, self.cfg.size, offset, length)
             if self.state.disk_id != disk or self.state.role is not Role.SECONDARY:
@@ -1166,6 +1171,7 @@ class Replica:
             "offset": offset,
             "length": length,
             "digests": data.hex(),
+            "writtenBytes": written,
         }
 
     async def _mark_out_of_sync(self, reason: str) -> None:

@@ -75,6 +75,11 @@ class PeerView:
     disk: str | None
     size: int | None
     error: str | None = None
+    written: int | None = None  # bytes of its disk ever written with data, if its file system says
+
+
+# a disk with no more data than this was never given a volume's content: nothing to compare
+BLANK_LIMIT = 64 * 1024
 
 
 def needs_peer_view(requested: str, plan: SyncPlan) -> bool:
@@ -98,6 +103,11 @@ def refine(plan: SyncPlan, peer: PeerView, size: int) -> SyncPlan:
     if peer.size != size:
         return SyncPlan(
             FULL, f"{plan.reason}; the peer's disk holds {peer.size} bytes, the volume {size}: a size change",
+            plan.peer_disk,
+        )
+    if peer.written is not None and peer.written <= BLANK_LIMIT:
+        return SyncPlan(
+            FULL, f"{plan.reason}; the peer's disk is blank ({peer.written} bytes ever written): nothing to compare",
             plan.peer_disk,
         )
     return SyncPlan(
