@@ -164,7 +164,9 @@ async def test_a_checksum_resync_under_concurrent_writes_ends_byte_exact(tmp_pat
     before the comparison), a write racing the copy waits for it (R2). At the end both disks
     are equal, and a failover to the old primary shows every acknowledged write."""
     # the writers own the first half (blocks of their own or zeroes); the replicas differ in the second
-    apart = {"filled": (SIZE // 2, SIZE), "old_writes": (40 * MiB, 50 * MiB + 128 * KiB), "new_writes": (45 * MiB, 60 * MiB)}
+    apart: dict[str, Any] = {
+        "filled": (SIZE // 2, SIZE), "old_writes": (40 * MiB, 50 * MiB + 128 * KiB), "new_writes": (45 * MiB, 60 * MiB),
+    }
     async with rejoined(tmp_path, **apart) as (primary, old):
         log = WriteLog(writers=16, slots=SIZE // 2 // 4096)
         stop = asyncio.Event()
