@@ -7,6 +7,12 @@ disk whose identity does not match, a bitmap that did not survive — is a full 
 the reason is said. The secondary has the last word: it only answers to the export name
 that carries its own identity (R3), so a wrong decision here can only cost a fallback to
 a full copy, never a partial copy onto the wrong disk.
+
+Where no record vouches for the peer's disk but the peer holds data of the volume's size
+(the old primary rejoining after a failover), :func:`refine` turns the full copy into a
+checksum resync: both sides compare digests and only the differing regions are copied
+(R4). Only a full copy is always correct without knowing anything about the peer's disk,
+so every doubt about it (unreachable, another size, another disk, blank) keeps the full copy.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ REQUESTS = ("none", "full", "auto")
 
 @dataclass(frozen=True)
 class SyncPlan:
-    kind: str  # none | full | bitmap
+    kind: str  # none | full | bitmap | checksum
     reason: str
     # connect to the peer's identity export for this disk (None: the plain export, whose
     # content the primary then cannot vouch for afterwards)
