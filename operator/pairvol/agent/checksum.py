@@ -26,6 +26,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -59,27 +60,60 @@ class ChecksumError(PairvolError):
 def digest_span(path: Path, size: int, offset: int, length: int) -> bytes:
     """The digests of the regions in ``[offset, offset+length)`` of the file at ``path``,
     concatenated (the last region of the volume may be shorter). Blocking: run it through
-    ``asyncio.to_thread``. The file is read as the daemon writes it (through the page
-    cache), so every write the daemon completed before a region is read is in its digest."""
+    ``asyncio.to_thread``.
+
+    Read with O_DIRECT where the file system allows it: the scan neither fills the page
+    cache nor evicts the workload's cached pages, and a direct read first writes back the
+    dirty pages of its range, so every write the daemon completed before a region is read
+    is in its digest (the daemon writes through the page cache). Elsewhere (tmpfs) the
+    file is read through the page cache, which is as coherent."""
     check_span(size, offset, length)
     out = bytearray()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        direct: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError:
+        direct = None
+    buf = mmap.mmap(-1, READ_CHUNK)  # page-aligned, as O_DIRECT wants
+    view = memoryview(buf)
+    try:
         pos, end = offset, offset + length
         while pos < end:
-            chunk = os.pread(fd, min(READ_CHUNK, end - pos), pos)
-            if not chunk:
-                raise ChecksumError(f"{path} ends at {pos}, before the volume's size {size}")
-            view = memoryview(chunk)
-            for start in range(0, len(chunk), REGION):
-                out += hashlib.blake2b(view[start:start + REGION], digest_size=DIGEST_SIZE).digest()
-            pos += len(chunk)
-        # pages read only for the comparison are not worth keeping in the page cache
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            want = min(READ_CHUNK, end - pos)
+            if direct is not None and want % _DIRECT_ALIGN == 0:
+                try:
+                    _read_exactly(direct, view[:want], pos, path, size)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    os.close(direct)  # the file system refuses this alignment: read through the cache
+                    direct = None
+                    _read_exactly(fd, view[:want], pos, path, size)
+            else:
+                _read_exactly(fd, view[:want], pos, path, size)
+            for start in range(0, want, REGION):
+                out += hashlib.blake2b(view[start:min(want, start + REGION)], digest_size=DIGEST_SIZE).digest()
+            pos += want
     finally:
+        view.release()
+        with contextlib.suppress(BufferError):  # a slice held by an exception: freed with it
+            buf.close()
+        if direct is not None:
+            os.close(direct)
         os.close(fd)
     return bytes(out)
+
+
+_DIRECT_ALIGN = 4096
+
+
+def _read_exactly(fd: int, into: memoryview, pos: int, path: Path, size: int) -> None:
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], pos + done)
+        if n == 0:
+            raise ChecksumError(f"{path} ends at {pos + done}, before the volume's size {size}")
+        done += n
 
 
 def check_span(size: int, offset: int, length: int) -> None:
