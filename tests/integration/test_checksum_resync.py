@@ -144,6 +144,7 @@ async def test_the_old_primary_rejoining_gets_only_the_regions_that_differ(tmp_p
         sync = started["replication"]["sync"]
         assert sync["kind"] == "checksum", started["replication"]
         assert "history" in sync["reason"] and "unknown" in sync["reason"], sync
+        assert 0 <= sync["comparedBytes"] <= SIZE, sync  # how far both sides have compared
         st = await primary.wait_replicating()
         last = st["replication"]["lastSync"]
         assert last["kind"] == "checksum", last
