@@ -20,7 +20,10 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
 * resync after an outage (``sync: auto``, docs/correctness.md R1-R3) = a dirty bitmap on
   the quorum started before the peer can miss a write, recorded against the identity of
   the peer's disk, saved across a clean stop, and copied by a backup job above the quorum
-  only to a secondary that answers to that identity; otherwise a full sync, with the reason.
+  only to a secondary that answers to that identity; otherwise a full sync, with the reason;
+* checksum resync (R4) = where no record vouches for a peer disk that holds data, both
+  agents digest their own disks and the regions that differ become bits of that same
+  bitmap, started before the comparison (``pairvol.agent.checksum``).
 
 Every command is serialised by one lock; background tasks (retire, a link that went down)
 take the same lock before they change the graph. Two things never wait for that lock,
