@@ -1,4 +1,4 @@
-"""Re-protection after a transient secondary outage: bitmap resync against full sync.
+"""Re-protection after a transient secondary outage: bitmap and checksum resync against full sync.
 
     .venv/bin/python -m tests.bench.resync                      # 256 MiB volume, 1/4/16 MiB changed
     .venv/bin/python -m tests.bench.resync --size 1Gi --changed 8,64 --workdir /var/tmp
@@ -7,7 +7,9 @@ Numbers, not assertions. One pair of real agents (the primary and a secondary on
 machine, loopback, no TLS). For each amount changed: the volume is written whole and
 replicated, the secondary is killed, the primary writes that amount (64 KiB writes
 scattered over the volume) while it is away, the secondary restarts on the same data
-dir, and the pair is re-protected — once with ``sync: auto`` (a bitmap resync), then,
+dir, and the pair is re-protected — once with ``sync: auto`` (a bitmap resync); once with
+``sync: auto`` and ``peerApi`` after the primary was also killed (SIGKILL: its record of
+what the secondary lacks dies with its daemon, so both sides compare checksums); then,
 after the same outage again, with ``sync: full``. Reported per re-protection: the kind
 the agent chose, the time from the request to ``replicating``, the bytes the sync
 copied (``lastSync.copiedBytes``) and the bytes the primary sent over the replication
@@ -33,6 +35,7 @@ from pairvol.nbd import NBDClient
 
 MiB = 1 << 20
 CHUNK = 64 * 1024
+KINDS = ("auto", "checksum", "full")  # requested: a bitmap resync, a comparison, a full copy
 
 
 def sent_bytes(metrics: str) -> float:
@@ -52,20 +55,27 @@ async def wait_state(agent: Agent, state: str, within: float = 600.0) -> dict[st
 
 
 async def primary_call(primary: Agent, secondary: Agent, epoch: int, sync: str, peer_disk: str) -> None:
-    await primary.call(
-        "POST",
-        "/v1/primary",
-        {"epoch": epoch, "peer": secondary.replication_address, "sync": sync, "peerEpoch": 1, "peerDisk": peer_disk},
-    )
+    body = {"epoch": epoch, "peer": secondary.replication_address, "sync": sync, "peerEpoch": 1, "peerDisk": peer_disk}
+    if sync == "checksum":  # the same request as a bitmap resync, with the peer's API to compare through
+        body.update(sync="auto", peerApi=secondary.api.removeprefix("http://"))
+    await primary.call("POST", "/v1/primary", body)
 
 
-async def outage(primary: Agent, secondary: Agent, nbd: NBDClient, size: int, changed: int, rng: random.Random) -> None:
+async def outage(
+    primary: Agent, secondary: Agent, size: int, changed: int, rng: random.Random, lose_record: bool
+) -> None:
     secondary.kill()
     await secondary.wait_exit()
-    offsets = rng.sample(range(0, size, CHUNK), changed // CHUNK)
-    for off in offsets:
-        await nbd.pwrite(rng.randbytes(CHUNK), off)
+    async with await NBDClient.connect_unix(str(primary.export_socket)) as nbd:
+        offsets = rng.sample(range(0, size, CHUNK), changed // CHUNK)
+        for off in offsets:
+            await nbd.pwrite(rng.randbytes(CHUNK), off)
+        await nbd.flush()
     await wait_state(primary, "degraded")
+    if lose_record:
+        primary.kill()
+        await primary.wait_exit()
+        await primary.start()
     await secondary.start()
 
 
@@ -100,13 +110,13 @@ async def run(size: int, changed_mib: list[int], workdir: Path | None) -> list[d
             async with await NBDClient.connect_unix(str(primary.export_socket)) as nbd:
                 for off in range(0, size, 4 * MiB):
                     await nbd.pwrite(rng.randbytes(min(4 * MiB, size - off)), off)
-                for mib in changed_mib:
-                    for sync in ("auto", "full"):
-                        await outage(primary, secondary, nbd, size, mib * MiB, rng)
-                        epoch += 1
-                        row = await reprotect(primary, secondary, epoch, sync, disk)
-                        rows.append({"changedMiB": mib, "requested": sync, **row})
-                        print(line(rows[-1]), flush=True)
+            for mib in changed_mib:
+                for sync in KINDS:
+                    await outage(primary, secondary, size, mib * MiB, rng, lose_record=sync == "checksum")
+                    epoch += 1
+                    row = await reprotect(primary, secondary, epoch, sync, disk)
+                    rows.append({"changedMiB": mib, "requested": sync, **row})
+                    print(line(rows[-1]), flush=True)
         finally:
             await asyncio.gather(primary.stop(), secondary.stop(), return_exceptions=True)
     return rows
@@ -115,7 +125,7 @@ async def run(size: int, changed_mib: list[int], workdir: Path | None) -> list[d
 def line(row: dict[str, Any]) -> str:
     changed = row["changedMiB"] * MiB
     return (
-        f"changed {row['changedMiB']:>5} MiB  sync {row['requested']:<4} -> {row['kind']:<6}  "
+        f"changed {row['changedMiB']:>5} MiB  sync {row['requested']:<8} -> {row['kind']:<8}  "
         f"{row['seconds']:7.2f} s  copied {row['copied'] / MiB:9.1f} MiB  "
         f"sent {row['sent'] / MiB:9.1f} MiB  sent/changed {row['sent'] / changed:7.2f}"
     )
@@ -134,12 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"volume {size / MiB:.0f} MiB; each outage writes the amount in 64 KiB writes at random offsets")
     rows = asyncio.run(run(size, changed, args.workdir))
     for mib in changed:
-        auto, full = (next(r for r in rows if r["changedMiB"] == mib and r["requested"] == s) for s in ("auto", "full"))
+        auto, cksum, full = (next(r for r in rows if r["changedMiB"] == mib and r["requested"] == s) for s in KINDS)
         print(
             f"{mib} MiB changed: bitmap resync {auto['seconds']:.2f} s / {auto['sent'] / MiB:.1f} MiB sent, "
-            f"full sync {full['seconds']:.2f} s / {full['sent'] / MiB:.1f} MiB sent "
-            f"({full['seconds'] / max(auto['seconds'], 1e-9):.0f}x the time, "
-            f"{full['sent'] / max(auto['sent'], 1):.0f}x the bytes)"
+            f"checksum resync {cksum['seconds']:.2f} s / {cksum['sent'] / MiB:.1f} MiB sent, "
+            f"full sync {full['seconds']:.2f} s / {full['sent'] / MiB:.1f} MiB sent"
         )
     return 0
 

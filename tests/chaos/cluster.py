@@ -399,7 +399,11 @@ class Controller:
                 return
             if st is not None and self.syncing_since is not None:
                 if st["replication"]["state"] == "replicating":
-                    self.note(f"re-protected with {s.name} in {time.monotonic() - self.syncing_since:.1f} s")
+                    last = st["replication"].get("lastSync") or {}
+                    self.note(
+                        f"re-protected with {s.name} in {time.monotonic() - self.syncing_since:.1f} s "
+                        f"({last.get('kind')}: {last.get('reason')})"
+                    )
                     self.syncing_since = None
                 elif time.monotonic() - self.syncing_since > REPROTECT_BOUND:
                     self.violate(
@@ -486,14 +490,18 @@ class Controller:
         """primary(N+1, peer, "auto") as the operator sends it: with `peerEpoch`, the epoch
         the secondary runs at, when that is not N (an agent without the field refuses it;
         then the call goes without, as before the field existed), and `peerDisk`, the
-        identity of the secondary's disk: the primary copies only what that disk missed
-        when it can vouch for it, and everything otherwise."""
+        identity of the secondary's disk, and `peerApi`, the secondary agent's API: the
+        primary copies only what that disk missed when it can vouch for it, only the regions
+        whose checksums differ when it cannot but the disk holds data, and everything
+        otherwise (docs/correctness.md R1-R4)."""
         if self.relay_links and s.relay is None:
             s.relay = await DelayRelay(self.net.bridge_ip, s.agent.replication_address, random.Random(s.name)).start()
         epoch = self.next_epoch()
         body: dict[str, Any] = {"epoch": epoch, "peer": s.address, "sync": "auto"}
         disk = ((await s.agent.status()).get("disk") or {}).get("id")
         body.update({"peerDisk": disk} if disk else {"sync": "full"})
+        if disk:  # where the primary has no record of that disk, both sides compare checksums
+            body["peerApi"] = s.agent.api.removeprefix("http://")
         if sec_epoch != epoch - 1:
             body["peerEpoch"] = sec_epoch
         try:
@@ -522,6 +530,11 @@ class Controller:
             await self.restart_primary(p, died)
             return
         await self.failover(s, died)
+        if self.primary is s:
+            # the old primary's node may come back with its data dir as the new secondary, as
+            # the operator prefers: its disk diverged from the new primary's by an unknown set
+            # of regions (docs/correctness.md, R4)
+            self.lost.append((p, False))
 
     async def restart_primary(self, p: Replica, died: float) -> None:
         """The operator's answer when it may not fail over: the primary's pod comes back on

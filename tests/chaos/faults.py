@@ -207,14 +207,22 @@ class CrashPoint(Fault):
     async def inject(self, c: Controller, rng: random.Random) -> None:
         # give the point its chances: checkpoints run all along; a peer loss brings a
         # full sync and (the lost secondary coming back on its data dir) a restore; the
-        # end of the run brings a failover
+        # end of the run brings a failover; a lost primary (the old primary coming back on
+        # its data dir as secondary) a checksum resync
         c.restart_same = 1.0
         for _ in range(2):
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             if c.crash_fired:
                 return
-            s = c.secondary
-            if s is not None and s.alive and c.syncing_since is None:
+            s, p = c.secondary, c.primary
+            if (c.crash_point or "").startswith(("checksum.", "digests.")):
+                # a checksum resync: the old primary back on its data dir after a failover
+                if p is not None and p.alive and s is not None and s.alive and c.syncing_since is None:
+                    c.note(f"fault: SIGKILL primary {p.name} to drive a failover and a checksum resync")
+                    c.primary_down_at = time.monotonic()
+                    p.agent.kill()
+                    await wait_calm(c)
+            elif s is not None and s.alive and c.syncing_since is None:
                 c.note(f"fault: SIGKILL secondary {s.name} to drive a resync")
                 s.agent.kill()
                 await wait_calm(c)

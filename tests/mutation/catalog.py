@@ -22,6 +22,7 @@ KUBE_LEASE = "operator/pairvol/kube/lease.py"
 DECISIONS = "operator/pairvol/operator/decisions.py"
 SPEC = "operator/pairvol/api/spec.py"
 GATE = "operator/pairvol/agent/gate.py"
+RESYNC = "operator/pairvol/agent/resync.py"
 PEERLINK = "operator/pairvol/agent/peerlink.py"
 RECIPES = "operator/pairvol/qemu/recipes.py"
 SECONDARY = "operator/pairvol/agent/secondary.py"
@@ -41,6 +42,7 @@ T_SPEC = ("tests/unit/test_api_spec.py",)
 T_RESTART = "tests/integration/test_restart_guards.py"
 T_CHAIN = "tests/integration/test_secondary_chain.py"
 T_RESYNC = "tests/integration/test_bitmap_resync.py"
+T_CHECKSUM = "tests/integration/test_checksum_resync.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ the replication link (I1, I2)
@@ -170,6 +172,29 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        return errno.EIO\n",
         (f"{T_RESYNC}::test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical",),
         "a secondary dying mid-resync fails no workload write (QEMU 7.2's backup breaks the guest write otherwise)",
+    ),
+    # ------------------------------------------------------------------ checksum resync (R4)
+    Mutation(
+        "replica.checksum-records-only-a-complete-comparison", REPLICA,
+        "        async with cs.PeerDigests(api, self.cfg.token, disk) as peer:\n",
+        "        await self._save(peer_disk=disk, tracking=True, full_reason=None)\n"
+        "        async with cs.PeerDigests(api, self.cfg.token, disk) as peer:\n",
+        (f"{T_CHECKSUM}::test_a_secondary_killed_mid_comparison_is_compared_again_and_ends_identical",),
+        "a comparison that did not finish leaves no record: the next resync compares again",
+    ),
+    Mutation(
+        "replica.checksum-differing-regions-are-marked", REPLICA,
+        "            ranges = cs.runs(found, self.cfg.size)\n",
+        "            ranges = cs.runs([], self.cfg.size)\n",
+        (f"{T_CHECKSUM}::test_the_old_primary_rejoining_gets_only_the_regions_that_differ",),
+        "the regions whose digests differ are copied",
+    ),
+    Mutation(
+        "resync.blank-disk-copied-in-full", RESYNC,
+        "    if peer.written is not None and peer.written <= BLANK_LIMIT:\n",
+        "    if False:\n",
+        ("tests/unit/test_agent_checksum.py",),
+        "a blank peer disk is copied in full, not compared",
     ),
     # ------------------------------------------------------------------ agent/stages.py
     Mutation(

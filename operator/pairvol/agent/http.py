@@ -25,7 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pairvol.agent import validate as v
-from pairvol.agent.replica import Replica
+from pairvol.agent.replica import InvalidSpan, Replica
 from pairvol.agent.stages import IllegalTransition
 from pairvol.errors import PairvolError
 
@@ -88,7 +88,7 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
             if exc.status < 400:
                 raise
             return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
-        except v.InvalidInput as exc:
+        except (v.InvalidInput, InvalidSpan) as exc:
             return _error(400, str(exc))
         except IllegalTransition as exc:
             return _error(409, str(exc))
@@ -113,6 +113,7 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
     app.router.add_post("/v1/checkpoint", checkpoint)
     app.router.add_post("/v1/failover", failover)
     app.router.add_post("/v1/stop", stop)
+    app.router.add_post("/v1/digests", digests)
     return app
 
 
@@ -157,13 +158,16 @@ async def secondary(request: web.Request) -> web.Response:
 
 
 async def primary(request: web.Request) -> web.Response:
-    body = await _body(request, {"epoch", "peer", "sync", "peerEpoch", "peerDisk"})
+    body = await _body(request, {"epoch", "peer", "sync", "peerEpoch", "peerDisk", "peerApi"})
     epoch, peer, sync = v.parse_epoch(body), v.parse_peer(body), v.parse_sync(body)
     if sync != "none" and peer is None:
         raise v.InvalidInput(f"'sync': '{sync}' needs a 'peer' to copy to")
     peer_epoch = v.parse_peer_epoch(body, epoch)
     peer_disk = v.parse_peer_disk(body)
-    return web.json_response(await request.app[REPLICA].start_primary(epoch, peer, sync, peer_epoch, peer_disk))
+    peer_api = v.parse_peer_api(body)
+    return web.json_response(
+        await request.app[REPLICA].start_primary(epoch, peer, sync, peer_epoch, peer_disk, peer_api)
+    )
 
 
 async def checkpoint(request: web.Request) -> web.Response:
@@ -180,3 +184,11 @@ async def failover(request: web.Request) -> web.Response:
 async def stop(request: web.Request) -> web.Response:
     await _body(request, set())
     return web.json_response(await request.app[REPLICA].stop())
+
+
+async def digests(request: web.Request) -> web.Response:
+    """A secondary's digests of its own disk, for its primary's checksum resync. Behind the
+    bearer token like every call: only the volume's agents and operator hold it."""
+    body = await _body(request, {"disk", "offset", "length"})
+    disk, offset, length = v.parse_digest_request(body)
+    return web.json_response(await request.app[REPLICA].digests(disk, offset, length))

@@ -47,6 +47,7 @@ Mark = Callable[[str], Coroutine[Any, Any, None]]
 Track = Callable[[str, bool], Awaitable[None]]  # (reason, the peer failed a flush)
 Down = Callable[["PeerLink", str], Awaitable[None]]
 InSync = Callable[["PeerLink"], Awaitable[bool]]
+Compare = Callable[["PeerLink"], Awaitable[None]]  # checksum resync: mark what differs (R4)
 
 SYNC_STARTED = crashpoints.point("sync.started", "primary: full sync mirror running, peer marked out of sync")
 SYNC_READY = crashpoints.point("sync.ready", "primary: mirror READY, not yet cancelled")
@@ -58,6 +59,9 @@ RESYNC_STARTED = crashpoints.point(
 )
 RESYNC_COPIED = crashpoints.point("resync.copied", "primary: bitmap resync job finished, peer not yet declared in sync")
 LINK_TRACKED = crashpoints.point("link.tracked", "primary: gate closed, dirty bitmap started, mark not yet written")
+CHECKSUM_STARTED = crashpoints.point(
+    "checksum.started", "primary: peer in the quorum, marked, dirty bitmap running; no region compared yet"
+)
 
 CONNECT_TIMEOUT = 10.0
 
@@ -86,6 +90,7 @@ class PeerLink:
         in_sync: InSync,
         track: Track,
         peer_disk: str | None = None,
+        compare: Compare | None = None,
     ) -> None:
         self.qsd = qsd
         self.cfg = cfg
@@ -98,6 +103,9 @@ class PeerLink:
         self._on_down = on_down
         self._in_sync = in_sync
         self._track = track
+        self._compare = compare
+        self.compared_bytes = 0  # checksum resync: how much of the volume was compared
+        self._compare_logged = 0.0
         self.peer_disk = peer_disk  # the identity the peer answered to (its identity export)
         run_dir = cfg.data_dir / ".run"
         self.link = Qsd(run_dir, cfg.data_dir / "link.log", name="link")
@@ -148,7 +156,7 @@ class PeerLink:
             await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.PEER_NODE, gate_sock))
             if kind == rs.FULL:
                 await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.SYNC_TARGET_NODE, gate_sock))
-            elif kind == rs.BITMAP:
+            elif kind in (rs.BITMAP, rs.CHECKSUM):
                 await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.SYNC_TARGET_NODE, gate_sock, COPY_EXPORT))
             # R2: the peer is a child of the quorum, so every new write goes to both sides,
             # before any region is copied
@@ -304,17 +312,53 @@ class PeerLink:
         """Start the bitmap resync's copy job, once the workload export exists: the job's
         copy-before-write filter takes over the quorum's parents and shares no WRITE on it,
         so an export added after it could not attach (R2: it must sit below the filter)."""
-        if self.sync_kind != rs.BITMAP or self._sync_task is not None:
+        if self._sync_task is not None:
             return
+        if self.sync_kind == rs.CHECKSUM:
+            # the comparison reads both disks whole: in the background, the export serves meanwhile
+            self._sync_task = asyncio.create_task(self._run_checksum(), name="checksum-resync")
+            return
+        if self.sync_kind != rs.BITMAP:
+            return
+        await self._start_backup()
+        self._sync_task = asyncio.create_task(self._run_resync(), name="bitmap-resync")
+
+    async def _start_backup(self) -> None:
         self.qsd.watch_job(r.SYNC_JOB)
         try:
             await self.qsd.execute("blockdev-backup", r.backup_bitmap())
             await self._poll_job()
         except PairvolError as exc:
             self.qsd.unwatch_job(r.SYNC_JOB)
-            raise PeerLinkError(f"cannot start the bitmap resync to {self.address}: {exc}") from exc
+            raise PeerLinkError(f"cannot start the {self.sync_kind} resync to {self.address}: {exc}") from exc
         crashpoints.hit(RESYNC_STARTED)
-        self._sync_task = asyncio.create_task(self._run_resync(), name="bitmap-resync")
+
+    async def _run_checksum(self) -> None:
+        """Checksum resync (docs/correctness.md, R4): the replica's ``compare`` turns the
+        regions whose digests differ into bits of the tracking bitmap (running since before
+        the peer joined), then the same backup job as a bitmap resync copies them."""
+        crashpoints.hit(CHECKSUM_STARTED)
+        try:
+            assert self._compare is not None, "a checksum resync needs the replica's comparison"
+            await self._compare(self)
+            await self._start_backup()
+        except asyncio.CancelledError:
+            raise
+        except PairvolError as exc:
+            # the peer is marked out of sync: failing the gate drops it through the one path
+            self.gate.fail(f"checksum resync failed: {exc}")
+            return
+        await self._run_resync()
+
+    def compared(self, done: int, differing: int) -> None:
+        """Progress of the comparison (bytes compared, bytes found to differ so far)."""
+        self.compared_bytes = done
+        if time.monotonic() - self._compare_logged > 2 or done >= self.cfg.size:
+            self._compare_logged = time.monotonic()
+            log.info(
+                "checksum resync to %s: compared %d / %d MiB, %d MiB differ",
+                self.address, done >> 20, self.cfg.size >> 20, differing >> 20,
+            )
 
     async def _poll_job(self) -> None:
         for job in await self.qsd.execute("query-block-jobs"):
@@ -339,12 +383,12 @@ class PeerLink:
                     await self._poll_job()
                     if time.monotonic() - last_log > 2:
                         last_log = time.monotonic()
-                        log.info("bitmap resync to %s: %s", self.address, self.sync_line())
+                        log.info("%s resync to %s: %s", self.sync_kind, self.address, self.sync_line())
                     continue
                 break
             data = event["data"]
             if event["event"] == "BLOCK_JOB_CANCELLED" or "error" in data:
-                raise PeerLinkError(f"bitmap resync failed: {data.get('error', 'cancelled')}")
+                raise PeerLinkError(f"{self.sync_kind} resync failed: {data.get('error', 'cancelled')}")
             self.sync_done = self.sync_total = int(data.get("len", self.sync_total))
             self.qsd.unwatch_job(r.SYNC_JOB)
             await self._delete_node(r.SYNC_TARGET_NODE)

@@ -20,7 +20,10 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
 * resync after an outage (``sync: auto``, docs/correctness.md R1-R3) = a dirty bitmap on
   the quorum started before the peer can miss a write, recorded against the identity of
   the peer's disk, saved across a clean stop, and copied by a backup job above the quorum
-  only to a secondary that answers to that identity; otherwise a full sync, with the reason.
+  only to a secondary that answers to that identity; otherwise a full sync, with the reason;
+* checksum resync (R4) = where no record vouches for a peer disk that holds data, both
+  agents digest their own disks and the regions that differ become bits of that same
+  bitmap, started before the comparison (``pairvol.agent.checksum``).
 
 Every command is serialised by one lock; background tasks (retire, a link that went down)
 take the same lock before they change the graph. Two things never wait for that lock,
@@ -45,6 +48,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pairvol.agent import checksum as cs
 from pairvol.agent import crashpoints, secondary, tcpexport
 from pairvol.agent import resync as rs
 from pairvol.agent import state as persist
@@ -96,6 +100,16 @@ FAILOVER_DURABLE = crashpoints.point(
 TRACK_STARTED = crashpoints.point(
     "track.started", "primary: the dirty bitmap for the dropped peer exists; the record is not yet persisted"
 )
+CHECKSUM_COMPARED = crashpoints.point(
+    "checksum.compared", "primary: both disks compared; the differing regions are not yet in the dirty bitmap"
+)
+CHECKSUM_MARKED = crashpoints.point(
+    "checksum.marked",
+    "primary: the differing regions are merged into the dirty bitmap and the record saved; no copy job yet",
+)
+DIGESTS_READ = crashpoints.point(
+    "digests.read", "secondary: a span of its disk read and digested for a checksum resync; not yet answered"
+)
 FAILOVER_BEFORE_SERVE = crashpoints.point(
     "failover.before-serve",
     "role primary is persisted and the overlay nodes are gone (their files not yet); the workload export is not up",
@@ -106,10 +120,18 @@ class ReplicaError(PairvolError):
     """A replica operation failed (HTTP 500); the message says what and why."""
 
 
+class InvalidSpan(PairvolError):
+    """A digest request outside the volume or off the regions (HTTP 400)."""
+
+
 # how long starting the dirty bitmap may hold the release of a failed link
 TRACK_TIMEOUT_S = 5.0
 # how long a clean stop may spend saving the dirty bitmap before it gives up on it
 SAVE_BITMAP_TIMEOUT_S = 10.0
+# how long asking the peer's agent which disk it has may hold POST /v1/primary
+PEER_VIEW_TIMEOUT_S = 5.0
+MARKS_FILE = "checksum-marks.qcow2"  # in .run/: scratch, merged at once, never reused
+MARKS_NODE = "checksum-marks"
 
 
 def new_disk_id() -> str:
@@ -178,6 +200,8 @@ class Replica:
         self._bitmap_present = False  # the tracking bitmap exists in this daemon
         self._bitmap_to_load = False  # open(): a clean stop saved it, load it into the new daemon
         self.last_sync: dict[str, Any] | None = None
+        self.peer_api: str | None = None  # the peer's agent API, for a checksum resync (R4)
+        self._digest_lock = asyncio.Lock()  # one digest pass at a time on a secondary
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -838,9 +862,11 @@ class Replica:
         sync: str,
         peer_epoch: int | None = None,
         peer_disk: str | None = None,
+        peer_api: str | None = None,
     ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
+            self.peer_api = peer_api  # where to ask the peer for its checksums (R4)
             self._spawn_relay()  # its process starts while the peer attaches
             try:
                 return await self._start_primary(epoch, peer, sync, peer_epoch, peer_disk)
@@ -898,6 +924,8 @@ class Replica:
             self.state.peer_disk, self.state.tracking, self._bitmap_present, self.state.full_reason
         )
         plan = rs.choose(sync, peer_disk, record)
+        if rs.needs_peer_view(sync, plan) and self.peer_api is not None and plan.peer_disk is not None:
+            plan = rs.refine(plan, await self._peer_view(plan.peer_disk), self.cfg.size)
         try:
             await self._attach_with(peer, plan, peer_epoch)
         except PeerRefusedExport as exc:
@@ -926,6 +954,7 @@ class Replica:
             on_down=self._on_link_down,
             in_sync=self._declare_in_sync,
             track=self._track_divergence,
+            compare=self._checksum_marks,
             peer_disk=plan.peer_disk,
         )
         async with self._oos_lock:
@@ -938,6 +967,8 @@ class Replica:
                     full_reason="a full sync to the peer did not finish",
                 )
                 await self._drop_bitmap()
+            elif plan.kind == rs.CHECKSUM:
+                await self._prepare_checksum()
             elif plan.kind == rs.BITMAP:
                 # the peer stays marked (it was, when it was dropped) until the copy is done
                 self._peer_marked = True
@@ -1024,6 +1055,127 @@ class Replica:
             # left over from a record that ended (its removal failed): start it over
             await self.qsd.execute("block-dirty-bitmap-clear", {"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP})
         self._bitmap_present = True
+
+    # ------------------------------------------------------------------ checksum resync (R4)
+
+    async def _peer_view(self, disk: str) -> rs.PeerView:
+        """Ask the peer's agent (``peer_api``) which disk it has and how large it is."""
+        assert self.peer_api is not None
+        try:
+            async with asyncio.timeout(PEER_VIEW_TIMEOUT_S):
+                async with cs.PeerDigests(self.peer_api, self.cfg.token, disk) as peer:
+                    answer = await peer.ask()
+        except TimeoutError:
+            return rs.PeerView(None, None, f"no answer within {PEER_VIEW_TIMEOUT_S:g} s")
+        except cs.ChecksumError as exc:
+            return rs.PeerView(None, None, str(exc))
+        size, written = answer.get("size"), answer.get("writtenBytes")
+        return rs.PeerView(
+            str(answer.get("disk")),
+            size if isinstance(size, int) and not isinstance(size, bool) else None,
+            written=written if isinstance(written, int) and not isinstance(written, bool) else None,
+        )
+
+    async def _prepare_checksum(self) -> None:
+        """Before a checksum resync's peer joins the quorum (caller holds ``_oos_lock``): the
+        peer is marked, nothing is recorded about its disk until the comparison is complete,
+        and the tracking bitmap starts empty now, so every write that completes from here on
+        is copied whatever the comparison of its region found (R4)."""
+        self._peer_marked = True
+        await self._save(
+            out_of_sync=True, peer_disk=None, tracking=False,
+            full_reason="a checksum resync of the peer did not finish",
+        )
+        try:
+            await self._start_bitmap()  # added, or a left-over one cleared
+        except QemuError as exc:
+            raise PeerLinkError(f"cannot start the dirty bitmap of a checksum resync: {exc}") from exc
+
+    async def _checksum_marks(self, link: PeerLink) -> None:
+        """The comparison of a checksum resync, run by the link once the export serves: both
+        disks digested region by region, each where it lives; the regions that differ set
+        bits of the tracking bitmap; then the primary records that this bitmap holds every
+        region the peer's disk may lack, the same record a dropped link leaves, so the bitmap
+        resync that follows — and any later one — copies exactly those (R4)."""
+        disk, api = link.peer_disk, self.peer_api
+        if disk is None or api is None:
+            raise cs.ChecksumError("a checksum resync needs the peer's disk identity and agent address")
+        async with cs.PeerDigests(api, self.cfg.token, disk) as peer:
+            found = await cs.compare(self.disk_path, self.cfg.size, peer, link.compared)
+        crashpoints.hit(CHECKSUM_COMPARED)
+        marks = self.run_dir / MARKS_FILE
+        try:
+            ranges = cs.runs(found, self.cfg.size)
+            if ranges:
+                await cs.write_marks(marks, self.cfg.size, ranges)
+            async with self._oos_lock:  # the bitmap and the record change together
+                if link is not self.link or link.gate.failed.is_set():
+                    raise cs.ChecksumError("the link to the peer failed during the comparison")
+                if ranges:
+                    await self._merge_marks(marks)
+                await self._save(peer_disk=disk, tracking=True, full_reason=None)
+                crashpoints.hit(CHECKSUM_MARKED)
+        finally:
+            await asyncio.to_thread(lambda: marks.unlink(missing_ok=True))
+        log.info(
+            "checksum resync to %s: %d of %d regions differ (%d MiB)",
+            link.address, len(found), -(-self.cfg.size // cs.REGION), (len(found) * cs.REGION) >> 20,
+        )
+
+    async def _merge_marks(self, marks: Path) -> None:
+        carrier = {**r.bitmap_carrier(marks, read_only=True), "node-name": MARKS_NODE}
+        try:
+            await self.qsd.execute("blockdev-add", carrier)
+            try:
+                await self.qsd.execute(
+                    "block-dirty-bitmap-merge",
+                    {
+                        "node": r.QUORUM_NODE,
+                        "target": r.TRACK_BITMAP,
+                        "bitmaps": [{"node": MARKS_NODE, "name": cs.MARKS_BITMAP}],
+                    },
+                )
+            finally:
+                with contextlib.suppress(QemuError):
+                    await self.qsd.execute("blockdev-del", {"node-name": MARKS_NODE})
+        except QemuError as exc:
+            raise cs.ChecksumError(f"cannot merge the differing regions into the dirty bitmap: {exc}") from exc
+
+    async def digests(self, disk: str, offset: int, length: int) -> dict[str, Any]:
+        """A secondary's digests of its own disk for a primary's checksum resync (R4). Only
+        while it runs as secondary, only for the disk it has (``disk``: a primary that
+        compared against another disk would copy too little), read from ``disk.raw`` as the
+        daemon has written it. ``length`` 0 answers which disk, its size and how much of it
+        was ever written (``writtenBytes``, from the file system's extent map), without reading."""
+        st = self.state
+        if st.role is not Role.SECONDARY or st.stage is not Stage.RUNNING:
+            raise IllegalTransition(
+                f"digests are given only by a running secondary; this replica is {st.role.value}/{st.stage.value}"
+            )
+        if disk != st.disk_id:
+            raise IllegalTransition(f"this replica's disk is {st.disk_id}, not {disk}: compare against that one")
+        try:
+            cs.check_span(self.cfg.size, offset, length)
+        except ValueError as exc:
+            raise InvalidSpan(str(exc)) from exc
+        data, written = b"", None
+        if not length:  # the primary decides between a comparison and a full copy
+            written = await asyncio.to_thread(cs.written_bytes, self.disk_path)
+        else:
+            async with self._digest_lock:  # one pass at a time: a second caller waits its turn
+                data = await asyncio.to_thread(cs.digest_span, self.disk_path, self.cfg.size, offset, length)
+            if self.state.disk_id != disk or self.state.role is not Role.SECONDARY:
+                raise IllegalTransition(f"this replica's disk stopped being {disk} while it was read")
+            crashpoints.hit(DIGESTS_READ)
+        return {
+            "disk": st.disk_id,
+            "size": self.cfg.size,
+            "regionSize": cs.REGION,
+            "offset": offset,
+            "length": length,
+            "digests": data.hex(),
+            "writtenBytes": written,
+        }
 
     async def _mark_out_of_sync(self, reason: str) -> None:
         """Return only once the mark is durable: in the state file and, with a Lease, on it.
@@ -1179,6 +1331,8 @@ class Replica:
                 "totalBytes": link.sync_total,
                 "progress": round(link.sync_done / max(1, link.sync_total), 4),
             }
+            if link.sync_kind == rs.CHECKSUM:
+                sync["comparedBytes"] = link.compared_bytes
         qsd_error = None if self.qsd.alive else (self.qsd.exit_error or "not running")
         replication, peer_error = self.replication, self.peer_error
         if link is not None and link.gate.failed.is_set():

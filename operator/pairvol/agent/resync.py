@@ -7,6 +7,12 @@ disk whose identity does not match, a bitmap that did not survive — is a full 
 the reason is said. The secondary has the last word: it only answers to the export name
 that carries its own identity (R3), so a wrong decision here can only cost a fallback to
 a full copy, never a partial copy onto the wrong disk.
+
+Where no record vouches for the peer's disk but the peer holds data of the volume's size
+(the old primary rejoining after a failover), :func:`refine` turns the full copy into a
+checksum resync: both sides compare digests and only the differing regions are copied
+(R4). Only a full copy is always correct without knowing anything about the peer's disk,
+so every doubt about it (unreachable, another size, another disk, blank) keeps the full copy.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ REQUESTS = ("none", "full", "auto")
 
 @dataclass(frozen=True)
 class SyncPlan:
-    kind: str  # none | full | bitmap
+    kind: str  # none | full | bitmap | checksum
     reason: str
     # connect to the peer's identity export for this disk (None: the plain export, whose
     # content the primary then cannot vouch for afterwards)
@@ -60,3 +66,59 @@ def choose(requested: str, peer_disk: str | None, record: Record) -> SyncPlan:
         return SyncPlan(FULL, why, peer_disk)
     return SyncPlan(BITMAP, f"the peer's disk {peer_disk} lacks at most the regions written since it was dropped",
                     peer_disk)
+
+
+# ---------------------------------------------------------------------- checksum resync
+
+CHECKSUM = "checksum"
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What the peer's agent said about its disk when the primary asked it
+    (``POST /v1/digests`` with no range), or why it could not be asked."""
+
+    disk: str | None
+    size: int | None
+    error: str | None = None
+    written: int | None = None  # bytes of its disk ever written with data, if its file system says
+
+
+# a disk with no more data than this was never given a volume's content: nothing to compare
+BLANK_LIMIT = 64 * 1024
+
+
+def needs_peer_view(requested: str, plan: SyncPlan) -> bool:
+    """Whether a comparison could replace the full copy ``choose`` settled for: the caller
+    asked ``auto`` and named the peer's disk, but nothing the primary holds vouches for it."""
+    return requested == "auto" and plan.kind == FULL and plan.peer_disk is not None
+
+
+def refine(plan: SyncPlan, peer: PeerView, size: int) -> SyncPlan:
+    """A full copy where the peer's history is unknown becomes a checksum resync when the
+    peer has that disk at the volume's size: both sides compare digests region by region
+    and only the regions that differ are copied (docs/correctness.md, R4). A new node,
+    another size, another disk or a peer that cannot be asked keeps the full copy."""
+    if plan.kind != FULL or plan.peer_disk is None:
+        return plan
+    if peer.error is not None:
+        return SyncPlan(FULL, f"{plan.reason}; the peer could not be asked for checksums ({peer.error})",
+                        plan.peer_disk)
+    if peer.disk != plan.peer_disk:
+        return SyncPlan(FULL, f"{plan.reason}; the peer's disk is {peer.disk}, not {plan.peer_disk}", plan.peer_disk)
+    if peer.size != size:
+        return SyncPlan(
+            FULL, f"{plan.reason}; the peer's disk holds {peer.size} bytes, the volume {size}: a size change",
+            plan.peer_disk,
+        )
+    if peer.written is not None and peer.written <= BLANK_LIMIT:
+        return SyncPlan(
+            FULL, f"{plan.reason}; the peer's disk is blank ({peer.written} bytes ever written): nothing to compare",
+            plan.peer_disk,
+        )
+    return SyncPlan(
+        CHECKSUM,
+        f"the history of the peer's disk {plan.peer_disk} is unknown ({plan.reason}): "
+        "copying only the regions whose checksums differ",
+        plan.peer_disk,
+    )

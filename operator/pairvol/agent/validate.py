@@ -375,3 +375,32 @@ def check_keys(body: dict[str, Any], allowed: set[str]) -> None:
         raise InvalidInput(
             f"unknown field(s) {listed}{more}; allowed: {', '.join(sorted(allowed)) or 'none (send {} or nothing)'}"
         )
+
+
+def parse_peer_api(body: dict[str, Any]) -> str | None:
+    """``peerApi``: the peer agent's HTTP API, ``HOST:PORT``, where a checksum resync asks
+    for the peer's digests (with this agent's own token: a volume's agents share it)."""
+    api = body.get("peerApi")
+    if api is None:
+        return None
+    host, port = parse_hostport(api, "peerApi")
+    return format_hostport(host, port)
+
+
+def parse_digest_request(body: dict[str, Any]) -> tuple[str, int, int]:
+    """``POST /v1/digests {"disk", "offset", "length"}``: the disk the caller means (32
+    lowercase hex digits, the secondary's ``disk.id``) and a byte range, checked against
+    the volume by the replica."""
+    disk = body.get("disk")
+    if not isinstance(disk, str) or not _DISK_ID.fullmatch(disk):
+        raise InvalidInput(
+            f"invalid disk {show(disk)}: expected the secondary's disk identity, 32 lowercase hex digits "
+            "(its status field disk.id)"
+        )
+    span = []
+    for key in ("offset", "length"):
+        value = body.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(f"invalid {key} {show(value)}: expected a byte count, an integer >= 0")
+        span.append(int(value))
+    return disk, span[0], span[1]
