@@ -135,6 +135,7 @@ async def test_create_makes_a_replicated_volume_and_answers_once_it_replicates(p
     assert made.volume.volume_id == f"{NS}/{NAME}"
     assert made.volume.volume_context["exportAddress"] == f"{NAME}.{NS}.svc:7802"
     assert made.volume.volume_context["fsType"] == "ext4"
+    assert made.volume.volume_context["failoverMode"] == "Latest"
     assert len(await provisioner.kube.list(volume_path(NS))) == 1
 
     # the same name asking for something else
@@ -196,7 +197,6 @@ async def test_validate_volume_capabilities(provisioner: Provisioner) -> None:
         ({"caps": "multi"}, grpc.StatusCode.INVALID_ARGUMENT, "ReadWriteOnce"),
         ({"parameters": {"replicas": "3"}}, grpc.StatusCode.INVALID_ARGUMENT, "unknown StorageClass parameter"),
         ({"parameters": {"failoverMode": "Soon"}}, grpc.StatusCode.INVALID_ARGUMENT, "failover.mode"),
-        ({"parameters": {"failoverMode": "Checkpoint"}}, grpc.StatusCode.INVALID_ARGUMENT, "failoverMode: Latest"),
         ({"parameters": {"fsType": "btrfs"}}, grpc.StatusCode.INVALID_ARGUMENT, "btrfs"),
         ({"required": 0, "limit": MIB - 1}, grpc.StatusCode.OUT_OF_RANGE, "whole MiB"),
         ({"required": 3 * MIB, "limit": 2 * MIB}, grpc.StatusCode.OUT_OF_RANGE, "capacity range"),

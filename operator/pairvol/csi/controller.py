@@ -134,7 +134,8 @@ class ControllerService:
         resp = self.m.get("CreateVolumeResponse")()
         resp.volume.capacity_bytes = actual
         resp.volume.volume_id = volume_id(self.namespace, name)
-        resp.volume.volume_context.update(volume_context(self.namespace, name, wanted.fs_type))
+        mode = str(wanted.spec["failover"]["mode"])
+        resp.volume.volume_context.update(volume_context(self.namespace, name, wanted.fs_type, mode))
         return resp
 
     def _compatible(

@@ -26,7 +26,18 @@ from typing import Any
 import grpc
 
 from pairvol.csi import DRIVER_NAME, attach
-from pairvol.csi.attach import AttachError, Attachment, Broken, Busy, NotBlank, Record, TooSmall, mounted, run
+from pairvol.csi.attach import (
+    AttachError,
+    Attachment,
+    Broken,
+    Busy,
+    NotBlank,
+    Record,
+    Superseded,
+    TooSmall,
+    mounted,
+    run,
+)
 from pairvol.csi.params import (
     DEFAULT_FS_TYPE,
     FS_TYPES,
@@ -34,6 +45,7 @@ from pairvol.csi.params import (
     capability_problem,
     fs_type_problem,
     parse_volume_id,
+    pinned_to_lineage,
 )
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
@@ -127,6 +139,12 @@ class NodeService:
                 f"the attacher of {volume_id} is gone: I/O on the volume fails; restart the pod "
                 "(the volume is unstaged and staged again)"
             )
+        elif await att.superseded(record):
+            problem = (
+                f"{volume_id} failed over to a checkpoint since it was attached here (lineage "
+                f"{record.export_name} ended): I/O on the volume fails; restart the pod so that it mounts "
+                "the volume fresh"
+            )
         try:
             if record.block:
                 size = await asyncio.to_thread(_size_of, path)
@@ -178,11 +196,12 @@ class NodeService:
             staging_path=str(staging),
             block=cap.block,
             fs_type="" if cap.block else fs_type,
+            pinned=pinned_to_lineage(context),
         )
         async with self._locks[volume_id]:
             att = self._attachment(volume_id)
             existing = await asyncio.to_thread(att.read_record)
-            if existing is not None and existing != record:
+            if existing is not None and not existing.same_volume_as(record):
                 raise CsiError(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"volume {volume_id} is already staged on this node differently ({_describe(existing)}); "
@@ -190,7 +209,7 @@ class NodeService:
                 )
             try:
                 await att.stage(record, key, cap.mount_flags)
-            except (NotBlank, TooSmall, Broken) as exc:
+            except (NotBlank, TooSmall, Broken, Superseded) as exc:
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
             except AttachError as exc:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"staging {volume_id} failed: {exc}") from exc
@@ -316,4 +335,6 @@ async def _read_only(path: Path) -> bool:
 
 def _describe(record: Record) -> str:
     kind = "a block device" if record.block else f"an {record.fs_type} file system at {record.staging_path}"
+    if record.pinned:
+        kind += " (Checkpoint mode: pinned to the primary's lineage)"
     return f"{kind} from {record.export_host}:{record.export_port}"

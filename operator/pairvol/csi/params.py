@@ -195,15 +195,10 @@ def volume_request(name: str, size: int, parameters: Mapping[str, str]) -> Volum
             f"unknown StorageClass parameter(s) {', '.join(unknown)}; known: {', '.join(KNOWN_PARAMETERS)}"
         )
     spec: dict[str, Any] = {"size": str(size)}
-    # Latest, always: a Checkpoint-mode failover rolls the disk back under the attached
-    # consumer (a mounted file system, a running VM), which corrupts it unless the
-    # attachment is torn down first; this driver does not do that yet (docs/csi.md).
+    # Checkpoint mode rolls the disk back at a failover: the node pins such a volume's
+    # attachment to the primary's lineage, so that it fails instead of reconnecting to the
+    # rolled-back disk (pairvol.csi.attach, docs/csi.md "Failover").
     mode = parameters.get("failoverMode", "Latest")
-    if mode == "Checkpoint":
-        raise ParameterError(
-            "failoverMode Checkpoint is not supported for CSI volumes yet: its failover rolls the disk back "
-            "under the mounted file system; use failoverMode: Latest (the default, RPO 0)"
-        )
     failover: dict[str, Any] = {"mode": mode}
     if "gracePeriodSeconds" in parameters:
         failover["gracePeriodSeconds"] = _seconds("gracePeriodSeconds", parameters["gracePeriodSeconds"], 0)
@@ -282,12 +277,19 @@ def parse_volume_id(volume_id: str) -> tuple[str, str] | None:
     return namespace, name
 
 
-def volume_context(namespace: str, name: str, fs_type: str) -> dict[str, str]:
+def volume_context(namespace: str, name: str, fs_type: str, failover_mode: str = "Latest") -> dict[str, str]:
     """What the node needs to attach the volume: its export (the Service that follows the
-    primary) and the default file system."""
+    primary), the default file system and the failover mode (a Checkpoint-mode volume's
+    attachment must never cross a failover)."""
     return {
         "namespace": namespace,
         "name": name,
         "exportAddress": f"{name}.{namespace}.svc:{EXPORT_PORT}",
         "fsType": fs_type,
+        "failoverMode": failover_mode,
     }
+
+
+def pinned_to_lineage(context: Mapping[str, str]) -> bool:
+    """Whether a volume's attachment follows only the primary's lineage (Checkpoint mode)."""
+    return context.get("failoverMode") == "Checkpoint"
