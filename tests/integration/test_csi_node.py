@@ -467,3 +467,41 @@ async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unst
     await kubelet.stage()
     await kubelet.publish()
     assert await asyncio.to_thread((kubelet.target / "kept.bin").read_bytes) == data  # fsynced = on the volume
+
+
+async def test_a_checkpoint_mode_attachment_fails_instead_of_crossing_a_rollback(
+    kubelet: Kubelet, volume: Volume
+) -> None:
+    """A Checkpoint-mode volume's attachment is pinned to its primary's lineage: after a
+    failover it is reported abnormal and refused until unstaged; staged anew, it mounts the
+    file system as it was at the checkpoint."""
+    context = {"exportAddress": kubelet.export, "failoverMode": "Checkpoint"}
+    await kubelet.stage(volume_context=context)
+    await kubelet.publish()
+    kept = os.urandom(1 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "kept.bin", kept)
+    await volume.secondary.checkpoint()
+    await asyncio.to_thread(write_synced, kubelet.target / "after-the-cut.bin", b"x" * (64 << 10))
+    stats = await kubelet.stats()
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+
+    volume.primary.kill()
+    await volume.primary.wait_exit()
+    await volume.secondary.failover(3, "checkpoint")
+    stats = await kubelet.stats()
+    assert stats.volume_condition.abnormal and "failed over to a checkpoint" in stats.volume_condition.message
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await kubelet.stage(volume_context=context)  # never stacked on the old lineage
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unstage" in refused.value.details()
+    with pytest.raises(OSError) as failed:  # the pod's I/O fails (after the reconnect delay)
+        await asyncio.wait_for(asyncio.to_thread(write_synced, kubelet.target / "lost.bin", b"y" * 4096), 30)
+    assert failed.value.errno == errno.EIO
+
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    await kubelet.stage(volume_context=context)  # a new attachment: the new lineage, mounted fresh
+    await kubelet.publish()
+    assert await asyncio.to_thread((kubelet.target / "kept.bin").read_bytes) == kept
+    assert not (kubelet.target / "after-the-cut.bin").exists()
+    assert not (await kubelet.stats()).volume_condition.abnormal
