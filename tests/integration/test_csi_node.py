@@ -27,6 +27,9 @@ import pytest
 
 from pairvol.csi import DRIVER_NAME
 from pairvol.csi.attach import Attachment, mount_points, run
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
+from pairvol.localcluster.cluster import LocalCluster
 from tests.support.agents import Agent, free_port, pair, privileges, running_as, write_psk
 from tests.support.ci import unavailable
 from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security
@@ -173,11 +176,19 @@ async def volume(tmp_path: Path, volume_size: str) -> AsyncIterator[Volume]:
 
 @pytest.fixture
 async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator[Kubelet]:
+    async with node_plugin(tmp_path, volume, stubs) as k:
+        yield k
+
+
+@contextlib.asynccontextmanager
+async def node_plugin(tmp_path: Path, volume: Volume, stubs: Stubs, *args: str) -> AsyncIterator[Kubelet]:
+    """The node plugin (with its pod's privileges and ``args``) and its caller; afterwards
+    everything is torn down through the plugin and checked to be gone."""
     state = tmp_path / "csi-state"
     pods = tmp_path / "kubelet"
     plan = node_plugin_security()
     async with driver(
-        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), security=plan
+        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), *args, security=plan
     ) as d:
         assert privileges(d.proc.pid) == running_as(plan)
         k = Kubelet(
@@ -505,3 +516,45 @@ async def test_a_checkpoint_mode_attachment_fails_instead_of_crossing_a_rollback
     assert await asyncio.to_thread((kubelet.target / "kept.bin").read_bytes) == kept
     assert not (kubelet.target / "after-the-cut.bin").exists()
     assert not (await kubelet.stats()).volume_condition.abnormal
+
+
+async def test_the_volume_condition_is_abnormal_while_the_volume_is_degraded_or_out_of_sync(
+    tmp_path: Path, volume: Volume, stubs: Stubs
+) -> None:
+    """With a cluster connection (read access to the ReplicatedVolumes), the condition also
+    carries the replication state: abnormal while Degraded or OutOfSync, normal otherwise."""
+    async with LocalCluster(nodes=1) as cluster:
+        config = await load_config(str(cluster.kubeconfig_path))
+        async with (
+            KubeClient(config) as kube,
+            node_plugin(tmp_path, volume, stubs, "--kubeconfig", str(cluster.kubeconfig_path)) as kubelet,
+        ):
+            namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}}
+            await kube.create("/api/v1/namespaces", namespace)
+            rv = "/apis/pairvol.io/v1alpha1/namespaces/apps/replicatedvolumes"
+            await kube.create(rv, {
+                "apiVersion": "pairvol.io/v1alpha1", "kind": "ReplicatedVolume",
+                "metadata": {"name": "pvc-1", "namespace": "apps"}, "spec": {"size": "64Mi"},
+            })  # fmt: skip
+            await kubelet.stage()
+            await kubelet.publish()
+
+            async def condition(status: dict[str, Any]) -> tuple[bool, str]:
+                await kube.merge_patch(f"{rv}/pvc-1/status", {"status": status})
+                stats = await kubelet.stats()
+                return stats.volume_condition.abnormal, stats.volume_condition.message
+
+            abnormal, message = await condition({"phase": "Replicating"})
+            assert not abnormal and "replication: Replicating" in message
+            abnormal, message = await condition({"phase": "Degraded", "message": "secondary node-b is gone"})
+            assert abnormal and "Degraded (secondary node-b is gone)" in message
+            abnormal, message = await condition(
+                {"phase": "Replicating", "secondary": {"node": "node-b", "outOfSync": True}}
+            )
+            assert abnormal and "node-b is OutOfSync" in message
+            abnormal, message = await condition({"phase": "Replicating", "secondary": {"outOfSync": False}})
+            assert not abnormal, message
+            await kube.delete(f"{rv}/pvc-1")  # the state cannot be read: the node's own view decides
+            stats = await kubelet.stats()
+            assert not stats.volume_condition.abnormal
+            assert "replication state unknown" in stats.volume_condition.message

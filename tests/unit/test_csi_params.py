@@ -16,6 +16,7 @@ from pairvol.csi.params import (
     fits,
     parse_volume_id,
     pinned_to_lineage,
+    replication_problem,
     same_request,
     volume_context,
     volume_id,
@@ -162,3 +163,12 @@ def test_a_device_is_used_by_file_systems_mounted_from_it_and_by_its_node_bound_
         "44 36 7:4 / /other rw - ext4 /dev/loop4 rw\n"
     )
     assert device_users(text, "/dev/loop3", "7:3") == ["/stage", "/pods/a/mount", "/pods/b/dev"]
+
+
+def test_a_volume_is_abnormal_while_degraded_or_out_of_sync() -> None:
+    assert replication_problem({"status": {"phase": "Replicating"}}) is None
+    assert replication_problem({}) is None  # not reported yet: nothing known against it
+    degraded = replication_problem({"status": {"phase": "Degraded", "message": "no secondary yet"}})
+    assert degraded is not None and "Degraded (no secondary yet)" in degraded
+    behind = replication_problem({"status": {"phase": "Syncing", "secondary": {"node": "b", "outOfSync": True}}})
+    assert behind is not None and "on b is OutOfSync" in behind

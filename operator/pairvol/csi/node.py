@@ -46,10 +46,13 @@ from pairvol.csi.params import (
     fs_type_problem,
     parse_volume_id,
     pinned_to_lineage,
+    replication_problem,
 )
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
 from pairvol.csi.wire import capability, string_map
+from pairvol.kube.client import KubeClient, KubeError
+from pairvol.kube.paths import volume_path
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ VOLUME_CONDITION = 4
 BYTES, INODES = 1, 2
 #: node topology key: a volume can be attached on any node, so it is informational
 TOPOLOGY_KEY = "topology.pairvol.io/node"
+#: longest wait for the API server in NodeGetVolumeStats (the kubelet's call must not hang)
+API_TIMEOUT_S = 5.0
 
 
 def _export(context: dict[str, str]) -> tuple[str, int]:
@@ -86,9 +91,12 @@ def _psk(secrets: dict[str, str]) -> tuple[str, str]:
 
 
 class NodeService:
-    def __init__(self, node_id: str, state_dir: Path) -> None:
+    def __init__(self, node_id: str, state_dir: Path, kube: KubeClient | None = None) -> None:
         self.node_id = node_id
         self.state_dir = state_dir
+        #: read access to the volumes' ReplicatedVolumes, for their replication state in
+        #: NodeGetVolumeStats; None: the condition says only what the node sees
+        self.kube = kube
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.m = messages()
 
@@ -160,9 +168,25 @@ class NodeService:
                 resp.usage.add(unit=INODES, total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree)
         except OSError as exc:
             problem = problem or f"{path} cannot be read: {exc}"
+        replication, state = await self._replication(volume_id)
+        problem = problem or replication
         resp.volume_condition.abnormal = problem is not None
-        resp.volume_condition.message = problem or f"attached to {record.export_host}:{record.export_port}"
+        resp.volume_condition.message = problem or f"attached to {record.export_host}:{record.export_port}; {state}"
         return resp
+
+    async def _replication(self, volume_id: str) -> tuple[str | None, str]:
+        """(why the volume's replication makes it abnormal or None, what is known of it)."""
+        parsed = parse_volume_id(volume_id)
+        if self.kube is None or parsed is None:
+            return None, "replication state not known here (the node plugin has no cluster connection)"
+        try:
+            volume = await asyncio.wait_for(self.kube.get_or_none(volume_path(*parsed)), API_TIMEOUT_S)
+        except (KubeError, TimeoutError) as exc:
+            return None, f"replication state unknown: the API server did not answer ({exc or 'timeout'})"
+        if volume is None:
+            return None, f"replication state unknown: ReplicatedVolume {volume_id} does not exist"
+        problem = replication_problem(volume)
+        return problem, f"replication: {(volume.get('status') or {}).get('phase') or 'Pending'}"
 
     async def stage(self, req: Any) -> Any:
         volume_id = require(req.volume_id, "volume_id")

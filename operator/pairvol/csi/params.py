@@ -290,6 +290,23 @@ def volume_context(namespace: str, name: str, fs_type: str, failover_mode: str =
     }
 
 
+def replication_problem(volume: Mapping[str, Any]) -> str | None:
+    """Why a ReplicatedVolume's replication makes its condition abnormal (OutOfSync, or
+    Degraded), or None: the volume works, but one more failure can lose data or the volume."""
+    status = volume.get("status") or {}
+    secondary = status.get("secondary") or {}
+    if secondary.get("outOfSync"):
+        return (
+            f"the volume's secondary on {secondary.get('node') or 'its node'} is OutOfSync: it lacks writes the "
+            "primary acknowledged, so it is not promoted automatically and the primary's node is a single point of "
+            "failure until the resync ends"
+        )
+    if status.get("phase") == "Degraded":
+        why = status.get("message") or "it has no secondary"
+        return f"the volume is Degraded ({why}): it has one copy until it is re-protected"
+    return None
+
+
 def pinned_to_lineage(context: Mapping[str, str]) -> bool:
     """Whether a volume's attachment follows only the primary's lineage (Checkpoint mode)."""
     return context.get("failoverMode") == "Checkpoint"
