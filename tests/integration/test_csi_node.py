@@ -27,6 +27,7 @@ import pytest
 
 from pairvol.csi import DRIVER_NAME
 from pairvol.csi.attach import Attachment, mount_points, run
+from pairvol.csi.identity import VOLUME_ACCESSIBILITY_CONSTRAINTS
 from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
 from pairvol.localcluster.cluster import LocalCluster
@@ -227,9 +228,11 @@ async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubel
     assert info.name == DRIVER_NAME
     assert (await kubelet.identity.Probe(pb.ProbeRequest())).ready.value is True
     caps = await kubelet.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    assert list(caps.capabilities) == []  # the node plugin serves no Controller service
+    # no Controller service; a topology, as NodeGetInfo reports one (the spec ties the two)
+    assert [c.service.type for c in caps.capabilities] == [VOLUME_ACCESSIBILITY_CONSTRAINTS]
     node = await kubelet.node.NodeGetInfo(pb.NodeGetInfoRequest())
     assert node.node_id == "node-a"
+    assert dict(node.accessible_topology.segments) == {"topology.pairvol.io/node": "node-a"}
     ncaps = await kubelet.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
     assert [c.rpc.type for c in ncaps.capabilities] == [STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION]
 

@@ -18,6 +18,7 @@ from pairvol.csi.params import (
     pinned_to_lineage,
     replication_problem,
     same_request,
+    topology_nodes,
     volume_context,
     volume_id,
     volume_request,
@@ -172,3 +173,21 @@ def test_a_volume_is_abnormal_while_degraded_or_out_of_sync() -> None:
     assert degraded is not None and "Degraded (no secondary yet)" in degraded
     behind = replication_problem({"status": {"phase": "Syncing", "secondary": {"node": "b", "outOfSync": True}}})
     assert behind is not None and "on b is OutOfSync" in behind
+
+
+def test_accessibility_requirements_name_nodes_requisite_first() -> None:
+    def seg(node: str) -> dict[str, str]:
+        return {"topology.pairvol.io/node": node}
+
+    assert topology_nodes([seg("b"), seg("a"), seg("b")], [seg("a")]) == ["b", "a"]
+    assert topology_nodes([], [seg("c")]) == ["c"]
+    with pytest.raises(ParameterError, match=r"only topology\.pairvol\.io/node"):
+        topology_nodes([{"topology.kubernetes.io/zone": "z"}], [])
+
+
+def test_replicas_follow_the_topology_only_when_asked() -> None:
+    assert "nodes" not in volume_request(NAME, MIB, {}, ["a", "b"]).spec
+    spec = volume_request(NAME, MIB, {"replicasFollowTopology": "true"}, ["a", "b"]).spec
+    assert spec["nodes"] == ["a", "b"]
+    with pytest.raises(ParameterError, match="allowedTopologies"):
+        volume_request(NAME, MIB, {"replicasFollowTopology": "true"})

@@ -41,6 +41,7 @@ from pairvol.csi.attach import (
 from pairvol.csi.params import (
     DEFAULT_FS_TYPE,
     FS_TYPES,
+    TOPOLOGY_KEY,
     access_mode_problem,
     capability_problem,
     fs_type_problem,
@@ -60,8 +61,6 @@ STAGE_UNSTAGE_VOLUME = 1
 GET_VOLUME_STATS = 2
 VOLUME_CONDITION = 4
 BYTES, INODES = 1, 2
-#: node topology key: a volume can be attached on any node, so it is informational
-TOPOLOGY_KEY = "topology.pairvol.io/node"
 #: longest wait for the API server in NodeGetVolumeStats (the kubelet's call must not hang)
 API_TIMEOUT_S = 5.0
 

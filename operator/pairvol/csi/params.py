@@ -15,7 +15,7 @@ OUT_OF_RANGE.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,10 @@ PVC_NAME = "csi.storage.k8s.io/pvc/name"
 PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 PV_NAME = "csi.storage.k8s.io/pv/name"
 _RESERVED_PREFIX = "csi.storage.k8s.io/"
+
+#: the topology key of NodeGetInfo (a node's name): a volume is accessible from every node,
+#: so it restricts nothing; with replicasFollowTopology its requisite values place the replicas
+TOPOLOGY_KEY = "topology.pairvol.io/node"
 
 FS_TYPES = ("ext4", "xfs")
 DEFAULT_FS_TYPE = "ext4"
@@ -178,11 +182,31 @@ KNOWN_PARAMETERS = (
     "hostPath",
     "reclaimPolicy",
     "fsType",
+    "replicasFollowTopology",
 )
 
 
-def volume_request(name: str, size: int, parameters: Mapping[str, str]) -> VolumeRequest:
-    """Validate a CreateVolume's name and parameters into the ReplicatedVolume to create."""
+def topology_nodes(requisite: Sequence[Mapping[str, str]], preferred: Sequence[Mapping[str, str]]) -> list[str]:
+    """The node names of a CreateVolume's accessibility requirements (requisite, else
+    preferred, each in order, without repeats); ParameterError for a segment this driver
+    does not know (it reports only TOPOLOGY_KEY)."""
+    nodes: list[str] = []
+    for segment in requisite or preferred:
+        if set(segment) != {TOPOLOGY_KEY}:
+            raise ParameterError(
+                f"accessibility requirement {dict(segment)} is not a topology of this driver: its nodes report "
+                f"only {TOPOLOGY_KEY} (use that key in the StorageClass's allowedTopologies)"
+            )
+        if segment[TOPOLOGY_KEY] not in nodes:
+            nodes.append(segment[TOPOLOGY_KEY])
+    return nodes
+
+
+def volume_request(
+    name: str, size: int, parameters: Mapping[str, str], topology: Sequence[str] = ()
+) -> VolumeRequest:
+    """Validate a CreateVolume's name and parameters into the ReplicatedVolume to create.
+    ``topology``: the nodes of the request's accessibility requirements (topology_nodes)."""
     if len(name) > MAX_VOLUME_NAME or not _DNS_LABEL.match(name):
         raise ParameterError(
             f"volume name {name!r} must be a DNS label of at most {MAX_VOLUME_NAME} characters: it names the "
@@ -220,6 +244,20 @@ def volume_request(name: str, size: int, parameters: Mapping[str, str]) -> Volum
         spec["nodeSelector"] = _selector(parameters["nodeSelector"])
     if "nodes" in parameters:
         spec["nodes"] = [n.strip() for n in parameters["nodes"].split(",") if n.strip()]
+    follow = parameters.get("replicasFollowTopology", "false")
+    if follow not in ("true", "false"):
+        raise ParameterError(f"parameter replicasFollowTopology must be 'true' or 'false', got {follow!r}")
+    if follow == "true":
+        # the replicas go only where the CO's requirement allows (the StorageClass's
+        # allowedTopologies): not the default, since without allowedTopologies the
+        # requirement lists every node of the moment and would pin the volume to them
+        if not topology:
+            raise ParameterError(
+                "parameter replicasFollowTopology needs accessibility requirements: set allowedTopologies on "
+                f"{TOPOLOGY_KEY} in the StorageClass"
+            )
+        listed = spec.get("nodes")
+        spec["nodes"] = [n for n in topology if listed is None or n in listed]
     if "hostPath" in parameters:
         spec["storage"] = {"hostPath": parameters["hostPath"]}
     # DeleteVolume is only called when the PV's reclaim policy is Delete, so by default the
