@@ -51,7 +51,14 @@ def test_node_plugin_runs_with_the_stated_privileges_and_shares_its_mounts(objs:
     assert mounts["kubelet-dir"]["mountPropagation"] == "Bidirectional"
     assert mounts["state-dir"]["mountPropagation"] == "Bidirectional"
     assert mounts["dev"]["mountPath"] == "/dev"
-    assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    # its token reads the volumes' replication state, nothing else
+    account = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    assert ds["spec"]["template"]["spec"].get("automountServiceAccountToken", True) is True
+    (binding,) = [o for o in objs if o["kind"] == "RoleBinding" and o["subjects"][0]["name"] == account]
+    role = one(objs, "Role", binding["roleRef"]["name"])
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"]
+    assert role["rules"] == [{"apiGroups": ["pairvol.io"], "resources": ["replicatedvolumes"], "verbs": ["get"]}]
+    assert not [o for o in objs if o["kind"] == "ClusterRoleBinding" and o["subjects"][0]["name"] == account]
     for name in ("node-driver-registrar", "liveness-probe"):
         ctx = c[name]["securityContext"]
         assert ctx["capabilities"] == {"drop": ["ALL"]} and ctx["allowPrivilegeEscalation"] is False

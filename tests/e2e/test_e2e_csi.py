@@ -447,3 +447,147 @@ async def test_a_pod_keeps_writing_through_a_latest_mode_failover_without_a_rest
     log = await finished(stack, survivor, "reader")
     assert "verified" in log and int(log.split()[-1]) >= after
     await delete_pod(stack, "reader")
+
+
+# A program that keeps a log the way a database keeps its journal: at start it recovers
+# the log (every complete record intact and in order; a torn last record is cut off) and
+# reports how many records it found, then appends, each record fsynced before it is
+# reported ("acked N"). An I/O error ends it (exit status 1), as it would end a database.
+RECOVERING_WRITER = textwrap.dedent(
+    """
+    import hashlib, os, sys, time
+    path = "/data/log"
+    data = open(path, "rb").read() if os.path.exists(path) else b""
+    lines = data.split(b"\\n")[:-1]
+    for seq, line in enumerate(lines):
+        digest, body = line.split(b" ", 1)
+        assert hashlib.sha256(body).hexdigest().encode() == digest, f"record {seq} corrupt: {line!r}"
+        assert body == f"record {seq}".encode(), f"record {seq} out of order: {line!r}"
+    print("recovered", len(lines), flush=True)
+    with open(path, "r+b" if data else "wb") as f:
+        f.truncate(sum(len(line) + 1 for line in lines))
+        f.seek(0, os.SEEK_END)
+        seq = len(lines)
+        while True:
+            body = f"record {seq}".encode()
+            f.write(hashlib.sha256(body).hexdigest().encode() + b" " + body + b"\\n")
+            f.flush()
+            os.fsync(f.fileno())
+            print("acked", seq, flush=True)
+            seq += 1
+            time.sleep(0.02)
+    """
+)
+
+
+async def test_a_checkpoint_mode_failover_restarts_the_pod_on_the_cut_never_under_it(
+    stack: Stack, csi: LocalCsi
+) -> None:
+    """Checkpoint mode rolls the disk back at a failover: the pod's attachment must not
+    reconnect under its mounted file system. It fails the pod's I/O instead; the Job's next
+    pod mounts the volume fresh and finds the log exactly as it was at the cut."""
+    sc = await stack.kube.get("/apis/storage.k8s.io/v1/storageclasses/pairvol")
+    sc["metadata"] = {"name": "pairvol-checkpoint"}
+    sc["parameters"].update(failoverMode="Checkpoint", checkpointIntervalSeconds="0")  # cuts on request
+    await stack.kube.create("/apis/storage.k8s.io/v1/storageclasses", sc)
+    claim_yaml = CLAIM.format(name="journal", mode="Filesystem", size=FS_SIZE).replace(
+        "storageClassName: pairvol", "storageClassName: pairvol-checkpoint"
+    )
+    code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=claim_yaml)
+    assert code == 0, err
+
+    async def bound() -> str | None:
+        claim = await stack.kube.get("/api/v1/namespaces/default/persistentvolumeclaims/journal")
+        return claim["spec"].get("volumeName") if (claim.get("status") or {}).get("phase") == "Bound" else None
+
+    pv_name = await stack.wait_for("claim journal Bound", bound, 60)
+    rv = await stack.volume(pv_name)
+    assert rv["spec"]["failover"]["mode"] == "Checkpoint"
+    st = await stack.status(pv_name)
+    replicas = {st["primary"]["node"], st["secondary"]["node"]}
+    (node,) = sorted(set(stack.sim.node_names) - replicas)  # the pods run on neither replica's node
+    template = pod("app", node, "journal", RECOVERING_WRITER, "0")
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "journal", "namespace": "default"},
+        "spec": {"backoffLimit": 3, "template": {"spec": template["spec"]}},
+    }
+    await stack.kube.create("/apis/batch/v1/namespaces/default/jobs", job)
+
+    async def job_pods() -> list[dict[str, Any]]:
+        found = await stack.kube.get(f"{PODS}?labelSelector=job-name%3Djournal")
+        return sorted(found["items"], key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["name"])
+
+    async def log_of(p: dict[str, Any]) -> str:
+        return await pod_log(stack, node, p["metadata"]["name"])
+
+    async def acked(p: dict[str, Any]) -> int:
+        lines = [ln for ln in (await log_of(p)).splitlines() if ln.startswith("acked ")]
+        return int(lines[-1].split()[1]) + 1 if lines else 0
+
+    async def first_pod_acked(n: int) -> int | None:
+        pods = await job_pods()
+        count = await acked(pods[0]) if pods else 0
+        return count if count >= n else None
+
+    await until_writing(stack, "journal", "the first pod's records", lambda: first_pod_acked(20), 60)
+    (first,) = await job_pods()
+    assert "recovered 0" in await log_of(first)
+
+    # the cut: records acknowledged before it was asked for are in it; a record begun after
+    # it was reported complete is not
+    fsynced_before_cut = await acked(first)
+    cut_id = (st.get("checkpoint") or {}).get("id") or 0
+    await stack.annotate(pv_name, "pairvol.io/checkpoint", "now")
+
+    async def cut() -> int | None:
+        now = ((await stack.status(pv_name)).get("checkpoint") or {}).get("id") or 0
+        return now if now > cut_id else None
+
+    await stack.wait_for("the checkpoint", cut, 30)
+    begun_before_cut_end = await acked(first) + 1
+    await stack.wait_for("records after the cut", lambda: first_pod_acked(begun_before_cut_end + 20), 30)
+
+    old = st["primary"]["node"]
+    await stack.sim.kill_node(old)
+
+    async def restarted() -> int | None:
+        pods = await job_pods()
+        if len(pods) < 2:
+            return None
+        line = [ln for ln in (await log_of(pods[-1])).splitlines() if ln.startswith("recovered ")]
+        return int(line[0].split()[1]) if line and await acked(pods[-1]) >= 5 else None
+
+    recovered = await until_writing(stack, "journal", "the Job's next pod recovering the log", restarted, 60)
+    first = (await job_pods())[0]
+    assert first["status"]["phase"] == "Failed", first["status"]
+    assert "Input/output error" in await log_of(first)  # its I/O failed rather than reaching the old disk
+    status = await stack.status(pv_name)
+    assert status["primary"]["node"] != old and status["lastFailover"]["mode"] == "Checkpoint", status
+    assert fsynced_before_cut <= recovered <= begun_before_cut_end, (
+        f"the log after the failover holds {recovered} records; the cut holds at least {fsynced_before_cut} "
+        f"and at most {begun_before_cut_end}"
+    )
+
+    # the file system of the rolled-back disk, after the Job's pods are gone: fsck finds it clean
+    await stack.kube.delete("/apis/batch/v1/namespaces/default/jobs/journal")
+
+    async def released() -> bool:
+        return not await job_pods() and await node_mounts(csi, node) == []
+
+    await stack.wait_for("the Job's pods gone and the volume unstaged", released, 60)
+    image = stack.root / "journal.img"
+    socket = stack.socket_path(await stack.status(pv_name))
+    proc = await asyncio.create_subprocess_exec(  # relative: the socket's path is longer than a unix address
+        "qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///volume?socket={socket.name}", str(image),
+        cwd=socket.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    proc = await asyncio.create_subprocess_exec(
+        "e2fsck", "-fn", str(image), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, f"fsck of the volume after the failover: {out.decode()}"
+    await asyncio.to_thread(image.unlink)

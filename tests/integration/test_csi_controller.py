@@ -33,6 +33,7 @@ SINGLE_NODE_WRITER = 1
 MULTI_NODE_MULTI_WRITER = 5
 CREATE_DELETE_VOLUME = 1
 CONTROLLER_SERVICE = 1
+VOLUME_ACCESSIBILITY_CONSTRAINTS = 2
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +109,7 @@ async def provisioner(tmp_path: Path, stubs: Stubs) -> AsyncIterator[Provisioner
 async def test_controller_advertises_what_it_serves(provisioner: Provisioner) -> None:
     pb = provisioner.pb
     plugin = await provisioner.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    assert [c.service.type for c in plugin.capabilities] == [CONTROLLER_SERVICE]
+    assert [c.service.type for c in plugin.capabilities] == [CONTROLLER_SERVICE, VOLUME_ACCESSIBILITY_CONSTRAINTS]
     caps = await provisioner.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest())
     assert [c.rpc.type for c in caps.capabilities] == [CREATE_DELETE_VOLUME]
     # what it does not advertise, it does not serve
@@ -135,6 +136,7 @@ async def test_create_makes_a_replicated_volume_and_answers_once_it_replicates(p
     assert made.volume.volume_id == f"{NS}/{NAME}"
     assert made.volume.volume_context["exportAddress"] == f"{NAME}.{NS}.svc:7802"
     assert made.volume.volume_context["fsType"] == "ext4"
+    assert made.volume.volume_context["failoverMode"] == "Latest"
     assert len(await provisioner.kube.list(volume_path(NS))) == 1
 
     # the same name asking for something else
@@ -142,6 +144,43 @@ async def test_create_makes_a_replicated_volume_and_answers_once_it_replicates(p
     assert code == grpc.StatusCode.ALREADY_EXISTS and "checkpoint_interval_s" in text
     code, text = await provisioner.refused(provisioner.create(required=200 * MIB))
     assert code == grpc.StatusCode.ALREADY_EXISTS and "capacity range" in text
+
+
+async def test_accessibility_requirements_place_the_replicas_only_when_the_class_says_so(
+    provisioner: Provisioner,
+) -> None:
+    pb = provisioner.pb
+
+    def on(*nodes: str) -> Any:
+        return pb.TopologyRequirement(
+            requisite=[pb.Topology(segments={"topology.pairvol.io/node": n}) for n in nodes],
+            preferred=[pb.Topology(segments={"topology.pairvol.io/node": nodes[-1]})],
+        )
+
+    # a volume is accessible from every node: the requirement restricts nothing by default
+    await provisioner.refused(provisioner.create(accessibility_requirements=on("node-1", "node-2", "node-3")))
+    assert "nodes" not in (await provisioner.kube.get(volume_path(NS, NAME)))["spec"]
+    await provisioner.replicating()
+    made = await provisioner.create(accessibility_requirements=on("node-1", "node-2", "node-3"))
+    assert list(made.volume.accessible_topology) == []  # the CO may schedule its pods anywhere
+
+    follow = {"failoverMode": "Latest", "replicasFollowTopology": "true"}
+    await provisioner.refused(provisioner.create("pvc-2", parameters=follow, accessibility_requirements=on("a", "b")))
+    assert (await provisioner.kube.get(volume_path(NS, "pvc-2")))["spec"]["nodes"] == ["a", "b"]
+    both = {**follow, "nodes": "b,c"}  # with the nodes parameter: the nodes both allow
+    code, text = await provisioner.refused(
+        provisioner.create("pvc-3", parameters=both, accessibility_requirements=on("a", "b", "c"))
+    )
+    assert code == grpc.StatusCode.ABORTED, text
+    assert (await provisioner.kube.get(volume_path(NS, "pvc-3")))["spec"]["nodes"] == ["b", "c"]
+    for params, requirement, says in (
+        (follow, None, "allowedTopologies"),
+        (follow, on("a"), "at least two distinct nodes"),
+        ({}, pb.TopologyRequirement(requisite=[pb.Topology(segments={"zone": "z1"})]), "only topology.pairvol.io/node"),
+    ):
+        kw = {"accessibility_requirements": requirement} if requirement is not None else {}
+        code, text = await provisioner.refused(provisioner.create("pvc-4", parameters=params, **kw))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and says in text, text
 
 
 async def test_delete_is_idempotent_and_spares_volumes_it_did_not_create(provisioner: Provisioner) -> None:
@@ -196,7 +235,6 @@ async def test_validate_volume_capabilities(provisioner: Provisioner) -> None:
         ({"caps": "multi"}, grpc.StatusCode.INVALID_ARGUMENT, "ReadWriteOnce"),
         ({"parameters": {"replicas": "3"}}, grpc.StatusCode.INVALID_ARGUMENT, "unknown StorageClass parameter"),
         ({"parameters": {"failoverMode": "Soon"}}, grpc.StatusCode.INVALID_ARGUMENT, "failover.mode"),
-        ({"parameters": {"failoverMode": "Checkpoint"}}, grpc.StatusCode.INVALID_ARGUMENT, "failoverMode: Latest"),
         ({"parameters": {"fsType": "btrfs"}}, grpc.StatusCode.INVALID_ARGUMENT, "btrfs"),
         ({"required": 0, "limit": MIB - 1}, grpc.StatusCode.OUT_OF_RANGE, "whole MiB"),
         ({"required": 3 * MIB, "limit": 2 * MIB}, grpc.StatusCode.OUT_OF_RANGE, "capacity range"),

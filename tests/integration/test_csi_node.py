@@ -27,6 +27,10 @@ import pytest
 
 from pairvol.csi import DRIVER_NAME
 from pairvol.csi.attach import Attachment, mount_points, run
+from pairvol.csi.identity import VOLUME_ACCESSIBILITY_CONSTRAINTS
+from pairvol.kube.client import KubeClient
+from pairvol.kube.config import load_config
+from pairvol.localcluster.cluster import LocalCluster
 from tests.support.agents import Agent, free_port, pair, privileges, running_as, write_psk
 from tests.support.ci import unavailable
 from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security
@@ -173,11 +177,19 @@ async def volume(tmp_path: Path, volume_size: str) -> AsyncIterator[Volume]:
 
 @pytest.fixture
 async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator[Kubelet]:
+    async with node_plugin(tmp_path, volume, stubs) as k:
+        yield k
+
+
+@contextlib.asynccontextmanager
+async def node_plugin(tmp_path: Path, volume: Volume, stubs: Stubs, *args: str) -> AsyncIterator[Kubelet]:
+    """The node plugin (with its pod's privileges and ``args``) and its caller; afterwards
+    everything is torn down through the plugin and checked to be gone."""
     state = tmp_path / "csi-state"
     pods = tmp_path / "kubelet"
     plan = node_plugin_security()
     async with driver(
-        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), security=plan
+        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), *args, security=plan
     ) as d:
         assert privileges(d.proc.pid) == running_as(plan)
         k = Kubelet(
@@ -216,9 +228,11 @@ async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubel
     assert info.name == DRIVER_NAME
     assert (await kubelet.identity.Probe(pb.ProbeRequest())).ready.value is True
     caps = await kubelet.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    assert list(caps.capabilities) == []  # the node plugin serves no Controller service
+    # no Controller service; a topology, as NodeGetInfo reports one (the spec ties the two)
+    assert [c.service.type for c in caps.capabilities] == [VOLUME_ACCESSIBILITY_CONSTRAINTS]
     node = await kubelet.node.NodeGetInfo(pb.NodeGetInfoRequest())
     assert node.node_id == "node-a"
+    assert dict(node.accessible_topology.segments) == {"topology.pairvol.io/node": "node-a"}
     ncaps = await kubelet.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
     assert [c.rpc.type for c in ncaps.capabilities] == [STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION]
 
@@ -467,3 +481,83 @@ async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unst
     await kubelet.stage()
     await kubelet.publish()
     assert await asyncio.to_thread((kubelet.target / "kept.bin").read_bytes) == data  # fsynced = on the volume
+
+
+async def test_a_checkpoint_mode_attachment_fails_instead_of_crossing_a_rollback(
+    kubelet: Kubelet, volume: Volume
+) -> None:
+    """A Checkpoint-mode volume's attachment is pinned to its primary's lineage: after a
+    failover it is reported abnormal and refused until unstaged; staged anew, it mounts the
+    file system as it was at the checkpoint."""
+    context = {"exportAddress": kubelet.export, "failoverMode": "Checkpoint"}
+    await kubelet.stage(volume_context=context)
+    await kubelet.publish()
+    kept = os.urandom(1 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "kept.bin", kept)
+    await volume.secondary.checkpoint()
+    await asyncio.to_thread(write_synced, kubelet.target / "after-the-cut.bin", b"x" * (64 << 10))
+    stats = await kubelet.stats()
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+
+    volume.primary.kill()
+    await volume.primary.wait_exit()
+    await volume.secondary.failover(3, "checkpoint")
+    stats = await kubelet.stats()
+    assert stats.volume_condition.abnormal and "failed over to a checkpoint" in stats.volume_condition.message
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await kubelet.stage(volume_context=context)  # never stacked on the old lineage
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unstage" in refused.value.details()
+    with pytest.raises(OSError) as failed:  # the pod's I/O fails (after the reconnect delay)
+        await asyncio.wait_for(asyncio.to_thread(write_synced, kubelet.target / "lost.bin", b"y" * 4096), 30)
+    assert failed.value.errno == errno.EIO
+
+    await kubelet.unpublish()
+    await kubelet.unstage()
+    await kubelet.stage(volume_context=context)  # a new attachment: the new lineage, mounted fresh
+    await kubelet.publish()
+    assert await asyncio.to_thread((kubelet.target / "kept.bin").read_bytes) == kept
+    assert not (kubelet.target / "after-the-cut.bin").exists()
+    assert not (await kubelet.stats()).volume_condition.abnormal
+
+
+async def test_the_volume_condition_is_abnormal_while_the_volume_is_degraded_or_out_of_sync(
+    tmp_path: Path, volume: Volume, stubs: Stubs
+) -> None:
+    """With a cluster connection (read access to the ReplicatedVolumes), the condition also
+    carries the replication state: abnormal while Degraded or OutOfSync, normal otherwise."""
+    async with LocalCluster(nodes=1) as cluster:
+        config = await load_config(str(cluster.kubeconfig_path))
+        async with (
+            KubeClient(config) as kube,
+            node_plugin(tmp_path, volume, stubs, "--kubeconfig", str(cluster.kubeconfig_path)) as kubelet,
+        ):
+            namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}}
+            await kube.create("/api/v1/namespaces", namespace)
+            rv = "/apis/pairvol.io/v1alpha1/namespaces/apps/replicatedvolumes"
+            await kube.create(rv, {
+                "apiVersion": "pairvol.io/v1alpha1", "kind": "ReplicatedVolume",
+                "metadata": {"name": "pvc-1", "namespace": "apps"}, "spec": {"size": "64Mi"},
+            })  # fmt: skip
+            await kubelet.stage()
+            await kubelet.publish()
+
+            async def condition(status: dict[str, Any]) -> tuple[bool, str]:
+                await kube.merge_patch(f"{rv}/pvc-1/status", {"status": status})
+                stats = await kubelet.stats()
+                return stats.volume_condition.abnormal, stats.volume_condition.message
+
+            abnormal, message = await condition({"phase": "Replicating"})
+            assert not abnormal and "replication: Replicating" in message
+            abnormal, message = await condition({"phase": "Degraded", "message": "secondary node-b is gone"})
+            assert abnormal and "Degraded (secondary node-b is gone)" in message
+            abnormal, message = await condition(
+                {"phase": "Replicating", "secondary": {"node": "node-b", "outOfSync": True}}
+            )
+            assert abnormal and "node-b is OutOfSync" in message
+            abnormal, message = await condition({"phase": "Replicating", "secondary": {"outOfSync": False}})
+            assert not abnormal, message
+            await kube.delete(f"{rv}/pvc-1")  # the state cannot be read: the node's own view decides
+            stats = await kubelet.stats()
+            assert not stats.volume_condition.abnormal
+            assert "replication state unknown" in stats.volume_condition.message

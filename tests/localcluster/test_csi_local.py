@@ -228,3 +228,13 @@ def test_registration_and_teardown_helpers() -> None:
         ]
     )
     assert mounts_under(info, [Path("/k")]) == ["/k/plugins/g/globalmount", "/k/pods/u/mount", "/k"]
+
+
+def test_allowed_topologies_become_the_accessibility_requirement() -> None:
+    request, _ = create_request(CLAIM, CLASS, "pvc-1")
+    assert "accessibilityRequirements" not in request  # the class allows every node
+    key = "topology.pairvol.io/node"
+    klass = {**CLASS, "allowedTopologies": [{"matchLabelExpressions": [{"key": key, "values": ["node-1", "node-3"]}]}]}
+    request, _ = create_request(CLAIM, klass, "pvc-1")
+    requisite = [{"segments": {key: "node-1"}}, {"segments": {key: "node-3"}}]
+    assert request["accessibilityRequirements"] == {"requisite": requisite, "preferred": requisite}

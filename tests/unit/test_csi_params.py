@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pairvol.csi.attach import device_users, mount_points
+from pairvol.csi.attach import device_users, lineage_names, mount_points
 from pairvol.csi.params import (
     DEFAULT_SIZE,
     MIB,
@@ -15,7 +15,11 @@ from pairvol.csi.params import (
     capability_problem,
     fits,
     parse_volume_id,
+    pinned_to_lineage,
+    replication_problem,
     same_request,
+    topology_nodes,
+    volume_context,
     volume_id,
     volume_request,
     volume_size,
@@ -99,7 +103,6 @@ def test_storage_class_parameters_become_the_volume_spec() -> None:
         (NAME, {"nodes": "only-one"}, "at least two distinct nodes"),
         (NAME, {"hostPath": "relative"}, "absolute path"),
         (NAME, {"reclaimPolicy": "Recycle"}, "reclaimPolicy"),
-        (NAME, {"failoverMode": "Checkpoint"}, "rolls the disk back under the mounted file system"),
         (NAME, {"failoverMode": "Soon"}, "spec.failover.mode must be one of"),
     ],
 )
@@ -117,8 +120,24 @@ def test_a_repeated_request_is_the_same_unless_a_setting_differs() -> None:
     assert same_request(dict(a), b) == ["peer_timeout_s: existing 5, requested 9"]
 
 
-def test_csi_volumes_fail_over_in_latest_mode() -> None:
+def test_csi_volumes_fail_over_in_latest_mode_unless_the_class_asks_for_checkpoints() -> None:
     assert volume_request(NAME, MIB, {}).spec["failover"] == {"mode": "Latest"}
+    assert volume_request(NAME, MIB, {"failoverMode": "Checkpoint"}).spec["failover"] == {"mode": "Checkpoint"}
+
+
+def test_only_a_checkpoint_mode_volume_is_pinned_to_its_primarys_lineage() -> None:
+    assert pinned_to_lineage(volume_context("apps", NAME, "ext4", "Checkpoint"))
+    assert not pinned_to_lineage(volume_context("apps", NAME, "ext4", "Latest"))
+    assert not pinned_to_lineage({"exportAddress": "x:7802"})  # a volume made before the mode was recorded
+
+
+def test_a_listing_of_exports_gives_the_lineage_exports() -> None:
+    listing = (
+        "exports available: 2\n export: 'volume'\n  size:  10485760\n"
+        " export: 'volume-l7'\n  size:  10485760\n  available meta contexts: 1\n   base:allocation\n"
+    )
+    assert lineage_names(listing) == ["volume-l7"]
+    assert lineage_names("exports available: 0\n") == []
 
 
 def test_volume_ids_name_namespace_and_volume() -> None:
@@ -145,3 +164,30 @@ def test_a_device_is_used_by_file_systems_mounted_from_it_and_by_its_node_bound_
         "44 36 7:4 / /other rw - ext4 /dev/loop4 rw\n"
     )
     assert device_users(text, "/dev/loop3", "7:3") == ["/stage", "/pods/a/mount", "/pods/b/dev"]
+
+
+def test_a_volume_is_abnormal_while_degraded_or_out_of_sync() -> None:
+    assert replication_problem({"status": {"phase": "Replicating"}}) is None
+    assert replication_problem({}) is None  # not reported yet: nothing known against it
+    degraded = replication_problem({"status": {"phase": "Degraded", "message": "no secondary yet"}})
+    assert degraded is not None and "Degraded (no secondary yet)" in degraded
+    behind = replication_problem({"status": {"phase": "Syncing", "secondary": {"node": "b", "outOfSync": True}}})
+    assert behind is not None and "on b is OutOfSync" in behind
+
+
+def test_accessibility_requirements_name_nodes_requisite_first() -> None:
+    def seg(node: str) -> dict[str, str]:
+        return {"topology.pairvol.io/node": node}
+
+    assert topology_nodes([seg("b"), seg("a"), seg("b")], [seg("a")]) == ["b", "a"]
+    assert topology_nodes([], [seg("c")]) == ["c"]
+    with pytest.raises(ParameterError, match=r"only topology\.pairvol\.io/node"):
+        topology_nodes([{"topology.kubernetes.io/zone": "z"}], [])
+
+
+def test_replicas_follow_the_topology_only_when_asked() -> None:
+    assert "nodes" not in volume_request(NAME, MIB, {}, ["a", "b"]).spec
+    spec = volume_request(NAME, MIB, {"replicasFollowTopology": "true"}, ["a", "b"]).spec
+    assert spec["nodes"] == ["a", "b"]
+    with pytest.raises(ParameterError, match="allowedTopologies"):
+        volume_request(NAME, MIB, {"replicasFollowTopology": "true"})

@@ -282,6 +282,8 @@ class Replica:
         if st.disk_id is not None and not was_clean and (boot is None or st.boot_id != boot):
             # acknowledged writes may have been in the page cache of the previous boot
             changes["disk_id"] = new_disk_id() if st.role is Role.SECONDARY else None
+        if st.lineage is not None and not was_clean and (boot is None or st.boot_id != boot):
+            changes["lineage"] = None  # the same reason: the next primary start begins a new lineage
         self.state = st.evolve(**changes)
 
     async def _load_bitmap(self) -> None:
@@ -323,6 +325,7 @@ class Replica:
                 async with self.lock:
                     await self._stop_nbd_server()  # no workload write from here on
                     await self._wait_export_gone(r.WORKLOAD_EXPORT)  # and the ones in flight finished
+                    await self._wait_export_gone(r.LINEAGE_EXPORT)
                     await self._detach_peer("the agent is stopping", mark=False)
                     if not (self.state.tracking and self._bitmap_present):
                         return False
@@ -471,7 +474,7 @@ class Replica:
         # the daemon's main loop blocked (seen with a primary writing during a failover).
         with contextlib.suppress(QemuError):
             await self.qsd.execute("nbd-server-stop")
-        for export in (r.REPLICATION_EXPORT, r.IDENTITY_EXPORT, r.WORKLOAD_EXPORT):
+        for export in (r.REPLICATION_EXPORT, r.IDENTITY_EXPORT, r.WORKLOAD_EXPORT, r.LINEAGE_EXPORT):
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
         self.serving = False
@@ -513,6 +516,8 @@ class Replica:
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
         try:
             await self.qsd.execute("block-export-add", r.nbd_export(r.WORKLOAD_EXPORT, r.QUORUM_NODE))
+            for eid, name in self._lineage_exports():
+                await self.qsd.execute("block-export-add", r.nbd_export(eid, r.QUORUM_NODE, name=name))
         except QemuError:
             with contextlib.suppress(QemuError):  # a retry must find no half-started server
                 await self.qsd.execute("nbd-server-stop")
@@ -522,6 +527,11 @@ class Replica:
         if self.cfg.export_listen is not None:
             await self._start_relay()
             steps.done("relay")
+
+    def _lineage_exports(self) -> tuple[tuple[str, str], ...]:
+        """(id, name) of the workload export under its lineage's name, if the disk has one."""
+        lineage = self.state.lineage
+        return () if lineage is None else ((r.LINEAGE_EXPORT, r.lineage_export_name(lineage)),)
 
     def _spawn_relay(self) -> None:
         """Start the relay's daemon now, exporting nothing, so that serving later costs two
@@ -576,6 +586,7 @@ class Replica:
             upstream_export=r.WORKLOAD_EXPORT,
             export_id=r.WORKLOAD_EXPORT,
             what="the workload export",
+            more=self._lineage_exports(),
         )
         self.relay = relay
         if not self.serving:  # fenced while the relay started: it must not serve either
@@ -604,8 +615,9 @@ class Replica:
             # nbd-server-stop wait for ever in QEMU 7.2), then the export goes
             sock = self.cfg.export_socket
             await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
-            with contextlib.suppress(QemuError):
-                await self.qsd.execute("block-export-del", {"id": r.WORKLOAD_EXPORT, "mode": "hard"})
+            for export in (r.WORKLOAD_EXPORT, r.LINEAGE_EXPORT):
+                with contextlib.suppress(QemuError):
+                    await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
             self.last_error = reason
         self.serving = False
         self.fenced.set()
@@ -796,8 +808,15 @@ class Replica:
         gen = self.state.generation
         # the role is settled before serving: if serving is refused (no Lease), the
         # operator retries with POST /v1/primary and a newer epoch
+        # a new lineage: a client of the old primary's lineage export must not find this disk
         await self._save(
-            role=Role.PRIMARY, stage=Stage.DONE, peer=None, failover_mode=None, overlays_durable=False, disk_id=None
+            role=Role.PRIMARY,
+            stage=Stage.DONE,
+            peer=None,
+            failover_mode=None,
+            overlays_durable=False,
+            disk_id=None,
+            lineage=self.state.epoch,
         )
         steps.done("saveRole")
         await self.chain.discard(gen, files=files)
@@ -883,8 +902,11 @@ class Replica:
     ) -> dict[str, Any]:
         await self._detach_peer("peer replaced", mark=False)
         await self._build_quorum()
+        st = self.state
+        same_disk = st.role is Role.PRIMARY and st.lineage is not None
         # a primary's disk takes the workload's writes: it is nobody's faithful copy (R3)
         await self._save(
+            lineage=st.lineage if same_disk else epoch,
             epoch=epoch,
             role=Role.PRIMARY,
             stage=Stage.RUNNING,
@@ -1382,6 +1404,7 @@ class Replica:
                 "serving": self.serving,
                 "socket": str(self.cfg.export_socket),
                 "name": r.WORKLOAD_EXPORT,
+                "lineageName": r.lineage_export_name(st.lineage) if st.lineage is not None else None,
                 "listen": f"{self.cfg.export_listen[0]}:{self.cfg.export_listen[1]}"
                 if self.relay is not None and self.cfg.export_listen
                 else None,

@@ -77,6 +77,13 @@ class PersistedState:
     full_reason: str | None = None
     # a clean stop wrote the tracking bitmap into BITMAP_FILE
     bitmap_saved: bool = False
+    # primary: the epoch since which this disk is one continuous history of the writes its
+    # workload clients saw acknowledged. Set anew whenever that may not hold: at a failover
+    # (a Checkpoint-mode one rolls the disk back; after any, this disk continues another
+    # copy's history), at a primary start on a disk that was not primary, after an unclean
+    # stop with a new boot; kept while the same disk is confirmed as primary again. The
+    # workload export is also served as recipes.lineage_export_name(lineage).
+    lineage: int | None = None
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -118,6 +125,7 @@ class PersistedState:
                 tracking=bool(data.pop("tracking", False)),
                 full_reason=data.pop("full_reason", None),
                 bitmap_saved=bool(data.pop("bitmap_saved", False)),
+                lineage=data.pop("lineage", None),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

@@ -19,6 +19,20 @@ The attacher daemonizes (``--daemonize``): it is no child of the node plugin and
 its restarts. Its NBD client reconnects to the same address (the Service that follows the
 primary) for ``reconnect-delay`` seconds, during which requests wait instead of failing.
 
+Which export the attacher asks for decides what it may reconnect to:
+
+* a Latest-mode volume's attachment asks for ``volume``: after a failover the new primary
+  holds every acknowledged write, so reconnecting to it is the point (the pod sees a stall);
+* a Checkpoint-mode volume's attachment is *pinned*: it asks for the export under the name
+  of the primary's lineage (``volume-l<epoch>``, found with ``qemu-nbd --list`` when the
+  attacher starts). Every failover starts a new lineage, so after one, no server offers the
+  name any more: the attacher's reconnects are refused at the NBD handshake and, after
+  ``PINNED_RECONNECT_DELAY_S``, its I/O fails — the mounted file system never sees the disk
+  go back to the checkpoint under it. Only a new attachment (unstage, stage: the pod is
+  replaced) reaches the rolled-back disk, and it mounts it fresh (journal replay). The
+  same disk coming back within the delay (an agent restart, a broken link) keeps its
+  lineage and its clients.
+
 Teardown order protects data, by structure: the file system is unmounted first (the
 kernel flushes it, and the flush travels loop → FUSE fsync → the attacher → NBD FLUSH to the
 primary), then the loop device is detached, then the attacher is stopped with SIGTERM
@@ -35,7 +49,7 @@ import logging
 import os
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pairvol.aio import signal_child
@@ -47,6 +61,12 @@ log = logging.getLogger(__name__)
 #: how long the attacher's NBD client keeps reconnecting (and requests keep waiting) after
 #: losing the export, e.g. across a failover; past it, I/O fails with EIO.
 RECONNECT_DELAY_S = 60
+#: the same for a pinned (Checkpoint-mode) attachment: only its own primary can come back,
+#: since a failover ends its lineage; the pod's I/O fails soon after losing it
+PINNED_RECONNECT_DELAY_S = 5
+#: the export's name that a Latest-mode attachment asks for (the agent's workload export)
+WORKLOAD_EXPORT = "volume"
+LINEAGE_PREFIX = "volume-l"
 START_TIMEOUT_S = 30.0
 STOP_GRACE_S = 10.0
 #: bytes at each end of a device that must read as zeros before it counts as blank
@@ -73,6 +93,11 @@ class TooSmall(AttachError):
     """The volume is too small for the requested file system."""
 
 
+class Superseded(AttachError):
+    """A pinned attachment's lineage ended (a failover): only a new attachment may use the
+    volume."""
+
+
 @dataclass(frozen=True)
 class Record:
     volume_id: str
@@ -82,6 +107,13 @@ class Record:
     staging_path: str
     block: bool
     fs_type: str
+    #: a Checkpoint-mode volume: the attacher asks for the lineage export ``export_name``
+    pinned: bool = False
+    export_name: str = WORKLOAD_EXPORT
+
+    def same_volume_as(self, other: Record) -> bool:
+        """The same request: equal but for the lineage a pinned attachment found."""
+        return replace(self, export_name=other.export_name) == other
 
 
 async def run(*argv: str, timeout: float = 60.0, check: bool = True) -> tuple[int, str]:
@@ -226,9 +258,9 @@ class Attachment:
             "--object",
             f"tls-creds-psk,id=tls0,endpoint=client,dir={_opt(self.dir)},username={_opt(record.psk_identity)}",
             "--blockdev",
-            "driver=nbd,node-name=volume,export=volume,tls-creds=tls0,server.type=inet,"
+            f"driver=nbd,node-name=volume,export={_opt(record.export_name)},tls-creds=tls0,server.type=inet,"
             f"server.host={_opt(record.export_host)},server.port={record.export_port},"
-            f"reconnect-delay={RECONNECT_DELAY_S}",
+            f"reconnect-delay={PINNED_RECONNECT_DELAY_S if record.pinned else RECONNECT_DELAY_S}",
             "--export",
             f"type=fuse,id=disk,node-name=volume,mountpoint={_opt(self.disk)},writable=on,allow-other=off",
             "--pidfile",
@@ -261,6 +293,42 @@ class Attachment:
                 + " | ".join(tail)
             )
         log.info("attached %s to %s:%d", self.volume_id, record.export_host, record.export_port)
+
+    async def _lineages(self, record: Record, timeout: float) -> list[str] | str:
+        """The lineage exports the volume's export server offers (NBD option LIST over
+        TLS-PSK with the volume's key), or why they could not be listed."""
+        creds = f"tls-creds-psk,id=tls0,endpoint=client,dir={_opt(self.dir)},username={_opt(record.psk_identity)}"
+        rc, out = await run(
+            require_binary("qemu-nbd"), "--list", "--object", creds, "--tls-creds", "tls0",
+            "--bind", record.export_host, "--port", str(record.export_port),
+            timeout=timeout, check=False,
+        )  # fmt: skip
+        if rc != 0:
+            return out.splitlines()[-1] if out else f"qemu-nbd --list exit status {rc}"
+        return lineage_names(out)
+
+    async def _lineage_export(self, record: Record) -> str:
+        """The name of the primary's lineage export, for a new pinned attachment."""
+        where = f"{record.export_host}:{record.export_port}"
+        names = await self._lineages(record, START_TIMEOUT_S)
+        if isinstance(names, str):
+            raise AttachError(f"could not list the exports of {where}: {names}")
+        if len(names) != 1:
+            raise AttachError(
+                f"the export at {where} offers {'no' if not names else 'more than one'} lineage export "
+                f"({', '.join(names) or 'its agent predates them, or it is not serving'}); a Checkpoint-mode "
+                "volume is attached only to its primary's lineage"
+            )
+        return names[0]
+
+    async def superseded(self, record: Record) -> bool:
+        """Whether a pinned attachment's lineage has ended: the export's server answers and
+        offers a lineage export, but not this one (a failover happened). An unreachable
+        server proves nothing either way."""
+        if not record.pinned:
+            return False
+        names = await self._lineages(record, 5.0)
+        return isinstance(names, list) and bool(names) and record.export_name not in names
 
     async def _stop_attacher(self) -> None:
         pid = await asyncio.to_thread(self.attacher_pid)
@@ -347,6 +415,9 @@ class Attachment:
     async def stage(self, record: Record, psk_key: str, mount_flags: tuple[str, ...] = ()) -> str:
         """Build the attachment (idempotent: each step checks what is there); returns the
         loop device."""
+        current = await asyncio.to_thread(self.read_record)
+        if record.pinned and current is not None and current.pinned:
+            record = replace(record, export_name=current.export_name)
         await asyncio.to_thread(self._write_record, record)
         await asyncio.to_thread(self._write_psk, record.psk_identity, psk_key)
         if await asyncio.to_thread(self.attacher_pid) is None:
@@ -361,7 +432,16 @@ class Attachment:
                 )
             if await mounted(self.disk):  # a dead daemon's FUSE mount
                 await run("umount", "-l", str(self.disk))
+            if record.pinned:  # a new attachment: to the lineage that serves now
+                record = replace(record, export_name=await self._lineage_export(record))
+                await asyncio.to_thread(self._write_record, record)
             await self._start_attacher(record)
+        elif record.pinned and await self.superseded(record):
+            raise Superseded(
+                f"{self.volume_id} failed over since it was attached (its lineage {record.export_name} ended; "
+                "a Checkpoint-mode failover rolls the disk back): its I/O fails; unpublish and unstage the "
+                "volume, then stage it again (its pods must restart and mount it fresh)"
+            )
         device = await self._attach_loop()
         if record.block:
             return device
@@ -426,6 +506,18 @@ def _running(pid: int) -> bool:
 def _opt(value: object) -> str:
     """A value inside a QEMU option string (a comma is written twice)."""
     return str(value).replace(",", ",,")
+
+
+def lineage_names(listing: str) -> list[str]:
+    """The lineage exports in ``qemu-nbd --list`` output (lines `` export: 'NAME'``)."""
+    names = []
+    for line in listing.splitlines():
+        line = line.strip()
+        if line.startswith("export: '") and line.endswith("'"):
+            name = line[len("export: '") : -1]
+            if name.startswith(LINEAGE_PREFIX):
+                names.append(name)
+    return names
 
 
 def has_mkfs(fs_type: str) -> bool:

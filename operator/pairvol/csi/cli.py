@@ -35,7 +35,11 @@ def register(subparsers: Any) -> None:
         default="/var/lib/pairvol-csi",
         help="node: where attachments keep their records, keys and daemons (a hostPath)",
     )
-    p.add_argument("--kubeconfig", help="controller: kubeconfig file (default: $KUBECONFIG or in-cluster)")
+    p.add_argument(
+        "--kubeconfig",
+        help="controller: kubeconfig file (default: $KUBECONFIG or in-cluster); node: optional, for the "
+        "volumes' replication state in NodeGetVolumeStats (default: in-cluster if the pod has a token, else none)",
+    )
     p.add_argument(
         "--volume-namespace",
         default="",
@@ -81,6 +85,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _node_kube(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> Any:
+    """The node plugin's optional cluster connection (read-only, the volumes' state): with
+    --kubeconfig or $KUBECONFIG, or in a pod that was given a ServiceAccount token."""
+    import os
+
+    from pairvol.kube.client import KubeClient
+    from pairvol.kube.config import SA_DIR, load_config
+
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and await asyncio.to_thread(
+        os.path.exists, f"{SA_DIR}/token"
+    )
+    if not (args.kubeconfig or os.environ.get("KUBECONFIG") or in_cluster):
+        log.info("no cluster connection: the volume condition reports what this node sees, not the replication")
+        return None
+    config = await load_config(args.kubeconfig)
+    return await stack.enter_async_context(KubeClient(config))
+
+
 async def _main(args: argparse.Namespace) -> None:
     from pairvol.csi.identity import identity
     from pairvol.csi.proto import messages
@@ -102,7 +124,7 @@ async def _main(args: argparse.Namespace) -> None:
         else:
             from pairvol.csi.node import NodeService
 
-            node = NodeService(args.node_id, Path(args.state_dir))
+            node = NodeService(args.node_id, Path(args.state_dir), await _node_kube(args, stack))
             handlers.append(service("Node", node.handlers()))
         server = await serve(args.endpoint, handlers)
         stop = asyncio.Event()

@@ -8,6 +8,12 @@ same request is that volume; one that does not is ALREADY_EXISTS). DeleteVolume 
 the ReplicatedVolume (its ``reclaimPolicy`` decides whether the images go too) and
 refuses volumes the driver did not create. The driver does not attach volumes to nodes
 (no ControllerPublish): any node may stage a volume, its export is reachable from all.
+
+Topology: the nodes report ``topology.pairvol.io/node`` (so the plugin advertises
+VOLUME_ACCESSIBILITY_CONSTRAINTS), but a volume is accessible from every node, so a created
+volume names no accessible topology (the CO may schedule its pods anywhere). The
+accessibility requirements place the replicas only when the StorageClass asks for it
+(``replicasFollowTopology``, params.volume_request).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pairvol.csi.params import (
     parse_volume_id,
     same_request,
     size_problem,
+    topology_nodes,
     volume_context,
     volume_id,
     volume_request,
@@ -91,7 +98,13 @@ class ControllerService:
         except CapacityError as exc:
             raise CsiError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         try:
-            wanted = volume_request(name, size, string_map(req.parameters))
+            topology: list[str] = []
+            if req.HasField("accessibility_requirements"):
+                reqs = req.accessibility_requirements
+                topology = topology_nodes(
+                    [string_map(t.segments) for t in reqs.requisite], [string_map(t.segments) for t in reqs.preferred]
+                )
+            wanted = volume_request(name, size, string_map(req.parameters), topology)
         except ParameterError as exc:
             raise invalid(str(exc)) from exc
         for cap in map(capability, req.volume_capabilities, repeat("volume_capabilities")):
@@ -134,7 +147,8 @@ class ControllerService:
         resp = self.m.get("CreateVolumeResponse")()
         resp.volume.capacity_bytes = actual
         resp.volume.volume_id = volume_id(self.namespace, name)
-        resp.volume.volume_context.update(volume_context(self.namespace, name, wanted.fs_type))
+        mode = str(wanted.spec["failover"]["mode"])
+        resp.volume.volume_context.update(volume_context(self.namespace, name, wanted.fs_type, mode))
         return resp
 
     def _compatible(

@@ -11,6 +11,8 @@ from pairvol.csi.proto import messages
 from pairvol.csi.server import Handler
 
 CONTROLLER_SERVICE = 1
+#: the nodes report a topology (NodeGetInfo), which the spec allows only with this
+VOLUME_ACCESSIBILITY_CONSTRAINTS = 2
 
 
 def identity(controller: bool, ready: Callable[[], bool]) -> dict[str, Handler]:
@@ -24,6 +26,7 @@ def identity(controller: bool, ready: Callable[[], bool]) -> dict[str, Handler]:
         resp = m.get("GetPluginCapabilitiesResponse")()
         if controller:
             resp.capabilities.add().service.type = CONTROLLER_SERVICE
+        resp.capabilities.add().service.type = VOLUME_ACCESSIBILITY_CONSTRAINTS
         return resp
 
     async def probe(_: Any) -> Any:

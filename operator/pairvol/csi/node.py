@@ -26,18 +26,34 @@ from typing import Any
 import grpc
 
 from pairvol.csi import DRIVER_NAME, attach
-from pairvol.csi.attach import AttachError, Attachment, Broken, Busy, NotBlank, Record, TooSmall, mounted, run
+from pairvol.csi.attach import (
+    AttachError,
+    Attachment,
+    Broken,
+    Busy,
+    NotBlank,
+    Record,
+    Superseded,
+    TooSmall,
+    mounted,
+    run,
+)
 from pairvol.csi.params import (
     DEFAULT_FS_TYPE,
     FS_TYPES,
+    TOPOLOGY_KEY,
     access_mode_problem,
     capability_problem,
     fs_type_problem,
     parse_volume_id,
+    pinned_to_lineage,
+    replication_problem,
 )
 from pairvol.csi.proto import messages
 from pairvol.csi.server import CsiError, Handler, invalid, require
 from pairvol.csi.wire import capability, string_map
+from pairvol.kube.client import KubeClient, KubeError
+from pairvol.kube.paths import volume_path
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +61,8 @@ STAGE_UNSTAGE_VOLUME = 1
 GET_VOLUME_STATS = 2
 VOLUME_CONDITION = 4
 BYTES, INODES = 1, 2
-#: node topology key: a volume can be attached on any node, so it is informational
-TOPOLOGY_KEY = "topology.pairvol.io/node"
+#: longest wait for the API server in NodeGetVolumeStats (the kubelet's call must not hang)
+API_TIMEOUT_S = 5.0
 
 
 def _export(context: dict[str, str]) -> tuple[str, int]:
@@ -74,9 +90,12 @@ def _psk(secrets: dict[str, str]) -> tuple[str, str]:
 
 
 class NodeService:
-    def __init__(self, node_id: str, state_dir: Path) -> None:
+    def __init__(self, node_id: str, state_dir: Path, kube: KubeClient | None = None) -> None:
         self.node_id = node_id
         self.state_dir = state_dir
+        #: read access to the volumes' ReplicatedVolumes, for their replication state in
+        #: NodeGetVolumeStats; None: the condition says only what the node sees
+        self.kube = kube
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.m = messages()
 
@@ -127,6 +146,12 @@ class NodeService:
                 f"the attacher of {volume_id} is gone: I/O on the volume fails; restart the pod "
                 "(the volume is unstaged and staged again)"
             )
+        elif await att.superseded(record):
+            problem = (
+                f"{volume_id} failed over to a checkpoint since it was attached here (lineage "
+                f"{record.export_name} ended): I/O on the volume fails; restart the pod so that it mounts "
+                "the volume fresh"
+            )
         try:
             if record.block:
                 size = await asyncio.to_thread(_size_of, path)
@@ -142,9 +167,25 @@ class NodeService:
                 resp.usage.add(unit=INODES, total=st.f_files, available=st.f_favail, used=st.f_files - st.f_ffree)
         except OSError as exc:
             problem = problem or f"{path} cannot be read: {exc}"
+        replication, state = await self._replication(volume_id)
+        problem = problem or replication
         resp.volume_condition.abnormal = problem is not None
-        resp.volume_condition.message = problem or f"attached to {record.export_host}:{record.export_port}"
+        resp.volume_condition.message = problem or f"attached to {record.export_host}:{record.export_port}; {state}"
         return resp
+
+    async def _replication(self, volume_id: str) -> tuple[str | None, str]:
+        """(why the volume's replication makes it abnormal or None, what is known of it)."""
+        parsed = parse_volume_id(volume_id)
+        if self.kube is None or parsed is None:
+            return None, "replication state not known here (the node plugin has no cluster connection)"
+        try:
+            volume = await asyncio.wait_for(self.kube.get_or_none(volume_path(*parsed)), API_TIMEOUT_S)
+        except (KubeError, TimeoutError) as exc:
+            return None, f"replication state unknown: the API server did not answer ({exc or 'timeout'})"
+        if volume is None:
+            return None, f"replication state unknown: ReplicatedVolume {volume_id} does not exist"
+        problem = replication_problem(volume)
+        return problem, f"replication: {(volume.get('status') or {}).get('phase') or 'Pending'}"
 
     async def stage(self, req: Any) -> Any:
         volume_id = require(req.volume_id, "volume_id")
@@ -178,11 +219,12 @@ class NodeService:
             staging_path=str(staging),
             block=cap.block,
             fs_type="" if cap.block else fs_type,
+            pinned=pinned_to_lineage(context),
         )
         async with self._locks[volume_id]:
             att = self._attachment(volume_id)
             existing = await asyncio.to_thread(att.read_record)
-            if existing is not None and existing != record:
+            if existing is not None and not existing.same_volume_as(record):
                 raise CsiError(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"volume {volume_id} is already staged on this node differently ({_describe(existing)}); "
@@ -190,7 +232,7 @@ class NodeService:
                 )
             try:
                 await att.stage(record, key, cap.mount_flags)
-            except (NotBlank, TooSmall, Broken) as exc:
+            except (NotBlank, TooSmall, Broken, Superseded) as exc:
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
             except AttachError as exc:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"staging {volume_id} failed: {exc}") from exc
@@ -316,4 +358,6 @@ async def _read_only(path: Path) -> bool:
 
 def _describe(record: Record) -> str:
     kind = "a block device" if record.block else f"an {record.fs_type} file system at {record.staging_path}"
+    if record.pinned:
+        kind += " (Checkpoint mode: pinned to the primary's lineage)"
     return f"{kind} from {record.export_host}:{record.export_port}"

@@ -15,7 +15,7 @@ OUT_OF_RANGE.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,10 @@ PVC_NAME = "csi.storage.k8s.io/pvc/name"
 PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
 PV_NAME = "csi.storage.k8s.io/pv/name"
 _RESERVED_PREFIX = "csi.storage.k8s.io/"
+
+#: the topology key of NodeGetInfo (a node's name): a volume is accessible from every node,
+#: so it restricts nothing; with replicasFollowTopology its requisite values place the replicas
+TOPOLOGY_KEY = "topology.pairvol.io/node"
 
 FS_TYPES = ("ext4", "xfs")
 DEFAULT_FS_TYPE = "ext4"
@@ -178,11 +182,31 @@ KNOWN_PARAMETERS = (
     "hostPath",
     "reclaimPolicy",
     "fsType",
+    "replicasFollowTopology",
 )
 
 
-def volume_request(name: str, size: int, parameters: Mapping[str, str]) -> VolumeRequest:
-    """Validate a CreateVolume's name and parameters into the ReplicatedVolume to create."""
+def topology_nodes(requisite: Sequence[Mapping[str, str]], preferred: Sequence[Mapping[str, str]]) -> list[str]:
+    """The node names of a CreateVolume's accessibility requirements (requisite, else
+    preferred, each in order, without repeats); ParameterError for a segment this driver
+    does not know (it reports only TOPOLOGY_KEY)."""
+    nodes: list[str] = []
+    for segment in requisite or preferred:
+        if set(segment) != {TOPOLOGY_KEY}:
+            raise ParameterError(
+                f"accessibility requirement {dict(segment)} is not a topology of this driver: its nodes report "
+                f"only {TOPOLOGY_KEY} (use that key in the StorageClass's allowedTopologies)"
+            )
+        if segment[TOPOLOGY_KEY] not in nodes:
+            nodes.append(segment[TOPOLOGY_KEY])
+    return nodes
+
+
+def volume_request(
+    name: str, size: int, parameters: Mapping[str, str], topology: Sequence[str] = ()
+) -> VolumeRequest:
+    """Validate a CreateVolume's name and parameters into the ReplicatedVolume to create.
+    ``topology``: the nodes of the request's accessibility requirements (topology_nodes)."""
     if len(name) > MAX_VOLUME_NAME or not _DNS_LABEL.match(name):
         raise ParameterError(
             f"volume name {name!r} must be a DNS label of at most {MAX_VOLUME_NAME} characters: it names the "
@@ -195,15 +219,10 @@ def volume_request(name: str, size: int, parameters: Mapping[str, str]) -> Volum
             f"unknown StorageClass parameter(s) {', '.join(unknown)}; known: {', '.join(KNOWN_PARAMETERS)}"
         )
     spec: dict[str, Any] = {"size": str(size)}
-    # Latest, always: a Checkpoint-mode failover rolls the disk back under the attached
-    # consumer (a mounted file system, a running VM), which corrupts it unless the
-    # attachment is torn down first; this driver does not do that yet (docs/csi.md).
+    # Checkpoint mode rolls the disk back at a failover: the node pins such a volume's
+    # attachment to the primary's lineage, so that it fails instead of reconnecting to the
+    # rolled-back disk (pairvol.csi.attach, docs/csi.md "Failover").
     mode = parameters.get("failoverMode", "Latest")
-    if mode == "Checkpoint":
-        raise ParameterError(
-            "failoverMode Checkpoint is not supported for CSI volumes yet: its failover rolls the disk back "
-            "under the mounted file system; use failoverMode: Latest (the default, RPO 0)"
-        )
     failover: dict[str, Any] = {"mode": mode}
     if "gracePeriodSeconds" in parameters:
         failover["gracePeriodSeconds"] = _seconds("gracePeriodSeconds", parameters["gracePeriodSeconds"], 0)
@@ -225,6 +244,20 @@ def volume_request(name: str, size: int, parameters: Mapping[str, str]) -> Volum
         spec["nodeSelector"] = _selector(parameters["nodeSelector"])
     if "nodes" in parameters:
         spec["nodes"] = [n.strip() for n in parameters["nodes"].split(",") if n.strip()]
+    follow = parameters.get("replicasFollowTopology", "false")
+    if follow not in ("true", "false"):
+        raise ParameterError(f"parameter replicasFollowTopology must be 'true' or 'false', got {follow!r}")
+    if follow == "true":
+        # the replicas go only where the CO's requirement allows (the StorageClass's
+        # allowedTopologies): not the default, since without allowedTopologies the
+        # requirement lists every node of the moment and would pin the volume to them
+        if not topology:
+            raise ParameterError(
+                "parameter replicasFollowTopology needs accessibility requirements: set allowedTopologies on "
+                f"{TOPOLOGY_KEY} in the StorageClass"
+            )
+        listed = spec.get("nodes")
+        spec["nodes"] = [n for n in topology if listed is None or n in listed]
     if "hostPath" in parameters:
         spec["storage"] = {"hostPath": parameters["hostPath"]}
     # DeleteVolume is only called when the PV's reclaim policy is Delete, so by default the
@@ -282,12 +315,36 @@ def parse_volume_id(volume_id: str) -> tuple[str, str] | None:
     return namespace, name
 
 
-def volume_context(namespace: str, name: str, fs_type: str) -> dict[str, str]:
+def volume_context(namespace: str, name: str, fs_type: str, failover_mode: str = "Latest") -> dict[str, str]:
     """What the node needs to attach the volume: its export (the Service that follows the
-    primary) and the default file system."""
+    primary), the default file system and the failover mode (a Checkpoint-mode volume's
+    attachment must never cross a failover)."""
     return {
         "namespace": namespace,
         "name": name,
         "exportAddress": f"{name}.{namespace}.svc:{EXPORT_PORT}",
         "fsType": fs_type,
+        "failoverMode": failover_mode,
     }
+
+
+def replication_problem(volume: Mapping[str, Any]) -> str | None:
+    """Why a ReplicatedVolume's replication makes its condition abnormal (OutOfSync, or
+    Degraded), or None: the volume works, but one more failure can lose data or the volume."""
+    status = volume.get("status") or {}
+    secondary = status.get("secondary") or {}
+    if secondary.get("outOfSync"):
+        return (
+            f"the volume's secondary on {secondary.get('node') or 'its node'} is OutOfSync: it lacks writes the "
+            "primary acknowledged, so it is not promoted automatically and the primary's node is a single point of "
+            "failure until the resync ends"
+        )
+    if status.get("phase") == "Degraded":
+        why = status.get("message") or "it has no secondary"
+        return f"the volume is Degraded ({why}): it has one copy until it is re-protected"
+    return None
+
+
+def pinned_to_lineage(context: Mapping[str, str]) -> bool:
+    """Whether a volume's attachment follows only the primary's lineage (Checkpoint mode)."""
+    return context.get("failoverMode") == "Checkpoint"

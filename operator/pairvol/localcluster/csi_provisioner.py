@@ -163,7 +163,25 @@ def create_request(
             RESERVED + "pv/name": pv_name,
         },
     }
+    requisite = allowed_topologies(storage_class)
+    if requisite:
+        request["accessibilityRequirements"] = {"requisite": requisite, "preferred": requisite}
     return request, secret_ref
+
+
+def allowed_topologies(storage_class: Mapping[str, Any]) -> list[JsonDict]:
+    """The StorageClass's ``allowedTopologies`` as CSI topologies, one per allowed value
+    (each term a conjunction of its expressions: their values' product), as the
+    external-provisioner's Topology feature builds the requisite from them (pure). Without
+    allowedTopologies it would list every node's topology; this emulation then sends none,
+    which for this driver (accessible from every node) means the same."""
+    out: list[JsonDict] = []
+    for term in storage_class.get("allowedTopologies") or []:
+        segments: list[dict[str, str]] = [{}]
+        for expr in term.get("matchLabelExpressions") or []:
+            segments = [{**seg, str(expr["key"]): str(v)} for seg in segments for v in expr.get("values") or []]
+        out.extend({"segments": seg} for seg in segments if seg and {"segments": seg} not in out)
+    return out
 
 
 def pv_object(

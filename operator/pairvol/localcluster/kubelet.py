@@ -750,6 +750,10 @@ class PodWorker:
                 # every container has terminated for good: the pod's network goes, its
                 # address stays in the status (as the kubelet tears down a finished sandbox)
                 await self.release_network()
+                # and its CSI volumes are unpublished (and unstaged), as the kubelet's volume
+                # manager does for a terminated pod: a Job's next pod can stage them afresh
+                self.changed()
+                await self._release_volumes()
             self.changed()
 
     async def _rotate_token(self, directory: Path, owner: tuple[int, int] | None, lifetime: float) -> None:

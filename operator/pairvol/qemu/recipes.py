@@ -42,6 +42,7 @@ TRACK_BITMAP = "resync"
 BITMAP_CARRIER_NODE = "resync-carrier"
 BITMAP_GRANULARITY = 64 * 1024
 WORKLOAD_EXPORT = "volume"
+LINEAGE_EXPORT = "volume-lineage"
 TLS_OBJECT = "tls0"
 
 QMPArgs = dict[str, Any]
@@ -125,6 +126,14 @@ def replication_export_name(epoch: int) -> str:
     primary paired with another incarnation (an old primary that reconnects after its
     peer's address was reused) asks for a name that no longer exists and is refused."""
     return f"{REPLICATION_EXPORT}-e{epoch}"
+
+
+def lineage_export_name(lineage: int) -> str:
+    """The workload export under a name that carries the primary's lineage (the epoch since
+    which its disk is one continuous history, see PersistedState.lineage): a client that
+    must never see the disk go back in time (a mounted file system of a Checkpoint-mode
+    volume) asks for this name, and after a failover no server has it any more."""
+    return f"{WORKLOAD_EXPORT}-l{lineage}"
 
 
 def identity_export_name(epoch: int, disk_id: str) -> str:
