@@ -113,6 +113,7 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
     app.router.add_post("/v1/checkpoint", checkpoint)
     app.router.add_post("/v1/failover", failover)
     app.router.add_post("/v1/stop", stop)
+    app.router.add_post("/v1/resize", resize)
     return app
 
 
@@ -180,3 +181,11 @@ async def failover(request: web.Request) -> web.Response:
 async def stop(request: web.Request) -> web.Response:
     await _body(request, set())
     return web.json_response(await request.app[REPLICA].stop())
+
+
+async def resize(request: web.Request) -> web.Response:
+    body = await _body(request, {"epoch", "size"})
+    if "size" not in body:
+        raise v.InvalidInput("'size' is required: the new size in bytes (e.g. 268435456)")
+    epoch, size = v.parse_epoch(body), v.parse_size(body["size"])
+    return web.json_response(await request.app[REPLICA].resize(epoch, size))

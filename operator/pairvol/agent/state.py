@@ -77,6 +77,10 @@ class PersistedState:
     full_reason: str | None = None
     # a clean stop wrote the tracking bitmap into BITMAP_FILE
     bitmap_saved: bool = False
+    # a grow in progress: the disk file's size before it (docs/correctness.md, E1); the new
+    # size is persisted before the file grows, so a restart that finds the file still at
+    # this size completes the grow, and any other size is refused
+    resize_from: int | None = None
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -118,6 +122,7 @@ class PersistedState:
                 tracking=bool(data.pop("tracking", False)),
                 full_reason=data.pop("full_reason", None),
                 bitmap_saved=bool(data.pop("bitmap_saved", False)),
+                resize_from=None if (grow := data.pop("resize_from", None)) is None else int(grow),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc
