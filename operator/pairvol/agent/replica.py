@@ -215,14 +215,13 @@ class Replica:
         """Find or create the images, start qsd, and restore the persisted role."""
         await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
         found = await asyncio.to_thread(persist.load, self.data_dir)
-        grew = False
         disk_exists = await asyncio.to_thread(self.disk_path.exists)
         if found is not None:
             if found.name != self.cfg.name:
                 raise ReplicaError(
                     f"{self.data_dir} holds volume {found.name!r}, not {self.cfg.name!r}: use another --data-dir"
                 )
-            found, grew = await self._reconcile_size(found)
+            found = await self._reconcile_size(found)
             if not disk_exists:
                 raise ReplicaError(
                     f"{self.disk_path} is missing although the replica's state exists: refusing to create an "
@@ -245,9 +244,7 @@ class Replica:
         keep = self.state.generation if self.state.role is Role.SECONDARY else None
         await asyncio.to_thread(self.chain.remove_stale, keep)
         async with self.lock:
-            # overlays made before a grow have the old length: a secondary starts a new
-            # generation at the new one (no restore point until the next checkpoint)
-            await self._restore(was_clean=(found is None or found.clean_shutdown) and not grew)
+            await self._restore(was_clean=found is None or found.clean_shutdown)
             if self._bitmap_to_load:
                 await self._load_bitmap()
         # from here the saved bitmap is stale as soon as anything is written: never reload it
@@ -260,12 +257,10 @@ class Replica:
         self.cfg = dataclasses.replace(self.cfg, size=size)
         self.metrics.size.labels(self.cfg.name).set(size)
 
-    async def _reconcile_size(self, found: PersistedState) -> tuple[PersistedState, bool]:
+    async def _reconcile_size(self, found: PersistedState) -> PersistedState:
         """``--size`` against the persisted size. A pod made before a grow still says the old
-        size: the persisted (larger) one wins. A larger ``--size`` than persisted is a grow
-        asked at start (a replica placed after the volume grew, on a node that held an older
-        replica): it is persisted first and done by :meth:`_check_disk_length`, like a grow
-        interrupted by a crash. Never a shrink. Returns the state and whether it grew."""
+        size: the persisted (larger) one wins. A larger ``--size`` than persisted is refused,
+        as before: a volume grows only through ``POST /v1/resize``, never by a flag."""
         wanted = self.cfg.size
         if wanted < found.size:
             log.info(
@@ -273,20 +268,12 @@ class Replica:
                 self.data_dir, found.size, wanted, found.size,
             )
             self._set_size(found.size)
-            return found, False
-        if wanted == found.size:
-            return found, False
-        if found.stage is Stage.FAILOVER or found.resize_from is not None:
+        elif wanted > found.size:
             raise ReplicaError(
-                f"{self.data_dir} holds a volume of {found.size} bytes "
-                + ("in the middle of a failover" if found.stage is Stage.FAILOVER else "in the middle of a grow")
-                + f"; --size {wanted} cannot be applied now: start with --size {found.size}, "
-                "then grow it with POST /v1/resize"
+                f"{self.data_dir} holds a volume of {found.size} bytes but --size says {wanted}: "
+                "refusing to resize or reformat; pass the original size (grow it with POST /v1/resize)"
             )
-        grown = found.evolve(size=wanted, resize_from=found.size)
-        await asyncio.to_thread(persist.save, self.data_dir, grown)  # before the file grows (E1)
-        log.info("growing the volume from %d to %d bytes (--size)", found.size, wanted)
-        return grown, True
+        return found
 
     async def _check_disk_length(self, found: PersistedState | None) -> None:
         """The disk file must have the volume's size; a grow that a crash interrupted (the
