@@ -102,13 +102,15 @@ async def test_schema_violations_are_422_with_clear_messages(
     assert "storage.hostPath must be an absolute path without '..'" in status["message"]
 
 
-async def test_size_is_immutable_by_its_cel_rule(api_http: aiohttp.ClientSession) -> None:
+async def test_size_grows_but_never_shrinks_by_its_cel_rule(api_http: aiohttp.ClientSession) -> None:
     assert (await send(api_http, "POST", RVS, rv()))[0] == 201
-    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "1Gi"}}, MERGE)
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "32Mi"}}, MERGE)
     assert code == 422
-    assert 'spec.size: Invalid value: "1Gi": spec.size is immutable' in status["message"]
+    assert 'spec.size: Invalid value: "32Mi": spec.size may grow but never shrink' in status["message"]
     code, obj = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "64Mi"}}, MERGE)
     assert code == 200 and obj["spec"]["size"] == "64Mi"
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "1Gi"}}, MERGE)
+    assert code == 200 and obj["spec"]["size"] == "1Gi"
 
 
 async def test_status_subresource_isolation_and_generation(
@@ -515,8 +517,8 @@ async def test_local_cluster_apply_creates_replaces_and_explains_failures(api_cl
     second = api_cluster.apply(rv("vol", failover={"mode": "Checkpoint"}))
     assert second["metadata"]["uid"] == first["metadata"]["uid"]
     assert second["metadata"]["generation"] == 2 and second["spec"]["failover"]["mode"] == "Checkpoint"
-    with pytest.raises(LocalClusterError, match=r"spec\.size is immutable"):
-        api_cluster.apply(rv("vol", size="1Gi"))
+    with pytest.raises(LocalClusterError, match=r"spec\.size may grow but never shrink"):
+        api_cluster.apply(rv("vol", size="1Mi"))
     with pytest.raises(LocalClusterError, match="does not serve that kind; apply its CRD first"):
         api_cluster.apply({"apiVersion": "example.com/v1", "kind": "Nope", "metadata": {"name": "x"}})
 
