@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 
 SINGLE_NODE_WRITER = 1
 MULTI_NODE_MULTI_WRITER = 5
-STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION = 1, 2, 4
+STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION = 1, 2, 3, 4
 BYTES, INODES = 1, 2
 
 
@@ -216,11 +216,14 @@ async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubel
     assert info.name == DRIVER_NAME
     assert (await kubelet.identity.Probe(pb.ProbeRequest())).ready.value is True
     caps = await kubelet.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    assert list(caps.capabilities) == []  # the node plugin serves no Controller service
+    # no Controller service here; volumes grow while published (this plugin: NodeExpandVolume)
+    assert [(c.WhichOneof("type"), c.volume_expansion.type) for c in caps.capabilities] == [("volume_expansion", 1)]
     node = await kubelet.node.NodeGetInfo(pb.NodeGetInfoRequest())
     assert node.node_id == "node-a"
     ncaps = await kubelet.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
-    assert [c.rpc.type for c in ncaps.capabilities] == [STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION]
+    assert [c.rpc.type for c in ncaps.capabilities] == [
+        STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION
+    ]
 
 
 async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugin(

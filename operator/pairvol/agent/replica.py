@@ -967,16 +967,21 @@ class Replica:
         await self._stop_nbd_server()
         await self._wait_export_gone(r.WORKLOAD_EXPORT)
         crashpoints.hit(RESIZE_UNEXPORTED)
-        await self._detach_peer("the volume grows", mark=self.state.peer is not None)
-        carried = await self._carry_bitmap()
-        await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
-        self._bitmap_present = False
-        await self._grow_disk(size)
-        await self._build_quorum()
-        if carried:
-            await self._restore_carried_bitmap()
         if serving:
-            await self._serve_workload()
+            self._spawn_relay()  # the relay's process starts while the disk grows
+        try:
+            await self._detach_peer("the volume grows", mark=self.state.peer is not None)
+            carried = await self._carry_bitmap()
+            await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
+            self._bitmap_present = False
+            await self._grow_disk(size)
+            await self._build_quorum()
+            if carried:
+                await self._restore_carried_bitmap()
+            if serving:
+                await self._serve_workload()
+        finally:
+            await self._drop_spawned_relay()  # if serving did not take it
 
     async def _carry_bitmap(self) -> bool:
         """Copy the tracking bitmap from the quorum (which must go) onto ``disk``; a bitmap on

@@ -11,6 +11,7 @@ from pairvol.csi.proto import messages
 from pairvol.csi.server import Handler
 
 CONTROLLER_SERVICE = 1
+ONLINE_EXPANSION = 1  # PluginCapability.VolumeExpansion.ONLINE: grown while a pod uses it
 
 
 def identity(controller: bool, ready: Callable[[], bool]) -> dict[str, Handler]:
@@ -24,6 +25,8 @@ def identity(controller: bool, ready: Callable[[], bool]) -> dict[str, Handler]:
         resp = m.get("GetPluginCapabilitiesResponse")()
         if controller:
             resp.capabilities.add().service.type = CONTROLLER_SERVICE
+        # the controller implements ControllerExpandVolume, the node NodeExpandVolume
+        resp.capabilities.add().volume_expansion.type = ONLINE_EXPANSION
         return resp
 
     async def probe(_: Any) -> Any:
