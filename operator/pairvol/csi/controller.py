@@ -264,7 +264,7 @@ class ControllerService:
             target = max(current, wanted)
             if target > current:
                 try:
-                    volume = await self.kube.merge_patch(path, {"spec": {"size": target}})
+                    volume = await self.kube.merge_patch(path, {"spec": {"size": str(target)}})
                 except KubeError as exc:
                     if exc.status in (400, 422):
                         raise invalid(f"the API server refused the new size: {exc}") from exc
