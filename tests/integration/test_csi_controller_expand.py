@@ -1,9 +1,10 @@
 """ControllerExpandVolume against the local API server with the repository's CRDs, from the
 spec's text: required fields, the capacity rounding CreateVolume states, idempotency (a
 volume already that large is a success and is not touched), the codes (INVALID_ARGUMENT,
-NOT_FOUND, OUT_OF_RANGE, ABORTED while the replicas grow), and node_expansion_required for
-Filesystem but not Block volumes. The operator is played by patching the status as it
-writes it once both replicas have the new size and replicate again."""
+NOT_FOUND, OUT_OF_RANGE, ABORTED while the replicas grow), and node_expansion_required (for
+Filesystem and Block volumes alike: the node's attachment has to take the new size). The
+operator is played by patching the status as it writes it once both replicas have the new
+size and replicate again."""
 
 from __future__ import annotations
 
@@ -60,12 +61,15 @@ async def test_a_volume_grows_and_the_answer_waits_for_both_replicas(provisioner
     assert again == resp
 
 
-async def test_a_block_volume_needs_no_node_expansion(provisioner: Provisioner) -> None:  # noqa: F811
+async def test_a_block_volume_needs_node_expansion_for_its_attachment(
+    provisioner: Provisioner,  # noqa: F811
+) -> None:
     p = provisioner
     await made(p)
     await grown(p, 101 * MIB)
     resp = await expand(p, 50 * MIB, cap=p.cap(block=True))  # already larger: nothing to do
-    assert (resp.capacity_bytes, resp.node_expansion_required) == (101 * MIB, False)
+    # the node's loop device and NBD client must take the size: NodeExpandVolume, also for Block
+    assert (resp.capacity_bytes, resp.node_expansion_required) == (101 * MIB, True)
     rv = await p.kube.get(volume_path(NS, NAME))
     assert rv["spec"]["size"] == str(101 * MIB), "a smaller request never shrinks the volume"
 

@@ -228,7 +228,8 @@ class ControllerService:
         """ControllerExpandVolume: grow the ReplicatedVolume's spec.size (rounded as at
         CreateVolume) and answer once both replicas report the new size (status.size) and
         the pair replicates again; until then ABORTED, and the resizer retries the same call.
-        A volume already at least that large is a success without a change (never shrinks)."""
+        A volume already at least that large is a success without a change (never shrinks).
+        Node expansion is always required: the node's attachment learns the size only then."""
         vid = require(req.volume_id, "volume_id")
         if not req.HasField("capacity_range"):
             raise invalid("capacity_range is required")
@@ -237,9 +238,8 @@ class ControllerService:
             wanted = volume_size(required, limit)
         except CapacityError as exc:
             raise CsiError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
-        block = False
         if req.HasField("volume_capability"):
-            block = capability(req.volume_capability, "volume_capability").block
+            capability(req.volume_capability, "volume_capability")  # well-formed, if given
         parsed = parse_volume_id(vid)
         if parsed is None:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid} does not exist (not a pairvol volume ID)")
@@ -279,7 +279,9 @@ class ControllerService:
             )
         resp = self.m.get("ControllerExpandVolumeResponse")()
         resp.capacity_bytes = have
-        resp.node_expansion_required = not block
+        # the node's attachment (NBD client, FUSE export, loop device) must take the new size
+        # for a Block volume too, and a file system grows on top of it
+        resp.node_expansion_required = True
         return resp
 
     async def _get_volume(self, path: str, vid: str) -> dict[str, Any]:
