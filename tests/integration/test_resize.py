@@ -24,6 +24,7 @@ from pairvol.nbd import NBDClient
 from tests.integration.test_bitmap_resync import make_primary, replicating_pair
 from tests.support.agents import Agent
 from tests.support.bytes_compare import assert_same_image
+from tests.support.fs import small_fs
 
 MiB = 1 << 20
 OLD, NEW = 64 * MiB, 128 * MiB
@@ -192,3 +193,30 @@ async def test_a_crash_at_any_step_of_a_grow_leaves_the_old_or_the_new_size_and_
             await nbd.pwrite(b"\x5a" * BLOCK, NEW - BLOCK)
             await nbd.flush()
         assert_same_image(image(secondary), image(primary), f"after a {side} crash at {crash_at}")
+
+
+async def test_a_grow_without_the_space_for_it_keeps_the_old_size_and_serves_on(tmp_path: Path) -> None:
+    """The grown region is allocated like the rest of the disk: without room for it, the
+    replica says so, goes back to its old size and serves as before."""
+    with small_fs(tmp_path / "fs", "24M") as fs:
+        a = Agent("vol", fs / "data", "16Mi")
+        try:
+            await a.start()
+            await a.call("POST", "/v1/primary", {"epoch": 1, "peer": None, "sync": "none"})
+            async with await a.nbd() as nbd:
+                await nbd.pwrite(b"\x17" * MiB, 0)
+                await nbd.flush()
+            with pytest.raises(AgentCallError) as full:
+                await resize(a, 1, 64 * MiB)
+            assert full.value.status == 500 and "No space left" in full.value.body["error"]
+            assert "stays at 16777216 bytes" in full.value.body["error"]
+            st = await a.status()
+            assert st["size"] == 16 * MiB and st["export"]["serving"]
+            assert (fs / "data" / "disk.raw").stat().st_size == 16 * MiB
+            async with await a.nbd() as nbd:
+                assert nbd.size == 16 * MiB and await nbd.pread(MiB, 0) == b"\x17" * MiB
+            await a.stop()
+            await a.start()  # and it comes back at the old size
+            assert (await a.status())["size"] == 16 * MiB
+        finally:
+            await a.stop()

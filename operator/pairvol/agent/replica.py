@@ -121,6 +121,10 @@ class ReplicaError(PairvolError):
     """A replica operation failed (HTTP 500); the message says what and why."""
 
 
+class GrowRefused(ReplicaError):
+    """The disk could not grow (no space): the replica went back to its old size."""
+
+
 # how long starting the dirty bitmap may hold the release of a failed link
 TRACK_TIMEOUT_S = 5.0
 # how long a clean stop may spend saving the dirty bitmap before it gives up on it
@@ -141,11 +145,19 @@ def boot_id() -> str | None:
 
 
 def _grow_file(path: Path, size: int) -> None:
-    """Extend a raw disk file with zeros to ``size`` and make the new length durable."""
+    """Extend a raw disk file with allocated zeros to ``size`` (as it was made: preallocated,
+    so a full file system shows at the grow, not at a later write) and make it durable."""
     fd = os.open(path, os.O_RDWR)
     try:
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
+        old = os.fstat(fd).st_size
+        if old < size:
+            try:
+                os.posix_fallocate(fd, old, size - old)
+            except OSError as exc:
+                os.ftruncate(fd, old)  # back to the length the state records as the old one
+                raise ReplicaError(
+                    f"cannot grow {path} from {old} to {size} bytes: {exc.strerror}; free space on its file system"
+                ) from exc
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -286,7 +298,14 @@ class Replica:
                 self.state = self.state.evolve(resize_from=None)
             return
         if found is not None and found.resize_from == actual and actual < size:
-            await asyncio.to_thread(_grow_file, self.disk_path, size)
+            try:
+                await asyncio.to_thread(_grow_file, self.disk_path, size)
+            except ReplicaError as exc:
+                log.warning("%s: the volume stays at %d bytes", exc, actual)
+                self.state = self.state.evolve(size=actual, resize_from=None)
+                self._set_size(actual)
+                self.chain.size = actual
+                return
             self.state = self.state.evolve(resize_from=None)
             log.info("completed the grow of %s from %d to %d bytes", self.disk_path, actual, size)
             return
@@ -909,6 +928,10 @@ class Replica:
                     await self._resize_secondary(size)
                 else:
                     await self._resize_primary(size)
+            except GrowRefused as exc:
+                raise ReplicaError(
+                    f"growing the volume from {old} to {size} bytes failed: {exc}; it stays at {old} bytes"
+                ) from exc
             except PairvolError as exc:
                 self.last_error = f"growing the volume from {old} to {size} bytes failed: {exc}"
                 raise ReplicaError(
@@ -918,21 +941,28 @@ class Replica:
             log.info("volume grown from %d to %d bytes (%s)", old, size, self.state.role.value)
             return self.status()
 
-    async def _grow_disk(self, size: int) -> None:
+    async def _grow_disk(self, size: int) -> str | None:
         """E1: the new size and the disk's old length are persisted before the disk grows, and
         the grow is marked complete once the new length is durable. A restart in between
         finds the file at the old length and completes the grow (zeros; nothing can have been
         written past the old end: no export offered the new size yet). Caller holds the
-        lock and has taken every node above ``disk`` away."""
+        lock and has taken every node above ``disk`` away. Returns why the disk could not
+        grow (no space on its file system), after going back to the old size; the caller
+        then builds its nodes again at that size."""
         old = self.state.size
         await self._save(size=size, resize_from=old)
         crashpoints.hit(RESIZE_SAVED)
+        try:
+            await asyncio.to_thread(_grow_file, self.disk_path, size)  # the node's length follows
+        except ReplicaError as exc:
+            await self._save(size=old, resize_from=None)  # the file is back at its old length
+            return str(exc)
         await self.qsd.execute("block_resize", {"node-name": r.DISK_NODE, "size": size})
-        await asyncio.to_thread(fsync_paths, [self.disk_path])
         crashpoints.hit(RESIZE_GROWN)
         await self._save(resize_from=None)
         self._set_size(size)
         crashpoints.hit(RESIZE_COMPLETE)
+        return None
 
     async def _resize_secondary(self, size: int) -> None:
         """E2: stop the replication export (the primary's link ends: it marks this secondary
@@ -947,14 +977,16 @@ class Replica:
         await self.chain.discard(gen)
         await self._save(restore_point=False)
         crashpoints.hit(RESIZE_UNEXPORTED)
-        await self._grow_disk(size)
-        await self.chain.resize(size)
+        refused = await self._grow_disk(size)
+        await self.chain.resize(self.cfg.size)
         new = gen + 1
         self.chain.generation = new
         await self.chain.open_generation(new)
         await self._start_replication_export(await self.chain.start_cow(new))
         await self._save(generation=new)
         self.chain.prepare_next()
+        if refused:
+            raise GrowRefused(refused)
 
     async def _resize_primary(self, size: int) -> None:
         """E3: stop the workload export and wait until its last request finished (clients
@@ -974,12 +1006,14 @@ class Replica:
             carried = await self._carry_bitmap()
             await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
             self._bitmap_present = False
-            await self._grow_disk(size)
+            refused = await self._grow_disk(size)
             await self._build_quorum()
             if carried:
                 await self._restore_carried_bitmap()
             if serving:
                 await self._serve_workload()
+            if refused:
+                raise GrowRefused(refused)
         finally:
             await self._drop_spawned_relay()  # if serving did not take it
 
