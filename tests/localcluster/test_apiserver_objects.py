@@ -102,6 +102,33 @@ async def test_schema_violations_are_422_with_clear_messages(
     assert "storage.hostPath must be an absolute path without '..'" in status["message"]
 
 
+async def test_a_claim_grows_only_with_a_class_that_allows_it_and_never_shrinks(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    claims = "/api/v1/namespaces/default/persistentvolumeclaims"
+    classes = "/apis/storage.k8s.io/v1/storageclasses"
+    for name, allow in (("fixed", False), ("growing", True)):
+        sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+              "provisioner": "pairvol.io", "allowVolumeExpansion": allow}  # fmt: skip
+        assert (await send(api_http, "POST", classes, sc))[0] == 201
+        claim = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": {"storageClassName": name, "accessModes": ["ReadWriteOnce"],
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        }  # fmt: skip
+        assert (await send(api_http, "POST", claims, claim))[0] == 201
+        bound = {"status": {"phase": "Bound"}}
+        assert (await send(api_http, "PATCH", f"{claims}/{name}/status", bound, MERGE))[0] == 200
+    grow = {"spec": {"resources": {"requests": {"storage": "2Gi"}}}}
+    code, status = await send(api_http, "PATCH", f"{claims}/fixed", grow, MERGE)
+    assert code == 403 and "the storageclass that provisions the pvc must support resize" in status["message"]
+    code, obj = await send(api_http, "PATCH", f"{claims}/growing", grow, MERGE)
+    assert code == 200 and obj["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    shrink = {"spec": {"resources": {"requests": {"storage": "1Gi"}}}}
+    code, status = await send(api_http, "PATCH", f"{claims}/growing", shrink, MERGE)
+    assert code == 422 and "can not be less than previous value" in status["message"]
+
+
 async def test_size_grows_but_never_shrinks_by_its_cel_rule(api_http: aiohttp.ClientSession) -> None:
     assert (await send(api_http, "POST", RVS, rv()))[0] == 201
     code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "32Mi"}}, MERGE)
