@@ -63,3 +63,9 @@ def test_after_the_grow_the_pair_is_resynced_with_only_what_the_secondary_missed
     p = plan(w)
     starts = [a for a in p.actions if isinstance(a, StartPrimary)]
     assert len(starts) == 1 and starts[0].sync == "auto" and starts[0].peer_disk == "d1"
+
+
+def test_no_second_grow_while_an_agent_call_is_in_flight() -> None:
+    p = plan(replace(sized(64 * MiB, 64 * MiB, "128Mi"), agent_call_in_flight=True))
+    assert not [a for a in p.actions if isinstance(a, Grow)]
+    assert "growing from 67108864 to 134217728 bytes" in p.status.message

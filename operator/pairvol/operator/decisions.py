@@ -739,8 +739,9 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         if st.size != pa.size:
             st, cosmetic = st.with_(size=pa.size), False
         if spec.size > pa.size:
-            actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, spec.size))
-            actions.append(Event("Normal", "Resizing", f"growing the volume from {pa.size} to {spec.size} bytes"))
+            if not world.agent_call_in_flight:  # one grow at a time (each step is idempotent anyway)
+                actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, spec.size))
+                actions.append(Event("Normal", "Resizing", f"growing the volume from {pa.size} to {spec.size} bytes"))
             st = st.with_(message=f"growing from {pa.size} to {spec.size} bytes")
             return _finish(world, st, actions, False)
         if spec.size < pa.size:
