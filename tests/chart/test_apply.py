@@ -97,14 +97,14 @@ def test_kubectl_shows_the_printer_columns(kubeconfig: Path) -> None:
     assert header == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "CHECKPOINT", "AGE"]
 
 
-def test_size_cannot_be_changed(kubeconfig: Path) -> None:
+def test_size_cannot_shrink(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "basic.yaml"))
     proc = kubectl(
         kubeconfig, "patch", "rv", "basic", "-n", NAMESPACE, "--type", "merge",
-        "-p", '{"spec": {"size": "512Mi"}}', check=False,
+        "-p", '{"spec": {"size": "1Mi"}}', check=False,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "spec.size is immutable" in proc.stderr
+    assert "spec.size may grow but never shrink" in proc.stderr
 
 
 @pytest.mark.parametrize(

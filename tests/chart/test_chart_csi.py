@@ -81,17 +81,23 @@ def test_controller_containers_are_unprivileged_and_wait_less_than_the_provision
 def test_the_driver_may_manage_only_replicated_volumes_in_their_namespace(objs: list[Obj]) -> None:
     role = one(objs, "Role", "pv-pairvol-csi-volumes", "apps")
     assert role["rules"] == [
-        {"apiGroups": ["pairvol.io"], "resources": ["replicatedvolumes"], "verbs": ["get", "create", "delete"]}
+        {"apiGroups": ["pairvol.io"], "resources": ["replicatedvolumes"], "verbs": ["get", "create", "delete", "patch"]}
     ]
-    provisioner = one(objs, "ClusterRole", "pv-pairvol-csi-provisioner")
-    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in provisioner["rules"])
-    assert not any("secrets" in r["resources"] for r in provisioner["rules"])
+    for sidecar in ("provisioner", "resizer"):
+        rules = one(objs, "ClusterRole", f"pv-pairvol-csi-{sidecar}")["rules"]
+        assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+        assert not any("secrets" in r["resources"] for r in rules)
+    resizer = one(objs, "ClusterRole", "pv-pairvol-csi-resizer")["rules"]
+    assert {"apiGroups": [""], "resources": ["persistentvolumeclaims/status"], "verbs": ["patch"]} in resizer
+    binding = one(objs, "ClusterRoleBinding", "pv-pairvol-csi-resizer")
+    assert binding["subjects"][0]["name"] == "pv-pairvol-csi-controller"
 
 
 def test_sidecars_are_pinned_sig_storage_images(objs: list[Obj]) -> None:
     images = [c["image"] for o in objs if o["kind"] in ("Deployment", "DaemonSet") for c in containers(o).values()]
     sidecars = [i for i in images if "sig-storage" in i]
-    assert len(sidecars) == 4
+    assert len(sidecars) == 5  # provisioner, resizer, registrar, two liveness probes
+    assert "registry.k8s.io/sig-storage/csi-resizer:v1.13.1" in sidecars
     for image in sidecars:
         assert image.startswith("registry.k8s.io/sig-storage/") and ":v" in image, image
 
@@ -99,6 +105,7 @@ def test_sidecars_are_pinned_sig_storage_images(objs: list[Obj]) -> None:
 def test_storage_class_hands_the_volume_key_to_the_node_and_passes_the_driver_checks(objs: list[Obj]) -> None:
     sc = one(objs, "StorageClass", "pairvol")
     assert sc["provisioner"] == "pairvol.io"
+    assert sc["allowVolumeExpansion"] is True  # claims grow online (docs/csi.md, Expansion)
     params = sc["parameters"]
     assert params["csi.storage.k8s.io/node-stage-secret-name"] == "pairvol-${pv.name}-export"
     assert params["csi.storage.k8s.io/node-stage-secret-namespace"] == "apps"

@@ -80,6 +80,7 @@ FULL_STATUS: dict[str, Any] = {
         }
     ],
     "dataNodes": ["node-a", "node-b", "node-c"],
+    "size": 268435456,
 }
 
 
@@ -230,9 +231,9 @@ def test_size_and_host_path_carry_their_cel_rules() -> None:
     size_rules = spec_props["size"]["x-kubernetes-validations"]
     assert [r["message"].split(";")[0] for r in size_rules] == [
         "spec.size must be a whole number of bytes, a multiple of 512 and at least 1Mi (e.g. 64Mi, 10Gi, 1G)",
-        "spec.size is immutable",
+        "spec.size may grow but never shrink (the end of the file system or data on the volume would be cut off)",
     ]
-    assert "compareTo(quantity(string(oldSelf))) == 0" in size_rules[1]["rule"], "compared as quantities"
+    assert "compareTo(quantity(string(oldSelf))) >= 0" in size_rules[1]["rule"], "compared as quantities"
     rules = [r["rule"] for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]]
     assert rules == ["!self.contains('/../') && !self.endsWith('/..')"]
 
@@ -280,15 +281,16 @@ def test_cel_rules_compile_and_mean_what_they_say() -> None:
     from pairvol.localcluster.apiserver_cel import compile_rule
 
     spec_props = rv_schema().openapi["properties"]["spec"]["properties"]
-    valid_rule, immutable_rule = spec_props["size"]["x-kubernetes-validations"]
+    valid_rule, grow_rule = spec_props["size"]["x-kubernetes-validations"]
     valid = compile_rule(valid_rule["rule"])
     assert valid.evaluate("1Gi") and valid.evaluate(1 << 30) and valid.evaluate("1G")
     assert not valid.evaluate("0") and not valid.evaluate("1.5Ki") and not valid.evaluate("500M")
-    immutable = compile_rule(immutable_rule["rule"])
-    assert immutable.evaluate("1Gi", "1Gi")
-    assert immutable.evaluate(1024, 1024)
-    assert immutable.evaluate(268435456, "256Mi"), "the same size spelled differently"
-    assert not immutable.evaluate("2Gi", "1Gi"), "size must not change"
+    grows = compile_rule(grow_rule["rule"])
+    assert grows.evaluate("1Gi", "1Gi")
+    assert grows.evaluate(1024, 1024)
+    assert grows.evaluate(268435456, "256Mi"), "the same size spelled differently"
+    assert grows.evaluate("2Gi", "1Gi"), "a volume may grow"
+    assert not grows.evaluate("1Gi", "2Gi"), "a volume never shrinks"
     (path_rule,) = spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
     no_dotdot = compile_rule(path_rule["rule"])
     assert no_dotdot.evaluate("/var/lib/pairvol")

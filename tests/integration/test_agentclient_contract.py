@@ -37,6 +37,8 @@ async def test_the_operator_drives_real_agents_through_a_failover_and_reads_thei
             assert (prim.role, prim.epoch, prim.replication_state, prim.peer) == (
                 "primary", 2, "replicating", s.replication_address)
 
+            assert (prim.size, AgentView.from_status(await c.status(address(s), token)).size) == (16 << 20,) * 2
+
             cut = await c.checkpoint(address(s), token)
             assert cut["id"] == 1 and cut["durationMs"] > 0
             sec = AgentView.from_status(await c.status(address(s), token))
@@ -59,5 +61,27 @@ async def test_the_operator_drives_real_agents_through_a_failover_and_reads_thei
             with pytest.raises(AgentError) as err:
                 await c.status(address(s), "not-the-token-0000")
             assert err.value.status == 401
+    finally:
+        await c.close()
+
+
+async def test_the_operator_grows_real_agents_in_its_order(tmp_path: Path) -> None:
+    """decisions.Grow's calls: the primary lets go, the secondary grows, the primary grows;
+    both then report the size the operator reads (AgentView.size)."""
+    token = secrets.token_hex(16)
+    c = AgentClient(timeout_s=10)
+    try:
+        async with agents(tmp_path, 2, size="16Mi", token=token) as (p, s):
+            await c.secondary(address(s), token, 1)
+            await c.primary(address(p), token, 2, s.replication_address, "full")
+            await p.wait_replicating()
+            await c.stop(address(p), token)
+            await c.resize(address(s), token, 1, 32 << 20)
+            await c.resize(address(p), token, 2, 32 << 20)
+            views = [AgentView.from_status(await c.status(address(a), token)) for a in (p, s)]
+            assert [(v.role, v.size) for v in views] == [("primary", 32 << 20), ("secondary", 32 << 20)]
+            with pytest.raises(AgentError) as err:
+                await c.resize(address(p), token, 2, 16 << 20)
+            assert err.value.status == 409 and "shrinking" in err.value.message
     finally:
         await c.close()

@@ -34,6 +34,8 @@ MULTI_NODE_MULTI_WRITER = 5
 CREATE_DELETE_VOLUME = 1
 CONTROLLER_SERVICE = 1
 VOLUME_ACCESSIBILITY_CONSTRAINTS = 2
+EXPAND_VOLUME = 9
+ONLINE = 1  # PluginCapability.VolumeExpansion.ONLINE
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +111,14 @@ async def provisioner(tmp_path: Path, stubs: Stubs) -> AsyncIterator[Provisioner
 async def test_controller_advertises_what_it_serves(provisioner: Provisioner) -> None:
     pb = provisioner.pb
     plugin = await provisioner.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    assert [c.service.type for c in plugin.capabilities] == [CONTROLLER_SERVICE, VOLUME_ACCESSIBILITY_CONSTRAINTS]
+    assert [c.service.type for c in plugin.capabilities if c.HasField("service")] == [
+        CONTROLLER_SERVICE, VOLUME_ACCESSIBILITY_CONSTRAINTS
+    ]
+    assert [c.volume_expansion.type for c in plugin.capabilities if c.HasField("volume_expansion")] == [ONLINE]
     caps = await provisioner.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest())
-    assert [c.rpc.type for c in caps.capabilities] == [CREATE_DELETE_VOLUME]
+    assert [c.rpc.type for c in caps.capabilities] == [CREATE_DELETE_VOLUME, EXPAND_VOLUME]
     # what it does not advertise, it does not serve
-    for method in ("ListVolumes", "ControllerPublishVolume", "ControllerExpandVolume", "CreateSnapshot"):
+    for method in ("ListVolumes", "ControllerPublishVolume", "CreateSnapshot", "ControllerModifyVolume"):
         code, _ = await provisioner.refused(call_raw(provisioner.channel, f"/csi.v1.Controller/{method}"))
         assert code == grpc.StatusCode.UNIMPLEMENTED, method
 

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(120)
 
 SINGLE_NODE_WRITER = 1
 MULTI_NODE_MULTI_WRITER = 5
-STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION = 1, 2, 4
+STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION = 1, 2, 3, 4
 BYTES, INODES = 1, 2
 
 
@@ -228,13 +228,17 @@ async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubel
     assert info.name == DRIVER_NAME
     assert (await kubelet.identity.Probe(pb.ProbeRequest())).ready.value is True
     caps = await kubelet.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    # no Controller service; a topology, as NodeGetInfo reports one (the spec ties the two)
-    assert [c.service.type for c in caps.capabilities] == [VOLUME_ACCESSIBILITY_CONSTRAINTS]
+    # no Controller service; a topology, as NodeGetInfo reports one (the spec ties the two);
+    # volumes grow while published (this plugin: NodeExpandVolume)
+    assert [c.service.type for c in caps.capabilities if c.HasField("service")] == [VOLUME_ACCESSIBILITY_CONSTRAINTS]
+    assert [c.volume_expansion.type for c in caps.capabilities if c.HasField("volume_expansion")] == [1]
     node = await kubelet.node.NodeGetInfo(pb.NodeGetInfoRequest())
     assert node.node_id == "node-a"
     assert dict(node.accessible_topology.segments) == {"topology.pairvol.io/node": "node-a"}
     ncaps = await kubelet.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
-    assert [c.rpc.type for c in ncaps.capabilities] == [STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION]
+    assert [c.rpc.type for c in ncaps.capabilities] == [
+        STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION
+    ]
 
 
 async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugin(

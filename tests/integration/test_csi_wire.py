@@ -119,4 +119,9 @@ async def test_fields_the_driver_does_not_declare_are_ignored(stubs: Stubs, tmp_
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exportAddress" in err.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await node.NodeExpandVolume(pb.NodeExpandVolumeRequest(volume_id="apps/pvc-1", volume_path="/x"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "required_bytes" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stubs.grpc.ControllerStub(d.channel).ControllerModifyVolume(
+                pb.ControllerModifyVolumeRequest(volume_id="apps/pvc-1")
+            )
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # not declared by the driver

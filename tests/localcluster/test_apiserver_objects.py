@@ -102,13 +102,42 @@ async def test_schema_violations_are_422_with_clear_messages(
     assert "storage.hostPath must be an absolute path without '..'" in status["message"]
 
 
-async def test_size_is_immutable_by_its_cel_rule(api_http: aiohttp.ClientSession) -> None:
+async def test_a_claim_grows_only_with_a_class_that_allows_it_and_never_shrinks(
+    api_http: aiohttp.ClientSession,
+) -> None:
+    claims = "/api/v1/namespaces/default/persistentvolumeclaims"
+    classes = "/apis/storage.k8s.io/v1/storageclasses"
+    for name, allow in (("fixed", False), ("growing", True)):
+        sc = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+              "provisioner": "pairvol.io", "allowVolumeExpansion": allow}  # fmt: skip
+        assert (await send(api_http, "POST", classes, sc))[0] == 201
+        claim = {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": {"storageClassName": name, "accessModes": ["ReadWriteOnce"],
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        }  # fmt: skip
+        assert (await send(api_http, "POST", claims, claim))[0] == 201
+        bound = {"status": {"phase": "Bound"}}
+        assert (await send(api_http, "PATCH", f"{claims}/{name}/status", bound, MERGE))[0] == 200
+    grow = {"spec": {"resources": {"requests": {"storage": "2Gi"}}}}
+    code, status = await send(api_http, "PATCH", f"{claims}/fixed", grow, MERGE)
+    assert code == 403 and "the storageclass that provisions the pvc must support resize" in status["message"]
+    code, obj = await send(api_http, "PATCH", f"{claims}/growing", grow, MERGE)
+    assert code == 200 and obj["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    shrink = {"spec": {"resources": {"requests": {"storage": "1Gi"}}}}
+    code, status = await send(api_http, "PATCH", f"{claims}/growing", shrink, MERGE)
+    assert code == 422 and "can not be less than previous value" in status["message"]
+
+
+async def test_size_grows_but_never_shrinks_by_its_cel_rule(api_http: aiohttp.ClientSession) -> None:
     assert (await send(api_http, "POST", RVS, rv()))[0] == 201
-    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "1Gi"}}, MERGE)
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "32Mi"}}, MERGE)
     assert code == 422
-    assert 'spec.size: Invalid value: "1Gi": spec.size is immutable' in status["message"]
+    assert 'spec.size: Invalid value: "32Mi": spec.size may grow but never shrink' in status["message"]
     code, obj = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "64Mi"}}, MERGE)
     assert code == 200 and obj["spec"]["size"] == "64Mi"
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"size": "1Gi"}}, MERGE)
+    assert code == 200 and obj["spec"]["size"] == "1Gi"
 
 
 async def test_status_subresource_isolation_and_generation(
@@ -515,8 +544,8 @@ async def test_local_cluster_apply_creates_replaces_and_explains_failures(api_cl
     second = api_cluster.apply(rv("vol", failover={"mode": "Checkpoint"}))
     assert second["metadata"]["uid"] == first["metadata"]["uid"]
     assert second["metadata"]["generation"] == 2 and second["spec"]["failover"]["mode"] == "Checkpoint"
-    with pytest.raises(LocalClusterError, match=r"spec\.size is immutable"):
-        api_cluster.apply(rv("vol", size="1Gi"))
+    with pytest.raises(LocalClusterError, match=r"spec\.size may grow but never shrink"):
+        api_cluster.apply(rv("vol", size="1Mi"))
     with pytest.raises(LocalClusterError, match="does not serve that kind; apply its CRD first"):
         api_cluster.apply({"apiVersion": "example.com/v1", "kind": "Nope", "metadata": {"name": "x"}})
 

@@ -60,6 +60,7 @@ async def test_calls_follow_the_contract(agent: Any) -> None:
         await c.checkpoint(address, TOKEN)
         await c.failover(address, TOKEN, 8, "latest")
         await c.stop(address, TOKEN)
+        await c.resize(address, TOKEN, 8, 1 << 30)
     finally:
         await c.close()
     assert seen[:2] == [("GET", "/healthz", None), ("GET", "/v1/status", None)]
@@ -69,6 +70,7 @@ async def test_calls_follow_the_contract(agent: Any) -> None:
         ("POST", "/v1/checkpoint", {}),
         ("POST", "/v1/failover", {"epoch": 8, "mode": "latest"}),
         ("POST", "/v1/stop", {}),
+        ("POST", "/v1/resize", {"epoch": 8, "size": 1 << 30}),
     ]
 
 

@@ -114,6 +114,7 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
     app.router.add_post("/v1/failover", failover)
     app.router.add_post("/v1/stop", stop)
     app.router.add_post("/v1/digests", digests)
+    app.router.add_post("/v1/resize", resize)
     return app
 
 
@@ -192,3 +193,11 @@ async def digests(request: web.Request) -> web.Response:
     body = await _body(request, {"disk", "offset", "length"})
     disk, offset, length = v.parse_digest_request(body)
     return web.json_response(await request.app[REPLICA].digests(disk, offset, length))
+
+
+async def resize(request: web.Request) -> web.Response:
+    body = await _body(request, {"epoch", "size"})
+    if "size" not in body:
+        raise v.InvalidInput("'size' is required: the new size in bytes (e.g. 268435456)")
+    epoch, size = v.parse_epoch(body), v.parse_size(body["size"])
+    return web.json_response(await request.app[REPLICA].resize(epoch, size))

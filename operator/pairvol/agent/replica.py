@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -65,6 +66,7 @@ from pairvol.agent.stages import (
     Stage,
     check_checkpoint,
     check_failover,
+    check_resize,
     check_start_primary,
     check_start_secondary,
     check_stop,
@@ -114,6 +116,19 @@ FAILOVER_BEFORE_SERVE = crashpoints.point(
     "failover.before-serve",
     "role primary is persisted and the overlay nodes are gone (their files not yet); the workload export is not up",
 )
+RESIZE_UNEXPORTED = crashpoints.point(
+    "resize.after-unexport",
+    "grow: the replica's NBD exports are stopped (secondary: no undo log any more); nothing resized",
+)
+RESIZE_SAVED = crashpoints.point(
+    "resize.after-size-saved", "grow: the new size and the disk's old length are persisted; the disk is not grown"
+)
+RESIZE_GROWN = crashpoints.point(
+    "resize.after-disk-grown", "grow: the disk file has its new length; the grow is not yet marked complete"
+)
+RESIZE_COMPLETE = crashpoints.point(
+    "resize.after-complete", "grow: the grow is persisted as complete; the exports are not yet back"
+)
 
 
 class ReplicaError(PairvolError):
@@ -122,6 +137,10 @@ class ReplicaError(PairvolError):
 
 class InvalidSpan(PairvolError):
     """A digest request outside the volume or off the regions (HTTP 400)."""
+
+
+class GrowRefused(ReplicaError):
+    """The disk could not grow (no space): the replica went back to its old size."""
 
 
 # how long starting the dirty bitmap may hold the release of a failed link
@@ -145,6 +164,25 @@ def boot_id() -> str | None:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
+
+
+def _grow_file(path: Path, size: int) -> None:
+    """Extend a raw disk file with allocated zeros to ``size`` (as it was made: preallocated,
+    so a full file system shows at the grow, not at a later write) and make it durable."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = os.fstat(fd).st_size
+        if old < size:
+            try:
+                os.posix_fallocate(fd, old, size - old)
+            except OSError as exc:
+                os.ftruncate(fd, old)  # back to the length the state records as the old one
+                raise ReplicaError(
+                    f"cannot grow {path} from {old} to {size} bytes: {exc.strerror}; free space on its file system"
+                ) from exc
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Steps:
@@ -219,25 +257,17 @@ class Replica:
                 raise ReplicaError(
                     f"{self.data_dir} holds volume {found.name!r}, not {self.cfg.name!r}: use another --data-dir"
                 )
-            if found.size != self.cfg.size:
-                raise ReplicaError(
-                    f"{self.data_dir} holds a volume of {found.size} bytes but --size says {self.cfg.size}: "
-                    "refusing to resize or reformat; pass the original size"
-                )
+            found = await self._reconcile_size(found)
             if not disk_exists:
                 raise ReplicaError(
                     f"{self.disk_path} is missing although the replica's state exists: refusing to create an "
                     "empty disk over a replica that had data; restore the file or use a new --data-dir"
                 )
             self.state = found
+        self.chain.size = self.cfg.size
         await self._forget_what_the_restart_lost(was_clean=found is None or found.clean_shutdown)
         if disk_exists:
-            actual = (await asyncio.to_thread(os.stat, self.disk_path)).st_size
-            if actual != self.cfg.size:
-                raise ReplicaError(
-                    f"{self.disk_path} is {actual} bytes but --size says {self.cfg.size}: refusing to "
-                    "resize or reformat it"
-                )
+            await self._check_disk_length(found)
         else:
             await img.create(self.disk_path, "raw", self.cfg.size)
         await self.qsd.start()
@@ -257,6 +287,55 @@ class Replica:
         await self._save(clean_shutdown=False, bitmap_saved=False)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
         self._observe()
+
+    def _set_size(self, size: int) -> None:
+        """The volume's size from here on, for everything that makes images or links."""
+        self.cfg = dataclasses.replace(self.cfg, size=size)
+        self.metrics.size.labels(self.cfg.name).set(size)
+
+    async def _reconcile_size(self, found: PersistedState) -> PersistedState:
+        """``--size`` against the persisted size. A pod made before a grow still says the old
+        size: the persisted (larger) one wins. A larger ``--size`` than persisted is refused,
+        as before: a volume grows only through ``POST /v1/resize``, never by a flag."""
+        wanted = self.cfg.size
+        if wanted < found.size:
+            log.info(
+                "%s holds the volume at %d bytes (grown since --size %d was set): keeping %d",
+                self.data_dir, found.size, wanted, found.size,
+            )
+            self._set_size(found.size)
+        elif wanted > found.size:
+            raise ReplicaError(
+                f"{self.data_dir} holds a volume of {found.size} bytes but --size says {wanted}: "
+                "refusing to resize or reformat; pass the original size (grow it with POST /v1/resize)"
+            )
+        return found
+
+    async def _check_disk_length(self, found: PersistedState | None) -> None:
+        """The disk file must have the volume's size; a grow that a crash interrupted (the
+        file still at the length persisted before it) is completed here. Nothing else is
+        ever resized or reformatted."""
+        actual = (await asyncio.to_thread(os.stat, self.disk_path)).st_size
+        size = self.cfg.size
+        if actual == size:
+            if found is not None and found.resize_from is not None:
+                self.state = self.state.evolve(resize_from=None)
+            return
+        if found is not None and found.resize_from == actual and actual < size:
+            try:
+                await asyncio.to_thread(_grow_file, self.disk_path, size)
+            except ReplicaError as exc:
+                log.warning("%s: the volume stays at %d bytes", exc, actual)
+                self.state = self.state.evolve(size=actual, resize_from=None)
+                self._set_size(actual)
+                self.chain.size = actual
+                return
+            self.state = self.state.evolve(resize_from=None)
+            log.info("completed the grow of %s from %d to %d bytes", self.disk_path, actual, size)
+            return
+        raise ReplicaError(
+            f"{self.disk_path} is {actual} bytes but the volume is {size} bytes: refusing to resize or reformat it"
+        )
 
     async def _forget_what_the_restart_lost(self, was_clean: bool) -> None:
         """A restart ends the daemon that held the primary's dirty bitmap, and a node that
@@ -871,6 +950,161 @@ class Replica:
             self.replication = "none"
             await self._save(stage=Stage.DONE)
             return self.status()
+
+    # ------------------------------------------------------------------ grow (docs/correctness.md, E1-E5)
+    # QEMU 7.2 cannot grow any node of the live graph in place: an NBD export does not share
+    # RESIZE on its node, the quorum has no truncate and does not share RESIZE on its
+    # children, the copy-before-write filter and its job were sized when they started, and an
+    # NBD client cannot grow ("Cannot grow NBD nodes"). So each replica takes the nodes above
+    # its disk down, grows the disk, and builds them again at the new size, under the lock.
+
+    async def resize(self, epoch: int, size: int) -> dict[str, Any]:
+        """Grow this replica's disk to ``size`` bytes (``POST /v1/resize``). The operator grows
+        the secondary first, then the primary: the primary never offers the workload a size
+        the secondary cannot hold. A repeated call with the same size changes nothing."""
+        async with self.lock:
+            if not check_resize(self.position, epoch, self.state.size, size):
+                return self.status()
+            old = self.state.size
+            try:
+                if self.state.role is Role.SECONDARY:
+                    await self._resize_secondary(size)
+                else:
+                    await self._resize_primary(size)
+            except GrowRefused as exc:
+                raise ReplicaError(
+                    f"growing the volume from {old} to {size} bytes failed: {exc}; it stays at {old} bytes"
+                ) from exc
+            except PairvolError as exc:
+                self.last_error = f"growing the volume from {old} to {size} bytes failed: {exc}"
+                raise ReplicaError(
+                    f"{self.last_error}; the replica is not serving its exports: restart its agent (the restart "
+                    "completes or keeps the grow, the persisted size says which)"
+                ) from exc
+            log.info("volume grown from %d to %d bytes (%s)", old, size, self.state.role.value)
+            return self.status()
+
+    async def _grow_disk(self, size: int) -> str | None:
+        """E1: the new size and the disk's old length are persisted before the disk grows, and
+        the grow is marked complete once the new length is durable. A restart in between
+        finds the file at the old length and completes the grow (zeros; nothing can have been
+        written past the old end: no export offered the new size yet). Caller holds the
+        lock and has taken every node above ``disk`` away. Returns why the disk could not
+        grow (no space on its file system), after going back to the old size; the caller
+        then builds its nodes again at that size."""
+        old = self.state.size
+        await self._save(size=size, resize_from=old)
+        crashpoints.hit(RESIZE_SAVED)
+        try:
+            await asyncio.to_thread(_grow_file, self.disk_path, size)  # the node's length follows
+        except ReplicaError as exc:
+            await self._save(size=old, resize_from=None)  # the file is back at its old length
+            return str(exc)
+        await self.qsd.execute("block_resize", {"node-name": r.DISK_NODE, "size": size})
+        crashpoints.hit(RESIZE_GROWN)
+        await self._save(resize_from=None)
+        self._set_size(size)
+        crashpoints.hit(RESIZE_COMPLETE)
+        return None
+
+    async def _resize_secondary(self, size: int) -> None:
+        """E2: stop the replication export (the primary's link ends: it marks this secondary
+        out of sync and records what it writes meanwhile, R1), drop copy-before-write and the
+        overlays (there is no restore point until the next checkpoint), grow the disk, and
+        start a new generation and the export at the new size. The disk keeps its identity:
+        it still holds exactly what the primary sent, plus zeros the primary's disk will
+        also have."""
+        gen = self.chain.generation
+        await self._stop_nbd_server()
+        await self.chain.stop_cow()
+        await self.chain.discard(gen)
+        await self._save(restore_point=False)
+        crashpoints.hit(RESIZE_UNEXPORTED)
+        refused = await self._grow_disk(size)
+        await self.chain.resize(self.cfg.size)
+        new = gen + 1
+        self.chain.generation = new
+        await self.chain.open_generation(new)
+        await self._start_replication_export(await self.chain.start_cow(new))
+        await self._save(generation=new)
+        self.chain.prepare_next()
+        if refused:
+            raise GrowRefused(refused)
+
+    async def _resize_primary(self, size: int) -> None:
+        """E3: stop the workload export and wait until its last request finished (clients
+        that reconnect, like the CSI attachment, resend what was in flight), take the peer
+        out (durably marked out of sync, the dirty bitmap started, R1), move the bitmap onto
+        the disk node, delete the quorum, grow the disk, build the quorum again with the
+        bitmap, and serve again at the new size. The operator then resyncs the (already
+        grown) secondary with what the bitmap recorded."""
+        serving = self.serving
+        await self._stop_nbd_server()
+        await self._wait_export_gone(r.WORKLOAD_EXPORT)
+        await self._wait_export_gone(r.LINEAGE_EXPORT)  # the same node under its lineage's name
+        crashpoints.hit(RESIZE_UNEXPORTED)
+        if serving:
+            self._spawn_relay()  # the relay's process starts while the disk grows
+        try:
+            await self._detach_peer("the volume grows", mark=self.state.peer is not None)
+            carried = await self._carry_bitmap()
+            await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
+            self._bitmap_present = False
+            refused = await self._grow_disk(size)
+            await self._build_quorum()
+            if carried:
+                await self._restore_carried_bitmap()
+            if serving:
+                await self._serve_workload()
+            if refused:
+                raise GrowRefused(refused)
+        finally:
+            await self._drop_spawned_relay()  # if serving did not take it
+
+    async def _carry_bitmap(self) -> bool:
+        """Copy the tracking bitmap from the quorum (which must go) onto ``disk``; a bitmap on
+        a node grows with it. Nothing writes while it is carried (no export, lock held)."""
+        if not self._bitmap_present:
+            return False
+        try:
+            await self.qsd.execute(
+                "block-dirty-bitmap-add",
+                {"node": r.DISK_NODE, "name": r.CARRIED_BITMAP, "granularity": r.BITMAP_GRANULARITY},
+            )
+            await self.qsd.execute(
+                "block-dirty-bitmap-merge",
+                {
+                    "node": r.DISK_NODE,
+                    "target": r.CARRIED_BITMAP,
+                    "bitmaps": [{"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP}],
+                },
+            )
+        except QemuError as exc:
+            await self._forget_record(f"the dirty bitmap could not be kept across the grow ({exc})")
+            return False
+        return True
+
+    async def _restore_carried_bitmap(self) -> None:
+        try:
+            await self._start_bitmap()
+            await self.qsd.execute(
+                "block-dirty-bitmap-merge",
+                {
+                    "node": r.QUORUM_NODE,
+                    "target": r.TRACK_BITMAP,
+                    "bitmaps": [{"node": r.DISK_NODE, "name": r.CARRIED_BITMAP}],
+                },
+            )
+        except QemuError as exc:
+            await self._forget_record(f"the dirty bitmap could not be restored after the grow ({exc})")
+        finally:
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("block-dirty-bitmap-remove", {"node": r.DISK_NODE, "name": r.CARRIED_BITMAP})
+
+    async def _forget_record(self, why: str) -> None:
+        log.warning("%s; the next resync of the peer copies everything", why)
+        async with self._oos_lock:
+            await self._save(peer_disk=None, tracking=False, full_reason=why)
 
     # ------------------------------------------------------------------ primary
 

@@ -138,7 +138,7 @@ class SecondaryChain:
     async def _create(self, gen: int) -> None:
         """New empty overlays are copies of one empty qcow2 made at start-up: a copy of a
         few hundred KiB costs far less than a qemu-img process per file."""
-        template = self.run_dir / "empty-overlay.qcow2"
+        template = self.run_dir / f"empty-overlay-{self.size}.qcow2"  # per size: the volume may grow
         if not await asyncio.to_thread(template.exists):
             partial = template.with_suffix(".partial")
             await asyncio.to_thread(lambda: partial.unlink(missing_ok=True))
@@ -152,6 +152,19 @@ class SecondaryChain:
                 shutil.copyfile(template, path)
 
         await asyncio.to_thread(copy)
+
+    async def resize(self, size: int) -> None:
+        """The volume grew: overlays from here on are made at ``size`` (replication.c's check:
+        active, hidden and disk have the same length). Only while no generation is attached."""
+        self._require_lock()
+        if self.attached:
+            raise ChainError(f"cannot change the overlays' size while generations {sorted(self.attached)} are attached")
+        if self._prepare_task is not None:
+            with contextlib.suppress(Exception):
+                await self._prepare_task
+            self._prepare_task = None
+        self._prepared = None
+        self.size = size
 
     async def _remove_files(self, gen: int) -> None:
         def rm() -> None:

@@ -100,6 +100,31 @@ def check_failover(pos: Position, epoch: int) -> None:
     _check_epoch(pos, epoch, role_change=True)
 
 
+def check_resize(pos: Position, epoch: int, current: int, new: int) -> bool:
+    """Growing the volume (``POST /v1/resize``). Returns False when there is nothing to do
+    (already at that size: a retry). Only the current epoch may resize: an operator that is
+    behind has no say, and a resize is no role change. Never shrinks: the file system or
+    database on the volume would lose its end."""
+    if epoch != pos.epoch:
+        raise IllegalTransition(
+            f"epoch {epoch} is not this replica's epoch {pos.epoch}: a resize is asked at the current epoch"
+        )
+    if new < current:
+        raise IllegalTransition(
+            f"the volume is {current} bytes; shrinking it to {new} bytes is not supported (it would cut off "
+            "the end of the file system or data on it): ask for at least the current size"
+        )
+    if new == current:
+        return False
+    if pos.role is Role.SECONDARY and pos.stage is not Stage.RUNNING:
+        raise IllegalTransition(f"{NOT_RUNNING} (stage {pos.stage.value}): a secondary grows while it runs")
+    if pos.role is Role.PRIMARY and pos.stage not in (Stage.RUNNING, Stage.DONE):
+        raise IllegalTransition(f"a primary in stage {pos.stage.value} cannot grow")
+    if pos.role is Role.NONE:
+        raise IllegalTransition("this replica has no role yet: start it at the new size instead")
+    return True
+
+
 def check_stop(pos: Position) -> bool:
     """Returns False when stop is a no-op (replication.c ignores it after promotion)."""
     if pos.stage in (Stage.DONE, Stage.FAILOVER):

@@ -84,6 +84,10 @@ class PersistedState:
     # stop with a new boot; kept while the same disk is confirmed as primary again. The
     # workload export is also served as recipes.lineage_export_name(lineage).
     lineage: int | None = None
+    # a grow in progress: the disk file's size before it (docs/correctness.md, E1); the new
+    # size is persisted before the file grows, so a restart that finds the file still at
+    # this size completes the grow, and any other size is refused
+    resize_from: int | None = None
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -126,6 +130,7 @@ class PersistedState:
                 full_reason=data.pop("full_reason", None),
                 bitmap_saved=bool(data.pop("bitmap_saved", False)),
                 lineage=data.pop("lineage", None),
+                resize_from=None if (grow := data.pop("resize_from", None)) is None else int(grow),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

@@ -186,6 +186,9 @@ class VolumeStatus:
     # status names it (before its pod exists) and never dropped, so reclaimPolicy Delete
     # finds the images of replicas that were replaced long ago.
     data_nodes: tuple[str, ...] = ()
+    # the size both replicas have (bytes), once seen in sync; spec.size may be larger while
+    # the volume grows
+    size: int | None = None
 
     def __post_init__(self) -> None:
         nodes = set(self.data_nodes)
@@ -226,6 +229,7 @@ class VolumeStatus:
             endpoint=d.get("endpoint") or None,
             conditions=tuple(Condition.from_dict(c) for c in d.get("conditions") or ()),
             data_nodes=tuple(str(n) for n in d.get("dataNodes") or () if n),
+            size=int(d["size"]) if isinstance(d.get("size"), int) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,4 +247,5 @@ class VolumeStatus:
             "endpoint": dict(self.endpoint) if self.endpoint else None,
             "conditions": [c.to_dict() for c in self.conditions],
             "dataNodes": list(self.data_nodes),
+            "size": self.size,
         }

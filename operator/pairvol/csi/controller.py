@@ -54,6 +54,7 @@ from pairvol.kube.paths import volume_path
 log = logging.getLogger(__name__)
 
 CREATE_DELETE_VOLUME = 1
+EXPAND_VOLUME = 9
 READY_PHASE = "Replicating"
 POLL_S = 0.25
 
@@ -72,11 +73,13 @@ class ControllerService:
             "DeleteVolume": self.delete,
             "ValidateVolumeCapabilities": self.validate,
             "ControllerGetCapabilities": self.get_capabilities,
+            "ControllerExpandVolume": self.expand,
         }
 
     async def get_capabilities(self, _: Any) -> Any:
         resp = self.m.get("ControllerGetCapabilitiesResponse")()
         resp.capabilities.add().rpc.type = CREATE_DELETE_VOLUME
+        resp.capabilities.add().rpc.type = EXPAND_VOLUME
         return resp
 
     async def create(self, req: Any) -> Any:
@@ -232,3 +235,91 @@ class ControllerService:
         resp.confirmed.volume_capabilities.extend(req.volume_capabilities)
         resp.confirmed.parameters.update(string_map(req.parameters))
         return resp
+
+    # ---------------------------------------------------------------- expansion
+
+    async def expand(self, req: Any) -> Any:
+        """ControllerExpandVolume: grow the ReplicatedVolume's spec.size (rounded as at
+        CreateVolume) and answer once both replicas report the new size (status.size) and
+        the pair replicates again; until then ABORTED, and the resizer retries the same call.
+        A volume already at least that large is a success without a change (never shrinks).
+        Node expansion is always required: the node's attachment learns the size only then."""
+        vid = require(req.volume_id, "volume_id")
+        if not req.HasField("capacity_range"):
+            raise invalid("capacity_range is required")
+        required, limit = int(req.capacity_range.required_bytes), int(req.capacity_range.limit_bytes)
+        try:
+            wanted = volume_size(required, limit)
+        except CapacityError as exc:
+            raise CsiError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
+        if req.HasField("volume_capability"):
+            capability(req.volume_capability, "volume_capability")  # well-formed, if given
+        parsed = parse_volume_id(vid)
+        if parsed is None:
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid} does not exist (not a pairvol volume ID)")
+        namespace, name = parsed
+        path = volume_path(namespace, name)
+        async with self._locks[name]:
+            volume = await self._get_volume(path, vid)
+            labels = volume.get("metadata", {}).get("labels") or {}
+            if labels.get(MANAGED_BY) != MANAGED_BY_CSI:
+                raise CsiError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"ReplicatedVolume {vid} was not created by this driver"
+                )
+            try:
+                current = parse_bytes((volume.get("spec") or {}).get("size"))
+            except QuantityError as exc:
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"{vid} has an unreadable size: {exc}") from exc
+            if limit and current > limit:
+                raise CsiError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"volume {vid} is {current} bytes already, more than limit_bytes {limit}: volumes never shrink",
+                )
+            target = max(current, wanted)
+            if target > current:
+                try:
+                    volume = await self.kube.merge_patch(path, {"spec": {"size": str(target)}})
+                except KubeError as exc:
+                    if exc.status in (400, 422):
+                        raise invalid(f"the API server refused the new size: {exc}") from exc
+                    raise CsiError(grpc.StatusCode.UNAVAILABLE, f"cannot grow the volume: {exc}") from exc
+                log.info("growing ReplicatedVolume %s from %d to %d bytes", vid, current, target)
+            have = await self._wait_grown(path, volume, target)
+        if have < target:
+            raise CsiError(
+                grpc.StatusCode.ABORTED,
+                f"volume {vid} is growing to {target} bytes (its replicas are not both at that size and "
+                "replicating yet); retry",
+            )
+        resp = self.m.get("ControllerExpandVolumeResponse")()
+        resp.capacity_bytes = have
+        # the node's attachment (NBD client, FUSE export, loop device) must take the new size
+        # for a Block volume too, and a file system grows on top of it
+        resp.node_expansion_required = True
+        return resp
+
+    async def _get_volume(self, path: str, vid: str) -> dict[str, Any]:
+        try:
+            volume = await self.kube.get_or_none(path)
+        except KubeError as exc:
+            raise CsiError(grpc.StatusCode.UNAVAILABLE, f"cannot read the volume: {exc}") from exc
+        if volume is None:
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid} does not exist")
+        return volume
+
+    async def _wait_grown(self, path: str, volume: dict[str, Any], target: int) -> int:
+        """The size both replicas have once they replicate again, waiting up to the ready
+        wait; less than ``target`` if the grow is not finished by then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_wait_s
+        while True:
+            status = volume.get("status") or {}
+            raw = status.get("size")
+            have = raw if isinstance(raw, int) and status.get("phase") == READY_PHASE else 0
+            if have >= target or loop.time() >= deadline:
+                return have
+            await asyncio.sleep(POLL_S)
+            try:
+                volume = await self.kube.get(path)
+            except KubeError as exc:
+                raise CsiError(grpc.StatusCode.UNAVAILABLE, f"cannot read the volume: {exc}") from exc

@@ -13,6 +13,7 @@ from pairvol.csi.server import Handler
 CONTROLLER_SERVICE = 1
 #: the nodes report a topology (NodeGetInfo), which the spec allows only with this
 VOLUME_ACCESSIBILITY_CONSTRAINTS = 2
+ONLINE_EXPANSION = 1  # PluginCapability.VolumeExpansion.ONLINE: grown while a pod uses it
 
 
 def identity(controller: bool, ready: Callable[[], bool]) -> dict[str, Handler]:
@@ -27,6 +28,8 @@ def identity(controller: bool, ready: Callable[[], bool]) -> dict[str, Handler]:
         if controller:
             resp.capabilities.add().service.type = CONTROLLER_SERVICE
         resp.capabilities.add().service.type = VOLUME_ACCESSIBILITY_CONSTRAINTS
+        # the controller implements ControllerExpandVolume, the node NodeExpandVolume
+        resp.capabilities.add().volume_expansion.type = ONLINE_EXPANSION
         return resp
 
     async def probe(_: Any) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from pairvol.csi import DRIVER_NAME, attach
+from pairvol.csi import DRIVER_NAME, attach, expand
 from pairvol.csi.attach import (
     AttachError,
     Attachment,
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 STAGE_UNSTAGE_VOLUME = 1
 GET_VOLUME_STATS = 2
+EXPAND_VOLUME = 3
 VOLUME_CONDITION = 4
 BYTES, INODES = 1, 2
 #: longest wait for the API server in NodeGetVolumeStats (the kubelet's call must not hang)
@@ -115,6 +116,7 @@ class NodeService:
             "NodeGetVolumeStats": self.volume_stats,
             "NodeGetCapabilities": self.get_capabilities,
             "NodeGetInfo": self.get_info,
+            "NodeExpandVolume": self.expand,
         }
 
     async def get_info(self, _: Any) -> Any:
@@ -124,7 +126,7 @@ class NodeService:
 
     async def get_capabilities(self, _: Any) -> Any:
         resp = self.m.get("NodeGetCapabilitiesResponse")()
-        for rpc in (STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, VOLUME_CONDITION):
+        for rpc in (STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION):
             resp.capabilities.add().rpc.type = rpc
         return resp
 
@@ -324,6 +326,38 @@ class NodeService:
             await asyncio.to_thread(_remove, target)
         return self.m.get("NodeUnpublishVolumeResponse")()
 
+
+    async def expand(self, req: Any) -> Any:
+        """NodeExpandVolume: the attachment and the file system on it take the size the
+        replicas grew to (pairvol.csi.expand). ``capacity_range.required_bytes`` says that
+        size: the node has no other way to learn it before its NBD client does."""
+        volume_id = require(req.volume_id, "volume_id")
+        path = _absolute(req.volume_path, "volume_path")
+        size = int(req.capacity_range.required_bytes) if req.HasField("capacity_range") else 0
+        if size <= 0:
+            raise invalid("capacity_range.required_bytes is required: the size the volume grew to")
+        async with self._locks[volume_id]:
+            att = self._attachment(volume_id)
+            record = await asyncio.to_thread(att.read_record)
+            if record is None:
+                raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {volume_id} is not staged on node {self.node_id}")
+            if not await asyncio.to_thread(os.path.lexists, path):
+                raise CsiError(grpc.StatusCode.NOT_FOUND, f"{path} does not exist on node {self.node_id}")
+            if req.HasField("volume_capability"):
+                cap = capability(req.volume_capability, "volume_capability")
+                if cap.block != record.block:
+                    raise invalid(f"volume {volume_id} is staged as {_describe(record)}, not as requested")
+            try:
+                have = await expand.grow(att, record, size)
+            except expand.NotYet as exc:
+                raise CsiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+            except Broken as exc:
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+            except AttachError as exc:
+                raise CsiError(grpc.StatusCode.INTERNAL, f"growing {volume_id} failed: {exc}") from exc
+        resp = self.m.get("NodeExpandVolumeResponse")()
+        resp.capacity_bytes = have
+        return resp
 
 def _size_of(path: Path) -> int:
     with open(path, "rb", buffering=0) as f:

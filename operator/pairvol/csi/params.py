@@ -24,6 +24,8 @@ from pairvol.api.spec import MAX_VOLUME_NAME, SpecError, parse_spec
 MIB = 1 << 20
 DEFAULT_SIZE = 1 << 30
 MIN_SIZE = MIB
+# the largest volume an agent takes (its --size and POST /v1/resize: 1 PiB)
+MAX_SIZE = 1 << 50
 
 #: labels and annotations on the ReplicatedVolumes the driver creates
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -125,6 +127,8 @@ def volume_size(required: int, limit: int) -> int:
             f"no volume size fits the capacity range (required {required} bytes, limit {limit} bytes): "
             f"sizes are whole MiB, at least {MIN_SIZE} bytes"
         )
+    if size > MAX_SIZE:
+        raise CapacityError(f"{size} bytes is more than the largest volume, {MAX_SIZE} bytes (1 PiB)")
     return size
 
 

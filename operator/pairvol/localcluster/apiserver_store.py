@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pairvol.localcluster import apiserver_schema as schema_mod
+from pairvol.localcluster import storage_admission
 from pairvol.localcluster.apiserver_builtin import (
     BUILTIN_TYPES,
     KOPF_CRDS,
@@ -285,8 +286,30 @@ class ObjectStore:
                 raise self._invalid(rtype, name, errors)
         if rtype.key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             obj = self._admit_crd(rtype, obj)
+        if rtype.key == ("", "persistentvolumeclaims") and old is not None:
+            self._admit_claim_resize(rtype, old, obj)
         obj = apply_workload_defaults(rtype.key, obj)  # Deployments, Jobs, ...: upstream's defaults
         return obj
+
+    def _admit_claim_resize(self, rtype: ResourceType, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """A claim grows only with a StorageClass that allows it, never shrinks (storage_admission)."""
+        classes = self._kinds.get(("storage.k8s.io", "storageclasses"))
+        class_name = (old.get("spec") or {}).get("storageClassName")
+        storage_class = classes.objects.get(("", class_name)) if classes is not None and class_name else None
+        problem = storage_admission.resize_problem(old, new, storage_class)
+        if problem is None:
+            return
+        status, message = problem
+        name = old["metadata"]["name"]
+        if status == 403:
+            raise RequestError(
+                403, "Forbidden", f'persistentvolumeclaims "{name}" is forbidden: {message}',
+                {"name": name, "kind": "persistentvolumeclaims"},
+            )
+        raise RequestError(
+            422, "Invalid", f'PersistentVolumeClaim "{name}" is invalid: {message}',
+            {"name": name, "kind": "PersistentVolumeClaim"},
+        )
 
     def _admit_crd(self, rtype: ResourceType, crd: dict[str, Any]) -> dict[str, Any]:
         name = crd["metadata"]["name"]

@@ -63,6 +63,7 @@ from pairvol.csi import DRIVER_NAME
 from pairvol.csi.manifests import controller_security_context, node_pod
 from pairvol.localcluster.csi_client import CsiClient
 from pairvol.localcluster.csi_provisioner import Provisioner
+from pairvol.localcluster.csi_resizer import Resizer
 from pairvol.localcluster.kubelet_api import MERGE_PATCH, ApiError, KubeApi
 from pairvol.localcluster.kubelet_pods import JsonDict, KubeletError, SecurityPlan, security_plan
 from pairvol.localcluster.netns import NETNS_DIR, run_command
@@ -305,6 +306,7 @@ class LocalCsi:
         self.node_plugins: dict[str, PluginProcess] = {}
         self.controller: PluginProcess | None = None
         self.provisioner: Provisioner | None = None
+        self.resizer: Resizer | None = None
         self._shared: list[Path] = []
 
     def state_dir(self, node: str) -> Path:
@@ -345,6 +347,11 @@ class LocalCsi:
             self.api, DRIVER_NAME, self.controller.socket, timeout=self.provision_timeout, in_use=self.staged_on
         )
         await self.provisioner.__aenter__()
+        nodes = self.sim.kubelets
+        self.resizer = Resizer(
+            self.api, DRIVER_NAME, self.controller.socket, lambda: {n: k.volumes for n, k in nodes.items()}
+        )
+        await self.resizer.__aenter__()
 
     async def _start_node(self, node: str) -> None:
         assert self.root is not None and self.hosts is not None
@@ -415,6 +422,10 @@ class LocalCsi:
 
     async def close(self) -> None:
         """Stop everything and undo every mount (never raises)."""
+        if self.resizer is not None:
+            with contextlib.suppress(Exception):
+                await self.resizer.__aexit__(None, None, None)
+            self.resizer = None
         if self.provisioner is not None:
             with contextlib.suppress(Exception):
                 await self.provisioner.__aexit__(None, None, None)

@@ -243,6 +243,32 @@ class NodeVolumes:
         logger.info("node %s: %s published for pod %s at %s", self.node, volume.pv_name, pod_uid, target)
         return target
 
+    # -- expansion ------------------------------------------------------------------------
+
+    async def expand(self, pv_name: str, size: int) -> bool:
+        """The kubelet's online expansion: NodeExpandVolume for a volume published on this
+        node, so its file system (or device) takes the ``size`` its PV grew to. False when
+        no pod of this node has it published (it grows when one mounts it)."""
+        async with self._locks[pv_name]:
+            entries = self._published.get(pv_name)
+            if not entries:
+                return False
+            volume, target = next(iter(entries.values()))
+            request = {
+                "volumeId": volume.volume_handle,
+                "volumePath": str(target),
+                "stagingTargetPath": str(staging_path(self.kubelet_dir, volume)),
+                "capacityRange": {"requiredBytes": str(size)},
+                "volumeCapability": self._capability(volume),
+            }
+            async with CsiClient(self._socket(volume), timeout=120) as client:
+                try:
+                    await client.call("Node", "NodeExpandVolume", request)
+                except CsiCallError as exc:
+                    raise KubeletError(f"MountVolume.NodeExpandVolume failed for volume {pv_name!r} : {exc}") from exc
+        logger.info("node %s: %s expanded to %d bytes", self.node, pv_name, size)
+        return True
+
     # -- unmount --------------------------------------------------------------------------
 
     def pods_using(self, pv_name: str) -> set[str]:

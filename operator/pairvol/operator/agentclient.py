@@ -119,3 +119,8 @@ class AgentClient:
 
     async def stop(self, address: str, token: str) -> dict[str, Any]:
         return await self._call(address, "POST", "/v1/stop", token, {})
+
+    async def resize(self, address: str, token: str, epoch: int, size: int) -> dict[str, Any]:
+        return await self._call(
+            address, "POST", "/v1/resize", token, {"epoch": epoch, "size": size}, timeout_s=self.long_timeout_s
+        )

@@ -83,6 +83,7 @@ class AgentView:
     serving: bool = False  # export.serving: the workload export is up
     disk_id: str | None = None  # disk.id: the identity of a secondary's disk content
     tracked_disk: str | None = None  # replication.resync.peerDisk: the peer disk a primary knows about
+    size: int | None = None  # the replica's size in bytes (it grows with POST /v1/resize)
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -102,6 +103,7 @@ class AgentView:
             serving=bool((d.get("export") or {}).get("serving", False)),
             disk_id=(d.get("disk") or {}).get("id"),
             tracked_disk=(rep.get("resync") or {}).get("peerDisk"),
+            size=d["size"] if isinstance(d.get("size"), int) else None,
         )
 
 
@@ -221,6 +223,22 @@ class DoFailover:
 
 
 @dataclass(frozen=True)
+class Grow:
+    """Grow both replicas to ``size`` (docs/correctness.md E0-E5), in this order: the
+    primary lets go of its secondary (a planned detach that records what the secondary
+    misses), the secondary grows, the primary grows. The resync that pairs them again is
+    the ordinary re-protection that follows."""
+
+    primary_pod: str
+    primary_address: str
+    primary_epoch: int
+    secondary_pod: str
+    secondary_address: str
+    secondary_epoch: int
+    size: int
+
+
+@dataclass(frozen=True)
 class ClearAnnotation:
     key: str
 
@@ -249,6 +267,7 @@ Action = (
     | StartPrimary
     | Checkpoint
     | DoFailover
+    | Grow
     | ClearAnnotation
     | Event
     | FailoverDone
@@ -676,6 +695,13 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         return _finish(
             world, st.with_(epoch=epoch, phase=Phase.DEGRADED, message=f"starting secondary {sec.pod}"), actions, False
         )
+    if pa.size is not None and sa.size is not None and pa.size != sa.size:
+        # a grow that stopped half-way (the secondary grew, the primary did not): replicas
+        # of different sizes cannot pair, so the grow is finished first
+        size = max(spec.size, pa.size, sa.size)
+        actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, size))
+        st = st.with_(phase=Phase.DEGRADED, message=f"finishing the grow to {size} bytes")
+        return _finish(world, st, actions, False)
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
         request = resync_request(pa, sa)
@@ -713,6 +739,22 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         return _finish(world, st, actions, False)
     cosmetic = st.phase == Phase.REPLICATING
     st = st.with_(phase=Phase.REPLICATING, sync=None, message=f"{prim.node} -> {sec.node} in sync")
+
+    # growing: only a pair in sync grows (both replicas report the same size)
+    if pa.size is not None and pa.size == sa.size:
+        if st.size != pa.size:
+            st, cosmetic = st.with_(size=pa.size), False
+        if spec.size > pa.size:
+            if not world.agent_call_in_flight:  # one grow at a time (each step is idempotent anyway)
+                actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, spec.size))
+                actions.append(Event("Normal", "Resizing", f"growing the volume from {pa.size} to {spec.size} bytes"))
+            st = st.with_(message=f"growing from {pa.size} to {spec.size} bytes")
+            return _finish(world, st, actions, False)
+        if spec.size < pa.size:
+            st = st.with_(
+                message=f"spec.size {spec.size} is smaller than the volume's {pa.size} bytes: a volume never "
+                f"shrinks; set spec.size to at least {pa.size}"
+            )
 
     # checkpoints: on schedule and on request
     cp = _checkpoint_status(sa.checkpoint) or (dict(st.checkpoint) if st.checkpoint else None)

@@ -488,6 +488,9 @@ class Reconciler:
                 case d.DoFailover(address=ip, epoch=epoch, mode=mode):
                     res = await c.agents.failover(f"{ip}:{d.API_PORT}", token, epoch, mode)
                     log.warning("%s: failover to %s done: %s", self.key, action.pod, res)
+                case d.Grow():
+                    self.background(kind, self._grow(action, token))
+                    return
                 case d.ClearAnnotation(key=key):
                     self.remember(
                         await c.kube.merge_patch(volume_path(ns, self.name), {"metadata": {"annotations": {key: None}}})
@@ -501,6 +504,16 @@ class Reconciler:
             c.metrics.actions.labels(kind, "error").inc()
             log.warning("%s: %s failed: %s", self.key, kind, exc)
             raise
+
+    async def _grow(self, g: d.Grow, token: str) -> None:
+        """The grow's agent calls in their order (decisions.Grow); each is idempotent, so a
+        grow cut short is finished by the next one the planner asks for."""
+        agents = ctx().agents
+        primary, secondary = f"{g.primary_address}:{d.API_PORT}", f"{g.secondary_address}:{d.API_PORT}"
+        await agents.stop(primary, token)
+        await agents.resize(secondary, token, g.secondary_epoch, g.size)
+        await agents.resize(primary, token, g.primary_epoch, g.size)
+        log.info("%s: grew %s and %s to %d bytes", self.key, g.secondary_pod, g.primary_pod, g.size)
 
     def background(self, kind: str, call: Coroutine[Any, Any, Any]) -> None:
         """Role calls may take long (a full sync starts); the loop must keep watching the

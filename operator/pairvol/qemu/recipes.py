@@ -40,6 +40,7 @@ REPLICATION_EXPORT = "replication"
 IDENTITY_EXPORT = "replication-identity"
 TRACK_BITMAP = "resync"
 BITMAP_CARRIER_NODE = "resync-carrier"
+CARRIED_BITMAP = "resync-carried"  # the tracking bitmap on ``disk`` while the quorum is rebuilt (a grow)
 BITMAP_GRANULARITY = 64 * 1024
 WORKLOAD_EXPORT = "volume"
 LINEAGE_EXPORT = "volume-lineage"

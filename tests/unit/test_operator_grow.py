@@ -1,0 +1,71 @@
+"""The operator's part of growing a volume (decisions.Grow): when it grows, in which order
+the agents are asked, and what a grow that stopped half-way leads to."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from tests.unit.test_operator_decisions import PRIMARY_AGENT, SECONDARY_AGENT, replicating
+
+from pairvol.api.spec import parse_spec
+from pairvol.operator.decisions import Grow, StartPrimary, World, plan
+
+MiB = 1 << 20
+
+
+def sized(primary: int, secondary: int, spec_size: str) -> World:
+    return replicating(
+        spec=parse_spec({"size": spec_size}, name="vol"),
+        agents={"vol-1-a": replace(PRIMARY_AGENT, size=primary), "vol-1-b": replace(SECONDARY_AGENT, size=secondary)},
+    )
+
+
+def test_a_pair_in_sync_reports_its_size() -> None:
+    p = plan(sized(64 * MiB, 64 * MiB, "64Mi"))
+    assert p.status.size == 64 * MiB
+    assert not [a for a in p.actions if isinstance(a, Grow)]
+
+
+def test_a_larger_spec_size_grows_both_replicas_at_their_own_epochs() -> None:
+    p = plan(sized(64 * MiB, 64 * MiB, "128Mi"))
+    grows = [a for a in p.actions if isinstance(a, Grow)]
+    assert grows == [Grow("vol-1-a", "10.0.0.1", 3, "vol-1-b", "10.0.0.2", 2, 128 * MiB)]
+    assert "growing from 67108864 to 134217728 bytes" in p.status.message
+    assert p.status.size == 64 * MiB  # not yet: the status says what both replicas have
+    assert not p.cosmetic
+
+
+def test_a_smaller_spec_size_never_shrinks_and_says_what_to_do() -> None:
+    p = plan(sized(128 * MiB, 128 * MiB, "64Mi"))
+    assert not [a for a in p.actions if isinstance(a, Grow)]
+    assert "never shrinks; set spec.size to at least 134217728" in p.status.message
+
+
+def test_a_grow_that_stopped_half_way_is_finished_before_the_pair_is_resynced() -> None:
+    w = sized(64 * MiB, 128 * MiB, "128Mi")
+    w = replace(w, agents={
+        "vol-1-a": replace(PRIMARY_AGENT, size=64 * MiB, replication_state="none"),
+        "vol-1-b": replace(SECONDARY_AGENT, size=128 * MiB),
+    })
+    p = plan(w)
+    assert [a for a in p.actions if isinstance(a, Grow)] == [
+        Grow("vol-1-a", "10.0.0.1", 3, "vol-1-b", "10.0.0.2", 2, 128 * MiB)
+    ]
+    assert not [a for a in p.actions if isinstance(a, StartPrimary)]
+
+
+def test_after_the_grow_the_pair_is_resynced_with_only_what_the_secondary_missed() -> None:
+    w = sized(128 * MiB, 128 * MiB, "128Mi")
+    w = replace(w, agents={
+        "vol-1-a": replace(PRIMARY_AGENT, size=128 * MiB, replication_state="none", tracked_disk="d1"),
+        "vol-1-b": replace(SECONDARY_AGENT, size=128 * MiB, disk_id="d1"),
+    })
+    p = plan(w)
+    starts = [a for a in p.actions if isinstance(a, StartPrimary)]
+    assert len(starts) == 1 and starts[0].sync == "auto" and starts[0].peer_disk == "d1"
+
+
+def test_no_second_grow_while_an_agent_call_is_in_flight() -> None:
+    p = plan(replace(sized(64 * MiB, 64 * MiB, "128Mi"), agent_call_in_flight=True))
+    assert not [a for a in p.actions if isinstance(a, Grow)]
+    assert "growing from 67108864 to 134217728 bytes" in p.status.message
