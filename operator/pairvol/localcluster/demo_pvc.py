@@ -199,8 +199,8 @@ async def fsck_clean(socket: Path, work: Path) -> tuple[bool, str]:
     # a unix socket's path must be shorter than 108 bytes: a short link to it instead
     link_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="pvfsck-", dir="/tmp"))
     link = link_dir / "s"
+    await asyncio.to_thread(link.symlink_to, socket)
     try:
-        await asyncio.to_thread(link.symlink_to, socket)
         copy = await asyncio.create_subprocess_exec(
             "qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///volume?socket={link}", str(image),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -218,7 +218,7 @@ async def fsck_clean(socket: Path, work: Path) -> tuple[bool, str]:
     finally:
         await asyncio.to_thread(image.unlink, True)
     lines = out.decode(errors="replace").strip().splitlines() or ["(no output)"]
-    return check.returncode == 0, lines[-1]
+    return check.returncode == 0, lines[-1].removeprefix(f"{image}: ")
 
 
 @dataclass
@@ -269,28 +269,18 @@ async def start_driver(s: Any, values: Mapping[str, Any]) -> Driver:
     return Driver(csi, str(storage_class["metadata"]["name"]), str(account), time.monotonic() - started)
 
 
-async def discard(starting: asyncio.Task[Driver]) -> None:
-    """Stop the driver however far :func:`start_driver` got (idempotent)."""
-    if not starting.done():
-        starting.cancel()
-    with contextlib.suppress(BaseException):
-        driver = await starting
-        await driver.csi.close()
-
-
 async def run_story(s: Any, values: Mapping[str, Any], failures: list[str], say: Any) -> PvcResult:
     """The PVC story on the installed stack ``s`` (a :class:`~pairvol.localcluster.demo.Stack`,
     installed with ``values``); the driver is started first and stopped at the end."""
     result = PvcResult()
-    starting = asyncio.create_task(start_driver(s, values))
     params = ",".join(f"{k}={v}" for k, v in STORAGE_CLASS_PARAMETERS.items())
     say(
         "the CSI driver: helm template pairvol charts/pairvol --set csi.enabled=true,csi.volumeNamespace="
         f"{s.namespace},csi.storageClass.create=true — its CSIDriver, StorageClass ({params}) and the "
         "controller's ServiceAccount and RBAC applied"
     )
+    driver = await start_driver(s, values)
     try:
-        driver = await starting
         say(
             f"CSI driver pairvol.io running (started in {driver.took_s:.1f} s): node "
             f"plugins on {', '.join(driver.csi.node_plugins)} privileged as the chart's DaemonSet runs them, the "
@@ -299,7 +289,7 @@ async def run_story(s: Any, values: Mapping[str, Any], failures: list[str], say:
         )
         await _claim_story(s, driver.csi, driver.storage_class, failures, say, result)
     finally:
-        await discard(starting)
+        await driver.csi.close()
     return result
 
 
