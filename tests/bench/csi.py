@@ -11,14 +11,17 @@ measures, in one run, the same fio workloads as ``make bench`` on
 
 * ``export``: the primary's NBD export directly (fio's nbd engine on its unix socket; what
   ``make bench`` calls c-pairvol),
+* ``fuse``: the attacher's FUSE export of that volume, the file under the loop device
+  (fio, libaio, O_DIRECT),
 * ``block``: the published block device of a Block volume (fio, libaio, O_DIRECT),
 * ``fs``: a file in the ext4 of a Filesystem volume, mounted and published (libaio, O_DIRECT),
 
 and the ratios ``block/export`` (what the attachment costs: TCP + TLS-PSK to the export,
-the attacher's NBD client, FUSE and the loop device), ``fs/export`` and ``fs/block``
+the attacher's NBD client, FUSE and the loop device), ``fuse/export`` (all of it but the
+loop device), ``block/fuse`` (the loop device alone), ``fs/export`` and ``fs/block``
 (ext4 on top). fio's nbd engine cannot open the export over TLS-PSK (libnbd refuses a
 ``tls-psk-file`` in a URI unless the program allows local files, and fio does not), so
-TCP + TLS is not separated from FUSE + loop here. Rounds interleave the configurations
+TCP + TLS-PSK is not separated from the attacher's FUSE export here. Rounds interleave the configurations
 (rotating order) and the ratios are taken within each round.
 
 Then the **failover stall**: a writer in the mounted file system writes 4 KiB and fsyncs,
@@ -63,11 +66,13 @@ from tests.support.csi import Stubs, compile_stubs, driver, node_plugin_security
 
 log = logging.getLogger(__name__)
 
-CONFIGS = ("export", "block", "fs")
+CONFIGS = ("export", "fuse", "block", "fs")
 RATIOS = (
     ("block/export", "block", "export"),
     ("fs/export", "fs", "export"),
     ("fs/block", "fs", "block"),
+    ("fuse/export", "fuse", "export"),
+    ("block/fuse", "block", "fuse"),
 )
 SINGLE_NODE_WRITER = 1
 
@@ -228,6 +233,17 @@ class Kubelet:
         await self.node.NodeUnstageVolume(
             pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging)), timeout=60
         )
+
+
+def loop_backing_file(device: Path) -> Path:
+    """The file a loop device (or a file bound onto one) reads and writes: here the
+    attacher's FUSE export of the volume."""
+    rdev = os.stat(device).st_rdev
+    sysfs = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file")
+    try:
+        return Path(sysfs.read_text().strip())
+    except OSError as exc:
+        raise BenchError(f"{device} is not a loop device ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------- fio
@@ -444,6 +460,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 targets = {
                     "export": nbd_uri(blk_vol.primary.export_socket),
+                    "fuse": str(await asyncio.to_thread(loop_backing_file, device)),
                     "block": str(device),
                     "fs": str(mount / "fio.dat"),
                 }
