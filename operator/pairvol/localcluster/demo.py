@@ -8,8 +8,11 @@ Deployment of two peering replicas running on the nodes under the chart's RBAC â
 ``examples/basic.yaml``, waits for ``Replicating``, runs a writer with a verifiable write
 log against the primary's NBD export, kills the primary's node (and the operator replica
 that may run there), and shows the automatic failover and re-protection. Then it verifies
-the data and prints RTO, lost acknowledged writes and checkpoints cut. Any failed
-expectation exits non-zero.
+the data and prints RTO, lost acknowledged writes and checkpoints cut. The second part
+(:mod:`pairvol.localcluster.demo_pvc`, left out with ``--no-pvc``) is the same through a
+PersistentVolumeClaim: the CSI driver, a pod writing to a file system on the claim while
+its volume's primary node is killed, the file system and the log verified after the pod
+moved. Any failed expectation exits non-zero.
 
 The building blocks (:class:`Stack`, :class:`Writer`, :func:`verify_log`) are also what the
 e2e tests use, so the demo and the tests exercise the same path; the e2e tests mostly run
