@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-scale unit integration e2e demo demo-agent bench bench-scale chaos tools mutate mutate-generated clean
+.PHONY: venv lint test test-scale unit integration e2e demo demo-agent bench bench-csi bench-scale chaos tools mutate mutate-generated clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ mutate-generated: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
+
+# The CSI driver's attachment (fio on the export, the block device, the mounted file
+# system) and the pod-visible stall of Latest-mode failovers (tests/bench/csi.py; root).
+bench-csi: $(STAMP)
+	$(BIN)/python -m tests.bench.csi $(BENCH_CSI_ARGS)
 
 # Many volumes on the local cluster and a failover storm (tests/bench/scale.py; needs
 # root and helm from `make tools`); e.g. BENCH_SCALE_ARGS='--volumes 20 --nodes 3 --json out.json'

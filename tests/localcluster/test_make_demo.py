@@ -3,6 +3,9 @@
 The demo is the newcomer's first contact: it installs pairvol with the real ``helm
 install`` into the embedded local cluster (the chart's two peering operator replicas, its
 RBAC enforced), replicates, kills the primary's node, fails over and verifies the bytes.
+Then a pod writes a checksummed, fsynced log to a PersistentVolumeClaim through the CSI
+driver, keeps writing while the volume's primary node is killed (Latest mode, no
+restart), and the file system (e2fsck) and the log are verified after the pod moved.
 This runs it as ``make demo`` does (``python -m pairvol demo`` with helm and kubectl of
 ``make tools`` on PATH) and holds it to its own verdict and to a clean console.
 """
@@ -42,6 +45,22 @@ async def test_make_demo_installs_with_helm_fails_over_and_verifies_the_data(tmp
         "killing node",
         "failover:",
         "re-protected:",
+        # the second part: a pod on a PersistentVolumeClaim through the CSI driver
+        "the CSI driver: helm template pairvol charts/pairvol --set csi.enabled=true",
+        "CSI driver pairvol.io running",
+        "applied PersistentVolumeClaim app-data",
+        "claim Bound",
+        "pod writer on",
+        "killing node",
+        "failover of pvc-",
+        "writer kept writing",
+        "pod writer deleted after",
+        "holds it: clean",
+        "mounted app-data: Succeeded, verified",
+        "claim app-data deleted: PV and ReplicatedVolume",
+        "pod-visible stall",
+        "file system         e2fsck -fn clean",
+        "log verified        yes",
         "result              PASS",
     ]
     at = 0
