@@ -24,7 +24,7 @@ def lease(name: str, holder: str) -> dict[str, Any]:
             "spec": {"holderIdentity": holder, "leaseDurationSeconds": 3}}  # fmt: skip
 
 
-async def until(check: Callable[[], bool], within: float = 5.0) -> None:
+async def until(check: Callable[[], bool], within: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "not within the time limit"
