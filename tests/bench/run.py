@@ -41,6 +41,7 @@ SECTIONS = ("throughput", "checkpoint", "failover")
 RATIO_PAIRS = (
     ("c/a", "c-pairvol", "a-bare"),
     ("c/b", "c-pairvol", "b-quorum"),
+    ("c/a tuned", "c-pairvol", "a-bare-tuned"),  # only with --configs ...,a-bare-tuned
     ("c/b tls", "c-pairvol-tls", "b-quorum-tls"),
     ("b tcp/unix", "b-quorum", "b-quorum-unix"),  # only with --configs ...,b-quorum-unix
     ("c/b nodelay", "c-pairvol", "b-quorum-nodelay"),  # only with --configs ...,b-quorum-nodelay

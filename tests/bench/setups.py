@@ -12,7 +12,9 @@ socket of a writable NBD export named ``volume``:
   its hidden overlay exactly as in production.
 
 (a) and (b) are driven over QMP with the project's thin process wrapper
-(pairvol.qemu.qsd.Qsd: start, QMP connect, kill by PID) but with their own block graphs;
+(pairvol.qemu.qsd.Qsd: start, QMP connect, kill by PID) but with their own block graphs,
+and as stock QEMU: without the allocator settings pairvol starts its own daemons with
+(``Qsd.tuned_malloc``; ``a-bare-tuned`` shows what they give a bare export);
 their leaf file nodes use the agent's own options (``recipes.file_node``: aio=threads,
 discard=unmap, default writeback cache) so that the comparison differs only in the graph
 above the files.
@@ -73,15 +75,18 @@ def _tls_object(directory: Path, endpoint: str) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _qsd(workdir: Path, name: str, args: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> AsyncIterator[Qsd]:
-    """A qemu-storage-daemon, killed by PID on exit.
+async def _qsd(
+    workdir: Path, name: str, args: Sequence[str] = (), pass_fds: Sequence[int] = (), tuned_malloc: bool = False
+) -> AsyncIterator[Qsd]:
+    """A qemu-storage-daemon, killed by PID on exit; with glibc's default allocator settings
+    (stock QEMU, as a user runs it) unless ``tuned_malloc`` (pairvol's, ``Qsd.tuned_malloc``).
 
     Killed, not quit: a clean quit flushes gigabytes of dirty page cache to the disk,
     which takes long on a busy machine and slows the next configuration down; the
     images are thrown away right after, which drops their dirty pages unwritten.
     """
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
-    qsd = Qsd(workdir / ".run", workdir / "qsd.log", name=name)
+    qsd = Qsd(workdir / ".run", workdir / "qsd.log", name=name, tuned_malloc=tuned_malloc)
     try:
         await qsd.start(args=args, pass_fds=pass_fds)
         yield qsd
@@ -103,14 +108,15 @@ async def _export_unix(qsd: Qsd, node: str, socket: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def bare(workdir: Path, size: int) -> AsyncIterator[Target]:
-    """(a) qsd exporting a raw file over NBD on a unix socket."""
-    async with _qsd(workdir, "bare") as qsd:
+async def bare(workdir: Path, size: int, tuned_malloc: bool = False) -> AsyncIterator[Target]:
+    """(a) qsd exporting a raw file over NBD on a unix socket. ``tuned_malloc``: with the
+    allocator settings pairvol gives its own daemons (diagnostic ``a-bare-tuned``)."""
+    async with _qsd(workdir, "bare", tuned_malloc=tuned_malloc) as qsd:
         await _add_disk(qsd, workdir, size)
         socket = workdir / "export.sock"
         await _export_unix(qsd, "disk", socket)
         assert qsd.pid is not None
-        yield Target("a-bare", socket, size, pids=[qsd.pid])
+        yield Target("a-bare-tuned" if tuned_malloc else "a-bare", socket, size, pids=[qsd.pid])
 
 
 @contextlib.asynccontextmanager
@@ -235,8 +241,8 @@ async def pairvol(workdir: Path, size: int, tls: bool) -> AsyncIterator[Target]:
 
 def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContextManager[Target]:
     """The setup called ``name`` (one of CONFIGS)."""
-    if name == "a-bare":
-        return bare(workdir, size)
+    if name in ("a-bare", "a-bare-tuned"):
+        return bare(workdir, size, tuned_malloc=name == "a-bare-tuned")
     if name in ("b-quorum", "b-quorum-tls"):
         return quorum(workdir, size, tls=name.endswith("-tls"))
     if name == "b-quorum-unix":
@@ -253,6 +259,7 @@ def setup(name: str, workdir: Path, size: int) -> contextlib.AbstractAsyncContex
 CONFIGS: tuple[str, ...] = ("a-bare", "b-quorum", "c-pairvol", "b-quorum-tls", "c-pairvol-tls")
 # diagnostics, only when asked for with --configs
 EXTRA_CONFIGS: tuple[str, ...] = (
+    "a-bare-tuned",
     "b-quorum-unix",
     "b-quorum-nodelay",
     "b-quorum-nodelay-tls",

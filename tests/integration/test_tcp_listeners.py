@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.qemu.qsd import MALLOC_TUNING
 from tests.support.agents import Agent, free_port, write_psk
 from tests.support.sockets import TcpSocket, connections_to, tcp_sockets
 
@@ -61,6 +62,13 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _malloc_tuned(pid: int) -> bool:
+    """Each of pairvol's settings is in the daemon's environment block (glibc may have cut
+    GLIBC_TUNABLES into its items in place while reading it: search the raw bytes)."""
+    env = Path(f"/proc/{pid}/environ").read_bytes()
+    return b"GLIBC_TUNABLES=" in env and all(item.encode() in env for item in MALLOC_TUNING.split(":"))
+
+
 def _accepted(pid: int, port: int) -> list[TcpSocket]:
     return [s for s in connections_to(pid, port) if s.local[1] == port]
 
@@ -68,7 +76,8 @@ def _accepted(pid: int, port: int) -> list[TcpSocket]:
 async def test_every_connection_the_agent_accepts_has_tcp_nodelay(tmp_path: Path) -> None:
     """TLS-PSK on the replication link and on --export-listen: the secondary's listener
     daemon and the primary's relay accept with TCP_NODELAY; the replica daemons hold no TCP
-    socket at all; the primary's link daemon (QEMU's NBD client) connects with it too."""
+    socket at all; the primary's link daemon (QEMU's NBD client) connects with it too. Each
+    of those daemons runs with pairvol's allocator settings (``MALLOC_TUNING``)."""
     psk = write_psk(tmp_path / "psk")
     relay_port = free_port()
     secondary = Agent("vol", tmp_path / "s", "16Mi", psk_file=psk)
@@ -105,6 +114,10 @@ async def test_every_connection_the_agent_accepts_has_tcp_nodelay(tmp_path: Path
 
         for replica_pid in (st_s["qsd"]["pid"], st_p["qsd"]["pid"]):
             assert tcp_sockets(replica_pid) == [], "a replica's own daemon serves NBD on unix sockets only"
+
+        # every daemon on the data path serves its request buffers from a heap it keeps
+        for pid in (st_s["qsd"]["pid"], listener_pid, link_pid, st_p["qsd"]["pid"], relay_pid):
+            assert _malloc_tuned(pid), pid
 
         # and the link carries the data: what the primary wrote is what the secondary has
         data = os.urandom(MiB)
