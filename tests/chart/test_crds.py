@@ -69,6 +69,13 @@ FULL_STATUS: dict[str, Any] = {
         "totalBytes": 268435456,
         "summary": "bitmap 50% (128 MiB to go)",
     },
+    "lastSync": {
+        "kind": "full",
+        "reason": "requested",
+        "copiedBytes": 268435456,
+        "seconds": 2.5,
+        "time": "2026-01-01T00:00:00.000000Z",
+    },
     "endpoint": {
         "node": "node-a",
         "socket": "/var/lib/pairvol/data/export.sock",

@@ -253,10 +253,26 @@ def test_a_resync_is_shown_with_its_kind_reason_and_bytes_and_announced_at_its_s
         p = plan(replace(w, status=p.status, agents={"vol-1-a": later, "vol-1-b": SECONDARY_AGENT}))
         assert p.status.sync is not None and p.status.sync["summary"] == f"{kind} 75% (6.0 MiB to go)"
         assert resync_events(p) == []
-        done = replace(PRIMARY_AGENT, last_sync={"kind": kind, "copiedBytes": 24 << 20, "seconds": 3.25})
+        done = replace(PRIMARY_AGENT, last_sync={"kind": kind, "reason": "the reason the agent gave",
+                                                 "copiedBytes": 24 << 20, "seconds": 3.25, "endedAt": NOW - 1})
         p = plan(replace(w, status=p.status, agents={"vol-1-a": done, "vol-1-b": SECONDARY_AGENT}))
         assert p.status.sync is None and p.status.phase == Phase.REPLICATING
-        assert resync_events(p) == [f"ResyncCompleted: {kind} resync vol-1-a -> vol-1-b done: 24 MiB copied in 3.2 s"]
+        assert resync_events(p) == [f"ResyncCompleted: {kind} resync vol-1-a -> vol-1-b done: 24 MiB copied in 3.2 s "
+                                    "(the reason the agent gave)"]
+        assert p.status.last_sync == {"kind": kind, "reason": "the reason the agent gave", "copiedBytes": 24 << 20,
+                                      "seconds": 3.25, "time": rfc3339(NOW - 1)}
+        # announced once
+        p = plan(replace(w, status=p.status, agents={"vol-1-a": done, "vol-1-b": SECONDARY_AGENT}))
+        assert resync_events(p) == []
+
+
+def test_a_resync_that_ran_between_two_observations_is_still_announced_at_its_end() -> None:
+    w = replicating()
+    done = replace(PRIMARY_AGENT, last_sync={"kind": "bitmap", "reason": "r", "copiedBytes": 65536, "seconds": 0.2,
+                                             "endedAt": NOW - 0.5})
+    p = plan(replace(w, agents={"vol-1-a": done, "vol-1-b": SECONDARY_AGENT}))
+    assert resync_events(p) == ["ResyncCompleted: bitmap resync vol-1-a -> vol-1-b done: 0.1 MiB copied in 0.2 s (r)"]
+    assert p.status.last_sync is not None and p.status.last_sync["kind"] == "bitmap"
 
 
 def test_the_operator_leaves_a_dropped_reachable_peer_to_the_primary_while_it_re_protects_it() -> None:

@@ -991,7 +991,8 @@ class Replica:
             await self._save(out_of_sync=False, peer_disk=link.peer_disk, tracking=False, full_reason=None)
             await self._drop_bitmap()
             self.replication = "replicating"
-            self.last_sync = link.last_sync
+            # endedAt tells two syncs apart that copied the same in the same time
+            self.last_sync = {**link.last_sync, "endedAt": round(time.time(), 3)} if link.last_sync else None
             self._in_sync_at = time.monotonic()
             self._count_sync_end(link, "succeeded")
             await self._run_in_sync_hooks()

@@ -722,9 +722,13 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
             message=f"{pa.sync_kind or 'full'} sync {prim.node} -> {sec.node}",
         )
         return _finish(world, st, actions, cosmetic)
-    if st.sync and pa.replication_state == "replicating":
-        # the resync shown in status has ended in sync
-        actions.append(Event("Normal", "ResyncCompleted", resync_completed_message(pa, prim, sec)))
+    if pa.replication_state == "replicating":
+        # a sync that ended in sync and is not in status yet: announced once, even one that
+        # started and ended between two observations (its Event names kind, reason and bytes)
+        ended = last_sync_status(pa.last_sync)
+        if ended is not None and ended != st.last_sync:
+            actions.append(Event("Normal", "ResyncCompleted", resync_completed_message(ended, prim, sec)))
+            st = st.with_(last_sync=ended)
         st = st.with_(sync=None)
     if (
         sec.out_of_sync
@@ -797,11 +801,27 @@ def resync_started_message(pa: AgentView, prim: Replica, sec: Replica) -> str:
     )
 
 
-def resync_completed_message(pa: AgentView, prim: Replica, sec: Replica) -> str:
-    last = pa.last_sync or {}
+def last_sync_status(last: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``status.lastSync`` from the primary's ``replication.lastSync`` (``endedAt``: its
+    Unix time, shown as ``time``)."""
+    if not last or not last.get("kind"):
+        return None
+    out: dict[str, Any] = {
+        "kind": str(last["kind"]),
+        "reason": str(last.get("reason") or ""),
+        "copiedBytes": int(last.get("copiedBytes") or 0),
+        "seconds": float(last.get("seconds") or 0.0),
+    }
+    ended = last.get("endedAt")
+    if isinstance(ended, int | float):
+        out["time"] = rfc3339(float(ended))
+    return out
+
+
+def resync_completed_message(last: Mapping[str, Any], prim: Replica, sec: Replica) -> str:
     return (
-        f"{last.get('kind', '?')} resync {prim.pod} -> {sec.pod} done: {_mib(int(last.get('copiedBytes') or 0))} "
-        f"copied in {float(last.get('seconds') or 0.0):.1f} s"
+        f"{last['kind']} resync {prim.pod} -> {sec.pod} done: {_mib(last['copiedBytes'])} "
+        f"copied in {last['seconds']:.1f} s ({last['reason'] or 'no reason given'})"
     )
 
 
