@@ -190,6 +190,7 @@ class Replica:
         self._pairing: tuple[tuple[str, int], int] | None = None  # (peer, its epoch)
         self._peer_identity: str | None = None  # the disk identity the peer last answered to
         self._reprotect_task: asyncio.Task[None] | None = None
+        self._reprotect_running = False  # an attempt holds the lock right now
         self._reprotect_failures = 0
         self._reprotect_due: float | None = None  # monotonic time of the next attempt
         self._reprotect_error: str | None = None
@@ -1082,11 +1083,12 @@ class Replica:
                 return
             self.link = None
             self.replication, self.peer_error = "degraded", reason
+            # R4: the next attempt is announced now (the operator leaves the peer to it), but
+            # it runs under this lock, so only after the failed link has left the quorum
+            self._after_drop(link, reason)
             self._observe()
             await link.detach()
-            # R4: the failed link has left the quorum; only now may a new one be attached
             self._count_sync_end(link, "failed")
-            self._after_drop(link, reason)
 
     async def _detach_peer(self, reason: str, mark: bool) -> None:
         """Take the peer out of the quorum (caller holds the lock). With ``mark`` the peer is
@@ -1199,36 +1201,44 @@ class Replica:
             self._reprotect_task, self._reprotect_due = None, None
             if rs.reprotect_delay(self._reprotect_view()) is None:
                 return  # demoted, fenced, stopped, re-paired or attached meanwhile
-            assert self._pairing is not None
-            peer, peer_epoch = self._pairing
+            self._reprotect_running = True
             try:
-                # e.g. the Lease records that the peer is being rewritten (no state the volume
-                # had until it is in sync) before the first byte is copied to it
-                for hook in self.before_resync_hooks:
-                    await hook(self.state.epoch)
-                await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity)
-            except Exception as exc:  # a refused or unreachable peer, a hook that failed
-                log.debug("automatic re-protection traceback", exc_info=True)
-                self.replication, self.peer_error = "degraded", str(exc)
-                self.metrics.resync_attempts.labels(self.cfg.name, "failed").inc()
-                self._reprotect_failures += 1
-                self._schedule_reprotect(str(exc))
-                self._observe()
-                return
-            link = self.link
-            assert link is not None
-            self.metrics.resync_attempts.labels(self.cfg.name, "started").inc()
-            try:
-                await link.start_copy()
-            except PeerLinkError as exc:
-                await self._detach_peer(str(exc), mark=True)
-                async with self._oos_lock:  # the next resync of it is full
-                    await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
-                self._count_sync_end(link, "failed")
-                self.peer_error = str(exc)
-                self._reprotect_failures += 1
-                self._schedule_reprotect(str(exc))
+                await self._reprotect_attempt()
+            finally:
+                self._reprotect_running = False
+
+    async def _reprotect_attempt(self) -> None:
+        """Caller holds the lock; the peer is not attached."""
+        assert self._pairing is not None
+        peer, peer_epoch = self._pairing
+        try:
+            # e.g. the Lease records that the peer is being rewritten (no state the volume
+            # had until it is in sync) before the first byte is copied to it
+            for hook in self.before_resync_hooks:
+                await hook(self.state.epoch)
+            await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity)
+        except Exception as exc:  # a refused or unreachable peer, a hook that failed
+            log.debug("automatic re-protection traceback", exc_info=True)
+            self.replication, self.peer_error = "degraded", str(exc)
+            self.metrics.resync_attempts.labels(self.cfg.name, "failed").inc()
+            self._reprotect_failures += 1
+            self._schedule_reprotect(str(exc))
             self._observe()
+            return
+        link = self.link
+        assert link is not None
+        self.metrics.resync_attempts.labels(self.cfg.name, "started").inc()
+        try:
+            await link.start_copy()
+        except PeerLinkError as exc:
+            await self._detach_peer(str(exc), mark=True)
+            async with self._oos_lock:  # the next resync of it is full
+                await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
+            self._count_sync_end(link, "failed")
+            self.peer_error = str(exc)
+            self._reprotect_failures += 1
+            self._schedule_reprotect(str(exc))
+        self._observe()
 
     def _count_sync_end(self, link: PeerLink, result: str) -> None:
         """pairvol_resyncs_total and the last resync's gauges: once per link that synced."""
@@ -1248,6 +1258,8 @@ class Replica:
         if self._reprotect_failures == 0 and self._reprotect_error is None:
             return None
         due = self._reprotect_due
+        if self._reprotect_running:
+            due = time.monotonic()  # an attempt runs now
         return {
             "failures": self._reprotect_failures,
             "limit": len(rs.REPROTECT_DELAYS_S),
