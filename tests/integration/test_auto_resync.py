@@ -82,6 +82,10 @@ async def test_a_reachable_peer_dropped_under_writes_is_resynced_on_its_own(tmp_
             await nbd.flush()
         assert all(e == "stopped" for e in log.ended), log.ended
         assert_same_image(image(secondary), image(primary), "secondary after an automatic bitmap resync")
+        assert primary.log_path is not None
+        said = primary.log_path.read_text(errors="replace")
+        assert "re-protecting peer " in said and "automatically in 0.5 s (attempt 1 of 7)" in said
+        assert f"bitmap resync to {secondary.replication_address}" in said and "bytes to copy" in said
         text = await primary.metrics()
         assert value(text, "pairvol_resyncs_total", volume="vol", kind="bitmap", result="succeeded") >= 1
         assert value(text, "pairvol_resync_last_duration_seconds", volume="vol") > 0

@@ -314,6 +314,7 @@ class PeerLink:
             self.qsd.unwatch_job(r.SYNC_JOB)
             raise PeerLinkError(f"cannot start the bitmap resync to {self.address}: {exc}") from exc
         crashpoints.hit(RESYNC_STARTED)
+        log.info("bitmap resync to %s started: %d bytes to copy (%s)", self.address, self.sync_total, self.sync_reason)
         self._sync_task = asyncio.create_task(self._run_resync(), name="bitmap-resync")
 
     async def _poll_job(self) -> None:
@@ -378,7 +379,12 @@ class PeerLink:
 
     def sync_line(self) -> str:
         pct = 100.0 * self.sync_done / max(1, self.sync_total)
-        return f"{self.sync_done >> 20} / {self.sync_total >> 20} MiB ({pct:.1f}%)"
+        rate = self.sync_done / max(1e-3, time.monotonic() - self.sync_started)
+        to_go = max(0, self.sync_total - self.sync_done)
+        return (
+            f"{self.sync_done >> 20} / {self.sync_total >> 20} MiB ({pct:.1f}%), "
+            f"{to_go >> 20} MiB to go at {rate / (1 << 20):.0f} MiB/s"
+        )
 
     # ------------------------------------------------------------------ teardown
 

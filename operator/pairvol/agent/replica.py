@@ -1219,7 +1219,8 @@ class Replica:
             await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity)
         except Exception as exc:  # a refused or unreachable peer, a hook that failed
             log.debug("automatic re-protection traceback", exc_info=True)
-            self.replication, self.peer_error = "degraded", str(exc)
+            # replication.error keeps why the peer was dropped; reprotect.lastError says this
+            self.replication = "degraded"
             self.metrics.resync_attempts.labels(self.cfg.name, "failed").inc()
             self._reprotect_failures += 1
             self._schedule_reprotect(str(exc))
