@@ -124,4 +124,8 @@ async def test_a_peer_that_cannot_be_reached_is_retried_with_backoff_and_resynce
             assert st["replication"]["lastSync"]["copiedBytes"] <= 4 * 64 * 1024
             await nbd.flush()
         assert_same_image(image(secondary), image(primary), "secondary resynced after it came back")
+        text = await primary.metrics()
+        assert value(text, "pairvol_resync_automatic_attempts_total", volume="vol", result="failed") >= 1
+        assert value(text, "pairvol_resync_automatic_attempts_total", volume="vol", result="started") >= 1
+        assert value(text, "pairvol_resync_automatic_gave_up", volume="vol") == 0
         del ident
