@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent import resync as rs
+from pairvol.nbd import NBDClient
 from tests.integration.test_bitmap_resync import (
     SIZE,
     MiB,
@@ -28,6 +29,7 @@ from tests.integration.test_bitmap_resync import (
     replicating_pair,
     wait_for,
 )
+from tests.integration.test_link_faults import in_process_primary
 from tests.support.agents import Agent
 from tests.support.bytes_compare import assert_same_image
 from tests.support.promtext import value
@@ -129,3 +131,53 @@ async def test_a_peer_that_cannot_be_reached_is_retried_with_backoff_and_resynce
         assert value(text, "pairvol_resync_automatic_attempts_total", volume="vol", result="started") >= 1
         assert value(text, "pairvol_resync_automatic_gave_up", volume="vol") == 0
         del ident
+
+
+async def test_under_a_lease_the_resync_is_recorded_before_it_copies_and_cleared_once_in_sync(tmp_path: Path) -> None:
+    """The order R4 rests on, seen from the hooks the Lease is wired to: the out-of-sync mark,
+    then the resync mark while the peer is not attached yet (before any byte is copied), then
+    the clear only once the state says the peer is in sync; a clear that fails is retried
+    while the peer stays in sync. A pairing made without the peer's disk identity gets a
+    full copy, and says why."""
+    async with in_process_primary(tmp_path, peer_timeout=2) as (replica, sec):
+        calls: list[tuple[str, int, bool]] = []
+        unreachable_once = [True]
+
+        async def mark(epoch: int) -> None:
+            calls.append(("out-of-sync", epoch, replica.link is None))
+
+        async def resync(epoch: int) -> None:
+            calls.append(("resync", epoch, replica.link is None))
+
+        async def clear(epoch: int) -> None:
+            calls.append(("clear", epoch, replica.state.out_of_sync))
+            if unreachable_once:
+                unreachable_once.pop()
+                raise ConnectionError("API server unreachable")
+
+        replica.out_of_sync_hooks.append(mark)
+        replica.before_resync_hooks.append(resync)
+        replica.in_sync_hooks.append(clear)
+        link = replica.link
+        assert link is not None and link.link.pid is not None
+        async with await NBDClient.connect_unix(str(replica.cfg.export_socket)) as nbd:
+            await nbd.pwrite(b"1" * MiB, 0)
+            os.kill(link.link.pid, signal.SIGKILL)
+            await nbd.pwrite(b"2" * MiB, MiB)
+            for _ in range(200):
+                if len(calls) >= 4:
+                    break
+                await asyncio.sleep(0.05)
+            await nbd.flush()
+        assert calls == [
+            ("out-of-sync", 2, False),  # held writes wait for it, the failed link still there
+            ("resync", 2, True),  # the failed link gone, the new one not attached yet
+            ("clear", 2, False),  # the state says in sync already
+            ("clear", 2, False),  # retried after the API server came back
+        ], calls
+        st = replica.status()
+        assert st["replication"]["state"] == "replicating"
+        last = st["replication"]["lastSync"]
+        assert last["kind"] == rs.FULL and "peerDisk" in last["reason"], last
+        primary_disk = (replica.data_dir / "disk.raw").read_bytes()
+    assert_same_image((sec.data_dir / "disk.raw").read_bytes(), primary_disk, "secondary after an automatic full sync")

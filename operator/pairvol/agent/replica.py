@@ -196,6 +196,7 @@ class Replica:
         self._reprotect_error: str | None = None
         self._in_sync_at: float | None = None  # monotonic: when the peer was last declared in sync
         self._sync_counted: PeerLink | None = None  # the link whose sync's end was counted
+        self._clear_task: asyncio.Task[None] | None = None  # recording "in sync" again after a failure
         metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
 
     # ------------------------------------------------------------------ lifecycle
@@ -384,6 +385,7 @@ class Replica:
 
     async def close(self) -> None:
         await self._cancel_reprotect()
+        await cancel_and_wait(self._clear_task)
         await self.chain.close()
         await self._drop_spawned_relay()
         clean = self.qsd.alive
@@ -996,7 +998,8 @@ class Replica:
             self.last_sync = {**link.last_sync, "endedAt": round(time.time(), 3)} if link.last_sync else None
             self._in_sync_at = time.monotonic()
             self._count_sync_end(link, "succeeded")
-            await self._run_in_sync_hooks()
+            if not await self._run_in_sync_hooks():
+                self._clear_task = asyncio.create_task(self._record_in_sync_later(link), name="record-in-sync")
             self._observe()
             return True
 
@@ -1275,18 +1278,34 @@ class Replica:
             return 0.0
         return float(max(0, link.sync_total - link.sync_done))
 
-    async def _run_in_sync_hooks(self) -> None:
+    async def _run_in_sync_hooks(self) -> bool:
         """Caller holds ``_oos_lock`` (a mark waits for this, so a mark written after a
         failure is never undone by a clear that was still on its way). A hook that fails
         leaves the marks in place: the safe direction, the peer stays OutOfSync for the
-        operator until the next sync clears them."""
+        operator until ``_record_in_sync_later`` succeeds. Returns whether all succeeded."""
         for hook in self.in_sync_hooks:
             try:
                 async with asyncio.timeout(IN_SYNC_HOOK_TIMEOUT_S):
                     await hook(self.state.epoch)
             except Exception as exc:
-                log.warning("the peer is in sync but that could not be recorded (%s); it stays marked", exc)
+                log.warning("the peer is in sync but that could not be recorded yet (%s); it stays marked", exc)
                 log.debug("in-sync hook traceback", exc_info=True)
+                return False
+        return True
+
+    async def _record_in_sync_later(self, link: PeerLink) -> None:
+        """Retry the in-sync hooks (every 1, 2, 4 … 30 s) while ``link`` stays in sync, under
+        the mark's lock like the first try; a new failure ends it (its mark stands)."""
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            async with self._oos_lock:
+                if link is not self.link or link.gate.failed.is_set() or link.syncing or self._peer_marked:
+                    return
+                if await self._run_in_sync_hooks():
+                    log.info("the peer's being in sync is recorded now")
+                    return
+            delay = min(30.0, delay * 2)
 
     # ------------------------------------------------------------------ status
 
