@@ -1161,8 +1161,9 @@ class Replica:
         )
 
     def _after_drop(self, link: PeerLink, reason: str) -> None:
-        """The peer was dropped and its link has left the quorum: count it, and schedule
-        the next automatic attempt (or say that there will be none)."""
+        """The peer was dropped (caller holds the lock, and detaches the failed link before it
+        lets go of it): count the drop, and schedule the next automatic attempt — which takes
+        the same lock — or say that there will be none."""
         in_sync_for = None if self._in_sync_at is None else time.monotonic() - self._in_sync_at
         self._in_sync_at = None
         self._reprotect_failures = rs.failures_after_drop(self._reprotect_failures, in_sync_for)
@@ -1195,8 +1196,8 @@ class Replica:
     async def _reprotect(self, delay: float) -> None:
         """One automatic attempt: the same peer, the same epochs, ``sync: auto`` — a bitmap
         resync where the record allows (R1-R3), else a full copy, with the reason. The failed
-        link is gone before this runs (``_on_link_down`` detached it first), and the new one
-        joins the quorum with reads refused until the peer is declared in sync (R2)."""
+        link is gone before this runs (``_on_link_down`` holds the lock until it is detached),
+        and the new one joins the quorum with reads refused until the peer is in sync (R2)."""
         await asyncio.sleep(delay)
         async with self.lock:
             if self._reprotect_task is not asyncio.current_task():
@@ -1221,6 +1222,7 @@ class Replica:
                 await hook(self.state.epoch)
             await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity)
         except Exception as exc:  # a refused or unreachable peer, a hook that failed
+            log.warning("automatic re-protection of peer %s failed: %s", self.state.peer, exc)
             log.debug("automatic re-protection traceback", exc_info=True)
             # replication.error keeps why the peer was dropped; reprotect.lastError says this
             self.replication = "degraded"
