@@ -3,7 +3,7 @@ secondary's pod dies, its replacement lands on the same node and data dir, and t
 operator asks the primary for ``sync: "auto"`` naming that disk; the primary copies only
 what the secondary missed. A failover to it afterwards keeps every acknowledged write.
 A secondary that stays reachable while its link fails is re-protected by the primary on
-its own (docs/correctness.md R4), and the volume shows it."""
+its own (docs/correctness.md R5), and the volume shows it."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ async def test_a_secondary_back_on_its_node_gets_only_what_it_missed(stack: Stac
     assert rep["lastSync"]["kind"] == "bitmap", rep
     assert rep["lastSync"]["copiedBytes"] < 16 * MiB, rep["lastSync"]  # of a 64 MiB volume
     # the replacement restores the secondary role of its data dir (same disk, same epoch), so
-    # the primary may reach it by its own automatic re-protection (R4) before the operator
+    # the primary may reach it by its own automatic re-protection (R5) before the operator
     # asks for "auto"; either way the resync is a bitmap one, and announced
     events = [e["message"] for e in await stack.events(name) if e["reason"] == "ResyncCompleted"]
     assert any(m.startswith("bitmap resync") for m in events), events

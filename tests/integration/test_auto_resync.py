@@ -1,4 +1,4 @@
-"""Automatic re-protection of a peer that is still reachable (issue 10, docs/correctness.md R4).
+"""Automatic re-protection of a peer that is still reachable (issue 10, docs/correctness.md R5).
 
 Real agents and daemons. The link to a secondary that keeps running fails (the primary's
 link daemon dies: every request in flight fails, as after a reset connection); the primary
@@ -134,7 +134,7 @@ async def test_a_peer_that_cannot_be_reached_is_retried_with_backoff_and_resynce
 
 
 async def test_under_a_lease_the_resync_is_recorded_before_it_copies_and_cleared_once_in_sync(tmp_path: Path) -> None:
-    """The order R4 rests on, seen from the hooks the Lease is wired to: the out-of-sync mark,
+    """The order R5 rests on, seen from the hooks the Lease is wired to: the out-of-sync mark,
     then the resync mark while the peer is not attached yet (before any byte is copied), then
     the clear only once the state says the peer is in sync; a clear that fails is retried
     while the peer stays in sync. A pairing made without the peer's disk identity gets a

@@ -642,7 +642,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
         "a lost disk next to a state is not recreated empty",
     ),
-    # ------------------------------------------------------------------ automatic re-protection (R4)
+    # ------------------------------------------------------------------ automatic re-protection (R5)
     Mutation(
         "replica.dropped-peer-is-re-protected", REPLICA,
         "            self._after_drop(link, reason)\n",

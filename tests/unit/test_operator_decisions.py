@@ -276,7 +276,7 @@ def test_a_resync_that_ran_between_two_observations_is_still_announced_at_its_en
 
 
 def test_the_operator_leaves_a_dropped_reachable_peer_to_the_primary_while_it_re_protects_it() -> None:
-    """R4: the primary re-pairs with its peer on its own (bounded); the operator neither
+    """R5: the primary re-pairs with its peer on its own (bounded); the operator neither
     replaces the secondary nor re-pairs over it meanwhile. Once the primary gives up, the
     operator re-pairs with a new epoch."""
     w = replicating(lease=LeaseView("vol-1-a", 1, 3.0, out_of_sync_epoch=3))

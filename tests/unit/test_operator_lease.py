@@ -119,7 +119,7 @@ async def test_out_of_sync_mark_is_stored_on_the_lease() -> None:
 
 
 async def test_an_automatic_resync_is_marked_before_it_copies_and_both_marks_go_once_in_sync() -> None:
-    """docs/correctness.md R4: the resync mark is stored next to the out-of-sync mark, and
+    """docs/correctness.md R5: the resync mark is stored next to the out-of-sync mark, and
     one patch removes both once the peer is in sync; without the Lease neither is written."""
     async with LocalCluster(nodes=0) as cluster:
         k = keeper(cluster, "pod-a", Lost())

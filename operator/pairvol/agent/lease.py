@@ -103,7 +103,7 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
 
     replica.out_of_sync_hooks.append(mark)
 
-    # Automatic re-protection (docs/correctness.md R4): the resync mark is on the Lease before
+    # Automatic re-protection (docs/correctness.md R5): the resync mark is on the Lease before
     # the agent copies a byte to its peer on its own, and both marks go once the peer is in
     # sync. The replica runs the clear under the same lock as ``mark``, so a mark written after
     # a new failure is never removed by a clear that was on its way.

@@ -21,7 +21,7 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
   the quorum started before the peer can miss a write, recorded against the identity of
   the peer's disk, saved across a clean stop, and copied by a backup job above the quorum
   only to a secondary that answers to that identity; otherwise a full sync, with the reason;
-* automatic re-protection (docs/correctness.md R4) = a peer dropped while the replica serves
+* automatic re-protection (docs/correctness.md R5) = a peer dropped while the replica serves
   is re-paired by the primary on its own, at the same epoch, with ``auto``: after the failed
   link left the quorum, a bounded number of times with growing delays (``_reprotect``).
 
@@ -184,7 +184,7 @@ class Replica:
         self._bitmap_present = False  # the tracking bitmap exists in this daemon
         self._bitmap_to_load = False  # open(): a clean stop saved it, load it into the new daemon
         self.last_sync: dict[str, Any] | None = None
-        # automatic re-protection (R4): the current pairing, and what the attempts did
+        # automatic re-protection (R5): the current pairing, and what the attempts did
         self.before_resync_hooks: list[Hook] = []  # e.g. record on the Lease that the peer is rewritten
         self.in_sync_hooks: list[Hook] = []  # e.g. clear the Lease's marks once the peer is in sync
         self._pairing: tuple[tuple[str, int], int] | None = None  # (peer, its epoch)
@@ -1086,7 +1086,7 @@ class Replica:
                 return
             self.link = None
             self.replication, self.peer_error = "degraded", reason
-            # R4: the next attempt is announced now (the operator leaves the peer to it), but
+            # R5: the next attempt is announced now (the operator leaves the peer to it), but
             # it runs under this lock, so only after the failed link has left the quorum
             self._after_drop(link, reason)
             self._observe()
@@ -1145,7 +1145,7 @@ class Replica:
             log.error("I/O error: %s", event.get("data"))
 
     # ------------------------------------------------------------------ automatic re-protection
-    # docs/correctness.md R4. The decision (whether, and after how long) is pure, in
+    # docs/correctness.md R5. The decision (whether, and after how long) is pure, in
     # agent/resync.py; the steps are here and run under the replica lock like any command.
 
     def _reprotect_view(self) -> rs.ReprotectView:

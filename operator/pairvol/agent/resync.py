@@ -66,7 +66,7 @@ def choose(requested: str, peer_disk: str | None, record: Record) -> SyncPlan:
 #
 # A primary whose link to a peer failed while that peer may still be reachable (a reset
 # connection, a write or flush the peer answered with an error) re-pairs with the same peer
-# on its own, at the same epoch, with ``auto`` (docs/correctness.md, R4). The decision is
+# on its own, at the same epoch, with ``auto`` (docs/correctness.md, R5). The decision is
 # here, pure; the steps are in the replica (``Replica._reprotect``).
 
 # Delays before the automatic attempts after a drop, in seconds. A peer that keeps failing

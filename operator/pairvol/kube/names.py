@@ -11,7 +11,7 @@ from __future__ import annotations
 OUT_OF_SYNC_ANNOTATION = "pairvol.io/out-of-sync"
 
 #: On the primary's Lease: ``"<epoch>"`` — the primary is rewriting its secondary on its own
-#: (automatic re-protection, docs/correctness.md R4): until it is in sync again the
+#: (automatic re-protection, docs/correctness.md R5): until it is in sync again the
 #: secondary's disk is a partial copy, no state the volume had, and is not promoted even by
 #: hand. Set by the agent before the first byte of such a resync is copied; removed, with
 #: the out-of-sync mark, once the peer is in sync.

@@ -83,7 +83,7 @@ class AgentView:
     sync_reason: str | None = None  # why the agent chose that kind
     last_sync: Mapping[str, Any] | None = None  # replication.lastSync: the last sync that ended in sync
     # replication.reprotect.nextInSeconds is set: the primary will re-pair with its dropped
-    # peer on its own (docs/correctness.md R4); the operator leaves it to it meanwhile
+    # peer on its own (docs/correctness.md R5); the operator leaves it to it meanwhile
     reprotecting: bool = False
     serving: bool = False  # export.serving: the workload export is up
     disk_id: str | None = None  # disk.id: the identity of a secondary's disk content
@@ -689,7 +689,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
             world, st.with_(epoch=epoch, phase=Phase.DEGRADED, message=f"starting secondary {sec.pod}"), actions, False
         )
     if pa.peer == peer and pa.replication_state == "degraded" and pa.reprotecting:
-        # R4: the primary re-pairs with this peer on its own, bounded; a re-pair from here
+        # R5: the primary re-pairs with this peer on its own, bounded; a re-pair from here
         # would only interrupt it. Once it gives up, the operator re-pairs with a new epoch.
         st = st.with_(phase=Phase.DEGRADED, message=f"primary re-protecting {sec.pod} on its own")
         return _finish(world, st, actions, False)
@@ -707,7 +707,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
 
     # replicating or syncing to the current secondary
     if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= st.epoch and sec.synced:
-        # the primary rewrites it on its own (R4): a partial copy until it is in sync (H8)
+        # the primary rewrites it on its own (R5): a partial copy until it is in sync (H8)
         sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)
         st = st.with_(secondary=sec)
     if pa.replication_state == "syncing":
