@@ -315,11 +315,12 @@ def test_network_policy_defaults(tmp_path: Path) -> None:
     assert allowed(policies, "storage", AGENT_A2, 7801)
     assert not allowed(policies, "storage", WORKLOAD, 7801)
     assert not allowed(policies, "other", AGENT_A2, 7801)
-    # API: only the operator of this release
+    # API: the operator of this release, and peer agents (a checksum resync's digests)
     assert allowed(policies, "storage", OPERATOR, 7800)
+    assert allowed(policies, "storage", AGENT_A2, 7800)
     assert not allowed(policies, "storage", WORKLOAD, 7800)
-    assert not allowed(policies, "storage", AGENT_A2, 7800)
     assert not allowed(policies, "other", OPERATOR, 7800)
+    assert not allowed(policies, "other", AGENT_A2, 7800)
     # export: any pod of the namespace, nobody outside
     assert allowed(policies, "storage", WORKLOAD, 7802)
     assert not allowed(policies, "other", WORKLOAD, 7802)
@@ -351,6 +352,9 @@ def test_per_volume_replication_leaves_the_replication_port_to_the_operator(tmp_
     peer = {**AGENT_A2, "pairvol.io/volume": "basic"}
     other_volume = {**AGENT_A2, "pairvol.io/volume": "other"}
     kw: dict[str, Any] = {"dst_ns": "storage", "dst_pod": basic, "src_ns": "storage", "port": 7801}
+    assert ingress_allowed([*policies, example], src_pod=peer, **kw)
+    assert not ingress_allowed([*policies, example], src_pod=other_volume, **kw)
+    kw["port"] = 7800  # the API: a checksum resync's digests
     assert ingress_allowed([*policies, example], src_pod=peer, **kw)
     assert not ingress_allowed([*policies, example], src_pod=other_volume, **kw)
 

@@ -651,9 +651,23 @@ def test_the_same_secondary_disk_coming_back_is_resynced_with_auto() -> None:
     dropped = replace(PRIMARY_AGENT, replication_state="degraded", tracked_disk=DISK)
     back = replace(SECONDARY_AGENT, disk_id=DISK)
     p = plan(replicating(agents={"vol-1-a": replace(dropped, peer="10.0.0.9:7801"), "vol-1-b": back}))
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, DISK) in p.actions
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, DISK, "10.0.0.2:7800") in p.actions
     assert p.status.secondary is not None and p.status.secondary.out_of_sync  # as for a full sync
-    assert any(isinstance(a, Event) and "incremental resync" in a.message for a in p.actions)
+    assert any(isinstance(a, Event) and "the primary copies what differs" in a.message for a in p.actions)
+
+
+def test_a_secondary_disk_the_primary_has_no_record_of_is_left_to_the_agent_to_compare() -> None:
+    """The old primary rejoining after a failover: the new primary has no record of its disk,
+    but the disk holds the volume. The operator asks for ``auto`` with the peer's API, so the
+    agent may compare checksums (R4) instead of copying everything; only a secondary that
+    names no disk gets ``full``."""
+    dropped = replace(PRIMARY_AGENT, replication_state="none", peer=None, tracked_disk=None)
+    rejoined = replace(SECONDARY_AGENT, disk_id=DISK)
+    p = plan(replicating(agents={"vol-1-a": dropped, "vol-1-b": rejoined}))
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, DISK, "10.0.0.2:7800") in p.actions
+    p = plan(replicating(agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
+    starts = [a for a in p.actions if isinstance(a, StartPrimary)]
+    assert starts and starts[0].sync == "full"
 
 
 def test_the_first_full_sync_names_the_secondarys_disk_so_the_primary_records_it() -> None:
@@ -673,10 +687,15 @@ def test_the_first_full_sync_names_the_secondarys_disk_so_the_primary_records_it
 @pytest.mark.parametrize(
     ("tracked", "disk"), [(None, DISK), (DISK, None), (DISK, "d" * 32), (None, None)]
 )
-def test_any_other_secondary_disk_is_synced_in_full(tracked: str | None, disk: str | None) -> None:
+def test_a_secondary_that_names_its_disk_is_left_to_the_agent_and_one_that_does_not_is_synced_in_full(
+    tracked: str | None, disk: str | None
+) -> None:
     primary = replace(PRIMARY_AGENT, peer="10.0.0.9:7801", tracked_disk=tracked)
     p = plan(replicating(agents={"vol-1-a": primary, "vol-1-b": replace(SECONDARY_AGENT, disk_id=disk)}))
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, disk) in p.actions
+    if disk is None:
+        assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, None) in p.actions
+    else:
+        assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, disk, "10.0.0.2:7800") in p.actions
 
 
 def test_the_agents_report_their_disk_identities() -> None:

@@ -207,7 +207,7 @@ def test_chart_settings_for_agent_pods_are_applied() -> None:
     assert pod["spec"]["serviceAccountName"] == "pairvol-agent"
 
 
-def test_per_volume_network_policy_admits_only_the_volumes_agents_on_the_replication_port() -> None:
+def test_per_volume_network_policy_admits_only_the_volumes_agents_on_the_replication_and_api_ports() -> None:
     assert OperatorConfig.from_env({"PAIRVOL_PER_VOLUME_NETWORK_POLICY": "true"}).per_volume_network_policy
     assert not OperatorConfig.from_env({}).per_volume_network_policy
     pol = network_policy_manifest("vol", "ns", OWNER)
@@ -215,5 +215,9 @@ def test_per_volume_network_policy_admits_only_the_volumes_agents_on_the_replica
     agents = {"app.kubernetes.io/name": "pairvol-agent", "pairvol.io/volume": "vol"}
     assert pol["spec"]["podSelector"]["matchLabels"] == agents
     assert pol["spec"]["ingress"] == [
-        {"from": [{"podSelector": {"matchLabels": agents}}], "ports": [{"port": 7801, "protocol": "TCP"}]}
+        {
+            "from": [{"podSelector": {"matchLabels": agents}}],
+            # the link, and the API a checksum resync asks the peer's digests on
+            "ports": [{"port": 7801, "protocol": "TCP"}, {"port": 7800, "protocol": "TCP"}],
+        }
     ]

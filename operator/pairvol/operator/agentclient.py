@@ -101,12 +101,15 @@ class AgentClient:
         sync: str,
         peer_epoch: int | None = None,
         peer_disk: str | None = None,
+        peer_api: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"epoch": epoch, "peer": peer, "sync": sync}
         if peer_epoch is not None:
             body["peerEpoch"] = peer_epoch
         if peer_disk is not None:
             body["peerDisk"] = peer_disk
+        if peer_api is not None:
+            body["peerApi"] = peer_api
         return await self._call(address, "POST", "/v1/primary", token, body, timeout_s=self.long_timeout_s)
 
     async def checkpoint(self, address: str, token: str) -> dict[str, Any]:

@@ -217,6 +217,7 @@ class StartPrimary:
     sync: str  # "none" | "full" | "auto"
     peer_epoch: int | None = None  # the epoch the peer runs as secondary (its export's name)
     peer_disk: str | None = None  # the identity of the peer's disk, as its agent reports it
+    peer_api: str | None = None  # the peer agent's API: where a checksum resync asks for digests
 
 
 @dataclass(frozen=True)
@@ -728,8 +729,9 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
         request = resync_request(pa, sa)
-        actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, request, sa.epoch, sa.disk_id))
-        what = "incremental resync" if request == "auto" else "full sync"
+        peer_api = f"{spod.ip}:{API_PORT}" if request == "auto" else None  # a full copy asks it nothing
+        actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, request, sa.epoch, sa.disk_id, peer_api))
+        what = "resync (the primary copies what differs)" if request == "auto" else "full sync"
         actions.append(
             Event("Normal", "Resync", f"{what} {prim.pod} on {prim.node} -> {sec.pod} on {sec.node} (epoch {epoch})")
         )
@@ -874,13 +876,15 @@ def resync_completed_message(last: Mapping[str, Any], prim: Replica, sec: Replic
 
 
 def resync_request(primary: AgentView, secondary: AgentView) -> str:
-    """``auto`` when the secondary's disk is the one the primary tracks what it missed for
-    (the same node and data dir, restarted or reconnected): the agent then copies only
-    that. Otherwise ``full``. The secondary checks the identity itself (it answers only to
-    the export name that carries it), so a stale view here costs a full copy, nothing else."""
-    if secondary.disk_id is not None and secondary.disk_id == primary.tracked_disk:
-        return "auto"
-    return "full"
+    """``auto`` whenever the secondary names its disk: the primary's agent then chooses
+    (docs/correctness.md, R1 to R4): a bitmap resync when it has a record of that very disk
+    (the same node and data dir, restarted or reconnected), a checksum resync when it has
+    none but the disk holds the volume's size of data (the old primary rejoining after a
+    failover), else a full copy with the reason. Without a disk identity, ``full``. The
+    secondary checks the identity itself (it answers only to the export name that carries
+    it), so a stale view here costs a full copy, nothing else."""
+    del primary
+    return "auto" if secondary.disk_id is not None else "full"
 
 
 def _place_secondary(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:

@@ -475,11 +475,18 @@ class Reconciler:
                     self.background(kind, c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch))
                     return
                 case d.StartPrimary(
-                    address=ip, epoch=epoch, peer=peer, sync=sync, peer_epoch=peer_epoch, peer_disk=peer_disk
+                    address=ip,
+                    epoch=epoch,
+                    peer=peer,
+                    sync=sync,
+                    peer_epoch=peer_epoch,
+                    peer_disk=peer_disk,
+                    peer_api=peer_api,
                 ):
-                    self.background(
-                        kind, c.agents.primary(f"{ip}:{d.API_PORT}", token, epoch, peer, sync, peer_epoch, peer_disk)
+                    call = c.agents.primary(
+                        f"{ip}:{d.API_PORT}", token, epoch, peer, sync, peer_epoch, peer_disk, peer_api
                     )
+                    self.background(kind, call)
                     return
                 case d.Checkpoint(address=ip):
                     try:

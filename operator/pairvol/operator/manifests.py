@@ -277,7 +277,8 @@ def network_policy_manifest(volume: str, namespace: str, owner: Mapping[str, Any
             "ingress": [
                 {
                     "from": [{"podSelector": {"matchLabels": agents}}],
-                    "ports": [{"port": REPLICATION_PORT, "protocol": "TCP"}],
+                    # the link, and the API for a checksum resync's digests (token-guarded)
+                    "ports": [{"port": REPLICATION_PORT, "protocol": "TCP"}, {"port": API_PORT, "protocol": "TCP"}],
                 }
             ],
         },
