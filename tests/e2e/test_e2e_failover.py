@@ -205,6 +205,11 @@ async def test_primary_pod_killed_fails_over_within_rto_with_data_verified(
 
     st = await stack.wait_phase(name, "Replicating", within=150)
     assert st["secondary"]["pod"] != old["pod"], "re-protected with a fresh secondary"
+    print(f"re-protected on {st['secondary']['node']} (old primary on {old['node']}): {st.get('lastSync')}")
+    if st["secondary"]["node"] == old["node"]:
+        # the old primary's disk rejoins with no record of what it lacks: the agents compare
+        # checksums and copy only what differs (docs/correctness.md R4), not the whole volume
+        assert (st.get("lastSync") or {}).get("kind") == "checksum", st.get("lastSync")
 
 
 async def _at_least(writer: Writer, n: int) -> bool:
