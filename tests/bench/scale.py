@@ -547,11 +547,13 @@ async def _main(args: argparse.Namespace) -> int:
         "PAIRVOL_LEASE_MARGIN": f"{defaults.lease_margin_s:g}",
         "PAIRVOL_RECONCILE_INTERVAL": f"{defaults.reconcile_interval_s:g}",
     }
+    lease = args.lease_duration or defaults.lease_duration_s
     say(f"local cluster: {args.nodes} + 1 nodes, operator with its defaults "
-        f"(lease {defaults.lease_duration_s:g} s, reconcile every {defaults.reconcile_interval_s:g} s)")  # fmt: skip
+        f"(lease {lease:g} s{'' if args.lease_duration is None else ' (--lease-duration)'}, "
+        f"reconcile every {defaults.reconcile_interval_s:g} s)")  # fmt: skip
     async with Stack.up(
         args.nodes + 1,
-        lease_duration=defaults.lease_duration_s,
+        lease_duration=lease,
         operator_env=env,
         node_monitor_grace=args.node_grace,
         operator_pod=deployment["spec"]["template"],
@@ -578,6 +580,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node-grace", type=float, default=5.0, help="node monitor grace (NotReady after)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for any one step")
     p.add_argument("--probe-concurrency", type=int, default=4)
+    p.add_argument("--lease-duration", type=float, default=None,
+                   help="the operator's PAIRVOL_LEASE_DURATION instead of its default (the agents renew every third)")
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
