@@ -962,6 +962,20 @@ def lease_needs_fresh_read(world: World) -> bool:
     return failover_blocker(replace(world, lease=None), world.spec, st, manual) is None
 
 
+def agents_to_ask(status: VolumeStatus) -> list[str]:
+    """The replica pods whose agents a tick asks for their status (one HTTP call each; an
+    agent that does not answer costs the tick the call's whole timeout).
+
+    While a failover runs, the planner judges only the target and the pods
+    (``_resume_failover``); the old primary's answer decides nothing, and its node is
+    usually dead. Asking it anyway made the tick that sees the target serving wait a
+    timeout before the failover was recorded as done, on every volume of a failed node.
+    """
+    if status.failing_over:
+        return [status.secondary.pod] if status.secondary is not None else []
+    return [r.pod for r in (status.primary, status.secondary) if r is not None]
+
+
 def pods_not_yet_seen(created: Iterable[str], cached: Container[str]) -> set[str]:
     """Pods this operator created that the cache does not show yet.
 

@@ -337,7 +337,7 @@ class Reconciler:
                     placement[node] = placement.get(node, 0) + 1
         agents: dict[str, d.AgentView | None] = {}
         token = await self._token() if not isinstance(spec, SpecError) else None
-        targets = [r.pod for r in (status.primary, status.secondary) if r is not None]
+        targets = d.agents_to_ask(status)
 
         async def one(pod_name: str) -> None:
             pod = pods.get(pod_name)
