@@ -376,7 +376,8 @@ class LeaseKeeper:
             await self.on_lost()
 
     async def run(self, *, healthy: HealthCheck, alarm: asyncio.Event | None = None) -> str | None:
-        """Renew every duration/3, each time only after ``healthy`` said so, until cancelled.
+        """Renew every duration/3 (counted from the sending of the last renewal), each time
+        only after ``healthy`` said so, until cancelled.
 
         Returns None once the Lease is lost (``on_lost()`` has run), or the reason when the
         data path was found unhealthy: renewing has then stopped for good (the caller fences
@@ -400,7 +401,11 @@ class LeaseKeeper:
                 continue
             try:
                 await self._renew(healthy)
-                next_at = time.monotonic() + period
+                # the period counts from when the renewal was sent, like the validity: a slow
+                # answer does not push the next renewal towards the end of the validity (but
+                # half a period passes after each answer: a slow API server is not pressed harder)
+                sent = self._valid_until - (self.duration_s - self.safety_s)
+                next_at = max(sent + period, time.monotonic() + period / 2)
             except Unhealthy as exc:
                 log.error("lease %s/%s no longer renewed by %s: %s", self.namespace, self.name, self.holder, exc)
                 return str(exc)
