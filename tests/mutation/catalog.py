@@ -64,8 +64,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gate.error-reply-is-not-forwarded", GATE,
-        "            if error:\n                what = _COMMANDS",
-        "            if False:\n                what = _COMMANDS",
+        "            if error:\n                if req.cmd == nbd.CMD_FLUSH:",
+        "            if False:\n                if req.cmd == nbd.CMD_FLUSH:",
         (f"{T_GATE}::test_an_error_reply_fails_the_gate_and_is_not_forwarded",
          f"{T_LINK}::test_a_write_the_secondary_refuses_is_acknowledged_only_after_the_mark_is_durable"),
         "an error reply from the peer closes the gate instead of reaching the quorum",
@@ -79,8 +79,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "gate.reads-refused-while-syncing", GATE,
-        "            if gate.released or (cmd == nbd.CMD_READ and not gate.serve_reads):\n",
-        "            if gate.released:\n",
+        "            local = gate.released or (cmd == nbd.CMD_READ and not gate.serve_reads)\n",
+        "            local = gate.released\n",
         (f"{T_GATE}::test_reads_are_refused_while_the_peer_is_incomplete",),
         "a peer that is being synced never serves a read",
     ),
@@ -94,7 +94,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "recipes.link-never-reconnects", RECIPES,
+        '        "server": {"type": "inet", "host": host, "port": str(port)},\n        "export": export,\n'
         '        "reconnect-delay": 0,\n',
+        '        "server": {"type": "inet", "host": host, "port": str(port)},\n        "export": export,\n'
         '        "reconnect-delay": 5,\n',
         ("tests/unit/test_agent_logic.py::TestRecipes",
          f"{T_LINK}::test_a_frozen_old_primary_resumed_after_its_peer_address_was_reused_writes_nothing_there"),
@@ -103,8 +105,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ bitmap resync (R1-R3)
     Mutation(
         "peerlink.bitmap-before-release", PEERLINK,
-        "        await self._track(reason)\n",
-        "        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self._track(reason)))\n",
+        "        await self._track(reason, self.gate.flush_failed)\n",
+        "        asyncio.get_running_loop().call_later(\n"
+        "            0.2, lambda: asyncio.ensure_future(self._track(reason, self.gate.flush_failed))\n"
+        "        )\n",
         (f"{T_RESYNC}::test_writes_in_flight_when_the_peer_dies_are_tracked",),
         "the dirty bitmap exists before a held write is completed without the peer",
     ),
@@ -412,8 +416,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "decisions.resync-clears-synced", DECISIONS,
-        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)\n",
-        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=sec.synced)\n",
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)\n"
+        "        st = st.with_(epoch=epoch,",
+        "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=sec.synced)\n"
+        "        st = st.with_(epoch=epoch,",
         T_DECISIONS, "a full sync makes the secondary a partial copy until the pair is in sync again",
     ),
     Mutation(

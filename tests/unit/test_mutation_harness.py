@@ -103,3 +103,13 @@ def test_a_listed_survivor_counts_as_equivalent_and_an_entry_that_explains_nothi
     assert {c: row.get(c) for c in ("mutants", KILLED, MYPY, SURVIVED, "equivalent")} == {
         "mutants": 4, KILLED: 1, MYPY: 1, SURVIVED: 1, "equivalent": 1}
     assert killed_pct(row) == 50.0
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.id for m in MUTATIONS])
+def test_every_catalogued_guard_is_still_where_the_catalog_says(mutation: Mutation) -> None:
+    """A guard line that moved or was duplicated by a later change makes its mutation stale,
+    and ``make mutate`` would only say so when it runs: the suite says it at once."""
+    root = Path(__file__).resolve().parents[2]
+    assert (root / mutation.path).read_text().count(mutation.snippet) == 1, (
+        f"{mutation.id}: its snippet is not found exactly once in {mutation.path}; update the catalog"
+    )
