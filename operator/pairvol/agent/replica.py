@@ -395,11 +395,7 @@ class Replica:
                 await self._start_bitmap()
                 await self.qsd.execute(
                     "block-dirty-bitmap-merge",
-                    {
-                        "node": r.QUORUM_NODE,
-                        "target": r.TRACK_BITMAP,
-                        "bitmaps": [{"node": r.BITMAP_CARRIER_NODE, "name": r.TRACK_BITMAP}],
-                    },
+                    r.bitmap_merge(r.QUORUM_NODE, r.TRACK_BITMAP, r.BITMAP_CARRIER_NODE, r.TRACK_BITMAP),
                 )
             finally:
                 with contextlib.suppress(QemuError):
@@ -437,11 +433,7 @@ class Replica:
                     )
                     await self.qsd.execute(
                         "block-dirty-bitmap-merge",
-                        {
-                            "node": r.BITMAP_CARRIER_NODE,
-                            "target": r.TRACK_BITMAP,
-                            "bitmaps": [{"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP}],
-                        },
+                        r.bitmap_merge(r.BITMAP_CARRIER_NODE, r.TRACK_BITMAP, r.QUORUM_NODE, r.TRACK_BITMAP),
                     )
                     await self.qsd.execute("blockdev-del", {"node-name": r.BITMAP_CARRIER_NODE})  # writes it
             await asyncio.to_thread(fsync_paths, [path, self.data_dir])
@@ -1095,11 +1087,7 @@ class Replica:
             )
             await self.qsd.execute(
                 "block-dirty-bitmap-merge",
-                {
-                    "node": r.DISK_NODE,
-                    "target": r.CARRIED_BITMAP,
-                    "bitmaps": [{"node": r.QUORUM_NODE, "name": r.TRACK_BITMAP}],
-                },
+                r.bitmap_merge(r.DISK_NODE, r.CARRIED_BITMAP, r.QUORUM_NODE, r.TRACK_BITMAP),
             )
         except QemuError as exc:
             await self._forget_record(f"the dirty bitmap could not be kept across the grow ({exc})")
@@ -1111,11 +1099,7 @@ class Replica:
             await self._start_bitmap()
             await self.qsd.execute(
                 "block-dirty-bitmap-merge",
-                {
-                    "node": r.QUORUM_NODE,
-                    "target": r.TRACK_BITMAP,
-                    "bitmaps": [{"node": r.DISK_NODE, "name": r.CARRIED_BITMAP}],
-                },
+                r.bitmap_merge(r.QUORUM_NODE, r.TRACK_BITMAP, r.DISK_NODE, r.CARRIED_BITMAP),
             )
         except QemuError as exc:
             await self._forget_record(f"the dirty bitmap could not be restored after the grow ({exc})")
@@ -1417,11 +1401,7 @@ class Replica:
             try:
                 await self.qsd.execute(
                     "block-dirty-bitmap-merge",
-                    {
-                        "node": r.QUORUM_NODE,
-                        "target": r.TRACK_BITMAP,
-                        "bitmaps": [{"node": MARKS_NODE, "name": cs.MARKS_BITMAP}],
-                    },
+                    r.bitmap_merge(r.QUORUM_NODE, r.TRACK_BITMAP, MARKS_NODE, cs.MARKS_BITMAP),
                 )
             finally:
                 with contextlib.suppress(QemuError):

@@ -237,6 +237,12 @@ def bitmap_carrier(path: Path, read_only: bool) -> QMPArgs:
     }
 
 
+def bitmap_merge(node: str, target: str, source_node: str, source: str) -> QMPArgs:
+    """block-dirty-bitmap-merge: the bits of ``source`` on ``source_node`` are added to
+    ``target`` on ``node`` (moving the tracking bitmap between nodes keeps every bit)."""
+    return {"node": node, "target": target, "bitmaps": [{"node": source_node, "name": source}]}
+
+
 def track_bitmap() -> QMPArgs:
     """The primary's record of what its peer may lack: a dirty bitmap on the quorum node.
     A write sets its bits when the quorum completes it, i.e. after both children answered,
