@@ -363,7 +363,11 @@ async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_n
         if crash_at.startswith("resync."):
             with contextlib.suppress(Exception):  # resync.started: the primary dies before it answers
                 await make_primary(primary, 4, secondary, "auto", 1, ident)
-        assert await primary.wait_exit() == -9, primary.log_tail()
+        try:
+            code = await asyncio.wait_for(primary.wait_exit(), 60)
+        except TimeoutError:
+            raise AssertionError(f"the primary never reached {crash_at}:\n{primary.log_tail(80)}") from None
+        assert code == -9, primary.log_tail()
         await primary.start()
         st = await primary.status()
         assert "restarted" in st["replication"]["resync"]["fullReason"]
