@@ -708,12 +708,17 @@ class Replica:
             # nbd-server-stop wait for ever in QEMU 7.2), then the export goes
             sock = self.cfg.export_socket
             await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
-            for export in (r.WORKLOAD_EXPORT, r.LINEAGE_EXPORT):
-                with contextlib.suppress(QemuError):
-                    await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
+            with contextlib.suppress(QemuError):
+                await self.qsd.execute("block-export-del", {"id": r.WORKLOAD_EXPORT, "mode": "hard"})
             self.last_error = reason
         self.serving = False
         self.fenced.set()
+        # The lineage name is served to remote clients only through the relay, killed above.
+        # It goes after the fence: an export without a request in flight is removed at once,
+        # and its removal drains the quorum, which waits for the writes the gate holds until
+        # this fence (before it, the daemon's main loop would wait for ever).
+        with contextlib.suppress(QemuError):
+            await self.qsd.execute("block-export-del", {"id": r.LINEAGE_EXPORT, "mode": "hard"})
         with contextlib.suppress(QemuError):
             await self.qsd.execute("nbd-server-stop")
 
