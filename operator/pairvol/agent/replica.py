@@ -1548,7 +1548,7 @@ class Replica:
             and not self.fenced.is_set()
             and st.role is Role.PRIMARY
             and st.stage is Stage.RUNNING,
-            peer_configured=self._pairing is not None,
+            peer_configured=self._pairing is not None and self.cfg.auto_reprotect,
             attached=self.link is not None,
             failures=self._reprotect_failures,
         )
