@@ -40,22 +40,20 @@ Objects are read by list + watch and every claim and PV is also re-examined ever
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import ROUND_CEILING
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from pairvol.api.quantity import QuantityError, parse_quantity
 from pairvol.errors import PairvolError
-from pairvol.localcluster.csi_client import CsiCallError, CsiClient
+from pairvol.localcluster.csi_client import CsiCallError
 from pairvol.localcluster.kubelet_api import MERGE_PATCH, ApiError, KubeApi
 from pairvol.localcluster.kubelet_csi import ACCESS_MODES
+from pairvol.localcluster.sidecar_loop import SidecarLoop
 
 logger = logging.getLogger(__name__)
 
@@ -245,9 +243,13 @@ def claim_in_use(claim: Mapping[str, Any], pods: list[JsonDict]) -> list[str]:
 # ------------------------------------------------------------------------------- I/O
 
 
-class Provisioner:
+class Provisioner(SidecarLoop):
     """Provision, bind, protect and reclaim the claims of ``driver``'s StorageClasses,
     calling the controller plugin on ``socket``. ``async with Provisioner(...)``."""
+
+    name = "csi provisioner"
+    watched = ("/api/v1/persistentvolumeclaims", "/api/v1/persistentvolumes")
+    retryable = (ProvisionError, StillInUse, CsiCallError, ApiError)
 
     def __init__(
         self,
@@ -261,66 +263,20 @@ class Provisioner:
         timeout: float = 30.0,
         in_use: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
-        self.api = api
+        super().__init__(
+            api, socket, resync=resync, backoff_base=backoff_base, backoff_cap=backoff_cap, timeout=timeout
+        )
         self.driver = driver
         self.socket = socket
-        self.resync = resync
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.timeout = timeout
         # the nodes that still have a volume handle staged: DeleteVolume waits for none
         self.in_use = in_use or (lambda handle: ())
-        self._tasks: list[asyncio.Task[None]] = []
-        self._busy: dict[str, asyncio.Task[None]] = {}  # claim uid / pv name -> operation
-        self._not_before: dict[str, float] = {}  # back-off: next attempt after (monotonic)
-        self._failures: dict[str, int] = {}
-        self._wake = asyncio.Event()
-        self._client = CsiClient(socket, timeout=timeout)
 
-    async def __aenter__(self) -> Provisioner:
-        await self._client.__aenter__()
-        self._tasks = [
-            asyncio.create_task(self._loop(), name="csi-provisioner"),
-            asyncio.create_task(self._watch("/api/v1/persistentvolumeclaims"), name="csi-provisioner-pvc-watch"),
-            asyncio.create_task(self._watch("/api/v1/persistentvolumes"), name="csi-provisioner-pv-watch"),
-        ]
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        tasks = [*self._tasks, *self._busy.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        await self._client.close()
-
-    async def _watch(self, path: str) -> None:
-        """Wake the loop on every change (the loop reads the current state itself)."""
-        while True:
-            try:
-                _, version = await self.api.list_all(path)
-                async for _event in self.api.watch(path, version):
-                    self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except ApiError as exc:
-                logger.info("watch %s ended (%s); again", path, exc)
-            await asyncio.sleep(0.5)
-
-    async def _loop(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.sync_once()
-            except asyncio.CancelledError:
-                raise
-            except ApiError as exc:
-                logger.warning("csi provisioner: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.resync)
+    def retry_delay(self, exc: BaseException, failures: int) -> float:
+        """A volume still staged somewhere, or a call the plugin calls transient, is tried
+        again on the usual schedule; anything else waits at least 5 s."""
+        delay = super().retry_delay(exc, failures)
+        transient = isinstance(exc, StillInUse) or (isinstance(exc, CsiCallError) and exc.transient)
+        return delay if transient else max(delay, 5.0)
 
     async def sync_once(self) -> None:
         claims, _ = await self.api.list_all("/api/v1/persistentvolumeclaims")
@@ -351,33 +307,6 @@ class Provisioner:
                 await self._bind(owner, pv)  # provisioned but the binding was interrupted
             elif owner is None:
                 self._start("pv/" + pv["metadata"]["name"], self._reclaim(pv))
-
-    def _start(self, key: str, operation: Any) -> None:
-        """Run ``operation`` unless one for ``key`` runs or its back-off is not over."""
-        running = self._busy.get(key)
-        if (running is not None and not running.done()) or time.monotonic() < self._not_before.get(key, 0.0):
-            operation.close()
-            return
-        task = asyncio.create_task(self._run(key, operation))
-        self._busy[key] = task
-
-    async def _run(self, key: str, operation: Any) -> None:
-        try:
-            await operation
-            self._failures.pop(key, None)
-            self._not_before.pop(key, None)
-        except asyncio.CancelledError:
-            raise
-        except (ProvisionError, StillInUse, CsiCallError, ApiError) as exc:
-            failures = self._failures.get(key, 0) + 1
-            self._failures[key] = failures
-            delay = min(self.backoff_base * 2 ** (failures - 1), self.backoff_cap)
-            transient = isinstance(exc, StillInUse) or (isinstance(exc, CsiCallError) and exc.transient)
-            self._not_before[key] = time.monotonic() + (delay if transient else max(delay, 5.0))
-            logger.info("csi provisioner: %s failed (attempt %d, again in %.0fs): %s", key, failures, delay, exc)
-        finally:
-            self._busy.pop(key, None)
-            self._wake.set()
 
     async def _event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         meta = obj.get("metadata") or {}

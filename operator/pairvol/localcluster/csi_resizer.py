@@ -25,23 +25,22 @@ This module does what they do for one driver, in Kubernetes' order and with its 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
 from decimal import ROUND_CEILING
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from pairvol.api.quantity import QuantityError, parse_quantity
 from pairvol.errors import PairvolError
-from pairvol.localcluster.csi_client import CsiCallError, CsiClient
+from pairvol.localcluster.csi_client import CsiCallError
 from pairvol.localcluster.csi_provisioner import ProvisionError, claim_size
 from pairvol.localcluster.kubelet_api import MERGE_PATCH, ApiError, KubeApi
 from pairvol.localcluster.kubelet_csi import ACCESS_MODES, NodeVolumes
 from pairvol.localcluster.kubelet_pods import KubeletError
+from pairvol.localcluster.sidecar_loop import SidecarLoop
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +72,13 @@ def condition(kind: str, message: str = "") -> JsonDict:
     return {"type": kind, "status": "True", "lastProbeTime": None, "lastTransitionTime": now, "message": message}
 
 
-class Resizer:
+class Resizer(SidecarLoop):
     """``async with Resizer(api, driver, controller_socket, nodes)``; ``nodes()`` gives the
     kubelets' CSI volume managers by node name."""
+
+    name = "csi resizer"
+    watched = ("/api/v1/persistentvolumeclaims",)
+    retryable = (PairvolError, ApiError)
 
     def __init__(
         self,
@@ -89,62 +92,11 @@ class Resizer:
         backoff_cap: float = 30.0,
         timeout: float = 60.0,
     ) -> None:
-        self.api = api
+        super().__init__(
+            api, socket, resync=resync, backoff_base=backoff_base, backoff_cap=backoff_cap, timeout=timeout
+        )
         self.driver = driver
         self.nodes = nodes
-        self.resync = resync
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self.timeout = timeout
-        self._client = CsiClient(socket, timeout=timeout)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._busy: dict[str, asyncio.Task[None]] = {}
-        self._not_before: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
-        self._wake = asyncio.Event()
-
-    async def __aenter__(self) -> Resizer:
-        await self._client.__aenter__()
-        self._tasks = [
-            asyncio.create_task(self._loop(), name="csi-resizer"),
-            asyncio.create_task(self._watch("/api/v1/persistentvolumeclaims"), name="csi-resizer-pvc-watch"),
-        ]
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        tasks = [*self._tasks, *self._busy.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        await self._client.close()
-
-    async def _watch(self, path: str) -> None:
-        while True:
-            try:
-                _, version = await self.api.list_all(path)
-                async for _event in self.api.watch(path, version):
-                    self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except ApiError as exc:
-                logger.info("watch %s ended (%s); again", path, exc)
-            await asyncio.sleep(0.5)
-
-    async def _loop(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.sync_once()
-            except asyncio.CancelledError:
-                raise
-            except ApiError as exc:
-                logger.warning("csi resizer: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.resync)
 
     async def sync_once(self) -> None:
         claims, _ = await self.api.list_all("/api/v1/persistentvolumeclaims")
@@ -170,30 +122,6 @@ class Resizer:
                 self._start(uid, self._expand_controller(claim, pv, requested))
             elif pv_size > have:
                 self._start(uid, self._expand_node(claim, pv, pv_size))
-
-    def _start(self, key: str, operation: Any) -> None:
-        running = self._busy.get(key)
-        if (running is not None and not running.done()) or time.monotonic() < self._not_before.get(key, 0.0):
-            operation.close()
-            return
-        self._busy[key] = asyncio.create_task(self._run(key, operation))
-
-    async def _run(self, key: str, operation: Any) -> None:
-        try:
-            await operation
-            self._failures.pop(key, None)
-            self._not_before.pop(key, None)
-        except asyncio.CancelledError:
-            raise
-        except (PairvolError, ApiError) as exc:
-            failures = self._failures.get(key, 0) + 1
-            self._failures[key] = failures
-            delay = min(self.backoff_base * 2 ** (failures - 1), self.backoff_cap)
-            self._not_before[key] = time.monotonic() + delay
-            logger.info("csi resizer: %s failed (attempt %d, again in %.0fs): %s", key, failures, delay, exc)
-        finally:
-            self._busy.pop(key, None)
-            self._wake.set()
 
     # -- the external-resizer --------------------------------------------------------------
 
