@@ -64,6 +64,11 @@ def make_runner(replica: Replica, token: str | None) -> web.AppRunner:
     return web.AppRunner(make_app(replica, token), access_log=None, logger=_ProtocolLog())
 
 
+def _shown(path: str, limit: int = 120) -> str:
+    """A request path as an error message may repeat it: one short line, whatever was sent."""
+    return path if len(path) <= limit else f"{path[:limit]}… ({len(path)} characters)"
+
+
 def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
@@ -87,7 +92,7 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+            return _error(exc.status, f"{exc.reason}: {request.method} {_shown(request.path)}")
         except (v.InvalidInput, InvalidSpan) as exc:
             return _error(400, str(exc))
         except IllegalTransition as exc:
