@@ -316,12 +316,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -------------------------------------------------- kube/lease.py, agent/lease.py
     Mutation(
         "lease.renew-safety-margin", KUBE_LEASE,
-        "        new = await kube.replace(self.path, self._body(old, time.time()))\n"
-        '        self._rv = (new.get("metadata") or {}).get("resourceVersion")\n'
-        "        self._valid_until = sent + self.duration_s - self.safety_s\n",
-        "        new = await kube.replace(self.path, self._body(old, time.time()))\n"
-        '        self._rv = (new.get("metadata") or {}).get("resourceVersion")\n'
-        "        self._valid_until = sent + self.duration_s + self.safety_s\n",
+        "        self._mine = new\n        self._valid_until = sent + self.duration_s - self.safety_s\n\n"
+        "    async def _put_renewal",
+        "        self._mine = new\n        self._valid_until = sent + self.duration_s + self.safety_s\n\n"
+        "    async def _put_renewal",
         lease_tests("test_unreachable_api_server_means_lost_before_the_lease_expires"),
         "a renewed lease is given up before it expires for others",
     ),
@@ -375,6 +373,29 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        if False:\n            raise LeaseError(f\"lease {self.name} now held by",
         lease_tests("test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overwrite_it"),
         "a keeper never renews (overwrites) a lease another holder took over",
+    ),
+    Mutation(
+        "lease.renewal-on-own-version", KUBE_LEASE,
+        'return await kube.request("PUT", self.path, self._body(self._mine, time.time()), timeout_s=left())',
+        'return await kube.request("PUT", self.path, self._body({**self._mine, "metadata": {"name": self.name, '
+        '"namespace": self.namespace}}, time.time()), timeout_s=left())',
+        lease_tests("test_a_renewal_is_one_write_on_the_holders_own_version_and_keeps_what_others_wrote",
+                    "test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overwrite_it"),
+        "a renewal without a read is conditional on the holder's own last write",
+    ),
+    Mutation(
+        "lease.late-answer-is-lost", KUBE_LEASE,
+        "        if answered >= until:\n",
+        "        if False:\n",
+        lease_tests("test_a_renewal_answered_after_the_validity_ran_out_counts_as_lost"),
+        "a renewal answered after the validity ran out does not extend it",
+    ),
+    Mutation(
+        "lease.renewal-waits-at-most-the-validity", KUBE_LEASE,
+        "            return max(0.05, min(kube.timeout_s, until - time.monotonic()))\n",
+        "            return kube.timeout_s\n",
+        lease_tests("test_against_an_api_server_that_never_answers_the_lease_is_lost_when_its_validity_ends"),
+        "no renewal request waits past the validity",
     ),
     Mutation(
         "lease.fence-before-release-on-shutdown", LEASE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from pairvol.agent.health import Health
 from pairvol.agent.lease import attach_lease
-from pairvol.kube.client import KubeClient
+from pairvol.kube.client import KubeClient, KubeError
 from pairvol.kube.config import load_config
 from pairvol.kube.lease import LeaseError, LeaseKeeper, micro_time, parse_micro_time
 from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION
@@ -155,6 +156,102 @@ async def test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overw
         assert isinstance(spec, dict) and spec["holderIdentity"] == "pod-b"
         await k.release()  # not held any more: only closes the client
         assert (await read_lease(cluster))["spec"]["holderIdentity"] == "pod-b"  # type: ignore[index]
+
+
+def lease_requests(cluster: LocalCluster, verb: str) -> int:
+    """Requests on Leases with this verb the API server has served so far, from anyone."""
+    return sum(n for (_, v, resource), n in cluster.api.request_counts.items() if v == verb and resource == "leases")
+
+
+async def test_a_renewal_is_one_write_on_the_holders_own_version_and_keeps_what_others_wrote() -> None:
+    """At steady state a renewal costs the API server one request: a PUT conditional on the
+    resourceVersion of the holder's own last write. A write by someone else in between (here
+    an out-of-sync mark) makes that PUT fail with 409; only then is the Lease read, so the
+    renewal never drops what the other write stored."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=3.0)
+        await k.acquire(5)
+        task = asyncio.create_task(k.run(healthy=healthy))
+        gets, puts = lease_requests(cluster, "get"), lease_requests(cluster, "update")
+        await asyncio.sleep(2.3)  # renewed every second; nobody else asks meanwhile
+        assert lease_requests(cluster, "update") - puts >= 2
+        assert lease_requests(cluster, "get") - gets == 0
+        await k.mark_out_of_sync(7)
+        gets, puts = lease_requests(cluster, "get"), lease_requests(cluster, "update")
+        await asyncio.sleep(2.3)
+        # one 409 and one read after the mark, then one write per renewal again
+        assert lease_requests(cluster, "update") - puts >= 3
+        assert lease_requests(cluster, "get") - gets == 1
+        lease = await read_lease(cluster)
+        assert lease["metadata"]["annotations"][OUT_OF_SYNC_ANNOTATION] == "7"  # type: ignore[index]
+        assert parse_micro_time(lease["spec"]["renewTime"]) > time.time() - 1.5  # type: ignore[index,operator]
+        assert k.held and not task.done()
+        task.cancel()
+        await k.release()
+
+
+async def test_a_renewal_answered_after_the_validity_ran_out_counts_as_lost(caplog: pytest.LogCaptureFixture) -> None:
+    """The answer of a renewal that arrives once the validity it would extend has ended
+    cannot tell whether the operator saw the previous record unchanged for a whole duration
+    in between: the keeper gives the Lease up (on_lost: the agent fences) and says so, with
+    the timings, instead of carrying on as if renewed."""
+    lost = Lost()
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost, duration=3.0)
+        await k.acquire(5)
+        kube = await k._kube()
+        real = kube.request
+        late = asyncio.Event()
+
+        async def answer_late(method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+            got = await real(method, path, body, **kw)
+            if method == "PUT" and late.is_set():
+                # the answer reaches the keeper only after the validity ran out (a stalled
+                # event loop, a slow way back from the API server)
+                await asyncio.sleep(max(0.0, k._valid_until - time.monotonic()) + 0.2)
+            return got
+
+        kube.request = answer_late  # type: ignore[method-assign]
+        task = asyncio.create_task(k.run(healthy=healthy))
+        await asyncio.sleep(1.2)  # one renewal on time
+        assert k.held and lost.at is None
+        late.set()
+        with caplog.at_level(logging.WARNING, logger="pairvol.kube.lease"):
+            assert await asyncio.wait_for(task, 5) is None
+        assert lost.at is not None and not k.held
+        (line,) = [r for r in caplog.records if r.levelno == logging.WARNING and "validity had run out" in r.message]
+        assert "renewal answered" in line.message and "counted as lost" in line.message
+        await k.release()
+
+
+async def test_against_an_api_server_that_never_answers_the_lease_is_lost_when_its_validity_ends() -> None:
+    """A renewal waits for its answer at most as long as the validity has left, so a
+    black-holed API server makes the keeper give up at the end of the validity, not a
+    request timeout later (with a 6 s Lease a request may wait 2 s: a retry started 0.8 s
+    before the end would otherwise end after the Lease expired for everybody else)."""
+    lost = Lost()
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", lost, duration=6.0)
+        await k.acquire(5)
+        kube = await k._kube()
+        real = kube.request
+        black_hole = asyncio.Event()
+
+        async def unanswered(method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+            if not black_hole.is_set():
+                return await real(method, path, body, **kw)
+            timeout = kw.get("timeout_s") or kube.timeout_s
+            await asyncio.sleep(timeout)  # what KubeClient does when no answer comes
+            raise KubeError(0, f"{method} {path}: no answer within {timeout:.1f}s")
+
+        kube.request = unanswered  # type: ignore[method-assign]
+        black_hole.set()
+        valid_until = k._valid_until
+        task = asyncio.create_task(k.run(healthy=healthy))
+        assert await asyncio.wait_for(task, 10) is None
+        assert lost.at is not None
+        assert time.monotonic() - valid_until < 0.5, "gave up later than the end of its validity"
+        await k.release()
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -31,7 +31,20 @@ monotonic clock (:class:`LeaseObservation`), never by comparing the holder's ren
 the local wall clock — clocks of different nodes may differ by any amount.
 
 Updates are resourceVersion-checked (HTTP PUT with ``metadata.resourceVersion``), so two
-agents racing for the Lease cannot both believe they won.
+agents racing for the Lease cannot both believe they won. A renewal is one PUT of the Lease
+as this holder's own last write stored it (that response's resourceVersion): the API server
+stores it only if nobody wrote the Lease since, so the holder is still this one and nothing
+of anybody else's is overwritten. Any other write in between (a takeover, an out-of-sync
+mark) makes it a 409 Conflict, and only then is the Lease read (GET), its holder checked
+and the PUT made on what was read. One request per renewal instead of two: at steady state
+the API server pays 3 / duration requests per second per volume.
+
+A renewal extends the validity only if its answer arrived while the validity it extends
+still ran. An answer after that cannot say whether an observer saw the previous record
+unchanged for a whole duration in between (the operator may already have decided to fail
+over), so such a renewal counts as the loss of the Lease: one WARNING line with the
+timings, then ``on_lost()``. Each renewal request is given at most the validity left, and
+none is sent once it has run out.
 
 The same Lease carries the durable "secondary missed acknowledged writes" mark
 (annotation :data:`pairvol.kube.names.OUT_OF_SYNC_ANNOTATION`, ``"<epoch>"``) that the agent
@@ -160,6 +173,10 @@ class _NoVerdict(Exception):
     """The health check was inconclusive: skip this renewal, try again shortly."""
 
 
+class _TooLate(LeaseError):
+    """The renewal's answer came after the validity it was to extend had run out."""
+
+
 class LeaseKeeper:
     """Acquire, renew and release one coordination.k8s.io/v1 Lease for one holder."""
 
@@ -194,6 +211,9 @@ class LeaseKeeper:
         self._valid_until = 0.0  # monotonic
         self._held = False
         self._rv: str | None = None
+        # the Lease as this holder's last successful write stored it (holder = us): the body
+        # of the next renewal's PUT, conditional on its resourceVersion
+        self._mine: dict[str, Any] | None = None
         self._lost_called = False
         self._observed = LeaseObservation()  # someone else's record, for takeover
 
@@ -265,6 +285,7 @@ class LeaseKeeper:
             except Conflict:
                 return "lost a race updating the lease"
         self._rv = (new.get("metadata") or {}).get("resourceVersion")
+        self._mine = new
         self._valid_until = sent + self.duration_s - self.safety_s
         self._held = True
         self._lost_called = False
@@ -313,13 +334,39 @@ class LeaseKeeper:
                      self.name, verdict.reason, checked - self._healthy_at)
         kube = await self._kube()
         sent = time.monotonic()
-        old = await kube.get(self.path)
+        until = self._valid_until  # the validity this renewal must land within
+        if sent >= until:
+            raise KubeError(0, f"the health check took until {sent - until:.2f}s past the validity: not sent")
+        new = await self._put_renewal(kube, until)
+        answered = time.monotonic()
+        if answered >= until:
+            log.warning(
+                "lease %s: renewal answered %.2fs after it was sent, %.2fs after the validity had run out "
+                "(sent %.2fs before the end; duration %gs, safety %gs): counted as lost",
+                self.name, answered - sent, answered - until, until - sent, self.duration_s, self.safety_s,
+            )  # fmt: skip
+            raise _TooLate(f"renewal answered {answered - until:.2f}s after the validity had run out")
+        self._rv = (new.get("metadata") or {}).get("resourceVersion")
+        self._mine = new
+        self._valid_until = sent + self.duration_s - self.safety_s
+
+    async def _put_renewal(self, kube: KubeClient, until: float) -> dict[str, Any]:
+        """One PUT on our own last write; after a 409 (someone wrote the Lease since) a GET,
+        the holder check, and a PUT on what was read. No request waits past ``until``."""
+
+        def left() -> float:
+            return max(0.05, min(kube.timeout_s, until - time.monotonic()))
+
+        if self._mine is not None:
+            try:
+                return await kube.request("PUT", self.path, self._body(self._mine, time.time()), timeout_s=left())
+            except Conflict:
+                self._mine = None
+        old = await kube.request("GET", self.path, timeout_s=left())
         holder = (old.get("spec") or {}).get("holderIdentity")
         if holder != self.holder:
             raise LeaseError(f"lease {self.name} now held by {holder!r}")
-        new = await kube.replace(self.path, self._body(old, time.time()))
-        self._rv = (new.get("metadata") or {}).get("resourceVersion")
-        self._valid_until = sent + self.duration_s - self.safety_s
+        return await kube.request("PUT", self.path, self._body(old, time.time()), timeout_s=left())
 
     async def _lose(self, why: str) -> None:
         self._held = False
@@ -329,7 +376,8 @@ class LeaseKeeper:
             await self.on_lost()
 
     async def run(self, *, healthy: HealthCheck, alarm: asyncio.Event | None = None) -> str | None:
-        """Renew every duration/3, each time only after ``healthy`` said so, until cancelled.
+        """Renew every duration/3 (counted from the sending of the last renewal), each time
+        only after ``healthy`` said so, until cancelled.
 
         Returns None once the Lease is lost (``on_lost()`` has run), or the reason when the
         data path was found unhealthy: renewing has then stopped for good (the caller fences
@@ -353,14 +401,18 @@ class LeaseKeeper:
                 continue
             try:
                 await self._renew(healthy)
-                next_at = time.monotonic() + period
+                # the period counts from when the renewal was sent, like the validity: a slow
+                # answer does not push the next renewal towards the end of the validity (but
+                # half a period passes after each answer: a slow API server is not pressed harder)
+                sent = self._valid_until - (self.duration_s - self.safety_s)
+                next_at = max(sent + period, time.monotonic() + period / 2)
             except Unhealthy as exc:
                 log.error("lease %s/%s no longer renewed by %s: %s", self.namespace, self.name, self.holder, exc)
                 return str(exc)
             except _NoVerdict as exc:
                 log.warning("lease %s not renewed this time: %s", self.name, exc)
                 next_at = time.monotonic() + min(0.2, period)
-            except LeaseError as exc:  # someone else holds it: stop at once
+            except LeaseError as exc:  # someone else holds it, or the answer came too late: stop at once
                 await self._lose(str(exc))
                 return None
             except (KubeError, Conflict) as exc:
@@ -403,6 +455,7 @@ class LeaseKeeper:
     async def release(self) -> None:
         """Give the lease up at once (clean shutdown): the operator need not wait for expiry."""
         was_held, self._held = self._held, False
+        self._mine = None
         try:
             if was_held and self._client is not None:
                 old = await self._client.get_or_none(self.path)

@@ -1089,6 +1089,44 @@ def lease_needs_fresh_read(world: World) -> bool:
     return failover_blocker(replace(world, lease=None), world.spec, st, manual) is None
 
 
+def agents_to_ask(status: VolumeStatus) -> list[str]:
+    """The replica pods whose agents a tick asks for their status (one HTTP call each; an
+    agent that does not answer costs the tick the call's whole timeout).
+
+    While a failover runs, the planner judges only the target and the pods
+    (``_resume_failover``); the old primary's answer decides nothing, and its node is
+    usually dead. Asking it anyway made the tick that sees the target serving wait a
+    timeout before the failover was recorded as done, on every volume of a failed node.
+    """
+    if status.failing_over:
+        return [status.secondary.pod] if status.secondary is not None else []
+    return [r.pod for r in (status.primary, status.secondary) if r is not None]
+
+
+def replica_counts(volume: str, pods: Iterable[tuple[str, str]], placed: Mapping[str, Iterable[str]]) -> dict[str, int]:
+    """Replicas of volumes other than ``volume`` per node (``World.placement``): from the
+    agent pods seen (``(volume key, node)``) and from the nodes other volumes' loops have
+    placed replicas on in statuses they wrote (``placed``: volume key -> nodes), whose pods
+    may not exist or not be listed yet.
+
+    Without the second, volumes applied together all saw the same empty nodes and all put
+    their primaries on one node and their secondaries on another (bench-scale: 20 of 20
+    primaries on node-1), which concentrated every full sync on two nodes and every primary
+    in one failure."""
+    nodes: dict[str, set[str]] = {}
+    for key, node in pods:
+        if key != volume and node:
+            nodes.setdefault(key, set()).add(node)
+    for key, where in placed.items():
+        if key != volume:
+            nodes.setdefault(key, set()).update(n for n in where if n)
+    counts: dict[str, int] = {}
+    for where in nodes.values():
+        for node in where:
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
 def pods_not_yet_seen(created: Iterable[str], cached: Container[str]) -> set[str]:
     """Pods this operator created that the cache does not show yet.
 

@@ -110,6 +110,8 @@ class Context:
     started: float = field(default_factory=time.time)
     caches: Caches | None = None
     loops: dict[str, Reconciler] = field(default_factory=dict)  # "ns/name" -> the running loop
+    # "ns/name" -> the nodes of its replicas in the loop's last plan (decisions.replica_counts)
+    placed: dict[str, set[str]] = field(default_factory=dict)
 
 
 _CTX: Context | None = None
@@ -237,6 +239,8 @@ class Reconciler:
         self.known_at = 0.0
         # pods this loop created that the cache has not shown yet (decisions.pods_not_yet_seen)
         self.created: set[str] = set()
+        # (volume key, node) of the other volumes' agent pods, listed while placing a replica
+        self.other_pods: list[tuple[str, str]] = []
 
     # ---------------------------------------------------------------- reading
 
@@ -326,18 +330,15 @@ class Reconciler:
             self.read_nodes(), self.read_pods(), self.read_lease()
         )
         pods = {p.name: p for p in map(pod_view, pods_raw)}
-        placement: dict[str, int] = {}
+        self.other_pods = []
         if status.primary is None or status.secondary is None:
             for p in await c.kube.list("/api/v1/pods", f"{m.APP_LABEL}={m.AGENT_APP}"):
                 pm = p.get("metadata") or {}
-                if (pm.get("labels") or {}).get(d.LABEL_VOLUME) == self.name and pm.get("namespace") == self.namespace:
-                    continue
-                node = (p.get("spec") or {}).get("nodeName")
-                if node:
-                    placement[node] = placement.get(node, 0) + 1
+                key = f"{pm.get('namespace')}/{(pm.get('labels') or {}).get(d.LABEL_VOLUME)}"
+                self.other_pods.append((key, str((p.get("spec") or {}).get("nodeName") or "")))
         agents: dict[str, d.AgentView | None] = {}
         token = await self._token() if not isinstance(spec, SpecError) else None
-        targets = [r.pod for r in (status.primary, status.secondary) if r is not None]
+        targets = d.agents_to_ask(status)
 
         async def one(pod_name: str) -> None:
             pod = pods.get(pod_name)
@@ -364,7 +365,6 @@ class Reconciler:
             pods=pods,
             agents=agents,
             lease=self.lease_view(lease_raw),
-            placement=placement,
             settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
             agent_call_in_flight=self.call is not None and not self.call.done(),
         )
@@ -585,7 +585,13 @@ class Reconciler:
         if not isinstance(world.spec, SpecError) and world.status.primary is None:
             await self.ensure_infra(body)
             await self._token()
+        c = ctx()
+        if world.status.primary is None or world.status.secondary is None:
+            # counted right before planning, and this plan's nodes recorded right after, with
+            # no await in between: loops placing replicas at the same moment see each other
+            world = dataclasses.replace(world, placement=d.replica_counts(self.key, self.other_pods, c.placed))
         plan = d.plan(world)
+        c.placed[self.key] = {r.node for r in (plan.status.primary, plan.status.secondary) if r is not None}
         if not await self.persist(plan):
             return False
         acted = False
@@ -622,6 +628,7 @@ class Reconciler:
         finally:
             if c.loops.get(self.key) is self:
                 del c.loops[self.key]
+                c.placed.pop(self.key, None)
             # also when kopf cancels the daemon: a replica that no longer manages the
             # volume must not keep exporting its last phase (alerts take the max)
             c.metrics.set_phase(self.key, None)
