@@ -36,7 +36,7 @@ import aiohttp
 from pairvol.agent import state as agent_state
 from pairvol.agent.procs import AgentCallError, write_psk
 from pairvol.localcluster.netns import ClusterNetwork
-from pairvol.nbd import NBDClient
+from pairvol.nbd import NBDClient, NBDError
 from tests.chaos.blocks import BLOCK, BadBlock, parse
 from tests.chaos.checker import Violation, check_checkpoint, check_latest
 from tests.chaos.history import Cut, History
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 FAILOVER_BOUND = 5.0  # s from the primary's death to the new primary serving (DESIGN.md §4 RTO)
 REPROTECT_BOUND = 60.0  # s from a peer loss to replicating again (8 MiB volume)
 CALL_TIMEOUT = 30.0
+READ_BOUND = 30.0  # s for reading a replica's export whole (connect, handshake, every slot)
 
 
 @dataclass
@@ -252,11 +253,12 @@ class Controller:
         return int(st["qsd"]["pid"]) if st and st.get("qsd", {}).get("pid") else None
 
     async def read_export(self, rep: Replica) -> bytes:
-        """The workload's slots as the primary serves them, packed (slot i at i * BLOCK)."""
-        h = self.hist
-        async with await NBDClient.connect_unix(str(rep.agent.export_socket)) as nbd:
-            parts = [await asyncio.wait_for(nbd.pread(BLOCK, h.offset(i)), 30) for i in range(h.slots)]
-        return b"".join(parts)
+        """The workload's slots as the primary serves them, packed (slot i at i * BLOCK);
+        TimeoutError past :data:`READ_BOUND` (:func:`read_slots`)."""
+        try:
+            return await read_slots(rep.agent.export_socket, self.hist)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{rep.name}'s {exc}") from None
 
     async def read_disk_file(self, rep: Replica) -> bytes:
         """The slots in a replica's disk file, packed."""
@@ -551,7 +553,11 @@ class Controller:
         except (AgentCallError, aiohttp.ClientError, OSError, TimeoutError, RuntimeError) as exc:
             self.violate("restart", f"the primary cannot come back on its data dir: {exc}")
             return
-        image = await self.read_export(r)
+        try:
+            image = await self.read_export(r)
+        except (OSError, TimeoutError, NBDError) as exc:
+            self.violate("restart", f"{r.name} serves again on {p.name}'s data dir but cannot be read: {exc}")
+            return
         self.violations += check_latest(
             image, self.hist, time.monotonic(), f"{r.name} restarted on {p.name}'s data dir"
         )
@@ -611,7 +617,11 @@ class Controller:
             self.violate(
                 "failover", f"failover to {s.name} took {done - died:.2f} s after the death (bound {FAILOVER_BOUND})"
             )
-        image = await self.read_export(s)
+        try:
+            image = await self.read_export(s)
+        except (OSError, TimeoutError, NBDError) as exc:
+            self.violate("failover", f"{s.name} serves after the failover but cannot be read: {exc}")
+            return
         what = f"{s.name} after {mode} failover (epoch {epoch})"
         if mode == "latest" or res.get("requestedMode"):
             self.violations += check_latest(image, self.hist, time.monotonic(), what)
@@ -739,7 +749,10 @@ class Controller:
                 return
             try:
                 image = await self.read_export(p)
-            except (OSError, TimeoutError, Exception) as exc:
+            except TimeoutError as exc:  # a live primary that serves nothing for that long: stalled
+                self.violate("stall", f"at the end: {exc}")
+                return
+            except Exception as exc:
                 self.note(f"cannot read {p.name}'s export at the end: {exc}")
                 return
             self.violations += check_latest(image, self.hist, time.monotonic(), f"{p.name} at the end")
@@ -773,6 +786,24 @@ class Controller:
         for r in self.replicas:
             if r.watcher is not None:
                 r.watcher.cancel()
+
+
+async def read_slots(socket: Path, hist: History, bound: float = READ_BOUND) -> bytes:
+    """The workload's slots as the export on ``socket`` serves them, packed.
+
+    One bound for the whole read, connection and handshake included: a daemon whose main
+    loop hangs still accepts the connection (the kernel does) and then answers nothing, and
+    the controller reads while it holds its lock. Past the bound: TimeoutError saying so,
+    which the callers turn into a violation or a note, never a hung run."""
+
+    async def read() -> bytes:
+        async with await NBDClient.connect_unix(str(socket)) as nbd:
+            return b"".join([await nbd.pread(BLOCK, hist.offset(i)) for i in range(hist.slots)])
+
+    try:
+        return await asyncio.wait_for(read(), bound)
+    except TimeoutError:
+        raise TimeoutError(f"export did not answer a read of its {hist.slots} slots within {bound:g} s") from None
 
 
 def finished_failover(restored: str, mode: str) -> dict[str, Any]:
