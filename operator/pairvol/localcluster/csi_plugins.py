@@ -34,6 +34,27 @@ The state directories are short paths under ``/tmp/pvcsi-*`` rather than under t
 node's directory: an attachment's QMP socket lives in it, and unix socket paths are
 limited to 107 bytes.
 
+**A node plugin lives and dies with its node** (a :class:`~pairvol.localcluster.kubelet.
+NodeAddon` of the node simulator), as the DaemonSet's pod does on a real node:
+
+* it runs in a cgroup under the node's (when the simulator has cgroups), and so does every
+  attacher it starts (a daemon keeps its cgroup): ``node kill`` SIGKILLs them with the
+  node's pods, the attachers' NBD connections to the exports drop, and the kubelet's
+  memory of staged volumes goes too;
+* then what a power-off takes with it is undone, *after* those processes are gone: the
+  mounts under the node's kubelet directory (file systems, publications), the loop devices
+  over its attachments' exports and their dead FUSE mounts. The order is what keeps a dead
+  node off the volume: its attachers die first, so nothing its kernel still held (dirty
+  pages of an unmounted file system) can reach an export afterwards. Without cgroups the
+  plugin's process group and the attachers named by their pidfiles are SIGKILLed instead
+  (a daemon still starting at that moment may escape: what cgroups are for);
+* the state directory stays, as a node's disk does: the records of its attachments;
+* ``node restart`` starts the plugin again and registers it: at its start it finds those
+  records with no attacher and no loop device and removes them
+  (:meth:`pairvol.csi.node.NodeService.recover`); a pod still bound to the node stages
+  the volume anew. A pod of the dead node that is replaced elsewhere stages there without
+  waiting for anything of the dead node.
+
 Teardown undoes it all in an order that protects data: the provisioner stops; every
 volume still published by a kubelet is unpublished and unstaged through its plugin; the
 plugins stop (SIGTERM); then whatever a failure left (mounts under the kubelet and state
@@ -225,11 +246,19 @@ def controller_security() -> SecurityPlan:
 
 
 def node_plugin_argv(
-    *, netns: str, hosts: Path, security: SecurityPlan, socket: Path, node_id: str, state_dir: Path
+    *,
+    netns: str,
+    hosts: Path,
+    security: SecurityPlan,
+    socket: Path,
+    node_id: str,
+    state_dir: Path,
+    cgroup: Path | None = None,
 ) -> list[str]:
     """The node plugin in the node's network namespace and a mount namespace of its own
     whose shared mounts (kubelet and state directories) stay peers of the machine's; only
-    /etc/hosts is its own (its mount made private first, so the bind does not propagate)."""
+    /etc/hosts is its own (its mount made private first, so the bind does not propagate).
+    With ``cgroup`` it joins that cgroup first (its attachers are then in it too)."""
     q = shlex.quote
     program = [
         *security.setpriv_argv(),
@@ -245,10 +274,14 @@ def node_plugin_argv(
             "exec " + " ".join(q(a) for a in program),
         ]
     )
-    return [
+    argv = [
         "nsenter", f"--net={NETNS_DIR / netns}", "--",
         "unshare", "--mount", "--propagation", "unchanged", "--", "/bin/sh", "-c", script,
     ]  # fmt: skip
+    if cgroup is None:
+        return argv
+    join = f"echo $$ > {q(str(cgroup / 'cgroup.procs'))}"
+    return ["/bin/sh", "-c", f"{join}\nexec " + " ".join(q(a) for a in argv)]
 
 
 async def _is_mountpoint(path: Path) -> bool:
@@ -262,6 +295,46 @@ async def make_shared(path: Path) -> None:
     if not await _is_mountpoint(path):
         await run_command(["mount", "--bind", str(path), str(path)])
     await run_command(["mount", "--make-shared", str(path)])
+
+
+def _attachers_in(state_dir: Path) -> list[int]:
+    """The attachers named by pidfiles under a node's state directory that still run
+    (checked against /proc: the command line names the attachment's directory)."""
+    found = []
+    for pidfile in state_dir.glob("*/attacher.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(pidfile.parent).encode() in cmdline:
+            found.append(pid)
+    return found
+
+
+async def power_off(kubelet_dir: Path, state_dir: Path) -> list[str]:
+    """What a node's power-off takes with it besides its processes (call only once they
+    are gone: see the module docstring): the mounts below its kubelet directory, the loop
+    devices over its attachments' FUSE exports, those dead FUSE mounts. The directories and
+    their files stay (the node's disk). Returns what was undone."""
+    undone = []
+    mountinfo = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    for point in mounts_under(mountinfo, [kubelet_dir]):
+        if Path(point) != kubelet_dir:
+            await run_command(["umount", "-l", point], check=False)
+            undone.append(point)
+    loops = await run_command(["losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list"], check=False)
+    for line in loops.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].startswith(str(state_dir) + "/"):
+            await run_command(["losetup", "-d", parts[0]], check=False)
+            undone.append(parts[0])
+    mountinfo = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    for point in mounts_under(mountinfo, [state_dir]):
+        if Path(point) != state_dir:
+            await run_command(["umount", "-l", point], check=False)
+            undone.append(point)
+    return undone
 
 
 def mounts_under(mountinfo: str, roots: Sequence[Path]) -> list[str]:
@@ -352,15 +425,50 @@ class LocalCsi:
             self.api, DRIVER_NAME, self.controller.socket, lambda: {n: k.volumes for n, k in nodes.items()}
         )
         await self.resizer.__aenter__()
+        self.sim.addons.append(self)
+
+    async def node_killed(self, name: str) -> None:
+        """The node died (its cgroup, with the plugin and its attachers, is SIGKILLed by
+        now): the rest of the plugin goes as at a power-off (module docstring)."""
+        plugin = self.node_plugins.pop(name, None)
+        if plugin is None or self.root is None:
+            return
+        if plugin.proc.returncode is None:  # no cgroups: its process group, then its attachers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(plugin.proc.pid, signal.SIGKILL)
+        await plugin.proc.wait()
+        state_dir = self.state_dir(name)
+        for _ in range(100):
+            pids = await asyncio.to_thread(_attachers_in, state_dir)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.05)
+        else:
+            raise KubeletError(f"node {name}: attachers {pids} survived SIGKILL")
+        undone = await power_off(self.kubelet_dir(name), state_dir)
+        logger.info("node %s: CSI node plugin killed with the node; gone with it: %s", name, undone or "nothing")
+
+    async def node_restarted(self, name: str) -> None:
+        """The node is back: its plugin starts again and registers."""
+        if name not in self.node_plugins and self.root is not None:
+            await self._start_node(name)
 
     async def _start_node(self, node: str) -> None:
         assert self.root is not None and self.hosts is not None
         kubelet_dir, state_dir = self.kubelet_dir(node), self.state_dir(node)
         for path in (kubelet_dir, state_dir):
             await make_shared(path)
-            self._shared.append(path)
+            if path not in self._shared:
+                self._shared.append(path)
         socket = kubelet_dir / "plugins" / DRIVER_NAME / "csi.sock"
         await asyncio.to_thread(socket.parent.mkdir, parents=True, exist_ok=True)
+        cgroup_root = self.sim.kubelets[node].cgroup_root
+        cgroup = cgroup_root / "csi-node-plugin" if cgroup_root is not None else None
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.mkdir, parents=True, exist_ok=True)
         argv = node_plugin_argv(
             netns=self.sim.net.netns_name(node),
             hosts=self.hosts.path,
@@ -368,6 +476,7 @@ class LocalCsi:
             socket=socket,
             node_id=node,
             state_dir=state_dir,
+            cgroup=cgroup,
         )
         plugin = await _spawn(
             f"node {node}", argv, _python_env("/root"), socket, Path(self.sim.root) / node / "logs" / "csi-node.log"
@@ -422,6 +531,8 @@ class LocalCsi:
 
     async def close(self) -> None:
         """Stop everything and undo every mount (never raises)."""
+        if self in self.sim.addons:
+            self.sim.addons.remove(self)
         if self.resizer is not None:
             with contextlib.suppress(Exception):
                 await self.resizer.__aexit__(None, None, None)

@@ -1,0 +1,152 @@
+"""The CSI node plugin lives and dies with its node, on the local cluster.
+
+A node that is killed takes its node plugin with it, and everything the plugin had built
+there: the attachers (their NBD connections to the volume's export), the loop devices, the
+mounts. Nothing of a dead node can reach a volume afterwards. The pod that used the volume
+on it is replaced on another node (a StatefulSet's pod, force-deleted as an administrator
+does for a node that is gone), which stages the volume at once and finds every record the
+old pod had fsynced. The node powered on again starts its plugin, which finds the
+attachment the node left on disk and removes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
+    FS_SIZE,
+    RECOVERING_WRITER,
+    claimed,
+    csi,
+    kubectl,
+    node_mounts,
+    pod,
+    pod_log,
+    until_writing,
+)
+
+from pairvol.localcluster.csi_plugins import LocalCsi
+from pairvol.localcluster.demo import Stack
+
+pytestmark = pytest.mark.timeout(150)
+
+PODS = "/api/v1/namespaces/default/pods"
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def loop_devices_under(root: Path) -> list[str]:
+    proc = await asyncio.create_subprocess_exec(
+        "losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    return [
+        ln.split()[0]
+        for ln in out.decode().splitlines()
+        if len(ln.split()) > 1 and ln.split()[1].startswith(f"{root}/")
+    ]
+
+
+def statefulset(name: str, claim: str, script: str) -> dict[str, Any]:
+    template = pod(name, "", claim, script, "0")["spec"]
+    del template["nodeName"]  # the scheduler places it
+    template["restartPolicy"] = "Always"
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "replicas": 1,
+            "serviceName": name,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": template},
+        },
+    }
+
+
+async def test_a_killed_node_takes_its_attachments_with_it_and_its_pod_moves_to_another_node(
+    stack: Stack,
+    csi: LocalCsi,  # noqa: F811
+) -> None:
+    pv_name = await claimed(stack, "data", "Filesystem", FS_SIZE)
+    st = await stack.status(pv_name)
+    replicas = {st["primary"]["node"], st["secondary"]["node"]}
+    await stack.kube.create(
+        "/apis/apps/v1/namespaces/default/statefulsets", statefulset("db", "data", RECOVERING_WRITER)
+    )
+
+    async def db_pod() -> dict[str, Any] | None:
+        got = await stack.kube.get_or_none(f"{PODS}/db-0")
+        return got if got and got["spec"].get("nodeName") and not got["metadata"].get("deletionTimestamp") else None
+
+    first = await stack.wait_for("db-0 scheduled", db_pod, 30)
+    doomed = first["spec"]["nodeName"]
+    # the scheduler puts it on the node without agents: killing that node is no failover
+    assert doomed not in replicas, f"db-0 went to {doomed}, a replica's node"
+
+    async def acked(node: str) -> int:
+        lines = [ln for ln in (await pod_log(stack, node, "db-0")).splitlines() if ln.startswith("acked ")]
+        return int(lines[-1].split()[1]) + 1 if lines else 0
+
+    async def at_least(node: str, n: int) -> int | None:
+        count = await acked(node)
+        return count if count >= n else None
+
+    await until_writing(stack, "db-0", "db-0's first records", lambda: at_least(doomed, 20), 30)
+    plugin = csi.node_plugins[doomed].proc.pid
+    (pidfile,) = csi.state_dir(doomed).glob("*/attacher.pid")
+    attacher = int(pidfile.read_text())
+    assert running(plugin) and running(attacher)
+
+    await stack.sim.kill_node(doomed)
+    fsynced = await acked(doomed)
+    # nothing of the dead node can reach the volume: its plugin and attacher are gone, and
+    # so are the loop device and the mounts a power-off takes with it
+    assert not running(plugin) and not running(attacher)
+    assert await node_mounts(csi, doomed) == []
+    assert await loop_devices_under(csi.state_dir(doomed)) == []
+    assert csi.staged_on(f"default/{pv_name}") == [], "the dead node's kubelet holds the volume no more"
+    assert [p.parent.name for p in csi.state_dir(doomed).glob("*/attachment.json")] == [f"default_{pv_name}"], (
+        "the attachment's record stays on the node's disk"
+    )
+
+    async def not_ready() -> bool:
+        node = await stack.kube.get(f"/api/v1/nodes/{doomed}")
+        ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+        return ready[0]["status"] == "Unknown"
+
+    await stack.wait_for(f"{doomed} NotReady", not_ready, 15)
+    code, _, err = await kubectl(stack, "delete", "pod", "db-0", "--force", "--grace-period=0")
+    assert code == 0, err
+
+    async def replaced() -> dict[str, Any] | None:
+        got = await db_pod()
+        return got if got and got["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+    second = await stack.wait_for("db-0 replaced", replaced, 15)
+    moved = second["spec"]["nodeName"]
+    assert moved != doomed
+
+    async def recovered() -> int | None:
+        lines = (await pod_log(stack, moved, "db-0")).splitlines()
+        found = [int(ln.split()[1]) for ln in lines if ln.startswith("recovered ")]
+        return found[0] if found and await acked(moved) >= found[0] + 5 else None
+
+    count = await until_writing(stack, "db-0", f"db-0 on {moved} recovering the log", recovered, 30)
+    assert count >= fsynced, f"{count} records found on {moved}; {fsynced} were fsynced on {doomed}"
+
+    # powered on again: a new plugin, which removes the attachment the node left behind
+    await stack.sim.restart_node(doomed)
+    again = csi.node_plugins[doomed].proc.pid
+    assert again != plugin and running(again)
+    assert list(csi.state_dir(doomed).glob("*/attachment.json")) == []
+    csinode = await stack.kube.get(f"/apis/storage.k8s.io/v1/csinodes/{doomed}")
+    assert csinode["spec"]["drivers"][0]["nodeID"] == doomed
