@@ -77,6 +77,8 @@ def test_all_problems_are_reported_at_once() -> None:
         ({"size": "1Mi", "failover": {"automatic": "yes"}}, "must be true or false"),
         ({"size": "1Mi", "nodeSelector": {"zone": 1}}, "nodeSelector must map"),
         ({"size": "1Mi", "nodes": ["UPPER", "b"]}, "invalid node names"),
+        ({"size": "1Mi", "preferredPrimaryNode": "Node_1"}, "preferredPrimaryNode must be a node name"),
+        ({"size": "1Mi", "preferredPrimaryNode": ["n1"]}, "preferredPrimaryNode must be a node name"),
     ],
 )
 def test_single_problems_say_what_to_fix(spec: dict[str, object], fragment: str) -> None:
