@@ -19,8 +19,9 @@ mount propagation its manifest asks for:
   names (:class:`ServiceHosts`, the part of cluster DNS the driver needs: a volume's
   export is ``<volume>.<namespace>.svc:7802``), bound in its namespace only.
 * **registrar**: ``NodeGetInfo`` on the plugin's socket, then the node's ``CSINode`` lists
-  the driver with that node ID, the Node carries the ``csi.volume.kubernetes.io/nodeid``
-  annotation, and the node's kubelet learns the socket
+  the driver with that node ID and its topology keys, the Node carries the
+  ``csi.volume.kubernetes.io/nodeid`` annotation and the topology as labels
+  (``topology.pairvol.io/node``), and the node's kubelet learns the socket
   (:meth:`~pairvol.localcluster.kubelet_csi.NodeVolumes.register_driver`).
 * **controller plugin**: the controller container's user (65532), no capabilities,
   ``no_new_privs``, with the kubeconfig it is given (a token of the chart's controller
@@ -490,8 +491,8 @@ class LocalCsi:
         async with CsiClient(socket, timeout=10) as client:
             info = await client.call("Node", "NodeGetInfo", {})
         node_id = str(info["nodeId"])
-        keys = sorted((info.get("accessibleTopology") or {}).get("segments") or {})
-        body = csinode_object(node, node_id, keys)
+        segments = {str(k): str(v) for k, v in ((info.get("accessibleTopology") or {}).get("segments") or {}).items()}
+        body = csinode_object(node, node_id, sorted(segments))
         try:
             await self.api.request("POST", "/apis/storage.k8s.io/v1/csinodes", body=body)
         except ApiError as exc:
@@ -503,7 +504,8 @@ class LocalCsi:
         await self.api.request(
             "PATCH",
             f"/api/v1/nodes/{node}",
-            body={"metadata": {"annotations": {NODE_ID_ANNOTATION: annotation}}},
+            # the kubelet labels the Node with the plugin's topology (the provisioner reads it)
+            body={"metadata": {"annotations": {NODE_ID_ANNOTATION: annotation}, "labels": segments}},
             content_type=MERGE_PATCH,
         )
         self.sim.kubelets[node].volumes.register_driver(DRIVER_NAME, socket)
