@@ -150,3 +150,37 @@ async def test_a_killed_node_takes_its_attachments_with_it_and_its_pod_moves_to_
     assert list(csi.state_dir(doomed).glob("*/attachment.json")) == []
     csinode = await stack.kube.get(f"/apis/storage.k8s.io/v1/csinodes/{doomed}")
     assert csinode["spec"]["drivers"][0]["nodeID"] == doomed
+
+
+async def test_a_node_powered_on_again_mounts_its_pods_volume_anew(stack: Stack, csi: LocalCsi) -> None:  # noqa: F811
+    pv_name = await claimed(stack, "data", "Filesystem", FS_SIZE)
+    st = await stack.status(pv_name)
+    (node,) = sorted(set(stack.sim.node_names) - {st["primary"]["node"], st["secondary"]["node"]})
+    app = pod("app", node, "data", RECOVERING_WRITER, "0")
+    app["spec"]["restartPolicy"] = "Always"
+    await stack.kube.create(PODS, app)
+
+    async def log_lines(prefix: str) -> list[int]:
+        lines = (await pod_log(stack, node, "app")).splitlines()
+        return [int(ln.split()[1]) for ln in lines if ln.startswith(prefix)]
+
+    async def acked_at_least(n: int) -> int | None:
+        acks = await log_lines("acked ")
+        return acks[-1] + 1 if acks and acks[-1] + 1 >= n else None
+
+    await until_writing(stack, "app", "the pod's first records", lambda: acked_at_least(20), 30)
+    await stack.sim.kill_node(node)
+    fsynced = (await log_lines("acked "))[-1] + 1
+    assert await node_mounts(csi, node) == []
+
+    # the pod is still bound to the node: powered on, the node runs it again; its new plugin
+    # removed what the old one had left, and the kubelet stages the volume anew
+    await stack.sim.restart_node(node)
+
+    async def recovered_again() -> int | None:
+        found = await log_lines("recovered ")
+        return found[1] if len(found) == 2 and await acked_at_least(found[1] + 5) else None
+
+    count = await until_writing(stack, "app", "the pod recovering its log after the restart", recovered_again, 30)
+    assert count >= fsynced, f"{count} records after the restart; {fsynced} were fsynced before the power-off"
+    assert await node_mounts(csi, node), "the volume is mounted on the node again"
