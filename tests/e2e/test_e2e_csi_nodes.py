@@ -6,7 +6,9 @@ mounts. Nothing of a dead node can reach a volume afterwards. The pod that used 
 on it is replaced on another node (a StatefulSet's pod, force-deleted as an administrator
 does for a node that is gone), which stages the volume at once and finds every record the
 old pod had fsynced. The node powered on again starts its plugin, which finds the
-attachment the node left on disk and removes it.
+attachment the node left on disk and removes it; a pod still bound to it gets its volume
+staged anew. A crash of the plugin alone changes nothing for a pod: the attachment is not
+the plugin's.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from typing import Any
 import pytest
 from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     FS_SIZE,
+    PREFIX_VERIFIER,
     RECOVERING_WRITER,
+    STREAM_WRITER,
     claimed,
     csi,
+    delete_pod,
+    finished,
     kubectl,
     node_mounts,
     pod,
@@ -184,3 +190,44 @@ async def test_a_node_powered_on_again_mounts_its_pods_volume_anew(stack: Stack,
     count = await until_writing(stack, "app", "the pod recovering its log after the restart", recovered_again, 30)
     assert count >= fsynced, f"{count} records after the restart; {fsynced} were fsynced before the power-off"
     assert await node_mounts(csi, node), "the volume is mounted on the node again"
+
+
+async def test_a_node_plugin_crashing_under_a_mounted_volume_changes_nothing_for_the_pod(
+    stack: Stack,
+    csi: LocalCsi,  # noqa: F811
+) -> None:
+    """The attachment is the attacher's, not the plugin's: the plugin's process dies and
+    starts again (SIGKILL, as a crash), the pod writes on, and the new plugin tears down
+    what the old one built when the pod goes."""
+    pv_name = await claimed(stack, "data", "Filesystem", FS_SIZE)
+    st = await stack.status(pv_name)
+    (node,) = sorted(set(stack.sim.node_names) - {st["primary"]["node"], st["secondary"]["node"]})
+    await stack.kube.create(PODS, pod("writer", node, "data", STREAM_WRITER, "0"))
+
+    async def acked() -> int:
+        lines = [ln for ln in (await pod_log(stack, node, "writer")).splitlines() if ln.startswith("acked ")]
+        return int(lines[-1].split()[1]) + 1 if lines else 0
+
+    async def at_least(n: int) -> int | None:
+        count = await acked()
+        return count if count >= n else None
+
+    await until_writing(stack, "writer", "the writer's first records", lambda: at_least(20), 30)
+    (pidfile,) = csi.state_dir(node).glob("*/attacher.pid")
+    attacher = int(pidfile.read_text())
+    old = csi.node_plugins[node].proc.pid
+    await csi.crash_node_plugin(node)
+    assert not running(old) and running(csi.node_plugins[node].proc.pid)
+    assert running(attacher), "the attacher outlives the plugin"
+    before = await acked()
+    await stack.wait_for("records written after the plugin's crash", lambda: at_least(before + 20), 30)
+    assert "Error" not in await pod_log(stack, node, "writer")
+
+    await delete_pod(stack, "writer")  # unpublished and unstaged by the new plugin
+    assert await node_mounts(csi, node) == []
+    assert not running(attacher) and await loop_devices_under(csi.state_dir(node)) == []
+    written = await acked()
+    survivor = st["secondary"]["node"]
+    await stack.kube.create(PODS, pod("reader", survivor, "data", PREFIX_VERIFIER, str(written)))
+    log = await finished(stack, survivor, "reader")
+    assert int(log.split()[-1]) >= written

@@ -452,6 +452,17 @@ class LocalCsi:
         undone = await power_off(self.kubelet_dir(name), state_dir)
         logger.info("node %s: CSI node plugin killed with the node; gone with it: %s", name, undone or "nothing")
 
+    async def crash_node_plugin(self, name: str) -> None:
+        """SIGKILL the node plugin's process alone (a crash of its container's main
+        process; the attachers, daemons of their own, go on), then start it again and
+        register it, as the DaemonSet's pod restarts."""
+        plugin = self.node_plugins.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(plugin.proc.pid, signal.SIGKILL)
+        await plugin.proc.wait()
+        logger.info("node %s: CSI node plugin killed; starting it again", name)
+        await self._start_node(name)
+
     async def node_restarted(self, name: str) -> None:
         """The node is back: its plugin starts again and registers."""
         if name not in self.node_plugins and self.root is not None:
