@@ -117,7 +117,10 @@ def test_the_provisioners_topology_feature_may_read_nodes_and_csinodes(objs: lis
     """--feature-gates=Topology=true builds the accessibility requirements from the Nodes'
     topology labels and the CSINodes' topology keys (informers on both)."""
     (deployment,) = [d for d in kinds(objs, "Deployment") if "csi-provisioner" in containers(d)]
-    assert "--feature-gates=Topology=true" in containers(deployment)["csi-provisioner"]["args"]
+    args = containers(deployment)["csi-provisioner"]["args"]
+    assert "--feature-gates=Topology=true" in args
+    # an Immediate claim without allowedTopologies: no requirement, the operator places it by load
+    assert "--immediate-topology=false" in args
     role = one(objs, "ClusterRole", "pv-pairvol-csi-provisioner")
     granted = {
         (group, resource): set(rule["verbs"])

@@ -25,8 +25,8 @@ real one:
   values from the Node's labels); the preferred list starts with the selected node's
   topology and goes on with the rest, or, without a selected node, is the requisite rotated
   by a hash of the volume's name (so that the first preferred node varies from volume to
-  volume); an Immediate claim of a class without ``allowedTopologies`` gets none (every
-  node's would mean the same to this driver, with a first preferred node chosen by hash);
+  volume); an Immediate claim of a class without ``allowedTopologies`` gets none, as the
+  chart runs the sidecar (``--immediate-topology=false``);
 * a transient answer (ABORTED: the volume is still being created; UNAVAILABLE, ...) is
   retried with exponential back-off (1 s doubling to 30 s); every failure is a
   ``ProvisioningFailed`` event on the claim with the plugin's text, as ``kubectl describe
@@ -238,9 +238,7 @@ def node_topologies(
 def allowed_topologies(storage_class: Mapping[str, Any]) -> list[JsonDict]:
     """The StorageClass's ``allowedTopologies`` as CSI topologies, one per allowed value
     (each term a conjunction of its expressions: their values' product), as the
-    external-provisioner's Topology feature builds the requisite from them (pure). Without
-    allowedTopologies it would list every node's topology; this emulation then sends none,
-    which for this driver (accessible from every node) means the same."""
+    external-provisioner's Topology feature builds the requisite from them (pure)."""
     out: list[JsonDict] = []
     for term in storage_class.get("allowedTopologies") or []:
         segments: list[dict[str, str]] = [{}]
