@@ -137,7 +137,6 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
     preferred = spec.get("preferredPrimaryNode") or ""
     if not isinstance(preferred, str) or (preferred and (len(preferred) > 253 or not _DNS_SUBDOMAIN.match(preferred))):
         problems.append(f"spec.preferredPrimaryNode must be a node name, got {preferred!r}")
-        preferred = ""
 
     selector: dict[str, str] = {}
     raw_sel = spec.get("nodeSelector")
