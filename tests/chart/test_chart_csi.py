@@ -111,3 +111,29 @@ def test_storage_class_hands_the_volume_key_to_the_node_and_passes_the_driver_ch
     assert params["csi.storage.k8s.io/node-stage-secret-namespace"] == "apps"
     spec = volume_request("pvc-0b7e9d2c-4f51-4b8e-9a43-1f6a5c1d2e3f", 1 << 30, params).spec
     assert spec["checkpoint"] == {"intervalSeconds": 5} and spec["replication"] == {"peerTimeoutSeconds": 3}
+
+
+def test_the_provisioners_topology_feature_may_read_nodes_and_csinodes(objs: list[Obj]) -> None:
+    """--feature-gates=Topology=true builds the accessibility requirements from the Nodes'
+    topology labels and the CSINodes' topology keys (informers on both)."""
+    (deployment,) = [d for d in kinds(objs, "Deployment") if "csi-provisioner" in containers(d)]
+    args = containers(deployment)["csi-provisioner"]["args"]
+    assert "--feature-gates=Topology=true" in args
+    # an Immediate claim without allowedTopologies: no requirement, the operator places it by load
+    assert "--immediate-topology=false" in args
+    role = one(objs, "ClusterRole", "pv-pairvol-csi-provisioner")
+    granted = {
+        (group, resource): set(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert {"get", "list", "watch"} <= granted[("", "nodes")]
+    assert {"get", "list", "watch"} <= granted[("storage.k8s.io", "csinodes")]
+
+
+def test_the_storage_class_binds_immediately_unless_told_to_wait_for_the_first_consumer(tmp_path: Path) -> None:
+    assert one(render(VALUES, tmp=tmp_path), "StorageClass", "pairvol")["volumeBindingMode"] == "Immediate"
+    storage_class = {"create": True, "volumeBindingMode": "WaitForFirstConsumer"}
+    waiting = {**VALUES, "csi": {**VALUES["csi"], "storageClass": storage_class}}
+    assert one(render(waiting, tmp=tmp_path), "StorageClass", "pairvol")["volumeBindingMode"] == "WaitForFirstConsumer"

@@ -188,6 +188,36 @@ async def test_accessibility_requirements_place_the_replicas_only_when_the_class
         assert code == grpc.StatusCode.INVALID_ARGUMENT and says in text, text
 
 
+async def test_the_first_preferred_topology_is_where_the_primary_goes(provisioner: Provisioner) -> None:
+    """The spec: the plugin SHOULD make the volume available in the preferred topologies,
+    first to last. A pairvol volume is available everywhere; its primary goes to the first
+    preferred node (a WaitForFirstConsumer claim's selected node: where its pod runs)."""
+    pb = provisioner.pb
+
+    def preferring(*nodes: str) -> Any:
+        topologies = [pb.Topology(segments={"topology.pairvol.io/node": n}) for n in nodes]
+        return pb.TopologyRequirement(requisite=sorted(topologies, key=str), preferred=topologies)
+
+    await provisioner.refused(provisioner.create(accessibility_requirements=preferring("node-2", "node-3", "node-1")))
+    rv = await provisioner.kube.get(volume_path(NS, NAME))
+    assert rv["spec"]["preferredPrimaryNode"] == "node-2"
+    assert "nodes" not in rv["spec"]  # a preference, not a restriction
+    await provisioner.replicating()
+    # a repeated call preferring another node is the same volume: where it went is history
+    made = await provisioner.create(accessibility_requirements=preferring("node-3", "node-1", "node-2"))
+    assert made.volume.volume_id == f"{NS}/{NAME}" and list(made.volume.accessible_topology) == []
+    assert (await provisioner.kube.get(volume_path(NS, NAME)))["spec"]["preferredPrimaryNode"] == "node-2"
+    # without a preference, the operator chooses
+    await provisioner.refused(provisioner.create("pvc-2"))
+    assert "preferredPrimaryNode" not in (await provisioner.kube.get(volume_path(NS, "pvc-2")))["spec"]
+    for requirement, says in (
+        (pb.TopologyRequirement(preferred=[pb.Topology(segments={"zone": "z1"})]), "only topology.pairvol.io/node"),
+        (preferring("Node_1"), "preferredPrimaryNode must be a node name"),
+    ):
+        code, text = await provisioner.refused(provisioner.create("pvc-3", accessibility_requirements=requirement))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and says in text, text
+
+
 async def test_delete_is_idempotent_and_spares_volumes_it_did_not_create(provisioner: Provisioner) -> None:
     pb = provisioner.pb
     await provisioner.refused(provisioner.create())

@@ -17,6 +17,7 @@ from pairvol.localcluster.csi_provisioner import (
     claim_in_use,
     claim_size,
     create_request,
+    node_topologies,
     pv_object,
     resolve_template,
 )
@@ -235,6 +236,41 @@ def test_allowed_topologies_become_the_accessibility_requirement() -> None:
     assert "accessibilityRequirements" not in request  # the class allows every node
     key = "topology.pairvol.io/node"
     klass = {**CLASS, "allowedTopologies": [{"matchLabelExpressions": [{"key": key, "values": ["node-1", "node-3"]}]}]}
-    request, _ = create_request(CLAIM, klass, "pvc-1")
     requisite = [{"segments": {key: "node-1"}}, {"segments": {key: "node-3"}}]
-    assert request["accessibilityRequirements"] == {"requisite": requisite, "preferred": requisite}
+    # the preferred list is the requisite rotated by a hash of the volume's name, as the
+    # sidecar spreads volumes: its first node is where the primary goes
+    firsts = set()
+    for name in ("pvc-1", "pvc-2", "pvc-3", "pvc-4", "pvc-5", "pvc-6"):
+        request, _ = create_request(CLAIM, klass, name)
+        wanted = request["accessibilityRequirements"]
+        assert wanted["requisite"] == requisite and sorted(map(str, wanted["preferred"])) == sorted(map(str, requisite))
+        firsts.add(wanted["preferred"][0]["segments"][key])
+        assert create_request(CLAIM, klass, name)[0] == request  # the same claim, the same request
+    assert firsts == {"node-1", "node-3"}
+
+
+def test_a_selected_node_is_preferred_first_among_the_nodes_of_the_driver() -> None:
+    key = "topology.pairvol.io/node"
+    csinodes = [
+        {"metadata": {"name": n}, "spec": {"drivers": [{"name": "pairvol.io", "nodeID": n, "topologyKeys": [key]}]}}
+        for n in ("node-1", "node-2", "node-3")
+    ] + [{"metadata": {"name": "node-4"}, "spec": {"drivers": [{"name": "other.io", "topologyKeys": [key]}]}}]
+    nodes = [{"metadata": {"name": n, "labels": {key: n}}} for n in ("node-1", "node-2", "node-4")]
+    nodes.append({"metadata": {"name": "node-3", "labels": {}}})  # not labelled (yet): no topology
+    topologies = node_topologies("pairvol.io", csinodes, nodes)
+    assert topologies == {"node-1": {key: "node-1"}, "node-2": {key: "node-2"}}
+
+    def selecting(node: str) -> dict[str, Any]:
+        return {**CLAIM, "metadata": {**CLAIM["metadata"], "annotations": {"volume.kubernetes.io/selected-node": node}}}
+
+    waiting = selecting("node-2")
+    request, _ = create_request(waiting, CLASS, "pvc-1", topologies)
+    assert request["accessibilityRequirements"] == {
+        "requisite": [{"segments": {key: "node-1"}}, {"segments": {key: "node-2"}}],
+        "preferred": [{"segments": {key: "node-2"}}, {"segments": {key: "node-1"}}],
+    }
+    klass = {**CLASS, "allowedTopologies": [{"matchLabelExpressions": [{"key": key, "values": ["node-1", "node-3"]}]}]}
+    with pytest.raises(ProvisionError, match="outside the StorageClass's allowedTopologies"):
+        create_request(waiting, klass, "pvc-1", topologies)
+    with pytest.raises(ProvisionError, match="selected node node-3 has no topology of the driver"):
+        create_request(selecting("node-3"), CLASS, "pvc-1", topologies)

@@ -77,11 +77,21 @@ def test_all_problems_are_reported_at_once() -> None:
         ({"size": "1Mi", "failover": {"automatic": "yes"}}, "must be true or false"),
         ({"size": "1Mi", "nodeSelector": {"zone": 1}}, "nodeSelector must map"),
         ({"size": "1Mi", "nodes": ["UPPER", "b"]}, "invalid node names"),
+        ({"size": "1Mi", "preferredPrimaryNode": "Node_1"}, "preferredPrimaryNode must be a node name"),
+        ({"size": "1Mi", "preferredPrimaryNode": ["n1"]}, "preferredPrimaryNode must be a node name"),
     ],
 )
 def test_single_problems_say_what_to_fix(spec: dict[str, object], fragment: str) -> None:
     with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
         parse_spec(spec, name="v")
+
+
+def test_a_preferred_primary_node_is_any_node_name() -> None:
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253 characters
+    assert parse_spec({"size": "1Mi", "preferredPrimaryNode": longest}).preferred_primary == longest
+    assert parse_spec({"size": "1Mi"}).preferred_primary == ""
+    with pytest.raises(SpecError, match="preferredPrimaryNode must be a node name"):
+        parse_spec({"size": "1Mi", "preferredPrimaryNode": longest + "d"})
 
 
 def test_long_volume_names_are_refused_because_pod_names_derive_from_them() -> None:

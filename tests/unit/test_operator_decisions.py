@@ -135,6 +135,15 @@ def test_scheduling_honours_node_list_selector_and_readiness() -> None:
     assert choose_pair(spec(nodes=["n3", "n4"]), nodes, {}) == ("n3", "n4")
 
 
+def test_the_first_primary_goes_to_the_preferred_node_when_it_is_eligible() -> None:
+    # the CSI driver names the node of the volume's first consumer; load does not outweigh it
+    assert choose_pair(spec(preferredPrimaryNode="n1"), NODES, {"n1": 3, "n2": 1}) == ("n1", "n3")
+    # a preferred node that may not hold a replica is ignored: the usual rule places both
+    nodes = (NodeView("n1"), NodeView("n2", ready=False), NodeView("n3"), NodeView("n4"))
+    assert choose_pair(spec(preferredPrimaryNode="n2"), nodes, {"n1": 1}) == ("n3", "n4")
+    assert choose_pair(spec(preferredPrimaryNode="n4", nodes=["n1", "n3"]), nodes, {}) == ("n1", "n3")
+
+
 def test_fewer_than_two_eligible_nodes_is_a_clear_pending_error() -> None:
     w = World("vol", "ns", 1, spec(nodes=["n1", "n9"]), VolumeStatus(), NOW, nodes=NODES)
     p = plan(w)

@@ -49,6 +49,8 @@ class VolumeSpec:
     size: int
     nodes: tuple[str, ...] = ()
     node_selector: Mapping[str, str] = field(default_factory=dict)
+    #: where the first primary goes if that node is eligible ("" = no preference)
+    preferred_primary: str = ""
     checkpoint_interval_s: int = 10
     failover_automatic: bool = True
     failover_mode: str = "Checkpoint"
@@ -132,6 +134,10 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
                     f"spec.nodes must name at least two distinct nodes (one per replica), got {list(nodes)}"
                 )
 
+    preferred = spec.get("preferredPrimaryNode") or ""
+    if not isinstance(preferred, str) or (preferred and (len(preferred) > 253 or not _DNS_SUBDOMAIN.match(preferred))):
+        problems.append(f"spec.preferredPrimaryNode must be a node name, got {preferred!r}")
+
     selector: dict[str, str] = {}
     raw_sel = spec.get("nodeSelector")
     if raw_sel is not None:
@@ -179,6 +185,7 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
         size=size,
         nodes=nodes,
         node_selector=selector,
+        preferred_primary=preferred,
         checkpoint_interval_s=interval,
         failover_automatic=automatic,
         failover_mode=mode,

@@ -488,6 +488,25 @@ class Attachment:
         log.info("detached %s", self.volume_id)
 
 
+    async def discard_if_left_over(self) -> str:
+        """At the node plugin's start: ``"running"`` when the attacher runs (only the
+        plugin restarted) and ``"broken"`` when it is gone under a loop device that is still
+        set up (the CO must unstage it), both kept as they are; ``"discarded"`` when only
+        files were left — no attacher, no loop device, so nothing mounted on it either: what
+        a node restart leaves (its processes, loop devices and mounts are gone), or a crash
+        before the attacher started. Those files (the record, the volume's key, a dead FUSE
+        mount point) are removed: a later NodeStageVolume builds the attachment anew, an
+        unstage finds nothing to do."""
+        if await asyncio.to_thread(self.attacher_pid) is not None:
+            return "running"
+        if await self.loop_devices():
+            return "broken"
+        if await mounted(self.disk):
+            await run("umount", "-l", str(self.disk))
+        await asyncio.to_thread(shutil.rmtree, self.dir, True)
+        return "discarded"
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs. An attacher that exited stays a zombie until its parent reaps
     it: in a container that is the node plugin (PID 1, to which daemons are reparented),

@@ -125,6 +125,7 @@ async def _main(args: argparse.Namespace) -> None:
             from pairvol.csi.node import NodeService
 
             node = NodeService(args.node_id, Path(args.state_dir), await _node_kube(args, stack))
+            await node.recover()  # before the first call: what the state directory holds
             handlers.append(service("Node", node.handlers()))
         server = await serve(args.endpoint, handlers)
         stop = asyncio.Event()

@@ -11,9 +11,13 @@ refuses volumes the driver did not create. The driver does not attach volumes to
 
 Topology: the nodes report ``topology.pairvol.io/node`` (so the plugin advertises
 VOLUME_ACCESSIBILITY_CONSTRAINTS), but a volume is accessible from every node, so a created
-volume names no accessible topology (the CO may schedule its pods anywhere). The
-accessibility requirements place the replicas only when the StorageClass asks for it
-(``replicasFollowTopology``, params.volume_request).
+volume names no accessible topology (the CO may schedule its pods anywhere). The first
+preferred topology, as the spec asks, is where the volume goes first: its node becomes the
+ReplicatedVolume's ``preferredPrimaryNode`` (for a WaitForFirstConsumer claim the node its
+pod was scheduled to, so the pod's I/O reaches a primary on its own node). The accessibility
+requirements place the replicas only when the StorageClass asks for it
+(``replicasFollowTopology``, params.volume_request). A repeated CreateVolume whose
+preference differs is still the same volume (a preference is not a property of it).
 """
 
 from __future__ import annotations
@@ -102,12 +106,13 @@ class ControllerService:
             raise CsiError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         try:
             topology: list[str] = []
+            preferred: list[str] = []
             if req.HasField("accessibility_requirements"):
                 reqs = req.accessibility_requirements
-                topology = topology_nodes(
-                    [string_map(t.segments) for t in reqs.requisite], [string_map(t.segments) for t in reqs.preferred]
-                )
-            wanted = volume_request(name, size, string_map(req.parameters), topology)
+                preferred = topology_nodes([], [string_map(t.segments) for t in reqs.preferred])
+                topology = topology_nodes([string_map(t.segments) for t in reqs.requisite], []) or preferred
+            primary = preferred[0] if preferred else ""
+            wanted = volume_request(name, size, string_map(req.parameters), topology, primary)
         except ParameterError as exc:
             raise invalid(str(exc)) from exc
         for cap in map(capability, req.volume_capabilities, repeat("volume_capabilities")):

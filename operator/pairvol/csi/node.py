@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -106,6 +107,31 @@ class NodeService:
         if parse_volume_id(volume_id) is None:
             raise invalid(f"volume_id {volume_id!r} is not a volume of {DRIVER_NAME} (NAMESPACE/NAME)")
         return Attachment(self.state_dir, volume_id)
+
+    async def recover(self) -> None:
+        """Before serving: the attachments the state directory holds, found again from
+        disk (Attachment.discard_if_left_over): those whose attacher runs are carried on,
+        those a node restart left as files only are removed (a pod that still needs the
+        volume gets NodeStageVolume again), broken ones are kept for the CO to unstage."""
+        dirs = await asyncio.to_thread(lambda: sorted(self.state_dir.glob("*/attachment.json")))
+        for path in dirs:
+            try:
+                record = Record(**json.loads(await asyncio.to_thread(path.read_text)))
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("attachment record %s is unreadable (%s); left as it is", path, exc)
+                continue
+            att = Attachment(self.state_dir, record.volume_id)
+            if att.dir != path.parent:
+                log.warning("attachment record %s names volume %s; left as it is", path, record.volume_id)
+                continue
+            found = await att.discard_if_left_over()
+            what = {
+                "discarded": "only its files were left (the node restarted); removed",
+                "broken": "its attacher is gone under its loop device; it must be unstaged",
+                "running": "found again, its attacher running",
+            }[found]
+            level = logging.WARNING if found == "broken" else logging.INFO
+            log.log(level, "attachment of %s: %s", record.volume_id, what)
 
     def handlers(self) -> dict[str, Handler]:
         return {

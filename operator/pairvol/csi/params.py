@@ -207,10 +207,12 @@ def topology_nodes(requisite: Sequence[Mapping[str, str]], preferred: Sequence[M
 
 
 def volume_request(
-    name: str, size: int, parameters: Mapping[str, str], topology: Sequence[str] = ()
+    name: str, size: int, parameters: Mapping[str, str], topology: Sequence[str] = (), preferred_primary: str = ""
 ) -> VolumeRequest:
     """Validate a CreateVolume's name and parameters into the ReplicatedVolume to create.
-    ``topology``: the nodes of the request's accessibility requirements (topology_nodes)."""
+    ``topology``: the nodes of the request's accessibility requirements (topology_nodes);
+    ``preferred_primary``: the node of their first preferred topology, where the primary
+    goes if it may (a WaitForFirstConsumer claim's selected node: the pod runs there)."""
     if len(name) > MAX_VOLUME_NAME or not _DNS_LABEL.match(name):
         raise ParameterError(
             f"volume name {name!r} must be a DNS label of at most {MAX_VOLUME_NAME} characters: it names the "
@@ -262,6 +264,8 @@ def volume_request(
             )
         listed = spec.get("nodes")
         spec["nodes"] = [n for n in topology if listed is None or n in listed]
+    if preferred_primary:
+        spec["preferredPrimaryNode"] = preferred_primary
     if "hostPath" in parameters:
         spec["storage"] = {"hostPath": parameters["hostPath"]}
     # DeleteVolume is only called when the PV's reclaim policy is Delete, so by default the

@@ -10,7 +10,13 @@ give them their documented meaning, against the emulated API server's object sto
   tolerates and which its required pod anti-affinity allows; among those, the one
   violating the fewest preferred anti-affinity weights, then running the fewest pods
   (pod affinity and topology spread constraints are not considered); otherwise it stays Pending with
-  ``PodScheduled=False``/``Unschedulable`` and a ``FailedScheduling`` Event saying why;
+  ``PodScheduled=False``/``Unschedulable`` and a ``FailedScheduling`` Event saying why.
+  Its PersistentVolumeClaims, as the volume binding plugin sees them: a missing claim, or
+  an unbound one of an ``Immediate`` StorageClass, keeps the pod Pending; for unbound
+  claims of a ``WaitForFirstConsumer`` class the scheduler chooses the node, writes it on
+  the claims (annotation ``volume.kubernetes.io/selected-node``, which the provisioner waits
+  for) and binds the pod to that node once they are all bound (PV node affinity is not
+  considered: the local cluster's volumes have none);
 * **Deployment → ReplicaSet** — one ReplicaSet per pod template (named by the template's
   hash, label ``pod-template-hash``), ``Recreate`` or ``RollingUpdate`` with
   ``maxSurge``/``maxUnavailable`` (the upstream arithmetic), revision annotations,
@@ -59,7 +65,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -80,7 +86,11 @@ WATCHED = (
     ("apps", "v1", "daemonsets"),
     ("apps", "v1", "statefulsets"),
     ("batch", "v1", "jobs"),
+    ("", "v1", "persistentvolumeclaims"),  # a bound claim lets its pod be scheduled
 )
+
+SELECTED_NODE = "volume.kubernetes.io/selected-node"
+WAIT_FOR_FIRST_CONSUMER = "WaitForFirstConsumer"
 
 TEMPLATE_HASH = "pod-template-hash"
 REVISION = "deployment.kubernetes.io/revision"
@@ -318,6 +328,35 @@ def anti_affinity(
     return required, penalty
 
 
+def volume_binding(
+    pod: JsonDict, claims: Mapping[str, JsonDict], classes: Mapping[str, JsonDict]
+) -> tuple[str | None, list[JsonDict], str | None]:
+    """What the scheduler's volume binding says of a pod (pure), given the claims of its
+    namespace by name and the StorageClasses by name: (why it cannot be scheduled now or
+    None; its unbound WaitForFirstConsumer claims, which wait for the node to be chosen; the
+    node its claims name as selected already, if any)."""
+    delayed: list[JsonDict] = []
+    selected: str | None = None
+    for volume in spec(pod).get("volumes") or []:
+        name = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        if not name:
+            continue
+        claim = claims.get(name)
+        if claim is None:
+            return f'persistentvolumeclaim "{name}" not found', [], None
+        if is_terminating(claim):
+            return f'persistentvolumeclaim "{name}" is being deleted', [], None
+        selected = selected or (meta(claim).get("annotations") or {}).get(SELECTED_NODE)
+        if status(claim).get("phase") == "Bound":
+            continue
+        storage_class = classes.get(str(spec(claim).get("storageClassName") or ""))
+        if storage_class is not None and storage_class.get("volumeBindingMode") == WAIT_FOR_FIRST_CONSUMER:
+            delayed.append(claim)
+            continue
+        return "pod has unbound immediate PersistentVolumeClaims", [], None
+    return None, delayed, selected
+
+
 def _deletion_rank(pod: JsonDict) -> tuple[int, int, int, float]:
     """Sort key: the pod a controller should remove first comes first (upstream's order)."""
     phase_rank = {"Pending": 0, "Unknown": 1, "Running": 2}.get(pod_phase(pod), 0)
@@ -553,12 +592,22 @@ class ControllerManager:
                 load[node] = load.get(node, 0) + 1
         node_labels = {meta(n)["name"]: meta(n).get("labels") or {} for n in nodes}
         placed = [(str(spec(p)["nodeName"]), p) for p in pods if spec(p).get("nodeName") and is_active(p)]
+        claims: dict[str, dict[str, JsonDict]] = {}
+        for claim in self._list("", "persistentvolumeclaims"):
+            claims.setdefault(str(meta(claim).get("namespace")), {})[meta(claim)["name"]] = claim
+        classes = {meta(c)["name"]: c for c in self._list("storage.k8s.io", "storageclasses")}
         for pod in pods:
             pspec = spec(pod)
             if pspec.get("nodeName") or not is_active(pod):
                 continue
             if pspec.get("schedulerName") not in (None, "", "default-scheduler"):
                 continue
+            why_not, delayed, selected = volume_binding(pod, claims.get(meta(pod).get("namespace", ""), {}), classes)
+            if why_not is not None:
+                self._unschedulable(pod, f"0/{len(nodes)} nodes are available: {why_not}.")
+                continue
+            if delayed and selected:
+                continue  # the claims are being provisioned for the node chosen: bound after them
             reasons: dict[str, int] = {}
             fits: dict[str, int] = {}  # node -> anti-affinity penalty (preferred terms' weights)
             for node in nodes:
@@ -572,8 +621,15 @@ class ControllerManager:
                 else:
                     reasons[why] = reasons.get(why, 0) + 1
             if fits:
-                chosen = min(fits, key=lambda n: (fits[n], load.get(n, 0), n))
+                # the node the pod's claims were provisioned for, if it still fits
+                chosen = selected if selected in fits else min(fits, key=lambda n: (fits[n], load.get(n, 0), n))
                 load[chosen] = load.get(chosen, 0) + 1
+                if delayed:  # the provisioners wait for this; the pod is bound once they are
+                    for claim in delayed:
+                        annotated = copy.deepcopy(claim)
+                        meta(annotated).setdefault("annotations", {})[SELECTED_NODE] = chosen
+                        self._update("", "persistentvolumeclaims", annotated)
+                    continue
                 placed.append((chosen, pod))
                 bound = copy.deepcopy(pod)
                 bound["spec"]["nodeName"] = chosen
@@ -586,19 +642,21 @@ class ControllerManager:
                 self._event(pod, "Scheduled", f"Successfully assigned {name} to {chosen}", "default-scheduler")
                 continue
             detail = ", ".join(f"{count} node(s) {why}" for why, count in sorted(reasons.items()))
-            message = f"0/{len(nodes)} nodes are available" + (f": {detail}." if detail else ".")
-            old = _condition(pod, "PodScheduled")
-            if old is None or old.get("message") != message:
-                conds = set_condition(
-                    status(pod).get("conditions") or [],
-                    "PodScheduled",
-                    "False",
-                    "Unschedulable",
-                    message,
-                    self._now_text,
-                )
-                self._write_status("", "pods", pod, {**status(pod), "conditions": conds})
-                self._event(pod, "FailedScheduling", message, "default-scheduler", "Warning")
+            self._unschedulable(pod, f"0/{len(nodes)} nodes are available" + (f": {detail}." if detail else "."))
+
+    def _unschedulable(self, pod: JsonDict, message: str) -> None:
+        old = _condition(pod, "PodScheduled")
+        if old is None or old.get("message") != message:
+            conds = set_condition(
+                status(pod).get("conditions") or [],
+                "PodScheduled",
+                "False",
+                "Unschedulable",
+                message,
+                self._now_text,
+            )
+            self._write_status("", "pods", pod, {**status(pod), "conditions": conds})
+            self._event(pod, "FailedScheduling", message, "default-scheduler", "Warning")
 
     @staticmethod
     def _unfit(pod_spec: JsonDict, node: JsonDict) -> str | None:

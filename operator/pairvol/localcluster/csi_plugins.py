@@ -19,8 +19,9 @@ mount propagation its manifest asks for:
   names (:class:`ServiceHosts`, the part of cluster DNS the driver needs: a volume's
   export is ``<volume>.<namespace>.svc:7802``), bound in its namespace only.
 * **registrar**: ``NodeGetInfo`` on the plugin's socket, then the node's ``CSINode`` lists
-  the driver with that node ID, the Node carries the ``csi.volume.kubernetes.io/nodeid``
-  annotation, and the node's kubelet learns the socket
+  the driver with that node ID and its topology keys, the Node carries the
+  ``csi.volume.kubernetes.io/nodeid`` annotation and the topology as labels
+  (``topology.pairvol.io/node``), and the node's kubelet learns the socket
   (:meth:`~pairvol.localcluster.kubelet_csi.NodeVolumes.register_driver`).
 * **controller plugin**: the controller container's user (65532), no capabilities,
   ``no_new_privs``, with the kubeconfig it is given (a token of the chart's controller
@@ -33,6 +34,27 @@ mount propagation its manifest asks for:
 The state directories are short paths under ``/tmp/pvcsi-*`` rather than under the
 node's directory: an attachment's QMP socket lives in it, and unix socket paths are
 limited to 107 bytes.
+
+**A node plugin lives and dies with its node** (a :class:`~pairvol.localcluster.kubelet.
+NodeAddon` of the node simulator), as the DaemonSet's pod does on a real node:
+
+* it runs in a cgroup under the node's (when the simulator has cgroups), and so does every
+  attacher it starts (a daemon keeps its cgroup): ``node kill`` SIGKILLs them with the
+  node's pods, the attachers' NBD connections to the exports drop, and the kubelet's
+  memory of staged volumes goes too;
+* then what a power-off takes with it is undone, *after* those processes are gone: the
+  mounts under the node's kubelet directory (file systems, publications), the loop devices
+  over its attachments' exports and their dead FUSE mounts. The order is what keeps a dead
+  node off the volume: its attachers die first, so nothing its kernel still held (dirty
+  pages of an unmounted file system) can reach an export afterwards. Without cgroups the
+  plugin's process group and the attachers named by their pidfiles are SIGKILLed instead
+  (a daemon still starting at that moment may escape: what cgroups are for);
+* the state directory stays, as a node's disk does: the records of its attachments;
+* ``node restart`` starts the plugin again and registers it: at its start it finds those
+  records with no attacher and no loop device and removes them
+  (:meth:`pairvol.csi.node.NodeService.recover`); a pod still bound to the node stages
+  the volume anew. A pod of the dead node that is replaced elsewhere stages there without
+  waiting for anything of the dead node.
 
 Teardown undoes it all in an order that protects data: the provisioner stops; every
 volume still published by a kubelet is unpublished and unstaged through its plugin; the
@@ -225,11 +247,19 @@ def controller_security() -> SecurityPlan:
 
 
 def node_plugin_argv(
-    *, netns: str, hosts: Path, security: SecurityPlan, socket: Path, node_id: str, state_dir: Path
+    *,
+    netns: str,
+    hosts: Path,
+    security: SecurityPlan,
+    socket: Path,
+    node_id: str,
+    state_dir: Path,
+    cgroup: Path | None = None,
 ) -> list[str]:
     """The node plugin in the node's network namespace and a mount namespace of its own
     whose shared mounts (kubelet and state directories) stay peers of the machine's; only
-    /etc/hosts is its own (its mount made private first, so the bind does not propagate)."""
+    /etc/hosts is its own (its mount made private first, so the bind does not propagate).
+    With ``cgroup`` it joins that cgroup first (its attachers are then in it too)."""
     q = shlex.quote
     program = [
         *security.setpriv_argv(),
@@ -245,10 +275,14 @@ def node_plugin_argv(
             "exec " + " ".join(q(a) for a in program),
         ]
     )
-    return [
+    argv = [
         "nsenter", f"--net={NETNS_DIR / netns}", "--",
         "unshare", "--mount", "--propagation", "unchanged", "--", "/bin/sh", "-c", script,
     ]  # fmt: skip
+    if cgroup is None:
+        return argv
+    join = f"echo $$ > {q(str(cgroup / 'cgroup.procs'))}"
+    return ["/bin/sh", "-c", f"{join}\nexec " + " ".join(q(a) for a in argv)]
 
 
 async def _is_mountpoint(path: Path) -> bool:
@@ -262,6 +296,46 @@ async def make_shared(path: Path) -> None:
     if not await _is_mountpoint(path):
         await run_command(["mount", "--bind", str(path), str(path)])
     await run_command(["mount", "--make-shared", str(path)])
+
+
+def _attachers_in(state_dir: Path) -> list[int]:
+    """The attachers named by pidfiles under a node's state directory that still run
+    (checked against /proc: the command line names the attachment's directory)."""
+    found = []
+    for pidfile in state_dir.glob("*/attacher.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(pidfile.parent).encode() in cmdline:
+            found.append(pid)
+    return found
+
+
+async def power_off(kubelet_dir: Path, state_dir: Path) -> list[str]:
+    """What a node's power-off takes with it besides its processes (call only once they
+    are gone: see the module docstring): the mounts below its kubelet directory, the loop
+    devices over its attachments' FUSE exports, those dead FUSE mounts. The directories and
+    their files stay (the node's disk). Returns what was undone."""
+    undone = []
+    mountinfo = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    for point in mounts_under(mountinfo, [kubelet_dir]):
+        if Path(point) != kubelet_dir:
+            await run_command(["umount", "-l", point], check=False)
+            undone.append(point)
+    loops = await run_command(["losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list"], check=False)
+    for line in loops.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].startswith(str(state_dir) + "/"):
+            await run_command(["losetup", "-d", parts[0]], check=False)
+            undone.append(parts[0])
+    mountinfo = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    for point in mounts_under(mountinfo, [state_dir]):
+        if Path(point) != state_dir:
+            await run_command(["umount", "-l", point], check=False)
+            undone.append(point)
+    return undone
 
 
 def mounts_under(mountinfo: str, roots: Sequence[Path]) -> list[str]:
@@ -352,15 +426,61 @@ class LocalCsi:
             self.api, DRIVER_NAME, self.controller.socket, lambda: {n: k.volumes for n, k in nodes.items()}
         )
         await self.resizer.__aenter__()
+        self.sim.addons.append(self)
+
+    async def node_killed(self, name: str) -> None:
+        """The node died (its cgroup, with the plugin and its attachers, is SIGKILLed by
+        now): the rest of the plugin goes as at a power-off (module docstring)."""
+        plugin = self.node_plugins.pop(name, None)
+        if plugin is None or self.root is None:
+            return
+        if plugin.proc.returncode is None:  # no cgroups: its process group, then its attachers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(plugin.proc.pid, signal.SIGKILL)
+        await plugin.proc.wait()
+        state_dir = self.state_dir(name)
+        for _ in range(100):
+            pids = await asyncio.to_thread(_attachers_in, state_dir)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.05)
+        else:
+            raise KubeletError(f"node {name}: attachers {pids} survived SIGKILL")
+        undone = await power_off(self.kubelet_dir(name), state_dir)
+        logger.info("node %s: CSI node plugin killed with the node; gone with it: %s", name, undone or "nothing")
+
+    async def crash_node_plugin(self, name: str) -> None:
+        """SIGKILL the node plugin's process alone (a crash of its container's main
+        process; the attachers, daemons of their own, go on), then start it again and
+        register it, as the DaemonSet's pod restarts."""
+        plugin = self.node_plugins.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(plugin.proc.pid, signal.SIGKILL)
+        await plugin.proc.wait()
+        logger.info("node %s: CSI node plugin killed; starting it again", name)
+        await self._start_node(name)
+
+    async def node_restarted(self, name: str) -> None:
+        """The node is back: its plugin starts again and registers."""
+        if name not in self.node_plugins and self.root is not None:
+            await self._start_node(name)
 
     async def _start_node(self, node: str) -> None:
         assert self.root is not None and self.hosts is not None
         kubelet_dir, state_dir = self.kubelet_dir(node), self.state_dir(node)
         for path in (kubelet_dir, state_dir):
             await make_shared(path)
-            self._shared.append(path)
+            if path not in self._shared:
+                self._shared.append(path)
         socket = kubelet_dir / "plugins" / DRIVER_NAME / "csi.sock"
         await asyncio.to_thread(socket.parent.mkdir, parents=True, exist_ok=True)
+        cgroup_root = self.sim.kubelets[node].cgroup_root
+        cgroup = cgroup_root / "csi-node-plugin" if cgroup_root is not None else None
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.mkdir, parents=True, exist_ok=True)
         argv = node_plugin_argv(
             netns=self.sim.net.netns_name(node),
             hosts=self.hosts.path,
@@ -368,6 +488,7 @@ class LocalCsi:
             socket=socket,
             node_id=node,
             state_dir=state_dir,
+            cgroup=cgroup,
         )
         plugin = await _spawn(
             f"node {node}", argv, _python_env("/root"), socket, Path(self.sim.root) / node / "logs" / "csi-node.log"
@@ -381,8 +502,8 @@ class LocalCsi:
         async with CsiClient(socket, timeout=10) as client:
             info = await client.call("Node", "NodeGetInfo", {})
         node_id = str(info["nodeId"])
-        keys = sorted((info.get("accessibleTopology") or {}).get("segments") or {})
-        body = csinode_object(node, node_id, keys)
+        segments = {str(k): str(v) for k, v in ((info.get("accessibleTopology") or {}).get("segments") or {}).items()}
+        body = csinode_object(node, node_id, sorted(segments))
         try:
             await self.api.request("POST", "/apis/storage.k8s.io/v1/csinodes", body=body)
         except ApiError as exc:
@@ -394,7 +515,8 @@ class LocalCsi:
         await self.api.request(
             "PATCH",
             f"/api/v1/nodes/{node}",
-            body={"metadata": {"annotations": {NODE_ID_ANNOTATION: annotation}}},
+            # the kubelet labels the Node with the plugin's topology (the provisioner reads it)
+            body={"metadata": {"annotations": {NODE_ID_ANNOTATION: annotation}, "labels": segments}},
             content_type=MERGE_PATCH,
         )
         self.sim.kubelets[node].volumes.register_driver(DRIVER_NAME, socket)
@@ -422,6 +544,8 @@ class LocalCsi:
 
     async def close(self) -> None:
         """Stop everything and undo every mount (never raises)."""
+        if self in self.sim.addons:
+            self.sim.addons.remove(self)
         if self.resizer is not None:
             with contextlib.suppress(Exception):
                 await self.resizer.__aexit__(None, None, None)

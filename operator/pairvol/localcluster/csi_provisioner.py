@@ -16,6 +16,17 @@ real one:
   ``node-stage-secret-name``/``-namespace`` templates (``${pv.name}``, ``${pvc.name}``,
   ``${pvc.namespace}``) are resolved into the PV's ``nodeStageSecretRef``; other secret
   keys are refused, as this driver takes no other secrets;
+* a claim of a ``WaitForFirstConsumer`` StorageClass waits (one ``WaitForFirstConsumer``
+  event) until the scheduler wrote the node of its first pod on it
+  (``volume.kubernetes.io/selected-node``);
+* the accessibility requirements are those of the sidecar's ``Topology`` feature: the
+  requisite is the class's ``allowedTopologies``, or, for a claim with a selected node,
+  every node's topology where the driver is registered (its ``CSINode`` topology keys, the
+  values from the Node's labels); the preferred list starts with the selected node's
+  topology and goes on with the rest, or, without a selected node, is the requisite rotated
+  by a hash of the volume's name (so that the first preferred node varies from volume to
+  volume); an Immediate claim of a class without ``allowedTopologies`` gets none, as the
+  chart runs the sidecar (``--immediate-topology=false``);
 * a transient answer (ABORTED: the volume is still being created; UNAVAILABLE, ...) is
   retried with exponential back-off (1 s doubling to 30 s); every failure is a
   ``ProvisioningFailed`` event on the claim with the plugin's text, as ``kubectl describe
@@ -41,6 +52,7 @@ Objects are read by list + watch and every claim and PV is also re-examined ever
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +79,8 @@ PVC_PROTECTION = "kubernetes.io/pvc-protection"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 BIND_COMPLETED = "pv.kubernetes.io/bind-completed"
 DEFAULT_FSTYPE = "ext4"
+SELECTED_NODE = "volume.kubernetes.io/selected-node"
+WAIT_FOR_FIRST_CONSUMER = "WaitForFirstConsumer"
 
 _TEMPLATE = re.compile(r"\$\{([^}]*)\}")
 
@@ -114,10 +128,14 @@ def claim_size(claim: Mapping[str, Any]) -> int:
 
 
 def create_request(
-    claim: Mapping[str, Any], storage_class: Mapping[str, Any], pv_name: str
+    claim: Mapping[str, Any],
+    storage_class: Mapping[str, Any],
+    pv_name: str,
+    node_topologies: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[JsonDict, tuple[str, str] | None]:
     """The CreateVolumeRequest for a claim (CSI JSON mapping) and the PV's
-    nodeStageSecretRef (namespace, name), or ProvisionError (pure)."""
+    nodeStageSecretRef (namespace, name), or ProvisionError (pure). ``node_topologies``:
+    each node's topology for the driver, needed for a claim with a selected node."""
     spec = claim.get("spec") or {}
     meta = claim.get("metadata") or {}
     modes = list(spec.get("accessModes") or [])
@@ -161,18 +179,66 @@ def create_request(
             RESERVED + "pv/name": pv_name,
         },
     }
-    requisite = allowed_topologies(storage_class)
-    if requisite:
-        request["accessibilityRequirements"] = {"requisite": requisite, "preferred": requisite}
+    selected = (meta.get("annotations") or {}).get(SELECTED_NODE)
+    requirements = accessibility(storage_class, pv_name, selected, node_topologies or {})
+    if requirements is not None:
+        request["accessibilityRequirements"] = requirements
     return request, secret_ref
+
+
+def accessibility(
+    storage_class: Mapping[str, Any],
+    pv_name: str,
+    selected: str | None,
+    node_topologies: Mapping[str, Mapping[str, str]],
+) -> JsonDict | None:
+    """The accessibility requirements of a CreateVolume (module docstring), or None (pure)."""
+    requisite = allowed_topologies(storage_class)
+    if not requisite and selected:
+        requisite = [{"segments": dict(seg)} for _, seg in sorted(node_topologies.items()) if seg]
+    if not requisite:
+        return None
+    if selected:
+        if not node_topologies.get(selected):
+            raise ProvisionError(
+                f"the claim's selected node {selected} has no topology of the driver (its node plugin is not "
+                "registered there: no CSINode entry, or the Node lacks the topology labels)"
+            )
+        first = {"segments": dict(node_topologies[selected])}
+        if first not in requisite:
+            raise ProvisionError(
+                f"the claim's selected node {selected} is outside the StorageClass's allowedTopologies"
+            )
+        preferred = [first, *(t for t in requisite if t != first)]
+    else:
+        shift = int(hashlib.sha256(pv_name.encode()).hexdigest(), 16) % len(requisite)
+        preferred = requisite[shift:] + requisite[:shift]
+    return {"requisite": requisite, "preferred": preferred}
+
+
+def node_topologies(
+    driver: str, csinodes: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, str]]:
+    """Each node's topology for ``driver``: its CSINode's topology keys with the values of
+    the Node's labels (a node missing one of them has none) (pure)."""
+    labels = {str(n["metadata"]["name"]): (n["metadata"].get("labels") or {}) for n in nodes}
+    out: dict[str, dict[str, str]] = {}
+    for csinode in csinodes:
+        name = str(csinode["metadata"]["name"])
+        for entry in (csinode.get("spec") or {}).get("drivers") or []:
+            if entry.get("name") != driver:
+                continue
+            keys = list(entry.get("topologyKeys") or [])
+            values = labels.get(name, {})
+            if keys and all(k in values for k in keys):
+                out[name] = {k: str(values[k]) for k in keys}
+    return out
 
 
 def allowed_topologies(storage_class: Mapping[str, Any]) -> list[JsonDict]:
     """The StorageClass's ``allowedTopologies`` as CSI topologies, one per allowed value
     (each term a conjunction of its expressions: their values' product), as the
-    external-provisioner's Topology feature builds the requisite from them (pure). Without
-    allowedTopologies it would list every node's topology; this emulation then sends none,
-    which for this driver (accessible from every node) means the same."""
+    external-provisioner's Topology feature builds the requisite from them (pure)."""
     out: list[JsonDict] = []
     for term in storage_class.get("allowedTopologies") or []:
         segments: list[dict[str, str]] = [{}]
@@ -270,6 +336,7 @@ class Provisioner(SidecarLoop):
         self.socket = socket
         # the nodes that still have a volume handle staged: DeleteVolume waits for none
         self.in_use = in_use or (lambda handle: ())
+        self._told_waiting: set[str] = set()  # claims (uid) told they wait for their first pod
 
     def retry_delay(self, exc: BaseException, failures: int) -> float:
         """A volume still staged somewhere, or a call the plugin calls transient, is tried
@@ -297,7 +364,12 @@ class Provisioner(SidecarLoop):
                 await self._protect(claim)
             if (claim.get("status") or {}).get("phase") == "Bound":
                 continue
-            self._start(str(claim["metadata"]["uid"]), self._provision(claim, ours[claim["spec"]["storageClassName"]]))
+            storage_class = ours[claim["spec"]["storageClassName"]]
+            selected = (claim["metadata"].get("annotations") or {}).get(SELECTED_NODE)
+            if storage_class.get("volumeBindingMode") == WAIT_FOR_FIRST_CONSUMER and not selected:
+                await self._wait_for_consumer(claim)
+                continue
+            self._start(str(claim["metadata"]["uid"]), self._provision(claim, storage_class))
         for pv in volumes:
             if (pv["metadata"].get("annotations") or {}).get(PROVISIONED_BY) != self.driver:
                 continue
@@ -332,11 +404,24 @@ class Provisioner(SidecarLoop):
         with contextlib.suppress(ApiError):
             await self.api.request("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
 
+    async def _wait_for_consumer(self, claim: JsonDict) -> None:
+        """What the PV controller says of such a claim, once."""
+        uid = str(claim["metadata"]["uid"])
+        if uid not in self._told_waiting:
+            self._told_waiting.add(uid)
+            message = "waiting for first consumer to be created before binding"
+            await self._event(claim, "Normal", WAIT_FOR_FIRST_CONSUMER, message)
+
     async def _provision(self, claim: JsonDict, storage_class: JsonDict) -> None:
         meta = claim["metadata"]
         pv_name = f"pvc-{meta['uid']}"
+        topologies: dict[str, dict[str, str]] = {}
+        if (meta.get("annotations") or {}).get(SELECTED_NODE):
+            csinodes, _ = await self.api.list_all("/apis/storage.k8s.io/v1/csinodes")
+            nodes, _ = await self.api.list_all("/api/v1/nodes")
+            topologies = node_topologies(self.driver, csinodes, nodes)
         try:
-            request, secret_ref = create_request(claim, storage_class, pv_name)
+            request, secret_ref = create_request(claim, storage_class, pv_name, topologies)
         except ProvisionError as exc:
             await self._event(claim, "Warning", "ProvisioningFailed", str(exc))
             raise

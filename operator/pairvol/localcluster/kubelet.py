@@ -78,7 +78,9 @@ part of kube-controller-manager that matters here) marks a node ``Ready=Unknown`
 ``unreachable`` taints, and its pods not Ready, once no heartbeat arrived for
 ``node_monitor_grace`` seconds — after :meth:`NodeSimulator.kill_node` or while it is
 partitioned. Pods of a dead node are not evicted (like the real default of 5 minutes,
-but forever here); the operator decides.
+but forever here); the operator decides. What runs on a node besides its pods (the CSI
+node plugin of :mod:`~pairvol.localcluster.csi_plugins`) registers a :class:`NodeAddon`
+and is told when the node is killed and when it is powered on again.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
@@ -1430,7 +1432,8 @@ class NodeKubelet:
                 await task
 
     async def kill(self) -> None:
-        """Power off: every process SIGKILLed, no more heartbeats or status updates."""
+        """Power off: every process SIGKILLed (the pods', and whatever else runs in the
+        node's cgroup), no more heartbeats or status updates."""
         self.alive = False
         self.connected.clear()
         await self._cancel_tasks()
@@ -1440,6 +1443,9 @@ class NodeKubelet:
         self._done.clear()
         if self.cgroup_root is not None:
             await asyncio.to_thread(_sweep_cgroup_tree, self.cgroup_root)
+        # the kubelet's memory dies with it: which volumes it staged and published, which
+        # CSI drivers registered (their plugins register again when the node is back)
+        self.volumes = NodeVolumes(self.sim.api, self.name, self.kubelet_dir)
 
     async def restart(self) -> None:
         if self.alive:
@@ -1525,6 +1531,18 @@ def _micro_now() -> str:
 # ---------------------------------------------------------------------------------------
 
 
+class NodeAddon(Protocol):
+    """Something that runs on every node besides its pods (the local cluster's CSI node
+    plugins): it dies with a killed node and starts again when the node is powered on."""
+
+    async def node_killed(self, name: str) -> None:
+        """The node's processes are gone (called after the kubelet's kill): what is left
+        of the addon there, processes or kernel state, must go as at a power-off."""
+
+    async def node_restarted(self, name: str) -> None:
+        """The node's kubelet runs again (called after it re-registered)."""
+
+
 class NodeSimulator:
     """Kubelets for ``nodes`` against the API server at ``api_url``.
 
@@ -1572,6 +1590,7 @@ class NodeSimulator:
         self.cgroup_root: Path | None = None
         self.capabilities = own_bounding_set()  # what a privileged container gets
         self.kubelets: dict[str, NodeKubelet] = {}
+        self.addons: list[NodeAddon] = []  # told of node kills and restarts, in this order
         self._controller: asyncio.Task[None] | None = None
         self.router: ServiceRouter | None = None  # Services: endpoints + per-node DNAT
         self.dns: ClusterDNS | None = None  # Service names, for pods with dnsPolicy ClusterFirst
@@ -1747,6 +1766,8 @@ class NodeSimulator:
         """Power the node off: all its processes SIGKILLed (returns when they are gone);
         no more heartbeats, so it turns Ready=Unknown after ``node_monitor_grace``."""
         await self._kubelet(name).kill()
+        for addon in list(self.addons):
+            await addon.node_killed(name)
         logger.info("node %s killed", name)
 
     async def restart_node(self, name: str) -> None:
@@ -1757,6 +1778,8 @@ class NodeSimulator:
         await kubelet.restart()
         if self.router is not None:
             self.router.resync()
+        for addon in list(self.addons):
+            await addon.node_restarted(name)
         logger.info("node %s restarted", name)
 
     async def partition_node(self, name: str) -> None:

@@ -314,8 +314,9 @@ def rank_nodes(candidates: Sequence[NodeView], placement: Mapping[str, int], pre
 
 
 def choose_pair(spec: VolumeSpec, nodes: Sequence[NodeView], placement: Mapping[str, int]) -> tuple[str, str] | str:
-    """Two distinct nodes for primary and secondary, or a message saying why there are none."""
-    ranked = rank_nodes(eligible_nodes(spec, nodes), placement)
+    """Two distinct nodes for primary and secondary, or a message saying why there are none.
+    The primary goes to ``spec.preferredPrimaryNode`` when that node is eligible."""
+    ranked = rank_nodes(eligible_nodes(spec, nodes), placement, (spec.preferred_primary,))  # "" is no node
     if len(ranked) < 2:
         why = []
         if spec.nodes:

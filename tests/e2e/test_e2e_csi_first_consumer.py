@@ -1,0 +1,85 @@
+"""A WaitForFirstConsumer claim's volume is made where its first pod runs, on the local cluster.
+
+The claim waits, unprovisioned, until a pod uses it. The scheduler chooses the pod's node
+and writes it on the claim (``volume.kubernetes.io/selected-node``); the provisioner then
+calls CreateVolume preferring that node's topology; the driver makes it the volume's
+``preferredPrimaryNode``, and the operator starts the primary there. The pod is bound to
+that node once its claim is bound, and writes into the file system through a primary on its
+own node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
+    CLAIM,
+    FS_SIZE,
+    PODS,
+    RECORDS,
+    WRITER,
+    csi,
+    kubectl,
+    pod,
+    pod_events,
+    pod_log,
+    until_writing,
+)
+
+from pairvol.localcluster.csi_plugins import LocalCsi
+from pairvol.localcluster.demo import Stack
+
+pytestmark = pytest.mark.timeout(150)
+
+CLAIMS = "/api/v1/namespaces/default/persistentvolumeclaims"
+
+
+async def test_a_wait_for_first_consumer_claim_gets_its_primary_on_the_node_of_its_pod(
+    stack: Stack,
+    csi: LocalCsi,  # noqa: F811
+) -> None:
+    sc = await stack.kube.get("/apis/storage.k8s.io/v1/storageclasses/pairvol")  # the chart's
+    sc["metadata"] = {"name": "pairvol-local"}
+    sc["volumeBindingMode"] = "WaitForFirstConsumer"
+    await stack.kube.create("/apis/storage.k8s.io/v1/storageclasses", sc)
+    claim_yaml = CLAIM.format(name="data", mode="Filesystem", size=FS_SIZE).replace(
+        "storageClassName: pairvol", "storageClassName: pairvol-local"
+    )
+    code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=claim_yaml)
+    assert code == 0, err
+
+    async def waiting() -> list[str]:
+        return [e for e in await pod_events(stack, "data") if e.startswith("WaitForFirstConsumer")]
+
+    await stack.wait_for("the claim told it waits for its first pod", waiting, 10)
+    claim = await stack.kube.get(f"{CLAIMS}/data")
+    assert claim["status"]["phase"] == "Pending" and not claim["spec"].get("volumeName")
+    assert (await stack.kube.get("/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"))["items"] == []
+    assert (await stack.kube.get("/api/v1/persistentvolumes"))["items"] == []
+
+    # node-3: where the operator would not put a primary by itself (least loaded, then by name)
+    writer = pod("writer", "", "data", WRITER)
+    del writer["spec"]["nodeName"]
+    writer["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "node-3"}
+    await stack.kube.create(PODS, writer)
+
+    async def bound() -> dict[str, Any] | None:
+        got = await stack.kube.get(f"{CLAIMS}/data")
+        return got if (got.get("status") or {}).get("phase") == "Bound" else None
+
+    claim = await stack.wait_for("claim data Bound", bound, 60)
+    assert claim["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] == "node-3"
+    pv_name = claim["spec"]["volumeName"]
+    rv = await stack.volume(pv_name)
+    assert rv["spec"]["preferredPrimaryNode"] == "node-3"
+    assert "nodes" not in rv["spec"], "a preference, not a restriction of the replicas"
+    status = await stack.status(pv_name)
+    assert status["primary"]["node"] == "node-3", status
+
+    async def written() -> bool:
+        return f"written {RECORDS}" in await pod_log(stack, "node-3", "writer")
+
+    await until_writing(stack, "writer", "the writer's records fsynced", written, 30)
+    placed = await stack.kube.get(f"{PODS}/writer")
+    assert placed["spec"]["nodeName"] == "node-3"
