@@ -43,6 +43,7 @@ T_RESTART = "tests/integration/test_restart_guards.py"
 T_CHAIN = "tests/integration/test_secondary_chain.py"
 T_RESYNC = "tests/integration/test_bitmap_resync.py"
 T_CHECKSUM = "tests/integration/test_checksum_resync.py"
+T_AUTO = "tests/integration/test_auto_resync.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ the replication link (I1, I2)
@@ -716,5 +717,33 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            if False:\n                raise ReplicaError(",
         ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
         "a lost disk next to a state is not recreated empty",
+    ),
+    # ------------------------------------------------------------------ automatic re-protection (R5)
+    Mutation(
+        "replica.dropped-peer-is-re-protected", REPLICA,
+        "            self._after_drop(link, reason)\n",
+        "            pass\n",
+        (f"{T_AUTO}::test_a_reachable_peer_dropped_under_writes_is_resynced_on_its_own",),
+        "a reachable peer dropped by a link failure is resynced without a call",
+    ),
+    Mutation(
+        "resync.reprotect-bounded", "operator/pairvol/agent/resync.py",
+        "    if view.failures < 1 or view.failures > len(REPROTECT_DELAYS_S):\n",
+        "    if view.failures < 1:\n        return REPROTECT_DELAYS_S[0]\n    if False:\n",
+        ("tests/unit/test_agent_resync.py",),
+        "a peer that keeps failing costs a bounded number of attempts, not a resync storm",
+    ),
+    Mutation(
+        "decisions.automatic-resync-never-promoted", DECISIONS,
+        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch:\n",
+        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch"
+        " and not manual:\n",
+        T_DECISIONS, "a secondary the primary is rewriting on its own is not promoted, even by hand",
+    ),
+    Mutation(
+        "decisions.operator-waits-for-the-primarys-own-re-protection", DECISIONS,
+        "        and not pa.reprotecting\n",
+        "",
+        T_DECISIONS, "a reachable dropped peer is not replaced while the primary re-protects it",
     ),
 )

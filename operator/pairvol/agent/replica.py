@@ -24,6 +24,9 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
 * checksum resync (R4) = where no record vouches for a peer disk that holds data, both
   agents digest their own disks and the regions that differ become bits of that same
   bitmap, started before the comparison (``pairvol.agent.checksum``).
+* automatic re-protection (docs/correctness.md R5) = a peer dropped while the replica serves
+  is re-paired by the primary on its own, at the same epoch, with ``auto``: after the failed
+  link left the quorum, a bounded number of times with growing delays (``_reprotect``).
 
 Every command is serialised by one lock; background tasks (retire, a link that went down)
 take the same lock before they change the graph. Two things never wait for that lock,
@@ -74,6 +77,7 @@ from pairvol.agent.stages import (
 )
 from pairvol.agent.state import Checkpoint, PersistedState
 from pairvol.agent.tcpexport import start_tcp_export
+from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 from pairvol.qemu import QemuError, QsdDied, img
 from pairvol.qemu import recipes as r
@@ -151,6 +155,8 @@ SAVE_BITMAP_TIMEOUT_S = 10.0
 PEER_VIEW_TIMEOUT_S = 5.0
 MARKS_FILE = "checksum-marks.qcow2"  # in .run/: scratch, merged at once, never reused
 MARKS_NODE = "checksum-marks"
+# how long recording "in sync" (the Lease) may hold a mark that waits for it
+IN_SYNC_HOOK_TIMEOUT_S = 2.0
 
 
 def new_disk_id() -> str:
@@ -240,6 +246,20 @@ class Replica:
         self.last_sync: dict[str, Any] | None = None
         self.peer_api: str | None = None  # the peer's agent API, for a checksum resync (R4)
         self._digest_lock = asyncio.Lock()  # one digest pass at a time on a secondary
+        # automatic re-protection (R5): the current pairing, and what the attempts did
+        self.before_resync_hooks: list[Hook] = []  # e.g. record on the Lease that the peer is rewritten
+        self.in_sync_hooks: list[Hook] = []  # e.g. clear the Lease's marks once the peer is in sync
+        self._pairing: tuple[tuple[str, int], int] | None = None  # (peer, its epoch)
+        self._peer_identity: str | None = None  # the disk identity the peer last answered to
+        self._reprotect_task: asyncio.Task[None] | None = None
+        self._reprotect_running = False  # an attempt holds the lock right now
+        self._reprotect_failures = 0
+        self._reprotect_due: float | None = None  # monotonic time of the next attempt
+        self._reprotect_error: str | None = None
+        self._in_sync_at: float | None = None  # monotonic: when the peer was last declared in sync
+        self._sync_counted: PeerLink | None = None  # the link whose sync's end was counted
+        self._clear_task: asyncio.Task[None] | None = None  # recording "in sync" again after a failure
+        metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -462,6 +482,8 @@ class Replica:
         log.warning("restored replica state: %s", what)
 
     async def close(self) -> None:
+        await self._cancel_reprotect()
+        await cancel_and_wait(self._clear_task)
         await self.chain.close()
         await self._drop_spawned_relay()
         clean = self.qsd.alive
@@ -1123,6 +1145,10 @@ class Replica:
         peer_epoch: int | None,
         peer_disk: str | None,
     ) -> dict[str, Any]:
+        await self._cancel_reprotect()
+        self._reprotect_failures, self._reprotect_error, self._in_sync_at = 0, None, None
+        self.metrics.resync_gave_up.labels(self.cfg.name).set(0)
+        self._pairing = (peer, peer_epoch if peer_epoch is not None else epoch - 1) if peer else None
         await self._detach_peer("peer replaced", mark=False)
         await self._build_quorum()
         st = self.state
@@ -1228,6 +1254,7 @@ class Replica:
         except PeerLinkError:
             self.link = None
             raise
+        self._peer_identity = plan.peer_disk or self._peer_identity
         log.info("re-protection of %s: %s sync (%s)", link.address, plan.kind, plan.reason)
         self.peer_error = None
         self.replication = "syncing" if plan.kind != rs.NONE else "replicating"
@@ -1243,7 +1270,12 @@ class Replica:
             await self._save(out_of_sync=False, peer_disk=link.peer_disk, tracking=False, full_reason=None)
             await self._drop_bitmap()
             self.replication = "replicating"
-            self.last_sync = link.last_sync
+            # endedAt tells two syncs apart that copied the same in the same time
+            self.last_sync = {**link.last_sync, "endedAt": round(time.time(), 3)} if link.last_sync else None
+            self._in_sync_at = time.monotonic()
+            self._count_sync_end(link, "succeeded")
+            if not await self._run_in_sync_hooks():
+                self._clear_task = asyncio.create_task(self._record_in_sync_later(link), name="record-in-sync")
             self._observe()
             return True
 
@@ -1447,8 +1479,12 @@ class Replica:
                 return
             self.link = None
             self.replication, self.peer_error = "degraded", reason
+            # R5: the next attempt is announced now (the operator leaves the peer to it), but
+            # it runs under this lock, so only after the failed link has left the quorum
+            self._after_drop(link, reason)
             self._observe()
             await link.detach()
+            self._count_sync_end(link, "failed")
 
     async def _detach_peer(self, reason: str, mark: bool) -> None:
         """Take the peer out of the quorum (caller holds the lock). With ``mark`` the peer is
@@ -1500,6 +1536,171 @@ class Replica:
             log.error("%s", self.undo_log_broken)
         elif name == "BLOCK_IO_ERROR":
             log.error("I/O error: %s", event.get("data"))
+
+    # ------------------------------------------------------------------ automatic re-protection
+    # docs/correctness.md R5. The decision (whether, and after how long) is pure, in
+    # agent/resync.py; the steps are here and run under the replica lock like any command.
+
+    def _reprotect_view(self) -> rs.ReprotectView:
+        st = self.state
+        return rs.ReprotectView(
+            serving=self.serving
+            and not self.fenced.is_set()
+            and st.role is Role.PRIMARY
+            and st.stage is Stage.RUNNING,
+            peer_configured=self._pairing is not None and self.cfg.auto_reprotect,
+            attached=self.link is not None,
+            failures=self._reprotect_failures,
+        )
+
+    def _after_drop(self, link: PeerLink, reason: str) -> None:
+        """The peer was dropped (caller holds the lock, and detaches the failed link before it
+        lets go of it): count the drop, and schedule the next automatic attempt — which takes
+        the same lock — or say that there will be none."""
+        in_sync_for = None if self._in_sync_at is None else time.monotonic() - self._in_sync_at
+        self._in_sync_at = None
+        self._reprotect_failures = rs.failures_after_drop(self._reprotect_failures, in_sync_for)
+        self._peer_identity = link.peer_disk or self._peer_identity
+        self._schedule_reprotect(reason)
+
+    def _schedule_reprotect(self, error: str) -> None:
+        self._reprotect_error = error
+        delay = rs.reprotect_delay(self._reprotect_view())
+        self._reprotect_due = None if delay is None else time.monotonic() + delay
+        gave_up = delay is None and self._reprotect_failures > len(rs.REPROTECT_DELAYS_S)
+        self.metrics.resync_gave_up.labels(self.cfg.name).set(1 if gave_up else 0)
+        if delay is None:
+            if gave_up:
+                log.warning(
+                    "peer %s failed %d times in a row; not re-protecting it automatically any more "
+                    "(a new pairing, POST /v1/primary, starts over): %s",
+                    self.state.peer, self._reprotect_failures, error,
+                )
+            return
+        log.info("re-protecting peer %s automatically in %.1f s (attempt %d of %d)",
+                 self.state.peer, delay, self._reprotect_failures, len(rs.REPROTECT_DELAYS_S))
+        self._reprotect_task = asyncio.create_task(self._reprotect(delay), name="reprotect")
+
+    async def _cancel_reprotect(self) -> None:
+        task, self._reprotect_task = self._reprotect_task, None
+        self._reprotect_due = None
+        await cancel_and_wait(task)
+
+    async def _reprotect(self, delay: float) -> None:
+        """One automatic attempt: the same peer, the same epochs, ``sync: auto`` — a bitmap
+        resync where the record allows (R1-R3), else a full copy, with the reason. The failed
+        link is gone before this runs (``_on_link_down`` holds the lock until it is detached),
+        and the new one joins the quorum with reads refused until the peer is in sync (R2)."""
+        await asyncio.sleep(delay)
+        async with self.lock:
+            if self._reprotect_task is not asyncio.current_task():
+                return  # replaced or cancelled meanwhile
+            self._reprotect_task, self._reprotect_due = None, None
+            if rs.reprotect_delay(self._reprotect_view()) is None:
+                return  # demoted, fenced, stopped, re-paired or attached meanwhile
+            self._reprotect_running = True
+            try:
+                await self._reprotect_attempt()
+            finally:
+                self._reprotect_running = False
+
+    async def _reprotect_attempt(self) -> None:
+        """Caller holds the lock; the peer is not attached."""
+        assert self._pairing is not None
+        peer, peer_epoch = self._pairing
+        try:
+            # e.g. the Lease records that the peer is being rewritten (no state the volume
+            # had until it is in sync) before the first byte is copied to it
+            for hook in self.before_resync_hooks:
+                await hook(self.state.epoch)
+            await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity)
+        except Exception as exc:  # a refused or unreachable peer, a hook that failed
+            log.warning("automatic re-protection of peer %s failed: %s", self.state.peer, exc)
+            log.debug("automatic re-protection traceback", exc_info=True)
+            # replication.error keeps why the peer was dropped; reprotect.lastError says this
+            self.replication = "degraded"
+            self.metrics.resync_attempts.labels(self.cfg.name, "failed").inc()
+            self._reprotect_failures += 1
+            self._schedule_reprotect(str(exc))
+            self._observe()
+            return
+        link = self.link
+        assert link is not None
+        self.metrics.resync_attempts.labels(self.cfg.name, "started").inc()
+        try:
+            await link.start_copy()
+        except PeerLinkError as exc:
+            await self._detach_peer(str(exc), mark=True)
+            async with self._oos_lock:  # the next resync of it is full
+                await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
+            self._count_sync_end(link, "failed")
+            self.peer_error = str(exc)
+            self._reprotect_failures += 1
+            self._schedule_reprotect(str(exc))
+        self._observe()
+
+    def _count_sync_end(self, link: PeerLink, result: str) -> None:
+        """pairvol_resyncs_total and the last resync's gauges: once per link that synced."""
+        if link.sync_kind == rs.NONE or self._sync_counted is link:
+            return
+        if result == "failed" and not link.syncing:
+            return  # it had finished: its end was counted as a success
+        self._sync_counted = link
+        m, name = self.metrics, self.cfg.name
+        m.resyncs.labels(name, link.sync_kind, result).inc()
+        if result == "succeeded":
+            m.resync_last_duration.labels(name).set(time.monotonic() - link.sync_started)
+            m.resync_last_bytes.labels(name).set(link.sync_total)
+
+    def _reprotect_status(self) -> dict[str, Any] | None:
+        """``replication.reprotect``: the automatic attempts of this pairing (None: no drop yet)."""
+        if self._reprotect_failures == 0 and self._reprotect_error is None:
+            return None
+        due = self._reprotect_due
+        if self._reprotect_running:
+            due = time.monotonic()  # an attempt runs now
+        return {
+            "failures": self._reprotect_failures,
+            "limit": len(rs.REPROTECT_DELAYS_S),
+            "nextInSeconds": None if due is None else round(max(0.0, due - time.monotonic()), 3),
+            "lastError": self._reprotect_error,
+            "gaveUp": due is None and self._reprotect_failures > len(rs.REPROTECT_DELAYS_S),
+        }
+
+    def _resync_remaining(self) -> float:
+        link = self.link
+        if link is None or not link.syncing:
+            return 0.0
+        return float(max(0, link.sync_total - link.sync_done))
+
+    async def _run_in_sync_hooks(self) -> bool:
+        """Caller holds ``_oos_lock`` (a mark waits for this, so a mark written after a
+        failure is never undone by a clear that was still on its way). A hook that fails
+        leaves the marks in place: the safe direction, the peer stays OutOfSync for the
+        operator until ``_record_in_sync_later`` succeeds. Returns whether all succeeded."""
+        for hook in self.in_sync_hooks:
+            try:
+                async with asyncio.timeout(IN_SYNC_HOOK_TIMEOUT_S):
+                    await hook(self.state.epoch)
+            except Exception as exc:
+                log.warning("the peer is in sync but that could not be recorded yet (%s); it stays marked", exc)
+                log.debug("in-sync hook traceback", exc_info=True)
+                return False
+        return True
+
+    async def _record_in_sync_later(self, link: PeerLink) -> None:
+        """Retry the in-sync hooks (every 1, 2, 4 … 30 s) while ``link`` stays in sync, under
+        the mark's lock like the first try; a new failure ends it (its mark stands)."""
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            async with self._oos_lock:
+                if link is not self.link or link.gate.failed.is_set() or link.syncing or self._peer_marked:
+                    return
+                if await self._run_in_sync_hooks():
+                    log.info("the peer's being in sync is recorded now")
+                    return
+            delay = min(30.0, delay * 2)
 
     # ------------------------------------------------------------------ status
 
@@ -1607,6 +1808,7 @@ class Replica:
                 }
                 if st.role is Role.PRIMARY
                 else None,
+                "reprotect": self._reprotect_status() if st.role is Role.PRIMARY else None,
                 "listener": None
                 if listener is None
                 else {"pid": listener.pid, "alive": listener.alive},
