@@ -11,6 +11,7 @@ ends by comparing both disks byte for byte.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent import resync as rs
-from pairvol.nbd import NBDClient
+from pairvol.nbd import NBDClient, NBDError
+from pairvol.qemu import recipes as r
 from tests.integration.test_bitmap_resync import (
     SIZE,
     MiB,
@@ -102,6 +104,43 @@ async def test_a_reachable_peer_dropped_under_writes_is_resynced_on_its_own(tmp_
         del ident
 
 
+async def test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_after_the_resync(
+    tmp_path: Path,
+) -> None:
+    """What the fault injector found (seeds 9302 partition, 9302 and 9303 loss): after a
+    silent partition the secondary still holds the connection of the primary's failed link,
+    and the writes that were in flight on it when the partition struck — retransmitted by
+    the primary's kernel once it heals — land on the secondary's disk after the automatic
+    resync copied those regions. The old data stays there, with the peer declared in sync.
+    Here the test holds such a connection itself (a client of the secondary's replication
+    export from before the drop) and sends its write only after the primary declared the
+    peer in sync: it must find the connection gone, and the disks identical."""
+    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+        host, port = secondary.replication_address.rsplit(":", 1)
+        stale = await NBDClient.connect_tcp(host, int(port), r.identity_export_name(1, ident))
+        try:
+            async with await primary.nbd() as nbd:
+                await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
+                before = (await primary.status())["replication"]["lastSync"]
+                await cut_link(primary)
+                await fill(nbd, 0xB0, [5 * MiB])  # written while the peer is out: in the bitmap
+                st = await wait_for(primary, reprotected(before), 20, "automatic re-protection")
+                assert st["replication"]["lastSync"]["kind"] == rs.BITMAP, st["replication"]["lastSync"]
+                assert st["replication"]["outOfSync"] is False
+                await nbd.flush()
+            landed = True
+            try:
+                # the old link's write, delivered late: 0xEE where the primary has 0xB0
+                await asyncio.wait_for(stale.pwrite(b"\xee" * 4096, 5 * MiB), 10)
+            except (ConnectionError, OSError, asyncio.IncompleteReadError, NBDError):
+                landed = False
+        finally:
+            with contextlib.suppress(Exception):
+                await stale.close()
+        assert_same_image(image(secondary), image(primary), "secondary after a late write of an earlier link")
+        assert not landed, "the secondary took a write on a connection from before the re-protection"
+
+
 async def test_a_peer_that_cannot_be_reached_is_retried_with_backoff_and_resynced_when_back(
     tmp_path: Path,
 ) -> None:
@@ -118,7 +157,8 @@ async def test_a_peer_that_cannot_be_reached_is_retried_with_backoff_and_resynce
                 primary, lambda s: (s["replication"]["reprotect"] or {}).get("failures", 0) >= 2, 15, "a failed attempt"
             )
             auto = st["replication"]["reprotect"]
-            assert "cannot connect to peer" in auto["lastError"] and auto["nextInSeconds"] > 0, auto
+            # the first step of an attempt fails: the peer's agent cannot cut its old connections
+            assert "cannot ask the peer's agent" in auto["lastError"] and auto["nextInSeconds"] > 0, auto
             assert st["replication"]["state"] == "degraded"
             await secondary.start()  # same data dir, same epoch: it serves its identity export again
             st = await wait_for(primary, reprotected(None), 30, "re-protection once the peer is back")
@@ -137,9 +177,16 @@ async def test_under_a_lease_the_resync_is_recorded_before_it_copies_and_cleared
     """The order R5 rests on, seen from the hooks the Lease is wired to: the out-of-sync mark,
     then the resync mark while the peer is not attached yet (before any byte is copied), then
     the clear only once the state says the peer is in sync; a clear that fails is retried
-    while the peer stays in sync. A pairing made without the peer's disk identity gets a
-    full copy, and says why."""
+    while the peer stays in sync."""
     async with in_process_primary(tmp_path, peer_timeout=2) as (replica, sec):
+        # paired as the operator pairs: naming the peer's disk and its agent's API
+        ident = (await sec.status())["disk"]["id"]
+        host, port = sec.replication_address.rsplit(":", 1)
+        await replica.start_primary(3, (host, int(port)), "auto", 1, ident, sec.api.removeprefix("http://"))
+        for _ in range(200):
+            if replica.status()["replication"]["state"] == "replicating":
+                break
+            await asyncio.sleep(0.05)
         calls: list[tuple[str, int, bool]] = []
         unreachable_once = [True]
 
@@ -170,14 +217,16 @@ async def test_under_a_lease_the_resync_is_recorded_before_it_copies_and_cleared
                 await asyncio.sleep(0.05)
             await nbd.flush()
         assert calls == [
-            ("out-of-sync", 2, False),  # held writes wait for it, the failed link still there
-            ("resync", 2, True),  # the failed link gone, the new one not attached yet
-            ("clear", 2, False),  # the state says in sync already
-            ("clear", 2, False),  # retried after the API server came back
+            ("out-of-sync", 3, False),  # held writes wait for it, the failed link still there
+            ("resync", 3, True),  # the failed link gone, the new one not attached yet
+            ("clear", 3, False),  # the state says in sync already
+            ("clear", 3, False),  # retried after the API server came back
         ], calls
         st = replica.status()
         assert st["replication"]["state"] == "replicating"
         last = st["replication"]["lastSync"]
-        assert last["kind"] == rs.FULL and "peerDisk" in last["reason"], last
+        assert last["kind"] == rs.BITMAP, last
         primary_disk = (replica.data_dir / "disk.raw").read_bytes()
-    assert_same_image((sec.data_dir / "disk.raw").read_bytes(), primary_disk, "secondary after an automatic full sync")
+    assert_same_image(
+        (sec.data_dir / "disk.raw").read_bytes(), primary_disk, "secondary after an automatic bitmap resync"
+    )

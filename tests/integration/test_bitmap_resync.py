@@ -49,6 +49,9 @@ async def make_primary(
         "peer": secondary.replication_address,
         "sync": sync,
         "peerEpoch": peer_epoch,
+        # as the operator sends it: the primary has the secondary end its older replication
+        # connections before it links (docs/correctness.md R5)
+        "peerApi": secondary.api.removeprefix("http://"),
     }
     if peer_disk is not None:
         body["peerDisk"] = peer_disk

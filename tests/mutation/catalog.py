@@ -727,6 +727,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a reachable peer dropped by a link failure is resynced without a call",
     ),
     Mutation(
+        "replica.older-connections-cut-before-a-link", REPLICA,
+        "                await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)\n",
+        "                pass\n",
+        (f"{T_AUTO}::test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_after_the_resync",),
+        "a write of an earlier connection to the secondary never lands after the next link's copy",
+    ),
+    Mutation(
+        "replica.relink-waits-for-the-old-writes", REPLICA,
+        "            for export in nodes:\n                await self._wait_export_gone(export)\n",
+        "",
+        (f"{T_AUTO}::test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_after_the_resync",),
+        "the secondary answers a relink only once no write of a cut connection can reach its disk",
+    ),
+    Mutation(
+        "resync.automatic-attempt-only-bitmap", "operator/pairvol/agent/resync.py",
+        "    return plan.kind == BITMAP\n",
+        "    return True\n",
+        ("tests/unit/test_agent_resync.py",),
+        "an automatic attempt never turns a caller's bitmap resync into a full one",
+    ),
+    Mutation(
         "resync.reprotect-bounded", "operator/pairvol/agent/resync.py",
         "    if view.failures < 1 or view.failures > len(REPROTECT_DELAYS_S):\n",
         "    if view.failures < 1:\n        return REPROTECT_DELAYS_S[0]\n    if False:\n",

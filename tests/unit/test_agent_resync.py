@@ -140,3 +140,15 @@ def test_a_drop_soon_after_a_resync_adds_to_the_count_one_after_a_stable_link_st
     assert rs.failures_after_drop(3, rs.REPROTECT_STABLE_S / 2) == 4  # flapping: no storm
     assert rs.failures_after_drop(5, rs.REPROTECT_STABLE_S) == 1
     assert rs.failures_after_drop(0, None) == 1
+
+
+def test_an_automatic_attempt_runs_only_a_bitmap_resync_and_leaves_anything_else_to_the_caller() -> None:
+    """The record vouches for the peer's disk: the attempt copies what it missed. Anything
+    else (a full copy, a comparison) would replace the record a caller's own re-pair relies
+    on — a bitmap resync the caller asked for would become a full one."""
+    assert rs.automatic_allowed(rs.choose("auto", X, TRACKED))
+    for record in (rs.Record(None, False, False, None), rs.Record(X, True, False, None)):
+        assert not rs.automatic_allowed(rs.choose("auto", X, record))
+    assert not rs.automatic_allowed(rs.choose("auto", Y, TRACKED))
+    assert not rs.automatic_allowed(rs.choose("auto", None, TRACKED))
+    assert not rs.automatic_allowed(rs.SyncPlan(rs.CHECKSUM, "data of unknown history", X))

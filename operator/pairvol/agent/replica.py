@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent import checksum as cs
-from pairvol.agent import crashpoints, secondary, tcpexport
+from pairvol.agent import crashpoints, peerapi, secondary, tcpexport
 from pairvol.agent import resync as rs
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig, Psk
@@ -137,6 +137,10 @@ RESIZE_COMPLETE = crashpoints.point(
 
 class ReplicaError(PairvolError):
     """A replica operation failed (HTTP 500); the message says what and why."""
+
+
+class NoAutomaticResync(PairvolError):
+    """The record does not allow an automatic re-protection of the peer (R5)."""
 
 
 class InvalidSpan(PairvolError):
@@ -524,10 +528,15 @@ class Replica:
         """Export ``node`` (the secondary's copy-before-write filter over ``disk``): on a
         unix socket of the replica's daemon, offered on --replication-listen by a listener
         daemon whose accepted connections carry TCP_NODELAY (pairvol.agent.tcpexport)."""
-        name = r.replication_export_name(self.state.epoch)
         sock = self.run_dir / REPLICATION_SOCKET
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
+        await self._export_replication(node)
+
+    async def _export_replication(self, node: str) -> None:
+        """The replication exports on ``node`` and the listener daemon that offers them."""
+        name = r.replication_export_name(self.state.epoch)
+        sock = self.run_dir / REPLICATION_SOCKET
         await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node, name=name))
         more: tuple[tuple[str, str], ...] = ()
         if self.state.disk_id is not None:
@@ -1026,6 +1035,47 @@ class Replica:
         crashpoints.hit(RESIZE_COMPLETE)
         return None
 
+    async def relink(self, epoch: int) -> dict[str, Any]:
+        """Secondary only: end every connection a primary made to the replication exports,
+        and offer them anew under the same names (docs/correctness.md R5, "one connection's
+        writes never land after the next link's copy"). When this returns, no write sent
+        on an earlier connection can reach the disk any more: the listener daemon is killed
+        (its TCP connections go with it, so a segment a partition delayed, or the old
+        primary's kernel retransmits, finds no connection and is reset), and the exports
+        are deleted and waited for until QEMU removed them, which it does only once their
+        last in-flight request has completed. A primary calls this before each new link to
+        this incarnation, before it copies a byte."""
+        async with self.lock:
+            st = self.state
+            if st.role is not Role.SECONDARY or st.stage is not Stage.RUNNING:
+                raise IllegalTransition(
+                    f"only a running secondary ends its replication connections; this replica is "
+                    f"{st.role.value}/{st.stage.value}"
+                )
+            if epoch != st.epoch:
+                raise IllegalTransition(
+                    f"this secondary runs at epoch {st.epoch}, not {epoch}: a primary links to the incarnation "
+                    "it was paired with"
+                )
+            if self.listener is not None:
+                listener, self.listener = self.listener, None
+                await listener.kill()
+            exports = await self.qsd.execute("query-block-exports")
+            ours = (r.REPLICATION_EXPORT, r.IDENTITY_EXPORT)
+            nodes = {e["id"]: str(e["node-name"]) for e in exports if e["id"] in ours}
+            node = nodes.get(r.REPLICATION_EXPORT)
+            if node is None:
+                raise ReplicaError("the replication export is gone; restart the secondary")
+            for export in nodes:
+                with contextlib.suppress(QemuError):
+                    await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
+            for export in nodes:
+                await self._wait_export_gone(export)
+            await self._export_replication(node)
+            log.info("replication connections ended at a primary's request; exporting anew on %s:%d",
+                     *self.cfg.replication_listen)
+            return self.status()
+
     async def _resize_secondary(self, size: int) -> None:
         """E2: stop the replication export (the primary's link ends: it marks this secondary
         out of sync and records what it writes meanwhile, R1), drop copy-before-write and the
@@ -1190,17 +1240,31 @@ class Replica:
         self._observe()
         return self.status()
 
-    async def _attach_peer(self, peer: tuple[str, int], sync: str, peer_epoch: int, peer_disk: str | None) -> None:
+    async def _attach_peer(
+        self, peer: tuple[str, int], sync: str, peer_epoch: int, peer_disk: str | None, automatic: bool = False
+    ) -> None:
+        """Link to the peer and choose what to copy (R1-R4). ``automatic`` (R5): only a
+        bitmap resync, and a refusal is a failed attempt — anything else is left to the
+        caller that pairs (``POST /v1/primary``), so an attempt never changes the record."""
         record = rs.Record(
             self.state.peer_disk, self.state.tracking, self._bitmap_present, self.state.full_reason
         )
         plan = rs.choose(sync, peer_disk, record)
+        if automatic and not rs.automatic_allowed(plan):
+            raise NoAutomaticResync(f"{plan.kind} sync needed ({plan.reason}): left to a new pairing")
         if rs.needs_peer_view(sync, plan) and self.peer_api is not None and plan.peer_disk is not None:
             plan = rs.refine(plan, await self._peer_view(plan.peer_disk), self.cfg.size)
+        if self.peer_api is not None:
+            # R5: no write of an earlier connection to this incarnation can land after this
+            # link's copy; the secondary cuts them and waits for their writes, before we link
+            try:
+                await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)
+            except peerapi.PeerApiError as exc:
+                raise PeerLinkError(str(exc)) from exc
         try:
             await self._attach_with(peer, plan, peer_epoch)
         except PeerRefusedExport as exc:
-            if plan.peer_disk is None:
+            if plan.peer_disk is None or automatic:
                 raise
             # R3: the secondary has no export for that disk identity: its disk is another one
             why = f"the secondary refused a resync against disk {plan.peer_disk}: {exc}"
@@ -1548,7 +1612,8 @@ class Replica:
             and not self.fenced.is_set()
             and st.role is Role.PRIMARY
             and st.stage is Stage.RUNNING,
-            peer_configured=self._pairing is not None and self.cfg.auto_reprotect,
+            # without the peer's API its older connections cannot be cut before a new link
+            peer_configured=self._pairing is not None and self.cfg.auto_reprotect and self.peer_api is not None,
             attached=self.link is not None,
             failures=self._reprotect_failures,
         )
@@ -1613,7 +1678,13 @@ class Replica:
             # had until it is in sync) before the first byte is copied to it
             for hook in self.before_resync_hooks:
                 await hook(self.state.epoch)
-            await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity)
+            await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity, automatic=True)
+        except NoAutomaticResync as exc:
+            # nothing an attempt may do: the operator (or whoever pairs) re-pairs from here
+            log.info("not re-protecting peer %s automatically: %s", self.state.peer, exc)
+            self.replication, self._reprotect_error, self._reprotect_due = "degraded", str(exc), None
+            self._observe()
+            return
         except Exception as exc:  # a refused or unreachable peer, a hook that failed
             log.warning("automatic re-protection of peer %s failed: %s", self.state.peer, exc)
             log.debug("automatic re-protection traceback", exc_info=True)
@@ -1630,9 +1701,9 @@ class Replica:
         try:
             await link.start_copy()
         except PeerLinkError as exc:
+            # the bitmap keeps every bit (R1): the record stands, the next attempt or
+            # pairing decides again
             await self._detach_peer(str(exc), mark=True)
-            async with self._oos_lock:  # the next resync of it is full
-                await self._save(peer_disk=None, tracking=False, full_reason=str(exc))
             self._count_sync_end(link, "failed")
             self.peer_error = str(exc)
             self._reprotect_failures += 1

@@ -166,3 +166,11 @@ def failures_after_drop(failures: int, in_sync_for_s: float | None) -> int:
     if in_sync_for_s is not None and in_sync_for_s >= REPROTECT_STABLE_S:
         return 1
     return failures + 1
+
+
+def automatic_allowed(plan: SyncPlan) -> bool:
+    """An automatic attempt only runs a bitmap resync: the record vouches for the peer's
+    disk, and the attempt cannot change the record (the bitmap keeps every bit until the
+    peer is in sync). A full copy or a comparison is for whoever pairs (``POST /v1/primary``):
+    an attempt that chose one would destroy the record a caller's re-pair relies on."""
+    return plan.kind == BITMAP

@@ -729,7 +729,9 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
         request = resync_request(pa, sa)
-        peer_api = f"{spod.ip}:{API_PORT}" if request == "auto" else None  # a full copy asks it nothing
+        # the primary asks the peer's agent to end its older replication connections before
+        # it links (docs/correctness.md R5), and for its checksums in a checksum resync (R4)
+        peer_api = f"{spod.ip}:{API_PORT}"
         actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, request, sa.epoch, sa.disk_id, peer_api))
         what = "resync (the primary copies what differs)" if request == "auto" else "full sync"
         actions.append(
