@@ -58,7 +58,7 @@ def reprotected(before: dict[str, Any] | None) -> Any:
 
 
 async def test_a_reachable_peer_dropped_under_writes_is_resynced_on_its_own(tmp_path: Path) -> None:
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, peer_api=True) as (primary, secondary, ident):
         # the writers keep to the first quarter: a bitmap resync copies at most that
         log = WriteLog(writers=16, slots=SIZE // 4 // 4096)
         stop = asyncio.Event()
@@ -115,7 +115,7 @@ async def test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_aft
     Here the test holds such a connection itself (a client of the secondary's replication
     export from before the drop) and sends its write only after the primary declared the
     peer in sync: it must find the connection gone, and the disks identical."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, peer_api=True) as (primary, secondary, ident):
         host, port = secondary.replication_address.rsplit(":", 1)
         stale = await NBDClient.connect_tcp(host, int(port), r.identity_export_name(1, ident))
         try:
@@ -147,7 +147,7 @@ async def test_a_peer_that_cannot_be_reached_is_retried_with_backoff_and_resynce
     """The secondary dies: the automatic attempts fail (connection refused), each a little
     later than the one before, and say so; once it is back on the same data dir the next
     attempt resyncs only what it missed."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, peer_api=True) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
             secondary.kill()

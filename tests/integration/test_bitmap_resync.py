@@ -42,17 +42,25 @@ async def wait_for(agent: Agent, pred: Any, within: float, what: str) -> dict[st
 
 
 async def make_primary(
-    primary: Agent, epoch: int, secondary: Agent, sync: str, peer_epoch: int, peer_disk: str | None
+    primary: Agent,
+    epoch: int,
+    secondary: Agent,
+    sync: str,
+    peer_epoch: int,
+    peer_disk: str | None,
+    peer_api: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "epoch": epoch,
         "peer": secondary.replication_address,
         "sync": sync,
         "peerEpoch": peer_epoch,
-        # as the operator sends it: the primary has the secondary end its older replication
-        # connections before it links (docs/correctness.md R5)
-        "peerApi": secondary.api.removeprefix("http://"),
     }
+    if peer_api:
+        # as the operator sends it: the primary has the secondary end its older replication
+        # connections before each link (docs/correctness.md R5), which an automatic
+        # re-protection needs; without it a checksum resync replaces "no record" copies too
+        body["peerApi"] = secondary.api.removeprefix("http://")
     if peer_disk is not None:
         body["peerDisk"] = peer_disk
     return await primary.call("POST", "/v1/primary", body)
@@ -79,9 +87,12 @@ BY_HAND = ["--auto-reprotect", "off"]
 
 
 @contextlib.asynccontextmanager
-async def replicating_pair(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, Agent, str]]:
+async def replicating_pair(
+    tmp: Path, peer_api: bool = False, **kw: Any
+) -> AsyncIterator[tuple[Agent, Agent, str]]:
     """Secondary at epoch 1, primary at epoch 2, fully synced against the secondary's disk
-    identity (so the primary records which disk its peer is)."""
+    identity (so the primary records which disk its peer is); ``peer_api``: paired as the
+    operator pairs, naming the secondary's agent API."""
     primary = Agent("vol", tmp / "replica-0", "64Mi", **kw)
     secondary = Agent("vol", tmp / "replica-1", "64Mi", **kw)
     try:
@@ -89,7 +100,7 @@ async def replicating_pair(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, A
         await secondary.secondary(1)
         ident = await disk_id(secondary)
         assert ident is not None
-        await make_primary(primary, 2, secondary, "full", 1, ident)
+        await make_primary(primary, 2, secondary, "full", 1, ident, peer_api)
         st = await primary.wait_replicating()
         assert st["replication"]["resync"]["peerDisk"] == ident
         yield primary, secondary, ident

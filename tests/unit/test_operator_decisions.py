@@ -192,7 +192,9 @@ def test_bring_up_starts_secondary_first_then_primary_with_full_sync() -> None:
     p = plan(w)
     start = [a for a in p.actions if isinstance(a, StartPrimary)]
     # the peer's export is named after the epoch the secondary runs at
-    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", 3, "10.0.0.2:7801", "full", peer_epoch=2)]
+    assert start == [StartPrimary(
+        st0.primary.pod, "10.0.0.1", 3, "10.0.0.2:7801", "full", peer_epoch=2, peer_api="10.0.0.2:7800",
+    )]
     assert p.status.phase == Phase.SYNCING and p.status.epoch == 3
     assert p.status.endpoint is not None
     assert p.status.endpoint["socket"] == "/var/lib/pairvol/ns/vol/export.sock"
@@ -681,7 +683,9 @@ def test_the_first_full_sync_names_the_secondarys_disk_so_the_primary_records_it
     sec = AgentView("secondary", "running", 2, disk_id=DISK)
     w = replace(w, pods=pods, agents={st0.primary.pod: AgentView("none", "none", 0), st0.secondary.pod: sec})
     start = [a for a in plan(w).actions if isinstance(a, StartPrimary)]
-    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", st0.epoch + 1, "10.0.0.2:7801", "full", 2, DISK)]
+    assert start == [StartPrimary(
+        st0.primary.pod, "10.0.0.1", st0.epoch + 1, "10.0.0.2:7801", "full", 2, DISK, peer_api="10.0.0.2:7800",
+    )]
 
 
 @pytest.mark.parametrize(
@@ -693,7 +697,9 @@ def test_a_secondary_that_names_its_disk_is_left_to_the_agent_and_one_that_does_
     primary = replace(PRIMARY_AGENT, peer="10.0.0.9:7801", tracked_disk=tracked)
     p = plan(replicating(agents={"vol-1-a": primary, "vol-1-b": replace(SECONDARY_AGENT, disk_id=disk)}))
     if disk is None:
-        assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, None) in p.actions
+        assert StartPrimary(
+            "vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, None, peer_api="10.0.0.2:7800",
+        ) in p.actions
     else:
         assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, disk, "10.0.0.2:7800") in p.actions
 
@@ -714,7 +720,9 @@ def test_a_resync_marks_the_secondary_out_of_sync_before_it_starts() -> None:
     even if the primary dies mid-resync."""
     elsewhere = replace(PRIMARY_AGENT, peer="10.0.0.9:7801")  # replicating to a previous peer
     p = plan(replicating(agents={"vol-1-a": elsewhere, "vol-1-b": SECONDARY_AGENT}))
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2) in p.actions
+    assert StartPrimary(
+        "vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2, peer_api="10.0.0.2:7800",
+    ) in p.actions
     assert p.status.phase == Phase.SYNCING and p.status.epoch == 4
     assert p.status.secondary is not None and p.status.secondary.out_of_sync
     # the primary dies before the sync finished: no promotion
@@ -843,7 +851,9 @@ def test_a_fresh_secondary_is_not_judged_by_the_previous_peers_failure() -> None
     assert "waiting for secondary vol-5" in p.status.message
     # once ready it gets a full sync from the primary
     w = replace(w, pods={**w.pods, "vol-5": pod("vol-5", "n2", "secondary", "10.0.0.2")})
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2) in plan(w).actions
+    assert StartPrimary(
+        "vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2, peer_api="10.0.0.2:7800",
+    ) in plan(w).actions
 
 
 def test_no_new_role_call_while_one_is_in_flight_but_failover_still_happens() -> None:
@@ -1266,7 +1276,9 @@ def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
 
     w = replace(w, status=p.status, agents={**w.agents, "vol-5": AgentView("secondary", "running", 6)})
     p = plan(w)
-    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 7, "10.0.0.9:7801", "full", peer_epoch=6)
+    assert p.actions[0] == StartPrimary(
+        "vol-1-b", "10.0.0.2", 7, "10.0.0.9:7801", "full", peer_epoch=6, peer_api="10.0.0.9:7800",
+    )
     assert (p.status.epoch, p.status.phase) == (7, Phase.SYNCING)
 
     pairing = AgentView("primary", "done", 7, "syncing", "10.0.0.9:7801")
@@ -1274,7 +1286,9 @@ def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
     assert plan(w).actions == () and plan(w).status.epoch == 7
     elsewhere = replace(pairing, peer="10.0.0.8:7801")
     p = plan(replace(w, agents={"vol-1-b": elsewhere, "vol-5": AgentView("secondary", "running", 6)}))
-    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 8, "10.0.0.9:7801", "full", peer_epoch=6)
+    assert p.actions[0] == StartPrimary(
+        "vol-1-b", "10.0.0.2", 8, "10.0.0.9:7801", "full", peer_epoch=6, peer_api="10.0.0.9:7800",
+    )
 
 
 def test_bring_up_records_both_replicas_with_their_pod_addresses_and_the_secondary_out_of_sync() -> None:
@@ -1563,14 +1577,14 @@ def test_a_primary_that_dropped_an_out_of_sync_secondary_is_re_paired_after_the_
     assert sec is not None
     w = replace(w, status=w.status.with_(secondary=replace(sec, out_of_sync=True)))
     assert plan(w).actions == ()
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2) in plan(
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, peer_api="10.0.0.2:7800") in plan(
         replace(w, agent_call_in_flight=False)).actions
 
 
 def test_a_primary_that_reports_no_replication_with_the_right_peer_is_re_paired() -> None:
     p = plan(replicating(agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="none"),
                                  "vol-1-b": SECONDARY_AGENT}))
-    assert p.actions[0] == StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2)
+    assert p.actions[0] == StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, peer_api="10.0.0.2:7800")
 
 
 def test_an_in_sync_volume_degrades_while_its_secondary_does_not_answer_or_lost_its_role() -> None:

@@ -579,9 +579,13 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
     epoch = st.epoch + 1
     endpoint = _endpoint(world, spec, prim)
     # naming the secondary's disk lets the primary record it: a later outage is then resynced
-    # with only what the secondary missed
+    # with only what the secondary missed; naming its agent's API lets the primary have it
+    # end older replication connections before each link, its own re-protections too (R5)
     actions.append(
-        StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch, sa.disk_id)
+        StartPrimary(
+            prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch, sa.disk_id,
+            f"{spod.ip}:{API_PORT}",
+        )
     )
     actions.append(
         Event(
