@@ -27,6 +27,7 @@ from tests.integration.test_bitmap_resync import (
     MiB,
     fill,
     image,
+    make_primary,
     read_all,
     replicating_pair,
     wait_for,
@@ -139,6 +140,73 @@ async def test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_aft
                 await stale.close()
         assert_same_image(image(secondary), image(primary), "secondary after a late write of an earlier link")
         assert not landed, "the secondary took a write on a connection from before the re-protection"
+
+
+async def test_an_explicit_re_pair_during_the_automatic_attempts_wins_and_stays_a_bitmap_resync(
+    tmp_path: Path,
+) -> None:
+    """The race the bitmap resync tests met in CI: a caller restarts the secondary and
+    re-pairs by hand while the primary's own attempts run (one sleeping, one waiting for the
+    lock, one linking: the rounds re-pair at different moments after the restart). The
+    caller's pairing is the last one — its epoch, no attempt pending, the count started
+    over —, its resync is a bitmap one whatever an attempt did before it, and the disks end
+    identical."""
+    async with replicating_pair(tmp_path, peer_api=True) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
+            for n, (epoch, after) in enumerate(((3, 0.0), (4, 0.4), (5, 1.2))):
+                secondary.kill()
+                await secondary.wait_exit()
+                await fill(nbd, 0xB0 + n, [3 * MiB, 40 * MiB])
+                await wait_for(primary, lambda s: s["replication"]["reprotect"] is not None, 15, "the drop")
+                await secondary.start()  # same data dir, same epoch, same disk
+                await asyncio.sleep(after)
+                await make_primary(primary, epoch, secondary, "auto", 1, ident, peer_api=True)
+                st = await primary.wait_replicating()
+                last = st["replication"]["lastSync"]
+                assert st["epoch"] == epoch
+                assert last["kind"] == rs.BITMAP, last
+                assert last["copiedBytes"] <= 2 * 64 * 1024, last  # at most the two regions written
+                assert st["replication"]["reprotect"] is None, st["replication"]["reprotect"]
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary after re-pairs that met automatic attempts")
+
+
+async def test_an_attempt_refused_by_another_disk_is_a_failed_attempt_and_keeps_the_record(
+    tmp_path: Path,
+) -> None:
+    """While the secondary is away, another replica answers on its addresses (its node's
+    next pod, a fresh data dir, the same epoch): the primary's attempt is refused its tracked
+    disk's export. That is a failed attempt, not a full copy onto the other disk — which
+    would replace the record the caller's own re-pair relies on. When the secondary is back
+    and the caller re-pairs, its resync is still a bitmap one."""
+    async with replicating_pair(tmp_path, peer_api=True) as (primary, secondary, ident):
+        async with await primary.nbd() as nbd:
+            await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
+            await secondary.stop()
+            await fill(nbd, 0xB0, [3 * MiB, 40 * MiB])
+            other = Agent("vol", tmp_path / "other", "64Mi", api_port=secondary.api_port, rep_port=secondary.rep_port)
+            try:
+                await other.start()
+                await other.secondary(1)
+
+                def refused_or_linked(st: dict[str, Any]) -> bool:
+                    auto = st["replication"]["reprotect"] or {}
+                    return "has no export" in str(auto.get("lastError")) or st["replication"]["state"] != "degraded"
+
+                st = await wait_for(primary, refused_or_linked, 30, "an attempt against the other disk")
+                assert st["replication"]["state"] == "degraded", st["replication"]
+                assert st["replication"]["resync"]["peerDisk"] == ident, st["replication"]["resync"]
+                assert st["replication"]["resync"]["tracking"] is True, st["replication"]["resync"]
+            finally:
+                await other.stop()
+            await secondary.start()
+            await make_primary(primary, 3, secondary, "auto", 1, ident, peer_api=True)
+            st = await primary.wait_replicating()
+            last = st["replication"]["lastSync"]
+            assert last["kind"] == rs.BITMAP and last["copiedBytes"] <= 2 * 64 * 1024, last
+            await nbd.flush()
+        assert_same_image(image(secondary), image(primary), "secondary re-paired after a refused attempt")
 
 
 async def test_a_peer_that_cannot_be_reached_is_retried_with_backoff_and_resynced_when_back(

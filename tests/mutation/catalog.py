@@ -741,6 +741,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the secondary answers a relink only once no write of a cut connection can reach its disk",
     ),
     Mutation(
+        "replica.refused-attempt-is-not-a-full-copy", REPLICA,
+        "            if plan.peer_disk is None or automatic:\n",
+        "            if plan.peer_disk is None:\n",
+        (f"{T_AUTO}::test_an_attempt_refused_by_another_disk_is_a_failed_attempt_and_keeps_the_record",),
+        "an automatic attempt refused its tracked disk's export does not copy everything onto another disk",
+    ),
+    Mutation(
         "resync.automatic-attempt-only-bitmap", "operator/pairvol/agent/resync.py",
         "    return plan.kind == BITMAP\n",
         "    return True\n",
