@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pairvol.agent import resync as rs
 from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu import recipes as r
@@ -33,7 +35,7 @@ from tests.integration.test_bitmap_resync import (
     wait_for,
 )
 from tests.integration.test_link_faults import in_process_primary
-from tests.support.agents import Agent
+from tests.support.agents import Agent, AgentCallError
 from tests.support.bytes_compare import assert_same_image
 from tests.support.promtext import value
 from tests.support.writelog import WriteLog
@@ -140,6 +142,23 @@ async def test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_aft
                 await stale.close()
         assert_same_image(image(secondary), image(primary), "secondary after a late write of an earlier link")
         assert not landed, "the secondary took a write on a connection from before the re-protection"
+
+
+async def test_only_the_running_secondary_at_that_epoch_ends_its_connections_on_request(tmp_path: Path) -> None:
+    """``POST /v1/relink``: 409 with the reason on a primary and at another epoch; nothing
+    changes. At its epoch the secondary cuts the primary's link (the primary drops it, as
+    after any link loss) and exports again under the same names."""
+    async with replicating_pair(tmp_path, peer_api=True) as (primary, secondary, ident):
+        with pytest.raises(AgentCallError, match=r"409.*only a running secondary"):
+            await primary.call("POST", "/v1/relink", {"epoch": 2})
+        with pytest.raises(AgentCallError, match=r"409.*runs at epoch 1, not 7"):
+            await secondary.call("POST", "/v1/relink", {"epoch": 7})
+        assert (await primary.status())["replication"]["state"] == "replicating"
+        await secondary.call("POST", "/v1/relink", {"epoch": 1})
+        host, port = secondary.replication_address.rsplit(":", 1)
+        async with await NBDClient.connect_tcp(host, int(port), r.identity_export_name(1, ident)) as nbd:
+            assert nbd.size == SIZE  # offered again, under the identity name too
+        del primary
 
 
 async def test_an_explicit_re_pair_during_the_automatic_attempts_wins_and_stays_a_bitmap_resync(
