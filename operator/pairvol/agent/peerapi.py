@@ -16,7 +16,9 @@ import aiohttp
 
 from pairvol.errors import PairvolError
 
-RELINK_TIMEOUT_S = 15.0
+# a relink is a process kill, a drain and a daemon start (well under a second); the caller
+# holds its replica lock meanwhile, so a peer that does not answer (partitioned) is given up soon
+RELINK_TIMEOUT_S = 5.0
 
 
 class PeerApiError(PairvolError):
