@@ -734,13 +734,6 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a write of an earlier connection to the secondary never lands after the next link's copy",
     ),
     Mutation(
-        "replica.relink-waits-for-the-old-writes", REPLICA,
-        "            for export in nodes:\n                await self._wait_export_gone(export)\n",
-        "",
-        (f"{T_AUTO}::test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_after_the_resync",),
-        "the secondary answers a relink only once no write of a cut connection can reach its disk",
-    ),
-    Mutation(
         "replica.refused-attempt-is-not-a-full-copy", REPLICA,
         "            if plan.peer_disk is None or automatic:\n",
         "            if plan.peer_disk is None:\n",
