@@ -1037,8 +1037,8 @@ class Replica:
 
     async def relink(self, epoch: int) -> dict[str, Any]:
         """Secondary only: end every connection a primary made to the replication exports,
-        and offer them anew under the same names (docs/correctness.md R5, "one connection's
-        writes never land after the next link's copy"). When this returns, no write sent
+        and offer them anew under the same names (docs/correctness.md R5, "late writes of an
+        earlier link"). When this returns, no write sent
         on an earlier connection can reach the disk any more: the listener daemon is killed
         (its TCP connections go with it, so a segment a partition delayed, or the old
         primary's kernel retransmits, finds no connection and is reset), and the exports
