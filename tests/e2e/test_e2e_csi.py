@@ -20,7 +20,7 @@ import asyncio
 import json
 import os
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +185,11 @@ async def csi(stack: Stack) -> AsyncIterator[LocalCsi]:
     controller runs with that token), the CSIDriver and the StorageClass applied with kubectl;
     then the driver on every simulated node."""
     chart = render_chart("default", "csi.enabled=true", "csi.storageClass.create=true")
-    csi_docs = [d for d in chart if "csi" in str((d.get("metadata") or {}).get("labels", {}).get(
-        "app.kubernetes.io/component", ""))]
+    csi_docs = [
+        d
+        for d in chart
+        if "csi" in str((d.get("metadata") or {}).get("labels", {}).get("app.kubernetes.io/component", ""))
+    ]
     for doc in csi_docs:
         if doc["kind"] in ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
             stack.cluster.apply(doc)
@@ -224,6 +227,18 @@ async def get_or_none(stack: Stack, path: str) -> dict[str, Any] | None:
 async def pod_log(stack: Stack, node: str, name: str) -> str:
     path: Path = stack.sim.log_path(node, "default", name)
     return await asyncio.to_thread(lambda: path.read_text() if path.exists() else "")
+
+
+async def records_acked(stack: Stack, node: str, name: str) -> int:
+    """How many records the stream writer in pod ``name`` on ``node`` has had acknowledged (fsynced)."""
+    lines = [ln for ln in (await pod_log(stack, node, name)).splitlines() if ln.startswith("acked ")]
+    return int(lines[-1].split()[1]) + 1 if lines else 0
+
+
+async def acked_at_least(stack: Stack, node: str, name: str, n: int) -> int | None:
+    """The writer's acknowledged records once there are ``n`` or more, else None (for ``wait_for``)."""
+    count = await records_acked(stack, node, name)
+    return count if count >= n else None
 
 
 async def pod_events(stack: Stack, name: str) -> list[str]:
@@ -412,13 +427,11 @@ async def test_a_pod_keeps_writing_through_a_latest_mode_failover_without_a_rest
     (node,) = sorted(set(stack.sim.node_names) - replicas)  # the pod runs on neither replica's node
     await stack.kube.create("/api/v1/namespaces/default/pods", pod("writer", node, "data", STREAM_WRITER, "0"))
 
-    async def acked() -> int:
-        lines = [ln for ln in (await pod_log(stack, node, "writer")).splitlines() if ln.startswith("acked ")]
-        return int(lines[-1].split()[1]) + 1 if lines else 0
+    def acked() -> Awaitable[int]:
+        return records_acked(stack, node, "writer")
 
-    async def at_least(n: int) -> int | None:
-        count = await acked()
-        return count if count >= n else None
+    def at_least(n: int) -> Awaitable[int | None]:
+        return acked_at_least(stack, node, "writer", n)
 
     await until_writing(stack, "writer", "the writer's first records", lambda: at_least(20), 60)
     old = st["primary"]["node"]
@@ -427,9 +440,11 @@ async def test_a_pod_keeps_writing_through_a_latest_mode_failover_without_a_rest
 
     async def failed_over() -> dict[str, Any] | None:
         now = await stack.status(pv_name)
-        return now if (now.get("lastFailover") or {}).get("durationMs") is not None and (
-            now["primary"]["node"] != old
-        ) else None
+        return (
+            now
+            if (now.get("lastFailover") or {}).get("durationMs") is not None and (now["primary"]["node"] != old)
+            else None
+        )
 
     await stack.wait_for("the failover", failed_over, 60)
     after = await stack.wait_for("records acknowledged on the new primary", lambda: at_least(before + 20), 60)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     PODS,
     PREFIX_VERIFIER,
     STREAM_WRITER,
+    acked_at_least,
     claimed,
     csi,
     delete_pod,
@@ -34,6 +36,7 @@ from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     pod,
     pod_events,
     pod_log,
+    records_acked,
 )
 
 from pairvol.localcluster.csi_plugins import LocalCsi
@@ -91,13 +94,11 @@ async def test_a_mounted_file_system_grows_while_its_pod_writes(stack: Stack, cs
     node = "node-3"
     await stack.kube.create(PODS, pod("writer", node, "data", STREAM_WRITER, "0"))
 
-    async def acked() -> int:
-        lines = [ln for ln in (await pod_log(stack, node, "writer")).splitlines() if ln.startswith("acked ")]
-        return int(lines[-1].split()[1]) + 1 if lines else 0
+    def acked() -> Awaitable[int]:
+        return records_acked(stack, node, "writer")
 
-    async def at_least(n: int) -> int | None:
-        count = await acked()
-        return count if count >= n else None
+    def at_least(n: int) -> Awaitable[int | None]:
+        return acked_at_least(stack, node, "writer", n)
 
     await stack.wait_for("the writer's first records", lambda: at_least(20), 60)
     writer = await stack.kube.get(f"{PODS}/writer")

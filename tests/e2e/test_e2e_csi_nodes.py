@@ -14,6 +14,7 @@ the plugin's.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     PREFIX_VERIFIER,
     RECOVERING_WRITER,
     STREAM_WRITER,
+    acked_at_least,
     claimed,
     csi,
     delete_pod,
@@ -31,6 +33,7 @@ from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     node_mounts,
     pod,
     pod_log,
+    records_acked,
     until_writing,
 )
 
@@ -98,13 +101,11 @@ async def test_a_killed_node_takes_its_attachments_with_it_and_its_pod_moves_to_
     # the scheduler puts it on the node without agents: killing that node is no failover
     assert doomed not in replicas, f"db-0 went to {doomed}, a replica's node"
 
-    async def acked(node: str) -> int:
-        lines = [ln for ln in (await pod_log(stack, node, "db-0")).splitlines() if ln.startswith("acked ")]
-        return int(lines[-1].split()[1]) + 1 if lines else 0
+    def acked(node: str) -> Awaitable[int]:
+        return records_acked(stack, node, "db-0")
 
-    async def at_least(node: str, n: int) -> int | None:
-        count = await acked(node)
-        return count if count >= n else None
+    def at_least(node: str, n: int) -> Awaitable[int | None]:
+        return acked_at_least(stack, node, "db-0", n)
 
     await until_writing(stack, "db-0", "db-0's first records", lambda: at_least(doomed, 20), 30)
     plugin = csi.node_plugins[doomed].proc.pid
@@ -204,13 +205,11 @@ async def test_a_node_plugin_crashing_under_a_mounted_volume_changes_nothing_for
     (node,) = sorted(set(stack.sim.node_names) - {st["primary"]["node"], st["secondary"]["node"]})
     await stack.kube.create(PODS, pod("writer", node, "data", STREAM_WRITER, "0"))
 
-    async def acked() -> int:
-        lines = [ln for ln in (await pod_log(stack, node, "writer")).splitlines() if ln.startswith("acked ")]
-        return int(lines[-1].split()[1]) + 1 if lines else 0
+    def acked() -> Awaitable[int]:
+        return records_acked(stack, node, "writer")
 
-    async def at_least(n: int) -> int | None:
-        count = await acked()
-        return count if count >= n else None
+    def at_least(n: int) -> Awaitable[int | None]:
+        return acked_at_least(stack, node, "writer", n)
 
     await until_writing(stack, "writer", "the writer's first records", lambda: at_least(20), 30)
     (pidfile,) = csi.state_dir(node).glob("*/attacher.pid")
