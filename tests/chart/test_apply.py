@@ -8,6 +8,7 @@ are checked by schema validation (test_chart.py) instead; what it serves is appl
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,7 +95,21 @@ def test_api_server_fills_in_the_defaults(kubeconfig: Path) -> None:
 def test_kubectl_shows_the_printer_columns(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "basic.yaml"))
     header = kubectl(kubeconfig, "get", "rv", "-n", NAMESPACE).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "CHECKPOINT", "AGE"]
+    assert header == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "CHECKPOINT", "SYNC", "AGE"]
+
+
+def test_kubectl_shows_a_running_resync_in_the_sync_column(kubeconfig: Path) -> None:
+    """What the operator writes while a resync runs (decisions.sync_status) is what the SYNC
+    column shows: kind, percent and bytes to go."""
+    kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "basic.yaml"))
+    sync = {"kind": "bitmap", "reason": "r", "progress": 0.42, "doneBytes": 1, "totalBytes": 2,
+            "summary": "bitmap 42% (12 MiB to go)"}
+    kubectl(kubeconfig, "patch", "rv", "basic", "-n", NAMESPACE, "--subresource=status", "--type", "merge",
+            "-p", json.dumps({"status": {"phase": "Syncing", "sync": sync}}))
+    out = kubectl(kubeconfig, "get", "rv", "basic", "-n", NAMESPACE).stdout
+    assert "bitmap 42% (12 MiB to go)" in out, out
+    explained = kubectl(kubeconfig, "explain", "rv.status.sync.totalBytes").stdout
+    assert "for a bitmap resync the changed regions" in explained, explained
 
 
 def test_size_cannot_shrink(kubeconfig: Path) -> None:

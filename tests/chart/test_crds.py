@@ -61,7 +61,21 @@ FULL_STATUS: dict[str, Any] = {
         "durationMs": 812.0,
         "reason": "primary pod deleted",
     },
-    "sync": {"progress": 0.5, "doneBytes": 134217728, "totalBytes": 268435456},
+    "sync": {
+        "kind": "bitmap",
+        "reason": "the peer's disk lacks at most the regions written since it was dropped",
+        "progress": 0.5,
+        "doneBytes": 134217728,
+        "totalBytes": 268435456,
+        "summary": "bitmap 50% (128 MiB to go)",
+    },
+    "lastSync": {
+        "kind": "full",
+        "reason": "requested",
+        "copiedBytes": 268435456,
+        "seconds": 2.5,
+        "time": "2026-01-01T00:00:00.000000Z",
+    },
     "endpoint": {
         "node": "node-a",
         "socket": "/var/lib/pairvol/data/export.sock",
@@ -243,7 +257,8 @@ def test_printer_columns_point_at_fields_of_the_schema() -> None:
     version = crd["spec"]["versions"][0]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     default_columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert default_columns == ["Phase", "Primary", "Secondary", "Checkpoint", "Age"]
+    assert default_columns == ["Phase", "Primary", "Secondary", "Checkpoint", "Sync", "Age"]
+    assert columns["Sync"]["jsonPath"] == ".status.sync.summary", "kind, percent and bytes to go of a resync"
     assert columns["Checkpoint"]["type"] == "date", "kubectl shows a date column as its age"
     assert columns["Checkpoint"]["jsonPath"] == ".status.checkpoint.time"
     paths = leaf_paths(version["schema"]["openAPIV3Schema"])

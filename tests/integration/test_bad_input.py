@@ -23,7 +23,9 @@ import pytest
 from tests.support import fuzz
 from tests.support.agents import Agent, AgentCallError, agents, free_port, write_psk
 
-POST_ROUTES = ["/v1/secondary", "/v1/primary", "/v1/checkpoint", "/v1/failover", "/v1/stop", "/v1/digests"]
+POST_ROUTES = [
+    "/v1/secondary", "/v1/primary", "/v1/checkpoint", "/v1/failover", "/v1/stop", "/v1/digests", "/v1/relink",
+]
 NESTED = b'{"epoch": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # about 10 KB, well under the 64 KB limit
 
 

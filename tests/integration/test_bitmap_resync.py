@@ -42,7 +42,13 @@ async def wait_for(agent: Agent, pred: Any, within: float, what: str) -> dict[st
 
 
 async def make_primary(
-    primary: Agent, epoch: int, secondary: Agent, sync: str, peer_epoch: int, peer_disk: str | None
+    primary: Agent,
+    epoch: int,
+    secondary: Agent,
+    sync: str,
+    peer_epoch: int,
+    peer_disk: str | None,
+    peer_api: bool = False,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "epoch": epoch,
@@ -50,6 +56,11 @@ async def make_primary(
         "sync": sync,
         "peerEpoch": peer_epoch,
     }
+    if peer_api:
+        # as the operator sends it: the primary has the secondary end its older replication
+        # connections before each link (docs/correctness.md R5), which an automatic
+        # re-protection needs; without it a checksum resync replaces "no record" copies too
+        body["peerApi"] = secondary.api.removeprefix("http://")
     if peer_disk is not None:
         body["peerDisk"] = peer_disk
     return await primary.call("POST", "/v1/primary", body)
@@ -69,10 +80,19 @@ def image(agent: Agent) -> bytes:
     return (agent.data_dir / "disk.raw").read_bytes()
 
 
+# The tests here drive every re-pairing through POST /v1/primary, the contract they specify;
+# the primary's own re-protection (docs/correctness.md R5) is test_auto_resync.py's subject,
+# and would otherwise race the tests' calls.
+BY_HAND = ["--auto-reprotect", "off"]
+
+
 @contextlib.asynccontextmanager
-async def replicating_pair(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, Agent, str]]:
+async def replicating_pair(
+    tmp: Path, peer_api: bool = False, **kw: Any
+) -> AsyncIterator[tuple[Agent, Agent, str]]:
     """Secondary at epoch 1, primary at epoch 2, fully synced against the secondary's disk
-    identity (so the primary records which disk its peer is)."""
+    identity (so the primary records which disk its peer is); ``peer_api``: paired as the
+    operator pairs, naming the secondary's agent API."""
     primary = Agent("vol", tmp / "replica-0", "64Mi", **kw)
     secondary = Agent("vol", tmp / "replica-1", "64Mi", **kw)
     try:
@@ -80,7 +100,7 @@ async def replicating_pair(tmp: Path, **kw: Any) -> AsyncIterator[tuple[Agent, A
         await secondary.secondary(1)
         ident = await disk_id(secondary)
         assert ident is not None
-        await make_primary(primary, 2, secondary, "full", 1, ident)
+        await make_primary(primary, 2, secondary, "full", 1, ident, peer_api)
         st = await primary.wait_replicating()
         assert st["replication"]["resync"]["peerDisk"] == ident
         yield primary, secondary, ident
@@ -103,7 +123,7 @@ async def kill_secondary_and_write(primary: Agent, secondary: Agent, nbd: NBDCli
 
 
 async def test_a_restarted_secondary_gets_only_the_regions_written_while_it_was_away(tmp_path: Path) -> None:
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)  # the whole volume, replicated
             changed = [3 * MiB, 17 * MiB + 4096, 40 * MiB, 63 * MiB]
@@ -130,7 +150,7 @@ async def test_a_restarted_secondary_gets_only_the_regions_written_while_it_was_
 async def test_auto_copies_everything_onto_a_disk_that_is_not_the_tracked_one(tmp_path: Path) -> None:
     """A secondary restarted on a fresh data dir has another identity: the primary asks for
     its tracked disk, the secondary has no export by that name, the primary copies it all."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xA0, [0, 9 * MiB])
             await kill_secondary_and_write(primary, secondary, nbd, [MiB])
@@ -154,7 +174,7 @@ async def test_auto_copies_everything_onto_a_disk_that_is_not_the_tracked_one(tm
 async def test_the_bitmap_survives_a_clean_restart_of_the_primary(tmp_path: Path) -> None:
     """A clean stop writes the bitmap into a qcow2 carrier in the data dir; the restarted
     primary loads it into its new daemon, and the resync still copies only what changed."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xA0, [i * MiB for i in range(SIZE // MiB)], MiB)
             await kill_secondary_and_write(primary, secondary, nbd, [2 * MiB, 50 * MiB])
@@ -174,7 +194,7 @@ async def test_the_bitmap_survives_a_clean_restart_of_the_primary(tmp_path: Path
 async def test_a_clean_restart_while_in_sync_tracks_from_the_stop(tmp_path: Path) -> None:
     """Stopped while the peer was in sync: nothing was written without it, so the saved
     bitmap is empty, and the peer that comes back needs nothing but what is written later."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xA0, [0, 7 * MiB])
         await primary.stop()
@@ -189,7 +209,7 @@ async def test_a_clean_restart_while_in_sync_tracks_from_the_stop(tmp_path: Path
 
 
 async def test_an_unclean_primary_restart_falls_back_to_full_and_says_why(tmp_path: Path) -> None:
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await kill_secondary_and_write(primary, secondary, nbd, [MiB])
         primary.kill()  # SIGKILL: the bitmap dies with the daemon
@@ -211,7 +231,7 @@ async def test_a_bitmap_resync_under_concurrent_writers_leaves_no_old_data_on_th
     keep overwriting the whole volume while the tracked regions (nearly all of it) are being
     copied; at the end both disks are equal, and a failover to the secondary shows every
     acknowledged write."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         log = WriteLog(writers=16, slots=SIZE // 4096)
         rng = random.Random(10)
         stop = asyncio.Event()
@@ -253,7 +273,7 @@ async def test_writes_in_flight_when_the_peer_dies_are_tracked(tmp_path: Path) -
     local disk once the link was released. The writers stop once the peer is seen dropped;
     the resync copies at most the bitmap granules of the writes not acknowledged before the
     kill (a bound taken from the load's own record, whatever the machine's speed)."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         log = WriteLog(writers=32, slots=SIZE // 4096)
         rng = random.Random(11)
         stop = asyncio.Event()
@@ -284,7 +304,7 @@ async def test_writes_in_flight_when_the_peer_dies_are_tracked(tmp_path: Path) -
 async def test_a_peer_replaced_by_itself_under_writes_gets_a_bitmap_resync(tmp_path: Path) -> None:
     """A planned detach (the operator re-pairs with the same secondary): the peer leaves the
     quorum while the workload writes, so the bitmap must exist before it leaves (R1)."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         log = WriteLog(writers=16, slots=SIZE // 4096)
         stop = asyncio.Event()
         async with await primary.nbd() as nbd:
@@ -306,7 +326,7 @@ async def test_a_peer_replaced_by_itself_under_writes_gets_a_bitmap_resync(tmp_p
 async def test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical(tmp_path: Path) -> None:
     """The resync is interrupted by the secondary's death: the bitmap keeps every bit it
     had (the copy job never clears them), so the next resync copies them all again."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         log = WriteLog(writers=16, slots=SIZE // 4096)
         stop = asyncio.Event()
         async with await primary.nbd() as nbd:
@@ -345,7 +365,7 @@ async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_n
 ) -> None:
     """The bitmap lives in the primary's daemon: a primary killed while it tracks or copies
     restarts without it, says so, and copies everything; the bytes end identical."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xA0, [i * MiB for i in range(0, SIZE // MiB, 4)], MiB)
         await primary.stop()
@@ -381,7 +401,7 @@ async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_n
 async def test_a_secondary_back_on_a_new_boot_after_an_unclean_stop_is_not_trusted(tmp_path: Path) -> None:
     """Its daemon may have acknowledged writes that were still in the page cache when the
     node went down: the restarted secondary takes a new identity and gets a full copy."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await kill_secondary_and_write(primary, secondary, nbd, [MiB])  # SIGKILL: unclean
         found = persist.load(secondary.data_dir)
@@ -398,7 +418,7 @@ async def test_a_secondary_back_on_a_new_boot_after_an_unclean_stop_is_not_trust
 
 async def test_a_secondary_stopped_cleanly_and_restarted_gets_only_what_it_missed(tmp_path: Path) -> None:
     """A pod deleted and rescheduled to the same node: SIGTERM, not a crash."""
-    async with replicating_pair(tmp_path) as (primary, secondary, ident):
+    async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xA0, [i * MiB for i in range(0, SIZE // MiB, 2)], MiB)
             await secondary.stop()

@@ -264,17 +264,26 @@ async def test_a_primary_killed_at_each_step_of_a_checksum_resync_resyncs_again_
         assert_same_image(image(old), image(primary), f"old primary after a primary crash at {crash_at}")
 
 
-async def test_a_peer_that_cannot_be_asked_gets_a_full_copy_and_the_reason(tmp_path: Path) -> None:
+async def test_a_peer_whose_agent_cannot_be_asked_is_not_linked_and_the_reason_is_said(tmp_path: Path) -> None:
+    """``peerApi`` is also where the primary has the secondary end its older replication
+    connections before it links (docs/correctness.md R5): an agent that cannot be reached
+    there cannot vouch that no write of an earlier link lands after the copy, so the pairing
+    fails with the reason, the peer stays marked, and nothing is copied. Asked where its
+    agent listens, the same peer is compared and resynced."""
     async with rejoined(tmp_path) as (primary, old):
         body = {
             "epoch": 5, "peer": old.replication_address, "sync": "auto", "peerEpoch": 4,
             "peerDisk": await disk_id(old), "peerApi": "127.0.0.1:9",  # nothing listens there
         }
+        with pytest.raises(AgentCallError, match=re.escape("127.0.0.1:9 to end its replication connections")):
+            await primary.call("POST", "/v1/primary", body)
+        st = await primary.status()
+        assert st["replication"]["state"] == "degraded" and st["replication"]["outOfSync"] is True, st
+        body.update(epoch=6, peerApi=old.api.removeprefix("http://"))
         await primary.call("POST", "/v1/primary", body)
         st = await primary.wait_replicating()
-        last = st["replication"]["lastSync"]
-        assert last["kind"] == "full" and "could not be asked for checksums" in last["reason"], last
-        assert_same_image(image(old), image(primary), "old primary after the fallback to a full copy")
+        assert st["replication"]["lastSync"]["kind"] == "checksum", st["replication"]["lastSync"]
+        assert_same_image(image(old), image(primary), "old primary after the comparison")
 
 
 async def test_a_new_blank_secondary_is_copied_in_full_not_compared(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ async def test_apply_get_describe_delete_a_replicated_volume(kubectl: KubectlRun
     code, out, err = await kubectl("get", "rv")
     assert code == 0, err
     header, row = out.splitlines()
-    assert header.split() == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "CHECKPOINT", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "CHECKPOINT", "SYNC", "AGE"]
     assert row.split()[0] == "vol1"
 
     code, out, err = await kubectl("get", "rv", "-o", "wide")

@@ -43,6 +43,7 @@ T_RESTART = "tests/integration/test_restart_guards.py"
 T_CHAIN = "tests/integration/test_secondary_chain.py"
 T_RESYNC = "tests/integration/test_bitmap_resync.py"
 T_CHECKSUM = "tests/integration/test_checksum_resync.py"
+T_AUTO = "tests/integration/test_auto_resync.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ the replication link (I1, I2)
@@ -737,5 +738,54 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            if False:\n                raise ReplicaError(",
         ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
         "a lost disk next to a state is not recreated empty",
+    ),
+    # ------------------------------------------------------------------ automatic re-protection (R5)
+    Mutation(
+        "replica.dropped-peer-is-re-protected", REPLICA,
+        "            self._after_drop(link, reason)\n",
+        "            pass\n",
+        (f"{T_AUTO}::test_a_reachable_peer_dropped_under_writes_is_resynced_on_its_own",),
+        "a reachable peer dropped by a link failure is resynced without a call",
+    ),
+    Mutation(
+        "replica.older-connections-cut-before-a-link", REPLICA,
+        "                await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)\n",
+        "                pass\n",
+        (f"{T_AUTO}::test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_after_the_resync",),
+        "a write of an earlier connection to the secondary never lands after the next link's copy",
+    ),
+    Mutation(
+        "replica.refused-attempt-is-not-a-full-copy", REPLICA,
+        "            if plan.peer_disk is None or automatic:\n",
+        "            if plan.peer_disk is None:\n",
+        (f"{T_AUTO}::test_an_attempt_refused_by_another_disk_is_a_failed_attempt_and_keeps_the_record",),
+        "an automatic attempt refused its tracked disk's export does not copy everything onto another disk",
+    ),
+    Mutation(
+        "resync.automatic-attempt-only-bitmap", "operator/pairvol/agent/resync.py",
+        "    return plan.kind == BITMAP\n",
+        "    return True\n",
+        ("tests/unit/test_agent_resync.py",),
+        "an automatic attempt never turns a caller's bitmap resync into a full one",
+    ),
+    Mutation(
+        "resync.reprotect-bounded", "operator/pairvol/agent/resync.py",
+        "    if view.failures < 1 or view.failures > len(REPROTECT_DELAYS_S):\n",
+        "    if view.failures < 1:\n        return REPROTECT_DELAYS_S[0]\n    if False:\n",
+        ("tests/unit/test_agent_resync.py",),
+        "a peer that keeps failing costs a bounded number of attempts, not a resync storm",
+    ),
+    Mutation(
+        "decisions.automatic-resync-never-promoted", DECISIONS,
+        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch:\n",
+        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch"
+        " and not manual:\n",
+        T_DECISIONS, "a secondary the primary is rewriting on its own is not promoted, even by hand",
+    ),
+    Mutation(
+        "decisions.operator-waits-for-the-primarys-own-re-protection", DECISIONS,
+        "        and not pa.reprotecting\n",
+        "",
+        T_DECISIONS, "a reachable dropped peer is not replaced while the primary re-protects it",
     ),
 )

@@ -99,3 +99,56 @@ def test_sync_auto_is_accepted() -> None:
     assert v.parse_sync({"sync": "auto"}) == "auto"
     assert v.parse_peer_disk({"peerDisk": X}) == X
     assert v.parse_peer_disk({}) is None
+
+
+# ---------------------------------------------------------------- automatic re-protection
+
+
+def dropped(failures: int, **kw: bool) -> rs.ReprotectView:
+    fields = {"serving": True, "peer_configured": True, "attached": False, **kw}
+    return rs.ReprotectView(failures=failures, **fields)
+
+
+def test_a_dropped_peer_is_retried_soon_and_then_each_time_later() -> None:
+    delays = [rs.reprotect_delay(dropped(n)) for n in range(1, len(rs.REPROTECT_DELAYS_S) + 1)]
+    assert delays[0] is not None and delays[0] <= 1.0
+    assert all(d is not None for d in delays)
+    assert delays == sorted(delays) and len(set(delays)) == len(delays)
+
+
+def test_a_peer_that_keeps_failing_is_given_up_after_a_bounded_number_of_attempts() -> None:
+    assert rs.reprotect_delay(dropped(len(rs.REPROTECT_DELAYS_S) + 1)) is None
+    # the whole schedule is bounded: at most a few minutes of attempts
+    assert sum(rs.REPROTECT_DELAYS_S) < 120
+
+
+@pytest.mark.parametrize(
+    "why",
+    [{"serving": False}, {"peer_configured": False}, {"attached": True}],
+    ids=["not serving (fenced, demoted, stopping)", "no peer in this pairing", "a link is attached already"],
+)
+def test_nothing_is_re_protected_that_is_not_a_serving_primary_without_its_peer(why: dict[str, bool]) -> None:
+    assert rs.reprotect_delay(dropped(1, **why)) is None
+
+
+def test_no_attempt_without_a_drop() -> None:
+    assert rs.reprotect_delay(dropped(0)) is None
+
+
+def test_a_drop_soon_after_a_resync_adds_to_the_count_one_after_a_stable_link_starts_it_over() -> None:
+    assert rs.failures_after_drop(3, None) == 4  # dropped during a resync
+    assert rs.failures_after_drop(3, rs.REPROTECT_STABLE_S / 2) == 4  # flapping: no storm
+    assert rs.failures_after_drop(5, rs.REPROTECT_STABLE_S) == 1
+    assert rs.failures_after_drop(0, None) == 1
+
+
+def test_an_automatic_attempt_runs_only_a_bitmap_resync_and_leaves_anything_else_to_the_caller() -> None:
+    """The record vouches for the peer's disk: the attempt copies what it missed. Anything
+    else (a full copy, a comparison) would replace the record a caller's own re-pair relies
+    on — a bitmap resync the caller asked for would become a full one."""
+    assert rs.automatic_allowed(rs.choose("auto", X, TRACKED))
+    for record in (rs.Record(None, False, False, None), rs.Record(X, True, False, None)):
+        assert not rs.automatic_allowed(rs.choose("auto", X, record))
+    assert not rs.automatic_allowed(rs.choose("auto", Y, TRACKED))
+    assert not rs.automatic_allowed(rs.choose("auto", None, TRACKED))
+    assert not rs.automatic_allowed(rs.SyncPlan(rs.CHECKSUM, "data of unknown history", X))

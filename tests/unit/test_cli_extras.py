@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 # Run pairvol's entry point with kmock made unimportable, as in a plain `pip install pairvol`.
 _WITHOUT_KMOCK = "import sys; sys.modules['kmock'] = None; from pairvol.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -24,3 +25,16 @@ def test_localcluster_up_without_kmock_names_the_extra_to_install() -> None:
     assert proc.returncode == 1
     assert "pip install 'pairvol[localcluster]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_agent_re_protects_on_its_own_unless_told_not_to(tmp_path: Path) -> None:
+    import argparse
+
+    from pairvol.agent import cli as agent_cli
+
+    parser = argparse.ArgumentParser()
+    agent_cli.register(parser.add_subparsers())
+    base = ["agent", "--name", "vol", "--data-dir", str(tmp_path), "--size", "16Mi"]
+    assert agent_cli.config_from_args(parser.parse_args(base)).auto_reprotect is True
+    off = parser.parse_args([*base, "--auto-reprotect", "off"])
+    assert agent_cli.config_from_args(off).auto_reprotect is False

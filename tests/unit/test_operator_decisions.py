@@ -201,7 +201,9 @@ def test_bring_up_starts_secondary_first_then_primary_with_full_sync() -> None:
     p = plan(w)
     start = [a for a in p.actions if isinstance(a, StartPrimary)]
     # the peer's export is named after the epoch the secondary runs at
-    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", 3, "10.0.0.2:7801", "full", peer_epoch=2)]
+    assert start == [StartPrimary(
+        st0.primary.pod, "10.0.0.1", 3, "10.0.0.2:7801", "full", peer_epoch=2, peer_api="10.0.0.2:7800",
+    )]
     assert p.status.phase == Phase.SYNCING and p.status.epoch == 3
     assert p.status.endpoint is not None
     assert p.status.endpoint["socket"] == "/var/lib/pairvol/ns/vol/export.sock"
@@ -223,14 +225,104 @@ def test_syncing_becomes_replicating_and_clears_out_of_sync() -> None:
     assert sec is not None
     w = replace(w, status=w.status.with_(phase=Phase.SYNCING,
                                            secondary=replace(sec, out_of_sync=True)))
-    syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_done=1, sync_total=4)
+    syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_done=1 << 20, sync_total=4 << 20,
+                      sync_kind="full", sync_reason="requested")
     p = plan(replace(w, agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT}))
     assert p.status.phase == Phase.SYNCING and p.status.sync == {
-        "progress": 0.25, "doneBytes": 1, "totalBytes": 4}
-    p = plan(w)
+        "kind": "full", "reason": "requested", "progress": 0.25, "doneBytes": 1 << 20, "totalBytes": 4 << 20,
+        "summary": "full 25% (3.0 MiB to go)"}
+    p = plan(replace(w, status=p.status))
     assert p.status.phase == Phase.REPLICATING
     assert p.status.secondary is not None and not p.status.secondary.out_of_sync
     assert any(isinstance(a, Event) and a.reason == "Replicating" for a in p.actions)
+
+
+def resync_events(p: Any) -> list[str]:
+    return [f"{a.reason}: {a.message}" for a in p.actions if isinstance(a, Event) and a.reason.startswith("Resync")]
+
+
+def test_a_resync_is_shown_with_its_kind_reason_and_bytes_and_announced_at_its_start_and_end() -> None:
+    """Whatever kind the primary chose (a kind the operator does not know included), the
+    status shows it with its reason and the bytes this resync copies; an Event says when it
+    starts (what and how much) and when it ends (how long, how much)."""
+    w = replicating()
+    sec = w.status.secondary
+    assert sec is not None
+    w = replace(w, status=w.status.with_(phase=Phase.DEGRADED, secondary=replace(sec, out_of_sync=True)))
+    for kind in ("bitmap", "checksum"):
+        syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_done=0, sync_total=24 << 20,
+                          sync_kind=kind, sync_reason="the reason the agent gave")
+        p = plan(replace(w, agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT}))
+        assert p.status.sync is not None and p.status.sync["kind"] == kind
+        assert p.status.sync["reason"] == "the reason the agent gave"
+        assert p.status.sync["summary"] == f"{kind} 0% (24 MiB to go)"
+        assert resync_events(p) == [f"ResyncStarted: {kind} resync vol-1-a on n1 -> vol-1-b on n2: 24 MiB to copy "
+                                    "(the reason the agent gave)"]
+        assert not p.cosmetic  # the event goes with a status write, not a coalesced one
+        # the same resync one tick later: progress, no second Event
+        later = replace(syncing, sync_done=18 << 20)
+        p = plan(replace(w, status=p.status, agents={"vol-1-a": later, "vol-1-b": SECONDARY_AGENT}))
+        assert p.status.sync is not None and p.status.sync["summary"] == f"{kind} 75% (6.0 MiB to go)"
+        assert resync_events(p) == []
+        done = replace(PRIMARY_AGENT, last_sync={"kind": kind, "reason": "the reason the agent gave",
+                                                 "copiedBytes": 24 << 20, "seconds": 3.25, "endedAt": NOW - 1})
+        p = plan(replace(w, status=p.status, agents={"vol-1-a": done, "vol-1-b": SECONDARY_AGENT}))
+        assert p.status.sync is None and p.status.phase == Phase.REPLICATING
+        assert resync_events(p) == [f"ResyncCompleted: {kind} resync vol-1-a -> vol-1-b done: 24 MiB copied in 3.2 s "
+                                    "(the reason the agent gave)"]
+        assert p.status.last_sync == {"kind": kind, "reason": "the reason the agent gave", "copiedBytes": 24 << 20,
+                                      "seconds": 3.25, "time": rfc3339(NOW - 1)}
+        # announced once
+        p = plan(replace(w, status=p.status, agents={"vol-1-a": done, "vol-1-b": SECONDARY_AGENT}))
+        assert resync_events(p) == []
+
+
+def test_a_resync_that_ran_between_two_observations_is_still_announced_at_its_end() -> None:
+    w = replicating()
+    done = replace(PRIMARY_AGENT, last_sync={"kind": "bitmap", "reason": "r", "copiedBytes": 65536, "seconds": 0.2,
+                                             "endedAt": NOW - 0.5})
+    p = plan(replace(w, agents={"vol-1-a": done, "vol-1-b": SECONDARY_AGENT}))
+    assert resync_events(p) == ["ResyncCompleted: bitmap resync vol-1-a -> vol-1-b done: 0.1 MiB copied in 0.2 s (r)"]
+    assert p.status.last_sync is not None and p.status.last_sync["kind"] == "bitmap"
+
+
+def test_the_operator_leaves_a_dropped_reachable_peer_to_the_primary_while_it_re_protects_it() -> None:
+    """R5: the primary re-pairs with its peer on its own (bounded); the operator neither
+    replaces the secondary nor re-pairs over it meanwhile. Once the primary gives up, the
+    operator re-pairs with a new epoch."""
+    w = replicating(lease=LeaseView("vol-1-a", 1, 3.0, out_of_sync_epoch=3))
+    dropped = replace(PRIMARY_AGENT, replication_state="degraded", reprotecting=True)
+    p = plan(replace(w, agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
+    assert not any(isinstance(a, DeletePod | StartPrimary) for a in p.actions), p.actions
+    assert p.status.phase == Phase.DEGRADED and "re-protecting vol-1-b on its own" in p.status.message
+    # without the mark seen yet (a lagging cache), the secondary is not taken for dead either
+    p = plan(replace(w, lease=LeaseView("vol-1-a", 1, 3.0), agents={"vol-1-a": dropped, "vol-1-b": SECONDARY_AGENT}))
+    assert not any(isinstance(a, DeletePod | StartPrimary) for a in p.actions), p.actions
+    gave_up = replace(dropped, reprotecting=False)
+    p = plan(replace(w, agents={"vol-1-a": gave_up, "vol-1-b": SECONDARY_AGENT}))
+    assert any(isinstance(a, StartPrimary) and a.epoch == 4 for a in p.actions), p.actions
+
+
+def test_a_secondary_the_primary_rewrites_on_its_own_is_not_promoted_even_by_hand() -> None:
+    """H8 for the automatic resync: the primary records it on its Lease before copying; from
+    then on the secondary's disk is a partial copy until the marks are cleared."""
+    lease = LeaseView(None, 100.0, 3.0, out_of_sync_epoch=3, resync_epoch=3)
+    w = replicating(lease=lease, annotations={ANN_FAILOVER: "now"})
+    w = replace(w, pods={"vol-1-b": w.pods["vol-1-b"]}, agents={"vol-1-b": SECONDARY_AGENT})
+    p = plan(w)
+    assert not any(isinstance(a, DoFailover) for a in p.actions), p.actions
+    assert "resyncing secondary vol-1-b on its own" in p.status.message
+    # an older epoch's mark (a re-pair by the operator since, which tracks that itself) does not block
+    p = plan(replace(w, lease=replace(lease, resync_epoch=2)))
+    assert any(isinstance(a, DoFailover) for a in p.actions), p.status.message
+
+
+def test_a_resync_mark_on_the_lease_makes_the_secondary_unsynced_in_status() -> None:
+    w = replicating(lease=LeaseView("vol-1-a", 1, 3.0, out_of_sync_epoch=3, resync_epoch=3))
+    syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_total=1 << 20, sync_kind="bitmap")
+    p = plan(replace(w, agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.secondary is not None
+    assert p.status.secondary.out_of_sync and not p.status.secondary.synced
 
 
 # ----------------------------------------------------------------- checkpoints
@@ -600,7 +692,9 @@ def test_the_first_full_sync_names_the_secondarys_disk_so_the_primary_records_it
     sec = AgentView("secondary", "running", 2, disk_id=DISK)
     w = replace(w, pods=pods, agents={st0.primary.pod: AgentView("none", "none", 0), st0.secondary.pod: sec})
     start = [a for a in plan(w).actions if isinstance(a, StartPrimary)]
-    assert start == [StartPrimary(st0.primary.pod, "10.0.0.1", st0.epoch + 1, "10.0.0.2:7801", "full", 2, DISK)]
+    assert start == [StartPrimary(
+        st0.primary.pod, "10.0.0.1", st0.epoch + 1, "10.0.0.2:7801", "full", 2, DISK, peer_api="10.0.0.2:7800",
+    )]
 
 
 @pytest.mark.parametrize(
@@ -612,7 +706,9 @@ def test_a_secondary_that_names_its_disk_is_left_to_the_agent_and_one_that_does_
     primary = replace(PRIMARY_AGENT, peer="10.0.0.9:7801", tracked_disk=tracked)
     p = plan(replicating(agents={"vol-1-a": primary, "vol-1-b": replace(SECONDARY_AGENT, disk_id=disk)}))
     if disk is None:
-        assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, None) in p.actions
+        assert StartPrimary(
+            "vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, None, peer_api="10.0.0.2:7800",
+        ) in p.actions
     else:
         assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "auto", 2, disk, "10.0.0.2:7800") in p.actions
 
@@ -633,7 +729,9 @@ def test_a_resync_marks_the_secondary_out_of_sync_before_it_starts() -> None:
     even if the primary dies mid-resync."""
     elsewhere = replace(PRIMARY_AGENT, peer="10.0.0.9:7801")  # replicating to a previous peer
     p = plan(replicating(agents={"vol-1-a": elsewhere, "vol-1-b": SECONDARY_AGENT}))
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2) in p.actions
+    assert StartPrimary(
+        "vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2, peer_api="10.0.0.2:7800",
+    ) in p.actions
     assert p.status.phase == Phase.SYNCING and p.status.epoch == 4
     assert p.status.secondary is not None and p.status.secondary.out_of_sync
     # the primary dies before the sync finished: no promotion
@@ -762,7 +860,9 @@ def test_a_fresh_secondary_is_not_judged_by_the_previous_peers_failure() -> None
     assert "waiting for secondary vol-5" in p.status.message
     # once ready it gets a full sync from the primary
     w = replace(w, pods={**w.pods, "vol-5": pod("vol-5", "n2", "secondary", "10.0.0.2")})
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2) in plan(w).actions
+    assert StartPrimary(
+        "vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", peer_epoch=2, peer_api="10.0.0.2:7800",
+    ) in plan(w).actions
 
 
 def test_no_new_role_call_while_one_is_in_flight_but_failover_still_happens() -> None:
@@ -1185,7 +1285,9 @@ def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
 
     w = replace(w, status=p.status, agents={**w.agents, "vol-5": AgentView("secondary", "running", 6)})
     p = plan(w)
-    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 7, "10.0.0.9:7801", "full", peer_epoch=6)
+    assert p.actions[0] == StartPrimary(
+        "vol-1-b", "10.0.0.2", 7, "10.0.0.9:7801", "full", peer_epoch=6, peer_api="10.0.0.9:7800",
+    )
     assert (p.status.epoch, p.status.phase) == (7, Phase.SYNCING)
 
     pairing = AgentView("primary", "done", 7, "syncing", "10.0.0.9:7801")
@@ -1193,7 +1295,9 @@ def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
     assert plan(w).actions == () and plan(w).status.epoch == 7
     elsewhere = replace(pairing, peer="10.0.0.8:7801")
     p = plan(replace(w, agents={"vol-1-b": elsewhere, "vol-5": AgentView("secondary", "running", 6)}))
-    assert p.actions[0] == StartPrimary("vol-1-b", "10.0.0.2", 8, "10.0.0.9:7801", "full", peer_epoch=6)
+    assert p.actions[0] == StartPrimary(
+        "vol-1-b", "10.0.0.2", 8, "10.0.0.9:7801", "full", peer_epoch=6, peer_api="10.0.0.9:7800",
+    )
 
 
 def test_bring_up_records_both_replicas_with_their_pod_addresses_and_the_secondary_out_of_sync() -> None:
@@ -1447,8 +1551,13 @@ def test_sync_progress_is_reported_to_four_decimal_places_and_may_be_coalesced()
     for done, shown in ((None, {"progress": 0.0, "doneBytes": 0, "totalBytes": 3}),
                         (1, {"progress": 0.3333, "doneBytes": 1, "totalBytes": 3})):
         syncing = replace(PRIMARY_AGENT, replication_state="syncing", sync_done=done, sync_total=3)
-        p = plan(replicating(agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT}))
-        assert (p.status.phase, p.status.message, p.status.sync) == (Phase.SYNCING, "full sync n1 -> n2", shown)
+        w = replicating(agents={"vol-1-a": syncing, "vol-1-b": SECONDARY_AGENT})
+        # the sync already shown (its start announced): only the numbers move
+        w = replace(w, status=w.status.with_(phase=Phase.SYNCING, sync={"kind": "full", "totalBytes": 3}))
+        p = plan(w)
+        assert p.status.sync is not None
+        got = {k: p.status.sync[k] for k in shown}
+        assert (p.status.phase, p.status.message, got) == (Phase.SYNCING, "full sync n1 -> n2", shown)
         assert p.actions == () and p.cosmetic
 
 
@@ -1477,14 +1586,14 @@ def test_a_primary_that_dropped_an_out_of_sync_secondary_is_re_paired_after_the_
     assert sec is not None
     w = replace(w, status=w.status.with_(secondary=replace(sec, out_of_sync=True)))
     assert plan(w).actions == ()
-    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2) in plan(
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, peer_api="10.0.0.2:7800") in plan(
         replace(w, agent_call_in_flight=False)).actions
 
 
 def test_a_primary_that_reports_no_replication_with_the_right_peer_is_re_paired() -> None:
     p = plan(replicating(agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="none"),
                                  "vol-1-b": SECONDARY_AGENT}))
-    assert p.actions[0] == StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2)
+    assert p.actions[0] == StartPrimary("vol-1-a", "10.0.0.1", 4, "10.0.0.2:7801", "full", 2, peer_api="10.0.0.2:7800")
 
 
 def test_an_in_sync_volume_degrades_while_its_secondary_does_not_answer_or_lost_its_role() -> None:

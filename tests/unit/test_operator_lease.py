@@ -15,7 +15,7 @@ from pairvol.agent.lease import attach_lease
 from pairvol.kube.client import KubeClient, KubeError
 from pairvol.kube.config import load_config
 from pairvol.kube.lease import LeaseError, LeaseKeeper, micro_time, parse_micro_time
-from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION
+from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION
 from pairvol.kube.paths import lease_path
 from pairvol.localcluster.cluster import LocalCluster
 
@@ -117,6 +117,29 @@ async def test_out_of_sync_mark_is_stored_on_the_lease() -> None:
         await k.release()
         with pytest.raises(LeaseError, match="not held"):
             await k.mark_out_of_sync(8)
+
+
+async def test_an_automatic_resync_is_marked_before_it_copies_and_both_marks_go_once_in_sync() -> None:
+    """docs/correctness.md R5: the resync mark is stored next to the out-of-sync mark, and
+    one patch removes both once the peer is in sync; without the Lease neither is written."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost())
+        await k.acquire(5)
+        await k.mark_out_of_sync(7)
+        await k.mark_resync(7)
+        meta = (await read_lease(cluster))["metadata"]
+        assert isinstance(meta, dict)
+        assert (meta["annotations"][OUT_OF_SYNC_ANNOTATION], meta["annotations"][RESYNC_ANNOTATION]) == ("7", "7")
+        await k.clear_marks(7)
+        meta = (await read_lease(cluster))["metadata"]
+        assert isinstance(meta, dict)
+        marks = meta.get("annotations") or {}
+        assert OUT_OF_SYNC_ANNOTATION not in marks and RESYNC_ANNOTATION not in marks, marks
+        await k.release()
+        with pytest.raises(LeaseError, match="not held"):
+            await k.mark_resync(8)
+        with pytest.raises(LeaseError, match="not held"):
+            await k.clear_marks(8)
 
 
 async def test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_mark() -> None:

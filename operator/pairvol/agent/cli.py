@@ -65,6 +65,13 @@ def register(sub: Any) -> None:
         default="5",
         help="seconds primary writes may stall on a dead or partitioned peer (default 5)",
     )
+    p.add_argument(
+        "--auto-reprotect",
+        choices=("on", "off"),
+        default="on",
+        help="re-pair a dropped peer that is still reachable on its own, a bounded number of times "
+        "(default on); off: only POST /v1/primary re-pairs",
+    )
     p.add_argument("--lease-namespace", default=None, help="namespace of the primary's Lease")
     p.add_argument("--lease-name", default=None, help="name of the primary's Lease")
     p.add_argument("--lease-duration", default="10", help="Lease duration in seconds")
@@ -134,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         psk=psk,
         export_psk=export_psk,
         peer_timeout=v.parse_seconds(args.peer_timeout, "--peer-timeout", MIN_PEER_TIMEOUT, MAX_PEER_TIMEOUT),
+        auto_reprotect=getattr(args, "auto_reprotect", "on") == "on",
     )
     cfg.check()
     return cfg

@@ -52,6 +52,9 @@ class AgentConfig:
     # the workload export's own key: a workload that holds it must not be able to write to
     # a secondary's replication port, which trusts ``psk``
     export_psk: Psk | None = None
+    # re-pair a dropped peer that is still reachable on its own (docs/correctness.md R5);
+    # off: only POST /v1/primary re-pairs (for callers that orchestrate every resync)
+    auto_reprotect: bool = True
 
     @property
     def workload_psk(self) -> Psk | None:

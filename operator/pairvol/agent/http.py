@@ -120,6 +120,7 @@ def make_app(replica: Replica, token: str | None) -> web.Application:
     app.router.add_post("/v1/stop", stop)
     app.router.add_post("/v1/digests", digests)
     app.router.add_post("/v1/resize", resize)
+    app.router.add_post("/v1/relink", relink)
     return app
 
 
@@ -190,6 +191,12 @@ async def failover(request: web.Request) -> web.Response:
 async def stop(request: web.Request) -> web.Response:
     await _body(request, set())
     return web.json_response(await request.app[REPLICA].stop())
+
+
+async def relink(request: web.Request) -> web.Response:
+    """A secondary ends its replication connections before its primary links again."""
+    body = await _body(request, {"epoch"})
+    return web.json_response(await request.app[REPLICA].relink(v.parse_epoch(body)))
 
 
 async def digests(request: web.Request) -> web.Response:

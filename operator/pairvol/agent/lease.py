@@ -102,6 +102,17 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
                         args.lease_name)
 
     replica.out_of_sync_hooks.append(mark)
+
+    # Automatic re-protection (docs/correctness.md R5): the resync mark is on the Lease before
+    # the agent copies a byte to its peer on its own, and both marks go once the peer is in
+    # sync. The replica runs the clear under the same lock as ``mark``, so a mark written after
+    # a new failure is never removed by a clear that was on its way.
+    before_resync = getattr(replica, "before_resync_hooks", None)
+    if isinstance(before_resync, list):
+        before_resync.append(keeper.mark_resync)
+    in_sync = getattr(replica, "in_sync_hooks", None)
+    if isinstance(in_sync, list):
+        in_sync.append(keeper.clear_marks)
     await keeper.prepare()  # a promotion then takes the Lease without loading the configuration first
 
     # If the agent offers a hook that runs before it starts serving the workload export, take

@@ -93,6 +93,37 @@ class AgentMetrics:
         self.sync_progress = Gauge(
             "pairvol_sync_progress_ratio", "Progress of the running sync or resync, 0..1", labels, registry=r
         )
+        # resyncs of any kind (full, bitmap, checksum, ...): the kind label is whatever the
+        # agent chose, so a new kind needs no change here
+        self.resync_remaining = Gauge(
+            "pairvol_resync_remaining_bytes",
+            "Bytes the running resync (any kind) has still to copy; 0 when none runs",
+            labels,
+            registry=r,
+        )
+        self.resyncs = Counter(
+            "pairvol_resyncs", "Resyncs of the peer that ended, by kind and result", [*labels, "kind", "result"],
+            registry=r,
+        )
+        self.resync_last_duration = Gauge(
+            "pairvol_resync_last_duration_seconds", "Duration of the last resync that ended in sync", labels,
+            registry=r,
+        )
+        self.resync_last_bytes = Gauge(
+            "pairvol_resync_last_copied_bytes", "Bytes the last resync that ended in sync copied", labels, registry=r
+        )
+        self.resync_attempts = Counter(
+            "pairvol_resync_automatic_attempts",
+            "Automatic re-protections of a dropped peer: started (a resync runs) or failed (none could start)",
+            [*labels, "result"],
+            registry=r,
+        )
+        self.resync_gave_up = Gauge(
+            "pairvol_resync_automatic_gave_up",
+            "1 when the primary stopped re-protecting a peer that kept failing (until a new pairing)",
+            labels,
+            registry=r,
+        )
         self.size = Gauge("pairvol_volume_size_bytes", "Size of the volume", labels, registry=r)
 
         # every series exists from the start, so increase() sees the first failover
@@ -101,6 +132,14 @@ class AgentMetrics:
             for result in ("succeeded", "failed"):
                 self.failovers.labels(volume, mode, result)
         self.peer_failures.labels(volume)
+        for kind in ("full", "bitmap", "checksum"):
+            for result in ("succeeded", "failed"):
+                self.resyncs.labels(volume, kind, result)
+        for result in ("started", "failed"):
+            self.resync_attempts.labels(volume, result)
+        self.resync_gave_up.labels(volume)
+        self.resync_last_duration.labels(volume)
+        self.resync_last_bytes.labels(volume)
         self.cow_bytes.labels(volume)
         self.peer_sent_bytes.labels(volume)
 
@@ -145,5 +184,11 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pairvol_sync_done_bytes",
         "pairvol_sync_progress_ratio",
         "pairvol_volume_size_bytes",
+        "pairvol_resync_remaining_bytes",
+        "pairvol_resyncs_total",
+        "pairvol_resync_last_duration_seconds",
+        "pairvol_resync_last_copied_bytes",
+        "pairvol_resync_automatic_attempts_total",
+        "pairvol_resync_automatic_gave_up",
     }
 )

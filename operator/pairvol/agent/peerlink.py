@@ -332,6 +332,10 @@ class PeerLink:
             self.qsd.unwatch_job(r.SYNC_JOB)
             raise PeerLinkError(f"cannot start the {self.sync_kind} resync to {self.address}: {exc}") from exc
         crashpoints.hit(RESYNC_STARTED)
+        log.info(
+            "%s resync to %s: the copy started, %d bytes to copy (%s)",
+            self.sync_kind, self.address, self.sync_total, self.sync_reason,
+        )
 
     async def _run_checksum(self) -> None:
         """Checksum resync (docs/correctness.md, R4): the replica's ``compare`` turns the
@@ -422,7 +426,12 @@ class PeerLink:
 
     def sync_line(self) -> str:
         pct = 100.0 * self.sync_done / max(1, self.sync_total)
-        return f"{self.sync_done >> 20} / {self.sync_total >> 20} MiB ({pct:.1f}%)"
+        rate = self.sync_done / max(1e-3, time.monotonic() - self.sync_started)
+        to_go = max(0, self.sync_total - self.sync_done)
+        return (
+            f"{self.sync_done >> 20} / {self.sync_total >> 20} MiB ({pct:.1f}%), "
+            f"{to_go >> 20} MiB to go at {rate / (1 << 20):.0f} MiB/s"
+        )
 
     # ------------------------------------------------------------------ teardown
 

@@ -24,6 +24,9 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
 * checksum resync (R4) = where no record vouches for a peer disk that holds data, both
   agents digest their own disks and the regions that differ become bits of that same
   bitmap, started before the comparison (``pairvol.agent.checksum``).
+* automatic re-protection (docs/correctness.md R5) = a peer dropped while the replica serves
+  is re-paired by the primary on its own, at the same epoch, with ``auto``: after the failed
+  link left the quorum, a bounded number of times with growing delays (``_reprotect``).
 
 Every command is serialised by one lock; background tasks (retire, a link that went down)
 take the same lock before they change the graph. Two things never wait for that lock,
@@ -50,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent import checksum as cs
-from pairvol.agent import crashpoints, secondary, tcpexport
+from pairvol.agent import crashpoints, peerapi, secondary, tcpexport
 from pairvol.agent import resync as rs
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig, Psk
@@ -74,6 +77,7 @@ from pairvol.agent.stages import (
 )
 from pairvol.agent.state import Checkpoint, PersistedState
 from pairvol.agent.tcpexport import start_tcp_export
+from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 from pairvol.qemu import QemuError, QsdDied, img
 from pairvol.qemu import recipes as r
@@ -135,6 +139,10 @@ class ReplicaError(PairvolError):
     """A replica operation failed (HTTP 500); the message says what and why."""
 
 
+class NoAutomaticResync(PairvolError):
+    """The record does not allow an automatic re-protection of the peer (R5)."""
+
+
 class InvalidSpan(PairvolError):
     """A digest request outside the volume or off the regions (HTTP 400)."""
 
@@ -151,6 +159,8 @@ SAVE_BITMAP_TIMEOUT_S = 10.0
 PEER_VIEW_TIMEOUT_S = 5.0
 MARKS_FILE = "checksum-marks.qcow2"  # in .run/: scratch, merged at once, never reused
 MARKS_NODE = "checksum-marks"
+# how long recording "in sync" (the Lease) may hold a mark that waits for it
+IN_SYNC_HOOK_TIMEOUT_S = 2.0
 
 
 def new_disk_id() -> str:
@@ -240,6 +250,20 @@ class Replica:
         self.last_sync: dict[str, Any] | None = None
         self.peer_api: str | None = None  # the peer's agent API, for a checksum resync (R4)
         self._digest_lock = asyncio.Lock()  # one digest pass at a time on a secondary
+        # automatic re-protection (R5): the current pairing, and what the attempts did
+        self.before_resync_hooks: list[Hook] = []  # e.g. record on the Lease that the peer is rewritten
+        self.in_sync_hooks: list[Hook] = []  # e.g. clear the Lease's marks once the peer is in sync
+        self._pairing: tuple[tuple[str, int], int] | None = None  # (peer, its epoch)
+        self._peer_identity: str | None = None  # the disk identity the peer last answered to
+        self._reprotect_task: asyncio.Task[None] | None = None
+        self._reprotect_running = False  # an attempt holds the lock right now
+        self._reprotect_failures = 0
+        self._reprotect_due: float | None = None  # monotonic time of the next attempt
+        self._reprotect_error: str | None = None
+        self._in_sync_at: float | None = None  # monotonic: when the peer was last declared in sync
+        self._sync_counted: PeerLink | None = None  # the link whose sync's end was counted
+        self._clear_task: asyncio.Task[None] | None = None  # recording "in sync" again after a failure
+        metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -462,6 +486,8 @@ class Replica:
         log.warning("restored replica state: %s", what)
 
     async def close(self) -> None:
+        await self._cancel_reprotect()
+        await cancel_and_wait(self._clear_task)
         await self.chain.close()
         await self._drop_spawned_relay()
         clean = self.qsd.alive
@@ -502,10 +528,15 @@ class Replica:
         """Export ``node`` (the secondary's copy-before-write filter over ``disk``): on a
         unix socket of the replica's daemon, offered on --replication-listen by a listener
         daemon whose accepted connections carry TCP_NODELAY (pairvol.agent.tcpexport)."""
-        name = r.replication_export_name(self.state.epoch)
         sock = self.run_dir / REPLICATION_SOCKET
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
+        await self._export_replication(node)
+
+    async def _export_replication(self, node: str) -> None:
+        """The replication exports on ``node`` and the listener daemon that offers them."""
+        name = r.replication_export_name(self.state.epoch)
+        sock = self.run_dir / REPLICATION_SOCKET
         await self.qsd.execute("block-export-add", r.nbd_export(r.REPLICATION_EXPORT, node, name=name))
         more: tuple[tuple[str, str], ...] = ()
         if self.state.disk_id is not None:
@@ -1004,6 +1035,47 @@ class Replica:
         crashpoints.hit(RESIZE_COMPLETE)
         return None
 
+    async def relink(self, epoch: int) -> dict[str, Any]:
+        """Secondary only: end every connection a primary made to the replication exports,
+        and offer them anew under the same names (docs/correctness.md R5, "late writes of an
+        earlier link"). When this returns, no write sent
+        on an earlier connection can reach the disk any more: the listener daemon is killed
+        (its TCP connections go with it, so a segment a partition delayed, or the old
+        primary's kernel retransmits, finds no connection and is reset), and the exports
+        are deleted and waited for until QEMU removed them, which it does only once their
+        last in-flight request has completed. A primary calls this before each new link to
+        this incarnation, before it copies a byte."""
+        async with self.lock:
+            st = self.state
+            if st.role is not Role.SECONDARY or st.stage is not Stage.RUNNING:
+                raise IllegalTransition(
+                    f"only a running secondary ends its replication connections; this replica is "
+                    f"{st.role.value}/{st.stage.value}"
+                )
+            if epoch != st.epoch:
+                raise IllegalTransition(
+                    f"this secondary runs at epoch {st.epoch}, not {epoch}: a primary links to the incarnation "
+                    "it was paired with"
+                )
+            if self.listener is not None:
+                listener, self.listener = self.listener, None
+                await listener.kill()
+            exports = await self.qsd.execute("query-block-exports")
+            ours = (r.REPLICATION_EXPORT, r.IDENTITY_EXPORT)
+            nodes = {e["id"]: str(e["node-name"]) for e in exports if e["id"] in ours}
+            node = nodes.get(r.REPLICATION_EXPORT)
+            if node is None:
+                raise ReplicaError("the replication export is gone; restart the secondary")
+            for export in nodes:
+                with contextlib.suppress(QemuError):
+                    await self.qsd.execute("block-export-del", {"id": export, "mode": "hard"})
+            for export in nodes:
+                await self._wait_export_gone(export)
+            await self._export_replication(node)
+            log.info("replication connections ended at a primary's request; exporting anew on %s:%d",
+                     *self.cfg.replication_listen)
+            return self.status()
+
     async def _resize_secondary(self, size: int) -> None:
         """E2: stop the replication export (the primary's link ends: it marks this secondary
         out of sync and records what it writes meanwhile, R1), drop copy-before-write and the
@@ -1123,6 +1195,10 @@ class Replica:
         peer_epoch: int | None,
         peer_disk: str | None,
     ) -> dict[str, Any]:
+        await self._cancel_reprotect()
+        self._reprotect_failures, self._reprotect_error, self._in_sync_at = 0, None, None
+        self.metrics.resync_gave_up.labels(self.cfg.name).set(0)
+        self._pairing = (peer, peer_epoch if peer_epoch is not None else epoch - 1) if peer else None
         await self._detach_peer("peer replaced", mark=False)
         await self._build_quorum()
         st = self.state
@@ -1164,17 +1240,31 @@ class Replica:
         self._observe()
         return self.status()
 
-    async def _attach_peer(self, peer: tuple[str, int], sync: str, peer_epoch: int, peer_disk: str | None) -> None:
+    async def _attach_peer(
+        self, peer: tuple[str, int], sync: str, peer_epoch: int, peer_disk: str | None, automatic: bool = False
+    ) -> None:
+        """Link to the peer and choose what to copy (R1-R4). ``automatic`` (R5): only a
+        bitmap resync, and a refusal is a failed attempt — anything else is left to the
+        caller that pairs (``POST /v1/primary``), so an attempt never changes the record."""
         record = rs.Record(
             self.state.peer_disk, self.state.tracking, self._bitmap_present, self.state.full_reason
         )
         plan = rs.choose(sync, peer_disk, record)
+        if automatic and not rs.automatic_allowed(plan):
+            raise NoAutomaticResync(f"{plan.kind} sync needed ({plan.reason}): left to a new pairing")
         if rs.needs_peer_view(sync, plan) and self.peer_api is not None and plan.peer_disk is not None:
             plan = rs.refine(plan, await self._peer_view(plan.peer_disk), self.cfg.size)
+        if self.peer_api is not None:
+            # R5: no write of an earlier connection to this incarnation can land after this
+            # link's copy; the secondary cuts them and waits for their writes, before we link
+            try:
+                await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)
+            except peerapi.PeerApiError as exc:
+                raise PeerLinkError(str(exc)) from exc
         try:
             await self._attach_with(peer, plan, peer_epoch)
         except PeerRefusedExport as exc:
-            if plan.peer_disk is None:
+            if plan.peer_disk is None or automatic:
                 raise
             # R3: the secondary has no export for that disk identity: its disk is another one
             why = f"the secondary refused a resync against disk {plan.peer_disk}: {exc}"
@@ -1228,6 +1318,7 @@ class Replica:
         except PeerLinkError:
             self.link = None
             raise
+        self._peer_identity = plan.peer_disk or self._peer_identity
         log.info("re-protection of %s: %s sync (%s)", link.address, plan.kind, plan.reason)
         self.peer_error = None
         self.replication = "syncing" if plan.kind != rs.NONE else "replicating"
@@ -1243,7 +1334,12 @@ class Replica:
             await self._save(out_of_sync=False, peer_disk=link.peer_disk, tracking=False, full_reason=None)
             await self._drop_bitmap()
             self.replication = "replicating"
-            self.last_sync = link.last_sync
+            # endedAt tells two syncs apart that copied the same in the same time
+            self.last_sync = {**link.last_sync, "endedAt": round(time.time(), 3)} if link.last_sync else None
+            self._in_sync_at = time.monotonic()
+            self._count_sync_end(link, "succeeded")
+            if not await self._run_in_sync_hooks():
+                self._clear_task = asyncio.create_task(self._record_in_sync_later(link), name="record-in-sync")
             self._observe()
             return True
 
@@ -1447,8 +1543,12 @@ class Replica:
                 return
             self.link = None
             self.replication, self.peer_error = "degraded", reason
+            # R5: the next attempt is announced now (the operator leaves the peer to it), but
+            # it runs under this lock, so only after the failed link has left the quorum
+            self._after_drop(link, reason)
             self._observe()
             await link.detach()
+            self._count_sync_end(link, "failed")
 
     async def _detach_peer(self, reason: str, mark: bool) -> None:
         """Take the peer out of the quorum (caller holds the lock). With ``mark`` the peer is
@@ -1500,6 +1600,178 @@ class Replica:
             log.error("%s", self.undo_log_broken)
         elif name == "BLOCK_IO_ERROR":
             log.error("I/O error: %s", event.get("data"))
+
+    # ------------------------------------------------------------------ automatic re-protection
+    # docs/correctness.md R5. The decision (whether, and after how long) is pure, in
+    # agent/resync.py; the steps are here and run under the replica lock like any command.
+
+    def _reprotect_view(self) -> rs.ReprotectView:
+        st = self.state
+        return rs.ReprotectView(
+            serving=self.serving
+            and not self.fenced.is_set()
+            and st.role is Role.PRIMARY
+            and st.stage is Stage.RUNNING,
+            # without the peer's API its older connections cannot be cut before a new link
+            peer_configured=self._pairing is not None and self.cfg.auto_reprotect and self.peer_api is not None,
+            attached=self.link is not None,
+            failures=self._reprotect_failures,
+        )
+
+    def _after_drop(self, link: PeerLink, reason: str) -> None:
+        """The peer was dropped (caller holds the lock, and detaches the failed link before it
+        lets go of it): count the drop, and schedule the next automatic attempt — which takes
+        the same lock — or say that there will be none."""
+        in_sync_for = None if self._in_sync_at is None else time.monotonic() - self._in_sync_at
+        self._in_sync_at = None
+        self._reprotect_failures = rs.failures_after_drop(self._reprotect_failures, in_sync_for)
+        self._peer_identity = link.peer_disk or self._peer_identity
+        self._schedule_reprotect(reason)
+
+    def _schedule_reprotect(self, error: str) -> None:
+        self._reprotect_error = error
+        delay = rs.reprotect_delay(self._reprotect_view())
+        self._reprotect_due = None if delay is None else time.monotonic() + delay
+        gave_up = delay is None and self._reprotect_failures > len(rs.REPROTECT_DELAYS_S)
+        self.metrics.resync_gave_up.labels(self.cfg.name).set(1 if gave_up else 0)
+        if delay is None:
+            if gave_up:
+                log.warning(
+                    "peer %s failed %d times in a row; not re-protecting it automatically any more "
+                    "(a new pairing, POST /v1/primary, starts over): %s",
+                    self.state.peer, self._reprotect_failures, error,
+                )
+            return
+        log.info("re-protecting peer %s automatically in %.1f s (attempt %d of %d)",
+                 self.state.peer, delay, self._reprotect_failures, len(rs.REPROTECT_DELAYS_S))
+        self._reprotect_task = asyncio.create_task(self._reprotect(delay), name="reprotect")
+
+    async def _cancel_reprotect(self) -> None:
+        task, self._reprotect_task = self._reprotect_task, None
+        self._reprotect_due = None
+        await cancel_and_wait(task)
+
+    async def _reprotect(self, delay: float) -> None:
+        """One automatic attempt: the same peer, the same epochs, ``sync: auto`` — a bitmap
+        resync where the record allows (R1-R3), else a full copy, with the reason. The failed
+        link is gone before this runs (``_on_link_down`` holds the lock until it is detached),
+        and the new one joins the quorum with reads refused until the peer is in sync (R2)."""
+        await asyncio.sleep(delay)
+        async with self.lock:
+            if self._reprotect_task is not asyncio.current_task():
+                return  # replaced or cancelled meanwhile
+            self._reprotect_task, self._reprotect_due = None, None
+            if rs.reprotect_delay(self._reprotect_view()) is None:
+                return  # demoted, fenced, stopped, re-paired or attached meanwhile
+            self._reprotect_running = True
+            try:
+                await self._reprotect_attempt()
+            finally:
+                self._reprotect_running = False
+
+    async def _reprotect_attempt(self) -> None:
+        """Caller holds the lock; the peer is not attached."""
+        assert self._pairing is not None
+        peer, peer_epoch = self._pairing
+        try:
+            # e.g. the Lease records that the peer is being rewritten (no state the volume
+            # had until it is in sync) before the first byte is copied to it
+            for hook in self.before_resync_hooks:
+                await hook(self.state.epoch)
+            await self._attach_peer(peer, "auto", peer_epoch, self._peer_identity, automatic=True)
+        except NoAutomaticResync as exc:
+            # nothing an attempt may do: the operator (or whoever pairs) re-pairs from here
+            log.info("not re-protecting peer %s automatically: %s", self.state.peer, exc)
+            self.replication, self._reprotect_error, self._reprotect_due = "degraded", str(exc), None
+            self._observe()
+            return
+        except Exception as exc:  # a refused or unreachable peer, a hook that failed
+            log.warning("automatic re-protection of peer %s failed: %s", self.state.peer, exc)
+            log.debug("automatic re-protection traceback", exc_info=True)
+            # replication.error keeps why the peer was dropped; reprotect.lastError says this
+            self.replication = "degraded"
+            self.metrics.resync_attempts.labels(self.cfg.name, "failed").inc()
+            self._reprotect_failures += 1
+            self._schedule_reprotect(str(exc))
+            self._observe()
+            return
+        link = self.link
+        assert link is not None
+        self.metrics.resync_attempts.labels(self.cfg.name, "started").inc()
+        try:
+            await link.start_copy()
+        except PeerLinkError as exc:
+            # the bitmap keeps every bit (R1): the record stands, the next attempt or
+            # pairing decides again
+            await self._detach_peer(str(exc), mark=True)
+            self._count_sync_end(link, "failed")
+            self.peer_error = str(exc)
+            self._reprotect_failures += 1
+            self._schedule_reprotect(str(exc))
+        self._observe()
+
+    def _count_sync_end(self, link: PeerLink, result: str) -> None:
+        """pairvol_resyncs_total and the last resync's gauges: once per link that synced."""
+        if link.sync_kind == rs.NONE or self._sync_counted is link:
+            return
+        if result == "failed" and not link.syncing:
+            return  # it had finished: its end was counted as a success
+        self._sync_counted = link
+        m, name = self.metrics, self.cfg.name
+        m.resyncs.labels(name, link.sync_kind, result).inc()
+        if result == "succeeded":
+            m.resync_last_duration.labels(name).set(time.monotonic() - link.sync_started)
+            m.resync_last_bytes.labels(name).set(link.sync_total)
+
+    def _reprotect_status(self) -> dict[str, Any] | None:
+        """``replication.reprotect``: the automatic attempts of this pairing (None: no drop yet)."""
+        if self._reprotect_failures == 0 and self._reprotect_error is None:
+            return None
+        due = self._reprotect_due
+        if self._reprotect_running:
+            due = time.monotonic()  # an attempt runs now
+        return {
+            "failures": self._reprotect_failures,
+            "limit": len(rs.REPROTECT_DELAYS_S),
+            "nextInSeconds": None if due is None else round(max(0.0, due - time.monotonic()), 3),
+            "lastError": self._reprotect_error,
+            "gaveUp": due is None and self._reprotect_failures > len(rs.REPROTECT_DELAYS_S),
+        }
+
+    def _resync_remaining(self) -> float:
+        link = self.link
+        if link is None or not link.syncing:
+            return 0.0
+        return float(max(0, link.sync_total - link.sync_done))
+
+    async def _run_in_sync_hooks(self) -> bool:
+        """Caller holds ``_oos_lock`` (a mark waits for this, so a mark written after a
+        failure is never undone by a clear that was still on its way). A hook that fails
+        leaves the marks in place: the safe direction, the peer stays OutOfSync for the
+        operator until ``_record_in_sync_later`` succeeds. Returns whether all succeeded."""
+        for hook in self.in_sync_hooks:
+            try:
+                async with asyncio.timeout(IN_SYNC_HOOK_TIMEOUT_S):
+                    await hook(self.state.epoch)
+            except Exception as exc:
+                log.warning("the peer is in sync but that could not be recorded yet (%s); it stays marked", exc)
+                log.debug("in-sync hook traceback", exc_info=True)
+                return False
+        return True
+
+    async def _record_in_sync_later(self, link: PeerLink) -> None:
+        """Retry the in-sync hooks (every 1, 2, 4 … 30 s) while ``link`` stays in sync, under
+        the mark's lock like the first try; a new failure ends it (its mark stands)."""
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            async with self._oos_lock:
+                if link is not self.link or link.gate.failed.is_set() or link.syncing or self._peer_marked:
+                    return
+                if await self._run_in_sync_hooks():
+                    log.info("the peer's being in sync is recorded now")
+                    return
+            delay = min(30.0, delay * 2)
 
     # ------------------------------------------------------------------ status
 
@@ -1607,6 +1879,7 @@ class Replica:
                 }
                 if st.role is Role.PRIMARY
                 else None,
+                "reprotect": self._reprotect_status() if st.role is Role.PRIMARY else None,
                 "listener": None
                 if listener is None
                 else {"pid": listener.pid, "alive": listener.alive},

@@ -122,3 +122,55 @@ def refine(plan: SyncPlan, peer: PeerView, size: int) -> SyncPlan:
         "copying only the regions whose checksums differ",
         plan.peer_disk,
     )
+
+
+# ---------------------------------------------------------------- automatic re-protection
+#
+# A primary whose link to a peer failed while that peer may still be reachable (a reset
+# connection, a write or flush the peer answered with an error) re-pairs with the same peer
+# on its own, at the same epoch, with ``auto`` (docs/correctness.md, R5). The decision is
+# here, pure; the steps are in the replica (``Replica._reprotect``).
+
+# Delays before the automatic attempts after a drop, in seconds. A peer that keeps failing
+# costs at most this many attempts (bounded, exponential), then the primary stops trying and
+# says so; a new pairing (``POST /v1/primary``) starts the count over.
+REPROTECT_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+# A peer that stayed in sync this long after a resync has shown the link works: a later drop
+# starts the count over instead of continuing it.
+REPROTECT_STABLE_S = 60.0
+
+
+@dataclass(frozen=True)
+class ReprotectView:
+    """What the primary knows when its peer was dropped or an attempt failed."""
+
+    serving: bool  # the workload export serves (not fenced, not demoted, not stopping)
+    peer_configured: bool  # the current pairing names a peer
+    attached: bool  # a link to the peer exists (being synced or in sync)
+    failures: int  # drops and failed attempts since the count last started over
+
+
+def reprotect_delay(view: ReprotectView) -> float | None:
+    """Seconds until the next automatic attempt, or None: no attempt (nothing to re-protect,
+    or the attempts are used up)."""
+    if not view.serving or not view.peer_configured or view.attached:
+        return None
+    if view.failures < 1 or view.failures > len(REPROTECT_DELAYS_S):
+        return None
+    return REPROTECT_DELAYS_S[view.failures - 1]
+
+
+def failures_after_drop(failures: int, in_sync_for_s: float | None) -> int:
+    """The count after one more drop: a link that had stayed in sync for
+    ``REPROTECT_STABLE_S`` starts it over; a drop during a resync, or soon after one, adds to it."""
+    if in_sync_for_s is not None and in_sync_for_s >= REPROTECT_STABLE_S:
+        return 1
+    return failures + 1
+
+
+def automatic_allowed(plan: SyncPlan) -> bool:
+    """An automatic attempt only runs a bitmap resync: the record vouches for the peer's
+    disk, and the attempt cannot change the record (the bitmap keeps every bit until the
+    peer is in sync). A full copy or a comparison is for whoever pairs (``POST /v1/primary``):
+    an attempt that chose one would destroy the record a caller's re-pair relies on."""
+    return plan.kind == BITMAP

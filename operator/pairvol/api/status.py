@@ -180,6 +180,9 @@ class VolumeStatus:
     checkpoint: Mapping[str, Any] | None = None
     last_failover: Failover | None = None
     sync: Mapping[str, Any] | None = None
+    # the last sync that ended in sync (kind, reason, copiedBytes, seconds, time), as the
+    # primary reported it: a new one is announced with an Event once
+    last_sync: Mapping[str, Any] | None = None
     endpoint: Mapping[str, Any] | None = None
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
     # Every node that may hold this volume's data: a replica's node is added the moment the
@@ -226,6 +229,7 @@ class VolumeStatus:
             checkpoint=d.get("checkpoint") or None,
             last_failover=Failover.from_dict(d.get("lastFailover")),
             sync=d.get("sync") or None,
+            last_sync=d.get("lastSync") or None,
             endpoint=d.get("endpoint") or None,
             conditions=tuple(Condition.from_dict(c) for c in d.get("conditions") or ()),
             data_nodes=tuple(str(n) for n in d.get("dataNodes") or () if n),
@@ -244,6 +248,7 @@ class VolumeStatus:
             "checkpoint": dict(self.checkpoint) if self.checkpoint else None,
             "lastFailover": self.last_failover.to_dict() if self.last_failover else None,
             "sync": dict(self.sync) if self.sync else None,
+            "lastSync": dict(self.last_sync) if self.last_sync else None,
             "endpoint": dict(self.endpoint) if self.endpoint else None,
             "conditions": [c.to_dict() for c in self.conditions],
             "dataNodes": list(self.data_nodes),

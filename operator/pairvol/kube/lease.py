@@ -69,13 +69,14 @@ from typing import Any, Protocol
 from pairvol.errors import PairvolError
 from pairvol.kube.client import Conflict, KubeClient, KubeError, NotFound
 from pairvol.kube.config import load_config
-from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION
+from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION
 from pairvol.kube.paths import lease_path
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "OUT_OF_SYNC_ANNOTATION",
+    "RESYNC_ANNOTATION",
     "STALL_LIMIT_S",
     "HealthCheck",
     "LeaseError",
@@ -451,6 +452,27 @@ class LeaseKeeper:
             except KubeError as exc:
                 log.warning("marking out-of-sync failed (retrying): %s", exc)
                 await asyncio.sleep(0.1)
+
+    async def mark_resync(self, epoch: int) -> None:
+        """Durably record that the primary starts rewriting its peer on its own at ``epoch``
+        (one attempt: the caller does not start the resync if this raises)."""
+        await self._patch_marks({RESYNC_ANNOTATION: str(epoch)}, f"mark a resync at epoch {epoch}")
+        log.info("lease %s: automatic resync of the secondary at epoch %d recorded", self.name, epoch)
+
+    async def clear_marks(self, epoch: int) -> None:
+        """The peer is in sync again at ``epoch``: remove the out-of-sync and resync marks
+        (one attempt; raises if they could not be removed, and they then stay: the safe side)."""
+        await self._patch_marks({OUT_OF_SYNC_ANNOTATION: None, RESYNC_ANNOTATION: None}, "clear the marks")
+        log.info("lease %s: secondary in sync at epoch %d, marks cleared", self.name, epoch)
+
+    async def _patch_marks(self, annotations: dict[str, str | None], what: str) -> None:
+        if not self.held:
+            raise LeaseError(f"cannot {what}: lease {self.name} not held")
+        kube = await self._kube()
+        try:
+            await kube.merge_patch(self.path, {"metadata": {"annotations": annotations}})
+        except KubeError as exc:
+            raise LeaseError(f"cannot {what} on lease {self.name}: {exc}") from exc
 
     async def release(self) -> None:
         """Give the lease up at once (clean shutdown): the operator need not wait for expiry."""

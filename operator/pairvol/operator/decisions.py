@@ -79,7 +79,12 @@ class AgentView:
     checkpoint: Mapping[str, Any] | None = None
     sync_done: int | None = None
     sync_total: int | None = None
-    sync_kind: str | None = None  # full | bitmap
+    sync_kind: str | None = None  # full | bitmap | checksum | ... (whatever the agent chose)
+    sync_reason: str | None = None  # why the agent chose that kind
+    last_sync: Mapping[str, Any] | None = None  # replication.lastSync: the last sync that ended in sync
+    # replication.reprotect.nextInSeconds is set: the primary will re-pair with its dropped
+    # peer on its own (docs/correctness.md R5); the operator leaves it to it meanwhile
+    reprotecting: bool = False
     serving: bool = False  # export.serving: the workload export is up
     disk_id: str | None = None  # disk.id: the identity of a secondary's disk content
     tracked_disk: str | None = None  # replication.resync.peerDisk: the peer disk a primary knows about
@@ -100,6 +105,9 @@ class AgentView:
             sync_done=sync.get("doneBytes"),
             sync_total=sync.get("totalBytes"),
             sync_kind=sync.get("kind"),
+            sync_reason=sync.get("reason"),
+            last_sync=rep.get("lastSync") or None,
+            reprotecting=(rep.get("reprotect") or {}).get("nextInSeconds") is not None,
             serving=bool((d.get("export") or {}).get("serving", False)),
             disk_id=(d.get("disk") or {}).get("id"),
             tracked_disk=(rep.get("resync") or {}).get("peerDisk"),
@@ -122,6 +130,9 @@ class LeaseView:
     observed_age_s: float
     duration_s: float | None
     out_of_sync_epoch: int | None = None
+    # the primary is resyncing its secondary on its own at this epoch (pairvol.io/resync):
+    # the secondary's disk is a partial copy until the mark is cleared
+    resync_epoch: int | None = None
 
     def expired(self, margin_s: float) -> bool:
         """True when nobody can still believe to hold the lease."""
@@ -405,6 +416,13 @@ def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: b
             "volume never had, and is not promoted even by hand. The primary is restarted on its node "
             "once that node is Ready; the volume resumes from the primary's data"
         )
+    lease = world.lease
+    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch:
+        return (
+            f"the primary was resyncing secondary {sec.pod} on its own (epoch {lease.resync_epoch}): its disk is "
+            "a partial copy, a state the volume never had, and is not promoted even by hand. The primary "
+            "is restarted on its node once that node is Ready; the volume resumes from the primary's data"
+        )
     if not manual and not spec.failover_automatic:
         return "spec.failover.automatic is false; annotate pairvol.io/failover=now to fail over"
     if sec.out_of_sync and not manual:
@@ -419,7 +437,6 @@ def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: b
     assert agent is not None
     if agent.role != "secondary" or agent.stage != "running":
         return f"secondary agent is {agent.role}/{agent.stage}, not secondary/running"
-    lease = world.lease
     if lease is not None and not lease.expired(world.settings.lease_margin_s):
         return (
             f"waiting for lease held by {lease.holder} to expire (unchanged for {lease.observed_age_s:.1f}s; "
@@ -563,9 +580,13 @@ def _bring_up(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Ac
     epoch = st.epoch + 1
     endpoint = _endpoint(world, spec, prim)
     # naming the secondary's disk lets the primary record it: a later outage is then resynced
-    # with only what the secondary missed
+    # with only what the secondary missed; naming its agent's API lets the primary have it
+    # end older replication connections before each link, its own re-protections too (R5)
     actions.append(
-        StartPrimary(prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch, sa.disk_id)
+        StartPrimary(
+            prim.pod, ppod.ip, epoch, f"{spod.ip}:{REPLICATION_PORT}", "full", sa.epoch, sa.disk_id,
+            f"{spod.ip}:{API_PORT}",
+        )
     )
     actions.append(
         Event(
@@ -662,6 +683,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         and pa.peer
         and pa.peer.startswith(f"{_pod_ip(world, sec)}:")
         and (pa.replication_state == "degraded")
+        and not pa.reprotecting
     ):
         shealth, swhy = "dead", f"primary dropped secondary {sec.pod}: {pa.error or 'peer failed'}"
     if shealth == "dead":
@@ -704,10 +726,17 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, size))
         st = st.with_(phase=Phase.DEGRADED, message=f"finishing the grow to {size} bytes")
         return _finish(world, st, actions, False)
+    if pa.peer == peer and pa.replication_state == "degraded" and pa.reprotecting:
+        # R5: the primary re-pairs with this peer on its own, bounded; a re-pair from here
+        # would only interrupt it. Once it gives up, the operator re-pairs with a new epoch.
+        st = st.with_(phase=Phase.DEGRADED, message=f"primary re-protecting {sec.pod} on its own")
+        return _finish(world, st, actions, False)
     if pa.peer != peer or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
         request = resync_request(pa, sa)
-        peer_api = f"{spod.ip}:{API_PORT}" if request == "auto" else None  # a full copy asks it nothing
+        # the primary asks the peer's agent to end its older replication connections before
+        # it links (docs/correctness.md R5), and for its checksums in a checksum resync (R4)
+        peer_api = f"{spod.ip}:{API_PORT}"
         actions.append(StartPrimary(prim.pod, ppod.ip, epoch, peer, request, sa.epoch, sa.disk_id, peer_api))
         what = "resync (the primary copies what differs)" if request == "auto" else "full sync"
         actions.append(
@@ -718,15 +747,30 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         return _finish(world, st, actions, False)
 
     # replicating or syncing to the current secondary
+    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= st.epoch and sec.synced:
+        # the primary rewrites it on its own (R5): a partial copy until it is in sync (H8)
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)
+        st = st.with_(secondary=sec)
     if pa.replication_state == "syncing":
-        sync = None
-        if pa.sync_total:
-            done = pa.sync_done or 0
-            sync = {"progress": round(done / pa.sync_total, 4), "doneBytes": done, "totalBytes": pa.sync_total}
+        sync = sync_status(pa)
+        cosmetic = True
+        if sync is not None and (not st.sync or st.sync.get("kind") != sync["kind"]):
+            actions.append(Event("Normal", "ResyncStarted", resync_started_message(pa, prim, sec)))
+            cosmetic = False
         st = st.with_(
-            phase=Phase.SYNCING, sync=sync, message=f"{pa.sync_kind or 'full'} sync {prim.node} -> {sec.node}"
+            phase=Phase.SYNCING,
+            sync=sync or st.sync,
+            message=f"{pa.sync_kind or 'full'} sync {prim.node} -> {sec.node}",
         )
-        return _finish(world, st, actions, True)
+        return _finish(world, st, actions, cosmetic)
+    if pa.replication_state == "replicating":
+        # a sync that ended in sync and is not in status yet: announced once, even one that
+        # started and ended between two observations (its Event names kind, reason and bytes)
+        ended = last_sync_status(pa.last_sync)
+        if ended is not None and ended != st.last_sync:
+            actions.append(Event("Normal", "ResyncCompleted", resync_completed_message(ended, prim, sec)))
+            st = st.with_(last_sync=ended)
+        st = st.with_(sync=None)
     if (
         sec.out_of_sync
         and pa.replication_state == "replicating"
@@ -778,6 +822,64 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         if requested:
             actions.append(ClearAnnotation(ANN_CHECKPOINT))
     return _finish(world, st, actions, cosmetic)
+
+
+MiB = 1 << 20
+
+
+def sync_status(pa: AgentView) -> dict[str, Any] | None:
+    """``status.sync`` while the primary copies to its peer: the kind it chose and why, the
+    bytes this resync copies (not the volume's size) and how far it is, and ``summary`` for
+    ``kubectl get`` (the SYNC column). Any kind string the agent reports is shown as is."""
+    if pa.sync_kind is None and not pa.sync_total:
+        return None
+    kind = pa.sync_kind or "full"  # an agent that did not say
+    total = pa.sync_total or 0
+    done = min(pa.sync_done or 0, total) if total else 0
+    ratio = done / total if total else 0.0
+    return {
+        "kind": kind,
+        "reason": pa.sync_reason or "",
+        "progress": round(ratio, 4),
+        "doneBytes": done,
+        "totalBytes": total,
+        "summary": f"{kind} {ratio * 100:.0f}% ({_mib(total - done)} to go)",
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB" if n < 10 * MiB else f"{n // MiB} MiB"
+
+
+def resync_started_message(pa: AgentView, prim: Replica, sec: Replica) -> str:
+    return (
+        f"{pa.sync_kind} resync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node}: "
+        f"{_mib(pa.sync_total or 0)} to copy ({pa.sync_reason or 'no reason given'})"
+    )
+
+
+def last_sync_status(last: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``status.lastSync`` from the primary's ``replication.lastSync`` (``endedAt``: its
+    Unix time, shown as ``time``)."""
+    if not last or not last.get("kind"):
+        return None
+    out: dict[str, Any] = {
+        "kind": str(last["kind"]),
+        "reason": str(last.get("reason") or ""),
+        "copiedBytes": int(last.get("copiedBytes") or 0),
+        "seconds": float(last.get("seconds") or 0.0),
+    }
+    ended = last.get("endedAt")
+    if isinstance(ended, int | float):
+        out["time"] = rfc3339(float(ended))
+    return out
+
+
+def resync_completed_message(last: Mapping[str, Any], prim: Replica, sec: Replica) -> str:
+    return (
+        f"{last['kind']} resync {prim.pod} -> {sec.pod} done: {_mib(last['copiedBytes'])} "
+        f"copied in {last['seconds']:.1f} s ({last['reason'] or 'no reason given'})"
+    )
 
 
 def resync_request(primary: AgentView, secondary: AgentView) -> str:

@@ -41,7 +41,7 @@ from pairvol.api.status import Phase, VolumeStatus, parse_time, rfc3339
 from pairvol.kube.client import KubeClient, KubeError
 from pairvol.kube.config import KubeConfig, load_config
 from pairvol.kube.lease import LeaseObservation, lease_record
-from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION
+from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION
 from pairvol.kube.paths import (
     events_path,
     lease_path,
@@ -188,18 +188,22 @@ def lease_view(obj: Mapping[str, Any] | None, observed_age_s: float) -> d.LeaseV
         return None
     spec = obj.get("spec") or {}
     ann = (obj.get("metadata") or {}).get("annotations") or {}
-    oos = ann.get(OUT_OF_SYNC_ANNOTATION)
-    try:
-        oos_epoch = int(oos) if oos is not None else None
-    except ValueError:
-        oos_epoch = None
+    oos_epoch, resync_epoch = _epoch_mark(ann.get(OUT_OF_SYNC_ANNOTATION)), _epoch_mark(ann.get(RESYNC_ANNOTATION))
     dur = spec.get("leaseDurationSeconds")
     return d.LeaseView(
         holder=spec.get("holderIdentity") or None,
         observed_age_s=observed_age_s,
         duration_s=None if dur is None else float(dur),
         out_of_sync_epoch=oos_epoch,
+        resync_epoch=resync_epoch,
     )
+
+
+def _epoch_mark(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _secret_value(secret: Mapping[str, Any], key: str) -> str | None:
