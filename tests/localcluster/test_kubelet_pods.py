@@ -513,6 +513,18 @@ class TestNetworkPlan:
         with pytest.raises(NetnsError, match="no free pod IP"):
             allocate_pod_ip(cidr, list(cidr.hosts())[1:])
 
+    def test_a_freed_pod_ip_is_handed_out_again_only_after_the_others(self) -> None:
+        # a pod replaced on its node must not inherit the address of the one it replaces
+        # while neighbour caches still point at the old interface
+        cidr = ipaddress.IPv4Network("10.201.17.0/29")  # .2 to .6 for pods
+        ip = ipaddress.IPv4Address
+        assert allocate_pod_ip(cidr, [], after=ip("10.201.17.2")) == ip("10.201.17.3")
+        assert allocate_pod_ip(cidr, [ip("10.201.17.3")], after=ip("10.201.17.3")) == ip("10.201.17.4")
+        # wraps around past the end, skipping what is taken
+        assert allocate_pod_ip(cidr, [ip("10.201.17.2")], after=ip("10.201.17.6")) == ip("10.201.17.3")
+        # an address outside the range (or none) starts from the lowest
+        assert allocate_pod_ip(cidr, [], after=ip("10.9.9.9")) == ip("10.201.17.2")
+
     def test_subnet_avoids_everything_in_use(self) -> None:
         used = used_prefixes(
             "2: eth0    inet 10.200.0.5/16 brd 10.200.255.255 scope global eth0\n"

@@ -354,6 +354,35 @@ async def test_everything_is_removed_when_the_user_of_the_simulator_fails(
     assert simulator.net.plan.bridge not in links.stdout
 
 
+async def test_a_removed_pod_leaves_no_interface_on_its_node_even_while_its_namespace_lingers(
+    sim: NodeSimulator,
+) -> None:
+    # A namespace lives on after `ip netns del` while anything holds it: a socket made in it
+    # does (a killed agent's TCP connection retransmitting its FIN to a partitioned peer, for
+    # minutes). Its interface must not stay on the node's bridge with the pod's address, or
+    # the pod replacing it shares that address with a dead namespace.
+    net = sim.net
+    assert net.plan is not None
+    node_ns = next(n.netns for n in net.plan.nodes if n.node == "node-a")
+    old = await net.add_pod("node-a")
+    holder = os.open(f"/run/netns/{old.netns}", os.O_RDONLY)
+    try:
+        await net.remove_pod(old)
+        veth = await run_command(["ip", "-n", node_ns, "link", "show", old.node_veth], check=False)
+        assert veth.returncode != 0, veth.stdout
+        inside = await run_command(["nsenter", f"--net=/proc/{os.getpid()}/fd/{holder}", "ip", "-4", "-o", "addr"])
+        assert str(old.ip) not in inside.stdout, "the lingering namespace still has the pod's address"
+        new = await net.add_pod("node-a")
+        try:
+            assert new.ip != old.ip, "a freed address is handed out again only after the others"
+            bridge = await run_command(["ip", "-n", node_ns, "-o", "link", "show", "master", "cbr0"])
+            assert old.node_veth not in bridge.stdout and new.node_veth in bridge.stdout
+        finally:
+            await net.remove_pod(new)
+    finally:
+        os.close(holder)
+
+
 async def test_a_partitioned_node_keeps_its_last_rules_until_it_is_healed(sim: NodeSimulator, api: KubeApi) -> None:
     await create(
         api,

@@ -263,10 +263,21 @@ def partition_rules(action: str) -> list[list[str]]:
     ]
 
 
-def allocate_pod_ip(pod_cidr: ipaddress.IPv4Network, in_use: Iterable[ipaddress.IPv4Address]) -> ipaddress.IPv4Address:
-    """The lowest free pod address of a node (the first host is the gateway)."""
+def allocate_pod_ip(
+    pod_cidr: ipaddress.IPv4Network,
+    in_use: Iterable[ipaddress.IPv4Address],
+    after: ipaddress.IPv4Address | None = None,
+) -> ipaddress.IPv4Address:
+    """A free pod address of a node (the first host is the gateway): the first free one
+    after ``after`` (the address handed out last), wrapping around, as host-local IPAM does.
+
+    A freed address is reused last: the neighbour caches of the node and of the pods that
+    talked to the old pod still map it to the old pod's interface for a while, and a new
+    pod behind that address would be unreachable until they expire."""
     taken = set(in_use)
-    for address in list(pod_cidr.hosts())[1:]:
+    hosts = list(pod_cidr.hosts())[1:]
+    start = hosts.index(after) + 1 if after in hosts else 0
+    for address in hosts[start:] + hosts[:start]:
         if address not in taken:
             return address
     raise NetnsError(f"no free pod IP left in {pod_cidr}: too many pods on this node")
@@ -324,6 +335,7 @@ class _NodeState:
     partitioned: bool = False
     executor: ThreadPoolExecutor | None = None
     pods: dict[str, PodSandbox] = field(default_factory=dict)  # by netns name
+    last_ip: ipaddress.IPv4Address | None = None  # handed out last
 
 
 class _FileLock:
@@ -454,7 +466,8 @@ class ClusterNetwork:
         node_veth = f"veth{seq:x}"
         if len(node_veth) > IFNAMSIZ_MAX:
             raise NetnsError(f"interface name {node_veth!r} is longer than {IFNAMSIZ_MAX}")
-        ip = allocate_pod_ip(state.plan.pod_cidr, (p.ip for p in state.pods.values()))
+        ip = allocate_pod_ip(state.plan.pod_cidr, (p.ip for p in state.pods.values()), state.last_ip)
+        state.last_ip = ip
         sandbox = PodSandbox(node=node, netns=name, ip=ip, node_veth=node_veth)
         state.pods[name] = sandbox  # the address is taken from here on
         try:
@@ -481,13 +494,25 @@ class ClusterNetwork:
         return sandbox
 
     async def remove_pod(self, sandbox: PodSandbox, *, force: bool = False) -> None:
-        """Delete the pod's namespace (its veth goes with it) and free its address. Idempotent."""
+        """Delete the pod's interface and namespace and free its address. Idempotent.
+
+        The veth is deleted first, as a CNI plugin's DEL does, rather than left to go with
+        the namespace: ``ip netns del`` only drops the name, and the namespace lives on while
+        anything holds it — a socket made in it does, e.g. a killed agent's TCP connection
+        still retransmitting its FIN to a peer behind a partition, for minutes. Until then
+        its interface stayed on the node's bridge with the pod's address, and a new pod given
+        that address shared it with a dead namespace: replies went to whichever answered ARP
+        last (connections refused, the API server unreachable, probes failing)."""
         state = self._nodes.get(sandbox.node)
         if state is not None:
             state.pods.pop(sandbox.netns, None)
         entry = ("netns", sandbox.netns)
         if entry not in self._created and not force:
             return  # never created, or already removed (by close() too)
+        if state is not None:
+            link = await run_command(["ip", "-n", state.plan.netns, "link", "del", sandbox.node_veth], check=False)
+            if link.returncode != 0 and not any(b in link.stderr for b in ("Cannot find", "does not exist", "No such")):
+                logger.warning("removing pod interface %s: %s", sandbox.node_veth, link.stderr.strip())
         result = await run_command(["ip", "netns", "del", sandbox.netns], check=False)
         if result.returncode != 0 and "No such" not in result.stderr:
             logger.warning("removing pod network %s: %s", sandbox.netns, result.stderr.strip())
