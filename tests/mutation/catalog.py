@@ -23,6 +23,7 @@ DECISIONS = "operator/pairvol/operator/decisions.py"
 SPEC = "operator/pairvol/api/spec.py"
 GATE = "operator/pairvol/agent/gate.py"
 RESYNC = "operator/pairvol/agent/resync.py"
+CHECKSUM = "operator/pairvol/agent/checksum.py"
 PEERLINK = "operator/pairvol/agent/peerlink.py"
 RECIPES = "operator/pairvol/qemu/recipes.py"
 SECONDARY = "operator/pairvol/agent/secondary.py"
@@ -200,6 +201,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if False:\n",
         ("tests/unit/test_agent_checksum.py",),
         "a blank peer disk is copied in full, not compared",
+    ),
+    Mutation(
+        "checksum.data-after-a-hole-is-read", CHECKSUM,
+        "        if data >= end:\n",
+        "        if data > pos:\n",
+        ("tests/unit/test_agent_checksum.py",),
+        "data that follows a hole in a read chunk is hashed, not taken for zeros",
+    ),
+    Mutation(
+        "checksum.a-region-partly-data-is-hashed", CHECKSUM,
+        "    return any(a < stop and start < b for a, b in ranges)\n",
+        "    return any(a <= start and stop <= b for a, b in ranges)\n",
+        ("tests/unit/test_agent_checksum.py",),
+        "a region with any data in it is hashed, not only one wholly data",
     ),
     # ------------------------------------------------------------------ agent/stages.py
     Mutation(

@@ -4,6 +4,7 @@ the digests, spans and runs it is made of (pairvol.agent.checksum)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -98,6 +99,80 @@ def test_the_digests_are_blake2b_of_each_region_and_the_last_region_may_be_short
         hashlib.blake2b(data[off:off + cs.REGION], digest_size=16).digest() for off in range(cs.REGION, size, cs.REGION)
     )
     assert got == want and len(got) == 3 * 16
+
+
+def _read_digests(path: Path, offset: int, length: int) -> bytes:
+    """What the digests are by definition: BLAKE2b-128 of each region's bytes as read."""
+    data = path.read_bytes()[offset:offset + length]
+    return b"".join(
+        hashlib.blake2b(data[off:off + cs.REGION], digest_size=16).digest() for off in range(0, len(data), cs.REGION)
+    )
+
+
+def _sparse_disk(path: Path, size: int) -> None:
+    """A sparse disk: holes, whole regions of data, a region of written zeros, one byte at a
+    region's end, data across a read chunk's boundary and in the short last region."""
+    with path.open("wb") as f:
+        f.truncate(size)
+        for offset, data in (
+            (0, b"\x01" * cs.REGION),
+            (5 * cs.REGION, bytes(cs.REGION)),  # data extent that holds zeros
+            (9 * cs.REGION - 1, b"\x02"),
+            (cs.READ_CHUNK - 4096, b"\x03" * 8192),
+            (size - 100, b"\x04" * 100),
+        ):
+            f.seek(offset)
+            f.write(data)
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_holes_are_digested_as_the_zeros_they_read_as(tmp_path: Path, where: str) -> None:
+    base = tmp_path if where == "disk" else Path("/dev/shm")  # tmpfs keeps holes in its page cache
+    path = base / f"pairvol-sparse-{os.getpid()}.raw"
+    size = 2 * cs.READ_CHUNK + 3 * cs.REGION + 4096
+    try:
+        _sparse_disk(path, size)
+        for offset in range(0, size, cs.READ_CHUNK):
+            length = min(cs.READ_CHUNK, size - offset)
+            assert cs.digest_span(path, size, offset, length) == _read_digests(path, offset, length)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_writes_not_yet_written_back_are_in_the_digests_of_a_sparse_disk(tmp_path: Path) -> None:
+    # the daemon writes through the page cache: a hole that was just written is data
+    path = tmp_path / "disk.raw"
+    size = cs.READ_CHUNK
+    with path.open("wb") as f:
+        f.truncate(size)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\x07" * 512, 3 * cs.REGION + 512)  # no fsync
+        got = cs.digest_span(path, size, 0, size)
+    finally:
+        os.close(fd)
+    assert got[3 * 16:4 * 16] != cs.zero_digest(cs.REGION)
+    assert got == _read_digests(path, 0, size)
+
+
+def test_the_holes_of_a_sparse_disk_are_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    size = cs.SPAN
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.seek(7 * cs.REGION)
+        f.write(b"\x05" * cs.REGION)
+    io = Path("/proc/thread-self/io")
+
+    def read_chars() -> int:
+        return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar:")).split()[1])
+
+    before = read_chars()
+    got = cs.digest_span(path, size, 0, size)
+    read = read_chars() - before
+    assert got == _read_digests(path, 0, size)
+    # only the region that holds data is read (and this thread's io file)
+    assert read <= cs.REGION + 4096, f"read {read} bytes of a {size}-byte span holding one {cs.REGION}-byte region"
 
 
 def test_a_file_shorter_than_the_volume_is_an_error_not_a_short_answer(tmp_path: Path) -> None:

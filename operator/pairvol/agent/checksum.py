@@ -66,7 +66,13 @@ def digest_span(path: Path, size: int, offset: int, length: int) -> bytes:
     cache nor evicts the workload's cached pages, and a direct read first writes back the
     dirty pages of its range, so every write the daemon completed before a region is read
     is in its digest (the daemon writes through the page cache). Elsewhere (tmpfs) the
-    file is read through the page cache, which is as coherent."""
+    file is read through the page cache, which is as coherent.
+
+    Holes are not read: a region the file system reports as a hole (``SEEK_DATA`` /
+    ``SEEK_HOLE``, which count dirty pages in the page cache as data) reads as zeros, so
+    its digest is the digest of zeros, the same bytes a read would have hashed. A sparse
+    volume is compared at the cost of what it holds, not of its size. Where the file
+    system cannot tell, everything is read."""
     check_span(size, offset, length)
     out = bytearray()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -77,22 +83,44 @@ def digest_span(path: Path, size: int, offset: int, length: int) -> bytes:
     buf = mmap.mmap(-1, READ_CHUNK)  # page-aligned, as O_DIRECT wants
     view = memoryview(buf)
     try:
+        file_size = os.fstat(fd).st_size
+        if file_size < offset + length:
+            raise ChecksumError(f"{path} ends at {file_size}, before the volume's size {size}")
         pos, end = offset, offset + length
         while pos < end:
             want = min(READ_CHUNK, end - pos)
-            if direct is not None and want % _DIRECT_ALIGN == 0:
-                try:
-                    _read_exactly(direct, view[:want], pos, path, size)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    os.close(direct)  # the file system refuses this alignment: read through the cache
-                    direct = None
-                    _read_exactly(fd, view[:want], pos, path, size)
-            else:
-                _read_exactly(fd, view[:want], pos, path, size)
+            data = data_ranges(fd, pos, pos + want)
+            if not data:
+                for start in range(0, want, REGION):
+                    out += zero_digest(min(want, start + REGION) - start)
+                pos += want
+                continue
+            with_data = [
+                (start, min(want, start + REGION))
+                for start in range(0, want, REGION)
+                if _overlaps(data, pos + start, pos + min(want, start + REGION))
+            ]
+            for first, last in _joined(with_data):  # read only the regions that hold data
+                into = view[first:last]
+                if direct is not None and (last - first) % _DIRECT_ALIGN == 0:
+                    try:
+                        _read_exactly(direct, into, pos + first, path, size)
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:
+                            raise
+                        os.close(direct)  # the file system refuses this alignment: read through the cache
+                        direct = None
+                        _read_exactly(fd, into, pos + first, path, size)
+                else:
+                    _read_exactly(fd, into, pos + first, path, size)
+                into.release()
+            hashed = dict(with_data)
             for start in range(0, want, REGION):
-                out += hashlib.blake2b(view[start:min(want, start + REGION)], digest_size=DIGEST_SIZE).digest()
+                stop = min(want, start + REGION)
+                if start in hashed:
+                    out += hashlib.blake2b(view[start:stop], digest_size=DIGEST_SIZE).digest()
+                else:
+                    out += zero_digest(stop - start)
             pos += want
     finally:
         view.release()
@@ -102,6 +130,54 @@ def digest_span(path: Path, size: int, offset: int, length: int) -> bytes:
             os.close(direct)
         os.close(fd)
     return bytes(out)
+
+
+_ZERO_DIGEST = hashlib.blake2b(bytes(REGION), digest_size=DIGEST_SIZE).digest()
+
+
+def zero_digest(length: int) -> bytes:
+    """The digest of ``length`` zero bytes (a region, or the volume's shorter last one)."""
+    if length == REGION:
+        return _ZERO_DIGEST
+    return hashlib.blake2b(bytes(length), digest_size=DIGEST_SIZE).digest()
+
+
+def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The ranges of ``[start, end)`` of the open file that may hold data; the rest are
+    holes and read as zeros. Where the file system has no ``SEEK_DATA`` (it answers EINVAL
+    or EOPNOTSUPP), all of it may hold data. Blocking."""
+    found: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only holes from pos to the end of the file
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(start, end)]
+            raise
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        found.append((data, min(hole, end)))
+        pos = hole
+    return found
+
+
+def _overlaps(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
+    return any(a < stop and start < b for a, b in ranges)
+
+
+def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ranges with the touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((start, stop))
+    return out
 
 
 _DIRECT_ALIGN = 4096
