@@ -77,12 +77,16 @@ async def test_up_without_the_localcluster_extra_says_what_to_install(tmp_path: 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.timeout(300)
 async def test_up_operator_installs_the_chart_with_helm_and_its_operator_replicates_a_volume(state_dir: Path) -> None:
     tool("helm")  # what `up --operator` runs (.venv/tools, `make tools`)
     sd = ("--state-dir", str(state_dir))
-    up = await pairvol("up", "--detach", "--nodes", "2", "--operator", "--watch-namespace", "apps", *sd, within=240)
+    up = await pairvol(
+        "up", "--detach", "--nodes", "2", "--operator", "--csi", "--watch-namespace", "apps", *sd, within=240
+    )
     assert up.code == 0, up.err
     assert "operator: installed: helm release pairvol in namespace pairvol, watching namespace apps" in up.out, up.out
+    assert "CSI driver: pairvol.io running: node plugins on node-1, node-2, StorageClass pairvol" in up.out, up.out
     kubeconfig = str(state_dir / "kubeconfig")
 
     # the chart's Deployment, unmodified: two replicas of the image's entrypoint with the chart's args
@@ -124,6 +128,19 @@ async def test_up_operator_installs_the_chart_with_helm_and_its_operator_replica
             assert response.status == 403
             refusal = (await response.json())["message"]
     assert 'User "system:serviceaccount:pairvol:pairvol-operator" cannot list resource "secrets"' in refusal
+
+    # --csi: a pod mounts a volume through a claim of the chart's StorageClass (examples/pvc.yaml)
+    await kubectl(kubeconfig, "apply", "-n", "apps", "-f", str(REPO / "examples" / "pvc.yaml"))
+    succeeded = "--for=jsonpath={.status.phase}=Succeeded"
+    await kubectl(kubeconfig, "wait", "-n", "apps", "pod/notes-writer", succeeded, "--timeout=150s", within=160)
+    assert "written at" in await kubectl(kubeconfig, "logs", "-n", "apps", "notes-writer")
+    claim = json.loads(await kubectl(kubeconfig, "get", "pvc", "-n", "apps", "notes", "-o", "json"))
+    volume = claim["spec"]["volumeName"]
+    rv = json.loads(await kubectl(kubeconfig, "get", "rv", "-n", "apps", volume, "-o", "json"))
+    assert rv["status"]["phase"] in ("Replicating", "Syncing"), rv["status"]
+    await kubectl(kubeconfig, "delete", "-n", "apps", "pod/notes-writer", "pvc/notes", "--timeout=60s", within=70)
+    # reclaimPolicy Delete: the claim's volume goes with it
+    await kubectl(kubeconfig, "wait", "-n", "apps", f"rv/{volume}", "--for=delete", "--timeout=90s", within=100)
 
     await kubectl(kubeconfig, "delete", "-n", "apps", "rv", "basic", "--timeout=60s", within=70)
     down = await pairvol("down", *sd)

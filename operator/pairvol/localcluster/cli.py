@@ -18,6 +18,13 @@ From any shell, while it runs:
 
 kubectl works against it: apply (client- and server-side), get/-w, describe, explain,
 wait, logs, delete, rollout status, label, patch.
+
+``up --operator --csi`` also runs the CSI driver ``pairvol.io`` as the e2e tests and ``make
+demo`` run it (:class:`~pairvol.localcluster.csi_plugins.LocalCsi`: node plugins privileged on
+every node, the controller with its ServiceAccount's token, a provisioner and a resizer doing
+the sidecars' work) with the chart's CSIDriver, StorageClass and RBAC: pods mount volumes
+through PersistentVolumeClaims. The chart's own CSI Deployment and DaemonSet are not run: their
+sidecars are images of the Kubernetes sig-storage registry, which the nodes cannot run.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -111,6 +119,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="with --operator: a namespace where volumes live (repeatable; created if missing; the chart's "
         "watchNamespaces). Default: default",
     )
+    up.add_argument(
+        "--csi",
+        action="store_true",
+        help="with --operator: also run the CSI driver pairvol.io with the chart's StorageClass (pods mount "
+        "volumes through PersistentVolumeClaims; volumes live in the first --watch-namespace)",
+    )
     status = with_state_dir(sub.add_parser("status", help="show the running local cluster"))
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     with_state_dir(sub.add_parser("down", help="stop the running local cluster"))
@@ -132,6 +146,7 @@ class _Running:
         self.stop = stop
         self.cluster: Any = None
         self.operator = "not installed (pass --operator to install it with helm)"
+        self.csi = "not running (pass --operator --csi to run it)"
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -177,6 +192,7 @@ class _Running:
             "nodes_root": str(sim.root) if sim is not None else None,
             "nodes": nodes,
             "operator": self.operator,
+            "csi": self.csi,
         }
 
     async def node(self, action: str, name: str) -> dict[str, Any]:
@@ -256,6 +272,42 @@ async def _install_operator(cluster: Any, namespaces: list[str]) -> str:
     )
 
 
+#: How long the CSI controller's ServiceAccount token is valid (no kubelet rotates it here).
+CSI_TOKEN_LIFETIME_S = 7 * 24 * 3600
+
+
+@dataclasses.dataclass
+class _DriverHost:
+    """What :func:`~pairvol.localcluster.demo_pvc.start_driver` needs of a running stack."""
+
+    cluster: Any
+    sim: Any
+    root: Path
+    namespace: str
+
+
+async def _start_csi(cluster: Any, namespace: str, state_dir: Path) -> tuple[Any, str]:
+    """Start the CSI driver for volumes in ``namespace``: (the driver or None, one line for
+    the user). Never raises: a driver that cannot start leaves the cluster running."""
+    from pairvol.localcluster import demo_pvc
+
+    root = state_dir / "csi"
+    host = _DriverHost(cluster, cluster.simulator, root, namespace)
+    try:
+        await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        driver = await demo_pvc.start_driver(
+            host, {"watchNamespaces": [namespace]}, token_lifetime_s=CSI_TOKEN_LIFETIME_S
+        )
+    except Exception as exc:  # the cluster stays up: say why
+        logger.debug("CSI driver start failed", exc_info=True)
+        return None, f"not running: {exc} (logs in {root})"
+    nodes = ", ".join(driver.csi.node_plugins)
+    return driver, (
+        f"pairvol.io running: node plugins on {nodes}, StorageClass {driver.storage_class}, volumes in "
+        f"namespace {namespace}, logs in {root}"
+    )
+
+
 def _banner(status: dict[str, Any], state_dir: Path) -> str:
     kind = "simulated (pods run as processes)" if status["simulated"] else "Ready objects only"
     names = ", ".join(n["name"] for n in status["nodes"]) or "(none)"
@@ -263,6 +315,7 @@ def _banner(status: dict[str, Any], state_dir: Path) -> str:
         f"pairvol localcluster: API server {status['url']}, nodes ({kind}): {names}",
         "controllers: scheduler, Deployment, ReplicaSet, Job, DaemonSet, StatefulSet, garbage collector",
         f"operator: {status['operator']}",
+        f"CSI driver: {status['csi']}",
         f"state: {state_dir} (pid {status['pid']})",
         f"kubeconfig: {status['kubeconfig']}",
         "use it:",
@@ -299,6 +352,12 @@ async def _up(args: argparse.Namespace, state_dir: Path) -> int:
         raise LocalClusterCLIError(f"--nodes must be 0 or more, got {args.nodes}")
     if args.watch_namespace and not args.operator:
         raise LocalClusterCLIError("--watch-namespace is a setting of the operator's install: add --operator")
+    if args.csi and not args.operator:
+        raise LocalClusterCLIError(
+            "--csi needs --operator: the driver's volumes are ReplicatedVolumes, which the operator replicates"
+        )
+    if args.csi and not simulate:
+        raise LocalClusterCLIError("--csi needs simulated nodes (root): the node plugins mount on the nodes")
     namespaces = _namespace_names(args.watch_namespace)
     if not args.verbose:  # one access-log line per request drowns the useful output
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -327,11 +386,20 @@ async def _up(args: argparse.Namespace, state_dir: Path) -> int:
                         running.operator = "installing (helm install)"
                         print("pairvol localcluster: installing the operator with helm ...", flush=True)
                         running.operator = await _install_operator(cluster, namespaces)
-                    status = running.status()
-                    await control.write_state(state_dir, {k: status[k] for k in ("pid", "url", "kubeconfig")})
-                    print(_banner(status, state_dir), flush=True)
-                    await stop.wait()
-                    print("pairvol localcluster: stopping", flush=True)
+                    driver = None
+                    if args.csi:
+                        running.csi = "starting"
+                        print("pairvol localcluster: starting the CSI driver ...", flush=True)
+                        driver, running.csi = await _start_csi(cluster, namespaces[0], state_dir)
+                    try:
+                        status = running.status()
+                        await control.write_state(state_dir, {k: status[k] for k in ("pid", "url", "kubeconfig")})
+                        print(_banner(status, state_dir), flush=True)
+                        await stop.wait()
+                        print("pairvol localcluster: stopping", flush=True)
+                    finally:
+                        if driver is not None:  # unpublishes what pods still mount, before the nodes go
+                            await driver.csi.close()
                     running.cluster = None
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -358,6 +426,8 @@ def _detach(args: argparse.Namespace, state_dir: Path) -> int:
         argv.append("--simulate-nodes" if args.simulate_nodes else "--no-simulate-nodes")
     if args.operator:
         argv.append("--operator")
+    if args.csi:
+        argv.append("--csi")
     for namespace in args.watch_namespace:
         argv += ["--watch-namespace", namespace]
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -390,6 +460,7 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"API server: {status['url']}   (pid {status['pid']})")
     print(f"kubeconfig: {status['kubeconfig']}")
     print(f"operator:   {status['operator']}")
+    print(f"CSI driver: {status.get('csi', 'not running')}")
     if status.get("nodes_root"):
         print(f"node logs:  {status['nodes_root']}/<node>/logs/")
     rows = [("NODE", "READY", "STATE", "PODS")] + [

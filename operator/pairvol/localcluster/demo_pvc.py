@@ -231,8 +231,9 @@ class Driver:
     took_s: float
 
 
-async def start_driver(s: Any, values: Mapping[str, Any]) -> Driver:
-    """The chart's CSI objects applied and the driver started."""
+async def start_driver(s: Any, values: Mapping[str, Any], token_lifetime_s: int = 3600) -> Driver:
+    """The chart's CSI objects applied and the driver started; the controller holds a token
+    of its ServiceAccount valid ``token_lifetime_s``."""
     from pairvol.localcluster import kubeconfig as kubeconfig_mod
 
     started = time.monotonic()
@@ -252,7 +253,7 @@ async def start_driver(s: Any, values: Mapping[str, Any]) -> Driver:
     (controller,) = [d for d in docs if d["kind"] == "Deployment"]
     (storage_class,) = [d for d in docs if d["kind"] == "StorageClass"]
     account = controller["spec"]["template"]["spec"]["serviceAccountName"]
-    token = s.cluster.api.issue_token(chart.NAMESPACE, account, expiration_seconds=3600)
+    token = s.cluster.api.issue_token(chart.NAMESPACE, account, expiration_seconds=token_lifetime_s)
     kubeconfig = await kubeconfig_mod.write(s.root / "csi-controller-kube" / "kubeconfig", s.cluster.url, token=token)
     # CreateVolume waits for Replicating as long as the chart's controller does, and the
     # provisioner's call as long as the chart's sidecar (--timeout: 10 s more)
