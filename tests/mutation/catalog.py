@@ -210,9 +210,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         "data that follows a hole in a read chunk is hashed, not taken for zeros",
     ),
     Mutation(
+        "checksum.fragmented-rest-is-read", CHECKSUM,
+        "            found.append((pos, end))\n            break\n",
+        "            break\n",
+        ("tests/unit/test_agent_checksum.py",),
+        "past the ranges looked up, the rest of a read chunk is read, not taken for a hole",
+    ),
+    Mutation(
         "checksum.a-region-partly-data-is-hashed", CHECKSUM,
-        "    return any(a < stop and start < b for a, b in ranges)\n",
-        "    return any(a <= start and stop <= b for a, b in ranges)\n",
+        "        if i < len(ranges) and ranges[i][0] < stop:\n",
+        "        if i < len(ranges) and ranges[i][0] <= first and stop <= ranges[i][1]:\n",
         ("tests/unit/test_agent_checksum.py",),
         "a region with any data in it is hashed, not only one wholly data",
     ),

@@ -139,6 +139,20 @@ def test_holes_are_digested_as_the_zeros_they_read_as(tmp_path: Path, where: str
         path.unlink(missing_ok=True)
 
 
+def test_a_fragmented_disk_is_read_where_the_lookup_of_its_holes_stops(tmp_path: Path) -> None:
+    # one byte in every other 4 KiB block: more data ranges per read chunk than are looked up
+    path = tmp_path / "disk.raw"
+    size = cs.READ_CHUNK
+    with path.open("wb") as f:
+        f.truncate(size)
+        for block in range(0, size // 4096, 2):
+            f.seek(block * 4096 + block % 4096)
+            f.write(b"\x09")
+    with path.open("rb") as f:
+        assert len(cs.data_ranges(f.fileno(), 0, size)) == cs.MAX_RANGES + 1
+    assert cs.digest_span(path, size, 0, size) == _read_digests(path, 0, size)
+
+
 def test_writes_not_yet_written_back_are_in_the_digests_of_a_sparse_disk(tmp_path: Path) -> None:
     # the daemon writes through the page cache: a hole that was just written is data
     path = tmp_path / "disk.raw"

@@ -95,11 +95,7 @@ def digest_span(path: Path, size: int, offset: int, length: int) -> bytes:
                     out += zero_digest(min(want, start + REGION) - start)
                 pos += want
                 continue
-            with_data = [
-                (start, min(want, start + REGION))
-                for start in range(0, want, REGION)
-                if _overlaps(data, pos + start, pos + min(want, start + REGION))
-            ]
+            with_data = [(start, min(want, start + REGION)) for start in _regions_with_data(data, pos, want)]
             for first, last in _joined(with_data):  # read only the regions that hold data
                 into = view[first:last]
                 if direct is not None and (last - first) % _DIRECT_ALIGN == 0:
@@ -142,13 +138,20 @@ def zero_digest(length: int) -> bytes:
     return hashlib.blake2b(bytes(length), digest_size=DIGEST_SIZE).digest()
 
 
+MAX_RANGES = 64  # data ranges looked up per read chunk; beyond, the rest of it is read
+
+
 def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """The ranges of ``[start, end)`` of the open file that may hold data; the rest are
     holes and read as zeros. Where the file system has no ``SEEK_DATA`` (it answers EINVAL
-    or EOPNOTSUPP), all of it may hold data. Blocking."""
+    or EOPNOTSUPP), all of it may hold data; after ``MAX_RANGES`` ranges (a fragmented
+    file), all the rest may. Blocking."""
     found: list[tuple[int, int]] = []
     pos = start
     while pos < end:
+        if len(found) == MAX_RANGES:
+            found.append((pos, end))
+            break
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
@@ -165,8 +168,18 @@ def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return found
 
 
-def _overlaps(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
-    return any(a < stop and start < b for a, b in ranges)
+def _regions_with_data(ranges: list[tuple[int, int]], pos: int, want: int) -> list[int]:
+    """The offsets (from ``pos``) of the regions of ``[pos, pos+want)`` that overlap any of
+    the sorted, disjoint ``ranges``: one pass over both."""
+    out: list[int] = []
+    i = 0
+    for start in range(0, want, REGION):
+        first, stop = pos + start, pos + min(want, start + REGION)
+        while i < len(ranges) and ranges[i][1] <= first:
+            i += 1
+        if i < len(ranges) and ranges[i][0] < stop:
+            out.append(start)
+    return out
 
 
 def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
