@@ -171,7 +171,15 @@ async def test_deleting_a_deployment_deletes_its_replicasets_and_pods(
     await kubectl("apply", "-f", "-", stdin=deployment(2, "1"))
     await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
     await kubectl("delete", "deployment", "web", f"--cascade={cascade}")
-    assert await kubectl("get", "deployments,replicasets,pods", "-l", "app=web", "-o", "name") == ""
+    # background: kubectl returns once the Deployment is gone; the garbage collector then
+    # deletes its dependents (foreground: before the Deployment goes)
+    deadline = time.monotonic() + (20 if cascade == "background" else 0)
+    for _ in range(200):
+        left = await kubectl("get", "deployments,replicasets,pods", "-l", "app=web", "-o", "name")
+        if not left or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert left == ""
 
 
 async def test_an_orphaning_delete_leaves_the_dependents_without_their_owner(
