@@ -312,6 +312,12 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
     rv = await stack.volume(pv_name)
     assert rv["status"]["phase"] == "Replicating"
     assert rv["spec"]["checkpoint"]["intervalSeconds"] == 2  # from the StorageClass's parameters
+    assert rv["spec"]["reclaimPolicy"] == "Delete"  # the images go with it
+    images = [
+        stack.sim.host_path(rv["status"][role]["node"], f"/var/lib/pairvol/default/{pv_name}")
+        for role in ("primary", "secondary")
+    ]
+    assert all(d.is_dir() for d in images)
     code, out, err = await kubectl(stack, "get", "pvc", "data")
     assert code == 0 and out.splitlines()[1].split()[:3] == ["data", "Bound", pv_name], out + err
 
@@ -356,6 +362,7 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
         return pv_gone and rv_gone is None
 
     await stack.wait_for("PV and ReplicatedVolume deleted (reclaimPolicy Delete)", reclaimed, 60)
+    assert [d for d in images if d.exists()] == [], "both replicas' images deleted"
     await delete_pod(stack, "orphan")
 
 
