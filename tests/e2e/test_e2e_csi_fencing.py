@@ -5,8 +5,10 @@ The split brain a CSI volume could fall into: the primary's node loses the API s
 operator and the secondary, but *not* the pod's node, whose attachment still has its
 connection to the old primary's export. The operator promotes the secondary; if the old
 primary still took the attachment's writes, the pod would write to a disk the volume no
-longer uses. It must not: without its Lease the old primary fences itself before the
-promotion (DESIGN.md §4), and without its secondary it acknowledges nothing.
+longer uses. It must not: without its Lease the old primary stops serving its export
+before the operator may promote (DESIGN.md §4), and it acknowledges no write its secondary
+lacks before it has durably marked the secondary OutOfSync, on the API server it cannot
+reach.
 
 The pod writes numbered, checksummed 4 KiB blocks into a Block claim, one after the other,
 each fsynced before it is reported. The old primary's node is cut off (iptables inside its
