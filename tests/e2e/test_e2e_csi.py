@@ -181,9 +181,9 @@ FS_SIZE = "512Mi"
 
 @pytest.fixture
 async def csi(stack: Stack) -> AsyncIterator[LocalCsi]:
-    """The chart's CSI objects: its controller's ServiceAccount and RBAC applied (the
-    controller runs with that token), the CSIDriver and the StorageClass applied with kubectl;
-    then the driver on every simulated node."""
+    """The chart's CSI objects: its controller's and node plugin's ServiceAccounts and RBAC
+    applied (the plugins run with their tokens), the CSIDriver and the StorageClass applied
+    with kubectl; then the driver on every simulated node."""
     chart = render_chart("default", "csi.enabled=true", "csi.storageClass.create=true")
     csi_docs = [
         d
@@ -196,6 +196,9 @@ async def csi(stack: Stack) -> AsyncIterator[LocalCsi]:
     (controller,) = [d for d in csi_docs if d["kind"] == "Deployment"]
     account = controller["spec"]["template"]["spec"]["serviceAccountName"]
     token = stack.cluster.api.issue_token("default", account, expiration_seconds=3600)
+    (daemonset,) = [d for d in csi_docs if d["kind"] == "DaemonSet"]
+    node_account = daemonset["spec"]["template"]["spec"]["serviceAccountName"]
+    node_token = stack.cluster.api.issue_token("default", node_account, expiration_seconds=3600)
     from pairvol.localcluster import kubeconfig as kubeconfig_mod
 
     kubeconfig = await kubeconfig_mod.write(stack.root / "csi-controller-kubeconfig", stack.cluster.url, token=token)
@@ -205,7 +208,9 @@ async def csi(stack: Stack) -> AsyncIterator[LocalCsi]:
     code, out, err = await kubectl(stack, "apply", "-f", "-", stdin="\n---\n".join(json.dumps(o) for o in objects))
     assert code == 0, err
     assert "csidriver.storage.k8s.io/pairvol.io created" in out and "storageclass.storage.k8s.io/pairvol created" in out
-    async with LocalCsi(stack.sim, controller_kubeconfig=kubeconfig, log_dir=stack.root) as driver:
+    async with LocalCsi(
+        stack.sim, controller_kubeconfig=kubeconfig, node_token=node_token, log_dir=stack.root
+    ) as driver:
         yield driver
 
 
@@ -312,6 +317,12 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
     rv = await stack.volume(pv_name)
     assert rv["status"]["phase"] == "Replicating"
     assert rv["spec"]["checkpoint"]["intervalSeconds"] == 2  # from the StorageClass's parameters
+    assert rv["spec"]["reclaimPolicy"] == "Delete"  # the images go with it
+    images = [
+        stack.sim.host_path(rv["status"][role]["node"], f"/var/lib/pairvol/default/{pv_name}")
+        for role in ("primary", "secondary")
+    ]
+    assert all(d.is_dir() for d in images)
     code, out, err = await kubectl(stack, "get", "pvc", "data")
     assert code == 0 and out.splitlines()[1].split()[:3] == ["data", "Bound", pv_name], out + err
 
@@ -356,6 +367,7 @@ async def test_a_claim_is_provisioned_mounted_remounted_elsewhere_and_deleted(st
         return pv_gone and rv_gone is None
 
     await stack.wait_for("PV and ReplicatedVolume deleted (reclaimPolicy Delete)", reclaimed, 60)
+    assert [d for d in images if d.exists()] == [], "both replicas' images deleted"
     await delete_pod(stack, "orphan")
 
 

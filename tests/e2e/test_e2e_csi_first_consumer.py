@@ -33,6 +33,7 @@ from pairvol.localcluster.demo import Stack
 pytestmark = pytest.mark.timeout(150)
 
 CLAIMS = "/api/v1/namespaces/default/persistentvolumeclaims"
+VOLUMES = "/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"
 
 
 async def test_a_wait_for_first_consumer_claim_gets_its_primary_on_the_node_of_its_pod(
@@ -83,3 +84,61 @@ async def test_a_wait_for_first_consumer_claim_gets_its_primary_on_the_node_of_i
     await until_writing(stack, "writer", "the writer's records fsynced", written, 30)
     placed = await stack.kube.get(f"{PODS}/writer")
     assert placed["spec"]["nodeName"] == "node-3"
+
+
+async def test_a_wait_for_first_consumer_claim_whose_selected_node_dies_is_provisioned_and_used_elsewhere(
+    stack: Stack,
+    csi: LocalCsi,  # noqa: F811
+) -> None:
+    """The node chosen for the claim's first pod dies while the claim's volume is being made
+    there: the volume is made on the nodes that live, the claim is bound, and the pod (not
+    bound to a node before its claim is) runs on a node that lives and writes."""
+    sc = await stack.kube.get("/apis/storage.k8s.io/v1/storageclasses/pairvol")  # the chart's
+    sc["metadata"] = {"name": "pairvol-local"}
+    sc["volumeBindingMode"] = "WaitForFirstConsumer"
+    await stack.kube.create("/apis/storage.k8s.io/v1/storageclasses", sc)
+    claim_yaml = CLAIM.format(name="data", mode="Filesystem", size="64Mi").replace(
+        "storageClassName: pairvol", "storageClassName: pairvol-local"
+    )
+    code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=claim_yaml)
+    assert code == 0, err
+    writer = pod("writer", "", "data", WRITER)
+    del writer["spec"]["nodeName"]  # the scheduler places it
+    await stack.kube.create(PODS, writer)
+
+    async def being_made() -> dict[str, Any] | None:
+        volumes = (await stack.kube.get(VOLUMES))["items"]
+        return volumes[0] if volumes else None
+
+    rv = await stack.wait_for("the claim's ReplicatedVolume created", being_made, 30, every=0.05)
+    doomed = rv["spec"]["preferredPrimaryNode"]
+    claim = await stack.kube.get(f"{CLAIMS}/data")
+    assert claim["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] == doomed
+
+    async def agent_there() -> bool:
+        return any(p["spec"].get("nodeName") == doomed for p in await stack.pods(rv["metadata"]["name"]))
+
+    await stack.wait_for(f"the volume's first agent on {doomed}", agent_there, 30, every=0.05)
+    await stack.sim.kill_node(doomed)
+    st = await stack.status(rv["metadata"]["name"])
+    assert st.get("phase") != "Replicating", f"provisioned before {doomed} was killed: {st}"
+
+    async def bound() -> dict[str, Any] | None:
+        got = await stack.kube.get(f"{CLAIMS}/data")
+        return got if (got.get("status") or {}).get("phase") == "Bound" else None
+
+    claim = await stack.wait_for("claim data Bound", bound, 60)
+    st = await stack.status(claim["spec"]["volumeName"])
+    assert doomed not in {st["primary"]["node"], st["secondary"]["node"]}, st
+
+    async def placed() -> str | None:
+        got = await stack.kube.get(f"{PODS}/writer")
+        return got["spec"].get("nodeName")
+
+    node = await stack.wait_for("the writer scheduled", placed, 30)
+    assert node != doomed
+
+    async def written() -> bool:
+        return f"written {RECORDS}" in await pod_log(stack, node, "writer")
+
+    await until_writing(stack, "writer", "the writer's records fsynced", written, 30)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -182,14 +183,16 @@ async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator
 
 
 @contextlib.asynccontextmanager
-async def node_plugin(tmp_path: Path, volume: Volume, stubs: Stubs, *args: str) -> AsyncIterator[Kubelet]:
-    """The node plugin (with its pod's privileges and ``args``) and its caller; afterwards
-    everything is torn down through the plugin and checked to be gone."""
+async def node_plugin(
+    tmp_path: Path, volume: Volume, stubs: Stubs, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Kubelet]:
+    """The node plugin (with its pod's privileges, ``args`` and ``env``) and its caller;
+    afterwards everything is torn down through the plugin and checked to be gone."""
     state = tmp_path / "csi-state"
     pods = tmp_path / "kubelet"
     plan = node_plugin_security()
     async with driver(
-        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), *args, security=plan
+        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), *args, security=plan, env=env
     ) as d:
         assert privileges(d.proc.pid) == running_as(plan)
         k = Kubelet(
@@ -330,6 +333,74 @@ async def test_xfs_is_made_when_asked_and_then_kept(kubelet: Kubelet) -> None:
     await kubelet.stage(fs_type="xfs")
     await kubelet.publish(fs_type="xfs")
     assert await asyncio.to_thread((kubelet.target / "x").read_bytes) == b"on xfs\n"
+
+
+def tools_without(directory: Path, missing: str) -> str:
+    """A PATH of one directory holding every program of this process's PATH (links) except
+    ``missing``: a node whose image lacks that one tool."""
+    directory.mkdir()
+    for entry in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/usr/bin", "/sbin", "/bin"]:
+        if not entry or not os.path.isdir(entry):
+            continue
+        for program in os.scandir(entry):
+            link = directory / program.name
+            if program.name != missing and not link.exists() and os.access(program.path, os.X_OK):
+                link.symlink_to(program.path)
+    return str(directory)
+
+
+@pytest.mark.parametrize("volume_size", ["300Mi"])
+async def test_a_file_system_the_node_cannot_make_is_refused_before_anything_is_built(
+    tmp_path: Path, volume: Volume, stubs: Stubs
+) -> None:
+    """mkfs.xfs is not installed where the node plugin runs: NodeStageVolume of an xfs volume
+    fails with FAILED_PRECONDITION (the spec's "exceeds capabilities": this node cannot give
+    the volume the capability asked for) saying what to install, and leaves nothing behind:
+    no attacher, no loop device, no mount, no record. Installed, the same call succeeds."""
+    bin_dir = tmp_path / "bin"
+    env = {**os.environ, "PATH": tools_without(bin_dir, "mkfs.xfs")}
+    async with node_plugin(tmp_path, volume, stubs, env=env) as kubelet:
+        for _ in range(2):  # the kubelet retries; every try is refused the same way
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await kubelet.stage(fs_type="xfs")
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert refused.value.details() == (
+                "fsType xfs is not available on node node-a: mkfs.xfs is not installed where the node plugin runs; "
+                "install it (package xfsprogs) in the node plugin's image, or use another fsType "
+                "(csi.storage.k8s.io/fstype of the StorageClass)"
+            )
+        assert [m for m in mounts() if str(tmp_path) in m] == []
+        assert await loop_devices_of(kubelet.state_dir) == []
+        assert not kubelet.state_dir.exists() or list(kubelet.state_dir.iterdir()) == [], "no attachment was begun"
+        assert not await qemu_daemons_under(kubelet.state_dir), "no attacher was started"
+
+        # xfsprogs installed: the kubelet's next try stages, makes the file system, mounts it
+        mkfs = shutil.which("mkfs.xfs")
+        assert mkfs is not None
+        (bin_dir / "mkfs.xfs").symlink_to(mkfs)
+        await kubelet.stage(fs_type="xfs")
+        assert await qemu_daemons_under(kubelet.state_dir), "the attacher runs (what was looked for above)"
+        await kubelet.publish(fs_type="xfs")
+        assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
+        assert (await run("findmnt", "-n", "-o", "FSTYPE", str(kubelet.staging)))[1].strip() == "xfs"
+        await asyncio.to_thread(write_synced, kubelet.target / "x", b"on xfs\n")
+
+
+async def qemu_daemons_under(directory: Path) -> list[int]:
+    """qemu-storage-daemon processes whose command line names ``directory`` (an attacher
+    keeps its sockets there)."""
+
+    def scan() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                    if argv[0].endswith(b"qemu-storage-daemon") and any(str(directory).encode() in a for a in argv):
+                        found.append(int(entry.name))
+        return found
+
+    return await asyncio.to_thread(scan)
 
 
 async def test_block_volume_is_the_volume_and_is_never_formatted(kubelet: Kubelet, volume: Volume) -> None:

@@ -20,6 +20,7 @@ from pairvol.localcluster.csi_provisioner import (
     node_topologies,
     pv_object,
     resolve_template,
+    static_binding_problem,
 )
 from pairvol.localcluster.kubelet_csi import CsiVolume, VolumeNotReady, csi_volume, publish_path, staging_path
 from pairvol.localcluster.kubelet_pods import (
@@ -149,6 +150,29 @@ def test_the_pv_is_pre_bound_to_its_claim_with_everything_the_node_needs() -> No
     assert volume_seen.access_mode == "SINGLE_NODE_WRITER"
     with pytest.raises(VolumeNotReady, match="not a CSI volume"):
         csi_volume(CLAIM, {"metadata": {"name": "pv"}, "spec": {"hostPath": {"path": "/x"}}}, read_only=False)
+
+
+def test_a_claim_naming_its_pv_is_bound_to_it_only_if_the_pv_is_free_or_pre_bound_to_it() -> None:
+    request, secret_ref = create_request(CLAIM, CLASS, "pvc-1234")
+    volume = {"volumeId": "apps/pvc-1234", "capacityBytes": str(64 << 20)}
+    retained = pv_object(CLAIM, CLASS, "pvc-1234", "pairvol.io", volume, request, secret_ref)
+    again = {**with_spec(CLAIM, volumeName="pvc-1234"), "metadata": {**CLAIM["metadata"], "uid": "5678"}}
+    # the claimRef of the claim it was made for is still there: removing it frees the PV
+    assert "bound to an earlier claim of that name (uid 1234); remove its claimRef" in str(
+        static_binding_problem(again, retained)
+    )
+    free = {**retained, "spec": {k: v for k, v in retained["spec"].items() if k != "claimRef"}}
+    assert static_binding_problem(again, free) is None
+    prebound = {**retained, "spec": {**retained["spec"], "claimRef": {"namespace": "apps", "name": "data"}}}
+    assert static_binding_problem(again, prebound) is None
+    other = {**retained, "spec": {**retained["spec"], "claimRef": {"namespace": "apps", "name": "logs"}}}
+    assert "already bound to a different claim (apps/logs)" in str(static_binding_problem(again, other))
+    assert "not found" in str(static_binding_problem(again, None))
+    block = with_spec(again, volumeMode="Block")
+    assert "volumeMode does not match" in str(static_binding_problem(block, free))
+    assert "storageClassName does not match" in str(
+        static_binding_problem(with_spec(again, storageClassName="fast"), free)
+    )
 
 
 def test_kubelet_paths_are_the_kubelets() -> None:

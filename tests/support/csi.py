@@ -17,7 +17,7 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -116,16 +116,24 @@ class Driver:
 
 @contextlib.asynccontextmanager
 async def driver(
-    tmp: Path, mode: str, *args: str, security: SecurityPlan | None = None, name: str = "csi"
+    tmp: Path,
+    mode: str,
+    *args: str,
+    security: SecurityPlan | None = None,
+    name: str = "csi",
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Driver]:
-    """Start ``pairvol csi --mode MODE`` on a socket under ``tmp``; stopped by PID."""
+    """Start ``pairvol csi --mode MODE`` on a socket under ``tmp`` (with ``env``, else this
+    process's environment); stopped by PID."""
     socket = tmp / f"{name}.sock"
     log_path = tmp / f"{name}.log"
     argv = [sys.executable, "-m", "pairvol", "-v", "csi", "--mode", mode, "--endpoint", f"unix://{socket}", *args]
     if security is not None:
         argv = [*security.setpriv_argv(), *argv]
     with log_path.open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, start_new_session=True)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=log, stderr=log, start_new_session=True, env=dict(env) if env is not None else None
+        )
     channel: grpc.aio.Channel | None = None
     try:
         deadline = asyncio.get_running_loop().time() + 30

@@ -65,6 +65,8 @@ VOLUME_CONDITION = 4
 BYTES, INODES = 1, 2
 #: longest wait for the API server in NodeGetVolumeStats (the kubelet's call must not hang)
 API_TIMEOUT_S = 5.0
+#: the (Debian) package that brings each file system's mkfs, for the error that says it is missing
+MKFS_PACKAGES = {"ext4": "e2fsprogs", "xfs": "xfsprogs"}
 
 
 def _export(context: dict[str, str]) -> tuple[str, int]:
@@ -234,10 +236,12 @@ class NodeService:
         if not cap.block:
             if fs_type not in FS_TYPES:
                 raise invalid(f"fsType {fs_type!r} is not supported; use one of {', '.join(FS_TYPES)}")
-            if not attach.has_mkfs(fs_type):
+            if not attach.has_mkfs(fs_type):  # checked before anything is built
                 raise CsiError(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"fsType {fs_type} is not available on node {self.node_id}: mkfs.{fs_type} is not installed",
+                    f"fsType {fs_type} is not available on node {self.node_id}: mkfs.{fs_type} is not installed "
+                    f"where the node plugin runs; install it (package {MKFS_PACKAGES[fs_type]}) in the node "
+                    "plugin's image, or use another fsType (csi.storage.k8s.io/fstype of the StorageClass)",
                 )
         record = Record(
             volume_id=volume_id,

@@ -17,7 +17,10 @@ mount propagation its manifest asks for:
   pods' publications, FUSE exports) propagate to the machine, where the kubelet binds them
   into pods — what ``Bidirectional`` does. Its ``/etc/hosts`` is the cluster's service
   names (:class:`ServiceHosts`, the part of cluster DNS the driver needs: a volume's
-  export is ``<volume>.<namespace>.svc:7802``), bound in its namespace only.
+  export is ``<volume>.<namespace>.svc:7802``), bound in its namespace only. Given a token
+  (of the chart's ``csi-node`` ServiceAccount), it reads the volumes' replication state
+  through the API server as a pod of the node reaches it (the node simulator's proxy), for
+  NodeGetVolumeStats' volume condition; without one it has no cluster connection.
 * **registrar**: ``NodeGetInfo`` on the plugin's socket, then the node's ``CSINode`` lists
   the driver with that node ID and its topology keys, the Node carries the
   ``csi.volume.kubernetes.io/nodeid`` annotation and the topology as labels
@@ -83,6 +86,7 @@ from typing import Any
 
 from pairvol.csi import DRIVER_NAME
 from pairvol.csi.manifests import controller_security_context, node_pod
+from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.csi_client import CsiClient
 from pairvol.localcluster.csi_provisioner import Provisioner
 from pairvol.localcluster.csi_resizer import Resizer
@@ -255,6 +259,7 @@ def node_plugin_argv(
     node_id: str,
     state_dir: Path,
     cgroup: Path | None = None,
+    kubeconfig: Path | None = None,
 ) -> list[str]:
     """The node plugin in the node's network namespace and a mount namespace of its own
     whose shared mounts (kubelet and state directories) stay peers of the machine's; only
@@ -265,6 +270,7 @@ def node_plugin_argv(
         *security.setpriv_argv(),
         sys.executable, "-m", "pairvol", "-v", "csi", "--mode", "node",
         "--endpoint", f"unix://{socket}", "--node-id", node_id, "--state-dir", str(state_dir),
+        *(["--kubeconfig", str(kubeconfig)] if kubeconfig is not None else []),
     ]  # fmt: skip
     script = "\n".join(
         [
@@ -355,7 +361,9 @@ class LocalCsi:
     """The CSI driver on the simulated nodes of ``sim``; ``async with LocalCsi(...) as csi``.
 
     ``controller_kubeconfig``: what the controller plugin calls the API with (its
-    ServiceAccount's token, or the admin kubeconfig).
+    ServiceAccount's token, or the admin kubeconfig). ``node_token``: the node plugins'
+    (their ServiceAccount's), for the replication state in the volume condition; None: they
+    run without a cluster connection.
     """
 
     def __init__(
@@ -363,6 +371,7 @@ class LocalCsi:
         sim: Any,
         *,
         controller_kubeconfig: Path,
+        node_token: str | None = None,
         volume_namespace: str = "default",
         ready_timeout: float = 8.0,
         provision_timeout: float = 20.0,
@@ -370,6 +379,8 @@ class LocalCsi:
     ) -> None:
         self.sim = sim
         self.controller_kubeconfig = controller_kubeconfig
+        self.node_token = node_token
+        self.node_kubeconfig: Path | None = None
         self.volume_namespace = volume_namespace
         self.ready_timeout = ready_timeout
         self.provision_timeout = provision_timeout
@@ -413,6 +424,10 @@ class LocalCsi:
         self.root = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="pvcsi-", dir="/tmp"))
         self.hosts = ServiceHosts(self.api, self.root / "hosts")
         await self.hosts.start()
+        if self.node_token is not None:  # the API server as the node's pods reach it
+            self.node_kubeconfig = await kubeconfig_mod.write(
+                self.root / "node-kubeconfig", self.sim.in_cluster_url, token=self.node_token
+            )
         for node in self.sim.node_names:
             await self._start_node(node)
         await self._start_controller()
@@ -489,6 +504,7 @@ class LocalCsi:
             node_id=node,
             state_dir=state_dir,
             cgroup=cgroup,
+            kubeconfig=self.node_kubeconfig,
         )
         plugin = await _spawn(
             f"node {node}", argv, _python_env("/root"), socket, Path(self.sim.root) / node / "logs" / "csi-node.log"

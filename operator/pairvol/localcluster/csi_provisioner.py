@@ -43,7 +43,12 @@ real one:
   calls ``DeleteVolume`` — only once no node has the volume staged any more (``in_use``,
   the local cluster's stand-in for the VolumeAttachment check the sidecar makes: a pod
   that had finished is deleted from the API at once, and its node unmounts afterwards) —
-  and, only after the plugin confirmed, deletes the PV; ``Retain`` leaves both.
+  and, only after the plugin confirmed, deletes the PV; ``Retain`` leaves both;
+* a PV of the driver with no ``claimRef`` (an administrator removed the one of a retained,
+  Released PV) is ``Available`` and is never reclaimed; a claim that names a PV in
+  ``spec.volumeName`` is bound to it, not provisioned (what the PV controller does for
+  static binding, and why the sidecar skips such claims), if the PV is free or pre-bound to
+  that claim; else it stays Pending with a ``FailedBinding`` event saying why.
 
 Objects are read by list + watch and every claim and PV is also re-examined every
 ``resync`` seconds, so a missed event only delays.
@@ -293,6 +298,27 @@ def pv_object(
     }
 
 
+def static_binding_problem(claim: Mapping[str, Any], pv: Mapping[str, Any] | None) -> str | None:
+    """Why the PV a claim names in ``spec.volumeName`` cannot be bound to it, or None: it
+    must exist, be of the claim's StorageClass and volume mode, and be free (no
+    ``claimRef``) or pre-bound to this claim (pure)."""
+    meta, spec = claim.get("metadata") or {}, claim.get("spec") or {}
+    name = spec.get("volumeName")
+    if pv is None:
+        return f"volume {name!r} not found"
+    pv_spec = pv.get("spec") or {}
+    ref = pv_spec.get("claimRef") or {}
+    if ref and (ref.get("namespace"), ref.get("name")) != (meta.get("namespace"), meta.get("name")):
+        return f"volume {name!r} already bound to a different claim ({ref.get('namespace')}/{ref.get('name')})"
+    if ref.get("uid") and ref.get("uid") != meta.get("uid"):
+        return f"volume {name!r} is bound to an earlier claim of that name (uid {ref['uid']}); remove its claimRef"
+    if (pv_spec.get("storageClassName") or "") != (spec.get("storageClassName") or ""):
+        return f"storageClassName does not match volume {name!r} ({pv_spec.get('storageClassName')!r})"
+    if (pv_spec.get("volumeMode") or "Filesystem") != (spec.get("volumeMode") or "Filesystem"):
+        return f"volumeMode does not match volume {name!r} ({pv_spec.get('volumeMode') or 'Filesystem'})"
+    return None
+
+
 def claim_in_use(claim: Mapping[str, Any], pods: list[JsonDict]) -> list[str]:
     """Names of the pods that name the claim in a volume (the pvc-protection rule; a pod
     counts until it is gone from the API, since its node unmounts only then)."""
@@ -337,6 +363,7 @@ class Provisioner(SidecarLoop):
         # the nodes that still have a volume handle staged: DeleteVolume waits for none
         self.in_use = in_use or (lambda handle: ())
         self._told_waiting: set[str] = set()  # claims (uid) told they wait for their first pod
+        self._told_unbound: set[str] = set()  # (claim uid, problem) told why their PV is not bound
 
     def retry_delay(self, exc: BaseException, failures: int) -> float:
         """A volume still staged somewhere, or a call the plugin calls transient, is tried
@@ -364,6 +391,9 @@ class Provisioner(SidecarLoop):
                 await self._protect(claim)
             if (claim.get("status") or {}).get("phase") == "Bound":
                 continue
+            if claim["spec"].get("volumeName"):  # names its PV: bound to it, never provisioned
+                await self._bind_static(claim, {str(v["metadata"]["name"]): v for v in volumes})
+                continue
             storage_class = ours[claim["spec"]["storageClassName"]]
             selected = (claim["metadata"].get("annotations") or {}).get(SELECTED_NODE)
             if storage_class.get("volumeBindingMode") == WAIT_FOR_FIRST_CONSUMER and not selected:
@@ -374,6 +404,9 @@ class Provisioner(SidecarLoop):
             if (pv["metadata"].get("annotations") or {}).get(PROVISIONED_BY) != self.driver:
                 continue
             ref = (pv.get("spec") or {}).get("claimRef") or {}
+            if not ref:  # free for a claim that names it
+                await self._set_phase(pv, "Available")
+                continue
             owner = by_uid.get(str(ref.get("uid")))
             if owner is not None and (owner.get("status") or {}).get("phase") != "Bound":
                 await self._bind(owner, pv)  # provisioned but the binding was interrupted
@@ -466,6 +499,32 @@ class Provisioner(SidecarLoop):
         }
         await self.api.request("PATCH", path + "/status", body={"status": status}, content_type=MERGE_PATCH)
         logger.info("bound claim %s/%s to %s", meta["namespace"], meta["name"], name)
+
+    async def _bind_static(self, claim: JsonDict, volumes: Mapping[str, JsonDict]) -> None:
+        """A claim that names its PV: the PV's ``claimRef`` is set to the claim, then both
+        are bound (a problem is a ``FailedBinding`` event, once per text, and the claim waits)."""
+        meta = claim["metadata"]
+        pv = volumes.get(str(claim["spec"]["volumeName"]))
+        problem = static_binding_problem(claim, pv)
+        if problem is not None:
+            key = f"{meta['uid']}:{problem}"
+            if key not in self._told_unbound:
+                self._told_unbound.add(key)
+                await self._event(claim, "Warning", "FailedBinding", problem)
+            return
+        assert pv is not None
+        ref = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": meta["namespace"],
+               "name": meta["name"], "uid": meta["uid"]}  # fmt: skip
+        if (pv["spec"].get("claimRef") or {}) != ref:
+            pv = await self.api.request("PATCH", f"/api/v1/persistentvolumes/{pv['metadata']['name']}",
+                                        body={"spec": {"claimRef": ref}}, content_type=MERGE_PATCH)  # fmt: skip
+        await self._bind(claim, pv)
+
+    async def _set_phase(self, pv: JsonDict, phase: str) -> None:
+        if (pv.get("status") or {}).get("phase") != phase:
+            await self.api.request("PATCH", f"/api/v1/persistentvolumes/{pv['metadata']['name']}/status",
+                                   body={"status": {"phase": phase}}, content_type=MERGE_PATCH)  # fmt: skip
+            logger.info("%s %s", pv["metadata"]["name"], phase)
 
     async def _protect(self, claim: JsonDict) -> None:
         meta = claim["metadata"]
