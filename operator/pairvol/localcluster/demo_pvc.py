@@ -254,6 +254,11 @@ async def start_driver(s: Any, values: Mapping[str, Any], token_lifetime_s: int 
     (storage_class,) = [d for d in docs if d["kind"] == "StorageClass"]
     account = controller["spec"]["template"]["spec"]["serviceAccountName"]
     token = s.cluster.api.issue_token(chart.NAMESPACE, account, expiration_seconds=token_lifetime_s)
+    # the node plugins read the replication state (the volume condition) as the chart's
+    # DaemonSet's ServiceAccount
+    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    node_account = daemonset["spec"]["template"]["spec"]["serviceAccountName"]
+    node_token = s.cluster.api.issue_token(chart.NAMESPACE, node_account, expiration_seconds=token_lifetime_s)
     kubeconfig = await kubeconfig_mod.write(s.root / "csi-controller-kube" / "kubeconfig", s.cluster.url, token=token)
     # CreateVolume waits for Replicating as long as the chart's controller does, and the
     # provisioner's call as long as the chart's sidecar (--timeout: 10 s more)
@@ -261,6 +266,7 @@ async def start_driver(s: Any, values: Mapping[str, Any], token_lifetime_s: int 
     csi = LocalCsi(
         s.sim,
         controller_kubeconfig=kubeconfig,
+        node_token=node_token,
         volume_namespace=ns,
         log_dir=s.root,
         ready_timeout=ready,
