@@ -210,6 +210,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "data that follows a hole in a read chunk is hashed, not taken for zeros",
     ),
     Mutation(
+        "checksum.holes-only-where-trusted", CHECKSUM,
+        "            data = data_ranges(fd, pos, pos + want) if trusted else [(pos, pos + want)]\n",
+        "            data = data_ranges(fd, pos, pos + want)\n",
+        ("tests/unit/test_agent_checksum.py",),
+        "on a file system whose holes are not trusted (FUSE, ZFS, ...) every region is read",
+    ),
+    Mutation(
+        "checksum.no-seek-data-is-all-data", CHECKSUM,
+        "                return [(start, end)]\n",
+        "                return []\n",
+        ("tests/unit/test_agent_checksum.py",),
+        "a file system without SEEK_DATA is read whole, not taken for a hole",
+    ),
+    Mutation(
         "checksum.fragmented-rest-is-read", CHECKSUM,
         "            found.append((pos, end))\n            break\n",
         "            break\n",

@@ -109,11 +109,15 @@ def _read_digests(path: Path, offset: int, length: int) -> bytes:
     )
 
 
-def _sparse_disk(path: Path, size: int) -> None:
-    """A sparse disk: holes, whole regions of data, a region of written zeros, one byte at a
-    region's end, data across a read chunk's boundary and in the short last region."""
+def _sparse_disk(path: Path, size: int, layout: str = "sparse") -> None:
+    """A disk with holes (``sparse``: truncated; ``falloc``: preallocated, as the agent
+    creates disks — unwritten extents), whole regions of data, a region of written zeros,
+    one byte at a region's end, data across a read chunk's boundary and in the short last
+    region."""
     with path.open("wb") as f:
         f.truncate(size)
+        if layout == "falloc":
+            os.posix_fallocate(f.fileno(), 0, size)
         for offset, data in (
             (0, b"\x01" * cs.REGION),
             (5 * cs.REGION, bytes(cs.REGION)),  # data extent that holds zeros
@@ -125,18 +129,52 @@ def _sparse_disk(path: Path, size: int) -> None:
             f.write(data)
 
 
+@pytest.mark.parametrize("layout", ["sparse", "falloc"])
 @pytest.mark.parametrize("where", ["disk", "tmpfs"])
-def test_holes_are_digested_as_the_zeros_they_read_as(tmp_path: Path, where: str) -> None:
+def test_holes_are_digested_as_the_zeros_they_read_as(tmp_path: Path, where: str, layout: str) -> None:
     base = tmp_path if where == "disk" else Path("/dev/shm")  # tmpfs keeps holes in its page cache
     path = base / f"pairvol-sparse-{os.getpid()}.raw"
     size = 2 * cs.READ_CHUNK + 3 * cs.REGION + 4096
     try:
-        _sparse_disk(path, size)
+        _sparse_disk(path, size, layout)
+        with path.open("rb") as f:
+            assert cs.holes_trusted(f.fileno()), "the suite's ext4 and tmpfs are where holes are looked up"
         for offset in range(0, size, cs.READ_CHUNK):
             length = min(cs.READ_CHUNK, size - offset)
             assert cs.digest_span(path, size, offset, length) == _read_digests(path, offset, length)
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_holes_are_looked_up_only_on_file_systems_known_to_count_dirty_pages_as_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FUSE answers SEEK_DATA without writing dirty pages back (a completed write looks like a
+    # hole), ZFS has reported holes over fresh data: there every region is read
+    with open("/proc/self/status", "rb") as f:
+        assert not cs.holes_trusted(f.fileno())
+    path = tmp_path / "disk.raw"
+    size = cs.SPAN
+    with path.open("wb") as f:
+        f.truncate(size)
+        f.seek(7 * cs.REGION)
+        f.write(b"\x05" * cs.REGION)
+    monkeypatch.setattr(cs, "holes_trusted", lambda fd: False)
+    io = Path("/proc/thread-self/io")
+
+    def read_chars() -> int:
+        return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar:")).split()[1])
+
+    before = read_chars()
+    got = cs.digest_span(path, size, 0, size)
+    read = read_chars() - before
+    assert got == _read_digests(path, 0, size)
+    assert read >= size, f"read {read} bytes of a {size}-byte span"
+
+
+def test_a_file_system_without_seek_data_is_all_data() -> None:
+    with open("/proc/self/status", "rb") as f:  # procfs answers SEEK_DATA with EINVAL
+        assert cs.data_ranges(f.fileno(), 0, 100) == [(0, 100)]
 
 
 def test_a_fragmented_disk_is_read_where_the_lookup_of_its_holes_stops(tmp_path: Path) -> None:
@@ -153,12 +191,15 @@ def test_a_fragmented_disk_is_read_where_the_lookup_of_its_holes_stops(tmp_path:
     assert cs.digest_span(path, size, 0, size) == _read_digests(path, 0, size)
 
 
-def test_writes_not_yet_written_back_are_in_the_digests_of_a_sparse_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["sparse", "falloc"])
+def test_writes_not_yet_written_back_are_in_the_digests_of_a_sparse_disk(tmp_path: Path, layout: str) -> None:
     # the daemon writes through the page cache: a hole that was just written is data
     path = tmp_path / "disk.raw"
     size = cs.READ_CHUNK
     with path.open("wb") as f:
         f.truncate(size)
+        if layout == "falloc":
+            os.posix_fallocate(f.fileno(), 0, size)
     fd = os.open(path, os.O_WRONLY)
     try:
         os.pwrite(fd, b"\x07" * 512, 3 * cs.REGION + 512)  # no fsync
