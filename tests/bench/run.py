@@ -25,10 +25,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pairvol.errors import PairvolError
+from tests.bench import resync
 from tests.bench.fio import WORKLOADS
 from tests.bench.scenarios import FULL, QUICK, Plan, checkpoint_stall, failover_series, throughput
 from tests.bench.setups import CONFIGS, EXTRA_CONFIGS
@@ -37,7 +39,7 @@ from tests.bench.stats import STALL_THRESHOLD_MS, fmt, ratio, table
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("throughput", "checkpoint", "failover")
+SECTIONS = ("throughput", "checkpoint", "failover", "resync")
 RATIO_PAIRS = (
     ("c/a", "c-pairvol", "a-bare"),
     ("c/b", "c-pairvol", "b-quorum"),
@@ -266,6 +268,9 @@ def render(results: dict[str, Any]) -> str:
             "  client write ms: from sending POST /v1/failover until a new NBD connection to the new "
             "primary's export has a 4 KiB write acknowledged; steps: the agent's stepsMs"
         )
+    rs = results.get("resync")
+    if rs:
+        parts.append(resync.render(rs))
     return "\n".join(parts)
 
 
@@ -290,6 +295,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 5, quick 1)")
     p.add_argument(
         "--failover-mib", default=None, help="comma-separated MiB changed before failover (default 0,16,64,256)"
+    )
+    p.add_argument(
+        "--resync-size",
+        type=resync.size_arg,
+        default=None,
+        help="volume size of the resync section (default 256Mi, quick 64Mi; 4Gi: python -m tests.bench.resync)",
     )
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temporary directory (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (images, logs)")
@@ -320,8 +331,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise SystemExit(f"--failover-mib {args.failover_mib!r}: expected comma-separated integers") from None
     if not changes:
         return plan
-    from dataclasses import replace
-
     return replace(plan, **changes)
 
 
@@ -350,6 +359,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["checkpoint"] = await checkpoint_stall(workdir / "checkpoint", plan)
         if "failover" in args.sections:
             results["failover"] = await failover_series(workdir, plan, plan.failover_modes)
+        if "resync" in args.sections:
+            log.info("resync after a partition, full sync and a plain copy")
+            settings = resync.QUICK if args.quick else resync.FULL
+            if args.resync_size is not None:
+                settings = replace(settings, size=args.resync_size)
+            if (why := resync.cut_available()) is not None:
+                log.warning("resync: the secondary is killed instead of partitioned: %s", why)
+                settings = replace(settings, outage="kill")
+            results["resync"] = await resync.run(settings, workdir / "resync")
+            await asyncio.to_thread(shutil.rmtree, workdir / "resync", True)
     finally:
         if not args.keep:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
