@@ -52,6 +52,7 @@ from pairvol.kube.client import KubeClient, KubeError
 from pairvol.kube.paths import volume_path
 from pairvol.localcluster.demo import Stack
 from pairvol.localcluster.kubelet import _descendants
+from pairvol.localcluster.kubelet_pods import KubeletError
 from pairvol.operator.manifests import OperatorConfig
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,15 @@ def operator_usage(root_pid: int) -> dict[str, float]:
 
 
 def replica_rss(stack: Stack, pods: Sequence[str]) -> dict[str, list[float]]:
-    """MiB per replica: the agent's process(es) and its qemu-storage-daemon(s)."""
+    """MiB per replica: the agent's process(es) and its qemu-storage-daemon(s); a pod that
+    is not running at that moment (replaced by a failover meanwhile) is left out."""
     agent, qsd = [], []
     for pod in pods:
-        pids = [p for main in stack.sim.pod_pids("default", pod) for p in tree(main)]
+        try:
+            mains = stack.sim.pod_pids("default", pod)
+        except KubeletError:
+            continue
+        pids = [p for main in mains for p in tree(main)]
         daemons = [p for p in pids if comm(p).startswith("qemu-storage")]
         others = [p for p in pids if p not in daemons]
         agent.append(sum(status_kib(p, "VmRSS") for p in others) / 1024)
