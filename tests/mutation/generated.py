@@ -54,7 +54,11 @@ MODULES: dict[str, tuple[str, ...]] = {
     "pairvol/agent/health.py": ("tests/unit/test_agent_health.py",),
     "pairvol/api/spec.py": ("tests/unit/test_api_spec.py",),
     "pairvol/operator/decisions.py": ("tests/unit/test_operator_decisions.py",
-                                      "tests/unit/test_operator_lease_clock.py"),
+                                      "tests/unit/test_operator_lease_clock.py",
+                                      "tests/unit/test_operator_grow.py",
+                                      "tests/unit/test_operator_cache_rules.py",
+                                      "tests/unit/test_operator_scale_rules.py",
+                                      "tests/unit/test_restore_points.py"),
 }
 SHORT = {Path(m).stem: m for m in MODULES}
 
