@@ -362,9 +362,34 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     ),
     Equivalent(
         'pairvol.operator.decisions._steady',
-        'sec = Replica(sec.node, sec.pod, sec.state, sec.address, False)',
-        'sec = Replica(sec.node, sec.pod, sec.state, sec.address, )',
-        "False is the field's default",
+        'sec = Replica(sec.node, sec.pod, sec.state, sec.address, False, synced=True)',
+        'sec = Replica(sec.node, sec.pod, sec.state, sec.address, synced=True)',
+        "False is the default of out_of_sync",
+    ),
+    Equivalent(
+        'pairvol.operator.decisions._steady',
+        'sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)',
+        'sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, )',
+        "False is the default of synced",
+    ),
+    Equivalent(
+        'pairvol.operator.decisions._steady',
+        'st = st.with_(phase=Phase.REPLICATING, sync=None, message=f"{prim.node} -> {sec.node} in sync")',
+        'st = st.with_(phase=Phase.REPLICATING, message=f"{prim.node} -> {sec.node} in sync")',
+        "reached only in replication state replicating (none and degraded re-pair, syncing returns above), "
+        "whose branch has just set sync=None",
+    ),
+    Equivalent(
+        'pairvol.operator.decisions.sync_status',
+        'done = min(pa.sync_done or 0, total) if total else 0',
+        'done = min(pa.sync_done or 0, total) if (total) or True else 0',
+        'with total 0, min(done, 0) is 0 too: an agent never reports negative bytes done',
+    ),
+    Equivalent(
+        'pairvol.operator.decisions.resync_started_message',
+        'f"{_mib(pa.sync_total or 0)} to copy ({pa.sync_reason or \'no reason given\'})"',
+        'f"{_mib(pa.sync_total or 1)} to copy ({pa.sync_reason or \'no reason given\'})"',
+        'one byte and none both read "0.0 MiB"',
     ),
     Equivalent(
         'pairvol.operator.decisions._steady',

@@ -50,11 +50,16 @@ MUTMUT = Path(sys.executable).with_name("mutmut")
 # module (relative to operator/) -> the unit tests that specify it
 MODULES: dict[str, tuple[str, ...]] = {
     "pairvol/agent/stages.py": ("tests/unit/test_agent_logic.py",),
-    "pairvol/agent/state.py": ("tests/unit/test_agent_logic.py",),
+    "pairvol/agent/state.py": ("tests/unit/test_agent_logic.py", "tests/unit/test_agent_resize.py",
+                               "tests/unit/test_agent_resync.py", "tests/unit/test_restore_points.py"),
     "pairvol/agent/health.py": ("tests/unit/test_agent_health.py",),
     "pairvol/api/spec.py": ("tests/unit/test_api_spec.py",),
     "pairvol/operator/decisions.py": ("tests/unit/test_operator_decisions.py",
-                                      "tests/unit/test_operator_lease_clock.py"),
+                                      "tests/unit/test_operator_lease_clock.py",
+                                      "tests/unit/test_operator_grow.py",
+                                      "tests/unit/test_operator_cache_rules.py",
+                                      "tests/unit/test_operator_scale_rules.py",
+                                      "tests/unit/test_restore_points.py"),
 }
 SHORT = {Path(m).stem: m for m in MODULES}
 

@@ -200,3 +200,15 @@ def test_values_at_the_limits_are_accepted() -> None:
 
 def test_an_empty_node_list_means_any_node() -> None:
     assert parse_spec({"size": "1Mi", "nodes": []}).nodes == ()
+
+
+def test_the_largest_size_is_the_last_whole_sector_an_int64_can_count() -> None:
+    """The API server reads spec.size as an int64: 2^63 bytes (8Ei) and more are refused as too
+    large; 2^63 - 1 itself is refused only for not being whole sectors (it is not too large)."""
+    assert parse_spec({"size": (1 << 63) - 512}).size == (1 << 63) - 512
+    with pytest.raises(SpecError) as err:
+        parse_spec({"size": "8Ei"})
+    assert err.value.problems == ["spec.size must be at most 9223372036854775807 bytes (under 8Ei), got '8Ei'"]
+    with pytest.raises(SpecError) as err:
+        parse_spec({"size": (1 << 63) - 1})
+    assert err.value.problems == ["spec.size must be a multiple of 512 bytes, got 9223372036854775807"]

@@ -12,6 +12,7 @@ from typing import Any
 from tests.unit.test_operator_decisions import kinds, primary_dead
 from tests.unit.test_operator_decisions import spec as spec_of
 
+from pairvol.api.spec import SpecError
 from pairvol.api.status import Failover, Phase, VolumeStatus
 from pairvol.operator.decisions import (
     ANN_FAILOVER,
@@ -55,6 +56,9 @@ def test_before_a_primary_serves_and_during_a_failover_the_lease_is_not_read() -
     fo = Failover("t", "n1", "n2", "Checkpoint", "x")
     failing = replace(world.status, phase=Phase.FAILING_OVER, last_failover=fo)
     assert failing.failing_over and not lease_needs_fresh_read(replace(world, status=failing))
+    # nor with no primary on record, or a spec the planner refuses (it then decides nothing)
+    assert not lease_needs_fresh_read(replace(world, status=replace(world.status, primary=None)))
+    assert not lease_needs_fresh_read(replace(world, spec=SpecError(["spec.size is required (e.g. size: 1Gi)"])))
 
 
 def test_a_volume_whose_failover_is_blocked_anyway_does_not_read_the_lease_every_tick() -> None:
@@ -68,6 +72,14 @@ def test_a_volume_whose_failover_is_blocked_anyway_does_not_read_the_lease_every
     assert lease_needs_fresh_read(
         serving(expired, spec=spec_of(failover={"automatic": False}), annotations={ANN_FAILOVER: "now"})
     )
+
+
+def test_an_expired_lease_is_read_again_whatever_marks_the_cache_shows_on_it() -> None:
+    """The marks are part of what the Lease says: a resync mark seen in the cache (which would
+    block the failover, H8) is no reason to skip the fresh read, which may show it cleared."""
+    expired = replace(HELD, observed_age_s=9.0)
+    assert lease_needs_fresh_read(serving(replace(expired, resync_epoch=3)))
+    assert lease_needs_fresh_read(serving(replace(expired, out_of_sync_epoch=3), annotations={ANN_FAILOVER: "now"}))
 
 
 def test_every_lease_a_failover_can_follow_from_is_a_fresh_read() -> None:

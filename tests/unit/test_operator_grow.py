@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from tests.unit.test_operator_decisions import PRIMARY_AGENT, SECONDARY_AGENT, replicating
 
 from pairvol.api.spec import parse_spec
-from pairvol.operator.decisions import Grow, StartPrimary, World, plan
+from pairvol.api.status import Phase
+from pairvol.operator.decisions import Event, Grow, StartPrimary, World, plan
 
 MiB = 1 << 20
 
@@ -21,9 +23,13 @@ def sized(primary: int, secondary: int, spec_size: str) -> World:
 
 
 def test_a_pair_in_sync_reports_its_size() -> None:
-    p = plan(sized(64 * MiB, 64 * MiB, "64Mi"))
+    w = sized(64 * MiB, 64 * MiB, "64Mi")
+    p = plan(w)
     assert p.status.size == 64 * MiB
     assert not [a for a in p.actions if isinstance(a, Grow)]
+    assert p.status.message == "n1 -> n2 in sync"  # a spec that equals the size is neither a grow nor a shrink
+    assert not p.cosmetic, "a new size is news, not a refresh to coalesce"
+    assert plan(replace(w, status=p.status)).cosmetic  # once recorded, it is not news again
 
 
 def test_a_larger_spec_size_grows_both_replicas_at_their_own_epochs() -> None:
@@ -33,6 +39,9 @@ def test_a_larger_spec_size_grows_both_replicas_at_their_own_epochs() -> None:
     assert "growing from 67108864 to 134217728 bytes" in p.status.message
     assert p.status.size == 64 * MiB  # not yet: the status says what both replicas have
     assert not p.cosmetic
+    assert [(e.type, e.reason, e.message) for e in p.actions if isinstance(e, Event)] == [
+        ("Normal", "Resizing", "growing the volume from 67108864 to 134217728 bytes")
+    ]
 
 
 def test_a_smaller_spec_size_never_shrinks_and_says_what_to_do() -> None:
@@ -41,17 +50,29 @@ def test_a_smaller_spec_size_never_shrinks_and_says_what_to_do() -> None:
     assert "never shrinks; set spec.size to at least 134217728" in p.status.message
 
 
-def test_a_grow_that_stopped_half_way_is_finished_before_the_pair_is_resynced() -> None:
-    w = sized(64 * MiB, 128 * MiB, "128Mi")
+@pytest.mark.parametrize(
+    ("primary", "secondary", "spec_size", "target"),
+    [
+        (64, 128, "128Mi", 128),  # the secondary grew, the primary did not
+        (128, 64, "64Mi", 128),  # the primary is the larger one
+        (64, 128, "64Mi", 128),  # the spec was lowered since: still never a shrink
+        (64, 128, "256Mi", 256),  # the spec was raised since: grown to it at once
+    ],
+)
+def test_a_grow_that_stopped_half_way_is_finished_to_the_largest_size_before_the_pair_is_resynced(
+    primary: int, secondary: int, spec_size: str, target: int
+) -> None:
+    w = sized(primary * MiB, secondary * MiB, spec_size)
     w = replace(w, agents={
-        "vol-1-a": replace(PRIMARY_AGENT, size=64 * MiB, replication_state="none"),
-        "vol-1-b": replace(SECONDARY_AGENT, size=128 * MiB),
+        "vol-1-a": replace(PRIMARY_AGENT, size=primary * MiB, replication_state="none"),
+        "vol-1-b": replace(SECONDARY_AGENT, size=secondary * MiB),
     })
     p = plan(w)
     assert [a for a in p.actions if isinstance(a, Grow)] == [
-        Grow("vol-1-a", "10.0.0.1", 3, "vol-1-b", "10.0.0.2", 2, 128 * MiB)
+        Grow("vol-1-a", "10.0.0.1", 3, "vol-1-b", "10.0.0.2", 2, target * MiB)
     ]
     assert not [a for a in p.actions if isinstance(a, StartPrimary)]
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, f"finishing the grow to {target * MiB} bytes")
 
 
 def test_after_the_grow_the_pair_is_resynced_with_only_what_the_secondary_missed() -> None:

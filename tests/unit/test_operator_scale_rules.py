@@ -31,6 +31,8 @@ def test_while_a_failover_runs_only_its_target_is_asked() -> None:
     decided = plan(primary_dead())
     assert decided.status.phase == Phase.FAILING_OVER
     assert agents_to_ask(decided.status) == ["vol-1-b"]
+    # a failover whose target vanished from the status (it is failed for that) asks nobody
+    assert agents_to_ask(replace(decided.status, secondary=None)) == []
 
 
 def test_the_old_primarys_answer_changes_nothing_in_a_failover_that_runs() -> None:
