@@ -13,6 +13,7 @@ from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
 from pairvol.kube.paths import lease_path
 from pairvol.localcluster.cluster import LocalCluster
+from pairvol.operator import informer
 from pairvol.operator.informer import Informer
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,3 +82,28 @@ async def test_after_a_broken_watch_the_cache_catches_up_by_listing_again() -> N
             await until(lambda: inf.get("default", "new") is not None and inf.get("default", "old") is None)
         finally:
             await inf.stop()
+
+
+async def test_a_server_that_refuses_every_watch_is_not_listed_in_a_loop() -> None:
+    async with LocalCluster(nodes=0) as cluster, KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+        await kube.create(lease_path("default"), lease("only", "a"))
+        kind = cluster.api._kinds[("coordination.k8s.io", "leases")]
+        kind.compacted_rv = cluster.api._rv + 10**9  # every watch is answered 410 Gone
+        inf = Informer(kube, lease_path("default"))
+        lists = 0
+        real_list = inf._list
+
+        async def counted() -> None:
+            nonlocal lists
+            lists += 1
+            await real_list()
+
+        inf._list = counted  # type: ignore[method-assign]
+        inf.start()
+        try:
+            await asyncio.wait_for(inf.synced.wait(), 5)
+            await asyncio.sleep(1.0)
+        finally:
+            await asyncio.wait_for(inf.stop(), 10)  # and it stops
+        assert inf.get("default", "only") is not None
+        assert lists <= 1 / informer.RELIST_PAUSE_S + 1, f"{lists} LISTs in about a second"

@@ -38,6 +38,10 @@ Listener = Callable[[str, dict[str, Any], dict[str, Any] | None], None]  # (type
 WATCH_TIMEOUT_S = 240
 READ_SLACK_S = 30
 RETRY_S = 1.0
+#: Before the LIST that follows a watch the server ended with 410 Gone: a server that refuses
+#: every watch (its history compacted past each new listing) must not get a LIST loop as fast
+#: as it answers, and the loop keeps a point where it can be cancelled.
+RELIST_PAUSE_S = 0.2
 # resourceVersions remembered per object, for "has the cache shown this version yet?"
 SEEN_PER_OBJECT = 16
 
@@ -103,13 +107,18 @@ class Informer:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        # Python 3.11's wait_for can lose a cancellation that arrives as its inner call
+        # completes: cancel again until the task has ended
+        while not task.done():
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not task.cancelled():
-                    raise
+            await asyncio.wait({task}, timeout=1.0)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
 
     async def _run(self) -> None:
         while True:
@@ -117,6 +126,7 @@ class Informer:
                 await self._list()
                 while await self._watch():
                     pass
+                await asyncio.sleep(RELIST_PAUSE_S)
             except (KubeError, TimeoutError, ValueError) as exc:
                 log.info("%r: %s; listing again in %.0f s", self, exc, RETRY_S)
                 await asyncio.sleep(RETRY_S)
