@@ -179,6 +179,20 @@ spec:
 FS_SIZE = "512Mi"
 
 
+async def claim_of_a_class_like_the_charts(stack: Stack, name: str, storage_class: str, **changes: Any) -> None:
+    """A StorageClass ``storage_class`` made from the chart's ``pairvol`` with ``changes``,
+    and a Filesystem claim ``name`` of it (not waited for)."""
+    sc = await stack.kube.get("/apis/storage.k8s.io/v1/storageclasses/pairvol")
+    sc["metadata"] = {"name": storage_class}
+    sc.update(changes)
+    await stack.kube.create("/apis/storage.k8s.io/v1/storageclasses", sc)
+    claim_yaml = CLAIM.format(name=name, mode="Filesystem", size=FS_SIZE).replace(
+        "storageClassName: pairvol", f"storageClassName: {storage_class}"
+    )
+    code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=claim_yaml)
+    assert code == 0, err
+
+
 @pytest.fixture
 async def csi(stack: Stack) -> AsyncIterator[LocalCsi]:
     """The chart's CSI objects: its controller's and node plugin's ServiceAccounts and RBAC

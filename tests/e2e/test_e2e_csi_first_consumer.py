@@ -19,6 +19,7 @@ from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     PODS,
     RECORDS,
     WRITER,
+    claim_of_a_class_like_the_charts,
     csi,
     kubectl,
     pod,
@@ -40,15 +41,7 @@ async def test_a_wait_for_first_consumer_claim_gets_its_primary_on_the_node_of_i
     stack: Stack,
     csi: LocalCsi,  # noqa: F811
 ) -> None:
-    sc = await stack.kube.get("/apis/storage.k8s.io/v1/storageclasses/pairvol")  # the chart's
-    sc["metadata"] = {"name": "pairvol-local"}
-    sc["volumeBindingMode"] = "WaitForFirstConsumer"
-    await stack.kube.create("/apis/storage.k8s.io/v1/storageclasses", sc)
-    claim_yaml = CLAIM.format(name="data", mode="Filesystem", size=FS_SIZE).replace(
-        "storageClassName: pairvol", "storageClassName: pairvol-local"
-    )
-    code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=claim_yaml)
-    assert code == 0, err
+    await claim_of_a_class_like_the_charts(stack, "data", "pairvol-local", volumeBindingMode="WaitForFirstConsumer")
 
     async def waiting() -> list[str]:
         return [e for e in await pod_events(stack, "data") if e.startswith("WaitForFirstConsumer")]

@@ -22,6 +22,7 @@ from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     RECORDS,
     VERIFIER,
     WRITER,
+    claim_of_a_class_like_the_charts,
     csi,
     delete_pod,
     finished,
@@ -44,15 +45,7 @@ async def test_a_retained_volume_outlives_its_claim_and_is_bound_again_with_its_
     stack: Stack,
     csi: LocalCsi,  # noqa: F811
 ) -> None:
-    sc = await stack.kube.get("/apis/storage.k8s.io/v1/storageclasses/pairvol")  # the chart's
-    sc["metadata"] = {"name": "pairvol-retain"}
-    sc["reclaimPolicy"] = "Retain"
-    await stack.kube.create("/apis/storage.k8s.io/v1/storageclasses", sc)
-    claim_yaml = CLAIM.format(name="data", mode="Filesystem", size=FS_SIZE).replace(
-        "storageClassName: pairvol", "storageClassName: pairvol-retain"
-    )
-    code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=claim_yaml)
-    assert code == 0, err
+    await claim_of_a_class_like_the_charts(stack, "data", "pairvol-retain", reclaimPolicy="Retain")
 
     async def bound(name: str) -> dict[str, Any] | None:
         got = await stack.kube.get(f"{CLAIMS}/{name}")
@@ -96,7 +89,10 @@ async def test_a_retained_volume_outlives_its_claim_and_is_bound_again_with_its_
         return (got.get("status") or {}).get("phase") == "Available"
 
     await stack.wait_for(f"{pv_name} Available", available, 30)
-    again = claim_yaml.replace("name: data", "name: again").replace("spec:\n", f"spec:\n  volumeName: {pv_name}\n")
+    claim_yaml = CLAIM.format(name="again", mode="Filesystem", size=FS_SIZE).replace(
+        "storageClassName: pairvol", "storageClassName: pairvol-retain"
+    )
+    again = claim_yaml.replace("spec:\n", f"spec:\n  volumeName: {pv_name}\n")
     code, _, err = await kubectl(stack, "apply", "-f", "-", stdin=again)
     assert code == 0, err
     claim = await stack.wait_for("claim again Bound", lambda: bound("again"), 30)

@@ -109,6 +109,12 @@ def _read_digests(path: Path, offset: int, length: int) -> bytes:
     )
 
 
+def _read_chars() -> int:
+    """Bytes this thread has read so far (``rchar`` of /proc/thread-self/io)."""
+    text = Path("/proc/thread-self/io").read_text()
+    return int(next(line for line in text.splitlines() if line.startswith("rchar:")).split()[1])
+
+
 def _sparse_disk(path: Path, size: int, layout: str = "sparse") -> None:
     """A disk with holes (``sparse``: truncated; ``falloc``: preallocated, as the agent
     creates disks — unwritten extents), whole regions of data, a region of written zeros,
@@ -160,14 +166,9 @@ def test_holes_are_looked_up_only_on_file_systems_known_to_count_dirty_pages_as_
         f.seek(7 * cs.REGION)
         f.write(b"\x05" * cs.REGION)
     monkeypatch.setattr(cs, "holes_trusted", lambda fd: False)
-    io = Path("/proc/thread-self/io")
-
-    def read_chars() -> int:
-        return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar:")).split()[1])
-
-    before = read_chars()
+    before = _read_chars()
     got = cs.digest_span(path, size, 0, size)
-    read = read_chars() - before
+    read = _read_chars() - before
     assert got == _read_digests(path, 0, size)
     assert read >= size, f"read {read} bytes of a {size}-byte span"
 
@@ -217,14 +218,9 @@ def test_the_holes_of_a_sparse_disk_are_not_read(tmp_path: Path) -> None:
         f.truncate(size)
         f.seek(7 * cs.REGION)
         f.write(b"\x05" * cs.REGION)
-    io = Path("/proc/thread-self/io")
-
-    def read_chars() -> int:
-        return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar:")).split()[1])
-
-    before = read_chars()
+    before = _read_chars()
     got = cs.digest_span(path, size, 0, size)
-    read = read_chars() - before
+    read = _read_chars() - before
     assert got == _read_digests(path, 0, size)
     # only the region that holds data is read (and this thread's io file)
     assert read <= cs.REGION + 4096, f"read {read} bytes of a {size}-byte span holding one {cs.REGION}-byte region"
