@@ -280,8 +280,7 @@ async def _run_on_stack(
                 await settled(stack, f)
             w1 = time.monotonic()
         finally:
-            follow.cancel()
-            await asyncio.gather(follow, return_exceptions=True)
+            await _cancel_until_done(follow)
             await workload.stop()
         res.violations = list(f.violations)
         st = await stack.status(VOLUME)
@@ -301,6 +300,17 @@ async def _run_on_stack(
         res.notes += [f"failover seen {x:.1f} s after the fault" for x in f.failovers]
         await workload.close()
         lap("checks")
+
+
+async def _cancel_until_done(task: asyncio.Task[None]) -> None:
+    """Cancel a loop that never ends by itself: Python 3.11's ``wait_for`` can lose a
+    cancellation that arrives as its inner call completes, and the follower's loop would then
+    run on while the run waited for it for ever (seen once, seed 9900 primary-isolated)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    with contextlib.suppress(BaseException):
+        task.result()
 
 
 async def operator_crash(stack: Any, f: Follower, rng: random.Random, old: dict[str, Any]) -> None:
