@@ -164,6 +164,19 @@ async def test_a_deployment_rolls_out_scales_and_updates_without_losing_availabi
     assert (status["replicas"], status["updatedReplicas"], status["availableReplicas"]) == (4, 4, 4)
 
 
+async def all_gone(kubectl: Kubectl, kinds: str, selector: str, within: float = 20) -> str:
+    """What is still listed of ``kinds`` with ``selector`` once nothing is, or ``within``
+    seconds passed (deletions that the garbage collector and the kubelet finish after kubectl
+    returned)."""
+    deadline = time.monotonic() + within
+    for _ in range(int(within / 0.2) + 1):
+        left = await kubectl("get", kinds, "-l", selector, "-o", "name")
+        if not left or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
+    return left
+
+
 @pytest.mark.parametrize("cascade", ["background", "foreground"])
 async def test_deleting_a_deployment_deletes_its_replicasets_and_pods(
     cluster: LocalCluster, kubectl: Kubectl, cascade: str
@@ -172,14 +185,9 @@ async def test_deleting_a_deployment_deletes_its_replicasets_and_pods(
     await kubectl("rollout", "status", "deployment/web", "--timeout=60s")
     await kubectl("delete", "deployment", "web", f"--cascade={cascade}")
     # background: kubectl returns once the Deployment is gone; the garbage collector then
-    # deletes its dependents (foreground: before the Deployment goes)
-    deadline = time.monotonic() + (20 if cascade == "background" else 0)
-    for _ in range(200):
-        left = await kubectl("get", "deployments,replicasets,pods", "-l", "app=web", "-o", "name")
-        if not left or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert left == ""
+    # deletes its dependents, and a pod goes once its node has stopped it (foreground: the
+    # dependents are gone before the Deployment, the pods stopping)
+    assert await all_gone(kubectl, "deployments,replicasets,pods", "app=web") == ""
 
 
 async def test_an_orphaning_delete_leaves_the_dependents_without_their_owner(
@@ -193,7 +201,7 @@ async def test_an_orphaning_delete_leaves_the_dependents_without_their_owner(
     pods = (await get(kubectl, "pods", "-l", "app=web"))["items"]
     assert [p["metadata"]["ownerReferences"][0]["name"] for p in pods] == [rs["metadata"]["name"]] * 2
     await kubectl("delete", "replicaset", rs["metadata"]["name"])  # the pods' owner still collects them
-    assert await kubectl("get", "pods", "-l", "app=web", "-o", "name") == ""
+    assert await all_gone(kubectl, "pods", "app=web") == ""
 
 
 def job(name: str, script: str, policy: str, backoff_limit: int) -> str:
