@@ -256,7 +256,7 @@ async def test_a_finished_job_with_a_ttl_is_deleted_with_its_pods(cluster: Local
     manifest["spec"]["ttlSecondsAfterFinished"] = 1
     await kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
     await kubectl("wait", "--for=delete", "job/short-lived", "--timeout=30s", within=40)
-    assert await kubectl("get", "pods", "-l", "job-name=short-lived", "-o", "name") == ""
+    assert await all_gone(kubectl, "pods", "job-name=short-lived") == ""
 
 
 DAEMONSET = """\
