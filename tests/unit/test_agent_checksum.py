@@ -115,6 +115,16 @@ def _read_chars() -> int:
     return int(next(line for line in text.splitlines() if line.startswith("rchar:")).split()[1])
 
 
+def _one_region_disk(tmp_path: Path) -> tuple[Path, int]:
+    """A sparse span-sized disk holding data in one region only; (its path, its size)."""
+    path = tmp_path / "disk.raw"
+    with path.open("wb") as f:
+        f.truncate(cs.SPAN)
+        f.seek(7 * cs.REGION)
+        f.write(b"\x05" * cs.REGION)
+    return path, cs.SPAN
+
+
 def _sparse_disk(path: Path, size: int, layout: str = "sparse") -> None:
     """A disk with holes (``sparse``: truncated; ``falloc``: preallocated, as the agent
     creates disks — unwritten extents), whole regions of data, a region of written zeros,
@@ -159,12 +169,7 @@ def test_holes_are_looked_up_only_on_file_systems_known_to_count_dirty_pages_as_
     # hole), ZFS has reported holes over fresh data: there every region is read
     with open("/proc/self/status", "rb") as f:
         assert not cs.holes_trusted(f.fileno())
-    path = tmp_path / "disk.raw"
-    size = cs.SPAN
-    with path.open("wb") as f:
-        f.truncate(size)
-        f.seek(7 * cs.REGION)
-        f.write(b"\x05" * cs.REGION)
+    path, size = _one_region_disk(tmp_path)
     monkeypatch.setattr(cs, "holes_trusted", lambda fd: False)
     before = _read_chars()
     got = cs.digest_span(path, size, 0, size)
@@ -212,12 +217,7 @@ def test_writes_not_yet_written_back_are_in_the_digests_of_a_sparse_disk(tmp_pat
 
 
 def test_the_holes_of_a_sparse_disk_are_not_read(tmp_path: Path) -> None:
-    path = tmp_path / "disk.raw"
-    size = cs.SPAN
-    with path.open("wb") as f:
-        f.truncate(size)
-        f.seek(7 * cs.REGION)
-        f.write(b"\x05" * cs.REGION)
+    path, size = _one_region_disk(tmp_path)
     before = _read_chars()
     got = cs.digest_span(path, size, 0, size)
     read = _read_chars() - before
