@@ -179,6 +179,19 @@ spec:
 FS_SIZE = "512Mi"
 
 
+async def copy_export(stack: Stack, status: dict[str, Any], image: Path) -> Path:
+    """The whole volume, copied through its primary's export (as ``status`` names it) into
+    the file ``image``."""
+    socket = stack.socket_path(status)
+    proc = await asyncio.create_subprocess_exec(  # relative: the socket's path is longer than a unix address
+        "qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///volume?socket={socket.name}", str(image),
+        cwd=socket.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    return image
+
+
 async def claim_of_a_class_like_the_charts(stack: Stack, name: str, storage_class: str, **changes: Any) -> None:
     """A StorageClass ``storage_class`` made from the chart's ``pairvol`` with ``changes``,
     and a Filesystem claim ``name`` of it (not waited for)."""
@@ -618,14 +631,7 @@ async def test_a_checkpoint_mode_failover_restarts_the_pod_on_the_cut_never_unde
         return not await job_pods() and await node_mounts(csi, node) == []
 
     await stack.wait_for("the Job's pods gone and the volume unstaged", released, 60)
-    image = stack.root / "journal.img"
-    socket = stack.socket_path(await stack.status(pv_name))
-    proc = await asyncio.create_subprocess_exec(  # relative: the socket's path is longer than a unix address
-        "qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///volume?socket={socket.name}", str(image),
-        cwd=socket.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode()
+    image = await copy_export(stack, await stack.status(pv_name), stack.root / "journal.img")
     proc = await asyncio.create_subprocess_exec(
         "e2fsck", "-fn", str(image), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )

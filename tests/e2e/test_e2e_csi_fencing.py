@@ -36,6 +36,7 @@ from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     PODS,
     acked_at_least,
     claimed,
+    copy_export,
     csi,
     pod,
     pod_log,
@@ -107,14 +108,7 @@ async def cut_off(stack: Stack, node: str, peer: str) -> AsyncIterator[None]:
 
 async def read_export(stack: Stack, status: dict[str, Any], blocks: int) -> bytes:
     """The first ``blocks`` blocks of the volume, read through the primary's export."""
-    socket = stack.socket_path(status)
-    image = stack.root / "fencing-export.img"
-    proc = await asyncio.create_subprocess_exec(  # relative: the socket's path is longer than a unix address
-        "qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///volume?socket={socket.name}", str(image),
-        cwd=socket.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, out.decode()
+    image = await copy_export(stack, status, stack.root / "fencing-export.img")
     data = await asyncio.to_thread(image.read_bytes)
     await asyncio.to_thread(image.unlink)
     return data[: blocks * BLOCK]
