@@ -177,6 +177,8 @@ spec:
 # ext4 on a volume of 512 MiB or more has 4 KiB blocks (the loop device's direct I/O once
 # misdirected writes here, and 1 KiB blocks showed it most: docs/csi.md, "The loop device")
 FS_SIZE = "512Mi"
+CLAIMS = "/api/v1/namespaces/default/persistentvolumeclaims"
+VOLUMES = "/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"
 
 
 async def copy_export(stack: Stack, status: dict[str, Any], image: Path) -> Path:

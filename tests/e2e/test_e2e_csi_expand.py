@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     BLOCK_WRITER,
+    CLAIMS,
     PODS,
     PREFIX_VERIFIER,
     STREAM_WRITER,
@@ -45,7 +46,6 @@ from pairvol.localcluster.demo import Stack
 pytestmark = pytest.mark.timeout(150)
 
 MiB = 1 << 20
-CLAIMS = "/api/v1/namespaces/default/persistentvolumeclaims"
 
 
 async def xfs_class(stack: Stack) -> None:

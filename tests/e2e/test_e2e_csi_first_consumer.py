@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     CLAIM,
+    CLAIMS,
     FS_SIZE,
     PODS,
     RECORDS,
+    VOLUMES,
     WRITER,
     claim_of_a_class_like_the_charts,
     csi,
@@ -32,9 +34,6 @@ from pairvol.localcluster.csi_plugins import LocalCsi
 from pairvol.localcluster.demo import Stack
 
 pytestmark = pytest.mark.timeout(150)
-
-CLAIMS = "/api/v1/namespaces/default/persistentvolumeclaims"
-VOLUMES = "/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"
 
 
 async def test_a_wait_for_first_consumer_claim_gets_its_primary_on_the_node_of_its_pod(

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 from tests.e2e.test_e2e_csi import (  # noqa: F401 - the csi fixture
     CLAIM,
+    CLAIMS,
     FS_SIZE,
     PODS,
     RECORDS,
     VERIFIER,
+    VOLUMES,
     WRITER,
     claim_of_a_class_like_the_charts,
     csi,
@@ -36,9 +38,6 @@ from pairvol.localcluster.csi_plugins import LocalCsi
 from pairvol.localcluster.demo import Stack
 
 pytestmark = pytest.mark.timeout(150)
-
-CLAIMS = "/api/v1/namespaces/default/persistentvolumeclaims"
-VOLUMES = "/apis/pairvol.io/v1alpha1/namespaces/default/replicatedvolumes"
 
 
 async def test_a_retained_volume_outlives_its_claim_and_is_bound_again_with_its_data(
