@@ -113,14 +113,22 @@ def operator_usage(root_pid: int) -> dict[str, float]:
     }
 
 
+def running_pids(stack: Stack, pod: str) -> list[int]:
+    """The main processes of a pod, or none if it is not running at that moment (a failover
+    replaced it between reading the status and asking the node)."""
+    try:
+        return list(stack.sim.pod_pids("default", pod))
+    except KubeletError:
+        return []
+
+
 def replica_rss(stack: Stack, pods: Sequence[str]) -> dict[str, list[float]]:
     """MiB per replica: the agent's process(es) and its qemu-storage-daemon(s); a pod that
     is not running at that moment (replaced by a failover meanwhile) is left out."""
     agent, qsd = [], []
     for pod in pods:
-        try:
-            mains = stack.sim.pod_pids("default", pod)
-        except KubeletError:
+        mains = running_pids(stack, pod)
+        if not mains:
             continue
         pids = [p for main in mains for p in tree(main)]
         daemons = [p for p in pids if comm(p).startswith("qemu-storage")]
@@ -364,7 +372,7 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
         await asyncio.sleep(args.settle)
         phases = collections.Counter((watch.objects[n].get("status") or {}).get("phase") for n in all_names)
         agent_pids = [p for n in all_names for pod in replica_pods(watch, n)
-                      for main in stack.sim.pod_pids("default", pod) for p in tree(main)]  # fmt: skip
+                      for main in running_pids(stack, pod) for p in tree(main)]  # fmt: skip
         req0, ev0 = count_requests(api)
         u0, t0 = operator_usage(op_pid), time.monotonic()
         a0 = {p: cpu_seconds(p) for p in agent_pids}

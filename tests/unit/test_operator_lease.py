@@ -188,9 +188,9 @@ def lease_requests(cluster: LocalCluster, verb: str) -> int:
 
 async def test_a_renewal_is_one_write_on_the_holders_own_version_and_keeps_what_others_wrote() -> None:
     """At steady state a renewal costs the API server one request: a PUT conditional on the
-    resourceVersion of the holder's own last write. A write by someone else in between (here
-    an out-of-sync mark) makes that PUT fail with 409; only then is the Lease read, so the
-    renewal never drops what the other write stored."""
+    resourceVersion of the holder's own last write — its own marks included, which the
+    renewals then carry. A write by someone else in between makes that PUT fail with 409;
+    only then is the Lease read, so the renewal never drops what the other write stored."""
     async with LocalCluster(nodes=0) as cluster:
         k = keeper(cluster, "pod-a", Lost(), duration=3.0)
         await k.acquire(5)
@@ -199,14 +199,24 @@ async def test_a_renewal_is_one_write_on_the_holders_own_version_and_keeps_what_
         await asyncio.sleep(2.3)  # renewed every second; nobody else asks meanwhile
         assert lease_requests(cluster, "update") - puts >= 2
         assert lease_requests(cluster, "get") - gets == 0
-        await k.mark_out_of_sync(7)
+
+        await k.mark_out_of_sync(7)  # the holder's own write: still one request per renewal
         gets, puts = lease_requests(cluster, "get"), lease_requests(cluster, "update")
         await asyncio.sleep(2.3)
-        # one 409 and one read after the mark, then one write per renewal again
+        assert lease_requests(cluster, "update") - puts >= 2
+        assert lease_requests(cluster, "get") - gets == 0
+
+        async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as other:
+            await other.merge_patch(lease_path("default", "pairvol-vol"),
+                                    {"metadata": {"labels": {"written-by": "someone-else"}}})
+        gets, puts = lease_requests(cluster, "get"), lease_requests(cluster, "update")
+        await asyncio.sleep(2.3)
+        # one 409 and one read after the foreign write, then one write per renewal again
         assert lease_requests(cluster, "update") - puts >= 3
         assert lease_requests(cluster, "get") - gets == 1
         lease = await read_lease(cluster)
         assert lease["metadata"]["annotations"][OUT_OF_SYNC_ANNOTATION] == "7"  # type: ignore[index]
+        assert lease["metadata"]["labels"]["written-by"] == "someone-else"  # type: ignore[index]
         assert parse_micro_time(lease["spec"]["renewTime"]) > time.time() - 1.5  # type: ignore[index,operator]
         assert k.held and not task.done()
         task.cancel()
