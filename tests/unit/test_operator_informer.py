@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pairvol.kube.client import KubeClient
+from pairvol.kube.client import KubeClient, KubeError
 from pairvol.kube.config import load_config
 from pairvol.kube.paths import lease_path
 from pairvol.localcluster.cluster import LocalCluster
@@ -107,3 +107,58 @@ async def test_a_server_that_refuses_every_watch_is_not_listed_in_a_loop() -> No
             await asyncio.wait_for(inf.stop(), 10)  # and it stops
         assert inf.get("default", "only") is not None
         assert lists <= 1 / informer.RELIST_PAUSE_S + 1, f"{lists} LISTs in about a second"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_shared_read_is_made_once_for_every_loop_that_asks_within_its_age() -> None:
+    """Forty loops placing replicas at once cost the API server one LIST, not forty; a read
+    older than the age is made again, and a read in flight is waited for, not repeated."""
+    clock, gate = FakeClock(), asyncio.Event()
+    answers = iter([[{"n": 1}], [{"n": 2}]])
+
+    async def read() -> list[dict[str, Any]]:
+        await gate.wait()
+        return next(answers)
+
+    shared = informer.SharedRead(read, max_age_s=0.5, clock=clock)
+    waiting = [asyncio.create_task(shared.get()) for _ in range(40)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert [await w for w in waiting] == [[{"n": 1}]] * 40
+    assert shared.requests == 1
+    clock.now += 0.5  # counted from when the request was sent: still fresh
+    assert await shared.get() == [{"n": 1}] and shared.requests == 1
+    clock.now += 0.01
+    assert await shared.get() == [{"n": 2}] and shared.requests == 2
+
+
+async def test_a_failed_shared_read_reaches_every_waiter_and_is_asked_again() -> None:
+    """An error is nobody's cached answer: all who waited get it, the next call reads anew.
+    A waiter that is cancelled (its loop stopping) does not cancel the read for the others."""
+    calls = 0
+    gate = asyncio.Event()
+
+    async def read() -> list[dict[str, Any]]:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        if calls == 1:
+            raise KubeError(503, "the API server is overloaded")
+        return [{"ok": True}]
+
+    shared = informer.SharedRead(read, max_age_s=0.5, clock=FakeClock())
+    first, second, quitter = (asyncio.create_task(shared.get()) for _ in range(3))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    gate.set()
+    for waiter in (first, second):
+        with pytest.raises(KubeError, match="overloaded"):
+            await waiter
+    assert await shared.get() == [{"ok": True}] and calls == 2

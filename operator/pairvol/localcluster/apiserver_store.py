@@ -889,12 +889,13 @@ class ObjectStore:
         labels: list[Requirement] | None = None,
         fields: list[Requirement] | None = None,
     ) -> list[dict[str, Any]]:
-        objs = [
-            self._present(rtype, obj)
-            for (ns, _), obj in sorted(self._kinds[rtype.key].objects.items())
-            if namespace is None or ns == namespace
-        ]
-        return [o for o in objs if selector_matches(o, labels or [], fields or [])]
+        stored = [obj for (ns, _), obj in sorted(self._kinds[rtype.key].objects.items())
+                  if namespace is None or ns == namespace]  # fmt: skip
+        if rtype.group == "events.k8s.io":  # its field names are those of the converted object
+            objs = [self._present(rtype, obj) for obj in stored]
+            return [o for o in objs if selector_matches(o, labels or [], fields or [])]
+        # select first, copy only what is answered: a LIST of one node's pods used to copy all
+        return [self._present(rtype, o) for o in stored if selector_matches(o, labels or [], fields or [])]
 
     @property
     def resource_version(self) -> int:

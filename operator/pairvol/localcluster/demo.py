@@ -438,7 +438,8 @@ def _simulator(api_url: str, names: Sequence[str], base: Path, node_monitor_grac
         api_url,
         nodes=list(names),
         root=base / "nodes",
-        status_interval=0.3,
+        # a heartbeat a fifth of the grace (a kubelet's is a fourth: 10 s of 40 s)
+        status_interval=max(0.3, node_monitor_grace / 5),
         node_monitor_grace=node_monitor_grace,
         backoff_base=0.2,
         config_retry=0.3,

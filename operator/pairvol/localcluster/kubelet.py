@@ -157,6 +157,8 @@ from pairvol.localcluster.netns import (
 from pairvol.localcluster.services import ServiceRouter
 
 logger = logging.getLogger(__name__)
+#: a node's status is posted with every this-many Lease renewals (and whenever it changes)
+STATUS_REPORT_EVERY = 10
 
 HOST_RESOLV_CONF = "/etc/resolv.conf"
 
@@ -1286,10 +1288,11 @@ class NodeKubelet:
         await self._remove_unreachable_taints()
         self.marked_unknown = False
 
-    async def _post_ready(self) -> None:
-        await self.sim.api.patch_node_status(
-            self.name, self.node_status("True", "KubeletReady", "kubelet is posting ready status")
-        )
+    async def _post_ready(self, status: bool = True) -> None:
+        if status or not self.sim.leases_enabled:
+            await self.sim.api.patch_node_status(
+                self.name, self.node_status("True", "KubeletReady", "kubelet is posting ready status")
+            )
         if self.sim.leases_enabled:
             try:
                 await self.sim.api.renew_lease(self.name, self.name, _micro_now(), int(self.sim.node_monitor_grace) + 1)
@@ -1312,12 +1315,16 @@ class NodeKubelet:
             await self.sim.api.patch_node(self.name, {"spec": {"taints": kept}})
 
     async def _heartbeat_loop(self) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(self.sim.status_interval)
             if not self.connected.is_set():
                 continue
+            beats += 1
             try:
-                await self._post_ready()
+                # the Lease is the heartbeat; the status is posted less often, as a kubelet
+                # does (nodeStatusReportFrequency), and at once after a silence
+                await self._post_ready(status=self.marked_unknown or beats % STATUS_REPORT_EVERY == 0)
                 if self.marked_unknown:
                     await self._remove_unreachable_taints()
                     self.marked_unknown = False

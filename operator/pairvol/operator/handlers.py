@@ -55,7 +55,7 @@ from pairvol.kube.paths import (
 from pairvol.operator import decisions as d
 from pairvol.operator import manifests as m
 from pairvol.operator.agentclient import AgentClient, AgentError
-from pairvol.operator.informer import Informer
+from pairvol.operator.informer import Informer, SharedRead
 from pairvol.operator.metrics import OperatorMetrics
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,19 @@ class Context:
     loops: dict[str, Reconciler] = field(default_factory=dict)  # "ns/name" -> the running loop
     # "ns/name" -> the nodes of its replicas in the loop's last plan (decisions.replica_counts)
     placed: dict[str, set[str]] = field(default_factory=dict)
+    # every namespace's agent pods, read once per reconcile interval for all loops that place
+    _agent_pods: SharedRead | None = None
+
+    def agent_pods_everywhere(self) -> SharedRead:
+        """The agent pods of all namespaces (placement spreads replicas over them all)."""
+        if self._agent_pods is None:
+            kube, selector = self.kube, f"{m.APP_LABEL}={m.AGENT_APP}"
+
+            async def read() -> list[dict[str, Any]]:
+                return await kube.list("/api/v1/pods", selector)
+
+            self._agent_pods = SharedRead(read, self.config.reconcile_interval_s, time.monotonic)
+        return self._agent_pods
 
 
 _CTX: Context | None = None
@@ -336,7 +349,7 @@ class Reconciler:
         pods = {p.name: p for p in map(pod_view, pods_raw)}
         self.other_pods = []
         if status.primary is None or status.secondary is None:
-            for p in await c.kube.list("/api/v1/pods", f"{m.APP_LABEL}={m.AGENT_APP}"):
+            for p in await c.agent_pods_everywhere().get():
                 pm = p.get("metadata") or {}
                 key = f"{pm.get('namespace')}/{(pm.get('labels') or {}).get(d.LABEL_VOLUME)}"
                 self.other_pods.append((key, str((p.get("spec") or {}).get("nodeName") or "")))

@@ -23,7 +23,7 @@ import collections
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pairvol.kube.client import KubeClient, KubeError
@@ -205,3 +205,48 @@ class Informer:
 
 def _rv(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+class SharedRead:
+    """One read that many loops need at about the same time, made once for all of them.
+
+    Why: a volume without both replicas looks at every volume's agent pods in the cluster to
+    spread its replicas (placement only). Each such loop listing them on every tick made the
+    API server answer N lists of N volumes' pods per tick — quadratic in the volumes, and at
+    its worst exactly when many volumes lack a replica at once (a bring-up, a node's
+    failover storm), when the API server can least afford it. The loops now share one result
+    no older than ``max_age_s`` (counted from when its request was sent); a loop asking while
+    the request is under way waits for that request instead of sending another. A failed
+    read is not kept: every waiter gets its error and the next call asks again.
+    """
+
+    def __init__(
+        self, read: Callable[[], Awaitable[list[dict[str, Any]]]], max_age_s: float, clock: Callable[[], float]
+    ) -> None:
+        self._read = read
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._sent_at = float("-inf")
+        self._value: list[dict[str, Any]] = []
+        self._inflight: asyncio.Task[list[dict[str, Any]]] | None = None
+        self.requests = 0  # reads actually made (for tests and metrics)
+
+    async def get(self) -> list[dict[str, Any]]:
+        if self._clock() - self._sent_at <= self.max_age_s:
+            return self._value
+        task = self._inflight
+        if task is None:
+            task = self._inflight = asyncio.create_task(self._fetch())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
+        # shielded: one waiter cancelled (its loop stopping) does not cancel the others' read
+        return await asyncio.shield(task)
+
+    async def _fetch(self) -> list[dict[str, Any]]:
+        sent = self._clock()
+        self.requests += 1
+        try:
+            value = list(await self._read())
+            self._value, self._sent_at = value, sent
+            return value
+        finally:
+            self._inflight = None
