@@ -13,7 +13,9 @@ server on every tick; the rules that keep a lagging cache from causing a wrong d
 in :mod:`pairvol.operator.decisions` (``lease_needs_fresh_read``, ``pods_not_yet_seen``,
 ``volume_body_source``). A change of the volume, of one of its pods or of a node's
 readiness wakes the volume's loop at once; otherwise it ticks every reconcile interval
-(the agents' status is polled over HTTP, which costs the API server nothing).
+(the agents' status is polled over HTTP, which costs the API server nothing). The one read
+that is not per volume — every namespace's agent pods, which placement spreads replicas
+over — is made once per reconcile interval for all loops (:class:`informer.SharedRead`).
 
 kopf peering (``PAIRVOL_PEERING``) guarantees that only one operator replica runs daemons at
 a time. Deletion goes through a kopf finalizer (the delete handler below).
