@@ -66,6 +66,17 @@ def test_operator_parses_the_settings_the_chart_gives_it(tmp_path: Path) -> None
     assert config.watch_namespaces == ("storage",)
     assert config.peering == "pairvol"
     assert (config.metrics_port, config.health_port) == (8080, 8081)
+    assert config.lease_duration_s == 3.0
+
+
+def test_the_lease_duration_is_a_chart_value_the_operator_and_its_agents_use(tmp_path: Path) -> None:
+    """A slow API server needs a longer Lease (the agents renew every third of it): the
+    chart's value reaches the operator, and through it every agent pod's command line."""
+    config = operator_config(render({"operator": {"leaseDurationSeconds": 6}}, tmp=tmp_path))
+    assert config.lease_duration_s == 6.0
+    (primary, *_) = agent_pods(config)
+    args = primary["spec"]["containers"][0]["command"]
+    assert args[args.index("--lease-duration") + 1] == "6"
 
 
 def test_agent_objects_the_operator_builds_are_valid_kubernetes_objects(tmp_path: Path) -> None:
