@@ -45,6 +45,8 @@ T_CHAIN = "tests/integration/test_secondary_chain.py"
 T_RESYNC = "tests/integration/test_bitmap_resync.py"
 T_CHECKSUM = "tests/integration/test_checksum_resync.py"
 T_AUTO = "tests/integration/test_auto_resync.py"
+T_UNION = "tests/integration/test_union_resync.py"
+T_RESYNC_UNIT = ("tests/unit/test_agent_resync.py",)
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ the replication link (I1, I2)
@@ -201,6 +203,56 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if False:\n",
         ("tests/unit/test_agent_checksum.py",),
         "a blank peer disk is copied in full, not compared",
+    ),
+    # ------------------------------------------------------------------ union resync (R6)
+    Mutation(
+        "union.attestation-leaves-the-state-at-start", REPLICA,
+        "        self.state = self.state.evolve(stopped_in_sync=None, stop_note=None)\n",
+        "        pass\n",
+        (f"{T_UNION}::test_a_cleanly_stopped_primary_rejoining_gets_only_what_the_new_primary_wrote",),
+        "a clean stop's attestation is cleared durably at the next start, before anything can write the disk",
+    ),
+    Mutation(
+        "union.attestation-dropped-when-serving-as-primary", REPLICA,
+        '            self._drop_attestation(f"it started as primary at epoch {epoch} since its clean stop")\n',
+        "",
+        (f"{T_UNION}::test_an_old_primary_that_served_again_after_its_clean_stop_is_compared",),
+        "a disk that served as primary since its clean stop is not vouched for",
+    ),
+    Mutation(
+        "union.attestation-handed-out-once", REPLICA,
+        '            self._drop_attestation("it was already handed to a primary deciding a resync")\n',
+        "",
+        (f"{T_UNION}::test_the_attestation_is_handed_out_once",),
+        "the attestation is consumed by the question that precedes a resync decision",
+    ),
+    Mutation(
+        "union.checkpoint-mode-records-nothing", REPLICA,
+        "        if mode is not FailoverMode.LATEST:\n            cp = ",
+        "        if False:\n            cp = ",
+        (f"{T_UNION}::test_a_checkpoint_mode_promotion_records_no_union_and_compares",),
+        "a promotion that rolled the disk back to a checkpoint records no union",
+    ),
+    Mutation(
+        "union.record-dropped-after-an-unclean-restart", REPLICA,
+        "                changes.update(\n                    promoted_from=None,\n",
+        "                changes.update(\n",
+        (f"{T_UNION}::test_a_new_primary_restarted_uncleanly_has_no_record_and_compares",),
+        "the since-promotion record does not outlive the daemon that held its bitmap",
+    ),
+    Mutation(
+        "resync.union-needs-the-same-sync-point", RESYNC,
+        "    if att != src:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "the peer's clean stop and this primary's promotion name the same disk at the same epoch",
+    ),
+    Mutation(
+        "resync.union-needs-the-bitmap", RESYNC,
+        "    if not since.bitmap_present:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "a since-promotion record whose bitmap is gone is not a union",
     ),
     Mutation(
         "checksum.data-after-a-hole-is-read", CHECKSUM,

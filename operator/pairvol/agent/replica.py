@@ -330,8 +330,9 @@ class Replica:
             if self._bitmap_to_load:
                 await self._load_bitmap()
         # from here the saved bitmap is stale as soon as anything is written: never reload it;
-        # and the attestation is cleared durably (R6) before the API can ask for a write
-        await self._save(clean_shutdown=False, bitmap_saved=False, stopped_in_sync=None, stop_note=None)
+        # and the attestation (out of the state since _take_attestation) is cleared durably
+        # (R6) before the API can ask for a write
+        await self._save(clean_shutdown=False, bitmap_saved=False)
         crashpoints.hit(UNION_TAKEN)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
         self._observe()
