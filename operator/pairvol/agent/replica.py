@@ -1035,7 +1035,8 @@ class Replica:
             lineage=self.state.epoch,
             # R6: set by the failover itself before it serves; a restart mid-failover has none
             promoted_from=None,
-            union_reason="nothing recorded what was written since the promotion (interrupted, or completed by a restart)",
+            union_reason="nothing recorded what was written since the promotion "
+            "(interrupted, or completed by a restart)",
         )
         steps.done("saveRole")
         await self.chain.discard(gen, files=files)
