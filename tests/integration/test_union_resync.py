@@ -221,6 +221,28 @@ async def test_an_old_primary_killed_is_compared_and_the_reason_says_it_stopped_
         assert "no union" in last["reason"] and "not clean" in last["reason"], last
 
 
+async def test_an_old_primary_that_wrote_alone_before_its_clean_stop_is_compared(tmp_path: Path) -> None:
+    """The secondary died, the primary went on alone, then stopped cleanly: its disk holds
+    acknowledged writes the promoted secondary never got, so there is no union to offer."""
+    async with in_sync(tmp_path) as (old, new):
+        new.kill()  # on this boot: its disk keeps its identity
+        await new.wait_exit()
+        async with await old.nbd() as nbd:
+            await fill(nbd, 0xEE, [5 * MiB, 30 * MiB + 128 * KiB])
+        await old.stop()
+        found = persist.load(old.data_dir)
+        assert found is not None and found.stopped_in_sync is None and found.stop_note is not None
+        # the failed link is still a child of the quorum, or already gone: either way, said
+        said = ("no peer was in the quorum at the stop", "the link to the peer had failed")
+        assert found.stop_note.startswith(said), found.stop_note
+        await new.start()
+        await promote_and_rejoin(old, new)
+        last = await resynced(new, old)  # a union would leave the old primary's own writes
+        assert last["kind"] == "checksum", last
+        assert "no union" in last["reason"] and any(s in last["reason"] for s in said), last
+        assert 5 * REGION <= last["copiedBytes"] <= 10 * REGION, last
+
+
 async def test_an_old_primary_that_served_again_after_its_clean_stop_is_compared(tmp_path: Path) -> None:
     """Its disk took writes (as primary) after it attested: the attestation left the state
     file at that start and left memory when it started as primary, before the export served."""

@@ -3,6 +3,8 @@ records and recipes behind it."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -269,3 +271,51 @@ def test_a_state_written_before_the_union_existed_has_no_attestation_and_no_reco
         del old[key]
     st = persist.PersistedState.from_json(json.dumps(old))
     assert st.stopped_in_sync is None and st.promoted_from is None
+
+
+IN_SYNC = rs.StopView(
+    linked=True, gate_failed=None, syncing=False, marked=False, tracking=False, replicating=True,
+    local_failed=None, link_disk=X, recorded_disk=X, link_epoch=3,
+)
+
+
+def test_a_drained_stop_with_the_peer_in_sync_attests_the_peers_disk_at_the_links_epoch() -> None:
+    assert rs.attest(IN_SYNC) == P
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"linked": False, "link_disk": None}, "no peer was in the quorum at the stop"),
+        ({"gate_failed": "stalled"}, "the link to the peer had failed (stalled)"),
+        ({"syncing": True}, "the peer was not in sync at the stop"),
+        ({"marked": True}, "the peer was not in sync at the stop"),
+        ({"tracking": True}, "the peer was not in sync at the stop"),
+        ({"replicating": False}, "the peer was not in sync at the stop"),
+        ({"local_failed": "EIO"}, "the local disk failed a request the peer served (EIO)"),
+        ({"link_disk": None}, "identity was not recorded"),
+        ({"recorded_disk": Y}, "identity was not recorded"),
+        ({"recorded_disk": None}, "identity was not recorded"),
+        ({"link_epoch": None}, "identity was not recorded"),
+    ],
+)
+def test_a_stop_that_may_leave_the_disks_different_attests_nothing_and_says_why(
+    change: dict[str, object], why: str
+) -> None:
+    verdict = rs.attest(dataclasses.replace(IN_SYNC, **change))  # type: ignore[arg-type]
+    assert isinstance(verdict, str) and why in verdict, verdict
+
+
+def test_every_stop_short_of_in_sync_attests_nothing() -> None:
+    """Every combination of the stop's conditions: a sync point only when all hold."""
+    flags = ("linked", "syncing", "marked", "tracking", "replicating")
+    for bits in itertools.product((False, True), repeat=len(flags)):
+        for gate, local, disk in itertools.product((None, "x"), (None, "y"), (X, Y, None)):
+            view = dataclasses.replace(
+                IN_SYNC, **dict(zip(flags, bits, strict=True)), gate_failed=gate, local_failed=local, link_disk=disk
+            )
+            good = (
+                view.linked and not view.syncing and not view.marked and not view.tracking and view.replicating
+                and gate is None and local is None and disk == X
+            )
+            assert isinstance(rs.attest(view), rs.SyncPoint) == good, view

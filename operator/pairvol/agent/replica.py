@@ -492,25 +492,24 @@ class Replica:
         return True, attested
 
     def _attest_clean_stop(self) -> rs.SyncPoint | str:
-        """R6: whether this disk now holds exactly what the peer's disk holds, and at which
-        sync point. Called by ``_save_bitmap`` only, with the lock held, once the workload
-        exports are gone — QEMU removes them only after their last request completed, and the
-        quorum completes a write only once both children answered — and before the peer
-        leaves the quorum. A gate that never failed forwarded every write's success only
-        after the secondary completed it, so with the peer in sync (nothing it lacks, no
-        bitmap running) and the local disk never failing, both disks hold the same writes."""
+        """R6.1: whether this disk now holds exactly what the peer's disk holds, and at which
+        sync point (``resync.attest`` decides). Called by ``_save_bitmap`` only, with the lock
+        held, once the workload exports are gone — QEMU removes them only after their last
+        request completed, and the quorum completes a write only once both children
+        answered — and before the peer leaves the quorum."""
         link, st = self.link, self.state
-        if link is None:
-            return "no peer was in the quorum at the stop"
-        if link.gate.failed.is_set():
-            return f"the link to the peer had failed ({link.gate.reason})"
-        if link.syncing or self._peer_marked or st.out_of_sync or st.tracking or self.replication != "replicating":
-            return "the peer was not in sync at the stop"
-        if self._local_failed is not None:
-            return f"the local disk failed a request the peer served ({self._local_failed})"
-        if link.peer_disk is None or link.peer_disk != st.peer_disk or self._link_epoch is None:
-            return "the peer's disk identity was not recorded (it was paired through its plain export)"
-        return rs.SyncPoint(link.peer_disk, self._link_epoch)
+        return rs.attest(rs.StopView(
+            linked=link is not None,
+            gate_failed=(link.gate.reason or "failed") if link is not None and link.gate.failed.is_set() else None,
+            syncing=link is not None and link.syncing,
+            marked=self._peer_marked or st.out_of_sync,
+            tracking=st.tracking,
+            replicating=self.replication == "replicating",
+            local_failed=self._local_failed,
+            link_disk=link.peer_disk if link is not None else None,
+            recorded_disk=st.peer_disk,
+            link_epoch=self._link_epoch,
+        ))
 
     def _take_attestation(self, found: PersistedState) -> None:
         """R6, at a start (before the API listens): the one reader of a clean stop's

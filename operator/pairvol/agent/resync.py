@@ -132,6 +132,40 @@ def needs_peer_view(requested: str, plan: SyncPlan) -> bool:
     return requested == "auto" and plan.kind == FULL and plan.peer_disk is not None
 
 
+@dataclass(frozen=True)
+class StopView:
+    """What a primary's clean stop knows once its workload exports are gone (every write
+    completed on the quorum, so on both children) and before its peer leaves the quorum."""
+
+    linked: bool  # a link to the peer is a child of the quorum
+    gate_failed: str | None  # the link's gate failed, and why
+    syncing: bool  # a copy to the peer runs
+    marked: bool  # the peer is marked out of sync (in memory or in the state)
+    tracking: bool  # a dirty bitmap of what the peer lacks runs
+    replicating: bool  # the replica reports synchronous replication
+    local_failed: str | None  # the local disk failed a request the peer served
+    link_disk: str | None  # the identity export the link is connected to
+    recorded_disk: str | None  # the peer disk the state records (R1, R3)
+    link_epoch: int | None  # the peer epoch the link was made to
+
+
+def attest(view: StopView) -> SyncPoint | str:
+    """R6.1: the sync point this disk stopped in sync with, or why there is none. Only when
+    the peer received every write this disk holds and nothing else: a link that never
+    failed, the peer in sync, the local disk never failing, and the peer's identity known."""
+    if not view.linked:
+        return "no peer was in the quorum at the stop"
+    if view.gate_failed is not None:
+        return f"the link to the peer had failed ({view.gate_failed})"
+    if view.syncing or view.marked or view.tracking or not view.replicating:
+        return "the peer was not in sync at the stop"
+    if view.local_failed is not None:
+        return f"the local disk failed a request the peer served ({view.local_failed})"
+    if view.link_disk is None or view.link_disk != view.recorded_disk or view.link_epoch is None:
+        return "the peer's disk identity was not recorded (it was paired through its plain export)"
+    return SyncPoint(view.link_disk, view.link_epoch)
+
+
 def union(peer: PeerView, since: SincePromotion | None) -> SyncPoint | str:
     """The sync point from which the peer's disk differs from this primary's only by the
     regions this primary wrote since its promotion (R6), or why there is none. Both halves
