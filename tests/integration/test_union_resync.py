@@ -278,18 +278,19 @@ async def test_a_new_primary_restarted_uncleanly_has_no_record_and_compares(tmp_
         assert "no union" in last["reason"] and "unclean stop" in last["reason"], last
 
 
-async def test_a_checkpoint_mode_promotion_records_no_union_and_compares(tmp_path: Path) -> None:
-    """The disk was rolled back to the cut: what the old primary wrote after the checkpoint
-    is not on the new one, and its bitmap cannot know where. The comparison finds it."""
+async def test_a_checkpoint_mode_promotion_also_copies_the_regions_the_rollback_changed(tmp_path: Path) -> None:
+    """The promotion rolled the disk back to the cut: what the old primary wrote after the
+    checkpoint is on the old primary and not on the new one. The undo log's allocation map,
+    read before the commit, seeds the bitmap with exactly those regions."""
     async with in_sync(tmp_path) as (old, new):
         await new.checkpoint()
         async with await old.nbd() as nbd:
             await fill(nbd, 0xEF, [6 * MiB, 33 * MiB])  # after the cut: rolled back on the new primary
         await old.stop()
         await promote_and_rejoin(old, new, mode="checkpoint")
-        last = await resynced(new, old)  # a union would copy too little: the bytes would differ
-        assert last["kind"] == "checksum", last
-        assert "no union" in last["reason"] and "checkpoint mode" in last["reason"], last
+        last = await resynced(new, old)  # without the rolled-back regions the bytes would differ
+        assert last["kind"] == "bitmap" and "written since the promotion" in last["reason"], last
+        assert last["copiedBytes"] == (2 + len(NEW_WRITES)) * REGION, last
 
 
 async def test_the_attestation_is_handed_out_once(tmp_path: Path) -> None:

@@ -227,11 +227,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the attestation is consumed by the question that precedes a resync decision",
     ),
     Mutation(
-        "union.checkpoint-mode-records-nothing", REPLICA,
-        "        if mode is not FailoverMode.LATEST:\n            cp = ",
-        "        if False:\n            cp = ",
-        (f"{T_UNION}::test_a_checkpoint_mode_promotion_records_no_union_and_compares",),
-        "a promotion that rolled the disk back to a checkpoint records no union",
+        "union.checkpoint-rollback-seeded", REPLICA,
+        "                    if rolled_back:\n",
+        "                    if False:\n",
+        (f"{T_UNION}::test_a_checkpoint_mode_promotion_also_copies_the_regions_the_rollback_changed",),
+        "the regions a Checkpoint-mode promotion rolled back are in the since-promotion bitmap",
     ),
     Mutation(
         "union.record-dropped-after-an-unclean-restart", REPLICA,

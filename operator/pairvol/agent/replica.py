@@ -175,6 +175,7 @@ SAVE_BITMAP_TIMEOUT_S = 10.0
 PEER_VIEW_TIMEOUT_S = 5.0
 MARKS_FILE = "checksum-marks.qcow2"  # in .run/: scratch, merged at once, never reused
 MARKS_NODE = "checksum-marks"
+ROLLBACK_MARKS_FILE = "rollback-marks.qcow2"  # in .run/: scratch, merged at once (R6.3)
 # how long recording "in sync" (the Lease) may hold a mark that waits for it
 IN_SYNC_HOOK_TIMEOUT_S = 2.0
 
@@ -947,6 +948,7 @@ class Replica:
                 log.warning("%s: failing over to the latest state", why_latest)
             # R6: the sync point this disk is promoted from (its identity at its secondary epoch)
             source = rs.SyncPoint(self.state.disk_id, self.state.epoch) if self.state.disk_id else None
+            rolled_back: list[tuple[int, int]] | str = []
             # The new epoch is durable before anything else: from here on the old primary is fenced.
             await self._save(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode, overlays_durable=False)
             steps.done("saveEpoch")
@@ -966,6 +968,7 @@ class Replica:
                     await self._save(overlays_durable=True)
                     steps.done("durable")
                     crashpoints.hit(FAILOVER_DURABLE)
+                    rolled_back = await self._rollback_ranges()  # R6.3: what the commit will change
                     await self.chain.commit()
                     steps.done("commit")
             except PairvolError as exc:
@@ -978,7 +981,7 @@ class Replica:
             gen = self.state.generation
             try:
                 await self._finish_failover(steps, files=False)
-                await self._record_since_promotion(source, mode)
+                await self._record_since_promotion(source, mode, rolled_back)
             except BaseException:
                 await self._drop_spawned_relay()
                 raise
@@ -1045,37 +1048,55 @@ class Replica:
         self.replication = "degraded"
         self.peer_error = "no peer since failover"
 
-    async def _record_since_promotion(self, source: rs.SyncPoint | None, mode: FailoverMode) -> None:
-        """R6: after a Latest-mode promotion this disk is exactly the secondary's disk at
-        ``source`` — every write the old primary's link delivered, nothing else. Start the
-        dirty bitmap on the quorum, then record it, both before the workload export serves:
-        every region written from here on is in the bitmap. A Checkpoint-mode promotion rolled
-        the disk back to the cut, which the bitmap cannot know: no record, and the reason.
-        Never raises: without a record the old primary is compared (R4)."""
+    async def _rollback_ranges(self) -> list[tuple[int, int]] | str:
+        """R6.3: the regions a Checkpoint-mode commit is about to change, or why they are not
+        known. Read from the current overlays' files once they are closed and durable and
+        before the commit: the commit writes only clusters allocated in active or hidden, and
+        every write to the disk since the cut first copied the old data into hidden (S1)."""
+        ranges: list[tuple[int, int]] = []
+        try:
+            for path in self.chain.paths(self.chain.generation):
+                ranges += await img.allocated_ranges(path)
+        except QemuError as exc:
+            return f"the undo log's allocation map could not be read ({exc})"
+        return sorted(ranges)
+
+    async def _record_since_promotion(
+        self, source: rs.SyncPoint | None, mode: FailoverMode, rolled_back: list[tuple[int, int]] | str
+    ) -> None:
+        """R6.3: after a Latest-mode promotion this disk is exactly the secondary's disk at
+        ``source`` — every write the old primary's link delivered, nothing else; after a
+        Checkpoint-mode one it differs from it only in ``rolled_back``, the regions the commit
+        rolled back to the cut. Start the dirty bitmap on the quorum, set the rolled-back
+        regions in it, then record it, all before the workload export serves: from then on
+        every region written is in the bitmap too. Never raises: without a record the old
+        primary is compared (R4), and the reason says why."""
         why: str | None = None
-        if mode is not FailoverMode.LATEST:
-            cp = self.state.checkpoint.id if self.state.checkpoint else "?"
-            why = (
-                f"it was promoted in checkpoint mode: its disk was rolled back to checkpoint {cp}, "
-                "and the regions the rollback changed are not recorded"
-            )
+        if isinstance(rolled_back, str):
+            why = f"it was promoted in checkpoint mode and {rolled_back}"
         elif source is None:
             why = "its disk had no identity when it was promoted"
+        marks = self.run_dir / ROLLBACK_MARKS_FILE
         async with self._oos_lock:
-            if why is None and source is not None:
+            if why is None and source is not None and not isinstance(rolled_back, str):
                 try:
                     async with asyncio.timeout(TRACK_TIMEOUT_S):
                         await self._start_bitmap()
-                except (QemuError, TimeoutError) as exc:
+                    if rolled_back:
+                        await cs.write_marks(marks, self.cfg.size, rolled_back)
+                        await self._merge_marks(marks)
+                except (PairvolError, TimeoutError) as exc:
                     why = f"the dirty bitmap could not be started at the promotion ({str(exc) or 'timed out'})"
                 else:
                     await self._save(promoted_from=source, union_reason=None)
                     crashpoints.hit(UNION_STARTED)
                     log.info(
-                        "recording what is written since the promotion from disk %s at epoch %d",
-                        source.disk, source.epoch,
+                        "recording what is written since the promotion (%s mode, %d bytes rolled back) from disk %s "
+                        "at epoch %d", mode.value, sum(n for _, n in rolled_back), source.disk, source.epoch,
                     )
                     return
+                finally:
+                    await asyncio.to_thread(lambda: marks.unlink(missing_ok=True))
             await self._save(promoted_from=None, union_reason=why)
         log.info("no record of what is written since the promotion: %s", why)
 
