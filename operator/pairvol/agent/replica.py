@@ -143,7 +143,7 @@ UNION_ATTESTED = crashpoints.point(
 )
 UNION_TAKEN = crashpoints.point(
     "union.attestation-taken",
-    "restart: a clean stop's attestation is in memory and durably cleared; the API does not listen yet",
+    "restart: a clean stop's attestation was taken into memory and cleared durably; the API does not listen yet",
 )
 UNION_STARTED = crashpoints.point(
     "union.started",
@@ -334,7 +334,8 @@ class Replica:
         # and the attestation (out of the state since _take_attestation) is cleared durably
         # (R6) before the API can ask for a write
         await self._save(clean_shutdown=False, bitmap_saved=False)
-        crashpoints.hit(UNION_TAKEN)
+        if self._attestation is not None:
+            crashpoints.hit(UNION_TAKEN)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
         self._observe()
 
