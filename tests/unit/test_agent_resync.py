@@ -3,6 +3,7 @@ records and recipes behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import json
@@ -13,6 +14,7 @@ import pytest
 from pairvol.agent import resync as rs
 from pairvol.agent import state as persist
 from pairvol.agent import validate as v
+from pairvol.qemu import img
 from pairvol.qemu import recipes as r
 
 X = "a" * 32
@@ -319,3 +321,22 @@ def test_every_stop_short_of_in_sync_attests_nothing() -> None:
                 and gate is None and local is None and disk == X
             )
             assert isinstance(rs.attest(view), rs.SyncPoint) == good, view
+
+
+async def test_an_overlays_allocation_map_leaves_its_backing_out(tmp_path: Path) -> None:
+    """R6.3 reads what a Checkpoint-mode commit will write: the clusters the overlay holds
+    itself (data or zeroes), not what its backing file shows through."""
+    base, overlay = tmp_path / "disk.raw", tmp_path / "hidden.qcow2"
+    await img.run_qemu_img("create", "-q", "-f", "raw", str(base), "4M")
+    await img.run_qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    await _qemu_io(base, "raw", "write -P 7 0 1M\n")  # the backing's data: not the overlay's
+    await _qemu_io(overlay, "qcow2", "write -P 1 64k 64k\nwrite -P 2 128k 64k\nwrite -z 1M 64k\n")
+    assert await img.allocated_ranges(overlay) == [(64 << 10, 128 << 10), (1 << 20, 64 << 10)]
+
+
+async def _qemu_io(path: Path, fmt: str, script: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", fmt, str(path), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+    )
+    await proc.communicate(script.encode())
+    assert proc.returncode == 0
