@@ -293,6 +293,20 @@ async def test_a_checkpoint_mode_promotion_also_copies_the_regions_the_rollback_
         assert last["copiedBytes"] == (2 + len(NEW_WRITES)) * REGION, last
 
 
+async def test_a_primary_that_links_without_asking_ends_the_attestation(tmp_path: Path) -> None:
+    """A full copy does not ask for the attestation, but it relinks before it writes: from
+    then on the old primary vouches for nothing."""
+    async with in_sync(tmp_path) as (old, new):
+        await old.stop()
+        await promote_and_rejoin(old, new)
+        assert (await old.status())["disk"]["stoppedInSync"] is not None
+        started = await pair_with(new, 5, old, 4, sync="full")
+        assert started["replication"]["sync"]["kind"] == "full", started["replication"]
+        await new.wait_replicating()
+        assert (await old.status())["disk"]["stoppedInSync"] is None
+        assert_same_image(image(old), image(new), "old primary after a full copy")
+
+
 async def test_the_attestation_is_handed_out_once(tmp_path: Path) -> None:
     """Whoever asks first consumes it: a pairing after that compares."""
     async with in_sync(tmp_path) as (old, new):

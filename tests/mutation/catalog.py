@@ -227,6 +227,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the attestation is consumed by the question that precedes a resync decision",
     ),
     Mutation(
+        "union.attestation-dropped-at-relink", REPLICA,
+        '            self._drop_attestation("a primary linked to it without asking for its clean stop first")\n',
+        "",
+        (f"{T_UNION}::test_a_primary_that_links_without_asking_ends_the_attestation",),
+        "a primary that links without asking (a full copy) may write: the attestation ends there",
+    ),
+    Mutation(
         "union.checkpoint-rollback-seeded", REPLICA,
         "                    if rolled_back:\n",
         "                    if False:\n",
