@@ -598,7 +598,7 @@ class Controller:
                     # waits for the operator to confirm the role with a newer epoch
                     self.note(f"{s.name} finished the failover on restart: {restored.get('restored')}")
                     await s.agent.call("POST", "/v1/primary", {"epoch": epoch, "peer": None}, timeout=CALL_TIMEOUT)
-                    res = finished_failover(restored.get("restored") or "", mode)
+                    res = finished_failover(restored, mode)
                 else:
                     res = await s.agent.call(
                         "POST", "/v1/failover", {"epoch": epoch, "mode": mode}, timeout=CALL_TIMEOUT
@@ -806,10 +806,17 @@ async def read_slots(socket: Path, hist: History, bound: float = READ_BOUND) -> 
         raise TimeoutError(f"export did not answer a read of its {hist.slots} slots within {bound:g} s") from None
 
 
-def finished_failover(restored: str, mode: str) -> dict[str, Any]:
-    """What a failover that a restart finished returned, read from the agent's ``restored``
-    text: the checkpoint whose commit was redone, or the latest state it kept instead."""
+def finished_failover(status: dict[str, Any], mode: str) -> dict[str, Any]:
+    """What a failover that a restart finished returned, read from the restarted agent's
+    status: the checkpoint whose commit was redone, the checkpoint a failover that had
+    completed before the crash (its role already saved) committed, or the latest state."""
+    restored = status.get("restored") or ""
     found = re.search(r"commit was redone: checkpoint (\d+)", restored)
     if mode == "checkpoint" and found:
         return {"mode": "checkpoint", "checkpointId": int(found.group(1))}
+    cp = status.get("checkpoint") or {}
+    if mode == "checkpoint" and restored.startswith("found role primary") and cp.get("restorePoint") and cp.get("id"):
+        # the crash came after the commit and the role change (e.g. union.started): a
+        # checkpoint-mode failover falls back to the latest state only without a restore point
+        return {"mode": "checkpoint", "checkpointId": int(cp["id"])}
     return {"mode": "latest", "checkpointId": None, "requestedMode": mode} if mode != "latest" else {"mode": "latest"}

@@ -208,14 +208,22 @@ class CrashPoint(Fault):
         # give the point its chances: checkpoints run all along; a peer loss brings a
         # full sync and (the lost secondary coming back on its data dir) a restore; the
         # end of the run brings a failover; a lost primary (the old primary coming back on
-        # its data dir as secondary) a checksum resync
+        # its data dir as secondary) a checksum resync; a drained primary (SIGTERM: a clean
+        # stop in sync) a failover and a union resync
         c.restart_same = 1.0
         for _ in range(2):
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             if c.crash_fired:
                 return
             s, p = c.secondary, c.primary
-            if (c.crash_point or "").startswith(("checksum.", "digests.")):
+            if (c.crash_point or "").startswith("union."):
+                # a planned failover: the primary drained, then back on its data dir (R6)
+                if p is not None and p.alive and s is not None and s.alive and c.syncing_since is None:
+                    c.note(f"fault: SIGTERM primary {p.name} (a drain) to drive a failover and a union resync")
+                    c.primary_down_at = time.monotonic()
+                    await p.agent.stop()
+                    await wait_calm(c)
+            elif (c.crash_point or "").startswith(("checksum.", "digests.")):
                 # a checksum resync: the old primary back on its data dir after a failover
                 if p is not None and p.alive and s is not None and s.alive and c.syncing_since is None:
                     c.note(f"fault: SIGKILL primary {p.name} to drive a failover and a checksum resync")

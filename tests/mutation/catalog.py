@@ -45,6 +45,8 @@ T_CHAIN = "tests/integration/test_secondary_chain.py"
 T_RESYNC = "tests/integration/test_bitmap_resync.py"
 T_CHECKSUM = "tests/integration/test_checksum_resync.py"
 T_AUTO = "tests/integration/test_auto_resync.py"
+T_UNION = "tests/integration/test_union_resync.py"
+T_RESYNC_UNIT = ("tests/unit/test_agent_resync.py",)
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------ the replication link (I1, I2)
@@ -201,6 +203,98 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if False:\n",
         ("tests/unit/test_agent_checksum.py",),
         "a blank peer disk is copied in full, not compared",
+    ),
+    # ------------------------------------------------------------------ union resync (R6)
+    Mutation(
+        "union.attestation-leaves-the-state-at-start", REPLICA,
+        "        self.state = self.state.evolve(stopped_in_sync=None, stop_note=None)\n",
+        "        pass\n",
+        (f"{T_UNION}::test_a_cleanly_stopped_primary_rejoining_gets_only_what_the_new_primary_wrote",),
+        "a clean stop's attestation is cleared durably at the next start, before anything can write the disk",
+    ),
+    Mutation(
+        "union.attestation-dropped-when-serving-as-primary", REPLICA,
+        '            self._drop_attestation(f"it started as primary at epoch {epoch} since its clean stop")\n',
+        "",
+        (f"{T_UNION}::test_an_old_primary_that_served_again_after_its_clean_stop_is_compared",),
+        "a disk that served as primary since its clean stop is not vouched for",
+    ),
+    Mutation(
+        "union.attestation-handed-out-once", REPLICA,
+        '            self._drop_attestation("it was already handed to a primary deciding a resync")\n',
+        "",
+        (f"{T_UNION}::test_the_attestation_is_handed_out_once",),
+        "the attestation is consumed by the question that precedes a resync decision",
+    ),
+    Mutation(
+        "union.attestation-dropped-at-relink", REPLICA,
+        '            self._drop_attestation("a primary linked to it without asking for its clean stop first")\n',
+        "",
+        (f"{T_UNION}::test_a_primary_that_links_without_asking_ends_the_attestation",),
+        "a primary that links without asking (a full copy) may write: the attestation ends there",
+    ),
+    Mutation(
+        "union.checkpoint-rollback-seeded", REPLICA,
+        "                    if rolled_back:\n",
+        "                    if False:\n",
+        (f"{T_UNION}::test_a_checkpoint_mode_promotion_also_copies_the_regions_the_rollback_changed",),
+        "the regions a Checkpoint-mode promotion rolled back are in the since-promotion bitmap",
+    ),
+    Mutation(
+        "union.record-dropped-after-an-unclean-restart", REPLICA,
+        "                changes.update(\n                    promoted_from=None,\n",
+        "                changes.update(\n",
+        (f"{T_UNION}::test_a_new_primary_restarted_uncleanly_has_no_record_and_compares",),
+        "the since-promotion record does not outlive the daemon that held its bitmap",
+    ),
+    Mutation(
+        "resync.attest-needs-a-link", RESYNC,
+        "    if not view.linked:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "a primary that stopped without its peer in the quorum attests nothing",
+    ),
+    Mutation(
+        "resync.attest-needs-a-healthy-link", RESYNC,
+        "    if view.gate_failed is not None:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "a link whose gate failed (released by a fence, without a mark) attests nothing",
+    ),
+    Mutation(
+        "resync.attest-needs-the-peer-in-sync", RESYNC,
+        "    if view.syncing or view.marked or view.tracking or not view.replicating:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "a peer being copied, marked or tracked is not attested as holding this disk",
+    ),
+    Mutation(
+        "resync.attest-needs-a-healthy-local-disk", RESYNC,
+        "    if view.local_failed is not None:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "a local disk that failed a write the peer took does not equal the peer's",
+    ),
+    Mutation(
+        "resync.attest-needs-the-recorded-identity", RESYNC,
+        "    if view.link_disk is None or view.link_disk != view.recorded_disk or view.link_epoch is None:\n",
+        "    if view.link_disk is None or view.link_epoch is None:\n",
+        T_RESYNC_UNIT,
+        "the attested disk is the one the primary recorded after a sync through its identity export",
+    ),
+    Mutation(
+        "resync.union-needs-the-same-sync-point", RESYNC,
+        "    if att != src:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "the peer's clean stop and this primary's promotion name the same disk at the same epoch",
+    ),
+    Mutation(
+        "resync.union-needs-the-bitmap", RESYNC,
+        "    if not since.bitmap_present:\n",
+        "    if False:\n",
+        T_RESYNC_UNIT,
+        "a since-promotion record whose bitmap is gone is not a union",
     ),
     Mutation(
         "checksum.data-after-a-hole-is-read", CHECKSUM,

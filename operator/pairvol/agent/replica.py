@@ -24,6 +24,11 @@ so this class does the filter's job with QMP primitives (see ``pairvol.qemu.reci
 * checksum resync (R4) = where no record vouches for a peer disk that holds data, both
   agents digest their own disks and the regions that differ become bits of that same
   bitmap, started before the comparison (``pairvol.agent.checksum``).
+* union resync (R6) = an old primary that stopped cleanly in sync attests it (taken into
+  memory and cleared durably at its next start, before anything can write its disk); a
+  secondary promoted in Latest mode from that same sync point starts a dirty bitmap before
+  its first workload write; when they meet, only that bitmap is copied (``_attest_clean_stop``,
+  ``_take_attestation``, ``_give_attestation``, ``_record_since_promotion``).
 * automatic re-protection (docs/correctness.md R5) = a peer dropped while the replica serves
   is re-paired by the primary on its own, at the same epoch, with ``auto``: after the failed
   link left the quorum, a bounded number of times with growing delays (``_reprotect``).
@@ -133,6 +138,17 @@ RESIZE_GROWN = crashpoints.point(
 RESIZE_COMPLETE = crashpoints.point(
     "resize.after-complete", "grow: the grow is persisted as complete; the exports are not yet back"
 )
+UNION_ATTESTED = crashpoints.point(
+    "union.attested", "old primary: the final state of a clean stop says its disk stopped in sync with its peer's"
+)
+UNION_TAKEN = crashpoints.point(
+    "union.attestation-taken",
+    "restart: a clean stop's attestation was taken into memory and cleared durably; the API does not listen yet",
+)
+UNION_STARTED = crashpoints.point(
+    "union.started",
+    "new primary: the bitmap of the writes since the promotion exists and is recorded; the export is not up",
+)
 
 
 class ReplicaError(PairvolError):
@@ -159,6 +175,7 @@ SAVE_BITMAP_TIMEOUT_S = 10.0
 PEER_VIEW_TIMEOUT_S = 5.0
 MARKS_FILE = "checksum-marks.qcow2"  # in .run/: scratch, merged at once, never reused
 MARKS_NODE = "checksum-marks"
+ROLLBACK_MARKS_FILE = "rollback-marks.qcow2"  # in .run/: scratch, merged at once (R6.3)
 # how long recording "in sync" (the Lease) may hold a mark that waits for it
 IN_SYNC_HOOK_TIMEOUT_S = 2.0
 
@@ -263,6 +280,11 @@ class Replica:
         self._in_sync_at: float | None = None  # monotonic: when the peer was last declared in sync
         self._sync_counted: PeerLink | None = None  # the link whose sync's end was counted
         self._clear_task: asyncio.Task[None] | None = None  # recording "in sync" again after a failure
+        # R6: the clean stop's attestation this start took (memory only; handed out once), or why none
+        self._attestation: rs.SyncPoint | None = None
+        self._no_attestation = "a new replica"
+        self._link_epoch: int | None = None  # the peer epoch the current link was made to
+        self._local_failed: str | None = None  # the local disk failed a request the peer served
         metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
 
     # ------------------------------------------------------------------ lifecycle
@@ -288,6 +310,7 @@ class Replica:
                     "empty disk over a replica that had data; restore the file or use a new --data-dir"
                 )
             self.state = found
+            self._take_attestation(found)
         self.chain.size = self.cfg.size
         await self._forget_what_the_restart_lost(was_clean=found is None or found.clean_shutdown)
         if disk_exists:
@@ -307,8 +330,12 @@ class Replica:
             await self._restore(was_clean=found is None or found.clean_shutdown)
             if self._bitmap_to_load:
                 await self._load_bitmap()
-        # from here the saved bitmap is stale as soon as anything is written: never reload it
+        # from here the saved bitmap is stale as soon as anything is written: never reload it;
+        # and the attestation (out of the state since _take_attestation) is cleared durably
+        # (R6) before the API can ask for a write
         await self._save(clean_shutdown=False, bitmap_saved=False)
+        if self._attestation is not None:
+            crashpoints.hit(UNION_TAKEN)
         self.metrics.size.labels(self.cfg.name).set(self.cfg.size)
         self._observe()
 
@@ -380,6 +407,17 @@ class Replica:
                     else "the primary's agent restarted without a saved record of what the peer lacks"
                 )
                 changes.update(peer_disk=None, tracking=False, full_reason=why)
+        if st.promoted_from is not None and st.role is Role.PRIMARY:
+            if was_clean and st.bitmap_saved and await asyncio.to_thread(saved.exists):
+                self._bitmap_to_load = True
+            else:
+                changes.update(
+                    promoted_from=None,
+                    union_reason="the primary's agent restarted after an unclean stop: its record of what it wrote "
+                    "since its promotion lived in its daemon"
+                    if not was_clean
+                    else "the primary's agent restarted without a saved record of what it wrote since its promotion",
+                )
         if not self._bitmap_to_load:
             await asyncio.to_thread(lambda: saved.unlink(missing_ok=True))
         if st.disk_id is not None and not was_clean and (boot is None or st.boot_id != boot):
@@ -407,27 +445,34 @@ class Replica:
         except QemuError as exc:
             why = f"the dirty bitmap saved at the last clean stop could not be loaded ({exc})"
             log.warning("%s; the next resync of the peer copies everything", why)
-            self.state = self.state.evolve(peer_disk=None, tracking=False, full_reason=why)
+            self.state = self.state.evolve(
+                peer_disk=None, tracking=False, full_reason=why, promoted_from=None, union_reason=why
+            )
         else:
             log.info("loaded the record of what peer disk %s lacks, saved at the last clean stop", self.state.peer_disk)
         await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
 
-    async def _save_bitmap(self) -> bool:
-        """A clean stop of a primary that knows its peer's disk: stop the workload export,
-        let in-flight writes finish, take the peer out of the quorum (which starts the bitmap
-        if the peer was in sync: nothing can be written without it any more), and write the
-        bitmap into a qcow2 carrier that QEMU persists when the node is closed. Returns
-        whether it was saved; if not, the next resync copies everything."""
+    async def _save_bitmap(self) -> tuple[bool, rs.SyncPoint | str]:
+        """A clean stop of a primary that knows its peer's disk (or what it wrote since its
+        promotion, R6): stop the workload export, let in-flight writes finish, judge whether
+        this disk now equals the peer's (R6's attestation), take the peer out of the quorum
+        (which starts the bitmap if the peer was in sync: nothing can be written without it
+        any more), and write the bitmap into a qcow2 carrier that QEMU persists when the node
+        is closed. Returns whether it was saved (if not, the next resync copies everything)
+        and the sync point this disk stopped in sync with, or why there is none."""
         path = self.data_dir / persist.BITMAP_FILE
+        attested: rs.SyncPoint | str = "the clean stop did not drain its writes"
         try:
             async with asyncio.timeout(SAVE_BITMAP_TIMEOUT_S):
                 async with self.lock:
                     await self._stop_nbd_server()  # no workload write from here on
                     await self._wait_export_gone(r.WORKLOAD_EXPORT)  # and the ones in flight finished
                     await self._wait_export_gone(r.LINEAGE_EXPORT)
+                    attested = self._attest_clean_stop()
                     await self._detach_peer("the agent is stopping", mark=False)
-                    if not (self.state.tracking and self._bitmap_present):
-                        return False
+                    tracked = self.state.tracking or self.state.promoted_from is not None
+                    if not (tracked and self._bitmap_present):
+                        return False, attested
                     await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
                     await img.create(path, "qcow2", self.cfg.size)
                     await self.qsd.execute("blockdev-add", r.bitmap_carrier(path, read_only=False))
@@ -444,9 +489,62 @@ class Replica:
         except (PairvolError, TimeoutError) as exc:
             log.warning("could not save the dirty bitmap (%s): the next resync of the peer copies everything", exc)
             await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
-            return False
-        log.info("saved the record of what peer disk %s lacks", self.state.peer_disk)
-        return True
+            return False, f"the clean stop did not finish its steps ({str(exc) or 'timed out'})"
+        log.info("saved the record of what peer disk %s lacks", self.state.peer_disk or "(since the promotion)")
+        return True, attested
+
+    def _attest_clean_stop(self) -> rs.SyncPoint | str:
+        """R6.1: whether this disk now holds exactly what the peer's disk holds, and at which
+        sync point (``resync.attest`` decides). Called by ``_save_bitmap`` only, with the lock
+        held, once the workload exports are gone — QEMU removes them only after their last
+        request completed, and the quorum completes a write only once both children
+        answered — and before the peer leaves the quorum."""
+        link, st = self.link, self.state
+        return rs.attest(rs.StopView(
+            linked=link is not None,
+            gate_failed=(link.gate.reason or "failed") if link is not None and link.gate.failed.is_set() else None,
+            syncing=link is not None and link.syncing,
+            marked=self._peer_marked or st.out_of_sync,
+            tracking=st.tracking,
+            replicating=self.replication == "replicating",
+            local_failed=self._local_failed,
+            link_disk=link.peer_disk if link is not None else None,
+            recorded_disk=st.peer_disk,
+            link_epoch=self._link_epoch,
+        ))
+
+    def _take_attestation(self, found: PersistedState) -> None:
+        """R6, at a start (before the API listens): the one reader of a clean stop's
+        attestation. It moves into memory and out of the state, which ``open`` persists
+        before anything can write this disk; a crash from then on loses it (the next start
+        finds none), never reuses it."""
+        att: rs.SyncPoint | None = None
+        if not found.clean_shutdown:
+            why = "its last stop was not clean: writes in flight then may have reached its disk only"
+        elif found.resize_from is not None:
+            why = "a grow of its disk was in progress at its last stop"
+        elif found.role is not Role.PRIMARY or found.stopped_in_sync is None:
+            why = found.stop_note or f"its last clean stop was as {found.role.value}, not as a primary in sync"
+        else:
+            att, why = found.stopped_in_sync, ""
+        self._attestation, self._no_attestation = att, why
+        self.state = self.state.evolve(stopped_in_sync=None, stop_note=None)
+        if att is not None:
+            log.info("this disk stopped cleanly in sync with disk %s at epoch %d", att.disk, att.epoch)
+
+    def _drop_attestation(self, why: str) -> None:
+        if self._attestation is not None:
+            log.info("the clean stop's attestation no longer holds: %s", why)
+            self._attestation, self._no_attestation = None, why
+
+    def _give_attestation(self) -> tuple[rs.SyncPoint | None, str | None]:
+        """Handed out once (``POST /v1/digests`` without a range: the question that precedes a
+        resync decision); whoever asks next finds it consumed."""
+        att, why = self._attestation, self._no_attestation
+        if att is not None:
+            self._drop_attestation("it was already handed to a primary deciding a resync")
+            return att, None
+        return None, why
 
     async def _wait_export_gone(self, export: str) -> None:
         """QEMU removes an export from its list only once its last in-flight request has
@@ -494,8 +592,12 @@ class Replica:
         if self.relay is not None:
             await self.relay.kill()
         saved = False
-        if clean and self.state.role is Role.PRIMARY and self.state.peer_disk is not None:
-            saved = await self._save_bitmap()
+        st = self.state
+        attested: rs.SyncPoint | str = f"it stopped as {st.role.value}, not as a primary in sync"
+        if clean and st.role is Role.PRIMARY:
+            attested = "the peer's disk identity was not recorded"
+            if st.peer_disk is not None or st.promoted_from is not None:
+                saved, attested = await self._save_bitmap()
         if self.listener is not None:
             await self.listener.kill()
         await self.qsd.stop()  # in-flight writes drain through a healthy link first
@@ -509,7 +611,12 @@ class Replica:
         if clean:
             # the overlays run without flushes; make them durable before calling them clean
             await asyncio.to_thread(fsync_paths, [self.disk_path, *self.chain.paths(self.state.generation)])
-            await self._save(clean_shutdown=True, bitmap_saved=saved)
+            point = attested if isinstance(attested, rs.SyncPoint) else None
+            note = attested if isinstance(attested, str) else None
+            await self._save(clean_shutdown=True, bitmap_saved=saved, stopped_in_sync=point, stop_note=note)
+            if point is not None:
+                log.info("stopped cleanly in sync with disk %s at epoch %d", point.disk, point.epoch)
+                crashpoints.hit(UNION_ATTESTED)
 
     # ------------------------------------------------------------------ helpers
 
@@ -745,7 +852,7 @@ class Replica:
             disk_id = self.state.disk_id if self.state.role is Role.SECONDARY and self.state.disk_id else new_disk_id()
             await self._save(
                 epoch=epoch, role=Role.SECONDARY, stage=Stage.NONE, peer=None, disk_id=disk_id,
-                peer_disk=None, tracking=False, full_reason=None,
+                peer_disk=None, tracking=False, full_reason=None, promoted_from=None, union_reason=None,
             )
             self.chain.generation = gen
             await self.chain.open_generation(gen)
@@ -840,6 +947,9 @@ class Replica:
                 # unclean stop the disk may be a mix): keep everything instead.
                 mode = FailoverMode.LATEST
                 log.warning("%s: failing over to the latest state", why_latest)
+            # R6: the sync point this disk is promoted from (its identity at its secondary epoch)
+            source = rs.SyncPoint(self.state.disk_id, self.state.epoch) if self.state.disk_id else None
+            rolled_back: list[tuple[int, int]] | str = []
             # The new epoch is durable before anything else: from here on the old primary is fenced.
             await self._save(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode, overlays_durable=False)
             steps.done("saveEpoch")
@@ -859,6 +969,7 @@ class Replica:
                     await self._save(overlays_durable=True)
                     steps.done("durable")
                     crashpoints.hit(FAILOVER_DURABLE)
+                    rolled_back = await self._rollback_ranges()  # R6.3: what the commit will change
                     await self.chain.commit()
                     steps.done("commit")
             except PairvolError as exc:
@@ -871,6 +982,7 @@ class Replica:
             gen = self.state.generation
             try:
                 await self._finish_failover(steps, files=False)
+                await self._record_since_promotion(source, mode, rolled_back)
             except BaseException:
                 await self._drop_spawned_relay()
                 raise
@@ -924,6 +1036,10 @@ class Replica:
             overlays_durable=False,
             disk_id=None,
             lineage=self.state.epoch,
+            # R6: set by the failover itself before it serves; a restart mid-failover has none
+            promoted_from=None,
+            union_reason="nothing recorded what was written since the promotion "
+            "(interrupted, or completed by a restart)",
         )
         steps.done("saveRole")
         await self.chain.discard(gen, files=files)
@@ -932,6 +1048,58 @@ class Replica:
         steps.done("quorum")
         self.replication = "degraded"
         self.peer_error = "no peer since failover"
+
+    async def _rollback_ranges(self) -> list[tuple[int, int]] | str:
+        """R6.3: the regions a Checkpoint-mode commit is about to change, or why they are not
+        known. Read from the current overlays' files once they are closed and durable and
+        before the commit: the commit writes only clusters allocated in active or hidden, and
+        every write to the disk since the cut first copied the old data into hidden (S1)."""
+        ranges: list[tuple[int, int]] = []
+        try:
+            for path in self.chain.paths(self.chain.generation):
+                ranges += await img.allocated_ranges(path)
+        except QemuError as exc:
+            return f"the undo log's allocation map could not be read ({exc})"
+        return sorted(ranges)
+
+    async def _record_since_promotion(
+        self, source: rs.SyncPoint | None, mode: FailoverMode, rolled_back: list[tuple[int, int]] | str
+    ) -> None:
+        """R6.3: after a Latest-mode promotion this disk is exactly the secondary's disk at
+        ``source`` — every write the old primary's link delivered, nothing else; after a
+        Checkpoint-mode one it differs from it only in ``rolled_back``, the regions the commit
+        rolled back to the cut. Start the dirty bitmap on the quorum, set the rolled-back
+        regions in it, then record it, all before the workload export serves: from then on
+        every region written is in the bitmap too. Never raises: without a record the old
+        primary is compared (R4), and the reason says why."""
+        why: str | None = None
+        if isinstance(rolled_back, str):
+            why = f"it was promoted in checkpoint mode and {rolled_back}"
+        elif source is None:
+            why = "its disk had no identity when it was promoted"
+        marks = self.run_dir / ROLLBACK_MARKS_FILE
+        async with self._oos_lock:
+            if why is None and source is not None and not isinstance(rolled_back, str):
+                try:
+                    async with asyncio.timeout(TRACK_TIMEOUT_S):
+                        await self._start_bitmap()
+                    if rolled_back:
+                        await cs.write_marks(marks, self.cfg.size, rolled_back)
+                        await self._merge_marks(marks)
+                except (PairvolError, TimeoutError) as exc:
+                    why = f"the dirty bitmap could not be started at the promotion ({str(exc) or 'timed out'})"
+                else:
+                    await self._save(promoted_from=source, union_reason=None)
+                    crashpoints.hit(UNION_STARTED)
+                    log.info(
+                        "recording what is written since the promotion (%s mode, %d bytes rolled back) from disk %s "
+                        "at epoch %d", mode.value, sum(n for _, n in rolled_back), source.disk, source.epoch,
+                    )
+                    return
+                finally:
+                    await asyncio.to_thread(lambda: marks.unlink(missing_ok=True))
+            await self._save(promoted_from=None, union_reason=why)
+        log.info("no record of what is written since the promotion: %s", why)
 
     async def _restore_failover(self) -> str:
         """A restart in stage FAILOVER: finish the failover the crash interrupted. The
@@ -994,6 +1162,11 @@ class Replica:
             if not check_resize(self.position, epoch, self.state.size, size):
                 return self.status()
             old = self.state.size
+            # R6: a grown disk is not the one the attestation or the record is about
+            self._drop_attestation("its disk was grown since its clean stop")
+            if self.state.promoted_from is not None:
+                async with self._oos_lock:
+                    await self._save(promoted_from=None, union_reason="the volume was grown since the promotion")
             try:
                 if self.state.role is Role.SECONDARY:
                     await self._resize_secondary(size)
@@ -1057,6 +1230,8 @@ class Replica:
                     f"this secondary runs at epoch {st.epoch}, not {epoch}: a primary links to the incarnation "
                     "it was paired with"
                 )
+            # R6: a primary links now; one that did not ask for the attestation may write
+            self._drop_attestation("a primary linked to it without asking for its clean stop first")
             if self.listener is not None:
                 listener, self.listener = self.listener, None
                 await listener.kill()
@@ -1165,7 +1340,7 @@ class Replica:
     async def _forget_record(self, why: str) -> None:
         log.warning("%s; the next resync of the peer copies everything", why)
         async with self._oos_lock:
-            await self._save(peer_disk=None, tracking=False, full_reason=why)
+            await self._save(peer_disk=None, tracking=False, full_reason=why, promoted_from=None, union_reason=why)
 
     # ------------------------------------------------------------------ primary
 
@@ -1180,6 +1355,7 @@ class Replica:
     ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
+            self._drop_attestation(f"it started as primary at epoch {epoch} since its clean stop")
             self.peer_api = peer_api  # where to ask the peer for its checksums (R4)
             self._spawn_relay()  # its process starts while the peer attaches
             try:
@@ -1211,6 +1387,8 @@ class Replica:
             stage=Stage.RUNNING,
             peer=f"{peer[0]}:{peer[1]}" if peer else None,
             disk_id=None,
+            # R6: what was written since a promotion is known only on the promoted disk
+            promoted_from=st.promoted_from if same_disk else None,
         )
         self.fenced.clear()
         if peer is None:
@@ -1253,7 +1431,8 @@ class Replica:
         if automatic and not rs.automatic_allowed(plan):
             raise NoAutomaticResync(f"{plan.kind} sync needed ({plan.reason}): left to a new pairing")
         if rs.needs_peer_view(sync, plan) and self.peer_api is not None and plan.peer_disk is not None:
-            plan = rs.refine(plan, await self._peer_view(plan.peer_disk), self.cfg.size)
+            since = rs.SincePromotion(self.state.promoted_from, self._bitmap_present, self.state.union_reason)
+            plan = rs.refine(plan, await self._peer_view(plan.peer_disk), self.cfg.size, since)
         if self.peer_api is not None:
             # R5: no write of an earlier connection to this incarnation can land after this
             # link's copy; the secondary cuts them and waits for their writes, before we link
@@ -1292,6 +1471,9 @@ class Replica:
             compare=self._checksum_marks,
             peer_disk=plan.peer_disk,
         )
+        # R6: a pairing ends the since-promotion record whatever it copies (a union resync
+        # turns it into the record about the peer's disk), durably before anything is written
+        consumed = f"the pairing with {peer[0]}:{peer[1]} ({plan.kind} sync) ended it"
         async with self._oos_lock:
             if plan.kind == rs.FULL:
                 # until the mirror is READY the peer lacks data: known before a byte is copied;
@@ -1300,17 +1482,31 @@ class Replica:
                 await self._save(
                     out_of_sync=True, peer_disk=None, tracking=False,
                     full_reason="a full sync to the peer did not finish",
+                    promoted_from=None, union_reason=consumed,
                 )
                 await self._drop_bitmap()
             elif plan.kind == rs.CHECKSUM:
-                await self._prepare_checksum()
+                await self._prepare_checksum(consumed)
+            elif plan.kind == rs.BITMAP and plan.union is not None:
+                # R6: the bitmap of what was written since the promotion is every region the
+                # peer's disk may lack: from here it is the record about that disk (R1)
+                if plan.union != self.state.promoted_from or not self._bitmap_present:
+                    raise PeerLinkError("the record of what was written since the promotion changed meanwhile")
+                self._peer_marked = True
+                await self._save(
+                    out_of_sync=True, peer_disk=plan.peer_disk, tracking=True, full_reason=None,
+                    promoted_from=None, union_reason=consumed,
+                )
             elif plan.kind == rs.BITMAP:
                 # the peer stays marked (it was, when it was dropped) until the copy is done
                 self._peer_marked = True
                 await self._save(out_of_sync=True)
             else:
                 self._peer_marked = False
-                await self._save(out_of_sync=False, peer_disk=None, tracking=False, full_reason=None)
+                await self._save(
+                    out_of_sync=False, peer_disk=None, tracking=False, full_reason=None,
+                    promoted_from=None, union_reason=consumed,
+                )
                 await self._drop_bitmap()
         self.link = link
         try:
@@ -1318,6 +1514,7 @@ class Replica:
         except PeerLinkError:
             self.link = None
             raise
+        self._link_epoch = peer_epoch
         self._peer_identity = plan.peer_disk or self._peer_identity
         log.info("re-protection of %s: %s sync (%s)", link.address, plan.kind, plan.reason)
         self.peer_error = None
@@ -1331,7 +1528,9 @@ class Replica:
                 return False
             self._peer_marked = False
             # from here the peer has every write: a record about its disk starts over (R1)
-            await self._save(out_of_sync=False, peer_disk=link.peer_disk, tracking=False, full_reason=None)
+            await self._save(
+                out_of_sync=False, peer_disk=link.peer_disk, tracking=False, full_reason=None, promoted_from=None
+            )
             await self._drop_bitmap()
             self.replication = "replicating"
             # endedAt tells two syncs apart that copied the same in the same time
@@ -1411,13 +1610,23 @@ class Replica:
         except cs.ChecksumError as exc:
             return rs.PeerView(None, None, str(exc))
         size, written = answer.get("size"), answer.get("writtenBytes")
+        stopped, why = answer.get("stoppedInSync"), answer.get("notInSyncReason")
+        point: rs.SyncPoint | None = None
+        if isinstance(stopped, dict):
+            at_disk, at_epoch = stopped.get("disk"), stopped.get("epoch")
+            if isinstance(at_disk, str) and isinstance(at_epoch, int) and not isinstance(at_epoch, bool):
+                point = rs.SyncPoint(at_disk, at_epoch)
+            else:
+                why = f"its attestation is unreadable ({stopped!r})"
         return rs.PeerView(
             str(answer.get("disk")),
             size if isinstance(size, int) and not isinstance(size, bool) else None,
             written=written if isinstance(written, int) and not isinstance(written, bool) else None,
+            stopped_in_sync=point,
+            not_in_sync=str(why) if why is not None else ("its agent reports no clean stop" if point is None else None),
         )
 
-    async def _prepare_checksum(self) -> None:
+    async def _prepare_checksum(self, consumed: str) -> None:
         """Before a checksum resync's peer joins the quorum (caller holds ``_oos_lock``): the
         peer is marked, nothing is recorded about its disk until the comparison is complete,
         and the tracking bitmap starts empty now, so every write that completes from here on
@@ -1426,6 +1635,7 @@ class Replica:
         await self._save(
             out_of_sync=True, peer_disk=None, tracking=False,
             full_reason="a checksum resync of the peer did not finish",
+            promoted_from=None, union_reason=consumed,
         )
         try:
             await self._start_bitmap()  # added, or a left-over one cleared
@@ -1496,8 +1706,11 @@ class Replica:
         except ValueError as exc:
             raise InvalidSpan(str(exc)) from exc
         data, written = b"", None
-        if not length:  # the primary decides between a comparison and a full copy
+        attested: rs.SyncPoint | None = None
+        not_attested: str | None = None
+        if not length:  # the primary decides between a union, a comparison and a full copy
             written = await asyncio.to_thread(cs.written_bytes, self.disk_path)
+            attested, not_attested = self._give_attestation()
         else:
             async with self._digest_lock:  # one pass at a time: a second caller waits its turn
                 data = await asyncio.to_thread(cs.digest_span, self.disk_path, self.cfg.size, offset, length)
@@ -1512,6 +1725,8 @@ class Replica:
             "length": length,
             "digests": data.hex(),
             "writtenBytes": written,
+            "stoppedInSync": attested.to_api() if attested is not None else None,
+            "notInSyncReason": not_attested,
         }
 
     async def _mark_out_of_sync(self, reason: str) -> None:
@@ -1581,6 +1796,7 @@ class Replica:
                 # first) would return stale data. Stop serving; the secondary has every
                 # acknowledged write, so failing over is the way out.
                 reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
+                self._local_failed = reason  # R6: this disk no longer equals the peer's
                 self.last_error = f"{reason}; fail over to the secondary"
                 self._fence_task = asyncio.create_task(self.fence_workload(self.last_error))
             else:
@@ -1879,6 +2095,12 @@ class Replica:
                 }
                 if st.role is Role.PRIMARY
                 else None,
+                "sincePromotion": {
+                    "from": st.promoted_from.to_api() if st.promoted_from else None,
+                    "reason": st.union_reason,
+                }
+                if st.role is Role.PRIMARY
+                else None,
                 "reprotect": self._reprotect_status() if st.role is Role.PRIMARY else None,
                 "listener": None
                 if listener is None
@@ -1904,7 +2126,10 @@ class Replica:
             "ioStatus": io_status(st.role, st.stage),
             "qsd": {"alive": self.qsd.alive, "pid": self.qsd.pid, "error": qsd_error},
             "restored": self.restored,
-            "disk": {"id": st.disk_id},
+            "disk": {
+                "id": st.disk_id,
+                "stoppedInSync": self._attestation.to_api() if self._attestation else None,
+            },
             "overlays": self.chain.describe() if st.role is Role.SECONDARY else None,
         }
 

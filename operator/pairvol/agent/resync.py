@@ -13,6 +13,15 @@ Where no record vouches for the peer's disk but the peer holds data of the volum
 checksum resync: both sides compare digests and only the differing regions are copied
 (R4). Only a full copy is always correct without knowing anything about the peer's disk,
 so every doubt about it (unreachable, another size, another disk, blank) keeps the full copy.
+
+The old primary rejoining after a planned failover is the case where the history is known
+after all (docs/correctness.md, R6): it stopped cleanly in sync with the secondary's disk at
+a sync point, the secondary was promoted from exactly that point in Latest mode, and since
+then the new primary's dirty bitmap recorded every region it wrote. :func:`refine` then
+copies that bitmap (the union of the differences is only what the new primary wrote: the
+old one wrote nothing its secondary lacked) instead of comparing. Both halves must name the
+same sync point; anything short of that keeps the comparison (or the full copy), with the
+reason why there is no union.
 """
 
 from __future__ import annotations
@@ -24,12 +33,28 @@ REQUESTS = ("none", "full", "auto")
 
 
 @dataclass(frozen=True)
+class SyncPoint:
+    """A state of a secondary's disk both replicas can name: the disk identity ``disk``
+    (replaced whenever the disk may hold anything but one primary's replicated writes, and
+    at a promotion, so never reused) while it ran as secondary at ``epoch``."""
+
+    disk: str
+    epoch: int
+
+    def to_api(self) -> dict[str, object]:
+        return {"disk": self.disk, "epoch": self.epoch}
+
+
+@dataclass(frozen=True)
 class SyncPlan:
     kind: str  # none | full | bitmap | checksum
     reason: str
     # connect to the peer's identity export for this disk (None: the plain export, whose
     # content the primary then cannot vouch for afterwards)
     peer_disk: str | None
+    # a bitmap resync of the regions written since the promotion from this sync point (R6):
+    # the since-promotion record becomes the record about ``peer_disk``
+    union: SyncPoint | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +107,19 @@ class PeerView:
     size: int | None
     error: str | None = None
     written: int | None = None  # bytes of its disk ever written with data, if its file system says
+    # R6: the peer's disk is unchanged since it stopped cleanly (as primary) in sync with this
+    # sync point; or None, and why not
+    stopped_in_sync: SyncPoint | None = None
+    not_in_sync: str | None = None
+
+
+@dataclass(frozen=True)
+class SincePromotion:
+    """This primary's record of what it wrote since it was promoted (R6)."""
+
+    source: SyncPoint | None  # promoted in Latest mode from this sync point (None: no record)
+    bitmap_present: bool  # the dirty bitmap of the writes since then exists in the daemon
+    reason: str | None = None  # why there is no record, if known
 
 
 # a disk with no more data than this was never given a volume's content: nothing to compare
@@ -94,11 +132,70 @@ def needs_peer_view(requested: str, plan: SyncPlan) -> bool:
     return requested == "auto" and plan.kind == FULL and plan.peer_disk is not None
 
 
-def refine(plan: SyncPlan, peer: PeerView, size: int) -> SyncPlan:
+@dataclass(frozen=True)
+class StopView:
+    """What a primary's clean stop knows once its workload exports are gone (every write
+    completed on the quorum, so on both children) and before its peer leaves the quorum."""
+
+    linked: bool  # a link to the peer is a child of the quorum
+    gate_failed: str | None  # the link's gate failed, and why
+    syncing: bool  # a copy to the peer runs
+    marked: bool  # the peer is marked out of sync (in memory or in the state)
+    tracking: bool  # a dirty bitmap of what the peer lacks runs
+    replicating: bool  # the replica reports synchronous replication
+    local_failed: str | None  # the local disk failed a request the peer served
+    link_disk: str | None  # the identity export the link is connected to
+    recorded_disk: str | None  # the peer disk the state records (R1, R3)
+    link_epoch: int | None  # the peer epoch the link was made to
+
+
+def attest(view: StopView) -> SyncPoint | str:
+    """R6.1: the sync point this disk stopped in sync with, or why there is none. Only when
+    the peer received every write this disk holds and nothing else: a link that never
+    failed, the peer in sync, the local disk never failing, and the peer's identity known."""
+    if not view.linked:
+        return "no peer was in the quorum at the stop"
+    if view.gate_failed is not None:
+        return f"the link to the peer had failed ({view.gate_failed})"
+    if view.syncing or view.marked or view.tracking or not view.replicating:
+        return "the peer was not in sync at the stop"
+    if view.local_failed is not None:
+        return f"the local disk failed a request the peer served ({view.local_failed})"
+    if view.link_disk is None or view.link_disk != view.recorded_disk or view.link_epoch is None:
+        return "the peer's disk identity was not recorded (it was paired through its plain export)"
+    return SyncPoint(view.link_disk, view.link_epoch)
+
+
+def union(peer: PeerView, since: SincePromotion | None) -> SyncPoint | str:
+    """The sync point from which the peer's disk differs from this primary's only by the
+    regions this primary wrote since its promotion (R6), or why there is none. Both halves
+    must be there and name the same point: the peer's clean stop in sync with a disk at an
+    epoch, and this primary's promotion from that disk at that epoch with its bitmap intact."""
+    if since is None or since.source is None:
+        why = since.reason if since is not None and since.reason else "it was not promoted from a secondary"
+        return f"this primary has no record of what it wrote since a promotion ({why})"
+    if not since.bitmap_present:
+        return "this primary's record of what it wrote since its promotion is not in its daemon"
+    src, att = since.source, peer.stopped_in_sync
+    if att is None:
+        return f"the peer's disk holds no clean stop in sync ({peer.not_in_sync or 'none was reported'})"
+    if att != src:
+        return (
+            f"the peer stopped in sync with disk {att.disk} at epoch {att.epoch}, but this primary was "
+            f"promoted from disk {src.disk} at epoch {src.epoch}"
+        )
+    return src
+
+
+def refine(plan: SyncPlan, peer: PeerView, size: int, since: SincePromotion | None = None) -> SyncPlan:
     """A full copy where the peer's history is unknown becomes a checksum resync when the
     peer has that disk at the volume's size: both sides compare digests region by region
     and only the regions that differ are copied (docs/correctness.md, R4). A new node,
-    another size, another disk or a peer that cannot be asked keeps the full copy."""
+    another size, another disk or a peer that cannot be asked keeps the full copy.
+
+    Where the peer's history is known after all — it stopped cleanly in sync with the very
+    disk this primary was promoted from (``since``) — only the regions this primary wrote
+    since the promotion are copied: a bitmap resync of its since-promotion record (R6)."""
     if plan.kind != FULL or plan.peer_disk is None:
         return plan
     if peer.error is not None:
@@ -111,6 +208,16 @@ def refine(plan: SyncPlan, peer: PeerView, size: int) -> SyncPlan:
             FULL, f"{plan.reason}; the peer's disk holds {peer.size} bytes, the volume {size}: a size change",
             plan.peer_disk,
         )
+    point = union(peer, since)
+    if isinstance(point, SyncPoint):
+        return SyncPlan(
+            BITMAP,
+            f"the peer's disk {plan.peer_disk} stopped cleanly in sync with disk {point.disk} at epoch "
+            f"{point.epoch}: copying only the regions written since the promotion from {point.disk} at epoch "
+            f"{point.epoch}",
+            plan.peer_disk,
+            union=point,
+        )
     if peer.written is not None and peer.written <= BLANK_LIMIT:
         return SyncPlan(
             FULL, f"{plan.reason}; the peer's disk is blank ({peer.written} bytes ever written): nothing to compare",
@@ -118,7 +225,7 @@ def refine(plan: SyncPlan, peer: PeerView, size: int) -> SyncPlan:
         )
     return SyncPlan(
         CHECKSUM,
-        f"the history of the peer's disk {plan.peer_disk} is unknown ({plan.reason}): "
+        f"the history of the peer's disk {plan.peer_disk} is unknown ({plan.reason}; no union: {point}): "
         "copying only the regions whose checksums differ",
         plan.peer_disk,
     )

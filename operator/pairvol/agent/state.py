@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
+from pairvol.agent.resync import SyncPoint
 from pairvol.agent.stages import FailoverMode, Role, Stage
 from pairvol.errors import PairvolError
 
@@ -88,6 +89,18 @@ class PersistedState:
     # size is persisted before the file grows, so a restart that finds the file still at
     # this size completes the grow, and any other size is refused
     resize_from: int | None = None
+    # R6, old primary: written only by the final save of a clean stop whose drain completed
+    # on both quorum children with the peer in sync: this disk then holds exactly what the
+    # peer's disk held at that sync point. Taken (and cleared durably) by the next start
+    # before anything can write the disk; ``stop_note`` says why a clean stop has none.
+    stopped_in_sync: SyncPoint | None = None
+    stop_note: str | None = None
+    # R6, new primary: promoted in Latest mode from this sync point, and the tracking bitmap
+    # holds every region written since (started before the workload export served); kept
+    # across a clean stop with the bitmap, dropped after an unclean one, at a role change and
+    # at the first pairing. ``union_reason``: why there is no such record.
+    promoted_from: SyncPoint | None = None
+    union_reason: str | None = None
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -131,9 +144,19 @@ class PersistedState:
                 bitmap_saved=bool(data.pop("bitmap_saved", False)),
                 lineage=data.pop("lineage", None),
                 resize_from=None if (grow := data.pop("resize_from", None)) is None else int(grow),
+                stopped_in_sync=_sync_point(data.pop("stopped_in_sync", None)),
+                stop_note=data.pop("stop_note", None),
+                promoted_from=_sync_point(data.pop("promoted_from", None)),
+                union_reason=data.pop("union_reason", None),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc
+
+
+def _sync_point(data: Any) -> SyncPoint | None:
+    if data is None:
+        return None
+    return SyncPoint(disk=str(data["disk"]), epoch=int(data["epoch"]))
 
 
 def _read_slot(path: Path) -> tuple[int, PersistedState] | None:

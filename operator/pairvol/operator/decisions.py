@@ -884,9 +884,11 @@ def resync_completed_message(last: Mapping[str, Any], prim: Replica, sec: Replic
 
 def resync_request(primary: AgentView, secondary: AgentView) -> str:
     """``auto`` whenever the secondary names its disk: the primary's agent then chooses
-    (docs/correctness.md, R1 to R4): a bitmap resync when it has a record of that very disk
-    (the same node and data dir, restarted or reconnected), a checksum resync when it has
-    none but the disk holds the volume's size of data (the old primary rejoining after a
+    (docs/correctness.md, R1 to R4, R6): a bitmap resync when it has a record of that very
+    disk (the same node and data dir, restarted or reconnected) or when the secondary is the
+    old primary that stopped cleanly in sync with the disk this primary was promoted from
+    (only what this primary wrote since is copied), a checksum resync when it has none but
+    the disk holds the volume's size of data (the old primary rejoining after an unplanned
     failover), else a full copy with the reason. Without a disk identity, ``full``. The
     secondary checks the identity itself (it answers only to the export name that carries
     it), so a stale view here costs a full copy, nothing else."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -42,3 +43,25 @@ async def create(path: Path, fmt: str, size: int) -> None:
     opts = ["-o", "cluster_size=65536"] if fmt == "qcow2" else ["-o", "preallocation=falloc"]
     await run_qemu_img("create", "-q", "-f", fmt, *opts, str(path), str(size))
     log.debug("created %s image %s (%d bytes)", fmt, path, size)
+
+
+async def allocated_ranges(path: Path) -> list[tuple[int, int]]:
+    """The byte ranges a qcow2 image holds itself — data or zero clusters, not what its
+    backing file would show (the backing is left out): ``(offset, length)``, sorted, neighbours
+    joined. ``-U``: the image may be open elsewhere read-only; the caller has closed it."""
+    spec = json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}, "backing": None})
+    out = await run_qemu_img("map", "--output=json", "-U", f"json:{spec}")
+    try:
+        entries = json.loads(out)
+        ranges: list[tuple[int, int]] = []
+        for e in entries:
+            if not e["present"]:
+                continue
+            start, length = int(e["start"]), int(e["length"])
+            if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((start, length))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QemuError(f"qemu-img map of {path} gave an unreadable answer: {exc}") from exc
+    return ranges
