@@ -437,7 +437,6 @@ class Attachment:
         await asyncio.to_thread(shutil.rmtree, self.dir, True)
         log.info("detached %s", self.volume_id)
 
-
     async def discard_if_left_over(self) -> str:
         """At the node plugin's start: ``"running"`` when the attacher runs (only the
         plugin restarted) and ``"broken"`` when it is gone under a loop device that is still
@@ -545,8 +544,7 @@ async def start_attacher(att: Attachment, record: Record) -> None:
     if rc != 0:
         tail = (await asyncio.to_thread(att.log_path.read_text, errors="replace")).strip().splitlines()[-3:]
         raise AttachError(
-            f"could not attach to the volume's export at {record.export_host}:{record.export_port}: "
-            + " | ".join(tail)
+            f"could not attach to the volume's export at {record.export_host}:{record.export_port}: " + " | ".join(tail)
         )
     log.info("attached %s to %s:%d", att.volume_id, record.export_host, record.export_port)
 

@@ -155,7 +155,7 @@ class AttacherHost:
     async def handle(self, request: object) -> dict[str, Any]:
         """One request (see the module docstring); AttachError says what was wrong."""
         if not isinstance(request, dict):
-            raise Refused("a request is a JSON object {\"op\": ..., \"volume\": ...}")
+            raise Refused('a request is a JSON object {"op": ..., "volume": ...}')
         extra = sorted(set(request) - {"op", "volume"})
         if extra:
             raise Refused(f"unknown field(s) {', '.join(extra)}: a request names an operation and a volume ID only")

@@ -371,7 +371,6 @@ class NodeService:
             await asyncio.to_thread(_remove, target)
         return self.m.get("NodeUnpublishVolumeResponse")()
 
-
     async def expand(self, req: Any) -> Any:
         """NodeExpandVolume: the attachment and the file system on it take the size the
         replicas grew to (pairvol.csi.expand). ``capacity_range.required_bytes`` says that
@@ -403,6 +402,7 @@ class NodeService:
         resp = self.m.get("NodeExpandVolumeResponse")()
         resp.capacity_bytes = have
         return resp
+
 
 def _size_of(path: Path) -> int:
     with open(path, "rb", buffering=0) as f:
