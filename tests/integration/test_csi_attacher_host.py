@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pairvol.csi.attach import AttachError, Attachment
+from pairvol.csi.attach import AttachError, Attachment, run
 from pairvol.localcluster.kubelet import ContainerProcess
 from tests.integration.test_csi_node import (  # noqa: F401 (fixtures)
     Kubelet,
@@ -68,7 +68,15 @@ async def host(tmp_path: Path, cgroup: Callable[[str], Path]) -> AsyncIterator[H
     plan = attacher_host_security()
     async with attacher_host(tmp_path, state, plan, cgroup("attacher-host")) as h:
         assert privileges(h.proc.pid) == running_as(plan)
-        yield h
+        try:
+            yield h
+        finally:
+            # whatever a failed test left is torn down (so nothing outlives it), then it fails
+            leftover = [m for m in mounts() if str(tmp_path) in m]
+            for path in sorted(leftover, key=len, reverse=True):
+                await run("umount", "-l", path, check=False)
+            await Attachment(state, VOLUME).unstage(None)
+            assert not leftover, f"mounts left behind: {leftover}"
 
 
 def plugin(tmp_path: Path, host: Host, cgroup: Path, name: str) -> contextlib.AbstractAsyncContextManager[Driver]:
