@@ -21,6 +21,12 @@ mount propagation its manifest asks for:
   (of the chart's ``csi-node`` ServiceAccount), it reads the volumes' replication state
   through the API server as a pod of the node reaches it (the node simulator's proxy), for
   NodeGetVolumeStats' volume condition; without one it has no cluster connection.
+* **attacher host**, one per simulated node, the node pod's second container
+  (:mod:`pairvol.csi.attacher_host`): privileged (its container's securityContext), in the
+  node's network namespace (its attachers connect to the exports) and a mount namespace of
+  its own sharing the state directory (its attachers' FUSE exports propagate to the machine
+  and from there to the node plugin), in a cgroup of its own. It starts before the node
+  plugin, which is given ``--attacher-host`` and asks it for every attacher.
 * **registrar**: ``NodeGetInfo`` on the plugin's socket, then the node's ``CSINode`` lists
   the driver with that node ID and its topology keys, the Node carries the
   ``csi.volume.kubernetes.io/nodeid`` annotation and the topology as labels
@@ -41,10 +47,10 @@ limited to 107 bytes.
 **A node plugin lives and dies with its node** (a :class:`~pairvol.localcluster.kubelet.
 NodeAddon` of the node simulator), as the DaemonSet's pod does on a real node:
 
-* it runs in a cgroup under the node's (when the simulator has cgroups), and so does every
-  attacher it starts (a daemon keeps its cgroup): ``node kill`` SIGKILLs them with the
-  node's pods, the attachers' NBD connections to the exports drop, and the kubelet's
-  memory of staged volumes goes too;
+* it and the attacher host run in cgroups under the node's (when the simulator has
+  cgroups), and so does every attacher the host starts (a daemon keeps its cgroup): ``node
+  kill`` SIGKILLs them all with the node's pods, the attachers' NBD connections to the
+  exports drop, and the kubelet's memory of staged volumes goes too;
 * then what a power-off takes with it is undone, *after* those processes are gone: the
   mounts under the node's kubelet directory (file systems, publications), the loop devices
   over its attachments' exports and their dead FUSE mounts. The order is what keeps a dead
@@ -59,9 +65,14 @@ NodeAddon` of the node simulator), as the DaemonSet's pod does on a real node:
   the volume anew. A pod of the dead node that is replaced elsewhere stages there without
   waiting for anything of the dead node.
 
+**The node plugin's container restarts alone** (:meth:`LocalCsi.crash_node_plugin`): every
+process of its cgroup is SIGKILLed, as the container runtime does to a container that
+exits; the attacher host's cgroup, with the attachers, is not touched, and the plugin
+started again finds its attachments running (the host says so).
+
 Teardown undoes it all in an order that protects data: the provisioner stops; every
 volume still published by a kubelet is unpublished and unstaged through its plugin; the
-plugins stop (SIGTERM); then whatever a failure left (mounts under the kubelet and state
+plugins stop (SIGTERM), then the attacher hosts; then whatever a failure left (mounts under the kubelet and state
 directories, loop devices over the attachments' exports, attachers) is unmounted,
 detached and stopped, before the shared mounts go.
 """
