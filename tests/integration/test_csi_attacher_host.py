@@ -18,9 +18,18 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-from pairvol.csi.attach import AttachError, Attachment, run
+from pairvol.agent import crashpoints
+from pairvol.csi.attach import (
+    UNSTAGE_ATTACHER_STOPPED,
+    UNSTAGE_LOOP_DETACHED,
+    UNSTAGE_UNMOUNTED,
+    AttachError,
+    Attachment,
+    run,
+)
 from pairvol.localcluster.kubelet import ContainerProcess
 from tests.integration.test_csi_node import (  # noqa: F401 (fixtures)
     Kubelet,
@@ -79,12 +88,25 @@ async def host(tmp_path: Path, cgroup: Callable[[str], Path]) -> AsyncIterator[H
             assert not leftover, f"mounts left behind: {leftover}"
 
 
-def plugin(tmp_path: Path, host: Host, cgroup: Path, name: str) -> contextlib.AbstractAsyncContextManager[Driver]:
+def plugin(
+    tmp_path: Path, host: Host, cgroup: Path, name: str, env: dict[str, str] | None = None
+) -> contextlib.AbstractAsyncContextManager[Driver]:
     """The node plugin's container: in ``cgroup``, asking ``host`` for its attachers."""
     return driver(
         tmp_path, "node", "--node-id", "node-a", "--state-dir", str(host.socket.parents[1]),
         "--attacher-host", f"unix://{host.socket}",
-        security=node_plugin_security(), name=name, cgroup=cgroup,
+        security=node_plugin_security(), name=name, cgroup=cgroup, env=env,
+    )  # fmt: skip
+
+
+def kubelet_of(tmp_path: Path, d: Driver, csi: Stubs, vol: Volume, state: Path) -> Kubelet:
+    """The kubelet's calls for one pod, through ``d``."""
+    pods = tmp_path / "kubelet"
+    return Kubelet(
+        pb=csi.pb, node=csi.grpc.NodeStub(d.channel), identity=csi.grpc.IdentityStub(d.channel),
+        state_dir=state, staging=pods / "plugins/kubernetes.io/csi/pairvol.io/vol/globalmount",
+        target=pods / "pods/uid-1/volumes/kubernetes.io~csi/pvc-1/mount",
+        psk=vol.psk, export=f"127.0.0.1:{vol.export_port}", plugin=d,
     )  # fmt: skip
 
 
@@ -121,16 +143,10 @@ async def test_a_mounted_volume_serves_reads_and_writes_while_the_node_plugins_c
 ) -> None:
     state = host.socket.parents[1]
     att = Attachment(state, VOLUME)
-    pods = tmp_path / "kubelet"
     first = plugin(tmp_path, host, cgroup("csi-node"), "csi")
     d = await first.__aenter__()
     try:
-        k = Kubelet(
-            pb=stubs.pb, node=stubs.grpc.NodeStub(d.channel), identity=stubs.grpc.IdentityStub(d.channel),
-            state_dir=state, staging=pods / "plugins/kubernetes.io/csi/pairvol.io/vol/globalmount",
-            target=pods / "pods/uid-1/volumes/kubernetes.io~csi/pvc-1/mount",
-            psk=volume.psk, export=f"127.0.0.1:{volume.export_port}", plugin=d,
-        )  # fmt: skip
+        k = kubelet_of(tmp_path, d, stubs, volume, state)
         await k.stage()
         await k.publish()
         built = await built_under(tmp_path, state)
@@ -188,6 +204,55 @@ async def test_a_mounted_volume_serves_reads_and_writes_while_the_node_plugins_c
         await k.publish()
         for name, data in (("before.bin", before), ("during.bin", during), ("after.bin", after)):
             assert await asyncio.to_thread((k.target / name).read_bytes) == data
+        await k.unpublish()
+        await k.unstage()
+
+
+@pytest.mark.parametrize(
+    "crash_at", [UNSTAGE_UNMOUNTED.name, UNSTAGE_LOOP_DETACHED.name, UNSTAGE_ATTACHER_STOPPED.name]
+)
+async def test_an_unstage_cut_short_by_a_plugin_container_kill_is_finished_by_the_next_plugin(
+    tmp_path: Path,
+    volume: Volume,  # noqa: F811 (the fixture)
+    stubs: Stubs,  # noqa: F811 (the fixture)
+    host: Host,
+    cgroup: Callable[[str], Path],
+    crash_at: str,
+) -> None:
+    state = host.socket.parents[1]
+    att = Attachment(state, VOLUME)
+    async with plugin(tmp_path, host, cgroup("csi-node"), "csi") as d:
+        k = kubelet_of(tmp_path, d, stubs, volume, state)
+        await k.stage()
+        await k.publish()
+        await asyncio.to_thread(write_synced, k.target / "kept", b"fsynced before the unstage\n")
+        await k.unpublish()
+    attacher = att.attacher_pid()
+    assert attacher is not None
+
+    # the plugin's container dies between two steps of the teardown
+    async with plugin(tmp_path, host, cgroup("csi-node-2"), "csi2", {**os.environ, crashpoints.ENV: crash_at}) as d:
+        k.node = stubs.grpc.NodeStub(d.channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await k.unstage()
+        await d.proc.wait()
+        assert f"crash point {crash_at} reached" in d.log_path.read_text()
+        await ContainerProcess(d.proc, cgroup("csi-node-2")).kill_all()
+    assert str(k.staging) not in mounts(), "the file system is unmounted first"
+    loops = await loop_devices_of(state)
+    assert bool(loops) == (crash_at == UNSTAGE_UNMOUNTED.name), loops
+    assert await asyncio.to_thread(runs, attacher) == (crash_at != UNSTAGE_ATTACHER_STOPPED.name)
+    assert (att.dir / "attachment.json").exists(), "the record names what is left"
+
+    # the next plugin finishes it: nothing is left, and the volume's data is intact
+    async with plugin(tmp_path, host, cgroup("csi-node-3"), "csi3") as d:
+        k.node = stubs.grpc.NodeStub(d.channel)
+        await k.unstage()
+        assert await built_under(tmp_path, state) == {"loops": [], "mounts": []}
+        assert not await asyncio.to_thread(runs, attacher) and not att.dir.exists()
+        await k.stage()
+        await k.publish()
+        assert await asyncio.to_thread((k.target / "kept").read_bytes) == b"fsynced before the unstage\n"
         await k.unpublish()
         await k.unstage()
 

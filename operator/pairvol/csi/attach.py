@@ -61,11 +61,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from pairvol.agent import crashpoints
 from pairvol.aio import signal_child
 from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
 
 log = logging.getLogger(__name__)
+
+UNSTAGE_UNMOUNTED = crashpoints.point(
+    "csi.unstage.unmounted", "the staged file system is unmounted; the loop device and the attacher remain"
+)
+UNSTAGE_LOOP_DETACHED = crashpoints.point(
+    "csi.unstage.loop-detached", "the loop device is detached; the attacher still runs"
+)
+UNSTAGE_ATTACHER_STOPPED = crashpoints.point(
+    "csi.unstage.attacher-stopped", "the attacher is stopped; the attachment's files remain"
+)
 
 #: how long the attacher's NBD client keeps reconnecting (and requests keep waiting) after
 #: losing the export, e.g. across a failover; past it, I/O fails with EIO.
@@ -430,10 +441,13 @@ class Attachment:
         for path in paths:
             if (record is None or not record.block) and await mounted(path):
                 await run("umount", str(path))
+        crashpoints.hit(UNSTAGE_UNMOUNTED)
         for device in devices:
             await run("blockdev", "--flushbufs", device, check=False)
             await run("losetup", "--detach", device)
+        crashpoints.hit(UNSTAGE_LOOP_DETACHED)
         await self.attachers.stop(self)
+        crashpoints.hit(UNSTAGE_ATTACHER_STOPPED)
         await asyncio.to_thread(shutil.rmtree, self.dir, True)
         log.info("detached %s", self.volume_id)
 

@@ -119,10 +119,15 @@ def run(args: argparse.Namespace) -> int:
         from pairvol.csi.attacher_host import main
 
         return main(Path(args.socket), Path(args.state_dir))
+    from pairvol.csi.attach import AttachError
+
     try:
         asyncio.run(_main(args))
     except KeyboardInterrupt:
         return 130
+    except AttachError as exc:  # the attacher host never answered
+        log.error("the node plugin cannot start: %s", exc)
+        return 1
     return 0
 
 
