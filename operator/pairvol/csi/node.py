@@ -4,7 +4,9 @@ the staging path), publish = bind it into the pod's target path.
 Calls for one volume are serialized (one lock per volume ID); calls for different volumes
 run concurrently. Every call is idempotent: it looks at what exists (the attachment's
 record, mounts, loop devices) rather than remembering what it did, so a restarted node
-plugin carries on from the state on disk.
+plugin carries on from the state on disk. The attachers themselves are started, stopped
+and reported by the attacher host when the plugin is given one (pairvol.csi.attacher_host:
+they then outlive restarts of the plugin's container), else by the plugin.
 
 Errors: a missing or malformed field is INVALID_ARGUMENT; an access mode the driver does
 not serve, a volume that is not staged, a device that holds something other than the

@@ -72,9 +72,9 @@ started again finds its attachments running (the host says so).
 
 Teardown undoes it all in an order that protects data: the provisioner stops; every
 volume still published by a kubelet is unpublished and unstaged through its plugin; the
-plugins stop (SIGTERM), then the attacher hosts; then whatever a failure left (mounts under the kubelet and state
-directories, loop devices over the attachments' exports, attachers) is unmounted,
-detached and stopped, before the shared mounts go.
+plugins stop (SIGTERM), then the attacher hosts; then whatever a failure left (mounts
+under the kubelet and state directories, loop devices over the attachments' exports,
+attachers) is unmounted, detached and stopped, before the shared mounts go.
 """
 
 from __future__ import annotations
