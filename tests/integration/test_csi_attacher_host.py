@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -255,6 +256,22 @@ async def test_an_unstage_cut_short_by_a_plugin_container_kill_is_finished_by_th
         assert await asyncio.to_thread((k.target / "kept").read_bytes) == b"fsynced before the unstage\n"
         await k.unpublish()
         await k.unstage()
+
+
+async def test_the_attacher_host_listens_only_in_a_directory_of_its_own(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    argv = [
+        sys.executable, "-m", "pairvol", "csi", "attacher-host",
+        "--socket", str(shared / "host.sock"), "--state-dir", str(tmp_path / "state"),
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert f"the socket's directory {shared} must be a directory of its own" in err.decode()
+    assert shared.stat().st_mode & 0o777 == 0o755, "a directory it did not make is left as it is"
+    assert not (shared / "host.sock").exists()
 
 
 async def ask(socket: Path, line: bytes) -> dict[str, object]:

@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -94,14 +95,22 @@ class AttacherHost:
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     def _prepare(self) -> None:
-        """The state directory, and the socket's directory: ours alone (0700)."""
+        """The state directory, and the socket's directory: ours alone (0700). A directory
+        that exists is used only if it already is (it is never chmod-ed: --socket may name a
+        shared directory by mistake)."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         parent = self.socket.parent
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        parent.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            parent.mkdir(mode=0o700)
+            os.chmod(parent, 0o700)
         st = parent.lstat()
-        if parent.is_symlink() or st.st_uid != os.getuid():
-            raise AttachError(f"{parent} must be a directory of user {os.getuid()}; refusing to listen there")
-        os.chmod(parent, 0o700)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise AttachError(
+                f"the socket's directory {parent} must be a directory of its own (user {os.getuid()}, mode 0700; "
+                f"it is {stat.filemode(st.st_mode)}, user {st.st_uid}): give --socket a path in a new directory, "
+                "e.g. STATE_DIR/.attacher-host/host.sock"
+            )
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # a previous host's
 
