@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 from chart_support import Obj, kinds, one, render
 
-from pairvol.csi.manifests import controller_security_context, node_security_context
+from pairvol.csi.manifests import (
+    ATTACHER_HOST_CONTAINER,
+    ATTACHER_HOST_SOCKET,
+    NODE_PLUGIN_CONTAINER,
+    attacher_host_security_context,
+    controller_security_context,
+    node_pod,
+    node_security_context,
+)
 from pairvol.csi.params import volume_request
 
 VALUES: dict[str, Any] = {
@@ -64,6 +72,37 @@ def test_node_plugin_runs_with_the_stated_privileges_and_shares_its_mounts(objs:
         assert ctx["capabilities"] == {"drop": ["ALL"]} and ctx["allowPrivilegeEscalation"] is False
     registrar = c["node-driver-registrar"]["args"]
     assert "--kubelet-registration-path=/var/lib/kubelet/plugins/pairvol.io/csi.sock" in registrar
+
+
+def test_the_attachers_run_in_a_container_of_their_own_that_the_node_plugin_asks(objs: list[Obj]) -> None:
+    ds = one(objs, "DaemonSet")
+    c = containers(ds)
+    host, plugin = c[ATTACHER_HOST_CONTAINER], c[NODE_PLUGIN_CONTAINER]
+    # the privileges pairvol.csi.manifests states (the local cluster starts it with them)
+    assert host["securityContext"] == attacher_host_security_context()
+    assert {x["name"] for x in node_pod("n")["spec"]["containers"]} == {ATTACHER_HOST_CONTAINER, NODE_PLUGIN_CONTAINER}
+    assert host["image"] == plugin["image"] and host["args"][:2] == ["csi", "attacher-host"]
+    # it mounts the node plugin's state directory, nothing else, and its FUSE exports
+    # propagate to the node (and from there into the node plugin's container)
+    (mount,) = host["volumeMounts"]
+    state = "/var/lib/pairvol-csi"
+    assert mount == {"name": "state-dir", "mountPath": state, "mountPropagation": "Bidirectional"}
+    assert {"name": "state-dir", "mountPath": state, "mountPropagation": "Bidirectional"} in plugin["volumeMounts"]
+    # both name the same socket, in the state directory
+    socket = f"{state}/{ATTACHER_HOST_SOCKET}"
+    assert f"--socket={socket}" in host["args"] and f"--state-dir={state}" in host["args"]
+    assert f"--attacher-host=unix://{socket}" in plugin["args"]
+    # a restart would kill every attacher of the node: no liveness probe may cause one
+    assert "livenessProbe" not in host
+
+
+def test_node_pods_are_replaced_only_when_deleted_unless_told_otherwise(tmp_path: Path) -> None:
+    ds = one(render(VALUES, tmp=tmp_path), "DaemonSet")
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    rolling = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    values = {**VALUES, "csi": {**VALUES["csi"], "node": {"updateStrategy": rolling}}}
+    ds = one(render(values, tmp=tmp_path), "DaemonSet")
+    assert ds["spec"]["updateStrategy"] == rolling
 
 
 def test_controller_containers_are_unprivileged_and_wait_less_than_the_provisioner(objs: list[Obj]) -> None:

@@ -197,9 +197,10 @@ async def test_a_node_plugin_crashing_under_a_mounted_volume_changes_nothing_for
     stack: Stack,
     csi: LocalCsi,  # noqa: F811
 ) -> None:
-    """The attachment is the attacher's, not the plugin's: the plugin's process dies and
-    starts again (SIGKILL, as a crash), the pod writes on, and the new plugin tears down
-    what the old one built when the pod goes."""
+    """The attachment is the attacher's, and the attacher is the attacher host's, in the
+    node pod's other container: the node plugin's container dies (every process in its
+    cgroup SIGKILLed, as the container runtime does) and starts again, the pod writes on,
+    and the new plugin tears down what the old one built when the pod goes."""
     pv_name = await claimed(stack, "data", "Filesystem", FS_SIZE)
     st = await stack.status(pv_name)
     (node,) = sorted(set(stack.sim.node_names) - {st["primary"]["node"], st["secondary"]["node"]})
@@ -215,9 +216,11 @@ async def test_a_node_plugin_crashing_under_a_mounted_volume_changes_nothing_for
     (pidfile,) = csi.state_dir(node).glob("*/attacher.pid")
     attacher = int(pidfile.read_text())
     old = csi.node_plugins[node].proc.pid
+    host = csi.attacher_hosts[node].proc.pid
     await csi.crash_node_plugin(node)
     assert not running(old) and running(csi.node_plugins[node].proc.pid)
-    assert running(attacher), "the attacher outlives the plugin"
+    assert running(attacher), "the attacher outlives the plugin's container"
+    assert csi.attacher_hosts[node].proc.pid == host and running(host)
     before = await acked()
     await stack.wait_for("records written after the plugin's crash", lambda: at_least(before + 20), 30)
     assert "Error" not in await pod_log(stack, node, "writer")

@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import importlib
 import os
+import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -25,10 +26,11 @@ from typing import Any
 
 import grpc
 
-from pairvol.csi.manifests import node_pod
-from pairvol.localcluster.kubelet import own_bounding_set
+from pairvol.csi.attacher_host import HostAttachers
+from pairvol.csi.manifests import ATTACHER_HOST_CONTAINER, ATTACHER_HOST_SOCKET, NODE_PLUGIN_CONTAINER, node_pod
+from pairvol.localcluster.kubelet import _prepare_cgroup_root, _sweep_cgroup_tree, own_bounding_set
 from pairvol.localcluster.kubelet_pods import SecurityPlan, security_plan
-from tests.support.ci import REPO, outside_repository
+from tests.support.ci import REPO, outside_repository, unavailable
 
 
 def reference_proto() -> Path | None:
@@ -96,8 +98,17 @@ async def call_raw(channel: grpc.aio.Channel, path: str, body: bytes = b"") -> b
 def node_plugin_security(node: str = "node-a") -> SecurityPlan:
     """How a node's container runtime starts the node plugin: privileged means every
     capability this machine can pass on (as the node simulator grants it)."""
+    return _container_security(node, NODE_PLUGIN_CONTAINER)
+
+
+def attacher_host_security(node: str = "node-a") -> SecurityPlan:
+    """How a node's container runtime starts the attacher host (privileged, as the plugin)."""
+    return _container_security(node, ATTACHER_HOST_CONTAINER)
+
+
+def _container_security(node: str, name: str) -> SecurityPlan:
     pod = node_pod(node)
-    (container,) = pod["spec"]["containers"]
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == name]
     return security_plan(pod, container, own_bounding_set())
 
 
@@ -122,14 +133,16 @@ async def driver(
     security: SecurityPlan | None = None,
     name: str = "csi",
     env: Mapping[str, str] | None = None,
+    cgroup: Path | None = None,
 ) -> AsyncIterator[Driver]:
     """Start ``pairvol csi --mode MODE`` on a socket under ``tmp`` (with ``env``, else this
-    process's environment); stopped by PID."""
+    process's environment; in ``cgroup``, as a container's processes are); stopped by PID."""
     socket = tmp / f"{name}.sock"
     log_path = tmp / f"{name}.log"
     argv = [sys.executable, "-m", "pairvol", "-v", "csi", "--mode", mode, "--endpoint", f"unix://{socket}", *args]
     if security is not None:
         argv = [*security.setpriv_argv(), *argv]
+    argv = in_cgroup(argv, cgroup)
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=log, stderr=log, start_new_session=True, env=dict(env) if env is not None else None
@@ -155,6 +168,70 @@ async def driver(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+
+
+def in_cgroup(argv: list[str], cgroup: Path | None) -> list[str]:
+    """``argv`` started in ``cgroup`` (so is every process it starts)."""
+    if cgroup is None:
+        return argv
+    return ["/bin/sh", "-c", f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))}\nexec {shlex.join(argv)}"]
+
+
+@contextlib.contextmanager
+def container_cgroups() -> Iterator[Callable[[str], Path]]:
+    """``cgroup(name)``: a new cgroup (v2) per container, as a container runtime gives each
+    container; whatever is left in them is killed at the end. Without cgroup v2 and
+    cgroup.kill the test cannot kill a container as a runtime does: unavailable."""
+    root = _prepare_cgroup_root(f"csitest{os.getpid()}")
+    if root is None:
+        unavailable("needs cgroup v2 with cgroup.kill (kernel >= 5.14) to kill a container's processes")
+
+    def cgroup(name: str) -> Path:
+        path = root / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    try:
+        yield cgroup
+    finally:
+        _sweep_cgroup_tree(root)
+
+
+@dataclass
+class Host:
+    """A running attacher host."""
+
+    proc: asyncio.subprocess.Process
+    socket: Path
+    log_path: Path
+    attachers: HostAttachers
+
+
+@contextlib.asynccontextmanager
+async def attacher_host(
+    tmp: Path, state_dir: Path, security: SecurityPlan, cgroup: Path | None = None, name: str = "attacher-host"
+) -> AsyncIterator[Host]:
+    """``pairvol csi attacher-host`` with the privileges of its container, its socket in
+    the state directory as the chart puts it; stopped by PID."""
+    socket = state_dir / ATTACHER_HOST_SOCKET
+    log_path = tmp / f"{name}.log"
+    argv = [
+        *security.setpriv_argv(), sys.executable, "-m", "pairvol", "-v", "csi", "attacher-host",
+        "--socket", str(socket), "--state-dir", str(state_dir),
+    ]  # fmt: skip
+    with log_path.open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *in_cgroup(argv, cgroup), stdout=log, stderr=log, start_new_session=True
+        )
+    try:
+        attachers = HostAttachers(socket)
+        await attachers.wait_ready(30)
+        yield Host(proc, socket, log_path, attachers)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            await proc.wait()
 
 
 async def call(stub: Any, method: str, request: Any, timeout: float = 60) -> Any:

@@ -15,8 +15,15 @@ directory, so a restarted node plugin finds it again from disk alone:
 * ``disk`` — the FUSE export's mount point; the loop device is found with ``losetup -j``;
 * ``attacher.pid``, ``attacher.log``, ``qmp.sock`` — the daemon.
 
-The attacher daemonizes (``--daemonize``): it is no child of the node plugin and outlives
-its restarts. Its NBD client reconnects to the same address (the Service that follows the
+Who starts and stops the attacher is an :class:`Attachers`: on a Kubernetes node the
+*attacher host* (:mod:`pairvol.csi.attacher_host`), a process in a container of its own
+next to the node plugin's, so that a restart of the node plugin's container — whose
+processes the container runtime kills all together — leaves the attachers running; or the
+node plugin itself (:class:`DirectAttachers`, for a plugin started without
+``--attacher-host``). Either way the argv is built here (:func:`attacher_argv`) from the
+attachment's record, and whether the attacher runs is answered where its PID is visible.
+The attacher daemonizes (``--daemonize``): it is no child of the process that started it.
+Its NBD client reconnects to the same address (the Service that follows the
 primary) for ``reconnect-delay`` seconds, during which requests wait instead of failing.
 
 Which export the attacher asks for decides what it may reconnect to:
@@ -37,7 +44,8 @@ Teardown order protects data, by structure: the file system is unmounted first (
 kernel flushes it, and the flush travels loop → FUSE fsync → the attacher → NBD FLUSH to the
 primary), then the loop device is detached, then the attacher is stopped with SIGTERM
 (which flushes and closes its block graph). Nothing is killed while a layer above it is
-still in place, except a daemon that does not exit within its grace period.
+still in place, except a daemon that does not exit within its grace period. Each step
+looks at what is there, so a node plugin restarted between any two of them carries on.
 """
 
 from __future__ import annotations
@@ -51,12 +59,24 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
+from pairvol.agent import crashpoints
 from pairvol.aio import signal_child
 from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
 
 log = logging.getLogger(__name__)
+
+UNSTAGE_UNMOUNTED = crashpoints.point(
+    "csi.unstage.unmounted", "the staged file system is unmounted; the loop device and the attacher remain"
+)
+UNSTAGE_LOOP_DETACHED = crashpoints.point(
+    "csi.unstage.loop-detached", "the loop device is detached; the attacher still runs"
+)
+UNSTAGE_ATTACHER_STOPPED = crashpoints.point(
+    "csi.unstage.attacher-stopped", "the attacher is stopped; the attachment's files remain"
+)
 
 #: how long the attacher's NBD client keeps reconnecting (and requests keep waiting) after
 #: losing the export, e.g. across a failover; past it, I/O fails with EIO.
@@ -196,8 +216,9 @@ def _device_size(device: str) -> int:
 class Attachment:
     """One volume's attachment under ``state_dir`` (see the module docstring)."""
 
-    def __init__(self, state_dir: Path, volume_id: str) -> None:
+    def __init__(self, state_dir: Path, volume_id: str, attachers: Attachers | None = None) -> None:
         self.volume_id = volume_id
+        self.attachers: Attachers = attachers or DirectAttachers()
         self.dir = state_dir / volume_id.replace("/", "_")
         self.record_path = self.dir / "attachment.json"
         self.disk = self.dir / "disk"
@@ -246,53 +267,10 @@ class Attachment:
             return None
         return pid if any(str(self.disk).encode() in arg for arg in cmdline) else None
 
-    async def _start_attacher(self, record: Record) -> None:
-        exe = require_binary("qemu-storage-daemon")
-        await asyncio.to_thread(self.disk.touch, 0o600)
-        argv = [
-            exe,
-            "--chardev",
-            f"socket,id=qmp0,path={_opt(self.qmp)},server=on,wait=off",
-            "--monitor",
-            "chardev=qmp0",
-            "--object",
-            f"tls-creds-psk,id=tls0,endpoint=client,dir={_opt(self.dir)},username={_opt(record.psk_identity)}",
-            "--blockdev",
-            f"driver=nbd,node-name=volume,export={_opt(record.export_name)},tls-creds=tls0,server.type=inet,"
-            f"server.host={_opt(record.export_host)},server.port={record.export_port},"
-            f"reconnect-delay={PINNED_RECONNECT_DELAY_S if record.pinned else RECONNECT_DELAY_S}",
-            "--export",
-            f"type=fuse,id=disk,node-name=volume,mountpoint={_opt(self.disk)},writable=on,allow-other=off",
-            "--pidfile",
-            str(self.pidfile),
-            "--daemonize",
-        ]
-        logfile = await asyncio.to_thread(open, self.log_path, "ab")
-        try:
-            # --daemonize: this process exits once the daemon has connected and mounted
-            # its export (or failed to); the daemon itself is in a session of its own.
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True
-            )
-        finally:
-            logfile.close()
-        try:
-            rc = await asyncio.wait_for(proc.wait(), START_TIMEOUT_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            raise AttachError(
-                f"could not reach the volume's export at {record.export_host}:{record.export_port} "
-                f"within {START_TIMEOUT_S:g} s"
-            ) from None
-        if rc != 0:
-            tail = (await asyncio.to_thread(self.log_path.read_text, errors="replace")).strip().splitlines()[-3:]
-            raise AttachError(
-                f"could not attach to the volume's export at {record.export_host}:{record.export_port}: "
-                + " | ".join(tail)
-            )
-        log.info("attached %s to %s:%d", self.volume_id, record.export_host, record.export_port)
+    async def attacher_running(self) -> bool:
+        """Whether the attacher runs, asked of whoever started it (AttachError: they
+        cannot say)."""
+        return await self.attachers.running(self)
 
     async def _lineages(self, record: Record, timeout: float) -> list[str] | str:
         """The lineage exports the volume's export server offers (NBD option LIST over
@@ -329,23 +307,6 @@ class Attachment:
             return False
         names = await self._lineages(record, 5.0)
         return isinstance(names, list) and bool(names) and record.export_name not in names
-
-    async def _stop_attacher(self) -> None:
-        pid = await asyncio.to_thread(self.attacher_pid)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = asyncio.get_running_loop().time() + STOP_GRACE_S
-            while await asyncio.to_thread(_running, pid):
-                if asyncio.get_running_loop().time() > deadline:
-                    log.warning("attacher %d of %s ignored SIGTERM; killing it", pid, self.volume_id)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    break
-                await asyncio.sleep(0.05)
-        # a daemon that died without unmounting leaves a dead FUSE mount on the file
-        if await mounted(self.disk):
-            await run("umount", "-l", str(self.disk))
 
     # -- the loop device
 
@@ -420,7 +381,7 @@ class Attachment:
             record = replace(record, export_name=current.export_name)
         await asyncio.to_thread(self._write_record, record)
         await asyncio.to_thread(self._write_psk, record.psk_identity, psk_key)
-        if await asyncio.to_thread(self.attacher_pid) is None:
+        if not await self.attacher_running():
             stale = await self.loop_devices()
             if stale:
                 # The attacher died under a device that may still be mounted or published:
@@ -435,7 +396,7 @@ class Attachment:
             if record.pinned:  # a new attachment: to the lineage that serves now
                 record = replace(record, export_name=await self._lineage_export(record))
                 await asyncio.to_thread(self._write_record, record)
-            await self._start_attacher(record)
+            await self.attachers.start(self)  # it reads the record just written
         elif record.pinned and await self.superseded(record):
             raise Superseded(
                 f"{self.volume_id} failed over since it was attached (its lineage {record.export_name} ended; "
@@ -480,13 +441,15 @@ class Attachment:
         for path in paths:
             if (record is None or not record.block) and await mounted(path):
                 await run("umount", str(path))
+        crashpoints.hit(UNSTAGE_UNMOUNTED)
         for device in devices:
             await run("blockdev", "--flushbufs", device, check=False)
             await run("losetup", "--detach", device)
-        await self._stop_attacher()
+        crashpoints.hit(UNSTAGE_LOOP_DETACHED)
+        await self.attachers.stop(self)
+        crashpoints.hit(UNSTAGE_ATTACHER_STOPPED)
         await asyncio.to_thread(shutil.rmtree, self.dir, True)
         log.info("detached %s", self.volume_id)
-
 
     async def discard_if_left_over(self) -> str:
         """At the node plugin's start: ``"running"`` when the attacher runs (only the
@@ -497,7 +460,7 @@ class Attachment:
         before the attacher started. Those files (the record, the volume's key, a dead FUSE
         mount point) are removed: a later NodeStageVolume builds the attachment anew, an
         unstage finds nothing to do."""
-        if await asyncio.to_thread(self.attacher_pid) is not None:
+        if await self.attacher_running():
             return "running"
         if await self.loop_devices():
             return "broken"
@@ -507,10 +470,123 @@ class Attachment:
         return "discarded"
 
 
+class Attachers(Protocol):
+    """Who starts, stops and watches the attachers of a node (module docstring)."""
+
+    async def running(self, att: Attachment) -> bool: ...
+
+    async def start(self, att: Attachment) -> None:
+        """Start the attacher of ``att`` from its record on disk (nothing if it runs)."""
+
+    async def stop(self, att: Attachment) -> None:
+        """Stop it with SIGTERM (nothing if it does not run)."""
+
+
+class DirectAttachers:
+    """This process starts and stops the attachers itself: what the attacher host does,
+    and what a node plugin started without ``--attacher-host`` does (its attachers then
+    die with its container)."""
+
+    async def running(self, att: Attachment) -> bool:
+        return await asyncio.to_thread(_attacher_runs, att)
+
+    async def start(self, att: Attachment) -> None:
+        record = await asyncio.to_thread(att.read_record)
+        if record is None:
+            raise AttachError(f"{att.volume_id} has no attachment record in {att.dir}; stage it first")
+        if await self.running(att):
+            return
+        await start_attacher(att, record)
+
+    async def stop(self, att: Attachment) -> None:
+        await stop_attacher(att)
+
+
+def _attacher_runs(att: Attachment) -> bool:
+    """Whether the attacher of ``att`` runs; a dead one that is our zombie is reaped."""
+    with contextlib.suppress(OSError, ValueError):
+        _running(int(att.pidfile.read_text().strip()))
+    return att.attacher_pid() is not None
+
+
+def attacher_argv(att: Attachment, record: Record, exe: str) -> list[str]:
+    """The attacher's command line: the only place that builds it. Every value comes from
+    the attachment's record and its directory."""
+    return [
+        exe,
+        "--chardev",
+        f"socket,id=qmp0,path={_opt(att.qmp)},server=on,wait=off",
+        "--monitor",
+        "chardev=qmp0",
+        "--object",
+        f"tls-creds-psk,id=tls0,endpoint=client,dir={_opt(att.dir)},username={_opt(record.psk_identity)}",
+        "--blockdev",
+        f"driver=nbd,node-name=volume,export={_opt(record.export_name)},tls-creds=tls0,server.type=inet,"
+        f"server.host={_opt(record.export_host)},server.port={record.export_port},"
+        f"reconnect-delay={PINNED_RECONNECT_DELAY_S if record.pinned else RECONNECT_DELAY_S}",
+        "--export",
+        f"type=fuse,id=disk,node-name=volume,mountpoint={_opt(att.disk)},writable=on,allow-other=off",
+        "--pidfile",
+        str(att.pidfile),
+        "--daemonize",
+    ]
+
+
+async def start_attacher(att: Attachment, record: Record) -> None:
+    """Start the attacher and wait until it has connected and mounted its export."""
+    argv = attacher_argv(att, record, require_binary("qemu-storage-daemon"))
+    await asyncio.to_thread(att.disk.touch, 0o600)
+    logfile = await asyncio.to_thread(open, att.log_path, "ab")
+    try:
+        # --daemonize: this process exits once the daemon has connected and mounted
+        # its export (or failed to); the daemon itself is in a session of its own.
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True
+        )
+    finally:
+        logfile.close()
+    try:
+        rc = await asyncio.wait_for(proc.wait(), START_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise AttachError(
+            f"could not reach the volume's export at {record.export_host}:{record.export_port} "
+            f"within {START_TIMEOUT_S:g} s"
+        ) from None
+    if rc != 0:
+        tail = (await asyncio.to_thread(att.log_path.read_text, errors="replace")).strip().splitlines()[-3:]
+        raise AttachError(
+            f"could not attach to the volume's export at {record.export_host}:{record.export_port}: " + " | ".join(tail)
+        )
+    log.info("attached %s to %s:%d", att.volume_id, record.export_host, record.export_port)
+
+
+async def stop_attacher(att: Attachment) -> None:
+    """SIGTERM (it flushes and closes its block graph), SIGKILL after STOP_GRACE_S; then a
+    dead daemon's FUSE mount is removed."""
+    pid = await asyncio.to_thread(att.attacher_pid)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + STOP_GRACE_S
+        while await asyncio.to_thread(_running, pid):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("attacher %d of %s ignored SIGTERM; killing it", pid, att.volume_id)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                break
+            await asyncio.sleep(0.05)
+    # a daemon that died without unmounting leaves a dead FUSE mount on the file
+    if await mounted(att.disk):
+        await run("umount", "-l", str(att.disk))
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs. An attacher that exited stays a zombie until its parent reaps
-    it: in a container that is the node plugin (PID 1, to which daemons are reparented),
-    so it is reaped here."""
+    it: in a container that is the attacher host or the node plugin (PID 1, to which
+    daemons are reparented), so it is reaped here."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):

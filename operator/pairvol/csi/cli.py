@@ -4,6 +4,12 @@
 sidecar; it needs the Kubernetes API), ``--mode node`` serves Identity and Node (one per
 node, privileged: it mounts, sets up loop devices and FUSE exports). Both listen on the
 unix socket of ``--endpoint``, where the sidecars and the kubelet connect.
+
+``pairvol csi attacher-host --socket PATH --state-dir DIR`` runs the attacher host next to
+the node plugin (its own container of the node pod: pairvol.csi.attacher_host), which the
+node plugin then asks for its attachers (``--attacher-host unix:///PATH``), so that they
+survive restarts of the node plugin's container. It imports neither gRPC nor the
+Kubernetes client.
 """
 
 from __future__ import annotations
@@ -27,8 +33,21 @@ def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "csi", help="run the CSI driver pairvol.io (controller or node plugin)", description=__doc__
     )
-    p.add_argument("--mode", required=True, choices=("controller", "node"), help="which CSI services to serve")
-    p.add_argument("--endpoint", required=True, help="unix:///PATH/csi.sock")
+    p.add_argument(
+        "role",
+        nargs="?",
+        choices=("attacher-host",),
+        help="attacher-host: run the node's attacher host instead of a CSI service (--socket, --state-dir)",
+    )
+    p.add_argument("--mode", choices=("controller", "node"), help="which CSI services to serve")
+    p.add_argument("--endpoint", default="", help="unix:///PATH/csi.sock")
+    p.add_argument("--socket", default="", help="attacher-host: the unix socket it listens on (its directory: 0700)")
+    p.add_argument(
+        "--attacher-host",
+        default="",
+        help="node: unix:///PATH of the attacher host that runs this node's attachers (default: the node plugin "
+        "runs them itself, and they die with its container)",
+    )
     p.add_argument("--node-id", default="", help="this node's name (required with --mode node)")
     p.add_argument(
         "--state-dir",
@@ -56,8 +75,26 @@ def register(subparsers: Any) -> None:
 
 
 def _usage(args: argparse.Namespace) -> str | None:
+    if args.role == "attacher-host":
+        if args.mode or args.endpoint or args.attacher_host:
+            return "attacher-host takes --socket and --state-dir only"
+        if not args.socket.startswith("/") or not args.state_dir.startswith("/"):
+            return f"--socket and --state-dir must be absolute paths, got {args.socket!r} and {args.state_dir!r}"
+        return None
+    if args.mode is None:
+        return "--mode controller|node is required (or: pairvol csi attacher-host --socket PATH --state-dir DIR)"
+    if args.socket:
+        return "--socket is a flag of attacher-host"
+    from pairvol.csi.attacher_host import socket_path as host_socket_path
     from pairvol.csi.server import socket_path
 
+    if args.attacher_host:
+        if args.mode != "node":
+            return "--attacher-host is a flag of --mode node"
+        try:
+            host_socket_path(args.attacher_host)
+        except ValueError as exc:
+            return str(exc)
     try:
         socket_path(args.endpoint)
     except ValueError as exc:
@@ -78,10 +115,19 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         log.error("bad flag: %s", problem)
         return 2
+    if args.role == "attacher-host":
+        from pairvol.csi.attacher_host import main
+
+        return main(Path(args.socket), Path(args.state_dir))
+    from pairvol.csi.attach import AttachError
+
     try:
         asyncio.run(_main(args))
     except KeyboardInterrupt:
         return 130
+    except AttachError as exc:  # the attacher host never answered
+        log.error("the node plugin cannot start: %s", exc)
+        return 1
     return 0
 
 
@@ -122,9 +168,13 @@ async def _main(args: argparse.Namespace) -> None:
             controller = ControllerService(kube, args.volume_namespace or config.namespace, args.ready_timeout)
             handlers.append(service("Controller", controller.handlers()))
         else:
+            from pairvol.csi.attacher_host import HostAttachers, socket_path
             from pairvol.csi.node import NodeService
 
-            node = NodeService(args.node_id, Path(args.state_dir), await _node_kube(args, stack))
+            attachers = HostAttachers(socket_path(args.attacher_host)) if args.attacher_host else None
+            if attachers is not None:
+                await attachers.wait_ready()  # its answers say which attachers run
+            node = NodeService(args.node_id, Path(args.state_dir), await _node_kube(args, stack), attachers)
             await node.recover()  # before the first call: what the state directory holds
             handlers.append(service("Node", node.handlers()))
         server = await serve(args.endpoint, handlers)

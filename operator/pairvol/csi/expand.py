@@ -34,7 +34,7 @@ from pairvol.csi.attach import AttachError, Attachment, Broken, Record, run
 
 log = logging.getLogger(__name__)
 
-NBD_NODE = "volume"  # the attacher's NBD client (attach.Attachment._start_attacher)
+NBD_NODE = "volume"  # the attacher's NBD client (attach.attacher_argv)
 GROW_TIMEOUT_S = 30.0
 POLL_S = 0.1
 
@@ -45,7 +45,7 @@ class NotYet(AttachError):
 
 async def grow(att: Attachment, record: Record, size: int) -> int:
     """Grow every layer of ``att`` to ``size`` bytes; returns the device's size."""
-    if await asyncio.to_thread(att.attacher_pid) is None:
+    if not await att.attacher_running():
         raise Broken(f"the attacher of {att.volume_id} is gone; restart the pod so the volume is staged again")
     device = await att.loop_device()
     if device is None:

@@ -4,7 +4,9 @@ the staging path), publish = bind it into the pod's target path.
 Calls for one volume are serialized (one lock per volume ID); calls for different volumes
 run concurrently. Every call is idempotent: it looks at what exists (the attachment's
 record, mounts, loop devices) rather than remembering what it did, so a restarted node
-plugin carries on from the state on disk.
+plugin carries on from the state on disk. The attachers themselves are started, stopped
+and reported by the attacher host when the plugin is given one (pairvol.csi.attacher_host:
+they then outlive restarts of the plugin's container), else by the plugin.
 
 Errors: a missing or malformed field is INVALID_ARGUMENT; an access mode the driver does
 not serve, a volume that is not staged, a device that holds something other than the
@@ -29,9 +31,11 @@ import grpc
 from pairvol.csi import DRIVER_NAME, attach, expand
 from pairvol.csi.attach import (
     AttachError,
+    Attachers,
     Attachment,
     Broken,
     Busy,
+    DirectAttachers,
     NotBlank,
     Record,
     Superseded,
@@ -94,9 +98,14 @@ def _psk(secrets: dict[str, str]) -> tuple[str, str]:
 
 
 class NodeService:
-    def __init__(self, node_id: str, state_dir: Path, kube: KubeClient | None = None) -> None:
+    def __init__(
+        self, node_id: str, state_dir: Path, kube: KubeClient | None = None, attachers: Attachers | None = None
+    ) -> None:
         self.node_id = node_id
         self.state_dir = state_dir
+        #: who runs the attachers: the attacher host (whose answers say whether one runs:
+        #: its PIDs are not visible here), or this process itself
+        self.attachers = attachers or DirectAttachers()
         #: read access to the volumes' ReplicatedVolumes, for their replication state in
         #: NodeGetVolumeStats; None: the condition says only what the node sees
         self.kube = kube
@@ -108,7 +117,7 @@ class NodeService:
         else may)."""
         if parse_volume_id(volume_id) is None:
             raise invalid(f"volume_id {volume_id!r} is not a volume of {DRIVER_NAME} (NAMESPACE/NAME)")
-        return Attachment(self.state_dir, volume_id)
+        return Attachment(self.state_dir, volume_id, self.attachers)
 
     async def recover(self) -> None:
         """Before serving: the attachments the state directory holds, found again from
@@ -122,11 +131,15 @@ class NodeService:
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("attachment record %s is unreadable (%s); left as it is", path, exc)
                 continue
-            att = Attachment(self.state_dir, record.volume_id)
+            att = Attachment(self.state_dir, record.volume_id, self.attachers)
             if att.dir != path.parent:
                 log.warning("attachment record %s names volume %s; left as it is", path, record.volume_id)
                 continue
-            found = await att.discard_if_left_over()
+            try:
+                found = await att.discard_if_left_over()
+            except AttachError as exc:  # the attacher host does not answer: ask again at the next call
+                log.warning("attachment of %s: left as it is (%s)", record.volume_id, exc)
+                continue
             what = {
                 "discarded": "only its files were left (the node restarted); removed",
                 "broken": "its attacher is gone under its loop device; it must be unstaged",
@@ -171,12 +184,16 @@ class NodeService:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"{path} does not exist on node {self.node_id}")
         resp = self.m.get("NodeGetVolumeStatsResponse")()
         problem = None
-        if await asyncio.to_thread(att.attacher_pid) is None:
+        try:
+            running = await att.attacher_running()
+        except AttachError as exc:
+            running, problem = True, f"whether the attacher of {volume_id} runs is unknown: {exc}"
+        if not running:
             problem = (
                 f"the attacher of {volume_id} is gone: I/O on the volume fails; restart the pod "
                 "(the volume is unstaged and staged again)"
             )
-        elif await att.superseded(record):
+        elif problem is None and await att.superseded(record):
             problem = (
                 f"{volume_id} failed over to a checkpoint since it was attached here (lineage "
                 f"{record.export_name} ended): I/O on the volume fails; restart the pod so that it mounts "
@@ -356,7 +373,6 @@ class NodeService:
             await asyncio.to_thread(_remove, target)
         return self.m.get("NodeUnpublishVolumeResponse")()
 
-
     async def expand(self, req: Any) -> Any:
         """NodeExpandVolume: the attachment and the file system on it take the size the
         replicas grew to (pairvol.csi.expand). ``capacity_range.required_bytes`` says that
@@ -388,6 +404,7 @@ class NodeService:
         resp = self.m.get("NodeExpandVolumeResponse")()
         resp.capacity_bytes = have
         return resp
+
 
 def _size_of(path: Path) -> int:
     with open(path, "rb", buffering=0) as f:

@@ -21,6 +21,12 @@ mount propagation its manifest asks for:
   (of the chart's ``csi-node`` ServiceAccount), it reads the volumes' replication state
   through the API server as a pod of the node reaches it (the node simulator's proxy), for
   NodeGetVolumeStats' volume condition; without one it has no cluster connection.
+* **attacher host**, one per simulated node, the node pod's second container
+  (:mod:`pairvol.csi.attacher_host`): privileged (its container's securityContext), in the
+  node's network namespace (its attachers connect to the exports) and a mount namespace of
+  its own sharing the state directory (its attachers' FUSE exports propagate to the machine
+  and from there to the node plugin), in a cgroup of its own. It starts before the node
+  plugin, which is given ``--attacher-host`` and asks it for every attacher.
 * **registrar**: ``NodeGetInfo`` on the plugin's socket, then the node's ``CSINode`` lists
   the driver with that node ID and its topology keys, the Node carries the
   ``csi.volume.kubernetes.io/nodeid`` annotation and the topology as labels
@@ -41,10 +47,10 @@ limited to 107 bytes.
 **A node plugin lives and dies with its node** (a :class:`~pairvol.localcluster.kubelet.
 NodeAddon` of the node simulator), as the DaemonSet's pod does on a real node:
 
-* it runs in a cgroup under the node's (when the simulator has cgroups), and so does every
-  attacher it starts (a daemon keeps its cgroup): ``node kill`` SIGKILLs them with the
-  node's pods, the attachers' NBD connections to the exports drop, and the kubelet's
-  memory of staged volumes goes too;
+* it and the attacher host run in cgroups under the node's (when the simulator has
+  cgroups), and so does every attacher the host starts (a daemon keeps its cgroup): ``node
+  kill`` SIGKILLs them all with the node's pods, the attachers' NBD connections to the
+  exports drop, and the kubelet's memory of staged volumes goes too;
 * then what a power-off takes with it is undone, *after* those processes are gone: the
   mounts under the node's kubelet directory (file systems, publications), the loop devices
   over its attachments' exports and their dead FUSE mounts. The order is what keeps a dead
@@ -59,11 +65,16 @@ NodeAddon` of the node simulator), as the DaemonSet's pod does on a real node:
   the volume anew. A pod of the dead node that is replaced elsewhere stages there without
   waiting for anything of the dead node.
 
+**The node plugin's container restarts alone** (:meth:`LocalCsi.crash_node_plugin`): every
+process of its cgroup is SIGKILLed, as the container runtime does to a container that
+exits; the attacher host's cgroup, with the attachers, is not touched, and the plugin
+started again finds its attachments running (the host says so).
+
 Teardown undoes it all in an order that protects data: the provisioner stops; every
 volume still published by a kubelet is unpublished and unstaged through its plugin; the
-plugins stop (SIGTERM); then whatever a failure left (mounts under the kubelet and state
-directories, loop devices over the attachments' exports, attachers) is unmounted,
-detached and stopped, before the shared mounts go.
+plugins stop (SIGTERM), then the attacher hosts; then whatever a failure left (mounts
+under the kubelet and state directories, loop devices over the attachments' exports,
+attachers) is unmounted, detached and stopped, before the shared mounts go.
 """
 
 from __future__ import annotations
@@ -85,11 +96,20 @@ from types import TracebackType
 from typing import Any
 
 from pairvol.csi import DRIVER_NAME
-from pairvol.csi.manifests import controller_security_context, node_pod
+from pairvol.csi.attach import AttachError
+from pairvol.csi.attacher_host import HostAttachers
+from pairvol.csi.manifests import (
+    ATTACHER_HOST_CONTAINER,
+    ATTACHER_HOST_SOCKET,
+    NODE_PLUGIN_CONTAINER,
+    controller_security_context,
+    node_pod,
+)
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.csi_client import CsiClient
 from pairvol.localcluster.csi_provisioner import Provisioner
 from pairvol.localcluster.csi_resizer import Resizer
+from pairvol.localcluster.kubelet import ContainerProcess
 from pairvol.localcluster.kubelet_api import MERGE_PATCH, ApiError, KubeApi
 from pairvol.localcluster.kubelet_pods import JsonDict, KubeletError, SecurityPlan, security_plan
 from pairvol.localcluster.netns import NETNS_DIR, run_command
@@ -181,6 +201,8 @@ class PluginProcess:
     proc: asyncio.subprocess.Process
     socket: Path
     log_path: Path
+    #: an attacher host (answers ping on its socket), not a CSI plugin (answers Probe)
+    attacher_host: bool = False
 
     async def wait_ready(self) -> None:
         """Until its socket answers Probe (or it died: KubeletError with its log's end)."""
@@ -189,7 +211,11 @@ class PluginProcess:
             if self.proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
                 tail = await asyncio.to_thread(_tail, self.log_path)
                 raise KubeletError(f"CSI plugin {self.name} did not start: {tail}")
-            if self.socket.exists():
+            if self.socket.exists() and self.attacher_host:
+                with contextlib.suppress(AttachError):
+                    await HostAttachers(self.socket).call("ping", timeout=5)
+                    return
+            elif self.socket.exists():
                 with contextlib.suppress(Exception):
                     async with CsiClient(self.socket, timeout=5) as client:
                         await client.call("Identity", "Probe", {})
@@ -215,14 +241,16 @@ def _tail(path: Path, size: int = 2000) -> str:
         return "(no log)"
 
 
-async def _spawn(name: str, argv: Sequence[str], env: dict[str, str], socket: Path, log_path: Path) -> PluginProcess:
+async def _spawn(
+    name: str, argv: Sequence[str], env: dict[str, str], socket: Path, log_path: Path, attacher_host: bool = False
+) -> PluginProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
         )
     logger.info("CSI plugin %s started as pid %s", name, proc.pid)
-    return PluginProcess(name, proc, socket, log_path)
+    return PluginProcess(name, proc, socket, log_path, attacher_host)
 
 
 def _python_env(home: str) -> dict[str, str]:
@@ -240,8 +268,17 @@ def _python_env(home: str) -> dict[str, str]:
 
 def node_plugin_security(node: str, capabilities: frozenset[str]) -> SecurityPlan:
     """How the node's container runtime starts the node plugin container (privileged)."""
+    return _node_container_security(node, NODE_PLUGIN_CONTAINER, capabilities)
+
+
+def attacher_host_security(node: str, capabilities: frozenset[str]) -> SecurityPlan:
+    """How the node's container runtime starts the attacher host container (privileged)."""
+    return _node_container_security(node, ATTACHER_HOST_CONTAINER, capabilities)
+
+
+def _node_container_security(node: str, name: str, capabilities: frozenset[str]) -> SecurityPlan:
     pod = node_pod(node)
-    (container,) = pod["spec"]["containers"]
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == name]
     return security_plan(pod, container, capabilities)
 
 
@@ -260,22 +297,45 @@ def node_plugin_argv(
     state_dir: Path,
     cgroup: Path | None = None,
     kubeconfig: Path | None = None,
+    attacher_host: Path | None = None,
 ) -> list[str]:
     """The node plugin in the node's network namespace and a mount namespace of its own
-    whose shared mounts (kubelet and state directories) stay peers of the machine's; only
-    /etc/hosts is its own (its mount made private first, so the bind does not propagate).
-    With ``cgroup`` it joins that cgroup first (its attachers are then in it too)."""
-    q = shlex.quote
+    (:func:`node_container_argv`). With ``attacher_host`` (its socket) it asks that host
+    for its attachers, else it starts them itself (they are then in its cgroup too)."""
     program = [
         *security.setpriv_argv(),
         sys.executable, "-m", "pairvol", "-v", "csi", "--mode", "node",
         "--endpoint", f"unix://{socket}", "--node-id", node_id, "--state-dir", str(state_dir),
         *(["--kubeconfig", str(kubeconfig)] if kubeconfig is not None else []),
+        *(["--attacher-host", f"unix://{attacher_host}"] if attacher_host is not None else []),
     ]  # fmt: skip
+    return node_container_argv(netns=netns, hosts=hosts, program=program, cgroup=cgroup)
+
+
+def attacher_host_argv(
+    *, netns: str, hosts: Path, security: SecurityPlan, socket: Path, state_dir: Path, cgroup: Path | None = None
+) -> list[str]:
+    """The attacher host, as its container of the node pod runs: like the node plugin (its
+    attachers reach the exports from the node's network, its FUSE mounts propagate through
+    the shared state directory), in a cgroup of its own."""
+    program = [
+        *security.setpriv_argv(),
+        sys.executable, "-m", "pairvol", "-v", "csi", "attacher-host",
+        "--socket", str(socket), "--state-dir", str(state_dir),
+    ]  # fmt: skip
+    return node_container_argv(netns=netns, hosts=hosts, program=program, cgroup=cgroup)
+
+
+def node_container_argv(*, netns: str, hosts: Path, program: Sequence[str], cgroup: Path | None) -> list[str]:
+    """``program`` in the node's network namespace and a mount namespace of its own whose
+    shared mounts (kubelet and state directories) stay peers of the machine's; only
+    /etc/hosts is its own (its mount made private first, so the bind does not propagate).
+    With ``cgroup`` it joins that cgroup first (so does every process it starts)."""
+    q = shlex.quote
     script = "\n".join(
         [
             "set -e",
-            'm=$(findmnt -n -o TARGET --target /etc/hosts)',
+            "m=$(findmnt -n -o TARGET --target /etc/hosts)",
             'mount --make-private "$m"',
             f"mount --bind {q(str(hosts))} /etc/hosts",
             "exec " + " ".join(q(a) for a in program),
@@ -389,6 +449,8 @@ class LocalCsi:
         self.root: Path | None = None
         self.hosts: ServiceHosts | None = None
         self.node_plugins: dict[str, PluginProcess] = {}
+        #: each node's attacher host (the node pod's second container)
+        self.attacher_hosts: dict[str, PluginProcess] = {}
         self.controller: PluginProcess | None = None
         self.provisioner: Provisioner | None = None
         self.resizer: Resizer | None = None
@@ -444,15 +506,18 @@ class LocalCsi:
         self.sim.addons.append(self)
 
     async def node_killed(self, name: str) -> None:
-        """The node died (its cgroup, with the plugin and its attachers, is SIGKILLed by
-        now): the rest of the plugin goes as at a power-off (module docstring)."""
+        """The node died (its cgroup, with the plugin, the attacher host and its attachers,
+        is SIGKILLed by now): the rest of the plugin goes as at a power-off (module
+        docstring)."""
         plugin = self.node_plugins.pop(name, None)
-        if plugin is None or self.root is None:
+        host = self.attacher_hosts.pop(name, None)
+        if self.root is None or (plugin is None and host is None):
             return
-        if plugin.proc.returncode is None:  # no cgroups: its process group, then its attachers
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(plugin.proc.pid, signal.SIGKILL)
-        await plugin.proc.wait()
+        for proc in [p for p in (plugin, host) if p is not None]:
+            if proc.proc.returncode is None:  # no cgroups: its process group, then the attachers
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.proc.pid, signal.SIGKILL)
+            await proc.proc.wait()
         state_dir = self.state_dir(name)
         for _ in range(100):
             pids = await asyncio.to_thread(_attachers_in, state_dir)
@@ -468,14 +533,14 @@ class LocalCsi:
         logger.info("node %s: CSI node plugin killed with the node; gone with it: %s", name, undone or "nothing")
 
     async def crash_node_plugin(self, name: str) -> None:
-        """SIGKILL the node plugin's process alone (a crash of its container's main
-        process; the attachers, daemons of their own, go on), then start it again and
-        register it, as the DaemonSet's pod restarts."""
+        """The node plugin's container dies (a crash, an OOM kill, a failed liveness
+        probe): every process in its cgroup is SIGKILLed, as the container runtime does to
+        a container that exits; then it is started again and registers, as the DaemonSet's
+        pod restarts its container. The attacher host and its attachers, in the pod's other
+        container, go on. (Without cgroups: the plugin's process tree.)"""
         plugin = self.node_plugins.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(plugin.proc.pid, signal.SIGKILL)
-        await plugin.proc.wait()
-        logger.info("node %s: CSI node plugin killed; starting it again", name)
+        await ContainerProcess(plugin.proc, self._cgroup(name, "csi-node-plugin")).kill_all()
+        logger.info("node %s: CSI node plugin's container killed; starting it again", name)
         await self._start_node(name)
 
     async def node_restarted(self, name: str) -> None:
@@ -483,17 +548,48 @@ class LocalCsi:
         if name not in self.node_plugins and self.root is not None:
             await self._start_node(name)
 
+    def _cgroup(self, node: str, container: str) -> Path | None:
+        cgroup_root = self.sim.kubelets[node].cgroup_root
+        return cgroup_root / container if cgroup_root is not None else None
+
+    def attacher_host_socket(self, node: str) -> Path:
+        return self.state_dir(node) / ATTACHER_HOST_SOCKET
+
     async def _start_node(self, node: str) -> None:
+        """The node pod's containers: the attacher host (unless it runs), then the plugin."""
         assert self.root is not None and self.hosts is not None
         kubelet_dir, state_dir = self.kubelet_dir(node), self.state_dir(node)
         for path in (kubelet_dir, state_dir):
             await make_shared(path)
             if path not in self._shared:
                 self._shared.append(path)
+        logs = Path(self.sim.root) / node / "logs"
+        host = self.attacher_hosts.get(node)
+        if host is None or host.proc.returncode is not None:
+            cgroup = self._cgroup(node, "csi-attacher-host")
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.mkdir, parents=True, exist_ok=True)
+            argv = attacher_host_argv(
+                netns=self.sim.net.netns_name(node),
+                hosts=self.hosts.path,
+                security=attacher_host_security(node, self.sim.capabilities),
+                socket=self.attacher_host_socket(node),
+                state_dir=state_dir,
+                cgroup=cgroup,
+            )
+            host = await _spawn(
+                f"attacher host {node}",
+                argv,
+                _python_env("/root"),
+                self.attacher_host_socket(node),
+                logs / "csi-attacher-host.log",
+                attacher_host=True,
+            )
+            self.attacher_hosts[node] = host
+            await host.wait_ready()
         socket = kubelet_dir / "plugins" / DRIVER_NAME / "csi.sock"
         await asyncio.to_thread(socket.parent.mkdir, parents=True, exist_ok=True)
-        cgroup_root = self.sim.kubelets[node].cgroup_root
-        cgroup = cgroup_root / "csi-node-plugin" if cgroup_root is not None else None
+        cgroup = self._cgroup(node, "csi-node-plugin")
         if cgroup is not None:
             await asyncio.to_thread(cgroup.mkdir, parents=True, exist_ok=True)
         argv = node_plugin_argv(
@@ -505,10 +601,9 @@ class LocalCsi:
             state_dir=state_dir,
             cgroup=cgroup,
             kubeconfig=self.node_kubeconfig,
+            attacher_host=self.attacher_host_socket(node),
         )
-        plugin = await _spawn(
-            f"node {node}", argv, _python_env("/root"), socket, Path(self.sim.root) / node / "logs" / "csi-node.log"
-        )
+        plugin = await _spawn(f"node {node}", argv, _python_env("/root"), socket, logs / "csi-node.log")
         self.node_plugins[node] = plugin
         await plugin.wait_ready()
         await self._register(node, socket)
@@ -578,10 +673,15 @@ class LocalCsi:
                 except Exception as exc:
                     logger.warning("node %s: releasing CSI volumes failed: %s", node, exc)
                 kubelet.volumes.unregister_driver(DRIVER_NAME)
+        # the plugins first, then the attacher hosts (the attachers left are swept below)
         for plugin in [*self.node_plugins.values(), *([self.controller] if self.controller else [])]:
             with contextlib.suppress(Exception):
                 await plugin.stop()
+        for host in self.attacher_hosts.values():
+            with contextlib.suppress(Exception):
+                await host.stop()
         self.node_plugins.clear()
+        self.attacher_hosts.clear()
         self.controller = None
         if self.hosts is not None:
             await self.hosts.close()
