@@ -229,6 +229,18 @@ class Controller:
         else:
             self.note(f"{rep.name} exited ({rc})")
 
+    @staticmethod
+    async def still_running(*reps: Replica, within: float = 2.0) -> bool:
+        """Whether every one of them still runs once a failed call had time to show a death:
+        an agent ended by a crash point drops its connections as it exits, and the call's
+        error can arrive before the exit is reaped (``alive`` still true)."""
+        waits = [asyncio.ensure_future(r.agent.proc.wait()) for r in reps if r.agent.proc is not None]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        return all(r.alive for r in reps)
+
     async def status(self, rep: Replica, timeout: float = 2.0) -> dict[str, Any] | None:
         try:
             return await rep.agent.call("GET", "/v1/status", timeout=timeout)
@@ -475,7 +487,7 @@ class Controller:
             await self.start_primary(p, new, sec_epoch)
         except (AgentCallError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.reprotect_failures += 1
-            if p.alive and new.alive:
+            if await self.still_running(p, new):
                 self.violate(
                     "reprotect",
                     f"re-protection of {p.name} with {new.name} (peer loss {self.peer_losses}) failed: {exc}",

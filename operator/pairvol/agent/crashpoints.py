@@ -34,6 +34,7 @@ ENV = "PAIRVOL_CRASH_AT"
 class CrashPoint:
     name: str
     doc: str
+    module: str = ""  # the declaring module (the agent's fault injector takes the agent's only)
 
 
 POINTS: dict[str, CrashPoint] = {}
@@ -44,7 +45,7 @@ def point(name: str, doc: str) -> CrashPoint:
     """Declare a crash point (at import time, once per name)."""
     if name in POINTS and POINTS[name].doc != doc:
         raise ValueError(f"crash point {name!r} is declared twice")
-    POINTS[name] = CrashPoint(name, doc)
+    POINTS[name] = CrashPoint(name, doc, str(sys._getframe(1).f_globals.get("__name__", "")))
     return POINTS[name]
 
 
