@@ -1,0 +1,48 @@
+"""Union resync (R6) under sequences its own tests do not drive: role changes of the old
+primary between its restart and the pairing that asks for its attestation.
+
+Real agents and daemons, as ``test_union_resync``; every test ends by comparing both disks
+byte for byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.integration.test_union_resync import (
+    NEW_WRITES,
+    MiB,
+    fill,
+    image,
+    in_sync,
+    pair_with,
+)
+from tests.support.bytes_compare import assert_same_image
+
+
+async def test_an_old_primary_promoted_by_a_failover_after_its_restart_vouches_for_nothing(tmp_path: Path) -> None:
+    """The old primary restarts (its attestation moves into memory), starts as secondary,
+    and is then promoted by a failover (an operator acting on a stale view; a split brain
+    the Lease would refuse, like ``old.primary`` in test_union_resync): its disk takes
+    writes as primary. Demoted in place, it is paired by the first new primary, whose
+    record of what it wrote since its promotion is intact: the old primary's writes are on
+    its disk only, so a union resync would leave them there."""
+    async with in_sync(tmp_path) as (old, new):
+        await old.stop()
+        await new.failover(3, "latest")
+        async with await new.nbd() as nbd:
+            await fill(nbd, 0xB3, NEW_WRITES)
+        await old.start()
+        await old.secondary(4)
+        assert (await old.status())["disk"]["stoppedInSync"] is not None
+        await old.failover(5, "latest")  # promoted: its disk is written from here on
+        async with await old.nbd() as nbd:
+            await fill(nbd, 0xEE, [5 * MiB, 30 * MiB])
+        await old.secondary(6)  # demoted in place, without a restart
+        started = await pair_with(new, 7, old, 6)
+        sync = started["replication"]["sync"]
+        await new.wait_replicating()
+        last = (await new.status())["replication"]["lastSync"]
+        assert_same_image(image(old), image(new), f"old primary after a {last['kind']} resync ({sync['reason']})")
+        assert last["kind"] == "checksum", last
+        assert "no union" in last["reason"] and "promoted by a failover at epoch 5" in last["reason"], last
