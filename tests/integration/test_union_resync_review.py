@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tests.integration.test_union_resync import (
     NEW_WRITES,
+    REGION,
+    disk_id,
     MiB,
     fill,
     image,
@@ -46,3 +48,38 @@ async def test_an_old_primary_promoted_by_a_failover_after_its_restart_vouches_f
         assert_same_image(image(old), image(new), f"old primary after a {last['kind']} resync ({sync['reason']})")
         assert last["kind"] == "checksum", last
         assert "no union" in last["reason"] and "promoted by a failover at epoch 5" in last["reason"], last
+
+
+async def test_a_second_planned_failover_back_is_again_a_union_of_only_what_was_written_since(tmp_path: Path) -> None:
+    """Ping-pong: after the union resync, the new primary is drained in sync, the old one is
+    promoted from the identity it had as secondary, writes, and the drained one rejoins:
+    again only the regions written since the second promotion are copied, and the bytes
+    match. The sync point of the second round names the old primary's disk at its epoch."""
+    async with in_sync(tmp_path) as (old, new):
+        await old.stop()
+        await new.failover(3, "latest")
+        async with await new.nbd() as nbd:
+            await fill(nbd, 0xB3, NEW_WRITES)
+        await old.start()
+        await old.secondary(4)
+        started = await pair_with(new, 5, old, 4)
+        assert started["replication"]["sync"]["kind"] == "bitmap", started["replication"]
+        await new.wait_replicating()
+        async with await new.nbd() as nbd:
+            await fill(nbd, 0xC5, [12 * MiB, 50 * MiB])  # replicated to both
+        source = {"disk": await disk_id(old), "epoch": 4}
+        await new.stop()  # drained in sync
+        await old.failover(6, "latest")
+        assert (await old.status())["replication"]["sincePromotion"] == {"from": source, "reason": None}
+        async with await old.nbd() as nbd:
+            await fill(nbd, 0xD6, [1 * MiB, 20 * MiB])
+        await new.start()
+        await new.secondary(7)
+        started = await pair_with(old, 8, new, 7)
+        assert started["replication"]["sync"]["kind"] == "bitmap", started["replication"]
+        st = await old.wait_replicating()
+        last = st["replication"]["lastSync"]
+        assert last["kind"] == "bitmap" and last["copiedBytes"] == 2 * REGION, last
+        async with await old.nbd() as nbd:
+            await fill(nbd, 0xC0, [2 * MiB])
+        assert_same_image(image(new), image(old), "drained new primary after the second union resync")
