@@ -12,8 +12,8 @@ from pathlib import Path
 from tests.integration.test_union_resync import (
     NEW_WRITES,
     REGION,
-    disk_id,
     MiB,
+    disk_id,
     fill,
     image,
     in_sync,
