@@ -933,6 +933,8 @@ class Replica:
     async def failover(self, epoch: int, mode: FailoverMode) -> dict[str, Any]:
         async with self.lock:
             check_failover(self.position, epoch)
+            # R6.2: a promoted disk is written as primary; what its clean stop vouched for ends here
+            self._drop_attestation(f"it was promoted by a failover at epoch {epoch} since its clean stop")
             if mode is FailoverMode.CHECKPOINT and self.undo_log_broken:
                 raise IllegalTransition(
                     f"{self.undo_log_broken}; a checkpoint-mode failover would not be consistent. Cut a new "
