@@ -46,7 +46,7 @@ T_RESYNC = "tests/integration/test_bitmap_resync.py"
 T_CHECKSUM = "tests/integration/test_checksum_resync.py"
 T_AUTO = "tests/integration/test_auto_resync.py"
 T_UNION = "tests/integration/test_union_resync.py"
-T_UNION_REVIEW = "tests/integration/test_union_resync_review.py"
+T_UNION_SEQUENCES = "tests/integration/test_union_resync_sequences.py"
 T_RESYNC_UNIT = ("tests/unit/test_agent_resync.py",)
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -238,7 +238,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "union.attestation-dropped-at-failover", REPLICA,
         '            self._drop_attestation(f"it was promoted by a failover at epoch {epoch} since its clean stop")\n',
         "",
-        (f"{T_UNION_REVIEW}::test_an_old_primary_promoted_by_a_failover_after_its_restart_vouches_for_nothing",),
+        (f"{T_UNION_SEQUENCES}::test_an_old_primary_promoted_by_a_failover_after_its_restart_vouches_for_nothing",),
         "a promoted disk is written as primary: the attestation ends at the failover",
     ),
     Mutation(
