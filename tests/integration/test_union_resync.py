@@ -109,13 +109,18 @@ async def in_sync(
         await asyncio.gather(old.stop(), new.stop(), return_exceptions=True)
 
 
-async def promote_and_rejoin(old: Agent, new: Agent, mode: str = "latest") -> None:
-    """``new`` is promoted (epoch 3) and writes NEW_WRITES; ``old`` comes back on its data
-    dir as ``new``'s secondary (epoch 4)."""
+async def promote_and_restart(old: Agent, new: Agent, mode: str = "latest") -> None:
+    """``new`` is promoted (epoch 3) and writes NEW_WRITES; ``old`` is started again on its
+    data dir (no role given yet)."""
     await new.failover(3, mode)
     async with await new.nbd() as nbd:
         await fill(nbd, 0xB3, NEW_WRITES)
     await old.start()
+
+
+async def promote_and_rejoin(old: Agent, new: Agent, mode: str = "latest") -> None:
+    """:func:`promote_and_restart`, and ``old`` comes back as ``new``'s secondary (epoch 4)."""
+    await promote_and_restart(old, new, mode)
     await old.secondary(4)
 
 
@@ -248,10 +253,7 @@ async def test_an_old_primary_that_served_again_after_its_clean_stop_is_compared
     file at that start and left memory when it started as primary, before the export served."""
     async with in_sync(tmp_path) as (old, new):
         await old.stop()
-        await new.failover(3, "latest")
-        async with await new.nbd() as nbd:
-            await fill(nbd, 0xB3, NEW_WRITES)
-        await old.start()
+        await promote_and_restart(old, new)
         assert stopped_in_sync(old) is None
         await old.primary(3, None, "none")  # a split brain the Lease would refuse: its disk is written
         async with await old.nbd() as nbd:

@@ -18,6 +18,7 @@ from tests.integration.test_union_resync import (
     image,
     in_sync,
     pair_with,
+    promote_and_rejoin,
 )
 from tests.support.bytes_compare import assert_same_image
 
@@ -31,11 +32,7 @@ async def test_an_old_primary_promoted_by_a_failover_after_its_restart_vouches_f
     its disk only, so a union resync would leave them there."""
     async with in_sync(tmp_path) as (old, new):
         await old.stop()
-        await new.failover(3, "latest")
-        async with await new.nbd() as nbd:
-            await fill(nbd, 0xB3, NEW_WRITES)
-        await old.start()
-        await old.secondary(4)
+        await promote_and_rejoin(old, new)
         assert (await old.status())["disk"]["stoppedInSync"] is not None
         await old.failover(5, "latest")  # promoted: its disk is written from here on
         async with await old.nbd() as nbd:
@@ -57,11 +54,7 @@ async def test_a_second_planned_failover_back_is_again_a_union_of_only_what_was_
     match. The sync point of the second round names the old primary's disk at its epoch."""
     async with in_sync(tmp_path) as (old, new):
         await old.stop()
-        await new.failover(3, "latest")
-        async with await new.nbd() as nbd:
-            await fill(nbd, 0xB3, NEW_WRITES)
-        await old.start()
-        await old.secondary(4)
+        await promote_and_rejoin(old, new)
         started = await pair_with(new, 5, old, 4)
         assert started["replication"]["sync"]["kind"] == "bitmap", started["replication"]
         await new.wait_replicating()
