@@ -250,7 +250,7 @@ async def test_fencing_releases_held_writes_without_acknowledging_them(tmp_path:
             await asyncio.sleep(3)
             assert not write.done()
             async with replica.lock:  # whoever holds the lock, fencing goes through
-                await asyncio.wait_for(replica.fence_workload("lease lost"), 5)
+                await asyncio.wait_for(replica.fence_workload("lease lost", "lease"), 5)
             with pytest.raises(NBDError):
                 await asyncio.wait_for(write, 5)
         assert replica.status()["export"]["serving"] is False

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.replica import Replica, ReplicaError
+from pairvol.agent.stages import IllegalTransition
 
 
 async def test_a_failing_before_serve_hook_keeps_the_export_closed(tmp_path: Path) -> None:
@@ -33,5 +35,39 @@ async def test_a_failing_before_serve_hook_keeps_the_export_closed(tmp_path: Pat
         replica.before_serve_hooks.clear()
         await replica.start_primary(5, None, "none")
         assert replica.status()["export"]["serving"] is True
+    finally:
+        await replica.close()
+
+
+async def test_a_refused_start_says_durably_that_nothing_was_served_at_its_epoch(tmp_path: Path) -> None:
+    # what the operator relies on to promote a secondary it marked OutOfSync for a restart in
+    # place that could not take the Lease: refusedEpoch equal to the epoch means nothing was
+    # served at that epoch, and nothing will be (a newer epoch is needed to serve)
+    cfg = AgentConfig("vol", tmp_path, 16 << 20, ("127.0.0.1", 1), ("127.0.0.1", 2), tmp_path / "export.sock")
+    replica = Replica(cfg, AgentMetrics("vol"))
+    await replica.open()
+    try:
+        await replica.start_primary(3, None, "none")
+        assert replica.status()["export"]["refusedEpoch"] is None
+
+        async def no_lease(epoch: int) -> None:
+            raise RuntimeError(f"lease not taken at epoch {epoch}")
+
+        replica.before_serve_hooks.append(no_lease)
+        await replica.fence_workload("lease lost: another replica may be promoted", "lease")
+        assert replica.status()["export"]["fencedBy"] == "lease"
+        with pytest.raises(ReplicaError, match="refusing to serve"):
+            await replica.start_primary(4, None, "none")
+        export = replica.status()["export"]
+        assert (export["serving"], export["refusedEpoch"], replica.status()["epoch"]) == (False, 4, 4)
+        found = persist.load(tmp_path)
+        assert found is not None and (found.epoch, found.refused_epoch) == (4, 4), "not durable"
+        replica.before_serve_hooks.clear()
+        with pytest.raises(IllegalTransition, match="does not advance"):
+            await replica.start_primary(4, None, "none")  # the refused epoch never serves
+        assert replica.status()["export"]["serving"] is False
+        await replica.start_primary(5, None, "none")
+        export = replica.status()["export"]
+        assert (export["serving"], export["fencedBy"]) == (True, None)
     finally:
         await replica.close()

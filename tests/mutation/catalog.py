@@ -33,6 +33,7 @@ T_GATE = "tests/integration/test_gate.py"
 T_STAGES = ("tests/unit/test_agent_logic.py::TestStages",)
 T_STATE = ("tests/unit/test_agent_logic.py::TestPersistence",)
 T_DECISIONS = ("tests/unit/test_operator_decisions.py",)
+T_RESTART_IN_PLACE = ("tests/unit/test_operator_restart_in_place.py",)
 
 
 def lease_tests(*names: str) -> tuple[str, ...]:
@@ -601,6 +602,43 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        sec = replace(sec, out_of_sync=True)\n",
         "        sec = replace(sec)\n",
         T_DECISIONS, "a primary restarted in place serves alone: its secondary is OutOfSync from then on",
+    ),
+    Mutation(
+        "decisions.restart-in-place-only-after-a-lease-fence", DECISIONS,
+        '    if pa.fenced_by != "lease":\n',
+        "    if False:\n",
+        T_RESTART_IN_PLACE, "a primary stopped by its data path, its disk or a shutdown is failed over, not restarted",
+    ),
+    Mutation(
+        "decisions.restart-in-place-not-after-a-local-disk-failure", DECISIONS,
+        "    if pa.local_failure:\n",
+        "    if False:\n",
+        T_RESTART_IN_PLACE, "a primary whose local disk failed a request (no longer whole) never serves again in place",
+    ),
+    Mutation(
+        "decisions.restart-in-place-once-per-window", DECISIONS,
+        "        if t is not None and world.now - t < window:\n",
+        "        if False:\n",
+        T_RESTART_IN_PLACE, "a primary that loses its Lease again soon after a restart in place is failed over",
+    ),
+    Mutation(
+        "decisions.restart-in-place-not-while-serving", DECISIONS,
+        "    if pa.serving:\n        return f\"the agent of {prim.pod} still says it serves\"\n",
+        "    if False:\n        return f\"the agent of {prim.pod} still says it serves\"\n",
+        T_RESTART_IN_PLACE, "a primary that says it serves is not handed a new epoch in place",
+    ),
+    Mutation(
+        "decisions.refused-restart-needs-the-refusal", DECISIONS,
+        "        or pa.refused_epoch != st.epoch\n",
+        "        or False\n",
+        T_RESTART_IN_PLACE, "a secondary marked for a restart in place is promotable again only if the primary "
+        "says it served nothing at that epoch",
+    ),
+    Mutation(
+        "replica.refused-start-recorded", REPLICA,
+        "                    await self._save(refused_epoch=epoch)\n",
+        "                    pass\n",
+        ("tests/integration/test_replica_hooks.py",), "a start that refused to serve says so durably",
     ),
     Mutation(
         "decisions.restarted-primary-needs-its-role-on-disk", DECISIONS,

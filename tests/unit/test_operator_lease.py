@@ -421,12 +421,14 @@ class FakeReplica:
         self.serving = False
         self.state = SimpleNamespace(role="none", epoch=1)
         self.fenced: list[str] = []
+        self.causes: list[str] = []
         self.qsd = SimpleNamespace(dead=asyncio.Event())
         self.verdict = Health(True)
         self.last_error: str | None = None
 
-    async def fence_workload(self, reason: str) -> None:
+    async def fence_workload(self, reason: str, cause: str) -> None:
         self.fenced.append(reason)
+        self.causes.append(cause)
         self.serving = False
 
     async def health(self, timeout_s: float = 1.0) -> Health:
@@ -476,6 +478,7 @@ async def test_a_dead_daemon_fences_and_releases_the_lease_at_once(monkeypatch: 
             await asyncio.sleep(0.1)
         assert not lease["spec"].get("holderIdentity"), "lease not released"
         assert replica.fenced and "data path unhealthy" in replica.fenced[0]
+        assert replica.causes[0] == "data-path"
         await stopped(task)
 
 
@@ -531,6 +534,7 @@ async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
             break
         await asyncio.sleep(0.1)
     assert replica.fenced and "lease lost" in replica.fenced[0]
+    assert replica.causes[0] == "lease", "only a fence by the Lease lets the operator restart the primary in place"
     assert renewed is not None and time.time() < renewed + 2.0 + 0.5
     await stopped(task)
 
@@ -592,9 +596,10 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
         replica.serving = True
         holders: list[object] = []
 
-        async def fence(reason: str) -> None:  # what the Lease says when the fence happens
+        async def fence(reason: str, cause: str) -> None:  # what the Lease says when the fence happens
             holders.append((await read_lease(cluster))["spec"]["holderIdentity"])  # type: ignore[index]
             replica.fenced.append(reason)
+            replica.causes.append(cause)
             replica.serving = False
 
         replica.fence_workload = fence  # type: ignore[method-assign]
@@ -605,7 +610,7 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
                     break
                 await asyncio.sleep(0.1)
         await stopped(task)
-        assert replica.fenced == ["agent shutting down"]
+        assert replica.fenced == ["agent shutting down"] and replica.causes == ["shutdown"]
         assert holders == ["vol-3-a"], "fenced while still holding the lease"
         spec = (await read_lease(cluster))["spec"]
         assert isinstance(spec, dict) and not spec.get("holderIdentity"), "released after the fence"

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from pairvol.agent.health import Health
+from pairvol.agent.stages import FenceCause
 from pairvol.kube.lease import LeaseError, LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class _Fenceable(Protocol):
     @property
     def qsd(self) -> _Daemon: ...
 
-    async def fence_workload(self, reason: str) -> None: ...
+    async def fence_workload(self, reason: str, cause: FenceCause) -> None: ...
 
     async def health(self, timeout_s: float = ...) -> Health: ...
 
@@ -77,7 +78,7 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
     holder = os.environ.get("POD_NAME") or socket.gethostname()
 
     async def on_lost() -> None:
-        await replica.fence_workload("lease lost: another replica may be promoted")
+        await replica.fence_workload("lease lost: another replica may be promoted", "lease")
 
     keeper = LeaseKeeper(
         namespace=namespace,
@@ -150,7 +151,7 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
         what a clean shutdown does too, and it spares the operator a full Lease duration.
         If the fence cannot be confirmed, the Lease is left to expire (renewals have stopped).
         """
-        await replica.fence_workload(f"data path unhealthy: {why}")
+        await replica.fence_workload(f"data path unhealthy: {why}", "data-path")
         after = await replica.health(keeper.check_timeout_s)
         if after.may_serve:
             log.warning("lease %s: something may still serve after fencing; letting the Lease expire", args.lease_name)
@@ -188,7 +189,7 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
             # shutting down: stop serving *before* letting anyone else take over
             if keeper.held or _is_primary(replica):
                 with contextlib.suppress(Exception):
-                    await replica.fence_workload("agent shutting down")
+                    await replica.fence_workload("agent shutting down", "shutdown")
             await keeper.release()
             raise
 

@@ -68,6 +68,7 @@ from pairvol.agent.peerlink import PeerLink, PeerLinkError, PeerRefusedExport
 from pairvol.agent.secondary import ChainCheckFailed, SecondaryChain, fsync_paths
 from pairvol.agent.stages import (
     FailoverMode,
+    FenceCause,
     IllegalTransition,
     Position,
     Role,
@@ -167,6 +168,10 @@ class GrowRefused(ReplicaError):
     """The disk could not grow (no space): the replica went back to its old size."""
 
 
+class ServeRefused(ReplicaError):
+    """A hook before serving (taking the Lease) failed: the workload export was not served."""
+
+
 # how long starting the dirty bitmap may hold the release of a failed link
 TRACK_TIMEOUT_S = 5.0
 # how long a clean stop may spend saving the dirty bitmap before it gives up on it
@@ -245,6 +250,9 @@ class Replica:
         self.link: PeerLink | None = None
         self.peer_error: str | None = None
         self.fenced = asyncio.Event()
+        # what stopped the workload export the last time (None while it serves or never
+        # served): the operator restarts a primary fenced only by its Lease in place
+        self.fenced_by: FenceCause | None = None
         self.last_error: str | None = None
         self.out_of_sync_hooks: list[Hook] = []
         self.before_serve_hooks: list[Hook] = []
@@ -718,7 +726,7 @@ class Replica:
             try:
                 await hook(self.state.epoch)
             except Exception as exc:
-                raise ReplicaError(f"refusing to serve the workload export: {exc}") from exc
+                raise ServeRefused(f"refusing to serve the workload export: {exc}") from exc
         steps.done("lease")
         sock = self.cfg.export_socket
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
@@ -732,6 +740,7 @@ class Replica:
                 await self.qsd.execute("nbd-server-stop")
             raise
         self.serving = True
+        self.fenced_by = None
         steps.done("export")
         if self.cfg.export_listen is not None:
             await self._start_relay()
@@ -808,7 +817,7 @@ class Replica:
             "TLS-PSK" if self.cfg.psk is not None else "plain, loopback",
         )
 
-    async def fence_workload(self, reason: str) -> None:
+    async def fence_workload(self, reason: str, cause: FenceCause) -> None:
         """Stop serving the workload export at once (lease lost, local disk failed).
 
         Never waits for the replica lock: its holder may be waiting for a write that the
@@ -827,6 +836,7 @@ class Replica:
             with contextlib.suppress(QemuError):
                 await self.qsd.execute("block-export-del", {"id": r.WORKLOAD_EXPORT, "mode": "hard"})
             self.last_error = reason
+            self.fenced_by = cause
         self.serving = False
         self.fenced.set()
         # The lineage name is served to remote clients only through the relay, killed above.
@@ -1362,6 +1372,12 @@ class Replica:
             self._spawn_relay()  # its process starts while the peer attaches
             try:
                 return await self._start_primary(epoch, peer, sync, peer_epoch, peer_disk)
+            except ServeRefused:
+                # nothing was served at this epoch, and nothing will be: serving again takes a
+                # start at a newer epoch (check_start_primary). Said durably, for the operator.
+                if self.state.epoch == epoch and not self.serving:
+                    await self._save(refused_epoch=epoch)
+                raise
             finally:
                 await self._drop_spawned_relay()  # if serving did not take it
 
@@ -1800,7 +1816,7 @@ class Replica:
                 reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
                 self._local_failed = reason  # R6: this disk no longer equals the peer's
                 self.last_error = f"{reason}; fail over to the secondary"
-                self._fence_task = asyncio.create_task(self.fence_workload(self.last_error))
+                self._fence_task = asyncio.create_task(self.fence_workload(self.last_error, "local-disk"))
             else:
                 # the link gate answered EIO after the peer was marked (or the export fenced)
                 log.debug("quorum: peer failed a request: %s", data)
@@ -2118,6 +2134,8 @@ class Replica:
             },
             "export": {
                 "serving": self.serving,
+                "fencedBy": self.fenced_by,
+                "refusedEpoch": st.refused_epoch,
                 "socket": str(self.cfg.export_socket),
                 "name": r.WORKLOAD_EXPORT,
                 "lineageName": r.lineage_export_name(st.lineage) if st.lineage is not None else None,
@@ -2131,6 +2149,7 @@ class Replica:
             "disk": {
                 "id": st.disk_id,
                 "stoppedInSync": self._attestation.to_api() if self._attestation else None,
+                "localFailure": self._local_failed,
             },
             "overlays": self.chain.describe() if st.role is Role.SECONDARY else None,
         }

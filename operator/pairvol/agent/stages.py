@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal
 
 from pairvol.errors import PairvolError
 
@@ -32,6 +33,13 @@ class Stage(enum.StrEnum):
 class FailoverMode(enum.StrEnum):
     CHECKPOINT = "checkpoint"
     LATEST = "latest"
+
+
+# What stopped a primary's workload export (``export.fencedBy`` in the status): its Lease
+# was lost, its data path failed its health check, its local disk failed a request the
+# peer served, or the agent shut down. Only "lease" leaves a disk that is still the
+# volume's latest and whole, which the operator may ask to serve again in place.
+FenceCause = Literal["lease", "data-path", "local-disk", "shutdown"]
 
 
 RUNNING_OR_DONE = "Block replication is running or done"

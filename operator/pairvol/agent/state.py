@@ -101,6 +101,11 @@ class PersistedState:
     # at the first pairing. ``union_reason``: why there is no such record.
     promoted_from: SyncPoint | None = None
     union_reason: str | None = None
+    # primary: a start at this epoch refused to serve (its Lease could not be taken) and
+    # served nothing; with ``epoch`` equal to it the replica has served nothing at its epoch
+    # and never will (serving again needs a start at a newer epoch). The operator may then
+    # promote a secondary it marked OutOfSync only for that start.
+    refused_epoch: int | None = None
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -148,6 +153,7 @@ class PersistedState:
                 stop_note=data.pop("stop_note", None),
                 promoted_from=_sync_point(data.pop("promoted_from", None)),
                 union_reason=data.pop("union_reason", None),
+                refused_epoch=None if (refused := data.pop("refused_epoch", None)) is None else int(refused),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

@@ -114,6 +114,47 @@ class Failover:
 
 
 @dataclass(frozen=True)
+class Restart:
+    """``status.lastRestart``: the operator last asked the primary to serve again in place
+    (on its own node and disk, with a new epoch) instead of promoting the secondary."""
+
+    time: str
+    pod: str
+    node: str
+    epoch: int
+    reason: str
+    # the secondary then, and whether it was promotable (in sync) before the restart marked
+    # it OutOfSync: if the primary served nothing at ``epoch`` it is promotable again
+    secondary: str | None = None
+    secondary_in_sync: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "pod": self.pod,
+            "node": self.node,
+            "epoch": self.epoch,
+            "reason": self.reason,
+            "secondary": self.secondary,
+            "secondaryInSync": self.secondary_in_sync,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any] | None) -> Restart | None:
+        if not d or not d.get("time"):
+            return None
+        return Restart(
+            time=str(d["time"]),
+            pod=str(d.get("pod", "")),
+            node=str(d.get("node", "")),
+            epoch=int(d.get("epoch", 0) or 0),
+            reason=str(d.get("reason", "")),
+            secondary=d.get("secondary") or None,
+            secondary_in_sync=bool(d.get("secondaryInSync", False)),
+        )
+
+
+@dataclass(frozen=True)
 class Condition:
     type: str
     status: str  # "True" | "False" | "Unknown"
@@ -179,6 +220,7 @@ class VolumeStatus:
     secondary: Replica | None = None
     checkpoint: Mapping[str, Any] | None = None
     last_failover: Failover | None = None
+    last_restart: Restart | None = None
     sync: Mapping[str, Any] | None = None
     # the last sync that ended in sync (kind, reason, copiedBytes, seconds, time), as the
     # primary reported it: a new one is announced with an Event once
@@ -228,6 +270,7 @@ class VolumeStatus:
             secondary=Replica.from_dict(d.get("secondary"), secondary=True),
             checkpoint=d.get("checkpoint") or None,
             last_failover=Failover.from_dict(d.get("lastFailover")),
+            last_restart=Restart.from_dict(d.get("lastRestart")),
             sync=d.get("sync") or None,
             last_sync=d.get("lastSync") or None,
             endpoint=d.get("endpoint") or None,
@@ -247,6 +290,7 @@ class VolumeStatus:
             "secondary": self.secondary.to_dict(True) if self.secondary else None,
             "checkpoint": dict(self.checkpoint) if self.checkpoint else None,
             "lastFailover": self.last_failover.to_dict() if self.last_failover else None,
+            "lastRestart": self.last_restart.to_dict() if self.last_restart else None,
             "sync": dict(self.sync) if self.sync else None,
             "lastSync": dict(self.last_sync) if self.last_sync else None,
             "endpoint": dict(self.endpoint) if self.endpoint else None,

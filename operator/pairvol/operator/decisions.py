@@ -27,6 +27,7 @@ from pairvol.api.status import (
     Failover,
     Phase,
     Replica,
+    Restart,
     VolumeStatus,
     parse_time,
     rfc3339,
@@ -89,6 +90,15 @@ class AgentView:
     disk_id: str | None = None  # disk.id: the identity of a secondary's disk content
     tracked_disk: str | None = None  # replication.resync.peerDisk: the peer disk a primary knows about
     size: int | None = None  # the replica's size in bytes (it grows with POST /v1/resize)
+    # export.fencedBy: what stopped a primary's workload export (lease | data-path |
+    # local-disk | shutdown); disk.localFailure: its local disk failed a request the peer
+    # served (the disk is no longer whole); qsd.alive: its daemon runs
+    fenced_by: str | None = None
+    local_failure: str | None = None
+    daemon_alive: bool = True
+    # export.refusedEpoch: a start as primary at this epoch refused to serve (no Lease) and
+    # served nothing; equal to ``epoch``, the replica has served nothing at its epoch
+    refused_epoch: int | None = None
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -112,6 +122,10 @@ class AgentView:
             disk_id=(d.get("disk") or {}).get("id"),
             tracked_disk=(rep.get("resync") or {}).get("peerDisk"),
             size=d["size"] if isinstance(d.get("size"), int) else None,
+            fenced_by=(d.get("export") or {}).get("fencedBy"),
+            local_failure=(d.get("disk") or {}).get("localFailure"),
+            daemon_alive=bool((d.get("qsd") or {}).get("alive", True)),
+            refused_epoch=(d.get("export") or {}).get("refusedEpoch"),
         )
 
 
@@ -149,6 +163,9 @@ class LeaseView:
 @dataclass(frozen=True)
 class Settings:
     lease_margin_s: float = 1.0
+    # a primary restarted in place that loses its Lease again within this long is failed
+    # over: whatever keeps it from renewing did not pass
+    restart_in_place_window_s: float = 60.0
     # a status write that only refreshes checkpoint/sync/state waits at least this long
     min_status_interval_s: float = 1.0
 
@@ -616,7 +633,8 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     manual = world.annotations.get(ANN_FAILOVER) == "now"
     phealth, pwhy = replica_health(world, prim, spec.grace_period_s, started=True)
     lease = world.lease
-    if phealth == "ok" and primary_lost_lease(world):
+    lease_only = phealth == "ok" and primary_lost_lease(world)
+    if lease_only:
         # e.g. its pod Running and ready but the agent cut off from the API server, or its
         # data path broken (the agent stops renewing and, once fenced, releases the Lease)
         phealth, pwhy = "dead", f"primary {prim.pod} lost its lease"
@@ -643,6 +661,8 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         )
         st = st.with_(secondary=sec)
 
+    sec, st = _after_a_refused_restart(world, st, sec, pa, actions)
+
     refused = failover_blocker(replace(world, lease=None), spec, st, True) if manual and phealth == "ok" else None
     if refused is not None:
         # refused before the primary is stopped: stopping it could not promote anything
@@ -659,7 +679,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         return _finish(world, st, actions, False)
 
     if phealth != "ok":
-        return _primary_down(world, spec, st, actions, phealth, pwhy, manual)
+        return _primary_down(world, spec, st, actions, phealth, pwhy, manual, lease_only)
 
     # primary is fine: its state, the endpoint, and the secondary
     st = st.with_(
@@ -930,6 +950,7 @@ def _primary_down(
     health: str,
     why: str,
     manual: bool,
+    lease_only: bool = False,
 ) -> Plan:
     prim, sec = st.primary, st.secondary
     assert prim is not None
@@ -943,6 +964,11 @@ def _primary_down(
         if world.now - since < spec.grace_period_s:
             st = st.with_(message=f"primary down ({why}); grace period running")
             return _finish(world, st, actions, False)
+    if lease_only and not manual:
+        fit = fit_to_restart_in_place(world, st)
+        if fit is None:
+            msg = f"primary {prim.pod} lost its lease but is fine: it serves again on {prim.node}, no failover"
+            return _restart_primary_in_place(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, why)
     blocker = failover_blocker(world, spec, st, manual)
     if blocker is not None:
         msg = f"primary down ({why}); {blocker}"
@@ -972,9 +998,96 @@ def _primary_down(
     return _finish(world, st, actions, False)
 
 
-def _restart_primary_in_place(world: World, st: VolumeStatus, actions: list[Action]) -> Plan:
-    """No replica may be promoted, so the primary is the only one to serve again: restart it
-    on its own node and confirm its role with a new epoch.
+def _after_a_refused_restart(
+    world: World, st: VolumeStatus, sec: Replica | None, pa: AgentView | None, actions: list[Action]
+) -> tuple[Replica | None, VolumeStatus]:
+    """A restart in place marks the secondary OutOfSync before the call, since the primary
+    may then acknowledge writes alone. If the primary says that the start at the volume's
+    epoch refused to serve (it could not take its Lease), it served nothing at that epoch
+    and never will (serving again takes a newer epoch): the secondary missed nothing since
+    the restart, and if it was in sync before it, it is promotable again — so a primary that
+    cannot take its Lease back is failed over instead of being restarted in place for ever."""
+    last = st.last_restart
+    if (
+        sec is None
+        or last is None
+        or pa is None
+        or not sec.out_of_sync
+        or not last.secondary_in_sync
+        or last.secondary != sec.pod
+        or last.epoch != st.epoch
+        or pa.epoch != st.epoch
+        or pa.refused_epoch != st.epoch
+        or pa.serving
+    ):
+        return sec, st
+    sec = replace(sec, out_of_sync=False, synced=True)
+    actions.append(
+        Event(
+            "Warning",
+            "RestartRefused",
+            f"{last.pod} could not take its lease at epoch {st.epoch} and served nothing: {sec.pod} is in sync "
+            "as before the restart and may be promoted",
+        )
+    )
+    return sec, st.with_(secondary=sec)
+
+
+def fit_to_restart_in_place(world: World, st: VolumeStatus) -> str | None:
+    """Why a primary that lost its Lease must be failed over rather than asked to serve
+    again in place (None: it may serve again; docs/correctness.md, "Restart in place").
+
+    A Lease is lost by a primary that could not renew it in time: a dead or partitioned
+    node, a dead agent, a broken data path — or an API server that answered too slowly, the
+    node and the primary being fine. In that last case a failover gains nothing and costs a
+    lot: it replaces the old primary's pod, makes it resync from the new primary, rolls a
+    Checkpoint-mode volume back to its last cut, and, when a control plane is slow for many
+    volumes at once, does so for every one of them and loads the API server further (a
+    failover storm). So a primary whose own agent says that its Lease, and nothing else,
+    stopped it is asked to serve again in place, once: if it loses its Lease again within
+    ``restart_in_place_window_s`` of that, it is failed over.
+
+    Safe for the same reason as every restart in place: the epoch is handed out only once
+    the Lease expired or was released, the disk is the primary's own (the latest data: it
+    took every acknowledged write), and no other replica serves.
+    """
+    prim = st.primary
+    assert prim is not None
+    node = world.node(prim.node)
+    if node is None or not node.ready:
+        return f"node {prim.node} is not Ready"
+    pod = world.pods.get(prim.pod)
+    if pod is None or pod.deleting or pod.phase != "Running" or not pod.ready:
+        return f"pod {prim.pod} is not running and ready"
+    pa = _agent(world, prim)
+    if pa is None:
+        return f"the agent of {prim.pod} does not answer"
+    if pa.role != "primary" or pa.epoch != st.epoch:
+        return f"the agent of {prim.pod} is {pa.role} at epoch {pa.epoch}, not the primary of epoch {st.epoch}"
+    if pa.serving:
+        return f"the agent of {prim.pod} still says it serves"
+    if pa.fenced_by != "lease":
+        return f"its workload export was stopped by {pa.fenced_by or 'something other than its Lease'}"
+    if pa.local_failure:
+        return f"its local disk failed a request ({pa.local_failure})"
+    if not pa.daemon_alive:
+        return "its qemu-storage-daemon is not running"
+    last = st.last_restart
+    if last is not None and last.pod == prim.pod:
+        t = parse_time(last.time)
+        window = world.settings.restart_in_place_window_s
+        if t is not None and world.now - t < window:
+            ago = world.now - t
+            return f"it was restarted in place {ago:.0f}s ago (less than {window:.0f}s) and lost its lease again"
+    return None
+
+
+def _restart_primary_in_place(
+    world: World, st: VolumeStatus, actions: list[Action], why: str = "no replica may be promoted"
+) -> Plan:
+    """No replica may be promoted, or the primary lost nothing but its Lease
+    (:func:`fit_to_restart_in_place`): the primary serves again, on its own node and disk,
+    its role confirmed with a new epoch. ``why`` goes to the Event and ``status.lastRestart``.
 
     Without this a primary pod that ended (a failed liveness probe ends it: restartPolicy
     Never), or a primary that fenced itself when it lost its Lease, left the volume down for
@@ -1036,11 +1149,20 @@ def _restart_primary_in_place(world: World, st: VolumeStatus, actions: list[Acti
         sec = replace(sec, out_of_sync=True)
     actions.append(StartPrimary(prim.pod, pod.ip, epoch, None, "none"))
     actions.append(
-        Event("Warning", "PrimaryRestarted", f"{prim.pod} on {prim.node} serves again alone (epoch {epoch})")
+        Event("Warning", "PrimaryRestarted", f"{prim.pod} on {prim.node} serves again alone (epoch {epoch}): {why}")
     )
     st = st.with_(
         epoch=epoch,
         secondary=sec,
+        last_restart=Restart(
+            time=rfc3339(world.now),
+            pod=prim.pod,
+            node=prim.node,
+            epoch=epoch,
+            reason=why,
+            secondary=None if st.secondary is None else st.secondary.pod,
+            secondary_in_sync=st.secondary is not None and st.secondary.synced and not st.secondary.out_of_sync,
+        ),
         phase=Phase.DEGRADED,
         message=f"primary {prim.pod} serves again on {prim.node} (epoch {epoch}); re-protecting",
     )
