@@ -370,6 +370,7 @@ def test_per_volume_replication_leaves_the_replication_port_to_the_operator(tmp_
         ({"alerts": {"degradedFor": "five minutes"}}, "/alerts/degradedFor"),
         ({"operator": {"replicas": 0}}, "/operator/replicas"),
         ({"operator": {"leaseDurationSeconds": 0.5}}, "/operator/leaseDurationSeconds"),
+        ({"operator": {"restartInPlaceWindowSeconds": -1}}, "/operator/restartInPlaceWindowSeconds"),
         ({"agent": {"hostPathBase": "relative/path"}}, "/agent/hostPathBase"),
         ({"watchNamespaces": ["Not_A_Namespace"]}, "/watchNamespaces/0"),
         ({"agnet": {}}, "agnet"),

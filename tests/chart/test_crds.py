@@ -61,6 +61,15 @@ FULL_STATUS: dict[str, Any] = {
         "durationMs": 812.0,
         "reason": "primary pod deleted",
     },
+    "lastRestart": {
+        "time": "2026-11-26T09:05:00.000000Z",
+        "pod": "basic-7-a",
+        "node": "node-a",
+        "epoch": 8,
+        "reason": "primary basic-7-a lost its lease",
+        "secondary": "basic-6-b",
+        "secondaryInSync": True,
+    },
     "sync": {
         "kind": "bitmap",
         "reason": "the peer's disk lacks at most the regions written since it was dropped",

@@ -67,6 +67,7 @@ def test_operator_parses_the_settings_the_chart_gives_it(tmp_path: Path) -> None
     assert config.peering == "pairvol"
     assert (config.metrics_port, config.health_port) == (8080, 8081)
     assert config.lease_duration_s == 3.0
+    assert config.restart_in_place_window_s == 60.0
 
 
 def test_the_lease_duration_is_a_chart_value_the_operator_and_its_agents_use(tmp_path: Path) -> None:
@@ -77,6 +78,13 @@ def test_the_lease_duration_is_a_chart_value_the_operator_and_its_agents_use(tmp
     (primary, *_) = agent_pods(config)
     args = primary["spec"]["containers"][0]["command"]
     assert args[args.index("--lease-duration") + 1] == "6"
+
+
+def test_the_restart_in_place_window_is_a_chart_value_and_zero_turns_it_off(tmp_path: Path) -> None:
+    assert operator_config(render({"operator": {"restartInPlaceWindowSeconds": 0}}, tmp=tmp_path)) \
+        .restart_in_place_window_s == 0.0
+    assert operator_config(render({"operator": {"restartInPlaceWindowSeconds": 300}}, tmp=tmp_path)) \
+        .restart_in_place_window_s == 300.0
 
 
 def test_agent_objects_the_operator_builds_are_valid_kubernetes_objects(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import pytest
 from tests.e2e.test_e2e_failover import _at_least, agent_status, following, replicating
+from tests.support.promtext import value
 
 from pairvol.localcluster.demo import Stack, verify_log
 
@@ -86,6 +87,9 @@ async def test_a_primary_that_only_lost_its_lease_serves_again_in_place_without_
     assert not st.get("lastFailover"), f"failed over: {st.get('lastFailover')}"
     reasons = [e["reason"] for e in await stack.events(name)]
     assert "PrimaryRestarted" in reasons and "FailingOver" not in reasons, reasons
+    text = await stack.metrics()
+    assert value(text, "pairvol_operator_primary_restarts_total", trigger="lease-lost") == 1
+    assert value(text, "pairvol_operator_failovers_total", mode="checkpoint", trigger="automatic") == 0
 
     # nothing rolled back: every acknowledged write is on the volume, also those after the cut
     v = await verify_log(stack.socket_path(st), log, writer.resume_seq)
@@ -121,6 +125,7 @@ async def test_a_primary_that_cannot_take_its_lease_again_is_failed_over(stack: 
 
     # it was asked to serve again in place first, could not take its Lease, and lost it again
     assert st["lastRestart"]["pod"] == old["pod"], st.get("lastRestart")
+    assert "RestartRefused" in [e["reason"] for e in await stack.events(name)]
     assert "restarted in place" in st["lastFailover"]["reason"] or "lost its lease" in st["lastFailover"]["reason"]
     v = await verify_log(stack.socket_path(st), log, writer.resume_seq)
     assert v.consistent and v.lost_acked == 0, v.detail

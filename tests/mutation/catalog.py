@@ -635,6 +635,25 @@ MUTATIONS: tuple[Mutation, ...] = (
         "says it served nothing at that epoch",
     ),
     Mutation(
+        "decisions.refused-restart-keeps-the-primarys-own-mark", DECISIONS,
+        "        or pa.peer_out_of_sync\n",
+        "        or False\n",
+        T_RESTART_IN_PLACE, "a refusal never un-marks a secondary the primary durably said it left behind",
+    ),
+    Mutation(
+        "decisions.refused-restart-keeps-the-lease-marks", DECISIONS,
+        "        or lease.out_of_sync_epoch is not None\n",
+        "        or False\n",
+        T_RESTART_IN_PLACE, "a refusal never un-marks a secondary while the Lease carries an out-of-sync mark",
+    ),
+    Mutation(
+        "lease.loss-without-verdict-is-the-data-paths", LEASE,
+        '        cause: FenceCause = "lease" if keeper.last_check_ok else "data-path"\n',
+        '        cause: FenceCause = "lease"\n',
+        lease_tests("test_a_lease_lost_while_the_daemon_gave_no_verdict_fences_for_the_data_path"),
+        "a Lease lost while the daemon gave no verdict fences for the data path: failed over, not restarted",
+    ),
+    Mutation(
         "replica.refused-start-recorded", REPLICA,
         "                    await self._save(refused_epoch=epoch)\n",
         "                    pass\n",

@@ -376,6 +376,7 @@ async def test_a_daemon_silent_for_longer_than_the_stall_limit_loses_the_lease()
         assert renewed is not None and healthy_at < renewed <= healthy_at + 1.0 + 0.3  # then no more
         assert lost.at < renewed + 2.0  # given up before the Lease expired for others
         assert verdicts.asked >= 4  # it kept asking
+        assert k.last_check_ok is False, "a loss after checks without a verdict is the data path's"
         await k.release()
 
 
@@ -537,6 +538,30 @@ async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
     assert replica.causes[0] == "lease", "only a fence by the Lease lets the operator restart the primary in place"
     assert renewed is not None and time.time() < renewed + 2.0 + 0.5
     await stopped(task)
+
+
+async def test_a_lease_lost_while_the_daemon_gave_no_verdict_fences_for_the_data_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a stalled daemon (a disk that stops answering) loses the Lease through the stall limit:
+    # that fence is the data path's, so the operator fails over instead of restarting it
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    monkeypatch.setattr("pairvol.kube.lease.STALL_LIMIT_S", 0.5)
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        replica.state = SimpleNamespace(role="primary", epoch=2)
+        replica.serving = True
+        replica.verdict = SILENT
+        for _ in range(100):
+            if replica.fenced:
+                break
+            await asyncio.sleep(0.1)
+        assert replica.fenced and "lease lost" in replica.fenced[0]
+        assert replica.causes[0] == "data-path", replica.causes
+        await stopped(task)
 
 
 async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatch: pytest.MonkeyPatch) -> None:

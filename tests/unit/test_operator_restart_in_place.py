@@ -22,6 +22,7 @@ from pairvol.operator.decisions import (
     LeaseView,
     NodeView,
     Plan,
+    RestartedInPlace,
     StartPrimary,
     World,
     fit_to_restart_in_place,
@@ -70,6 +71,7 @@ def test_a_primary_fenced_only_by_its_lease_serves_again_in_place_with_a_new_epo
     events = [(e.type, e.reason) for e in p.actions if isinstance(e, Event)]
     assert ("Warning", "PrimaryRestarted") in events
     assert not any(isinstance(a, DeletePod) for a in p.actions), "the primary's pod is kept"
+    assert RestartedInPlace("lease-lost") in p.actions  # pairvol_operator_primary_restarts_total
 
 
 @pytest.mark.parametrize(
@@ -143,6 +145,13 @@ def test_a_restart_of_another_pod_does_not_count() -> None:
     assert restarted_in_place(plan(w)) is not None
 
 
+def test_a_window_of_zero_turns_the_restart_in_place_off() -> None:
+    w = lease_lost()
+    w = replace(w, settings=replace(w.settings, restart_in_place_window_s=0.0))
+    assert "turned off" in (fit_to_restart_in_place(w, w.status) or "")
+    assert failed_over(plan(w))
+
+
 def test_a_manual_failover_is_never_turned_into_a_restart() -> None:
     p = plan(lease_lost(annotations={ANN_FAILOVER: "now"}))
     assert failed_over(p) and restarted_in_place(p) is None
@@ -152,8 +161,14 @@ def test_a_primary_that_lost_its_lease_is_restarted_even_when_the_secondary_coul
     # unchanged behaviour: with the failover blocked the primary was restarted in place before
     w = lease_lost()
     w = replace(w, status=replace(w.status, secondary=replace(w.status.secondary, synced=False)))
-    start = restarted_in_place(plan(w))
+    p = plan(w)
+    start = restarted_in_place(p)
     assert start is not None and start.pod == "vol-1-a"
+    assert RestartedInPlace("lease-lost") in p.actions  # it was fit: counted as that
+    # one not fit (its data path stopped it) is restarted too, as H9 always did
+    w = replace(w, agents={"vol-1-a": replace(FENCED_BY_LEASE, fenced_by="data-path"), "vol-1-b": SECONDARY_AGENT})
+    p = plan(w)
+    assert restarted_in_place(p) is not None and RestartedInPlace("no-failover") in p.actions
 
 
 def test_the_agent_status_fields_reach_the_view() -> None:
@@ -223,8 +238,12 @@ def test_a_primary_that_refused_to_serve_at_the_new_epoch_is_failed_over_to_the_
         (replace(FENCED_BY_LEASE, epoch=4, refused_epoch=4), {"secondary": "vol-0-b"}),
         # the restart was at another epoch than the volume's
         (replace(FENCED_BY_LEASE, epoch=4, refused_epoch=4), {"epoch": 3}),
+        # the primary's own durable record: it acknowledged writes its peer lacks (before the
+        # restart; the status had not caught up with the Lease mark)
+        (replace(FENCED_BY_LEASE, epoch=4, refused_epoch=4, peer_out_of_sync=True), {}),
     ],
-    ids=["no-refusal", "older-refusal", "serving", "was-out-of-sync", "other-secondary", "other-epoch"],
+    ids=["no-refusal", "older-refusal", "serving", "was-out-of-sync", "other-secondary", "other-epoch",
+         "primary-says-out-of-sync"],
 )
 def test_a_secondary_marked_by_a_restart_stays_out_of_sync_without_the_refusal(
     agent: Any, restart_change: dict[str, Any]
@@ -236,3 +255,32 @@ def test_a_secondary_marked_by_a_restart_stays_out_of_sync_without_the_refusal(
     assert not failed_over(p)
     assert p.status.secondary is not None and p.status.secondary.out_of_sync
     assert "RestartRefused" not in [e.reason for e in p.actions if isinstance(e, Event)]
+
+
+@pytest.mark.parametrize(
+    "lease",
+    [LeaseView("vol-1-a", 9.0, 3.0, out_of_sync_epoch=3), LeaseView("vol-1-a", 9.0, 3.0, resync_epoch=3)],
+    ids=["out-of-sync-mark", "resync-mark"],
+)
+def test_a_mark_on_the_lease_keeps_the_secondary_out_of_sync_after_a_refusal(lease: LeaseView) -> None:
+    # marks from before the restart (epoch 3) that the status had not caught up with: the
+    # secondary lacks writes (or is a half copy) whatever the refusal says
+    p = plan(after_the_restart(replace(FENCED_BY_LEASE, epoch=4, refused_epoch=4), lease=lease))
+    assert not failed_over(p)
+    assert p.status.secondary is not None and p.status.secondary.out_of_sync
+
+
+def test_a_restart_records_a_secondary_the_primary_says_it_left_behind_as_not_in_sync() -> None:
+    p = plan(lease_lost(agents={"vol-1-a": replace(FENCED_BY_LEASE, peer_out_of_sync=True),
+                                "vol-1-b": SECONDARY_AGENT}))
+    assert restarted_in_place(p) is not None
+    assert p.status.last_restart is not None and p.status.last_restart.secondary_in_sync is False
+
+
+def test_while_the_restart_is_carried_out_nothing_else_is_decided() -> None:
+    # the call that takes the Lease back may take a Lease duration: no FailoverBlocked, no
+    # phase Failed, no second restart meanwhile
+    w = after_the_restart(replace(FENCED_BY_LEASE, epoch=3), agent_call_in_flight=True)
+    p = plan(w)
+    assert p.actions == [] or all(not isinstance(a, (StartPrimary, DoFailover, Event)) for a in p.actions)
+    assert p.status.phase == Phase.DEGRADED and "waiting for its agent" in p.status.message

@@ -78,7 +78,10 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
     holder = os.environ.get("POD_NAME") or socket.gethostname()
 
     async def on_lost() -> None:
-        await replica.fence_workload("lease lost: another replica may be promoted", "lease")
+        # "lease" only when the data path was last found healthy: a loss that follows a health
+        # check without a verdict (a stalled daemon or disk) is the data path's
+        cause: FenceCause = "lease" if keeper.last_check_ok else "data-path"
+        await replica.fence_workload("lease lost: another replica may be promoted", cause)
 
     keeper = LeaseKeeper(
         namespace=namespace,

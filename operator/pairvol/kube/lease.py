@@ -209,6 +209,9 @@ class LeaseKeeper:
         # daemon frozen for good loses it
         self.stall_limit_s = max(self.duration_s, STALL_LIMIT_S)
         self._healthy_at = 0.0  # monotonic time of the last "healthy"; set when run() starts
+        # the last health check before a renewal said "healthy": a loss after it is the API
+        # server's doing, not the data path's (the agent fences with that cause)
+        self.last_check_ok = True
         self._client: KubeClient | None = None
         self._valid_until = 0.0  # monotonic
         self._held = False
@@ -325,6 +328,7 @@ class LeaseKeeper:
         holds the Lease at most that long plus one duration."""
         checked = time.monotonic()
         verdict = await healthy(self.check_timeout_s)
+        self.last_check_ok = verdict.ok
         if verdict.ok:
             self._healthy_at = checked
         elif verdict.conclusive:

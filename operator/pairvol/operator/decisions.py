@@ -99,6 +99,9 @@ class AgentView:
     # export.refusedEpoch: a start as primary at this epoch refused to serve (no Lease) and
     # served nothing; equal to ``epoch``, the replica has served nothing at its epoch
     refused_epoch: int | None = None
+    # replication.outOfSync: the primary's own durable record that it acknowledged writes its
+    # peer lacks (written before the first such acknowledgement, cleared once in sync again)
+    peer_out_of_sync: bool = False
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -126,6 +129,7 @@ class AgentView:
             local_failure=(d.get("disk") or {}).get("localFailure"),
             daemon_alive=bool((d.get("qsd") or {}).get("alive", True)),
             refused_epoch=(d.get("export") or {}).get("refusedEpoch"),
+            peer_out_of_sync=bool(rep.get("outOfSync", False)),
         )
 
 
@@ -164,7 +168,7 @@ class LeaseView:
 class Settings:
     lease_margin_s: float = 1.0
     # a primary restarted in place that loses its Lease again within this long is failed
-    # over: whatever keeps it from renewing did not pass
+    # over: whatever keeps it from renewing did not pass. 0: never restarted in place by choice
     restart_in_place_window_s: float = 60.0
     # a status write that only refreshes checkpoint/sync/state waits at least this long
     min_status_interval_s: float = 1.0
@@ -288,6 +292,15 @@ class FailoverDone:
     reason: str
 
 
+@dataclass(frozen=True)
+class RestartedInPlace:
+    """Bookkeeping for metrics: the primary was asked to serve again in place, because it
+    lost only its Lease (``lease-lost``, H10) or because no replica could be promoted
+    (``no-failover``, H9)."""
+
+    trigger: str
+
+
 Action = (
     CreatePod
     | DeletePod
@@ -300,6 +313,7 @@ Action = (
     | ClearAnnotation
     | Event
     | FailoverDone
+    | RestartedInPlace
 )
 
 
@@ -964,11 +978,18 @@ def _primary_down(
         if world.now - since < spec.grace_period_s:
             st = st.with_(message=f"primary down ({why}); grace period running")
             return _finish(world, st, actions, False)
+    last = st.last_restart
+    if last is not None and last.pod == prim.pod and last.epoch == st.epoch and world.agent_call_in_flight:
+        # the restart in place is being carried out (taking the Lease may take a duration)
+        msg = f"restarting primary {prim.pod} in place at epoch {st.epoch}: waiting for its agent"
+        return _finish(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, False)
     if lease_only and not manual:
         fit = fit_to_restart_in_place(world, st)
         if fit is None:
             msg = f"primary {prim.pod} lost its lease but is fine: it serves again on {prim.node}, no failover"
-            return _restart_primary_in_place(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, why)
+            return _restart_primary_in_place(
+                world, st.with_(phase=Phase.DEGRADED, message=msg), actions, why, "lease-lost"
+            )
     blocker = failover_blocker(world, spec, st, manual)
     if blocker is not None:
         msg = f"primary down ({why}); {blocker}"
@@ -1007,7 +1028,7 @@ def _after_a_refused_restart(
     and never will (serving again takes a newer epoch): the secondary missed nothing since
     the restart, and if it was in sync before it, it is promotable again — so a primary that
     cannot take its Lease back is failed over instead of being restarted in place for ever."""
-    last = st.last_restart
+    last, lease = st.last_restart, world.lease
     if (
         sec is None
         or last is None
@@ -1019,6 +1040,12 @@ def _after_a_refused_restart(
         or pa.epoch != st.epoch
         or pa.refused_epoch != st.epoch
         or pa.serving
+        # the primary's own record (durable before it acknowledges a write alone) and its
+        # Lease marks: the status may not have caught up with either before the restart
+        or pa.peer_out_of_sync
+        or lease is None
+        or lease.out_of_sync_epoch is not None
+        or lease.resync_epoch is not None
     ):
         return sec, st
     sec = replace(sec, out_of_sync=False, synced=True)
@@ -1035,7 +1062,7 @@ def _after_a_refused_restart(
 
 def fit_to_restart_in_place(world: World, st: VolumeStatus) -> str | None:
     """Why a primary that lost its Lease must be failed over rather than asked to serve
-    again in place (None: it may serve again; docs/correctness.md, "Restart in place").
+    again in place (None: it may serve again; docs/correctness.md, H10).
 
     A Lease is lost by a primary that could not renew it in time: a dead or partitioned
     node, a dead agent, a broken data path — or an API server that answered too slowly, the
@@ -1053,6 +1080,8 @@ def fit_to_restart_in_place(world: World, st: VolumeStatus) -> str | None:
     """
     prim = st.primary
     assert prim is not None
+    if world.settings.restart_in_place_window_s <= 0:
+        return "restarts in place are turned off (PAIRVOL_RESTART_IN_PLACE_WINDOW=0)"
     node = world.node(prim.node)
     if node is None or not node.ready:
         return f"node {prim.node} is not Ready"
@@ -1083,7 +1112,11 @@ def fit_to_restart_in_place(world: World, st: VolumeStatus) -> str | None:
 
 
 def _restart_primary_in_place(
-    world: World, st: VolumeStatus, actions: list[Action], why: str = "no replica may be promoted"
+    world: World,
+    st: VolumeStatus,
+    actions: list[Action],
+    why: str = "no replica may be promoted",
+    trigger: str = "no-failover",
 ) -> Plan:
     """No replica may be promoted, or the primary lost nothing but its Lease
     (:func:`fit_to_restart_in_place`): the primary serves again, on its own node and disk,
@@ -1151,6 +1184,7 @@ def _restart_primary_in_place(
     actions.append(
         Event("Warning", "PrimaryRestarted", f"{prim.pod} on {prim.node} serves again alone (epoch {epoch}): {why}")
     )
+    actions.append(RestartedInPlace(trigger))
     st = st.with_(
         epoch=epoch,
         secondary=sec,
@@ -1161,7 +1195,12 @@ def _restart_primary_in_place(
             epoch=epoch,
             reason=why,
             secondary=None if st.secondary is None else st.secondary.pod,
-            secondary_in_sync=st.secondary is not None and st.secondary.synced and not st.secondary.out_of_sync,
+            secondary_in_sync=(
+                st.secondary is not None
+                and st.secondary.synced
+                and not st.secondary.out_of_sync
+                and not pa.peer_out_of_sync
+            ),
         ),
         phase=Phase.DEGRADED,
         message=f"primary {prim.pod} serves again on {prim.node} (epoch {epoch}); re-protecting",

@@ -384,7 +384,10 @@ class Reconciler:
             pods=pods,
             agents=agents,
             lease=self.lease_view(lease_raw),
-            settings=d.Settings(lease_margin_s=c.config.lease_margin_s),
+            settings=d.Settings(
+                lease_margin_s=c.config.lease_margin_s,
+                restart_in_place_window_s=c.config.restart_in_place_window_s,
+            ),
             agent_call_in_flight=self.call is not None and not self.call.done(),
         )
         seen = self.with_suspects(world)
@@ -525,6 +528,8 @@ class Reconciler:
                     await self.event(body, etype, reason, message)
                 case d.FailoverDone(duration_s=dur, mode=mode, reason=reason):
                     c.metrics.failover_done(mode, "manual" if reason == "manual" else "automatic", dur)
+                case d.RestartedInPlace(trigger=trigger):
+                    c.metrics.restarts_in_place.labels(trigger).inc()
             c.metrics.actions.labels(kind, "ok").inc()
         except (KubeError, AgentError) as exc:
             c.metrics.actions.labels(kind, "error").inc()

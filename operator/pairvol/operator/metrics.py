@@ -43,6 +43,13 @@ class OperatorMetrics:
             buckets=FAILOVER_BUCKETS,
             registry=r,
         )
+        self.restarts_in_place = Counter(
+            "pairvol_operator_primary_restarts",
+            "Primaries asked to serve again in place (no failover), by trigger: lease-lost (it lost only"
+            " its Lease, docs/correctness.md H10) or no-failover (no replica could be promoted, H9)",
+            ["trigger"],
+            registry=r,
+        )
         self.checkpoints = Counter(
             "pairvol_operator_checkpoints", "Checkpoints the operator requested", ["result"], registry=r
         )
@@ -69,6 +76,8 @@ class OperatorMetrics:
             self.failover_duration.labels(mode)
             for trigger in ("automatic", "manual"):
                 self.failovers.labels(mode, trigger)
+        for trigger in ("lease-lost", "no-failover"):
+            self.restarts_in_place.labels(trigger)
 
     def failover_done(self, mode: str, trigger: str, duration_s: float) -> None:
         """One completed failover; ``mode`` as the spec spells it (``Checkpoint``) or the agent."""
