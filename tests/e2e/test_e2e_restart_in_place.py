@@ -33,12 +33,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
 
 @asynccontextmanager
-async def api_cut_off(stack: Stack, node: str) -> AsyncIterator[None]:
-    """``node`` and its pods cannot reach the API server (silently: DROP); everything else
-    still reaches them and they everything else."""
+async def api_cut_off(stack: Stack, node: str, kubelet: bool = True) -> AsyncIterator[None]:
+    """``node``'s pods (and its kubelet unless ``kubelet`` is false) cannot reach the API
+    server (silently: DROP); everything else still reaches them and they everything else."""
     url = urlparse(stack.sim.in_cluster_url)
     match = ["-d", str(url.hostname), "-p", "tcp", "--dport", str(url.port), "-j", "DROP"]
-    rules = [["OUTPUT", *match], ["FORWARD", *match]]
+    rules = [["FORWARD", *match]] + ([["OUTPUT", *match]] if kubelet else [])
     for rule in rules:
         await stack.sim.run_in_node(node, ["iptables", "-w", "-I", *rule])
     try:
@@ -127,5 +127,43 @@ async def test_a_primary_that_cannot_take_its_lease_again_is_failed_over(stack: 
     assert st["lastRestart"]["pod"] == old["pod"], st.get("lastRestart")
     assert "RestartRefused" in [e["reason"] for e in await stack.events(name)]
     assert "restarted in place" in st["lastFailover"]["reason"] or "lost its lease" in st["lastFailover"]["reason"]
+    v = await verify_log(stack.socket_path(st), log, writer.resume_seq)
+    assert v.consistent and v.lost_acked == 0, v.detail
+
+
+async def test_a_primary_that_could_not_take_its_lease_at_bring_up_is_not_left_unserved(
+    stack: Stack, volume: Any
+) -> None:
+    """Seen at 40 volumes on one machine: the first start of the primary linked its peer,
+    copied the volume to it and then refused to serve, because its Lease could not be
+    written in time; no Lease existed, and the volume was reported Replicating with nobody
+    serving it. The primary's pods are cut off from the API server (its kubelet is not, so
+    the pods become ready and the operator starts the pair) until the agent has refused."""
+    name = "refused"
+    await stack.apply(volume(name, failover={"mode": "Latest"}))
+
+    async def placed() -> dict[str, Any] | None:
+        now = await stack.status(name)
+        return now if now.get("primary") else None
+
+    st = await stack.wait_for("placement", placed, within=60, every=0.05)
+    primary = st["primary"]
+    async with api_cut_off(stack, primary["node"], kubelet=False):
+
+        async def refused() -> bool:
+            now = await stack.status(name)
+            if not now.get("endpoint") or not (now.get("primary") or {}).get("address"):
+                return False
+            export = (await agent_status(stack, name, now["primary"]))["export"]
+            return export["refusedEpoch"] is not None and export["serving"] is False
+
+        await stack.wait_for("the primary's start to refuse for want of a Lease", refused, within=90, every=0.2)
+    writer = following(stack, name)
+    writer.start()
+    await stack.wait_for("writes", lambda: _at_least(writer, 40), within=60)
+    log = await writer.stop()
+    st = await stack.wait_phase(name, "Replicating", within=90)
+    export = (await agent_status(stack, name, st["primary"]))["export"]
+    assert export["serving"] is True, export
     v = await verify_log(stack.socket_path(st), log, writer.resume_seq)
     assert v.consistent and v.lost_acked == 0, v.detail

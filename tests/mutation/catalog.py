@@ -605,7 +605,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "decisions.restart-in-place-only-after-a-lease-fence", DECISIONS,
-        '    if pa.fenced_by != "lease":\n',
+        '    if pa.fenced_by not in ("lease", None) or (pa.fenced_by is None and not refused):\n',
         "    if False:\n",
         T_RESTART_IN_PLACE, "a primary stopped by its data path, its disk or a shutdown is failed over, not restarted",
     ),
@@ -633,6 +633,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        or False\n",
         T_RESTART_IN_PLACE, "a secondary marked for a restart in place is promotable again only if the primary "
         "says it served nothing at that epoch",
+    ),
+    Mutation(
+        "decisions.a-primary-that-does-not-serve-is-down", DECISIONS,
+        "    if pa is None or pa.role != \"primary\" or pa.epoch != st.epoch or pa.serving:\n        return None\n",
+        "    if True:\n        return None\n",
+        T_RESTART_IN_PLACE, "a primary that does not serve at the volume's epoch is not reported Replicating for ever",
     ),
     Mutation(
         "decisions.refused-restart-keeps-the-primarys-own-mark", DECISIONS,

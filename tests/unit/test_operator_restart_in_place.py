@@ -27,6 +27,8 @@ from pairvol.operator.decisions import (
     World,
     fit_to_restart_in_place,
     plan,
+    primary_not_serving,
+    unhealthy_pods,
 )
 
 # the primary's own agent says: fenced because its Lease was lost; daemon and disk fine
@@ -284,3 +286,57 @@ def test_while_the_restart_is_carried_out_nothing_else_is_decided() -> None:
     p = plan(w)
     assert p.actions == [] or all(not isinstance(a, (StartPrimary, DoFailover, Event)) for a in p.actions)
     assert p.status.phase == Phase.DEGRADED and "waiting for its agent" in p.status.message
+
+
+# ------------------------------------------------ a primary that does not serve
+
+
+def refused_at_bring_up(**kw: Any) -> World:
+    """The pairing start at epoch 3 could not take the Lease (a slow API server): the agent
+    linked its peer, copied the volume to it, and refused to serve. No Lease was ever
+    written; the agent's view looks like a replicating pair."""
+    agent = replace(PRIMARY_AGENT, serving=False, refused_epoch=3, fenced_by=None)
+    base: dict[str, Any] = dict(
+        agents={"vol-1-a": agent, "vol-1-b": SECONDARY_AGENT}, lease=None, suspect_since={"vol-1-a": NOW - 4}
+    )
+    base.update(kw)
+    return replicating(**base)
+
+
+def test_a_primary_that_does_not_serve_is_not_reported_replicating() -> None:
+    w = refused_at_bring_up()
+    assert "vol-1-a" in unhealthy_pods(w), "the grace period must start"
+    p = plan(w)
+    assert p.status.phase != Phase.REPLICATING
+    # it never served: the Lease alone kept it from serving, so it is asked again in place
+    start = restarted_in_place(p)
+    assert start is not None and (start.pod, start.epoch) == ("vol-1-a", 4)
+    assert p.status.last_restart is not None and "could not take the lease" in p.status.last_restart.reason
+
+
+def test_a_primary_that_does_not_serve_gets_the_grace_period_first() -> None:
+    p = plan(refused_at_bring_up(suspect_since={"vol-1-a": NOW - 0.5}))
+    assert restarted_in_place(p) is None and not failed_over(p)
+    assert "grace period" in p.status.message
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"agent_call_in_flight": True},  # the start is on its way
+        {"agents": {"vol-1-a": replace(PRIMARY_AGENT, serving=False, epoch=2), "vol-1-b": SECONDARY_AGENT}},
+    ],
+    ids=["call-in-flight", "agent-behind"],
+)
+def test_a_primary_not_serving_yet_is_left_alone(change: dict[str, Any]) -> None:
+    w = refused_at_bring_up(**change)
+    assert primary_not_serving(w) is None
+    assert restarted_in_place(plan(w)) is None
+
+
+def test_a_primary_that_does_not_serve_for_another_reason_is_failed_over() -> None:
+    # e.g. its agent restarted and restored the primary role: it waits for a new epoch
+    agent = replace(PRIMARY_AGENT, serving=False, fenced_by=None, refused_epoch=None)
+    w = refused_at_bring_up(agents={"vol-1-a": agent, "vol-1-b": SECONDARY_AGENT})
+    assert "does not serve at epoch 3" in (primary_not_serving(w) or "")
+    assert failed_over(plan(w))

@@ -655,6 +655,9 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     pa = _agent(world, prim)
     if phealth == "ok" and pa is not None and pa.role != "primary":
         phealth, pwhy = "dead", f"agent of {prim.pod} is {pa.role}, not primary"
+    idle = primary_not_serving(world) if phealth == "ok" else None
+    if idle is not None:
+        phealth, pwhy = "dead", idle
 
     # out-of-sync marks recorded by the primary in its Lease (durable, before any ack)
     sec = st.secondary
@@ -693,7 +696,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         return _finish(world, st, actions, False)
 
     if phealth != "ok":
-        return _primary_down(world, spec, st, actions, phealth, pwhy, manual, lease_only)
+        return _primary_down(world, spec, st, actions, phealth, pwhy, manual, lease_only or idle is not None)
 
     # primary is fine: its state, the endpoint, and the secondary
     st = st.with_(
@@ -1095,7 +1098,8 @@ def fit_to_restart_in_place(world: World, st: VolumeStatus) -> str | None:
         return f"the agent of {prim.pod} is {pa.role} at epoch {pa.epoch}, not the primary of epoch {st.epoch}"
     if pa.serving:
         return f"the agent of {prim.pod} still says it serves"
-    if pa.fenced_by != "lease":
+    refused = pa.refused_epoch == st.epoch  # it could not take its Lease: it never served at this epoch
+    if pa.fenced_by not in ("lease", None) or (pa.fenced_by is None and not refused):
         return f"its workload export was stopped by {pa.fenced_by or 'something other than its Lease'}"
     if pa.local_failure:
         return f"its local disk failed a request ({pa.local_failure})"
@@ -1305,10 +1309,35 @@ def unhealthy_pods(world: World) -> set[str]:
             or not node.ready
         ):
             out.add(rep.pod)
-    if primary_lost_lease(world):
+    if primary_lost_lease(world) or primary_not_serving(world) is not None:
         assert st.primary is not None
         out.add(st.primary.pod)
     return out
+
+
+def primary_not_serving(world: World) -> str | None:
+    """Why the primary, by its own agent's word, does not serve the workload export at the
+    volume's epoch while nothing is being done about it (None: it serves, or a role call is
+    on its way, or its agent has not reached this epoch yet).
+
+    A primary stops serving when it fences itself (its Lease lost, its data path failed); its
+    Lease then runs out and the planner sees that. But a start that refused to serve because
+    it could not take its Lease (a slow API server) may leave no Lease at all, and an absent
+    Lease is no sign of anything: without this the volume stayed "Replicating" with nobody
+    serving it (seen at 40 volumes on one machine). Judged down, it goes the way of any
+    primary that is down: restarted in place (H10) or failed over once its Lease, if any,
+    has expired.
+    """
+    st = world.status
+    prim = st.primary
+    if prim is None or not st.activated or st.failing_over or world.agent_call_in_flight:
+        return None
+    pa = _agent(world, prim)
+    if pa is None or pa.role != "primary" or pa.epoch != st.epoch or pa.serving:
+        return None
+    if pa.refused_epoch == st.epoch:
+        return f"primary {prim.pod} does not serve: its start at epoch {st.epoch} could not take the lease"
+    return f"primary {prim.pod} does not serve at epoch {st.epoch} ({pa.error or pa.fenced_by or 'no reason given'})"
 
 
 def primary_lost_lease(world: World) -> bool:
