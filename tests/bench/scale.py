@@ -462,6 +462,9 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
         # ------------------------------------------------------------ failover storm
         # failovers nobody asked for so far (a primary that could not renew its Lease in time)
         unplanned = sum(1 for n in names if (watch.objects[n].get("status") or {}).get("lastFailover"))
+        # primaries asked to serve again in place instead (they lost only their Lease)
+        restarted = sum(1 for n in names if (watch.objects[n].get("status") or {}).get("lastRestart"))
+        phases = phases_of(watch, names)
         serving = [n for n in names if phase_is("Replicating")(watch.objects[n])]
         primaries = collections.Counter(watch.objects[n]["status"]["primary"]["node"] for n in serving)
         victim, count = max(primaries.items(), key=lambda kv: (kv[1], kv[0]))
@@ -480,6 +483,8 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
                            "single": single, "storm": storm, "storm_p99_over_single": ratio,
                            "storm_p99_over_single_operator_clock": ratio_operator,
                            "unplanned_failovers_before_the_kills": unplanned,
+                           "restarted_in_place_before_the_storm": restarted,
+                           "phases_before_the_storm": phases,
                            "replicating_before_the_storm": len(serving)}  # fmt: skip
         nan = float("nan")
         say(f"storm RTO p50 {storm['rto_s']['p50'] or nan:.2f} s p99 {storm['rto_s']['p99'] or nan:.2f}"
@@ -544,6 +549,10 @@ def report(res: dict[str, Any]) -> str:
         ("  storm p99 / single, operator's clock", f(fo["storm_p99_over_single_operator_clock"], "x"), ""),
         ("  storm volumes not failed over", str(len(fo["storm"]["not_failed_over"])), ""),
         ("unplanned failovers before the kills", str(fo["unplanned_failovers_before_the_kills"]), ""),
+        ("volumes restarted in place (lost only their Lease) before the storm",
+         str(fo.get("restarted_in_place_before_the_storm", "?")), ""),
+        ("phases before the storm", " ".join(f"{k} {v}" for k, v in fo.get("phases_before_the_storm", {}).items()),
+         ""),
         ("reconcile probes failed / skipped",
          f"{len(lat['failed'])} / {lat['not_probed']}", ""),
     ]  # fmt: skip

@@ -3,6 +3,7 @@ not take its Lease does not serve, but keeps its role so the operator can retry.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -69,5 +70,31 @@ async def test_a_refused_start_says_durably_that_nothing_was_served_at_its_epoch
         await replica.start_primary(5, None, "none")
         export = replica.status()["export"]
         assert (export["serving"], export["fencedBy"]) == (True, None)
+    finally:
+        await replica.close()
+
+
+async def test_the_status_says_busy_while_a_start_may_still_serve(tmp_path: Path) -> None:
+    # the operator does not judge a primary that does not serve while its agent is busy: a
+    # start sent by an operator process that has died may still take the Lease and serve
+    cfg = AgentConfig("vol", tmp_path, 16 << 20, ("127.0.0.1", 1), ("127.0.0.1", 2), tmp_path / "export.sock")
+    replica = Replica(cfg, AgentMetrics("vol"))
+    await replica.open()
+    try:
+        taking, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_lease(epoch: int) -> None:
+            taking.set()
+            await go_on.wait()
+
+        replica.before_serve_hooks.append(slow_lease)
+        start = asyncio.create_task(replica.start_primary(3, None, "none"))
+        await asyncio.wait_for(taking.wait(), 10)
+        st = replica.status()
+        assert (st["epoch"], st["export"]["serving"], st["busy"]) == (3, False, True)
+        go_on.set()
+        await asyncio.wait_for(start, 10)
+        st = replica.status()
+        assert (st["export"]["serving"], st["busy"]) == (True, False)
     finally:
         await replica.close()

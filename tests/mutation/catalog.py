@@ -641,6 +641,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         T_RESTART_IN_PLACE, "a primary that does not serve at the volume's epoch is not reported Replicating for ever",
     ),
     Mutation(
+        "decisions.a-busy-primary-may-still-serve", DECISIONS,
+        "    if pa.busy:\n",
+        "    if False:\n",
+        T_RESTART_IN_PLACE, "a primary whose agent is still carrying out a start is not failed over under it",
+    ),
+    Mutation(
         "decisions.refused-restart-keeps-the-primarys-own-mark", DECISIONS,
         "        or pa.peer_out_of_sync\n",
         "        or False\n",
@@ -651,6 +657,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        or lease.out_of_sync_epoch is not None\n",
         "        or False\n",
         T_RESTART_IN_PLACE, "a refusal never un-marks a secondary while the Lease carries an out-of-sync mark",
+    ),
+    Mutation(
+        "lease.a-rebuild-under-the-lock-is-no-failure", LEASE,
+        "        if verdict.ok and not replica.serving and replica.lock.locked() and not replica.fenced.is_set():\n",
+        "        if False:\n",
+        lease_tests("test_a_grow_that_rebuilds_the_export_under_the_lock_keeps_the_lease"),
+        "a grow that takes the export down under the lock keeps renewing the Lease (H3)",
     ),
     Mutation(
         "lease.loss-without-verdict-is-the-data-paths", LEASE,

@@ -421,14 +421,17 @@ class FakeReplica:
         self.out_of_sync_hooks: list[Any] = []
         self.serving = False
         self.state = SimpleNamespace(role="none", epoch=1)
-        self.fenced: list[str] = []
+        self.fences: list[str] = []
+        self.fenced = asyncio.Event()  # set by a fence; a rebuild under the lock is not one
+        self.lock = asyncio.Lock()
         self.causes: list[str] = []
         self.qsd = SimpleNamespace(dead=asyncio.Event())
         self.verdict = Health(True)
         self.last_error: str | None = None
 
     async def fence_workload(self, reason: str, cause: str) -> None:
-        self.fenced.append(reason)
+        self.fences.append(reason)
+        self.fenced.set()
         self.causes.append(cause)
         self.serving = False
 
@@ -478,7 +481,7 @@ async def test_a_dead_daemon_fences_and_releases_the_lease_at_once(monkeypatch: 
                 break
             await asyncio.sleep(0.1)
         assert not lease["spec"].get("holderIdentity"), "lease not released"
-        assert replica.fenced and "data path unhealthy" in replica.fenced[0]
+        assert replica.fences and "data path unhealthy" in replica.fences[0]
         assert replica.causes[0] == "data-path"
         await stopped(task)
 
@@ -493,10 +496,10 @@ async def test_a_fence_that_cannot_be_confirmed_leaves_the_lease_to_expire(monke
         await serving_primary(cluster, replica)
         replica.verdict = Health(False, "the relay daemon no longer exports 'volume'", may_serve=True)
         for _ in range(30):
-            if replica.fenced:
+            if replica.fences:
                 break
             await asyncio.sleep(0.1)
-        assert replica.fenced
+        assert replica.fences
         await asyncio.sleep(0.5)
         first = (await read_lease_or_none(cluster) or {})["spec"]
         assert first["holderIdentity"] == "vol-3-a"  # still there, but no longer renewed
@@ -531,10 +534,10 @@ async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
         renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
     # API server gone: the export is fenced before the lease would have expired
     for _ in range(50):
-        if replica.fenced:
+        if replica.fences:
             break
         await asyncio.sleep(0.1)
-    assert replica.fenced and "lease lost" in replica.fenced[0]
+    assert replica.fences and "lease lost" in replica.fences[0]
     assert replica.causes[0] == "lease", "only a fence by the Lease lets the operator restart the primary in place"
     assert renewed is not None and time.time() < renewed + 2.0 + 0.5
     await stopped(task)
@@ -556,10 +559,10 @@ async def test_a_lease_lost_while_the_daemon_gave_no_verdict_fences_for_the_data
         replica.serving = True
         replica.verdict = SILENT
         for _ in range(100):
-            if replica.fenced:
+            if replica.fences:
                 break
             await asyncio.sleep(0.1)
-        assert replica.fenced and "lease lost" in replica.fenced[0]
+        assert replica.fences and "lease lost" in replica.fences[0]
         assert replica.causes[0] == "data-path", replica.causes
         await stopped(task)
 
@@ -582,6 +585,37 @@ async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatc
             if not lease["spec"].get("holderIdentity"):
                 break
             await asyncio.sleep(0.1)
+        assert not lease["spec"].get("holderIdentity"), "a fenced primary kept its Lease"
+        await stopped(task)
+
+
+async def test_a_grow_that_rebuilds_the_export_under_the_lock_keeps_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a grow takes the export down, grows the disk and serves again, all under the replica
+    # lock, for longer than a Lease duration on a large or slow disk: a reconfiguration, not
+    # a failure (H3). Before, the keeper read "not serving" as unhealthy, fenced and released
+    # the Lease, and never renewed the one the grow took again.
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        await serving_primary(cluster, replica)
+        async with replica.lock:  # the grow
+            replica.serving = False
+            renewed = await renew_times(cluster, 3.0)
+            replica.serving = True
+        assert len(renewed) >= 2, "the Lease was not renewed during the rebuild"
+        assert not replica.fences, replica.fences
+        assert (await read_lease(cluster))["spec"]["holderIdentity"] == "vol-3-a"  # type: ignore[index]
+        # a fence while a command holds the lock is a fence: renewals stop, the Lease goes
+        async with replica.lock:
+            await replica.fence_workload("local disk failed a write", "local-disk")
+            for _ in range(40):
+                lease = await read_lease_or_none(cluster) or {}
+                if not lease["spec"].get("holderIdentity"):
+                    break
+                await asyncio.sleep(0.1)
         assert not lease["spec"].get("holderIdentity"), "a fenced primary kept its Lease"
         await stopped(task)
 
@@ -623,7 +657,7 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
 
         async def fence(reason: str, cause: str) -> None:  # what the Lease says when the fence happens
             holders.append((await read_lease(cluster))["spec"]["holderIdentity"])  # type: ignore[index]
-            replica.fenced.append(reason)
+            replica.fences.append(reason)
             replica.causes.append(cause)
             replica.serving = False
 
@@ -635,7 +669,7 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
                     break
                 await asyncio.sleep(0.1)
         await stopped(task)
-        assert replica.fenced == ["agent shutting down"] and replica.causes == ["shutdown"]
+        assert replica.fences == ["agent shutting down"] and replica.causes == ["shutdown"]
         assert holders == ["vol-3-a"], "fenced while still holding the lease"
         spec = (await read_lease(cluster))["spec"]
         assert isinstance(spec, dict) and not spec.get("holderIdentity"), "released after the fence"

@@ -340,3 +340,13 @@ def test_a_primary_that_does_not_serve_for_another_reason_is_failed_over() -> No
     w = refused_at_bring_up(agents={"vol-1-a": agent, "vol-1-b": SECONDARY_AGENT})
     assert "does not serve at epoch 3" in (primary_not_serving(w) or "")
     assert failed_over(plan(w))
+
+
+def test_a_primary_whose_agent_is_busy_is_left_alone() -> None:
+    # a start sent by an operator process that died since: this one has no call in flight,
+    # the agent saved the epoch and is still trying to take the Lease; it may yet serve
+    agent = replace(PRIMARY_AGENT, serving=False, refused_epoch=None, fenced_by=None, busy=True)
+    w = refused_at_bring_up(agents={"vol-1-a": agent, "vol-1-b": SECONDARY_AGENT})
+    assert primary_not_serving(w) is None
+    p = plan(w)
+    assert restarted_in_place(p) is None and not failed_over(p)

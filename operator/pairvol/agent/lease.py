@@ -35,6 +35,8 @@ class _Fenceable(Protocol):
     out_of_sync_hooks: list[Callable[[int], Awaitable[None]]]
     serving: bool
     last_error: str | None
+    lock: asyncio.Lock
+    fenced: asyncio.Event
 
     @property
     def state(self) -> Any: ...
@@ -139,6 +141,10 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
         serves. A primary that was fenced for another reason than its Lease (its local disk
         failed) has nothing to hold the Lease for: holding it would block the failover."""
         verdict = await replica.health(timeout_s)
+        if verdict.ok and not replica.serving and replica.lock.locked() and not replica.fenced.is_set():
+            # a command rebuilds the export under the lock (a grow takes it down, grows the
+            # disk and serves again): a reconfiguration, not a failure (H3)
+            return Health(True, "a command is rebuilding the workload export", may_serve=True)
         if verdict.ok and not replica.serving:
             why = replica.last_error or "fenced"
             return Health(False, f"the workload export is no longer served ({why})", may_serve=verdict.may_serve)

@@ -2146,6 +2146,8 @@ class Replica:
             "ioStatus": io_status(st.role, st.stage),
             "qsd": {"alive": self.qsd.alive, "pid": self.qsd.pid, "error": qsd_error},
             "restored": self.restored,
+            # a command holds the replica lock (a start may still take the Lease and serve)
+            "busy": self.lock.locked(),
             "disk": {
                 "id": st.disk_id,
                 "stoppedInSync": self._attestation.to_api() if self._attestation else None,

@@ -102,6 +102,9 @@ class AgentView:
     # replication.outOfSync: the primary's own durable record that it acknowledged writes its
     # peer lacks (written before the first such acknowledgement, cleared once in sync again)
     peer_out_of_sync: bool = False
+    # busy: a command holds the agent's replica lock — a start that has saved its epoch may
+    # still take the Lease and serve (it may come from an operator process that has since died)
+    busy: bool = False
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -130,6 +133,7 @@ class AgentView:
             daemon_alive=bool((d.get("qsd") or {}).get("alive", True)),
             refused_epoch=(d.get("export") or {}).get("refusedEpoch"),
             peer_out_of_sync=bool(rep.get("outOfSync", False)),
+            busy=bool(d.get("busy", False)),
         )
 
 
@@ -1318,7 +1322,8 @@ def unhealthy_pods(world: World) -> set[str]:
 def primary_not_serving(world: World) -> str | None:
     """Why the primary, by its own agent's word, does not serve the workload export at the
     volume's epoch while nothing is being done about it (None: it serves, or a role call is
-    on its way, or its agent has not reached this epoch yet).
+    on its way — this operator's, or any command its agent says it is carrying out — or its
+    agent has not reached this epoch yet).
 
     A primary stops serving when it fences itself (its Lease lost, its data path failed); its
     Lease then runs out and the planner sees that. But a start that refused to serve because
@@ -1334,6 +1339,11 @@ def primary_not_serving(world: World) -> str | None:
         return None
     pa = _agent(world, prim)
     if pa is None or pa.role != "primary" or pa.epoch != st.epoch or pa.serving:
+        return None
+    if pa.busy:
+        # a command is under way: a start (perhaps sent by an operator process that has
+        # since died) may still take the Lease and serve at this epoch; once it has ended,
+        # nothing serves at this epoch any more (serving again takes a newer one)
         return None
     if pa.refused_epoch == st.epoch:
         return f"primary {prim.pod} does not serve: its start at epoch {st.epoch} could not take the lease"
