@@ -84,6 +84,9 @@ class Follower:
         self.notes: list[str] = []
         self.fault_at: float | None = None
         self.failovers: list[float] = []
+        # status.lastRestart.epoch last checked: a primary restarted in place (it lost only
+        # its Lease, docs/correctness.md H10) is checked and excused like a new primary
+        self.restart_epoch: int | None = None
 
     async def status(self) -> dict[str, Any]:
         st: dict[str, Any] = await self.stack.status(VOLUME)
@@ -122,11 +125,21 @@ class Follower:
                 log.debug("status: %s", exc)
                 continue
             prim = (st.get("primary") or {}).get("pod")
-            if prim is None or prim == self.pod or st.get("phase") == "FailingOver" or not st.get("endpoint"):
+            if prim is None or st.get("phase") == "FailingOver" or not st.get("endpoint"):
                 continue
-            await self.adopt(st, prim)
+            restart = (st.get("lastRestart") or {}).get("epoch")
+            if prim == self.pod and restart is not None and restart != self.restart_epoch:
+                if await self.adopt(st, prim, "restarted in place"):
+                    self.restart_epoch = restart
+                continue
+            if prim == self.pod:
+                continue
+            if await self.adopt(st, prim, "failover"):
+                self.restart_epoch = restart
 
-    async def adopt(self, st: dict[str, Any], pod: str) -> None:
+    async def adopt(self, st: dict[str, Any], pod: str, why: str) -> bool:
+        """Check the primary the status names and move the workload to it (a new primary, or
+        the same one restarted in place); False if it could not be read yet."""
         sock = self.stack.socket_path(st)
         if self.pod is not None:
             t0 = time.monotonic()
@@ -136,8 +149,11 @@ class Follower:
                 image = await self.read(sock)
             except (OSError, TimeoutError, Exception) as exc:
                 self.notes.append(f"cannot read the new primary {pod}: {exc}")
-                return
-            what = f"new primary {pod} (epoch {st.get('epoch')})"
+                if self.pod == pod:  # restarted in place, not serving yet: go on writing to it
+                    self.workload.retarget(Target(pod, self.term, sock))
+                return False
+            kind = "new primary" if why == "failover" else "primary restarted in place"
+            what = f"{kind} {pod} (epoch {st.get('epoch')})"
             self.violations += check_latest(image, self.hist, time.monotonic(), what)
             seen: dict[int, tuple[int, int] | None] = {}
             from tests.chaos.blocks import BadBlock, parse
@@ -151,11 +167,15 @@ class Follower:
             self.hist.rebase(seen)
             if self.fault_at is not None:
                 self.failovers.append(time.monotonic() - self.fault_at)
-            self.hist.excuse(self.fault_at or t0, time.monotonic(), "failover")
-            self.notes.append(f"workload moved to {pod} on {st['primary'].get('node')}")
+            self.hist.excuse(self.fault_at or t0, time.monotonic(), why)
+            if why == "failover":
+                self.notes.append(f"workload moved to {pod} on {st['primary'].get('node')}")
+            else:
+                self.notes.append(f"{pod} restarted in place at epoch {st.get('epoch')}")
         self.pod = pod
         self.term += 1
         self.workload.retarget(Target(pod, self.term, sock))
+        return True
 
 
 async def settled(stack: Any, f: Follower, within: float = 120, gone: str | None = None) -> None:
@@ -230,7 +250,8 @@ async def _run_on_stack(
         if skews:
             await asyncio.to_thread(check_faketime_loaded)
         f = Follower(stack, hist, workload)
-        await f.adopt(st, st["primary"]["pod"])
+        await f.adopt(st, st["primary"]["pod"], "failover")
+        f.restart_epoch = (st.get("lastRestart") or {}).get("epoch")
         workload.start()
         follow = asyncio.create_task(f.follow())
         w0 = time.monotonic()
