@@ -27,7 +27,7 @@ import pytest
 from tests.e2e.test_e2e_failover import _at_least, agent_status, following, replicating
 from tests.support.promtext import value
 
-from pairvol.localcluster.demo import Stack, verify_log
+from pairvol.localcluster.demo import Stack, Writer, verify_log
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
@@ -48,6 +48,15 @@ async def api_cut_off(stack: Stack, node: str, kubelet: bool = True) -> AsyncIte
             await stack.sim.run_in_node(node, ["iptables", "-w", "-D", *rule])
 
 
+async def written(stack: Stack, manifest: dict[str, Any]) -> tuple[dict[str, Any], Writer]:
+    """The volume replicating, with a writer on its primary that has 40 writes acknowledged."""
+    st = await replicating(stack, manifest)
+    writer = following(stack, manifest["metadata"]["name"])
+    writer.start()
+    await stack.wait_for("writes", lambda: _at_least(writer, 40), within=30)
+    return st, writer
+
+
 async def fenced_by_its_lease(stack: Stack, name: str, primary: dict[str, Any]) -> None:
     async def fenced() -> bool:
         export = (await agent_status(stack, name, primary))["export"]
@@ -61,11 +70,8 @@ async def test_a_primary_that_only_lost_its_lease_serves_again_in_place_without_
 ) -> None:
     name = "inplace"
     # no checkpoint after the first: a failover in Checkpoint mode would roll every write back
-    st = await replicating(stack, volume(name, failover={"mode": "Checkpoint"}, checkpoint={"intervalSeconds": 0}))
+    st, writer = await written(stack, volume(name, failover={"mode": "Checkpoint"}, checkpoint={"intervalSeconds": 0}))
     old, old_secondary, old_epoch = st["primary"], st["secondary"], st["epoch"]
-    writer = following(stack, name)
-    writer.start()
-    await stack.wait_for("writes", lambda: _at_least(writer, 40), within=30)
 
     async with api_cut_off(stack, old["node"]):
         writer.outage_start = time.time()
@@ -103,11 +109,8 @@ async def test_a_primary_that_only_lost_its_lease_serves_again_in_place_without_
 
 async def test_a_primary_that_cannot_take_its_lease_again_is_failed_over(stack: Stack, volume: Any) -> None:
     name = "noinplace"
-    st = await replicating(stack, volume(name, failover={"mode": "Latest"}))
+    st, writer = await written(stack, volume(name, failover={"mode": "Latest"}))
     old = st["primary"]
-    writer = following(stack, name)
-    writer.start()
-    await stack.wait_for("writes", lambda: _at_least(writer, 40), within=30)
 
     async with api_cut_off(stack, old["node"]):
         writer.outage_start = time.time()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -460,18 +462,38 @@ async def serving_primary(cluster: LocalCluster, replica: FakeReplica) -> dict[s
     raise AssertionError("the lease was never taken")
 
 
+@asynccontextmanager
+async def attached(
+    monkeypatch: pytest.MonkeyPatch, duration: float
+) -> AsyncIterator[tuple[LocalCluster, FakeReplica, asyncio.Task[None]]]:
+    """A FakeReplica with attach_lease wired in (holder vol-3-a), on an API server of its own."""
+    monkeypatch.setenv("POD_NAME", "vol-3-a")
+    replica = FakeReplica()
+    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=duration)
+    async with LocalCluster(nodes=0) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
+        task = await attach_lease(replica, args)
+        yield cluster, replica, task
+
+
+async def released(cluster: LocalCluster, within: float = 4.0) -> None:
+    """Until the Lease has no holder: a fenced primary gives it up."""
+    lease: dict[str, Any] = {}
+    for _ in range(int(within / 0.1)):
+        lease = await read_lease_or_none(cluster) or {}
+        if not lease["spec"].get("holderIdentity"):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"a fenced primary kept its Lease: {lease.get('spec')}")
+
+
 async def read_lease_or_none(cluster: LocalCluster) -> dict[str, Any] | None:
     async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
         return await kube.get_or_none(lease_path("default", "pairvol-vol"))
 
 
 async def test_a_dead_daemon_fences_and_releases_the_lease_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=30.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 30.0) as (cluster, replica, task):
         lease = await serving_primary(cluster, replica)
         assert lease["spec"]["holderIdentity"] == "vol-3-a"
         replica.qsd.dead.set()  # renewal is 10 s away: the alarm must not wait for it
@@ -487,12 +509,7 @@ async def test_a_dead_daemon_fences_and_releases_the_lease_at_once(monkeypatch: 
 
 
 async def test_a_fence_that_cannot_be_confirmed_leaves_the_lease_to_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 3.0) as (cluster, replica, task):
         await serving_primary(cluster, replica)
         replica.verdict = Health(False, "the relay daemon no longer exports 'volume'", may_serve=True)
         for _ in range(30):
@@ -510,12 +527,7 @@ async def test_a_fence_that_cannot_be_confirmed_leaves_the_lease_to_expire(monke
 async def test_attach_lease_holds_while_serving_and_fences_when_the_api_is_lost(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 2.0) as (cluster, replica, task):
         await asyncio.sleep(0.3)
         async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
             assert await kube.get_or_none(lease_path("default", "pairvol-vol")) is None
@@ -548,13 +560,8 @@ async def test_a_lease_lost_while_the_daemon_gave_no_verdict_fences_for_the_data
 ) -> None:
     # a stalled daemon (a disk that stops answering) loses the Lease through the stall limit:
     # that fence is the data path's, so the operator fails over instead of restarting it
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
     monkeypatch.setattr("pairvol.kube.lease.STALL_LIMIT_S", 0.5)
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 2.0) as (_, replica, task):
         replica.state = SimpleNamespace(role="primary", epoch=2)
         replica.serving = True
         replica.verdict = SILENT
@@ -570,22 +577,12 @@ async def test_a_lease_lost_while_the_daemon_gave_no_verdict_fences_for_the_data
 async def test_a_primary_fenced_for_another_reason_gives_its_lease_up(monkeypatch: pytest.MonkeyPatch) -> None:
     # e.g. its local disk failed a write: the export is fenced, the daemon is fine. Holding
     # the Lease would block the failover that is now the only way out.
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 3.0) as (cluster, replica, task):
         await serving_primary(cluster, replica)
         await asyncio.sleep(1.2)  # renewed at least once while serving
         replica.serving = False
         replica.last_error = "local disk failed a write: Input/output error; fail over to the secondary"
-        for _ in range(30):
-            lease = await read_lease_or_none(cluster) or {}
-            if not lease["spec"].get("holderIdentity"):
-                break
-            await asyncio.sleep(0.1)
-        assert not lease["spec"].get("holderIdentity"), "a fenced primary kept its Lease"
+        await released(cluster)
         await stopped(task)
 
 
@@ -594,12 +591,7 @@ async def test_a_grow_that_rebuilds_the_export_under_the_lock_keeps_the_lease(mo
     # lock, for longer than a Lease duration on a large or slow disk: a reconfiguration, not
     # a failure (H3). Before, the keeper read "not serving" as unhealthy, fenced and released
     # the Lease, and never renewed the one the grow took again.
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 2.0) as (cluster, replica, task):
         await serving_primary(cluster, replica)
         async with replica.lock:  # the grow
             replica.serving = False
@@ -611,12 +603,7 @@ async def test_a_grow_that_rebuilds_the_export_under_the_lock_keeps_the_lease(mo
         # a fence while a command holds the lock is a fence: renewals stop, the Lease goes
         async with replica.lock:
             await replica.fence_workload("local disk failed a write", "local-disk")
-            for _ in range(40):
-                lease = await read_lease_or_none(cluster) or {}
-                if not lease["spec"].get("holderIdentity"):
-                    break
-                await asyncio.sleep(0.1)
-        assert not lease["spec"].get("holderIdentity"), "a fenced primary kept its Lease"
+            await released(cluster)
         await stopped(task)
 
 
@@ -625,12 +612,7 @@ async def test_an_out_of_sync_mark_without_the_lease_fails_while_the_export_serv
 ) -> None:
     # a hook that returned would count as "durably marked" and let held writes be
     # acknowledged without the peer while the export still serves
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=3.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 3.0) as (_, replica, task):
         mark = replica.out_of_sync_hooks[0]
         replica.serving = True  # serving, but (not yet) holding the Lease
         with pytest.raises(LeaseError, match="out-of-sync at epoch 1 not recorded"):
@@ -645,12 +627,7 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
 ) -> None:
     """Releasing the Lease lets the operator promote at once, so the export must be fenced
     first: when the keeper is cancelled, the fence comes before the release."""
-    monkeypatch.setenv("POD_NAME", "vol-3-a")
-    replica = FakeReplica()
-    args = SimpleNamespace(lease_namespace="default", lease_name="pairvol-vol", lease_duration=2.0)
-    async with LocalCluster(nodes=0) as cluster:
-        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig_path))
-        task = await attach_lease(replica, args)
+    async with attached(monkeypatch, 2.0) as (cluster, replica, task):
         replica.state = SimpleNamespace(role="primary", epoch=2)
         replica.serving = True
         holders: list[object] = []
