@@ -5,7 +5,7 @@ from the API server alone (iptables inside its network namespace, as the chaos c
 `api-unreachable` does): its kubelet and its agent cannot renew anything, while the operator
 still reaches the agent and the secondary still takes the replication. The agent fences its
 export when its Lease runs out. What the operator does next is the promise under test
-(docs/correctness.md, "Restart in place"):
+(docs/correctness.md, H10 and H11):
 
 * the API server comes back before the operator decides: the same pod serves again at a new
   epoch, nothing is rolled back even in Checkpoint mode (every write acknowledged before the
