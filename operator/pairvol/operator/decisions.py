@@ -971,8 +971,10 @@ def _primary_down(
     health: str,
     why: str,
     manual: bool,
-    lease_only: bool = False,
+    only_its_lease: bool = False,
 ) -> Plan:
+    """``only_its_lease``: the primary's pod, node and agent are fine; it lost its Lease, or
+    does not serve, and may be fit to serve again in place (H10)."""
     prim, sec = st.primary, st.secondary
     assert prim is not None
     if health == "suspect":
@@ -990,10 +992,10 @@ def _primary_down(
         # the restart in place is being carried out (taking the Lease may take a duration)
         msg = f"restarting primary {prim.pod} in place at epoch {st.epoch}: waiting for its agent"
         return _finish(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, False)
-    if lease_only and not manual:
+    if only_its_lease and not manual:
         fit = fit_to_restart_in_place(world, st)
         if fit is None:
-            msg = f"primary {prim.pod} lost its lease but is fine: it serves again on {prim.node}, no failover"
+            msg = f"{why}; nothing else is wrong with it: it serves again on {prim.node}, no failover"
             return _restart_primary_in_place(
                 world, st.with_(phase=Phase.DEGRADED, message=msg), actions, why, "lease-lost"
             )
