@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chart_support import Obj, kinds, one, render
+from chart_support import Obj, helm_template, kinds, one, render
 
 from pairvol.csi.manifests import (
     ATTACHER_HOST_CONTAINER,
@@ -103,6 +103,17 @@ def test_node_pods_are_replaced_only_when_deleted_unless_told_otherwise(tmp_path
     values = {**VALUES, "csi": {**VALUES["csi"], "node": {"updateStrategy": rolling}}}
     ds = one(render(values, tmp=tmp_path), "DaemonSet")
     assert ds["spec"]["updateStrategy"] == rolling
+
+
+def test_the_attach_transport_reaches_the_node_plugin_and_only_known_ones_are_accepted(tmp_path: Path) -> None:
+    ds = one(render(VALUES, tmp=tmp_path), "DaemonSet")
+    assert "--attach-transport=fuse" in containers(ds)["csi-node"]["args"]
+    values = {**VALUES, "csi": {**VALUES["csi"], "node": {"attachTransport": "auto"}}}
+    ds = one(render(values, tmp=tmp_path), "DaemonSet")
+    assert "--attach-transport=auto" in containers(ds)["csi-node"]["args"]
+    values = {**VALUES, "csi": {**VALUES["csi"], "node": {"attachTransport": "iscsi"}}}
+    refused = helm_template(values, tmp=tmp_path, check=False)
+    assert refused.returncode != 0 and "attachTransport" in refused.stderr
 
 
 def test_controller_containers_are_unprivileged_and_wait_less_than_the_provisioner(objs: list[Obj]) -> None:

@@ -33,9 +33,10 @@ from pairvol.csi.attach import (
 )
 from pairvol.localcluster.kubelet import ContainerProcess
 from tests.integration.test_csi_node import (  # noqa: F401 (fixtures)
+    TRANSPORT,
     Kubelet,
     Volume,
-    loop_devices_of,
+    devices_of,
     mounts,
     stubs,
     volume,
@@ -95,7 +96,7 @@ def plugin(
     """The node plugin's container: in ``cgroup``, asking ``host`` for its attachers."""
     return driver(
         tmp_path, "node", "--node-id", "node-a", "--state-dir", str(host.socket.parents[1]),
-        "--attacher-host", f"unix://{host.socket}",
+        "--attacher-host", f"unix://{host.socket}", "--attach-transport", TRANSPORT,
         security=node_plugin_security(), name=name, cgroup=cgroup, env=env,
     )  # fmt: skip
 
@@ -113,7 +114,7 @@ def kubelet_of(tmp_path: Path, d: Driver, csi: Stubs, vol: Volume, state: Path) 
 
 async def built_under(tmp_path: Path, state: Path) -> dict[str, list[str]]:
     """The loop devices over the attachments and the mounts of the test: what staging built."""
-    return {"loops": await loop_devices_of(state), "mounts": sorted(m for m in mounts() if str(tmp_path) in m)}
+    return {"loops": await devices_of(state), "mounts": sorted(m for m in mounts() if str(tmp_path) in m)}
 
 
 def runs(pid: int) -> bool:
@@ -125,8 +126,9 @@ def runs(pid: int) -> bool:
 
 def read_uncached(path: Path, fuse_file: Path) -> bytes:
     """Read ``path`` from the device, not the page cache: the file's and the FUSE export's
-    cached pages are dropped first, so the bytes come through the attacher."""
-    for p in (path, fuse_file):
+    cached pages (an nbd attachment has no FUSE file) are dropped first, so the bytes come
+    through the attacher."""
+    for p in (path, fuse_file) if TRANSPORT == "fuse" else (path,):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -182,7 +184,7 @@ async def test_a_mounted_volume_serves_reads_and_writes_while_the_node_plugins_c
         await k.unpublish()
         await k.unstage()
         assert not [m for m in mounts() if str(tmp_path) in m]
-        assert not await loop_devices_of(state)
+        assert not await devices_of(state)
         assert not await asyncio.to_thread(runs, attacher)
         assert not att.dir.exists()
         assert not await host.attachers.running(att)
@@ -231,7 +233,7 @@ async def test_an_unstage_cut_short_by_a_plugin_container_kill_is_finished_by_th
         await ContainerProcess(d.proc, cgroup("csi-node-2")).kill_all()
     assert str(k.staging) not in mounts(), "the file system is unmounted first"
     if crash_at == UNSTAGE_UNMOUNTED.name:
-        assert await loop_devices_of(state), "the loop device is detached after the unmount"
+        assert await devices_of(state), "the loop device is detached after the unmount"
     assert await asyncio.to_thread(runs, attacher) == (crash_at != UNSTAGE_ATTACHER_STOPPED.name)
     assert (att.dir / "attachment.json").exists(), "the record names what is left"
 

@@ -38,6 +38,11 @@ from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_
 
 pytestmark = pytest.mark.timeout(120)
 
+#: how the node plugin attaches: FUSE + loop here; the kernel's nbd client when these tests
+#: run in a guest whose kernel has the module (tests/integration/test_csi_kernel_nbd.py)
+TRANSPORT = os.environ.get("PAIRVOL_TEST_ATTACH_TRANSPORT", "fuse")
+DEVICE_PREFIX = "/dev/nbd" if TRANSPORT == "nbd" else "/dev/loop"
+
 SINGLE_NODE_WRITER = 1
 MULTI_NODE_MULTI_WRITER = 5
 STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION = 1, 2, 3, 4
@@ -142,12 +147,24 @@ def mounts() -> dict[str, str]:
     return mount_points(Path("/proc/self/mountinfo").read_text())
 
 
-async def loop_devices_of(state_dir: Path) -> list[str]:
+async def devices_of(state_dir: Path) -> list[str]:
+    """The loop devices over files under ``state_dir`` and the connected nbd devices its
+    attachments recorded: what an attachment sets up, looked at from outside."""
     proc = await asyncio.create_subprocess_exec(
         "losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list", stdout=asyncio.subprocess.PIPE
     )
     out, _ = await proc.communicate()
-    return [line.split()[0] for line in out.decode().splitlines() if str(state_dir) in line]
+    found = [line.split()[0] for line in out.decode().splitlines() if str(state_dir) in line]
+    return found + await asyncio.to_thread(connected_nbd_devices, state_dir)
+
+
+def connected_nbd_devices(state_dir: Path) -> list[str]:
+    found = []
+    for recorded in state_dir.glob("*/nbd.device"):
+        name = Path(recorded.read_text().strip()).name
+        if (Path("/sys/block") / name / "pid").exists():
+            found.append(f"/dev/{name}")
+    return found
 
 
 @dataclass
@@ -192,7 +209,17 @@ async def node_plugin(
     pods = tmp_path / "kubelet"
     plan = node_plugin_security()
     async with driver(
-        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(state), *args, security=plan, env=env
+        tmp_path,
+        "node",
+        "--node-id",
+        "node-a",
+        "--state-dir",
+        str(state),
+        "--attach-transport",
+        TRANSPORT,
+        *args,
+        security=plan,
+        env=env,
     ) as d:
         assert privileges(d.proc.pid) == running_as(plan)
         k = Kubelet(
@@ -222,7 +249,7 @@ async def node_plugin(
                 await run("umount", "-l", path, check=False)
             await Attachment(state, "apps/pvc-1").unstage(None)
             assert not leftover, f"mounts left behind: {leftover}"
-            assert not await loop_devices_of(state), "loop devices left behind"
+            assert not await devices_of(state), "loop devices left behind"
 
 
 async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubelet) -> None:
@@ -240,7 +267,10 @@ async def test_node_plugin_identifies_itself_and_its_capabilities(kubelet: Kubel
     assert dict(node.accessible_topology.segments) == {"topology.pairvol.io/node": "node-a"}
     ncaps = await kubelet.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
     assert [c.rpc.type for c in ncaps.capabilities] == [
-        STAGE_UNSTAGE_VOLUME, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION
+        STAGE_UNSTAGE_VOLUME,
+        GET_VOLUME_STATS,
+        EXPAND_VOLUME,
+        VOLUME_CONDITION,
     ]
 
 
@@ -251,7 +281,7 @@ async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugi
     await kubelet.stage()  # idempotent
     await kubelet.publish()
     await kubelet.publish()  # idempotent
-    assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
+    assert mounts()[str(kubelet.staging)].startswith(DEVICE_PREFIX)
     data = os.urandom(3 << 20)
     await asyncio.to_thread(write_synced, kubelet.target / "data.bin", data)
     stats = await kubelet.stats()
@@ -267,7 +297,7 @@ async def test_files_survive_unstage_and_restage_and_a_restart_of_the_node_plugi
     await kubelet.unstage()
     await kubelet.unstage()  # idempotent
     assert str(kubelet.staging) not in mounts()
-    assert not await loop_devices_of(kubelet.state_dir)
+    assert not await devices_of(kubelet.state_dir)
 
     await kubelet.stage()  # the file system is there: mounted, not made again
     await kubelet.publish()
@@ -305,7 +335,16 @@ async def test_a_restarted_node_plugin_tears_down_what_the_previous_one_built(
     assert (kubelet.target / "before").read_text() == "written before the restart\n"
     # its successor knows nothing but the state directory
     async with driver(
-        tmp_path, "node", "--node-id", "node-a", "--state-dir", str(kubelet.state_dir), security=plan, name="csi2"
+        tmp_path,
+        "node",
+        "--node-id",
+        "node-a",
+        "--state-dir",
+        str(kubelet.state_dir),
+        "--attach-transport",
+        TRANSPORT,
+        security=plan,
+        name="csi2",
     ) as d:
         kubelet.node = stubs.grpc.NodeStub(d.channel)
         await kubelet.publish()  # idempotent across processes
@@ -313,14 +352,14 @@ async def test_a_restarted_node_plugin_tears_down_what_the_previous_one_built(
         await kubelet.unpublish()
         await kubelet.unstage()
     assert str(kubelet.staging) not in mounts()
-    assert not await loop_devices_of(kubelet.state_dir)
+    assert not await devices_of(kubelet.state_dir)
 
 
 @pytest.mark.parametrize("volume_size", ["300Mi"])
 async def test_xfs_is_made_when_asked_and_then_kept(kubelet: Kubelet) -> None:
     await kubelet.stage(fs_type="xfs")
     await kubelet.publish(fs_type="xfs")
-    assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
+    assert mounts()[str(kubelet.staging)].startswith(DEVICE_PREFIX)
     await asyncio.to_thread(write_synced, kubelet.target / "x", b"on xfs\n")
     await kubelet.unpublish()
     await kubelet.unstage()
@@ -370,7 +409,7 @@ async def test_a_file_system_the_node_cannot_make_is_refused_before_anything_is_
                 "(csi.storage.k8s.io/fstype of the StorageClass)"
             )
         assert [m for m in mounts() if str(tmp_path) in m] == []
-        assert await loop_devices_of(kubelet.state_dir) == []
+        assert await devices_of(kubelet.state_dir) == []
         assert not kubelet.state_dir.exists() or list(kubelet.state_dir.iterdir()) == [], "no attachment was begun"
         assert not await qemu_daemons_under(kubelet.state_dir), "no attacher was started"
 
@@ -381,7 +420,7 @@ async def test_a_file_system_the_node_cannot_make_is_refused_before_anything_is_
         await kubelet.stage(fs_type="xfs")
         assert await qemu_daemons_under(kubelet.state_dir), "the attacher runs (what was looked for above)"
         await kubelet.publish(fs_type="xfs")
-        assert mounts()[str(kubelet.staging)].startswith("/dev/loop")
+        assert mounts()[str(kubelet.staging)].startswith(DEVICE_PREFIX)
         assert (await run("findmnt", "-n", "-o", "FSTYPE", str(kubelet.staging)))[1].strip() == "xfs"
         await asyncio.to_thread(write_synced, kubelet.target / "x", b"on xfs\n")
 
@@ -494,9 +533,7 @@ def write_in_place(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(
-    kubelet: Kubelet, volume: Volume
-) -> None:
+async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(kubelet: Kubelet, volume: Volume) -> None:
     """The primary dies; the pod's writes wait until the secondary, promoted in Latest
     mode, serves the same address; then they complete and nothing acknowledged is lost."""
     await kubelet.stage()
@@ -551,7 +588,7 @@ async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unst
     await kubelet.unpublish()
     await kubelet.unstage()
     assert str(kubelet.staging) not in mounts()
-    assert not await loop_devices_of(kubelet.state_dir)
+    assert not await devices_of(kubelet.state_dir)
 
     await kubelet.stage()
     await kubelet.publish()

@@ -1002,4 +1002,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "",
         T_DECISIONS, "a reachable dropped peer is not replaced while the primary re-protects it",
     ),
+    # ------------------------------------------------------------------ the CSI node plugin's nbd devices
+    Mutation(
+        "attach.nbd-device-claimed-by-another-attachment", "operator/pairvol/csi/attach.py",
+        "            if device not in claimed and not await _device_in_use(device):\n",
+        "            if not await _device_in_use(device):\n",
+        ("tests/unit/test_csi_nbd.py",),
+        "two attachments never share a kernel nbd device, even before one of them is connected",
+    ),
+    Mutation(
+        "attach.nbd-unconnected-unused-device-is-nothing", "operator/pairvol/csi/attach.py",
+        "        return [device] if await _device_in_use(device) else []\n",
+        "        return [device]\n",
+        ("tests/unit/test_csi_nbd.py",),
+        "a device recorded but never connected (a crash before the connect, a node restart) is not a "
+        "broken attachment",
+    ),
+    Mutation(
+        "nbd.connected-means-pid-attribute", "operator/pairvol/csi/nbd.py",
+        '    return (SYS_BLOCK / Path(device).name / "pid").exists()\n',
+        '    return (SYS_BLOCK / Path(device).name).exists()\n',
+        ("tests/unit/test_csi_nbd.py",),
+        "a device counts as connected only while the kernel holds a connection for it",
+    ),
 )

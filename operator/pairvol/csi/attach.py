@@ -1,9 +1,20 @@
 """A volume's attachment on the node that consumes it, built and torn down step by step.
 
 An attachment is a ``qemu-storage-daemon`` (the *attacher*) that is an NBD client of the
-volume's export over TLS-PSK and serves the volume to the node as a FUSE export (a regular
-file), plus a loop device with direct I/O over that file. This works without the kernel's
-nbd module; the loop device is what mkfs, mount and Block-mode pods see.
+volume's export over TLS-PSK and serves the volume to the node as a block device, by one of
+two *transports* (:data:`Transport`, chosen when the attachment is made and kept in its
+record):
+
+* ``fuse``: the attacher serves a FUSE export (a regular file) and a loop device is set up
+  over that file. Works on any node with FUSE and loop devices;
+* ``nbd``: the attacher serves a local NBD export on a unix socket in the attachment's
+  directory, and the kernel's NBD client connects ``/dev/nbdN`` to it (``nbd-client``
+  over netlink: the kernel holds the connection, no process does). Needs the ``nbd``
+  module on the node (:mod:`pairvol.csi.nbd`). No FUSE round trips, the workload's queue
+  depth reaches the attacher; but QEMU's NBD export does not let its node grow, so such an
+  attachment takes a larger size only when it is made anew (docs/csi.md).
+
+Either device is what mkfs, mount and Block-mode pods see.
 
 Everything an attachment is lives in its directory under the node plugin's state
 directory, so a restarted node plugin finds it again from disk alone:
@@ -13,6 +24,9 @@ directory, so a restarted node plugin finds it again from disk alone:
   leaves behind is named by a record, and unstaging tears it down;
 * ``keys.psk`` — the volume's TLS-PSK key (mode 0600, the directory 0700);
 * ``disk`` — the FUSE export's mount point; the loop device is found with ``losetup -j``;
+* ``nbd.sock``, ``nbd.device`` — the local NBD export and the kernel device chosen for it,
+  written (fsynced) before the device is connected, so a crash never leaves a connected
+  device that no record names;
 * ``attacher.pid``, ``attacher.log``, ``qmp.sock`` — the daemon.
 
 Who starts and stops the attacher is an :class:`Attachers`: on a Kubernetes node the
@@ -41,8 +55,9 @@ Which export the attacher asks for decides what it may reconnect to:
   lineage and its clients.
 
 Teardown order protects data, by structure: the file system is unmounted first (the
-kernel flushes it, and the flush travels loop → FUSE fsync → the attacher → NBD FLUSH to the
-primary), then the loop device is detached, then the attacher is stopped with SIGTERM
+kernel flushes it, and the flush travels loop → FUSE fsync → the attacher, or nbd → the
+attacher, → NBD FLUSH to the primary), then the device is flushed and detached (``losetup
+--detach``, or ``nbd-client -d``), then the attacher is stopped with SIGTERM
 (which flushes and closes its block graph). Nothing is killed while a layer above it is
 still in place, except a daemon that does not exit within its grace period. Each step
 looks at what is there, so a node plugin restarted between any two of them carries on.
@@ -59,10 +74,11 @@ import shutil
 import signal
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pairvol.agent import crashpoints
 from pairvol.aio import signal_child
+from pairvol.csi import nbd
 from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
 
@@ -72,7 +88,10 @@ UNSTAGE_UNMOUNTED = crashpoints.point(
     "csi.unstage.unmounted", "the staged file system is unmounted; the loop device and the attacher remain"
 )
 UNSTAGE_LOOP_DETACHED = crashpoints.point(
-    "csi.unstage.loop-detached", "the loop device is detached; the attacher still runs"
+    "csi.unstage.loop-detached", "the device (loop or nbd) is detached; the attacher still runs"
+)
+STAGE_NBD_RECORDED = crashpoints.point(
+    "csi.stage.nbd-recorded", "the nbd device is chosen and recorded; it is not connected yet"
 )
 UNSTAGE_ATTACHER_STOPPED = crashpoints.point(
     "csi.unstage.attacher-stopped", "the attacher is stopped; the attachment's files remain"
@@ -91,6 +110,15 @@ START_TIMEOUT_S = 30.0
 STOP_GRACE_S = 10.0
 #: bytes at each end of a device that must read as zeros before it counts as blank
 BLANK_PROBE = 1 << 20
+#: how an attachment reaches the node's kernel (module docstring)
+Transport = Literal["fuse", "nbd"]
+TRANSPORTS: tuple[Transport, ...] = ("fuse", "nbd")
+#: the local NBD export's name in an ``nbd`` attacher
+LOCAL_EXPORT = "volume"
+#: longest wait for the kernel to drop a disconnected nbd device's connection
+NBD_DISCONNECT_TIMEOUT_S = 10.0
+#: nbd devices are chosen one stage at a time in this process
+_nbd_choice = asyncio.Lock()
 
 
 class AttachError(Exception):
@@ -130,6 +158,9 @@ class Record:
     #: a Checkpoint-mode volume: the attacher asks for the lineage export ``export_name``
     pinned: bool = False
     export_name: str = WORKLOAD_EXPORT
+    #: how the attachment reaches the kernel; records written before there was a choice
+    #: are ``fuse``
+    transport: Transport = "fuse"
 
     def same_volume_as(self, other: Record) -> bool:
         """The same request: equal but for the lineage a pinned attachment found."""
@@ -225,6 +256,8 @@ class Attachment:
         self.pidfile = self.dir / "attacher.pid"
         self.log_path = self.dir / "attacher.log"
         self.qmp = self.dir / "qmp.sock"
+        self.nbd_sock = self.dir / "nbd.sock"
+        self.nbd_device_file = self.dir / "nbd.device"
 
     # -- record
 
@@ -236,17 +269,7 @@ class Attachment:
 
     def _write_record(self, record: Record) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(record), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.record_path)
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(self.record_path, json.dumps(asdict(record)))
 
     def _write_psk(self, identity: str, key: str) -> None:
         path = self.dir / "keys.psk"
@@ -265,7 +288,7 @@ class Attachment:
             return None
         if not cmdline or not cmdline[0].endswith(b"qemu-storage-daemon"):
             return None
-        return pid if any(str(self.disk).encode() in arg for arg in cmdline) else None
+        return pid if any(str(self.qmp).encode() in arg for arg in cmdline) else None
 
     async def attacher_running(self) -> bool:
         """Whether the attacher runs, asked of whoever started it (AttachError: they
@@ -324,13 +347,87 @@ class Attachment:
                 found.append(name)
         return found
 
-    async def loop_device(self) -> str | None:
-        """The loop device over the FUSE export, if there is one."""
-        devices = await self.loop_devices()
+    # -- the kernel nbd device
+
+    def recorded_nbd_device(self) -> str | None:
+        try:
+            return self.nbd_device_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    async def nbd_devices(self) -> list[str]:
+        """The nbd device this attachment recorded, if it is still set up: connected, or
+        still used (mounted, or bind-mounted into a pod) although its connection died with
+        its attacher. A recorded device that is neither (a node restart, a crash before
+        the connect) is not the attachment's any more."""
+        device = await asyncio.to_thread(self.recorded_nbd_device)
+        if device is None:
+            return []
+        if await asyncio.to_thread(nbd.connected, device):
+            return [device]
+        return [device] if await _device_in_use(device) else []
+
+    async def _attach_nbd(self) -> str:
+        """Connect a kernel nbd device to the attacher's local export: the recorded one if
+        it is connected already, else a free one, recorded before it is connected."""
+        recorded = await asyncio.to_thread(self.recorded_nbd_device)
+        if recorded is not None and await asyncio.to_thread(nbd.connected, recorded):
+            return recorded
+        async with _nbd_choice:
+            device = await self._free_nbd_device(prefer=recorded)
+            await asyncio.to_thread(_write_synced, self.nbd_device_file, device + "\n")
+            crashpoints.hit(STAGE_NBD_RECORDED)
+            await run(
+                require_binary("nbd-client"), "-unix", str(self.nbd_sock), device,
+                "-name", LOCAL_EXPORT, "-block-size", "512",
+            )  # fmt: skip
+        if not await asyncio.to_thread(nbd.connected, device):
+            raise AttachError(f"nbd-client reported {device} connected, but the kernel has no connection for it")
+        log.info("connected %s to the attacher of %s", device, self.volume_id)
+        return device
+
+    async def _free_nbd_device(self, prefer: str | None) -> str:
+        """An nbd device nothing uses: not connected, not mounted, not recorded by another
+        attachment of this node plugin."""
+        claimed = await asyncio.to_thread(_recorded_nbd_devices, self.dir.parent, self.dir)
+        candidates = await asyncio.to_thread(nbd.free_devices)
+        if prefer in candidates:
+            candidates.insert(0, candidates.pop(candidates.index(prefer)))
+        for device in candidates:
+            if device not in claimed and not await _device_in_use(device):
+                return device
+        raise AttachError(
+            f"no free nbd device on this node for {self.volume_id} ({len(candidates)} unconnected, all in use or "
+            "claimed); load the nbd module with more devices (modprobe nbd nbds_max=N)"
+        )
+
+    async def _detach_nbd(self, device: str) -> None:
+        if await asyncio.to_thread(nbd.connected, device):
+            await run(require_binary("nbd-client"), "-d", device)
+            deadline = asyncio.get_running_loop().time() + NBD_DISCONNECT_TIMEOUT_S
+            while await asyncio.to_thread(nbd.connected, device):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AttachError(f"{device} of {self.volume_id} is still connected after nbd-client -d")
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.nbd_device_file.unlink, True)
+
+    # -- either device
+
+    async def devices(self) -> list[str]:
+        """The block devices this attachment set up (normally one)."""
+        return [*await self.loop_devices(), *await self.nbd_devices()]
+
+    async def device(self) -> str | None:
+        """The block device mkfs, mount and Block-mode pods use, if there is one."""
+        devices = await self.devices()
         return devices[0] if devices else None
 
+    async def _attach_device(self, record: Record) -> str:
+        return await (self._attach_nbd() if record.transport == "nbd" else self._attach_loop())
+
     async def _attach_loop(self) -> str:
-        device = await self.loop_device()
+        devices = await self.loop_devices()
+        device = devices[0] if devices else None
         if device is None:
             # buffered, not --direct-io=on: the loop device's direct I/O onto QEMU 7.2's FUSE
             # export misdirected writes by 512 KiB in about half the runs on these machines
@@ -382,12 +479,12 @@ class Attachment:
         await asyncio.to_thread(self._write_record, record)
         await asyncio.to_thread(self._write_psk, record.psk_identity, psk_key)
         if not await self.attacher_running():
-            stale = await self.loop_devices()
+            stale = await self.devices()
             if stale:
                 # The attacher died under a device that may still be mounted or published:
                 # a new attacher cannot be put under it, only a new attachment can be made.
                 raise Broken(
-                    f"the attacher of {self.volume_id} is gone while its loop device {', '.join(stale)} is still "
+                    f"the attacher of {self.volume_id} is gone while its device {', '.join(stale)} is still "
                     "set up (I/O on it fails); unpublish and unstage the volume, then stage it again "
                     "(its pods must restart)"
                 )
@@ -403,7 +500,7 @@ class Attachment:
                 "a Checkpoint-mode failover rolls the disk back): its I/O fails; unpublish and unstage the "
                 "volume, then stage it again (its pods must restart and mount it fresh)"
             )
-        device = await self._attach_loop()
+        device = await self._attach_device(record)
         if record.block:
             return device
         staging = Path(record.staging_path)
@@ -429,7 +526,7 @@ class Attachment:
         paths = {staging_path} if staging_path else set()
         if record is not None:
             paths.add(Path(record.staging_path))
-        devices = await self.loop_devices()
+        devices = await self.devices()
         # Refuse before changing anything while a pod still uses the device: detaching it
         # and stopping the attacher under a publication would fail the pod's I/O.
         text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
@@ -444,7 +541,10 @@ class Attachment:
         crashpoints.hit(UNSTAGE_UNMOUNTED)
         for device in devices:
             await run("blockdev", "--flushbufs", device, check=False)
-            await run("losetup", "--detach", device)
+            if Path(device).name.startswith("nbd"):
+                await self._detach_nbd(device)
+            else:
+                await run("losetup", "--detach", device)
         crashpoints.hit(UNSTAGE_LOOP_DETACHED)
         await self.attachers.stop(self)
         crashpoints.hit(UNSTAGE_ATTACHER_STOPPED)
@@ -462,7 +562,7 @@ class Attachment:
         unstage finds nothing to do."""
         if await self.attacher_running():
             return "running"
-        if await self.loop_devices():
+        if await self.devices():
             return "broken"
         if await mounted(self.disk):
             await run("umount", "-l", str(self.disk))
@@ -524,18 +624,30 @@ def attacher_argv(att: Attachment, record: Record, exe: str) -> list[str]:
         f"driver=nbd,node-name=volume,export={_opt(record.export_name)},tls-creds=tls0,server.type=inet,"
         f"server.host={_opt(record.export_host)},server.port={record.export_port},"
         f"reconnect-delay={PINNED_RECONNECT_DELAY_S if record.pinned else RECONNECT_DELAY_S}",
-        "--export",
-        f"type=fuse,id=disk,node-name=volume,mountpoint={_opt(att.disk)},writable=on,allow-other=off",
+        *_export_args(att, record),
         "--pidfile",
         str(att.pidfile),
         "--daemonize",
     ]
 
 
+def _export_args(att: Attachment, record: Record) -> list[str]:
+    """How the attacher serves the volume to the node, by the attachment's transport."""
+    if record.transport == "nbd":
+        return [
+            "--nbd-server",
+            f"addr.type=unix,addr.path={_opt(att.nbd_sock)}",
+            "--export",
+            f"type=nbd,id=disk,node-name=volume,name={LOCAL_EXPORT},writable=on",
+        ]
+    return ["--export", f"type=fuse,id=disk,node-name=volume,mountpoint={_opt(att.disk)},writable=on,allow-other=off"]
+
+
 async def start_attacher(att: Attachment, record: Record) -> None:
     """Start the attacher and wait until it has connected and mounted its export."""
     argv = attacher_argv(att, record, require_binary("qemu-storage-daemon"))
-    await asyncio.to_thread(att.disk.touch, 0o600)
+    if record.transport == "fuse":
+        await asyncio.to_thread(att.disk.touch, 0o600)
     logfile = await asyncio.to_thread(open, att.log_path, "ab")
     try:
         # --daemonize: this process exits once the daemon has connected and mounted
@@ -596,6 +708,40 @@ def _running(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     return False
+
+
+async def _device_in_use(device: str) -> bool:
+    """Whether a mount uses ``device``: a file system on it, or its node bind-mounted."""
+    try:
+        number = await asyncio.to_thread(_dev_number, device)
+    except FileNotFoundError:
+        return False
+    text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    return bool(device_users(text, device, number))
+
+
+def _recorded_nbd_devices(state_dir: Path, besides: Path) -> set[str]:
+    """The nbd devices the other attachments under ``state_dir`` recorded."""
+    found = set()
+    for path in state_dir.glob("*/nbd.device"):
+        if path.parent != besides:
+            with contextlib.suppress(OSError):
+                found.add(path.read_text().strip())
+    return found
+
+
+def _write_synced(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _opt(value: object) -> str:

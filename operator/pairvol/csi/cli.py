@@ -48,6 +48,14 @@ def register(subparsers: Any) -> None:
         help="node: unix:///PATH of the attacher host that runs this node's attachers (default: the node plugin "
         "runs them itself, and they die with its container)",
     )
+    p.add_argument(
+        "--attach-transport",
+        choices=("fuse", "nbd", "auto"),
+        default="fuse",
+        help="node: how a new attachment reaches the kernel: fuse (a FUSE export and a loop device; any node), "
+        "nbd (the kernel's nbd client: needs the nbd module; such an attachment grows only when attached anew) "
+        "or auto (nbd where the node has it, else fuse); an attachment keeps the transport it was made with",
+    )
     p.add_argument("--node-id", default="", help="this node's name (required with --mode node)")
     p.add_argument(
         "--state-dir",
@@ -174,7 +182,9 @@ async def _main(args: argparse.Namespace) -> None:
             attachers = HostAttachers(socket_path(args.attacher_host)) if args.attacher_host else None
             if attachers is not None:
                 await attachers.wait_ready()  # its answers say which attachers run
-            node = NodeService(args.node_id, Path(args.state_dir), await _node_kube(args, stack), attachers)
+            node = NodeService(
+                args.node_id, Path(args.state_dir), await _node_kube(args, stack), attachers, args.attach_transport
+            )
             await node.recover()  # before the first call: what the state directory holds
             handlers.append(service("Node", node.handlers()))
         server = await serve(args.endpoint, handlers)

@@ -17,6 +17,12 @@ from the bottom up:
 
 Every step is idempotent: a call repeated after a crash, or for a volume already grown,
 finds each layer at the size and does nothing more.
+
+An attachment through the kernel's nbd client (transport ``nbd``) cannot take part: the
+attacher's local NBD export holds its node at the size it had (QEMU refuses a resize under
+an NBD export), so step 1 is impossible while the kernel is connected. Such a volume grows
+when it is attached anew (the pod restarts; NodeStageVolume, then the kubelet's
+NodeExpandVolume grows the file system); until then the call fails with that advice.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ GROW_TIMEOUT_S = 30.0
 POLL_S = 0.1
 
 
+class OfflineOnly(AttachError):
+    """The attachment cannot take a new size while it is attached."""
+
+
 class NotYet(AttachError):
     """The export does not offer the size yet (the replicas have not finished growing)."""
 
@@ -47,16 +57,24 @@ async def grow(att: Attachment, record: Record, size: int) -> int:
     """Grow every layer of ``att`` to ``size`` bytes; returns the device's size."""
     if not await att.attacher_running():
         raise Broken(f"the attacher of {att.volume_id} is gone; restart the pod so the volume is staged again")
-    device = await att.loop_device()
+    device = await att.device()
     if device is None:
-        raise Broken(f"volume {att.volume_id} has no loop device; unstage and stage it again")
-    await _grow_nbd_node(att, size)
-    await _wait_file_size(att.disk, size)
-    if await asyncio.to_thread(_device_size, device) < size:
-        await run("losetup", "--set-capacity", device)
+        raise Broken(f"volume {att.volume_id} has no device on this node; unstage and stage it again")
     have = await asyncio.to_thread(_device_size, device)
+    if have < size and record.transport == "nbd":
+        raise OfflineOnly(
+            f"{att.volume_id} is attached through the kernel's nbd client, whose device keeps the size it had "
+            f"when it was attached ({have} bytes; QEMU's NBD export cannot grow while it is served): restart "
+            "the pod using it; the volume is attached anew at its new size and its file system grown then"
+        )
     if have < size:
-        raise AttachError(f"loop device {device} is {have} bytes after losetup --set-capacity, not {size}")
+        await _grow_nbd_node(att, size)
+        await _wait_file_size(att.disk, size)
+        if await asyncio.to_thread(_device_size, device) < size:
+            await run("losetup", "--set-capacity", device)
+        have = await asyncio.to_thread(_device_size, device)
+        if have < size:
+            raise AttachError(f"loop device {device} is {have} bytes after losetup --set-capacity, not {size}")
     if not record.block:
         if record.fs_type == "xfs":
             await run("xfs_growfs", record.staging_path, timeout=300)

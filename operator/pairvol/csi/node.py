@@ -23,12 +23,13 @@ import contextlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
-from pairvol.csi import DRIVER_NAME, attach, expand
+from pairvol.csi import DRIVER_NAME, attach, expand, nbd
 from pairvol.csi.attach import (
     AttachError,
     Attachers,
@@ -40,6 +41,7 @@ from pairvol.csi.attach import (
     Record,
     Superseded,
     TooSmall,
+    Transport,
     mounted,
     run,
 )
@@ -67,6 +69,9 @@ GET_VOLUME_STATS = 2
 EXPAND_VOLUME = 3
 VOLUME_CONDITION = 4
 BYTES, INODES = 1, 2
+#: the node plugin's --attach-transport
+TransportChoice = Literal["fuse", "nbd", "auto"]
+TRANSPORT_CHOICES: tuple[TransportChoice, ...] = ("fuse", "nbd", "auto")
 #: longest wait for the API server in NodeGetVolumeStats (the kubelet's call must not hang)
 API_TIMEOUT_S = 5.0
 #: the (Debian) package that brings each file system's mkfs, for the error that says it is missing
@@ -99,10 +104,18 @@ def _psk(secrets: dict[str, str]) -> tuple[str, str]:
 
 class NodeService:
     def __init__(
-        self, node_id: str, state_dir: Path, kube: KubeClient | None = None, attachers: Attachers | None = None
+        self,
+        node_id: str,
+        state_dir: Path,
+        kube: KubeClient | None = None,
+        attachers: Attachers | None = None,
+        transport: TransportChoice = "fuse",
     ) -> None:
         self.node_id = node_id
         self.state_dir = state_dir
+        #: how new attachments reach the kernel (attach.Transport), or "auto": the kernel's
+        #: nbd client where this node has it, else FUSE + loop
+        self.transport = transport
         #: who runs the attachers: the attacher host (whose answers say whether one runs:
         #: its PIDs are not visible here), or this process itself
         self.attachers = attachers or DirectAttachers()
@@ -142,7 +155,7 @@ class NodeService:
                 continue
             what = {
                 "discarded": "only its files were left (the node restarted); removed",
-                "broken": "its attacher is gone under its loop device; it must be unstaged",
+                "broken": "its attacher is gone under its device; it must be unstaged",
                 "running": "found again, its attacher running",
             }[found]
             level = logging.WARNING if found == "broken" else logging.INFO
@@ -273,6 +286,8 @@ class NodeService:
         async with self._locks[volume_id]:
             att = self._attachment(volume_id)
             existing = await asyncio.to_thread(att.read_record)
+            # an attachment keeps the transport it was made with
+            record = replace(record, transport=existing.transport if existing else await self._transport())
             if existing is not None and not existing.same_volume_as(record):
                 raise CsiError(
                     grpc.StatusCode.ALREADY_EXISTS,
@@ -286,6 +301,22 @@ class NodeService:
             except AttachError as exc:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"staging {volume_id} failed: {exc}") from exc
         return self.m.get("NodeStageVolumeResponse")()
+
+    async def _transport(self) -> Transport:
+        """The transport of a new attachment; FAILED_PRECONDITION when ``nbd`` is demanded
+        and this node cannot give it."""
+        if self.transport == "fuse":
+            return "fuse"
+        problem = await asyncio.to_thread(nbd.unavailable)
+        if problem is None:
+            return "nbd"
+        if self.transport == "auto":
+            return "fuse"
+        raise CsiError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"node {self.node_id} cannot attach through the kernel's nbd client: {problem}; load the module "
+            "there, or start the node plugin with --attach-transport fuse or auto",
+        )
 
     async def unstage(self, req: Any) -> Any:
         volume_id = require(req.volume_id, "volume_id")
@@ -331,11 +362,11 @@ class NodeService:
                     )
                 return self.m.get("NodePublishVolumeResponse")()
             if cap.block:
-                device = await att.loop_device()
+                device = await att.device()
                 if device is None:
                     raise CsiError(
                         grpc.StatusCode.FAILED_PRECONDITION,
-                        f"volume {volume_id} has no loop device on node {self.node_id}; unstage and stage it again",
+                        f"volume {volume_id} has no device on node {self.node_id}; unstage and stage it again",
                     )
                 await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
                 await asyncio.to_thread(target.touch, 0o600)
@@ -397,7 +428,7 @@ class NodeService:
                 have = await expand.grow(att, record, size)
             except expand.NotYet as exc:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-            except Broken as exc:
+            except (Broken, expand.OfflineOnly) as exc:
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
             except AttachError as exc:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"growing {volume_id} failed: {exc}") from exc
@@ -441,4 +472,4 @@ def _describe(record: Record) -> str:
     kind = "a block device" if record.block else f"an {record.fs_type} file system at {record.staging_path}"
     if record.pinned:
         kind += " (Checkpoint mode: pinned to the primary's lineage)"
-    return f"{kind} from {record.export_host}:{record.export_port}"
+    return f"{kind} from {record.export_host}:{record.export_port} through {record.transport}"
