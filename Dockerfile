@@ -21,11 +21,11 @@ RUN python3 -m venv /tmp/build-venv \
 FROM debian:bookworm-slim
 # qemu-utils: qemu-img, qemu-io, qemu-nbd; qemu-system-common: qemu-storage-daemon;
 # iproute2 for diagnostics inside agent pods; mount, util-linux, e2fsprogs, xfsprogs: the
-# CSI node plugin's losetup, blkid, mount and mkfs; nbd-client: its kernel nbd transport.
+# CSI node plugin's losetup, blkid, mount and mkfs.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       qemu-utils qemu-system-common iproute2 python3 python3-venv ca-certificates \
-      mount util-linux e2fsprogs xfsprogs nbd-client \
+      mount util-linux e2fsprogs xfsprogs \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN python3 -m venv /opt/pairvol \

@@ -437,6 +437,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "load_start": os.getloadavg(),
             "command": " ".join([sys.executable, "-m", "tests.bench.csi", *sys.argv[1:]]),
+            "transport": args.attach_transport,
         }
     }
     stubs = compile_stubs(workdir / "stubs")
@@ -451,6 +452,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "bench-node",
                 "--state-dir",
                 str(workdir / "st"),
+                "--attach-transport",
+                args.attach_transport,
                 security=node_plugin_security("bench-node"),
             ) as plugin,
         ):
@@ -460,10 +463,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 targets = {
                     "export": nbd_uri(blk_vol.primary.export_socket),
-                    "fuse": str(await asyncio.to_thread(loop_backing_file, device)),
                     "block": str(device),
                     "fs": str(mount / "fio.dat"),
                 }
+                if args.attach_transport == "fuse":  # an nbd attachment has no FUSE file
+                    targets["fuse"] = str(await asyncio.to_thread(loop_backing_file, device))
                 targets = {c: t for c, t in targets.items() if c in args.configs}
                 if "throughput" in args.sections:
                     results["throughput"] = await throughput(targets, plan, workdir)
@@ -490,7 +494,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     parts = [
-        f"pairvol CSI attachment benchmark ({'quick' if meta['quick'] else 'full'} run), "
+        f"pairvol CSI attachment benchmark ({'quick' if meta['quick'] else 'full'} run, "
+        f"transport {meta.get('transport', 'fuse')}), "
         f"{os.cpu_count()} CPUs, 1-min load {meta['load_start'][0]:.2f} -> {meta['load_end'][0]:.2f}",
         f"  {meta['command']}",
     ]
@@ -559,6 +564,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved fio rounds (default 3, quick 1)")
     p.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 5, quick 1)")
     p.add_argument("--failovers", type=int, default=None, help="failovers measured (default 12, quick 2)")
+    p.add_argument(
+        "--attach-transport",
+        choices=("fuse", "nbd"),
+        default="fuse",
+        help="the node plugin's transport (nbd: the kernel's nbd client, needs the module; no 'fuse' config)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temporary directory (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -1002,11 +1002,29 @@ MUTATIONS: tuple[Mutation, ...] = (
         "",
         T_DECISIONS, "a reachable dropped peer is not replaced while the primary re-protects it",
     ),
+    Mutation(
+        "decisions.a-lost-bring-up-start-is-resumed", DECISIONS,
+        "    lost = bring_up_start_lost(world)\n",
+        "    lost = None\n",
+        T_DECISIONS, "an activated volume whose primary never got its start is not left down for good (H12)",
+    ),
+    Mutation(
+        "decisions.a-bring-up-is-resumed-only-if-nothing-served", DECISIONS,
+        "    if pa is None or pa.role != \"none\" or pa.epoch != 0 or pa.busy:\n",
+        "    if pa is None or pa.role != \"none\":\n",
+        T_DECISIONS, "a primary that got its start (an epoch, a command under way) is never started over (H12)",
+    ),
+    Mutation(
+        "decisions.a-bring-up-with-a-lease-is-not-resumed", DECISIONS,
+        "    if st.last_failover is not None or st.last_restart is not None or world.lease is not None:\n",
+        "    if st.last_failover is not None or st.last_restart is not None:\n",
+        T_DECISIONS, "a volume whose primary took the Lease served: it is never started over (H12)",
+    ),
     # ------------------------------------------------------------------ the CSI node plugin's nbd devices
     Mutation(
         "attach.nbd-device-claimed-by-another-attachment", "operator/pairvol/csi/attach.py",
-        "            if device not in claimed and not await _device_in_use(device):\n",
-        "            if not await _device_in_use(device):\n",
+        "        return [d for d in candidates if d not in claimed and not await _device_in_use(d)]\n",
+        "        return [d for d in candidates if not await _device_in_use(d)]\n",
         ("tests/unit/test_csi_nbd.py",),
         "two attachments never share a kernel nbd device, even before one of them is connected",
     ),
@@ -1017,6 +1035,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/unit/test_csi_nbd.py",),
         "a device recorded but never connected (a crash before the connect, a node restart) is not a "
         "broken attachment",
+    ),
+    Mutation(
+        "attach.nbd-device-of-another-backend-is-not-ours", "operator/pairvol/csi/attach.py",
+        "            return [device] if await asyncio.to_thread(self._owns, device) else []\n",
+        "            return [device]\n",
+        ("tests/unit/test_csi_nbd.py",),
+        "a device another program connected is never adopted, reported broken or disconnected as ours",
+    ),
+    Mutation(
+        "nbd.partitions-use-the-device", "operator/pairvol/csi/nbd.py",
+        '    for dev in [base / "dev", *sorted(base.glob(f"{base.name}p*/dev"))]:\n',
+        '    for dev in [base / "dev"]:\n',
+        ("tests/unit/test_csi_nbd.py",),
+        "a mounted partition of an attachment's nbd device keeps it from being disconnected",
     ),
     Mutation(
         "nbd.connected-means-pid-attribute", "operator/pairvol/csi/nbd.py",

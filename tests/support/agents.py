@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -91,11 +92,19 @@ def pod_launcher(agent: procs.Agent, command: list[str]) -> list[str]:
     return argv
 
 
+#: how many times slower than this machine the tests run: 1, but for the emulated guest of
+#: tests/integration/test_csi_kernel_nbd.py, whose agents take that much longer to start
+SLOWDOWN = float(os.environ.get("PAIRVOL_TEST_SLOWDOWN", "1"))
+
+
 @dataclass
 class Agent(procs.Agent):
     """A :class:`pairvol.agent.procs.Agent` started with the agent pod's privileges."""
 
     launcher: procs.Launcher | None = pod_launcher
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        await super().wait_ready(timeout * SLOWDOWN)
 
 
 @contextlib.asynccontextmanager

@@ -1854,3 +1854,61 @@ def test_a_manual_failover_that_could_promote_nothing_is_refused_before_the_prim
     blocked = [(e.type, e.message) for e in p.actions if isinstance(e, Event) and e.reason == "FailoverBlocked"]
     assert blocked and blocked[0][0] == "Warning"
     assert blocked[0][1].startswith("manual failover refused: secondary vol-1-b never finished")
+
+
+# ------------------------------------------------------------------ a bring-up whose start was lost (H12)
+
+def _activated_but_never_started(**agent: Any) -> World:
+    """The bring-up sent StartPrimary at epoch 3 (persisted first: activated, Syncing); the
+    operator stopped before the call reached the primary's agent."""
+    w = _placed()
+    st0 = w.status
+    assert st0.primary is not None and st0.secondary is not None
+    pods = {
+        st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
+        st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
+    }
+    idle = AgentView("none", "none", 0)
+    sec = AgentView("secondary", "running", 2)
+    w = replace(w, pods=pods, agents={st0.primary.pod: idle, st0.secondary.pod: sec})
+    w = replace(w, status=plan(replace(w, status=w.status.with_(epoch=2))).status)
+    assert w.status.activated and w.status.epoch == 3 and w.status.phase == Phase.SYNCING
+    assert w.status.primary is not None
+    return replace(w, agents={**w.agents, w.status.primary.pod: replace(idle, **agent)})
+
+
+def test_a_bring_up_whose_start_never_reached_the_primary_goes_on_at_a_new_epoch() -> None:
+    w = _activated_but_never_started()
+    p = plan(w)
+    starts = [a for a in p.actions if isinstance(a, StartPrimary)]
+    assert [(a.epoch, a.sync) for a in starts] == [(4, "full")]
+    assert p.status.epoch == 4 and p.status.activated and p.status.phase == Phase.SYNCING
+    resumed = [a for a in p.actions if isinstance(a, Event) and a.reason == "BringUpResumed"]
+    assert len(resumed) == 1 and "never reached its agent" in resumed[0].message
+
+
+@pytest.mark.parametrize(
+    ("why", "change"),
+    [
+        ("the agent has an epoch: the start arrived", {"agents": {"epoch": 3}}),
+        ("the agent is carrying out a command", {"agents": {"busy": True}}),
+        ("a Lease exists: a primary took it", {"lease": LeaseView("vol-1-a", 1, 3.0)}),
+        ("this operator's call is on its way", {"agent_call_in_flight": True}),
+        ("the secondary was in sync once", {"synced": True}),
+    ],
+)
+def test_a_bring_up_is_resumed_only_when_the_primary_provably_served_nothing(
+    why: str, change: dict[str, Any]
+) -> None:
+    w = _activated_but_never_started(**change.get("agents", {}))
+    if "lease" in change:
+        w = replace(w, lease=change["lease"])
+    if "agent_call_in_flight" in change:
+        w = replace(w, agent_call_in_flight=True)
+    if "synced" in change:
+        assert w.status.secondary is not None
+        w = replace(w, status=w.status.with_(secondary=replace(w.status.secondary, synced=True)))
+    p = plan(w)
+    assert not [a for a in p.actions if isinstance(a, StartPrimary)], why
+    assert not [a for a in p.actions if isinstance(a, Event) and a.reason == "BringUpResumed"], why
+    assert p.status.activated, why

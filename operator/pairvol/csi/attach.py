@@ -8,11 +8,13 @@ record):
 * ``fuse``: the attacher serves a FUSE export (a regular file) and a loop device is set up
   over that file. Works on any node with FUSE and loop devices;
 * ``nbd``: the attacher serves a local NBD export on a unix socket in the attachment's
-  directory, and the kernel's NBD client connects ``/dev/nbdN`` to it (``nbd-client``
-  over netlink: the kernel holds the connection, no process does). Needs the ``nbd``
-  module on the node (:mod:`pairvol.csi.nbd`). No FUSE round trips, the workload's queue
-  depth reaches the attacher; but QEMU's NBD export does not let its node grow, so such an
-  attachment takes a larger size only when it is made anew (docs/csi.md).
+  directory, and the kernel's NBD client connects ``/dev/nbdN`` to it (negotiated here and
+  handed to the kernel over netlink under the attachment's backend identifier: the kernel
+  holds the connection, no process does). Needs the ``nbd`` module on the node
+  (:mod:`pairvol.csi.nbd`, which says why a device is provably the attachment's). No
+  FUSE round trips, the workload's queue depth reaches the attacher; but QEMU's NBD
+  export does not let its node grow, so such an attachment takes a larger size only when
+  it is made anew (docs/csi.md).
 
 Either device is what mkfs, mount and Block-mode pods see.
 
@@ -57,7 +59,7 @@ Which export the attacher asks for decides what it may reconnect to:
 Teardown order protects data, by structure: the file system is unmounted first (the
 kernel flushes it, and the flush travels loop → FUSE fsync → the attacher, or nbd → the
 attacher, → NBD FLUSH to the primary), then the device is flushed and detached (``losetup
---detach``, or ``nbd-client -d``), then the attacher is stopped with SIGTERM
+--detach``, or a netlink disconnect), then the attacher is stopped with SIGTERM
 (which flushes and closes its block graph). Nothing is killed while a layer above it is
 still in place, except a daemon that does not exit within its grace period. Each step
 looks at what is there, so a node plugin restarted between any two of them carries on.
@@ -72,6 +74,7 @@ import logging
 import os
 import shutil
 import signal
+import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -85,7 +88,7 @@ from pairvol.qemu.img import require_binary
 log = logging.getLogger(__name__)
 
 UNSTAGE_UNMOUNTED = crashpoints.point(
-    "csi.unstage.unmounted", "the staged file system is unmounted; the loop device and the attacher remain"
+    "csi.unstage.unmounted", "the staged file system is unmounted; the device and the attacher remain"
 )
 UNSTAGE_LOOP_DETACHED = crashpoints.point(
     "csi.unstage.loop-detached", "the device (loop or nbd) is detached; the attacher still runs"
@@ -115,10 +118,15 @@ Transport = Literal["fuse", "nbd"]
 TRANSPORTS: tuple[Transport, ...] = ("fuse", "nbd")
 #: the local NBD export's name in an ``nbd`` attacher
 LOCAL_EXPORT = "volume"
-#: longest wait for the kernel to drop a disconnected nbd device's connection
-NBD_DISCONNECT_TIMEOUT_S = 10.0
-#: nbd devices are chosen one stage at a time in this process
-_nbd_choice = asyncio.Lock()
+#: how long an unstage waits for a disconnected nbd device to be released (it stays
+#: configured while anything still holds it open, e.g. a mount namespace that copied its mount)
+NBD_RELEASE_WAIT_S = 3.0
+#: nbd devices are chosen one stage at a time in this process (a lock per event loop)
+_nbd_choice_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _nbd_choice() -> asyncio.Lock:
+    return _nbd_choice_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
 class AttachError(Exception):
@@ -205,10 +213,12 @@ def mount_points(mountinfo: str) -> dict[str, str]:
     return out
 
 
-def device_users(mountinfo: str, device: str, dev_number: str) -> list[str]:
+def device_users(mountinfo: str, device: str, dev_numbers: str | list[str]) -> list[str]:
     """Mount points that use the block device ``device`` (e.g. ``/dev/loop3``, number
-    ``7:3``): file systems mounted from it (the mount's device number) and the device node
-    itself bind-mounted onto a file (a devtmpfs mount whose root is the node)."""
+    ``7:3``; an nbd device's partitions' numbers too): file systems mounted from it (the
+    mount's device number) and the device node itself bind-mounted onto a file (a devtmpfs
+    mount whose root is the node)."""
+    numbers = {dev_numbers} if isinstance(dev_numbers, str) else set(dev_numbers)
     node = "/" + Path(device).name
     out = []
     for line in mountinfo.splitlines():
@@ -216,7 +226,7 @@ def device_users(mountinfo: str, device: str, dev_number: str) -> list[str]:
         if " - " not in line or len(fields) < 5:
             continue
         fstype = line.split(" - ", 1)[1].split()[0]
-        if fields[2] == dev_number or (fstype == "devtmpfs" and unescape_mountinfo(fields[3]) == node):
+        if fields[2] in numbers or (fstype == "devtmpfs" and unescape_mountinfo(fields[3]) == node):
             out.append(unescape_mountinfo(fields[4]))
     return out
 
@@ -355,59 +365,87 @@ class Attachment:
         except FileNotFoundError:
             return None
 
+    @property
+    def nbd_identifier(self) -> str:
+        """What the kernel shows as the backend of this attachment's nbd device."""
+        return f"pairvol-csi:{self.dir}"
+
+    def _owns(self, device: str) -> bool:
+        return nbd.backend(device) == self.nbd_identifier
+
     async def nbd_devices(self) -> list[str]:
-        """The nbd device this attachment recorded, if it is still set up: connected, or
-        still used (mounted, or bind-mounted into a pod) although its connection died with
-        its attacher. A recorded device that is neither (a node restart, a crash before
-        the connect) is not the attachment's any more."""
+        """The nbd device this attachment recorded, if it is still set up: configured by
+        this attachment (its backend identifier), or not configured any more but still used
+        (mounted, or bind-mounted into a pod): its connection was taken away under a mount.
+        A recorded device that is neither (a node restart, a crash before the connect) is
+        not the attachment's any more, nor is one another program has connected since."""
         device = await asyncio.to_thread(self.recorded_nbd_device)
         if device is None:
             return []
         if await asyncio.to_thread(nbd.connected, device):
-            return [device]
+            return [device] if await asyncio.to_thread(self._owns, device) else []
         return [device] if await _device_in_use(device) else []
 
     async def _attach_nbd(self) -> str:
         """Connect a kernel nbd device to the attacher's local export: the recorded one if
-        it is connected already, else a free one, recorded before it is connected."""
+        this attachment configured it already, else a free one, recorded before it is
+        connected."""
         recorded = await asyncio.to_thread(self.recorded_nbd_device)
-        if recorded is not None and await asyncio.to_thread(nbd.connected, recorded):
-            return recorded
-        async with _nbd_choice:
-            device = await self._free_nbd_device(prefer=recorded)
-            await asyncio.to_thread(_write_synced, self.nbd_device_file, device + "\n")
-            crashpoints.hit(STAGE_NBD_RECORDED)
-            await run(
-                require_binary("nbd-client"), "-unix", str(self.nbd_sock), device,
-                "-name", LOCAL_EXPORT, "-block-size", "512",
-            )  # fmt: skip
-        if not await asyncio.to_thread(nbd.connected, device):
-            raise AttachError(f"nbd-client reported {device} connected, but the kernel has no connection for it")
-        log.info("connected %s to the attacher of %s", device, self.volume_id)
-        return device
+        if recorded is not None:
+            if await asyncio.to_thread(nbd.connected, recorded):
+                if await asyncio.to_thread(self._owns, recorded):
+                    return recorded
+            elif await _device_in_use(recorded):
+                raise Broken(
+                    f"the nbd device {recorded} of {self.volume_id} lost its connection while it is still mounted "
+                    "(I/O on it fails); unpublish and unstage the volume, then stage it again (its pods must restart)"
+                )
+        async with _nbd_choice():
+            refused = []
+            for device in await self._free_nbd_devices(prefer=recorded):
+                await asyncio.to_thread(_write_synced, self.nbd_device_file, device + "\n")
+                crashpoints.hit(STAGE_NBD_RECORDED)
+                try:
+                    await asyncio.to_thread(nbd.connect, device, self.nbd_sock, LOCAL_EXPORT, self.nbd_identifier)
+                except nbd.KernelRefused as exc:  # held open by another program: try the next
+                    refused.append(str(exc))
+                    continue
+                except nbd.NbdError as exc:
+                    raise AttachError(f"attaching {self.volume_id} through the kernel failed: {exc}") from exc
+                log.info("connected %s to the attacher of %s", device, self.volume_id)
+                return device
+        raise AttachError(
+            f"no free nbd device on this node for {self.volume_id} ({'; '.join(refused) or 'all are in use'}); "
+            "load the nbd module with more devices (modprobe nbd nbds_max=N)"
+        )
 
-    async def _free_nbd_device(self, prefer: str | None) -> str:
-        """An nbd device nothing uses: not connected, not mounted, not recorded by another
-        attachment of this node plugin."""
+    async def _free_nbd_devices(self, prefer: str | None) -> list[str]:
+        """The nbd devices nothing uses: not configured, not mounted, not held, not recorded
+        by another attachment of this node plugin; ``prefer`` first."""
         claimed = await asyncio.to_thread(_recorded_nbd_devices, self.dir.parent, self.dir)
         candidates = await asyncio.to_thread(nbd.free_devices)
         if prefer in candidates:
             candidates.insert(0, candidates.pop(candidates.index(prefer)))
-        for device in candidates:
-            if device not in claimed and not await _device_in_use(device):
-                return device
-        raise AttachError(
-            f"no free nbd device on this node for {self.volume_id} ({len(candidates)} unconnected, all in use or "
-            "claimed); load the nbd module with more devices (modprobe nbd nbds_max=N)"
-        )
+        return [d for d in candidates if d not in claimed and not await _device_in_use(d)]
 
     async def _detach_nbd(self, device: str) -> None:
-        if await asyncio.to_thread(nbd.connected, device):
-            await run(require_binary("nbd-client"), "-d", device)
-            deadline = asyncio.get_running_loop().time() + NBD_DISCONNECT_TIMEOUT_S
+        """Disconnect the device if this attachment configured it (another program's
+        connection on a device the record names is left alone), then forget it."""
+        if await asyncio.to_thread(nbd.connected, device) and await asyncio.to_thread(self._owns, device):
+            try:
+                # returns once the kernel has shut its socket down: nothing reaches the attacher any more
+                await asyncio.to_thread(nbd.disconnect, device)
+            except nbd.NbdError as exc:
+                raise AttachError(str(exc)) from exc
+            deadline = asyncio.get_running_loop().time() + NBD_RELEASE_WAIT_S
             while await asyncio.to_thread(nbd.connected, device):
                 if asyncio.get_running_loop().time() > deadline:
-                    raise AttachError(f"{device} of {self.volume_id} is still connected after nbd-client -d")
+                    log.warning(
+                        "%s of %s is disconnected but still held open elsewhere (a mount namespace that copied "
+                        "its mount?); the kernel releases it when the last holder closes it",
+                        device, self.volume_id,
+                    )  # fmt: skip
+                    break
                 await asyncio.sleep(0.05)
         await asyncio.to_thread(self.nbd_device_file.unlink, True)
 
@@ -472,7 +510,7 @@ class Attachment:
 
     async def stage(self, record: Record, psk_key: str, mount_flags: tuple[str, ...] = ()) -> str:
         """Build the attachment (idempotent: each step checks what is there); returns the
-        loop device."""
+        device (loop or nbd)."""
         current = await asyncio.to_thread(self.read_record)
         if record.pinned and current is not None and current.pinned:
             record = replace(record, export_name=current.export_name)
@@ -529,18 +567,18 @@ class Attachment:
         devices = await self.devices()
         # Refuse before changing anything while a pod still uses the device: detaching it
         # and stopping the attacher under a publication would fail the pod's I/O.
-        text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
         for device in devices:
-            number = await asyncio.to_thread(_dev_number, device)
-            users = sorted(set(device_users(text, device, number)) - {str(p) for p in paths})
+            users = sorted(set(await _device_users(device)) - {str(p) for p in paths})
             if users:
-                raise Busy(f"{self.volume_id} is still published at {', '.join(users)}; unpublish it first")
+                raise Busy(f"{self.volume_id} is still used at {', '.join(users)}; unpublish it (or release it) first")
         for path in paths:
             if (record is None or not record.block) and await mounted(path):
                 await run("umount", str(path))
         crashpoints.hit(UNSTAGE_UNMOUNTED)
         for device in devices:
-            await run("blockdev", "--flushbufs", device, check=False)
+            rc, out = await run("blockdev", "--flushbufs", device, check=False)
+            if rc != 0:  # the attachment's I/O fails (a dead attacher, an ended lineage): nothing more reaches it
+                log.warning("flushing %s of %s failed before its detach: %s", device, self.volume_id, out)
             if Path(device).name.startswith("nbd"):
                 await self._detach_nbd(device)
             else:
@@ -553,11 +591,11 @@ class Attachment:
 
     async def discard_if_left_over(self) -> str:
         """At the node plugin's start: ``"running"`` when the attacher runs (only the
-        plugin restarted) and ``"broken"`` when it is gone under a loop device that is still
-        set up (the CO must unstage it), both kept as they are; ``"discarded"`` when only
-        files were left — no attacher, no loop device, so nothing mounted on it either: what
-        a node restart leaves (its processes, loop devices and mounts are gone), or a crash
-        before the attacher started. Those files (the record, the volume's key, a dead FUSE
+        plugin restarted) and ``"broken"`` when it is gone under a device that is still set
+        up (the CO must unstage it), both kept as they are; ``"discarded"`` when only files
+        were left — no attacher, no device of its own, so nothing mounted on it either: what
+        a node restart leaves (its processes, loop and nbd devices and mounts are gone), or a
+        crash before the attacher started. Those files (the record, the volume's key, a dead FUSE
         mount point) are removed: a later NodeStageVolume builds the attachment anew, an
         unstage finds nothing to do."""
         if await self.attacher_running():
@@ -711,13 +749,25 @@ def _running(pid: int) -> bool:
 
 
 async def _device_in_use(device: str) -> bool:
-    """Whether a mount uses ``device``: a file system on it, or its node bind-mounted."""
-    try:
-        number = await asyncio.to_thread(_dev_number, device)
-    except FileNotFoundError:
-        return False
+    """Whether anything uses ``device``: a mount of it or of one of its partitions, its node
+    bind-mounted, or a device stacked on it."""
+    return bool(await _device_users(device))
+
+
+async def _device_users(device: str) -> list[str]:
+    """What uses ``device``: mount points (of it or, for an nbd device, of its partitions)
+    and the devices the kernel stacks on it."""
+    if Path(device).name.startswith("nbd"):
+        numbers = await asyncio.to_thread(nbd.device_numbers, device)
+        stacked = await asyncio.to_thread(nbd.holders, device)
+    else:
+        try:
+            numbers = [await asyncio.to_thread(_dev_number, device)]
+        except FileNotFoundError:
+            return []
+        stacked = []
     text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
-    return bool(device_users(text, device, number))
+    return device_users(text, device, numbers) + [f"/dev/{name} (stacked on {device})" for name in stacked]
 
 
 def _recorded_nbd_devices(state_dir: Path, besides: Path) -> set[str]:

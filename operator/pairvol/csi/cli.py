@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
         choices=("fuse", "nbd", "auto"),
         default="fuse",
         help="node: how a new attachment reaches the kernel: fuse (a FUSE export and a loop device; any node), "
-        "nbd (the kernel's nbd client: needs the nbd module; such an attachment grows only when attached anew) "
+        "nbd (the kernel's nbd client: needs the nbd module; such an attachment grows only when staged anew) "
         "or auto (nbd where the node has it, else fuse); an attachment keeps the transport it was made with",
     )
     p.add_argument("--node-id", default="", help="this node's name (required with --mode node)")

@@ -64,8 +64,9 @@ async def grow(att: Attachment, record: Record, size: int) -> int:
     if have < size and record.transport == "nbd":
         raise OfflineOnly(
             f"{att.volume_id} is attached through the kernel's nbd client, whose device keeps the size it had "
-            f"when it was attached ({have} bytes; QEMU's NBD export cannot grow while it is served): restart "
-            "the pod using it; the volume is attached anew at its new size and its file system grown then"
+            f"when it was attached ({have} bytes; QEMU's NBD export cannot grow while it is served): it takes "
+            "the new size when it is staged anew on this node, once no pod here uses it (scale the workload to "
+            "zero and back, or move the pod to another node); its file system is grown then"
         )
     if have < size:
         await _grow_nbd_node(att, size)

@@ -3,7 +3,7 @@ the staging path), publish = bind it into the pod's target path.
 
 Calls for one volume are serialized (one lock per volume ID); calls for different volumes
 run concurrently. Every call is idempotent: it looks at what exists (the attachment's
-record, mounts, loop devices) rather than remembering what it did, so a restarted node
+record, mounts, loop or nbd devices) rather than remembering what it did, so a restarted node
 plugin carries on from the state on disk. The attachers themselves are started, stopped
 and reported by the attacher host when the plugin is given one (pairvol.csi.attacher_host:
 they then outlive restarts of the plugin's container), else by the plugin.

@@ -540,7 +540,43 @@ def plan(world: World) -> Plan:
     if not st.activated:
         return _bring_up(world, spec, st, actions)
 
+    lost = bring_up_start_lost(world)
+    if lost is not None:
+        actions.append(Event("Warning", "BringUpResumed", lost))
+        return _bring_up(world, spec, st.with_(endpoint=None, message=lost), actions)
+
     return _steady(world, spec, st, actions)
+
+
+def bring_up_start_lost(world: World) -> str | None:
+    """Why the bring-up's start of the primary never reached its agent, so that the volume
+    is not activated after all (None: it did, or that cannot be told). docs/correctness.md
+    H12.
+
+    The bring-up persists the activation (the endpoint) with the plan that sends
+    ``POST /v1/primary``, before the call. An operator that stops in between (a crash, a
+    lost leadership) leaves an activated volume whose primary's agent never got the call:
+    no role, no epoch, nothing under way. Judged by the steady rules it is a primary without
+    the role on record, which H9 never asks to serve (a wiped data dir is not the volume's):
+    the volume stayed down for good. But such a replica provably served nothing — a start
+    saves its role and epoch before it links the peer or serves, takes the Lease before it
+    serves, and says ``busy`` while it runs — and the secondary was never in sync, so
+    nothing was ever acknowledged: the volume is not activated after all, and the bring-up
+    goes on, at a new epoch.
+    """
+    st = world.status
+    prim, sec = st.primary, st.secondary
+    if prim is None or sec is None or sec.synced or world.agent_call_in_flight:
+        return None
+    if st.last_failover is not None or st.last_restart is not None or world.lease is not None:
+        return None
+    pa = _agent(world, prim)
+    if pa is None or pa.role != "none" or pa.epoch != 0 or pa.busy:
+        return None
+    return (
+        f"the start of primary {prim.pod} (epoch {st.epoch}) never reached its agent (no role, no epoch, no "
+        "Lease, nothing under way: it served nothing); resuming the bring-up"
+    )
 
 
 def _initial_placement(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
