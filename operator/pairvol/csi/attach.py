@@ -115,7 +115,6 @@ STOP_GRACE_S = 10.0
 BLANK_PROBE = 1 << 20
 #: how an attachment reaches the node's kernel (module docstring)
 Transport = Literal["fuse", "nbd"]
-TRANSPORTS: tuple[Transport, ...] = ("fuse", "nbd")
 #: the local NBD export's name in an ``nbd`` attacher
 LOCAL_EXPORT = "volume"
 #: how long an unstage waits for a disconnected nbd device to be released (it stays
@@ -406,7 +405,7 @@ class Attachment:
                 await asyncio.to_thread(_write_synced, self.nbd_device_file, device + "\n")
                 crashpoints.hit(STAGE_NBD_RECORDED)
                 try:
-                    await asyncio.to_thread(nbd.connect, device, self.nbd_sock, LOCAL_EXPORT, self.nbd_identifier)
+                    await nbd.connect(device, self.nbd_sock, LOCAL_EXPORT, self.nbd_identifier)
                 except nbd.KernelRefused as exc:  # held open by another program: try the next
                     refused.append(str(exc))
                     continue

@@ -21,8 +21,8 @@ finds each layer at the size and does nothing more.
 An attachment through the kernel's nbd client (transport ``nbd``) cannot take part: the
 attacher's local NBD export holds its node at the size it had (QEMU refuses a resize under
 an NBD export), so step 1 is impossible while the kernel is connected. Such a volume grows
-when it is attached anew (the pod restarts; NodeStageVolume, then the kubelet's
-NodeExpandVolume grows the file system); until then the call fails with that advice.
+when it is attached anew (staged again once no pod on the node uses it; the kubelet's
+NodeExpandVolume then grows the file system); until then the call fails with that advice.
 """
 
 from __future__ import annotations

@@ -12,20 +12,24 @@ and "``/sys/block/nbdN/pid`` exists" says only that somebody is connected. So th
 is made here, through the kernel's generic netlink family ``nbd`` (``NBD_CMD_CONNECT``),
 with a *backend identifier* naming the attachment; the kernel shows it as
 ``/sys/block/nbdN/backend`` for as long as the device is configured, also after the
-attacher died under it. The NBD handshake (fixed newstyle, ``NBD_OPT_GO``) is done on the
-unix socket first; the kernel takes the socket and holds the connection, no process does,
-so it survives restarts of the node plugin's and the attacher host's containers.
+attacher died under it. The NBD handshake is done on the unix socket first, by the
+project's own client (:func:`pairvol.nbd.client_handshake`); the kernel then takes the
+socket and holds the connection, no process does, so it survives restarts of the node
+plugin's and the attacher host's containers.
 
 The numbers below are the wire formats' (linux/netlink.h, linux/genetlink.h,
-linux/nbd-netlink.h, the NBD protocol).
+linux/nbd-netlink.h).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
 from pathlib import Path
+
+from pairvol.nbd import NBDError, client_handshake
 
 SYS_BLOCK = Path("/sys/block")
 SYS_MODULE = Path("/sys/module/nbd")
@@ -41,15 +45,6 @@ NBD_CMD_CONNECT, NBD_CMD_DISCONNECT = 1, 2
 NBD_ATTR_INDEX, NBD_ATTR_SIZE_BYTES, NBD_ATTR_BLOCK_SIZE_BYTES = 1, 2, 3
 NBD_ATTR_SERVER_FLAGS, NBD_ATTR_SOCKETS, NBD_ATTR_BACKEND_IDENTIFIER = 5, 7, 10
 NBD_SOCK_ITEM, NBD_SOCK_FD = 1, 1
-
-NBD_MAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-NBD_OPTS_MAGIC = 0x49484156454F5054  # "IHAVEOPT"
-NBD_REP_MAGIC = 0x0003E889045565A9
-NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES = 1, 2
-NBD_OPT_GO = 7
-NBD_REP_ACK, NBD_REP_INFO = 1, 3
-NBD_REP_FLAG_ERROR = 1 << 31
-NBD_INFO_EXPORT = 0
 
 #: the logical block size of every attachment's device (the loop device's too)
 BLOCK_SIZE = 512
@@ -127,46 +122,6 @@ def holders(device: str) -> list[str]:
     return sorted(p.name for d in [base, *base.glob(f"{base.name}p*")] for p in (d / "holders").glob("*"))
 
 
-# -- the NBD handshake
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise NbdError("the export closed the connection during the handshake")
-        data += chunk
-    return data
-
-
-def handshake(sock: socket.socket, export: str) -> tuple[int, int]:
-    """Fixed newstyle negotiation of ``export`` (NBD_OPT_GO); (size, transmission flags).
-    The socket is then in the transmission phase, ready for the kernel."""
-    magic, opts_magic, flags = struct.unpack(">QQH", _recv_exact(sock, 18))
-    if magic != NBD_MAGIC or opts_magic != NBD_OPTS_MAGIC or not flags & NBD_FLAG_FIXED_NEWSTYLE:
-        raise NbdError("the export does not speak fixed newstyle NBD")
-    sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | (flags & NBD_FLAG_NO_ZEROES)))
-    name = export.encode()
-    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    sock.sendall(struct.pack(">QII", NBD_OPTS_MAGIC, NBD_OPT_GO, len(data)) + data)
-    found: tuple[int, int] | None = None
-    while True:
-        rep_magic, _, kind, length = struct.unpack(">QIII", _recv_exact(sock, 20))
-        payload = _recv_exact(sock, length)
-        if rep_magic != NBD_REP_MAGIC:
-            raise NbdError("the export answered the handshake with a bad magic")
-        if kind & NBD_REP_FLAG_ERROR:
-            raise NbdError(f"the export refused {export!r} (reply {kind:#x}: {payload.decode(errors='replace')})")
-        if kind == NBD_REP_INFO and len(payload) >= 12 and struct.unpack(">H", payload[:2])[0] == NBD_INFO_EXPORT:
-            size, tflags = struct.unpack(">QH", payload[2:12])
-            found = (size, tflags)
-        elif kind == NBD_REP_ACK:
-            if found is None:
-                raise NbdError("the export did not say its size")
-            return found
-
-
 # -- generic netlink
 
 
@@ -220,32 +175,45 @@ def _nbd_request(cmd: int, attrs: bytes) -> None:
         _request(sock, struct.unpack("=H", family_id[:2])[0], cmd, NBD_GENL_VERSION, attrs, 2)
 
 
-def connect(device: str, socket_path: Path, export: str, identifier: str) -> int:
+async def connect(device: str, socket_path: Path, export: str, identifier: str) -> int:
     """Connect ``device`` to ``export`` on the unix socket, under ``identifier``; returns
-    the size. NbdError: the export or the kernel refused (the device stays as it was)."""
+    the size. NbdError: the export refused (KernelRefused: the kernel did; either way the
+    device stays as it was)."""
     dev_index = index(device)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket_path)), HANDSHAKE_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        raise NbdError(f"cannot reach the export on {socket_path}: {exc or 'timeout'}") from exc
+    try:
         try:
-            sock.connect(str(socket_path))
-            size_bytes, flags = handshake(sock, export)
-        except OSError as exc:
-            raise NbdError(f"cannot negotiate {export!r} on {socket_path}: {exc}") from exc
-        sock.settimeout(None)
-        item = _attr(NBD_SOCK_ITEM | NLA_F_NESTED, _attr(NBD_SOCK_FD, struct.pack("=I", sock.fileno())))
-        attrs = (
-            _attr(NBD_ATTR_INDEX, struct.pack("=I", dev_index))
-            + _attr(NBD_ATTR_SIZE_BYTES, struct.pack("=Q", size_bytes))
-            + _attr(NBD_ATTR_BLOCK_SIZE_BYTES, struct.pack("=Q", BLOCK_SIZE))
-            + _attr(NBD_ATTR_SERVER_FLAGS, struct.pack("=Q", flags))
-            + _attr(NBD_ATTR_SOCKETS | NLA_F_NESTED, item)
-            + _attr(NBD_ATTR_BACKEND_IDENTIFIER, identifier.encode() + b"\0")
-        )
-        try:
-            _nbd_request(NBD_CMD_CONNECT, attrs)
-        except NbdError as exc:
-            raise KernelRefused(f"the kernel refused to connect {device}: {exc}") from exc
-    return size_bytes  # the kernel holds its own reference to the socket
+            info = await asyncio.wait_for(client_handshake(reader, writer, export), HANDSHAKE_TIMEOUT_S)
+        except (NBDError, TimeoutError) as exc:
+            raise NbdError(f"cannot negotiate {export!r} on {socket_path}: {exc or 'timeout'}") from exc
+        # from here on the socket is the kernel's: this process must not read a byte of it
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        sock = writer.get_extra_info("socket")
+        await asyncio.to_thread(_configure, dev_index, sock.fileno(), info.size, info.flags, identifier)
+    finally:
+        writer.close()  # closes this process's descriptor; the kernel holds its own reference
+    return info.size
+
+
+def _configure(dev_index: int, fd: int, size_bytes: int, flags: int, identifier: str) -> None:
+    item = _attr(NBD_SOCK_ITEM | NLA_F_NESTED, _attr(NBD_SOCK_FD, struct.pack("=I", fd)))
+    attrs = (
+        _attr(NBD_ATTR_INDEX, struct.pack("=I", dev_index))
+        + _attr(NBD_ATTR_SIZE_BYTES, struct.pack("=Q", size_bytes))
+        + _attr(NBD_ATTR_BLOCK_SIZE_BYTES, struct.pack("=Q", BLOCK_SIZE))
+        + _attr(NBD_ATTR_SERVER_FLAGS, struct.pack("=Q", flags))
+        + _attr(NBD_ATTR_SOCKETS | NLA_F_NESTED, item)
+        + _attr(NBD_ATTR_BACKEND_IDENTIFIER, identifier.encode() + b"\0")
+    )
+    try:
+        _nbd_request(NBD_CMD_CONNECT, attrs)
+    except NbdError as exc:
+        raise KernelRefused(f"the kernel refused to connect /dev/nbd{dev_index}: {exc}") from exc
 
 
 def disconnect(device: str) -> None:

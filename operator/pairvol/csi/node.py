@@ -71,7 +71,6 @@ VOLUME_CONDITION = 4
 BYTES, INODES = 1, 2
 #: the node plugin's --attach-transport
 TransportChoice = Literal["fuse", "nbd", "auto"]
-TRANSPORT_CHOICES: tuple[TransportChoice, ...] = ("fuse", "nbd", "auto")
 #: longest wait for the API server in NodeGetVolumeStats (the kubelet's call must not hang)
 API_TIMEOUT_S = 5.0
 #: the (Debian) package that brings each file system's mkfs, for the error that says it is missing
