@@ -189,7 +189,12 @@ def _placed() -> World:
     return replace(w, status=plan(w).status)
 
 
-def test_bring_up_starts_secondary_first_then_primary_with_full_sync() -> None:
+IDLE_AGENT = AgentView("none", "none", 0)
+
+
+def _placed_and_running() -> World:
+    """The placed pair's pods Running and ready (primary 10.0.0.1 on n1, secondary 10.0.0.2
+    on n2), their agents answering with no role yet."""
     w = _placed()
     st0 = w.status
     assert st0.primary is not None and st0.secondary is not None
@@ -197,8 +202,14 @@ def test_bring_up_starts_secondary_first_then_primary_with_full_sync() -> None:
         st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
         st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
     }
-    idle = AgentView("none", "none", 0)
-    w = replace(w, pods=pods, agents={n: idle for n in pods})
+    return replace(w, pods=pods, agents={n: IDLE_AGENT for n in pods})
+
+
+def test_bring_up_starts_secondary_first_then_primary_with_full_sync() -> None:
+    w = _placed_and_running()
+    st0 = w.status
+    assert st0.primary is not None and st0.secondary is not None
+    idle = IDLE_AGENT
     p = plan(w)
     assert [type(a) for a in p.actions] == [StartSecondary]
     assert p.actions[0] == StartSecondary(st0.secondary.pod, "10.0.0.2", 2)
@@ -1861,20 +1872,15 @@ def test_a_manual_failover_that_could_promote_nothing_is_refused_before_the_prim
 def _activated_but_never_started(**agent: Any) -> World:
     """The bring-up sent StartPrimary at epoch 3 (persisted first: activated, Syncing); the
     operator stopped before the call reached the primary's agent."""
-    w = _placed()
+    w = _placed_and_running()
     st0 = w.status
     assert st0.primary is not None and st0.secondary is not None
-    pods = {
-        st0.primary.pod: pod(st0.primary.pod, "n1", "primary", "10.0.0.1"),
-        st0.secondary.pod: pod(st0.secondary.pod, "n2", "secondary", "10.0.0.2"),
-    }
-    idle = AgentView("none", "none", 0)
     sec = AgentView("secondary", "running", 2)
-    w = replace(w, pods=pods, agents={st0.primary.pod: idle, st0.secondary.pod: sec})
+    w = replace(w, agents={st0.primary.pod: IDLE_AGENT, st0.secondary.pod: sec})
     w = replace(w, status=plan(replace(w, status=w.status.with_(epoch=2))).status)
     assert w.status.activated and w.status.epoch == 3 and w.status.phase == Phase.SYNCING
     assert w.status.primary is not None
-    return replace(w, agents={**w.agents, w.status.primary.pod: replace(idle, **agent)})
+    return replace(w, agents={**w.agents, w.status.primary.pod: replace(IDLE_AGENT, **agent)})
 
 
 def test_a_bring_up_whose_start_never_reached_the_primary_goes_on_at_a_new_epoch() -> None:
