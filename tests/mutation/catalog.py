@@ -28,6 +28,7 @@ PEERLINK = "operator/pairvol/agent/peerlink.py"
 RECIPES = "operator/pairvol/qemu/recipes.py"
 SECONDARY = "operator/pairvol/agent/secondary.py"
 T_LINK = "tests/integration/test_link_faults.py"
+T_LOCAL_DISK = ("tests/integration/test_local_disk_failure.py",)
 T_GATE = "tests/integration/test_gate.py"
 
 T_STAGES = ("tests/unit/test_agent_logic.py::TestStages",)
@@ -614,6 +615,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if pa.local_failure:\n",
         "    if False:\n",
         T_RESTART_IN_PLACE, "a primary whose local disk failed a request (no longer whole) never serves again in place",
+    ),
+    Mutation(
+        "decisions.a-primary-whose-disk-failed-a-write-is-not-restarted", DECISIONS,
+        "    if pa.local_failure is not None:\n",
+        "    if False:\n",
+        T_DECISIONS, "H13: H9 never serves a primary's disk that lacks a write only the secondary took",
+    ),
+    Mutation(
+        "replica.a-failed-local-disk-never-serves-as-primary", REPLICA,
+        "            if self.state.local_failure is not None:\n                raise IllegalTransition(\n",
+        "            if False:\n                raise IllegalTransition(\n",
+        T_LOCAL_DISK, "H13: a start as primary on a disk that failed an acknowledged write is refused",
+    ),
+    Mutation(
+        "state.a-local-disk-failure-is-durable", STATE,
+        '                local_failure=None if (failed := data.pop("local_failure", None)) is None else str(failed),\n',
+        "                local_failure=None,\n",
+        T_LOCAL_DISK, "H13: a restart of the agent keeps the record that its disk failed a write",
+    ),
+    Mutation(
+        "replica.a-secondary-start-clears-the-local-disk-failure", REPLICA,
+        "                local_failure=None,  # H13: the new primary copies this disk anew (a new identity)\n",
+        "",
+        T_LOCAL_DISK, "H13: a replica rebuilt as a secondary may be promoted and serve again later",
     ),
     Mutation(
         "decisions.restart-in-place-once-per-window", DECISIONS,

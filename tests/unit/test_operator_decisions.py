@@ -1813,6 +1813,29 @@ def test_a_restored_primary_serves_again_alone_with_a_new_epoch_once_its_lease_i
     assert starts and starts[0].peer == "10.0.0.2:7801" and starts[0].epoch == 5
 
 
+def test_a_primary_whose_local_disk_failed_a_write_is_not_restarted_the_secondary_is_waited_for() -> None:
+    """H13: the write its disk failed was acknowledged because the secondary took it. With
+    the secondary briefly unready, H9 would otherwise serve the primary's disk again alone
+    and mark the secondary, the one copy that has the write, OutOfSync."""
+    back = pod("vol-1-a", "n1", "primary", "10.0.0.9")
+    failed = replace(RESTORED, local_failure="local disk failed a write: Input/output error")
+    unready = pod("vol-1-b", "n2", "secondary", "10.0.0.2", ready=False)
+    w = primary_dead(pods={"vol-1-a": back, "vol-1-b": unready},
+                     agents={"vol-1-a": failed, "vol-1-b": SECONDARY_AGENT})
+    p = plan(w)
+    assert not any(isinstance(a, (StartPrimary, DoFailover, DeletePod)) for a in p.actions)
+    assert p.status.epoch == w.status.epoch
+    sec = p.status.secondary
+    assert sec is not None and not sec.out_of_sync, "the secondary holds the write: it must stay promotable"
+    assert p.status.message.endswith(
+        "primary vol-1-a is not restarted: its local disk failed a request that only the secondary served "
+        "(local disk failed a write: Input/output error); the volume waits for the secondary to be promotable"
+    )
+    # once the secondary is ready again, it is the one promoted
+    ready = replace(w, pods={"vol-1-a": back, "vol-1-b": pod("vol-1-b", "n2", "secondary", "10.0.0.2")})
+    assert any(isinstance(a, DoFailover) for a in plan(ready).actions)
+
+
 @pytest.mark.parametrize(
     ("change", "waits_for"),
     [

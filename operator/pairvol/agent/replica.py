@@ -292,7 +292,6 @@ class Replica:
         self._attestation: rs.SyncPoint | None = None
         self._no_attestation = "a new replica"
         self._link_epoch: int | None = None  # the peer epoch the current link was made to
-        self._local_failed: str | None = None  # the local disk failed a request the peer served
         metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
 
     # ------------------------------------------------------------------ lifecycle
@@ -515,7 +514,7 @@ class Replica:
             marked=self._peer_marked or st.out_of_sync,
             tracking=st.tracking,
             replicating=self.replication == "replicating",
-            local_failed=self._local_failed,
+            local_failed=self.state.local_failure,
             link_disk=link.peer_disk if link is not None else None,
             recorded_disk=st.peer_disk,
             link_epoch=self._link_epoch,
@@ -863,6 +862,7 @@ class Replica:
             await self._save(
                 epoch=epoch, role=Role.SECONDARY, stage=Stage.NONE, peer=None, disk_id=disk_id,
                 peer_disk=None, tracking=False, full_reason=None, promoted_from=None, union_reason=None,
+                local_failure=None,  # H13: the new primary copies this disk anew (a new identity)
             )
             self.chain.generation = gen
             await self.chain.open_generation(gen)
@@ -1367,6 +1367,13 @@ class Replica:
     ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
+            if self.state.local_failure is not None:
+                raise IllegalTransition(
+                    "this replica's local disk failed a request that only its peer served "
+                    f"({self.state.local_failure}): it may lack acknowledged data and never serves as the "
+                    "primary again; promote the secondary (POST /v1/failover), then make this replica a "
+                    "secondary (POST /v1/secondary) to copy the volume back onto it"
+                )
             self._drop_attestation(f"it started as primary at epoch {epoch} since its clean stop")
             self.peer_api = peer_api  # where to ask the peer for its checksums (R4)
             self._spawn_relay()  # its process starts while the peer attaches
@@ -1805,6 +1812,20 @@ class Replica:
             await self.qsd.execute("blockdev-del", {"node-name": r.QUORUM_NODE})
         self._bitmap_present = False  # it lived on the quorum node
 
+    async def _record_local_failure(self, reason: str) -> None:
+        """H13: this disk lacks a write the workload saw acknowledged (the peer took it), so
+        it must never serve as the primary again, whatever restarts in between: the first
+        reason is kept in the state (memory at once, then the slots). A disk that cannot take
+        even that write keeps it in memory; the fence holds either way."""
+        if self.state.local_failure is not None:
+            return
+        try:
+            await self._save(local_failure=reason)
+        except (OSError, PairvolError) as exc:
+            log.warning("could not record durably that the local disk failed (%s): %s", reason, exc)
+        else:
+            log.warning("%s: recorded; this replica will not serve as the primary again", reason)
+
     async def _on_qsd_event(self, event: dict[str, Any]) -> None:
         name = event.get("event")
         data = event.get("data", {})
@@ -1814,9 +1835,9 @@ class Replica:
                 # first) would return stale data. Stop serving; the secondary has every
                 # acknowledged write, so failing over is the way out.
                 reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
-                self._local_failed = reason  # R6: this disk no longer equals the peer's
                 self.last_error = f"{reason}; fail over to the secondary"
                 self._fence_task = asyncio.create_task(self.fence_workload(self.last_error, "local-disk"))
+                await self._record_local_failure(reason)
             else:
                 # the link gate answered EIO after the peer was marked (or the export fenced)
                 log.debug("quorum: peer failed a request: %s", data)
@@ -2151,7 +2172,7 @@ class Replica:
             "disk": {
                 "id": st.disk_id,
                 "stoppedInSync": self._attestation.to_api() if self._attestation else None,
-                "localFailure": self._local_failed,
+                "localFailure": self.state.local_failure,
             },
             "overlays": self.chain.describe() if st.role is Role.SECONDARY else None,
         }

@@ -106,6 +106,11 @@ class PersistedState:
     # and never will (serving again needs a start at a newer epoch). The operator may then
     # promote a secondary it marked OutOfSync only for that start.
     refused_epoch: int | None = None
+    # primary: its local disk failed a write that the peer took (QUORUM_REPORT_BAD on the
+    # local child): the write was acknowledged, so this disk lacks what the workload saw
+    # written and must never serve as the primary again (docs/correctness.md H13). Cleared
+    # only when the replica becomes a secondary, whose disk the new primary copies anew.
+    local_failure: str | None = None
 
     def evolve(self, **changes: Any) -> Self:
         return replace(self, **changes)
@@ -154,6 +159,7 @@ class PersistedState:
                 promoted_from=_sync_point(data.pop("promoted_from", None)),
                 union_reason=data.pop("union_reason", None),
                 refused_epoch=None if (refused := data.pop("refused_epoch", None)) is None else int(refused),
+                local_failure=None if (failed := data.pop("local_failure", None)) is None else str(failed),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"state is corrupt: {exc}") from exc

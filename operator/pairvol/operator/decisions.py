@@ -1214,6 +1214,12 @@ def _restart_primary_in_place(
             f"agent of {prim.pod} has no primary role on record ({pa.role}): its data dir is not the "
             "volume's; restore it, or accept a failover by hand"
         )
+    if pa.local_failure is not None:
+        # H13: its disk lacks a write only the secondary took; serving it would lose that write
+        return wait(
+            f"primary {prim.pod} is not restarted: its local disk failed a request that only the secondary served "
+            f"({pa.local_failure}); the volume waits for the secondary to be promotable"
+        )
     if pa.serving:
         return wait(f"primary {prim.pod} serves but does not hold its lease")
     lease = world.lease
