@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pairvol.agent.procs import AgentCallError
+from pairvol.nbd import NBDError
 from pairvol.qemu.qsd import Qsd
 from tests.support.agents import Agent, agents
 
@@ -120,3 +121,31 @@ async def test_an_acknowledged_write_the_primary_disk_failed_survives_restarts_a
                 assert (st["role"], st["disk"]["localFailure"]) == ("secondary", None)
             finally:
                 await restarted.stop()
+
+
+async def test_a_primary_alone_whose_disk_fails_a_write_acknowledges_nothing_and_may_serve_again(
+    tmp_path: Path,
+) -> None:
+    """Without a peer the quorum has no other child: the failed write is an error for the
+    workload, the disk lacks nothing that was acknowledged, and nothing is recorded — a
+    restart in place (H9) may serve it again."""
+    async with failing_disk(tmp_path) as (faulty, _):
+        (tmp_path / "replica-0").mkdir()
+        (tmp_path / "replica-0" / "disk.raw").symlink_to(faulty)
+        async with agents(tmp_path, 1, size="16Mi") as (primary,):
+            await primary.primary(2, None, "none")
+            async with await primary.nbd() as nbd:
+                await nbd.pwrite(b"\xa1" * 4096, 0)
+                with pytest.raises(NBDError):
+                    await nbd.pwrite(b"\xb2" * 4096, BAD_OFFSET)
+            st = await primary.status()
+            for _ in range(50):
+                if not st["export"]["serving"]:
+                    break
+                st = await primary.status()
+            assert (st["export"]["serving"], st["export"]["fencedBy"]) == (False, "local-disk")
+            assert st["disk"]["localFailure"] is None
+            st = await primary.primary(3, None, "none")
+            assert st["export"]["serving"] is True
+            async with await primary.nbd() as nbd:
+                assert await nbd.pread(4096, 0) == b"\xa1" * 4096

@@ -629,6 +629,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         T_LOCAL_DISK, "H13: a start as primary on a disk that failed an acknowledged write is refused",
     ),
     Mutation(
+        "replica.a-primary-alone-records-no-local-disk-failure", REPLICA,
+        "                if self.link is not None:  # the peer took part: it alone may have completed the write\n",
+        "                if True:\n",
+        T_LOCAL_DISK, "H13: a write failed by a primary without a peer was not acknowledged: it may serve again",
+    ),
+    Mutation(
         "state.a-local-disk-failure-is-durable", STATE,
         '                local_failure=None if (failed := data.pop("local_failure", None)) is None else str(failed),\n',
         "                local_failure=None,\n",

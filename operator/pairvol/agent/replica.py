@@ -1837,7 +1837,8 @@ class Replica:
                 reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
                 self.last_error = f"{reason}; fail over to the secondary"
                 self._fence_task = asyncio.create_task(self.fence_workload(self.last_error, "local-disk"))
-                await self._record_local_failure(reason)
+                if self.link is not None:  # the peer took part: it alone may have completed the write
+                    await self._record_local_failure(reason)
             else:
                 # the link gate answered EIO after the peer was marked (or the export fenced)
                 log.debug("quorum: peer failed a request: %s", data)
