@@ -278,14 +278,19 @@ class Agent:
     async def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.returncode is None:
-            self.kill(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.kill(signal.SIGKILL)
-                await self.proc.wait()
-        # the process group also holds qsd (PDEATHSIG kills it; this makes sure)
+        if self.proc.returncode is not None:
+            # reaped earlier: its PID, and so its group's ID, may be another process's by
+            # now (a daemon started in a session of its own, as qsd is, leads a group of
+            # its own PID); nothing of ours is left in the group to signal
+            return
+        self.kill(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.kill(signal.SIGKILL)
+            await self.proc.wait()
+        # what is left of its group (reaped just now: the ID is not reused yet); qsd is in
+        # a session of its own and dies with the agent (PR_SET_PDEATHSIG)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 

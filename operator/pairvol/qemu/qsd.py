@@ -16,6 +16,16 @@ faults and zeroed pages, in every daemon it passed (issue 11: a quarter of the C
 sequential write on the replication link, measured with ``perf``). Environment, not
 a command-line option: it works for any QEMU version and is ignored by a C library
 that does not know it.
+
+The monitor's socket is created with ``wait=on``: the daemon accepts the agent's first
+connection while it reads its command line, before the monitor exists. With ``wait=off``
+a connection made early (the agent connects as soon as the socket file appears) is
+accepted by the daemon's main loop while the monitor's I/O thread is still installing its
+handlers; both threads then announce the connection, and QEMU 7.2 sent the greeting twice
+(reproduced: about 1 start in 600 under CPU load). qemu.qmp reads the second greeting as the
+reply to ``qmp_capabilities`` and fails the negotiation; a later connection to such a daemon
+was seen to be closed at once (the agent died at start-up in CI). The connect loop below
+still retries with a fresh client, whatever a failed attempt raised.
 """
 
 from __future__ import annotations
@@ -59,6 +69,14 @@ def daemon_env(base: dict[str, str], tuned_malloc: bool = True) -> dict[str, str
         given = env.get("GLIBC_TUNABLES")
         env["GLIBC_TUNABLES"] = f"{MALLOC_TUNING}:{given}" if given else MALLOC_TUNING
     return env
+
+
+def monitor_args(qmp_path: Path) -> list[str]:
+    """The daemon's QMP monitor on the unix socket ``qmp_path``; ``wait=on``: see the
+    module docstring."""
+    # QEMU's option syntax: a comma in a value is written twice
+    path = str(qmp_path).replace(",", ",,")
+    return ["--chardev", f"socket,id=qmp0,path={path},server=on,wait=on", "--monitor", "chardev=qmp0"]
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -106,11 +124,7 @@ class Qsd:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 exe,
-                "--chardev",
-                # QEMU's option syntax: a comma in a value is written twice
-                f"socket,id=qmp0,path={str(self.qmp_path).replace(',', ',,')},server=on,wait=off",
-                "--monitor",
-                "chardev=qmp0",
+                *monitor_args(self.qmp_path),
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logfile,
@@ -140,18 +154,26 @@ class Qsd:
                 left = deadline - asyncio.get_running_loop().time()
                 await asyncio.wait_for(self.qmp.connect(str(self.qmp_path)), max(0.5, min(left, 3.0)))
                 break
-            except (OSError, QMPError, TimeoutError) as exc:
-                with contextlib.suppress(Exception):
-                    await self.qmp.disconnect()
+            except Exception as exc:  # the library's own assertions too (a reply it did not expect)
+                await self._drop_client()
                 if asyncio.get_running_loop().time() > deadline:
                     await self.kill()
                     raise QemuError(f"cannot connect to QMP at {self.qmp_path}: {exc!r}") from exc
                 log.debug("QMP connect to %s: %r; retrying", self.qmp_path, exc)
-                await asyncio.sleep(0.02)
+                # the pause ends early if the daemon exited: its status is the better error
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.dead.wait(), 0.05)
         listener = EventListener()
         self.qmp.register_listener(listener)
         self._tasks.append(asyncio.create_task(self._pump_events(listener), name=f"{self.name}-events"))
         log.debug("qemu-storage-daemon %s started, pid %d", self.name, self.proc.pid)
+
+    async def _drop_client(self) -> None:
+        """Close the QMP client after a failed connect and start over with a new one: the
+        failed one's state need not be consistent (qemu.qmp asserts on it)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp.disconnect(), 1.0)
+        self.qmp = QMPClient(self.name)
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -253,6 +275,8 @@ def _tail(path: Path, lines: int = 3) -> str:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
+    # not an error: the daemon's note that it waits for the agent (wait=on)
+    text = [line for line in text if "QEMU waiting for connection on:" not in line]
     return " | ".join(text[-lines:])
 
 
