@@ -7,7 +7,9 @@ serve its disk as the volume again — not after a restart of its agent either, 
 what H9's restart in place does to a primary that cannot fail over. Here the failure is a
 real EIO: the primary's ``disk.raw`` is a FUSE export of a qemu-storage-daemon whose
 ``blkdebug`` node fails every write to one region, the agent runs with its pod's
-privileges, and the bytes are compared on the replica that is promoted."""
+privileges, and the bytes are compared on the replica that is promoted. The last tests
+drive a primary in-process to hold it inside its multi-step commands (a stop that marks the
+peer, a re-pair) while the failure happens."""
 
 from __future__ import annotations
 
@@ -15,15 +17,19 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from pairvol.agent.config import AgentConfig
+from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.procs import AgentCallError
-from pairvol.nbd import NBDError
+from pairvol.agent.replica import Replica
+from pairvol.agent.stages import IllegalTransition
+from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu.qsd import Qsd
-from tests.support.agents import Agent, agents
+from tests.support.agents import Agent, agents, free_port
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -149,3 +155,155 @@ async def test_a_primary_alone_whose_disk_fails_a_write_acknowledges_nothing_and
             assert st["export"]["serving"] is True
             async with await primary.nbd() as nbd:
                 assert await nbd.pread(4096, 0) == b"\xa1" * 4096
+
+
+# ------------------------------------------------------------------ inside multi-step commands
+
+
+def in_process_primary(data_dir: Path) -> Replica:
+    cfg = AgentConfig("vol", data_dir, SIZE, ("127.0.0.1", free_port()), ("127.0.0.1", free_port()),
+                      data_dir / "export.sock")
+    return Replica(cfg, AgentMetrics("vol"))
+
+
+@contextlib.asynccontextmanager
+async def primary_on_a_failing_disk(tmp: Path) -> AsyncIterator[tuple[Replica, Agent, Qsd]]:
+    """An in-process primary whose disk.raw fails writes to BAD_OFFSET, and a secondary
+    agent (epoch 1) running as its pod would."""
+    async with failing_disk(tmp) as (faulty, server):
+        (tmp / "a").mkdir()
+        (tmp / "a" / "disk.raw").symlink_to(faulty)
+        secondary = Agent(name="vol", data_dir=tmp / "b", size="16Mi")
+        primary = in_process_primary(tmp / "a")
+        await secondary.start()
+        await primary.open()
+        try:
+            await secondary.secondary(1)
+            yield primary, secondary, server
+        finally:
+            with contextlib.suppress(Exception):
+                await primary.close()
+            await secondary.stop()
+
+
+async def acknowledged_where_the_local_disk_fails(nbd: NBDClient, server: Qsd) -> None:
+    """As in the first test: the secondary takes the write while the disk's server is
+    stopped, then the disk fails it; the write is acknowledged from the secondary alone."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        write = asyncio.create_task(nbd.pwrite(b"\xb2" * 4096, BAD_OFFSET))
+        await asyncio.sleep(1.0)
+        assert not write.done()
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    await asyncio.wait_for(write, 30)
+
+
+def held_reports(primary: Replica) -> asyncio.Event:
+    """The agent's event pump gets to QEMU's failure reports only once the returned event is
+    set (QEMU acknowledges the write on its own; the agent may be busy)."""
+    handle = primary._on_qsd_event
+    later = asyncio.Event()
+
+    async def late(event: dict[str, object]) -> None:
+        if event.get("event") == "QUORUM_REPORT_BAD":
+            await later.wait()
+        await handle(event)  # type: ignore[arg-type]
+
+    primary.qsd._handlers = [late]
+    return later
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def block_of(disk: Path) -> bytes:
+    with open(disk, "rb") as f:
+        f.seek(BAD_OFFSET)
+        return f.read(4096)
+
+
+async def test_a_failure_while_a_stop_takes_the_peer_out_is_recorded(tmp_path: Path) -> None:
+    """The operator's grow stops the primary first (POST /v1/stop): the peer is marked
+    (state, then the Lease: slow on a busy API server) while it is still a child of the
+    quorum and the export still serves. A write acknowledged from the peer alone then is
+    recorded all the same."""
+    async with primary_on_a_failing_disk(tmp_path) as (primary, secondary, server):
+        host, port = secondary.replication_address.rsplit(":", 1)
+        await primary.start_primary(2, (host, int(port)), "full", peer_epoch=1)
+        await until(lambda: primary.replication == "replicating", "the pair to replicate")
+        marking, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_lease_mark(epoch: int) -> None:
+            marking.set()
+            await go_on.wait()
+
+        primary.out_of_sync_hooks.append(slow_lease_mark)
+        async with await NBDClient.connect_unix(str(primary.cfg.export_socket)) as nbd:
+            stop = asyncio.create_task(primary.stop())
+            await asyncio.wait_for(marking.wait(), 10)
+            await acknowledged_where_the_local_disk_fails(nbd, server)
+        go_on.set()
+        await stop
+        assert primary.state.local_failure is not None
+        assert block_of(tmp_path / "b" / "disk.raw") == b"\xb2" * 4096
+        with pytest.raises(IllegalTransition, match="never serves as the primary again"):
+            await primary.start_primary(3, None, "none")
+
+
+async def test_a_failure_during_a_re_pair_keeps_the_export_down_and_the_peer_marked(tmp_path: Path) -> None:
+    """A primary serving alone is paired again: the peer joins the quorum while the old
+    export still serves. A write acknowledged from the peer alone before the export is
+    served again leaves it unserved, and the peer is never declared in sync from this disk."""
+    async with primary_on_a_failing_disk(tmp_path) as (primary, secondary, _):
+        await primary.start_primary(2, None, "none")
+        nbd = await NBDClient.connect_unix(str(primary.cfg.export_socket))
+        serve = primary._serve_workload
+        reported = held_reports(primary)
+        failed_first: list[bool] = []
+
+        async def fail_before_serving(*args: object) -> None:
+            if not failed_first:
+                failed_first.append(True)
+                await nbd.pwrite(b"\xb2" * 4096, BAD_OFFSET)  # acknowledged: the peer took it
+                reported.set()
+                await until(lambda: primary.state.local_failure is not None, "the record")
+            await serve(*args)  # type: ignore[arg-type]
+
+        primary._serve_workload = fail_before_serving  # type: ignore[method-assign]
+        host, port = secondary.replication_address.rsplit(":", 1)
+        try:
+            with pytest.raises(IllegalTransition, match="never serves as the primary again"):
+                await primary.start_primary(3, (host, int(port)), "full", peer_epoch=1)
+        finally:
+            await nbd.close()
+        assert failed_first and not primary.serving
+        await asyncio.sleep(2.0)  # time for the full sync of 16 MiB to end
+        assert primary.replication != "replicating" and primary.state.out_of_sync
+
+
+async def test_a_failure_handled_after_the_link_dropped_is_recorded(tmp_path: Path) -> None:
+    """QEMU acknowledges the write and reports the failure on its own; the agent may get
+    to the report only after the link failed and left the quorum. What counts is whether
+    the peer was a child when the write completed."""
+    async with primary_on_a_failing_disk(tmp_path) as (primary, secondary, _):
+        host, port = secondary.replication_address.rsplit(":", 1)
+        await primary.start_primary(2, (host, int(port)), "full", peer_epoch=1)
+        await until(lambda: primary.replication == "replicating", "the pair to replicate")
+        later = held_reports(primary)
+        async with await NBDClient.connect_unix(str(primary.cfg.export_socket)) as nbd:
+            await nbd.pwrite(b"\xb2" * 4096, BAD_OFFSET)  # acknowledged: the peer took it
+            secondary.kill()
+            await secondary.wait_exit()
+            other = asyncio.create_task(nbd.pwrite(b"\xa1" * 4096, 0))  # finds the link gone
+            await asyncio.sleep(3.0)
+            later.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(other, 30)
+        await until(lambda: primary.state.local_failure is not None, "the record")

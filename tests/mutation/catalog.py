@@ -630,9 +630,33 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.a-primary-alone-records-no-local-disk-failure", REPLICA,
-        "                if self.link is not None:  # the peer took part: it alone may have completed the write\n",
+        "                if self._peer_children > 0:  # the peer took part: it alone may have completed the write\n",
         "                if True:\n",
         T_LOCAL_DISK, "H13: a write failed by a primary without a peer was not acknowledged: it may serve again",
+    ),
+    Mutation(
+        "replica.a-local-failure-counts-while-the-peer-is-a-child", REPLICA,
+        "                if self._peer_children > 0:  # the peer took part: it alone may have completed the write\n",
+        "                if self.link is not None:\n",
+        T_LOCAL_DISK, "H13: a stop marks the peer with the link already gone; the peer is still a child",
+    ),
+    Mutation(
+        "peerlink.the-peer-leaves-the-count-after-its-events", PEERLINK,
+        "                    await self.qsd.event_barrier()\n",
+        "",
+        T_LOCAL_DISK, "H13: a report QEMU sent while the peer was a child is handled before the count drops",
+    ),
+    Mutation(
+        "replica.nothing-serves-a-disk-with-a-local-failure", REPLICA,
+        "        if self.state.local_failure is not None:\n            # H13: every path that serves",
+        "        if False:\n            # H13: every path that serves",
+        T_LOCAL_DISK, "H13: a failure during a re-pair keeps the export down",
+    ),
+    Mutation(
+        "replica.no-peer-in-sync-from-a-disk-with-a-local-failure", REPLICA,
+        "            if self.state.local_failure is not None:\n                # H13: copied from a disk",
+        "            if False:\n                # H13: copied from a disk",
+        T_LOCAL_DISK, "H13: the peer copied from a disk that lacks an acknowledged write stays marked",
     ),
     Mutation(
         "state.a-local-disk-failure-is-durable", STATE,

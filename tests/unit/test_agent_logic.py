@@ -225,6 +225,17 @@ class TestPersistence:
         assert {p.name for p in tmp_path.iterdir()} == {"state.a", "state.b"}
         assert all(p.stat().st_size == persist.SLOT_SIZE for p in tmp_path.iterdir())
 
+    def test_a_local_disk_failure_is_kept_in_a_format_older_agents_refuse(self, tmp_path: Path) -> None:
+        """H13: an agent that predates the record must not start on such a state (it would
+        drop the record); every other state keeps the format they read."""
+        s = persist.PersistedState(name="v", size=1 << 20, role=Role.PRIMARY, epoch=4)
+        assert json.loads(s.to_json())["version"] == persist.FORMAT_VERSION == 1
+        failed = s.evolve(local_failure="local disk failed a write: Input/output error")
+        assert json.loads(failed.to_json())["version"] == persist.FORMAT_LOCAL_FAILURE == 2
+        persist.save(tmp_path, failed)
+        assert persist.load(tmp_path) == failed
+        assert persist.PersistedState.from_json(failed.evolve(local_failure=None).to_json()).local_failure is None
+
     def test_a_torn_write_falls_back_to_the_previous_state(self, tmp_path: Path) -> None:
         s = persist.PersistedState(name="v", size=1 << 20, epoch=1)
         persist.save(tmp_path, s)  # seq 1 -> state.b
@@ -253,7 +264,7 @@ class TestPersistence:
         assert persist.load(tmp_path) == s
 
     def test_a_state_of_another_version_is_refused(self) -> None:
-        text = persist.PersistedState(name="v", size=1 << 20).to_json().replace('"version": 1', '"version": 2')
+        text = persist.PersistedState(name="v", size=1 << 20).to_json().replace('"version": 1', '"version": 3')
         with pytest.raises(persist.StateError, match="unsupported state version"):
             persist.PersistedState.from_json(text)
 

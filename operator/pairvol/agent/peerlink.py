@@ -64,6 +64,8 @@ CHECKSUM_STARTED = crashpoints.point(
 )
 
 CONNECT_TIMEOUT = 10.0
+# H13: how long a teardown waits for the event handlers before it counts the peer as gone
+EVENT_BARRIER_TIMEOUT_S = 5.0
 
 
 class PeerLinkError(PairvolError):
@@ -91,6 +93,7 @@ class PeerLink:
         track: Track,
         peer_disk: str | None = None,
         compare: Compare | None = None,
+        in_quorum: Callable[[int], None] = lambda delta: None,
     ) -> None:
         self.qsd = qsd
         self.cfg = cfg
@@ -104,6 +107,11 @@ class PeerLink:
         self._in_sync = in_sync
         self._track = track
         self._compare = compare
+        # H13: +1 before the peer's node may become a child of the quorum, -1 only once it
+        # is not one any more and every event QEMU sent before that was handled
+        self._in_quorum = in_quorum
+        self._counted = False
+        self._joined = False
         self.compared_bytes = 0  # checksum resync: how much of the volume was compared
         self._compare_logged = 0.0
         self.peer_disk = peer_disk  # the identity the peer answered to (its identity export)
@@ -160,7 +168,10 @@ class PeerLink:
                 await self.qsd.execute("blockdev-add", r.nbd_client_gate(r.SYNC_TARGET_NODE, gate_sock, COPY_EXPORT))
             # R2: the peer is a child of the quorum, so every new write goes to both sides,
             # before any region is copied
+            self._counted = True
+            self._in_quorum(+1)  # H13: before any write can complete from the peer alone
             await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
+            self._joined = True
             self.child = await self._child_name()
         except PairvolError as exc:
             reason = self.gate.reason or str(exc)
@@ -448,10 +459,23 @@ class PeerLink:
         with contextlib.suppress(QemuError):
             await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB, "force": True})
         self.qsd.unwatch_job(r.SYNC_JOB)
+        # a child whose name was never learnt may still be in the quorum: counted as one (H13)
+        removed = self.child is None and not self._joined
         if self.child is not None:
-            with contextlib.suppress(QemuError):
+            try:
                 await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "child": self.child})
+                removed = True
+            except QemuError:
+                pass
             self.child = None
+        if self._counted and removed:
+            # H13: every event QEMU sent while the peer was a child is handled before the
+            # count drops; if the handlers do not get there in time, it stays up (the safe side)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EVENT_BARRIER_TIMEOUT_S):
+                    await self.qsd.event_barrier()
+                    self._counted = False
+                    self._in_quorum(-1)
         for node in (r.PEER_NODE, r.SYNC_TARGET_NODE):
             await self._delete_node(node)
         await cancel_and_wait(self._settle_task)

@@ -292,6 +292,8 @@ class Replica:
         self._attestation: rs.SyncPoint | None = None
         self._no_attestation = "a new replica"
         self._link_epoch: int | None = None  # the peer epoch the current link was made to
+        # H13: links whose node may be a child of the quorum (a write may complete from it alone)
+        self._peer_children = 0
         metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
 
     # ------------------------------------------------------------------ lifecycle
@@ -530,6 +532,8 @@ class Replica:
             why = "its last stop was not clean: writes in flight then may have reached its disk only"
         elif found.resize_from is not None:
             why = "a grow of its disk was in progress at its last stop"
+        elif found.local_failure is not None:
+            why = f"its local disk failed a request that only its peer served ({found.local_failure})"
         elif found.role is not Role.PRIMARY or found.stopped_in_sync is None:
             why = found.stop_note or f"its last clean stop was as {found.role.value}, not as a primary in sync"
         else:
@@ -717,6 +721,12 @@ class Replica:
     async def _serve_workload(self, steps: _Steps | None = None) -> None:
         if self.serving:
             return
+        if self.state.local_failure is not None:
+            # H13: every path that serves (a start, a grow, a re-pair) ends here
+            raise IllegalTransition(
+                f"not serving: this replica's local disk failed a request that only its peer served "
+                f"({self.state.local_failure}); it never serves as the primary again"
+            )
         steps = steps or _Steps(time.perf_counter())
         if self.state.peer is not None and (self.link is None or self.link.gate.failed.is_set()):
             # serving while the configured peer is not in the quorum: it misses writes
@@ -1495,6 +1505,7 @@ class Replica:
             track=self._track_divergence,
             compare=self._checksum_marks,
             peer_disk=plan.peer_disk,
+            in_quorum=self._count_peer_child,
         )
         # R6: a pairing ends the since-promotion record whatever it copies (a union resync
         # turns it into the record about the peer's disk), durably before anything is written
@@ -1545,11 +1556,17 @@ class Replica:
         self.peer_error = None
         self.replication = "syncing" if plan.kind != rs.NONE else "replicating"
 
+    def _count_peer_child(self, delta: int) -> None:
+        self._peer_children += delta
+
     async def _declare_in_sync(self, link: PeerLink) -> bool:
         """The full sync finished: the peer has every write from here on, unless the link
         failed meanwhile (then the gate holds, and the mark wins)."""
         async with self._oos_lock:
             if link is not self.link or link.gate.failed.is_set():
+                return False
+            if self.state.local_failure is not None:
+                # H13: copied from a disk that lacks an acknowledged write: the peer stays marked
                 return False
             self._peer_marked = False
             # from here the peer has every write: a record about its disk starts over (R1)
@@ -1819,6 +1836,8 @@ class Replica:
         even that write keeps it in memory; the fence holds either way."""
         if self.state.local_failure is not None:
             return
+        # in memory at once (a _save waiting for _save_lock would set it only then)
+        self.state = self.state.evolve(local_failure=reason)
         try:
             await self._save(local_failure=reason)
         except (OSError, PairvolError) as exc:
@@ -1837,7 +1856,7 @@ class Replica:
                 reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
                 self.last_error = f"{reason}; fail over to the secondary"
                 self._fence_task = asyncio.create_task(self.fence_workload(self.last_error, "local-disk"))
-                if self.link is not None:  # the peer took part: it alone may have completed the write
+                if self._peer_children > 0:  # the peer took part: it alone may have completed the write
                     await self._record_local_failure(reason)
             else:
                 # the link gate answered EIO after the peer was marked (or the export fenced)

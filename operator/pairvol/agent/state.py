@@ -30,6 +30,9 @@ _SLOT_HEADER = struct.Struct(">8sQII")
 DISK_FILE = "disk.raw"
 BITMAP_FILE = "resync-bitmap.qcow2"
 FORMAT_VERSION = 1
+# a state that records a local disk failure (H13): agents that predate it refuse the
+# format instead of reading the state without the record, which they would then drop
+FORMAT_LOCAL_FAILURE = 2
 
 
 class StateError(PairvolError):
@@ -120,14 +123,14 @@ class PersistedState:
         data["role"] = self.role.value
         data["stage"] = self.stage.value
         data["failover_mode"] = self.failover_mode.value if self.failover_mode else None
-        data["version"] = FORMAT_VERSION
+        data["version"] = FORMAT_VERSION if self.local_failure is None else FORMAT_LOCAL_FAILURE
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> PersistedState:
         try:
             data = json.loads(text)
-            if data.pop("version", None) != FORMAT_VERSION:
+            if data.pop("version", None) not in (FORMAT_VERSION, FORMAT_LOCAL_FAILURE):
                 raise StateError("unsupported state version")
             cp = data.pop("checkpoint", None)
             mode = data.pop("failover_mode", None)

@@ -31,6 +31,7 @@ still retries with a fresh client, whatever a failed attempt raised.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
@@ -42,6 +43,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
+from qemu.qmp.message import Message
 from qemu.qmp.qmp_client import ExecuteError
 
 from pairvol.aio import cancel_and_wait, signal_child
@@ -49,6 +51,8 @@ from pairvol.qemu import QemuError, QsdDied
 from pairvol.qemu.img import require_binary
 
 log = logging.getLogger(__name__)
+
+_BARRIER = "PAIRVOL_EVENT_BARRIER"  # never sent by QEMU
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
 _PR_SET_PDEATHSIG = 1
@@ -102,6 +106,8 @@ class Qsd:
         self._handlers: list[EventHandler] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._listener: EventListener | None = None
+        self._barriers: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def pid(self) -> int | None:
@@ -165,6 +171,7 @@ class Qsd:
                     await asyncio.wait_for(self.dead.wait(), 0.05)
         listener = EventListener()
         self.qmp.register_listener(listener)
+        self._listener = listener
         self._tasks.append(asyncio.create_task(self._pump_events(listener), name=f"{self.name}-events"))
         log.debug("qemu-storage-daemon %s started, pid %d", self.name, self.proc.pid)
 
@@ -194,9 +201,27 @@ class Qsd:
         for queue in self._job_queues.values():
             queue.put_nowait({"event": "QSD_DIED", "data": {}})
 
+    async def event_barrier(self) -> None:
+        """Return once every event QEMU sent before the reply to the last command this
+        process received has been through the handlers (qemu.qmp queues an event before it
+        reads the messages that follow it, and the pump handles the queue in order). Also
+        after the daemon died: what it sent before is still handled. The caller bounds the
+        wait (a handler that hangs holds it)."""
+        if self._listener is None:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers.append(done)
+        await self._listener.put(Message({"event": _BARRIER, "data": {}}))
+        await done
+
     async def _pump_events(self, listener: EventListener) -> None:
         async for event in listener:
             msg: dict[str, Any] = dict(event)
+            if msg.get("event") == _BARRIER:
+                waiter = self._barriers.popleft()
+                if not waiter.done():  # its caller may have given up waiting
+                    waiter.set_result(None)
+                continue
             data = msg.get("data", {})
             job = data.get("id") or data.get("device")
             if job is not None and msg["event"].startswith(("JOB_", "BLOCK_JOB_")):
