@@ -56,7 +56,7 @@ HOST_TEST = (
 EXPECTED_PASSED = 5 + 1 + 4
 
 
-@pytest.mark.timeout(2900)
+@pytest.mark.timeout(1200)
 def test_in_a_guest_with_the_nbd_module_the_node_plugin_attaches_through_the_kernel(tmp_path: Path) -> None:
     script = f"""
 cd {REPO}
@@ -67,12 +67,8 @@ python -m pytest -q -p no:cacheprovider --durations=0 \\
   tests/integration/test_csi_node.py -k "guest_kernel_nbd or attacher_host or {NODE_TESTS}" 2>&1
 """
     try:
-        done = run_in_guest(script, tmp_path / "guest", timeout=1380)
-        if done.rc != 0 and "lost QMP connection" in done.output:
-            # an agent's qemu-storage-daemon lost under emulation (seen in 2 of 7 runs, in
-            # agent code this transport does not touch): said, and run once more
-            print(f"first guest run lost an agent's daemon; running again:\n{done.output[-3000:]}")
-            done = run_in_guest(script, tmp_path / "guest-again", timeout=1380)
+        # about 7 minutes on a quiet 2-CPU host; a guest whose I/O hangs is ended well before CI's limit
+        done = run_in_guest(script, tmp_path / "guest", timeout=1080)
     except GuestUnavailable as exc:
         unavailable(f"the guest cannot be booted here: {exc}")
     print(done.output[-6000:])
