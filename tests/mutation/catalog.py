@@ -444,7 +444,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "state.format-version", STATE,
-        'if data.pop("version", None) != FORMAT_VERSION:',
+        'if data.pop("version", None) not in (FORMAT_VERSION, FORMAT_LOCAL_FAILURE):',
         'if data.pop("version", None) is None:',
         T_STATE, "a state of another format version is refused",
     ),
