@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,7 @@ from pairvol.agent.replica import Replica
 from pairvol.agent.stages import IllegalTransition
 from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu.qsd import Qsd
+from pairvol.qemu.recipes import WORKLOAD_EXPORT
 from tests.support.agents import Agent, agents, free_port
 
 MiB = 1 << 20
@@ -200,15 +203,18 @@ async def acknowledged_where_the_local_disk_fails(nbd: NBDClient, server: Qsd) -
     await asyncio.wait_for(write, 30)
 
 
-def held_reports(primary: Replica) -> asyncio.Event:
+def held_reports(primary: Replica, stamped: bool = True) -> asyncio.Event:
     """The agent's event pump gets to QEMU's failure reports only once the returned event is
-    set (QEMU acknowledges the write on its own; the agent may be busy)."""
+    set (QEMU acknowledges the write on its own; the agent may be busy). ``stamped=False``
+    drops QEMU's timestamp: the report is then judged by the count of peer children alone."""
     handle = primary._on_qsd_event
     later = asyncio.Event()
 
     async def late(event: dict[str, object]) -> None:
         if event.get("event") == "QUORUM_REPORT_BAD":
             await later.wait()
+            if not stamped:
+                event = {k: v for k, v in event.items() if k != "timestamp"}
         await handle(event)  # type: ignore[arg-type]
 
     primary.qsd._handlers = [late]
@@ -288,7 +294,8 @@ async def test_a_failure_during_a_re_pair_keeps_the_export_down_and_the_peer_mar
         assert primary.replication != "replicating" and primary.state.out_of_sync
 
 
-async def test_a_failure_handled_after_the_link_dropped_is_recorded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stamped", [True, False], ids=["by-its-timestamp", "by-the-count-alone"])
+async def test_a_failure_handled_after_the_link_dropped_is_recorded(tmp_path: Path, stamped: bool) -> None:
     """QEMU acknowledges the write and reports the failure on its own; the agent may get
     to the report only after the link failed and left the quorum. What counts is whether
     the peer was a child when the write completed."""
@@ -296,7 +303,7 @@ async def test_a_failure_handled_after_the_link_dropped_is_recorded(tmp_path: Pa
         host, port = secondary.replication_address.rsplit(":", 1)
         await primary.start_primary(2, (host, int(port)), "full", peer_epoch=1)
         await until(lambda: primary.replication == "replicating", "the pair to replicate")
-        later = held_reports(primary)
+        later = held_reports(primary, stamped)
         async with await NBDClient.connect_unix(str(primary.cfg.export_socket)) as nbd:
             await nbd.pwrite(b"\xb2" * 4096, BAD_OFFSET)  # acknowledged: the peer took it
             secondary.kill()
@@ -307,3 +314,85 @@ async def test_a_failure_handled_after_the_link_dropped_is_recorded(tmp_path: Pa
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(other, 30)
         await until(lambda: primary.state.local_failure is not None, "the record")
+
+
+async def test_a_failure_recorded_while_the_export_is_set_up_keeps_it_down(tmp_path: Path) -> None:
+    """A start with a full sync: the mirror reads the disk through the quorum while the
+    export is being set up (here: while the Lease is taken). A failure the agent records
+    then, with the peer a child, is fenced while nothing serves yet; the start must not
+    serve the disk after all."""
+    async with primary_on_a_failing_disk(tmp_path) as (primary, secondary, _):
+        taking, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_lease(epoch: int) -> None:
+            taking.set()
+            await go_on.wait()
+
+        primary.before_serve_hooks.append(slow_lease)
+        host, port = secondary.replication_address.rsplit(":", 1)
+        start = asyncio.create_task(primary.start_primary(2, (host, int(port)), "full", peer_epoch=1))
+        await asyncio.wait_for(taking.wait(), 10)
+        assert primary._peer_children > 0
+        # what QEMU reports when the mirror's read of the local disk fails (the peer refuses reads)
+        await primary._on_qsd_event({
+            "event": "QUORUM_REPORT_BAD",
+            "data": {"node-name": "disk", "type": "read", "error": "Input/output error"},
+        })
+        await asyncio.sleep(0.5)  # the fence runs, and finds nothing serving
+        go_on.set()
+        with pytest.raises(IllegalTransition, match="never serves as the primary again"):
+            await asyncio.wait_for(start, 30)
+        assert not primary.serving
+
+
+async def test_a_failure_recorded_while_the_export_is_added_takes_it_down_again(tmp_path: Path) -> None:
+    """The same, with the record made (by the event pump, in memory at once) while QEMU
+    adds the exports: the exports just added are taken down as a fence would, and the
+    start fails."""
+    async with primary_on_a_failing_disk(tmp_path) as (primary, secondary, _):
+        execute = primary.qsd.execute
+        added: list[str] = []
+
+        async def record_after_the_last_export(command: str, args: dict[str, Any] | None = None) -> Any:
+            answer = await execute(command, args)
+            if command == "block-export-add":
+                added.append(str((args or {}).get("id")))
+                if len(added) == 1 + len(primary._lineage_exports()):
+                    primary.state = primary.state.evolve(local_failure="local disk failed a read: Input/output error")
+            return answer
+
+        primary.qsd.execute = record_after_the_last_export  # type: ignore[method-assign]
+        host, port = secondary.replication_address.rsplit(":", 1)
+        with pytest.raises(IllegalTransition, match="never serves as the primary again"):
+            await primary.start_primary(2, (host, int(port)), "full", peer_epoch=1)
+        assert WORKLOAD_EXPORT in added and not primary.serving
+        exports = await execute("query-block-exports")
+        assert not [e for e in exports if e["id"] in added], exports
+
+
+def report_bad(at: float) -> dict[str, object]:
+    """QUORUM_REPORT_BAD for the local disk as QEMU stamps it (when the failure happened)."""
+    return {
+        "event": "QUORUM_REPORT_BAD",
+        "timestamp": {"seconds": int(at), "microseconds": int((at % 1) * 1_000_000)},
+        "data": {"node-name": "disk", "type": "write", "error": "Input/output error"},
+    }
+
+
+async def test_a_report_qemu_held_back_until_after_the_peer_left_is_judged_by_when_it_failed(
+    tmp_path: Path,
+) -> None:
+    """QEMU's monitor sends one QUORUM_REPORT_BAD per node-name and second at once and
+    holds the next back for up to a second, so it may come after the reply that removed the
+    peer, and after the event barrier. Its timestamp is when the failure happened."""
+    async with primary_on_a_failing_disk(tmp_path) as (primary, secondary, _):
+        host, port = secondary.replication_address.rsplit(":", 1)
+        await primary.start_primary(2, (host, int(port)), "full", peer_epoch=1)
+        await until(lambda: primary.replication == "replicating", "the pair to replicate")
+        failed_at = time.time()  # the peer is a child
+        await primary.stop()
+        assert primary._peer_children == 0
+        await primary._on_qsd_event(report_bad(time.time() + 0.01))  # alone: an error, not recorded
+        assert primary.state.local_failure is None
+        await primary._on_qsd_event(report_bad(failed_at))  # held back by QEMU
+        assert primary.state.local_failure is not None

@@ -630,13 +630,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.a-primary-alone-records-no-local-disk-failure", REPLICA,
-        "                if self._peer_children > 0:  # the peer took part: it alone may have completed the write\n",
+        "                if self._peer_children > 0 or _reported_at(event) <= self._peer_left_at:\n",
         "                if True:\n",
         T_LOCAL_DISK, "H13: a write failed by a primary without a peer was not acknowledged: it may serve again",
     ),
     Mutation(
         "replica.a-local-failure-counts-while-the-peer-is-a-child", REPLICA,
-        "                if self._peer_children > 0:  # the peer took part: it alone may have completed the write\n",
+        "                if self._peer_children > 0 or _reported_at(event) <= self._peer_left_at:\n",
         "                if self.link is not None:\n",
         T_LOCAL_DISK, "H13: a stop marks the peer with the link already gone; the peer is still a child",
     ),
@@ -648,8 +648,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.nothing-serves-a-disk-with-a-local-failure", REPLICA,
-        "        if self.state.local_failure is not None:\n            # H13: every path that serves",
-        "        if False:\n            # H13: every path that serves",
+        "        if self.state.local_failure is not None:\n            raise IllegalTransition(\n"
+        "                f\"not serving:",
+        "        if False:\n            raise IllegalTransition(\n                f\"not serving:",
         T_LOCAL_DISK, "H13: a failure during a re-pair keeps the export down",
     ),
     Mutation(
@@ -657,6 +658,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            if self.state.local_failure is not None:\n                # H13: copied from a disk",
         "            if False:\n                # H13: copied from a disk",
         T_LOCAL_DISK, "H13: the peer copied from a disk that lacks an acknowledged write stays marked",
+    ),
+    Mutation(
+        "replica.a-report-qemu-held-back-is-judged-by-its-time", REPLICA,
+        "                if self._peer_children > 0 or _reported_at(event) <= self._peer_left_at:\n",
+        "                if self._peer_children > 0:\n",
+        T_LOCAL_DISK, "H13: a report QEMU's rate limit delayed past the peer's removal still counts",
+    ),
+    Mutation(
+        "replica.a-record-made-while-the-export-was-added-takes-it-down", REPLICA,
+        "        if self.state.local_failure is not None:\n            # recorded while the exports were added",
+        "        if False:\n            # recorded while the exports were added",
+        T_LOCAL_DISK, "H13: a record made while the start sets the export up keeps it down",
     ),
     Mutation(
         "state.a-local-disk-failure-is-durable", STATE,

@@ -170,8 +170,10 @@ class PeerLink:
             # before any region is copied
             self._counted = True
             self._in_quorum(+1)  # H13: before any write can complete from the peer alone
-            await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
+            # joined from the moment the command is sent: QEMU may carry it out although its
+            # reply never arrives here (the caller cancelled): teardown asks QEMU's graph
             self._joined = True
+            await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "node": r.PEER_NODE})
             self.child = await self._child_name()
         except PairvolError as exc:
             reason = self.gate.reason or str(exc)
@@ -459,12 +461,20 @@ class PeerLink:
         with contextlib.suppress(QemuError):
             await self.qsd.execute("block-job-cancel", {"device": r.SYNC_JOB, "force": True})
         self.qsd.unwatch_job(r.SYNC_JOB)
-        # a child whose name was never learnt may still be in the quorum: counted as one (H13)
-        removed = self.child is None and not self._joined
+        removed = not self._joined
+        if self.child is None and self._joined:
+            # the add was sent but its child's name never learnt: QEMU's graph says (H13)
+            try:
+                self.child = await self._child_name()
+            except PeerLinkError:
+                removed = True  # no such edge: the peer is not a child
+            except QemuError:
+                pass  # unknown: it stays counted as a child
         if self.child is not None:
             try:
                 await self.qsd.execute("x-blockdev-change", {"parent": r.QUORUM_NODE, "child": self.child})
                 removed = True
+                self._joined = False  # a later teardown must not find another link's child
             except QemuError:
                 pass
             self.child = None

@@ -185,6 +185,16 @@ ROLLBACK_MARKS_FILE = "rollback-marks.qcow2"  # in .run/: scratch, merged at onc
 IN_SYNC_HOOK_TIMEOUT_S = 2.0
 
 
+def _reported_at(event: dict[str, Any]) -> float:
+    """When QEMU built the event (its "timestamp", CLOCK_REALTIME like time.time()); an
+    event without one is judged by the count alone."""
+    try:
+        ts = event["timestamp"]
+        return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
 def new_disk_id() -> str:
     return uuid.uuid4().hex
 
@@ -294,6 +304,9 @@ class Replica:
         self._link_epoch: int | None = None  # the peer epoch the current link was made to
         # H13: links whose node may be a child of the quorum (a write may complete from it alone)
         self._peer_children = 0
+        # H13: wall time at which the last such link stopped counting; QEMU sends at most one
+        # QUORUM_REPORT_BAD per node and second and delays the rest, stamped with their time
+        self._peer_left_at = float("-inf")
         metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
 
     # ------------------------------------------------------------------ lifecycle
@@ -721,12 +734,8 @@ class Replica:
     async def _serve_workload(self, steps: _Steps | None = None) -> None:
         if self.serving:
             return
-        if self.state.local_failure is not None:
-            # H13: every path that serves (a start, a grow, a re-pair) ends here
-            raise IllegalTransition(
-                f"not serving: this replica's local disk failed a request that only its peer served "
-                f"({self.state.local_failure}); it never serves as the primary again"
-            )
+        # H13: every path that serves (a start, a grow, a re-pair) ends here
+        self._refuse_a_failed_disk()
         steps = steps or _Steps(time.perf_counter())
         if self.state.peer is not None and (self.link is None or self.link.gate.failed.is_set()):
             # serving while the configured peer is not in the quorum: it misses writes
@@ -737,6 +746,9 @@ class Replica:
             except Exception as exc:
                 raise ServeRefused(f"refusing to serve the workload export: {exc}") from exc
         steps.done("lease")
+        # the record may have come while the hooks ran (a full sync's mirror reads through the
+        # quorum before the export serves); the fence it started found nothing to stop
+        self._refuse_a_failed_disk()
         sock = self.cfg.export_socket
         await asyncio.to_thread(lambda: sock.unlink(missing_ok=True))
         await self.qsd.execute("nbd-server-start", r.nbd_server_unix(sock))
@@ -749,11 +761,23 @@ class Replica:
                 await self.qsd.execute("nbd-server-stop")
             raise
         self.serving = True
+        if self.state.local_failure is not None:
+            # recorded while the exports were added (set in memory by the event pump at once,
+            # so no later record can slip past this check): take them down as a fence would
+            await self.fence_workload(f"not serving: {self.state.local_failure}", "local-disk")
+            self._refuse_a_failed_disk()
         self.fenced_by = None
         steps.done("export")
         if self.cfg.export_listen is not None:
             await self._start_relay()
             steps.done("relay")
+
+    def _refuse_a_failed_disk(self) -> None:
+        if self.state.local_failure is not None:
+            raise IllegalTransition(
+                f"not serving: this replica's local disk failed a request that only its peer served "
+                f"({self.state.local_failure}); it never serves as the primary again"
+            )
 
     def _lineage_exports(self) -> tuple[tuple[str, str], ...]:
         """(id, name) of the workload export under its lineage's name, if the disk has one."""
@@ -1558,6 +1582,8 @@ class Replica:
 
     def _count_peer_child(self, delta: int) -> None:
         self._peer_children += delta
+        if delta < 0:
+            self._peer_left_at = time.time()
 
     async def _declare_in_sync(self, link: PeerLink) -> bool:
         """The full sync finished: the peer has every write from here on, unless the link
@@ -1856,7 +1882,10 @@ class Replica:
                 reason = f"local disk failed a {data.get('type', 'request')}: {data.get('error', 'I/O error')}"
                 self.last_error = f"{reason}; fail over to the secondary"
                 self._fence_task = asyncio.create_task(self.fence_workload(self.last_error, "local-disk"))
-                if self._peer_children > 0:  # the peer took part: it alone may have completed the write
+                # the peer took part: it alone may have completed the write. A report QEMU held
+                # back (one per node-name and second) comes after the peer left: its timestamp,
+                # taken when the failure happened, says whether the peer was a child then
+                if self._peer_children > 0 or _reported_at(event) <= self._peer_left_at:
                     await self._record_local_failure(reason)
             else:
                 # the link gate answered EIO after the peer was marked (or the export fenced)

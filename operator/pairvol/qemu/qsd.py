@@ -171,6 +171,9 @@ class Qsd:
                     await asyncio.wait_for(self.dead.wait(), 0.05)
         listener = EventListener()
         self.qmp.register_listener(listener)
+        for waiter in self._barriers:  # an earlier pump's, which will never answer them
+            waiter.cancel()
+        self._barriers.clear()
         self._listener = listener
         self._tasks.append(asyncio.create_task(self._pump_events(listener), name=f"{self.name}-events"))
         log.debug("qemu-storage-daemon %s started, pid %d", self.name, self.proc.pid)
