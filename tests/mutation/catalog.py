@@ -624,8 +624,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.a-failed-local-disk-never-serves-as-primary", REPLICA,
-        "            if self.state.local_failure is not None:\n                raise IllegalTransition(\n",
-        "            if False:\n                raise IllegalTransition(\n",
+        "            self._refuse_a_failed_disk()  # H13: before anything changes\n",
+        "",
         T_LOCAL_DISK, "H13: a start as primary on a disk that failed an acknowledged write is refused",
     ),
     Mutation(
@@ -649,8 +649,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "replica.nothing-serves-a-disk-with-a-local-failure", REPLICA,
         "        if self.state.local_failure is not None:\n            raise IllegalTransition(\n"
-        "                f\"not serving:",
-        "        if False:\n            raise IllegalTransition(\n                f\"not serving:",
+        "                \"not serving:",
+        "        if False:\n            raise IllegalTransition(\n                \"not serving:",
         T_LOCAL_DISK, "H13: a failure during a re-pair keeps the export down",
     ),
     Mutation(

@@ -773,10 +773,13 @@ class Replica:
             steps.done("relay")
 
     def _refuse_a_failed_disk(self) -> None:
+        """H13: the one refusal of every start and serve on a disk with the record."""
         if self.state.local_failure is not None:
             raise IllegalTransition(
-                f"not serving: this replica's local disk failed a request that only its peer served "
-                f"({self.state.local_failure}); it never serves as the primary again"
+                "not serving: this replica's local disk failed a request that only its peer served "
+                f"({self.state.local_failure}): it may lack acknowledged data and never serves as the "
+                "primary again; promote the secondary (POST /v1/failover), then make this replica a "
+                "secondary (POST /v1/secondary) to copy the volume back onto it"
             )
 
     def _lineage_exports(self) -> tuple[tuple[str, str], ...]:
@@ -1401,13 +1404,7 @@ class Replica:
     ) -> dict[str, Any]:
         async with self.lock:
             check_start_primary(self.position, epoch)
-            if self.state.local_failure is not None:
-                raise IllegalTransition(
-                    "this replica's local disk failed a request that only its peer served "
-                    f"({self.state.local_failure}): it may lack acknowledged data and never serves as the "
-                    "primary again; promote the secondary (POST /v1/failover), then make this replica a "
-                    "secondary (POST /v1/secondary) to copy the volume back onto it"
-                )
+            self._refuse_a_failed_disk()  # H13: before anything changes
             self._drop_attestation(f"it started as primary at epoch {epoch} since its clean stop")
             self.peer_api = peer_api  # where to ask the peer for its checksums (R4)
             self._spawn_relay()  # its process starts while the peer attaches
