@@ -6,12 +6,14 @@ only a real agent can check the answers."""
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pairvol.operator.agentclient import AgentClient, AgentError
-from pairvol.operator.decisions import AgentView
+from pairvol.operator.decisions import AgentView, linked_to
+from pairvol.qemu.recipes import replication_export_name
 from tests.support.agents import Agent, agents
 
 
@@ -38,6 +40,10 @@ async def test_the_operator_drives_real_agents_through_a_failover_and_reads_thei
                 "primary", 2, "replicating", s.replication_address)
 
             assert (prim.size, AgentView.from_status(await c.status(address(s), token)).size) == (16 << 20,) * 2
+            # the link names the incarnation it goes to (docs/correctness.md H14)
+            sec = AgentView.from_status(await c.status(address(s), token))
+            assert prim.link_export == replication_export_name(1) and linked_to(prim, sec)
+            assert not linked_to(prim, replace(sec, epoch=3))  # a later incarnation at the same address
 
             cut = await c.checkpoint(address(s), token)
             assert cut["id"] == 1 and cut["durationMs"] > 0

@@ -83,13 +83,14 @@ async def test_restart_finds_images_and_state_and_never_reformats(tmp_path: Path
             await nbd.pwrite(b"k" * 65536, 0)
         for _ in range(3):
             await secondary.checkpoint()
-    # clean restart of the secondary: same checkpoint, resumed
+    # clean restart of the secondary: the same checkpoint's id, a new undo log (S5)
     s = Agent("vol", tmp_path / "replica-1", "16Mi")
     try:
         await s.start()
         st = await s.status()
         assert (st["role"], st["stage"], st["epoch"], st["checkpoint"]["id"]) == ("secondary", "running", 1, 3)
-        assert "resumed copy-before-write on the same checkpoint" in st["restored"]
+        assert st["checkpoint"]["restorePoint"] is False
+        assert "copy-before-write cannot resume on the old undo log" in st["restored"]
         assert (await s.checkpoint())["id"] == 4
     finally:
         await s.stop()

@@ -19,8 +19,11 @@ import pytest
 
 from pairvol.agent import crashpoints
 from pairvol.agent import state as persist
-from pairvol.agent.procs import AgentCallError
-from pairvol.nbd import NBDClient
+from pairvol.agent.config import AgentConfig
+from pairvol.agent.metrics import AgentMetrics
+from pairvol.agent.procs import AgentCallError, free_port
+from pairvol.agent.replica import Replica, ReplicaError
+from pairvol.nbd import NBDClient, NBDError
 from tests.integration.test_bitmap_resync import make_primary, replicating_pair
 from tests.support.agents import Agent
 from tests.support.bytes_compare import assert_same_image
@@ -220,3 +223,87 @@ async def test_a_grow_without_the_space_for_it_keeps_the_old_size_and_serves_on(
             assert (await a.status())["size"] == 16 * MiB
         finally:
             await a.stop()
+
+
+def in_process_primary(data_dir: Path) -> Replica:
+    cfg = AgentConfig("vol", data_dir, OLD, ("127.0.0.1", free_port()), ("127.0.0.1", free_port()),
+                      data_dir / "export.sock")
+    return Replica(cfg, AgentMetrics("vol"))
+
+
+async def written_whole(primary: Replica) -> bytes:
+    async with await NBDClient.connect_unix(str(primary.cfg.export_socket)) as nbd:
+        for off in range(0, OLD, 4 * MiB):
+            await nbd.pwrite(bytes([off // MiB + 1]) * (4 * MiB), off)
+        await nbd.flush()
+    return (primary.data_dir / "disk.raw").read_bytes()
+
+
+async def test_a_primary_fenced_while_it_grows_does_not_serve_again_at_that_epoch(tmp_path: Path) -> None:
+    """H17: the Lease is lost in the middle of a grow (the agent's Lease keeper fences the
+    export, then renews nothing more at this epoch, waiting for the operator's next one). The
+    grow completes on disk but does not serve the export again: serving at the fenced epoch
+    would be serving without a Lease, beside a secondary the operator may promote. Only a
+    start at a newer epoch serves, and the data written before is all there."""
+    data_dir = tmp_path / "a"
+    primary = in_process_primary(data_dir)
+    cfg = primary.cfg
+    await primary.open()
+    try:
+        await primary.start_primary(1, None, "none")
+        written = await written_whole(primary)
+        grow = primary._grow_disk
+
+        async def lease_lost_while_growing(size: int) -> str | None:
+            # what the keeper's on_lost does when a renewal fails: it does not take the lock
+            await primary.fence_workload("lease lost: another replica may be promoted", "lease")
+            return await grow(size)
+
+        primary._grow_disk = lease_lost_while_growing  # type: ignore[method-assign]
+        with pytest.raises(ReplicaError, match="fenced at epoch 1") as refused:
+            await primary.resize(1, NEW)
+        assert "grown from 67108864 to 134217728 bytes but is not served" in str(refused.value)
+        assert "newer epoch" in str(refused.value)
+        assert not primary.serving and primary.fenced.is_set()
+        with pytest.raises(NBDError, match="cannot connect"):
+            await NBDClient.connect_unix(str(cfg.export_socket))
+        assert primary.state.size == NEW
+        disk = (data_dir / "disk.raw").read_bytes()
+        assert len(disk) == NEW and disk[:OLD] == written and disk[OLD:] == bytes(NEW - OLD)
+        # the operator's next epoch serves it again, at the new size
+        await primary.start_primary(2, None, "none")
+        async with await NBDClient.connect_unix(str(cfg.export_socket)) as nbd:
+            assert nbd.size == NEW
+            assert await nbd.pread(4 * MiB, OLD - 4 * MiB) == bytes([OLD // MiB - 3]) * (4 * MiB)
+    finally:
+        await primary.close()
+
+
+async def test_a_fence_that_lands_while_the_grow_adds_the_export_takes_it_down_again(tmp_path: Path) -> None:
+    """H17, the same with the Lease lost while QEMU adds the export again: the fence found
+    nothing serving yet; the export just added is taken down, and the grow fails."""
+    primary = in_process_primary(tmp_path / "a")
+    await primary.open()
+    try:
+        await primary.start_primary(1, None, "none")
+        written = await written_whole(primary)
+        execute = primary.qsd.execute
+        added: list[str] = []
+
+        async def fenced_after_the_export_is_added(command: str, args: dict[str, Any] | None = None) -> Any:
+            answer = await execute(command, args)
+            if command == "block-export-add":
+                added.append(str((args or {}).get("id")))
+                if len(added) == 1 + len(primary._lineage_exports()):  # the last one
+                    await primary.fence_workload("lease lost: another replica may be promoted", "lease")
+            return answer
+
+        primary.qsd.execute = fenced_after_the_export_is_added  # type: ignore[method-assign]
+        with pytest.raises(ReplicaError, match="fenced at epoch 1"):
+            await primary.resize(1, NEW)
+        assert added and not primary.serving and primary.fenced_by == "lease"
+        assert not [e for e in await execute("query-block-exports") if e["id"] in added]
+        disk = (primary.data_dir / "disk.raw").read_bytes()
+        assert disk[:OLD] == written and disk[OLD:] == bytes(NEW - OLD)
+    finally:
+        await primary.close()

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pairvol.agent import state as persist
+from pairvol.agent.procs import AgentCallError
 from pairvol.nbd import NBDError
 from tests.support.agents import Agent, agents, pair
 from tests.support.bytes_compare import assert_same_image
@@ -168,21 +169,26 @@ async def test_a_restored_primary_serves_only_after_a_new_epoch(tmp_path: Path) 
 
 
 async def test_an_overlay_of_another_size_fails_the_chain_check(tmp_path: Path) -> None:
-    """replication_start's length check, on the restore path: a hidden disk that does not
-    match the secondary disk is refused with QEMU's message, and the agent does not start."""
+    """replication_start's length check, on a cut: the overlays prepared for the next
+    generation are replaced by a hidden disk that does not match the secondary disk; the cut
+    is refused with QEMU's message and the running generation goes on. (A restart never
+    reuses overlays: it makes a new generation, S5.)"""
     async with pair(tmp_path, size="16Mi") as (_, secondary):
-        pass  # both stopped cleanly: the secondary would resume its overlays
-    gen = persist.load(secondary.data_dir)
-    assert gen is not None
-    hidden = secondary.data_dir / f"hidden-{gen.generation}.qcow2"
-    assert hidden.exists()
-    hidden.unlink()
-    proc = await asyncio.create_subprocess_exec("qemu-img", "create", "-q", "-f", "qcow2", str(hidden), "32M")
-    assert await proc.wait() == 0
-    async with restarted(secondary, wait=False) as again:
-        code = await asyncio.wait_for(again.wait_exit(), 30)
-        assert code == 2
-        assert "Active disk, hidden disk, secondary disk's length are not the same" in again.log_tail()
+        gen = (await secondary.status())["overlays"]["generation"]
+        prepared = [secondary.data_dir / f"{kind}-{gen + 1}.qcow2" for kind in ("hidden", "active")]
+        for _ in range(200):
+            if all(p.exists() for p in prepared):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # the preparation's last qemu-img has written its file
+        prepared[0].unlink()
+        proc = await asyncio.create_subprocess_exec("qemu-img", "create", "-q", "-f", "qcow2", str(prepared[0]), "32M")
+        assert await proc.wait() == 0
+        with pytest.raises(AgentCallError) as refused:
+            await secondary.checkpoint()
+        assert "Active disk, hidden disk, secondary disk's length are not the same" in str(refused.value.body)
+        st = await secondary.status()
+        assert (st["role"], st["stage"], st["overlays"]["generation"]) == ("secondary", "running", gen), st
 
 
 async def test_a_disk_resized_behind_the_replicas_back_is_refused(tmp_path: Path) -> None:

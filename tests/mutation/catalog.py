@@ -413,6 +413,27 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # ------------------------------------------------------------------- agent/state.py
     Mutation(
+        "replica.killed-daemon-is-no-clean-stop", REPLICA,
+        "        if clean and not exited:\n            # S5:",
+        "        if False:\n            # S5:",
+        ("tests/integration/test_unclean_stop.py::test_a_secondary_whose_daemon_was_killed_at_its_stop_has_no_restore_point",),
+        "a stop whose daemon did not exit cleanly keeps no restore point (S5)",
+    ),
+    Mutation(
+        "qsd.clean-exit-needs-status-0", "operator/pairvol/qemu/qsd.py",
+        "exited = self.proc.returncode == 0",
+        "exited = True",
+        ("tests/integration/test_unclean_stop.py::test_a_daemon_that_dies_while_it_quits_reports_no_clean_exit",),
+        "a daemon that failed while it quit is no clean exit (S5)",
+    ),
+    Mutation(
+        "qsd.killed-is-no-clean-exit", "operator/pairvol/qemu/qsd.py",
+        "        exited = False\n        if not self.dead.is_set():",
+        "        exited = True\n        if not self.dead.is_set():",
+        ("tests/integration/test_unclean_stop.py::test_a_daemon_frozen_at_quit_is_killed_and_reports_no_clean_exit",),
+        "a daemon killed after quit is no clean exit (S5)",
+    ),
+    Mutation(
         "state.slot-crc", STATE,
         "if magic != _SLOT_MAGIC or len(body) != length or zlib.crc32(body) != crc:",
         "if magic != _SLOT_MAGIC or len(body) != length:",
@@ -455,6 +476,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         T_STATE, "a state that does not say it was closed cleanly is treated as unclean",
     ),
     # -------------------------------------------------- kube/lease.py, agent/lease.py
+    Mutation(
+        "lease.clear-on-its-own-version", KUBE_LEASE,
+        'patch = {"metadata": {"resourceVersion": version, "annotations": dict.fromkeys(_MARKS)}}',
+        'patch = {"metadata": {"annotations": dict.fromkeys(_MARKS)}}',
+        lease_tests("test_a_clear_applied_after_a_new_mark_does_not_remove_it",
+                    "test_a_clear_never_touches_a_lease_taken_over_by_another_holder"),
+        "a clear of the marks that reaches the API server after a new mark does not remove it",
+    ),
+    Mutation(
+        "lease.every-mark-a-new-version", KUBE_LEASE,
+        'return {"metadata": {"annotations": {**annotations, MARK_ID_ANNOTATION: uuid.uuid4().hex}}}',
+        'return {"metadata": {"annotations": dict(annotations)}}',
+        lease_tests("test_a_clear_applied_after_a_new_mark_does_not_remove_it"),
+        "a mark that stores the same epoch again still makes a late clear fail",
+    ),
+    Mutation(
+        "lease.clear-only-own-lease", KUBE_LEASE,
+        "                    if holder != self.holder:\n                        raise LeaseError(f\"cannot {what}",
+        "                    if False:\n                        raise LeaseError(f\"cannot {what}",
+        lease_tests("test_a_clear_never_touches_a_lease_taken_over_by_another_holder"),
+        "a clear never removes the marks from a Lease another holder took over",
+    ),
     Mutation(
         "lease.renew-safety-margin", KUBE_LEASE,
         "        self._mine = new\n        self._valid_until = sent + self.duration_s - self.safety_s\n\n"
@@ -546,6 +589,97 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a shutting-down primary stops serving before it gives the lease up",
     ),
     # -------------------------------------------------------------- operator/decisions.py
+    Mutation(
+        "decisions.a-link-names-the-incarnation", DECISIONS,
+        "    linked = pa.peer == peer and linked_to(pa, sa)\n",
+        "    linked = pa.peer == peer\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a secondary on the address of the one before is not in sync until the link names it (H14)",
+    ),
+    Mutation(
+        "decisions.no-link-is-not-linked", DECISIONS,
+        "    if pa.link_export is None or sa.role != \"secondary\":\n        return False\n",
+        "    if pa.link_export is None:\n        return True\n    if sa.role != \"secondary\":\n        return False\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a primary that reports no link is not linked (H14)",
+    ),
+    Mutation(
+        "decisions.an-identity-export-names-the-incarnation", DECISIONS,
+        "    return pa.link_export == name or pa.link_export.startswith(f\"{name}-d\")\n",
+        "    return pa.link_export == name\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a link to the export carrying the disk's identity goes to that incarnation too (H14)",
+    ),
+    Mutation(
+        "decisions.another-epoch-is-another-incarnation", DECISIONS,
+        "    return pa.link_export == name or pa.link_export.startswith(f\"{name}-d\")\n",
+        "    return pa.link_export.startswith(name)\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "an export of epoch 12 is not the incarnation of epoch 1 (H14)",
+    ),
+    Mutation(
+        "decisions.a-started-secondary-is-out-of-sync", DECISIONS,
+        "        sec = replace(sec, out_of_sync=True, synced=False)\n",
+        "",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a secondary started anew is OutOfSync and unsynced until the primary links to it (H14)",
+    ),
+    Mutation(
+        "decisions.marks-count-from-the-primarys-epoch", DECISIONS,
+        "        return min(pa.epoch, st.epoch)\n",
+        "        return st.epoch\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a mark the primary wrote at its own epoch counts when the volume's epoch is newer (H14)",
+    ),
+    Mutation(
+        "decisions.a-resync-mark-is-recorded-at-once", DECISIONS,
+        "    if sec is not None and resyncing and (sec.synced or not sec.out_of_sync):\n",
+        "    if False:\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a resync mark makes the secondary unsynced in status before a restart raises the epoch (H16)",
+    ),
+    Mutation(
+        "decisions.a-lost-target-keeps-the-volume-failed", DECISIONS,
+        "    if failover_unresolved(st):\n        return _target_lost(world, spec, st, actions)\n",
+        "    if False:\n        return _target_lost(world, spec, st, actions)\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "the old primary never serves again after a target that may have served was lost (H15)",
+    ),
+    Mutation(
+        "decisions.a-lost-target-never-served-only-by-the-lease", DECISIONS,
+        "    return sa is None and ended and lease is not None and lease.holder == prim.pod\n",
+        "    return sa is None and ended\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "only a Lease still held by the old primary proves that a lost target never served (H15)",
+    ),
+    Mutation(
+        "decisions.a-deleting-target-may-still-take-the-lease", DECISIONS,
+        "    ended = pod is None or (not pod.deleting and pod.phase in (\"Failed\", \"Succeeded\"))\n",
+        "    ended = True\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a target whose pod is still being deleted may still take the Lease (H15)",
+    ),
+    Mutation(
+        "decisions.a-lost-target-reads-the-lease-fresh", DECISIONS,
+        "        return st.primary is not None and world.lease is not None and world.lease.holder == st.primary.pod\n",
+        "        return False\n",
+        ("tests/unit/test_operator_incarnations.py",),
+        "the Lease that gives a volume back to its old primary is read from the API server (H15)",
+    ),
+    Mutation(
+        "decisions.a-lost-target-that-comes-back-finishes-the-failover", DECISIONS,
+        "    if sa is not None and sa.role == \"primary\":\n        # it is back",
+        "    if False:\n        # it is back",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a lost failover target that answers again with its role finishes the failover (H15)",
+    ),
+    Mutation(
+        "decisions.a-blocked-manual-failover-is-consumed", DECISIONS,
+        "    if world.annotations.get(ANN_FAILOVER) == \"now\":\n        # a manual failover that could not",
+        "    if False:\n        # a manual failover that could not",
+        ("tests/unit/test_operator_incarnations.py",),
+        "a manual failover not carried out is consumed before the primary serves again alone (H16)",
+    ),
     Mutation(
         "decisions.resync-marks-out-of-sync", DECISIONS,
         "        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)\n"
@@ -784,20 +918,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "decisions.lease-mark-current-epoch", DECISIONS,
-        "        and (lease.out_of_sync_epoch >= st.epoch)\n",
-        "        and (lease.out_of_sync_epoch > st.epoch)\n",
+        "        and (lease.out_of_sync_epoch >= floor)\n",
+        "        and (lease.out_of_sync_epoch > floor)\n",
         T_DECISIONS, "an out-of-sync mark at the current epoch is applied",
     ),
     Mutation(
         "decisions.lease-mark-not-stale", DECISIONS,
-        "        and (lease.out_of_sync_epoch >= st.epoch)\n",
-        "        and (lease.out_of_sync_epoch >= st.epoch - 1)\n",
+        "        and (lease.out_of_sync_epoch >= floor)\n",
+        "        and (lease.out_of_sync_epoch >= floor - 1)\n",
         T_DECISIONS, "an out-of-sync mark from an older epoch is ignored",
     ),
     Mutation(
         "decisions.mark-not-cleared-while-in-lease", DECISIONS,
         "        and not (lease is not None and lease.out_of_sync_epoch is not None"
-        " and lease.out_of_sync_epoch >= st.epoch)\n",
+        " and lease.out_of_sync_epoch >= floor)\n",
         "        and True\n",
         T_DECISIONS, "OutOfSync is not cleared while the Lease records a mark for this epoch",
     ),
@@ -882,6 +1016,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # ------------------------------------------------------------------ agent/replica.py
     Mutation(
+        "replica.no-serving-at-a-fenced-epoch", REPLICA,
+        "        self._refuse_while_fenced()\n",
+        "        pass\n",
+        ("tests/integration/test_resize.py::test_a_primary_fenced_while_it_grows_does_not_serve_again_at_that_epoch",),
+        "a grow whose Lease was lost meanwhile does not serve again at the fenced epoch (H17)",
+    ),
+    Mutation(
+        "replica.a-fence-during-the-export-add-takes-it-down", REPLICA,
+        "        if self.fenced.is_set():\n            # fenced while the exports were added",
+        "        if False:\n            # fenced while the exports were added",
+        ("tests/integration/test_resize.py::test_a_fence_that_lands_while_the_grow_adds_the_export_takes_it_down_again",),
+        "a fence that lands while the export is added again takes it down and fails the serve (H17)",
+    ),
+    Mutation(
         "replica.failover-epoch-durable-first", REPLICA,
         "            await self._save(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode, overlays_durable=False)\n",
         "            self.state = self.state.evolve(epoch=epoch, stage=Stage.FAILOVER, failover_mode=mode)\n",
@@ -903,23 +1051,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a restart after the overlays were durable redoes the commit: the checkpoint state",
     ),
     Mutation(
-        "secondary.unclean-stop-distrusts-overlays", SECONDARY,
-        "        resumed = clean and await self.have_files(gen)\n",
-        "        resumed = await self.have_files(gen)\n",
-        (f"{T_RESTART}::test_after_an_unclean_stop_the_secondary_has_no_restore_point_until_the_next_cut",),
-        "overlays are not trusted after an unclean stop",
-    ),
-    Mutation(
-        "secondary.clean-stop-resumes", SECONDARY,
-        "        resumed = clean and await self.have_files(gen)\n",
-        "        resumed = False\n",
-        ("tests/integration/test_api.py::test_restart_finds_images_and_state_and_never_reformats",),
-        "a cleanly stopped secondary resumes its checkpoint",
+        "secondary.a-restart-never-resumes-the-undo-log", REPLICA,
+        "            self.state = st.evolve(generation=gen, restore_point=False)\n",
+        "            self.state = st.evolve(generation=gen, restore_point=was_clean and st.restore_point)\n",
+        ("tests/integration/test_unclean_stop.py::"
+         "test_a_checkpoint_failover_after_a_clean_restart_and_a_re_pair_never_returns_a_mix",),
+        "a restarted secondary's disk is never a restore point: a clean stop's undo log cannot be resumed (S5)",
     ),
     Mutation(
         "replica.unclean-restart-is-no-restore-point", REPLICA,
-        "                self.state = st.evolve(generation=gen, restore_point=False)\n",
-        "                self.state = st.evolve(generation=gen)\n",
+        "            self.state = st.evolve(generation=gen, restore_point=False)\n",
+        "            self.state = st.evolve(generation=gen)\n",
         (f"{T_RESTART}::test_after_an_unclean_stop_the_secondary_has_no_restore_point_until_the_next_cut",),
         "the disk found after an unclean stop is never a restore point",
     ),
@@ -1059,8 +1201,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "decisions.automatic-resync-never-promoted", DECISIONS,
-        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch:\n",
-        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch"
+        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= marks_floor(world):\n",
+        "    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= marks_floor(world)"
         " and not manual:\n",
         T_DECISIONS, "a secondary the primary is rewriting on its own is not promoted, even by hand",
     ),

@@ -53,7 +53,10 @@ def pod(name: str, node: str, role: str, ip: str, **kw: Any) -> PodView:
     return PodView(name, node, role, kw.pop("phase", "Running"), kw.pop("ready", True), ip, **kw)
 
 
-PRIMARY_AGENT = AgentView("primary", "none", 3, "replicating", "10.0.0.2:7801", serving=True)
+# its link names the secondary's incarnation: the export of SECONDARY_AGENT's epoch (2)
+PRIMARY_AGENT = AgentView(
+    "primary", "none", 3, "replicating", "10.0.0.2:7801", serving=True, link_export="replication-e2"
+)
 SECONDARY_AGENT = AgentView(
     "secondary", "running", 2, checkpoint={"id": 4, "time": NOW - 2, "durationMs": 3.0}
 )
@@ -1383,7 +1386,7 @@ def test_reprotection_starts_the_new_pair_with_ever_higher_epochs() -> None:
     )
     assert (p.status.epoch, p.status.phase) == (7, Phase.SYNCING)
 
-    pairing = AgentView("primary", "done", 7, "syncing", "10.0.0.9:7801", serving=True)
+    pairing = AgentView("primary", "done", 7, "syncing", "10.0.0.9:7801", serving=True, link_export="replication-e6")
     w = replace(w, status=p.status, agents={"vol-1-b": pairing, "vol-5": AgentView("secondary", "running", 6)})
     assert plan(w).actions == () and plan(w).status.epoch == 7
     elsewhere = replace(pairing, peer="10.0.0.8:7801")

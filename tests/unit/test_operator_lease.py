@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +14,8 @@ import pytest
 
 from pairvol.agent.health import Health
 from pairvol.agent.lease import attach_lease
-from pairvol.kube.client import KubeClient, KubeError
+from pairvol.agent.replica import IN_SYNC_HOOK_TIMEOUT_S
+from pairvol.kube.client import Conflict, KubeClient, KubeError
 from pairvol.kube.config import load_config
 from pairvol.kube.lease import LeaseError, LeaseKeeper, micro_time, parse_micro_time
 from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION
@@ -650,3 +651,153 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
         assert holders == ["vol-3-a"], "fenced while still holding the lease"
         spec = (await read_lease(cluster))["spec"]
         assert isinstance(spec, dict) and not spec.get("holderIdentity"), "released after the fence"
+
+
+# ---------------------------------------------------------------- clearing the marks (H7)
+
+
+def is_clear(method: str, body: Any) -> bool:
+    """The request removes the out-of-sync mark (the clear of both marks)."""
+    if method != "PATCH" or not isinstance(body, dict):
+        return False
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return OUT_OF_SYNC_ANNOTATION in annotations and annotations[OUT_OF_SYNC_ANNOTATION] is None
+
+
+class AppliedLate:
+    """Requests of one client that reach the API server but are applied only once ``release``
+    is set. The caller waits for the answer as usual and may give up meanwhile (a timeout);
+    the request is applied all the same — as a real API server, which handles requests
+    concurrently, may apply one whose client stopped waiting for the answer."""
+
+    def __init__(self, kube: KubeClient, chosen: Callable[[str, Any], bool]) -> None:
+        self.real, self.chosen = kube.request, chosen
+        self.release = asyncio.Event()
+        self.pending: list[asyncio.Task[dict[str, Any]]] = []
+        kube.request = self._request  # type: ignore[method-assign]
+
+    async def _request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        if self.release.is_set() or not self.chosen(method, body):
+            return await self.real(method, path, body, **kw)
+
+        async def applied() -> dict[str, Any]:
+            await self.release.wait()
+            return await self.real(method, path, body, **kw)
+
+        self.pending.append(asyncio.create_task(applied()))
+        return await asyncio.shield(self.pending[-1])
+
+
+async def marks_on(cluster: LocalCluster) -> dict[str, str]:
+    meta = (await read_lease(cluster))["metadata"]
+    assert isinstance(meta, dict)
+    annotations = meta.get("annotations") or {}
+    return {k: v for k, v in annotations.items() if k in (OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION)}
+
+
+async def test_a_clear_applied_after_a_new_mark_does_not_remove_it() -> None:
+    """The agent waits IN_SYNC_HOOK_TIMEOUT_S for the clear of the marks, then goes on as if
+    it had failed (the marks stay: the safe side). The API server may still apply that
+    request later. If the link fails again meanwhile, its mark is stored before a write is
+    acknowledged without the peer, and the operator must find it: the late clear is
+    refused (409), because it is conditional on the version it was computed against and
+    every mark is a new version — also one that stores the same epoch again, as a failure
+    after an automatic resync (same epoch) does."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=10.0)
+        await k.acquire(5)
+        await k.mark_out_of_sync(7)
+        await k.mark_resync(7)
+        late = AppliedLate(await k._kube(), is_clear)
+        with pytest.raises(TimeoutError):  # the resync is done; the clear is not answered in time
+            async with asyncio.timeout(IN_SYNC_HOOK_TIMEOUT_S):
+                await k.clear_marks(7)
+        assert len(late.pending) == 1, "the clear was sent"
+        await k.mark_out_of_sync(7)  # the link fails again: stored before a write is acknowledged
+        late.release.set()
+        (outcome,) = await asyncio.gather(*late.pending, return_exceptions=True)
+        marks = await marks_on(cluster)
+        assert marks.get(OUT_OF_SYNC_ANNOTATION) == "7", f"a clear sent before the mark removed it: {marks}"
+        assert isinstance(outcome, Conflict), f"the late clear was applied: {outcome}"
+        # the keeper goes on: its renewals carry the mark, the next clear removes it
+        renewed = (await read_lease(cluster))["spec"]["renewTime"]  # type: ignore[index]
+        await k._renew(healthy)
+        lease = await read_lease(cluster)
+        assert k.held and lease["spec"]["renewTime"] != renewed  # type: ignore[index]
+        assert lease["metadata"]["annotations"][OUT_OF_SYNC_ANNOTATION] == "7"  # type: ignore[index]
+        await k.clear_marks(7)
+        assert await marks_on(cluster) == {}
+        await k.release()
+
+
+async def test_a_clear_that_meets_a_renewal_clears_on_the_renewed_lease() -> None:
+    """A write between the version the clear was computed against and its arrival (here the
+    keeper's own renewal) makes it a 409; the clear then reads the Lease, checks that it is
+    still the holder, and clears on what it read. The renewals go on with one request each."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=6.0)
+        await k.acquire(5)
+        await k.mark_out_of_sync(7)
+        await k.mark_resync(7)
+        kube = await k._kube()
+        real = kube.request
+        renewals: list[str] = []
+
+        async def renewal_first(method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+            if is_clear(method, body) and not renewals:
+                renewals.append(method)
+                await k._renew(healthy)  # lands just before the clear
+            return await real(method, path, body, **kw)
+
+        kube.request = renewal_first  # type: ignore[method-assign]
+        patches, gets = lease_requests(cluster, "patch"), lease_requests(cluster, "get")
+        await k.clear_marks(7)
+        assert (lease_requests(cluster, "patch") - patches, lease_requests(cluster, "get") - gets) == (2, 1)
+        assert renewals and await marks_on(cluster) == {}
+        puts, gets = lease_requests(cluster, "update"), lease_requests(cluster, "get")
+        await k._renew(healthy)  # on the version the clear stored: one PUT, no read
+        assert (lease_requests(cluster, "update") - puts, lease_requests(cluster, "get") - gets) == (1, 0)
+        assert k.held
+        await k.release()
+
+
+async def test_a_clear_never_touches_a_lease_taken_over_by_another_holder() -> None:
+    """The marks on a Lease that another holder took over are not this keeper's to clear:
+    the clear fails (the caller keeps them: the safe side) and the Lease stays as it is."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=6.0)
+        await k.acquire(5)
+        await k.mark_out_of_sync(7)
+        async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as kube:
+            lease = await kube.get(lease_path("default", "pairvol-vol"))
+            lease["spec"]["holderIdentity"] = "pod-b"
+            await kube.replace(lease_path("default", "pairvol-vol"), lease)
+        with pytest.raises(LeaseError, match="held by 'pod-b'"):
+            await k.clear_marks(7)
+        assert await marks_on(cluster) == {OUT_OF_SYNC_ANNOTATION: "7"}
+        await k.release()
+
+
+async def test_a_clear_that_keeps_meeting_other_writes_gives_up_and_leaves_the_marks() -> None:
+    """The retries after a 409 are few: a Lease written before each attempt arrives makes the
+    clear fail, and the marks stay (the agent retries later)."""
+    async with LocalCluster(nodes=0) as cluster:
+        k = keeper(cluster, "pod-a", Lost(), duration=6.0)
+        await k.acquire(5)
+        await k.mark_out_of_sync(7)
+        await k.mark_resync(7)
+        kube = await k._kube()
+        real = kube.request
+        async with KubeClient(await load_config(str(cluster.kubeconfig_path))) as other:
+
+            async def written_first(method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+                if is_clear(method, body):
+                    await other.merge_patch(path, {"metadata": {"labels": {"written-at": str(time.monotonic_ns())}}})
+                return await real(method, path, body, **kw)
+
+            kube.request = written_first  # type: ignore[method-assign]
+            with pytest.raises(LeaseError, match="clear the marks"):
+                await k.clear_marks(7)
+        assert await marks_on(cluster) == {OUT_OF_SYNC_ANNOTATION: "7", RESYNC_ANNOTATION: "7"}
+        assert k.held
+        await k.release()

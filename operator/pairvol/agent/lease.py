@@ -111,8 +111,9 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
 
     # Automatic re-protection (docs/correctness.md R5): the resync mark is on the Lease before
     # the agent copies a byte to its peer on its own, and both marks go once the peer is in
-    # sync. The replica runs the clear under the same lock as ``mark``, so a mark written after
-    # a new failure is never removed by a clear that was on its way.
+    # sync. The replica runs the clear under the same lock as ``mark``; a clear it gave up on
+    # may still reach the API server after a new mark, but it is conditional on the Lease's
+    # version and every mark makes a new one, so it is refused then (LeaseKeeper.clear_marks).
     before_resync = getattr(replica, "before_resync_hooks", None)
     if isinstance(before_resync, list):
         before_resync.append(keeper.mark_resync)

@@ -263,6 +263,7 @@ class Replica:
         # what stopped the workload export the last time (None while it serves or never
         # served): the operator restarts a primary fenced only by its Lease in place
         self.fenced_by: FenceCause | None = None
+        self._fence: tuple[str, FenceCause] | None = None  # the last fence's reason and cause
         self.last_error: str | None = None
         self.out_of_sync_hooks: list[Hook] = []
         self.before_serve_hooks: list[Hook] = []
@@ -589,15 +590,17 @@ class Replica:
             what += f", checkpoint {st.checkpoint.id}"
         self.chain.generation = st.generation
         if st.role is Role.SECONDARY and st.stage is Stage.RUNNING:
-            gen, resumed = await self.chain.restore_running(st.generation, was_clean, self._start_replication_export)
-            if resumed:
-                what += "; resumed copy-before-write on the same checkpoint"
-            else:
-                # After an unclean stop the overlays may lack metadata that lived in the dead
-                # daemon, and the disk may be a mix (a sync or writes were in flight): the disk
-                # as found is a starting point for new checkpoints, never a restore point.
-                self.state = st.evolve(generation=gen, restore_point=False)
-                what += "; the undo log was not closed cleanly, so there is no restore point until the next checkpoint"
+            # S5: the disk as found starts new checkpoints and is never a restore point. After
+            # an unclean stop the overlays may lack metadata that lived in the dead daemon and
+            # the disk may be a mix (a sync or writes were in flight); after a clean one the
+            # undo log is intact but cannot be resumed (secondary.restore_running).
+            gen = await self.chain.restore_running(st.generation, self._start_replication_export)
+            self.state = st.evolve(generation=gen, restore_point=False)
+            what += (
+                "; copy-before-write cannot resume on the old undo log"
+                if was_clean
+                else "; the undo log was not closed cleanly"
+            ) + ", so there is no restore point until the next checkpoint"
         elif st.role is Role.PRIMARY:
             await self._build_quorum()
             what += "; not serving the workload export until the operator confirms the role with a new epoch"
@@ -624,7 +627,18 @@ class Replica:
                 saved, attested = await self._save_bitmap()
         if self.listener is not None:
             await self.listener.kill()
-        await self.qsd.stop()  # in-flight writes drain through a healthy link first
+        exited = await self.qsd.stop()  # in-flight writes drain through a healthy link first
+        if clean and not exited:
+            # S5: a daemon that was killed or failed may not have written the undo log's qcow2
+            # metadata. Nor is a primary's attestation or bitmap vouched for by a daemon that
+            # did not close its disk: the next start treats this stop as a crash.
+            clean = False
+            log.warning(
+                "recording this stop as unclean: qemu-storage-daemon did not exit cleanly after quit "
+                "(exit status %s), so its images may lack what it held in memory; the next start keeps "
+                "no restore point, no saved bitmap and no in-sync attestation",
+                self.qsd.proc.returncode if self.qsd.proc is not None else None,
+            )
         if self.link is not None:
             link, self.link = self.link, None
             await link.gate.close()  # held requests stay unanswered: a stop, not a release
@@ -734,8 +748,9 @@ class Replica:
     async def _serve_workload(self, steps: _Steps | None = None) -> None:
         if self.serving:
             return
-        # H13: every path that serves (a start, a grow, a re-pair) ends here
-        self._refuse_a_failed_disk()
+        # H13, H17: every path that serves (a start, a grow, a re-pair) ends here
+        self._refuse_a_failed_disk()  # the more telling refusal first: a disk that failed never serves
+        self._refuse_while_fenced()
         steps = steps or _Steps(time.perf_counter())
         if self.state.peer is not None and (self.link is None or self.link.gate.failed.is_set()):
             # serving while the configured peer is not in the quorum: it misses writes
@@ -766,11 +781,32 @@ class Replica:
             # so no later record can slip past this check): take them down as a fence would
             await self.fence_workload(f"not serving: {self.state.local_failure}", "local-disk")
             self._refuse_a_failed_disk()
+        if self.fenced.is_set():
+            # fenced while the exports were added (the fence found nothing serving yet and left
+            # them): take them down now; something may have been served, so no ServeRefused
+            reason, cause = self._fence or ("fenced while the workload export was being served", "lease")
+            await self.fence_workload(reason, cause)
+            raise ReplicaError(self._fenced_refusal())
         self.fenced_by = None
         steps.done("export")
         if self.cfg.export_listen is not None:
             await self._start_relay()
             steps.done("relay")
+
+    def _refuse_while_fenced(self) -> None:
+        """H17: a fence lasts for the epoch it happened in. Its Lease keeper renews nothing
+        more at this epoch, so serving again at it would serve without a Lease; only a start
+        or a failover at a newer epoch (which clear ``fenced``) serves again."""
+        if self.fenced.is_set():
+            raise ServeRefused(self._fenced_refusal())
+
+    def _fenced_refusal(self) -> str:
+        why = f" ({self._fence[0]})" if self._fence else ""
+        return (
+            f"not serving: the workload export was fenced at epoch {self.state.epoch}{why}, and a fence lasts "
+            "for its epoch; the operator serves this replica again with a newer epoch (POST /v1/primary) "
+            "or promotes the secondary"
+        )
 
     def _refuse_a_failed_disk(self) -> None:
         """H13: the one refusal of every start and serve on a disk with the record."""
@@ -873,6 +909,7 @@ class Replica:
                 await self.qsd.execute("block-export-del", {"id": r.WORKLOAD_EXPORT, "mode": "hard"})
             self.last_error = reason
             self.fenced_by = cause
+        self._fence = (reason, cause)
         self.serving = False
         self.fenced.set()
         # The lineage name is served to remote clients only through the relay, killed above.
@@ -1225,6 +1262,9 @@ class Replica:
                 raise ReplicaError(
                     f"growing the volume from {old} to {size} bytes failed: {exc}; it stays at {old} bytes"
                 ) from exc
+            except ServeRefused as exc:
+                self.last_error = f"the volume was grown from {old} to {size} bytes but is not served: {exc}"
+                raise ReplicaError(self.last_error) from exc
             except PairvolError as exc:
                 self.last_error = f"growing the volume from {old} to {size} bytes failed: {exc}"
                 raise ReplicaError(
@@ -2046,10 +2086,13 @@ class Replica:
         return float(max(0, link.sync_total - link.sync_done))
 
     async def _run_in_sync_hooks(self) -> bool:
-        """Caller holds ``_oos_lock`` (a mark waits for this, so a mark written after a
-        failure is never undone by a clear that was still on its way). A hook that fails
-        leaves the marks in place: the safe direction, the peer stays OutOfSync for the
-        operator until ``_record_in_sync_later`` succeeds. Returns whether all succeeded."""
+        """Caller holds ``_oos_lock``: a mark waits for this, so none is stored while a hook
+        runs. A hook given up after ``IN_SYNC_HOOK_TIMEOUT_S`` may still reach the API
+        server later, after a new mark: the Lease's clear is conditional on the version it
+        was computed against and every mark is a new version, so it is refused then
+        (``LeaseKeeper.clear_marks``). A hook that fails leaves the marks in place: the safe
+        direction, the peer stays OutOfSync for the operator until ``_record_in_sync_later``
+        succeeds. Returns whether all succeeded."""
         for hook in self.in_sync_hooks:
             try:
                 async with asyncio.timeout(IN_SYNC_HOOK_TIMEOUT_S):

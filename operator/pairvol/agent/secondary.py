@@ -449,27 +449,27 @@ class SecondaryChain:
         await asyncio.to_thread(fsync_paths, [self.data_dir / DISK_FILE])
         crashpoints.hit(FAILOVER_AFTER_COMMIT)
 
-    async def restore_running(
-        self, gen: int, clean: bool, start_export: Callable[[str], Awaitable[None]]
-    ) -> tuple[int, bool]:
-        """A restarted secondary: returns (generation, resumed). After a clean stop the
-        overlays are trusted and copy-before-write resumes on them. After an unclean stop
-        they may lack metadata that lived in the dead daemon, and the disk as found may be
-        a mix (a sync or writes were in flight): they are discarded and a new generation
-        starts from the disk, which the caller must not call a restore point."""
+    async def restore_running(self, gen: int, start_export: Callable[[str], Awaitable[None]]) -> int:
+        """A restarted secondary: a new generation from the disk as found; returns it.
+
+        The old undo log is never resumed, however cleanly it was closed: a new
+        copy-before-write job starts with every region to copy, so the first write to a
+        region after the restart would copy the disk's current data over what the undo
+        log already holds for it (the cut's data), and a commit would return the cut
+        mixed with later states. After an unclean stop the overlays may lack metadata
+        that lived in the dead daemon too. The caller must not call the disk a restore
+        point: the next checkpoint makes one."""
         self._require_lock()
-        resumed = clean and await self.have_files(gen)
-        if not resumed:
-            await self._remove_files(gen)
-            crashpoints.hit(RESTORE_AFTER_DISCARD)
-            gen += 1
-            await self._ensure_files(gen)
+        await self._remove_files(gen)
+        crashpoints.hit(RESTORE_AFTER_DISCARD)
+        gen += 1
+        await self._ensure_files(gen)
         self.generation = gen
         await self.attach(gen)
         await start_export(await self.start_cow(gen))
         crashpoints.hit(RESTORE_AFTER_COW)
         self.prepare_next()
-        return gen, resumed
+        return gen
 
     async def close(self) -> None:
         """Before the daemon quits (which ends every job)."""

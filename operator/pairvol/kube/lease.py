@@ -50,7 +50,10 @@ none is sent once it has run out.
 The same Lease carries the durable "secondary missed acknowledged writes" mark
 (annotation :data:`pairvol.kube.names.OUT_OF_SYNC_ANNOTATION`, ``"<epoch>"``) that the agent
 sets *before* it acknowledges a write its peer did not get; the operator never promotes such
-a secondary.
+a secondary. Marks are unconditional merge patches (a renewal never makes one fail), each a
+new version of the Lease (:data:`MARK_ID_ANNOTATION`); their removal once the peer is in
+sync again is conditional on the version it was computed against, so a removal that reaches
+the API server late — after its sender stopped waiting, and after a new mark — is refused.
 
 The keeper's API calls go through :class:`pairvol.kube.client.KubeClient`, whose credentials
 follow a rotated token file (:mod:`pairvol.kube.config`): a renewal right after the kubelet
@@ -63,6 +66,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -76,6 +80,7 @@ from pairvol.kube.paths import lease_path
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MARK_ID_ANNOTATION",
     "OUT_OF_SYNC_ANNOTATION",
     "RESYNC_ANNOTATION",
     "STALL_LIMIT_S",
@@ -165,6 +170,20 @@ HealthCheck = Callable[[float], Awaitable[Verdict]]
 # the longest a primary keeps renewing without a fresh verdict (its daemon does not answer
 # in time) when the Lease is shorter than this
 STALL_LIMIT_S = 10.0
+
+
+#: On the Lease, next to the marks: a new random value with every mark, so that storing a
+#: mark always makes a new version of the Lease (a patch that changes nothing does not
+#: get one), on which a clear computed before it fails. Removed with the marks.
+MARK_ID_ANNOTATION = "pairvol.io/mark-id"
+_MARKS = (OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION, MARK_ID_ANNOTATION)
+# how often a clear of the marks is tried on a Lease that others keep writing
+CLEAR_ATTEMPTS = 3
+
+
+def _mark_patch(annotations: dict[str, str]) -> dict[str, Any]:
+    """The merge patch that stores a mark: without a resourceVersion, and never a no-op."""
+    return {"metadata": {"annotations": {**annotations, MARK_ID_ANNOTATION: uuid.uuid4().hex}}}
 
 
 class Unhealthy(LeaseError):
@@ -442,9 +461,11 @@ class LeaseKeeper:
 
         Returns only once the API server has stored it; raises :class:`LeaseError` if that is
         impossible while we still hold the lease (the caller must then not acknowledge).
+        Unconditional (a merge patch without a resourceVersion): a concurrent renewal or a
+        foreign write never makes it fail.
         """
         kube = await self._kube()
-        patch = {"metadata": {"annotations": {OUT_OF_SYNC_ANNOTATION: str(epoch)}}}
+        patch = _mark_patch({OUT_OF_SYNC_ANNOTATION: str(epoch)})
         while True:
             if not self.held:
                 raise LeaseError(f"cannot mark out-of-sync at epoch {epoch}: lease {self.name} not held")
@@ -460,24 +481,59 @@ class LeaseKeeper:
 
     async def mark_resync(self, epoch: int) -> None:
         """Durably record that the primary starts rewriting its peer on its own at ``epoch``
-        (one attempt: the caller does not start the resync if this raises)."""
-        await self._patch_marks({RESYNC_ANNOTATION: str(epoch)}, f"mark a resync at epoch {epoch}")
-        log.info("lease %s: automatic resync of the secondary at epoch %d recorded", self.name, epoch)
-
-    async def clear_marks(self, epoch: int) -> None:
-        """The peer is in sync again at ``epoch``: remove the out-of-sync and resync marks
-        (one attempt; raises if they could not be removed, and they then stay: the safe side)."""
-        await self._patch_marks({OUT_OF_SYNC_ANNOTATION: None, RESYNC_ANNOTATION: None}, "clear the marks")
-        log.info("lease %s: secondary in sync at epoch %d, marks cleared", self.name, epoch)
-
-    async def _patch_marks(self, annotations: dict[str, str | None], what: str) -> None:
+        (one attempt: the caller does not start the resync if this raises). Unconditional like
+        the out-of-sync mark; one that lands late, after a clear, leaves a mark: the safe side."""
+        what = f"mark a resync at epoch {epoch}"
         if not self.held:
             raise LeaseError(f"cannot {what}: lease {self.name} not held")
         kube = await self._kube()
         try:
-            self._adopt(await kube.merge_patch(self.path, {"metadata": {"annotations": annotations}}))
+            self._adopt(await kube.merge_patch(self.path, _mark_patch({RESYNC_ANNOTATION: str(epoch)})))
         except KubeError as exc:
             raise LeaseError(f"cannot {what} on lease {self.name}: {exc}") from exc
+        log.info("lease %s: automatic resync of the secondary at epoch %d recorded", self.name, epoch)
+
+    async def clear_marks(self, epoch: int) -> None:
+        """The peer is in sync again at ``epoch``: remove the out-of-sync and resync marks.
+
+        The caller may stop waiting for the answer (a timeout) while the API server still
+        applies the request later, after a mark of a new failure was stored. So the clear is
+        conditional on the version of the Lease it was computed against (its resourceVersion
+        in the patch, a precondition: 409 if anybody wrote the Lease since), and every mark is
+        a new version (:func:`_mark_patch`): a late clear is refused instead of removing a
+        newer mark. The first attempt is made on our own last write; after a 409 (a renewal,
+        a foreign write) the Lease is read, its holder checked and the clear tried again on
+        what was read, at most ``CLEAR_ATTEMPTS`` times. Raises if the marks could not be
+        removed; they then stay: the safe side.
+        """
+        what = "clear the marks"
+        kube = await self._kube()
+        base = self._mine
+        for _ in range(CLEAR_ATTEMPTS):
+            if not self.held:
+                raise LeaseError(f"cannot {what}: lease {self.name} not held")
+            try:
+                if base is None:
+                    base = await kube.get(self.path)
+                    holder = (base.get("spec") or {}).get("holderIdentity")
+                    if holder != self.holder:
+                        raise LeaseError(f"cannot {what}: lease {self.name} now held by {holder!r}")
+                version = (base.get("metadata") or {}).get("resourceVersion")
+                if not version:  # a null in a merge patch removes: the clear would be unconditional
+                    raise LeaseError(f"cannot {what}: lease {self.name} as read has no resourceVersion")
+                patch = {"metadata": {"resourceVersion": version, "annotations": dict.fromkeys(_MARKS)}}
+                self._adopt(await kube.merge_patch(self.path, patch))
+            except Conflict:
+                base = None  # written since: read it again
+                continue
+            except KubeError as exc:
+                raise LeaseError(f"cannot {what} on lease {self.name}: {exc}") from exc
+            log.info("lease %s: secondary in sync at epoch %d, marks cleared", self.name, epoch)
+            return
+        raise LeaseError(
+            f"cannot {what} on lease {self.name}: the Lease was written again before each of "
+            f"{CLEAR_ATTEMPTS} attempts arrived; the marks stay"
+        )
 
     def _adopt(self, stored: dict[str, Any]) -> None:
         """Our own mark was stored: the next renewal is a PUT on that version, so it carries the

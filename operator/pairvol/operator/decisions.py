@@ -33,6 +33,7 @@ from pairvol.api.status import (
     rfc3339,
     set_condition,
 )
+from pairvol.qemu.recipes import replication_export_name
 
 ANN_CHECKPOINT = "pairvol.io/checkpoint"
 ANN_FAILOVER = "pairvol.io/failover"
@@ -105,6 +106,9 @@ class AgentView:
     # busy: a command holds the agent's replica lock — a start that has saved its epoch may
     # still take the Lease and serve (it may come from an operator process that has since died)
     busy: bool = False
+    # replication.link.export: the export a primary's link asked its peer for; it names the
+    # incarnation of the peer (the epoch that secondary was started at), the address does not
+    link_export: str | None = None
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -134,6 +138,7 @@ class AgentView:
             refused_epoch=(d.get("export") or {}).get("refusedEpoch"),
             peer_out_of_sync=bool(rep.get("outOfSync", False)),
             busy=bool(d.get("busy", False)),
+            link_export=(rep.get("link") or {}).get("export"),
         )
 
 
@@ -440,23 +445,55 @@ def _checkpoint_status(cp: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {"id": int(cp["id"]), "time": t, "durationMs": float(cp.get("durationMs") or 0.0)}
 
 
+def linked_to(pa: AgentView, sa: AgentView) -> bool:
+    """Whether the primary's link goes to this very incarnation of the secondary
+    (docs/correctness.md H14): the export it asked for carries the epoch that secondary was
+    started at (``replication_export_name``, alone or followed by the disk's identity).
+
+    The peer's address says nothing about that: a secondary placed again on the same node
+    often gets the address of the one before, and a primary whose peer died while no write
+    came keeps reporting that address as replicating until its next write. A primary that
+    reports no link is not linked."""
+    if pa.link_export is None or sa.role != "secondary":
+        return False
+    name = replication_export_name(sa.epoch)
+    return pa.link_export == name or pa.link_export.startswith(f"{name}-d")
+
+
+def marks_floor(world: World) -> int:
+    """The oldest epoch whose marks on the Lease (out-of-sync, resync) concern the current
+    pair: the primary's own epoch as its agent reports it. A primary writes its marks at its
+    epoch, and every start that pairs it anew (a new epoch) marks the secondary OutOfSync in
+    status itself, so marks from before its last start say nothing new; but the volume's
+    epoch also rises without a start of the primary (a secondary placed or started), and
+    marks the primary wrote at its older epoch still count then (H14). Without an answer
+    from the primary's agent, the volume's epoch: every step that raises it past the
+    primary's marks the secondary OutOfSync or replaces it, so an in-sync secondary in
+    status was in sync at the volume's epoch."""
+    st = world.status
+    pa = _agent(world, st.primary)
+    if pa is not None and pa.role == "primary":
+        return min(pa.epoch, st.epoch)
+    return st.epoch
+
+
 def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: bool) -> str | None:
     """Why the secondary may not be promoted now (None: it may). Order = what to fix first."""
     sec = st.secondary
     if sec is None:
         return "there is no secondary to fail over to"
+    lease = world.lease
+    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= marks_floor(world):
+        return (
+            f"the primary was resyncing secondary {sec.pod} on its own (epoch {lease.resync_epoch}): its disk is "
+            "a partial copy, a state the volume never had, and is not promoted even by hand. The primary "
+            "is restarted on its node once that node is Ready; the volume resumes from the primary's data"
+        )
     if not sec.synced:
         return (
             f"secondary {sec.pod} never finished its full sync: its disk is a partial copy, a state the "
             "volume never had, and is not promoted even by hand. The primary is restarted on its node "
             "once that node is Ready; the volume resumes from the primary's data"
-        )
-    lease = world.lease
-    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= world.status.epoch:
-        return (
-            f"the primary was resyncing secondary {sec.pod} on its own (epoch {lease.resync_epoch}): its disk is "
-            "a partial copy, a state the volume never had, and is not promoted even by hand. The primary "
-            "is restarted on its node once that node is Ready; the volume resumes from the primary's data"
         )
     if not manual and not spec.failover_automatic:
         return "spec.failover.automatic is false; annotate pairvol.io/failover=now to fail over"
@@ -533,6 +570,9 @@ def plan(world: World) -> Plan:
 
     if st.failing_over:
         return _resume_failover(world, spec, st, actions)
+
+    if failover_unresolved(st):
+        return _target_lost(world, spec, st, actions)
 
     if st.primary is None:
         return _initial_placement(world, spec, st, actions)
@@ -701,11 +741,12 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
 
     # out-of-sync marks recorded by the primary in its Lease (durable, before any ack)
     sec = st.secondary
+    floor = marks_floor(world)
     if (
         sec is not None
         and lease is not None
         and lease.out_of_sync_epoch is not None
-        and (lease.out_of_sync_epoch >= st.epoch)
+        and (lease.out_of_sync_epoch >= floor)
         and not sec.out_of_sync
     ):
         sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=sec.synced)
@@ -716,6 +757,12 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
                 f"primary dropped secondary {sec.pod} at epoch {lease.out_of_sync_epoch}; it needs a resync",
             )
         )
+        st = st.with_(secondary=sec)
+    # the primary rewrites it on its own (R5): a partial copy until it is in sync (H8),
+    # recorded at once, so that no later rise of the epoch (a restart in place) hides it
+    resyncing = lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= floor
+    if sec is not None and resyncing and (sec.synced or not sec.out_of_sync):
+        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)
         st = st.with_(secondary=sec)
 
     sec, st = _after_a_refused_restart(world, st, sec, pa, actions)
@@ -786,16 +833,20 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         st = st.with_(phase=Phase.DEGRADED, message=f"waiting for secondary {sec.pod} to be ready")
         return _finish(world, st, actions, False)
     peer = f"{spod.ip}:{REPLICATION_PORT}"
-    needs_start = sa.role != "secondary" or pa.peer != peer or pa.replication_state in ("none", "degraded")
+    # the pair is linked only when the primary's link names this incarnation (H14)
+    linked = pa.peer == peer and linked_to(pa, sa)
+    needs_start = sa.role != "secondary" or not linked or pa.replication_state in ("none", "degraded")
     if needs_start and world.agent_call_in_flight:
         st = st.with_(phase=Phase.DEGRADED, message=f"re-protecting with {sec.pod}: waiting for an agent to answer")
         return _finish(world, st, actions, False)
     if sa.role != "secondary":
         epoch = st.epoch + 1
         actions.append(StartSecondary(sec.pod, spod.ip, epoch))
-        return _finish(
-            world, st.with_(epoch=epoch, phase=Phase.DEGRADED, message=f"starting secondary {sec.pod}"), actions, False
-        )
+        # a new incarnation: no link goes to it yet, and a replica without the secondary
+        # role on record may hold anything (a wiped data dir is blank); in sync only once paired
+        sec = replace(sec, out_of_sync=True, synced=False)
+        st = st.with_(epoch=epoch, secondary=sec, phase=Phase.DEGRADED, message=f"starting secondary {sec.pod}")
+        return _finish(world, st, actions, False)
     if pa.size is not None and sa.size is not None and pa.size != sa.size:
         # a grow that stopped half-way (the secondary grew, the primary did not): replicas
         # of different sizes cannot pair, so the grow is finished first
@@ -808,7 +859,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         # would only interrupt it. Once it gives up, the operator re-pairs with a new epoch.
         st = st.with_(phase=Phase.DEGRADED, message=f"primary re-protecting {sec.pod} on its own")
         return _finish(world, st, actions, False)
-    if pa.peer != peer or pa.replication_state in ("none", "degraded"):
+    if not linked or pa.replication_state in ("none", "degraded"):
         epoch = st.epoch + 1
         request = resync_request(pa, sa)
         # the primary asks the peer's agent to end its older replication connections before
@@ -823,11 +874,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         st = st.with_(epoch=epoch, secondary=sec, phase=Phase.SYNCING, message=f"{what} {prim.node} -> {sec.node}")
         return _finish(world, st, actions, False)
 
-    # replicating or syncing to the current secondary
-    if lease is not None and lease.resync_epoch is not None and lease.resync_epoch >= st.epoch and sec.synced:
-        # the primary rewrites it on its own (R5): a partial copy until it is in sync (H8)
-        sec = Replica(sec.node, sec.pod, sec.state, sec.address, True, synced=False)
-        st = st.with_(secondary=sec)
+    # replicating or syncing to the current incarnation of the secondary
     if pa.replication_state == "syncing":
         sync = sync_status(pa)
         cosmetic = True
@@ -851,7 +898,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     if (
         sec.out_of_sync
         and pa.replication_state == "replicating"
-        and not (lease is not None and lease.out_of_sync_epoch is not None and lease.out_of_sync_epoch >= st.epoch)
+        and not (lease is not None and lease.out_of_sync_epoch is not None and lease.out_of_sync_epoch >= floor)
     ):
         sec = Replica(sec.node, sec.pod, sec.state, sec.address, False, synced=True)
         actions.append(
@@ -1232,6 +1279,20 @@ def _restart_primary_in_place(
     sec = st.secondary
     if sec is not None and not sec.out_of_sync:
         sec = replace(sec, out_of_sync=True)
+    if world.annotations.get(ANN_FAILOVER) == "now":
+        # a manual failover that could not be carried out is consumed here, before the call
+        # (an action that fails stops those after it): once the primary serves again alone,
+        # a request left standing would promote a secondary that lacks its writes (H16)
+        actions.append(ClearAnnotation(ANN_FAILOVER))
+        actions.append(
+            Event(
+                "Warning",
+                "ManualFailoverNotDone",
+                f"the manual failover ({ANN_FAILOVER}=now) was not carried out: {base}; {prim.pod} on "
+                f"{prim.node} serves again instead (epoch {epoch}) and the secondary is resynced; annotate "
+                "again to fail over once the volume is Replicating",
+            )
+        )
     actions.append(StartPrimary(prim.pod, pod.ip, epoch, None, "none"))
     actions.append(
         Event("Warning", "PrimaryRestarted", f"{prim.pod} on {prim.node} serves again alone (epoch {epoch}): {why}")
@@ -1306,14 +1367,96 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
             actions.append(Event("Warning", "FailoverFailed", msg))
         return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
     if spod is None or spod.deleting or spod.phase in ("Failed", "Succeeded"):
-        msg = f"failover target {sec.pod} died during failover; no replica left to promote"
-        if st.message != msg:
-            actions.append(Event("Warning", "FailoverFailed", msg))
-        return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
+        return _target_lost(world, spec, st.with_(phase=Phase.FAILED), actions)
     if sa is not None and sa.role == "secondary" and sa.stage == "running" and spod.ip:
         # the call never reached it (or the operator restarted before making it): retry
         actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode))
     return _finish(world, st.with_(message=f"failing over to {sec.node}"), actions, False)
+
+
+def failover_unresolved(st: VolumeStatus) -> bool:
+    """A failover ended without being recorded as done (its target was lost, or said that
+    it failed) while the status still names the old primary and, as secondary, the target:
+    whether the target may have served decides what happens next (H15)."""
+    fo, prim, sec = st.last_failover, st.primary, st.secondary
+    return (
+        st.phase == Phase.FAILED
+        and fo is not None
+        and fo.duration_ms is None
+        and prim is not None
+        and prim.node == fo.from_node
+        and sec is not None
+        and sec.node == fo.to_node
+    )
+
+
+def _target_gone(world: World, rep: Replica) -> bool:
+    pod = world.pods.get(rep.pod)
+    return pod is None or pod.deleting or pod.phase in ("Failed", "Succeeded")
+
+
+def target_never_served(world: World) -> bool:
+    """Whether the operator knows that the target of an unfinished failover never served
+    (False: it may have). A target serves only as primary, after it holds the Lease (H1); so
+    its own agent saying it has no primary role is proof, and so is a Lease (read from the
+    API server, ``lease_needs_fresh_read``) still held by the old primary once the target's
+    pod has ended or is gone (a pod still being deleted may still run its agent)."""
+    st = world.status
+    prim, sec = st.primary, st.secondary
+    assert prim is not None and sec is not None
+    sa = _agent(world, sec)
+    if sa is not None and sa.role == "secondary":
+        return True  # it never took the primary role
+    pod = world.pods.get(sec.pod)
+    lease = world.lease
+    ended = pod is None or (not pod.deleting and pod.phase in ("Failed", "Succeeded"))
+    # it never took the Lease, and no process of its pod can any more
+    return sa is None and ended and lease is not None and lease.holder == prim.pod
+
+
+def _target_lost(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
+    """The failover's target died, or the failover ended unfinished (docs/correctness.md
+    H15). A target that may have served holds writes the old primary lacks: the old primary
+    is then never made to serve, restarted, or used as the source of a resync again; the
+    volume stays Failed until the target answers again (its pod is created again on its node
+    once that node is Ready: its agent restores its role from its disk). Only proof that it
+    never served (``target_never_served``) gives the volume back to the old primary."""
+    prim, sec, fo = st.primary, st.secondary, st.last_failover
+    assert prim is not None and sec is not None and fo is not None
+    sa = _agent(world, sec)
+    if sa is not None and sa.role == "primary":
+        # it is back, with the role it took: the failover goes on (it serves, or is asked to)
+        return _resume_failover(world, spec, st.with_(phase=Phase.FAILING_OVER), actions)
+    if target_never_served(world):
+        failed = sa is not None and sa.stage == "failover_failed"
+        if _target_gone(world, sec):
+            msg = f"failover target {sec.pod} died during failover; no replica left to promote"
+        elif failed:
+            assert sa is not None
+            msg = f"failover of {sec.pod} failed: {sa.error or 'see agent log'}"
+        else:
+            msg = f"failover to {sec.pod} did not finish; no replica left to promote"
+        if st.message != msg:
+            actions.append(Event("Warning", "FailoverFailed", msg))
+        # settled: the target is no replica any more, the failover record goes with it
+        st = st.with_(phase=Phase.FAILED, message=msg, secondary=None, last_failover=None)
+        return _finish(world, st, actions, False)
+    msg = (
+        f"failover to {sec.pod} on {sec.node} did not finish and {sec.pod} may have served writes that "
+        f"{prim.pod} on {prim.node} lacks; {prim.pod} is not made to serve again. Bring node {sec.node} back: "
+        f"{sec.pod} then answers and the failover finishes. If that node's disk is lost for good, so are the "
+        f"writes {sec.pod} acknowledged, and serving {prim.pod}'s older data is a repair by hand"
+    )
+    if st.message != msg:
+        actions.append(Event("Warning", "FailoverTargetLost", msg))
+    pod, node = world.pods.get(sec.pod), world.node(sec.node)
+    if node is not None and node.ready:
+        # its data dir is on its node: a pod of the same name there brings its agent back
+        if pod is None and not any(p.node == sec.node for p in world.pods.values()):
+            actions.append(CreatePod(sec.pod, sec.node, "secondary"))
+        elif pod is not None and not pod.deleting and pod.phase in ("Failed", "Succeeded"):
+            actions.append(DeletePod(sec.pod, f"failover target ended; creating it again on {sec.node}"))
+    return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
 
 
 def _serve_after_failover(
@@ -1428,8 +1571,15 @@ def lease_needs_fresh_read(world: World) -> bool:
     server's. Not while something else blocks the failover whatever the Lease says (no
     secondary, one that never finished its full sync, automatic failover off, an
     unhealthy secondary): a volume stuck there does not poll the API server every tick.
+
+    After a failover whose target's pod ended or is gone, a cached Lease still held by the
+    old primary is read again too: it is what gives the volume back to the old primary
+    (H15), and the target may have taken the Lease since.
     """
     st = world.status
+    if (st.failing_over or failover_unresolved(st)) and st.secondary is not None and _target_gone(world, st.secondary):
+        # H15: a Lease still held by the old primary is what gives the volume back to it
+        return st.primary is not None and world.lease is not None and world.lease.holder == st.primary.pod
     if st.primary is None or not st.activated or st.failing_over or isinstance(world.spec, SpecError):
         return False
     if world.lease is not None and not world.lease.expired(world.settings.lease_margin_s):

@@ -268,19 +268,29 @@ class Qsd:
         except (QMPError, OSError, EOFError) as exc:
             raise QsdDied(f"{command}: lost QMP connection: {exc!r}") from exc
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Quit cleanly (flushes images); kill if it does not exit in time."""
+    async def stop(self, timeout: float = 5.0) -> bool:
+        """Quit cleanly; kill the daemon if it does not exit in time. Returns whether it
+        exited on its own with status 0 after ``quit``: only such an exit closed every
+        node, which is when QEMU writes what it still held in memory (qcow2 L2 and
+        refcount tables of images opened with ``cache.no-flush``, persistent bitmaps).
+        Killed, died earlier or failed: the images may lack it (the caller decides what
+        that costs)."""
         self._stopping = True
         if self.proc is None:
-            return
+            return False
+        exited = False
         if not self.dead.is_set():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
             try:
                 await asyncio.wait_for(self.dead.wait(), timeout)
             except TimeoutError:
+                log.warning("qemu-storage-daemon %s did not exit after quit: killing it", self.name)
                 await self.kill()
+            else:
+                exited = self.proc.returncode == 0
         await self._teardown()
+        return exited
 
     async def kill(self) -> None:
         self._stopping = True

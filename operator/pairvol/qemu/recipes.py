@@ -69,7 +69,7 @@ def file_node(path: Path, node_name: str, fmt: str, backing: str | None = None) 
         "discard": "unmap" if fmt == "qcow2" else "ignore",
     }
     if fmt == "qcow2":
-        # Overlays are an undo log that is rebuilt, not trusted, after an unclean stop
+        # Overlays are an undo log that is rebuilt, never resumed, after a restart
         # (see SecondaryChain.restore_running): flushing them would only slow down each checkpoint.
         args["backing"] = backing
         args["cache"] = {"no-flush": True}
