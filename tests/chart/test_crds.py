@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from chart_support import CHART, CRDS, CRDSchema, load_yaml_docs, validate_builtin
 
+from pairvol.agent.validate import MAX_SIZE  # the largest volume an agent serves
+
 RV_CRD = CRDS / "replicatedvolumes.yaml"
 
 
@@ -254,9 +256,10 @@ def test_size_and_host_path_carry_their_cel_rules() -> None:
     size_rules = spec_props["size"]["x-kubernetes-validations"]
     assert [r["message"].split(";")[0] for r in size_rules] == [
         "spec.size must be a whole number of bytes, a multiple of 512 and at least 1Mi (e.g. 64Mi, 10Gi, 1G)",
+        "spec.size must be at most 1Pi, the largest volume an agent serves",
         "spec.size may grow but never shrink (the end of the file system or data on the volume would be cut off)",
     ]
-    assert "compareTo(quantity(string(oldSelf))) >= 0" in size_rules[1]["rule"], "compared as quantities"
+    assert "compareTo(quantity(string(oldSelf))) >= 0" in size_rules[2]["rule"], "compared as quantities"
     rules = [r["rule"] for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]]
     assert rules == ["!self.contains('/../') && !self.endsWith('/..')"]
 
@@ -305,19 +308,43 @@ def test_cel_rules_compile_and_mean_what_they_say() -> None:
     from pairvol.localcluster.apiserver_cel import compile_rule
 
     spec_props = rv_schema().openapi["properties"]["spec"]["properties"]
-    valid_rule, grow_rule = spec_props["size"]["x-kubernetes-validations"]
+    valid_rule, limit_rule, grow_rule = spec_props["size"]["x-kubernetes-validations"]
     valid = compile_rule(valid_rule["rule"])
     assert valid.evaluate("1Gi") and valid.evaluate(1 << 30) and valid.evaluate("1G")
     assert not valid.evaluate("0") and not valid.evaluate("1.5Ki") and not valid.evaluate("500M")
+    limit = compile_rule(limit_rule["rule"])
+    assert limit.evaluate("1Pi") and limit.evaluate(MAX_SIZE) and limit.evaluate("1Gi")
+    assert not limit.evaluate(MAX_SIZE + 512) and not limit.evaluate("2Pi") and not limit.evaluate("1e30")
+    assert limit.evaluate("lots"), "not a quantity: refused by the first rule, not an evaluation error"
     grows = compile_rule(grow_rule["rule"])
     assert grows.evaluate("1Gi", "1Gi")
     assert grows.evaluate(1024, 1024)
     assert grows.evaluate(268435456, "256Mi"), "the same size spelled differently"
     assert grows.evaluate("2Gi", "1Gi"), "a volume may grow"
     assert not grows.evaluate("1Gi", "2Gi"), "a volume never shrinks"
+    assert not grows.evaluate("1Gi", "1Pi"), "1Pi itself is a size a volume can have"
+    # a size beyond the limit was never applied (no agent takes it): the way back from it
+    assert grows.evaluate("1Pi", "2Pi") and grows.evaluate("10Gi", str(MAX_SIZE + 512))
     (path_rule,) = spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
     no_dotdot = compile_rule(path_rule["rule"])
     assert no_dotdot.evaluate("/var/lib/pairvol")
     assert no_dotdot.evaluate("/srv/my..volumes")
     assert not no_dotdot.evaluate("/var/lib/../../etc")
     assert not no_dotdot.evaluate("/var/lib/..")
+
+
+@pytest.mark.parametrize("size", [MAX_SIZE - 512, MAX_SIZE, MAX_SIZE + 512, 2 * MAX_SIZE])
+def test_admission_takes_exactly_the_sizes_an_agent_takes(size: int) -> None:
+    """A size admitted but refused by the agent starts pods that exit at once, or a grow whose
+    secondary refuses the resize after the primary let it go (a detach and resync, forever)."""
+    from pairvol.agent.validate import InvalidInput, parse_size
+    from pairvol.localcluster.apiserver_cel import compile_rule
+
+    try:
+        parse_size(size)
+        agent_takes = True
+    except InvalidInput:
+        agent_takes = False
+    rules = rv_schema().openapi["properties"]["spec"]["properties"]["size"]["x-kubernetes-validations"]
+    admitted = all(compile_rule(r["rule"]).evaluate(str(size)) for r in rules if "oldSelf" not in r["rule"])
+    assert admitted == agent_takes

@@ -120,3 +120,41 @@ async def test_reclaim_delete_removes_the_data_of_every_replica_the_volume_had(s
     await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{stack.namespace}/replicatedvolumes/{name}")
     await _assert_gone(stack, name)
     assert [d for d in dirs if d.exists()] == [], "Delete removes the data on every node that held a replica"
+
+
+async def test_a_volume_whose_derived_names_are_taken_says_so_and_its_deletion_spares_their_owner(
+    stack: Stack, volume: Any
+) -> None:
+    """Volume ``db``'s export Secret would be ``pairvol-db-export``: volume ``db-export``'s
+    agents' Secret (its token and link key). ``db`` takes nothing of it, starts no agent,
+    says why, and its deletion leaves ``db-export`` replicating with all its objects."""
+    ns = stack.namespace
+    await stack.apply(volume("db-export"))
+    await stack.wait_phase("db-export", "Replicating", within=120)
+    theirs = [await stack.kube.get(path) for path in (
+        secrets_path(ns, "pairvol-db-export"), services_path(ns, "db-export"), services_path(ns, "db-export-agents"))]
+
+    await stack.apply(volume("db"))
+
+    async def told() -> dict[str, Any] | None:
+        st = await stack.status("db")
+        return st if "Secret pairvol-db-export" in str(st.get("message")) else None
+
+    st = await stack.wait_for("db to report the taken name", told, within=30)
+    assert st["phase"] == "Pending" and "ReplicatedVolume db-export" in st["message"]
+    assert "NameTaken" in {e["reason"] for e in await stack.events("db")}
+    assert await stack.pods("db") == [], "no agent may start with another volume's keys"
+
+    await stack.kube.delete(f"/apis/pairvol.io/v1alpha1/namespaces/{ns}/replicatedvolumes/db")
+
+    async def db_gone() -> bool:
+        return await stack.kube.get_or_none(f"/apis/pairvol.io/v1alpha1/namespaces/{ns}/replicatedvolumes/db") is None
+
+    await stack.wait_for("db to be deleted", db_gone, within=60)
+    for before in theirs:
+        meta = before["metadata"]
+        path = (secrets_path if before["kind"] == "Secret" else services_path)(ns, meta["name"])
+        after = await stack.kube.get(path)
+        assert after["metadata"]["uid"] == meta["uid"], f"{before['kind']} {meta['name']} was deleted with db"
+        assert after.get("data") == before.get("data")
+    assert (await stack.status("db-export"))["phase"] == "Replicating"

@@ -94,9 +94,13 @@ async def test_restart_finds_images_and_state_and_never_reformats(tmp_path: Path
         assert (await s.checkpoint())["id"] == 4
     finally:
         await s.stop()
-    # a different size is refused, nothing is touched
-    wrong = await refused_start(Agent("vol", tmp_path / "replica-1", "32Mi"))
-    assert "refusing to resize or reformat" in wrong
+    # a larger --size is a grow still to come (docs/correctness.md E1): the volume keeps its size
+    larger = Agent("vol", tmp_path / "replica-1", "32Mi")
+    try:
+        await larger.start()
+        assert (await larger.status())["size"] == 16 << 20
+    finally:
+        await larger.stop()
     assert (tmp_path / "replica-1" / "disk.raw").stat().st_size == 16 << 20
     # another volume's data dir is refused
     other = await refused_start(Agent("other", tmp_path / "replica-1", "16Mi"))

@@ -193,7 +193,9 @@ async def test_an_overlay_of_another_size_fails_the_chain_check(tmp_path: Path) 
 
 async def test_a_disk_resized_behind_the_replicas_back_is_refused(tmp_path: Path) -> None:
     """The state remembers the volume's size; a disk file of another size (grown by hand,
-    say) is not adopted even when --size matches the file."""
+    say) is not adopted even when --size matches the file. (A larger --size alone is a grow
+    still to come, tests/integration/test_grow_pending.py: the volume keeps its size, so the
+    file must have it.)"""
     async with agents(tmp_path, 1, size="16Mi") as (a,):
         await a.secondary(1)
     os.truncate(a.data_dir / persist.DISK_FILE, 32 * MiB)
@@ -201,6 +203,12 @@ async def test_a_disk_resized_behind_the_replicas_back_is_refused(tmp_path: Path
     try:
         await grown.start(wait=False)
         assert await asyncio.wait_for(grown.wait_exit(), 30) == 2
-        assert f"holds a volume of {16 * MiB} bytes but --size says {32 * MiB}" in grown.log_tail()
+        disk = a.data_dir / persist.DISK_FILE
+        assert (
+            f"{disk} is {32 * MiB} bytes but the volume is {16 * MiB} bytes: refusing to resize or reformat it"
+            in grown.log_tail()
+        )
+        assert disk.stat().st_size == 32 * MiB  # nothing touched
+        assert persist.load(a.data_dir).size == 16 * MiB  # type: ignore[union-attr]
     finally:
         await grown.stop()

@@ -343,6 +343,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # ------------------------------------------------------------------ agent/stages.py
     Mutation(
+        "replica.larger-size-flag-is-a-grow-to-come", REPLICA,
+        "        else:\n            log.warning(\n",
+        "        else:\n            raise ReplicaError(f\"--size {wanted} is larger than the volume's {held} bytes\")\n"
+        "            log.warning(\n",
+        ("tests/integration/test_grow_pending.py",),
+        "a replica whose new pod says the expanded size starts at its own size (E1, E5): it is not down for good",
+    ),
+    Mutation(
         "stages.stale-epoch-off-by-one", STAGES,
         "    if epoch < pos.epoch:\n",
         "    if epoch < pos.epoch - 1:\n",
@@ -985,6 +993,26 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # ------------------------------------------------------------------------- api/spec.py
     Mutation(
+        "decisions.grow-never-beyond-agent-limit", DECISIONS,
+        "            if spec.size > MAX_SIZE:\n",
+        "            if False:\n",
+        ("tests/unit/test_operator_grow.py::test_a_spec_size_no_agent_takes_is_never_grown_to_and_the_pair_stays_in_sync",),
+        "no grow begins (and detaches the secondary) towards a size no agent takes",
+    ),
+    Mutation(
+        "decisions.half-way-grow-never-beyond-agent-limit", DECISIONS,
+        "spec.size if spec.size <= MAX_SIZE else 0",
+        "spec.size",
+        ("tests/unit/test_operator_grow.py",),
+        "a grow that stopped half-way is finished to a size the agents take",
+    ),
+    Mutation(
+        "api.size-at-most-what-an-agent-takes", SPEC,
+        "            elif size > MAX_SIZE:\n",
+        "            elif False:\n",
+        T_SPEC, "spec.size is at most 1Pi, the largest volume an agent serves",
+    ),
+    Mutation(
         "api.size-whole-sectors", SPEC,
         "            elif size % SECTOR:\n",
         "            elif False:\n",
@@ -1130,10 +1158,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.size-mismatch-refused", REPLICA,
-        "        elif wanted > found.size:\n",
-        "        elif False:\n",
-        (f"{T_RESTART}::test_a_disk_resized_behind_the_replicas_back_is_refused",),
-        "a data dir is never grown by a flag",
+        "        self._set_size(held)\n",
+        "        self._set_size(max(wanted, held))\n",
+        (f"{T_RESTART}::test_a_disk_resized_behind_the_replicas_back_is_refused",
+         "tests/integration/test_grow_pending.py"),
+        "a data dir is never grown by a flag: the persisted size wins over --size",
     ),
     Mutation(
         "replica.interrupted-grow-completed", REPLICA,
@@ -1231,6 +1260,59 @@ MUTATIONS: tuple[Mutation, ...] = (
         T_DECISIONS, "a volume whose primary took the Lease served: it is never started over (H12)",
     ),
     # ------------------------------------------------------------------ the CSI node plugin's nbd devices
+    Mutation(
+        "attach.run-kills-a-command-cut-short", "operator/pairvol/csi/attach.py",
+        "        if not exited:\n            await _kill_and_wait(proc)\n"
+        '    text = out.decode(errors="replace").strip()\n',
+        '        pass\n    text = out.decode(errors="replace").strip()\n',
+        ("tests/unit/test_csi_run.py",
+         "tests/integration/test_csi_node_cancel.py::"
+         "test_a_mount_whose_call_the_kubelet_dropped_is_killed_before_the_retry_mounts"),
+        "a command of a cancelled node call (the kubelet's deadline, a dropped connection) is killed and waited "
+        "for before the volume's lock is free: it never overlaps with the kubelet's retry",
+    ),
+    Mutation(
+        "attach.run-kills-the-command-group", "operator/pairvol/csi/attach.py",
+        "        os.killpg(proc.pid, signal.SIGKILL)\n",
+        "        os.kill(proc.pid, signal.SIGKILL)\n",
+        ("tests/unit/test_csi_run.py",),
+        "what a cut-short command started (a helper, a shim's real program) goes with it",
+    ),
+    Mutation(
+        "attach.cancelled-mkfs-finishes", "operator/pairvol/csi/attach.py",
+        '            await run(f"mkfs.{fs_type}", "-q", "-E", "nodiscard", device, timeout=300, '
+        "finish_on_cancel=True)\n",
+        '            await run(f"mkfs.{fs_type}", "-q", "-E", "nodiscard", device, timeout=300)\n',
+        ("tests/integration/test_csi_node_cancel.py::"
+         "test_a_file_system_being_made_when_the_deadline_passes_is_made_once",),
+        "an mkfs under a cancelled stage is finished, not cut short, and the retry finds its file system: one "
+        "mkfs per volume",
+    ),
+    Mutation(
+        "attach.start-attacher-kills-a-start-cut-short", "operator/pairvol/csi/attach.py",
+        "        if not exited:\n            await _kill_and_wait(proc)\n    if rc != 0:\n",
+        "        pass\n    if rc != 0:\n",
+        ("tests/integration/test_csi_node_cancel.py::"
+         "test_an_attacher_whose_start_the_kubelet_dropped_is_killed_before_the_retry_starts_one",),
+        "an attacher start under a cancelled stage is killed before the retry starts its own: one attacher",
+    ),
+    Mutation(
+        "attach.staged-mount-is-the-attachments-device", "operator/pairvol/csi/attach.py",
+        "            if number == ours:\n",
+        "            if True:\n",
+        ("tests/integration/test_csi_node_cancel.py::"
+         "test_a_mount_of_something_else_at_the_staging_path_is_replaced_by_the_volume",),
+        "a mount at the staging path counts as staged only if it is the attachment's device: a stale file "
+        "system left there is never taken for the volume",
+    ),
+    Mutation(
+        "attach.unstage-unmounts-every-stacked-mount", "operator/pairvol/csi/attach.py",
+        "            while (record is None or not record.block) and await mounted(path):\n",
+        "            if (record is None or not record.block) and await mounted(path):\n",
+        ("tests/integration/test_csi_node_cancel.py::"
+         "test_unstage_unmounts_every_mount_stacked_at_the_staging_path",),
+        "unstage leaves nothing mounted at the staging path: the file system is flushed before its device goes",
+    ),
     Mutation(
         "attach.nbd-device-claimed-by-another-attachment", "operator/pairvol/csi/attach.py",
         "        return [d for d in candidates if d not in claimed and not await _device_in_use(d)]\n",

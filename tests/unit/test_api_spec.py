@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pairvol.agent.validate import InvalidInput, parse_size
 from pairvol.api.quantity import QuantityError, format_bytes, parse_bytes
 from pairvol.api.spec import SpecError, VolumeSpec, parse_spec
 from pairvol.api.status import Phase, Replica, VolumeStatus, set_condition
@@ -202,13 +203,38 @@ def test_an_empty_node_list_means_any_node() -> None:
     assert parse_spec({"size": "1Mi", "nodes": []}).nodes == ()
 
 
-def test_the_largest_size_is_the_last_whole_sector_an_int64_can_count() -> None:
-    """The API server reads spec.size as an int64: 2^63 bytes (8Ei) and more are refused as too
-    large; 2^63 - 1 itself is refused only for not being whole sectors (it is not too large)."""
-    assert parse_spec({"size": (1 << 63) - 512}).size == (1 << 63) - 512
-    with pytest.raises(SpecError) as err:
-        parse_spec({"size": "8Ei"})
-    assert err.value.problems == ["spec.size must be at most 9223372036854775807 bytes (under 8Ei), got '8Ei'"]
-    with pytest.raises(SpecError) as err:
-        parse_spec({"size": (1 << 63) - 1})
-    assert err.value.problems == ["spec.size must be a multiple of 512 bytes, got 9223372036854775807"]
+PiB = 1 << 50
+TOO_LARGE = (
+    "spec.size must be at most 1Pi ({} bytes), the largest volume an agent serves, got {!r}; give "
+    "at most 1Pi (a size beyond it is never applied: the replicas keep the size they have)"
+)
+
+
+def test_the_largest_size_is_1pi_what_an_agent_takes() -> None:
+    """A larger size passed here would start agents with a --size they refuse, or grow a pair
+    whose secondary refuses the resize after the primary let it go."""
+    assert parse_spec({"size": "1Pi"}).size == PiB
+    assert parse_spec({"size": PiB}).size == PiB
+    for size in (PiB + 512, "2Pi", "1Ei", "8Ei", (1 << 63) - 512):
+        with pytest.raises(SpecError) as err:
+            parse_spec({"size": size})
+        assert err.value.problems == [TOO_LARGE.format(PiB, size)]
+
+
+@pytest.mark.parametrize(
+    "size", [PiB - 512, PiB, PiB + 512, 2 * PiB, 1 << 20, (1 << 20) + 512, (1 << 20) - 512, (1 << 20) + 1]
+)
+def test_the_spec_accepts_exactly_the_sizes_an_agent_takes(size: int) -> None:
+    """The operator starts agents with ``--size`` spec.size and resizes them to it: a size the
+    spec accepts and the agent refuses never reaches an agent."""
+    try:
+        parse_size(size)
+        agent_takes = True
+    except InvalidInput:
+        agent_takes = False
+    try:
+        parse_spec({"size": size})
+        spec_accepts = True
+    except SpecError:
+        spec_accepts = False
+    assert spec_accepts == agent_takes

@@ -90,3 +90,40 @@ def test_no_second_grow_while_an_agent_call_is_in_flight() -> None:
     p = plan(replace(sized(64 * MiB, 64 * MiB, "128Mi"), agent_call_in_flight=True))
     assert not [a for a in p.actions if isinstance(a, Grow)]
     assert "growing from 67108864 to 134217728 bytes" in p.status.message
+
+
+PiB = 1 << 50
+
+
+def beyond_what_an_agent_takes(primary: int, secondary: int, replication_state: str = "replicating") -> World:
+    """spec.size 2Pi: parse_spec and the CRD refuse it (1Pi is the most an agent serves), so
+    only a spec that skipped them reaches the planner; the planner does not rely on that."""
+    spec = replace(parse_spec({"size": "64Mi"}, name="vol"), size=2 * PiB)
+    return replicating(
+        spec=spec,
+        agents={
+            "vol-1-a": replace(PRIMARY_AGENT, size=primary, replication_state=replication_state),
+            "vol-1-b": replace(SECONDARY_AGENT, size=secondary),
+        },
+    )
+
+
+def test_a_spec_size_no_agent_takes_is_never_grown_to_and_the_pair_stays_in_sync() -> None:
+    """The grow's first call lets the secondary go (POST /v1/stop); a secondary that then
+    refuses the resize leaves the pair out of sync, and the next tick starts it over: a
+    volume that is never in sync, so never failed over automatically."""
+    p = plan(beyond_what_an_agent_takes(64 * MiB, 64 * MiB))
+    assert not [a for a in p.actions if isinstance(a, Grow)]
+    assert not [e for e in p.actions if isinstance(e, Event) and e.reason == "Resizing"]
+    assert p.status.phase == Phase.REPLICATING
+    assert p.status.message == (
+        f"spec.size {2 * PiB} is more than 1Pi ({PiB} bytes), the largest volume an agent serves: not growing; "
+        "set spec.size to at most 1Pi"
+    )
+
+
+def test_a_grow_that_stopped_half_way_is_finished_to_the_larger_replica_not_to_a_spec_size_no_agent_takes() -> None:
+    p = plan(beyond_what_an_agent_takes(64 * MiB, 128 * MiB, replication_state="none"))
+    assert [a for a in p.actions if isinstance(a, Grow)] == [
+        Grow("vol-1-a", "10.0.0.1", 3, "vol-1-b", "10.0.0.2", 2, 128 * MiB)
+    ]

@@ -368,21 +368,31 @@ class Replica:
         self.metrics.size.labels(self.cfg.name).set(size)
 
     async def _reconcile_size(self, found: PersistedState) -> PersistedState:
-        """``--size`` against the persisted size. A pod made before a grow still says the old
-        size: the persisted (larger) one wins. A larger ``--size`` than persisted is refused,
-        as before: a volume grows only through ``POST /v1/resize``, never by a flag."""
-        wanted = self.cfg.size
-        if wanted < found.size:
+        """``--size`` against the persisted size: the persisted one always wins, because a
+        volume grows only through ``POST /v1/resize`` (docs/correctness.md E0-E5), never by
+        a flag. A smaller ``--size`` is a pod made before a grow. A larger one is a grow still
+        to come: the operator makes every new pod with the volume's current size, also for a
+        replica that was away while the volume was expanded, or that died in the middle of a
+        grow before saving the new size (E1). Refusing to start then would leave that replica
+        down for good; it starts at its size, reports it, and the operator grows it in the
+        E0-E5 order once the pair is in sync. The disk file must still have the persisted
+        length (``_check_disk_length``)."""
+        wanted, held = self.cfg.size, found.size
+        if wanted == held:
+            return found
+        if wanted < held:
             log.info(
                 "%s holds the volume at %d bytes (grown since --size %d was set): keeping %d",
-                self.data_dir, found.size, wanted, found.size,
+                self.data_dir, held, wanted, held,
             )
-            self._set_size(found.size)
-        elif wanted > found.size:
-            raise ReplicaError(
-                f"{self.data_dir} holds a volume of {found.size} bytes but --size says {wanted}: "
-                "refusing to resize or reformat; pass the original size (grow it with POST /v1/resize)"
+        else:
+            log.warning(
+                "%s holds the volume at %d bytes but --size says %d: keeping %d bytes until the volume is "
+                "grown (POST /v1/resize, which the operator calls once the pair is in sync); --size never "
+                "grows a volume",
+                self.data_dir, held, wanted, held,
             )
+        self._set_size(held)
         return found
 
     async def _check_disk_length(self, found: PersistedState | None) -> None:

@@ -26,6 +26,7 @@ import re
 from typing import Any
 
 from pairvol.agent.stages import FailoverMode
+from pairvol.api.spec import MAX_SIZE as MAX_SIZE  # re-exported: the agent's limit
 from pairvol.errors import PairvolError
 
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -48,7 +49,8 @@ _UNITS = {
     "T": 10**12,
 }
 MIN_SIZE = 1 << 20
-MAX_SIZE = 1 << 50
+# MAX_SIZE (1 PiB) is defined once, in pairvol.api.spec: the operator refuses a spec.size
+# beyond what an agent takes
 SIZE_ALIGN = 512
 MAX_EPOCH = (1 << 63) - 1
 MAX_NUMBER_DIGITS = 20  # 2**64 has 20 digits; nothing we accept is longer

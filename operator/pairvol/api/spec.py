@@ -27,8 +27,9 @@ FAILOVER_MODES = ("Checkpoint", "Latest")
 RECLAIM_POLICIES = ("Retain", "Delete")
 MIN_SIZE = 1 << 20  # 1 MiB: smaller volumes are certainly a typo
 SECTOR = 512
-# The API server's CEL rule reads the size with Quantity.asInteger(), an int64.
-MAX_SIZE = (1 << 63) - 1
+# 1 PiB: the largest volume an agent serves (its --size and POST /v1/resize, which take
+# this constant); the CRD's CEL rule says quantity('1Pi')
+MAX_SIZE = 1 << 50
 # pods are named "<volume>-<epoch>-<n>" and must stay valid DNS labels (63 chars)
 MAX_VOLUME_NAME = 40
 
@@ -112,7 +113,11 @@ def parse_spec(spec: Mapping[str, Any], name: str | None = None) -> VolumeSpec:
             if size < MIN_SIZE:
                 problems.append(f"spec.size must be at least 1Mi, got {raw_size!r}")
             elif size > MAX_SIZE:
-                problems.append(f"spec.size must be at most {MAX_SIZE} bytes (under 8Ei), got {raw_size!r}")
+                problems.append(
+                    f"spec.size must be at most 1Pi ({MAX_SIZE} bytes), the largest volume an agent serves, "
+                    f"got {raw_size!r}; give at most 1Pi (a size beyond it is never applied: the replicas "
+                    "keep the size they have)"
+                )
             elif size % SECTOR:
                 problems.append(f"spec.size must be a multiple of {SECTOR} bytes, got {size}")
 

@@ -80,7 +80,6 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from pairvol.agent import crashpoints
-from pairvol.aio import signal_child
 from pairvol.csi import nbd
 from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
@@ -174,22 +173,72 @@ class Record:
         return replace(self, export_name=other.export_name) == other
 
 
-async def run(*argv: str, timeout: float = 60.0, check: bool = True) -> tuple[int, str]:
-    """Run a command; (exit status, stdout+stderr). ``check``: raise AttachError on failure."""
+async def run(*argv: str, timeout: float = 60.0, check: bool = True, finish_on_cancel: bool = False) -> tuple[int, str]:
+    """Run a command; (exit status, stdout+stderr). ``check``: raise AttachError on failure.
+
+    The command never outlives this call. gRPC cancels a handler when the kubelet's
+    deadline passes or its connection drops, and the kubelet's retry runs as soon as the
+    volume's lock is free: a command still running then (a mount, an mkfs) would overlap
+    with the retry's own. So when the call ends any other way than by the command's exit
+    (cancelled, past ``timeout``), the command's process group (a session of its own) is
+    killed and waited for before the call returns or the cancellation goes on.
+    ``finish_on_cancel``: on cancellation the command is waited for instead (within
+    ``timeout``), for a command that must not be cut short (mkfs: killed half-way it
+    leaves a device that is neither blank nor formatted)."""
+    deadline = asyncio.get_running_loop().time() + timeout
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
     )
+    exited = False
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        try:
+            async with asyncio.timeout_at(deadline):
+                out, _ = await proc.communicate()
+        except asyncio.CancelledError:
+            if finish_on_cancel:
+                await _outlast(proc, deadline)
+            raise
+        exited = True
     except TimeoutError:
-        signal_child(proc, signal.SIGKILL)
-        await proc.wait()
         raise AttachError(f"{argv[0]} did not finish within {timeout:g} s") from None
+    finally:
+        if not exited:
+            await _kill_and_wait(proc)
     text = out.decode(errors="replace").strip()
     assert proc.returncode is not None
     if check and proc.returncode != 0:
         raise AttachError(f"{' '.join(argv)} failed (exit status {proc.returncode}): {text}")
     return proc.returncode, text
+
+
+async def _kill_and_wait(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the process group of ``proc`` (what it started, too) and wait until ``proc``
+    has exited. A cancellation that arrives meanwhile is held back until then."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    exit_status = asyncio.ensure_future(proc.wait())
+    cancelled = False
+    while not exit_status.done():
+        try:
+            await asyncio.wait([exit_status])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+
+
+async def _outlast(proc: asyncio.subprocess.Process, deadline: float) -> None:
+    """Wait until ``proc`` has exited or the loop's clock passes ``deadline``, whatever
+    cancellations arrive meanwhile (the caller goes on with its own)."""
+    loop = asyncio.get_running_loop()
+    exit_status = asyncio.ensure_future(proc.wait())
+    while not exit_status.done() and loop.time() < deadline:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([exit_status], timeout=deadline - loop.time())
 
 
 def unescape_mountinfo(field: str) -> str:
@@ -233,6 +282,26 @@ def device_users(mountinfo: str, device: str, dev_numbers: str | list[str]) -> l
 async def mounted(path: Path) -> bool:
     text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
     return str(path) in mount_points(text)
+
+
+async def _mount_at(path: Path) -> tuple[str, str] | None:
+    """(device number, source) of the mount visible at ``path``; None: nothing is mounted
+    there."""
+    text = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+    return mount_at(text, str(path))
+
+
+def mount_at(mountinfo: str, path: str) -> tuple[str, str] | None:
+    """(device number ``MAJOR:MINOR``, source) of the mount at ``path`` in a mountinfo text
+    that is visible: the last one, when several are stacked there."""
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5 or unescape_mountinfo(fields[4]) != path:
+            continue
+        after = line.split(" - ", 1)[1].split()
+        found = (fields[2], unescape_mountinfo(after[1]) if len(after) > 1 else "")
+    return found
 
 
 def _is_zero(device: str, size: int) -> bool:
@@ -499,10 +568,12 @@ class Attachment:
         problem = size_problem(fs_type, await asyncio.to_thread(_device_size, device))
         if problem is not None:
             raise TooSmall(f"{self.volume_id}: {problem}")
+        # a cancelled stage lets mkfs finish: cut short, it would leave the device neither
+        # blank nor formatted (the next stage would refuse it as holding data)
         if fs_type == "xfs":
-            await run("mkfs.xfs", "-q", "-K", device, timeout=300)
+            await run("mkfs.xfs", "-q", "-K", device, timeout=300, finish_on_cancel=True)
         else:
-            await run(f"mkfs.{fs_type}", "-q", "-E", "nodiscard", device, timeout=300)
+            await run(f"mkfs.{fs_type}", "-q", "-E", "nodiscard", device, timeout=300, finish_on_cancel=True)
         log.info("made an %s file system on %s (%s)", fs_type, self.volume_id, device)
 
     # -- stage / unstage
@@ -541,7 +612,7 @@ class Attachment:
         if record.block:
             return device
         staging = Path(record.staging_path)
-        if await mounted(staging):
+        if await self._staged(device, staging):
             return device
         found = await self._file_system(device)
         if found is None:
@@ -557,6 +628,29 @@ class Attachment:
         await run("mount", "-t", record.fs_type, *options, device, str(staging))
         return device
 
+    async def _staged(self, device: str, staging: Path) -> bool:
+        """Whether the file system on ``device`` is what is mounted at ``staging``. Anything
+        else mounted there (an earlier attachment's file system, whose device is gone or
+        dead, or a mount that is not the driver's) is unmounted: it is never taken for the
+        volume, nor left under the new mount."""
+        ours = await asyncio.to_thread(_dev_number, device)
+        while (found := await _mount_at(staging)) is not None:
+            number, source = found
+            if number == ours:
+                return True
+            log.warning(
+                "%s has %s (device %s) mounted on it, not the device %s of %s; unmounting it",
+                staging, source, number, device, self.volume_id,
+            )  # fmt: skip
+            rc, out = await run("umount", str(staging), check=False)
+            if rc != 0:
+                raise AttachError(
+                    f"the staging path {staging} of {self.volume_id} has {source} mounted on it, not the volume's "
+                    f"device {device}, and it cannot be unmounted ({out}); find what uses it, unmount it "
+                    f"(umount {staging}) and stage the volume again"
+                )
+        return False
+
     async def unstage(self, staging_path: Path | None) -> None:
         """Tear down in the order of the module docstring; nothing left is not an error."""
         record = await asyncio.to_thread(self.read_record)
@@ -571,7 +665,9 @@ class Attachment:
             if users:
                 raise Busy(f"{self.volume_id} is still used at {', '.join(users)}; unpublish it (or release it) first")
         for path in paths:
-            if (record is None or not record.block) and await mounted(path):
+            # every mount stacked there: one left over would keep a file system unflushed
+            # while its device goes, and the next stage would find it
+            while (record is None or not record.block) and await mounted(path):
                 await run("umount", str(path))
         crashpoints.hit(UNSTAGE_UNMOUNTED)
         for device in devices:
@@ -694,16 +790,21 @@ async def start_attacher(att: Attachment, record: Record) -> None:
         )
     finally:
         logfile.close()
+    # as in run(): a start cut short (cancelled, too slow) kills what it started and waits
+    # for it, so that a retry never starts a second attacher next to a first one starting
+    exited = False
     try:
-        rc = await asyncio.wait_for(proc.wait(), START_TIMEOUT_S)
+        async with asyncio.timeout(START_TIMEOUT_S):
+            rc = await proc.wait()
+        exited = True
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
         raise AttachError(
             f"could not reach the volume's export at {record.export_host}:{record.export_port} "
             f"within {START_TIMEOUT_S:g} s"
         ) from None
+    finally:
+        if not exited:
+            await _kill_and_wait(proc)
     if rc != 0:
         tail = (await asyncio.to_thread(att.log_path.read_text, errors="replace")).strip().splitlines()[-3:]
         raise AttachError(

@@ -303,9 +303,12 @@ class KubeClient:
     async def replace(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return await self.request("PUT", path, dict(body))
 
-    async def delete(self, path: str, grace_s: int | None = None) -> bool:
-        """Delete; False if it was already gone."""
-        body = None if grace_s is None else {"gracePeriodSeconds": grace_s}
+    async def delete(self, path: str, grace_s: int | None = None, uid: str | None = None) -> bool:
+        """Delete; False if it was already gone. With ``uid``, only that very object: one
+        that replaced it under the same name stays (the API server answers 409)."""
+        body: dict[str, Any] | None = None if grace_s is None else {"gracePeriodSeconds": grace_s}
+        if uid is not None:
+            body = {**(body or {}), "preconditions": {"uid": uid}}
         try:
             await self.request("DELETE", path, body)
             return True

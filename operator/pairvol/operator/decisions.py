@@ -22,7 +22,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pairvol.api.spec import SpecError, VolumeSpec
+from pairvol.api.spec import MAX_SIZE, SpecError, VolumeSpec
 from pairvol.api.status import (
     Failover,
     Phase,
@@ -850,7 +850,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     if pa.size is not None and sa.size is not None and pa.size != sa.size:
         # a grow that stopped half-way (the secondary grew, the primary did not): replicas
         # of different sizes cannot pair, so the grow is finished first
-        size = max(spec.size, pa.size, sa.size)
+        size = max(spec.size if spec.size <= MAX_SIZE else 0, pa.size, sa.size)  # never beyond what agents take
         actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, size))
         st = st.with_(phase=Phase.DEGRADED, message=f"finishing the grow to {size} bytes")
         return _finish(world, st, actions, False)
@@ -916,11 +916,21 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         if st.size != pa.size:
             st, cosmetic = st.with_(size=pa.size), False
         if spec.size > pa.size:
-            if not world.agent_call_in_flight:  # one grow at a time (each step is idempotent anyway)
-                actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, spec.size))
-                actions.append(Event("Normal", "Resizing", f"growing the volume from {pa.size} to {spec.size} bytes"))
-            st = st.with_(message=f"growing from {pa.size} to {spec.size} bytes")
-            return _finish(world, st, actions, False)
+            if spec.size > MAX_SIZE:
+                # the grow lets the secondary go (its first call) before the resize an agent
+                # refuses: never begin a grow that cannot end; the pair stays in sync
+                st = st.with_(
+                    message=f"spec.size {spec.size} is more than 1Pi ({MAX_SIZE} bytes), the largest volume an "
+                    "agent serves: not growing; set spec.size to at most 1Pi"
+                )
+            else:
+                if not world.agent_call_in_flight:  # one grow at a time (each step is idempotent anyway)
+                    actions.append(Grow(prim.pod, ppod.ip, pa.epoch, sec.pod, spod.ip, sa.epoch, spec.size))
+                    actions.append(
+                        Event("Normal", "Resizing", f"growing the volume from {pa.size} to {spec.size} bytes")
+                    )
+                st = st.with_(message=f"growing from {pa.size} to {spec.size} bytes")
+                return _finish(world, st, actions, False)
         if spec.size < pa.size:
             st = st.with_(
                 message=f"spec.size {spec.size} is smaller than the volume's {pa.size} bytes: a volume never "

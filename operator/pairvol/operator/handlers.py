@@ -40,7 +40,7 @@ from prometheus_client import generate_latest
 
 from pairvol.api.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from pairvol.api.status import Phase, VolumeStatus, parse_time, rfc3339
-from pairvol.kube.client import KubeClient, KubeError
+from pairvol.kube.client import Conflict, KubeClient, KubeError
 from pairvol.kube.config import KubeConfig, load_config
 from pairvol.kube.lease import LeaseObservation, lease_record
 from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION
@@ -229,6 +229,45 @@ def _secret_value(secret: Mapping[str, Any], key: str) -> str | None:
     return str(sd[key]) if key in sd else None
 
 
+# ------------------------------------------------------------- the volume's objects
+
+
+class NameTaken(KubeError):
+    """An object the volume needs exists under its name but belongs to something else."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(409, message)
+
+
+def _uid(body: Mapping[str, Any] | None) -> str:
+    return str(((body or {}).get("metadata") or {}).get("uid") or "")
+
+
+async def create_owned(kube: KubeClient, collection: str, manifest: Mapping[str, Any], uid: str) -> dict[str, Any]:
+    """Create the volume's object, or take the existing one of that name only if it is the
+    volume's own (an earlier tick's, a previous operator's): never another's
+    (:func:`pairvol.operator.manifests.owned_by`), which raises :class:`NameTaken`."""
+    try:
+        return await kube.create(collection, manifest)
+    except Conflict:
+        pass
+    existing = await kube.get(f"{collection}/{manifest['metadata']['name']}")
+    if not m.owned_by(existing, uid):
+        raise NameTaken(m.name_taken_message({"kind": manifest.get("kind"), **existing}))
+    return existing
+
+
+async def delete_owned(kube: KubeClient, path: str, uid: str) -> bool:
+    """Delete the object at ``path`` if it is the volume's own; another's of that name stays."""
+    obj = await kube.get_or_none(path)
+    if obj is None or not m.owned_by(obj, uid):
+        return False
+    try:
+        return await kube.delete(path, uid=_uid(obj))
+    except Conflict:  # replaced under the same name since the read: not ours
+        return False
+
+
 # --------------------------------------------------------------------- reconciler
 
 
@@ -260,6 +299,8 @@ class Reconciler:
         self.created: set[str] = set()
         # (volume key, node) of the other volumes' agent pods, listed while placing a replica
         self.other_pods: list[tuple[str, str]] = []
+        # the message of the last NameTaken reported for this volume (one Event per cause)
+        self.name_taken: str | None = None
 
     # ---------------------------------------------------------------- reading
 
@@ -405,36 +446,58 @@ class Reconciler:
         return node
 
     async def _token(self) -> str | None:
+        """The agents' API token, from the volume's own Secret only (never another's of its name)."""
         if self.token is None:
             sec = await ctx().kube.get_or_none(secrets_path(self.namespace, m.secret_name(self.name)))
-            if sec is not None:
+            if sec is not None and m.owned_by(sec, _uid(self.body)):
                 self.token = _secret_value(sec, "token")
         return self.token
 
     async def ensure_infra(self, body: Mapping[str, Any]) -> None:
-        """Secret and Services: created once, idempotently (also after a restart)."""
+        """Secret and Services: created once, idempotently (also after a restart). An object
+        of one of their names that is not this volume's is never used: the volume says so
+        (status and a Warning Event) and this raises :class:`NameTaken`, so no agent starts."""
         if self.infra_ok:
             return
-        c = ctx()
-        await c.kube.create_if_missing(secrets_path(self.namespace), m.secret_manifest(self.name, self.namespace, body))
+        try:
+            await self._ensure_infra(body)
+        except NameTaken as exc:
+            await self.report_name_taken(body, str(exc))
+            raise
+        self.name_taken = None
+        self.infra_ok = True
+
+    async def _ensure_infra(self, body: Mapping[str, Any]) -> None:
+        c, ns, uid = ctx(), self.namespace, _uid(body)
+        agents_secret = await create_owned(c.kube, secrets_path(ns), m.secret_manifest(self.name, ns, body), uid)
         # the workload's Secret holds the export's key, derived from the agents' Secret
         # (which an older version made without one: its export keeps the link's key)
-        agents_secret = await c.kube.get(secrets_path(self.namespace, m.secret_name(self.name)))
         own_key = _secret_value(agents_secret, "export-psk")
         export_psk = own_key or _secret_value(agents_secret, "psk")
         if export_psk is None:
             secret = m.secret_name(self.name)
             raise KubeError(0, f"Secret {secret} has no key psk: delete it, the operator makes a new one")
-        export_secret = m.export_secret_manifest(self.name, self.namespace, body, export_psk)
-        await c.kube.create_if_missing(secrets_path(self.namespace), export_secret)
+        export_secret = m.export_secret_manifest(self.name, ns, body, export_psk)
+        await create_owned(c.kube, secrets_path(ns), export_secret, uid)
         self.export_key = own_key is not None
-        for svc in m.services_manifests(self.name, self.namespace, body):
-            await c.kube.create_if_missing(services_path(self.namespace), svc)
+        for svc in m.services_manifests(self.name, ns, body):
+            await create_owned(c.kube, services_path(ns), svc, uid)
         if c.config.per_volume_network_policy:
-            await c.kube.create_if_missing(
-                netpol_path(self.namespace), m.network_policy_manifest(self.name, self.namespace, body)
-            )
-        self.infra_ok = True
+            await create_owned(c.kube, netpol_path(ns), m.network_policy_manifest(self.name, ns, body), uid)
+
+    async def report_name_taken(self, body: Mapping[str, Any], message: str) -> None:
+        """Status (the message; phase Pending while nothing was placed) and one Warning Event
+        per cause; the loop retries with backoff and goes on by itself once the name is free."""
+        if message == self.name_taken:
+            return
+        self.name_taken = message
+        await self.event(body, "Warning", "NameTaken", message)
+        path = volume_path(self.namespace, self.name, status=True)
+        status = {"message": message}
+        if VolumeStatus.from_dict(body.get("status")).primary is None:
+            status["phase"] = Phase.PENDING.value
+        self.remember(await ctx().kube.merge_patch(path, {"status": status}))
+        self.last_written = None  # the next plan's status is written whatever it is
 
     # ---------------------------------------------------------------- persist
 
@@ -834,6 +897,8 @@ async def _finalize(
     """One pass of the finalizer; what it still waits for, or None when the volume is gone."""
     c = ctx()
     rec = Reconciler(name, namespace)
+    rec.remember(body)
+    uid = _uid(body)
     selector = f"{d.LABEL_VOLUME}={name},{m.APP_LABEL}={m.AGENT_APP}"
     pods = [pod_view(p) for p in await c.kube.list(pods_path(namespace), selector)]
     token = await rec._token()
@@ -852,13 +917,14 @@ async def _finalize(
         await c.kube.delete(pods_path(namespace, pod.name), grace_s=0 if force else 1)
     if pods:
         return f"waiting for {len(pods)} agent pod(s) to terminate"
+    # only the volume's own: another volume's (or a user's) object of a derived name stays
     for svc in (name, m.agents_service_name(name)):
-        await c.kube.delete(services_path(namespace, svc))
-    await c.kube.delete(lease_path(namespace, m.lease_name(name)))
+        await delete_owned(c.kube, services_path(namespace, svc), uid)
+    await c.kube.delete(lease_path(namespace, m.lease_name(name)))  # the agents', by name
     if c.config.per_volume_network_policy:
         # only then does the operator create it (and the chart grant it NetworkPolicies);
         # one left from a time the setting was on goes with the volume (ownerReference)
-        await c.kube.delete(netpol_path(namespace, m.network_policy_name(name)))
+        await delete_owned(c.kube, netpol_path(namespace, m.network_policy_name(name)), uid)
     try:
         vspec = parse_spec(spec, name=name)
     except SpecError:
@@ -870,7 +936,7 @@ async def _finalize(
         done = {
             (p.get("spec") or {}).get("nodeName") for p in wipes if (p.get("status") or {}).get("phase") == "Succeeded"
         }
-        pending = False
+        pending: list[str] = []
         for node in sorted(nodes):
             if node not in ready:
                 await rec.event(
@@ -882,7 +948,7 @@ async def _finalize(
                 continue
             if node in done:
                 continue
-            pending = True
+            pending.append(node)
             await c.kube.create_if_missing(
                 pods_path(namespace),
                 m.cleanup_pod_manifest(
@@ -891,10 +957,18 @@ async def _finalize(
             )
         if pending and elapsed < 60:
             return "waiting for data cleanup pods"
+        for node in pending:
+            where = f"data under {m.data_dir(vspec, namespace, name)} on node {node} was not removed"
+            await rec.event(
+                body,
+                "Warning",
+                "DataNotRemoved",
+                f"the cleanup pod {m.cleanup_pod_name(name, node)} did not succeed within 60 s; {where}",
+            )
         for p in wipes:
             await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]))
     for secret in (m.secret_name(name), m.export_secret_name(name)):
-        await c.kube.delete(secrets_path(namespace, secret))
+        await delete_owned(c.kube, secrets_path(namespace, secret), uid)
     c.metrics.set_phase(f"{namespace}/{name}", None)
     c.metrics.set_checkpoint(namespace, name, None)
     log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")

@@ -8,6 +8,7 @@ docs/configuration.md) and are parsed once into :class:`OperatorConfig`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -170,6 +171,32 @@ def owner_ref(body: Mapping[str, Any]) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether ``obj`` belongs to the volume whose uid is ``uid`` (one of its ownerReferences).
+
+    Derived names can coincide across volumes (Secret ``pairvol-db-export`` is volume
+    ``db-export``'s agents' Secret and volume ``db``'s export Secret; Service ``db-agents``
+    is ``db-agents``'s and ``db``'s), and a user may own an object of such a name: only what
+    names this very volume (by uid, as the garbage collector judges it) is used or deleted.
+    """
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(isinstance(r, Mapping) and r.get("uid") == uid for r in refs)
+
+
+def name_taken_message(obj: Mapping[str, Any]) -> str:
+    """Why a volume cannot use ``obj``, which holds a name it needs, and what to do."""
+    kind = str(obj.get("kind") or "object")
+    name = str((obj.get("metadata") or {}).get("name"))
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    owners = ", ".join(f"{r.get('kind')} {r.get('name')}" for r in refs if isinstance(r, Mapping))
+    return (
+        f"{kind} {name}, which this volume needs, already exists and belongs to "
+        f"{owners or 'no ReplicatedVolume'}: the operator neither uses nor deletes it, and "
+        "starts no agents for this volume. Recreate this volume under another name (one that "
+        f"does not end in -export or -agents avoids this), or delete {kind} {name} if nothing uses it"
+    )
 
 
 def labels(volume: str, role: str | None = None) -> dict[str, str]:
@@ -409,6 +436,17 @@ def pod_manifest(
     }
 
 
+def cleanup_pod_name(volume: str, node: str) -> str:
+    """The wipe pod of ``volume`` on ``node``: a valid pod name (a DNS label), one per node.
+
+    Volume and node names together may exceed a name's 63 characters (CSI volumes are
+    ``pvc-<uuid>``, cloud node names are long): the readable part is cut, and a hash of
+    both names keeps two nodes that share a long prefix apart."""
+    digest = hashlib.sha256(f"{volume}\0{node}".encode()).hexdigest()[:10]
+    readable = f"{volume}-wipe-{node}".replace(".", "-")[: 63 - len(digest) - 1].rstrip("-")
+    return f"{readable}-{digest}"
+
+
 def cleanup_pod_manifest(
     *,
     volume: str,
@@ -424,7 +462,7 @@ def cleanup_pod_manifest(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": f"{volume}-wipe-{node}"[:63].rstrip("-"),
+            "name": cleanup_pod_name(volume, node),
             "namespace": namespace,
             "labels": {"pairvol.io/cleanup": volume},
         },
