@@ -11,7 +11,9 @@ once the pair is in sync again. Real agents and daemons; every test compares the
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +54,15 @@ async def volume_bytes(agent: Agent) -> bytes:
         return await nbd.read_all()
 
 
-async def test_a_secondary_back_with_the_expanded_size_resyncs_at_its_own_size_then_grows(tmp_path: Path) -> None:
-    """Sequence: a 16 MiB pair; the secondary's node goes down; the primary writes alone;
-    the volume is expanded to 32 MiB meanwhile (the operator grows only a pair in sync, so
-    nothing grows yet); the secondary comes back in a pod that says ``--size 32Mi``. It
-    starts at the 16 MiB it holds, is resynced at that size, and only then does the grow
-    in the operator's order bring both replicas to 32 MiB, every byte intact."""
-    rng = random.Random(7301)
-    primary = Agent("vol", tmp_path / "replica-0", "16Mi", peer_timeout=1.0)
-    secondary = Agent("vol", tmp_path / "replica-1", "16Mi", peer_timeout=1.0)
+@contextlib.asynccontextmanager
+async def replicating_with_known_data(
+    tmp_path: Path, seed: int, peer_timeout: float = 5.0
+) -> AsyncIterator[tuple[Agent, Agent, str, random.Random, bytearray]]:
+    """A 16 MiB pair (secondary at epoch 1, primary at 2) in sync after 24 known writes:
+    (primary, secondary, the secondary's disk identity, the writes' generator, the volume)."""
+    rng = random.Random(seed)
+    primary = Agent("vol", tmp_path / "replica-0", "16Mi", peer_timeout=peer_timeout)
+    secondary = Agent("vol", tmp_path / "replica-1", "16Mi", peer_timeout=peer_timeout)
     try:
         await primary.start()
         await secondary.start()
@@ -71,7 +73,35 @@ async def test_a_secondary_back_with_the_expanded_size_resyncs_at_its_own_size_t
         await primary.wait_replicating()
         volume = bytearray(OLD)
         await write_known(primary, rng, volume, 24)
+        yield primary, secondary, ident, rng, volume
+    finally:
+        await primary.stop()
+        await secondary.stop()
 
+
+async def paired_at_the_new_size_with_every_byte(
+    primary: Agent, secondary: Agent, ident: str, rng: random.Random, volume: bytearray
+) -> None:
+    """The grow's last step (a re-pair at epoch 4), then writes anywhere in 32 MiB: both
+    disks hold exactly what was written."""
+    await make_primary(primary, 4, secondary, "auto", 1, ident)
+    st = await primary.wait_replicating()
+    assert st["size"] == NEW and (await secondary.status())["size"] == NEW
+    volume += bytes(NEW - OLD)
+    await write_known(primary, rng, volume, 16)
+    assert await volume_bytes(primary) == bytes(volume)
+    assert_same_image(image(primary), bytes(volume), "the primary after the grow")
+    assert_same_image(image(secondary), bytes(volume), "the secondary after the grow")
+
+
+async def test_a_secondary_back_with_the_expanded_size_resyncs_at_its_own_size_then_grows(tmp_path: Path) -> None:
+    """Sequence: a 16 MiB pair; the secondary's node goes down; the primary writes alone;
+    the volume is expanded to 32 MiB meanwhile (the operator grows only a pair in sync, so
+    nothing grows yet); the secondary comes back in a pod that says ``--size 32Mi``. It
+    starts at the 16 MiB it holds, is resynced at that size, and only then does the grow
+    in the operator's order bring both replicas to 32 MiB, every byte intact."""
+    pair = replicating_with_known_data(tmp_path, 7301, peer_timeout=1.0)
+    async with pair as (primary, secondary, ident, rng, volume):
         secondary.kill()  # its node goes down
         await secondary.wait_exit()
         await write_known(primary, rng, volume, 24)  # acknowledged by the primary alone
@@ -96,17 +126,7 @@ async def test_a_secondary_back_with_the_expanded_size_resyncs_at_its_own_size_t
         assert (await resize(secondary, 1, NEW))["size"] == NEW
         st = await resize(primary, 3, NEW)
         assert st["size"] == NEW and st["export"]["serving"], st
-        await make_primary(primary, 4, secondary, "auto", 1, ident)
-        st = await primary.wait_replicating()
-        assert st["size"] == NEW and (await secondary.status())["size"] == NEW
-        volume += bytes(NEW - OLD)
-        await write_known(primary, rng, volume, 16)  # now anywhere in 32 MiB
-        assert await volume_bytes(primary) == bytes(volume)
-        assert_same_image(image(primary), bytes(volume), "the primary after the grow")
-        assert_same_image(image(secondary), bytes(volume), "the secondary after the grow")
-    finally:
-        await primary.stop()
-        await secondary.stop()
+        await paired_at_the_new_size_with_every_byte(primary, secondary, ident, rng, volume)
 
 
 async def test_a_primary_that_died_before_its_grow_was_saved_comes_back_at_its_size_and_the_grow_finishes(
@@ -118,20 +138,7 @@ async def test_a_primary_that_died_before_its_grow_was_saved_comes_back_at_its_s
     so the operator makes the primary's pod again, with ``--size 32Mi``: it starts at the
     16 MiB it holds, serves again alone once confirmed with a new epoch (H9) with every
     acknowledged write, and the operator finishes the grow that stopped half-way."""
-    rng = random.Random(7302)
-    primary = Agent("vol", tmp_path / "replica-0", "16Mi")
-    secondary = Agent("vol", tmp_path / "replica-1", "16Mi")
-    try:
-        await primary.start()
-        await secondary.start()
-        await secondary.secondary(1)
-        ident = await disk_id(secondary)
-        assert ident is not None
-        await make_primary(primary, 2, secondary, "full", 1, ident)
-        await primary.wait_replicating()
-        volume = bytearray(OLD)
-        await write_known(primary, rng, volume, 24)
-
+    async with replicating_with_known_data(tmp_path, 7302) as (primary, secondary, ident, rng, volume):
         await primary.call("POST", "/v1/stop", {})  # E0
         await write_known(primary, rng, volume, 8)  # acknowledged after E0, by the primary alone
         assert (await resize(secondary, 1, NEW))["size"] == NEW  # E2
@@ -156,14 +163,4 @@ async def test_a_primary_that_died_before_its_grow_was_saved_comes_back_at_its_s
         assert (await resize(secondary, 1, NEW))["size"] == NEW  # already done: a no-op
         st = await resize(primary, 3, NEW)
         assert st["size"] == NEW and st["export"]["serving"], st
-        await make_primary(primary, 4, secondary, "auto", 1, ident)
-        st = await primary.wait_replicating()
-        assert st["size"] == NEW
-        volume += bytes(NEW - OLD)
-        await write_known(primary, rng, volume, 16)
-        assert await volume_bytes(primary) == bytes(volume)
-        assert_same_image(image(primary), bytes(volume), "the primary after the grow")
-        assert_same_image(image(secondary), bytes(volume), "the secondary after the grow")
-    finally:
-        await primary.stop()
-        await secondary.stop()
+        await paired_at_the_new_size_with_every_byte(primary, secondary, ident, rng, volume)

@@ -794,8 +794,8 @@ class Replica:
         if self.fenced.is_set():
             # fenced while the exports were added (the fence found nothing serving yet and left
             # them): take them down now; something may have been served, so no ServeRefused
-            reason, cause = self._fence or ("fenced while the workload export was being served", "lease")
-            await self.fence_workload(reason, cause)
+            assert self._fence is not None  # fence_workload records it before it sets ``fenced``
+            await self.fence_workload(*self._fence)
             raise ReplicaError(self._fenced_refusal())
         self.fenced_by = None
         steps.done("export")
@@ -811,11 +811,11 @@ class Replica:
             raise ServeRefused(self._fenced_refusal())
 
     def _fenced_refusal(self) -> str:
-        why = f" ({self._fence[0]})" if self._fence else ""
+        assert self._fence is not None  # only asked while ``fenced`` is set
         return (
-            f"not serving: the workload export was fenced at epoch {self.state.epoch}{why}, and a fence lasts "
-            "for its epoch; the operator serves this replica again with a newer epoch (POST /v1/primary) "
-            "or promotes the secondary"
+            f"not serving: the workload export was fenced at epoch {self.state.epoch} ({self._fence[0]}), and a "
+            "fence lasts for its epoch; the operator serves this replica again with a newer epoch "
+            "(POST /v1/primary) or promotes the secondary"
         )
 
     def _refuse_a_failed_disk(self) -> None:
