@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pairvol.operator.agentclient import AgentClient, AgentError
+from pairvol.operator.agentclient import AgentClient, AgentError, LinkChanged
 from pairvol.operator.decisions import AgentView, linked_to
 from pairvol.qemu.recipes import replication_export_name
 from tests.support.agents import Agent, agents
@@ -32,7 +32,8 @@ async def test_the_operator_drives_real_agents_through_a_failover_and_reads_thei
 
             started = await c.secondary(address(s), token, 1)
             assert (started["role"], started["stage"], started["epoch"]) == ("secondary", "running", 1)
-            started = await c.primary(address(p), token, 2, s.replication_address, "full")
+            # as decisions.StartPrimary sends it: with the secondary's API (peerApi)
+            started = await c.primary(address(p), token, 2, s.replication_address, "full", peer_api=address(s))
             assert (started["role"], started["epoch"]) == ("primary", 2)
             await p.wait_replicating()
             prim = AgentView.from_status(await c.status(address(p), token))
@@ -45,7 +46,14 @@ async def test_the_operator_drives_real_agents_through_a_failover_and_reads_thei
             assert prim.link_export == replication_export_name(1) and linked_to(prim, sec)
             assert not linked_to(prim, replace(sec, epoch=3))  # a later incarnation at the same address
 
-            cut = await c.checkpoint(address(s), token)
+            # the cut names the link the primary reports in sync, the secondary's own serial
+            # (docs/correctness.md S5); a serial of another link is refused, recognisably
+            assert prim.link_serial is not None
+            assert (await c.status(address(s), token))["replication"]["linkSerial"] == prim.link_serial
+            with pytest.raises(LinkChanged) as refused:
+                await c.checkpoint(address(s), token, prim.link_serial + "0")
+            assert refused.value.status == 409 and "no checkpoint was cut" in refused.value.message
+            cut = await c.checkpoint(address(s), token, prim.link_serial)
             assert cut["id"] == 1 and cut["durationMs"] > 0
             sec = AgentView.from_status(await c.status(address(s), token))
             assert (sec.role, sec.stage, sec.epoch) == ("secondary", "running", 1)

@@ -175,7 +175,7 @@ FIELD_CASES = [
     ("/v1/primary", b'{"epoch": 5, "peer": "a\\u0000b:80"}', 400, "invalid host"),
     ("/v1/primary", b'{"epoch": 5, "peer": "' + b"a" * 300 + b':80"}', 400, "invalid host"),
     ("/v1/primary", b'{"epoch": 5, "peer": 7801}', 400, "expected HOST:PORT"),
-    ("/v1/checkpoint", b'{"now": true}', 400, "unknown field(s) now; allowed: none"),
+    ("/v1/checkpoint", b'{"now": true}', 400, "unknown field(s) now; allowed: linkSerial"),
     ("/v1/stop", b"[]", 400, "must be a JSON object"),
 ]
 

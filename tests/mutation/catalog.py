@@ -598,6 +598,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # -------------------------------------------------------------- operator/decisions.py
     Mutation(
+        "decisions.a-cut-names-the-primarys-link", DECISIONS,
+        "        actions.append(Checkpoint(sec.pod, spod.ip, pa.link_serial))\n",
+        "        actions.append(Checkpoint(sec.pod, spod.ip))\n",
+        ("tests/unit/test_operator_checkpoint_serial.py",),
+        "the cut names the link the primary reported in sync, so a relinked secondary refuses it (S5)",
+    ),
+    Mutation(
         "decisions.a-link-names-the-incarnation", DECISIONS,
         "    linked = pa.peer == peer and linked_to(pa, sa)\n",
         "    linked = pa.peer == peer\n",
@@ -991,6 +998,48 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if len(ranked) < 1:\n",
         T_DECISIONS, "both replicas need a node each",
     ),
+    Mutation(
+        "decisions.a-nested-data-dir-is-not-placed", DECISIONS,
+        "    clash = data_dir_conflict(world, spec)\n",
+        "    clash = None\n",
+        ("tests/unit/test_operator_data_dirs.py",),
+        "a volume whose data directory nests in another's places no replica",
+    ),
+    Mutation(
+        "decisions.data-dirs-compared-by-component", DECISIONS,
+        "    if ca[: len(cb)] == cb:\n        return \"inside\"\n",
+        "    if \"/\".join(ca).startswith(\"/\".join(cb)):\n        return \"inside\"\n",
+        ("tests/unit/test_operator_data_dirs.py",),
+        "/a/bc is not inside /a/b: a sibling with a common prefix is placed",
+    ),
+    Mutation(
+        "decisions.a-data-dir-containing-another-is-not-placed", DECISIONS,
+        "    if cb[: len(ca)] == ca:\n        return \"contains\"\n",
+        "    if False:\n        return \"contains\"\n",
+        ("tests/unit/test_operator_data_dirs.py",),
+        "a volume whose data directory contains another's places no replica",
+    ),
+    Mutation(
+        "decisions.the-volume-created-first-places", DECISIONS,
+        "not (other.placed or (other.created, other.key) < me)",
+        "not other.placed",
+        ("tests/unit/test_operator_data_dirs.py",),
+        "of two nested volumes without replicas, the one created first places, the other waits",
+    ),
+    Mutation(
+        "decisions.a-volume-with-replicas-keeps-them", DECISIONS,
+        "not (other.placed or (other.created, other.key) < me)",
+        "not ((other.created, other.key) < me)",
+        ("tests/unit/test_operator_data_dirs.py",),
+        "a volume nested in one that has replicas waits, even if created first",
+    ),
+    Mutation(
+        "decisions.a-wipe-spares-another-volumes-data", DECISIONS,
+        "        if node in other.data_nodes and dir_relation(other.path, own) in (\"same\", \"inside\"):\n",
+        "        if False:\n",
+        ("tests/unit/test_operator_data_dirs.py",),
+        "a wipe never removes a directory holding another volume's data on that node",
+    ),
     # ------------------------------------------------------------------------- api/spec.py
     Mutation(
         "decisions.grow-never-beyond-agent-limit", DECISIONS,
@@ -1043,6 +1092,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         T_SPEC, "volume names short enough for the pod and Service names derived from them",
     ),
     # ------------------------------------------------------------------ agent/replica.py
+    Mutation(
+        "replica.a-cut-after-a-relink-is-refused", REPLICA,
+        "            if link_serial is not None and link_serial != self.link_serial:\n",
+        "            if False:\n",
+        ("tests/integration/test_checkpoint_link_serial.py::"
+         "test_a_cut_asked_for_before_the_primary_linked_again_is_refused_and_the_restore_point_stays",),
+        "a cut asked for before the primary linked again never becomes the restore point (S5)",
+    ),
+    Mutation(
+        "replica.a-relink-changes-the-link-serial", REPLICA,
+        "            self._serial_count += 1\n",
+        "            pass\n",
+        ("tests/integration/test_checkpoint_link_serial.py::"
+         "test_a_cut_asked_for_before_the_primary_linked_again_is_refused_and_the_restore_point_stays",),
+        "every relink gives the link a new serial, so a cut for the link before is refused (S5)",
+    ),
     Mutation(
         "replica.no-serving-at-a-fenced-epoch", REPLICA,
         "        self._refuse_while_fenced()\n",
@@ -1166,10 +1231,24 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.interrupted-grow-completed", REPLICA,
-        "        if found is not None and found.resize_from == actual and actual < size:\n",
+        "        if grow_from is not None and grow_from <= actual < size:\n",
         "        if False:\n",
         ("tests/integration/test_resize.py::test_a_crash_at_any_step_of_a_grow_leaves_the_old_or_the_new_size_and_loses_nothing",),
         "a grow a crash interrupted after persisting the new size is completed at restart (E1)",
+    ),
+    Mutation(
+        "replica.an-allocation-cut-short-is-completed", REPLICA,
+        "        if grow_from is not None and grow_from <= actual < size:\n",
+        "        if grow_from is not None and grow_from == actual < size:\n",
+        ("tests/integration/test_resize.py::test_a_crash_at_any_step_of_a_grow_leaves_the_old_or_the_new_size_and_loses_nothing",),
+        "a grow whose allocation a crash cut short (the file between the two lengths) is completed at restart (E1)",
+    ),
+    Mutation(
+        "replica.a-grow-given-up-returns-to-the-recorded-length", REPLICA,
+        "                await asyncio.to_thread(_grow_file, self.disk_path, size, grow_from)\n",
+        "                await asyncio.to_thread(_grow_file, self.disk_path, size)\n",
+        ("tests/integration/test_resize.py::test_a_grow_cut_short_and_without_the_space_to_finish_goes_back_to_the_old_size",),
+        "a restart that cannot finish a grow returns the file to the length recorded before it (E1)",
     ),
     Mutation(
         "stages.resize-never-shrinks", STAGES,
@@ -1202,7 +1281,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.older-connections-cut-before-a-link", REPLICA,
-        "                await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)\n",
+        "                self._peer_link_serial = await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)\n",
         "                pass\n",
         (f"{T_AUTO}::test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_after_the_resync",),
         "a write of an earlier connection to the secondary never lands after the next link's copy",

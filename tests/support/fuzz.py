@@ -57,7 +57,7 @@ MAX_BODY = 64 * 1024  # the agent's body limit (pairvol.agent.http.MAX_BODY)
 POST_ROUTES = {
     "/v1/secondary": {"epoch"},
     "/v1/primary": {"epoch", "peer", "sync", "peerEpoch", "peerDisk", "peerApi"},
-    "/v1/checkpoint": set(),
+    "/v1/checkpoint": {"linkSerial"},
     "/v1/failover": {"epoch", "mode"},
     "/v1/stop": set(),
     "/v1/digests": {"disk", "offset", "length"},
@@ -77,6 +77,7 @@ BAD_MODES: tuple[Any, ...] = (
 BAD_PEER_EPOCHS: tuple[Any, ...] = (-1, True, 1.0, "0", None, 2**63, [], "above the epoch")
 BAD_PEER_DISKS: tuple[Any, ...] = ("", "A" * 32, "a" * 31, "a" * 33, "../" + "a" * 29, "ａ" * 32, 1, True, [], {})
 BAD_BYTE_COUNTS: tuple[Any, ...] = (-1, -(2**63), True, 1.0, 0.5, "0", None, [], {})
+BAD_LINK_SERIALS: tuple[Any, ...] = ("", "a" * 129, "a\nb", "\x00", "ｓｅｒｉａｌ", 1, True, [], {})
 BAD_SYNCS: tuple[Any, ...] = ("", "half", "FULL", "None", "full ", "ｆｕｌｌ", 1, True, None, [], {})
 BAD_HOSTPORTS: tuple[str, ...] = (
     "", " ", ":", "h", "h:", ":80", "h:0", "h:65536", "h:99999", "h:-1", "h:+80", "h: 80", "h:80 ", " h:80",
@@ -239,7 +240,7 @@ def _field_defect(rng: random.Random, path: str, fields: dict[str, Any]) -> tupl
         return out, "sync full without a peer"
     bad = {"epoch": BAD_EPOCHS, "mode": BAD_MODES, "sync": BAD_SYNCS, "peer": BAD_PEERS, "peerEpoch": BAD_PEER_EPOCHS,
            "peerDisk": BAD_PEER_DISKS, "peerApi": BAD_PEERS, "disk": BAD_PEER_DISKS, "offset": BAD_BYTE_COUNTS,
-           "length": BAD_BYTE_COUNTS}
+           "length": BAD_BYTE_COUNTS, "linkSerial": BAD_LINK_SERIALS}
     out[kind] = rng.choice(bad[kind])
     if out[kind] == "above the epoch":  # the peer cannot have been started at a later epoch than the primary's
         out[kind] = (out["epoch"] if type(out.get("epoch")) is int else 0) + 1

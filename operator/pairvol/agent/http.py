@@ -178,8 +178,18 @@ async def primary(request: web.Request) -> web.Response:
 
 
 async def checkpoint(request: web.Request) -> web.Response:
-    await _body(request, set())
-    return web.json_response(await request.app[REPLICA].checkpoint())
+    """``{"linkSerial"}`` is optional: the serial of the primary's link as the caller saw it
+    in sync; the cut is refused (409) if a primary linked again since (docs/correctness.md S5)."""
+    body = await _body(request, {"linkSerial"})
+    serial = body.get("linkSerial")
+    if serial is not None and not (
+        isinstance(serial, str) and 0 < len(serial) <= 128 and serial.isascii() and serial.isprintable()
+    ):
+        raise v.InvalidInput(
+            f"invalid linkSerial {v.show(serial)}: expected the primary's replication.link.serial as its status "
+            "reports it, or no linkSerial to cut without that check"
+        )
+    return web.json_response(await request.app[REPLICA].checkpoint(serial))
 
 
 async def failover(request: web.Request) -> web.Response:

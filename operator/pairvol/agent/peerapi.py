@@ -25,9 +25,12 @@ class PeerApiError(PairvolError):
     """The peer's agent could not be asked, or refused; the message says which."""
 
 
-async def relink(address: str, token: str | None, epoch: int, timeout_s: float = RELINK_TIMEOUT_S) -> None:
+async def relink(address: str, token: str | None, epoch: int, timeout_s: float = RELINK_TIMEOUT_S) -> str | None:
     """``POST /v1/relink {"epoch"}`` on the peer's agent at ``address`` (host:port); returns
-    once the peer says no write of an earlier connection can reach its disk any more."""
+    once the peer says no write of an earlier connection can reach its disk any more, with
+    the peer's new link serial (``replication.linkSerial`` of its answer; None from an agent
+    that has none): a cut that names it is refused once the peer is relinked again
+    (docs/correctness.md S5)."""
     url = f"http://{address}/v1/relink"
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
@@ -35,12 +38,12 @@ async def relink(address: str, token: str | None, epoch: int, timeout_s: float =
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
             session.post(url, json={"epoch": epoch}, headers=headers) as resp,
         ):
-            if resp.status == 200:
-                return
             try:
                 answer = await resp.json(content_type=None)
             except ValueError:
                 answer = None
+            if resp.status == 200:
+                return _link_serial(answer)
             error = answer.get("error") if isinstance(answer, dict) else await resp.text()
             raise PeerApiError(
                 f"the peer's agent at {address} refused to end its replication connections ({resp.status}): {error}"
@@ -48,3 +51,10 @@ async def relink(address: str, token: str | None, epoch: int, timeout_s: float =
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise PeerApiError(f"cannot ask the peer's agent at {address} to end its replication connections: "
                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _link_serial(answer: object) -> str | None:
+    """The serial in a relink's answer (the peer's status), or None if it names none."""
+    replication = answer.get("replication") if isinstance(answer, dict) else None
+    serial = replication.get("linkSerial") if isinstance(replication, dict) else None
+    return serial if isinstance(serial, str) and serial else None

@@ -208,15 +208,18 @@ def boot_id() -> str | None:
         return None
 
 
-def _grow_file(path: Path, size: int) -> None:
+def _grow_file(path: Path, size: int, old: int | None = None) -> None:
     """Extend a raw disk file with allocated zeros to ``size`` (as it was made: preallocated,
-    so a full file system shows at the grow, not at a later write) and make it durable."""
+    so a full file system shows at the grow, not at a later write) and make it durable.
+    ``old``: the length the state records as the one before the grow (default: the file's),
+    which a failed grow returns the file to."""
     fd = os.open(path, os.O_RDWR)
     try:
-        old = os.fstat(fd).st_size
-        if old < size:
+        length = os.fstat(fd).st_size
+        old = length if old is None else old
+        if length < size:
             try:
-                os.posix_fallocate(fd, old, size - old)
+                os.posix_fallocate(fd, length, size - length)
             except OSError as exc:
                 os.ftruncate(fd, old)  # back to the length the state records as the old one
                 raise ReplicaError(
@@ -280,7 +283,13 @@ class Replica:
         self.chain = SecondaryChain(
             self.qsd, self.data_dir, self.run_dir, cfg.size, self.lock, metrics.cow_bytes.labels(cfg.name).inc
         )
-        self._queued_cut: asyncio.Future[dict[str, Any]] | None = None
+        # a cut not yet begun that later requests join, per link serial they name (S3, S5)
+        self._queued_cuts: dict[str | None, asyncio.Future[dict[str, Any]]] = {}
+        # S5: which link a secondary takes writes from, unique to this process's life and
+        # changed by every relink; a primary's: what its peer's relink answered for this link
+        self._serial_base, self._serial_count = uuid.uuid4().hex[:12], 0
+        self.link_serial = f"{self._serial_base}-0"
+        self._peer_link_serial: str | None = None
         self._bitmap_present = False  # the tracking bitmap exists in this daemon
         self._bitmap_to_load = False  # open(): a clean stop saved it, load it into the new daemon
         self.last_sync: dict[str, Any] | None = None
@@ -396,18 +405,27 @@ class Replica:
         return found
 
     async def _check_disk_length(self, found: PersistedState | None) -> None:
-        """The disk file must have the volume's size; a grow that a crash interrupted (the
-        file still at the length persisted before it) is completed here. Nothing else is
-        ever resized or reformatted."""
+        """The disk file must have the volume's size; a grow that a crash interrupted is
+        completed here. The file is then anywhere from the length persisted before the grow
+        to the new size: an allocation does not lengthen a file in one step (ext4 extends it
+        chunk by chunk, a file system without ``fallocate`` a block at a time), and a node
+        that crashes in the middle keeps what its journal committed. Nothing can have been
+        written past the old length (no export offered the new size before the grow was
+        recorded complete), so what lies beyond it reads as zeros either way. Any other
+        length is refused: nothing else is ever resized or reformatted."""
         actual = (await asyncio.to_thread(os.stat, self.disk_path)).st_size
         size = self.cfg.size
         if actual == size:
             if found is not None and found.resize_from is not None:
                 self.state = self.state.evolve(resize_from=None)
             return
-        if found is not None and found.resize_from == actual and actual < size:
+        grow_from = found.resize_from if found is not None else None
+        if grow_from is not None and grow_from <= actual < size:
+            if actual > grow_from:
+                log.info("the interrupted grow of %s had reached %d of %d bytes", self.disk_path, actual, size)
+            actual = grow_from
             try:
-                await asyncio.to_thread(_grow_file, self.disk_path, size)
+                await asyncio.to_thread(_grow_file, self.disk_path, size, grow_from)
             except ReplicaError as exc:
                 log.warning("%s: the volume stays at %d bytes", exc, actual)
                 self.state = self.state.evolve(size=actual, resize_from=None)
@@ -974,21 +992,35 @@ class Replica:
             log.info("secondary started at epoch %d, exporting on %s:%d", epoch, *self.cfg.replication_listen)
             return self.status()
 
-    async def checkpoint(self) -> dict[str, Any]:
+    async def checkpoint(self, link_serial: str | None = None) -> dict[str, Any]:
         """Cut a checkpoint. Requests that arrive while a cut waits for the lock share that
         cut: each caller gets the id of a cut that began after its request arrived, and a
         burst of N requests costs one or two cuts, not N. The cut runs to its end even if
-        a caller gives up waiting (it is shielded): the chain stays consistent either way."""
-        queued = self._queued_cut
+        a caller gives up waiting (it is shielded): the chain stays consistent either way.
+
+        ``link_serial`` (S5): the serial of the link the caller saw in sync, as the primary
+        reported it; the cut is refused if a primary linked again since (a resync may be
+        rewriting the disk). Without it there is no such check. Only requests naming the
+        same serial share a cut."""
+        queued = self._queued_cuts.get(link_serial)
         if queued is None:
-            queued = self._queued_cut = asyncio.ensure_future(self._cut())
+            queued = self._queued_cuts[link_serial] = asyncio.ensure_future(self._cut(link_serial))
             queued.add_done_callback(lambda f: f.cancelled() or f.exception())
         return await asyncio.shield(queued)
 
-    async def _cut(self) -> dict[str, Any]:
+    async def _cut(self, link_serial: str | None) -> dict[str, Any]:
         async with self.lock:
-            self._queued_cut = None  # requests from here on need a cut that starts later
+            # requests from here on need a cut that starts later
+            self._queued_cuts.pop(link_serial, None)
             check_checkpoint(self.position)
+            # S5: checked under the lock the relink takes too, so none comes between
+            if link_serial is not None and link_serial != self.link_serial:
+                raise IllegalTransition(
+                    f"a primary linked to this secondary again since the pair was seen in sync (link serial "
+                    f"{link_serial}, now {self.link_serial}): its resync may be rewriting the disk, so no "
+                    f"checkpoint was cut and {self._restore_point_note()}; cut the next one once the primary "
+                    "reports its link in sync again (replication.link.serial)"
+                )
             cut = await self.chain.cut()
             cp = Checkpoint(
                 (self.state.checkpoint.id + 1) if self.state.checkpoint else 1, time.time(), cut.duration_s * 1000
@@ -1011,6 +1043,12 @@ class Replica:
                 cut.cut_s * 1000,
             )
             return {"id": cp.id, "durationMs": round(cut.duration_s * 1000, 3), "cutMs": round(cut.cut_s * 1000, 3)}
+
+    def _restore_point_note(self) -> str:
+        cp = self.state.checkpoint
+        if self.state.restore_point and cp is not None:
+            return f"the restore point is still checkpoint {cp.id}"
+        return "there is still no restore point"
 
     def _no_restore_point(self) -> str | None:
         """Why a checkpoint-mode failover cannot return to the current checkpoint."""
@@ -1316,7 +1354,8 @@ class Replica:
         primary's kernel retransmits, finds no connection and is reset), and the exports
         are deleted and waited for until QEMU removed them, which it does only once their
         last in-flight request has completed. A primary calls this before each new link to
-        this incarnation, before it copies a byte."""
+        this incarnation, before it copies a byte. It changes the link serial (S5): a cut
+        asked for by someone who saw the pair in sync before is refused."""
         async with self.lock:
             st = self.state
             if st.role is not Role.SECONDARY or st.stage is not Stage.RUNNING:
@@ -1329,6 +1368,9 @@ class Replica:
                     f"this secondary runs at epoch {st.epoch}, not {epoch}: a primary links to the incarnation "
                     "it was paired with"
                 )
+            # S5: a cut asked for with the serial of an earlier link is refused from here on
+            self._serial_count += 1
+            self.link_serial = f"{self._serial_base}-{self._serial_count}"
             # R6: a primary links now; one that did not ask for the attestation may write
             self._drop_attestation("a primary linked to it without asking for its clean stop first")
             if self.listener is not None:
@@ -1539,11 +1581,12 @@ class Replica:
         if rs.needs_peer_view(sync, plan) and self.peer_api is not None and plan.peer_disk is not None:
             since = rs.SincePromotion(self.state.promoted_from, self._bitmap_present, self.state.union_reason)
             plan = rs.refine(plan, await self._peer_view(plan.peer_disk), self.cfg.size, since)
+        self._peer_link_serial = None  # S5: this link's, if the peer's relink names one
         if self.peer_api is not None:
             # R5: no write of an earlier connection to this incarnation can land after this
             # link's copy; the secondary cuts them and waits for their writes, before we link
             try:
-                await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)
+                self._peer_link_serial = await peerapi.relink(self.peer_api, self.cfg.token, peer_epoch)
             except peerapi.PeerApiError as exc:
                 raise PeerLinkError(str(exc)) from exc
         try:
@@ -2250,7 +2293,10 @@ class Replica:
                     "pid": link.link.pid,
                     "failed": link.gate.reason,
                     "heldRequests": link.gate.held,
+                    # S5: what a cut names, only while this link is in sync
+                    "serial": self._peer_link_serial if replication == "replicating" else None,
                 },
+                "linkSerial": self.link_serial if st.role is Role.SECONDARY else None,
             },
             "export": {
                 "serving": self.serving,

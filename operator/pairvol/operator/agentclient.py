@@ -28,6 +28,17 @@ class AgentError(PairvolError):
         super().__init__(f"agent {address} {call}: {status or 'unreachable'} {message}")
 
 
+class LinkChanged(AgentError):
+    """A secondary refused a cut: a primary linked to it again since the caller saw the pair
+    in sync, so a resync may be rewriting it (docs/correctness.md S5). Not a failure: the
+    restore point it had stays, and the next cut once the pair is in sync again is cut."""
+
+
+# how the agent's refusal begins (agent/replica.py, Replica._cut); the contract test
+# (tests/integration/test_agentclient_contract.py) holds the two together
+LINK_CHANGED = "a primary linked to this secondary again"
+
+
 def _session() -> aiohttp.ClientSession:
     # No cap on connections (aiohttp's default is 100): a status poll must never wait for a
     # free connection inside its short timeout while role calls of other volumes hold
@@ -112,8 +123,17 @@ class AgentClient:
             body["peerApi"] = peer_api
         return await self._call(address, "POST", "/v1/primary", token, body, timeout_s=self.long_timeout_s)
 
-    async def checkpoint(self, address: str, token: str) -> dict[str, Any]:
-        return await self._call(address, "POST", "/v1/checkpoint", token, {})
+    async def checkpoint(self, address: str, token: str, link_serial: str | None = None) -> dict[str, Any]:
+        """``link_serial``: the primary's ``replication.link.serial`` as read while the pair
+        was in sync; a secondary the primary linked to again since refuses the cut
+        (:class:`LinkChanged`). Without it the cut is not checked against the link."""
+        body = {"linkSerial": link_serial} if link_serial is not None else {}
+        try:
+            return await self._call(address, "POST", "/v1/checkpoint", token, body)
+        except AgentError as exc:
+            if exc.status == 409 and LINK_CHANGED in exc.message:
+                raise LinkChanged(exc.address, exc.call, exc.status, exc.message) from None
+            raise
 
     async def failover(self, address: str, token: str, epoch: int, mode: str) -> dict[str, Any]:
         return await self._call(

@@ -18,6 +18,7 @@ re-observes. Nothing here remembers anything but what is in ``World``.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -109,6 +110,9 @@ class AgentView:
     # replication.link.export: the export a primary's link asked its peer for; it names the
     # incarnation of the peer (the epoch that secondary was started at), the address does not
     link_export: str | None = None
+    # replication.link.serial: the serial of that link, reported only while it is in sync;
+    # a cut names it, and the secondary refuses the cut once a primary linked again (S5)
+    link_serial: str | None = None
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -139,6 +143,7 @@ class AgentView:
             peer_out_of_sync=bool(rep.get("outOfSync", False)),
             busy=bool(d.get("busy", False)),
             link_export=(rep.get("link") or {}).get("export"),
+            link_serial=(rep.get("link") or {}).get("serial"),
         )
 
 
@@ -184,6 +189,19 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class VolumeDir:
+    """Another ReplicatedVolume's data directory on the nodes (``World.volume_dirs``): where
+    its replicas keep their files, and what its deletion with ``reclaimPolicy: Delete``
+    removes on each node of ``data_nodes``."""
+
+    key: str  # namespace/name
+    path: str  # <hostPath>/<namespace>/<name> (data_dir_of)
+    created: float  # its creationTimestamp, seconds since the epoch
+    placed: bool = False  # it has replicas (a primary in its status, or just placed by this operator)
+    data_nodes: tuple[str, ...] = ()  # where it may hold data (status.dataNodes)
+
+
+@dataclass(frozen=True)
 class World:
     name: str
     namespace: str
@@ -204,6 +222,10 @@ class World:
     # an agent role call (secondary/primary start, which may run for long) is still in flight:
     # no new one is planned until it has answered
     agent_call_in_flight: bool = False
+    # this volume's creationTimestamp and the other volumes' data directories, filled in while
+    # it has no primary: a data directory nested in another's is not placed (data_dir_conflict)
+    created: float = 0.0
+    volume_dirs: Sequence[VolumeDir] = ()
 
     def node(self, name: str) -> NodeView | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -254,6 +276,9 @@ class StartPrimary:
 class Checkpoint:
     pod: str
     address: str
+    # the primary's link serial as seen in sync (docs/correctness.md S5): the secondary cuts
+    # only if no primary linked to it since; None (a primary that reports none): no check
+    link_serial: str | None = None
 
 
 @dataclass(frozen=True)
@@ -382,6 +407,73 @@ def choose_pair(spec: VolumeSpec, nodes: Sequence[NodeView], placement: Mapping[
             + "; add or label nodes, or widen spec.nodes/nodeSelector"
         )
     return ranked[0], ranked[1]
+
+
+def data_dir_of(host_path: str, namespace: str, name: str) -> str:
+    """A volume's data directory on the nodes (pairvol.operator.manifests.data_dir)."""
+    return posixpath.normpath(f"{host_path}/{namespace}/{name}")
+
+
+def _components(path: str) -> tuple[str, ...]:
+    return tuple(c for c in posixpath.normpath(path).split("/") if c not in ("", "."))
+
+
+def dir_relation(a: str, b: str) -> str | None:
+    """How directory ``a`` lies to ``b``: ``"same"``, ``"inside"``, ``"contains"``, or None
+    (apart). Compared component by component: /a/bc is not inside /a/b."""
+    ca, cb = _components(a), _components(b)
+    if ca == cb:
+        return "same"
+    if ca[: len(cb)] == cb:
+        return "inside"
+    if cb[: len(ca)] == ca:
+        return "contains"
+    return None
+
+
+def data_dir_conflict(world: World, spec: VolumeSpec) -> str | None:
+    """Why this volume may not place replicas: its data directory is, contains or lies inside
+    another volume's (None: it is apart from all). Two volumes there would share files, and
+    the wipe of one (``reclaimPolicy: Delete`` removes the whole directory on its nodes)
+    would remove the other's replicas.
+
+    Of two such volumes the one that has replicas keeps them, and otherwise the one created
+    first (creationTimestamp, then namespace/name) places: every tick of either volume,
+    whichever operator runs it, agrees on which one waits. The other places nothing until its
+    ``hostPath`` is changed or that volume is gone."""
+    own = data_dir_of(spec.host_path, world.namespace, world.name)
+    me = (world.created, f"{world.namespace}/{world.name}")
+    for other in sorted(world.volume_dirs, key=lambda o: (not o.placed, o.created, o.key)):
+        how = dir_relation(own, other.path)
+        if other.key == me[1] or how is None or not (other.placed or (other.created, other.key) < me):
+            continue
+        where = {
+            "same": f"its data directory {own} is also the data directory of ReplicatedVolume {other.key}",
+            "inside": f"its data directory {own} lies inside {other.path}, the data directory of "
+            f"ReplicatedVolume {other.key}",
+            "contains": f"its data directory {own} contains {other.path}, the data directory of "
+            f"ReplicatedVolume {other.key}",
+        }[how]
+        first = "which has replicas" if other.placed else "which was created first"
+        return (
+            f"no replica placed: {where} ({first}); the two would share files, and deleting either "
+            "with reclaimPolicy Delete would remove the other's data. Choose another spec.storage.hostPath "
+            "for this volume, one whose <hostPath>/<namespace>/<name> neither contains nor lies inside "
+            "another volume's"
+        )
+    return None
+
+
+def wipe_would_remove(own: str, node: str, others: Iterable[VolumeDir]) -> VolumeDir | None:
+    """The other volume whose data a wipe of data directory ``own`` on ``node`` would remove:
+    its data directory is ``own`` or lies inside it, and it may hold data on that node (None:
+    the wipe removes only this volume's files). A volume refused by
+    :func:`data_dir_conflict` never placed replicas, so it holds no data the wipe of the
+    volume it nests in could remove."""
+    for other in others:
+        if node in other.data_nodes and dir_relation(other.path, own) in ("same", "inside"):
+            return other
+    return None
 
 
 # ---------------------------------------------------------------------- health
@@ -620,6 +712,11 @@ def bring_up_start_lost(world: World) -> str | None:
 
 
 def _initial_placement(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
+    clash = data_dir_conflict(world, spec)
+    if clash is not None:
+        if st.message != clash:
+            actions.append(Event("Warning", "DataDirConflict", clash))
+        return _finish(world, st.with_(phase=Phase.PENDING, message=clash), actions, False)
     pair = choose_pair(spec, world.nodes, world.placement)
     if isinstance(pair, str):
         if st.message != pair:
@@ -952,7 +1049,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         no_restore_point or last is None or now - last >= spec.checkpoint_interval_s
     )
     if requested or due:
-        actions.append(Checkpoint(sec.pod, spod.ip))
+        actions.append(Checkpoint(sec.pod, spod.ip, pa.link_serial))
         if requested:
             actions.append(ClearAnnotation(ANN_CHECKPOINT))
     return _finish(world, st, actions, cosmetic)

@@ -56,7 +56,7 @@ from pairvol.kube.paths import (
 )
 from pairvol.operator import decisions as d
 from pairvol.operator import manifests as m
-from pairvol.operator.agentclient import AgentClient, AgentError
+from pairvol.operator.agentclient import AgentClient, AgentError, LinkChanged
 from pairvol.operator.informer import Informer, SharedRead
 from pairvol.operator.metrics import OperatorMetrics
 
@@ -430,6 +430,7 @@ class Reconciler:
                 restart_in_place_window_s=c.config.restart_in_place_window_s,
             ),
             agent_call_in_flight=self.call is not None and not self.call.done(),
+            created=parse_time(meta.get("creationTimestamp")) or 0.0,
         )
         seen = self.with_suspects(world)
         if not lease_fresh and d.lease_needs_fresh_read(seen):
@@ -569,11 +570,17 @@ class Reconciler:
                     )
                     self.background(kind, call)
                     return
-                case d.Checkpoint(address=ip):
+                case d.Checkpoint(address=ip, link_serial=serial):
                     try:
-                        res = await c.agents.checkpoint(f"{ip}:{d.API_PORT}", token)
+                        res = await c.agents.checkpoint(f"{ip}:{d.API_PORT}", token, serial)
                         c.metrics.checkpoints.labels("ok").inc()
                         log.debug("%s: checkpoint %s", self.key, res)
+                    except LinkChanged as exc:
+                        # S5: no failure; the restore point stands, and the next cut names the new link
+                        c.metrics.checkpoints.labels("refused").inc()
+                        requested = world.annotations.get(d.ANN_CHECKPOINT) == "now"
+                        asked = "; the requested checkpoint was not cut, request it again" if requested else ""
+                        await self.event(body, "Normal", "CheckpointRefused", f"{action.pod}: {exc.message}{asked}")
                     except AgentError:
                         c.metrics.checkpoints.labels("error").inc()
                         raise
@@ -673,10 +680,13 @@ class Reconciler:
             await self.ensure_infra(body)
             await self._token()
         c = ctx()
+        volumes = await all_volumes(c) if world.status.primary is None else []
         if world.status.primary is None or world.status.secondary is None:
             # counted right before planning, and this plan's nodes recorded right after, with
             # no await in between: loops placing replicas at the same moment see each other
             world = dataclasses.replace(world, placement=d.replica_counts(self.key, self.other_pods, c.placed))
+        if world.status.primary is None:
+            world = dataclasses.replace(world, volume_dirs=volume_dirs(self.key, volumes, c))
         plan = d.plan(world)
         c.placed[self.key] = {r.node for r in (plan.status.primary, plan.status.secondary) if r is not None}
         if not await self.persist(plan):
@@ -730,6 +740,41 @@ class Reconciler:
         finally:
             for w in waits:
                 w.cancel()
+
+
+async def all_volumes(c: Context) -> list[dict[str, Any]]:
+    """Every ReplicatedVolume this operator serves: from the watch caches, or from the API
+    server for a cache not listed yet."""
+    if c.caches is None:
+        paths = [volume_path(ns) for ns in c.config.watch_namespaces] or [ALL_VOLUMES]
+        return [v for path in paths for v in await c.kube.list(path)]
+    out: list[dict[str, Any]] = []
+    for inf in c.caches.volumes.values():
+        out += inf.items() if inf.synced.is_set() else await c.kube.list(inf.path)
+    return out
+
+
+def volume_dirs(key: str, volumes: list[dict[str, Any]], c: Context) -> list[d.VolumeDir]:
+    """The data directories of the volumes other than ``key``: those read, and those of this
+    process's loops, whose replicas in their last plan (``Context.placed``) count at once,
+    before a status saying so has been written or seen. No await: called right before
+    planning, so that two loops placing at the same moment see each other."""
+    bodies = {loop.key: loop.body for loop in c.loops.values() if loop.body is not None}
+    for v in volumes:
+        vm = v.get("metadata") or {}
+        bodies[f"{vm.get('namespace')}/{vm.get('name')}"] = v
+    out = []
+    for k, v in bodies.items():
+        vm, spec = v.get("metadata") or {}, v.get("spec") or {}
+        host = (spec.get("storage") or {}).get("hostPath", "/var/lib/pairvol") if isinstance(spec, dict) else None
+        if k == key or not isinstance(host, str) or not host.startswith("/"):
+            continue  # a hostPath that is no absolute path is refused: that volume places nothing
+        status = VolumeStatus.from_dict(v.get("status"))
+        placed = bool(c.placed[k]) if k in c.placed else status.primary is not None
+        nodes = tuple(sorted(set(status.data_nodes) | c.placed.get(k, set())))
+        path = d.data_dir_of(host, str(vm.get("namespace")), str(vm.get("name")))
+        out.append(d.VolumeDir(k, path, parse_time(vm.get("creationTimestamp")) or 0.0, placed, nodes))
+    return out
 
 
 # ------------------------------------------------------------------ kopf handlers
@@ -931,6 +976,7 @@ async def _finalize(
         vspec = None
     if vspec is not None and vspec.reclaim_policy == "Delete":
         nodes = set(VolumeStatus.from_dict(status).data_nodes)
+        others = volume_dirs(f"{namespace}/{name}", await all_volumes(c), c) if nodes else []
         ready = {n.name for n in map(node_view, await c.kube.list(nodes_path())) if n.ready}
         wipes = [p for p in await c.kube.list(pods_path(namespace), f"pairvol.io/cleanup={name}")]
         done = {
@@ -947,6 +993,17 @@ async def _finalize(
                 )
                 continue
             if node in done:
+                continue
+            theirs = d.wipe_would_remove(m.data_dir(vspec, namespace, name), node, others)
+            if theirs is not None:
+                await rec.event(
+                    body,
+                    "Warning",
+                    "DataNotRemoved",
+                    f"data under {m.data_dir(vspec, namespace, name)} on node {node} was not removed: it holds "
+                    f"{theirs.path}, the data directory of ReplicatedVolume {theirs.key}, which may hold data on "
+                    f"that node; remove this volume's files there by hand, leaving {theirs.path} alone",
+                )
                 continue
             pending.append(node)
             await c.kube.create_if_missing(
