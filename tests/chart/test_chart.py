@@ -201,6 +201,20 @@ def test_single_replica_without_peering(tmp_path: Path) -> None:
     assert not [r for r in role["rules"] if "kopf.dev" in r["apiGroups"]]
 
 
+def test_operators_without_peering_never_run_two_at_a_time(helm: str, tmp_path: Path) -> None:
+    """Operators without peering each act on every volume: two of them overwrite each other's
+    decisions. More than one replica without peering is refused, saying what to do, and the
+    single one is replaced by Recreate (a rolling update's surge would run a second beside it)."""
+    proc = run([helm, "template", "pv", str(CHART), "--set", "operator.peering.enabled=false"], check=False)
+    assert proc.returncode != 0, "two operators without peering were rendered"
+    assert "operator.replicas is 2 but operator.peering.enabled is false" in proc.stderr, proc.stderr
+    assert "Set operator.replicas to 1, or enable operator.peering" in proc.stderr, proc.stderr
+    single = one(render(SCENARIOS["single-operator-no-peering-no-policy"], tmp=tmp_path), "Deployment")
+    assert single["spec"]["replicas"] == 1 and single["spec"]["strategy"] == {"type": "Recreate"}
+    peered = one(render(tmp=tmp_path), "Deployment")
+    assert peered["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
 def test_every_watched_namespace_gets_agent_account_roles_policy_and_peering(
     tmp_path: Path,
 ) -> None:

@@ -68,6 +68,25 @@ async def test_illegal_transitions_get_409_with_replication_c_messages(tmp_path:
         await refused(a.call("POST", "/v1/stop", {}), 409, "Block replication is not running")
 
 
+async def test_a_stop_for_another_epoch_changes_nothing_and_one_for_this_epoch_detaches_the_peer(
+    tmp_path: Path,
+) -> None:
+    """A caller that planned a stop for an earlier incarnation (a grow decided before a
+    failover, say) names the epoch it knew: the replica at another epoch refuses, keeps its
+    peer and replicates every write; named right, the stop detaches the peer."""
+    async with pair(tmp_path, size="16Mi") as (primary, secondary):
+        await refused(primary.call("POST", "/v1/stop", {"epoch": 1}), 409, "runs at epoch 2, not 1")
+        await refused(secondary.call("POST", "/v1/stop", {"epoch": 2}), 409, "runs at epoch 1, not 2")
+        assert (await primary.status())["replication"]["state"] == "replicating"
+        async with await primary.nbd() as nbd:
+            await nbd.pwrite(b"\x5e" * 65536, 0)
+            await nbd.flush()
+        disk = secondary.data_dir / "disk.raw"
+        assert disk.read_bytes()[:65536] == b"\x5e" * 65536, "the refused stop detached the peer"
+        st = await primary.call("POST", "/v1/stop", {"epoch": 2})
+        assert st["replication"]["state"] == "none" and st["replication"]["outOfSync"] is True, st["replication"]
+
+
 async def test_token_is_required_on_every_call_but_health_and_metrics(tmp_path: Path) -> None:
     token = secrets.token_hex(16)
     async with agents(tmp_path, 1, token=token) as (a,):

@@ -1040,6 +1040,51 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/unit/test_operator_data_dirs.py",),
         "a wipe never removes a directory holding another volume's data on that node",
     ),
+    Mutation(
+        "decisions.the-primary-is-labelled-on-every-tick", DECISIONS,
+        "    actions += role_labels(world)\n",
+        "    pass\n",
+        ("tests/unit/test_operator_labels.py",),
+        "a new primary whose label patch failed is labelled by the next tick: the Service selects it (H18)",
+    ),
+    Mutation(
+        "decisions.a-secondary-is-never-labelled-primary", DECISIONS,
+        'if pod.role != role and (role == "primary" or pod.role == "primary"):',
+        'if pod.role != role and role == "primary":',
+        ("tests/unit/test_operator_labels.py",),
+        "only the status's primary is selected by the workload Service (H18)",
+    ),
+    Mutation(
+        "decisions.role-labels-patched-only-when-they-differ", DECISIONS,
+        'if pod.role != role and (role == "primary" or pod.role == "primary"):',
+        'if role == "primary" or pod.role == "primary":',
+        ("tests/unit/test_operator_labels.py",),
+        "a volume whose labels are right costs no API call per tick (H18)",
+    ),
+    # ------------------------------------------------- operator/handlers.py, kube/client.py (status writes)
+    Mutation(
+        "handlers.status-write-conditional-on-the-version-planned-from", "operator/pairvol/operator/handlers.py",
+        '            patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}\n',
+        "            pass\n",
+        ("tests/unit/test_operator_status_writes.py",),
+        "a plan made from a status someone changed since is neither stored nor acted on (H19)",
+    ),
+    Mutation(
+        "kube.merge-patch-removes-what-the-new-status-lacks", "operator/pairvol/kube/client.py",
+        "            patch[key] = None\n",
+        "            pass\n",
+        ("tests/unit/test_operator_status_writes.py",),
+        "the stored status is exactly the planned one: a field the plan dropped is removed (H19)",
+    ),
+    Mutation(
+        "handlers.a-pod-create-counts-before-its-answer", "operator/pairvol/operator/handlers.py",
+        "                    self.created.add(pod)\n"
+        "                    await c.kube.create_if_missing(pods_path(ns), manifest)\n",
+        "                    await c.kube.create_if_missing(pods_path(ns), manifest)\n"
+        "                    self.created.add(pod)\n",
+        ("tests/unit/test_operator_lost_answers.py",),
+        "a pod created whose answer was lost is not replaced by a second one on its node (H18)",
+    ),
     # ------------------------------------------------------------------------- api/spec.py
     Mutation(
         "decisions.grow-never-beyond-agent-limit", DECISIONS,
@@ -1228,6 +1273,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{T_RESTART}::test_a_disk_resized_behind_the_replicas_back_is_refused",
          "tests/integration/test_grow_pending.py"),
         "a data dir is never grown by a flag: the persisted size wins over --size",
+    ),
+    Mutation(
+        "replica.a-stop-for-another-epoch-is-refused", REPLICA,
+        "            if epoch is not None and epoch != self.state.epoch:\n",
+        "            if False:\n",
+        ("tests/integration/test_api.py::test_a_stop_for_another_epoch_changes_nothing_and_one_for_this_epoch_detaches_the_peer",),
+        "a stop planned for an earlier incarnation never detaches the current primary's peer (E0)",
     ),
     Mutation(
         "replica.interrupted-grow-completed", REPLICA,

@@ -60,6 +60,7 @@ async def test_calls_follow_the_contract(agent: Any) -> None:
         await c.checkpoint(address, TOKEN)
         await c.failover(address, TOKEN, 8, "latest")
         await c.stop(address, TOKEN)
+        await c.stop(address, TOKEN, 8)
         await c.resize(address, TOKEN, 8, 1 << 30)
     finally:
         await c.close()
@@ -70,6 +71,7 @@ async def test_calls_follow_the_contract(agent: Any) -> None:
         ("POST", "/v1/checkpoint", {}),
         ("POST", "/v1/failover", {"epoch": 8, "mode": "latest"}),
         ("POST", "/v1/stop", {}),
+        ("POST", "/v1/stop", {"epoch": 8}),
         ("POST", "/v1/resize", {"epoch": 8, "size": 1 << 30}),
     ]
 

@@ -199,8 +199,12 @@ async def failover(request: web.Request) -> web.Response:
 
 
 async def stop(request: web.Request) -> web.Response:
-    await _body(request, set())
-    return web.json_response(await request.app[REPLICA].stop())
+    """``{"epoch"}`` is optional: the epoch the caller knows this replica at; a replica at
+    another epoch refuses (409), so a stop meant for an earlier incarnation (a grow planned
+    before a failover, say) never detaches the peer of the current one."""
+    body = await _body(request, {"epoch"})
+    epoch = v.parse_epoch(body) if "epoch" in body else None
+    return web.json_response(await request.app[REPLICA].stop(epoch))
 
 
 async def relink(request: web.Request) -> web.Response:

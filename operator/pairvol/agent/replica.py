@@ -1267,8 +1267,15 @@ class Replica:
         self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
         return what + "; not serving the workload export until the operator confirms the role with a new epoch"
 
-    async def stop(self) -> dict[str, Any]:
+    async def stop(self, epoch: int | None = None) -> dict[str, Any]:
+        """``epoch``: the caller's view of this replica's epoch; another one is refused before
+        anything changes (a stop sent for an earlier incarnation)."""
         async with self.lock:
+            if epoch is not None and epoch != self.state.epoch:
+                raise IllegalTransition(
+                    f"this replica runs at epoch {self.state.epoch}, not {epoch}: a stop meant for another "
+                    "incarnation changes nothing; read the status and ask again with its epoch"
+                )
             if not check_stop(self.position):
                 return self.status()
             if self.state.role is Role.SECONDARY:

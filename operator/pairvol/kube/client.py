@@ -46,6 +46,29 @@ MERGE_PATCH = "application/merge-patch+json"
 REFUSED_HOLD_S = 10.0
 
 
+def merge_patch_to(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7386) that turns ``old`` into exactly ``new``.
+
+    A merge patch only removes a key that it sets to ``null``: ``new`` alone as the patch
+    would keep every key of ``old`` that ``new`` no longer has (a field a dataclass leaves
+    out while it is unset, say). So the patch is ``new`` with ``null`` for each key of
+    ``old`` it lacks, recursively where both hold an object. Lists are replaced whole, as
+    the merge patch replaces them. ``None`` values in ``new`` stay ``null``: absent after
+    the patch, as in ``new``'s meaning."""
+    patch: dict[str, Any] = {}
+    before = old if isinstance(old, Mapping) else {}
+    for key in before:
+        if key not in new:
+            patch[key] = None
+    for key, value in new.items():
+        prior = before.get(key)
+        if isinstance(value, Mapping) and isinstance(prior, Mapping):
+            patch[key] = merge_patch_to(prior, value)
+        else:
+            patch[key] = value
+    return patch
+
+
 class KubeError(PairvolError):
     """A Kubernetes API call failed; ``status`` is the HTTP status (0: no response)."""
 

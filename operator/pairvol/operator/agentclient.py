@@ -140,8 +140,9 @@ class AgentClient:
             address, "POST", "/v1/failover", token, {"epoch": epoch, "mode": mode}, timeout_s=self.long_timeout_s
         )
 
-    async def stop(self, address: str, token: str) -> dict[str, Any]:
-        return await self._call(address, "POST", "/v1/stop", token, {})
+    async def stop(self, address: str, token: str, epoch: int | None = None) -> dict[str, Any]:
+        """``epoch``: the epoch the caller planned with; an agent at another one refuses."""
+        return await self._call(address, "POST", "/v1/stop", token, {} if epoch is None else {"epoch": epoch})
 
     async def resize(self, address: str, token: str, epoch: int, size: int) -> dict[str, Any]:
         return await self._call(

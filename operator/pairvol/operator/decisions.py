@@ -654,6 +654,9 @@ def plan(world: World) -> Plan:
         return _finish(world, st.with_(phase=Phase.FAILED, message=msg), actions, False)
     spec = world.spec
 
+    # first: an action that fails stops those after it, and this one is what the workload reaches
+    actions += role_labels(world)
+
     # garbage: pods of this volume that are neither the primary nor the secondary
     keep = {r.pod for r in (st.primary, st.secondary) if r is not None}
     for pod in world.pods.values():
@@ -678,6 +681,29 @@ def plan(world: World) -> Plan:
         return _bring_up(world, spec, st.with_(endpoint=None, message=lost), actions)
 
     return _steady(world, spec, st, actions)
+
+
+def role_labels(world: World) -> list[Action]:
+    """The ``pairvol.io/role`` label patches this tick needs: the status's primary labelled
+    ``primary``, its secondary not (docs/correctness.md H18). Only labels that differ from
+    what the pods carry are patched, so a volume whose labels are right costs no call.
+
+    Planned on every tick, not once: the workload Service selects the label (the CSI's
+    export address is that Service), and the tick that records a failover as done persists
+    the new primary before it patches the label. Planned only there, a patch that failed,
+    or an operator that stopped right after the write, would leave the Service selecting
+    no pod until the next failover.
+    A pod the status does not name is deleted (the garbage rule of :func:`plan`). A pod that
+    does not run (pending, ended, being deleted) is no endpoint: it is labelled once it runs."""
+    st = world.status
+    out: list[Action] = []
+    for rep, role in ((st.primary, "primary"), (st.secondary, "secondary")):
+        pod = None if rep is None else world.pods.get(rep.pod)
+        if pod is None or pod.deleting or pod.phase != "Running":
+            continue
+        if pod.role != role and (role == "primary" or pod.role == "primary"):
+            out.append(SetRole(pod.name, role))
+    return out
 
 
 def bring_up_start_lost(world: World) -> str | None:
@@ -1734,11 +1760,13 @@ def replica_counts(volume: str, pods: Iterable[tuple[str, str]], placed: Mapping
 
 
 def pods_not_yet_seen(created: Iterable[str], cached: Container[str]) -> set[str]:
-    """Pods this operator created that the cache does not show yet.
+    """Pods this operator asked the API server to create that the cache does not show yet
+    (counted from before the call: a create whose answer was lost may have been applied).
 
     While there are any, the volume's pods are read from the API server: a pod missing
     from a lagging cache would be judged gone, and a secondary placed a moment ago
-    replaced before it ever started."""
+    replaced before it ever started. A name the API server does not have either is
+    dropped by that read (the create failed, or the pod is gone): it is judged gone."""
     return {p for p in created if p not in cached}
 
 
@@ -1746,7 +1774,8 @@ def volume_body_source(known_rv: str | None, cache_has_seen_known: bool, cached_
     """Where this tick's ReplicatedVolume comes from: ``"cache"``, ``"own"`` (the version
     this loop last wrote or read) or ``"api"`` (a GET).
 
-    Its status is written only by this loop, and each plan starts from the status the
+    Its status is written by this loop (a write planned from an older version, by another
+    operator replica say, is refused: H19), and each plan starts from the status the
     last one persisted; so the body must never be older than the version this loop last
     wrote (``known_rv``). The cache is used once it has shown that version (events
     arrive in order, so what it holds then is that version or a newer one, or nothing

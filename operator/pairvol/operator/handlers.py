@@ -17,8 +17,13 @@ readiness wakes the volume's loop at once; otherwise it ticks every reconcile in
 that is not per volume — every namespace's agent pods, which placement spreads replicas
 over — is made once per reconcile interval for all loops (:class:`informer.SharedRead`).
 
-kopf peering (``PAIRVOL_PEERING``) guarantees that only one operator replica runs daemons at
-a time. Deletion goes through a kopf finalizer (the delete handler below).
+kopf peering (``PAIRVOL_PEERING``) keeps one operator replica active, but not strictly one at
+a time: a replica pauses (and stops its daemons) only once it notices a peer of higher
+priority, so the old replica's current tick can overlap the new one's first. What keeps a
+plan made from an older status from being stored over a newer one is that the status write
+is conditional on the resourceVersion the plan was made from (:meth:`Reconciler.persist`).
+Without peering each process acts alone: run one replica only (the chart refuses more).
+Deletion goes through a kopf finalizer (the delete handler below).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from prometheus_client import generate_latest
 
 from pairvol.api.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 from pairvol.api.status import Phase, VolumeStatus, parse_time, rfc3339
-from pairvol.kube.client import Conflict, KubeClient, KubeError
+from pairvol.kube.client import Conflict, KubeClient, KubeError, merge_patch_to
 from pairvol.kube.config import KubeConfig, load_config
 from pairvol.kube.lease import LeaseObservation, lease_record
 from pairvol.kube.names import OUT_OF_SYNC_ANNOTATION, RESYNC_ANNOTATION
@@ -295,6 +300,7 @@ class Reconciler:
         self.body: dict[str, Any] | None = None
         self.known_rv: str | None = None
         self.known_at = 0.0
+        self.read_from_api = False  # a conditional write was refused: the next read is a GET
         # pods this loop created that the cache has not shown yet (decisions.pods_not_yet_seen)
         self.created: set[str] = set()
         # (volume key, node) of the other volumes' agent pods, listed while placing a replica
@@ -308,6 +314,13 @@ class Reconciler:
         self.body = dict(body)
         self.known_rv = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
         self.known_at = time.monotonic()
+        self.read_from_api = False
+
+    def forget_body(self) -> None:
+        """The volume changed behind this loop's back: the next tick reads it from the API
+        server (a cache may not have the change yet) and plans afresh."""
+        self.body, self.known_rv, self.last_written = None, None, None
+        self.read_from_api = True
 
     async def read_volume(self) -> dict[str, Any] | None:
         """This tick's ReplicatedVolume: never older than what this loop last wrote."""
@@ -315,7 +328,7 @@ class Reconciler:
         inf = Caches.synced(c.caches.volumes, self.namespace) if c.caches else None
         source = "api"
         cached = None
-        if inf is not None:
+        if inf is not None and not self.read_from_api:
             cached = inf.get(self.namespace, self.name)
             seen = self.known_rv is not None and inf.has_seen(self.namespace, self.name, self.known_rv)
             source = d.volume_body_source(self.known_rv, seen, cached is not None)
@@ -502,17 +515,34 @@ class Reconciler:
 
     # ---------------------------------------------------------------- persist
 
-    async def persist(self, plan: d.Plan) -> bool:
-        """Write the planned status if it changed; cosmetic changes are rate-limited."""
+    async def persist(self, plan: d.Plan, base: Mapping[str, Any]) -> bool:
+        """Write the planned status if it changed; cosmetic changes are rate-limited.
+
+        ``base``: the version of the volume the plan was made from. The write is conditional
+        on it (its resourceVersion): a plan made from a status someone has changed since — an
+        operator replica that still runs its last tick while the next one runs its first, a
+        write of this loop that the API server applied after its client gave up — is never
+        stored over the newer status, and its actions are not run (the Durability rule:
+        an epoch handed out is in the stored status). And the patch turns that version's
+        status into exactly the planned one: a field the plan no longer has is removed, not
+        kept (:func:`~pairvol.kube.client.merge_patch_to`)."""
         c = ctx()
         new = plan.status.to_dict()
         if new == self.last_written:
             return True
         if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
             return True
+        meta = base.get("metadata") or {}
+        patch: dict[str, Any] = {"status": merge_patch_to(base.get("status"), new)}
+        if meta.get("resourceVersion"):
+            patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
         try:
             path = volume_path(self.namespace, self.name, status=True)
-            self.remember(await c.kube.merge_patch(path, {"status": new}))
+            self.remember(await c.kube.merge_patch(path, patch))
+        except Conflict:
+            log.info("%s: the volume changed since this plan read it: not acting, reading it again", self.key)
+            self.forget_body()
+            return False
         except KubeError as exc:
             log.warning("%s: status write failed, not acting this tick: %s", self.key, exc)
             return False
@@ -545,8 +575,11 @@ class Reconciler:
                         config=c.config,
                         export_key=self.export_key,
                     )
-                    await c.kube.create_if_missing(pods_path(ns), manifest)
+                    # before the call: a create whose answer is lost may have been applied, and
+                    # a lagging cache would have it judged gone and another replica placed
+                    # (read_pods forgets the name once the API server does not have it)
                     self.created.add(pod)
+                    await c.kube.create_if_missing(pods_path(ns), manifest)
                     log.info("%s: created %s pod %s on %s", self.key, role, pod, node)
                 case d.DeletePod(pod=pod, reason=reason):
                     await c.kube.delete(pods_path(ns, pod))  # the pod's own grace: the agent stops cleanly
@@ -611,7 +644,7 @@ class Reconciler:
         grow cut short is finished by the next one the planner asks for."""
         agents = ctx().agents
         primary, secondary = f"{g.primary_address}:{d.API_PORT}", f"{g.secondary_address}:{d.API_PORT}"
-        await agents.stop(primary, token)
+        await agents.stop(primary, token, g.primary_epoch)  # never a later incarnation's peer
         await agents.resize(secondary, token, g.secondary_epoch, g.size)
         await agents.resize(primary, token, g.primary_epoch, g.size)
         log.info("%s: grew %s and %s to %d bytes", self.key, g.secondary_pod, g.primary_pod, g.size)
@@ -689,7 +722,7 @@ class Reconciler:
             world = dataclasses.replace(world, volume_dirs=volume_dirs(self.key, volumes, c))
         plan = d.plan(world)
         c.placed[self.key] = {r.node for r in (plan.status.primary, plan.status.secondary) if r is not None}
-        if not await self.persist(plan):
+        if not await self.persist(plan, body):
             return False
         acted = False
         for action in plan.actions:

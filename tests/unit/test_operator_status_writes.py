@@ -1,0 +1,142 @@
+"""The volume's status is written as planned, and only over the version the plan was made from
+(docs/correctness.md H19).
+
+The executor persists the planned status before it acts (the Durability rule of
+pairvol.operator.decisions): the stored status must then be exactly the planned one, and a
+plan made from a status someone changed since must never be stored over it. Checked here
+against the emulated API server (the same merge-patch and resourceVersion rules as a real
+one): no kubelet, no agents; the plans are made by the real planner.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from tests.unit.test_operator_decisions import primary_dead
+
+from pairvol.api.status import Failover, Phase, VolumeStatus
+from pairvol.kube.client import KubeClient, merge_patch_to
+from pairvol.kube.config import load_config
+from pairvol.kube.paths import volume_path
+from pairvol.localcluster.cluster import LocalCluster, node_object
+from pairvol.operator import handlers
+from pairvol.operator.agentclient import AgentClient
+from pairvol.operator.decisions import DoFailover, LeaseView, plan
+from pairvol.operator.handlers import Context, Reconciler
+from pairvol.operator.manifests import OperatorConfig
+from pairvol.operator.metrics import OperatorMetrics
+
+NS = "default"
+
+
+def applied(target: Any, patch: Any) -> Any:
+    """RFC 7386's MergePatch(target, patch), written out from the RFC's pseudo-code."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = applied(out.get(key), value)
+    return out
+
+
+def without_nulls(doc: Any) -> Any:
+    if isinstance(doc, dict):
+        return {k: without_nulls(v) for k, v in doc.items() if v is not None}
+    return doc
+
+
+def random_doc(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key in rng.sample("abcdefg", rng.randrange(0, 6)):
+        kind = rng.randrange(6 if depth < 3 else 4)
+        doc[key] = [None, rng.randrange(3), [rng.randrange(3)], "x"][kind] if kind < 4 else random_doc(rng, depth + 1)
+    return doc
+
+
+def test_the_patch_turns_any_document_into_exactly_the_new_one() -> None:
+    rng = random.Random(7)
+    for _ in range(3000):
+        old, new = random_doc(rng), random_doc(rng)
+        stored = without_nulls(old)  # what an API server holds: no nulls
+        assert applied(stored, merge_patch_to(stored, new)) == without_nulls(new), (old, new)
+
+
+def test_a_failover_still_running_has_no_duration_after_one_that_ended() -> None:
+    ended = VolumeStatus(last_failover=Failover("2026-01-01T00:00:00Z", "n3", "n1", "Checkpoint", "lease", 1234.0))
+    running = VolumeStatus(last_failover=Failover("2026-01-02T00:00:00Z", "n1", "n2", "Checkpoint", "lease"))
+    stored = applied(ended.to_dict(), merge_patch_to(ended.to_dict(), running.to_dict()))
+    assert VolumeStatus.from_dict(stored) == running
+    assert "durationMs" not in stored["lastFailover"]
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[KubeClient]:
+    async with LocalCluster(nodes=0, controllers=False) as cluster, \
+            KubeClient(await load_config(str(cluster.kubeconfig_path))) as client:
+        for n in ("n1", "n2"):
+            cluster.api.create_object("", "v1", "nodes", node_object(n))
+        agents = AgentClient()
+        saved = handlers._CTX
+        handlers._CTX = Context(config=OperatorConfig(), kube=client, agents=agents, metrics=OperatorMetrics())
+        try:
+            yield client
+        finally:
+            handlers._CTX = saved
+            await agents.close()
+
+
+async def stored_volume(k: KubeClient, status: VolumeStatus) -> dict[str, Any]:
+    await k.create(volume_path(NS), {
+        "apiVersion": "pairvol.io/v1alpha1", "kind": "ReplicatedVolume", "metadata": {"name": "vol", "namespace": NS},
+        "spec": {"size": "64Mi"}})
+    return await k.merge_patch(volume_path(NS, "vol", status=True), {"status": status.to_dict()})
+
+
+async def test_the_stored_status_is_the_planned_one_also_where_the_plan_dropped_a_field(kube: KubeClient) -> None:
+    """A second failover, after one that ended: the failover under way has no duration yet.
+    Stored with the first one's duration, the volume would look as if this failover had
+    finished, and a target lost now would no longer keep the old primary from serving (H15)."""
+    earlier = Failover("2026-01-01T00:00:00Z", "n3", "n1", "Checkpoint", "lease expired", 1234.0)
+    w = primary_dead()
+    w = replace(w, status=w.status.with_(last_failover=earlier))
+    body = await stored_volume(kube, w.status)
+    rec = Reconciler("vol", NS)
+    rec.remember(body)
+    p = plan(w)
+    assert p.status.phase is Phase.FAILING_OVER and any(isinstance(a, DoFailover) for a in p.actions)
+    assert await rec.persist(p, body)
+    stored = VolumeStatus.from_dict((await kube.get(volume_path(NS, "vol")))["status"])
+    assert stored == p.status
+    assert stored.last_failover is not None and stored.last_failover.duration_ms is None
+
+
+async def test_a_plan_made_from_an_older_status_is_neither_stored_nor_acted_on(kube: KubeClient) -> None:
+    """Two plans from the same version: an operator replica that has watched the Lease expire
+    fails over at a new epoch (stored, then acted on); one that has just started, from the
+    version it read before that write, would keep the old primary. The second write is
+    refused, the stored status keeps the epoch that was handed out, and the loop reads the
+    volume again before it plans anew."""
+    w = primary_dead()
+    body = await stored_volume(kube, w.status)
+    old_replica, new_replica = Reconciler("vol", NS), Reconciler("vol", NS)
+    for rec in (old_replica, new_replica):
+        rec.remember(body)
+    failing_over = plan(w)
+    assert failing_over.status.epoch == w.status.epoch + 1
+    assert await old_replica.persist(failing_over, body)
+
+    first_look = plan(replace(w, lease=LeaseView("vol-1-a", 0.0, 3.0)))  # has not seen the Lease expire
+    assert first_look.status.epoch == w.status.epoch
+    assert not await new_replica.persist(first_look, body)
+    stored = VolumeStatus.from_dict((await kube.get(volume_path(NS, "vol")))["status"])
+    assert stored == failing_over.status
+
+    again = await new_replica.read_volume()
+    assert again is not None and VolumeStatus.from_dict(again["status"]) == failing_over.status
