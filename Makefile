@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) tools
-	PATH=$(CURDIR)/$(VENV)/tools:$$PATH $(BIN)/pytest -q $(PYTEST_ARGS) tests
+	PATH=$(CURDIR)/$(VENV)/tools:$$PATH $(BIN)/pytest -q --durations=30 $(PYTEST_ARGS) tests
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

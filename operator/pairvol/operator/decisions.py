@@ -1470,9 +1470,8 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
         dur = max(0.0, world.now - started)
         fo = Failover(fo.time, fo.from_node, fo.to_node, fo.mode, fo.reason, round(dur * 1000, 1))
         new_primary = Replica(sec.node, sec.pod, _state(world, sec), _pod_ip(world, sec))
-        actions.append(SetRole(sec.pod, "primary"))
-        if prim.pod in world.pods and not world.pods[prim.pod].deleting:
-            actions.append(DeletePod(prim.pod, "demoted by failover"))
+        # what only this tick does first: an action that fails stops those after it, and
+        # the label and the old pod are planned again by every later tick (role_labels, garbage)
         if world.annotations.get(ANN_FAILOVER):
             actions.append(ClearAnnotation(ANN_FAILOVER))
         actions.append(
@@ -1484,6 +1483,9 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
             )
         )
         actions.append(FailoverDone(dur, fo.mode, fo.reason))
+        actions.append(SetRole(sec.pod, "primary"))
+        if prim.pod in world.pods and not world.pods[prim.pod].deleting:
+            actions.append(DeletePod(prim.pod, "demoted by failover"))
         st = st.with_(
             phase=Phase.DEGRADED,
             primary=new_primary,
