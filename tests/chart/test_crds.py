@@ -261,7 +261,7 @@ def test_size_and_host_path_carry_their_cel_rules() -> None:
     ]
     assert "compareTo(quantity(string(oldSelf))) >= 0" in size_rules[2]["rule"], "compared as quantities"
     rules = [r["rule"] for r in spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]]
-    assert rules == ["!self.contains('/../') && !self.endsWith('/..')"]
+    assert rules == ["!self.contains('/../') && !self.endsWith('/..')", "self == oldSelf"]
 
 
 def test_printer_columns_point_at_fields_of_the_schema() -> None:
@@ -325,12 +325,15 @@ def test_cel_rules_compile_and_mean_what_they_say() -> None:
     assert not grows.evaluate("1Gi", "1Pi"), "1Pi itself is a size a volume can have"
     # a size beyond the limit was never applied (no agent takes it): the way back from it
     assert grows.evaluate("1Pi", "2Pi") and grows.evaluate("10Gi", str(MAX_SIZE + 512))
-    (path_rule,) = spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
+    path_rule, same_path = spec_props["storage"]["properties"]["hostPath"]["x-kubernetes-validations"]
     no_dotdot = compile_rule(path_rule["rule"])
     assert no_dotdot.evaluate("/var/lib/pairvol")
     assert no_dotdot.evaluate("/srv/my..volumes")
     assert not no_dotdot.evaluate("/var/lib/../../etc")
     assert not no_dotdot.evaluate("/var/lib/..")
+    unchanged = compile_rule(same_path["rule"])
+    assert unchanged.evaluate("/srv/pairvol", "/srv/pairvol")
+    assert not unchanged.evaluate("/data", "/srv/pairvol"), "the replicas' files stay under the old path"
 
 
 @pytest.mark.parametrize("size", [MAX_SIZE - 512, MAX_SIZE, MAX_SIZE + 512, 2 * MAX_SIZE])

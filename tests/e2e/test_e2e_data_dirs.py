@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 
+from pairvol.kube.client import KubeError
 from pairvol.kube.paths import volume_path
 from pairvol.localcluster.demo import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(120)]
 
 
-async def test_a_volume_nested_in_another_ones_data_directory_waits_until_its_hostpath_is_changed(
+async def test_a_volume_nested_in_another_ones_data_directory_is_refused_until_made_again_elsewhere(
     stack: Stack, volume: Any
 ) -> None:
     ns = stack.namespace
@@ -32,9 +33,17 @@ async def test_a_volume_nested_in_another_ones_data_directory_waits_until_its_ho
     assert "need two eligible nodes" in first["message"], "the earlier volume is not held up"
     assert await stack.pods("second") == []
 
-    await stack.kube.merge_patch(volume_path(ns, "second"), {"spec": {"storage": {"hostPath": "/var/lib/pairvol"}}})
+    with pytest.raises(KubeError, match=r"storage\.hostPath cannot change"):
+        await stack.kube.merge_patch(volume_path(ns, "second"), {"spec": {"storage": {"hostPath": "/srv"}}})
+    await stack.kube.delete(volume_path(ns, "second"))
+    await stack.wait_for("the refused volume to be gone", lambda: gone(stack, "second"), within=30)
+    await stack.apply(volume("second", nodes=["node-1", "node-9"], storage={"hostPath": "/var/lib/pairvol"}))
 
     async def placed_as_usual() -> bool:
         return "need two eligible nodes" in (await stack.status("second")).get("message", "")
 
     await stack.wait_for("second to be judged like any other volume", placed_as_usual, within=30)
+
+
+async def gone(stack: Stack, name: str) -> bool:
+    return await stack.kube.get_or_none(volume_path(stack.namespace, name)) is None

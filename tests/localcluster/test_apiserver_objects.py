@@ -140,6 +140,15 @@ async def test_size_grows_but_never_shrinks_by_its_cel_rule(api_http: aiohttp.Cl
     assert code == 200 and obj["spec"]["size"] == "1Gi"
 
 
+async def test_the_host_path_never_changes_by_its_cel_rule(api_http: aiohttp.ClientSession) -> None:
+    assert (await send(api_http, "POST", RVS, rv(storage={"hostPath": "/srv/pairvol"})))[0] == 201
+    code, status = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"storage": {"hostPath": "/data"}}}, MERGE)
+    assert code == 422
+    assert "storage.hostPath cannot change: the replicas' files are under the old path" in status["message"]
+    code, obj = await send(api_http, "PATCH", f"{RVS}/vol", {"spec": {"storage": {"hostPath": "/srv/pairvol"}}}, MERGE)
+    assert code == 200 and obj["spec"]["storage"]["hostPath"] == "/srv/pairvol"
+
+
 async def test_status_subresource_isolation_and_generation(
     api_http: aiohttp.ClientSession,
 ) -> None:

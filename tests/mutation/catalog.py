@@ -1070,6 +1070,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a plan made from a status someone changed since is neither stored nor acted on (H19)",
     ),
     Mutation(
+        "handlers.a-plan-acting-on-pods-is-version-checked", "operator/pairvol/operator/handlers.py",
+        "        if new == self.last_written and not d.acts_on_pods(plan.actions):\n",
+        "        if new == self.last_written:\n",
+        ("tests/unit/test_operator_status_writes.py",),
+        "a plan that creates, deletes or relabels pods is checked against the stored version (H19)",
+    ),
+    Mutation(
+        "handlers.a-refused-label-patch-does-not-stop-the-plan", "operator/pairvol/operator/handlers.py",
+        "                                    self.key, pod, role, exc)\n                        return\n",
+        "                                    self.key, pod, role, exc)\n                        raise\n",
+        ("tests/unit/test_operator_status_writes.py",),
+        "a label patch the API server refuses leaves the failover or cut after it in the plan to run (H18)",
+    ),
+    Mutation(
         "kube.merge-patch-removes-what-the-new-status-lacks", "operator/pairvol/kube/client.py",
         "            patch[key] = None\n",
         "            pass\n",

@@ -69,7 +69,7 @@ def refusal(p: Plan) -> str:
     assert p.status.phase == Phase.PENDING
     (event,) = [a for a in p.actions if isinstance(a, Event)]
     assert (event.type, event.reason, event.message) == ("Warning", "DataDirConflict", p.status.message)
-    assert "Choose another spec.storage.hostPath for this volume" in p.status.message
+    assert "Delete this volume and create it again with another spec.storage.hostPath" in p.status.message
     return p.status.message
 
 

@@ -3,7 +3,8 @@
 
 The executor persists the planned status before it acts (the Durability rule of
 pairvol.operator.decisions): the stored status must then be exactly the planned one, and a
-plan made from a status someone changed since must never be stored over it. Checked here
+plan made from a status someone changed since must never be stored over it; a label patch
+(planned again by every tick) that fails does not stop the rest of the plan. Checked here
 against the emulated API server (the same merge-patch and resourceVersion rules as a real
 one): no kubelet, no agents; the plans are made by the real planner.
 """
@@ -25,7 +26,17 @@ from pairvol.kube.paths import volume_path
 from pairvol.localcluster.cluster import LocalCluster, node_object
 from pairvol.operator import handlers
 from pairvol.operator.agentclient import AgentClient
-from pairvol.operator.decisions import DoFailover, LeaseView, plan
+from pairvol.operator.decisions import (
+    ANN_CHECKPOINT,
+    Checkpoint,
+    ClearAnnotation,
+    DeletePod,
+    DoFailover,
+    LeaseView,
+    Plan,
+    SetRole,
+    plan,
+)
 from pairvol.operator.handlers import Context, Reconciler
 from pairvol.operator.manifests import OperatorConfig
 from pairvol.operator.metrics import OperatorMetrics
@@ -140,3 +151,45 @@ async def test_a_plan_made_from_an_older_status_is_neither_stored_nor_acted_on(k
 
     again = await new_replica.read_volume()
     assert again is not None and VolumeStatus.from_dict(again["status"]) == failing_over.status
+
+
+async def test_a_plan_that_acts_on_pods_is_checked_against_the_stored_version_even_if_its_status_is_unchanged(
+    kube: KubeClient,
+) -> None:
+    """Deleting or relabelling a pod is checked by no agent: a replica that planned from an
+    older version (its status the one it last wrote, so nothing to write) would delete the
+    pod the other replica just placed. Its plan is written anyway, conditionally, and refused;
+    a plan of role calls, which name their epoch, costs no write."""
+    w = primary_dead()
+    body = await stored_volume(kube, w.status)
+    old_replica, new_replica = Reconciler("vol", NS), Reconciler("vol", NS)
+    for rec in (old_replica, new_replica):
+        rec.remember(body)
+        rec.last_written = w.status.to_dict()
+    assert await old_replica.persist(plan(w), body)  # the volume moves on
+    unchanged = w.status
+    assert not await new_replica.persist(Plan(unchanged, (DeletePod("vol-2-c", "no replica of this volume"),)), body)
+    assert not await new_replica.persist(Plan(unchanged, (SetRole("vol-1-b", "secondary"),)), body)
+
+    current = await kube.get(volume_path(NS, "vol"))
+    rec = Reconciler("vol", NS)
+    rec.remember(current)
+    now = VolumeStatus.from_dict(current["status"])
+    rec.last_written = now.to_dict()
+    assert await rec.persist(Plan(now, (Checkpoint("vol-1-b", "10.0.0.2"),)), body), "no write, no check"
+    assert await rec.persist(Plan(now, (DeletePod("vol-2-c", "no replica of this volume"),)), current)
+
+
+async def test_a_label_patch_the_api_server_refuses_does_not_stop_the_rest_of_the_plan(kube: KubeClient) -> None:
+    """Labels are planned again by every tick (H18): one that cannot be patched now (here the
+    pod is not there; elsewhere a webhook that is down) is reported and left for the next
+    tick, and the actions after it — a failover, a cut, here the clear of a request — run."""
+    w = primary_dead()
+    body = await stored_volume(kube, w.status)
+    body = await kube.merge_patch(volume_path(NS, "vol"), {"metadata": {"annotations": {ANN_CHECKPOINT: "now"}}})
+    rec = Reconciler("vol", NS)
+    rec.remember(body)
+    for action in (SetRole("vol-9-z", "primary"), ClearAnnotation(ANN_CHECKPOINT)):
+        await rec.execute(body, w, action)
+    annotations = (await kube.get(volume_path(NS, "vol")))["metadata"].get("annotations") or {}
+    assert ANN_CHECKPOINT not in annotations

@@ -359,6 +359,13 @@ class Plan:
     cosmetic: bool = False
 
 
+def acts_on_pods(actions: Iterable[Action]) -> bool:
+    """Whether a plan creates, deletes or relabels a pod: steps no agent checks against an
+    epoch, taken on the view of the status the plan was made from. Such a plan is stored (a
+    write conditional on that version) even when its status did not change (H19)."""
+    return any(isinstance(a, (CreatePod, DeletePod, SetRole)) for a in actions)
+
+
 # ------------------------------------------------------------------ scheduling
 
 
@@ -457,9 +464,9 @@ def data_dir_conflict(world: World, spec: VolumeSpec) -> str | None:
         first = "which has replicas" if other.placed else "which was created first"
         return (
             f"no replica placed: {where} ({first}); the two would share files, and deleting either "
-            "with reclaimPolicy Delete would remove the other's data. Choose another spec.storage.hostPath "
-            "for this volume, one whose <hostPath>/<namespace>/<name> neither contains nor lies inside "
-            "another volume's"
+            "with reclaimPolicy Delete would remove the other's data. Delete this volume and create it "
+            "again with another spec.storage.hostPath (the field cannot change), one whose "
+            "<hostPath>/<namespace>/<name> neither contains nor lies inside another volume's"
         )
     return None
 

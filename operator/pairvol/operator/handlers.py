@@ -525,11 +525,13 @@ class Reconciler:
         stored over the newer status, and its actions are not run (the Durability rule:
         an epoch handed out is in the stored status). And the patch turns that version's
         status into exactly the planned one: a field the plan no longer has is removed, not
-        kept (:func:`~pairvol.kube.client.merge_patch_to`)."""
+        kept (:func:`~pairvol.kube.client.merge_patch_to`). A plan that acts on pods is
+        written even when its status is the one last written, for the version check alone
+        (:func:`~pairvol.operator.decisions.acts_on_pods`)."""
         c = ctx()
         new = plan.status.to_dict()
-        if new == self.last_written:
-            return True
+        if new == self.last_written and not d.acts_on_pods(plan.actions):
+            return True  # role calls name their epoch: the agents refuse an outdated one
         if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
             return True
         meta = base.get("metadata") or {}
@@ -585,7 +587,15 @@ class Reconciler:
                     await c.kube.delete(pods_path(ns, pod))  # the pod's own grace: the agent stops cleanly
                     log.info("%s: deleted pod %s: %s", self.key, pod, reason)
                 case d.SetRole(pod=pod, role=role):
-                    await c.kube.merge_patch(pods_path(ns, pod), {"metadata": {"labels": {d.LABEL_ROLE: role}}})
+                    try:
+                        await c.kube.merge_patch(pods_path(ns, pod), {"metadata": {"labels": {d.LABEL_ROLE: role}}})
+                    except KubeError as exc:
+                        # every tick plans it again (H18); a patch the API server keeps refusing
+                        # (a webhook that is down) must not stop the plan's failover or cut
+                        c.metrics.actions.labels(kind, "error").inc()
+                        log.warning("%s: labelling pod %s %s failed (the next tick tries again): %s",
+                                    self.key, pod, role, exc)
+                        return
                 case d.StartSecondary(address=ip, epoch=epoch):
                     self.background(kind, c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch))
                     return
