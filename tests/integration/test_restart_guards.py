@@ -212,3 +212,38 @@ async def test_a_disk_resized_behind_the_replicas_back_is_refused(tmp_path: Path
         assert persist.load(a.data_dir).size == 16 * MiB  # type: ignore[union-attr]
     finally:
         await grown.stop()
+
+
+async def test_a_second_agent_on_a_data_dir_touches_nothing_until_the_first_has_exited(tmp_path: Path) -> None:
+    """A pod force-deleted on a node the API server cannot reach may still run there when the
+    replica's next pod starts beside it. The second agent waits, saying why, before it reads
+    or writes anything in the data dir; the first serves on, its state slots untouched; once
+    the first has exited, the second restores the replica as any restart does."""
+    async with agents(tmp_path, 1, size="16Mi") as (first,):
+        await first.primary(2, None)
+        async with await first.nbd() as nbd:
+            await nbd.pwrite(b"p" * 65536, 0)
+            await nbd.flush()
+        slots = {name: (first.data_dir / name).read_bytes() for name in ("state.a", "state.b")}
+        async with restarted(first, wait=False) as second:
+
+            async def waits() -> bool:
+                return "still runs on" in second.log_tail(50)
+
+            await until("the second agent to wait for the first", waits, within=20)
+            async with await first.nbd() as nbd:
+                await nbd.pwrite(b"q" * 65536, 65536)
+                await nbd.flush()
+            assert second.proc is not None and second.proc.returncode is None
+            with pytest.raises(Exception):  # noqa: B017 - its API does not listen yet
+                await second.status()
+            assert {name: (first.data_dir / name).read_bytes() for name in slots} == slots
+            assert (await first.status())["export"]["serving"] is True
+
+            await first.stop()
+            await second.wait_ready()
+            st = await second.status()
+            assert (st["role"], st["epoch"], st["export"]["serving"]) == ("primary", 2, False), st
+            await second.primary(3, None)
+            async with await second.nbd() as nbd:
+                assert await nbd.pread(131072, 0) == b"p" * 65536 + b"q" * 65536

@@ -1289,6 +1289,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a data dir is never grown by a flag: the persisted size wins over --size",
     ),
     Mutation(
+        "replica.one-agent-per-data-dir", REPLICA,
+        "        self._dir_lock = await dirlock.hold_data_dir(self.data_dir)\n",
+        "        self._dir_lock = None\n",
+        ("tests/integration/test_restart_guards.py::test_a_second_agent_on_a_data_dir_touches_nothing_until_the_first_has_exited",),
+        "a second agent on a data dir reads and writes nothing there until the first has exited",
+    ),
+    Mutation(
         "replica.a-stop-for-another-epoch-is-refused", REPLICA,
         "            if epoch is not None and epoch != self.state.epoch:\n",
         "            if False:\n",

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent import checksum as cs
-from pairvol.agent import crashpoints, peerapi, secondary, tcpexport
+from pairvol.agent import crashpoints, dirlock, peerapi, secondary, tcpexport
 from pairvol.agent import resync as rs
 from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig, Psk
@@ -318,6 +318,7 @@ class Replica:
         # QUORUM_REPORT_BAD per node and second and delays the rest, stamped with their time
         self._peer_left_at = float("-inf")
         metrics.resync_remaining.labels(cfg.name).set_function(self._resync_remaining)
+        self._dir_lock: int | None = None  # this agent alone holds the data dir (dirlock)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -326,8 +327,18 @@ class Replica:
         return Position(self.state.role, self.state.stage, self.state.epoch)
 
     async def open(self) -> None:
-        """Find or create the images, start qsd, and restore the persisted role."""
+        """Find or create the images, start qsd, and restore the persisted role. Nothing in
+        the data dir is read or touched before this agent alone holds it (dirlock)."""
         await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
+        self._dir_lock = await dirlock.hold_data_dir(self.data_dir)
+        try:
+            await self._open()
+        except BaseException:
+            dirlock.release(self._dir_lock)
+            self._dir_lock = None
+            raise
+
+    async def _open(self) -> None:
         found = await asyncio.to_thread(persist.load, self.data_dir)
         disk_exists = await asyncio.to_thread(self.disk_path.exists)
         if found is not None:
@@ -683,6 +694,9 @@ class Replica:
             if point is not None:
                 log.info("stopped cleanly in sync with disk %s at epoch %d", point.disk, point.epoch)
                 crashpoints.hit(UNION_ATTESTED)
+        if self._dir_lock is not None:
+            dirlock.release(self._dir_lock)  # the last write to the data dir is done
+            self._dir_lock = None
 
     # ------------------------------------------------------------------ helpers
 
