@@ -1084,6 +1084,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a label patch the API server refuses leaves the failover or cut after it in the plan to run (H18)",
     ),
     Mutation(
+        "handlers.no-wipe-started-after-the-finalizer-gave-up", "operator/pairvol/operator/handlers.py",
+        "            if elapsed < 60:\n",
+        "            if True:\n",
+        ("tests/unit/test_operator_names.py::test_no_wipe_pod_is_started_after_the_finalizer_gave_up_and_none_outlives_the_volume",),
+        "a node that becomes ready after the finalizer gave up gets no wipe that could outlive the volume",
+    ),
+    Mutation(
         "kube.merge-patch-removes-what-the-new-status-lacks", "operator/pairvol/kube/client.py",
         "            patch[key] = None\n",
         "            pass\n",

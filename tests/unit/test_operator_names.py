@@ -240,3 +240,18 @@ async def test_each_node_of_a_long_named_volume_gets_its_wipe_pod_and_an_unfinis
     reported = await warnings(k, CSI_VOLUME, "DataNotRemoved")
     for n in nodes:
         assert any(f"on node {n} was not removed" in r for r in reported), reported
+
+
+async def test_no_wipe_pod_is_started_after_the_finalizer_gave_up_and_none_outlives_the_volume(
+    kube: tuple[LocalCluster, KubeClient],
+) -> None:
+    """A node that only becomes ready after the finalizer's minute gets no wipe any more: one
+    started then would still run (``rm -rf`` of the data dir) once the volume is gone, when a
+    new volume of the same name may have placed a replica there."""
+    cluster, k = kube
+    cluster.api.create_object("", "v1", "nodes", node_object("late-node"))
+    body = await make_rv(k, "late", reclaimPolicy="Delete")
+    assert await _finalize("late", NS, body, body["spec"], {"dataNodes": ["late-node"]}, 61.0) is None
+    assert await k.list(pods_path(NS), "pairvol.io/cleanup=late") == []
+    reported = await warnings(k, "late", "DataNotRemoved")
+    assert any("on node late-node was not removed" in r for r in reported), reported

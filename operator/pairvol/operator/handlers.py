@@ -1049,12 +1049,15 @@ async def _finalize(
                 )
                 continue
             pending.append(node)
-            await c.kube.create_if_missing(
-                pods_path(namespace),
-                m.cleanup_pod_manifest(
-                    volume=name, namespace=namespace, node=node, spec=vspec, owner=body, config=c.config
-                ),
-            )
+            # none started later: every wipe is one of ``wipes``, deleted below before the volume
+            # goes (one left running could remove a new volume's replica of the same name)
+            if elapsed < 60:
+                await c.kube.create_if_missing(
+                    pods_path(namespace),
+                    m.cleanup_pod_manifest(
+                        volume=name, namespace=namespace, node=node, spec=vspec, owner=body, config=c.config
+                    ),
+                )
         if pending and elapsed < 60:
             return "waiting for data cleanup pods"
         for node in pending:
