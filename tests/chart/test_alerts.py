@@ -90,6 +90,8 @@ def test_every_alert_has_a_firing_and_a_silent_case(tmp_path: Path) -> None:
     assert names == {
         "PairvolReplicationDegraded",
         "PairvolVolumeFailed",
+        "PairvolVolumeFailingOver",
+        "PairvolVolumePending",
         "PairvolSecondaryOutOfSync",
         "PairvolResyncStalled",
         "PairvolCheckpointStale",
@@ -101,6 +103,15 @@ def test_every_alert_has_a_firing_and_a_silent_case(tmp_path: Path) -> None:
     }
     assert names - fired == set(), "alerts never shown to fire"
     assert names - silent == set(), "alerts never shown to stay silent"
+
+
+def test_the_operators_metric_names_are_exactly_the_ones_it_exports() -> None:
+    """The rules are checked against METRIC_NAMES: a name missing there could not be used in
+    a rule, one listed but not exported would let a rule about it pass unchecked."""
+    from pairvol.operator.metrics import METRIC_NAMES as OPERATOR_METRIC_NAMES
+    from pairvol.operator.metrics import OperatorMetrics
+
+    assert exported_metric_names(OperatorMetrics().registry) == set(OPERATOR_METRIC_NAMES)
 
 
 def test_every_metric_in_the_rules_is_exported_by_the_code(tmp_path: Path) -> None:

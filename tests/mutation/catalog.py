@@ -1077,6 +1077,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a plan that creates, deletes or relabels pods is checked against the stored version (H19)",
     ),
     Mutation(
+        "handlers.a-plan-found-stored-exports-its-phase", "operator/pairvol/operator/handlers.py",
+        "            self.export(plan.status)\n",
+        "            pass\n",
+        ("tests/unit/test_operator_metrics_restart.py",),
+        "a restarted operator exports the phase of a volume stuck Failed or Degraded (the alerts read it)",
+    ),
+    Mutation(
+        "handlers.a-stopped-loop-clears-its-checkpoint-gauge", "operator/pairvol/operator/handlers.py",
+        "            c.metrics.set_checkpoint(self.namespace, self.name, None)\n",
+        "            pass\n",
+        ("tests/unit/test_operator_metrics_restart.py",),
+        "a replica that no longer runs a volume's loop exports no checkpoint time for it",
+    ),
+    Mutation(
+        "handlers.data-not-removed-told-once-per-cause", "operator/pairvol/operator/handlers.py",
+        "    if message not in told:\n",
+        "    if True:\n",
+        ("tests/unit/test_operator_finalizer_events.py",),
+        "each reason a deletion left data behind is one Event, not one per finalizer pass",
+    ),
+    Mutation(
         "handlers.a-refused-label-patch-does-not-stop-the-plan", "operator/pairvol/operator/handlers.py",
         "                                    self.key, pod, role, exc)\n                        return\n",
         "                                    self.key, pod, role, exc)\n                        raise\n",

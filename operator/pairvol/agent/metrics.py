@@ -13,6 +13,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 ROLES = ("none", "primary", "secondary")
 STAGES = ("none", "running", "failover", "failover_failed", "done")
 REPLICATION_STATES = ("none", "replicating", "syncing", "degraded")
+# pairvol_failovers_total{result}: "failed" (the overlays were neither committed nor
+# discarded: stage failover_failed, the replica never served) pages; "not_serving" (promoted
+# but the export not served yet, e.g. no Lease: the operator asks again) does not.
+FAILOVER_RESULTS = ("succeeded", "failed", "not_serving")
 
 CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -75,7 +79,11 @@ class AgentMetrics:
             "pairvol_cow_copied_bytes", "Bytes copied into the hidden disk by copy-before-write", labels, registry=r
         )
         self.failovers = Counter(
-            "pairvol_failovers", "Failovers performed by this replica", [*labels, "mode", "result"], registry=r
+            "pairvol_failovers",
+            "Failovers performed by this replica, by result: succeeded, failed (overlays neither committed nor"
+            " discarded), not_serving (promoted, the workload export not served yet)",
+            [*labels, "mode", "result"],
+            registry=r,
         )
         self.failover_duration = Histogram(
             "pairvol_failover_duration_seconds",
@@ -129,7 +137,7 @@ class AgentMetrics:
         # every series exists from the start, so increase() sees the first failover
         for mode in ("checkpoint", "latest"):
             self.failover_duration.labels(volume, mode)
-            for result in ("succeeded", "failed"):
+            for result in FAILOVER_RESULTS:
                 self.failovers.labels(volume, mode, result)
         self.peer_failures.labels(volume)
         for kind in ("full", "bitmap", "checksum"):

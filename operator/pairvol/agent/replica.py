@@ -1147,7 +1147,7 @@ class Replica:
                 # retry starts clean
                 await self._stop_nbd_server()
                 self.last_error = f"promoted to primary at epoch {epoch} but the workload export is not served: {exc}"
-                self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
+                self.metrics.failovers.labels(self.cfg.name, mode.value, "not_serving").inc()
                 raise ReplicaError(f"{self.last_error}; retry with POST /v1/primary and a newer epoch") from exc
             duration = time.perf_counter() - t0
             self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()

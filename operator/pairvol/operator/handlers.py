@@ -531,6 +531,8 @@ class Reconciler:
         c = ctx()
         new = plan.status.to_dict()
         if new == self.last_written and not d.acts_on_pods(plan.actions):
+            # stored already (maybe by an earlier operator process): exported all the same
+            self.export(plan.status)
             return True  # role calls name their epoch: the agents refuse an outdated one
         if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
             return True
@@ -550,10 +552,19 @@ class Reconciler:
             return False
         c.metrics.status_writes.inc()
         self.last_written, self.last_write_at = new, time.monotonic()
-        c.metrics.set_phase(self.key, plan.status.phase.value)
-        cp = plan.status.checkpoint or {}
-        c.metrics.set_checkpoint(self.namespace, self.name, parse_time(cp.get("time")))
+        self.export(plan.status)
         return True
+
+    def export(self, status: VolumeStatus) -> None:
+        """The volume's phase and checkpoint gauges, from the status stored. Called for every
+        plan that is stored or found stored, not only after a write: a restarted operator's
+        plan for a volume stuck where it is (Failed, Degraded) writes nothing, and the alerts
+        on those phases read these gauges. (A coalesced cosmetic plan follows a write made
+        less than a second before, which exported.)"""
+        metrics = ctx().metrics
+        metrics.set_phase(self.key, status.phase.value)
+        cp = status.checkpoint or {}
+        metrics.set_checkpoint(self.namespace, self.name, parse_time(cp.get("time")))
 
     # ---------------------------------------------------------------- execute
 
@@ -770,8 +781,9 @@ class Reconciler:
                 del c.loops[self.key]
                 c.placed.pop(self.key, None)
             # also when kopf cancels the daemon: a replica that no longer manages the
-            # volume must not keep exporting its last phase (alerts take the max)
+            # volume must not keep exporting its last phase or checkpoint (alerts take the max)
             c.metrics.set_phase(self.key, None)
+            c.metrics.set_checkpoint(self.namespace, self.name, None)
             if self.call is not None and not self.call.done():
                 self.call.cancel()
 
@@ -974,6 +986,18 @@ async def on_delete(**kw: Any) -> None:
         await asyncio.sleep(1.0)
 
 
+# volume uid -> the DataNotRemoved messages posted for its deletion: the finalizer passes
+# every second, and each cause is told once (forgotten when the finalizer is done)
+_data_not_removed: dict[str, set[str]] = {}
+
+
+async def _tell_data_not_removed(rec: Reconciler, body: Mapping[str, Any], uid: str, message: str) -> None:
+    told = _data_not_removed.setdefault(uid, set())
+    if message not in told:
+        told.add(message)
+        await rec.event(body, "Warning", "DataNotRemoved", message)
+
+
 async def _finalize(
     name: str,
     namespace: str,
@@ -1028,10 +1052,10 @@ async def _finalize(
         pending: list[str] = []
         for node in sorted(nodes):
             if node not in ready:
-                await rec.event(
+                await _tell_data_not_removed(
+                    rec,
                     body,
-                    "Warning",
-                    "DataNotRemoved",
+                    uid,
                     f"node {node} is not ready; data under {m.data_dir(vspec, namespace, name)} there was not removed",
                 )
                 continue
@@ -1039,10 +1063,10 @@ async def _finalize(
                 continue
             theirs = d.wipe_would_remove(m.data_dir(vspec, namespace, name), node, others)
             if theirs is not None:
-                await rec.event(
+                await _tell_data_not_removed(
+                    rec,
                     body,
-                    "Warning",
-                    "DataNotRemoved",
+                    uid,
                     f"data under {m.data_dir(vspec, namespace, name)} on node {node} was not removed: it holds "
                     f"{theirs.path}, the data directory of ReplicatedVolume {theirs.key}, which may hold data on "
                     f"that node; remove this volume's files there by hand, leaving {theirs.path} alone",
@@ -1062,10 +1086,10 @@ async def _finalize(
             return "waiting for data cleanup pods"
         for node in pending:
             where = f"data under {m.data_dir(vspec, namespace, name)} on node {node} was not removed"
-            await rec.event(
+            await _tell_data_not_removed(
+                rec,
                 body,
-                "Warning",
-                "DataNotRemoved",
+                uid,
                 f"the cleanup pod {m.cleanup_pod_name(name, node)} did not succeed within 60 s; {where}",
             )
         for p in wipes:
@@ -1074,6 +1098,7 @@ async def _finalize(
         await delete_owned(c.kube, secrets_path(namespace, secret), uid)
     c.metrics.set_phase(f"{namespace}/{name}", None)
     c.metrics.set_checkpoint(namespace, name, None)
+    _data_not_removed.pop(uid, None)
     log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")
     return None
 

@@ -93,7 +93,11 @@ class OperatorMetrics:
             self.last_checkpoint.labels(namespace, volume).set(timestamp)
 
     def set_phase(self, key: str, phase: str | None) -> None:
-        """``key``: "namespace/name"; None when the volume is gone (or no longer ours)."""
+        """``key``: "namespace/name"; None when the volume is gone (or no longer ours).
+
+        Called for every plan of every volume: a phase already exported costs a lookup."""
+        if phase is not None and self._phases.get(key) == phase:
+            return  # only set_phase(key, None) removes the series, and it forgets the key
         namespace, _, volume = key.partition("/")
         if phase is None:
             self._phases.pop(key, None)
@@ -116,6 +120,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pairvol_operator_failover_duration_seconds_bucket",
         "pairvol_operator_failover_duration_seconds_sum",
         "pairvol_operator_failover_duration_seconds_count",
+        "pairvol_operator_primary_restarts_total",
         "pairvol_operator_checkpoints_total",
         "pairvol_operator_status_writes_total",
         "pairvol_operator_last_checkpoint_timestamp_seconds",
