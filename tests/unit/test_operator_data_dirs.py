@@ -19,15 +19,12 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from tests.support.operator_env import operator_against_the_api
 
 from pairvol.api.spec import parse_spec
 from pairvol.api.status import Phase, Replica, VolumeStatus
 from pairvol.kube.client import KubeClient
-from pairvol.kube.config import load_config
 from pairvol.kube.paths import events_path, pods_path, volume_path
-from pairvol.localcluster.cluster import LocalCluster, node_object
-from pairvol.operator import handlers
-from pairvol.operator.agentclient import AgentClient
 from pairvol.operator.decisions import (
     CreatePod,
     Event,
@@ -40,9 +37,7 @@ from pairvol.operator.decisions import (
     plan,
     wipe_would_remove,
 )
-from pairvol.operator.handlers import Context, Reconciler, _finalize
-from pairvol.operator.manifests import OperatorConfig
-from pairvol.operator.metrics import OperatorMetrics
+from pairvol.operator.handlers import Reconciler, _finalize
 
 NOW = 1_000_000.0
 NODES = (NodeView("n1"), NodeView("n2"), NodeView("n3"))
@@ -209,18 +204,8 @@ NS = "default"
 
 @pytest.fixture
 async def kube() -> AsyncIterator[KubeClient]:
-    async with LocalCluster(nodes=0, controllers=False) as cluster, \
-            KubeClient(await load_config(str(cluster.kubeconfig_path))) as client:
-        for n in ("n1", "n2"):
-            cluster.api.create_object("", "v1", "nodes", node_object(n))
-        agents = AgentClient()
-        saved = handlers._CTX
-        handlers._CTX = Context(config=OperatorConfig(), kube=client, agents=agents, metrics=OperatorMetrics())
-        try:
-            yield client
-        finally:
-            handlers._CTX = saved
-            await agents.close()
+    async with operator_against_the_api({"n1": True, "n2": True}) as (_, client):
+        yield client
 
 
 async def volume(k: KubeClient, name: str, host_path: str, status: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -14,16 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from tests.support.operator_env import operator_against_the_api
 
 from pairvol.kube.client import KubeClient
-from pairvol.kube.config import load_config
 from pairvol.kube.paths import events_path, volume_path
-from pairvol.localcluster.cluster import LocalCluster, node_object
-from pairvol.operator import handlers
-from pairvol.operator.agentclient import AgentClient
-from pairvol.operator.handlers import Context, _finalize
-from pairvol.operator.manifests import OperatorConfig
-from pairvol.operator.metrics import OperatorMetrics
+from pairvol.operator.handlers import _finalize
 
 NS = "default"
 
@@ -31,18 +26,8 @@ NS = "default"
 @pytest.fixture
 async def kube() -> AsyncIterator[KubeClient]:
     """Nodes n1 and n2 ready, n3 not."""
-    async with LocalCluster(nodes=0, controllers=False) as cluster, \
-            KubeClient(await load_config(str(cluster.kubeconfig_path))) as client:
-        for n, ready in (("n1", True), ("n2", True), ("n3", False)):
-            cluster.api.create_object("", "v1", "nodes", node_object(n, ready=ready))
-        agents = AgentClient()
-        saved = handlers._CTX
-        handlers._CTX = Context(config=OperatorConfig(), kube=client, agents=agents, metrics=OperatorMetrics())
-        try:
-            yield client
-        finally:
-            handlers._CTX = saved
-            await agents.close()
+    async with operator_against_the_api({"n1": True, "n2": True, "n3": False}) as (_, client):
+        yield client
 
 
 async def volume(k: KubeClient, name: str, host_path: str, status: dict[str, Any]) -> dict[str, Any]:

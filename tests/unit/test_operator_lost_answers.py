@@ -16,19 +16,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from tests.support.operator_env import operator_against_the_api
 
 from pairvol.api.status import VolumeStatus
 from pairvol.kube.client import KubeClient, KubeError
-from pairvol.kube.config import load_config
 from pairvol.kube.paths import pods_path, volume_path
-from pairvol.localcluster.cluster import LocalCluster, node_object
 from pairvol.operator import handlers
 from pairvol.operator import manifests as m
-from pairvol.operator.agentclient import AgentClient
-from pairvol.operator.handlers import Caches, Context, Reconciler
+from pairvol.operator.handlers import Caches, Reconciler
 from pairvol.operator.informer import Informer
-from pairvol.operator.manifests import OperatorConfig
-from pairvol.operator.metrics import OperatorMetrics
 
 NS = "default"
 PRIMARY_IP = "10.0.0.1"
@@ -37,18 +33,8 @@ NO_ANSWER = "no answer within 10.0s (is the API server reachable?)"
 
 @pytest.fixture
 async def kube() -> AsyncIterator[KubeClient]:
-    async with LocalCluster(nodes=0, controllers=False) as cluster, \
-            KubeClient(await load_config(str(cluster.kubeconfig_path))) as client:
-        for n in ("n1", "n2", "n3"):
-            cluster.api.create_object("", "v1", "nodes", node_object(n))
-        agents = AgentClient()
-        saved = handlers._CTX
-        handlers._CTX = Context(config=OperatorConfig(), kube=client, agents=agents, metrics=OperatorMetrics())
-        try:
-            yield client
-        finally:
-            handlers._CTX = saved
-            await agents.close()
+    async with operator_against_the_api({"n1": True, "n2": True, "n3": True}) as (_, client):
+        yield client
 
 
 def agent_pod(name: str, node: str, role: str) -> dict[str, Any]:

@@ -18,17 +18,14 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from tests.support.operator_env import operator_against_the_api
 
 from pairvol.api.spec import parse_spec
 from pairvol.kube.client import KubeClient, NotFound
-from pairvol.kube.config import load_config
 from pairvol.kube.paths import events_path, pods_path, secrets_path, services_path, volume_path
 from pairvol.localcluster.cluster import LocalCluster, node_object
-from pairvol.operator import handlers
-from pairvol.operator.agentclient import AgentClient
-from pairvol.operator.handlers import Context, NameTaken, Reconciler, _finalize
+from pairvol.operator.handlers import NameTaken, Reconciler, _finalize
 from pairvol.operator.manifests import OperatorConfig, cleanup_pod_manifest, cleanup_pod_name
-from pairvol.operator.metrics import OperatorMetrics
 
 NS = "default"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -74,16 +71,8 @@ def test_a_wipe_pod_name_never_ends_in_a_dot_or_dash_where_the_node_name_is_cut(
 async def kube() -> AsyncIterator[tuple[LocalCluster, KubeClient]]:
     """The emulated API server, and the operator's context talking to it (no watch caches:
     every read goes to the API server)."""
-    async with LocalCluster(nodes=0, controllers=False) as cluster, \
-            KubeClient(await load_config(str(cluster.kubeconfig_path))) as client:
-        agents = AgentClient()
-        saved = handlers._CTX
-        handlers._CTX = Context(config=OperatorConfig(), kube=client, agents=agents, metrics=OperatorMetrics())
-        try:
-            yield cluster, client
-        finally:
-            handlers._CTX = saved
-            await agents.close()
+    async with operator_against_the_api() as env:
+        yield env
 
 
 async def make_rv(kube: KubeClient, name: str, **spec: Any) -> dict[str, Any]:

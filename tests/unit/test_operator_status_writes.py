@@ -17,15 +17,12 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from tests.support.operator_env import operator_against_the_api
 from tests.unit.test_operator_decisions import primary_dead
 
 from pairvol.api.status import Failover, Phase, VolumeStatus
 from pairvol.kube.client import KubeClient, merge_patch_to
-from pairvol.kube.config import load_config
 from pairvol.kube.paths import volume_path
-from pairvol.localcluster.cluster import LocalCluster, node_object
-from pairvol.operator import handlers
-from pairvol.operator.agentclient import AgentClient
 from pairvol.operator.decisions import (
     ANN_CHECKPOINT,
     Checkpoint,
@@ -37,9 +34,7 @@ from pairvol.operator.decisions import (
     SetRole,
     plan,
 )
-from pairvol.operator.handlers import Context, Reconciler
-from pairvol.operator.manifests import OperatorConfig
-from pairvol.operator.metrics import OperatorMetrics
+from pairvol.operator.handlers import Reconciler
 
 NS = "default"
 
@@ -89,18 +84,8 @@ def test_a_failover_still_running_has_no_duration_after_one_that_ended() -> None
 
 @pytest.fixture
 async def kube() -> AsyncIterator[KubeClient]:
-    async with LocalCluster(nodes=0, controllers=False) as cluster, \
-            KubeClient(await load_config(str(cluster.kubeconfig_path))) as client:
-        for n in ("n1", "n2"):
-            cluster.api.create_object("", "v1", "nodes", node_object(n))
-        agents = AgentClient()
-        saved = handlers._CTX
-        handlers._CTX = Context(config=OperatorConfig(), kube=client, agents=agents, metrics=OperatorMetrics())
-        try:
-            yield client
-        finally:
-            handlers._CTX = saved
-            await agents.close()
+    async with operator_against_the_api({"n1": True, "n2": True}) as (_, client):
+        yield client
 
 
 async def stored_volume(k: KubeClient, status: VolumeStatus) -> dict[str, Any]:
