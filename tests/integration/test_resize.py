@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -207,9 +208,10 @@ async def test_a_crash_at_any_step_of_a_grow_leaves_the_old_or_the_new_size_and_
         assert_same_image(image(secondary), image(primary), f"after a {side} crash at {crash_at}")
 
 
-async def test_a_grow_without_the_space_for_it_keeps_the_old_size_and_serves_on(tmp_path: Path) -> None:
-    """The grown region is allocated like the rest of the disk: without room for it, the
-    replica says so, goes back to its old size and serves as before."""
+@contextlib.asynccontextmanager
+async def primary_on_a_small_file_system(tmp_path: Path) -> AsyncIterator[tuple[Agent, Path]]:
+    """A 16 MiB primary at epoch 1 on a 24 MB file system (no room to grow to 64 MiB), its
+    first MiB written with 0x17."""
     with small_fs(tmp_path / "fs", "24M") as fs:
         a = Agent("vol", fs / "data", "16Mi")
         try:
@@ -218,20 +220,27 @@ async def test_a_grow_without_the_space_for_it_keeps_the_old_size_and_serves_on(
             async with await a.nbd() as nbd:
                 await nbd.pwrite(b"\x17" * MiB, 0)
                 await nbd.flush()
-            with pytest.raises(AgentCallError) as full:
-                await resize(a, 1, 64 * MiB)
-            assert full.value.status == 500 and "No space left" in full.value.body["error"]
-            assert "stays at 16777216 bytes" in full.value.body["error"]
-            st = await a.status()
-            assert st["size"] == 16 * MiB and st["export"]["serving"]
-            assert (fs / "data" / "disk.raw").stat().st_size == 16 * MiB
-            async with await a.nbd() as nbd:
-                assert nbd.size == 16 * MiB and await nbd.pread(MiB, 0) == b"\x17" * MiB
-            await a.stop()
-            await a.start()  # and it comes back at the old size
-            assert (await a.status())["size"] == 16 * MiB
+            yield a, fs
         finally:
             await a.stop()
+
+
+async def test_a_grow_without_the_space_for_it_keeps_the_old_size_and_serves_on(tmp_path: Path) -> None:
+    """The grown region is allocated like the rest of the disk: without room for it, the
+    replica says so, goes back to its old size and serves as before."""
+    async with primary_on_a_small_file_system(tmp_path) as (a, fs):
+        with pytest.raises(AgentCallError) as full:
+            await resize(a, 1, 64 * MiB)
+        assert full.value.status == 500 and "No space left" in full.value.body["error"]
+        assert "stays at 16777216 bytes" in full.value.body["error"]
+        st = await a.status()
+        assert st["size"] == 16 * MiB and st["export"]["serving"]
+        assert (fs / "data" / "disk.raw").stat().st_size == 16 * MiB
+        async with await a.nbd() as nbd:
+            assert nbd.size == 16 * MiB and await nbd.pread(MiB, 0) == b"\x17" * MiB
+        await a.stop()
+        await a.start()  # and it comes back at the old size
+        assert (await a.status())["size"] == 16 * MiB
 
 
 async def test_a_grow_cut_short_and_without_the_space_to_finish_goes_back_to_the_old_size(
@@ -239,34 +248,25 @@ async def test_a_grow_cut_short_and_without_the_space_to_finish_goes_back_to_the
 ) -> None:
     """A restart that cannot complete an interrupted grow returns the file to the length the
     state recorded before the grow, not to the length the interruption left."""
-    with small_fs(tmp_path / "fs", "24M") as fs:
-        a = Agent("vol", fs / "data", "16Mi")
-        try:
+    async with primary_on_a_small_file_system(tmp_path) as (a, fs):
+        await a.stop()
+        monkeypatch.setenv(crashpoints.ENV, "resize.after-size-saved")
+        await a.start()
+        monkeypatch.delenv(crashpoints.ENV)
+        with pytest.raises(Exception):  # noqa: B017 - the agent dies before it answers
+            await resize(a, 1, 64 * MiB)
+        assert await a.wait_exit() == -9, a.log_tail()
+        disk = fs / "data" / "disk.raw"
+        os.truncate(disk, 18 * MiB)  # the allocation got 2 MiB further
+        for _ in range(2):  # and the restart after that one finds what it left
             await a.start()
-            await a.call("POST", "/v1/primary", {"epoch": 1, "peer": None, "sync": "none"})
-            async with await a.nbd() as nbd:
-                await nbd.pwrite(b"\x17" * MiB, 0)
-                await nbd.flush()
+            assert (await a.status())["size"] == 16 * MiB
+            assert disk.stat().st_size == 16 * MiB
             await a.stop()
-            monkeypatch.setenv(crashpoints.ENV, "resize.after-size-saved")
-            await a.start()
-            monkeypatch.delenv(crashpoints.ENV)
-            with pytest.raises(Exception):  # noqa: B017 - the agent dies before it answers
-                await resize(a, 1, 64 * MiB)
-            assert await a.wait_exit() == -9, a.log_tail()
-            disk = fs / "data" / "disk.raw"
-            os.truncate(disk, 18 * MiB)  # the allocation got 2 MiB further
-            for _ in range(2):  # and the restart after that one finds what it left
-                await a.start()
-                assert (await a.status())["size"] == 16 * MiB
-                assert disk.stat().st_size == 16 * MiB
-                await a.stop()
-            await a.start()
-            await a.call("POST", "/v1/primary", {"epoch": 2, "peer": None, "sync": "none"})
-            async with await a.nbd() as nbd:
-                assert nbd.size == 16 * MiB and await nbd.pread(MiB, 0) == b"\x17" * MiB
-        finally:
-            await a.stop()
+        await a.start()
+        await a.call("POST", "/v1/primary", {"epoch": 2, "peer": None, "sync": "none"})
+        async with await a.nbd() as nbd:
+            assert nbd.size == 16 * MiB and await nbd.pread(MiB, 0) == b"\x17" * MiB
 
 
 def in_process_primary(data_dir: Path) -> Replica:
