@@ -239,6 +239,16 @@ async def test_a_second_agent_on_a_data_dir_touches_nothing_until_the_first_has_
                 await second.status()
             assert {name: (first.data_dir / name).read_bytes() for name in slots} == slots
             assert (await first.status())["export"]["serving"] is True
+            async with restarted(first, wait=False) as third:  # a waiting pod being deleted
+
+                async def both_wait() -> bool:  # the two write one log
+                    return third.log_tail(50).count("still runs on") >= 2
+
+                await until("a third agent to wait too", both_wait, within=20)
+                third.kill(signal.SIGTERM)
+                assert await asyncio.wait_for(third.wait_exit(), 10) == 0
+                assert "stopped while another agent held" in third.log_tail(5)
+            assert {name: (first.data_dir / name).read_bytes() for name in slots} == slots
 
             await first.stop()
             await second.wait_ready()

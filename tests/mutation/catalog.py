@@ -1099,10 +1099,24 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "handlers.a-refused-label-patch-does-not-stop-the-plan", "operator/pairvol/operator/handlers.py",
-        "                                    self.key, pod, role, exc)\n                        return\n",
+        "                                    self.key, pod, role, exc)\n                        return False\n",
         "                                    self.key, pod, role, exc)\n                        raise\n",
         ("tests/unit/test_operator_status_writes.py",),
         "a label patch the API server refuses leaves the failover or cut after it in the plan to run (H18)",
+    ),
+    Mutation(
+        "handlers.a-refused-label-patch-is-no-reason-to-tick-at-once", "operator/pairvol/operator/handlers.py",
+        "                                    self.key, pod, role, exc)\n                        return False\n",
+        "                                    self.key, pod, role, exc)\n                        return True\n",
+        ("tests/unit/test_operator_status_writes.py::test_a_label_patch_refused_every_tick_does_not_make_the_loop_spin",),
+        "a label patch refused at once every tick leaves the loop at its reconcile interval (H18)",
+    ),
+    Mutation(
+        "handlers.the-volume-goes-once-its-wipes-are-gone", "operator/pairvol/operator/handlers.py",
+        '            return "waiting for the data cleanup pods to stop"\n',
+        "            pass\n",
+        ("tests/unit/test_operator_names.py::test_each_node_of_a_long_named_volume_gets_its_wipe_pod_and_an_unfinished_wipe_is_reported",),
+        "a volume is gone only once its wipe pods are: none runs on beside a new volume of the same name",
     ),
     Mutation(
         "handlers.no-wipe-started-after-the-finalizer-gave-up", "operator/pairvol/operator/handlers.py",
@@ -1318,10 +1332,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "replica.one-agent-per-data-dir", REPLICA,
-        "        self._dir_lock = await dirlock.hold_data_dir(self.data_dir)\n",
-        "        self._dir_lock = None\n",
+        "        self._dir_lock = await dirlock.hold_data_dir(self.data_dir, give_up)\n",
+        "        self._dir_lock = -1\n",
         ("tests/integration/test_restart_guards.py::test_a_second_agent_on_a_data_dir_touches_nothing_until_the_first_has_exited",),
         "a second agent on a data dir reads and writes nothing there until the first has exited",
+    ),
+    Mutation(
+        "dirlock.a-stopped-agent-gives-up-waiting", "operator/pairvol/agent/dirlock.py",
+        "        if give_up is not None and give_up.is_set():\n",
+        "        if False:\n",
+        ("tests/integration/test_restart_guards.py::test_a_second_agent_on_a_data_dir_touches_nothing_until_the_first_has_exited",),
+        "an agent stopped while it waits for its data dir exits without opening the replica (I5)",
     ),
     Mutation(
         "replica.a-stop-for-another-epoch-is-refused", REPLICA,

@@ -8,6 +8,7 @@ The previous context is restored afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 
@@ -38,3 +39,17 @@ async def operator_against_the_api(
         finally:
             handlers._CTX = saved
             await agents.close()
+
+
+class DaemonStop:
+    """What kopf hands a daemon: true once the daemon is to stop; ``wait`` sleeps until then."""
+
+    def __init__(self) -> None:
+        self.flag = asyncio.Event()
+
+    def __bool__(self) -> bool:
+        return self.flag.is_set()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.flag.wait(), timeout)

@@ -13,12 +13,12 @@ kubelet, no agents; the plans are made by the real planner.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from tests.support.operator_env import DaemonStop
 from tests.unit.test_operator_decisions import NOW, _in_flight
 
 from pairvol.api.status import Phase, VolumeStatus, parse_time
@@ -107,26 +107,12 @@ async def test_a_restarted_operator_exports_the_phase_of_a_volume_whose_status_d
     ) == NOW - 2
 
 
-class Stop:
-    """What kopf hands a daemon: true once the daemon is to stop; ``wait`` sleeps until then."""
-
-    def __init__(self) -> None:
-        self.flag = asyncio.Event()
-
-    def __bool__(self) -> bool:
-        return self.flag.is_set()
-
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.flag.wait(), timeout)
-
-
 async def test_a_loop_that_stops_takes_its_volumes_series_with_it(kube: KubeClient, agents: AgentClient) -> None:
     """A replica that is no longer leader stops its loops; the new leader exports the
     volume's phase and checkpoint time. The old one must export neither any more."""
     await failover_in_flight(kube)
     metrics = operator_process(kube, agents)
-    stop = Stop()
+    stop = DaemonStop()
     loop = asyncio.create_task(Reconciler("vol", NS).run(stop))
     labels: dict[str, Any] = {"namespace": NS, "volume": "vol"}
     for _ in range(500):

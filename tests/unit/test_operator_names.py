@@ -224,8 +224,13 @@ async def test_each_node_of_a_long_named_volume_gets_its_wipe_pod_and_an_unfinis
     assert waiting == "waiting for data cleanup pods"
     pods = await k.list(pods_path(NS), f"pairvol.io/cleanup={CSI_VOLUME}")
     assert sorted(p["spec"]["nodeName"] for p in pods) == nodes, "a wipe pod on every node with data"
-    # no kubelet runs them here: after a minute the finalizer gives up and says where data stayed
-    assert await _finalize(CSI_VOLUME, NS, body, body["spec"], status, 61.0) is None
+    # no kubelet runs them here: after a minute the finalizer gives up and says where data stayed,
+    # and the volume goes once its wipes are gone (forced out when no kubelet confirms their end)
+    stopping = "waiting for the data cleanup pods to stop"
+    assert await _finalize(CSI_VOLUME, NS, body, body["spec"], status, 61.0) == stopping
+    assert await k.list(pods_path(NS), f"pairvol.io/cleanup={CSI_VOLUME}"), "a wipe may still run: it is waited for"
+    assert await _finalize(CSI_VOLUME, NS, body, body["spec"], status, 91.0) is None
+    assert await k.list(pods_path(NS), f"pairvol.io/cleanup={CSI_VOLUME}") == []
     reported = await warnings(k, CSI_VOLUME, "DataNotRemoved")
     for n in nodes:
         assert any(f"on node {n} was not removed" in r for r in reported), reported

@@ -11,18 +11,20 @@ one): no kubelet, no agents; the plans are made by the real planner.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
-from tests.support.operator_env import operator_against_the_api
-from tests.unit.test_operator_decisions import primary_dead
+from tests.support.operator_env import DaemonStop, operator_against_the_api
+from tests.unit.test_operator_decisions import pod, primary_dead, replicating
 
 from pairvol.api.status import Failover, Phase, VolumeStatus
-from pairvol.kube.client import KubeClient, merge_patch_to
+from pairvol.kube.client import KubeClient, KubeError, merge_patch_to
 from pairvol.kube.paths import volume_path
+from pairvol.operator import handlers
 from pairvol.operator.decisions import (
     ANN_CHECKPOINT,
     Checkpoint,
@@ -178,3 +180,39 @@ async def test_a_label_patch_the_api_server_refuses_does_not_stop_the_rest_of_th
         await rec.execute(body, w, action)
     annotations = (await kube.get(volume_path(NS, "vol")))["metadata"].get("annotations") or {}
     assert ANN_CHECKPOINT not in annotations
+
+
+async def test_a_label_patch_refused_every_tick_does_not_make_the_loop_spin(
+    kube: KubeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal that comes at once (a webhook without endpoints, a policy) took no effect: the
+    loop waits its reconcile interval before the next tick, as after any failed tick, instead
+    of ticking again at once and patching without pause."""
+    w = replicating()
+    w = replace(w, pods={**w.pods, "vol-1-a": pod("vol-1-a", "n1", "", "10.0.0.1")})  # unlabelled
+    planned = plan(w)
+    assert SetRole("vol-1-a", "primary") in planned.actions
+    await stored_volume(kube, planned.status)
+    ticks = 0
+
+    async def observe(self: Reconciler, body: Any) -> Any:
+        nonlocal ticks
+        ticks += 1
+        return replace(w, status=VolumeStatus.from_dict(body.get("status")))
+
+    real_patch = kube.merge_patch
+
+    async def merge_patch(path: str, patch: Any) -> Any:
+        if "/pods/" in path:
+            raise KubeError(500, "failed calling webhook: no endpoints available for service")
+        return await real_patch(path, patch)
+
+    monkeypatch.setattr(Reconciler, "observe", observe)
+    monkeypatch.setattr(kube, "merge_patch", merge_patch)
+    stop = DaemonStop()
+    loop = asyncio.create_task(Reconciler("vol", NS).run(stop))
+    await asyncio.sleep(2.0)
+    stop.flag.set()
+    await asyncio.wait_for(loop, 10)
+    interval = handlers.ctx().config.reconcile_interval_s
+    assert 1 <= ticks <= 2.0 / interval + 2, f"{ticks} ticks in 2 s with a reconcile interval of {interval} s"

@@ -22,7 +22,7 @@ from pairvol.agent import validate as v
 from pairvol.agent.config import MAX_PEER_TIMEOUT, MIN_PEER_TIMEOUT, AgentConfig, Psk
 from pairvol.agent.http import make_runner
 from pairvol.agent.metrics import AgentMetrics
-from pairvol.agent.replica import Replica
+from pairvol.agent.replica import Replica, StoppedWaiting
 from pairvol.aio import cancel_and_wait
 from pairvol.errors import PairvolError
 
@@ -237,7 +237,11 @@ async def serve(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    await replica.open()
+    try:
+        await replica.open(give_up=stop)  # may wait for another agent on the data dir (I5)
+    except StoppedWaiting as exc:
+        log.info("%s", exc)
+        return 0
     lease_task = await _start_lease(replica, args)
     runner = make_runner(replica, cfg.token)
     await runner.setup()

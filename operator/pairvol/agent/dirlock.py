@@ -53,12 +53,15 @@ def _holder(path: Path) -> str:
     return "an unknown process"
 
 
-async def hold_data_dir(data_dir: Path) -> int:
+async def hold_data_dir(data_dir: Path, give_up: asyncio.Event | None = None) -> int | None:
     """Wait until this process alone holds ``data_dir``; returns the lock's descriptor (close
-    it to let go; the process's end lets go too)."""
+    it to let go; the process's end lets go too), or None once ``give_up`` is set (the agent
+    is stopped while it waits: it must not go on to open the replica)."""
     path = data_dir / LOCK_FILE
     reported = 0.0
     while True:
+        if give_up is not None and give_up.is_set():
+            return None
         fd = await asyncio.to_thread(_try_lock, path)
         if fd is not None:
             if reported:

@@ -172,6 +172,10 @@ class ServeRefused(ReplicaError):
     """A hook before serving (taking the Lease) failed: the workload export was not served."""
 
 
+class StoppedWaiting(ReplicaError):
+    """The agent was stopped while another agent held its data dir: nothing was opened."""
+
+
 # how long starting the dirty bitmap may hold the release of a failed link
 TRACK_TIMEOUT_S = 5.0
 # how long a clean stop may spend saving the dirty bitmap before it gives up on it
@@ -326,11 +330,14 @@ class Replica:
     def position(self) -> Position:
         return Position(self.state.role, self.state.stage, self.state.epoch)
 
-    async def open(self) -> None:
+    async def open(self, give_up: asyncio.Event | None = None) -> None:
         """Find or create the images, start qsd, and restore the persisted role. Nothing in
-        the data dir is read or touched before this agent alone holds it (dirlock)."""
+        the data dir is read or touched before this agent alone holds it (dirlock); set
+        ``give_up`` to stop waiting for it (:class:`StoppedWaiting`)."""
         await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
-        self._dir_lock = await dirlock.hold_data_dir(self.data_dir)
+        self._dir_lock = await dirlock.hold_data_dir(self.data_dir, give_up)
+        if self._dir_lock is None:
+            raise StoppedWaiting(f"stopped while another agent held {self.data_dir}: the replica was not opened")
         try:
             await self._open()
         except BaseException:

@@ -568,7 +568,10 @@ class Reconciler:
 
     # ---------------------------------------------------------------- execute
 
-    async def execute(self, body: Mapping[str, Any], world: d.World, action: d.Action) -> None:
+    async def execute(self, body: Mapping[str, Any], world: d.World, action: d.Action) -> bool:
+        """Run one action; False if it took no effect and the loop must not tick again at
+        once for it (a refused label patch or cut: the next plan asks again, after the
+        reconcile interval). A failure that stops the plan raises."""
         c = ctx()
         ns, token = self.namespace, self.token or ""
         kind = type(action).__name__
@@ -606,10 +609,10 @@ class Reconciler:
                         c.metrics.actions.labels(kind, "error").inc()
                         log.warning("%s: labelling pod %s %s failed (the next tick tries again): %s",
                                     self.key, pod, role, exc)
-                        return
+                        return False
                 case d.StartSecondary(address=ip, epoch=epoch):
                     self.background(kind, c.agents.secondary(f"{ip}:{d.API_PORT}", token, epoch))
-                    return
+                    return True
                 case d.StartPrimary(
                     address=ip,
                     epoch=epoch,
@@ -623,7 +626,7 @@ class Reconciler:
                         f"{ip}:{d.API_PORT}", token, epoch, peer, sync, peer_epoch, peer_disk, peer_api
                     )
                     self.background(kind, call)
-                    return
+                    return True
                 case d.Checkpoint(address=ip, link_serial=serial):
                     try:
                         res = await c.agents.checkpoint(f"{ip}:{d.API_PORT}", token, serial)
@@ -635,6 +638,7 @@ class Reconciler:
                         requested = world.annotations.get(d.ANN_CHECKPOINT) == "now"
                         asked = "; the requested checkpoint was not cut, request it again" if requested else ""
                         await self.event(body, "Normal", "CheckpointRefused", f"{action.pod}: {exc.message}{asked}")
+                        return False
                     except AgentError:
                         c.metrics.checkpoints.labels("error").inc()
                         raise
@@ -643,7 +647,7 @@ class Reconciler:
                     log.warning("%s: failover to %s done: %s", self.key, action.pod, res)
                 case d.Grow():
                     self.background(kind, self._grow(action, token))
-                    return
+                    return True
                 case d.ClearAnnotation(key=key):
                     self.remember(
                         await c.kube.merge_patch(volume_path(ns, self.name), {"metadata": {"annotations": {key: None}}})
@@ -655,6 +659,7 @@ class Reconciler:
                 case d.RestartedInPlace(trigger=trigger):
                     c.metrics.restarts_in_place.labels(trigger).inc()
             c.metrics.actions.labels(kind, "ok").inc()
+            return True
         except (KubeError, AgentError) as exc:
             c.metrics.actions.labels(kind, "error").inc()
             log.warning("%s: %s failed: %s", self.key, kind, exc)
@@ -747,8 +752,8 @@ class Reconciler:
             return False
         acted = False
         for action in plan.actions:
-            await self.execute(body, world, action)
-            acted = acted or not isinstance(action, d.Event)
+            took_effect = await self.execute(body, world, action)
+            acted = acted or (took_effect and not isinstance(action, d.Event))
         if any(isinstance(a, d.Event) and a.reason == "BringUpRestarted" for a in plan.actions):
             # agents that cannot start will not start better by retrying in a tight loop
             self.restart_backoff = min(30.0, max(1.0, self.restart_backoff * 2))
@@ -1092,8 +1097,16 @@ async def _finalize(
                 uid,
                 f"the cleanup pod {m.cleanup_pod_name(name, node)} did not succeed within 60 s; {where}",
             )
+        # the volume goes only once its wipes are gone: one still running (``rm`` as PID 1
+        # ignores SIGTERM) could remove a new volume's replica of the same name. A second's
+        # grace, then the kubelet kills it; one whose kubelet does not confirm that (a node
+        # not ready, or after half a minute more) is forced out of the API.
         for p in wipes:
-            await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]))
+            on = (p.get("spec") or {}).get("nodeName")
+            force = on not in ready or elapsed >= 90
+            await c.kube.delete(pods_path(namespace, (p.get("metadata") or {})["name"]), grace_s=0 if force else 1)
+        if await c.kube.list(pods_path(namespace), f"pairvol.io/cleanup={name}"):
+            return "waiting for the data cleanup pods to stop"
     for secret in (m.secret_name(name), m.export_secret_name(name)):
         await delete_owned(c.kube, secrets_path(namespace, secret), uid)
     c.metrics.set_phase(f"{namespace}/{name}", None)
