@@ -94,6 +94,7 @@ def test_every_alert_has_a_firing_and_a_silent_case(tmp_path: Path) -> None:
         "PairvolVolumePending",
         "PairvolSecondaryOutOfSync",
         "PairvolResyncStalled",
+        "PairvolResyncFailing",
         "PairvolCheckpointStale",
         "PairvolFailoverHappened",
         "PairvolFailoverFailed",
