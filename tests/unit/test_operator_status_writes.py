@@ -24,6 +24,7 @@ from tests.unit.test_operator_decisions import pod, primary_dead, replicating
 from pairvol.api.status import Failover, Phase, VolumeStatus
 from pairvol.kube.client import KubeClient, KubeError, merge_patch_to
 from pairvol.kube.paths import volume_path
+from pairvol.localcluster.apiserver_logic import merge_patch
 from pairvol.operator import handlers
 from pairvol.operator.decisions import (
     ANN_CHECKPOINT,
@@ -39,19 +40,6 @@ from pairvol.operator.decisions import (
 from pairvol.operator.handlers import Reconciler
 
 NS = "default"
-
-
-def applied(target: Any, patch: Any) -> Any:
-    """RFC 7386's MergePatch(target, patch), written out from the RFC's pseudo-code."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = applied(out.get(key), value)
-    return out
 
 
 def without_nulls(doc: Any) -> Any:
@@ -73,13 +61,13 @@ def test_the_patch_turns_any_document_into_exactly_the_new_one() -> None:
     for _ in range(3000):
         old, new = random_doc(rng), random_doc(rng)
         stored = without_nulls(old)  # what an API server holds: no nulls
-        assert applied(stored, merge_patch_to(stored, new)) == without_nulls(new), (old, new)
+        assert merge_patch(stored, merge_patch_to(stored, new)) == without_nulls(new), (old, new)
 
 
 def test_a_failover_still_running_has_no_duration_after_one_that_ended() -> None:
     ended = VolumeStatus(last_failover=Failover("2026-01-01T00:00:00Z", "n3", "n1", "Checkpoint", "lease", 1234.0))
     running = VolumeStatus(last_failover=Failover("2026-01-02T00:00:00Z", "n1", "n2", "Checkpoint", "lease"))
-    stored = applied(ended.to_dict(), merge_patch_to(ended.to_dict(), running.to_dict()))
+    stored = merge_patch(ended.to_dict(), merge_patch_to(ended.to_dict(), running.to_dict()))
     assert VolumeStatus.from_dict(stored) == running
     assert "durationMs" not in stored["lastFailover"]
 
@@ -202,13 +190,13 @@ async def test_a_label_patch_refused_every_tick_does_not_make_the_loop_spin(
 
     real_patch = kube.merge_patch
 
-    async def merge_patch(path: str, patch: Any) -> Any:
+    async def refusing_pod_patches(path: str, patch: Any) -> Any:
         if "/pods/" in path:
             raise KubeError(500, "failed calling webhook: no endpoints available for service")
         return await real_patch(path, patch)
 
     monkeypatch.setattr(Reconciler, "observe", observe)
-    monkeypatch.setattr(kube, "merge_patch", merge_patch)
+    monkeypatch.setattr(kube, "merge_patch", refusing_pod_patches)
     stop = DaemonStop()
     loop = asyncio.create_task(Reconciler("vol", NS).run(stop))
     await asyncio.sleep(2.0)
