@@ -31,11 +31,11 @@ GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "p
 
 # A stand-in daemon: serves the monitor socket named on its command line, one connection
 # after another, as FAKE_QSD_SCRIPT says: per connection, "greet2" (two greetings, as QEMU
-# 7.2 sent), "close" (negotiate, then close the connection), "exit" (negotiate, with the
+# 7.2 sent), "close" (negotiate, then close the connection a moment later), "exit" (negotiate, with the
 # connection's end already on its way, then exit with status 3), "serve" (negotiate, then
 # answer every command with an empty return).
 FAKE_DAEMON = """\
-import json, os, socket, sys
+import json, os, socket, sys, time
 GREETING = json.dumps({greeting!r}).encode() + b"\\r\\n"
 script = os.environ["FAKE_QSD_SCRIPT"].split(",")
 path = next(a for a in sys.argv[2].split(",") if a.startswith("path=")).removeprefix("path=")
@@ -90,7 +90,8 @@ for step in script:
         conn.close()
         continue
     reply(conn, caps)
-    if step == "close":
+    if step == "close":  # after the client has taken the session as up
+        time.sleep(0.3)
         conn.close()
         continue
     for msg in msgs:

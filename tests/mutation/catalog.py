@@ -442,6 +442,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a daemon killed after quit is no clean exit (S5)",
     ),
     Mutation(
+        "qsd.a-session-ended-after-negotiation-is-retried", "operator/pairvol/qemu/qsd.py",
+        '                await asyncio.wait_for(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))\n',
+        "",
+        ("tests/integration/test_qsd_connect.py::test_failed_connects_are_retried_with_a_fresh_client",),
+        "a QMP session the daemon closes right after negotiating is retried, not taken as up",
+    ),
+    Mutation(
         "state.slot-crc", STATE,
         "if magic != _SLOT_MAGIC or len(body) != length or zlib.crc32(body) != crc:",
         "if magic != _SLOT_MAGIC or len(body) != length:",
