@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test test-scale unit integration e2e demo demo-agent bench bench-csi bench-scale chaos tools mutate mutate-generated clean
+.PHONY: venv lint test test-serial test-scale unit integration e2e demo demo-agent bench bench-csi bench-scale chaos tools mutate mutate-generated clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check operator tests
 	$(BIN)/mypy
 
+# three pytest processes side by side (tools/test-streams.sh says which and why)
 test: $(STAMP) tools
+	PATH=$(CURDIR)/$(VENV)/tools:$$PATH PYTEST_ARGS="$(PYTEST_ARGS)" bash tools/test-streams.sh
+
+test-serial: $(STAMP) tools
 	PATH=$(CURDIR)/$(VENV)/tools:$$PATH $(BIN)/pytest -q --durations=30 $(PYTEST_ARGS) tests
 
 unit: $(STAMP)
