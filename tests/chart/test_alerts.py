@@ -182,7 +182,7 @@ def test_thresholds_come_from_values(promtool: str, tmp_path: Path) -> None:
     assert a["PairvolReplicationDegraded"]["for"] == "15m"
     assert a["PairvolSecondaryOutOfSync"]["for"] == "1m"
     assert "> 100" in a["PairvolCheckpointStale"]["expr"] and a["PairvolCheckpointStale"]["for"] == "2m"
-    assert "[1h]" in a["PairvolFailoverHappened"]["expr"] and "offset 1h" in a["PairvolFailoverHappened"]["expr"]
+    assert "[1h]" in a["PairvolFailoverHappened"]["expr"] and "< 3600)" in a["PairvolFailoverHappened"]["expr"]
     assert a["PairvolResyncStalled"]["for"] == "30m"
     assert a["PairvolAgentDown"]["for"] == "10m"
     assert all(r["labels"]["team"] == "storage" for r in a.values())

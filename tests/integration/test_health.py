@@ -226,6 +226,8 @@ async def test_a_promoted_secondary_without_the_lease_does_not_claim_the_failove
         text = await b.metrics()
         assert value(text, "pairvol_failovers_total", volume="vol", mode="latest", result="not_serving") == 1
         assert value(text, "pairvol_failovers_total", volume="vol", mode="latest", result="failed") == 0
+        assert value(text, "pairvol_failover_last_timestamp_seconds", volume="vol", result="not_serving") > 0
+        assert value(text, "pairvol_failover_last_timestamp_seconds", volume="vol", result="failed") == 0
         assert (await healthz(b))[0] == 200  # deliberate state: the operator retries, do not kill it
         assert await holder(cluster) == "vol-2-a"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,7 +71,9 @@ async def test_a_failover_is_counted_once_with_its_duration_and_the_new_role(tmp
         before = await secondary.metrics()
         primary.kill()
         await primary.wait_exit()
+        started = time.time()
         result = await secondary.failover(epoch=3, mode="checkpoint")
+        ended = time.time()
         after = await secondary.metrics()
     for mode in ("checkpoint", "latest"):
         for outcome in ("succeeded", "failed"):
@@ -79,6 +82,11 @@ async def test_a_failover_is_counted_once_with_its_duration_and_the_new_role(tmp
     assert value(after, "pairvol_failovers_total", volume="vol", mode="checkpoint", result="failed") == 0
     assert value(after, "pairvol_failovers_total", volume="vol", mode="latest", result="succeeded") == 0
     assert value(after, "pairvol_failover_duration_seconds_count", volume="vol", mode="checkpoint") == 1
+    # when it ended: what the alerts compare with time() (a counter's new series cannot say)
+    for outcome in ("succeeded", "failed", "not_serving"):
+        assert value(before, "pairvol_failover_last_timestamp_seconds", volume="vol", result=outcome) == 0
+    assert started <= value(after, "pairvol_failover_last_timestamp_seconds", volume="vol", result="succeeded") <= ended
+    assert value(after, "pairvol_failover_last_timestamp_seconds", volume="vol", result="failed") == 0
     observed = value(after, "pairvol_failover_duration_seconds_sum", volume="vol", mode="checkpoint")
     assert abs(observed - result["durationMs"] / 1000) < 0.001, (observed, result["durationMs"])
     assert value(after, "pairvol_agent_role", volume="vol", role="primary") == 1

@@ -442,6 +442,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a daemon killed after quit is no clean exit (S5)",
     ),
     Mutation(
+        "metrics.a-failover-end-is-stamped", "operator/pairvol/agent/metrics.py",
+        "        self.failover_last.labels(self.volume, result).set_to_current_time()\n",
+        "        pass\n",
+        ("tests/integration/test_metrics.py::test_a_failover_is_counted_once_with_its_duration_and_the_new_role",),
+        "the failover alerts' timestamp is set when a failover ends (a new counter series cannot date it)",
+    ),
+    Mutation(
         "qsd.a-session-ended-after-negotiation-is-retried", "operator/pairvol/qemu/qsd.py",
         '                await asyncio.wait_for(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))\n',
         "",

@@ -85,6 +85,14 @@ class AgentMetrics:
             [*labels, "mode", "result"],
             registry=r,
         )
+        # the alerts' clock: a counter's new series (a Prometheus that lost its history, a
+        # target unscraped for minutes) cannot tell an old failover from a new one
+        self.failover_last = Gauge(
+            "pairvol_failover_last_timestamp_seconds",
+            "Unix time this replica's last failover with this result ended (0: none since the agent started)",
+            [*labels, "result"],
+            registry=r,
+        )
         self.failover_duration = Histogram(
             "pairvol_failover_duration_seconds",
             "Time from the failover call to the export accepting writes",
@@ -139,6 +147,8 @@ class AgentMetrics:
             self.failover_duration.labels(volume, mode)
             for result in FAILOVER_RESULTS:
                 self.failovers.labels(volume, mode, result)
+        for result in FAILOVER_RESULTS:
+            self.failover_last.labels(volume, result)
         self.peer_failures.labels(volume)
         for kind in ("full", "bitmap", "checksum"):
             for result in ("succeeded", "failed"):
@@ -154,6 +164,11 @@ class AgentMetrics:
     def set_one_of(self, gauge: Gauge, choices: tuple[str, ...], current: str) -> None:
         for choice in choices:
             gauge.labels(self.volume, choice).set(1 if choice == current else 0)
+
+    def failover_ended(self, mode: str, result: str) -> None:
+        """Count a failover and stamp when it ended (one of FAILOVER_RESULTS)."""
+        self.failovers.labels(self.volume, mode, result).inc()
+        self.failover_last.labels(self.volume, result).set_to_current_time()
 
     def observe_state(self, role: str, stage: str, epoch: int, replication: str, out_of_sync: bool) -> None:
         self.set_one_of(self.role, ROLES, role)
@@ -185,6 +200,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pairvol_checkpoint_id",
         "pairvol_cow_copied_bytes_total",
         "pairvol_failovers_total",
+        "pairvol_failover_last_timestamp_seconds",
         "pairvol_failover_duration_seconds_bucket",
         "pairvol_failover_duration_seconds_sum",
         "pairvol_failover_duration_seconds_count",

@@ -1131,7 +1131,7 @@ class Replica:
                 await self._drop_spawned_relay()
                 self.last_error = f"failover failed: {exc}"
                 await self._save(stage=Stage.FAILOVER_FAILED)
-                self.metrics.failovers.labels(self.cfg.name, mode.value, "failed").inc()
+                self.metrics.failover_ended(mode.value, "failed")
                 log.error("%s", self.last_error)
                 raise ReplicaError(self.last_error) from exc
             gen = self.state.generation
@@ -1154,10 +1154,10 @@ class Replica:
                 # retry starts clean
                 await self._stop_nbd_server()
                 self.last_error = f"promoted to primary at epoch {epoch} but the workload export is not served: {exc}"
-                self.metrics.failovers.labels(self.cfg.name, mode.value, "not_serving").inc()
+                self.metrics.failover_ended(mode.value, "not_serving")
                 raise ReplicaError(f"{self.last_error}; retry with POST /v1/primary and a newer epoch") from exc
             duration = time.perf_counter() - t0
-            self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
+            self.metrics.failover_ended(mode.value, "succeeded")
             self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
             cp_id = self.state.checkpoint.id if self.state.checkpoint else None
             log.info(
@@ -1285,7 +1285,7 @@ class Replica:
             await self._save(stage=Stage.FAILOVER_FAILED)
             return f"; redoing the interrupted failover failed: {exc}"
         await self._finish_failover()
-        self.metrics.failovers.labels(self.cfg.name, mode.value, "succeeded").inc()
+        self.metrics.failover_ended(mode.value, "succeeded")
         return what + "; not serving the workload export until the operator confirms the role with a new epoch"
 
     async def stop(self, epoch: int | None = None) -> dict[str, Any]:
