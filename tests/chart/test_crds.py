@@ -78,6 +78,7 @@ FULL_STATUS: dict[str, Any] = {
         "progress": 0.5,
         "doneBytes": 134217728,
         "totalBytes": 268435456,
+        "comparedBytes": 1073741824,
         "summary": "bitmap 50% (128 MiB to go)",
     },
     "lastSync": {

@@ -27,6 +27,7 @@ from pairvol.agent.procs import AgentCallError
 from pairvol.nbd import NBDClient
 from tests.support.agents import Agent
 from tests.support.bytes_compare import assert_same_image
+from tests.support.promtext import value
 from tests.support.writelog import WriteLog
 
 MiB = 1 << 20
@@ -148,6 +149,8 @@ async def test_the_old_primary_rejoining_gets_only_the_regions_that_differ(tmp_p
         st = await primary.wait_replicating()
         last = st["replication"]["lastSync"]
         assert last["kind"] == "checksum", last
+        # the comparison is progress too (PairvolResyncStalled watches it): all of the volume
+        assert value(await primary.metrics(), "pairvol_sync_compared_bytes", volume="vol") == SIZE
         # what it copies is what differs (one 64 KiB region each), not the volume
         assert differ * REGION <= last["copiedBytes"] <= 2 * differ * REGION, last
         sent = sent_bytes(await primary.metrics()) - sent_before

@@ -449,6 +449,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the failover alerts' timestamp is set when a failover ends (a new counter series cannot date it)",
     ),
     Mutation(
+        "peerlink.a-checksum-comparison-is-progress", PEERLINK,
+        "        self.metrics.sync_compared_bytes.labels(self.cfg.name).set(done)",
+        "        pass",
+        ("tests/integration/test_checksum_resync.py::test_the_old_primary_rejoining_gets_only_the_regions_that_differ",),
+        "a checksum resync's comparison shows as progress (PairvolResyncStalled, the SYNC column)",
+    ),
+    Mutation(
+        "decisions.a-comparing-checksum-resync-shows-its-comparison", DECISIONS,
+        "        if not total and pa.size:  # still comparing",
+        "        if False:  # still comparing",
+        ("tests/unit/test_operator_decisions.py::test_a_checksum_resync_shows_how_far_it_compared_before_it_knows_what_to_copy",),
+        "the SYNC column shows a checksum resync's comparison, not 0% of nothing",
+    ),
+    Mutation(
         "qsd.a-session-ended-after-negotiation-is-retried", "operator/pairvol/qemu/qsd.py",
         '                await asyncio.wait_for(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))\n',
         "",

@@ -321,6 +321,30 @@ def test_a_resync_the_agent_says_little_about_is_shown_with_zeros_and_no_reason_
                                 "(no reason given)"]
 
 
+def test_a_checksum_resync_shows_how_far_it_compared_before_it_knows_what_to_copy() -> None:
+    """While both replicas compare checksums nothing is copied and the bytes to copy are
+    unknown: the SYNC column shows the comparison's progress, not "0% (0.0 MiB to go)"."""
+    w = replicating()
+    sec = w.status.secondary
+    assert sec is not None
+    w = replace(w, status=w.status.with_(phase=Phase.DEGRADED, secondary=replace(sec, out_of_sync=True)))
+    comparing = replace(PRIMARY_AGENT, replication_state="syncing", sync_kind="checksum", sync_reason="why",
+                        sync_done=0, sync_total=0, sync_compared=0, size=1 << 30)
+    p = plan(replace(w, agents={"vol-1-a": comparing, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.sync is not None and p.status.sync["summary"] == "checksum comparing 0% of 1024 MiB"
+    assert p.status.sync["comparedBytes"] == 0
+    assert resync_events(p) == ["ResyncStarted: checksum resync vol-1-a on n1 -> vol-1-b on n2: compares 1024 MiB, "
+                                "then copies what differs (why)"]
+    further = replace(comparing, sync_compared=768 << 20)
+    p = plan(replace(w, status=p.status, agents={"vol-1-a": further, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.sync is not None and p.status.sync["summary"] == "checksum comparing 75% of 1024 MiB"
+    assert p.status.sync["comparedBytes"] == 768 << 20
+    # compared: the regions that differ are known and copied
+    copying = replace(further, sync_compared=1 << 30, sync_total=4 << 20, sync_done=1 << 20)
+    p = plan(replace(w, status=p.status, agents={"vol-1-a": copying, "vol-1-b": SECONDARY_AGENT}))
+    assert p.status.sync is not None and p.status.sync["summary"] == "checksum 25% (3.0 MiB to go)"
+
+
 @pytest.mark.parametrize(("to_go", "shown"), [(10 << 20, "10 MiB"), ((10 << 20) - (1 << 19), "9.5 MiB")])
 def test_what_a_sync_has_to_go_is_shown_to_a_tenth_of_a_mib_below_10_mib_and_in_whole_mib_from_there(
     to_go: int, shown: str
@@ -986,7 +1010,8 @@ def test_agent_view_reads_every_field_of_the_agent_status() -> None:
     primary = {
         "role": "primary", "stage": "done", "epoch": 8, "size": 128 << 20,
         "replication": {"state": "degraded", "peer": "10.0.0.2:7801",
-                        "sync": {"doneBytes": 0, "totalBytes": 4096, "kind": "bitmap", "reason": "same disk"},
+                        "sync": {"doneBytes": 0, "totalBytes": 4096, "kind": "bitmap", "reason": "same disk",
+                                 "comparedBytes": 8192},
                         "lastSync": {"kind": "full", "copiedBytes": 64},
                         "reprotect": {"nextInSeconds": 0.5}, "resync": {"peerDisk": "d1"}},
         "disk": {"id": "d0"},
@@ -994,6 +1019,7 @@ def test_agent_view_reads_every_field_of_the_agent_status() -> None:
     assert AgentView.from_status(primary) == AgentView(
         "primary", "done", 8, "degraded", "10.0.0.2:7801", None, None, 0, 4096, "bitmap", "same disk",
         {"kind": "full", "copiedBytes": 64}, reprotecting=True, disk_id="d0", tracked_disk="d1", size=128 << 20,
+        sync_compared=8192,
     )
     # a re-protection is pending only while the agent names when it tries next; a size that is
     # not a number of bytes is no size

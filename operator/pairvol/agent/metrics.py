@@ -106,6 +106,12 @@ class AgentMetrics:
         self.sync_done_bytes = Gauge(
             "pairvol_sync_done_bytes", "Bytes the running sync (full or bitmap resync) has copied", labels, registry=r
         )
+        self.sync_compared_bytes = Gauge(
+            "pairvol_sync_compared_bytes",
+            "Bytes of the volume the running checksum resync has compared on both sides (it copies only after)",
+            labels,
+            registry=r,
+        )
         self.sync_progress = Gauge(
             "pairvol_sync_progress_ratio", "Progress of the running sync or resync, 0..1", labels, registry=r
         )
@@ -157,6 +163,7 @@ class AgentMetrics:
             self.resync_attempts.labels(volume, result)
         self.resync_gave_up.labels(volume)
         self.resync_last_duration.labels(volume)
+        self.sync_compared_bytes.labels(volume)
         self.resync_last_bytes.labels(volume)
         self.cow_bytes.labels(volume)
         self.peer_sent_bytes.labels(volume)
@@ -206,6 +213,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pairvol_failover_duration_seconds_count",
         "pairvol_sync_total_bytes",
         "pairvol_sync_done_bytes",
+        "pairvol_sync_compared_bytes",
         "pairvol_sync_progress_ratio",
         "pairvol_volume_size_bytes",
         "pairvol_resync_remaining_bytes",

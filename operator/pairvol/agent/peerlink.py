@@ -187,6 +187,7 @@ class PeerLink:
             self.sync_started = time.monotonic()
             self.metrics.sync_total_bytes.labels(self.cfg.name).set(self.sync_total)
             self.metrics.sync_done_bytes.labels(self.cfg.name).set(0)
+            self.metrics.sync_compared_bytes.labels(self.cfg.name).set(0)
             self.metrics.sync_progress.labels(self.cfg.name).set(0.0)
         if kind == rs.FULL:
             self.qsd.watch_job(r.SYNC_JOB)
@@ -370,6 +371,7 @@ class PeerLink:
     def compared(self, done: int, differing: int) -> None:
         """Progress of the comparison (bytes compared, bytes found to differ so far)."""
         self.compared_bytes = done
+        self.metrics.sync_compared_bytes.labels(self.cfg.name).set(done)  # progress while nothing is copied yet
         if time.monotonic() - self._compare_logged > 2 or done >= self.cfg.size:
             self._compare_logged = time.monotonic()
             log.info(

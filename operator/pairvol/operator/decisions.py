@@ -113,6 +113,7 @@ class AgentView:
     # replication.link.serial: the serial of that link, reported only while it is in sync;
     # a cut names it, and the secondary refuses the cut once a primary linked again (S5)
     link_serial: str | None = None
+    sync_compared: int | None = None  # a checksum resync: bytes of the volume compared so far
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -130,6 +131,7 @@ class AgentView:
             sync_total=sync.get("totalBytes"),
             sync_kind=sync.get("kind"),
             sync_reason=sync.get("reason"),
+            sync_compared=sync.get("comparedBytes"),
             last_sync=rep.get("lastSync") or None,
             reprotecting=(rep.get("reprotect") or {}).get("nextInSeconds") is not None,
             serving=bool((d.get("export") or {}).get("serving", False)),
@@ -1101,7 +1103,7 @@ def sync_status(pa: AgentView) -> dict[str, Any] | None:
     total = pa.sync_total or 0
     done = min(pa.sync_done or 0, total) if total else 0
     ratio = done / total if total else 0.0
-    return {
+    out: dict[str, Any] = {
         "kind": kind,
         "reason": pa.sync_reason or "",
         "progress": round(ratio, 4),
@@ -1109,6 +1111,12 @@ def sync_status(pa: AgentView) -> dict[str, Any] | None:
         "totalBytes": total,
         "summary": f"{kind} {ratio * 100:.0f}% ({_mib(total - done)} to go)",
     }
+    if pa.sync_compared is not None:
+        out["comparedBytes"] = pa.sync_compared
+        if not total and pa.size:  # still comparing: what it copies is not known yet
+            compared = min(pa.sync_compared, pa.size) / pa.size
+            out["summary"] = f"{kind} comparing {compared * 100:.0f}% of {_mib(pa.size)}"
+    return out
 
 
 def _mib(n: int) -> str:
@@ -1116,9 +1124,13 @@ def _mib(n: int) -> str:
 
 
 def resync_started_message(pa: AgentView, prim: Replica, sec: Replica) -> str:
+    if pa.sync_compared is not None and not pa.sync_total and pa.size:
+        what = f"compares {_mib(pa.size)}, then copies what differs"
+    else:
+        what = f"{_mib(pa.sync_total or 0)} to copy"
     return (
         f"{pa.sync_kind} resync {prim.pod} on {prim.node} -> {sec.pod} on {sec.node}: "
-        f"{_mib(pa.sync_total or 0)} to copy ({pa.sync_reason or 'no reason given'})"
+        f"{what} ({pa.sync_reason or 'no reason given'})"
     )
 
 
