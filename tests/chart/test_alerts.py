@@ -195,9 +195,14 @@ def test_checkpoint_interval_falls_back_to_the_volume_default(tmp_path: Path) ->
     assert "> 180" in alerts(rule)["PairvolCheckpointStale"]["expr"]
 
 
-def test_manual_checkpoints_have_no_staleness_alert(tmp_path: Path) -> None:
-    rule = rendered_rules(tmp_path, {"volumeDefaults": {"checkpointIntervalSeconds": 0}})
-    assert "PairvolCheckpointStale" not in alerts(rule)
+def test_with_manual_checkpoints_by_default_only_each_volumes_own_interval_counts(tmp_path: Path) -> None:
+    # no chart-wide interval to stand in for a volume whose interval the operator does not say
+    expr = alerts(rendered_rules(tmp_path, {"volumeDefaults": {"checkpointIntervalSeconds": 0}}))[
+        "PairvolCheckpointStale"
+    ]["expr"]
+    assert "pairvol_volume_checkpoint_interval_seconds" in expr and "unless" not in expr
+    default = alerts(rendered_rules(tmp_path, {}))["PairvolCheckpointStale"]["expr"]
+    assert "> 30" in default and "unless on (namespace, volume) pairvol_volume_checkpoint_interval_seconds" in default
 
 
 def test_operator_down_needs_the_service_monitor(tmp_path: Path) -> None:

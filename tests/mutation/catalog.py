@@ -463,6 +463,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the SYNC column shows a checksum resync's comparison, not 0% of nothing",
     ),
     Mutation(
+        "handlers.the-checkpoint-interval-is-exported", "operator/pairvol/operator/handlers.py",
+        "        metrics.set_checkpoint_interval(self.namespace, self.name, checkpoint_interval(body))\n",
+        "",
+        ("tests/unit/test_operator_metrics_restart.py",),
+        "PairvolCheckpointStale knows each volume's interval (manual-checkpoint volumes are never stale)",
+    ),
+    Mutation(
         "qsd.a-session-ended-after-negotiation-is-retried", "operator/pairvol/qemu/qsd.py",
         '                await asyncio.wait_for(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))\n',
         "",
@@ -1106,7 +1113,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "handlers.a-plan-found-stored-exports-its-phase", "operator/pairvol/operator/handlers.py",
-        "            self.export(plan.status)\n",
+        "            self.export(plan.status, base)\n",
         "            pass\n",
         ("tests/unit/test_operator_metrics_restart.py",),
         "a restarted operator exports the phase of a volume stuck Failed or Degraded (the alerts read it)",

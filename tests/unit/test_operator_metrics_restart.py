@@ -105,6 +105,8 @@ async def test_a_restarted_operator_exports_the_phase_of_a_volume_whose_status_d
     assert sample(
         after.registry, "pairvol_operator_last_checkpoint_timestamp_seconds", namespace=NS, volume="vol"
     ) == NOW - 2
+    # what PairvolCheckpointStale measures the age against: the spec's (defaulted) interval
+    assert sample(after.registry, "pairvol_volume_checkpoint_interval_seconds", namespace=NS, volume="vol") == 10
 
 
 async def test_a_loop_that_stops_takes_its_volumes_series_with_it(kube: KubeClient, agents: AgentClient) -> None:
@@ -126,3 +128,19 @@ async def test_a_loop_that_stops_takes_its_volumes_series_with_it(kube: KubeClie
     assert sample(metrics.registry, "pairvol_volume_phase", phase="Failed", **labels) is None
     assert sample(metrics.registry, "pairvol_operator_volumes", phase="Failed") == 0
     assert sample(metrics.registry, "pairvol_operator_last_checkpoint_timestamp_seconds", **labels) is None
+    assert sample(metrics.registry, "pairvol_volume_checkpoint_interval_seconds", **labels) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "exported"),
+    [
+        ({"size": "1Gi"}, 10),  # as the CRD defaults it
+        ({"checkpoint": {"intervalSeconds": 0}}, 0),  # checkpoints only on request: never stale
+        ({"checkpoint": {"intervalSeconds": 45}}, 45),
+        ({"checkpoint": {"intervalSeconds": -1}}, None),  # no valid spec has it: no series
+        ({"checkpoint": {"intervalSeconds": True}}, None),
+        ({"checkpoint": "often"}, None),
+    ],
+)
+def test_the_interval_exported_for_the_staleness_alert_is_the_specs(spec: dict[str, Any], exported: int | None) -> None:
+    assert handlers.checkpoint_interval({"spec": spec}) == exported

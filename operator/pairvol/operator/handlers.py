@@ -244,6 +244,14 @@ class NameTaken(KubeError):
         super().__init__(409, message)
 
 
+def checkpoint_interval(body: Mapping[str, Any]) -> int | None:
+    """``spec.checkpoint.intervalSeconds`` as stored (the CRD defaults it to 10); None for a
+    value no valid spec has (the volume is then refused, and nothing is cut)."""
+    checkpoint = (body.get("spec") or {}).get("checkpoint") or {}
+    value = checkpoint.get("intervalSeconds", 10) if isinstance(checkpoint, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _uid(body: Mapping[str, Any] | None) -> str:
     return str(((body or {}).get("metadata") or {}).get("uid") or "")
 
@@ -532,7 +540,7 @@ class Reconciler:
         new = plan.status.to_dict()
         if new == self.last_written and not d.acts_on_pods(plan.actions):
             # stored already (maybe by an earlier operator process): exported all the same
-            self.export(plan.status)
+            self.export(plan.status, base)
             return True  # role calls name their epoch: the agents refuse an outdated one
         if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
             return True
@@ -552,11 +560,12 @@ class Reconciler:
             return False
         c.metrics.status_writes.inc()
         self.last_written, self.last_write_at = new, time.monotonic()
-        self.export(plan.status)
+        self.export(plan.status, base)
         return True
 
-    def export(self, status: VolumeStatus) -> None:
-        """The volume's phase and checkpoint gauges, from the status stored. Called for every
+    def export(self, status: VolumeStatus, body: Mapping[str, Any]) -> None:
+        """The volume's phase and checkpoint gauges, from the status stored, and its checkpoint
+        interval, from the spec (``body``) the plan was made from. Called for every
         plan that is stored or found stored, not only after a write: a restarted operator's
         plan for a volume stuck where it is (Failed, Degraded) writes nothing, and the alerts
         on those phases read these gauges. (A coalesced cosmetic plan follows a write made
@@ -565,6 +574,7 @@ class Reconciler:
         metrics.set_phase(self.key, status.phase.value)
         cp = status.checkpoint or {}
         metrics.set_checkpoint(self.namespace, self.name, parse_time(cp.get("time")))
+        metrics.set_checkpoint_interval(self.namespace, self.name, checkpoint_interval(body))
 
     # ---------------------------------------------------------------- execute
 
@@ -789,6 +799,7 @@ class Reconciler:
             # volume must not keep exporting its last phase or checkpoint (alerts take the max)
             c.metrics.set_phase(self.key, None)
             c.metrics.set_checkpoint(self.namespace, self.name, None)
+            c.metrics.set_checkpoint_interval(self.namespace, self.name, None)
             if self.call is not None and not self.call.done():
                 self.call.cancel()
 
@@ -1111,6 +1122,7 @@ async def _finalize(
         await delete_owned(c.kube, secrets_path(namespace, secret), uid)
     c.metrics.set_phase(f"{namespace}/{name}", None)
     c.metrics.set_checkpoint(namespace, name, None)
+    c.metrics.set_checkpoint_interval(namespace, name, None)
     _data_not_removed.pop(uid, None)
     log.info("%s/%s deleted (reclaimPolicy %s)", namespace, name, vspec.reclaim_policy if vspec else "?")
     return None

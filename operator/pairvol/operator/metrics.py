@@ -61,6 +61,13 @@ class OperatorMetrics:
             ["namespace", "volume"],
             registry=r,
         )
+        self.checkpoint_interval = Gauge(
+            "pairvol_volume_checkpoint_interval_seconds",
+            "The volume's spec.checkpoint.intervalSeconds (0: checkpoints only on request): what"
+            " PairvolCheckpointStale measures a checkpoint's age against",
+            ["namespace", "volume"],
+            registry=r,
+        )
         self.volume_phase = Gauge(
             "pairvol_volume_phase",
             "1 for the volume's current phase (status.phase), 0 for the others: the operator's view, which"
@@ -91,6 +98,13 @@ class OperatorMetrics:
                 self.last_checkpoint.remove(namespace, volume)
         else:
             self.last_checkpoint.labels(namespace, volume).set(timestamp)
+
+    def set_checkpoint_interval(self, namespace: str, volume: str, seconds: int | None) -> None:
+        if seconds is None:
+            with contextlib.suppress(KeyError):
+                self.checkpoint_interval.remove(namespace, volume)
+        else:
+            self.checkpoint_interval.labels(namespace, volume).set(seconds)
 
     def set_phase(self, key: str, phase: str | None) -> None:
         """``key``: "namespace/name"; None when the volume is gone (or no longer ours).
@@ -126,5 +140,6 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "pairvol_operator_last_checkpoint_timestamp_seconds",
         "pairvol_operator_volumes",
         "pairvol_volume_phase",
+        "pairvol_volume_checkpoint_interval_seconds",
     }
 )
