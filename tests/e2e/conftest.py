@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,33 @@ def chart_rbac() -> list[dict[str, Any]]:
     return render_chart("default", "networkPolicy.perVolumeReplication=true")
 
 
+#: set for a test whose call phase failed: the stack's teardown then prints the operator's log
+CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+
+
+def show_operator_log(request: pytest.FixtureRequest, s: Stack, lines: int = 120) -> None:
+    """After a failed test, before the stack's directory (and the log in it) is removed:
+    the operator's last INFO-and-above lines, in the report's captured teardown output."""
+    path = getattr(s.operator, "log_path", None)
+    if not request.node.stash.get(CALL_FAILED, False) or path is None or not Path(path).exists():
+        return
+    kept = [line for line in Path(path).read_text(errors="replace").splitlines() if " DEBUG " not in line]
+    print(f"--- the operator's log {path} (last {lines} lines above DEBUG) ---")
+    print("\n".join(kept[-lines:]))
+
+
 @pytest.fixture
-async def stack(tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[dict[str, Any]]) -> AsyncIterator[Stack]:
+async def stack(
+    tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[dict[str, Any]], request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
     if os.geteuid() != 0:
         unavailable("needs root (network namespaces, mounts, cgroups)")
     # not under tmp_path: unix socket paths (the export under the node's hostPath) are
@@ -90,11 +115,12 @@ async def stack(tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[d
         token_lifetime_s=TOKEN_LIFETIME_S,
     ) as s:
         yield s
+        show_operator_log(request, s)
 
 
 @pytest.fixture
 async def default_stack(
-    tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[dict[str, Any]]
+    tmp_path: Path, operator_pod: dict[str, Any], chart_rbac: list[dict[str, Any]], request: pytest.FixtureRequest
 ) -> AsyncIterator[Stack]:
     """The operator with its *default* lease duration, lease margin and reconcile interval
     (OperatorConfig; the chart does not change them), for what the README promises "with
@@ -109,6 +135,7 @@ async def default_stack(
         token_lifetime_s=TOKEN_LIFETIME_S,
     ) as s:
         yield s
+        show_operator_log(request, s)
 
 
 @pytest.fixture
