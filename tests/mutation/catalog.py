@@ -470,6 +470,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "PairvolCheckpointStale knows each volume's interval (manual-checkpoint volumes are never stale)",
     ),
     Mutation(
+        "dirlock.a-file-system-without-locks-is-named", "operator/pairvol/agent/dirlock.py",
+        "    except OSError as exc:  # ENOLCK, EOPNOTSUPP",
+        "    except ZeroDivisionError as exc:  # ENOLCK, EOPNOTSUPP",
+        ("tests/unit/test_agent_dirlock.py",),
+        "an agent on a file system without flock says what is wrong instead of a bare errno",
+    ),
+    Mutation(
         "qsd.a-session-ended-after-negotiation-is-retried", "operator/pairvol/qemu/qsd.py",
         '                await asyncio.wait_for(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))\n',
         "",

@@ -23,7 +23,13 @@ import os
 import time
 from pathlib import Path
 
+from pairvol.errors import PairvolError
+
 log = logging.getLogger(__name__)
+
+class DataDirLockError(PairvolError):
+    """The data dir cannot be locked at all (not: another agent holds it)."""
+
 
 LOCK_FILE = "agent.lock"
 # how often a waiting agent tries again, and says again that it waits
@@ -39,6 +45,13 @@ def _try_lock(path: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as exc:  # ENOLCK, EOPNOTSUPP...: a file system that cannot keep agents apart
+        os.close(fd)
+        raise DataDirLockError(
+            f"cannot lock {path}: {exc.strerror}. The data directory must be on a file system with "
+            "flock (a local ext4 or xfs; NFS only with its lock service): the lock keeps a second "
+            "agent off this replica. Use another hostPath (spec.storage.hostPath)"
+        ) from exc
     except BaseException:
         os.close(fd)
         raise
