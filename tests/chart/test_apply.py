@@ -96,6 +96,14 @@ def test_kubectl_shows_the_printer_columns(kubeconfig: Path) -> None:
     kubectl(kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "basic.yaml"))
     header = kubectl(kubeconfig, "get", "rv", "-n", NAMESPACE).stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "PRIMARY", "SECONDARY", "CHECKPOINT", "SYNC", "AGE"]
+    # -o wide: what an on-call engineer reads next, the operator's message among it
+    kubectl(kubeconfig, "patch", "rv", "basic", "-n", NAMESPACE, "--subresource=status", "--type", "merge",
+            "-p", json.dumps({"status": {"phase": "Failed", "message": "primary down; waiting-for-node-n2"}}))
+    wide = kubectl(kubeconfig, "get", "rv", "-n", NAMESPACE, "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == [
+        "NAME", "PHASE", "PRIMARY", "SECONDARY", "CHECKPOINT", "SYNC", "SIZE", "MODE", "EPOCH", "MESSAGE", "AGE"
+    ], wide[0]
+    assert "primary down; waiting-for-node-n2" in wide[1], wide
 
 
 def test_kubectl_shows_a_running_resync_in_the_sync_column(kubeconfig: Path) -> None:
