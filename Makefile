@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+export PYTEST_ARGS  # tools/test-streams.sh reads it as the shell words it is
 
 .PHONY: venv lint test test-serial test-scale unit integration e2e demo demo-agent bench bench-csi bench-scale chaos tools mutate mutate-generated clean
 
@@ -27,7 +28,7 @@ lint: $(STAMP)
 
 # three pytest processes side by side (tools/test-streams.sh says which and why)
 test: $(STAMP) tools
-	PATH=$(CURDIR)/$(VENV)/tools:$$PATH PYTEST_ARGS="$(PYTEST_ARGS)" bash tools/test-streams.sh
+	PATH=$(CURDIR)/$(VENV)/tools:$$PATH bash tools/test-streams.sh
 
 test-serial: $(STAMP) tools
 	PATH=$(CURDIR)/$(VENV)/tools:$$PATH $(BIN)/pytest -q --durations=30 $(PYTEST_ARGS) tests

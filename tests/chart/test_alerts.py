@@ -224,3 +224,14 @@ def test_dashboard_queries_use_exported_metrics_only(tmp_path: Path) -> None:
         names = promql_metric_names(expr.replace("$volume", "x").replace("$namespace", "x"))
         assert names and names <= known, f"dashboard query {expr!r} uses {names - known}"
     assert (ROOT / "charts" / "pairvol" / "dashboards" / "pairvol.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("window", "seconds"), [("15m", "900"), ("1h30m", "5400"), ("1m30s", "90"), ("500ms", "0.5"), ("1d", "86400")]
+)
+def test_the_failover_window_is_compared_with_time_in_seconds(tmp_path: Path, window: str, seconds: str) -> None:
+    # the agent's timestamp of the failover's end against time(): a duration string would not parse
+    a = alerts(rendered_rules(tmp_path, {"alerts": {"failoverWindow": window}}))
+    for name in ("PairvolFailoverHappened", "PairvolFailoverFailed"):
+        assert f"< {seconds})" in a[name]["expr"], a[name]["expr"]
+        assert f"[{window}]" in a[name]["expr"]

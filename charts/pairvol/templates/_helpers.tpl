@@ -63,7 +63,7 @@ app.kubernetes.io/name: pairvol-agent
 {{- end -}}
 
 {{/* A Prometheus duration ("15m", "1h30m", "500ms") in whole seconds, for rules that
-compare it with time(). The values schema allows only these forms. */}}
+compare it with time() (fractions kept: "500ms" is 0.5). The values schema allows only these forms. */}}
 {{- define "pairvol.durationSeconds" -}}
 {{- $ms := 0 -}}
 {{- $perUnit := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 "w" 604800000 "y" 31536000000 -}}
@@ -71,5 +71,5 @@ compare it with time(). The values schema allows only these forms. */}}
 {{- $unit := regexReplaceAll "^[0-9]+" . "" -}}
 {{- $ms = add $ms (mul (regexFind "^[0-9]+" . | atoi) (get $perUnit $unit)) -}}
 {{- end -}}
-{{- div $ms 1000 -}}
+{{- divf $ms 1000 -}}
 {{- end -}}

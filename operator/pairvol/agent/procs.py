@@ -35,8 +35,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     Where that range leaves too little room below it, the kernel chooses."""
     low, _ = _ephemeral_range()
     if low - 10000 >= 1000:
+        first, end = _port_slice(10000, low)
         for _ in range(200):
-            port = random.randrange(10000, low)
+            port = random.randrange(first, end)
             if port in _handed_out:
                 continue
             with socket.socket() as s:
@@ -53,6 +54,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         if port not in _handed_out:
             _handed_out.add(port)
             return port
+
+
+def _port_slice(low: int, high: int) -> tuple[int, int]:
+    """``PAIRVOL_PORT_SLICE=K/N``: the K-th of N equal parts of [low, high), so that processes
+    picking ports side by side (the test streams of `make test`) never pick the same one;
+    ``_handed_out`` keeps one process from picking a port twice."""
+    k, sep, n = os.environ.get("PAIRVOL_PORT_SLICE", "").partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        return low, high
+    width = (high - low) // int(n)
+    return low + int(k) * width, low + (int(k) + 1) * width
 
 
 def _ephemeral_range() -> tuple[int, int]:
