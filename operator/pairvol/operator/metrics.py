@@ -93,18 +93,10 @@ class OperatorMetrics:
         self.failover_duration.labels(label).observe(duration_s)
 
     def set_checkpoint(self, namespace: str, volume: str, timestamp: float | None) -> None:
-        if timestamp is None:
-            with contextlib.suppress(KeyError):
-                self.last_checkpoint.remove(namespace, volume)
-        else:
-            self.last_checkpoint.labels(namespace, volume).set(timestamp)
+        _set_or_remove(self.last_checkpoint, (namespace, volume), timestamp)
 
     def set_checkpoint_interval(self, namespace: str, volume: str, seconds: int | None) -> None:
-        if seconds is None:
-            with contextlib.suppress(KeyError):
-                self.checkpoint_interval.remove(namespace, volume)
-        else:
-            self.checkpoint_interval.labels(namespace, volume).set(seconds)
+        _set_or_remove(self.checkpoint_interval, (namespace, volume), seconds)
 
     def set_phase(self, key: str, phase: str | None) -> None:
         """``key``: "namespace/name"; None when the volume is gone (or no longer ours).
@@ -124,6 +116,15 @@ class OperatorMetrics:
                     self.volume_phase.remove(namespace, volume, p.value)
             else:
                 self.volume_phase.labels(namespace, volume, p.value).set(1 if p.value == phase else 0)
+
+
+def _set_or_remove(gauge: Gauge, labels: tuple[str, ...], value: float | None) -> None:
+    """A per-volume series: set, or (None) removed, so that nothing exports a stale value."""
+    if value is None:
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
+    else:
+        gauge.labels(*labels).set(value)
 
 
 METRIC_NAMES: frozenset[str] = frozenset(
