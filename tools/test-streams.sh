@@ -4,7 +4,9 @@
 #
 #   cluster  tests/e2e and tests/localcluster: the operator, agents and CSI plugins in the
 #            local cluster; mostly waiting (about a third of one CPU)
-#   node     everything else but the guest: unit, chart, real daemons, chaos, benchmarks
+#   node     everything else but the guest: unit, chart, real daemons, chaos, benchmarks;
+#            at nice 5: the cluster stream's failovers and Lease expiries are the ones that
+#            suffer from a busy CPU, this stream's tests bear it
 #   guest    tests/integration/test_csi_kernel_nbd.py: an emulated VM that keeps both CPUs
 #            busy for minutes; it starts when the first of the other two ends, at a lower
 #            priority, so the one still running is not slowed by it
@@ -98,7 +100,7 @@ done
 trap stop_streams EXIT  # whatever ends this script ends the streams (not SIGKILL: nothing can)
 
 start cluster 0 -- tests/e2e tests/localcluster
-start node 1 -- tests --ignore=tests/e2e --ignore=tests/localcluster --ignore="$GUEST_TEST"
+start node 1 5 -- tests --ignore=tests/e2e --ignore=tests/localcluster --ignore="$GUEST_TEST"
 wait_any
 start guest 2 10 -- "$GUEST_TEST"
 while [ "${#PID[@]}" -gt 0 ]; do wait_any; done

@@ -42,7 +42,7 @@ async def test_apply_get_describe_delete_a_replicated_volume(kubectl: KubectlRun
     assert row.split()[0] == "vol1"
 
     code, out, err = await kubectl("get", "rv", "-o", "wide")
-    assert code == 0 and out.splitlines()[0].split()[-4:] == ["SIZE", "MODE", "EPOCH", "AGE"]
+    assert code == 0 and out.splitlines()[0].split()[-5:] == ["SIZE", "MODE", "EPOCH", "MESSAGE", "AGE"]
     assert "Latest" in out.splitlines()[1]
 
     code, out, err = await kubectl("get", "replicatedvolume", "vol1", "-o", "json")
