@@ -219,8 +219,11 @@ def run_in_guest(script: str, job: Path, timeout: float = 900, scratch_gib: int 
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass  # reported as a guest that never finished
+        finally:  # also on an interrupt: the VM never outlives the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     scratch.unlink(missing_ok=True)
     rc_file = job / "rc"
     out = job / "out.log"
