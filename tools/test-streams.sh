@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test`: the whole suite as three pytest processes, so that the waiting of one
+# `make test-parallel`: the whole suite as three pytest processes, so that the waiting of one
 # (Lease expiry, failovers, pods starting in the local cluster) is time the other works in.
 #
 #   cluster  tests/e2e and tests/localcluster: the operator, agents and CSI plugins in the
@@ -13,13 +13,13 @@
 #
 # Every stream logs to $TEST_LOG_DIR/<stream>.log, printed whole when the stream ends (with
 # its 30 slowest steps), then one line per stream. The exit status is the first failing
-# stream's. PYTEST_ARGS (shell words, as `make test` always took them) go to every stream;
+# stream's. PYTEST_ARGS (shell words, as `make test` takes them) go to every stream;
 # a stream in which they select nothing is fine as long as another one ran something. When
 # they name test files or directories, those run in one process instead (each stream would
 # run them again), as does everything on a bash older than 5.1. Each stream has its own
 # pytest cache (.pytest_cache/<stream>: --lf reruns what failed in it) and its own slice of
 # the ports tests pick (PAIRVOL_PORT_SLICE, pairvol.agent.procs.free_port).
-# `make test-serial` runs the same tests in one process.
+# `make test` runs the same tests in one process (what CI runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

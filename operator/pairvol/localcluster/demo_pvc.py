@@ -218,7 +218,11 @@ async def fsck_clean(socket: Path, work: Path) -> tuple[bool, str]:
     finally:
         await asyncio.to_thread(image.unlink, True)
     lines = out.decode(errors="replace").strip().splitlines() or ["(no output)"]
-    return check.returncode == 0, lines[-1].removeprefix(f"{image}: ")
+    last = lines[-1].removeprefix(f"{image}: ")
+    if check.returncode != 0:  # what e2fsck found, not only its summary
+        found = [line for line in lines[:-1] if line.strip() and not line.startswith(("Pass ", "e2fsck "))]
+        last = f"{last}; exit status {check.returncode}: " + " | ".join(found[:20])
+    return check.returncode == 0, last
 
 
 @dataclass
