@@ -464,7 +464,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "handlers.the-checkpoint-interval-is-exported", "operator/pairvol/operator/handlers.py",
-        "        metrics.set_checkpoint_interval(self.namespace, self.name, checkpoint_interval(body))\n",
+        "        metrics.set_checkpoint_interval(self.namespace, self.name, interval_s)\n",
         "",
         ("tests/unit/test_operator_metrics_restart.py",),
         "PairvolCheckpointStale knows each volume's interval (manual-checkpoint volumes are never stale)",
@@ -1120,7 +1120,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "handlers.a-plan-found-stored-exports-its-phase", "operator/pairvol/operator/handlers.py",
-        "            self.export(plan.status, base)\n",
+        "            self.export(plan.status, interval_s)\n",
         "            pass\n",
         ("tests/unit/test_operator_metrics_restart.py",),
         "a restarted operator exports the phase of a volume stuck Failed or Degraded (the alerts read it)",

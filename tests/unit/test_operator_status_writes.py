@@ -97,7 +97,7 @@ async def test_the_stored_status_is_the_planned_one_also_where_the_plan_dropped_
     rec.remember(body)
     p = plan(w)
     assert p.status.phase is Phase.FAILING_OVER and any(isinstance(a, DoFailover) for a in p.actions)
-    assert await rec.persist(p, body)
+    assert await rec.persist(p, body, 10)
     stored = VolumeStatus.from_dict((await kube.get(volume_path(NS, "vol")))["status"])
     assert stored == p.status
     assert stored.last_failover is not None and stored.last_failover.duration_ms is None
@@ -116,11 +116,11 @@ async def test_a_plan_made_from_an_older_status_is_neither_stored_nor_acted_on(k
         rec.remember(body)
     failing_over = plan(w)
     assert failing_over.status.epoch == w.status.epoch + 1
-    assert await old_replica.persist(failing_over, body)
+    assert await old_replica.persist(failing_over, body, 10)
 
     first_look = plan(replace(w, lease=LeaseView("vol-1-a", 0.0, 3.0)))  # has not seen the Lease expire
     assert first_look.status.epoch == w.status.epoch
-    assert not await new_replica.persist(first_look, body)
+    assert not await new_replica.persist(first_look, body, 10)
     stored = VolumeStatus.from_dict((await kube.get(volume_path(NS, "vol")))["status"])
     assert stored == failing_over.status
 
@@ -141,18 +141,19 @@ async def test_a_plan_that_acts_on_pods_is_checked_against_the_stored_version_ev
     for rec in (old_replica, new_replica):
         rec.remember(body)
         rec.last_written = w.status.to_dict()
-    assert await old_replica.persist(plan(w), body)  # the volume moves on
+    assert await old_replica.persist(plan(w), body, 10)  # the volume moves on
     unchanged = w.status
-    assert not await new_replica.persist(Plan(unchanged, (DeletePod("vol-2-c", "no replica of this volume"),)), body)
-    assert not await new_replica.persist(Plan(unchanged, (SetRole("vol-1-b", "secondary"),)), body)
+    delete = Plan(unchanged, (DeletePod("vol-2-c", "no replica of this volume"),))
+    assert not await new_replica.persist(delete, body, 10)
+    assert not await new_replica.persist(Plan(unchanged, (SetRole("vol-1-b", "secondary"),)), body, 10)
 
     current = await kube.get(volume_path(NS, "vol"))
     rec = Reconciler("vol", NS)
     rec.remember(current)
     now = VolumeStatus.from_dict(current["status"])
     rec.last_written = now.to_dict()
-    assert await rec.persist(Plan(now, (Checkpoint("vol-1-b", "10.0.0.2"),)), body), "no write, no check"
-    assert await rec.persist(Plan(now, (DeletePod("vol-2-c", "no replica of this volume"),)), current)
+    assert await rec.persist(Plan(now, (Checkpoint("vol-1-b", "10.0.0.2"),)), body, 10), "no write, no check"
+    assert await rec.persist(Plan(now, (DeletePod("vol-2-c", "no replica of this volume"),)), current, 10)
 
 
 async def test_a_label_patch_the_api_server_refuses_does_not_stop_the_rest_of_the_plan(kube: KubeClient) -> None:

@@ -244,14 +244,6 @@ class NameTaken(KubeError):
         super().__init__(409, message)
 
 
-def checkpoint_interval(body: Mapping[str, Any]) -> int | None:
-    """``spec.checkpoint.intervalSeconds`` as stored (the CRD defaults it to 10); None for a
-    value no valid spec has (the volume is then refused, and nothing is cut)."""
-    checkpoint = (body.get("spec") or {}).get("checkpoint") or {}
-    value = checkpoint.get("intervalSeconds", 10) if isinstance(checkpoint, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
 def _uid(body: Mapping[str, Any] | None) -> str:
     return str(((body or {}).get("metadata") or {}).get("uid") or "")
 
@@ -523,7 +515,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- persist
 
-    async def persist(self, plan: d.Plan, base: Mapping[str, Any]) -> bool:
+    async def persist(self, plan: d.Plan, base: Mapping[str, Any], interval_s: int | None) -> bool:
         """Write the planned status if it changed; cosmetic changes are rate-limited.
 
         ``base``: the version of the volume the plan was made from. The write is conditional
@@ -540,7 +532,7 @@ class Reconciler:
         new = plan.status.to_dict()
         if new == self.last_written and not d.acts_on_pods(plan.actions):
             # stored already (maybe by an earlier operator process): exported all the same
-            self.export(plan.status, base)
+            self.export(plan.status, interval_s)
             return True  # role calls name their epoch: the agents refuse an outdated one
         if plan.cosmetic and time.monotonic() - self.last_write_at < 1.0 and not plan.actions:
             return True
@@ -560,12 +552,13 @@ class Reconciler:
             return False
         c.metrics.status_writes.inc()
         self.last_written, self.last_write_at = new, time.monotonic()
-        self.export(plan.status, base)
+        self.export(plan.status, interval_s)
         return True
 
-    def export(self, status: VolumeStatus, body: Mapping[str, Any]) -> None:
+    def export(self, status: VolumeStatus, interval_s: int | None) -> None:
         """The volume's phase and checkpoint gauges, from the status stored, and its checkpoint
-        interval, from the spec (``body``) the plan was made from. Called for every
+        interval (``interval_s``, of the spec the plan was made from; None: the spec is invalid
+        and nothing is cut). Called for every
         plan that is stored or found stored, not only after a write: a restarted operator's
         plan for a volume stuck where it is (Failed, Degraded) writes nothing, and the alerts
         on those phases read these gauges. (A coalesced cosmetic plan follows a write made
@@ -574,7 +567,7 @@ class Reconciler:
         metrics.set_phase(self.key, status.phase.value)
         cp = status.checkpoint or {}
         metrics.set_checkpoint(self.namespace, self.name, parse_time(cp.get("time")))
-        metrics.set_checkpoint_interval(self.namespace, self.name, checkpoint_interval(body))
+        metrics.set_checkpoint_interval(self.namespace, self.name, interval_s)
 
     # ---------------------------------------------------------------- execute
 
@@ -758,7 +751,8 @@ class Reconciler:
             world = dataclasses.replace(world, volume_dirs=volume_dirs(self.key, volumes, c))
         plan = d.plan(world)
         c.placed[self.key] = {r.node for r in (plan.status.primary, plan.status.secondary) if r is not None}
-        if not await self.persist(plan, body):
+        interval_s = None if isinstance(world.spec, SpecError) else world.spec.checkpoint_interval_s
+        if not await self.persist(plan, body, interval_s):
             return False
         acted = False
         for action in plan.actions:
