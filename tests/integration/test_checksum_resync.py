@@ -14,6 +14,7 @@ import contextlib
 import os
 import random
 import re
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from pairvol.agent import checksum as cs
 from pairvol.agent import crashpoints
 from pairvol.agent.procs import AgentCallError
+from pairvol.agent.replica import CHECKSUM_MARKED
 from pairvol.nbd import NBDClient
 from tests.support.agents import Agent
 from tests.support.bytes_compare import assert_same_image
@@ -224,19 +226,45 @@ async def test_a_secondary_killed_mid_comparison_is_compared_again_and_ends_iden
         assert_same_image(image(old), image(primary), "old primary after an interrupted comparison")
 
 
-async def test_a_secondary_killed_after_the_comparison_gets_a_bitmap_resync_of_the_rest(tmp_path: Path) -> None:
+def stopped(pid: int) -> bool:
+    """The process is frozen (SIGSTOP): state ``T`` in /proc/PID/stat."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    return False
+
+
+async def test_a_secondary_killed_after_the_comparison_gets_a_bitmap_resync_of_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once the differing regions are in the dirty bitmap, the primary has a record of that
-    disk like after a dropped link: the next resync copies the bitmap, without comparing."""
+    disk like after a dropped link: the next resync copies the bitmap, without comparing.
+
+    The primary freezes right after it recorded the comparison (``checksum.marked``, before
+    the copy starts), the secondary is killed then, and the primary goes on: the copy fails
+    on the lost connection with nothing else in flight. (Killed at a moment of its own
+    choosing, the secondary may take a FLUSH with it, and a flush that fails is a failed
+    writeback as far as the primary can tell: that link failure rightly makes the next
+    resync a comparison again, docs/correctness.md R3.)"""
     async with rejoined(tmp_path) as (primary, old):
         ident = await disk_id(old)
+        await primary.stop()
+        monkeypatch.setenv(crashpoints.ENV, f"{CHECKSUM_MARKED.name}:1:stop")
+        await primary.start()
+        monkeypatch.delenv(crashpoints.ENV)
         await pair_with(primary, 5, old, 4)
-        await wait_for(primary, lambda s: s["replication"]["resync"]["peerDisk"] == ident, 30, "compared")
+        assert primary.proc is not None
+        deadline = time.monotonic() + 30
+        while not stopped(primary.proc.pid):
+            assert time.monotonic() < deadline, f"the primary never reached checksum.marked: {primary.log_tail()}"
+            await asyncio.sleep(0.05)
         old.kill()
         await old.wait_exit()
+        os.kill(primary.proc.pid, signal.SIGCONT)
+        st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 20, "peer dropped")
+        assert st["replication"]["resync"] == {"peerDisk": ident, "tracking": True, "fullReason": None}, st
         async with await primary.nbd() as nbd:
             await fill(nbd, 0xD4, [17 * MiB])
             await nbd.flush()
-        await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 20, "peer dropped")
         await old.start()
         await pair_with(primary, 6, old, 4)
         st = await primary.wait_replicating()

@@ -13,10 +13,16 @@ and ``hit`` does nothing unless the environment arms the point:
     PAIRVOL_CRASH_AT="checkpoint.after-cut"       first time the point is reached
     PAIRVOL_CRASH_AT="checkpoint.after-cut:3"     the third time
     PAIRVOL_CRASH_AT="a:2,b"                      several points
+    PAIRVOL_CRASH_AT="checkpoint.after-cut:1:stop"  freeze there instead (SIGSTOP)
 
 Reaching an armed point sends SIGKILL to the agent itself (its qemu-storage-daemon follows
 through PR_SET_PDEATHSIG), which is what a node losing power or the OOM killer does. The
 point's name is written to stderr first, so a test can tell a crash point from a bug.
+
+``stop`` freezes the agent there with SIGSTOP instead (its daemons keep running): a test
+then breaks something else at a known step of the operation — kills the peer while nothing
+of this agent is in flight — and lets it go on with SIGCONT. Without it, "kill the peer
+during the copy" lands wherever the scheduler puts it.
 ``pairvol agent --list-crash-points`` prints every declared point.
 """
 
@@ -49,27 +55,36 @@ def point(name: str, doc: str) -> CrashPoint:
     return POINTS[name]
 
 
-def _armed() -> dict[str, int]:
-    armed: dict[str, int] = {}
+KILL = "kill"
+STOP = "stop"
+_SIGNALS = {KILL: signal.SIGKILL, STOP: signal.SIGSTOP}
+
+
+def _armed() -> dict[str, tuple[int, str]]:
+    """``{point: (occurrence, action)}`` from the environment."""
+    armed: dict[str, tuple[int, str]] = {}
     for item in os.environ.get(ENV, "").split(","):
         item = item.strip()
         if not item:
             continue
-        name, _, nth = item.partition(":")
-        armed[name] = int(nth) if nth.isdigit() and int(nth) > 0 else 1
+        name, _, rest = item.partition(":")
+        nth, _, action = rest.partition(":")
+        armed[name] = (int(nth) if nth.isdigit() and int(nth) > 0 else 1, action if action in _SIGNALS else KILL)
     return armed
 
 
 def hit(cp: CrashPoint) -> None:
-    """Die here if the environment armed this point (and this is the armed occurrence)."""
-    nth = _armed().get(cp.name)
-    if nth is None:
+    """Die (or freeze) here if the environment armed this point (and this is the armed occurrence)."""
+    armed = _armed().get(cp.name)
+    if armed is None:
         return
+    nth, action = armed
     _hits[cp.name] = _hits.get(cp.name, 0) + 1
     if _hits[cp.name] == nth:
-        sys.stderr.write(f"pairvol: crash point {cp.name} reached (occurrence {nth}): SIGKILL\n")
+        sig = _SIGNALS[action]
+        sys.stderr.write(f"pairvol: crash point {cp.name} reached (occurrence {nth}): {sig.name}\n")
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
 
 
 def describe() -> str:
