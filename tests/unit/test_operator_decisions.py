@@ -842,6 +842,32 @@ def test_a_half_synced_secondary_is_not_promoted_even_by_hand(mode: str) -> None
     assert any(isinstance(a, Event) and a.reason == "FailoverBlocked" for a in p2.actions)
 
 
+def test_a_manual_failover_blocked_while_the_primary_is_down_is_answered_once() -> None:
+    """The primary's node is down and the failover is blocked (the secondary never finished
+    its full sync): the automatic path has said so already. A manual request then made gets
+    an Event of its own at once (not only when the primary comes back and consumes it), and
+    only one, however many ticks the request stands."""
+    elsewhere = replace(PRIMARY_AGENT, peer="10.0.0.9:7801")
+    p = plan(replicating(agents={"vol-1-a": elsewhere, "vol-1-b": SECONDARY_AGENT}))
+    down = (NodeView("n1", ready=False), *NODES[1:])
+
+    def node_down(**kw: Any) -> World:
+        return primary_dead(nodes=down, **kw)
+
+    blocked = plan(node_down(status=p.status.with_(epoch=4)))
+    assert blocked.status.phase == Phase.FAILED
+    assert [a.reason for a in blocked.actions if isinstance(a, Event)] == ["FailoverBlocked"]
+    again = plan(node_down(status=blocked.status))
+    assert not any(isinstance(a, Event) for a in again.actions), "the automatic path says it once"
+    asked = plan(node_down(status=again.status, annotations={ANN_FAILOVER: "now"}))
+    events = [a for a in asked.actions if isinstance(a, Event)]
+    assert [(e.reason, e.type) for e in events] == [("FailoverBlocked", "Warning")], asked.actions
+    assert "never finished its full sync" in events[0].message and f"{ANN_FAILOVER}=now" in events[0].message
+    assert not any(isinstance(a, (DoFailover, ClearAnnotation)) for a in asked.actions), "the request stands"
+    still = plan(node_down(status=asked.status, annotations={ANN_FAILOVER: "now"}))
+    assert not any(isinstance(a, Event) for a in still.actions), "said once while the request stands"
+
+
 def test_a_secondary_is_synced_once_the_pair_is_in_sync_after_its_full_sync() -> None:
     placed = plan(replicating(agents={"vol-1-a": replace(PRIMARY_AGENT, peer="10.0.0.9:7801"),
                                       "vol-1-b": SECONDARY_AGENT})).status

@@ -1239,7 +1239,10 @@ def _primary_down(
         msg = f"primary down ({why}); {blocker}"
         if blocker.startswith("waiting for lease"):
             return _finish(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, False)
-        if blocker not in st.message:
+        if manual:
+            # the automatic path may have said the blocker already: the request is new news
+            msg += f"; the manual failover ({ANN_FAILOVER}=now) waits"
+        if (blocker if not manual else msg) not in st.message:
             actions.append(Event("Warning", "FailoverBlocked", msg))
         return _restart_primary_in_place(world, st.with_(phase=Phase.FAILED, message=msg), actions)
     assert sec is not None
