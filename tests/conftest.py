@@ -22,6 +22,7 @@ import pytest
 from _pytest._code import code as _pytest_code
 
 from tests.support.ci import OUTSIDE_REPOSITORY, on_ci
+from tests.support.vm import BACKGROUND_GUEST, BackgroundGuest
 
 
 def _lineno_of_entry(entry: Any) -> int:
@@ -77,6 +78,53 @@ def _report_where_a_test_hangs(request: pytest.FixtureRequest) -> Iterator[None]
         yield
     finally:
         timer.cancel()
+
+
+# ---------------------------------------------------------------- the guest, in the background
+#
+# The emulated VM of test_csi_kernel_nbd.py (marker ``guest_vm``) is CPU-bound for ~8
+# minutes and waits on nothing. When other tests run in the same session, it is started at
+# the session's start at nice 19 and its test moves to the end, where it collects the
+# outcome; the local-cluster tests (tests/e2e, tests/localcluster), which mostly wait
+# (Leases running out, pods starting, failovers: ~70 % of one CPU), run first, so the VM
+# lives on the CPU they leave idle, and nice 19 gives it next to nothing while they want it.
+# PAIRVOL_GUEST_BACKGROUND=0 runs everything in the usual order, the guest in its turn.
+
+_GUEST_ITEM = pytest.StashKey[pytest.Item]()
+_MOSTLY_WAITING = ("e2e", "localcluster")
+
+
+def _runs_beside_the_guest(item: pytest.Item) -> bool:
+    parts = item.path.relative_to(item.config.rootpath).parts
+    return len(parts) > 1 and parts[0] == "tests" and parts[1] in _MOSTLY_WAITING
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    guests = [item for item in items if item.get_closest_marker("guest_vm")]
+    if len(guests) != 1 or len(items) == 1 or os.environ.get("PAIRVOL_GUEST_BACKGROUND", "1") == "0":
+        return
+    rest = [item for item in items if item is not guests[0]]
+    items[:] = [*sorted(rest, key=lambda item: not _runs_beside_the_guest(item)), guests[0]]  # stable
+    config.stash[_GUEST_ITEM] = guests[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _guest_in_the_background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    item = request.config.stash.get(_GUEST_ITEM, None)
+    if item is None:
+        yield
+        return
+    module: Any = getattr(item, "module", None)
+    guest = BackgroundGuest(module.guest_script(), tmp_path_factory.mktemp("guest"), module.BACKGROUND_TIMEOUT_S)
+    guest.start()
+    request.config.stash[BACKGROUND_GUEST] = guest
+    try:
+        yield
+    finally:
+        guest.cancel()  # collected by its test by now, unless the session ended early
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -30,6 +30,7 @@ from pairvol.csi.attacher_host import HostAttachers
 from pairvol.csi.manifests import ATTACHER_HOST_CONTAINER, ATTACHER_HOST_SOCKET, NODE_PLUGIN_CONTAINER, node_pod
 from pairvol.localcluster.kubelet import _prepare_cgroup_root, _sweep_cgroup_tree, own_bounding_set
 from pairvol.localcluster.kubelet_pods import SecurityPlan, security_plan
+from tests.support.agents import SLOWDOWN
 from tests.support.ci import REPO, outside_repository, unavailable
 
 
@@ -149,7 +150,7 @@ async def driver(
         )
     channel: grpc.aio.Channel | None = None
     try:
-        deadline = asyncio.get_running_loop().time() + 30
+        deadline = asyncio.get_running_loop().time() + 30 * SLOWDOWN  # a Python start-up under emulation: longer
         while not socket.exists():
             if proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError(f"pairvol csi did not start: {log_path.read_text(errors='replace')[-2000:]}")
@@ -225,7 +226,7 @@ async def attacher_host(
         )
     try:
         attachers = HostAttachers(socket)
-        await attachers.wait_ready(30)
+        await attachers.wait_ready(30 * SLOWDOWN)
         yield Host(proc, socket, log_path, attachers)
     finally:
         if proc.returncode is None:
