@@ -569,6 +569,81 @@ async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(kube
     assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
 
 
+async def mount_namespace_holder() -> asyncio.subprocess.Process:
+    """A process in a private copy of this machine's mount namespace, made now: what a
+    container started on the node while a volume is mounted there holds (on the local
+    cluster every pod does: its private namespace copies the node's mounts, and an unmount
+    outside does not reach it)."""
+    ours = os.readlink("/proc/self/ns/mnt")
+    proc = await asyncio.create_subprocess_exec("unshare", "--mount", "--propagation", "private", "sleep", "600")
+
+    def ready() -> bool:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep" and (
+                os.readlink(f"/proc/{proc.pid}/ns/mnt") != ours
+            )
+        return False
+
+    while True:
+        if await asyncio.to_thread(ready):
+            return proc
+        await asyncio.sleep(0.02)
+
+
+async def fsck_through_the_primary(volume: Volume, work: Path) -> tuple[int, str]:
+    """``e2fsck -fn`` of the volume as its primary serves it (read through its export)."""
+    image = work / "fsck.img"
+    client = await volume.primary.nbd()
+    try:
+        chunks = [await client.pread(min(4 << 20, client.size - at), at) for at in range(0, client.size, 4 << 20)]
+    finally:
+        await client.close()
+    await asyncio.to_thread(image.write_bytes, b"".join(chunks))
+    proc = await asyncio.create_subprocess_exec(
+        "e2fsck", "-fn", str(image), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def test_an_unstage_never_detaches_a_file_system_still_mounted_in_another_namespace(
+    kubelet: Kubelet, volume: Volume, tmp_path: Path
+) -> None:
+    """The plugin's unmount ends the file system only where nothing else holds a copy of
+    the mount. A process whose mount namespace was made while the volume was mounted keeps
+    the file system alive: it writes its journal and superblock when that copy goes. The
+    unstage is refused (the kubelet retries), nothing is detached, and once the copy is gone
+    the retry detaches a clean file system."""
+    await kubelet.stage()
+    await kubelet.publish()
+    data = os.urandom(1 << 20)
+    await asyncio.to_thread(write_synced, kubelet.target / "data.bin", data)
+    holder = await mount_namespace_holder()
+    try:
+        await kubelet.unpublish()
+        with pytest.raises(grpc.aio.AioRpcError) as held:
+            await kubelet.unstage()
+        assert held.value.code() == grpc.StatusCode.FAILED_PRECONDITION, held.value.details()
+        assert f"process {holder.pid} (sleep)" in held.value.details()
+        assert await devices_of(kubelet.state_dir), "the device was detached under a live file system"
+        assert await Attachment(kubelet.state_dir, "apps/pvc-1").attacher_running()
+    finally:
+        holder.kill()
+        await holder.wait()
+    # the copy went with its process: the file system's last writes went through the attachment
+    await kubelet.unstage()
+    assert not await devices_of(kubelet.state_dir)
+    # clean: not a journal left to replay and counts that were never written (the detach
+    # under the live file system left "skipping journal recovery", "Free blocks count wrong")
+    rc, out = await fsck_through_the_primary(volume, tmp_path)
+    assert rc == 0 and "journal" not in out and "Fix?" not in out, out
+
+    await kubelet.stage()
+    await kubelet.publish()
+    assert await asyncio.to_thread((kubelet.target / "data.bin").read_bytes) == data
+
+
 async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unstaging(kubelet: Kubelet) -> None:
     await kubelet.stage()
     await kubelet.publish()

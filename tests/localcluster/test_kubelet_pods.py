@@ -229,7 +229,7 @@ class TestLaunch:
         outer, inner = launch_script(
             cgroup_procs=None, mounts=[], netns="n", workdir=None, argv=["true"], hostname="agent-0"
         )
-        assert "exec unshare --mount --uts --propagation private" in outer[2]
+        assert "exec unshare --mount --uts --propagation slave" in outer[2]
         assert "echo $$" not in outer[2]  # no cgroup: nothing to join
         assert inner.splitlines()[1] == "hostname agent-0"
 

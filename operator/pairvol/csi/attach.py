@@ -63,21 +63,31 @@ attacher, → NBD FLUSH to the primary), then the device is flushed and detached
 (which flushes and closes its block graph). Nothing is killed while a layer above it is
 still in place, except a daemon that does not exit within its grace period. Each step
 looks at what is there, so a node plugin restarted between any two of them carries on.
+
+An unmount here ends the file system only if no other mount namespace holds a copy of the
+mount (a container started on the node while the volume was mounted): the kernel shuts it
+down — journal checkpoint, clean superblock — when the last copy goes. So the device is
+flushed through an *exclusive* open, which the kernel refuses while a file system still
+has it anywhere, and a flush that fails is an error while the attacher could still carry
+it: the unstage then stops before anything is detached, and the kubelet retries
+(:meth:`Attachment.unstage`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from pairvol.agent import crashpoints
 from pairvol.csi import nbd
@@ -85,6 +95,7 @@ from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 UNSTAGE_UNMOUNTED = crashpoints.point(
     "csi.unstage.unmounted", "the staged file system is unmounted; the device and the attacher remain"
@@ -119,6 +130,8 @@ LOCAL_EXPORT = "volume"
 #: how long an unstage waits for a disconnected nbd device to be released (it stays
 #: configured while anything still holds it open, e.g. a mount namespace that copied its mount)
 NBD_RELEASE_WAIT_S = 3.0
+#: how long an unstage waits for a detached loop device to be released by the kernel
+LOOP_RELEASE_WAIT_S = 3.0
 #: nbd devices are chosen one stage at a time in this process (a lock per event loop)
 _nbd_choice_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
@@ -141,6 +154,11 @@ class Broken(AttachError):
 
 class Busy(AttachError):
     """The volume is still published; it must be unpublished before it is unstaged."""
+
+
+class HeldElsewhere(Busy):
+    """The file system is unmounted here but still alive elsewhere (a copy of its mount in
+    another mount namespace): detaching now would drop the writes it makes when it ends."""
 
 
 class TooSmall(AttachError):
@@ -671,18 +689,68 @@ class Attachment:
                 await run("umount", str(path))
         crashpoints.hit(UNSTAGE_UNMOUNTED)
         for device in devices:
-            rc, out = await run("blockdev", "--flushbufs", device, check=False)
-            if rc != 0:  # the attachment's I/O fails (a dead attacher, an ended lineage): nothing more reaches it
-                log.warning("flushing %s of %s failed before its detach: %s", device, self.volume_id, out)
+            await self._flush_before_detach(device, record, paths)
             if Path(device).name.startswith("nbd"):
                 await self._detach_nbd(device)
             else:
-                await run("losetup", "--detach", device)
+                await self._detach_loop(device)
         crashpoints.hit(UNSTAGE_LOOP_DETACHED)
         await self.attachers.stop(self)
         crashpoints.hit(UNSTAGE_ATTACHER_STOPPED)
         await asyncio.to_thread(shutil.rmtree, self.dir, True)
         log.info("detached %s", self.volume_id)
+
+    async def _flush_before_detach(self, device: str, record: Record | None, paths: set[Path]) -> None:
+        """Flush ``device`` to the primary, opened exclusively: the kernel refuses that open
+        while a file system still has the device, e.g. through a copy of its mount in
+        another mount namespace, whose last writes (journal checkpoint, superblock) come
+        only when that copy goes. Then HeldElsewhere, and nothing is detached. A failed flush
+        is an error too (the file system's writes may not all have reached the primary),
+        unless nothing can carry them any more: a dead attacher, an ended lineage."""
+        try:
+            failed = await _to_the_end(_exclusive_flush, device)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise AttachError(f"cannot open {device} of {self.volume_id} to flush it: {exc.strerror}") from exc
+            holders = await asyncio.to_thread(_holders, device)
+            where = ", ".join(holders) or (
+                "by a mount in a mount namespace this plugin cannot see, or by a program that opened it exclusively"
+            )
+            raise HeldElsewhere(
+                f"{self.volume_id} is unmounted at {', '.join(sorted(map(str, paths))) or 'its staging path'} but its "
+                f"file system is still in use: {device} is held {where}. A process started on this node while the "
+                "volume was mounted keeps a copy of the mount, and the file system writes its journal and superblock "
+                "only when the last copy goes; nothing was detached, so those writes still reach the volume. End "
+                "those processes (or unmount the volume in their mount namespace); the unstage is retried"
+            ) from exc
+        if failed is None:
+            return
+        if await self.attacher_running() and not (record is not None and await self.superseded(record)):
+            raise AttachError(
+                f"flushing {device} of {self.volume_id} to the volume's primary failed ({failed.strerror}): writes of "
+                "its file system may not have reached the primary, so nothing was detached; the unstage is retried "
+                "(if it keeps failing, check that the volume's primary serves its export)"
+            )
+        log.warning(
+            "flushing %s of %s failed before its detach (%s); its attacher is gone or its lineage ended, so "
+            "nothing more can reach the volume",
+            device, self.volume_id, failed.strerror,
+        )  # fmt: skip
+
+    async def _detach_loop(self, device: str) -> None:
+        """Detach the loop device and wait until the kernel has released it. A loop device
+        that something still holds open is only marked to detach at its last close, while
+        the holder may still write to it: then the attacher must stay (AttachError)."""
+        await run("losetup", "--detach", device)
+        deadline = asyncio.get_running_loop().time() + LOOP_RELEASE_WAIT_S
+        while device in await self.loop_devices():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AttachError(
+                    f"{device} of {self.volume_id} is still open elsewhere after its detach (the kernel detaches it "
+                    "at its last close); its attacher is kept so that what the holder writes still reaches the "
+                    f"volume; find it (fuser -v {device}), end it, and the unstage is retried"
+                )
+            await asyncio.sleep(0.05)
 
     async def discard_if_left_over(self) -> str:
         """At the node plugin's start: ``"running"`` when the attacher runs (only the
@@ -878,6 +946,66 @@ def _recorded_nbd_devices(state_dir: Path, besides: Path) -> set[str]:
             with contextlib.suppress(OSError):
                 found.add(path.read_text().strip())
     return found
+
+
+def _exclusive_flush(device: str) -> OSError | None:
+    """Open ``device`` exclusively (OSError EBUSY: a file system, or another exclusive
+    opener, has it) and fsync it: its dirty pages are written and a cache flush is sent
+    down to the attacher (for a loop device an fsync of the FUSE file, for nbd an NBD
+    FLUSH), which answers once the primary has. Returns the flush's error."""
+    fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+    return None
+
+
+def _holders(device: str) -> list[str]:
+    """What holds ``device`` besides this process's mounts, as far as this process can see:
+    one process per other mount namespace in which it (or an nbd partition) is mounted, and
+    the devices the kernel stacks on it."""
+    numbers = nbd.device_numbers(device) if Path(device).name.startswith("nbd") else [_dev_number(device)]
+    ours = os.readlink("/proc/self/ns/mnt")
+    seen = {ours}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            namespace = os.readlink(entry / "ns" / "mnt")
+            if namespace in seen:
+                continue
+            mountinfo = (entry / "mountinfo").read_text()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        seen.add(namespace)
+        points = device_users(mountinfo, device, numbers)
+        if points:
+            found.append(f"mounted at {points[0]} in the mount namespace of process {entry.name} ({comm})")
+    with contextlib.suppress(OSError):
+        stacked = sorted(p.name for p in (Path("/sys/class/block") / Path(device).name / "holders").iterdir())
+        found += [f"by /dev/{name} (stacked on it)" for name in stacked]
+    return found
+
+
+async def _to_the_end(fn: Callable[[str], _T], arg: str) -> _T:
+    """``fn(arg)`` in a thread, waited for to its end whatever cancellations arrive meanwhile
+    (a thread cannot be stopped: a call cut short must not leave it running next to the
+    kubelet's retry, as :func:`run` does for commands); then the cancellation goes on."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, arg))
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.wait([work])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+    return work.result()
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -18,11 +18,14 @@ How a container runs (all real, nothing simulated inside the process):
   published directory bound like a hostPath (a Block-mode claim's device at its
   ``volumeDevices`` ``devicePath``, outside ``/dev``); unpublished and unstaged after the pod's
   containers are gone, before the pod is finalized;
-* a private mount namespace (``unshare --mount``) in which Secret/ConfigMap/emptyDir
+* a mount namespace of its own (``unshare --mount --propagation slave``) in which Secret/ConfigMap/emptyDir
   volumes (files under ``<root>/<node>/pods/<uid>/volumes/<name>/``) and hostPath volumes
   (``<root>/<node>/hostpath/<path>``) are bind-mounted at the container's ``mountPath``.
   Mount *targets* are created as empty directories on the host file system if missing
-  (the bind mounts themselves are private to the pod);
+  (the bind mounts themselves are private to the pod). The machine's mounts are slaves
+  there, so an unmount on the machine (a CSI node plugin unstaging another pod's volume)
+  reaches the container's copy: a private copy would keep that file system alive, unflushed,
+  after its device is gone, as a container runtime's pivot_root into the image never does;
 * the pod's own network namespace with its own IP from the node's pod CIDR
   (:meth:`~pairvol.localcluster.netns.ClusterNetwork.add_pod`, created before the first
   container starts, removed when the pod ends), or the node's with ``hostNetwork``;

@@ -451,8 +451,9 @@ def launch_script(
     hostname: str | None = None,
     security: SecurityPlan | None = None,
 ) -> tuple[list[str], str]:
-    """The argv that starts a container: join its cgroup, enter a private mount (and, with
-    ``hostname``, UTS) namespace, bind the mounts, make the root file system read-only if
+    """The argv that starts a container: join its cgroup, enter a mount namespace of its own
+    in which the machine's mounts are slaves (and, with ``hostname``, a UTS namespace), bind
+    the mounts, make the root file system read-only if
     asked, enter the node's network namespace (``netns``; None: stay in ours), then take
     the container's user and capabilities (``security``) and exec the command.
 
@@ -488,7 +489,12 @@ def launch_script(
     if cgroup_procs:
         outer.append(f"echo $$ > {q(cgroup_procs)}")
     uts = "--uts " if hostname else ""
-    outer.append(f"exec unshare --mount {uts}--propagation private -- /bin/sh -c " + q(inner_script))
+    # slave, not private: the machine's mounts as they were are copied into the container's
+    # namespace, and an unmount on the machine reaches the copy. A private copy would keep
+    # every file system mounted at that moment (a CSI volume of another pod) alive for the
+    # container's whole life, after its node plugin unmounted it; a container runtime's
+    # pivot_root into the image leaves no such copy. Mounts made inside stay inside.
+    outer.append(f"exec unshare --mount {uts}--propagation slave -- /bin/sh -c " + q(inner_script))
     return ["/bin/sh", "-c", "\n".join(outer)], inner_script
 
 
