@@ -27,6 +27,7 @@ from pairvol.errors import PairvolError
 
 log = logging.getLogger(__name__)
 
+
 class DataDirLockError(PairvolError):
     """The data dir cannot be locked at all (not: another agent holds it)."""
 
