@@ -1579,6 +1579,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a device another program connected is never adopted, reported broken or disconnected as ours",
     ),
     Mutation(
+        "attach.unstage-flushes-through-an-exclusive-open", "operator/pairvol/csi/attach.py",
+        "    fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)\n",
+        "    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)\n",
+        ("tests/integration/test_csi_node.py::"
+         "test_an_unstage_never_detaches_a_file_system_still_mounted_in_another_namespace",),
+        "an unstage never detaches a file system that is still alive in another mount namespace: its last "
+        "writes (journal checkpoint, superblock) would go to a dead device (L2)",
+    ),
+    Mutation(
         "nbd.partitions-use-the-device", "operator/pairvol/csi/nbd.py",
         '    for dev in [base / "dev", *sorted(base.glob(f"{base.name}p*/dev"))]:\n',
         '    for dev in [base / "dev"]:\n',
