@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shlex
 import shutil
 import signal
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from pairvol.csi.identity import VOLUME_ACCESSIBILITY_CONSTRAINTS
 from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
 from pairvol.localcluster.cluster import LocalCluster
+from pairvol.localcluster.csi_plugins import make_shared
 from tests.support.agents import Agent, free_port, pair, privileges, running_as, write_psk
 from tests.support.ci import unavailable
 from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security
@@ -200,6 +202,18 @@ async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator
 
 
 @contextlib.asynccontextmanager
+async def shared_mounts(*paths: Path) -> AsyncIterator[None]:
+    """Each of ``paths`` bound onto itself as a shared mount for the block; then unmounted."""
+    for path in paths:
+        await make_shared(path)
+    try:
+        yield
+    finally:
+        for path in reversed(paths):
+            await run("umount", "-l", str(path), check=False)
+
+
+@contextlib.asynccontextmanager
 async def node_plugin(
     tmp_path: Path, volume: Volume, stubs: Stubs, *args: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[Kubelet]:
@@ -208,7 +222,10 @@ async def node_plugin(
     state = tmp_path / "csi-state"
     pods = tmp_path / "kubelet"
     plan = node_plugin_security()
-    async with driver(
+    # as on a node: the kubelet directory and the plugin's state directory are shared mounts
+    # (the chart's Bidirectional propagation), so a process started meanwhile (an agent of
+    # this test, or of another pytest process) gets copies that the plugin's unmounts reach
+    async with shared_mounts(pods, state), driver(
         tmp_path,
         "node",
         "--node-id",
@@ -244,7 +261,7 @@ async def node_plugin(
                         await step(vid)
             # a failed test may leave a publication the plugin refuses to tear down under:
             # clean up by hand first (so nothing outlives the test), then fail
-            leftover = [m for m in mounts() if str(tmp_path) in m]
+            leftover = [m for m in mounts() if str(tmp_path) in m and m not in (str(pods), str(state))]
             for path in sorted(leftover, key=len, reverse=True):
                 await run("umount", "-l", path, check=False)
             await Attachment(state, "apps/pvc-1").unstage(None)
@@ -408,7 +425,7 @@ async def test_a_file_system_the_node_cannot_make_is_refused_before_anything_is_
                 "install it (package xfsprogs) in the node plugin's image, or use another fsType "
                 "(csi.storage.k8s.io/fstype of the StorageClass)"
             )
-        assert [m for m in mounts() if str(tmp_path) in m] == []
+        assert [m for m in mounts() if str(tmp_path) in m] == [str(tmp_path / "kubelet"), str(kubelet.state_dir)]
         assert await devices_of(kubelet.state_dir) == []
         assert not kubelet.state_dir.exists() or list(kubelet.state_dir.iterdir()) == [], "no attachment was begun"
         assert not await qemu_daemons_under(kubelet.state_dir), "no attacher was started"
@@ -569,13 +586,18 @@ async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(kube
     assert await asyncio.to_thread((kubelet.target / "during.bin").read_bytes) == during
 
 
-async def mount_namespace_holder() -> asyncio.subprocess.Process:
-    """A process in a private copy of this machine's mount namespace, made now: what a
-    container started on the node while a volume is mounted there holds (on the local
-    cluster every pod does: its private namespace copies the node's mounts, and an unmount
-    outside does not reach it)."""
+async def mount_namespace_holder(kubelet_dir: Path) -> asyncio.subprocess.Process:
+    """A process in a copy of this machine's mount namespace, made now, in which the
+    kubelet directory's mounts are private: what a container started on the node while a
+    volume is mounted there holds when the node's unmounts do not reach it
+    (``mountPropagation: None``). Only that directory is made private there: other tests'
+    mounts (another pytest process's local cluster) keep their propagation, so this holder
+    holds nothing of theirs."""
     ours = os.readlink("/proc/self/ns/mnt")
-    proc = await asyncio.create_subprocess_exec("unshare", "--mount", "--propagation", "private", "sleep", "600")
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--mount", "--propagation", "unchanged", "sh", "-c",
+        f"mount --make-rprivate {shlex.quote(str(kubelet_dir))} && exec sleep 600",
+    )  # fmt: skip
 
     def ready() -> bool:
         with contextlib.suppress(OSError):
@@ -619,7 +641,7 @@ async def test_an_unstage_never_detaches_a_file_system_still_mounted_in_another_
     await kubelet.publish()
     data = os.urandom(1 << 20)
     await asyncio.to_thread(write_synced, kubelet.target / "data.bin", data)
-    holder = await mount_namespace_holder()
+    holder = await mount_namespace_holder(tmp_path / "kubelet")
     try:
         await kubelet.unpublish()
         with pytest.raises(grpc.aio.AioRpcError) as held:

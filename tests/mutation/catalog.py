@@ -1580,8 +1580,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "attach.unstage-flushes-through-an-exclusive-open", "operator/pairvol/csi/attach.py",
-        "    fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)\n",
-        "    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)\n",
+        "                return await asyncio.to_thread(os.open, device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)\n",
+        "                return await asyncio.to_thread(os.open, device, os.O_RDONLY | os.O_CLOEXEC)\n",
         ("tests/integration/test_csi_node.py::"
          "test_an_unstage_never_detaches_a_file_system_still_mounted_in_another_namespace",),
         "an unstage never detaches a file system that is still alive in another mount namespace: its last "

@@ -83,11 +83,11 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import weakref
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 from pairvol.agent import crashpoints
 from pairvol.csi import nbd
@@ -95,7 +95,6 @@ from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 UNSTAGE_UNMOUNTED = crashpoints.point(
     "csi.unstage.unmounted", "the staged file system is unmounted; the device and the attacher remain"
@@ -132,6 +131,13 @@ LOCAL_EXPORT = "volume"
 NBD_RELEASE_WAIT_S = 3.0
 #: how long an unstage waits for a detached loop device to be released by the kernel
 LOOP_RELEASE_WAIT_S = 3.0
+#: an exclusive open of the device refused this long is a holder, not a passing prober (blkid)
+EXCLUSIVE_RETRY_S = 1.0
+#: how long an unstage waits for its flush; one still running after that (a primary that
+#: does not answer) fails the call and goes on in its thread, and a retry waits for it
+FLUSH_WAIT_S = 120.0
+#: flushes running in their own threads, by device (see _flush_in_its_own_thread)
+_pending_flushes: dict[str, threading.Thread] = {}
 #: nbd devices are chosen one stage at a time in this process (a lock per event loop)
 _nbd_choice_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
@@ -706,23 +712,18 @@ class Attachment:
         another mount namespace, whose last writes (journal checkpoint, superblock) come
         only when that copy goes. Then HeldElsewhere, and nothing is detached. A failed flush
         is an error too (the file system's writes may not all have reached the primary),
-        unless nothing can carry them any more: a dead attacher, an ended lineage."""
-        try:
-            failed = await _to_the_end(_exclusive_flush, device)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise AttachError(f"cannot open {device} of {self.volume_id} to flush it: {exc.strerror}") from exc
-            holders = await asyncio.to_thread(_holders, device)
-            where = ", ".join(holders) or (
-                "by a mount in a mount namespace this plugin cannot see, or by a program that opened it exclusively"
+        unless nothing can carry them any more: a dead attacher, an ended lineage. A flush
+        that does not return in time (a primary that stopped answering) fails the call; it
+        goes on in its thread, holding the device, and a retry waits for it."""
+        pending = _pending_flushes.get(device)
+        if pending is not None and pending.is_alive():
+            raise AttachError(
+                f"the flush of {device} of {self.volume_id} that an earlier unstage started has not returned yet (the "
+                "volume's primary does not answer it); nothing was detached, and the unstage is retried. If it stays "
+                "so, check that the volume's primary serves its export"
             )
-            raise HeldElsewhere(
-                f"{self.volume_id} is unmounted at {', '.join(sorted(map(str, paths))) or 'its staging path'} but its "
-                f"file system is still in use: {device} is held {where}. A process started on this node while the "
-                "volume was mounted keeps a copy of the mount, and the file system writes its journal and superblock "
-                "only when the last copy goes; nothing was detached, so those writes still reach the volume. End "
-                "those processes (or unmount the volume in their mount namespace); the unstage is retried"
-            ) from exc
+        fd = await self._open_exclusively(device, paths)
+        failed = await _flush_in_its_own_thread(device, fd, FLUSH_WAIT_S, self.volume_id)
         if failed is None:
             return
         if await self.attacher_running() and not (record is not None and await self.superseded(record)):
@@ -736,6 +737,37 @@ class Attachment:
             "nothing more can reach the volume",
             device, self.volume_id, failed.strerror,
         )  # fmt: skip
+
+    async def _open_exclusively(self, device: str, paths: set[Path]) -> int:
+        """An exclusive descriptor of ``device``. A refusal that lasts EXCLUSIVE_RETRY_S (not a
+        passing prober such as blkid) is a file system still alive elsewhere: HeldElsewhere."""
+        deadline = asyncio.get_running_loop().time() + EXCLUSIVE_RETRY_S
+        while True:
+            try:
+                return await asyncio.to_thread(os.open, device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise AttachError(
+                        f"cannot open {device} of {self.volume_id} to flush it: {exc.strerror}"
+                    ) from exc
+                if asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.1)
+                    continue
+                number = await asyncio.to_thread(_dev_number, device)
+                holders = await asyncio.to_thread(_holders, device)
+                where = ", ".join(holders) or (
+                    "by a mount in a mount namespace this plugin cannot see (on the node: "
+                    f"grep -l ' {number} ' /proc/*/mountinfo), or by a program that opened it exclusively"
+                )
+                raise HeldElsewhere(
+                    f"{self.volume_id} is unmounted at {', '.join(sorted(map(str, paths))) or 'its staging path'} "
+                    f"but its file system is still in use: {device} ({number}) is held {where}. A process started on "
+                    "this node while the volume was mounted keeps a copy of the mount unless its mounts receive the "
+                    "node's unmounts (mountPropagation HostToContainer), and the file system writes its journal and "
+                    "superblock only when the last copy goes; nothing was detached, so those writes still reach the "
+                    "volume. End those processes (or unmount the volume in their mount namespace); the unstage is "
+                    "retried"
+                ) from exc
 
     async def _detach_loop(self, device: str) -> None:
         """Detach the loop device and wait until the kernel has released it. A loop device
@@ -948,19 +980,44 @@ def _recorded_nbd_devices(state_dir: Path, besides: Path) -> set[str]:
     return found
 
 
-def _exclusive_flush(device: str) -> OSError | None:
-    """Open ``device`` exclusively (OSError EBUSY: a file system, or another exclusive
-    opener, has it) and fsync it: its dirty pages are written and a cache flush is sent
-    down to the attacher (for a loop device an fsync of the FUSE file, for nbd an NBD
-    FLUSH), which answers once the primary has. Returns the flush's error."""
-    fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+async def _flush_in_its_own_thread(device: str, fd: int, wait_s: float, volume_id: str) -> OSError | None:
+    """fsync the exclusive descriptor ``fd`` of ``device`` (closed when done): its dirty pages
+    are written and a cache flush is sent down to the attacher (for a loop device an fsync of
+    the FUSE file, for nbd an NBD FLUSH), which answers once the primary has. The flush's
+    error, or AttachError if it has not returned within ``wait_s``: it then goes on in its
+    thread, which is not waited for (a flush that a silent primary blocks must not hold a
+    thread of the shared pool, nor this call); its descriptor keeps the device claimed, and
+    :data:`_pending_flushes` tells a retry so."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[OSError | None] = loop.create_future()
+
+    def report(result: OSError | None) -> None:
+        if not done.done():
+            done.set_result(result)
+
+    def work() -> None:
+        result: OSError | None = None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            result = exc
+        finally:
+            os.close(fd)
+            if _pending_flushes.get(device) is threading.current_thread():
+                del _pending_flushes[device]
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(report, result)
+
+    thread = threading.Thread(target=work, name=f"flush {device}", daemon=True)
+    _pending_flushes[device] = thread
+    thread.start()
     try:
-        os.fsync(fd)
-    except OSError as exc:
-        return exc
-    finally:
-        os.close(fd)
-    return None
+        return await asyncio.wait_for(asyncio.shield(done), wait_s)
+    except TimeoutError:
+        raise AttachError(
+            f"the flush of {device} of {volume_id} has not returned within {wait_s:g} s (the volume's primary does not "
+            "answer it); nothing was detached, and the unstage is retried once the flush returns"
+        ) from None
 
 
 def _holders(device: str) -> list[str]:
@@ -983,29 +1040,19 @@ def _holders(device: str) -> list[str]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
         seen.add(namespace)
-        points = device_users(mountinfo, device, numbers)
+        # file systems only: a bind of the device node (a Block volume's copy) opens nothing
+        rows = (line.split() for line in mountinfo.splitlines())
+        points = [unescape_mountinfo(f[4]) for f in rows if len(f) > 4 and f[2] in numbers]
         if points:
             found.append(f"mounted at {points[0]} in the mount namespace of process {entry.name} ({comm})")
     with contextlib.suppress(OSError):
-        stacked = sorted(p.name for p in (Path("/sys/class/block") / Path(device).name / "holders").iterdir())
+        stacked = (
+            nbd.holders(device)
+            if Path(device).name.startswith("nbd")
+            else sorted(p.name for p in (Path("/sys/class/block") / Path(device).name / "holders").iterdir())
+        )
         found += [f"by /dev/{name} (stacked on it)" for name in stacked]
     return found
-
-
-async def _to_the_end(fn: Callable[[str], _T], arg: str) -> _T:
-    """``fn(arg)`` in a thread, waited for to its end whatever cancellations arrive meanwhile
-    (a thread cannot be stopped: a call cut short must not leave it running next to the
-    kubelet's retry, as :func:`run` does for commands); then the cancellation goes on."""
-    work = asyncio.ensure_future(asyncio.to_thread(fn, arg))
-    cancelled = False
-    while not work.done():
-        try:
-            await asyncio.wait([work])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError()
-    return work.result()
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -3,7 +3,8 @@ sidecars next to them do (node-driver-registrar, external-provisioner), as one u
 
 Why processes and not the chart's pods: the node plugin's DaemonSet pod mounts the kubelet
 directory with ``mountPropagation: Bidirectional``, and its sidecars are Go images that do
-not exist here; the node simulator runs every container in a private mount namespace. So
+not exist here; the node simulator runs every container in a mount namespace of its own (the
+machine's mounts as slaves), whose own mounts never reach the machine. So
 the local cluster starts each plugin itself, with the privileges the chart's manifests
 state (:mod:`pairvol.csi.manifests`, through the node simulator's
 :func:`~pairvol.localcluster.kubelet_pods.security_plan`), and gives the node plugin the
