@@ -80,6 +80,25 @@ def _report_where_a_test_hangs(request: pytest.FixtureRequest) -> Iterator[None]
         timer.cancel()
 
 
+# ---------------------------------------------------------------- a slower machine
+
+_SLOWDOWN = float(os.environ.get("PAIRVOL_TEST_SLOWDOWN", "1") or "1")
+
+
+def _scale_time_limits(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """PAIRVOL_TEST_SLOWDOWN=K (the emulated guest sets it): every test's time limit is K times
+    what its ``timeout`` marker (or the ini's) says; start-up waits scale the same way
+    (tests/support/agents.py, tests/support/csi.py)."""
+    if _SLOWDOWN <= 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker is not None and marker.args else default
+        if limit > 0:
+            item.add_marker(pytest.mark.timeout(limit * _SLOWDOWN), append=False)
+
+
 # ---------------------------------------------------------------- the guest, in the background
 #
 # The emulated VM of test_csi_kernel_nbd.py (marker ``guest_vm``) is CPU-bound for ~8
@@ -99,14 +118,19 @@ def _runs_beside_the_guest(item: pytest.Item) -> bool:
     return len(parts) > 1 and parts[0] == "tests" and parts[1] in _MOSTLY_WAITING
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def _guest_last(config: pytest.Config, items: list[pytest.Item]) -> None:
     guests = [item for item in items if item.get_closest_marker("guest_vm")]
     if len(guests) != 1 or len(items) == 1 or os.environ.get("PAIRVOL_GUEST_BACKGROUND", "1") == "0":
         return
     rest = [item for item in items if item is not guests[0]]
     items[:] = [*sorted(rest, key=lambda item: not _runs_beside_the_guest(item)), guests[0]]  # stable
     config.stash[_GUEST_ITEM] = guests[0]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _scale_time_limits(config, items)
+    _guest_last(config, items)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -118,7 +142,9 @@ def _guest_in_the_background(
         yield
         return
     module: Any = getattr(item, "module", None)
-    guest = BackgroundGuest(module.guest_script(), tmp_path_factory.mktemp("guest"), module.BACKGROUND_TIMEOUT_S)
+    guest = BackgroundGuest(
+        module.guest_script(module.BACKGROUND_SLOWDOWN), tmp_path_factory.mktemp("guest"), module.BACKGROUND_TIMEOUT_S
+    )
     guest.start()
     request.config.stash[BACKGROUND_GUEST] = guest
     try:

@@ -63,13 +63,17 @@ GUEST_TIMEOUT_S = 1080
 #: ... and when it starts with the session at nice 19 (tests/conftest.py): it then runs on
 #: the CPU time the rest of the suite leaves, for as long as the suite takes
 BACKGROUND_TIMEOUT_S = 3000
+#: how much slower than this machine the guest's tests may run (their time limits and
+#: start-up waits scale by it): emulation alone, and emulation on the CPU others leave
+SLOWDOWN = 4
+BACKGROUND_SLOWDOWN = 8
 
 
-def guest_script() -> str:
+def guest_script(slowdown: int = SLOWDOWN) -> str:
     return f"""
 cd {REPO}
 export PATH={REPO}/.venv/tools:{REPO}/.venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PAIRVOL_TEST_ATTACH_TRANSPORT=nbd \\
-  PAIRVOL_TEST_SLOWDOWN=4
+  PAIRVOL_TEST_SLOWDOWN={slowdown}
 python -m pytest -q -p no:cacheprovider --durations=0 \\
   tests/integration/guest_kernel_nbd.py {HOST_TEST} \\
   tests/integration/test_csi_node.py -k "guest_kernel_nbd or attacher_host or {NODE_TESTS}" 2>&1
@@ -91,11 +95,15 @@ def test_in_a_guest_with_the_nbd_module_the_node_plugin_attaches_through_the_ker
             done = run_in_guest(guest_script(), tmp_path / "guest", timeout=GUEST_TIMEOUT_S)
     except GuestUnavailable as exc:
         unavailable(f"the guest cannot be booted here: {exc}")
-    print(done.output[-6000:])
+    failures = done.output.find("= FAILURES =")
+    failures = done.output.find("= ERRORS =") if failures < 0 else failures
+    # what failed first (a hang report at the end can be longer than any tail shown)
+    shown = done.output[failures : failures + 8000] + "\n[...]\n" if failures >= 0 else ""
+    print(shown + done.output[-6000:])
     print(f"guest: {done.seconds:.0f} s from boot to power-off")
     assert done.rc is not None, f"the guest never finished; its console said:\n{done.console[-4000:]}"
     passed = re.search(r"(\d+) passed", done.output)
-    assert done.rc == 0 and passed is not None, done.output[-6000:]
+    assert done.rc == 0 and passed is not None, shown + done.output[-4000:]
     assert int(passed.group(1)) == EXPECTED_PASSED and "skipped" not in done.output, done.output[-3000:]
 
 
