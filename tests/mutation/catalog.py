@@ -1484,6 +1484,52 @@ MUTATIONS: tuple[Mutation, ...] = (
         "",
         T_DECISIONS, "a reachable dropped peer is not replaced while the primary re-protects it",
     ),
+    # ------------------------------------------------- failovers before re-protection (H20)
+    Mutation(
+        "decisions.re-protection-waits-for-failovers-elsewhere", DECISIONS,
+        "    if reprotect_hold(world):\n        return _held(world, st, actions, \"a new secondary\")\n",
+        "",
+        T_DECISIONS, "no new secondary is placed while other volumes of the operator fail over",
+    ),
+    Mutation(
+        "decisions.the-re-protection-wait-is-capped", DECISIONS,
+        "    return since is None or world.now - since < cap\n",
+        "    return True\n",
+        T_DECISIONS, "a failover elsewhere that does not end keeps re-protection waiting at most the cap",
+    ),
+    Mutation(
+        "decisions.a-held-step-never-keeps-an-in-sync-secondary", DECISIONS,
+        "        if sec.out_of_sync and reprotect_hold(world):\n",
+        "        if reprotect_hold(world):\n",
+        T_DECISIONS, "a re-pair that marks an in-sync secondary OutOfSync is never held back (H20)",
+    ),
+    Mutation(
+        "decisions.a-failover-coming-counts-as-failing-over", DECISIONS,
+        "    return manual or not only_its_lease or fit_to_restart_in_place(world, st) is not None\n",
+        "    return False\n",
+        T_DECISIONS, "re-protection also waits for volumes whose promotion only waits for the grace or the Lease",
+    ),
+    Mutation(
+        "handlers.the-last-failover-wakes-the-waiting-loops", "operator/pairvol/operator/handlers.py",
+        "                if loop.reprotect_held:\n                    loop.wake.set()\n",
+        "                if loop.reprotect_held:\n                    pass\n",
+        ("tests/unit/test_operator_failover_storm.py",),
+        "a held re-protection goes on at once when the last failover elsewhere ends",
+    ),
+    Mutation(
+        "handlers.a-stopped-loop-is-no-failover", "operator/pairvol/operator/handlers.py",
+        "                c.placed.pop(self.key, None)\n                c.failover_over(self.key)\n",
+        "                c.placed.pop(self.key, None)\n",
+        ("tests/unit/test_operator_failover_storm.py",),
+        "a volume whose loop stopped while failing over keeps no other volume waiting",
+    ),
+    Mutation(
+        "handlers.a-stored-failover-counts-before-the-first-plan", "operator/pairvol/operator/handlers.py",
+        "            ctx().failing_over.add(self.key)\n",
+        "            pass\n",
+        ("tests/unit/test_operator_failover_storm.py",),
+        "after an operator restart, a volume stored as FailingOver holds the others' re-protection at once",
+    ),
     Mutation(
         "decisions.a-lost-bring-up-start-is-resumed", DECISIONS,
         "    lost = bring_up_start_lost(world)\n",

@@ -1998,3 +1998,153 @@ def test_a_bring_up_is_resumed_only_when_the_primary_provably_served_nothing(
     assert not [a for a in p.actions if isinstance(a, StartPrimary)], why
     assert not [a for a in p.actions if isinstance(a, Event) and a.reason == "BringUpResumed"], why
     assert p.status.activated, why
+
+
+# ------------------------------------------- re-protection while other volumes fail over (H20)
+
+HELD = "re-protection waits while other volumes fail over (at most 30 s); next: "
+
+
+def _secondary_lost(**kw: Any) -> World:
+    """The dead secondary already dropped (SecondaryLost): primary vol-1-a serves alone."""
+    w = replicating(pods={"vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")}, agents={"vol-1-a": PRIMARY_AGENT})
+    return replace(w, **{"status": plan(w).status, **kw})
+
+
+def _creates(p: Any) -> list[CreatePod]:
+    return [a for a in p.actions if isinstance(a, CreatePod)]
+
+
+def test_a_dead_secondary_is_dropped_at_once_while_other_volumes_fail_over() -> None:
+    w = replicating(pods={"vol-1-a": pod("vol-1-a", "n1", "primary", "10.0.0.1")}, agents={"vol-1-a": PRIMARY_AGENT})
+    held, free = plan(replace(w, failovers_elsewhere=5)), plan(w)
+    assert held == free  # the drop records what is true: only the placement after it waits
+    assert held.status.secondary is None and not held.reprotect_held
+
+
+def test_the_replacement_of_a_dead_secondary_waits_while_another_volume_fails_over() -> None:
+    p = plan(_secondary_lost(failovers_elsewhere=2))
+    assert _creates(p) == [] and p.reprotect_held and not p.failing_over
+    assert (p.status.phase, p.status.message) == (Phase.DEGRADED, HELD + "a new secondary")
+    assert p.status.epoch == 3 and p.status.secondary is None  # no epoch handed out, nothing placed
+    # once none does, it is placed
+    p = plan(_secondary_lost(failovers_elsewhere=0))
+    assert _creates(p) == [CreatePod("vol-4", "n2", "secondary")] and not p.reprotect_held
+
+
+def test_the_replacement_waits_at_most_the_cap_even_while_a_failover_elsewhere_goes_on() -> None:
+    assert plan(_secondary_lost(failovers_elsewhere=1, reprotect_held_since=NOW - 29.9)).reprotect_held
+    p = plan(_secondary_lost(failovers_elsewhere=1, reprotect_held_since=NOW - 30))
+    assert _creates(p) == [CreatePod("vol-4", "n2", "secondary")] and not p.reprotect_held
+    # the cap is a setting; 0 turns the wait off
+    w = _secondary_lost(failovers_elsewhere=1)
+    assert _creates(plan(replace(w, settings=replace(w.settings, reprotect_hold_max_s=0.0))))
+    short = replace(w, settings=replace(w.settings, reprotect_hold_max_s=5.0), reprotect_held_since=NOW - 5)
+    assert _creates(plan(short))
+
+
+def test_the_wait_is_remembered_from_its_first_plan_until_no_failover_goes_on_or_the_pair_is_in_sync() -> None:
+    w = _secondary_lost(failovers_elsewhere=1)
+    p = plan(w)
+    assert decisions.next_reprotect_held_since(w, p) == NOW  # the first plan that holds
+    later = replace(w, now=NOW + 10, reprotect_held_since=NOW)
+    assert decisions.next_reprotect_held_since(later, plan(later)) == NOW  # kept, not restarted
+    past_cap = replace(w, now=NOW + 31, reprotect_held_since=NOW)
+    p = plan(past_cap)
+    assert not p.reprotect_held and _creates(p)
+    # kept past the cap while failovers go on: every later step of this re-protection goes on too
+    assert decisions.next_reprotect_held_since(past_cap, p) == NOW
+    after = replace(past_cap, status=p.status, now=NOW + 32, reprotect_held_since=NOW)
+    assert not plan(after).reprotect_held
+    # forgotten once no failover goes on, or once the pair is in sync again
+    none_left = replace(past_cap, failovers_elsewhere=0)
+    assert decisions.next_reprotect_held_since(none_left, plan(none_left)) is None
+    in_sync = replicating(failovers_elsewhere=1, reprotect_held_since=NOW)
+    assert decisions.next_reprotect_held_since(in_sync, plan(in_sync)) is None
+
+
+def test_a_volume_that_failed_over_re_protects_only_once_the_other_failovers_are_done() -> None:
+    p = plan(_after_failover(failovers_elsewhere=3))
+    assert _creates(p) == [] and p.status.message == HELD + "a new secondary"
+    assert p.status.primary is not None and p.status.primary.pod == "vol-1-b"  # it serves as before
+    assert CreatePod("vol-5", "n1", "secondary") in plan(_after_failover()).actions
+
+
+def test_every_step_that_starts_re_protection_waits_for_an_out_of_sync_secondary() -> None:
+    placed = plan(_secondary_lost()).status  # vol-4 on n2, OutOfSync, its pod created by that plan
+    base = _secondary_lost(status=placed)
+    # its pod runs, its agent has no role yet: not started
+    running = replace(base, pods={**base.pods, "vol-4": pod("vol-4", "n2", "secondary", "10.0.0.4")},
+                      agents={**base.agents, "vol-4": AgentView("none", "none", 0)})
+    p = plan(replace(running, failovers_elsewhere=1))
+    assert p.actions == () and p.status.message == HELD + "starting secondary vol-4"
+    assert p.status.epoch == placed.epoch
+    assert plan(running).actions == (StartSecondary("vol-4", "10.0.0.4", placed.epoch + 1),)
+    # a secondary: the primary's start that syncs to it
+    started = replace(running, agents={**running.agents, "vol-4": AgentView("secondary", "running", placed.epoch + 1)},
+                      status=placed.with_(epoch=placed.epoch + 1))
+    p = plan(replace(started, failovers_elsewhere=1))
+    assert p.actions == () and p.status.message == HELD + "the resync to vol-4"
+    assert p.status.phase == Phase.DEGRADED and p.status.epoch == placed.epoch + 1
+    assert [type(a) for a in plan(started).actions if not isinstance(a, Event)] == [StartPrimary]
+
+
+def test_a_secondary_in_sync_in_status_is_not_held_so_the_hold_never_keeps_it_promotable() -> None:
+    """A step for a secondary the status holds in sync marks it OutOfSync before its call:
+    holding the step would keep it recorded as promotable, so it is never held."""
+    lost_role = replicating(agents={"vol-1-a": PRIMARY_AGENT, "vol-1-b": AgentView("none", "none", 0)},
+                            failovers_elsewhere=4)
+    p = plan(lost_role)
+    assert p.actions == (StartSecondary("vol-1-b", "10.0.0.2", 4),) and not p.reprotect_held
+    not_replicating = replicating(agents={"vol-1-a": replace(PRIMARY_AGENT, replication_state="none"),
+                                          "vol-1-b": SECONDARY_AGENT}, failovers_elsewhere=4)
+    p = plan(not_replicating)
+    assert isinstance(p.actions[0], StartPrimary) and not p.reprotect_held
+
+
+def test_a_volume_that_must_fail_over_itself_is_never_held() -> None:
+    p = plan(primary_dead(failovers_elsewhere=9))
+    assert p.actions[0] == DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint")
+    assert p.failing_over and not p.reprotect_held
+    # and the failover runs to its end: retried, then done
+    in_flight = replace(_in_flight(), failovers_elsewhere=9)
+    assert plan(in_flight).actions == (DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint"),)
+    promoted = AgentView("primary", "done", 4, "degraded", serving=True)
+    done = plan(replace(in_flight, agents={"vol-1-b": promoted}))
+    assert any(isinstance(a, FailoverDone) for a in done.actions) and not done.failing_over
+
+
+def test_a_restart_in_place_is_never_held() -> None:
+    # H10: a primary that lost only its Lease serves again on its node
+    fenced = replace(PRIMARY_AGENT, serving=False, fenced_by="lease")
+    w = replicating(agents={"vol-1-a": fenced, "vol-1-b": SECONDARY_AGENT}, lease=LeaseView("vol-1-a", 4.5, 3.0),
+                    suspect_since={"vol-1-a": NOW - 4}, failovers_elsewhere=9)
+    p = plan(w)
+    assert StartPrimary("vol-1-a", "10.0.0.1", 4, None, "none") in p.actions
+    assert not p.reprotect_held and not p.failing_over
+    # H9: no replica may be promoted, the primary's pod is created again on its node
+    dead = primary_dead(failovers_elsewhere=9)
+    sec = dead.status.secondary
+    assert sec is not None
+    p = plan(replace(dead, status=dead.status.with_(secondary=replace(sec, out_of_sync=True))))
+    assert CreatePod("vol-1-a", "n1", "primary") in p.actions and not p.reprotect_held and not p.failing_over
+
+
+def test_a_volume_counts_as_failing_over_from_the_moment_only_time_stands_before_its_promotion() -> None:
+    """What other volumes' re-protection waits for (``Plan.failing_over``)."""
+    gone = {"vol-1-b": replicating().pods["vol-1-b"]}
+    agents = {"vol-1-b": SECONDARY_AGENT}
+    suspect = replicating(pods=gone, agents=agents)  # not yet judged dead (no suspect_since: now)
+    grace = replicating(pods=gone, agents=agents, suspect_since={"vol-1-a": NOW - 1}, lease=LeaseView(None, 0, 3.0))
+    lease = replicating(pods=gone, agents=agents, suspect_since={"vol-1-a": NOW - 10})
+    assert "grace period running" in plan(grace).status.message
+    assert "waiting for lease" in plan(lease).status.message
+    for w in (suspect, grace, lease, primary_dead(), _in_flight(), replicating(annotations={ANN_FAILOVER: "now"})):
+        assert plan(w).failing_over, w.status.message
+    # nothing to promote, a healthy pair, a failover recorded as done or failed: not failing over
+    sec = lease.status.secondary
+    assert sec is not None
+    blocked = replace(lease, status=lease.status.with_(secondary=replace(sec, out_of_sync=True)))
+    failed = replace(_in_flight(), agents={"vol-1-b": AgentView("secondary", "failover_failed", 4, error="x")})
+    for w in (blocked, replicating(), _after_failover(), failed, _secondary_lost()):
+        assert not plan(w).failing_over, w.status.message

@@ -188,6 +188,9 @@ class Settings:
     restart_in_place_window_s: float = 60.0
     # a status write that only refreshes checkpoint/sync/state waits at least this long
     min_status_interval_s: float = 1.0
+    # re-protection waits for the failovers of other volumes at most this long
+    # (:func:`reprotect_hold`); 0: it never waits
+    reprotect_hold_max_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,12 @@ class World:
     # it has no primary: a data directory nested in another's is not placed (data_dir_conflict)
     created: float = 0.0
     volume_dirs: Sequence[VolumeDir] = ()
+    # how many *other* volumes of this operator are failing over right now, or are about to
+    # (the last plan of their loop said so: ``Plan.failing_over``); re-protection waits for them
+    failovers_elsewhere: int = 0
+    # operator memory (not durable): since when this volume's re-protection has waited for
+    # them (``next_reprotect_held_since``); past ``Settings.reprotect_hold_max_s`` it goes on
+    reprotect_held_since: float | None = None
 
     def node(self, name: str) -> NodeView | None:
         return next((n for n in self.nodes if n.name == name), None)
@@ -359,6 +368,12 @@ class Plan:
     actions: tuple[Action, ...] = ()
     # True if only informational fields changed (checkpoint, sync, states): may be coalesced
     cosmetic: bool = False
+    # this volume is failing over, or its primary is judged down and nothing but time (its
+    # grace period, its Lease running out) stands between it and a promotion: the
+    # re-protection of other volumes waits (``World.failovers_elsewhere``)
+    failing_over: bool = False
+    # a step of re-protection was held back for the failovers of other volumes (reprotect_hold)
+    reprotect_held: bool = False
 
 
 def acts_on_pods(actions: Iterable[Action]) -> bool:
@@ -621,8 +636,18 @@ def failover_blocker(world: World, spec: VolumeSpec, st: VolumeStatus, manual: b
 # ------------------------------------------------------------------------ plan
 
 
-def _finish(world: World, status: VolumeStatus, actions: list[Action], cosmetic: bool) -> Plan:
-    """Fill in replica states, phase conditions and observedGeneration."""
+def _finish(
+    world: World,
+    status: VolumeStatus,
+    actions: list[Action],
+    cosmetic: bool,
+    *,
+    failover_coming: bool = False,
+    reprotect_held: bool = False,
+) -> Plan:
+    """Fill in replica states, phase conditions and observedGeneration. ``failover_coming``:
+    the primary is down and only time stands between it and a promotion (a failover under
+    way counts anyway, by its phase); ``reprotect_held``: see :func:`reprotect_hold`."""
     now, gen = world.now, world.generation
     conds = status.conditions
     ready = status.phase in (Phase.REPLICATING, Phase.DEGRADED, Phase.SYNCING)
@@ -649,7 +674,13 @@ def _finish(world: World, status: VolumeStatus, actions: list[Action], cosmetic:
     # wait --for=jsonpath='{.status.observedGeneration}'), not a refresh to coalesce
     cosmetic = cosmetic and status.observed_generation == gen
     status = status.with_(conditions=conds, observed_generation=gen)
-    return Plan(status=status, actions=tuple(actions), cosmetic=cosmetic)
+    return Plan(
+        status=status,
+        actions=tuple(actions),
+        cosmetic=cosmetic,
+        failing_over=failover_coming or status.failing_over,
+        reprotect_held=reprotect_held,
+    )
 
 
 def plan(world: World) -> Plan:
@@ -912,7 +943,7 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
             actions.append(DeletePod(prim.pod, "manual failover requested"))
             actions.append(Event("Normal", "ManualFailover", f"stopping primary {prim.pod}"))
         st = st.with_(message="manual failover: stopping the primary")
-        return _finish(world, st, actions, False)
+        return _finish(world, st, actions, False, failover_coming=True)
 
     if phealth != "ok":
         return _primary_down(world, spec, st, actions, phealth, pwhy, manual, lease_only or idle is not None)
@@ -971,6 +1002,8 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
     if needs_start and world.agent_call_in_flight:
         st = st.with_(phase=Phase.DEGRADED, message=f"re-protecting with {sec.pod}: waiting for an agent to answer")
         return _finish(world, st, actions, False)
+    if sa.role != "secondary" and sec.out_of_sync and reprotect_hold(world):
+        return _held(world, st, actions, f"starting secondary {sec.pod}")
     if sa.role != "secondary":
         epoch = st.epoch + 1
         actions.append(StartSecondary(sec.pod, spod.ip, epoch))
@@ -992,6 +1025,8 @@ def _steady(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Acti
         st = st.with_(phase=Phase.DEGRADED, message=f"primary re-protecting {sec.pod} on its own")
         return _finish(world, st, actions, False)
     if not linked or pa.replication_state in ("none", "degraded"):
+        if sec.out_of_sync and reprotect_hold(world):
+            return _held(world, st, actions, f"the resync to {sec.pod}")
         epoch = st.epoch + 1
         request = resync_request(pa, sa)
         # the primary asks the peer's agent to end its older replication connections before
@@ -1172,6 +1207,52 @@ def resync_request(primary: AgentView, secondary: AgentView) -> str:
     return "auto" if secondary.disk_id is not None else "full"
 
 
+def reprotect_hold(world: World) -> bool:
+    """Whether this volume's next step of re-protection waits for the failovers of other
+    volumes (docs/correctness.md H20).
+
+    A node that dies holding many primaries has them all failed over at once, and the
+    volumes whose secondary it held lose it at the same moment. Each of those, and each
+    volume as soon as it has failed over, places a new secondary: a pod start (an agent, a
+    qemu-storage-daemon) and a full or bitmap sync, on the same nodes and under the same
+    operator as the failovers that are still running, which it slows. So while other volumes
+    of this operator are failing over or about to (``World.failovers_elsewhere``), the steps
+    that start re-protection wait: placing a new secondary (its pod is created by the same
+    plan), giving it the secondary role, and the primary's start that syncs to it. The last
+    two wait only for a secondary the status already holds OutOfSync: the step would mark
+    an in-sync one OutOfSync before its call, and a held step must not leave it recorded as
+    promotable. Nothing else waits: not this volume's own failover, not a restart in place,
+    not the drop of a dead secondary, the marks, the labels, checkpoints or a grow.
+
+    At most ``Settings.reprotect_hold_max_s`` from ``World.reprotect_held_since``: a failover
+    elsewhere that does not end keeps no volume unprotected for longer than that."""
+    cap = world.settings.reprotect_hold_max_s
+    if world.failovers_elsewhere <= 0 or cap <= 0:
+        return False
+    since = world.reprotect_held_since
+    return since is None or world.now - since < cap
+
+
+def _held(world: World, st: VolumeStatus, actions: list[Action], step: str) -> Plan:
+    """The plan of a volume whose re-protection waits (:func:`reprotect_hold`): the status
+    as it is, Degraded, saying what waits; no step of re-protection."""
+    cap = world.settings.reprotect_hold_max_s
+    msg = f"re-protection waits while other volumes fail over (at most {cap:g} s); next: {step}"
+    return _finish(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, False, reprotect_held=True)
+
+
+def next_reprotect_held_since(world: World, p: Plan) -> float | None:
+    """Since when the volume's re-protection has waited, after plan ``p`` (the loop keeps it
+    for its next ``World.reprotect_held_since``): set by the first plan that holds, kept while
+    failovers elsewhere go on — so the cap, once reached, lets every later step through —
+    and forgotten once none does or the volume is in sync again."""
+    if p.reprotect_held:
+        return world.now if world.reprotect_held_since is None else world.reprotect_held_since
+    if world.failovers_elsewhere <= 0 or p.status.phase == Phase.REPLICATING:
+        return None
+    return world.reprotect_held_since
+
+
 def _place_secondary(world: World, spec: VolumeSpec, st: VolumeStatus, actions: list[Action]) -> Plan:
     prim = st.primary
     assert prim is not None
@@ -1188,6 +1269,8 @@ def _place_secondary(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
         )
         st = st.with_(phase=Phase.DEGRADED, message=msg)
         return _finish(world, st, actions, False)
+    if reprotect_hold(world):
+        return _held(world, st, actions, "a new secondary")
     epoch = st.epoch + 1
     sec = Replica(node=ranked[0], pod=pod_name(world.name, epoch), state="Placed", out_of_sync=True)
     actions.append(CreatePod(sec.pod, sec.node, "secondary"))
@@ -1216,12 +1299,14 @@ def _primary_down(
         st = st.with_(
             phase=Phase.DEGRADED if st.phase != Phase.REPLICATING else st.phase, message=f"primary suspect: {why}"
         )
-        return _finish(world, st, actions, False)
+        coming = failover_coming(world, spec, st, manual, only_its_lease)
+        return _finish(world, st, actions, False, failover_coming=coming)
     if not manual:
         since = world.suspect_since.get(prim.pod, world.now)
         if world.now - since < spec.grace_period_s:
             st = st.with_(message=f"primary down ({why}); grace period running")
-            return _finish(world, st, actions, False)
+            coming = failover_coming(world, spec, st, manual, only_its_lease)
+            return _finish(world, st, actions, False, failover_coming=coming)
     last = st.last_restart
     if last is not None and last.pod == prim.pod and last.epoch == st.epoch and world.agent_call_in_flight:
         # the restart in place is being carried out (taking the Lease may take a duration)
@@ -1238,7 +1323,7 @@ def _primary_down(
     if blocker is not None:
         msg = f"primary down ({why}); {blocker}"
         if blocker.startswith("waiting for lease"):
-            return _finish(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, False)
+            return _finish(world, st.with_(phase=Phase.DEGRADED, message=msg), actions, False, failover_coming=True)
         if manual:
             # the automatic path may have said the blocker already: the request is new news
             msg += f"; the manual failover ({ANN_FAILOVER}=now) waits"
@@ -1264,6 +1349,19 @@ def _primary_down(
         phase=Phase.FAILING_OVER, epoch=epoch, last_failover=fo, message=f"failing over to {sec.node}: {reason}"
     )
     return _finish(world, st, actions, False)
+
+
+def failover_coming(
+    world: World, spec: VolumeSpec, st: VolumeStatus, manual: bool, only_its_lease: bool
+) -> bool:
+    """Whether a primary judged suspect or down, whose grace period or Lease is still
+    running, will be failed over once they have run out (``Plan.failing_over``): the
+    secondary may be promoted but for the Lease, and the primary is not one that lost only
+    its Lease and is fit to serve again in place (H10). Judged on this tick's view; it
+    decides nothing about this volume, only how long other volumes' re-protection waits."""
+    if failover_blocker(replace(world, lease=None), spec, st, manual) is not None:
+        return False
+    return manual or not only_its_lease or fit_to_restart_in_place(world, st) is not None
 
 
 def _after_a_refused_restart(

@@ -119,6 +119,9 @@ class Context:
     loops: dict[str, Reconciler] = field(default_factory=dict)  # "ns/name" -> the running loop
     # "ns/name" -> the nodes of its replicas in the loop's last plan (decisions.replica_counts)
     placed: dict[str, set[str]] = field(default_factory=dict)
+    # "ns/name" of the volumes whose loop's last plan is failing over or about to
+    # (decisions.Plan.failing_over): the other volumes' re-protection waits for them
+    failing_over: set[str] = field(default_factory=set)
     # every namespace's agent pods, read once per reconcile interval for all loops that place
     _agent_pods: SharedRead | None = None
 
@@ -132,6 +135,21 @@ class Context:
 
             self._agent_pods = SharedRead(read, self.config.reconcile_interval_s, time.monotonic)
         return self._agent_pods
+
+    def failovers_besides(self, key: str) -> int:
+        """How many volumes other than ``key`` are failing over (``World.failovers_elsewhere``)."""
+        return len(self.failing_over - {key})
+
+    def failover_over(self, key: str) -> None:
+        """The loop of ``key`` no longer fails over: once no volume does, the loops whose
+        re-protection waited for that tick at once, not after their reconcile interval."""
+        if key not in self.failing_over:
+            return
+        self.failing_over.discard(key)
+        if not self.failing_over:
+            for loop in list(self.loops.values()):
+                if loop.reprotect_held:
+                    loop.wake.set()
 
 
 _CTX: Context | None = None
@@ -307,6 +325,11 @@ class Reconciler:
         self.other_pods: list[tuple[str, str]] = []
         # the message of the last NameTaken reported for this volume (one Event per cause)
         self.name_taken: str | None = None
+        # the last plan held re-protection back for failovers elsewhere, and since when it
+        # has waited (decisions.reprotect_hold, next_reprotect_held_since)
+        self.reprotect_held = False
+        self.reprotect_held_since: float | None = None
+        self.planned = False  # this loop has made a plan (it says whether the volume fails over)
 
     # ---------------------------------------------------------------- reading
 
@@ -441,6 +464,7 @@ class Reconciler:
             settings=d.Settings(
                 lease_margin_s=c.config.lease_margin_s,
                 restart_in_place_window_s=c.config.restart_in_place_window_s,
+                reprotect_hold_max_s=c.config.reprotect_hold_max_s,
             ),
             agent_call_in_flight=self.call is not None and not self.call.done(),
             created=parse_time(meta.get("creationTimestamp")) or 0.0,
@@ -735,6 +759,10 @@ class Reconciler:
             return False
         if self.last_written is None:
             self.last_written = VolumeStatus.from_dict(body.get("status")).to_dict() if body.get("status") else None
+        if not self.planned and VolumeStatus.from_dict(body.get("status")).failing_over:
+            # before this loop's first plan (an operator that just started), the stored
+            # status says whether the volume fails over: the others' re-protection waits for it
+            ctx().failing_over.add(self.key)
         if not isinstance(body.get("spec"), dict):
             return False
         world = await self.observe(body)
@@ -749,8 +777,14 @@ class Reconciler:
             world = dataclasses.replace(world, placement=d.replica_counts(self.key, self.other_pods, c.placed))
         if world.status.primary is None:
             world = dataclasses.replace(world, volume_dirs=volume_dirs(self.key, volumes, c))
+        # like the placement: the other loops' failovers as their last plans left them, and
+        # this plan's recorded right after it, with no await in between
+        world = dataclasses.replace(
+            world, failovers_elsewhere=c.failovers_besides(self.key), reprotect_held_since=self.reprotect_held_since
+        )
         plan = d.plan(world)
         c.placed[self.key] = {r.node for r in (plan.status.primary, plan.status.secondary) if r is not None}
+        self.note_failovers(world, plan)
         interval_s = None if isinstance(world.spec, SpecError) else world.spec.checkpoint_interval_s
         if not await self.persist(plan, body, interval_s):
             return False
@@ -766,6 +800,24 @@ class Reconciler:
         elif world.status.phase in (Phase.REPLICATING, Phase.SYNCING):
             self.restart_backoff = 0.0
         return acted
+
+    def note_failovers(self, world: d.World, plan: d.Plan) -> None:
+        """Record what this plan says about failovers: whether this volume is failing over
+        (the others' re-protection waits for it) and whether its own re-protection waits."""
+        c = ctx()
+        if plan.reprotect_held and not self.reprotect_held:
+            log.info("%s: re-protection waits: %d other volume(s) failing over", self.key, world.failovers_elsewhere)
+        elif self.reprotect_held and not plan.reprotect_held:
+            since = world.reprotect_held_since
+            waited = world.now - since if since is not None else 0.0
+            log.info("%s: re-protection goes on after %.1fs (%d other volume(s) failing over)",
+                     self.key, waited, world.failovers_elsewhere)
+        self.reprotect_held, self.planned = plan.reprotect_held, True
+        self.reprotect_held_since = d.next_reprotect_held_since(world, plan)
+        if plan.failing_over:
+            c.failing_over.add(self.key)
+        else:
+            c.failover_over(self.key)
 
     async def run(self, stopped: Any) -> None:
         c = ctx()
@@ -789,6 +841,7 @@ class Reconciler:
             if c.loops.get(self.key) is self:
                 del c.loops[self.key]
                 c.placed.pop(self.key, None)
+                c.failover_over(self.key)
             # also when kopf cancels the daemon: a replica that no longer manages the
             # volume must not keep exporting its last phase or checkpoint (alerts take the max)
             c.metrics.set_phase(self.key, None)

@@ -82,6 +82,9 @@ class OperatorConfig:
     # a primary that lost only its Lease is restarted in place at most once per this many
     # seconds (docs/correctness.md H10); 0 turns the restart in place off (always fail over)
     restart_in_place_window_s: float = 60.0
+    # re-protection waits for the failovers of other volumes at most this many seconds
+    # (docs/correctness.md H20); 0: it never waits
+    reprotect_hold_max_s: float = 30.0
     watch_namespaces: tuple[str, ...] = ()
     peering: str = ""
     # kopf pauses *all* peers of equal priority, so replicas need distinct ones: by default
@@ -115,6 +118,7 @@ class OperatorConfig:
             lease_margin_s=_float_env(e, "PAIRVOL_LEASE_MARGIN", 0.5, 0.0),
             reconcile_interval_s=_float_env(e, "PAIRVOL_RECONCILE_INTERVAL", 0.5, 0.05),
             restart_in_place_window_s=_float_env(e, "PAIRVOL_RESTART_IN_PLACE_WINDOW", 60.0, 0.0),
+            reprotect_hold_max_s=_float_env(e, "PAIRVOL_REPROTECT_HOLD_MAX", 30.0, 0.0),
             watch_namespaces=tuple(n for n in e.get("PAIRVOL_WATCH_NAMESPACES", "").split(",") if n.strip()),
             peering=e.get("PAIRVOL_PEERING", ""),
             peering_priority=int(_float_env(e, "PAIRVOL_PEERING_PRIORITY", 0, 0)) or secrets.randbelow(2**30) + 1,
