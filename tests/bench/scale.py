@@ -583,6 +583,8 @@ async def _main(args: argparse.Namespace) -> int:
         "PAIRVOL_LEASE_MARGIN": f"{defaults.lease_margin_s:g}",
         "PAIRVOL_RECONCILE_INTERVAL": f"{defaults.reconcile_interval_s:g}",
     }
+    if args.reprotect_hold_max is not None:
+        env["PAIRVOL_REPROTECT_HOLD_MAX"] = f"{args.reprotect_hold_max:g}"
     lease = args.lease_duration or defaults.lease_duration_s
     say(f"local cluster: {args.nodes} + 1 nodes, operator with its defaults "
         f"(lease {lease:g} s{'' if args.lease_duration is None else ' (--lease-duration)'}, "
@@ -618,6 +620,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-concurrency", type=int, default=4)
     p.add_argument("--lease-duration", type=float, default=None,
                    help="the operator's PAIRVOL_LEASE_DURATION instead of its default (the agents renew every third)")
+    p.add_argument("--reprotect-hold-max", type=float, default=None,
+                   help="the operator's PAIRVOL_REPROTECT_HOLD_MAX (0: re-protection never waits for other "
+                        "volumes' failovers) instead of its default")
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
