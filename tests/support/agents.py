@@ -103,8 +103,16 @@ class Agent(procs.Agent):
 
     launcher: procs.Launcher | None = pod_launcher
 
+    def __post_init__(self) -> None:
+        # a peer that answers slower only because the CPU is emulated or shared is not a
+        # stalled one: the link's timeout stretches with the rest of the test's time
+        self.peer_timeout *= SLOWDOWN
+
     async def wait_ready(self, timeout: float = 20.0) -> None:
         await super().wait_ready(timeout * SLOWDOWN)
+
+    async def wait_replicating(self, timeout: float = 60.0) -> dict[str, Any]:
+        return await super().wait_replicating(timeout * SLOWDOWN)
 
 
 @contextlib.asynccontextmanager
