@@ -34,12 +34,18 @@ async def kube() -> AsyncIterator[KubeClient]:
         yield client
 
 
+@pytest.fixture
+async def rec(kube: KubeClient, monkeypatch: pytest.MonkeyPatch) -> Reconciler:
+    """A degraded volume's loop, registered with the operator's context as a running loop."""
+    loop = await degraded_volume_and_a_lagging_cache(kube, monkeypatch)
+    handlers.ctx().loops[loop.key] = loop
+    return loop
+
+
 async def test_re_protection_waits_for_a_failover_elsewhere_and_goes_on_when_it_ends(
-    kube: KubeClient, monkeypatch: pytest.MonkeyPatch
+    kube: KubeClient, rec: Reconciler
 ) -> None:
-    rec = await degraded_volume_and_a_lagging_cache(kube, monkeypatch)
     c = handlers.ctx()
-    c.loops[rec.key] = rec
     c.failing_over.add(OTHER)  # the last plan of another volume's loop is failing over
     assert not await rec.tick()
     assert await on_server(kube) == [("vol-1", "n1")]  # no secondary placed
@@ -66,11 +72,9 @@ async def test_re_protection_waits_for_a_failover_elsewhere_and_goes_on_when_it_
 
 
 async def test_its_own_failover_holds_nothing_and_one_still_running_elsewhere_keeps_the_wait(
-    kube: KubeClient, monkeypatch: pytest.MonkeyPatch
+    kube: KubeClient, rec: Reconciler
 ) -> None:
-    rec = await degraded_volume_and_a_lagging_cache(kube, monkeypatch)
     c = handlers.ctx()
-    c.loops[rec.key] = rec
     c.failing_over.add(rec.key)  # only itself (a stale entry of its own): not another volume
     assert await rec.tick()
     assert ("vol-4", "n2") in await on_server(kube)
@@ -85,12 +89,8 @@ async def test_its_own_failover_holds_nothing_and_one_still_running_elsewhere_ke
     assert rec.wake.is_set()
 
 
-async def test_a_loop_that_stops_while_failing_over_releases_the_waiting_ones(
-    kube: KubeClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    rec = await degraded_volume_and_a_lagging_cache(kube, monkeypatch)
+async def test_a_loop_that_stops_while_failing_over_releases_the_waiting_ones(rec: Reconciler) -> None:
     c = handlers.ctx()
-    c.loops[rec.key] = rec
     rec.reprotect_held = True
     other, stop = Reconciler("other", NS), DaemonStop()  # its volume is gone: its ticks plan nothing
     task = asyncio.create_task(other.run(stop))
@@ -99,7 +99,6 @@ async def test_a_loop_that_stops_while_failing_over_releases_the_waiting_ones(
     stop.flag.set()
     await asyncio.wait_for(task, 5)
     assert c.failing_over == set() and rec.wake.is_set()
-
 
 
 async def test_before_its_first_plan_a_loop_counts_as_failing_over_by_its_stored_status(
