@@ -167,6 +167,8 @@ FIELD_CASES = [
     ("/v1/secondary", b'"epoch"', 400, "must be a JSON object, not str"),
     ("/v1/failover", b'{"epoch": 5, "mode": "chec\xe2\x84\xaapoint"}', 400, "invalid failover mode"),
     ("/v1/failover", b'{"epoch": 5, "mode": null}', 400, "invalid failover mode None"),
+    ("/v1/failover", b'{"epoch": 5, "trigger": "planned"}', 400, "invalid failover trigger 'planned'"),
+    ("/v1/failover", b'{"epoch": 5, "trigger": 1}', 400, "invalid failover trigger 1"),
     ("/v1/primary", b'{"epoch": 5, "sync": "FULL"}', 400, "invalid sync 'FULL'"),
     ("/v1/primary", b'{"epoch": 5, "peer": "::1:7801"}', 400, "brackets"),
     ("/v1/primary", b'{"epoch": 5, "peer": "[fe80::1%eth0]:7801"}', 400, "zone"),

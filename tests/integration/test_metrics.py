@@ -61,7 +61,7 @@ async def test_a_full_sync_reports_the_whole_volume_copied(tmp_path: Path) -> No
     assert value(text, "pairvol_replication_out_of_sync", volume="vol") == 0
 
 
-async def test_a_failover_is_counted_once_with_its_duration_and_the_new_role(tmp_path: Path) -> None:
+async def test_a_failover_is_counted_once_by_its_trigger_with_its_duration_and_the_new_role(tmp_path: Path) -> None:
     rng = random.Random("metrics")
     async with pair(tmp_path, size="16Mi") as (primary, secondary):
         async with await primary.nbd() as nbd:
@@ -72,21 +72,37 @@ async def test_a_failover_is_counted_once_with_its_duration_and_the_new_role(tmp
         primary.kill()
         await primary.wait_exit()
         started = time.time()
-        result = await secondary.failover(epoch=3, mode="checkpoint")
+        result = await secondary.failover(epoch=3, mode="checkpoint", trigger="automatic")
         ended = time.time()
         after = await secondary.metrics()
+    triggers = ("automatic", "manual", "unspecified")
     for mode in ("checkpoint", "latest"):
         for outcome in ("succeeded", "failed"):
-            assert value(before, "pairvol_failovers_total", volume="vol", mode=mode, result=outcome) == 0
-    assert value(after, "pairvol_failovers_total", volume="vol", mode="checkpoint", result="succeeded") == 1
-    assert value(after, "pairvol_failovers_total", volume="vol", mode="checkpoint", result="failed") == 0
-    assert value(after, "pairvol_failovers_total", volume="vol", mode="latest", result="succeeded") == 0
+            for trigger in triggers:
+                assert value(before, "pairvol_failovers_total", volume="vol", mode=mode, result=outcome,
+                             trigger=trigger) == 0
+
+    def counted(**labels: str) -> float:
+        return value(after, "pairvol_failovers_total", volume="vol", **labels)
+
+    assert counted(mode="checkpoint", result="succeeded", trigger="automatic") == 1
+    assert counted(mode="checkpoint", result="succeeded", trigger="manual") == 0  # a planned one does not alert
+    assert counted(mode="checkpoint", result="succeeded", trigger="unspecified") == 0
+    assert counted(mode="checkpoint", result="failed", trigger="automatic") == 0
+    assert counted(mode="latest", result="succeeded", trigger="automatic") == 0
     assert value(after, "pairvol_failover_duration_seconds_count", volume="vol", mode="checkpoint") == 1
     # when it ended: what the alerts compare with time() (a counter's new series cannot say)
     for outcome in ("succeeded", "failed", "not_serving"):
-        assert value(before, "pairvol_failover_last_timestamp_seconds", volume="vol", result=outcome) == 0
-    assert started <= value(after, "pairvol_failover_last_timestamp_seconds", volume="vol", result="succeeded") <= ended
-    assert value(after, "pairvol_failover_last_timestamp_seconds", volume="vol", result="failed") == 0
+        for trigger in triggers:
+            assert value(before, "pairvol_failover_last_timestamp_seconds", volume="vol", result=outcome,
+                         trigger=trigger) == 0
+
+    def ended_at(**labels: str) -> float:
+        return value(after, "pairvol_failover_last_timestamp_seconds", volume="vol", **labels)
+
+    assert started <= ended_at(result="succeeded", trigger="automatic") <= ended
+    assert ended_at(result="succeeded", trigger="manual") == 0
+    assert ended_at(result="failed", trigger="automatic") == 0
     observed = value(after, "pairvol_failover_duration_seconds_sum", volume="vol", mode="checkpoint")
     assert abs(observed - result["durationMs"] / 1000) < 0.001, (observed, result["durationMs"])
     assert value(after, "pairvol_agent_role", volume="vol", role="primary") == 1

@@ -12,6 +12,7 @@ from tests.support.promtext import samples
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.stages import FailoverMode
 from pairvol.api.spec import FAILOVER_MODES
+from pairvol.operator.decisions import failover_trigger
 from pairvol.operator.metrics import MODE_LABELS, OperatorMetrics
 
 
@@ -30,3 +31,17 @@ def test_the_failover_mode_label_has_the_same_values_in_agent_and_operator_metri
     assert mode_values(operator_text, "pairvol_operator_failovers_total") == agent_modes
     assert mode_values(operator_text, "pairvol_operator_failover_duration_seconds_count") == agent_modes
     assert mode_values(agent_text, "pairvol_failover_duration_seconds_count") == agent_modes
+
+
+def test_every_trigger_the_operator_counts_is_one_the_agents_count_and_their_alert_excludes() -> None:
+    agent, operator = AgentMetrics("vol"), OperatorMetrics()
+    agent_text = generate_latest(agent.registry).decode()
+    operator_text = generate_latest(operator.registry).decode()
+
+    def triggers(text: str, name: str) -> set[str]:
+        return {dict(labels)["trigger"] for n, labels in samples(text) if n == name}
+
+    agent_triggers = triggers(agent_text, "pairvol_failovers_total")
+    assert triggers(agent_text, "pairvol_failover_last_timestamp_seconds") == agent_triggers
+    assert triggers(operator_text, "pairvol_operator_failovers_total") == {"automatic", "manual"} < agent_triggers
+    assert {failover_trigger("manual"), failover_trigger("node n1 is NotReady")} == {"manual", "automatic"}

@@ -193,9 +193,9 @@ async def checkpoint(request: web.Request) -> web.Response:
 
 
 async def failover(request: web.Request) -> web.Response:
-    body = await _body(request, {"epoch", "mode"})
-    epoch, mode = v.parse_epoch(body), v.parse_mode(body)
-    return web.json_response(await request.app[REPLICA].failover(epoch, mode))
+    body = await _body(request, {"epoch", "mode", "trigger"})
+    epoch, mode, trigger = v.parse_epoch(body), v.parse_mode(body), v.parse_trigger(body)
+    return web.json_response(await request.app[REPLICA].failover(epoch, mode, trigger))
 
 
 async def stop(request: web.Request) -> web.Response:

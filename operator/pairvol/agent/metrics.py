@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pairvol.agent.stages import FAILOVER_TRIGGERS
+
 ROLES = ("none", "primary", "secondary")
 STAGES = ("none", "running", "failover", "failover_failed", "done")
 REPLICATION_STATES = ("none", "replicating", "syncing", "degraded")
@@ -17,6 +19,7 @@ REPLICATION_STATES = ("none", "replicating", "syncing", "degraded")
 # discarded: stage failover_failed, the replica never served) pages; "not_serving" (promoted
 # but the export not served yet, e.g. no Lease: the operator asks again) does not.
 FAILOVER_RESULTS = ("succeeded", "failed", "not_serving")
+# pairvol_failovers_total{trigger}: stages.FAILOVER_TRIGGERS
 
 CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -81,16 +84,18 @@ class AgentMetrics:
         self.failovers = Counter(
             "pairvol_failovers",
             "Failovers performed by this replica, by result: succeeded, failed (overlays neither committed nor"
-            " discarded), not_serving (promoted, the workload export not served yet)",
-            [*labels, "mode", "result"],
+            " discarded), not_serving (promoted, the workload export not served yet); and by trigger: automatic,"
+            " manual, unspecified (as the caller said)",
+            [*labels, "mode", "result", "trigger"],
             registry=r,
         )
         # the alerts' clock: a counter's new series (a Prometheus that lost its history, a
         # target unscraped for minutes) cannot tell an old failover from a new one
         self.failover_last = Gauge(
             "pairvol_failover_last_timestamp_seconds",
-            "Unix time this replica's last failover with this result ended (0: none since the agent started)",
-            [*labels, "result"],
+            "Unix time this replica's last failover with this result and trigger ended (0: none since the agent"
+            " started)",
+            [*labels, "result", "trigger"],
             registry=r,
         )
         self.failover_duration = Histogram(
@@ -152,9 +157,11 @@ class AgentMetrics:
         for mode in ("checkpoint", "latest"):
             self.failover_duration.labels(volume, mode)
             for result in FAILOVER_RESULTS:
-                self.failovers.labels(volume, mode, result)
+                for trigger in FAILOVER_TRIGGERS:
+                    self.failovers.labels(volume, mode, result, trigger)
         for result in FAILOVER_RESULTS:
-            self.failover_last.labels(volume, result)
+            for trigger in FAILOVER_TRIGGERS:
+                self.failover_last.labels(volume, result, trigger)
         self.peer_failures.labels(volume)
         for kind in ("full", "bitmap", "checksum"):
             for result in ("succeeded", "failed"):
@@ -172,10 +179,10 @@ class AgentMetrics:
         for choice in choices:
             gauge.labels(self.volume, choice).set(1 if choice == current else 0)
 
-    def failover_ended(self, mode: str, result: str) -> None:
-        """Count a failover and stamp when it ended (one of FAILOVER_RESULTS)."""
-        self.failovers.labels(self.volume, mode, result).inc()
-        self.failover_last.labels(self.volume, result).set_to_current_time()
+    def failover_ended(self, mode: str, result: str, trigger: str) -> None:
+        """Count a failover and stamp when it ended (one of FAILOVER_RESULTS, FAILOVER_TRIGGERS)."""
+        self.failovers.labels(self.volume, mode, result, trigger).inc()
+        self.failover_last.labels(self.volume, result, trigger).set_to_current_time()
 
     def observe_state(self, role: str, stage: str, epoch: int, replication: str, out_of_sync: bool) -> None:
         self.set_one_of(self.role, ROLES, role)

@@ -266,8 +266,11 @@ class Agent:
     async def checkpoint(self) -> dict[str, Any]:
         return await self.call("POST", "/v1/checkpoint", {})
 
-    async def failover(self, epoch: int, mode: str = "checkpoint") -> dict[str, Any]:
-        return await self.call("POST", "/v1/failover", {"epoch": epoch, "mode": mode})
+    async def failover(self, epoch: int, mode: str = "checkpoint", trigger: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"epoch": epoch, "mode": mode}
+        if trigger is not None:
+            body["trigger"] = trigger
+        return await self.call("POST", "/v1/failover", body)
 
     async def wait_replicating(self, timeout: float = 60.0) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout

@@ -1083,7 +1083,9 @@ class Replica:
             )
         return None
 
-    async def failover(self, epoch: int, mode: FailoverMode) -> dict[str, Any]:
+    async def failover(self, epoch: int, mode: FailoverMode, trigger: str = "unspecified") -> dict[str, Any]:
+        """Promote this secondary at ``epoch``. ``trigger`` (one of stages.FAILOVER_TRIGGERS)
+        only labels the metrics: a planned failover is counted apart from one after a failure."""
         async with self.lock:
             check_failover(self.position, epoch)
             # R6.2: a promoted disk is written as primary; what its clean stop vouched for ends here
@@ -1131,7 +1133,7 @@ class Replica:
                 await self._drop_spawned_relay()
                 self.last_error = f"failover failed: {exc}"
                 await self._save(stage=Stage.FAILOVER_FAILED)
-                self.metrics.failover_ended(mode.value, "failed")
+                self.metrics.failover_ended(mode.value, "failed", trigger)
                 log.error("%s", self.last_error)
                 raise ReplicaError(self.last_error) from exc
             gen = self.state.generation
@@ -1154,10 +1156,10 @@ class Replica:
                 # retry starts clean
                 await self._stop_nbd_server()
                 self.last_error = f"promoted to primary at epoch {epoch} but the workload export is not served: {exc}"
-                self.metrics.failover_ended(mode.value, "not_serving")
+                self.metrics.failover_ended(mode.value, "not_serving", trigger)
                 raise ReplicaError(f"{self.last_error}; retry with POST /v1/primary and a newer epoch") from exc
             duration = time.perf_counter() - t0
-            self.metrics.failover_ended(mode.value, "succeeded")
+            self.metrics.failover_ended(mode.value, "succeeded", trigger)
             self.metrics.failover_duration.labels(self.cfg.name, mode.value).observe(duration)
             cp_id = self.state.checkpoint.id if self.state.checkpoint else None
             log.info(
@@ -1285,7 +1287,7 @@ class Replica:
             await self._save(stage=Stage.FAILOVER_FAILED)
             return f"; redoing the interrupted failover failed: {exc}"
         await self._finish_failover()
-        self.metrics.failover_ended(mode.value, "succeeded")
+        self.metrics.failover_ended(mode.value, "succeeded", "unspecified")  # who asked died with the daemon
         return what + "; not serving the workload export until the operator confirms the role with a new epoch"
 
     async def stop(self, epoch: int | None = None) -> dict[str, Any]:

@@ -35,6 +35,13 @@ class FailoverMode(enum.StrEnum):
     LATEST = "latest"
 
 
+# Who asked for a failover, as the caller of POST /v1/failover says (its ``trigger``): only a
+# label of the failover metrics, so that a planned failover does not alert. "unspecified":
+# the caller did not say, or the failover was interrupted by a crash and completed when the
+# agent started again.
+FAILOVER_TRIGGERS = ("automatic", "manual", "unspecified")
+
+
 # What stopped a primary's workload export (``export.fencedBy`` in the status): its Lease
 # was lost, its data path failed its health check, its local disk failed a request the
 # peer served, or the agent shut down. Only "lease" leaves a disk that is still the

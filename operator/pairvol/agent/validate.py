@@ -25,7 +25,7 @@ import math
 import re
 from typing import Any
 
-from pairvol.agent.stages import FailoverMode
+from pairvol.agent.stages import FAILOVER_TRIGGERS, FailoverMode
 from pairvol.api.spec import MAX_SIZE as MAX_SIZE  # re-exported: the agent's limit
 from pairvol.errors import PairvolError
 
@@ -337,6 +337,17 @@ def parse_mode(body: dict[str, Any]) -> FailoverMode:
     if not isinstance(mode, str) or not mode.isascii() or mode.lower() not in {m.value for m in FailoverMode}:
         raise InvalidInput(f"invalid failover mode {show(mode)}: use 'checkpoint' or 'latest'")
     return FailoverMode(mode.lower())
+
+
+def parse_trigger(body: dict[str, Any]) -> str:
+    """A failover's ``trigger``: only a label of its metrics (docs/alerts.md)."""
+    trigger = body.get("trigger", "unspecified")
+    if not isinstance(trigger, str) or trigger not in FAILOVER_TRIGGERS:
+        raise InvalidInput(
+            f"invalid failover trigger {show(trigger)}: use 'automatic' (the primary was found down), "
+            "'manual' (a planned failover) or leave it out"
+        )
+    return trigger
 
 
 def parse_sync(body: dict[str, Any]) -> str:

@@ -135,10 +135,11 @@ class AgentClient:
                 raise LinkChanged(exc.address, exc.call, exc.status, exc.message) from None
             raise
 
-    async def failover(self, address: str, token: str, epoch: int, mode: str) -> dict[str, Any]:
-        return await self._call(
-            address, "POST", "/v1/failover", token, {"epoch": epoch, "mode": mode}, timeout_s=self.long_timeout_s
-        )
+    async def failover(
+        self, address: str, token: str, epoch: int, mode: str, trigger: str = "automatic"
+    ) -> dict[str, Any]:
+        body = {"epoch": epoch, "mode": mode, "trigger": trigger}
+        return await self._call(address, "POST", "/v1/failover", token, body, timeout_s=self.long_timeout_s)
 
     async def stop(self, address: str, token: str, epoch: int | None = None) -> dict[str, Any]:
         """``epoch``: the epoch the caller planned with; an agent at another one refuses."""

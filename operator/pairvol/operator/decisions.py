@@ -298,6 +298,7 @@ class DoFailover:
     address: str
     epoch: int
     mode: str  # agent spelling: checkpoint | latest
+    trigger: str = "automatic"  # or "manual": labels the agent's failover metrics (docs/alerts.md)
 
 
 @dataclass(frozen=True)
@@ -1337,7 +1338,7 @@ def _primary_down(
     fo = Failover(
         time=rfc3339(world.now), from_node=prim.node, to_node=sec.node, mode=spec.failover_mode, reason=reason
     )
-    actions.append(DoFailover(sec.pod, spod.ip, epoch, spec.agent_failover_mode))
+    actions.append(DoFailover(sec.pod, spod.ip, epoch, spec.agent_failover_mode, failover_trigger(reason)))
     actions.append(
         Event(
             "Warning" if not manual else "Normal",
@@ -1625,8 +1626,14 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
         return _target_lost(world, spec, st.with_(phase=Phase.FAILED), actions)
     if sa is not None and sa.role == "secondary" and sa.stage == "running" and spod.ip:
         # the call never reached it (or the operator restarted before making it): retry
-        actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode))
+        trigger = failover_trigger(st.last_failover.reason if st.last_failover else "")
+        actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode, trigger))
     return _finish(world, st.with_(message=f"failing over to {sec.node}"), actions, False)
+
+
+def failover_trigger(reason: str) -> str:
+    """The failover's trigger as the agent counts it, from the reason its status records."""
+    return "manual" if reason == "manual" else "automatic"
 
 
 def failover_unresolved(st: VolumeStatus) -> bool:

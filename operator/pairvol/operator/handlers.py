@@ -669,8 +669,8 @@ class Reconciler:
                     except AgentError:
                         c.metrics.checkpoints.labels("error").inc()
                         raise
-                case d.DoFailover(address=ip, epoch=epoch, mode=mode):
-                    res = await c.agents.failover(f"{ip}:{d.API_PORT}", token, epoch, mode)
+                case d.DoFailover(address=ip, epoch=epoch, mode=mode, trigger=trigger):
+                    res = await c.agents.failover(f"{ip}:{d.API_PORT}", token, epoch, mode, trigger)
                     log.warning("%s: failover to %s done: %s", self.key, action.pod, res)
                 case d.Grow():
                     self.background(kind, self._grow(action, token))
@@ -682,7 +682,7 @@ class Reconciler:
                 case d.Event(type=etype, reason=reason, message=message):
                     await self.event(body, etype, reason, message)
                 case d.FailoverDone(duration_s=dur, mode=mode, reason=reason):
-                    c.metrics.failover_done(mode, "manual" if reason == "manual" else "automatic", dur)
+                    c.metrics.failover_done(mode, d.failover_trigger(reason), dur)
                 case d.RestartedInPlace(trigger=trigger):
                     c.metrics.restarts_in_place.labels(trigger).inc()
             c.metrics.actions.labels(kind, "ok").inc()
