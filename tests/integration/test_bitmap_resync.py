@@ -359,7 +359,7 @@ async def test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identica
         assert_same_image(image(secondary), image(primary), "secondary after an interrupted bitmap resync")
 
 
-@pytest.mark.parametrize("crash_at", ["link.tracked", "resync.started", "resync.copied"])
+@pytest.mark.parametrize("crash_at", ["link.tracked", "resync.issued", "resync.started", "resync.copied"])
 async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_nothing_else(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
 ) -> None:
@@ -381,7 +381,7 @@ async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_n
                 await asyncio.wait_for(fill(nbd, 0xB0, [8 * MiB]), 15)
         await secondary.start()
         if crash_at.startswith("resync."):
-            with contextlib.suppress(Exception):  # resync.started: the primary dies before it answers
+            with contextlib.suppress(Exception):  # resync.issued|started: the primary dies before it answers
                 await make_primary(primary, 4, secondary, "auto", 1, ident)
         try:
             code = await asyncio.wait_for(primary.wait_exit(), 60)

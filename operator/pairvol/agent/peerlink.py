@@ -57,6 +57,9 @@ LINK_RELEASED = crashpoints.point("link.released", "primary: mark durable, held 
 RESYNC_STARTED = crashpoints.point(
     "resync.started", "primary: bitmap resync job running, peer in the quorum and marked out of sync"
 )
+RESYNC_ISSUED = crashpoints.point(
+    "resync.issued", "primary: bitmap resync job created, its progress not yet read (a small one may end here)"
+)
 RESYNC_COPIED = crashpoints.point("resync.copied", "primary: bitmap resync job finished, peer not yet declared in sync")
 LINK_TRACKED = crashpoints.point("link.tracked", "primary: gate closed, dirty bitmap started, mark not yet written")
 CHECKSUM_STARTED = crashpoints.point(
@@ -341,7 +344,9 @@ class PeerLink:
         self.qsd.watch_job(r.SYNC_JOB)
         try:
             await self.qsd.execute("blockdev-backup", r.backup_bitmap())
-            await self._poll_job()
+            crashpoints.hit(RESYNC_ISSUED)
+            if not await self._poll_job():
+                await self._take_total_of_an_ended_job()
         except PairvolError as exc:
             self.qsd.unwatch_job(r.SYNC_JOB)
             raise PeerLinkError(f"cannot start the {self.sync_kind} resync to {self.address}: {exc}") from exc
@@ -379,14 +384,33 @@ class PeerLink:
                 self.address, done >> 20, self.cfg.size >> 20, differing >> 20,
             )
 
-    async def _poll_job(self) -> None:
+    async def _poll_job(self) -> bool:
+        """The copy job's progress; False if the job is gone (it ended, its end event queued)."""
+        found = False
         for job in await self.qsd.execute("query-block-jobs"):
             if job["device"] == r.SYNC_JOB:
                 self.sync_done, self.sync_total = int(job["offset"]), int(job["len"])
+                found = True
         m, name = self.metrics, self.cfg.name
         m.sync_done_bytes.labels(name).set(self.sync_done)
         m.sync_total_bytes.labels(name).set(self.sync_total)
         m.sync_progress.labels(name).set(self.sync_done / max(1, self.sync_total))
+        return found
+
+    async def _take_total_of_an_ended_job(self) -> None:
+        """A small resync can end before its first poll: its total is in its end event, which
+        QEMU sent before the answer that no longer lists the job. Read it, and queue the event
+        again for :meth:`_run_resync`, which judges how the job ended."""
+        ends = {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"}
+        try:
+            event = await self.qsd.wait_job_event(r.SYNC_JOB, ends, 5.0)
+        except TimeoutError:
+            log.warning("%s resync to %s: its copy job is gone without an end event", self.sync_kind, self.address)
+            return
+        if "len" in event["data"]:
+            self.sync_total = int(event["data"]["len"])
+            self.metrics.sync_total_bytes.labels(self.cfg.name).set(self.sync_total)
+        self.qsd.watch_job(r.SYNC_JOB).put_nowait(event)
 
     async def _run_resync(self) -> None:
         """Follow the bitmap resync's backup job to its end; the peer is in sync once it
