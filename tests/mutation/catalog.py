@@ -443,9 +443,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "metrics.a-failover-end-is-stamped", "operator/pairvol/agent/metrics.py",
-        "        self.failover_last.labels(self.volume, result).set_to_current_time()\n",
+        "        self.failover_last.labels(self.volume, result, trigger).set_to_current_time()\n",
         "        pass\n",
-        ("tests/integration/test_metrics.py::test_a_failover_is_counted_once_with_its_duration_and_the_new_role",),
+        ("tests/integration/test_metrics.py::"
+         "test_a_failover_is_counted_once_by_its_trigger_with_its_duration_and_the_new_role",),
         "the failover alerts' timestamp is set when a failover ends (a new counter series cannot date it)",
     ),
     Mutation(
@@ -1012,9 +1013,15 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "decisions.resume-with-recorded-epoch", DECISIONS,
-        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode))",
-        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch + 1, spec.agent_failover_mode))",
+        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode, trigger))",
+        "actions.append(DoFailover(sec.pod, spod.ip, st.epoch + 1, spec.agent_failover_mode, trigger))",
         T_DECISIONS, "a resumed failover reuses the recorded epoch (never hands one out twice)",
+    ),
+    Mutation(
+        "decisions.a-failover-trigger-only-to-an-agent-that-takes-it", DECISIONS,
+        "return view is not None and view.takes_trigger",
+        "return True",
+        T_DECISIONS, "an agent that does not list failoverTriggers is not sent one (it would refuse the failover)",
     ),
     Mutation(
         "decisions.failover-target-died", DECISIONS,

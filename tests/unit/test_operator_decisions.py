@@ -515,7 +515,7 @@ def test_out_of_sync_secondary_is_never_promoted_automatically(mode: str) -> Non
     assert p.status.secondary is not None and p.status.secondary.out_of_sync
     # ... but an operator may accept the loss explicitly
     p2 = plan(replace(oos, status=p.status, annotations={ANN_FAILOVER: "now"}))
-    assert DoFailover("vol-1-b", "10.0.0.2", 4, mode.lower(), "manual") in p2.actions
+    assert DoFailover("vol-1-b", "10.0.0.2", 4, mode.lower()) in p2.actions
 
 
 def test_stale_out_of_sync_mark_from_an_older_epoch_is_ignored() -> None:
@@ -568,14 +568,22 @@ def test_completed_failover_flips_roles_records_duration_and_demotes_the_old_pri
 
 
 def test_the_agent_is_told_a_manual_failover_was_asked_for_also_when_the_call_is_retried() -> None:
-    """The trigger labels the agent's failover metrics: a planned failover does not alert."""
-    asked = plan(primary_dead(annotations={ANN_FAILOVER: "now"}))
+    """The trigger labels the agent's failover metrics: a planned failover does not alert.
+    An agent that does not list ``failoverTriggers`` (an older one refuses unknown fields) is
+    not sent one."""
+    taking = {"vol-1-b": replace(SECONDARY_AGENT, takes_trigger=True)}
+    asked = plan(primary_dead(agents=taking, annotations={ANN_FAILOVER: "now"}))
     calls = [a for a in asked.actions if isinstance(a, DoFailover)]
     assert calls == [DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint", "manual")]
-    retried = plan(replace(primary_dead(), status=asked.status, now=NOW + 0.5))  # the call was lost
+    retried = plan(replace(primary_dead(agents=taking), status=asked.status, now=NOW + 0.5))  # the call was lost
     assert retried.actions == (DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint", "manual"),)
-    automatic = plan(_in_flight()).actions[0]  # the grace period ran out: nobody asked
+    automatic = plan(primary_dead(agents=taking)).actions[0]  # the grace period ran out: nobody asked
     assert isinstance(automatic, DoFailover) and automatic.trigger == "automatic"
+    older = plan(primary_dead(annotations={ANN_FAILOVER: "now"}))
+    untold = DoFailover("vol-1-b", "10.0.0.2", 4, "checkpoint")
+    assert [a for a in older.actions if isinstance(a, DoFailover)] == [untold]
+    assert AgentView.from_status({"failoverTriggers": ["automatic", "manual", "unspecified"]}).takes_trigger
+    assert not AgentView.from_status({}).takes_trigger
 
 
 def test_operator_restarted_mid_failover_retries_with_the_same_epoch() -> None:

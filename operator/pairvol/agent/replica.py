@@ -67,6 +67,7 @@ from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.peerlink import PeerLink, PeerLinkError, PeerRefusedExport
 from pairvol.agent.secondary import ChainCheckFailed, SecondaryChain, fsync_paths
 from pairvol.agent.stages import (
+    FAILOVER_TRIGGERS,
     FailoverMode,
     FenceCause,
     IllegalTransition,
@@ -2350,6 +2351,8 @@ class Replica:
                 "localFailure": self.state.local_failure,
             },
             "overlays": self.chain.describe() if st.role is Role.SECONDARY else None,
+            # what POST /v1/failover takes as its "trigger" (an operator sends it only then)
+            "failoverTriggers": list(FAILOVER_TRIGGERS),
         }
 
 

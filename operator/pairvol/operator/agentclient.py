@@ -136,9 +136,11 @@ class AgentClient:
             raise
 
     async def failover(
-        self, address: str, token: str, epoch: int, mode: str, trigger: str = "automatic"
+        self, address: str, token: str, epoch: int, mode: str, trigger: str | None = None
     ) -> dict[str, Any]:
-        body = {"epoch": epoch, "mode": mode, "trigger": trigger}
+        body: dict[str, Any] = {"epoch": epoch, "mode": mode}
+        if trigger is not None:
+            body["trigger"] = trigger
         return await self._call(address, "POST", "/v1/failover", token, body, timeout_s=self.long_timeout_s)
 
     async def stop(self, address: str, token: str, epoch: int | None = None) -> dict[str, Any]:

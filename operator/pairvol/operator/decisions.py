@@ -114,6 +114,8 @@ class AgentView:
     # a cut names it, and the secondary refuses the cut once a primary linked again (S5)
     link_serial: str | None = None
     sync_compared: int | None = None  # a checksum resync: bytes of the volume compared so far
+    # failoverTriggers is listed: POST /v1/failover takes a "trigger" (older agents refuse it)
+    takes_trigger: bool = False
 
     @staticmethod
     def from_status(d: Mapping[str, Any]) -> AgentView:
@@ -146,6 +148,7 @@ class AgentView:
             busy=bool(d.get("busy", False)),
             link_export=(rep.get("link") or {}).get("export"),
             link_serial=(rep.get("link") or {}).get("serial"),
+            takes_trigger=isinstance(d.get("failoverTriggers"), list),
         )
 
 
@@ -298,7 +301,9 @@ class DoFailover:
     address: str
     epoch: int
     mode: str  # agent spelling: checkpoint | latest
-    trigger: str = "automatic"  # or "manual": labels the agent's failover metrics (docs/alerts.md)
+    # "automatic" or "manual": labels the agent's failover metrics (docs/alerts.md); None for
+    # an agent that does not take it (an older one refuses fields it does not know)
+    trigger: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1338,7 +1343,8 @@ def _primary_down(
     fo = Failover(
         time=rfc3339(world.now), from_node=prim.node, to_node=sec.node, mode=spec.failover_mode, reason=reason
     )
-    actions.append(DoFailover(sec.pod, spod.ip, epoch, spec.agent_failover_mode, failover_trigger(reason)))
+    trigger = failover_trigger(reason) if _takes_trigger(world, sec.pod) else None
+    actions.append(DoFailover(sec.pod, spod.ip, epoch, spec.agent_failover_mode, trigger))
     actions.append(
         Event(
             "Warning" if not manual else "Normal",
@@ -1626,7 +1632,8 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
         return _target_lost(world, spec, st.with_(phase=Phase.FAILED), actions)
     if sa is not None and sa.role == "secondary" and sa.stage == "running" and spod.ip:
         # the call never reached it (or the operator restarted before making it): retry
-        trigger = failover_trigger(st.last_failover.reason if st.last_failover else "")
+        reason = st.last_failover.reason if st.last_failover else ""
+        trigger = failover_trigger(reason) if sa.takes_trigger else None
         actions.append(DoFailover(sec.pod, spod.ip, st.epoch, spec.agent_failover_mode, trigger))
     return _finish(world, st.with_(message=f"failing over to {sec.node}"), actions, False)
 
@@ -1634,6 +1641,11 @@ def _resume_failover(world: World, spec: VolumeSpec, st: VolumeStatus, actions: 
 def failover_trigger(reason: str) -> str:
     """The failover's trigger as the agent counts it, from the reason its status records."""
     return "manual" if reason == "manual" else "automatic"
+
+
+def _takes_trigger(world: World, pod: str) -> bool:
+    view = world.agents.get(pod)
+    return view is not None and view.takes_trigger
 
 
 def failover_unresolved(st: VolumeStatus) -> bool:
