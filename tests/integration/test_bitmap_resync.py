@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,8 +23,11 @@ import pytest
 
 from pairvol.agent import crashpoints
 from pairvol.agent import state as persist
+from pairvol.agent.peerlink import RESYNC_ISSUED
+from pairvol.agent.procs import AgentCallError
 from pairvol.nbd import NBDClient
 from pairvol.qemu import recipes as r
+from tests.integration.test_checksum_resync import stopped
 from tests.support.agents import Agent
 from tests.support.bytes_compare import assert_same_image
 from tests.support.writelog import WriteLog
@@ -74,6 +79,15 @@ async def disk_id(agent: Agent) -> str | None:
 
 async def read_all(nbd: NBDClient) -> bytes:
     return b"".join([await nbd.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB)])
+
+
+async def frozen(agent: Agent, point: str, within: float = 30.0) -> None:
+    """Until ``agent`` stopped itself (SIGSTOP) at the crash point armed as ``point:N:stop``."""
+    assert agent.proc is not None
+    deadline = time.monotonic() + within
+    while not stopped(agent.proc.pid):
+        assert time.monotonic() < deadline, f"the agent never reached {point}: {agent.log_tail()}"
+        await asyncio.sleep(0.02)
 
 
 def image(agent: Agent) -> bytes:
@@ -323,10 +337,19 @@ async def test_a_peer_replaced_by_itself_under_writes_gets_a_bitmap_resync(tmp_p
         assert_same_image(image(secondary), image(primary), "secondary re-paired three times under writes")
 
 
-async def test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical(tmp_path: Path) -> None:
+async def test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The resync is interrupted by the secondary's death: the bitmap keeps every bit it
-    had (the copy job never clears them), so the next resync copies them all again."""
+    had (the copy job never clears them), so the next resync copies them all again.
+
+    The primary freezes as soon as its first resync's copy job exists (``resync.issued``;
+    the replication gate lives in the agent, so the copy stands still with it), the
+    secondary is killed then, and the primary goes on: the kill lands while the job copies,
+    however fast the machine."""
+    monkeypatch.setenv(crashpoints.ENV, f"{RESYNC_ISSUED.name}:1:stop")  # the primary's only resync
     async with replicating_pair(tmp_path, extra_args=BY_HAND) as (primary, secondary, ident):
+        monkeypatch.delenv(crashpoints.ENV)
         log = WriteLog(writers=16, slots=SIZE // 4096)
         stop = asyncio.Event()
         async with await primary.nbd() as nbd:
@@ -338,9 +361,16 @@ async def test_a_secondary_killed_mid_resync_is_resynced_again_and_ends_identica
                 await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "peer dropped")
                 await fill(nbd, 0xD0, [i * MiB for i in range(SIZE // MiB)], MiB)  # all of it tracked
                 await secondary.start()
-                await make_primary(primary, 3, secondary, "auto", 1, ident)
-                secondary.kill()  # while the job copies
-                await secondary.wait_exit()
+                answer = asyncio.create_task(make_primary(primary, 3, secondary, "auto", 1, ident))
+                try:
+                    await frozen(primary, RESYNC_ISSUED.name)
+                    secondary.kill()  # while the job copies
+                    await secondary.wait_exit()
+                finally:
+                    assert primary.proc is not None
+                    os.kill(primary.proc.pid, signal.SIGCONT)
+                with contextlib.suppress(AgentCallError):  # the resync may fail before it answers
+                    await answer
                 st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 15, "dropped again")
                 # still the initial pairing's full sync: the bitmap resync never finished
                 assert st["replication"]["lastSync"]["kind"] == "full", "the resync finished before the kill"
