@@ -62,7 +62,7 @@ from tests.bench.errors import BenchError
 from tests.bench.fio import WORKLOADS, Workload, nbd_uri, parse_fio, require_fio
 from tests.bench.stats import fmt, ratio, summary, table
 from tests.support.agents import Agent, free_port, write_psk
-from tests.support.csi import Stubs, compile_stubs, driver, node_plugin_security
+from tests.support.csi import Stubs, compile_stubs, driver, node_plugin_security, shared_mounts
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +445,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with (
             volume(workdir, "fs", plan.size) as fs_vol,
             volume(workdir, "blk", plan.size) as blk_vol,
+            # as on a node: the agents the failovers start get copies of the plugin's mounts
+            # that its unmounts reach, or the unstage would find the file system still held
+            shared_mounts(workdir / "kubelet", workdir / "st"),
             driver(
                 workdir,
                 "node",
@@ -477,11 +480,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if "failover" in args.sections:
                     results["failover"] = await failover_stalls(fs_vol, mount, plan.failovers)
             finally:
+                results["detach_failed"] = []
                 for v in (fs_vol, blk_vol):
                     try:
                         await kubelet.detach(v)
                     except Exception as exc:  # the report says so; the plugin's teardown follows
                         log.warning("detaching %s failed: %s", v.name, exc)
+                        results["detach_failed"].append(f"{v.name}: {exc}")
     finally:
         if args.keep:
             log.warning("kept %s", workdir)

@@ -57,6 +57,8 @@ async def test_quick_run_reports_the_attachment_costs_and_the_failover_stalls(tm
     stdout, stderr = stdout_b.decode(errors="replace"), stderr_b.decode(errors="replace")
     assert proc.returncode == 0, f"bench-csi exited {proc.returncode}:\n{stderr[-3000:]}"
     results = json.loads(out.read_text())
+    # a detach that fails leaves the volume's attacher running after the run
+    assert results["detach_failed"] == [], results["detach_failed"]
 
     assert set(results["throughput"]) == set(CONFIGS)
     for config, per in results["throughput"].items():

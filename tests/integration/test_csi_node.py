@@ -33,10 +33,9 @@ from pairvol.csi.identity import VOLUME_ACCESSIBILITY_CONSTRAINTS
 from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
 from pairvol.localcluster.cluster import LocalCluster
-from pairvol.localcluster.csi_plugins import make_shared
 from tests.support.agents import Agent, free_port, pair, privileges, running_as, write_psk
 from tests.support.ci import unavailable
-from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security
+from tests.support.csi import Driver, Stubs, compile_stubs, driver, node_plugin_security, shared_mounts
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -199,18 +198,6 @@ async def volume(tmp_path: Path, volume_size: str) -> AsyncIterator[Volume]:
 async def kubelet(tmp_path: Path, volume: Volume, stubs: Stubs) -> AsyncIterator[Kubelet]:
     async with node_plugin(tmp_path, volume, stubs) as k:
         yield k
-
-
-@contextlib.asynccontextmanager
-async def shared_mounts(*paths: Path) -> AsyncIterator[None]:
-    """Each of ``paths`` bound onto itself as a shared mount for the block; then unmounted."""
-    for path in paths:
-        await make_shared(path)
-    try:
-        yield
-    finally:
-        for path in reversed(paths):
-            await run("umount", "-l", str(path), check=False)
 
 
 @contextlib.asynccontextmanager

@@ -26,8 +26,10 @@ from typing import Any
 
 import grpc
 
+from pairvol.csi.attach import run
 from pairvol.csi.attacher_host import HostAttachers
 from pairvol.csi.manifests import ATTACHER_HOST_CONTAINER, ATTACHER_HOST_SOCKET, NODE_PLUGIN_CONTAINER, node_pod
+from pairvol.localcluster.csi_plugins import make_shared
 from pairvol.localcluster.kubelet import _prepare_cgroup_root, _sweep_cgroup_tree, own_bounding_set
 from pairvol.localcluster.kubelet_pods import SecurityPlan, security_plan
 from tests.support.agents import SLOWDOWN
@@ -238,3 +240,17 @@ async def attacher_host(
 async def call(stub: Any, method: str, request: Any, timeout: float = 60) -> Any:
     """One unary call; a refusal raises grpc.aio.AioRpcError (``.code()``, ``.details()``)."""
     return await getattr(stub, method)(request, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def shared_mounts(*paths: Path) -> AsyncIterator[None]:
+    """Each of ``paths`` bound onto itself as a shared mount for the block, as a node's kubelet
+    directory is (the chart's Bidirectional propagation): an agent or pod started meanwhile
+    gets copies of the plugin's mounts that its unmounts reach; then unmounted."""
+    for path in paths:
+        await make_shared(path)
+    try:
+        yield
+    finally:
+        for path in reversed(paths):
+            await run("umount", "-l", str(path), check=False)
