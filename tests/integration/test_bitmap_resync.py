@@ -27,8 +27,7 @@ from pairvol.agent.peerlink import RESYNC_ISSUED
 from pairvol.agent.procs import AgentCallError
 from pairvol.nbd import NBDClient
 from pairvol.qemu import recipes as r
-from tests.integration.test_checksum_resync import stopped
-from tests.support.agents import Agent
+from tests.support.agents import Agent, frozen
 from tests.support.bytes_compare import assert_same_image
 from tests.support.writelog import WriteLog
 
@@ -79,15 +78,6 @@ async def disk_id(agent: Agent) -> str | None:
 
 async def read_all(nbd: NBDClient) -> bytes:
     return b"".join([await nbd.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB)])
-
-
-async def frozen(agent: Agent, point: str, within: float = 30.0) -> None:
-    """Until ``agent`` stopped itself (SIGSTOP) at the crash point armed as ``point:N:stop``."""
-    assert agent.proc is not None
-    deadline = time.monotonic() + within
-    while not stopped(agent.proc.pid):
-        assert time.monotonic() < deadline, f"the agent never reached {point}: {agent.log_tail()}"
-        await asyncio.sleep(0.02)
 
 
 def image(agent: Agent) -> bytes:

@@ -27,7 +27,7 @@ from pairvol.agent import crashpoints
 from pairvol.agent.procs import AgentCallError
 from pairvol.agent.replica import CHECKSUM_MARKED
 from pairvol.nbd import NBDClient
-from tests.support.agents import Agent
+from tests.support.agents import Agent, frozen
 from tests.support.bytes_compare import assert_same_image
 from tests.support.promtext import value
 from tests.support.writelog import WriteLog
@@ -226,13 +226,6 @@ async def test_a_secondary_killed_mid_comparison_is_compared_again_and_ends_iden
         assert_same_image(image(old), image(primary), "old primary after an interrupted comparison")
 
 
-def stopped(pid: int) -> bool:
-    """The process is frozen (SIGSTOP): state ``T`` in /proc/PID/stat."""
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-    return False
-
-
 async def test_a_secondary_killed_after_the_comparison_gets_a_bitmap_resync_of_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,11 +245,8 @@ async def test_a_secondary_killed_after_the_comparison_gets_a_bitmap_resync_of_t
         await primary.start()
         monkeypatch.delenv(crashpoints.ENV)
         await pair_with(primary, 5, old, 4)
+        await frozen(primary, CHECKSUM_MARKED.name)
         assert primary.proc is not None
-        deadline = time.monotonic() + 30
-        while not stopped(primary.proc.pid):
-            assert time.monotonic() < deadline, f"the primary never reached checksum.marked: {primary.log_tail()}"
-            await asyncio.sleep(0.05)
         old.kill()
         await old.wait_exit()
         os.kill(primary.proc.pid, signal.SIGCONT)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -113,6 +114,22 @@ class Agent(procs.Agent):
 
     async def wait_replicating(self, timeout: float = 60.0) -> dict[str, Any]:
         return await super().wait_replicating(timeout * SLOWDOWN)
+
+
+def stopped(pid: int) -> bool:
+    """The process is frozen (SIGSTOP): state ``T`` in /proc/PID/stat."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    return False
+
+
+async def frozen(agent: Agent, point: str, within: float = 30.0) -> None:
+    """Until ``agent`` stopped itself (SIGSTOP) at the crash point armed as ``point:N:stop``."""
+    assert agent.proc is not None
+    deadline = time.monotonic() + within
+    while not stopped(agent.proc.pid):
+        assert time.monotonic() < deadline, f"the agent never reached {point}: {agent.log_tail()}"
+        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
