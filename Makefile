@@ -30,7 +30,8 @@ test: $(STAMP) tools
 	PATH=$(CURDIR)/$(VENV)/tools:$$PATH $(BIN)/pytest -q --durations=30 $(PYTEST_ARGS) tests
 
 # the same tests as three pytest processes side by side (tools/test-streams.sh says which
-# and why): about 27 minutes instead of 40, with the machine busier
+# and why): about 27 minutes, like `make test` with the guest in the background, but with
+# the local-cluster tests in a process of their own
 test-parallel: $(STAMP) tools
 	PATH=$(CURDIR)/$(VENV)/tools:$$PATH bash tools/test-streams.sh
 

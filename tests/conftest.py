@@ -102,12 +102,10 @@ def _scale_time_limits(config: pytest.Config, items: list[pytest.Item]) -> None:
 # ---------------------------------------------------------------- the guest, in the background
 #
 # The emulated VM of test_csi_kernel_nbd.py (marker ``guest_vm``) is CPU-bound for ~8
-# minutes and waits on nothing. With PAIRVOL_GUEST_BACKGROUND=1, when other tests run in the
-# same session, it is started at the session's start at nice 19 and its test moves to the
-# end, where it collects the outcome; the local-cluster tests (tests/e2e, tests/localcluster),
-# which mostly wait, run first, so the VM lives on the CPU they leave idle. Off by default:
-# the guest passes this way, but the local-cluster tests beside it slow down, and one with a
-# fixed 30 s wait failed in one of two clean-clone runs (docs/testing.md).
+# minutes and waits on nothing. When other tests run in the same session, it is started at the
+# session's start at nice 19 and its test moves to the end, where it collects the outcome; the
+# local-cluster tests (tests/e2e, tests/localcluster), which mostly wait, run first, so the VM
+# lives on the CPU they leave idle. PAIRVOL_GUEST_BACKGROUND=0 runs it in its turn instead.
 
 _GUEST_ITEM = pytest.StashKey[pytest.Item]()
 _MOSTLY_WAITING = ("e2e", "localcluster")
@@ -120,7 +118,7 @@ def _runs_beside_the_guest(item: pytest.Item) -> bool:
 
 def _guest_last(config: pytest.Config, items: list[pytest.Item]) -> None:
     guests = [item for item in items if item.get_closest_marker("guest_vm")]
-    if len(guests) != 1 or len(items) == 1 or os.environ.get("PAIRVOL_GUEST_BACKGROUND", "0") != "1":
+    if len(guests) != 1 or len(items) == 1 or os.environ.get("PAIRVOL_GUEST_BACKGROUND", "1") == "0":
         return
     rest = [item for item in items if item is not guests[0]]
     items[:] = [*sorted(rest, key=lambda item: not _runs_beside_the_guest(item)), guests[0]]  # stable

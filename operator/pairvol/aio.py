@@ -14,6 +14,15 @@ which first polls the child with ``waitpid(pid, WNOHANG)``. A child that has jus
 child watcher, whose own ``waitpid`` fails with ECHILD: it logs "Unknown child process pid
 N, will report returncode 255" and ``wait()`` returns 255 instead of the child's status.
 :func:`signal_child` signals with ``os.kill``, which never reaps, as Python 3.13 does.
+
+``asyncio.wait_for`` looks harmless as well, but before Python 3.12 a task cancelled in the
+same turn of the loop as the awaited operation completes gets the operation's result instead
+of its cancellation: the cancellation is lost. The local cluster's kubelet hung that way
+(a readiness probe whose connect completed as its container exited was told to stop, went
+on probing, and the container was never restarted); a Lease keeper or a daemon's shutdown
+cancelled at such a moment would carry on the same way. :func:`bounded` bounds a wait with
+``asyncio.timeout`` instead, which lets the cancellation through; ``asyncio.wait_for`` is
+banned in this repository (ruff, TID251).
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
@@ -46,3 +58,11 @@ def signal_child(process: asyncio.subprocess.Process, sig: int) -> None:
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, sig)
+
+
+async def bounded(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``await awaitable``, or ``TimeoutError`` (the awaitable cancelled) after ``timeout`` seconds
+    (None: no limit). Unlike ``asyncio.wait_for`` on Python 3.11, a cancellation of the
+    caller is never traded for the result of an operation that completed at the same time."""
+    async with asyncio.timeout(timeout):
+        return await awaitable

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pairvol.aio import bounded
 from tests.bench.errors import BenchError
 from tests.bench.fio import WORKLOADS, Workload, nbd_uri, parse_fio, require_fio
 from tests.bench.stats import fmt, ratio, summary, table
@@ -275,7 +276,7 @@ def fio_argv(config: str, workload: Workload, target: str, size_mib: int, runtim
 async def run_fio(argv: Sequence[str], output: Path, limit_s: float) -> dict[str, float | None]:
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+        out, err = await bounded(proc.communicate(), limit_s)
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pairvol.aio import bounded
 from tests.bench.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ async def run_fio(
     log.debug("running %s", " ".join(argv))
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=runtime_s + ramp_s + 60)
+        out, err = await bounded(proc.communicate(), timeout=runtime_s + ramp_s + 60)
     except TimeoutError:
         proc.kill()
         await proc.wait()

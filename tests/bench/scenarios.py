@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from tests.bench.errors import BenchError
 from tests.bench.fio import WORKLOADS, run_fio
@@ -204,7 +205,7 @@ async def checkpoint_stall(workdir: Path, plan: Plan) -> dict[str, Any]:
                 durations.append(float(reply["durationMs"]))
             windows.append((start, time.monotonic_ns()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(proc.wait()), max(0.0, next_at - time.monotonic()))
+                await bounded(asyncio.shield(proc.wait()), max(0.0, next_at - time.monotonic()))
         with_cp = await finish_writer(proc, out1, 60)
         before_last = await settled_cow_bytes(secondary, None, timeout=2.0)
         await secondary.checkpoint()

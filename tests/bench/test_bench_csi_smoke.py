@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.bench.csi import CONFIGS, QUICK, RATIOS
 from tests.bench.fio import WORKLOADS
 from tests.support.ci import unavailable
@@ -43,13 +44,13 @@ async def test_quick_run_reports_the_attachment_costs_and_the_failover_stalls(tm
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        stdout_b, stderr_b = await asyncio.wait_for(proc.communicate(), 240)
+        stdout_b, stderr_b = await bounded(proc.communicate(), 240)
     finally:
         if proc.returncode is None:  # a hang: interrupt it (its cleanup detaches), then kill
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGINT)
             try:
-                await asyncio.wait_for(proc.wait(), 60)
+                await bounded(proc.wait(), 60)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

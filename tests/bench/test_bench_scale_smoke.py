@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.support.ci import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,13 +37,13 @@ async def run_quick(out: Path) -> tuple[int, str, str]:
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 240)
+        stdout, stderr = await bounded(proc.communicate(), 240)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), 60)
+                await bounded(proc.wait(), 60)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

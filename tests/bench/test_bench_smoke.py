@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.bench.fio import WORKLOADS
 from tests.bench.setups import CONFIGS
 
@@ -42,13 +43,13 @@ async def run_quick(out: Path) -> tuple[int, str, str]:
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 360)
+        stdout, stderr = await bounded(proc.communicate(), 360)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGINT)
             try:
-                await asyncio.wait_for(proc.wait(), 30)
+                await bounded(proc.wait(), 30)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

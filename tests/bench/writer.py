@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from tests.bench.errors import BenchError
 from tests.bench.stats import Write
@@ -80,7 +81,7 @@ async def run_writer(socket: Path, seconds: float, out: Path, seed: int = 1) -> 
 async def finish_writer(proc: asyncio.subprocess.Process, out: Path, timeout: float) -> list[Write]:
     """Wait for a writer process and return its writes; kill it if it overruns."""
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        _, err = await bounded(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()

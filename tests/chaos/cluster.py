@@ -35,6 +35,7 @@ import aiohttp
 
 from pairvol.agent import state as agent_state
 from pairvol.agent.procs import AgentCallError, write_psk
+from pairvol.aio import bounded
 from pairvol.localcluster.netns import ClusterNetwork
 from pairvol.nbd import NBDClient, NBDError
 from tests.chaos.blocks import BLOCK, BadBlock, parse
@@ -813,7 +814,7 @@ async def read_slots(socket: Path, hist: History, bound: float = READ_BOUND) -> 
             return b"".join([await nbd.pread(BLOCK, hist.offset(i)) for i in range(hist.slots)])
 
     try:
-        return await asyncio.wait_for(read(), bound)
+        return await bounded(read(), bound)
     except TimeoutError:
         raise TimeoutError(f"export did not answer a read of its {hist.slots} slots within {bound:g} s") from None
 

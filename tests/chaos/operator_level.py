@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 from pairvol.nbd import NBDClient
 from tests.chaos.blocks import BLOCK
@@ -95,7 +96,7 @@ class Follower:
     async def read(self, sock: Path) -> bytes:
         h = self.hist
         async with await NBDClient.connect_unix(str(sock)) as nbd:
-            parts = [await asyncio.wait_for(nbd.pread(BLOCK, h.offset(i)), 30) for i in range(h.slots)]
+            parts = [await bounded(nbd.pread(BLOCK, h.offset(i)), 30) for i in range(h.slots)]
         return b"".join(parts)
 
     async def check_primary(self, what: str) -> None:
@@ -326,7 +327,8 @@ async def _run_on_stack(
 async def _cancel_until_done(task: asyncio.Task[None]) -> None:
     """Cancel a loop that never ends by itself: Python 3.11's ``wait_for`` can lose a
     cancellation that arrives as its inner call completes, and the follower's loop would then
-    run on while the run waited for it for ever (seen once, seed 9900 primary-isolated)."""
+    run on while the run waited for it for ever (seen once, seed 9900 primary-isolated). The
+    repository's own code no longer calls it (pairvol.aio.bounded); the libraries' code does."""
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=1.0)

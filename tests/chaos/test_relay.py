@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.chaos.relay import DelayRelay
 
 
@@ -33,7 +34,7 @@ async def round_trip(relay: DelayRelay, payload: bytes) -> tuple[bytes, float]:
     t0 = time.monotonic()
     writer.write(payload)
     await writer.drain()
-    got = await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+    got = await bounded(reader.readexactly(len(payload)), 10)
     took = time.monotonic() - t0
     writer.close()
     return got, took
@@ -60,7 +61,7 @@ async def test_jitter_never_reorders_a_stream(echo: str) -> None:
             writer.write(c)
             await writer.drain()
             await asyncio.sleep(0.001)
-        got = await asyncio.wait_for(reader.readexactly(sum(map(len, chunks))), 10)
+        got = await bounded(reader.readexactly(sum(map(len, chunks))), 10)
         assert got == b"".join(chunks)
         writer.close()
     finally:

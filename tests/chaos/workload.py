@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient
 from tests.chaos import blocks
 from tests.chaos.history import History, Write
@@ -80,11 +81,11 @@ class Workload:
         await asyncio.gather(*self._orphans, return_exceptions=True)
         for c in self._old_clients:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(c.close(), 2)
+                await bounded(c.close(), 2)
 
     async def _connect(self, target: Target) -> NBDClient | None:
         try:
-            return await asyncio.wait_for(NBDClient.connect_unix(str(target.socket)), 2)
+            return await bounded(NBDClient.connect_unix(str(target.socket)), 2)
         except (OSError, TimeoutError, Exception):
             return None
 
@@ -150,7 +151,7 @@ class Workload:
         end = time.monotonic() + within
         while self.acks < target and (left := end - time.monotonic()) > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._acked.wait(), left)
+                await bounded(self._acked.wait(), left)
 
     async def quiesce(self, within: float) -> bool:
         """With the workload paused: until every abandoned write has its outcome (acknowledged

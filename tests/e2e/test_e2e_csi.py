@@ -28,6 +28,7 @@ import pytest
 from tests.e2e.conftest import render_chart
 from tests.support.ci import tool
 
+from pairvol.aio import bounded
 from pairvol.localcluster.csi_plugins import LocalCsi, mounts_under
 from pairvol.localcluster.demo import Stack
 
@@ -250,7 +251,7 @@ async def kubectl(stack: Stack, *args: str, stdin: str | None = None) -> tuple[i
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else None), 30)
+    out, err = await bounded(proc.communicate(stdin.encode() if stdin is not None else None), 30)
     return proc.returncode or 0, out.decode(), err.decode()
 
 

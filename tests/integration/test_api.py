@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.support.agents import Agent, AgentCallError, agents, pair
 
 
@@ -135,7 +136,7 @@ async def refused_start(agent: Agent) -> str:
     starts anyway is stopped, never left running."""
     try:
         await agent.start(wait=False)
-        code = await asyncio.wait_for(agent.wait_exit(), 30)
+        code = await bounded(agent.wait_exit(), 30)
         assert code == 2, agent.log_tail()
         return agent.log_tail()
     finally:

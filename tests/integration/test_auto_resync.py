@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from pairvol.agent import resync as rs
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu import recipes as r
 from tests.integration.test_bitmap_resync import (
@@ -134,7 +135,7 @@ async def test_a_write_sent_on_a_connection_from_before_the_drop_never_lands_aft
             landed = True
             try:
                 # the old link's write, delivered late: 0xEE where the primary has 0xB0
-                await asyncio.wait_for(stale.pwrite(b"\xee" * 4096, 5 * MiB), 10)
+                await bounded(stale.pwrite(b"\xee" * 4096, 5 * MiB), 10)
             except (ConnectionError, OSError, asyncio.IncompleteReadError, NBDError):
                 landed = False
         finally:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.support import fuzz
 from tests.support.agents import Agent, AgentCallError, agents, free_port, write_psk
 
@@ -69,7 +70,7 @@ async def agent_cli(tmp: Path, *override: str, timeout: float = 30.0) -> tuple[i
         argv += override
     proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE, start_new_session=True)
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        _, err = await bounded(proc.communicate(), timeout)
         return proc.returncode, err.decode(errors="replace")
     except TimeoutError:
         proc.kill()

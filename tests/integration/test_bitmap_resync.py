@@ -25,6 +25,7 @@ from pairvol.agent import crashpoints
 from pairvol.agent import state as persist
 from pairvol.agent.peerlink import RESYNC_ISSUED
 from pairvol.agent.procs import AgentCallError
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient
 from pairvol.qemu import recipes as r
 from tests.support.agents import Agent, frozen
@@ -398,13 +399,13 @@ async def test_a_primary_crash_during_tracking_or_resync_costs_a_full_copy_and_n
         await secondary.wait_exit()
         with contextlib.suppress(Exception):  # the primary dies at the crash point under this write
             async with await primary.nbd() as nbd:
-                await asyncio.wait_for(fill(nbd, 0xB0, [8 * MiB]), 15)
+                await bounded(fill(nbd, 0xB0, [8 * MiB]), 15)
         await secondary.start()
         if crash_at.startswith("resync."):
             with contextlib.suppress(Exception):  # resync.issued|started: the primary dies before it answers
                 await make_primary(primary, 4, secondary, "auto", 1, ident)
         try:
-            code = await asyncio.wait_for(primary.wait_exit(), 60)
+            code = await bounded(primary.wait_exit(), 60)
         except TimeoutError:
             raise AssertionError(f"the primary never reached {crash_at}:\n{primary.log_tail(80)}") from None
         assert code == -9, primary.log_tail()

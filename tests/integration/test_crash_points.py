@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 
 from pairvol.agent import crashpoints
+from pairvol.aio import bounded
 from pairvol.nbd import NBDError
 from tests.integration.test_bitmap_resync import BY_HAND, disk_id, image, make_primary
 from tests.integration.test_secondary_chain import read_back, write_random
@@ -51,7 +52,7 @@ async def start_armed(agent: Agent, point: str) -> None:
 
 async def died_at(agent: Agent, point: str) -> None:
     try:
-        code = await asyncio.wait_for(agent.wait_exit(), 60)
+        code = await bounded(agent.wait_exit(), 60)
     except TimeoutError:
         raise AssertionError(f"{agent.data_dir.name} never reached {point}:\n{agent.log_tail(60)}") from None
     assert code == -9, agent.log_tail(30)
@@ -201,7 +202,7 @@ async def test_a_primary_killed_before_it_marks_a_failed_peer_acknowledged_nothi
         await secondary.wait_exit()
         with pytest.raises(NBDError):  # held at the failed link, then the primary dies
             async with await primary.nbd() as nbd:
-                await asyncio.wait_for(nbd.pwrite(b"\x5a" * HELD_LENGTH, HELD_AT), 30)
+                await bounded(nbd.pwrite(b"\x5a" * HELD_LENGTH, HELD_AT), 30)
         await died_at(primary, crash_at)
 
         await primary.start()
@@ -227,7 +228,7 @@ async def test_a_primary_killed_as_it_answers_the_held_writes_comes_back_with_th
         await secondary.wait_exit()
         with contextlib.suppress(NBDError):  # the answer races the kill
             async with await primary.nbd() as nbd:
-                await asyncio.wait_for(nbd.pwrite(bytes(expected[HELD_AT : HELD_AT + HELD_LENGTH]), HELD_AT), 30)
+                await bounded(nbd.pwrite(bytes(expected[HELD_AT : HELD_AT + HELD_LENGTH]), HELD_AT), 30)
         await died_at(primary, point)
 
         await primary.start()

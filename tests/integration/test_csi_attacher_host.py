@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from pairvol.agent import crashpoints
+from pairvol.aio import bounded
 from pairvol.csi.attach import (
     UNSTAGE_ATTACHER_STOPPED,
     UNSTAGE_LOOP_DETACHED,
@@ -259,7 +260,7 @@ async def test_the_attacher_host_listens_only_in_a_directory_of_its_own(tmp_path
         "--socket", str(shared / "host.sock"), "--state-dir", str(tmp_path / "state"),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    _, err = await bounded(proc.communicate(), 30)
     assert proc.returncode == 1
     assert f"the socket's directory {shared} must be a directory of its own" in err.decode()
     assert shared.stat().st_mode & 0o777 == 0o755, "a directory it did not make is left as it is"

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.csi import DRIVER_NAME
 from pairvol.csi.attach import Attachment, mount_points, run
 from pairvol.csi.identity import VOLUME_ACCESSIBILITY_CONSTRAINTS
@@ -557,7 +558,7 @@ async def test_the_mounted_file_system_rides_through_a_latest_mode_failover(kube
     promoting = loop.time()
     await volume.secondary.failover(3, "latest")
     promoted = loop.time()
-    await asyncio.wait_for(writing, 30)  # completed: no I/O error reached the pod
+    await bounded(writing, 30)  # completed: no I/O error reached the pod
     print(
         f"primary killed; promotion began +{promoting - killed:.2f} s, done +{promoted - killed:.2f} s; "
         f"the pod's fsync returned +{loop.time() - killed:.2f} s (attacher reconnect included)"
@@ -661,7 +662,7 @@ async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unst
     pidfile = kubelet.state_dir / "apps_pvc-1" / "attacher.pid"
     pid = int(pidfile.read_text())
     os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer
-    await asyncio.wait_for(exited(pid), 10)
+    await bounded(exited(pid), 10)
     stats = await kubelet.stats()
     assert stats.volume_condition.abnormal and "attacher" in stats.volume_condition.message
 
@@ -705,7 +706,7 @@ async def test_a_checkpoint_mode_attachment_fails_instead_of_crossing_a_rollback
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "unstage" in refused.value.details()
     with pytest.raises(OSError) as failed:  # the pod's I/O fails (after the reconnect delay)
-        await asyncio.wait_for(asyncio.to_thread(write_synced, kubelet.target / "lost.bin", b"y" * 4096), 30)
+        await bounded(asyncio.to_thread(write_synced, kubelet.target / "lost.bin", b"y" * 4096), 30)
     # EIO, or EROFS once the file system has seen a failed journal write and remounted itself
     # read-only (ext4's errors=remount-ro): either way the write fails and nothing crosses.
     assert failed.value.errno in (errno.EIO, errno.EROFS)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from tests.support.agents import Agent, free_port, write_psk
 
@@ -26,7 +27,7 @@ async def test_tcp_export_serves_the_same_volume_and_dies_with_the_primary_role(
             assert await local.pread(65536, 4096) == b"t" * 65536
         await a.secondary(2)  # demoted: no workload export anywhere
         with pytest.raises(NBDError):
-            await asyncio.wait_for(tcp.pwrite(b"u" * 4096, 0), 5)
+            await bounded(tcp.pwrite(b"u" * 4096, 0), 5)
         await tcp.close()
         with pytest.raises(NBDError):
             await NBDClient.connect_tcp("127.0.0.1", port)
@@ -84,7 +85,7 @@ async def qemu_io_tcp(port: int, key_dir: Path, export: str, cmd: str) -> tuple[
         f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={export},tls-creds=tls0",
         "-c", cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    out, _ = await bounded(proc.communicate(), 30)
     return proc.returncode or 0, out.decode()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.support.agents import Agent, filled_and_checkpointed, pair
 from tests.support.fs import small_fs
 
@@ -35,7 +36,7 @@ async def test_secondary_out_of_space_for_its_undo_log_goes_out_of_sync_primary_
             async with await primary.nbd() as nbd:
                 # overwrite the whole volume: the undo log would need 16 MiB, there are ~5
                 for off in range(0, 16 * MiB, MiB):
-                    await asyncio.wait_for(nbd.pwrite(bytes([off // MiB + 1]) * MiB, off), 30)
+                    await bounded(nbd.pwrite(bytes([off // MiB + 1]) * MiB, off), 30)
                 assert await nbd.pread(MiB, 15 * MiB) == bytes([16]) * MiB
             for _ in range(50):
                 st = await primary.status()

@@ -17,6 +17,7 @@ import pytest
 
 from pairvol import nbd as nbd_wire
 from pairvol.agent.gate import COPY_EXPORT, GateError, LinkGate
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu import img
 from pairvol.qemu import recipes as r
@@ -70,9 +71,9 @@ async def test_a_failed_gate_answers_nothing_until_released_and_then_only_errors
         gate.release()
         for t in held:
             with pytest.raises(NBDError, match="errno 5"):
-                await asyncio.wait_for(t, 5)
+                await bounded(t, 5)
         with pytest.raises(NBDError, match="errno 5"):  # and every later request at once
-            await asyncio.wait_for(nbd.pwrite(b"3" * 4096, 0), 5)
+            await bounded(nbd.pwrite(b"3" * 4096, 0), 5)
     # nothing after the failure reached the disk
     assert (tmp_path / "disk.raw").read_bytes()[:4096] == b"1" * 4096
 
@@ -89,12 +90,12 @@ async def test_an_unanswered_request_fails_the_gate_after_the_stall_timeout(tmp_
         os.kill(qsd.pid, signal.SIGSTOP)
         try:
             write = asyncio.create_task(nbd.pwrite(b"s" * 4096, 0))
-            await asyncio.wait_for(gate.failed.wait(), 3)
+            await bounded(gate.failed.wait(), 3)
             assert gate.reason is not None and "did not answer" in gate.reason
             assert not write.done()
             gate.release()
             with pytest.raises(NBDError):
-                await asyncio.wait_for(write, 5)
+                await bounded(write, 5)
         finally:
             os.kill(qsd.pid, signal.SIGCONT)
 
@@ -113,14 +114,14 @@ async def test_reads_are_refused_while_the_peer_is_incomplete(tmp_path: Path) ->
 async def test_an_error_reply_fails_the_gate_and_is_not_forwarded(tmp_path: Path) -> None:
     async with gate_over_qsd(tmp_path) as (gate, _qsd, nbd):
         write = asyncio.create_task(nbd.pwrite(b"x" * 4096, 4 * MiB))  # past the end: EINVAL/ENOSPC
-        await asyncio.wait_for(gate.failed.wait(), 5)
+        await bounded(gate.failed.wait(), 5)
         assert gate.reason is not None and "failed on the link" in gate.reason
         assert not gate.flush_failed  # a failed write is in the bitmap's reach; a failed flush is not
         await asyncio.sleep(0.3)
         assert not write.done()
         gate.release()
         with pytest.raises(NBDError):
-            await asyncio.wait_for(write, 5)
+            await bounded(write, 5)
 
 
 async def test_the_copy_connection_forwards_while_healthy_and_is_answered_success_after_release(
@@ -141,12 +142,12 @@ async def test_the_copy_connection_forwards_while_healthy_and_is_answered_succes
             await asyncio.sleep(0.5)
             assert not held_copy.done() and not held_peer.done(), "answered before release()"
             gate.release()
-            await asyncio.wait_for(held_copy, 5)  # success, trusted by nobody
+            await bounded(held_copy, 5)  # success, trusted by nobody
             with pytest.raises(NBDError, match="errno 5"):
-                await asyncio.wait_for(held_peer, 5)
-            await asyncio.wait_for(copy.pwrite(b"f" * 4096, 12288), 5)
+                await bounded(held_peer, 5)
+            await bounded(copy.pwrite(b"f" * 4096, 12288), 5)
             with pytest.raises(NBDError, match="errno 5"):
-                await asyncio.wait_for(copy.pread(4096, 0), 5)
+                await bounded(copy.pread(4096, 0), 5)
         finally:
             await copy.close()
     disk = (tmp_path / "disk.raw").read_bytes()
@@ -180,11 +181,11 @@ async def test_a_flush_the_peer_fails_is_told_apart_from_other_failures(tmp_path
             await nbd.pwrite(b"x" * 4096, 0)  # acknowledged by the peer
             assert not gate.failed.is_set()
             flush = asyncio.create_task(nbd.flush())
-            await asyncio.wait_for(gate.failed.wait(), 5)
+            await bounded(gate.failed.wait(), 5)
             assert gate.flush_failed and gate.reason is not None and "flush" in gate.reason
             gate.release()
             with pytest.raises(NBDError):
-                await asyncio.wait_for(flush, 5)
+                await bounded(flush, 5)
         finally:
             await nbd.close()
     finally:
@@ -210,7 +211,7 @@ async def _replies(reader: asyncio.StreamReader, count: int) -> dict[int, int]:
     out: dict[int, int] = {}
     for _ in range(count):
         magic, error, handle = nbd_wire.SIMPLE_REPLY.unpack(
-            await asyncio.wait_for(reader.readexactly(nbd_wire.SIMPLE_REPLY.size), 10)
+            await bounded(reader.readexactly(nbd_wire.SIMPLE_REPLY.size), 10)
         )
         assert magic == nbd_wire.SIMPLE_REPLY_MAGIC
         out[handle] = error
@@ -275,7 +276,7 @@ async def test_a_write_whose_payload_is_still_arriving_when_the_gate_fails_never
             await asyncio.sleep(0.5)
             assert gate.held == 1
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(reader.readexactly(1), 0.2)  # no answer before release()
+                await bounded(reader.readexactly(1), 0.2)  # no answer before release()
             gate.release()
             assert await _replies(reader, 1) == {7: errno.EIO}
         finally:

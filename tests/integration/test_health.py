@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from pairvol.agent.health import Health
+from pairvol.aio import bounded
 from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
 from pairvol.kube.lease import LeaseKeeper
@@ -110,7 +111,7 @@ async def test_killing_only_the_daemon_of_a_primary_fences_it_and_gives_up_its_l
         assert "fencing: workload export stopped: data path unhealthy" in fenced_log(a)
         # the relay was fenced too: nothing reaches the old primary's disk any more
         with pytest.raises(NBDError):
-            await asyncio.wait_for(tcp.pwrite(b"y" * 4096, 0), 5)
+            await bounded(tcp.pwrite(b"y" * 4096, 0), 5)
         with pytest.raises(NBDError):
             await NBDClient.connect_tcp("127.0.0.1", port)
         await tcp.close()

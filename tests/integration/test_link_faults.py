@@ -21,6 +21,7 @@ from pairvol.agent import state as persist
 from pairvol.agent.config import AgentConfig
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.replica import Replica
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from tests.support.agents import Agent, filled_and_checkpointed, free_port, pair
 from tests.support.fs import small_fs
@@ -54,7 +55,7 @@ async def test_a_write_the_secondary_refuses_is_acknowledged_only_after_the_mark
                 acked = 0
                 for i, off in enumerate(range(0, 16 * MiB, 64 * 1024)):
                     block = bytes([i % 251 + 1]) * 65536
-                    await asyncio.wait_for(nbd.pwrite(block, off), 30)
+                    await bounded(nbd.pwrite(block, off), 30)
                     acked += 1
                     marked = persist.load(primary.data_dir)
                     assert marked is not None
@@ -227,7 +228,7 @@ async def test_a_mark_that_cannot_be_recorded_holds_writes_until_it_is(tmp_path:
             assert not write.done(), "a write was acknowledged without the peer and without a mark"
             assert len(attempts) >= 3 and replica.status()["replication"]["link"]["heldRequests"] >= 1
             api_reachable.set()
-            await asyncio.wait_for(write, 5)
+            await bounded(write, 5)
         assert replica.state.out_of_sync is True
         assert replica.status()["replication"]["state"] == "degraded"
 
@@ -250,9 +251,9 @@ async def test_fencing_releases_held_writes_without_acknowledging_them(tmp_path:
             await asyncio.sleep(3)
             assert not write.done()
             async with replica.lock:  # whoever holds the lock, fencing goes through
-                await asyncio.wait_for(replica.fence_workload("lease lost", "lease"), 5)
+                await bounded(replica.fence_workload("lease lost", "lease"), 5)
             with pytest.raises(NBDError):
-                await asyncio.wait_for(write, 5)
+                await bounded(write, 5)
         assert replica.status()["export"]["serving"] is False
 
 
@@ -267,9 +268,9 @@ async def test_stop_returns_promptly_while_the_link_is_stalled(tmp_path: Path) -
                 write = asyncio.create_task(nbd.pwrite(b"x" * 4096, 0))
                 await asyncio.sleep(0.3)
                 t0 = time.monotonic()
-                await asyncio.wait_for(primary.call("POST", "/v1/stop", {}), 10)
+                await bounded(primary.call("POST", "/v1/stop", {}), 10)
                 assert time.monotonic() - t0 < 5
-                await asyncio.wait_for(write, 5)
+                await bounded(write, 5)
             finally:
                 os.kill(qsd_pid, signal.SIGCONT)
         assert (await primary.status())["replication"]["outOfSync"] is True
@@ -292,6 +293,6 @@ async def test_a_primary_agent_killed_while_writes_are_held_acknowledges_none(tm
                 await primary.wait_exit()
                 for w in writes:
                     with pytest.raises(NBDError):
-                        await asyncio.wait_for(w, 10)
+                        await bounded(w, 10)
             finally:
                 os.kill(qsd_pid, signal.SIGCONT)

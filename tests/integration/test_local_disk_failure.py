@@ -29,6 +29,7 @@ from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.procs import AgentCallError
 from pairvol.agent.replica import Replica
 from pairvol.agent.stages import IllegalTransition
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from pairvol.qemu.qsd import Qsd
 from pairvol.qemu.recipes import WORKLOAD_EXPORT
@@ -93,7 +94,7 @@ async def test_an_acknowledged_write_the_primary_disk_failed_survives_restarts_a
                     assert not write.done(), "the write completed without the primary's own disk"
                 finally:
                     os.kill(server.pid, signal.SIGCONT)
-                await asyncio.wait_for(write, 30)  # acknowledged: the secondary took it
+                await bounded(write, 30)  # acknowledged: the secondary took it
 
             st = await primary.status()
             for _ in range(50):
@@ -200,7 +201,7 @@ async def acknowledged_where_the_local_disk_fails(nbd: NBDClient, server: Qsd) -
         assert not write.done()
     finally:
         os.kill(server.pid, signal.SIGCONT)
-    await asyncio.wait_for(write, 30)
+    await bounded(write, 30)
 
 
 def held_reports(primary: Replica, stamped: bool = True) -> asyncio.Event:
@@ -253,7 +254,7 @@ async def test_a_failure_while_a_stop_takes_the_peer_out_is_recorded(tmp_path: P
         primary.out_of_sync_hooks.append(slow_lease_mark)
         async with await NBDClient.connect_unix(str(primary.cfg.export_socket)) as nbd:
             stop = asyncio.create_task(primary.stop())
-            await asyncio.wait_for(marking.wait(), 10)
+            await bounded(marking.wait(), 10)
             await acknowledged_where_the_local_disk_fails(nbd, server)
         go_on.set()
         await stop
@@ -312,7 +313,7 @@ async def test_a_failure_handled_after_the_link_dropped_is_recorded(tmp_path: Pa
             await asyncio.sleep(3.0)
             later.set()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(other, 30)
+                await bounded(other, 30)
         await until(lambda: primary.state.local_failure is not None, "the record")
 
 
@@ -331,7 +332,7 @@ async def test_a_failure_recorded_while_the_export_is_set_up_keeps_it_down(tmp_p
         primary.before_serve_hooks.append(slow_lease)
         host, port = secondary.replication_address.rsplit(":", 1)
         start = asyncio.create_task(primary.start_primary(2, (host, int(port)), "full", peer_epoch=1))
-        await asyncio.wait_for(taking.wait(), 10)
+        await bounded(taking.wait(), 10)
         assert primary._peer_children > 0
         # what QEMU reports when the mirror's read of the local disk fails (the peer refuses reads)
         await primary._on_qsd_event({
@@ -341,7 +342,7 @@ async def test_a_failure_recorded_while_the_export_is_set_up_keeps_it_down(tmp_p
         await asyncio.sleep(0.5)  # the fence runs, and finds nothing serving
         go_on.set()
         with pytest.raises(IllegalTransition, match="never serves as the primary again"):
-            await asyncio.wait_for(start, 30)
+            await bounded(start, 30)
         assert not primary.serving
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.localcluster.netns import ClusterNetwork
 from tests.support.agents import Agent, pair, write_psk
 from tests.support.promtext import value
@@ -32,7 +33,7 @@ async def timed_writes(agent: Agent, seconds: float, block: bytes = b"w" * 4096)
         i = 0
         while time.monotonic() < end:
             t = time.monotonic()
-            await asyncio.wait_for(nbd.pwrite(block, (i % 256) * 4096), 60)
+            await bounded(nbd.pwrite(block, (i % 256) * 4096), 60)
             lat.append(time.monotonic() - t)
             i += 1
     return lat
@@ -90,7 +91,7 @@ async def test_a_restarted_secondary_is_marked_out_of_sync_and_a_resync_makes_it
             await nbd.pwrite(b"a" * MiB, 0)
             secondary.kill()
             await secondary.wait_exit()
-            await asyncio.wait_for(nbd.pwrite(b"b" * MiB, MiB), 10)
+            await bounded(nbd.pwrite(b"b" * MiB, MiB), 10)
             st = await wait_for(primary, lambda s: s["replication"]["state"] == "degraded", 5)
             assert st["replication"]["outOfSync"] is True
             await secondary.start()  # same ports, same data dir

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.qemu import QemuError, QsdDied
 from pairvol.qemu.img import require_binary
 from pairvol.qemu.qsd import Qsd, monitor_args
@@ -124,7 +125,7 @@ async def test_a_daemon_that_greets_twice_and_then_dies_is_reported_with_its_exi
         assert "exited with status 3: scripted exit" in str(exc)
     else:
         # the session was up before its end was read (a loaded machine): the death comes next
-        await asyncio.wait_for(qsd.dead.wait(), 10)
+        await bounded(qsd.dead.wait(), 10)
         assert "exited with status 3: scripted exit" in (qsd.exit_error or "")
     await qsd.kill()
 
@@ -200,7 +201,7 @@ async def test_the_daemon_takes_the_agents_connection_before_it_sets_up_anything
         assert proc.returncode is None, "the daemon did not wait for its QMP client"
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(sock_path))
-        assert await asyncio.wait_for(proc.wait(), 10) == 1
+        assert await bounded(proc.wait(), 10) == 1
         sock.close()
         assert proc.stdout is not None
         assert b"no-such-driver" in await proc.stdout.read()

@@ -14,6 +14,7 @@ from pairvol.agent.config import AgentConfig
 from pairvol.agent.metrics import AgentMetrics
 from pairvol.agent.replica import Replica, ReplicaError
 from pairvol.agent.stages import IllegalTransition
+from pairvol.aio import bounded
 
 
 @pytest.fixture
@@ -88,10 +89,10 @@ async def test_the_status_says_busy_while_a_start_may_still_serve(replica: Repli
 
     replica.before_serve_hooks.append(slow_lease)
     start = asyncio.create_task(replica.start_primary(3, None, "none"))
-    await asyncio.wait_for(taking.wait(), 10)
+    await bounded(taking.wait(), 10)
     st = replica.status()
     assert (st["epoch"], st["export"]["serving"], st["busy"]) == (3, False, True)
     go_on.set()
-    await asyncio.wait_for(start, 10)
+    await bounded(start, 10)
     st = replica.status()
     assert (st["export"]["serving"], st["busy"]) == (True, False)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from tests.support.agents import Agent, pair
 from tests.support.bytes_compare import assert_same_image
 from tests.support.writelog import WriteLog
@@ -162,7 +163,7 @@ async def test_sigkill_of_the_primary_at_a_random_moment_under_load(tmp_path: Pa
             killed_at = time.monotonic()
             primary.kill()
             await primary.wait_exit()
-            await asyncio.wait_for(load, 30)  # the writers end on their own: the connection died
+            await bounded(load, 30)  # the writers end on their own: the connection died
         assert all(e.startswith("NBD error") for e in log.ended), f"writers did not end by the kill: {log.ended}"
         assert log.acked(before=killed_at) > 100, f"only {log.acked(before=killed_at)} writes acked before the kill"
         await secondary.failover(epoch=3, mode=mode)
@@ -184,7 +185,7 @@ async def test_old_primary_cannot_write_to_the_promoted_secondary(tmp_path: Path
             await old.pwrite(b"1" * 4096, 0)
             await secondary.failover(epoch=3, mode="latest")
             # the old primary still accepts local writes (it does not know yet) ...
-            await asyncio.wait_for(old.pwrite(b"2" * 4096, 0), 10)
+            await bounded(old.pwrite(b"2" * 4096, 0), 10)
         # ... but they never reach the new primary's disk
         assert (await read_back(secondary))[:4096] == b"1" * 4096
         st = await wait_for_state(primary, "degraded", within=5)

@@ -21,6 +21,7 @@ import pytest
 
 from pairvol.agent import state as persist
 from pairvol.agent.procs import AgentCallError
+from pairvol.aio import bounded
 from pairvol.nbd import NBDError
 from tests.support.agents import Agent, agents, pair
 from tests.support.bytes_compare import assert_same_image
@@ -202,7 +203,7 @@ async def test_a_disk_resized_behind_the_replicas_back_is_refused(tmp_path: Path
     grown = Agent(name=a.name, data_dir=a.data_dir, size="32Mi")
     try:
         await grown.start(wait=False)
-        assert await asyncio.wait_for(grown.wait_exit(), 30) == 2
+        assert await bounded(grown.wait_exit(), 30) == 2
         disk = a.data_dir / persist.DISK_FILE
         assert (
             f"{disk} is {32 * MiB} bytes but the volume is {16 * MiB} bytes: refusing to resize or reformat it"
@@ -246,7 +247,7 @@ async def test_a_second_agent_on_a_data_dir_touches_nothing_until_the_first_has_
 
                 await until("a third agent to wait too", both_wait, within=20)
                 third.kill(signal.SIGTERM)
-                assert await asyncio.wait_for(third.wait_exit(), 10) == 0
+                assert await bounded(third.wait_exit(), 10) == 0
                 assert "stopped while another agent held" in third.log_tail(5)
             assert {name: (first.data_dir / name).read_bytes() for name in slots} == slots
 

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pairvol.aio import bounded
 from tests.support.agents import Agent, AgentCallError, free_port, pair
 from tests.support.bytes_compare import assert_same_image
 from tests.support.writelog import WriteLog
@@ -379,7 +380,7 @@ async def test_a_secondary_killed_at_a_step_of_a_checkpoint_recovers_to_exact_ch
         await write_random(primary, rng, image, 30)
         with contextlib.suppress(AgentCallError, OSError, asyncio.TimeoutError, aiohttp.ClientError):
             await secondary.checkpoint()  # the retire points are reached after it answered
-        assert await asyncio.wait_for(secondary.wait_exit(), 30) != 0
+        assert await bounded(secondary.wait_exit(), 30) != 0
         assert f"crash point {crash_at} reached" in secondary.log_tail(50)
 
         await secondary.start()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.qemu.qsd import MALLOC_TUNING
 from tests.support.agents import Agent, free_port, write_psk
 from tests.support.sockets import TcpSocket, connections_to, tcp_sockets
@@ -156,7 +157,7 @@ async def test_a_killed_listener_daemon_is_a_lost_peer_and_its_port_is_closed(tm
             await _until(reaped)
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", _port(secondary.replication_address)), timeout=5).close()
-            await asyncio.wait_for(nbd.pwrite(after, MiB), 15)
+            await bounded(nbd.pwrite(after, MiB), 15)
             st = await primary.status()
             assert st["replication"]["outOfSync"] is True, "acknowledged without the peer before the mark"
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from pairvol.agent import state as persist
+from pairvol.aio import bounded
 from pairvol.qemu.qsd import Qsd
 from tests.support.agents import Agent, filled_and_checkpointed
 from tests.support.bytes_compare import assert_same_image
@@ -104,7 +105,7 @@ async def settled(secondary: Agent) -> dict[str, Any]:
 async def stop_agent(agent: Agent) -> None:
     """SIGTERM, as the kubelet stops a pod; the agent's own stop runs to its end."""
     agent.kill(signal.SIGTERM)
-    assert await asyncio.wait_for(agent.wait_exit(), 60) == 0, agent.log_tail(30)
+    assert await bounded(agent.wait_exit(), 60) == 0, agent.log_tail(30)
 
 
 async def test_a_secondary_whose_daemon_was_killed_at_its_stop_has_no_restore_point(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 from tests.support.ci import tool
 from tests.support.localcluster_cli import stop_detached
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet_api import KubeApi
 
@@ -77,7 +78,7 @@ def kubectl(api_cluster: LocalCluster, tmp_path: Path) -> KubectlRunner:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else None), within)
+            out, err = await bounded(proc.communicate(stdin.encode() if stdin is not None else None), within)
         finally:
             if proc.returncode is None:  # timed out or cancelled: kill what we started
                 proc.kill()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.localcluster.netns import ApiProxy
 
 
@@ -35,7 +36,7 @@ async def ask(p: ApiProxy) -> float:
     t0 = time.monotonic()
     writer.write(b"GET / HTTP/1.1\r\n\r\n")
     await writer.drain()
-    assert await asyncio.wait_for(reader.readexactly(18), 10) == b"GET / HTTP/1.1\r\n\r\n"
+    assert await bounded(reader.readexactly(18), 10) == b"GET / HTTP/1.1\r\n\r\n"
     took = time.monotonic() - t0
     writer.close()
     return took

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pairvol.aio import bounded
+
 
 async def test_localcluster_up_serves_kubectl_until_sigterm(tmp_path: Path) -> None:
     kubeconfig = tmp_path / f"kc-{os.getpid()}"
@@ -32,7 +34,7 @@ async def test_localcluster_up_serves_kubectl_until_sigterm(tmp_path: Path) -> N
         assert proc.stdout is not None
         lines: list[str] = []
         while not any(line.startswith("export KUBECONFIG=") for line in lines):
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            line = await bounded(proc.stdout.readline(), 30)
             assert line, f"exited early: {lines}"
             lines.append(line.decode().strip())
         assert f"export KUBECONFIG={kubeconfig}" in lines
@@ -43,12 +45,12 @@ async def test_localcluster_up_serves_kubectl_until_sigterm(tmp_path: Path) -> N
         assert server.startswith("http://127.0.0.1:")
         reader, writer = await asyncio.open_connection(*server[len("http://") :].split(":"))
         writer.write(b"GET /api/v1/nodes HTTP/1.0\r\n\r\n")
-        response = await asyncio.wait_for(reader.read(), 10)
+        response = await bounded(reader.read(), 10)
         writer.close()
         assert b" 200 " in response.split(b"\r\n")[0] and b'"node-2"' in response
 
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await bounded(proc.wait(), 20) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -74,7 +76,7 @@ async def test_localcluster_up_reports_a_busy_port(tmp_path: Path) -> None:
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            _, err = await bounded(proc.communicate(), 30)
         finally:
             if proc.returncode is None:
                 proc.kill()

@@ -15,6 +15,7 @@ from typing import Any
 
 from tests.support.ci import tool
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 
 KubectlRunner = Callable[..., Coroutine[Any, Any, tuple[int, str, str]]]  # the `kubectl` fixture
@@ -232,7 +233,7 @@ async def test_the_rendered_helm_chart_applies(kubectl: KubectlRunner) -> None:
         str(helm), "template", "pv", str(repo / "charts" / "pairvol"), "--namespace", "default",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    manifests, helm_err = await asyncio.wait_for(proc.communicate(), 60)
+    manifests, helm_err = await bounded(proc.communicate(), 60)
     assert proc.returncode == 0, helm_err.decode()
     code, out, err = await kubectl("apply", "-f", "-", stdin=manifests.decode())
     assert code == 0, err

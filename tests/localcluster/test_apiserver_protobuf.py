@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from tests.support.ci import tool
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 
 KubectlRunner = Callable[..., Coroutine[Any, Any, tuple[int, str, str]]]  # the `kubectl` fixture
@@ -95,7 +96,7 @@ async def test_helm_install_upgrade_uninstall_the_chart(api_cluster: LocalCluste
         proc = await asyncio.create_subprocess_exec(
             helm, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        out, err = await bounded(proc.communicate(), 60)
         assert proc.returncode == 0, (args, err.decode())
         return out.decode()
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import kubernetes
 
+from pairvol.aio import bounded
 from pairvol.localcluster.apiserver import APIServer, serve
 from pairvol.localcluster.cluster import LocalCluster
 
@@ -31,7 +32,7 @@ async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[st
     """(type, name) of the next ``count`` events of a watch stream."""
     events: list[tuple[str, str]] = []
     while len(events) < count:
-        line = await asyncio.wait_for(resp.content.readline(), 5)
+        line = await bounded(resp.content.readline(), 5)
         assert line, f"stream ended after {events}"
         event = json.loads(line)
         if event["type"] != "BOOKMARK":
@@ -77,7 +78,7 @@ async def test_watch_with_selector_sees_objects_enter_and_leave_it(
 
 async def test_watch_ends_after_timeout_seconds(api_http: aiohttp.ClientSession) -> None:
     async with api_http.get(PODS, params={"watch": "true", "timeoutSeconds": "1"}) as resp:
-        body = await asyncio.wait_for(resp.read(), 5)
+        body = await bounded(resp.read(), 5)
     assert body == b""
 
 
@@ -87,7 +88,7 @@ async def test_too_old_resource_version_is_410_gone() -> None:
             await http.post(PODS, json=pod(f"p{i}"))
         params = {"watch": "true", "resourceVersion": "1"}
         async with http.get(PODS, params=params) as resp:
-            event = json.loads(await asyncio.wait_for(resp.content.readline(), 5))
+            event = json.loads(await bounded(resp.content.readline(), 5))
     assert event["type"] == "ERROR"
     assert event["object"]["code"] == 410 and event["object"]["reason"] == "Expired"
 
@@ -163,7 +164,7 @@ async def test_a_node_going_not_ready_is_seen_by_node_watchers(
     async with api_http.get("/api/v1/nodes", params=params) as resp:
         assert await read_events(resp, 1) == [("ADDED", "node-2")]
         api_cluster.set_node_ready("node-2", False)
-        line = await asyncio.wait_for(resp.content.readline(), 5)
+        line = await bounded(resp.content.readline(), 5)
     event = json.loads(line)
     assert event["type"] == "MODIFIED"
     ready = [c for c in event["object"]["status"]["conditions"] if c["type"] == "Ready"]

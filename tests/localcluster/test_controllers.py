@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from tests.support.ci import tool
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
 
@@ -62,7 +63,7 @@ def kubectl(cluster: LocalCluster, tmp_path: Path) -> Kubectl:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin else None), within)
+            out, err = await bounded(proc.communicate(stdin.encode() if stdin else None), within)
         finally:
             if proc.returncode is None:
                 proc.kill()

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
@@ -128,7 +129,7 @@ async def http_get(sim: NodeSimulator, from_node: str, host: str, port: int) -> 
     try:
         writer.write(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
         await writer.drain()
-        return await asyncio.wait_for(reader.readline(), 5)
+        return await bounded(reader.readline(), 5)
     finally:
         writer.close()
 

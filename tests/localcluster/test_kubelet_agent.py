@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
@@ -118,7 +119,7 @@ async def call(
     )
     writer.write(head.encode() + payload)
     await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 30)
+    raw = await bounded(reader.read(), 30)
     writer.close()
     status_line, _, rest = raw.partition(b"\r\n")
     _, _, text = rest.partition(b"\r\n\r\n")

@@ -17,6 +17,8 @@ import pytest
 from tests.support.ci import tool
 from tests.support.localcluster_cli import alive, kubectl, pairvol
 
+from pairvol.aio import bounded
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
@@ -71,7 +73,7 @@ async def test_up_without_the_localcluster_extra_says_what_to_install(tmp_path: 
         sys.executable, "-c", code, "localcluster", "up", "--state-dir", str(tmp_path / "s"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    _, err = await bounded(proc.communicate(), 30)
     assert proc.returncode == 1
     assert "pip install 'pairvol[localcluster]'" in err.decode() and "'kmock'" in err.decode()
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from tests.localcluster.test_kubelet import alive, condition, eventually, get_pod, running_ready
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 from pairvol.localcluster.kubelet import NodeSimulator
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
@@ -111,7 +112,7 @@ async def ask(sim: NodeSimulator, node: str, host: str, port: int) -> str:
     """Connect from ``node``'s own network namespace and read the first line."""
     reader, writer = await sim.net.open_connection(node, host, port, time_limit=3.0)
     try:
-        return (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+        return (await bounded(reader.readline(), 5)).decode().strip()
     finally:
         writer.close()
 
@@ -147,8 +148,8 @@ async def test_two_pods_on_one_node_listen_on_the_same_port_each_on_its_own_ip(
     # each pod answers on its own address, from another node and from this machine
     assert await ask(sim, "node-b", ips[0], 7800) == "first"
     assert await ask(sim, "node-c", ips[1], 7800) == "second"
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(ips[1], 7800), 3)
-    assert (await asyncio.wait_for(reader.readline(), 3)).strip() == b"second"
+    reader, writer = await bounded(asyncio.open_connection(ips[1], 7800), 3)
+    assert (await bounded(reader.readline(), 3)).strip() == b"second"
     writer.close()
 
 

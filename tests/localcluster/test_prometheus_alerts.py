@@ -20,6 +20,7 @@ from tests.support.ci import tool
 from tests.support.localcluster_cli import kubectl, pairvol
 from tests.support.prometheus import Prometheus, ScrapeJob, pod_monitor_targets, service_monitor_targets
 
+from pairvol.aio import bounded
 from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
 
@@ -62,7 +63,7 @@ async def helm(*args: str, within: float = 180) -> str:
     proc = await asyncio.create_subprocess_exec(
         tool("helm"), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(proc.communicate(), within)
+    out, err = await bounded(proc.communicate(), within)
     assert proc.returncode == 0, err.decode()
     return out.decode()
 

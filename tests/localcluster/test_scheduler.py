@@ -15,6 +15,7 @@ from typing import Any
 from tests.localcluster.conftest import KubectlRunner
 from tests.support.ci import tool
 
+from pairvol.aio import bounded
 from pairvol.localcluster.cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +54,7 @@ async def test_the_charts_operator_replicas_go_to_different_nodes(
         tool("helm"), "template", "pairvol", str(REPO / "charts" / "pairvol"), "--namespace", "default",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    manifests, err = await asyncio.wait_for(proc.communicate(), 60)
+    manifests, err = await bounded(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     code, _, err_text = await kubectl("apply", "-f", "-", stdin=manifests.decode())
     assert code == 0, err_text

@@ -479,7 +479,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "qsd.a-session-ended-after-negotiation-is-retried", "operator/pairvol/qemu/qsd.py",
-        '                await asyncio.wait_for(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))\n',
+        '                await bounded(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))\n',
         "",
         ("tests/integration/test_qsd_connect.py::test_failed_connects_are_retried_with_a_fresh_client",),
         "a QMP session the daemon closes right after negotiating is retried, not taken as up",

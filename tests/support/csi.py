@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from pairvol.aio import bounded
 from pairvol.csi.attach import run
 from pairvol.csi.attacher_host import HostAttachers
 from pairvol.csi.manifests import ATTACHER_HOST_CONTAINER, ATTACHER_HOST_SOCKET, NODE_PLUGIN_CONTAINER, node_pod
@@ -166,7 +167,7 @@ async def driver(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), 10)
+                await bounded(proc.wait(), 10)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent.procs import Agent, free_port
+from pairvol.aio import bounded
 
 MAX_BODY = 64 * 1024  # the agent's body limit (pairvol.agent.http.MAX_BODY)
 POST_ROUTES = {
@@ -365,7 +366,7 @@ async def send(host: str, port: int, case: HttpCase, token: str | None, timeout:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    raw = await asyncio.wait_for(exchange(), timeout)
+    raw = await bounded(exchange(), timeout)
     head, _, payload = raw.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split()
     if len(status_line) < 2 or not status_line[1].isdigit():

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pairvol.aio import bounded
 from tests.support.ci import tool
 
 
@@ -28,7 +29,7 @@ async def pairvol(*args: str, within: float = 60) -> Result:
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), within)
+        out, err = await bounded(proc.communicate(), within)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -60,7 +61,7 @@ async def run_session(argv: list[str], *, cwd: Path, env: dict[str, str], within
         await proc.wait()
 
     try:
-        await asyncio.wait_for(collect(), within)
+        await bounded(collect(), within)
     except TimeoutError:
         tail = b"".join(lines[-80:]).decode(errors="replace")
         raise AssertionError(f"{argv[2:]} still running after {within:g} s; its last output:\n{tail}") from None
@@ -104,6 +105,6 @@ async def kubectl(kubeconfig: str, *args: str, within: float = 60) -> str:
         tool("kubectl"), "--kubeconfig", kubeconfig, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), within)
+    out, err = await bounded(proc.communicate(), within)
     assert proc.returncode == 0, err.decode()
     return out.decode()

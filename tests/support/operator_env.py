@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 
+from pairvol.aio import bounded
 from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
 from pairvol.localcluster.cluster import LocalCluster, node_object
@@ -52,4 +53,4 @@ class DaemonStop:
 
     async def wait(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.flag.wait(), timeout)
+            await bounded(self.flag.wait(), timeout)

@@ -41,6 +41,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 from pairvol.nbd import NBDClient
 from pairvol.qemu import img
@@ -543,9 +544,9 @@ class Oracle:
         """Quit QEMU (or kill it by PID) and remove the socket directory."""
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
+                await bounded(self.qmp.execute("quit"), 2.0)
             try:
-                await asyncio.wait_for(self.proc.wait(), 5.0)
+                await bounded(self.proc.wait(), 5.0)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.proc.pid, signal.SIGKILL)

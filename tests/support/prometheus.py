@@ -26,6 +26,7 @@ import yaml
 from aiohttp import web
 
 from pairvol.agent.procs import free_port
+from pairvol.aio import bounded
 
 Obj = dict[str, Any]
 TargetGroups = list[Obj]  # http_sd: [{"targets": ["host:port"], "labels": {...}}]
@@ -240,7 +241,7 @@ class Prometheus:
         if self._proc is not None and self._proc.returncode is None:
             self._proc.terminate()
             try:
-                await asyncio.wait_for(self._proc.wait(), 10)
+                await bounded(self._proc.wait(), 10)
             except TimeoutError:
                 self._proc.kill()
                 await self._proc.wait()

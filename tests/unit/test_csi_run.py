@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.csi.attach import AttachError, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,7 +59,7 @@ async def test_a_cancelled_command_and_what_it_started_are_gone_when_the_cancell
 ) -> None:
     pids = tmp_path / "pids"
     call = asyncio.create_task(run("sh", "-c", SHELL_AND_CHILD, str(pids)))
-    shell, child = await asyncio.wait_for(pids_in(pids), 10)
+    shell, child = await bounded(pids_in(pids), 10)
     assert alive(shell) and alive(child)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -80,7 +81,7 @@ async def test_a_command_past_its_time_limit_is_killed_with_what_it_started(tmp_
 async def test_a_cancellation_repeated_while_the_command_is_killed_still_waits_for_it(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     call = asyncio.create_task(run("sh", "-c", SHELL_AND_CHILD, str(pids)))
-    shell, child = await asyncio.wait_for(pids_in(pids), 10)
+    shell, child = await bounded(pids_in(pids), 10)
     call.cancel()
     await asyncio.sleep(0)
     call.cancel()
@@ -95,7 +96,7 @@ async def test_a_cancelled_mkfs_is_waited_for_not_killed(tmp_path: Path) -> None
     started, finished = tmp_path / "started", tmp_path / "finished"
     script = f'echo "$$ $$" > "{started}"; sleep 1; touch "{finished}"'
     call = asyncio.create_task(run("sh", "-c", script, finish_on_cancel=True))
-    await asyncio.wait_for(pids_in(started), 10)
+    await bounded(pids_in(started), 10)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -105,7 +106,7 @@ async def test_a_cancelled_mkfs_is_waited_for_not_killed(tmp_path: Path) -> None
 async def test_a_cancelled_mkfs_is_still_killed_at_its_time_limit(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     call = asyncio.create_task(run("sh", "-c", SHELL_AND_CHILD, str(pids), timeout=1.5, finish_on_cancel=True))
-    shell, child = await asyncio.wait_for(pids_in(pids), 10)
+    shell, child = await bounded(pids_in(pids), 10)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call

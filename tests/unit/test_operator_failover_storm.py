@@ -18,6 +18,7 @@ from tests.support.operator_env import DaemonStop, operator_against_the_api
 from tests.unit.test_operator_decisions import primary_dead
 from tests.unit.test_operator_lost_answers import NS, degraded_volume_and_a_lagging_cache, on_server, stored
 
+from pairvol.aio import bounded
 from pairvol.kube.client import KubeClient
 from pairvol.kube.paths import volume_path
 from pairvol.operator import decisions as d
@@ -97,7 +98,7 @@ async def test_a_loop_that_stops_while_failing_over_releases_the_waiting_ones(re
     await asyncio.sleep(0.05)
     c.failing_over.add(OTHER)
     stop.flag.set()
-    await asyncio.wait_for(task, 5)
+    await bounded(task, 5)
     assert c.failing_over == set() and rec.wake.is_set()
 
 

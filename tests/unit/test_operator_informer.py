@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pairvol.aio import bounded
 from pairvol.kube.client import KubeClient, KubeError
 from pairvol.kube.config import load_config
 from pairvol.kube.paths import lease_path
@@ -40,7 +41,7 @@ async def test_the_cache_follows_creations_updates_and_deletions_and_tells_the_l
         inf.subscribe(lambda etype, obj, prev: events.append((etype, obj["metadata"]["name"])))
         inf.start()
         try:
-            await asyncio.wait_for(inf.synced.wait(), 5)
+            await bounded(inf.synced.wait(), 5)
             assert inf.get("default", "before") is not None, "the first LIST fills the cache"
             assert inf.has_seen("default", "before", before["metadata"]["resourceVersion"])
 
@@ -69,7 +70,7 @@ async def test_after_a_broken_watch_the_cache_catches_up_by_listing_again() -> N
         inf = Informer(kube, lease_path("default"))
         inf.start()
         try:
-            await asyncio.wait_for(inf.synced.wait(), 5)
+            await bounded(inf.synced.wait(), 5)
             await until(lambda: len(cluster.api._kinds[("coordination.k8s.io", "leases")].watches) == 1)
             # the server drops the watch, and changes happen before the informer is back,
             # past the history a watch could resume from (as after etcd compaction)
@@ -101,10 +102,10 @@ async def test_a_server_that_refuses_every_watch_is_not_listed_in_a_loop() -> No
         inf._list = counted  # type: ignore[method-assign]
         inf.start()
         try:
-            await asyncio.wait_for(inf.synced.wait(), 5)
+            await bounded(inf.synced.wait(), 5)
             await asyncio.sleep(1.0)
         finally:
-            await asyncio.wait_for(inf.stop(), 10)  # and it stops
+            await bounded(inf.stop(), 10)  # and it stops
         assert inf.get("default", "only") is not None
         assert lists <= 1 / informer.RELIST_PAUSE_S + 1, f"{lists} LISTs in about a second"
 

@@ -15,6 +15,7 @@ import pytest
 from pairvol.agent.health import Health
 from pairvol.agent.lease import attach_lease
 from pairvol.agent.replica import IN_SYNC_HOOK_TIMEOUT_S
+from pairvol.aio import bounded
 from pairvol.kube.client import Conflict, KubeClient, KubeError
 from pairvol.kube.config import load_config
 from pairvol.kube.lease import LeaseError, LeaseKeeper, micro_time, parse_micro_time
@@ -87,7 +88,7 @@ async def test_a_second_holder_waits_until_expiry_then_takes_over() -> None:
         # a finds out at its next renewal and reports the loss
         lost = Lost()
         a.on_lost = lost
-        await asyncio.wait_for(a.run(healthy=healthy), 5)
+        await bounded(a.run(healthy=healthy), 5)
         assert lost.at is not None and not a.held
         await b.release()
 
@@ -102,7 +103,7 @@ async def test_unreachable_api_server_means_lost_before_the_lease_expires() -> N
         await asyncio.sleep(0.8)  # one renewal happens
         renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
     # the API server is gone now: renewals fail
-    await asyncio.wait_for(task, 5)
+    await bounded(task, 5)
     assert lost.at is not None and renewed is not None
     assert lost.at < renewed + 2.0, "on_lost must run before others may consider it expired"
     assert not k.held
@@ -157,7 +158,7 @@ async def test_a_lease_not_renewed_in_time_is_not_held_and_takes_no_out_of_sync_
         await asyncio.sleep(1.0 - k.safety_s + 0.1)  # validity: duration minus the safety margin
         assert not k.held
         with pytest.raises(LeaseError, match="cannot mark out-of-sync at epoch 3: lease pairvol-vol not held"):
-            await asyncio.wait_for(k.mark_out_of_sync(3), 5)
+            await bounded(k.mark_out_of_sync(3), 5)
         meta = (await read_lease(cluster))["metadata"]
         assert isinstance(meta, dict)
         assert OUT_OF_SYNC_ANNOTATION not in (meta.get("annotations") or {})
@@ -176,7 +177,7 @@ async def test_a_keeper_that_finds_its_lease_taken_over_stops_and_does_not_overw
             lease = await kube.get(lease_path("default", "pairvol-vol"))
             lease["spec"]["holderIdentity"] = "pod-b"
             await kube.replace(lease_path("default", "pairvol-vol"), lease)
-        await asyncio.wait_for(task, 3)  # one renewal period (1 s) and a bit
+        await bounded(task, 3)  # one renewal period (1 s) and a bit
         assert lost.at is not None and not k.held
         spec = (await read_lease(cluster))["spec"]
         assert isinstance(spec, dict) and spec["holderIdentity"] == "pod-b"
@@ -253,7 +254,7 @@ async def test_a_renewal_answered_after_the_validity_ran_out_counts_as_lost(capl
         assert k.held and lost.at is None
         late.set()
         with caplog.at_level(logging.WARNING, logger="pairvol.kube.lease"):
-            assert await asyncio.wait_for(task, 5) is None
+            assert await bounded(task, 5) is None
         assert lost.at is not None and not k.held
         (line,) = [r for r in caplog.records if r.levelno == logging.WARNING and "validity had run out" in r.message]
         assert "renewal answered" in line.message and "counted as lost" in line.message
@@ -284,7 +285,7 @@ async def test_against_an_api_server_that_never_answers_the_lease_is_lost_when_i
         black_hole.set()
         valid_until = k._valid_until
         task = asyncio.create_task(k.run(healthy=healthy))
-        assert await asyncio.wait_for(task, 10) is None
+        assert await bounded(task, 10) is None
         assert lost.at is not None
         assert time.monotonic() - valid_until < 0.5, "gave up later than the end of its validity"
         await k.release()
@@ -333,7 +334,7 @@ async def test_renewal_asks_the_health_check_first_and_stops_for_good_when_unhea
         assert len(await renew_times(cluster, 2.2)) >= 2  # renewed every second while healthy
         assert verdicts.asked >= 2
         verdicts.now = Health(False, "qemu-storage-daemon is not running: killed")
-        why = await asyncio.wait_for(task, 3)
+        why = await bounded(task, 3)
         assert why == "qemu-storage-daemon is not running: killed"
         asked = verdicts.asked
         assert len(await renew_times(cluster, 1.5)) == 1, "renewed after an unhealthy verdict"
@@ -370,10 +371,10 @@ async def test_a_daemon_silent_for_longer_than_the_stall_limit_loses_the_lease()
         k.stall_limit_s = 1.0
         await k.acquire(5)
         task = asyncio.create_task(k.run(healthy=verdicts))
-        await asyncio.wait_for(verdicts.first.wait(), 3)
+        await bounded(verdicts.first.wait(), 3)
         healthy_at = time.time()
         verdicts.now = SILENT
-        why = await asyncio.wait_for(task, 8)
+        why = await bounded(task, 8)
         assert why is None and lost.at is not None  # lost: on_lost fenced it
         renewed = parse_micro_time((await read_lease(cluster))["spec"]["renewTime"])  # type: ignore[index]
         assert renewed is not None and healthy_at < renewed <= healthy_at + 1.0 + 0.3  # then no more
@@ -394,7 +395,7 @@ async def test_an_alarm_brings_the_check_forward() -> None:
         assert verdicts.asked == 0
         verdicts.now = Health(False, "daemon died")
         alarm.set()
-        assert await asyncio.wait_for(task, 2) == "daemon died"
+        assert await bounded(task, 2) == "daemon died"
         await k.release()
 
 

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from tests.support.operator_env import DaemonStop
 from tests.unit.test_operator_decisions import NOW, _in_flight
 
+from pairvol.aio import bounded
 from pairvol.api.spec import SpecError, parse_spec
 from pairvol.api.status import Phase, VolumeStatus, parse_time
 from pairvol.kube.client import KubeClient
@@ -125,7 +126,7 @@ async def test_a_loop_that_stops_takes_its_volumes_series_with_it(kube: KubeClie
     assert sample(metrics.registry, "pairvol_volume_phase", phase="Failed", **labels) == 1
     assert sample(metrics.registry, "pairvol_operator_last_checkpoint_timestamp_seconds", **labels) == NOW - 2
     stop.flag.set()
-    await asyncio.wait_for(loop, 10)
+    await bounded(loop, 10)
     assert sample(metrics.registry, "pairvol_volume_phase", phase="Failed", **labels) is None
     assert sample(metrics.registry, "pairvol_operator_volumes", phase="Failed") == 0
     assert sample(metrics.registry, "pairvol_operator_last_checkpoint_timestamp_seconds", **labels) is None

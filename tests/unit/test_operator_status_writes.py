@@ -21,6 +21,7 @@ import pytest
 from tests.support.operator_env import DaemonStop, operator_against_the_api
 from tests.unit.test_operator_decisions import pod, primary_dead, replicating
 
+from pairvol.aio import bounded
 from pairvol.api.status import Failover, Phase, VolumeStatus
 from pairvol.kube.client import KubeClient, KubeError, merge_patch_to
 from pairvol.kube.paths import volume_path
@@ -202,6 +203,6 @@ async def test_a_label_patch_refused_every_tick_does_not_make_the_loop_spin(
     loop = asyncio.create_task(Reconciler("vol", NS).run(stop))
     await asyncio.sleep(2.0)
     stop.flag.set()
-    await asyncio.wait_for(loop, 10)
+    await bounded(loop, 10)
     interval = handlers.ctx().config.reconcile_interval_s
     assert 1 <= ticks <= 2.0 / interval + 2, f"{ticks} ticks in 2 s with a reconcile interval of {interval} s"

@@ -11,6 +11,7 @@ import pytest
 from qemu.qmp import EventListener
 from qemu.qmp.message import Message
 
+from pairvol.aio import bounded
 from pairvol.qemu.qsd import Qsd
 
 
@@ -34,7 +35,7 @@ async def test_a_barrier_passes_only_after_the_events_queued_before_it(tmp_path:
     qsd, seen, pump = pumped(tmp_path)
     assert qsd._listener is not None
     await qsd._listener.put(event("QUORUM_REPORT_BAD"))
-    await asyncio.wait_for(qsd.event_barrier(), 1)
+    await bounded(qsd.event_barrier(), 1)
     assert seen == ["QUORUM_REPORT_BAD"]
     pump.cancel()
 
@@ -50,13 +51,13 @@ async def test_a_barrier_given_up_does_not_answer_the_next_one_early(tmp_path: P
     qsd._handlers.insert(0, slow)
     await qsd._listener.put(event("FIRST"))
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(qsd.event_barrier(), 0.05)
+        await bounded(qsd.event_barrier(), 0.05)
     await qsd._listener.put(event("SECOND"))
     second = asyncio.create_task(qsd.event_barrier())
     third = asyncio.create_task(qsd.event_barrier())
     await asyncio.sleep(0.05)
     assert not second.done() and not third.done()  # FIRST's handler still runs
     go_on.set()
-    await asyncio.wait_for(asyncio.gather(second, third), 1)
+    await bounded(asyncio.gather(second, third), 1)
     assert seen == ["FIRST", "SECOND"]
     pump.cancel()

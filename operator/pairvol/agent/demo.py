@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pairvol.agent.procs import Agent
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 
 BLOCK = 4096
@@ -103,7 +104,7 @@ async def scenario(root: Path, size: str, mode: str, seconds: float) -> dict[str
                     if stop_writes.is_set():
                         await asyncio.sleep(0.01)
                         continue
-                    await asyncio.wait_for(writer_step(lane, lanes), 30)
+                    await bounded(writer_step(lane, lanes), 30)
 
             async def writer_step(lane: int, lanes: int) -> None:
                 nonlocal acked

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from pairvol.aio import bounded
 from pairvol.nbd import NBDClient
 
 _handed_out: set[int] = set()  # ports this process gave out: never twice
@@ -300,7 +301,7 @@ class Agent:
             return
         self.kill(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), 10)
+            await bounded(self.proc.wait(), 10)
         except TimeoutError:
             self.kill(signal.SIGKILL)
             await self.proc.wait()

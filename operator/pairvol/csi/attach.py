@@ -90,6 +90,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from pairvol.agent import crashpoints
+from pairvol.aio import bounded
 from pairvol.csi import nbd
 from pairvol.csi.params import size_problem
 from pairvol.qemu.img import require_binary
@@ -1012,7 +1013,7 @@ async def _flush_in_its_own_thread(device: str, fd: int, wait_s: float, volume_i
     _pending_flushes[device] = thread
     thread.start()
     try:
-        return await asyncio.wait_for(asyncio.shield(done), wait_s)
+        return await bounded(asyncio.shield(done), wait_s)
     except TimeoutError:
         raise AttachError(
             f"the flush of {device} of {volume_id} has not returned within {wait_s:g} s (the volume's primary does not "

@@ -44,6 +44,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pairvol.aio import bounded
 from pairvol.csi.attach import AttachError, Attachment, DirectAttachers
 from pairvol.csi.params import parse_volume_id
 
@@ -204,7 +205,7 @@ class HostAttachers:
     async def call(self, op: str, volume: str | None = None, timeout: float = CALL_TIMEOUT_S) -> dict[str, Any]:
         request: dict[str, str] = {"op": op} if volume is None else {"op": op, "volume": volume}
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.socket)), 5.0)
+            reader, writer = await bounded(asyncio.open_unix_connection(str(self.socket)), 5.0)
         except (OSError, TimeoutError) as exc:
             raise AttachError(
                 f"the attacher host does not answer on {self.socket} ({exc or 'timeout'}); "
@@ -213,7 +214,7 @@ class HostAttachers:
         try:
             writer.write(json.dumps(request).encode() + b"\n")
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), timeout)
+            line = await bounded(reader.readline(), timeout)
         except (OSError, TimeoutError) as exc:
             raise AttachError(f"the attacher host did not answer {op} {volume or ''} ({exc or 'timeout'})") from exc
         finally:

@@ -29,6 +29,7 @@ import socket
 import struct
 from pathlib import Path
 
+from pairvol.aio import bounded
 from pairvol.nbd import NBDError, client_handshake
 
 SYS_BLOCK = Path("/sys/block")
@@ -181,12 +182,12 @@ async def connect(device: str, socket_path: Path, export: str, identifier: str) 
     device stays as it was)."""
     dev_index = index(device)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket_path)), HANDSHAKE_TIMEOUT_S)
+        reader, writer = await bounded(asyncio.open_unix_connection(str(socket_path)), HANDSHAKE_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         raise NbdError(f"cannot reach the export on {socket_path}: {exc or 'timeout'}") from exc
     try:
         try:
-            info = await asyncio.wait_for(client_handshake(reader, writer, export), HANDSHAKE_TIMEOUT_S)
+            info = await bounded(client_handshake(reader, writer, export), HANDSHAKE_TIMEOUT_S)
         except (NBDError, TimeoutError) as exc:
             raise NbdError(f"cannot negotiate {export!r} on {socket_path}: {exc or 'timeout'}") from exc
         # from here on the socket is the kernel's: this process must not read a byte of it

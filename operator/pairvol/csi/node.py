@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import grpc
 
+from pairvol.aio import bounded
 from pairvol.csi import DRIVER_NAME, attach, expand, nbd
 from pairvol.csi.attach import (
     AttachError,
@@ -238,7 +239,7 @@ class NodeService:
         if self.kube is None or parsed is None:
             return None, "replication state not known here (the node plugin has no cluster connection)"
         try:
-            volume = await asyncio.wait_for(self.kube.get_or_none(volume_path(*parsed)), API_TIMEOUT_S)
+            volume = await bounded(self.kube.get_or_none(volume_path(*parsed)), API_TIMEOUT_S)
         except (KubeError, TimeoutError) as exc:
             return None, f"replication state unknown: the API server did not answer ({exc or 'timeout'})"
         if volume is None:

@@ -36,6 +36,7 @@ import urllib3
 from kubernetes import client as kclient
 
 from pairvol import __version__
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 from pairvol.kube.config import KubeConfig, KubeConfigError
 
@@ -225,7 +226,7 @@ class KubeClient:
         call = loop.run_in_executor(self._pool, self._call, method, path, body, params, content_type, t)
         try:
             # the worker's own timeouts are per read; this bounds the caller's wait as a whole
-            result = await asyncio.wait_for(call, t)
+            result = await bounded(call, t)
         except TimeoutError as exc:
             raise KubeError(0, f"{method} {path}: no answer within {t:.1f}s (is the API server reachable?)") from exc
         return result if isinstance(result, dict) else {"value": result}

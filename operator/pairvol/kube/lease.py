@@ -71,6 +71,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 from pairvol.kube.client import Conflict, KubeClient, KubeError, NotFound
 from pairvol.kube.config import load_config
@@ -451,7 +452,7 @@ class LeaseKeeper:
             await asyncio.sleep(max(0.0, seconds))
             return False
         try:
-            await asyncio.wait_for(alarm.wait(), max(0.0, seconds))
+            await bounded(alarm.wait(), max(0.0, seconds))
             return True
         except TimeoutError:
             return False

@@ -58,6 +58,7 @@ import kmock
 import yaml
 from kmock._internal.rendering import ReactionMismatchError  # not re-exported in __all__
 
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 from pairvol.localcluster import apiserver_auth as auth
 from pairvol.localcluster import apiserver_protobuf as protobuf
@@ -756,7 +757,7 @@ class APIServer(kmock.KubernetesScaffold, ObjectStore):
                 if left <= 0:
                     break
                 try:
-                    item = await asyncio.wait_for(watch.queue.get(), timeout=min(left, 10.0))
+                    item = await bounded(watch.queue.get(), timeout=min(left, 10.0))
                 except TimeoutError:
                     if bookmarks:
                         await self._write_bookmark(response, rtype)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pairvol.aio import signal_child
+from pairvol.aio import bounded, signal_child
 from pairvol.errors import PairvolError
 
 RELEASE = "pairvol"
@@ -58,7 +58,7 @@ async def run_helm(args: Sequence[str], *, within: float) -> str:
         helm, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), within)
+        out, err = await bounded(proc.communicate(), within)
     except TimeoutError:
         signal_child(proc, signal.SIGKILL)
         await proc.wait()

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class ControlServer:
         if server is not None:
             server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
+                await bounded(server.wait_closed(), 5)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self.path.unlink)
 
@@ -112,7 +113,7 @@ class ControlServer:
 
 async def _answers(path: Path) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2)
+        _, writer = await bounded(asyncio.open_unix_connection(str(path)), 2)
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -125,7 +126,7 @@ async def request(state_dir: Path, payload: dict[str, Any], *, timeout: float = 
     """Send one request to the running ``up`` and return its answer (``ok`` true)."""
     path = state_dir / SOCKET
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=_MAX_LINE), 5)
+        reader, writer = await bounded(asyncio.open_unix_connection(str(path), limit=_MAX_LINE), 5)
     except (OSError, TimeoutError):
         raise ControlError(
             f"no local cluster is running with state directory {state_dir} (no answer on {path}); "
@@ -134,7 +135,7 @@ async def request(state_dir: Path, payload: dict[str, Any], *, timeout: float = 
     try:
         writer.write(json.dumps(payload).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        line = await bounded(reader.readline(), timeout)
     except (OSError, TimeoutError) as exc:
         raise ControlError(f"the local cluster did not answer {payload.get('op')!r}: {exc or 'timed out'}") from exc
     finally:

@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
+from pairvol.aio import bounded
 from pairvol.localcluster.apiserver_builtin import ResourceType
 from pairvol.localcluster.apiserver_logic import RequestError, now_rfc3339
 from pairvol.localcluster.apiserver_store import ObjectStore, WatchEntry
@@ -452,7 +453,7 @@ class ControllerManager:
                 if left <= 0:
                     break
                 try:
-                    entry = await asyncio.wait_for(self._queue.get(), timeout=left)
+                    entry = await bounded(self._queue.get(), timeout=left)
                 except TimeoutError:
                     break
                 relevant = entry is not None and _relevant(entry)

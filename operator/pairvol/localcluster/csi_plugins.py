@@ -96,6 +96,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pairvol.aio import bounded
 from pairvol.csi import DRIVER_NAME
 from pairvol.csi.attach import AttachError
 from pairvol.csi.attacher_host import HostAttachers
@@ -228,7 +229,7 @@ class PluginProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), STOP_GRACE_S)
+                await bounded(self.proc.wait(), STOP_GRACE_S)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)

@@ -39,7 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import yaml
 
 from pairvol.agent.procs import free_port
-from pairvol.aio import cancel_and_wait, signal_child
+from pairvol.aio import bounded, cancel_and_wait, signal_child
 from pairvol.errors import PairvolError
 from pairvol.kube.client import KubeClient
 from pairvol.kube.config import load_config
@@ -183,7 +183,7 @@ class OperatorProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), 10)
+            await bounded(proc.wait(), 10)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # our own session: only our processes
@@ -604,7 +604,7 @@ class QemuIO:
         if proc is None or proc.stdout is None:
             return None
         try:
-            data = await asyncio.wait_for(proc.stdout.readuntil(self.PROMPT), limit_s)
+            data = await bounded(proc.stdout.readuntil(self.PROMPT), limit_s)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             return None
         return data[: -len(self.PROMPT)].decode(errors="replace")

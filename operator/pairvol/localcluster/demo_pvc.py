@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from pairvol.aio import bounded
 from pairvol.localcluster import chart
 from pairvol.localcluster.csi_plugins import LocalCsi
 
@@ -205,7 +206,7 @@ async def fsck_clean(socket: Path, work: Path) -> tuple[bool, str]:
             "qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///volume?socket={link}", str(image),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
-        out, _ = await asyncio.wait_for(copy.communicate(), 120)
+        out, _ = await bounded(copy.communicate(), 120)
     finally:
         await asyncio.to_thread(shutil.rmtree, link_dir, True)
     if copy.returncode != 0:
@@ -214,7 +215,7 @@ async def fsck_clean(socket: Path, work: Path) -> tuple[bool, str]:
         check = await asyncio.create_subprocess_exec(
             "e2fsck", "-fn", str(image), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
-        out, _ = await asyncio.wait_for(check.communicate(), 120)
+        out, _ = await bounded(check.communicate(), 120)
     finally:
         await asyncio.to_thread(image.unlink, True)
     lines = out.decode(errors="replace").strip().splitlines() or ["(no output)"]

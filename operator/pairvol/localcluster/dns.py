@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pairvol.aio import bounded
 from pairvol.errors import PairvolError
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class ClusterDNS(asyncio.DatagramProtocol):
         """A name outside the cluster: what this machine's resolver says (A only)."""
         loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
+            infos = await bounded(
                 loop.getaddrinfo(query.name, None, family=socket.AF_INET, type=socket.SOCK_STREAM), FORWARD_TIMEOUT_S
             )
         except socket.gaierror:

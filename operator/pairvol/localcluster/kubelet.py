@@ -107,6 +107,7 @@ from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from pairvol.aio import bounded
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.dns import ClusterDNS, resolv_conf
 from pairvol.localcluster.images import ImagePullError, container_command, find_image
@@ -410,7 +411,7 @@ class ContainerProcess:
                 break
             if self.proc.returncode is None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.proc.wait(), 0.1)
+                    await bounded(self.proc.wait(), 0.1)
             else:
                 await asyncio.sleep(0.05)
             if time.monotonic() > deadline:
@@ -574,7 +575,7 @@ class ContainerRunner:
         self.worker.changed()
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+            await bounded(self._wake.wait(), delay)
         return True
 
     async def _start(self, prepared: _Prepared) -> None:
@@ -639,7 +640,7 @@ class ContainerRunner:
         self.worker.event("Normal", "Killing", f"Stopping container {self.name}")
         process.signal_group(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(process.proc.wait()), grace)
+            await bounded(asyncio.shield(process.proc.wait()), grace)
         except TimeoutError:
             logger.info("container %s ignored SIGTERM for %gs; SIGKILL", self.name, grace)
         await process.kill_all()
@@ -808,7 +809,7 @@ class PodWorker:
                     runner.state.state = {"waiting": {"reason": reason, "message": str(exc)}}
                 self.changed()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), self.kubelet.sim.config_retry)
+                    await bounded(self._stop_requested.wait(), self.kubelet.sim.config_retry)
                 if self.deleting:
                     return
 
@@ -839,7 +840,7 @@ class PodWorker:
 
     async def _wait_for_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+            await bounded(self._stop_requested.wait(), seconds)
 
     async def _prepare(self) -> None:
         kubelet = self.kubelet
@@ -1046,7 +1047,7 @@ class PodWorker:
         if self._task is not None:
             # The runners record their final (terminated) state on their way out.
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 10.0)
+                await bounded(asyncio.shield(self._task), 10.0)
             except TimeoutError:
                 logger.warning("pod %s/%s: containers did not wind down; cancelling", *self.key)
                 self._task.cancel()
@@ -1499,14 +1500,14 @@ class NodeKubelet:
                     context = ssl.create_default_context()
                     context.check_hostname = False
                     context.verify_mode = ssl.CERT_NONE
-                    await asyncio.wait_for(writer.start_tls(context, server_hostname=host), probe.timeout)
+                    await bounded(writer.start_tls(context, server_hostname=host), probe.timeout)
                 headers = "".join(f"{k}: {v}\r\n" for k, v in probe.headers)
                 writer.write(
                     f"GET {probe.path} HTTP/1.1\r\nHost: {host}:{probe.port}\r\n"
                     f"User-Agent: kube-probe/1.32\r\n{headers}Connection: close\r\n\r\n".encode()
                 )
                 await writer.drain()
-                line = await asyncio.wait_for(reader.readline(), probe.timeout)
+                line = await bounded(reader.readline(), probe.timeout)
                 parts = line.split()
                 return len(parts) >= 2 and 200 <= int(parts[1]) < 400
             finally:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from pairvol.aio import signal_child
+from pairvol.aio import bounded, signal_child
 from pairvol.errors import PairvolError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ async def run_command(
     except FileNotFoundError as exc:
         raise NetnsError(f"cannot run {argv[0]!r}: not found in PATH; install iproute2/iptables") from exc
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), time_limit)
+        out, err = await bounded(proc.communicate(stdin), time_limit)
     except TimeoutError:
         signal_child(proc, signal.SIGKILL)
         await proc.wait()
@@ -608,7 +608,7 @@ class ClusterNetwork:
         sock = await self.socket_in_node(node)
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), time_limit)
+            await bounded(loop.sock_connect(sock, (host, port)), time_limit)
         except BaseException:
             sock.close()
             raise

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from pairvol.aio import bounded
 from pairvol.localcluster.csi_client import CsiClient
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
 
@@ -104,7 +105,7 @@ class SidecarLoop:
             except ApiError as exc:
                 logger.warning("%s: %s", self.name, exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.resync)
+                await bounded(self._wake.wait(), self.resync)
 
     def _start(self, key: str, operation: Coroutine[Any, Any, None]) -> None:
         """Run ``operation`` unless one for ``key`` runs or its back-off is not over."""

@@ -110,7 +110,8 @@ class Informer:
         if task is None:
             return
         # Python 3.11's wait_for can lose a cancellation that arrives as its inner call
-        # completes: cancel again until the task has ended
+        # completes (pairvol.aio; ours is banned, the libraries' is not): cancel again
+        # until the task has ended
         while not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=1.0)

@@ -46,7 +46,7 @@ from qemu.qmp.error import QMPError
 from qemu.qmp.message import Message
 from qemu.qmp.qmp_client import ExecuteError
 
-from pairvol.aio import cancel_and_wait, signal_child
+from pairvol.aio import bounded, cancel_and_wait, signal_child
 from pairvol.qemu import QemuError, QsdDied
 from pairvol.qemu.img import require_binary
 
@@ -158,10 +158,10 @@ class Qsd:
                 # bounded: a connection whose greeting never comes must not hold the agent
                 # for ever (seen in CI: agent and daemon both asleep, nothing logged)
                 left = deadline - asyncio.get_running_loop().time()
-                await asyncio.wait_for(self.qmp.connect(str(self.qmp_path)), max(0.5, min(left, 3.0)))
+                await bounded(self.qmp.connect(str(self.qmp_path)), max(0.5, min(left, 3.0)))
                 # a session the daemon ends right after the negotiation is no connection
                 # yet: whether connect() saw that end is a race, a command's answer is not
-                await asyncio.wait_for(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))
+                await bounded(self.qmp.execute("query-version"), max(0.5, min(left, 3.0)))
                 break
             except Exception as exc:  # the library's own assertions too (a reply it did not expect)
                 await self._drop_client()
@@ -171,7 +171,7 @@ class Qsd:
                 log.debug("QMP connect to %s: %r; retrying", self.qmp_path, exc)
                 # the pause ends early if the daemon exited: its status is the better error
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.dead.wait(), 0.05)
+                    await bounded(self.dead.wait(), 0.05)
         listener = EventListener()
         self.qmp.register_listener(listener)
         for waiter in self._barriers:  # an earlier pump's, which will never answer them
@@ -185,7 +185,7 @@ class Qsd:
         """Close the QMP client after a failed connect and start over with a new one: the
         failed one's state need not be consistent (qemu.qmp asserts on it)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.qmp.disconnect(), 1.0)
+            await bounded(self.qmp.disconnect(), 1.0)
         self.qmp = QMPClient(self.name)
 
     def _prepare_run_dir(self) -> None:
@@ -284,9 +284,9 @@ class Qsd:
         exited = False
         if not self.dead.is_set():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
+                await bounded(self.qmp.execute("quit"), 2.0)
             try:
-                await asyncio.wait_for(self.dead.wait(), timeout)
+                await bounded(self.dead.wait(), timeout)
             except TimeoutError:
                 log.warning("qemu-storage-daemon %s did not exit after quit: killing it", self.name)
                 await self.kill()
