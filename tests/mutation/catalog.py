@@ -639,6 +639,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         lease_tests("test_a_primary_shutting_down_stops_serving_before_it_releases_the_lease"),
         "a shutting-down primary stops serving before it gives the lease up",
     ),
+    Mutation(
+        "lease.a-stop-while-renewals-wind-down-is-kept", LEASE,
+        "                await cancel_and_wait(renew)\n",
+        "                renew.cancel()\n                with contextlib.suppress(asyncio.CancelledError):\n"
+        "                    await renew\n",
+        lease_tests("test_a_keeper_stopped_while_it_winds_its_renewals_down_after_a_demotion_still_stops"),
+        "an agent stopped while its renewals wind down after a demotion still fences, releases and stops",
+    ),
     # -------------------------------------------------------------- operator/decisions.py
     Mutation(
         "decisions.a-cut-names-the-primarys-link", DECISIONS,

@@ -654,6 +654,39 @@ async def test_a_primary_shutting_down_stops_serving_before_it_releases_the_leas
         assert isinstance(spec, dict) and not spec.get("holderIdentity"), "released after the fence"
 
 
+async def test_a_keeper_stopped_while_it_winds_its_renewals_down_after_a_demotion_still_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A demotion ends the renewal loop; an agent shutting down while that loop is still
+    ending must not be ignored: the keeper fences, releases and ends by the cancellation
+    (the wait for the loop used to swallow it, and the keeper went on waiting for a
+    promotion that never came)."""
+    async with attached(monkeypatch, 6.0) as (cluster, replica, task):
+        await serving_primary(cluster, replica)
+        checking, winding_down = asyncio.Event(), asyncio.Event()
+
+        async def slow_to_stop(timeout_s: float = 1.0) -> Health:
+            del timeout_s
+            checking.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                winding_down.set()
+                await asyncio.sleep(0.5)  # a health check takes a moment to stop
+                raise
+            raise AssertionError("unreachable")
+
+        replica.health = slow_to_stop  # type: ignore[method-assign]
+        await bounded(checking.wait(), 5)  # the next renewal's check is under way
+        replica.state = SimpleNamespace(role="secondary", epoch=3)
+        await bounded(winding_down.wait(), 5)  # the keeper is ending its renewals
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(asyncio.shield(task), 5)
+        spec = (await read_lease(cluster))["spec"]
+        assert isinstance(spec, dict) and not spec.get("holderIdentity"), "released on the way out"
+
+
 # ---------------------------------------------------------------- clearing the marks (H7)
 
 

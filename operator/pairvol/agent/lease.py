@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from pairvol.agent.health import Health
 from pairvol.agent.stages import FenceCause
+from pairvol.aio import cancel_and_wait
 from pairvol.kube.lease import LeaseError, LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -190,9 +191,8 @@ async def attach_lease(replica: _Fenceable, args: Any) -> asyncio.Task[None]:
                         await give_up(why)
                     await _poll(lambda e=epoch: _epoch(replica) != e)  # type: ignore[misc]
                     continue
-                renew.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renew
+                # a stop of this task while the renewals wind down is not swallowed (pairvol.aio)
+                await cancel_and_wait(renew)
                 if not _is_primary(replica):  # demoted: give the lease up at once
                     await keeper.release()
         except asyncio.CancelledError:
