@@ -964,7 +964,7 @@ def register(subparsers: Any) -> None:
         "--peering-lifetime",
         type=int,
         default=5,
-        help="operator.peering.lifetimeSeconds for the chart (default 5; the chart's own default is 60)",
+        help="operator.peering.lifetimeSeconds for the chart (default 5; the chart's own default is 10)",
     )
     p.add_argument(
         "--no-pvc",
