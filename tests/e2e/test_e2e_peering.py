@@ -5,12 +5,15 @@ over only after its own full observation of the Lease, without losing an acknowl
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from tests.e2e.test_e2e_failover import _at_least, failed_over_from, following, lease_expiry, replicating
+from tests.e2e.test_e2e_failover import _at_least, _truthy, failed_over_from, following, lease_expiry, replicating
 
 from pairvol.api.status import parse_time
 from pairvol.localcluster.demo import OperatorProcess, Stack, verify_log
@@ -27,49 +30,10 @@ async def read(op: OperatorProcess) -> str:
     return await asyncio.to_thread(op.log_path.read_text, errors="replace")
 
 
-async def test_only_one_operator_replica_acts_and_the_other_takes_over(
-    tmp_path: Any, volume: Any, operator_pod: dict[str, Any]
-) -> None:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    async with Stack.up(3, peering="pairvol-e2e", operator_pod=operator_pod,
-                        operator_env={"PAIRVOL_PEERING_PRIORITY": "100"}) as s:
-        second = OperatorProcess(s.cluster.kubeconfig_path, s.root / "operator-2.log",
-                                 {**s.operator.env, "PAIRVOL_PEERING_PRIORITY": "200"}, operator_pod)
-        await second.start()
-        try:
-            await s.wait_for("the high-priority replica to become active",
-                             lambda: _contains(second, "Resuming operations"), within=30)
-            # the low-priority replica is paused while a higher one lives (it may have run
-            # alone for a moment before the other appeared)
-            await s.wait_for("the low-priority replica to be paused",
-                             lambda: _paused(s.operator), within=30)
-            # a volume that never gets agents still shows who acts: only one replica schedules
-            await s.apply(volume("peered", nodes=["node-1", "node-2"]))
-            await s.wait_for("the active replica to act", lambda: _acts(second), within=30)
-            assert not acted(await read(s.operator)), "the paused replica must not act"
-
-            await second.stop(kill=True)  # the active replica dies without saying goodbye
-            await s.wait_for("the paused replica to resume",
-                             lambda: _contains(s.operator, "Resuming operations"), within=30)
-            await s.apply(volume("after", nodes=["node-2", "node-3"]))
-            await s.wait_for("the remaining replica to act", lambda: _acts(s.operator),
-                             within=30)
-        finally:
-            await second.stop(kill=True)
-
-
-async def test_a_primary_that_dies_with_the_active_replica_is_failed_over_by_the_standby_after_its_own_observation(
-    volume: Any, operator_pod: dict[str, Any]
-) -> None:
-    """The node that dies may run the active operator too. The standby takes over once the
-    dead replica's peering record expires, has observed nothing, and so waits one full Lease
-    duration plus the margin from its first look before it promotes (docs/correctness.md H5,
-    "after a peering hand-over"); every write the old primary acknowledged is on the new one."""
-    import os
-
+@asynccontextmanager
+async def two_replicas(operator_pod: dict[str, Any]) -> AsyncIterator[tuple[Stack, OperatorProcess]]:
+    """A stack whose own operator (priority 100) is the standby, and a second replica
+    (priority 200) that is active; the active one is killed on the way out."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     async with Stack.up(3, peering="pairvol-e2e", operator_pod=operator_pod,
@@ -80,41 +44,68 @@ async def test_a_primary_that_dies_with_the_active_replica_is_failed_over_by_the
         try:
             await s.wait_for("the high-priority replica to become active",
                              lambda: _contains(active, "Resuming operations"), within=30)
-            await s.wait_for("the low-priority replica to be paused", lambda: _paused(s.operator), within=30)
-            name = "together"
-            st = await replicating(s, volume(name, nodes=["node-1", "node-2"]))
-            old = st["primary"]
-            writer = following(s, name)
-            writer.start()
-            await s.wait_for("writes", lambda: _at_least(writer, 30), within=30)
-            writer.outage_start = time.time()
-            await asyncio.gather(active.stop(kill=True), s.sim.kill_pod(s.namespace, old["pod"]))
-            expiry = await lease_expiry(s, name)
-
-            st = await failed_over_from(s, name, old["node"])
-            await s.wait_for("writes on the new primary", lambda: _recovered(writer), within=30)
-            log = await writer.stop()
-            decided = parse_time(st["lastFailover"]["time"])
-            resumed = _last_resume(await read(s.operator))
-            assert decided is not None and resumed is not None
-            config = OperatorConfig.from_env(s.operator.env)
-            waited = decided - resumed
-            t0 = writer.outage_start
-            timeline = (f"from the kill: Lease expiry +{expiry - t0:.2f} s, standby resumed +{resumed - t0:.2f} s, "
-                        f"failover decided +{decided - t0:.2f} s")
-            print(timeline)
-            # the log's clock has millisecond steps
-            assert waited >= config.lease_duration_s + config.lease_margin_s - 0.01, (
-                f"promoted {waited:.2f} s after taking over, before one Lease duration + margin of its own; {timeline}")
-            assert decided - expiry > config.lease_margin_s, f"promoted before the Lease expired + margin; {timeline}"
-            v = await verify_log(s.socket_path(st), log, writer.resume_seq)
-            assert v.consistent, v.detail
+            # the low-priority replica is paused while a higher one lives (it may have run
+            # alone for a moment before the other appeared)
+            await s.wait_for("the low-priority replica to be paused",
+                             lambda: _paused(s.operator), within=30)
+            yield s, active
         finally:
             await active.stop(kill=True)
 
 
-async def _recovered(writer: Any) -> bool:
-    return writer.recovered_at is not None
+async def test_only_one_operator_replica_acts_and_the_other_takes_over(
+    tmp_path: Any, volume: Any, operator_pod: dict[str, Any]
+) -> None:
+    async with two_replicas(operator_pod) as (s, second):
+        # a volume that never gets agents still shows who acts: only one replica schedules
+        await s.apply(volume("peered", nodes=["node-1", "node-2"]))
+        await s.wait_for("the active replica to act", lambda: _acts(second), within=30)
+        assert not acted(await read(s.operator)), "the paused replica must not act"
+
+        await second.stop(kill=True)  # the active replica dies without saying goodbye
+        await s.wait_for("the paused replica to resume",
+                         lambda: _contains(s.operator, "Resuming operations"), within=30)
+        await s.apply(volume("after", nodes=["node-2", "node-3"]))
+        await s.wait_for("the remaining replica to act", lambda: _acts(s.operator),
+                         within=30)
+
+
+async def test_a_primary_that_dies_with_the_active_replica_is_failed_over_by_the_standby_after_its_own_observation(
+    volume: Any, operator_pod: dict[str, Any]
+) -> None:
+    """The node that dies may run the active operator too. The standby takes over once the
+    dead replica's peering record expires, has observed nothing, and so waits one full Lease
+    duration plus the margin from its first look before it promotes (docs/correctness.md H5,
+    "after a peering hand-over"); every write the old primary acknowledged is on the new one."""
+    async with two_replicas(operator_pod) as (s, active):
+        name = "together"
+        st = await replicating(s, volume(name, nodes=["node-1", "node-2"]))
+        old = st["primary"]
+        writer = following(s, name)
+        writer.start()
+        await s.wait_for("writes", lambda: _at_least(writer, 30), within=30)
+        writer.outage_start = time.time()
+        await asyncio.gather(active.stop(kill=True), s.sim.kill_pod(s.namespace, old["pod"]))
+        expiry = await lease_expiry(s, name)
+
+        st = await failed_over_from(s, name, old["node"])
+        await s.wait_for("writes on the new primary", lambda: _truthy(writer.recovered_at), within=30)
+        log = await writer.stop()
+        decided = parse_time(st["lastFailover"]["time"])
+        resumed = _last_resume(await read(s.operator))
+        assert decided is not None and resumed is not None
+        config = OperatorConfig.from_env(s.operator.env)
+        waited = decided - resumed
+        t0 = writer.outage_start
+        timeline = (f"from the kill: Lease expiry +{expiry - t0:.2f} s, standby resumed +{resumed - t0:.2f} s, "
+                    f"failover decided +{decided - t0:.2f} s")
+        print(timeline)
+        # the log's clock has millisecond steps
+        assert waited >= config.lease_duration_s + config.lease_margin_s - 0.01, (
+            f"promoted {waited:.2f} s after taking over, before one Lease duration + margin of its own; {timeline}")
+        assert decided - expiry > config.lease_margin_s, f"promoted before the Lease expired + margin; {timeline}"
+        v = await verify_log(s.socket_path(st), log, writer.resume_seq)
+        assert v.consistent, v.detail
 
 
 def _last_resume(log: str) -> float | None:
