@@ -116,6 +116,17 @@ def test_the_attach_transport_reaches_the_node_plugin_and_only_known_ones_are_ac
     assert refused.returncode != 0 and "attachTransport" in refused.stderr
 
 
+def test_the_unstage_flush_timeout_reaches_the_node_plugin_and_must_be_positive(tmp_path: Path) -> None:
+    ds = one(render(VALUES, tmp=tmp_path), "DaemonSet")
+    assert "--unstage-flush-timeout=120" in containers(ds)["csi-node"]["args"]
+    values = {**VALUES, "csi": {**VALUES["csi"], "node": {"unstageFlushTimeoutSeconds": 30}}}
+    ds = one(render(values, tmp=tmp_path), "DaemonSet")
+    assert "--unstage-flush-timeout=30" in containers(ds)["csi-node"]["args"]
+    values = {**VALUES, "csi": {**VALUES["csi"], "node": {"unstageFlushTimeoutSeconds": 0}}}
+    refused = helm_template(values, tmp=tmp_path, check=False)
+    assert refused.returncode != 0 and "unstageFlushTimeoutSeconds" in refused.stderr
+
+
 def test_controller_containers_are_unprivileged_and_wait_less_than_the_provisioner(objs: list[Obj]) -> None:
     deploy = one(objs, "Deployment", "pv-pairvol-csi-controller")
     c = containers(deploy)

@@ -654,6 +654,105 @@ async def test_an_unstage_never_detaches_a_file_system_still_mounted_in_another_
     assert await asyncio.to_thread((kubelet.target / "data.bin").read_bytes) == data
 
 
+def write_unsynced(path: Path, data: bytes, offset: int) -> int:
+    """Write without fsync and keep the device open (its last close would flush it): the bytes
+    stay in the device's page cache until something flushes it. Returns the descriptor."""
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, data, offset)
+    return fd
+
+
+async def read_through_the_primary(volume: Volume, length: int, offset: int) -> bytes:
+    client = await volume.primary.nbd()
+    try:
+        return await client.pread(length, offset)
+    finally:
+        await client.close()
+
+
+async def test_an_unstage_whose_flush_the_primary_does_not_answer_detaches_nothing_until_the_flush_returns(
+    volume: Volume, stubs: Stubs, tmp_path: Path
+) -> None:
+    """A primary that stopped answering (the daemon serving its TCP export frozen, the
+    connection open) keeps the device's flush waiting. The unstage fails after the plugin's
+    flush timeout with nothing detached, a retry says that flush has not returned yet, and
+    once the primary answers again the flush carries the last writes to it and the retry
+    detaches. Detaching at the timeout would have dropped those writes: they were in the
+    device's page cache only."""
+    async with node_plugin(tmp_path, volume, stubs, "--unstage-flush-timeout", "2") as kubelet:
+        await kubelet.stage(block=True)
+        await kubelet.publish(block=True)
+        data, offset = os.urandom(1 << 20), 8 << 20
+        (device,) = await devices_of(kubelet.state_dir)
+        # written through the device (the bind would be busy), which stays open: its last
+        # close would flush it, and the unstage's flush is to be the one that carries them
+        writer = await asyncio.to_thread(write_unsynced, Path(device), data, offset)
+        try:
+            assert await read_through_the_primary(volume, len(data), offset) == bytes(len(data)), "written back"
+            relay = int((volume.primary.data_dir / ".run" / "relay.pid").read_text())
+            os.kill(relay, signal.SIGSTOP)
+            try:
+                await kubelet.unpublish()
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await kubelet.unstage()
+                assert late.value.code() == grpc.StatusCode.INTERNAL, late.value.details()
+                assert "has not returned within 2 s" in late.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as pending:
+                    await kubelet.unstage()  # the kubelet's retry
+                assert "has not returned yet" in pending.value.details(), pending.value.details()
+                assert await devices_of(kubelet.state_dir), "the device was detached under a pending flush"
+                assert await Attachment(kubelet.state_dir, "apps/pvc-1").attacher_running()
+            finally:
+                os.kill(relay, signal.SIGCONT)
+        finally:
+            await asyncio.to_thread(os.close, writer)
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:  # the kubelet retries until the flush has returned
+            try:
+                await kubelet.unstage()
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert "has not returned yet" in exc.details(), exc.details()
+                assert asyncio.get_running_loop().time() < deadline, "the flush never returned"
+                await asyncio.sleep(0.2)
+        assert not await devices_of(kubelet.state_dir)
+        assert await read_through_the_primary(volume, len(data), offset) == data
+
+
+async def test_an_unstage_whose_flush_fails_detaches_nothing_while_the_attacher_could_still_carry_the_writes(
+    kubelet: Kubelet, volume: Volume
+) -> None:
+    """The primary's export goes away without a failover (its daemon killed): a pinned
+    attachment's I/O fails once its reconnects have been refused for a while, and so does the
+    unstage's flush. The unstage fails with nothing detached, since the attacher could still
+    carry those writes to a primary that comes back; once nothing can carry them any more
+    (the attacher is gone), it goes on."""
+    context = {"exportAddress": kubelet.export, "failoverMode": "Checkpoint"}
+    await kubelet.stage(volume_context=context, block=True)
+    await kubelet.publish(block=True)
+    (device,) = await devices_of(kubelet.state_dir)
+    writer = await asyncio.to_thread(write_unsynced, Path(device), os.urandom(1 << 20), 8 << 20)
+    try:
+        relay = int((volume.primary.data_dir / ".run" / "relay.pid").read_text())
+        os.kill(relay, signal.SIGKILL)
+        await kubelet.unpublish()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await kubelet.unstage()
+        assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value.details()
+        assert "failed (Input/output error)" in failed.value.details(), failed.value.details()
+        assert await devices_of(kubelet.state_dir) == [device], "the device was detached after a failed flush"
+        att = Attachment(kubelet.state_dir, "apps/pvc-1")
+        assert await att.attacher_running()
+        pid = att.attacher_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer: now nothing can carry those writes
+        await bounded(exited(pid), 10)
+    finally:
+        await asyncio.to_thread(os.close, writer)
+    await kubelet.unstage()
+    assert not await devices_of(kubelet.state_dir)
+
+
 async def test_an_attachment_whose_attacher_died_is_reported_and_rebuilt_by_unstaging(kubelet: Kubelet) -> None:
     await kubelet.stage()
     await kubelet.publish()

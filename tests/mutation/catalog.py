@@ -1649,6 +1649,34 @@ MUTATIONS: tuple[Mutation, ...] = (
         "writes (journal checkpoint, superblock) would go to a dead device (L2)",
     ),
     Mutation(
+        "attach.unstage-fails-at-the-flush-timeout", "operator/pairvol/csi/attach.py",
+        "        return await bounded(asyncio.shield(done), wait_s)\n    except TimeoutError:\n"
+        "        raise AttachError(",
+        "        return await bounded(asyncio.shield(done), wait_s)\n    except TimeoutError:\n        return None\n"
+        "        raise AttachError(",
+        ("tests/integration/test_csi_node.py::"
+         "test_an_unstage_whose_flush_the_primary_does_not_answer_detaches_nothing_until_the_flush_returns",),
+        "a flush the primary does not answer in time fails the unstage: the device is not detached with the "
+        "writes it still holds (L2)",
+    ),
+    Mutation(
+        "attach.unstage-fails-on-a-failed-flush", "operator/pairvol/csi/attach.py",
+        "        if await self.attacher_running() and not (record is not None and await self.superseded(record"
+        ")):\n",
+        "        if False:\n",
+        ("tests/integration/test_csi_node.py::"
+         "test_an_unstage_whose_flush_fails_detaches_nothing_while_the_attacher_could_still_carry_the_writes",),
+        "a failed flush fails the unstage while the attacher could still carry the writes to the primary (L2)",
+    ),
+    Mutation(
+        "attach.unstage-retry-waits-for-the-pending-flush", "operator/pairvol/csi/attach.py",
+        "        if pending is not None and pending.is_alive():\n",
+        "        if False:\n",
+        ("tests/integration/test_csi_node.py::"
+         "test_an_unstage_whose_flush_the_primary_does_not_answer_detaches_nothing_until_the_flush_returns",),
+        "a retried unstage says the earlier flush is still pending instead of starting another one (L2)",
+    ),
+    Mutation(
         "nbd.partitions-use-the-device", "operator/pairvol/csi/nbd.py",
         '    for dev in [base / "dev", *sorted(base.glob(f"{base.name}p*/dev"))]:\n',
         '    for dev in [base / "dev"]:\n',

@@ -97,6 +97,10 @@ def test_endpoints_are_unix_sockets_by_absolute_path(endpoint: str) -> None:
         (["--mode", "node", "--endpoint", "tcp://x", "--node-id", "n"], "unix:///ABSOLUTE/PATH"),
         (["--mode", "node", "--endpoint", "unix:///tmp/x.sock", "--node-id", "n", "--state-dir", "rel"], "absolute"),
         (["--mode", "controller", "--endpoint", "unix:///tmp/x.sock", "--volume-namespace", "Bad_NS"], "namespace"),
+        (
+            ["--mode", "node", "--endpoint", "unix:///tmp/x.sock", "--node-id", "n", "--unstage-flush-timeout", "0"],
+            "more than 0",
+        ),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_before_serving(args: list[str], says: str, tmp_path: Path) -> None:

@@ -134,8 +134,9 @@ NBD_RELEASE_WAIT_S = 3.0
 LOOP_RELEASE_WAIT_S = 3.0
 #: an exclusive open of the device refused this long is a holder, not a passing prober (blkid)
 EXCLUSIVE_RETRY_S = 1.0
-#: how long an unstage waits for its flush; one still running after that (a primary that
-#: does not answer) fails the call and goes on in its thread, and a retry waits for it
+#: how long an unstage waits for its flush by default (``pairvol csi --unstage-flush-timeout``);
+#: one still running after that (a primary that does not answer) fails the call and goes on
+#: in its thread, and a retry waits for it
 FLUSH_WAIT_S = 120.0
 #: flushes running in their own threads, by device (see _flush_in_its_own_thread)
 _pending_flushes: dict[str, threading.Thread] = {}
@@ -350,9 +351,13 @@ def _device_size(device: str) -> int:
 class Attachment:
     """One volume's attachment under ``state_dir`` (see the module docstring)."""
 
-    def __init__(self, state_dir: Path, volume_id: str, attachers: Attachers | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, volume_id: str, attachers: Attachers | None = None, flush_wait_s: float = FLUSH_WAIT_S
+    ) -> None:
         self.volume_id = volume_id
         self.attachers: Attachers = attachers or DirectAttachers()
+        #: how long an unstage waits for the device's flush before it fails (and is retried)
+        self.flush_wait_s = flush_wait_s
         self.dir = state_dir / volume_id.replace("/", "_")
         self.record_path = self.dir / "attachment.json"
         self.disk = self.dir / "disk"
@@ -724,7 +729,7 @@ class Attachment:
                 "so, check that the volume's primary serves its export"
             )
         fd = await self._open_exclusively(device, paths)
-        failed = await _flush_in_its_own_thread(device, fd, FLUSH_WAIT_S, self.volume_id)
+        failed = await _flush_in_its_own_thread(device, fd, self.flush_wait_s, self.volume_id)
         if failed is None:
             return
         if await self.attacher_running() and not (record is not None and await self.superseded(record)):

@@ -56,6 +56,14 @@ def register(subparsers: Any) -> None:
         "nbd (the kernel's nbd client: needs the nbd module; such an attachment grows only when staged anew) "
         "or auto (nbd where the node has it, else fuse); an attachment keeps the transport it was made with",
     )
+    p.add_argument(
+        "--unstage-flush-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="node: how long NodeUnstageVolume waits for the device's flush to the volume's primary before it fails "
+        "with nothing detached (the kubelet retries, and a retry waits for the same flush); default 120",
+    )
     p.add_argument("--node-id", default="", help="this node's name (required with --mode node)")
     p.add_argument(
         "--state-dir",
@@ -113,6 +121,8 @@ def _usage(args: argparse.Namespace) -> str | None:
         return f"--state-dir must be an absolute path, got {args.state_dir!r}"
     if args.volume_namespace and not _DNS_LABEL.match(args.volume_namespace):
         return f"--volume-namespace must be a namespace name, got {args.volume_namespace!r}"
+    if not 0 < args.unstage_flush_timeout <= 3600:
+        return f"--unstage-flush-timeout must be more than 0 and at most 3600 seconds, got {args.unstage_flush_timeout}"
     if not 0 <= args.ready_timeout <= 3600:
         return f"--ready-timeout must be 0..3600 seconds, got {args.ready_timeout}"
     return None
@@ -183,7 +193,12 @@ async def _main(args: argparse.Namespace) -> None:
             if attachers is not None:
                 await attachers.wait_ready()  # its answers say which attachers run
             node = NodeService(
-                args.node_id, Path(args.state_dir), await _node_kube(args, stack), attachers, args.attach_transport
+                args.node_id,
+                Path(args.state_dir),
+                await _node_kube(args, stack),
+                attachers,
+                args.attach_transport,
+                flush_wait_s=args.unstage_flush_timeout,
             )
             await node.recover()  # before the first call: what the state directory holds
             handlers.append(service("Node", node.handlers()))

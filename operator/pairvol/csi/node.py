@@ -32,6 +32,7 @@ import grpc
 from pairvol.aio import bounded
 from pairvol.csi import DRIVER_NAME, attach, expand, nbd
 from pairvol.csi.attach import (
+    FLUSH_WAIT_S,
     AttachError,
     Attachers,
     Attachment,
@@ -110,6 +111,7 @@ class NodeService:
         kube: KubeClient | None = None,
         attachers: Attachers | None = None,
         transport: TransportChoice = "fuse",
+        flush_wait_s: float = FLUSH_WAIT_S,
     ) -> None:
         self.node_id = node_id
         self.state_dir = state_dir
@@ -122,6 +124,8 @@ class NodeService:
         #: read access to the volumes' ReplicatedVolumes, for their replication state in
         #: NodeGetVolumeStats; None: the condition says only what the node sees
         self.kube = kube
+        #: how long an unstage waits for the device's flush to the primary before it fails
+        self.flush_wait_s = flush_wait_s
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.m = messages()
 
@@ -130,7 +134,7 @@ class NodeService:
         else may)."""
         if parse_volume_id(volume_id) is None:
             raise invalid(f"volume_id {volume_id!r} is not a volume of {DRIVER_NAME} (NAMESPACE/NAME)")
-        return Attachment(self.state_dir, volume_id, self.attachers)
+        return Attachment(self.state_dir, volume_id, self.attachers, self.flush_wait_s)
 
     async def recover(self) -> None:
         """Before serving: the attachments the state directory holds, found again from
@@ -144,7 +148,7 @@ class NodeService:
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("attachment record %s is unreadable (%s); left as it is", path, exc)
                 continue
-            att = Attachment(self.state_dir, record.volume_id, self.attachers)
+            att = Attachment(self.state_dir, record.volume_id, self.attachers, self.flush_wait_s)
             if att.dir != path.parent:
                 log.warning("attachment record %s names volume %s; left as it is", path, record.volume_id)
                 continue
