@@ -484,6 +484,31 @@ def test_grace_period_delays_failover() -> None:
     assert "grace period" in p.status.message
 
 
+def test_a_primary_whose_lease_expired_long_ago_has_been_down_since_its_validity_ended() -> None:
+    """A loop that looks for the first time (a standby that has just taken over) finds a Lease
+    it has watched unchanged for 10 s of a 3 s duration: the primary has not been able to
+    serve for 7 s, so the grace period (3 s) is over at once; one seen for 5 s (expired with
+    the margin, 2 s after its validity ended) leaves 1 s of it. Its pods and agents looking
+    fine do not count."""
+    from pairvol.operator.decisions import next_suspect_since
+
+    since = next_suspect_since({}, primary_dead(suspect_since={}))
+    assert since == {"vol-1-a": NOW - 7}
+    assert any(isinstance(a, DoFailover) for a in plan(primary_dead(suspect_since=since)).actions)
+    just = primary_dead(suspect_since={}, lease=LeaseView("vol-1-a", 5, 3.0))
+    assert next_suspect_since({}, just) == {"vol-1-a": NOW - 2}
+    assert not any(isinstance(a, DoFailover) for a in plan(replace(just, suspect_since={"vol-1-a": NOW - 2})).actions)
+    # the primary's own pod and agent still look fine: only the Lease says it is down
+    assert next_suspect_since({}, replicating(lease=LeaseView("vol-1-a", 10, 3.0))) == {"vol-1-a": NOW - 7}
+    # a Lease still running says nothing: the clock starts at this look, or stays where it was
+    assert next_suspect_since({}, primary_dead(lease=LeaseView("vol-1-a", 2, 3.0))) == {"vol-1-a": NOW}
+    assert next_suspect_since({"vol-1-a": NOW - 9}, primary_dead()) == {"vol-1-a": NOW - 9}
+    # a released Lease: not serving since before the release was first seen
+    assert next_suspect_since({}, primary_dead(lease=LeaseView(None, 5, 3.0))) == {"vol-1-a": NOW - 5}
+    # a replica that looks well again is forgotten
+    assert next_suspect_since({"vol-1-a": NOW - 9, "vol-1-b": NOW - 2}, replicating()) == {}
+
+
 def test_node_not_ready_counts_as_primary_death() -> None:
     w = replicating(
         nodes=(NodeView("n1", ready=False), NodeView("n2"), NodeView("n3")),

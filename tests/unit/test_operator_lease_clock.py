@@ -62,3 +62,28 @@ def test_any_new_record_restarts_the_count_even_with_the_same_renew_time() -> No
     again = {**stuck, "metadata": {**stuck["metadata"], "resourceVersion": "999"}}
     assert not fails_over(again, seen, MONO0 + 4.1)
     assert fails_over(again, seen, MONO0 + 8.2)
+
+
+def test_a_standby_observes_the_leases_while_it_stands_by(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Lease cache's events keep every volume Lease's observation in the process, paused
+    or not: the loop a standby starts when it takes over finds how long the record has been
+    the same, instead of starting its own count (docs/correctness.md, H5)."""
+    from pairvol.operator.handlers import Context
+    from pairvol.operator.manifests import OperatorConfig
+
+    mono = [MONO0]
+    monkeypatch.setattr("pairvol.operator.handlers.time.monotonic", lambda: mono[0])
+    c = Context(config=OperatorConfig(), kube=None, agents=None, metrics=None)  # type: ignore[arg-type]
+    renewed = {**lease(4, NOW), "metadata": {"name": "pairvol-vol", "namespace": "apps", "resourceVersion": "104"}}
+    c.lease_event("MODIFIED", renewed)  # the last renewal, seen while standing by
+    mono[0] += 3.0
+    c.lease_event("MODIFIED", {**renewed, "metadata": {**renewed["metadata"], "name": "other-lock"}})  # not ours
+    mono[0] += 1.2  # taken over: the volume's loop looks for the first time
+    assert fails_over(renewed, c.lease_observation("apps", "pairvol-vol"), mono[0])
+
+    again = {**renewed, "metadata": {**renewed["metadata"], "resourceVersion": "105"}}
+    c.lease_event("MODIFIED", again)  # a renewal restarts the count
+    assert not fails_over(again, c.lease_observation("apps", "pairvol-vol"), mono[0] + 4.0)
+    c.lease_event("DELETED", again)
+    assert ("apps", "other-lock") not in c._lease_seen
+    assert not fails_over(again, c.lease_observation("apps", "pairvol-vol"), mono[0] + 4.0)  # a look afresh

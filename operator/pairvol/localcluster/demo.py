@@ -776,7 +776,7 @@ async def _demo(args: argparse.Namespace) -> int:
     values = {
         "watchNamespaces": [args.namespace],
         # the active operator replica may die with the primary's node: the other one takes
-        # over once its peering record is this old (the chart's default is 60 s)
+        # over once its peering record is this old
         "operator": {"peering": {"lifetimeSeconds": args.peering_lifetime}},
     }
     say(
@@ -964,7 +964,7 @@ def register(subparsers: Any) -> None:
         "--peering-lifetime",
         type=int,
         default=5,
-        help="operator.peering.lifetimeSeconds for the chart (default 5; the chart's own default is 10)",
+        help="operator.peering.lifetimeSeconds for the chart (default 5, the chart's own)",
     )
     p.add_argument(
         "--no-pvc",

@@ -1780,6 +1780,26 @@ def unhealthy_pods(world: World) -> set[str]:
     return out
 
 
+def next_suspect_since(previous: Mapping[str, float], world: World) -> dict[str, float]:
+    """Since when each replica pod has looked unwell: the grace period's clock (wall time).
+
+    Kept from the previous tick while the pod still looks unwell, else it starts now. A
+    primary whose Lease has expired in this operator's view has not been able to serve since
+    its validity ended, which was at the latest one Lease duration after this operator first
+    saw the record (or, for a released Lease, before it first saw the release): the clock
+    starts there if that is earlier. It matters when this loop began looking after the
+    primary died — a standby replica that has just taken over, which has watched the Lease
+    all along (H5) — and never lets a failover come before the Lease has expired.
+    """
+    bad = unhealthy_pods(world)
+    out = {pod: previous.get(pod, world.now) for pod in bad}
+    prim, lease = world.status.primary, world.lease
+    if prim is not None and prim.pod in out and lease is not None and primary_lost_lease(world):
+        held_for = lease.duration_s if lease.holder and lease.duration_s is not None else 0.0
+        out[prim.pod] = min(out[prim.pod], world.now - max(0.0, lease.observed_age_s - held_for))
+    return out
+
+
 def primary_not_serving(world: World) -> str | None:
     """Why the primary, by its own agent's word, does not serve the workload export at the
     volume's epoch while nothing is being done about it (None: it serves, or a role call is

@@ -22,6 +22,10 @@ a time: a replica pauses (and stops its daemons) only once it notices a peer of 
 priority, so the old replica's current tick can overlap the new one's first. What keeps a
 plan made from an older status from being stored over a newer one is that the status write
 is conditional on the resourceVersion the plan was made from (:meth:`Reconciler.persist`).
+The caches run in every replica, paused or not, and so does the observation of each Lease's
+record (:meth:`Context.lease_event`): a standby that takes over from a replica that died with a
+volume's primary has watched that primary's Lease all along and needs no full Lease duration of
+its own before it fails the volume over (docs/correctness.md, H5).
 Without peering each process acts alone: run one replica only (the chart refuses more).
 Deletion goes through a kopf finalizer (the delete handler below).
 """
@@ -124,6 +128,24 @@ class Context:
     failing_over: set[str] = field(default_factory=set)
     # every namespace's agent pods, read once per reconcile interval for all loops that place
     _agent_pods: SharedRead | None = None
+    # (namespace, Lease name) -> since when this process has seen the Lease's current record
+    # (monotonic). Kept by the Lease cache's events for the life of the process, whether or
+    # not this replica acts: a standby that takes over has observed all along (H5)
+    _lease_seen: dict[tuple[str, str], LeaseObservation] = field(default_factory=dict)
+
+    def lease_observation(self, namespace: str, name: str) -> LeaseObservation:
+        return self._lease_seen.setdefault((namespace, name), LeaseObservation())
+
+    def lease_event(self, etype: str, obj: dict[str, Any]) -> None:
+        """A Lease cache event: a new record restarts its observed age, the same one keeps it."""
+        meta = obj.get("metadata") or {}
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        if not key[1].startswith(m.LEASE_PREFIX):
+            return
+        if etype == "DELETED":
+            self._lease_seen.pop(key, None)  # a later look starts afresh
+            return
+        self.lease_observation(*key).age(lease_record(obj), time.monotonic())
 
     def agent_pods_everywhere(self) -> SharedRead:
         """The agent pods of all namespaces (placement spreads replicas over them all)."""
@@ -309,9 +331,6 @@ class Reconciler:
         self.restart_backoff = 0.0
         # the one agent role call that may run long (start secondary/primary), in background
         self.call: asyncio.Task[None] | None = None
-        # when this process first saw the Lease's current record (monotonic): expiry is judged
-        # by it, so a restarted operator waits a full Lease duration before failing over
-        self.lease_seen = LeaseObservation()
         # set by the caches when the volume, one of its pods or a node changed: tick now
         self.wake = asyncio.Event()
         # the version of the volume this loop last wrote or read (decisions.volume_body_source)
@@ -398,17 +417,17 @@ class Reconciler:
         return await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))), True
 
     def lease_view(self, lease: dict[str, Any] | None) -> d.LeaseView | None:
-        age = self.lease_seen.age(lease_record(lease) if lease is not None else None, time.monotonic())
+        """The Lease with the age of its record as this process has seen it: since the cache's
+        first event of that record, or this look (expiry is judged by it, H5, so a restarted
+        operator waits a full Lease duration before failing over)."""
+        seen = ctx().lease_observation(self.namespace, m.lease_name(self.name))
+        age = seen.age(lease_record(lease) if lease is not None else None, time.monotonic())
         return lease_view(lease, age)
 
-    def with_suspects(self, world: d.World) -> d.World:
-        """Remember since when each replica looks unwell (the grace period's clock)."""
-        bad = d.unhealthy_pods(world)
-        for pod_name in list(self.suspect_since):
-            if pod_name not in bad:
-                del self.suspect_since[pod_name]
-        for pod_name in bad:
-            self.suspect_since.setdefault(pod_name, world.now)
+    def with_suspects(self, world: d.World, previous: Mapping[str, float]) -> d.World:
+        """Remember since when each replica looks unwell (the grace period's clock), from what
+        the previous tick remembered."""
+        self.suspect_since = d.next_suspect_since(previous, world)
         return dataclasses.replace(world, suspect_since=dict(self.suspect_since))
 
     # ---------------------------------------------------------------- observe
@@ -469,10 +488,12 @@ class Reconciler:
             agent_call_in_flight=self.call is not None and not self.call.done(),
             created=parse_time(meta.get("creationTimestamp")) or 0.0,
         )
-        seen = self.with_suspects(world)
+        previous = self.suspect_since
+        seen = self.with_suspects(world, previous)
         if not lease_fresh and d.lease_needs_fresh_read(seen):
             fresh = await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name)))
-            seen = self.with_suspects(dataclasses.replace(world, lease=self.lease_view(fresh)))
+            # the cached record's view of the grace period is replaced, not added to
+            seen = self.with_suspects(dataclasses.replace(world, lease=self.lease_view(fresh)), previous)
         return seen
 
     @staticmethod
@@ -962,7 +983,12 @@ def start_caches(c: Context) -> Caches:
             for loop in list(c.loops.values()):
                 loop.wake.set()
 
+    def on_lease(etype: str, obj: dict[str, Any], before: dict[str, Any] | None) -> None:
+        c.lease_event(etype, obj)
+
     caches.nodes.subscribe(on_node)
+    for inf in caches.leases.values():
+        inf.subscribe(on_lease)
     for inf in caches.volumes.values():
         inf.subscribe(on_volume)
     for inf in caches.pods.values():

@@ -90,7 +90,7 @@ class OperatorConfig:
     # kopf pauses *all* peers of equal priority, so replicas need distinct ones: by default
     # each process draws a random priority (the highest live one acts, the others wait)
     peering_priority: int = 0
-    peering_lifetime_s: int = 10
+    peering_lifetime_s: int = 5
     metrics_port: int = 8080
     health_port: int = 8081
 
@@ -122,7 +122,7 @@ class OperatorConfig:
             watch_namespaces=tuple(n for n in e.get("PAIRVOL_WATCH_NAMESPACES", "").split(",") if n.strip()),
             peering=e.get("PAIRVOL_PEERING", ""),
             peering_priority=int(_float_env(e, "PAIRVOL_PEERING_PRIORITY", 0, 0)) or secrets.randbelow(2**30) + 1,
-            peering_lifetime_s=int(_float_env(e, "PAIRVOL_PEERING_LIFETIME", 10, 2)),
+            peering_lifetime_s=int(_float_env(e, "PAIRVOL_PEERING_LIFETIME", 5, 2)),
             metrics_port=int(_float_env(e, "PAIRVOL_OPERATOR_METRICS_PORT", 8080, 0)),
             health_port=int(_float_env(e, "PAIRVOL_OPERATOR_HEALTH_PORT", 8081, 0)),
         )
@@ -153,8 +153,12 @@ def secret_name(volume: str) -> str:
     return f"pairvol-{volume}"
 
 
+#: what every volume's Lease name begins with
+LEASE_PREFIX = "pairvol-"
+
+
 def lease_name(volume: str) -> str:
-    return f"pairvol-{volume}"
+    return f"{LEASE_PREFIX}{volume}"
 
 
 def agents_service_name(volume: str) -> str:
