@@ -33,7 +33,7 @@ from pairvol.errors import PairvolError
 from tests.bench import resync
 from tests.bench.fio import WORKLOADS
 from tests.bench.scenarios import FULL, QUICK, Plan, checkpoint_stall, failover_series, throughput
-from tests.bench.setups import CONFIGS, EXTRA_CONFIGS
+from tests.bench.setups import CONFIGS, EXTRA_CONFIGS, pin_trees
 from tests.bench.stats import STALL_THRESHOLD_MS, fmt, ratio, table
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,11 @@ def render(results: dict[str, Any]) -> str:
     parts.append(f"  start: {meta['machine']['uptime']}")
     parts.append(f"  end:   {meta.get('uptime_end', '')}")
     parts.append(f"  {meta['machine']['fio']}; {meta['machine']['qsd']}; pairvol {meta.get('git', '?')}")
+    if meta.get("two_nodes"):
+        parts.append(
+            "  two nodes of one CPU each: CPU 0 runs fio, the harness and each configuration's primary side; "
+            "CPU 1 the replica's side (a-bare: all on CPU 0)"
+        )
 
     tp = results.get("throughput") or {}
     if tp:
@@ -302,6 +307,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="volume size of the resync section (default 256Mi, quick 64Mi; 4Gi: python -m tests.bench.resync)",
     )
+    p.add_argument(
+        "--two-nodes",
+        action="store_true",
+        help="throughput only: model two one-CPU nodes on this machine: the harness, fio and every configuration's "
+        "primary side bound to CPU 0, the replica's side (second qsd, secondary agent) to CPU 1",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temporary directory (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (images, logs)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -314,6 +325,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         setattr(args, name, chosen)
     if args.no_tls:
         args.configs = [c for c in args.configs if not c.endswith("-tls")]
+    if args.two_nodes:
+        if args.sections != ["throughput"]:
+            p.error("--two-nodes measures throughput only: add --sections throughput")
+        if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+            p.error("--two-nodes needs CPUs 0 and 1")
     return args
 
 
@@ -346,11 +362,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "git": await _command_output("git", "-C", str(ROOT), "describe", "--always", "--dirty"),
             "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
             "command": " ".join([sys.executable, "-m", "tests.bench.run", *sys.argv[1:]]),
+            "two_nodes": args.two_nodes,
         }
     }
     try:
         if "throughput" in args.sections:
-            results["throughput"] = await throughput(args.configs, workdir / "throughput", plan)
+            remote = None
+            if args.two_nodes:
+                await asyncio.to_thread(pin_trees, [os.getpid()], {0})  # fio and every daemon start here
+                remote = {1}
+            results["throughput"] = await throughput(args.configs, workdir / "throughput", plan, remote)
             log.info("throughput done")
             await asyncio.to_thread(shutil.rmtree, workdir / "throughput", True)
             results["ratios"] = compute_ratios(results["throughput"])

@@ -24,7 +24,7 @@ from pairvol.aio import bounded
 from pairvol.nbd import NBDClient, NBDError
 from tests.bench.errors import BenchError
 from tests.bench.fio import WORKLOADS, run_fio
-from tests.bench.setups import setup
+from tests.bench.setups import pin_trees, setup
 from tests.bench.stats import since_cut_report, stall_report, summary
 from tests.bench.writer import finish_writer, run_writer
 from tests.support.agents import Agent, AgentCallError, pair
@@ -92,12 +92,15 @@ def median_of(rounds: Sequence[dict[str, float | None]]) -> dict[str, float | No
     return out
 
 
-async def throughput(configs: Sequence[str], workdir: Path, plan: Plan) -> dict[str, Any]:
+async def throughput(
+    configs: Sequence[str], workdir: Path, plan: Plan, remote_cpus: set[int] | None = None
+) -> dict[str, Any]:
     """fio's workloads against every configuration, interleaved: all configurations run
     side by side (idle ones cost nothing), and each round runs one workload on each of
     them in turn (rotating the order), so the neighbours' load drifts over all of them
     alike and per-round ratios compare like with like. Then the QD1 client-side write
-    stream on each."""
+    stream on each. ``remote_cpus``: the replica's processes are bound to these CPUs after
+    the setup (``--two-nodes``; the harness, fio and the primary side keep the others)."""
     result: dict[str, Any] = {cfg: {"workloads": {}} for cfg in configs}
     async with contextlib.AsyncExitStack() as stack:
         targets = {}
@@ -106,6 +109,9 @@ async def throughput(configs: Sequence[str], workdir: Path, plan: Plan) -> dict[
             targets[cfg] = await stack.enter_async_context(setup(cfg, workdir / cfg, plan.size))
             result[cfg]["setup_s"] = round(time.monotonic() - t0, 3)
             result[cfg]["pids"] = targets[cfg].pids
+            if remote_cpus is not None and targets[cfg].remote_pids:
+                threads = await asyncio.to_thread(pin_trees, targets[cfg].remote_pids, remote_cpus)
+                log.info("%s: %d threads of the replica's node bound to CPU %s", cfg, threads, sorted(remote_cpus))
             result[cfg]["load_before"] = await loadavg()
         for wl in WORKLOADS:
             rounds: dict[str, list[dict[str, float | None]]] = {cfg: [] for cfg in configs}

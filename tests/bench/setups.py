@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,29 @@ class Target:
     pids: list[int] = field(default_factory=list)
     primary: Agent | None = None
     secondary: Agent | None = None
+    #: the processes of the replica's "node" (the second qsd and its listener, the secondary
+    #: agent with its daemons): what ``--two-nodes`` moves to a CPU of its own
+    remote_pids: list[int] = field(default_factory=list)
+
+
+def pin_trees(pids: Sequence[int], cpus: set[int]) -> int:
+    """Bind every thread of ``pids`` and of all their descendants to ``cpus`` (threads and
+    children made later inherit it). Returns how many threads were bound."""
+    bound = 0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
+                bound += 1
+            with contextlib.suppress(FileNotFoundError):
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return bound
 
 
 async def _write_psk_dir(directory: Path, key_hex: str) -> Path:
@@ -177,6 +201,7 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
             "block-export-add",
             {"type": "nbd", "id": "replica", "node-name": "disk", "name": "replica", "writable": True},
         )
+        hop = None
         if link == "hop":
             hop = await tcpexport.start_tcp_export(
                 name="hop",
@@ -208,7 +233,8 @@ async def quorum(workdir: Path, size: int, tls: bool, link: str = "tcp") -> Asyn
         await _export_unix(pri, "quorum", socket)
         assert pri.pid is not None and sec.pid is not None
         name = "b-quorum" + ("" if link == "tcp" else f"-{link}") + ("-tls" if tls else "")
-        yield Target(name, socket, size, pids=[pri.pid, sec.pid])
+        remote = [sec.pid] + ([hop.pid] if hop is not None and hop.pid is not None else [])
+        yield Target(name, socket, size, pids=[pri.pid, sec.pid], remote_pids=remote)
 
 
 @contextlib.asynccontextmanager
@@ -231,6 +257,7 @@ async def pairvol(workdir: Path, size: int, tls: bool) -> AsyncIterator[Target]:
                 pids=pids,
                 primary=primary,
                 secondary=secondary,
+                remote_pids=[secondary.proc.pid] if secondary.proc is not None else [],
             )
         finally:
             # SIGKILL to the agents' process groups (agent + its qsd), for the reason given

@@ -185,3 +185,32 @@ def test_metric_value_sums_the_samples_of_one_metric_only() -> None:
 def test_the_diagnostic_unix_link_configuration_is_opt_in() -> None:
     assert "b-quorum-unix" not in parse_args([]).configs
     assert parse_args(["--configs", "b-quorum,b-quorum-unix"]).configs == ["b-quorum", "b-quorum-unix"]
+
+
+def test_two_nodes_binds_a_whole_process_tree_and_only_measures_throughput() -> None:
+    """``--two-nodes`` models two one-CPU nodes: every thread of a process and of its
+    children (those started before and after) lands on the replica's CPU."""
+    import os
+    import subprocess
+    import time
+
+    from tests.bench.run import parse_args
+    from tests.bench.setups import pin_trees
+
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs CPUs 0 and 1")
+    parent = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30; wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert pin_trees([parent.pid], {1}) >= 2
+        child = int(Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()[0])
+        assert os.sched_getaffinity(parent.pid) == os.sched_getaffinity(child) == {1}
+    finally:
+        parent.kill()
+        parent.wait()
+    with pytest.raises(SystemExit):
+        parse_args(["--two-nodes"])  # every section: refused, it models throughput only
+    assert parse_args(["--two-nodes", "--sections", "throughput"]).two_nodes
