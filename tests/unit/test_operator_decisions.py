@@ -489,22 +489,30 @@ def test_a_primary_whose_lease_expired_long_ago_has_been_down_since_its_validity
     it has watched unchanged for 10 s of a 3 s duration: the primary has not been able to
     serve for 7 s, so the grace period (3 s) is over at once; one seen for 5 s (expired with
     the margin, 2 s after its validity ended) leaves 1 s of it. Its pods and agents looking
-    fine do not count."""
-    from pairvol.operator.decisions import next_suspect_since
+    fine do not count. What the loop remembers is only its own clock: a Lease renewed again
+    takes the shortcut back."""
+    from pairvol.operator.decisions import grace_started, next_suspect_since
 
-    since = next_suspect_since({}, primary_dead(suspect_since={}))
-    assert since == {"vol-1-a": NOW - 7}
-    assert any(isinstance(a, DoFailover) for a in plan(primary_dead(suspect_since=since)).actions)
+    def grace(previous: dict[str, float], world: World) -> dict[str, float]:
+        return grace_started(next_suspect_since(previous, world), world)
+
+    dead = primary_dead(suspect_since={})
+    assert next_suspect_since({}, dead) == {"vol-1-a": NOW}
+    assert grace({}, dead) == {"vol-1-a": NOW - 7}
+    assert any(isinstance(a, DoFailover) for a in plan(replace(dead, suspect_since=grace({}, dead))).actions)
     just = primary_dead(suspect_since={}, lease=LeaseView("vol-1-a", 5, 3.0))
-    assert next_suspect_since({}, just) == {"vol-1-a": NOW - 2}
-    assert not any(isinstance(a, DoFailover) for a in plan(replace(just, suspect_since={"vol-1-a": NOW - 2})).actions)
+    assert grace({}, just) == {"vol-1-a": NOW - 2}
+    assert not any(isinstance(a, DoFailover) for a in plan(replace(just, suspect_since=grace({}, just))).actions)
     # the primary's own pod and agent still look fine: only the Lease says it is down
-    assert next_suspect_since({}, replicating(lease=LeaseView("vol-1-a", 10, 3.0))) == {"vol-1-a": NOW - 7}
+    assert grace({}, replicating(lease=LeaseView("vol-1-a", 10, 3.0))) == {"vol-1-a": NOW - 7}
+    # the age as of the read, not of the World's making: 4 s earlier, the clock starts 4 s earlier
+    read_before = primary_dead(lease=LeaseView("vol-1-a", 10, 3.0, observed_at=NOW - 4))
+    assert grace({}, read_before) == {"vol-1-a": NOW - 11}
     # a Lease still running says nothing: the clock starts at this look, or stays where it was
-    assert next_suspect_since({}, primary_dead(lease=LeaseView("vol-1-a", 2, 3.0))) == {"vol-1-a": NOW}
-    assert next_suspect_since({"vol-1-a": NOW - 9}, primary_dead()) == {"vol-1-a": NOW - 9}
+    assert grace({}, primary_dead(lease=LeaseView("vol-1-a", 2, 3.0))) == {"vol-1-a": NOW}
+    assert grace({"vol-1-a": NOW - 9}, primary_dead()) == {"vol-1-a": NOW - 9}
     # a released Lease: not serving since before the release was first seen
-    assert next_suspect_since({}, primary_dead(lease=LeaseView(None, 5, 3.0))) == {"vol-1-a": NOW - 5}
+    assert grace({}, primary_dead(lease=LeaseView(None, 5, 3.0))) == {"vol-1-a": NOW - 5}
     # a replica that looks well again is forgotten
     assert next_suspect_since({"vol-1-a": NOW - 9, "vol-1-b": NOW - 2}, replicating()) == {}
 

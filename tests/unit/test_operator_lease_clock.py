@@ -87,3 +87,26 @@ def test_a_standby_observes_the_leases_while_it_stands_by(monkeypatch: pytest.Mo
     c.lease_event("DELETED", again)
     assert ("apps", "other-lock") not in c._lease_seen
     assert not fails_over(again, c.lease_observation("apps", "pairvol-vol"), mono[0] + 4.0)  # a look afresh
+
+
+def test_a_read_counts_only_up_to_when_it_was_sent_and_a_new_record_only_from_its_arrival() -> None:
+    """A GET that takes time (or whose answer waits for the agents' status calls before it is
+    looked at) confirms a known record only as of its sending: a renewal stored meanwhile
+    would not be in it. A record it shows for the first time is known only once it arrived."""
+    seen = LeaseObservation()
+    x, y = lease_record(lease(0, NOW)), lease_record(lease(1, NOW))
+    assert seen.age(x, MONO0) == 0.0  # the cache's event
+    assert seen.age(x, MONO0 + 9.0, current_at=MONO0 + 2.0) == 2.0  # sent at +2, looked at +9
+    assert seen.age(y, MONO0 + 3.5, current_at=MONO0 + 3.0) == 0.0  # new: from its arrival
+    assert seen.age(y, MONO0 + 5.0) == 1.5
+
+
+def test_a_record_a_lagging_cache_shows_again_is_known_as_replaced() -> None:
+    seen = LeaseObservation()
+    x, y = lease_record(lease(0, NOW)), lease_record(lease(1, NOW))
+    seen.age(x, MONO0)
+    seen.age(y, MONO0 + 1.0)  # from the API server
+    assert seen.replaced(x) and not seen.replaced(y)  # the cache still at x: read afresh
+    assert seen.age(y, MONO0 + 4.0) == 3.0
+    seen.age(x, MONO0 + 4.5)  # a late event of x after all: counted, it only restarts the count
+    assert not seen.replaced(x) and seen.replaced(y)

@@ -63,6 +63,7 @@ replaced the ServiceAccount token carries the new one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import time
@@ -140,17 +141,40 @@ class LeaseObservation:
     observer has seen one record unchanged for the Lease duration, the holder's validity
     has ended, whatever the two wall clocks say. An observer that starts (or restarts)
     knows nothing and must wait a full duration from its first look.
+
+    Two moments of a look matter, and they differ for a read that takes time (a GET): a
+    record *new* to the observer is known to exist only once the answer is in (``seen_at``:
+    when it arrived), but a record it already knows is confirmed current only as of the
+    moment the read was *sent* (``current_at``): a renewal stored while the answer travelled
+    would not be in it. Measuring the age at a later moment would count time in which the
+    holder may have renewed.
+
+    The last few records that another one replaced are remembered: one that shows up again
+    comes from a view that lags (a watch cache behind the API server), and :meth:`replaced`
+    tells the caller to read afresh instead of letting it restart the count. (Counted, it
+    would only restart the count: ages can come out too short, never too long.)
     """
+
+    REMEMBERED = 8
 
     def __init__(self) -> None:
         self._record: Hashable = None
         self._since: float | None = None
+        self._replaced: collections.deque[Hashable] = collections.deque(maxlen=self.REMEMBERED)
 
-    def age(self, record: Hashable, now_mono: float) -> float:
-        """Seconds since ``record`` was first seen without a change in between."""
+    def age(self, record: Hashable, seen_at: float, current_at: float | None = None) -> float:
+        """Seconds for which ``record`` has been seen unchanged: from its first sight until
+        ``current_at`` (default ``seen_at``)."""
         if self._since is None or record != self._record:
-            self._record, self._since = record, now_mono
-        return now_mono - self._since
+            if self._since is not None and self._record is not None:
+                self._replaced.append(self._record)
+            self._record, self._since = record, seen_at
+        return max(0.0, (seen_at if current_at is None else current_at) - self._since)
+
+    def replaced(self, record: Hashable) -> bool:
+        """Whether ``record`` was followed by another one in this observer's view (and is not
+        the current one again: a late event of an older record can come in between)."""
+        return record is not None and record != self._record and record in self._replaced
 
 
 class Verdict(Protocol):
@@ -295,7 +319,7 @@ class LeaseKeeper:
                 return "lost a race creating the lease"
         else:
             holder = (old.get("spec") or {}).get("holderIdentity")
-            seen_for = self._observed.age(lease_record(old), sent)
+            seen_for = self._observed.age(lease_record(old), time.monotonic(), current_at=sent)
             # the operator hands out the epoch that makes us serve only after *it* observed
             # expiry; this is the second line: our own observation, or (if the clocks agree)
             # the wall clock as a shortcut

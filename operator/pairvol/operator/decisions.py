@@ -170,6 +170,9 @@ class LeaseView:
     # the primary is resyncing its secondary on its own at this epoch (pairvol.io/resync):
     # the secondary's disk is a partial copy until the mark is cleared
     resync_epoch: int | None = None
+    # the operator's wall time at which observed_age_s held (when the read was made);
+    # None: the World's ``now``
+    observed_at: float | None = None
 
     def expired(self, margin_s: float) -> bool:
         """True when nobody can still believe to hold the lease."""
@@ -1781,22 +1784,28 @@ def unhealthy_pods(world: World) -> set[str]:
 
 
 def next_suspect_since(previous: Mapping[str, float], world: World) -> dict[str, float]:
-    """Since when each replica pod has looked unwell: the grace period's clock (wall time).
+    """Since when each replica pod has looked unwell: the grace period's clock (wall time),
+    kept from the previous tick while the pod still looks unwell, else started now. What the
+    loop remembers from tick to tick; :func:`grace_started` adds what the Lease says."""
+    return {pod: previous.get(pod, world.now) for pod in unhealthy_pods(world)}
 
-    Kept from the previous tick while the pod still looks unwell, else it starts now. A
-    primary whose Lease has expired in this operator's view has not been able to serve since
-    its validity ended, which was at the latest one Lease duration after this operator first
-    saw the record (or, for a released Lease, before it first saw the release): the clock
-    starts there if that is earlier. It matters when this loop began looking after the
-    primary died — a standby replica that has just taken over, which has watched the Lease
-    all along (H5) — and never lets a failover come before the Lease has expired.
+
+def grace_started(suspects: Mapping[str, float], world: World) -> dict[str, float]:
+    """``suspects`` as the plan uses them: a primary whose Lease has expired in this
+    operator's view has not been able to serve since its validity ended, which was at the
+    latest one Lease duration after this operator first saw the record (for a released
+    Lease: before it first saw the release); its grace period runs from there if that is
+    earlier. It matters when this loop began looking after the primary died — a standby
+    replica that has just taken over, which has watched the Lease all along (H5). Never
+    remembered from tick to tick (a renewed Lease takes it back at once), and never lets a
+    failover come before the Lease has expired: that is a rule of its own.
     """
-    bad = unhealthy_pods(world)
-    out = {pod: previous.get(pod, world.now) for pod in bad}
+    out = dict(suspects)
     prim, lease = world.status.primary, world.lease
     if prim is not None and prim.pod in out and lease is not None and primary_lost_lease(world):
         held_for = lease.duration_s if lease.holder and lease.duration_s is not None else 0.0
-        out[prim.pod] = min(out[prim.pod], world.now - max(0.0, lease.observed_age_s - held_for))
+        at = world.now if lease.observed_at is None else lease.observed_at
+        out[prim.pod] = min(out[prim.pod], at - max(0.0, lease.observed_age_s - held_for))
     return out
 
 

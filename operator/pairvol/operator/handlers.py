@@ -241,9 +241,12 @@ def pod_view(obj: Mapping[str, Any]) -> d.PodView:
     )
 
 
-def lease_view(obj: Mapping[str, Any] | None, observed_age_s: float) -> d.LeaseView | None:
+def lease_view(
+    obj: Mapping[str, Any] | None, observed_age_s: float, observed_at: float | None = None
+) -> d.LeaseView | None:
     """``observed_age_s``: how long this operator has seen this very record (see
-    :class:`pairvol.kube.lease.LeaseObservation`); the renewTime is not used for expiry."""
+    :class:`pairvol.kube.lease.LeaseObservation`), as of the wall time ``observed_at``; the
+    renewTime is not used for expiry."""
     if obj is None:
         return None
     spec = obj.get("spec") or {}
@@ -256,7 +259,21 @@ def lease_view(obj: Mapping[str, Any] | None, observed_age_s: float) -> d.LeaseV
         duration_s=None if dur is None else float(dur),
         out_of_sync_epoch=oos_epoch,
         resync_epoch=resync_epoch,
+        observed_at=observed_at,
     )
+
+
+@dataclass(frozen=True)
+class LeaseRead:
+    """The volume's Lease as one look found it. ``sent`` (monotonic): the latest moment it is
+    known to have been current (a GET's sending, a cache's reading); ``received``: when it
+    was in hand; ``wall``: the wall time at ``sent``."""
+
+    obj: dict[str, Any] | None
+    fresh: bool  # from the API server (else from the cache)
+    sent: float
+    received: float
+    wall: float
 
 
 def _epoch_mark(value: Any) -> int | None:
@@ -408,27 +425,32 @@ class Reconciler:
         self.created &= {str((p.get("metadata") or {}).get("name")) for p in fresh}
         return fresh
 
-    async def read_lease(self) -> tuple[dict[str, Any] | None, bool]:
-        """The volume's Lease and whether it was read from the API server (else the cache)."""
+    async def read_lease(self) -> LeaseRead:
+        """The volume's Lease from the cache, or from the API server while the cache has not
+        been listed or shows a record this process has already seen replaced (it lags)."""
         c = ctx()
+        name = m.lease_name(self.name)
         inf = Caches.synced(c.caches.leases, self.namespace) if c.caches else None
         if inf is not None:
-            return inf.get(self.namespace, m.lease_name(self.name)), False
-        return await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name))), True
+            at, wall = time.monotonic(), time.time()
+            obj = inf.get(self.namespace, name)
+            if obj is None or not c.lease_observation(self.namespace, name).replaced(lease_record(obj)):
+                return LeaseRead(obj, False, at, at, wall)
+        return await self.get_lease()
 
-    def lease_view(self, lease: dict[str, Any] | None) -> d.LeaseView | None:
-        """The Lease with the age of its record as this process has seen it: since the cache's
-        first event of that record, or this look (expiry is judged by it, H5, so a restarted
-        operator waits a full Lease duration before failing over)."""
+    async def get_lease(self) -> LeaseRead:
+        sent, wall = time.monotonic(), time.time()
+        obj = await ctx().kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name)))
+        return LeaseRead(obj, True, sent, time.monotonic(), wall)
+
+    def lease_view(self, read: LeaseRead) -> d.LeaseView | None:
+        """The Lease with the age of its record as this process has seen it, as of the
+        moment the read is known to reflect (H5: a restarted operator has seen nothing and
+        waits a full Lease duration before failing over; a standby has watched all along)."""
         seen = ctx().lease_observation(self.namespace, m.lease_name(self.name))
-        age = seen.age(lease_record(lease) if lease is not None else None, time.monotonic())
-        return lease_view(lease, age)
-
-    def with_suspects(self, world: d.World, previous: Mapping[str, float]) -> d.World:
-        """Remember since when each replica looks unwell (the grace period's clock), from what
-        the previous tick remembered."""
-        self.suspect_since = d.next_suspect_since(previous, world)
-        return dataclasses.replace(world, suspect_since=dict(self.suspect_since))
+        record = lease_record(read.obj) if read.obj is not None else None
+        age = seen.age(record, read.received, current_at=read.sent)
+        return lease_view(read.obj, age, observed_at=read.wall)
 
     # ---------------------------------------------------------------- observe
 
@@ -441,7 +463,7 @@ class Reconciler:
             spec = parse_spec(body.get("spec") or {}, name=self.name)
         except SpecError as exc:
             spec = exc
-        nodes_raw, pods_raw, (lease_raw, lease_fresh) = await asyncio.gather(
+        nodes_raw, pods_raw, lease_read = await asyncio.gather(
             self.read_nodes(), self.read_pods(), self.read_lease()
         )
         pods = {p.name: p for p in map(pod_view, pods_raw)}
@@ -479,7 +501,7 @@ class Reconciler:
             nodes=[self._agent_may_run(node_view(n)) for n in nodes_raw],
             pods=pods,
             agents=agents,
-            lease=self.lease_view(lease_raw),
+            lease=self.lease_view(lease_read),
             settings=d.Settings(
                 lease_margin_s=c.config.lease_margin_s,
                 restart_in_place_window_s=c.config.restart_in_place_window_s,
@@ -488,12 +510,15 @@ class Reconciler:
             agent_call_in_flight=self.call is not None and not self.call.done(),
             created=parse_time(meta.get("creationTimestamp")) or 0.0,
         )
-        previous = self.suspect_since
-        seen = self.with_suspects(world, previous)
-        if not lease_fresh and d.lease_needs_fresh_read(seen):
-            fresh = await c.kube.get_or_none(lease_path(self.namespace, m.lease_name(self.name)))
-            # the cached record's view of the grace period is replaced, not added to
-            seen = self.with_suspects(dataclasses.replace(world, lease=self.lease_view(fresh)), previous)
+        # the grace period's clock: remembered only once this look is complete (a failed
+        # read leaves it as it was), and without the Lease's part (d.grace_started)
+        suspects = d.next_suspect_since(self.suspect_since, world)
+        seen = dataclasses.replace(world, suspect_since=d.grace_started(suspects, world))
+        if not lease_read.fresh and d.lease_needs_fresh_read(seen):
+            world = dataclasses.replace(world, lease=self.lease_view(await self.get_lease()))
+            suspects = d.next_suspect_since(self.suspect_since, world)
+            seen = dataclasses.replace(world, suspect_since=d.grace_started(suspects, world))
+        self.suspect_since = suspects
         return seen
 
     @staticmethod
