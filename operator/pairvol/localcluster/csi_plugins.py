@@ -96,7 +96,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pairvol.aio import bounded
+from pairvol.aio import bounded, cancel_and_wait
 from pairvol.csi import DRIVER_NAME
 from pairvol.csi.attach import AttachError
 from pairvol.csi.attacher_host import HostAttachers
@@ -189,10 +189,7 @@ class ServiceHosts:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(task)
 
 
 @dataclass

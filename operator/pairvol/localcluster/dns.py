@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pairvol.aio import bounded
+from pairvol.aio import bounded, cancel_and_wait
 from pairvol.errors import PairvolError
 
 logger = logging.getLogger(__name__)
@@ -218,11 +218,7 @@ class ClusterDNS(asyncio.DatagramProtocol):
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*self._tasks)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:

@@ -107,7 +107,7 @@ from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pairvol.aio import bounded
+from pairvol.aio import bounded, cancel_and_wait
 from pairvol.localcluster import kubeconfig as kubeconfig_mod
 from pairvol.localcluster.dns import ClusterDNS, resolv_conf
 from pairvol.localcluster.images import ImagePullError, container_command, find_image
@@ -519,11 +519,7 @@ class ContainerRunner:
             try:
                 returncode = await self.process.proc.wait()
             finally:
-                for task in probes:
-                    task.cancel()
-                for task in probes:
-                    with contextlib.suppress(BaseException):
-                        await task
+                await cancel_and_wait(*probes)
             # The main process is gone: like a PID namespace, nothing of it may outlive it.
             await self.process.kill_all()
             code, sig = exit_code_of(returncode)
@@ -1050,9 +1046,7 @@ class PodWorker:
                 await bounded(asyncio.shield(self._task), 10.0)
             except TimeoutError:
                 logger.warning("pod %s/%s: containers did not wind down; cancelling", *self.key)
-                self._task.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._task
+                await cancel_and_wait(self._task)
         await self._stop_publisher()
         await self.release_network()
         await self._release_volumes()  # the containers are gone: their volumes may go
@@ -1084,9 +1078,7 @@ class PodWorker:
 
     async def _stop_publisher(self) -> None:
         if self._publisher is not None:
-            self._publisher.cancel()
-            with contextlib.suppress(BaseException):
-                await self._publisher
+            await cancel_and_wait(self._publisher)
             self._publisher = None
 
     async def crash(self) -> None:
@@ -1098,13 +1090,7 @@ class PodWorker:
             self._task.cancel()
         await self._stop_publisher()
         await asyncio.gather(*(r.kill() for r in self.all_runners), return_exceptions=True)
-        if self._task is not None:
-            with contextlib.suppress(BaseException):
-                await self._task
-        if self._delete_task is not None:
-            self._delete_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._delete_task
+        await cancel_and_wait(self._task, self._delete_task)
         for runner in self.all_runners:
             if runner.process is not None:
                 await runner.process.release()
@@ -1436,11 +1422,7 @@ class NodeKubelet:
         tasks = [t for t in (self._heartbeat_task, self._watch_task) if t is not None]
         tasks += list(self._finalizing.values())
         self._heartbeat_task = self._watch_task = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*tasks)
 
     async def kill(self) -> None:
         """Power off: every process SIGKILLed (the pods', and whatever else runs in the
@@ -1468,10 +1450,7 @@ class NodeKubelet:
         self.connected.clear()
         # The kubelet loses the API server: no watch, no heartbeats; pods keep running.
         watch, self._watch_task = self._watch_task, None
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(BaseException):
-                await watch
+        await cancel_and_wait(watch)
 
     async def heal(self) -> None:
         self.partitioned = False
@@ -1651,9 +1630,7 @@ class NodeSimulator:
     async def close(self) -> None:
         """Kill every pod process, remove network and cgroups. Idempotent; never raises."""
         if self._controller is not None:
-            self._controller.cancel()
-            with contextlib.suppress(BaseException):
-                await self._controller
+            await cancel_and_wait(self._controller)
             self._controller = None
         if self.router is not None:
             await self.router.close()

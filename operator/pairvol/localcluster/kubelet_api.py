@@ -16,7 +16,6 @@ Secrets/ConfigMaps, create and patch Nodes and node Leases, request ServiceAccou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import itertools
 import json
@@ -27,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from pairvol.aio import cancel_and_wait
 from pairvol.httpsession import LazySession
 from pairvol.localcluster.kubelet_pods import JsonDict, KubeletError
 
@@ -283,11 +283,7 @@ class EventRecorder:
         """Wait briefly for pending Events, then drop the rest."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*self._tasks)
 
 
 def _on_node(pod: Any, node: str) -> bool:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from pairvol.aio import bounded, signal_child
+from pairvol.aio import bounded, cancel_and_wait, signal_child
 from pairvol.errors import PairvolError
 
 logger = logging.getLogger(__name__)
@@ -714,11 +714,7 @@ class ApiProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*self._tasks)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pairvol.aio import bounded
+from pairvol.aio import bounded, cancel_and_wait
 from pairvol.localcluster.csi_client import CsiClient
 from pairvol.localcluster.kubelet_api import ApiError, KubeApi
 
@@ -66,11 +66,7 @@ class SidecarLoop:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         tasks = [*self._tasks, *self._busy.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*tasks)
         await self._client.close()
 
     async def sync_once(self) -> None:
