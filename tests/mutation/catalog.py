@@ -550,6 +550,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a clear never removes the marks from a Lease another holder took over",
     ),
     Mutation(
+        "lease.a-read-confirms-a-known-record-as-of-its-sending", KUBE_LEASE,
+        "        return max(0.0, (seen_at if current_at is None else current_at) - self._since)\n",
+        "        return max(0.0, seen_at - self._since)\n",
+        ("tests/unit/test_operator_lease_clock.py",),
+        "a Lease read confirms its record only as of when it was sent: time after that (the answer's way, the "
+        "agents' status calls) is never counted towards the holder's expiry (H5)",
+    ),
+    Mutation(
+        "lease.a-new-record-counts-from-its-arrival", KUBE_LEASE,
+        "            self._record, self._since = record, seen_at\n",
+        "            self._record, self._since = record, (seen_at if current_at is None else current_at)\n",
+        ("tests/unit/test_operator_lease_clock.py",),
+        "a record first seen in a read counts from the read's answer, not its sending: it may have been stored "
+        "while the read travelled (H5)",
+    ),
+    Mutation(
+        "handlers.the-loop-counts-a-lease-read-as-of-its-sending", "operator/pairvol/operator/handlers.py",
+        "        age = seen.age(record, read.received, current_at=read.sent)\n",
+        "        age = seen.age(record, time.monotonic())\n",
+        ("tests/unit/test_operator_lease_clock.py",),
+        "the volume loop counts a Lease read only up to its sending, not up to when the World is built after "
+        "the agents' status calls (H5)",
+    ),
+    Mutation(
         "lease.renew-safety-margin", KUBE_LEASE,
         "        self._mine = new\n        self._valid_until = sent + self.duration_s - self.safety_s\n\n"
         "    async def _put_renewal",

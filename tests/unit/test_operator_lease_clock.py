@@ -110,3 +110,19 @@ def test_a_record_a_lagging_cache_shows_again_is_known_as_replaced() -> None:
     assert seen.age(y, MONO0 + 4.0) == 3.0
     seen.age(x, MONO0 + 4.5)  # a late event of x after all: counted, it only restarts the count
     assert not seen.replaced(x) and seen.replaced(y)
+
+
+def test_the_volume_loop_counts_a_lease_read_as_of_its_sending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's GET of the Lease is looked at only after the agents' status calls: the
+    record is confirmed as of the GET's sending, and its wall time goes with the view."""
+    import pairvol.operator.handlers as handlers
+    from pairvol.operator.manifests import OperatorConfig
+
+    c = handlers.Context(config=OperatorConfig(), kube=None, agents=None, metrics=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(handlers, "_CTX", c)
+    loop = handlers.Reconciler("vol", "apps")
+    raw = lease(4, NOW)
+    first = loop.lease_view(handlers.LeaseRead(raw, True, sent=MONO0, received=MONO0 + 0.1, wall=NOW))
+    assert first is not None and first.observed_age_s == 0.0
+    view = loop.lease_view(handlers.LeaseRead(raw, True, sent=MONO0 + 2.0, received=MONO0 + 2.2, wall=NOW + 2.0))
+    assert view is not None and view.observed_age_s == pytest.approx(1.9) and view.observed_at == NOW + 2.0
