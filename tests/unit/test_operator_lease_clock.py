@@ -126,3 +126,16 @@ def test_the_volume_loop_counts_a_lease_read_as_of_its_sending(monkeypatch: pyte
     assert first is not None and first.observed_age_s == 0.0
     view = loop.lease_view(handlers.LeaseRead(raw, True, sent=MONO0 + 2.0, received=MONO0 + 2.2, wall=NOW + 2.0))
     assert view is not None and view.observed_age_s == pytest.approx(1.9) and view.observed_at == NOW + 2.0
+
+
+def test_a_look_older_than_the_current_record_changes_nothing() -> None:
+    """A tick reads the Lease, then waits for the agents' status calls; a renewal's event
+    comes in meanwhile. The tick's older record, looked at last, neither replaces the newer
+    one nor sends the next tick to the API server."""
+    seen = LeaseObservation()
+    r1, r2 = lease_record(lease(0, NOW)), lease_record(lease(1, NOW))
+    seen.age(r1, MONO0)  # event
+    seen.age(r2, MONO0 + 11.0)  # the renewal's event, during the tick's status calls
+    assert seen.age(r1, MONO0 + 10.0) == 0.0  # the tick's read at +10, looked at after +11
+    assert not seen.replaced(r2) and seen.replaced(r1)
+    assert seen.age(r2, MONO0 + 14.0) == 3.0

@@ -164,7 +164,12 @@ class LeaseObservation:
 
     def age(self, record: Hashable, seen_at: float, current_at: float | None = None) -> float:
         """Seconds for which ``record`` has been seen unchanged: from its first sight until
-        ``current_at`` (default ``seen_at``)."""
+        ``current_at`` (default ``seen_at``). A look at another record that was in hand
+        before the current one was first seen is older than what it would replace (a tick
+        that read the Lease, then waited for the agents while a renewal's event came in): 0,
+        and nothing changes."""
+        if self._since is not None and record != self._record and seen_at < self._since:
+            return 0.0
         if self._since is None or record != self._record:
             if self._since is not None and self._record is not None:
                 self._replaced.append(self._record)
