@@ -510,16 +510,18 @@ class Reconciler:
             agent_call_in_flight=self.call is not None and not self.call.done(),
             created=parse_time(meta.get("creationTimestamp")) or 0.0,
         )
-        # the grace period's clock: remembered only once this look is complete (a failed
-        # read leaves it as it was), and without the Lease's part (d.grace_started)
-        suspects = d.next_suspect_since(self.suspect_since, world)
-        seen = dataclasses.replace(world, suspect_since=d.grace_started(suspects, world))
+        suspects, seen = self.with_grace(world)
         if not lease_read.fresh and d.lease_needs_fresh_read(seen):
-            world = dataclasses.replace(world, lease=self.lease_view(await self.get_lease()))
-            suspects = d.next_suspect_since(self.suspect_since, world)
-            seen = dataclasses.replace(world, suspect_since=d.grace_started(suspects, world))
+            suspects, seen = self.with_grace(dataclasses.replace(world, lease=self.lease_view(await self.get_lease())))
+        # remembered only once this look is complete: a failed read leaves it as it was
         self.suspect_since = suspects
         return seen
+
+    def with_grace(self, world: d.World) -> tuple[dict[str, float], d.World]:
+        """The grace period's clock from the last tick's (what to remember: without the
+        Lease's part), and ``world`` with the clock the plan uses (d.grace_started)."""
+        suspects = d.next_suspect_since(self.suspect_since, world)
+        return suspects, dataclasses.replace(world, suspect_since=d.grace_started(suspects, world))
 
     @staticmethod
     def _agent_may_run(node: d.NodeView) -> d.NodeView:
